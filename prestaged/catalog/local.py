@@ -1,0 +1,103 @@
+"""The local catalog: a definition is a text file of URLs, one per line.
+
+``#`` starts a comment (whole line or trailing after whitespace); blank lines are ignored.
+``prestaged warm path/to/list.txt`` reads that file; ``prestaged warm NAME`` reads
+``[catalog.local] dir``/``NAME.txt``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import posixpath
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Optional
+from urllib.parse import unquote, urlsplit
+
+from prestaged.catalog import FileRef
+from prestaged.errors import CatalogError
+
+__all__ = ["LocalCatalog", "parse_line"]
+
+_SCHEMES = ("https://", "http://", "davs://", "root://", "roots://")
+_CHUNK = 1000  # lines parsed per thread hop: keeps file I/O off the event loop, cheaply
+
+
+def parse_line(line: str) -> Optional[str]:
+    """Return the URL on ``line`` or None for blank/comment lines (trailing ``# ...`` dropped)."""
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    cut = text.find(" #")
+    if cut >= 0:
+        text = text[:cut].rstrip()
+    return text
+
+
+class LocalCatalog:
+    """Definitions stored as text files of URLs (see module docstring)."""
+
+    name = "local"
+
+    def __init__(self, definition: str, directory: Optional[Path] = None) -> None:
+        self.definition = definition
+        self.path = self._locate(definition, directory)
+
+    @staticmethod
+    def _locate(definition: str, directory: Optional[Path]) -> Path:
+        given = Path(definition).expanduser()
+        if given.is_file():
+            return given
+        if directory is not None and "/" not in definition:
+            candidate = directory / f"{definition}.txt"
+            if candidate.is_file():
+                return candidate
+            raise CatalogError(
+                f"definition '{definition}' not found in the local catalog: no file {candidate}"
+            )
+        if given.exists():
+            raise CatalogError(f"definition file {given}: not a regular file")
+        hint = "" if directory else " (set [catalog.local] dir to look names up in a directory)"
+        raise CatalogError(f"definition '{definition}': no such file{hint}")
+
+    def _lines(self) -> Iterator[list[tuple[int, str]]]:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                batch: list[tuple[int, str]] = []
+                for number, line in enumerate(fh, 1):
+                    url = parse_line(line)
+                    if url is not None:
+                        batch.append((number, url))
+                        if len(batch) >= _CHUNK:
+                            yield batch
+                            batch = []
+                if batch:
+                    yield batch
+        except UnicodeDecodeError as e:
+            raise CatalogError(f"definition file {self.path}: not UTF-8 text ({e.reason})") from e
+        except OSError as e:
+            raise CatalogError(f"definition file {self.path}: cannot read: {e.strerror}") from e
+
+    async def files(self) -> AsyncIterator[FileRef]:
+        """Yield one ``FileRef`` per URL line; a line that is not a URL is a ``CatalogError``."""
+        chunks = self._lines()
+        done = object()
+        while True:
+            batch = await asyncio.to_thread(next, chunks, done)
+            if batch is done:
+                return
+            assert isinstance(batch, list)
+            for number, url in batch:
+                if not url.startswith(_SCHEMES):
+                    raise CatalogError(
+                        f"definition file {self.path}, line {number}: not a URL: {url[:80]!r}"
+                    )
+                yield FileRef(name=_basename(url), url=url)
+
+    async def estimate(self) -> Optional[int]:
+        """Count the URL lines (one quick pass over the file, off the event loop)."""
+        return await asyncio.to_thread(lambda: sum(len(b) for b in self._lines()))
+
+
+def _basename(url: str) -> str:
+    return posixpath.basename(unquote(urlsplit(url).path)) or url

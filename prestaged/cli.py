@@ -1,0 +1,291 @@
+"""The ``prestaged`` command line: parse, load config, call one library function, exit code.
+
+Every flag overrides its config key (``--concurrency`` -> ``storage.concurrency``) through the
+same validation as the config file. A ``PrestagedError`` becomes one line on stderr and its exit
+code; only bugs print tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from prestaged import __version__
+from prestaged.config import Config, find_config, load_config, replace_path
+from prestaged.errors import EXIT_INTERRUPTED, PrestagedError
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("prestaged")
+
+# flag dest -> config key it overrides
+_OVERRIDES = {
+    "min_lifetime": "credentials.min_lifetime",
+    "concurrency": "storage.concurrency",
+    "per_host": "storage.per_host",
+    "nbytes": "storage.bytes",
+    "rate": "storage.rate",
+    "timeout": "storage.timeout",
+    "retries": "retry.attempts",
+    "catalog": "catalog.default",
+    "catalog_dir": "catalog.local.dir",
+    "progress_interval": "output.progress_interval",
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument("--config", type=Path, metavar="FILE",
+                   help="config file (default: $PRESTAGED_CONFIG, ~/.config/prestaged/"
+                        "prestaged.toml, /etc/prestaged/prestaged.toml)")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+def _credentials(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("credentials")
+    g.add_argument("--proxy", type=Path, metavar="FILE",
+                   help="X.509 proxy (default: credentials.proxy, $X509_USER_PROXY, "
+                        "/tmp/x509up_u<uid>)")
+    g.add_argument("--ca-dir", type=Path, metavar="DIR",
+                   help="hashed CA directory (default: credentials.ca_dir, $X509_CERT_DIR, "
+                        "/etc/grid-security/certificates)")
+    g.add_argument("--min-lifetime", metavar="DURATION",
+                   help="refuse a proxy with less time left (default 1h)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="prestaged",
+        description="Prestage and keep warm grid datasets on tape-backed disk caches.",
+    )
+    parser.add_argument("--version", action="version", version=f"prestaged {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    w = sub.add_parser("warm", help="touch the first bytes of every file of a definition",
+                       description="Touch the first bytes of every file of a definition with an "
+                                   "X.509-authenticated ranged GET, resetting the cache's "
+                                   "LRU clock.")
+    w.add_argument("definition", help="definition name, or a text file of URLs (one per line)")
+    w.add_argument("--catalog", help="catalog that resolves DEFINITION (default: catalog.default)")
+    w.add_argument("--catalog-dir", metavar="DIR", help="directory of NAME.txt definitions")
+    g = w.add_argument_group("storage")
+    g.add_argument("--concurrency", type=int, metavar="N", help="files in flight (default 32)")
+    g.add_argument("--per-host", type=int, metavar="N", help="connections per host (default 32)")
+    g.add_argument("--bytes", dest="nbytes", type=int, metavar="N",
+                   help="bytes read per file (default 4)")
+    g.add_argument("--rate", type=float, metavar="FILES_PER_S",
+                   help="limit per endpoint (default unlimited)")
+    g.add_argument("--timeout", metavar="DURATION", help="per attempt (default 60s)")
+    g.add_argument("--retries", type=int, metavar="N", help="attempts per file (default 5)")
+    _credentials(w)
+    o = w.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print one JSON document")
+    o.add_argument("--dry-run", action="store_true",
+                   help="list the URLs that would be touched; touch nothing")
+    bar = o.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="bar", action="store_true", default=None,
+                     help="progress bar even when stderr is not a terminal")
+    bar.add_argument("--no-progress", dest="bar", action="store_false",
+                     help="periodic progress lines instead of a bar")
+    o.add_argument("--progress-interval", metavar="DURATION",
+                   help="between progress lines when not a terminal (default 30s)")
+    _common(w)
+    w.set_defaults(func=_cmd_warm)
+
+    p = sub.add_parser("proxy", help="show the X.509 proxy prestaged would use",
+                       description="Show the proxy's DN, type and time left; exit 3 if unusable.")
+    _credentials(p)
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    _common(p)
+    p.set_defaults(func=_cmd_proxy)
+
+    d = sub.add_parser("demo", help="warm a generated dataset on a local test storage",
+                       description="Start a test HTTPS storage on 127.0.0.1 with a fresh test PKI, "
+                                   "warm a generated definition through the real CLI, clean up.")
+    d.add_argument("--files", type=int, default=2000, metavar="N", help="files (default 2000)")
+    d.add_argument("--redirect", action="store_true",
+                   help="door redirects to a pool, like dCache")
+    d.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    _common(d)
+    d.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    cfg = load_config(find_config(args.config))
+    for dest, key in _OVERRIDES.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            cfg = replace_path(cfg, key, value, label="--" + dest.replace("_", "-")
+                               if dest != "nbytes" else "--bytes")
+    return cfg
+
+
+def _setup_logging(args: argparse.Namespace, cfg: Config) -> None:
+    level = cfg.output.log_level.upper()
+    if args.verbose:
+        level = "DEBUG"
+    elif args.quiet:
+        level = "WARNING"
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="prestaged: %(levelname)s: %(message)s")
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
+
+
+def _load_credentials(args: argparse.Namespace, cfg: Config) -> Any:
+    from prestaged.credentials import load_credentials
+
+    return load_credentials(
+        proxy=args.proxy,
+        proxy_configured=cfg.credentials.proxy,
+        ca_dir=args.ca_dir,
+        ca_dir_configured=cfg.credentials.ca_dir,
+        min_lifetime=cfg.credentials.min_lifetime,
+    )
+
+
+def _cmd_proxy(args: argparse.Namespace, cfg: Config) -> int:
+    from prestaged.credentials import (
+        check_lifetime,
+        format_timedelta,
+        inspect_proxy,
+        resolve_proxy_path,
+    )
+
+    path, source = resolve_proxy_path(args.proxy, cfg.credentials.proxy)
+    info = inspect_proxy(path)
+    left = info.time_left()
+    if args.json:
+        print(json.dumps({
+            "path": str(info.path), "source": source, "subject": info.subject,
+            "identity": info.identity, "issuer": info.issuer, "type": info.kind,
+            "not_after": info.not_after.isoformat(), "seconds_left": int(left.total_seconds()),
+        }, indent=2))
+    else:
+        print(f"path      : {info.path} ({source})")
+        print(f"subject   : {info.subject}")
+        print(f"identity  : {info.identity}")
+        print(f"type      : {info.kind}")
+        until = f"{info.not_after:%Y-%m-%d %H:%M:%S} UTC"
+        print(f"timeleft  : {format_timedelta(left)} (until {until})")
+    check_lifetime(info, cfg.credentials.min_lifetime)
+    return 0
+
+
+def _cmd_warm(args: argparse.Namespace, cfg: Config) -> int:
+    from prestaged.catalog import open_catalog
+
+    catalog = open_catalog(cfg.catalog.default, args.definition, cfg.catalog)
+    if args.dry_run:
+        return _run(_dry_run(catalog, as_json=args.json))
+    creds = _load_credentials(args, cfg)
+    from prestaged.warm import WarmSettings
+
+    hint = f"proxy {creds.proxy.path} ({creds.proxy.identity})"
+    settings = WarmSettings.from_config(cfg, credential_hint=hint)
+    bar = sys.stderr.isatty() if args.bar is None else args.bar
+    if args.json or args.quiet:
+        bar = False
+    return _run(_warm(catalog, cfg, settings, creds.ssl_context(), bar=bar, as_json=args.json,
+                      quiet=args.quiet))
+
+
+async def _dry_run(catalog: Any, *, as_json: bool) -> int:
+    seen: set[str] = set()
+    urls = []
+    async for ref in catalog.files():
+        if ref.url in seen:
+            continue
+        seen.add(ref.url)
+        if as_json:
+            urls.append(ref.url)
+        else:
+            print(ref.url)
+    if as_json:
+        print(json.dumps({"definition": catalog.definition, "catalog": catalog.name,
+                          "files": len(seen), "urls": urls}, indent=2))
+    else:
+        print(f"# {len(seen)} files would be touched; nothing was touched", file=sys.stderr)
+    return 0
+
+
+async def _warm(catalog: Any, cfg: Config, settings: Any, ssl_context: Any, *, bar: bool,
+                as_json: bool, quiet: bool) -> int:
+    from prestaged.report import Progress, report_json, report_text
+    from prestaged.storage.http import HttpToucher
+    from prestaged.warm import Tally, warm
+
+    stop = asyncio.Event()
+    _install_interrupt(stop)
+    tally = Tally(total_hint=await catalog.estimate())
+    st = cfg.storage
+    progress = Progress(tally, bar=bar, interval=0.1 if bar else cfg.output.progress_interval)
+    if not as_json and not quiet:
+        progress.start()
+    async with HttpToucher(ssl_context, nbytes=st.bytes, limit=st.concurrency,
+                           limit_per_host=st.per_host, timeout=st.timeout,
+                           connect_timeout=st.connect_timeout,
+                           max_redirects=st.max_redirects) as toucher:
+        try:
+            report = await warm(catalog.files(), settings, toucher, tally=tally, stop=stop)
+        finally:
+            await progress.stop()
+    where = dict(definition=catalog.definition, catalog=catalog.name,
+                 source=str(getattr(catalog, "path", catalog.definition)))
+    if as_json:
+        print(json.dumps(report_json(report, **where), indent=2))
+    elif not quiet or report.exit_code:
+        print(report_text(report, **where))
+    if report.aborted is not None:
+        print(f"prestaged: error: {report.aborted}", file=sys.stderr)
+    return report.exit_code
+
+
+def _install_interrupt(stop: asyncio.Event) -> None:
+    """First Ctrl-C/SIGTERM stops cleanly (partial summary); a second one interrupts at once."""
+    loop = asyncio.get_running_loop()
+
+    def first(signum: int) -> None:
+        log.warning("interrupted: stopping (press Ctrl-C again to abort at once)")
+        stop.set()
+        loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.default_int_handler)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, first, sig)
+
+
+def _cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
+    from prestaged.demo import run_demo
+
+    return run_demo(files=args.files, redirect=args.redirect, keep=args.keep, main=main)
+
+
+def _run(coro: Any) -> int:
+    result: int = asyncio.run(coro)
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the ``prestaged`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace, Config], int] = args.func
+    try:
+        cfg = _load(args)
+        _setup_logging(args, cfg)
+        return func(args, cfg)
+    except PrestagedError as e:
+        print(f"prestaged: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("prestaged: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,333 @@
+"""Configuration: TOML files loaded into frozen dataclasses, with errors that name the key path.
+
+Search order (first that exists wins): ``--config``, ``$PRESTAGED_CONFIG``,
+``~/.config/prestaged/prestaged.toml``, ``/etc/prestaged/prestaged.toml``, built-in defaults.
+An explicitly named file (``--config`` or ``$PRESTAGED_CONFIG``) must exist.
+
+Durations are written as numbers of seconds or strings such as ``"90s"``, ``"15m"``, ``"6h"``,
+``"1d"``, ``"1h30m"``; they are stored as float seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union, get_type_hints
+
+from prestaged.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.9/3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "BreakerConfig",
+    "CatalogConfig",
+    "Config",
+    "CredentialsConfig",
+    "LocalCatalogConfig",
+    "OutputConfig",
+    "RetryConfig",
+    "StorageConfig",
+    "default_config_paths",
+    "find_config",
+    "load_config",
+    "parse_duration",
+    "replace_path",
+]
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)", re.IGNORECASE)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(value: object) -> float:
+    """Parse ``30``, ``"30s"``, ``"15m"``, ``"6h"``, ``"1h30m"`` into seconds (float >= 0).
+
+    Raises ``ValueError`` with a short description of the accepted forms.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("expected a non-negative duration")
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            return float(text)
+        if text and _DURATION_PART.sub("", text) == "":
+            return sum(float(n) * _UNIT_SECONDS[u.lower()] for n, u in _DURATION_PART.findall(text))
+    raise ValueError('expected a duration such as 30, "90s", "15m", "6h" or "1h30m"')
+
+
+class Duration(float):
+    """Marker type for config fields holding seconds, accepting ``parse_duration`` forms."""
+
+
+# --- validators (metadata["check"]) -----------------------------------------------------------
+
+
+def _positive(v: float) -> Optional[str]:
+    return None if v > 0 else "a positive"
+
+
+def _non_negative(v: float) -> Optional[str]:
+    return None if v >= 0 else "a non-negative"
+
+
+def _fraction(v: float) -> Optional[str]:
+    return None if 0 < v <= 1 else "a fraction in (0, 1] as"
+
+
+def _check(fn: Callable[[Any], Optional[str]]) -> dict[str, Any]:
+    return {"check": fn}
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CredentialsConfig:
+    """``[credentials]``: where the X.509 proxy and the CA directory are, and how fresh."""
+
+    proxy: Optional[Path] = None
+    """Proxy file; unset means ``$X509_USER_PROXY`` then ``/tmp/x509up_u<uid>``."""
+    ca_dir: Optional[Path] = None
+    """Hashed CA directory; unset: ``$X509_CERT_DIR``, ``/etc/grid-security/certificates``."""
+    min_lifetime: Duration = field(default=Duration(3600.0), metadata=_check(_non_negative))
+    """Refuse to start when the proxy has less than this left (seconds; default 1 h)."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """``[storage]``: how files are touched."""
+
+    concurrency: int = field(default=32, metadata=_check(_positive))
+    """Files in flight at once (and the connection pool size)."""
+    per_host: int = field(default=32, metadata=_check(_positive))
+    """Connections at once to one host (door or pool)."""
+    bytes: int = field(default=4, metadata=_check(_positive))
+    """Bytes read from the start of each file (``Range: bytes=0-(n-1)``)."""
+    rate: float = field(default=0.0, metadata=_check(_non_negative))
+    """Files per second per endpoint; 0 means unlimited."""
+    timeout: Duration = field(default=Duration(60.0), metadata=_check(_positive))
+    """Limit for one attempt on one file, redirects included (seconds)."""
+    connect_timeout: Duration = field(default=Duration(15.0), metadata=_check(_positive))
+    """Limit for connecting and the TLS handshake (seconds)."""
+    max_redirects: int = field(default=5, metadata=_check(_non_negative))
+    """Redirects followed per file (a dCache door redirects once, to a pool)."""
+    queue: int = field(default=0, metadata=_check(_non_negative))
+    """Files buffered between catalog and workers; 0 means 4 x concurrency."""
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """``[retry]``: exponential backoff with jitter for 5xx, 429, timeouts and resets."""
+
+    attempts: int = field(default=5, metadata=_check(_positive))
+    """Tries per file, the first included."""
+    initial: Duration = field(default=Duration(0.5), metadata=_check(_non_negative))
+    """First backoff (seconds); doubles each retry."""
+    max: Duration = field(default=Duration(30.0), metadata=_check(_non_negative))
+    """Largest backoff between two tries (seconds)."""
+    jitter: float = field(default=0.5, metadata=_check(_non_negative))
+    """Random extra delay, as a fraction of the backoff (0.5 = up to +50%)."""
+    total: Duration = field(default=Duration(600.0), metadata=_check(_positive))
+    """Time budget for one file across all its tries (seconds)."""
+    max_retry_after: Duration = field(default=Duration(300.0), metadata=_check(_non_negative))
+    """Largest server ``Retry-After`` honoured (seconds); longer asks give up on the file."""
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """``[breaker]``: stop a run early when an endpoint refuses us again and again."""
+
+    denials: int = field(default=20, metadata=_check(_positive))
+    """Consecutive 401/403 answers from one endpoint that stop the run (exit 3)."""
+    tls_failures: int = field(default=3, metadata=_check(_positive))
+    """Consecutive TLS handshake failures with one endpoint that stop the run (exit 3)."""
+    unreachable: int = field(default=50, metadata=_check(_positive))
+    """Consecutive files failing to connect (after retries) that stop the run (exit 5)."""
+
+
+@dataclass(frozen=True)
+class LocalCatalogConfig:
+    """``[catalog.local]``: definitions as text files of URLs."""
+
+    dir: Optional[Path] = None
+    """Directory holding ``NAME.txt`` definition files for ``prestaged warm NAME``."""
+
+
+@dataclass(frozen=True)
+class CatalogConfig:
+    """``[catalog]``: which catalog resolves a definition name."""
+
+    default: str = "local"
+    """Catalog used when ``--catalog`` is not given."""
+    local: LocalCatalogConfig = field(default_factory=LocalCatalogConfig)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """``[output]``: progress reporting."""
+
+    progress_interval: Duration = field(default=Duration(30.0), metadata=_check(_positive))
+    """Seconds between one-line progress reports when stderr is not a terminal."""
+    log_level: str = "info"
+    """One of debug, info, warning, error."""
+
+    def __post_init__(self) -> None:
+        if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
+            raise ConfigError(
+                "output.log_level: expected one of debug, info, warning, error, "
+                f'got "{self.log_level}"'
+            )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; every section has defaults, so ``Config()`` is valid."""
+
+    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    source: Optional[Path] = field(default=None, metadata={"internal": True})
+    """File this was loaded from, or None for built-in defaults."""
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def default_config_paths(env: Mapping[str, str] | None = None) -> list[Path]:
+    """Implicit locations searched after ``--config`` and ``$PRESTAGED_CONFIG``."""
+    env = os.environ if env is None else env
+    home = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME", "~")).expanduser() / ".config")
+    return [Path(home) / "prestaged" / "prestaged.toml", Path("/etc/prestaged/prestaged.toml")]
+
+
+def find_config(explicit: Path | None, env: Mapping[str, str] | None = None) -> Path | None:
+    """Return the config file to load per the search order, or None for built-in defaults."""
+    env = os.environ if env is None else env
+    if explicit is not None:
+        return explicit
+    if env.get("PRESTAGED_CONFIG"):
+        return Path(env["PRESTAGED_CONFIG"])
+    for candidate in default_config_paths(env):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(path: Path | None) -> Config:
+    """Load and validate ``path`` (None: built-in defaults). Raises ``ConfigError`` (exit 2)."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config {path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"config {path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path}: invalid TOML: {e}") from None
+    base = path.parent
+    try:
+        cfg = _build(Config, data, "", base)
+    except ConfigError as e:
+        raise ConfigError(f"config {path}: {e}") from None
+    loaded: Config = dataclasses.replace(cfg, source=path)
+    return loaded
+
+
+def replace_path(cfg: Any, dotted: str, value: Any, label: str | None = None) -> Any:
+    """Return a copy of the frozen dataclass ``cfg`` with ``a.b.c`` set to ``value`` (validated).
+
+    Used by the CLI so that every flag overrides its config key through the same checks;
+    ``label`` (e.g. ``--concurrency``) names the value in errors instead of the key path.
+    """
+    head, _, rest = dotted.partition(".")
+    if rest:
+        inner = replace_path(getattr(cfg, head), rest, value, label or dotted)
+        return dataclasses.replace(cfg, **{head: inner})
+    hints = get_type_hints(type(cfg))
+    fld = {f.name: f for f in dataclasses.fields(cfg)}[head]
+    converted = _convert(hints[head], fld, value, label or dotted, Path.cwd())
+    return dataclasses.replace(cfg, **{head: converted})
+
+
+def _build(cls: type[Any], data: object, prefix: str, base: Path) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown key {prefix}{key}{hint}; keys here: {known}")
+        fld = fields[key]
+        kwargs[key] = _convert(hints[key], fld, value, prefix + key, base)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, fld: dataclasses.Field[Any], value: object, key: str, base: Path) -> Any:
+    optional = False
+    if getattr(tp, "__origin__", None) is Union:
+        args = [a for a in tp.__args__ if a is not type(None)]
+        optional, tp = True, args[0]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", base)  # type: ignore[arg-type]
+    if optional and value in ("", None):
+        return None
+    got = f'"{value}"' if isinstance(value, str) else repr(value)
+    check = fld.metadata.get("check")
+    if tp is Duration:
+        try:
+            seconds = parse_duration(value)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}, got {got}") from None
+        converted: Any = Duration(seconds)
+        noun = "duration"
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            prefix = check(-1) if check else "an"
+            raise ConfigError(f"{key}: expected {prefix} integer, got {got}")
+        converted, noun = value, "integer"
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {got}")
+        converted, noun = float(value), "number"
+    elif tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {got}")
+        return value
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {got}")
+        return value
+    elif tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{key}: expected a path string, got {got}")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+    else:  # pragma: no cover - a programming error in the dataclasses above
+        raise TypeError(f"unsupported config type {tp!r} for {key}")
+    if check is not None:
+        problem = check(converted)
+        if problem is not None:
+            raise ConfigError(f"{key}: expected {problem} {noun}, got {got}")
+    return converted

@@ -1,0 +1,519 @@
+"""X.509 proxy and CA directory handling: find them, inspect them, refuse unusable ones early.
+
+A grid proxy file holds the proxy certificate, its unencrypted private key and the issuer chain
+(the user certificate, possibly more proxies). We check it before any transfer so that a user
+gets one line naming the file and the fix ("expired at ...; run voms-proxy-init") instead of an
+SSL alert from the storage halfway through a run.
+
+Nothing here ever puts file contents or key material into a message or a log record: messages
+name the file and the problem only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import ssl
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID, ObjectIdentifier
+
+from prestaged.errors import CredentialError
+
+__all__ = [
+    "DEFAULT_CA_DIR",
+    "KIND_END_ENTITY",
+    "KIND_LEGACY_PROXY",
+    "KIND_RFC3820_PROXY",
+    "CredentialError",
+    "Credentials",
+    "ProxyInfo",
+    "check_ca_dir",
+    "check_lifetime",
+    "format_dn",
+    "format_timedelta",
+    "inspect_proxy",
+    "load_credentials",
+    "resolve_ca_dir",
+    "resolve_proxy_path",
+    "warn_if_exposed",
+]
+
+logger = logging.getLogger(__name__)
+
+KIND_RFC3820_PROXY = "RFC 3820 proxy"
+KIND_LEGACY_PROXY = "legacy Globus proxy"
+KIND_END_ENTITY = "end-entity certificate"
+
+DEFAULT_CA_DIR = Path("/etc/grid-security/certificates")
+
+_PROXY_CERT_INFO = ObjectIdentifier("1.3.6.1.5.5.7.1.14")
+_GLOBUS_PROXY_CERT_INFO = ObjectIdentifier("1.3.6.1.4.1.3536.1.222")
+_LEGACY_PROXY_CNS = frozenset({"proxy", "limited proxy"})
+_RENEW_HINT = "run voms-proxy-init or grid-proxy-init"
+
+# A proxy file is a few KiB; refuse to slurp something that obviously is not one.
+_MAX_PROXY_BYTES = 1 << 20
+_CERT_BEGIN = b"-----BEGIN CERTIFICATE-----"
+_CERT_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.DOTALL)
+_KEY_BLOCK = re.compile(
+    rb"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY)-----.*?-----END \1-----", re.DOTALL
+)
+_KEY_BEGIN = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
+# OpenSSL capath lookups only find "<8 hex digit subject hash>.<n>" files.
+_HASHED_CERT = re.compile(r"^[0-9a-f]{8}\.[0-9]+$")
+_SSL_SOURCE_LINE = re.compile(r"\s*\(_ssl\.c:\d+\)$")
+
+# OpenSSL short names for X509_NAME_oneline-style DNs; anything else prints as a dotted OID.
+_SHORT_NAMES = {
+    NameOID.COMMON_NAME: "CN",
+    NameOID.COUNTRY_NAME: "C",
+    NameOID.LOCALITY_NAME: "L",
+    NameOID.STATE_OR_PROVINCE_NAME: "ST",
+    NameOID.STREET_ADDRESS: "street",
+    NameOID.ORGANIZATION_NAME: "O",
+    NameOID.ORGANIZATIONAL_UNIT_NAME: "OU",
+    NameOID.SERIAL_NUMBER: "serialNumber",
+    NameOID.SURNAME: "SN",
+    NameOID.GIVEN_NAME: "GN",
+    NameOID.TITLE: "title",
+    NameOID.INITIALS: "initials",
+    NameOID.GENERATION_QUALIFIER: "generationQualifier",
+    NameOID.DN_QUALIFIER: "dnQualifier",
+    NameOID.PSEUDONYM: "pseudonym",
+    NameOID.POSTAL_CODE: "postalCode",
+    NameOID.DOMAIN_COMPONENT: "DC",
+    NameOID.USER_ID: "UID",
+    NameOID.EMAIL_ADDRESS: "emailAddress",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting helpers
+# --------------------------------------------------------------------------------------------
+
+
+def format_dn(name: x509.Name) -> str:
+    """Format a name in OpenSSL slash form, most significant RDN first: ``/DC=org/.../CN=x``.
+
+    This is the form grid-mapfiles and ``voms-proxy-info`` use; multi-valued RDNs are written
+    as consecutive ``/type=value`` pairs, like ``X509_NAME_oneline``.
+    """
+    parts = []
+    for attribute in name:
+        value = attribute.value
+        text = value if isinstance(value, str) else value.hex()
+        parts.append(f"/{_SHORT_NAMES.get(attribute.oid, attribute.oid.dotted_string)}={text}")
+    return "".join(parts)
+
+
+def _format_span(seconds: int) -> str:
+    if seconds >= 86400:
+        days, rest = divmod(seconds, 86400)
+        return f"{days}d{rest // 3600:02d}h"
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m"
+
+
+def format_timedelta(td: timedelta) -> str:
+    """Format a remaining lifetime for people: ``11h59m``, ``3d04h``, ``expired 2h10m ago``.
+
+    Truncates to whole minutes (whole hours from one day on); negative spans are "expired".
+    """
+    seconds = int(td.total_seconds())
+    if seconds < 0:
+        return f"expired {_format_span(-seconds)} ago"
+    return _format_span(seconds)
+
+
+def _format_time(when: datetime) -> str:
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _origin(source: str | None) -> str:
+    if not source:
+        return ""
+    if source.startswith("default"):
+        return " (default location)"
+    return f" (from {source})"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# --------------------------------------------------------------------------------------------
+# Proxy inspection
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProxyInfo:
+    """What a proxy (or plain certificate) file holds, as far as prestaged cares.
+
+    ``subject``/``issuer`` describe the first certificate; ``identity`` is the DN of the first
+    certificate in the chain that is not a proxy, i.e. the user a storage maps us to.
+    ``not_before``/``not_after`` are tz-aware UTC and span the validity shared by every
+    certificate in the file (latest start, earliest end).
+    """
+
+    path: Path
+    subject: str
+    identity: str
+    issuer: str
+    kind: str
+    not_before: datetime
+    not_after: datetime
+    chain_length: int
+
+    @property
+    def is_proxy(self) -> bool:
+        """True for RFC 3820 and legacy Globus proxies, false for a plain certificate."""
+        return self.kind != KIND_END_ENTITY
+
+    def time_left(self, now: datetime | None = None) -> timedelta:
+        """Usable lifetime left at ``now`` (default: the current UTC time); negative if expired."""
+        return self.not_after - (now if now is not None else _utcnow())
+
+
+def _cert_kind(cert: x509.Certificate) -> str:
+    oids = {extension.oid for extension in cert.extensions}
+    if _PROXY_CERT_INFO in oids:
+        return KIND_RFC3820_PROXY
+    if _GLOBUS_PROXY_CERT_INFO in oids:
+        return KIND_LEGACY_PROXY
+    attributes = list(cert.subject)
+    last = attributes[-1] if attributes else None
+    if (
+        last is not None
+        and last.oid == NameOID.COMMON_NAME
+        and last.value in _LEGACY_PROXY_CNS
+        and cert.subject != cert.issuer
+    ):
+        return KIND_LEGACY_PROXY
+    return KIND_END_ENTITY
+
+
+def _validity(cert: x509.Certificate) -> tuple[datetime, datetime]:
+    # The *_utc properties appeared in cryptography 42; the naive ones are UTC.
+    before: datetime | None = getattr(cert, "not_valid_before_utc", None)
+    after: datetime | None = getattr(cert, "not_valid_after_utc", None)
+    if before is None or after is None:
+        before = cert.not_valid_before.replace(tzinfo=timezone.utc)
+        after = cert.not_valid_after.replace(tzinfo=timezone.utc)
+    return before, after
+
+
+def _read_proxy_file(path: Path, label: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_PROXY_BYTES + 1)
+    except FileNotFoundError as e:
+        raise CredentialError(f"{label}: no such file") from e
+    except IsADirectoryError as e:
+        raise CredentialError(f"{label}: is a directory, not a proxy file") from e
+    except PermissionError as e:
+        raise CredentialError(f"{label}: permission denied (cannot read the file)") from e
+    except OSError as e:
+        raise CredentialError(f"{label}: cannot read: {e.strerror or type(e).__name__}") from e
+    if len(data) > _MAX_PROXY_BYTES:
+        raise CredentialError(f"{label}: larger than 1 MiB, not a proxy file")
+    return data
+
+
+def _parse_certificates(data: bytes, label: str) -> list[x509.Certificate]:
+    # Only the CERTIFICATE blocks: a broken key block must not read as a broken certificate.
+    blocks = _CERT_BLOCK.findall(data)
+    if not blocks:
+        if _CERT_BEGIN in data:
+            raise CredentialError(f"{label}: unparsable PEM certificate (no END line)")
+        raise CredentialError(f"{label}: no certificate in file (expected PEM)")
+    try:
+        return x509.load_pem_x509_certificates(b"\n".join(blocks))
+    except ValueError as e:
+        raise CredentialError(f"{label}: unparsable PEM certificate") from e
+
+
+def _check_private_key(data: bytes, cert: x509.Certificate, label: str) -> None:
+    block = _KEY_BLOCK.search(data)
+    if block is None:
+        if _KEY_BEGIN.search(data):
+            raise CredentialError(f"{label}: unparsable PEM private key")
+        raise CredentialError(f"{label}: no private key in file")
+    pem = block.group(0)
+    if block.group(1).startswith(b"ENCRYPTED") or b"Proc-Type: 4,ENCRYPTED" in pem:
+        raise CredentialError(f"{label}: private key is encrypted (a proxy key must not be)")
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except TypeError as e:  # cryptography's "password was not given but key is encrypted"
+        raise CredentialError(f"{label}: private key is encrypted (a proxy key must not be)") from e
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise CredentialError(f"{label}: unparsable PEM private key") from e
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    try:
+        cert_public = cert.public_key().public_bytes(*spki)
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise CredentialError(f"{label}: unsupported public key in the first certificate") from e
+    if key.public_key().public_bytes(*spki) != cert_public:
+        raise CredentialError(f"{label}: private key does not match the first certificate")
+
+
+def _identity(chain: list[x509.Certificate], kinds: list[str]) -> str:
+    for cert, kind in zip(chain, kinds):
+        if kind == KIND_END_ENTITY:
+            return format_dn(cert.subject)
+    # Only proxies in the file: the last one was issued by the user.
+    return format_dn(chain[-1].issuer)
+
+
+def inspect_proxy(path: Path, *, source: str | None = None) -> ProxyInfo:
+    """Read a proxy (or certificate + key) PEM file and describe it.
+
+    Raises :class:`CredentialError` with one line naming the file (and ``source``, e.g.
+    ``"$X509_USER_PROXY"``, when given) if it is missing, unreadable, holds no certificate or
+    no private key, has an encrypted key, a key that does not match the first certificate, or
+    unparsable PEM. Expiry is not checked here: see :func:`check_lifetime`.
+    """
+    label = f"proxy {path}{_origin(source)}"
+    data = _read_proxy_file(path, label)
+    chain = _parse_certificates(data, label)
+    _check_private_key(data, chain[0], label)
+    try:
+        kinds = [_cert_kind(cert) for cert in chain]
+    except ValueError as e:  # duplicate or malformed extensions
+        raise CredentialError(f"{label}: certificate with malformed extensions") from e
+    validity = [_validity(cert) for cert in chain]
+    return ProxyInfo(
+        path=path,
+        subject=format_dn(chain[0].subject),
+        identity=_identity(chain, kinds),
+        issuer=format_dn(chain[0].issuer),
+        kind=kinds[0],
+        not_before=max(before for before, _ in validity),
+        not_after=min(after for _, after in validity),
+        chain_length=len(chain),
+    )
+
+
+def check_lifetime(info: ProxyInfo, min_lifetime: float, now: datetime | None = None) -> None:
+    """Raise :class:`CredentialError` unless ``info`` is valid at ``now`` for ``min_lifetime`` s.
+
+    ``min_lifetime`` is ``credentials.min_lifetime`` in seconds (0 only requires "not expired");
+    ``now`` defaults to the current UTC time.
+    """
+    now = now if now is not None else _utcnow()
+    label = f"proxy {info.path}"
+    if now >= info.not_after:
+        raise CredentialError(f"{label}: expired at {_format_time(info.not_after)} ({_RENEW_HINT})")
+    if now < info.not_before:
+        raise CredentialError(
+            f"{label}: not valid before {_format_time(info.not_before)}"
+            " (is the clock of this host right?)"
+        )
+    left = info.time_left(now)
+    if left.total_seconds() < min_lifetime:
+        minimum = format_timedelta(timedelta(seconds=min_lifetime))
+        raise CredentialError(
+            f"{label}: {format_timedelta(left)} left, less than credentials.min_lifetime"
+            f" ({minimum}); {_RENEW_HINT}"
+        )
+
+
+def warn_if_exposed(path: Path) -> bool:
+    """Log a warning if group or others have any access to ``path``; return True if warned.
+
+    Missing or unreadable files are not warned about (``inspect_proxy`` reports those).
+    """
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return False
+    if not mode & 0o077:
+        return False
+    logger.warning(
+        "proxy %s is accessible to group/others (mode %04o); run: chmod 600 %s", path, mode, path
+    )
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Locations
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_proxy_path(
+    cli: Path | None,
+    configured: Path | None,
+    env: Mapping[str, str] | None = None,
+    uid: int | None = None,
+) -> tuple[Path, str]:
+    """Pick the proxy file and say where the choice came from.
+
+    Order: ``--proxy``, config ``credentials.proxy``, ``$X509_USER_PROXY`` (if non-empty),
+    ``/tmp/x509up_u<uid>``. ``env`` defaults to ``os.environ`` and ``uid`` to the real uid.
+    Returns ``(path, source)`` with source ``"--proxy"``, ``"credentials.proxy"``,
+    ``"$X509_USER_PROXY"`` or ``"default /tmp/x509up_u<uid>"``.
+    """
+    environ = os.environ if env is None else env
+    if cli is not None:
+        return cli, "--proxy"
+    if configured is not None:
+        return configured, "credentials.proxy"
+    from_env = environ.get("X509_USER_PROXY", "")
+    if from_env:
+        return Path(from_env), "$X509_USER_PROXY"
+    default = Path(f"/tmp/x509up_u{os.getuid() if uid is None else uid}")
+    return default, f"default {default}"
+
+
+def resolve_ca_dir(
+    cli: Path | None,
+    configured: Path | None,
+    env: Mapping[str, str] | None = None,
+) -> tuple[Path, str]:
+    """Pick the trusted CA directory and say where the choice came from.
+
+    Order: ``--ca-dir``, config ``credentials.ca_dir``, ``$X509_CERT_DIR`` (if non-empty),
+    ``/etc/grid-security/certificates``. ``env`` defaults to ``os.environ``. Returns
+    ``(path, source)`` like :func:`resolve_proxy_path`.
+    """
+    environ = os.environ if env is None else env
+    if cli is not None:
+        return cli, "--ca-dir"
+    if configured is not None:
+        return configured, "credentials.ca_dir"
+    from_env = environ.get("X509_CERT_DIR", "")
+    if from_env:
+        return Path(from_env), "$X509_CERT_DIR"
+    return DEFAULT_CA_DIR, f"default {DEFAULT_CA_DIR}"
+
+
+def check_ca_dir(path: Path, source: str) -> None:
+    """Raise :class:`CredentialError` unless ``path`` is a usable OpenSSL hashed CA directory.
+
+    Usable means a directory holding at least one ``<subject hash>.<n>`` file, which is all an
+    OpenSSL ``capath`` lookup can find; a directory of ``*.pem``/``*.crt`` files without hash
+    names gets an "run openssl rehash" hint.
+    """
+    label = f"CA directory {path}{_origin(source)}"
+    try:
+        names = [entry.name for entry in path.iterdir()]
+    except FileNotFoundError as e:
+        raise CredentialError(
+            f"{label}: no such directory; install the grid CA certificates"
+            " or set --ca-dir or $X509_CERT_DIR"
+        ) from e
+    except NotADirectoryError as e:
+        raise CredentialError(f"{label}: not a directory") from e
+    except PermissionError as e:
+        raise CredentialError(f"{label}: permission denied (cannot list it)") from e
+    except OSError as e:
+        raise CredentialError(f"{label}: cannot list: {e.strerror or type(e).__name__}") from e
+    if any(_HASHED_CERT.match(name) for name in names):
+        return
+    if any(name.endswith((".pem", ".crt")) for name in names):
+        raise CredentialError(
+            f"{label}: has *.pem/*.crt files but no hashed <hash>.0 names;"
+            f" run: openssl rehash {path}"
+        )
+    raise CredentialError(f"{label}: contains no CA certificates (<hash>.0, *.pem or *.crt)")
+
+
+# --------------------------------------------------------------------------------------------
+# Putting it together
+# --------------------------------------------------------------------------------------------
+
+
+def _no_password() -> bytes:
+    # Given to load_cert_chain so that an encrypted key fails instead of prompting on a tty.
+    return b""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A checked proxy and the CA directory to verify storage servers against."""
+
+    proxy: ProxyInfo
+    ca_dir: Path
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """Build a client SSL context presenting the proxy and trusting ``ca_dir``.
+
+        Raises :class:`CredentialError` naming the file if OpenSSL refuses to load either.
+        """
+        try:
+            ctx = ssl.create_default_context(capath=str(self.ca_dir))
+        except (ssl.SSLError, OSError) as e:
+            raise CredentialError(
+                f"CA directory {self.ca_dir}: OpenSSL cannot load it ({_ssl_reason(e)})"
+            ) from e
+        try:
+            ctx.load_cert_chain(self.proxy.path, password=_no_password)
+        except (ssl.SSLError, OSError) as e:
+            raise CredentialError(
+                f"proxy {self.proxy.path}: OpenSSL cannot load it ({_ssl_reason(e)})"
+            ) from e
+        return ctx
+
+
+def _ssl_reason(error: OSError) -> str:
+    # SSLError.reason is an OpenSSL reason code such as "KEY_VALUES_MISMATCH": never contents.
+    if isinstance(error, ssl.SSLError) and error.reason:
+        return str(error.reason)
+    return _SSL_SOURCE_LINE.sub("", error.strerror or type(error).__name__)
+
+
+def _inspect_resolved(path: Path, source: str) -> ProxyInfo:
+    if source.startswith("default") and not path.exists():
+        raise CredentialError(
+            f"no X.509 proxy: {path} (default location) does not exist;"
+            " set --proxy or $X509_USER_PROXY, or run voms-proxy-init"
+        )
+    return inspect_proxy(path, source=source)
+
+
+def load_credentials(
+    *,
+    proxy: Path | None,
+    proxy_configured: Path | None,
+    ca_dir: Path | None,
+    ca_dir_configured: Path | None,
+    min_lifetime: float,
+    env: Mapping[str, str] | None = None,
+    uid: int | None = None,
+    now: datetime | None = None,
+) -> Credentials:
+    """Find, inspect and check the proxy and CA directory; prove OpenSSL can load them.
+
+    ``proxy``/``ca_dir`` come from the command line and ``*_configured`` from the config file;
+    see :func:`resolve_proxy_path` and :func:`resolve_ca_dir` for the fallbacks. The proxy must
+    stay valid for ``min_lifetime`` seconds after ``now``. A proxy readable by others is only
+    warned about. Raises :class:`CredentialError` (exit code 3) with one line otherwise.
+    """
+    proxy_path, proxy_source = resolve_proxy_path(proxy, proxy_configured, env, uid)
+    info = _inspect_resolved(proxy_path, proxy_source)
+    check_lifetime(info, min_lifetime, now)
+    warn_if_exposed(proxy_path)
+    ca_path, ca_source = resolve_ca_dir(ca_dir, ca_dir_configured, env)
+    check_ca_dir(ca_path, ca_source)
+    credentials = Credentials(proxy=info, ca_dir=ca_path)
+    credentials.ssl_context()
+    logger.info(
+        "using %s %s (%s) of %s, %s left; CA directory %s (%s)",
+        info.kind,
+        proxy_path,
+        proxy_source,
+        info.identity,
+        format_timedelta(info.time_left(now)),
+        ca_path,
+        ca_source,
+    )
+    return credentials

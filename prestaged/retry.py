@@ -1,0 +1,63 @@
+"""Retry policy: what is retryable and how long to wait, as one explicit, testable object.
+
+Backoff before retry ``k`` (k = 1 for the first retry) is
+``min(max, initial * 2**(k-1)) * (1 + U(0, jitter))``; a server's ``Retry-After`` replaces the
+computed backoff (capped by ``max_retry_after``: a longer ask gives up on the file). Tries are
+bounded by ``attempts`` and by ``total`` seconds per file.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from prestaged.storage.http import Attempt, Failure, classify_status
+
+__all__ = ["RetryPolicy", "retry_reason"]
+
+_RETRYABLE_FAILURES = frozenset({Failure.TIMEOUT, Failure.RESET, Failure.UNREACHABLE})
+
+
+def retry_reason(attempt: Attempt) -> Optional[str]:
+    """Why ``attempt`` deserves another try (``"503"``, ``"timeout"``, ...), or None if final."""
+    if attempt.failure is not None:
+        return str(attempt.failure) if attempt.failure in _RETRYABLE_FAILURES else None
+    if attempt.status is not None and classify_status(attempt.status) is None:
+        return str(attempt.status)
+    return None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff with jitter; all durations in seconds."""
+
+    attempts: int = 5
+    initial: float = 0.5
+    max: float = 30.0
+    jitter: float = 0.5
+    total: float = 600.0
+    max_retry_after: float = 300.0
+
+    def backoff(self, retry: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based), jitter included."""
+        base = min(self.max, self.initial * 2.0 ** (retry - 1))
+        return base * (1.0 + self.jitter * rand())
+
+    def next_delay(self, attempt: Attempt, tries: int, elapsed: float) -> Optional[float]:
+        """Delay before the next try after ``tries`` tries and ``elapsed`` seconds, or None.
+
+        None means stop: the attempt is final, the attempts or the time budget are spent, or the
+        server asked for a wait longer than ``max_retry_after``.
+        """
+        if retry_reason(attempt) is None or tries >= self.attempts:
+            return None
+        if attempt.retry_after is not None:
+            if attempt.retry_after > self.max_retry_after:
+                return None
+            delay = attempt.retry_after
+        else:
+            delay = self.backoff(tries)
+        if elapsed + delay >= self.total:
+            return None
+        return delay

@@ -1,0 +1,390 @@
+"""The engine: stream files from a catalog through a bounded queue to a fixed pool of workers.
+
+Each worker touches one file at a time (``storage.http.HttpToucher``), retrying by
+``retry.RetryPolicy``, optionally throttled per endpoint (asyncio-throttle), and reports an
+``Outcome``. Breakers per endpoint (``scheme://host:port`` of the file's URL) stop the whole run
+early when the storage keeps denying us (exit 3), keeps failing TLS (exit 3) or cannot be
+reached at all (exit 5), instead of trying every remaining file.
+
+Memory does not grow with the dataset: the queue is bounded, duplicates are remembered as 8-byte
+digests, and only failures (capped at ``MAX_FAILURES_KEPT``) are kept for the report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+from urllib.parse import urlsplit
+
+from asyncio_throttle.throttler import Throttler
+
+from prestaged.catalog import FileRef
+from prestaged.config import BreakerConfig, Config
+from prestaged.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_STORAGE,
+    CredentialError,
+    PrestagedError,
+    StorageError,
+)
+from prestaged.retry import RetryPolicy, retry_reason
+from prestaged.storage.http import Attempt, Failure, Result, classify_status
+
+__all__ = [
+    "MAX_FAILURES_KEPT",
+    "Outcome",
+    "RunReport",
+    "Tally",
+    "Toucher",
+    "WarmSettings",
+    "warm",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_FAILURES_KEPT = 10_000
+"""Failed files kept for the report; beyond this only the counts grow."""
+
+_NOT_OK = (Result.MISSING, Result.DENIED, Result.FAILED)
+
+
+class Toucher(Protocol):
+    """One attempt at one URL (``storage.http.HttpToucher`` is the real one)."""
+
+    async def touch(self, url: str) -> Attempt:
+        """Try ``url`` once and say what happened."""
+        ...
+
+
+@dataclass(frozen=True)
+class WarmSettings:
+    """Engine knobs; see ``config.StorageConfig``/``BreakerConfig`` for meanings and units."""
+
+    concurrency: int = 32
+    nbytes: int = 4
+    rate: float = 0.0
+    queue: int = 0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    credential_hint: str = ""
+    """Names the proxy/CA in breaker messages, e.g. ``proxy /tmp/x509up_u1000``."""
+
+    @classmethod
+    def from_config(cls, cfg: Config, credential_hint: str = "") -> WarmSettings:
+        """Settings from a loaded (and CLI-overridden) ``Config``."""
+        r = cfg.retry
+        return cls(
+            concurrency=cfg.storage.concurrency,
+            nbytes=cfg.storage.bytes,
+            rate=cfg.storage.rate,
+            queue=cfg.storage.queue,
+            retry=RetryPolicy(r.attempts, r.initial, r.max, r.jitter, r.total, r.max_retry_after),
+            breaker=cfg.breaker,
+            credential_hint=credential_hint,
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one file (error text never contains secrets)."""
+
+    url: str
+    name: str
+    result: Result
+    status: Optional[int]
+    bytes: int
+    attempts: int
+    elapsed: float
+    error: str = ""
+
+
+@dataclass
+class Tally:
+    """Live counters of a run, read by progress displays while the run goes on."""
+
+    started: float = field(default_factory=time.monotonic)
+    total_hint: Optional[int] = None
+    queued: int = 0
+    duplicates: int = 0
+    catalog_done: bool = False
+    done: int = 0
+    bytes: int = 0
+    results: Counter[str] = field(default_factory=Counter)
+    retries: Counter[str] = field(default_factory=Counter)
+    failures: list[Outcome] = field(default_factory=list)
+
+    @property
+    def total(self) -> Optional[int]:
+        """Files to touch: exact once the catalog is exhausted, else the catalog's estimate."""
+        return self.queued if self.catalog_done else self.total_hint
+
+    @property
+    def failed(self) -> int:
+        """Files that ended missing, denied or failed."""
+        return sum(self.results[r.value] for r in _NOT_OK)
+
+    def elapsed(self) -> float:
+        """Seconds since the run started."""
+        return time.monotonic() - self.started
+
+    def add(self, outcome: Outcome) -> None:
+        """Count one finished file."""
+        self.done += 1
+        self.bytes += outcome.bytes
+        self.results[outcome.result.value] += 1
+        if outcome.result in _NOT_OK and len(self.failures) < MAX_FAILURES_KEPT:
+            self.failures.append(outcome)
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """The end of a run: counts by result, bytes, timing, failures and why it stopped."""
+
+    tally: Tally
+    elapsed: float
+    interrupted: bool = False
+    aborted: Optional[PrestagedError] = None
+
+    @property
+    def rate(self) -> float:
+        """Files finished per second."""
+        return self.tally.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """0 all warm; 1 some failed; 3/5 breaker; 5 nothing succeeded; 130 interrupted."""
+        t = self.tally
+        if self.aborted is not None:
+            return self.aborted.exit_code
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        ok = t.results[Result.WARM.value] + t.results[Result.EMPTY.value]
+        refused = t.results[Result.DENIED.value] + t.results[Result.FAILED.value]
+        if t.done and ok == 0 and refused == t.done:
+            return EXIT_STORAGE
+        return EXIT_SOME_FAILED if t.failed else EXIT_OK
+
+
+def endpoint_of(url: str) -> str:
+    """``scheme://host:port`` of ``url``: the unit for breakers and throttling."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class _Breakers:
+    """Consecutive-failure counters per endpoint; a trip becomes the run's abort error."""
+
+    def __init__(self, cfg: BreakerConfig, hint: str) -> None:
+        self.cfg = cfg
+        self.hint = hint
+        self.denials: Counter[str] = Counter()
+        self.tls: Counter[str] = Counter()
+        self.unreachable: Counter[str] = Counter()
+
+    def observe(self, endpoint: str, attempt: Attempt) -> Optional[PrestagedError]:
+        """Account one attempt; return the error that stops the run if a breaker trips."""
+        if attempt.failure is Failure.TLS:
+            self.tls[endpoint] += 1
+            if self.tls[endpoint] >= self.cfg.tls_failures:
+                return CredentialError(
+                    f"TLS with {endpoint} failed {self.tls[endpoint]} times in a row "
+                    f"({attempt.error}); check {self.hint or 'the proxy and CA directory'}"
+                )
+            return None
+        if attempt.status is None:
+            return None
+        if attempt.status in (401, 403):
+            self.denials[endpoint] += 1
+            if self.denials[endpoint] >= self.cfg.denials:
+                return CredentialError(
+                    f"{endpoint} denied {self.denials[endpoint]} files in a row "
+                    f"(HTTP {attempt.status}): it does not accept "
+                    f"{self.hint or 'our credentials'}; stopped early"
+                )
+            return None
+        self.denials[endpoint] = self.tls[endpoint] = self.unreachable[endpoint] = 0
+        return None
+
+    def observe_final(self, endpoint: str, last: Attempt) -> Optional[PrestagedError]:
+        """Account a file whose retries are over, by its last attempt (unreachable breaker)."""
+        if last.failure is Failure.UNREACHABLE:
+            self.unreachable[endpoint] += 1
+            if self.unreachable[endpoint] >= self.cfg.unreachable:
+                return StorageError(
+                    f"{endpoint} unreachable for {self.unreachable[endpoint]} files in a row "
+                    f"({last.error}); stopped early"
+                )
+        return None
+
+
+class _Run:
+    """One run of the engine; see ``warm()``."""
+
+    def __init__(
+        self,
+        files: AsyncIterator[FileRef],
+        settings: WarmSettings,
+        toucher: Toucher,
+        tally: Tally,
+        on_outcome: Optional[Callable[[Outcome], None]],
+        sleep: Callable[[float], Awaitable[None]],
+    ) -> None:
+        self.files = files
+        self.s = settings
+        self.toucher = toucher
+        self.tally = tally
+        self.on_outcome = on_outcome
+        self.sleep = sleep
+        self.queue: asyncio.Queue[Optional[FileRef]] = asyncio.Queue(
+            settings.queue or 4 * settings.concurrency
+        )
+        self.breakers = _Breakers(settings.breaker, settings.credential_hint)
+        self.abort_error: Optional[PrestagedError] = None
+        self.abort = asyncio.Event()
+        self.throttlers: dict[str, Throttler] = {}
+        self.seen: set[bytes] = set()
+
+    def _trip(self, error: Optional[PrestagedError]) -> None:
+        if error is not None and self.abort_error is None:
+            self.abort_error = error
+            self.abort.set()
+
+    async def produce(self) -> None:
+        """Feed the queue from the catalog, skipping duplicate URLs; then one stop per worker."""
+        try:
+            async for ref in self.files:
+                digest = hashlib.blake2b(ref.url.encode(), digest_size=8).digest()
+                if digest in self.seen:
+                    self.tally.duplicates += 1
+                    continue
+                self.seen.add(digest)
+                self.tally.queued += 1
+                await self.queue.put(ref)
+        except PrestagedError as e:
+            self._trip(e)
+            return
+        except BaseException:
+            self.abort.set()  # a bug or a cancellation: let warm() stop the workers and raise
+            raise
+        self.tally.catalog_done = True
+        for _ in range(self.s.concurrency):
+            await self.queue.put(None)
+
+    def _throttler(self, endpoint: str) -> Optional[Throttler]:
+        if self.s.rate <= 0:
+            return None
+        thr = self.throttlers.get(endpoint)
+        if thr is None:
+            # asyncio-throttle counts whole requests per period: keep the ratio equal to rate.
+            per = max(1, round(self.s.rate))
+            thr = self.throttlers[endpoint] = Throttler(rate_limit=per, period=per / self.s.rate)
+        return thr
+
+    async def _attempt(self, url: str, endpoint: str) -> Attempt:
+        thr = self._throttler(endpoint)
+        if thr is None:
+            return await self.toucher.touch(url)
+        async with thr:
+            return await self.toucher.touch(url)
+
+    async def warm_one(self, ref: FileRef) -> Outcome:
+        """Touch one file with retries; never raises for storage trouble."""
+        endpoint = endpoint_of(ref.url)
+        start = time.monotonic()
+        tries = 0
+        while True:
+            tries += 1
+            attempt = await self._attempt(ref.url, endpoint)
+            self._trip(self.breakers.observe(endpoint, attempt))
+            delay = self.s.retry.next_delay(attempt, tries, time.monotonic() - start)
+            if delay is None or self.abort.is_set():
+                break
+            reason = retry_reason(attempt) or "other"
+            self.tally.retries[reason] += 1
+            log.debug("retry %d of %s in %.2fs (%s)", tries, ref.url, delay, reason)
+            await self.sleep(delay)
+        outcome = _outcome(ref, attempt, tries, time.monotonic() - start)
+        self._trip(self.breakers.observe_final(endpoint, attempt))
+        return outcome
+
+    async def work(self) -> None:
+        """A worker: take files until a stop marker."""
+        while True:
+            ref = await self.queue.get()
+            if ref is None or self.abort.is_set():
+                return
+            outcome = await self.warm_one(ref)
+            self.tally.add(outcome)
+            if self.on_outcome is not None:
+                self.on_outcome(outcome)
+
+
+def _outcome(ref: FileRef, attempt: Attempt, tries: int, elapsed: float) -> Outcome:
+    if attempt.failure is not None:
+        result = Result.FAILED
+    else:
+        assert attempt.status is not None
+        result = classify_status(attempt.status) or Result.FAILED
+    return Outcome(
+        url=ref.url,
+        name=ref.name,
+        result=result,
+        status=attempt.status,
+        bytes=attempt.data,
+        attempts=tries,
+        elapsed=elapsed,
+        error=attempt.error if result is not Result.WARM else "",
+    )
+
+
+async def warm(
+    files: AsyncIterator[FileRef],
+    settings: WarmSettings,
+    toucher: Toucher,
+    *,
+    tally: Optional[Tally] = None,
+    on_outcome: Optional[Callable[[Outcome], None]] = None,
+    stop: Optional[asyncio.Event] = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> RunReport:
+    """Warm every file of ``files`` with ``toucher``; return the report (never raises for
+    storage or catalog trouble: those end up in ``RunReport.aborted``).
+
+    ``tally`` is updated live (pass one in to display progress); ``on_outcome`` is called once per
+    finished file; setting ``stop`` ends the run early (in-flight files are abandoned) and marks
+    the report interrupted; ``sleep`` is injectable so tests can run backoff at zero cost.
+    """
+    tally = tally if tally is not None else Tally()
+    run = _Run(files, settings, toucher, tally, on_outcome, sleep)
+    producer = asyncio.ensure_future(run.produce())
+    workers = [asyncio.ensure_future(run.work()) for _ in range(settings.concurrency)]
+    everything = asyncio.gather(*workers)
+    waiters: set[asyncio.Future[Any]] = {everything, asyncio.ensure_future(run.abort.wait())}
+    if stop is not None:
+        waiters.add(asyncio.ensure_future(stop.wait()))
+    interrupted = False
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        interrupted = stop is not None and stop.is_set() and not everything.done()
+    finally:
+        for task in [producer, *workers, *waiters]:
+            task.cancel()
+        await asyncio.gather(producer, everything, *waiters, return_exceptions=True)
+    for task in (producer, *workers):
+        # A bug in a worker or the catalog must not pass for a finished run.
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+    return RunReport(
+        tally=tally,
+        elapsed=tally.elapsed(),
+        interrupted=interrupted,
+        aborted=run.abort_error,
+    )

@@ -1,0 +1,67 @@
+"""The local catalog: URL list files, comments, lookup by name, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prestaged.catalog import Catalog, FileRef, open_catalog
+from prestaged.catalog.local import LocalCatalog
+from prestaged.config import CatalogConfig, LocalCatalogConfig
+from prestaged.errors import CatalogError, ConfigError
+
+
+async def _all(cat: LocalCatalog) -> list[FileRef]:
+    return [ref async for ref in cat.files()]
+
+
+async def test_reads_urls_skipping_comments_and_blanks(tmp_path: Path) -> None:
+    """Comment lines, trailing comments and blank lines are ignored; names are URL basenames."""
+    path = tmp_path / "defs.txt"
+    path.write_text(
+        "# my dataset\n\nhttps://h:2880/pnfs/a/one.root\n"
+        "   https://h:2880/pnfs/a/two%20x.root   # second\n"
+    )
+    cat = LocalCatalog(str(path))
+    assert isinstance(cat, Catalog)
+    refs = await _all(cat)
+    assert [r.url for r in refs] == ["https://h:2880/pnfs/a/one.root", "https://h:2880/pnfs/a/two%20x.root"]
+    assert [r.name for r in refs] == ["one.root", "two x.root"]
+    assert await cat.estimate() == 2
+
+
+async def test_name_lookup_in_directory(tmp_path: Path) -> None:
+    """With [catalog.local] dir, NAME resolves to DIR/NAME.txt."""
+    (tmp_path / "mydef.txt").write_text("https://h/x\n")
+    cfg = CatalogConfig(local=LocalCatalogConfig(dir=tmp_path))
+    cat = open_catalog("local", "mydef", cfg)
+    assert [r.url for r in await _all(cat)] == ["https://h/x"]  # type: ignore[arg-type]
+    with pytest.raises(CatalogError, match="'other' not found in the local catalog"):
+        open_catalog("local", "other", cfg)
+
+
+def test_missing_file_and_unknown_catalog() -> None:
+    """A missing definition is a catalog error (exit 4); an unknown catalog a config error."""
+    with pytest.raises(CatalogError) as err:
+        LocalCatalog("/nonexistent/list.txt")
+    assert err.value.exit_code == 4
+    with pytest.raises(ConfigError, match="catalog 'rucio' is not known"):
+        open_catalog("rucio", "x", CatalogConfig())
+
+
+async def test_non_url_line_names_file_and_line(tmp_path: Path) -> None:
+    """A line that is not a URL is reported with file and line number."""
+    path = tmp_path / "bad.txt"
+    path.write_text("https://h/a\n\n/pnfs/not/a/url\n")
+    with pytest.raises(CatalogError, match=r"bad.txt, line 3: not a URL"):
+        await _all(LocalCatalog(str(path)))
+
+
+async def test_streams_large_lists(tmp_path: Path) -> None:
+    """Large lists stream in order, chunk boundaries included."""
+    path = tmp_path / "big.txt"
+    path.write_text("".join(f"https://h/f{i}\n" for i in range(2500)))
+    refs = await _all(LocalCatalog(str(path)))
+    assert len(refs) == 2500
+    assert refs[0].url == "https://h/f0" and refs[-1].url == "https://h/f2499"

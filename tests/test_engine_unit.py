@@ -1,0 +1,193 @@
+"""Fast unit tests of retry policy, outcome classification and the engine's control flow.
+
+aioresponses stands in for the network here; the integration tests use real TLS servers.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+from collections.abc import AsyncIterator, Iterable
+
+import aiohttp
+import pytest
+from aioresponses import aioresponses as _aioresponses
+
+from prestaged.catalog import FileRef
+from prestaged.config import BreakerConfig
+from prestaged.retry import RetryPolicy, retry_reason
+from prestaged.storage.http import (
+    Attempt,
+    Failure,
+    HttpToucher,
+    Result,
+    classify_status,
+    parse_retry_after,
+)
+from prestaged.warm import WarmSettings, warm
+
+URL = "https://door.example:2880/pnfs/f1"
+
+
+class _Response(aiohttp.ClientResponse):
+    """aioresponses 0.7.9 predates aiohttp 3.14's required ``stream_writer`` argument."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("stream_writer", types.SimpleNamespace(output_size=0))
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
+class aioresponses(_aioresponses):
+    """aioresponses whose mocked responses build on aiohttp 3.14 as well."""
+
+    def add(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        kwargs.setdefault("response_class", _Response)
+        super().add(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def _refs(urls: Iterable[str]) -> AsyncIterator[FileRef]:
+    for u in urls:
+        yield FileRef(name=u.rsplit("/", 1)[-1], url=u)
+
+
+class _Sleeps:
+    """Records requested backoff delays instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+def _settings(**kw: object) -> WarmSettings:
+    policy = RetryPolicy(attempts=5, initial=0.0, max=0.0, jitter=0.0, total=60.0)
+    base: dict[str, object] = {"concurrency": 4, "retry": policy}
+    base.update(kw)
+    return WarmSettings(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("status", "result"),
+    [(206, Result.WARM), (200, Result.WARM), (416, Result.EMPTY), (404, Result.MISSING),
+     (410, Result.MISSING), (401, Result.DENIED), (403, Result.DENIED), (400, Result.FAILED),
+     (503, None), (500, None), (429, None), (408, None)],
+)
+def test_classify_status(status: int, result: Result | None) -> None:
+    """Each HTTP status maps to its outcome class; None marks retryable statuses."""
+    assert classify_status(status) == result
+
+
+def test_parse_retry_after() -> None:
+    """Retry-After is read as seconds or as an HTTP date; garbage is ignored."""
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    """Backoff doubles from initial, is capped at max, and jitter adds up to the given fraction."""
+    p = RetryPolicy(initial=0.5, max=4.0, jitter=0.5)
+    assert [p.backoff(k, rand=lambda: 0.0) for k in range(1, 6)] == [0.5, 1.0, 2.0, 4.0, 4.0]
+    assert p.backoff(1, rand=lambda: 1.0) == 0.75
+
+
+def test_next_delay_bounds() -> None:
+    """Final answers, spent attempts, spent time and too-long Retry-After stop retrying."""
+    p = RetryPolicy(attempts=3, initial=1.0, max=10.0, jitter=0.0, total=5.0, max_retry_after=60)
+    busy = Attempt(status=503)
+    assert p.next_delay(busy, tries=1, elapsed=0) == 1.0
+    assert p.next_delay(busy, tries=3, elapsed=0) is None  # attempts spent
+    assert p.next_delay(busy, tries=2, elapsed=4.5) is None  # time budget spent
+    assert p.next_delay(Attempt(status=404), tries=1, elapsed=0) is None
+    assert p.next_delay(Attempt(status=503, retry_after=3), tries=1, elapsed=0) == 3
+    assert p.next_delay(Attempt(status=503, retry_after=120), tries=1, elapsed=0) is None
+    assert p.next_delay(Attempt(failure=Failure.TLS), tries=1, elapsed=0) is None
+    assert retry_reason(Attempt(failure=Failure.RESET)) == "reset"
+
+
+async def test_retries_503_then_warm_with_retry_after() -> None:
+    """503, 503 (Retry-After: 2), 206 ends warm after 3 attempts; Retry-After sets the delay."""
+    sleeps = _Sleeps()
+    with aioresponses() as m:
+        m.get(URL, status=503)
+        m.get(URL, status=503, headers={"Retry-After": "2"})
+        m.get(URL, status=206, body=b"abcd", headers={"Content-Range": "bytes 0-3/100"})
+        async with HttpToucher(None) as t:
+            report = await warm(_refs([URL]), _settings(), t, sleep=sleeps)
+    assert report.tally.results["warm"] == 1
+    assert report.tally.retries["503"] == 2
+    assert sleeps.delays == [0.0, 2.0]
+    assert report.exit_code == 0
+
+
+async def test_reset_and_timeout_are_retried() -> None:
+    """A dropped connection and a timeout are retried; the file still ends warm."""
+    with aioresponses() as m:
+        m.get(URL, exception=aiohttp.ServerDisconnectedError())
+        m.get(URL, exception=TimeoutError())
+        m.get(URL, status=206, body=b"abcd")
+        async with HttpToucher(None) as t:
+            report = await warm(_refs([URL]), _settings(), t, sleep=_Sleeps())
+    assert report.tally.results["warm"] == 1
+    assert dict(report.tally.retries) == {"reset": 1, "timeout": 1}
+
+
+async def test_final_statuses_are_not_retried() -> None:
+    """404 and 416 are final after one attempt; the run exits 1 for the missing file."""
+    urls = ["https://d/a", "https://d/b"]
+    with aioresponses() as m:
+        m.get(urls[0], status=404)
+        m.get(urls[1], status=416)
+        async with HttpToucher(None) as t:
+            report = await warm(_refs(urls), _settings(), t, sleep=_Sleeps())
+    assert report.tally.results["missing"] == 1 and report.tally.results["empty"] == 1
+    assert not report.tally.retries
+    assert [o.attempts for o in report.tally.failures] == [1]
+    assert report.exit_code == 1
+
+
+async def test_exhausted_retries_fail_and_everything_failed_exits_5() -> None:
+    """A file that stays 503 fails after `attempts` tries; nothing warm at all means exit 5."""
+    with aioresponses() as m:
+        m.get(URL, status=503, repeat=True)
+        async with HttpToucher(None) as t:
+            report = await warm(_refs([URL]), _settings(), t, sleep=_Sleeps())
+    [failed] = report.tally.failures
+    assert failed.result is Result.FAILED and failed.attempts == 5 and failed.status == 503
+    assert report.exit_code == 5
+
+
+async def test_denials_trip_breaker_early() -> None:
+    """Consecutive 403s from one endpoint stop the run with exit 3 long before the end."""
+    urls = [f"https://d/f{i}" for i in range(200)]
+    with aioresponses() as m:
+        m.get(re.compile(r"https://d/.*"), status=403, repeat=True)
+        async with HttpToucher(None) as t:
+            report = await warm(_refs(urls), _settings(breaker=BreakerConfig(denials=5),
+                                concurrency=2), t, sleep=_Sleeps())
+    assert report.exit_code == 3
+    assert "denied 5 files in a row" in str(report.aborted)
+    assert report.tally.done < 10
+
+
+async def test_duplicates_touched_once() -> None:
+    """A URL listed twice is touched once and counted as a duplicate."""
+    with aioresponses() as m:
+        m.get(URL, status=206, body=b"abcd")  # a second request would find no mock and fail
+        async with HttpToucher(None) as t:
+            report = await warm(_refs([URL, URL]), _settings(), t, sleep=_Sleeps())
+    assert report.tally.results["warm"] == 1 and report.tally.duplicates == 1
+    assert report.exit_code == 0
+
+
+async def test_bug_in_toucher_propagates() -> None:
+    """A programming error in a worker surfaces as an exception, not as a hang or a result."""
+
+    class Broken:
+        async def touch(self, url: str) -> Attempt:
+            raise ZeroDivisionError("bug")
+
+    with pytest.raises(ZeroDivisionError):
+        await warm(_refs([f"https://d/{i}" for i in range(100)]), _settings(), Broken())
