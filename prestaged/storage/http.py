@@ -106,14 +106,20 @@ def parse_retry_after(value: Optional[str], now: Optional[datetime] = None) -> O
     return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
 
 
-def _tls_cause(exc: BaseException) -> Optional[BaseException]:
-    """The ``ssl.SSLError`` behind ``exc`` if its chain has one (EOFs are resets, not TLS)."""
+def _tls_cause(exc: BaseException, *, handshake: bool = False) -> Optional[BaseException]:
+    """The TLS error behind ``exc``, or None if it is not a TLS problem.
+
+    After the handshake an EOF is just a dropped connection. During connection set-up
+    (``handshake=True``) a TCP connection that the peer drops or resets is a TLS refusal: a
+    refused or unroutable connection never gets that far, and servers that reject a client
+    certificate often close without sending an alert.
+    """
     seen: set[int] = set()
     cur: Optional[BaseException] = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        if isinstance(cur, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-            return None
+        if isinstance(cur, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError)):
+            return cur if handshake else None
         if isinstance(cur, (ssl.SSLError, ssl.CertificateError)):
             return cur
         if isinstance(cur, aiohttp.ClientSSLError):
@@ -204,8 +210,10 @@ class HttpToucher:
         except asyncio.TimeoutError:
             return Attempt(failure=Failure.TIMEOUT, error="timed out")
         except aiohttp.ClientConnectorError as e:
-            if _tls_cause(e) is not None:
-                return Attempt(failure=Failure.TLS, error=_describe(e))
+            tls = _tls_cause(e, handshake=True)
+            if tls is not None:
+                why = _describe(tls) if str(tls) else "connection closed during the TLS handshake"
+                return Attempt(failure=Failure.TLS, error=f"TLS handshake failed: {why}")
             return Attempt(failure=Failure.UNREACHABLE, error=_describe(e))
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             tls = _tls_cause(e)
