@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import sys
 from typing import Any, Optional, TextIO
 
@@ -71,8 +72,10 @@ class Progress:
             return
         from tqdm import tqdm  # imported here: only terminals need it
 
-        with tqdm(total=self.tally.total, unit="file", file=self.stream, dynamic_ncols=True,
-                  smoothing=0.1, mininterval=0.1) as pbar:
+        # A terminal that reports no width (a fresh pty) would get an empty bar: assume 100.
+        sized = shutil.get_terminal_size((100, 24)).columns > 0
+        with tqdm(total=self.tally.total, unit="file", file=self.stream, dynamic_ncols=sized,
+                  ncols=None if sized else 100, smoothing=0.1, mininterval=0.1) as pbar:
             stopping = False
             while not stopping:
                 stopping = await self._tick()
@@ -111,7 +114,8 @@ def report_text(report: RunReport, *, definition: str, catalog: str, source: str
     """The summary table printed at the end of ``prestaged warm``."""
     t = report.tally
     state = "interrupted" if report.interrupted else ("stopped" if report.aborted else "done")
-    lines = [f"prestaged warm {definition} ({catalog}: {source}) {state}"]
+    where = f"{catalog} catalog" + ("" if source == definition else f": {source}")
+    lines = [f"prestaged warm {definition} ({where}): {state}"]
     rows: list[tuple[str, str]] = [(r.value, str(t.results[r.value])) for r in _ORDER]
     of = f" of {t.total}" if t.total and t.total != t.done else ""
     rows.insert(0, ("files", f"{t.done}{of}"))

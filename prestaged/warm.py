@@ -283,8 +283,9 @@ class _Run:
             return None
         thr = self.throttlers.get(endpoint)
         if thr is None:
-            # asyncio-throttle counts whole requests per period: keep the ratio equal to rate.
-            per = max(1, round(self.s.rate))
+            # asyncio-throttle admits `rate_limit` requests per `period`: a tenth of a second's
+            # worth per 0.1 s keeps bursts small while the ratio stays exactly `rate`.
+            per = max(1, round(self.s.rate / 10))
             thr = self.throttlers[endpoint] = Throttler(rate_limit=per, period=per / self.s.rate)
         return thr
 

@@ -1,0 +1,251 @@
+"""Shared machinery of the benchmarks: credentials, the test storage process, URL lists, timing.
+
+Everything talks to 127.0.0.1 only. The storage emulator runs in its own process
+(``python -m prestaged.testing.storage``) so that it does not share an interpreter, a GIL or an
+event loop with the client being measured; it still shares the machine's cores, which is why
+both clients are measured against the same server under the same conditions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Optional
+
+from prestaged.testing.pki import TestPKI, create_pki
+
+__all__ = [
+    "Credentials",
+    "Measured",
+    "StorageProcess",
+    "make_credentials",
+    "median",
+    "prestaged_command",
+    "run_measured",
+    "status_counts",
+    "storage",
+    "url_for",
+    "write_url_list",
+]
+
+#: Seconds to wait for the storage process to print its port line, and to exit on SIGTERM.
+STORAGE_START_TIMEOUT = 60.0
+STORAGE_STOP_TIMEOUT = 120.0
+
+
+# --- credentials -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A test PKI under ``pki.root`` and one RFC 3820 proxy file (cert, key, user cert)."""
+
+    pki: TestPKI
+    proxy: Path
+
+
+def make_credentials(root: Path) -> Credentials:
+    """Create a fresh test PKI in ``root/pki`` and a proxy at ``root/x509up_bench``."""
+    pki = create_pki(root / "pki")
+    return Credentials(pki=pki, proxy=pki.make_proxy(root / "x509up_bench"))
+
+
+# --- the storage process -----------------------------------------------------------------------
+
+
+@dataclass
+class StorageProcess:
+    """A running ``prestaged.testing.storage`` process; ``stats`` is filled in by ``stop()``."""
+
+    proc: subprocess.Popen[str]
+    door_port: int
+    pool_port: Optional[int]
+    stats_file: Path
+    stats: Optional[dict[str, Any]] = None
+
+    @property
+    def base_url(self) -> str:
+        """``https://127.0.0.1:<door port>``."""
+        return f"https://127.0.0.1:{self.door_port}"
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM the server, wait for it (at most ``STORAGE_STOP_TIMEOUT`` s), return its stats.
+
+        The server writes its statistics on the way out, so they are complete only once it
+        has exited; a server that does not exit in time is killed and this raises.
+        """
+        if self.stats is not None:
+            return self.stats
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=STORAGE_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError("the storage process did not exit on SIGTERM") from None
+        if self.proc.returncode != 0 or not self.stats_file.is_file():
+            raise RuntimeError(f"the storage process failed (exit {self.proc.returncode})")
+        self.stats = json.loads(self.stats_file.read_text())
+        return self.stats
+
+
+def _read_port_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """The JSON line the storage prints once listening; kills ``proc`` if none comes in time."""
+    assert proc.stdout is not None
+    timer = threading.Timer(STORAGE_START_TIMEOUT, proc.kill)
+    timer.start()
+    try:
+        line = proc.stdout.readline()
+    finally:
+        timer.cancel()
+    try:
+        info: dict[str, Any] = json.loads(line)
+        int(info["door_port"])
+    except (ValueError, KeyError, TypeError):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the storage process did not start (said {line.strip()!r})") from None
+    return info
+
+
+@contextmanager
+def storage(pki_dir: Path, stats_file: Path, *, redirect: bool = False,
+            port: Optional[int] = None) -> Iterator[StorageProcess]:
+    """Run a fresh storage process for the ``with`` block; it is always stopped on the way out.
+
+    ``pki_dir`` must hold a PKI made by ``create_pki``; ``stats_file`` receives the server's
+    statistics (call ``stop()`` inside the block to read them; leaving the block stops it too).
+    ``port`` pins the door port (default: any free port), so that successive fresh servers
+    serve the very same URLs.
+    """
+    cmd = [sys.executable, "-m", "prestaged.testing.storage", "--pki-dir", str(pki_dir),
+           "--stats-file", str(stats_file)]
+    if redirect:
+        cmd.append("--redirect")
+    if port is not None:
+        cmd += ["--port", str(port)]
+    stats_file.unlink(missing_ok=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        info = _read_port_line(proc)
+        server = StorageProcess(proc=proc, door_port=int(info["door_port"]),
+                                pool_port=info.get("pool_port"), stats_file=stats_file)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=STORAGE_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def status_counts(stats: dict[str, Any], site: Optional[str] = None) -> Counter[int]:
+    """Response statuses the server sent (of ``site`` ``"door"``/``"pool"`` only, if given)."""
+    counts: Counter[int] = Counter()
+    for path in stats.get("paths", {}).values():
+        for record in path["records"]:
+            if site is None or record["site"] == site:
+                counts[record["status"]] += 1
+    return counts
+
+
+# --- URL lists ---------------------------------------------------------------------------------
+
+
+def url_for(base_url: str, n: int) -> str:
+    """URL of file number ``n``: ``<base>/bench/run<n//1000>/f<n>.root`` (zero-padded)."""
+    return f"{base_url}/bench/run{n // 1000:04d}/f{n:07d}.root"
+
+
+def write_url_list(path: Path, base_url: str, count: int) -> Path:
+    """Write ``count`` distinct file URLs, one per line (a local-catalog definition)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.writelines(url_for(base_url, n) + "\n" for n in range(count))
+    return path
+
+
+# --- running and measuring a client ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One finished client process: exit code, wall time (s), CPU time (user + system, s),
+    peak RSS (MiB) and its output."""
+
+    returncode: int
+    elapsed: float
+    cpu_seconds: float
+    peak_rss_mib: float
+    stdout: str
+    stderr: str
+
+
+def prestaged_command(*args: str) -> list[str]:
+    """The ``prestaged`` console script of this interpreter's environment, with ``args``.
+
+    The real entry point (not ``python -m``) so that what is timed is what a user runs.
+    """
+    script = Path(sys.executable).parent / "prestaged"
+    if script.is_file():
+        return [str(script), *args]
+    return [sys.executable, "-m", "prestaged", *args]
+
+
+def _maxrss_mib(ru_maxrss: int) -> float:
+    """``ru_maxrss`` in MiB: Linux reports KiB, macOS bytes."""
+    return ru_maxrss / (1024 * 1024) if sys.platform == "darwin" else ru_maxrss / 1024
+
+
+def _read(fh: IO[bytes]) -> str:
+    fh.seek(0)
+    return fh.read().decode("utf-8", errors="replace")
+
+
+def run_measured(cmd: Sequence[str], *, timeout: float, env: Optional[dict[str, str]] = None,
+                 ) -> Measured:
+    """Run ``cmd`` to completion; return its exit code, wall time, CPU time and peak RSS.
+
+    Peak RSS comes from ``os.wait4(pid)``: the kernel hands back the ``rusage`` of exactly that
+    child when it is reaped, so the figure belongs to this one process (plus any children it
+    reaped itself) whatever else the benchmark has spawned or is still running (the storage
+    server in particular). ``getrusage(RUSAGE_CHILDREN)`` would instead give the maximum over
+    every child ever reaped, and ``/usr/bin/time`` or polling with psutil add a dependency or
+    miss short peaks. Output goes to temporary files, not pipes, so the child can never block
+    on a full pipe while we sit in ``wait4``. The wall time includes interpreter start-up.
+    A child still running after ``timeout`` s is killed (and reported with its signal exit).
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            killer.cancel()
+        elapsed = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by us, not by Popen
+        return Measured(returncode=proc.returncode, elapsed=elapsed,
+                        cpu_seconds=usage.ru_utime + usage.ru_stime,
+                        peak_rss_mib=_maxrss_mib(usage.ru_maxrss), stdout=_read(out),
+                        stderr=_read(err))
+
+
+def median(values: Sequence[float]) -> float:
+    """Median of ``values`` (which must not be empty)."""
+    return float(statistics.median(values))

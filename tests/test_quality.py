@@ -1,0 +1,41 @@
+"""Static checks as tests, so CI enforces them: ruff, mypy (strict) and vermin (Python 3.9)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: pip install -e '.[test]'")
+    return path
+
+
+def test_ruff_clean() -> None:
+    """ruff check passes on the whole tree."""
+    res = _run(_tool("ruff"), "check", ".")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_mypy_strict_clean() -> None:
+    """mypy --strict (configured in pyproject.toml) passes on the package."""
+    res = _run(_tool("mypy"), "prestaged")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_package_runs_on_python_39() -> None:
+    """vermin finds nothing in the package that needs a Python newer than 3.9."""
+    res = _run(_tool("vermin"), "--no-tips", "--violations", "-t=3.9-", "prestaged")
+    assert res.returncode == 0, res.stdout + res.stderr
