@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,13 +30,17 @@ __all__ = [
     "Credentials",
     "Measured",
     "StorageProcess",
+    "empty_config",
+    "free_port",
     "make_credentials",
     "median",
     "prestaged_command",
     "run_measured",
+    "server_problems",
     "status_counts",
     "storage",
     "url_for",
+    "warm_command",
     "write_url_list",
 ]
 
@@ -164,6 +169,33 @@ def status_counts(stats: dict[str, Any], site: Optional[str] = None) -> Counter[
     return counts
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def server_problems(stats: dict[str, Any], files: int, *, redirect: bool) -> list[str]:
+    """What the server saw that a correct warm of ``files`` distinct files would not produce.
+
+    Correct means exactly one request per file at the door, each answered 206 (or, with
+    ``redirect``, 302 at the door and 206 at the pool, once per file). Empty list: all good.
+    """
+    problems = []
+    by_site = stats.get("requests_by_site", {})
+    door_want = {302: files} if redirect else {206: files}
+    checks = [("door", door_want)] + ([("pool", {206: files})] if redirect else [])
+    for site, want in checks:
+        if by_site.get(site) != files:
+            problems.append(f"server saw {by_site.get(site)} {site} requests, expected {files}")
+        got = dict(status_counts(stats, site))
+        if got != want:
+            problems.append(f"server {site} statuses {got}, expected {want}")
+    return problems
+
+
 # --- URL lists ---------------------------------------------------------------------------------
 
 
@@ -204,6 +236,24 @@ def prestaged_command(*args: str) -> list[str]:
     if script.is_file():
         return [str(script), *args]
     return [sys.executable, "-m", "prestaged", *args]
+
+
+def warm_command(url_list: Path, creds: Credentials, config: Path, *extra: str) -> list[str]:
+    """``prestaged warm URL_LIST --json --no-progress`` with the bench proxy and CA directory.
+
+    ``config`` should be an empty file (see ``empty_config``) so that a config file of the
+    machine or of the user running the benchmark cannot change what is measured.
+    """
+    return prestaged_command(
+        "warm", str(url_list), "--config", str(config), "--proxy", str(creds.proxy),
+        "--ca-dir", str(creds.pki.ca_dir), "--json", "--no-progress", *extra,
+    )
+
+
+def empty_config(path: Path) -> Path:
+    """Write an empty prestaged config (built-in defaults only) at ``path``."""
+    path.write_text("# benchmark: built-in defaults only\n", encoding="utf-8")
+    return path
 
 
 def _maxrss_mib(ru_maxrss: int) -> float:
