@@ -1,0 +1,293 @@
+"""Throughput: ``prestaged warm`` against ``curl --parallel`` on the same URLs, same concurrency.
+
+Both clients touch the first 4 bytes (``Range: bytes=0-3``) of the same N files (default
+20,000) on the test storage at 127.0.0.1, presenting the same RFC 3820 proxy, 32 transfers in
+flight. Each measured run gets a fresh storage process (same port, so literally the same URLs),
+whose statistics prove that the run did the work: one request per file, all answered 206.
+Runs alternate (prestaged, curl, prestaged, curl, ...) so that drift of the machine hits both.
+
+What is timed is the whole client process, as a user runs it: for prestaged, interpreter start,
+imports, proxy checks, reading the URL list, the warm and the JSON summary; for curl, parsing
+its config file of N entries and the transfers.
+
+    .venv/bin/python bench/throughput.py [--files 20000] [--rounds 3] [--redirect] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from common import (
+    Credentials,
+    Measured,
+    empty_config,
+    free_port,
+    make_credentials,
+    median,
+    run_measured,
+    server_problems,
+    storage,
+    url_for,
+    warm_command,
+    write_url_list,
+)
+
+CONCURRENCY = 32
+PRESTAGED = "prestaged"
+CURL = "curl"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything a measured run needs; built once, shared by every run."""
+
+    creds: Credentials
+    workdir: Path
+    files: int
+    redirect: bool
+    port: int
+    url_list: Path
+    curl_config: Path
+    prestaged_config: Path
+    curl: str
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Run:
+    """One measured run of one client; ``problems`` is empty when the run was correct.
+
+    ``files_per_second`` is ``files / wall_seconds`` (process start to exit);
+    ``reported_files_per_second`` is prestaged's own figure (its warm phase only; None for curl).
+    """
+
+    client: str
+    round: int
+    files: int
+    wall_seconds: float
+    files_per_second: float
+    cpu_seconds: float
+    peak_rss_mib: float
+    server_requests: int
+    reported_files_per_second: Optional[float]
+    problems: list[str]
+
+
+# --- set-up ------------------------------------------------------------------------------------
+
+
+def _quoted(text: str) -> str:
+    """``text`` as a double-quoted curl config value."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_curl_config(path: Path, base_url: str, files: int, creds: Credentials,
+                      *, redirect: bool) -> Path:
+    """Write a curl config: global options first (curl applies them to every later URL), then
+    one ``url``/``output`` pair per file, the same URLs as ``write_url_list``."""
+    head = [
+        "# global options: placed before the first url, they apply to every transfer",
+        f"cert = {_quoted(str(creds.proxy))}",
+        f"key = {_quoted(str(creds.proxy))}",
+        f"capath = {_quoted(str(creds.pki.ca_dir))}",
+        'header = "Range: bytes=0-3"',
+        'write-out = "%{http_code}\\n"',
+    ]
+    if redirect:
+        head.append("location")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(head) + "\n")
+        for n in range(files):
+            fh.write(f"url = {_quoted(url_for(base_url, n))}\noutput = \"/dev/null\"\n")
+    return path
+
+
+def prepare(workdir: Path, files: int, *, redirect: bool, curl: str, timeout: float) -> Setup:
+    """Make credentials, pick the door port and write the URL list and the curl config."""
+    creds = make_credentials(workdir)
+    port = free_port()
+    base = f"https://127.0.0.1:{port}"
+    return Setup(
+        creds=creds,
+        workdir=workdir,
+        files=files,
+        redirect=redirect,
+        port=port,
+        url_list=write_url_list(workdir / "urls.txt", base, files),
+        curl_config=write_curl_config(workdir / "curl.cfg", base, files, creds,
+                                      redirect=redirect),
+        prestaged_config=empty_config(workdir / "prestaged.toml"),
+        curl=curl,
+        timeout=timeout,
+    )
+
+
+# --- the two clients ---------------------------------------------------------------------------
+
+
+def _prestaged_problems(setup: Setup, got: Measured) -> tuple[list[str], Optional[float]]:
+    """Check prestaged's exit code and JSON summary; also return its own files/s figure."""
+    problems = [] if got.returncode == 0 else [f"prestaged exited {got.returncode}"]
+    try:
+        doc = json.loads(got.stdout)
+    except ValueError:
+        return [*problems, f"no JSON summary; stderr: {got.stderr.strip()[-300:]!r}"], None
+    warm = doc.get("counts", {}).get("warm")
+    if warm != setup.files:
+        problems.append(f"prestaged counts.warm = {warm}, expected {setup.files}")
+    return problems, doc.get("files_per_second")
+
+
+def _curl_problems(setup: Setup, got: Measured) -> list[str]:
+    """Check curl's exit code and the ``%{http_code}`` it wrote for every transfer."""
+    problems = [] if got.returncode == 0 else [f"curl exited {got.returncode}"]
+    codes = Counter(got.stdout.split())
+    if codes != Counter({"206": setup.files}):
+        problems.append(f"curl statuses {dict(codes)}, expected {{'206': {setup.files}}}")
+    return problems
+
+
+def measure(setup: Setup, client: str, round_no: int) -> Run:
+    """One run of ``client`` against a fresh storage process; checked against its stats."""
+    if client == PRESTAGED:
+        cmd = warm_command(setup.url_list, setup.creds, setup.prestaged_config,
+                           "--concurrency", str(CONCURRENCY), "--per-host", str(CONCURRENCY))
+    else:
+        cmd = [setup.curl, "--no-progress-meter", "--parallel", "--parallel-max",
+               str(CONCURRENCY), "--config", str(setup.curl_config)]
+    stats_file = setup.workdir / f"stats-{client}-{round_no}.json"
+    with storage(setup.creds.pki.root, stats_file, redirect=setup.redirect,
+                 port=setup.port) as server:
+        got = run_measured(cmd, timeout=setup.timeout)
+        stats = server.stop()
+    reported = None
+    if client == PRESTAGED:
+        problems, reported = _prestaged_problems(setup, got)
+    else:
+        problems = _curl_problems(setup, got)
+    problems += server_problems(stats, setup.files, redirect=setup.redirect)
+    stats_file.unlink()  # tens of MB at large N; everything needed is in `Run`
+    return Run(
+        client=client,
+        round=round_no,
+        files=setup.files,
+        wall_seconds=round(got.elapsed, 3),
+        files_per_second=round(setup.files / got.elapsed, 1),
+        cpu_seconds=round(got.cpu_seconds, 2),
+        peak_rss_mib=round(got.peak_rss_mib, 1),
+        server_requests=int(stats.get("requests_total", 0)),
+        reported_files_per_second=reported,
+        problems=problems,
+    )
+
+
+# --- reporting ---------------------------------------------------------------------------------
+
+
+def summarize(runs: list[Run], setup: Setup, curl_version: str) -> dict[str, Any]:
+    """The JSON document: every run, per-client medians and the prestaged/curl ratio."""
+    per: dict[str, dict[str, float]] = {}
+    for client in (PRESTAGED, CURL):
+        mine = [r for r in runs if r.client == client]
+        per[client] = {
+            "median_files_per_second": round(median([r.files_per_second for r in mine]), 1),
+            "median_wall_seconds": round(median([r.wall_seconds for r in mine]), 3),
+            "median_cpu_seconds": round(median([r.cpu_seconds for r in mine]), 2),
+            "max_peak_rss_mib": max(r.peak_rss_mib for r in mine),
+        }
+    ratio = per[PRESTAGED]["median_files_per_second"] / per[CURL]["median_files_per_second"]
+    return {
+        "files": setup.files,
+        "rounds": len(runs) // 2,
+        "concurrency": CONCURRENCY,
+        "redirect": setup.redirect,
+        "curl_version": curl_version,
+        "clients": per,
+        "ratio_prestaged_over_curl": round(ratio, 3),
+        "all_correct": all(not r.problems for r in runs),
+        "runs": [asdict(r) for r in runs],
+    }
+
+
+def print_table(doc: dict[str, Any]) -> None:
+    """The human summary: one row per client, then the ratio and any problems."""
+    mode = "door->pool redirect" if doc["redirect"] else "direct"
+    print(f"throughput: {doc['files']} files x {doc['rounds']} rounds, concurrency "
+          f"{doc['concurrency']}, {mode}; {doc['curl_version']}")
+    print(f"{'client':<10} {'median files/s':>14} {'runs files/s':>26} {'wall s':>8} "
+          f"{'CPU s':>7} {'RSS MiB':>8}")
+    for client, row in doc["clients"].items():
+        each = ", ".join(f"{r['files_per_second']:.0f}" for r in doc["runs"]
+                         if r["client"] == client)
+        print(f"{client:<10} {row['median_files_per_second']:>14.0f} {each:>26} "
+              f"{row['median_wall_seconds']:>8.2f} {row['median_cpu_seconds']:>7.2f} "
+              f"{row['max_peak_rss_mib']:>8.1f}")
+    print(f"ratio prestaged/curl (median files/s): {doc['ratio_prestaged_over_curl']:.2f}")
+    for r in doc["runs"]:
+        for problem in r["problems"]:
+            print(f"INCORRECT {r['client']} round {r['round']}: {problem}")
+
+
+def _progress(run: Run) -> None:
+    verdict = "ok" if not run.problems else "INCORRECT: " + "; ".join(run.problems)
+    print(f"round {run.round} {run.client:<9}: {run.files} files in {run.wall_seconds:.2f} s = "
+          f"{run.files_per_second:.0f} files/s (CPU {run.cpu_seconds:.2f} s, peak RSS "
+          f"{run.peak_rss_mib:.1f} MiB, server saw {run.server_requests} requests) {verdict}",
+          file=sys.stderr, flush=True)
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--files", type=int, default=20_000, help="files per run (default 20000)")
+    p.add_argument("--rounds", type=int, default=3, help="runs of each client (default 3)")
+    p.add_argument("--redirect", action="store_true",
+                   help="storage door redirects to a pool (curl gets -L)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds before a client run is killed (default 600)")
+    p.add_argument("--curl", default="curl", help="curl executable (default: curl on PATH)")
+    p.add_argument("--json", action="store_true", help="print one JSON document, no table")
+    return p
+
+
+def main() -> int:
+    """Run the benchmark; exit 0 if every run was correct, 1 if not, 2 on bad usage."""
+    args = _parser().parse_args()
+    curl = shutil.which(args.curl)
+    if curl is None:
+        print(f"throughput: {args.curl} not found", file=sys.stderr)
+        return 2
+    if args.files < 1 or args.rounds < 1:
+        print("throughput: --files and --rounds must be >= 1", file=sys.stderr)
+        return 2
+    version = subprocess.run([curl, "--version"], capture_output=True, text=True, check=True)
+    curl_version = version.stdout.split("\n", 1)[0]
+    with tempfile.TemporaryDirectory(prefix="prestaged-bench-") as tmp:
+        setup = prepare(Path(tmp), args.files, redirect=args.redirect, curl=curl,
+                        timeout=args.timeout)
+        runs = []
+        for round_no in range(1, args.rounds + 1):
+            for client in (PRESTAGED, CURL):
+                runs.append(measure(setup, client, round_no))
+                _progress(runs[-1])
+    doc = summarize(runs, setup, curl_version)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print_table(doc)
+    return 0 if doc["all_correct"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
