@@ -8,8 +8,12 @@ both clients are measured against the same server under the same conditions.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -19,7 +23,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Optional
@@ -32,6 +35,7 @@ __all__ = [
     "StorageProcess",
     "empty_config",
     "free_port",
+    "gnu_time",
     "make_credentials",
     "median",
     "prestaged_command",
@@ -124,7 +128,7 @@ def _read_port_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return info
 
 
-@contextmanager
+@contextlib.contextmanager
 def storage(pki_dir: Path, stats_file: Path, *, redirect: bool = False,
             port: Optional[int] = None) -> Iterator[StorageProcess]:
     """Run a fresh storage process for the ``with`` block; it is always stopped on the way out.
@@ -217,12 +221,12 @@ def write_url_list(path: Path, base_url: str, count: int) -> Path:
 @dataclass(frozen=True)
 class Measured:
     """One finished client process: exit code, wall time (s), CPU time (user + system, s),
-    peak RSS (MiB) and its output."""
+    peak RSS (MiB; None when GNU time is not available) and its output."""
 
     returncode: int
     elapsed: float
     cpu_seconds: float
-    peak_rss_mib: float
+    peak_rss_mib: Optional[float]
     stdout: str
     stderr: str
 
@@ -256,9 +260,18 @@ def empty_config(path: Path) -> Path:
     return path
 
 
-def _maxrss_mib(ru_maxrss: int) -> float:
-    """``ru_maxrss`` in MiB: Linux reports KiB, macOS bytes."""
-    return ru_maxrss / (1024 * 1024) if sys.platform == "darwin" else ru_maxrss / 1024
+@functools.lru_cache(maxsize=1)
+def gnu_time() -> Optional[str]:
+    """Path of GNU time (``/usr/bin/time`` with ``-f``/``-o``), or None if there is none."""
+    path = shutil.which("time", path="/usr/bin:/bin:/usr/local/bin")
+    if path is None:
+        return None
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10,
+                             check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if "GNU" in out.stdout + out.stderr else None
 
 
 def _read(fh: IO[bytes]) -> str:
@@ -266,34 +279,65 @@ def _read(fh: IO[bytes]) -> str:
     return fh.read().decode("utf-8", errors="replace")
 
 
+def _kill_group(pgid: int) -> None:
+    """SIGKILL the process group we created for one measured run (its id is the leader's pid)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+# Why GNU time for peak RSS. The obvious ways are all wrong for a child of a big parent: on
+# Linux, exec() folds the high-water RSS of the *old* address space into the process's maxrss,
+# and subprocess starts children with vfork (posix_spawn), whose old address space is the
+# parent's. So ``os.wait4(child).ru_maxrss``, ``getrusage(RUSAGE_CHILDREN)`` deltas and even
+# the child's own ``getrusage(RUSAGE_SELF)`` all report at least the benchmark process's peak
+# (here ~60 MiB after parsing the server's statistics: measured, /bin/true "used" 523 MiB
+# after the parent had touched 500 MiB). GNU time forks a small C process and waits for the
+# command with wait4(): the only old address space folded in is time's own (~1 MiB), so
+# ``%M`` is the command's peak. Polling /proc or psutil would miss short peaks.
 def run_measured(cmd: Sequence[str], *, timeout: float, env: Optional[dict[str, str]] = None,
                  ) -> Measured:
     """Run ``cmd`` to completion; return its exit code, wall time, CPU time and peak RSS.
 
-    Peak RSS comes from ``os.wait4(pid)``: the kernel hands back the ``rusage`` of exactly that
-    child when it is reaped, so the figure belongs to this one process (plus any children it
-    reaped itself) whatever else the benchmark has spawned or is still running (the storage
-    server in particular). ``getrusage(RUSAGE_CHILDREN)`` would instead give the maximum over
-    every child ever reaped, and ``/usr/bin/time`` or polling with psutil add a dependency or
-    miss short peaks. Output goes to temporary files, not pipes, so the child can never block
-    on a full pipe while we sit in ``wait4``. The wall time includes interpreter start-up.
-    A child still running after ``timeout`` s is killed (and reported with its signal exit).
+    The command runs under GNU time when available (see the comment above); without it the
+    peak RSS is None. Wall time includes process start-up (time's own fork/exec adds about a
+    millisecond); CPU time comes from ``wait4`` and includes the reaped command's. Output goes
+    to temporary files, not pipes, so the child can never block on a full pipe. The run is a
+    process group of its own, killed whole after ``timeout`` s (or if we are interrupted).
     """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        killer = threading.Timer(timeout, proc.kill)
-        killer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
-        elapsed = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by us, not by Popen
-        return Measured(returncode=proc.returncode, elapsed=elapsed,
-                        cpu_seconds=usage.ru_utime + usage.ru_stime,
-                        peak_rss_mib=_maxrss_mib(usage.ru_maxrss), stdout=_read(out),
-                        stderr=_read(err))
+    timer = gnu_time()
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
+        rss_file = Path(tmp) / "maxrss"
+        full = [timer, "-f", "%M", "-o", str(rss_file), *cmd] if timer else list(cmd)
+        with open(Path(tmp) / "out", "w+b") as out, open(Path(tmp) / "err", "w+b") as err:
+            start = time.perf_counter()
+            proc = subprocess.Popen(full, stdout=out, stderr=err, env=env,
+                                    start_new_session=True)
+            killer = threading.Timer(timeout, _kill_group, (proc.pid,))
+            killer.start()
+            reaped = False
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+                reaped = True
+            finally:
+                killer.cancel()
+                if not reaped:
+                    _kill_group(proc.pid)
+                    proc.wait()
+            elapsed = time.perf_counter() - start
+            proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by us, not by Popen
+            rss = _parse_maxrss(rss_file) if timer else None
+            return Measured(returncode=proc.returncode, elapsed=elapsed,
+                            cpu_seconds=usage.ru_utime + usage.ru_stime, peak_rss_mib=rss,
+                            stdout=_read(out), stderr=_read(err))
+
+
+def _parse_maxrss(path: Path) -> Optional[float]:
+    """GNU time's ``%M`` (KiB) from its ``-o`` file, in MiB; None if it wrote none."""
+    try:
+        lines = path.read_text().split()
+        return int(lines[-1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def median(values: Sequence[float]) -> float:

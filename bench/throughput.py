@@ -76,7 +76,7 @@ class Run:
     wall_seconds: float
     files_per_second: float
     cpu_seconds: float
-    peak_rss_mib: float
+    peak_rss_mib: Optional[float]
     server_requests: int
     reported_files_per_second: Optional[float]
     problems: list[str]
@@ -183,7 +183,7 @@ def measure(setup: Setup, client: str, round_no: int) -> Run:
         wall_seconds=round(got.elapsed, 3),
         files_per_second=round(setup.files / got.elapsed, 1),
         cpu_seconds=round(got.cpu_seconds, 2),
-        peak_rss_mib=round(got.peak_rss_mib, 1),
+        peak_rss_mib=None if got.peak_rss_mib is None else round(got.peak_rss_mib, 1),
         server_requests=int(stats.get("requests_total", 0)),
         reported_files_per_second=reported,
         problems=problems,
@@ -195,16 +195,18 @@ def measure(setup: Setup, client: str, round_no: int) -> Run:
 
 def summarize(runs: list[Run], setup: Setup, curl_version: str) -> dict[str, Any]:
     """The JSON document: every run, per-client medians and the prestaged/curl ratio."""
-    per: dict[str, dict[str, float]] = {}
+    per: dict[str, dict[str, Optional[float]]] = {}
     for client in (PRESTAGED, CURL):
         mine = [r for r in runs if r.client == client]
+        rss = [r.peak_rss_mib for r in mine if r.peak_rss_mib is not None]
         per[client] = {
             "median_files_per_second": round(median([r.files_per_second for r in mine]), 1),
             "median_wall_seconds": round(median([r.wall_seconds for r in mine]), 3),
             "median_cpu_seconds": round(median([r.cpu_seconds for r in mine]), 2),
-            "max_peak_rss_mib": max(r.peak_rss_mib for r in mine),
+            "max_peak_rss_mib": max(rss) if rss else None,
         }
-    ratio = per[PRESTAGED]["median_files_per_second"] / per[CURL]["median_files_per_second"]
+    ratio = (per[PRESTAGED]["median_files_per_second"] or 0.0) / (
+        per[CURL]["median_files_per_second"] or 1.0)
     return {
         "files": setup.files,
         "rounds": len(runs) // 2,
@@ -230,18 +232,23 @@ def print_table(doc: dict[str, Any]) -> None:
                          if r["client"] == client)
         print(f"{client:<10} {row['median_files_per_second']:>14.0f} {each:>26} "
               f"{row['median_wall_seconds']:>8.2f} {row['median_cpu_seconds']:>7.2f} "
-              f"{row['max_peak_rss_mib']:>8.1f}")
+              f"{_mib(row['max_peak_rss_mib']):>8}")
     print(f"ratio prestaged/curl (median files/s): {doc['ratio_prestaged_over_curl']:.2f}")
     for r in doc["runs"]:
         for problem in r["problems"]:
             print(f"INCORRECT {r['client']} round {r['round']}: {problem}")
 
 
+def _mib(value: Optional[float]) -> str:
+    """A MiB figure for display; ``n/a`` without GNU time."""
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def _progress(run: Run) -> None:
     verdict = "ok" if not run.problems else "INCORRECT: " + "; ".join(run.problems)
     print(f"round {run.round} {run.client:<9}: {run.files} files in {run.wall_seconds:.2f} s = "
           f"{run.files_per_second:.0f} files/s (CPU {run.cpu_seconds:.2f} s, peak RSS "
-          f"{run.peak_rss_mib:.1f} MiB, server saw {run.server_requests} requests) {verdict}",
+          f"{_mib(run.peak_rss_mib)} MiB, server saw {run.server_requests} requests) {verdict}",
           file=sys.stderr, flush=True)
 
 

@@ -363,14 +363,19 @@ def resolve_proxy_path(
     ``"$X509_USER_PROXY"`` or ``"default /tmp/x509up_u<uid>"``.
     """
     environ = os.environ if env is None else env
-    if cli is not None:
-        return cli, "--proxy"
-    if configured is not None:
-        return configured, "credentials.proxy"
-    from_env = environ.get("X509_USER_PROXY", "")
-    if from_env:
-        return Path(from_env), "$X509_USER_PROXY"
     default = Path(f"/tmp/x509up_u{os.getuid() if uid is None else uid}")
+    return _first(
+        [(cli, "--proxy"), (configured, "credentials.proxy"),
+         (environ.get("X509_USER_PROXY"), "$X509_USER_PROXY")],
+        default,
+    )
+
+
+def _first(choices: list[tuple[Path | str | None, str]], default: Path) -> tuple[Path, str]:
+    """The first set (non-empty) choice as ``(path, source)``, else the default location."""
+    for value, source in choices:
+        if value:
+            return Path(value), source
     return default, f"default {default}"
 
 
@@ -386,14 +391,11 @@ def resolve_ca_dir(
     ``(path, source)`` like :func:`resolve_proxy_path`.
     """
     environ = os.environ if env is None else env
-    if cli is not None:
-        return cli, "--ca-dir"
-    if configured is not None:
-        return configured, "credentials.ca_dir"
-    from_env = environ.get("X509_CERT_DIR", "")
-    if from_env:
-        return Path(from_env), "$X509_CERT_DIR"
-    return DEFAULT_CA_DIR, f"default {DEFAULT_CA_DIR}"
+    return _first(
+        [(cli, "--ca-dir"), (configured, "credentials.ca_dir"),
+         (environ.get("X509_CERT_DIR"), "$X509_CERT_DIR")],
+        DEFAULT_CA_DIR,
+    )
 
 
 def check_ca_dir(path: Path, source: str) -> None:
