@@ -78,6 +78,7 @@ class Run:
     cpu_seconds: float
     peak_rss_mib: Optional[float]
     server_requests: int
+    server_cpu_seconds: float
     reported_files_per_second: Optional[float]
     problems: list[str]
 
@@ -185,6 +186,7 @@ def measure(setup: Setup, client: str, round_no: int) -> Run:
         cpu_seconds=round(got.cpu_seconds, 2),
         peak_rss_mib=None if got.peak_rss_mib is None else round(got.peak_rss_mib, 1),
         server_requests=int(stats.get("requests_total", 0)),
+        server_cpu_seconds=round(stats["cpu_seconds"], 2),
         reported_files_per_second=reported,
         problems=problems,
     )
@@ -203,6 +205,7 @@ def summarize(runs: list[Run], setup: Setup, curl_version: str) -> dict[str, Any
             "median_files_per_second": round(median([r.files_per_second for r in mine]), 1),
             "median_wall_seconds": round(median([r.wall_seconds for r in mine]), 3),
             "median_cpu_seconds": round(median([r.cpu_seconds for r in mine]), 2),
+            "median_server_cpu_seconds": round(median([r.server_cpu_seconds for r in mine]), 2),
             "max_peak_rss_mib": max(rss) if rss else None,
         }
     ratio = (per[PRESTAGED]["median_files_per_second"] or 0.0) / (
@@ -225,14 +228,14 @@ def print_table(doc: dict[str, Any]) -> None:
     mode = "door->pool redirect" if doc["redirect"] else "direct"
     print(f"throughput: {doc['files']} files x {doc['rounds']} rounds, concurrency "
           f"{doc['concurrency']}, {mode}; {doc['curl_version']}")
-    print(f"{'client':<10} {'median files/s':>14} {'runs files/s':>26} {'wall s':>8} "
-          f"{'CPU s':>7} {'RSS MiB':>8}")
+    print(f"{'client':<10} {'median files/s':>14} {'runs files/s':>22} {'wall s':>7} "
+          f"{'CPU s':>6} {'server CPU s':>12} {'RSS MiB':>8}")
     for client, row in doc["clients"].items():
         each = ", ".join(f"{r['files_per_second']:.0f}" for r in doc["runs"]
                          if r["client"] == client)
-        print(f"{client:<10} {row['median_files_per_second']:>14.0f} {each:>26} "
-              f"{row['median_wall_seconds']:>8.2f} {row['median_cpu_seconds']:>7.2f} "
-              f"{_mib(row['max_peak_rss_mib']):>8}")
+        print(f"{client:<10} {row['median_files_per_second']:>14.0f} {each:>22} "
+              f"{row['median_wall_seconds']:>7.2f} {row['median_cpu_seconds']:>6.2f} "
+              f"{row['median_server_cpu_seconds']:>12.2f} {_mib(row['max_peak_rss_mib']):>8}")
     print(f"ratio prestaged/curl (median files/s): {doc['ratio_prestaged_over_curl']:.2f}")
     for r in doc["runs"]:
         for problem in r["problems"]:
@@ -248,7 +251,8 @@ def _progress(run: Run) -> None:
     verdict = "ok" if not run.problems else "INCORRECT: " + "; ".join(run.problems)
     print(f"round {run.round} {run.client:<9}: {run.files} files in {run.wall_seconds:.2f} s = "
           f"{run.files_per_second:.0f} files/s (CPU {run.cpu_seconds:.2f} s, peak RSS "
-          f"{_mib(run.peak_rss_mib)} MiB, server saw {run.server_requests} requests) {verdict}",
+          f"{_mib(run.peak_rss_mib)} MiB; server: {run.server_requests} requests, CPU "
+          f"{run.server_cpu_seconds:.2f} s) {verdict}",
           file=sys.stderr, flush=True)
 
 
