@@ -36,7 +36,7 @@ from prestaged.errors import (
     StorageError,
 )
 from prestaged.retry import RetryPolicy, retry_reason
-from prestaged.storage.http import Attempt, Failure, Result, classify_status
+from prestaged.storage.http import Attempt, Failure, Result
 
 __all__ = [
     "MAX_FAILURES_KEPT",
@@ -175,32 +175,52 @@ class RunReport:
 
 def endpoint_of(url: str) -> str:
     """``scheme://host:port`` of ``url``: the unit for breakers and throttling."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
+    start = url.find("://")
+    if start < 0:
+        parts = urlsplit(url)
+        return f"{parts.scheme}://{parts.netloc}"
+    end = url.find("/", start + 3)
+    return url if end < 0 else url[:end]
 
 
 class _Breakers:
-    """Consecutive-failure counters per endpoint; a trip becomes the run's abort error."""
+    """Consecutive-failure counters per endpoint; a trip becomes the run's abort error.
+
+    Refusals at connection level count together: TLS handshake failures, and connections that
+    an endpoint which has never answered us closes without answering. Real servers reject a
+    certificate they do not like (unknown CA, DN not in the grid-mapfile) in both ways; XRootD
+    with ``http.gridmap required`` reads the request and hangs up. Once an endpoint has answered
+    anything, a dropped connection is an ordinary retryable reset again.
+    """
 
     def __init__(self, cfg: BreakerConfig, hint: str) -> None:
         self.cfg = cfg
         self.hint = hint
         self.denials: Counter[str] = Counter()
-        self.tls: Counter[str] = Counter()
+        self.refusals: Counter[str] = Counter()
         self.unreachable: Counter[str] = Counter()
+        self.answered: set[str] = set()
 
     def observe(self, endpoint: str, attempt: Attempt) -> Optional[PrestagedError]:
         """Account one attempt; return the error that stops the run if a breaker trips."""
-        if attempt.failure is Failure.TLS:
-            self.tls[endpoint] += 1
-            if self.tls[endpoint] >= self.cfg.tls_failures:
+        refused = attempt.failure is Failure.TLS or (
+            attempt.failure is Failure.RESET and endpoint not in self.answered
+        )
+        if refused:
+            self.refusals[endpoint] += 1
+            n = self.refusals[endpoint]
+            if n >= self.cfg.tls_failures:
+                what = ("failed the TLS handshake" if attempt.failure is Failure.TLS
+                        else "closed the connection without answering")
                 return CredentialError(
-                    f"TLS with {endpoint} failed {self.tls[endpoint]} times in a row "
-                    f"({attempt.error}); check {self.hint or 'the proxy and CA directory'}"
+                    f"{endpoint} refused {n} connections in a row (last {what}: "
+                    f"{attempt.error}); it does not accept "
+                    f"{self.hint or 'our proxy (or we do not trust its CA)'}; stopped early"
                 )
             return None
         if attempt.status is None:
             return None
+        self.answered.add(endpoint)
         if attempt.status in (401, 403):
             self.denials[endpoint] += 1
             if self.denials[endpoint] >= self.cfg.denials:
@@ -210,7 +230,7 @@ class _Breakers:
                     f"{self.hint or 'our credentials'}; stopped early"
                 )
             return None
-        self.denials[endpoint] = self.tls[endpoint] = self.unreachable[endpoint] = 0
+        self.denials[endpoint] = self.refusals[endpoint] = self.unreachable[endpoint] = 0
         return None
 
     def observe_final(self, endpoint: str, last: Attempt) -> Optional[PrestagedError]:
@@ -329,11 +349,7 @@ class _Run:
 
 
 def _outcome(ref: FileRef, attempt: Attempt, tries: int, elapsed: float) -> Outcome:
-    if attempt.failure is not None:
-        result = Result.FAILED
-    else:
-        assert attempt.status is not None
-        result = classify_status(attempt.status) or Result.FAILED
+    result = attempt.result or Result.FAILED
     return Outcome(
         url=ref.url,
         name=ref.name,

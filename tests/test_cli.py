@@ -177,7 +177,7 @@ def test_untrusted_ca_proxy_exit_3(pki: TestPKI, tmp_path: Path) -> None:
         res = _cli("warm", str(definition), "--proxy", str(foreign), "--ca-dir", str(pki.ca_dir))
     assert res.returncode == 3
     line = _one_error_line(res.stderr)
-    assert str(foreign) in line and "TLS" in line
+    assert str(foreign) in line and "refused" in line and "TLS handshake" in line
 
 
 def test_storage_denying_everything_exit_3(pki: TestPKI, proxy: Path, storage: ThreadedStorageServer,

@@ -144,25 +144,42 @@ async def test_redirect_followed_and_pool_connection_closed(pki: TestPKI, proxy:
         assert all(srv.stats.path(p).bytes_sent <= 4 for p in paths)
 
 
-async def test_untrusted_ca_proxy_trips_tls_breaker(pki: TestPKI, tmp_path: Path) -> None:
-    """A proxy from a CA the storage does not trust stops the run with exit 3 (TLS breaker).
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+async def test_untrusted_ca_proxy_trips_refusal_breaker(pki: TestPKI, tmp_path: Path, tls: str) -> None:
+    """A proxy from a CA the storage does not trust stops the run early with exit 3.
 
-    The server is capped at TLS 1.2 so the rejection happens in the handshake: asyncio TLS
-    servers close without flushing the alert, which under TLS 1.3 looks like a late disconnect.
+    Under TLS 1.2 the server rejects the certificate inside the handshake. Under TLS 1.3 the
+    client's handshake is over first, and an asyncio server then hangs up without flushing its
+    alert: the client sees a connection closed without an answer.
     """
     foreign = pki.make_foreign_proxy(tmp_path / "foreign")
     server_ctx = pki.server_ssl_context()
-    server_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    if tls == "1.2":
+        server_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     client = pki.client_ssl_context(foreign)
     async with StorageServer(server_ctx) as srv:
         urls = [srv.url(f"/x/{i}") for i in range(500)]
+        endpoint = f"https://127.0.0.1:{srv.door_port}"
         report = await _warm(client, urls, breaker=BreakerConfig(tls_failures=3),
                              credential_hint=f"proxy {foreign}")
     assert report.exit_code == 3
-    assert "TLS with https://127.0.0.1" in str(report.aborted)
+    assert f"{endpoint} refused 3 connections in a row" in str(report.aborted)
+    assert ("TLS handshake" in str(report.aborted)) == (tls == "1.2")
     assert str(foreign) in str(report.aborted)
     assert report.tally.done < 50
     assert srv.stats.requests_total == 0
+    assert not report.tally.retries.get("reset", 0) > 3
+
+
+async def test_reset_after_answers_is_not_a_refusal(pki: TestPKI, proxy: Path, storage: StorageServer) -> None:
+    """Once an endpoint has answered, dropped connections are retried resets, not a breaker trip."""
+    for i in range(10):
+        storage.inject(f"/later/{i}", [Reset(), Reset()])
+    urls = [storage.url("/first")] + [storage.url(f"/later/{i}") for i in range(10)]
+    report = await _warm(_client(pki, proxy), urls, concurrency=1,
+                         breaker=BreakerConfig(tls_failures=2))
+    assert report.aborted is None
+    assert report.tally.results["warm"] == 11
 
 
 async def test_unreachable_endpoint_trips_breaker_exit_5(pki: TestPKI, proxy: Path) -> None:

@@ -8,11 +8,10 @@
 from __future__ import annotations
 
 import asyncio
-import posixpath
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Optional
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from prestaged.catalog import FileRef
 from prestaged.errors import CatalogError
@@ -100,4 +99,6 @@ class LocalCatalog:
 
 
 def _basename(url: str) -> str:
-    return posixpath.basename(unquote(urlsplit(url).path)) or url
+    path = url.split("?", 1)[0].split("#", 1)[0]
+    name = path.rsplit("/", 1)[-1]
+    return (unquote(name) if "%" in name else name) or url

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 import ssl
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,6 +29,7 @@ from prestaged import __version__
 __all__ = ["Attempt", "Failure", "HttpToucher", "Result", "classify_status", "parse_retry_after"]
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_CONTENT_RANGE_TOTAL = re.compile(r"/\s*(\d+)\s*$")
 # Small error/redirect bodies are drained so the door connection can be reused; anything larger
 # (or of unknown length) costs a closed connection instead of reading it.
 _DRAIN_LIMIT = 1024
@@ -73,6 +75,17 @@ class Attempt:
     retry_after: Optional[float] = None
     """Seconds the server asked us to wait (Retry-After), if any."""
     redirected: bool = False
+    size: Optional[int] = None
+    """File size when the answer tells it (Content-Range total, or a 200's Content-Length)."""
+
+    @property
+    def result(self) -> Optional[Result]:
+        """Outcome class of a final answer; None for failures and retryable statuses."""
+        if self.failure is not None or self.status is None:
+            return None
+        if self.status in (200, 206) and self.size == 0:
+            return Result.EMPTY
+        return classify_status(self.status)
 
 
 def classify_status(status: int) -> Optional[Result]:
@@ -104,6 +117,16 @@ def parse_retry_after(value: Optional[str], now: Optional[datetime] = None) -> O
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
+
+
+def _size(resp: aiohttp.ClientResponse) -> Optional[int]:
+    """The file size an answer reveals: a 206's Content-Range total or a 200's length."""
+    if resp.status == 206:
+        match = _CONTENT_RANGE_TOTAL.search(resp.headers.get("Content-Range", ""))
+        return int(match.group(1)) if match else None
+    if resp.status == 200:
+        return resp.content_length
+    return None
 
 
 def _tls_cause(exc: BaseException, *, handshake: bool = False) -> Optional[BaseException]:
@@ -165,7 +188,8 @@ class HttpToucher:
             "User-Agent": f"prestaged/{__version__}",
         }
         # Pool movers end when their connection does; newer dCache also honours the header.
-        self._pool_headers = {**self._headers, "Connection": "close"}
+        # (The door request sends the session's default headers: no per-request merge.)
+        self._pool_headers = {"Connection": "close"}
         self._session: Optional[aiohttp.ClientSession] = None
 
     async def start(self) -> None:
@@ -178,6 +202,8 @@ class HttpToucher:
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
+            headers=self._headers,
+            cookie_jar=aiohttp.DummyCookieJar(),  # storage sets none; filtering costs per request
             timeout=self._timeout,
             auto_decompress=False,
             skip_auto_headers=("Accept",),
@@ -227,7 +253,7 @@ class HttpToucher:
 
     async def _follow(self, session: aiohttp.ClientSession, target: URL) -> Attempt:
         for hop in range(self.max_redirects + 1):
-            headers = self._headers if hop == 0 else self._pool_headers
+            headers = None if hop == 0 else self._pool_headers
             async with session.get(target, headers=headers, allow_redirects=False) as resp:
                 status = resp.status
                 if status in _REDIRECTS:
@@ -238,7 +264,13 @@ class HttpToucher:
                     await self._drain(resp)
                     target = resp.url.join(URL(location))
                     continue
-                if status in (200, 206):
+                size = _size(resp)
+                if size == 0:
+                    # Nothing to read. XRootD 5.5 answers an empty file with 206, a 4-byte
+                    # Content-Length and no body: do not wait for bytes that never come.
+                    data = 0
+                    resp.close()
+                elif status in (200, 206):
                     data = await self._read_head(resp)
                 else:
                     data = 0
@@ -251,6 +283,7 @@ class HttpToucher:
                     retry_after=parse_retry_after(resp.headers.get("Retry-After")),
                     redirected=hop > 0,
                     error="" if status < 400 else f"HTTP {status} {resp.reason or ''}".strip(),
+                    size=size,
                 )
         return Attempt(failure=Failure.PROTOCOL, error=f"more than {self.max_redirects} redirects")
 
