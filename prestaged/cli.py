@@ -11,14 +11,23 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prestaged import __version__
 from prestaged.config import Config, find_config, load_config, replace_path
-from prestaged.errors import EXIT_INTERRUPTED, PrestagedError
+from prestaged.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    ConfigError,
+    CredentialError,
+    PrestagedError,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -35,6 +44,7 @@ _OVERRIDES = {
     "retries": "retry.attempts",
     "catalog": "catalog.default",
     "catalog_dir": "catalog.local.dir",
+    "experiment": "catalog.samweb.experiment",
     "progress_interval": "output.progress_interval",
 }
 
@@ -60,6 +70,19 @@ def _credentials(p: argparse.ArgumentParser) -> None:
                    help="refuse a proxy with less time left (default 1h)")
 
 
+def _source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("definition", nargs="?",
+                   help="definition name, or a text file of URLs (one per line)")
+    p.add_argument("--catalog", help="catalog that resolves DEFINITION: local or samweb "
+                                     "(default: catalog.default; --dims implies samweb)")
+    p.add_argument("--catalog-dir", metavar="DIR", help="directory of NAME.txt definitions")
+    g = p.add_argument_group("SAM web")
+    g.add_argument("--dims", metavar="DIMENSIONS",
+                   help="files matching a SAM dimensions query instead of a definition")
+    g.add_argument("-e", "--experiment",
+                   help="SAM experiment (default: catalog.samweb.experiment, $SAM_EXPERIMENT)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
@@ -73,9 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Touch the first bytes of every file of a definition with an "
                                    "X.509-authenticated ranged GET, resetting the cache's "
                                    "LRU clock.")
-    w.add_argument("definition", help="definition name, or a text file of URLs (one per line)")
-    w.add_argument("--catalog", help="catalog that resolves DEFINITION (default: catalog.default)")
-    w.add_argument("--catalog-dir", metavar="DIR", help="directory of NAME.txt definitions")
+    _source_args(w)
     g = w.add_argument_group("storage")
     g.add_argument("--concurrency", type=int, metavar="N", help="files in flight (default 32)")
     g.add_argument("--per-host", type=int, metavar="N", help="connections per host (default 32)")
@@ -100,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(w)
     w.set_defaults(func=_cmd_warm)
 
+    f = sub.add_parser("files", help="list the URLs a definition resolves to",
+                       description="Resolve a definition through its catalog and print one URL "
+                                   "per line (a list `prestaged warm` reads back); files that "
+                                   "resolve to no URL are reported on stderr and make exit 1. "
+                                   "Touches nothing.")
+    _source_args(f)
+    _credentials(f)
+    f.add_argument("--json", action="store_true",
+                   help="print one JSON document (names, URLs, sizes, unresolved files)")
+    _common(f)
+    f.set_defaults(func=_cmd_files)
+
     p = sub.add_parser("proxy", help="show the X.509 proxy prestaged would use",
                        description="Show the proxy's DN, type and time left; exit 3 if unusable.")
     _credentials(p)
@@ -114,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--redirect", action="store_true",
                    help="door redirects to a pool, like dCache")
     d.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    d.add_argument("--catalog", dest="demo_catalog", choices=("local", "samweb"),
+                   default="local",
+                   help="resolve the definition with a local file (default) or through a "
+                        "SAM web emulator")
     _common(d)
     d.set_defaults(func=_cmd_demo)
     return parser
@@ -180,13 +217,72 @@ def _cmd_proxy(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _cmd_warm(args: argparse.Namespace, cfg: Config) -> int:
+def _catalog_kind(args: argparse.Namespace, cfg: Config) -> str:
+    if args.dims is not None and args.catalog is None:
+        return "samweb"  # --dims only means something to SAM
+    return cfg.catalog.default
+
+
+def _definition(args: argparse.Namespace) -> str:
+    if args.dims is not None:
+        if args.definition is not None:
+            raise ConfigError("give a DEFINITION or --dims, not both")
+        if not args.dims.strip():
+            raise ConfigError("--dims: expected a SAM dimensions query, got nothing")
+        return str(args.dims)
+    if args.definition is None:
+        raise ConfigError("give a DEFINITION (or --dims with the samweb catalog)")
+    return str(args.definition)
+
+
+def _samweb_tls(args: argparse.Namespace, cfg: Config, creds: Any) -> tuple[Any, Optional[str]]:
+    """TLS context and presented DN for SAM: the proxy when there is a usable one (or when
+    ``catalog.samweb.use_certificate`` demands it), else anonymous."""
+    from prestaged.catalog.samweb import samweb_ssl_context
+    from prestaged.credentials import resolve_ca_dir, resolve_proxy_path
+
+    use = cfg.catalog.samweb.use_certificate
+    if use is not False and creds is None:
+        path, source = resolve_proxy_path(args.proxy, cfg.credentials.proxy)
+        if use or not source.startswith("default") or path.exists():
+            try:
+                creds = _load_credentials(args, cfg)
+            except CredentialError as e:
+                if use:
+                    raise
+                log.warning("asking SAM web without a certificate: %s", e)
+    if use is not False and creds is not None:
+        return samweb_ssl_context(creds), creds.proxy.identity
+    ca_dir, _ = resolve_ca_dir(args.ca_dir, cfg.credentials.ca_dir)
+    return samweb_ssl_context(None, ca_dir), None
+
+
+def _open(args: argparse.Namespace, cfg: Config, creds: Any = None) -> Any:
+    """The catalog for the command line's DEFINITION or --dims."""
     from prestaged.catalog import open_catalog
 
-    catalog = open_catalog(cfg.catalog.default, args.definition, cfg.catalog)
+    kind, definition = _catalog_kind(args, cfg), _definition(args)
+    if kind != "samweb":
+        return open_catalog(kind, definition, cfg.catalog, dims=args.dims)
+    ssl_context, identity = _samweb_tls(args, cfg, creds)
+    return open_catalog(kind, definition, cfg.catalog, ssl_context=ssl_context,
+                        dims=args.dims, identity=identity)
+
+
+def _cmd_warm(args: argparse.Namespace, cfg: Config) -> int:
     if args.dry_run:
-        return _run(_dry_run(catalog, as_json=args.json))
-    creds = _load_credentials(args, cfg)
+        return _run(_dry_run(_open(args, cfg), as_json=args.json))
+    creds = None
+    if _catalog_kind(args, cfg) == "samweb":
+        from prestaged.catalog.samweb import check_config
+
+        _definition(args)
+        check_config(cfg.catalog.samweb)  # usage errors before proxy errors
+        creds = _load_credentials(args, cfg)
+        catalog = _open(args, cfg, creds)
+    else:  # a local definition is checked before the proxy, as it always was
+        catalog = _open(args, cfg)
+        creds = _load_credentials(args, cfg)
     from prestaged.warm import WarmSettings
 
     hint = f"proxy {creds.proxy.path} ({creds.proxy.identity})"
@@ -196,6 +292,44 @@ def _cmd_warm(args: argparse.Namespace, cfg: Config) -> int:
         bar = False
     return _run(_warm(catalog, cfg, settings, creds.ssl_context(), bar=bar, as_json=args.json,
                       quiet=args.quiet))
+
+
+def _source(catalog: Any) -> str:
+    return str(getattr(catalog, "source", None) or getattr(catalog, "path", catalog.definition))
+
+
+_SHOWN_UNRESOLVED = 20
+
+
+def _unresolved_json(catalog: Any) -> dict[str, Any]:
+    """``unresolved``/``unresolved_count`` for a JSON document ({} for catalogs without)."""
+    count = int(getattr(catalog, "unresolved_count", 0))
+    if not hasattr(catalog, "unresolved_count"):
+        return {}
+    kept = [u.to_dict() for u in catalog.unresolved]
+    return {"unresolved_count": count, "unresolved": kept,
+            "unresolved_omitted": max(0, count - len(kept))}
+
+
+def _unresolved_text(catalog: Any, *, limit: Optional[int] = _SHOWN_UNRESOLVED) -> str:
+    """Lines naming the files that got no URL ("" when there are none)."""
+    count = int(getattr(catalog, "unresolved_count", 0))
+    if not count:
+        return ""
+    kept = catalog.unresolved if limit is None else catalog.unresolved[:limit]
+    more = "" if len(kept) == count else f" ({len(kept)} shown; --json lists more)"
+    lines = [f"unresolved: {count} file{'s' if count != 1 else ''} got no URL and "
+             f"{'were' if count != 1 else 'was'} not touched{more}:"]
+    for u in kept:
+        lines.append(f"  {u.name}  {u.reason}: {', '.join(u.locations) or '-'}")
+    return "\n".join(lines)
+
+
+def _with_unresolved(catalog: Any, code: int) -> int:
+    """Unresolved files fail a run that is otherwise all warm, like a missing file does."""
+    if code == EXIT_OK and int(getattr(catalog, "unresolved_count", 0)):
+        return EXIT_SOME_FAILED
+    return code
 
 
 async def _dry_run(catalog: Any, *, as_json: bool) -> int:
@@ -209,12 +343,44 @@ async def _dry_run(catalog: Any, *, as_json: bool) -> int:
             urls.append(ref.url)
         else:
             print(ref.url)
+    code = _with_unresolved(catalog, EXIT_OK)
     if as_json:
         print(json.dumps({"definition": catalog.definition, "catalog": catalog.name,
-                          "files": len(seen), "urls": urls}, indent=2))
+                          "files": len(seen), "urls": urls, **_unresolved_json(catalog),
+                          "exit_code": code}, indent=2))
     else:
         print(f"# {len(seen)} files would be touched; nothing was touched", file=sys.stderr)
-    return 0
+        if code:
+            print(_unresolved_text(catalog), file=sys.stderr)
+    return code
+
+
+def _cmd_files(args: argparse.Namespace, cfg: Config) -> int:
+    return _run(_list_files(_open(args, cfg), as_json=args.json))
+
+
+async def _list_files(catalog: Any, *, as_json: bool) -> int:
+    """``prestaged files``: every resolved file, then the unresolved ones; exit 1 if any."""
+    files = []
+    count = 0
+    async for ref in catalog.files():
+        count += 1
+        if as_json:
+            files.append({"name": ref.name, "url": ref.url, "size": ref.size})
+        else:
+            print(ref.url)
+    code = _with_unresolved(catalog, EXIT_OK)
+    if as_json:
+        print(json.dumps({"definition": catalog.definition, "catalog": catalog.name,
+                          "source": _source(catalog), "resolved": count, "files": files,
+                          **_unresolved_json(catalog), "exit_code": code}, indent=2))
+        return code
+    unresolved = getattr(catalog, "unresolved_count", 0)
+    print(f"# {catalog.definition} ({catalog.name} catalog: {_source(catalog)}): {count} files "
+          f"resolved, {unresolved} unresolved", file=sys.stderr)
+    if unresolved:
+        print(_unresolved_text(catalog, limit=None), file=sys.stderr)
+    return code
 
 
 async def _warm(catalog: Any, cfg: Config, settings: Any, ssl_context: Any, *, bar: bool,
@@ -225,6 +391,7 @@ async def _warm(catalog: Any, cfg: Config, settings: Any, ssl_context: Any, *, b
 
     stop = asyncio.Event()
     _install_interrupt(stop)
+    asyncio.get_running_loop().set_exception_handler(_quiet_transport_errors)
     tally = Tally(total_hint=await catalog.estimate())
     st = cfg.storage
     progress = Progress(tally, bar=bar, interval=0.1 if bar else cfg.output.progress_interval)
@@ -238,15 +405,34 @@ async def _warm(catalog: Any, cfg: Config, settings: Any, ssl_context: Any, *, b
             report = await warm(catalog.files(), settings, toucher, tally=tally, stop=stop)
         finally:
             await progress.stop()
-    where = dict(definition=catalog.definition, catalog=catalog.name,
-                 source=str(getattr(catalog, "path", catalog.definition)))
+    where = dict(definition=catalog.definition, catalog=catalog.name, source=_source(catalog))
+    code = _with_unresolved(catalog, report.exit_code)
     if as_json:
-        print(json.dumps(report_json(report, **where), indent=2))
-    elif not quiet or report.exit_code:
+        doc = report_json(report, **where)
+        doc.update(_unresolved_json(catalog))
+        doc["exit_code"] = code
+        print(json.dumps(doc, indent=2))
+    elif not quiet or code:
         print(report_text(report, **where))
+        if getattr(catalog, "unresolved_count", 0):
+            print(_unresolved_text(catalog))
     if report.aborted is not None:
         print(f"prestaged: error: {report.aborted}", file=sys.stderr)
-    return report.exit_code
+    return code
+
+
+def _quiet_transport_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Log connection-level errors that the event loop reports on its own at debug level.
+
+    Closing a connection after 4 bytes, or a server hanging up on our certificate, makes the
+    loop's TLS transport report "Fatal error on SSL protocol" with a traceback; the engine has
+    already classified the same failure, so it is noise for the user.
+    """
+    exc = context.get("exception")
+    if isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        log.debug("transport: %s: %s", context.get("message"), exc)
+        return
+    loop.default_exception_handler(context)
 
 
 def _install_interrupt(stop: asyncio.Event) -> None:
@@ -266,11 +452,24 @@ def _install_interrupt(stop: asyncio.Event) -> None:
 def _cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
     from prestaged.demo import run_demo
 
-    return run_demo(files=args.files, redirect=args.redirect, keep=args.keep, main=main)
+    return run_demo(files=args.files, redirect=args.redirect, keep=args.keep, main=main,
+                    catalog=args.demo_catalog)
 
 
 def _run(coro: Any) -> int:
-    result: int = asyncio.run(coro)
+    """Run ``coro`` on uvloop when it is installed (faster TLS and I/O), else on asyncio's loop.
+
+    ``PRESTAGED_EVENT_LOOP=asyncio`` forces the standard loop.
+    """
+    if os.environ.get("PRESTAGED_EVENT_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            result: int = uvloop.run(coro)
+            return result
+    result = asyncio.run(coro)
     return result
 
 

@@ -35,6 +35,8 @@ __all__ = [
     "LocalCatalogConfig",
     "OutputConfig",
     "RetryConfig",
+    "RewriteRule",
+    "SamWebConfig",
     "StorageConfig",
     "default_config_paths",
     "find_config",
@@ -88,6 +90,39 @@ def _fraction(v: float) -> Optional[str]:
 
 def _check(fn: Callable[[Any], Optional[str]]) -> dict[str, Any]:
     return {"check": fn}
+
+
+def _one_of(*choices: str) -> Callable[[str], Optional[str]]:
+    def check(v: str) -> Optional[str]:
+        return None if v in choices else "one of " + ", ".join(f'"{c}"' for c in choices)
+
+    return check
+
+
+def _location_prefix(v: str) -> Optional[str]:
+    # "<kind>:<path>" as SAM writes it; the kind alone ("rucio:") is a valid prefix too.
+    kind, colon, _ = v.partition(":")
+    ok = colon and re.fullmatch(r"[A-Za-z][A-Za-z0-9_.+-]*", kind)
+    return None if ok else 'a SAM location prefix such as "enstore:/pnfs/dune/"'
+
+
+def _url_base(v: str) -> Optional[str]:
+    ok = re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+(/[^?#\s]*)?", v)
+    return None if ok else 'a URL base such as "https://fndca1.fnal.gov:2880/pnfs/fnal.gov/usr/"'
+
+
+def _http_url(v: str) -> Optional[str]:
+    ok = re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", v)
+    return None if ok else 'an http(s) URL such as "https://samweb.fnal.gov:8483/sam/dune/api"'
+
+
+def _word(v: str) -> Optional[str]:
+    ok = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v)
+    return None if ok else "a plain name (letters, digits, _.-)"
+
+
+def _scheme(v: str) -> Optional[str]:
+    return None if re.fullmatch(r"[a-z][a-z0-9+.-]*", v) else 'a URL scheme such as "https"'
 
 
 # --- sections ---------------------------------------------------------------------------------
@@ -151,8 +186,9 @@ class BreakerConfig:
 
     denials: int = field(default=20, metadata=_check(_positive))
     """Consecutive 401/403 answers from one endpoint that stop the run (exit 3)."""
-    tls_failures: int = field(default=3, metadata=_check(_positive))
-    """Consecutive TLS handshake failures with one endpoint that stop the run (exit 3)."""
+    tls_failures: int = field(default=5, metadata=_check(_positive))
+    """Consecutive refused connections (TLS handshake failures, or hang-ups by an endpoint that
+    never answered) that stop the run (exit 3)."""
     unreachable: int = field(default=50, metadata=_check(_positive))
     """Consecutive files failing to connect (after retries) that stop the run (exit 5)."""
 
@@ -166,12 +202,62 @@ class LocalCatalogConfig:
 
 
 @dataclass(frozen=True)
+class RewriteRule:
+    """One ``[[catalog.samweb.rewrite]]`` table: a SAM location prefix and the URL base for it.
+
+    A file at ``location`` (tape suffix ``(597@vr0337m8)`` removed) that starts with
+    ``location`` here gets the URL ``url`` + the rest of the location + ``/`` + the file name.
+    A prefix that does not end in ``/`` or ``:`` only matches whole path components.
+    """
+
+    location: str = field(metadata=_check(_location_prefix))
+    """Location prefix, e.g. ``enstore:/pnfs/dune/`` or ``dcache:/pnfs/dune/``."""
+    url: str = field(metadata=_check(_url_base))
+    """What replaces the prefix, e.g. ``https://fndca1.fnal.gov:2880/pnfs/fnal.gov/usr/dune/``."""
+
+
+@dataclass(frozen=True)
+class SamWebConfig:
+    """``[catalog.samweb]``: the SAM web REST API and how its locations become URLs."""
+
+    base_url: Optional[str] = field(default=None, metadata=_check(_http_url))
+    """API base; unset: ``$SAM_WEB_BASE_URL``, else ``https://<host>:8483/sam/<experiment>/api``."""
+    host: Optional[str] = None
+    """SAM web host; unset: ``$SAM_WEB_HOST``, then ``samweb.fnal.gov``."""
+    experiment: Optional[str] = field(default=None, metadata=_check(_word))
+    """Experiment (``dune``, ``uboone``, ...); unset: ``$SAM_EXPERIMENT``."""
+    batch: int = field(default=500, metadata=_check(_positive))
+    """File names per bulk ``/files/locations`` request (the samweb client sends 50)."""
+    parallel: int = field(default=4, metadata=_check(_positive))
+    """Location requests in flight at once (bounds the files held in memory, too)."""
+    timeout: Duration = field(default=Duration(120.0), metadata=_check(_positive))
+    """Connect limit, and longest wait for the next bytes of an answer (seconds)."""
+    retry_initial: Duration = field(default=Duration(1.0), metadata=_check(_non_negative))
+    """First backoff after a 5xx, timeout or dropped connection (seconds); doubles each retry."""
+    retry_max: Duration = field(default=Duration(60.0), metadata=_check(_non_negative))
+    """Largest backoff between two tries (seconds); also caps a server's ``Retry-After``."""
+    retry_for: Duration = field(default=Duration(3600.0), metadata=_check(_non_negative))
+    """Give up on an unanswered request after retrying this long (seconds; 0: never retry)."""
+    url_mode: str = field(default="rewrite", metadata=_check(_one_of("rewrite", "access-url")))
+    """``rewrite``: locations -> URLs by the rules; ``access-url``: ask SAM per file."""
+    access_url_concurrency: int = field(default=16, metadata=_check(_positive))
+    """Per-file access-URL requests in flight at once (``url_mode = "access-url"``)."""
+    schema: str = field(default="https", metadata=_check(_scheme))
+    """URL scheme asked for in ``access-url`` mode."""
+    use_certificate: Optional[bool] = None
+    """Present the X.509 proxy to SAM; unset: when a usable proxy is found, else anonymous."""
+    rewrite: tuple[RewriteRule, ...] = ()
+    """Location -> URL rules, first match wins (``[[catalog.samweb.rewrite]]`` tables)."""
+
+
+@dataclass(frozen=True)
 class CatalogConfig:
     """``[catalog]``: which catalog resolves a definition name."""
 
     default: str = "local"
     """Catalog used when ``--catalog`` is not given."""
     local: LocalCatalogConfig = field(default_factory=LocalCatalogConfig)
+    samweb: SamWebConfig = field(default_factory=SamWebConfig)
 
 
 @dataclass(frozen=True)
@@ -281,7 +367,22 @@ def _build(cls: type[Any], data: object, prefix: str, base: Path) -> Any:
             raise ConfigError(f"unknown key {prefix}{key}{hint}; keys here: {known}")
         fld = fields[key]
         kwargs[key] = _convert(hints[key], fld, value, prefix + key, base)
+    required = [
+        name for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if required:
+        raise ConfigError(f"{prefix}{required[0]}: required key missing")
     return cls(**kwargs)
+
+
+def _table_array(tp: Any, value: object, key: str, base: Path) -> tuple[Any, ...]:
+    """An array of tables (``[[a.b]]``) as a tuple of ``tp``; errors name ``key[i].field``."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected an array of tables ([[{key}]]), got {value!r}")
+    return tuple(_build(tp, item, f"{key}[{i}].", base) for i, item in enumerate(value))
 
 
 def _convert(tp: Any, fld: dataclasses.Field[Any], value: object, key: str, base: Path) -> Any:
@@ -291,6 +392,11 @@ def _convert(tp: Any, fld: dataclasses.Field[Any], value: object, key: str, base
         optional, tp = True, args[0]
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".", base)  # type: ignore[arg-type]
+    if getattr(tp, "__origin__", None) is tuple:
+        item, rest = tp.__args__[0], tp.__args__[1:]
+        if rest != (Ellipsis,) or not dataclasses.is_dataclass(item):  # pragma: no cover
+            raise TypeError(f"unsupported config type {tp!r} for {key}")
+        return _table_array(item, value, key, base)
     if optional and value in ("", None):
         return None
     got = f'"{value}"' if isinstance(value, str) else repr(value)
@@ -318,7 +424,7 @@ def _convert(tp: Any, fld: dataclasses.Field[Any], value: object, key: str, base
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {got}")
-        return value
+        converted, noun = value, ""
     elif tp is Path:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"{key}: expected a path string, got {got}")
@@ -329,5 +435,6 @@ def _convert(tp: Any, fld: dataclasses.Field[Any], value: object, key: str, base
     if check is not None:
         problem = check(converted)
         if problem is not None:
-            raise ConfigError(f"{key}: expected {problem} {noun}, got {got}")
+            what = f"{problem} {noun}" if noun else problem
+            raise ConfigError(f"{key}: expected {what}, got {got}")
     return converted

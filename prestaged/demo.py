@@ -4,6 +4,12 @@ Makes a fresh test PKI (CA, host cert, user cert, RFC 3820 proxy) in a temporary
 starts the test HTTPS storage (``prestaged.testing.storage``) on 127.0.0.1 in its own process,
 writes a definition of generated file URLs, runs ``prestaged warm`` on it through the real CLI,
 then shows what the storage saw and cleans up.
+
+With ``catalog="samweb"`` the definition lives in a SAM web emulator
+(``prestaged.testing.samweb``, its own process too) instead: half the files on tape
+(``enstore:`` locations with a tape suffix), half on disk (``dcache:``), and a config file whose
+``[[catalog.samweb.rewrite]]`` rules map both onto the test storage, as the Fermilab rules map
+them onto dCache.
 """
 
 from __future__ import annotations
@@ -14,11 +20,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from prestaged.errors import PrestagedError
 
-__all__ = ["run_demo", "write_definition"]
+__all__ = ["DEMO_DEFINITION", "run_demo", "write_definition", "write_sam_definition"]
+
+DEMO_DEFINITION = "demo-dataset"
+"""Name of the demo's SAM definition."""
 
 
 class DemoError(PrestagedError):
@@ -34,51 +43,120 @@ def write_definition(path: Path, base_url: str, files: int) -> Path:
     return path
 
 
-def _start_storage(pki_dir: Path, stats: Path, redirect: bool) -> tuple[subprocess.Popen[str], int]:
-    cmd = [sys.executable, "-m", "prestaged.testing.storage", "--pki-dir", str(pki_dir),
-           "--stats-file", str(stats)]
-    if redirect:
-        cmd.append("--redirect")
+def write_sam_definition(path: Path, files: int) -> Path:
+    """Write a SAM web emulator definitions file: ``DEMO_DEFINITION`` with ``files`` files.
+
+    Even-numbered files are on disk (``dcache:/pnfs/demo/raw/...``), odd ones on tape
+    (``enstore:/pnfs/demo/raw/...(<seq>@<tape>)``); both resolve to the demo storage's paths.
+    """
+    entries = []
+    for n in range(files):
+        directory = f"/pnfs/demo/raw/run{n // 100:05d}"
+        location = (f"dcache:{directory}" if n % 2 == 0
+                    else f"enstore:{directory}({n}@vr{n // 1000:04d}m8)")
+        entries.append({"name": f"demo_{n:06d}.root", "size": 1 << 20, "events": 100,
+                        "locations": [location]})
+    path.write_text(json.dumps({"experiment": "demo",
+                                "definitions": {DEMO_DEFINITION: entries}}) + "\n")
+    return path
+
+
+def _start(cmd: list[str], what: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """Start a test server process and read the JSON line it prints once listening."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     try:
-        return proc, int(json.loads(line)["door_port"])
-    except (ValueError, KeyError, TypeError):
+        info = json.loads(line)
+        if not isinstance(info, dict):
+            raise TypeError(line)
+        return proc, info
+    except (ValueError, TypeError):
         proc.kill()
-        raise DemoError(f"demo: the test storage did not start (said {line.strip()!r})") from None
+        proc.wait()
+        raise DemoError(f"demo: the {what} did not start (said {line.strip()!r})") from None
+
+
+def _stop(proc: subprocess.Popen[str], stats: Path) -> dict[str, Any]:
+    proc.terminate()
+    proc.wait(timeout=30)
+    seen: dict[str, Any] = json.loads(stats.read_text()) if stats.is_file() else {}
+    return seen
+
+
+def _samweb_setup(tmp: Path, files: int, base: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start the SAM web emulator; return it and the ``warm`` arguments that use it."""
+    defs = write_sam_definition(tmp / "sam-definitions.json", files)
+    proc, info = _start([sys.executable, "-m", "prestaged.testing.samweb", "--pki-dir",
+                         str(tmp / "pki"), "--definitions", str(defs),
+                         "--stats-file", str(tmp / "samweb-stats.json")], "SAM web emulator")
+    try:
+        base_url = str(info["base_url"])
+    except KeyError:
+        proc.kill()
+        raise DemoError("demo: the SAM web emulator did not say its URL") from None
+    config = tmp / "prestaged.toml"
+    config.write_text(
+        "# prestaged demo: resolve definitions with the SAM web emulator\n"
+        '[catalog]\ndefault = "samweb"\n'
+        f'[catalog.samweb]\nbase_url = "{base_url}"\n'
+        f'[[catalog.samweb.rewrite]]\nlocation = "enstore:/pnfs/demo/"\nurl = "{base}/pnfs/demo/"\n'
+        f'[[catalog.samweb.rewrite]]\nlocation = "dcache:/pnfs/demo/"\nurl = "{base}/pnfs/demo/"\n'
+    )
+    print(f"demo: SAM web emulator at {base_url}")
+    print(f"demo: SAM definition {DEMO_DEFINITION!r} with {files} files "
+          "(half enstore: tape, half dcache: disk locations)")
+    print(f"demo: config {config} maps both location prefixes onto the test storage\n")
+    return proc, [DEMO_DEFINITION, "--config", str(config)]
 
 
 def run_demo(*, files: int, redirect: bool, keep: bool,
-             main: Callable[[Optional[list[str]]], int]) -> int:
-    """Run the demo; returns ``prestaged warm``'s exit code. ``main`` is the CLI entry point."""
+             main: Callable[[Optional[list[str]]], int], catalog: str = "local") -> int:
+    """Run the demo; returns ``prestaged warm``'s exit code. ``main`` is the CLI entry point.
+
+    ``catalog`` is ``"local"`` (a text file of URLs) or ``"samweb"`` (the SAM web emulator).
+    """
     from prestaged.testing.pki import create_pki
 
     tmp = Path(tempfile.mkdtemp(prefix="prestaged-demo-"))
-    proc: Optional[subprocess.Popen[str]] = None
+    procs: list[subprocess.Popen[str]] = []
     try:
         pki = create_pki(tmp / "pki")
         proxy = pki.make_proxy(tmp / "x509up_demo")
         stats = tmp / "storage-stats.json"
-        proc, port = _start_storage(tmp / "pki", stats, redirect)
-        definition = write_definition(tmp / "demo-dataset.txt", f"https://127.0.0.1:{port}", files)
+        cmd = [sys.executable, "-m", "prestaged.testing.storage", "--pki-dir", str(tmp / "pki"),
+               "--stats-file", str(stats)] + (["--redirect"] if redirect else [])
+        storage, info = _start(cmd, "test storage")
+        procs.append(storage)
+        base = f"https://127.0.0.1:{info['door_port']}"
         kind = "door -> pool redirects, " if redirect else ""
-        print(f"demo: test storage on https://127.0.0.1:{port} ({kind}client certificate required)")
+        print(f"demo: test storage on {base} ({kind}client certificate required)")
         print(f"demo: proxy {proxy} for {pki.user_dn}")
-        print(f"demo: definition {definition} with {files} files\n")
-        code = main(["warm", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir)])
-        proc.terminate()
-        proc.wait(timeout=30)
-        if stats.is_file():
-            seen = json.loads(stats.read_text())
+        sam: Optional[subprocess.Popen[str]] = None
+        if catalog == "samweb":
+            sam, source = _samweb_setup(tmp, files, base)
+            procs.append(sam)
+        else:
+            definition = write_definition(tmp / "demo-dataset.txt", base, files)
+            print(f"demo: definition {definition} with {files} files\n")
+            source = [str(definition)]
+        code = main(["warm", *source, "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir)])
+        seen = _stop(storage, stats)
+        if sam is not None:
+            asked = _stop(sam, tmp / "samweb-stats.json").get("requests", {})
+            print(f"\ndemo: the SAM web emulator answered {sum(asked.values())} requests "
+                  f"({asked.get('list', 0)} listing, {asked.get('locations', 0)} bulk location "
+                  "lookups)", end="")
+        if seen:
             print(f"\ndemo: the storage saw {seen.get('requests_total')} requests and sent "
                   f"{seen.get('bytes_total')} bytes of file data")
         if keep:
             print(f"demo: kept {tmp}")
         return code
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)

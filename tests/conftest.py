@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
 from prestaged.testing.pki import TestPKI, create_pki
+from prestaged.testing.samweb import ThreadedSamWebServer
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +22,47 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
 def proxy(pki: TestPKI, tmp_path: Path) -> Path:
     """A valid 12-hour RFC 3820 proxy of the test user, in this test's tmp_path."""
     return pki.make_proxy(tmp_path / "x509up_test")
+
+
+def _in_ci() -> bool:
+    """True when the environment variable CI is set to something other than false/0."""
+    import os
+
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.fixture
+def grid_proxy(pki: TestPKI, tmp_path: Path) -> Path:
+    """A 12-hour RFC 3820 proxy of the test user made by the real ``grid-proxy-init -rfc``."""
+    from prestaged.testing.xrootd import grid_ca_dir, grid_proxy_init, grid_proxy_init_available
+
+    if not grid_proxy_init_available():
+        message = "grid-proxy-init not found: install Debian package globus-proxy-utils"
+        if _in_ci():
+            pytest.fail(f"{message} (CI is set: a missing tool is a failure)")
+        pytest.skip(message)
+    # -verify checks the user certificate against a CA directory with Globus signing policies.
+    ca_dir = grid_ca_dir(pki.ca_dir, tmp_path / "grid-certificates")
+    return grid_proxy_init(pki.user_cert, pki.user_key, tmp_path / "x509up_grid", ca_dir=ca_dir)
+
+
+@pytest.fixture
+def samweb(pki: TestPKI) -> Iterator[Callable[..., ThreadedSamWebServer]]:
+    """Factory of SAM web emulators on 127.0.0.1 (experiment "dune"), stopped after the test.
+
+    ``samweb(definitions, require_cert=False, **kwargs)``; kwargs go to ``SamWebServer``.
+    """
+    servers: list[ThreadedSamWebServer] = []
+
+    def make(definitions: dict[str, Any] | None = None, *, require_cert: bool = False,
+             **kwargs: Any) -> ThreadedSamWebServer:
+        kwargs.setdefault("experiment", "dune")
+        srv = ThreadedSamWebServer(pki.server_ssl_context(require_client_cert=require_cert),
+                                   definitions=definitions or {}, **kwargs)
+        srv.start()
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        srv.stop()

@@ -6,12 +6,11 @@ aioresponses stands in for the network here; the integration tests use real TLS 
 from __future__ import annotations
 
 import re
-import types
 from collections.abc import AsyncIterator, Iterable
 
 import aiohttp
 import pytest
-from aioresponses import aioresponses as _aioresponses
+from mocks import aioresponses
 
 from prestaged.catalog import FileRef
 from prestaged.config import BreakerConfig
@@ -27,22 +26,6 @@ from prestaged.storage.http import (
 from prestaged.warm import WarmSettings, warm
 
 URL = "https://door.example:2880/pnfs/f1"
-
-
-class _Response(aiohttp.ClientResponse):
-    """aioresponses 0.7.9 predates aiohttp 3.14's required ``stream_writer`` argument."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        kwargs.setdefault("stream_writer", types.SimpleNamespace(output_size=0))
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-
-
-class aioresponses(_aioresponses):
-    """aioresponses whose mocked responses build on aiohttp 3.14 as well."""
-
-    def add(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
-        kwargs.setdefault("response_class", _Response)
-        super().add(*args, **kwargs)  # type: ignore[arg-type]
 
 
 async def _refs(urls: Iterable[str]) -> AsyncIterator[FileRef]:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
 from prestaged.errors import ConfigError
 
 if TYPE_CHECKING:
+    import ssl
+
     from prestaged.config import CatalogConfig
 
 __all__ = ["KINDS", "Catalog", "FileRef", "open_catalog"]
@@ -46,14 +48,33 @@ class Catalog(Protocol):
         ...
 
 
-KINDS = ("local",)
+KINDS = ("local", "samweb")
 """Catalog backends this build knows (``--catalog``, ``catalog.default``)."""
 
 
-def open_catalog(kind: str, definition: str, cfg: CatalogConfig) -> Catalog:
-    """The catalog ``kind`` for ``definition``; ``ConfigError`` for an unknown kind."""
+def open_catalog(
+    kind: str,
+    definition: str,
+    cfg: CatalogConfig,
+    *,
+    ssl_context: Optional[ssl.SSLContext] = None,
+    dims: Optional[str] = None,
+    identity: Optional[str] = None,
+) -> Catalog:
+    """The catalog ``kind`` for ``definition``; ``ConfigError`` for an unknown kind.
+
+    ``ssl_context`` (the client TLS context for a networked catalog, built by the caller),
+    ``dims`` (a SAM dimensions query instead of a definition) and ``identity`` (the DN
+    presented, for error messages) are used by ``samweb`` only.
+    """
+    if dims is not None and kind != "samweb":
+        raise ConfigError(f"--dims needs the samweb catalog, not {kind!r}")
     if kind == "local":
         from prestaged.catalog.local import LocalCatalog
 
         return LocalCatalog(definition, cfg.local.dir)
+    if kind == "samweb":
+        from prestaged.catalog.samweb import SamWebCatalog
+
+        return SamWebCatalog(definition, cfg.samweb, ssl_context, dims=dims, identity=identity)
     raise ConfigError(f"catalog {kind!r} is not known; choose one of: {', '.join(KINDS)}")

@@ -1,0 +1,314 @@
+"""SAM web catalog end to end: the emulator and the test storage over real TLS on 127.0.0.1.
+
+``prestaged warm|files DEFINITION --catalog samweb`` runs in-process (``main``), resolving
+through ``prestaged.testing.samweb`` and touching ``prestaged.testing.storage``, both
+requiring or accepting the test PKI's proxy; one test runs ``prestaged demo --catalog samweb``
+as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from prestaged.cli import main
+from prestaged.testing.pki import TestPKI
+from prestaged.testing.samweb import SamError, Status, ThreadedSamWebServer, Truncate
+from prestaged.testing.storage import ThreadedStorageServer
+
+Samweb = Callable[..., ThreadedSamWebServer]
+DOOR_PATH = "/pnfs/fnal.gov/usr/dune"
+
+
+@pytest.fixture
+def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
+    """The test storage in a background thread, requiring a client certificate."""
+    with ThreadedStorageServer(pki.server_ssl_context()) as srv:
+        yield srv
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proxies and SAM settings of the machine running the tests must not leak in."""
+    for name in ("X509_USER_PROXY", "X509_CERT_DIR", "PRESTAGED_CONFIG", "SAM_WEB_BASE_URL",
+                 "SAM_EXPERIMENT", "SAM_WEB_HOST"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _mixed(n: int, extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """``n`` files alternating tape (enstore: with a tape suffix) and disk (dcache:) locations."""
+    files = []
+    for i in range(n):
+        d = f"/pnfs/dune/tape_backed/dunepro/{i // 100:03d}"
+        loc = f"enstore:{d}({i}@vr0337m8)" if i % 2 else f"dcache:{d.replace('tape_backed', 'persistent')}"
+        files.append({"name": f"np04_raw_{i:05d}.root", "size": 1000 + i, "locations": [loc]})
+    return files + (extra or [])
+
+
+def _expected_path(f: dict[str, Any]) -> str:
+    """Storage path the rewrite rules give a file of ``_mixed``."""
+    loc = re.sub(r"\(.*\)$", "", f["locations"][-1])
+    return f"{DOOR_PATH}/{loc.split(':', 1)[1][len('/pnfs/dune/'):]}/{f['name']}"
+
+
+def _config(tmp_path: Path, sam: ThreadedSamWebServer, storage: ThreadedStorageServer | None,
+            *, samweb: str = "", credentials: str = "", rules: bool = True,
+            default: str = "samweb") -> Path:
+    door = storage.url(DOOR_PATH) if storage is not None else "https://127.0.0.1:1" + DOOR_PATH
+    text = (f'[catalog]\ndefault = "{default}"\n'
+            f'[catalog.samweb]\nbase_url = "{sam.base_url}"\n'
+            'retry_initial = 0\nretry_max = 0\nretry_for = "20s"\n' + samweb)
+    if rules:
+        for prefix in ("enstore", "dcache"):
+            text += (f'[[catalog.samweb.rewrite]]\nlocation = "{prefix}:/pnfs/dune/"\n'
+                     f'url = "{door}/"\n')
+    if credentials:
+        text += "[credentials]\n" + credentials
+    path = tmp_path / "prestaged.toml"
+    path.write_text(text)
+    return path
+
+
+def _warm(config: Path, proxy: Path, pki: TestPKI, *args: str) -> list[str]:
+    return ["warm", *args, "--config", str(config), "--proxy", str(proxy),
+            "--ca-dir", str(pki.ca_dir)]
+
+
+def _error_line(err: str) -> str:
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("prestaged: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_5000_mixed_files_resolve_and_warm_end_to_end(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, samweb: Samweb, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """5,000 mixed enstore:/dcache: files: right URLs, each touched once, warming overlaps lookups."""
+    two_locations = {"name": "two_locations.root",
+                     "locations": ["cern-eos:/eos/dune/x", "dcache:/pnfs/dune/persistent/y"]}
+    files = _mixed(4999, [two_locations])
+    sam = samweb({"np04-raw": files})
+    config = _config(tmp_path, sam, storage)
+    code = main(_warm(config, proxy, pki, "np04-raw", "--json"))
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["exit_code"] == 0
+    assert doc["definition"] == "np04-raw" and doc["catalog"] == "samweb"
+    assert doc["source"] == sam.base_url
+    assert doc["counts"]["warm"] == 5000 and doc["unresolved_count"] == 0
+    expected = {_expected_path(f) for f in files}
+    assert f"{DOOR_PATH}/persistent/y/two_locations.root" in expected
+    assert set(storage.stats.paths) == expected
+    assert all(s.requests == 1 for s in storage.stats.paths.values())
+    assert sam.stats.requests == {"count": 1, "list": 1, "locations": 10}
+    assert all(dn is not None and dn.startswith(pki.user_dn) for dn in sam.stats.client_dns)
+    first_touch = min(r.time for s in storage.stats.paths.values() for r in s.records)
+    last_lookup = max(r.time for r in sam.stats.records if r.endpoint == "locations")
+    assert first_touch < last_lookup
+
+
+def test_summary_names_definition_and_catalog(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, samweb: Samweb, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--catalog samweb picks SAM over catalog.default; the summary names definition and SAM."""
+    sam = samweb({"small": _mixed(10)})
+    config = _config(tmp_path, sam, storage, default="local")
+    assert main(_warm(config, proxy, pki, "small", "--catalog", "samweb")) == 0
+    out = capsys.readouterr().out
+    assert f"prestaged warm small (samweb catalog: {sam.base_url}): done" in out
+    assert re.search(r"warm\s+10\b", out)
+
+
+def test_unresolved_file_reported_and_exit_1(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, samweb: Samweb, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A file whose only location matches no rule is reported with its location, not dropped."""
+    eos = {"name": "on_eos.root", "locations": ["cern-eos:/eos/experiment/neutplatform/x"]}
+    sam = samweb({"d": _mixed(4, [eos])})
+    config = _config(tmp_path, sam, storage)
+    assert main(_warm(config, proxy, pki, "d", "--json")) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["counts"]["warm"] == 4 and doc["exit_code"] == 1
+    assert doc["unresolved_count"] == 1 and doc["unresolved_omitted"] == 0
+    assert doc["unresolved"] == [{"name": "on_eos.root",
+                                  "locations": ["cern-eos:/eos/experiment/neutplatform/x"],
+                                  "reason": "no rewrite rule matches its locations"}]
+    assert main(_warm(config, proxy, pki, "d")) == 1
+    out = capsys.readouterr().out
+    assert "unresolved: 1 file got no URL and was not touched:" in out
+    assert "on_eos.root  no rewrite rule matches its locations: cern-eos:/eos/" in out
+    assert storage.stats.requests_total == 8
+
+
+@pytest.mark.parametrize("command", ["warm", "files"])
+def test_unknown_definition_exit_4_with_sam_message(
+    pki: TestPKI, proxy: Path, samweb: Samweb, tmp_path: Path, command: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An unknown definition: exit 4, one line with SAM's own message, no retries."""
+    sam = samweb({"known": _mixed(3)})
+    config = _config(tmp_path, sam, None)
+    args = [command, "no-such-def", "--config", str(config), "--proxy", str(proxy),
+            "--ca-dir", str(pki.ca_dir)]
+    assert main(args) == 4
+    line = _error_line(capsys.readouterr().err)
+    assert line == ("prestaged: error: definition 'no-such-def' not found in SAM (dune): "
+                    "Definition no-such-def not found")
+    assert sam.stats.total == 1
+
+
+def test_catalog_503_twice_then_200_succeeds(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, samweb: Samweb, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """503, 503 then service, on the listing and on a location lookup: the run succeeds."""
+    sam = samweb({"d": _mixed(1200)})
+    sam.inject("list", [Status(503), Status(503, retry_after="0")])
+    sam.inject("locations", [Status(503), SamError(503, "ServiceUnavailable", "try later")])
+    config = _config(tmp_path, sam, storage)
+    assert main(_warm(config, proxy, pki, "d", "--json")) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["counts"]["warm"] == 1200
+    assert sam.stats.requests["list"] == 3 and sam.stats.requests["locations"] == 3 + 2
+    assert [r.status for r in sam.stats.records if r.endpoint == "list"] == [503, 503, 200]
+
+
+@pytest.mark.parametrize("command", ["warm", "files"])
+def test_dimension_error_not_retried(
+    pki: TestPKI, proxy: Path, samweb: Samweb, tmp_path: Path, command: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--dims SAM cannot parse: 400 DimensionError, exactly one request, exit 4."""
+    sam = samweb({"d": _mixed(3)})
+    config = _config(tmp_path, sam, None)
+    args = [command, "--dims", "run_numbr 5141", "--config", str(config), "--proxy", str(proxy),
+            "--ca-dir", str(pki.ca_dir)]
+    assert main(args) == 4
+    line = _error_line(capsys.readouterr().err)
+    assert "SAM (dune) rejected the dimensions: Unable to parse dimensions: run_numbr 5141" in line
+    assert sam.stats.total == 1
+
+
+def test_listing_cut_off_resumes_without_duplicates(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, samweb: Samweb, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A listing dropped after 1,234 lines is listed again, skipping what was already seen."""
+    sam = samweb({"d": _mixed(3000)})
+    sam.inject("list", [Truncate(1234)])
+    config = _config(tmp_path, sam, storage)
+    assert main(_warm(config, proxy, pki, "d", "--json")) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["counts"]["warm"] == 3000 and doc["duplicates_skipped"] == 0
+    assert sam.stats.requests["list"] == 2
+    assert storage.stats.requests_total == 3000
+
+
+def test_files_lists_urls_anonymously(
+    pki: TestPKI, samweb: Samweb, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`prestaged files` prints URLs in SAM's order, anonymously without a proxy; unresolved: exit 1."""
+    eos = {"name": "on_eos.root", "locations": ["cern-eos:/eos/x"]}
+    files = _mixed(6, [eos])
+    sam = samweb({"d": files})
+    missing = tmp_path / "no-proxy"
+    config = _config(tmp_path, sam, None,
+                     credentials=f'proxy = "{missing}"\nca_dir = "{pki.ca_dir}"\n')
+    assert main(["files", "d", "--config", str(config)]) == 1
+    out, err = capsys.readouterr()
+    door = "https://127.0.0.1:1" + DOOR_PATH
+    assert out.splitlines() == [door + _expected_path(f)[len(DOOR_PATH):] for f in files[:6]]
+    assert "7 files" not in err and "6 files resolved, 1 unresolved" in err
+    assert "on_eos.root  no rewrite rule matches its locations: cern-eos:/eos/x" in err
+    assert f"asking SAM web without a certificate: proxy {missing}" in caplog.text
+    assert set(sam.stats.client_dns) == {None}
+    assert main(["files", "d", "--config", str(config), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["resolved"] == 6 and doc["files"][0] == {
+        "name": files[0]["name"], "url": out.splitlines()[0], "size": files[0]["size"]}
+    assert doc["unresolved"][0]["name"] == "on_eos.root" and doc["exit_code"] == 1
+
+
+def test_certificate_required_anonymous_exit_3(
+    pki: TestPKI, proxy: Path, samweb: Samweb, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A SAM that requires a certificate: anonymous gives exit 3 and the fix; a proxy works."""
+    sam = samweb({"d": _mixed(3)}, require_cert=True)
+    config = _config(tmp_path, sam, None, samweb="use_certificate = false\n")
+    assert main(["files", "d", "--config", str(config), "--ca-dir", str(pki.ca_dir)]) == 3
+    line = _error_line(capsys.readouterr().err)
+    assert "requires a client certificate (give a proxy with --proxy)" in line
+    config = _config(tmp_path, sam, None)
+    assert main(["files", "d", "--config", str(config), "--proxy", str(proxy),
+                 "--ca-dir", str(pki.ca_dir)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_access_url_mode_and_long_dims_post(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, samweb: Samweb, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """url_mode = "access-url" asks SAM per file; a >1024-char --dims query is POSTed."""
+    files = _mixed(60)
+    door = storage.url(DOOR_PATH) + "/"
+    sam = samweb({"d": files}, access_rules=[("enstore:/pnfs/dune/", door),
+                                             ("dcache:/pnfs/dune/", door)])
+    query = "file_name " + ", ".join(f["name"] for f in files)
+    assert len(query) > 1024
+    sam.add_dims(query, [f["name"] for f in files[:30]])  # SAM's answer to the exact query
+    config = _config(tmp_path, sam, storage, rules=False,
+                     samweb='url_mode = "access-url"\naccess_url_concurrency = 4\n')
+    assert main(_warm(config, proxy, pki, "--dims", query, "--json")) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["counts"]["warm"] == 30 and doc["catalog"] == "samweb"
+    assert set(storage.stats.paths) == {_expected_path(f) for f in files[:30]}
+    assert sam.stats.requests == {"dims-list": 1, "access-url": 30}
+    assert [r.method for r in sam.stats.records if r.endpoint == "dims-list"] == ["POST"]
+
+
+def test_demo_with_samweb_catalog() -> None:
+    """`prestaged demo --catalog samweb` resolves through the emulator and warms every file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_", "SAM_"))}
+    res = subprocess.run([sys.executable, "-m", "prestaged", "demo", "--catalog", "samweb",
+                          "--files", "300"], capture_output=True, text=True, timeout=120, env=env,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"warm\s+300\b", res.stdout)
+    assert "(samweb catalog: https://127.0.0.1:" in res.stdout
+    assert "the SAM web emulator answered 3 requests (1 listing, 1 bulk location lookups)" in res.stdout
+    assert "the storage saw 300 requests" in res.stdout
+
+
+def test_no_secrets_in_samweb_output(
+    pki: TestPKI, proxy: Path, samweb: Samweb, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Debug logs, retries, errors and JSON of SAM runs never contain the proxy's key material."""
+    caplog.set_level("DEBUG")
+    sam = samweb({"d": _mixed(20, [{"name": "x", "locations": ["rucio:protodune-sp"]}])})
+    sam.inject("locations", [Status(503)])
+    config = _config(tmp_path, sam, None)
+    base = ["--config", str(config), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), "-v"]
+    assert main(["files", "d", *base, "--json"]) == 1
+    assert main(["warm", "d", "--dry-run", *base]) == 1
+    assert main(["files", "nope", *base]) == 4
+    out, err = capsys.readouterr()
+    text = out + err + caplog.text
+    key = re.search(r"PRIVATE KEY-----\n(.*?)-----END", proxy.read_text(), re.S)
+    assert key is not None
+    assert "PRIVATE KEY" not in text
+    assert not any(line in text for line in key.group(1).splitlines() if len(line) > 20)
+    assert "retry 1" in caplog.text and "rucio:protodune-sp" in err

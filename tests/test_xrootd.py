@@ -1,0 +1,256 @@
+"""prestaged against the real XRootD server (XrdHttp over HTTPS, Debian xrootd-server) on 127.0.0.1.
+
+Every test runs the real CLI in a subprocess. Where XRootD's log allows, the test also checks
+what the server saw: ``acc.audit`` logs a "stat" and a "read" decision per GET, XrdHttp logs one
+"login as <name>" per connection, a dropped unmapped DN and a rejected certificate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prestaged.testing.pki import TestPKI
+from prestaged.testing.xrootd import MAPPED_USER, XRootDServer, xrootd_available
+
+FILES = 300
+CONCURRENCY = 32  # prestaged's default storage.concurrency
+TIMEOUT = 120
+MISSING_XROOTD = "xrootd not found: install Debian package xrootd-server"
+MISSING_IN_CI = f"{MISSING_XROOTD} (CI is set: a missing server is a failure, not a skip)"
+# Zero backoff keeps retried failures fast; breakers and classification do not depend on it.
+FAST_RETRY = "[retry]\ninitial = 0\nmax = 0\njitter = 0\n"
+BREAKER = "[breaker]\ndenials = 5\n"
+# Refusal tests: a definition of REFUSED_FILES files, few in flight, so "stopped early" is clear.
+REFUSED_FILES = 100
+REFUSED_ARGS = ("-q", "--concurrency", "8")
+EARLY = REFUSED_FILES // 4  # files a run may finish before its breaker has to have tripped
+FOREIGN_DN = "/DC=org/DC=other-test/O=Other/CN=Foreign User"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+if not xrootd_available() and not _in_ci():
+    pytest.skip(MISSING_XROOTD, allow_module_level=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _xrootd_installed() -> None:
+    """With CI set, a missing xrootd fails every test here instead of skipping them."""
+    if not xrootd_available():
+        pytest.fail(MISSING_IN_CI)
+
+
+@pytest.fixture(scope="session")
+def xrootd(pki: TestPKI) -> Iterator[XRootDServer]:
+    """One real XRootD for the session: FILES files and two empty ones, the test user mapped."""
+    if not xrootd_available():
+        pytest.fail(MISSING_IN_CI)
+    with XRootDServer(pki, files=FILES, empty_files=2) as server:
+        yield server
+
+
+def _cli(tmp_path: Path, *args: object, config: str = "") -> subprocess.CompletedProcess[str]:
+    """Run ``python -m prestaged ARGS --config <file with config>`` with no X509_* variables."""
+    cfg = tmp_path / "prestaged.toml"
+    cfg.write_text(config)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_"))}
+    env["HOME"] = env["XDG_CONFIG_HOME"] = str(tmp_path)
+    cmd = [sys.executable, "-m", "prestaged", *map(str, args), "--config", str(cfg)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env,
+                          check=False)
+
+
+def _definition(tmp_path: Path, urls: list[str]) -> Path:
+    path = tmp_path / "dataset.txt"
+    path.write_text("".join(u + "\n" for u in urls))
+    return path
+
+
+def _warm(tmp_path: Path, urls: list[str], proxy: Path, ca_dir: Path, *extra: str,
+          config: str = "") -> subprocess.CompletedProcess[str]:
+    return _cli(tmp_path, "warm", _definition(tmp_path, urls), "--proxy", proxy,
+                "--ca-dir", ca_dir, "--json", *extra, config=config)
+
+
+def _why(res: subprocess.CompletedProcess[str], server: XRootDServer) -> str:
+    """What to print when an assertion fails: the CLI's output and XRootD's log tail."""
+    return (f"exit {res.returncode}\n--- stdout\n{res.stdout[:3000]}\n--- stderr\n{res.stderr}"
+            f"\n--- xrootd log ({server.log_path})\n{server.log_tail()}")
+
+
+def _doc(res: subprocess.CompletedProcess[str], server: XRootDServer) -> dict[str, Any]:
+    try:
+        doc: dict[str, Any] = json.loads(res.stdout)
+    except ValueError:
+        pytest.fail(f"no JSON document on stdout\n{_why(res, server)}")
+    return doc
+
+
+def _only_error_line(res: subprocess.CompletedProcess[str], server: XRootDServer) -> str:
+    """The single stderr line (run with -q) which must be a ``prestaged: error:`` line."""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prestaged: error: "), _why(res, server)
+    return lines[0]
+
+
+def _counts(**nonzero: int) -> dict[str, int]:
+    return {"warm": 0, "empty": 0, "missing": 0, "denied": 0, "failed": 0, **nonzero}
+
+
+def _assert_all_read_once(server: XRootDServer, mark: int, names: list[str]) -> None:
+    """XRootD granted the mapped user one stat and one read of every file, and nothing else."""
+    records = server.audit(mark)
+    assert {(r.verdict, r.protocol, r.user) for r in records} == {("grant", "https", MAPPED_USER)}
+    reads = sorted(r.path for r in records if r.operation == "read")
+    assert reads == sorted(str(server.export_dir / n) for n in names)
+    logins = server.logins(mark)
+    assert set(logins) == {MAPPED_USER} and len(logins) <= CONCURRENCY  # keep-alive reuse
+
+
+def test_warm_300_files_with_cryptography_proxy(
+    xrootd: XRootDServer, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """300 files warm with a cryptography-made proxy: exit 0, one granted read per file."""
+    mark = xrootd.log_mark()
+    res = _warm(tmp_path, xrootd.urls(), proxy, pki.ca_dir)
+    doc = _doc(res, xrootd)
+    assert res.returncode == 0, _why(res, xrootd)
+    assert doc["counts"] == _counts(warm=FILES) and doc["bytes_read"] == 4 * FILES
+    _assert_all_read_once(xrootd, mark, xrootd.file_names)
+
+
+def test_warm_300_files_with_grid_proxy_init_proxy(
+    xrootd: XRootDServer, pki: TestPKI, grid_proxy: Path, tmp_path: Path
+) -> None:
+    """300 files warm with a grid-proxy-init -rfc proxy, which prestaged sees as RFC 3820."""
+    info = _cli(tmp_path, "proxy", "--proxy", grid_proxy, "--ca-dir", pki.ca_dir, "--json")
+    assert info.returncode == 0, info.stderr
+    described = json.loads(info.stdout)
+    assert (described["type"], described["identity"]) == ("RFC 3820 proxy", pki.user_dn)
+    mark = xrootd.log_mark()
+    res = _warm(tmp_path, xrootd.urls(), grid_proxy, pki.ca_dir)
+    doc = _doc(res, xrootd)
+    assert res.returncode == 0, _why(res, xrootd)
+    assert doc["counts"] == _counts(warm=FILES)
+    _assert_all_read_once(xrootd, mark, xrootd.file_names)
+
+
+def test_missing_file_is_missing_and_exit_1(
+    xrootd: XRootDServer, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """A file XRootD does not have is reported missing (HTTP 404, one attempt); exit 1."""
+    urls = [*xrootd.urls()[:20], xrootd.url("no-such-file.dat")]
+    mark = xrootd.log_mark()
+    res = _warm(tmp_path, urls, proxy, pki.ca_dir)
+    doc = _doc(res, xrootd)
+    assert res.returncode == 1, _why(res, xrootd)
+    assert doc["counts"] == _counts(warm=20, missing=1)
+    [failure] = doc["failures"]
+    assert (failure["url"], failure["result"], failure["status"], failure["attempts"]) == (
+        urls[-1], "missing", 404, 1)
+    seen = [r for r in xrootd.audit(mark) if r.path == str(xrootd.export_dir / "no-such-file.dat")]
+    assert [(r.verdict, r.user, r.operation) for r in seen] == [
+        ("grant", MAPPED_USER, "stat"), ("grant", MAPPED_USER, "read")]
+
+
+def test_unmapped_dn_is_refused_and_breaker_trips_early(
+    xrootd: XRootDServer, pki: TestPKI, tmp_path: Path
+) -> None:
+    """A DN missing from the grid-mapfile: exit 3 with one error line, stopped long before 100."""
+    stranger = pki.make_proxy_for("Stranger", tmp_path / "x509up_stranger")
+    mark = xrootd.log_mark()
+    res = _warm(tmp_path, xrootd.urls()[:REFUSED_FILES], stranger, pki.ca_dir, *REFUSED_ARGS,
+                config=BREAKER + FAST_RETRY)
+    dropped = xrootd.gridmap_failures(mark)
+    assert dropped and set(dropped) == {pki.dn_for("Stranger")}, _why(res, xrootd)
+    assert xrootd.audit(mark) == []  # no request of the stranger reached authorization
+    assert res.returncode == 3, _why(res, xrootd)
+    line = _only_error_line(res, xrootd)
+    assert str(stranger) in line and pki.dn_for("Stranger") in line
+    assert sum(_doc(res, xrootd)["counts"].values()) < EARLY
+
+
+def test_unmapped_dn_without_required_gets_403_and_trips_denial_breaker(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """Without 'required' XRootD names an unmapped DN by hash and answers 403: breaker, exit 3."""
+    stranger = pki.make_proxy_for("Stranger", tmp_path / "x509up_stranger")
+    with XRootDServer(pki, files=REFUSED_FILES, gridmap_required=False) as lenient:
+        res = _warm(tmp_path, lenient.urls(), stranger, pki.ca_dir, *REFUSED_ARGS, config=BREAKER)
+        records = lenient.audit()
+        assert res.returncode == 3, _why(res, lenient)
+        line = _only_error_line(res, lenient)
+        assert "denied 5 files in a row (HTTP 403)" in line
+        assert str(stranger) in line and pki.dn_for("Stranger") in line
+        counts = _doc(res, lenient)["counts"]
+        assert counts["denied"] >= 5 and sum(counts.values()) < EARLY
+        assert records and {(r.verdict, r.protocol) for r in records} == {("deny", "https")}
+        assert MAPPED_USER not in {r.user for r in records}
+        assert len({r.path for r in records}) < EARLY
+
+
+def test_expired_proxy_refused_before_any_request(
+    xrootd: XRootDServer, pki: TestPKI, tmp_path: Path
+) -> None:
+    """An expired proxy: exit 3 with one line naming it, and XRootD sees no connection at all."""
+    expired = pki.make_proxy(tmp_path / "x509up_expired", expired=True)
+    mark = xrootd.log_mark()
+    res = _warm(tmp_path, xrootd.urls(), expired, pki.ca_dir, "-q")
+    assert res.returncode == 3, _why(res, xrootd)
+    line = _only_error_line(res, xrootd)
+    assert str(expired) in line and "expired" in line
+    assert xrootd.logins(mark) == [] and xrootd.audit(mark) == []
+
+
+def test_no_proxy_and_no_default_file_exit_3(
+    xrootd: XRootDServer, pki: TestPKI, tmp_path: Path
+) -> None:
+    """No --proxy, no X509_USER_PROXY and no /tmp/x509up_u<uid>: exit 3 naming that path."""
+    default = Path(f"/tmp/x509up_u{os.getuid()}")
+    if default.exists():
+        pytest.skip(f"{default} exists on this machine")
+    mark = xrootd.log_mark()
+    res = _cli(tmp_path, "warm", _definition(tmp_path, xrootd.urls()), "--ca-dir", pki.ca_dir,
+               "-q")
+    assert res.returncode == 3, _why(res, xrootd)
+    line = _only_error_line(res, xrootd)
+    assert str(default) in line and "does not exist" in line
+    assert xrootd.logins(mark) == [] and xrootd.audit(mark) == []
+
+
+def test_untrusted_ca_trips_refusal_breaker(
+    xrootd: XRootDServer, pki: TestPKI, tmp_path: Path
+) -> None:
+    """A proxy from a CA XRootD does not trust: exit 3 by the refusal breaker, stopped early."""
+    foreign = pki.make_foreign_proxy(tmp_path / "x509up_foreign")
+    mark = xrootd.log_mark()
+    res = _warm(tmp_path, xrootd.urls()[:REFUSED_FILES], foreign, pki.ca_dir, *REFUSED_ARGS,
+                config=FAST_RETRY)
+    rejected = xrootd.rejected_certificates(mark)
+    assert rejected and set(rejected) == {FOREIGN_DN}, _why(res, xrootd)
+    assert xrootd.audit(mark) == []
+    assert res.returncode == 3, _why(res, xrootd)
+    line = _only_error_line(res, xrootd)
+    assert f"https://127.0.0.1:{xrootd.port} refused" in line
+    assert str(foreign) in line and FOREIGN_DN in line
+    assert sum(_doc(res, xrootd)["counts"].values()) < EARLY
+
+
+def test_empty_file_counts_as_empty(
+    xrootd: XRootDServer, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """An empty file on XRootD is counted empty, not failed; exit 0."""
+    urls = [*xrootd.urls()[:3], xrootd.url(xrootd.empty_names[0])]
+    res = _warm(tmp_path, urls, proxy, pki.ca_dir, config=FAST_RETRY)
+    assert _doc(res, xrootd)["counts"] == _counts(warm=3, empty=1), _why(res, xrootd)
+    assert res.returncode == 0, _why(res, xrootd)
