@@ -39,12 +39,14 @@ __all__ = [
     "make_credentials",
     "median",
     "prestaged_command",
+    "process_cpu_seconds",
     "run_measured",
     "server_problems",
     "status_counts",
     "storage",
     "url_for",
     "warm_command",
+    "write_curl_parallel_config",
     "write_url_list",
 ]
 
@@ -218,6 +220,41 @@ def write_url_list(path: Path, base_url: str, count: int) -> Path:
     return path
 
 
+def write_curl_parallel_config(path: Path, urls: Sequence[str], *, proxy: Path, ca_dir: Path,
+                               cacert: Optional[Path] = None, location: bool = False) -> Path:
+    """Write a curl config for ``curl --parallel --config PATH`` that reads bytes 0-3 of ``urls``.
+
+    Global options come first (curl applies options placed before the first ``url`` to every
+    transfer): ``cert``/``key`` = ``proxy``, ``capath`` = ``ca_dir``, ``cacert`` if given (then
+    curl does not load its default CA bundle), ``location`` (follow redirects) if asked, the
+    Range header and ``write-out = "%{http_code}\\n"``; then one ``url``/``output = /dev/null``
+    pair per URL.
+    """
+    head = [
+        "# global options: placed before the first url, they apply to every transfer",
+        f"cert = {_curl_quoted(str(proxy))}",
+        f"key = {_curl_quoted(str(proxy))}",
+    ]
+    if cacert is not None:
+        head.append(f"cacert = {_curl_quoted(str(cacert))}")
+    head += [
+        f"capath = {_curl_quoted(str(ca_dir))}",
+        'header = "Range: bytes=0-3"',
+        'write-out = "%{http_code}\\n"',
+    ]
+    if location:
+        head.append("location")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(head) + "\n")
+        fh.writelines(f"url = {_curl_quoted(u)}\noutput = \"/dev/null\"\n" for u in urls)
+    return path
+
+
+def _curl_quoted(text: str) -> str:
+    """``text`` as a double-quoted curl config value."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 # --- running and measuring a client ------------------------------------------------------------
 
 
@@ -341,6 +378,21 @@ def _parse_maxrss(path: Path) -> Optional[float]:
         return int(lines[-1]) / 1024
     except (OSError, ValueError, IndexError):
         return None
+
+
+def process_cpu_seconds(pid: int) -> Optional[float]:
+    """CPU time (user + system, s, all threads) used so far by the running process ``pid``.
+
+    Read from ``/proc/<pid>/stat`` (Linux), so that the CPU a long-running server spends on one
+    measured run is the difference of two readings. None where there is no such file.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 onwards
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # fields 14 utime, 15 stime
 
 
 def median(values: Sequence[float]) -> float:

@@ -15,6 +15,7 @@ import os
 import signal
 import ssl
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -46,6 +47,8 @@ _OVERRIDES = {
     "catalog_dir": "catalog.local.dir",
     "experiment": "catalog.samweb.experiment",
     "progress_interval": "output.progress_interval",
+    "state": "state.path",
+    "fresh_for": "state.fresh_for",
 }
 
 
@@ -83,6 +86,41 @@ def _source_args(p: argparse.ArgumentParser) -> None:
                    help="SAM experiment (default: catalog.samweb.experiment, $SAM_EXPERIMENT)")
 
 
+def _state_args(p: argparse.ArgumentParser, *, warm: bool) -> None:
+    g = p.add_argument_group("state")
+    g.add_argument("--state", metavar="FILE",
+                   help="state database (default: state.path, "
+                        "$XDG_STATE_HOME/prestaged/state.db)")
+    g.add_argument("--fresh-for", metavar="DURATION",
+                   help="files touched within this long count as fresh (default 6h)")
+    if warm:
+        g.add_argument("--no-state", action="store_true",
+                       help="run without the state database: no skipping, no record")
+        g.add_argument("--force", action="store_true",
+                       help="touch fresh files too (still recorded)")
+
+
+def _add_state_commands(sub: Any) -> None:
+    """``status`` and ``history``: read the state database."""
+    s = sub.add_parser("status", help="how warm recorded definitions are",
+                       description="Per definition: files, fresh within state.fresh_for, "
+                                   "stale, failed by reason, never tried, and the last run.")
+    s.add_argument("definition", nargs="?", help="only this definition")
+    s.add_argument("--catalog", dest="status_catalog", help="only this catalog's definition")
+    s.add_argument("--json", action="store_true", help="print one JSON document")
+    _state_args(s, warm=False)
+    _common(s)
+    s.set_defaults(func=_cmd_status)
+
+    h = sub.add_parser("history", help="recent warm runs",
+                       description="Recent runs, newest first, with their counts and result.")
+    h.add_argument("--limit", type=int, default=20, metavar="N", help="runs shown (default 20)")
+    h.add_argument("--json", action="store_true", help="print one JSON document")
+    _state_args(h, warm=False)
+    _common(h)
+    h.set_defaults(func=_cmd_history)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
@@ -107,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", metavar="DURATION", help="per attempt (default 60s)")
     g.add_argument("--retries", type=int, metavar="N", help="attempts per file (default 5)")
     _credentials(w)
+    _state_args(w, warm=True)
     o = w.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON document")
     o.add_argument("--dry-run", action="store_true",
@@ -132,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON document (names, URLs, sizes, unresolved files)")
     _common(f)
     f.set_defaults(func=_cmd_files)
+
+    _add_state_commands(sub)
 
     p = sub.add_parser("proxy", help="show the X.509 proxy prestaged would use",
                        description="Show the proxy's DN, type and time left; exit 3 if unusable.")
@@ -290,8 +331,81 @@ def _cmd_warm(args: argparse.Namespace, cfg: Config) -> int:
     bar = sys.stderr.isatty() if args.bar is None else args.bar
     if args.json or args.quiet:
         bar = False
-    return _run(_warm(catalog, cfg, settings, creds.ssl_context(), bar=bar, as_json=args.json,
-                      quiet=args.quiet))
+    store = None if args.no_state else _open_store(cfg)
+    try:
+        return _run(_warm(catalog, cfg, settings, creds.ssl_context(), bar=bar,
+                          as_json=args.json, quiet=args.quiet, store=store, force=args.force))
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _open_store(cfg: Config, *, must_exist: bool = False) -> Any:
+    from prestaged.errors import StateError
+    from prestaged.store import Store, default_state_path
+
+    path = cfg.state.path or default_state_path()
+    if must_exist and not path.exists():
+        raise StateError(f"state {path}: no such file (nothing warmed yet with this state; "
+                         "--state names another)")
+    return Store(path, batch=cfg.state.batch, flush_interval=cfg.state.flush_interval).open()
+
+
+def _ago(when: Optional[float]) -> str:
+    import time
+
+    if when is None:
+        return "-"
+    from prestaged.credentials import format_timedelta
+
+    return format_timedelta(timedelta(seconds=max(0.0, time.time() - when))) + " ago"
+
+
+def _cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    store = _open_store(cfg, must_exist=True)
+    try:
+        rows = store.status(cfg.state.fresh_for, args.definition, args.status_catalog)
+    finally:
+        store.close()
+    if args.definition is not None and not rows:
+        from prestaged.errors import CatalogError
+
+        raise CatalogError(f"definition '{args.definition}' has no record in state {store.path}")
+    if args.json:
+        print(json.dumps({"state": str(store.path), "fresh_for_seconds": cfg.state.fresh_for,
+                          "definitions": [r.to_dict() for r in rows]}, indent=2))
+        return 0
+    print(f"{'definition':<32} {'catalog':<8} {'files':>8} {'fresh':>8} {'stale':>7} "
+          f"{'failed':>7} {'never':>7}  last run")
+    for r in rows:
+        last = "-"
+        if r.last_run is not None:
+            lr = r.last_run
+            last = f"{_ago(lr.started)}, {lr.reason or 'running'} (exit {lr.exit_code})"
+        failed = sum(r.failed.values())
+        print(f"{r.definition:<32} {r.catalog:<8} {r.files:>8} {r.fresh:>8} {r.stale:>7} "
+              f"{failed:>7} {r.never:>7}  {last}")
+        if r.failed:
+            print("  failed: " + ", ".join(f"{k} {v}" for k, v in sorted(r.failed.items())))
+    return 0
+
+
+def _cmd_history(args: argparse.Namespace, cfg: Config) -> int:
+    store = _open_store(cfg, must_exist=True)
+    try:
+        runs = store.runs(limit=args.limit)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"state": str(store.path), "runs": [r.to_dict() for r in runs]},
+                         indent=2))
+        return 0
+    for r in runs:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(r.counts.items()) if v) or "-"
+        print(f"#{r.id:<5} {_ago(r.started):<14} {r.catalog}:{r.definition}  "
+              f"exit {r.exit_code if r.exit_code is not None else '-'}  "
+              f"{r.reason or 'running'}  [{counts}]")
+    return 0
 
 
 def _source(catalog: Any) -> str:
@@ -384,27 +498,23 @@ async def _list_files(catalog: Any, *, as_json: bool) -> int:
 
 
 async def _warm(catalog: Any, cfg: Config, settings: Any, ssl_context: Any, *, bar: bool,
-                as_json: bool, quiet: bool) -> int:
+                as_json: bool, quiet: bool, store: Any, force: bool) -> int:
     from prestaged.report import Progress, report_json, report_text
-    from prestaged.storage.http import HttpToucher
-    from prestaged.warm import Tally, warm
+    from prestaged.runner import run_definition
+    from prestaged.warm import Tally
 
     stop = asyncio.Event()
     _install_interrupt(stop)
     asyncio.get_running_loop().set_exception_handler(_quiet_transport_errors)
     tally = Tally(total_hint=await catalog.estimate())
-    st = cfg.storage
     progress = Progress(tally, bar=bar, interval=0.1 if bar else cfg.output.progress_interval)
     if not as_json and not quiet:
         progress.start()
-    async with HttpToucher(ssl_context, nbytes=st.bytes, limit=st.concurrency,
-                           limit_per_host=st.per_host, timeout=st.timeout,
-                           connect_timeout=st.connect_timeout,
-                           max_redirects=st.max_redirects) as toucher:
-        try:
-            report = await warm(catalog.files(), settings, toucher, tally=tally, stop=stop)
-        finally:
-            await progress.stop()
+    try:
+        report = await run_definition(catalog, cfg, settings, ssl_context, store=store,
+                                      force=force, tally=tally, stop=stop)
+    finally:
+        await progress.stop()
     where = dict(definition=catalog.definition, catalog=catalog.name, source=_source(catalog))
     code = _with_unresolved(catalog, report.exit_code)
     if as_json:
@@ -429,7 +539,13 @@ def _quiet_transport_errors(loop: asyncio.AbstractEventLoop, context: dict[str, 
     already classified the same failure, so it is noise for the user.
     """
     exc = context.get("exception")
-    if isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError, asyncio.TimeoutError)):
+    message = str(context.get("message", ""))
+    # uvloop also reports a RuntimeError ("the handler is closed") for a TLS connection that
+    # is aborted while it still had bytes to send; its message names the transport.
+    transport = message.startswith(("Fatal error on SSL", "SSL error", "Fatal read error",
+                                     "Fatal write error", "SSL handshake failed"))
+    if transport or isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError,
+                                     asyncio.TimeoutError)):
         log.debug("transport: %s: %s", context.get("message"), exc)
         return
     loop.default_exception_handler(context)

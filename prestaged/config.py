@@ -37,6 +37,7 @@ __all__ = [
     "RetryConfig",
     "RewriteRule",
     "SamWebConfig",
+    "StateConfig",
     "StorageConfig",
     "default_config_paths",
     "find_config",
@@ -261,6 +262,20 @@ class CatalogConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    """``[state]``: the SQLite record of what was warmed when."""
+
+    path: Optional[Path] = None
+    """Database file; unset: ``$XDG_STATE_HOME/prestaged/state.db`` (``~/.local/state/...``)."""
+    fresh_for: Duration = field(default=Duration(6 * 3600.0), metadata=_check(_non_negative))
+    """Files touched successfully within this long are skipped unless ``--force`` (0: never)."""
+    batch: int = field(default=500, metadata=_check(_positive))
+    """Outcomes per write transaction; a crash loses at most one batch (re-warmed next time)."""
+    flush_interval: Duration = field(default=Duration(1.0), metadata=_check(_positive))
+    """Longest time an outcome waits before it is written (seconds)."""
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """``[output]``: progress reporting."""
 
@@ -286,6 +301,7 @@ class Config:
     retry: RetryConfig = field(default_factory=RetryConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     source: Optional[Path] = field(default=None, metadata={"internal": True})
     """File this was loaded from, or None for built-in defaults."""

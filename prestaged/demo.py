@@ -140,7 +140,9 @@ def run_demo(*, files: int, redirect: bool, keep: bool,
             definition = write_definition(tmp / "demo-dataset.txt", base, files)
             print(f"demo: definition {definition} with {files} files\n")
             source = [str(definition)]
-        code = main(["warm", *source, "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir)])
+        # The demo's state lives (and goes) with its temporary directory.
+        code = main(["warm", *source, "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
+                     "--state", str(tmp / "state.db")])
         seen = _stop(storage, stats)
         if sam is not None:
             asked = _stop(sam, tmp / "samweb-stats.json").get("requests", {})

@@ -15,7 +15,8 @@ __all__ = ["Progress", "report_json", "report_text"]
 
 log = logging.getLogger(__name__)
 
-_ORDER = [Result.WARM, Result.EMPTY, Result.MISSING, Result.DENIED, Result.FAILED]
+_ORDER = [Result.WARM, Result.EMPTY, Result.SKIPPED_FRESH, Result.MISSING, Result.DENIED,
+          Result.FAILED]
 _SHOWN_FAILURES = 20
 
 

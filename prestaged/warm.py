@@ -56,6 +56,26 @@ MAX_FAILURES_KEPT = 10_000
 _NOT_OK = (Result.MISSING, Result.DENIED, Result.FAILED)
 
 
+class Recorder(Protocol):
+    """Where a run's files and outcomes are remembered (``store.StoreRecorder`` is the real one).
+
+    ``admit`` sees every distinct file in chunks and returns those still to touch (the others
+    count as ``skipped_fresh``); ``record`` is called once per touched file and must not block.
+    """
+
+    async def admit(self, refs: list[FileRef]) -> list[FileRef]:
+        """The files of ``refs`` that need touching."""
+        ...
+
+    def record(self, outcome: Outcome) -> None:
+        """Remember one file's outcome."""
+        ...
+
+
+ADMIT_CHUNK = 256
+"""Files handed to ``Recorder.admit`` at once (one state query per chunk)."""
+
+
 class Toucher(Protocol):
     """One attempt at one URL (``storage.http.HttpToucher`` is the real one)."""
 
@@ -166,7 +186,7 @@ class RunReport:
             return self.aborted.exit_code
         if self.interrupted:
             return EXIT_INTERRUPTED
-        ok = t.results[Result.WARM.value] + t.results[Result.EMPTY.value]
+        ok = sum(t.results[r.value] for r in (Result.WARM, Result.EMPTY, Result.SKIPPED_FRESH))
         refused = t.results[Result.DENIED.value] + t.results[Result.FAILED.value]
         if t.done and ok == 0 and refused == t.done:
             return EXIT_STORAGE
@@ -256,7 +276,9 @@ class _Run:
         tally: Tally,
         on_outcome: Optional[Callable[[Outcome], None]],
         sleep: Callable[[float], Awaitable[None]],
+        recorder: Optional[Recorder] = None,
     ) -> None:
+        self.recorder = recorder
         self.files = files
         self.s = settings
         self.toucher = toucher
@@ -279,6 +301,7 @@ class _Run:
 
     async def produce(self) -> None:
         """Feed the queue from the catalog, skipping duplicate URLs; then one stop per worker."""
+        chunk: list[FileRef] = []
         try:
             async for ref in self.files:
                 digest = hashlib.blake2b(ref.url.encode(), digest_size=8).digest()
@@ -287,7 +310,15 @@ class _Run:
                     continue
                 self.seen.add(digest)
                 self.tally.queued += 1
-                await self.queue.put(ref)
+                if self.recorder is None:
+                    await self.queue.put(ref)
+                    continue
+                chunk.append(ref)
+                if len(chunk) >= ADMIT_CHUNK:
+                    await self._admit(chunk)
+                    chunk = []
+            if chunk:
+                await self._admit(chunk)
         except PrestagedError as e:
             self._trip(e)
             return
@@ -297,6 +328,16 @@ class _Run:
         self.tally.catalog_done = True
         for _ in range(self.s.concurrency):
             await self.queue.put(None)
+
+    async def _admit(self, chunk: list[FileRef]) -> None:
+        assert self.recorder is not None
+        todo = await self.recorder.admit(chunk)
+        skipped = len(chunk) - len(todo)
+        if skipped:
+            self.tally.done += skipped
+            self.tally.results[Result.SKIPPED_FRESH.value] += skipped
+        for ref in todo:
+            await self.queue.put(ref)
 
     def _throttler(self, endpoint: str) -> Optional[Throttler]:
         if self.s.rate <= 0:
@@ -344,6 +385,8 @@ class _Run:
                 return
             outcome = await self.warm_one(ref)
             self.tally.add(outcome)
+            if self.recorder is not None:
+                self.recorder.record(outcome)
             if self.on_outcome is not None:
                 self.on_outcome(outcome)
 
@@ -371,16 +414,18 @@ async def warm(
     on_outcome: Optional[Callable[[Outcome], None]] = None,
     stop: Optional[asyncio.Event] = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    recorder: Optional[Recorder] = None,
 ) -> RunReport:
     """Warm every file of ``files`` with ``toucher``; return the report (never raises for
     storage or catalog trouble: those end up in ``RunReport.aborted``).
 
     ``tally`` is updated live (pass one in to display progress); ``on_outcome`` is called once per
     finished file; setting ``stop`` ends the run early (in-flight files are abandoned) and marks
-    the report interrupted; ``sleep`` is injectable so tests can run backoff at zero cost.
+    the report interrupted; ``sleep`` is injectable so tests can run backoff at zero cost;
+    ``recorder`` (the state store) skips fresh files and remembers outcomes.
     """
     tally = tally if tally is not None else Tally()
-    run = _Run(files, settings, toucher, tally, on_outcome, sleep)
+    run = _Run(files, settings, toucher, tally, on_outcome, sleep, recorder)
     producer = asyncio.ensure_future(run.produce())
     workers = [asyncio.ensure_future(run.work()) for _ in range(settings.concurrency)]
     everything = asyncio.gather(*workers)

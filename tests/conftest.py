@@ -66,3 +66,9 @@ def samweb(pki: TestPKI) -> Iterator[Callable[..., ThreadedSamWebServer]]:
     yield make
     for srv in servers:
         srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _private_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test (and every CLI it starts) gets its own default state database directory."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))

@@ -72,7 +72,8 @@ def test_warm_json_counts_and_exit_1_for_missing(
     code = main(["warm", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert code == 1 and doc["exit_code"] == 1
-    assert doc["counts"] == {"warm": 48, "empty": 1, "missing": 1, "denied": 0, "failed": 0}
+    assert doc["counts"] == {"warm": 48, "empty": 1, "skipped_fresh": 0, "missing": 1, "denied": 0,
+                             "failed": 0}
     assert doc["duplicates_skipped"] == 1 and doc["bytes_read"] == 48 * 4
     assert doc["failures"] == [{"url": storage.url(paths[3]), "result": "missing", "status": 404,
                                 "attempts": 1, "error": "HTTP 404 Not Found"}]
@@ -102,7 +103,7 @@ def test_catalog_dir_by_name_and_flags_override_config(
                       f'[credentials]\nproxy = "{proxy}"\nca_dir = "{pki.ca_dir}"\n')
     assert main(["warm", "mc-2026", "--config", str(config), "--json"]) == 0
     assert storage.stats.path("/named").ranges == ["bytes=0-7"]
-    assert main(["warm", "mc-2026", "--config", str(config), "--bytes", "2", "--json"]) == 0
+    assert main(["warm", "mc-2026", "--config", str(config), "--bytes", "2", "--json", "--force"]) == 0
     assert storage.stats.path("/named").ranges == ["bytes=0-7", "bytes=0-1"]
 
 

@@ -78,7 +78,7 @@ def _config(tmp_path: Path, sam: ThreadedSamWebServer, storage: ThreadedStorageS
 
 
 def _warm(config: Path, proxy: Path, pki: TestPKI, *args: str) -> list[str]:
-    return ["warm", *args, "--config", str(config), "--proxy", str(proxy),
+    return ["warm", *args, "--config", str(config), "--proxy", str(proxy), "--no-state",
             "--ca-dir", str(pki.ca_dir)]
 
 

@@ -39,8 +39,11 @@ class LocalCatalog:
     name = "local"
 
     def __init__(self, definition: str, directory: Optional[Path] = None) -> None:
-        self.definition = definition
         self.path = self._locate(definition, directory)
+        # A name found in the catalog directory keeps its name; a file given by path is known
+        # by its absolute path, so that `ds.txt` and `./ds.txt` are one definition in the state.
+        named = directory is not None and self.path.parent == directory and "/" not in definition
+        self.definition = definition if named else str(self.path.resolve())
 
     @staticmethod
     def _locate(definition: str, directory: Optional[Path]) -> Path:

@@ -239,6 +239,11 @@ def _check_traversable(path: Path) -> None:
 
 
 def _write_files(directory: Path, names: Sequence[str], size: int) -> None:
+    """Create ``directory/name`` for each of ``names`` (relative paths; subdirectories made,
+    mode 0755), ``size`` bytes of readable text each, mode 0644."""
+    for sub in sorted({Path(n).parent for n in names} - {Path()}):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+        (directory / sub).chmod(0o755)
     for name in names:
         fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -287,7 +292,10 @@ class XRootDServer:
 
     ``files`` files of ``file_size`` bytes (default 64) named ``f000000.dat``... plus
     ``empty_files`` empty ones ``empty000.dat``... are served to the DNs of ``users`` (a map
-    DN -> local name; default: the test user as :data:`MAPPED_USER`). ``gridmap_required``
+    DN -> local name; default: the test user as :data:`MAPPED_USER`). With ``files_per_dir``
+    > 0 the non-empty files are spread over subdirectories of that many files each
+    (``d0000/f000000.dat``, ``d0000/f000001.dat``, ...; e.g. for benchmarks with 10^5 files);
+    the default 0 puts them all directly in the export directory. ``gridmap_required``
     (default true) makes XRootD drop connections of unmapped DNs instead of naming them after
     a hash. ``audit`` (default true) logs every authorization decision (two lines per GET);
     turn it off for benchmarks. ``extra_config`` lines are appended to the config.
@@ -305,6 +313,7 @@ class XRootDServer:
         files: int = 10,
         empty_files: int = 0,
         file_size: int = 64,
+        files_per_dir: int = 0,
         users: Optional[Mapping[str, str]] = None,
         gridmap_required: bool = True,
         audit: bool = True,
@@ -316,8 +325,8 @@ class XRootDServer:
         startup_timeout: float = 20.0,
         stop_timeout: float = 10.0,
     ) -> None:
-        if files < 0 or empty_files < 0 or file_size < 0:
-            raise ValueError("files, empty_files and file_size must be >= 0")
+        if files < 0 or empty_files < 0 or file_size < 0 or files_per_dir < 0:
+            raise ValueError("files, empty_files, file_size and files_per_dir must be >= 0")
         if startup_timeout <= 0 or stop_timeout <= 0:
             raise ValueError("startup_timeout and stop_timeout must be > 0 seconds")
         self.pki = pki
@@ -326,7 +335,11 @@ class XRootDServer:
             raise ValueError("users must map at least one DN to local names ([A-Za-z0-9._-]+)")
         width = max(6, len(str(max(files - 1, 0))))
         self.file_names = [f"f{i:0{width}d}.dat" for i in range(files)]
-        """Names of the non-empty files, in order."""
+        """Names of the non-empty files, in order (paths relative to the export directory)."""
+        if files_per_dir:
+            dirs = max(4, len(str(max(files - 1, 0) // files_per_dir)))
+            self.file_names = [f"d{i // files_per_dir:0{dirs}d}/{name}"
+                               for i, name in enumerate(self.file_names)]
         self.empty_names = [f"empty{i:03d}.dat" for i in range(empty_files)]
         """Names of the empty files."""
         self.file_size = file_size

@@ -1,0 +1,250 @@
+"""Persistent state: crash resume, freshness, migrations, bad files, concurrent writers, status."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from prestaged.catalog import FileRef
+from prestaged.errors import StateError
+from prestaged.store import MIGRATIONS, SCHEMA_VERSION, Store
+from prestaged.testing.pki import TestPKI
+from prestaged.testing.storage import Delay, ThreadedStorageServer
+
+TIMEOUT = 180
+
+
+@pytest.fixture
+def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
+    """The test storage in a background thread, requiring a client certificate."""
+    with ThreadedStorageServer(pki.server_ssl_context()) as srv:
+        yield srv
+
+
+def _definition(tmp_path: Path, srv: ThreadedStorageServer, n: int, name: str = "ds") -> Path:
+    path = tmp_path / f"{name}.txt"
+    path.write_text("".join(srv.url(f"/{name}/f{i:05d}") + "\n" for i in range(n)))
+    return path
+
+
+def _warm_cmd(definition: Path, proxy: Path, pki: TestPKI, state: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "prestaged", "warm", str(definition), "--proxy", str(proxy),
+            "--ca-dir", str(pki.ca_dir), "--state", str(state), "--json", *extra]
+
+
+def _run(cmd: list[str]) -> tuple[int, dict[str, object]]:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res.returncode, json.loads(res.stdout) if res.stdout.strip() else {}
+
+
+def _status(state: Path, *args: str) -> dict[str, object]:
+    res = subprocess.run([sys.executable, "-m", "prestaged", "status", "--state", str(state),
+                          "--json", *args], capture_output=True, text=True, timeout=TIMEOUT,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    doc: dict[str, object] = json.loads(res.stdout)
+    return doc
+
+
+def test_sigkill_then_rerun_touches_only_what_is_left(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """SIGKILL mid-run; the rerun touches only unrecorded files and ends with all 5,000 warm."""
+    batch = 256
+    config = tmp_path / "c.toml"
+    config.write_text(f'[state]\nbatch = {batch}\nflush_interval = "100ms"\n')
+    definition = _definition(tmp_path, storage, 5000)
+    state = tmp_path / "state.db"
+    cmd = _warm_cmd(definition, proxy, pki, state, "--config", str(config), "--concurrency", "4")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        storage.wait_until(lambda s: s.requests_total >= 2000, timeout=TIMEOUT)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    first = storage.stats.requests_total
+    assert first < 5000, "the first run must be killed mid-way"
+    code, doc = _run(cmd)
+    assert code == 0
+    total = storage.stats.requests_total
+    assert total <= 5000 + batch, f"{total - 5000} files touched twice"
+    counts = doc["counts"]
+    assert isinstance(counts, dict)
+    assert counts["warm"] + counts["skipped_fresh"] == 5000
+    assert counts["warm"] == total - first
+    [ds] = _status(state)["definitions"]  # type: ignore[misc]
+    assert (ds["files"], ds["fresh"], ds["never"], ds["failed"]) == (5000, 5000, 0, {})
+
+
+def test_rerun_within_fresh_for_makes_no_request_and_force_touches_all(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """A rerun within fresh_for sends zero requests; --force touches everything again."""
+    definition = _definition(tmp_path, storage, 300)
+    state = tmp_path / "state.db"
+    assert _run(_warm_cmd(definition, proxy, pki, state))[0] == 0
+    assert storage.stats.requests_total == 300
+    code, doc = _run(_warm_cmd(definition, proxy, pki, state))
+    assert code == 0 and storage.stats.requests_total == 300
+    assert doc["counts"]["skipped_fresh"] == 300  # type: ignore[index]
+    code, doc = _run(_warm_cmd(definition, proxy, pki, state, "--force"))
+    assert code == 0 and storage.stats.requests_total == 600
+    code, doc = _run(_warm_cmd(definition, proxy, pki, state, "--fresh-for", "0"))
+    assert storage.stats.requests_total == 900
+    code, doc = _run(_warm_cmd(definition, proxy, pki, state, "--no-state"))
+    assert storage.stats.requests_total == 1200
+
+
+def test_failures_are_not_fresh_and_status_counts_them(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """Missing files are recorded as failed, retried on the next run, and shown by status."""
+    definition = _definition(tmp_path, storage, 20)
+    storage.remove("/ds/f00003")
+    state = tmp_path / "state.db"
+    assert _run(_warm_cmd(definition, proxy, pki, state))[0] == 1
+    [ds] = _status(state, str(definition))["definitions"]  # type: ignore[misc]
+    assert (ds["files"], ds["fresh"], ds["failed"]) == (20, 19, {"missing": 1})
+    assert ds["last_run"]["exit_code"] == 1 and ds["last_run"]["reason"] == "done"
+    assert _run(_warm_cmd(definition, proxy, pki, state))[0] == 1
+    assert storage.stats.path("/ds/f00003").requests == 2
+    assert storage.stats.requests_total == 21
+    history = subprocess.run([sys.executable, "-m", "prestaged", "history", "--state", str(state),
+                              "--json"], capture_output=True, text=True, check=True, timeout=TIMEOUT)
+    runs = json.loads(history.stdout)["runs"]
+    assert [r["counts"].get("skipped_fresh", 0) for r in runs] == [19, 0]
+
+
+def _v1_database(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    conn.execute("INSERT INTO files (url, name, status, last_try, last_warm) "
+                 "VALUES ('https://h/a', 'a', 'warm', 1, ?)", (time.time(),))
+    conn.commit()
+    conn.close()
+
+
+def test_older_schema_is_migrated(tmp_path: Path) -> None:
+    """A version-1 state file is migrated forward and keeps its records."""
+    path = tmp_path / "old.db"
+    _v1_database(path)
+    with Store(path) as store:
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert store.fresh_urls(["https://h/a", "https://h/b"], fresh_for=3600) == {"https://h/a"}
+        cols = {r[1] for r in store.conn.execute("PRAGMA table_info(files)")}
+        assert "size" in cols
+
+
+@pytest.mark.parametrize("content", [b"this is not a database\n" * 10, b"SQLite format 3\x00junk"])
+def test_corrupt_state_file_exit_2_and_untouched(pki: TestPKI, proxy: Path, tmp_path: Path,
+                                                 content: bytes) -> None:
+    """A corrupt or non-SQLite state file: exit 2, one clear line, the file left as it was."""
+    state = tmp_path / "state.db"
+    state.write_bytes(content)
+    definition = tmp_path / "d.txt"
+    definition.write_text("https://127.0.0.1:1/x\n")
+    res = subprocess.run(_warm_cmd(definition, proxy, pki, state), capture_output=True, text=True,
+                         timeout=TIMEOUT, check=False)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert f"state {state}: not a prestaged state database" in res.stderr
+    assert state.read_bytes() == content
+
+
+def test_foreign_and_newer_databases_refused(tmp_path: Path) -> None:
+    """Another program's SQLite file, or a newer schema, is refused without change."""
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE photos (id)")
+    conn.commit()
+    conn.close()
+    before = hashlib.sha256(other.read_bytes()).hexdigest()
+    with pytest.raises(StateError, match="database of something else"):
+        Store(other).open()
+    assert hashlib.sha256(other.read_bytes()).hexdigest() == before
+    newer = tmp_path / "newer.db"
+    conn = sqlite3.connect(newer)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StateError, match="newer than this prestaged knows"):
+        Store(newer).open()
+
+
+def test_two_processes_share_one_state_file(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """Two concurrent warms of different definitions on one state file keep every result."""
+    state = tmp_path / "state.db"
+    config = tmp_path / "c.toml"
+    config.write_text('[state]\nbatch = 50\nflush_interval = "50ms"\n')
+    defs = [_definition(tmp_path, storage, 2000, name) for name in ("one", "two")]
+    procs = [subprocess.Popen(_warm_cmd(d, proxy, pki, state, "--config", str(config)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for d in defs]
+    for p in procs:
+        out, err = p.communicate(timeout=TIMEOUT)
+        assert p.returncode == 0, err
+        assert json.loads(out)["counts"]["warm"] == 2000
+    doc = _status(state)
+    assert sorted((d["definition"], d["files"], d["fresh"]) for d in doc["definitions"]) == [  # type: ignore[union-attr]
+        (str(defs[0]), 2000, 2000), (str(defs[1]), 2000, 2000)]
+    conn = sqlite3.connect(state)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert conn.execute("SELECT COUNT(*) FROM runs WHERE ended IS NOT NULL").fetchone()[0] == 2
+
+
+def test_interrupted_run_is_recorded(pki: TestPKI, proxy: Path, storage: ThreadedStorageServer,
+                                     tmp_path: Path) -> None:
+    """Ctrl-C: the run is recorded as interrupted with exit 130 and what was done is kept."""
+    definition = _definition(tmp_path, storage, 100)
+    for i in range(20, 100):
+        storage.inject(f"/ds/f{i:05d}", [Delay(30)])
+    state = tmp_path / "state.db"
+    proc = subprocess.Popen(_warm_cmd(definition, proxy, pki, state, "--concurrency", "4"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        storage.wait_until(lambda s: s.active_requests >= 4, timeout=TIMEOUT)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    [ds] = _status(state)["definitions"]  # type: ignore[misc]
+    assert ds["fresh"] == 20 and ds["last_run"]["exit_code"] == 130
+    assert ds["last_run"]["reason"] == "interrupted"
+
+
+def test_store_batches_writes(tmp_path: Path) -> None:
+    """Outcomes queue up and are committed in batches; flush() makes them durable."""
+    with Store(tmp_path / "s.db", batch=10, flush_interval=60) as store:
+        refs = [FileRef(name=f"f{i}", url=f"https://h/f{i}") for i in range(25)]
+        store.add_members("local", "d", refs)
+        for r in refs:
+            store.record(r.url, r.name, "warm", 206, 4, 1, "")
+        store.flush()
+        other = sqlite3.connect(tmp_path / "s.db")
+        assert other.execute("SELECT COUNT(*) FROM files WHERE status = 'warm'").fetchone()[0] == 25
+        [st] = store.status(fresh_for=3600)
+        assert (st.files, st.fresh) == (25, 25)
+
+
+def test_default_state_path_honours_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without --state the CLI uses $XDG_STATE_HOME/prestaged/state.db."""
+    from prestaged.store import default_state_path
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert default_state_path() == tmp_path / "prestaged" / "state.db"
+    assert default_state_path({"HOME": "/home/u"}) == Path("/home/u/.local/state/prestaged/state.db")
+    assert os.environ["XDG_STATE_HOME"] == str(tmp_path)
