@@ -13,6 +13,7 @@ digests, and only failures (capped at ``MAX_FAILURES_KEPT``) are kept for the re
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -69,6 +70,29 @@ class Recorder(Protocol):
 
     def record(self, outcome: Outcome) -> None:
         """Remember one file's outcome."""
+        ...
+
+
+class Probe(Protocol):
+    """Receives per-request events for metrics (``metrics.Metrics`` is the real one).
+
+    ``host`` is the endpoint's host name (a bounded set: never a URL or file name).
+    """
+
+    def request_started(self, host: str) -> None:
+        """An attempt at a file of ``host`` begins."""
+        ...
+
+    def request_finished(self, host: str, seconds: float) -> None:
+        """That attempt ended after ``seconds`` (whatever its result)."""
+        ...
+
+    def retried(self, reason: str) -> None:
+        """A file is about to be tried again because of ``reason`` (``503``, ``reset``...)."""
+        ...
+
+    def file_done(self, outcome: Outcome) -> None:
+        """A file's final outcome (skipped fresh files included)."""
         ...
 
 
@@ -277,8 +301,10 @@ class _Run:
         on_outcome: Optional[Callable[[Outcome], None]],
         sleep: Callable[[float], Awaitable[None]],
         recorder: Optional[Recorder] = None,
+        probe: Optional[Probe] = None,
     ) -> None:
         self.recorder = recorder
+        self.probe = probe
         self.files = files
         self.s = settings
         self.toucher = toucher
@@ -336,6 +362,11 @@ class _Run:
         if skipped:
             self.tally.done += skipped
             self.tally.results[Result.SKIPPED_FRESH.value] += skipped
+            if self.probe is not None:
+                fresh = {r.url for r in todo}
+                for ref in chunk:
+                    if ref.url not in fresh:
+                        self.probe.file_done(_skipped(ref))
         for ref in todo:
             await self.queue.put(ref)
 
@@ -352,10 +383,18 @@ class _Run:
 
     async def _attempt(self, url: str, endpoint: str) -> Attempt:
         thr = self._throttler(endpoint)
-        if thr is None:
+        if thr is not None:
+            await thr.acquire()
+        probe = self.probe
+        if probe is None:
             return await self.toucher.touch(url)
-        async with thr:
+        host = _host(endpoint)
+        probe.request_started(host)
+        start = time.monotonic()
+        try:
             return await self.toucher.touch(url)
+        finally:
+            probe.request_finished(host, time.monotonic() - start)
 
     async def warm_one(self, ref: FileRef) -> Outcome:
         """Touch one file with retries; never raises for storage trouble."""
@@ -371,6 +410,8 @@ class _Run:
                 break
             reason = retry_reason(attempt) or "other"
             self.tally.retries[reason] += 1
+            if self.probe is not None:
+                self.probe.retried(reason)
             log.debug("retry %d of %s in %.2fs (%s)", tries, ref.url, delay, reason)
             await self.sleep(delay)
         outcome = _outcome(ref, attempt, tries, time.monotonic() - start)
@@ -387,8 +428,21 @@ class _Run:
             self.tally.add(outcome)
             if self.recorder is not None:
                 self.recorder.record(outcome)
+            if self.probe is not None:
+                self.probe.file_done(outcome)
             if self.on_outcome is not None:
                 self.on_outcome(outcome)
+
+
+@functools.lru_cache(maxsize=1024)
+def _host(endpoint: str) -> str:
+    """The host name of ``scheme://host:port``: a metrics label, never a path."""
+    return urlsplit(endpoint).hostname or endpoint
+
+
+def _skipped(ref: FileRef) -> Outcome:
+    return Outcome(url=ref.url, name=ref.name, result=Result.SKIPPED_FRESH, status=None,
+                   bytes=0, attempts=0, elapsed=0.0)
 
 
 def _outcome(ref: FileRef, attempt: Attempt, tries: int, elapsed: float) -> Outcome:
@@ -415,6 +469,7 @@ async def warm(
     stop: Optional[asyncio.Event] = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     recorder: Optional[Recorder] = None,
+    probe: Optional[Probe] = None,
 ) -> RunReport:
     """Warm every file of ``files`` with ``toucher``; return the report (never raises for
     storage or catalog trouble: those end up in ``RunReport.aborted``).
@@ -422,10 +477,11 @@ async def warm(
     ``tally`` is updated live (pass one in to display progress); ``on_outcome`` is called once per
     finished file; setting ``stop`` ends the run early (in-flight files are abandoned) and marks
     the report interrupted; ``sleep`` is injectable so tests can run backoff at zero cost;
-    ``recorder`` (the state store) skips fresh files and remembers outcomes.
+    ``recorder`` (the state store) skips fresh files and remembers outcomes; ``probe``
+    (metrics) hears of every request, retry and outcome.
     """
     tally = tally if tally is not None else Tally()
-    run = _Run(files, settings, toucher, tally, on_outcome, sleep, recorder)
+    run = _Run(files, settings, toucher, tally, on_outcome, sleep, recorder, probe)
     producer = asyncio.ensure_future(run.produce())
     workers = [asyncio.ensure_future(run.work()) for _ in range(settings.concurrency)]
     everything = asyncio.gather(*workers)
