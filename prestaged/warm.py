@@ -384,7 +384,7 @@ class _Run:
     async def _attempt(self, url: str, endpoint: str) -> Attempt:
         thr = self._throttler(endpoint)
         if thr is not None:
-            await thr.acquire()
+            await thr.acquire()  # type: ignore[no-untyped-call]
         probe = self.probe
         if probe is None:
             return await self.toucher.touch(url)
