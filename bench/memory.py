@@ -60,7 +60,9 @@ def measure(workdir: Path, creds: Credentials, files: int, port: int, timeout: f
     config = empty_config(workdir / "prestaged.toml")
     stats_file = workdir / f"stats-{files}.json"
     with storage(creds.pki.root, stats_file, port=port) as server:
-        got = run_measured(warm_command(url_list, creds, config), timeout=timeout)
+        state = workdir / f"state-{files}.db"  # new per run: every file warmed and recorded
+        got = run_measured(warm_command(url_list, creds, config, "--state", str(state)),
+                           timeout=timeout)
         stats = server.stop()
     problems = [] if got.returncode == 0 else [f"prestaged exited {got.returncode}"]
     warm = reported = None

@@ -43,7 +43,10 @@ from common import (
 
 CONCURRENCY = 32
 PRESTAGED = "prestaged"
+NO_STATE = "no-state"
+"""prestaged warm --no-state: the same run without the state database (issue 5's baseline)."""
 CURL = "curl"
+CLIENTS = (PRESTAGED, NO_STATE, CURL)
 
 
 @dataclass(frozen=True)
@@ -159,9 +162,13 @@ def _curl_problems(setup: Setup, got: Measured) -> list[str]:
 
 def measure(setup: Setup, client: str, round_no: int) -> Run:
     """One run of ``client`` against a fresh storage process; checked against its stats."""
-    if client == PRESTAGED:
+    if client in (PRESTAGED, NO_STATE):
+        # A new state file per run: every file is warmed (none is fresh) and recorded.
+        state = (["--no-state"] if client == NO_STATE
+                 else ["--state", str(setup.workdir / f"state-{round_no}.db")])
         cmd = warm_command(setup.url_list, setup.creds, setup.prestaged_config,
-                           "--concurrency", str(CONCURRENCY), "--per-host", str(CONCURRENCY))
+                           "--concurrency", str(CONCURRENCY), "--per-host", str(CONCURRENCY),
+                           *state)
     else:
         cmd = [setup.curl, "--no-progress-meter", "--parallel", "--parallel-max",
                str(CONCURRENCY), "--config", str(setup.curl_config)]
@@ -171,7 +178,7 @@ def measure(setup: Setup, client: str, round_no: int) -> Run:
         got = run_measured(cmd, timeout=setup.timeout)
         stats = server.stop()
     reported = None
-    if client == PRESTAGED:
+    if client in (PRESTAGED, NO_STATE):
         problems, reported = _prestaged_problems(setup, got)
     else:
         problems = _curl_problems(setup, got)
@@ -198,7 +205,7 @@ def measure(setup: Setup, client: str, round_no: int) -> Run:
 def summarize(runs: list[Run], setup: Setup, curl_version: str) -> dict[str, Any]:
     """The JSON document: every run, per-client medians and the prestaged/curl ratio."""
     per: dict[str, dict[str, Optional[float]]] = {}
-    for client in (PRESTAGED, CURL):
+    for client in CLIENTS:
         mine = [r for r in runs if r.client == client]
         rss = [r.peak_rss_mib for r in mine if r.peak_rss_mib is not None]
         per[client] = {
@@ -210,14 +217,17 @@ def summarize(runs: list[Run], setup: Setup, curl_version: str) -> dict[str, Any
         }
     ratio = (per[PRESTAGED]["median_files_per_second"] or 0.0) / (
         per[CURL]["median_files_per_second"] or 1.0)
+    state_cost = 1.0 - (per[PRESTAGED]["median_files_per_second"] or 0.0) / (
+        per[NO_STATE]["median_files_per_second"] or 1.0)
     return {
         "files": setup.files,
-        "rounds": len(runs) // 2,
+        "rounds": len(runs) // len(CLIENTS),
         "concurrency": CONCURRENCY,
         "redirect": setup.redirect,
         "curl_version": curl_version,
         "clients": per,
         "ratio_prestaged_over_curl": round(ratio, 3),
+        "state_cost_fraction": round(state_cost, 3),
         "all_correct": all(not r.problems for r in runs),
         "runs": [asdict(r) for r in runs],
     }
@@ -237,6 +247,8 @@ def print_table(doc: dict[str, Any]) -> None:
               f"{row['median_wall_seconds']:>7.2f} {row['median_cpu_seconds']:>6.2f} "
               f"{row['median_server_cpu_seconds']:>12.2f} {_mib(row['max_peak_rss_mib']):>8}")
     print(f"ratio prestaged/curl (median files/s): {doc['ratio_prestaged_over_curl']:.2f}")
+    print(f"state cost (1 - prestaged/no-state, median files/s): "
+          f"{100 * doc['state_cost_fraction']:.1f}%")
     for r in doc["runs"]:
         for problem in r["problems"]:
             print(f"INCORRECT {r['client']} round {r['round']}: {problem}")
@@ -289,7 +301,7 @@ def main() -> int:
                         timeout=args.timeout)
         runs = []
         for round_no in range(1, args.rounds + 1):
-            for client in (PRESTAGED, CURL):
+            for client in CLIENTS:
                 runs.append(measure(setup, client, round_no))
                 _progress(runs[-1])
     doc = summarize(runs, setup, curl_version)

@@ -174,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_state_commands(sub)
 
+    v = sub.add_parser("serve", help="run the daemon: keep [[watch]] definitions warm, HTTP API",
+                       description="Run as a service (systemd Type=notify): warm the config's "
+                                   "[[watch]] definitions on schedule, take warm requests on the "
+                                   "HTTP API, serve /metrics. SIGHUP reloads, SIGTERM drains.")
+    _common(v)
+    v.set_defaults(func=_cmd_serve)
+
     p = sub.add_parser("proxy", help="show the X.509 proxy prestaged would use",
                        description="Show the proxy's DN, type and time left; exit 3 if unusable.")
     _credentials(p)
@@ -563,6 +570,16 @@ def _install_interrupt(stop: asyncio.Event) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, first, sig)
+
+
+def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
+    from prestaged.daemon import Daemon
+
+    async def serve() -> int:
+        asyncio.get_running_loop().set_exception_handler(_quiet_transport_errors)
+        return await Daemon(cfg, cfg.source).run()
+
+    return _run(serve())
 
 
 def _cmd_demo(args: argparse.Namespace, cfg: Config) -> int:

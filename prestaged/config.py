@@ -32,6 +32,7 @@ __all__ = [
     "CatalogConfig",
     "Config",
     "CredentialsConfig",
+    "DaemonConfig",
     "LocalCatalogConfig",
     "OutputConfig",
     "RetryConfig",
@@ -39,6 +40,7 @@ __all__ = [
     "SamWebConfig",
     "StateConfig",
     "StorageConfig",
+    "WatchConfig",
     "default_config_paths",
     "find_config",
     "load_config",
@@ -275,6 +277,43 @@ class StateConfig:
     """Longest time an outcome waits before it is written (seconds)."""
 
 
+def _listen(v: str) -> Optional[str]:
+    host, sep, port = v.rpartition(":")
+    ok = bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+    return None if ok else 'a "host:port" (e.g. "127.0.0.1:9464") as'
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """``[daemon]``: ``prestaged serve``'s HTTP listener and lifecycle."""
+
+    listen: str = field(default="127.0.0.1:9464", metadata=_check(_listen))
+    """Address of the HTTP API and /metrics; loopback by default."""
+    token_file: Optional[Path] = None
+    """File (mode 0600) holding the bearer token that mutating API calls must present;
+    required whenever ``listen`` is not a loopback address."""
+    drain_timeout: Duration = field(default=Duration(30.0), metadata=_check(_non_negative))
+    """On SIGTERM, how long running warms may go on before they are stopped (seconds)."""
+    credential_check: Duration = field(default=Duration(30.0), metadata=_check(_positive))
+    """How often the proxy file is checked for renewal and expiry (seconds)."""
+    jitter: float = field(default=0.1, metadata=_check(_non_negative))
+    """Scheduled re-warms start up to this fraction of ``every`` early or late."""
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """One ``[[watch]]`` table: a definition the daemon keeps warm."""
+
+    definition: str = field(metadata=_check(lambda v: None if v.strip() else "a non-empty"))
+    """Definition name (or, for the local catalog, a path to a URL list)."""
+    catalog: Optional[str] = None
+    """Catalog resolving it; unset: ``catalog.default``."""
+    every: Duration = field(default=Duration(6 * 3600.0), metadata=_check(_positive))
+    """Re-warm interval (seconds); files touched within it are not touched again."""
+    ready: float = field(default=1.0, metadata=_check(_fraction))
+    """Fraction of the definition that must be warm for it to count as ready."""
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     """``[output]``: progress reporting."""
@@ -303,6 +342,9 @@ class Config:
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     state: StateConfig = field(default_factory=StateConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    watch: tuple[WatchConfig, ...] = ()
+    """``[[watch]]`` definitions kept warm by ``prestaged serve``."""
     source: Optional[Path] = field(default=None, metadata={"internal": True})
     """File this was loaded from, or None for built-in defaults."""
 

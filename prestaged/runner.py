@@ -14,7 +14,7 @@ from prestaged.catalog import Catalog
 from prestaged.config import Config
 from prestaged.storage.http import HttpToucher
 from prestaged.store import Store, StoreRecorder
-from prestaged.warm import RunReport, Tally, WarmSettings, warm
+from prestaged.warm import Probe, RunReport, Tally, Toucher, WarmSettings, warm
 
 __all__ = ["run_definition"]
 
@@ -35,24 +35,33 @@ async def run_definition(
     force: bool = False,
     tally: Optional[Tally] = None,
     stop: Optional[asyncio.Event] = None,
+    toucher: Optional[Toucher] = None,
+    probe: Optional[Probe] = None,
+    fresh_for: Optional[float] = None,
 ) -> RunReport:
     """Warm ``catalog``'s files per ``cfg``; with a ``store``, skip files fresh within
-    ``state.fresh_for`` (unless ``force``) and record every outcome and the run itself."""
+    ``fresh_for`` seconds (default ``state.fresh_for``; unless ``force``) and record every
+    outcome and the run itself. A ``toucher`` shared between runs (the daemon's) is used as
+    it is; otherwise one is built from ``cfg.storage`` and ``ssl_context`` for this run."""
     st = cfg.storage
     recorder = None
     run_id = None
     if store is not None:
-        recorder = StoreRecorder(store, catalog.name, catalog.definition,
-                                 fresh_for=cfg.state.fresh_for, force=force)
+        recorder = StoreRecorder(store, catalog.name, catalog.definition, force=force,
+                                 fresh_for=cfg.state.fresh_for if fresh_for is None else fresh_for)
         run_id = await asyncio.to_thread(store.start_run, catalog.name, catalog.definition)
     report: Optional[RunReport] = None
     try:
+        if toucher is not None:
+            report = await warm(catalog.files(), settings, toucher, tally=tally, stop=stop,
+                                recorder=recorder, probe=probe)
+            return report
         async with HttpToucher(ssl_context, nbytes=st.bytes, limit=st.concurrency,
                                limit_per_host=st.per_host, timeout=st.timeout,
                                connect_timeout=st.connect_timeout,
-                               max_redirects=st.max_redirects) as toucher:
-            report = await warm(catalog.files(), settings, toucher, tally=tally, stop=stop,
-                                recorder=recorder)
+                               max_redirects=st.max_redirects) as own:
+            report = await warm(catalog.files(), settings, own, tally=tally, stop=stop,
+                                recorder=recorder, probe=probe)
         return report
     finally:
         if store is not None and run_id is not None:

@@ -1,0 +1,505 @@
+"""``prestaged serve``: keep watched definitions warm, take warm requests over HTTP, report.
+
+Lifecycle (STYLE.md 3): ``run()`` starts the store, credentials, the shared connection pool and
+the HTTP API, tells systemd READY=1, then waits for a stop request; shutdown happens in
+``finally``. Signal handlers only set events: SIGHUP re-reads the config and the proxy, the
+first SIGTERM/SIGINT drains (running warms get ``daemon.drain_timeout`` to finish, then are
+stopped and recorded), a second one stops at once.
+
+All runs share one touch budget (``storage.concurrency`` files in flight in total) and never
+two runs of one definition overlap. Scheduled re-warms of a ``[[watch]]`` entry skip files
+touched within its ``every``; so after a restart the state store lets work resume instead of
+starting over. When the proxy file changes on disk the daemon re-reads it and new connections
+use it; an expired proxy pauses touching until a valid one appears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import random
+import signal
+import ssl
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from prestaged import __version__
+from prestaged.catalog import open_catalog
+from prestaged.config import Config, WatchConfig, load_config
+from prestaged.credentials import Credentials, ProxyInfo, inspect_proxy, load_credentials
+from prestaged.errors import ConfigError, CredentialError, PrestagedError
+from prestaged.metrics import Metrics, run_result
+from prestaged.runner import run_definition
+from prestaged.sdnotify import Notifier
+from prestaged.storage.http import Attempt, HttpToucher
+from prestaged.store import Store, default_state_path
+from prestaged.warm import Tally, WarmSettings
+
+__all__ = ["Daemon", "RunInfo"]
+
+log = logging.getLogger(__name__)
+
+_KEPT_RUNS = 1000
+"""Finished runs remembered for ``GET /api/v1/runs/<id>`` (the store keeps all)."""
+
+
+@dataclass
+class RunInfo:
+    """A warm run the daemon queued, is running or ran."""
+
+    id: int
+    catalog: str
+    definition: str
+    origin: str
+    """``watch`` or ``api``."""
+    state: str = "queued"
+    """queued, running, done (finished with an exit code) or error (did not run)."""
+    submitted: float = field(default_factory=time.time)
+    started: Optional[float] = None
+    ended: Optional[float] = None
+    exit_code: Optional[int] = None
+    error: str = ""
+    tally: Tally = field(default_factory=Tally)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, with live counts while running."""
+        t = self.tally
+        return {
+            "id": self.id, "catalog": self.catalog, "definition": self.definition,
+            "origin": self.origin, "state": self.state, "submitted": self.submitted,
+            "started": self.started, "ended": self.ended, "exit_code": self.exit_code,
+            "error": self.error or None, "files": t.done, "total": t.total,
+            "counts": dict(t.results), "retries": dict(t.retries),
+        }
+
+
+class _SharedToucher:
+    """The daemon's touch path: one budget for all runs, pause while the proxy is expired,
+    and a pool that can be swapped for one with renewed credentials without dropping work."""
+
+    def __init__(self, make: Callable[[ssl.SSLContext], HttpToucher], budget: int) -> None:
+        self._make = make
+        self._budget = asyncio.Semaphore(budget)
+        self.valid = asyncio.Event()
+        self._current: Optional[HttpToucher] = None
+        self._users: dict[int, int] = {}
+        self._retired: list[HttpToucher] = []
+
+    async def install(self, ssl_context: ssl.SSLContext) -> None:
+        """Use a new pool built on ``ssl_context`` for new touches; retire the old one."""
+        fresh = self._make(ssl_context)
+        await fresh.start()
+        old, self._current = self._current, fresh
+        self._users[id(fresh)] = 0
+        if old is not None:
+            self._retired.append(old)
+            await self._close_idle()
+
+    async def _close_idle(self) -> None:
+        for t in [t for t in self._retired if self._users.get(id(t), 0) == 0]:
+            self._retired.remove(t)
+            self._users.pop(id(t), None)
+            await t.close()
+
+    async def touch(self, url: str) -> Attempt:
+        """One attempt, within the shared budget, once the credentials are valid."""
+        await self.valid.wait()
+        async with self._budget:
+            t = self._current
+            assert t is not None
+            self._users[id(t)] += 1
+            try:
+                return await t.touch(url)
+            finally:
+                self._users[id(t)] -= 1
+                if self._retired:
+                    await self._close_idle()
+
+    async def close(self) -> None:
+        """Close every pool."""
+        for t in [*self._retired, *([self._current] if self._current else [])]:
+            await t.close()
+        self._retired.clear()
+        self._current = None
+
+
+def _is_loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_token(path: Optional[Path], listen: str) -> Optional[str]:
+    """The bearer token, required (from a 0600 file) when the listener is not loopback-only."""
+    if path is None:
+        if _is_loopback(listen):
+            return None
+        raise ConfigError(f"daemon.listen {listen} is not loopback: set daemon.token_file to a "
+                          "0600 file holding the bearer token for mutating API calls")
+    try:
+        mode = path.stat().st_mode
+        token = path.read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"daemon.token_file {path}: cannot read: {e.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError(f"daemon.token_file {path}: readable by others (mode "
+                          f"{mode & 0o777:o}); chmod 600 it")
+    if not token:
+        raise ConfigError(f"daemon.token_file {path}: empty")
+    return token
+
+
+class Daemon:
+    """The long-lived service; see the module docstring. ``cfg`` is the loaded config and
+    ``config_path`` where SIGHUP re-reads it from (None: built-in defaults)."""
+
+    def __init__(self, cfg: Config, config_path: Optional[Path]) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.metrics = Metrics()
+        self.notifier = Notifier.from_environment()
+        self.store: Optional[Store] = None
+        self.credentials: Optional[Credentials] = None
+        self.token: Optional[str] = None
+        self.runs: dict[int, RunInfo] = {}
+        self._next_id = 1
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watches: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._run_stop = asyncio.Event()
+        self._draining = False
+        self._proxy_stamp: Optional[tuple[int, int, int]] = None
+        self._touch: Optional[_SharedToucher] = None
+        self._runner: Any = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Start up, serve until stopped, drain, shut down; returns the exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        try:
+            await self._start()
+            self.notifier.ready()
+            self._status()
+            log.info("prestaged %s serving on http://%s, %d watched definitions", __version__,
+                     self.cfg.daemon.listen, len(self.cfg.watch))
+            await self._serve()
+            return 0
+        finally:
+            await asyncio.shield(self._shutdown())
+
+    def request_stop(self) -> None:
+        """First call: drain. Second call: stop running warms at once."""
+        if self._stop.is_set():
+            self._run_stop.set()
+            return
+        log.info("stopping: draining running warms (up to %.0f s)", self.cfg.daemon.drain_timeout)
+        self._stop.set()
+
+    async def _start(self) -> None:
+        cfg = self.cfg
+        self.token = _read_token(cfg.daemon.token_file, cfg.daemon.listen)
+        self.store = await asyncio.to_thread(self._open_store)
+        self.credentials = load_credentials(
+            proxy=None, proxy_configured=cfg.credentials.proxy, ca_dir=None,
+            ca_dir_configured=cfg.credentials.ca_dir, min_lifetime=cfg.credentials.min_lifetime)
+        self._proxy_stamp = _stamp(self.credentials.proxy.path)
+        st = cfg.storage
+        self._touch = _SharedToucher(
+            lambda ctx: HttpToucher(ctx, nbytes=st.bytes, limit=st.concurrency,
+                                    limit_per_host=st.per_host, timeout=st.timeout,
+                                    connect_timeout=st.connect_timeout,
+                                    max_redirects=st.max_redirects),
+            st.concurrency,
+        )
+        await self._touch.install(self.credentials.ssl_context())
+        self._credentials_changed(self.credentials.proxy)
+        await self._start_api()
+        self._apply_watches()
+
+    def _open_store(self) -> Store:
+        state = self.cfg.state
+        path = state.path or default_state_path()
+        return Store(path, batch=state.batch, flush_interval=state.flush_interval).open()
+
+    async def _start_api(self) -> None:
+        from aiohttp import web
+
+        from prestaged.api import build_app
+
+        host, _, port = self.cfg.daemon.listen.rpartition(":")
+        self._runner = web.AppRunner(build_app(self), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host.strip("[]"), int(port))
+        try:
+            await site.start()
+        except OSError as e:
+            raise ConfigError(f"daemon.listen {self.cfg.daemon.listen}: {e.strerror}") from None
+
+    async def _serve(self) -> None:
+        background = [self._spawn(self._watch_credentials()), self._spawn(self._watchdog())]
+        while not self._stop.is_set():
+            reload_wait = asyncio.ensure_future(self._reload.wait())
+            stop_wait = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({reload_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            reload_wait.cancel()
+            stop_wait.cancel()
+            if self._reload.is_set() and not self._stop.is_set():
+                self._reload.clear()
+                await self._do_reload()
+        for task in background:
+            task.cancel()
+        await self._drain()
+
+    async def _drain(self) -> None:
+        self._draining = True
+        self.notifier.stopping()
+        for task in self._watches.values():
+            task.cancel()
+        running = [t for t in self._tasks if not t.done()]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=self.cfg.daemon.drain_timeout)
+            if pending:
+                log.info("drain timeout: stopping %d running warms", len(pending))
+                self._run_stop.set()
+                await asyncio.wait(pending, timeout=30)
+
+    async def _shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._touch is not None:
+            await self._touch.close()
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- reload -------------------------------------------------------------------------------
+
+    async def _do_reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("reload: %s; keeping the running configuration", e)
+        else:
+            self.cfg = cfg
+            self._apply_watches()
+            log.info("reloaded %s: %d watched definitions", self.config_path or "defaults",
+                     len(cfg.watch))
+        await self._check_credentials(force=True)
+        self.notifier.ready()
+        self._status()
+
+    def _apply_watches(self) -> None:
+        """Start loops for new ``[[watch]]`` entries, stop those no longer listed."""
+        wanted = {(w.catalog or self.cfg.catalog.default, w.definition): w for w in self.cfg.watch}
+        for key in [k for k in self._watches if k not in wanted]:
+            self._watches.pop(key).cancel()
+        for key, w in wanted.items():
+            if key in self._watches:
+                self._watches[key].cancel()
+            self._watches[key] = self._spawn(self._watch_loop(key[0], w))
+
+    # --- credentials --------------------------------------------------------------------------
+
+    async def _watch_credentials(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.daemon.credential_check)
+            await self._check_credentials()
+
+    async def _check_credentials(self, force: bool = False) -> None:
+        """Re-read the proxy when its file changed (or ``force``); pause on expiry."""
+        assert self.credentials is not None and self._touch is not None
+        path = self.credentials.proxy.path
+        stamp = _stamp(path)
+        if force or stamp != self._proxy_stamp:
+            self._proxy_stamp = stamp
+            try:
+                info = inspect_proxy(path)
+                creds = Credentials(proxy=info, ca_dir=self.credentials.ca_dir)
+                await self._touch.install(creds.ssl_context())
+            except CredentialError as e:
+                log.error("proxy changed but cannot be used: %s; keeping the previous one", e)
+            else:
+                self.credentials = creds
+                log.info("proxy %s re-read: %s, %.1f h left", path, info.identity,
+                         info.time_left().total_seconds() / 3600)
+        self._credentials_changed(self.credentials.proxy)
+
+    def _credentials_changed(self, info: ProxyInfo) -> None:
+        assert self._touch is not None
+        self.metrics.set_credential_expiry("proxy", info.not_after.timestamp())
+        left = info.time_left().total_seconds()
+        if left <= 0:
+            if self._touch.valid.is_set():
+                log.error("proxy %s expired: touching paused until it is renewed", info.path)
+            self._touch.valid.clear()
+            return
+        if left < self.cfg.credentials.min_lifetime:
+            log.warning("proxy %s has %.1f h left, less than credentials.min_lifetime: renew it",
+                        info.path, left / 3600)
+        self._touch.valid.set()
+
+    def readiness(self) -> list[str]:
+        """Problems that make the daemon not ready (empty: ready)."""
+        problems = []
+        if self.store is None:
+            problems.append("state store not open")
+        if self.credentials is None:
+            problems.append("no credentials")
+        else:
+            left = self.credentials.proxy.time_left().total_seconds()
+            if left < self.cfg.credentials.min_lifetime:
+                problems.append(f"proxy {self.credentials.proxy.path} has {max(0.0, left):.0f} s "
+                                "left, less than credentials.min_lifetime")
+        if self._draining:
+            problems.append("stopping")
+        return problems
+
+    # --- runs ---------------------------------------------------------------------------------
+
+    def submit(self, definition: str, catalog: Optional[str] = None, *, origin: str = "api",
+               fresh_for: Optional[float] = None) -> RunInfo:
+        """Queue a warm of ``definition``; raises ``PrestagedError`` for an unknown one."""
+        if self._draining:
+            raise PrestagedError("the daemon is stopping")
+        kind = catalog or self.cfg.catalog.default
+        cat = open_catalog(kind, definition, self.cfg.catalog)
+        info = RunInfo(id=self._next_id, catalog=cat.name, definition=cat.definition,
+                       origin=origin)
+        self._next_id += 1
+        self.runs[info.id] = info
+        for old in sorted(self.runs)[:-_KEPT_RUNS]:
+            del self.runs[old]
+        self._spawn(self._execute(info, cat, fresh_for))
+        return info
+
+    async def _execute(self, info: RunInfo, catalog: Any, fresh_for: Optional[float]) -> None:
+        key = (info.catalog, info.definition)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                if self._draining:
+                    info.state, info.error = "error", "not started: the daemon was stopping"
+                    return
+                info.state, info.started = "running", time.time()
+                self._status()
+                settings = WarmSettings.from_config(self.cfg, credential_hint=self._hint())
+                report = await run_definition(
+                    catalog, self.cfg, settings, None, store=self.store, tally=info.tally,
+                    stop=self._run_stop, toucher=self._touch, probe=self.metrics,
+                    fresh_for=fresh_for)
+                info.exit_code = report.exit_code
+                info.error = str(report.aborted) if report.aborted else ""
+                info.state = "done"
+                self.metrics.run_finished(run_result(report))
+                await self._update_dataset(info.catalog, info.definition)
+        except PrestagedError as e:
+            info.state, info.error = "error", str(e)
+            self.metrics.run_finished("aborted")
+            log.error("warm of %s failed: %s", info.definition, e)
+        finally:
+            info.ended = time.time()
+            info.finished.set()
+            self._status()
+
+    def _hint(self) -> str:
+        if self.credentials is None:
+            return ""
+        return f"proxy {self.credentials.proxy.path} ({self.credentials.proxy.identity})"
+
+    async def _update_dataset(self, catalog: str, definition: str) -> None:
+        assert self.store is not None
+        fresh_for = self._fresh_for(catalog, definition)
+        rows = await asyncio.to_thread(self.store.status, fresh_for, definition, catalog)
+        for r in rows:
+            last = r.last_run.ended if r.last_run else None
+            self.metrics.set_dataset(r.definition, warm=r.fresh, stale=r.stale,
+                                     failed=sum(r.failed.values()), unknown=r.never,
+                                     last_warm=last)
+
+    def _fresh_for(self, catalog: str, definition: str) -> float:
+        for w in self.cfg.watch:
+            if (w.catalog or self.cfg.catalog.default, w.definition) == (catalog, definition):
+                return _watch_fresh_for(w)
+        return self.cfg.state.fresh_for
+
+    async def _watch_loop(self, kind: str, w: WatchConfig) -> None:
+        """Warm ``w`` now (or when its last run is ``every`` old), then every ``every``."""
+        delay = await self._first_delay(kind, w)
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                info = self.submit(w.definition, kind, origin="watch",
+                                   fresh_for=_watch_fresh_for(w))
+            except PrestagedError as e:
+                log.error("watch %s: %s", w.definition, e)
+            else:
+                await info.finished.wait()
+            jitter = self.cfg.daemon.jitter
+            delay = w.every * (1.0 + random.uniform(-jitter, jitter))
+
+    async def _first_delay(self, kind: str, w: WatchConfig) -> float:
+        assert self.store is not None
+        try:
+            cat = open_catalog(kind, w.definition, self.cfg.catalog)
+        except PrestagedError:
+            return 0.0  # submit() will report the problem
+        rows = await asyncio.to_thread(self.store.status, w.every, cat.definition, cat.name)
+        if rows and rows[0].last_run and rows[0].last_run.ended and rows[0].last_run.exit_code == 0:
+            return max(0.0, rows[0].last_run.ended + w.every - time.time())
+        return 0.0
+
+    # --- systemd ------------------------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if not interval:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval / 2)
+
+    def _status(self) -> None:
+        running = [r for r in self.runs.values() if r.state == "running"]
+        text = f"{len(self._watches)} watched, {len(running)} running"
+        if running:
+            r = running[0]
+            text += f": {r.definition} {r.tally.done}/{r.tally.total or '?'}"
+        self.notifier.status(text)
+
+
+def _watch_fresh_for(w: WatchConfig) -> float:
+    # A little less than `every`, so that files touched by the previous scheduled run (which
+    # started up to `every` ago, jitter included) are touched again.
+    return 0.8 * w.every
+
+
+def _stamp(path: Path) -> Optional[tuple[int, int, int]]:
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    return None

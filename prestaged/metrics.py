@@ -1,0 +1,255 @@
+"""Every Prometheus metric of prestaged, in one place, on an injected ``CollectorRegistry``.
+
+``Metrics`` is the engine's ``warm.Probe`` (requests, retries, outcomes) and the daemon's sink
+for run results, dataset warmth, credential expiry and catalog calls. ``Metrics.aiohttp_handler``
+serves the exposition at the daemon's ``/metrics``; ``grafana/prestaged.json`` reads it.
+
+Label values come from bounded sets only: results, retry reasons, endpoint host names, catalog
+kinds and watched definition names. Nothing here ever puts a URL or a file name in a label: hosts
+are reduced to their host name and a definition given as a path to a URL list (local catalog) is
+reduced to its base name without ``.txt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from collections.abc import Awaitable
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Callable, Optional
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+
+from prestaged import __version__
+from prestaged.catalog import KINDS
+from prestaged.storage.http import Result
+
+if TYPE_CHECKING:
+    from prestaged.warm import Outcome, Probe, RunReport
+
+__all__ = [
+    "CATALOG_RESULTS",
+    "DATASET_STATES",
+    "LATENCY_BUCKETS",
+    "RUN_RESULTS",
+    "Metrics",
+    "definition_label",
+    "host_label",
+    "run_result",
+]
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+"""Request duration buckets (seconds): 1 ms on loopback to 60 s for a slow tape-backed door."""
+
+RUN_RESULTS = ("ok", "failed", "aborted", "interrupted")
+"""``prestaged_runs_total{result}`` values; see ``run_result``."""
+
+DATASET_STATES = ("warm", "stale", "failed", "unknown")
+"""``prestaged_dataset_files{state}`` values."""
+
+CATALOG_RESULTS = ("ok", "error")
+"""``prestaged_catalog_requests_total{result}`` values created at zero for every catalog kind."""
+
+_RETRY_REASONS = ("timeout", "reset", "unreachable")
+"""Retry reasons that exist whatever the storage answers (statuses are added as they occur)."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def host_label(host: str) -> str:
+    """``host`` as a label: the host name alone, even if a URL or ``host:port`` slips in."""
+    text = host.strip()
+    if "://" in text:
+        return urlsplit(text).hostname or "unknown"
+    text = text.split("/", 1)[0]
+    if text.count(":") == 1:  # host:port, not a bare IPv6 address
+        text = text.split(":", 1)[0]
+    return text or "unknown"
+
+
+def definition_label(definition: str) -> str:
+    """``definition`` as a label: a path to a URL list becomes its base name minus ``.txt``."""
+    text = definition.strip()
+    if "://" in text:
+        text = urlsplit(text).path
+    if "/" in text:
+        text = PurePosixPath(text).name
+    if text.endswith(".txt"):
+        text = text[: -len(".txt")]
+    return text or "unknown"
+
+
+def _plain_label(value: str) -> str:
+    """A free-form label value (catalog, result, reason) kept to one path-free word."""
+    text = value.strip().replace("/", "_")
+    return text or "unknown"
+
+
+def run_result(report: RunReport) -> str:
+    """The ``prestaged_runs_total`` result of a finished run: aborted, interrupted, ok or failed."""
+    if report.aborted is not None:
+        return "aborted"
+    if report.interrupted:
+        return "interrupted"
+    return "ok" if report.exit_code == 0 else "failed"
+
+
+class Metrics:
+    """prestaged's metrics on ``registry`` (default: a new private one, never the global).
+
+    Implements ``warm.Probe``; series of known label values (file results, run results, retry
+    reasons, catalog kinds) exist at zero from the start so ``rate()`` works on the first event.
+    """
+
+    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.files_touched = Counter(
+            "prestaged_files_touched", "Files finished, by result (skipped_fresh included).",
+            ["result"], registry=r)
+        self.bytes_read = Counter(
+            "prestaged_bytes_read", "Body bytes read by touches.", registry=r)
+        self.request_duration = Histogram(
+            "prestaged_request_duration_seconds", "Duration of one touch attempt, by host.",
+            ["host"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests_in_flight = Gauge(
+            "prestaged_requests_in_flight", "Touch attempts in progress.", registry=r)
+        self.retries = Counter(
+            "prestaged_retries", "Attempts retried, by reason (HTTP status, timeout, reset...).",
+            ["reason"], registry=r)
+        self.dataset_files = Gauge(
+            "prestaged_dataset_files", "Files of a watched definition, by state.",
+            ["definition", "state"], registry=r)
+        self.dataset_last_warm = Gauge(
+            "prestaged_dataset_last_warm_timestamp_seconds",
+            "When a watched definition's last run finished (Unix time).",
+            ["definition"], registry=r)
+        self.credential_expiry = Gauge(
+            "prestaged_credential_expiry_timestamp_seconds",
+            "When a credential expires (Unix time), by kind (proxy, token).",
+            ["kind"], registry=r)
+        self.runs = Counter(
+            "prestaged_runs", "Warm runs finished, by result.", ["result"], registry=r)
+        self.catalog_requests = Counter(
+            "prestaged_catalog_requests", "Catalog queries, by catalog kind and result.",
+            ["catalog", "result"], registry=r)
+        self.build = Info("prestaged_build", "prestaged version and Python.", registry=r)
+        self.build.info({"version": __version__, "python": platform.python_version()})
+        self._initialise()
+
+    def _initialise(self) -> None:
+        for result in Result:
+            self.files_touched.labels(result.value)
+        for run in RUN_RESULTS:
+            self.runs.labels(run)
+        for reason in _RETRY_REASONS:
+            self.retries.labels(reason)
+        for kind in KINDS:
+            for result_ in CATALOG_RESULTS:
+                self.catalog_requests.labels(kind, result_)
+
+    # --- warm.Probe ------------------------------------------------------------------------
+
+    def request_started(self, host: str) -> None:
+        """An attempt at a file of ``host`` begins (in-flight + 1)."""
+        self.requests_in_flight.inc()
+
+    def request_finished(self, host: str, seconds: float) -> None:
+        """That attempt ended after ``seconds`` (in-flight - 1, latency observed under host)."""
+        self.requests_in_flight.dec()
+        self.request_duration.labels(host_label(host)).observe(seconds)
+
+    def retried(self, reason: str) -> None:
+        """A file is tried again because of ``reason`` (``503``, ``reset``...)."""
+        self.retries.labels(_plain_label(reason)).inc()
+
+    def file_done(self, outcome: Outcome) -> None:
+        """A file's final outcome: counted by result, its bytes added."""
+        self.files_touched.labels(outcome.result.value).inc()
+        if outcome.bytes:
+            self.bytes_read.inc(outcome.bytes)
+
+    # --- daemon ----------------------------------------------------------------------------
+
+    def run_finished(self, result: str) -> None:
+        """A run ended with ``result`` (one of ``RUN_RESULTS``; see ``run_result``)."""
+        self.runs.labels(_plain_label(result)).inc()
+
+    def set_dataset(
+        self,
+        definition: str,
+        *,
+        warm: int,
+        stale: int,
+        failed: int,
+        unknown: int,
+        last_warm: Optional[float],
+    ) -> None:
+        """Warmth of a watched definition: file counts by state; ``last_warm`` in Unix seconds
+        (None: never warmed, the timestamp series is dropped)."""
+        name = definition_label(definition)
+        counts = {"warm": warm, "stale": stale, "failed": failed, "unknown": unknown}
+        for state, n in counts.items():
+            self.dataset_files.labels(name, state).set(n)
+        if last_warm is None:
+            self._remove(self.dataset_last_warm, name)
+        else:
+            self.dataset_last_warm.labels(name).set(last_warm)
+
+    def forget_dataset(self, definition: str) -> None:
+        """Drop a definition's series (it left the watch list on reload)."""
+        name = definition_label(definition)
+        for state in DATASET_STATES:
+            self._remove(self.dataset_files, name, state)
+        self._remove(self.dataset_last_warm, name)
+
+    def set_credential_expiry(self, kind: str, timestamp: float) -> None:
+        """Credential ``kind`` (``proxy``...) expires at ``timestamp`` (Unix seconds)."""
+        self.credential_expiry.labels(_plain_label(kind)).set(timestamp)
+
+    def catalog_request(self, catalog: str, result: str) -> None:
+        """One query to catalog kind ``catalog`` ended with ``result`` (``ok`` or ``error``)."""
+        self.catalog_requests.labels(_plain_label(catalog), _plain_label(result)).inc()
+
+    # --- exposition ------------------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format (``CONTENT_TYPE_LATEST``)."""
+        return generate_latest(self.registry)
+
+    def aiohttp_handler(self) -> Handler:
+        """An aiohttp handler serving this registry (for the daemon's ``GET /metrics``)."""
+        try:
+            from prometheus_client.aiohttp import make_aiohttp_handler
+        except ImportError:  # prometheus-client < 0.21 has no aiohttp adapter
+            return self._plain_handler
+        handler: Handler = make_aiohttp_handler(self.registry)
+        return handler
+
+    async def _plain_handler(self, request: web.Request) -> web.StreamResponse:
+        body = self.exposition()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @staticmethod
+    def _remove(metric: Gauge, *labels: str) -> None:
+        with contextlib.suppress(KeyError):  # older prometheus-client raise for absent series
+            metric.remove(*labels)
+
+
+if TYPE_CHECKING:
+
+    def _is_probe(m: Metrics) -> Probe:
+        """mypy proves here that ``Metrics`` satisfies ``warm.Probe``."""
+        return m

@@ -1,0 +1,428 @@
+"""grafana/prestaged.json against a real Prometheus (Debian ``prometheus``) scraping our metrics.
+
+Every PromQL expression of the dashboard (and every ``label_values`` variable query) is run
+through Prometheus's HTTP API and must return data, so renaming a metric or a label breaks the
+build. The scraped target comes from the ``metrics_target`` fixture, the one place to change when
+the target becomes the real ``prestaged serve`` daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from aiohttp import ClientSession, ClientTimeout, web
+
+from prestaged.catalog import FileRef
+from prestaged.credentials import inspect_proxy, load_credentials
+from prestaged.metrics import Metrics, run_result
+from prestaged.retry import RetryPolicy
+from prestaged.storage.http import HttpToucher
+from prestaged.testing.pki import TestPKI
+from prestaged.testing.storage import Status, StorageServer
+from prestaged.warm import WarmSettings, warm
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "grafana" / "prestaged.json"
+FAST = RetryPolicy(attempts=5, initial=0.0, max=0.0, jitter=0.0, total=30.0)
+# What Grafana would put in for its built-in interval variables on a short time range.
+GRAFANA_BUILTINS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "5m"}
+DEADLINE = 25.0  # seconds for Prometheus to start, scrape and see every expression answer
+POLL = 0.2  # seconds between polls of Prometheus while waiting for data
+
+
+# --- the dashboard ------------------------------------------------------------------------------
+
+
+def _load() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every panel, rows' nested (collapsed) panels included."""
+    for panel in panels:
+        yield panel
+        yield from _panels(panel.get("panels", []))
+
+
+def _targets(dash: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title + refId, expr) of every query target of the dashboard."""
+    return [(f"{p['title']} [{t['refId']}]", t["expr"])
+            for p in _panels(dash["panels"]) for t in p.get("targets", [])]
+
+
+def _variables(dash: dict[str, Any]) -> list[dict[str, Any]]:
+    variables: list[dict[str, Any]] = dash["templating"]["list"]
+    return variables
+
+
+def _var_query(var: dict[str, Any]) -> str:
+    q = var["query"]
+    return str(q["query"] if isinstance(q, dict) else q)
+
+
+def _substitute(expr: str, dash: dict[str, Any]) -> str:
+    """``expr`` as Grafana would send it: built-in intervals set, template variables at All."""
+    for name, value in GRAFANA_BUILTINS.items():
+        expr = expr.replace(name, value)
+    for var in _variables(dash):
+        if var["type"] == "datasource":
+            continue
+        value = var.get("allValue") or ".+"
+        expr = re.sub(rf"\$\{{{var['name']}\}}|\${var['name']}\b", value, expr)
+    assert "$" not in expr, f"unsubstituted variable in {expr!r}"
+    return expr
+
+
+def _metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\bprestaged_[a-z_]+", expr))
+
+
+def test_dashboard_is_importable_with_a_datasource_variable() -> None:
+    """Title, uid, schemaVersion, a datasource-type variable used by every panel and target."""
+    dash = _load()
+    assert (dash["title"], dash["uid"]) == ("prestaged", "prestaged")
+    assert dash["schemaVersion"] >= 36 and dash["id"] is None
+    [ds] = [v for v in _variables(dash) if v["type"] == "datasource"]
+    assert ds["query"] == "prometheus"
+    ref = {"type": "prometheus", "uid": f"${{{ds['name']}}}"}
+    panels = list(_panels(dash["panels"]))
+    assert len({p["id"] for p in panels}) == len(panels)
+    for p in panels:
+        if p["type"] != "row":
+            assert p["datasource"] == ref, p["title"]
+            assert p["targets"], p["title"]
+            assert all(t["datasource"] == ref for t in p["targets"]), p["title"]
+    for v in _variables(dash):
+        if v["type"] == "query":
+            assert v["datasource"] == ref, v["name"]
+
+
+def test_dashboard_has_the_panels_of_the_issue() -> None:
+    """Touch rate, error ratio, latency quantiles, in-flight, warmth, proxy lifetime and runs."""
+    titles = {p["title"] for p in _panels(_load()["panels"])}
+    assert {"Touch rate by result", "Error ratio", "Request latency by host",
+            "Requests in flight", "Dataset warmth", "Proxy lifetime left", "Runs"} <= titles
+    latency = [e for t, e in _targets(_load()) if t.startswith("Request latency by host")]
+    assert len(latency) == 3
+    assert all("histogram_quantile(" in e and "_bucket" in e for e in latency)
+
+
+def test_rates_use_grafana_intervals() -> None:
+    """Every range vector in rate()/increase() is $__rate_interval or $__range, never hard-coded."""
+    for title, expr in _targets(_load()):
+        ranges = re.findall(r"\[([^\]]*)\]", expr)
+        assert all(r in ("$__rate_interval", "$__range") for r in ranges), (title, expr)
+
+
+def test_every_dashboard_metric_is_exposed() -> None:
+    """Each metric the dashboard (or a variable) names is in the exposition of ``Metrics``."""
+    m = Metrics()
+    m.request_started("h")
+    m.request_finished("h", 0.1)
+    m.set_dataset("d", warm=1, stale=0, failed=0, unknown=0, last_warm=1.0)
+    m.set_credential_expiry("proxy", 2.0)
+    exposed = set(re.findall(r"^(prestaged_[a-z_]+)", m.exposition().decode(), re.M))
+    dash = _load()
+    used = {n for _, e in _targets(dash) for n in _metric_names(e)}
+    used |= {n for v in _variables(dash) if v["type"] == "query" for n in _metric_names(_var_query(v))}
+    assert used and used <= exposed, used - exposed
+
+
+# --- the scraped target -------------------------------------------------------------------------
+
+
+async def _refs(urls: list[str]) -> AsyncIterator[FileRef]:
+    for u in urls:
+        yield FileRef(name=u.rsplit("/", 1)[-1], url=u)
+
+
+async def _warm_once(metrics: Metrics, storage: StorageServer, toucher: HttpToucher,
+                     definition: Path, urls: list[str]) -> None:
+    """One scheduled run as the daemon does it: warm, then report run, dataset and catalog."""
+    storage.inject("/pnfs/campaign/f000.root", [Status(503)])  # one retry per run
+    settings = WarmSettings(concurrency=4, nbytes=4, retry=FAST)
+    report = await warm(_refs(urls), settings, toucher, probe=metrics)
+    metrics.catalog_request("local", "ok")
+    metrics.run_finished(run_result(report))
+    warm_files = report.tally.results["warm"]
+    metrics.set_dataset(str(definition), warm=warm_files, stale=0, failed=report.tally.failed,
+                        unknown=len(urls) - warm_files - report.tally.failed,
+                        last_warm=time.time())
+
+
+@contextlib.asynccontextmanager
+async def _harness(pki: TestPKI, proxy: Path, tmp_path: Path) -> AsyncIterator[str]:
+    """Stand-in for ``prestaged serve``: /metrics on 127.0.0.1, a definition re-warmed every
+    0.5 s against the test storage; yields ``host:port``."""
+    metrics = Metrics()
+    metrics.set_credential_expiry("proxy", inspect_proxy(proxy).not_after.timestamp())
+    creds = load_credentials(proxy=proxy, proxy_configured=None, ca_dir=pki.ca_dir,
+                             ca_dir_configured=None, min_lifetime=3600)
+    app = web.Application()
+    app.router.add_get("/metrics", metrics.aiohttp_handler())
+    runner = web.AppRunner(app)
+    async with StorageServer(pki.server_ssl_context()) as storage, \
+            HttpToucher(creds.ssl_context(), nbytes=4, limit=4, limit_per_host=4,
+                        timeout=20) as toucher:
+        urls = [storage.url(f"/pnfs/campaign/f{i:03d}.root") for i in range(20)]
+        definition = tmp_path / "definitions" / "campaign_raw.txt"
+        definition.parent.mkdir()
+        definition.write_text("\n".join(urls) + "\n")
+        await _warm_once(metrics, storage, toucher, definition, urls)
+        stop = asyncio.Event()
+
+        async def keep_warm() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=0.5)  # the schedule, not a wait
+                if not stop.is_set():
+                    await _warm_once(metrics, storage, toucher, definition, urls)
+
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            task = asyncio.ensure_future(keep_warm())
+            try:
+                yield f"127.0.0.1:{runner.addresses[0][1]}"
+            finally:
+                stop.set()
+                await task
+        finally:
+            await runner.cleanup()
+
+
+def _daemon_config(tmp_path: Path, pki: TestPKI, proxy: Path, listen: str,
+                   definition: Path) -> Path:
+    config = tmp_path / "prestaged.toml"
+    state = tmp_path / "state.db"
+    config.write_text(
+        f'[credentials]\nproxy = "{proxy}"\nca_dir = "{pki.ca_dir}"\n'
+        f'[state]\npath = "{state}"\nflush_interval = "100ms"\n'
+        f'[daemon]\nlisten = "{listen}"\ndrain_timeout = "1s"\njitter = 0\n'
+        f'[[watch]]\ndefinition = "{definition}"\ncatalog = "local"\nevery = "2s"\n'
+    )
+    return config
+
+
+@contextlib.asynccontextmanager
+async def _daemon(pki: TestPKI, proxy: Path, tmp_path: Path) -> AsyncIterator[str]:
+    """The real ``prestaged serve`` (subprocess) keeping a URL list on the test storage warm
+    every 2 s; yields its listen address once ``/healthz`` answers."""
+    async with StorageServer(pki.server_ssl_context()) as storage:
+        storage.inject("/pnfs/campaign/f000.root", [Status(503)])
+        definition = tmp_path / "definitions" / "campaign_raw.txt"
+        definition.parent.mkdir()
+        definition.write_text("".join(storage.url(f"/pnfs/campaign/f{i:03d}.root") + "\n"
+                                      for i in range(20)))
+        listen = f"127.0.0.1:{_free_port()}"
+        config = _daemon_config(tmp_path, pki, proxy, listen, definition)
+        log = tmp_path / "daemon.log"
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        with log.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "prestaged", "serve", "--config", str(config),
+                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env)
+        try:
+            async with ClientSession(timeout=ClientTimeout(total=5)) as http:
+
+                async def healthy() -> bool:
+                    assert proc.returncode is None, f"prestaged serve exited:\n{log.read_text()}"
+                    try:
+                        async with http.get(f"http://{listen}/healthz") as resp:
+                            return resp.status == 200
+                    except OSError:
+                        return False
+
+                assert await _until(healthy, time.monotonic() + DEADLINE), log.read_text()
+            yield listen
+        finally:
+            await _stop(proc)
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM ``proc`` and wait for it (SIGKILL after 10 s)."""
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), timeout=10)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
+@pytest.fixture(params=["daemon", "harness"])
+async def metrics_target(request: pytest.FixtureRequest, pki: TestPKI, proxy: Path,
+                         tmp_path: Path) -> AsyncIterator[str]:
+    """``host:port`` of a live ``/metrics`` with every dashboard metric populated and moving.
+
+    ``daemon``: the real ``prestaged serve`` (what the issue asks for); ``harness``: ``Metrics``
+    alone behind aiohttp, so a dashboard/metrics break is told apart from a daemon bug.
+    """
+    target = _daemon if request.param == "daemon" else _harness
+    async with target(pki, proxy, tmp_path) as address:
+        yield address
+
+
+# --- Prometheus ---------------------------------------------------------------------------------
+
+
+def _in_ci() -> bool:
+    """True when the environment variable CI is set to something other than false/0."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _prometheus_binary() -> str:
+    path = shutil.which("prometheus") or ("/usr/bin/prometheus"
+                                          if Path("/usr/bin/prometheus").exists() else None)
+    if path is None:
+        message = "prometheus not found: install Debian package prometheus"
+        if _in_ci():
+            pytest.fail(f"{message} (CI is set: a missing tool is a failure)")
+        pytest.skip(message)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _config(target: str) -> str:
+    return (
+        "global:\n"
+        "  scrape_interval: 1s\n"
+        "  scrape_timeout: 1s\n"
+        "  evaluation_interval: 1s\n"
+        "scrape_configs:\n"
+        "  - job_name: prestaged\n"
+        f"    static_configs:\n      - targets: ['{target}']\n"
+    )
+
+
+class Prometheus:
+    """A running Prometheus: its base URL, log file and an HTTP session for its API."""
+
+    def __init__(self, url: str, log: Path, http: ClientSession) -> None:
+        self.url = url
+        self.log = log
+        self.http = http
+
+    async def api(self, path: str, **params: str) -> Any:
+        """GET ``/api/v1/<path>`` and return its ``data`` (asserting status success)."""
+        async with self.http.get(f"{self.url}/api/v1/{path}", params=params) as resp:
+            body = await resp.json()
+        assert body["status"] == "success", (path, params, body)
+        return body["data"]
+
+    async def query(self, expr: str) -> list[float]:
+        """Values of the instant query ``expr`` now (one per series; NaN kept)."""
+        data = await self.api("query", query=expr)
+        if data["resultType"] == "scalar":
+            return [float(data["result"][1])]
+        return [float(r["value"][1]) for r in data["result"]]
+
+    def log_tail(self) -> str:
+        """The last lines Prometheus logged, for failure messages."""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+
+
+async def _until(check: Callable[[], Awaitable[bool]], deadline: float) -> bool:
+    """Poll ``check()`` until it is true (True) or ``time.monotonic()`` passes ``deadline``."""
+    while not await check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(POLL)
+    return True
+
+
+@pytest.fixture
+async def prometheus(metrics_target: str, tmp_path: Path) -> AsyncIterator[Prometheus]:
+    """The Debian Prometheus on 127.0.0.1 scraping ``metrics_target`` every second, ready."""
+    binary = _prometheus_binary()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(_config(metrics_target))
+    listen = f"127.0.0.1:{_free_port()}"
+    log = tmp_path / "prometheus.log"
+    deadline = time.monotonic() + DEADLINE
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address={listen}", stdin=asyncio.subprocess.DEVNULL, stdout=out,
+            stderr=out)
+    try:
+        async with ClientSession(timeout=ClientTimeout(total=5)) as http:
+            prom = Prometheus(f"http://{listen}", log, http)
+
+            async def ready() -> bool:
+                assert proc.returncode is None, f"prometheus exited:\n{prom.log_tail()}"
+                try:
+                    async with http.get(f"{prom.url}/-/ready") as resp:
+                        return resp.status == 200
+                except OSError:
+                    return False
+
+            assert await _until(ready, deadline), f"prometheus not ready:\n{prom.log_tail()}"
+            yield prom
+    finally:
+        await _stop(proc)
+
+
+async def test_every_dashboard_expression_returns_data(prometheus: Prometheus) -> None:
+    """Scraped by a real Prometheus, every panel query and variable query of the dashboard has data."""
+    started = time.monotonic()
+    deadline = started + DEADLINE
+    dash = _load()
+
+    async def scraped() -> bool:
+        return await prometheus.query('up{job="prestaged"}') == [1.0]
+
+    assert await _until(scraped, deadline), f"target not scraped:\n{prometheus.log_tail()}"
+    queries = [(title, _substitute(expr, dash)) for title, expr in _targets(dash)]
+
+    async def missing() -> list[str]:
+        """Expressions still without a real (non-NaN) value."""
+        results = await asyncio.gather(*(prometheus.query(q) for _, q in queries))
+        return [f"{t}: {q}" for (t, q), vals in zip(queries, results)
+                if not [v for v in vals if not math.isnan(v)]]
+
+    async def all_answer() -> bool:
+        return not await missing()
+
+    await _until(all_answer, deadline)
+    empty = await missing()
+    assert not empty, "no data for:\n" + "\n".join(empty)
+
+    for var in _variables(dash):
+        if var["type"] != "query":
+            continue
+        m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", _var_query(var))
+        assert m, var
+        selector, label = _substitute(m.group(1), dash), m.group(2)
+        values = await prometheus.api(f"label/{label}/values", **{"match[]": selector})
+        assert values, f"variable {var['name']}: no {label} values for {selector}"
+        if var["name"] == "definition":
+            assert values == ["campaign_raw"]  # the URL list's name, never its path
+
+    series = await prometheus.api("series", **{"match[]": '{__name__=~"prestaged_.+"}'})
+    assert series
+    paths = [s for s in series if any("/" in v for k, v in s.items() if k != "__name__")]
+    assert not paths, f"URL or path in a label value: {paths[:3]}"
+    assert time.monotonic() - started < DEADLINE

@@ -1,0 +1,240 @@
+"""Metrics: a real warm against the HTTPS test storage feeds the counters; labels stay bounded;
+``promtool check metrics`` accepts the exposition."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import shutil
+import ssl
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from subprocess import PIPE, STDOUT
+
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestServer
+from aiohttp.web import Application
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+import prestaged
+from prestaged.catalog import FileRef
+from prestaged.credentials import inspect_proxy, load_credentials
+from prestaged.metrics import Metrics, definition_label, host_label, run_result
+from prestaged.retry import RetryPolicy
+from prestaged.storage.http import HttpToucher
+from prestaged.testing.pki import TestPKI
+from prestaged.testing.storage import Status, StorageServer
+from prestaged.warm import RunReport, Tally, WarmSettings, warm
+
+FAST = RetryPolicy(attempts=5, initial=0.0, max=0.0, jitter=0.0, total=30.0)
+
+
+def _in_ci() -> bool:
+    """True when the environment variable CI is set to something other than false/0."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _promtool() -> str:
+    """Path of promtool; skip without it, unless CI is set (then a missing tool fails)."""
+    path = shutil.which("promtool")
+    if path is None:
+        message = "promtool not found: install Debian package prometheus"
+        if _in_ci():
+            pytest.fail(f"{message} (CI is set: a missing tool is a failure)")
+        pytest.skip(message)
+    return path
+
+
+async def _refs(urls: Iterable[str]) -> AsyncIterator[FileRef]:
+    for u in urls:
+        yield FileRef(name=u.rsplit("/", 1)[-1], url=u)
+
+
+def _client(pki: TestPKI, proxy: Path) -> ssl.SSLContext:
+    creds = load_credentials(proxy=proxy, proxy_configured=None, ca_dir=pki.ca_dir,
+                             ca_dir_configured=None, min_lifetime=3600)
+    return creds.ssl_context()
+
+
+async def _warm(ctx: ssl.SSLContext, urls: list[str], metrics: Metrics) -> RunReport:
+    settings = WarmSettings(concurrency=8, nbytes=4, retry=FAST)
+    async with HttpToucher(ctx, nbytes=4, limit=8, limit_per_host=8, timeout=20) as t:
+        return await warm(_refs(urls), settings, t, probe=metrics)
+
+
+def _value(m: Metrics, name: str, **labels: str) -> float:
+    """The current value of one sample (0 for an absent one, so a missing series fails loudly)."""
+    v = m.registry.get_sample_value(name, labels)
+    assert v is not None, f"no sample {name}{labels}"
+    return v
+
+
+def _label_values(exposition: bytes) -> list[tuple[str, str, str]]:
+    """(sample name, label name, label value) of every labelled sample of ``exposition``."""
+    out: list[tuple[str, str, str]] = []
+    for family in text_string_to_metric_families(exposition.decode()):
+        for sample in family.samples:
+            out.extend((sample.name, k, v) for k, v in sample.labels.items())
+    return out
+
+
+@pytest.fixture
+async def storage(pki: TestPKI) -> AsyncIterator[StorageServer]:
+    """The test storage, requiring a client certificate."""
+    async with StorageServer(pki.server_ssl_context()) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def warmed(pki: TestPKI, proxy: Path, storage: StorageServer) -> Metrics:
+    """Metrics after a real warm of 50 files (one 503 then warm) plus every daemon-side call."""
+    m = Metrics()
+    storage.inject("/pnfs/ds/f0000.root", [Status(503)])
+    urls = [storage.url(f"/pnfs/ds/f{i:04d}.root") for i in range(50)]
+    report = await _warm(_client(pki, proxy), urls, m)
+    assert report.exit_code == 0
+    m.run_finished(run_result(report))
+    m.set_dataset(str(Path("/data/definitions/my_dataset.txt")), warm=50, stale=0, failed=0,
+                  unknown=0, last_warm=1.7e9)
+    m.set_credential_expiry("proxy", inspect_proxy(proxy).not_after.timestamp())
+    m.catalog_request("local", "ok")
+    return m
+
+
+async def test_real_warm_counts_files_bytes_requests_and_retries(
+    pki: TestPKI, proxy: Path, storage: StorageServer
+) -> None:
+    """N files warmed: touched{warm}=N, bytes=4N, histogram count=requests, in-flight 0, 503 retried."""
+    m = Metrics()
+    n = 120
+    storage.inject("/busy", [Status(503), Status(503)])
+    urls = [storage.url(f"/pnfs/ds/f{i:04d}.root") for i in range(n - 1)] + [storage.url("/busy")]
+    report = await _warm(_client(pki, proxy), urls, m)
+    assert report.tally.results["warm"] == n
+    assert _value(m, "prestaged_files_touched_total", result="warm") == n
+    assert _value(m, "prestaged_files_touched_total", result="failed") == 0
+    assert _value(m, "prestaged_bytes_read_total") == 4 * n
+    assert storage.stats.requests_total == n + 2
+    assert _value(m, "prestaged_request_duration_seconds_count", host="127.0.0.1") == n + 2
+    assert _value(m, "prestaged_requests_in_flight") == 0
+    assert _value(m, "prestaged_retries_total", reason="503") == 2
+    assert _value(m, "prestaged_retries_total", reason="reset") == 0
+
+
+async def test_skipped_fresh_files_are_counted_without_bytes() -> None:
+    """file_done of a skipped_fresh outcome counts the file and adds no bytes."""
+    from prestaged.storage.http import Result
+    from prestaged.warm import Outcome
+
+    m = Metrics()
+    m.file_done(Outcome(url="https://h/x", name="x", result=Result.SKIPPED_FRESH, status=None,
+                        bytes=0, attempts=0, elapsed=0.0))
+    assert _value(m, "prestaged_files_touched_total", result="skipped_fresh") == 1
+    assert _value(m, "prestaged_bytes_read_total") == 0
+
+
+def test_known_label_values_exist_at_zero() -> None:
+    """Every file result, run result and catalog kind has a series at 0 before any event."""
+    m = Metrics()
+    for result in ("warm", "empty", "missing", "denied", "failed", "skipped_fresh", "staging"):
+        assert _value(m, "prestaged_files_touched_total", result=result) == 0
+    for result in ("ok", "failed", "aborted", "interrupted"):
+        assert _value(m, "prestaged_runs_total", result=result) == 0
+    assert _value(m, "prestaged_catalog_requests_total", catalog="local", result="error") == 0
+    info = _value(m, "prestaged_build_info", version=prestaged.__version__,
+                  python=platform.python_version())
+    assert info == 1
+
+
+def test_registry_is_injected_never_global() -> None:
+    """Two Metrics on their own registries coexist and nothing lands on the global REGISTRY."""
+    reg = CollectorRegistry()
+    a, b = Metrics(reg), Metrics()
+    assert a.registry is reg and b.registry is not reg
+    assert REGISTRY.get_sample_value("prestaged_bytes_read_total") is None
+    a.run_finished("ok")
+    assert _value(a, "prestaged_runs_total", result="ok") == 1
+    assert _value(b, "prestaged_runs_total", result="ok") == 0
+
+
+async def test_no_label_value_is_a_url_or_a_path(warmed: Metrics) -> None:
+    """After a warm and every daemon call, no label value holds a "/" or a URL scheme."""
+    labels = _label_values(warmed.exposition())
+    assert labels
+    bad = [(s, k, v) for s, k, v in labels if "/" in v or "://" in v]
+    assert not bad
+    assert ("prestaged_dataset_files", "definition", "my_dataset") in labels
+    assert ("prestaged_request_duration_seconds_count", "host", "127.0.0.1") in labels
+
+
+def test_label_helpers_strip_urls_and_paths() -> None:
+    """Hosts lose scheme, port and path; definitions given as files keep only their name."""
+    assert host_label("https://door.example.org:2880/pnfs/x/file.root") == "door.example.org"
+    assert host_label("door.example.org:2880") == "door.example.org"
+    assert host_label("::1") == "::1"
+    assert definition_label("/srv/defs/run42_raw.txt") == "run42_raw"
+    assert definition_label("dune_mc_2024") == "dune_mc_2024"
+    m = Metrics()
+    m.request_started("https://door.example.org:2880/a/b")
+    m.request_finished("https://door.example.org:2880/a/b", 0.02)
+    m.retried("5/03")
+    assert not [v for _, _, v in _label_values(m.exposition()) if "/" in v]
+
+
+def test_set_dataset_sets_states_and_forget_drops_them() -> None:
+    """set_dataset writes the four states and the timestamp; None and forget_dataset drop series."""
+    m = Metrics()
+    m.set_dataset("d", warm=7, stale=2, failed=1, unknown=3, last_warm=1234.5)
+    got = {s: _value(m, "prestaged_dataset_files", definition="d", state=s)
+           for s in ("warm", "stale", "failed", "unknown")}
+    assert got == {"warm": 7, "stale": 2, "failed": 1, "unknown": 3}
+    assert _value(m, "prestaged_dataset_last_warm_timestamp_seconds", definition="d") == 1234.5
+    m.set_dataset("d", warm=7, stale=2, failed=1, unknown=3, last_warm=None)
+    assert m.registry.get_sample_value(
+        "prestaged_dataset_last_warm_timestamp_seconds", {"definition": "d"}) is None
+    m.forget_dataset("d")
+    assert m.registry.get_sample_value(
+        "prestaged_dataset_files", {"definition": "d", "state": "warm"}) is None
+    m.forget_dataset("never-seen")
+
+
+def test_run_result_maps_reports() -> None:
+    """A clean report is ok, failures failed, a breaker trip aborted, a stop interrupted."""
+    from prestaged.errors import CredentialError
+
+    clean = Tally()
+    clean.results["warm"] = 3
+    clean.done = 3
+    bad = Tally()
+    bad.results["missing"] = 1
+    bad.results["warm"] = 1
+    bad.done = 2
+    assert run_result(RunReport(tally=clean, elapsed=1.0)) == "ok"
+    assert run_result(RunReport(tally=bad, elapsed=1.0)) == "failed"
+    assert run_result(RunReport(tally=clean, elapsed=1.0, interrupted=True)) == "interrupted"
+    assert run_result(RunReport(tally=clean, elapsed=1.0, aborted=CredentialError("x"))) == "aborted"
+
+
+async def test_aiohttp_handler_serves_the_exposition(warmed: Metrics) -> None:
+    """GET /metrics through the aiohttp handler returns the registry in the text format."""
+    app = Application()
+    app.router.add_get("/metrics", warmed.aiohttp_handler())
+    async with TestServer(app, host="127.0.0.1") as server, ClientSession() as http, \
+            http.get(server.make_url("/metrics")) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        body = await resp.text()
+    assert 'prestaged_files_touched_total{result="warm"} 50.0' in body
+    assert "prestaged_credential_expiry_timestamp_seconds" in body
+
+
+async def test_promtool_check_metrics_passes(warmed: Metrics) -> None:
+    """promtool check metrics (Debian prometheus) finds no problem in the exposition."""
+    proc = await asyncio.create_subprocess_exec(
+        _promtool(), "check", "metrics", stdin=PIPE, stdout=PIPE, stderr=STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(warmed.exposition()), timeout=60)
+    assert proc.returncode == 0, out.decode()
+    assert not out.strip(), out.decode()  # lint findings are printed even when it exits 0
