@@ -17,7 +17,7 @@ import pytest
 
 from prestaged.catalog import FileRef
 from prestaged.errors import StateError
-from prestaged.store import MIGRATIONS, SCHEMA_VERSION, Store
+from prestaged.store import MIGRATIONS, SCHEMA_VERSION, Store, url_id
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, ThreadedStorageServer
 
@@ -130,8 +130,8 @@ def test_failures_are_not_fresh_and_status_counts_them(
 def _v1_database(path: Path) -> None:
     conn = sqlite3.connect(path)
     conn.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
-    conn.execute("INSERT INTO files (url, name, status, last_try, last_warm) "
-                 "VALUES ('https://h/a', 'a', 'warm', 1, ?)", (time.time(),))
+    conn.execute("INSERT INTO files (id, url, name, status, last_try, last_warm) "
+                 "VALUES (?, 'https://h/a', 'a', 'warm', 1, ?)", (url_id("https://h/a"), time.time()))
     conn.commit()
     conn.close()
 

@@ -1,0 +1,90 @@
+"""The state store's writer process: applies batches of rows to the SQLite file.
+
+``prestaged.store.Store`` starts this file as a script (``python store_writer.py DB``) and sends
+it one JSON document per line on stdin; it writes each document in one transaction. Running
+the writes in a process of their own keeps SQLite's per-row work off the warming process's CPU
+and GIL (in a thread of the warming process it cost 12-15% of the rate; bench/throughput.py).
+
+Lines: ``{"members": [[catalog, definition, [[id, url, name, size], ...]], ...],
+"outcomes": [[id, url, name, result, http_status, bytes, attempts, error, time], ...]}`` or
+``{"flush": n}``, answered with the line ``ok n`` once everything before it is committed.
+End of input: exit 0. Standard library only: importing the prestaged package would cost the
+child a third of a second of start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from typing import Any
+
+UPSERT_MEMBER_FILE = (
+    "INSERT INTO files (id, url, name, size) VALUES (?, ?, ?, ?) ON CONFLICT (id) "
+    "DO UPDATE SET size = COALESCE(excluded.size, files.size)"
+)
+INSERT_MEMBER = "INSERT OR IGNORE INTO members (definition_id, file_id) VALUES (?, ?)"
+# An outcome never erases a newer success written by another process: last_warm only grows.
+UPSERT_OUTCOME = """
+INSERT INTO files (id, url, name, status, http_status, bytes, attempts, last_error, last_try,
+                   last_warm)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, CASE WHEN ?4 IN ('warm', 'empty') THEN ?9 END)
+ON CONFLICT (id) DO UPDATE SET
+    status = excluded.status,
+    http_status = excluded.http_status,
+    bytes = excluded.bytes,
+    attempts = excluded.attempts,
+    last_error = excluded.last_error,
+    last_try = MAX(COALESCE(files.last_try, 0), excluded.last_try),
+    last_warm = NULLIF(MAX(COALESCE(files.last_warm, 0), COALESCE(excluded.last_warm, 0)), 0)
+"""
+
+
+def definition_id(conn: sqlite3.Connection, catalog: str, definition: str) -> int:
+    """The id of ``(catalog, definition)``, created if new."""
+    conn.execute("INSERT OR IGNORE INTO definitions (catalog, name) VALUES (?, ?)",
+                 (catalog, definition))
+    row = conn.execute("SELECT id FROM definitions WHERE catalog = ? AND name = ?",
+                       (catalog, definition)).fetchone()
+    return int(row[0])
+
+
+def write(conn: sqlite3.Connection, doc: dict[str, Any]) -> None:
+    """Apply one batch in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for catalog, definition, rows in doc.get("members", ()):
+            def_id = definition_id(conn, catalog, definition)
+            conn.executemany(UPSERT_MEMBER_FILE, rows)
+            conn.executemany(INSERT_MEMBER, [(def_id, row[0]) for row in rows])
+        if doc.get("outcomes"):
+            conn.executemany(UPSERT_OUTCOME, doc["outcomes"])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def main(argv: list[str]) -> int:
+    """Serve batches for the database ``argv[1]`` (busy timeout ``argv[2]`` seconds)."""
+    conn = sqlite3.connect(argv[1], timeout=float(argv[2]), isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    try:
+        for line in sys.stdin.buffer:
+            doc = json.loads(line)
+            if "flush" in doc:
+                sys.stdout.write(f"ok {doc['flush']}\n")
+                sys.stdout.flush()
+            else:
+                write(conn, doc)
+    except (sqlite3.Error, OSError, ValueError) as e:
+        print(f"prestaged state writer: {e}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
