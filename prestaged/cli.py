@@ -368,18 +368,53 @@ def _ago(when: Optional[float]) -> str:
     return format_timedelta(timedelta(seconds=max(0.0, time.time() - when))) + " ago"
 
 
-def _cmd_status(args: argparse.Namespace, cfg: Config) -> int:
-    store = _open_store(cfg, must_exist=True)
+def _daemon_status(args: argparse.Namespace, cfg: Config) -> Optional[list[Any]]:
+    """Warmth as the running daemon (``daemon.listen``) reports it, or None when none answers.
+
+    An explicit ``--state`` always reads that file instead.
+    """
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from prestaged.store import DatasetStatus, RunRecord
+
+    if args.state is not None:
+        return None
+    query = urllib.parse.urlencode({"catalog": args.status_catalog} if args.status_catalog
+                                   else {})
+    url = f"http://{cfg.daemon.listen}/api/v1/datasets?{query}"
     try:
-        rows = store.status(cfg.state.fresh_for, args.definition, args.status_catalog)
-    finally:
-        store.close()
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            doc = json.loads(resp.read())
+    except (OSError, ValueError):
+        return None  # no daemon here (or not ours): read the state file
+    rows = []
+    for d in doc.get("definitions", []):
+        if args.definition is not None and d["definition"] != args.definition:
+            continue
+        last = RunRecord(**d["last_run"]) if d.get("last_run") else None
+        rows.append(DatasetStatus(**{**d, "last_run": last}))
+    log.debug("status from the daemon at %s", cfg.daemon.listen)
+    return rows
+
+
+def _cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    rows = _daemon_status(args, cfg)
+    source = f"daemon http://{cfg.daemon.listen}"
+    if rows is None:
+        store = _open_store(cfg, must_exist=True)
+        try:
+            rows = store.status(cfg.state.fresh_for, args.definition, args.status_catalog)
+        finally:
+            store.close()
+        source = f"state {store.path}"
     if args.definition is not None and not rows:
         from prestaged.errors import CatalogError
 
-        raise CatalogError(f"definition '{args.definition}' has no record in state {store.path}")
+        raise CatalogError(f"definition '{args.definition}' has no record in {source}")
     if args.json:
-        print(json.dumps({"state": str(store.path), "fresh_for_seconds": cfg.state.fresh_for,
+        print(json.dumps({"source": source, "fresh_for_seconds": cfg.state.fresh_for,
                           "definitions": [r.to_dict() for r in rows]}, indent=2))
         return 0
     print(f"{'definition':<32} {'catalog':<8} {'files':>8} {'fresh':>8} {'stale':>7} "

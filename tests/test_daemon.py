@@ -242,6 +242,12 @@ def test_api_errors_and_token(pki: TestPKI, proxy: Path, storage: ThreadedStorag
     assert status == 202
     _poll("api run done", lambda: d.http("GET", body["href"])[1]["state"] == "done")
     assert d.http("GET", body["href"])[1]["counts"] == {"warm": 5}
+    # `prestaged status` asks the running daemon (its config names the listener)
+    res = subprocess.run([sys.executable, "-m", "prestaged", "status", "--config", str(config),
+                          "--json"], capture_output=True, text=True, timeout=DEADLINE, check=True)
+    doc = json.loads(res.stdout)
+    assert doc["source"] == f"daemon http://127.0.0.1:{port}"
+    assert [(r["definition"], r["fresh"]) for r in doc["definitions"]] == [(str(ok), 5)]
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(timeout=DEADLINE) == 0
     out, err = d.proc.communicate()

@@ -29,6 +29,7 @@ from prestaged import __version__
 __all__ = ["Attempt", "Failure", "HttpToucher", "Result", "classify_status", "parse_retry_after"]
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_ENCODED = re.compile(r"https?://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]*")
 _CONTENT_RANGE_TOTAL = re.compile(r"/\s*(\d+)\s*$")
 # Small error/redirect bodies are drained so the door connection can be reused; anything larger
 # (or of unknown length) costs a closed connection instead of reading it.
@@ -228,7 +229,9 @@ class HttpToucher:
         if session is None:
             raise RuntimeError("HttpToucher.start() was not called")
         try:
-            target = URL(url, encoded=False)
+            # A URL made only of characters legal in an encoded URL needs no requoting by yarl
+            # (5% of the per-file CPU); anything else is quoted as usual.
+            target = URL(url, encoded=_ENCODED.fullmatch(url) is not None)
         except (ValueError, TypeError) as e:
             return Attempt(failure=Failure.PROTOCOL, error=f"bad URL: {_describe(e)}")
         try:
