@@ -289,7 +289,7 @@ class Store:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        if version < SCHEMA_VERSION:
+        if 0 < version < SCHEMA_VERSION:
             log.info("state %s: schema version %d -> %d", self.path, version, SCHEMA_VERSION)
         conn.execute("PRAGMA journal_mode = WAL")  # persistent: once per file is enough
 
