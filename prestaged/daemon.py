@@ -387,7 +387,9 @@ class Daemon:
         if self._draining:
             raise PrestagedError("the daemon is stopping")
         kind = catalog or self.cfg.catalog.default
-        cat = open_catalog(kind, definition, self.cfg.catalog)
+        cat = self._open_catalog(kind, definition)
+        if hasattr(cat, "on_request"):  # networked catalogs report each request
+            cat.on_request = lambda result: self.metrics.catalog_request(cat.name, result)
         info = RunInfo(id=self._next_id, catalog=cat.name, definition=cat.definition,
                        origin=origin)
         self._next_id += 1
@@ -396,6 +398,16 @@ class Daemon:
             del self.runs[old]
         self._spawn(self._execute(info, cat, fresh_for))
         return info
+
+    def _open_catalog(self, kind: str, definition: str) -> Any:
+        """``open_catalog`` with the daemon's proxy presented to networked catalogs (SAM)."""
+        if kind != "samweb" or self.credentials is None:
+            return open_catalog(kind, definition, self.cfg.catalog)
+        from prestaged.catalog.samweb import samweb_ssl_context
+
+        return open_catalog(kind, definition, self.cfg.catalog,
+                            ssl_context=samweb_ssl_context(self.credentials),
+                            identity=self.credentials.proxy.identity)
 
     async def _execute(self, info: RunInfo, catalog: Any, fresh_for: Optional[float]) -> None:
         key = (info.catalog, info.definition)
@@ -465,7 +477,7 @@ class Daemon:
     async def _first_delay(self, kind: str, w: WatchConfig) -> float:
         assert self.store is not None
         try:
-            cat = open_catalog(kind, w.definition, self.cfg.catalog)
+            cat = self._open_catalog(kind, w.definition)
         except PrestagedError:
             return 0.0  # submit() will report the problem
         rows = await asyncio.to_thread(self.store.status, w.every, cat.definition, cat.name)

@@ -262,3 +262,26 @@ def test_expired_proxy_refused_at_start(pki: TestPKI, tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=DEADLINE, check=False)
     assert res.returncode == 3
     assert "expired" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_daemon_watches_a_samweb_definition(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    start_daemon: Callable[..., Daemon], samweb: Callable[..., Any],
+) -> None:
+    """A [[watch]] on a SAM definition resolves through SAM (proxy presented) and is warmed;
+    every SAM request is counted in prestaged_catalog_requests_total."""
+    files = [{"name": f"f{i:03d}.root", "size": 10, "locations": [f"dcache:/pnfs/dune/d{i % 3}"]}
+             for i in range(40)]
+    sam = samweb({"mc-2026": files}, require_cert=True)
+    port = _free_port()
+    extra = (f'[catalog.samweb]\nbase_url = "{sam.base_url}"\n'
+             f'[[catalog.samweb.rewrite]]\nlocation = "dcache:/pnfs/dune/"\n'
+             f'url = "{storage.url("/door")}/"\n')
+    config = _config(tmp_path, pki, proxy, port, [], extra="")
+    config.write_text(config.read_text() + '\n[[watch]]\ndefinition = "mc-2026"\n'
+                      'catalog = "samweb"\nevery = "1h"\n' + extra)
+    d = start_daemon(config, port)
+    _poll("samweb watch warmed", lambda: d.metric("prestaged_runs_total", result="ok") >= 1)
+    assert all(storage.stats.path(f"/door/d{i % 3}/f{i:03d}.root").requests == 1
+               for i in range(40))
+    assert d.metric("prestaged_catalog_requests_total", catalog="samweb", result="ok") >= 2

@@ -242,6 +242,8 @@ class _Api:
         self._session: Optional[aiohttp.ClientSession] = None
         self._answered = False
         self._early_drops = 0
+        self.on_request: Optional[Callable[[str], None]] = None
+        """Told ``ok`` or ``error`` after every request (the daemon's metrics)."""
 
     async def __aenter__(self) -> _Api:
         limit = self.cfg.parallel + (
@@ -284,18 +286,25 @@ class _Api:
         """
         assert self._session is not None, "use `async with _Api(...)`"
         method = "GET" if data is None else "POST"
+        ok = False
         try:
             async with self._session.request(method, url, params=params, data=data) as resp:
                 self._answered = True
+                ok = resp.status == 200
                 if resp.status != 200:
                     body = await resp.text(errors="replace") if resp.status < 600 else ""
                     raise self._status_error(call, resp.status, resp.reason or "", body,
                                              resp.headers)
                 yield resp
         except asyncio.TimeoutError:
+            ok = False
             raise _Transient("timed out") from None
         except aiohttp.ClientError as e:
+            ok = False
             raise self._network_error(e) from e
+        finally:
+            if self.on_request is not None:
+                self.on_request("ok" if ok else "error")
 
     def _status_error(
         self, call: _Call, status: int, reason: str, body: str, headers: Mapping[str, str]
@@ -519,10 +528,14 @@ class SamWebCatalog:
         """The first ``MAX_UNRESOLVED_KEPT`` files that got no URL."""
         self.unresolved_count = 0
         """Files that got no URL (all of them, kept or not)."""
+        self.on_request: Optional[Callable[[str], None]] = None
+        """Told ``ok`` or ``error`` after every request to SAM (metrics)."""
 
     def _api(self) -> _Api:
-        return _Api(self.base_url, self.experiment, self.cfg, self._ssl, self._identity,
-                    self._sleep)
+        api = _Api(self.base_url, self.experiment, self.cfg, self._ssl, self._identity,
+                   self._sleep)
+        api.on_request = self.on_request
+        return api
 
     def _listing_call(self) -> _Call:
         if self.dims is not None:
