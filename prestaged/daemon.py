@@ -64,6 +64,8 @@ class RunInfo:
     ended: Optional[float] = None
     exit_code: Optional[int] = None
     error: str = ""
+    warm_fraction: Optional[float] = None
+    """Share of the definition's files fresh after the run (from the store)."""
     tally: Tally = field(default_factory=Tally)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -75,6 +77,7 @@ class RunInfo:
             "origin": self.origin, "state": self.state, "submitted": self.submitted,
             "started": self.started, "ended": self.ended, "exit_code": self.exit_code,
             "error": self.error or None, "files": t.done, "total": t.total,
+            "warm_fraction": self.warm_fraction,
             "counts": dict(t.results), "retries": dict(t.retries),
         }
 
@@ -428,7 +431,8 @@ class Daemon:
                 info.error = str(report.aborted) if report.aborted else ""
                 info.state = "done"
                 self.metrics.run_finished(run_result(report))
-                await self._update_dataset(info.catalog, info.definition)
+                info.warm_fraction = await self._update_dataset(info.catalog, info.definition)
+                self._check_ready(info)
         except PrestagedError as e:
             info.state, info.error = "error", str(e)
             self.metrics.run_finished("aborted")
@@ -443,15 +447,28 @@ class Daemon:
             return ""
         return f"proxy {self.credentials.proxy.path} ({self.credentials.proxy.identity})"
 
-    async def _update_dataset(self, catalog: str, definition: str) -> None:
+    async def _update_dataset(self, catalog: str, definition: str) -> Optional[float]:
+        """Refresh the dataset gauges; return the fresh fraction of its files."""
         assert self.store is not None
         fresh_for = self._fresh_for(catalog, definition)
         rows = await asyncio.to_thread(self.store.status, fresh_for, definition, catalog)
+        fraction = None
         for r in rows:
             last = r.last_run.ended if r.last_run else None
             self.metrics.set_dataset(r.definition, warm=r.fresh, stale=r.stale,
                                      failed=sum(r.failed.values()), unknown=r.never,
                                      last_warm=last)
+            fraction = r.fresh / r.files if r.files else None
+        return fraction
+
+    def _check_ready(self, info: RunInfo) -> None:
+        """Warn when a watched definition stays below its ``ready`` fraction after a run."""
+        for w in self.cfg.watch:
+            key = (w.catalog or self.cfg.catalog.default, w.definition)
+            if key == (info.catalog, info.definition) and info.warm_fraction is not None \
+                    and info.warm_fraction < w.ready:
+                log.warning("watch %s: only %.1f%% warm after the run, below ready %.1f%%",
+                            w.definition, 100 * info.warm_fraction, 100 * w.ready)
 
     def _fresh_for(self, catalog: str, definition: str) -> float:
         for w in self.cfg.watch:

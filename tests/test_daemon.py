@@ -285,3 +285,24 @@ def test_daemon_watches_a_samweb_definition(
     assert all(storage.stats.path(f"/door/d{i % 3}/f{i:03d}.root").requests == 1
                for i in range(40))
     assert d.metric("prestaged_catalog_requests_total", catalog="samweb", result="ok") >= 2
+
+
+def test_watch_below_ready_fraction_is_reported(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """A watched definition left below its `ready` fraction is logged and shown in the run."""
+    port = _free_port()
+    low = _definition(tmp_path, storage, "low", 20)
+    storage.remove("/low/f0003")
+    storage.remove("/low/f0004")
+    config = _config(tmp_path, pki, proxy, port, [(low, "1h")])
+    config.write_text(config.read_text() + "ready = 0.95\n")
+    d = start_daemon(config, port)
+    _poll("first run", lambda: d.metric("prestaged_runs_total", result="failed") >= 1)
+    status, run = d.http("GET", "/api/v1/runs/1")
+    assert status == 200 and run["warm_fraction"] == 0.9 and run["exit_code"] == 1
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=DEADLINE) == 0
+    err = d.proc.communicate()[1]
+    assert "only 90.0% warm after the run, below ready 95.0%" in err
