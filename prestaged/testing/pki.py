@@ -35,7 +35,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
-__all__ = ["PROXY_CERT_INFO_OID", "TestPKI", "create_pki", "subject_hash"]
+__all__ = [
+    "PROXY_CERT_INFO_OID",
+    "TestPKI",
+    "create_pki",
+    "load_or_create_pki",
+    "load_pki",
+    "subject_hash",
+]
 
 #: RFC 3820 ProxyCertInfo extension.
 PROXY_CERT_INFO_OID = ObjectIdentifier("1.3.6.1.5.5.7.1.14")
@@ -526,3 +533,25 @@ def create_pki(root: Path) -> TestPKI:
     for sub in ("ca", "host", "user"):
         (root / sub).chmod(0o755)
     return pki
+
+
+def load_pki(root: Path) -> TestPKI:
+    """Rebuild the ``TestPKI`` that ``create_pki(root)`` made earlier, from its file layout."""
+    user_cert = root / "user" / "usercert.pem"
+    subject = x509.load_pem_x509_certificate(user_cert.read_bytes()).subject
+    return TestPKI(
+        root=root,
+        ca_dir=root / "certificates",
+        ca_cert=root / "ca" / "ca.pem",
+        ca_key=root / "ca" / "ca.key",
+        host_cert=root / "host" / "hostcert.pem",
+        host_key=root / "host" / "hostkey.pem",
+        user_cert=user_cert,
+        user_key=root / "user" / "userkey.pem",
+        user_dn="".join(f"/{a.rfc4514_attribute_name}={a.value!s}" for a in subject),
+    )
+
+
+def load_or_create_pki(root: Path) -> TestPKI:
+    """The PKI under ``root``: loaded if ``create_pki`` made it before, else created."""
+    return load_pki(root) if (root / "ca").exists() else create_pki(root)

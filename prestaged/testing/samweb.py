@@ -49,20 +49,18 @@ import socket
 import ssl
 import struct
 import sys
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Callable, Optional, TypeVar, Union
 
 from aiohttp import web
-from cryptography import x509
 
-from prestaged.testing.pki import TestPKI, create_pki
+from prestaged.testing.pki import load_or_create_pki
 from prestaged.testing.storage import Delay, Reset, Serve, Status
+from prestaged.testing.threaded import ThreadedServer
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -572,7 +570,7 @@ async def _reset(request: web.BaseRequest) -> web.StreamResponse:
 # --- in a thread -------------------------------------------------------------------------------
 
 
-class ThreadedSamWebServer:
+class ThreadedSamWebServer(ThreadedServer[SamWebServer]):
     """A ``SamWebServer`` on its own event loop in a daemon thread, for synchronous code.
 
     Takes the same arguments. Mutators run on the server's loop and return once applied;
@@ -580,82 +578,7 @@ class ThreadedSamWebServer:
     """
 
     def __init__(self, ssl_context: ssl.SSLContext, **kwargs: Any) -> None:
-        self._args = (ssl_context, kwargs)
-        self._server: Optional[SamWebServer] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._stopping: Optional[asyncio.Event] = None
-        self._thread: Optional[threading.Thread] = None
-        self._started = threading.Event()
-        self._error: Optional[BaseException] = None
-
-    def start(self, timeout: float = 30.0) -> None:
-        """Start the thread; return once the server listens (or raise its start-up error)."""
-        if self._thread is not None:
-            raise RuntimeError("ThreadedSamWebServer already started")
-        self._thread = threading.Thread(target=self._run, name="samweb-server", daemon=True)
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise TimeoutError(f"SAM web emulator did not start within {timeout} s")
-        if self._error is not None:
-            self._thread.join()
-            raise self._error
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as e:  # reported to start(); the thread must not die silently
-            self._error = e
-            self._started.set()
-
-    async def _main(self) -> None:
-        ssl_context, kwargs = self._args
-        server = SamWebServer(ssl_context, **kwargs)
-        self._stopping = asyncio.Event()
-        await server.start()
-        try:
-            self._server, self._loop = server, asyncio.get_running_loop()
-            self._started.set()
-            await self._stopping.wait()
-        finally:
-            await server.stop()
-
-    def stop(self) -> None:
-        """Stop the server and its loop; join the thread. Idempotent."""
-        if self._thread is None:
-            return
-        if self._loop is not None and self._stopping is not None:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                self._loop.call_soon_threadsafe(self._stopping.set)
-        self._thread.join()
-        self._thread = None
-
-    def __enter__(self) -> ThreadedSamWebServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.stop()
-
-    @property
-    def server(self) -> SamWebServer:
-        """The wrapped server; touch it only from its own loop."""
-        if self._server is None:
-            raise RuntimeError("ThreadedSamWebServer is not running")
-        return self._server
-
-    def _call(self, fn: Callable[[], T], timeout: float = 30.0) -> T:
-        if self._loop is None:
-            raise RuntimeError("ThreadedSamWebServer is not running")
-
-        async def call() -> T:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(call(), self._loop).result(timeout)
+        super().__init__(lambda: SamWebServer(ssl_context, **kwargs), "SAM web emulator")
 
     @property
     def base_url(self) -> str:
@@ -688,17 +611,6 @@ class ThreadedSamWebServer:
 # --- command line ------------------------------------------------------------------------------
 
 
-def _load_pki(root: Path) -> TestPKI:
-    """The ``TestPKI`` that ``create_pki(root)`` made earlier, from its file layout."""
-    user_cert = root / "user" / "usercert.pem"
-    subject = x509.load_pem_x509_certificate(user_cert.read_bytes()).subject
-    return TestPKI(
-        root=root, ca_dir=root / "certificates", ca_cert=root / "ca" / "ca.pem",
-        ca_key=root / "ca" / "ca.key", host_cert=root / "host" / "hostcert.pem",
-        host_key=root / "host" / "hostkey.pem", user_cert=user_cert,
-        user_key=root / "user" / "userkey.pem",
-        user_dn="".join(f"/{a.rfc4514_attribute_name}={a.value!s}" for a in subject),
-    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -721,7 +633,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _serve_cli(args: argparse.Namespace) -> None:
     root: Path = args.pki_dir
-    pki = _load_pki(root) if (root / "ca").exists() else create_pki(root)
+    pki = load_or_create_pki(root)
     kwargs = load_definitions(args.definitions)
     if args.experiment:
         kwargs["experiment"] = args.experiment

@@ -27,11 +27,10 @@ import socket
 import ssl
 import struct
 import sys
-import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -40,9 +39,9 @@ from urllib.parse import quote
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
-from cryptography import x509
 
-from prestaged.testing.pki import TestPKI, create_pki
+from prestaged.testing.pki import load_or_create_pki
+from prestaged.testing.threaded import ThreadedServer
 
 __all__ = [
     "DOOR",
@@ -826,7 +825,7 @@ async def _reset(request: web.BaseRequest) -> web.StreamResponse:
 # --- in a thread -------------------------------------------------------------------------------
 
 
-class ThreadedStorageServer:
+class ThreadedStorageServer(ThreadedServer[StorageServer]):
     """A ``StorageServer`` on its own event loop in a daemon thread, for synchronous code.
 
     Takes the same arguments. ``start()`` returns once both sites listen; ``stop()`` stops the
@@ -836,85 +835,7 @@ class ThreadedStorageServer:
     """
 
     def __init__(self, ssl_context: ssl.SSLContext, **kwargs: Any) -> None:
-        self._args = (ssl_context, kwargs)
-        self._server: StorageServer | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._thread: threading.Thread | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-
-    def start(self, timeout: float = 30.0) -> None:
-        """Start the thread and block until the server listens (or raise its start-up error)."""
-        if self._thread is not None:
-            raise RuntimeError("ThreadedStorageServer already started")
-        self._thread = threading.Thread(target=self._run, name="storage-server", daemon=True)
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise TimeoutError(f"storage server did not start within {timeout} s")
-        if self._error is not None:
-            self._thread.join()
-            raise self._error
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as e:  # reported to start(); the thread must not die silently
-            self._error = e
-            self._started.set()
-
-    async def _main(self) -> None:
-        ssl_context, kwargs = self._args
-        server = StorageServer(ssl_context, **kwargs)
-        self._stopping = asyncio.Event()
-        await server.start()
-        try:
-            self._server, self._loop = server, asyncio.get_running_loop()
-            self._started.set()
-            await self._stopping.wait()
-        finally:
-            await server.stop()
-
-    def stop(self) -> None:
-        """Stop the server and its loop; join the thread. Idempotent."""
-        if self._thread is None:
-            return
-        if self._loop is not None and self._stopping is not None:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                self._loop.call_soon_threadsafe(self._stopping.set)
-        self._thread.join()
-        self._thread = None
-
-    def __enter__(self) -> ThreadedStorageServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def server(self) -> StorageServer:
-        """The wrapped server; touch it only from its own loop."""
-        if self._server is None:
-            raise RuntimeError("ThreadedStorageServer is not running")
-        return self._server
-
-    def _run_on_loop(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-        if self._loop is None:
-            coro.close()
-            raise RuntimeError("ThreadedStorageServer is not running")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    def _call(self, fn: Callable[[], T], timeout: float = 30.0) -> T:
-        async def call() -> T:
-            return fn()
-
-        return self._run_on_loop(call(), timeout)
+        super().__init__(lambda: StorageServer(ssl_context, **kwargs), "storage server")
 
     @property
     def door_port(self) -> int:
@@ -1016,7 +937,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _serve_cli(args: argparse.Namespace) -> None:
     root: Path = args.pki_dir
-    pki = _load_pki(root) if (root / "ca").exists() else create_pki(root)
+    pki = load_or_create_pki(root)
     server = StorageServer(
         pki.server_ssl_context(),
         pool_ssl_context=pki.server_ssl_context(require_client_cert=False),
@@ -1039,21 +960,6 @@ async def _serve_cli(args: argparse.Namespace) -> None:
         args.stats_file.write_text(json.dumps(server.stats.to_dict()) + "\n")
 
 
-def _load_pki(root: Path) -> TestPKI:
-    """Rebuild the ``TestPKI`` that ``create_pki(root)`` made earlier, from its file layout."""
-    user_cert = root / "user" / "usercert.pem"
-    subject = x509.load_pem_x509_certificate(user_cert.read_bytes()).subject
-    return TestPKI(
-        root=root,
-        ca_dir=root / "certificates",
-        ca_cert=root / "ca" / "ca.pem",
-        ca_key=root / "ca" / "ca.key",
-        host_cert=root / "host" / "hostcert.pem",
-        host_key=root / "host" / "hostkey.pem",
-        user_cert=user_cert,
-        user_key=root / "user" / "userkey.pem",
-        user_dn="".join(f"/{a.rfc4514_attribute_name}={a.value!s}" for a in subject),
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
