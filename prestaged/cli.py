@@ -73,9 +73,13 @@ def _credentials(p: argparse.ArgumentParser) -> None:
                    help="refuse a proxy with less time left (default 1h)")
 
 
-def _source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("definition", nargs="?",
-                   help="definition name, or a text file of URLs (one per line)")
+def _source_args(p: argparse.ArgumentParser, *, option: bool = False) -> None:
+    """DEFINITION (positional, or ``--definition`` when ``option``), catalog and SAM flags."""
+    what = "definition name, or a text file of URLs (one per line)"
+    if option:
+        p.add_argument("--definition", metavar="DEFINITION", help=what + " (or --dims)")
+    else:
+        p.add_argument("definition", nargs="?", help=what)
     p.add_argument("--catalog", help="catalog that resolves DEFINITION: local or samweb "
                                      "(default: catalog.default; --dims implies samweb)")
     p.add_argument("--catalog-dir", metavar="DIR", help="directory of NAME.txt definitions")
@@ -98,6 +102,63 @@ def _state_args(p: argparse.ArgumentParser, *, warm: bool) -> None:
                        help="run without the state database: no skipping, no record")
         g.add_argument("--force", action="store_true",
                        help="touch fresh files too (still recorded)")
+
+
+def _storage_args(p: argparse.ArgumentParser, timeout_flag: str) -> None:
+    """The ``storage``/``retry`` overrides; ``timeout_flag`` names the per-attempt timeout."""
+    g = p.add_argument_group("storage")
+    g.add_argument("--concurrency", type=int, metavar="N", help="files in flight (default 32)")
+    g.add_argument("--per-host", type=int, metavar="N", help="connections per host (default 32)")
+    g.add_argument("--bytes", dest="nbytes", type=int, metavar="N",
+                   help="bytes read per file (default 4)")
+    g.add_argument("--rate", type=float, metavar="FILES_PER_S",
+                   help="limit per endpoint (default unlimited)")
+    g.add_argument(timeout_flag, dest="timeout", metavar="DURATION",
+                   help="per attempt (default 60s)")
+    g.add_argument("--retries", type=int, metavar="N", help="attempts per file (default 5)")
+
+
+def _gate_args(p: argparse.ArgumentParser) -> None:
+    """``--ready``/``--timeout`` of the gate, then the warm, credential and state flags."""
+    g = p.add_argument_group("gate")
+    g.add_argument("--ready", type=float, default=1.0, metavar="FRACTION",
+                   help="warm fraction of the definition required, in (0, 1] (default 1.0)")
+    g.add_argument("--timeout", dest="gate_timeout", default="6h", metavar="DURATION",
+                   help="give up (exit 1) when not ready within this long (default 6h)")
+    g.add_argument("--retry-every", default="10s", metavar="DURATION",
+                   help="first wait before retrying the cold files, doubling up to 10m "
+                        "(default 10s)")
+    _storage_args(p, "--attempt-timeout")
+    _credentials(p)
+    _state_args(p, warm=False)
+    _common(p)
+
+
+def _add_gate_commands(sub: Any) -> None:
+    """``wait`` and ``submit``: hold a submission until its input is warm."""
+    w = sub.add_parser("wait", help="warm a definition until enough of it is warm, or time out",
+                       description="Warm the cold files of DEFINITION (files fresh within "
+                                   "state.fresh_for are skipped) and retry them with backoff "
+                                   "until the warm fraction reaches --ready: exit 0; exit 1 "
+                                   "at --timeout naming the cold files. Usable as fife_launch's "
+                                   "[prelaunch] script.")
+    _source_args(w)
+    w.add_argument("--json", action="store_true", help="print one JSON document")
+    _gate_args(w)
+    w.set_defaults(func=_cmd_wait)
+
+    s = sub.add_parser("submit", help="run a command only once its input definition is warm",
+                       usage="prestaged submit --definition DEFINITION [options] -- COMMAND "
+                             "[ARGS...]",
+                       description="Run the gate of `prestaged wait` on --definition, then "
+                                   "COMMAND (no shell; stdin, stdout and stderr passed through) "
+                                   "and exit with its exit code. COMMAND never runs when the "
+                                   "gate fails (exit 1 on timeout, 2-5 as `warm`).")
+    _source_args(s, option=True)
+    s.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND",
+                   help="the command and its arguments, after --")
+    _gate_args(s)
+    s.set_defaults(func=_cmd_submit, json=False)
 
 
 def _add_state_commands(sub: Any) -> None:
@@ -135,15 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "X.509-authenticated ranged GET, resetting the cache's "
                                    "LRU clock.")
     _source_args(w)
-    g = w.add_argument_group("storage")
-    g.add_argument("--concurrency", type=int, metavar="N", help="files in flight (default 32)")
-    g.add_argument("--per-host", type=int, metavar="N", help="connections per host (default 32)")
-    g.add_argument("--bytes", dest="nbytes", type=int, metavar="N",
-                   help="bytes read per file (default 4)")
-    g.add_argument("--rate", type=float, metavar="FILES_PER_S",
-                   help="limit per endpoint (default unlimited)")
-    g.add_argument("--timeout", metavar="DURATION", help="per attempt (default 60s)")
-    g.add_argument("--retries", type=int, metavar="N", help="attempts per file (default 5)")
+    _storage_args(w, "--timeout")
     _credentials(w)
     _state_args(w, warm=True)
     o = w.add_argument_group("output")
@@ -173,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_cmd_files)
 
     _add_state_commands(sub)
+    _add_gate_commands(sub)
 
     v = sub.add_parser("serve", help="run the daemon: keep [[watch]] definitions warm, HTTP API",
                        description="Run as a service (systemd Type=notify): warm the config's "
@@ -317,10 +371,8 @@ def _open(args: argparse.Namespace, cfg: Config, creds: Any = None) -> Any:
                         dims=args.dims, identity=identity)
 
 
-def _cmd_warm(args: argparse.Namespace, cfg: Config) -> int:
-    if args.dry_run:
-        return _run(_dry_run(_open(args, cfg), as_json=args.json))
-    creds = None
+def _open_with_credentials(args: argparse.Namespace, cfg: Config) -> tuple[Any, Any]:
+    """(catalog, credentials) for a warm run, checked in the order users see errors in."""
     if _catalog_kind(args, cfg) == "samweb":
         from prestaged.catalog.samweb import check_config
 
@@ -331,6 +383,13 @@ def _cmd_warm(args: argparse.Namespace, cfg: Config) -> int:
     else:  # a local definition is checked before the proxy, as it always was
         catalog = _open(args, cfg)
         creds = _load_credentials(args, cfg)
+    return catalog, creds
+
+
+def _cmd_warm(args: argparse.Namespace, cfg: Config) -> int:
+    if args.dry_run:
+        return _run(_dry_run(_open(args, cfg), as_json=args.json))
+    catalog, creds = _open_with_credentials(args, cfg)
     from prestaged.warm import WarmSettings
 
     hint = f"proxy {creds.proxy.path} ({creds.proxy.identity})"
@@ -345,6 +404,75 @@ def _cmd_warm(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         if store is not None:
             store.close()
+
+
+def _gate(args: argparse.Namespace, cfg: Config) -> Any:
+    """Run the gate of ``wait``/``submit`` on the command line's definition: a ``GateResult``."""
+    from prestaged.config import parse_duration
+    from prestaged.gate import check_ready, wait_until_ready
+    from prestaged.warm import WarmSettings
+
+    try:
+        timeout = parse_duration(args.gate_timeout)
+    except ValueError as e:
+        raise ConfigError(f"--timeout: {e}") from e
+    try:
+        retry = parse_duration(args.retry_every)
+    except ValueError as e:
+        raise ConfigError(f"--retry-every: {e}") from e
+    check_ready(args.ready)
+    catalog, creds = _open_with_credentials(args, cfg)
+    settings = WarmSettings.from_config(
+        cfg, credential_hint=f"proxy {creds.proxy.path} ({creds.proxy.identity})")
+    store = _open_store(cfg)
+
+    async def gate() -> Any:
+        stop = asyncio.Event()
+        _install_interrupt(stop)
+        asyncio.get_running_loop().set_exception_handler(_quiet_transport_errors)
+        return await wait_until_ready(catalog, cfg, settings, creds.ssl_context(), store,
+                                      ready=args.ready, timeout=timeout, retry_initial=retry,
+                                      stop=stop)
+
+    try:
+        result: Any = _run(gate())
+    finally:
+        store.close()
+    return result
+
+
+def _cmd_wait(args: argparse.Namespace, cfg: Config) -> int:
+    result = _gate(args, cfg)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    elif result.passed:
+        print(result.summary())
+    if not result.passed:
+        print(f"prestaged: error: {result.summary()}", file=sys.stderr)
+    code: int = result.exit_code
+    return code
+
+
+def _cmd_submit(args: argparse.Namespace, cfg: Config) -> int:
+    from prestaged.gate import run_command
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise ConfigError("submit: give the command after --, e.g. "
+                          "prestaged submit --definition D -- fife_launch -c job.cfg")
+    result = _gate(args, cfg)
+    if not result.passed:
+        print(f"prestaged: error: {result.summary()}; not running {argv[0]}", file=sys.stderr)
+        code: int = result.exit_code
+        return code
+    if not args.quiet:
+        print(f"prestaged: {result.summary()}; running {argv[0]}", file=sys.stderr)
+    sys.stdout.flush()
+    try:
+        return run_command(argv)
+    except OSError as e:
+        print(f"prestaged: error: {argv[0]}: cannot run: {e.strerror or e}", file=sys.stderr)
+        return 127 if isinstance(e, FileNotFoundError) else 126
 
 
 def _open_store(cfg: Config, *, must_exist: bool = False) -> Any:

@@ -443,6 +443,22 @@ class Store:
                 out.append(self._status_of(def_id, cat, name, since))
         return out
 
+    def cold_urls(self, catalog: str, definition: str, fresh_for: float, limit: int = 5,
+                  now: Optional[float] = None) -> list[str]:
+        """Up to ``limit`` URLs (sorted) of ``definition``'s files not successfully touched
+        within the last ``fresh_for`` seconds: never tried, failed (last outcome), or stale; the
+        complement of ``DatasetStatus.fresh``."""
+        since = (time.time() if now is None else now) - fresh_for
+        with self._read_lock:
+            rows = self.conn.execute(
+                "SELECT f.url FROM definitions d JOIN members m ON m.definition_id = d.id "
+                "JOIN files f ON f.id = m.file_id WHERE d.catalog = ? AND d.name = ? "
+                "AND NOT COALESCE(f.status IN (?, ?) AND f.last_warm >= ?, 0) "
+                "ORDER BY f.url LIMIT ?",
+                (catalog, definition, *_OK, since, limit),
+            ).fetchall()
+        return [r[0] for r in rows]
+
     def _status_of(self, def_id: int, catalog: str, name: str, since: float) -> DatasetStatus:
         rows = self.conn.execute(
             "SELECT f.status, f.last_warm >= ?, f.last_warm IS NOT NULL, COUNT(*) "

@@ -1,0 +1,206 @@
+"""The submission gate: warm a definition's cold files until enough of it is warm, or time out.
+
+``wait_until_ready`` is what ``prestaged wait`` and ``prestaged submit`` run: a warm run with the
+state store (files fresh within ``state.fresh_for`` are skipped, so only cold files are
+touched), then the warm fraction of the definition from the store (fresh files / member files);
+below ``ready`` it runs again, after a bounded exponential backoff, until ``timeout``. A run that
+is stopped by a breaker (credentials, storage refusing everything) ends the gate at once with
+that run's exit code; a ``CatalogError`` propagates.
+
+``run_command`` runs the user's command once the gate has passed: an argv list, never a shell,
+so definition or file names with shell metacharacters cannot inject anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from prestaged.catalog import Catalog
+from prestaged.config import Config
+from prestaged.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, ConfigError
+from prestaged.runner import run_definition
+from prestaged.store import Store
+from prestaged.warm import WarmSettings
+
+__all__ = ["COLD_SHOWN", "GateResult", "check_ready", "run_command", "wait_until_ready"]
+
+log = logging.getLogger(__name__)
+
+COLD_SHOWN = 5
+"""Cold file URLs named in a ``GateResult`` (and so in the timeout message)."""
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """How a gate ended. ``exit_code`` is 0 when it passed, 1 on timeout, 130 when stopped,
+    or the exit code of the warm run that a breaker aborted (3 credentials, 5 storage)."""
+
+    catalog: str
+    definition: str
+    ready: float
+    """The warm fraction that was required (0..1)."""
+    files: int
+    """Files of the definition in the state store."""
+    fresh: int
+    """Of those, files successfully touched within ``state.fresh_for``."""
+    runs: int
+    """Warm runs made by this gate."""
+    waited: float
+    """Seconds from the start of the gate to its end."""
+    exit_code: int
+    reason: str
+    cold: list[str] = field(default_factory=list)
+    """Up to ``COLD_SHOWN`` URLs of files that are not fresh."""
+
+    @property
+    def passed(self) -> bool:
+        """True when the command may be submitted."""
+        return self.exit_code == EXIT_OK
+
+    @property
+    def fraction(self) -> float:
+        """Warm fraction (fresh / files); a definition without files counts as all warm."""
+        return self.fresh / self.files if self.files else 1.0
+
+    def summary(self) -> str:
+        """One line for people: the definition, its warmth, and why the gate ended."""
+        line = (f"{self.catalog}:{self.definition}: {self.fresh}/{self.files} files warm "
+                f"({self.fraction:.1%}, need {self.ready:.1%}) after {self.runs} "
+                f"run{'s' if self.runs != 1 else ''}, {self.waited:.1f}s: {self.reason}")
+        cold = self.files - self.fresh
+        if cold and not self.passed:
+            shown = ", ".join(self.cold)
+            more = f" and {cold - len(self.cold)} more" if cold > len(self.cold) else ""
+            line += f"; {cold} cold: {shown}{more}"
+        return line
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``fraction`` and ``passed`` included)."""
+        return {"catalog": self.catalog, "definition": self.definition, "ready": self.ready,
+                "files": self.files, "fresh": self.fresh, "cold_count": self.files - self.fresh,
+                "fraction": self.fraction, "passed": self.passed, "runs": self.runs,
+                "waited_seconds": round(self.waited, 3), "exit_code": self.exit_code,
+                "reason": self.reason, "cold": list(self.cold)}
+
+
+def check_ready(ready: float) -> float:
+    """``ready`` as a fraction in (0, 1], or a ``ConfigError`` naming ``--ready``."""
+    if not 0.0 < ready <= 1.0:
+        raise ConfigError(f"--ready: expected a fraction in (0, 1], e.g. 0.99, got {ready}")
+    return ready
+
+
+def _backoff(n: int, initial: float, maximum: float) -> float:
+    """Seconds before retry ``n`` (1-based) of the cold files: ``min(max, initial * 2**(n-1))``."""
+    return float(min(maximum, initial * 2.0 ** (n - 1)))
+
+
+async def _measure(store: Store, catalog: Catalog, fresh_for: float) -> tuple[int, int, list[str]]:
+    """(files, fresh, up to ``COLD_SHOWN`` cold URLs) of the definition, from the store."""
+    rows = await asyncio.to_thread(store.status, fresh_for, catalog.definition, catalog.name)
+    files = rows[0].files if rows else 0
+    fresh = rows[0].fresh if rows else 0
+    cold: list[str] = []
+    if fresh < files:
+        cold = await asyncio.to_thread(store.cold_urls, catalog.name, catalog.definition,
+                                       fresh_for, COLD_SHOWN)
+    return files, fresh, cold
+
+
+async def wait_until_ready(
+    catalog: Catalog,
+    cfg: Config,
+    settings: WarmSettings,
+    ssl_context: Optional[ssl.SSLContext],
+    store: Store,
+    *,
+    ready: float = 1.0,
+    timeout: float = 6 * 3600.0,
+    retry_initial: float = 10.0,
+    retry_max: float = 600.0,
+    stop: Optional[asyncio.Event] = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> GateResult:
+    """Warm ``catalog``'s cold files until its warm fraction reaches ``ready`` (0..1], giving
+    up after ``timeout`` seconds (default 6 h); between runs wait ``retry_initial`` seconds
+    (default 10), doubling up to ``retry_max`` (default 600). A run in progress at the timeout is
+    stopped. Setting ``stop`` ends the gate early with exit code 130."""
+    check_ready(ready)
+    fresh_for = cfg.state.fresh_for
+    if fresh_for <= 0:
+        raise ConfigError("state.fresh_for: the gate needs a freshness window, got 0 "
+                          "(every file would count as cold); set --fresh-for, e.g. 6h")
+    start = clock()
+    halt = asyncio.Event()  # set at the deadline or by the caller's stop
+    loop = asyncio.get_running_loop()
+    timer = loop.call_later(max(0.0, timeout), halt.set)
+    relay = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    if relay is not None:
+        relay.add_done_callback(lambda _: halt.set())
+    runs = 0
+
+    def result(code: int, reason: str, files: int, fresh: int, cold: list[str]) -> GateResult:
+        return GateResult(catalog.name, catalog.definition, ready, files, fresh, runs,
+                          clock() - start, code, reason, cold)
+
+    try:
+        while True:
+            runs += 1
+            report = await run_definition(catalog, cfg, settings, ssl_context, store=store,
+                                          stop=halt)
+            files, fresh, cold = await _measure(store, catalog, fresh_for)
+            log.info("%s: run %d: %s", catalog.definition, runs,
+                     ", ".join(f"{k} {v}" for k, v in sorted(report.tally.results.items()) if v)
+                     or "nothing to touch")
+            if report.aborted is not None:
+                return result(report.exit_code, f"warm run stopped: {report.aborted}",
+                              files, fresh, cold)
+            if stop is not None and stop.is_set():  # before "ready": Ctrl-C never submits
+                return result(EXIT_INTERRUPTED, "interrupted", files, fresh, cold)
+            if (fresh / files if files else 1.0) >= ready:
+                return result(EXIT_OK, "ready", files, fresh, cold)
+            left = timeout - (clock() - start)
+            if not halt.is_set() and left > 0:
+                delay = _backoff(runs, retry_initial, retry_max)
+                log.info("%s: %d/%d files warm, need %.1f%%; %d cold, next try in %.0fs "
+                         "(%.0fs left)", catalog.definition, fresh, files, ready * 100,
+                         files - fresh, delay, left)
+                # Past the deadline the timer sets halt: no race between two clocks.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(halt.wait(), delay if delay < left else None)
+            if stop is not None and stop.is_set():
+                return result(EXIT_INTERRUPTED, "interrupted", files, fresh, cold)
+            if halt.is_set() or clock() - start >= timeout:
+                return result(EXIT_SOME_FAILED, f"not ready within {timeout:g}s",
+                              files, fresh, cold)
+    finally:
+        timer.cancel()
+        if relay is not None:
+            relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay
+
+
+def run_command(argv: Sequence[str]) -> int:
+    """Run ``argv`` (no shell) with this process's stdin, stdout and stderr; return its exit code
+    (128 + N when it was killed by signal N, as a shell reports it). While it runs, Ctrl-C is
+    left to the command (it gets the terminal's SIGINT itself) and SIGTERM is passed on to it.
+    ``FileNotFoundError``/``PermissionError`` mean it could not be started."""
+    proc = subprocess.Popen(list(argv))
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+    return 128 - code if code < 0 else code

@@ -1,0 +1,257 @@
+"""``prestaged wait`` and ``prestaged submit``: the gate end to end, real subprocesses and storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from prestaged.store import Store
+from prestaged.testing.pki import TestPKI
+from prestaged.testing.storage import Delay, Status, ThreadedStorageServer
+
+TIMEOUT = 60
+
+# Records its argv, environment and start time (CLOCK_MONOTONIC, shared by every process on the
+# machine, so comparable with the storage's arrival times), says hello, exits $GATE_EXIT.
+FAKE_SUBMIT = """\
+import json, os, sys, time
+start = time.monotonic()
+with open(os.environ["GATE_RECORD"], "w") as f:
+    json.dump({"argv": sys.argv[1:], "env": dict(os.environ), "start": start,
+               "cwd": os.getcwd(), "stdin": sys.stdin.read()}, f)
+print("hello from the submit command")
+sys.exit(int(os.environ.get("GATE_EXIT", "0")))
+"""
+
+
+@pytest.fixture
+def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
+    """The test storage in a background thread, requiring a client certificate."""
+    with ThreadedStorageServer(pki.server_ssl_context()) as srv:
+        yield srv
+
+
+@pytest.fixture
+def fake_submit(tmp_path: Path) -> Path:
+    """The fake submit script (see ``FAKE_SUBMIT``)."""
+    script = tmp_path / "fake_submit.py"
+    script.write_text(FAKE_SUBMIT)
+    return script
+
+
+def _definition(tmp_path: Path, srv: ThreadedStorageServer, paths: list[str],
+                name: str = "dataset.txt") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(srv.url(p) + "\n" for p in paths))
+    return path
+
+
+def _prestaged(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str, extra_env: dict[str, str] | None = None,
+               stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """Run ``python -m prestaged ARGS`` with the test proxy and a state file in tmp_path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_"))}
+    env.update({"GATE_RECORD": str(tmp_path / "record.json"), **(extra_env or {})})
+    ours = ["--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), "--state", str(tmp_path / "state.db")]
+    i = args.index("--") if "--" in args else len(args)  # the gate's flags go before the --
+    res = subprocess.run([sys.executable, "-m", "prestaged", *args[:i], *ours, *args[i:]], input=stdin,
+                         capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=tmp_path,
+                         check=False)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+def _error_line(stderr: str) -> str:
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("prestaged: error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def test_submit_starts_only_after_the_last_file_is_warm(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, fake_submit: Path
+) -> None:
+    """The command starts after every file's touch finished, gets argv, env and stdin, exit 0."""
+    paths = [f"/pnfs/gate/f{i}" for i in range(8)]
+    delays = {paths[2]: 0.8, paths[5]: 1.2}
+    for p, seconds in delays.items():
+        storage.inject(p, [Delay(seconds)])
+    definition = _definition(tmp_path, storage, paths)
+    res = _prestaged(pki, proxy, tmp_path, "submit", "--definition", str(definition), "--",
+                     sys.executable, str(fake_submit), "-c", "reco2.cfg", "--stage", "reco2",
+                     extra_env={"GATE_MARK": "passed through"}, stdin="from stdin\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "hello from the submit command\n"
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["argv"] == ["-c", "reco2.cfg", "--stage", "reco2"]
+    assert record["env"]["GATE_MARK"] == "passed through" and record["stdin"] == "from stdin\n"
+    # A response ends no earlier than its arrival plus the injected delay.
+    done = [storage.stats.path(p).times[0] + delays.get(p, 0.0) for p in paths]
+    assert all(len(storage.stats.path(p).times) == 1 for p in paths)
+    assert record["start"] >= max(done)
+
+
+def test_gate_timeout_never_runs_the_command(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, fake_submit: Path
+) -> None:
+    """A file that stays missing with --ready 1.0: exit 1 at the timeout, command not run."""
+    paths = [f"/pnfs/gate/f{i}" for i in range(4)]
+    storage.remove(paths[1])
+    definition = _definition(tmp_path, storage, paths)
+    started = time.monotonic()
+    res = _prestaged(pki, proxy, tmp_path, "submit", "--definition", str(definition),
+                     "--timeout", "2s", "--", sys.executable, str(fake_submit))
+    elapsed = time.monotonic() - started
+    assert res.returncode == 1
+    assert not (tmp_path / "record.json").exists()
+    line = _error_line(res.stderr)
+    assert "3/4 files warm" in line and f"1 cold: {storage.url(paths[1])}" in line
+    assert "not ready within 2s" in line and "not running" in line
+    assert 2.0 <= elapsed < 15
+    assert res.stdout == ""
+
+
+def test_credential_failure_never_runs_the_command(
+    pki: TestPKI, storage: ThreadedStorageServer, tmp_path: Path, fake_submit: Path
+) -> None:
+    """An unusable proxy fails the gate with exit 3 before anything is touched or run."""
+    definition = _definition(tmp_path, storage, ["/pnfs/gate/a"])
+    res = _prestaged(pki, tmp_path / "no-such-proxy", tmp_path, "submit", "--definition",
+                     str(definition), "--", sys.executable, str(fake_submit))
+    assert res.returncode == 3
+    assert not (tmp_path / "record.json").exists()
+    assert storage.stats.requests_total == 0
+
+
+def test_submit_returns_the_command_exit_code(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, fake_submit: Path
+) -> None:
+    """prestaged submit exits with the command's own exit code."""
+    definition = _definition(tmp_path, storage, ["/pnfs/gate/a", "/pnfs/gate/b"])
+    res = _prestaged(pki, proxy, tmp_path, "submit", "--definition", str(definition), "--",
+                     sys.executable, str(fake_submit), extra_env={"GATE_EXIT": "7"})
+    assert res.returncode == 7
+    assert (tmp_path / "record.json").exists()
+
+
+def test_shell_metacharacters_are_passed_verbatim(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, fake_submit: Path
+) -> None:
+    """Arguments and definition names with shell syntax reach the command verbatim, unexecuted."""
+    definition = _definition(tmp_path, storage, ["/pnfs/gate/a"],
+                             name="my ds; touch pwned-def $(touch pwned-sub).txt")
+    argv = ["$(touch pwned)", "; rm -rf x; touch pwned-semi", "`touch pwned-tick`", "a b",
+            "|| touch pwned-or", str(definition)]
+    (tmp_path / "x").mkdir()
+    res = _prestaged(pki, proxy, tmp_path, "submit", "--definition", str(definition), "--",
+                     sys.executable, str(fake_submit), *argv)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "record.json").read_text())["argv"] == argv
+    assert not list(tmp_path.glob("pwned*")) and (tmp_path / "x").is_dir()
+
+
+def test_wait_exit_0_when_warm_and_no_requests_while_fresh(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """wait warms a cold definition (exit 0); a second call within fresh_for touches nothing."""
+    paths = [f"/pnfs/gate/f{i}" for i in range(5)]
+    definition = _definition(tmp_path, storage, paths)
+    res = _prestaged(pki, proxy, tmp_path, "wait", str(definition))
+    assert res.returncode == 0, res.stderr
+    assert "5/5 files warm" in res.stdout and "ready" in res.stdout
+    assert storage.stats.requests_total == 5
+    res = _prestaged(pki, proxy, tmp_path, "wait", str(definition), "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["passed"] and doc["fresh"] == doc["files"] == 5 and doc["runs"] == 1
+    assert storage.stats.requests_total == 5
+
+
+def test_wait_ready_fraction_and_timeout_message(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """--ready 0.6 passes with 2 of 3 warm; --ready 1.0 times out with exit 1 naming the cold file."""
+    paths = ["/pnfs/gate/a", "/pnfs/gate/b", "/pnfs/gate/c"]
+    storage.remove(paths[2])
+    definition = _definition(tmp_path, storage, paths)
+    res = _prestaged(pki, proxy, tmp_path, "wait", str(definition), "--ready", "0.6")
+    assert res.returncode == 0, res.stderr
+    res = _prestaged(pki, proxy, tmp_path, "wait", str(definition), "--timeout", "1s", "--json")
+    assert res.returncode == 1
+    doc = json.loads(res.stdout)
+    assert doc["cold"] == [storage.url(paths[2])] and doc["cold_count"] == 1
+    assert doc["runs"] >= 1 and not doc["passed"]
+    line = _error_line(res.stderr)
+    assert "2/3 files warm" in line and "need 100.0%" in line and storage.url(paths[2]) in line
+
+
+def test_cold_urls(tmp_path: Path) -> None:
+    """cold_urls lists never-tried, failed and stale members, never the fresh ones."""
+    from prestaged.catalog import FileRef
+
+    with Store(tmp_path / "state.db") as store:
+        refs = [FileRef(n, f"https://h/{n}") for n in "abcd"]
+        store.add_members("local", "ds", refs)
+        store.record("https://h/a", "a", "warm", 206, 4, 1, "")
+        store.record("https://h/b", "b", "missing", 404, 0, 1, "HTTP 404")
+        store.record("https://h/c", "c", "warm", 206, 4, 1, "", when=time.time() - 7200)
+        store.flush()
+        assert store.cold_urls("local", "ds", 3600) == ["https://h/b", "https://h/c",
+                                                        "https://h/d"]
+        assert store.cold_urls("local", "ds", 3600, limit=1) == ["https://h/b"]
+        assert store.cold_urls("local", "other", 3600) == []
+
+
+def test_wait_retries_the_cold_files(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """A file that is missing at first is retried by a second run; warm files are not touched again."""
+    paths = [f"/pnfs/gate/f{i}" for i in range(4)]
+    storage.inject(paths[3], [Status(404)])
+    definition = _definition(tmp_path, storage, paths)
+    res = _prestaged(pki, proxy, tmp_path, "wait", str(definition), "--retry-every", "0.2s",
+                     "--timeout", "20s", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["runs"] == 2 and doc["fresh"] == 4
+    assert [len(storage.stats.path(p).times) for p in paths] == [1, 1, 1, 2]
+
+
+def test_wait_interrupted_exit_130(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """Ctrl-C during the gate's warm run ends it at once with exit 130."""
+    storage.inject("/pnfs/gate/slow", [Delay(30)])
+    definition = _definition(tmp_path, storage, ["/pnfs/gate/slow"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_"))}
+    proc = subprocess.Popen([sys.executable, "-m", "prestaged", "wait", str(definition),
+                             "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
+                             "--state", str(tmp_path / "state.db")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        storage.wait_until(lambda s: s.active_requests >= 1, timeout=TIMEOUT)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "interrupted" in _error_line(err) and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--ready", "1.5"], "--ready: expected a fraction in (0, 1]"),
+    (["--timeout", "soon"], "--timeout: expected a duration"),
+])
+def test_bad_gate_flags_exit_2(pki: TestPKI, proxy: Path, tmp_path: Path, args: list[str],
+                               expected: str) -> None:
+    """A bad --ready or --timeout is a usage error (exit 2, one line) before anything runs."""
+    (tmp_path / "d.txt").write_text("https://127.0.0.1:1/x\n")
+    res = _prestaged(pki, proxy, tmp_path, "wait", str(tmp_path / "d.txt"), *args)
+    assert res.returncode == 2
+    assert expected in _error_line(res.stderr)
