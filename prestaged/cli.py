@@ -161,6 +161,115 @@ def _add_gate_commands(sub: Any) -> None:
     s.set_defaults(func=_cmd_submit, json=False)
 
 
+def _add_campaign_commands(sub: Any) -> None:
+    """``campaign run`` and ``campaign show``: stages of gated submissions, in the foreground."""
+    c = sub.add_parser("campaign", help="run or show a campaign of gated submissions",
+                       description="A campaign file (TOML) lists stages; each stage's input is "
+                                   "split into submissions that are submitted only once their "
+                                   "input slice is warm.")
+    csub = c.add_subparsers(dest="campaign_command", metavar="ACTION", required=True)
+    r = csub.add_parser("run", help="process a campaign in the foreground",
+                        description="Process FILE's stages in `after` order: gate each "
+                                    "submission's slice, run its submit command, poll its "
+                                    "complete command. Exit 0 when every stage is drained and "
+                                    "complete, 1 when a submission failed or is launch_unknown. "
+                                    "Running it again resumes; nothing is submitted twice.")
+    r.add_argument("file", type=Path, metavar="FILE", help="campaign file (TOML)")
+    _storage_args(r, "--attempt-timeout")
+    _credentials(r)
+    _state_args(r, warm=False)
+    _common(r)
+    r.set_defaults(func=_cmd_campaign_run)
+    s = csub.add_parser("show", help="stages, submissions and their states",
+                        description="Submissions of a campaign from the state database, with "
+                                    "their states, reasons and job ids.")
+    s.add_argument("campaign", metavar="FILE|NAME", help="campaign file or campaign name")
+    s.add_argument("--json", action="store_true",
+                   help="print one JSON document (with every transition)")
+    _state_args(s, warm=False)
+    _common(s)
+    s.set_defaults(func=_cmd_campaign_show)
+
+
+def _campaign_catalogs(args: argparse.Namespace, cfg: Config, kind: str,
+                       creds: Any) -> Callable[[str], Any]:
+    """A function opening the catalog ``kind`` for a definition name."""
+    from prestaged.catalog import open_catalog
+
+    if kind != "samweb":
+        return lambda definition: open_catalog(kind, definition, cfg.catalog)
+    ssl_context, identity = _samweb_tls(args, cfg, creds)
+    return lambda definition: open_catalog(kind, definition, cfg.catalog,
+                                           ssl_context=ssl_context, identity=identity)
+
+
+def _cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
+    from prestaged.campaigns import load_campaign, run_campaign
+    from prestaged.gate import wait_until_ready
+    from prestaged.warm import WarmSettings
+
+    campaign = load_campaign(args.file)
+    creds = _load_credentials(args, cfg)
+    settings = WarmSettings.from_config(
+        cfg, credential_hint=f"proxy {creds.proxy.path} ({creds.proxy.identity})")
+    kind = campaign.defaults.catalog or cfg.catalog.default
+    catalogs = _campaign_catalogs(args, cfg, kind, creds)
+    store = _open_store(cfg)
+
+    async def go() -> Any:
+        stop = asyncio.Event()
+        _install_interrupt(stop)
+        asyncio.get_running_loop().set_exception_handler(_quiet_transport_errors)
+
+        def gate(catalog: Any, ready: float, timeout: float, retry: float) -> Any:
+            return wait_until_ready(catalog, cfg, settings, creds.ssl_context(), store,
+                                    ready=ready, timeout=timeout, retry_initial=retry, stop=stop)
+
+        return await run_campaign(campaign, store, gate=gate, open_catalog=catalogs,
+                                  workdir=store.path.parent / "campaigns", stop=stop)
+
+    try:
+        result: Any = _run(go())
+    finally:
+        store.close()
+    for stage, outcome in result.stages.items():
+        print(f"{campaign.name}/{stage}: {outcome}")
+    code: int = result.exit_code
+    return code
+
+
+def _cmd_campaign_show(args: argparse.Namespace, cfg: Config) -> int:
+    from prestaged.campaigns import CampaignState, load_campaign
+
+    name = args.campaign
+    if Path(name).is_file():
+        name = load_campaign(Path(name)).name
+    store = _open_store(cfg, must_exist=True)
+    try:
+        state = CampaignState(store)
+        subs = state.submissions(name)
+        docs = [{**s.to_dict(), "events": state.events(s.id)} for s in subs]
+    finally:
+        store.close()
+    if not subs:
+        from prestaged.errors import CatalogError
+
+        raise CatalogError(f"campaign '{name}' has no submissions in state {store.path}")
+    if args.json:
+        print(json.dumps({"campaign": name, "state": str(store.path), "submissions": docs},
+                         indent=2))
+        return 0
+    stage = None
+    for s in subs:
+        if s.stage != stage:
+            stage = s.stage
+            print(f"{name}/{stage}:")
+        files = "-" if s.n_files is None else str(s.n_files)
+        print(f"  #{s.id:<4} {s.item:<12} {s.state.value:<14} files {files:<6} "
+              f"job {s.job_id or '-'}  {_ago(s.updated)}: {s.reason or '-'}")
+    return 0
+
+
 def _add_state_commands(sub: Any) -> None:
     """``status`` and ``history``: read the state database."""
     s = sub.add_parser("status", help="how warm recorded definitions are",
@@ -227,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_state_commands(sub)
     _add_gate_commands(sub)
+    _add_campaign_commands(sub)
 
     v = sub.add_parser("serve", help="run the daemon: keep [[watch]] definitions warm, HTTP API",
                        description="Run as a service (systemd Type=notify): warm the config's "

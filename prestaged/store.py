@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -97,6 +97,44 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN host TEXT;
     ALTER TABLE runs ADD COLUMN pid INTEGER;
     CREATE INDEX runs_by_definition ON runs (definition_id, started);
+    """,
+    # 3: campaign submissions (campaigns.py), their state transitions, and the drainingn ledger
+    # of files a stage has taken, so that no file is ever submitted twice by one stage.
+    """
+    CREATE TABLE campaign_submissions (
+        id INTEGER PRIMARY KEY,
+        campaign TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        item TEXT NOT NULL,       -- all, a list item, or slice-N of a drainingn split
+        definition TEXT NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT,
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        n_files INTEGER,
+        exit_code INTEGER,
+        job_id TEXT,
+        output_tail TEXT,
+        UNIQUE (campaign, stage, item)
+    );
+    CREATE TABLE submission_events (
+        id INTEGER PRIMARY KEY,
+        submission_id INTEGER NOT NULL REFERENCES campaign_submissions(id) ON DELETE CASCADE,
+        at REAL NOT NULL,
+        from_state TEXT,
+        to_state TEXT NOT NULL,
+        reason TEXT
+    );
+    CREATE INDEX submission_events_by_submission ON submission_events (submission_id, id);
+    CREATE TABLE campaign_ledger (
+        campaign TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        name TEXT NOT NULL,
+        url TEXT NOT NULL,
+        submission_id INTEGER NOT NULL REFERENCES campaign_submissions(id) ON DELETE CASCADE,
+        PRIMARY KEY (campaign, stage, name)
+    ) WITHOUT ROWID;
+    CREATE INDEX campaign_ledger_by_submission ON campaign_ledger (submission_id);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -317,6 +355,21 @@ class Store:
         if self._conn is None:
             raise RuntimeError("Store.open() was not called")
         return self._conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The connection inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error),
+        under this store's lock: for small synchronous writes that must be durable at once
+        (campaign state), not for outcomes (those go through the writer process)."""
+        with self._lock:
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
     # --- writes (queued) ----------------------------------------------------------------------
 

@@ -1,0 +1,697 @@
+"""Campaigns: stages of submissions, each held until its input slice is warm, run in the foreground.
+
+A campaign file (TOML) names stages; each stage cuts its input definition into submissions by
+its ``split`` (``all``, ``drainingn(N)``, ``list(a,b,c)``), and every submission goes through
+
+    queued -> prestaging -> ready -> submitting -> submitted -> completed
+
+or ends in ``launch_failed`` / ``launch_unknown`` / ``failed`` / ``cancelled``. States never
+move backwards and every transition is stored (``submission_events``) with its time and reason.
+
+At-most-once: ``submitting`` is committed before the submit command starts, so a submission
+found in ``submitting`` at start-up (the process died while the command ran) may or may not have
+been submitted; it becomes ``launch_unknown`` and is never run again automatically.
+
+drainingn: the files of a slice are written to the ledger (``campaign_ledger``) in the same
+transaction that creates the submission, before anything runs, so a restart never gives a file
+to a second submission of the same stage.
+
+Commands are argv lists, never a shell: a template is split with ``shlex.split`` first, then
+each element has its placeholders substituted, so no file or definition name can inject
+shell syntax.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import re
+import shlex
+import string
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from prestaged.catalog import Catalog, FileRef
+# config.py's loader and value checks, so that campaign files word their errors alike.
+from prestaged.config import Duration, _build, _check, _fraction, _positive, _word
+from prestaged.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    CatalogError,
+    ConfigError,
+    StateError,
+)
+from prestaged.store import Store
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.9/3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "DEFAULT_JOB_ID_REGEX",
+    "PLACEHOLDERS",
+    "CampaignConfig",
+    "CampaignDefaults",
+    "CampaignResult",
+    "CampaignState",
+    "CommandResult",
+    "Split",
+    "StageConfig",
+    "Submission",
+    "SubmissionState",
+    "load_campaign",
+    "parse_split",
+    "render",
+    "run_argv",
+    "run_campaign",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_JOB_ID_REGEX = r"JobsubJobId of first job: (\S+)"
+"""What jobsub_submit prints; group 1 (or the whole match) becomes ``{job_id}``."""
+
+PLACEHOLDERS = ("campaign", "stage", "submission", "definition", "files_file", "urls_file",
+                "n_files", "job_id")
+"""Placeholders of ``submit``/``complete`` (``{job_id}`` in ``complete`` only)."""
+
+_TAIL = 4000  # characters of a command's output kept in the state
+
+
+# --- the campaign file ------------------------------------------------------------------------
+
+
+def _catalog_kind(v: str) -> Optional[str]:
+    return None if v in ("local", "samweb") else 'one of "local", "samweb"'
+
+
+def _regex(v: str) -> Optional[str]:
+    try:
+        re.compile(v)
+    except re.error:
+        return "a valid regular expression"
+    return None
+
+
+@dataclass(frozen=True)
+class Split:
+    """A parsed ``split``: ``kind`` is ``all``, ``drainingn`` (with ``n``) or ``list`` (items)."""
+
+    kind: str
+    n: int = 0
+    items: tuple[str, ...] = ()
+
+
+def parse_split(text: str) -> Split:
+    """Parse ``all`` | ``drainingn(N)`` (N >= 1) | ``list(a,b,c)``; ``ValueError`` otherwise."""
+    t = text.strip()
+    if t == "all":
+        return Split("all")
+    m = re.fullmatch(r"drainingn\(\s*(\d+)\s*\)", t)
+    if m and int(m.group(1)) > 0:
+        return Split("drainingn", n=int(m.group(1)))
+    m = re.fullmatch(r"list\((.*)\)", t, re.DOTALL)
+    if m:
+        items = tuple(i.strip() for i in m.group(1).split(","))
+        if items and all(items):
+            return Split("list", items=items)
+    raise ValueError('expected "all", "drainingn(N)" with N >= 1, or "list(a,b,c)"')
+
+
+def _split_check(v: str) -> Optional[str]:
+    try:
+        parse_split(v)
+    except ValueError:
+        return '"all", "drainingn(N)" with N >= 1, or "list(a,b,c)" as'
+    return None
+
+
+@dataclass(frozen=True)
+class CampaignDefaults:
+    """``[defaults]``: settings shared by every stage."""
+
+    catalog: Optional[str] = field(default=None, metadata=_check(_catalog_kind))
+    """Catalog resolving stage inputs (``local`` or ``samweb``); unset: ``catalog.default``."""
+    ready: float = field(default=1.0, metadata=_check(_fraction))
+    """Fraction of a submission's slice that must be warm before it is submitted."""
+    keep_warm: Duration = field(default=Duration(4 * 3600.0), metadata=_check(_positive))
+    """Re-touch interval while submitted (seconds); accepted, not yet acted on by ``run``."""
+    prestage_timeout: Duration = field(default=Duration(6 * 3600.0), metadata=_check(_positive))
+    """A slice not warm enough within this long fails, naming its cold files (seconds)."""
+    prestage_retry: Duration = field(default=Duration(10.0), metadata=_check(_positive))
+    """First wait before retrying cold files, doubling up to 10 minutes (seconds)."""
+    submit_timeout: Duration = field(default=Duration(600.0), metadata=_check(_positive))
+    """Longest run of one submit or complete command; then it is killed (seconds)."""
+    complete_timeout: Duration = field(default=Duration(7 * 86400.0),
+                                       metadata=_check(_positive))
+    """A submission whose ``complete`` command never exits 0 within this long fails."""
+    complete_poll: Duration = field(default=Duration(60.0), metadata=_check(_positive))
+    """First wait between two ``complete`` polls, doubling up to ``complete_poll_max``."""
+    complete_poll_max: Duration = field(default=Duration(1800.0), metadata=_check(_positive))
+    """Longest wait between two ``complete`` polls (seconds)."""
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One ``[[stage]]``: an input, how it is split, and the commands to run."""
+
+    name: str = field(metadata=_check(_word))
+    input: str = field(metadata=_check(lambda v: None if v.strip() else "a non-empty"))
+    """Input definition; may use ``{campaign}`` and ``{stage}``."""
+    submit: str = field(metadata=_check(lambda v: None if v.strip() else "a non-empty"))
+    """Submit command template (see ``PLACEHOLDERS``)."""
+    split: str = field(default="all", metadata=_check(_split_check))
+    complete: Optional[str] = None
+    """Command polled after submission until it exits 0; unset: submitted counts as complete."""
+    ready: Optional[float] = field(default=None, metadata=_check(_fraction))
+    """Overrides ``defaults.ready`` for this stage."""
+    job_id_regex: str = field(default=DEFAULT_JOB_ID_REGEX, metadata=_check(_regex))
+    after: tuple[str, ...] = field(default=(), metadata={"internal": True})
+    """Stages that must be drained and complete before this one starts."""
+
+    @property
+    def parsed_split(self) -> Split:
+        """``split`` parsed."""
+        return parse_split(self.split)
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    """A whole campaign file."""
+
+    name: str = field(metadata=_check(_word))
+    defaults: CampaignDefaults = field(default_factory=CampaignDefaults)
+    stage: tuple[StageConfig, ...] = ()
+    source: Optional[Path] = field(default=None, metadata={"internal": True})
+
+    def ordered(self) -> list[StageConfig]:
+        """Stages in an order where every stage comes after those in its ``after``."""
+        by_name = {s.name: s for s in self.stage}
+        out: list[StageConfig] = []
+        done: set[str] = set()
+
+        def visit(s: StageConfig) -> None:
+            if s.name not in done:
+                for up in s.after:
+                    visit(by_name[up])
+                done.add(s.name)
+                out.append(s)
+
+        for s in self.stage:
+            visit(s)
+        return out
+
+
+def _template_problem(text: str, allowed: Sequence[str]) -> Optional[str]:
+    """Why ``text`` is not a usable command template, or None."""
+    try:
+        argv = shlex.split(text)
+        fields = [f for arg in argv for _, f, spec, conv in string.Formatter().parse(arg)
+                  if f is not None and (f not in allowed or spec or conv)]
+    except ValueError as e:
+        return f"cannot be split into arguments ({e})"
+    if not argv:
+        return "is empty"
+    if fields:
+        return (f"unknown placeholder {{{fields[0]}}}; known: "
+                + " ".join("{" + p + "}" for p in allowed) + " (write {{ for a literal {)")
+    return None
+
+
+def _after(raw: object, key: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):
+        raise ConfigError(f"{key}: expected a list of stage names, got {raw!r}")
+    return tuple(raw)
+
+
+def _check_stages(stages: Sequence[StageConfig]) -> None:
+    """Names unique, ``after`` known, no cycles, templates usable."""
+    index = {}
+    for i, s in enumerate(stages):
+        if s.name in index:
+            raise ConfigError(f"stage[{i}].name: stage {s.name!r} is defined twice")
+        index[s.name] = i
+    for i, s in enumerate(stages):
+        for up in s.after:
+            if up not in index:
+                raise ConfigError(f"stage[{i}].after: no stage named {up!r}; stages: "
+                                  + ", ".join(index))
+        problems = (("input", _input_problem(s.input)),
+                    ("submit", _template_problem(s.submit, PLACEHOLDERS[:-1])),
+                    ("complete", s.complete and _template_problem(s.complete, PLACEHOLDERS)))
+        for key, problem in problems:
+            if problem:
+                raise ConfigError(f"stage[{i}].{key}: {problem}")
+    by_name = {s.name: s for s in stages}
+    for i, s in enumerate(stages):
+        _no_cycle(by_name, [s.name], f"stage[{i}].after")
+
+
+def _input_problem(text: str) -> Optional[str]:
+    try:
+        text.format_map({"campaign": "", "stage": ""})
+    except (KeyError, ValueError, IndexError, AttributeError) as e:
+        return (f"only the placeholders {{campaign}} and {{stage}} may be used here "
+                f"(write {{{{ for a literal {{): {e!r}")
+    return None
+
+
+def _no_cycle(by_name: Mapping[str, StageConfig], path: list[str], key: str) -> None:
+    """``ConfigError`` naming ``key`` when following ``after`` from ``path[-1]`` loops."""
+    for up in by_name[path[-1]].after:
+        if up in path:
+            cycle = [*path[path.index(up):], up]
+            raise ConfigError(f"{key}: dependency cycle: " + " runs after ".join(cycle))
+        _no_cycle(by_name, [*path, up], key)
+
+
+def load_campaign(path: Path) -> CampaignConfig:
+    """Load and validate a campaign file; ``ConfigError`` naming the file and key (exit 2)."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"campaign {path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"campaign {path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"campaign {path}: invalid TOML: {e}") from None
+    try:
+        # `after` is a list of strings, which the config loader has no type for: taken out
+        # here, checked, and put back after the rest is built.
+        stages = data.get("stage", [])
+        afters: list[tuple[str, ...]] = []
+        if isinstance(stages, list):
+            for i, s in enumerate(stages):
+                raw = s.pop("after", []) if isinstance(s, dict) else []
+                afters.append(_after(raw, f"stage[{i}].after"))
+        cfg: CampaignConfig = _build(CampaignConfig, data, "", path.parent)
+        if not cfg.stage:
+            raise ConfigError("stage: a campaign needs at least one [[stage]]")
+        built = tuple(dataclasses.replace(s, after=a) for s, a in zip(cfg.stage, afters))
+        _check_stages(built)
+    except ConfigError as e:
+        raise ConfigError(f"campaign {path}: {e}") from None
+    return dataclasses.replace(cfg, stage=built, source=path)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def render(template: str, values: Mapping[str, object]) -> list[str]:
+    """``template`` split into argv with ``shlex.split``, then each element's placeholders
+    filled from ``values``: a value is never split or parsed again, whatever it contains."""
+    return [arg.format_map(values) for arg in shlex.split(template)]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """How a command ended: exit code (128 + N for signal N; 124 timed out; 126/127 could not
+    start), the tail of its output (stdout and stderr together) and an error, if any."""
+
+    exit_code: int
+    output_tail: str
+    error: Optional[str] = None
+
+
+async def run_argv(argv: Sequence[str], timeout: float) -> CommandResult:
+    """Run ``argv`` (no shell) with stdin from /dev/null, its output captured; kill it after
+    ``timeout`` seconds."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    except OSError as e:
+        code = 127 if isinstance(e, FileNotFoundError) else 126
+        return CommandResult(code, "", f"{argv[0]}: cannot run: {e.strerror or e}")
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return CommandResult(124, "", f"{argv[0]}: killed after {timeout:g}s")
+    code = proc.returncode if proc.returncode is not None else -1
+    tail = out.decode(errors="replace")[-_TAIL:]
+    return CommandResult(128 - code if code < 0 else code, tail)
+
+
+# --- persisted state --------------------------------------------------------------------------
+
+
+class SubmissionState(str, enum.Enum):
+    """A submission's state (stored as its value)."""
+
+    QUEUED = "queued"
+    PRESTAGING = "prestaging"
+    READY = "ready"
+    SUBMITTING = "submitting"
+    SUBMITTED = "submitted"
+    COMPLETED = "completed"
+    LAUNCH_FAILED = "launch_failed"
+    LAUNCH_UNKNOWN = "launch_unknown"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+S = SubmissionState
+_NEXT: dict[SubmissionState, frozenset[SubmissionState]] = {
+    S.QUEUED: frozenset({S.PRESTAGING, S.CANCELLED}),
+    S.PRESTAGING: frozenset({S.READY, S.FAILED, S.CANCELLED}),
+    S.READY: frozenset({S.SUBMITTING, S.CANCELLED}),
+    S.SUBMITTING: frozenset({S.SUBMITTED, S.LAUNCH_FAILED, S.LAUNCH_UNKNOWN}),
+    S.SUBMITTED: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED}),
+}
+"""Allowed transitions; states missing here are final."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One row of ``campaign_submissions``."""
+
+    id: int
+    campaign: str
+    stage: str
+    item: str
+    definition: str
+    state: SubmissionState
+    reason: Optional[str]
+    created: float
+    updated: float
+    n_files: Optional[int]
+    exit_code: Optional[int]
+    job_id: Optional[str]
+    output_tail: Optional[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {**self.__dict__, "state": self.state.value}
+
+
+_COLUMNS = ("id, campaign, stage, item, definition, state, reason, created, updated, n_files, "
+            "exit_code, job_id, output_tail")
+_SETTABLE = ("n_files", "exit_code", "job_id", "output_tail")
+
+
+def _row(r: Sequence[Any]) -> Submission:
+    return Submission(r[0], r[1], r[2], r[3], r[4], SubmissionState(r[5]), r[6], r[7], r[8],
+                      r[9], r[10], r[11], r[12])
+
+
+class CampaignState:
+    """Campaign rows of the state database; every write is its own committed transaction."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def submissions(self, campaign: str, stage: Optional[str] = None) -> list[Submission]:
+        """Submissions of ``campaign`` (or one stage), oldest first."""
+        query = f"SELECT {_COLUMNS} FROM campaign_submissions WHERE campaign = ?"
+        args: list[Any] = [campaign]
+        if stage is not None:
+            query += " AND stage = ?"
+            args.append(stage)
+        with self.store.transaction() as conn:
+            rows = conn.execute(query + " ORDER BY id", args).fetchall()
+        return [_row(r) for r in rows]
+
+    def get(self, sub_id: int) -> Submission:
+        """The submission ``sub_id``."""
+        with self.store.transaction() as conn:
+            r = conn.execute(f"SELECT {_COLUMNS} FROM campaign_submissions WHERE id = ?",
+                             (sub_id,)).fetchone()
+        return _row(r)
+
+    def events(self, sub_id: int) -> list[dict[str, Any]]:
+        """Transitions of ``sub_id``, oldest first: ``at`` (Unix s), from, to, reason."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT at, from_state, to_state, reason FROM submission_events "
+                                "WHERE submission_id = ? ORDER BY id", (sub_id,)).fetchall()
+        return [{"at": r[0], "from": r[1], "to": r[2], "reason": r[3]} for r in rows]
+
+    def taken(self, campaign: str, stage: str) -> set[str]:
+        """Names of the files the ledger gives to submissions of this stage."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT name FROM campaign_ledger WHERE campaign = ? AND "
+                                "stage = ?", (campaign, stage)).fetchall()
+        return {r[0] for r in rows}
+
+    def slice_of(self, sub_id: int) -> list[FileRef]:
+        """The ledger's files of submission ``sub_id`` (drainingn only), in name order."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT name, url FROM campaign_ledger WHERE submission_id = ? "
+                                "ORDER BY name", (sub_id,)).fetchall()
+        return [FileRef(r[0], r[1]) for r in rows]
+
+    def create(self, campaign: str, stage: str, item: str, definition: str,
+               ledger: Sequence[FileRef] = ()) -> Submission:
+        """A new ``queued`` submission and, in the same transaction, its ``ledger`` files."""
+        now = time.time()
+        with self.store.transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO campaign_submissions (campaign, stage, item, definition, state, "
+                "reason, created, updated, n_files) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (campaign, stage, item, definition, S.QUEUED.value, "created", now, now,
+                 len(ledger) if ledger else None))
+            sub_id = cur.lastrowid
+            conn.execute("INSERT INTO submission_events (submission_id, at, from_state, "
+                         "to_state, reason) VALUES (?, ?, NULL, ?, 'created')",
+                         (sub_id, now, S.QUEUED.value))
+            conn.executemany("INSERT INTO campaign_ledger (campaign, stage, name, url, "
+                             "submission_id) VALUES (?, ?, ?, ?, ?)",
+                             [(campaign, stage, r.name, r.url, sub_id) for r in ledger])
+        assert sub_id is not None
+        return self.get(sub_id)
+
+    def move(self, sub: Submission, to: SubmissionState, reason: str,
+             **fields: object) -> Submission:
+        """Move ``sub`` to ``to`` (stored with the time and ``reason``); ``StateError`` for a
+        transition that is not allowed (backwards, or out of a final state)."""
+        unknown = set(fields) - set(_SETTABLE)
+        if unknown:  # pragma: no cover - a programming error
+            raise TypeError(f"cannot set {sorted(unknown)}")
+        now = time.time()
+        sets = "".join(f", {k} = ?" for k in fields)
+        with self.store.transaction() as conn:
+            (current,) = conn.execute("SELECT state FROM campaign_submissions WHERE id = ?",
+                                      (sub.id,)).fetchone()
+            frm = SubmissionState(current)
+            if to not in _NEXT.get(frm, frozenset()):
+                raise StateError(f"submission {sub.id}: {frm.value} -> {to.value} is not allowed")
+            conn.execute(f"UPDATE campaign_submissions SET state = ?, reason = ?, updated = ?"
+                         f"{sets} WHERE id = ?",
+                         (to.value, reason, now, *fields.values(), sub.id))
+            conn.execute("INSERT INTO submission_events (submission_id, at, from_state, "
+                         "to_state, reason) VALUES (?, ?, ?, ?, ?)",
+                         (sub.id, now, frm.value, to.value, reason))
+        log.info("%s/%s #%d %s: %s -> %s: %s", sub.campaign, sub.stage, sub.id, sub.item,
+                 frm.value, to.value, reason)
+        return self.get(sub.id)
+
+
+# --- running ----------------------------------------------------------------------------------
+
+GateFn = Callable[[Catalog, float, float, float], Any]
+"""``gate(catalog, ready, timeout, retry_initial)`` -> awaitable ``gate.GateResult``."""
+
+
+@dataclass(frozen=True)
+class CampaignResult:
+    """How ``run_campaign`` ended: per stage ``done`` (drained and all complete), ``blocked``
+    (an upstream stage is not done) or ``incomplete``; ``exit_code`` 0, 1 or 130."""
+
+    campaign: str
+    stages: dict[str, str]
+    exit_code: int
+
+
+@dataclass
+class _Runner:
+    campaign: CampaignConfig
+    state: CampaignState
+    gate: GateFn
+    open_catalog: Callable[[str], Catalog]
+    workdir: Path
+    stop: asyncio.Event
+
+    def _values(self, stage: StageConfig, sub: Submission) -> dict[str, object]:
+        base = self.workdir / self.campaign.name / f"{stage.name}-{sub.id}"
+        # A drainingn slice's definition is its URL list (a local-catalog definition).
+        urls = sub.definition if stage.parsed_split.kind == "drainingn" else f"{base}.urls"
+        return {"campaign": self.campaign.name, "stage": stage.name, "submission": sub.id,
+                "definition": sub.definition, "files_file": f"{base}.files",
+                "urls_file": urls, "n_files": sub.n_files or 0,
+                "job_id": sub.job_id or ""}
+
+    async def run(self) -> CampaignResult:
+        outcome: dict[str, str] = {}
+        for stage in self.campaign.ordered():
+            if self.stop.is_set():
+                break
+            if any(outcome.get(up) != "done" for up in stage.after):
+                log.warning("%s/%s: not started: upstream %s not done", self.campaign.name,
+                            stage.name, ", ".join(stage.after))
+                outcome[stage.name] = "blocked"
+                continue
+            outcome[stage.name] = "done" if await self._stage(stage) else "incomplete"
+        if self.stop.is_set():
+            code = EXIT_INTERRUPTED
+        else:
+            code = EXIT_OK if all(v == "done" for v in outcome.values()) else EXIT_SOME_FAILED
+        return CampaignResult(self.campaign.name, outcome, code)
+
+    async def _stage(self, stage: StageConfig) -> bool:
+        """Process one stage; True when it is drained and every submission completed."""
+        name = self.campaign.name
+        for sub in self.state.submissions(name, stage.name):  # resume what a crash left
+            await self._advance(stage, sub)
+        split = stage.parsed_split
+        if split.kind in ("all", "list"):
+            have = {s.item for s in self.state.submissions(name, stage.name)}
+            for item in split.items or ("all",):
+                if item not in have and not self.stop.is_set():
+                    definition = self._input(stage) if split.kind == "all" else item
+                    await self._advance(stage, self.state.create(name, stage.name, item,
+                                                                 definition))
+        else:
+            while not self.stop.is_set() and await self._next_slice(stage, split.n):
+                pass
+        subs = self.state.submissions(name, stage.name)
+        return not self.stop.is_set() and all(s.state is S.COMPLETED for s in subs)
+
+    def _input(self, stage: StageConfig) -> str:
+        return stage.input.format_map({"campaign": self.campaign.name, "stage": stage.name})
+
+    async def _next_slice(self, stage: StageConfig, n: int) -> bool:
+        """Create and process the next drainingn slice; False when the stage is drained."""
+        taken = self.state.taken(self.campaign.name, stage.name)
+        fresh: list[FileRef] = []
+        seen: set[str] = set()
+        async for ref in self.open_catalog(self._input(stage)).files():
+            if ref.name not in taken and ref.name not in seen:
+                seen.add(ref.name)
+                fresh.append(ref)
+                if len(fresh) >= n:
+                    break
+        if not fresh:
+            log.info("%s/%s: drained", self.campaign.name, stage.name)
+            return False
+        k = len(self.state.submissions(self.campaign.name, stage.name)) + 1
+        urls = self.workdir / self.campaign.name / f"{stage.name}-slice-{k}.urls"
+        sub = self.state.create(self.campaign.name, stage.name, f"slice-{k}", str(urls), fresh)
+        await self._advance(stage, sub)
+        return True
+
+    async def _advance(self, stage: StageConfig, sub: Submission) -> None:
+        """Take ``sub`` as far as it goes: to a final state, or until ``stop``."""
+        if sub.state is S.SUBMITTING:
+            self.state.move(sub, S.LAUNCH_UNKNOWN,
+                            "found in submitting at start-up: the submit command may or may "
+                            "not have run; not run again automatically")
+            return
+        steps = {S.QUEUED: self._prestage, S.PRESTAGING: self._prestage,
+                 S.READY: self._submit, S.SUBMITTED: self._complete}
+        while sub.state in steps and not self.stop.is_set():
+            sub = await steps[sub.state](stage, sub)
+
+    async def _slice(self, stage: StageConfig, sub: Submission) -> list[FileRef]:
+        """The files of ``sub``, written to its urls/files files."""
+        if stage.parsed_split.kind == "drainingn":
+            refs = self.state.slice_of(sub.id)
+        else:
+            refs = []
+            seen: set[str] = set()
+            async for ref in self.open_catalog(sub.definition).files():
+                if ref.url not in seen:
+                    seen.add(ref.url)
+                    refs.append(ref)
+        values = self._values(stage, sub)
+        await asyncio.to_thread(_write_lists, Path(str(values["urls_file"])),
+                                Path(str(values["files_file"])), refs)
+        return refs
+
+    async def _prestage(self, stage: StageConfig, sub: Submission) -> Submission:
+        from prestaged.catalog.local import LocalCatalog
+
+        if sub.state is S.QUEUED:
+            sub = self.state.move(sub, S.PRESTAGING, "gate started")
+        try:
+            refs = await self._slice(stage, sub)
+        except (CatalogError, OSError) as e:
+            return self.state.move(sub, S.FAILED, f"input: {e}")
+        d = self.campaign.defaults
+        ready = stage.ready if stage.ready is not None else d.ready
+        catalog = LocalCatalog(str(self._values(stage, sub)["urls_file"]))
+        result = await self.gate(catalog, ready, d.prestage_timeout, d.prestage_retry)
+        if self.stop.is_set() or result.exit_code == EXIT_INTERRUPTED:
+            return sub  # still prestaging: the next run gates it again
+        if not result.passed:
+            return self.state.move(sub, S.FAILED, f"gate: {result.summary()}",
+                                   n_files=len(refs))
+        return self.state.move(sub, S.READY, f"gate: {result.summary()}", n_files=len(refs))
+
+    async def _submit(self, stage: StageConfig, sub: Submission) -> Submission:
+        argv = render(stage.submit, self._values(stage, sub))
+        # Committed before the command starts: a crash from here on is launch_unknown.
+        sub = self.state.move(sub, S.SUBMITTING, f"running {argv[0]}")
+        res = await run_argv(argv, self.campaign.defaults.submit_timeout)
+        if res.exit_code != 0:
+            why = res.error or f"{argv[0]} exited {res.exit_code}"
+            return self.state.move(sub, S.LAUNCH_FAILED, why, exit_code=res.exit_code,
+                                   output_tail=res.output_tail)
+        m = re.search(stage.job_id_regex, res.output_tail)
+        job_id = (m.group(1) if m.groups() else m.group(0)) if m else None
+        return self.state.move(sub, S.SUBMITTED, f"{argv[0]} exited 0, job id {job_id or '-'}",
+                               exit_code=0, job_id=job_id, output_tail=res.output_tail)
+
+    async def _complete(self, stage: StageConfig, sub: Submission) -> Submission:
+        if stage.complete is None:
+            return self.state.move(sub, S.COMPLETED, "no complete command: done once submitted")
+        d = self.campaign.defaults
+        start = time.monotonic()
+        delay: float = d.complete_poll
+        polls = 0
+        while True:
+            argv = render(stage.complete, self._values(stage, sub))
+            res = await run_argv(argv, d.submit_timeout)
+            polls += 1
+            if res.exit_code == 0:
+                return self.state.move(sub, S.COMPLETED,
+                                       f"{argv[0]} exited 0 after {polls} poll(s)")
+            left = d.complete_timeout - (time.monotonic() - start)
+            if left <= 0:
+                return self.state.move(sub, S.FAILED, f"not complete within "
+                                       f"{d.complete_timeout:g}s: {argv[0]} last exited "
+                                       f"{res.exit_code}")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), min(delay, left))
+            if self.stop.is_set():
+                return sub
+            delay = min(d.complete_poll_max, delay * 2)
+
+
+def _write_lists(urls: Path, names: Path, refs: Sequence[FileRef]) -> None:
+    """The slice's URLs and names, one a line (what ``{urls_file}``/``{files_file}`` name)."""
+    urls.parent.mkdir(parents=True, exist_ok=True)
+    urls.write_text("".join(r.url + "\n" for r in refs))
+    names.write_text("".join(r.name + "\n" for r in refs))
+
+
+async def run_campaign(campaign: CampaignConfig, store: Store, *, gate: GateFn,
+                       open_catalog: Callable[[str], Catalog], workdir: Path,
+                       stop: Optional[asyncio.Event] = None) -> CampaignResult:
+    """Process ``campaign`` in the foreground: stages in ``after`` order, each stage's
+    submissions one at a time (gate, submit, poll ``complete``). ``gate`` warms a slice (see
+    ``GateFn``); ``open_catalog`` resolves a definition name; slice files go under
+    ``workdir``/<campaign>/. Setting ``stop`` ends it at the next step (exit code 130)."""
+    runner = _Runner(campaign, CampaignState(store), gate, open_catalog, workdir,
+                     stop if stop is not None else asyncio.Event())
+    return await runner.run()

@@ -1,0 +1,336 @@
+"""``prestaged campaign run/show``: splits, ledger, stage order, at-most-once, gating, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prestaged.campaigns import load_campaign, parse_split, render
+from prestaged.errors import ConfigError
+from prestaged.testing.pki import TestPKI
+from prestaged.testing.storage import Delay, ThreadedStorageServer
+
+TIMEOUT = 60
+
+# Appends one JSON line (argv, start time on CLOCK_MONOTONIC, the slice files' contents) to
+# $CAMPAIGN_RECORD, prints a jobsub-like job id; with $FAKE_KILL_PARENT it SIGKILLs prestaged.
+FAKE_SUBMIT = """\
+import json, os, sys, time
+start = time.monotonic()
+doc = {"argv": sys.argv[1:], "start": start}
+for arg in sys.argv[1:]:
+    if arg.endswith((".urls", ".files")) and os.path.isfile(arg):
+        doc[arg.rsplit(".", 1)[1]] = open(arg).read().split()
+with open(os.environ["CAMPAIGN_RECORD"], "a") as f:
+    f.write(json.dumps(doc) + "\\n")
+print("JobsubJobId of first job: %s.0@test" % sys.argv[1], flush=True)
+if os.environ.get("FAKE_KILL_PARENT"):
+    os.kill(os.getppid(), 9)
+"""
+
+# Exits 1 on the first poll of a job id, 0 (recording the time) on the next.
+FAKE_COMPLETE = """\
+import json, os, sys, time
+polls = os.path.join(os.environ["COMPLETE_DIR"], sys.argv[1] + ".polls")
+n = int(open(polls).read()) + 1 if os.path.exists(polls) else 1
+open(polls, "w").write(str(n))
+if n < 2:
+    sys.exit(1)
+with open(os.path.join(os.environ["COMPLETE_DIR"], "done.jsonl"), "a") as f:
+    f.write(json.dumps({"job_id": sys.argv[1], "done": time.monotonic()}) + "\\n")
+"""
+
+
+@pytest.fixture
+def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
+    """The test storage in a background thread, requiring a client certificate."""
+    with ThreadedStorageServer(pki.server_ssl_context()) as srv:
+        yield srv
+
+
+def _q(*parts: object) -> str:
+    return " ".join(shlex.quote(str(p)) for p in parts)
+
+
+def _write(tmp_path: Path, body: str, name: str = "campaign.toml") -> Path:
+    (tmp_path / "fake_submit.py").write_text(FAKE_SUBMIT)
+    (tmp_path / "fake_complete.py").write_text(FAKE_COMPLETE)
+    path = tmp_path / name
+    path.write_text(body)
+    return path
+
+
+def _submit(tmp_path: Path, args: str) -> str:
+    """A TOML string: the fake submit command followed by ``args`` (a template)."""
+    return json.dumps(_q(sys.executable, tmp_path / "fake_submit.py") + " " + args)
+
+
+def _definition(tmp_path: Path, srv: ThreadedStorageServer, paths: list[str],
+                name: str = "ds.txt") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(srv.url(p) + "\n" for p in paths))
+    return path
+
+
+def _prestaged(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str,
+               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m prestaged ARGS`` with the test proxy and a state file in tmp_path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_"))}
+    env.update({"CAMPAIGN_RECORD": str(tmp_path / "record.jsonl"),
+                "COMPLETE_DIR": str(tmp_path), **(extra_env or {})})
+    ours = ["--state", str(tmp_path / "state.db")]
+    if args[:2] == ("campaign", "run"):
+        ours += ["--proxy", str(proxy), "--ca-dir", str(pki.ca_dir)]
+    res = subprocess.run([sys.executable, "-m", "prestaged", *args, *ours], capture_output=True,
+                         text=True, timeout=TIMEOUT, env=env, cwd=tmp_path, check=False)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+def _records(tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "record.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+def _show(pki: TestPKI, proxy: Path, tmp_path: Path, name: str) -> list[dict[str, Any]]:
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "show", name, "--json")
+    assert res.returncode == 0, res.stderr
+    subs: list[dict[str, Any]] = json.loads(res.stdout)["submissions"]
+    return subs
+
+
+def test_drainingn_slices_are_disjoint_warm_first_and_never_resubmitted(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """drainingn(2) over 5 files: 3 submissions, disjoint, all warm before submit; rerun adds none."""
+    paths = [f"/pnfs/camp/f{i}" for i in range(5)]
+    delays = {paths[1]: 0.6, paths[4]: 0.4}
+    for p, seconds in delays.items():
+        storage.inject(p, [Delay(seconds)])
+    ds = _definition(tmp_path, storage, paths)
+    campaign = _write(tmp_path, f"""
+name = "drain"
+[[stage]]
+name = "reco"
+input = {json.dumps(str(ds))}
+split = "drainingn(2)"
+submit = {_submit(tmp_path, "{submission} {definition} {files_file} {urls_file} {n_files}")}
+""")
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 0, res.stderr
+    records = _records(tmp_path)
+    assert [len(r["urls"]) for r in records] == [2, 2, 1]
+    assert [r["argv"][-1] for r in records] == ["2", "2", "1"]
+    assert [len(r["files"]) for r in records] == [2, 2, 1]
+    urls = [u for r in records for u in r["urls"]]
+    assert sorted(urls) == sorted(storage.url(p) for p in paths)  # disjoint and complete
+    for r in records:  # every file of the slice was warm (response sent) before submit started
+        warm = [storage.stats.path(p).times[0] + delays.get(p, 0.0) for p in paths
+                if storage.url(p) in r["urls"]]
+        assert r["start"] >= max(warm)
+    assert all(len(storage.stats.path(p).times) == 1 for p in paths)
+    subs = _show(pki, proxy, tmp_path, str(campaign))
+    assert [(s["item"], s["state"], s["job_id"]) for s in subs] == [
+        (f"slice-{k}", "completed", f"{k}.0@test") for k in (1, 2, 3)]
+    assert [e["to"] for e in subs[0]["events"]] == [
+        "queued", "prestaging", "ready", "submitting", "submitted", "completed"]
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 0, res.stderr
+    assert len(_records(tmp_path)) == 3
+    assert len(_show(pki, proxy, tmp_path, "drain")) == 3
+
+
+def test_after_orders_stages_on_complete(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """A stage with after starts only once the upstream complete command exited 0 (polled twice)."""
+    ds = _definition(tmp_path, storage, ["/pnfs/camp/a", "/pnfs/camp/b"])
+    complete = json.dumps(_q(sys.executable, tmp_path / "fake_complete.py") + " {job_id}")
+    campaign = _write(tmp_path, f"""
+name = "chain"
+[defaults]
+complete_poll = "0.05s"
+[[stage]]
+name = "second"
+after = ["first"]
+input = {json.dumps(str(ds))}
+submit = {_submit(tmp_path, "{stage}")}
+[[stage]]
+name = "first"
+input = {json.dumps(str(ds))}
+submit = {_submit(tmp_path, "{stage}")}
+complete = {complete}
+""")
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 0, res.stderr
+    records = _records(tmp_path)
+    assert [r["argv"] for r in records] == [["first"], ["second"]]
+    [done] = [json.loads(ln) for ln in (tmp_path / "done.jsonl").read_text().splitlines()]
+    assert done["job_id"] == "first.0@test"
+    assert (tmp_path / "first.0@test.polls").read_text() == "2"
+    assert records[1]["start"] > done["done"]
+    subs = _show(pki, proxy, tmp_path, "chain")
+    assert [(s["stage"], s["state"]) for s in subs] == [("first", "completed"),
+                                                        ("second", "completed")]
+    assert "after 2 poll(s)" in subs[0]["reason"]
+
+
+def test_killed_while_submitting_becomes_launch_unknown_and_is_not_rerun(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """prestaged SIGKILLed during the submit command: next run marks launch_unknown, exit 1, no rerun."""
+    ds = _definition(tmp_path, storage, ["/pnfs/camp/a"])
+    campaign = _write(tmp_path, f"""
+name = "crash"
+[[stage]]
+name = "reco"
+input = {json.dumps(str(ds))}
+submit = {_submit(tmp_path, "{stage}")}
+""")
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign),
+                     extra_env={"FAKE_KILL_PARENT": "1"})
+    assert res.returncode == -9
+    [sub] = _show(pki, proxy, tmp_path, "crash")
+    assert sub["state"] == "submitting"
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 1
+    assert "crash/reco: incomplete" in res.stdout
+    assert len(_records(tmp_path)) == 1
+    [sub] = _show(pki, proxy, tmp_path, "crash")
+    assert sub["state"] == "launch_unknown" and "not run again" in sub["reason"]
+    text = _prestaged(pki, proxy, tmp_path, "campaign", "show", "crash").stdout
+    assert "launch_unknown" in text and "crash/reco:" in text
+
+
+def test_shell_metacharacters_in_names_cannot_inject(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """Definition names with shell syntax reach the submit command verbatim, as single arguments."""
+    evil = "my ds; touch pwned-a $(touch pwned-b) `touch pwned-c` | touch pwned-d.txt"
+    evil2 = "x' && touch pwned-e && echo '.txt"
+    _definition(tmp_path, storage, ["/pnfs/camp/a"], name=evil)
+    _definition(tmp_path, storage, ["/pnfs/camp/b"], name=evil2)
+    campaign = _write(tmp_path, f"""
+name = "inject"
+[[stage]]
+name = "one"
+input = {json.dumps(evil)}
+submit = {_submit(tmp_path, "{definition} --ds={definition}")}
+[[stage]]
+name = "two"
+split = {json.dumps(f"list({evil2})")}
+input = "unused"
+submit = {_submit(tmp_path, "{definition}")}
+""")
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 0, res.stderr
+    assert [r["argv"] for r in _records(tmp_path)] == [[evil, f"--ds={evil}"], [evil2]]
+    assert not list(tmp_path.glob("pwned*"))
+
+
+def test_gate_timeout_fails_the_submission_naming_the_cold_file(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """A slice that never gets warm fails at prestage_timeout naming its cold file; nothing runs."""
+    paths = ["/pnfs/camp/a", "/pnfs/camp/gone"]
+    storage.remove(paths[1])
+    ds = _definition(tmp_path, storage, paths)
+    campaign = _write(tmp_path, f"""
+name = "cold"
+[defaults]
+prestage_timeout = "1s"
+prestage_retry = "0.2s"
+[[stage]]
+name = "reco"
+input = {json.dumps(str(ds))}
+submit = {_submit(tmp_path, "{stage}")}
+""")
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 1
+    assert _records(tmp_path) == []
+    [sub] = _show(pki, proxy, tmp_path, "cold")
+    assert sub["state"] == "failed" and storage.url(paths[1]) in sub["reason"]
+    assert "not ready within 1s" in sub["reason"]
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ('name = "c"\nbogus = 1\n[[stage]]\nname = "a"\ninput = "d"\nsubmit = "x"\n',
+     "unknown key bogus"),
+    ('name = "c"\n[[stage]]\nname = "a"\ninput = "d"\nsubmit = "x"\nsplit = "drainingn(0)"\n',
+     "stage[0].split: expected"),
+    ('name = "c"\n[[stage]]\nname = "a"\ninput = "d"\nsubmit = "x"\nafter = ["zz"]\n',
+     "stage[0].after: no stage named 'zz'"),
+    ('name = "c"\n[[stage]]\nname = "a"\ninput = "d"\nsubmit = "x"\nafter = ["b"]\n'
+     '[[stage]]\nname = "b"\ninput = "d"\nsubmit = "x"\nafter = ["a"]\n',
+     "dependency cycle"),
+    ('name = "c"\n[[stage]]\nname = "a"\ninput = "d"\nsubmit = "x {dataset}"\n',
+     "stage[0].submit: unknown placeholder {dataset}"),
+])
+def test_bad_campaign_file_exit_2_one_line(pki: TestPKI, proxy: Path, tmp_path: Path,
+                                           body: str, expected: str) -> None:
+    """Invalid campaign files: exit 2, one error line naming the file and the key."""
+    path = _write(tmp_path, body)
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(path))
+    assert res.returncode == 2
+    [line] = res.stderr.splitlines()
+    assert line.startswith(f"prestaged: error: campaign {path}: ") and expected in line
+
+
+def test_split_and_render_units(tmp_path: Path) -> None:
+    """Split syntax parses as documented; render splits the template before substituting."""
+    assert parse_split("drainingn(50)").n == 50
+    assert parse_split("list(a, b,c)").items == ("a", "b", "c")
+    for bad in ("drainingn(x)", "list()", "list(a,,b)", "nfiles(3)"):
+        with pytest.raises(ValueError):
+            parse_split(bad)
+    assert render("run -d {definition} 'x {stage}'", {"definition": "a b;{c}", "stage": "s"}) \
+        == ["run", "-d", "a b;{c}", "x s"]
+    with pytest.raises(ConfigError, match="no such file"):
+        load_campaign(tmp_path / "missing.toml")
+
+
+def test_interrupted_gate_resumes_on_the_next_run(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """Ctrl-C during the gate: exit 130, still prestaging, nothing run; the next run submits it."""
+    storage.inject("/pnfs/camp/slow", [Delay(30)])
+    ds = _definition(tmp_path, storage, ["/pnfs/camp/slow"])
+    campaign = _write(tmp_path, f"""
+name = "intr"
+[[stage]]
+name = "reco"
+input = {json.dumps(str(ds))}
+submit = {_submit(tmp_path, "{stage}")}
+""")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_"))}
+    env["CAMPAIGN_RECORD"] = str(tmp_path / "record.jsonl")
+    proc = subprocess.Popen([sys.executable, "-m", "prestaged", "campaign", "run", str(campaign),
+                             "--state", str(tmp_path / "state.db"), "--proxy", str(proxy),
+                             "--ca-dir", str(pki.ca_dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        storage.wait_until(lambda s: s.active_requests >= 1, timeout=TIMEOUT)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and _records(tmp_path) == []
+    [sub] = _show(pki, proxy, tmp_path, "intr")
+    assert sub["state"] == "prestaging"
+    storage.clear_faults()
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 0, res.stderr
+    assert len(_records(tmp_path)) == 1
+    [sub] = _show(pki, proxy, tmp_path, "intr")
+    assert [e["to"] for e in sub["events"]] == [
+        "queued", "prestaging", "ready", "submitting", "submitted", "completed"]
