@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prestaged.catalog import Catalog, FileRef
+
 # config.py's loader and value checks, so that campaign files word their errors alike.
 from prestaged.config import Duration, _build, _check, _fraction, _positive, _word
 from prestaged.errors import (
