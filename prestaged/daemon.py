@@ -31,7 +31,14 @@ from typing import Any, Callable, Optional
 from prestaged import __version__
 from prestaged.catalog import open_catalog
 from prestaged.config import Config, WatchConfig, load_config
-from prestaged.credentials import Credentials, ProxyInfo, inspect_proxy, load_credentials
+from prestaged.credentials import (
+    Credentials,
+    ProxyInfo,
+    inspect_proxy,
+    load_credentials,
+    resolve_ca_dir,
+    resolve_proxy_path,
+)
 from prestaged.errors import ConfigError, CredentialError, PrestagedError
 from prestaged.metrics import Metrics, run_result
 from prestaged.runner import run_definition
@@ -334,15 +341,18 @@ class Daemon:
             await self._check_credentials()
 
     async def _check_credentials(self, force: bool = False) -> None:
-        """Re-read the proxy when its file changed (or ``force``); pause on expiry."""
+        """Re-read the proxy when its file changed, or the config names another proxy or CA
+        directory (or ``force``); pause on expiry."""
         assert self.credentials is not None and self._touch is not None
-        path = self.credentials.proxy.path
+        path, _ = resolve_proxy_path(None, self.cfg.credentials.proxy)
+        ca_dir, _ = resolve_ca_dir(None, self.cfg.credentials.ca_dir)
         stamp = _stamp(path)
-        if force or stamp != self._proxy_stamp:
+        moved = (path, ca_dir) != (self.credentials.proxy.path, self.credentials.ca_dir)
+        if force or moved or stamp != self._proxy_stamp:
             self._proxy_stamp = stamp
             try:
                 info = inspect_proxy(path)
-                creds = Credentials(proxy=info, ca_dir=self.credentials.ca_dir)
+                creds = Credentials(proxy=info, ca_dir=ca_dir)
                 await self._touch.install(creds.ssl_context())
             except CredentialError as e:
                 log.error("proxy changed but cannot be used: %s; keeping the previous one", e)

@@ -306,3 +306,24 @@ def test_watch_below_ready_fraction_is_reported(
     assert d.proc.wait(timeout=DEADLINE) == 0
     err = d.proc.communicate()[1]
     assert "only 90.0% warm after the run, below ready 95.0%" in err
+
+
+def test_reload_switches_to_a_newly_configured_proxy(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """SIGHUP with credentials.proxy pointing elsewhere: new touches present the new proxy."""
+    port = _free_port()
+    config = _config(tmp_path, pki, proxy, port, [])
+    d = start_daemon(config, port)
+    moved = pki.make_proxy_for("Moved", tmp_path / "moved", lifetime=timedelta(hours=20))
+    config.write_text(config.read_text().replace(str(proxy), str(moved)))
+    expiry = d.metric("prestaged_credential_expiry_timestamp_seconds", kind="proxy")
+    d.proc.send_signal(signal.SIGHUP)
+    _poll("new proxy in use", lambda: d.metric(
+        "prestaged_credential_expiry_timestamp_seconds", kind="proxy") > expiry + 3600)
+    m = _definition(tmp_path, storage, "m", 3)
+    status, body = d.http("POST", "/api/v1/warm", {"definition": str(m)})
+    assert status == 202
+    _poll("run done", lambda: d.http("GET", body["href"])[1]["state"] == "done")
+    assert pki.dn_for("Moved") in "".join(storage.stats.client_dns)
