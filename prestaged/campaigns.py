@@ -10,7 +10,19 @@ move backwards and every transition is stored (``submission_events``) with its t
 
 At-most-once: ``submitting`` is committed before the submit command starts, so a submission
 found in ``submitting`` at start-up (the process died while the command ran) may or may not have
-been submitted; it becomes ``launch_unknown`` and is never run again automatically.
+been submitted; it becomes ``launch_unknown`` and is never run again automatically. The operator
+decides: ``release`` retries it (it becomes ``cancelled``, superseded by a new ``queued``
+submission that takes over its slice, both stored with their reasons), ``mark_submitted``
+records a launch made outside (``launch_unknown -> submitted`` with its job id).
+
+Controls (``campaign_controls``), per campaign or per stage: a held campaign/stage creates and
+launches nothing (a launch due while held waits: the next drainingn slice is chosen only once
+released, when its submission is created); a cancelled one creates and launches nothing ever
+again, and its queued/prestaging/ready submissions become ``cancelled``.
+
+Keep-warm: while a submission is ``submitted`` and its ``complete`` command has not exited 0,
+its slice is warmed again every ``keep_warm`` (files touched within ``keep_warm / 2`` are
+skipped), between the ``complete`` polls.
 
 drainingn: the files of a slice are written to the ledger (``campaign_ledger``) in the same
 transaction that creates the submission, before anything runs, so a restart never gives a file
@@ -34,7 +46,7 @@ import string
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -60,6 +72,7 @@ else:  # pragma: no cover - exercised on 3.9/3.10 only
 
 __all__ = [
     "DEFAULT_JOB_ID_REGEX",
+    "EXIT_HELD",
     "PLACEHOLDERS",
     "CampaignConfig",
     "CampaignDefaults",
@@ -87,6 +100,10 @@ PLACEHOLDERS = ("campaign", "stage", "submission", "definition", "files_file", "
 """Placeholders of ``submit``/``complete`` (``{job_id}`` in ``complete`` only)."""
 
 _TAIL = 4000  # characters of a command's output kept in the state
+
+EXIT_HELD = 75
+"""``campaign run``'s exit code when it launched nothing more because of a hold (EX_TEMPFAIL):
+not a failure, run it again after ``campaign release``."""
 
 
 # --- the campaign file ------------------------------------------------------------------------
@@ -146,7 +163,7 @@ class CampaignDefaults:
     ready: float = field(default=1.0, metadata=_check(_fraction))
     """Fraction of a submission's slice that must be warm before it is submitted."""
     keep_warm: Duration = field(default=Duration(4 * 3600.0), metadata=_check(_positive))
-    """Re-touch interval while submitted (seconds); accepted, not yet acted on by ``run``."""
+    """Re-touch interval of a submitted slice until its ``complete`` command exits 0 (seconds)."""
     prestage_timeout: Duration = field(default=Duration(6 * 3600.0), metadata=_check(_positive))
     """A slice not warm enough within this long fails, naming its cold files (seconds)."""
     prestage_retry: Duration = field(default=Duration(10.0), metadata=_check(_positive))
@@ -370,8 +387,15 @@ _NEXT: dict[SubmissionState, frozenset[SubmissionState]] = {
     S.READY: frozenset({S.SUBMITTING, S.CANCELLED}),
     S.SUBMITTING: frozenset({S.SUBMITTED, S.LAUNCH_FAILED, S.LAUNCH_UNKNOWN}),
     S.SUBMITTED: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED}),
+    # Only by an operator: release (retry as a new attempt) or mark-submitted.
+    S.LAUNCH_UNKNOWN: frozenset({S.CANCELLED, S.SUBMITTED}),
 }
 """Allowed transitions; states missing here are final."""
+
+_CANCELLABLE = (S.QUEUED, S.PRESTAGING, S.READY)
+"""States a cancel moves to ``cancelled`` (nothing of theirs has been launched)."""
+_FINAL_BAD = (S.LAUNCH_FAILED, S.LAUNCH_UNKNOWN, S.FAILED)
+"""States that make a stage ``incomplete`` even while it is held."""
 
 
 @dataclass(frozen=True)
@@ -391,6 +415,8 @@ class Submission:
     exit_code: Optional[int]
     job_id: Optional[str]
     output_tail: Optional[str]
+    superseded_by: Optional[int] = None
+    """The retry that took over this (cancelled) submission's slice, if any."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -398,13 +424,13 @@ class Submission:
 
 
 _COLUMNS = ("id, campaign, stage, item, definition, state, reason, created, updated, n_files, "
-            "exit_code, job_id, output_tail")
+            "exit_code, job_id, output_tail, superseded_by")
 _SETTABLE = ("n_files", "exit_code", "job_id", "output_tail")
 
 
 def _row(r: Sequence[Any]) -> Submission:
     return Submission(r[0], r[1], r[2], r[3], r[4], SubmissionState(r[5]), r[6], r[7], r[8],
-                      r[9], r[10], r[11], r[12])
+                      r[9], r[10], r[11], r[12], r[13])
 
 
 class CampaignState:
@@ -472,6 +498,85 @@ class CampaignState:
         assert sub_id is not None
         return self.get(sub_id)
 
+    def control(self, campaign: str, stage: str) -> Optional[str]:
+        """``cancelled`` or ``held`` when the campaign or ``stage`` is (cancel wins), else None."""
+        with self.store.transaction() as conn:
+            row = conn.execute("SELECT MAX(cancelled), MAX(held) FROM campaign_controls WHERE "
+                               "campaign = ? AND stage IN ('', ?)", (campaign, stage)).fetchone()
+        if row and row[0]:
+            return "cancelled"
+        if row and row[1]:
+            return "held"
+        return None
+
+    def _set(self, conn: Any, campaign: str, stage: Optional[str], column: str, value: int,
+             reason: str) -> None:
+        conn.execute("INSERT OR IGNORE INTO campaign_controls (campaign, stage, updated, "
+                     "reason) VALUES (?, ?, ?, ?)",
+                     (campaign, stage or "", time.time(), reason))
+        conn.execute(f"UPDATE campaign_controls SET {column} = ?, updated = ?, reason = ? "
+                     "WHERE campaign = ? AND stage = ?",
+                     (value, time.time(), reason, campaign, stage or ""))
+
+    def hold(self, campaign: str, stage: Optional[str] = None) -> None:
+        """Hold the campaign (or one stage): ``run`` creates and launches nothing there."""
+        with self.store.transaction() as conn:
+            self._set(conn, campaign, stage, "held", 1, "held by operator")
+
+    def release(self, campaign: str, stage: Optional[str] = None) -> list[Submission]:
+        """Lift the hold of the campaign (or one stage) and retry its ``launch_unknown``
+        submissions: each is superseded (``cancelled``) by a new ``queued`` submission that
+        takes over its slice, so no state ever moves backwards. Returns the new submissions."""
+        with self.store.transaction() as conn:
+            self._set(conn, campaign, stage, "held", 0, "released by operator")
+        return [self._retry(s) for s in self.submissions(campaign, stage)
+                if s.state is S.LAUNCH_UNKNOWN]
+
+    def _retry(self, old: Submission) -> Submission:
+        now = time.time()
+        reason = f"retry of #{old.id}, released by operator"
+        tries = sum(1 for s in self.submissions(old.campaign, old.stage)
+                    if s.item.split(" (retry", 1)[0] == old.item.split(" (retry", 1)[0])
+        with self.store.transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO campaign_submissions (campaign, stage, item, definition, state, "
+                "reason, created, updated, n_files) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (old.campaign, old.stage, f"{old.item.split(' (retry', 1)[0]} (retry {tries})",
+                 old.definition, S.QUEUED.value, reason, now, now, old.n_files))
+            new_id = cur.lastrowid
+            conn.execute("UPDATE campaign_submissions SET superseded_by = ? WHERE id = ?",
+                         (new_id, old.id))
+            conn.execute("INSERT INTO submission_events (submission_id, at, from_state, "
+                         "to_state, reason) VALUES (?, ?, NULL, ?, ?)",
+                         (new_id, now, S.QUEUED.value, reason))
+            conn.execute("UPDATE campaign_ledger SET submission_id = ? WHERE submission_id = ?",
+                         (new_id, old.id))
+        assert new_id is not None
+        self.move(old, S.CANCELLED, f"superseded by #{new_id}: released by operator for a retry "
+                                    "(this launch may or may not have run)")
+        return self.get(new_id)
+
+    def cancel(self, campaign: str, stage: Optional[str] = None) -> list[Submission]:
+        """Cancel the campaign (or one stage) for good; its queued, prestaging and ready
+        submissions become ``cancelled`` (returned)."""
+        with self.store.transaction() as conn:
+            self._set(conn, campaign, stage, "cancelled", 1, "cancelled by operator")
+        return [self.move(s, S.CANCELLED, "cancelled by operator")
+                for s in self.submissions(campaign, stage) if s.state in _CANCELLABLE]
+
+    def mark_submitted(self, campaign: str, sub_id: int, job_id: str) -> Submission:
+        """Record that ``launch_unknown`` submission ``sub_id`` was launched (outside
+        prestaged) as ``job_id``; ``StateError`` for another campaign's or state's submission."""
+        found = [s for s in self.submissions(campaign) if s.id == sub_id]
+        if not found:
+            raise StateError(f"campaign '{campaign}' has no submission {sub_id}")
+        sub = found[0]
+        if sub.state is not S.LAUNCH_UNKNOWN:
+            raise StateError(f"submission {sub_id} is {sub.state.value}, not launch_unknown: "
+                             "only a launch_unknown submission can be marked submitted")
+        return self.move(sub, S.SUBMITTED, f"marked submitted by operator, job id {job_id}",
+                         job_id=job_id)
+
     def move(self, sub: Submission, to: SubmissionState, reason: str,
              **fields: object) -> Submission:
         """Move ``sub`` to ``to`` (stored with the time and ``reason``); ``StateError`` for a
@@ -503,11 +608,17 @@ class CampaignState:
 GateFn = Callable[[Catalog, float, float, float], Any]
 """``gate(catalog, ready, timeout, retry_initial)`` -> awaitable ``gate.GateResult``."""
 
+RewarmFn = Callable[[Catalog, float], Awaitable[Any]]
+"""``rewarm(catalog, fresh_for)``: one warm run of ``catalog`` skipping files touched within
+``fresh_for`` seconds (keep-warm of a submitted slice)."""
+
 
 @dataclass(frozen=True)
 class CampaignResult:
-    """How ``run_campaign`` ended: per stage ``done`` (drained and all complete), ``blocked``
-    (an upstream stage is not done) or ``incomplete``; ``exit_code`` 0, 1 or 130."""
+    """How ``run_campaign`` ended: per stage ``done`` (drained and all complete), ``held``,
+    ``cancelled``, ``blocked`` (an upstream stage is not done) or ``incomplete``;
+    ``exit_code`` 0 (every stage done or cancelled), 1 (a stage incomplete, or blocked by a
+    cancelled one), ``EXIT_HELD`` (otherwise, when a hold stopped it) or 130."""
 
     campaign: str
     stages: dict[str, str]
@@ -522,6 +633,11 @@ class _Runner:
     open_catalog: Callable[[str], Catalog]
     workdir: Path
     stop: asyncio.Event
+    rewarm: Optional[RewarmFn] = None
+    _next_touch: float = 0.0
+
+    def _control(self, stage: StageConfig) -> Optional[str]:
+        return self.state.control(self.campaign.name, stage.name)
 
     def _values(self, stage: StageConfig, sub: Submission) -> dict[str, object]:
         base = self.workdir / self.campaign.name / f"{stage.name}-{sub.id}"
@@ -537,36 +653,73 @@ class _Runner:
         for stage in self.campaign.ordered():
             if self.stop.is_set():
                 break
-            if any(outcome.get(up) != "done" for up in stage.after):
+            control = self._control(stage)
+            if control == "cancelled":
+                outcome[stage.name] = self._cancelled(stage)
+                continue
+            ups = [outcome.get(up) for up in stage.after]
+            if any(u != "done" for u in ups):
                 log.warning("%s/%s: not started: upstream %s not done", self.campaign.name,
                             stage.name, ", ".join(stage.after))
-                outcome[stage.name] = "blocked"
+                held_up = control == "held" or "held" in ups or "blocked-held" in ups
+                outcome[stage.name] = "blocked-held" if held_up else "blocked"
                 continue
-            outcome[stage.name] = "done" if await self._stage(stage) else "incomplete"
+            outcome[stage.name] = await self._stage(stage)
+        values = set(outcome.values())
         if self.stop.is_set():
             code = EXIT_INTERRUPTED
+        elif values <= {"done", "cancelled"}:
+            code = EXIT_OK
+        elif values & {"incomplete", "blocked"}:
+            code = EXIT_SOME_FAILED
         else:
-            code = EXIT_OK if all(v == "done" for v in outcome.values()) else EXIT_SOME_FAILED
+            code = EXIT_HELD
+        outcome = {k: "blocked" if v == "blocked-held" else v for k, v in outcome.items()}
         return CampaignResult(self.campaign.name, outcome, code)
 
-    async def _stage(self, stage: StageConfig) -> bool:
-        """Process one stage; True when it is drained and every submission completed."""
+    def _cancelled(self, stage: StageConfig) -> str:
+        """A cancelled stage: what was not launched yet is cancelled (if a cancel raced)."""
+        for sub in self.state.submissions(self.campaign.name, stage.name):
+            if sub.state in _CANCELLABLE:
+                self.state.move(sub, S.CANCELLED, "stage cancelled by operator")
+        log.warning("%s/%s: cancelled: nothing more is created or launched",
+                    self.campaign.name, stage.name)
+        return "cancelled"
+
+    async def _stage(self, stage: StageConfig) -> str:
+        """Process one stage: ``done`` when it is drained and every submission completed,
+        ``held`` / ``cancelled`` when an operator control stopped it, else ``incomplete``."""
         name = self.campaign.name
         for sub in self.state.submissions(name, stage.name):  # resume what a crash left
             await self._advance(stage, sub)
         split = stage.parsed_split
+        drained = False  # True once every item has a submission / nothing new is left
         if split.kind in ("all", "list"):
             have = {s.item for s in self.state.submissions(name, stage.name)}
             for item in split.items or ("all",):
-                if item not in have and not self.stop.is_set():
+                if item not in have and not self.stop.is_set() and not self._control(stage):
                     definition = self._input(stage) if split.kind == "all" else item
                     await self._advance(stage, self.state.create(name, stage.name, item,
                                                                  definition))
+                    have.add(item)
+            drained = all(item in have for item in split.items or ("all",))
         else:
-            while not self.stop.is_set() and await self._next_slice(stage, split.n):
-                pass
+            while not self.stop.is_set() and not self._control(stage):
+                if not await self._next_slice(stage, split.n):
+                    drained = True
+                    break
+        control = self._control(stage)
+        if control == "cancelled":
+            return self._cancelled(stage)
         subs = self.state.submissions(name, stage.name)
-        return not self.stop.is_set() and all(s.state is S.COMPLETED for s in subs)
+        if drained and not self.stop.is_set() and all(
+                s.state is S.COMPLETED or s.superseded_by is not None for s in subs):
+            return "done"
+        if control == "held" and not any(s.state in _FINAL_BAD for s in subs):
+            log.warning("%s/%s: held: nothing more is created or launched until "
+                        "`prestaged campaign release`", name, stage.name)
+            return "held"
+        return "incomplete"
 
     def _input(self, stage: StageConfig) -> str:
         return stage.input.format_map({"campaign": self.campaign.name, "stage": stage.name})
@@ -601,6 +754,15 @@ class _Runner:
         steps = {S.QUEUED: self._prestage, S.PRESTAGING: self._prestage,
                  S.READY: self._submit, S.SUBMITTED: self._complete}
         while sub.state in steps and not self.stop.is_set():
+            if sub.state is S.READY:  # the last moment before a launch
+                control = self._control(stage)
+                if control == "cancelled":
+                    self.state.move(sub, S.CANCELLED, "cancelled by operator before launch")
+                    return
+                if control == "held":
+                    log.info("%s/%s #%d: held: launch waits for release", sub.campaign,
+                             sub.stage, sub.id)
+                    return
             sub = await steps[sub.state](stage, sub)
 
     async def _slice(self, stage: StageConfig, sub: Submission) -> list[FileRef]:
@@ -658,6 +820,7 @@ class _Runner:
             return self.state.move(sub, S.COMPLETED, "no complete command: done once submitted")
         d = self.campaign.defaults
         start = time.monotonic()
+        self._next_touch = start + d.keep_warm
         delay: float = d.complete_poll
         polls = 0
         while True:
@@ -672,11 +835,35 @@ class _Runner:
                 return self.state.move(sub, S.FAILED, f"not complete within "
                                        f"{d.complete_timeout:g}s: {argv[0]} last exited "
                                        f"{res.exit_code}")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), min(delay, left))
-            if self.stop.is_set():
+            if not await self._wait_keeping_warm(stage, sub, min(delay, left)):
                 return sub
             delay = min(d.complete_poll_max, delay * 2)
+
+    async def _wait_keeping_warm(self, stage: StageConfig, sub: Submission,
+                                 seconds: float) -> bool:
+        """Wait ``seconds`` (until the next ``complete`` poll), warming the slice again each
+        time ``keep_warm`` has passed since the last touch; False when ``stop`` was set."""
+        keep_warm = self.campaign.defaults.keep_warm
+        until = time.monotonic() + seconds
+        while True:
+            now = time.monotonic()
+            if self.rewarm is not None and now >= self._next_touch:
+                from prestaged.catalog.local import LocalCatalog
+
+                catalog = LocalCatalog(str(self._values(stage, sub)["urls_file"]))
+                log.info("%s/%s #%d: keep-warm: touching the slice again", sub.campaign,
+                         sub.stage, sub.id)
+                try:
+                    await self.rewarm(catalog, keep_warm / 2)
+                except (CatalogError, OSError) as e:  # keep polling; try again next time
+                    log.warning("%s/%s #%d: keep-warm: %s", sub.campaign, sub.stage, sub.id, e)
+                self._next_touch = time.monotonic() + keep_warm
+                continue
+            if now >= until or self.stop.is_set():
+                return not self.stop.is_set()
+            wake = min(until, self._next_touch) if self.rewarm is not None else until
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), wake - now)
 
 
 def _write_lists(urls: Path, names: Path, refs: Sequence[FileRef]) -> None:
@@ -688,11 +875,14 @@ def _write_lists(urls: Path, names: Path, refs: Sequence[FileRef]) -> None:
 
 async def run_campaign(campaign: CampaignConfig, store: Store, *, gate: GateFn,
                        open_catalog: Callable[[str], Catalog], workdir: Path,
-                       stop: Optional[asyncio.Event] = None) -> CampaignResult:
+                       stop: Optional[asyncio.Event] = None,
+                       rewarm: Optional[RewarmFn] = None) -> CampaignResult:
     """Process ``campaign`` in the foreground: stages in ``after`` order, each stage's
-    submissions one at a time (gate, submit, poll ``complete``). ``gate`` warms a slice (see
+    submissions one at a time (gate, submit, poll ``complete`` while keeping the slice warm
+    with ``rewarm``, see ``RewarmFn``; without it no keep-warm). ``gate`` warms a slice (see
     ``GateFn``); ``open_catalog`` resolves a definition name; slice files go under
-    ``workdir``/<campaign>/. Setting ``stop`` ends it at the next step (exit code 130)."""
+    ``workdir``/<campaign>/. Setting ``stop`` ends it at the next step (exit code 130).
+    Held and cancelled campaigns/stages create and launch nothing (see ``CampaignResult``)."""
     runner = _Runner(campaign, CampaignState(store), gate, open_catalog, workdir,
-                     stop if stop is not None else asyncio.Event())
+                     stop if stop is not None else asyncio.Event(), rewarm)
     return await runner.run()

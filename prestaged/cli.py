@@ -162,7 +162,8 @@ def _add_gate_commands(sub: Any) -> None:
 
 
 def _add_campaign_commands(sub: Any) -> None:
-    """``campaign run`` and ``campaign show``: stages of gated submissions, in the foreground."""
+    """``campaign run/show/hold/release/cancel/mark-submitted``: stages of gated submissions,
+    in the foreground."""
     c = sub.add_parser("campaign", help="run or show a campaign of gated submissions",
                        description="A campaign file (TOML) lists stages; each stage's input is "
                                    "split into submissions that are submitted only once their "
@@ -172,8 +173,12 @@ def _add_campaign_commands(sub: Any) -> None:
                         description="Process FILE's stages in `after` order: gate each "
                                     "submission's slice, run its submit command, poll its "
                                     "complete command. Exit 0 when every stage is drained and "
-                                    "complete, 1 when a submission failed or is launch_unknown. "
-                                    "Running it again resumes; nothing is submitted twice.")
+                                    "complete (or cancelled), 1 when a submission failed or is "
+                                    "launch_unknown, 75 when a hold (`campaign hold`) kept it "
+                                    "from launching more. While a submission is submitted and "
+                                    "its complete command has not exited 0, its slice is warmed "
+                                    "again every keep_warm. Running it again resumes; nothing "
+                                    "is submitted twice.")
     r.add_argument("file", type=Path, metavar="FILE", help="campaign file (TOML)")
     _storage_args(r, "--attempt-timeout")
     _credentials(r)
@@ -189,6 +194,66 @@ def _add_campaign_commands(sub: Any) -> None:
     _state_args(s, warm=False)
     _common(s)
     s.set_defaults(func=_cmd_campaign_show)
+    controls = (
+        ("hold", "hold a campaign or stage: `run` creates and launches nothing there "
+                 "(a launch due waits; a drainingn slice is chosen only after release)"),
+        ("release", "lift a hold; launch_unknown submissions are retried as new submissions"),
+        ("cancel", "cancel a campaign or stage for good: nothing more is created or "
+                   "launched; queued, prestaging and ready submissions become cancelled"),
+    )
+    for action, text in controls:
+        p = csub.add_parser(action, help=text.split(":")[0].split(";")[0], description=text)
+        p.add_argument("campaign", metavar="NAME", help="campaign name")
+        p.add_argument("--stage", help="only this stage")
+        _state_args(p, warm=False)
+        _common(p)
+        p.set_defaults(func=_cmd_campaign_control, action=action)
+    m = csub.add_parser("mark-submitted", help="record a launch_unknown submission as launched",
+                        description="The operator's answer to launch_unknown when the job was "
+                                    "in fact launched: the submission becomes submitted with "
+                                    "JOB_ID (then `run` polls its complete command).")
+    m.add_argument("campaign", metavar="NAME", help="campaign name")
+    m.add_argument("--submission", type=int, required=True, metavar="ID",
+                   help="submission id (as `campaign show` lists it)")
+    m.add_argument("--job-id", required=True, metavar="JOB_ID", help="the launched job's id")
+    _state_args(m, warm=False)
+    _common(m)
+    m.set_defaults(func=_cmd_campaign_mark_submitted)
+
+
+def _cmd_campaign_control(args: argparse.Namespace, cfg: Config) -> int:
+    from prestaged.campaigns import CampaignState
+
+    scope = args.campaign + (f"/{args.stage}" if args.stage else "")
+    store = _open_store(cfg)
+    try:
+        state = CampaignState(store)
+        if args.action == "hold":
+            state.hold(args.campaign, args.stage)
+            print(f"{scope}: held")
+        elif args.action == "release":
+            requeued = state.release(args.campaign, args.stage)
+            print(f"{scope}: released"
+                  + "".join(f"; {s.reason}: #{s.id} {s.item} queued" for s in requeued))
+        else:
+            cancelled = state.cancel(args.campaign, args.stage)
+            print(f"{scope}: cancelled"
+                  + "".join(f"; #{s.id} {s.item} cancelled" for s in cancelled))
+    finally:
+        store.close()
+    return 0
+
+
+def _cmd_campaign_mark_submitted(args: argparse.Namespace, cfg: Config) -> int:
+    from prestaged.campaigns import CampaignState
+
+    store = _open_store(cfg, must_exist=True)
+    try:
+        sub = CampaignState(store).mark_submitted(args.campaign, args.submission, args.job_id)
+    finally:
+        store.close()
+    print(f"{args.campaign}/{sub.stage}: #{sub.id} {sub.item} submitted, job {sub.job_id}")
+    return 0
 
 
 def _campaign_catalogs(args: argparse.Namespace, cfg: Config, kind: str,
@@ -204,8 +269,9 @@ def _campaign_catalogs(args: argparse.Namespace, cfg: Config, kind: str,
 
 
 def _cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
-    from prestaged.campaigns import load_campaign, run_campaign
+    from prestaged.campaigns import EXIT_HELD, load_campaign, run_campaign
     from prestaged.gate import wait_until_ready
+    from prestaged.runner import run_definition
     from prestaged.warm import WarmSettings
 
     campaign = load_campaign(args.file)
@@ -225,8 +291,13 @@ def _cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
             return wait_until_ready(catalog, cfg, settings, creds.ssl_context(), store,
                                     ready=ready, timeout=timeout, retry_initial=retry, stop=stop)
 
+        async def rewarm(catalog: Any, fresh_for: float) -> Any:
+            return await run_definition(catalog, cfg, settings, creds.ssl_context(),
+                                        store=store, stop=stop, fresh_for=fresh_for)
+
         return await run_campaign(campaign, store, gate=gate, open_catalog=catalogs,
-                                  workdir=store.path.parent / "campaigns", stop=stop)
+                                  workdir=store.path.parent / "campaigns", stop=stop,
+                                  rewarm=rewarm)
 
     try:
         result: Any = _run(go())
@@ -235,6 +306,10 @@ def _cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
     for stage, outcome in result.stages.items():
         print(f"{campaign.name}/{stage}: {outcome}")
     code: int = result.exit_code
+    if code == EXIT_HELD:
+        print(f"prestaged: campaign {campaign.name} is held: nothing more launched (exit "
+              f"{EXIT_HELD}); `prestaged campaign release {campaign.name} [--stage S]` "
+              "and run it again", file=sys.stderr)
     return code
 
 

@@ -136,6 +136,21 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX campaign_ledger_by_submission ON campaign_ledger (submission_id);
     """,
+    # 4: operator controls of campaigns (stage '') and stages: hold/release and cancel; and
+    # the retry that supersedes a launch_unknown submission released by the operator.
+    """
+    ALTER TABLE campaign_submissions ADD COLUMN superseded_by INTEGER
+        REFERENCES campaign_submissions(id);
+    CREATE TABLE campaign_controls (
+        campaign TEXT NOT NULL,
+        stage TEXT NOT NULL,      -- '' for the whole campaign
+        held INTEGER NOT NULL DEFAULT 0,
+        cancelled INTEGER NOT NULL DEFAULT 0,
+        updated REAL NOT NULL,
+        reason TEXT,
+        PRIMARY KEY (campaign, stage)
+    ) WITHOUT ROWID;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

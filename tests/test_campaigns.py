@@ -334,3 +334,168 @@ submit = {_submit(tmp_path, "{stage}")}
     [sub] = _show(pki, proxy, tmp_path, "intr")
     assert [e["to"] for e in sub["events"]] == [
         "queued", "prestaging", "ready", "submitting", "submitted", "completed"]
+
+
+# Exits 0 (recording the time) only on its 3rd call, 1 before.
+FAKE_COMPLETE_THIRD = """\
+import json, os, sys, time
+polls = os.path.join(os.environ["COMPLETE_DIR"], "third.polls")
+n = int(open(polls).read()) + 1 if os.path.exists(polls) else 1
+open(polls, "w").write(str(n))
+if n < 3:
+    sys.exit(1)
+with open(os.path.join(os.environ["COMPLETE_DIR"], "done.jsonl"), "a") as f:
+    f.write(json.dumps({"job_id": sys.argv[1], "done": time.monotonic()}) + "\\n")
+"""
+
+
+def _simple(tmp_path: Path, storage: ThreadedStorageServer, name: str,
+            paths: tuple[str, ...] = ("/pnfs/camp/a",), extra: str = "",
+            split: str = "all") -> Path:
+    """A one-stage campaign ``name`` (stage ``reco``, split ``split``) over ``paths``."""
+    ds = _definition(tmp_path, storage, list(paths))
+    return _write(tmp_path, f"""
+name = "{name}"
+[defaults]
+{extra}
+[[stage]]
+name = "reco"
+input = {json.dumps(str(ds))}
+split = {json.dumps(split)}
+submit = {_submit(tmp_path, "{stage}")}
+""")
+
+
+def _launch_unknown(tmp_path: Path, campaign: str, definition: str) -> int:
+    """A submission of ``campaign``/reco (item all) left in launch_unknown, made in-process."""
+    from prestaged.campaigns import CampaignState, SubmissionState
+    from prestaged.store import Store
+
+    with Store(tmp_path / "state.db") as store:
+        state = CampaignState(store)
+        sub = state.create(campaign, "reco", "all", definition)
+        for to in ("prestaging", "ready", "submitting", "launch_unknown"):
+            sub = state.move(sub, SubmissionState(to), "test")
+        return sub.id
+
+
+def test_hold_then_release_launches(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """A held campaign runs nothing (exit 75, says held); release, run: one slice chosen then."""
+    campaign = _simple(tmp_path, storage, "held", split="drainingn(5)")
+    assert _prestaged(pki, proxy, tmp_path, "campaign", "hold", "held").returncode == 0
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 75, res.stderr
+    assert "held/reco: held" in res.stdout and "is held" in res.stderr
+    assert _records(tmp_path) == [] and storage.stats.path("/pnfs/camp/a").times == []
+    _definition(tmp_path, storage, ["/pnfs/camp/a", "/pnfs/camp/b"])  # grows while held
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "release", "held")
+    assert res.returncode == 0 and "held: released" in res.stdout
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 0, res.stderr
+    [record] = _records(tmp_path)
+    assert record["argv"] == ["reco"]
+    [sub] = _show(pki, proxy, tmp_path, "held")
+    assert (sub["item"], sub["n_files"], sub["state"]) == ("slice-1", 2, "completed")
+    assert [storage.stats.path(p).times != [] for p in ("/pnfs/camp/a", "/pnfs/camp/b")] \
+        == [True, True]
+
+
+def test_stage_hold_blocks_downstream_and_cancel_stops_work(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """A held stage blocks its downstream (75); cancelling it cancels its queued work for good."""
+    campaign = _simple(tmp_path, storage, "cx")
+    text = campaign.read_text() + f"""
+[[stage]]
+name = "next"
+after = ["reco"]
+input = "unused"
+split = "list(x)"
+submit = {_submit(tmp_path, "{stage}")}
+"""
+    campaign.write_text(text)
+    assert _prestaged(pki, proxy, tmp_path, "campaign", "hold", "cx",
+                      "--stage", "reco").returncode == 0
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 75 and "cx/reco: held" in res.stdout
+    assert "cx/next: blocked" in res.stdout and _records(tmp_path) == []
+    from prestaged.campaigns import CampaignState
+    from prestaged.store import Store
+
+    with Store(tmp_path / "state.db") as store:  # a queued submission, as a hold may leave one
+        CampaignState(store).create("cx", "reco", "all", "unused")
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "cancel", "cx", "--stage", "reco")
+    assert res.returncode == 0 and "#1 all cancelled" in res.stdout
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 1 and "cx/reco: cancelled" in res.stdout
+    assert "cx/next: blocked" in res.stdout and _records(tmp_path) == []
+    [sub] = _show(pki, proxy, tmp_path, "cx")
+    assert sub["state"] == "cancelled" and sub["reason"] == "cancelled by operator"
+    assert _prestaged(pki, proxy, tmp_path, "campaign", "release", "cx").returncode == 0
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 1 and _records(tmp_path) == []
+
+
+def test_release_retries_launch_unknown_once(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """release retries a launch_unknown submission as a new one (reasons stored); submitted once."""
+    campaign = _simple(tmp_path, storage, "retry")
+    sub_id = _launch_unknown(tmp_path, "retry", str(tmp_path / "ds.txt"))
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 1 and _records(tmp_path) == []
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "release", "retry")
+    assert res.returncode == 0 and f"retry of #{sub_id}, released by operator: #" in res.stdout
+    for _ in range(2):
+        res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+        assert res.returncode == 0, res.stderr
+    assert [r["argv"] for r in _records(tmp_path)] == [["reco"]]
+    old, new = _show(pki, proxy, tmp_path, "retry")
+    assert (old["id"], old["state"]) == (sub_id, "cancelled")
+    assert old["reason"].startswith(f"superseded by #{new['id']}")
+    assert new["state"] == "completed" and new["reason"] != ""
+    assert new["events"][0]["to"] == "queued"
+    assert f"retry of #{sub_id}" in new["events"][0]["reason"]
+
+
+def test_mark_submitted_records_the_job_id(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """mark-submitted moves launch_unknown to submitted with the job id; other states refused."""
+    campaign = _simple(tmp_path, storage, "mark")
+    sub_id = _launch_unknown(tmp_path, "mark", str(tmp_path / "ds.txt"))
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "mark-submitted", "mark",
+                     "--submission", str(sub_id), "--job-id", "42.0@jobsub")
+    assert res.returncode == 0, res.stderr
+    [sub] = _show(pki, proxy, tmp_path, "mark")
+    assert (sub["state"], sub["job_id"]) == ("submitted", "42.0@jobsub")
+    assert "marked submitted by operator" in sub["reason"]
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "mark-submitted", "mark",
+                     "--submission", str(sub_id), "--job-id", "43")
+    assert res.returncode == 2 and "not launch_unknown" in res.stderr
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 0 and _records(tmp_path) == []
+
+
+def test_keep_warm_retouches_until_complete_then_stops(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """While complete fails the slice is touched again every keep_warm; none after it succeeds."""
+    (tmp_path / "fake_complete3.py").write_text(FAKE_COMPLETE_THIRD)
+    paths = ("/pnfs/camp/k1", "/pnfs/camp/k2")
+    complete = json.dumps(_q(sys.executable, tmp_path / "fake_complete3.py") + " {job_id}")
+    campaign = _simple(tmp_path, storage, "warm", paths,
+                       'keep_warm = "0.2s"\ncomplete_poll = "0.5s"')
+    campaign.write_text(campaign.read_text() + f"complete = {complete}\n")
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 0, res.stderr
+    [done] = [json.loads(ln) for ln in (tmp_path / "done.jsonl").read_text().splitlines()]
+    [start] = [r["start"] for r in _records(tmp_path)]
+    for p in paths:
+        times = storage.stats.path(p).times
+        assert times[0] < start  # the gate
+        assert len([t for t in times if start < t < done["done"]]) >= 3  # keep-warm
+        assert max(times) < done["done"]  # none after complete succeeded
+    assert (tmp_path / "third.polls").read_text() == "3"
