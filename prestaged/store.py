@@ -249,7 +249,6 @@ class Store:
         # batch in one transaction: SQLite's per-row work then costs the warming process
         # nothing but a JSON line.
         self._lock = threading.RLock()
-        self._read_lock = self._lock
         self._buffer: list[tuple[str, Any]] = []
         self._last_send = time.monotonic()
         self._writer: Optional[subprocess.Popen[bytes]] = None
@@ -366,7 +365,7 @@ class Store:
 
     @property
     def conn(self) -> sqlite3.Connection:
-        """The open connection (reads go through ``_read_lock``)."""
+        """The open connection (guarded by ``_lock``)."""
         if self._conn is None:
             raise RuntimeError("Store.open() was not called")
         return self._conn
@@ -449,7 +448,7 @@ class Store:
 
     def start_run(self, catalog: str, definition: str) -> int:
         """Record the start of a run now (written at once, not queued); return its id."""
-        with self._read_lock:
+        with self._lock:
             conn = self.conn
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -469,7 +468,7 @@ class Store:
                    reason: str) -> None:
         """Flush queued outcomes, then record how run ``run_id`` ended."""
         self.flush()
-        with self._read_lock:
+        with self._lock:
             self.conn.execute(
                 "UPDATE runs SET ended = ?, counts = ?, exit_code = ?, reason = ? WHERE id = ?",
                 (time.time(), json.dumps(dict(counts), sort_keys=True), exit_code, reason, run_id),
@@ -484,7 +483,7 @@ class Store:
         by_id = {url_id(u): u for u in urls}
         wanted = list(by_id)
         found: set[str] = set()
-        with self._read_lock:
+        with self._lock:
             for i in range(0, len(wanted), 500):  # SQLite's bound-parameter limit is 999+
                 chunk = wanted[i:i + 500]
                 marks = ",".join("?" * len(chunk))
@@ -505,7 +504,7 @@ class Store:
             query += " WHERE name = ?" + (" AND catalog = ?" if catalog else "")
             args = [definition, *([catalog] if catalog else [])]
         out = []
-        with self._read_lock:
+        with self._lock:
             found = self.conn.execute(query + " ORDER BY catalog, name", args).fetchall()
             for def_id, cat, name in found:
                 out.append(self._status_of(def_id, cat, name, since))
@@ -517,7 +516,7 @@ class Store:
         within the last ``fresh_for`` seconds: never tried, failed (last outcome), or stale; the
         complement of ``DatasetStatus.fresh``."""
         since = (time.time() if now is None else now) - fresh_for
-        with self._read_lock:
+        with self._lock:
             rows = self.conn.execute(
                 "SELECT f.url FROM definitions d JOIN members m ON m.definition_id = d.id "
                 "JOIN files f ON f.id = m.file_id WHERE d.catalog = ? AND d.name = ? "
@@ -559,7 +558,7 @@ class Store:
             args.append(definition_id)
         query += " ORDER BY r.started DESC, r.id DESC LIMIT ?"
         args.append(limit)
-        with self._read_lock:
+        with self._lock:
             rows = self.conn.execute(query, args).fetchall()
         return [RunRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else {},
                           r[6], r[7], r[8]) for r in rows]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -249,4 +248,3 @@ def test_default_state_path_honours_xdg(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     assert default_state_path() == tmp_path / "prestaged" / "state.db"
     assert default_state_path({"HOME": "/home/u"}) == Path("/home/u/.local/state/prestaged/state.db")
-    assert os.environ["XDG_STATE_HOME"] == str(tmp_path)
