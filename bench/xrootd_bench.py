@@ -17,6 +17,11 @@ client presents the same RFC 3820 proxy and reads ``Range: bytes=0-3`` of every 
     when uvloop is installed, ``--asyncio-rounds`` runs (default 1) with
     ``PRESTAGED_EVENT_LOOP=asyncio``.
 
+``--baseline DIR`` adds (c0): the same prestaged command importing the package from DIR (a
+checkout of another commit, e.g. ``git archive HEAD | tar -x -C DIR``) through ``PYTHONPATH``,
+so a change is measured against its parent in the same interleaved rounds (ratio c/c0);
+``--no-seed`` skips (a) for quicker rounds.
+
 Runs are interleaved (a, b, c, ... per round) against the same server; medians are reported with
 the ratios c/a and c/b of the median files/s. Each run is checked from both sides: prestaged
 exits 0 with ``counts.warm`` = files, curl answers are all 206, and XRootD's own summary
@@ -30,7 +35,7 @@ read of every expected path and no denial; that log costs the server enough CPU 
 curl --parallel) warm all of them once (``--rounds`` defaults to 1); prestaged's peak RSS and
 files/s are reported.
 
-    .venv/bin/python bench/xrootd_bench.py [--rounds 3] [--json]
+    .venv/bin/python bench/xrootd_bench.py [--rounds 3] [--json] [--baseline DIR] [--no-seed]
     .venv/bin/python bench/xrootd_bench.py --rss [--json]
 
 Exits 0 if every run was correct, 1 if not, 2 if something needed is missing.
@@ -77,11 +82,13 @@ SEED = "seed"
 PARALLEL = "curl-parallel"
 PRESTAGED = "prestaged"
 PRESTAGED_ASYNCIO = "prestaged-asyncio"
+BASELINE = "prestaged-baseline"
 LABELS = {
     SEED: "(a) curl per file, sequential",
     PARALLEL: "(b) curl --parallel 32",
     PRESTAGED: "(c) prestaged warm",
     PRESTAGED_ASYNCIO: "(c) prestaged, asyncio loop",
+    BASELINE: "(c0) prestaged, --baseline tree",
 }
 LOOP_ENV = "PRESTAGED_EVENT_LOOP"
 
@@ -103,6 +110,7 @@ class Setup:
     counters: XRootDCounters
     audit: bool
     timeout: float
+    baseline: Optional[Path] = None
 
 
 @dataclass(frozen=True)
@@ -227,7 +235,8 @@ def write_seed_script(path: Path, sample: list[str], creds: Credentials) -> Path
 
 
 def prepare(workdir: Path, server: XRootDServer, creds: Credentials, *, sample: int,
-            counters: XRootDCounters, audit: bool, timeout: float) -> Setup:
+            counters: XRootDCounters, audit: bool, timeout: float,
+            baseline: Optional[Path] = None) -> Setup:
     """Write the URL list, the seed script (on an evenly spread sample) and the curl config."""
     urls = server.urls()
     step = max(1, len(urls) // sample)
@@ -251,6 +260,7 @@ def prepare(workdir: Path, server: XRootDServer, creds: Credentials, *, sample: 
         counters=counters,
         audit=audit,
         timeout=timeout,
+        baseline=baseline,
     )
 
 
@@ -267,6 +277,9 @@ def _command(setup: Setup, method: str) -> tuple[list[str], Optional[dict[str, s
     env = {k: v for k, v in os.environ.items() if k != LOOP_ENV}
     if method == PRESTAGED_ASYNCIO:
         env[LOOP_ENV] = "asyncio"
+    if method == BASELINE:
+        assert setup.baseline is not None
+        env["PYTHONPATH"] = str(setup.baseline)  # its package first, before the installed one
     # A fresh default state database per run: every run warms every file (none is skipped as
     # fresh), pays for recording them, and nothing lands in the state of the user running this.
     state_home = Path(tempfile.mkdtemp(prefix=f"state-{method}-", dir=setup.workdir))
@@ -363,13 +376,16 @@ def measure(setup: Setup, method: str, round_no: int) -> Run:
     )
 
 
-def schedule(rounds: int, asyncio_rounds: int, *, rss: bool) -> list[tuple[int, str]]:
-    """The interleaved order of runs: per round (a), (b), (c) [, (c) on asyncio]."""
+def schedule(rounds: int, asyncio_rounds: int, *, rss: bool, seed: bool = True,
+             baseline: bool = False) -> list[tuple[int, str]]:
+    """The interleaved order of runs: per round (a), (b), (c) [, (c) on asyncio] [, (c0)]."""
     order = []
     for round_no in range(1, rounds + 1):
-        methods = [PARALLEL, PRESTAGED] if rss else [SEED, PARALLEL, PRESTAGED]
+        methods = [PARALLEL, PRESTAGED] if rss or not seed else [SEED, PARALLEL, PRESTAGED]
         if round_no <= asyncio_rounds:
             methods.append(PRESTAGED_ASYNCIO)
+        if baseline:
+            methods.append(BASELINE)
         order += [(round_no, m) for m in methods]
     return order
 
@@ -397,7 +413,7 @@ def summarize(runs: list[Run], setup: Setup, *, rss: bool, sample: int,
               versions: dict[str, Optional[str]], creation_seconds: float) -> dict[str, Any]:
     """The JSON document: every run, per-method medians, the ratios c/a and c/b."""
     per: dict[str, dict[str, Any]] = {}
-    for method in (SEED, PARALLEL, PRESTAGED, PRESTAGED_ASYNCIO):
+    for method in (SEED, PARALLEL, PRESTAGED, PRESTAGED_ASYNCIO, BASELINE):
         mine = [r for r in runs if r.method == method]
         if not mine:
             continue
@@ -445,6 +461,9 @@ def summarize(runs: list[Run], setup: Setup, *, rss: bool, sample: int,
         "ratio_c_over_a": ratio(PRESTAGED, SEED),
         "ratio_c_over_b": ratio(PRESTAGED, PARALLEL),
         "ratio_c_asyncio_over_b": ratio(PRESTAGED_ASYNCIO, PARALLEL),
+        "ratio_c0_over_b": ratio(BASELINE, PARALLEL),
+        "ratio_c_over_c0": ratio(PRESTAGED, BASELINE),
+        "baseline": None if setup.baseline is None else str(setup.baseline),
         "all_correct": all(not r.problems for r in runs),
         "runs": [asdict(r) for r in runs],
     }
@@ -477,9 +496,13 @@ def print_table(doc: dict[str, Any]) -> None:
         print(f"(a) sampled on {seed['files']} files: {doc['files']} files would take "
               f"{seed['extrapolated_seconds_for_all_files']:.0f} s")
     for key, label in (("ratio_c_over_a", "ratio c/a"), ("ratio_c_over_b", "ratio c/b"),
-                       ("ratio_c_asyncio_over_b", "ratio c/b, prestaged on asyncio loop")):
+                       ("ratio_c_asyncio_over_b", "ratio c/b, prestaged on asyncio loop"),
+                       ("ratio_c0_over_b", "ratio c0/b, prestaged of the --baseline tree"),
+                       ("ratio_c_over_c0", "ratio c/c0, this prestaged over the baseline")):
         if doc[key] is not None:
             print(f"{label} (median files/s): {doc[key]:.2f}")
+    if doc["baseline"]:
+        print(f"(c0) imports prestaged from {doc['baseline']}")
     if doc["mode"] == "rss":
         row = doc["methods"][PRESTAGED]
         print(f"prestaged at {doc['files']} files: peak RSS "
@@ -526,6 +549,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--audit", action="store_true",
                    help="also check XRootD's audit log for one granted read of every file "
                         "(the log costs the server CPU: slower, notably for curl --parallel)")
+    p.add_argument("--no-seed", action="store_true",
+                   help="skip the seed recipe (a): quicker rounds when only c/b matters")
+    p.add_argument("--baseline", type=Path, metavar="DIR",
+                   help="also run prestaged importing the package from DIR (a checkout of "
+                        "another commit, e.g. from `git archive`), interleaved, as row (c0)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds before a client run is killed (default 900)")
     p.add_argument("--json", action="store_true", help="print one JSON document, no table")
@@ -549,6 +577,11 @@ def main() -> int:
         print("xrootd_bench: --rss needs GNU time (/usr/bin/time, Debian package time)",
               file=sys.stderr)
         return 2
+    baseline = args.baseline.resolve() if args.baseline is not None else None
+    if baseline is not None and not (baseline / "prestaged" / "__init__.py").is_file():
+        print(f"xrootd_bench: --baseline {baseline}: no prestaged package there",
+              file=sys.stderr)
+        return 2
     versions = _versions()
     asyncio_rounds = args.asyncio_rounds
     if asyncio_rounds is None:
@@ -569,9 +602,12 @@ def main() -> int:
                 print(f"xrootd serving on port {server.port} after {creation:.1f} s",
                       file=sys.stderr, flush=True)
                 setup = prepare(workdir, server, creds, sample=min(args.sample, files),
-                                counters=counters, audit=args.audit, timeout=args.timeout)
+                                counters=counters, audit=args.audit, timeout=args.timeout,
+                                baseline=baseline)
                 runs = []
-                for round_no, method in schedule(rounds, asyncio_rounds, rss=args.rss):
+                for round_no, method in schedule(rounds, asyncio_rounds, rss=args.rss,
+                                                 seed=not args.no_seed,
+                                                 baseline=baseline is not None):
                     runs.append(measure(setup, method, round_no))
                     _progress(runs[-1])
         finally:

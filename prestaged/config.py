@@ -163,6 +163,9 @@ class StorageConfig:
     """Redirects followed per file (a dCache door redirects once, to a pool)."""
     queue: int = field(default=0, metadata=_check(_non_negative))
     """Files buffered between catalog and workers; 0 means 4 x concurrency."""
+    fast_path: bool = True
+    """Send plain ranged GETs on lean keep-alive connections (httptools), aiohttp for the rest;
+    false: everything through aiohttp. Results are the same either way."""
 
 
 @dataclass(frozen=True)

@@ -7,123 +7,54 @@ status. 206 and 200 are warm (200 means the server ignored Range: the connection
 aiohttp so that the connection to the redirect target is closed after the read (a dCache pool
 mover lives as long as its connection) while the connection to the door stays in the pool.
 
+Plain URLs go through ``storage.fast`` first (pre-built request bytes on pooled keep-alive
+connections, answers parsed by httptools): it gives the same ``Attempt`` for a final answer and
+hands anything else (redirect targets, failures, malformed or missing answers) back to the
+aiohttp path here, which classifies it exactly as without the fast path.
+
 This module does one attempt; retries, breakers and throttling live in ``prestaged.warm``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import re
 import ssl
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 from typing import Optional
 
 import aiohttp
 from yarl import URL
 
 from prestaged import __version__
+from prestaged.storage.attempt import (
+    CONTENT_RANGE_TOTAL,
+    DRAIN_LIMIT,
+    REDIRECTS,
+    Attempt,
+    Failure,
+    Result,
+    classify_status,
+    parse_retry_after,
+)
+from prestaged.storage.fast import FastPath, FastPathStats
 
-__all__ = ["Attempt", "Failure", "HttpToucher", "Result", "classify_status", "parse_retry_after"]
+__all__ = [
+    "Attempt",
+    "Failure",
+    "FastPathStats",
+    "HttpToucher",
+    "Result",
+    "classify_status",
+    "parse_retry_after",
+]
 
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _ENCODED = re.compile(r"https?://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]*")
-_CONTENT_RANGE_TOTAL = re.compile(r"/\s*(\d+)\s*$")
-# Small error/redirect bodies are drained so the door connection can be reused; anything larger
-# (or of unknown length) costs a closed connection instead of reading it.
-_DRAIN_LIMIT = 1024
-
-
-class Result(str, enum.Enum):
-    """Outcome class of one file (persisted: values are stable strings)."""
-
-    WARM = "warm"
-    EMPTY = "empty"
-    MISSING = "missing"
-    DENIED = "denied"
-    FAILED = "failed"
-    SKIPPED_FRESH = "skipped_fresh"
-    STAGING = "staging"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Failure(str, enum.Enum):
-    """Why an attempt did not get an HTTP answer we can classify (drives retry and breakers)."""
-
-    TIMEOUT = "timeout"
-    RESET = "reset"  # connection dropped/reset mid-request
-    UNREACHABLE = "unreachable"  # could not connect at all
-    TLS = "tls"  # handshake or certificate failure: a credential/trust problem, not retried
-    PROTOCOL = "protocol"  # malformed answer, bad redirect, bad URL: not retried
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """What one try at one URL gave: an HTTP status, or a ``Failure`` and its text."""
-
-    status: Optional[int] = None
-    data: int = 0
-    """Bytes of file data read (<= n)."""
-    failure: Optional[Failure] = None
-    error: str = ""
-    retry_after: Optional[float] = None
-    """Seconds the server asked us to wait (Retry-After), if any."""
-    redirected: bool = False
-    size: Optional[int] = None
-    """File size when the answer tells it (Content-Range total, or a 200's Content-Length)."""
-
-    @property
-    def result(self) -> Optional[Result]:
-        """Outcome class of a final answer; None for failures and retryable statuses."""
-        if self.failure is not None or self.status is None:
-            return None
-        if self.status in (200, 206) and self.size == 0:
-            return Result.EMPTY
-        return classify_status(self.status)
-
-
-def classify_status(status: int) -> Optional[Result]:
-    """Map a final HTTP status to a ``Result``; None means retryable (5xx, 429, 408)."""
-    if status in (200, 206):
-        return Result.WARM
-    if status == 416:
-        return Result.EMPTY
-    if status in (404, 410):
-        return Result.MISSING
-    if status in (401, 403):
-        return Result.DENIED
-    if status >= 500 or status in (408, 429):
-        return None
-    return Result.FAILED
-
-
-def parse_retry_after(value: Optional[str], now: Optional[datetime] = None) -> Optional[float]:
-    """Parse a ``Retry-After`` header (seconds or HTTP-date) into seconds >= 0, or None."""
-    if not value:
-        return None
-    text = value.strip()
-    if text.isdigit():
-        return float(text)
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
 
 
 def _size(resp: aiohttp.ClientResponse) -> Optional[int]:
     """The file size an answer reveals: a 206's Content-Range total or a 200's length."""
     if resp.status == 206:
-        match = _CONTENT_RANGE_TOTAL.search(resp.headers.get("Content-Range", ""))
+        match = CONTENT_RANGE_TOTAL.search(resp.headers.get("Content-Range", ""))
         return int(match.group(1)) if match else None
     if resp.status == 200:
         return resp.content_length
@@ -163,7 +94,8 @@ class HttpToucher:
 
     ``nbytes``: bytes read per file (default 4). ``timeout``: seconds for one attempt including
     redirects; ``connect_timeout``: seconds to connect + handshake. ``limit``/``limit_per_host``
-    bound sockets overall and per host.
+    bound sockets overall and per host (the fast path's pool and aiohttp's each). ``fast_path``
+    (default True): try plain URLs on ``storage.fast`` connections first.
     """
 
     def __init__(
@@ -176,12 +108,15 @@ class HttpToucher:
         timeout: float = 60.0,
         connect_timeout: float = 15.0,
         max_redirects: int = 5,
+        fast_path: bool = True,
     ) -> None:
         self.nbytes = nbytes
         self.max_redirects = max_redirects
         self._ssl = ssl_context
         self._limit = limit
         self._limit_per_host = limit_per_host
+        self._total = timeout
+        self._connect_timeout = connect_timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
         self._headers = {
             "Range": f"bytes=0-{nbytes - 1}",
@@ -192,9 +127,23 @@ class HttpToucher:
         # (The door request sends the session's default headers: no per-request merge.)
         self._pool_headers = {"Connection": "close"}
         self._session: Optional[aiohttp.ClientSession] = None
+        self._use_fast = fast_path
+        self._fast: Optional[FastPath] = None
+        self._fast_stats: Optional[FastPathStats] = None
+
+    @property
+    def fast_path_stats(self) -> Optional[FastPathStats]:
+        """Counters of the fast path, kept after ``close()`` (None: off, or never started)."""
+        return self._fast_stats
 
     async def start(self) -> None:
-        """Open the connection pool."""
+        """Open the connection pools."""
+        if self._use_fast:
+            lines = "".join(f"{k}: {v}\r\n" for k, v in self._headers.items())
+            self._fast = FastPath(self._ssl, nbytes=self.nbytes, headers=lines.encode("ascii"),
+                                  limit=self._limit, limit_per_host=self._limit_per_host,
+                                  connect_timeout=self._connect_timeout)
+            self._fast_stats = self._fast.stats
         connector = aiohttp.TCPConnector(
             limit=self._limit,
             limit_per_host=self._limit_per_host,
@@ -212,6 +161,9 @@ class HttpToucher:
 
     async def close(self) -> None:
         """Close every pooled connection."""
+        if self._fast is not None:
+            self._fast.close()
+            self._fast = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -228,6 +180,27 @@ class HttpToucher:
         session = self._session
         if session is None:
             raise RuntimeError("HttpToucher.start() was not called")
+        fast = self._fast
+        route = fast.route(url) if fast is not None else None
+        if fast is None or route is None:
+            return await self._slow(session, url)
+        started = fast.loop.time()
+        answer = await fast.fetch(*route, self._total)
+        if isinstance(answer, Attempt):
+            return answer
+        remaining = self._total - (fast.loop.time() - started)
+        if remaining <= 0:
+            return Attempt(failure=Failure.TIMEOUT, error="timed out")
+        # Anything but a final answer goes to aiohttp, within what is left of the time limit: a
+        # redirect's target (as its hop 1), else the URL again, classified as without the fast
+        # path.
+        timeout = aiohttp.ClientTimeout(total=remaining, sock_connect=self._connect_timeout)
+        return await self._slow(session, url, location=answer, timeout=timeout)
+
+    async def _slow(self, session: aiohttp.ClientSession, url: str, *,
+                    location: Optional[str] = None,
+                    timeout: Optional[aiohttp.ClientTimeout] = None) -> Attempt:
+        """The touch through aiohttp; with ``location``, from that redirect of ``url`` on."""
         try:
             # A URL made only of characters legal in an encoded URL needs no requoting by yarl
             # (5% of the per-file CPU); anything else is quoted as usual.
@@ -235,7 +208,10 @@ class HttpToucher:
         except (ValueError, TypeError) as e:
             return Attempt(failure=Failure.PROTOCOL, error=f"bad URL: {_describe(e)}")
         try:
-            return await self._follow(session, target)
+            if location is None:
+                return await self._follow(session, target, timeout=timeout)
+            return await self._follow(session, target.join(URL(location)), first_hop=1,
+                                      timeout=timeout)
         except asyncio.TimeoutError:
             return Attempt(failure=Failure.TIMEOUT, error="timed out")
         except aiohttp.ClientConnectorError as e:
@@ -254,12 +230,14 @@ class HttpToucher:
         except (aiohttp.InvalidURL, ValueError) as e:
             return Attempt(failure=Failure.PROTOCOL, error=f"bad URL: {_describe(e)}")
 
-    async def _follow(self, session: aiohttp.ClientSession, target: URL) -> Attempt:
-        for hop in range(self.max_redirects + 1):
+    async def _follow(self, session: aiohttp.ClientSession, target: URL, *, first_hop: int = 0,
+                      timeout: Optional[aiohttp.ClientTimeout] = None) -> Attempt:
+        for hop in range(first_hop, self.max_redirects + 1):
             headers = None if hop == 0 else self._pool_headers
-            async with session.get(target, headers=headers, allow_redirects=False) as resp:
+            async with session.get(target, headers=headers, allow_redirects=False,
+                                   timeout=timeout or self._timeout) as resp:
                 status = resp.status
-                if status in _REDIRECTS:
+                if status in REDIRECTS:
                     location = resp.headers.get("Location")
                     if not location:
                         return Attempt(status=status, failure=Failure.PROTOCOL,
@@ -310,7 +288,7 @@ class HttpToucher:
     @staticmethod
     async def _drain(resp: aiohttp.ClientResponse) -> None:
         length = resp.content_length
-        if length is not None and length <= _DRAIN_LIMIT:
+        if length is not None and length <= DRAIN_LIMIT:
             await resp.read()
         else:
             resp.close()

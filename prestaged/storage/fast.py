@@ -1,0 +1,495 @@
+"""A lean keep-alive HTTP/1.1 path for the plain ranged GET (``HttpToucher``'s fast path).
+
+aiohttp spends most of prestaged's per-file CPU building the request and wrapping the answer.
+For the common case, one ``GET`` of a plain URL answered by a final status on a keep-alive
+connection, this module writes pre-built request bytes on a pooled ``asyncio.Protocol``
+connection and parses the answer with ``httptools`` (llhttp). It produces the same ``Attempt``
+as the aiohttp path or hands the file back: ``FastPath.fetch`` returns an ``Attempt`` (final
+answer), a ``str`` (a redirect's ``Location``, which the caller follows with aiohttp) or None
+(no complete, well-formed answer: connection or TLS failure, timeout, stale connection, parser
+error, no free connection slot), after which the caller tries the URL once with aiohttp, so
+failures are classified exactly as before.
+
+At most ``nbytes`` of file data are read; a 2xx body that would be longer (a server ignoring
+``Range``) costs the connection. Non-2xx bodies up to 1 KiB are drained, longer ones close it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+from dataclasses import dataclass
+from typing import Optional, Union, cast
+
+import httptools
+from yarl import URL
+
+from prestaged.storage.attempt import (
+    CONTENT_RANGE_TOTAL,
+    DRAIN_LIMIT,
+    REDIRECTS,
+    Attempt,
+    parse_retry_after,
+)
+
+__all__ = ["FastPath", "FastPathStats"]
+
+log = logging.getLogger(__name__)
+
+Answer = Union[Attempt, str, None]
+"""What ``FastPath.fetch`` gives: a final ``Attempt``, a redirect ``Location``, or None."""
+
+# Characters a path (and query) may hold for the fast path: a subset of what ``HttpToucher``
+# sends without requoting, so the request line is the URL's as aiohttp would send it. No "%":
+# yarl rewrites some escapes (%41 -> A, %2f -> %2F), so escaped URLs stay with aiohttp.
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?]*")
+_NETLOC = re.compile(r"([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)(?::([0-9]{1,5}))?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# Idle keep-alive connections are closed after this long (aiohttp's keepalive_timeout).
+IDLE_TIMEOUT = 15.0
+_MAX_ENDPOINTS = 4096
+_WANTED = frozenset({b"content-length", b"content-range", b"retry-after", b"location"})
+
+
+@dataclass
+class FastPathStats:
+    """Counters of a ``FastPath``: ``answered`` files (final answer or redirect), ``fallbacks``
+    (handed back to aiohttp), ``connections`` opened, ``reused`` requests on a pooled one."""
+
+    answered: int = 0
+    fallbacks: int = 0
+    connections: int = 0
+    reused: int = 0
+
+
+class _Endpoint:
+    """One ``scheme://host:port``: where to connect, the request tail, the idle connections."""
+
+    __slots__ = ("host", "idle", "open", "port", "server_hostname", "ssl", "tail")
+
+    def __init__(self, host: str, port: int, ssl_context: Optional[ssl.SSLContext],
+                 tail: bytes) -> None:
+        self.host = host
+        self.port = port
+        self.ssl = ssl_context
+        self.server_hostname = host if ssl_context is not None else None
+        self.tail = tail
+        self.idle: list[_Conn] = []
+        self.open = 0
+
+
+def _endpoint(endpoint: str, ssl_context: Optional[ssl.SSLContext],
+              headers: bytes) -> Optional[_Endpoint]:
+    """The ``_Endpoint`` of ``scheme://netloc``, or None if the fast path does not take it."""
+    scheme, _, netloc = endpoint.partition("://")
+    if scheme not in _DEFAULT_PORTS or (scheme == "https" and ssl_context is None):
+        return None
+    match = _NETLOC.fullmatch(netloc)
+    if match is None:  # userinfo, IPv6 literal, trailing dot, non-ASCII: aiohttp's business
+        return None
+    port = int(match.group(2)) if match.group(2) else _DEFAULT_PORTS[scheme]
+    if not 0 < port < 65536:
+        return None
+    host_header = URL(endpoint + "/", encoded=True).host_port_subcomponent
+    if host_header is None:
+        return None
+    tail = b" HTTP/1.1\r\nHost: " + host_header.encode("ascii") + b"\r\n" + headers + b"\r\n"
+    return _Endpoint(match.group(1), port, ssl_context if scheme == "https" else None, tail)
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection; one request at a time, its answer parsed by httptools."""
+
+    def __init__(self, pool: FastPath, ep: _Endpoint) -> None:
+        self.pool = pool
+        self.ep = ep
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: Optional[asyncio.Transport] = None
+        self.retired = False  # slot given back (closing or lost)
+        self.idle_since = 0.0
+        self.waiter: Optional[asyncio.Future[Answer]] = None
+        self.timer: Optional[asyncio.TimerHandle] = None
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self.status = 0
+        self.reason: list[bytes] = []
+        self.headers: dict[bytes, bytes] = {}
+        self.mode = ""  # "read" (2xx body), "drain" (kept), "done" (answer ready)
+        self.length: Optional[int] = None
+        self.got = 0
+        self.complete = False
+        self.keep = False
+        self.drop = False  # close even if the message is complete (a long body not read)
+        self.answer: Answer = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TLS transport is not an asyncio.Transport subclass, but has its methods.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._retire()
+        if self in self.ep.idle:
+            self.ep.idle.remove(self)
+        self._deliver(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self.waiter is None:  # nothing asked: unsolicited bytes, or after we gave up
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+            log.debug("fast path: malformed answer from %s:%s: %s", self.ep.host, self.ep.port, e)
+            if self.mode != "done":
+                self.answer = None
+            self.keep = False
+            self.mode = "done"
+        if self.mode == "done" or (self.mode == "read" and self.got >= self.pool.nbytes):
+            self._finish()
+
+    # -- httptools callbacks ----------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.reason.append(status)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.lower()
+        if key in _WANTED and key not in self.headers:
+            self.headers[key] = value
+
+    def on_headers_complete(self) -> None:
+        self.status = status = self.parser.get_status_code()
+        length = self.headers.get(b"content-length")
+        self.length = int(length) if length is not None else None
+        if status < 200:
+            raise ValueError(f"interim status {status}")  # becomes a parser error: fall back
+        if status in REDIRECTS:
+            self._redirect()
+        elif status in (200, 206):
+            self._success()
+        else:
+            self._final(data=0, size=None)
+            self._drain_or_drop()
+
+    def on_body(self, body: bytes) -> None:
+        if self.mode == "read":
+            self.got += min(len(body), self.pool.nbytes - self.got)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self.keep = self.parser.should_keep_alive()
+        if self.mode == "read":
+            self._final(data=self.got, size=self._size())
+        self.mode = "done"
+
+    # -- the answer -------------------------------------------------------------------------
+
+    def _header(self, key: bytes) -> Optional[str]:
+        value = self.headers.get(key)
+        return None if value is None else value.decode("utf-8", "surrogateescape")
+
+    def _size(self) -> Optional[int]:
+        if self.status != 206:
+            return self.length
+        value = self.headers.get(b"content-range", b"")
+        total = value.rpartition(b"/")[2].strip(b" \t")
+        if total.isdigit():  # the common "bytes 0-3/1234", without the regex
+            return int(total)
+        match = CONTENT_RANGE_TOTAL.search(value.decode("utf-8", "surrogateescape"))
+        return int(match.group(1)) if match else None
+
+    def _redirect(self) -> None:
+        location = self._header(b"location")
+        if not location:
+            raise ValueError("redirect without Location")  # aiohttp says so: fall back
+        self.answer = location
+        self._drain_or_drop()
+
+    def _drain_or_drop(self) -> None:
+        """A body we do not need: drain it up to 1 KiB, else close the connection (as aiohttp
+        does, even when the body has already arrived)."""
+        if self.length is not None and self.length <= DRAIN_LIMIT:
+            self.mode = "drain"
+        else:
+            self.mode = "done"
+            self.drop = True
+
+    def _success(self) -> None:
+        size = self._size()
+        if size == 0:
+            # Nothing to read. XRootD 5.5 answers an empty file with 206, a 4-byte
+            # Content-Length and no body: do not wait for bytes that never come.
+            self._final(data=0, size=0)
+            self.mode = "done"
+        else:
+            self.mode = "read"
+
+    def _final(self, *, data: int, size: Optional[int]) -> None:
+        status = self.status
+        reason = b"".join(self.reason).decode("utf-8", "surrogateescape")
+        self.answer = Attempt(
+            status=status,
+            data=data,
+            retry_after=parse_retry_after(self._header(b"retry-after")),
+            error="" if status < 400 else f"HTTP {status} {reason}".strip(),
+            size=size,
+        )
+
+    def _finish(self) -> None:
+        """The answer is known: give the connection back (or close it), wake the caller."""
+        if self.mode == "read":  # nbytes read and more would follow: never read the rest
+            self._final(data=self.got, size=self._size())
+        answer = self.answer
+        if self.complete and self.keep and not self.drop and not self.retired:
+            self.waiter_done()
+            self.pool.release(self)
+        else:
+            self.waiter_done()
+            self.close()
+        self._deliver(answer)
+
+    def waiter_done(self) -> None:
+        """Stop the request's timer (the answer is in, or the request was given up)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _deliver(self, answer: Answer) -> None:
+        waiter, self.waiter = self.waiter, None
+        self.waiter_done()
+        if waiter is not None and not waiter.done():
+            waiter.set_result(answer)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self.close()
+        self._deliver(None)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def send(self, request: bytes, timeout: float) -> asyncio.Future[Answer]:
+        """Write ``request``; the future gets the answer (None: fall back) within ``timeout``."""
+        assert self.transport is not None
+        loop = self.pool.loop
+        self._reset_message()
+        self.waiter = waiter = loop.create_future()
+        self.timer = loop.call_later(timeout, self._timed_out)
+        self.transport.write(request)
+        return waiter
+
+    def abandon(self) -> None:
+        """The caller stopped waiting (cancelled): close, since the answer may still come."""
+        self.close()
+        self._deliver(None)
+
+    def close(self) -> None:
+        """Close the connection and give its slot back."""
+        self._retire()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _retire(self) -> None:
+        if not self.retired:
+            self.retired = True
+            self.ep.open -= 1
+            self.pool.open -= 1
+            self.pool.wake()
+
+
+class FastPath:
+    """Pooled keep-alive HTTP/1.1 connections for plain ranged GETs (see the module docstring).
+
+    ``ssl_context`` is used for every https endpoint (None: https is left to aiohttp);
+    ``nbytes``: file bytes read per file; ``headers``: the request's header lines (CRLF-ended
+    bytes, Host excluded); ``limit``/``limit_per_host``: open connections overall and per
+    endpoint; ``connect_timeout``: seconds to connect and finish the TLS handshake.
+    Build it inside the running loop (``HttpToucher.start``).
+    """
+
+    def __init__(self, ssl_context: Optional[ssl.SSLContext], *, nbytes: int, headers: bytes,
+                 limit: int, limit_per_host: int, connect_timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.nbytes = nbytes
+        self.stats = FastPathStats()
+        self.open = 0
+        self._ssl = ssl_context
+        self._headers = headers
+        self._limit = limit
+        self._limit_per_host = limit_per_host
+        self._connect_timeout = connect_timeout
+        self._endpoints: dict[str, Optional[_Endpoint]] = {}
+        self._sweeper: Optional[asyncio.TimerHandle] = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self._closed = False
+
+    def route(self, url: str) -> Optional[tuple[_Endpoint, bytes]]:
+        """The endpoint and request bytes for ``url``, or None if it is not a plain URL."""
+        start = url.find("://")
+        end = url.find("/", start + 3) if start > 0 else -1
+        if end < 0:
+            return None
+        key = url[:end]
+        try:
+            ep = self._endpoints[key]
+        except KeyError:
+            ep = _endpoint(key, self._ssl, self._headers)
+            if len(self._endpoints) < _MAX_ENDPOINTS:
+                self._endpoints[key] = ep
+        if ep is None:
+            return None
+        path = url[end:]
+        if _PLAIN_PATH.fullmatch(path) is None:
+            return None
+        return ep, b"GET " + path.encode("ascii") + ep.tail
+
+    async def fetch(self, ep: _Endpoint, request: bytes, timeout: float) -> Answer:
+        """Send ``request`` to ``ep`` on a pooled or new connection; see the module docstring.
+
+        ``timeout`` (seconds) covers waiting for a connection, connecting and the answer.
+        """
+        conn = self._take(ep)
+        if conn is None:
+            deadline = self.loop.time() + timeout
+            conn = await self._acquire(ep, deadline)
+            if conn is None:
+                self.stats.fallbacks += 1
+                return None
+            timeout = deadline - self.loop.time()
+        else:
+            self.stats.reused += 1
+        try:
+            answer = await conn.send(request, max(timeout, 0.0))
+        except asyncio.CancelledError:
+            conn.abandon()
+            raise
+        if answer is None:
+            self.stats.fallbacks += 1
+        else:
+            self.stats.answered += 1
+        return answer
+
+    async def _acquire(self, ep: _Endpoint, deadline: float) -> Optional[_Conn]:
+        """A new connection to ``ep``, or an idle one freed while we wait for a slot."""
+        while not self._closed:
+            if self._free_slot(ep):
+                timeout = min(deadline - self.loop.time(), self._connect_timeout)
+                return await self._connect(ep, timeout)
+            waiter: asyncio.Future[None] = self.loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, deadline - self.loop.time())
+            except asyncio.TimeoutError:
+                return None
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            conn = self._take(ep)
+            if conn is not None:
+                self.stats.reused += 1
+                return conn
+        return None
+
+    def wake(self) -> None:
+        """A connection went idle or a slot became free: let one waiting fetch look again."""
+        while self._waiters:
+            waiter = self._waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _take(self, ep: _Endpoint) -> Optional[_Conn]:
+        idle = ep.idle
+        while idle:
+            conn = idle.pop()
+            transport = conn.transport
+            if transport is not None and not transport.is_closing() and not conn.retired:
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self, ep: _Endpoint, timeout: float) -> Optional[_Conn]:
+        if timeout <= 0:
+            return None
+        conn = _Conn(self, ep)
+        ep.open += 1
+        self.open += 1
+        try:
+            await asyncio.wait_for(
+                self.loop.create_connection(lambda: conn, ep.host, ep.port, ssl=ep.ssl,
+                                            server_hostname=ep.server_hostname),
+                timeout,
+            )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ValueError) as e:
+            log.debug("fast path: connecting to %s:%s failed: %s", ep.host, ep.port, e)
+            conn.close()
+            return None
+        except BaseException:  # cancelled: give the slot back (and any socket made meanwhile)
+            conn.close()
+            raise
+        self.stats.connections += 1
+        if self.closed:  # close() ran while we connected
+            conn.close()
+            return None
+        return conn
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called (no new connections then)."""
+        return self._closed
+
+    def _free_slot(self, ep: _Endpoint) -> bool:
+        """Whether one more connection to ``ep`` fits the limits (closing an idle one if need
+        be)."""
+        if ep.open >= self._limit_per_host:
+            return False
+        if self.open < self._limit:
+            return True
+        for other in self._endpoints.values():
+            if other is not None and other.idle:
+                other.idle.pop(0).close()
+                return True
+        return False
+
+    def release(self, conn: _Conn) -> None:
+        """Put a connection whose answer was complete back in its endpoint's idle list."""
+        if self._closed:
+            conn.close()
+            return
+        conn.idle_since = self.loop.time()
+        conn.ep.idle.append(conn)
+        if self._waiters:
+            self.wake()
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(IDLE_TIMEOUT, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle for ``IDLE_TIMEOUT`` s; look again while any are idle."""
+        self._sweeper = None
+        cutoff = self.loop.time() - IDLE_TIMEOUT
+        waiting = False
+        for ep in self._endpoints.values():
+            if ep is None:
+                continue
+            while ep.idle and ep.idle[0].idle_since <= cutoff:
+                ep.idle.pop(0).close()
+            waiting = waiting or bool(ep.idle)
+        if waiting and not self._closed:
+            self._sweeper = self.loop.call_later(IDLE_TIMEOUT, self._sweep)
+
+    def close(self) -> None:
+        """Close every idle connection; connections in use close when their answer is in."""
+        self._closed = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for ep in self._endpoints.values():
+            while ep is not None and ep.idle:
+                ep.idle.pop().close()
