@@ -234,7 +234,7 @@ class Daemon:
             lambda ctx: HttpToucher(ctx, nbytes=st.bytes, limit=st.concurrency,
                                     limit_per_host=st.per_host, timeout=st.timeout,
                                     connect_timeout=st.connect_timeout,
-                                    max_redirects=st.max_redirects),
+                                    max_redirects=st.max_redirects, fast_path=st.fast_path),
             st.concurrency,
         )
         await self._touch.install(self.credentials.ssl_context())

@@ -59,7 +59,7 @@ async def run_definition(
         async with HttpToucher(ssl_context, nbytes=st.bytes, limit=st.concurrency,
                                limit_per_host=st.per_host, timeout=st.timeout,
                                connect_timeout=st.connect_timeout,
-                               max_redirects=st.max_redirects) as own:
+                               max_redirects=st.max_redirects, fast_path=st.fast_path) as own:
             report = await warm(catalog.files(), settings, own, tally=tally, stop=stop,
                                 recorder=recorder, probe=probe)
         return report

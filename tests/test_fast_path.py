@@ -11,12 +11,15 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 
+from prestaged.catalog.local import LocalCatalog
 from prestaged.config import load_config
 from prestaged.credentials import load_credentials
+from prestaged.runner import run_definition
+from prestaged.storage.fast import FastPath
 from prestaged.storage.http import Attempt, Failure, HttpToucher, Result
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import (
@@ -29,6 +32,7 @@ from prestaged.testing.storage import (
     ThreadedStorageServer,
 )
 from prestaged.testing.xrootd import XRootDServer, xrootd_available
+from prestaged.warm import WarmSettings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -333,6 +337,31 @@ def test_config_turns_it_off(ctx: ssl.SSLContext, tmp_path: Path) -> None:
             return t.fast_path_stats
 
     assert asyncio.run(stats()) is None
+
+
+async def test_runs_follow_the_config_key(ctx: ssl.SSLContext, storage: StorageServer,
+                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run_definition`` (the CLI's and the daemon's path) builds the fast path only when
+    storage.fast_path is true; both ways every file is warm."""
+    made: list[int] = []
+    real_init = FastPath.__init__
+
+    def counting_init(self: FastPath, *args: Any, **kwargs: Any) -> None:
+        made.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(FastPath, "__init__", counting_init)
+    definition = tmp_path / "ds.txt"
+    definition.write_text("".join(storage.url(f"/cfg/f{i}") + "\n" for i in range(5)))
+    for flag in ("true", "false"):
+        path = tmp_path / f"{flag}.toml"
+        path.write_text(f"[storage]\nfast_path = {flag}\n")
+        cfg = load_config(path)
+        report = await run_definition(LocalCatalog(str(definition)), cfg,
+                                      WarmSettings.from_config(cfg), ctx)
+        assert report.tally.results["warm"] == 5
+        assert len(made) == 1  # the first run (true) made one; the second (false) none
+    assert storage.stats.path("/cfg/f0").requests == 2
 
 
 # --- canned answers: what the test storage cannot send ----------------------------------------
