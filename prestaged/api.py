@@ -5,7 +5,7 @@ than ``credentials.min_lifetime`` left, else 503 with the reasons; ``GET /metric
 ``POST /api/v1/warm`` ``{"definition": ..., "catalog": ...}`` -> 202 ``{"id": ...}``;
 ``GET /api/v1/runs/<id>``; ``GET /api/v1/datasets`` and ``/api/v1/datasets/<name>``;
 campaigns (``daemon_campaigns``): ``GET|POST /api/v1/campaigns``, ``GET
-/api/v1/campaigns/<name>``, ``POST /api/v1/campaigns/<name>/<hold|release|cancel|mark-submitted>``.
+/api/v1/campaigns/<name>``, ``POST /api/v1/campaigns/<name>/<action>`` (``ACTIONS``).
 Errors are JSON ``{"error": "..."}`` with a 4xx status, never a 500 for bad input. Mutating
 calls need ``Authorization: Bearer <token>`` whenever the daemon has a token (it must have one
 when it listens beyond loopback).
@@ -187,8 +187,9 @@ async def get_campaign(request: web.Request) -> web.Response:
 
 
 async def campaign_action(request: web.Request) -> web.Response:
-    """``hold``/``release``/``cancel`` (``{"stage": ...}`` optional) or ``mark-submitted``
-    (``{"submission": id, "job_id": ...}``) -> 200 ``{"result": <one line>}``."""
+    """``hold``/``release``/``cancel`` (``{"stage": ...}`` optional), ``retry``
+    (``{"submission": id}``) or ``mark-submitted`` (``{"submission": id, "job_id": ...}``)
+    -> 200 ``{"result": <one line>}``."""
     if not _authorized(request):
         return _error(401, "missing or wrong bearer token")
     try:

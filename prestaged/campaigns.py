@@ -644,9 +644,26 @@ class CampaignState:
         return [self._retry(s) for s in self.submissions(campaign, stage)
                 if s.state is S.LAUNCH_UNKNOWN]
 
-    def _retry(self, old: Submission) -> Submission:
+    def retry(self, campaign: str, sub_id: int) -> Submission:
+        """Recovery of a ``failed`` (gate timed out, or never completed) or ``launch_failed``
+        submission, or a ``launch_unknown`` one: a new ``queued`` submission takes over its
+        slice (its drainingn ledger files included), which the next pass gates and submits.
+        The old one keeps its final state and points to the new one (``superseded_by``); a
+        ``launch_unknown`` one becomes ``cancelled`` as on release. ``StateError`` otherwise."""
+        found = [s for s in self.submissions(campaign) if s.id == sub_id]
+        if not found:
+            raise StateError(f"campaign '{campaign}' has no submission {sub_id}")
+        sub = found[0]
+        if sub.superseded_by is not None:
+            raise StateError(f"submission {sub_id} was already retried as #{sub.superseded_by}")
+        if sub.state not in _FINAL_BAD:
+            raise StateError(f"submission {sub_id} is {sub.state.value}: only failed, "
+                             "launch_failed or launch_unknown submissions can be retried")
+        return self._retry(sub, "retried by operator")
+
+    def _retry(self, old: Submission, why: str = "released by operator") -> Submission:
         now = time.time()
-        reason = f"retry of #{old.id}, released by operator"
+        reason = f"retry of #{old.id}, {why}"
         tries = sum(1 for s in self.submissions(old.campaign, old.stage)
                     if s.item.split(" (retry", 1)[0] == old.item.split(" (retry", 1)[0])
         with self.store.transaction() as conn:
@@ -665,8 +682,12 @@ class CampaignState:
                          (new_id, old.id))
         assert new_id is not None
         self._moved(old.campaign, None, S.QUEUED, now)
-        self.move(old, S.CANCELLED, f"superseded by #{new_id}: released by operator for a retry "
-                                    "(this launch may or may not have run)")
+        if old.state is S.LAUNCH_UNKNOWN:
+            self.move(old, S.CANCELLED, f"superseded by #{new_id}: {why} for a retry (this "
+                                        "launch may or may not have run)")
+        else:
+            log.info("%s/%s #%d %s: %s, superseded by #%d: %s", old.campaign, old.stage, old.id,
+                     old.item, old.state.value, new_id, why)
         return self.get(new_id)
 
     def cancel(self, campaign: str, stage: Optional[str] = None) -> list[Submission]:
@@ -827,7 +848,8 @@ class _Runner:
         if drained and not self.stop.is_set() and all(
                 s.state is S.COMPLETED or s.superseded_by is not None for s in subs):
             return "done"
-        if control == "held" and not any(s.state in _FINAL_BAD for s in subs):
+        if control == "held" and not any(s.state in _FINAL_BAD and s.superseded_by is None
+                                         for s in subs):
             log.warning("%s/%s: held: nothing more is created or launched until "
                         "`prestaged campaign release`", name, stage.name)
             return "held"

@@ -162,8 +162,8 @@ def _add_gate_commands(sub: Any) -> None:
 
 
 def _add_campaign_commands(sub: Any) -> None:
-    """``campaign run/show/hold/release/cancel/mark-submitted``: stages of gated submissions,
-    in the foreground."""
+    """``campaign add/run/list/show/hold/release/cancel/retry/mark-submitted``: stages of
+    gated submissions, in the foreground or through the daemon."""
     c = sub.add_parser("campaign", help="run or show a campaign of gated submissions",
                        description="A campaign file (TOML) lists stages; each stage's input is "
                                    "split into submissions that are submitted only once their "
@@ -239,6 +239,19 @@ def _add_campaign_commands(sub: Any) -> None:
     _state_args(m, warm=False)
     _common(m)
     m.set_defaults(func=_cmd_campaign_mark_submitted)
+    rt = csub.add_parser("retry", help="recover a failed, launch_failed or launch_unknown "
+                                       "submission",
+                         description="A new submission takes over the slice of submission ID "
+                                     "(failed: its gate timed out or it never completed; "
+                                     "launch_failed; launch_unknown) and is gated and "
+                                     "submitted again by the daemon's next pass or the next "
+                                     "`campaign run`. Nothing is ever retried automatically.")
+    rt.add_argument("campaign", metavar="NAME", help="campaign name")
+    rt.add_argument("--submission", type=int, required=True, metavar="ID",
+                    help="submission id (as `campaign show` lists it)")
+    _state_args(rt, warm=False)
+    _common(rt)
+    rt.set_defaults(func=_cmd_campaign_retry)
 
 
 def _via_daemon(args: argparse.Namespace, cfg: Config, method: str, path: str,
@@ -354,6 +367,26 @@ def _cmd_campaign_mark_submitted(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         store.close()
     print(f"{args.campaign}/{sub.stage}: #{sub.id} {sub.item} submitted, job {sub.job_id}")
+    return 0
+
+
+def _cmd_campaign_retry(args: argparse.Namespace, cfg: Config) -> int:
+    from urllib.parse import quote
+
+    from prestaged.campaigns import CampaignState
+
+    doc = _via_daemon(args, cfg, "POST",
+                      f"/api/v1/campaigns/{quote(args.campaign, safe='')}/retry",
+                      {"submission": args.submission})
+    if doc is not None:
+        print(doc["result"])
+        return 0
+    store = _open_store(cfg, must_exist=True)
+    try:
+        new = CampaignState(store).retry(args.campaign, args.submission)
+    finally:
+        store.close()
+    print(f"{args.campaign}/{new.stage}: #{new.id} {new.item} queued ({new.reason})")
     return 0
 
 

@@ -47,7 +47,7 @@ __all__ = ["ACTIONS", "CampaignEntry", "DaemonCampaigns"]
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("hold", "release", "cancel", "mark-submitted")
+ACTIONS = ("hold", "release", "cancel", "retry", "mark-submitted")
 """Operator actions on a campaign (``POST /api/v1/campaigns/<name>/<action>``)."""
 
 _STATES = [s.value for s in SubmissionState]
@@ -164,6 +164,11 @@ class DaemonCampaigns:
                 entry.interrupt.set()  # a gate in progress ends now; the next pass sees it
             text = f"{scope}: cancelled" + "".join(f"; #{s.id} {s.item} cancelled"
                                                    for s in cancelled)
+        elif action == "retry":
+            if submission is None:
+                raise ConfigError('retry: expected {"submission": <id>}')
+            new = self.state.retry(name, submission)
+            text = f"{name}/{new.stage}: #{new.id} {new.item} queued ({new.reason})"
         elif action == "mark-submitted":
             if submission is None or not job_id:
                 raise ConfigError('mark-submitted: expected {"submission": <id>, "job_id": "..."}')

@@ -252,3 +252,38 @@ submit = {_submit(tmp_path, "doomed")}
     assert unknown.returncode == 4 and "no campaign 'nosuch'" in unknown.stderr
     status, body = d.http("POST", "/api/v1/campaigns", {"toml": "name = 'x'\n"})
     assert status == 400 and "needs at least one [[stage]]" in body["error"]
+
+
+def test_keep_warm_through_the_daemon_until_complete(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """While a submission is submitted and its complete command fails, the daemon touches its
+    slice again every keep_warm; once complete exits 0 the campaign ends and touching stops."""
+    path = "/pnfs/kw/a"
+    ds = _definition(tmp_path, storage, [path])
+    done = tmp_path / "jobs-done"
+    complete = json.dumps(f"{sys.executable} -c \"import os, sys; "
+                          f"sys.exit(0 if os.path.exists({str(done)!r}) else 1)\"")
+    campaign = _campaign(tmp_path, f"""
+name = "warmth"
+[defaults]
+keep_warm = "0.3s"
+complete_poll = "0.2s"
+complete_poll_max = "0.2s"
+[[stage]]
+name = "reco"
+input = {json.dumps(str(ds))}
+submit = {_submit(tmp_path, "{stage}")}
+complete = {complete}
+""")
+    d = _start(tmp_path, pki, proxy, start_daemon, free_port())
+    assert _cli(d, "campaign", "add", str(campaign)).returncode == 0
+    poll("two keep-warm touches", lambda: storage.stats.path(path).requests >= 3)
+    assert _states(d, "warmth") == ["submitted"]
+    done.touch()
+    poll("the campaign done", lambda: _show(d, "warmth")["daemon"]["status"] == "done")
+    # "done": the campaign's task has returned, so nothing touches the slice any more.
+    assert _states(d, "warmth") == ["completed"]
+    assert len(_records(tmp_path)) == 1
+    assert d.metric("prestaged_files_touched_total", result="warm") >= 3
