@@ -8,7 +8,8 @@ campaigns (``daemon_campaigns``): ``GET|POST /api/v1/campaigns``, ``GET
 /api/v1/campaigns/<name>``, ``POST /api/v1/campaigns/<name>/<action>`` (``ACTIONS``).
 Errors are JSON ``{"error": "..."}`` with a 4xx status, never a 500 for bad input. Mutating
 calls need ``Authorization: Bearer <token>`` whenever the daemon has a token (it must have one
-when it listens beyond loopback).
+when it listens beyond loopback); campaign changes need it always (403 without a token file),
+since a campaign runs commands as the daemon's user.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from aiohttp import web
 
@@ -149,6 +150,17 @@ def _optional(body: dict[str, Any], key: str, kind: type) -> Any:
     return value
 
 
+def _campaign_refusal(request: web.Request) -> Optional[web.Response]:
+    """Campaign changes run commands as the daemon's user: they always need the bearer token,
+    so only who can read ``daemon.token_file`` may make them (not every local user)."""
+    if request.app[DAEMON].token is None:
+        return _error(403, "campaign changes need daemon.token_file (a 0600 file holding a "
+                           "bearer token): a campaign runs commands as the daemon's user")
+    if not _authorized(request):
+        return _error(401, "missing or wrong bearer token")
+    return None
+
+
 async def campaigns(request: web.Request) -> web.Response:
     """Every campaign: control, submissions by state, the daemon's task (``campaign list``)."""
     daemon = request.app[DAEMON]
@@ -159,8 +171,9 @@ async def campaigns(request: web.Request) -> web.Response:
 async def post_campaign(request: web.Request) -> web.Response:
     """Add (or replace) a campaign: ``{"toml": <file text>, "source": <path>, "held": bool}``
     -> 201 added / 200 replaced, ``{"campaign": name}``; 400 names what is wrong in the file."""
-    if not _authorized(request):
-        return _error(401, "missing or wrong bearer token")
+    refused = _campaign_refusal(request)
+    if refused is not None:
+        return refused
     try:
         body = await _json_object(request)
         text = _optional(body, "toml", str)
@@ -190,8 +203,9 @@ async def campaign_action(request: web.Request) -> web.Response:
     """``hold``/``release``/``cancel`` (``{"stage": ...}`` optional), ``retry``
     (``{"submission": id}``) or ``mark-submitted`` (``{"submission": id, "job_id": ...}``)
     -> 200 ``{"result": <one line>}``."""
-    if not _authorized(request):
-        return _error(401, "missing or wrong bearer token")
+    refused = _campaign_refusal(request)
+    if refused is not None:
+        return refused
     try:
         body = await _json_object(request)
         text = request.app[DAEMON].campaigns.act(

@@ -75,7 +75,7 @@ def _raise(status: int, payload: bytes, url: str) -> None:
         message = str(json.loads(payload)["error"])
     except (ValueError, KeyError, TypeError):
         message = f"HTTP {status} from {url}"
-    if status == 401:
+    if status in (401, 403):
         raise ConfigError(f"daemon at {url} refused the call: {message} (set daemon.token_file "
                           "to the daemon's token file)")
     if status == 400:

@@ -37,6 +37,9 @@ print("JobsubJobId of first job: %s.0@test" % sys.argv[1], flush=True)
 """
 
 
+TOKEN = "campaign-t0ken-secret"
+
+
 @pytest.fixture
 def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
     """The test storage in a background thread, requiring a client certificate."""
@@ -90,11 +93,16 @@ def _states(d: Daemon, name: str) -> list[str]:
 
 def _start(tmp_path: Path, pki: TestPKI, proxy: Path, start_daemon: Callable[..., Daemon],
            port: int, **env: str) -> Daemon:
-    """A daemon on ``port`` with the state in tmp_path; campaigns that stopped short are only
-    looked at again on an operator action (campaign_check is 1 h)."""
-    config = write_config(tmp_path, pki, proxy, port, [], extra='campaign_check = "1h"')
-    return start_daemon(config, port, env={"CAMPAIGN_RECORD": str(tmp_path / "record.jsonl"),
-                                           **env})
+    """A daemon on ``port`` with the state in tmp_path and a bearer token (campaign changes
+    need one); campaigns that stopped short are only looked at again on an operator action
+    (campaign_check is 1 h)."""
+    token = tmp_path / "api-token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
+    config = write_config(tmp_path, pki, proxy, port, [],
+                          extra=f'campaign_check = "1h"\ntoken_file = "{token}"')
+    return start_daemon(config, port, token=TOKEN,
+                        env={"CAMPAIGN_RECORD": str(tmp_path / "record.jsonl"), **env})
 
 
 def test_drainingn_across_a_daemon_restart_gives_disjoint_slices(
@@ -287,3 +295,36 @@ complete = {complete}
     assert _states(d, "warmth") == ["completed"]
     assert len(_records(tmp_path)) == 1
     assert d.metric("prestaged_files_touched_total", result="warm") >= 3
+
+
+def test_campaign_changes_need_the_token(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """A campaign runs commands as the daemon's user: without daemon.token_file the daemon
+    refuses campaign changes (403), with one it refuses a wrong token (401); reads stay open."""
+    ds = _definition(tmp_path, storage, ["/pnfs/tok/a"])
+    campaign = _campaign(tmp_path, f"""
+name = "sneaky"
+[[stage]]
+name = "one"
+input = {json.dumps(str(ds))}
+submit = {_submit(tmp_path, "x")}
+""")
+    port = free_port()
+    d = start_daemon(write_config(tmp_path, pki, proxy, port, []), port)
+    res = _cli(d, "campaign", "add", str(campaign))
+    assert res.returncode == 2 and "need daemon.token_file" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    status, body = d.http("POST", "/api/v1/campaigns/sneaky/hold", {})
+    assert status == 403 and "token_file" in body["error"]
+    assert d.http("GET", "/api/v1/campaigns") == (200, {"campaigns": []})
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=DEADLINE) == 0
+
+    d = _start(tmp_path, pki, proxy, start_daemon, port)
+    status, body = d.http("POST", "/api/v1/campaigns", {"toml": campaign.read_text()},
+                          token="wrong")
+    assert status == 401 and "bearer token" in body["error"]
+    assert d.http("GET", "/api/v1/campaigns") == (200, {"campaigns": []})
+    assert TOKEN not in d.output()

@@ -43,6 +43,7 @@ FAST = RetryPolicy(attempts=5, initial=0.0, max=0.0, jitter=0.0, total=30.0)
 GRAFANA_BUILTINS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "5m"}
 DEADLINE = 25.0  # seconds for Prometheus to start, scrape and see every expression answer
 POLL = 0.2  # seconds between polls of Prometheus while waiting for data
+TOKEN = "dashboard-api-token"  # the daemon target's bearer token (campaign changes need one)
 
 
 # --- the dashboard ------------------------------------------------------------------------------
@@ -218,10 +219,14 @@ def _daemon_config(tmp_path: Path, pki: TestPKI, proxy: Path, listen: str,
                    definition: Path) -> Path:
     config = tmp_path / "prestaged.toml"
     state = tmp_path / "state.db"
+    token = tmp_path / "api-token"
+    token.write_text(TOKEN)
+    token.chmod(0o600)
     config.write_text(
         f'[credentials]\nproxy = "{proxy}"\nca_dir = "{pki.ca_dir}"\n'
         f'[state]\npath = "{state}"\nflush_interval = "100ms"\n'
         f'[daemon]\nlisten = "{listen}"\ndrain_timeout = "1s"\njitter = 0\n'
+        f'token_file = "{token}"\n'
         f'[[watch]]\ndefinition = "{definition}"\ncatalog = "local"\nevery = "2s"\n'
     )
     return config
@@ -279,7 +284,8 @@ async def _add_campaign(http: ClientSession, listen: str, tmp_path: Path,
             f"input = {json.dumps(str(definition))}\nsplit = \"drainingn(1)\"\n"
             f"submit = {json.dumps(submit)}\ncomplete = {json.dumps(complete)}\n")
     async with http.post(f"http://{listen}/api/v1/campaigns",
-                         json={"toml": text, "source": str(tmp_path / "dashboard.toml")}) as resp:
+                         json={"toml": text, "source": str(tmp_path / "dashboard.toml")},
+                         headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
         assert resp.status == 201, await resp.text()
 
 
