@@ -259,10 +259,15 @@ def _via_daemon(args: argparse.Namespace, cfg: Config, method: str, path: str,
     """The daemon's answer to ``method path``, or None when ``--state`` was given or no daemon
     answers at ``daemon.listen`` (then the command works on the state database itself)."""
     from prestaged.client import call
+    from prestaged.errors import CatalogError
 
     if getattr(args, "state", None) is not None:
         return None
-    return call(cfg, method, path, body)
+    try:
+        return call(cfg, method, path, body)
+    except CatalogError as e:
+        raise CatalogError(f"{e} (asked the daemon at {cfg.daemon.listen}; --state FILE works "
+                           "on a state file instead)") from None
 
 
 def _cmd_campaign_add(args: argparse.Namespace, cfg: Config) -> int:
