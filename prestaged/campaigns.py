@@ -84,10 +84,12 @@ __all__ = [
     "Submission",
     "SubmissionState",
     "load_campaign",
+    "parse_campaign",
     "parse_split",
     "render",
     "run_argv",
     "run_campaign",
+    "urls_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -296,12 +298,21 @@ def _no_cycle(by_name: Mapping[str, StageConfig], path: list[str], key: str) -> 
 def load_campaign(path: Path) -> CampaignConfig:
     """Load and validate a campaign file; ``ConfigError`` naming the file and key (exit 2)."""
     try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"campaign {path}: no such file") from None
     except OSError as e:
         raise ConfigError(f"campaign {path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"campaign {path}: not UTF-8 text") from None
+    return parse_campaign(text, path)
+
+
+def parse_campaign(text: str, path: Path) -> CampaignConfig:
+    """Validate campaign file ``text`` read from ``path`` (named in errors; a daemon gets the
+    text and the path it came from); ``ConfigError`` naming the file and key (exit 2)."""
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"campaign {path}: invalid TOML: {e}") from None
     try:
@@ -433,11 +444,111 @@ def _row(r: Sequence[Any]) -> Submission:
                       r[9], r[10], r[11], r[12], r[13])
 
 
-class CampaignState:
-    """Campaign rows of the state database; every write is its own committed transaction."""
+MoveHook = Callable[[str, Optional[SubmissionState], SubmissionState, float], None]
+"""``hook(campaign, from_state, to_state, since)`` after a stored transition (``from_state``
+None for a new submission); ``since`` is when the submission entered ``from_state``."""
 
-    def __init__(self, store: Store) -> None:
+
+class CampaignState:
+    """Campaign rows of the state database; every write is its own committed transaction.
+    ``on_move`` (see ``MoveHook``) hears every transition once it is committed (metrics)."""
+
+    def __init__(self, store: Store, on_move: Optional[MoveHook] = None) -> None:
         self.store = store
+        self.on_move = on_move
+
+    def _moved(self, campaign: str, frm: Optional[SubmissionState], to: SubmissionState,
+               since: float) -> None:
+        if self.on_move is not None:
+            self.on_move(campaign, frm, to, since)
+
+    # --- the daemon's registry (`campaign add`) ---------------------------------------------
+
+    def register(self, campaign: CampaignConfig, body: str) -> bool:
+        """Store ``campaign`` (its file's text ``body``) for the daemon; True when it is new,
+        False when it replaced a campaign of that name (its submissions and ledger are kept)."""
+        now = time.time()
+        source = str(campaign.source) if campaign.source else None
+        with self.store.transaction() as conn:
+            cur = conn.execute("UPDATE campaigns SET source = ?, body = ?, updated = ? "
+                               "WHERE name = ?", (source, body, now, campaign.name))
+            if cur.rowcount:
+                return False
+            conn.execute("INSERT INTO campaigns (name, source, body, added, updated) "
+                         "VALUES (?, ?, ?, ?, ?)", (campaign.name, source, body, now, now))
+        return True
+
+    def registered(self) -> list[CampaignConfig]:
+        """Every campaign added to the daemon, by name. A stored file that no longer parses
+        (a newer version's syntax) is logged and left out rather than stopping the daemon."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT name, source, body FROM campaigns ORDER BY name").fetchall()
+        out = []
+        for name, source, body in rows:
+            try:
+                out.append(parse_campaign(body, Path(source or f"<stored {name}>")))
+            except ConfigError as e:
+                log.error("stored campaign %s cannot be used: %s", name, e)
+        return out
+
+    def names(self) -> list[str]:
+        """Names of every campaign with a submission, a control or a registration."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT campaign FROM campaign_submissions UNION SELECT campaign "
+                                "FROM campaign_controls UNION SELECT name FROM campaigns "
+                                "ORDER BY 1").fetchall()
+        return [r[0] for r in rows]
+
+    def counts(self, campaign: str) -> dict[str, dict[str, int]]:
+        """Submissions of ``campaign`` by stage, then by state (only states that occur)."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT stage, state, COUNT(*) FROM campaign_submissions WHERE "
+                                "campaign = ? GROUP BY stage, state", (campaign,)).fetchall()
+        out: dict[str, dict[str, int]] = {}
+        for stage, state, n in rows:
+            out.setdefault(stage, {})[state] = n
+        return out
+
+    def controls(self, campaign: str) -> dict[str, str]:
+        """``held``/``cancelled`` by scope (``""`` the campaign, else a stage name)."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT stage, held, cancelled FROM campaign_controls WHERE "
+                                "campaign = ?", (campaign,)).fetchall()
+        return {stage: "cancelled" if cancelled else "held"
+                for stage, held, cancelled in rows if held or cancelled}
+
+    def describe(self, name: str, workdir: Path, fresh_for: float) -> dict[str, Any]:
+        """``campaign show``'s document: controls, stages with counts by state, and every
+        submission with its transitions and warmth (files of its slice fresh within
+        ``fresh_for`` seconds, from the store; None before its slice was written)."""
+        subs = self.submissions(name)
+        docs = []
+        for sub in subs:
+            doc = sub.to_dict()
+            doc["events"] = self.events(sub.id)
+            rows = self.store.status(fresh_for, str(urls_file(workdir, sub)), "local")
+            doc["warm"] = rows[0].fresh if rows else None
+            doc["warm_of"] = rows[0].files if rows else None
+            docs.append(doc)
+        counts = self.counts(name)
+        controls = self.controls(name)
+        stages = list(dict.fromkeys([*(c.name for c in self._config_stages(name)),
+                                     *(s.stage for s in subs)]))
+        return {"campaign": name, "control": controls.get(""),
+                "stages": [{"name": st, "control": controls.get(st),
+                            "counts": counts.get(st, {})} for st in stages],
+                "submissions": docs}
+
+    def _config_stages(self, name: str) -> list[StageConfig]:
+        with self.store.transaction() as conn:
+            row = conn.execute("SELECT source, body FROM campaigns WHERE name = ?",
+                               (name,)).fetchone()
+        if row is None:
+            return []
+        try:
+            return parse_campaign(row[1], Path(row[0] or name)).ordered()
+        except ConfigError:
+            return []
 
     def submissions(self, campaign: str, stage: Optional[str] = None) -> list[Submission]:
         """Submissions of ``campaign`` (or one stage), oldest first."""
@@ -496,6 +607,7 @@ class CampaignState:
                              "submission_id) VALUES (?, ?, ?, ?, ?)",
                              [(campaign, stage, r.name, r.url, sub_id) for r in ledger])
         assert sub_id is not None
+        self._moved(campaign, None, S.QUEUED, now)
         return self.get(sub_id)
 
     def control(self, campaign: str, stage: str) -> Optional[str]:
@@ -532,9 +644,26 @@ class CampaignState:
         return [self._retry(s) for s in self.submissions(campaign, stage)
                 if s.state is S.LAUNCH_UNKNOWN]
 
-    def _retry(self, old: Submission) -> Submission:
+    def retry(self, campaign: str, sub_id: int) -> Submission:
+        """Recovery of a ``failed`` (gate timed out, or never completed) or ``launch_failed``
+        submission, or a ``launch_unknown`` one: a new ``queued`` submission takes over its
+        slice (its drainingn ledger files included), which the next pass gates and submits.
+        The old one keeps its final state and points to the new one (``superseded_by``); a
+        ``launch_unknown`` one becomes ``cancelled`` as on release. ``StateError`` otherwise."""
+        found = [s for s in self.submissions(campaign) if s.id == sub_id]
+        if not found:
+            raise StateError(f"campaign '{campaign}' has no submission {sub_id}")
+        sub = found[0]
+        if sub.superseded_by is not None:
+            raise StateError(f"submission {sub_id} was already retried as #{sub.superseded_by}")
+        if sub.state not in _FINAL_BAD:
+            raise StateError(f"submission {sub_id} is {sub.state.value}: only failed, "
+                             "launch_failed or launch_unknown submissions can be retried")
+        return self._retry(sub, "retried by operator")
+
+    def _retry(self, old: Submission, why: str = "released by operator") -> Submission:
         now = time.time()
-        reason = f"retry of #{old.id}, released by operator"
+        reason = f"retry of #{old.id}, {why}"
         tries = sum(1 for s in self.submissions(old.campaign, old.stage)
                     if s.item.split(" (retry", 1)[0] == old.item.split(" (retry", 1)[0])
         with self.store.transaction() as conn:
@@ -552,8 +681,13 @@ class CampaignState:
             conn.execute("UPDATE campaign_ledger SET submission_id = ? WHERE submission_id = ?",
                          (new_id, old.id))
         assert new_id is not None
-        self.move(old, S.CANCELLED, f"superseded by #{new_id}: released by operator for a retry "
-                                    "(this launch may or may not have run)")
+        self._moved(old.campaign, None, S.QUEUED, now)
+        if old.state is S.LAUNCH_UNKNOWN:
+            self.move(old, S.CANCELLED, f"superseded by #{new_id}: {why} for a retry (this "
+                                        "launch may or may not have run)")
+        else:
+            log.info("%s/%s #%d %s: %s, superseded by #%d: %s", old.campaign, old.stage, old.id,
+                     old.item, old.state.value, new_id, why)
         return self.get(new_id)
 
     def cancel(self, campaign: str, stage: Optional[str] = None) -> list[Submission]:
@@ -587,8 +721,8 @@ class CampaignState:
         now = time.time()
         sets = "".join(f", {k} = ?" for k in fields)
         with self.store.transaction() as conn:
-            (current,) = conn.execute("SELECT state FROM campaign_submissions WHERE id = ?",
-                                      (sub.id,)).fetchone()
+            current, since = conn.execute("SELECT state, updated FROM campaign_submissions "
+                                          "WHERE id = ?", (sub.id,)).fetchone()
             frm = SubmissionState(current)
             if to not in _NEXT.get(frm, frozenset()):
                 raise StateError(f"submission {sub.id}: {frm.value} -> {to.value} is not allowed")
@@ -600,6 +734,7 @@ class CampaignState:
                          (sub.id, now, frm.value, to.value, reason))
         log.info("%s/%s #%d %s: %s -> %s: %s", sub.campaign, sub.stage, sub.id, sub.item,
                  frm.value, to.value, reason)
+        self._moved(sub.campaign, frm, to, since)
         return self.get(sub.id)
 
 
@@ -641,11 +776,9 @@ class _Runner:
 
     def _values(self, stage: StageConfig, sub: Submission) -> dict[str, object]:
         base = self.workdir / self.campaign.name / f"{stage.name}-{sub.id}"
-        # A drainingn slice's definition is its URL list (a local-catalog definition).
-        urls = sub.definition if stage.parsed_split.kind == "drainingn" else f"{base}.urls"
         return {"campaign": self.campaign.name, "stage": stage.name, "submission": sub.id,
                 "definition": sub.definition, "files_file": f"{base}.files",
-                "urls_file": urls, "n_files": sub.n_files or 0,
+                "urls_file": str(urls_file(self.workdir, sub)), "n_files": sub.n_files or 0,
                 "job_id": sub.job_id or ""}
 
     async def run(self) -> CampaignResult:
@@ -715,7 +848,8 @@ class _Runner:
         if drained and not self.stop.is_set() and all(
                 s.state is S.COMPLETED or s.superseded_by is not None for s in subs):
             return "done"
-        if control == "held" and not any(s.state in _FINAL_BAD for s in subs):
+        if control == "held" and not any(s.state in _FINAL_BAD and s.superseded_by is None
+                                         for s in subs):
             log.warning("%s/%s: held: nothing more is created or launched until "
                         "`prestaged campaign release`", name, stage.name)
             return "held"
@@ -763,7 +897,11 @@ class _Runner:
                     log.info("%s/%s #%d: held: launch waits for release", sub.campaign,
                              sub.stage, sub.id)
                     return
-            sub = await steps[sub.state](stage, sub)
+            try:
+                sub = await steps[sub.state](stage, sub)
+            except StateError as e:  # an operator moved it meanwhile (cancel): theirs wins
+                log.info("%s/%s #%d: %s", sub.campaign, sub.stage, sub.id, e)
+                return
 
     async def _slice(self, stage: StageConfig, sub: Submission) -> list[FileRef]:
         """The files of ``sub``, written to its urls/files files."""
@@ -866,6 +1004,15 @@ class _Runner:
                 await asyncio.wait_for(self.stop.wait(), wake - now)
 
 
+def urls_file(workdir: Path, sub: Submission) -> Path:
+    """The URL list of ``sub``'s slice (``{urls_file}``), which its gate warms as a local
+    definition: a drainingn slice's definition is that list itself (``slice-N`` items, kept by
+    their retries); any other submission's list is ``<workdir>/<campaign>/<stage>-<id>.urls``."""
+    if sub.item.startswith("slice-") and sub.definition.endswith(".urls"):
+        return Path(sub.definition)
+    return workdir / sub.campaign / f"{sub.stage}-{sub.id}.urls"
+
+
 def _write_lists(urls: Path, names: Path, refs: Sequence[FileRef]) -> None:
     """The slice's URLs and names, one a line (what ``{urls_file}``/``{files_file}`` name)."""
     urls.parent.mkdir(parents=True, exist_ok=True)
@@ -876,13 +1023,15 @@ def _write_lists(urls: Path, names: Path, refs: Sequence[FileRef]) -> None:
 async def run_campaign(campaign: CampaignConfig, store: Store, *, gate: GateFn,
                        open_catalog: Callable[[str], Catalog], workdir: Path,
                        stop: Optional[asyncio.Event] = None,
-                       rewarm: Optional[RewarmFn] = None) -> CampaignResult:
+                       rewarm: Optional[RewarmFn] = None,
+                       on_move: Optional[MoveHook] = None) -> CampaignResult:
     """Process ``campaign`` in the foreground: stages in ``after`` order, each stage's
     submissions one at a time (gate, submit, poll ``complete`` while keeping the slice warm
     with ``rewarm``, see ``RewarmFn``; without it no keep-warm). ``gate`` warms a slice (see
     ``GateFn``); ``open_catalog`` resolves a definition name; slice files go under
     ``workdir``/<campaign>/. Setting ``stop`` ends it at the next step (exit code 130).
-    Held and cancelled campaigns/stages create and launch nothing (see ``CampaignResult``)."""
-    runner = _Runner(campaign, CampaignState(store), gate, open_catalog, workdir,
+    Held and cancelled campaigns/stages create and launch nothing (see ``CampaignResult``).
+    ``on_move`` hears every stored transition (see ``MoveHook``)."""
+    runner = _Runner(campaign, CampaignState(store, on_move), gate, open_catalog, workdir,
                      stop if stop is not None else asyncio.Event(), rewarm)
     return await runner.run()

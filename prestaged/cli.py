@@ -162,8 +162,8 @@ def _add_gate_commands(sub: Any) -> None:
 
 
 def _add_campaign_commands(sub: Any) -> None:
-    """``campaign run/show/hold/release/cancel/mark-submitted``: stages of gated submissions,
-    in the foreground."""
+    """``campaign add/run/list/show/hold/release/cancel/retry/mark-submitted``: stages of
+    gated submissions, in the foreground or through the daemon."""
     c = sub.add_parser("campaign", help="run or show a campaign of gated submissions",
                        description="A campaign file (TOML) lists stages; each stage's input is "
                                    "split into submissions that are submitted only once their "
@@ -185,9 +185,29 @@ def _add_campaign_commands(sub: Any) -> None:
     _state_args(r, warm=False)
     _common(r)
     r.set_defaults(func=_cmd_campaign_run)
+    a = csub.add_parser("add", help="give a campaign to the running daemon",
+                        description="Validate FILE and send it to the daemon (`prestaged "
+                                    "serve` at daemon.listen), which stores it in its state "
+                                    "database and runs it like `campaign run`, resuming it "
+                                    "after a restart. Adding a campaign of the same name again "
+                                    "replaces its stages and keeps its submissions and ledger.")
+    a.add_argument("file", type=Path, metavar="FILE", help="campaign file (TOML)")
+    a.add_argument("--held", action="store_true",
+                   help="hold it at once: nothing is created or launched until `release`")
+    _common(a)
+    a.set_defaults(func=_cmd_campaign_add)
+    li = csub.add_parser("list", help="every campaign with its submissions by state",
+                         description="Campaigns known to the running daemon (or, without one "
+                                     "or with --state, to the state database).")
+    li.add_argument("--json", action="store_true", help="print one JSON document")
+    _state_args(li, warm=False)
+    _common(li)
+    li.set_defaults(func=_cmd_campaign_list)
     s = csub.add_parser("show", help="stages, submissions and their states",
-                        description="Submissions of a campaign from the state database, with "
-                                    "their states, reasons and job ids.")
+                        description="Stages, controls and submissions of a campaign, with "
+                                    "their states, reasons, job ids and how much of each slice "
+                                    "is warm: from the running daemon, or (without one, or "
+                                    "with --state) from the state database.")
     s.add_argument("campaign", metavar="FILE|NAME", help="campaign file or campaign name")
     s.add_argument("--json", action="store_true",
                    help="print one JSON document (with every transition)")
@@ -219,11 +239,102 @@ def _add_campaign_commands(sub: Any) -> None:
     _state_args(m, warm=False)
     _common(m)
     m.set_defaults(func=_cmd_campaign_mark_submitted)
+    rt = csub.add_parser("retry", help="recover a failed, launch_failed or launch_unknown "
+                                       "submission",
+                         description="A new submission takes over the slice of submission ID "
+                                     "(failed: its gate timed out or it never completed; "
+                                     "launch_failed; launch_unknown) and is gated and "
+                                     "submitted again by the daemon's next pass or the next "
+                                     "`campaign run`. Nothing is ever retried automatically.")
+    rt.add_argument("campaign", metavar="NAME", help="campaign name")
+    rt.add_argument("--submission", type=int, required=True, metavar="ID",
+                    help="submission id (as `campaign show` lists it)")
+    _state_args(rt, warm=False)
+    _common(rt)
+    rt.set_defaults(func=_cmd_campaign_retry)
+
+
+def _via_daemon(args: argparse.Namespace, cfg: Config, method: str, path: str,
+                body: Optional[dict[str, Any]] = None) -> Optional[Any]:
+    """The daemon's answer to ``method path``, or None when ``--state`` was given or no daemon
+    answers at ``daemon.listen`` (then the command works on the state database itself)."""
+    from prestaged.client import call
+    from prestaged.errors import CatalogError
+
+    if getattr(args, "state", None) is not None:
+        return None
+    try:
+        return call(cfg, method, path, body)
+    except CatalogError as e:
+        raise CatalogError(f"{e} (asked the daemon at {cfg.daemon.listen}; --state FILE works "
+                           "on a state file instead)") from None
+
+
+def _cmd_campaign_add(args: argparse.Namespace, cfg: Config) -> int:
+    from urllib.parse import quote
+
+    from prestaged.campaigns import load_campaign
+    from prestaged.client import base_url, call
+
+    campaign = load_campaign(args.file)  # the daemon checks again; errors come out here first
+    body: dict[str, Any] = {"toml": args.file.read_text(encoding="utf-8"),
+                            "source": str(args.file.resolve()), "held": args.held}
+    doc = call(cfg, "POST", "/api/v1/campaigns", body)
+    if doc is None:
+        raise ConfigError(f"campaign add: no prestaged daemon answers at {base_url(cfg)} "
+                          "(daemon.listen): start `prestaged serve`, or run the campaign in the "
+                          f"foreground with `prestaged campaign run {args.file}`")
+    verb = "added" if doc["added"] else "replaced (submissions and ledger kept)"
+    print(f"{campaign.name}: {verb}{', held' if args.held else ''}; `prestaged campaign show "
+          f"{quote(campaign.name)}` follows it")
+    return 0
+
+
+def _cmd_campaign_list(args: argparse.Namespace, cfg: Config) -> int:
+    from prestaged.campaigns import CampaignState
+
+    doc = _via_daemon(args, cfg, "GET", "/api/v1/campaigns")
+    if doc is not None:
+        rows, source = doc["campaigns"], f"daemon {cfg.daemon.listen}"
+    else:
+        store = _open_store(cfg, must_exist=True)
+        try:
+            state = CampaignState(store)
+            rows = []
+            for name in state.names():
+                by_state: dict[str, int] = {}
+                for per_stage in state.counts(name).values():
+                    for k, n in per_stage.items():
+                        by_state[k] = by_state.get(k, 0) + n
+                rows.append({"campaign": name, "control": state.controls(name).get(""),
+                             "submissions": by_state, "daemon": None})
+        finally:
+            store.close()
+        source = f"state {store.path}"
+    if args.json:
+        print(json.dumps({"source": source, "campaigns": rows}, indent=2))
+        return 0
+    if not rows:
+        print(f"no campaigns ({source})")
+    for r in rows:
+        task = r["daemon"]["status"] if r["daemon"] else "-"
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(r["submissions"].items())) or "none"
+        print(f"{r['campaign']:<24} {r['control'] or '':<9} daemon {task:<8} submissions: "
+              f"{counts}")
+    return 0
 
 
 def _cmd_campaign_control(args: argparse.Namespace, cfg: Config) -> int:
+    from urllib.parse import quote
+
     from prestaged.campaigns import CampaignState
 
+    body: dict[str, Any] = {"stage": args.stage} if args.stage else {}
+    doc = _via_daemon(args, cfg, "POST",
+                      f"/api/v1/campaigns/{quote(args.campaign, safe='')}/{args.action}", body)
+    if doc is not None:
+        print(doc["result"])
+        return 0
     scope = args.campaign + (f"/{args.stage}" if args.stage else "")
     store = _open_store(cfg)
     try:
@@ -245,14 +356,42 @@ def _cmd_campaign_control(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _cmd_campaign_mark_submitted(args: argparse.Namespace, cfg: Config) -> int:
+    from urllib.parse import quote
+
     from prestaged.campaigns import CampaignState
 
+    doc = _via_daemon(args, cfg, "POST",
+                      f"/api/v1/campaigns/{quote(args.campaign, safe='')}/mark-submitted",
+                      {"submission": args.submission, "job_id": args.job_id})
+    if doc is not None:
+        print(doc["result"])
+        return 0
     store = _open_store(cfg, must_exist=True)
     try:
         sub = CampaignState(store).mark_submitted(args.campaign, args.submission, args.job_id)
     finally:
         store.close()
     print(f"{args.campaign}/{sub.stage}: #{sub.id} {sub.item} submitted, job {sub.job_id}")
+    return 0
+
+
+def _cmd_campaign_retry(args: argparse.Namespace, cfg: Config) -> int:
+    from urllib.parse import quote
+
+    from prestaged.campaigns import CampaignState
+
+    doc = _via_daemon(args, cfg, "POST",
+                      f"/api/v1/campaigns/{quote(args.campaign, safe='')}/retry",
+                      {"submission": args.submission})
+    if doc is not None:
+        print(doc["result"])
+        return 0
+    store = _open_store(cfg, must_exist=True)
+    try:
+        new = CampaignState(store).retry(args.campaign, args.submission)
+    finally:
+        store.close()
+    print(f"{args.campaign}/{new.stage}: #{new.id} {new.item} queued ({new.reason})")
     return 0
 
 
@@ -314,35 +453,52 @@ def _cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _cmd_campaign_show(args: argparse.Namespace, cfg: Config) -> int:
+    from urllib.parse import quote
+
     from prestaged.campaigns import CampaignState, load_campaign
 
     name = args.campaign
     if Path(name).is_file():
         name = load_campaign(Path(name)).name
-    store = _open_store(cfg, must_exist=True)
-    try:
-        state = CampaignState(store)
-        subs = state.submissions(name)
-        docs = [{**s.to_dict(), "events": state.events(s.id)} for s in subs]
-    finally:
-        store.close()
-    if not subs:
-        from prestaged.errors import CatalogError
+    doc = _via_daemon(args, cfg, "GET", f"/api/v1/campaigns/{quote(name, safe='')}")
+    if doc is not None:
+        doc["source"] = f"daemon {cfg.daemon.listen}"
+    else:
+        store = _open_store(cfg, must_exist=True)
+        try:
+            doc = CampaignState(store).describe(name, store.path.parent / "campaigns",
+                                                cfg.state.fresh_for)
+        finally:
+            store.close()
+        doc["source"] = f"state {store.path}"
+        if not doc["submissions"] and not doc["control"]:
+            from prestaged.errors import CatalogError
 
-        raise CatalogError(f"campaign '{name}' has no submissions in state {store.path}")
+            raise CatalogError(f"campaign '{name}' has no submissions in state {store.path}")
     if args.json:
-        print(json.dumps({"campaign": name, "state": str(store.path), "submissions": docs},
-                         indent=2))
+        print(json.dumps(doc, indent=2))
         return 0
-    stage = None
-    for s in subs:
-        if s.stage != stage:
-            stage = s.stage
-            print(f"{name}/{stage}:")
-        files = "-" if s.n_files is None else str(s.n_files)
-        print(f"  #{s.id:<4} {s.item:<12} {s.state.value:<14} files {files:<6} "
-              f"job {s.job_id or '-'}  {_ago(s.updated)}: {s.reason or '-'}")
+    _print_campaign(doc)
     return 0
+
+
+def _print_campaign(doc: dict[str, Any]) -> None:
+    """``campaign show``'s text: the campaign, then each stage and its submissions."""
+    task = doc.get("daemon")
+    head = f"{doc['campaign']}: {doc['control'] or 'active'}"
+    if task:
+        head += f"; daemon: {task['status']}" + (f" ({task['detail']})" if task["detail"] else "")
+    print(f"{head}  [{doc['source']}]")
+    for stage in doc["stages"]:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(stage["counts"].items())) or "none"
+        control = f" [{stage['control']}]" if stage["control"] else ""
+        print(f"{doc['campaign']}/{stage['name']}{control}: {counts}")
+        for s in (s for s in doc["submissions"] if s["stage"] == stage["name"]):
+            files = "-" if s["n_files"] is None else str(s["n_files"])
+            warm = "-" if s["warm_of"] is None else f"{s['warm']}/{s['warm_of']}"
+            print(f"  #{s['id']:<4} {s['item']:<12} {s['state']:<14} files {files:<6} "
+                  f"warm {warm:<9} job {s['job_id'] or '-'}  {_ago(s['updated'])}: "
+                  f"{s['reason'] or '-'}")
 
 
 def _add_state_commands(sub: Any) -> None:

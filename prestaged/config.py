@@ -301,6 +301,9 @@ class DaemonConfig:
     """How often the proxy file is checked for renewal and expiry (seconds)."""
     jitter: float = field(default=0.1, metadata=_check(_non_negative))
     """Scheduled re-warms start up to this fraction of ``every`` early or late."""
+    campaign_check: Duration = field(default=Duration(300.0), metadata=_check(_positive))
+    """How often a campaign that stopped short (held, a failed submission, its catalog
+    unreachable) is looked at again; operator actions through the API act at once (seconds)."""
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from prestaged.credentials import (
     resolve_ca_dir,
     resolve_proxy_path,
 )
+from prestaged.daemon_campaigns import DaemonCampaigns
 from prestaged.errors import ConfigError, CredentialError, PrestagedError
 from prestaged.metrics import Metrics, run_result
 from prestaged.runner import run_definition
@@ -189,10 +190,11 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._run_stop = asyncio.Event()
-        self._draining = False
+        self.draining = False
         self._proxy_stamp: Optional[tuple[int, int, int]] = None
         self._touch: Optional[_SharedToucher] = None
         self._runner: Any = None
+        self.campaigns = DaemonCampaigns(self)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -241,6 +243,18 @@ class Daemon:
         self._credentials_changed(self.credentials.proxy)
         await self._start_api()
         self._apply_watches()
+        self.campaigns.start()
+
+    @property
+    def toucher(self) -> _SharedToucher:
+        """The shared touch path (pool, budget, pause while the proxy is expired)."""
+        assert self._touch is not None
+        return self._touch
+
+    def store_or_fail(self) -> Store:
+        """The open state store."""
+        assert self.store is not None
+        return self.store
 
     def _open_store(self) -> Store:
         state = self.cfg.state
@@ -262,7 +276,7 @@ class Daemon:
             raise ConfigError(f"daemon.listen {self.cfg.daemon.listen}: {e.strerror}") from None
 
     async def _serve(self) -> None:
-        background = [self._spawn(self._watch_credentials()), self._spawn(self._watchdog())]
+        background = [self.spawn(self._watch_credentials()), self.spawn(self._watchdog())]
         while not self._stop.is_set():
             reload_wait = asyncio.ensure_future(self._reload.wait())
             stop_wait = asyncio.ensure_future(self._stop.wait())
@@ -277,10 +291,11 @@ class Daemon:
         await self._drain()
 
     async def _drain(self) -> None:
-        self._draining = True
+        self.draining = True
         self.notifier.stopping()
         for task in self._watches.values():
             task.cancel()
+        self.campaigns.stop()
         running = [t for t in self._tasks if not t.done()]
         if running:
             _, pending = await asyncio.wait(running, timeout=self.cfg.daemon.drain_timeout)
@@ -300,7 +315,8 @@ class Daemon:
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
 
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task the daemon waits for (drain) and cancels (shutdown)."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -331,7 +347,7 @@ class Daemon:
         for key, w in wanted.items():
             if key in self._watches:
                 self._watches[key].cancel()
-            self._watches[key] = self._spawn(self._watch_loop(key[0], w))
+            self._watches[key] = self.spawn(self._watch_loop(key[0], w))
 
     # --- credentials --------------------------------------------------------------------------
 
@@ -388,7 +404,7 @@ class Daemon:
             if left < self.cfg.credentials.min_lifetime:
                 problems.append(f"proxy {self.credentials.proxy.path} has {max(0.0, left):.0f} s "
                                 "left, less than credentials.min_lifetime")
-        if self._draining:
+        if self.draining:
             problems.append("stopping")
         return problems
 
@@ -397,10 +413,10 @@ class Daemon:
     def submit(self, definition: str, catalog: Optional[str] = None, *, origin: str = "api",
                fresh_for: Optional[float] = None) -> RunInfo:
         """Queue a warm of ``definition``; raises ``PrestagedError`` for an unknown one."""
-        if self._draining:
+        if self.draining:
             raise PrestagedError("the daemon is stopping")
         kind = catalog or self.cfg.catalog.default
-        cat = self._open_catalog(kind, definition)
+        cat = self.open_catalog(kind, definition)
         if hasattr(cat, "on_request"):  # networked catalogs report each request
             cat.on_request = lambda result: self.metrics.catalog_request(cat.name, result)
         info = RunInfo(id=self._next_id, catalog=cat.name, definition=cat.definition,
@@ -409,10 +425,10 @@ class Daemon:
         self.runs[info.id] = info
         for old in sorted(self.runs)[:-_KEPT_RUNS]:
             del self.runs[old]
-        self._spawn(self._execute(info, cat, fresh_for))
+        self.spawn(self._execute(info, cat, fresh_for))
         return info
 
-    def _open_catalog(self, kind: str, definition: str) -> Any:
+    def open_catalog(self, kind: str, definition: str) -> Any:
         """``open_catalog`` with the daemon's proxy presented to networked catalogs (SAM)."""
         if kind != "samweb" or self.credentials is None:
             return open_catalog(kind, definition, self.cfg.catalog)
@@ -427,12 +443,12 @@ class Daemon:
         lock = self._locks.setdefault(key, asyncio.Lock())
         try:
             async with lock:
-                if self._draining:
+                if self.draining:
                     info.state, info.error = "error", "not started: the daemon was stopping"
                     return
                 info.state, info.started = "running", time.time()
                 self._status()
-                settings = WarmSettings.from_config(self.cfg, credential_hint=self._hint())
+                settings = WarmSettings.from_config(self.cfg, credential_hint=self.hint())
                 report = await run_definition(
                     catalog, self.cfg, settings, None, store=self.store, tally=info.tally,
                     stop=self._run_stop, toucher=self._touch, probe=self.metrics,
@@ -452,7 +468,7 @@ class Daemon:
             info.finished.set()
             self._status()
 
-    def _hint(self) -> str:
+    def hint(self) -> str:
         if self.credentials is None:
             return ""
         return f"proxy {self.credentials.proxy.path} ({self.credentials.proxy.identity})"
@@ -504,7 +520,7 @@ class Daemon:
     async def _first_delay(self, kind: str, w: WatchConfig) -> float:
         assert self.store is not None
         try:
-            cat = self._open_catalog(kind, w.definition)
+            cat = self.open_catalog(kind, w.definition)
         except PrestagedError:
             return 0.0  # submit() will report the problem
         rows = await asyncio.to_thread(self.store.status, w.every, cat.definition, cat.name)
@@ -525,6 +541,10 @@ class Daemon:
     def _status(self) -> None:
         running = [r for r in self.runs.values() if r.state == "running"]
         text = f"{len(self._watches)} watched, {len(running)} running"
+        campaigns = self.campaigns.entries.values()
+        if campaigns:
+            text += f", {sum(e.status == 'running' for e in campaigns)}/{len(campaigns)} " \
+                    "campaigns running"
         if running:
             r = running[0]
             text += f": {r.definition} {r.tally.done}/{r.tally.total or '?'}"

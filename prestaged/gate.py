@@ -29,7 +29,7 @@ from prestaged.config import Config
 from prestaged.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, ConfigError
 from prestaged.runner import run_definition
 from prestaged.store import Store
-from prestaged.warm import WarmSettings
+from prestaged.warm import Probe, Toucher, WarmSettings
 
 __all__ = ["COLD_SHOWN", "GateResult", "check_ready", "run_command", "wait_until_ready"]
 
@@ -129,11 +129,14 @@ async def wait_until_ready(
     retry_max: float = 600.0,
     stop: Optional[asyncio.Event] = None,
     clock: Callable[[], float] = time.monotonic,
+    toucher: Optional[Toucher] = None,
+    probe: Optional[Probe] = None,
 ) -> GateResult:
     """Warm ``catalog``'s cold files until its warm fraction reaches ``ready`` (0..1], giving
     up after ``timeout`` seconds (default 6 h); between runs wait ``retry_initial`` seconds
     (default 10), doubling up to ``retry_max`` (default 600). A run in progress at the timeout is
-    stopped. Setting ``stop`` ends the gate early with exit code 130."""
+    stopped. Setting ``stop`` ends the gate early with exit code 130. ``toucher`` and ``probe``
+    are passed to ``run_definition`` (the daemon's shared pool and its metrics)."""
     check_ready(ready)
     fresh_for = cfg.state.fresh_for
     if fresh_for <= 0:
@@ -156,7 +159,7 @@ async def wait_until_ready(
         while True:
             runs += 1
             report = await run_definition(catalog, cfg, settings, ssl_context, store=store,
-                                          stop=halt)
+                                          stop=halt, toucher=toucher, probe=probe)
             files, fresh, cold = await _measure(store, catalog, fresh_for)
             log.info("%s: run %d: %s", catalog.definition, runs,
                      ", ".join(f"{k} {v}" for k, v in sorted(report.tally.results.items()) if v)

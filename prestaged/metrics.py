@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable, Mapping
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Callable, Optional
 from urllib.parse import urlsplit
@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 __all__ = [
     "CATALOG_RESULTS",
     "DATASET_STATES",
+    "GATE_BUCKETS",
     "LATENCY_BUCKETS",
+    "LAUNCH_RESULTS",
     "RUN_RESULTS",
     "Metrics",
     "definition_label",
@@ -58,6 +60,14 @@ RUN_RESULTS = ("ok", "failed", "aborted", "interrupted")
 
 DATASET_STATES = ("warm", "stale", "failed", "unknown")
 """``prestaged_dataset_files{state}`` values."""
+
+GATE_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0,
+                21600.0, 43200.0, 86400.0)
+"""Gate wait buckets (seconds): an already-warm slice on loopback to a day of tape recalls."""
+
+LAUNCH_RESULTS = ("submitted", "launch_failed", "launch_unknown")
+"""``prestaged_campaign_launches_total{result}``: how a submit command ended (launch_unknown:
+the daemon died while it ran)."""
 
 CATALOG_RESULTS = ("ok", "error")
 """``prestaged_catalog_requests_total{result}`` values created at zero for every catalog kind."""
@@ -145,6 +155,16 @@ class Metrics:
         self.catalog_requests = Counter(
             "prestaged_catalog_requests", "Catalog queries, by catalog kind and result.",
             ["catalog", "result"], registry=r)
+        self.campaign_submissions = Gauge(
+            "prestaged_campaign_submissions", "Submissions of a daemon campaign, by state.",
+            ["campaign", "state"], registry=r)
+        self.gate_wait = Histogram(
+            "prestaged_campaign_gate_wait_seconds",
+            "Time a campaign submission spent prestaging, until ready or failed.",
+            buckets=GATE_BUCKETS, registry=r)
+        self.launches = Counter(
+            "prestaged_campaign_launches", "Submit commands run by campaigns, by result.",
+            ["result"], registry=r)
         self.build = Info("prestaged_build", "prestaged version and Python.", registry=r)
         self.build.info({"version": __version__, "python": platform.python_version()})
         self._initialise()
@@ -156,6 +176,8 @@ class Metrics:
             self.runs.labels(run)
         for reason in _RETRY_REASONS:
             self.retries.labels(reason)
+        for launch in LAUNCH_RESULTS:
+            self.launches.labels(launch)
         for kind in KINDS:
             for result_ in CATALOG_RESULTS:
                 self.catalog_requests.labels(kind, result_)
@@ -222,6 +244,21 @@ class Metrics:
     def catalog_request(self, catalog: str, result: str) -> None:
         """One query to catalog kind ``catalog`` ended with ``result`` (``ok`` or ``error``)."""
         self.catalog_requests.labels(_plain_label(catalog), _plain_label(result)).inc()
+
+    def set_campaign_submissions(self, campaign: str, counts: Mapping[str, int],
+                                 states: Iterable[str]) -> None:
+        """Submissions of ``campaign`` by state: every one of ``states`` is set (0 if absent)."""
+        name = _plain_label(campaign)
+        for state in states:
+            self.campaign_submissions.labels(name, state).set(counts.get(state, 0))
+
+    def gate_waited(self, seconds: float) -> None:
+        """A submission's gate ended (ready or failed) after ``seconds`` of prestaging."""
+        self.gate_wait.observe(max(0.0, seconds))
+
+    def launched(self, result: str) -> None:
+        """A submit command ended with ``result`` (one of ``LAUNCH_RESULTS``)."""
+        self.launches.labels(_plain_label(result)).inc()
 
     # --- exposition ------------------------------------------------------------------------
 

@@ -151,6 +151,17 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (campaign, stage)
     ) WITHOUT ROWID;
     """,
+    # 5: campaigns the daemon runs (`prestaged campaign add`): the file's text as added, so a
+    # restarted daemon resumes them without the file.
+    """
+    CREATE TABLE campaigns (
+        name TEXT PRIMARY KEY,
+        source TEXT,              -- the path it was added from, for people (never re-read)
+        body TEXT NOT NULL,       -- the campaign file's TOML text
+        added REAL NOT NULL,
+        updated REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -72,3 +72,11 @@ def samweb(pki: TestPKI) -> Iterator[Callable[..., ThreadedSamWebServer]]:
 def _private_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test (and every CLI it starts) gets its own default state database directory."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start ``prestaged serve`` (``daemon_harness.Daemon``); killed after the test."""
+    from daemon_harness import daemon_starter
+
+    yield from daemon_starter(tmp_path)

@@ -499,3 +499,47 @@ def test_keep_warm_retouches_until_complete_then_stops(
         assert len([t for t in times if start < t < done["done"]]) >= 3  # keep-warm
         assert max(times) < done["done"]  # none after complete succeeded
     assert (tmp_path / "third.polls").read_text() == "3"
+
+
+def test_retry_recovers_a_failed_drainingn_slice(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """A drainingn slice whose gate timed out keeps its files; `campaign retry` gives exactly
+    those files to a new submission, which is submitted once they are warm."""
+    paths = ["/pnfs/rec/f0", "/pnfs/rec/f1", "/pnfs/rec/f2"]
+    storage.remove(paths[0])  # not on disk yet: slice 1's gate times out
+    ds = _definition(tmp_path, storage, paths)
+    campaign = _write(tmp_path, f"""
+name = "recover"
+[defaults]
+prestage_timeout = "1s"
+prestage_retry = "0.2s"
+[[stage]]
+name = "reco"
+input = {json.dumps(str(ds))}
+split = "drainingn(2)"
+submit = {_submit(tmp_path, "{submission} {urls_file}")}
+""")
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 1 and "recover/reco: incomplete" in res.stdout
+    assert [r["urls"] for r in _records(tmp_path)] == [[storage.url(paths[2])]]
+    failed, _ = _show(pki, proxy, tmp_path, "recover")
+    assert failed["state"] == "failed" and storage.url(paths[0]) in failed["reason"]
+    wrong = _prestaged(pki, proxy, tmp_path, "campaign", "retry", "recover", "--submission", "2")
+    assert wrong.returncode == 2 and "is completed" in wrong.stderr
+
+    storage.set_size(paths[0], 1000)
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "retry", "recover", "--submission",
+                     str(failed["id"]))
+    assert res.returncode == 0 and f"retry of #{failed['id']}, retried by operator" in res.stdout
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 0, res.stderr
+    records = _records(tmp_path)
+    assert [sorted(r["urls"]) for r in records] == [
+        [storage.url(paths[2])], sorted(storage.url(p) for p in paths[:2])]
+    old, _, new = _show(pki, proxy, tmp_path, "recover")
+    assert (old["state"], old["superseded_by"]) == ("failed", new["id"])
+    assert (new["item"], new["state"]) == ("slice-1 (retry 1)", "completed")
+    again = _prestaged(pki, proxy, tmp_path, "campaign", "retry", "recover", "--submission",
+                       str(failed["id"]))
+    assert again.returncode == 2 and "already retried" in again.stderr

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -25,6 +26,7 @@ from typing import Any, Callable
 import pytest
 from aiohttp import ClientSession, ClientTimeout, web
 
+from prestaged.campaigns import SubmissionState
 from prestaged.catalog import FileRef
 from prestaged.credentials import inspect_proxy, load_credentials
 from prestaged.metrics import Metrics, run_result
@@ -41,6 +43,7 @@ FAST = RetryPolicy(attempts=5, initial=0.0, max=0.0, jitter=0.0, total=30.0)
 GRAFANA_BUILTINS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "5m"}
 DEADLINE = 25.0  # seconds for Prometheus to start, scrape and see every expression answer
 POLL = 0.2  # seconds between polls of Prometheus while waiting for data
+TOKEN = "dashboard-api-token"  # the daemon target's bearer token (campaign changes need one)
 
 
 # --- the dashboard ------------------------------------------------------------------------------
@@ -135,6 +138,7 @@ def test_every_dashboard_metric_is_exposed() -> None:
     m.request_finished("h", 0.1)
     m.set_dataset("d", warm=1, stale=0, failed=0, unknown=0, last_warm=1.0)
     m.set_credential_expiry("proxy", 2.0)
+    m.set_campaign_submissions("c", {"queued": 1}, [s.value for s in SubmissionState])
     exposed = set(re.findall(r"^(prestaged_[a-z_]+)", m.exposition().decode(), re.M))
     dash = _load()
     used = {n for _, e in _targets(dash) for n in _metric_names(e)}
@@ -162,6 +166,11 @@ async def _warm_once(metrics: Metrics, storage: StorageServer, toucher: HttpTouc
     metrics.set_dataset(str(definition), warm=warm_files, stale=0, failed=report.tally.failed,
                         unknown=len(urls) - warm_files - report.tally.failed,
                         last_warm=time.time())
+    # A campaign submission gated on that run and launched, as the daemon's queue reports it.
+    metrics.gate_waited(report.elapsed)
+    metrics.launched("submitted")
+    metrics.set_campaign_submissions("campaign", {"completed": 1},
+                                     [s.value for s in SubmissionState])
 
 
 @contextlib.asynccontextmanager
@@ -210,10 +219,14 @@ def _daemon_config(tmp_path: Path, pki: TestPKI, proxy: Path, listen: str,
                    definition: Path) -> Path:
     config = tmp_path / "prestaged.toml"
     state = tmp_path / "state.db"
+    token = tmp_path / "api-token"
+    token.write_text(TOKEN)
+    token.chmod(0o600)
     config.write_text(
         f'[credentials]\nproxy = "{proxy}"\nca_dir = "{pki.ca_dir}"\n'
         f'[state]\npath = "{state}"\nflush_interval = "100ms"\n'
         f'[daemon]\nlisten = "{listen}"\ndrain_timeout = "1s"\njitter = 0\n'
+        f'token_file = "{token}"\n'
         f'[[watch]]\ndefinition = "{definition}"\ncatalog = "local"\nevery = "2s"\n'
     )
     return config
@@ -249,9 +262,31 @@ async def _daemon(pki: TestPKI, proxy: Path, tmp_path: Path) -> AsyncIterator[st
                         return False
 
                 assert await _until(healthy, time.monotonic() + DEADLINE), log.read_text()
+                await _add_campaign(http, listen, tmp_path, definition)
             yield listen
         finally:
             await _stop(proc)
+
+
+# Exits 1 the first time it is asked about a submission, 0 the next: each submission of the
+# campaign below stays submitted for one complete_poll, so gates and launches go on for a minute.
+_COMPLETE = ("import os, sys; p = sys.argv[1] + '.polled'; seen = os.path.exists(p); "
+             "open(p, 'w').close(); sys.exit(0 if seen else 1)")
+
+
+async def _add_campaign(http: ClientSession, listen: str, tmp_path: Path,
+                        definition: Path) -> None:
+    """Give the daemon a campaign of one-file submissions, one a second, for the campaign
+    panels (submissions by state, gate wait, launches)."""
+    submit = shlex.join([sys.executable, "-c", "print('JobsubJobId of first job: 1.0@test')"])
+    complete = shlex.join([sys.executable, "-c", _COMPLETE]) + " {files_file}"
+    text = (f'name = "dashboard"\n[defaults]\ncomplete_poll = "1s"\n[[stage]]\nname = "reco"\n'
+            f"input = {json.dumps(str(definition))}\nsplit = \"drainingn(1)\"\n"
+            f"submit = {json.dumps(submit)}\ncomplete = {json.dumps(complete)}\n")
+    async with http.post(f"http://{listen}/api/v1/campaigns",
+                         json={"toml": text, "source": str(tmp_path / "dashboard.toml")},
+                         headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+        assert resp.status == 201, await resp.text()
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:

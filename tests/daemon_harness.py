@@ -1,0 +1,155 @@
+"""``prestaged serve`` as a real subprocess for tests: a fake systemd notify socket, the HTTP
+API and /metrics, polling with deadlines. The ``start_daemon`` fixture (conftest.py) starts one."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from prestaged.testing.pki import TestPKI
+
+DEADLINE = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Notifications:
+    """A fake systemd: a datagram socket at $NOTIFY_SOCKET that collects what the daemon says."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.seen: list[str] = []
+
+    def wait_for(self, line: str, timeout: float = DEADLINE) -> None:
+        """Block until a datagram containing the line ``line`` arrives."""
+        deadline = time.monotonic() + timeout
+        while not any(line in m.splitlines() for m in self.seen):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {line!r} from the daemon; got {self.seen}")
+            self.sock.settimeout(left)
+            try:
+                self.seen.append(self.sock.recv(4096).decode())
+            except socket.timeout:
+                continue
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Daemon:
+    """A running ``prestaged serve`` with helpers to talk to it."""
+
+    def __init__(self, proc: subprocess.Popen[str], port: int, notify: Notifications,
+                 config: Path, token: Optional[str], log: Path) -> None:
+        self.proc, self.port, self.notify, self.config, self.token = proc, port, notify, config, token
+        self.log = log
+
+    def output(self) -> str:
+        """What the daemon wrote to stdout and stderr so far (a file: never blocks it)."""
+        return self.log.read_text(errors="replace")
+
+    def http(self, method: str, path: str, body: Any = None, raw: Optional[bytes] = None,
+             token: Optional[str] = None) -> tuple[int, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                     method=method)
+        if token or self.token:
+            req.add_header("Authorization", f"Bearer {token or self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                payload = resp.read()
+                status = resp.status
+        except urllib.error.HTTPError as e:
+            payload, status = e.read(), e.code
+        ctype = "json" if payload[:1] in (b"{", b"[") else "text"
+        return status, json.loads(payload) if ctype == "json" else payload.decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        _, text = self.http("GET", "/metrics")
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+            if m and m.group(1) == name and ",".join(sorted((m.group(2) or "").split(","))) == want:
+                return float(m.group(3))
+        return 0.0
+
+
+def poll(what: str, check: Callable[[], bool], timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)  # polling an external process's state with a deadline
+
+
+def write_config(tmp_path: Path, pki: TestPKI, proxy: Path, port: int, watches: list[tuple[Path, str]],
+            extra: str = "") -> Path:
+    text = f"""
+[credentials]
+proxy = "{proxy}"
+ca_dir = "{pki.ca_dir}"
+[state]
+path = "{tmp_path / 'state.db'}"
+flush_interval = "100ms"
+[daemon]
+listen = "127.0.0.1:{port}"
+drain_timeout = "1s"
+credential_check = "100ms"
+jitter = 0
+{extra}
+"""
+    for definition, every in watches:
+        text += f'\n[[watch]]\ndefinition = "{definition}"\nevery = "{every}"\n'
+    path = tmp_path / "prestaged.toml"
+    path.write_text(text)
+    return path
+
+
+def daemon_starter(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start ``prestaged serve`` with a config; stopped (killed if need be) after the test."""
+    started: list[Daemon] = []
+
+    def start(config: Path, port: int, token: Optional[str] = None,
+              env: Optional[dict[str, str]] = None) -> Daemon:
+        notify = Notifications(tmp_path / f"notify{len(started)}")
+        env = {**os.environ, **(env or {}), "NOTIFY_SOCKET": str(notify.path),
+               "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": ""}
+        log = tmp_path / f"daemon{len(started)}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "prestaged", "serve", "--config",
+                                     str(config)], env=env, stdout=out, stderr=out, text=True)
+        d = Daemon(proc, port, notify, config, token, log)
+        started.append(d)
+        try:
+            notify.wait_for("READY=1")
+        except AssertionError:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(d.output()) from None
+        return d
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+        d.proc.wait()
+        d.notify.close()
+
+
