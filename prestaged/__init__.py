@@ -1,29 +1,70 @@
 """prestaged: dataset prestaging and cache-warming for tape-backed grid storage.
 
-The library API is re-exported here; the CLI (``prestaged.cli``) and, later, the daemon are thin
-callers of ``warm()``:
+The library API is re-exported here; the CLI (``prestaged.cli``) and the daemon are thin callers
+of ``warm()`` (through ``run_definition``):
 
     async with HttpToucher(credentials.ssl_context()) as toucher:
         report = await warm(catalog.files(), WarmSettings.from_config(cfg), toucher)
+
+The re-exports are loaded on first use (PEP 562), so that ``import prestaged.cli`` and commands
+that never touch storage do not pay for aiohttp, cryptography and the rest at start-up.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-# Imported after __version__: storage.http reads it for the User-Agent.
-from prestaged.catalog import Catalog, FileRef, open_catalog
-from prestaged.config import Config, load_config
-from prestaged.credentials import Credentials, ProxyInfo, inspect_proxy, load_credentials
-from prestaged.errors import (
-    CatalogError,
-    ConfigError,
-    CredentialError,
-    PrestagedError,
-    StorageError,
-)
-from prestaged.storage.http import HttpToucher, Result
-from prestaged.warm import Outcome, RunReport, Tally, WarmSettings, warm
+_EXPORTS = {
+    "prestaged.catalog": ("Catalog", "FileRef", "open_catalog"),
+    "prestaged.config": ("Config", "load_config"),
+    "prestaged.credentials": ("Credentials", "ProxyInfo", "inspect_proxy", "load_credentials"),
+    "prestaged.errors": ("CatalogError", "ConfigError", "CredentialError", "PrestagedError",
+                         "StorageError"),
+    "prestaged.storage.http": ("HttpToucher", "Result"),
+    "prestaged.warm": ("Outcome", "RunReport", "Tally", "WarmSettings", "warm"),
+    "prestaged.gate": ("GateResult", "wait_until_ready"),
+    "prestaged.metrics": ("Metrics",),
+    "prestaged.store": ("Store",),
+    "prestaged.campaigns": ("load_campaign", "run_campaign"),
+    "prestaged.runner": ("run_definition",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+if TYPE_CHECKING:
+    from prestaged.campaigns import load_campaign, run_campaign
+    from prestaged.catalog import Catalog, FileRef, open_catalog
+    from prestaged.config import Config, load_config
+    from prestaged.credentials import Credentials, ProxyInfo, inspect_proxy, load_credentials
+    from prestaged.errors import (
+        CatalogError,
+        ConfigError,
+        CredentialError,
+        PrestagedError,
+        StorageError,
+    )
+    from prestaged.gate import GateResult, wait_until_ready
+    from prestaged.metrics import Metrics
+    from prestaged.runner import run_definition
+    from prestaged.storage.http import HttpToucher, Result
+    from prestaged.store import Store
+    from prestaged.warm import Outcome, RunReport, Tally, WarmSettings, warm
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prestaged' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULE_OF])
+
 
 __all__ = [
     "Catalog",

@@ -39,3 +39,23 @@ def test_package_runs_on_python_39() -> None:
     """vermin finds nothing in the package that needs a Python newer than 3.9."""
     res = _run(_tool("vermin"), "--no-tips", "--violations", "-t=3.9-", "prestaged")
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_every_public_name_imports() -> None:
+    """Each name of ``prestaged.__all__`` resolves (the re-exports are loaded lazily)."""
+    import prestaged
+
+    missing = [n for n in prestaged.__all__ if not hasattr(prestaged, n)]
+    assert not missing
+    assert prestaged.Store.__module__ == "prestaged.store"
+
+
+def test_cli_start_up_does_not_load_the_storage_stack() -> None:
+    """``import prestaged.cli`` (every command's start) leaves aiohttp and cryptography for the
+    commands that use them: status, campaign list/show and --help stay quick."""
+    code = ("import sys, prestaged.cli; "
+            "print(sorted(m for m in ('aiohttp', 'cryptography', 'prometheus_client') "
+            "if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert res.stdout.strip() == "[]"
