@@ -509,6 +509,18 @@ class CampaignState:
             out.setdefault(stage, {})[state] = n
         return out
 
+    def totals(self, campaign: str) -> dict[str, int]:
+        """Submissions of ``campaign`` by state, all stages together."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT state, COUNT(*) FROM campaign_submissions WHERE "
+                                "campaign = ? GROUP BY state", (campaign,)).fetchall()
+        return {state: n for state, n in rows}
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """``campaign list``: every campaign with its control and submissions by state."""
+        return [{"campaign": name, "control": self.controls(name).get(""),
+                 "submissions": self.totals(name)} for name in self.names()]
+
     def controls(self, campaign: str) -> dict[str, str]:
         """``held``/``cancelled`` by scope (``""`` the campaign, else a stage name)."""
         with self.store.transaction() as conn:

@@ -299,15 +299,7 @@ def _cmd_campaign_list(args: argparse.Namespace, cfg: Config) -> int:
     else:
         store = _open_store(cfg, must_exist=True)
         try:
-            state = CampaignState(store)
-            rows = []
-            for name in state.names():
-                by_state: dict[str, int] = {}
-                for per_stage in state.counts(name).values():
-                    for k, n in per_stage.items():
-                        by_state[k] = by_state.get(k, 0) + n
-                rows.append({"campaign": name, "control": state.controls(name).get(""),
-                             "submissions": by_state, "daemon": None})
+            rows = [{**r, "daemon": None} for r in CampaignState(store).summaries()]
         finally:
             store.close()
         source = f"state {store.path}"

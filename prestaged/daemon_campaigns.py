@@ -196,15 +196,9 @@ class DaemonCampaigns:
     def summaries(self) -> list[dict[str, Any]]:
         """``campaign list``: every campaign with its control, counts by state and task."""
         out = []
-        for name in self.state.names():
-            by_state: dict[str, int] = {}
-            for counts in self.state.counts(name).values():
-                for state, n in counts.items():
-                    by_state[state] = by_state.get(state, 0) + n
-            entry = self.entries.get(name)
-            out.append({"campaign": name, "control": self.state.controls(name).get(""),
-                        "submissions": by_state,
-                        "daemon": entry.to_dict() if entry is not None else None})
+        for row in self.state.summaries():
+            entry = self.entries.get(row["campaign"])
+            out.append({**row, "daemon": entry.to_dict() if entry is not None else None})
         return out
 
     # --- running ----------------------------------------------------------------------------
@@ -302,8 +296,5 @@ class DaemonCampaigns:
         self._update_gauge(campaign)
 
     def _update_gauge(self, campaign: str) -> None:
-        by_state: dict[str, int] = {}
-        for counts in self.state.counts(campaign).values():
-            for state, n in counts.items():
-                by_state[state] = by_state.get(state, 0) + n
-        self.daemon.metrics.set_campaign_submissions(campaign, by_state, _STATES)
+        self.daemon.metrics.set_campaign_submissions(campaign, self.state.totals(campaign),
+                                                     _STATES)
