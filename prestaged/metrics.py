@@ -32,7 +32,7 @@ from prometheus_client import (
 
 from prestaged import __version__
 from prestaged.catalog import KINDS
-from prestaged.storage.http import Result
+from prestaged.storage.attempt import Result
 
 if TYPE_CHECKING:
     from prestaged.warm import Outcome, Probe, RunReport

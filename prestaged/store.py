@@ -37,7 +37,7 @@ from typing import Any, Optional
 from prestaged import store_writer
 from prestaged.catalog import FileRef
 from prestaged.errors import StateError
-from prestaged.storage.http import Result
+from prestaged.storage.attempt import Result
 from prestaged.warm import Outcome
 
 __all__ = [

@@ -37,7 +37,7 @@ from prestaged.errors import (
     StorageError,
 )
 from prestaged.retry import RetryPolicy, retry_reason
-from prestaged.storage.http import Attempt, Failure, Result
+from prestaged.storage.attempt import Attempt, Failure, Result
 
 __all__ = [
     "MAX_FAILURES_KEPT",

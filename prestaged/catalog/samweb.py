@@ -52,7 +52,7 @@ from prestaged.catalog.rewrite import Rewriter
 from prestaged.config import SamWebConfig
 from prestaged.errors import CatalogError, ConfigError, CredentialError, PrestagedError
 from prestaged.retry import RetryPolicy
-from prestaged.storage.http import parse_retry_after
+from prestaged.storage.attempt import parse_retry_after
 
 if TYPE_CHECKING:
     from prestaged.credentials import Credentials
