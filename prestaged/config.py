@@ -252,6 +252,9 @@ class SamWebConfig:
     """URL scheme asked for in ``access-url`` mode."""
     use_certificate: Optional[bool] = None
     """Present the X.509 proxy to SAM; unset: when a usable proxy is found, else anonymous."""
+    role: Optional[str] = field(default=None, metadata=_check(_word))
+    """SAM role sent as the ``SAM-Role`` header (e.g. ``production``); unset: no header, SAM
+    uses ``default``."""
     rewrite: tuple[RewriteRule, ...] = ()
     """Location -> URL rules, first match wins (``[[catalog.samweb.rewrite]]`` tables)."""
 

@@ -239,6 +239,19 @@ def test_files_lists_urls_anonymously(
     assert doc["resolved"] == 6 and doc["files"][0] == {
         "name": files[0]["name"], "url": out.splitlines()[0], "size": files[0]["size"]}
     assert doc["unresolved"][0]["name"] == "on_eos.root" and doc["exit_code"] == 1
+    assert {r.role for r in sam.stats.records} == {None}  # no role configured: no header
+
+
+def test_sam_role_header_is_sent_when_configured(
+    pki: TestPKI, samweb: Samweb, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """catalog.samweb.role goes out as the SAM-Role header of every request."""
+    sam = samweb({"d": _mixed(3)})
+    config = _config(tmp_path, sam, None, samweb='role = "production"\nuse_certificate = false\n',
+                     credentials=f'ca_dir = "{pki.ca_dir}"\n')
+    assert main(["files", "d", "--config", str(config)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert sam.stats.records and {r.role for r in sam.stats.records} == {"production"}
 
 
 def test_certificate_required_anonymous_exit_3(

@@ -257,7 +257,8 @@ class _Api:
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=self.cfg.timeout, sock_read=self.cfg.timeout
             ),
-            headers={"Accept": "application/json", "User-Agent": f"prestaged/{__version__}"},
+            headers={"Accept": "application/json", "User-Agent": f"prestaged/{__version__}",
+                     **({"SAM-Role": self.cfg.role} if self.cfg.role else {})},
         )
         return self
 

@@ -171,6 +171,8 @@ class SamRequest:
     client_dn: Optional[str]
     action: str
     status: int = 0
+    role: Optional[str] = None
+    """The ``SAM-Role`` header, if sent."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -387,6 +389,7 @@ class SamWebServer:
                 time=time.monotonic(), endpoint=endpoint, method=request.method,
                 path=request.path, names=len(request.query.getall("file_name", [])),
                 client_dn=_peer_dn(request), action=repr(action),
+                role=request.headers.get("SAM-Role"),
             )
             self.stats.requests[endpoint] += 1
             self.stats.client_dns[record.client_dn] += 1
