@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
 SERVICE = UNITS / "prestaged.service"
 RENEW = (UNITS / "prestaged-proxy-renew.service", UNITS / "prestaged-proxy-renew.timer")
+USER_SERVICE = UNITS / "prestaged-user.service"
 EXAMPLE_CONFIG = ROOT / "config" / "prestaged-service.toml"
 
 INSTALLED_EXEC = "/usr/bin/prestaged"
@@ -106,6 +107,23 @@ def test_renewal_units_verify_cleanly(tmp_path: Path, analyze: Analyze) -> None:
     res = analyze("verify", "--man=no", "--recursive-errors=no", *map(str, units))
     assert res.returncode == 0, res.stdout + res.stderr
     assert _problems(res, *units) == []
+
+
+def test_user_service_verifies_cleanly(tmp_path: Path, analyze: Analyze) -> None:
+    """The per-user unit (campaigns) passes verify and keeps the daemon's lifecycle settings."""
+    installed = "%h/.local/bin/prestaged"
+    text = USER_SERVICE.read_text()
+    assert f"ExecStart={installed} serve\n" in text
+    unit = tmp_path / USER_SERVICE.name
+    unit.write_text(text.replace(installed, _venv_prestaged()))
+    res = analyze("verify", "--man=no", "--recursive-errors=no", str(unit))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert _problems(res, unit) == []
+    service = _unit(USER_SERVICE)["Service"]
+    assert (service["Type"], service["NotifyAccess"], service["RestartPreventExitStatus"]) == (
+        "notify", "main", "2")
+    assert "ProtectHome" not in service and "PrivateTmp" not in service  # submit needs them
+    assert parse_duration(service["TimeoutStopSec"]) > 30
 
 
 def test_verify_reports_a_broken_unit(tmp_path: Path, analyze: Analyze) -> None:
