@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from campaign_fakes import read_records, write_definition
 from daemon_harness import DEADLINE, Daemon, free_port, poll, write_config
 
 from prestaged.testing.pki import TestPKI
@@ -59,18 +60,6 @@ def _submit(tmp_path: Path, args: str) -> str:
     return json.dumps(f"{sys.executable} {tmp_path / 'fake_submit.py'} {args}")
 
 
-def _definition(tmp_path: Path, srv: ThreadedStorageServer, paths: list[str],
-                name: str = "ds.txt") -> Path:
-    path = tmp_path / name
-    path.write_text("".join(srv.url(p) + "\n" for p in paths))
-    return path
-
-
-def _records(tmp_path: Path) -> list[dict[str, Any]]:
-    path = tmp_path / "record.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
-
-
 def _cli(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
     """``prestaged ARGS --config <the daemon's config>``: the CLI finds the daemon there."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_"))}
@@ -113,7 +102,7 @@ def test_drainingn_across_a_daemon_restart_gives_disjoint_slices(
     3 submissions, disjoint, covering all 5, each submitted after its slice was warm."""
     paths = [f"/pnfs/drain/f{i}" for i in range(5)]
     storage.inject(paths[2], [Delay(30)])  # slice 2's first gate hangs until the daemon stops
-    ds = _definition(tmp_path, storage, paths)
+    ds = write_definition(tmp_path, storage, paths)
     campaign = _campaign(tmp_path, f"""
 name = "drain"
 [[stage]]
@@ -128,7 +117,7 @@ submit = {_submit(tmp_path, "{submission} {urls_file} {n_files}")}
     assert res.returncode == 0, res.stderr
     assert "drain: added" in res.stdout
     poll("slice 2 prestaging", lambda: _states(d, "drain") == ["completed", "prestaging"])
-    assert len(_records(tmp_path)) == 1
+    assert len(read_records(tmp_path)) == 1
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(timeout=DEADLINE) == 0
 
@@ -138,7 +127,7 @@ submit = {_submit(tmp_path, "{submission} {urls_file} {n_files}")}
     assert [(s["item"], s["state"], s["n_files"]) for s in doc["submissions"]] == [
         ("slice-1", "completed", 2), ("slice-2", "completed", 2), ("slice-3", "completed", 1)]
     assert [(s["warm"], s["warm_of"]) for s in doc["submissions"]] == [(2, 2), (2, 2), (1, 1)]
-    records = _records(tmp_path)
+    records = read_records(tmp_path)
     assert [r["argv"][-1] for r in records] == ["2", "2", "1"]
     slices = [set(r["urls"]) for r in records]
     assert set().union(*slices) == {storage.url(p) for p in paths}
@@ -163,7 +152,7 @@ def test_daemon_killed_while_submitting_does_not_resubmit(
 ) -> None:
     """SIGKILL while the submit command runs: after the restart the submission is
     launch_unknown and not run again; mark-submitted (through the daemon) completes it."""
-    ds = _definition(tmp_path, storage, ["/pnfs/crash/a", "/pnfs/crash/b"])
+    ds = write_definition(tmp_path, storage, ["/pnfs/crash/a", "/pnfs/crash/b"])
     campaign = _campaign(tmp_path, f"""
 name = "crash"
 [[stage]]
@@ -177,7 +166,7 @@ submit = {_submit(tmp_path, "{stage}")}
     d = _start(tmp_path, pki, proxy, start_daemon, port, FAKE_BLOCK=str(fifo))
     res = _cli(d, "campaign", "add", str(campaign))
     assert res.returncode == 0, res.stderr
-    poll("the submit command started", lambda: len(_records(tmp_path)) == 1)
+    poll("the submit command started", lambda: len(read_records(tmp_path)) == 1)
     assert _states(d, "crash") == ["submitting"]
     d.proc.kill()
     d.proc.wait(timeout=DEADLINE)
@@ -188,7 +177,7 @@ submit = {_submit(tmp_path, "{stage}")}
     poll("the pass after the restart", lambda: _show(d, "crash")["daemon"]["status"] == "waiting")
     [sub] = _show(d, "crash")["submissions"]
     assert sub["state"] == "launch_unknown" and "not run again" in sub["reason"]
-    assert len(_records(tmp_path)) == 1
+    assert len(read_records(tmp_path)) == 1
     assert d.metric("prestaged_campaign_launches_total", result="launch_unknown") == 1
     shown = _cli(d, "campaign", "show", "crash")
     assert shown.returncode == 0, shown.stderr
@@ -200,7 +189,7 @@ submit = {_submit(tmp_path, "{stage}")}
     assert "job 77.0@jobsub01" in res.stdout
     poll("completed", lambda: _states(d, "crash") == ["completed"])
     assert _show(d, "crash")["submissions"][0]["job_id"] == "77.0@jobsub01"
-    assert len(_records(tmp_path)) == 1
+    assert len(read_records(tmp_path)) == 1
     bad = _cli(d, "campaign", "mark-submitted", "crash", "--submission", str(sub["id"]),
                "--job-id", "again")
     assert bad.returncode == 2 and "not launch_unknown" in bad.stderr
@@ -213,8 +202,8 @@ def test_hold_release_and_cancel_through_the_daemon(
 ) -> None:
     """A campaign added held launches nothing until released; a cancel stops a gate in
     progress at once and nothing of it is ever submitted."""
-    ds = _definition(tmp_path, storage, ["/pnfs/hold/a", "/pnfs/hold/b"])
-    slow = _definition(tmp_path, storage, ["/pnfs/slow/a"], name="slow.txt")
+    ds = write_definition(tmp_path, storage, ["/pnfs/hold/a", "/pnfs/hold/b"])
+    slow = write_definition(tmp_path, storage, ["/pnfs/slow/a"], name="slow.txt")
     storage.inject("/pnfs/slow/a", [Delay(30)] * 3)
     later = _campaign(tmp_path, f"""
 name = "later"
@@ -246,7 +235,7 @@ submit = {_submit(tmp_path, "doomed")}
     res = _cli(d, "campaign", "release", "later")
     assert res.returncode == 0 and "later: released" in res.stdout, res.stderr
     poll("released and launched", lambda: _states(d, "later") == ["completed"])
-    assert [r["argv"] for r in _records(tmp_path)] == [["one-1"]]
+    assert [r["argv"] for r in read_records(tmp_path)] == [["one-1"]]
 
     assert _cli(d, "campaign", "add", str(doomed)).returncode == 0
     poll("the slow gate", lambda: _states(d, "doomed") == ["prestaging"]
@@ -255,7 +244,7 @@ submit = {_submit(tmp_path, "doomed")}
     assert res.returncode == 0 and "doomed: cancelled" in res.stdout, res.stderr
     poll("cancelled", lambda: _show(d, "doomed")["daemon"]["status"] == "done", timeout=10)
     assert _states(d, "doomed") == ["cancelled"]
-    assert [r["argv"] for r in _records(tmp_path)] == [["one-1"]]
+    assert [r["argv"] for r in read_records(tmp_path)] == [["one-1"]]
     unknown = _cli(d, "campaign", "hold", "nosuch")
     assert unknown.returncode == 4 and "no campaign 'nosuch'" in unknown.stderr
     status, body = d.http("POST", "/api/v1/campaigns", {"toml": "name = 'x'\n"})
@@ -269,7 +258,7 @@ def test_keep_warm_through_the_daemon_until_complete(
     """While a submission is submitted and its complete command fails, the daemon touches its
     slice again every keep_warm; once complete exits 0 the campaign ends and touching stops."""
     path = "/pnfs/kw/a"
-    ds = _definition(tmp_path, storage, [path])
+    ds = write_definition(tmp_path, storage, [path])
     done = tmp_path / "jobs-done"
     complete = json.dumps(f"{sys.executable} -c \"import os, sys; "
                           f"sys.exit(0 if os.path.exists({str(done)!r}) else 1)\"")
@@ -293,7 +282,7 @@ complete = {complete}
     poll("the campaign done", lambda: _show(d, "warmth")["daemon"]["status"] == "done")
     # "done": the campaign's task has returned, so nothing touches the slice any more.
     assert _states(d, "warmth") == ["completed"]
-    assert len(_records(tmp_path)) == 1
+    assert len(read_records(tmp_path)) == 1
     assert d.metric("prestaged_files_touched_total", result="warm") >= 3
 
 
@@ -303,7 +292,7 @@ def test_campaign_changes_need_the_token(
 ) -> None:
     """A campaign runs commands as the daemon's user: without daemon.token_file the daemon
     refuses campaign changes (403), with one it refuses a wrong token (401); reads stay open."""
-    ds = _definition(tmp_path, storage, ["/pnfs/tok/a"])
+    ds = write_definition(tmp_path, storage, ["/pnfs/tok/a"])
     campaign = _campaign(tmp_path, f"""
 name = "sneaky"
 [[stage]]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from campaign_fakes import read_records, write_definition
 
 from prestaged.campaigns import load_campaign, parse_split, render
 from prestaged.errors import ConfigError
@@ -74,13 +75,6 @@ def _submit(tmp_path: Path, args: str) -> str:
     return json.dumps(_q(sys.executable, tmp_path / "fake_submit.py") + " " + args)
 
 
-def _definition(tmp_path: Path, srv: ThreadedStorageServer, paths: list[str],
-                name: str = "ds.txt") -> Path:
-    path = tmp_path / name
-    path.write_text("".join(srv.url(p) + "\n" for p in paths))
-    return path
-
-
 def _prestaged(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str,
                extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``python -m prestaged ARGS`` with the test proxy and a state file in tmp_path."""
@@ -94,11 +88,6 @@ def _prestaged(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str,
                          text=True, timeout=TIMEOUT, env=env, cwd=tmp_path, check=False)
     assert "Traceback" not in res.stderr, res.stderr
     return res
-
-
-def _records(tmp_path: Path) -> list[dict[str, Any]]:
-    path = tmp_path / "record.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
 
 
 def _show(pki: TestPKI, proxy: Path, tmp_path: Path, name: str) -> list[dict[str, Any]]:
@@ -116,7 +105,7 @@ def test_drainingn_slices_are_disjoint_warm_first_and_never_resubmitted(
     delays = {paths[1]: 0.6, paths[4]: 0.4}
     for p, seconds in delays.items():
         storage.inject(p, [Delay(seconds)])
-    ds = _definition(tmp_path, storage, paths)
+    ds = write_definition(tmp_path, storage, paths)
     campaign = _write(tmp_path, f"""
 name = "drain"
 [[stage]]
@@ -127,7 +116,7 @@ submit = {_submit(tmp_path, "{submission} {definition} {files_file} {urls_file} 
 """)
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 0, res.stderr
-    records = _records(tmp_path)
+    records = read_records(tmp_path)
     assert [len(r["urls"]) for r in records] == [2, 2, 1]
     assert [r["argv"][-1] for r in records] == ["2", "2", "1"]
     assert [len(r["files"]) for r in records] == [2, 2, 1]
@@ -145,7 +134,7 @@ submit = {_submit(tmp_path, "{submission} {definition} {files_file} {urls_file} 
         "queued", "prestaging", "ready", "submitting", "submitted", "completed"]
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 0, res.stderr
-    assert len(_records(tmp_path)) == 3
+    assert len(read_records(tmp_path)) == 3
     assert len(_show(pki, proxy, tmp_path, "drain")) == 3
 
 
@@ -153,7 +142,7 @@ def test_after_orders_stages_on_complete(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
 ) -> None:
     """A stage with after starts only once the upstream complete command exited 0 (polled twice)."""
-    ds = _definition(tmp_path, storage, ["/pnfs/camp/a", "/pnfs/camp/b"])
+    ds = write_definition(tmp_path, storage, ["/pnfs/camp/a", "/pnfs/camp/b"])
     complete = json.dumps(_q(sys.executable, tmp_path / "fake_complete.py") + " {job_id}")
     campaign = _write(tmp_path, f"""
 name = "chain"
@@ -172,7 +161,7 @@ complete = {complete}
 """)
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 0, res.stderr
-    records = _records(tmp_path)
+    records = read_records(tmp_path)
     assert [r["argv"] for r in records] == [["first"], ["second"]]
     [done] = [json.loads(ln) for ln in (tmp_path / "done.jsonl").read_text().splitlines()]
     assert done["job_id"] == "first.0@test"
@@ -188,7 +177,7 @@ def test_killed_while_submitting_becomes_launch_unknown_and_is_not_rerun(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
 ) -> None:
     """prestaged SIGKILLed during the submit command: next run marks launch_unknown, exit 1, no rerun."""
-    ds = _definition(tmp_path, storage, ["/pnfs/camp/a"])
+    ds = write_definition(tmp_path, storage, ["/pnfs/camp/a"])
     campaign = _write(tmp_path, f"""
 name = "crash"
 [[stage]]
@@ -204,7 +193,7 @@ submit = {_submit(tmp_path, "{stage}")}
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 1
     assert "crash/reco: incomplete" in res.stdout
-    assert len(_records(tmp_path)) == 1
+    assert len(read_records(tmp_path)) == 1
     [sub] = _show(pki, proxy, tmp_path, "crash")
     assert sub["state"] == "launch_unknown" and "not run again" in sub["reason"]
     text = _prestaged(pki, proxy, tmp_path, "campaign", "show", "crash").stdout
@@ -217,8 +206,8 @@ def test_shell_metacharacters_in_names_cannot_inject(
     """Definition names with shell syntax reach the submit command verbatim, as single arguments."""
     evil = "my ds; touch pwned-a $(touch pwned-b) `touch pwned-c` | touch pwned-d.txt"
     evil2 = "x' && touch pwned-e && echo '.txt"
-    _definition(tmp_path, storage, ["/pnfs/camp/a"], name=evil)
-    _definition(tmp_path, storage, ["/pnfs/camp/b"], name=evil2)
+    write_definition(tmp_path, storage, ["/pnfs/camp/a"], name=evil)
+    write_definition(tmp_path, storage, ["/pnfs/camp/b"], name=evil2)
     campaign = _write(tmp_path, f"""
 name = "inject"
 [[stage]]
@@ -233,7 +222,7 @@ submit = {_submit(tmp_path, "{definition}")}
 """)
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 0, res.stderr
-    assert [r["argv"] for r in _records(tmp_path)] == [[evil, f"--ds={evil}"], [evil2]]
+    assert [r["argv"] for r in read_records(tmp_path)] == [[evil, f"--ds={evil}"], [evil2]]
     assert not list(tmp_path.glob("pwned*"))
 
 
@@ -243,7 +232,7 @@ def test_gate_timeout_fails_the_submission_naming_the_cold_file(
     """A slice that never gets warm fails at prestage_timeout naming its cold file; nothing runs."""
     paths = ["/pnfs/camp/a", "/pnfs/camp/gone"]
     storage.remove(paths[1])
-    ds = _definition(tmp_path, storage, paths)
+    ds = write_definition(tmp_path, storage, paths)
     campaign = _write(tmp_path, f"""
 name = "cold"
 [defaults]
@@ -256,7 +245,7 @@ submit = {_submit(tmp_path, "{stage}")}
 """)
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 1
-    assert _records(tmp_path) == []
+    assert read_records(tmp_path) == []
     [sub] = _show(pki, proxy, tmp_path, "cold")
     assert sub["state"] == "failed" and storage.url(paths[1]) in sub["reason"]
     assert "not ready within 1s" in sub["reason"]
@@ -303,7 +292,7 @@ def test_interrupted_gate_resumes_on_the_next_run(
 ) -> None:
     """Ctrl-C during the gate: exit 130, still prestaging, nothing run; the next run submits it."""
     storage.inject("/pnfs/camp/slow", [Delay(30)])
-    ds = _definition(tmp_path, storage, ["/pnfs/camp/slow"])
+    ds = write_definition(tmp_path, storage, ["/pnfs/camp/slow"])
     campaign = _write(tmp_path, f"""
 name = "intr"
 [[stage]]
@@ -324,13 +313,13 @@ submit = {_submit(tmp_path, "{stage}")}
     finally:
         proc.kill()
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and _records(tmp_path) == []
+    assert "Traceback" not in err and read_records(tmp_path) == []
     [sub] = _show(pki, proxy, tmp_path, "intr")
     assert sub["state"] == "prestaging"
     storage.clear_faults()
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 0, res.stderr
-    assert len(_records(tmp_path)) == 1
+    assert len(read_records(tmp_path)) == 1
     [sub] = _show(pki, proxy, tmp_path, "intr")
     assert [e["to"] for e in sub["events"]] == [
         "queued", "prestaging", "ready", "submitting", "submitted", "completed"]
@@ -353,7 +342,7 @@ def _simple(tmp_path: Path, storage: ThreadedStorageServer, name: str,
             paths: tuple[str, ...] = ("/pnfs/camp/a",), extra: str = "",
             split: str = "all") -> Path:
     """A one-stage campaign ``name`` (stage ``reco``, split ``split``) over ``paths``."""
-    ds = _definition(tmp_path, storage, list(paths))
+    ds = write_definition(tmp_path, storage, list(paths))
     return _write(tmp_path, f"""
 name = "{name}"
 [defaults]
@@ -388,13 +377,13 @@ def test_hold_then_release_launches(
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 75, res.stderr
     assert "held/reco: held" in res.stdout and "is held" in res.stderr
-    assert _records(tmp_path) == [] and storage.stats.path("/pnfs/camp/a").times == []
-    _definition(tmp_path, storage, ["/pnfs/camp/a", "/pnfs/camp/b"])  # grows while held
+    assert read_records(tmp_path) == [] and storage.stats.path("/pnfs/camp/a").times == []
+    write_definition(tmp_path, storage, ["/pnfs/camp/a", "/pnfs/camp/b"])  # grows while held
     res = _prestaged(pki, proxy, tmp_path, "campaign", "release", "held")
     assert res.returncode == 0 and "held: released" in res.stdout
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 0, res.stderr
-    [record] = _records(tmp_path)
+    [record] = read_records(tmp_path)
     assert record["argv"] == ["reco"]
     [sub] = _show(pki, proxy, tmp_path, "held")
     assert (sub["item"], sub["n_files"], sub["state"]) == ("slice-1", 2, "completed")
@@ -420,7 +409,7 @@ submit = {_submit(tmp_path, "{stage}")}
                       "--stage", "reco").returncode == 0
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 75 and "cx/reco: held" in res.stdout
-    assert "cx/next: blocked" in res.stdout and _records(tmp_path) == []
+    assert "cx/next: blocked" in res.stdout and read_records(tmp_path) == []
     from prestaged.campaigns import CampaignState
     from prestaged.store import Store
 
@@ -430,12 +419,12 @@ submit = {_submit(tmp_path, "{stage}")}
     assert res.returncode == 0 and "#1 all cancelled" in res.stdout
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 1 and "cx/reco: cancelled" in res.stdout
-    assert "cx/next: blocked" in res.stdout and _records(tmp_path) == []
+    assert "cx/next: blocked" in res.stdout and read_records(tmp_path) == []
     [sub] = _show(pki, proxy, tmp_path, "cx")
     assert sub["state"] == "cancelled" and sub["reason"] == "cancelled by operator"
     assert _prestaged(pki, proxy, tmp_path, "campaign", "release", "cx").returncode == 0
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
-    assert res.returncode == 1 and _records(tmp_path) == []
+    assert res.returncode == 1 and read_records(tmp_path) == []
 
 
 def test_release_retries_launch_unknown_once(
@@ -445,13 +434,13 @@ def test_release_retries_launch_unknown_once(
     campaign = _simple(tmp_path, storage, "retry")
     sub_id = _launch_unknown(tmp_path, "retry", str(tmp_path / "ds.txt"))
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
-    assert res.returncode == 1 and _records(tmp_path) == []
+    assert res.returncode == 1 and read_records(tmp_path) == []
     res = _prestaged(pki, proxy, tmp_path, "campaign", "release", "retry")
     assert res.returncode == 0 and f"retry of #{sub_id}, released by operator: #" in res.stdout
     for _ in range(2):
         res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
         assert res.returncode == 0, res.stderr
-    assert [r["argv"] for r in _records(tmp_path)] == [["reco"]]
+    assert [r["argv"] for r in read_records(tmp_path)] == [["reco"]]
     old, new = _show(pki, proxy, tmp_path, "retry")
     assert (old["id"], old["state"]) == (sub_id, "cancelled")
     assert old["reason"].startswith(f"superseded by #{new['id']}")
@@ -476,7 +465,7 @@ def test_mark_submitted_records_the_job_id(
                      "--submission", str(sub_id), "--job-id", "43")
     assert res.returncode == 2 and "not launch_unknown" in res.stderr
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
-    assert res.returncode == 0 and _records(tmp_path) == []
+    assert res.returncode == 0 and read_records(tmp_path) == []
 
 
 def test_keep_warm_retouches_until_complete_then_stops(
@@ -492,7 +481,7 @@ def test_keep_warm_retouches_until_complete_then_stops(
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 0, res.stderr
     [done] = [json.loads(ln) for ln in (tmp_path / "done.jsonl").read_text().splitlines()]
-    [start] = [r["start"] for r in _records(tmp_path)]
+    [start] = [r["start"] for r in read_records(tmp_path)]
     for p in paths:
         times = storage.stats.path(p).times
         assert times[0] < start  # the gate
@@ -508,7 +497,7 @@ def test_retry_recovers_a_failed_drainingn_slice(
     those files to a new submission, which is submitted once they are warm."""
     paths = ["/pnfs/rec/f0", "/pnfs/rec/f1", "/pnfs/rec/f2"]
     storage.remove(paths[0])  # not on disk yet: slice 1's gate times out
-    ds = _definition(tmp_path, storage, paths)
+    ds = write_definition(tmp_path, storage, paths)
     campaign = _write(tmp_path, f"""
 name = "recover"
 [defaults]
@@ -522,7 +511,7 @@ submit = {_submit(tmp_path, "{submission} {urls_file}")}
 """)
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 1 and "recover/reco: incomplete" in res.stdout
-    assert [r["urls"] for r in _records(tmp_path)] == [[storage.url(paths[2])]]
+    assert [r["urls"] for r in read_records(tmp_path)] == [[storage.url(paths[2])]]
     failed, _ = _show(pki, proxy, tmp_path, "recover")
     assert failed["state"] == "failed" and storage.url(paths[0]) in failed["reason"]
     wrong = _prestaged(pki, proxy, tmp_path, "campaign", "retry", "recover", "--submission", "2")
@@ -534,7 +523,7 @@ submit = {_submit(tmp_path, "{submission} {urls_file}")}
     assert res.returncode == 0 and f"retry of #{failed['id']}, retried by operator" in res.stdout
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 0, res.stderr
-    records = _records(tmp_path)
+    records = read_records(tmp_path)
     assert [sorted(r["urls"]) for r in records] == [
         [storage.url(paths[2])], sorted(storage.url(p) for p in paths[:2])]
     old, _, new = _show(pki, proxy, tmp_path, "recover")
