@@ -271,8 +271,6 @@ def _via_daemon(args: argparse.Namespace, cfg: Config, method: str, path: str,
 
 
 def _cmd_campaign_add(args: argparse.Namespace, cfg: Config) -> int:
-    from urllib.parse import quote
-
     from prestaged.campaigns import load_campaign
     from prestaged.client import base_url, call
 
@@ -286,7 +284,7 @@ def _cmd_campaign_add(args: argparse.Namespace, cfg: Config) -> int:
                           f"foreground with `prestaged campaign run {args.file}`")
     verb = "added" if doc["added"] else "replaced (submissions and ledger kept)"
     print(f"{campaign.name}: {verb}{', held' if args.held else ''}; `prestaged campaign show "
-          f"{quote(campaign.name)}` follows it")
+          f"{campaign.name}` follows it")
     return 0
 
 
