@@ -383,6 +383,26 @@ async def test_a_run_the_fast_path_serves_never_loads_aiohttp(
     assert storage.stats.path("/lean/f19").requests == 1
 
 
+async def test_a_fallback_after_close_opens_no_session(ctx: ssl.SSLContext,
+                                                      storage: StorageServer) -> None:
+    """A file whose fast attempt fails while the run closes the toucher (a breaker stopping it)
+    gets a reset, not a new aiohttp session that nothing would close ("Unclosed client
+    session" on stderr, seen on real XRootD refusing a stranger's proxy)."""
+    toucher = HttpToucher(ctx, fast_path=True)
+    await toucher.start()
+    fast = toucher._fast
+    assert fast is not None
+
+    async def fails_as_the_run_closes(*args: object) -> None:
+        await toucher.close()
+
+    fast.fetch = fails_as_the_run_closes  # type: ignore[method-assign, assignment]
+    attempt = await toucher.touch(storage.url("/closing/f0"))
+    assert (attempt.failure, attempt.error) == (Failure.RESET, "connection pool closed")
+    assert toucher._session is None
+    assert storage.stats.path("/closing/f0").requests == 0
+
+
 # --- canned answers: what the test storage cannot send ----------------------------------------
 
 

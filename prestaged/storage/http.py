@@ -185,6 +185,10 @@ class HttpToucher:
         self._session = session
         return session
 
+    def _is_open(self) -> bool:
+        """Between ``start()`` and ``close()`` (a method: it changes across an await)."""
+        return self._started
+
     async def close(self) -> None:
         """Close every pooled connection."""
         self._started = False
@@ -214,6 +218,10 @@ class HttpToucher:
         answer = await fast.fetch(*route, self._total)
         if isinstance(answer, Attempt):
             return answer
+        if not self._is_open():
+            # close() ran while this file was in flight (a run stopping): no new session, which
+            # nothing would close; the same answer a closed aiohttp session gives.
+            return Attempt(failure=Failure.RESET, error="connection pool closed")
         remaining = self._total - (fast.loop.time() - started)
         if remaining <= 0:
             return Attempt(failure=Failure.TIMEOUT, error="timed out")
