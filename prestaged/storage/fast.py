@@ -119,6 +119,7 @@ class _Conn(asyncio.Protocol):
         self.headers: dict[bytes, bytes] = {}
         self.mode = ""  # "read" (2xx body), "drain" (kept), "done" (answer ready)
         self.length: Optional[int] = None
+        self.size: Optional[int] = None  # file size a 2xx revealed (set by _success)
         self.got = 0
         self.complete = False
         self.keep = False
@@ -184,7 +185,7 @@ class _Conn(asyncio.Protocol):
         self.complete = True
         self.keep = self.parser.should_keep_alive()
         if self.mode == "read":
-            self._final(data=self.got, size=self._size())
+            self._final(data=self.got, size=self.size)
         self.mode = "done"
 
     # -- the answer -------------------------------------------------------------------------
@@ -220,8 +221,8 @@ class _Conn(asyncio.Protocol):
             self.drop = True
 
     def _success(self) -> None:
-        size = self._size()
-        if size == 0:
+        self.size = self._size()
+        if self.size == 0:
             # Nothing to read. XRootD 5.5 answers an empty file with 206, a 4-byte
             # Content-Length and no body: do not wait for bytes that never come.
             self._final(data=0, size=0)
@@ -243,7 +244,7 @@ class _Conn(asyncio.Protocol):
     def _finish(self) -> None:
         """The answer is known: give the connection back (or close it), wake the caller."""
         if self.mode == "read":  # nbytes read and more would follow: never read the rest
-            self._final(data=self.got, size=self._size())
+            self._final(data=self.got, size=self.size)
         answer = self.answer
         if self.complete and self.keep and not self.drop and not self.retired:
             self.waiter_done()
