@@ -27,15 +27,15 @@ _EXPORTS = {
     "prestaged.warm": ("Outcome", "RunReport", "Tally", "WarmSettings", "warm"),
     "prestaged.gate": ("GateResult", "wait_until_ready"),
     "prestaged.metrics": ("Metrics",),
-    "prestaged.store": ("Store",),
-    "prestaged.campaigns": ("load_campaign", "run_campaign"),
+    "prestaged.state.store": ("Store",),
+    "prestaged.campaign.runner": ("load_campaign", "run_campaign"),
     "prestaged.runner": ("run_definition",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 if TYPE_CHECKING:
-    from prestaged.campaigns import load_campaign, run_campaign
-    from prestaged.catalog import Catalog, FileRef, open_catalog
+    from prestaged.campaign.runner import load_campaign, run_campaign
+    from prestaged.catalog import Catalog, open_catalog
     from prestaged.config import Config, load_config
     from prestaged.credentials import Credentials, ProxyInfo, inspect_proxy, load_credentials
     from prestaged.errors import (
@@ -47,10 +47,11 @@ if TYPE_CHECKING:
     )
     from prestaged.gate import GateResult, wait_until_ready
     from prestaged.metrics import Metrics
+    from prestaged.model import FileRef, Outcome, Result
     from prestaged.runner import run_definition
-    from prestaged.storage.http import HttpToucher, Result
-    from prestaged.store import Store
-    from prestaged.warm import Outcome, RunReport, Tally, WarmSettings, warm
+    from prestaged.state.store import Store
+    from prestaged.storage.http import HttpToucher
+    from prestaged.warm import RunReport, Tally, WarmSettings, warm
 
 
 def __getattr__(name: str) -> Any:

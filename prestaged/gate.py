@@ -28,7 +28,7 @@ from prestaged.catalog import Catalog
 from prestaged.config import Config
 from prestaged.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, ConfigError
 from prestaged.runner import run_definition
-from prestaged.store import Store
+from prestaged.state.store import Store
 from prestaged.warm import Probe, Toucher, WarmSettings
 
 __all__ = ["COLD_SHOWN", "GateResult", "check_ready", "run_command", "wait_until_ready"]

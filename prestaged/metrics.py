@@ -32,10 +32,11 @@ from prometheus_client import (
 
 from prestaged import __version__
 from prestaged.catalog import KINDS
-from prestaged.storage.attempt import Result
+from prestaged.model import Result
 
 if TYPE_CHECKING:
-    from prestaged.warm import Outcome, Probe, RunReport
+    from prestaged.model import Outcome
+    from prestaged.warm import Probe, RunReport
 
 __all__ = [
     "CATALOG_RESULTS",

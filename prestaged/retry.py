@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from prestaged.storage.attempt import Attempt, Failure, classify_status
+from prestaged.model import Attempt, Failure, classify_status
 
 __all__ = ["RetryPolicy", "retry_reason"]
 

@@ -12,8 +12,8 @@ from typing import Optional
 
 from prestaged.catalog import Catalog
 from prestaged.config import Config
+from prestaged.state.store import Store, StoreRecorder
 from prestaged.storage.http import HttpToucher
-from prestaged.store import Store, StoreRecorder
 from prestaged.warm import Probe, RunReport, Tally, Toucher, WarmSettings, warm
 
 __all__ = ["run_definition"]

@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 
 from asyncio_throttle.throttler import Throttler
 
-from prestaged.catalog import FileRef
 from prestaged.config import BreakerConfig, Config
 from prestaged.errors import (
     EXIT_INTERRUPTED,
@@ -36,12 +35,11 @@ from prestaged.errors import (
     PrestagedError,
     StorageError,
 )
+from prestaged.model import Attempt, Failure, FileRef, Outcome, Result
 from prestaged.retry import RetryPolicy, retry_reason
-from prestaged.storage.attempt import Attempt, Failure, Result
 
 __all__ = [
     "MAX_FAILURES_KEPT",
-    "Outcome",
     "RunReport",
     "Tally",
     "Toucher",
@@ -134,20 +132,6 @@ class WarmSettings:
             breaker=cfg.breaker,
             credential_hint=credential_hint,
         )
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one file (error text never contains secrets)."""
-
-    url: str
-    name: str
-    result: Result
-    status: Optional[int]
-    bytes: int
-    attempts: int
-    elapsed: float
-    error: str = ""
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from campaign_fakes import read_records, write_definition
 
-from prestaged.campaigns import load_campaign, parse_split, render
+from prestaged.campaign.runner import load_campaign, parse_split, render
 from prestaged.errors import ConfigError
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, ThreadedStorageServer
@@ -357,8 +357,8 @@ submit = {_submit(tmp_path, "{stage}")}
 
 def _launch_unknown(tmp_path: Path, campaign: str, definition: str) -> int:
     """A submission of ``campaign``/reco (item all) left in launch_unknown, made in-process."""
-    from prestaged.campaigns import CampaignState, SubmissionState
-    from prestaged.store import Store
+    from prestaged.campaign.runner import CampaignState, SubmissionState
+    from prestaged.state.store import Store
 
     with Store(tmp_path / "state.db") as store:
         state = CampaignState(store)
@@ -410,8 +410,8 @@ submit = {_submit(tmp_path, "{stage}")}
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 75 and "cx/reco: held" in res.stdout
     assert "cx/next: blocked" in res.stdout and read_records(tmp_path) == []
-    from prestaged.campaigns import CampaignState
-    from prestaged.store import Store
+    from prestaged.campaign.runner import CampaignState
+    from prestaged.state.store import Store
 
     with Store(tmp_path / "state.db") as store:  # a queued submission, as a hold may leave one
         CampaignState(store).create("cx", "reco", "all", "unused")

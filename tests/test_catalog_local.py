@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from prestaged.catalog import Catalog, FileRef, open_catalog
+from prestaged.catalog import Catalog, open_catalog
 from prestaged.catalog.local import LocalCatalog
 from prestaged.config import CatalogConfig, LocalCatalogConfig
 from prestaged.errors import CatalogError, ConfigError
+from prestaged.model import FileRef
 
 
 async def _all(cat: LocalCatalog) -> list[FileRef]:

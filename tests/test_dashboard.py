@@ -26,10 +26,10 @@ from typing import Any, Callable
 import pytest
 from aiohttp import ClientSession, ClientTimeout, web
 
-from prestaged.campaigns import SubmissionState
-from prestaged.catalog import FileRef
+from prestaged.campaign.runner import SubmissionState
 from prestaged.credentials import inspect_proxy, load_credentials
 from prestaged.metrics import Metrics, run_result
+from prestaged.model import FileRef
 from prestaged.retry import RetryPolicy
 from prestaged.storage.http import HttpToucher
 from prestaged.testing.pki import TestPKI

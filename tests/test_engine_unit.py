@@ -12,17 +12,10 @@ import aiohttp
 import pytest
 from mocks import aioresponses
 
-from prestaged.catalog import FileRef
 from prestaged.config import BreakerConfig
+from prestaged.model import Attempt, Failure, FileRef, Result
 from prestaged.retry import RetryPolicy, retry_reason
-from prestaged.storage.http import (
-    Attempt,
-    Failure,
-    HttpToucher,
-    Result,
-    classify_status,
-    parse_retry_after,
-)
+from prestaged.storage.http import HttpToucher, classify_status, parse_retry_after
 from prestaged.warm import WarmSettings, warm
 
 URL = "https://door.example:2880/pnfs/f1"

@@ -19,9 +19,10 @@ import pytest
 from prestaged.catalog.local import LocalCatalog
 from prestaged.config import load_config
 from prestaged.credentials import load_credentials
+from prestaged.model import Attempt, Failure, Result
 from prestaged.runner import run_definition
 from prestaged.storage.fast import FastPath
-from prestaged.storage.http import Attempt, Failure, HttpToucher, Result
+from prestaged.storage.http import HttpToucher
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import (
     Action,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from prestaged.store import Store
+from prestaged.state.store import Store
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, Status, ThreadedStorageServer
 
@@ -193,7 +193,7 @@ def test_wait_ready_fraction_and_timeout_message(
 
 def test_cold_urls(tmp_path: Path) -> None:
     """cold_urls lists never-tried, failed and stale members, never the fresh ones."""
-    from prestaged.catalog import FileRef
+    from prestaged.model import FileRef
 
     with Store(tmp_path / "state.db") as store:
         refs = [FileRef(n, f"https://h/{n}") for n in "abcd"]

@@ -20,9 +20,9 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 import prestaged
-from prestaged.catalog import FileRef
 from prestaged.credentials import inspect_proxy, load_credentials
 from prestaged.metrics import Metrics, definition_label, host_label, run_result
+from prestaged.model import FileRef
 from prestaged.retry import RetryPolicy
 from prestaged.storage.http import HttpToucher
 from prestaged.testing.pki import TestPKI
@@ -126,8 +126,7 @@ async def test_real_warm_counts_files_bytes_requests_and_retries(
 
 async def test_skipped_fresh_files_are_counted_without_bytes() -> None:
     """file_done of a skipped_fresh outcome counts the file and adds no bytes."""
-    from prestaged.storage.http import Result
-    from prestaged.warm import Outcome
+    from prestaged.model import Outcome, Result
 
     m = Metrics()
     m.file_done(Outcome(url="https://h/x", name="x", result=Result.SKIPPED_FRESH, status=None,

@@ -47,7 +47,7 @@ def test_every_public_name_imports() -> None:
 
     missing = [n for n in prestaged.__all__ if not hasattr(prestaged, n)]
     assert not missing
-    assert prestaged.Store.__module__ == "prestaged.store"
+    assert prestaged.Store.__module__ == "prestaged.state.store"
 
 
 def test_cli_start_up_does_not_load_the_storage_stack() -> None:

@@ -17,12 +17,13 @@ import pytest
 from mocks import aioresponses
 from yarl import URL
 
-from prestaged.catalog import KINDS, FileRef, open_catalog
+from prestaged.catalog import KINDS, open_catalog
 from prestaged.catalog import samweb as samweb_module
 from prestaged.catalog.rewrite import Rewriter, location_kind, strip_tape_suffix
 from prestaged.catalog.samweb import SamWebCatalog, resolve_base_url
 from prestaged.config import CatalogConfig, RewriteRule, SamWebConfig, load_config
 from prestaged.errors import CatalogError, ConfigError, CredentialError
+from prestaged.model import FileRef
 
 BASE = "https://sam.example:8483/sam/dune/api"
 DOOR = "https://fndca1.fnal.gov:2880/pnfs/fnal.gov/usr/dune/"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from prestaged import sdnotify
-from prestaged.sdnotify import Notifier, watchdog_interval
+from prestaged.service.sdnotify import Notifier, watchdog_interval
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs AF_UNIX")
 
@@ -150,7 +150,7 @@ def test_send_failure_is_logged_not_raised(tmp_path: Path,
                                            caplog: pytest.LogCaptureFixture) -> None:
     """A socket path with nobody listening makes send() return False and log at debug."""
     notifier = Notifier(str(tmp_path / "gone.sock"))
-    with caplog.at_level(logging.DEBUG, logger="prestaged.sdnotify"):
+    with caplog.at_level(logging.DEBUG, logger="prestaged.service.sdnotify"):
         assert notifier.ready() is False
     assert [r.levelno for r in caplog.records] == [logging.DEBUG]
     assert "gone.sock" in caplog.records[0].getMessage()
@@ -191,7 +191,7 @@ def test_from_environment_without_socket_is_disabled() -> None:
 def test_from_environment_refuses_unsupported_addresses(
         caplog: pytest.LogCaptureFixture) -> None:
     """A vsock: or relative NOTIFY_SOCKET disables notifications with a warning."""
-    with caplog.at_level(logging.WARNING, logger="prestaged.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="prestaged.service.sdnotify"):
         assert Notifier.from_environment({"NOTIFY_SOCKET": "vsock:2:1234"}).enabled is False
         assert Notifier.from_environment({"NOTIFY_SOCKET": "run/notify"}).enabled is False
     assert len(caplog.records) == 2

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from prestaged.catalog import FileRef
 from prestaged.errors import StateError
-from prestaged.store import MIGRATIONS, SCHEMA_VERSION, Store, url_id
+from prestaged.model import FileRef
+from prestaged.state.store import MIGRATIONS, SCHEMA_VERSION, Store, url_id
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, ThreadedStorageServer
 
@@ -245,7 +245,7 @@ def test_store_batches_writes(tmp_path: Path) -> None:
 
 def test_default_state_path_honours_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Without --state the CLI uses $XDG_STATE_HOME/prestaged/state.db."""
-    from prestaged.store import default_state_path
+    from prestaged.state.store import default_state_path
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     assert default_state_path() == tmp_path / "prestaged" / "state.db"

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from prestaged.catalog import FileRef
 from prestaged.config import BreakerConfig
 from prestaged.credentials import load_credentials
+from prestaged.model import FileRef, Result
 from prestaged.retry import RetryPolicy
-from prestaged.storage.http import HttpToucher, Result
+from prestaged.storage.http import HttpToucher
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import IgnoreRange, Reset, Status, StorageServer
 from prestaged.warm import RunReport, WarmSettings, warm

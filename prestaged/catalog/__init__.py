@@ -8,10 +8,10 @@ memory: backends stream.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
 
 from prestaged.errors import ConfigError
+from prestaged.model import FileRef
 
 if TYPE_CHECKING:
     import ssl
@@ -19,15 +19,6 @@ if TYPE_CHECKING:
     from prestaged.config import CatalogConfig
 
 __all__ = ["KINDS", "Catalog", "FileRef", "open_catalog"]
-
-
-@dataclass(frozen=True)
-class FileRef:
-    """One file of a definition: its catalog name, the URL to touch and its size if known."""
-
-    name: str
-    url: str
-    size: Optional[int] = None
 
 
 @runtime_checkable

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote
 
-from prestaged.catalog import FileRef
 from prestaged.errors import CatalogError
+from prestaged.model import FileRef
 
 __all__ = ["LocalCatalog", "parse_line"]
 

@@ -47,10 +47,10 @@ import aiohttp
 from yarl import URL
 
 from prestaged import __version__
-from prestaged.catalog import FileRef
 from prestaged.catalog.rewrite import Rewriter
 from prestaged.config import SamWebConfig
 from prestaged.errors import CatalogError, ConfigError, CredentialError, PrestagedError
+from prestaged.model import FileRef
 from prestaged.retry import RetryPolicy
 from prestaged.storage.attempt import parse_retry_after
 

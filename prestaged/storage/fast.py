@@ -26,13 +26,8 @@ from typing import Optional, Union, cast
 import httptools
 from yarl import URL
 
-from prestaged.storage.attempt import (
-    CONTENT_RANGE_TOTAL,
-    DRAIN_LIMIT,
-    REDIRECTS,
-    Attempt,
-    parse_retry_after,
-)
+from prestaged.model import Attempt
+from prestaged.storage.attempt import CONTENT_RANGE_TOTAL, DRAIN_LIMIT, REDIRECTS, parse_retry_after
 
 __all__ = ["FastPath", "FastPathStats"]
 

@@ -25,16 +25,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from yarl import URL
 
 from prestaged import __version__
-from prestaged.storage.attempt import (
-    CONTENT_RANGE_TOTAL,
-    DRAIN_LIMIT,
-    REDIRECTS,
-    Attempt,
-    Failure,
-    Result,
-    classify_status,
-    parse_retry_after,
-)
+from prestaged.model import Attempt, Failure, Result, classify_status
+from prestaged.storage.attempt import CONTENT_RANGE_TOTAL, DRAIN_LIMIT, REDIRECTS, parse_retry_after
 from prestaged.storage.fast import FastPath, FastPathStats
 
 if TYPE_CHECKING:
@@ -298,7 +290,6 @@ class HttpToucher:
                     status=status,
                     data=data,
                     retry_after=parse_retry_after(resp.headers.get("Retry-After")),
-                    redirected=hop > 0,
                     error="" if status < 400 else f"HTTP {status} {resp.reason or ''}".strip(),
                     size=size,
                 )

@@ -34,11 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from prestaged import store_writer
-from prestaged.catalog import FileRef
 from prestaged.errors import StateError
-from prestaged.storage.attempt import Result
-from prestaged.warm import Outcome
+from prestaged.model import FileRef, Outcome, Result
+from prestaged.state import writer as store_writer
 
 __all__ = [
     "SCHEMA_VERSION",

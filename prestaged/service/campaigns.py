@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from prestaged.campaigns import (
+from prestaged.campaign.runner import (
     CampaignConfig,
     CampaignState,
     SubmissionState,
@@ -41,7 +41,7 @@ from prestaged.runner import run_definition
 from prestaged.warm import WarmSettings
 
 if TYPE_CHECKING:
-    from prestaged.daemon import Daemon
+    from prestaged.service.daemon import Daemon
 
 __all__ = ["ACTIONS", "CampaignEntry", "DaemonCampaigns"]
 

@@ -24,7 +24,7 @@ from aiohttp import web
 from prestaged.errors import CatalogError, ConfigError, PrestagedError, StateError
 
 if TYPE_CHECKING:
-    from prestaged.daemon import Daemon
+    from prestaged.service.daemon import Daemon
 
 __all__ = ["build_app"]
 

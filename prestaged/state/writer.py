@@ -1,7 +1,7 @@
 """The state store's writer process: applies batches of rows to the SQLite file.
 
-``prestaged.store.Store`` starts this file as a script (``python store_writer.py DB``) and sends
-it one JSON document per line on stdin; it writes each document in one transaction. Running
+``prestaged.state.store.Store`` starts this file as a script (``python writer.py DB``) and
+sends it one JSON document per line on stdin; it writes each document in one transaction. Running
 the writes in a process of their own keeps SQLite's per-row work off the warming process's CPU
 and GIL (in a thread of the warming process it cost 12-15% of the rate; bench/throughput.py).
 

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from prestaged.catalog import Catalog, FileRef
+from prestaged.catalog import Catalog
 
 # config.py's loader and value checks, so that campaign files word their errors alike.
 from prestaged.config import Duration, _build, _check, _fraction, _positive, _word
@@ -63,7 +63,8 @@ from prestaged.errors import (
     ConfigError,
     StateError,
 )
-from prestaged.store import Store
+from prestaged.model import FileRef
+from prestaged.state.store import Store
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -39,13 +39,14 @@ from prestaged.credentials import (
     resolve_ca_dir,
     resolve_proxy_path,
 )
-from prestaged.daemon_campaigns import DaemonCampaigns
 from prestaged.errors import ConfigError, CredentialError, PrestagedError
 from prestaged.metrics import Metrics, run_result
+from prestaged.model import Attempt
 from prestaged.runner import run_definition
-from prestaged.sdnotify import Notifier
-from prestaged.storage.http import Attempt, HttpToucher
-from prestaged.store import Store, default_state_path
+from prestaged.service.campaigns import DaemonCampaigns
+from prestaged.service.sdnotify import Notifier
+from prestaged.state.store import Store, default_state_path
+from prestaged.storage.http import HttpToucher
 from prestaged.warm import Tally, WarmSettings
 
 __all__ = ["Daemon", "RunInfo"]
@@ -264,7 +265,7 @@ class Daemon:
     async def _start_api(self) -> None:
         from aiohttp import web
 
-        from prestaged.api import build_app
+        from prestaged.service.api import build_app
 
         host, _, port = self.cfg.daemon.listen.rpartition(":")
         self._runner = web.AppRunner(build_app(self), access_log=None)

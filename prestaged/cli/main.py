@@ -258,8 +258,8 @@ def _via_daemon(args: argparse.Namespace, cfg: Config, method: str, path: str,
                 body: Optional[dict[str, Any]] = None) -> Optional[Any]:
     """The daemon's answer to ``method path``, or None when ``--state`` was given or no daemon
     answers at ``daemon.listen`` (then the command works on the state database itself)."""
-    from prestaged.client import call
     from prestaged.errors import CatalogError
+    from prestaged.service.client import call
 
     if getattr(args, "state", None) is not None:
         return None
@@ -271,8 +271,8 @@ def _via_daemon(args: argparse.Namespace, cfg: Config, method: str, path: str,
 
 
 def _cmd_campaign_add(args: argparse.Namespace, cfg: Config) -> int:
-    from prestaged.campaigns import load_campaign
-    from prestaged.client import base_url, call
+    from prestaged.campaign.runner import load_campaign
+    from prestaged.service.client import base_url, call
 
     campaign = load_campaign(args.file)  # the daemon checks again; errors come out here first
     body: dict[str, Any] = {"toml": args.file.read_text(encoding="utf-8"),
@@ -289,7 +289,7 @@ def _cmd_campaign_add(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _cmd_campaign_list(args: argparse.Namespace, cfg: Config) -> int:
-    from prestaged.campaigns import CampaignState
+    from prestaged.campaign.runner import CampaignState
 
     doc = _via_daemon(args, cfg, "GET", "/api/v1/campaigns")
     if doc is not None:
@@ -317,7 +317,7 @@ def _cmd_campaign_list(args: argparse.Namespace, cfg: Config) -> int:
 def _cmd_campaign_control(args: argparse.Namespace, cfg: Config) -> int:
     from urllib.parse import quote
 
-    from prestaged.campaigns import CampaignState
+    from prestaged.campaign.runner import CampaignState
 
     body: dict[str, Any] = {"stage": args.stage} if args.stage else {}
     doc = _via_daemon(args, cfg, "POST",
@@ -348,7 +348,7 @@ def _cmd_campaign_control(args: argparse.Namespace, cfg: Config) -> int:
 def _cmd_campaign_mark_submitted(args: argparse.Namespace, cfg: Config) -> int:
     from urllib.parse import quote
 
-    from prestaged.campaigns import CampaignState
+    from prestaged.campaign.runner import CampaignState
 
     doc = _via_daemon(args, cfg, "POST",
                       f"/api/v1/campaigns/{quote(args.campaign, safe='')}/mark-submitted",
@@ -368,7 +368,7 @@ def _cmd_campaign_mark_submitted(args: argparse.Namespace, cfg: Config) -> int:
 def _cmd_campaign_retry(args: argparse.Namespace, cfg: Config) -> int:
     from urllib.parse import quote
 
-    from prestaged.campaigns import CampaignState
+    from prestaged.campaign.runner import CampaignState
 
     doc = _via_daemon(args, cfg, "POST",
                       f"/api/v1/campaigns/{quote(args.campaign, safe='')}/retry",
@@ -398,7 +398,7 @@ def _campaign_catalogs(args: argparse.Namespace, cfg: Config, kind: str,
 
 
 def _cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
-    from prestaged.campaigns import EXIT_HELD, load_campaign, run_campaign
+    from prestaged.campaign.runner import EXIT_HELD, load_campaign, run_campaign
     from prestaged.gate import wait_until_ready
     from prestaged.runner import run_definition
     from prestaged.warm import WarmSettings
@@ -445,7 +445,7 @@ def _cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
 def _cmd_campaign_show(args: argparse.Namespace, cfg: Config) -> int:
     from urllib.parse import quote
 
-    from prestaged.campaigns import CampaignState, load_campaign
+    from prestaged.campaign.runner import CampaignState, load_campaign
 
     name = args.campaign
     if Path(name).is_file():
@@ -808,7 +808,7 @@ def _cmd_submit(args: argparse.Namespace, cfg: Config) -> int:
 
 def _open_store(cfg: Config, *, must_exist: bool = False) -> Any:
     from prestaged.errors import StateError
-    from prestaged.store import Store, default_state_path
+    from prestaged.state.store import Store, default_state_path
 
     path = cfg.state.path or default_state_path()
     if must_exist and not path.exists():
@@ -836,7 +836,7 @@ def _daemon_status(args: argparse.Namespace, cfg: Config) -> Optional[list[Any]]
     import urllib.parse
     import urllib.request
 
-    from prestaged.store import DatasetStatus, RunRecord
+    from prestaged.state.store import DatasetStatus, RunRecord
 
     if args.state is not None:
         return None
@@ -1000,7 +1000,7 @@ async def _list_files(catalog: Any, *, as_json: bool) -> int:
 
 async def _warm(catalog: Any, cfg: Config, settings: Any, ssl_context: Any, *, bar: bool,
                 as_json: bool, quiet: bool, store: Any, force: bool) -> int:
-    from prestaged.report import Progress, report_json, report_text
+    from prestaged.cli.render import Progress, report_json, report_text
     from prestaged.runner import run_definition
     from prestaged.warm import Tally
 
@@ -1067,7 +1067,7 @@ def _install_interrupt(stop: asyncio.Event) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
-    from prestaged.daemon import Daemon
+    from prestaged.service.daemon import Daemon
 
     async def serve() -> int:
         asyncio.get_running_loop().set_exception_handler(_quiet_transport_errors)

@@ -8,7 +8,7 @@ import shutil
 import sys
 from typing import Any, Optional, TextIO
 
-from prestaged.storage.attempt import Result
+from prestaged.model import Result
 from prestaged.warm import RunReport, Tally
 
 __all__ = ["Progress", "report_json", "report_text"]

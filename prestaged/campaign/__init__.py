@@ -1,0 +1,1 @@
+"""The campaign queue: campaign files, their submit/complete commands, their SQL, the runner."""

@@ -1,0 +1,104 @@
+"""The shared vocabulary: what a file is, what one touch gave, what happened to a file.
+
+Every layer speaks these types; this module imports nothing of prestaged and does no I/O, so
+persistence (``state``), catalogs and storage clients can use them without importing the
+engine or each other.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["Attempt", "Failure", "FileRef", "Outcome", "Result", "classify_status"]
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """One file of a definition: its catalog name, the URL to touch and its size if known."""
+
+    name: str
+    url: str
+    size: Optional[int] = None
+
+
+class Result(str, enum.Enum):
+    """Outcome class of one file (persisted: values are stable strings)."""
+
+    WARM = "warm"
+    EMPTY = "empty"
+    MISSING = "missing"
+    DENIED = "denied"
+    FAILED = "failed"
+    SKIPPED_FRESH = "skipped_fresh"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Failure(str, enum.Enum):
+    """Why an attempt did not get an HTTP answer we can classify (drives retry and breakers)."""
+
+    TIMEOUT = "timeout"
+    RESET = "reset"  # connection dropped/reset mid-request
+    UNREACHABLE = "unreachable"  # could not connect at all
+    TLS = "tls"  # handshake or certificate failure: a credential/trust problem, not retried
+    PROTOCOL = "protocol"  # malformed answer, bad redirect, bad URL: not retried
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one try at one URL gave: an HTTP status, or a ``Failure`` and its text."""
+
+    status: Optional[int] = None
+    data: int = 0
+    """Bytes of file data read (<= n)."""
+    failure: Optional[Failure] = None
+    error: str = ""
+    retry_after: Optional[float] = None
+    """Seconds the server asked us to wait (Retry-After), if any."""
+    size: Optional[int] = None
+    """File size when the answer tells it (Content-Range total, or a 200's Content-Length)."""
+
+    @property
+    def result(self) -> Optional[Result]:
+        """Outcome class of a final answer; None for failures and retryable statuses."""
+        if self.failure is not None or self.status is None:
+            return None
+        if self.status in (200, 206) and self.size == 0:
+            return Result.EMPTY
+        return classify_status(self.status)
+
+
+def classify_status(status: int) -> Optional[Result]:
+    """Map a final HTTP status to a ``Result``; None means retryable (5xx, 429, 408)."""
+    if status in (200, 206):
+        return Result.WARM
+    if status == 416:
+        return Result.EMPTY
+    if status in (404, 410):
+        return Result.MISSING
+    if status in (401, 403):
+        return Result.DENIED
+    if status >= 500 or status in (408, 429):
+        return None
+    return Result.FAILED
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one file (error text never contains secrets)."""
+
+    url: str
+    name: str
+    result: Result
+    status: Optional[int]
+    bytes: int
+    attempts: int
+    elapsed: float
+    """Seconds from the first try to the final answer."""
+    error: str = ""

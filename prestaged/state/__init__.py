@@ -1,0 +1,1 @@
+"""Persistent state: schema and migrations, the store, and its batched writer process."""
