@@ -446,6 +446,10 @@ class Credentials:
     proxy: ProxyInfo
     ca_dir: Path
 
+    def hint(self) -> str:
+        """Names the credential in messages that blame it: ``proxy PATH (IDENTITY)``."""
+        return f"proxy {self.proxy.path} ({self.proxy.identity})"
+
     def ssl_context(self) -> ssl.SSLContext:
         """Build a client SSL context presenting the proxy and trusting ``ca_dir``.
 

@@ -1,9 +1,11 @@
-"""The one error hierarchy: every user-facing failure is a ``PrestagedError`` with an exit code.
+"""The one error hierarchy: every user-facing failure is a ``PrestagedError``.
 
-The CLI turns any ``PrestagedError`` into a single line on stderr and ``exit_code``; anything else
-is a bug and keeps its traceback. Exit codes follow DESIGN.md:
-0 all warm, 1 some files failed, 2 usage/config, 3 credentials, 4 catalog, 5 storage refused
-everything, 130 interrupted.
+Each class carries the exit code the CLI gives it and the HTTP status the daemon's API answers
+with, so no caller picks an exception class to get a status. The CLI turns any
+``PrestagedError`` into a single line on stderr and ``exit_code``; anything else is a bug and
+keeps its traceback. Exit codes follow DESIGN.md: 0 all warm, 1 some files failed, 2
+usage/config/state, 3 credentials, 4 catalog, 5 storage refused everything, 75 a campaign held,
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ EXIT_USAGE = 2
 EXIT_CREDENTIALS = 3
 EXIT_CATALOG = 4
 EXIT_STORAGE = 5
+EXIT_HELD = 75
+"""``campaign run`` stopped because a hold kept it from launching more (EX_TEMPFAIL)."""
 EXIT_INTERRUPTED = 130
 
 
@@ -21,18 +25,27 @@ class PrestagedError(Exception):
     """Root of every error prestaged reports to a user; ``str()`` is the one-line message."""
 
     exit_code: int = EXIT_SOME_FAILED
+    http_status: int = 503
+    """The API's answer: by default the daemon cannot do it now (stopping, busy)."""
 
 
 class ConfigError(PrestagedError, ValueError):
-    """Bad configuration or command line: names the file, key path and the fix (exit 2)."""
+    """Bad configuration, command line or request: names the key path and the fix (exit 2)."""
 
     exit_code = EXIT_USAGE
+    http_status = 400
 
 
 class StateError(PrestagedError):
     """The state store cannot be opened or is not ours (exit 2); never overwritten."""
 
     exit_code = EXIT_USAGE
+
+
+class ConflictError(StateError):
+    """A refused state transition, e.g. cancelling a submitted submission (exit 2, HTTP 409)."""
+
+    http_status = 409
 
 
 class CredentialError(PrestagedError):
@@ -42,12 +55,21 @@ class CredentialError(PrestagedError):
 
 
 class CatalogError(PrestagedError):
-    """Definition unknown or catalog unreachable (exit 4)."""
+    """A catalog could not answer: unreachable, refused, malformed (exit 4, HTTP 502)."""
 
     exit_code = EXIT_CATALOG
+    http_status = 502
+
+
+class NotFoundError(CatalogError):
+    """Something named does not exist: a definition, campaign, stage, submission or run
+    (exit 4, HTTP 404)."""
+
+    http_status = 404
 
 
 class StorageError(PrestagedError):
     """The storage refused or could not serve anything at all (exit 5)."""
 
     exit_code = EXIT_STORAGE
+    http_status = 502

@@ -17,21 +17,28 @@ import asyncio
 import contextlib
 import logging
 import signal
-import ssl
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from prestaged.catalog import Catalog
-from prestaged.config import Config
 from prestaged.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, ConfigError
+from prestaged.retry import RetryPolicy
 from prestaged.runner import run_definition
 from prestaged.state.store import Store
-from prestaged.warm import Probe, Toucher, WarmSettings
+from prestaged.warm import Probe, RunReport, Toucher, WarmSettings
 
-__all__ = ["COLD_SHOWN", "GateResult", "check_ready", "run_command", "wait_until_ready"]
+__all__ = [
+    "COLD_SHOWN",
+    "GateFn",
+    "GateResult",
+    "RewarmFn",
+    "check_ready",
+    "run_command",
+    "wait_until_ready",
+]
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +106,18 @@ def check_ready(ready: float) -> float:
     return ready
 
 
-def _backoff(n: int, initial: float, maximum: float) -> float:
-    """Seconds before retry ``n`` (1-based) of the cold files: ``min(max, initial * 2**(n-1))``."""
-    return float(min(maximum, initial * 2.0 ** (n - 1)))
+class GateFn(Protocol):
+    """Warm ``catalog`` until ``ready`` (0..1] of it is warm or ``timeout`` seconds pass,
+    retrying the cold files after ``retry`` seconds, doubling (``wait_until_ready``)."""
+
+    def __call__(self, catalog: Catalog, ready: float, timeout: float,
+                 retry: float) -> Awaitable[GateResult]: ...
+
+
+class RewarmFn(Protocol):
+    """Warm ``catalog`` again, skipping files touched within ``fresh_for`` seconds."""
+
+    def __call__(self, catalog: Catalog, fresh_for: float) -> Awaitable[RunReport]: ...
 
 
 async def _measure(store: Store, catalog: Catalog, fresh_for: float) -> tuple[int, int, list[str]]:
@@ -118,27 +134,25 @@ async def _measure(store: Store, catalog: Catalog, fresh_for: float) -> tuple[in
 
 async def wait_until_ready(
     catalog: Catalog,
-    cfg: Config,
     settings: WarmSettings,
-    ssl_context: Optional[ssl.SSLContext],
+    toucher: Toucher,
     store: Store,
     *,
+    fresh_for: float,
     ready: float = 1.0,
     timeout: float = 6 * 3600.0,
     retry_initial: float = 10.0,
     retry_max: float = 600.0,
     stop: Optional[asyncio.Event] = None,
     clock: Callable[[], float] = time.monotonic,
-    toucher: Optional[Toucher] = None,
     probe: Optional[Probe] = None,
 ) -> GateResult:
-    """Warm ``catalog``'s cold files until its warm fraction reaches ``ready`` (0..1], giving
-    up after ``timeout`` seconds (default 6 h); between runs wait ``retry_initial`` seconds
-    (default 10), doubling up to ``retry_max`` (default 600). A run in progress at the timeout is
-    stopped. Setting ``stop`` ends the gate early with exit code 130. ``toucher`` and ``probe``
-    are passed to ``run_definition`` (the daemon's shared pool and its metrics)."""
+    """Warm ``catalog``'s cold files (not touched within ``fresh_for`` seconds) until its warm
+    fraction reaches ``ready`` (0..1], giving up after ``timeout`` seconds (default 6 h);
+    between runs wait ``retry_initial`` seconds (default 10), doubling up to ``retry_max``
+    (default 600). A run in progress at the timeout is stopped. Setting ``stop`` ends the gate
+    early with exit code 130. ``probe`` hears every request (the daemon's metrics)."""
     check_ready(ready)
-    fresh_for = cfg.state.fresh_for
     if fresh_for <= 0:
         raise ConfigError("state.fresh_for: the gate needs a freshness window, got 0 "
                           "(every file would count as cold); set --fresh-for, e.g. 6h")
@@ -150,6 +164,7 @@ async def wait_until_ready(
     if relay is not None:
         relay.add_done_callback(lambda _: halt.set())
     runs = 0
+    backoff = RetryPolicy(initial=retry_initial, max=retry_max, jitter=0.0)
 
     def result(code: int, reason: str, files: int, fresh: int, cold: list[str]) -> GateResult:
         return GateResult(catalog.name, catalog.definition, ready, files, fresh, runs,
@@ -158,8 +173,8 @@ async def wait_until_ready(
     try:
         while True:
             runs += 1
-            report = await run_definition(catalog, cfg, settings, ssl_context, store=store,
-                                          stop=halt, toucher=toucher, probe=probe)
+            report = await run_definition(catalog, settings, toucher, store=store,
+                                          fresh_for=fresh_for, stop=halt, probe=probe)
             files, fresh, cold = await _measure(store, catalog, fresh_for)
             log.info("%s: run %d: %s", catalog.definition, runs,
                      ", ".join(f"{k} {v}" for k, v in sorted(report.tally.results.items()) if v)
@@ -173,7 +188,7 @@ async def wait_until_ready(
                 return result(EXIT_OK, "ready", files, fresh, cold)
             left = timeout - (clock() - start)
             if not halt.is_set() and left > 0:
-                delay = _backoff(runs, retry_initial, retry_max)
+                delay = backoff.backoff(runs)
                 log.info("%s: %d/%d files warm, need %.1f%%; %d cold, next try in %.0fs "
                          "(%.0fs left)", catalog.definition, fresh, files, ready * 100,
                          files - fresh, delay, left)

@@ -138,7 +138,7 @@ async def test_skipped_fresh_files_are_counted_without_bytes() -> None:
 def test_known_label_values_exist_at_zero() -> None:
     """Every file result, run result and catalog kind has a series at 0 before any event."""
     m = Metrics()
-    for result in ("warm", "empty", "missing", "denied", "failed", "skipped_fresh", "staging"):
+    for result in ("warm", "empty", "missing", "denied", "failed", "skipped_fresh"):
         assert _value(m, "prestaged_files_touched_total", result=result) == 0
     for result in ("ok", "failed", "aborted", "interrupted"):
         assert _value(m, "prestaged_runs_total", result=result) == 0

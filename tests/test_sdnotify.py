@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from prestaged import sdnotify
+from prestaged.service import sdnotify
 from prestaged.service.sdnotify import Notifier, watchdog_interval
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs AF_UNIX")

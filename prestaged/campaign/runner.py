@@ -46,7 +46,7 @@ import string
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -56,6 +56,7 @@ from prestaged.catalog import Catalog
 # config.py's loader and value checks, so that campaign files word their errors alike.
 from prestaged.config import Duration, _build, _check, _fraction, _positive, _word
 from prestaged.errors import (
+    EXIT_HELD,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_SOME_FAILED,
@@ -63,6 +64,7 @@ from prestaged.errors import (
     ConfigError,
     StateError,
 )
+from prestaged.gate import GateFn, RewarmFn
 from prestaged.model import FileRef
 from prestaged.state.store import Store
 
@@ -104,7 +106,6 @@ PLACEHOLDERS = ("campaign", "stage", "submission", "definition", "files_file", "
 
 _TAIL = 4000  # characters of a command's output kept in the state
 
-EXIT_HELD = 75
 """``campaign run``'s exit code when it launched nothing more because of a hold (EX_TEMPFAIL):
 not a failure, run it again after ``campaign release``."""
 
@@ -752,14 +753,6 @@ class CampaignState:
 
 
 # --- running ----------------------------------------------------------------------------------
-
-GateFn = Callable[[Catalog, float, float, float], Any]
-"""``gate(catalog, ready, timeout, retry_initial)`` -> awaitable ``gate.GateResult``."""
-
-RewarmFn = Callable[[Catalog, float], Awaitable[Any]]
-"""``rewarm(catalog, fresh_for)``: one warm run of ``catalog`` skipping files touched within
-``fresh_for`` seconds (keep-warm of a submitted slice)."""
-
 
 @dataclass(frozen=True)
 class CampaignResult:

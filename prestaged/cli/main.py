@@ -11,24 +11,29 @@ import argparse
 import asyncio
 import json
 import logging
-import os
-import signal
-import ssl
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from prestaged import __version__
 from prestaged.config import Config, find_config, load_config, replace_path
 from prestaged.errors import (
+    EXIT_HELD,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_SOME_FAILED,
     ConfigError,
-    CredentialError,
     PrestagedError,
 )
+from prestaged.runtime import install_interrupt, run
+
+if TYPE_CHECKING:
+    from prestaged.catalog import Catalog
+    from prestaged.context import Context
+    from prestaged.credentials import Credentials
+    from prestaged.gate import GateResult
+    from prestaged.state.store import Store
 
 __all__ = ["build_parser", "main"]
 
@@ -295,7 +300,7 @@ def _cmd_campaign_list(args: argparse.Namespace, cfg: Config) -> int:
     if doc is not None:
         rows, source = doc["campaigns"], f"daemon {cfg.daemon.listen}"
     else:
-        store = _open_store(cfg, must_exist=True)
+        store = _open_store(args, cfg, must_exist=True)
         try:
             rows = [{**r, "daemon": None} for r in CampaignState(store).summaries()]
         finally:
@@ -326,7 +331,7 @@ def _cmd_campaign_control(args: argparse.Namespace, cfg: Config) -> int:
         print(doc["result"])
         return 0
     scope = args.campaign + (f"/{args.stage}" if args.stage else "")
-    store = _open_store(cfg)
+    store = _open_store(args, cfg)
     try:
         state = CampaignState(store)
         if args.action == "hold":
@@ -356,7 +361,7 @@ def _cmd_campaign_mark_submitted(args: argparse.Namespace, cfg: Config) -> int:
     if doc is not None:
         print(doc["result"])
         return 0
-    store = _open_store(cfg, must_exist=True)
+    store = _open_store(args, cfg, must_exist=True)
     try:
         sub = CampaignState(store).mark_submitted(args.campaign, args.submission, args.job_id)
     finally:
@@ -376,7 +381,7 @@ def _cmd_campaign_retry(args: argparse.Namespace, cfg: Config) -> int:
     if doc is not None:
         print(doc["result"])
         return 0
-    store = _open_store(cfg, must_exist=True)
+    store = _open_store(args, cfg, must_exist=True)
     try:
         new = CampaignState(store).retry(args.campaign, args.submission)
     finally:
@@ -385,61 +390,45 @@ def _cmd_campaign_retry(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _campaign_catalogs(args: argparse.Namespace, cfg: Config, kind: str,
-                       creds: Any) -> Callable[[str], Any]:
-    """A function opening the catalog ``kind`` for a definition name."""
-    from prestaged.catalog import open_catalog
+def _context(args: argparse.Namespace, cfg: Config) -> Context:
+    """The context of this command: ``cfg`` with ``--proxy``/``--ca-dir`` when given."""
+    from prestaged.context import Context  # the storage stack: not for status or --help
 
-    if kind != "samweb":
-        return lambda definition: open_catalog(kind, definition, cfg.catalog)
-    ssl_context, identity = _samweb_tls(args, cfg, creds)
-    return lambda definition: open_catalog(kind, definition, cfg.catalog,
-                                           ssl_context=ssl_context, identity=identity)
+    return Context(cfg, proxy=getattr(args, "proxy", None), ca_dir=getattr(args, "ca_dir", None))
 
 
 def _cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
-    from prestaged.campaign.runner import EXIT_HELD, load_campaign, run_campaign
-    from prestaged.gate import wait_until_ready
-    from prestaged.runner import run_definition
-    from prestaged.warm import WarmSettings
+    from prestaged.campaign.runner import CampaignResult, load_campaign, run_campaign
 
     campaign = load_campaign(args.file)
-    creds = _load_credentials(args, cfg)
-    settings = WarmSettings.from_config(
-        cfg, credential_hint=f"proxy {creds.proxy.path} ({creds.proxy.identity})")
+    ctx = _context(args, cfg)
+    creds = ctx.load_credentials()
     kind = campaign.defaults.catalog or cfg.catalog.default
-    catalogs = _campaign_catalogs(args, cfg, kind, creds)
-    store = _open_store(cfg)
+    catalog_creds = ctx.catalog_credentials(creds) if kind == "samweb" else None
+    settings = ctx.warm_settings(creds)
+    store = ctx.open_store()
 
-    async def go() -> Any:
+    async def go() -> CampaignResult:
         stop = asyncio.Event()
-        _install_interrupt(stop)
-        asyncio.get_running_loop().set_exception_handler(_quiet_transport_errors)
-
-        def gate(catalog: Any, ready: float, timeout: float, retry: float) -> Any:
-            return wait_until_ready(catalog, cfg, settings, creds.ssl_context(), store,
-                                    ready=ready, timeout=timeout, retry_initial=retry, stop=stop)
-
-        async def rewarm(catalog: Any, fresh_for: float) -> Any:
-            return await run_definition(catalog, cfg, settings, creds.ssl_context(),
-                                        store=store, stop=stop, fresh_for=fresh_for)
-
-        return await run_campaign(campaign, store, gate=gate, open_catalog=catalogs,
-                                  workdir=store.path.parent / "campaigns", stop=stop,
-                                  rewarm=rewarm)
+        install_interrupt(stop)
+        async with ctx.make_toucher(creds.ssl_context()) as toucher:
+            return await run_campaign(
+                campaign, store, gate=ctx.gate(store, toucher, settings, stop=stop),
+                open_catalog=lambda d: ctx.open_catalog(kind, d, creds=catalog_creds),
+                workdir=store.path.parent / "campaigns", stop=stop,
+                rewarm=ctx.rewarm(store, toucher, settings, stop=stop))
 
     try:
-        result: Any = _run(go())
+        result = run(go())
     finally:
         store.close()
     for stage, outcome in result.stages.items():
         print(f"{campaign.name}/{stage}: {outcome}")
-    code: int = result.exit_code
-    if code == EXIT_HELD:
+    if result.exit_code == EXIT_HELD:
         print(f"prestaged: campaign {campaign.name} is held: nothing more launched (exit "
               f"{EXIT_HELD}); `prestaged campaign release {campaign.name} [--stage S]` "
               "and run it again", file=sys.stderr)
-    return code
+    return result.exit_code
 
 
 def _cmd_campaign_show(args: argparse.Namespace, cfg: Config) -> int:
@@ -454,7 +443,7 @@ def _cmd_campaign_show(args: argparse.Namespace, cfg: Config) -> int:
     if doc is not None:
         doc["source"] = f"daemon {cfg.daemon.listen}"
     else:
-        store = _open_store(cfg, must_exist=True)
+        store = _open_store(args, cfg, must_exist=True)
         try:
             doc = CampaignState(store).describe(name, store.path.parent / "campaigns",
                                                 cfg.state.fresh_for)
@@ -610,18 +599,6 @@ def _setup_logging(args: argparse.Namespace, cfg: Config) -> None:
     logging.getLogger("asyncio").setLevel(logging.WARNING)
 
 
-def _load_credentials(args: argparse.Namespace, cfg: Config) -> Any:
-    from prestaged.credentials import load_credentials
-
-    return load_credentials(
-        proxy=args.proxy,
-        proxy_configured=cfg.credentials.proxy,
-        ca_dir=args.ca_dir,
-        ca_dir_configured=cfg.credentials.ca_dir,
-        min_lifetime=cfg.credentials.min_lifetime,
-    )
-
-
 def _cmd_proxy(args: argparse.Namespace, cfg: Config) -> int:
     from prestaged.credentials import (
         check_lifetime,
@@ -650,98 +627,34 @@ def _cmd_proxy(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _catalog_kind(args: argparse.Namespace, cfg: Config) -> str:
-    if args.dims is not None and args.catalog is None:
-        return "samweb"  # --dims only means something to SAM
-    return cfg.catalog.default
-
-
-def _definition(args: argparse.Namespace) -> str:
-    if args.dims is not None:
-        if args.definition is not None:
-            raise ConfigError("give a DEFINITION or --dims, not both")
-        if not args.dims.strip():
-            raise ConfigError("--dims: expected a SAM dimensions query, got nothing")
-        return str(args.dims)
-    if args.definition is None:
-        raise ConfigError("give a DEFINITION (or --dims with the samweb catalog)")
-    return str(args.definition)
-
-
-def _samweb_tls(args: argparse.Namespace, cfg: Config, creds: Any) -> tuple[Any, Optional[str]]:
-    """TLS context and presented DN for SAM: the proxy when there is a usable one (or when
-    ``catalog.samweb.use_certificate`` demands it), else anonymous."""
-    from prestaged.catalog.samweb import samweb_ssl_context
-    from prestaged.credentials import resolve_ca_dir, resolve_proxy_path
-
-    use = cfg.catalog.samweb.use_certificate
-    if use is not False and creds is None:
-        path, source = resolve_proxy_path(args.proxy, cfg.credentials.proxy)
-        if use or not source.startswith("default") or path.exists():
-            try:
-                creds = _load_credentials(args, cfg)
-            except CredentialError as e:
-                if use:
-                    raise
-                log.warning("asking SAM web without a certificate: %s", e)
-    if use is not False and creds is not None:
-        return samweb_ssl_context(creds), creds.proxy.identity
-    ca_dir, _ = resolve_ca_dir(args.ca_dir, cfg.credentials.ca_dir)
-    return samweb_ssl_context(None, ca_dir), None
-
-
-def _open(args: argparse.Namespace, cfg: Config, creds: Any = None) -> Any:
+def _open(args: argparse.Namespace, cfg: Config) -> Catalog:
     """The catalog for the command line's DEFINITION or --dims."""
-    from prestaged.catalog import open_catalog
-
-    kind, definition = _catalog_kind(args, cfg), _definition(args)
-    if kind != "samweb":
-        return open_catalog(kind, definition, cfg.catalog, dims=args.dims)
-    ssl_context, identity = _samweb_tls(args, cfg, creds)
-    return open_catalog(kind, definition, cfg.catalog, ssl_context=ssl_context,
-                        dims=args.dims, identity=identity)
-
-
-def _open_with_credentials(args: argparse.Namespace, cfg: Config) -> tuple[Any, Any]:
-    """(catalog, credentials) for a warm run, checked in the order users see errors in."""
-    if _catalog_kind(args, cfg) == "samweb":
-        from prestaged.catalog.samweb import check_config
-
-        _definition(args)
-        check_config(cfg.catalog.samweb)  # usage errors before proxy errors
-        creds = _load_credentials(args, cfg)
-        catalog = _open(args, cfg, creds)
-    else:  # a local definition is checked before the proxy, as it always was
-        catalog = _open(args, cfg)
-        creds = _load_credentials(args, cfg)
-    return catalog, creds
+    ctx = _context(args, cfg)
+    return ctx.open_catalog(args.catalog, ctx.definition_name(args.definition, args.dims),
+                            dims=args.dims)
 
 
 def _cmd_warm(args: argparse.Namespace, cfg: Config) -> int:
     if args.dry_run:
-        return _run(_dry_run(_open(args, cfg), as_json=args.json))
-    catalog, creds = _open_with_credentials(args, cfg)
-    from prestaged.warm import WarmSettings
-
-    hint = f"proxy {creds.proxy.path} ({creds.proxy.identity})"
-    settings = WarmSettings.from_config(cfg, credential_hint=hint)
+        return run(_dry_run(_open(args, cfg), as_json=args.json))
+    ctx = _context(args, cfg)
+    catalog, creds = ctx.open_for_warm(args.catalog, args.definition, args.dims)
     bar = sys.stderr.isatty() if args.bar is None else args.bar
     if args.json or args.quiet:
         bar = False
-    store = None if args.no_state else _open_store(cfg)
+    store = None if args.no_state else ctx.open_store()
     try:
-        return _run(_warm(catalog, cfg, settings, creds.ssl_context(), bar=bar,
-                          as_json=args.json, quiet=args.quiet, store=store, force=args.force))
+        return run(_warm(catalog, ctx, creds, bar=bar, as_json=args.json, quiet=args.quiet,
+                         store=store, force=args.force))
     finally:
         if store is not None:
             store.close()
 
 
-def _gate(args: argparse.Namespace, cfg: Config) -> Any:
-    """Run the gate of ``wait``/``submit`` on the command line's definition: a ``GateResult``."""
+def _gate(args: argparse.Namespace, cfg: Config) -> GateResult:
+    """Run the gate of ``wait``/``submit`` on the command line's definition."""
     from prestaged.config import parse_duration
     from prestaged.gate import check_ready, wait_until_ready
-    from prestaged.warm import WarmSettings
 
     try:
         timeout = parse_duration(args.gate_timeout)
@@ -752,24 +665,23 @@ def _gate(args: argparse.Namespace, cfg: Config) -> Any:
     except ValueError as e:
         raise ConfigError(f"--retry-every: {e}") from e
     check_ready(args.ready)
-    catalog, creds = _open_with_credentials(args, cfg)
-    settings = WarmSettings.from_config(
-        cfg, credential_hint=f"proxy {creds.proxy.path} ({creds.proxy.identity})")
-    store = _open_store(cfg)
+    ctx = _context(args, cfg)
+    catalog, creds = ctx.open_for_warm(args.catalog, args.definition, args.dims)
+    settings = ctx.warm_settings(creds)
+    store = ctx.open_store()
 
-    async def gate() -> Any:
+    async def gate() -> GateResult:
         stop = asyncio.Event()
-        _install_interrupt(stop)
-        asyncio.get_running_loop().set_exception_handler(_quiet_transport_errors)
-        return await wait_until_ready(catalog, cfg, settings, creds.ssl_context(), store,
-                                      ready=args.ready, timeout=timeout, retry_initial=retry,
-                                      stop=stop)
+        install_interrupt(stop)
+        async with ctx.make_toucher(creds.ssl_context()) as toucher:
+            return await wait_until_ready(catalog, settings, toucher, store,
+                                          fresh_for=cfg.state.fresh_for, ready=args.ready,
+                                          timeout=timeout, retry_initial=retry, stop=stop)
 
     try:
-        result: Any = _run(gate())
+        return run(gate())
     finally:
         store.close()
-    return result
 
 
 def _cmd_wait(args: argparse.Namespace, cfg: Config) -> int:
@@ -780,8 +692,7 @@ def _cmd_wait(args: argparse.Namespace, cfg: Config) -> int:
         print(result.summary())
     if not result.passed:
         print(f"prestaged: error: {result.summary()}", file=sys.stderr)
-    code: int = result.exit_code
-    return code
+    return result.exit_code
 
 
 def _cmd_submit(args: argparse.Namespace, cfg: Config) -> int:
@@ -794,8 +705,7 @@ def _cmd_submit(args: argparse.Namespace, cfg: Config) -> int:
     result = _gate(args, cfg)
     if not result.passed:
         print(f"prestaged: error: {result.summary()}; not running {argv[0]}", file=sys.stderr)
-        code: int = result.exit_code
-        return code
+        return result.exit_code
     if not args.quiet:
         print(f"prestaged: {result.summary()}; running {argv[0]}", file=sys.stderr)
     sys.stdout.flush()
@@ -806,15 +716,8 @@ def _cmd_submit(args: argparse.Namespace, cfg: Config) -> int:
         return 127 if isinstance(e, FileNotFoundError) else 126
 
 
-def _open_store(cfg: Config, *, must_exist: bool = False) -> Any:
-    from prestaged.errors import StateError
-    from prestaged.state.store import Store, default_state_path
-
-    path = cfg.state.path or default_state_path()
-    if must_exist and not path.exists():
-        raise StateError(f"state {path}: no such file (nothing warmed yet with this state; "
-                         "--state names another)")
-    return Store(path, batch=cfg.state.batch, flush_interval=cfg.state.flush_interval).open()
+def _open_store(args: argparse.Namespace, cfg: Config, *, must_exist: bool = False) -> Store:
+    return _context(args, cfg).open_store(must_exist=must_exist)
 
 
 def _ago(when: Optional[float]) -> str:
@@ -862,7 +765,7 @@ def _cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     rows = _daemon_status(args, cfg)
     source = f"daemon http://{cfg.daemon.listen}"
     if rows is None:
-        store = _open_store(cfg, must_exist=True)
+        store = _open_store(args, cfg, must_exist=True)
         try:
             rows = store.status(cfg.state.fresh_for, args.definition, args.status_catalog)
         finally:
@@ -892,7 +795,7 @@ def _cmd_status(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _cmd_history(args: argparse.Namespace, cfg: Config) -> int:
-    store = _open_store(cfg, must_exist=True)
+    store = _open_store(args, cfg, must_exist=True)
     try:
         runs = store.runs(limit=args.limit)
     finally:
@@ -971,7 +874,7 @@ async def _dry_run(catalog: Any, *, as_json: bool) -> int:
 
 
 def _cmd_files(args: argparse.Namespace, cfg: Config) -> int:
-    return _run(_list_files(_open(args, cfg), as_json=args.json))
+    return run(_list_files(_open(args, cfg), as_json=args.json))
 
 
 async def _list_files(catalog: Any, *, as_json: bool) -> int:
@@ -998,22 +901,24 @@ async def _list_files(catalog: Any, *, as_json: bool) -> int:
     return code
 
 
-async def _warm(catalog: Any, cfg: Config, settings: Any, ssl_context: Any, *, bar: bool,
-                as_json: bool, quiet: bool, store: Any, force: bool) -> int:
+async def _warm(catalog: Catalog, ctx: Context, creds: Credentials, *, bar: bool,
+                as_json: bool, quiet: bool, store: Optional[Store], force: bool) -> int:
     from prestaged.cli.render import Progress, report_json, report_text
     from prestaged.runner import run_definition
     from prestaged.warm import Tally
 
     stop = asyncio.Event()
-    _install_interrupt(stop)
-    asyncio.get_running_loop().set_exception_handler(_quiet_transport_errors)
+    install_interrupt(stop)
     tally = Tally(total_hint=await catalog.estimate())
-    progress = Progress(tally, bar=bar, interval=0.1 if bar else cfg.output.progress_interval)
+    interval = 0.1 if bar else ctx.cfg.output.progress_interval
+    progress = Progress(tally, bar=bar, interval=interval)
     if not as_json and not quiet:
         progress.start()
     try:
-        report = await run_definition(catalog, cfg, settings, ssl_context, store=store,
-                                      force=force, tally=tally, stop=stop)
+        async with ctx.make_toucher(creds.ssl_context()) as toucher:
+            report = await run_definition(catalog, ctx.warm_settings(creds), toucher, store=store,
+                                          fresh_for=ctx.cfg.state.fresh_for, force=force,
+                                          tally=tally, stop=stop)
     finally:
         await progress.stop()
     where = dict(definition=catalog.definition, catalog=catalog.name, source=_source(catalog))
@@ -1032,48 +937,10 @@ async def _warm(catalog: Any, cfg: Config, settings: Any, ssl_context: Any, *, b
     return code
 
 
-def _quiet_transport_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """Log connection-level errors that the event loop reports on its own at debug level.
-
-    Closing a connection after 4 bytes, or a server hanging up on our certificate, makes the
-    loop's TLS transport report "Fatal error on SSL protocol" with a traceback; the engine has
-    already classified the same failure, so it is noise for the user.
-    """
-    exc = context.get("exception")
-    message = str(context.get("message", ""))
-    # uvloop also reports a RuntimeError ("the handler is closed") for a TLS connection that
-    # is aborted while it still had bytes to send; its message names the transport.
-    transport = message.startswith(("Fatal error on SSL", "SSL error", "Fatal read error",
-                                     "Fatal write error", "SSL handshake failed"))
-    if transport or isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError,
-                                     asyncio.TimeoutError)):
-        log.debug("transport: %s: %s", context.get("message"), exc)
-        return
-    loop.default_exception_handler(context)
-
-
-def _install_interrupt(stop: asyncio.Event) -> None:
-    """First Ctrl-C/SIGTERM stops cleanly (partial summary); a second one interrupts at once."""
-    loop = asyncio.get_running_loop()
-
-    def first(signum: int) -> None:
-        log.warning("interrupted: stopping (press Ctrl-C again to abort at once)")
-        stop.set()
-        loop.remove_signal_handler(signum)
-        signal.signal(signum, signal.default_int_handler)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, first, sig)
-
-
 def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
     from prestaged.service.daemon import Daemon
 
-    async def serve() -> int:
-        asyncio.get_running_loop().set_exception_handler(_quiet_transport_errors)
-        return await Daemon(cfg, cfg.source).run()
-
-    return _run(serve())
+    return run(Daemon(cfg, cfg.source).run())
 
 
 def _cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
@@ -1081,23 +948,6 @@ def _cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
 
     return run_demo(files=args.files, redirect=args.redirect, keep=args.keep, main=main,
                     catalog=args.demo_catalog)
-
-
-def _run(coro: Any) -> int:
-    """Run ``coro`` on uvloop when it is installed (faster TLS and I/O), else on asyncio's loop.
-
-    ``PRESTAGED_EVENT_LOOP=asyncio`` forces the standard loop.
-    """
-    if os.environ.get("PRESTAGED_EVENT_LOOP", "auto") != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            result: int = uvloop.run(coro)
-            return result
-    result = asyncio.run(coro)
-    return result
 
 
 def main(argv: Optional[list[str]] = None) -> int:

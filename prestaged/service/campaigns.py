@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from prestaged.campaign.runner import (
     CampaignConfig,
@@ -36,9 +36,7 @@ from prestaged.campaign.runner import (
 )
 from prestaged.catalog import Catalog
 from prestaged.errors import EXIT_OK, CatalogError, ConfigError, PrestagedError
-from prestaged.gate import wait_until_ready
-from prestaged.runner import run_definition
-from prestaged.warm import WarmSettings
+from prestaged.gate import GateFn, RewarmFn
 
 if TYPE_CHECKING:
     from prestaged.service.daemon import Daemon
@@ -260,26 +258,17 @@ class DaemonCampaigns:
                 await asyncio.wait_for(entry.poke.wait(), self.daemon.cfg.daemon.campaign_check)
         entry.status = "stopped"
 
-    def _settings(self) -> WarmSettings:
-        return WarmSettings.from_config(self.daemon.cfg, credential_hint=self.daemon.hint())
+    def _gate(self, stop: asyncio.Event) -> GateFn:
+        d = self.daemon
+        return d.ctx.gate(d.store_or_fail(), d.toucher, d.ctx.warm_settings(d.credentials),
+                          stop=stop, probe=d.metrics)
 
-    def _gate(self, stop: asyncio.Event) -> Any:
-        def gate(catalog: Catalog, ready: float, timeout: float, retry: float) -> Any:
-            return wait_until_ready(catalog, self.daemon.cfg, self._settings(), None,
-                                    self.daemon.store_or_fail(), ready=ready, timeout=timeout,
-                                    retry_initial=retry, stop=stop,
-                                    toucher=self.daemon.toucher, probe=self.daemon.metrics)
-        return gate
+    def _rewarm(self, stop: asyncio.Event) -> RewarmFn:
+        d = self.daemon
+        return d.ctx.rewarm(d.store_or_fail(), d.toucher, d.ctx.warm_settings(d.credentials),
+                            stop=stop, probe=d.metrics)
 
-    def _rewarm(self, stop: asyncio.Event) -> Any:
-        async def rewarm(catalog: Catalog, fresh_for: float) -> Any:
-            return await run_definition(catalog, self.daemon.cfg, self._settings(), None,
-                                        store=self.daemon.store_or_fail(), stop=stop,
-                                        toucher=self.daemon.toucher, probe=self.daemon.metrics,
-                                        fresh_for=fresh_for)
-        return rewarm
-
-    def _catalogs(self, campaign: CampaignConfig) -> Any:
+    def _catalogs(self, campaign: CampaignConfig) -> Callable[[str], Catalog]:
         kind = campaign.defaults.catalog or self.daemon.cfg.catalog.default
         return lambda definition: self.daemon.open_catalog(kind, definition)
 

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prestaged import __version__
-from prestaged.catalog import open_catalog
+from prestaged.catalog import Catalog
 from prestaged.config import Config, WatchConfig, load_config
+from prestaged.context import Context
 from prestaged.credentials import (
     Credentials,
     ProxyInfo,
     inspect_proxy,
-    load_credentials,
     resolve_ca_dir,
     resolve_proxy_path,
 )
@@ -45,9 +45,9 @@ from prestaged.model import Attempt
 from prestaged.runner import run_definition
 from prestaged.service.campaigns import DaemonCampaigns
 from prestaged.service.sdnotify import Notifier
-from prestaged.state.store import Store, default_state_path
+from prestaged.state.store import Store
 from prestaged.storage.http import HttpToucher
-from prestaged.warm import Tally, WarmSettings
+from prestaged.warm import Tally
 
 __all__ = ["Daemon", "RunInfo"]
 
@@ -177,6 +177,7 @@ class Daemon:
 
     def __init__(self, cfg: Config, config_path: Optional[Path]) -> None:
         self.cfg = cfg
+        self.ctx = Context(cfg)
         self.config_path = config_path
         self.metrics = Metrics()
         self.notifier = Notifier.from_environment()
@@ -227,19 +228,13 @@ class Daemon:
     async def _start(self) -> None:
         cfg = self.cfg
         self.token = _read_token(cfg.daemon.token_file, cfg.daemon.listen)
-        self.store = await asyncio.to_thread(self._open_store)
-        self.credentials = load_credentials(
-            proxy=None, proxy_configured=cfg.credentials.proxy, ca_dir=None,
-            ca_dir_configured=cfg.credentials.ca_dir, min_lifetime=cfg.credentials.min_lifetime)
+        self.store = await asyncio.to_thread(self.ctx.open_store)
+        self.credentials = self.ctx.load_credentials()
         self._proxy_stamp = _stamp(self.credentials.proxy.path)
-        st = cfg.storage
-        self._touch = _SharedToucher(
-            lambda ctx: HttpToucher(ctx, nbytes=st.bytes, limit=st.concurrency,
-                                    limit_per_host=st.per_host, timeout=st.timeout,
-                                    connect_timeout=st.connect_timeout,
-                                    max_redirects=st.max_redirects, fast_path=st.fast_path),
-            st.concurrency,
-        )
+        # The pool is built by the context in force when credentials change (a reload may
+        # have changed storage settings too); the budget is fixed at start.
+        self._touch = _SharedToucher(lambda tls: self.ctx.make_toucher(tls),  # noqa: PLW0108
+                                     cfg.storage.concurrency)
         await self._touch.install(self.credentials.ssl_context())
         self._credentials_changed(self.credentials.proxy)
         await self._start_api()
@@ -256,11 +251,6 @@ class Daemon:
         """The open state store."""
         assert self.store is not None
         return self.store
-
-    def _open_store(self) -> Store:
-        state = self.cfg.state
-        path = state.path or default_state_path()
-        return Store(path, batch=state.batch, flush_interval=state.flush_interval).open()
 
     async def _start_api(self) -> None:
         from aiohttp import web
@@ -333,6 +323,7 @@ class Daemon:
             log.error("reload: %s; keeping the running configuration", e)
         else:
             self.cfg = cfg
+            self.ctx = Context(cfg)
             self._apply_watches()
             log.info("reloaded %s: %d watched definitions", self.config_path or "defaults",
                      len(cfg.watch))
@@ -416,10 +407,7 @@ class Daemon:
         """Queue a warm of ``definition``; raises ``PrestagedError`` for an unknown one."""
         if self.draining:
             raise PrestagedError("the daemon is stopping")
-        kind = catalog or self.cfg.catalog.default
-        cat = self.open_catalog(kind, definition)
-        if hasattr(cat, "on_request"):  # networked catalogs report each request
-            cat.on_request = lambda result: self.metrics.catalog_request(cat.name, result)
+        cat = self.open_catalog(catalog or self.cfg.catalog.default, definition)
         info = RunInfo(id=self._next_id, catalog=cat.name, definition=cat.definition,
                        origin=origin)
         self._next_id += 1
@@ -429,15 +417,11 @@ class Daemon:
         self.spawn(self._execute(info, cat, fresh_for))
         return info
 
-    def open_catalog(self, kind: str, definition: str) -> Any:
-        """``open_catalog`` with the daemon's proxy presented to networked catalogs (SAM)."""
-        if kind != "samweb" or self.credentials is None:
-            return open_catalog(kind, definition, self.cfg.catalog)
-        from prestaged.catalog.samweb import samweb_ssl_context
-
-        return open_catalog(kind, definition, self.cfg.catalog,
-                            ssl_context=samweb_ssl_context(self.credentials),
-                            identity=self.credentials.proxy.identity)
+    def open_catalog(self, kind: str, definition: str) -> Catalog:
+        """The catalog of ``definition``, shown the daemon's proxy as the context decides
+        (``catalog.samweb.use_certificate``); every SAM request is counted in the metrics."""
+        return self.ctx.open_catalog(kind, definition, creds=self.credentials,
+                                     probe=self.metrics.catalog_request)
 
     async def _execute(self, info: RunInfo, catalog: Any, fresh_for: Optional[float]) -> None:
         key = (info.catalog, info.definition)
@@ -449,11 +433,11 @@ class Daemon:
                     return
                 info.state, info.started = "running", time.time()
                 self._status()
-                settings = WarmSettings.from_config(self.cfg, credential_hint=self.hint())
                 report = await run_definition(
-                    catalog, self.cfg, settings, None, store=self.store, tally=info.tally,
-                    stop=self._run_stop, toucher=self._touch, probe=self.metrics,
-                    fresh_for=fresh_for)
+                    catalog, self.ctx.warm_settings(self.credentials), self.toucher,
+                    store=self.store_or_fail(), tally=info.tally, stop=self._run_stop,
+                    probe=self.metrics,
+                    fresh_for=self.cfg.state.fresh_for if fresh_for is None else fresh_for)
                 info.exit_code = report.exit_code
                 info.error = str(report.aborted) if report.aborted else ""
                 info.state = "done"
@@ -468,11 +452,6 @@ class Daemon:
             info.ended = time.time()
             info.finished.set()
             self._status()
-
-    def hint(self) -> str:
-        if self.credentials is None:
-            return ""
-        return f"proxy {self.credentials.proxy.path} ({self.credentials.proxy.identity})"
 
     async def _update_dataset(self, catalog: str, definition: str) -> Optional[float]:
         """Refresh the dataset gauges; return the fresh fraction of its files."""

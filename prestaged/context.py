@@ -1,0 +1,197 @@
+"""The one place that turns a ``Config`` (plus command-line overrides) into live objects.
+
+The CLI, the daemon and the campaign runner build nothing from the config themselves: they ask
+a ``Context`` for the credentials, the catalog of a definition (with the TLS identity SAM web
+gets, honouring ``catalog.samweb.use_certificate``), the state store, the toucher and engine
+settings, and the gate and keep-warm functions a campaign runs. So the two callers cannot drift
+apart (they did: the daemon used to present its proxy to SAM even with ``use_certificate =
+false``).
+
+Building a ``Context`` does no I/O; each method does only the I/O its name says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from prestaged.catalog import Catalog, open_catalog
+from prestaged.config import Config
+from prestaged.credentials import (
+    Credentials,
+    load_credentials,
+    resolve_ca_dir,
+    resolve_proxy_path,
+)
+from prestaged.errors import ConfigError, CredentialError, NotFoundError
+from prestaged.gate import GateFn, GateResult, RewarmFn, wait_until_ready
+from prestaged.runner import run_definition
+from prestaged.state.store import Store, default_state_path
+from prestaged.storage.http import HttpToucher
+from prestaged.warm import Probe, RunReport, Toucher, WarmSettings
+
+__all__ = ["Context"]
+
+log = logging.getLogger(__name__)
+
+CatalogProbe = Callable[[str, str], None]
+"""Hears every request a networked catalog makes: ``(catalog kind, result)`` (metrics)."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What ``cfg`` and the command line's ``proxy``/``ca_dir`` (None: not given) make.
+
+    Frozen: the daemon makes a new one when SIGHUP brings a new config.
+    """
+
+    cfg: Config
+    proxy: Optional[Path] = None
+    ca_dir: Optional[Path] = None
+
+    # --- credentials ----------------------------------------------------------------------
+
+    def load_credentials(self) -> Credentials:
+        """The proxy and CA directory, found and checked; ``CredentialError`` (exit 3)."""
+        c = self.cfg.credentials
+        return load_credentials(proxy=self.proxy, proxy_configured=c.proxy, ca_dir=self.ca_dir,
+                                ca_dir_configured=c.ca_dir, min_lifetime=c.min_lifetime)
+
+    def warm_settings(self, creds: Optional[Credentials]) -> WarmSettings:
+        """Engine settings, with ``creds`` named in breaker messages."""
+        return WarmSettings.from_config(self.cfg, credential_hint=creds.hint() if creds else "")
+
+    # --- state ----------------------------------------------------------------------------
+
+    @property
+    def state_path(self) -> Path:
+        """``state.path``, or the default under ``$XDG_STATE_HOME``."""
+        return self.cfg.state.path or default_state_path()
+
+    def open_store(self, *, must_exist: bool = False) -> Store:
+        """The state store, open; ``must_exist`` refuses to create one (read-only commands)."""
+        path = self.state_path
+        if must_exist and not path.exists():
+            raise NotFoundError(f"state {path}: no such file (nothing warmed yet with this "
+                                "state; --state names another)")
+        st = self.cfg.state
+        return Store(path, batch=st.batch, flush_interval=st.flush_interval).open()
+
+    # --- storage --------------------------------------------------------------------------
+
+    def make_toucher(self, ssl_context: Optional[ssl.SSLContext]) -> HttpToucher:
+        """A toucher (connection pool) per ``storage``, not started: ``async with`` it."""
+        st = self.cfg.storage
+        return HttpToucher(ssl_context, nbytes=st.bytes, limit=st.concurrency,
+                           limit_per_host=st.per_host, timeout=st.timeout,
+                           connect_timeout=st.connect_timeout, max_redirects=st.max_redirects,
+                           fast_path=st.fast_path)
+
+    # --- catalogs -------------------------------------------------------------------------
+
+    def catalog_kind(self, kind: Optional[str] = None, *, dims: Optional[str] = None) -> str:
+        """``kind``, else samweb for a dimensions query, else ``catalog.default``."""
+        if kind is not None:
+            return kind
+        return "samweb" if dims is not None else self.cfg.catalog.default
+
+    def catalog_credentials(self, creds: Optional[Credentials]) -> Optional[Credentials]:
+        """The credentials a networked catalog is shown: ``creds`` or, when None, the proxy if
+        there is a usable one; None for anonymous. ``catalog.samweb.use_certificate``: true
+        demands the proxy (its error propagates), false never presents one, unset presents it
+        when it can."""
+        use = self.cfg.catalog.samweb.use_certificate
+        if use is False:
+            return None
+        if creds is not None:
+            return creds
+        path, source = resolve_proxy_path(self.proxy, self.cfg.credentials.proxy)
+        if not use and source.startswith("default") and not path.exists():
+            return None
+        try:
+            return self.load_credentials()
+        except CredentialError as e:
+            if use:
+                raise
+            log.warning("asking SAM web without a certificate: %s", e)
+            return None
+
+    def open_catalog(self, kind: Optional[str], definition: str, *, dims: Optional[str] = None,
+                     creds: Optional[Credentials] = None,
+                     probe: Optional[CatalogProbe] = None) -> Catalog:
+        """The catalog ``kind`` (see ``catalog_kind``) for ``definition`` (or ``dims``).
+
+        A networked catalog (SAM web) is shown ``catalog_credentials(creds)``; ``probe`` hears
+        each of its requests. No I/O for the local catalog beyond finding the file.
+        """
+        kind = self.catalog_kind(kind, dims=dims)
+        if kind != "samweb":
+            return open_catalog(kind, definition, self.cfg.catalog, dims=dims)
+        from prestaged.catalog.samweb import samweb_ssl_context
+
+        shown = self.catalog_credentials(creds)
+        if shown is not None:
+            tls, identity = samweb_ssl_context(shown), shown.proxy.identity
+        else:
+            ca_dir, _ = resolve_ca_dir(self.ca_dir, self.cfg.credentials.ca_dir)
+            tls, identity = samweb_ssl_context(None, ca_dir), None
+        catalog = open_catalog(kind, definition, self.cfg.catalog, ssl_context=tls, dims=dims,
+                               identity=identity)
+        if probe is not None and hasattr(catalog, "on_request"):
+            catalog.on_request = lambda result: probe(kind, result)
+        return catalog
+
+    def open_for_warm(self, kind: Optional[str], definition: Optional[str],
+                      dims: Optional[str] = None) -> tuple[Catalog, Credentials]:
+        """(catalog, credentials) for a warm run, checked in the order users see errors in:
+        a SAM configuration before the proxy, a local definition file before the proxy."""
+        name = self.definition_name(definition, dims)
+        if self.catalog_kind(kind, dims=dims) == "samweb":
+            from prestaged.catalog.samweb import check_config
+
+            check_config(self.cfg.catalog.samweb)
+            creds = self.load_credentials()
+            return self.open_catalog(kind, name, dims=dims, creds=creds), creds
+        catalog = self.open_catalog(kind, name, dims=dims)
+        return catalog, self.load_credentials()
+
+    @staticmethod
+    def definition_name(definition: Optional[str], dims: Optional[str]) -> str:
+        """The definition (or dimensions query) a command names; ``ConfigError`` for neither
+        or both."""
+        if dims is not None:
+            if definition is not None:
+                raise ConfigError("give a DEFINITION or --dims, not both")
+            if not dims.strip():
+                raise ConfigError("--dims: expected a SAM dimensions query, got nothing")
+            return dims
+        if definition is None:
+            raise ConfigError("give a DEFINITION (or --dims with the samweb catalog)")
+        return definition
+
+    # --- gate and keep-warm ---------------------------------------------------------------
+
+    def gate(self, store: Store, toucher: Toucher, settings: WarmSettings, *,
+             stop: asyncio.Event, probe: Optional[Probe] = None) -> GateFn:
+        """``GateFn`` for campaigns: ``wait_until_ready`` with this context's freshness."""
+        fresh_for = self.cfg.state.fresh_for
+
+        async def gate(catalog: Catalog, ready: float, timeout: float,
+                       retry: float) -> GateResult:
+            return await wait_until_ready(catalog, settings, toucher, store, fresh_for=fresh_for,
+                                          ready=ready, timeout=timeout, retry_initial=retry,
+                                          stop=stop, probe=probe)
+        return gate
+
+    def rewarm(self, store: Store, toucher: Toucher, settings: WarmSettings, *,
+               stop: asyncio.Event, probe: Optional[Probe] = None) -> RewarmFn:
+        """``RewarmFn`` for campaigns' keep-warm: a warm run skipping files fresh within the
+        given window."""
+        async def rewarm(catalog: Catalog, fresh_for: float) -> RunReport:
+            return await run_definition(catalog, settings, toucher, store=store,
+                                        fresh_for=fresh_for, stop=stop, probe=probe)
+        return rewarm

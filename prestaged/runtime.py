@@ -1,0 +1,80 @@
+"""How prestaged runs its coroutines: the event loop, signals, and the loop's own noise.
+
+Shared by the CLI and the daemon so that both pick the loop the same way (uvloop when it is
+installed: faster TLS and I/O; ``PRESTAGED_EVENT_LOOP=asyncio`` forces the standard loop) and
+both keep transport errors that the engine has already classified out of the user's way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import ssl
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["install_interrupt", "quiet_transport_errors", "run"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to completion on a new event loop and return its result.
+
+    The loop is uvloop's when it can be imported and ``PRESTAGED_EVENT_LOOP`` is not
+    ``asyncio``; the loop's exception handler is ``quiet_transport_errors`` either way.
+    """
+
+    async def wrapped() -> T:
+        asyncio.get_running_loop().set_exception_handler(quiet_transport_errors)
+        return await main
+
+    if os.environ.get("PRESTAGED_EVENT_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            result: T = uvloop.run(wrapped())
+            return result
+    return asyncio.run(wrapped())
+
+
+def quiet_transport_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Log connection-level errors that the event loop reports on its own at debug level.
+
+    Closing a connection after 4 bytes, or a server hanging up on our certificate, makes the
+    loop's TLS transport report "Fatal error on SSL protocol" with a traceback; the engine has
+    already classified the same failure, so it is noise for the user. Everything else goes to
+    the loop's default handler.
+    """
+    exc = context.get("exception")
+    message = str(context.get("message", ""))
+    # uvloop also reports a RuntimeError ("the handler is closed") for a TLS connection that
+    # is aborted while it still had bytes to send; its message names the transport.
+    transport = message.startswith(("Fatal error on SSL", "SSL error", "Fatal read error",
+                                     "Fatal write error", "SSL handshake failed"))
+    if transport or isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError,
+                                     asyncio.TimeoutError)):
+        log.debug("transport: %s: %s", context.get("message"), exc)
+        return
+    loop.default_exception_handler(context)
+
+
+def install_interrupt(stop: asyncio.Event) -> None:
+    """First Ctrl-C/SIGTERM sets ``stop`` (a clean stop with a partial summary); a second one
+    raises ``KeyboardInterrupt`` at once. Call from inside the running loop."""
+    loop = asyncio.get_running_loop()
+
+    def first(signum: int) -> None:
+        log.warning("interrupted: stopping (press Ctrl-C again to abort at once)")
+        stop.set()
+        loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.default_int_handler)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, first, sig)
