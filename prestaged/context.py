@@ -27,7 +27,7 @@ from prestaged.credentials import (
     resolve_ca_dir,
     resolve_proxy_path,
 )
-from prestaged.errors import ConfigError, CredentialError, NotFoundError
+from prestaged.errors import ConfigError, CredentialError, StateError
 from prestaged.gate import GateFn, GateResult, RewarmFn, wait_until_ready
 from prestaged.runner import run_definition
 from prestaged.state.store import Store, default_state_path
@@ -76,8 +76,8 @@ class Context:
         """The state store, open; ``must_exist`` refuses to create one (read-only commands)."""
         path = self.state_path
         if must_exist and not path.exists():
-            raise NotFoundError(f"state {path}: no such file (nothing warmed yet with this "
-                                "state; --state names another)")
+            raise StateError(f"state {path}: no such file (nothing warmed yet with this "
+                             "state; --state names another)")
         st = self.cfg.state
         return Store(path, batch=st.batch, flush_interval=st.flush_interval).open()
 

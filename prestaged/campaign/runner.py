@@ -62,7 +62,8 @@ from prestaged.errors import (
     EXIT_SOME_FAILED,
     CatalogError,
     ConfigError,
-    StateError,
+    ConflictError,
+    NotFoundError,
 )
 from prestaged.gate import GateFn, RewarmFn
 from prestaged.model import FileRef
@@ -553,6 +554,10 @@ class CampaignState:
                             "counts": counts.get(st, {})} for st in stages],
                 "submissions": docs}
 
+    def stage_names(self, name: str) -> list[str]:
+        """Stage names of the stored registration of campaign ``name`` ([] when none)."""
+        return [st.name for st in self._config_stages(name)]
+
     def _config_stages(self, name: str) -> list[StageConfig]:
         with self.store.transaction() as conn:
             row = conn.execute("SELECT source, body FROM campaigns WHERE name = ?",
@@ -663,15 +668,17 @@ class CampaignState:
         submission, or a ``launch_unknown`` one: a new ``queued`` submission takes over its
         slice (its drainingn ledger files included), which the next pass gates and submits.
         The old one keeps its final state and points to the new one (``superseded_by``); a
-        ``launch_unknown`` one becomes ``cancelled`` as on release. ``StateError`` otherwise."""
+        ``launch_unknown`` one becomes ``cancelled`` as on release. ``NotFoundError`` for an
+        unknown submission, ``ConflictError`` for one in another state."""
         found = [s for s in self.submissions(campaign) if s.id == sub_id]
         if not found:
-            raise StateError(f"campaign '{campaign}' has no submission {sub_id}")
+            raise NotFoundError(f"campaign '{campaign}' has no submission {sub_id}")
         sub = found[0]
         if sub.superseded_by is not None:
-            raise StateError(f"submission {sub_id} was already retried as #{sub.superseded_by}")
+            raise ConflictError(f"submission {sub_id} was already retried as "
+                                f"#{sub.superseded_by}")
         if sub.state not in _FINAL_BAD:
-            raise StateError(f"submission {sub_id} is {sub.state.value}: only failed, "
+            raise ConflictError(f"submission {sub_id} is {sub.state.value}: only failed, "
                              "launch_failed or launch_unknown submissions can be retried")
         return self._retry(sub, "retried by operator")
 
@@ -714,20 +721,21 @@ class CampaignState:
 
     def mark_submitted(self, campaign: str, sub_id: int, job_id: str) -> Submission:
         """Record that ``launch_unknown`` submission ``sub_id`` was launched (outside
-        prestaged) as ``job_id``; ``StateError`` for another campaign's or state's submission."""
+        prestaged) as ``job_id``; ``NotFoundError`` for another campaign's submission,
+        ``ConflictError`` for one in another state."""
         found = [s for s in self.submissions(campaign) if s.id == sub_id]
         if not found:
-            raise StateError(f"campaign '{campaign}' has no submission {sub_id}")
+            raise NotFoundError(f"campaign '{campaign}' has no submission {sub_id}")
         sub = found[0]
         if sub.state is not S.LAUNCH_UNKNOWN:
-            raise StateError(f"submission {sub_id} is {sub.state.value}, not launch_unknown: "
+            raise ConflictError(f"submission {sub_id} is {sub.state.value}, not launch_unknown: "
                              "only a launch_unknown submission can be marked submitted")
         return self.move(sub, S.SUBMITTED, f"marked submitted by operator, job id {job_id}",
                          job_id=job_id)
 
     def move(self, sub: Submission, to: SubmissionState, reason: str,
              **fields: object) -> Submission:
-        """Move ``sub`` to ``to`` (stored with the time and ``reason``); ``StateError`` for a
+        """Move ``sub`` to ``to`` (stored with the time and ``reason``); ``ConflictError`` for a
         transition that is not allowed (backwards, or out of a final state)."""
         unknown = set(fields) - set(_SETTABLE)
         if unknown:  # pragma: no cover - a programming error
@@ -739,7 +747,8 @@ class CampaignState:
                                           "WHERE id = ?", (sub.id,)).fetchone()
             frm = SubmissionState(current)
             if to not in _NEXT.get(frm, frozenset()):
-                raise StateError(f"submission {sub.id}: {frm.value} -> {to.value} is not allowed")
+                raise ConflictError(f"submission {sub.id}: {frm.value} -> {to.value} is not "
+                                    "allowed")
             conn.execute(f"UPDATE campaign_submissions SET state = ?, reason = ?, updated = ?"
                          f"{sets} WHERE id = ?",
                          (to.value, reason, now, *fields.values(), sub.id))
@@ -905,7 +914,7 @@ class _Runner:
                     return
             try:
                 sub = await steps[sub.state](stage, sub)
-            except StateError as e:  # an operator moved it meanwhile (cancel): theirs wins
+            except ConflictError as e:  # an operator moved it meanwhile (cancel): theirs wins
                 log.info("%s/%s #%d: %s", sub.campaign, sub.stage, sub.id, e)
                 return
 

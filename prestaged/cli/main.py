@@ -232,7 +232,7 @@ def _add_campaign_commands(sub: Any) -> None:
         p.add_argument("--stage", help="only this stage")
         _state_args(p, warm=False)
         _common(p)
-        p.set_defaults(func=_cmd_campaign_control, action=action)
+        p.set_defaults(func=_cmd_campaign_action, action=action)
     m = csub.add_parser("mark-submitted", help="record a launch_unknown submission as launched",
                         description="The operator's answer to launch_unknown when the job was "
                                     "in fact launched: the submission becomes submitted with "
@@ -243,7 +243,7 @@ def _add_campaign_commands(sub: Any) -> None:
     m.add_argument("--job-id", required=True, metavar="JOB_ID", help="the launched job's id")
     _state_args(m, warm=False)
     _common(m)
-    m.set_defaults(func=_cmd_campaign_mark_submitted)
+    m.set_defaults(func=_cmd_campaign_action, action="mark-submitted")
     rt = csub.add_parser("retry", help="recover a failed, launch_failed or launch_unknown "
                                        "submission",
                          description="A new submission takes over the slice of submission ID "
@@ -256,23 +256,24 @@ def _add_campaign_commands(sub: Any) -> None:
                     help="submission id (as `campaign show` lists it)")
     _state_args(rt, warm=False)
     _common(rt)
-    rt.set_defaults(func=_cmd_campaign_retry)
+    rt.set_defaults(func=_cmd_campaign_action, action="retry")
 
 
 def _via_daemon(args: argparse.Namespace, cfg: Config, method: str, path: str,
                 body: Optional[dict[str, Any]] = None) -> Optional[Any]:
-    """The daemon's answer to ``method path``, or None when ``--state`` was given or no daemon
-    answers at ``daemon.listen`` (then the command works on the state database itself)."""
-    from prestaged.errors import CatalogError
+    """The daemon's answer to ``method path``, or None when ``--state`` was given or nothing
+    listens at ``daemon.listen`` (then the command works on the state database itself). A
+    daemon that does not answer in time is an error, never "no daemon" (see ``client``)."""
+    from prestaged.errors import NotFoundError
     from prestaged.service.client import call
 
     if getattr(args, "state", None) is not None:
         return None
     try:
         return call(cfg, method, path, body)
-    except CatalogError as e:
-        raise CatalogError(f"{e} (asked the daemon at {cfg.daemon.listen}; --state FILE works "
-                           "on a state file instead)") from None
+    except NotFoundError as e:
+        raise NotFoundError(f"{e} (asked the daemon at {cfg.daemon.listen}; --state FILE works "
+                            "on a state file instead)") from None
 
 
 def _cmd_campaign_add(args: argparse.Namespace, cfg: Config) -> int:
@@ -319,74 +320,29 @@ def _cmd_campaign_list(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _cmd_campaign_control(args: argparse.Namespace, cfg: Config) -> int:
+def _cmd_campaign_action(args: argparse.Namespace, cfg: Config) -> int:
+    """hold, release, cancel, retry, mark-submitted: through the daemon when one answers,
+    else on the state database; the same ``apply_action`` words the result either way."""
     from urllib.parse import quote
 
+    from prestaged.campaign.actions import apply_action
     from prestaged.campaign.runner import CampaignState
 
-    body: dict[str, Any] = {"stage": args.stage} if args.stage else {}
+    body: dict[str, Any] = {"stage": getattr(args, "stage", None),
+                            "submission": getattr(args, "submission", None),
+                            "job_id": getattr(args, "job_id", None)}
+    body = {k: v for k, v in body.items() if v is not None}
     doc = _via_daemon(args, cfg, "POST",
                       f"/api/v1/campaigns/{quote(args.campaign, safe='')}/{args.action}", body)
     if doc is not None:
         print(doc["result"])
         return 0
-    scope = args.campaign + (f"/{args.stage}" if args.stage else "")
-    store = _open_store(args, cfg)
+    store = _open_store(args, cfg, must_exist=args.action in ("retry", "mark-submitted"))
     try:
-        state = CampaignState(store)
-        if args.action == "hold":
-            state.hold(args.campaign, args.stage)
-            print(f"{scope}: held")
-        elif args.action == "release":
-            requeued = state.release(args.campaign, args.stage)
-            print(f"{scope}: released"
-                  + "".join(f"; {s.reason}: #{s.id} {s.item} queued" for s in requeued))
-        else:
-            cancelled = state.cancel(args.campaign, args.stage)
-            print(f"{scope}: cancelled"
-                  + "".join(f"; #{s.id} {s.item} cancelled" for s in cancelled))
+        print(apply_action(CampaignState(store), args.campaign, args.action, ahead=True,
+                           **body))
     finally:
         store.close()
-    return 0
-
-
-def _cmd_campaign_mark_submitted(args: argparse.Namespace, cfg: Config) -> int:
-    from urllib.parse import quote
-
-    from prestaged.campaign.runner import CampaignState
-
-    doc = _via_daemon(args, cfg, "POST",
-                      f"/api/v1/campaigns/{quote(args.campaign, safe='')}/mark-submitted",
-                      {"submission": args.submission, "job_id": args.job_id})
-    if doc is not None:
-        print(doc["result"])
-        return 0
-    store = _open_store(args, cfg, must_exist=True)
-    try:
-        sub = CampaignState(store).mark_submitted(args.campaign, args.submission, args.job_id)
-    finally:
-        store.close()
-    print(f"{args.campaign}/{sub.stage}: #{sub.id} {sub.item} submitted, job {sub.job_id}")
-    return 0
-
-
-def _cmd_campaign_retry(args: argparse.Namespace, cfg: Config) -> int:
-    from urllib.parse import quote
-
-    from prestaged.campaign.runner import CampaignState
-
-    doc = _via_daemon(args, cfg, "POST",
-                      f"/api/v1/campaigns/{quote(args.campaign, safe='')}/retry",
-                      {"submission": args.submission})
-    if doc is not None:
-        print(doc["result"])
-        return 0
-    store = _open_store(args, cfg, must_exist=True)
-    try:
-        new = CampaignState(store).retry(args.campaign, args.submission)
-    finally:
-        store.close()
-    print(f"{args.campaign}/{new.stage}: #{new.id} {new.item} queued ({new.reason})")
     return 0
 
 
@@ -735,22 +691,15 @@ def _daemon_status(args: argparse.Namespace, cfg: Config) -> Optional[list[Any]]
 
     An explicit ``--state`` always reads that file instead.
     """
-    import urllib.error
     import urllib.parse
-    import urllib.request
 
     from prestaged.state.store import DatasetStatus, RunRecord
 
-    if args.state is not None:
-        return None
     query = urllib.parse.urlencode({"catalog": args.status_catalog} if args.status_catalog
                                    else {})
-    url = f"http://{cfg.daemon.listen}/api/v1/datasets?{query}"
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            doc = json.loads(resp.read())
-    except (OSError, ValueError):
-        return None  # no daemon here (or not ours): read the state file
+    doc = _via_daemon(args, cfg, "GET", f"/api/v1/datasets?{query}")
+    if doc is None:
+        return None
     rows = []
     for d in doc.get("definitions", []):
         if args.definition is not None and d["definition"] != args.definition:

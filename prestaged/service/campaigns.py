@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from prestaged.campaign.actions import ACTIONS, apply_action
 from prestaged.campaign.runner import (
     CampaignConfig,
     CampaignState,
@@ -35,7 +36,7 @@ from prestaged.campaign.runner import (
     run_campaign,
 )
 from prestaged.catalog import Catalog
-from prestaged.errors import EXIT_OK, CatalogError, ConfigError, PrestagedError
+from prestaged.errors import EXIT_OK, CatalogError, PrestagedError
 from prestaged.gate import GateFn, RewarmFn
 
 if TYPE_CHECKING:
@@ -45,8 +46,6 @@ __all__ = ["ACTIONS", "CampaignEntry", "DaemonCampaigns"]
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("hold", "release", "cancel", "retry", "mark-submitted")
-"""Operator actions on a campaign (``POST /api/v1/campaigns/<name>/<action>``)."""
 
 _STATES = [s.value for s in SubmissionState]
 
@@ -139,41 +138,14 @@ class DaemonCampaigns:
     def act(self, name: str, action: str, stage: Optional[str] = None,
             submission: Optional[int] = None, job_id: Optional[str] = None) -> str:
         """Apply ``action`` (one of ``ACTIONS``) to campaign ``name`` (or one ``stage``) and
-        wake its task; returns a one-line account. ``CatalogError`` for an unknown campaign or
-        stage, ``ConfigError`` for a bad request, ``StateError`` for a refused transition."""
-        if name not in self.state.names():
-            raise CatalogError(f"no campaign '{name}'")
+        wake its task; returns a one-line account (``campaign.actions.apply_action``, whose
+        errors propagate)."""
         entry = self.entries.get(name)
-        if stage is not None and entry is not None \
-                and stage not in {s.name for s in entry.config.stage}:
-            raise CatalogError(f"campaign '{name}' has no stage '{stage}'; stages: "
-                               + ", ".join(s.name for s in entry.config.stage))
-        scope = name + (f"/{stage}" if stage else "")
-        if action == "hold":
-            self.state.hold(name, stage)
-            text = f"{scope}: held"
-        elif action == "release":
-            retried = self.state.release(name, stage)
-            text = f"{scope}: released" + "".join(f"; {s.reason}: #{s.id} {s.item} queued"
-                                                  for s in retried)
-        elif action == "cancel":
-            cancelled = self.state.cancel(name, stage)
-            if entry is not None:
-                entry.interrupt.set()  # a gate in progress ends now; the next pass sees it
-            text = f"{scope}: cancelled" + "".join(f"; #{s.id} {s.item} cancelled"
-                                                   for s in cancelled)
-        elif action == "retry":
-            if submission is None:
-                raise ConfigError('retry: expected {"submission": <id>}')
-            new = self.state.retry(name, submission)
-            text = f"{name}/{new.stage}: #{new.id} {new.item} queued ({new.reason})"
-        elif action == "mark-submitted":
-            if submission is None or not job_id:
-                raise ConfigError('mark-submitted: expected {"submission": <id>, "job_id": "..."}')
-            sub = self.state.mark_submitted(name, submission, job_id)
-            text = f"{name}/{sub.stage}: #{sub.id} {sub.item} submitted, job {sub.job_id}"
-        else:
-            raise ConfigError(f"unknown action '{action}'; one of: {', '.join(ACTIONS)}")
+        stages = [s.name for s in entry.config.stage] if entry is not None else None
+        text = apply_action(self.state, name, action, stage=stage, submission=submission,
+                            job_id=job_id, stages=stages)
+        if action == "cancel" and entry is not None:
+            entry.interrupt.set()  # a gate in progress ends now; the next pass sees it
         if entry is not None:
             if entry.task is None or entry.task.done():
                 self._launch(entry.config)  # a finished campaign looks again (e.g. release)

@@ -1,21 +1,25 @@
 """The CLI's client of the daemon's HTTP API (``daemon.listen``), standard library only.
 
-``call`` returns None when no daemon answers there (so the command works on the state file
-instead), the JSON answer on success, and raises the ``PrestagedError`` matching an error answer
-(400 -> ``ConfigError``, 404 -> ``CatalogError``, 409 -> ``StateError``), with the daemon's
-one-line message. Mutating calls send the bearer token from ``daemon.token_file`` when set.
+``call`` returns None only when nothing listens there (connection refused: the command then
+works on the state file instead), the JSON answer on success, and raises the ``PrestagedError``
+matching an error answer (400 -> ``ConfigError``, 404 -> ``NotFoundError``, 409 ->
+``ConflictError``), with the daemon's one-line message. A daemon that is slow, or anything else
+that goes wrong on the way, is an error naming the daemon and ``--state``: it is never taken
+for "no daemon", which would send a hold or cancel to a different database than the one the
+daemon uses. Mutating calls send the bearer token from ``daemon.token_file`` when set.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import urllib.error
 import urllib.request
 from typing import Any, Optional
 
 from prestaged.config import Config
-from prestaged.errors import CatalogError, ConfigError, PrestagedError, StateError
+from prestaged.errors import ConfigError, ConflictError, NotFoundError, PrestagedError
 
 __all__ = ["base_url", "call"]
 
@@ -42,9 +46,11 @@ def _token(cfg: Config) -> Optional[str]:
 
 
 def call(cfg: Config, method: str, path: str, body: Optional[dict[str, Any]] = None,
-         *, probe_timeout: float = 2.0) -> Optional[Any]:
-    """``method`` ``path`` (``/api/v1/...``) on the daemon; None when nothing (or not a
-    prestaged daemon) answers within ``probe_timeout`` seconds."""
+         *, timeout: Optional[float] = None) -> Optional[Any]:
+    """``method`` ``path`` (``/api/v1/...``) on the daemon: its JSON answer, or None when
+    nothing listens at ``daemon.listen``. ``PrestagedError`` when the daemon refuses the call,
+    does not answer within ``timeout`` seconds (default ``TIMEOUT``), or answers with
+    something that is not JSON."""
     url = base_url(cfg) + path
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)
@@ -55,19 +61,31 @@ def call(cfg: Config, method: str, path: str, body: Optional[dict[str, Any]] = N
         if token:
             req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=probe_timeout if method == "GET"
-                                    else TIMEOUT) as resp:
+        with urllib.request.urlopen(req, timeout=TIMEOUT if timeout is None else timeout) as resp:
             payload = resp.read()
     except urllib.error.HTTPError as e:
         _raise(e.code, e.read(), url)
     except (OSError, ValueError) as e:
-        log.debug("no daemon at %s: %s", url, e)
-        return None
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, ConnectionRefusedError):
+            log.debug("no daemon at %s: %s", url, reason)
+            return None
+        raise PrestagedError(f"the daemon at {base_url(cfg)} (daemon.listen) did not answer "
+                             f"{method} {path}: {_describe(reason)}; is it overloaded or "
+                             "stuck? --state FILE works on a state file instead") from None
     try:
         return json.loads(payload)
     except ValueError:
-        log.debug("%s answered, but not with JSON: not a prestaged daemon", url)
-        return None
+        raise PrestagedError(f"{base_url(cfg)} (daemon.listen) answered {method} {path}, but "
+                             "not with JSON: is something else listening there? --state FILE "
+                             "works on a state file instead") from None
+
+
+def _describe(e: object) -> str:
+    if isinstance(e, (TimeoutError, socket.timeout)):
+        return "timed out"
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return str(text)
 
 
 def _raise(status: int, payload: bytes, url: str) -> None:
@@ -81,7 +99,7 @@ def _raise(status: int, payload: bytes, url: str) -> None:
     if status == 400:
         raise ConfigError(message)
     if status == 404:
-        raise CatalogError(message)
+        raise NotFoundError(message)
     if status == 409:
-        raise StateError(message)
+        raise ConflictError(message)
     raise PrestagedError(f"daemon: {message}")

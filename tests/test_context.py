@@ -1,0 +1,103 @@
+"""The one wiring (``prestaged.context``) and the CLI's client of the daemon: what both
+callers get from the same config."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from prestaged.cli import main
+from prestaged.config import load_config
+from prestaged.service import client
+from prestaged.service.daemon import Daemon
+from prestaged.testing.pki import TestPKI
+
+
+def _samweb_config(tmp_path: Path, pki: TestPKI, proxy: Path, use: str) -> Path:
+    cfg = tmp_path / "prestaged.toml"
+    cfg.write_text(f'[credentials]\nproxy = "{proxy}"\nca_dir = "{pki.ca_dir}"\n'
+                   '[catalog.samweb]\nexperiment = "dune"\n'
+                   'base_url = "https://127.0.0.1:1/sam/dune/api"\n'
+                   f"{use}"
+                   '[[catalog.samweb.rewrite]]\nlocation = "enstore:"\n'
+                   'url = "https://127.0.0.1:2"\n')
+    return cfg
+
+
+@pytest.mark.parametrize(("use", "shown"), [("use_certificate = false\n", False), ("", True)])
+def test_daemon_honours_samweb_use_certificate(tmp_path: Path, pki: TestPKI, use: str,
+                                               shown: bool) -> None:
+    """The daemon opens SAM web through the context: ``use_certificate = false`` asks
+    anonymously even though the daemon holds a proxy (it used to present it anyway)."""
+    proxy = pki.make_proxy()
+    daemon = Daemon(load_config(_samweb_config(tmp_path, pki, proxy, use)), None)
+    daemon.credentials = daemon.ctx.load_credentials()
+    catalog = daemon.open_catalog("samweb", "some-definition")
+    identity = catalog._identity  # type: ignore[attr-defined]
+    assert (identity == daemon.credentials.proxy.identity) if shown else identity is None
+
+
+@pytest.fixture
+def mute_listener() -> Iterator[str]:
+    """A TCP listener on 127.0.0.1 that accepts connections and never answers (a stuck
+    daemon); yields its host:port."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    held: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.1)
+        while not done.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        yield f"127.0.0.1:{srv.getsockname()[1]}"
+    finally:
+        done.set()
+        t.join()
+        for c in held:
+            c.close()
+        srv.close()
+
+
+def test_a_slow_daemon_is_not_taken_for_no_daemon(
+    tmp_path: Path, mute_listener: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``campaign hold`` against a daemon that does not answer in time fails naming the daemon
+    and --state, and writes nothing to the local state file (it used to fall back to it)."""
+    monkeypatch.setattr(client, "TIMEOUT", 0.3)
+    state = tmp_path / "state.db"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[daemon]\nlisten = "{mute_listener}"\n[state]\npath = "{state}"\n')
+    code = main(["campaign", "hold", "somecampaign", "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert mute_listener in err and "--state" in err and "did not answer" in err
+    assert not state.exists()
+
+
+def test_nothing_listening_means_the_state_file(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """With nothing listening at daemon.listen (connection refused) the command works on the
+    state file."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # bound and closed: nothing listens there
+    state = tmp_path / "state.db"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[daemon]\nlisten = "127.0.0.1:{port}"\n[state]\npath = "{state}"\n')
+    assert main(["campaign", "list", "--config", str(cfg)]) == 2  # no state file yet
+    assert "no such file" in capsys.readouterr().err
