@@ -6,8 +6,11 @@ client against the emulator over real TLS.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import re
+import ssl
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import pytest
 from mocks import aioresponses
 from yarl import URL
 
+from prestaged import net
 from prestaged.catalog import KINDS, FileRef, open_catalog
 from prestaged.catalog import samweb as samweb_module
 from prestaged.catalog.rewrite import Rewriter, location_kind, strip_tape_suffix
@@ -432,3 +436,76 @@ async def test_streaming_keeps_at_most_parallel_batches_ahead() -> None:
     assert seen == names
     assert max(ahead) < (parallel + 1) * batch
     assert max(ahead) >= parallel * batch  # it did run ahead: resolution overlaps use
+
+
+# --- shared network helpers (prestaged.net) --------------------------------------------------
+
+
+def _caused_by(*chain: BaseException) -> BaseException:
+    """``chain[0]`` raised from ``chain[1]`` raised from ... (``__cause__`` links)."""
+    for outer, inner in zip(chain, chain[1:]):
+        outer.__cause__ = inner
+    return chain[0]
+
+
+def test_tls_cause_finds_the_ssl_error_behind_aiohttp_wrappers() -> None:
+    """The one walker follows os_error, __cause__ and __context__ to the ssl error."""
+    verify = ssl.SSLCertVerificationError(1, "certificate verify failed: unable to get issuer")
+    wrapped = aiohttp.ClientOSError()
+    wrapped.os_error = verify  # type: ignore[attr-defined]  # how aiohttp's connector wraps it
+    assert net.tls_cause(wrapped) is verify
+    assert net.tls_cause(_caused_by(aiohttp.ClientConnectionError(), OSError(), verify)) is verify
+    context = aiohttp.ClientPayloadError("cut")
+    context.__context__ = ssl.SSLError(1, "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca")
+    assert net.tls_cause(context) is context.__context__
+    assert net.tls_cause(aiohttp.ClientConnectionError("refused")) is None
+
+
+@pytest.mark.parametrize("silent", [ssl.SSLEOFError(8, "EOF"), ssl.SSLZeroReturnError(6, "zero"),
+                                    ConnectionResetError(104, "reset")])
+def test_tls_cause_silent_close_counts_only_during_the_handshake(silent: BaseException) -> None:
+    """A close without an alert is a TLS refusal while connecting, a plain drop afterwards."""
+    err = _caused_by(aiohttp.ClientConnectionError(), silent)
+    assert net.tls_cause(err) is None
+    assert net.tls_cause(err, handshake=True) is silent
+
+
+def test_tls_cause_stops_on_cyclic_chains() -> None:
+    """A cause chain that loops back ends the walk instead of spinning."""
+    a, b = OSError("a"), OSError("b")
+    a.__cause__, b.__cause__ = b, a
+    assert net.tls_cause(a) is None
+
+
+def test_one_tls_walker_and_retry_after_parser_for_catalog_and_storage() -> None:
+    """SAM web and the HTTP toucher share prestaged.net's helpers; attempt re-exports the parser."""
+    from prestaged.storage import attempt, http
+
+    assert samweb_module.tls_cause is net.tls_cause and http.tls_cause is net.tls_cause
+    assert samweb_module.parse_retry_after is net.parse_retry_after
+    assert attempt.parse_retry_after is net.parse_retry_after
+    assert not hasattr(samweb_module, "_tls_error") and not hasattr(http, "_tls_cause")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Top-level-qualified names of every module ``path`` imports (at any depth)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            names.add(node.module)
+    return names
+
+
+def test_catalog_does_not_import_the_storage_layer_and_net_is_stdlib_only() -> None:
+    """samweb.py imports nothing from prestaged.storage; prestaged/net.py only the stdlib."""
+    package = Path(samweb_module.__file__).resolve().parents[1]
+    catalog_imports = _imported_modules(package / "catalog" / "samweb.py")
+    assert not {m for m in catalog_imports if m.startswith("prestaged.storage")}
+    net_imports = {m.split(".")[0] for m in _imported_modules(package / "net.py")}
+    assert "prestaged" not in net_imports
+    stdlib = getattr(sys, "stdlib_module_names", None)  # Python 3.10+
+    if stdlib is not None:
+        assert net_imports <= set(stdlib), net_imports - set(stdlib)

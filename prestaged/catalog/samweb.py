@@ -51,8 +51,8 @@ from prestaged.catalog import FileRef
 from prestaged.catalog.rewrite import Rewriter
 from prestaged.config import SamWebConfig
 from prestaged.errors import CatalogError, ConfigError, CredentialError, PrestagedError
+from prestaged.net import parse_retry_after, tls_cause
 from prestaged.retry import RetryPolicy
-from prestaged.storage.attempt import parse_retry_after
 
 if TYPE_CHECKING:
     from prestaged.credentials import Credentials
@@ -337,7 +337,7 @@ class _Api:
         return CatalogError(f"{sam} failed {call.what}: {detail}")
 
     def _network_error(self, e: aiohttp.ClientError) -> Exception:
-        tls = _tls_error(e)
+        tls = tls_cause(e)
         if tls is not None:
             who = f"the proxy of {self._identity}" if self._identity else "no client certificate"
             why = _one_line(str(tls) or type(tls).__name__)
@@ -403,24 +403,6 @@ def _dropped(exc: BaseException) -> bool:
     return isinstance(exc, aiohttp.ClientOSError) and isinstance(
         cause if cause is not None else exc, ConnectionResetError
     )
-
-
-def _tls_error(exc: BaseException) -> Optional[BaseException]:
-    """The TLS failure behind ``exc`` (certificate rejected or untrusted), or None.
-
-    A connection closed without an alert is not counted: it is retried like any reset.
-    """
-    seen: set[int] = set()
-    cur: Optional[BaseException] = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-            return None
-        if isinstance(cur, (ssl.SSLError, ssl.CertificateError, aiohttp.ClientSSLError)):
-            return cur
-        nxt = getattr(cur, "os_error", None) or cur.__cause__ or cur.__context__
-        cur = nxt if isinstance(nxt, BaseException) else None
-    return None
 
 
 class _Backoff:

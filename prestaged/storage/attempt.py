@@ -9,9 +9,11 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 from typing import Optional
+
+# Re-exported: parse_retry_after lives in prestaged.net so that catalogs can use it without
+# importing the storage layer; existing ``from prestaged.storage.attempt import`` keep working.
+from prestaged.net import parse_retry_after
 
 __all__ = [
     "CONTENT_RANGE_TOTAL",
@@ -97,19 +99,3 @@ def classify_status(status: int) -> Optional[Result]:
     if status >= 500 or status in (408, 429):
         return None
     return Result.FAILED
-
-
-def parse_retry_after(value: Optional[str], now: Optional[datetime] = None) -> Optional[float]:
-    """Parse a ``Retry-After`` header (seconds or HTTP-date) into seconds >= 0, or None."""
-    if not value:
-        return None
-    text = value.strip()
-    if text.isdigit():
-        return float(text)
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
