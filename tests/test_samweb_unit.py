@@ -27,6 +27,7 @@ from prestaged.catalog.rewrite import Rewriter, location_kind, strip_tape_suffix
 from prestaged.catalog.samweb import SamWebCatalog, resolve_base_url
 from prestaged.config import CatalogConfig, RewriteRule, SamWebConfig, load_config
 from prestaged.errors import CatalogError, ConfigError, CredentialError
+from prestaged.retry import RetryPolicy
 
 BASE = "https://sam.example:8483/sam/dune/api"
 DOOR = "https://fndca1.fnal.gov:2880/pnfs/fnal.gov/usr/dune/"
@@ -392,6 +393,67 @@ async def test_retries_bounded_by_time() -> None:
     assert message.startswith(f"SAM web {BASE} unreachable while listing the files of definition")
     assert "HTTP 503 DBError: Database unavailable" in message and "gave up after 1 try" in message
     assert err.value.exit_code == 4
+
+
+async def test_retry_for_zero_never_retries_even_with_zero_backoff() -> None:
+    """retry_for = 0 means "never retry" also when the backoff is 0 s (no retry at elapsed 0)."""
+    sleeps = _Sleeps()
+    with aioresponses() as m:
+        m.get(LIST_URL, status=503)
+        m.get(LIST_URL, body="a\n", content_type="text/plain")
+        with pytest.raises(CatalogError, match="gave up after 1 try"):
+            await _all(_catalog(sleep=sleeps, retry_initial=0.0, retry_max=0.0,
+                                retry_for=0.0).files())
+        assert len(_calls(m)) == 1
+    assert sleeps.delays == []
+
+
+async def test_retry_after_beyond_retry_max_is_capped_not_fatal() -> None:
+    """A Retry-After longer than retry_max waits retry_max and retries (the documented cap)."""
+    sleeps = _Sleeps()
+    with aioresponses() as m:
+        m.get(LIST_URL, status=503, headers={"Retry-After": "600"})
+        m.get(LIST_URL, body="a\n", content_type="text/plain")
+        m.get(LOCATIONS_URL, payload=_locations(["a"]))
+        refs = await _all(_catalog(sleep=sleeps, retry_max=60.0).files())
+    assert [r.name for r in refs] == ["a"] and sleeps.delays == [60.0]
+
+
+async def test_samweb_backoff_is_the_retry_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every SAM web wait is RetryPolicy.delay's answer: one backoff formula in the project."""
+    asked: list[tuple[int, float | None]] = []
+    policy_delay = RetryPolicy.delay
+
+    def spy(self: RetryPolicy, retry: int, **kw: Any) -> float | None:
+        asked.append((retry, kw.get("retry_after")))
+        return policy_delay(self, retry, rand=lambda: 1.0, **kw)
+
+    monkeypatch.setattr(RetryPolicy, "delay", spy)
+    sleeps = _Sleeps()
+    with aioresponses() as m:
+        m.get(LIST_URL, status=503)
+        m.get(LIST_URL, status=500)
+        m.get(LIST_URL, status=429, headers={"Retry-After": "7"})
+        m.get(LIST_URL, body="a\n", content_type="text/plain")
+        m.get(LOCATIONS_URL, payload=_locations(["a"]))
+        await _all(_catalog(sleep=sleeps).files())
+    assert asked == [(1, None), (2, None), (3, 7.0)]
+    assert sleeps.delays == [1.5, 3.0, 7.0]  # initial 1 s doubling, jitter at its 50% top
+
+
+def test_retry_policy_delay_without_an_attempt() -> None:
+    """RetryPolicy.delay: doubling to max plus jitter, Retry-After, and the three bounds."""
+    p = RetryPolicy(attempts=10, initial=1.0, max=8.0, jitter=0.5, total=100.0,
+                    max_retry_after=30.0)
+    assert [p.delay(k, rand=lambda: 0.0) for k in range(1, 6)] == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert p.delay(2, rand=lambda: 1.0) == 3.0
+    assert p.delay(1, retry_after=20.0) == 20.0 and p.delay(1, retry_after=0.0) == 0.0
+    assert p.delay(1, retry_after=31.0) is None  # asks for more than max_retry_after
+    assert p.delay(10, rand=lambda: 0.0) is None  # attempts spent
+    assert p.delay(3, elapsed=96.0, rand=lambda: 0.0) is None  # 96 + 4 reaches total
+    assert p.delay(3, elapsed=95.9, rand=lambda: 0.0) == 4.0
+    assert RetryPolicy(attempts=1 << 30, max=60.0, jitter=0.0, total=1e9).delay(5000) == 60.0
+    assert RetryPolicy(initial=0.0, max=0.0, total=0.0).delay(1) is None  # total 0: no retry
 
 
 async def test_html_error_pages_are_not_quoted() -> None:

@@ -22,8 +22,9 @@ locations, reason) for the report.
 Errors follow the real samweb client: 4xx answers are never retried and become one-line errors
 (``definition 'x' not found in SAM (dune)``; 401/403 and TLS failures are credential errors,
 exit 3; everything else exit 4); 5xx, 408, 429, timeouts and dropped connections are retried
-with exponential backoff (``retry_initial`` doubling up to ``retry_max``, ``Retry-After``
-honoured) for at most ``retry_for`` seconds. A listing cut off midway is requested again and
+with the project's ``RetryPolicy`` backoff (``retry_initial`` doubling up to ``retry_max``, plus
+up to 50% jitter; a ``Retry-After`` is honoured, capped at ``retry_max``) for at most
+``retry_for`` seconds. A listing cut off midway is requested again and
 the names already seen are skipped.
 """
 
@@ -235,6 +236,8 @@ class _Api:
         self._ssl = ssl_context
         self._identity = identity
         self._sleep = sleep
+        # Bounded by time only (retry_for), like the samweb client; Retry-After capped at
+        # retry_max by _Backoff.
         self._policy = RetryPolicy(
             attempts=1 << 30, initial=cfg.retry_initial, max=cfg.retry_max, jitter=0.5,
             total=cfg.retry_for, max_retry_after=cfg.retry_max,
@@ -406,7 +409,8 @@ def _dropped(exc: BaseException) -> bool:
 
 
 class _Backoff:
-    """Backoff for one request: ``RetryPolicy.backoff`` delays, bounded by ``policy.total`` s."""
+    """Retry bookkeeping for one request: how many tries, since when; the delays themselves
+    come from ``RetryPolicy.delay`` (the project's one backoff formula)."""
 
     def __init__(
         self,
@@ -432,12 +436,13 @@ class _Backoff:
         if self.started is None:
             self.started = now
         self.tries += 1
-        if error.retry_after is not None:
-            delay = min(error.retry_after, self.policy.max)
-        else:
-            delay = self.policy.backoff(min(self.tries, 64))  # 2**64 * initial: max anyway
         elapsed = now - self.started
-        if elapsed + delay > self.policy.total:
+        # A Retry-After beyond retry_max is capped, not a reason to give up (the config's
+        # documented meaning): only retry_for ends the retries of a catalog request.
+        asked = (None if error.retry_after is None
+                 else min(error.retry_after, self.policy.max_retry_after))
+        delay = self.policy.delay(self.tries, retry_after=asked, elapsed=elapsed)
+        if delay is None:
             tries = f"{self.tries} tries" if self.tries > 1 else "1 try"
             raise CatalogError(
                 f"{self.server} unreachable while {self.what}: {error.reason} "
