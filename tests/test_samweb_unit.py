@@ -345,7 +345,7 @@ async def test_dimension_error_is_not_retried() -> None:
         (403, {"message": "Forbidden", "error": "AuthorizationError"}, CredentialError,
          r"refused listing the files of definition 'mydef' anonymously.*--proxy"),
         (401, None, CredentialError, r"HTTP 401"),
-        (414, None, CatalogError, r"too long \(HTTP 414\); lower catalog\.samweb\.batch"),
+        (414, None, CatalogError, r"refused listing .*: request too long \(HTTP 414"),
         (409, {"message": "busy", "error": "Conflict"}, CatalogError,
          r"SAM \(dune\) failed listing the files of definition 'mydef': HTTP 409 Conflict: busy"),
     ],
@@ -473,6 +473,57 @@ async def test_malformed_locations_answer() -> None:
         m.get(LOCATIONS_URL, payload=["a"])
         with pytest.raises(CatalogError, match="not an object of file names"):
             await _all(_catalog().files())
+
+
+# --- request length ---------------------------------------------------------------------------
+
+
+async def test_locations_requests_are_cut_by_bytes_whatever_batch_says() -> None:
+    """500 names of 200 characters go in several GETs, each target <= MAX_LOCATIONS_TARGET."""
+    names = [f"{i:03d}" + "n" * 197 for i in range(500)]
+    with aioresponses() as m:
+        m.get(LIST_URL, body="".join(n + "\n" for n in names), content_type="text/plain")
+        m.get(LOCATIONS_URL, payload={}, repeat=True)  # the requests matter here, not answers
+        cat = _catalog(batch=500)
+        await _all(cat.files())
+        located = [u for u, _ in _calls(m) if "/files/locations" in str(u)]
+    assert cat.listed == 500 and cat.unresolved_count == 500
+    # 211 bytes per name: "file_name=", 200 characters and "&" (or "?" before the first).
+    per_request = (samweb_module.MAX_LOCATIONS_TARGET - len(located[0].raw_path)) // 211
+    assert len(located) == -(-500 // per_request)
+    assert all(len(u.raw_path_qs) <= samweb_module.MAX_LOCATIONS_TARGET for u in located)
+    assert sum(len(u.query.getall("file_name")) for u in located) == 500
+
+
+async def test_too_long_answers_split_the_request_in_halves() -> None:
+    """414, 431 and a 400 saying "too long" split a locations request in halves, in order."""
+    sleeps = _Sleeps()
+    with aioresponses() as m:
+        m.get(LIST_URL, body="a\nb\nc\nd\n", content_type="text/plain")
+        m.get(LOCATIONS_URL, status=414)
+        m.get(LOCATIONS_URL, status=400, content_type="text/plain",
+              body="400, message:\n  Got more than 8190 bytes when reading: b'/sam/...'")
+        m.get(LOCATIONS_URL, payload=_locations(["a"]))
+        m.get(LOCATIONS_URL, payload=_locations(["b"]))
+        m.get(LOCATIONS_URL, status=431)
+        m.get(LOCATIONS_URL, payload=_locations(["c"]))
+        m.get(LOCATIONS_URL, payload=_locations(["d"]))
+        refs = await _all(_catalog(sleep=sleeps).files())
+        asked = [[v for _, v in c.kwargs["params"]] for u, c in _calls(m)
+                 if "/files/locations" in str(u)]
+    assert [r.name for r in refs] == ["a", "b", "c", "d"]
+    assert asked == [["a", "b", "c", "d"], ["a", "b"], ["a"], ["b"], ["c", "d"], ["c"], ["d"]]
+    assert sleeps.delays == []
+
+
+async def test_other_400_on_locations_is_final() -> None:
+    """A 400 that does not say "too long" is not split: one request, SAM's message."""
+    with aioresponses() as m:
+        m.get(LIST_URL, body="a\nb\n", content_type="text/plain")
+        m.get(LOCATIONS_URL, status=400, payload={"error": "BadRequest", "message": "bad name"})
+        with pytest.raises(CatalogError, match=r"failed locating 2 files: HTTP 400 BadRequest"):
+            await _all(_catalog().files())
+        assert len(_calls(m)) == 2
 
 
 # --- streaming -----------------------------------------------------------------------------------
