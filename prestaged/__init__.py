@@ -1,10 +1,12 @@
 """prestaged: dataset prestaging and cache-warming for tape-backed grid storage.
 
-The library API is re-exported here; the CLI (``prestaged.cli``) and the daemon are thin callers
-of ``warm()`` (through ``run_definition``):
+The library API is re-exported here. The CLI (``prestaged.cli``) and the daemon
+(``prestaged.service``) are thin callers of ``run_definition`` over one ``Context``:
 
-    async with HttpToucher(credentials.ssl_context()) as toucher:
-        report = await warm(catalog.files(), WarmSettings.from_config(cfg), toucher)
+    ctx = Context(load_config(path))
+    catalog, creds = ctx.open_for_warm(None, "my-definition")
+    async with ctx.make_toucher(creds.ssl_context()) as toucher:
+        report = await run_definition(catalog, ctx.warm_settings(creds), toucher)
 
 The re-exports are loaded on first use (PEP 562), so that ``import prestaged.cli`` and commands
 that never touch storage do not pay for aiohttp, cryptography and the rest at start-up.
@@ -18,13 +20,15 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "prestaged.catalog": ("Catalog", "FileRef", "open_catalog"),
+    "prestaged.model": ("FileRef", "Outcome", "Result"),
+    "prestaged.catalog": ("Catalog", "open_catalog"),
+    "prestaged.context": ("Context",),
     "prestaged.config": ("Config", "load_config"),
     "prestaged.credentials": ("Credentials", "ProxyInfo", "inspect_proxy", "load_credentials"),
     "prestaged.errors": ("CatalogError", "ConfigError", "CredentialError", "PrestagedError",
                          "StorageError"),
-    "prestaged.storage.http": ("HttpToucher", "Result"),
-    "prestaged.warm": ("Outcome", "RunReport", "Tally", "WarmSettings", "warm"),
+    "prestaged.storage.http": ("HttpToucher",),
+    "prestaged.warm": ("RunReport", "Tally", "WarmSettings", "warm"),
     "prestaged.gate": ("GateResult", "wait_until_ready"),
     "prestaged.metrics": ("Metrics",),
     "prestaged.state.store": ("Store",),
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
     from prestaged.campaign.runner import load_campaign, run_campaign
     from prestaged.catalog import Catalog, open_catalog
     from prestaged.config import Config, load_config
+    from prestaged.context import Context
     from prestaged.credentials import Credentials, ProxyInfo, inspect_proxy, load_credentials
     from prestaged.errors import (
         CatalogError,
@@ -72,6 +77,7 @@ __all__ = [
     "CatalogError",
     "Config",
     "ConfigError",
+    "Context",
     "CredentialError",
     "Credentials",
     "FileRef",

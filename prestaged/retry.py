@@ -44,20 +44,40 @@ class RetryPolicy:
         base = min(self.max, self.initial * 2.0 ** (retry - 1))
         return base * (1.0 + self.jitter * rand())
 
+    def delay(
+        self,
+        retry: int,
+        *,
+        retry_after: Optional[float] = None,
+        elapsed: float = 0.0,
+        rand: Callable[[], float] = random.random,
+    ) -> Optional[float]:
+        """Seconds to wait before retry number ``retry`` (1-based), or None to give up.
+
+        Not tied to an ``Attempt``: any client's retry loop asks here. ``retry_after`` (seconds,
+        the server's ``Retry-After``) replaces the backoff. ``elapsed``: seconds since the first
+        try. None means stop: ``attempts`` tries were made, the server asked for more than
+        ``max_retry_after``, or the wait would take the request to ``total`` seconds or past.
+        """
+        if retry >= self.attempts:
+            return None
+        if retry_after is not None:
+            if retry_after > self.max_retry_after:
+                return None
+            wait = retry_after
+        else:
+            # 2**64 times any sane initial is past any sane max: the cap keeps 2.0**n finite.
+            wait = self.backoff(min(retry, 64), rand)
+        if elapsed + wait >= self.total:
+            return None
+        return wait
+
     def next_delay(self, attempt: Attempt, tries: int, elapsed: float) -> Optional[float]:
         """Delay before the next try after ``tries`` tries and ``elapsed`` seconds, or None.
 
         None means stop: the attempt is final, the attempts or the time budget are spent, or the
-        server asked for a wait longer than ``max_retry_after``.
+        server asked for a wait longer than ``max_retry_after`` (see ``delay``).
         """
-        if retry_reason(attempt) is None or tries >= self.attempts:
+        if retry_reason(attempt) is None:
             return None
-        if attempt.retry_after is not None:
-            if attempt.retry_after > self.max_retry_after:
-                return None
-            delay = attempt.retry_after
-        else:
-            delay = self.backoff(tries)
-        if elapsed + delay >= self.total:
-            return None
-        return delay
+        return self.delay(tries, retry_after=attempt.retry_after, elapsed=elapsed)

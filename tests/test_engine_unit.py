@@ -13,9 +13,10 @@ import pytest
 from mocks import aioresponses
 
 from prestaged.config import BreakerConfig
-from prestaged.model import Attempt, Failure, FileRef, Result
+from prestaged.model import Attempt, Failure, FileRef, Result, classify_status
+from prestaged.net import parse_retry_after
 from prestaged.retry import RetryPolicy, retry_reason
-from prestaged.storage.http import HttpToucher, classify_status, parse_retry_after
+from prestaged.storage.http import HttpToucher
 from prestaged.warm import WarmSettings, warm
 
 URL = "https://door.example:2880/pnfs/f1"

@@ -272,15 +272,63 @@ async def _greeting(port: int, ctx: ssl.SSLContext) -> bytes:
             await writer.wait_closed()
 
 
+# What OpenSSL names an alert received from the peer (SSLV3_ALERT_BAD_CERTIFICATE,
+# TLSV1_ALERT_UNKNOWN_CA, TLSV13_ALERT_CERTIFICATE_REQUIRED, ...): the server refused us.
+_PEER_ALERT = re.compile(r"(SSLV3|TLSV1|TLSV13)_ALERT_[A-Z_]+")
+
+
 async def _assert_rejected(port: int, ctx: ssl.SSLContext) -> None:
-    # TLS 1.3 finishes the client's handshake before the server checks the client certificate,
-    # so the refusal shows up on the first read: as an SSL alert or, through asyncio's SSL
-    # transport, as EOF. Accepted clients always get a greeting, so EOF means refused.
+    """Assert that the server refused the client: not that the client refused the server.
+
+    Under TLS 1.3 the client's handshake completes (having verified the server) before the
+    server checks the client certificate, so the refusal shows up on the first read: as the
+    server's alert or, through asyncio's SSL transport, as EOF (accepted clients always get a
+    greeting). A client-side failure, above all its own certificate verification, fails.
+    """
     try:
-        line = await _greeting(port, ctx)
-    except (ssl.SSLError, ConnectionError):
-        return
-    assert line == b"", f"server accepted the client and said {line!r}"
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost"), 10
+        )
+    except ssl.SSLCertVerificationError as e:
+        pytest.fail(f"the client refused the server ({e.verify_message}): that proves nothing "
+                    "about the server's checks")
+    except (ssl.SSLError, ConnectionError) as e:
+        pytest.fail(f"the client's handshake failed ({e!r}); the server must refuse after it")
+    try:
+        assert writer.get_extra_info("peercert"), "the client did not verify the server"
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+        except ssl.SSLError as e:
+            assert _PEER_ALERT.fullmatch(e.reason or ""), f"not an alert from the server: {e!r}"
+            return
+        except ConnectionResetError:
+            return  # the server closing abortively: still its refusal, after our handshake
+        assert line == b"", f"server accepted the client and said {line!r}"
+    finally:
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_assert_rejected_fails_when_the_client_does_not_trust_the_server(
+    pki: TestPKI, start_server: StartServer
+) -> None:
+    """A client that cannot verify the server's CA is no proof of a server-side rejection."""
+    pki.make_foreign_proxy()  # makes the other CA
+    untrusting = ssl.create_default_context(cafile=str(pki.root / "other-ca" / "ca.pem"))
+    untrusting.load_cert_chain(pki.make_proxy())  # a proxy the server would accept
+    port = await start_server(pki.server_ssl_context())
+    with pytest.raises(pytest.fail.Exception, match="the client refused the server"):
+        await _assert_rejected(port, untrusting)
+
+
+async def test_assert_rejected_fails_when_the_server_accepts(
+    pki: TestPKI, start_server: StartServer
+) -> None:
+    """The helper does not pass for a client the server lets in."""
+    port = await start_server(pki.server_ssl_context())
+    with pytest.raises(AssertionError, match="server accepted the client"):
+        await _assert_rejected(port, pki.client_ssl_context(pki.make_proxy()))
 
 
 async def test_tls_accepts_valid_proxy(pki: TestPKI, start_server: StartServer) -> None:

@@ -19,13 +19,18 @@ from typing import Any, Callable
 
 import pytest
 
+from prestaged.catalog import FileRef
+from prestaged.catalog.samweb import MAX_LOCATIONS_TARGET, SamWebCatalog, samweb_ssl_context
 from prestaged.cli import main
+from prestaged.config import RewriteRule, SamWebConfig
+from prestaged.errors import CatalogError
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.samweb import SamError, Status, ThreadedSamWebServer, Truncate
 from prestaged.testing.storage import ThreadedStorageServer
 
 Samweb = Callable[..., ThreadedSamWebServer]
 DOOR_PATH = "/pnfs/fnal.gov/usr/dune"
+LINE_LIMIT = 8190  # aiohttp's default max_line_size, Apache's LimitRequestLine
 
 
 @pytest.fixture
@@ -109,7 +114,10 @@ def test_5000_mixed_files_resolve_and_warm_end_to_end(
     assert f"{DOOR_PATH}/persistent/y/two_locations.root" in expected
     assert set(storage.stats.paths) == expected
     assert all(s.requests == 1 for s in storage.stats.paths.values())
-    assert sam.stats.requests == {"count": 1, "list": 1, "locations": 10}
+    located = [r for r in sam.stats.records if r.endpoint == "locations"]
+    assert sam.stats.requests["count"] == 1 and sam.stats.requests["list"] == 1
+    assert sum(r.names for r in located) == 5000 and {r.status for r in located} == {200}
+    assert all(r.line <= LINE_LIMIT for r in located)
     assert all(dn is not None and dn.startswith(pki.user_dn) for dn in sam.stats.client_dns)
     first_touch = min(r.time for s in storage.stats.paths.values() for r in s.records)
     last_lookup = max(r.time for r in sam.stats.records if r.endpoint == "locations")
@@ -180,7 +188,9 @@ def test_catalog_503_twice_then_200_succeeds(
     assert main(_warm(config, proxy, pki, "d", "--json")) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["counts"]["warm"] == 1200
-    assert sam.stats.requests["list"] == 3 and sam.stats.requests["locations"] == 3 + 2
+    located = [r for r in sam.stats.records if r.endpoint == "locations"]
+    assert sam.stats.requests["list"] == 3 and [r.status for r in located].count(503) == 2
+    assert sum(r.names for r in located if r.status == 200) == 1200
     assert [r.status for r in sam.stats.records if r.endpoint == "list"] == [503, 503, 200]
 
 
@@ -301,7 +311,8 @@ def test_demo_with_samweb_catalog() -> None:
     assert res.returncode == 0, res.stderr
     assert re.search(r"warm\s+300\b", res.stdout)
     assert "(samweb catalog: https://127.0.0.1:" in res.stdout
-    assert "the SAM web emulator answered 3 requests (1 listing, 1 bulk location lookups)" in res.stdout
+    # 300 names of 16 characters take two requests of at most MAX_LOCATIONS_TARGET bytes.
+    assert "the SAM web emulator answered 4 requests (1 listing, 2 bulk location lookups)" in res.stdout
     assert "the storage saw 300 requests" in res.stdout
 
 
@@ -325,3 +336,79 @@ def test_no_secrets_in_samweb_output(
     assert "PRIVATE KEY" not in text
     assert not any(line in text for line in key.group(1).splitlines() if len(line) > 20)
     assert "retry 1" in caplog.text and "rucio:protodune-sp" in err
+
+
+# --- bulk location requests held to the front ends' request-line limit ---------------------------
+
+
+def _long_names(n: int, length: int = 120) -> list[dict[str, Any]]:
+    """``n`` dcache: files with names of about ``length`` characters, some needing escapes."""
+    files = []
+    for i in range(n):
+        stem = f"np04_raw_run{i:06d}_" + ("p+q&r=%é~" if i % 7 == 0 else "") + "x" * length
+        files.append({"name": stem[:length] + ".root", "size": i,
+                      "locations": ["dcache:/pnfs/dune/persistent/long"]})
+    return files
+
+
+async def _resolve(sam: ThreadedSamWebServer, pki: TestPKI, definition: str = "long",
+                   **cfg: Any) -> tuple[list[FileRef], list[str]]:
+    """The files of ``definition`` through the library, anonymously; and every request outcome."""
+    config = SamWebConfig(base_url=sam.base_url, retry_initial=0.0, retry_max=0.0,
+                          retry_for=20.0,
+                          rewrite=(RewriteRule("dcache:/pnfs/dune/", "https://door.test/dune/"),),
+                          **cfg)
+    catalog = SamWebCatalog(definition, config, samweb_ssl_context(None, pki.ca_dir), env={})
+    outcomes: list[str] = []
+    catalog.on_request = outcomes.append
+    refs = [ref async for ref in catalog.files()]
+    assert catalog.unresolved_count == 0
+    return refs, outcomes
+
+
+async def test_batch_of_500_long_names_fits_the_real_request_line_limit(
+    pki: TestPKI, samweb: Samweb,
+) -> None:
+    """batch = 500 long names: split by bytes, every request line <= 8190, nothing refused."""
+    files = _long_names(500)
+    sam = samweb({"long": files})
+    refs, outcomes = await _resolve(sam, pki, batch=500)
+    assert [r.name for r in refs] == [f["name"] for f in files]
+    assert set(outcomes) == {"ok"}  # aiohttp's 400s never reach the records: count them here
+    located = [r for r in sam.stats.records if r.endpoint == "locations"]
+    assert len(located) > 1 and sum(r.names for r in located) == 500
+    assert all(r.status == 200 and r.line <= LINE_LIMIT for r in located)
+    assert max(r.line for r in located) <= MAX_LOCATIONS_TARGET + len("GET  HTTP/1.1")
+
+
+async def test_stricter_front_end_414_is_split_until_requests_fit(
+    pki: TestPKI, samweb: Samweb,
+) -> None:
+    """A front end answering 414 above 1,500 bytes: requests are halved, everything resolves."""
+    files = _long_names(2000)
+    sam = samweb({"long": files}, max_request_line=1500)
+    refs, _ = await _resolve(sam, pki, batch=500)
+    assert [r.name for r in refs] == [f["name"] for f in files]
+    located = [r for r in sam.stats.records if r.endpoint == "locations"]
+    refused = [r for r in located if r.status == 414]
+    answered = [r for r in located if r.status == 200]
+    assert refused and all(r.line > 1500 for r in refused)
+    assert all(r.line <= 1500 for r in answered) and sum(r.names for r in answered) == 2000
+    # Later batches are cut under the learnt limit: the refusals are not repeated to the end.
+    assert len(refused) < len(answered) and all(r.status == 200 for r in located[-10:])
+
+
+@pytest.mark.parametrize(("limit", "length"), [(300, 400), (None, LINE_LIMIT + 100)])
+async def test_one_name_too_long_for_the_server_is_named(
+    pki: TestPKI, samweb: Samweb, limit: int | None, length: int,
+) -> None:
+    """A single name the front end still refuses (414, or aiohttp's 400) fails naming it."""
+    files = _long_names(3)
+    files.append({"name": "huge_" + "y" * length + ".root",
+                  "locations": ["dcache:/pnfs/dune/persistent/long"]})
+    sam = samweb({"long": files}, max_request_line=limit)
+    with pytest.raises(CatalogError) as err:
+        await _resolve(sam, pki, batch=500)
+    message = str(err.value)
+    assert message.startswith("SAM (dune) refused locating file 'huge_yyyy")
+    assert "even with this one name in it" in message

@@ -6,8 +6,11 @@ client against the emulator over real TLS.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import re
+import ssl
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import pytest
 from mocks import aioresponses
 from yarl import URL
 
+from prestaged import net
 from prestaged.catalog import KINDS, open_catalog
 from prestaged.catalog import samweb as samweb_module
 from prestaged.catalog.rewrite import Rewriter, location_kind, strip_tape_suffix
@@ -24,6 +28,7 @@ from prestaged.catalog.samweb import SamWebCatalog, resolve_base_url
 from prestaged.config import CatalogConfig, RewriteRule, SamWebConfig, load_config
 from prestaged.errors import CatalogError, ConfigError, CredentialError
 from prestaged.model import FileRef
+from prestaged.retry import RetryPolicy
 
 BASE = "https://sam.example:8483/sam/dune/api"
 DOOR = "https://fndca1.fnal.gov:2880/pnfs/fnal.gov/usr/dune/"
@@ -341,7 +346,7 @@ async def test_dimension_error_is_not_retried() -> None:
         (403, {"message": "Forbidden", "error": "AuthorizationError"}, CredentialError,
          r"refused listing the files of definition 'mydef' anonymously.*--proxy"),
         (401, None, CredentialError, r"HTTP 401"),
-        (414, None, CatalogError, r"too long \(HTTP 414\); lower catalog\.samweb\.batch"),
+        (414, None, CatalogError, r"refused listing .*: request too long \(HTTP 414"),
         (409, {"message": "busy", "error": "Conflict"}, CatalogError,
          r"SAM \(dune\) failed listing the files of definition 'mydef': HTTP 409 Conflict: busy"),
     ],
@@ -391,6 +396,67 @@ async def test_retries_bounded_by_time() -> None:
     assert err.value.exit_code == 4
 
 
+async def test_retry_for_zero_never_retries_even_with_zero_backoff() -> None:
+    """retry_for = 0 means "never retry" also when the backoff is 0 s (no retry at elapsed 0)."""
+    sleeps = _Sleeps()
+    with aioresponses() as m:
+        m.get(LIST_URL, status=503)
+        m.get(LIST_URL, body="a\n", content_type="text/plain")
+        with pytest.raises(CatalogError, match="gave up after 1 try"):
+            await _all(_catalog(sleep=sleeps, retry_initial=0.0, retry_max=0.0,
+                                retry_for=0.0).files())
+        assert len(_calls(m)) == 1
+    assert sleeps.delays == []
+
+
+async def test_retry_after_beyond_retry_max_is_capped_not_fatal() -> None:
+    """A Retry-After longer than retry_max waits retry_max and retries (the documented cap)."""
+    sleeps = _Sleeps()
+    with aioresponses() as m:
+        m.get(LIST_URL, status=503, headers={"Retry-After": "600"})
+        m.get(LIST_URL, body="a\n", content_type="text/plain")
+        m.get(LOCATIONS_URL, payload=_locations(["a"]))
+        refs = await _all(_catalog(sleep=sleeps, retry_max=60.0).files())
+    assert [r.name for r in refs] == ["a"] and sleeps.delays == [60.0]
+
+
+async def test_samweb_backoff_is_the_retry_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every SAM web wait is RetryPolicy.delay's answer: one backoff formula in the project."""
+    asked: list[tuple[int, float | None]] = []
+    policy_delay = RetryPolicy.delay
+
+    def spy(self: RetryPolicy, retry: int, **kw: Any) -> float | None:
+        asked.append((retry, kw.get("retry_after")))
+        return policy_delay(self, retry, rand=lambda: 1.0, **kw)
+
+    monkeypatch.setattr(RetryPolicy, "delay", spy)
+    sleeps = _Sleeps()
+    with aioresponses() as m:
+        m.get(LIST_URL, status=503)
+        m.get(LIST_URL, status=500)
+        m.get(LIST_URL, status=429, headers={"Retry-After": "7"})
+        m.get(LIST_URL, body="a\n", content_type="text/plain")
+        m.get(LOCATIONS_URL, payload=_locations(["a"]))
+        await _all(_catalog(sleep=sleeps).files())
+    assert asked == [(1, None), (2, None), (3, 7.0)]
+    assert sleeps.delays == [1.5, 3.0, 7.0]  # initial 1 s doubling, jitter at its 50% top
+
+
+def test_retry_policy_delay_without_an_attempt() -> None:
+    """RetryPolicy.delay: doubling to max plus jitter, Retry-After, and the three bounds."""
+    p = RetryPolicy(attempts=10, initial=1.0, max=8.0, jitter=0.5, total=100.0,
+                    max_retry_after=30.0)
+    assert [p.delay(k, rand=lambda: 0.0) for k in range(1, 6)] == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert p.delay(2, rand=lambda: 1.0) == 3.0
+    assert p.delay(1, retry_after=20.0) == 20.0 and p.delay(1, retry_after=0.0) == 0.0
+    assert p.delay(1, retry_after=31.0) is None  # asks for more than max_retry_after
+    assert p.delay(10, rand=lambda: 0.0) is None  # attempts spent
+    assert p.delay(3, elapsed=96.0, rand=lambda: 0.0) is None  # 96 + 4 reaches total
+    assert p.delay(3, elapsed=95.9, rand=lambda: 0.0) == 4.0
+    assert RetryPolicy(attempts=1 << 30, max=60.0, jitter=0.0, total=1e9).delay(5000) == 60.0
+    assert RetryPolicy(initial=0.0, max=0.0, total=0.0).delay(1) is None  # total 0: no retry
+
+
 async def test_html_error_pages_are_not_quoted() -> None:
     """An HTML error page from a proxy becomes its status line, not markup."""
     with aioresponses() as m:
@@ -408,6 +474,57 @@ async def test_malformed_locations_answer() -> None:
         m.get(LOCATIONS_URL, payload=["a"])
         with pytest.raises(CatalogError, match="not an object of file names"):
             await _all(_catalog().files())
+
+
+# --- request length ---------------------------------------------------------------------------
+
+
+async def test_locations_requests_are_cut_by_bytes_whatever_batch_says() -> None:
+    """500 names of 200 characters go in several GETs, each target <= MAX_LOCATIONS_TARGET."""
+    names = [f"{i:03d}" + "n" * 197 for i in range(500)]
+    with aioresponses() as m:
+        m.get(LIST_URL, body="".join(n + "\n" for n in names), content_type="text/plain")
+        m.get(LOCATIONS_URL, payload={}, repeat=True)  # the requests matter here, not answers
+        cat = _catalog(batch=500)
+        await _all(cat.files())
+        located = [u for u, _ in _calls(m) if "/files/locations" in str(u)]
+    assert cat.listed == 500 and cat.unresolved_count == 500
+    # 211 bytes per name: "file_name=", 200 characters and "&" (or "?" before the first).
+    per_request = (samweb_module.MAX_LOCATIONS_TARGET - len(located[0].raw_path)) // 211
+    assert len(located) == -(-500 // per_request)
+    assert all(len(u.raw_path_qs) <= samweb_module.MAX_LOCATIONS_TARGET for u in located)
+    assert sum(len(u.query.getall("file_name")) for u in located) == 500
+
+
+async def test_too_long_answers_split_the_request_in_halves() -> None:
+    """414, 431 and a 400 saying "too long" split a locations request in halves, in order."""
+    sleeps = _Sleeps()
+    with aioresponses() as m:
+        m.get(LIST_URL, body="a\nb\nc\nd\n", content_type="text/plain")
+        m.get(LOCATIONS_URL, status=414)
+        m.get(LOCATIONS_URL, status=400, content_type="text/plain",
+              body="400, message:\n  Got more than 8190 bytes when reading: b'/sam/...'")
+        m.get(LOCATIONS_URL, payload=_locations(["a"]))
+        m.get(LOCATIONS_URL, payload=_locations(["b"]))
+        m.get(LOCATIONS_URL, status=431)
+        m.get(LOCATIONS_URL, payload=_locations(["c"]))
+        m.get(LOCATIONS_URL, payload=_locations(["d"]))
+        refs = await _all(_catalog(sleep=sleeps).files())
+        asked = [[v for _, v in c.kwargs["params"]] for u, c in _calls(m)
+                 if "/files/locations" in str(u)]
+    assert [r.name for r in refs] == ["a", "b", "c", "d"]
+    assert asked == [["a", "b", "c", "d"], ["a", "b"], ["a"], ["b"], ["c", "d"], ["c"], ["d"]]
+    assert sleeps.delays == []
+
+
+async def test_other_400_on_locations_is_final() -> None:
+    """A 400 that does not say "too long" is not split: one request, SAM's message."""
+    with aioresponses() as m:
+        m.get(LIST_URL, body="a\nb\n", content_type="text/plain")
+        m.get(LOCATIONS_URL, status=400, payload={"error": "BadRequest", "message": "bad name"})
+        with pytest.raises(CatalogError, match=r"failed locating 2 files: HTTP 400 BadRequest"):
+            await _all(_catalog().files())
+        assert len(_calls(m)) == 2
 
 
 # --- streaming -----------------------------------------------------------------------------------
@@ -433,3 +550,76 @@ async def test_streaming_keeps_at_most_parallel_batches_ahead() -> None:
     assert seen == names
     assert max(ahead) < (parallel + 1) * batch
     assert max(ahead) >= parallel * batch  # it did run ahead: resolution overlaps use
+
+
+# --- shared network helpers (prestaged.net) --------------------------------------------------
+
+
+def _caused_by(*chain: BaseException) -> BaseException:
+    """``chain[0]`` raised from ``chain[1]`` raised from ... (``__cause__`` links)."""
+    for outer, inner in zip(chain, chain[1:]):
+        outer.__cause__ = inner
+    return chain[0]
+
+
+def test_tls_cause_finds_the_ssl_error_behind_aiohttp_wrappers() -> None:
+    """The one walker follows os_error, __cause__ and __context__ to the ssl error."""
+    verify = ssl.SSLCertVerificationError(1, "certificate verify failed: unable to get issuer")
+    wrapped = aiohttp.ClientOSError()
+    wrapped.os_error = verify  # type: ignore[attr-defined]  # how aiohttp's connector wraps it
+    assert net.tls_cause(wrapped) is verify
+    assert net.tls_cause(_caused_by(aiohttp.ClientConnectionError(), OSError(), verify)) is verify
+    context = aiohttp.ClientPayloadError("cut")
+    context.__context__ = ssl.SSLError(1, "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca")
+    assert net.tls_cause(context) is context.__context__
+    assert net.tls_cause(aiohttp.ClientConnectionError("refused")) is None
+
+
+@pytest.mark.parametrize("silent", [ssl.SSLEOFError(8, "EOF"), ssl.SSLZeroReturnError(6, "zero"),
+                                    ConnectionResetError(104, "reset")])
+def test_tls_cause_silent_close_counts_only_during_the_handshake(silent: BaseException) -> None:
+    """A close without an alert is a TLS refusal while connecting, a plain drop afterwards."""
+    err = _caused_by(aiohttp.ClientConnectionError(), silent)
+    assert net.tls_cause(err) is None
+    assert net.tls_cause(err, handshake=True) is silent
+
+
+def test_tls_cause_stops_on_cyclic_chains() -> None:
+    """A cause chain that loops back ends the walk instead of spinning."""
+    a, b = OSError("a"), OSError("b")
+    a.__cause__, b.__cause__ = b, a
+    assert net.tls_cause(a) is None
+
+
+def test_one_tls_walker_and_retry_after_parser_for_catalog_and_storage() -> None:
+    """SAM web and both touch paths share prestaged.net's helpers (one copy of each)."""
+    from prestaged.storage import fast, http
+
+    assert samweb_module.tls_cause is net.tls_cause and http.tls_cause is net.tls_cause
+    assert samweb_module.parse_retry_after is net.parse_retry_after
+    assert fast.parse_retry_after is net.parse_retry_after
+    assert not hasattr(samweb_module, "_tls_error") and not hasattr(http, "_tls_cause")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Top-level-qualified names of every module ``path`` imports (at any depth)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            names.add(node.module)
+    return names
+
+
+def test_catalog_does_not_import_the_storage_layer_and_net_is_stdlib_only() -> None:
+    """samweb.py imports nothing from prestaged.storage; prestaged/net.py only the stdlib."""
+    package = Path(samweb_module.__file__).resolve().parents[1]
+    catalog_imports = _imported_modules(package / "catalog" / "samweb.py")
+    assert not {m for m in catalog_imports if m.startswith("prestaged.storage")}
+    net_imports = {m.split(".")[0] for m in _imported_modules(package / "net.py")}
+    assert "prestaged" not in net_imports
+    stdlib = getattr(sys, "stdlib_module_names", None)  # Python 3.10+
+    if stdlib is not None:
+        assert net_imports <= set(stdlib), net_imports - set(stdlib)

@@ -5,15 +5,20 @@ Speaks the SAM web REST API (``https://<host>:8483/sam/<experiment>/api``) on ai
 1. the definition's files, streamed as text lines
    (``/definitions/name/<def>/files/list?format=plain&fileinfo=1``: ``name id size events``;
    ``/files/list?dims=...`` for ``--dims``, POSTed when the query is longer than 1024 chars);
-2. their locations in bulk, ``batch`` names per ``/files/locations?file_name=...`` request and
-   ``parallel`` requests in flight, turned into URLs by ``catalog.rewrite`` rules -- or, with
-   ``url_mode = "access-url"``, SAM's own ``/files/name/<f>/locations/url?schema=https`` per
-   file, ``access_url_concurrency`` at once.
+2. their locations in bulk, at most ``batch`` names per ``/files/locations?file_name=...``
+   request and ``parallel`` requests in flight, turned into URLs by ``catalog.rewrite`` rules
+   -- or, with ``url_mode = "access-url"``, SAM's own
+   ``/files/name/<f>/locations/url?schema=https`` per file, ``access_url_concurrency`` at once.
 
 ``FileRef``s are yielded in listing order as soon as each batch is resolved, so the engine warms
 the first files while later locations are still being fetched. Memory is bounded: besides the
 batch being handed out, at most ``parallel`` batches are listed and resolving (or resolved) at
 any time, and the listing itself is read only as fast as batches are consumed.
+
+Whatever ``batch`` says, a bulk locations request carries only as many names as fit in
+``MAX_LOCATIONS_TARGET`` bytes of request target: front ends refuse longer request lines. A
+server that still finds a request too long (414, 431, or a 400 saying so) gets it again split in
+halves, down to a single name, and later requests are kept under half the refused length.
 
 Files whose locations match no rule are not silently dropped: they are counted in
 ``unresolved_count`` and the first ``MAX_UNRESOLVED_KEPT`` are kept in ``unresolved`` (name,
@@ -22,8 +27,9 @@ locations, reason) for the report.
 Errors follow the real samweb client: 4xx answers are never retried and become one-line errors
 (``definition 'x' not found in SAM (dune)``; 401/403 and TLS failures are credential errors,
 exit 3; everything else exit 4); 5xx, 408, 429, timeouts and dropped connections are retried
-with exponential backoff (``retry_initial`` doubling up to ``retry_max``, ``Retry-After``
-honoured) for at most ``retry_for`` seconds. A listing cut off midway is requested again and
+with the project's ``RetryPolicy`` backoff (``retry_initial`` doubling up to ``retry_max``, plus
+up to 50% jitter; a ``Retry-After`` is honoured, capped at ``retry_max``) for at most
+``retry_for`` seconds. A listing cut off midway is requested again and
 the names already seen are skipped.
 """
 
@@ -51,8 +57,8 @@ from prestaged.catalog.rewrite import Rewriter
 from prestaged.config import SamWebConfig
 from prestaged.errors import CatalogError, ConfigError, CredentialError, PrestagedError
 from prestaged.model import FileRef
+from prestaged.net import parse_retry_after, tls_cause
 from prestaged.retry import RetryPolicy
-from prestaged.storage.attempt import parse_retry_after
 
 if TYPE_CHECKING:
     from prestaged.credentials import Credentials
@@ -76,12 +82,20 @@ LONG_DIMS = 1024
 """Dimensions longer than this (characters) are POSTed, like the samweb client does."""
 MAX_UNRESOLVED_KEPT = 10_000
 """Unresolved files kept with their locations; beyond this only ``unresolved_count`` grows."""
+MAX_LOCATIONS_TARGET = 6 * 1024
+"""Longest request target (path and query, bytes) of one bulk locations GET. Apache's
+``LimitRequestLine`` and aiohttp's ``max_line_size`` refuse request lines over 8190 bytes, nginx
+over 8 KiB; this leaves room for the method, the version and a longer base path."""
 
 _RETRYABLE_STATUS = frozenset({408, 429})
 _EARLY_DROPS = 3  # connections dropped before any answer that mean "certificate refused"
 _CHUNK = 64 * 1024
 _MAX_MESSAGE = 300
 _SAM_PATH = re.compile(r"/sam/([^/]+)/")
+# How aiohttp (and some proxies) word a 400 for a request line or header over their limit.
+_TOO_LONG_400 = re.compile(r"too (?:long|large)|got more than \d+ bytes", re.IGNORECASE)
+_TOO_LONG_STATUS = frozenset({414, 431})
+_NAME_PARAM = len("file_name=") + 1  # bytes of one query parameter besides the name, "&" included
 
 T = TypeVar("T")
 
@@ -211,10 +225,16 @@ class _Call:
     definition: Optional[str] = None
     dims: bool = False
     missing_ok: bool = False
+    splittable: bool = False
+    """A request of many names: "too long" raises ``_TooLong`` for the caller to split it."""
 
 
 class _NotFound(Exception):
     """404 for a request with ``missing_ok`` (a single file SAM does not know)."""
+
+
+class _TooLong(Exception):
+    """A ``splittable`` request refused as too long (414, 431, or a 400 saying so)."""
 
 
 class _Api:
@@ -235,6 +255,8 @@ class _Api:
         self._ssl = ssl_context
         self._identity = identity
         self._sleep = sleep
+        # Bounded by time only (retry_for), like the samweb client; Retry-After capped at
+        # retry_max by _Backoff.
         self._policy = RetryPolicy(
             attempts=1 << 30, initial=cfg.retry_initial, max=cfg.retry_max, jitter=0.5,
             total=cfg.retry_for, max_retry_after=cfg.retry_max,
@@ -329,15 +351,14 @@ class _Api:
             fix = ("check the proxy" if self._identity else
                    "give a proxy (--proxy) or set catalog.samweb.use_certificate = true")
             return CredentialError(f"{sam} refused {call.what} {who} ({detail}); {fix}")
-        if status == 414:
-            return CatalogError(
-                f"{sam} refused {call.what}: request too long (HTTP 414); "
-                f"lower catalog.samweb.batch (now {self.cfg.batch})"
-            )
+        if status in _TOO_LONG_STATUS or (status == 400 and _TOO_LONG_400.search(body)):
+            if call.splittable:
+                return _TooLong(detail)
+            return CatalogError(f"{sam} refused {call.what}: request too long ({detail})")
         return CatalogError(f"{sam} failed {call.what}: {detail}")
 
     def _network_error(self, e: aiohttp.ClientError) -> Exception:
-        tls = _tls_error(e)
+        tls = tls_cause(e)
         if tls is not None:
             who = f"the proxy of {self._identity}" if self._identity else "no client certificate"
             why = _one_line(str(tls) or type(tls).__name__)
@@ -405,26 +426,9 @@ def _dropped(exc: BaseException) -> bool:
     )
 
 
-def _tls_error(exc: BaseException) -> Optional[BaseException]:
-    """The TLS failure behind ``exc`` (certificate rejected or untrusted), or None.
-
-    A connection closed without an alert is not counted: it is retried like any reset.
-    """
-    seen: set[int] = set()
-    cur: Optional[BaseException] = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-            return None
-        if isinstance(cur, (ssl.SSLError, ssl.CertificateError, aiohttp.ClientSSLError)):
-            return cur
-        nxt = getattr(cur, "os_error", None) or cur.__cause__ or cur.__context__
-        cur = nxt if isinstance(nxt, BaseException) else None
-    return None
-
-
 class _Backoff:
-    """Backoff for one request: ``RetryPolicy.backoff`` delays, bounded by ``policy.total`` s."""
+    """Retry bookkeeping for one request: how many tries, since when; the delays themselves
+    come from ``RetryPolicy.delay`` (the project's one backoff formula)."""
 
     def __init__(
         self,
@@ -450,12 +454,13 @@ class _Backoff:
         if self.started is None:
             self.started = now
         self.tries += 1
-        if error.retry_after is not None:
-            delay = min(error.retry_after, self.policy.max)
-        else:
-            delay = self.policy.backoff(min(self.tries, 64))  # 2**64 * initial: max anyway
         elapsed = now - self.started
-        if elapsed + delay > self.policy.total:
+        # A Retry-After beyond retry_max is capped, not a reason to give up (the config's
+        # documented meaning): only retry_for ends the retries of a catalog request.
+        asked = (None if error.retry_after is None
+                 else min(error.retry_after, self.policy.max_retry_after))
+        delay = self.policy.delay(self.tries, retry_after=asked, elapsed=elapsed)
+        if delay is None:
             tries = f"{self.tries} tries" if self.tries > 1 else "1 try"
             raise CatalogError(
                 f"{self.server} unreachable while {self.what}: {error.reason} "
@@ -531,6 +536,8 @@ class SamWebCatalog:
         """Files that got no URL (all of them, kept or not)."""
         self.on_request: Optional[Callable[[str], None]] = None
         """Told ``ok`` or ``error`` after every request to SAM (metrics)."""
+        self._target_limit = MAX_LOCATIONS_TARGET
+        """Request target bytes allowed per bulk locations GET; lowered when SAM says "too long"."""
 
     def _api(self) -> _Api:
         api = _Api(self.base_url, self.experiment, self.cfg, self._ssl, self._identity,
@@ -573,6 +580,7 @@ class SamWebCatalog:
     async def files(self) -> AsyncIterator[FileRef]:
         """Yield the resolved files in listing order, streaming (see the module docstring)."""
         self.listed, self.unresolved, self.unresolved_count = 0, [], 0
+        self._target_limit = MAX_LOCATIONS_TARGET
         started = time.monotonic()
         async with self._api() as api:
             slots = asyncio.Semaphore(self.cfg.parallel)
@@ -607,15 +615,9 @@ class SamWebCatalog:
     ) -> None:
         """List names, cut them into batches and start resolving each while a slot is free."""
         listing = self._listing(api)
+        batches = self._batches(api, listing)
         try:
-            batch: list[_Entry] = []
-            async for entry in listing:
-                batch.append(entry)
-                if len(batch) >= self.cfg.batch:
-                    await slots.acquire()
-                    ready.put_nowait(asyncio.ensure_future(self._resolve(api, batch)))
-                    batch = []
-            if batch:
+            async for batch in batches:
                 await slots.acquire()
                 ready.put_nowait(asyncio.ensure_future(self._resolve(api, batch)))
         except Exception as e:  # handed to the consumer, in order, after the batches before it
@@ -624,8 +626,32 @@ class SamWebCatalog:
             await slots.acquire()
             ready.put_nowait(failed)
         finally:
+            await batches.aclose()
             await listing.aclose()
         ready.put_nowait(None)
+
+    async def _batches(
+        self, api: _Api, listing: AsyncIterator[_Entry]
+    ) -> AsyncGenerator[list[_Entry], None]:
+        """Cut the listing into batches of at most ``batch`` names; in ``rewrite`` mode also of
+        at most ``_target_limit`` bytes of bulk locations request target (see the module doc).
+        A full batch goes out at once, without waiting for the next listed name."""
+        by_bytes = self.cfg.url_mode == "rewrite"
+        base = len(api.url("files", "locations").raw_path)
+        batch: list[_Entry] = []
+        size = base
+        async for entry in listing:
+            cost = _name_bytes(entry[0]) if by_bytes else 0
+            if batch and size + cost > self._target_limit:
+                yield batch
+                batch, size = [], base
+            batch.append(entry)
+            size += cost
+            if len(batch) >= self.cfg.batch:
+                yield batch
+                batch, size = [], base
+        if batch:
+            yield batch
 
     async def _listing(self, api: _Api) -> AsyncGenerator[_Entry, None]:
         """Stream ``(name, size)`` of every listed file; resume a cut-off listing by skipping."""
@@ -670,12 +696,7 @@ class SamWebCatalog:
 
     async def _locate(self, api: _Api, batch: list[_Entry]) -> list[FileRef]:
         """Bulk locations of ``batch``, rewritten to URLs."""
-        call = _Call(f"locating {len(batch)} files")
-        doc = await api.fetch(call, api.url("files", "locations"),
-                              params=[("file_name", name) for name, _ in batch])
-        if not isinstance(doc, dict):
-            raise CatalogError(f"SAM ({self.experiment}) answered {call.what} with "
-                               f"{type(doc).__name__}, not an object of file names")
+        doc = await self._locations(api, batch)
         refs = []
         for name, size in batch:
             entries = doc.get(name)
@@ -691,6 +712,39 @@ class SamWebCatalog:
             else:
                 self._unresolved(name, locations, "SAM knows no location")
         return refs
+
+    async def _locations(self, api: _Api, batch: Sequence[_Entry]) -> dict[str, Any]:
+        """SAM's ``{name: [location objects]}`` for ``batch``, in one request or, when SAM
+        finds that one too long, in halves asked one after the other (``parallel`` requests
+        in flight stays true) down to single names."""
+        call = _Call(f"locating {len(batch)} files", splittable=True)
+        url = api.url("files", "locations")
+        try:
+            doc = await api.fetch(call, url, params=[("file_name", name) for name, _ in batch])
+        except _TooLong as e:
+            if len(batch) == 1:
+                raise CatalogError(
+                    f"SAM ({self.experiment}) refused locating file '{batch[0][0]}': request "
+                    f"too long ({e}) even with this one name in it"
+                ) from None
+            self._shrink_target(len(url.raw_path) + sum(_name_bytes(n) for n, _ in batch), e)
+            half = len(batch) // 2
+            return {**await self._locations(api, batch[:half]),
+                    **await self._locations(api, batch[half:])}
+        if not isinstance(doc, dict):
+            raise CatalogError(f"SAM ({self.experiment}) answered {call.what} with "
+                               f"{type(doc).__name__}, not an object of file names")
+        return doc
+
+    def _shrink_target(self, refused: int, why: _TooLong) -> None:
+        """Keep later batches under half of a request target SAM refused (``refused`` bytes
+        at most), so that a stricter front end costs a few split requests, not every batch."""
+        limit = refused // 2
+        if limit < self._target_limit:
+            log.warning("SAM web: a locations request of up to %d bytes was refused as too "
+                        "long (%s); asking at most %d bytes per request from now on",
+                        refused, why, limit)
+            self._target_limit = limit
 
     async def _access_urls(self, api: _Api, batch: list[_Entry]) -> list[FileRef]:
         """SAM's own access URL for every file of ``batch``, a bounded number at once."""
@@ -722,6 +776,13 @@ class SamWebCatalog:
             log.warning("unresolved: %s (%s): %s", name, reason, ", ".join(locations) or "-")
         else:
             log.debug("unresolved: %s (%s): %s", name, reason, ", ".join(locations) or "-")
+
+
+def _name_bytes(name: str) -> int:
+    """Upper bound of the bytes ``name`` adds to a bulk locations request target: its
+    ``file_name=`` parameter and separator, percent-encoding every character that is not
+    unreserved (yarl leaves some of those unencoded, never encodes more)."""
+    return _NAME_PARAM + len(quote(name, safe=""))
 
 
 async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:

@@ -27,7 +27,8 @@ import httptools
 from yarl import URL
 
 from prestaged.model import Attempt
-from prestaged.storage.attempt import CONTENT_RANGE_TOTAL, DRAIN_LIMIT, REDIRECTS, parse_retry_after
+from prestaged.net import parse_retry_after
+from prestaged.storage.attempt import CONTENT_RANGE_TOTAL, DRAIN_LIMIT, REDIRECTS
 
 __all__ = ["FastPath", "FastPathStats"]
 

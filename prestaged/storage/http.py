@@ -25,22 +25,15 @@ from typing import TYPE_CHECKING, Any, Optional
 from yarl import URL
 
 from prestaged import __version__
-from prestaged.model import Attempt, Failure, Result, classify_status
-from prestaged.storage.attempt import CONTENT_RANGE_TOTAL, DRAIN_LIMIT, REDIRECTS, parse_retry_after
+from prestaged.model import Attempt, Failure
+from prestaged.net import parse_retry_after, tls_cause
+from prestaged.storage.attempt import CONTENT_RANGE_TOTAL, DRAIN_LIMIT, REDIRECTS
 from prestaged.storage.fast import FastPath, FastPathStats
 
 if TYPE_CHECKING:
     import aiohttp
 
-__all__ = [
-    "Attempt",
-    "Failure",
-    "FastPathStats",
-    "HttpToucher",
-    "Result",
-    "classify_status",
-    "parse_retry_after",
-]
+__all__ = ["FastPathStats", "HttpToucher"]
 
 _ENCODED = re.compile(r"https?://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]*")
 
@@ -60,30 +53,6 @@ def _size(resp: aiohttp.ClientResponse) -> Optional[int]:
         return int(match.group(1)) if match else None
     if resp.status == 200:
         return resp.content_length
-    return None
-
-
-def _tls_cause(exc: BaseException, *, handshake: bool = False) -> Optional[BaseException]:
-    """The TLS error behind ``exc``, or None if it is not a TLS problem.
-
-    After the handshake an EOF is just a dropped connection. During connection set-up
-    (``handshake=True``) a TCP connection that the peer drops or resets is a TLS refusal: a
-    refused or unroutable connection never gets that far, and servers that reject a client
-    certificate often close without sending an alert.
-    """
-    seen: set[int] = set()
-    cur: Optional[BaseException] = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError)):
-            return cur if handshake else None
-        if isinstance(cur, (ssl.SSLError, ssl.CertificateError)):
-            return cur
-        ssl_error: type[BaseException] = _aiohttp().ClientSSLError
-        if isinstance(cur, ssl_error):
-            return cur
-        nxt = getattr(cur, "os_error", None) or cur.__cause__ or cur.__context__
-        cur = nxt if isinstance(nxt, BaseException) else None
     return None
 
 
@@ -243,13 +212,13 @@ class HttpToucher:
         except asyncio.TimeoutError:
             return Attempt(failure=Failure.TIMEOUT, error="timed out")
         except aiohttp.ClientConnectorError as e:
-            tls = _tls_cause(e, handshake=True)
+            tls = tls_cause(e, handshake=True)
             if tls is not None:
                 why = _describe(tls) if str(tls) else "connection closed during the TLS handshake"
                 return Attempt(failure=Failure.TLS, error=f"TLS handshake failed: {why}")
             return Attempt(failure=Failure.UNREACHABLE, error=_describe(e))
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-            tls = _tls_cause(e)
+            tls = tls_cause(e)
             if tls is not None:
                 return Attempt(failure=Failure.TLS, error=_describe(tls))
             return Attempt(failure=Failure.RESET, error=_describe(e))

@@ -23,6 +23,11 @@ Location objects carry ``location`` (as SAM writes it, tape suffix included), ``
 or 400. Dimensions understood: ``defname: <name>``, ``file_name <a>[, <b> ...]`` and any query
 registered with ``add_dims``; anything else is a 400 ``DimensionError``.
 
+Request lines are held to the limit of the front ends in front of the real SAM: over 8190 bytes
+(aiohttp's default ``max_line_size``, like Apache's ``LimitRequestLine``) aiohttp itself answers
+400 before any handler runs, so such a request is not recorded. ``max_request_line`` sets a
+lower limit, answered 414 like Apache does, and recorded.
+
 Fault injection per endpoint (``inject("list", [Status(503), Status(503)])``: the next two
 listings answer 503, then normal service) with the storage emulator's actions ``Status``,
 ``Delay``, ``Reset`` plus ``SamError`` (a JSON error body) and ``Truncate`` (a listing cut off
@@ -173,6 +178,8 @@ class SamRequest:
     status: int = 0
     role: Optional[str] = None
     """The ``SAM-Role`` header, if sent."""
+    line: int = 0
+    """Bytes of the request line (method, target and HTTP version, without CRLF)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -247,6 +254,22 @@ def _error(status: int, error: str, message: str) -> web.Response:
     return web.json_response({"message": message, "error": error}, status=status)
 
 
+def _request_line_bytes(request: web.BaseRequest) -> int:
+    """Bytes of ``request``'s request line as sent: ``METHOD SP target SP HTTP/x.y``."""
+    version = f"HTTP/{request.version.major}.{request.version.minor}"
+    return len(request.method) + len(request.raw_path.encode()) + len(version) + 2
+
+
+def _uri_too_long(line: int, limit: int) -> web.Response:
+    """Apache's answer to a request line over ``LimitRequestLine`` (an HTML page)."""
+    return web.Response(
+        status=414, content_type="text/html",
+        text="<html><head><title>414 Request-URI Too Long</title></head><body>"
+             f"<p>The requested URL's length ({line} bytes of request line) exceeds the "
+             f"capacity limit ({limit}) for this server.</p></body></html>\n",
+    )
+
+
 class SamWebServer:
     """The emulator (see the module docstring). Use ``async with`` or ``start()``/``stop()``.
 
@@ -254,6 +277,8 @@ class SamWebServer:
     ``dims``: dimensions query -> file names. ``access_rules``: ``(location prefix, URL base)``
     pairs the server uses to answer ``locations/url`` (the real rules are SAM's secret).
     ``ssl_context`` decides whether clients must present a certificate.
+    ``max_request_line`` (bytes; None: only aiohttp's 8190): a longer request line is answered
+    414 without reaching SAM, as by a stricter front end.
     """
 
     def __init__(
@@ -266,8 +291,10 @@ class SamWebServer:
         access_rules: Sequence[tuple[str, str]] = (),
         host: str = "127.0.0.1",
         port: int = 0,
+        max_request_line: Optional[int] = None,
     ) -> None:
         self._ssl = ssl_context
+        self.max_request_line = max_request_line
         self.experiment = experiment
         self.host = host
         self._requested_port = port
@@ -323,9 +350,9 @@ class SamWebServer:
             raise RuntimeError("SamWebServer already started")
         app = web.Application()
         app.add_routes(self._routes(f"/sam/{self.experiment}/api"))
-        # Bulk location requests carry hundreds of names in the query string.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0,
-                               max_line_size=1 << 22, max_field_size=1 << 16)
+        # aiohttp's default line and header limits (8190 bytes) stay: an emulator must refuse
+        # what the real front ends refuse, never widen them to fit a client.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         self._runner = runner
         try:
@@ -383,18 +410,24 @@ class SamWebServer:
 
     def _wrap(self, endpoint: str, handler: _Handler) -> _Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
-            queue = self._injected.get(endpoint)
+            line = _request_line_bytes(request)
+            # A front end refuses a long line before SAM sees it: no injected action is used.
+            too_long = self.max_request_line is not None and line > self.max_request_line
+            queue = None if too_long else self._injected.get(endpoint)
             action = queue.popleft() if queue else _SERVE
             record = SamRequest(
                 time=time.monotonic(), endpoint=endpoint, method=request.method,
                 path=request.path, names=len(request.query.getall("file_name", [])),
-                client_dn=_peer_dn(request), action=repr(action),
-                role=request.headers.get("SAM-Role"),
+                client_dn=_peer_dn(request), action="too long" if too_long else repr(action),
+                role=request.headers.get("SAM-Role"), line=line,
             )
             self.stats.requests[endpoint] += 1
             self.stats.client_dns[record.client_dn] += 1
             self.stats.records.append(record)
-            resp = await self._apply(action, request, handler)
+            if too_long:
+                resp: web.StreamResponse = _uri_too_long(line, self.max_request_line or 0)
+            else:
+                resp = await self._apply(action, request, handler)
             record.status = resp.status
             return resp
 
