@@ -550,8 +550,16 @@ def _setup_logging(args: argparse.Namespace, cfg: Config) -> None:
         level = "DEBUG"
     elif args.quiet:
         level = "WARNING"
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="prestaged: %(levelname)s: %(message)s")
+    # Our own handler, replaced on every call (not basicConfig, which does nothing once the
+    # root logger has a handler): main() may run more than once in a process (tests, demo).
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == "prestaged-cli"]:
+        root.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name("prestaged-cli")
+    handler.setFormatter(logging.Formatter("prestaged: %(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
 
 
