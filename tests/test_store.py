@@ -16,7 +16,8 @@ import pytest
 
 from prestaged.errors import StateError
 from prestaged.model import FileRef
-from prestaged.state.store import MIGRATIONS, SCHEMA_VERSION, Store, url_id
+from prestaged.state.schema import MIGRATIONS, SCHEMA_VERSION
+from prestaged.state.store import Store, url_id
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, ThreadedStorageServer
 

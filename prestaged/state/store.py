@@ -5,7 +5,7 @@ it), schema versioned with ``PRAGMA user_version`` and upgraded by forward migra
 
 Writes are batched so the store never limits throughput: outcomes and memberships are buffered
 and, once ``batch`` rows are waiting or ``flush_interval`` seconds have passed, sent as one JSON
-line to a writer process (``store_writer.py``) that commits each batch in one transaction. The
+line to a writer process (``state/writer.py``) that commits each batch in one transaction. The
 warming process never runs SQLite's per-row work (in a thread it cost 12-15% of the rate, in a
 process 9%: bench/throughput.py). A crash of the warming process loses at most the open batch
 (the writer finishes what it was sent), and those files are simply warmed again. Reads the
@@ -36,10 +36,9 @@ from typing import Any, Optional
 
 from prestaged.errors import StateError
 from prestaged.model import FileRef, Outcome, Result
-from prestaged.state import writer as store_writer
+from prestaged.state import schema
 
 __all__ = [
-    "SCHEMA_VERSION",
     "DatasetStatus",
     "RunRecord",
     "Store",
@@ -51,117 +50,14 @@ log = logging.getLogger(__name__)
 
 _OK = (Result.WARM.value, Result.EMPTY.value)
 
-# Forward migrations: MIGRATIONS[i] takes a database from user_version i to i + 1.
-MIGRATIONS: list[str] = [
-    # 1: files, definitions, their membership, runs.
-    """
-    CREATE TABLE files (
-        id INTEGER PRIMARY KEY,   -- url_id(url): a 64-bit hash, so no index on the URL text
-        url TEXT NOT NULL,
-        name TEXT NOT NULL,
-        status TEXT,              -- last outcome: warm, empty, missing, denied, failed
-        http_status INTEGER,
-        bytes INTEGER,
-        attempts INTEGER,
-        last_error TEXT,
-        last_try REAL,            -- when the last outcome was recorded
-        last_warm REAL            -- last successful touch (warm or empty)
-    );
-    CREATE TABLE definitions (
-        id INTEGER PRIMARY KEY,
-        catalog TEXT NOT NULL,
-        name TEXT NOT NULL,
-        UNIQUE (catalog, name)
-    );
-    CREATE TABLE members (
-        definition_id INTEGER NOT NULL REFERENCES definitions(id) ON DELETE CASCADE,
-        file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
-        PRIMARY KEY (definition_id, file_id)
-    ) WITHOUT ROWID;
-    CREATE TABLE runs (
-        id INTEGER PRIMARY KEY,
-        definition_id INTEGER NOT NULL REFERENCES definitions(id) ON DELETE CASCADE,
-        started REAL NOT NULL,
-        ended REAL,
-        counts TEXT,              -- JSON {result: n}
-        exit_code INTEGER,
-        reason TEXT
-    );
-    """,
-    # 2: file sizes from the catalog, the run's host and pid (who ran it), and an index for
-    # "runs of a definition, newest first".
-    """
-    ALTER TABLE files ADD COLUMN size INTEGER;
-    ALTER TABLE runs ADD COLUMN host TEXT;
-    ALTER TABLE runs ADD COLUMN pid INTEGER;
-    CREATE INDEX runs_by_definition ON runs (definition_id, started);
-    """,
-    # 3: campaign submissions (campaigns.py), their state transitions, and the drainingn ledger
-    # of files a stage has taken, so that no file is ever submitted twice by one stage.
-    """
-    CREATE TABLE campaign_submissions (
-        id INTEGER PRIMARY KEY,
-        campaign TEXT NOT NULL,
-        stage TEXT NOT NULL,
-        item TEXT NOT NULL,       -- all, a list item, or slice-N of a drainingn split
-        definition TEXT NOT NULL,
-        state TEXT NOT NULL,
-        reason TEXT,
-        created REAL NOT NULL,
-        updated REAL NOT NULL,
-        n_files INTEGER,
-        exit_code INTEGER,
-        job_id TEXT,
-        output_tail TEXT,
-        UNIQUE (campaign, stage, item)
-    );
-    CREATE TABLE submission_events (
-        id INTEGER PRIMARY KEY,
-        submission_id INTEGER NOT NULL REFERENCES campaign_submissions(id) ON DELETE CASCADE,
-        at REAL NOT NULL,
-        from_state TEXT,
-        to_state TEXT NOT NULL,
-        reason TEXT
-    );
-    CREATE INDEX submission_events_by_submission ON submission_events (submission_id, id);
-    CREATE TABLE campaign_ledger (
-        campaign TEXT NOT NULL,
-        stage TEXT NOT NULL,
-        name TEXT NOT NULL,
-        url TEXT NOT NULL,
-        submission_id INTEGER NOT NULL REFERENCES campaign_submissions(id) ON DELETE CASCADE,
-        PRIMARY KEY (campaign, stage, name)
-    ) WITHOUT ROWID;
-    CREATE INDEX campaign_ledger_by_submission ON campaign_ledger (submission_id);
-    """,
-    # 4: operator controls of campaigns (stage '') and stages: hold/release and cancel; and
-    # the retry that supersedes a launch_unknown submission released by the operator.
-    """
-    ALTER TABLE campaign_submissions ADD COLUMN superseded_by INTEGER
-        REFERENCES campaign_submissions(id);
-    CREATE TABLE campaign_controls (
-        campaign TEXT NOT NULL,
-        stage TEXT NOT NULL,      -- '' for the whole campaign
-        held INTEGER NOT NULL DEFAULT 0,
-        cancelled INTEGER NOT NULL DEFAULT 0,
-        updated REAL NOT NULL,
-        reason TEXT,
-        PRIMARY KEY (campaign, stage)
-    ) WITHOUT ROWID;
-    """,
-    # 5: campaigns the daemon runs (`prestaged campaign add`): the file's text as added, so a
-    # restarted daemon resumes them without the file.
-    """
-    CREATE TABLE campaigns (
-        name TEXT PRIMARY KEY,
-        source TEXT,              -- the path it was added from, for people (never re-read)
-        body TEXT NOT NULL,       -- the campaign file's TOML text
-        added REAL NOT NULL,
-        updated REAL NOT NULL
-    ) WITHOUT ROWID;
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _writer_env() -> dict[str, str]:
+    """The environment of the writer process: ours, with this very prestaged first on the
+    path (the writer runs as ``python -m prestaged.state.writer``)."""
+    root = str(Path(schema.__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
 
 def url_id(url: str) -> int:
@@ -225,18 +121,6 @@ class DatasetStatus:
         return d
 
 
-def _configure(conn: sqlite3.Connection) -> None:
-    conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoints, fast commits
-
-
-def _connect(path: Path, *, busy_timeout: float) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None,
-                           check_same_thread=False)
-    _configure(conn)
-    return conn
-
-
 class Store:
     """The state database at ``path``; ``open()`` it before use and ``close()`` it after.
 
@@ -254,7 +138,7 @@ class Store:
         self._conn: Optional[sqlite3.Connection] = None
         # Reads (and run rows) use this process's connection, guarded by _lock (reads come
         # from worker threads via asyncio.to_thread). Outcomes and memberships wait in _buffer
-        # and go a batch at a time to a writer process (store_writer.py), which commits each
+        # and go a batch at a time to a writer process (state/writer.py), which commits each
         # batch in one transaction: SQLite's per-row work then costs the warming process
         # nothing but a JSON line.
         self._lock = threading.RLock()
@@ -281,8 +165,8 @@ class Store:
         except (OSError, sqlite3.Error) as e:
             raise StateError(f"state {self.path}: cannot open: {e}") from e
         try:
-            self._migrate(conn)
-            _configure(conn)
+            schema.migrate(conn, self.path)
+            schema.configure(conn)
         except sqlite3.OperationalError as e:
             conn.close()
             raise StateError(f"state {self.path}: cannot use it: {e}") from e
@@ -298,9 +182,9 @@ class Store:
         self._conn = conn
         try:
             self._writer = subprocess.Popen(
-                [sys.executable, str(Path(store_writer.__file__)), str(self.path),
+                [sys.executable, "-m", "prestaged.state.writer", str(self.path),
                  str(self.busy_timeout)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=_writer_env())
         except OSError as e:
             conn.close()
             self._conn = None
@@ -332,46 +216,6 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Bring the schema to ``SCHEMA_VERSION``; safe when several processes open at once."""
-        if self._version(conn) == SCHEMA_VERSION:
-            return
-        # The write lock is taken before the version is read again: of two processes opening a
-        # new file together, the second waits, then finds nothing left to do.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            version = self._version(conn)
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[target - 1].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {target}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        if 0 < version < SCHEMA_VERSION:
-            log.info("state %s: schema version %d -> %d", self.path, version, SCHEMA_VERSION)
-        conn.execute("PRAGMA journal_mode = WAL")  # persistent: once per file is enough
-
-    def _version(self, conn: sqlite3.Connection) -> int:
-        """The schema version, after checking the file is ours and not from the future."""
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise StateError(
-                f"state {self.path}: schema version {version} is newer than this prestaged "
-                f"knows ({SCHEMA_VERSION}); upgrade prestaged or use another --state file"
-            )
-        if version == 0:
-            tables = {r[0] for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if tables:
-                raise StateError(
-                    f"state {self.path}: a SQLite database of something else (tables: "
-                    f"{', '.join(sorted(tables)[:5])}); choose another file with --state"
-                )
-        return version
-
     @property
     def conn(self) -> sqlite3.Connection:
         """The open connection (guarded by ``_lock``)."""
@@ -384,15 +228,8 @@ class Store:
         """The connection inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error),
         under this store's lock: for small synchronous writes that must be durable at once
         (campaign state), not for outcomes (those go through the writer process)."""
-        with self._lock:
-            conn = self.conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self._lock, schema.immediate(self.conn) as conn:
+            yield conn
 
     # --- writes (queued) ----------------------------------------------------------------------
 
@@ -457,19 +294,12 @@ class Store:
 
     def start_run(self, catalog: str, definition: str) -> int:
         """Record the start of a run now (written at once, not queued); return its id."""
-        with self._lock:
-            conn = self.conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                def_id = store_writer.definition_id(conn, catalog, definition)
-                cur = conn.execute(
-                    "INSERT INTO runs (definition_id, started, host, pid) VALUES (?, ?, ?, ?)",
-                    (def_id, time.time(), os.uname().nodename, os.getpid()),
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self.transaction() as conn:
+            def_id = schema.definition_id(conn, catalog, definition)
+            cur = conn.execute(
+                "INSERT INTO runs (definition_id, started, host, pid) VALUES (?, ?, ?, ?)",
+                (def_id, time.time(), os.uname().nodename, os.getpid()),
+            )
         assert cur.lastrowid is not None
         return cur.lastrowid
 

@@ -1,6 +1,6 @@
 """The state store's writer process: applies batches of rows to the SQLite file.
 
-``prestaged.state.store.Store`` starts this file as a script (``python writer.py DB``) and
+``prestaged.state.store.Store`` starts it (``python -m prestaged.state.writer DB TIMEOUT``) and
 sends it one JSON document per line on stdin; it writes each document in one transaction. Running
 the writes in a process of their own keeps SQLite's per-row work off the warming process's CPU
 and GIL (in a thread of the warming process it cost 12-15% of the rate; bench/throughput.py).
@@ -8,8 +8,8 @@ and GIL (in a thread of the warming process it cost 12-15% of the rate; bench/th
 Lines: ``{"members": [[catalog, definition, [[id, url, name, size], ...]], ...],
 "outcomes": [[id, url, name, result, http_status, bytes, attempts, error, time], ...]}`` or
 ``{"flush": n}``, answered with the line ``ok n`` once everything before it is committed.
-End of input: exit 0. Standard library only: importing the prestaged package would cost the
-child a third of a second of start-up.
+End of input: exit 0. It imports only ``state.schema`` (the package's ``__init__`` loads
+nothing eagerly), so it starts in a few tens of milliseconds.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import json
 import sqlite3
 import sys
 from typing import Any
+
+from prestaged.state.schema import configure, definition_id, immediate
 
 UPSERT_MEMBER_FILE = (
     "INSERT INTO files (id, url, name, size) VALUES (?, ?, ?, ?) ON CONFLICT (id) "
@@ -40,36 +42,21 @@ ON CONFLICT (id) DO UPDATE SET
 """
 
 
-def definition_id(conn: sqlite3.Connection, catalog: str, definition: str) -> int:
-    """The id of ``(catalog, definition)``, created if new."""
-    conn.execute("INSERT OR IGNORE INTO definitions (catalog, name) VALUES (?, ?)",
-                 (catalog, definition))
-    row = conn.execute("SELECT id FROM definitions WHERE catalog = ? AND name = ?",
-                       (catalog, definition)).fetchone()
-    return int(row[0])
-
-
 def write(conn: sqlite3.Connection, doc: dict[str, Any]) -> None:
     """Apply one batch in one transaction."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         for catalog, definition, rows in doc.get("members", ()):
             def_id = definition_id(conn, catalog, definition)
             conn.executemany(UPSERT_MEMBER_FILE, rows)
             conn.executemany(INSERT_MEMBER, [(def_id, row[0]) for row in rows])
         if doc.get("outcomes"):
             conn.executemany(UPSERT_OUTCOME, doc["outcomes"])
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def main(argv: list[str]) -> int:
     """Serve batches for the database ``argv[1]`` (busy timeout ``argv[2]`` seconds)."""
     conn = sqlite3.connect(argv[1], timeout=float(argv[2]), isolation_level=None)
-    conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA synchronous = NORMAL")
+    configure(conn)
     try:
         for line in sys.stdin.buffer:
             doc = json.loads(line)
