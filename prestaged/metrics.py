@@ -30,7 +30,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from prestaged import __version__
+from prestaged._version import __version__
 from prestaged.catalog import KINDS
 from prestaged.model import Result
 

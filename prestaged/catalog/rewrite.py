@@ -60,10 +60,6 @@ class Rewriter:
     def __init__(self, rules: Sequence[RewriteRule]) -> None:
         self.rules = tuple(rules)
 
-    def directory_url(self, location: str) -> Optional[str]:
-        """URL of the directory ``location`` names (no trailing ``/``), or None if no rule fits."""
-        return self._first([strip_tape_suffix(location)])
-
     def url_for(self, name: str, locations: Iterable[str]) -> Optional[str]:
         """URL of file ``name`` given its SAM ``locations``, or None if no rule matches any."""
         directory = self._first([strip_tape_suffix(loc) for loc in locations])

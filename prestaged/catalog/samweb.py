@@ -52,7 +52,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from yarl import URL
 
-from prestaged import __version__
+from prestaged._version import __version__
 from prestaged.catalog.rewrite import Rewriter
 from prestaged.config import SamWebConfig
 from prestaged.errors import CatalogError, ConfigError, CredentialError, PrestagedError

@@ -16,7 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from prestaged import __version__
+from prestaged._version import __version__
 from prestaged.config import Config, find_config, load_config, replace_path
 from prestaged.errors import (
     EXIT_HELD,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from prestaged import __version__
+from prestaged._version import __version__
 from prestaged.catalog import Catalog
 from prestaged.config import Config, WatchConfig, load_config
 from prestaged.context import Context

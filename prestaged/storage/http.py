@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from yarl import URL
 
-from prestaged import __version__
+from prestaged._version import __version__
 from prestaged.model import Attempt, Failure
 from prestaged.net import parse_retry_after, tls_cause
 from prestaged.storage.attempt import CONTENT_RANGE_TOTAL, DRAIN_LIMIT, REDIRECTS
