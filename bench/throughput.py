@@ -10,13 +10,19 @@ What is timed is the whole client process, as a user runs it: for prestaged, int
 imports, proxy checks, reading the URL list, the warm and the JSON summary; for curl, parsing
 its config file of N entries and the transfers.
 
-    .venv/bin/python bench/throughput.py [--files 20000] [--rounds 3] [--redirect] [--json]
+``--baseline DIR`` adds a fourth client in every round: prestaged from another source tree
+(e.g. ``git archive OLD prestaged | tar -x -C DIR``) through ``PYTHONPATH``, so that a change
+is measured against the code before it on the same machine, interleaved, in one run.
+
+    .venv/bin/python bench/throughput.py [--files 20000] [--rounds 3] [--redirect]
+        [--baseline DIR] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -46,6 +52,8 @@ PRESTAGED = "prestaged"
 NO_STATE = "no-state"
 """prestaged warm --no-state: the same run without the state database (issue 5's baseline)."""
 CURL = "curl"
+BASELINE = "baseline"
+"""prestaged warm (with state) of the --baseline tree."""
 CLIENTS = (PRESTAGED, NO_STATE, CURL)
 
 
@@ -63,6 +71,12 @@ class Setup:
     prestaged_config: Path
     curl: str
     timeout: float
+    baseline: Optional[Path] = None
+
+    @property
+    def clients(self) -> tuple[str, ...]:
+        """The clients of each round, in the order they run."""
+        return (*CLIENTS, BASELINE) if self.baseline is not None else CLIENTS
 
 
 @dataclass(frozen=True)
@@ -115,7 +129,8 @@ def write_curl_config(path: Path, base_url: str, files: int, creds: Credentials,
     return path
 
 
-def prepare(workdir: Path, files: int, *, redirect: bool, curl: str, timeout: float) -> Setup:
+def prepare(workdir: Path, files: int, *, redirect: bool, curl: str, timeout: float,
+            baseline: Optional[Path] = None) -> Setup:
     """Make credentials, pick the door port and write the URL list and the curl config."""
     creds = make_credentials(workdir)
     port = free_port()
@@ -132,6 +147,7 @@ def prepare(workdir: Path, files: int, *, redirect: bool, curl: str, timeout: fl
         prestaged_config=empty_config(workdir / "prestaged.toml"),
         curl=curl,
         timeout=timeout,
+        baseline=baseline,
     )
 
 
@@ -162,23 +178,27 @@ def _curl_problems(setup: Setup, got: Measured) -> list[str]:
 
 def measure(setup: Setup, client: str, round_no: int) -> Run:
     """One run of ``client`` against a fresh storage process; checked against its stats."""
-    if client in (PRESTAGED, NO_STATE):
+    env = None
+    if client in (PRESTAGED, NO_STATE, BASELINE):
         # A new state file per run: every file is warmed (none is fresh) and recorded.
         state = (["--no-state"] if client == NO_STATE
-                 else ["--state", str(setup.workdir / f"state-{round_no}.db")])
+                 else ["--state", str(setup.workdir / f"state-{client}-{round_no}.db")])
         cmd = warm_command(setup.url_list, setup.creds, setup.prestaged_config,
                            "--concurrency", str(CONCURRENCY), "--per-host", str(CONCURRENCY),
                            *state)
+        if client == BASELINE:
+            # Its package first on the path, before the installed one.
+            env = {**os.environ, "PYTHONPATH": str(setup.baseline)}
     else:
         cmd = [setup.curl, "--no-progress-meter", "--parallel", "--parallel-max",
                str(CONCURRENCY), "--config", str(setup.curl_config)]
     stats_file = setup.workdir / f"stats-{client}-{round_no}.json"
     with storage(setup.creds.pki.root, stats_file, redirect=setup.redirect,
                  port=setup.port) as server:
-        got = run_measured(cmd, timeout=setup.timeout)
+        got = run_measured(cmd, timeout=setup.timeout, env=env)
         stats = server.stop()
     reported = None
-    if client in (PRESTAGED, NO_STATE):
+    if client in (PRESTAGED, NO_STATE, BASELINE):
         problems, reported = _prestaged_problems(setup, got)
     else:
         problems = _curl_problems(setup, got)
@@ -205,7 +225,7 @@ def measure(setup: Setup, client: str, round_no: int) -> Run:
 def summarize(runs: list[Run], setup: Setup, curl_version: str) -> dict[str, Any]:
     """The JSON document: every run, per-client medians and the prestaged/curl ratio."""
     per: dict[str, dict[str, Optional[float]]] = {}
-    for client in CLIENTS:
+    for client in setup.clients:
         mine = [r for r in runs if r.client == client]
         rss = [r.peak_rss_mib for r in mine if r.peak_rss_mib is not None]
         per[client] = {
@@ -219,9 +239,17 @@ def summarize(runs: list[Run], setup: Setup, curl_version: str) -> dict[str, Any
         per[CURL]["median_files_per_second"] or 1.0)
     state_cost = 1.0 - (per[PRESTAGED]["median_files_per_second"] or 0.0) / (
         per[NO_STATE]["median_files_per_second"] or 1.0)
+    extra: dict[str, Any] = {}
+    if setup.baseline is not None:
+        # Per round, then the median: pairs measured minutes apart share the machine's drift.
+        pairs = [(r.files_per_second, b.files_per_second) for r in runs for b in runs
+                 if r.client == PRESTAGED and b.client == BASELINE and r.round == b.round]
+        extra = {"baseline": str(setup.baseline),
+                 "ratio_prestaged_over_baseline": round(median([a / b for a, b in pairs]), 3),
+                 "ratio_per_round": [round(a / b, 3) for a, b in pairs]}
     return {
         "files": setup.files,
-        "rounds": len(runs) // len(CLIENTS),
+        "rounds": len(runs) // len(setup.clients),
         "concurrency": CONCURRENCY,
         "redirect": setup.redirect,
         "curl_version": curl_version,
@@ -229,6 +257,7 @@ def summarize(runs: list[Run], setup: Setup, curl_version: str) -> dict[str, Any
         "ratio_prestaged_over_curl": round(ratio, 3),
         "state_cost_fraction": round(state_cost, 3),
         "all_correct": all(not r.problems for r in runs),
+        **extra,
         "runs": [asdict(r) for r in runs],
     }
 
@@ -249,6 +278,10 @@ def print_table(doc: dict[str, Any]) -> None:
     print(f"ratio prestaged/curl (median files/s): {doc['ratio_prestaged_over_curl']:.2f}")
     print(f"state cost (1 - prestaged/no-state, median files/s): "
           f"{100 * doc['state_cost_fraction']:.1f}%")
+    if "ratio_prestaged_over_baseline" in doc:
+        rounds = ", ".join(f"{r:.2f}" for r in doc["ratio_per_round"])
+        print(f"ratio prestaged/baseline {doc['baseline']} (median of rounds): "
+              f"{doc['ratio_prestaged_over_baseline']:.3f} ({rounds})")
     for r in doc["runs"]:
         for problem in r["problems"]:
             print(f"INCORRECT {r['client']} round {r['round']}: {problem}")
@@ -280,6 +313,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds before a client run is killed (default 600)")
     p.add_argument("--curl", default="curl", help="curl executable (default: curl on PATH)")
+    p.add_argument("--baseline", type=Path, metavar="DIR",
+                   help="also run prestaged from this source tree (its prestaged/ package) in "
+                        "every round, and report the ratio")
     p.add_argument("--json", action="store_true", help="print one JSON document, no table")
     return p
 
@@ -294,14 +330,18 @@ def main() -> int:
     if args.files < 1 or args.rounds < 1:
         print("throughput: --files and --rounds must be >= 1", file=sys.stderr)
         return 2
+    if args.baseline is not None and not (args.baseline / "prestaged" / "__init__.py").is_file():
+        print(f"throughput: --baseline {args.baseline}: no prestaged/__init__.py there",
+              file=sys.stderr)
+        return 2
     version = subprocess.run([curl, "--version"], capture_output=True, text=True, check=True)
     curl_version = version.stdout.split("\n", 1)[0]
     with tempfile.TemporaryDirectory(prefix="prestaged-bench-") as tmp:
         setup = prepare(Path(tmp), args.files, redirect=args.redirect, curl=curl,
-                        timeout=args.timeout)
+                        timeout=args.timeout, baseline=args.baseline)
         runs = []
         for round_no in range(1, args.rounds + 1):
-            for client in CLIENTS:
+            for client in setup.clients:
                 runs.append(measure(setup, client, round_no))
                 _progress(runs[-1])
     doc = summarize(runs, setup, curl_version)
