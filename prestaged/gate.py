@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
 from prestaged.catalog import Catalog
-from prestaged.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, ConfigError
+from prestaged.errors import (
+    EXIT_CATALOG,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    ConfigError,
+)
 from prestaged.retry import RetryPolicy
 from prestaged.runner import run_definition
 from prestaged.state.store import Store
@@ -75,7 +81,8 @@ class GateResult:
 
     @property
     def fraction(self) -> float:
-        """Warm fraction (fresh / files); a definition without files counts as all warm."""
+        """Warm fraction (fresh / files); 1.0 for a definition without files (which passes
+        only with ``allow_empty``)."""
         return self.fresh / self.files if self.files else 1.0
 
     def summary(self) -> str:
@@ -146,12 +153,15 @@ async def wait_until_ready(
     stop: Optional[asyncio.Event] = None,
     clock: Callable[[], float] = time.monotonic,
     probe: Optional[Probe] = None,
+    allow_empty: bool = False,
 ) -> GateResult:
     """Warm ``catalog``'s cold files (not touched within ``fresh_for`` seconds) until its warm
     fraction reaches ``ready`` (0..1], giving up after ``timeout`` seconds (default 6 h);
     between runs wait ``retry_initial`` seconds (default 10), doubling up to ``retry_max``
     (default 600). A run in progress at the timeout is stopped. Setting ``stop`` ends the gate
-    early with exit code 130. ``probe`` hears every request (the daemon's metrics)."""
+    early with exit code 130. ``probe`` hears every request (the daemon's metrics). A
+    definition with no files fails at once with exit code 4 (an empty input is almost always a
+    wrong name or query, and submitting on it wastes a job) unless ``allow_empty``."""
     check_ready(ready)
     if fresh_for <= 0:
         raise ConfigError("state.fresh_for: the gate needs a freshness window, got 0 "
@@ -184,6 +194,9 @@ async def wait_until_ready(
                               files, fresh, cold)
             if stop is not None and stop.is_set():  # before "ready": Ctrl-C never submits
                 return result(EXIT_INTERRUPTED, "interrupted", files, fresh, cold)
+            if not files and not allow_empty:
+                return result(EXIT_CATALOG, f"definition {catalog.definition} has no files "
+                              "(--allow-empty lets an empty input pass)", files, fresh, cold)
             if (fresh / files if files else 1.0) >= ready:
                 return result(EXIT_OK, "ready", files, fresh, cold)
             left = timeout - (clock() - start)

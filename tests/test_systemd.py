@@ -159,8 +159,16 @@ def test_service_keeps_the_lifecycle_and_sandbox_settings() -> None:
         "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
         "NoNewPrivileges": "yes", "MemoryDenyWriteExecute": "yes", "UMask": "0077",
         "CapabilityBoundingSet": "", "SystemCallArchitectures": "native",
+        "KillMode": "mixed",
     }
     assert {k: service.get(k) for k in expected} == expected
+
+
+def test_both_daemon_units_stop_the_main_process_only() -> None:
+    """KillMode=mixed in both daemon units: SIGTERM goes to the daemon, which drains; its
+    state writer and submit commands are not signalled until TimeoutStopSec (issue 12, 7)."""
+    for unit in (SERVICE, SERVICE.with_name("prestaged-user.service")):
+        assert dict(_unit(unit)["Service"]).get("KillMode") == "mixed", unit
 
 
 def test_example_config_fits_the_service() -> None:

@@ -149,7 +149,10 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         yield conn
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite has already rolled back after some errors (a full disk, an I/O error): a
+        # ROLLBACK then fails and would hide the error that matters.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar, cast
 
 from prestaged.errors import StateError
 from prestaged.model import FileRef, Outcome, Result
@@ -50,6 +51,49 @@ log = logging.getLogger(__name__)
 
 _OK = (Result.WARM.value, Result.EMPTY.value)
 
+
+
+def describe_sqlite_error(message: str) -> str:
+    """SQLite's text, said so that the user knows what to do (disk full, read-only, locked,
+    damaged file), on one line."""
+    text = " ".join(message.split())
+    low = text.lower()
+    if "disk is full" in low or "no space left" in low:
+        return f"the disk is full ({text}); free some space, nothing recorded was lost"
+    if "readonly" in low or "read-only" in low:
+        return f"the file or its directory is read-only ({text})"
+    if "locked" in low or "busy" in low:
+        return f"another process holds the database locked for too long ({text})"
+    if "malformed" in low or "not a database" in low or "corrupt" in low:
+        return (f"the database is damaged ({text}); move it away (prestaged starts a new one) "
+                "or choose another file with --state")
+    return text
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _one_line_errors(method: F) -> F:
+    """A ``Store`` method whose ``sqlite3.Error`` becomes one ``StateError`` line naming the
+    file (a damaged page behind a valid header fails in the middle of a read, not at open)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as e:
+            raise StateError(f"state {self.path}: {describe_sqlite_error(str(e))}") from None
+
+    return cast(F, wrapper)
+
+
+def _private_parent(path: Path) -> None:
+    """Create the directory of ``path`` (and its parents) 0700 when missing."""
+    missing = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for made in missing:
+        with contextlib.suppress(OSError):
+            made.chmod(0o700)
 
 
 def _writer_env() -> dict[str, str]:
@@ -80,7 +124,8 @@ def default_state_path(env: Optional[Mapping[str, str]] = None) -> Path:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """One row of ``prestaged history``."""
+    """One row of ``prestaged history``; ``reason`` is None while the run goes on, and says
+    ``crashed: ...`` for a run whose process died without recording its end."""
 
     id: int
     catalog: str
@@ -145,6 +190,7 @@ class Store:
         self._buffer: list[tuple[str, Any]] = []
         self._last_send = time.monotonic()
         self._writer: Optional[subprocess.Popen[bytes]] = None
+        self._writer_error: Optional[str] = None
         self._flushes = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -159,11 +205,17 @@ class Store:
         if self.path.exists() and not self.path.is_file():
             raise StateError(f"state {self.path}: not a regular file")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _private_parent(self.path)
+            # Definitions, URLs and run history are the operator's: a new file is 0600 whatever
+            # the umask (the units set UMask=0077; a user's shell usually has 022). SQLite gives
+            # its -wal and -shm files the database file's mode.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout,
                                    isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as e:
-            raise StateError(f"state {self.path}: cannot open: {e}") from e
+            raise StateError(f"state {self.path}: cannot open: "
+                             f"{describe_sqlite_error(str(e))}") from e
         try:
             schema.migrate(conn, self.path)
             schema.configure(conn)
@@ -184,7 +236,11 @@ class Store:
             self._writer = subprocess.Popen(
                 [sys.executable, "-m", "prestaged.state.writer", str(self.path),
                  str(self.busy_timeout)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=_writer_env())
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=_writer_env(),
+                # Its own session: a Ctrl-C or a SIGTERM to our process group (systemd, timeout,
+                # kill -- -PGID) must not reach it before we hand over the last batch; it ends
+                # when we close its stdin (and it ignores both signals itself, for the cgroup).
+                start_new_session=True)
         except OSError as e:
             conn.close()
             self._conn = None
@@ -228,8 +284,13 @@ class Store:
         """The connection inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error),
         under this store's lock: for small synchronous writes that must be durable at once
         (campaign state), not for outcomes (those go through the writer process)."""
-        with self._lock, schema.immediate(self.conn) as conn:
-            yield conn
+        with self._lock:
+            try:
+                with schema.immediate(self.conn) as conn:
+                    yield conn
+            except sqlite3.Error as e:
+                raise StateError(f"state {self.path}: "
+                                 f"{describe_sqlite_error(str(e))}") from None
 
     # --- writes (queued) ----------------------------------------------------------------------
 
@@ -262,9 +323,8 @@ class Store:
         try:
             writer.stdin.write(line.encode() + b"\n")
             writer.stdin.flush()
-        except OSError as e:
-            raise StateError(f"state {self.path}: the writer process died "
-                             f"(exit {writer.poll()}): {e}") from e
+        except OSError:
+            raise self._writer_failed() from None
 
     def add_members(self, catalog: str, definition: str, refs: Sequence[FileRef]) -> None:
         """Record that ``refs`` belong to ``definition`` (queued)."""
@@ -285,13 +345,31 @@ class Store:
             seq = self._flushes
             self._line(json.dumps({"flush": seq}))
             assert self._writer is not None and self._writer.stdout is not None
-            answer = self._writer.stdout.readline().decode().strip()
-        if answer != f"ok {seq}":
-            raise StateError(f"state {self.path}: the writer process failed "
-                             f"(exit {self._writer.poll()}); see the message above")
+            answer = self._writer.stdout.readline().decode(errors="replace").strip()
+            if answer != f"ok {seq}":
+                raise self._writer_failed(answer)
+
+    def _writer_failed(self, answer: str = "") -> StateError:
+        """The one-line error for a writer process that stopped: its own ``error`` line when
+        it sent one (read here if not given), else how it ended."""
+        writer = self._writer
+        assert writer is not None and writer.stdout is not None
+        if not answer.startswith("error ") and self._writer_error is None:
+            with contextlib.suppress(OSError, ValueError):
+                answer = writer.stdout.readline().decode(errors="replace").strip()
+        if answer.startswith("error "):
+            self._writer_error = answer[6:]  # kept: later calls (finish_run) say the same
+        if self._writer_error is not None:
+            return StateError(f"state {self.path}: cannot write: "
+                              f"{describe_sqlite_error(self._writer_error)}")
+        code = writer.poll()
+        how = "is still running" if code is None else (
+            f"was killed by signal {-code}" if code < 0 else f"exited {code}")
+        return StateError(f"state {self.path}: the writer process stopped answering (it {how})")
 
     # --- runs ---------------------------------------------------------------------------------
 
+    @_one_line_errors
     def start_run(self, catalog: str, definition: str) -> int:
         """Record the start of a run now (written at once, not queued); return its id."""
         with self.transaction() as conn:
@@ -303,6 +381,7 @@ class Store:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
+    @_one_line_errors
     def finish_run(self, run_id: int, counts: Mapping[str, int], exit_code: int,
                    reason: str) -> None:
         """Flush queued outcomes, then record how run ``run_id`` ended."""
@@ -315,6 +394,7 @@ class Store:
 
     # --- reads --------------------------------------------------------------------------------
 
+    @_one_line_errors
     def fresh_urls(self, urls: Iterable[str], fresh_for: float,
                    now: Optional[float] = None) -> set[str]:
         """Those of ``urls`` successfully touched within the last ``fresh_for`` seconds."""
@@ -333,6 +413,7 @@ class Store:
                 found.update(by_id[r[0]] for r in rows)
         return found
 
+    @_one_line_errors
     def status(self, fresh_for: float, definition: Optional[str] = None,
                catalog: Optional[str] = None, now: Optional[float] = None) -> list[DatasetStatus]:
         """Warmth of every recorded definition (or of the one named)."""
@@ -349,6 +430,7 @@ class Store:
                 out.append(self._status_of(def_id, cat, name, since))
         return out
 
+    @_one_line_errors
     def cold_urls(self, catalog: str, definition: str, fresh_for: float, limit: int = 5,
                   now: Optional[float] = None) -> list[str]:
         """Up to ``limit`` URLs (sorted) of ``definition``'s files not successfully touched
@@ -387,10 +469,11 @@ class Store:
         return DatasetStatus(catalog, name, files, fresh, stale, dict(failed), never,
                              last[0] if last else None)
 
+    @_one_line_errors
     def runs(self, limit: int = 20, definition_id: Optional[int] = None) -> list[RunRecord]:
         """Recent runs, newest first."""
         query = ("SELECT r.id, d.catalog, d.name, r.started, r.ended, r.counts, r.exit_code, "
-                 "r.reason, r.host FROM runs r JOIN definitions d ON d.id = r.definition_id")
+                 "r.reason, r.host, r.pid FROM runs r JOIN definitions d ON d.id = r.definition_id")
         args: list[Any] = []
         if definition_id is not None:
             query += " WHERE r.definition_id = ?"
@@ -400,7 +483,42 @@ class Store:
         with self._lock:
             rows = self.conn.execute(query, args).fetchall()
         return [RunRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else {},
-                          r[6], r[7], r[8]) for r in rows]
+                          r[6], r[7] if r[7] is not None else _crashed(r[8], r[9], r[3]), r[8])
+                for r in rows]
+
+
+def _crashed(host: Optional[str], pid: Optional[int], started: float) -> Optional[str]:
+    """The reason of a run that has no end recorded: None while its process still runs (or runs
+    on another host, where we cannot look), ``crashed: ...`` once it is gone (SIGKILL, OOM,
+    power loss): its pid is free, or now belongs to a process started after the run."""
+    if pid is None or host != os.uname().nodename:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"crashed: process {pid} ended without recording the end of the run"
+    except PermissionError:
+        pass  # alive, another user's
+    begun = _process_start(pid)
+    if begun is not None and begun > started + 1.0:
+        return f"crashed: process {pid} ended without recording the end of the run"
+    return None
+
+
+def _process_start(pid: int) -> Optional[float]:
+    """Unix time process ``pid`` started (Linux /proc), or None where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    # Field 22 (starttime, clock ticks after boot) counts from after the ")" ending the name.
+    fields = stat.rpartition(")")[2].split()
+    try:
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError, OSError):
+        return None
 
 
 class StoreRecorder:

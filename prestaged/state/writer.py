@@ -8,13 +8,20 @@ and GIL (in a thread of the warming process it cost 12-15% of the rate; bench/th
 Lines: ``{"members": [[catalog, definition, [[id, url, name, size], ...]], ...],
 "outcomes": [[id, url, name, result, http_status, bytes, attempts, error, time], ...]}`` or
 ``{"flush": n}``, answered with the line ``ok n`` once everything before it is committed.
-End of input: exit 0. It imports only ``state.schema`` (the package's ``__init__`` loads
-nothing eagerly), so it starts in a few tens of milliseconds.
+End of input: exit 0. A failure is answered with one line ``error <message>`` on stdout, then
+exit 1; the store turns it into its one-line error (the disk is full, ...).
+
+It ignores SIGINT and SIGTERM: a Ctrl-C, ``timeout`` or systemd's stop signal to the whole
+process group must not kill it before the warming process has handed over its last batch and
+closed the pipe, which is how it learns to finish. It imports only ``state.schema`` (the
+package's ``__init__`` loads nothing eagerly), so it starts in a few tens of milliseconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sqlite3
 import sys
 from typing import Any
@@ -55,8 +62,13 @@ def write(conn: sqlite3.Connection, doc: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     """Serve batches for the database ``argv[1]`` (busy timeout ``argv[2]`` seconds)."""
-    conn = sqlite3.connect(argv[1], timeout=float(argv[2]), isolation_level=None)
-    configure(conn)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        conn = sqlite3.connect(argv[1], timeout=float(argv[2]), isolation_level=None)
+        configure(conn)
+    except (sqlite3.Error, OSError) as e:
+        return _fail(e)
     try:
         for line in sys.stdin.buffer:
             doc = json.loads(line)
@@ -66,11 +78,19 @@ def main(argv: list[str]) -> int:
             else:
                 write(conn, doc)
     except (sqlite3.Error, OSError, ValueError) as e:
-        print(f"prestaged state writer: {e}", file=sys.stderr)
-        return 1
+        return _fail(e)
     finally:
         conn.close()
     return 0
+
+
+def _fail(e: BaseException) -> int:
+    """Tell the store what went wrong (one line on stdout), then exit 1."""
+    message = " ".join(str(e).split()) or type(e).__name__
+    with contextlib.suppress(OSError):
+        sys.stdout.write(f"error {message}\n")
+        sys.stdout.flush()
+    return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,204 @@
+"""Faults around the state store (issue 12: 7, 9, 10): a process-group SIGTERM, a SIGKILL, a
+full disk, a damaged file, private file modes, and the gate on an empty input. Each test
+breaks the run the way an operator or the machine would and checks what is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cli_runner import run_cli
+
+from prestaged.state.store import Store, describe_sqlite_error
+from prestaged.testing.pki import TestPKI
+from prestaged.testing.storage import Delay, ThreadedStorageServer
+
+TIMEOUT = 120
+
+
+@pytest.fixture
+def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
+    """The test storage in a background thread, requiring a client certificate."""
+    with ThreadedStorageServer(pki.server_ssl_context()) as srv:
+        yield srv
+
+
+def _definition(tmp_path: Path, srv: ThreadedStorageServer, n: int, name: str = "ds") -> Path:
+    path = tmp_path / f"{name}.txt"
+    path.write_text("".join(srv.url(f"/{name}/f{i:05d}") + "\n" for i in range(n)))
+    return path
+
+
+def _warm(definition: Path, proxy: Path, pki: TestPKI, state: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "prestaged", "warm", str(definition), "--proxy", str(proxy),
+            "--ca-dir", str(pki.ca_dir), "--state", str(state), "--json", *extra]
+
+
+def _history(state: Path) -> list[dict[str, object]]:
+    res = run_cli("history", "--state", str(state), "--json")
+    assert res.returncode == 0, res.stderr
+    runs: list[dict[str, object]] = json.loads(res.stdout)["runs"]
+    return runs
+
+
+def test_sigterm_to_the_process_group_stops_like_sigterm_to_the_pid(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """``kill -- -PGID`` (systemd's control-group stop, ``timeout``) reaches the state writer
+    too: it must survive it, so the warm stops cleanly with exit 130, a partial JSON summary,
+    every outcome recorded and the run recorded as interrupted (it died with exit 2 before)."""
+    definition = _definition(tmp_path, storage, 400)
+    for i in range(100, 400):
+        storage.server.inject(f"/ds/f{i:05d}", [Delay(60)])
+    state = tmp_path / "state.db"
+    proc = subprocess.Popen(_warm(definition, proxy, pki, state, "--concurrency", "4"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        storage.wait_until(lambda s: s.active_requests == 4 and s.requests_total >= 104,
+                           timeout=TIMEOUT)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "writer" not in err and "Traceback" not in err
+    doc = json.loads(out)
+    assert doc["counts"]["warm"] == 100
+    [run] = _history(state)
+    assert run["reason"] == "interrupted" and run["exit_code"] == 130
+    status = json.loads(run_cli("status", "--state", str(state), "--json").stdout)
+    assert status["definitions"][0]["fresh"] == 100
+
+
+def test_a_killed_run_shows_as_crashed_not_running(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """A run whose process got SIGKILL has no end recorded; status and history say it crashed
+    (its pid is gone) instead of showing it running forever."""
+    definition = _definition(tmp_path, storage, 50)
+    storage.server.inject_all([Delay(60)], repeat=True)
+    state = tmp_path / "state.db"
+    proc = subprocess.Popen(_warm(definition, proxy, pki, state, "--concurrency", "2"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        storage.wait_until(lambda s: s.active_requests == 2, timeout=TIMEOUT)
+        assert _history(state)[0]["reason"] is None  # still running: not crashed
+        proc.kill()
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    [run] = _history(state)
+    assert str(run["reason"]).startswith(f"crashed: process {proc.pid} ended")
+    res = run_cli("status", "--state", str(state))
+    assert "crashed" in res.stdout and "running" not in res.stdout
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 320 KiB tmpfs mounted under tmp_path (root only), unmounted after the test."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mnt)],
+                         capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_one_line_that_says_so_and_the_store_stays_intact(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, tiny_disk: Path
+) -> None:
+    """The state disk fills up during a run: one line saying the disk is full, exit 2, no
+    traceback, and the database is still a valid one (it said "writer process died ... Broken
+    pipe" before)."""
+    long_names = tmp_path / "long.txt"
+    long_names.write_text("".join(storage.url(f"/full/{'x' * 400}{i:05d}") + "\n"
+                                  for i in range(3000)))
+    state = tiny_disk / "state.db"
+    res = subprocess.run(_warm(long_names, proxy, pki, state), capture_output=True, text=True,
+                         timeout=TIMEOUT, check=False)
+    assert res.returncode == 2, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("prestaged: error:")]
+    assert len(errors) == 1 and "the disk is full" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
+    conn = sqlite3.connect(state)
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    conn.close()
+
+
+def test_a_damaged_page_behind_a_valid_header_is_one_line(tmp_path: Path) -> None:
+    """A state file whose header is fine but whose pages are garbage fails status and history
+    with one line naming the file and exit 2 (sqlite3.DatabaseError escaped before)."""
+    state = tmp_path / "state.db"
+    with Store(state) as store:
+        store.start_run("local", "ds")
+    raw = bytearray(state.read_bytes())
+    page = int.from_bytes(raw[16:18], "big")
+    for i in range(page, len(raw)):  # keep page 1 (the header and schema), wreck the rest
+        raw[i] = 0xA5
+    state.write_bytes(bytes(raw))
+    for command in ("status", "history"):
+        res = run_cli(command, "--state", str(state))
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.count("\n") == 1 and str(state) in res.stderr, res.stderr
+        assert "damaged" in res.stderr or "malformed" in res.stderr
+
+
+def test_describe_sqlite_error_words_the_usual_failures() -> None:
+    """Disk full, read-only, locked and damaged files each get words that say what to do."""
+    assert "the disk is full" in describe_sqlite_error("database or disk is full")
+    assert "read-only" in describe_sqlite_error("attempt to write a readonly database")
+    assert "locked" in describe_sqlite_error("database is locked")
+    assert "damaged" in describe_sqlite_error("database disk image is malformed")
+
+
+def test_state_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """A new state database is 0600 and the directories made for it 0700, even under umask 022
+    (the CLI made them 0644/0755)."""
+    old = os.umask(0o022)
+    try:
+        state = tmp_path / "a" / "b" / "state.db"
+        with Store(state) as store:
+            store.start_run("local", "ds")
+    finally:
+        os.umask(old)
+    assert state.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "a" / "b").stat().st_mode & 0o777 == 0o700
+    for extra in state.parent.glob("state.db-*"):
+        assert extra.stat().st_mode & 0o077 == 0, extra
+
+
+async def test_an_empty_definition_fails_the_gate_unless_allowed(tmp_path: Path) -> None:
+    """0 of 0 files is not "100% warm": the gate fails with exit 4 naming the definition,
+    and passes only with allow_empty."""
+    from prestaged.catalog.local import LocalCatalog
+    from prestaged.gate import wait_until_ready
+    from prestaged.model import Attempt
+    from prestaged.warm import WarmSettings
+
+    class NoTouch:
+        async def touch(self, url: str) -> Attempt:
+            raise AssertionError(f"nothing to touch, got {url}")
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing here\n")
+    with Store(tmp_path / "state.db") as store:
+        got = await wait_until_ready(LocalCatalog(str(empty)), WarmSettings(), NoTouch(), store,
+                                     fresh_for=3600, timeout=5)
+        assert (got.passed, got.exit_code) == (False, 4)
+        assert "has no files" in got.summary()
+        ok = await wait_until_ready(LocalCatalog(str(empty)), WarmSettings(), NoTouch(), store,
+                                    fresh_for=3600, timeout=5, allow_empty=True)
+        assert ok.passed
