@@ -23,6 +23,7 @@ from prestaged.storage.http import (
     classify_status,
     parse_retry_after,
 )
+from prestaged.storage.text import ERROR_TEXT_MAX, error_text, redact
 from prestaged.warm import WarmSettings, warm
 
 URL = "https://door.example:2880/pnfs/f1"
@@ -174,3 +175,19 @@ async def test_bug_in_toucher_propagates() -> None:
 
     with pytest.raises(ZeroDivisionError):
         await warm(_refs([f"https://d/{i}" for i in range(100)]), _settings(), Broken())
+
+
+def test_attempt_error_text_is_bounded_and_redacted() -> None:
+    """Whoever builds an Attempt, its error text is folded, cut to ERROR_TEXT_MAX characters and
+    free of URL userinfo: a 5 MB reason phrase or a library message quoting the URL."""
+    huge = Attempt(status=404, error="HTTP 404 " + "x" * 5_000_000)
+    assert len(huge.error) == ERROR_TEXT_MAX and huge.error.startswith("HTTP 404 xxx")
+    quoted = Attempt(failure=Failure.PROTOCOL,
+                     error="400, message='Bad status line',\n url='https://user:pw@door:2880/f'")
+    assert quoted.error == "400, message='Bad status line', url='https://***@door:2880/f'"
+    assert Attempt(status=206).error == ""
+    assert redact("https://u:p@ss@h:1/f?a=b@c") == "https://***@h:1/f?a=b@c"
+    assert redact("davs://a@h/x and root://b:c@h//y") == "davs://***@h/x and root://***@h//y"
+    assert redact("https://h/f@x") == "https://h/f@x"  # an "@" in the path is no userinfo
+    # Redacted before the cut: a password is never half-shown.
+    assert "secret" not in error_text("x" * 190 + " https://user:secret@h/f")

@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Optional
 
+from prestaged.storage.text import error_text
+
 __all__ = [
     "CONTENT_RANGE_TOTAL",
     "DRAIN_LIMIT",
@@ -73,6 +75,13 @@ class Attempt:
     redirected: bool = False
     size: Optional[int] = None
     """File size when the answer tells it (Content-Range total, or a 200's Content-Length)."""
+
+    def __post_init__(self) -> None:
+        # The one place error text is made fit to keep, whoever built the attempt (both toucher
+        # paths, the engine): a server's 5 MB reason phrase or a library's message quoting
+        # ``https://user:pw@host/`` must not reach the outcome, the state store or the report.
+        if self.error:
+            object.__setattr__(self, "error", error_text(self.error))
 
     @property
     def result(self) -> Optional[Result]:
