@@ -8,25 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import aiohttp
 import pytest
 
 from prestaged.catalog.local import LocalCatalog
 from prestaged.config import load_config
 from prestaged.credentials import load_credentials
 from prestaged.runner import run_definition
-from prestaged.storage.fast import FastPath
+from prestaged.storage.fast import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, FastPath
 from prestaged.storage.http import Attempt, Failure, HttpToucher, Result
+from prestaged.storage.text import ERROR_TEXT_MAX
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import (
     Action,
     Delay,
+    Flood,
     IgnoreRange,
+    Raw,
     Reset,
     Status,
     StorageServer,
@@ -36,6 +41,7 @@ from prestaged.testing.xrootd import XRootDServer, xrootd_available
 from prestaged.warm import WarmSettings
 
 pytestmark = pytest.mark.timeout(120)
+MiB = 1024**2
 
 
 def _client(pki: TestPKI, proxy: Path) -> ssl.SSLContext:
@@ -490,6 +496,84 @@ async def test_malformed_answer_falls_back(ctx: ssl.SSLContext,
         async with _toucher(ctx, fast=False) as t:
             want = await t.touch(srv.url("/f"))
     assert got == want and got.failure is Failure.PROTOCOL
+
+
+# --- hostile answers (the test kit's Raw and Flood): aiohttp's limits and results, bounded -------
+
+_H206 = b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-3/99\r\nContent-Length: 4\r\n"
+_A206 = _H206 + b"\r\nabcd"
+_A404 = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+_FLOOD = 32 * MiB  # far past every limit: the client must hang up long before the end
+_REFUSED = (None, Failure.PROTOCOL)  # aiohttp refuses the answer: a protocol failure
+
+
+def _field(size: int) -> bytes:
+    """A header line whose name and value together are ``size`` bytes."""
+    return b"X: " + b"y" * (size - 1) + b"\r\n"
+
+
+_HOSTILE: list[tuple[str, Action, tuple[Optional[int], Optional[Failure]]]] = [
+    ("header-line-without-end", Flood(_H206 + b"X-Big: ", b"a", _FLOOD, b"\r\n\r\nabcd"), _REFUSED),
+    ("headers-without-end", Flood(_H206, b"X-H: v\r\n", _FLOOD, b"\r\nabcd"), _REFUSED),
+    ("reason-without-end",
+     Flood(b"HTTP/1.1 404 ", b"x", _FLOOD, b"\r\nContent-Length: 0\r\n\r\n"), _REFUSED),
+    ("reason-at-limit",
+     Raw(b"HTTP/1.1 404 " + b"x" * MAX_LINE_SIZE + b"\r\nContent-Length: 0\r\n\r\n"), (404, None)),
+    ("reason-past-limit",
+     Raw(b"HTTP/1.1 404 " + b"x" * (MAX_LINE_SIZE + 1) + b"\r\nContent-Length: 0\r\n\r\n"),
+     _REFUSED),
+    ("field-at-limit", Raw(_H206 + _field(MAX_FIELD_SIZE) + b"\r\nabcd"), (206, None)),
+    ("field-near-limit", Raw(_H206 + _field(MAX_FIELD_SIZE + 1) + b"\r\nabcd"), (206, None)),
+    ("field-past-limit", Raw(_H206 + _field(MAX_FIELD_SIZE + 2) + b"\r\nabcd"), _REFUSED),
+    ("first-field-past-limit",
+     Raw(b"HTTP/1.1 206 Partial Content\r\n" + _field(MAX_FIELD_SIZE + 1) + b"\r\nabcd"), _REFUSED),
+    ("names-past-limit", Raw(_H206 + b"N" * (MAX_FIELD_SIZE - 10) + b": 1\r\n" + b"M" * 11
+                             + b": 2\r\n\r\nabcd"), _REFUSED),
+    ("headers-at-limit", Raw(_H206 + b"X: y\r\n" * (MAX_HEADERS - 2) + b"\r\nabcd"), (206, None)),
+    ("headers-past-limit", Raw(_H206 + b"X: y\r\n" * (MAX_HEADERS - 1) + b"\r\nabcd"), _REFUSED),
+    ("206-then-404-in-one-write", Raw(_A206 + _A404), (206, None)),
+    ("404-then-206-in-one-write", Raw(_A404 + _A206), (404, None)),
+    ("two-answers-connection-left-open", Raw(_A206 + _A404, close=False), (206, None)),
+    ("garbage-status-line", Raw(b"HTTP/1.1 abc Weird\r\n\r\n"), _REFUSED),
+    ("not-http-at-all", Raw(b"SSH-2.0-OpenSSH_9.2\r\n\r\n"), _REFUSED),
+    ("truncated-head", Raw(b"HTTP/1.1 206 Partial Content\r\nContent-Ra"), (None, Failure.RESET)),
+    ("truncated-body", Raw(_A206[:-2]), (None, Failure.RESET)),
+    ("nul-in-header-value", Raw(_H206 + b"X: a\x00b\r\n\r\nabcd"), _REFUSED),
+    ("old-websocket-header", Raw(_H206 + b"Sec-WebSocket-Key1: 1\r\n\r\nabcd"), _REFUSED),
+]
+
+
+def test_fast_path_limits_are_aiohttps() -> None:
+    """The fast path's parser limits are the installed aiohttp session's defaults (ours)."""
+    params = inspect.signature(aiohttp.ClientSession.__init__).parameters
+    assert params["max_line_size"].default == MAX_LINE_SIZE
+    assert params["max_field_size"].default == MAX_FIELD_SIZE
+    assert params["max_headers"].default == MAX_HEADERS
+
+
+@pytest.mark.parametrize(("action", "expect"), [(a, e) for _, a, e in _HOSTILE],
+                         ids=[name for name, _, _ in _HOSTILE])
+async def test_hostile_answers_equal_the_aiohttp_path(
+    ctx: ssl.SSLContext, storage: StorageServer, action: Action,
+    expect: tuple[Optional[int], Optional[Failure]]
+) -> None:
+    """Endless or oversized heads, two answers in one write, garbage, truncation: the same
+    Attempt on both paths, bounded error text, a client that hangs up within a few MiB, and a
+    connection that never serves the next file a stale answer."""
+    results = []
+    for fast in (True, False):
+        storage.clear_faults()
+        # The fast path may hand the file back, and aiohttp retries a GET once on a disconnect.
+        storage.inject("/h", [action] * 3)
+        async with _toucher(ctx, fast=fast, timeout=10.0) as t:
+            results.append(await t.touch(storage.url("/h")))
+            assert await t.touch(storage.url("/next")) == Attempt(status=206, data=4, size=1 << 20)
+    got, want = results
+    assert got == want
+    assert (got.status, got.failure) == expect, got
+    assert len(got.error) <= ERROR_TEXT_MAX
+    await storage.wait_until(lambda s: s.active_requests == 0, timeout=10)
+    assert all(r.bytes_sent < 4 * MiB for r in storage.stats.path("/h").records)
 
 
 # --- the real XRootD ---------------------------------------------------------------------------
