@@ -22,7 +22,13 @@ from prestaged.catalog.local import LocalCatalog
 from prestaged.config import load_config
 from prestaged.credentials import load_credentials
 from prestaged.runner import run_definition
-from prestaged.storage.fast import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, FastPath
+from prestaged.storage.fast import (
+    MAX_FIELD_SIZE,
+    MAX_HEADERS,
+    MAX_LINE_SIZE,
+    FastPath,
+    connect_timeout_text,
+)
 from prestaged.storage.http import Attempt, Failure, HttpToucher, Result
 from prestaged.storage.text import ERROR_TEXT_MAX
 from prestaged.testing.pki import TestPKI
@@ -33,6 +39,7 @@ from prestaged.testing.storage import (
     IgnoreRange,
     Raw,
     Reset,
+    SilentEndpoint,
     Status,
     StorageServer,
     ThreadedStorageServer,
@@ -574,6 +581,24 @@ async def test_hostile_answers_equal_the_aiohttp_path(
     assert len(got.error) <= ERROR_TEXT_MAX
     await storage.wait_until(lambda s: s.active_requests == 0, timeout=10)
     assert all(r.bytes_sent < 4 * MiB for r in storage.stats.path("/h").records)
+
+
+async def test_handshake_that_never_ends_is_unreachable_after_connect_timeout(
+    ctx: ssl.SSLContext
+) -> None:
+    """An endpoint that accepts TCP and never answers the TLS handshake: after connect_timeout
+    (not the attempt's timeout) the file is unreachable, the same on both paths, and the fast
+    path does not hand it to aiohttp to wait a second time."""
+    async with SilentEndpoint() as silent:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        got, want, fast = await _both(ctx, silent.url("/f"), lambda: None, connect_timeout=0.5,
+                                      timeout=30.0)
+        elapsed = loop.time() - start
+        assert silent.connections == 2  # one per path
+    assert got == want == Attempt(failure=Failure.UNREACHABLE, error=connect_timeout_text(0.5))
+    assert _stats(fast) == (1, 0)
+    assert elapsed < 10  # two connect timeouts, not two attempt timeouts
 
 
 # --- the real XRootD ---------------------------------------------------------------------------

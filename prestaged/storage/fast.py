@@ -5,10 +5,11 @@ For the common case, one ``GET`` of a plain URL answered by a final status on a 
 connection, this module writes pre-built request bytes on a pooled ``asyncio.Protocol``
 connection and parses the answer with ``httptools`` (llhttp). It produces the same ``Attempt``
 as the aiohttp path or hands the file back: ``FastPath.fetch`` returns an ``Attempt`` (final
-answer), a ``str`` (a redirect's ``Location``, which the caller follows with aiohttp) or None
-(no complete, well-formed answer within aiohttp's limits: connection or TLS failure, timeout,
-stale connection, parser error, a head past aiohttp's limits, no free connection slot), after
-which the caller tries the URL once with aiohttp, so failures are classified exactly as before.
+answer, or a connection not made within ``connect_timeout``), a ``str`` (a redirect's
+``Location``, which the caller follows with aiohttp) or None (no complete, well-formed answer
+within aiohttp's limits: connection or TLS failure, timeout, stale connection, parser error, a
+head past aiohttp's limits, no free connection slot), after which the caller tries the URL once
+with aiohttp, so failures are classified exactly as before.
 
 A server decides how much it sends; the fast path bounds what it keeps. aiohttp refuses a
 reason phrase or a header line over 8190 bytes and more than 128 header lines, so the same
@@ -38,6 +39,7 @@ from prestaged.storage.attempt import (
     DRAIN_LIMIT,
     REDIRECTS,
     Attempt,
+    Failure,
     parse_retry_after,
 )
 
@@ -48,6 +50,7 @@ __all__ = [
     "MAX_LINE_SIZE",
     "FastPath",
     "FastPathStats",
+    "connect_timeout_text",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,11 @@ checks as it reads). Real storage heads are well under 4 KiB."""
 _REFUSED_HEADER = b"sec-websocket-key1"
 
 
+def connect_timeout_text(seconds: float) -> str:
+    """The error text of a connection not made (TCP connect and TLS handshake) in ``seconds``;
+    the same on both paths."""
+    return f"connect timed out after {seconds:g} s (TCP connect or TLS handshake)"
+
 # Characters a path (and query) may hold for the fast path: a subset of what ``HttpToucher``
 # sends without requoting, so the request line is the URL's as aiohttp would send it. No "%":
 # yarl rewrites some escapes (%41 -> A, %2f -> %2F), so escaped URLs stay with aiohttp.
@@ -87,7 +95,8 @@ _WANTED = frozenset({b"content-length", b"content-range", b"retry-after", b"loca
 
 @dataclass
 class FastPathStats:
-    """Counters of a ``FastPath``: ``answered`` files (final answer or redirect), ``fallbacks``
+    """Counters of a ``FastPath``: ``answered`` files (final answer, redirect, or no connection
+    within the connect timeout), ``fallbacks``
     (handed back to aiohttp), ``connections`` opened, ``reused`` requests on a pooled one."""
 
     answered: int = 0
@@ -424,10 +433,14 @@ class FastPath:
         conn = self._take(ep)
         if conn is None:
             deadline = self.loop.time() + timeout
-            conn = await self._acquire(ep, deadline)
-            if conn is None:
+            got = await self._acquire(ep, deadline)
+            if isinstance(got, Attempt):  # no connection within connect_timeout
+                self.stats.answered += 1
+                return got
+            if got is None:
                 self.stats.fallbacks += 1
                 return None
+            conn = got
             timeout = deadline - self.loop.time()
         else:
             self.stats.reused += 1
@@ -442,8 +455,9 @@ class FastPath:
             self.stats.answered += 1
         return answer
 
-    async def _acquire(self, ep: _Endpoint, deadline: float) -> Optional[_Conn]:
-        """A new connection to ``ep``, or an idle one freed while we wait for a slot."""
+    async def _acquire(self, ep: _Endpoint, deadline: float) -> Union[_Conn, Attempt, None]:
+        """A new connection to ``ep``, or an idle one freed while we wait for a slot (see
+        ``_connect`` for the Attempt)."""
         while not self._closed:
             if self._free_slot(ep):
                 timeout = min(deadline - self.loop.time(), self._connect_timeout)
@@ -481,7 +495,10 @@ class FastPath:
             conn.close()
         return None
 
-    async def _connect(self, ep: _Endpoint, timeout: float) -> Optional[_Conn]:
+    async def _connect(self, ep: _Endpoint, timeout: float) -> Union[_Conn, Attempt, None]:
+        """A new connection, or None (fall back), or the failure of a connection that took
+        longer than ``connect_timeout``: an endpoint that accepts TCP but never finishes the TLS
+        handshake would otherwise stall each file twice, here and again in aiohttp."""
         if timeout <= 0:
             return None
         conn = _Conn(self, ep)
@@ -493,7 +510,15 @@ class FastPath:
                                             server_hostname=ep.server_hostname),
                 timeout,
             )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ValueError) as e:
+        except asyncio.TimeoutError:
+            conn.close()
+            if timeout < self._connect_timeout:  # the attempt's own limit: the caller says so
+                return None
+            log.debug("fast path: no connection to %s:%s within %s s", ep.host, ep.port,
+                      timeout)
+            return Attempt(failure=Failure.UNREACHABLE,
+                           error=connect_timeout_text(self._connect_timeout))
+        except (OSError, ssl.SSLError, ValueError) as e:
             log.debug("fast path: connecting to %s:%s failed: %s", ep.host, ep.port, e)
             conn.close()
             return None

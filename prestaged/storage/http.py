@@ -35,7 +35,7 @@ from prestaged.storage.attempt import (
     classify_status,
     parse_retry_after,
 )
-from prestaged.storage.fast import FastPath, FastPathStats
+from prestaged.storage.fast import FastPath, FastPathStats, connect_timeout_text
 
 if TYPE_CHECKING:
     import aiohttp
@@ -248,6 +248,11 @@ class HttpToucher:
                 return await self._follow(session, target, timeout=timeout)
             return await self._follow(session, target.join(URL(location)), first_hop=1,
                                       timeout=timeout)
+        except aiohttp.ConnectionTimeoutError:
+            # No TCP connection or TLS handshake within connect_timeout: an endpoint that does
+            # not answer, counted toward the unreachable breaker like a refused connection.
+            return Attempt(failure=Failure.UNREACHABLE,
+                           error=connect_timeout_text(self._connect_timeout))
         except asyncio.TimeoutError:
             return Attempt(failure=Failure.TIMEOUT, error="timed out")
         except aiohttp.ClientConnectorError as e:

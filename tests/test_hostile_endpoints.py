@@ -1,0 +1,75 @@
+"""Whole runs against hostile or broken endpoints on 127.0.0.1: they end, quickly, file by file.
+
+Each run goes through the engine and the real toucher, with the fast path on and off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+
+import pytest
+
+from prestaged.catalog import FileRef
+from prestaged.config import BreakerConfig
+from prestaged.credentials import load_credentials
+from prestaged.errors import StorageError
+from prestaged.retry import RetryPolicy
+from prestaged.storage.fast import connect_timeout_text
+from prestaged.storage.http import HttpToucher
+from prestaged.testing.pki import TestPKI
+from prestaged.testing.storage import SilentEndpoint
+from prestaged.warm import RunReport, WarmSettings, warm
+
+pytestmark = pytest.mark.timeout(120)
+
+NO_WAIT = RetryPolicy(attempts=2, initial=0.0, max=0.0, jitter=0.0, total=60.0)
+
+
+@pytest.fixture
+def ctx(pki: TestPKI, proxy: Path) -> ssl.SSLContext:
+    """The client SSL context with the test proxy."""
+    creds = load_credentials(proxy=proxy, proxy_configured=None, ca_dir=pki.ca_dir,
+                             ca_dir_configured=None, min_lifetime=3600)
+    return creds.ssl_context()
+
+
+async def _refs(urls: Iterable[str]) -> AsyncIterator[FileRef]:
+    for u in urls:
+        yield FileRef(name=u.rsplit("/", 1)[-1], url=u)
+
+
+async def _warm(ctx: ssl.SSLContext, urls: list[str], *, fast: bool, connect_timeout: float = 5.0,
+                **settings: object) -> RunReport:
+    base: dict[str, object] = {"concurrency": 4, "retry": NO_WAIT}
+    base.update(settings)
+    async with HttpToucher(ctx, limit=4, limit_per_host=4, timeout=30.0,
+                           connect_timeout=connect_timeout, fast_path=fast) as t:
+        return await warm(_refs(urls), WarmSettings(**base), t)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "aiohttp"])
+async def test_endpoint_that_never_finishes_tls_trips_the_unreachable_breaker(
+    ctx: ssl.SSLContext, fast: bool
+) -> None:
+    """An endpoint that accepts TCP and never answers the handshake: each try ends after
+    connect_timeout (not the 60 s attempt limit, not twice), and the unreachable breaker stops
+    the run after a few files instead of stalling on every one."""
+    loop = asyncio.get_running_loop()
+    async with SilentEndpoint() as silent:
+        urls = [silent.url(f"/f{i}") for i in range(200)]
+        endpoint = f"https://127.0.0.1:{silent.port}"
+        start = loop.time()
+        report = await asyncio.wait_for(
+            _warm(ctx, urls, fast=fast, connect_timeout=0.3,
+                  breaker=BreakerConfig(unreachable=3)), 60)
+        elapsed = loop.time() - start
+    assert isinstance(report.aborted, StorageError) and report.exit_code == 5
+    message = str(report.aborted)
+    assert f"{endpoint} unreachable for 3 files in a row" in message
+    assert connect_timeout_text(0.3) in message
+    assert report.tally.done < 12  # the breaker's 3, plus what was in flight
+    # 3 files x 2 tries x 0.3 s, 4 at a time: about a second; stalling would take minutes.
+    assert elapsed < 10
