@@ -30,7 +30,7 @@ from prestaged.storage.fast import (
     connect_timeout_text,
 )
 from prestaged.storage.http import Attempt, Failure, HttpToucher, Result
-from prestaged.storage.text import ERROR_TEXT_MAX
+from prestaged.storage.text import ERROR_TEXT_MAX, redact
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import (
     Action,
@@ -581,6 +581,58 @@ async def test_hostile_answers_equal_the_aiohttp_path(
     assert len(got.error) <= ERROR_TEXT_MAX
     await storage.wait_until(lambda s: s.active_requests == 0, timeout=10)
     assert all(r.bytes_sent < 4 * MiB for r in storage.stats.path("/h").records)
+
+
+@pytest.mark.parametrize("location", [
+    "http://{silent}/x", "http://user:secret@{silent}/x", "davs://{silent}/x",
+    "ftp://127.0.0.1/x", "file:///etc/passwd",
+])
+async def test_redirects_off_https_are_refused(ctx: ssl.SSLContext, storage: StorageServer,
+                                               location: str) -> None:
+    """A 302 from https to http (or ftp:, file:, davs:) is never followed, on either path: the
+    file fails naming the target, its credentials redacted, and nothing connects there."""
+    async with SilentEndpoint() as silent:
+        target = location.format(silent=f"127.0.0.1:{silent.port}")
+        answer = Raw(b"HTTP/1.1 302 Found\r\nLocation: " + target.encode()
+                     + b"\r\nContent-Length: 0\r\n\r\n")
+        got, want, fast = await _both(ctx, storage.url("/r"),
+                                      lambda: storage.inject("/r", [answer]))
+        assert silent.connections == 0
+    assert got == want == Attempt(status=302, failure=Failure.PROTOCOL,
+                                  error=f"refused redirect to {redact(target)}")
+    assert "secret" not in got.error
+    assert _stats(fast) == (1, 0)
+
+
+def test_redirect_rules() -> None:
+    """Followed: to https from anywhere, to http from http (an origin the engine let through);
+    refused, with the redirect's status: https to http, and every other scheme."""
+    from yarl import URL
+
+    from prestaged.storage.http import _refused_redirect
+
+    https, http = URL("https://door/f"), URL("http://door/f")
+    assert _refused_redirect(https, URL("https://pool/f"), 302, 0) is None
+    assert _refused_redirect(http, URL("https://pool/f"), 302, 0) is None
+    assert _refused_redirect(http, URL("http://pool/f"), 302, 0) is None
+    assert _refused_redirect(https, URL("http://u:p@pool/f"), 307, 1) == Attempt(
+        status=307, failure=Failure.PROTOCOL, redirected=True,
+        error="refused redirect to http://***@pool/f")
+    for target in ("file:///etc/passwd", "ftp://pool/f", "davs://pool/f"):
+        refused = _refused_redirect(http, URL(target), 302, 0)
+        assert refused is not None and refused.error == f"refused redirect to {target}"
+
+
+async def test_urls_of_other_schemes_fail_without_raising(ctx: ssl.SSLContext) -> None:
+    """davs:, root:, file:, ftp: given to the toucher itself fail that file on both paths;
+    aiohttp would raise NonHttpUrlClientError out of touch()."""
+    for url in ("davs://127.0.0.1:1/f", "root://127.0.0.1:1094//f", "file:///etc/passwd",
+                "ftp://127.0.0.1/f"):
+        got, want, fast = await _both(ctx, url, lambda: None)
+        scheme = url.partition(":")[0]
+        assert got == want == Attempt(failure=Failure.PROTOCOL,
+                                      error=f"unsupported scheme {scheme}://")
+        assert _stats(fast) == (0, 0)  # none of these is the fast path's
 
 
 async def test_handshake_that_never_ends_is_unreachable_after_connect_timeout(

@@ -5,11 +5,11 @@ For the common case, one ``GET`` of a plain URL answered by a final status on a 
 connection, this module writes pre-built request bytes on a pooled ``asyncio.Protocol``
 connection and parses the answer with ``httptools`` (llhttp). It produces the same ``Attempt``
 as the aiohttp path or hands the file back: ``FastPath.fetch`` returns an ``Attempt`` (final
-answer, or a connection not made within ``connect_timeout``), a ``str`` (a redirect's
-``Location``, which the caller follows with aiohttp) or None (no complete, well-formed answer
-within aiohttp's limits: connection or TLS failure, timeout, stale connection, parser error, a
-head past aiohttp's limits, no free connection slot), after which the caller tries the URL once
-with aiohttp, so failures are classified exactly as before.
+answer, or a connection not made within ``connect_timeout``), a ``Redirect`` (which the caller
+follows with aiohttp) or None (no complete, well-formed answer within aiohttp's limits:
+connection or TLS failure, timeout, stale connection, parser error, a head past aiohttp's
+limits, no free connection slot), after which the caller tries the URL once with aiohttp, so
+failures are classified exactly as before.
 
 A server decides how much it sends; the fast path bounds what it keeps. aiohttp refuses a
 reason phrase or a header line over 8190 bytes and more than 128 header lines, so the same
@@ -29,7 +29,7 @@ import logging
 import re
 import ssl
 from dataclasses import dataclass
-from typing import Optional, Union, cast
+from typing import NamedTuple, Optional, Union, cast
 
 import httptools
 from yarl import URL
@@ -50,13 +50,22 @@ __all__ = [
     "MAX_LINE_SIZE",
     "FastPath",
     "FastPathStats",
+    "Redirect",
     "connect_timeout_text",
 ]
 
 log = logging.getLogger(__name__)
 
-Answer = Union[Attempt, str, None]
-"""What ``FastPath.fetch`` gives: a final ``Attempt``, a redirect ``Location``, or None."""
+
+class Redirect(NamedTuple):
+    """A redirect answer: its status and ``Location`` (followed by the caller, with aiohttp)."""
+
+    status: int
+    location: str
+
+
+Answer = Union[Attempt, Redirect, None]
+"""What ``FastPath.fetch`` gives: a final ``Attempt``, a ``Redirect``, or None (fall back)."""
 
 # aiohttp's client parser limits (``ClientSession``/``HttpResponseParser`` defaults, unchanged
 # from aiohttp 3.8 to 3.14; tests/test_fast_path.py holds them to the installed aiohttp).
@@ -285,7 +294,7 @@ class _Conn(asyncio.Protocol):
         location = self._header(b"location")
         if not location:
             raise ValueError("redirect without Location")  # aiohttp says so: fall back
-        self.answer = location
+        self.answer = Redirect(self.status, location)
         self._drain_or_drop()
 
     def _drain_or_drop(self) -> None:

@@ -12,6 +12,11 @@ connections, answers parsed by httptools): it gives the same ``Attempt`` for a f
 hands anything else (redirect targets, failures, malformed or missing answers) back to the
 aiohttp path here, which classifies it exactly as without the fast path.
 
+Redirects are followed to ``https`` only (or from ``http`` to ``http``, when the engine let an
+``http`` URL through): a door sending us to ``http://`` would expose the request (and a bearer
+token) in clear, and ``file:``/``ftp:`` are no storage of ours. Anything else aiohttp raises
+about one URL is that URL's failed ``Attempt``, never an exception out of ``touch``.
+
 This module does one attempt; retries, breakers and throttling live in ``prestaged.warm``.
 """
 
@@ -35,7 +40,7 @@ from prestaged.storage.attempt import (
     classify_status,
     parse_retry_after,
 )
-from prestaged.storage.fast import FastPath, FastPathStats, connect_timeout_text
+from prestaged.storage.fast import FastPath, FastPathStats, Redirect, connect_timeout_text
 
 if TYPE_CHECKING:
     import aiohttp
@@ -96,8 +101,21 @@ def _tls_cause(exc: BaseException, *, handshake: bool = False) -> Optional[BaseE
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return " ".join(text.split())[:300]
+    """The text of ``exc`` (an ``Attempt`` folds, bounds and redacts it)."""
+    return str(exc) or type(exc).__name__
+
+
+def _refused_redirect(origin: URL, target: URL, status: int, hop: int) -> Optional[Attempt]:
+    """The failure of a redirect from ``origin`` to ``target`` we do not follow, or None.
+
+    Only ``https`` targets are followed, and ``http`` ones from an ``http`` origin: never a
+    downgrade from TLS, never another scheme (``file:``, ``ftp:``, ``davs:``...).
+    """
+    scheme = target.scheme
+    if scheme == "https" or (scheme == "http" and origin.scheme == "http"):
+        return None
+    return Attempt(status=status, failure=Failure.PROTOCOL, redirected=hop > 0,
+                   error=f"refused redirect to {target}")
 
 
 class HttpToucher:
@@ -207,7 +225,11 @@ class HttpToucher:
         await self.close()
 
     async def touch(self, url: str) -> Attempt:
-        """One attempt at ``url``: follow redirects, read at most ``nbytes``, classify."""
+        """One attempt at ``url``: follow redirects, read at most ``nbytes``, classify.
+
+        Never raises for a URL or an answer, however bad: it is the file's failed ``Attempt``
+        (``unsupported scheme davs://``, ``refused redirect to http://...``).
+        """
         if not self._started:
             raise RuntimeError("HttpToucher.start() was not called")
         fast = self._fast
@@ -230,12 +252,12 @@ class HttpToucher:
         # path.
         session = self._open_session()
         timeout = _aiohttp().ClientTimeout(total=remaining, sock_connect=self._connect_timeout)
-        return await self._slow(session, url, location=answer, timeout=timeout)
+        return await self._slow(session, url, redirect=answer, timeout=timeout)
 
     async def _slow(self, session: aiohttp.ClientSession, url: str, *,
-                    location: Optional[str] = None,
+                    redirect: Optional[Redirect] = None,
                     timeout: Optional[aiohttp.ClientTimeout] = None) -> Attempt:
-        """The touch through aiohttp; with ``location``, from that redirect of ``url`` on."""
+        """The touch through aiohttp; with ``redirect``, from that answer to ``url`` on."""
         aiohttp = _aiohttp()
         try:
             # A URL made only of characters legal in an encoded URL needs no requoting by yarl
@@ -243,11 +265,17 @@ class HttpToucher:
             target = URL(url, encoded=_ENCODED.fullmatch(url) is not None)
         except (ValueError, TypeError) as e:
             return Attempt(failure=Failure.PROTOCOL, error=f"bad URL: {_describe(e)}")
+        if target.scheme not in ("http", "https"):
+            return Attempt(failure=Failure.PROTOCOL,
+                           error=f"unsupported scheme {target.scheme or '(none)'}://")
         try:
-            if location is None:
-                return await self._follow(session, target, timeout=timeout)
-            return await self._follow(session, target.join(URL(location)), first_hop=1,
-                                      timeout=timeout)
+            if redirect is None:
+                return await self._follow(session, target, target, timeout=timeout)
+            nxt = target.join(URL(redirect.location))
+            refused = _refused_redirect(target, nxt, redirect.status, 0)
+            if refused is not None:
+                return refused
+            return await self._follow(session, nxt, target, first_hop=1, timeout=timeout)
         except aiohttp.ConnectionTimeoutError:
             # No TCP connection or TLS handshake within connect_timeout: an endpoint that does
             # not answer, counted toward the unreachable breaker like a refused connection.
@@ -270,8 +298,12 @@ class HttpToucher:
             return Attempt(failure=Failure.PROTOCOL, error=_describe(e))
         except (aiohttp.InvalidURL, ValueError) as e:
             return Attempt(failure=Failure.PROTOCOL, error=f"bad URL: {_describe(e)}")
+        except aiohttp.ClientError as e:
+            # Whatever else aiohttp refuses about this URL or its answer fails this file only.
+            return Attempt(failure=Failure.PROTOCOL, error=_describe(e))
 
-    async def _follow(self, session: aiohttp.ClientSession, target: URL, *, first_hop: int = 0,
+    async def _follow(self, session: aiohttp.ClientSession, target: URL, origin: URL, *,
+                      first_hop: int = 0,
                       timeout: Optional[aiohttp.ClientTimeout] = None) -> Attempt:
         for hop in range(first_hop, self.max_redirects + 1):
             headers = None if hop == 0 else self._pool_headers
@@ -284,7 +316,11 @@ class HttpToucher:
                         return Attempt(status=status, failure=Failure.PROTOCOL,
                                        error=f"HTTP {status} redirect without Location")
                     await self._drain(resp)
-                    target = resp.url.join(URL(location))
+                    nxt = resp.url.join(URL(location))
+                    refused = _refused_redirect(origin, nxt, status, hop)
+                    if refused is not None:
+                        return refused
+                    target = nxt
                     continue
                 size = _size(resp)
                 if size == 0:
