@@ -17,15 +17,23 @@ from prestaged.config import BreakerConfig
 from prestaged.credentials import load_credentials
 from prestaged.errors import StorageError
 from prestaged.retry import RetryPolicy
+from prestaged.storage.attempt import Result
 from prestaged.storage.fast import connect_timeout_text
 from prestaged.storage.http import HttpToucher
 from prestaged.testing.pki import TestPKI
-from prestaged.testing.storage import SilentEndpoint
-from prestaged.warm import RunReport, WarmSettings, warm
+from prestaged.testing.storage import Raw, SilentEndpoint, StorageServer
+from prestaged.warm import PLAIN_HTTP_REFUSED, RunReport, WarmSettings, warm
 
 pytestmark = pytest.mark.timeout(120)
 
 NO_WAIT = RetryPolicy(attempts=2, initial=0.0, max=0.0, jitter=0.0, total=60.0)
+
+
+@pytest.fixture
+async def storage(pki: TestPKI) -> AsyncIterator[StorageServer]:
+    """The test storage, requiring a client certificate."""
+    async with StorageServer(pki.server_ssl_context()) as srv:
+        yield srv
 
 
 @pytest.fixture
@@ -73,3 +81,41 @@ async def test_endpoint_that_never_finishes_tls_trips_the_unreachable_breaker(
     assert report.tally.done < 12  # the breaker's 3, plus what was in flight
     # 3 files x 2 tries x 0.3 s, 4 at a time: about a second; stalling would take minutes.
     assert elapsed < 10
+
+
+def _redirect(location: str) -> Raw:
+    return Raw(b"HTTP/1.1 302 Found\r\nLocation: " + location.encode()
+               + b"\r\nContent-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "aiohttp"])
+async def test_one_bad_url_or_answer_never_ends_the_run(
+    ctx: ssl.SSLContext, storage: StorageServer, fast: bool
+) -> None:
+    """davs:// is touched as https; root://, http:// (not allowed), and answers redirecting to
+    file:, ftp: or http: each fail their own file with a reason; a garbage answer to a URL with
+    credentials fails without showing them; every other file is warm and the run completes."""
+    port = storage.door_port
+    storage.inject("/to-file", [_redirect("file:///etc/passwd")])
+    storage.inject("/to-ftp", [_redirect("ftp://127.0.0.1/x")])
+    storage.inject("/to-http", [_redirect(f"http://127.0.0.1:{port}/x")])
+    storage.inject("/garbage", [Raw(b"HTTP/1.1 abc Weird\r\n\r\n")] * 3)
+    bad = {
+        "root://127.0.0.1:1094//pnfs/r": "unsupported scheme root://",
+        f"http://127.0.0.1:{port}/plain": PLAIN_HTTP_REFUSED,
+        storage.url("/to-file"): "refused redirect to file:///etc/passwd",
+        storage.url("/to-ftp"): "refused redirect to ftp://127.0.0.1/x",
+        storage.url("/to-http"): f"refused redirect to http://127.0.0.1:{port}/x",
+    }
+    secret = f"https://someone:s3cret@127.0.0.1:{port}/garbage"
+    good = [storage.url(f"/ok{i}") for i in range(20)] + [f"davs://127.0.0.1:{port}/dav"]
+    report = await asyncio.wait_for(_warm(ctx, [*bad, secret, *good], fast=fast), 60)
+    assert report.aborted is None and report.exit_code == 1
+    assert report.tally.results[Result.WARM.value] == 21
+    assert storage.stats.path("/dav").ranges == ["bytes=0-3"]  # davs went out as https
+    errors = {o.url: o.error for o in report.tally.failures}
+    assert {u: errors[u] for u in bad} == bad
+    redacted = f"https://***@127.0.0.1:{port}/garbage"
+    assert errors[redacted].startswith("400, message=")
+    assert not any("s3cret" in f"{u} {e}" for u, e in errors.items())
+    assert storage.stats.path("/plain").requests == 0 and storage.stats.path("/x").requests == 0
