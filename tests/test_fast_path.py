@@ -605,8 +605,8 @@ async def test_redirects_off_https_are_refused(ctx: ssl.SSLContext, storage: Sto
 
 
 def test_redirect_rules() -> None:
-    """Followed: to https from anywhere, to http from http (an origin the engine let through);
-    refused, with the redirect's status: https to http, and every other scheme."""
+    """Followed: to https from anywhere, to http from http (a URL the engine let through);
+    refused, with the redirect's status: https to http at any hop, and every other scheme."""
     from yarl import URL
 
     from prestaged.storage.http import _refused_redirect

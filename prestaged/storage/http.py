@@ -12,10 +12,11 @@ connections, answers parsed by httptools): it gives the same ``Attempt`` for a f
 hands anything else (redirect targets, failures, malformed or missing answers) back to the
 aiohttp path here, which classifies it exactly as without the fast path.
 
-Redirects are followed to ``https`` only (or from ``http`` to ``http``, when the engine let an
-``http`` URL through): a door sending us to ``http://`` would expose the request (and a bearer
-token) in clear, and ``file:``/``ftp:`` are no storage of ours. Anything else aiohttp raises
-about one URL is that URL's failed ``Attempt``, never an exception out of ``touch``.
+Redirects are followed to ``https`` only (or from ``http`` to ``http``, after the engine let an
+``http`` URL through): a door sending us from https to ``http://`` would expose the request
+(and a bearer token) in clear, and ``file:``/``ftp:`` are no storage of ours. Anything else
+aiohttp raises about one URL is that URL's failed ``Attempt``, never an exception out of
+``touch``.
 
 This module does one attempt; retries, breakers and throttling live in ``prestaged.warm``.
 """
@@ -105,14 +106,15 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _refused_redirect(origin: URL, target: URL, status: int, hop: int) -> Optional[Attempt]:
-    """The failure of a redirect from ``origin`` to ``target`` we do not follow, or None.
+def _refused_redirect(source: URL, target: URL, status: int, hop: int) -> Optional[Attempt]:
+    """The failure of a redirect from ``source`` (the URL that answered it) to ``target`` that
+    we do not follow, or None.
 
-    Only ``https`` targets are followed, and ``http`` ones from an ``http`` origin: never a
-    downgrade from TLS, never another scheme (``file:``, ``ftp:``, ``davs:``...).
+    Only ``https`` targets are followed, and ``http`` ones from an ``http`` source: never a
+    downgrade from TLS (at any hop), never another scheme (``file:``, ``ftp:``, ``davs:``...).
     """
     scheme = target.scheme
-    if scheme == "https" or (scheme == "http" and origin.scheme == "http"):
+    if scheme == "https" or (scheme == "http" and source.scheme == "http"):
         return None
     return Attempt(status=status, failure=Failure.PROTOCOL, redirected=hop > 0,
                    error=f"refused redirect to {target}")
@@ -270,12 +272,12 @@ class HttpToucher:
                            error=f"unsupported scheme {target.scheme or '(none)'}://")
         try:
             if redirect is None:
-                return await self._follow(session, target, target, timeout=timeout)
+                return await self._follow(session, target, timeout=timeout)
             nxt = target.join(URL(redirect.location))
             refused = _refused_redirect(target, nxt, redirect.status, 0)
             if refused is not None:
                 return refused
-            return await self._follow(session, nxt, target, first_hop=1, timeout=timeout)
+            return await self._follow(session, nxt, first_hop=1, timeout=timeout)
         except aiohttp.ConnectionTimeoutError:
             # No TCP connection or TLS handshake within connect_timeout: an endpoint that does
             # not answer, counted toward the unreachable breaker like a refused connection.
@@ -302,8 +304,7 @@ class HttpToucher:
             # Whatever else aiohttp refuses about this URL or its answer fails this file only.
             return Attempt(failure=Failure.PROTOCOL, error=_describe(e))
 
-    async def _follow(self, session: aiohttp.ClientSession, target: URL, origin: URL, *,
-                      first_hop: int = 0,
+    async def _follow(self, session: aiohttp.ClientSession, target: URL, *, first_hop: int = 0,
                       timeout: Optional[aiohttp.ClientTimeout] = None) -> Attempt:
         for hop in range(first_hop, self.max_redirects + 1):
             headers = None if hop == 0 else self._pool_headers
@@ -317,7 +318,7 @@ class HttpToucher:
                                        error=f"HTTP {status} redirect without Location")
                     await self._drain(resp)
                     nxt = resp.url.join(URL(location))
-                    refused = _refused_redirect(origin, nxt, status, hop)
+                    refused = _refused_redirect(resp.url, nxt, status, hop)
                     if refused is not None:
                         return refused
                     target = nxt
