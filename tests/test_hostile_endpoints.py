@@ -84,6 +84,7 @@ async def test_endpoint_that_never_finishes_tls_trips_the_unreachable_breaker(
 
 
 def _redirect(location: str) -> Raw:
+    """A 302 answer to ``location``, written verbatim."""
     return Raw(b"HTTP/1.1 302 Found\r\nLocation: " + location.encode()
                + b"\r\nContent-Length: 0\r\n\r\n")
 
