@@ -166,6 +166,10 @@ class StorageConfig:
     fast_path: bool = True
     """Send plain ranged GETs on lean keep-alive connections (httptools), aiohttp for the rest;
     false: everything through aiohttp. Results are the same either way."""
+    allow_plain_http: bool = False
+    """Touch ``http://`` URLs; by default they fail ("plain http refused"): a request in clear
+    exposes the bearer token and the file names. Redirects from https to http are never
+    followed, whatever this says."""
 
 
 @dataclass(frozen=True)

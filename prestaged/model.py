@@ -1,17 +1,59 @@
-"""The shared vocabulary: what a file is, what one touch gave, what happened to a file.
+"""The shared vocabulary: what a file is, what one touch gave, what happened to a file, and
+what text about it may be kept.
 
 Every layer speaks these types; this module imports nothing of prestaged and does no I/O, so
 persistence (``state``), catalogs and storage clients can use them without importing the
 engine or each other.
+
+Error text comes from servers (reason phrases) and libraries (exception messages, which often
+quote the URL). Before it is kept (an ``Attempt``, then an ``Outcome``, the state store, the
+report) it goes through ``error_text``: userinfo redacted, whitespace folded, at most
+``ERROR_TEXT_MAX`` characters. ``redact`` is the one helper for any URL put into text.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["Attempt", "Failure", "FileRef", "Outcome", "Result", "classify_status"]
+__all__ = [
+    "ERROR_TEXT_MAX",
+    "Attempt",
+    "Failure",
+    "FileRef",
+    "Outcome",
+    "Result",
+    "classify_status",
+    "error_text",
+    "redact",
+]
+
+ERROR_TEXT_MAX = 200
+"""Characters of error text kept per attempt (a reason phrase may be megabytes long)."""
+
+# scheme://userinfo@ up to the authority's last "@": a password holding an unescaped "@"
+# (``https://u:p@ss@host/``) is redacted whole, as urlsplit and yarl read it.
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s@]*(?:@[^/?#\s@]*)*@")
+
+
+def redact(text: str) -> str:
+    """``text`` (a URL, or text quoting URLs) with every URL's userinfo replaced by ``***``:
+    ``https://user:pw@host/f`` -> ``https://***@host/f``."""
+    if "@" not in text:  # the common case costs no regex
+        return text
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def error_text(text: str) -> str:
+    """``text`` fit to keep: credentials redacted, whitespace runs folded to one space, cut to
+    ``ERROR_TEXT_MAX`` characters (an ellipsis marks the cut)."""
+    # Redact first: a cut could otherwise leave a password's head without its "@".
+    text = " ".join(redact(text).split())
+    if len(text) <= ERROR_TEXT_MAX:
+        return text
+    return text[: ERROR_TEXT_MAX - 1] + "\u2026"
 
 
 @dataclass(frozen=True)
@@ -64,6 +106,13 @@ class Attempt:
     size: Optional[int] = None
     """File size when the answer tells it (Content-Range total, or a 200's Content-Length)."""
 
+    def __post_init__(self) -> None:
+        # The one place error text is made fit to keep, whoever built the attempt (both toucher
+        # paths, the engine): a server's 5 MB reason phrase or a library's message quoting
+        # ``https://user:pw@host/`` must not reach the outcome, the state store or the report.
+        if self.error:
+            object.__setattr__(self, "error", error_text(self.error))
+
     @property
     def result(self) -> Optional[Result]:
         """Outcome class of a final answer; None for failures and retryable statuses."""
@@ -91,7 +140,8 @@ def classify_status(status: int) -> Optional[Result]:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one file (error text never contains secrets)."""
+    """What happened to one file (error text never contains secrets; ``url`` is the file's
+    identity, as the catalog gave it: only ``Tally.failures`` holds it redacted)."""
 
     url: str
     name: str

@@ -8,6 +8,10 @@ reached at all (exit 5), instead of trying every remaining file.
 
 Memory does not grow with the dataset: the queue is bounded, duplicates are remembered as 8-byte
 digests, and only failures (capped at ``MAX_FAILURES_KEPT``) are kept for the report.
+
+One file never ends a run: ``warm_one`` is the per-file boundary, where a URL the engine does not
+touch (``root://``, ``http://`` unless ``allow_plain_http``) and any exception from the toucher
+(but cancellation) become that file's failure. ``davs://`` is touched as ``https://``.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ import asyncio
 import functools
 import hashlib
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional, Protocol, Union
 from urllib.parse import urlsplit
 
 from asyncio_throttle.throttler import Throttler
@@ -35,15 +40,17 @@ from prestaged.errors import (
     PrestagedError,
     StorageError,
 )
-from prestaged.model import Attempt, Failure, FileRef, Outcome, Result
+from prestaged.model import Attempt, Failure, FileRef, Outcome, Result, redact
 from prestaged.retry import RetryPolicy, retry_reason
 
 __all__ = [
     "MAX_FAILURES_KEPT",
+    "PLAIN_HTTP_REFUSED",
     "RunReport",
     "Tally",
     "Toucher",
     "WarmSettings",
+    "touch_url",
     "warm",
 ]
 
@@ -118,6 +125,8 @@ class WarmSettings:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     credential_hint: str = ""
     """Names the proxy/CA in breaker messages, e.g. ``proxy /tmp/x509up_u1000``."""
+    allow_plain_http: bool = False
+    """Touch ``http://`` URLs (default: each fails, "plain http refused")."""
 
     @classmethod
     def from_config(cls, cfg: Config, credential_hint: str = "") -> WarmSettings:
@@ -131,6 +140,7 @@ class WarmSettings:
             retry=RetryPolicy(r.attempts, r.initial, r.max, r.jitter, r.total, r.max_retry_after),
             breaker=cfg.breaker,
             credential_hint=credential_hint,
+            allow_plain_http=cfg.storage.allow_plain_http,
         )
 
 
@@ -148,6 +158,7 @@ class Tally:
     results: Counter[str] = field(default_factory=Counter)
     retries: Counter[str] = field(default_factory=Counter)
     failures: list[Outcome] = field(default_factory=list)
+    """Failed files for the report (``MAX_FAILURES_KEPT`` at most), URL credentials redacted."""
 
     @property
     def total(self) -> Optional[int]:
@@ -169,7 +180,8 @@ class Tally:
         self.bytes += outcome.bytes
         self.results[outcome.result.value] += 1
         if outcome.result in _NOT_OK and len(self.failures) < MAX_FAILURES_KEPT:
-            self.failures.append(outcome)
+            url = redact(outcome.url)
+            self.failures.append(outcome if url is outcome.url else replace(outcome, url=url))
 
 
 @dataclass(frozen=True)
@@ -201,14 +213,43 @@ class RunReport:
         return EXIT_SOME_FAILED if t.failed else EXIT_OK
 
 
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
+PLAIN_HTTP_REFUSED = "plain http refused; set storage.allow_plain_http = true"
+
+
+def touch_url(url: str, allow_plain_http: bool = False) -> Union[str, Attempt]:
+    """The URL to touch for a catalog's ``url``, or the failed ``Attempt`` of one we do not touch.
+
+    ``https`` as it is; ``davs`` (WebDAV over TLS: https by another name, same default port 443)
+    as ``https``; ``http`` only with ``allow_plain_http``; any other scheme (``root://``...) is
+    refused, since no toucher of ours speaks it.
+    """
+    match = _SCHEME.match(url)
+    if match is None:
+        return Attempt(failure=Failure.PROTOCOL, error="not a URL (no scheme://)")
+    scheme = match.group(1).lower()
+    if scheme == "https":
+        return url
+    if scheme == "davs":
+        return "https" + url[match.end(1):]
+    if scheme == "http":
+        if allow_plain_http:
+            return url
+        return Attempt(failure=Failure.PROTOCOL, error=PLAIN_HTTP_REFUSED)
+    return Attempt(failure=Failure.PROTOCOL, error=f"unsupported scheme {scheme}://")
+
+
 def endpoint_of(url: str) -> str:
-    """``scheme://host:port`` of ``url``: the unit for breakers and throttling."""
+    """``scheme://host:port`` of ``url``: the unit for breakers and throttling, named in their
+    messages (so without the URL's userinfo: ``https://u:pw@h/f`` is ``https://h``)."""
     start = url.find("://")
     if start < 0:
         parts = urlsplit(url)
         return f"{parts.scheme}://{parts.netloc}"
     end = url.find("/", start + 3)
-    return url if end < 0 else url[:end]
+    endpoint = url if end < 0 else url[:end]
+    at = endpoint.rfind("@", start + 3)
+    return endpoint if at < 0 else endpoint[: start + 3] + endpoint[at + 1 :]
 
 
 class _Breakers:
@@ -381,23 +422,36 @@ class _Run:
             probe.request_finished(host, time.monotonic() - start)
 
     async def warm_one(self, ref: FileRef) -> Outcome:
-        """Touch one file with retries; never raises for storage trouble."""
-        endpoint = endpoint_of(ref.url)
+        """Touch one file with retries. The per-file boundary: raises only when cancelled;
+        a URL we do not touch or any exception is this file's failure, not the run's end."""
+        url = touch_url(ref.url, self.s.allow_plain_http)
+        if isinstance(url, Attempt):
+            return _outcome(ref, url, 0, 0.0)
+        endpoint = endpoint_of(url)
         start = time.monotonic()
         tries = 0
-        while True:
-            tries += 1
-            attempt = await self._attempt(ref.url, endpoint)
-            self._trip(self.breakers.observe(endpoint, attempt))
-            delay = self.s.retry.next_delay(attempt, tries, time.monotonic() - start)
-            if delay is None or self.abort.is_set():
-                break
-            reason = retry_reason(attempt) or "other"
-            self.tally.retries[reason] += 1
-            if self.probe is not None:
-                self.probe.retried(reason)
-            log.debug("retry %d of %s in %.2fs (%s)", tries, ref.url, delay, reason)
-            await self.sleep(delay)
+        try:
+            while True:
+                tries += 1
+                attempt = await self._attempt(url, endpoint)
+                self._trip(self.breakers.observe(endpoint, attempt))
+                delay = self.s.retry.next_delay(attempt, tries, time.monotonic() - start)
+                if delay is None or self.abort.is_set():
+                    break
+                reason = retry_reason(attempt) or "other"
+                self.tally.retries[reason] += 1
+                if self.probe is not None:
+                    self.probe.retried(reason)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("retry %d of %s in %.2fs (%s)", tries, redact(url), delay, reason)
+                await self.sleep(delay)
+        except Exception as e:
+            # A toucher (or engine) bug, or an error nobody foresaw (aiohttp raising for one odd
+            # URL): it fails this file, the other files go on. Cancellation is no Exception (a
+            # BaseException since 3.8) and still stops the run. The traceback is for debugging.
+            log.debug("touching %s raised", redact(url), exc_info=True)
+            what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            attempt = Attempt(failure=Failure.PROTOCOL, error=f"unexpected error: {what}")
         outcome = _outcome(ref, attempt, tries, time.monotonic() - start)
         self._trip(self.breakers.observe_final(endpoint, attempt))
         return outcome

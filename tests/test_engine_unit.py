@@ -7,17 +7,27 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 
 import aiohttp
 import pytest
 from mocks import aioresponses
 
-from prestaged.config import BreakerConfig
-from prestaged.model import Attempt, Failure, FileRef, Result, classify_status
+from prestaged.config import BreakerConfig, load_config
+from prestaged.model import (
+    ERROR_TEXT_MAX,
+    Attempt,
+    Failure,
+    FileRef,
+    Result,
+    classify_status,
+    error_text,
+    redact,
+)
 from prestaged.net import parse_retry_after
 from prestaged.retry import RetryPolicy, retry_reason
 from prestaged.storage.http import HttpToucher
-from prestaged.warm import WarmSettings, warm
+from prestaged.warm import PLAIN_HTTP_REFUSED, WarmSettings, touch_url, warm
 
 URL = "https://door.example:2880/pnfs/f1"
 
@@ -159,12 +169,148 @@ async def test_duplicates_touched_once() -> None:
     assert report.exit_code == 0
 
 
-async def test_bug_in_toucher_propagates() -> None:
-    """A programming error in a worker surfaces as an exception, not as a hang or a result."""
+class _Raising:
+    """A toucher that raises what ``errors`` maps a URL's last segment to, else answers 206, and
+    records every URL it was given."""
 
-    class Broken:
+    def __init__(self, errors: dict[str, BaseException]) -> None:
+        self.errors = errors
+        self.urls: list[str] = []
+
+    async def touch(self, url: str) -> Attempt:
+        self.urls.append(url)
+        error = self.errors.get(url.rsplit("/", 1)[-1])
+        if error is not None:
+            raise error
+        return Attempt(status=206, data=4, size=100)
+
+
+class _Weird(Exception):
+    """An exception class nobody catches on purpose."""
+
+
+async def test_any_exception_from_the_toucher_fails_only_that_file() -> None:
+    """RuntimeError, KeyError, asyncio.TimeoutError, an unknown Exception subclass from the
+    toucher: each fails its own file, once, with a short reason; the run goes on to the end."""
+    errors: dict[str, BaseException] = {
+        "a": RuntimeError("boom"), "b": KeyError("k"), "c": _Weird("x" * 10_000),
+        "d": TimeoutError(),
+    }
+    toucher = _Raising(errors)
+    urls = [f"https://d/{n}" for n in ("a", "b", "c", "d")] + [f"https://d/ok{i}" for i in range(50)]
+    report = await warm(_refs(urls), _settings(), toucher, sleep=_Sleeps())
+    assert report.aborted is None and report.exit_code == 1
+    assert report.tally.done == 54 and report.tally.results["warm"] == 50
+    failed = {o.name: o for o in report.tally.failures}
+    assert set(failed) == {"a", "b", "c", "d"}
+    assert failed["a"].error == "unexpected error: RuntimeError: boom"
+    assert failed["b"].error == "unexpected error: KeyError: 'k'"
+    assert failed["c"].error.startswith("unexpected error: _Weird: xxx")
+    assert len(failed["c"].error) == ERROR_TEXT_MAX
+    assert failed["d"].error == "unexpected error: TimeoutError"
+    assert all(o.result is Result.FAILED and o.attempts == 1 for o in failed.values())
+    assert len(toucher.urls) == 54  # an unexpected error is not retried
+
+
+async def test_base_exceptions_that_are_not_errors_still_end_the_run() -> None:
+    """Only Exception is the file's failure: a BaseException such as KeyboardInterrupt or
+    SystemExit (here a subclass of BaseException) still ends the run and propagates."""
+
+    class Stop(BaseException):
+        pass
+
+    toucher = _Raising({"f3": Stop()})
+    with pytest.raises(Stop):
+        await warm(_refs([f"https://d/f{i}" for i in range(100)]), _settings(concurrency=1),
+                   toucher, sleep=_Sleeps())
+
+
+@pytest.mark.parametrize(("url", "touched"), [
+    ("https://door:2880/pnfs/f", "https://door:2880/pnfs/f"),
+    ("HTTPS://door/f", "HTTPS://door/f"),
+    ("davs://door:2880/pnfs/f", "https://door:2880/pnfs/f"),
+    ("DAVS://door/f", "https://door/f"),
+    ("davs://u:p@door/f?x=davs://", "https://u:p@door/f?x=davs://"),
+])
+def test_touched_schemes(url: str, touched: str) -> None:
+    """https as it is; davs is https by another name (same port semantics)."""
+    assert touch_url(url) == touched
+
+
+@pytest.mark.parametrize(("url", "error"), [
+    ("http://door/f", PLAIN_HTTP_REFUSED),
+    ("root://door:1094//pnfs/f", "unsupported scheme root://"),
+    ("gsiftp://door/f", "unsupported scheme gsiftp://"),
+    ("file:///etc/passwd", "unsupported scheme file://"),
+    ("/pnfs/f", "not a URL (no scheme://)"),
+])
+def test_refused_schemes(url: str, error: str) -> None:
+    """http (unless allowed), other schemes and scheme-less lines are refused with a reason."""
+    assert touch_url(url) == Attempt(failure=Failure.PROTOCOL, error=error)
+
+
+async def test_bad_urls_fail_their_file_and_are_never_touched() -> None:
+    """A definition mixing https, davs, http, root and a bare path: the refused ones fail
+    without a try (attempts 0), davs is touched as https, the run completes."""
+    toucher = _Raising({})
+    urls = ["https://d/a", "davs://d:2880/b", "http://d/c", "root://d//e", "/pnfs/f"]
+    report = await warm(_refs(urls), _settings(), toucher, sleep=_Sleeps())
+    assert sorted(toucher.urls) == ["https://d/a", "https://d:2880/b"]
+    assert report.tally.results["warm"] == 2 and report.tally.results["failed"] == 3
+    errors = {o.url: (o.error, o.attempts) for o in report.tally.failures}
+    assert errors == {"http://d/c": (PLAIN_HTTP_REFUSED, 0),
+                      "root://d//e": ("unsupported scheme root://", 0),
+                      "/pnfs/f": ("not a URL (no scheme://)", 0)}
+
+
+async def test_allow_plain_http_lets_http_through(tmp_path: Path) -> None:
+    """storage.allow_plain_http (default false) reaches the engine through from_config; true
+    lets http URLs be touched."""
+    cfg = tmp_path / "p.toml"
+    cfg.write_text("")
+    assert WarmSettings.from_config(load_config(cfg)).allow_plain_http is False
+    cfg.write_text("[storage]\nallow_plain_http = true\n")
+    settings = WarmSettings.from_config(load_config(cfg))
+    assert settings.allow_plain_http is True
+    toucher = _Raising({})
+    report = await warm(_refs(["http://d/c"]), settings, toucher, sleep=_Sleeps())
+    assert toucher.urls == ["http://d/c"] and report.tally.results["warm"] == 1
+
+
+async def test_url_credentials_stay_out_of_failures_and_breaker_messages() -> None:
+    """https://user:pw@host/...: failures list the URL as https://***@host/..., errors quoting
+    it are redacted, breaker messages name the endpoint without userinfo."""
+
+    class Quoting:
         async def touch(self, url: str) -> Attempt:
-            raise ZeroDivisionError("bug")
+            if url.endswith("/boom"):
+                raise RuntimeError(f"cannot handle {url}")
+            return Attempt(status=403, error=f"HTTP 403 Forbidden for {url}")
 
-    with pytest.raises(ZeroDivisionError):
-        await warm(_refs([f"https://d/{i}" for i in range(100)]), _settings(), Broken())
+    urls = ["https://user:s3cret@door:2880/boom"] + [
+        f"https://user:s3cret@door:2880/f{i}" for i in range(10)]
+    report = await warm(_refs(urls), _settings(concurrency=1, breaker=BreakerConfig(denials=3)),
+                        Quoting(), sleep=_Sleeps())
+    assert report.exit_code == 3
+    assert str(report.aborted).startswith("https://door:2880 denied 3 files in a row")
+    texts = [str(report.aborted)] + [f"{o.url} {o.error}" for o in report.tally.failures]
+    assert len(texts) == 5 and not any("s3cret" in t for t in texts)
+    boom = report.tally.failures[0]
+    assert boom.url == "https://***@door:2880/boom"
+    assert boom.error == "unexpected error: RuntimeError: cannot handle https://***@door:2880/boom"
+
+
+def test_attempt_error_text_is_bounded_and_redacted() -> None:
+    """Whoever builds an Attempt, its error text is folded, cut to ERROR_TEXT_MAX characters and
+    free of URL userinfo: a 5 MB reason phrase or a library message quoting the URL."""
+    huge = Attempt(status=404, error="HTTP 404 " + "x" * 5_000_000)
+    assert len(huge.error) == ERROR_TEXT_MAX and huge.error.startswith("HTTP 404 xxx")
+    quoted = Attempt(failure=Failure.PROTOCOL,
+                     error="400, message='Bad status line',\n url='https://user:pw@door:2880/f'")
+    assert quoted.error == "400, message='Bad status line', url='https://***@door:2880/f'"
+    assert Attempt(status=206).error == ""
+    assert redact("https://u:p@ss@h:1/f?a=b@c") == "https://***@h:1/f?a=b@c"
+    assert redact("davs://a@h/x and root://b:c@h//y") == "davs://***@h/x and root://***@h//y"
+    assert redact("https://h/f@x") == "https://h/f@x"  # an "@" in the path is no userinfo
+    # Redacted before the cut: a password is never half-shown.
+    assert "secret" not in error_text("x" * 190 + " https://user:secret@h/f")

@@ -8,28 +8,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import aiohttp
 import pytest
 
 from prestaged.catalog.local import LocalCatalog
 from prestaged.config import load_config
 from prestaged.context import Context
 from prestaged.credentials import load_credentials
-from prestaged.model import Attempt, Failure, Result
+from prestaged.model import ERROR_TEXT_MAX, Attempt, Failure, Result, redact
 from prestaged.runner import run_definition
-from prestaged.storage.fast import FastPath
+from prestaged.storage.fast import (
+    MAX_FIELD_SIZE,
+    MAX_HEADERS,
+    MAX_LINE_SIZE,
+    FastPath,
+    connect_timeout_text,
+)
 from prestaged.storage.http import HttpToucher
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import (
     Action,
     Delay,
+    Flood,
     IgnoreRange,
+    Raw,
     Reset,
+    SilentEndpoint,
     Status,
     StorageServer,
     ThreadedStorageServer,
@@ -38,6 +49,7 @@ from prestaged.testing.xrootd import XRootDServer, xrootd_available
 from prestaged.warm import WarmSettings
 
 pytestmark = pytest.mark.timeout(120)
+MiB = 1024**2
 
 
 def _client(pki: TestPKI, proxy: Path) -> ssl.SSLContext:
@@ -493,6 +505,154 @@ async def test_malformed_answer_falls_back(ctx: ssl.SSLContext,
         async with _toucher(ctx, fast=False) as t:
             want = await t.touch(srv.url("/f"))
     assert got == want and got.failure is Failure.PROTOCOL
+
+
+# --- hostile answers (the test kit's Raw and Flood): aiohttp's limits and results, bounded -------
+
+_H206 = b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-3/99\r\nContent-Length: 4\r\n"
+_A206 = _H206 + b"\r\nabcd"
+_A404 = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+_FLOOD = 32 * MiB  # far past every limit: the client must hang up long before the end
+_REFUSED = (None, Failure.PROTOCOL)  # aiohttp refuses the answer: a protocol failure
+
+
+def _field(size: int) -> bytes:
+    """A header line whose name and value together are ``size`` bytes."""
+    return b"X: " + b"y" * (size - 1) + b"\r\n"
+
+
+_HOSTILE: list[tuple[str, Action, tuple[Optional[int], Optional[Failure]]]] = [
+    ("header-line-without-end", Flood(_H206 + b"X-Big: ", b"a", _FLOOD, b"\r\n\r\nabcd"), _REFUSED),
+    ("headers-without-end", Flood(_H206, b"X-H: v\r\n", _FLOOD, b"\r\nabcd"), _REFUSED),
+    ("reason-without-end",
+     Flood(b"HTTP/1.1 404 ", b"x", _FLOOD, b"\r\nContent-Length: 0\r\n\r\n"), _REFUSED),
+    ("reason-at-limit",
+     Raw(b"HTTP/1.1 404 " + b"x" * MAX_LINE_SIZE + b"\r\nContent-Length: 0\r\n\r\n"), (404, None)),
+    ("reason-past-limit",
+     Raw(b"HTTP/1.1 404 " + b"x" * (MAX_LINE_SIZE + 1) + b"\r\nContent-Length: 0\r\n\r\n"),
+     _REFUSED),
+    ("field-at-limit", Raw(_H206 + _field(MAX_FIELD_SIZE) + b"\r\nabcd"), (206, None)),
+    ("field-near-limit", Raw(_H206 + _field(MAX_FIELD_SIZE + 1) + b"\r\nabcd"), (206, None)),
+    ("field-past-limit", Raw(_H206 + _field(MAX_FIELD_SIZE + 2) + b"\r\nabcd"), _REFUSED),
+    ("first-field-past-limit",
+     Raw(b"HTTP/1.1 206 Partial Content\r\n" + _field(MAX_FIELD_SIZE + 1) + b"\r\nabcd"), _REFUSED),
+    ("names-past-limit", Raw(_H206 + b"N" * (MAX_FIELD_SIZE - 10) + b": 1\r\n" + b"M" * 11
+                             + b": 2\r\n\r\nabcd"), _REFUSED),
+    ("headers-at-limit", Raw(_H206 + b"X: y\r\n" * (MAX_HEADERS - 2) + b"\r\nabcd"), (206, None)),
+    ("headers-past-limit", Raw(_H206 + b"X: y\r\n" * (MAX_HEADERS - 1) + b"\r\nabcd"), _REFUSED),
+    ("206-then-404-in-one-write", Raw(_A206 + _A404), (206, None)),
+    ("404-then-206-in-one-write", Raw(_A404 + _A206), (404, None)),
+    ("two-answers-connection-left-open", Raw(_A206 + _A404, close=False), (206, None)),
+    ("garbage-status-line", Raw(b"HTTP/1.1 abc Weird\r\n\r\n"), _REFUSED),
+    ("not-http-at-all", Raw(b"SSH-2.0-OpenSSH_9.2\r\n\r\n"), _REFUSED),
+    ("truncated-head", Raw(b"HTTP/1.1 206 Partial Content\r\nContent-Ra"), (None, Failure.RESET)),
+    ("truncated-body", Raw(_A206[:-2]), (None, Failure.RESET)),
+    ("nul-in-header-value", Raw(_H206 + b"X: a\x00b\r\n\r\nabcd"), _REFUSED),
+    ("old-websocket-header", Raw(_H206 + b"Sec-WebSocket-Key1: 1\r\n\r\nabcd"), _REFUSED),
+]
+
+
+def test_fast_path_limits_are_aiohttps() -> None:
+    """The fast path's parser limits are the installed aiohttp session's defaults (ours)."""
+    params = inspect.signature(aiohttp.ClientSession.__init__).parameters
+    assert params["max_line_size"].default == MAX_LINE_SIZE
+    assert params["max_field_size"].default == MAX_FIELD_SIZE
+    assert params["max_headers"].default == MAX_HEADERS
+
+
+@pytest.mark.parametrize(("action", "expect"), [(a, e) for _, a, e in _HOSTILE],
+                         ids=[name for name, _, _ in _HOSTILE])
+async def test_hostile_answers_equal_the_aiohttp_path(
+    ctx: ssl.SSLContext, storage: StorageServer, action: Action,
+    expect: tuple[Optional[int], Optional[Failure]]
+) -> None:
+    """Endless or oversized heads, two answers in one write, garbage, truncation: the same
+    Attempt on both paths, bounded error text, a client that hangs up within a few MiB, and a
+    connection that never serves the next file a stale answer."""
+    results = []
+    for fast in (True, False):
+        storage.clear_faults()
+        # The fast path may hand the file back, and aiohttp retries a GET once on a disconnect.
+        storage.inject("/h", [action] * 3)
+        async with _toucher(ctx, fast=fast, timeout=10.0) as t:
+            results.append(await t.touch(storage.url("/h")))
+            assert await t.touch(storage.url("/next")) == Attempt(status=206, data=4, size=1 << 20)
+    got, want = results
+    assert got == want
+    assert (got.status, got.failure) == expect, got
+    assert len(got.error) <= ERROR_TEXT_MAX
+    await storage.wait_until(lambda s: s.active_requests == 0, timeout=10)
+    assert all(r.bytes_sent < 4 * MiB for r in storage.stats.path("/h").records)
+
+
+@pytest.mark.parametrize("location", [
+    "http://{silent}/x", "http://user:secret@{silent}/x", "davs://{silent}/x",
+    "ftp://127.0.0.1/x", "file:///etc/passwd",
+])
+async def test_redirects_off_https_are_refused(ctx: ssl.SSLContext, storage: StorageServer,
+                                               location: str) -> None:
+    """A 302 from https to http (or ftp:, file:, davs:) is never followed, on either path: the
+    file fails naming the target, its credentials redacted, and nothing connects there."""
+    async with SilentEndpoint() as silent:
+        target = location.format(silent=f"127.0.0.1:{silent.port}")
+        answer = Raw(b"HTTP/1.1 302 Found\r\nLocation: " + target.encode()
+                     + b"\r\nContent-Length: 0\r\n\r\n")
+        got, want, fast = await _both(ctx, storage.url("/r"),
+                                      lambda: storage.inject("/r", [answer]))
+        assert silent.connections == 0
+    assert got == want == Attempt(status=302, failure=Failure.PROTOCOL,
+                                  error=f"refused redirect to {redact(target)}")
+    assert "secret" not in got.error
+    assert _stats(fast) == (1, 0)
+
+
+def test_redirect_rules() -> None:
+    """Followed: to https from anywhere, to http from http (a URL the engine let through);
+    refused, with the redirect's status: https to http at any hop, and every other scheme."""
+    from yarl import URL
+
+    from prestaged.storage.http import _refused_redirect
+
+    https, http = URL("https://door/f"), URL("http://door/f")
+    assert _refused_redirect(https, URL("https://pool/f"), 302) is None
+    assert _refused_redirect(http, URL("https://pool/f"), 302) is None
+    assert _refused_redirect(http, URL("http://pool/f"), 302) is None
+    assert _refused_redirect(https, URL("http://u:p@pool/f"), 307) == Attempt(
+        status=307, failure=Failure.PROTOCOL,
+        error="refused redirect to http://***@pool/f")
+    for target in ("file:///etc/passwd", "ftp://pool/f", "davs://pool/f"):
+        refused = _refused_redirect(http, URL(target), 302)
+        assert refused is not None and refused.error == f"refused redirect to {target}"
+
+
+async def test_urls_of_other_schemes_fail_without_raising(ctx: ssl.SSLContext) -> None:
+    """davs:, root:, file:, ftp: given to the toucher itself fail that file on both paths;
+    aiohttp would raise NonHttpUrlClientError out of touch()."""
+    for url in ("davs://127.0.0.1:1/f", "root://127.0.0.1:1094//f", "file:///etc/passwd",
+                "ftp://127.0.0.1/f"):
+        got, want, fast = await _both(ctx, url, lambda: None)
+        scheme = url.partition(":")[0]
+        assert got == want == Attempt(failure=Failure.PROTOCOL,
+                                      error=f"unsupported scheme {scheme}://")
+        assert _stats(fast) == (0, 0)  # none of these is the fast path's
+
+
+async def test_handshake_that_never_ends_is_unreachable_after_connect_timeout(
+    ctx: ssl.SSLContext
+) -> None:
+    """An endpoint that accepts TCP and never answers the TLS handshake: after connect_timeout
+    (not the attempt's timeout) the file is unreachable, the same on both paths, and the fast
+    path does not hand it to aiohttp to wait a second time."""
+    async with SilentEndpoint() as silent:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        got, want, fast = await _both(ctx, silent.url("/f"), lambda: None, connect_timeout=0.5,
+                                      timeout=30.0)
+        elapsed = loop.time() - start
+        assert silent.connections == 2  # one per path
+    assert got == want == Attempt(failure=Failure.UNREACHABLE, error=connect_timeout_text(0.5))
+    assert _stats(fast) == (1, 0)
+    assert elapsed < 10  # two connect timeouts, not two attempt timeouts
 
 
 # --- the real XRootD ---------------------------------------------------------------------------

@@ -18,9 +18,12 @@ import pytest
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import (
     Delay,
+    Flood,
     IgnoreRange,
+    Raw,
     Reset,
     Serve,
+    SilentEndpoint,
     Status,
     StorageServer,
     ThreadedStorageServer,
@@ -248,6 +251,67 @@ async def test_ignore_range_stops_when_client_leaves(
         resp.close()
     await server.wait_until(lambda s: s.active_requests == 0, timeout=10)
     assert 4 <= server.stats.path("huge").bytes_sent < 16 * MiB
+
+
+async def _exchange(server: StorageServer, ctx: ssl.SSLContext, path: str,
+                    limit: int = 1 << 30) -> bytes:
+    """Send one raw GET of ``path``; read up to ``limit`` bytes of answer (or to EOF)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.door_port, ssl=ctx)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        got = b""
+        while len(got) < limit:
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
+    finally:
+        writer.close()
+
+
+async def test_raw_answer_is_sent_verbatim_then_closed(
+    server: StorageServer, client_ctx: ssl.SSLContext
+) -> None:
+    """Raw bytes (here two answers in one write) arrive as given, then the server closes."""
+    data = (b"HTTP/1.1 206 Partial Content\r\nContent-Length: 4\r\n\r\nabcd"
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+    server.inject("raw", [Raw(data)])
+    assert await _exchange(server, client_ctx, "/raw") == data
+    await _idle(server)
+    assert server.stats.path("raw").bytes_sent == len(data)
+    assert server.stats.path("raw").actions == [Raw(data)]
+
+
+async def test_flood_stops_when_client_leaves(
+    server: StorageServer, client_ctx: ssl.SSLContext
+) -> None:
+    """A header line without end: the client reads 64 KiB and leaves, the flood stops soon."""
+    server.inject("flood", [Flood(b"HTTP/1.1 200 OK\r\nX-Big: ", b"a")])
+    got = await _exchange(server, client_ctx, "/flood", limit=64 * 1024)
+    assert got.startswith(b"HTTP/1.1 200 OK\r\nX-Big: aaaa")
+    await server.wait_until(lambda s: s.active_requests == 0, timeout=10)
+    assert 64 * 1024 <= server.stats.path("flood").bytes_sent < 16 * MiB
+
+
+async def test_finite_flood_ends_with_its_tail(
+    server: StorageServer, client_ctx: ssl.SSLContext
+) -> None:
+    """Flood(head, filler, size, tail) sends exactly head + size bytes of filler + tail."""
+    server.inject("f", [Flood(b"HTTP/1.1 404 ", b"xy", size=5, tail=b"\r\n\r\n")])
+    assert await _exchange(server, client_ctx, "/f") == b"HTTP/1.1 404 xyxyx\r\n\r\n"
+    with pytest.raises(ValueError):
+        Flood(b"", b"")
+
+
+async def test_silent_endpoint_never_completes_a_handshake(client_ctx: ssl.SSLContext) -> None:
+    """A TLS client connecting to a SilentEndpoint waits in vain; the connection is counted."""
+    async with SilentEndpoint() as silent:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", silent.port, ssl=client_ctx), 0.3)
+        assert silent.connections == 1
+        assert silent.url("/a b") == f"https://127.0.0.1:{silent.port}/a%20b"
 
 
 async def test_redirect_followed_by_aiohttp(

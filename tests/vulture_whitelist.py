@@ -14,6 +14,7 @@ on_header
 on_headers_complete
 on_body
 on_message_complete
+on_message_begin
 # Submission rows: stored columns, shown through dataclasses.asdict.
 created
 updated

@@ -5,10 +5,18 @@ For the common case, one ``GET`` of a plain URL answered by a final status on a 
 connection, this module writes pre-built request bytes on a pooled ``asyncio.Protocol``
 connection and parses the answer with ``httptools`` (llhttp). It produces the same ``Attempt``
 as the aiohttp path or hands the file back: ``FastPath.fetch`` returns an ``Attempt`` (final
-answer), a ``str`` (a redirect's ``Location``, which the caller follows with aiohttp) or None
-(no complete, well-formed answer: connection or TLS failure, timeout, stale connection, parser
-error, no free connection slot), after which the caller tries the URL once with aiohttp, so
+answer, or a connection not made within ``connect_timeout``), a ``Redirect`` (which the caller
+follows with aiohttp) or None (no complete, well-formed answer within aiohttp's limits:
+connection or TLS failure, timeout, stale connection, parser error, a head past aiohttp's
+limits, no free connection slot), after which the caller tries the URL once with aiohttp, so
 failures are classified exactly as before.
+
+A server decides how much it sends; the fast path bounds what it keeps. aiohttp refuses a
+reason phrase or a header line over 8190 bytes and more than 128 header lines, so the same
+answers are handed back to aiohttp here, which refuses them identically; a head still incomplete
+after ``HEAD_LIMIT`` bytes (a header line without end, which httptools would buffer whole) is
+handed back too. Answer bytes that follow the answer (a second response in the same write) are
+never parsed as part of it, and cost the connection.
 
 At most ``nbytes`` of file data are read; a 2xx body that would be longer (a server ignoring
 ``Range``) costs the connection. Non-2xx bodies up to 1 KiB are drained, longer ones close it.
@@ -21,21 +29,61 @@ import logging
 import re
 import ssl
 from dataclasses import dataclass
-from typing import Optional, Union, cast
+from typing import NamedTuple, Optional, Union, cast
 
 import httptools
 from yarl import URL
 
-from prestaged.model import Attempt
+from prestaged.model import Attempt, Failure
 from prestaged.net import parse_retry_after
 from prestaged.storage.attempt import CONTENT_RANGE_TOTAL, DRAIN_LIMIT, REDIRECTS
 
-__all__ = ["FastPath", "FastPathStats"]
+__all__ = [
+    "HEAD_LIMIT",
+    "MAX_FIELD_SIZE",
+    "MAX_HEADERS",
+    "MAX_LINE_SIZE",
+    "FastPath",
+    "FastPathStats",
+    "Redirect",
+    "connect_timeout_text",
+]
 
 log = logging.getLogger(__name__)
 
-Answer = Union[Attempt, str, None]
-"""What ``FastPath.fetch`` gives: a final ``Attempt``, a redirect ``Location``, or None."""
+
+class Redirect(NamedTuple):
+    """A redirect answer: its status and ``Location`` (followed by the caller, with aiohttp)."""
+
+    status: int
+    location: str
+
+
+Answer = Union[Attempt, Redirect, None]
+"""What ``FastPath.fetch`` gives: a final ``Attempt``, a ``Redirect``, or None (fall back)."""
+
+# aiohttp's client parser limits (``ClientSession``/``HttpResponseParser`` defaults, unchanged
+# from aiohttp 3.8 to 3.14; tests/test_fast_path.py holds them to the installed aiohttp).
+# aiohttp refuses an answer past any of them, so such answers are handed back to it.
+MAX_LINE_SIZE = 8190
+"""Longest reason phrase (aiohttp counts the status line after the status code), bytes."""
+MAX_FIELD_SIZE = 8190
+"""Longest header line, bytes (how aiohttp counts it: see ``_Conn.on_header``)."""
+MAX_HEADERS = 128
+"""Most header lines in one answer."""
+HEAD_LIMIT = 64 * 1024
+"""Head bytes (status line and headers) read before the head must be complete. httptools
+buffers a header line until its end, so a line or a head without end would grow without bound
+before any limit above could be checked; past this the answer goes to aiohttp (whose parser
+checks as it reads). Real storage heads are well under 4 KiB."""
+# aiohttp refuses an answer carrying this header (the old WebSocket handshake): so do we.
+_REFUSED_HEADER = b"sec-websocket-key1"
+
+
+def connect_timeout_text(seconds: float) -> str:
+    """The error text of a connection not made (TCP connect and TLS handshake) in ``seconds``;
+    the same on both paths."""
+    return f"connect timed out after {seconds:g} s (TCP connect or TLS handshake)"
 
 # Characters a path (and query) may hold for the fast path: a subset of what ``HttpToucher``
 # sends without requoting, so the request line is the URL's as aiohttp would send it. No "%":
@@ -51,7 +99,8 @@ _WANTED = frozenset({b"content-length", b"content-range", b"retry-after", b"loca
 
 @dataclass
 class FastPathStats:
-    """Counters of a ``FastPath``: ``answered`` files (final answer or redirect), ``fallbacks``
+    """Counters of a ``FastPath``: ``answered`` files (final answer, redirect, or no connection
+    within the connect timeout), ``fallbacks``
     (handed back to aiohttp), ``connections`` opened, ``reused`` requests on a pooled one."""
 
     answered: int = 0
@@ -110,8 +159,12 @@ class _Conn(asyncio.Protocol):
         self._reset_message()
 
     def _reset_message(self) -> None:
-        self.status = 0
+        self.status = 0  # set once the head is complete
         self.reason: list[bytes] = []
+        self.reason_size = 0
+        self.fields = 0  # header lines seen
+        self.last_name = 0  # length of the last header name
+        self.head_size = 0  # bytes received while the head was incomplete
         self.headers: dict[bytes, bytes] = {}
         self.mode = ""  # "read" (2xx body), "drain" (kept), "done" (answer ready)
         self.length: Optional[int] = None
@@ -141,23 +194,55 @@ class _Conn(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
-            log.debug("fast path: malformed answer from %s:%s: %s", self.ep.host, self.ep.port, e)
-            if self.mode != "done":
-                self.answer = None
-            self.keep = False
-            self.mode = "done"
+            self._give_up(f"malformed answer or past aiohttp's limits: {e!r}")
+        else:
+            if not self.status:  # all of data was head, and the head is not over yet
+                self.head_size += len(data)
+                if self.head_size > HEAD_LIMIT:
+                    self._give_up(f"head longer than {HEAD_LIMIT} bytes")
         if self.mode == "done" or (self.mode == "read" and self.got >= self.pool.nbytes):
             self._finish()
 
+    def _give_up(self, why: str) -> None:
+        """Stop reading this connection: hand the file back to aiohttp, unless a complete answer
+        came before the trouble (bytes after an answer only cost the connection)."""
+        log.debug("fast path: %s:%s: %s", self.ep.host, self.ep.port, why)
+        if self.mode != "done":
+            self.answer = None
+        self.keep = False
+        self.mode = "done"
+
     # -- httptools callbacks ----------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second answer to one request, in the same read: aiohttp keeps the first and
+            # never reads on; so do we (the error stops the parser, the connection is closed).
+            raise ValueError("bytes after the answer")
+
     def on_status(self, status: bytes) -> None:
+        # Called per piece as the reason arrives, so the limit holds before it is buffered.
+        self.reason_size += len(status)
+        if self.reason_size > MAX_LINE_SIZE:
+            raise ValueError(f"reason phrase over {MAX_LINE_SIZE} bytes")
         self.reason.append(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields += 1
+        if self.fields > MAX_HEADERS:
+            raise ValueError(f"more than {MAX_HEADERS} header lines")
+        # What aiohttp adds up against MAX_FIELD_SIZE depends on the line's place (with the
+        # first line it counts name and value, later only the value, and a name together with
+        # the name before it). Counting the name with the longer of the two refuses all it
+        # refuses; the few lines it would still accept it then gets to judge itself.
+        if len(name) + max(len(value), self.last_name) > MAX_FIELD_SIZE:
+            raise ValueError(f"header line over {MAX_FIELD_SIZE} bytes")
+        self.last_name = len(name)
         key = name.lower()
         if key in _WANTED and key not in self.headers:
             self.headers[key] = value
+        elif key == _REFUSED_HEADER:
+            raise ValueError("Sec-WebSocket-Key1 header")
 
     def on_headers_complete(self) -> None:
         self.status = status = self.parser.get_status_code()
@@ -204,7 +289,7 @@ class _Conn(asyncio.Protocol):
         location = self._header(b"location")
         if not location:
             raise ValueError("redirect without Location")  # aiohttp says so: fall back
-        self.answer = location
+        self.answer = Redirect(self.status, location)
         self._drain_or_drop()
 
     def _drain_or_drop(self) -> None:
@@ -352,10 +437,14 @@ class FastPath:
         conn = self._take(ep)
         if conn is None:
             deadline = self.loop.time() + timeout
-            conn = await self._acquire(ep, deadline)
-            if conn is None:
+            got = await self._acquire(ep, deadline)
+            if isinstance(got, Attempt):  # no connection within connect_timeout
+                self.stats.answered += 1
+                return got
+            if got is None:
                 self.stats.fallbacks += 1
                 return None
+            conn = got
             timeout = deadline - self.loop.time()
         else:
             self.stats.reused += 1
@@ -370,8 +459,9 @@ class FastPath:
             self.stats.answered += 1
         return answer
 
-    async def _acquire(self, ep: _Endpoint, deadline: float) -> Optional[_Conn]:
-        """A new connection to ``ep``, or an idle one freed while we wait for a slot."""
+    async def _acquire(self, ep: _Endpoint, deadline: float) -> Union[_Conn, Attempt, None]:
+        """A new connection to ``ep``, or an idle one freed while we wait for a slot (see
+        ``_connect`` for the Attempt)."""
         while not self._closed:
             if self._free_slot(ep):
                 timeout = min(deadline - self.loop.time(), self._connect_timeout)
@@ -409,7 +499,10 @@ class FastPath:
             conn.close()
         return None
 
-    async def _connect(self, ep: _Endpoint, timeout: float) -> Optional[_Conn]:
+    async def _connect(self, ep: _Endpoint, timeout: float) -> Union[_Conn, Attempt, None]:
+        """A new connection, or None (fall back), or the failure of a connection that took
+        longer than ``connect_timeout``: an endpoint that accepts TCP but never finishes the TLS
+        handshake would otherwise stall each file twice, here and again in aiohttp."""
         if timeout <= 0:
             return None
         conn = _Conn(self, ep)
@@ -421,7 +514,15 @@ class FastPath:
                                             server_hostname=ep.server_hostname),
                 timeout,
             )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ValueError) as e:
+        except asyncio.TimeoutError:
+            conn.close()
+            if timeout < self._connect_timeout:  # the attempt's own limit: the caller says so
+                return None
+            log.debug("fast path: no connection to %s:%s within %s s", ep.host, ep.port,
+                      timeout)
+            return Attempt(failure=Failure.UNREACHABLE,
+                           error=connect_timeout_text(self._connect_timeout))
+        except (OSError, ssl.SSLError, ValueError) as e:
             log.debug("fast path: connecting to %s:%s failed: %s", ep.host, ep.port, e)
             conn.close()
             return None

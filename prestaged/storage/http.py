@@ -12,6 +12,12 @@ connections, answers parsed by httptools): it gives the same ``Attempt`` for a f
 hands anything else (redirect targets, failures, malformed or missing answers) back to the
 aiohttp path here, which classifies it exactly as without the fast path.
 
+Redirects are followed to ``https`` only (or from ``http`` to ``http``, after the engine let an
+``http`` URL through): a door sending us from https to ``http://`` would expose the request
+(and a bearer token) in clear, and ``file:``/``ftp:`` are no storage of ours. Anything else
+aiohttp raises about one URL is that URL's failed ``Attempt``, never an exception out of
+``touch``.
+
 This module does one attempt; retries, breakers and throttling live in ``prestaged.warm``.
 """
 
@@ -28,7 +34,7 @@ from prestaged._version import __version__
 from prestaged.model import Attempt, Failure
 from prestaged.net import parse_retry_after, tls_cause
 from prestaged.storage.attempt import CONTENT_RANGE_TOTAL, DRAIN_LIMIT, REDIRECTS
-from prestaged.storage.fast import FastPath, FastPathStats
+from prestaged.storage.fast import FastPath, FastPathStats, Redirect, connect_timeout_text
 
 if TYPE_CHECKING:
     import aiohttp
@@ -57,8 +63,21 @@ def _size(resp: aiohttp.ClientResponse) -> Optional[int]:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return " ".join(text.split())[:300]
+    """The text of ``exc`` (an ``Attempt`` folds, bounds and redacts it)."""
+    return str(exc) or type(exc).__name__
+
+
+def _refused_redirect(source: URL, target: URL, status: int) -> Optional[Attempt]:
+    """The failure of a redirect from ``source`` (the URL that answered it) to ``target`` that
+    we do not follow, or None.
+
+    Only ``https`` targets are followed, and ``http`` ones from an ``http`` source: never a
+    downgrade from TLS (at any hop), never another scheme (``file:``, ``ftp:``, ``davs:``...).
+    """
+    scheme = target.scheme
+    if scheme == "https" or (scheme == "http" and source.scheme == "http"):
+        return None
+    return Attempt(status=status, failure=Failure.PROTOCOL, error=f"refused redirect to {target}")
 
 
 class HttpToucher:
@@ -168,7 +187,11 @@ class HttpToucher:
         await self.close()
 
     async def touch(self, url: str) -> Attempt:
-        """One attempt at ``url``: follow redirects, read at most ``nbytes``, classify."""
+        """One attempt at ``url``: follow redirects, read at most ``nbytes``, classify.
+
+        Never raises for a URL or an answer, however bad: it is the file's failed ``Attempt``
+        (``unsupported scheme davs://``, ``refused redirect to http://...``).
+        """
         if not self._started:
             raise RuntimeError("HttpToucher.start() was not called")
         fast = self._fast
@@ -191,12 +214,12 @@ class HttpToucher:
         # path.
         session = self._open_session()
         timeout = _aiohttp().ClientTimeout(total=remaining, sock_connect=self._connect_timeout)
-        return await self._slow(session, url, location=answer, timeout=timeout)
+        return await self._slow(session, url, redirect=answer, timeout=timeout)
 
     async def _slow(self, session: aiohttp.ClientSession, url: str, *,
-                    location: Optional[str] = None,
+                    redirect: Optional[Redirect] = None,
                     timeout: Optional[aiohttp.ClientTimeout] = None) -> Attempt:
-        """The touch through aiohttp; with ``location``, from that redirect of ``url`` on."""
+        """The touch through aiohttp; with ``redirect``, from that answer to ``url`` on."""
         aiohttp = _aiohttp()
         try:
             # A URL made only of characters legal in an encoded URL needs no requoting by yarl
@@ -204,11 +227,22 @@ class HttpToucher:
             target = URL(url, encoded=_ENCODED.fullmatch(url) is not None)
         except (ValueError, TypeError) as e:
             return Attempt(failure=Failure.PROTOCOL, error=f"bad URL: {_describe(e)}")
+        if target.scheme not in ("http", "https"):
+            return Attempt(failure=Failure.PROTOCOL,
+                           error=f"unsupported scheme {target.scheme or '(none)'}://")
         try:
-            if location is None:
+            if redirect is None:
                 return await self._follow(session, target, timeout=timeout)
-            return await self._follow(session, target.join(URL(location)), first_hop=1,
-                                      timeout=timeout)
+            nxt = target.join(URL(redirect.location))
+            refused = _refused_redirect(target, nxt, redirect.status)
+            if refused is not None:
+                return refused
+            return await self._follow(session, nxt, first_hop=1, timeout=timeout)
+        except aiohttp.ConnectionTimeoutError:
+            # No TCP connection or TLS handshake within connect_timeout: an endpoint that does
+            # not answer, counted toward the unreachable breaker like a refused connection.
+            return Attempt(failure=Failure.UNREACHABLE,
+                           error=connect_timeout_text(self._connect_timeout))
         except asyncio.TimeoutError:
             return Attempt(failure=Failure.TIMEOUT, error="timed out")
         except aiohttp.ClientConnectorError as e:
@@ -226,6 +260,9 @@ class HttpToucher:
             return Attempt(failure=Failure.PROTOCOL, error=_describe(e))
         except (aiohttp.InvalidURL, ValueError) as e:
             return Attempt(failure=Failure.PROTOCOL, error=f"bad URL: {_describe(e)}")
+        except aiohttp.ClientError as e:
+            # Whatever else aiohttp refuses about this URL or its answer fails this file only.
+            return Attempt(failure=Failure.PROTOCOL, error=_describe(e))
 
     async def _follow(self, session: aiohttp.ClientSession, target: URL, *, first_hop: int = 0,
                       timeout: Optional[aiohttp.ClientTimeout] = None) -> Attempt:
@@ -240,7 +277,11 @@ class HttpToucher:
                         return Attempt(status=status, failure=Failure.PROTOCOL,
                                        error=f"HTTP {status} redirect without Location")
                     await self._drain(resp)
-                    target = resp.url.join(URL(location))
+                    nxt = resp.url.join(URL(location))
+                    refused = _refused_redirect(resp.url, nxt, status)
+                    if refused is not None:
+                        return refused
+                    target = nxt
                     continue
                 size = _size(resp)
                 if size == 0:

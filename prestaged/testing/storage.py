@@ -2,11 +2,14 @@
 
 ``StorageServer`` serves GET/HEAD over TLS on 127.0.0.1 with byte ranges, an optional
 door -> pool redirect (``302`` to ``?dcache-http-uuid=<uuid4>`` like a dCache WebDAV door), and
-fault injection per path (``Status``, ``Delay``, ``Reset``, ``IgnoreRange``). Every request is
+fault injection per path (``Status``, ``Delay``, ``Reset``, ``IgnoreRange``, and the hostile
+answers no well-behaved server library would send: ``Raw`` bytes, an endless ``Flood``). Every
+request is
 recorded in ``stats`` (requests, body bytes counted as they are written, Range headers, methods,
 the action applied and when), and connections are counted per site (``door``/``pool``).
 
 ``ThreadedStorageServer`` runs the same server on its own event loop in a thread, for sync tests.
+``SilentEndpoint`` accepts TCP connections and never answers: a TLS handshake that never ends.
 ``python -m prestaged.testing.storage --pki-dir DIR`` runs it as a process for benchmarks.
 
 Not for production: file reads are blocking and every request is kept in memory.
@@ -38,6 +41,7 @@ from typing import Any, BinaryIO, Callable, Optional, TypeVar, Union
 from urllib.parse import quote
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_protocol import RequestHandler
 
 from prestaged.testing.pki import load_or_create_pki
@@ -48,12 +52,15 @@ __all__ = [
     "POOL",
     "Action",
     "Delay",
+    "Flood",
     "IgnoreRange",
     "PathStats",
+    "Raw",
     "RequestRecord",
     "Reset",
     "Serve",
     "ServerStats",
+    "SilentEndpoint",
     "Status",
     "StorageServer",
     "ThreadedStorageServer",
@@ -130,7 +137,40 @@ class IgnoreRange:
             raise ValueError(f"IgnoreRange.size must be >= 0, got {self.size}")
 
 
-Action = Union[Serve, Status, Delay, Reset, IgnoreRange]
+@dataclass(frozen=True)
+class Raw:
+    """Write ``data`` verbatim as the whole answer (status line, headers and body are the
+    test's), then close the connection (``close``) or leave it open until the client does.
+
+    For answers aiohttp's server would never produce: garbage status lines, truncated heads,
+    two responses in one write, redirects to other schemes. Counted whole in ``bytes_sent``.
+    """
+
+    data: bytes
+    close: bool = True
+
+
+@dataclass(frozen=True)
+class Flood:
+    """Write ``head``, then ``filler`` repeated up to ``size`` bytes (default 10 GiB: endless in
+    practice), then ``tail``, then close; streaming stops as soon as the client goes away.
+
+    A hostile or broken server: a reason phrase or header line that never ends, headers without
+    end. ``bytes_sent`` counts every byte handed to the transport, so a test can bound what the
+    client let the server send before hanging up.
+    """
+
+    head: bytes
+    filler: bytes
+    size: int = 10 * 1024**3
+    tail: bytes = b""
+
+    def __post_init__(self) -> None:
+        if not self.filler or self.size < 0:
+            raise ValueError("Flood.filler must be non-empty and Flood.size >= 0")
+
+
+Action = Union[Serve, Status, Delay, Reset, IgnoreRange, Raw, Flood]
 _SERVE = Serve()
 
 
@@ -142,7 +182,8 @@ class RequestRecord:
     """One request as the server saw it.
 
     ``time`` is ``time.monotonic()`` at arrival; ``status`` is 0 until a response is started and
-    stays 0 for ``Reset`` or a client that left first; ``bytes_sent`` counts body bytes written.
+    stays 0 for ``Reset``, ``Raw``, ``Flood`` or a client that left first; ``bytes_sent`` counts
+    body bytes written (every byte of a ``Raw`` or ``Flood`` answer).
     """
 
     __slots__ = ("action", "bytes_sent", "method", "range", "site", "status", "time")
@@ -678,6 +719,8 @@ class StorageServer:
             return _text(action.code, action.body, headers)
         if isinstance(action, Reset):
             return await _reset(ex.request)
+        if isinstance(action, (Raw, Flood)):
+            return await self._raw(ex, action)
         if isinstance(action, Delay):
             await asyncio.sleep(action.seconds)
             action = _SERVE
@@ -786,6 +829,42 @@ class StorageServer:
             pass
         return resp
 
+    async def _raw(self, ex: _Exchange, action: Raw | Flood) -> web.StreamResponse:
+        """Write a hostile answer straight to the connection, bypassing aiohttp's response."""
+        writer = ex.request.writer
+        transport = ex.request.transport
+        try:
+            if isinstance(action, Raw):
+                await self._write_raw(ex, writer, action.data)
+            else:
+                await self._write_raw(ex, writer, action.head)
+                left = action.size
+                chunk = action.filler * max(1, CHUNK_SIZE // len(action.filler))
+                while left > 0:
+                    # As in _stream: yield per chunk, or a TLS close is never noticed.
+                    if transport is None or transport.is_closing():
+                        break
+                    piece = chunk[:left]
+                    await self._write_raw(ex, writer, piece)
+                    left -= len(piece)
+                    await asyncio.sleep(0)
+                else:
+                    await self._write_raw(ex, writer, action.tail)
+        except ConnectionError:
+            pass
+        if transport is not None and (not isinstance(action, Raw) or action.close):
+            transport.close()
+        # No response of aiohttp's may follow: wait to be cancelled when the connection is lost
+        # (handler_cancellation=True), as _reset does.
+        await asyncio.get_running_loop().create_future()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _write_raw(self, ex: _Exchange, writer: AbstractStreamWriter, data: bytes) -> None:
+        if data:
+            await writer.write(data)
+            await writer.drain()
+            self.stats._sent(ex.stats, ex.record, len(data))
+
 
 @dataclass
 class _Exchange:
@@ -820,6 +899,69 @@ async def _reset(request: web.BaseRequest) -> web.StreamResponse:
     # connection_lost cancels this handler (handler_cancellation=True); never answer.
     await asyncio.get_running_loop().create_future()
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --- an endpoint that never speaks -------------------------------------------------------------
+
+
+class SilentEndpoint:
+    """Accepts TCP connections on 127.0.0.1 and never sends a byte: to a TLS client, a handshake
+    that never completes (a hung door, a half-configured load balancer).
+
+    ``connections`` counts connections accepted; each is closed when its client leaves, or at
+    ``stop()``. Use ``async with`` or ``start()``/``stop()``.
+    """
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.connections = 0
+        self._server: Optional[asyncio.Server] = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        """Start listening on a port chosen by the OS."""
+        self._server = await asyncio.start_server(self._accept, self.host, 0)
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection. Idempotent."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await server.wait_closed()
+
+    async def __aenter__(self) -> SilentEndpoint:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def port(self) -> int:
+        """TCP port listened on."""
+        if self._server is None:
+            raise RuntimeError("SilentEndpoint is not listening")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    def url(self, path: str, scheme: str = "https") -> str:
+        """``scheme://127.0.0.1:<port>/<path>``."""
+        return f"{scheme}://{self.host}:{self.port}{quote(_normalize(path))}"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        try:
+            while await reader.read(CHUNK_SIZE):  # a ClientHello, then nothing: never answer
+                pass
+        except ConnectionError:
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
 
 
 # --- in a thread -------------------------------------------------------------------------------
