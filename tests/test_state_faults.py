@@ -202,3 +202,22 @@ async def test_an_empty_definition_fails_the_gate_unless_allowed(tmp_path: Path)
         ok = await wait_until_ready(LocalCatalog(str(empty)), WarmSettings(), NoTouch(), store,
                                     fresh_for=3600, timeout=5, allow_empty=True)
         assert ok.passed
+
+
+def test_url_credentials_never_reach_the_state_file(tmp_path: Path) -> None:
+    """A URL with ``user:password@`` is recorded (membership, outcome, cold list) under its
+    full identity, but its text in the database has the credentials redacted."""
+    url = "https://alice:s3cr3t-pw@door.example:2880/pnfs/f1"
+    state = tmp_path / "state.db"
+    with Store(state) as store:
+        from prestaged.model import FileRef
+
+        store.add_members("local", "ds", [FileRef("f1", url)])
+        store.record(url, "f1", "failed", 503, 0, 5, f"HTTP 503 from {url}")
+        store.flush()
+        assert store.cold_urls("local", "ds", 3600) == ["https://***@door.example:2880/pnfs/f1"]
+        store.record(url, "f1", "warm", 206, 4, 1, "")
+        store.flush()
+        assert store.fresh_urls([url], 3600) == {url}  # still found by its full identity
+    for path in state.parent.glob("state.db*"):
+        assert b"s3cr3t" not in path.read_bytes(), path

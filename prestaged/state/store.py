@@ -12,7 +12,9 @@ process 9%: bench/throughput.py). A crash of the warming process loses at most t
 engine needs (which of these files are still fresh?) are asked per chunk of files, in a worker
 thread.
 
-Times are stored as Unix seconds (REAL, UTC).
+Times are stored as Unix seconds (REAL, UTC). Files are keyed by a hash of their full URL; the
+URL text kept beside it has its credentials redacted (``https://***@host/...``), so a URL with
+a password in it never reaches the file.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, cast
 
 from prestaged.errors import StateError
-from prestaged.model import FileRef, Outcome, Result
+from prestaged.model import FileRef, Outcome, Result, redact
 from prestaged.state import schema
 
 __all__ = [
@@ -312,7 +314,7 @@ class Store:
             if kind == "members":
                 catalog, definition, refs = payload
                 members.append([catalog, definition,
-                                [[url_id(r.url), r.url, r.name, r.size] for r in refs]])
+                                [[url_id(r.url), redact(r.url), r.name, r.size] for r in refs]])
         doc = {"members": members, "outcomes": [p for kind, p in items if kind == "outcome"]}
         self._line(json.dumps(doc, separators=(",", ":")))
 
@@ -333,9 +335,8 @@ class Store:
     def record(self, url: str, name: str, result: str, http_status: Optional[int],
                nbytes: int, attempts: int, error: str, when: Optional[float] = None) -> None:
         """Record one file's outcome (queued; skipped_fresh is not an outcome to record)."""
-        self._put("outcome", (url_id(url), url, name, result, http_status, nbytes, attempts,
-                              error,
-                              time.time() if when is None else when))
+        self._put("outcome", (url_id(url), redact(url), name, result, http_status, nbytes,
+                              attempts, error, time.time() if when is None else when))
 
     def flush(self) -> None:
         """Block until everything recorded so far is committed."""
