@@ -85,7 +85,10 @@ class Failure(str, enum.Enum):
     TIMEOUT = "timeout"
     RESET = "reset"  # connection dropped/reset mid-request
     UNREACHABLE = "unreachable"  # could not connect at all
-    TLS = "tls"  # handshake or certificate failure: a credential/trust problem, not retried
+    TLS = "tls"  # the handshake failed or the server refused our certificate: not retried
+    # We refused the server's certificate (its name does not match the URL's host, unknown CA,
+    # expired): a wrong URL or CA directory, not a problem of our credentials. Not retried.
+    UNTRUSTED = "untrusted"
     PROTOCOL = "protocol"  # malformed answer, bad redirect, bad URL: not retried
 
     def __str__(self) -> str:

@@ -272,6 +272,15 @@ class _Breakers:
 
     def observe(self, endpoint: str, attempt: Attempt) -> Optional[PrestagedError]:
         """Account one attempt; return the error that stops the run if a breaker trips."""
+        if attempt.failure is Failure.UNTRUSTED:
+            self.refusals[endpoint] += 1
+            n = self.refusals[endpoint]
+            if n >= self.cfg.tls_failures:
+                return CredentialError(
+                    f"{endpoint}: we refused its certificate {n} times in a row ("
+                    f"{attempt.error}); check the host name in the URLs and the CA directory; "
+                    "stopped early")
+            return None
         refused = attempt.failure is Failure.TLS or (
             attempt.failure is Failure.RESET and endpoint not in self.answered
         )

@@ -120,3 +120,21 @@ async def test_one_bad_url_or_answer_never_ends_the_run(
     assert errors[redacted].startswith("400, message=")
     assert not any("s3cret" in f"{u} {e}" for u, e in errors.items())
     assert storage.stats.path("/plain").requests == 0 and storage.stats.path("/x").requests == 0
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "aiohttp"])
+async def test_a_server_certificate_for_another_name_is_not_blamed_on_the_proxy(
+    pki: TestPKI, ctx: ssl.SSLContext, fast: bool
+) -> None:
+    """A server on 127.0.0.1 whose certificate names another host: every file fails as
+    untrusted, the breaker stops the run with exit 3 and says the certificate does not match
+    the server's name, without blaming our proxy (issue 12, 10)."""
+    wrong = pki.server_ssl_context(cert=pki.make_host_cert("elsewhere.invalid"))
+    async with StorageServer(wrong) as srv:
+        urls = [srv.url(f"/f{i}") for i in range(50)]
+        report = await _warm(ctx, urls, fast=fast, breaker=BreakerConfig(tls_failures=3),
+                             credential_hint="proxy /tmp/x509up_u1000 (Test User)")
+    assert report.exit_code == 3
+    message = str(report.aborted)
+    assert "does not match its name" in message and "proxy" not in message
+    assert report.tally.done <= 4 + 3  # stopped early: at most those in flight and the trips

@@ -67,6 +67,18 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _untrusted(e: ssl.SSLCertVerificationError) -> Attempt:
+    """We refused the server's certificate: say which way, the name first (a wrong host name in
+    the URL is the usual cause, and it is not our proxy's fault)."""
+    inner = getattr(e, "certificate_error", e)  # aiohttp's ClientConnectorCertificateError
+    why = str(getattr(inner, "verify_message", None) or inner)
+    if "hostname mismatch" in why.lower() or "ip address mismatch" in why.lower():
+        text = f"the server's certificate does not match its name ({why})"
+    else:
+        text = f"the server's certificate is not trusted ({why}; check the CA directory)"
+    return Attempt(failure=Failure.UNTRUSTED, error=text)
+
+
 def _refused_redirect(source: URL, target: URL, status: int) -> Optional[Attempt]:
     """The failure of a redirect from ``source`` (the URL that answered it) to ``target`` that
     we do not follow, or None.
@@ -247,6 +259,8 @@ class HttpToucher:
             return Attempt(failure=Failure.TIMEOUT, error="timed out")
         except aiohttp.ClientConnectorError as e:
             tls = tls_cause(e, handshake=True)
+            if isinstance(tls, ssl.SSLCertVerificationError):
+                return _untrusted(tls)
             if tls is not None:
                 why = _describe(tls) if str(tls) else "connection closed during the TLS handshake"
                 return Attempt(failure=Failure.TLS, error=f"TLS handshake failed: {why}")

@@ -472,14 +472,29 @@ class TestPKI:
             path, lifetime=lifetime, expired=expired, issuer=(user_cert, user_key), mode=mode
         )
 
-    def server_ssl_context(self, *, require_client_cert: bool = True) -> ssl.SSLContext:
-        """A server context with the host certificate that verifies clients (proxies allowed).
+    def make_host_cert(self, *names: str) -> tuple[Path, Path]:
+        """A server certificate and key for DNS ``names`` only, from the test CA: a server
+        that presents it on 127.0.0.1 has a certificate that does not match its name."""
+        ca_cert = x509.load_pem_x509_certificate(self.ca_cert.read_bytes())
+        ca_key = _load_key(self.ca_key)
+        san = x509.SubjectAlternativeName([x509.DNSName(n) for n in names])
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+        cert, key = _make_end_entity(subject, ca_cert, ca_key, ExtendedKeyUsageOID.SERVER_AUTH,
+                                     san)
+        tag = secrets.token_hex(4)
+        return (_write(self.root / "host" / f"{tag}.pem", _cert_pem(cert), 0o644),
+                _write(self.root / "host" / f"{tag}.key", _key_pem(key), 0o600))
+
+    def server_ssl_context(self, *, require_client_cert: bool = True,
+                           cert: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+        """A server context with the host certificate (or ``cert``, a (certificate, key) pair
+        from ``make_host_cert``) that verifies clients (proxies allowed).
 
         Clients must present a certificate unless ``require_client_cert`` is false, in which
         case one is requested and verified if sent (like XrdHttp).
         """
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, capath=str(self.ca_dir))
-        ctx.load_cert_chain(self.host_cert, self.host_key)
+        ctx.load_cert_chain(*(cert or (self.host_cert, self.host_key)))
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
         ctx.verify_flags |= _ALLOW_PROXY_CERTS
         return ctx
