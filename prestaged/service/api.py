@@ -1,39 +1,188 @@
-"""The daemon's HTTP API (aiohttp): health, readiness, metrics, warm requests, dataset warmth.
+"""The daemon's HTTP API (aiohttp): health, readiness, metrics, warm requests, dataset warmth,
+campaigns.
 
 ``GET /healthz`` liveness; ``GET /readyz`` 200 when the store is open and the proxy has more
 than ``credentials.min_lifetime`` left, else 503 with the reasons; ``GET /metrics`` Prometheus;
 ``POST /api/v1/warm`` ``{"definition": ..., "catalog": ...}`` -> 202 ``{"id": ...}``;
 ``GET /api/v1/runs/<id>``; ``GET /api/v1/datasets`` and ``/api/v1/datasets/<name>``;
-campaigns (``daemon_campaigns``): ``GET|POST /api/v1/campaigns``, ``GET
-/api/v1/campaigns/<name>``, ``POST /api/v1/campaigns/<name>/<action>`` (``ACTIONS``).
-Errors are JSON ``{"error": "..."}`` with a 4xx status, never a 500 for bad input. Mutating
-calls need ``Authorization: Bearer <token>`` whenever the daemon has a token (it must have one
-when it listens beyond loopback); campaign changes need it always (403 without a token file),
-since a campaign runs commands as the daemon's user.
+campaigns: ``GET|POST /api/v1/campaigns``, ``GET /api/v1/campaigns/<name>``, ``POST
+/api/v1/campaigns/<name>/<action>`` (``campaign.actions.ACTIONS``).
+
+Errors are JSON ``{"error": "..."}``; the status is the error's own ``http_status`` (400 bad
+input, 404 unknown, 409 refused transition, 503 the daemon cannot now), never a 500 for bad
+input. Mutating calls need ``Authorization: Bearer <token>`` whenever the daemon has a token
+(it must have one when it listens beyond loopback); campaign changes need it always (403
+without a token file), since a campaign runs commands as the daemon's user.
+
+The API sees the daemon only through ``ApiPorts``, declared here: it can be served in-process
+against any object with those methods (the tests use a fake).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
-from typing import TYPE_CHECKING, Any, Optional
+from collections.abc import Awaitable, Mapping
+from typing import Callable, Optional, Protocol, TypeVar
 
 from aiohttp import web
 
-from prestaged.errors import CatalogError, ConfigError, PrestagedError, StateError
+from prestaged.errors import ConfigError, PrestagedError
 
-if TYPE_CHECKING:
-    from prestaged.service.daemon import Daemon
+__all__ = ["ApiPorts", "Handler", "JsonObject", "RunView", "build_app"]
 
-__all__ = ["build_app"]
+JsonObject = Mapping[str, object]
+"""A JSON document the daemon hands the API (``web.json_response`` serialises it)."""
 
-DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class RunView(Protocol):
+    """A warm run as the API shows it."""
+
+    @property
+    def id(self) -> int:
+        """The run's id (``/api/v1/runs/<id>``)."""
+        ...
+
+    @property
+    def state(self) -> str:
+        """queued, running, done or error."""
+        ...
+
+    def to_dict(self) -> dict[str, object]:
+        """The run's JSON document."""
+        ...
+
+
+class ApiPorts(Protocol):
+    """What the API needs from the daemon; errors are ``PrestagedError``s whose
+    ``http_status`` is the answer's status."""
+
+    @property
+    def token(self) -> Optional[str]:
+        """The bearer token mutating calls must present; None: none configured."""
+        ...
+
+    def readiness(self) -> list[str]:
+        """Problems that make the daemon not ready (empty: ready)."""
+        ...
+
+    def submit(self, definition: str, catalog: Optional[str]) -> RunView:
+        """Queue a warm of ``definition`` (catalog kind ``catalog``, None: the default)."""
+        ...
+
+    def run(self, run_id: int) -> Optional[RunView]:
+        """Run ``run_id``, or None when unknown."""
+        ...
+
+    async def datasets(self, name: Optional[str], catalog: Optional[str]) -> list[JsonObject]:
+        """Warmth of every recorded definition (``name`` None) or of the one named."""
+        ...
+
+    async def add_campaign(self, text: str, source: str, *, held: bool) -> tuple[str, bool]:
+        """Store and run campaign file ``text``: (its name, whether it is new)."""
+        ...
+
+    async def campaign_action(self, name: str, action: str, *, stage: Optional[str],
+                              submission: Optional[int], job_id: Optional[str]) -> str:
+        """Apply an operator ``action``; the one-line account of what it did."""
+        ...
+
+    async def describe_campaign(self, name: str, *, output: bool) -> JsonObject:
+        """``campaign show``'s document; ``output`` false leaves out commands' output."""
+        ...
+
+    async def campaign_summaries(self) -> list[JsonObject]:
+        """``campaign list``'s rows."""
+        ...
+
+    def metrics_handler(self) -> Handler:
+        """The handler of ``GET /metrics``."""
+        ...
+
+
+PORTS: web.AppKey[ApiPorts] = web.AppKey("ports", ApiPorts)
+
+
+class _Refused(Exception):
+    """An answer other than a ``PrestagedError``'s: 401/403 for authorisation."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every refusal as ``{"error": ...}`` with the error's own status."""
+    try:
+        return await handler(request)
+    except _Refused as e:
+        return _error(e.status, str(e))
+    except PrestagedError as e:
+        return _error(e.http_status, str(e))
+
+
+# --- authorisation --------------------------------------------------------------------------
+
+def _authorized(request: web.Request) -> bool:
+    token = request.app[PORTS].token
+    if token is None:
+        return True
+    given = request.headers.get("Authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+def _require_token(request: web.Request) -> None:
+    if not _authorized(request):
+        raise _Refused(401, "missing or wrong bearer token")
+
+
+def _require_campaign_token(request: web.Request) -> None:
+    """Campaign changes run commands as the daemon's user: they always need the bearer token,
+    so only who can read ``daemon.token_file`` may make them (not every local user)."""
+    if request.app[PORTS].token is None:
+        raise _Refused(403, "campaign changes need daemon.token_file (a 0600 file holding a "
+                            "bearer token): a campaign runs commands as the daemon's user")
+    _require_token(request)
+
+
+# --- request bodies -------------------------------------------------------------------------
+
+async def _json_object(request: web.Request) -> dict[str, object]:
+    """The request body as a JSON object (an empty body is ``{}``); ``ConfigError`` otherwise."""
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError("body is not JSON") from None
+    except RecursionError:  # nested deeper than the parser's stack: bad input, not a 500
+        raise ConfigError("body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise ConfigError("body must be a JSON object")
+    return body
+
+
+T = TypeVar("T")
+
+
+def _optional(body: Mapping[str, object], key: str, kind: type[T]) -> Optional[T]:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ConfigError(f"{key}: expected {'a string' if kind is str else kind.__name__}, "
+                          f"got {type(value).__name__}")
+    return value
+
+
+# --- handlers -------------------------------------------------------------------------------
 
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the event loop answers."""
@@ -42,42 +191,21 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: store open, credentials valid for longer than min_lifetime, not stopping."""
-    problems = request.app[DAEMON].readiness()
+    problems = request.app[PORTS].readiness()
     if problems:
         return web.json_response({"status": "not ready", "problems": problems}, status=503)
     return web.json_response({"status": "ready"})
 
 
-def _authorized(request: web.Request) -> bool:
-    token = request.app[DAEMON].token
-    if token is None:
-        return True
-    given = request.headers.get("Authorization", "")
-    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
-
-
 async def post_warm(request: web.Request) -> web.Response:
     """Queue a warm run: ``{"definition": str, "catalog": str (optional)}`` -> 202 + id."""
-    if not _authorized(request):
-        return _error(401, "missing or wrong bearer token")
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return _error(400, "body is not JSON")
-    if not isinstance(body, dict) or not isinstance(body.get("definition"), str) \
-            or not body["definition"].strip():
-        return _error(400, 'expected {"definition": "<name>", "catalog": "<kind>"}')
-    catalog = body.get("catalog")
-    if catalog is not None and not isinstance(catalog, str):
-        return _error(400, "catalog: expected a string")
-    try:
-        info = request.app[DAEMON].submit(body["definition"], catalog)
-    except CatalogError as e:
-        return _error(404, str(e))
-    except ConfigError as e:
-        return _error(400, str(e))
-    except PrestagedError as e:
-        return _error(503, str(e))
+    _require_token(request)
+    body = await _json_object(request)
+    definition = body.get("definition")
+    if not isinstance(definition, str) or not definition.strip():
+        raise ConfigError('expected {"definition": "<name>", "catalog": "<kind>"}')
+    catalog = _optional(body, "catalog", str)
+    info = request.app[PORTS].submit(definition, catalog)
     return web.json_response({"id": info.id, "state": info.state,
                               "href": f"/api/v1/runs/{info.id}"}, status=202)
 
@@ -87,115 +215,51 @@ async def get_run(request: web.Request) -> web.Response:
     try:
         run_id = int(request.match_info["id"])
     except ValueError:
-        return _error(400, "run id must be an integer")
-    info = request.app[DAEMON].runs.get(run_id)
+        raise ConfigError("run id must be an integer") from None
+    info = request.app[PORTS].run(run_id)
     if info is None:
         return _error(404, f"no run {run_id}")
     return web.json_response(info.to_dict())
 
 
-async def _status(request: web.Request, name: Any) -> list[dict[str, Any]]:
-    daemon = request.app[DAEMON]
-    store = daemon.store
-    assert store is not None
-    rows = await asyncio.to_thread(store.status, daemon.cfg.state.fresh_for, name,
-                                   request.query.get("catalog"))
-    return [r.to_dict() for r in rows]
-
-
 async def datasets(request: web.Request) -> web.Response:
     """Warmth of every recorded definition (as ``prestaged status --json``)."""
-    return web.json_response({"definitions": await _status(request, None)})
+    rows = await request.app[PORTS].datasets(None, request.query.get("catalog"))
+    return web.json_response({"definitions": rows})
 
 
 async def dataset(request: web.Request) -> web.Response:
     """Warmth of one definition (``?catalog=`` narrows it)."""
     name = request.match_info["name"]
-    rows = await _status(request, name)
+    rows = await request.app[PORTS].datasets(name, request.query.get("catalog"))
     if not rows:
         return _error(404, f"definition '{name}' has no record")
     return web.json_response(rows[0] if len(rows) == 1 else {"definitions": rows})
 
 
-def _failure(e: PrestagedError) -> web.Response:
-    """The HTTP answer to a refused request: 404 unknown, 409 refused transition, 400 bad
-    input, 503 anything else (the daemon is stopping...)."""
-    if isinstance(e, CatalogError):
-        return _error(404, str(e))
-    if isinstance(e, StateError):
-        return _error(409, str(e))
-    if isinstance(e, ConfigError):
-        return _error(400, str(e))
-    return _error(503, str(e))
-
-
-async def _json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object (an empty body is ``{}``); ``ConfigError`` otherwise."""
-    if not request.can_read_body:
-        return {}
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ConfigError("body is not JSON") from None
-    if not isinstance(body, dict):
-        raise ConfigError("body must be a JSON object")
-    return body
-
-
-def _optional(body: dict[str, Any], key: str, kind: type) -> Any:
-    value = body.get(key)
-    wrong_type = value is not None and not isinstance(value, kind)
-    if wrong_type or (isinstance(value, bool) and kind is not bool):  # bool is an int
-        raise ConfigError(f"{key}: expected {'a string' if kind is str else kind.__name__}")
-    return value
-
-
-def _campaign_refusal(request: web.Request) -> Optional[web.Response]:
-    """Campaign changes run commands as the daemon's user: they always need the bearer token,
-    so only who can read ``daemon.token_file`` may make them (not every local user)."""
-    if request.app[DAEMON].token is None:
-        return _error(403, "campaign changes need daemon.token_file (a 0600 file holding a "
-                           "bearer token): a campaign runs commands as the daemon's user")
-    if not _authorized(request):
-        return _error(401, "missing or wrong bearer token")
-    return None
-
-
 async def campaigns(request: web.Request) -> web.Response:
     """Every campaign: control, submissions by state, the daemon's task (``campaign list``)."""
-    daemon = request.app[DAEMON]
-    docs = await asyncio.to_thread(daemon.campaigns.summaries)
-    return web.json_response({"campaigns": docs})
+    return web.json_response({"campaigns": await request.app[PORTS].campaign_summaries()})
 
 
 async def post_campaign(request: web.Request) -> web.Response:
     """Add (or replace) a campaign: ``{"toml": <file text>, "source": <path>, "held": bool}``
     -> 201 added / 200 replaced, ``{"campaign": name}``; 400 names what is wrong in the file."""
-    refused = _campaign_refusal(request)
-    if refused is not None:
-        return refused
-    try:
-        body = await _json_object(request)
-        text = _optional(body, "toml", str)
-        if not text:
-            raise ConfigError('expected {"toml": "<campaign file text>", "source": "<path>"}')
-        source = _optional(body, "source", str) or "<api>"
-        held = bool(_optional(body, "held", bool))
-        campaign, new = request.app[DAEMON].campaigns.add(text, source, held=held)
-    except PrestagedError as e:
-        return _failure(e)
-    return web.json_response({"campaign": campaign.name, "added": new, "held": held,
-                              "href": f"/api/v1/campaigns/{campaign.name}"},
-                             status=201 if new else 200)
+    _require_campaign_token(request)
+    body = await _json_object(request)
+    text = _optional(body, "toml", str)
+    if not text:
+        raise ConfigError('expected {"toml": "<campaign file text>", "source": "<path>"}')
+    source = _optional(body, "source", str) or "<api>"
+    held = bool(_optional(body, "held", bool))
+    name, new = await request.app[PORTS].add_campaign(text, source, held=held)
+    return web.json_response({"campaign": name, "added": new, "held": held,
+                              "href": f"/api/v1/campaigns/{name}"}, status=201 if new else 200)
 
 
 async def get_campaign(request: web.Request) -> web.Response:
     """One campaign: stages, controls, submissions with transitions and warmth."""
-    daemon = request.app[DAEMON]
-    try:
-        doc = await asyncio.to_thread(daemon.campaigns.describe, request.match_info["name"])
-    except PrestagedError as e:
-        return _failure(e)
+    doc = await request.app[PORTS].describe_campaign(request.match_info["name"], output=True)
     return web.json_response(doc)
 
 
@@ -203,27 +267,22 @@ async def campaign_action(request: web.Request) -> web.Response:
     """``hold``/``release``/``cancel`` (``{"stage": ...}`` optional), ``retry``
     (``{"submission": id}``) or ``mark-submitted`` (``{"submission": id, "job_id": ...}``)
     -> 200 ``{"result": <one line>}``."""
-    refused = _campaign_refusal(request)
-    if refused is not None:
-        return refused
-    try:
-        body = await _json_object(request)
-        text = request.app[DAEMON].campaigns.act(
-            request.match_info["name"], request.match_info["action"],
-            stage=_optional(body, "stage", str), submission=_optional(body, "submission", int),
-            job_id=_optional(body, "job_id", str))
-    except PrestagedError as e:
-        return _failure(e)
+    _require_campaign_token(request)
+    body = await _json_object(request)
+    text = await request.app[PORTS].campaign_action(
+        request.match_info["name"], request.match_info["action"],
+        stage=_optional(body, "stage", str), submission=_optional(body, "submission", int),
+        job_id=_optional(body, "job_id", str))
     return web.json_response({"result": text})
 
 
-def build_app(daemon: Daemon) -> web.Application:
-    """The aiohttp application serving ``daemon``."""
-    app = web.Application()
-    app[DAEMON] = daemon
+def build_app(ports: ApiPorts) -> web.Application:
+    """The aiohttp application serving ``ports``."""
+    app = web.Application(middlewares=[_errors])
+    app[PORTS] = ports
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", daemon.metrics.aiohttp_handler())
+    app.router.add_get("/metrics", ports.metrics_handler())
     app.router.add_post("/api/v1/warm", post_warm)
     app.router.add_get("/api/v1/runs/{id}", get_run)
     app.router.add_get("/api/v1/datasets", datasets)

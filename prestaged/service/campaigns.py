@@ -22,10 +22,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 from prestaged.campaign.actions import ACTIONS, apply_action
 from prestaged.campaign.runner import (
@@ -36,11 +37,13 @@ from prestaged.campaign.runner import (
     run_campaign,
 )
 from prestaged.catalog import Catalog
-from prestaged.errors import EXIT_OK, CatalogError, PrestagedError
+from prestaged.context import Context
+from prestaged.errors import EXIT_OK, NotFoundError, PrestagedError
 from prestaged.gate import GateFn, RewarmFn
-
-if TYPE_CHECKING:
-    from prestaged.service.daemon import Daemon
+from prestaged.metrics import Metrics
+from prestaged.service.runs import Spawn
+from prestaged.state.store import Store
+from prestaged.warm import Toucher, WarmSettings
 
 __all__ = ["ACTIONS", "CampaignEntry", "DaemonCampaigns"]
 
@@ -73,7 +76,7 @@ class CampaignEntry:
     """Ends the current pass at its next step (a cancel); the task goes on."""
     task: Optional[asyncio.Task[None]] = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """JSON-ready summary (the daemon side of ``campaign list``/``show``)."""
         return {"status": self.status, "detail": self.detail or None,
                 "stage_results": dict(self.stages), "passes": self.passes,
@@ -81,31 +84,44 @@ class CampaignEntry:
 
 
 class DaemonCampaigns:
-    """Campaign tasks of ``daemon`` (started by ``start()``, once its store and pool exist)."""
+    """The daemon's campaign tasks (started by ``start()``).
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    Collaborators, nothing more of the daemon: the open ``store``, the shared ``toucher``,
+    ``metrics``; ``context()`` the context in force (config, gate and keep-warm functions),
+    ``settings()`` the engine settings with the current credentials, ``open_catalog(kind,
+    definition)`` the daemon's catalogs, ``spawn`` to run tasks and ``draining()``.
+
+    Every campaign-state call goes through ``asyncio.to_thread``: a transaction may wait up to
+    the store's busy timeout for another process, and the event loop must keep answering
+    ``/healthz`` and ``/metrics`` meanwhile.
+    """
+
+    def __init__(self, store: Store, toucher: Toucher, metrics: Metrics, *,
+                 context: Callable[[], Context], settings: Callable[[], WarmSettings],
+                 open_catalog: Callable[[str, str], Catalog], spawn: Spawn,
+                 draining: Callable[[], bool]) -> None:
+        self._store, self._toucher, self._metrics = store, toucher, metrics
+        self._context, self._settings, self._open = context, settings, open_catalog
+        self._spawn, self._draining = spawn, draining
         self.entries: dict[str, CampaignEntry] = {}
-        self._state: Optional[CampaignState] = None
-
-    @property
-    def state(self) -> CampaignState:
+        self.state = CampaignState(store, on_move=self._moved)
         """Campaign rows of the daemon's store, reporting transitions to its metrics."""
-        if self._state is None:
-            assert self.daemon.store is not None
-            self._state = CampaignState(self.daemon.store, on_move=self._moved)
-        return self._state
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stale: set[str] = set()
+        self._stale_event = asyncio.Event()
+        self._gauges: Optional[asyncio.Task[Any]] = None
 
     @property
     def workdir(self) -> Path:
         """Where slices' URL and name lists go (as for ``campaign run``)."""
-        assert self.daemon.store is not None
-        return self.daemon.store.path.parent / "campaigns"
+        return self._store.path.parent / "campaigns"
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Run every campaign stored by an earlier ``add``."""
-        for campaign in self.state.registered():
-            self._update_gauge(campaign.name)
+        self._loop = asyncio.get_running_loop()
+        self._gauges = self._spawn(self._refresh_gauges())
+        for campaign in await asyncio.to_thread(self.state.registered):
+            self._mark_stale(campaign.name)
             self._launch(campaign)
         if self.entries:
             log.info("resuming %d campaigns: %s", len(self.entries), ", ".join(self.entries))
@@ -115,35 +131,45 @@ class DaemonCampaigns:
         for entry in self.entries.values():
             entry.stop.set()
             entry.poke.set()
+        if self._gauges is not None:
+            self._gauges.cancel()
 
     # --- operator actions -----------------------------------------------------------------
 
-    def add(self, text: str, source: str, *, held: bool = False) -> tuple[CampaignConfig, bool]:
+    async def add(self, text: str, source: str, *,
+                  held: bool = False) -> tuple[CampaignConfig, bool]:
         """Validate and store campaign file ``text`` (read from ``source``), then run it;
         ``held`` holds it first, so that nothing is created or launched until released.
         Replacing a campaign of the same name keeps its submissions, ledger and controls.
         Returns the campaign and whether it is new; ``ConfigError`` for a bad file."""
-        if self.daemon.draining:
+        if self._draining():
             raise PrestagedError("the daemon is stopping")
         campaign = parse_campaign(text, Path(source))
-        new = self.state.register(campaign, text)
-        if held:
-            self.state.hold(campaign.name)
-        self._update_gauge(campaign.name)
+
+        def store() -> bool:
+            new = self.state.register(campaign, text)
+            if held:
+                self.state.hold(campaign.name)
+            return new
+
+        new = await asyncio.to_thread(store)
+        self._mark_stale(campaign.name)
         self._launch(campaign)
         log.info("campaign %s %s from %s%s", campaign.name, "added" if new else "replaced",
                  source, " (held)" if held else "")
         return campaign, new
 
-    def act(self, name: str, action: str, stage: Optional[str] = None,
-            submission: Optional[int] = None, job_id: Optional[str] = None) -> str:
+    async def act(self, name: str, action: str, stage: Optional[str] = None,
+                  submission: Optional[int] = None, job_id: Optional[str] = None) -> str:
         """Apply ``action`` (one of ``ACTIONS``) to campaign ``name`` (or one ``stage``) and
         wake its task; returns a one-line account (``campaign.actions.apply_action``, whose
         errors propagate)."""
         entry = self.entries.get(name)
         stages = [s.name for s in entry.config.stage] if entry is not None else None
-        text = apply_action(self.state, name, action, stage=stage, submission=submission,
-                            job_id=job_id, stages=stages)
+        text = await asyncio.to_thread(functools.partial(
+            apply_action, self.state, name, action, stage=stage, submission=submission,
+            job_id=job_id, stages=stages))
+        entry = self.entries.get(name)  # the campaign may have been replaced meanwhile
         if action == "cancel" and entry is not None:
             entry.interrupt.set()  # a gate in progress ends now; the next pass sees it
         if entry is not None:
@@ -154,19 +180,30 @@ class DaemonCampaigns:
         log.info("campaign action: %s", text)
         return text
 
-    def describe(self, name: str) -> dict[str, Any]:
-        """``campaign show``: the stored document plus the daemon's view of its task."""
-        doc = self.state.describe(name, self.workdir, self.daemon.cfg.state.fresh_for)
-        if not doc["submissions"] and name not in self.state.names():
-            raise CatalogError(f"no campaign '{name}'")
+    async def describe(self, name: str, *, output: bool = True) -> dict[str, object]:
+        """``campaign show``: the stored document plus the daemon's view of its task;
+        ``NotFoundError`` for an unknown campaign. Without ``output`` the submit commands'
+        ``output_tail`` is left out (operator data: see the API's access rules)."""
+        fresh_for = self._context().cfg.state.fresh_for
+
+        def read() -> dict[str, Any]:
+            doc = self.state.describe(name, self.workdir, fresh_for)
+            if not doc["submissions"] and name not in self.state.names():
+                raise NotFoundError(f"no campaign '{name}'")
+            return doc
+
+        doc = await asyncio.to_thread(read)
+        if not output:
+            for sub in doc["submissions"]:
+                sub["output_tail"] = None
         entry = self.entries.get(name)
         doc["daemon"] = entry.to_dict() if entry is not None else None
         return doc
 
-    def summaries(self) -> list[dict[str, Any]]:
+    async def summaries(self) -> list[dict[str, object]]:
         """``campaign list``: every campaign with its control, counts by state and task."""
-        out = []
-        for row in self.state.summaries():
+        out: list[dict[str, object]] = []
+        for row in await asyncio.to_thread(self.state.summaries):
             entry = self.entries.get(row["campaign"])
             out.append({**row, "daemon": entry.to_dict() if entry is not None else None})
         return out
@@ -184,78 +221,105 @@ class DaemonCampaigns:
             previous = old.task
         entry = CampaignEntry(campaign)
         self.entries[campaign.name] = entry
-        entry.task = self.daemon.spawn(self._loop(entry, previous))
+        entry.task = self._spawn(self._loop_of(entry, previous))
 
-    async def _loop(self, entry: CampaignEntry, previous: Optional[asyncio.Task[Any]]) -> None:
+    async def _loop_of(self, entry: CampaignEntry,
+                       previous: Optional[asyncio.Task[Any]]) -> None:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
-        name = entry.config.name
-        while not self.daemon.draining and not entry.stop.is_set():
-            entry.poke.clear()
-            entry.status, entry.detail = "running", ""
-            entry.passes += 1
-            entry.interrupt = stop = asyncio.Event()
-            relay = asyncio.ensure_future(entry.stop.wait())
-            relay.add_done_callback(functools.partial(_set, stop))
-            try:
-                result = await run_campaign(
-                    entry.config, self.daemon.store_or_fail(), gate=self._gate(stop),
-                    open_catalog=self._catalogs(entry.config), workdir=self.workdir, stop=stop,
-                    rewarm=self._rewarm(stop), on_move=self._moved)
-            except PrestagedError as e:
-                entry.status, entry.detail = "waiting", str(e)
-                log.error("campaign %s: %s; trying again in %.0f s or on the next action",
-                          name, e, self.daemon.cfg.daemon.campaign_check)
-            except Exception as e:  # a bug: keep the daemon and the other campaigns going
-                entry.status, entry.detail = "waiting", f"internal error: {e!r}"
-                log.exception("campaign %s: internal error", name)
-            else:
-                entry.stages = dict(result.stages)
-                if result.exit_code == EXIT_OK:
-                    entry.status = "done"
-                    entry.detail = ", ".join(f"{k} {v}" for k, v in result.stages.items())
-                    log.info("campaign %s: done (%s)", name, entry.detail)
-                    return
-                waiting = {k: v for k, v in result.stages.items() if v not in ("done",
-                                                                               "cancelled")}
-                entry.status = "waiting"
-                entry.detail = ", ".join(f"{k} {v}" for k, v in waiting.items())
-            finally:
-                relay.cancel()
-            if entry.stop.is_set() or self.daemon.draining:
+        while not self._draining() and not entry.stop.is_set():
+            await self._pass(entry)
+            if entry.status == "done":
+                return
+            if entry.stop.is_set() or self._draining():
                 break
             # Idle until an operator acts or campaign_check passes: nothing else changes
             # a campaign that stopped short.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(entry.poke.wait(), self.daemon.cfg.daemon.campaign_check)
+                await asyncio.wait_for(entry.poke.wait(),
+                                       self._context().cfg.daemon.campaign_check)
         entry.status = "stopped"
 
+    async def _pass(self, entry: CampaignEntry) -> None:
+        """One ``run_campaign`` pass; ``entry`` says how it ended."""
+        name = entry.config.name
+        entry.poke.clear()
+        entry.status, entry.detail = "running", ""
+        entry.passes += 1
+        entry.interrupt = stop = asyncio.Event()
+        relay = asyncio.ensure_future(entry.stop.wait())
+        relay.add_done_callback(functools.partial(_set, stop))
+        try:
+            result = await run_campaign(
+                entry.config, self._store, gate=self._gate(stop),
+                open_catalog=self._catalogs(entry.config), workdir=self.workdir, stop=stop,
+                rewarm=self._rewarm(stop), on_move=self._moved)
+        except PrestagedError as e:
+            entry.status, entry.detail = "waiting", str(e)
+            log.error("campaign %s: %s; trying again in %.0f s or on the next action",
+                      name, e, self._context().cfg.daemon.campaign_check)
+        except Exception as e:  # a bug: keep the daemon and the other campaigns going
+            entry.status, entry.detail = "waiting", f"internal error: {e!r}"
+            log.exception("campaign %s: internal error", name)
+        else:
+            entry.stages = dict(result.stages)
+            if result.exit_code == EXIT_OK:
+                entry.status = "done"
+                entry.detail = ", ".join(f"{k} {v}" for k, v in result.stages.items())
+                log.info("campaign %s: done (%s)", name, entry.detail)
+                return
+            waiting = {k: v for k, v in result.stages.items() if v not in ("done",
+                                                                           "cancelled")}
+            entry.status = "waiting"
+            entry.detail = ", ".join(f"{k} {v}" for k, v in waiting.items())
+        finally:
+            relay.cancel()
+
     def _gate(self, stop: asyncio.Event) -> GateFn:
-        d = self.daemon
-        return d.ctx.gate(d.store_or_fail(), d.toucher, d.ctx.warm_settings(d.credentials),
-                          stop=stop, probe=d.metrics)
+        return self._context().gate(self._store, self._toucher, self._settings(), stop=stop,
+                                    probe=self._metrics)
 
     def _rewarm(self, stop: asyncio.Event) -> RewarmFn:
-        d = self.daemon
-        return d.ctx.rewarm(d.store_or_fail(), d.toucher, d.ctx.warm_settings(d.credentials),
-                            stop=stop, probe=d.metrics)
+        return self._context().rewarm(self._store, self._toucher, self._settings(), stop=stop,
+                                      probe=self._metrics)
 
     def _catalogs(self, campaign: CampaignConfig) -> Callable[[str], Catalog]:
-        kind = campaign.defaults.catalog or self.daemon.cfg.catalog.default
-        return lambda definition: self.daemon.open_catalog(kind, definition)
+        kind = campaign.defaults.catalog or self._context().cfg.catalog.default
+        return lambda definition: self._open(kind, definition)
 
     # --- metrics ----------------------------------------------------------------------------
 
     def _moved(self, campaign: str, frm: Optional[SubmissionState], to: SubmissionState,
                since: float) -> None:
+        """A stored transition. Runs on the event loop (the runner) or in a worker thread
+        (an operator action): the metrics are thread-safe, and the submissions gauge, which
+        needs a query, is refreshed by ``_refresh_gauges`` on the loop's side."""
         S = SubmissionState
-        metrics = self.daemon.metrics
         if frm is S.PRESTAGING and to in (S.READY, S.FAILED):
-            metrics.gate_waited(time.time() - since)
+            self._metrics.gate_waited(time.time() - since)
         if frm is S.SUBMITTING:
-            metrics.launched(to.value)
-        self._update_gauge(campaign)
+            self._metrics.launched(to.value)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._mark_stale, campaign)
 
-    def _update_gauge(self, campaign: str) -> None:
-        self.daemon.metrics.set_campaign_submissions(campaign, self.state.totals(campaign),
-                                                     _STATES)
+    def _totals(self, names: list[str]) -> dict[str, dict[str, int]]:
+        return {name: self.state.totals(name) for name in names}
+
+    def _mark_stale(self, campaign: str) -> None:
+        self._stale.add(campaign)
+        self._stale_event.set()
+
+    async def _refresh_gauges(self) -> None:
+        """Keep ``prestaged_campaign_submissions`` up to date: campaigns whose submissions
+        moved are counted again, off the event loop, a batch at a time."""
+        while True:
+            await self._stale_event.wait()
+            self._stale_event.clear()
+            names, self._stale = sorted(self._stale), set()
+            try:
+                totals = await asyncio.to_thread(self._totals, names)
+            except (PrestagedError, sqlite3.Error) as e:  # unreadable now: the next move retries
+                log.warning("campaign gauges not updated: %s", e)
+                continue
+            for name, counts in totals.items():
+                self._metrics.set_campaign_submissions(name, counts, _STATES)

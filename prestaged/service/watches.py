@@ -1,0 +1,200 @@
+"""The daemon's ``[[watch]]`` entries: definitions kept warm on a schedule.
+
+Each watch has a loop: warm now (or once its last successful run is ``every`` old, so a restart
+does not warm everything again), then every ``every`` (± ``daemon.jitter``). A scheduled run
+skips files touched within 0.8 ``every``. After any run of a watched definition its dataset
+gauges are set and a warning is logged when it stays below its ``ready`` fraction.
+
+A watch is known by its catalog's canonical (kind, definition), as ``Catalog.name`` and
+``Catalog.definition`` report it, never by the text of the config: the local catalog turns
+``defs/a.txt`` or ``~/a.txt`` into an absolute path, and the runs, the store and every lookup
+here use that form. Gauges exist for watched definitions only (a bounded label set) and are
+dropped when a reload removes the watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Iterable
+from typing import Callable, Optional
+
+from prestaged.catalog import Catalog
+from prestaged.config import Config, WatchConfig
+from prestaged.errors import PrestagedError
+from prestaged.metrics import Metrics, definition_label
+from prestaged.service.runs import RunInfo, Spawn
+from prestaged.state.store import DatasetStatus, Store
+
+__all__ = ["Watch", "Watches", "watch_fresh_for"]
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+"""(catalog kind, definition) as the catalog reports them."""
+
+
+def watch_fresh_for(w: WatchConfig) -> float:
+    """Seconds within which a scheduled run of ``w`` skips a file: a little less than
+    ``every``, so that files touched by the previous scheduled run (which started up to
+    ``every`` ago, jitter included) are touched again."""
+    return 0.8 * w.every
+
+
+class Watch:
+    """One ``[[watch]]`` entry as the daemon runs it: its config, catalog kind, canonical key
+    and loop task."""
+
+    def __init__(self, config: WatchConfig, kind: str, key: Key) -> None:
+        self.config = config
+        self.kind = kind
+        self.key = key
+        """Canonical (kind, definition); the written form until the catalog could be opened."""
+        self.task: Optional[asyncio.Task[None]] = None
+
+    @property
+    def fresh_for(self) -> float:
+        """See ``watch_fresh_for``."""
+        return watch_fresh_for(self.config)
+
+
+class Watches:
+    """The watch loops of the daemon.
+
+    Collaborators: the open ``store`` and ``metrics``; ``open_catalog(kind, definition)``,
+    ``submit(catalog, fresh_for)`` (queues a run, see ``Runs.submit``), ``spawn`` and
+    ``config()``, the configuration in force.
+    """
+
+    def __init__(self, store: Store, metrics: Metrics, *,
+                 open_catalog: Callable[[str, str], Catalog],
+                 submit: Callable[[Catalog, float], RunInfo], spawn: Spawn,
+                 config: Callable[[], Config]) -> None:
+        self._store, self._metrics = store, metrics
+        self._open, self._submit, self._spawn, self._config = open_catalog, submit, spawn, config
+        self._watches: dict[Key, Watch] = {}
+
+    def __len__(self) -> int:
+        return len(self._watches)
+
+    def apply(self, cfg: Config) -> None:
+        """Start loops for ``cfg``'s watches (restarting those kept: their first delay comes
+        from the store), stop those no longer listed and drop their gauges."""
+        wanted: dict[Key, Watch] = {}
+        for w in cfg.watch:
+            kind = w.catalog or cfg.catalog.default
+            watch = Watch(w, kind, self._canonical(kind, w.definition))
+            if watch.key in wanted:
+                log.warning("watch %s: the same definition as %s; the later entry is used",
+                            w.definition, wanted[watch.key].config.definition)
+            wanted[watch.key] = watch
+        for key in [k for k in self._watches if k not in wanted]:
+            self._drop(self._watches.pop(key), wanted.values())
+        for key, watch in wanted.items():
+            old = self._watches.get(key)
+            if old is not None and old.task is not None:
+                old.task.cancel()
+            watch.task = self._spawn(self._loop(watch))
+            self._watches[key] = watch
+
+    def stop(self) -> None:
+        """Cancel every watch loop (runs already queued go on)."""
+        for watch in self._watches.values():
+            if watch.task is not None:
+                watch.task.cancel()
+
+    def find(self, catalog: str, definition: str) -> Optional[Watch]:
+        """The watch of canonical (``catalog``, ``definition``), if any."""
+        for watch in self._watches.values():
+            if watch.key == (catalog, definition):
+                return watch
+        return None
+
+    def fresh_for(self, catalog: str, definition: str) -> float:
+        """Freshness window of a definition: its watch's, else ``state.fresh_for``."""
+        watch = self.find(catalog, definition)
+        return watch.fresh_for if watch is not None else self._config().state.fresh_for
+
+    async def after_run(self, info: RunInfo) -> None:
+        """Set ``info.warm_fraction`` from the store; for a watched definition also its
+        gauges, and warn when it stays below the watch's ``ready`` fraction."""
+        fresh_for = self.fresh_for(info.catalog, info.definition)
+        rows = await asyncio.to_thread(self._store.status, fresh_for, info.definition,
+                                       info.catalog)
+        row = rows[0] if rows else None
+        info.warm_fraction = row.fresh / row.files if row is not None and row.files else None
+        # Looked up again after the wait: a reload may have removed the watch meanwhile, and
+        # a gauge set now would never be dropped.
+        watch = self.find(info.catalog, info.definition)
+        if watch is None or row is None:
+            return
+        self._set_gauges(row)
+        ready = watch.config.ready
+        if info.warm_fraction is not None and info.warm_fraction < ready:
+            log.warning("watch %s: only %.1f%% warm after the run, below ready %.1f%%",
+                        watch.config.definition, 100 * info.warm_fraction, 100 * ready)
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _canonical(self, kind: str, definition: str) -> Key:
+        """(kind, definition) as the catalog names it; the written form when it cannot be
+        opened now (the loop tries again and reports the problem)."""
+        try:
+            catalog = self._open(kind, definition)
+        except PrestagedError:
+            return (kind, definition)
+        return (catalog.name, catalog.definition)
+
+    def _drop(self, watch: Watch, remaining: Iterable[Watch]) -> None:
+        """Stop ``watch`` and drop its gauges, unless one of the ``remaining`` watches
+        shows under the same label."""
+        if watch.task is not None:
+            watch.task.cancel()
+        log.info("watch %s removed", watch.config.definition)
+        label = definition_label(watch.key[1])
+        if not any(definition_label(w.key[1]) == label for w in remaining):
+            self._metrics.forget_dataset(watch.key[1])
+
+    def _set_gauges(self, row: DatasetStatus) -> None:
+        last = row.last_run.ended if row.last_run else None
+        self._metrics.set_dataset(row.definition, warm=row.fresh, stale=row.stale,
+                                  failed=sum(row.failed.values()), unknown=row.never,
+                                  last_warm=last)
+
+    def _open_watched(self, watch: Watch) -> Catalog:
+        """Open ``watch``'s catalog and learn its canonical key (if it changed: the file
+        appeared since the watch was applied)."""
+        catalog = self._open(watch.kind, watch.config.definition)
+        watch.key = (catalog.name, catalog.definition)
+        return catalog
+
+    async def _loop(self, watch: Watch) -> None:
+        """Warm ``watch`` after its first delay, then every ``every``."""
+        w = watch.config
+        delay = await self._first_delay(watch)
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                info = self._submit(self._open_watched(watch), watch.fresh_for)
+            except PrestagedError as e:
+                log.error("watch %s: %s", w.definition, e)
+            else:
+                await info.finished.wait()
+            jitter = self._config().daemon.jitter
+            delay = w.every * (1.0 + random.uniform(-jitter, jitter))
+
+    async def _first_delay(self, watch: Watch) -> float:
+        """0, or what is left of ``every`` since the last successful run of the watch."""
+        try:
+            catalog = self._open_watched(watch)
+        except PrestagedError:
+            return 0.0  # the first submit reports the problem
+        every = watch.config.every
+        rows = await asyncio.to_thread(self._store.status, every, catalog.definition,
+                                       catalog.name)
+        last = rows[0].last_run if rows else None
+        if last is not None and last.ended and last.exit_code == 0:
+            return max(0.0, last.ended + every - time.time())
+        return 0.0
