@@ -1,0 +1,337 @@
+"""The daemon's HTTP API in-process, against a fake ``ApiPorts``: authorisation, every 4xx, and
+the JSON shape of every endpoint. No daemon, no subprocess: ``build_app(ports)`` behind
+aiohttp's test server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from prestaged.errors import ConfigError, ConflictError, NotFoundError, PrestagedError
+from prestaged.metrics import Metrics
+from prestaged.service.api import Handler, JsonObject, build_app
+
+TOKEN = "api-t0ken"
+
+
+@dataclass
+class FakeRun:
+    """A run as the API sees it."""
+
+    id: int
+    state: str = "queued"
+
+    def to_dict(self) -> dict[str, object]:
+        """A run document of the daemon's shape (trimmed)."""
+        return {"id": self.id, "state": self.state, "counts": {"warm": 3}}
+
+
+@dataclass
+class FakePorts:
+    """Records what the API asks; ``fail[method]`` makes that method raise."""
+
+    token: Optional[str] = None
+    problems: list[str] = field(default_factory=list)
+    runs: dict[int, FakeRun] = field(default_factory=dict)
+    rows: list[dict[str, object]] = field(default_factory=list)
+    campaigns: dict[str, dict[str, object]] = field(default_factory=dict)
+    fail: dict[str, PrestagedError] = field(default_factory=dict)
+    calls: list[tuple[str, tuple[object, ...]]] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def _call(self, name: str, *args: object) -> None:
+        self.calls.append((name, args))
+        if name in self.fail:
+            raise self.fail[name]
+
+    def readiness(self) -> list[str]:
+        """The configured problems."""
+        return self.problems
+
+    def submit(self, definition: str, catalog: Optional[str]) -> FakeRun:
+        """A new queued run."""
+        self._call("submit", definition, catalog)
+        run = FakeRun(len(self.runs) + 1)
+        self.runs[run.id] = run
+        return run
+
+    def run(self, run_id: int) -> Optional[FakeRun]:
+        """A run by id."""
+        self._call("run", run_id)
+        return self.runs.get(run_id)
+
+    async def datasets(self, name: Optional[str], catalog: Optional[str]) -> list[JsonObject]:
+        """Rows whose definition (and catalog) match."""
+        self._call("datasets", name, catalog)
+        return [r for r in self.rows if name in (None, r["definition"])
+                and catalog in (None, r["catalog"])]
+
+    async def add_campaign(self, text: str, source: str, *, held: bool) -> tuple[str, bool]:
+        """Stores the campaign under its first line."""
+        self._call("add_campaign", text, source, held)
+        name = text.split("\n", 1)[0]
+        new = name not in self.campaigns
+        self.campaigns[name] = {"campaign": name, "control": "held" if held else None}
+        return name, new
+
+    async def campaign_action(self, name: str, action: str, *, stage: Optional[str],
+                              submission: Optional[int], job_id: Optional[str]) -> str:
+        """One line naming the action."""
+        self._call("campaign_action", name, action, stage, submission, job_id)
+        return f"{name}: {action} done"
+
+    async def describe_campaign(self, name: str, *, output: bool) -> JsonObject:
+        """The stored document, or NotFoundError."""
+        self._call("describe_campaign", name, output)
+        if name not in self.campaigns:
+            raise NotFoundError(f"no campaign '{name}'")
+        return {**self.campaigns[name], "submissions": []}
+
+    async def campaign_summaries(self) -> list[JsonObject]:
+        """Every stored campaign."""
+        self._call("campaign_summaries")
+        return list(self.campaigns.values())
+
+    def metrics_handler(self) -> Handler:
+        """The real exposition of a private registry."""
+        return self.metrics.aiohttp_handler()
+
+
+Client = Callable[[FakePorts], Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[Client]:
+    """Factory: an in-process test client of ``build_app(ports)``, closed after the test."""
+    made: list[TestClient[web.Request, web.Application]] = []
+
+    async def make(ports: FakePorts) -> TestClient[web.Request, web.Application]:
+        c = TestClient(TestServer(build_app(ports), host="127.0.0.1"))
+        await c.start_server()
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        await c.close()
+
+
+def _auth(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def _answer(resp: Any) -> tuple[int, Any]:
+    return resp.status, await resp.json()
+
+
+# --- health, readiness, metrics ---------------------------------------------------------------
+
+async def test_health_readiness_and_metrics(client: Client) -> None:
+    """/healthz is ok; /readyz 200 when ready, 503 with the problems; /metrics serves the
+    ports' registry in the Prometheus text format."""
+    ports = FakePorts()
+    c = await client(ports)
+    assert await _answer(await c.get("/healthz")) == (200, {"status": "ok"})
+    assert await _answer(await c.get("/readyz")) == (200, {"status": "ready"})
+    ports.problems = ["stopping"]
+    assert await _answer(await c.get("/readyz")) == (
+        503, {"status": "not ready", "problems": ["stopping"]})
+    resp = await c.get("/metrics")
+    assert resp.status == 200 and resp.content_type == "text/plain"
+    assert "prestaged_build_info" in await resp.text()
+
+
+# --- warm requests and runs -------------------------------------------------------------------
+
+async def test_warm_request_and_run_shapes(client: Client) -> None:
+    """POST /api/v1/warm -> 202 {id, state, href}; the href serves the run's document."""
+    ports = FakePorts()
+    c = await client(ports)
+    status, body = await _answer(await c.post("/api/v1/warm", json={
+        "definition": "mc-2026", "catalog": "samweb"}))
+    assert (status, body) == (202, {"id": 1, "state": "queued", "href": "/api/v1/runs/1"})
+    assert ("submit", ("mc-2026", "samweb")) in ports.calls
+    assert await _answer(await c.get(body["href"])) == (
+        200, {"id": 1, "state": "queued", "counts": {"warm": 3}})
+    await c.post("/api/v1/warm", json={"definition": "other"})
+    assert ("submit", ("other", None)) in ports.calls
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b"{not json", "body is not JSON"),
+    (b"\xff\xfe", "body is not JSON"),
+    (b"[1, 2]", "body must be a JSON object"),
+    (b'{"nodefinition": 1}', "expected {\"definition\""),
+    (b'{"definition": "  "}', "expected {\"definition\""),
+    (b'{"definition": 5}', "expected {\"definition\""),
+    (b'{"definition": "a", "catalog": 5}', "catalog: expected a string, got int"),
+    (b"[" * 100_000 + b"]" * 100_000, ""),
+])
+async def test_bad_warm_requests_are_400(client: Client, body: bytes, message: str) -> None:
+    """Every malformed warm request is a 400 with a JSON error, never a 500, and never
+    reaches the daemon."""
+    ports = FakePorts()
+    c = await client(ports)
+    status, doc = await _answer(await c.post("/api/v1/warm", data=body))
+    assert status == 400 and message in doc["error"]
+    assert not [name for name, _ in ports.calls if name == "submit"]
+
+
+@pytest.mark.parametrize(("error", "status"), [
+    (NotFoundError("definition 'x' not found in the local catalog"), 404),
+    (ConfigError("catalog 'nope' is not known"), 400),
+    (PrestagedError("the daemon is stopping"), 503),
+])
+async def test_warm_refusals_answer_with_the_errors_status(
+        client: Client, error: PrestagedError, status: int) -> None:
+    """A refused warm answers with the error's own http_status and its one-line message."""
+    c = await client(FakePorts(fail={"submit": error}))
+    assert await _answer(await c.post("/api/v1/warm", json={"definition": "x"})) == (
+        status, {"error": str(error)})
+
+
+async def test_unknown_or_malformed_run_ids(client: Client) -> None:
+    """GET /api/v1/runs/<id>: 404 for an unknown run, 400 for an id that is not an integer."""
+    c = await client(FakePorts())
+    assert await _answer(await c.get("/api/v1/runs/999")) == (404, {"error": "no run 999"})
+    status, body = await _answer(await c.get("/api/v1/runs/abc"))
+    assert status == 400 and "integer" in body["error"]
+
+
+async def test_a_token_guards_warm_requests(client: Client) -> None:
+    """With a token, a warm request without it or with a wrong one is 401 and not queued;
+    with it, 202."""
+    ports = FakePorts(token=TOKEN)
+    c = await client(ports)
+    for headers in ({}, _auth("wrong"), {"Authorization": TOKEN}):
+        status, body = await _answer(await c.post("/api/v1/warm", json={"definition": "a"},
+                                                  headers=headers))
+        assert status == 401 and "bearer token" in body["error"]
+    assert ports.runs == {}
+    resp = await c.post("/api/v1/warm", json={"definition": "a"}, headers=_auth())
+    assert resp.status == 202
+
+
+# --- datasets ---------------------------------------------------------------------------------
+
+async def test_dataset_shapes(client: Client) -> None:
+    """GET /api/v1/datasets -> {definitions: [...]}; one definition -> its row; one name in
+    two catalogs -> {definitions: [...]}; ?catalog= narrows; unknown -> 404."""
+    a = {"catalog": "local", "definition": "/data/a.txt", "files": 3, "fresh": 2}
+    b_local = {"catalog": "local", "definition": "b", "files": 1, "fresh": 0}
+    b_sam = {"catalog": "samweb", "definition": "b", "files": 9, "fresh": 9}
+    c = await client(FakePorts(rows=[a, b_local, b_sam]))
+    assert await _answer(await c.get("/api/v1/datasets")) == (
+        200, {"definitions": [a, b_local, b_sam]})
+    assert await _answer(await c.get("/api/v1/datasets//data/a.txt")) == (200, a)
+    assert await _answer(await c.get("/api/v1/datasets/b")) == (
+        200, {"definitions": [b_local, b_sam]})
+    assert await _answer(await c.get("/api/v1/datasets/b?catalog=samweb")) == (200, b_sam)
+    assert await _answer(await c.get("/api/v1/datasets?catalog=samweb")) == (
+        200, {"definitions": [b_sam]})
+    assert await _answer(await c.get("/api/v1/datasets/nope")) == (
+        404, {"error": "definition 'nope' has no record"})
+
+
+# --- campaigns --------------------------------------------------------------------------------
+
+async def test_campaign_shapes(client: Client) -> None:
+    """Add -> 201 {campaign, added, held, href}; again -> 200 (replaced); list -> {campaigns};
+    show -> the document; an action -> {result}."""
+    ports = FakePorts(token=TOKEN)
+    c = await client(ports)
+    body = {"toml": "drain\n[[stage]]", "source": "/etc/c.toml", "held": True}
+    assert await _answer(await c.post("/api/v1/campaigns", json=body, headers=_auth())) == (
+        201, {"campaign": "drain", "added": True, "held": True,
+              "href": "/api/v1/campaigns/drain"})
+    assert ("add_campaign", ("drain\n[[stage]]", "/etc/c.toml", True)) in ports.calls
+    status, doc = await _answer(await c.post("/api/v1/campaigns", json={"toml": "drain\n"},
+                                             headers=_auth()))
+    assert (status, doc["added"], doc["held"]) == (200, False, False)
+    assert ("add_campaign", ("drain\n", "<api>", False)) in ports.calls
+    assert await _answer(await c.get("/api/v1/campaigns")) == (
+        200, {"campaigns": [{"campaign": "drain", "control": None}]})
+    assert await _answer(await c.get("/api/v1/campaigns/drain")) == (
+        200, {"campaign": "drain", "control": None, "submissions": []})
+    action = {"stage": "reco", "submission": 4, "job_id": "77.0@jobsub01"}
+    assert await _answer(await c.post("/api/v1/campaigns/drain/mark-submitted", json=action,
+                                      headers=_auth())) == (
+        200, {"result": "drain: mark-submitted done"})
+    assert ("campaign_action", ("drain", "mark-submitted", "reco", 4, "77.0@jobsub01")) \
+        in ports.calls
+    resp = await c.post("/api/v1/campaigns/drain/release", headers=_auth())  # no body: {}
+    assert resp.status == 200
+    assert ("campaign_action", ("drain", "release", None, None, None)) in ports.calls
+
+
+async def test_campaign_changes_need_a_token_file_and_the_token(client: Client) -> None:
+    """Without a token configured every campaign change is 403; with one, a missing or wrong
+    token is 401; reads stay open; nothing refused reaches the daemon."""
+    open_ports = FakePorts()
+    c = await client(open_ports)
+    for path in ("/api/v1/campaigns", "/api/v1/campaigns/x/hold"):
+        status, body = await _answer(await c.post(path, json={"toml": "x"}))
+        assert status == 403 and "daemon.token_file" in body["error"]
+    assert (await c.get("/api/v1/campaigns")).status == 200
+    guarded = FakePorts(token=TOKEN)
+    c = await client(guarded)
+    for headers in ({}, _auth("wrong")):
+        for path in ("/api/v1/campaigns", "/api/v1/campaigns/x/hold"):
+            status, body = await _answer(await c.post(path, json={"toml": "x"},
+                                                      headers=headers))
+            assert status == 401 and "bearer token" in body["error"]
+    changes = {"add_campaign", "campaign_action"}
+    assert not [n for n, _ in open_ports.calls + guarded.calls if n in changes]
+
+
+@pytest.mark.parametrize(("path", "body", "message"), [
+    ("/api/v1/campaigns", {}, 'expected {"toml"'),
+    ("/api/v1/campaigns", {"toml": ""}, 'expected {"toml"'),
+    ("/api/v1/campaigns", {"toml": 3}, "toml: expected a string, got int"),
+    ("/api/v1/campaigns", {"toml": "x", "source": 1}, "source: expected a string"),
+    ("/api/v1/campaigns", {"toml": "x", "held": "yes"}, "held: expected bool, got str"),
+    ("/api/v1/campaigns/x/retry", {"submission": "4"}, "submission: expected int, got str"),
+    ("/api/v1/campaigns/x/retry", {"submission": True}, "submission: expected int, got bool"),
+    ("/api/v1/campaigns/x/hold", {"stage": ["a"]}, "stage: expected a string, got list"),
+    ("/api/v1/campaigns/x/hold", [1], "body must be a JSON object"),
+])
+async def test_bad_campaign_requests_are_400(client: Client, path: str, body: object,
+                                             message: str) -> None:
+    """Malformed campaign requests are 400 with a message naming the key and what came."""
+    ports = FakePorts(token=TOKEN)
+    c = await client(ports)
+    status, doc = await _answer(await c.post(path, data=json.dumps(body), headers=_auth()))
+    assert status == 400 and message in doc["error"], doc
+    assert not [n for n, _ in ports.calls if n in ("add_campaign", "campaign_action")]
+
+
+@pytest.mark.parametrize(("error", "status"), [
+    (NotFoundError("no campaign 'x'"), 404),
+    (NotFoundError("campaign 'x' has no submission 9"), 404),
+    (NotFoundError("campaign 'x' has no stage 'nope'; its stages are reco"), 404),
+    (ConflictError("submission 4 is submitted, not launch_unknown"), 409),
+    (ConfigError("unknown action 'explode': expected one of hold, release"), 400),
+    (PrestagedError("the daemon is stopping"), 503),
+])
+async def test_campaign_refusals_answer_with_the_errors_status(
+        client: Client, error: PrestagedError, status: int) -> None:
+    """An action or an add the daemon refuses answers with the error's http_status."""
+    c = await client(FakePorts(token=TOKEN, fail={"campaign_action": error,
+                                                  "add_campaign": error}))
+    assert await _answer(await c.post("/api/v1/campaigns/x/retry", json={"submission": 9},
+                                      headers=_auth())) == (status, {"error": str(error)})
+    assert await _answer(await c.post("/api/v1/campaigns", json={"toml": "x"},
+                                      headers=_auth())) == (status, {"error": str(error)})
+
+
+async def test_unknown_campaign_is_404(client: Client) -> None:
+    """GET /api/v1/campaigns/<unknown> is 404 with the daemon's message."""
+    c = await client(FakePorts())
+    assert await _answer(await c.get("/api/v1/campaigns/nosuch")) == (
+        404, {"error": "no campaign 'nosuch'"})
