@@ -1,8 +1,12 @@
-"""``prestaged serve`` as a real subprocess for tests: a fake systemd notify socket, the HTTP
-API and /metrics, polling with deadlines. The ``start_daemon`` fixture (conftest.py) starts one."""
+"""``prestaged serve`` for tests: as a real subprocess (``daemon_starter``, the ``start_daemon``
+fixture of conftest.py) with a fake systemd notify socket, for what crosses the process
+boundary (signals, notify, exit codes, restarts); or in the test's event loop (``in_process``)
+for everything else. Waits poll with deadlines."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -12,10 +16,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import aiohttp
+
+from prestaged.config import load_config
+from prestaged.service.daemon import Daemon as ServiceDaemon
 from prestaged.testing.pki import TestPKI
 
 DEADLINE = 60.0
@@ -153,3 +161,73 @@ def daemon_starter(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         d.notify.close()
 
 
+
+
+def metric_value(text: str, name: str, **labels: str) -> Optional[float]:
+    """The value of series ``name{labels}`` in exposition ``text``, None when absent."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if m and m.group(1) == name and ",".join(sorted((m.group(2) or "").split(","))) == want:
+            return float(m.group(3))
+    return None
+
+
+async def until(what: str, check: Callable[[], Awaitable[bool]],
+                timeout: float = DEADLINE) -> None:
+    """Poll the async ``check`` until it is true; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)  # polling the daemon's state, with a deadline
+
+
+class InProcess:
+    """A ``Daemon`` running in the test's own event loop (no signals, no subprocess), and an
+    HTTP client of its API."""
+
+    def __init__(self, daemon: ServiceDaemon, port: int, session: aiohttp.ClientSession,
+                 token: Optional[str]) -> None:
+        self.daemon, self.port, self.session, self.token = daemon, port, session, token
+
+    async def http(self, method: str, path: str, body: Any = None, *,
+                   token: Optional[str] = None) -> tuple[int, Any]:
+        """``method path`` with ``body`` as JSON and the bearer token (``token`` overrides
+        the daemon's): (status, JSON document or text)."""
+        headers = {}
+        if token or self.token:
+            headers["Authorization"] = f"Bearer {token or self.token}"
+        async with self.session.request(method, f"http://127.0.0.1:{self.port}{path}",
+                                        json=body, headers=headers) as resp:
+            text = await resp.text()
+            return resp.status, json.loads(text) if text[:1] in ("{", "[") else text
+
+    async def metrics(self) -> str:
+        """The exposition of ``/metrics``."""
+        status, text = await self.http("GET", "/metrics")
+        assert status == 200
+        return str(text)
+
+
+@contextlib.asynccontextmanager
+async def in_process(config: Path, token: Optional[str] = None) -> AsyncIterator[InProcess]:
+    """Run ``prestaged serve --config config`` as a ``Daemon`` in this event loop until the
+    block ends; then drain it and check that it exited 0."""
+    cfg = load_config(config)
+    port = int(cfg.daemon.listen.rpartition(":")[2])
+    daemon = ServiceDaemon(cfg, config)
+    task = asyncio.ensure_future(daemon.run(handle_signals=False))
+    started = asyncio.ensure_future(daemon.wait_started())
+    await asyncio.wait({task, started}, timeout=DEADLINE, return_when=asyncio.FIRST_COMPLETED)
+    if not started.done():
+        started.cancel()
+        if task.done():
+            task.result()  # the start-up error
+        raise AssertionError("the daemon did not start")
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as s:
+            yield InProcess(daemon, port, s, token)
+    finally:
+        daemon.request_stop()
+        assert await asyncio.wait_for(task, DEADLINE) == 0

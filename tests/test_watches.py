@@ -1,0 +1,135 @@
+"""``[[watch]]`` entries in a daemon running in the test's event loop: watches are known by the
+catalog's canonical definition (defect 4), and a reload that drops a watch drops its gauges
+(defect 5). The storage is the loopback test server; waits poll the API or the metrics with a
+deadline."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon_harness import free_port, in_process, metric_value, until
+
+from prestaged.testing.pki import TestPKI
+from prestaged.testing.storage import ThreadedStorageServer
+
+
+@pytest.fixture
+def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
+    """The test storage in a background thread, requiring a client certificate."""
+    with ThreadedStorageServer(pki.server_ssl_context()) as srv:
+        yield srv
+
+
+def _urls(path: Path, srv: ThreadedStorageServer, name: str, n: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(srv.url(f"/{name}/f{i:02d}") + "\n" for i in range(n)))
+    return path
+
+
+def _config(tmp_path: Path, pki: TestPKI, proxy: Path, watches: str, state: str = "") -> Path:
+    path = tmp_path / "prestaged.toml"
+    path.write_text(f"""
+[credentials]
+proxy = "{proxy}"
+ca_dir = "{pki.ca_dir}"
+[state]
+path = "{tmp_path / 'state.db'}"
+flush_interval = "100ms"
+{state}
+[daemon]
+listen = "127.0.0.1:{free_port()}"
+drain_timeout = "1s"
+jitter = 0
+{watches}
+""")
+    return path
+
+
+async def test_watches_are_known_by_the_catalogs_definition(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Watches written `defs/rel.txt` and `~/tilde.txt` (made absolute by the local catalog):
+    their runs get the watch's freshness (not state.fresh_for = 0), their gauges, and the
+    ready warning."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    rel = _urls(tmp_path / "defs" / "rel.txt", storage, "rel", 10)
+    tilde = _urls(tmp_path / "home" / "tilde.txt", storage, "tilde", 10)
+    storage.remove("/rel/f03")
+    storage.remove("/tilde/f07")
+    watches = "".join(f'[[watch]]\ndefinition = "{d}"\nevery = "1h"\nready = 0.95\n'
+                      for d in ("defs/rel.txt", "~/tilde.txt"))
+    config = _config(tmp_path, pki, proxy, watches, state='fresh_for = "0s"')
+    caplog.set_level(logging.WARNING, logger="prestaged")
+    async with in_process(config) as d:
+        async def both_done() -> bool:
+            states = [(await d.http("GET", f"/api/v1/runs/{i}"))[1].get("state")
+                      for i in (1, 2)]
+            return states == ["done", "done"]
+        await until("both watch runs", both_done)
+        runs = [(await d.http("GET", f"/api/v1/runs/{i}"))[1] for i in (1, 2)]
+        assert sorted(r["definition"] for r in runs) == sorted([str(rel), str(tilde)])
+        assert [r["warm_fraction"] for r in runs] == [0.9, 0.9]
+        text = await d.metrics()
+        for label in ("rel", "tilde"):
+            assert metric_value(text, "prestaged_dataset_files", definition=label,
+                                state="warm") == 9
+            assert metric_value(text, "prestaged_dataset_files", definition=label,
+                                state="failed") == 1
+    for written in ("defs/rel.txt", "~/tilde.txt"):
+        assert f"watch {written}: only 90.0% warm after the run, below ready 95.0%" \
+            in caplog.text
+
+
+async def test_two_spellings_of_one_definition_are_one_watch(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`defs/a.txt` and its absolute path name one definition: one watch, one run, and a
+    warning that the later entry is used."""
+    monkeypatch.chdir(tmp_path)
+    a = _urls(tmp_path / "defs" / "a.txt", storage, "a", 3)
+    watches = "".join(f'[[watch]]\ndefinition = "{d}"\nevery = "1h"\n'
+                      for d in ("defs/a.txt", a))
+    async with in_process(_config(tmp_path, pki, proxy, watches)) as d:
+        async def done() -> bool:
+            return (await d.http("GET", "/api/v1/runs/1"))[1].get("state") == "done"
+        await until("the watch run", done)
+        assert (await d.http("GET", "/api/v1/runs/2"))[0] == 404
+    assert "watch " + str(a) + ": the same definition as defs/a.txt" in caplog.text
+    assert storage.stats.path("/a/f00").requests == 1
+
+
+async def test_reload_drops_the_gauges_of_a_removed_watch(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+) -> None:
+    """After a reload that removes watch `b`, /metrics has no dataset series of `b` left;
+    those of the kept watch `a` stay."""
+    a = _urls(tmp_path / "a.txt", storage, "a", 4)
+    b = _urls(tmp_path / "b.txt", storage, "b", 5)
+
+    def watches(*defs: Path) -> str:
+        return "".join(f'[[watch]]\ndefinition = "{p}"\nevery = "1h"\n' for p in defs)
+
+    config = _config(tmp_path, pki, proxy, watches(a, b))
+    listen = next(ln for ln in config.read_text().splitlines() if ln.startswith("listen"))
+    async with in_process(config) as d:
+        async def gauges(name: str) -> bool:
+            return metric_value(await d.metrics(), "prestaged_dataset_last_warm_timestamp_"
+                                "seconds", definition=name) is not None
+        await until("a's gauges", lambda: gauges("a"))
+        await until("b's gauges", lambda: gauges("b"))
+        text = config.read_text()
+        config.write_text(text[: text.index("[[watch]]")] + watches(a))
+        assert listen in config.read_text()
+        d.daemon.request_reload()
+
+        async def b_gone() -> bool:
+            return "definition=\"b\"" not in await d.metrics()
+        await until("b's series dropped", b_gone, timeout=10)
+        text = await d.metrics()
+        assert metric_value(text, "prestaged_dataset_files", definition="a", state="warm") == 4
