@@ -1,0 +1,192 @@
+"""The API over the real daemon parts, in-process: a state database locked by another process
+does not freeze ``/healthz`` and ``/metrics`` (defect 11), and run eviction never forgets a
+queued or running run (defect 12)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from daemon_harness import DEADLINE, free_port, in_process, metric_value, until
+
+from prestaged.metrics import Metrics
+from prestaged.model import Attempt, FileRef
+from prestaged.service.api import Handler, build_app
+from prestaged.service.runs import RunInfo, Runs
+from prestaged.state.store import Store
+from prestaged.testing.pki import TestPKI
+from prestaged.warm import WarmSettings
+
+TOKEN = "locked-t0ken"
+
+
+def _config(tmp_path: Path, pki: TestPKI, proxy: Path) -> Path:
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    token.chmod(0o600)
+    path = tmp_path / "prestaged.toml"
+    path.write_text(f"""
+[credentials]
+proxy = "{proxy}"
+ca_dir = "{pki.ca_dir}"
+[state]
+path = "{tmp_path / 'state.db'}"
+flush_interval = "100ms"
+[daemon]
+listen = "127.0.0.1:{free_port()}"
+drain_timeout = "1s"
+campaign_check = "1h"
+token_file = "{token}"
+""")
+    return path
+
+
+async def test_a_locked_state_database_does_not_freeze_health_or_metrics(
+    pki: TestPKI, proxy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another process holds the state DB's write lock: a campaign action and a dataset query
+    wait for it, while /healthz and /metrics answer at once; both finish once it is gone."""
+    (tmp_path / "ds.txt").write_text("https://127.0.0.1:1/f\n")
+    campaign = (f'name = "c"\n[[stage]]\nname = "one"\ninput = "{tmp_path / "ds.txt"}"\n'
+                'submit = "true"\n')
+    async with in_process(_config(tmp_path, pki, proxy), token=TOKEN) as d:
+        status, body = await d.http("POST", "/api/v1/campaigns", {"toml": campaign,
+                                                                   "held": True})
+        assert status == 201, body
+
+        async def idle() -> bool:  # its pass ended held, and its gauge was counted
+            doc = (await d.http("GET", "/api/v1/campaigns/c"))[1]
+            return doc["daemon"]["status"] == "waiting" and metric_value(
+                await d.metrics(), "prestaged_campaign_submissions", campaign="c",
+                state="queued") == 0
+        await until("the held campaign idle", idle)
+
+        entered = threading.Event()
+        transaction = Store.transaction
+
+        def spy(store: Store) -> Any:
+            entered.set()  # a transaction is about to wait for the lock
+            return transaction(store)
+
+        monkeypatch.setattr(Store, "transaction", spy)
+        locker = sqlite3.connect(str(tmp_path / "state.db"), isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            start = time.monotonic()
+            action = asyncio.ensure_future(d.http("POST", "/api/v1/campaigns/c/hold", {}))
+            query = asyncio.ensure_future(d.http("GET", "/api/v1/datasets"))
+            assert await asyncio.to_thread(entered.wait, DEADLINE)
+            for path in ("/healthz", "/metrics", "/readyz"):
+                status, _ = await asyncio.wait_for(d.http("GET", path), timeout=2)
+                assert status == 200
+            assert not action.done() and not query.done()
+            assert time.monotonic() - start < 10  # not the store's 30 s busy timeout
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert await asyncio.wait_for(action, DEADLINE) == (200, {"result": "c: held"})
+        assert (await asyncio.wait_for(query, DEADLINE))[0] == 200
+
+
+# --- eviction ---------------------------------------------------------------------------------
+
+class _Catalog:
+    """A local-looking catalog of ``n`` URLs."""
+
+    name = "local"
+
+    def __init__(self, definition: str, n: int) -> None:
+        self.definition = definition
+        self.n = n
+
+    async def files(self) -> AsyncIterator[FileRef]:
+        """``n`` files under ``definition``."""
+        for i in range(self.n):
+            yield FileRef(name=f"f{i}", url=f"https://example.invalid/{self.definition}/f{i}")
+
+    async def estimate(self) -> Optional[int]:
+        """Known: ``n``."""
+        return self.n
+
+
+class _GatedToucher:
+    """Answers 206 at once, except for URLs of ``slow``, which wait for ``release``."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def touch(self, url: str) -> Attempt:
+        """206, after ``release`` for the slow definition."""
+        if "/slow/" in url:
+            await self.release.wait()
+        return Attempt(status=206, data=4)
+
+
+class _RunPorts:
+    """Just enough ``ApiPorts`` for ``GET /api/v1/runs/<id>`` over real ``Runs``."""
+
+    token: Optional[str] = None
+
+    def __init__(self, runs: Runs) -> None:
+        self.runs = runs
+
+    def run(self, run_id: int) -> Optional[RunInfo]:
+        """The real bookkeeping."""
+        return self.runs.get(run_id)
+
+    def metrics_handler(self) -> Handler:
+        """Unused here."""
+        return Metrics().aiohttp_handler()
+
+
+async def test_eviction_keeps_queued_and_running_runs(tmp_path: Path) -> None:
+    """With room for one finished run, finishing runs never evict a running or a queued run
+    (GET answers 200 for both); only finished runs go, oldest first."""
+    store = Store(tmp_path / "state.db", flush_interval=0.05).open()
+    tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        return task
+
+    async def after(info: RunInfo) -> None:
+        return None
+
+    toucher = _GatedToucher()
+    runs = Runs(store, toucher, Metrics(), settings=lambda: WarmSettings(concurrency=4),
+                fresh_for=lambda: 0.0, draining=lambda: False, stop=asyncio.Event(),
+                spawn=spawn, after=after, changed=lambda: None, kept=1)
+    client = TestClient(TestServer(build_app(_RunPorts(runs)), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        running = runs.submit(_Catalog("slow", 2), origin="api")
+        queued = runs.submit(_Catalog("slow", 2), origin="api")  # same definition: waits
+        quick = [runs.submit(_Catalog(f"q{i}", 3), origin="api") for i in range(3)]
+        await asyncio.wait_for(asyncio.gather(*(q.finished.wait() for q in quick)), DEADLINE)
+
+        async def state(info: RunInfo) -> tuple[int, Any]:
+            resp = await client.get(f"/api/v1/runs/{info.id}")
+            doc = json.loads(await resp.text())
+            return resp.status, doc.get("state")
+
+        assert await state(running) == (200, "running")
+        assert await state(queued) == (200, "queued")
+        assert [await state(q) for q in quick] == [(404, None), (404, None), (200, "done")]
+        toucher.release.set()
+        await asyncio.wait_for(queued.finished.wait(), DEADLINE)
+        assert [await state(r) for r in (running, queued, quick[2])] == [
+            (404, None), (200, "done"), (404, None)]
+    finally:
+        toucher.release.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.close()
+        await asyncio.to_thread(store.close)
