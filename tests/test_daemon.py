@@ -1,10 +1,14 @@
-"""``prestaged serve`` as a real subprocess: systemd notify protocol, schedule, API, reload,
-proxy renewal, drain. The storage is the loopback test server; nothing is slept on: every wait
-is on a notify datagram, the metrics, the API or the storage's counters, with a deadline."""
+"""``prestaged serve``: as a real subprocess where the process boundary is the point (systemd
+notify protocol, signals, drain, exit codes), in the test's event loop otherwise (the API over
+a real run, SAM watches, reload of the proxy). The storage is the loopback test server;
+nothing is slept on: every wait is on a notify datagram, the metrics, the API or the storage's
+counters, with a deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -14,7 +18,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from daemon_harness import DEADLINE, Daemon, free_port, poll, write_config
+from cli_runner import run_cli
+from daemon_harness import (
+    DEADLINE,
+    Daemon,
+    free_port,
+    in_process,
+    metric_value,
+    poll,
+    until,
+    write_config,
+)
 
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, ThreadedStorageServer
@@ -87,39 +101,38 @@ def test_daemon_schedule_metrics_reload_renewal_and_drain(
     assert "Traceback" not in d.output()
 
 
-def test_api_errors_and_token(pki: TestPKI, proxy: Path, storage: ThreadedStorageServer,
-                              tmp_path: Path, start_daemon: Callable[..., Daemon]) -> None:
-    """Bad JSON/unknown definitions get 4xx JSON errors; a token file makes POST need it."""
+async def test_warm_over_the_api_and_status_asks_the_daemon(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In-process: a token file makes warm requests need it; an unknown definition is 404; a
+    run's counts; `prestaged status` asks the running daemon; the token is never logged."""
     port = free_port()
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token\n")
     token_file.chmod(0o600)
     config = write_config(tmp_path, pki, proxy, port, [], extra=f'token_file = "{token_file}"')
-    d = start_daemon(config, port, token="s3cret-token")
-    assert d.http("POST", "/api/v1/warm", raw=b"{not json")[0] == 400
-    assert d.http("POST", "/api/v1/warm", {"nodefinition": 1})[0] == 400
-    status, body = d.http("POST", "/api/v1/warm", {"definition": "/nonexistent/list.txt"})
-    assert status == 404 and "no such file" in body["error"]
-    assert d.http("POST", "/api/v1/warm", {"definition": "x", "catalog": "nope"})[0] == 400
-    assert d.http("POST", "/api/v1/warm", {"definition": "x"}, token="wrong")[0] == 401
-    assert d.http("GET", "/api/v1/runs/999")[0] == 404
-    assert d.http("GET", "/api/v1/runs/abc")[0] == 400
-    assert d.http("GET", "/api/v1/datasets/unknown")[0] == 404
-    ok = _definition(tmp_path, storage, "ok", 5)
-    status, body = d.http("POST", "/api/v1/warm", {"definition": str(ok)})
-    assert status == 202
-    poll("api run done", lambda: d.http("GET", body["href"])[1]["state"] == "done")
-    assert d.http("GET", body["href"])[1]["counts"] == {"warm": 5}
-    # `prestaged status` asks the running daemon (its config names the listener)
-    res = subprocess.run([sys.executable, "-m", "prestaged", "status", "--config", str(config),
-                          "--json"], capture_output=True, text=True, timeout=DEADLINE, check=True)
-    doc = json.loads(res.stdout)
-    assert doc["source"] == f"daemon http://127.0.0.1:{port}"
-    assert [(r["definition"], r["fresh"]) for r in doc["definitions"]] == [(str(ok), 5)]
-    d.proc.send_signal(signal.SIGTERM)
-    assert d.proc.wait(timeout=DEADLINE) == 0
-    err = d.output()
-    assert "s3cret-token" not in err
+    caplog.set_level(logging.DEBUG)
+    async with in_process(config, token="s3cret-token") as d:
+        assert (await d.http("POST", "/api/v1/warm", {"definition": "x"}, token="wrong"))[0] \
+            == 401
+        status, body = await d.http("POST", "/api/v1/warm",
+                                    {"definition": "/nonexistent/list.txt"})
+        assert status == 404 and "no such file" in body["error"]
+        ok = _definition(tmp_path, storage, "ok", 5)
+        status, body = await d.http("POST", "/api/v1/warm", {"definition": str(ok)})
+        assert status == 202
+
+        async def done() -> bool:
+            return (await d.http("GET", body["href"]))[1]["state"] == "done"
+        await until("api run done", done)
+        assert (await d.http("GET", body["href"]))[1]["counts"] == {"warm": 5}
+        res = await asyncio.to_thread(run_cli, "status", "--config", str(config), "--json")
+        assert res.returncode == 0, res.stderr
+        doc = json.loads(res.stdout)
+        assert doc["source"] == f"daemon http://127.0.0.1:{port}"
+        assert [(r["definition"], r["fresh"]) for r in doc["definitions"]] == [(str(ok), 5)]
+    assert "s3cret-token" not in caplog.text
 
 
 def test_expired_proxy_refused_at_start(pki: TestPKI, tmp_path: Path) -> None:
@@ -132,12 +145,12 @@ def test_expired_proxy_refused_at_start(pki: TestPKI, tmp_path: Path) -> None:
     assert "expired" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_daemon_watches_a_samweb_definition(
+async def test_daemon_watches_a_samweb_definition(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
-    start_daemon: Callable[..., Daemon], samweb: Callable[..., Any],
+    samweb: Callable[..., Any],
 ) -> None:
-    """A [[watch]] on a SAM definition resolves through SAM (proxy presented) and is warmed;
-    every SAM request is counted in prestaged_catalog_requests_total."""
+    """In-process: a [[watch]] on a SAM definition resolves through SAM (proxy presented) and
+    is warmed; every SAM request is counted in prestaged_catalog_requests_total."""
     files = [{"name": f"f{i:03d}.root", "size": 10, "locations": [f"dcache:/pnfs/dune/d{i % 3}"]}
              for i in range(40)]
     sam = samweb({"mc-2026": files}, require_cert=True)
@@ -148,50 +161,60 @@ def test_daemon_watches_a_samweb_definition(
     config = write_config(tmp_path, pki, proxy, port, [], extra="")
     config.write_text(config.read_text() + '\n[[watch]]\ndefinition = "mc-2026"\n'
                       'catalog = "samweb"\nevery = "1h"\n' + extra)
-    d = start_daemon(config, port)
-    poll("samweb watch warmed", lambda: d.metric("prestaged_runs_total", result="ok") >= 1)
-    assert all(storage.stats.path(f"/door/d{i % 3}/f{i:03d}.root").requests == 1
-               for i in range(40))
-    assert d.metric("prestaged_catalog_requests_total", catalog="samweb", result="ok") >= 2
+    async with in_process(config) as d:
+        async def warmed() -> bool:
+            return metric_value(await d.metrics(), "prestaged_runs_total", result="ok") == 1
+        await until("samweb watch warmed", warmed)
+        assert all(storage.stats.path(f"/door/d{i % 3}/f{i:03d}.root").requests == 1
+                   for i in range(40))
+        requests = metric_value(await d.metrics(), "prestaged_catalog_requests_total",
+                                catalog="samweb", result="ok")
+        assert requests is not None and requests >= 2
 
 
-def test_watch_below_ready_fraction_is_reported(
+async def test_reload_switches_to_a_newly_configured_proxy(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
-    start_daemon: Callable[..., Daemon],
 ) -> None:
-    """A watched definition left below its `ready` fraction is logged and shown in the run."""
-    port = free_port()
-    low = _definition(tmp_path, storage, "low", 20)
-    storage.remove("/low/f0003")
-    storage.remove("/low/f0004")
-    config = write_config(tmp_path, pki, proxy, port, [(low, "1h")])
-    config.write_text(config.read_text() + "ready = 0.95\n")
-    d = start_daemon(config, port)
-    poll("first run", lambda: d.metric("prestaged_runs_total", result="failed") >= 1)
-    status, run = d.http("GET", "/api/v1/runs/1")
-    assert status == 200 and run["warm_fraction"] == 0.9 and run["exit_code"] == 1
-    d.proc.send_signal(signal.SIGTERM)
-    assert d.proc.wait(timeout=DEADLINE) == 0
-    err = d.output()
-    assert "only 90.0% warm after the run, below ready 95.0%" in err
-
-
-def test_reload_switches_to_a_newly_configured_proxy(
-    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
-    start_daemon: Callable[..., Daemon],
-) -> None:
-    """SIGHUP with credentials.proxy pointing elsewhere: new touches present the new proxy."""
+    """In-process: a reload with credentials.proxy pointing elsewhere makes new touches
+    present the new proxy."""
     port = free_port()
     config = write_config(tmp_path, pki, proxy, port, [])
-    d = start_daemon(config, port)
-    moved = pki.make_proxy_for("Moved", tmp_path / "moved", lifetime=timedelta(hours=20))
-    config.write_text(config.read_text().replace(str(proxy), str(moved)))
-    expiry = d.metric("prestaged_credential_expiry_timestamp_seconds", kind="proxy")
-    d.proc.send_signal(signal.SIGHUP)
-    poll("new proxy in use", lambda: d.metric(
-        "prestaged_credential_expiry_timestamp_seconds", kind="proxy") > expiry + 3600)
-    m = _definition(tmp_path, storage, "m", 3)
-    status, body = d.http("POST", "/api/v1/warm", {"definition": str(m)})
-    assert status == 202
-    poll("run done", lambda: d.http("GET", body["href"])[1]["state"] == "done")
+    async with in_process(config) as d:
+        moved = pki.make_proxy_for("Moved", tmp_path / "moved", lifetime=timedelta(hours=20))
+        config.write_text(config.read_text().replace(str(proxy), str(moved)))
+
+        async def expiry() -> float:
+            value = metric_value(await d.metrics(),
+                                 "prestaged_credential_expiry_timestamp_seconds", kind="proxy")
+            assert value is not None
+            return value
+
+        before = await expiry()
+        d.daemon.request_reload()
+
+        async def new_proxy() -> bool:
+            return await expiry() > before + 3600
+        await until("new proxy in use", new_proxy)
+        m = _definition(tmp_path, storage, "m", 3)
+        status, body = await d.http("POST", "/api/v1/warm", {"definition": str(m)})
+        assert status == 202
+
+        async def done() -> bool:
+            return (await d.http("GET", body["href"]))[1]["state"] == "done"
+        await until("run done", done)
     assert pki.dn_for("Moved") in "".join(storage.stats.client_dns)
+
+
+def test_daemon_makes_no_loop_objects_before_its_loop_runs(pki: TestPKI, proxy: Path,
+                                                           tmp_path: Path) -> None:
+    """`Daemon(cfg)` is built before `runtime.run` makes the loop, so it holds no asyncio
+    primitive yet: on Python 3.9 one would belong to another loop, and every wait on it
+    would fail at once (the serve loop spun, burning a core)."""
+    from prestaged.config import load_config
+    from prestaged.service.daemon import Daemon as ServiceDaemon
+
+    daemon = ServiceDaemon(load_config(write_config(tmp_path, pki, proxy, free_port(), [])),
+                           None)
+    loop_bound = (asyncio.Event, asyncio.Lock, asyncio.Semaphore, asyncio.Condition,
+                  asyncio.Queue, asyncio.Future)
+    assert not [k for k, v in vars(daemon).items() if isinstance(v, loop_bound)]

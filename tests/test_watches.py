@@ -54,7 +54,7 @@ async def test_watches_are_known_by_the_catalogs_definition(
 ) -> None:
     """Watches written `defs/rel.txt` and `~/tilde.txt` (made absolute by the local catalog):
     their runs get the watch's freshness (not state.fresh_for = 0), their gauges, and the
-    ready warning."""
+    warning that they stay below `ready` (shown in the run too: 90% warm, exit 1)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     rel = _urls(tmp_path / "defs" / "rel.txt", storage, "rel", 10)
@@ -73,7 +73,7 @@ async def test_watches_are_known_by_the_catalogs_definition(
         await until("both watch runs", both_done)
         runs = [(await d.http("GET", f"/api/v1/runs/{i}"))[1] for i in (1, 2)]
         assert sorted(r["definition"] for r in runs) == sorted([str(rel), str(tilde)])
-        assert [r["warm_fraction"] for r in runs] == [0.9, 0.9]
+        assert [(r["warm_fraction"], r["exit_code"]) for r in runs] == [(0.9, 1), (0.9, 1)]
         text = await d.metrics()
         for label in ("rel", "tilde"):
             assert metric_value(text, "prestaged_dataset_files", definition=label,
