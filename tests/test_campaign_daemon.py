@@ -1,11 +1,14 @@
-"""Campaigns run by the daemon: ``prestaged campaign add/list/show/hold/release/cancel/
-mark-submitted`` through the API of a real ``prestaged serve``, across restarts (SIGTERM and
-SIGKILL), with a fake submit command that records its argv and start time. Every wait polls the
-API, the metrics or a file with a deadline."""
+"""Campaigns run by the daemon, with a fake submit command that records its argv and start
+time: ``prestaged campaign add/list/show/mark-submitted`` against a real ``prestaged serve``
+subprocess across restarts (SIGTERM and SIGKILL); holds, releases, cancels, keep-warm and the
+token rules against a daemon in the test's event loop. Every wait polls the API, the metrics or
+a file with a deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,7 +19,18 @@ from typing import Any, Callable
 
 import pytest
 from campaign_fakes import read_records, write_definition
-from daemon_harness import DEADLINE, Daemon, free_port, poll, write_config
+from cli_runner import run_cli
+from daemon_harness import (
+    DEADLINE,
+    Daemon,
+    InProcess,
+    free_port,
+    in_process,
+    metric_value,
+    poll,
+    until,
+    write_config,
+)
 
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, ThreadedStorageServer
@@ -136,7 +150,9 @@ submit = {_submit(tmp_path, "{submission} {urls_file} {n_files}")}
         assert all(storage.stats.path(p).times[-1] <= r["start"] for p in paths
                    if storage.url(p) in r["urls"])
     # The restarted daemon's metrics: counts from the state, its own launches and gate waits.
-    assert d.metric("prestaged_campaign_submissions", campaign="drain", state="completed") == 3
+    # The gauge is recounted off the event loop after each transition: poll it.
+    poll("the submissions gauge", lambda: d.metric(
+        "prestaged_campaign_submissions", campaign="drain", state="completed") == 3)
     assert d.metric("prestaged_campaign_submissions", campaign="drain", state="queued") == 0
     assert d.metric("prestaged_campaign_launches_total", result="submitted") == 2
     assert d.metric("prestaged_campaign_gate_wait_seconds_count") == 2
@@ -196,12 +212,44 @@ submit = {_submit(tmp_path, "{stage}")}
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_hold_release_and_cancel_through_the_daemon(
+def _in_process_config(tmp_path: Path, pki: TestPKI, proxy: Path, *,
+                       token: bool = True) -> Path:
+    """A daemon config as ``_start`` writes it (with the token file unless ``token`` is
+    false)."""
+    extra = 'campaign_check = "1h"'
+    if token:
+        path = tmp_path / "api-token"
+        path.write_text(TOKEN + "\n")
+        path.chmod(0o600)
+        extra += f'\ntoken_file = "{path}"'
+    return write_config(tmp_path, pki, proxy, free_port(), [], extra=extra)
+
+
+async def _show_async(d: InProcess, name: str) -> dict[str, Any]:
+    status, doc = await d.http("GET", f"/api/v1/campaigns/{name}")
+    assert status == 200, doc
+    result: dict[str, Any] = doc
+    return result
+
+
+async def _states_async(d: InProcess, name: str) -> list[str]:
+    return [s["state"] for s in (await _show_async(d, name))["submissions"]]
+
+
+async def _add(d: InProcess, campaign: Path, held: bool = False) -> None:
+    text = await asyncio.to_thread(campaign.read_text)
+    status, body = await d.http("POST", "/api/v1/campaigns", {
+        "toml": text, "source": str(campaign), "held": held})
+    assert status == 201, body
+
+
+async def test_hold_release_and_cancel_through_the_daemon(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
-    start_daemon: Callable[..., Daemon],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A campaign added held launches nothing until released; a cancel stops a gate in
-    progress at once and nothing of it is ever submitted."""
+    """In-process: a campaign added held launches nothing until released; a cancel stops a
+    gate in progress at once and nothing of it is ever submitted."""
+    monkeypatch.setenv("CAMPAIGN_RECORD", str(tmp_path / "record.jsonl"))
     ds = write_definition(tmp_path, storage, ["/pnfs/hold/a", "/pnfs/hold/b"])
     slow = write_definition(tmp_path, storage, ["/pnfs/slow/a"], name="slow.txt")
     storage.inject("/pnfs/slow/a", [Delay(30)] * 3)
@@ -221,42 +269,55 @@ name = "one"
 input = {json.dumps(str(slow))}
 submit = {_submit(tmp_path, "doomed")}
 """, name="doomed.toml")
-    port = free_port()
-    d = _start(tmp_path, pki, proxy, start_daemon, port)
-    assert _cli(d, "campaign", "add", "--held", str(later)).returncode == 0
-    poll("the held pass", lambda: _show(d, "later")["daemon"]["status"] == "waiting")
-    doc = _show(d, "later")
-    assert doc["control"] == "held" and doc["submissions"] == []
-    assert storage.stats.path("/pnfs/hold/a").requests == 0
-    listing = _cli(d, "campaign", "list", "--json")
-    [row] = json.loads(listing.stdout)["campaigns"]
-    assert (row["campaign"], row["control"]) == ("later", "held")
+    async with in_process(_in_process_config(tmp_path, pki, proxy), token=TOKEN) as d:
+        await _add(d, later, held=True)
 
-    res = _cli(d, "campaign", "release", "later")
-    assert res.returncode == 0 and "later: released" in res.stdout, res.stderr
-    poll("released and launched", lambda: _states(d, "later") == ["completed"])
-    assert [r["argv"] for r in read_records(tmp_path)] == [["one-1"]]
+        async def held_pass() -> bool:
+            return (await _show_async(d, "later"))["daemon"]["status"] == "waiting"
+        await until("the held pass", held_pass)
+        doc = await _show_async(d, "later")
+        assert doc["control"] == "held" and doc["submissions"] == []
+        assert storage.stats.path("/pnfs/hold/a").requests == 0
+        status, listing = await d.http("GET", "/api/v1/campaigns")
+        [row] = listing["campaigns"]
+        assert (row["campaign"], row["control"]) == ("later", "held")
 
-    assert _cli(d, "campaign", "add", str(doomed)).returncode == 0
-    poll("the slow gate", lambda: _states(d, "doomed") == ["prestaging"]
-         and storage.stats.path("/pnfs/slow/a").requests >= 1)
-    res = _cli(d, "campaign", "cancel", "doomed")
-    assert res.returncode == 0 and "doomed: cancelled" in res.stdout, res.stderr
-    poll("cancelled", lambda: _show(d, "doomed")["daemon"]["status"] == "done", timeout=10)
-    assert _states(d, "doomed") == ["cancelled"]
-    assert [r["argv"] for r in read_records(tmp_path)] == [["one-1"]]
-    unknown = _cli(d, "campaign", "hold", "nosuch")
-    assert unknown.returncode == 4 and "no campaign 'nosuch'" in unknown.stderr
-    status, body = d.http("POST", "/api/v1/campaigns", {"toml": "name = 'x'\n"})
-    assert status == 400 and "needs at least one [[stage]]" in body["error"]
+        status, body = await d.http("POST", "/api/v1/campaigns/later/release", {})
+        assert status == 200 and body["result"].startswith("later: released"), body
+
+        async def launched() -> bool:
+            return await _states_async(d, "later") == ["completed"]
+        await until("released and launched", launched)
+        assert [r["argv"] for r in read_records(tmp_path)] == [["one-1"]]
+
+        await _add(d, doomed)
+
+        async def gating() -> bool:
+            return await _states_async(d, "doomed") == ["prestaging"] \
+                and storage.stats.path("/pnfs/slow/a").requests >= 1
+        await until("the slow gate", gating)
+        status, body = await d.http("POST", "/api/v1/campaigns/doomed/cancel", {})
+        assert status == 200 and body["result"].startswith("doomed: cancelled"), body
+
+        async def cancelled() -> bool:
+            return (await _show_async(d, "doomed"))["daemon"]["status"] == "done"
+        await until("cancelled", cancelled, timeout=10)
+        assert await _states_async(d, "doomed") == ["cancelled"]
+        assert [r["argv"] for r in read_records(tmp_path)] == [["one-1"]]
+        status, body = await d.http("POST", "/api/v1/campaigns/nosuch/hold", {})
+        assert (status, body) == (404, {"error": "no campaign 'nosuch'"})
+        status, body = await d.http("POST", "/api/v1/campaigns", {"toml": "name = 'x'\n"})
+        assert status == 400 and "needs at least one [[stage]]" in body["error"]
 
 
-def test_keep_warm_through_the_daemon_until_complete(
+async def test_keep_warm_through_the_daemon_until_complete(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
-    start_daemon: Callable[..., Daemon],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """While a submission is submitted and its complete command fails, the daemon touches its
-    slice again every keep_warm; once complete exits 0 the campaign ends and touching stops."""
+    """In-process: while a submission is submitted and its complete command fails, the
+    daemon touches its slice again every keep_warm; once complete exits 0 the campaign ends
+    and touching stops."""
+    monkeypatch.setenv("CAMPAIGN_RECORD", str(tmp_path / "record.jsonl"))
     path = "/pnfs/kw/a"
     ds = write_definition(tmp_path, storage, [path])
     done = tmp_path / "jobs-done"
@@ -274,24 +335,33 @@ input = {json.dumps(str(ds))}
 submit = {_submit(tmp_path, "{stage}")}
 complete = {complete}
 """)
-    d = _start(tmp_path, pki, proxy, start_daemon, free_port())
-    assert _cli(d, "campaign", "add", str(campaign)).returncode == 0
-    poll("two keep-warm touches", lambda: storage.stats.path(path).requests >= 3)
-    assert _states(d, "warmth") == ["submitted"]
-    done.touch()
-    poll("the campaign done", lambda: _show(d, "warmth")["daemon"]["status"] == "done")
-    # "done": the campaign's task has returned, so nothing touches the slice any more.
-    assert _states(d, "warmth") == ["completed"]
-    assert len(read_records(tmp_path)) == 1
-    assert d.metric("prestaged_files_touched_total", result="warm") >= 3
+    async with in_process(_in_process_config(tmp_path, pki, proxy), token=TOKEN) as d:
+        await _add(d, campaign)
+
+        async def touched_again() -> bool:
+            return storage.stats.path(path).requests >= 3
+        await until("two keep-warm touches", touched_again)
+        assert await _states_async(d, "warmth") == ["submitted"]
+        done.touch()
+
+        async def ended() -> bool:
+            return (await _show_async(d, "warmth"))["daemon"]["status"] == "done"
+        await until("the campaign done", ended)
+        # "done": the campaign's task has returned, so nothing touches the slice any more.
+        assert await _states_async(d, "warmth") == ["completed"]
+        assert len(read_records(tmp_path)) == 1
+        touched = metric_value(await d.metrics(), "prestaged_files_touched_total",
+                               result="warm")
+        assert touched is not None and touched >= 3
 
 
-def test_campaign_changes_need_the_token(
+async def test_campaign_changes_need_the_token(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
-    start_daemon: Callable[..., Daemon],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A campaign runs commands as the daemon's user: without daemon.token_file the daemon
-    refuses campaign changes (403), with one it refuses a wrong token (401); reads stay open."""
+    """In-process: a campaign runs commands as the daemon's user: without daemon.token_file
+    the daemon refuses campaign changes (403, which `campaign add` reports in one line),
+    with one it refuses a wrong token (401); reads stay open."""
     ds = write_definition(tmp_path, storage, ["/pnfs/tok/a"])
     campaign = _campaign(tmp_path, f"""
 name = "sneaky"
@@ -300,20 +370,20 @@ name = "one"
 input = {json.dumps(str(ds))}
 submit = {_submit(tmp_path, "x")}
 """)
-    port = free_port()
-    d = start_daemon(write_config(tmp_path, pki, proxy, port, []), port)
-    res = _cli(d, "campaign", "add", str(campaign))
-    assert res.returncode == 2 and "need daemon.token_file" in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
-    status, body = d.http("POST", "/api/v1/campaigns/sneaky/hold", {})
-    assert status == 403 and "token_file" in body["error"]
-    assert d.http("GET", "/api/v1/campaigns") == (200, {"campaigns": []})
-    d.proc.send_signal(signal.SIGTERM)
-    assert d.proc.wait(timeout=DEADLINE) == 0
+    config = _in_process_config(tmp_path, pki, proxy, token=False)
+    async with in_process(config) as d:
+        res = await asyncio.to_thread(run_cli, "campaign", "add", str(campaign), "--config",
+                                      str(config))
+        assert res.returncode == 2 and "need daemon.token_file" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+        status, body = await d.http("POST", "/api/v1/campaigns/sneaky/hold", {})
+        assert status == 403 and "token_file" in body["error"]
+        assert await d.http("GET", "/api/v1/campaigns") == (200, {"campaigns": []})
 
-    d = _start(tmp_path, pki, proxy, start_daemon, port)
-    status, body = d.http("POST", "/api/v1/campaigns", {"toml": campaign.read_text()},
-                          token="wrong")
-    assert status == 401 and "bearer token" in body["error"]
-    assert d.http("GET", "/api/v1/campaigns") == (200, {"campaigns": []})
-    assert TOKEN not in d.output()
+    caplog.set_level(logging.DEBUG)
+    async with in_process(_in_process_config(tmp_path, pki, proxy), token=TOKEN) as d:
+        status, body = await d.http("POST", "/api/v1/campaigns",
+                                    {"toml": campaign.read_text()}, token="wrong")
+        assert status == 401 and "bearer token" in body["error"]
+        assert await d.http("GET", "/api/v1/campaigns") == (200, {"campaigns": []})
+    assert TOKEN not in caplog.text
