@@ -335,3 +335,37 @@ async def test_unknown_campaign_is_404(client: Client) -> None:
     c = await client(FakePorts())
     assert await _answer(await c.get("/api/v1/campaigns/nosuch")) == (
         404, {"error": "no campaign 'nosuch'"})
+
+
+# --- operator data (issue 12, section 1) -------------------------------------------------------
+
+async def test_runs_need_the_token_when_one_is_configured(client: Client) -> None:
+    """GET /api/v1/runs/<id> is operator data: 401 without the token when one is configured
+    (the run is not even looked up), 200 with it; open when there is no token."""
+    ports = FakePorts(token=TOKEN, runs={1: FakeRun(1, "done")})
+    c = await client(ports)
+    for headers in ({}, _auth("wrong")):
+        status, body = await _answer(await c.get("/api/v1/runs/1", headers=headers))
+        assert status == 401 and "bearer token" in body["error"]
+    status, body = await _answer(await c.get("/api/v1/runs/2", headers={}))
+    assert status == 401  # no telling which runs exist either
+    assert not [n for n, _ in ports.calls if n == "run"]
+    assert (await c.get("/api/v1/runs/1", headers=_auth())).status == 200
+    c = await client(FakePorts(runs={1: FakeRun(1, "done")}))
+    assert (await c.get("/api/v1/runs/1")).status == 200
+
+
+async def test_campaign_output_needs_the_token_when_one_is_configured(client: Client) -> None:
+    """GET /api/v1/campaigns/<name> asks for the submit commands' output only with the token
+    (when one is configured); without a token configured it is always asked for."""
+    ports = FakePorts(token=TOKEN, campaigns={"c": {"campaign": "c"}})
+    c = await client(ports)
+    assert (await c.get("/api/v1/campaigns/c")).status == 200
+    assert (await c.get("/api/v1/campaigns/c", headers=_auth("wrong"))).status == 200
+    assert (await c.get("/api/v1/campaigns/c", headers=_auth())).status == 200
+    assert [args for name, args in ports.calls if name == "describe_campaign"] == [
+        ("c", False), ("c", False), ("c", True)]
+    open_ports = FakePorts(campaigns={"c": {"campaign": "c"}})
+    c = await client(open_ports)
+    await c.get("/api/v1/campaigns/c")
+    assert ("describe_campaign", ("c", True)) in open_ports.calls

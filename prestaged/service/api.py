@@ -10,9 +10,21 @@ campaigns: ``GET|POST /api/v1/campaigns``, ``GET /api/v1/campaigns/<name>``, ``P
 
 Errors are JSON ``{"error": "..."}``; the status is the error's own ``http_status`` (400 bad
 input, 404 unknown, 409 refused transition, 503 the daemon cannot now), never a 500 for bad
-input. Mutating calls need ``Authorization: Bearer <token>`` whenever the daemon has a token
-(it must have one when it listens beyond loopback); campaign changes need it always (403
-without a token file), since a campaign runs commands as the daemon's user.
+input.
+
+Who may do and see what. The token is ``Authorization: Bearer <token>`` with the content of
+``daemon.token_file``; the daemon must have one when it listens beyond loopback.
+
+- Campaign changes always need the token (403 without a token file): a campaign runs commands
+  as the daemon's user, so only who can read the token file may add or steer one.
+- With a token configured, it is also needed for warm requests and for operator data: runs
+  (their errors may quote what a catalog answered) and the output of campaigns' submit
+  commands (``output_tail``, left out of ``GET /api/v1/campaigns/<name>`` without it).
+- Open to anyone who can connect: ``/healthz``, ``/readyz``, ``/metrics``, dataset warmth
+  (counts per definition) and the campaign list and documents (states, reasons, job ids).
+- Without a token (loopback only) every local user may request warms and read runs, but a
+  definition named over the API is never a path: only a name in ``catalog.local.dir`` or of
+  a remote catalog (``naming``), so the daemon reads no file a caller chose.
 
 The API sees the daemon only through ``ApiPorts``, declared here: it can be served in-process
 against any object with those methods (the tests use a fake).
@@ -211,7 +223,8 @@ async def post_warm(request: web.Request) -> web.Response:
 
 
 async def get_run(request: web.Request) -> web.Response:
-    """One run's state and live counts."""
+    """One run's state and live counts (operator data: the token when one is configured)."""
+    _require_token(request)
     try:
         run_id = int(request.match_info["id"])
     except ValueError:
@@ -258,8 +271,10 @@ async def post_campaign(request: web.Request) -> web.Response:
 
 
 async def get_campaign(request: web.Request) -> web.Response:
-    """One campaign: stages, controls, submissions with transitions and warmth."""
-    doc = await request.app[PORTS].describe_campaign(request.match_info["name"], output=True)
+    """One campaign: stages, controls, submissions with transitions and warmth; the submit
+    commands' output only with the token when one is configured."""
+    doc = await request.app[PORTS].describe_campaign(request.match_info["name"],
+                                                     output=_authorized(request))
     return web.json_response(doc)
 
 

@@ -6,7 +6,8 @@ matching an error answer (400 -> ``ConfigError``, 404 -> ``NotFoundError``, 409 
 ``ConflictError``), with the daemon's one-line message. A daemon that is slow, or anything else
 that goes wrong on the way, is an error naming the daemon and ``--state``: it is never taken
 for "no daemon", which would send a hold or cancel to a different database than the one the
-daemon uses. Mutating calls send the bearer token from ``daemon.token_file`` when set.
+daemon uses. Every call sends the bearer token from ``daemon.token_file`` when set (a read
+goes without it when the file cannot be read).
 """
 
 from __future__ import annotations
@@ -34,13 +35,18 @@ def base_url(cfg: Config) -> str:
     return f"http://{cfg.daemon.listen}"
 
 
-def _token(cfg: Config) -> Optional[str]:
+def _token(cfg: Config, *, required: bool) -> Optional[str]:
+    """The bearer token from ``daemon.token_file`` (None: not set). An unreadable file is an
+    error when ``required`` (a change), else None: a read goes without it, and the daemon
+    leaves out what needs it."""
     path = cfg.daemon.token_file
     if path is None:
         return None
     try:
         return path.read_text().strip() or None
     except OSError as e:
+        if not required:
+            return None
         raise ConfigError(f"daemon.token_file {path}: cannot read: {e.strerror} (mutating "
                           "calls to the daemon need its bearer token)") from None
 
@@ -56,10 +62,10 @@ def call(cfg: Config, method: str, path: str, body: Optional[dict[str, Any]] = N
     req = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")
-    if method != "GET":
-        token = _token(cfg)
-        if token:
-            req.add_header("Authorization", f"Bearer {token}")
+    # Reads send the token too when it can be read: runs and commands' output need it.
+    token = _token(cfg, required=method != "GET")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=TIMEOUT if timeout is None else timeout) as resp:
             payload = resp.read()
