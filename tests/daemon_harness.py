@@ -122,6 +122,8 @@ drain_timeout = "1s"
 credential_check = "100ms"
 jitter = 0
 {extra}
+[catalog.local]
+dir = "{tmp_path}"
 """
     for definition, every in watches:
         text += f'\n[[watch]]\ndefinition = "{definition}"\nevery = "{every}"\n'

@@ -23,15 +23,16 @@ from prestaged.service.api import Handler, build_app
 from prestaged.service.runs import RunInfo, Runs
 from prestaged.state.store import Store
 from prestaged.testing.pki import TestPKI
+from prestaged.testing.storage import ThreadedStorageServer
 from prestaged.warm import WarmSettings
 
 TOKEN = "locked-t0ken"
 
 
-def _config(tmp_path: Path, pki: TestPKI, proxy: Path) -> Path:
-    token = tmp_path / "token"
-    token.write_text(TOKEN)
-    token.chmod(0o600)
+def _config(tmp_path: Path, pki: TestPKI, proxy: Path, *, token: bool = True) -> Path:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
     path = tmp_path / "prestaged.toml"
     path.write_text(f"""
 [credentials]
@@ -44,7 +45,9 @@ flush_interval = "100ms"
 listen = "127.0.0.1:{free_port()}"
 drain_timeout = "1s"
 campaign_check = "1h"
-token_file = "{token}"
+{f'token_file = "{token_file}"' if token else ""}
+[catalog.local]
+dir = "{tmp_path / 'defs'}"
 """)
     return path
 
@@ -94,6 +97,60 @@ async def test_a_locked_state_database_does_not_freeze_health_or_metrics(
             locker.close()
         assert await asyncio.wait_for(action, DEADLINE) == (200, {"result": "c: held"})
         assert (await asyncio.wait_for(query, DEADLINE))[0] == 200
+
+
+# --- what a caller may name and read (issue 12, section 1) ----------------------------------
+
+async def test_the_api_reads_no_file_a_caller_names(
+    pki: TestPKI, proxy: Path, tmp_path: Path,
+) -> None:
+    """The reproduction: POST /api/v1/warm naming a local file by path, through `..` or by a
+    symlink out of catalog.local.dir starts no run, and no answer quotes the file."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET first line\n")
+    (tmp_path / "defs").mkdir()
+    (tmp_path / "defs" / "leak.txt").symlink_to(secret)
+    answers = []
+    async with in_process(_config(tmp_path, pki, proxy, token=False)) as d:
+        for definition in (str(secret), "../secret", "leak", "/proc/self/environ"):
+            status, body = await d.http("POST", "/api/v1/warm", {"definition": definition})
+            assert status in (400, 404), body
+            answers.append(json.dumps(body))
+        status, body = await d.http("GET", "/api/v1/runs/1")
+        answers.append(json.dumps(body))
+        assert status == 404  # no run was ever queued
+    assert not [a for a in answers if "TOP-SECRET" in a]
+
+
+async def test_runs_need_the_token_and_campaign_output_is_kept_back(
+    pki: TestPKI, proxy: Path, tmp_path: Path,
+) -> None:
+    """With a token configured, a run is 401 without it; a campaign's submit output is
+    shown only with it (the rest of the document stays readable)."""
+    (tmp_path / "defs").mkdir()
+    with ThreadedStorageServer(pki.server_ssl_context()) as storage:
+        (tmp_path / "defs" / "one.txt").write_text(storage.url("/one/f") + "\n")
+        await _output_kept_back(tmp_path, pki, proxy)
+
+
+async def _output_kept_back(tmp_path: Path, pki: TestPKI, proxy: Path) -> None:
+    campaign = (f'name = "c"\n[[stage]]\nname = "one"\ninput = "{tmp_path / "defs/one.txt"}"\n'
+                'submit = "echo JobsubJobId of first job: 7.0@test"\n')
+    async with in_process(_config(tmp_path, pki, proxy), token=TOKEN) as d:
+        status, body = await d.http("POST", "/api/v1/warm", {"definition": "one"})
+        assert status == 202
+        assert (await d.http("GET", body["href"], token="wrong"))[0] == 401
+        assert (await d.http("GET", body["href"]))[0] == 200
+        assert (await d.http("POST", "/api/v1/campaigns", {"toml": campaign}))[0] == 201
+
+        async def submitted() -> bool:
+            doc = (await d.http("GET", "/api/v1/campaigns/c"))[1]
+            return [s["state"] for s in doc["submissions"]] in (["submitted"], ["completed"])
+        await until("the submission launched", submitted)
+        [sub] = (await d.http("GET", "/api/v1/campaigns/c"))[1]["submissions"]
+        assert "7.0@test" in sub["output_tail"]
+        [sub] = (await d.http("GET", "/api/v1/campaigns/c", token="wrong"))[1]["submissions"]
+        assert sub["output_tail"] is None and sub["job_id"] == "7.0@test"
 
 
 # --- eviction ---------------------------------------------------------------------------------
@@ -180,10 +237,13 @@ async def test_eviction_keeps_queued_and_running_runs(tmp_path: Path) -> None:
 
         assert await state(running) == (200, "running")
         assert await state(queued) == (200, "queued")
-        assert [await state(q) for q in quick] == [(404, None), (404, None), (200, "done")]
+        # The three finish in any order: the last one to finish is the one kept.
+        answers = [await state(q) for q in quick]
+        assert sorted(answers, key=str) == [(200, "done"), (404, None), (404, None)]
+        kept = quick[answers.index((200, "done"))]
         toucher.release.set()
         await asyncio.wait_for(queued.finished.wait(), DEADLINE)
-        assert [await state(r) for r in (running, queued, quick[2])] == [
+        assert [await state(r) for r in (running, queued, kept)] == [
             (404, None), (200, "done"), (404, None)]
     finally:
         toucher.release.set()

@@ -78,22 +78,22 @@ def test_daemon_schedule_metrics_reload_renewal_and_drain(
     renewed.replace(proxy)
     poll("renewed proxy re-read", lambda: d.metric(
         "prestaged_credential_expiry_timestamp_seconds", kind="proxy") > expiry + 3600)
-    c = _definition(tmp_path, storage, "c", 10)
-    status, body = d.http("POST", "/api/v1/warm", {"definition": str(c)})
+    _definition(tmp_path, storage, "c", 10)  # c.txt in catalog.local.dir
+    status, body = d.http("POST", "/api/v1/warm", {"definition": "c"})
     assert status == 202, body
     poll("run done", lambda: d.http("GET", body["href"])[1]["state"] == "done")
     assert pki.dn_for("Renewed") in "".join(storage.stats.client_dns)
     # SIGTERM during a run drains, then stops it; exit 0; the run's results are in the store
-    slow = _definition(tmp_path, storage, "slow", 40)
+    _definition(tmp_path, storage, "slow", 40)
     for i in range(10, 40):
         storage.inject(f"/slow/f{i:04d}", [Delay(60)])
-    status, body = d.http("POST", "/api/v1/warm", {"definition": str(slow)})
+    status, body = d.http("POST", "/api/v1/warm", {"definition": "slow"})
     assert status == 202
     storage.wait_until(lambda s: s.path("/slow/f0039").requests >= 1, timeout=DEADLINE)
     d.proc.send_signal(signal.SIGTERM)
     d.notify.wait_for("STOPPING=1")
     assert d.proc.wait(timeout=DEADLINE) == 0
-    res = subprocess.run([sys.executable, "-m", "prestaged", "status", str(slow), "--state",
+    res = subprocess.run([sys.executable, "-m", "prestaged", "status", "slow", "--state",
                           str(tmp_path / "state.db"), "--json"], capture_output=True, text=True,
                          timeout=DEADLINE, check=True)
     [row] = json.loads(res.stdout)["definitions"]
@@ -116,11 +116,10 @@ async def test_warm_over_the_api_and_status_asks_the_daemon(
     async with in_process(config, token="s3cret-token") as d:
         assert (await d.http("POST", "/api/v1/warm", {"definition": "x"}, token="wrong"))[0] \
             == 401
-        status, body = await d.http("POST", "/api/v1/warm",
-                                    {"definition": "/nonexistent/list.txt"})
-        assert status == 404 and "no such file" in body["error"]
-        ok = _definition(tmp_path, storage, "ok", 5)
-        status, body = await d.http("POST", "/api/v1/warm", {"definition": str(ok)})
+        status, body = await d.http("POST", "/api/v1/warm", {"definition": "nonexistent"})
+        assert status == 404 and "not found in the local catalog" in body["error"]
+        _definition(tmp_path, storage, "ok", 5)
+        status, body = await d.http("POST", "/api/v1/warm", {"definition": "ok"})
         assert status == 202
 
         async def done() -> bool:
@@ -131,7 +130,7 @@ async def test_warm_over_the_api_and_status_asks_the_daemon(
         assert res.returncode == 0, res.stderr
         doc = json.loads(res.stdout)
         assert doc["source"] == f"daemon http://127.0.0.1:{port}"
-        assert [(r["definition"], r["fresh"]) for r in doc["definitions"]] == [(str(ok), 5)]
+        assert [(r["definition"], r["fresh"]) for r in doc["definitions"]] == [("ok", 5)]
     assert "s3cret-token" not in caplog.text
 
 
@@ -195,8 +194,8 @@ async def test_reload_switches_to_a_newly_configured_proxy(
         async def new_proxy() -> bool:
             return await expiry() > before + 3600
         await until("new proxy in use", new_proxy)
-        m = _definition(tmp_path, storage, "m", 3)
-        status, body = await d.http("POST", "/api/v1/warm", {"definition": str(m)})
+        _definition(tmp_path, storage, "m", 3)
+        status, body = await d.http("POST", "/api/v1/warm", {"definition": "m"})
         assert status == 202
 
         async def done() -> bool:

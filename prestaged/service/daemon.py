@@ -37,10 +37,11 @@ from prestaged.credentials import (
     resolve_ca_dir,
     resolve_proxy_path,
 )
-from prestaged.errors import CatalogError, ConfigError, CredentialError, NotFoundError
+from prestaged.errors import ConfigError, CredentialError
 from prestaged.metrics import Metrics
 from prestaged.service.api import Handler, JsonObject, build_app
 from prestaged.service.campaigns import DaemonCampaigns
+from prestaged.service.naming import open_requested
 from prestaged.service.runs import RunInfo, Runs
 from prestaged.service.sdnotify import Notifier
 from prestaged.service.toucher import SharedToucher
@@ -410,16 +411,11 @@ class _Ports:
         return self._daemon.readiness()
 
     def submit(self, definition: str, catalog: Optional[str]) -> RunInfo:
-        """Queue a warm of ``definition`` (catalog kind ``catalog`` or ``catalog.default``)."""
+        """Queue a warm of ``definition`` (catalog kind ``catalog`` or ``catalog.default``),
+        named as an API caller may name one (``naming.open_requested``)."""
         d = self._daemon
-        kind = catalog or d.cfg.catalog.default
-        try:
-            cat = d.open_catalog(kind, definition)
-        except CatalogError as e:
-            if kind == "local" and not isinstance(e, NotFoundError):
-                # Opening a local definition only finds its file: failing to is "not found".
-                raise NotFoundError(str(e)) from e
-            raise
+        cat = open_requested(catalog or d.cfg.catalog.default, definition,
+                             d.cfg.catalog.local.dir, d.open_catalog)
         return self._live.runs.submit(cat, origin="api")
 
     def run(self, run_id: int) -> Optional[RunInfo]:
