@@ -1,6 +1,8 @@
 """The API over the real daemon parts, in-process: a state database locked by another process
-does not freeze ``/healthz`` and ``/metrics`` (defect 11), and run eviction never forgets a
-queued or running run (defect 12)."""
+does not freeze ``/healthz`` and ``/metrics`` (defect 11); run eviction never forgets a queued
+or running run (defect 12); a run that dies of a bug is an error, not a stuck run (issue 12
+section 3); the API reads no file a caller names and keeps operator data behind the token
+(issue 12 section 1)."""
 
 from __future__ import annotations
 
@@ -187,6 +189,22 @@ class _GatedToucher:
         return Attempt(status=206, data=4)
 
 
+def _runs(store: Store, toucher: Any, metrics: Metrics, tasks: set[asyncio.Task[Any]],
+          kept: int = 1000) -> Runs:
+    """Real ``Runs`` with trivial collaborators; its tasks are collected in ``tasks``."""
+    def spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        return task
+
+    async def after(info: RunInfo) -> None:
+        return None
+
+    return Runs(store, toucher, metrics, settings=lambda: WarmSettings(concurrency=4),
+                fresh_for=lambda: 0.0, draining=lambda: False, stop=asyncio.Event(),
+                spawn=spawn, after=after, changed=lambda: None, kept=kept)
+
+
 class _RunPorts:
     """Just enough ``ApiPorts`` for ``GET /api/v1/runs/<id>`` over real ``Runs``."""
 
@@ -209,19 +227,8 @@ async def test_eviction_keeps_queued_and_running_runs(tmp_path: Path) -> None:
     (GET answers 200 for both); only finished runs go, oldest first."""
     store = Store(tmp_path / "state.db", flush_interval=0.05).open()
     tasks: set[asyncio.Task[Any]] = set()
-
-    def spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        tasks.add(task)
-        return task
-
-    async def after(info: RunInfo) -> None:
-        return None
-
     toucher = _GatedToucher()
-    runs = Runs(store, toucher, Metrics(), settings=lambda: WarmSettings(concurrency=4),
-                fresh_for=lambda: 0.0, draining=lambda: False, stop=asyncio.Event(),
-                spawn=spawn, after=after, changed=lambda: None, kept=1)
+    runs = _runs(store, toucher, Metrics(), tasks, kept=1)
     client = TestClient(TestServer(build_app(_RunPorts(runs)), host="127.0.0.1"))
     await client.start_server()
     try:
@@ -249,4 +256,38 @@ async def test_eviction_keeps_queued_and_running_runs(tmp_path: Path) -> None:
         toucher.release.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await client.close()
+        await asyncio.to_thread(store.close)
+
+
+class _Broken(_Catalog):
+    """A catalog whose listing dies of a bug (not a PrestagedError)."""
+
+    async def files(self) -> AsyncIterator[FileRef]:
+        """Raises at once."""
+        raise RuntimeError("a bug in a catalog")
+        yield  # pragma: no cover - makes this an async generator
+
+
+async def test_a_run_that_dies_of_a_bug_is_an_error_and_the_daemon_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 12 section 3: a run whose task raises is logged, shown as error (counted as an
+    aborted run), and the next run of the same definition runs."""
+    store = Store(tmp_path / "state.db", flush_interval=0.05).open()
+    tasks: set[asyncio.Task[Any]] = set()
+    metrics = Metrics()
+    runs = _runs(store, _GatedToucher(), metrics, tasks)
+    try:
+        broken = runs.submit(_Broken("d", 1), origin="api")
+        await asyncio.wait_for(broken.finished.wait(), DEADLINE)
+        assert (broken.state, broken.error) == ("error", "internal error: "
+                                                "RuntimeError('a bug in a catalog')")
+        assert "warm of d: internal error" in caplog.text
+        fine = runs.submit(_Catalog("d", 2), origin="api")
+        await asyncio.wait_for(fine.finished.wait(), DEADLINE)
+        assert (fine.state, fine.exit_code) == ("done", 0)
+        assert metric_value(metrics.exposition().decode(), "prestaged_runs_total",
+                            result="aborted") == 1
+    finally:
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.to_thread(store.close)
