@@ -4,9 +4,11 @@ aiohttp's test server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
@@ -369,3 +371,41 @@ async def test_campaign_output_needs_the_token_when_one_is_configured(client: Cl
     c = await client(open_ports)
     await c.get("/api/v1/campaigns/c")
     assert ("describe_campaign", ("c", True)) in open_ports.calls
+
+
+# --- the CLI's client ------------------------------------------------------------------------
+
+async def test_the_client_sends_the_token_on_reads_when_it_can(tmp_path: Path) -> None:
+    """`client.call` sends the token on GETs too (runs and output need it); an unreadable
+    token file leaves a GET without it but refuses a change in one line."""
+    from prestaged.config import load_config
+    from prestaged.service import client as api_client
+
+    seen: list[tuple[str, Optional[str]]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append((request.method, request.headers.get("Authorization")))
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/api/v1/x", record)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        token = tmp_path / "token"
+        token.write_text(TOKEN + "\n")
+        config = tmp_path / "c.toml"
+        config.write_text(f'[daemon]\nlisten = "127.0.0.1:{server.port}"\n'
+                          f'token_file = "{token}"\n')
+        cfg = load_config(config)
+        for method in ("GET", "POST"):
+            assert await asyncio.to_thread(api_client.call, cfg, method, "/api/v1/x", {}) \
+                == {"ok": True}
+        assert seen == [("GET", f"Bearer {TOKEN}"), ("POST", f"Bearer {TOKEN}")]
+        token.unlink()
+        assert await asyncio.to_thread(api_client.call, cfg, "GET", "/api/v1/x") == {"ok": True}
+        assert seen[-1] == ("GET", None)
+        with pytest.raises(ConfigError, match="cannot read"):
+            await asyncio.to_thread(api_client.call, cfg, "POST", "/api/v1/x", {})
+    finally:
+        await server.close()
