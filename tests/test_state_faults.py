@@ -4,6 +4,7 @@ breaks the run the way an operator or the machine would and checks what is left 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -221,3 +222,41 @@ def test_url_credentials_never_reach_the_state_file(tmp_path: Path) -> None:
         assert store.fresh_urls([url], 3600) == {url}  # still found by its full identity
     for path in state.parent.glob("state.db*"):
         assert b"s3cr3t" not in path.read_bytes(), path
+
+
+def test_recording_never_waits_for_another_process_s_lock(tmp_path: Path) -> None:
+    """While a read or run row waits (up to busy_timeout) for a write lock another process
+    holds, record() - called on the event loop - returns at once (it waited behind the same
+    lock before: a locked state DB froze a daemon's loop)."""
+    import threading
+    import time
+
+    from prestaged.errors import StateError
+
+    state = tmp_path / "state.db"
+    with Store(state, busy_timeout=3.0) as store:
+        other = sqlite3.connect(state, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process's write lock
+        waiting = threading.Event()
+
+        def start_run() -> None:
+            waiting.set()
+            with contextlib.suppress(StateError):
+                store.start_run("local", "ds")  # waits for the lock, holding the store's
+
+        t = threading.Thread(target=start_run)
+        t.start()
+        waiting.wait(5)
+        deadline = time.monotonic() + 2.5
+        while t.is_alive() and time.monotonic() < deadline:  # until start_run is blocked
+            if not store._lock.acquire(blocking=False):
+                break
+            store._lock.release()
+        begin = time.monotonic()
+        for i in range(50):
+            store.record(f"https://h/f{i}", f"f{i}", "warm", 206, 4, 1, "")
+        took = time.monotonic() - begin
+        other.execute("ROLLBACK")
+        other.close()
+        t.join(10)
+    assert took < 0.5, f"record() waited {took:.2f} s behind the state DB's lock"

@@ -187,8 +187,14 @@ class Store:
         # from worker threads via asyncio.to_thread). Outcomes and memberships wait in _buffer
         # and go a batch at a time to a writer process (state/writer.py), which commits each
         # batch in one transaction: SQLite's per-row work then costs the warming process
-        # nothing but a JSON line.
+        # nothing but a JSON line. The buffer and the pipe have a lock of their own (_pipe),
+        # held only to append or write a line, and flushes wait for the writer's answer under
+        # a third (_answers): record(), called on the event loop, never waits for a reader or
+        # a flush that waits for another process's SQLite lock (up to busy_timeout).
         self._lock = threading.RLock()
+        self._pipe = threading.Lock()
+        self._answers = threading.Lock()
+        self._answered = 0
         self._buffer: list[tuple[str, Any]] = []
         self._last_send = time.monotonic()
         self._writer: Optional[subprocess.Popen[bytes]] = None
@@ -297,14 +303,14 @@ class Store:
     # --- writes (queued) ----------------------------------------------------------------------
 
     def _put(self, kind: str, payload: Any) -> None:
-        with self._lock:
+        with self._pipe:
             self._buffer.append((kind, payload))
             due = time.monotonic() - self._last_send >= self.flush_interval
             if len(self._buffer) >= self.batch or due:
                 self._send()
 
     def _send(self) -> None:
-        """Hand the buffered rows to the writer process as one batch (caller holds _lock)."""
+        """Hand the buffered rows to the writer process as one batch (caller holds _pipe)."""
         items, self._buffer = self._buffer, []
         self._last_send = time.monotonic()
         if not items:
@@ -340,15 +346,18 @@ class Store:
 
     def flush(self) -> None:
         """Block until everything recorded so far is committed."""
-        with self._lock:
+        with self._pipe:
             self._send()
             self._flushes += 1
             seq = self._flushes
             self._line(json.dumps({"flush": seq}))
-            assert self._writer is not None and self._writer.stdout is not None
-            answer = self._writer.stdout.readline().decode(errors="replace").strip()
-            if answer != f"ok {seq}":
-                raise self._writer_failed(answer)
+        with self._answers:  # answers come in order; one reader at a time takes them
+            while self._answered < seq:
+                assert self._writer is not None and self._writer.stdout is not None
+                answer = self._writer.stdout.readline().decode(errors="replace").strip()
+                if not answer.startswith("ok ") or not answer[3:].isdigit():
+                    raise self._writer_failed(answer)
+                self._answered = int(answer[3:])
 
     def _writer_failed(self, answer: str = "") -> StateError:
         """The one-line error for a writer process that stopped: its own ``error`` line when
