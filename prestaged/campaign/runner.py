@@ -54,7 +54,17 @@ from typing import Any, Callable, Optional
 from prestaged.catalog import Catalog
 
 # config.py's loader and value checks, so that campaign files word their errors alike.
-from prestaged.config import Duration, _build, _check, _fraction, _positive, _word
+from prestaged.config import (
+    FRACTION,
+    NON_EMPTY,
+    PLAIN_NAME,
+    POSITIVE,
+    Check,
+    Duration,
+    build_section,
+    check,
+    one_of,
+)
 from prestaged.errors import (
     EXIT_HELD,
     EXIT_INTERRUPTED,
@@ -114,16 +124,12 @@ not a failure, run it again after ``campaign release``."""
 # --- the campaign file ------------------------------------------------------------------------
 
 
-def _catalog_kind(v: str) -> Optional[str]:
-    return None if v in ("local", "samweb") else 'one of "local", "samweb"'
-
-
-def _regex(v: str) -> Optional[str]:
+def _is_regex(v: str) -> bool:
     try:
         re.compile(v)
     except re.error:
-        return "a valid regular expression"
-    return None
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -151,36 +157,40 @@ def parse_split(text: str) -> Split:
     raise ValueError('expected "all", "drainingn(N)" with N >= 1, or "list(a,b,c)"')
 
 
-def _split_check(v: str) -> Optional[str]:
+def _is_split(v: str) -> bool:
     try:
         parse_split(v)
     except ValueError:
-        return '"all", "drainingn(N)" with N >= 1, or "list(a,b,c)" as'
-    return None
+        return False
+    return True
+
+
+_SPLIT = Check(_is_split, '"all", "drainingn(N)" with N >= 1, or "list(a,b,c)"')
+_REGEX = Check(_is_regex, "a valid regular expression")
 
 
 @dataclass(frozen=True)
 class CampaignDefaults:
     """``[defaults]``: settings shared by every stage."""
 
-    catalog: Optional[str] = field(default=None, metadata=_check(_catalog_kind))
+    catalog: Optional[str] = field(default=None, metadata=check(one_of("local", "samweb")))
     """Catalog resolving stage inputs (``local`` or ``samweb``); unset: ``catalog.default``."""
-    ready: float = field(default=1.0, metadata=_check(_fraction))
+    ready: float = field(default=1.0, metadata=check(FRACTION))
     """Fraction of a submission's slice that must be warm before it is submitted."""
-    keep_warm: Duration = field(default=Duration(4 * 3600.0), metadata=_check(_positive))
+    keep_warm: Duration = field(default=Duration(4 * 3600.0), metadata=check(POSITIVE))
     """Re-touch interval of a submitted slice until its ``complete`` command exits 0 (seconds)."""
-    prestage_timeout: Duration = field(default=Duration(6 * 3600.0), metadata=_check(_positive))
+    prestage_timeout: Duration = field(default=Duration(6 * 3600.0), metadata=check(POSITIVE))
     """A slice not warm enough within this long fails, naming its cold files (seconds)."""
-    prestage_retry: Duration = field(default=Duration(10.0), metadata=_check(_positive))
+    prestage_retry: Duration = field(default=Duration(10.0), metadata=check(POSITIVE))
     """First wait before retrying cold files, doubling up to 10 minutes (seconds)."""
-    submit_timeout: Duration = field(default=Duration(600.0), metadata=_check(_positive))
+    submit_timeout: Duration = field(default=Duration(600.0), metadata=check(POSITIVE))
     """Longest run of one submit or complete command; then it is killed (seconds)."""
     complete_timeout: Duration = field(default=Duration(7 * 86400.0),
-                                       metadata=_check(_positive))
+                                       metadata=check(POSITIVE))
     """A submission whose ``complete`` command never exits 0 within this long fails."""
-    complete_poll: Duration = field(default=Duration(60.0), metadata=_check(_positive))
+    complete_poll: Duration = field(default=Duration(60.0), metadata=check(POSITIVE))
     """First wait between two ``complete`` polls, doubling up to ``complete_poll_max``."""
-    complete_poll_max: Duration = field(default=Duration(1800.0), metadata=_check(_positive))
+    complete_poll_max: Duration = field(default=Duration(1800.0), metadata=check(POSITIVE))
     """Longest wait between two ``complete`` polls (seconds)."""
 
 
@@ -188,17 +198,17 @@ class CampaignDefaults:
 class StageConfig:
     """One ``[[stage]]``: an input, how it is split, and the commands to run."""
 
-    name: str = field(metadata=_check(_word))
-    input: str = field(metadata=_check(lambda v: None if v.strip() else "a non-empty"))
+    name: str = field(metadata=check(PLAIN_NAME))
+    input: str = field(metadata=check(NON_EMPTY))
     """Input definition; may use ``{campaign}`` and ``{stage}``."""
-    submit: str = field(metadata=_check(lambda v: None if v.strip() else "a non-empty"))
+    submit: str = field(metadata=check(NON_EMPTY))
     """Submit command template (see ``PLACEHOLDERS``)."""
-    split: str = field(default="all", metadata=_check(_split_check))
+    split: str = field(default="all", metadata=check(_SPLIT))
     complete: Optional[str] = None
     """Command polled after submission until it exits 0; unset: submitted counts as complete."""
-    ready: Optional[float] = field(default=None, metadata=_check(_fraction))
+    ready: Optional[float] = field(default=None, metadata=check(FRACTION))
     """Overrides ``defaults.ready`` for this stage."""
-    job_id_regex: str = field(default=DEFAULT_JOB_ID_REGEX, metadata=_check(_regex))
+    job_id_regex: str = field(default=DEFAULT_JOB_ID_REGEX, metadata=check(_REGEX))
     after: tuple[str, ...] = field(default=(), metadata={"internal": True})
     """Stages that must be drained and complete before this one starts."""
 
@@ -212,7 +222,7 @@ class StageConfig:
 class CampaignConfig:
     """A whole campaign file."""
 
-    name: str = field(metadata=_check(_word))
+    name: str = field(metadata=check(PLAIN_NAME))
     defaults: CampaignDefaults = field(default_factory=CampaignDefaults)
     stage: tuple[StageConfig, ...] = ()
     source: Optional[Path] = field(default=None, metadata={"internal": True})
@@ -327,7 +337,7 @@ def parse_campaign(text: str, path: Path) -> CampaignConfig:
             for i, s in enumerate(stages):
                 raw = s.pop("after", []) if isinstance(s, dict) else []
                 afters.append(_after(raw, f"stage[{i}].after"))
-        cfg: CampaignConfig = _build(CampaignConfig, data, "", path.parent)
+        cfg = build_section(CampaignConfig, data, "", path.parent)
         if not cfg.stage:
             raise ConfigError("stage: a campaign needs at least one [[stage]]")
         built = tuple(dataclasses.replace(s, after=a) for s, a in zip(cfg.stage, afters))
