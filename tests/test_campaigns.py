@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from campaign_fakes import read_records, write_definition
 
-from prestaged.campaign.runner import load_campaign, parse_split, render
+from prestaged.campaign.spec import load_campaign, parse_split, render
 from prestaged.errors import ConfigError
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, ThreadedStorageServer
@@ -257,12 +257,12 @@ submit = {_submit(tmp_path, "{stage}")}
     ('name = "c"\n[[stage]]\nname = "a"\ninput = "d"\nsubmit = "x"\nsplit = "drainingn(0)"\n',
      "stage[0].split: expected"),
     ('name = "c"\n[[stage]]\nname = "a"\ninput = "d"\nsubmit = "x"\nafter = ["zz"]\n',
-     "stage[0].after: no stage named 'zz'"),
+     'stage[0].after: expected names of stages of this campaign (a), got "zz"'),
     ('name = "c"\n[[stage]]\nname = "a"\ninput = "d"\nsubmit = "x"\nafter = ["b"]\n'
      '[[stage]]\nname = "b"\ninput = "d"\nsubmit = "x"\nafter = ["a"]\n',
      "dependency cycle"),
     ('name = "c"\n[[stage]]\nname = "a"\ninput = "d"\nsubmit = "x {dataset}"\n',
-     "stage[0].submit: unknown placeholder {dataset}"),
+     "stage[0].submit: expected a command whose placeholders are among {campaign} {stage} {submission} {definition} {files_file} {urls_file} {n_files} (write {{ for a literal {), got {dataset}"),
 ])
 def test_bad_campaign_file_exit_2_one_line(pki: TestPKI, proxy: Path, tmp_path: Path,
                                            body: str, expected: str) -> None:
@@ -357,11 +357,11 @@ submit = {_submit(tmp_path, "{stage}")}
 
 def _launch_unknown(tmp_path: Path, campaign: str, definition: str) -> int:
     """A submission of ``campaign``/reco (item all) left in launch_unknown, made in-process."""
-    from prestaged.campaign.runner import CampaignState, SubmissionState
+    from prestaged.campaign.repository import CampaignRepository, SubmissionState
     from prestaged.state.store import Store
 
     with Store(tmp_path / "state.db") as store:
-        state = CampaignState(store)
+        state = CampaignRepository(store)
         sub = state.create(campaign, "reco", "all", definition)
         for to in ("prestaging", "ready", "submitting", "launch_unknown"):
             sub = state.move(sub, SubmissionState(to), "test")
@@ -410,11 +410,11 @@ submit = {_submit(tmp_path, "{stage}")}
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 75 and "cx/reco: held" in res.stdout
     assert "cx/next: blocked" in res.stdout and read_records(tmp_path) == []
-    from prestaged.campaign.runner import CampaignState
+    from prestaged.campaign.repository import CampaignRepository
     from prestaged.state.store import Store
 
     with Store(tmp_path / "state.db") as store:  # a queued submission, as a hold may leave one
-        CampaignState(store).create("cx", "reco", "all", "unused")
+        CampaignRepository(store).create("cx", "reco", "all", "unused")
     res = _prestaged(pki, proxy, tmp_path, "campaign", "cancel", "cx", "--stage", "reco")
     assert res.returncode == 0 and "#1 all cancelled" in res.stdout
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
