@@ -47,6 +47,7 @@ from prestaged.errors import (
 )
 from prestaged.gate import GateFn, RewarmFn
 from prestaged.model import FileRef
+from prestaged.retry import RetryPolicy
 from prestaged.state.store import Store
 
 __all__ = ["CampaignResult", "run_campaign"]
@@ -54,6 +55,11 @@ __all__ = ["CampaignResult", "run_campaign"]
 log = logging.getLogger(__name__)
 
 S = SubmissionState
+
+_MAX_DOUBLINGS = 64
+"""Poll number past which the ``complete`` wait stops growing: it reached its cap long before,
+and ``2.0 ** n`` overflows a float past n = 1023."""
+
 
 @dataclass(frozen=True)
 class CampaignResult:
@@ -275,8 +281,9 @@ class _Runner:
             return await self._move(sub, S.COMPLETED,
                                     "no complete command: done once submitted")
         d = self.campaign.defaults
+        # No jitter: one poll per submission, nothing to spread; the waits stay predictable.
+        polling = RetryPolicy(initial=d.complete_poll, max=d.complete_poll_max, jitter=0.0)
         start = time.monotonic()
-        delay: float = d.complete_poll
         self._next_touch = start + d.keep_warm
         polls = 0
         while True:
@@ -291,9 +298,9 @@ class _Runner:
                 return await self._move(sub, S.FAILED, f"not complete within "
                                         f"{d.complete_timeout:g}s: {argv[0]} last exited "
                                         f"{res.exit_code}")
+            delay = polling.backoff(min(polls, _MAX_DOUBLINGS))
             if not await self._wait_keeping_warm(stage, sub, min(delay, left)):
                 return sub
-            delay = min(d.complete_poll_max, delay * 2)
 
     async def _wait_keeping_warm(self, stage: StageConfig, sub: Submission,
                                  seconds: float) -> bool:

@@ -1,0 +1,84 @@
+"""The campaign runner in-process, with a gate that passes at once: how it polls ``complete``,
+and that its database calls never hold up the event loop."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from prestaged.campaign.runner import CampaignResult, _Runner, run_campaign
+from prestaged.campaign.spec import parse_campaign
+from prestaged.catalog import Catalog
+from prestaged.catalog.local import LocalCatalog
+from prestaged.gate import GateResult
+from prestaged.state.store import Store
+
+# Appends its start time to $1 and exits 0 from its $2-th call on (1 before).
+COUNTING = """\
+import sys, time
+with open(sys.argv[1], "a") as f:
+    f.write(f"{time.monotonic()}\\n")
+sys.exit(0 if len(open(sys.argv[1]).read().split()) >= int(sys.argv[2]) else 1)
+"""
+
+
+async def passing_gate(catalog: Catalog, ready: float, timeout: float,
+                       retry: float) -> GateResult:
+    """A gate that finds every file warm at once (the storage is not what these tests pin)."""
+    return GateResult(catalog.name, catalog.definition, ready, 1, 1, 1, 0.0, 0, "ready")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """An open state database in tmp_path (5 s busy timeout), closed after the test."""
+    with Store(tmp_path / "state.db", busy_timeout=5.0) as s:
+        yield s
+
+
+def q(*parts: object) -> str:
+    """``parts`` quoted as one command line."""
+    return " ".join(shlex.quote(str(p)) for p in parts)
+
+
+def campaign(tmp_path: Path, *, submit: str, complete: Optional[str] = None,
+             defaults: str = "") -> Any:
+    """A one-stage campaign ``c`` (stage ``s``) over a one-file definition in tmp_path."""
+    ds = tmp_path / "ds.txt"
+    ds.write_text("https://127.0.0.1:1/pnfs/a\n")
+    text = (f'name = "c"\n[defaults]\n{defaults}\n[[stage]]\nname = "s"\n'
+            f"input = {json.dumps(str(ds))}\nsubmit = {json.dumps(submit)}\n")
+    if complete is not None:
+        text += f"complete = {json.dumps(complete)}\n"
+    return parse_campaign(text, tmp_path / "c.toml")
+
+
+async def run(cfg: Any, store: Store, tmp_path: Path) -> CampaignResult:
+    """``run_campaign`` with the passing gate and the local catalog."""
+    return await run_campaign(cfg, store, gate=passing_gate, open_catalog=LocalCatalog,
+                              workdir=tmp_path / "work")
+
+
+async def test_complete_polls_back_off_by_the_retry_policy(
+        tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waits between complete polls double from complete_poll up to complete_poll_max."""
+    script = tmp_path / "counting.py"
+    script.write_text(COUNTING)
+    waits: list[float] = []
+
+    async def no_wait(self: _Runner, stage: Any, sub: Any, seconds: float) -> bool:
+        waits.append(seconds)
+        return True
+
+    monkeypatch.setattr(_Runner, "_wait_keeping_warm", no_wait)
+    cfg = campaign(tmp_path, submit=q(sys.executable, "-c", "pass"),
+                   complete=q(sys.executable, script, tmp_path / "polls", 6),
+                   defaults='complete_poll = "1m"\ncomplete_poll_max = "5m"')
+    result = await run(cfg, store, tmp_path)
+    assert result.exit_code == 0, result
+    assert waits == [60.0, 120.0, 240.0, 300.0, 300.0]
