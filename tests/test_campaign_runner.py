@@ -3,9 +3,12 @@ and that its database calls never hold up the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shlex
+import sqlite3
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -82,3 +85,31 @@ async def test_complete_polls_back_off_by_the_retry_policy(
     result = await run(cfg, store, tmp_path)
     assert result.exit_code == 0, result
     assert waits == [60.0, 120.0, 240.0, 300.0, 300.0]
+
+
+async def test_a_lock_held_elsewhere_does_not_freeze_the_event_loop(
+        tmp_path: Path, store: Store) -> None:
+    """Another process's write lock stalls the campaign, never the loop (defect 11)."""
+    cfg = campaign(tmp_path, submit=q(sys.executable, "-c", "pass"))
+    locker = sqlite3.connect(str(store.path), isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # what another prestaged writing its state holds
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(run(cfg, store, tmp_path))
+    try:
+        gaps = []
+        last = loop.time()
+        for _ in range(30):  # 10 ms ticks; a blocked loop shows as one long gap
+            await asyncio.sleep(0.01)
+            gaps.append(loop.time() - last)
+            last = loop.time()
+        assert max(gaps) < 1.0, f"the event loop stalled for {max(gaps):.1f}s"
+        assert not task.done()  # the campaign waits for the lock meanwhile
+    finally:
+        released = time.time()
+        locker.execute("COMMIT")
+        locker.close()
+    result = await asyncio.wait_for(task, 60)
+    assert result.exit_code == 0, result
+    with store.transaction() as conn:
+        first = conn.execute("SELECT MIN(at) FROM submission_events").fetchone()[0]
+    assert first >= released  # nothing was written while the lock was held

@@ -127,13 +127,18 @@ def _row(r: Sequence[Any]) -> Submission:
 MoveHook = Callable[[str, Optional[SubmissionState], SubmissionState, float], None]
 """``hook(campaign, from_state, to_state, since)`` after a stored transition (``from_state``
 None for a new submission); ``since`` is when the submission entered ``from_state`` (Unix
-seconds)."""
+seconds). It is called in the thread that made the change: a worker thread when the runner
+made it, so it must be thread-safe and must not touch the event loop's objects."""
 
 
 class CampaignRepository:
     """Campaign rows of the state database; every write is its own committed transaction
     (``Store.transaction``). ``on_move`` (see ``MoveHook``) hears every transition once it is
-    committed (metrics)."""
+    committed (metrics).
+
+    The methods are synchronous and may wait up to the store's busy timeout for another
+    process's write lock: async callers run them in a worker thread (``asyncio.to_thread``),
+    as the runner does."""
 
     def __init__(self, store: Store, on_move: Optional[MoveHook] = None) -> None:
         self.store = store

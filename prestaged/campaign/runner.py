@@ -11,6 +11,10 @@ slice is warmed again every ``keep_warm`` (files touched within ``keep_warm / 2`
 Held campaigns/stages launch nothing (a launch due while held waits: the next drainingn slice is
 chosen only once released, when its submission is created); cancelled ones create and launch
 nothing ever again.
+
+Every database call goes to a worker thread: a write waits up to the store's busy timeout
+(30 s) for another process's lock, which must not freeze the daemon's event loop (``/metrics``,
+``/healthz``, the API).
 """
 
 from __future__ import annotations
@@ -85,14 +89,14 @@ class _Runner:
     _next_touch: float = 0.0
 
     async def _control(self, stage: StageConfig) -> Optional[str]:
-        return self.repo.control(self.campaign.name, stage.name)
+        return await asyncio.to_thread(self.repo.control, self.campaign.name, stage.name)
 
     async def _submissions(self, stage: StageConfig) -> list[Submission]:
-        return self.repo.submissions(self.campaign.name, stage.name)
+        return await asyncio.to_thread(self.repo.submissions, self.campaign.name, stage.name)
 
     async def _move(self, sub: Submission, to: SubmissionState, reason: str,
                     **fields: object) -> Submission:
-        return self.repo.move(sub, to, reason, **fields)
+        return await asyncio.to_thread(self.repo.move, sub, to, reason, **fields)
 
     def _values(self, stage: StageConfig, sub: Submission) -> dict[str, object]:
         base = self.workdir / self.campaign.name / f"{stage.name}-{sub.id}"
@@ -153,7 +157,7 @@ class _Runner:
                 if item not in have and not self.stop.is_set() \
                         and not await self._control(stage):
                     definition = self._input(stage) if split.kind == "all" else item
-                    sub = self.repo.create(name, stage.name, item,
+                    sub = await asyncio.to_thread(self.repo.create, name, stage.name, item,
                                                   definition)
                     await self._advance(stage, sub)
                     have.add(item)
@@ -182,7 +186,7 @@ class _Runner:
 
     async def _next_slice(self, stage: StageConfig, n: int) -> bool:
         """Create and process the next drainingn slice; False when the stage is drained."""
-        taken = self.repo.taken(self.campaign.name, stage.name)
+        taken = await asyncio.to_thread(self.repo.taken, self.campaign.name, stage.name)
         fresh: list[FileRef] = []
         seen: set[str] = set()
         async for ref in self.open_catalog(self._input(stage)).files():
@@ -196,7 +200,7 @@ class _Runner:
             return False
         k = len(await self._submissions(stage)) + 1
         urls = self.workdir / self.campaign.name / f"{stage.name}-slice-{k}.urls"
-        sub = self.repo.create(self.campaign.name, stage.name,
+        sub = await asyncio.to_thread(self.repo.create, self.campaign.name, stage.name,
                                       f"slice-{k}", str(urls), fresh)
         await self._advance(stage, sub)
         return True
@@ -229,7 +233,7 @@ class _Runner:
     async def _slice(self, stage: StageConfig, sub: Submission) -> list[FileRef]:
         """The files of ``sub``, written to its urls/files files."""
         if stage.parsed_split.kind == "drainingn":
-            refs = self.repo.slice_of(sub.id)
+            refs = await asyncio.to_thread(self.repo.slice_of, sub.id)
         else:
             refs = []
             seen: set[str] = set()
@@ -347,7 +351,7 @@ async def run_campaign(campaign: CampaignConfig, store: Store, *, gate: GateFn,
     ``GateFn``); ``open_catalog`` resolves a definition name; slice files go under
     ``workdir``/<campaign>/. Setting ``stop`` ends it at the next step (exit code 130).
     Held and cancelled campaigns/stages create and launch nothing (see ``CampaignResult``).
-    ``on_move`` hears every stored transition (see ``MoveHook``)."""
+    ``on_move`` hears every stored transition, in a worker thread (see ``MoveHook``)."""
     runner = _Runner(campaign, CampaignRepository(store, on_move), gate, open_catalog, workdir,
                      stop if stop is not None else asyncio.Event(), rewarm)
     return await runner.run()
