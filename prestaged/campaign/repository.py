@@ -265,10 +265,12 @@ class CampaignRepository:
         return [_row(r) for r in rows]
 
     def get(self, sub_id: int) -> Submission:
-        """The submission ``sub_id``."""
+        """The submission ``sub_id``; ``NotFoundError`` when there is none."""
         with self.store.transaction() as conn:
             r = conn.execute(f"SELECT {_COLUMNS} FROM campaign_submissions WHERE id = ?",
                              (sub_id,)).fetchone()
+        if r is None:
+            raise NotFoundError(f"no submission {sub_id}")
         return _row(r)
 
     def events(self, sub_id: int) -> list[dict[str, Any]]:
@@ -420,16 +422,19 @@ class CampaignRepository:
     def move(self, sub: Submission, to: SubmissionState, reason: str,
              **fields: object) -> Submission:
         """Move ``sub`` to ``to`` (stored with the time and ``reason``); ``ConflictError`` for a
-        transition that is not allowed (backwards, or out of a final state)."""
+        transition that is not allowed (backwards, or out of a final state), ``NotFoundError``
+        when the submission is gone."""
         unknown = set(fields) - set(_SETTABLE)
         if unknown:  # pragma: no cover - a programming error
             raise TypeError(f"cannot set {sorted(unknown)}")
         now = time.time()
         sets = "".join(f", {k} = ?" for k in fields)
         with self.store.transaction() as conn:
-            current, since = conn.execute("SELECT state, updated FROM campaign_submissions "
-                                          "WHERE id = ?", (sub.id,)).fetchone()
-            frm = SubmissionState(current)
+            row = conn.execute("SELECT state, updated FROM campaign_submissions WHERE id = ?",
+                               (sub.id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no submission {sub.id}")
+            frm, since = SubmissionState(row[0]), row[1]
             if to not in _NEXT.get(frm, frozenset()):
                 raise ConflictError(f"submission {sub.id}: {frm.value} -> {to.value} is not "
                                     "allowed")
