@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from campaign_fakes import read_records, write_definition
+from cli_runner import CliResult, run_cli
 
 from prestaged.campaign.spec import load_campaign, parse_split, render
 from prestaged.errors import ConfigError
@@ -51,6 +52,13 @@ with open(os.path.join(os.environ["COMPLETE_DIR"], "done.jsonl"), "a") as f:
 """
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands run in tmp_path, as a user would run them next to their files: relative
+    definition names resolve there, and anything an injected shell command made lands there."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
     """The test storage in a background thread, requiring a client certificate."""
@@ -75,19 +83,35 @@ def _submit(tmp_path: Path, args: str) -> str:
     return json.dumps(_q(sys.executable, tmp_path / "fake_submit.py") + " " + args)
 
 
-def _prestaged(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str,
-               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m prestaged ARGS`` with the test proxy and a state file in tmp_path."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_"))}
-    env.update({"CAMPAIGN_RECORD": str(tmp_path / "record.jsonl"),
-                "COMPLETE_DIR": str(tmp_path), **(extra_env or {})})
+def _env(tmp_path: Path, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """What the fake commands read: where to record submissions and complete polls."""
+    return {"CAMPAIGN_RECORD": str(tmp_path / "record.jsonl"), "COMPLETE_DIR": str(tmp_path),
+            **(extra_env or {})}
+
+
+def _args(pki: TestPKI, proxy: Path, tmp_path: Path, args: tuple[str, ...]) -> list[str]:
+    """``args`` with the state file in tmp_path (and the test proxy for ``campaign run``)."""
     ours = ["--state", str(tmp_path / "state.db")]
     if args[:2] == ("campaign", "run"):
         ours += ["--proxy", str(proxy), "--ca-dir", str(pki.ca_dir)]
-    res = subprocess.run([sys.executable, "-m", "prestaged", *args, *ours], capture_output=True,
-                         text=True, timeout=TIMEOUT, env=env, cwd=tmp_path, check=False)
-    assert "Traceback" not in res.stderr, res.stderr
-    return res
+    return [*args, *ours]
+
+
+def _prestaged(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str,
+               extra_env: dict[str, str] | None = None) -> CliResult:
+    """``prestaged ARGS`` in-process (``run_cli``), with the test proxy and a state file in
+    tmp_path: what a command prints and returns, not the process boundary."""
+    return run_cli(*_args(pki, proxy, tmp_path, args), env=_env(tmp_path, extra_env))
+
+
+def _spawn(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str,
+           extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``python -m prestaged ARGS`` as a real process, for tests of signals and kills."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_"))}
+    env.update(_env(tmp_path, extra_env))
+    return subprocess.Popen([sys.executable, "-m", "prestaged",
+                             *_args(pki, proxy, tmp_path, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
 
 
 def _show(pki: TestPKI, proxy: Path, tmp_path: Path, name: str) -> list[dict[str, Any]]:
@@ -185,9 +209,10 @@ name = "reco"
 input = {json.dumps(str(ds))}
 submit = {_submit(tmp_path, "{stage}")}
 """)
-    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign),
-                     extra_env={"FAKE_KILL_PARENT": "1"})
-    assert res.returncode == -9
+    proc = _spawn(pki, proxy, tmp_path, "campaign", "run", str(campaign),
+                  extra_env={"FAKE_KILL_PARENT": "1"})
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == -9, err
     [sub] = _show(pki, proxy, tmp_path, "crash")
     assert sub["state"] == "submitting"
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
@@ -300,12 +325,7 @@ name = "reco"
 input = {json.dumps(str(ds))}
 submit = {_submit(tmp_path, "{stage}")}
 """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_"))}
-    env["CAMPAIGN_RECORD"] = str(tmp_path / "record.jsonl")
-    proc = subprocess.Popen([sys.executable, "-m", "prestaged", "campaign", "run", str(campaign),
-                             "--state", str(tmp_path / "state.db"), "--proxy", str(proxy),
-                             "--ca-dir", str(pki.ca_dir)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    proc = _spawn(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     try:
         storage.wait_until(lambda s: s.active_requests >= 1, timeout=TIMEOUT)
         proc.send_signal(signal.SIGINT)
