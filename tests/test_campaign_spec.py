@@ -29,29 +29,32 @@ PLACEHOLDERS = ("{campaign} {stage} {submission} {definition} {files_file} {urls
                 "{n_files}")
 LITERAL = "(write {{ for a literal {)"
 
-# Checks across keys: (stages, key, the rest of the message after "<key>: expected ").
+# Checks across keys: (stages, key, the message after "<key>: ").
 STRUCTURE = [
-    ([{**STAGE, "after": 3}], "stage[0].after", "a list of stage names, got 3"),
+    ([{**STAGE, "after": 3}], "stage[0].after", "expected a list of stage names, got 3"),
     ([{**STAGE, "after": ["zz"]}], "stage[0].after",
-     'names of stages of this campaign (a), got "zz"'),
+     'expected names of stages of this campaign (a), got "zz"'),
     ([STAGE, STAGE], "stage[1].name",
-     'a name no other stage has, got "a" (the name of stage[0])'),
+     'expected a name no other stage has, got "a" (the name of stage[0])'),
     ([{**STAGE, "after": ["b"]}, {**STAGE, "name": "b", "after": ["a"]}], "stage[0].after",
-     "stages that do not run after this one, got a dependency cycle: a runs after b runs "
-     "after a"),
+     "expected stages that do not run after this one, got a dependency cycle: a runs after "
+     "b runs after a"),
     ([{**STAGE, "submit": "x {dataset}"}], "stage[0].submit",
-     f"a command whose placeholders are among {PLACEHOLDERS} {LITERAL}, got {{dataset}}"),
+     f"expected a command whose placeholders are among {PLACEHOLDERS} {LITERAL}, "
+     "got {dataset}"),
     ([{**STAGE, "submit": "x {stage!r}"}], "stage[0].submit",
-     f"a command whose placeholders are among {PLACEHOLDERS} {LITERAL}, got {{stage!r}}"),
+     f"expected a command whose placeholders are among {PLACEHOLDERS} {LITERAL}, "
+     "got {stage!r}"),
     ([{**STAGE, "submit": "x 'y"}], "stage[0].submit",
-     "a command line that splits into arguments, got \"x 'y\" (No closing quotation)"),
+     "expected a command line that splits into arguments, got \"x 'y\" "
+     "(No closing quotation)"),
     ([{**STAGE, "complete": "check {job}"}], "stage[0].complete",
-     f"a command whose placeholders are among {PLACEHOLDERS} {{job_id}} {LITERAL}, "
+     f"expected a command whose placeholders are among {PLACEHOLDERS} {{job_id}} {LITERAL}, "
      "got {job}"),
     ([{**STAGE, "input": "ds-{x}"}], "stage[0].input",
-     "a definition name whose placeholders are among {campaign} {stage} "
+     "expected a definition name whose placeholders are among {campaign} {stage} "
      f'{LITERAL}, got "ds-{{x}}"'),
-    ([], "stage", "at least one [[stage]] table, got none"),
+    ([], "stage", "a campaign needs at least one [[stage]] table, got none"),
 ]
 
 
@@ -102,7 +105,7 @@ def test_every_structure_error_is_a_whole_sentence(
         tmp_path: Path, stages: list[dict[str, object]], key: str, rest: str) -> None:
     """Stage names, dependencies and templates are refused in the same sentence shape."""
     message = error_of(tmp_path, campaign_text("name", "c", stages))
-    assert message == f"{key}: expected {rest}"
+    assert message == f"{key}: {rest}"
 
 
 def test_reported_fragments_read_whole(tmp_path: Path) -> None:

@@ -305,7 +305,7 @@ def parse_campaign(text: str, path: Path) -> CampaignConfig:
                 afters.append(_after(raw, f"stage[{i}].after"))
         cfg = build_section(CampaignConfig, data, "", path.parent)
         if not cfg.stage:
-            raise ConfigError("stage: expected at least one [[stage]] table, got none")
+            raise ConfigError("stage: a campaign needs at least one [[stage]] table, got none")
         built = tuple(dataclasses.replace(s, after=a) for s, a in zip(cfg.stage, afters))
         _check_stages(built)
     except ConfigError as e:
