@@ -1,5 +1,5 @@
 """The campaign runner in-process, with a gate that passes at once: how it polls ``complete``,
-and that its database calls never hold up the event loop."""
+that its database calls never hold up the event loop, and what a submit's end records."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from campaign_fakes import LOOPS, reaped, run_on
 
 from prestaged.campaign.runner import CampaignResult, _Runner, run_campaign
 from prestaged.campaign.spec import parse_campaign
@@ -113,3 +114,44 @@ async def test_a_lock_held_elsewhere_does_not_freeze_the_event_loop(
     with store.transaction() as conn:
         first = conn.execute("SELECT MIN(at) FROM submission_events").fetchone()[0]
     assert first >= released  # nothing was written while the lock was held
+
+
+# Prints a job id, leaves `sleep 60` in the background holding stdout (as jobsub and condor
+# tools do), writes its pid to $1 and exits 0.
+LINGERING_SUBMIT = """\
+echo "JobsubJobId of first job: 7.0@test"
+sleep 60 &
+echo $! > "$1"
+exit 0
+"""
+
+
+def submission(store: Store) -> tuple[str, Optional[str], str, list[str]]:
+    """(state, job id, reason, states passed through) of the campaign's only submission."""
+    with store.transaction() as conn:
+        state, job_id, reason, sub_id = conn.execute(
+            "SELECT state, job_id, reason, id FROM campaign_submissions").fetchone()
+        states = [r[0] for r in conn.execute(
+            "SELECT to_state FROM submission_events WHERE submission_id = ? ORDER BY id",
+            (sub_id,))]
+    return state, job_id, reason, states
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_submit_leaving_a_child_on_stdout_is_submitted_at_its_exit(
+        tmp_path: Path, store: Store, loop: str) -> None:
+    """Exit 0 with a background child on stdout: submitted with its job id, well before the
+    submit_timeout (issue 12, section 2)."""
+    script = tmp_path / "submit.sh"
+    script.write_text(LINGERING_SUBMIT)
+    cfg = campaign(tmp_path, submit=q("sh", script, tmp_path / "child.pid"),
+                   defaults='submit_timeout = "30s"')
+    start = time.monotonic()
+    with reaped(tmp_path / "child.pid"):
+        result = run_on(loop, lambda: run(cfg, store, tmp_path))
+        elapsed = time.monotonic() - start
+    assert result.exit_code == 0, result
+    state, job_id, _, states = submission(store)
+    assert (state, job_id) == ("completed", "7.0@test")
+    assert "submitted" in states
+    assert elapsed < 10, f"took {elapsed:.1f}s of the 30 s submit_timeout"
