@@ -155,3 +155,37 @@ def test_submit_leaving_a_child_on_stdout_is_submitted_at_its_exit(
     assert (state, job_id) == ("completed", "7.0@test")
     assert "submitted" in states
     assert elapsed < 10, f"took {elapsed:.1f}s of the 30 s submit_timeout"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_submit_killed_on_timeout_is_launch_unknown(
+        tmp_path: Path, store: Store, loop: str) -> None:
+    """Killed at submit_timeout, it may have launched: launch_unknown, never launch_failed,
+    the reason saying what happened and the job id it printed."""
+    submit = q("sh", "-c", 'echo "JobsubJobId of first job: 8.0@test"; exec sleep 60')
+    cfg = campaign(tmp_path, submit=submit, defaults='submit_timeout = "0.5s"')
+    result = run_on(loop, lambda: run(cfg, store, tmp_path))
+    assert result.exit_code == 1, result
+    state, job_id, reason, states = submission(store)
+    assert (state, job_id) == ("launch_unknown", None) and "launch_failed" not in states
+    assert reason == ("sh was still running after 0.5s and was killed: it may or may not have "
+                      "launched; its output names job id 8.0@test; not run again automatically")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_submit_killed_by_a_signal_is_launch_unknown(
+        tmp_path: Path, store: Store, loop: str) -> None:
+    """Killed by a signal from elsewhere (OOM killer, an operator): launch_unknown, named."""
+    cfg = campaign(tmp_path, submit=q("sh", "-c", "kill -KILL $$"))
+    run_on(loop, lambda: run(cfg, store, tmp_path))
+    state, _, reason, _ = submission(store)
+    assert state == "launch_unknown"
+    assert reason.startswith("sh was killed by SIGKILL: it may or may not have launched")
+
+
+def test_submit_exiting_non_zero_is_launch_failed(tmp_path: Path, store: Store) -> None:
+    """An exit status of its own other than 0: the tool refused, launch_failed as before."""
+    cfg = campaign(tmp_path, submit=q("sh", "-c", "echo refused; exit 3"))
+    run_on("asyncio", lambda: run(cfg, store, tmp_path))
+    state, _, reason, _ = submission(store)
+    assert (state, reason) == ("launch_failed", "sh exited 3")

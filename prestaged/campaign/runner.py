@@ -3,10 +3,14 @@ state, stage after stage, in the foreground (``campaign run``) or in the daemon.
 
 For each stage (in ``after`` order) the runner resumes what an earlier run left, then creates
 the stage's submissions from its ``split`` and advances each one: gate its slice (warm to the
-``ready`` fraction), submit it (``submitting`` is committed before the command starts: see
-``repository`` for at-most-once), then poll its ``complete`` command, doubling the wait from
+``ready`` fraction); submit it, ``submitting`` being committed before the command starts (see
+``repository`` for at-most-once); then poll its ``complete`` command, doubling the wait from
 ``complete_poll`` up to ``complete_poll_max``. While a submission waits for ``complete``, its
 slice is warmed again every ``keep_warm`` (files touched within ``keep_warm / 2`` are skipped).
+
+The submit command's exit status decides its outcome: exit 0 is ``submitted`` (with the job id
+its output names), another exit ``launch_failed``; a command killed on ``submit_timeout`` or
+by a signal is ``launch_unknown``, since it may have launched before it was stopped.
 
 Held campaigns/stages launch nothing (a launch due while held waits: the next drainingn slice is
 chosen only once released, when its submission is created); cancelled ones create and launch
@@ -271,12 +275,16 @@ class _Runner:
         # Committed before the command starts: a crash from here on is launch_unknown.
         sub = await self._move(sub, S.SUBMITTING, f"running {argv[0]}")
         res = await run_argv(argv, self.campaign.defaults.submit_timeout)
+        job_id = _job_id(stage, res.output_tail)
+        if res.may_have_run:  # stopped by a signal: it may have launched before it was
+            seen = f"; its output names job id {job_id}" if job_id else ""
+            return await self._move(
+                sub, S.LAUNCH_UNKNOWN, f"{res.describe(argv[0])}: it may or may not have "
+                f"launched{seen}; not run again automatically", exit_code=res.exit_code,
+                output_tail=res.output_tail)
         if res.exit_code != 0:
-            why = res.error or f"{argv[0]} exited {res.exit_code}"
-            return await self._move(sub, S.LAUNCH_FAILED, why, exit_code=res.exit_code,
-                                    output_tail=res.output_tail)
-        m = re.search(stage.job_id_regex, res.output_tail)
-        job_id = (m.group(1) if m.groups() else m.group(0)) if m else None
+            return await self._move(sub, S.LAUNCH_FAILED, res.describe(argv[0]),
+                                    exit_code=res.exit_code, output_tail=res.output_tail)
         return await self._move(sub, S.SUBMITTED, f"{argv[0]} exited 0, job id {job_id or '-'}",
                                 exit_code=0, job_id=job_id, output_tail=res.output_tail)
 
@@ -331,6 +339,13 @@ class _Runner:
             wake = min(until, self._next_touch) if self.rewarm is not None else until
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), wake - now)
+
+
+def _job_id(stage: StageConfig, output: str) -> Optional[str]:
+    """The job id in a submit command's ``output`` by the stage's ``job_id_regex`` (group 1,
+    or the whole match), or None."""
+    m = re.search(stage.job_id_regex, output)
+    return (m.group(1) if m.groups() else m.group(0)) if m else None
 
 
 def _write_lists(urls: Path, names: Path, refs: Sequence[FileRef]) -> None:
