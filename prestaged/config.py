@@ -6,6 +6,11 @@ An explicitly named file (``--config`` or ``$PRESTAGED_CONFIG``) must exist.
 
 Durations are written as numbers of seconds or strings such as ``"90s"``, ``"15m"``, ``"6h"``,
 ``"1d"``, ``"1h30m"``; they are stored as float seconds.
+
+Values are checked by ``Check`` rules attached to the fields (``check()``); every error reads
+``<key>: expected <what>, got <value>``. ``build_section`` and the rules are public so that
+other files (campaign files) are loaded and worded alike. One concern, a little over 500
+lines: each section is documented key by key, and those docstrings are the reference.
 """
 
 from __future__ import annotations
