@@ -32,13 +32,15 @@ _EXPORTS = {
     "prestaged.gate": ("GateResult", "wait_until_ready"),
     "prestaged.metrics": ("Metrics",),
     "prestaged.state.store": ("Store",),
-    "prestaged.campaign.runner": ("load_campaign", "run_campaign"),
+    "prestaged.campaign.spec": ("load_campaign",),
+    "prestaged.campaign.runner": ("run_campaign",),
     "prestaged.runner": ("run_definition",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 if TYPE_CHECKING:
-    from prestaged.campaign.runner import load_campaign, run_campaign
+    from prestaged.campaign.runner import run_campaign
+    from prestaged.campaign.spec import load_campaign
     from prestaged.catalog import Catalog, open_catalog
     from prestaged.config import Config, load_config
     from prestaged.context import Context

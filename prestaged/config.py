@@ -6,19 +6,25 @@ An explicitly named file (``--config`` or ``$PRESTAGED_CONFIG``) must exist.
 
 Durations are written as numbers of seconds or strings such as ``"90s"``, ``"15m"``, ``"6h"``,
 ``"1d"``, ``"1h30m"``; they are stored as float seconds.
+
+Values are checked by ``Check`` rules attached to the fields (``check()``); every error reads
+``<key>: expected <what>, got <value>``. ``build_section`` and the rules are public so that
+other files (campaign files) are loaded and worded alike. One concern, a little over 500
+lines: each section is documented key by key, and those docstrings are the reference.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union, get_type_hints
+from typing import Any, Callable, Optional, TypeVar, Union, get_type_hints
 
 from prestaged.errors import ConfigError
 
@@ -28,8 +34,14 @@ else:  # pragma: no cover - exercised on 3.9/3.10 only
     import tomli as tomllib
 
 __all__ = [
+    "FRACTION",
+    "NON_EMPTY",
+    "NON_NEGATIVE",
+    "PLAIN_NAME",
+    "POSITIVE",
     "BreakerConfig",
     "CatalogConfig",
+    "Check",
     "Config",
     "CredentialsConfig",
     "DaemonConfig",
@@ -41,11 +53,16 @@ __all__ = [
     "StateConfig",
     "StorageConfig",
     "WatchConfig",
+    "build_section",
+    "check",
     "default_config_paths",
     "find_config",
     "load_config",
+    "matches",
+    "one_of",
     "parse_duration",
     "replace_path",
+    "shown",
 ]
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)", re.IGNORECASE)
@@ -76,56 +93,73 @@ class Duration(float):
     """Marker type for config fields holding seconds, accepting ``parse_duration`` forms."""
 
 
-# --- validators (metadata["check"]) -----------------------------------------------------------
+# --- validators: what a value must be, worded as a whole noun phrase --------------------------
 
 
-def _positive(v: float) -> Optional[str]:
-    return None if v > 0 else "a positive"
+@dataclass(frozen=True)
+class Check:
+    """A check of one config value: ``ok(value)`` is true when the value is acceptable, and
+    ``expected`` says what is, as a whole noun phrase (``"a positive {noun}"``,
+    ``'one of "a", "b"'``). Errors read ``<key>: expected <expected>, got <value>``; ``{noun}``
+    stands for the field's type (``integer``, ``number``, ``duration``, ``string``), so one
+    check serves every type it applies to. Attach it to a dataclass field with ``check()``."""
+
+    ok: Callable[[Any], bool]
+    expected: str
+
+    def describe(self, noun: str) -> str:
+        """The expected value as a noun phrase, for a field of type ``noun``."""
+        return self.expected.format(noun=noun)
 
 
-def _non_negative(v: float) -> Optional[str]:
-    return None if v >= 0 else "a non-negative"
+def check(rule: Check) -> dict[str, Any]:
+    """Field metadata (``field(metadata=check(POSITIVE))``) that ``build_section`` applies
+    to the field's value after converting it to the field's type."""
+    return {"check": rule}
 
 
-def _fraction(v: float) -> Optional[str]:
-    return None if 0 < v <= 1 else "a fraction in (0, 1] as"
+POSITIVE = Check(lambda v: v > 0, "a positive {noun}")
+"""Greater than 0 (integers, numbers, durations)."""
+NON_NEGATIVE = Check(lambda v: v >= 0, "a non-negative {noun}")
+"""0 or more (integers, numbers, durations)."""
+FRACTION = Check(lambda v: 0 < v <= 1, "a fraction in (0, 1] such as 0.99")
+"""A number greater than 0 and at most 1."""
+NON_EMPTY = Check(lambda v: bool(v.strip()), "a non-empty {noun}")
+"""A string with something other than white space."""
+PLAIN_NAME = Check(lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v) is not None,
+                   "a plain name (letters, digits, _.-)")
+"""A name usable in file names and URLs: a letter or digit, then letters, digits, ``_.-``."""
 
 
-def _check(fn: Callable[[Any], Optional[str]]) -> dict[str, Any]:
-    return {"check": fn}
+def one_of(*choices: str) -> Check:
+    """One of ``choices`` exactly (strings)."""
+    return Check(lambda v: v in choices,
+                 "one of " + ", ".join(json.dumps(c) for c in choices))
 
 
-def _one_of(*choices: str) -> Callable[[str], Optional[str]]:
-    def check(v: str) -> Optional[str]:
-        return None if v in choices else "one of " + ", ".join(f'"{c}"' for c in choices)
-
-    return check
-
-
-def _location_prefix(v: str) -> Optional[str]:
-    # "<kind>:<path>" as SAM writes it; the kind alone ("rucio:") is a valid prefix too.
-    kind, colon, _ = v.partition(":")
-    ok = colon and re.fullmatch(r"[A-Za-z][A-Za-z0-9_.+-]*", kind)
-    return None if ok else 'a SAM location prefix such as "enstore:/pnfs/dune/"'
+def matches(pattern: str, expected: str) -> Check:
+    """A string matching the regular expression ``pattern`` in full, described as ``expected``
+    (a noun phrase; write ``{{`` for a literal brace)."""
+    compiled = re.compile(pattern)
+    return Check(lambda v: compiled.fullmatch(v) is not None, expected)
 
 
-def _url_base(v: str) -> Optional[str]:
-    ok = re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+(/[^?#\s]*)?", v)
-    return None if ok else 'a URL base such as "https://fndca1.fnal.gov:2880/pnfs/fnal.gov/usr/"'
+# "<kind>:<path>" as SAM writes it; the kind alone ("rucio:") is a valid prefix too.
+_LOCATION_PREFIX = matches(r"(?s)[A-Za-z][A-Za-z0-9_.+-]*:.*",
+                           'a SAM location prefix such as "enstore:/pnfs/dune/"')
+_URL_BASE = matches(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+(/[^?#\s]*)?",
+                    'a URL base such as "https://fndca1.fnal.gov:2880/pnfs/fnal.gov/usr/"')
+_HTTP_URL = matches(r"https?://[^/?#\s]+(/[^?#\s]*)?",
+                    'an http(s) URL such as "https://samweb.fnal.gov:8483/sam/dune/api"')
+_SCHEME = matches(r"[a-z][a-z0-9+.-]*", 'a URL scheme such as "https"')
 
 
-def _http_url(v: str) -> Optional[str]:
-    ok = re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", v)
-    return None if ok else 'an http(s) URL such as "https://samweb.fnal.gov:8483/sam/dune/api"'
+def _is_listen(v: str) -> bool:
+    host, sep, port = v.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 
 
-def _word(v: str) -> Optional[str]:
-    ok = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v)
-    return None if ok else "a plain name (letters, digits, _.-)"
-
-
-def _scheme(v: str) -> Optional[str]:
-    return None if re.fullmatch(r"[a-z][a-z0-9+.-]*", v) else 'a URL scheme such as "https"'
+_LISTEN = Check(_is_listen, 'a "host:port" such as "127.0.0.1:9464"')
 
 
 # --- sections ---------------------------------------------------------------------------------
@@ -139,7 +173,7 @@ class CredentialsConfig:
     """Proxy file; unset means ``$X509_USER_PROXY`` then ``/tmp/x509up_u<uid>``."""
     ca_dir: Optional[Path] = None
     """Hashed CA directory; unset: ``$X509_CERT_DIR``, ``/etc/grid-security/certificates``."""
-    min_lifetime: Duration = field(default=Duration(3600.0), metadata=_check(_non_negative))
+    min_lifetime: Duration = field(default=Duration(3600.0), metadata=check(NON_NEGATIVE))
     """Refuse to start when the proxy has less than this left (seconds; default 1 h)."""
 
 
@@ -147,21 +181,21 @@ class CredentialsConfig:
 class StorageConfig:
     """``[storage]``: how files are touched."""
 
-    concurrency: int = field(default=32, metadata=_check(_positive))
+    concurrency: int = field(default=32, metadata=check(POSITIVE))
     """Files in flight at once (and the connection pool size)."""
-    per_host: int = field(default=32, metadata=_check(_positive))
+    per_host: int = field(default=32, metadata=check(POSITIVE))
     """Connections at once to one host (door or pool)."""
-    bytes: int = field(default=4, metadata=_check(_positive))
+    bytes: int = field(default=4, metadata=check(POSITIVE))
     """Bytes read from the start of each file (``Range: bytes=0-(n-1)``)."""
-    rate: float = field(default=0.0, metadata=_check(_non_negative))
+    rate: float = field(default=0.0, metadata=check(NON_NEGATIVE))
     """Files per second per endpoint; 0 means unlimited."""
-    timeout: Duration = field(default=Duration(60.0), metadata=_check(_positive))
+    timeout: Duration = field(default=Duration(60.0), metadata=check(POSITIVE))
     """Limit for one attempt on one file, redirects included (seconds)."""
-    connect_timeout: Duration = field(default=Duration(15.0), metadata=_check(_positive))
+    connect_timeout: Duration = field(default=Duration(15.0), metadata=check(POSITIVE))
     """Limit for connecting and the TLS handshake (seconds)."""
-    max_redirects: int = field(default=5, metadata=_check(_non_negative))
+    max_redirects: int = field(default=5, metadata=check(NON_NEGATIVE))
     """Redirects followed per file (a dCache door redirects once, to a pool)."""
-    queue: int = field(default=0, metadata=_check(_non_negative))
+    queue: int = field(default=0, metadata=check(NON_NEGATIVE))
     """Files buffered between catalog and workers; 0 means 4 x concurrency."""
     fast_path: bool = True
     """Send plain ranged GETs on lean keep-alive connections (httptools), aiohttp for the rest;
@@ -176,17 +210,17 @@ class StorageConfig:
 class RetryConfig:
     """``[retry]``: exponential backoff with jitter for 5xx, 429, timeouts and resets."""
 
-    attempts: int = field(default=5, metadata=_check(_positive))
+    attempts: int = field(default=5, metadata=check(POSITIVE))
     """Tries per file, the first included."""
-    initial: Duration = field(default=Duration(0.5), metadata=_check(_non_negative))
+    initial: Duration = field(default=Duration(0.5), metadata=check(NON_NEGATIVE))
     """First backoff (seconds); doubles each retry."""
-    max: Duration = field(default=Duration(30.0), metadata=_check(_non_negative))
+    max: Duration = field(default=Duration(30.0), metadata=check(NON_NEGATIVE))
     """Largest backoff between two tries (seconds)."""
-    jitter: float = field(default=0.5, metadata=_check(_non_negative))
+    jitter: float = field(default=0.5, metadata=check(NON_NEGATIVE))
     """Random extra delay, as a fraction of the backoff (0.5 = up to +50%)."""
-    total: Duration = field(default=Duration(600.0), metadata=_check(_positive))
+    total: Duration = field(default=Duration(600.0), metadata=check(POSITIVE))
     """Time budget for one file across all its tries (seconds)."""
-    max_retry_after: Duration = field(default=Duration(300.0), metadata=_check(_non_negative))
+    max_retry_after: Duration = field(default=Duration(300.0), metadata=check(NON_NEGATIVE))
     """Largest server ``Retry-After`` honoured (seconds); longer asks give up on the file."""
 
 
@@ -194,12 +228,12 @@ class RetryConfig:
 class BreakerConfig:
     """``[breaker]``: stop a run early when an endpoint refuses us again and again."""
 
-    denials: int = field(default=20, metadata=_check(_positive))
+    denials: int = field(default=20, metadata=check(POSITIVE))
     """Consecutive 401/403 answers from one endpoint that stop the run (exit 3)."""
-    tls_failures: int = field(default=5, metadata=_check(_positive))
+    tls_failures: int = field(default=5, metadata=check(POSITIVE))
     """Consecutive refused connections (TLS handshake failures, or hang-ups by an endpoint that
     never answered) that stop the run (exit 3)."""
-    unreachable: int = field(default=50, metadata=_check(_positive))
+    unreachable: int = field(default=50, metadata=check(POSITIVE))
     """Consecutive files failing to connect (after retries) that stop the run (exit 5)."""
 
 
@@ -220,9 +254,9 @@ class RewriteRule:
     A prefix that does not end in ``/`` or ``:`` only matches whole path components.
     """
 
-    location: str = field(metadata=_check(_location_prefix))
+    location: str = field(metadata=check(_LOCATION_PREFIX))
     """Location prefix, e.g. ``enstore:/pnfs/dune/`` or ``dcache:/pnfs/dune/``."""
-    url: str = field(metadata=_check(_url_base))
+    url: str = field(metadata=check(_URL_BASE))
     """What replaces the prefix, e.g. ``https://fndca1.fnal.gov:2880/pnfs/fnal.gov/usr/dune/``."""
 
 
@@ -230,33 +264,33 @@ class RewriteRule:
 class SamWebConfig:
     """``[catalog.samweb]``: the SAM web REST API and how its locations become URLs."""
 
-    base_url: Optional[str] = field(default=None, metadata=_check(_http_url))
+    base_url: Optional[str] = field(default=None, metadata=check(_HTTP_URL))
     """API base; unset: ``$SAM_WEB_BASE_URL``, else ``https://<host>:8483/sam/<experiment>/api``."""
     host: Optional[str] = None
     """SAM web host; unset: ``$SAM_WEB_HOST``, then ``samweb.fnal.gov``."""
-    experiment: Optional[str] = field(default=None, metadata=_check(_word))
+    experiment: Optional[str] = field(default=None, metadata=check(PLAIN_NAME))
     """Experiment (``dune``, ``uboone``, ...); unset: ``$SAM_EXPERIMENT``."""
-    batch: int = field(default=500, metadata=_check(_positive))
+    batch: int = field(default=500, metadata=check(POSITIVE))
     """File names per bulk ``/files/locations`` request (the samweb client sends 50)."""
-    parallel: int = field(default=4, metadata=_check(_positive))
+    parallel: int = field(default=4, metadata=check(POSITIVE))
     """Location requests in flight at once (bounds the files held in memory, too)."""
-    timeout: Duration = field(default=Duration(120.0), metadata=_check(_positive))
+    timeout: Duration = field(default=Duration(120.0), metadata=check(POSITIVE))
     """Connect limit, and longest wait for the next bytes of an answer (seconds)."""
-    retry_initial: Duration = field(default=Duration(1.0), metadata=_check(_non_negative))
+    retry_initial: Duration = field(default=Duration(1.0), metadata=check(NON_NEGATIVE))
     """First backoff after a 5xx, timeout or dropped connection (seconds); doubles each retry."""
-    retry_max: Duration = field(default=Duration(60.0), metadata=_check(_non_negative))
+    retry_max: Duration = field(default=Duration(60.0), metadata=check(NON_NEGATIVE))
     """Largest backoff between two tries (seconds); also caps a server's ``Retry-After``."""
-    retry_for: Duration = field(default=Duration(3600.0), metadata=_check(_non_negative))
+    retry_for: Duration = field(default=Duration(3600.0), metadata=check(NON_NEGATIVE))
     """Give up on an unanswered request after retrying this long (seconds; 0: never retry)."""
-    url_mode: str = field(default="rewrite", metadata=_check(_one_of("rewrite", "access-url")))
+    url_mode: str = field(default="rewrite", metadata=check(one_of("rewrite", "access-url")))
     """``rewrite``: locations -> URLs by the rules; ``access-url``: ask SAM per file."""
-    access_url_concurrency: int = field(default=16, metadata=_check(_positive))
+    access_url_concurrency: int = field(default=16, metadata=check(POSITIVE))
     """Per-file access-URL requests in flight at once (``url_mode = "access-url"``)."""
-    schema: str = field(default="https", metadata=_check(_scheme))
+    schema: str = field(default="https", metadata=check(_SCHEME))
     """URL scheme asked for in ``access-url`` mode."""
     use_certificate: Optional[bool] = None
     """Present the X.509 proxy to SAM; unset: when a usable proxy is found, else anonymous."""
-    role: Optional[str] = field(default=None, metadata=_check(_word))
+    role: Optional[str] = field(default=None, metadata=check(PLAIN_NAME))
     """SAM role sent as the ``SAM-Role`` header (e.g. ``production``); unset: no header, SAM
     uses ``default``."""
     rewrite: tuple[RewriteRule, ...] = ()
@@ -279,36 +313,30 @@ class StateConfig:
 
     path: Optional[Path] = None
     """Database file; unset: ``$XDG_STATE_HOME/prestaged/state.db`` (``~/.local/state/...``)."""
-    fresh_for: Duration = field(default=Duration(6 * 3600.0), metadata=_check(_non_negative))
+    fresh_for: Duration = field(default=Duration(6 * 3600.0), metadata=check(NON_NEGATIVE))
     """Files touched successfully within this long are skipped unless ``--force`` (0: never)."""
-    batch: int = field(default=500, metadata=_check(_positive))
+    batch: int = field(default=500, metadata=check(POSITIVE))
     """Outcomes per write transaction; a crash loses at most one batch (re-warmed next time)."""
-    flush_interval: Duration = field(default=Duration(1.0), metadata=_check(_positive))
+    flush_interval: Duration = field(default=Duration(1.0), metadata=check(POSITIVE))
     """Longest time an outcome waits before it is written (seconds)."""
-
-
-def _listen(v: str) -> Optional[str]:
-    host, sep, port = v.rpartition(":")
-    ok = bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
-    return None if ok else 'a "host:port" (e.g. "127.0.0.1:9464") as'
 
 
 @dataclass(frozen=True)
 class DaemonConfig:
     """``[daemon]``: ``prestaged serve``'s HTTP listener and lifecycle."""
 
-    listen: str = field(default="127.0.0.1:9464", metadata=_check(_listen))
+    listen: str = field(default="127.0.0.1:9464", metadata=check(_LISTEN))
     """Address of the HTTP API and /metrics; loopback by default."""
     token_file: Optional[Path] = None
     """File (mode 0600) holding the bearer token that mutating API calls must present;
     required whenever ``listen`` is not a loopback address."""
-    drain_timeout: Duration = field(default=Duration(30.0), metadata=_check(_non_negative))
+    drain_timeout: Duration = field(default=Duration(30.0), metadata=check(NON_NEGATIVE))
     """On SIGTERM, how long running warms may go on before they are stopped (seconds)."""
-    credential_check: Duration = field(default=Duration(30.0), metadata=_check(_positive))
+    credential_check: Duration = field(default=Duration(30.0), metadata=check(POSITIVE))
     """How often the proxy file is checked for renewal and expiry (seconds)."""
-    jitter: float = field(default=0.1, metadata=_check(_non_negative))
+    jitter: float = field(default=0.1, metadata=check(NON_NEGATIVE))
     """Scheduled re-warms start up to this fraction of ``every`` early or late."""
-    campaign_check: Duration = field(default=Duration(300.0), metadata=_check(_positive))
+    campaign_check: Duration = field(default=Duration(300.0), metadata=check(POSITIVE))
     """How often a campaign that stopped short (held, a failed submission, its catalog
     unreachable) is looked at again; operator actions through the API act at once (seconds)."""
 
@@ -317,13 +345,13 @@ class DaemonConfig:
 class WatchConfig:
     """One ``[[watch]]`` table: a definition the daemon keeps warm."""
 
-    definition: str = field(metadata=_check(lambda v: None if v.strip() else "a non-empty"))
+    definition: str = field(metadata=check(NON_EMPTY))
     """Definition name (or, for the local catalog, a path to a URL list)."""
     catalog: Optional[str] = None
     """Catalog resolving it; unset: ``catalog.default``."""
-    every: Duration = field(default=Duration(6 * 3600.0), metadata=_check(_positive))
+    every: Duration = field(default=Duration(6 * 3600.0), metadata=check(POSITIVE))
     """Re-warm interval (seconds); files touched within it are not touched again."""
-    ready: float = field(default=1.0, metadata=_check(_fraction))
+    ready: float = field(default=1.0, metadata=check(FRACTION))
     """Fraction of the definition that must be warm for it to count as ready."""
 
 
@@ -331,7 +359,7 @@ class WatchConfig:
 class OutputConfig:
     """``[output]``: progress reporting."""
 
-    progress_interval: Duration = field(default=Duration(30.0), metadata=_check(_positive))
+    progress_interval: Duration = field(default=Duration(30.0), metadata=check(POSITIVE))
     """Seconds between one-line progress reports when stderr is not a terminal."""
     log_level: str = "info"
     """One of debug, info, warning, error."""
@@ -400,7 +428,7 @@ def load_config(path: Path | None) -> Config:
         raise ConfigError(f"config {path}: invalid TOML: {e}") from None
     base = path.parent
     try:
-        cfg = _build(Config, data, "", base)
+        cfg = build_section(Config, data, "", base)
     except ConfigError as e:
         raise ConfigError(f"config {path}: {e}") from None
     loaded: Config = dataclasses.replace(cfg, source=path)
@@ -423,11 +451,21 @@ def replace_path(cfg: Any, dotted: str, value: Any, label: str | None = None) ->
     return dataclasses.replace(cfg, **{head: converted})
 
 
-def _build(cls: type[Any], data: object, prefix: str, base: Path) -> Any:
-    where = prefix.rstrip(".") or "top level"
+T = TypeVar("T")
+
+
+def build_section(cls: type[T], data: object, prefix: str, base: Path) -> T:
+    """``cls`` (a frozen dataclass whose fields may carry ``check()`` metadata) built from the
+    TOML table ``data``: each value converted to its field's type and checked, nested tables
+    and arrays of tables built alike. ``prefix`` is the key path of ``data`` with its trailing
+    dot (``"storage."``; ``""`` for the top level), named in every error; relative paths are
+    taken from ``base``. Raises ``ConfigError`` (a whole sentence naming the key) for an
+    unknown key, a missing required key, or a value of the wrong type or out of range."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a table")
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"{where}: expected a table, got {shown(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+              if not f.metadata.get("internal")}
     hints = get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
@@ -452,8 +490,33 @@ def _build(cls: type[Any], data: object, prefix: str, base: Path) -> Any:
 def _table_array(tp: Any, value: object, key: str, base: Path) -> tuple[Any, ...]:
     """An array of tables (``[[a.b]]``) as a tuple of ``tp``; errors name ``key[i].field``."""
     if not isinstance(value, list):
-        raise ConfigError(f"{key}: expected an array of tables ([[{key}]]), got {value!r}")
-    return tuple(_build(tp, item, f"{key}[{i}].", base) for i, item in enumerate(value))
+        raise ConfigError(f"{key}: expected an array of tables ([[{key}]]), got {shown(value)}")
+    return tuple(build_section(tp, item, f"{key}[{i}].", base) for i, item in enumerate(value))
+
+
+def shown(value: object) -> str:
+    """``value`` as an error message quotes it after "got": strings in double quotes (JSON
+    escapes), anything else as its ``repr``."""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+
+
+_NOUNS: dict[Any, str] = {Duration: "duration", int: "integer", float: "number", str: "string"}
+_DURATION_FORMS = ' (seconds, or a string such as "90s", "15m", "6h" or "1h30m")'
+
+
+def _typed(tp: Any, value: object) -> Any:
+    """``value`` as type ``tp`` (one of ``_NOUNS``); ``ValueError`` when it is not one."""
+    if isinstance(value, bool):  # a TOML true/false is no number and no string
+        raise ValueError(value)
+    if tp is Duration:
+        return Duration(parse_duration(value))
+    if tp is int and isinstance(value, int):
+        return value
+    if tp is float and isinstance(value, (int, float)):
+        return float(value)
+    if tp is str and isinstance(value, str):
+        return value
+    raise ValueError(value)
 
 
 def _convert(tp: Any, fld: dataclasses.Field[Any], value: object, key: str, base: Path) -> Any:
@@ -462,7 +525,7 @@ def _convert(tp: Any, fld: dataclasses.Field[Any], value: object, key: str, base
         args = [a for a in tp.__args__ if a is not type(None)]
         optional, tp = True, args[0]
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".", base)  # type: ignore[arg-type]
+        return build_section(tp, value, key + ".", base)  # type: ignore[arg-type]
     if getattr(tp, "__origin__", None) is tuple:
         item, rest = tp.__args__[0], tp.__args__[1:]
         if rest != (Ellipsis,) or not dataclasses.is_dataclass(item):  # pragma: no cover
@@ -470,42 +533,28 @@ def _convert(tp: Any, fld: dataclasses.Field[Any], value: object, key: str, base
         return _table_array(item, value, key, base)
     if optional and value in ("", None):
         return None
-    got = f'"{value}"' if isinstance(value, str) else repr(value)
-    check = fld.metadata.get("check")
-    if tp is Duration:
-        try:
-            seconds = parse_duration(value)
-        except ValueError as e:
-            raise ConfigError(f"{key}: {e}, got {got}") from None
-        converted: Any = Duration(seconds)
-        noun = "duration"
-    elif tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            prefix = check(-1) if check else "an"
-            raise ConfigError(f"{key}: expected {prefix} integer, got {got}")
-        converted, noun = value, "integer"
-    elif tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {got}")
-        converted, noun = float(value), "number"
-    elif tp is bool:
+    got = shown(value)
+    if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {got}")
         return value
-    elif tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {got}")
-        converted, noun = value, ""
-    elif tp is Path:
+    if tp is Path:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"{key}: expected a path string, got {got}")
         p = Path(value).expanduser()
         return p if p.is_absolute() else base / p
-    else:  # pragma: no cover - a programming error in the dataclasses above
+    if tp not in _NOUNS:  # pragma: no cover - a programming error in the dataclasses above
         raise TypeError(f"unsupported config type {tp!r} for {key}")
-    if check is not None:
-        problem = check(converted)
-        if problem is not None:
-            what = f"{problem} {noun}" if noun else problem
-            raise ConfigError(f"{key}: expected {what}, got {got}")
+    # One phrase for both failures (wrong type, or out of range), from the field's check when
+    # it has one: "expected a positive integer, got ..." whichever way the value is wrong.
+    rule: Optional[Check] = fld.metadata.get("check")
+    noun = _NOUNS[tp]
+    expected = rule.describe(noun) if rule else ("an " if noun[0] in "aeiou" else "a ") + noun
+    try:
+        converted = _typed(tp, value)
+    except ValueError:
+        forms = _DURATION_FORMS if tp is Duration else ""
+        raise ConfigError(f"{key}: expected {expected}{forms}, got {got}") from None
+    if rule is not None and not rule.ok(converted):
+        raise ConfigError(f"{key}: expected {expected}, got {got}")
     return converted

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 from campaign_fakes import read_records, write_definition
+from cli_runner import CliResult, run_cli
 
-from prestaged.campaign.runner import load_campaign, parse_split, render
+from prestaged.campaign.spec import load_campaign, parse_split, render
 from prestaged.errors import ConfigError
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, ThreadedStorageServer
@@ -51,6 +52,13 @@ with open(os.path.join(os.environ["COMPLETE_DIR"], "done.jsonl"), "a") as f:
 """
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands run in tmp_path, as a user would run them next to their files: relative
+    definition names resolve there, and anything an injected shell command made lands there."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
     """The test storage in a background thread, requiring a client certificate."""
@@ -75,19 +83,35 @@ def _submit(tmp_path: Path, args: str) -> str:
     return json.dumps(_q(sys.executable, tmp_path / "fake_submit.py") + " " + args)
 
 
-def _prestaged(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str,
-               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m prestaged ARGS`` with the test proxy and a state file in tmp_path."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_"))}
-    env.update({"CAMPAIGN_RECORD": str(tmp_path / "record.jsonl"),
-                "COMPLETE_DIR": str(tmp_path), **(extra_env or {})})
+def _env(tmp_path: Path, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """What the fake commands read: where to record submissions and complete polls."""
+    return {"CAMPAIGN_RECORD": str(tmp_path / "record.jsonl"), "COMPLETE_DIR": str(tmp_path),
+            **(extra_env or {})}
+
+
+def _args(pki: TestPKI, proxy: Path, tmp_path: Path, args: tuple[str, ...]) -> list[str]:
+    """``args`` with the state file in tmp_path (and the test proxy for ``campaign run``)."""
     ours = ["--state", str(tmp_path / "state.db")]
     if args[:2] == ("campaign", "run"):
         ours += ["--proxy", str(proxy), "--ca-dir", str(pki.ca_dir)]
-    res = subprocess.run([sys.executable, "-m", "prestaged", *args, *ours], capture_output=True,
-                         text=True, timeout=TIMEOUT, env=env, cwd=tmp_path, check=False)
-    assert "Traceback" not in res.stderr, res.stderr
-    return res
+    return [*args, *ours]
+
+
+def _prestaged(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str,
+               extra_env: dict[str, str] | None = None) -> CliResult:
+    """``prestaged ARGS`` in-process (``run_cli``), with the test proxy and a state file in
+    tmp_path: what a command prints and returns, not the process boundary."""
+    return run_cli(*_args(pki, proxy, tmp_path, args), env=_env(tmp_path, extra_env))
+
+
+def _spawn(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str,
+           extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``python -m prestaged ARGS`` as a real process, for tests of signals and kills."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_"))}
+    env.update(_env(tmp_path, extra_env))
+    return subprocess.Popen([sys.executable, "-m", "prestaged",
+                             *_args(pki, proxy, tmp_path, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
 
 
 def _show(pki: TestPKI, proxy: Path, tmp_path: Path, name: str) -> list[dict[str, Any]]:
@@ -185,9 +209,10 @@ name = "reco"
 input = {json.dumps(str(ds))}
 submit = {_submit(tmp_path, "{stage}")}
 """)
-    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign),
-                     extra_env={"FAKE_KILL_PARENT": "1"})
-    assert res.returncode == -9
+    proc = _spawn(pki, proxy, tmp_path, "campaign", "run", str(campaign),
+                  extra_env={"FAKE_KILL_PARENT": "1"})
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == -9, err
     [sub] = _show(pki, proxy, tmp_path, "crash")
     assert sub["state"] == "submitting"
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
@@ -257,12 +282,12 @@ submit = {_submit(tmp_path, "{stage}")}
     ('name = "c"\n[[stage]]\nname = "a"\ninput = "d"\nsubmit = "x"\nsplit = "drainingn(0)"\n',
      "stage[0].split: expected"),
     ('name = "c"\n[[stage]]\nname = "a"\ninput = "d"\nsubmit = "x"\nafter = ["zz"]\n',
-     "stage[0].after: no stage named 'zz'"),
+     'stage[0].after: expected names of stages of this campaign (a), got "zz"'),
     ('name = "c"\n[[stage]]\nname = "a"\ninput = "d"\nsubmit = "x"\nafter = ["b"]\n'
      '[[stage]]\nname = "b"\ninput = "d"\nsubmit = "x"\nafter = ["a"]\n',
      "dependency cycle"),
     ('name = "c"\n[[stage]]\nname = "a"\ninput = "d"\nsubmit = "x {dataset}"\n',
-     "stage[0].submit: unknown placeholder {dataset}"),
+     "stage[0].submit: expected a command whose placeholders are among {campaign} {stage} {submission} {definition} {files_file} {urls_file} {n_files} (write {{ for a literal {), got {dataset}"),
 ])
 def test_bad_campaign_file_exit_2_one_line(pki: TestPKI, proxy: Path, tmp_path: Path,
                                            body: str, expected: str) -> None:
@@ -300,12 +325,7 @@ name = "reco"
 input = {json.dumps(str(ds))}
 submit = {_submit(tmp_path, "{stage}")}
 """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_"))}
-    env["CAMPAIGN_RECORD"] = str(tmp_path / "record.jsonl")
-    proc = subprocess.Popen([sys.executable, "-m", "prestaged", "campaign", "run", str(campaign),
-                             "--state", str(tmp_path / "state.db"), "--proxy", str(proxy),
-                             "--ca-dir", str(pki.ca_dir)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    proc = _spawn(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     try:
         storage.wait_until(lambda s: s.active_requests >= 1, timeout=TIMEOUT)
         proc.send_signal(signal.SIGINT)
@@ -357,11 +377,11 @@ submit = {_submit(tmp_path, "{stage}")}
 
 def _launch_unknown(tmp_path: Path, campaign: str, definition: str) -> int:
     """A submission of ``campaign``/reco (item all) left in launch_unknown, made in-process."""
-    from prestaged.campaign.runner import CampaignState, SubmissionState
+    from prestaged.campaign.repository import CampaignRepository, SubmissionState
     from prestaged.state.store import Store
 
     with Store(tmp_path / "state.db") as store:
-        state = CampaignState(store)
+        state = CampaignRepository(store)
         sub = state.create(campaign, "reco", "all", definition)
         for to in ("prestaging", "ready", "submitting", "launch_unknown"):
             sub = state.move(sub, SubmissionState(to), "test")
@@ -410,11 +430,11 @@ submit = {_submit(tmp_path, "{stage}")}
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 75 and "cx/reco: held" in res.stdout
     assert "cx/next: blocked" in res.stdout and read_records(tmp_path) == []
-    from prestaged.campaign.runner import CampaignState
+    from prestaged.campaign.repository import CampaignRepository
     from prestaged.state.store import Store
 
     with Store(tmp_path / "state.db") as store:  # a queued submission, as a hold may leave one
-        CampaignState(store).create("cx", "reco", "all", "unused")
+        CampaignRepository(store).create("cx", "reco", "all", "unused")
     res = _prestaged(pki, proxy, tmp_path, "campaign", "cancel", "cx", "--stage", "reco")
     assert res.returncode == 0 and "#1 all cancelled" in res.stdout
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))

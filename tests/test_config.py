@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 from pathlib import Path
+from typing import Any, Union, get_type_hints
 
 import pytest
 
@@ -52,8 +56,9 @@ dir = "/defs"
         ("[storage]\nconcurrency = 0\n", "storage.concurrency: expected a positive integer, got 0"),
         ("[storage]\nconcurency = 3\n", "unknown key storage.concurency (did you mean storage.concurrency?)"),
         ("[storagee]\n", "unknown key storagee (did you mean storage?)"),
-        ('[retry]\ntotal = "soon"\n', 'retry.total: expected a duration'),
-        ("[storage]\nrate = true\n", "storage.rate: expected a number, got True"),
+        ('[retry]\ntotal = "soon"\n', 'retry.total: expected a positive duration (seconds, or a '
+         'string such as "90s", "15m", "6h" or "1h30m"), got "soon"'),
+        ("[storage]\nrate = true\n", "storage.rate: expected a non-negative number, got True"),
         ("storage = 3\n", "storage: expected a table"),
         ('[output]\nlog_level = "loud"\n', 'output.log_level: expected one of debug'),
     ],
@@ -119,3 +124,126 @@ def test_parse_duration_rejects(text: object) -> None:
     """Nonsense durations are rejected."""
     with pytest.raises(ValueError, match="duration"):
         parse_duration(text)
+
+
+# --- defect 1: every validation message is one whole sentence ---------------------------------
+
+# A value each validated key refuses (of the right type); every key is also given `true`, which
+# none of them accepts, for the wrong-type message.
+BAD_CONFIG_VALUES: dict[str, object] = {
+    "credentials.min_lifetime": -1,
+    "storage.concurrency": 0, "storage.per_host": -3, "storage.bytes": 0,
+    "storage.rate": -1.5, "storage.timeout": "0s", "storage.connect_timeout": 0,
+    "storage.max_redirects": -1, "storage.queue": -1,
+    "retry.attempts": 0, "retry.initial": -1, "retry.max": -2, "retry.jitter": -0.5,
+    "retry.total": 0, "retry.max_retry_after": -1,
+    "breaker.denials": 0, "breaker.tls_failures": 0, "breaker.unreachable": -1,
+    "catalog.samweb.base_url": "ftp://samweb/api", "catalog.samweb.experiment": "du ne",
+    "catalog.samweb.batch": 0, "catalog.samweb.parallel": 0, "catalog.samweb.timeout": 0,
+    "catalog.samweb.retry_initial": -1, "catalog.samweb.retry_max": -1,
+    "catalog.samweb.retry_for": -1, "catalog.samweb.url_mode": "both",
+    "catalog.samweb.access_url_concurrency": 0, "catalog.samweb.schema": "HTTPS",
+    "catalog.samweb.role": "pro duction",
+    "catalog.samweb.rewrite[0].location": "/pnfs/without-kind/",
+    "catalog.samweb.rewrite[0].url": "fndca1/pnfs/",
+    "state.fresh_for": -1, "state.batch": 0, "state.flush_interval": 0,
+    "output.progress_interval": 0, "output.log_level": "loud",
+    "daemon.listen": "nope", "daemon.drain_timeout": -1, "daemon.credential_check": 0,
+    "daemon.jitter": -0.1, "daemon.campaign_check": 0,
+    "watch[0].definition": " ", "watch[0].every": 0, "watch[0].ready": 0,
+}
+
+# What an array-of-tables item needs besides the key under test.
+ARRAY_ITEMS = {"watch": {"definition": "defs/a.txt"},
+               "catalog.samweb.rewrite": {"location": "enstore:/pnfs/", "url": "https://h/"}}
+
+# "<key>: expected <what>, got <value>", where <what> does not stop on a fragment.
+SENTENCE = re.compile(r"^(?P<key>[\w.\[\]]+): expected (?P<what>.+), got (?P<got>.+)$")
+FRAGMENT = re.compile(r"(\bas\b[,)]?|\b(a|an|the|non-empty|positive|non-negative|fraction)"
+                      r")$|\bas\s*,|\bas number\b")
+
+
+def validated_keys(cls: type[Any], prefix: str = "") -> list[str]:
+    """Key paths of every field carrying a value check, walking nested sections and arrays."""
+    keys = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if getattr(tp, "__origin__", None) is Union:
+            tp = next(a for a in tp.__args__ if a is not type(None))
+        if f.metadata.get("internal"):
+            continue
+        if getattr(tp, "__origin__", None) is tuple:
+            keys += validated_keys(tp.__args__[0], f"{prefix}{f.name}[0].")
+        elif dataclasses.is_dataclass(tp):
+            keys += validated_keys(tp, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        elif "check" in f.metadata:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def toml_value(value: object) -> str:
+    """``value`` written as TOML."""
+    return "true" if value is True else json.dumps(value)
+
+
+def config_with(key: str, value: object) -> str:
+    """A config file setting ``key`` (``a.b`` or ``a[0].b``) to ``value``, all else valid."""
+    section, _, leaf = key.rpartition(".")
+    if section.endswith("[0]"):
+        table = section[:-3]
+        item = {**ARRAY_ITEMS[table], leaf: value}
+        return f"[[{table}]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in item.items())
+    return f"[{section}]\n{leaf} = {toml_value(value)}\n"
+
+
+def got(value: object) -> str:
+    """How a message quotes a bad value."""
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def assert_sentence(message: str, key: str, value: object) -> None:
+    """``message`` reads "<key>: expected <whole phrase>, got <value>"."""
+    m = SENTENCE.match(message)
+    assert m, message
+    assert (m["key"], m["got"]) == (key, got(value)), message
+    assert not FRAGMENT.search(m["what"]), message
+
+
+def test_bad_value_table_covers_every_validated_key() -> None:
+    """The table below names every config key that has a value check (and log_level)."""
+    assert sorted(BAD_CONFIG_VALUES) == sorted([*validated_keys(Config), "output.log_level"])
+
+
+@pytest.mark.parametrize("key", sorted(BAD_CONFIG_VALUES))
+def test_every_config_error_is_a_whole_sentence(tmp_path: Path, key: str) -> None:
+    """A refused value of any checked key reads "<key>: expected <what>, got <value>"."""
+    for value in (BAD_CONFIG_VALUES[key], True):
+        path = _write(tmp_path, config_with(key, value))
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        prefix = f"config {path}: "
+        assert str(err.value).startswith(prefix)
+        assert_sentence(str(err.value)[len(prefix):], key, value)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("daemon.listen", "nope",
+     'daemon.listen: expected a "host:port" such as "127.0.0.1:9464", got "nope"'),
+    ("watch[0].definition", " ", 'watch[0].definition: expected a non-empty string, got " "'),
+    ("watch[0].ready", 0, "watch[0].ready: expected a fraction in (0, 1] such as 0.99, got 0"),
+])
+def test_reported_fragment_messages_read_whole(tmp_path: Path, key: str, value: object,
+                                               message: str) -> None:
+    """The three messages of the review, which read "... as, got", "a non-empty, got"."""
+    path = _write(tmp_path, config_with(key, value))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"config {path}: {message}"
+
+
+def test_flag_overrides_word_errors_alike() -> None:
+    """A command-line override is checked by the same rule and named by its flag."""
+    with pytest.raises(ConfigError) as err:
+        replace_path(Config(), "storage.rate", -1, label="--rate")
+    assert str(err.value) == "--rate: expected a non-negative number, got -1"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Optional
 
-from prestaged.campaign.runner import CampaignState
+from prestaged.campaign.repository import CampaignRepository
 from prestaged.errors import ConfigError, NotFoundError
 
 __all__ = ["ACTIONS", "apply_action"]
@@ -18,7 +18,7 @@ ACTIONS = ("hold", "release", "cancel", "retry", "mark-submitted")
 """Operator actions (``prestaged campaign ACTION``, ``POST /api/v1/campaigns/<name>/<action>``)."""
 
 
-def apply_action(state: CampaignState, name: str, action: str, *, stage: Optional[str] = None,
+def apply_action(state: CampaignRepository, name: str, action: str, *, stage: Optional[str] = None,
                  submission: Optional[int] = None, job_id: Optional[str] = None,
                  stages: Optional[Sequence[str]] = None, ahead: bool = False) -> str:
     """Apply ``action`` (one of ``ACTIONS``) to campaign ``name`` (or one ``stage``) and return

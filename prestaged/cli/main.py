@@ -277,7 +277,7 @@ def _via_daemon(args: argparse.Namespace, cfg: Config, method: str, path: str,
 
 
 def _cmd_campaign_add(args: argparse.Namespace, cfg: Config) -> int:
-    from prestaged.campaign.runner import load_campaign
+    from prestaged.campaign.spec import load_campaign
     from prestaged.service.client import base_url, call
 
     campaign = load_campaign(args.file)  # the daemon checks again; errors come out here first
@@ -295,7 +295,7 @@ def _cmd_campaign_add(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _cmd_campaign_list(args: argparse.Namespace, cfg: Config) -> int:
-    from prestaged.campaign.runner import CampaignState
+    from prestaged.campaign.repository import CampaignRepository as CampaignState
 
     doc = _via_daemon(args, cfg, "GET", "/api/v1/campaigns")
     if doc is not None:
@@ -326,7 +326,7 @@ def _cmd_campaign_action(args: argparse.Namespace, cfg: Config) -> int:
     from urllib.parse import quote
 
     from prestaged.campaign.actions import apply_action
-    from prestaged.campaign.runner import CampaignState
+    from prestaged.campaign.repository import CampaignRepository as CampaignState
 
     body: dict[str, Any] = {"stage": getattr(args, "stage", None),
                             "submission": getattr(args, "submission", None),
@@ -354,7 +354,8 @@ def _context(args: argparse.Namespace, cfg: Config) -> Context:
 
 
 def _cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
-    from prestaged.campaign.runner import CampaignResult, load_campaign, run_campaign
+    from prestaged.campaign.runner import CampaignResult, run_campaign
+    from prestaged.campaign.spec import load_campaign
 
     campaign = load_campaign(args.file)
     ctx = _context(args, cfg)
@@ -390,7 +391,8 @@ def _cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
 def _cmd_campaign_show(args: argparse.Namespace, cfg: Config) -> int:
     from urllib.parse import quote
 
-    from prestaged.campaign.runner import CampaignState, load_campaign
+    from prestaged.campaign.repository import CampaignRepository as CampaignState
+    from prestaged.campaign.spec import load_campaign
 
     name = args.campaign
     if Path(name).is_file():

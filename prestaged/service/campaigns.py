@@ -29,13 +29,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prestaged.campaign.actions import ACTIONS, apply_action
-from prestaged.campaign.runner import (
-    CampaignConfig,
-    CampaignState,
-    SubmissionState,
-    parse_campaign,
-    run_campaign,
-)
+from prestaged.campaign.repository import CampaignRepository as CampaignState
+from prestaged.campaign.repository import SubmissionState
+from prestaged.campaign.runner import run_campaign
+from prestaged.campaign.spec import CampaignConfig, parse_campaign
 from prestaged.catalog import Catalog
 from prestaged.context import Context
 from prestaged.errors import EXIT_OK, NotFoundError, PrestagedError

@@ -1,0 +1,460 @@
+"""Campaign rows of the state database: submissions, their transitions, controls, the ledger.
+
+Every submission goes through
+
+    queued -> prestaging -> ready -> submitting -> submitted -> completed
+
+or ends in ``launch_failed`` / ``launch_unknown`` / ``failed`` / ``cancelled``. States never
+move backwards (``move`` refuses with ``ConflictError``) and every transition is stored
+(``submission_events``) with its time and reason.
+
+At-most-once: ``submitting`` is committed before the submit command starts, so a submission
+found in ``submitting`` at start-up (the process died while the command ran) may or may not have
+been submitted; it becomes ``launch_unknown`` and is never run again automatically. The operator
+decides: ``release`` retries it (it becomes ``cancelled``, superseded by a new ``queued``
+submission that takes over its slice, both stored with their reasons), ``mark_submitted``
+records a launch made outside (``launch_unknown -> submitted`` with its job id).
+
+Controls (``campaign_controls``), per campaign or per stage: a held campaign/stage creates and
+launches nothing; a cancelled one creates and launches nothing ever again, and its
+queued/prestaging/ready submissions become ``cancelled``.
+
+drainingn: the files of a slice are written to the ledger (``campaign_ledger``) in the same
+transaction that creates the submission, before anything runs, so a restart never gives a file
+to a second submission of the same stage.
+
+Asking for a submission that does not exist is a ``NotFoundError`` (HTTP 404); a transition its
+state refuses is a ``ConflictError`` (HTTP 409).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from prestaged.campaign.spec import CampaignConfig, StageConfig, parse_campaign
+from prestaged.errors import ConfigError, ConflictError, NotFoundError
+from prestaged.model import FileRef
+from prestaged.state.store import Store
+
+__all__ = [
+    "CANCELLABLE",
+    "RETRYABLE",
+    "CampaignRepository",
+    "MoveHook",
+    "Submission",
+    "SubmissionState",
+    "urls_file",
+]
+
+log = logging.getLogger(__name__)
+
+
+class SubmissionState(str, enum.Enum):
+    """A submission's state (stored as its value)."""
+
+    QUEUED = "queued"
+    PRESTAGING = "prestaging"
+    READY = "ready"
+    SUBMITTING = "submitting"
+    SUBMITTED = "submitted"
+    COMPLETED = "completed"
+    LAUNCH_FAILED = "launch_failed"
+    LAUNCH_UNKNOWN = "launch_unknown"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+S = SubmissionState
+_NEXT: dict[SubmissionState, frozenset[SubmissionState]] = {
+    S.QUEUED: frozenset({S.PRESTAGING, S.CANCELLED}),
+    S.PRESTAGING: frozenset({S.READY, S.FAILED, S.CANCELLED}),
+    S.READY: frozenset({S.SUBMITTING, S.CANCELLED}),
+    S.SUBMITTING: frozenset({S.SUBMITTED, S.LAUNCH_FAILED, S.LAUNCH_UNKNOWN}),
+    S.SUBMITTED: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED}),
+    # Only by an operator: release (retry as a new attempt) or mark-submitted.
+    S.LAUNCH_UNKNOWN: frozenset({S.CANCELLED, S.SUBMITTED}),
+}
+"""Allowed transitions; states missing here are final."""
+
+CANCELLABLE = (S.QUEUED, S.PRESTAGING, S.READY)
+"""States a cancel moves to ``cancelled`` (nothing of theirs has been launched)."""
+RETRYABLE = (S.LAUNCH_FAILED, S.LAUNCH_UNKNOWN, S.FAILED)
+"""Final states an operator may retry; they make a stage ``incomplete`` even while it is
+held."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One row of ``campaign_submissions``."""
+
+    id: int
+    campaign: str
+    stage: str
+    item: str
+    definition: str
+    state: SubmissionState
+    reason: Optional[str]
+    created: float
+    updated: float
+    n_files: Optional[int]
+    exit_code: Optional[int]
+    job_id: Optional[str]
+    output_tail: Optional[str]
+    superseded_by: Optional[int] = None
+    """The retry that took over this (cancelled) submission's slice, if any."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {**self.__dict__, "state": self.state.value}
+
+
+_COLUMNS = ("id, campaign, stage, item, definition, state, reason, created, updated, n_files, "
+            "exit_code, job_id, output_tail, superseded_by")
+_SETTABLE = ("n_files", "exit_code", "job_id", "output_tail")
+
+
+def _row(r: Sequence[Any]) -> Submission:
+    return Submission(r[0], r[1], r[2], r[3], r[4], SubmissionState(r[5]), r[6], r[7], r[8],
+                      r[9], r[10], r[11], r[12], r[13])
+
+
+MoveHook = Callable[[str, Optional[SubmissionState], SubmissionState, float], None]
+"""``hook(campaign, from_state, to_state, since)`` after a stored transition (``from_state``
+None for a new submission); ``since`` is when the submission entered ``from_state`` (Unix
+seconds). It is called in the thread that made the change: a worker thread when the runner
+made it, so it must be thread-safe and must not touch the event loop's objects."""
+
+
+class CampaignRepository:
+    """Campaign rows of the state database; every write is its own committed transaction
+    (``Store.transaction``). ``on_move`` (see ``MoveHook``) hears every transition once it is
+    committed (metrics).
+
+    The methods are synchronous and may wait up to the store's busy timeout for another
+    process's write lock: async callers run them in a worker thread (``asyncio.to_thread``),
+    as the runner does."""
+
+    def __init__(self, store: Store, on_move: Optional[MoveHook] = None) -> None:
+        self.store = store
+        self.on_move = on_move
+
+    def _moved(self, campaign: str, frm: Optional[SubmissionState], to: SubmissionState,
+               since: float) -> None:
+        if self.on_move is not None:
+            self.on_move(campaign, frm, to, since)
+
+    # --- the daemon's registry (`campaign add`) ---------------------------------------------
+
+    def register(self, campaign: CampaignConfig, body: str) -> bool:
+        """Store ``campaign`` (its file's text ``body``) for the daemon; True when it is new,
+        False when it replaced a campaign of that name (its submissions and ledger are kept)."""
+        now = time.time()
+        source = str(campaign.source) if campaign.source else None
+        with self.store.transaction() as conn:
+            cur = conn.execute("UPDATE campaigns SET source = ?, body = ?, updated = ? "
+                               "WHERE name = ?", (source, body, now, campaign.name))
+            if cur.rowcount:
+                return False
+            conn.execute("INSERT INTO campaigns (name, source, body, added, updated) "
+                         "VALUES (?, ?, ?, ?, ?)", (campaign.name, source, body, now, now))
+        return True
+
+    def registered(self) -> list[CampaignConfig]:
+        """Every campaign added to the daemon, by name. A stored file that no longer parses
+        (a newer version's syntax) is logged and left out rather than stopping the daemon."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT name, source, body FROM campaigns ORDER BY name").fetchall()
+        out = []
+        for name, source, body in rows:
+            try:
+                out.append(parse_campaign(body, Path(source or f"<stored {name}>")))
+            except ConfigError as e:
+                log.error("stored campaign %s cannot be used: %s", name, e)
+        return out
+
+    def names(self) -> list[str]:
+        """Names of every campaign with a submission, a control or a registration."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT campaign FROM campaign_submissions UNION SELECT campaign "
+                                "FROM campaign_controls UNION SELECT name FROM campaigns "
+                                "ORDER BY 1").fetchall()
+        return [r[0] for r in rows]
+
+    def counts(self, campaign: str) -> dict[str, dict[str, int]]:
+        """Submissions of ``campaign`` by stage, then by state (only states that occur)."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT stage, state, COUNT(*) FROM campaign_submissions WHERE "
+                                "campaign = ? GROUP BY stage, state", (campaign,)).fetchall()
+        out: dict[str, dict[str, int]] = {}
+        for stage, state, n in rows:
+            out.setdefault(stage, {})[state] = n
+        return out
+
+    def totals(self, campaign: str) -> dict[str, int]:
+        """Submissions of ``campaign`` by state, all stages together."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT state, COUNT(*) FROM campaign_submissions WHERE "
+                                "campaign = ? GROUP BY state", (campaign,)).fetchall()
+        return {state: n for state, n in rows}
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """``campaign list``: every campaign with its control and submissions by state."""
+        return [{"campaign": name, "control": self.controls(name).get(""),
+                 "submissions": self.totals(name)} for name in self.names()]
+
+    def controls(self, campaign: str) -> dict[str, str]:
+        """``held``/``cancelled`` by scope (``""`` the campaign, else a stage name)."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT stage, held, cancelled FROM campaign_controls WHERE "
+                                "campaign = ?", (campaign,)).fetchall()
+        return {stage: "cancelled" if cancelled else "held"
+                for stage, held, cancelled in rows if held or cancelled}
+
+    def describe(self, name: str, workdir: Path, fresh_for: float) -> dict[str, Any]:
+        """``campaign show``'s document: controls, stages with counts by state, and every
+        submission with its transitions and warmth (files of its slice fresh within
+        ``fresh_for`` seconds, from the store; None before its slice was written)."""
+        subs = self.submissions(name)
+        docs = []
+        for sub in subs:
+            doc = sub.to_dict()
+            doc["events"] = self.events(sub.id)
+            rows = self.store.status(fresh_for, str(urls_file(workdir, sub)), "local")
+            doc["warm"] = rows[0].fresh if rows else None
+            doc["warm_of"] = rows[0].files if rows else None
+            docs.append(doc)
+        counts = self.counts(name)
+        controls = self.controls(name)
+        stages = list(dict.fromkeys([*(c.name for c in self._config_stages(name)),
+                                     *(s.stage for s in subs)]))
+        return {"campaign": name, "control": controls.get(""),
+                "stages": [{"name": st, "control": controls.get(st),
+                            "counts": counts.get(st, {})} for st in stages],
+                "submissions": docs}
+
+    def stage_names(self, name: str) -> list[str]:
+        """Stage names of the stored registration of campaign ``name`` ([] when none)."""
+        return [st.name for st in self._config_stages(name)]
+
+    def _config_stages(self, name: str) -> list[StageConfig]:
+        with self.store.transaction() as conn:
+            row = conn.execute("SELECT source, body FROM campaigns WHERE name = ?",
+                               (name,)).fetchone()
+        if row is None:
+            return []
+        try:
+            return parse_campaign(row[1], Path(row[0] or name)).ordered()
+        except ConfigError:
+            return []
+
+    def submissions(self, campaign: str, stage: Optional[str] = None) -> list[Submission]:
+        """Submissions of ``campaign`` (or one stage), oldest first."""
+        query = f"SELECT {_COLUMNS} FROM campaign_submissions WHERE campaign = ?"
+        args: list[Any] = [campaign]
+        if stage is not None:
+            query += " AND stage = ?"
+            args.append(stage)
+        with self.store.transaction() as conn:
+            rows = conn.execute(query + " ORDER BY id", args).fetchall()
+        return [_row(r) for r in rows]
+
+    def get(self, sub_id: int) -> Submission:
+        """The submission ``sub_id``; ``NotFoundError`` when there is none."""
+        with self.store.transaction() as conn:
+            r = conn.execute(f"SELECT {_COLUMNS} FROM campaign_submissions WHERE id = ?",
+                             (sub_id,)).fetchone()
+        if r is None:
+            raise NotFoundError(f"no submission {sub_id}")
+        return _row(r)
+
+    def events(self, sub_id: int) -> list[dict[str, Any]]:
+        """Transitions of ``sub_id``, oldest first: ``at`` (Unix s), from, to, reason."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT at, from_state, to_state, reason FROM submission_events "
+                                "WHERE submission_id = ? ORDER BY id", (sub_id,)).fetchall()
+        return [{"at": r[0], "from": r[1], "to": r[2], "reason": r[3]} for r in rows]
+
+    def taken(self, campaign: str, stage: str) -> set[str]:
+        """Names of the files the ledger gives to submissions of this stage."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT name FROM campaign_ledger WHERE campaign = ? AND "
+                                "stage = ?", (campaign, stage)).fetchall()
+        return {r[0] for r in rows}
+
+    def slice_of(self, sub_id: int) -> list[FileRef]:
+        """The ledger's files of submission ``sub_id`` (drainingn only), in name order."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT name, url FROM campaign_ledger WHERE submission_id = ? "
+                                "ORDER BY name", (sub_id,)).fetchall()
+        return [FileRef(r[0], r[1]) for r in rows]
+
+    def create(self, campaign: str, stage: str, item: str, definition: str,
+               ledger: Sequence[FileRef] = ()) -> Submission:
+        """A new ``queued`` submission and, in the same transaction, its ``ledger`` files."""
+        now = time.time()
+        with self.store.transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO campaign_submissions (campaign, stage, item, definition, state, "
+                "reason, created, updated, n_files) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (campaign, stage, item, definition, S.QUEUED.value, "created", now, now,
+                 len(ledger) if ledger else None))
+            sub_id = cur.lastrowid
+            conn.execute("INSERT INTO submission_events (submission_id, at, from_state, "
+                         "to_state, reason) VALUES (?, ?, NULL, ?, 'created')",
+                         (sub_id, now, S.QUEUED.value))
+            conn.executemany("INSERT INTO campaign_ledger (campaign, stage, name, url, "
+                             "submission_id) VALUES (?, ?, ?, ?, ?)",
+                             [(campaign, stage, r.name, r.url, sub_id) for r in ledger])
+        assert sub_id is not None
+        self._moved(campaign, None, S.QUEUED, now)
+        return self.get(sub_id)
+
+    def control(self, campaign: str, stage: str) -> Optional[str]:
+        """``cancelled`` or ``held`` when the campaign or ``stage`` is (cancel wins), else None."""
+        with self.store.transaction() as conn:
+            row = conn.execute("SELECT MAX(cancelled), MAX(held) FROM campaign_controls WHERE "
+                               "campaign = ? AND stage IN ('', ?)", (campaign, stage)).fetchone()
+        if row and row[0]:
+            return "cancelled"
+        if row and row[1]:
+            return "held"
+        return None
+
+    def _set(self, conn: Any, campaign: str, stage: Optional[str], column: str, value: int,
+             reason: str) -> None:
+        conn.execute("INSERT OR IGNORE INTO campaign_controls (campaign, stage, updated, "
+                     "reason) VALUES (?, ?, ?, ?)",
+                     (campaign, stage or "", time.time(), reason))
+        conn.execute(f"UPDATE campaign_controls SET {column} = ?, updated = ?, reason = ? "
+                     "WHERE campaign = ? AND stage = ?",
+                     (value, time.time(), reason, campaign, stage or ""))
+
+    def hold(self, campaign: str, stage: Optional[str] = None) -> None:
+        """Hold the campaign (or one stage): ``run`` creates and launches nothing there."""
+        with self.store.transaction() as conn:
+            self._set(conn, campaign, stage, "held", 1, "held by operator")
+
+    def release(self, campaign: str, stage: Optional[str] = None) -> list[Submission]:
+        """Lift the hold of the campaign (or one stage) and retry its ``launch_unknown``
+        submissions: each is superseded (``cancelled``) by a new ``queued`` submission that
+        takes over its slice, so no state ever moves backwards. Returns the new submissions."""
+        with self.store.transaction() as conn:
+            self._set(conn, campaign, stage, "held", 0, "released by operator")
+        return [self._retry(s) for s in self.submissions(campaign, stage)
+                if s.state is S.LAUNCH_UNKNOWN]
+
+    def retry(self, campaign: str, sub_id: int) -> Submission:
+        """Recovery of a ``failed`` (gate timed out, or never completed) or ``launch_failed``
+        submission, or a ``launch_unknown`` one: a new ``queued`` submission takes over its
+        slice (its drainingn ledger files included), which the next pass gates and submits.
+        The old one keeps its final state and points to the new one (``superseded_by``); a
+        ``launch_unknown`` one becomes ``cancelled`` as on release. ``NotFoundError`` for an
+        unknown submission, ``ConflictError`` for one in another state."""
+        found = [s for s in self.submissions(campaign) if s.id == sub_id]
+        if not found:
+            raise NotFoundError(f"campaign '{campaign}' has no submission {sub_id}")
+        sub = found[0]
+        if sub.superseded_by is not None:
+            raise ConflictError(f"submission {sub_id} was already retried as "
+                                f"#{sub.superseded_by}")
+        if sub.state not in RETRYABLE:
+            raise ConflictError(f"submission {sub_id} is {sub.state.value}: only failed, "
+                             "launch_failed or launch_unknown submissions can be retried")
+        return self._retry(sub, "retried by operator")
+
+    def _retry(self, old: Submission, why: str = "released by operator") -> Submission:
+        now = time.time()
+        reason = f"retry of #{old.id}, {why}"
+        tries = sum(1 for s in self.submissions(old.campaign, old.stage)
+                    if s.item.split(" (retry", 1)[0] == old.item.split(" (retry", 1)[0])
+        with self.store.transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO campaign_submissions (campaign, stage, item, definition, state, "
+                "reason, created, updated, n_files) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (old.campaign, old.stage, f"{old.item.split(' (retry', 1)[0]} (retry {tries})",
+                 old.definition, S.QUEUED.value, reason, now, now, old.n_files))
+            new_id = cur.lastrowid
+            conn.execute("UPDATE campaign_submissions SET superseded_by = ? WHERE id = ?",
+                         (new_id, old.id))
+            conn.execute("INSERT INTO submission_events (submission_id, at, from_state, "
+                         "to_state, reason) VALUES (?, ?, NULL, ?, ?)",
+                         (new_id, now, S.QUEUED.value, reason))
+            conn.execute("UPDATE campaign_ledger SET submission_id = ? WHERE submission_id = ?",
+                         (new_id, old.id))
+        assert new_id is not None
+        self._moved(old.campaign, None, S.QUEUED, now)
+        if old.state is S.LAUNCH_UNKNOWN:
+            self.move(old, S.CANCELLED, f"superseded by #{new_id}: {why} for a retry (this "
+                                        "launch may or may not have run)")
+        else:
+            log.info("%s/%s #%d %s: %s, superseded by #%d: %s", old.campaign, old.stage, old.id,
+                     old.item, old.state.value, new_id, why)
+        return self.get(new_id)
+
+    def cancel(self, campaign: str, stage: Optional[str] = None) -> list[Submission]:
+        """Cancel the campaign (or one stage) for good; its queued, prestaging and ready
+        submissions become ``cancelled`` (returned)."""
+        with self.store.transaction() as conn:
+            self._set(conn, campaign, stage, "cancelled", 1, "cancelled by operator")
+        return [self.move(s, S.CANCELLED, "cancelled by operator")
+                for s in self.submissions(campaign, stage) if s.state in CANCELLABLE]
+
+    def mark_submitted(self, campaign: str, sub_id: int, job_id: str) -> Submission:
+        """Record that ``launch_unknown`` submission ``sub_id`` was launched (outside
+        prestaged) as ``job_id``; ``NotFoundError`` for another campaign's submission,
+        ``ConflictError`` for one in another state."""
+        found = [s for s in self.submissions(campaign) if s.id == sub_id]
+        if not found:
+            raise NotFoundError(f"campaign '{campaign}' has no submission {sub_id}")
+        sub = found[0]
+        if sub.state is not S.LAUNCH_UNKNOWN:
+            raise ConflictError(f"submission {sub_id} is {sub.state.value}, not launch_unknown: "
+                             "only a launch_unknown submission can be marked submitted")
+        return self.move(sub, S.SUBMITTED, f"marked submitted by operator, job id {job_id}",
+                         job_id=job_id)
+
+    def move(self, sub: Submission, to: SubmissionState, reason: str,
+             **fields: object) -> Submission:
+        """Move ``sub`` to ``to`` (stored with the time and ``reason``); ``ConflictError`` for a
+        transition that is not allowed (backwards, or out of a final state), ``NotFoundError``
+        when the submission is gone."""
+        unknown = set(fields) - set(_SETTABLE)
+        if unknown:  # pragma: no cover - a programming error
+            raise TypeError(f"cannot set {sorted(unknown)}")
+        now = time.time()
+        sets = "".join(f", {k} = ?" for k in fields)
+        with self.store.transaction() as conn:
+            row = conn.execute("SELECT state, updated FROM campaign_submissions WHERE id = ?",
+                               (sub.id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no submission {sub.id}")
+            frm, since = SubmissionState(row[0]), row[1]
+            if to not in _NEXT.get(frm, frozenset()):
+                raise ConflictError(f"submission {sub.id}: {frm.value} -> {to.value} is not "
+                                    "allowed")
+            conn.execute(f"UPDATE campaign_submissions SET state = ?, reason = ?, updated = ?"
+                         f"{sets} WHERE id = ?",
+                         (to.value, reason, now, *fields.values(), sub.id))
+            conn.execute("INSERT INTO submission_events (submission_id, at, from_state, "
+                         "to_state, reason) VALUES (?, ?, ?, ?, ?)",
+                         (sub.id, now, frm.value, to.value, reason))
+        log.info("%s/%s #%d %s: %s -> %s: %s", sub.campaign, sub.stage, sub.id, sub.item,
+                 frm.value, to.value, reason)
+        self._moved(sub.campaign, frm, to, since)
+        return self.get(sub.id)
+
+
+def urls_file(workdir: Path, sub: Submission) -> Path:
+    """The URL list of ``sub``'s slice (``{urls_file}``), which its gate warms as a local
+    definition: a drainingn slice's definition is that list itself (``slice-N`` items, kept by
+    their retries); any other submission's list is ``<workdir>/<campaign>/<stage>-<id>.urls``."""
+    if sub.item.startswith("slice-") and sub.definition.endswith(".urls"):
+        return Path(sub.definition)
+    return workdir / sub.campaign / f"{sub.stage}-{sub.id}.urls"
+

@@ -1,0 +1,313 @@
+"""The campaign file (TOML): its schema, its checks, and how its command templates are filled.
+
+A campaign names stages; each stage cuts its input definition into submissions by its
+``split`` (``all``, ``drainingn(N)``, ``list(a,b,c)``), runs its ``submit`` command template for
+each once the submission's slice is warm, then polls its optional ``complete`` command. Stages
+run after the stages named in their ``after``.
+
+Commands are argv lists, never a shell: a template is split with ``shlex.split`` first, then
+each element has its placeholders substituted (``render``), so no file or definition name can
+inject shell syntax.
+
+Errors name the file and the key and read ``<key>: expected <what>, got <value>``, as the
+config file's do (the same ``prestaged.config`` checks and loader).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+import string
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from prestaged.config import (
+    FRACTION,
+    NON_EMPTY,
+    PLAIN_NAME,
+    POSITIVE,
+    Check,
+    Duration,
+    build_section,
+    check,
+    one_of,
+    shown,
+)
+from prestaged.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.9/3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "DEFAULT_JOB_ID_REGEX",
+    "PLACEHOLDERS",
+    "CampaignConfig",
+    "CampaignDefaults",
+    "Split",
+    "StageConfig",
+    "load_campaign",
+    "parse_campaign",
+    "parse_split",
+    "render",
+]
+
+DEFAULT_JOB_ID_REGEX = r"JobsubJobId of first job: (\S+)"
+"""What jobsub_submit prints; group 1 (or the whole match) becomes ``{job_id}``."""
+
+PLACEHOLDERS = ("campaign", "stage", "submission", "definition", "files_file", "urls_file",
+                "n_files", "job_id")
+"""Placeholders of ``submit``/``complete`` (``{job_id}`` in ``complete`` only)."""
+
+_SPLIT_FORMS = '"all", "drainingn(N)" with N >= 1, or "list(a,b,c)"'
+
+
+@dataclass(frozen=True)
+class Split:
+    """A parsed ``split``: ``kind`` is ``all``, ``drainingn`` (with ``n``) or ``list`` (items)."""
+
+    kind: str
+    n: int = 0
+    items: tuple[str, ...] = ()
+
+
+def parse_split(text: str) -> Split:
+    """Parse ``all`` | ``drainingn(N)`` (N >= 1) | ``list(a,b,c)``; ``ValueError`` otherwise."""
+    t = text.strip()
+    if t == "all":
+        return Split("all")
+    m = re.fullmatch(r"drainingn\(\s*(\d+)\s*\)", t)
+    if m and int(m.group(1)) > 0:
+        return Split("drainingn", n=int(m.group(1)))
+    m = re.fullmatch(r"list\((.*)\)", t, re.DOTALL)
+    if m:
+        items = tuple(i.strip() for i in m.group(1).split(","))
+        if items and all(items):
+            return Split("list", items=items)
+    raise ValueError(f"expected {_SPLIT_FORMS}")
+
+
+def _is_split(v: str) -> bool:
+    try:
+        parse_split(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_regex(v: str) -> bool:
+    try:
+        re.compile(v)
+    except re.error:
+        return False
+    return True
+
+
+_SPLIT = Check(_is_split, _SPLIT_FORMS)
+_REGEX = Check(_is_regex, "a valid regular expression")
+_CATALOG = one_of("local", "samweb")
+
+
+@dataclass(frozen=True)
+class CampaignDefaults:
+    """``[defaults]``: settings shared by every stage."""
+
+    catalog: Optional[str] = field(default=None, metadata=check(_CATALOG))
+    """Catalog resolving stage inputs (``local`` or ``samweb``); unset: ``catalog.default``."""
+    ready: float = field(default=1.0, metadata=check(FRACTION))
+    """Fraction of a submission's slice that must be warm before it is submitted."""
+    keep_warm: Duration = field(default=Duration(4 * 3600.0), metadata=check(POSITIVE))
+    """Re-touch interval of a submitted slice until its ``complete`` command exits 0 (seconds)."""
+    prestage_timeout: Duration = field(default=Duration(6 * 3600.0), metadata=check(POSITIVE))
+    """A slice not warm enough within this long fails, naming its cold files (seconds)."""
+    prestage_retry: Duration = field(default=Duration(10.0), metadata=check(POSITIVE))
+    """First wait before retrying cold files, doubling up to 10 minutes (seconds)."""
+    submit_timeout: Duration = field(default=Duration(600.0), metadata=check(POSITIVE))
+    """Longest run of one submit or complete command; then it is killed (seconds)."""
+    complete_timeout: Duration = field(default=Duration(7 * 86400.0), metadata=check(POSITIVE))
+    """A submission whose ``complete`` command never exits 0 within this long fails (seconds)."""
+    complete_poll: Duration = field(default=Duration(60.0), metadata=check(POSITIVE))
+    """First wait between two ``complete`` polls, doubling up to ``complete_poll_max``
+    (seconds)."""
+    complete_poll_max: Duration = field(default=Duration(1800.0), metadata=check(POSITIVE))
+    """Longest wait between two ``complete`` polls (seconds)."""
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One ``[[stage]]``: an input, how it is split, and the commands to run."""
+
+    name: str = field(metadata=check(PLAIN_NAME))
+    input: str = field(metadata=check(NON_EMPTY))
+    """Input definition; may use ``{campaign}`` and ``{stage}``."""
+    submit: str = field(metadata=check(NON_EMPTY))
+    """Submit command template (see ``PLACEHOLDERS``)."""
+    split: str = field(default="all", metadata=check(_SPLIT))
+    complete: Optional[str] = field(default=None, metadata=check(NON_EMPTY))
+    """Command polled after submission until it exits 0; unset: submitted counts as complete."""
+    ready: Optional[float] = field(default=None, metadata=check(FRACTION))
+    """Overrides ``defaults.ready`` for this stage."""
+    job_id_regex: str = field(default=DEFAULT_JOB_ID_REGEX, metadata=check(_REGEX))
+    after: tuple[str, ...] = field(default=(), metadata={"internal": True})
+    """Stages that must be drained and complete before this one starts."""
+
+    @property
+    def parsed_split(self) -> Split:
+        """``split`` parsed."""
+        return parse_split(self.split)
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    """A whole campaign file."""
+
+    name: str = field(metadata=check(PLAIN_NAME))
+    defaults: CampaignDefaults = field(default_factory=CampaignDefaults)
+    stage: tuple[StageConfig, ...] = ()
+    source: Optional[Path] = field(default=None, metadata={"internal": True})
+
+    def ordered(self) -> list[StageConfig]:
+        """Stages in an order where every stage comes after those in its ``after``."""
+        by_name = {s.name: s for s in self.stage}
+        out: list[StageConfig] = []
+        done: set[str] = set()
+
+        def visit(s: StageConfig) -> None:
+            if s.name not in done:
+                for up in s.after:
+                    visit(by_name[up])
+                done.add(s.name)
+                out.append(s)
+
+        for s in self.stage:
+            visit(s)
+        return out
+
+
+def render(template: str, values: Mapping[str, object]) -> list[str]:
+    """``template`` split into argv with ``shlex.split``, then each element's placeholders
+    filled from ``values``: a value is never split or parsed again, whatever it contains."""
+    return [arg.format_map(values) for arg in shlex.split(template)]
+
+
+# --- checks across keys: templates, stage names, dependencies ---------------------------------
+
+
+def _template_error(key: str, text: str, allowed: Sequence[str]) -> Optional[str]:
+    """Why ``text`` is not a usable command template, as a whole sentence naming ``key``."""
+    expected = ("a command whose placeholders are among "
+                + " ".join("{" + p + "}" for p in allowed) + " (write {{ for a literal {)")
+    try:
+        argv = shlex.split(text)
+    except ValueError as e:
+        return (f"{key}: expected a command line that splits into arguments, "
+                f"got {shown(text)} ({e})")
+    if not argv:
+        return f"{key}: expected a command, got {shown(text)}"
+    for arg in argv:
+        try:
+            parsed = list(string.Formatter().parse(arg))
+        except ValueError as e:
+            return f"{key}: expected {expected}, got {shown(text)} ({e})"
+        for _, name, spec, conv in parsed:
+            if name is not None and (name not in allowed or spec or conv):
+                written = name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "")
+                return f"{key}: expected {expected}, got {{{written}}}"
+    return None
+
+
+def _input_error(key: str, text: str) -> Optional[str]:
+    try:
+        text.format_map({"campaign": "", "stage": ""})
+    except (KeyError, ValueError, IndexError, AttributeError):
+        return (f"{key}: expected a definition name whose placeholders are among {{campaign}} "
+                f"{{stage}} (write {{{{ for a literal {{), got {shown(text)}")
+    return None
+
+
+def _after(raw: object, key: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):
+        raise ConfigError(f"{key}: expected a list of stage names, got {shown(raw)}")
+    return tuple(raw)
+
+
+def _check_stages(stages: Sequence[StageConfig]) -> None:
+    """Names unique, ``after`` known, no cycles, templates usable."""
+    index: dict[str, int] = {}
+    for i, s in enumerate(stages):
+        if s.name in index:
+            raise ConfigError(f"stage[{i}].name: expected a name no other stage has, got "
+                              f"{shown(s.name)} (the name of stage[{index[s.name]}])")
+        index[s.name] = i
+    for i, s in enumerate(stages):
+        for up in s.after:
+            if up not in index:
+                raise ConfigError(f"stage[{i}].after: expected names of stages of this "
+                                  f"campaign ({', '.join(index)}), got {shown(up)}")
+        problems = (_input_error(f"stage[{i}].input", s.input),
+                    _template_error(f"stage[{i}].submit", s.submit, PLACEHOLDERS[:-1]),
+                    s.complete and _template_error(f"stage[{i}].complete", s.complete,
+                                                   PLACEHOLDERS))
+        for problem in problems:
+            if problem:
+                raise ConfigError(problem)
+    by_name = {s.name: s for s in stages}
+    for i, s in enumerate(stages):
+        _no_cycle(by_name, [s.name], f"stage[{i}].after")
+
+
+def _no_cycle(by_name: Mapping[str, StageConfig], path: list[str], key: str) -> None:
+    """``ConfigError`` naming ``key`` when following ``after`` from ``path[-1]`` loops."""
+    for up in by_name[path[-1]].after:
+        if up in path:
+            cycle = [*path[path.index(up):], up]
+            raise ConfigError(f"{key}: expected stages that do not run after this one, got "
+                              "a dependency cycle: " + " runs after ".join(cycle))
+        _no_cycle(by_name, [*path, up], key)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load_campaign(path: Path) -> CampaignConfig:
+    """Load and validate a campaign file; ``ConfigError`` naming the file and key (exit 2)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"campaign {path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"campaign {path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"campaign {path}: not UTF-8 text") from None
+    return parse_campaign(text, path)
+
+
+def parse_campaign(text: str, path: Path) -> CampaignConfig:
+    """Validate campaign file ``text`` read from ``path`` (named in errors; a daemon gets the
+    text and the path it came from); ``ConfigError`` naming the file and key (exit 2)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"campaign {path}: invalid TOML: {e}") from None
+    try:
+        # `after` is a list of strings, which the config loader has no type for: taken out
+        # here, checked, and put back after the rest is built.
+        stages = data.get("stage", [])
+        afters: list[tuple[str, ...]] = []
+        if isinstance(stages, list):
+            for i, s in enumerate(stages):
+                raw = s.pop("after", []) if isinstance(s, dict) else []
+                afters.append(_after(raw, f"stage[{i}].after"))
+        cfg = build_section(CampaignConfig, data, "", path.parent)
+        if not cfg.stage:
+            raise ConfigError("stage: a campaign needs at least one [[stage]] table, got none")
+        built = tuple(dataclasses.replace(s, after=a) for s, a in zip(cfg.stage, afters))
+        _check_stages(built)
+    except ConfigError as e:
+        raise ConfigError(f"campaign {path}: {e}") from None
+    return dataclasses.replace(cfg, stage=built, source=path)

@@ -1,0 +1,100 @@
+"""The campaign repository: operator actions on submissions that do not exist are 404s, on
+submissions whose state refuses them 409s (defect 6), through ``apply_action`` as well."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from prestaged.campaign.actions import apply_action
+from prestaged.campaign.repository import CampaignRepository, Submission, SubmissionState
+from prestaged.errors import ConflictError, NotFoundError
+from prestaged.state.store import Store
+
+S = SubmissionState
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[CampaignRepository]:
+    """A repository on a fresh state database in tmp_path."""
+    with Store(tmp_path / "state.db") as store:
+        yield CampaignRepository(store)
+
+
+def walk(repo: CampaignRepository, sub: Submission, *states: SubmissionState) -> Submission:
+    """``sub`` moved through ``states`` in turn."""
+    for to in states:
+        sub = repo.move(sub, to, "test")
+    return sub
+
+
+def test_retry_of_a_missing_submission_is_not_found(repo: CampaignRepository) -> None:
+    """retry names a submission that does not exist: NotFoundError, HTTP 404."""
+    repo.create("c", "s", "all", "d")
+    with pytest.raises(NotFoundError, match="campaign 'c' has no submission 99") as err:
+        repo.retry("c", 99)
+    assert err.value.http_status == 404
+
+
+def test_mark_submitted_of_a_missing_submission_is_not_found(repo: CampaignRepository) -> None:
+    """mark-submitted of another campaign's or no submission: NotFoundError, HTTP 404."""
+    other = repo.create("other", "s", "all", "d")
+    for sub_id in (other.id, 99):
+        with pytest.raises(NotFoundError) as err:
+            repo.mark_submitted("c", sub_id, "1.0@job")
+        assert err.value.http_status == 404
+
+
+def test_get_and_move_of_a_missing_submission_are_not_found(repo: CampaignRepository) -> None:
+    """A submission id with no row is a NotFoundError, not a TypeError from a missing row."""
+    sub = repo.create("c", "s", "all", "d")
+    with pytest.raises(NotFoundError):
+        repo.get(sub.id + 1)
+    with repo.store.transaction() as conn:
+        conn.execute("DELETE FROM submission_events")
+        conn.execute("DELETE FROM campaign_submissions")
+    with pytest.raises(NotFoundError):
+        repo.move(sub, S.PRESTAGING, "test")
+
+
+def test_refused_transitions_are_conflicts(repo: CampaignRepository) -> None:
+    """Backwards, out of a final state, or the wrong state for an action: ConflictError, 409."""
+    sub = walk(repo, repo.create("c", "s", "all", "d"), S.PRESTAGING, S.READY, S.SUBMITTING,
+               S.SUBMITTED, S.COMPLETED)
+    refused = [lambda: repo.move(sub, S.PRESTAGING, "backwards"),
+               lambda: repo.move(sub, S.CANCELLED, "out of a final state"),
+               lambda: repo.retry("c", sub.id),
+               lambda: repo.mark_submitted("c", sub.id, "1.0@job")]
+    for action in refused:
+        with pytest.raises(ConflictError) as err:
+            action()
+        assert err.value.http_status == 409
+    assert repo.get(sub.id).state is S.COMPLETED
+
+
+def test_retry_twice_is_a_conflict(repo: CampaignRepository) -> None:
+    """A failed submission is retried once; retrying it again names the retry that took over."""
+    sub = walk(repo, repo.create("c", "s", "all", "d"), S.PRESTAGING, S.FAILED)
+    new = repo.retry("c", sub.id)
+    with pytest.raises(ConflictError, match=f"already retried as #{new.id}"):
+        repo.retry("c", sub.id)
+
+
+@pytest.mark.parametrize("action", ["retry", "mark-submitted"])
+def test_apply_action_answers_404_for_a_missing_submission(
+        repo: CampaignRepository, action: str) -> None:
+    """What the API and the CLI call: a missing submission is a 404, not a 409."""
+    repo.create("c", "s", "all", "d")
+    with pytest.raises(NotFoundError) as err:
+        apply_action(repo, "c", action, submission=42, job_id="1.0@job")
+    assert err.value.http_status == 404
+
+
+def test_apply_action_answers_409_for_a_refused_transition(repo: CampaignRepository) -> None:
+    """mark-submitted of a queued submission: its state refuses it, a 409."""
+    sub = repo.create("c", "s", "all", "d")
+    with pytest.raises(ConflictError, match="not launch_unknown") as err:
+        apply_action(repo, "c", "mark-submitted", submission=sub.id, job_id="1.0@job")
+    assert err.value.http_status == 409

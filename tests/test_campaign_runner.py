@@ -1,0 +1,191 @@
+"""The campaign runner in-process, with a gate that passes at once: how it polls ``complete``,
+that its database calls never hold up the event loop, and what a submit's end records."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+from campaign_fakes import LOOPS, reaped, run_on
+
+from prestaged.campaign.runner import CampaignResult, _Runner, run_campaign
+from prestaged.campaign.spec import parse_campaign
+from prestaged.catalog import Catalog
+from prestaged.catalog.local import LocalCatalog
+from prestaged.gate import GateResult
+from prestaged.state.store import Store
+
+# Appends its start time to $1 and exits 0 from its $2-th call on (1 before).
+COUNTING = """\
+import sys, time
+with open(sys.argv[1], "a") as f:
+    f.write(f"{time.monotonic()}\\n")
+sys.exit(0 if len(open(sys.argv[1]).read().split()) >= int(sys.argv[2]) else 1)
+"""
+
+
+async def passing_gate(catalog: Catalog, ready: float, timeout: float,
+                       retry: float) -> GateResult:
+    """A gate that finds every file warm at once (the storage is not what these tests pin)."""
+    return GateResult(catalog.name, catalog.definition, ready, 1, 1, 1, 0.0, 0, "ready")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """An open state database in tmp_path (5 s busy timeout), closed after the test."""
+    with Store(tmp_path / "state.db", busy_timeout=5.0) as s:
+        yield s
+
+
+def q(*parts: object) -> str:
+    """``parts`` quoted as one command line."""
+    return " ".join(shlex.quote(str(p)) for p in parts)
+
+
+def campaign(tmp_path: Path, *, submit: str, complete: Optional[str] = None,
+             defaults: str = "") -> Any:
+    """A one-stage campaign ``c`` (stage ``s``) over a one-file definition in tmp_path."""
+    ds = tmp_path / "ds.txt"
+    ds.write_text("https://127.0.0.1:1/pnfs/a\n")
+    text = (f'name = "c"\n[defaults]\n{defaults}\n[[stage]]\nname = "s"\n'
+            f"input = {json.dumps(str(ds))}\nsubmit = {json.dumps(submit)}\n")
+    if complete is not None:
+        text += f"complete = {json.dumps(complete)}\n"
+    return parse_campaign(text, tmp_path / "c.toml")
+
+
+async def run(cfg: Any, store: Store, tmp_path: Path) -> CampaignResult:
+    """``run_campaign`` with the passing gate and the local catalog."""
+    return await run_campaign(cfg, store, gate=passing_gate, open_catalog=LocalCatalog,
+                              workdir=tmp_path / "work")
+
+
+async def test_complete_polls_back_off_by_the_retry_policy(
+        tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waits between complete polls double from complete_poll up to complete_poll_max."""
+    script = tmp_path / "counting.py"
+    script.write_text(COUNTING)
+    waits: list[float] = []
+
+    async def no_wait(self: _Runner, stage: Any, sub: Any, seconds: float) -> bool:
+        waits.append(seconds)
+        return True
+
+    monkeypatch.setattr(_Runner, "_wait_keeping_warm", no_wait)
+    cfg = campaign(tmp_path, submit=q(sys.executable, "-c", "pass"),
+                   complete=q(sys.executable, script, tmp_path / "polls", 6),
+                   defaults='complete_poll = "1m"\ncomplete_poll_max = "5m"')
+    result = await run(cfg, store, tmp_path)
+    assert result.exit_code == 0, result
+    assert waits == [60.0, 120.0, 240.0, 300.0, 300.0]
+
+
+async def test_a_lock_held_elsewhere_does_not_freeze_the_event_loop(
+        tmp_path: Path, store: Store) -> None:
+    """Another process's write lock stalls the campaign, never the loop (defect 11)."""
+    cfg = campaign(tmp_path, submit=q(sys.executable, "-c", "pass"))
+    locker = sqlite3.connect(str(store.path), isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # what another prestaged writing its state holds
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(run(cfg, store, tmp_path))
+    try:
+        gaps = []
+        last = loop.time()
+        for _ in range(30):  # 10 ms ticks; a blocked loop shows as one long gap
+            await asyncio.sleep(0.01)
+            gaps.append(loop.time() - last)
+            last = loop.time()
+        assert max(gaps) < 1.0, f"the event loop stalled for {max(gaps):.1f}s"
+        assert not task.done()  # the campaign waits for the lock meanwhile
+    finally:
+        released = time.time()
+        locker.execute("COMMIT")
+        locker.close()
+    result = await asyncio.wait_for(task, 60)
+    assert result.exit_code == 0, result
+    with store.transaction() as conn:
+        first = conn.execute("SELECT MIN(at) FROM submission_events").fetchone()[0]
+    assert first >= released  # nothing was written while the lock was held
+
+
+# Prints a job id, leaves `sleep 60` in the background holding stdout (as jobsub and condor
+# tools do), writes its pid to $1 and exits 0.
+LINGERING_SUBMIT = """\
+echo "JobsubJobId of first job: 7.0@test"
+sleep 60 &
+echo $! > "$1"
+exit 0
+"""
+
+
+def submission(store: Store) -> tuple[str, Optional[str], str, list[str]]:
+    """(state, job id, reason, states passed through) of the campaign's only submission."""
+    with store.transaction() as conn:
+        state, job_id, reason, sub_id = conn.execute(
+            "SELECT state, job_id, reason, id FROM campaign_submissions").fetchone()
+        states = [r[0] for r in conn.execute(
+            "SELECT to_state FROM submission_events WHERE submission_id = ? ORDER BY id",
+            (sub_id,))]
+    return state, job_id, reason, states
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_submit_leaving_a_child_on_stdout_is_submitted_at_its_exit(
+        tmp_path: Path, store: Store, loop: str) -> None:
+    """Exit 0 with a background child on stdout: submitted with its job id, well before the
+    submit_timeout (issue 12, section 2)."""
+    script = tmp_path / "submit.sh"
+    script.write_text(LINGERING_SUBMIT)
+    cfg = campaign(tmp_path, submit=q("sh", script, tmp_path / "child.pid"),
+                   defaults='submit_timeout = "30s"')
+    start = time.monotonic()
+    with reaped(tmp_path / "child.pid"):
+        result = run_on(loop, lambda: run(cfg, store, tmp_path))
+        elapsed = time.monotonic() - start
+    assert result.exit_code == 0, result
+    state, job_id, _, states = submission(store)
+    assert (state, job_id) == ("completed", "7.0@test")
+    assert "submitted" in states
+    assert elapsed < 10, f"took {elapsed:.1f}s of the 30 s submit_timeout"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_submit_killed_on_timeout_is_launch_unknown(
+        tmp_path: Path, store: Store, loop: str) -> None:
+    """Killed at submit_timeout, it may have launched: launch_unknown, never launch_failed,
+    the reason saying what happened and the job id it printed."""
+    submit = q("sh", "-c", 'echo "JobsubJobId of first job: 8.0@test"; exec sleep 60')
+    cfg = campaign(tmp_path, submit=submit, defaults='submit_timeout = "0.5s"')
+    result = run_on(loop, lambda: run(cfg, store, tmp_path))
+    assert result.exit_code == 1, result
+    state, job_id, reason, states = submission(store)
+    assert (state, job_id) == ("launch_unknown", None) and "launch_failed" not in states
+    assert reason == ("sh was still running after 0.5s and was killed: it may or may not have "
+                      "launched; its output names job id 8.0@test; not run again automatically")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_submit_killed_by_a_signal_is_launch_unknown(
+        tmp_path: Path, store: Store, loop: str) -> None:
+    """Killed by a signal from elsewhere (OOM killer, an operator): launch_unknown, named."""
+    cfg = campaign(tmp_path, submit=q("sh", "-c", "kill -KILL $$"))
+    run_on(loop, lambda: run(cfg, store, tmp_path))
+    state, _, reason, _ = submission(store)
+    assert state == "launch_unknown"
+    assert reason.startswith("sh was killed by SIGKILL: it may or may not have launched")
+
+
+def test_submit_exiting_non_zero_is_launch_failed(tmp_path: Path, store: Store) -> None:
+    """An exit status of its own other than 0: the tool refused, launch_failed as before."""
+    cfg = campaign(tmp_path, submit=q("sh", "-c", "echo refused; exit 3"))
+    run_on("asyncio", lambda: run(cfg, store, tmp_path))
+    state, _, reason, _ = submission(store)
+    assert (state, reason) == ("launch_failed", "sh exited 3")

@@ -1,0 +1,128 @@
+"""The campaign file: every refused value or structure reads as one whole sentence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_config import assert_sentence, toml_value, validated_keys
+
+from prestaged.campaign.spec import CampaignConfig, load_campaign, parse_campaign
+from prestaged.errors import ConfigError
+
+STAGE = {"name": "a", "input": "d", "submit": "x"}
+
+# A value each checked key refuses (of the right type); each also gets `true`, the wrong type.
+BAD_VALUES: dict[str, object] = {
+    "name": "two words",
+    "defaults.catalog": "rucio", "defaults.ready": 1.5, "defaults.keep_warm": 0,
+    "defaults.prestage_timeout": 0, "defaults.prestage_retry": -1,
+    "defaults.submit_timeout": "0s", "defaults.complete_timeout": 0,
+    "defaults.complete_poll": 0, "defaults.complete_poll_max": 0,
+    "stage[0].name": "a/b", "stage[0].input": " ", "stage[0].submit": " ",
+    "stage[0].split": "drainingn(0)", "stage[0].complete": " ", "stage[0].ready": 0,
+    "stage[0].job_id_regex": "(unclosed",
+}
+
+PLACEHOLDERS = ("{campaign} {stage} {submission} {definition} {files_file} {urls_file} "
+                "{n_files}")
+LITERAL = "(write {{ for a literal {)"
+
+# Checks across keys: (stages, key, the message after "<key>: ").
+STRUCTURE = [
+    ([{**STAGE, "after": 3}], "stage[0].after", "expected a list of stage names, got 3"),
+    ([{**STAGE, "after": ["zz"]}], "stage[0].after",
+     'expected names of stages of this campaign (a), got "zz"'),
+    ([STAGE, STAGE], "stage[1].name",
+     'expected a name no other stage has, got "a" (the name of stage[0])'),
+    ([{**STAGE, "after": ["b"]}, {**STAGE, "name": "b", "after": ["a"]}], "stage[0].after",
+     "expected stages that do not run after this one, got a dependency cycle: a runs after "
+     "b runs after a"),
+    ([{**STAGE, "submit": "x {dataset}"}], "stage[0].submit",
+     f"expected a command whose placeholders are among {PLACEHOLDERS} {LITERAL}, "
+     "got {dataset}"),
+    ([{**STAGE, "submit": "x {stage!r}"}], "stage[0].submit",
+     f"expected a command whose placeholders are among {PLACEHOLDERS} {LITERAL}, "
+     "got {stage!r}"),
+    ([{**STAGE, "submit": "x 'y"}], "stage[0].submit",
+     "expected a command line that splits into arguments, got \"x 'y\" "
+     "(No closing quotation)"),
+    ([{**STAGE, "complete": "check {job}"}], "stage[0].complete",
+     f"expected a command whose placeholders are among {PLACEHOLDERS} {{job_id}} {LITERAL}, "
+     "got {job}"),
+    ([{**STAGE, "input": "ds-{x}"}], "stage[0].input",
+     "expected a definition name whose placeholders are among {campaign} {stage} "
+     f'{LITERAL}, got "ds-{{x}}"'),
+    ([], "stage", "a campaign needs at least one [[stage]] table, got none"),
+]
+
+
+def campaign_text(key: str, value: object, stages: list[dict[str, object]]) -> str:
+    """A campaign file with ``stages`` and ``key`` (``k``, ``defaults.k``, ``stage[0].k``)
+    set to ``value``."""
+    stages = [dict(s) for s in stages]
+    top, defaults = {"name": "c"}, {}
+    if key.startswith("stage[0]."):
+        stages[0][key.split(".", 1)[1]] = value
+    elif key.startswith("defaults."):
+        defaults[key.split(".", 1)[1]] = value
+    else:
+        top[key] = value
+
+    def table(d: dict[str, object]) -> str:
+        return "".join(f"{k} = {toml_value(v)}\n" for k, v in d.items())
+
+    return (table(top) + (f"[defaults]\n{table(defaults)}" if defaults else "")
+            + "".join(f"[[stage]]\n{table(s)}" for s in stages))
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    """The message of loading campaign file ``text``, without its "campaign <path>: " prefix."""
+    path = tmp_path / "campaign.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_campaign(path)
+    prefix = f"campaign {path}: "
+    assert str(err.value).startswith(prefix)
+    return str(err.value)[len(prefix):]
+
+
+def test_bad_value_table_covers_every_checked_key() -> None:
+    """The table names every campaign file key that has a value check."""
+    assert sorted(BAD_VALUES) == sorted(validated_keys(CampaignConfig))
+
+
+@pytest.mark.parametrize("key", sorted(BAD_VALUES))
+def test_every_value_error_is_a_whole_sentence(tmp_path: Path, key: str) -> None:
+    """A refused value of any checked key reads "<key>: expected <what>, got <value>"."""
+    for value in (BAD_VALUES[key], True):
+        assert_sentence(error_of(tmp_path, campaign_text(key, value, [STAGE])), key, value)
+
+
+@pytest.mark.parametrize(("stages", "key", "rest"), STRUCTURE)
+def test_every_structure_error_is_a_whole_sentence(
+        tmp_path: Path, stages: list[dict[str, object]], key: str, rest: str) -> None:
+    """Stage names, dependencies and templates are refused in the same sentence shape."""
+    message = error_of(tmp_path, campaign_text("name", "c", stages))
+    assert message == f"{key}: {rest}"
+
+
+def test_reported_fragments_read_whole(tmp_path: Path) -> None:
+    """The review's "a non-empty, got" and "a fraction in (0, 1] as number" read whole here."""
+    assert error_of(tmp_path, campaign_text("stage[0].input", " ", [STAGE])) \
+        == 'stage[0].input: expected a non-empty string, got " "'
+    assert error_of(tmp_path, campaign_text("defaults.ready", 0, [STAGE])) \
+        == "defaults.ready: expected a fraction in (0, 1] such as 0.99, got 0"
+    assert error_of(tmp_path, campaign_text("stage[0].split", "nfiles(3)", [STAGE])) \
+        == ('stage[0].split: expected "all", "drainingn(N)" with N >= 1, or "list(a,b,c)", '
+            'got "nfiles(3)"')
+
+
+def test_valid_file_parses_from_text() -> None:
+    """A daemon gets the text and the path it came from; stages come back in ``after`` order."""
+    text = campaign_text("name", "c", [{**STAGE, "name": "b", "after": ["a"]}, STAGE])
+    cfg = parse_campaign(text, Path("/x/c.toml"))
+    assert [s.name for s in cfg.ordered()] == ["a", "b"]
+    assert cfg.source == Path("/x/c.toml")
+    assert json.loads(json.dumps(cfg.stage[0].after)) == ["a"]
