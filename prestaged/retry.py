@@ -40,8 +40,10 @@ class RetryPolicy:
     max_retry_after: float = 300.0
 
     def backoff(self, retry: int, rand: Callable[[], float] = random.random) -> float:
-        """Seconds to wait before retry number ``retry`` (1-based), jitter included."""
-        base = min(self.max, self.initial * 2.0 ** (retry - 1))
+        """Seconds to wait before retry number ``retry`` (1-based), jitter included; any
+        ``retry`` works (a gate or a ``complete`` poll may retry for weeks)."""
+        # 2.0 ** 1024 overflows; past 2**64 the cap has long been reached anyway.
+        base = min(self.max, self.initial * 2.0 ** min(retry - 1, 64))
         return base * (1.0 + self.jitter * rand())
 
     def delay(

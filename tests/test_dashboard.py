@@ -26,7 +26,7 @@ from typing import Any, Callable
 import pytest
 from aiohttp import ClientSession, ClientTimeout, web
 
-from prestaged.campaign.runner import SubmissionState
+from prestaged.campaign.repository import SubmissionState
 from prestaged.credentials import inspect_proxy, load_credentials
 from prestaged.metrics import Metrics, run_result
 from prestaged.model import FileRef

@@ -314,3 +314,9 @@ def test_attempt_error_text_is_bounded_and_redacted() -> None:
     assert redact("https://h/f@x") == "https://h/f@x"  # an "@" in the path is no userinfo
     # Redacted before the cut: a password is never half-shown.
     assert "secret" not in error_text("x" * 190 + " https://user:secret@h/f")
+
+
+def test_backoff_of_any_retry_number_is_the_cap() -> None:
+    """Retry 2,000 of a long gate or complete poll waits the cap (2.0 ** 1999 overflowed)."""
+    policy = RetryPolicy(initial=10.0, max=600.0, jitter=0.0)
+    assert policy.backoff(2000) == 600.0 and policy.backoff(1) == 10.0

@@ -64,11 +64,6 @@ log = logging.getLogger(__name__)
 
 S = SubmissionState
 
-_MAX_DOUBLINGS = 64
-"""Poll number past which the ``complete`` wait stops growing: it reached its cap long before,
-and ``2.0 ** n`` overflows a float past n = 1023."""
-
-
 @dataclass(frozen=True)
 class CampaignResult:
     """How ``run_campaign`` ended: per stage ``done`` (drained and all complete), ``held``,
@@ -310,7 +305,7 @@ class _Runner:
                 return await self._move(sub, S.FAILED, f"not complete within "
                                         f"{d.complete_timeout:g}s: {argv[0]} last exited "
                                         f"{res.exit_code}")
-            delay = polling.backoff(min(polls, _MAX_DOUBLINGS))
+            delay = polling.backoff(polls)
             if not await self._wait_keeping_warm(stage, sub, min(delay, left)):
                 return sub
 

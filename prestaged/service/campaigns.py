@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prestaged.campaign.actions import ACTIONS, apply_action
-from prestaged.campaign.repository import CampaignRepository as CampaignState
-from prestaged.campaign.repository import SubmissionState
+from prestaged.campaign.repository import CampaignRepository, SubmissionState
 from prestaged.campaign.runner import run_campaign
 from prestaged.campaign.spec import CampaignConfig, parse_campaign
 from prestaged.catalog import Catalog
@@ -101,7 +100,7 @@ class DaemonCampaigns:
         self._context, self._settings, self._open = context, settings, open_catalog
         self._spawn, self._draining = spawn, draining
         self.entries: dict[str, CampaignEntry] = {}
-        self.state = CampaignState(store, on_move=self._moved)
+        self.state = CampaignRepository(store, on_move=self._moved)
         """Campaign rows of the daemon's store, reporting transitions to its metrics."""
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stale: set[str] = set()
