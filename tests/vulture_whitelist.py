@@ -15,6 +15,10 @@ on_headers_complete
 on_body
 on_message_complete
 on_message_begin
+# asyncio calls these on the campaign commands' SubprocessProtocol.
+pipe_data_received
+pipe_connection_lost
+process_exited
 # Submission rows: stored columns, shown through dataclasses.asdict.
 created
 updated
