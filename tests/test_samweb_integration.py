@@ -2,22 +2,20 @@
 
 ``prestaged warm|files DEFINITION --catalog samweb`` runs in-process (``main``), resolving
 through ``prestaged.testing.samweb`` and touching ``prestaged.testing.storage``, both
-requiring or accepting the test PKI's proxy; one test runs ``prestaged demo --catalog samweb``
-as a real subprocess.
+requiring or accepting the test PKI's proxy; so does ``prestaged demo --catalog samweb``, which
+starts the emulator and the storage as processes of its own.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from cli_runner import run_cli
 
 from prestaged.catalog import FileRef
 from prestaged.catalog.samweb import MAX_LOCATIONS_TARGET, SamWebCatalog, samweb_ssl_context
@@ -305,10 +303,8 @@ def test_access_url_mode_and_long_dims_post(
 
 def test_demo_with_samweb_catalog() -> None:
     """`prestaged demo --catalog samweb` resolves through the emulator and warms every file."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_", "SAM_"))}
-    res = subprocess.run([sys.executable, "-m", "prestaged", "demo", "--catalog", "samweb",
-                          "--files", "300"], capture_output=True, text=True, timeout=120, env=env,
-                         check=False)
+    res = run_cli("demo", "--catalog", "samweb", "--files", "300",
+                  clean=("X509_", "PRESTAGED_", "SAM_"))
     assert res.returncode == 0, res.stderr
     assert re.search(r"warm\s+300\b", res.stdout)
     assert "(samweb catalog: https://127.0.0.1:" in res.stdout
