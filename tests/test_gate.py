@@ -115,6 +115,7 @@ def test_submit_starts_only_after_the_last_file_is_warm(
     assert record["start"] >= max(done)
 
 
+@pytest.mark.slow
 def test_gate_timeout_never_runs_the_command(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, fake_submit: Path
 ) -> None:

@@ -92,6 +92,7 @@ def _error_line(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_5000_mixed_files_resolve_and_warm_end_to_end(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, samweb: Samweb, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -301,6 +302,7 @@ def test_access_url_mode_and_long_dims_post(
     assert [r.method for r in sam.stats.records if r.endpoint == "dims-list"] == ["POST"]
 
 
+@pytest.mark.slow
 def test_demo_with_samweb_catalog() -> None:
     """`prestaged demo --catalog samweb` resolves through the emulator and warms every file."""
     res = run_cli("demo", "--catalog", "samweb", "--files", "300",

@@ -68,6 +68,7 @@ def _status(state: Path, *args: str) -> dict[str, object]:
     return doc
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_touches_only_what_is_left(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
 ) -> None:
@@ -196,6 +197,7 @@ def test_foreign_and_newer_databases_refused(tmp_path: Path) -> None:
         Store(newer).open()
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_state_file(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
 ) -> None:
