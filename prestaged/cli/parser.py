@@ -205,7 +205,8 @@ def _add_warm(sub: Subparsers, parents: _Parents) -> None:
                        parents=[parents.definition, parents.storage, parents.credentials,
                                 parents.warm_state, parents.common])
     # Declared here, not in a parent: argparse moves a parent's mutually exclusive group out of
-    # its titled group (Python < 3.13), and --progress/--no-progress belong under "output".
+    # its titled group (Python 3.11 does, and 3.9), and --progress/--no-progress belong under
+    # "output", so this group follows "common options" in warm --help.
     o = w.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON document")
     o.add_argument("--dry-run", action="store_true",
