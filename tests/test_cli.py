@@ -1,7 +1,13 @@
-"""The ``prestaged`` command line end to end: real TLS storage on 127.0.0.1, real subprocesses."""
+"""The ``prestaged`` command line end to end: real TLS storage on 127.0.0.1.
+
+Commands run in-process (``cli_runner.run_cli``); real ``python -m prestaged`` subprocesses only
+where the process boundary is what is tested: Ctrl-C, a progress bar on a real terminal, and the
+console entry point itself.
+"""
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -11,15 +17,15 @@ import signal
 import ssl
 import struct
 import subprocess
-import sys
 import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_runner import entry_point, run_cli, subprocess_env
 
-from prestaged.cli import main
+from prestaged.cli import build_parser, main
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, Status, ThreadedStorageServer
 
@@ -37,14 +43,6 @@ def _definition(tmp_path: Path, srv: ThreadedStorageServer, paths: list[str]) ->
     path = tmp_path / "dataset.txt"
     path.write_text("# test dataset\n" + "".join(srv.url(p) + "\n" for p in paths))
     return path
-
-
-def _cli(*args: str, env: dict[str, str] | None = None, **kw: object) -> subprocess.CompletedProcess[str]:
-    """Run the real console entry point (python -m prestaged) in a subprocess."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_"))}
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "prestaged", *args], capture_output=True,
-                          text=True, timeout=TIMEOUT, env=full_env, check=False, **kw)  # type: ignore[call-overload]
 
 
 def _one_error_line(stderr: str) -> str:
@@ -120,7 +118,7 @@ def test_bad_config_exit_2_one_line(tmp_path: Path, toml: str, expected: str) ->
     config = tmp_path / "bad.toml"
     config.write_text(toml)
     (tmp_path / "d.txt").write_text("https://127.0.0.1:1/x\n")
-    res = _cli("warm", str(tmp_path / "d.txt"), "--config", str(config))
+    res = run_cli("warm", str(tmp_path / "d.txt"), "--config", str(config))
     assert res.returncode == 2
     line = _one_error_line(res.stderr)
     assert str(config) in line and expected in line
@@ -128,7 +126,7 @@ def test_bad_config_exit_2_one_line(tmp_path: Path, toml: str, expected: str) ->
 
 def test_bad_flag_value_exit_2(tmp_path: Path) -> None:
     """A bad flag value is rejected like a bad config value, naming the flag."""
-    res = _cli("warm", "x.txt", "--concurrency", "0")
+    res = run_cli("warm", "x.txt", "--concurrency", "0")
     assert res.returncode == 2
     assert "--concurrency: expected a positive integer, got 0" in _one_error_line(res.stderr)
 
@@ -161,7 +159,7 @@ def test_credential_problems_exit_3(pki: TestPKI, tmp_path: Path, problem: str) 
         args = ["warm", str(tmp_path / "d.txt"), "--proxy", str(pki.make_proxy(tmp_path / "p")),
                 "--ca-dir", str(tmp_path / "no-cas")]
         want = [str(tmp_path / "no-cas"), "no such directory"]
-    res = _cli(*args, env=env)
+    res = run_cli(*args, env=env)
     assert res.returncode == 3, res.stderr
     line = _one_error_line(res.stderr)
     for w in want:
@@ -175,7 +173,7 @@ def test_untrusted_ca_proxy_exit_3(pki: TestPKI, tmp_path: Path) -> None:
     foreign = pki.make_foreign_proxy(tmp_path / "foreign")
     with ThreadedStorageServer(ctx) as srv:
         definition = _definition(tmp_path, srv, [f"/f/{i}" for i in range(300)])
-        res = _cli("warm", str(definition), "--proxy", str(foreign), "--ca-dir", str(pki.ca_dir))
+        res = run_cli("warm", str(definition), "--proxy", str(foreign), "--ca-dir", str(pki.ca_dir))
     assert res.returncode == 3
     line = _one_error_line(res.stderr)
     assert str(foreign) in line and "refused" in line and "TLS handshake" in line
@@ -188,8 +186,8 @@ def test_storage_denying_everything_exit_3(pki: TestPKI, proxy: Path, storage: T
     definition = _definition(tmp_path, storage, [f"/f/{i}" for i in range(1000)])
     config = tmp_path / "c.toml"
     config.write_text("[breaker]\ndenials = 5\n")
-    res = _cli("warm", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
-               "--config", str(config), "--concurrency", "4")
+    res = run_cli("warm", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
+                  "--config", str(config), "--concurrency", "4")
     assert res.returncode == 3
     line = _one_error_line(res.stderr)
     assert "denied 5 files in a row" in line and str(proxy) in line
@@ -203,9 +201,10 @@ def test_ctrl_c_stops_with_partial_summary_130(pki: TestPKI, proxy: Path, storag
     for p in paths[10:]:
         storage.inject(p, [Delay(30)])
     definition = _definition(tmp_path, storage, paths)
-    proc = subprocess.Popen([sys.executable, "-m", "prestaged", "warm", str(definition), "--proxy",
-                             str(proxy), "--ca-dir", str(pki.ca_dir), "--concurrency", "4"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(entry_point("warm", str(definition), "--proxy", str(proxy), "--ca-dir",
+                                        str(pki.ca_dir), "--concurrency", "4"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env())
     try:
         storage.wait_until(lambda s: s.active_requests >= 4, timeout=60)
         proc.send_signal(signal.SIGINT)
@@ -224,8 +223,8 @@ def test_progress_lines_when_not_a_terminal(pki: TestPKI, proxy: Path, storage: 
     for p in paths[:4]:
         storage.inject(p, [Delay(0.6)])
     definition = _definition(tmp_path, storage, paths)
-    res = _cli("warm", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
-               "--progress-interval", "0.1")
+    res = run_cli("warm", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
+                  "--progress-interval", "0.1")
     assert res.returncode == 0
     assert re.search(r"progress: \d+/20 \(\d+%\) files, \d+ files/s, 0 failed", res.stderr)
 
@@ -236,9 +235,10 @@ def test_progress_bar_on_a_terminal(pki: TestPKI, proxy: Path, storage: Threaded
     definition = _definition(tmp_path, storage, [f"/t/{i}" for i in range(300)])
     primary, secondary = pty.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "prestaged", "warm", str(definition), "--proxy",
-                             str(proxy), "--ca-dir", str(pki.ca_dir)],
-                            stdout=subprocess.PIPE, stderr=secondary, text=True)
+    proc = subprocess.Popen(entry_point("warm", str(definition), "--proxy", str(proxy), "--ca-dir",
+                                        str(pki.ca_dir)),
+                            stdout=subprocess.PIPE, stderr=secondary, text=True,
+                            env=subprocess_env())
     os.close(secondary)
     chunks = []
     deadline = time.monotonic() + TIMEOUT
@@ -265,10 +265,10 @@ def test_no_secrets_in_any_output(pki: TestPKI, proxy: Path, storage: ThreadedSt
     storage.inject("/busy", [Status(503)])
     definition = _definition(tmp_path, storage, ["/ok", "/gone", "/busy"])
     runs = [
-        _cli("warm", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), "-v", "--json"),
-        _cli("warm", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), "-v"),
-        _cli("proxy", "--proxy", str(proxy), "--json"),
-        _cli("warm", str(definition), "--proxy", str(pki.make_proxy(tmp_path / "e", expired=True))),
+        run_cli("warm", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), "-v", "--json"),
+        run_cli("warm", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), "-v"),
+        run_cli("proxy", "--proxy", str(proxy), "--json"),
+        run_cli("warm", str(definition), "--proxy", str(pki.make_proxy(tmp_path / "e", expired=True))),
     ]
     secrets = _secrets(proxy)
     assert secrets
@@ -280,29 +280,68 @@ def test_no_secrets_in_any_output(pki: TestPKI, proxy: Path, storage: ThreadedSt
 
 def test_proxy_command(pki: TestPKI, proxy: Path) -> None:
     """`prestaged proxy` shows DN, type and time left; --json for scripts; exit 3 if expired."""
-    res = _cli("proxy", "--proxy", str(proxy))
+    res = run_cli("proxy", "--proxy", str(proxy))
     assert res.returncode == 0
     assert pki.user_dn in res.stdout and "RFC 3820 proxy" in res.stdout
     assert re.search(r"timeleft\s+: 1[01]h\d\dm", res.stdout)
-    doc = json.loads(_cli("proxy", "--json", env={"X509_USER_PROXY": str(proxy)}).stdout)
+    doc = json.loads(run_cli("proxy", "--json", env={"X509_USER_PROXY": str(proxy)}).stdout)
     assert doc["identity"] == pki.user_dn and doc["source"] == "$X509_USER_PROXY"
     assert 11 * 3600 < doc["seconds_left"] <= 12 * 3600
-    expired = _cli("proxy", "--proxy", str(pki.make_proxy(proxy.parent / "old", expired=True)))
+    expired = run_cli("proxy", "--proxy", str(pki.make_proxy(proxy.parent / "old", expired=True)))
     assert expired.returncode == 3 and "expired" in _one_error_line(expired.stderr)
 
 
-def test_version_and_help() -> None:
-    """--version and --help work through python -m prestaged."""
+def test_console_entry_point_runs_for_real(tmp_path: Path) -> None:
+    """python -m prestaged runs the CLI: --version, and a usage error's exit 2 and one line."""
     from prestaged import __version__
 
-    assert _cli("--version").stdout.strip() == f"prestaged {__version__}"
-    res = _cli("warm", "--help")
-    assert res.returncode == 0 and "--concurrency" in res.stdout and "--dry-run" in res.stdout
+    def real(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(entry_point(*args), capture_output=True, text=True, timeout=TIMEOUT,
+                              env=subprocess_env(), cwd=tmp_path, check=False)
+
+    assert real("--version").stdout.strip() == f"prestaged {__version__}"
+    res = real("warm", "x.txt", "--concurrency", "0")
+    assert res.returncode == 2
+    assert "--concurrency: expected a positive integer, got 0" in _one_error_line(res.stderr)
+
+
+COMMANDS = ["warm", "files", "status", "history", "wait", "submit", "campaign", "serve", "proxy",
+            "demo"]
+CAMPAIGN_ACTIONS = ["run", "add", "list", "show", "hold", "release", "cancel", "mark-submitted",
+                    "retry"]
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommand parsers of ``parser`` by name ({} for a leaf command)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(subs[0].choices) if subs else {}
+
+
+def test_help_lists_every_command_and_every_option() -> None:
+    """--help names every subcommand; each subcommand's --help exits 0 and lists all its options."""
+    top = run_cli("--help")
+    assert top.returncode == 0
+    for name in COMMANDS:
+        assert re.search(rf"^\s+{name}\s", top.stdout, re.M), f"{name} missing from --help"
+    commands = _subcommands(build_parser())
+    assert sorted(commands) == sorted(COMMANDS)
+    assert sorted(_subcommands(commands["campaign"])) == sorted(CAMPAIGN_ACTIONS)
+    leaves = [[n] for n in COMMANDS if n != "campaign"] + [["campaign", a] for a in CAMPAIGN_ACTIONS]
+    for argv in [["campaign"], *leaves]:
+        res = run_cli(*argv, "--help")
+        assert res.returncode == 0, (argv, res.stderr)
+        assert res.stdout.startswith(f"usage: prestaged {' '.join(argv)}"), argv
+        if argv != ["campaign"]:  # every command takes the common options
+            assert all(flag in res.stdout for flag in ("--config", "--verbose", "--quiet")), argv
+        parser = commands[argv[0]] if len(argv) == 1 else _subcommands(commands[argv[0]])[argv[1]]
+        for action in parser._actions:
+            for flag in action.option_strings:
+                assert flag in res.stdout, f"{' '.join(argv)} --help does not list {flag}"
 
 
 def test_demo_runs_end_to_end() -> None:
     """`prestaged demo` starts its own storage, warms every file and exits 0."""
-    res = _cli("demo", "--files", "300")
+    res = run_cli("demo", "--files", "300")
     assert res.returncode == 0, res.stderr
     assert re.search(r"warm\s+300\b", res.stdout)
     assert "the storage saw 300 requests and sent 1200 bytes" in res.stdout

@@ -1,9 +1,12 @@
-"""``prestaged wait`` and ``prestaged submit``: the gate end to end, real subprocesses and storage."""
+"""``prestaged wait`` and ``prestaged submit``: the gate end to end against real storage.
+
+In-process (``run_cli``) unless a submitted command runs (it inherits our stdin, stdout and
+working directory: a real ``python -m prestaged``) or a signal is what is tested.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_runner import CliResult, entry_point, run_cli, subprocess_env
 
 from prestaged.state.store import Store
 from prestaged.testing.pki import TestPKI
@@ -54,14 +58,28 @@ def _definition(tmp_path: Path, srv: ThreadedStorageServer, paths: list[str],
     return path
 
 
-def _prestaged(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str, extra_env: dict[str, str] | None = None,
-               stdin: str = "") -> subprocess.CompletedProcess[str]:
-    """Run ``python -m prestaged ARGS`` with the test proxy and a state file in tmp_path."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_"))}
-    env.update({"GATE_RECORD": str(tmp_path / "record.json"), **(extra_env or {})})
+def _argv(pki: TestPKI, proxy: Path, tmp_path: Path, args: tuple[str, ...]) -> list[str]:
+    """``args`` with the test proxy and a state file in tmp_path (before any ``--``)."""
     ours = ["--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), "--state", str(tmp_path / "state.db")]
     i = args.index("--") if "--" in args else len(args)  # the gate's flags go before the --
-    res = subprocess.run([sys.executable, "-m", "prestaged", *args[:i], *ours, *args[i:]], input=stdin,
+    return [*args[:i], *ours, *args[i:]]
+
+
+def _prestaged(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str) -> CliResult:
+    """``prestaged ARGS`` in-process with the test proxy and a state file in tmp_path."""
+    res = run_cli(*_argv(pki, proxy, tmp_path, args),
+                  env={"GATE_RECORD": str(tmp_path / "record.json")})
+    assert "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+def _process(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str,
+             extra_env: dict[str, str] | None = None,
+             stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """A real ``python -m prestaged ARGS`` (in tmp_path, fed ``stdin``), for a submitted
+    command that inherits our stdin, stdout and working directory."""
+    env = subprocess_env({"GATE_RECORD": str(tmp_path / "record.json"), **(extra_env or {})})
+    res = subprocess.run(entry_point(*_argv(pki, proxy, tmp_path, args)), input=stdin,
                          capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=tmp_path,
                          check=False)
     assert "Traceback" not in res.stderr, res.stderr
@@ -83,9 +101,9 @@ def test_submit_starts_only_after_the_last_file_is_warm(
     for p, seconds in delays.items():
         storage.inject(p, [Delay(seconds)])
     definition = _definition(tmp_path, storage, paths)
-    res = _prestaged(pki, proxy, tmp_path, "submit", "--definition", str(definition), "--",
-                     sys.executable, str(fake_submit), "-c", "reco2.cfg", "--stage", "reco2",
-                     extra_env={"GATE_MARK": "passed through"}, stdin="from stdin\n")
+    res = _process(pki, proxy, tmp_path, "submit", "--definition", str(definition), "--",
+                   sys.executable, str(fake_submit), "-c", "reco2.cfg", "--stage", "reco2",
+                   extra_env={"GATE_MARK": "passed through"}, stdin="from stdin\n")
     assert res.returncode == 0, res.stderr
     assert res.stdout == "hello from the submit command\n"
     record = json.loads((tmp_path / "record.json").read_text())
@@ -97,6 +115,7 @@ def test_submit_starts_only_after_the_last_file_is_warm(
     assert record["start"] >= max(done)
 
 
+@pytest.mark.slow
 def test_gate_timeout_never_runs_the_command(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, fake_submit: Path
 ) -> None:
@@ -134,8 +153,8 @@ def test_submit_returns_the_command_exit_code(
 ) -> None:
     """prestaged submit exits with the command's own exit code."""
     definition = _definition(tmp_path, storage, ["/pnfs/gate/a", "/pnfs/gate/b"])
-    res = _prestaged(pki, proxy, tmp_path, "submit", "--definition", str(definition), "--",
-                     sys.executable, str(fake_submit), extra_env={"GATE_EXIT": "7"})
+    res = _process(pki, proxy, tmp_path, "submit", "--definition", str(definition), "--",
+                   sys.executable, str(fake_submit), extra_env={"GATE_EXIT": "7"})
     assert res.returncode == 7
     assert (tmp_path / "record.json").exists()
 
@@ -149,8 +168,8 @@ def test_shell_metacharacters_are_passed_verbatim(
     argv = ["$(touch pwned)", "; rm -rf x; touch pwned-semi", "`touch pwned-tick`", "a b",
             "|| touch pwned-or", str(definition)]
     (tmp_path / "x").mkdir()
-    res = _prestaged(pki, proxy, tmp_path, "submit", "--definition", str(definition), "--",
-                     sys.executable, str(fake_submit), *argv)
+    res = _process(pki, proxy, tmp_path, "submit", "--definition", str(definition), "--",
+                   sys.executable, str(fake_submit), *argv)
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "record.json").read_text())["argv"] == argv
     assert not list(tmp_path.glob("pwned*")) and (tmp_path / "x").is_dir()
@@ -229,11 +248,9 @@ def test_wait_interrupted_exit_130(
     """Ctrl-C during the gate's warm run ends it at once with exit 130."""
     storage.inject("/pnfs/gate/slow", [Delay(30)])
     definition = _definition(tmp_path, storage, ["/pnfs/gate/slow"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_"))}
-    proc = subprocess.Popen([sys.executable, "-m", "prestaged", "wait", str(definition),
-                             "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
-                             "--state", str(tmp_path / "state.db")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(entry_point(*_argv(pki, proxy, tmp_path, ("wait", str(definition)))),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env())
     try:
         storage.wait_until(lambda s: s.active_requests >= 1, timeout=TIMEOUT)
         proc.send_signal(signal.SIGINT)

@@ -260,3 +260,20 @@ def test_recording_never_waits_for_another_process_s_lock(tmp_path: Path) -> Non
         other.close()
         t.join(10)
     assert took < 0.5, f"record() waited {took:.2f} s behind the state DB's lock"
+
+
+def test_wait_on_an_empty_definition_fails_and_submit_runs_nothing(
+    tmp_path: Path, pki: TestPKI, proxy: Path
+) -> None:
+    """``prestaged wait`` on an empty definition exits 4 naming it; ``submit`` does not run its
+    command; ``--allow-empty`` lets it pass (issue 12, 10)."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# no files yet\n")
+    marker = tmp_path / "ran"
+    common = ["--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), "--state",
+              str(tmp_path / "s.db"), "--timeout", "5s"]
+    res = run_cli("wait", str(empty), *common)
+    assert res.returncode == 4 and "has no files" in res.stderr, res.stderr
+    res = run_cli("submit", "--definition", str(empty), *common, "--", "touch", str(marker))
+    assert res.returncode == 4 and not marker.exists()
+    assert run_cli("wait", str(empty), *common, "--allow-empty").returncode == 0

@@ -1,4 +1,8 @@
-"""Persistent state: crash resume, freshness, migrations, bad files, concurrent writers, status."""
+"""Persistent state: crash resume, freshness, migrations, bad files, concurrent writers, status.
+
+The CLI runs in-process (``run_cli``) except where processes are the point: SIGKILL and Ctrl-C
+of a real ``python -m prestaged``, and two processes writing one state file.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ import json
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cli_runner import entry_point, run_cli, subprocess_env
 
 from prestaged.errors import StateError
 from prestaged.model import FileRef
@@ -37,26 +42,34 @@ def _definition(tmp_path: Path, srv: ThreadedStorageServer, n: int, name: str = 
     return path
 
 
-def _warm_cmd(definition: Path, proxy: Path, pki: TestPKI, state: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "prestaged", "warm", str(definition), "--proxy", str(proxy),
-            "--ca-dir", str(pki.ca_dir), "--state", str(state), "--json", *extra]
+def _warm_args(definition: Path, proxy: Path, pki: TestPKI, state: Path, *extra: str) -> list[str]:
+    """``warm DEFINITION --json`` with the test proxy and ``state``."""
+    return ["warm", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
+            "--state", str(state), "--json", *extra]
 
 
-def _run(cmd: list[str]) -> tuple[int, dict[str, object]]:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+def _process(args: list[str], **popen: Any) -> subprocess.Popen[str]:
+    """A real ``python -m prestaged ARGS`` (to be killed or interrupted)."""
+    return subprocess.Popen(entry_point(*args), stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(), **popen)
+
+
+def _run(args: list[str]) -> tuple[int, dict[str, object]]:
+    """``prestaged ARGS`` in-process: exit code and the JSON document ({} without one)."""
+    res = run_cli(*args)
     assert "Traceback" not in res.stderr, res.stderr
     return res.returncode, json.loads(res.stdout) if res.stdout.strip() else {}
 
 
 def _status(state: Path, *args: str) -> dict[str, object]:
-    res = subprocess.run([sys.executable, "-m", "prestaged", "status", "--state", str(state),
-                          "--json", *args], capture_output=True, text=True, timeout=TIMEOUT,
-                         check=False)
+    """``prestaged status --state STATE --json ARGS`` in-process."""
+    res = run_cli("status", "--state", str(state), "--json", *args)
     assert res.returncode == 0, res.stderr
     doc: dict[str, object] = json.loads(res.stdout)
     return doc
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_touches_only_what_is_left(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
 ) -> None:
@@ -68,8 +81,8 @@ def test_sigkill_then_rerun_touches_only_what_is_left(
     config.write_text(f'[state]\nbatch = {batch}\nflush_interval = "20ms"\n')
     definition = _definition(tmp_path, storage, 5000)
     state = tmp_path / "state.db"
-    cmd = _warm_cmd(definition, proxy, pki, state, "--config", str(config), "--concurrency", "4")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = _warm_args(definition, proxy, pki, state, "--config", str(config), "--concurrency", "4")
+    proc = _process(args, stdout=subprocess.DEVNULL)
     try:
         storage.wait_until(lambda s: s.requests_total >= 2000, timeout=TIMEOUT)
         proc.send_signal(signal.SIGKILL)
@@ -79,7 +92,7 @@ def test_sigkill_then_rerun_touches_only_what_is_left(
     storage.wait_until(lambda s: s.active_requests == 0, timeout=TIMEOUT)
     first = storage.stats.requests_total
     assert first < 5000, "the first run must be killed mid-way"
-    code, doc = _run(cmd)
+    code, doc = _run(args)
     assert code == 0
     total = storage.stats.requests_total
     assert total <= 5000 + batch, f"{total - 5000} files touched twice"
@@ -98,16 +111,16 @@ def test_rerun_within_fresh_for_makes_no_request_and_force_touches_all(
     """A rerun within fresh_for sends zero requests; --force touches everything again."""
     definition = _definition(tmp_path, storage, 300)
     state = tmp_path / "state.db"
-    assert _run(_warm_cmd(definition, proxy, pki, state))[0] == 0
+    assert _run(_warm_args(definition, proxy, pki, state))[0] == 0
     assert storage.stats.requests_total == 300
-    code, doc = _run(_warm_cmd(definition, proxy, pki, state))
+    code, doc = _run(_warm_args(definition, proxy, pki, state))
     assert code == 0 and storage.stats.requests_total == 300
     assert doc["counts"]["skipped_fresh"] == 300  # type: ignore[index]
-    code, doc = _run(_warm_cmd(definition, proxy, pki, state, "--force"))
+    code, doc = _run(_warm_args(definition, proxy, pki, state, "--force"))
     assert code == 0 and storage.stats.requests_total == 600
-    code, doc = _run(_warm_cmd(definition, proxy, pki, state, "--fresh-for", "0"))
+    code, doc = _run(_warm_args(definition, proxy, pki, state, "--fresh-for", "0"))
     assert storage.stats.requests_total == 900
-    code, doc = _run(_warm_cmd(definition, proxy, pki, state, "--no-state"))
+    code, doc = _run(_warm_args(definition, proxy, pki, state, "--no-state"))
     assert storage.stats.requests_total == 1200
 
 
@@ -118,15 +131,15 @@ def test_failures_are_not_fresh_and_status_counts_them(
     definition = _definition(tmp_path, storage, 20)
     storage.remove("/ds/f00003")
     state = tmp_path / "state.db"
-    assert _run(_warm_cmd(definition, proxy, pki, state))[0] == 1
+    assert _run(_warm_args(definition, proxy, pki, state))[0] == 1
     [ds] = _status(state, str(definition))["definitions"]  # type: ignore[misc]
     assert (ds["files"], ds["fresh"], ds["failed"]) == (20, 19, {"missing": 1})
     assert ds["last_run"]["exit_code"] == 1 and ds["last_run"]["reason"] == "done"
-    assert _run(_warm_cmd(definition, proxy, pki, state))[0] == 1
+    assert _run(_warm_args(definition, proxy, pki, state))[0] == 1
     assert storage.stats.path("/ds/f00003").requests == 2
     assert storage.stats.requests_total == 21
-    history = subprocess.run([sys.executable, "-m", "prestaged", "history", "--state", str(state),
-                              "--json"], capture_output=True, text=True, check=True, timeout=TIMEOUT)
+    history = run_cli("history", "--state", str(state), "--json")
+    assert history.returncode == 0, history.stderr
     runs = json.loads(history.stdout)["runs"]
     assert [r["counts"].get("skipped_fresh", 0) for r in runs] == [19, 0]
 
@@ -159,8 +172,7 @@ def test_corrupt_state_file_exit_2_and_untouched(pki: TestPKI, proxy: Path, tmp_
     state.write_bytes(content)
     definition = tmp_path / "d.txt"
     definition.write_text("https://127.0.0.1:1/x\n")
-    res = subprocess.run(_warm_cmd(definition, proxy, pki, state), capture_output=True, text=True,
-                         timeout=TIMEOUT, check=False)
+    res = run_cli(*_warm_args(definition, proxy, pki, state))
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert f"state {state}: not a prestaged state database" in res.stderr
@@ -186,6 +198,7 @@ def test_foreign_and_newer_databases_refused(tmp_path: Path) -> None:
         Store(newer).open()
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_state_file(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
 ) -> None:
@@ -194,9 +207,8 @@ def test_two_processes_share_one_state_file(
     config = tmp_path / "c.toml"
     config.write_text('[state]\nbatch = 50\nflush_interval = "50ms"\n')
     defs = [_definition(tmp_path, storage, 2000, name) for name in ("one", "two")]
-    procs = [subprocess.Popen(_warm_cmd(d, proxy, pki, state, "--config", str(config)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for d in defs]
+    procs = [_process(_warm_args(d, proxy, pki, state, "--config", str(config)),
+                      stdout=subprocess.PIPE) for d in defs]
     for p in procs:
         out, err = p.communicate(timeout=TIMEOUT)
         assert p.returncode == 0, err
@@ -216,8 +228,8 @@ def test_interrupted_run_is_recorded(pki: TestPKI, proxy: Path, storage: Threade
     for i in range(20, 100):
         storage.inject(f"/ds/f{i:05d}", [Delay(30)])
     state = tmp_path / "state.db"
-    proc = subprocess.Popen(_warm_cmd(definition, proxy, pki, state, "--concurrency", "4"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _process(_warm_args(definition, proxy, pki, state, "--concurrency", "4"),
+                    stdout=subprocess.PIPE)
     try:
         storage.wait_until(lambda s: s.active_requests >= 4, timeout=TIMEOUT)
         proc.send_signal(signal.SIGINT)

@@ -1,6 +1,6 @@
 """prestaged against the real XRootD server (XrdHttp over HTTPS, Debian xrootd-server) on 127.0.0.1.
 
-Every test runs the real CLI in a subprocess. Where XRootD's log allows, the test also checks
+Every test runs the CLI in-process (``run_cli``). Where XRootD's log allows, the test also checks
 what the server saw: ``acc.audit`` logs a "stat" and a "read" decision per GET, XrdHttp logs one
 "login as <name>" per connection, a dropped unmapped DN and a rejected certificate.
 """
@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_runner import CliResult, run_cli
 
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.xrootd import MAPPED_USER, XRootDServer, xrootd_available
 
 FILES = 300
 CONCURRENCY = 32  # prestaged's default storage.concurrency
-TIMEOUT = 120
 MISSING_XROOTD = "xrootd not found: install Debian package xrootd-server"
 MISSING_IN_CI = f"{MISSING_XROOTD} (CI is set: a missing server is a failure, not a skip)"
 # Zero backoff keeps retried failures fast; breakers and classification do not depend on it.
@@ -59,15 +57,13 @@ def xrootd(pki: TestPKI) -> Iterator[XRootDServer]:
         yield server
 
 
-def _cli(tmp_path: Path, *args: object, config: str = "") -> subprocess.CompletedProcess[str]:
-    """Run ``python -m prestaged ARGS --config <file with config>`` with no X509_* variables."""
+def _cli(tmp_path: Path, *args: object, config: str = "") -> CliResult:
+    """``prestaged ARGS --config <file with config>`` in-process, with no X509_* variables."""
     cfg = tmp_path / "prestaged.toml"
     cfg.write_text(config)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "PRESTAGED_"))}
-    env["HOME"] = env["XDG_CONFIG_HOME"] = str(tmp_path)
-    cmd = [sys.executable, "-m", "prestaged", *map(str, args), "--config", str(cfg)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env,
-                          check=False)
+    home = str(tmp_path)
+    return run_cli(*map(str, args), "--config", str(cfg),
+                   env={"HOME": home, "XDG_CONFIG_HOME": home})
 
 
 def _definition(tmp_path: Path, urls: list[str]) -> Path:
@@ -77,18 +73,18 @@ def _definition(tmp_path: Path, urls: list[str]) -> Path:
 
 
 def _warm(tmp_path: Path, urls: list[str], proxy: Path, ca_dir: Path, *extra: str,
-          config: str = "") -> subprocess.CompletedProcess[str]:
+          config: str = "") -> CliResult:
     return _cli(tmp_path, "warm", _definition(tmp_path, urls), "--proxy", proxy,
                 "--ca-dir", ca_dir, "--json", *extra, config=config)
 
 
-def _why(res: subprocess.CompletedProcess[str], server: XRootDServer) -> str:
+def _why(res: CliResult, server: XRootDServer) -> str:
     """What to print when an assertion fails: the CLI's output and XRootD's log tail."""
     return (f"exit {res.returncode}\n--- stdout\n{res.stdout[:3000]}\n--- stderr\n{res.stderr}"
             f"\n--- xrootd log ({server.log_path})\n{server.log_tail()}")
 
 
-def _doc(res: subprocess.CompletedProcess[str], server: XRootDServer) -> dict[str, Any]:
+def _doc(res: CliResult, server: XRootDServer) -> dict[str, Any]:
     try:
         doc: dict[str, Any] = json.loads(res.stdout)
     except ValueError:
@@ -96,7 +92,7 @@ def _doc(res: subprocess.CompletedProcess[str], server: XRootDServer) -> dict[st
     return doc
 
 
-def _only_error_line(res: subprocess.CompletedProcess[str], server: XRootDServer) -> str:
+def _only_error_line(res: CliResult, server: XRootDServer) -> str:
     """The single stderr line (run with -q) which must be a ``prestaged: error:`` line."""
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("prestaged: error: "), _why(res, server)

@@ -1,4 +1,9 @@
-"""Human and machine output of a run: live progress, the summary table and the JSON document."""
+"""What the commands print: live progress, a run's summary table and JSON document, the
+files a catalog could not resolve, and the text of ``status``, ``history`` and ``campaign``.
+
+Rendering only: every function here takes what a command already has and returns text (or a
+JSON-ready dict); none of them reads the state or asks the daemon.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,34 @@ import asyncio
 import logging
 import shutil
 import sys
-from typing import Any, Optional, TextIO
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Protocol, TextIO, runtime_checkable
 
 from prestaged.model import Result
-from prestaged.warm import RunReport, Tally
 
-__all__ = ["Progress", "report_json", "report_text"]
+if TYPE_CHECKING:
+    from prestaged.catalog import Catalog
+    from prestaged.state.store import DatasetStatus, RunRecord
+    from prestaged.warm import RunReport, Tally
+
+__all__ = [
+    "Progress",
+    "Resolving",
+    "ago",
+    "campaign_lines",
+    "campaign_list_lines",
+    "history_lines",
+    "report_json",
+    "report_text",
+    "source_of",
+    "status_lines",
+    "unresolved_count",
+    "unresolved_json",
+    "unresolved_text",
+]
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +165,182 @@ def report_text(report: RunReport, *, definition: str, catalog: str, source: str
         for o in t.failures[:_SHOWN_FAILURES]:
             lines.append(f"  {o.result.value:<8} {o.url}  {o.error}")
     return "\n".join(lines)
+
+
+# --- where a catalog's files come from, and those it could not resolve -------------------------
+
+
+@runtime_checkable
+class Sourced(Protocol):
+    """A catalog that names where its files come from (SAM web: the API's base URL)."""
+
+    @property
+    def source(self) -> str:
+        """Where the files come from, for summaries."""
+        ...
+
+
+@runtime_checkable
+class FileBacked(Protocol):
+    """A catalog read from one file (the local catalog)."""
+
+    @property
+    def path(self) -> Path:
+        """The definition file."""
+        ...
+
+
+class UnresolvedFile(Protocol):
+    """A file the catalog listed but could give no URL (see ``Resolving``)."""
+
+    @property
+    def name(self) -> str:
+        """The file's name in the catalog."""
+        ...
+
+    @property
+    def locations(self) -> Sequence[str]:
+        """The catalog's locations of it (none when it knows none)."""
+        ...
+
+    @property
+    def reason(self) -> str:
+        """Why it got no URL."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        ...
+
+
+@runtime_checkable
+class Resolving(Protocol):
+    """A catalog that can list files it cannot turn into URLs (SAM web): after ``files()``,
+    ``unresolved_count`` of them, the first few kept in ``unresolved``."""
+
+    @property
+    def unresolved(self) -> Sequence[UnresolvedFile]:
+        """The first unresolved files, with their locations and reasons."""
+        ...
+
+    @property
+    def unresolved_count(self) -> int:
+        """Every unresolved file, kept in ``unresolved`` or not."""
+        ...
+
+
+_SHOWN_UNRESOLVED = 20
+
+
+def source_of(catalog: Catalog) -> str:
+    """Where ``catalog``'s files come from: its source, its file, else the definition."""
+    if isinstance(catalog, Sourced) and catalog.source:
+        return catalog.source
+    if isinstance(catalog, FileBacked):
+        return str(catalog.path)
+    return catalog.definition
+
+
+def unresolved_count(catalog: Catalog) -> int:
+    """Files ``catalog`` listed but could give no URL (0 for catalogs that cannot have any)."""
+    return catalog.unresolved_count if isinstance(catalog, Resolving) else 0
+
+
+def unresolved_json(catalog: Catalog) -> dict[str, Any]:
+    """``unresolved``/``unresolved_count`` for a JSON document ({} for catalogs without)."""
+    if not isinstance(catalog, Resolving):
+        return {}
+    count = catalog.unresolved_count
+    kept = [u.to_dict() for u in catalog.unresolved]
+    return {"unresolved_count": count, "unresolved": kept,
+            "unresolved_omitted": max(0, count - len(kept))}
+
+
+def unresolved_text(catalog: Catalog, *, limit: Optional[int] = _SHOWN_UNRESOLVED) -> str:
+    """Lines naming the files that got no URL ("" when there are none)."""
+    if not isinstance(catalog, Resolving) or not catalog.unresolved_count:
+        return ""
+    count = catalog.unresolved_count
+    kept = catalog.unresolved if limit is None else catalog.unresolved[:limit]
+    more = "" if len(kept) == count else f" ({len(kept)} shown; --json lists more)"
+    lines = [f"unresolved: {count} file{'s' if count != 1 else ''} got no URL and "
+             f"{'were' if count != 1 else 'was'} not touched{more}:"]
+    for u in kept:
+        lines.append(f"  {u.name}  {u.reason}: {', '.join(u.locations) or '-'}")
+    return "\n".join(lines)
+
+
+# --- the state: status and history ------------------------------------------------------------
+
+
+def ago(when: Optional[float]) -> str:
+    """``when`` (a Unix time) as "1h02m ago"; "-" for None."""
+    if when is None:
+        return "-"
+    from prestaged.credentials import format_timedelta  # cryptography: only when a time shows
+
+    return format_timedelta(timedelta(seconds=max(0.0, time.time() - when))) + " ago"
+
+
+def status_lines(rows: Sequence[DatasetStatus]) -> list[str]:
+    """``prestaged status``'s table: one row per definition, its failures by reason below."""
+    lines = [f"{'definition':<32} {'catalog':<8} {'files':>8} {'fresh':>8} {'stale':>7} "
+             f"{'failed':>7} {'never':>7}  last run"]
+    for r in rows:
+        last = "-"
+        if r.last_run is not None:
+            lr = r.last_run
+            last = f"{ago(lr.started)}, {lr.reason or 'running'} (exit {lr.exit_code})"
+        failed = sum(r.failed.values())
+        lines.append(f"{r.definition:<32} {r.catalog:<8} {r.files:>8} {r.fresh:>8} "
+                     f"{r.stale:>7} {failed:>7} {r.never:>7}  {last}")
+        if r.failed:
+            lines.append("  failed: " + ", ".join(f"{k} {v}" for k, v in sorted(r.failed.items())))
+    return lines
+
+
+def history_lines(runs: Sequence[RunRecord]) -> list[str]:
+    """``prestaged history``: one line per run, newest first as given."""
+    lines = []
+    for r in runs:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(r.counts.items()) if v) or "-"
+        lines.append(f"#{r.id:<5} {ago(r.started):<14} {r.catalog}:{r.definition}  "
+                     f"exit {r.exit_code if r.exit_code is not None else '-'}  "
+                     f"{r.reason or 'running'}  [{counts}]")
+    return lines
+
+
+# --- campaigns --------------------------------------------------------------------------------
+
+
+def campaign_list_lines(rows: Sequence[dict[str, Any]], source: str) -> list[str]:
+    """``campaign list``: one line per campaign with its submissions by state."""
+    if not rows:
+        return [f"no campaigns ({source})"]
+    lines = []
+    for r in rows:
+        task = r["daemon"]["status"] if r["daemon"] else "-"
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(r["submissions"].items())) or "none"
+        lines.append(f"{r['campaign']:<24} {r['control'] or '':<9} daemon {task:<8} "
+                     f"submissions: {counts}")
+    return lines
+
+
+def campaign_lines(doc: dict[str, Any]) -> list[str]:
+    """``campaign show``'s text: the campaign, then each stage and its submissions."""
+    task = doc.get("daemon")
+    head = f"{doc['campaign']}: {doc['control'] or 'active'}"
+    if task:
+        head += f"; daemon: {task['status']}" + (f" ({task['detail']})" if task["detail"] else "")
+    lines = [f"{head}  [{doc['source']}]"]
+    for stage in doc["stages"]:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(stage["counts"].items())) or "none"
+        control = f" [{stage['control']}]" if stage["control"] else ""
+        lines.append(f"{doc['campaign']}/{stage['name']}{control}: {counts}")
+        for s in (s for s in doc["submissions"] if s["stage"] == stage["name"]):
+            files = "-" if s["n_files"] is None else str(s["n_files"])
+            warm = "-" if s["warm_of"] is None else f"{s['warm']}/{s['warm_of']}"
+            lines.append(f"  #{s['id']:<4} {s['item']:<12} {s['state']:<14} files {files:<6} "
+                         f"warm {warm:<9} job {s['job_id'] or '-'}  {ago(s['updated'])}: "
+                         f"{s['reason'] or '-'}")
+    return lines

@@ -1,0 +1,165 @@
+"""``prestaged campaign add/run/list/show/hold/release/cancel/retry/mark-submitted``.
+
+``run`` processes a campaign in the foreground; ``add`` gives it to the running daemon. The
+others ask the daemon when one answers at ``daemon.listen`` and work on the state database
+otherwise (or with ``--state``): ``via_daemon`` decides, and the operator actions word their
+result with the same ``apply_action`` either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from prestaged.cli.common import context, open_store, via_daemon
+from prestaged.cli.render import campaign_lines, campaign_list_lines
+from prestaged.config import Config
+from prestaged.errors import EXIT_HELD, ConfigError
+from prestaged.runtime import install_interrupt, run
+
+if TYPE_CHECKING:
+    from prestaged.campaign.runner import CampaignResult
+
+__all__ = [
+    "cmd_campaign_action",
+    "cmd_campaign_add",
+    "cmd_campaign_list",
+    "cmd_campaign_run",
+    "cmd_campaign_show",
+]
+
+
+def cmd_campaign_add(args: argparse.Namespace, cfg: Config) -> int:
+    """``campaign add``: validate FILE here, then give it to the daemon (an error without one)."""
+    from prestaged.campaign.spec import load_campaign
+    from prestaged.service.client import base_url, call
+
+    campaign = load_campaign(args.file)  # the daemon checks again; errors come out here first
+    body: dict[str, Any] = {"toml": args.file.read_text(encoding="utf-8"),
+                            "source": str(args.file.resolve()), "held": args.held}
+    doc = call(cfg, "POST", "/api/v1/campaigns", body)
+    if doc is None:
+        raise ConfigError(f"campaign add: no prestaged daemon answers at {base_url(cfg)} "
+                          "(daemon.listen): start `prestaged serve`, or run the campaign in the "
+                          f"foreground with `prestaged campaign run {args.file}`")
+    verb = "added" if doc["added"] else "replaced (submissions and ledger kept)"
+    print(f"{campaign.name}: {verb}{', held' if args.held else ''}; `prestaged campaign show "
+          f"{campaign.name}` follows it")
+    return 0
+
+
+def cmd_campaign_list(args: argparse.Namespace, cfg: Config) -> int:
+    """``campaign list``: every campaign with its submissions by state."""
+    from prestaged.campaign.repository import CampaignRepository
+
+    doc = via_daemon(args, cfg, "GET", "/api/v1/campaigns")
+    rows: list[dict[str, Any]]
+    if doc is not None:
+        rows, source = doc["campaigns"], f"daemon {cfg.daemon.listen}"
+    else:
+        store = open_store(args, cfg, must_exist=True)
+        try:
+            rows = [{**r, "daemon": None} for r in CampaignRepository(store).summaries()]
+        finally:
+            store.close()
+        source = f"state {store.path}"
+    if args.json:
+        print(json.dumps({"source": source, "campaigns": rows}, indent=2))
+        return 0
+    print("\n".join(campaign_list_lines(rows, source)))
+    return 0
+
+
+def cmd_campaign_show(args: argparse.Namespace, cfg: Config) -> int:
+    """``campaign show``: stages, controls and submissions of one campaign (FILE or NAME)."""
+    from prestaged.campaign.repository import CampaignRepository
+    from prestaged.campaign.spec import load_campaign
+
+    name = args.campaign
+    if Path(name).is_file():
+        name = load_campaign(Path(name)).name
+    doc = via_daemon(args, cfg, "GET", f"/api/v1/campaigns/{quote(name, safe='')}")
+    if doc is not None:
+        doc["source"] = f"daemon {cfg.daemon.listen}"
+    else:
+        store = open_store(args, cfg, must_exist=True)
+        try:
+            doc = CampaignRepository(store).describe(name, store.path.parent / "campaigns",
+                                                cfg.state.fresh_for)
+        finally:
+            store.close()
+        doc["source"] = f"state {store.path}"
+        if not doc["submissions"] and not doc["control"]:
+            from prestaged.errors import CatalogError
+
+            raise CatalogError(f"campaign '{name}' has no submissions in state {store.path}")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print("\n".join(campaign_lines(doc)))
+    return 0
+
+
+def cmd_campaign_action(args: argparse.Namespace, cfg: Config) -> int:
+    """hold, release, cancel, retry, mark-submitted: through the daemon when one answers,
+    else on the state database; the same ``apply_action`` words the result either way."""
+    from prestaged.campaign.actions import apply_action
+    from prestaged.campaign.repository import CampaignRepository
+
+    body: dict[str, Any] = {"stage": getattr(args, "stage", None),
+                            "submission": getattr(args, "submission", None),
+                            "job_id": getattr(args, "job_id", None)}
+    body = {k: v for k, v in body.items() if v is not None}
+    doc = via_daemon(args, cfg, "POST",
+                     f"/api/v1/campaigns/{quote(args.campaign, safe='')}/{args.action}", body)
+    if doc is not None:
+        print(doc["result"])
+        return 0
+    store = open_store(args, cfg, must_exist=args.action in ("retry", "mark-submitted"))
+    try:
+        print(apply_action(CampaignRepository(store), args.campaign, args.action, ahead=True,
+                           **body))
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
+    """``campaign run``: the campaign in the foreground; 0 done, 1 failed, 75 held, 130."""
+    from prestaged.campaign.runner import run_campaign
+    from prestaged.campaign.spec import load_campaign
+
+    campaign = load_campaign(args.file)
+    ctx = context(args, cfg)
+    creds = ctx.load_credentials()
+    kind = campaign.defaults.catalog or cfg.catalog.default
+    catalog_creds = ctx.catalog_credentials(creds) if kind == "samweb" else None
+    settings = ctx.warm_settings(creds)
+    store = ctx.open_store()
+
+    async def go() -> CampaignResult:
+        stop = asyncio.Event()
+        install_interrupt(stop)
+        async with ctx.make_toucher(creds.ssl_context()) as toucher:
+            return await run_campaign(
+                campaign, store, gate=ctx.gate(store, toucher, settings, stop=stop),
+                open_catalog=lambda d: ctx.open_catalog(kind, d, creds=catalog_creds),
+                workdir=store.path.parent / "campaigns", stop=stop,
+                rewarm=ctx.rewarm(store, toucher, settings, stop=stop))
+
+    try:
+        result = run(go())
+    finally:
+        store.close()
+    for stage, outcome in result.stages.items():
+        print(f"{campaign.name}/{stage}: {outcome}")
+    if result.exit_code == EXIT_HELD:
+        print(f"prestaged: campaign {campaign.name} is held: nothing more launched (exit "
+              f"{EXIT_HELD}); `prestaged campaign release {campaign.name} [--stage S]` "
+              "and run it again", file=sys.stderr)
+    return result.exit_code

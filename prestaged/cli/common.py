@@ -1,0 +1,60 @@
+"""What the command families share: a command's signature, its ``Context``, its state store,
+and the running daemon's answer.
+
+Kept free of the storage stack at import time: ``import prestaged.cli`` (every command's start,
+``--help`` included) must not load aiohttp or cryptography, so ``Context`` is imported only when
+a command asks for one.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from prestaged.config import Config
+from prestaged.errors import PrestagedError
+
+if TYPE_CHECKING:
+    from prestaged.context import Context
+    from prestaged.state.store import Store
+
+__all__ = ["Command", "context", "open_store", "via_daemon"]
+
+Command = Callable[[argparse.Namespace, Config], int]
+"""A subcommand's handler: the parsed command line and the loaded config -> the exit code."""
+
+
+def context(args: argparse.Namespace, cfg: Config) -> Context:
+    """The context of this command: ``cfg`` with ``--proxy``/``--ca-dir`` when given."""
+    from prestaged.context import Context  # the storage stack: only for commands that use it
+
+    return Context(cfg, proxy=getattr(args, "proxy", None), ca_dir=getattr(args, "ca_dir", None))
+
+
+def open_store(args: argparse.Namespace, cfg: Config, *, must_exist: bool = False) -> Store:
+    """The state store of ``--state`` (or ``state.path``), open; ``must_exist`` for commands
+    that only read it."""
+    return context(args, cfg).open_store(must_exist=must_exist)
+
+
+def via_daemon(args: argparse.Namespace, cfg: Config, method: str, path: str,
+               body: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
+    """The daemon's answer (a JSON object) to ``method path``, or None when ``--state`` was
+    given or nothing listens at ``daemon.listen`` (then the command works on the state database
+    itself). A daemon that does not answer in time is an error, never "no daemon" (see
+    ``service.client``)."""
+    from prestaged.errors import NotFoundError
+    from prestaged.service.client import call
+
+    if getattr(args, "state", None) is not None:
+        return None
+    try:
+        doc = call(cfg, method, path, body)
+    except NotFoundError as e:
+        raise NotFoundError(f"{e} (asked the daemon at {cfg.daemon.listen}; --state FILE works "
+                            "on a state file instead)") from None
+    if doc is not None and not isinstance(doc, dict):
+        # Every API answer is an object: anything else is not our daemon speaking.
+        raise PrestagedError(f"the daemon at {cfg.daemon.listen} answered {method} {path} with "
+                             f"{type(doc).__name__}, not a JSON object")
+    return doc

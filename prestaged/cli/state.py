@@ -1,0 +1,83 @@
+"""``prestaged status`` and ``prestaged history``: what the state database (or the running
+daemon) knows of past warm runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import urllib.parse
+from typing import TYPE_CHECKING, Optional
+
+from prestaged.cli.common import open_store, via_daemon
+from prestaged.cli.render import history_lines, status_lines
+from prestaged.config import Config
+
+if TYPE_CHECKING:
+    from prestaged.state.store import DatasetStatus
+
+__all__ = ["cmd_history", "cmd_status"]
+
+log = logging.getLogger(__name__)
+
+
+def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    """``prestaged status``: warmth per definition, from the daemon or the state database;
+    ``CatalogError`` (exit 4) for a named definition with no record."""
+    rows = _daemon_status(args, cfg)
+    source = f"daemon http://{cfg.daemon.listen}"
+    if rows is None:
+        store = open_store(args, cfg, must_exist=True)
+        try:
+            rows = store.status(cfg.state.fresh_for, args.definition, args.status_catalog)
+        finally:
+            store.close()
+        source = f"state {store.path}"
+    if args.definition is not None and not rows:
+        from prestaged.errors import CatalogError
+
+        raise CatalogError(f"definition '{args.definition}' has no record in {source}")
+    if args.json:
+        print(json.dumps({"source": source, "fresh_for_seconds": cfg.state.fresh_for,
+                          "definitions": [r.to_dict() for r in rows]}, indent=2))
+        return 0
+    print("\n".join(status_lines(rows)))
+    return 0
+
+
+def cmd_history(args: argparse.Namespace, cfg: Config) -> int:
+    """``prestaged history``: the most recent runs of the state database, newest first."""
+    store = open_store(args, cfg, must_exist=True)
+    try:
+        runs = store.runs(limit=args.limit)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"state": str(store.path), "runs": [r.to_dict() for r in runs]},
+                         indent=2))
+        return 0
+    for line in history_lines(runs):
+        print(line)
+    return 0
+
+
+def _daemon_status(args: argparse.Namespace, cfg: Config) -> Optional[list[DatasetStatus]]:
+    """Warmth as the running daemon (``daemon.listen``) reports it, or None when none answers.
+
+    An explicit ``--state`` always reads that file instead.
+    """
+    from prestaged.state.store import DatasetStatus, RunRecord
+
+    query = urllib.parse.urlencode({"catalog": args.status_catalog} if args.status_catalog
+                                   else {})
+    doc = via_daemon(args, cfg, "GET", f"/api/v1/datasets?{query}")
+    if doc is None:
+        return None
+    rows = []
+    for d in doc.get("definitions", []):
+        if args.definition is not None and d["definition"] != args.definition:
+            continue
+        last = RunRecord(**d["last_run"]) if d.get("last_run") else None
+        rows.append(DatasetStatus(**{**d, "last_run": last}))
+    log.debug("status from the daemon at %s", cfg.daemon.listen)
+    return rows
