@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import sys
@@ -34,7 +35,10 @@ else:  # pragma: no cover - exercised on 3.9/3.10 only
     import tomli as tomllib
 
 __all__ = [
+    "DAY",
     "FRACTION",
+    "HOUR",
+    "MINUTE",
     "NON_EMPTY",
     "NON_NEGATIVE",
     "PLAIN_NAME",
@@ -55,6 +59,7 @@ __all__ = [
     "WatchConfig",
     "build_section",
     "check",
+    "checked",
     "default_config_paths",
     "find_config",
     "load_config",
@@ -63,6 +68,7 @@ __all__ = [
     "parse_duration",
     "replace_path",
     "shown",
+    "within",
 ]
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)", re.IGNORECASE)
@@ -77,7 +83,7 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration")
     if isinstance(value, (int, float)):
-        if value < 0:
+        if value < 0 or not math.isfinite(value):
             raise ValueError("expected a non-negative duration")
         return float(value)
     if isinstance(value, str):
@@ -87,6 +93,9 @@ def parse_duration(value: object) -> float:
         if text and _DURATION_PART.sub("", text) == "":
             return sum(float(n) * _UNIT_SECONDS[u.lower()] for n, u in _DURATION_PART.findall(text))
     raise ValueError('expected a duration such as 30, "90s", "15m", "6h" or "1h30m"')
+
+
+T = TypeVar("T")
 
 
 class Duration(float):
@@ -108,8 +117,9 @@ class Check:
     expected: str
 
     def describe(self, noun: str) -> str:
-        """The expected value as a noun phrase, for a field of type ``noun``."""
-        return self.expected.format(noun=noun)
+        """The expected value as a noun phrase, for a field of type ``noun`` (``{a}`` is its
+        article)."""
+        return self.expected.format(noun=noun, a="an" if noun[0] in "aeiou" else "a")
 
 
 def check(rule: Check) -> dict[str, Any]:
@@ -129,6 +139,32 @@ NON_EMPTY = Check(lambda v: bool(v.strip()), "a non-empty {noun}")
 PLAIN_NAME = Check(lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v) is not None,
                    "a plain name (letters, digits, _.-)")
 """A name usable in file names and URLs: a letter or digit, then letters, digits, ``_.-``."""
+
+
+def checked(label: str, value: T, rule: Check, noun: str) -> T:
+    """``value`` when ``rule`` accepts it, else the ``ConfigError`` a config key would get,
+    naming ``label`` (a command-line option such as ``--limit``)."""
+    if not rule.ok(value):
+        raise ConfigError(f"{label}: expected {rule.describe(noun)}, got {shown(value)}")
+    return value
+
+
+def _number(v: float) -> str:
+    return f"{v:g}" if isinstance(v, float) and not v.is_integer() else f"{int(v)}"
+
+
+def within(low: float, high: float, *, low_open: bool = False, unit: str = "") -> Check:
+    """From ``low`` to ``high`` inclusive (``low`` excluded with ``low_open``); ``unit``
+    words the bounds of durations (``within(0, DAY, unit="s")`` says "up to 86400 s")."""
+    suffix = f" {unit}" if unit else ""
+    if low_open:
+        return Check(lambda v: low < v <= high,
+                     f"{{a}} {{noun}} above {_number(low)} and at most {_number(high)}{suffix}")
+    return Check(lambda v: low <= v <= high,
+                 f"{{a}} {{noun}} from {_number(low)} to {_number(high)}{suffix}")
+
+
+MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 
 
 def one_of(*choices: str) -> Check:
@@ -162,6 +198,17 @@ def _is_listen(v: str) -> bool:
 _LISTEN = Check(_is_listen, 'a "host:port" such as "127.0.0.1:9464"')
 
 
+# Duration ranges of the settings below (seconds).
+_UP_TO_A_DAY = within(0, DAY, low_open=True, unit="s")
+_UP_TO_AN_HOUR = within(0, HOUR, low_open=True, unit="s")
+_UP_TO_A_WEEK = within(0, 7 * DAY, low_open=True, unit="s")
+_UP_TO_A_YEAR = within(0, 365 * DAY, low_open=True, unit="s")
+_ZERO_TO_A_DAY = within(0, DAY, unit="s")
+_ZERO_TO_AN_HOUR = within(0, HOUR, unit="s")
+_ZERO_TO_30_DAYS = within(0, 30 * DAY, unit="s")
+_ZERO_TO_A_YEAR = within(0, 365 * DAY, unit="s")
+
+
 # --- sections ---------------------------------------------------------------------------------
 
 
@@ -173,7 +220,7 @@ class CredentialsConfig:
     """Proxy file; unset means ``$X509_USER_PROXY`` then ``/tmp/x509up_u<uid>``."""
     ca_dir: Optional[Path] = None
     """Hashed CA directory; unset: ``$X509_CERT_DIR``, ``/etc/grid-security/certificates``."""
-    min_lifetime: Duration = field(default=Duration(3600.0), metadata=check(NON_NEGATIVE))
+    min_lifetime: Duration = field(default=Duration(3600.0), metadata=check(_ZERO_TO_30_DAYS))
     """Refuse to start when the proxy has less than this left (seconds; default 1 h)."""
 
 
@@ -181,21 +228,21 @@ class CredentialsConfig:
 class StorageConfig:
     """``[storage]``: how files are touched."""
 
-    concurrency: int = field(default=32, metadata=check(POSITIVE))
+    concurrency: int = field(default=32, metadata=check(within(1, 10_000)))
     """Files in flight at once (and the connection pool size)."""
-    per_host: int = field(default=32, metadata=check(POSITIVE))
+    per_host: int = field(default=32, metadata=check(within(1, 10_000)))
     """Connections at once to one host (door or pool)."""
-    bytes: int = field(default=4, metadata=check(POSITIVE))
+    bytes: int = field(default=4, metadata=check(within(1, 1 << 20)))
     """Bytes read from the start of each file (``Range: bytes=0-(n-1)``)."""
-    rate: float = field(default=0.0, metadata=check(NON_NEGATIVE))
+    rate: float = field(default=0.0, metadata=check(within(0, 1_000_000)))
     """Files per second per endpoint; 0 means unlimited."""
-    timeout: Duration = field(default=Duration(60.0), metadata=check(POSITIVE))
+    timeout: Duration = field(default=Duration(60.0), metadata=check(_UP_TO_A_DAY))
     """Limit for one attempt on one file, redirects included (seconds)."""
-    connect_timeout: Duration = field(default=Duration(15.0), metadata=check(POSITIVE))
+    connect_timeout: Duration = field(default=Duration(15.0), metadata=check(_UP_TO_AN_HOUR))
     """Limit for connecting and the TLS handshake (seconds)."""
-    max_redirects: int = field(default=5, metadata=check(NON_NEGATIVE))
+    max_redirects: int = field(default=5, metadata=check(within(0, 20)))
     """Redirects followed per file (a dCache door redirects once, to a pool)."""
-    queue: int = field(default=0, metadata=check(NON_NEGATIVE))
+    queue: int = field(default=0, metadata=check(within(0, 1_000_000)))
     """Files buffered between catalog and workers; 0 means 4 x concurrency."""
     fast_path: bool = True
     """Send plain ranged GETs on lean keep-alive connections (httptools), aiohttp for the rest;
@@ -210,17 +257,17 @@ class StorageConfig:
 class RetryConfig:
     """``[retry]``: exponential backoff with jitter for 5xx, 429, timeouts and resets."""
 
-    attempts: int = field(default=5, metadata=check(POSITIVE))
+    attempts: int = field(default=5, metadata=check(within(1, 100)))
     """Tries per file, the first included."""
-    initial: Duration = field(default=Duration(0.5), metadata=check(NON_NEGATIVE))
+    initial: Duration = field(default=Duration(0.5), metadata=check(_ZERO_TO_AN_HOUR))
     """First backoff (seconds); doubles each retry."""
-    max: Duration = field(default=Duration(30.0), metadata=check(NON_NEGATIVE))
+    max: Duration = field(default=Duration(30.0), metadata=check(_ZERO_TO_A_DAY))
     """Largest backoff between two tries (seconds)."""
-    jitter: float = field(default=0.5, metadata=check(NON_NEGATIVE))
+    jitter: float = field(default=0.5, metadata=check(within(0, 10)))
     """Random extra delay, as a fraction of the backoff (0.5 = up to +50%)."""
-    total: Duration = field(default=Duration(600.0), metadata=check(POSITIVE))
+    total: Duration = field(default=Duration(600.0), metadata=check(_UP_TO_A_WEEK))
     """Time budget for one file across all its tries (seconds)."""
-    max_retry_after: Duration = field(default=Duration(300.0), metadata=check(NON_NEGATIVE))
+    max_retry_after: Duration = field(default=Duration(300.0), metadata=check(_ZERO_TO_A_DAY))
     """Largest server ``Retry-After`` honoured (seconds); longer asks give up on the file."""
 
 
@@ -228,12 +275,12 @@ class RetryConfig:
 class BreakerConfig:
     """``[breaker]``: stop a run early when an endpoint refuses us again and again."""
 
-    denials: int = field(default=20, metadata=check(POSITIVE))
+    denials: int = field(default=20, metadata=check(within(1, 1_000_000)))
     """Consecutive 401/403 answers from one endpoint that stop the run (exit 3)."""
-    tls_failures: int = field(default=5, metadata=check(POSITIVE))
+    tls_failures: int = field(default=5, metadata=check(within(1, 1_000_000)))
     """Consecutive refused connections (TLS handshake failures, or hang-ups by an endpoint that
     never answered) that stop the run (exit 3)."""
-    unreachable: int = field(default=50, metadata=check(POSITIVE))
+    unreachable: int = field(default=50, metadata=check(within(1, 1_000_000)))
     """Consecutive files failing to connect (after retries) that stop the run (exit 5)."""
 
 
@@ -270,21 +317,21 @@ class SamWebConfig:
     """SAM web host; unset: ``$SAM_WEB_HOST``, then ``samweb.fnal.gov``."""
     experiment: Optional[str] = field(default=None, metadata=check(PLAIN_NAME))
     """Experiment (``dune``, ``uboone``, ...); unset: ``$SAM_EXPERIMENT``."""
-    batch: int = field(default=500, metadata=check(POSITIVE))
+    batch: int = field(default=500, metadata=check(within(1, 10_000)))
     """File names per bulk ``/files/locations`` request (the samweb client sends 50)."""
-    parallel: int = field(default=4, metadata=check(POSITIVE))
+    parallel: int = field(default=4, metadata=check(within(1, 64)))
     """Location requests in flight at once (bounds the files held in memory, too)."""
-    timeout: Duration = field(default=Duration(120.0), metadata=check(POSITIVE))
+    timeout: Duration = field(default=Duration(120.0), metadata=check(_UP_TO_A_DAY))
     """Connect limit, and longest wait for the next bytes of an answer (seconds)."""
-    retry_initial: Duration = field(default=Duration(1.0), metadata=check(NON_NEGATIVE))
+    retry_initial: Duration = field(default=Duration(1.0), metadata=check(_ZERO_TO_AN_HOUR))
     """First backoff after a 5xx, timeout or dropped connection (seconds); doubles each retry."""
-    retry_max: Duration = field(default=Duration(60.0), metadata=check(NON_NEGATIVE))
+    retry_max: Duration = field(default=Duration(60.0), metadata=check(_ZERO_TO_A_DAY))
     """Largest backoff between two tries (seconds); also caps a server's ``Retry-After``."""
-    retry_for: Duration = field(default=Duration(3600.0), metadata=check(NON_NEGATIVE))
+    retry_for: Duration = field(default=Duration(3600.0), metadata=check(_ZERO_TO_30_DAYS))
     """Give up on an unanswered request after retrying this long (seconds; 0: never retry)."""
     url_mode: str = field(default="rewrite", metadata=check(one_of("rewrite", "access-url")))
     """``rewrite``: locations -> URLs by the rules; ``access-url``: ask SAM per file."""
-    access_url_concurrency: int = field(default=16, metadata=check(POSITIVE))
+    access_url_concurrency: int = field(default=16, metadata=check(within(1, 1000)))
     """Per-file access-URL requests in flight at once (``url_mode = "access-url"``)."""
     schema: str = field(default="https", metadata=check(_SCHEME))
     """URL scheme asked for in ``access-url`` mode."""
@@ -313,11 +360,11 @@ class StateConfig:
 
     path: Optional[Path] = None
     """Database file; unset: ``$XDG_STATE_HOME/prestaged/state.db`` (``~/.local/state/...``)."""
-    fresh_for: Duration = field(default=Duration(6 * 3600.0), metadata=check(NON_NEGATIVE))
+    fresh_for: Duration = field(default=Duration(6 * 3600.0), metadata=check(_ZERO_TO_A_YEAR))
     """Files touched successfully within this long are skipped unless ``--force`` (0: never)."""
-    batch: int = field(default=500, metadata=check(POSITIVE))
+    batch: int = field(default=500, metadata=check(within(1, 100_000)))
     """Outcomes per write transaction; a crash loses at most one batch (re-warmed next time)."""
-    flush_interval: Duration = field(default=Duration(1.0), metadata=check(POSITIVE))
+    flush_interval: Duration = field(default=Duration(1.0), metadata=check(_UP_TO_AN_HOUR))
     """Longest time an outcome waits before it is written (seconds)."""
 
 
@@ -330,13 +377,13 @@ class DaemonConfig:
     token_file: Optional[Path] = None
     """File (mode 0600) holding the bearer token that mutating API calls must present;
     required whenever ``listen`` is not a loopback address."""
-    drain_timeout: Duration = field(default=Duration(30.0), metadata=check(NON_NEGATIVE))
+    drain_timeout: Duration = field(default=Duration(30.0), metadata=check(_ZERO_TO_A_DAY))
     """On SIGTERM, how long running warms may go on before they are stopped (seconds)."""
-    credential_check: Duration = field(default=Duration(30.0), metadata=check(POSITIVE))
+    credential_check: Duration = field(default=Duration(30.0), metadata=check(_UP_TO_A_DAY))
     """How often the proxy file is checked for renewal and expiry (seconds)."""
-    jitter: float = field(default=0.1, metadata=check(NON_NEGATIVE))
+    jitter: float = field(default=0.1, metadata=check(within(0, 0.9)))
     """Scheduled re-warms start up to this fraction of ``every`` early or late."""
-    campaign_check: Duration = field(default=Duration(300.0), metadata=check(POSITIVE))
+    campaign_check: Duration = field(default=Duration(300.0), metadata=check(_UP_TO_A_WEEK))
     """How often a campaign that stopped short (held, a failed submission, its catalog
     unreachable) is looked at again; operator actions through the API act at once (seconds)."""
 
@@ -349,7 +396,7 @@ class WatchConfig:
     """Definition name (or, for the local catalog, a path to a URL list)."""
     catalog: Optional[str] = None
     """Catalog resolving it; unset: ``catalog.default``."""
-    every: Duration = field(default=Duration(6 * 3600.0), metadata=check(POSITIVE))
+    every: Duration = field(default=Duration(6 * 3600.0), metadata=check(_UP_TO_A_YEAR))
     """Re-warm interval (seconds); files touched within it are not touched again."""
     ready: float = field(default=1.0, metadata=check(FRACTION))
     """Fraction of the definition that must be warm for it to count as ready."""
@@ -359,7 +406,7 @@ class WatchConfig:
 class OutputConfig:
     """``[output]``: progress reporting."""
 
-    progress_interval: Duration = field(default=Duration(30.0), metadata=check(POSITIVE))
+    progress_interval: Duration = field(default=Duration(30.0), metadata=check(_UP_TO_A_DAY))
     """Seconds between one-line progress reports when stderr is not a terminal."""
     log_level: str = "info"
     """One of debug, info, warning, error."""
@@ -426,6 +473,9 @@ def load_config(path: Path | None) -> Config:
         raise ConfigError(f"config {path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config {path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8; tomllib decodes before it parses
+        raise ConfigError(f"config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                          f"offset {e.start})") from None
     base = path.parent
     try:
         cfg = build_section(Config, data, "", base)
@@ -451,7 +501,6 @@ def replace_path(cfg: Any, dotted: str, value: Any, label: str | None = None) ->
     return dataclasses.replace(cfg, **{head: converted})
 
 
-T = TypeVar("T")
 
 
 def build_section(cls: type[T], data: object, prefix: str, base: Path) -> T:
@@ -513,6 +562,8 @@ def _typed(tp: Any, value: object) -> Any:
     if tp is int and isinstance(value, int):
         return value
     if tp is float and isinstance(value, (int, float)):
+        if not math.isfinite(value):  # TOML has inf and nan; no setting means either
+            raise ValueError(value)
         return float(value)
     if tp is str and isinstance(value, str):
         return value
@@ -539,8 +590,8 @@ def _convert(tp: Any, fld: dataclasses.Field[Any], value: object, key: str, base
             raise ConfigError(f"{key}: expected true or false, got {got}")
         return value
     if tp is Path:
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(f"{key}: expected a path string, got {got}")
+        if not isinstance(value, (str, Path)) or "\x00" in str(value):
+            raise ConfigError(f"{key}: expected a path (a string without NUL bytes), got {got}")
         p = Path(value).expanduser()
         return p if p.is_absolute() else base / p
     if tp not in _NOUNS:  # pragma: no cover - a programming error in the dataclasses above

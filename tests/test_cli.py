@@ -108,7 +108,7 @@ def test_catalog_dir_by_name_and_flags_override_config(
 @pytest.mark.parametrize(
     ("toml", "expected"),
     [
-        ("[storage]\nconcurrency = \"ten\"\n", 'storage.concurrency: expected a positive integer, got "ten"'),
+        ("[storage]\nconcurrency = \"ten\"\n", 'storage.concurrency: expected an integer from 1 to 10000, got "ten"'),
         ("[storage]\nconcurency = 4\n", "unknown key storage.concurency (did you mean storage.concurrency?)"),
         ("[storage\n", "invalid TOML"),
     ],
@@ -128,7 +128,7 @@ def test_bad_flag_value_exit_2(tmp_path: Path) -> None:
     """A bad flag value is rejected like a bad config value, naming the flag."""
     res = run_cli("warm", "x.txt", "--concurrency", "0")
     assert res.returncode == 2
-    assert "--concurrency: expected a positive integer, got 0" in _one_error_line(res.stderr)
+    assert "--concurrency: expected an integer from 1 to 10000, got 0" in _one_error_line(res.stderr)
 
 
 @pytest.mark.parametrize("problem", ["expired", "missing", "no-key", "default-missing", "ca-dir"])
@@ -302,7 +302,7 @@ def test_console_entry_point_runs_for_real(tmp_path: Path) -> None:
     assert real("--version").stdout.strip() == f"prestaged {__version__}"
     res = real("warm", "x.txt", "--concurrency", "0")
     assert res.returncode == 2
-    assert "--concurrency: expected a positive integer, got 0" in _one_error_line(res.stderr)
+    assert "--concurrency: expected an integer from 1 to 10000, got 0" in _one_error_line(res.stderr)
 
 
 COMMANDS = ["warm", "files", "status", "history", "wait", "submit", "campaign", "serve", "proxy",

@@ -52,13 +52,13 @@ dir = "/defs"
     ("text", "message"),
     [
         ('[storage]\nconcurrency = "ten"\n',
-         'storage.concurrency: expected a positive integer, got "ten"'),
-        ("[storage]\nconcurrency = 0\n", "storage.concurrency: expected a positive integer, got 0"),
+         'storage.concurrency: expected an integer from 1 to 10000, got "ten"'),
+        ("[storage]\nconcurrency = 0\n", "storage.concurrency: expected an integer from 1 to 10000, got 0"),
         ("[storage]\nconcurency = 3\n", "unknown key storage.concurency (did you mean storage.concurrency?)"),
         ("[storagee]\n", "unknown key storagee (did you mean storage?)"),
-        ('[retry]\ntotal = "soon"\n', 'retry.total: expected a positive duration (seconds, or a '
+        ('[retry]\ntotal = "soon"\n', 'retry.total: expected a duration above 0 and at most 604800 s (seconds, or a '
          'string such as "90s", "15m", "6h" or "1h30m"), got "soon"'),
-        ("[storage]\nrate = true\n", "storage.rate: expected a non-negative number, got True"),
+        ("[storage]\nrate = true\n", "storage.rate: expected a number from 0 to 1000000, got True"),
         ("storage = 3\n", "storage: expected a table"),
         ('[output]\nlog_level = "loud"\n', 'output.log_level: expected one of debug'),
     ],
@@ -105,7 +105,7 @@ def test_replace_path_validates_with_flag_label() -> None:
     """CLI overrides go through the same checks and name the flag."""
     cfg = replace_path(Config(), "storage.concurrency", 8, label="--concurrency")
     assert cfg.storage.concurrency == 8
-    with pytest.raises(ConfigError, match="--concurrency: expected a positive integer, got -1"):
+    with pytest.raises(ConfigError, match="--concurrency: expected an integer from 1 to 10000, got -1"):
         replace_path(cfg, "storage.concurrency", -1, label="--concurrency")
 
 
@@ -246,4 +246,4 @@ def test_flag_overrides_word_errors_alike() -> None:
     """A command-line override is checked by the same rule and named by its flag."""
     with pytest.raises(ConfigError) as err:
         replace_path(Config(), "storage.rate", -1, label="--rate")
-    assert str(err.value) == "--rate: expected a non-negative number, got -1"
+    assert str(err.value) == "--rate: expected a number from 0 to 1000000, got -1"

@@ -198,7 +198,7 @@ def test_rewrite_tables_load_in_order(tmp_path: Path) -> None:
          "catalog.samweb.rewrite: expected an array of tables ([[catalog.samweb.rewrite]])"),
         ('[catalog.samweb]\nurl_mode = "magic"\n',
          'catalog.samweb.url_mode: expected one of "rewrite", "access-url", got "magic"'),
-        ("[catalog.samweb]\nparallel = 0\n", "catalog.samweb.parallel: expected a positive integer"),
+        ("[catalog.samweb]\nparallel = 0\n", "catalog.samweb.parallel: expected an integer from 1 to 64"),
         ('[catalog.samweb]\nbase_url = "samweb.fnal.gov"\n', "catalog.samweb.base_url: expected an http(s) URL"),
     ],
 )

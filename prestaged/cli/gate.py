@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from prestaged.cli.common import context
-from prestaged.config import Config
+from prestaged.config import Check, Config, shown
 from prestaged.errors import ConfigError
 from prestaged.runtime import install_interrupt, run
 
@@ -59,19 +59,26 @@ def cmd_submit(args: argparse.Namespace, cfg: Config) -> int:
         return 127 if isinstance(e, FileNotFoundError) else 126
 
 
-def _gate(args: argparse.Namespace, cfg: Config) -> GateResult:
-    """Run the gate of ``wait``/``submit`` on the command line's definition."""
-    from prestaged.config import parse_duration
-    from prestaged.gate import check_ready, wait_until_ready
+def _duration(label: str, text: str, rule: Check) -> float:
+    """``text`` as seconds, within ``rule``; the config's wording for what is wrong."""
+    from prestaged.config import checked, parse_duration
 
     try:
-        timeout = parse_duration(args.gate_timeout)
+        seconds = parse_duration(text)
     except ValueError as e:
-        raise ConfigError(f"--timeout: {e}") from e
-    try:
-        retry = parse_duration(args.retry_every)
-    except ValueError as e:
-        raise ConfigError(f"--retry-every: {e}") from e
+        raise ConfigError(f"{label}: {e}, got {shown(text)}") from None
+    return checked(label, seconds, rule, "duration")
+
+
+def _gate(args: argparse.Namespace, cfg: Config) -> GateResult:
+    """Run the gate of ``wait``/``submit`` on the command line's definition."""
+    from prestaged.config import DAY, within
+    from prestaged.gate import check_ready, wait_until_ready
+
+    timeout = _duration("--timeout", args.gate_timeout, within(0, 30 * DAY, low_open=True,
+                                                               unit="s"))
+    retry = _duration("--retry-every", args.retry_every, within(0, DAY, low_open=True,
+                                                               unit="s"))
     ready = check_ready(args.ready)
     ctx = context(args, cfg)
     catalog, creds = ctx.open_for_warm(args.catalog, args.definition, args.dims)

@@ -47,9 +47,12 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_history(args: argparse.Namespace, cfg: Config) -> int:
     """``prestaged history``: the most recent runs of the state database, newest first."""
+    from prestaged.config import checked, within
+
+    limit = checked("--limit", args.limit, within(1, 100_000), "integer")
     store = open_store(args, cfg, must_exist=True)
     try:
-        runs = store.runs(limit=args.limit)
+        runs = store.runs(limit=limit)
     finally:
         store.close()
     if args.json:
