@@ -4,6 +4,7 @@ their output is bounded; a timeout or a signal is reported as such, on asyncio a
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -93,3 +94,13 @@ def test_killing_a_process_that_already_exited_is_no_error(loop: str) -> None:
         return CommandResult(transport.get_returncode() or 0, capture.tail())
 
     assert run_on(loop, main).exit_code == 0
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_command_runs_in_a_session_of_its_own(loop: str) -> None:
+    """A submit command is out of prestaged's process group and session, so a SIGTERM to the
+    group (systemd's stop, timeout, kill -- -PGID) never reaches it (issue 12, 7)."""
+    res = run_on(loop, lambda: run_argv(
+        [sys.executable, "-c", "import os; print(os.getpgid(0), os.getsid(0))"], timeout=20))
+    pgid, sid = (int(x) for x in res.output_tail.split())
+    assert pgid != os.getpgid(0) and sid != os.getsid(0)

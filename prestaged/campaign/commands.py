@@ -106,9 +106,12 @@ async def run_argv(argv: Sequence[str], timeout: float, *,
     seconds after that (default ``DRAIN``)."""
     loop = asyncio.get_running_loop()
     try:
+        # Its own session: a Ctrl-C or a SIGTERM to prestaged's process group (systemd's
+        # stop, timeout, kill -- -PGID) must not cut a submission short; prestaged decides
+        # (the daemon's drain_timeout, then launch_unknown if it has to go).
         transport, capture = await loop.subprocess_exec(
             lambda: _Capture(4 * TAIL), *argv, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as e:
         code = 127 if isinstance(e, FileNotFoundError) else 126
         return CommandResult(code, "", f"{argv[0]}: cannot run: {e.strerror or e}")
