@@ -48,6 +48,17 @@ class ConflictError(StateError):
     http_status = 409
 
 
+class BusyError(PrestagedError):
+    """The daemon has as much queued as it takes: try again after ``retry_after`` seconds
+    (HTTP 429 with ``Retry-After``)."""
+
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class CredentialError(PrestagedError):
     """Proxy or CA directory unusable, or the storage rejected our identity (exit 3)."""
 

@@ -56,12 +56,12 @@ class FakePorts:
         """The configured problems."""
         return self.problems
 
-    def submit(self, definition: str, catalog: Optional[str]) -> FakeRun:
-        """A new queued run."""
+    def submit(self, definition: str, catalog: Optional[str]) -> tuple[FakeRun, bool]:
+        """A new queued run (never joined)."""
         self._call("submit", definition, catalog)
         run = FakeRun(len(self.runs) + 1)
         self.runs[run.id] = run
-        return run
+        return run, False
 
     def run(self, run_id: int) -> Optional[FakeRun]:
         """A run by id."""
@@ -157,7 +157,7 @@ async def test_warm_request_and_run_shapes(client: Client) -> None:
     c = await client(ports)
     status, body = await _answer(await c.post("/api/v1/warm", json={
         "definition": "mc-2026", "catalog": "samweb"}))
-    assert (status, body) == (202, {"id": 1, "state": "queued", "href": "/api/v1/runs/1"})
+    assert (status, body) == (202, {"id": 1, "state": "queued", "merged": False, "href": "/api/v1/runs/1"})
     assert ("submit", ("mc-2026", "samweb")) in ports.calls
     assert await _answer(await c.get(body["href"])) == (
         200, {"id": 1, "state": "queued", "counts": {"warm": 3}})

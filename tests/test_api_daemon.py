@@ -223,8 +223,8 @@ class _RunPorts:
 
 
 async def test_eviction_keeps_queued_and_running_runs(tmp_path: Path) -> None:
-    """With room for one finished run, finishing runs never evict a running or a queued run
-    (GET answers 200 for both); only finished runs go, oldest first."""
+    """With room for one finished run, finishing runs never evict a running run (GET answers
+    200), a second request for its definition joins it; only finished runs go, oldest first."""
     store = Store(tmp_path / "state.db", flush_interval=0.05).open()
     tasks: set[asyncio.Task[Any]] = set()
     toucher = _GatedToucher()
@@ -232,9 +232,10 @@ async def test_eviction_keeps_queued_and_running_runs(tmp_path: Path) -> None:
     client = TestClient(TestServer(build_app(_RunPorts(runs)), host="127.0.0.1"))
     await client.start_server()
     try:
-        running = runs.submit(_Catalog("slow", 2), origin="api")
-        queued = runs.submit(_Catalog("slow", 2), origin="api")  # same definition: waits
-        quick = [runs.submit(_Catalog(f"q{i}", 3), origin="api") for i in range(3)]
+        running, _ = runs.submit(_Catalog("slow", 2), origin="api")
+        joined, merged = runs.submit(_Catalog("slow", 2), origin="api")  # joins the running one
+        assert merged and joined is running
+        quick = [runs.submit(_Catalog(f"q{i}", 3), origin="api")[0] for i in range(3)]
         await asyncio.wait_for(asyncio.gather(*(q.finished.wait() for q in quick)), DEADLINE)
 
         async def state(info: RunInfo) -> tuple[int, Any]:
@@ -243,15 +244,13 @@ async def test_eviction_keeps_queued_and_running_runs(tmp_path: Path) -> None:
             return resp.status, doc.get("state")
 
         assert await state(running) == (200, "running")
-        assert await state(queued) == (200, "queued")
         # The three finish in any order: the last one to finish is the one kept.
         answers = [await state(q) for q in quick]
         assert sorted(answers, key=str) == [(200, "done"), (404, None), (404, None)]
         kept = quick[answers.index((200, "done"))]
         toucher.release.set()
-        await asyncio.wait_for(queued.finished.wait(), DEADLINE)
-        assert [await state(r) for r in (running, queued, kept)] == [
-            (404, None), (200, "done"), (404, None)]
+        await asyncio.wait_for(running.finished.wait(), DEADLINE)
+        assert [await state(r) for r in (running, kept)] == [(200, "done"), (404, None)]
     finally:
         toucher.release.set()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -278,12 +277,12 @@ async def test_a_run_that_dies_of_a_bug_is_an_error_and_the_daemon_goes_on(
     metrics = Metrics()
     runs = _runs(store, _GatedToucher(), metrics, tasks)
     try:
-        broken = runs.submit(_Broken("d", 1), origin="api")
+        broken, _ = runs.submit(_Broken("d", 1), origin="api")
         await asyncio.wait_for(broken.finished.wait(), DEADLINE)
         assert (broken.state, broken.error) == ("error", "internal error: "
                                                 "RuntimeError('a bug in a catalog')")
         assert "warm of d: internal error" in caplog.text
-        fine = runs.submit(_Catalog("d", 2), origin="api")
+        fine, _ = runs.submit(_Catalog("d", 2), origin="api")
         await asyncio.wait_for(fine.finished.wait(), DEADLINE)
         assert (fine.state, fine.exit_code) == ("done", 0)
         assert metric_value(metrics.exposition().decode(), "prestaged_runs_total",

@@ -3,7 +3,9 @@ campaigns.
 
 ``GET /healthz`` liveness; ``GET /readyz`` 200 when the store is open and the proxy has more
 than ``credentials.min_lifetime`` left, else 503 with the reasons; ``GET /metrics`` Prometheus;
-``POST /api/v1/warm`` ``{"definition": ..., "catalog": ...}`` -> 202 ``{"id": ...}``;
+``POST /api/v1/warm`` ``{"definition": ..., "catalog": ...}`` -> 202 ``{"id": ...}`` (the id
+of the run already queued or running for that definition, if there is one, with ``"merged":
+true``; 429 with ``Retry-After`` while ``daemon.max_runs`` runs are queued or running);
 ``GET /api/v1/runs/<id>``; ``GET /api/v1/datasets`` and ``/api/v1/datasets/<name>``;
 campaigns: ``GET|POST /api/v1/campaigns``, ``GET /api/v1/campaigns/<name>``, ``POST
 /api/v1/campaigns/<name>/<action>`` (``campaign.actions.ACTIONS``).
@@ -39,9 +41,12 @@ from typing import Callable, Optional, Protocol, TypeVar
 
 from aiohttp import web
 
-from prestaged.errors import ConfigError, PrestagedError
+from prestaged.errors import BusyError, ConfigError, PrestagedError
 
-__all__ = ["ApiPorts", "Handler", "JsonObject", "RunView", "build_app"]
+__all__ = ["MAX_BODY", "ApiPorts", "Handler", "JsonObject", "RunView", "build_app"]
+
+MAX_BODY = 256 * 1024
+"""Bytes of a request body the API reads at most (413 beyond)."""
 
 JsonObject = Mapping[str, object]
 """A JSON document the daemon hands the API (``web.json_response`` serialises it)."""
@@ -80,8 +85,10 @@ class ApiPorts(Protocol):
         """Problems that make the daemon not ready (empty: ready)."""
         ...
 
-    def submit(self, definition: str, catalog: Optional[str]) -> RunView:
-        """Queue a warm of ``definition`` (catalog kind ``catalog``, None: the default)."""
+    def submit(self, definition: str, catalog: Optional[str]) -> tuple[RunView, bool]:
+        """Queue a warm of ``definition`` (catalog kind ``catalog``, None: the default), or
+        join the run of it already queued or running: (the run, whether it was joined).
+        ``BusyError`` when too many runs are queued or running."""
         ...
 
     def run(self, run_id: int) -> Optional[RunView]:
@@ -136,6 +143,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except _Refused as e:
         return _error(e.status, str(e))
+    except BusyError as e:
+        answer = _error(e.http_status, str(e))
+        answer.headers["Retry-After"] = str(max(1, round(e.retry_after)))
+        return answer
     except PrestagedError as e:
         return _error(e.http_status, str(e))
 
@@ -217,8 +228,8 @@ async def post_warm(request: web.Request) -> web.Response:
     if not isinstance(definition, str) or not definition.strip():
         raise ConfigError('expected {"definition": "<name>", "catalog": "<kind>"}')
     catalog = _optional(body, "catalog", str)
-    info = request.app[PORTS].submit(definition, catalog)
-    return web.json_response({"id": info.id, "state": info.state,
+    info, merged = request.app[PORTS].submit(definition, catalog)
+    return web.json_response({"id": info.id, "state": info.state, "merged": merged,
                               "href": f"/api/v1/runs/{info.id}"}, status=202)
 
 
@@ -293,7 +304,9 @@ async def campaign_action(request: web.Request) -> web.Response:
 
 def build_app(ports: ApiPorts) -> web.Application:
     """The aiohttp application serving ``ports``."""
-    app = web.Application(middlewares=[_errors])
+    # Request bodies are small JSON documents (a campaign file is a few KiB): a larger one is
+    # refused with 413 before it is read.
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
     app[PORTS] = ports
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

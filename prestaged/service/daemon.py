@@ -41,6 +41,7 @@ from prestaged.errors import ConfigError, CredentialError
 from prestaged.metrics import Metrics
 from prestaged.service.api import Handler, JsonObject, build_app
 from prestaged.service.campaigns import DaemonCampaigns
+from prestaged.service.coalesce import Coalesced
 from prestaged.service.naming import open_requested
 from prestaged.service.runs import RunInfo, Runs
 from prestaged.service.sdnotify import Notifier
@@ -201,10 +202,10 @@ class Daemon:
         runs = Runs(store, toucher, self.metrics, settings=self._settings,
                     fresh_for=lambda: self.cfg.state.fresh_for, draining=self._draining,
                     stop=ev.stop_runs, spawn=self.spawn, after=self._after_run,
-                    changed=self._status)
+                    changed=self._status, max_runs=lambda: self.cfg.daemon.max_runs)
         watches = Watches(store, self.metrics, open_catalog=self.open_catalog,
                           submit=lambda cat, fresh: runs.submit(cat, origin="watch",
-                                                                fresh_for=fresh),
+                                                                fresh_for=fresh)[0],
                           spawn=self.spawn, config=lambda: self.cfg)
         campaigns = DaemonCampaigns(store, toucher, self.metrics, context=lambda: self.ctx,
                                     settings=self._settings, open_catalog=self.open_catalog,
@@ -400,6 +401,8 @@ class _Ports:
 
     def __init__(self, daemon: Daemon, live: _Live) -> None:
         self._daemon, self._live = daemon, live
+        self._datasets: Coalesced[tuple[Optional[str], Optional[str], float],
+                                  list[JsonObject]] = Coalesced()
 
     @property
     def token(self) -> Optional[str]:
@@ -410,7 +413,7 @@ class _Ports:
         """See ``Daemon.readiness``."""
         return self._daemon.readiness()
 
-    def submit(self, definition: str, catalog: Optional[str]) -> RunInfo:
+    def submit(self, definition: str, catalog: Optional[str]) -> tuple[RunInfo, bool]:
         """Queue a warm of ``definition`` (catalog kind ``catalog`` or ``catalog.default``),
         named as an API caller may name one (``naming.open_requested``)."""
         d = self._daemon
@@ -423,10 +426,15 @@ class _Ports:
         return self._live.runs.get(run_id)
 
     async def datasets(self, name: Optional[str], catalog: Optional[str]) -> list[JsonObject]:
-        """Warmth of every recorded definition, or of ``name`` (in ``catalog``)."""
+        """Warmth of every recorded definition, or of ``name`` (in ``catalog``); concurrent
+        asks share one read of the store, whose answer serves for 2 s (``Coalesced``)."""
         fresh_for = self._daemon.cfg.state.fresh_for
-        rows = await asyncio.to_thread(self._live.store.status, fresh_for, name, catalog)
-        return [r.to_dict() for r in rows]
+
+        async def read() -> list[JsonObject]:
+            rows = await asyncio.to_thread(self._live.store.status, fresh_for, name, catalog)
+            return [r.to_dict() for r in rows]
+
+        return await self._datasets.get((name, catalog, fresh_for), read)
 
     async def add_campaign(self, text: str, source: str, *, held: bool) -> tuple[str, bool]:
         """See ``DaemonCampaigns.add``: (campaign name, whether it is new)."""

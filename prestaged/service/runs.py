@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from prestaged.catalog import Catalog
-from prestaged.errors import PrestagedError
+from prestaged.errors import BusyError, PrestagedError
 from prestaged.metrics import Metrics, run_result
 from prestaged.runner import run_definition
 from prestaged.state.store import Store
@@ -103,6 +103,10 @@ class RunBook:
         """Runs in progress, oldest first."""
         return [r for r in self._runs.values() if r.state == "running"]
 
+    def unfinished(self) -> list[RunInfo]:
+        """Runs queued or in progress, oldest first."""
+        return [r for r in self._runs.values() if r.state in ("queued", "running")]
+
 
 AfterRun = Callable[[RunInfo], Awaitable[None]]
 """Called once a run finished with an exit code (dataset gauges, ready check)."""
@@ -121,23 +125,37 @@ class Runs:
     def __init__(self, store: Store, toucher: Toucher, metrics: Metrics, *,
                  settings: Callable[[], WarmSettings], fresh_for: Callable[[], float],
                  draining: Callable[[], bool], stop: asyncio.Event, spawn: Spawn,
-                 after: AfterRun, changed: Callable[[], None], kept: int = KEPT_RUNS) -> None:
+                 after: AfterRun, changed: Callable[[], None], kept: int = KEPT_RUNS,
+                 max_runs: Callable[[], int] = lambda: 100) -> None:
         self.book = RunBook(kept)
+        self._max_runs = max_runs
         self._store, self._toucher, self._metrics = store, toucher, metrics
         self._settings, self._fresh_for, self._draining = settings, fresh_for, draining
         self._stop, self._spawn, self._after, self._changed = stop, spawn, after, changed
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     def submit(self, catalog: Catalog, *, origin: str,
-               fresh_for: Optional[float] = None) -> RunInfo:
+               fresh_for: Optional[float] = None) -> tuple[RunInfo, bool]:
         """Queue a warm of ``catalog``'s definition, skipping files touched within
-        ``fresh_for`` seconds (None: ``state.fresh_for``); ``PrestagedError`` (HTTP 503)
-        while the daemon is stopping."""
+        ``fresh_for`` seconds (None: ``state.fresh_for``); or, when a run of that definition
+        is queued or running already, join it. Returns (the run, whether it was joined).
+
+        ``PrestagedError`` (HTTP 503) while the daemon is stopping; ``BusyError`` (429) for an
+        API request while ``max_runs()`` runs are queued or running (watches are never refused:
+        there are only so many of them, and each has at most one run at a time).
+        """
         if self._draining():
             raise PrestagedError("the daemon is stopping")
+        unfinished = self.book.unfinished()
+        for other in unfinished:
+            if (other.catalog, other.definition) == (catalog.name, catalog.definition):
+                return other, True
+        if origin == "api" and len(unfinished) >= self._max_runs():
+            raise BusyError(f"{len(unfinished)} warm runs are queued or running "
+                            "(daemon.max_runs); try again later", retry_after=30.0)
         info = self.book.add(catalog.name, catalog.definition, origin)
         self._spawn(self._execute(info, catalog, fresh_for))
-        return info
+        return info, False
 
     def get(self, run_id: int) -> Optional[RunInfo]:
         """Run ``run_id`` (see ``RunBook.get``)."""
