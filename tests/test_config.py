@@ -149,7 +149,7 @@ BAD_CONFIG_VALUES: dict[str, object] = {
     "state.fresh_for": -1, "state.batch": 0, "state.flush_interval": 0,
     "output.progress_interval": 0, "output.log_level": "loud",
     "daemon.listen": "nope", "daemon.drain_timeout": -1, "daemon.credential_check": 0,
-    "daemon.jitter": -0.1, "daemon.campaign_check": 0,
+    "daemon.jitter": -0.1, "daemon.campaign_check": 0, "daemon.max_runs": 0,
     "watch[0].definition": " ", "watch[0].every": 0, "watch[0].ready": 0,
 }
 
