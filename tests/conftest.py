@@ -10,12 +10,21 @@ import pytest
 
 from prestaged.testing.pki import TestPKI, create_pki
 from prestaged.testing.samweb import ThreadedSamWebServer
+from prestaged.testing.storage import ThreadedStorageServer
 
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
     """A CA, host certificate and user certificate shared by the whole session."""
     return create_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
+    """The test storage in a background thread, requiring a client certificate (modules that
+    need another kind of storage define their own ``storage``)."""
+    with ThreadedStorageServer(pki.server_ssl_context()) as srv:
+        yield srv
 
 
 @pytest.fixture

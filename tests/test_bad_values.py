@@ -4,35 +4,22 @@ all is an error line for the CLI and a kept configuration for a reloading daemon
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any, Union, get_type_hints
+from typing import Any
 
 import pytest
 from cli_runner import run_cli
 from daemon_harness import free_port, in_process, until, write_config
-from test_config import assert_sentence, config_with
+from test_config import assert_sentence, config_keys, config_with
 
 from prestaged.config import Config, Duration, load_config
 from prestaged.errors import ConfigError
 from prestaged.testing.pki import TestPKI
 
 
-def numeric_keys(cls: type[Any], prefix: str = "") -> list[str]:
-    """Key paths of every int, float and duration setting, nested sections and arrays included."""
-    keys = []
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if getattr(tp, "__origin__", None) is Union:
-            tp = next(a for a in tp.__args__ if a is not type(None))
-        if getattr(tp, "__origin__", None) is tuple:
-            keys += numeric_keys(tp.__args__[0], f"{prefix}{f.name}[0].")
-        elif dataclasses.is_dataclass(tp):
-            keys += numeric_keys(tp, f"{prefix}{f.name}.")  # type: ignore[arg-type]
-        elif tp in (int, float, Duration):
-            keys.append(prefix + f.name)
-    return keys
+def numeric_keys(cls: type[Any]) -> list[str]:
+    """Key paths of every int, float and duration setting."""
+    return config_keys(cls, lambda tp, f: tp in (int, float, Duration))
 
 
 @pytest.mark.parametrize("key", numeric_keys(Config))

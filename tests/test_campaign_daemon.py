@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,13 +52,6 @@ print("JobsubJobId of first job: %s.0@test" % sys.argv[1], flush=True)
 
 
 TOKEN = "campaign-t0ken-secret"
-
-
-@pytest.fixture
-def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
-    """The test storage in a background thread, requiring a client certificate."""
-    with ThreadedStorageServer(pki.server_ssl_context()) as srv:
-        yield srv
 
 
 def _campaign(tmp_path: Path, body: str, name: str = "campaign.toml") -> Path:

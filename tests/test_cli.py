@@ -19,7 +19,6 @@ import struct
 import subprocess
 import termios
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,13 +29,6 @@ from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, Status, ThreadedStorageServer
 
 TIMEOUT = 120
-
-
-@pytest.fixture
-def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
-    """The test storage in a background thread, requiring a client certificate."""
-    with ThreadedStorageServer(pki.server_ssl_context()) as srv:
-        yield srv
 
 
 def _definition(tmp_path: Path, srv: ThreadedStorageServer, paths: list[str]) -> Path:

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any, Union, get_type_hints
+from typing import Any, Callable, Union, get_type_hints
 
 import pytest
 
@@ -163,8 +163,10 @@ FRAGMENT = re.compile(r"(\bas\b[,)]?|\b(a|an|the|non-empty|positive|non-negative
                       r")$|\bas\s*,|\bas number\b")
 
 
-def validated_keys(cls: type[Any], prefix: str = "") -> list[str]:
-    """Key paths of every field carrying a value check, walking nested sections and arrays."""
+def config_keys(cls: type[Any], wanted: Callable[[Any, dataclasses.Field[Any]], bool],
+                prefix: str = "") -> list[str]:
+    """Key paths of every setting whose (type, field) is ``wanted``, walking nested sections
+    and arrays of tables."""
     keys = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -174,12 +176,17 @@ def validated_keys(cls: type[Any], prefix: str = "") -> list[str]:
         if f.metadata.get("internal"):
             continue
         if getattr(tp, "__origin__", None) is tuple:
-            keys += validated_keys(tp.__args__[0], f"{prefix}{f.name}[0].")
+            keys += config_keys(tp.__args__[0], wanted, f"{prefix}{f.name}[0].")
         elif dataclasses.is_dataclass(tp):
-            keys += validated_keys(tp, f"{prefix}{f.name}.")  # type: ignore[arg-type]
-        elif "check" in f.metadata:
+            keys += config_keys(tp, wanted, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        elif wanted(tp, f):
             keys.append(prefix + f.name)
     return keys
+
+
+def validated_keys(cls: type[Any]) -> list[str]:
+    """Key paths of every field carrying a value check."""
+    return config_keys(cls, lambda tp, f: "check" in f.metadata)
 
 
 def toml_value(value: object) -> str:

@@ -12,7 +12,6 @@ import logging
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -38,13 +37,6 @@ def _definition(tmp_path: Path, srv: ThreadedStorageServer, name: str, n: int) -
     path = tmp_path / f"{name}.txt"
     path.write_text("".join(srv.url(f"/{name}/f{i:04d}") + "\n" for i in range(n)))
     return path
-
-
-@pytest.fixture
-def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
-    """The test storage in a background thread, requiring a client certificate."""
-    with ThreadedStorageServer(pki.server_ssl_context()) as srv:
-        yield srv
 
 
 def test_daemon_schedule_metrics_reload_renewal_and_drain(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,13 +28,6 @@ from prestaged.testing.storage import ThreadedStorageServer
 Samweb = Callable[..., ThreadedSamWebServer]
 DOOR_PATH = "/pnfs/fnal.gov/usr/dune"
 LINE_LIMIT = 8190  # aiohttp's default max_line_size, Apache's LimitRequestLine
-
-
-@pytest.fixture
-def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
-    """The test storage in a background thread, requiring a client certificate."""
-    with ThreadedStorageServer(pki.server_ssl_context()) as srv:
-        yield srv
 
 
 @pytest.fixture(autouse=True)

@@ -16,25 +16,13 @@ from pathlib import Path
 
 import pytest
 from cli_runner import run_cli
+from test_store import _definition
 
 from prestaged.state.store import Store, describe_sqlite_error
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, ThreadedStorageServer
 
 TIMEOUT = 120
-
-
-@pytest.fixture
-def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
-    """The test storage in a background thread, requiring a client certificate."""
-    with ThreadedStorageServer(pki.server_ssl_context()) as srv:
-        yield srv
-
-
-def _definition(tmp_path: Path, srv: ThreadedStorageServer, n: int, name: str = "ds") -> Path:
-    path = tmp_path / f"{name}.txt"
-    path.write_text("".join(srv.url(f"/{name}/f{i:05d}") + "\n" for i in range(n)))
-    return path
 
 
 def _warm(definition: Path, proxy: Path, pki: TestPKI, state: Path, *extra: str) -> list[str]:

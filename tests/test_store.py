@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,6 @@ from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, ThreadedStorageServer
 
 TIMEOUT = 180
-
-
-@pytest.fixture
-def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
-    """The test storage in a background thread, requiring a client certificate."""
-    with ThreadedStorageServer(pki.server_ssl_context()) as srv:
-        yield srv
 
 
 def _definition(tmp_path: Path, srv: ThreadedStorageServer, n: int, name: str = "ds") -> Path:

@@ -6,7 +6,6 @@ deadline."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,6 @@ from daemon_harness import free_port, in_process, metric_value, until
 
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import ThreadedStorageServer
-
-
-@pytest.fixture
-def storage(pki: TestPKI) -> Iterator[ThreadedStorageServer]:
-    """The test storage in a background thread, requiring a client certificate."""
-    with ThreadedStorageServer(pki.server_ssl_context()) as srv:
-        yield srv
 
 
 def _urls(path: Path, srv: ThreadedStorageServer, name: str, n: int) -> Path:
