@@ -14,7 +14,6 @@ on_header
 on_headers_complete
 on_body
 on_message_complete
-on_message_begin
 # asyncio calls these on the campaign commands' SubprocessProtocol.
 pipe_data_received
 pipe_connection_lost

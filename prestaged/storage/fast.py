@@ -214,12 +214,6 @@ class _Conn(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        if self.complete:
-            # A second answer to one request, in the same read: aiohttp keeps the first and
-            # never reads on; so do we (the error stops the parser, the connection is closed).
-            raise ValueError("bytes after the answer")
-
     def on_status(self, status: bytes) -> None:
         # Called per piece as the reason arrives, so the limit holds before it is buffered.
         self.reason_size += len(status)
@@ -234,10 +228,12 @@ class _Conn(asyncio.Protocol):
         # What aiohttp adds up against MAX_FIELD_SIZE depends on the line's place (with the
         # first line it counts name and value, later only the value, and a name together with
         # the name before it). Counting the name with the longer of the two refuses all it
-        # refuses; the few lines it would still accept it then gets to judge itself.
-        if len(name) + max(len(value), self.last_name) > MAX_FIELD_SIZE:
+        # refuses; the few lines it would still accept it then gets to judge itself. (The sum of
+        # all three is a cheaper bound that ordinary lines never reach: this runs per header.)
+        n, v = len(name), len(value)
+        if n + v + self.last_name > MAX_FIELD_SIZE and n + max(v, self.last_name) > MAX_FIELD_SIZE:
             raise ValueError(f"header line over {MAX_FIELD_SIZE} bytes")
-        self.last_name = len(name)
+        self.last_name = n
         key = name.lower()
         if key in _WANTED and key not in self.headers:
             self.headers[key] = value
@@ -245,6 +241,11 @@ class _Conn(asyncio.Protocol):
             raise ValueError("Sec-WebSocket-Key1 header")
 
     def on_headers_complete(self) -> None:
+        if self.complete:
+            # A second answer to one request, in the same read: aiohttp keeps the first and
+            # never reads on; so do we (the error stops the parser, the connection is closed).
+            # Checked here, once per answer, rather than in a per-message callback.
+            raise ValueError("bytes after the answer")
         self.status = status = self.parser.get_status_code()
         length = self.headers.get(b"content-length")
         self.length = int(length) if length is not None else None
