@@ -265,3 +265,20 @@ def test_wait_on_an_empty_definition_fails_and_submit_runs_nothing(
     res = run_cli("submit", "--definition", str(empty), *common, "--", "touch", str(marker))
     assert res.returncode == 4 and not marker.exists()
     assert run_cli("wait", str(empty), *common, "--allow-empty").returncode == 0
+
+
+def test_campaign_slice_lists_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """A campaign's slice URL and name lists are 0600 in 0700 directories under umask 022 (the
+    CLI made them 0644 in 0755)."""
+    from prestaged.campaign.runner import _write_lists
+    from prestaged.model import FileRef
+
+    old = os.umask(0o022)
+    try:
+        urls, names = tmp_path / "w" / "c" / "s-1.urls", tmp_path / "w" / "c" / "s-1.files"
+        _write_lists(urls, names, [FileRef("f1", "https://h/f1")])
+    finally:
+        os.umask(old)
+    assert urls.read_text() == "https://h/f1\n" and names.read_text() == "f1\n"
+    assert {p.stat().st_mode & 0o777 for p in (urls, names)} == {0o600}
+    assert {p.stat().st_mode & 0o777 for p in (urls.parent, urls.parent.parent)} == {0o700}

@@ -56,6 +56,7 @@ from prestaged.errors import (
 from prestaged.gate import GateFn, RewarmFn
 from prestaged.model import FileRef
 from prestaged.retry import RetryPolicy
+from prestaged.state.private import write_private
 from prestaged.state.store import Store
 
 __all__ = ["CampaignResult", "run_campaign"]
@@ -345,9 +346,8 @@ def _job_id(stage: StageConfig, output: str) -> Optional[str]:
 
 def _write_lists(urls: Path, names: Path, refs: Sequence[FileRef]) -> None:
     """The slice's URLs and names, one a line (what ``{urls_file}``/``{files_file}`` name)."""
-    urls.parent.mkdir(parents=True, exist_ok=True)
-    urls.write_text("".join(r.url + "\n" for r in refs))
-    names.write_text("".join(r.name + "\n" for r in refs))
+    write_private(urls, "".join(r.url + "\n" for r in refs))
+    write_private(names, "".join(r.name + "\n" for r in refs))
 
 
 async def run_campaign(campaign: CampaignConfig, store: Store, *, gate: GateFn,

@@ -91,9 +91,10 @@ class LocalCatalog:
             assert isinstance(batch, list)
             for number, url in batch:
                 if not url.startswith(_SCHEMES):
-                    raise CatalogError(
-                        f"definition file {self.path}, line {number}: not a URL: {url[:80]!r}"
-                    )
+                    # The line itself is not quoted: a definition may be any file (the daemon
+                    # once read /etc/shadow for an API caller), and an error is shown to others.
+                    raise CatalogError(f"definition file {self.path}, line {number} is not a URL "
+                                       "(expected scheme://host/path)")
                 yield FileRef(name=_basename(url), url=url)
 
     async def estimate(self) -> Optional[int]:

@@ -40,6 +40,7 @@ from typing import Any, Callable, Optional, TypeVar, cast
 from prestaged.errors import StateError
 from prestaged.model import FileRef, Outcome, Result, redact
 from prestaged.state import schema
+from prestaged.state.private import create_private
 
 __all__ = [
     "DatasetStatus",
@@ -87,15 +88,6 @@ def _one_line_errors(method: F) -> F:
             raise StateError(f"state {self.path}: {describe_sqlite_error(str(e))}") from None
 
     return cast(F, wrapper)
-
-
-def _private_parent(path: Path) -> None:
-    """Create the directory of ``path`` (and its parents) 0700 when missing."""
-    missing = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for made in missing:
-        with contextlib.suppress(OSError):
-            made.chmod(0o700)
 
 
 def _writer_env() -> dict[str, str]:
@@ -213,12 +205,9 @@ class Store:
         if self.path.exists() and not self.path.is_file():
             raise StateError(f"state {self.path}: not a regular file")
         try:
-            _private_parent(self.path)
-            # Definitions, URLs and run history are the operator's: a new file is 0600 whatever
-            # the umask (the units set UMask=0077; a user's shell usually has 022). SQLite gives
-            # its -wal and -shm files the database file's mode.
-            with contextlib.suppress(FileExistsError):
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            # A new database is private (state.private); SQLite gives its -wal and -shm files
+            # the database file's mode.
+            create_private(self.path)
             conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout,
                                    isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as e:
