@@ -187,3 +187,35 @@ def test_readme_documents_every_command_and_promises_nothing_built() -> None:
         if re.search(r"comes next|tracked as an issue|not yet built|coming soon", sentence):
             named = [c for c in commands if f"prestaged {c}" in sentence]
             assert not named, f"README promises built commands {named}: {sentence!r}"
+
+
+# The wiring and its callers: types here say what flows (defect 7: `_run(coro: Any) -> int`
+# returned other types, `GateFn = Callable[..., Any]`, `open_catalog(...) -> Any`).
+TYPED = ("prestaged/cli", "prestaged/context.py", "prestaged/runtime.py", "prestaged/gate.py",
+         "prestaged/runner.py", "prestaged/campaign", "prestaged/service")
+
+
+def _bare_any(path: Path) -> list[str]:
+    """Parameters and return values annotated plainly ``Any`` (not inside ``dict[str, Any]``
+    or another subscript: JSON documents are Any by nature)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        args = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+        annotated = [(a.arg, a.annotation) for a in args] + [("return", node.returns)]
+        for name, ann in annotated:
+            bare = (ann.id if isinstance(ann, ast.Name) else
+                    ann.value if isinstance(ann, ast.Constant) else None)
+            if bare == "Any":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {name}")
+    return found
+
+
+def test_no_bare_any_on_the_wiring_paths() -> None:
+    """Command handlers, the context, the gate and the service take and return real types
+    (Catalog, GateResult, RunReport...), never a bare Any."""
+    paths = [p for t in TYPED for p in ((ROOT / t).rglob("*.py") if (ROOT / t).is_dir()
+                                         else [ROOT / t])]
+    found = [hit for p in paths for hit in _bare_any(p)]
+    assert not found, "\n".join(found)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -326,8 +327,8 @@ class CampaignRepository:
             return "held"
         return None
 
-    def _set(self, conn: Any, campaign: str, stage: Optional[str], column: str, value: int,
-             reason: str) -> None:
+    def _set(self, conn: sqlite3.Connection, campaign: str, stage: Optional[str], column: str,
+             value: int, reason: str) -> None:
         conn.execute("INSERT OR IGNORE INTO campaign_controls (campaign, stage, updated, "
                      "reason) VALUES (?, ?, ?, ?)",
                      (campaign, stage or "", time.time(), reason))
