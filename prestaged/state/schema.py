@@ -63,7 +63,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN pid INTEGER;
     CREATE INDEX runs_by_definition ON runs (definition_id, started);
     """,
-    # 3: campaign submissions (campaigns.py), their state transitions, and the drainingn ledger
+    # 3: campaign submissions (campaign/repository.py), their state transitions, and the drainingn ledger
     # of files a stage has taken, so that no file is ever submitted twice by one stage.
     """
     CREATE TABLE campaign_submissions (
