@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from prestaged.catalog import FileRef
 from prestaged.config import BreakerConfig
 from prestaged.credentials import load_credentials
 from prestaged.errors import StorageError
-from prestaged.model import Result
+from prestaged.model import FileRef, Result
 from prestaged.retry import RetryPolicy
 from prestaged.storage.fast import connect_timeout_text
 from prestaged.storage.http import HttpToucher

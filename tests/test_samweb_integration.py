@@ -16,11 +16,11 @@ from typing import Any, Callable
 import pytest
 from cli_runner import run_cli
 
-from prestaged.catalog import FileRef
 from prestaged.catalog.samweb import MAX_LOCATIONS_TARGET, SamWebCatalog, samweb_ssl_context
 from prestaged.cli import main
 from prestaged.config import RewriteRule, SamWebConfig
 from prestaged.errors import CatalogError
+from prestaged.model import FileRef
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.samweb import SamError, Status, ThreadedSamWebServer, Truncate
 from prestaged.testing.storage import ThreadedStorageServer

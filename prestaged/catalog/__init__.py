@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from prestaged.config import CatalogConfig
 
-__all__ = ["KINDS", "Catalog", "FileRef", "open_catalog"]
+__all__ = ["KINDS", "Catalog", "open_catalog"]
 
 
 @runtime_checkable

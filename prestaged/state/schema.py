@@ -63,8 +63,9 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN pid INTEGER;
     CREATE INDEX runs_by_definition ON runs (definition_id, started);
     """,
-    # 3: campaign submissions (campaign/repository.py), their state transitions, and the drainingn ledger
-    # of files a stage has taken, so that no file is ever submitted twice by one stage.
+    # 3: campaign submissions (campaign/repository.py), their state transitions, and the
+    # drainingn ledger of files a stage has taken, so that no file is ever submitted twice by
+    # one stage.
     """
     CREATE TABLE campaign_submissions (
         id INTEGER PRIMARY KEY,

@@ -1,2 +1,3 @@
 """Storage access: the touch over HTTP(S) (``http``), its keep-alive fast path for plain ranged
-GETs (``fast``) and what a touch gives (``attempt``); dCache locality and staging come later."""
+GETs (``fast``) and the HTTP details both share (``attempt``); what a touch gives is
+``model.Attempt``. dCache locality and staging (the Tape REST API) come with issue 13."""
