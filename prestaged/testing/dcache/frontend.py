@@ -25,6 +25,7 @@ from prestaged.testing.dcache.model import ARCHIVEINFO_LIMIT, DEFAULT_PIN, Repli
 __all__ = ["TAPE_API", "StageRequest", "TapeFrontend", "frontend_app"]
 
 TAPE_API = "/api/v1/tape"
+_CORE = web.AppKey("core", DCacheCore)
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 _DURATION = re.compile(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?\Z")
 
@@ -124,7 +125,7 @@ class TapeFrontend:
     """Handlers of the frontend; requests are kept in memory for the emulator's life."""
 
     def __init__(self, core: DCacheCore) -> None:
-        self._core = core
+        self.core = self._core = core
         self.requests: dict[str, StageRequest] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -281,6 +282,7 @@ class TapeFrontend:
 
 @web.middleware
 async def _problems(request: web.Request, handler: Any) -> web.StreamResponse:
+    request.app[_CORE].stats.frontend_calls.append(f"{request.method} {request.path}")
     try:
         response: web.StreamResponse = await handler(request)
     except _Problem as e:
@@ -291,6 +293,7 @@ async def _problems(request: web.Request, handler: Any) -> web.StreamResponse:
 def frontend_app(frontend: TapeFrontend) -> web.Application:
     """The aiohttp application serving ``frontend`` under /api/v1."""
     app = web.Application(middlewares=[_problems])
+    app[_CORE] = frontend.core
     r = app.router
     for suffix in ("", "/"):
         r.add_post(f"{TAPE_API}/stage{suffix}", frontend.stage)

@@ -104,9 +104,11 @@ class DCacheStats:
     """What the emulator saw. ``requests`` counts ``"<site>:<kind>"`` (site door, pool or
     frontend; kind such as ``get``, ``stage``, ``poll``, ``archiveinfo``); ``door_tape_gets``
     counts door GETs of tape-only files and ``door_blocked_seconds`` the time they held the door;
-    ``max_paths`` is the most paths one frontend request carried (refused ones included)."""
+    ``max_paths`` is the most paths one frontend request carried (refused ones included);
+    ``frontend_calls`` lists each frontend request as ``"METHOD /path"``."""
 
     requests: Counter[str] = field(default_factory=Counter)
+    frontend_calls: list[str] = field(default_factory=list)
     door_tape_gets: int = 0
     door_blocked_seconds: float = 0.0
     mounts: int = 0
