@@ -147,10 +147,13 @@ async def test_gfal2_sees_stage_failures_and_archive_poll(dcache: Factory, gfal2
 
 async def test_door_redirects_to_one_time_pool_url(dcache: Factory,
                                                    http: aiohttp.ClientSession) -> None:
-    """The door answers 302 to the pool with a dcache-http-uuid; the pool serves the range once
-    and sends a second use of the UUID back to the door with 307."""
+    """HEAD at the door starts no mover; GET answers 302 to the pool with a dcache-http-uuid;
+    the pool serves the range once and sends a second use of the UUID back to the door (307)."""
     srv = await dcache()
-    srv.core.add_file("/pnfs/d/f", 1000, Locality.DISK)
+    replica = srv.core.add_file("/pnfs/d/f", 1000, Locality.DISK)
+    async with http.head(srv.door_url("/pnfs/d/f"), allow_redirects=False) as head:
+        assert head.status == 200 and head.headers["Content-Length"] == "1000"
+    assert replica.atime == 0.0 and srv.core.stats.movers_started == 0
     async with http.get(srv.door_url("/pnfs/d/f"), allow_redirects=False) as door:
         assert door.status == 302
         pool_url = door.headers["Location"]
@@ -226,6 +229,12 @@ async def _stage(http: aiohttp.ClientSession, srv: DCacheServer, paths: list[str
         return r
 
 
+async def _finished(srv: DCacheServer, rid: str) -> None:
+    """Wait until every file of stage request ``rid`` is in a final state."""
+    req = srv.frontend.requests[rid]
+    await srv.core.wait_until(lambda: req.finished)
+
+
 async def test_discovery_points_at_the_frontend_on_its_own_port(
         dcache: Factory, http: aiohttp.ClientSession) -> None:
     """/.well-known/wlcg-tape-rest-api on the door gives a v1 uri on another port."""
@@ -248,7 +257,7 @@ async def test_stage_lifecycle_states_pins_and_errors(dcache: Factory,
     assert r.status == 201
     rid = (await r.json())["requestId"]
     assert r.headers["Location"] == f"{srv.tape_api_url}/stage/{rid}"
-    await srv.core.wait_until(lambda: srv.frontend.requests[rid].finished)
+    await _finished(srv, rid)
     async with http.get(r.headers["Location"]) as poll:
         doc = await poll.json()
     files = {f["path"]: f for f in doc["files"]}
@@ -338,7 +347,7 @@ async def test_recalls_queued_together_are_grouped_by_tape(
         for i, path in enumerate(paths):
             srv.core.add_file(path, 1, Locality.TAPE, tape=f"T{i % 2}")
         rid = (await (await _stage(http, srv, paths)).json())["requestId"]
-        await srv.core.wait_until(lambda: srv.frontend.requests[rid].finished)
+        await _finished(srv, rid)
         assert srv.core.stats.mounts == 2 and srv.core.stats.recalled == 6
 
 
@@ -354,7 +363,7 @@ async def test_lru_eviction_never_evicts_pinned(dcache: Factory,
 
     async def stage_one(path: str) -> dict[str, Any]:
         rid = (await (await _stage(http, srv, [path])).json())["requestId"]
-        await srv.core.wait_until(lambda: srv.frontend.requests[rid].finished)
+        await _finished(srv, rid)
         return srv.frontend.requests[rid].to_json()["files"][0]  # type: ignore[no-any-return]
 
     assert (await stage_one("/pnfs/l/old"))["state"] == "COMPLETED"

@@ -181,7 +181,9 @@ class DCacheServer:
             return web.Response(status=405)
         if replica is None:
             return web.Response(status=404, text="File not found\n")
-        if request.method == "GET" and not replica.on_disk:
+        if request.method == "HEAD":  # metadata only: no mover, the LRU clock does not move
+            return web.Response(status=200, headers={"Content-Length": str(replica.size)})
+        if not replica.on_disk:
             return await self._door_nearline(replica)
         return self._redirect(replica)
 
