@@ -107,14 +107,14 @@ async def test_gfal2_status_maps_archiveinfo_localities(dcache: Factory, gfal2: 
 async def test_gfal2_bring_online_poll_and_release(dcache: Factory, gfal2: Any) -> None:
     """gfal2 stages through POST /stage/, polls pending then done, and releases the pin; it
     sends no diskLifetime (2.21 drops pintime), so dCache's 2-day default pin applies."""
-    srv = await dcache(mount_seconds=1.5)
+    srv = await dcache(mount_seconds=3.0)
     replica = srv.core.add_file("/pnfs/t/a", 10, Locality.TAPE)
     url = srv.door_url("/pnfs/t/a")
     staged = await gfal2("bring_online", "3600", "60", url)
     token = staged["token"]
     assert staged["errors"] == [None] and token in srv.frontend.requests
     assert "POST /api/v1/tape/stage/" in srv.core.stats.frontend_calls
-    assert await gfal2("poll", token, url) == {"result": 0}  # the mount takes 1.5 s
+    assert await gfal2("poll", token, url) == {"result": 0}  # the mount takes 3 s
     await srv.core.wait_until(lambda: bool(replica.pins))
     assert await gfal2("poll", token, url) == {"result": 1}
     assert replica.on_disk and srv.core.stats.mounts == 1
