@@ -1,0 +1,306 @@
+"""The emulated dCache frontend: WLCG Tape REST API v1 and the namespace locality resource.
+
+Behaviour follows dCache's implementation (see ../shared/reference/tape-rest.md): 201 with
+``Location`` and ``requestId``; file states SUBMITTED, STARTED, COMPLETED, FAILED, CANCELLED;
+timestamps in milliseconds; RFC 7807 problem JSON; 429 (checked first) and 413 limits; at most
+10,000 archiveinfo answers; trailing slashes on ``/stage/`` and ``/archiveinfo/`` accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Optional
+
+from aiohttp import web
+
+from prestaged.testing.dcache.core import DCacheCore
+from prestaged.testing.dcache.model import ARCHIVEINFO_LIMIT, DEFAULT_PIN, Replica
+
+__all__ = ["TAPE_API", "StageRequest", "TapeFrontend", "frontend_app"]
+
+TAPE_API = "/api/v1/tape"
+_CORE = web.AppKey("core", DCacheCore)
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
+_DURATION = re.compile(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?\Z")
+
+
+def _ms(t: Optional[float]) -> Optional[int]:
+    return None if t is None else int(t * 1000)
+
+
+@dataclass
+class _File:
+    path: str
+    state: str = "SUBMITTED"
+    error: Optional[str] = None
+    started: Optional[float] = None
+    finished: Optional[float] = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"path": self.path, "state": self.state}
+        if self.error is not None:
+            doc["error"] = self.error
+        for key, t in (("startedAt", self.started), ("finishedAt", self.finished)):
+            if t is not None:
+                doc[key] = _ms(t)
+        return doc
+
+
+@dataclass
+class StageRequest:
+    """One stage request: ``files`` by path, pin ``lifetime`` in seconds, owner ``user``."""
+
+    id: str
+    user: str
+    lifetime: float
+    files: dict[str, _File]
+    created: float = field(default_factory=time.time)
+    started: Optional[float] = None
+
+    @property
+    def finished(self) -> bool:
+        """True once every file is COMPLETED, FAILED or CANCELLED."""
+        return all(f.state in TERMINAL for f in self.files.values())
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``GET /stage/{id}`` document."""
+        doc: dict[str, Any] = {"id": self.id, "createdAt": _ms(self.created),
+                               "files": [f.to_json() for f in self.files.values()]}
+        if self.started is not None:
+            doc["startedAt"] = _ms(self.started)
+        if self.finished:
+            doc["completedAt"] = _ms(max((f.finished or self.created)
+                                         for f in self.files.values()))
+        return doc
+
+
+def problem(status: int, detail: str) -> web.Response:
+    """An RFC 7807 answer the way dCache writes it (``status`` as a string)."""
+    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": str(status),
+            "detail": detail}
+    return web.json_response(body, status=status, content_type="application/problem+json")
+
+
+def parse_lifetime(text: Any) -> float:
+    """Seconds of an ISO 8601 ``diskLifetime`` such as ``PT24H`` or ``P2D``; ValueError else."""
+    m = _DURATION.match(text) if isinstance(text, str) else None
+    if m is None or not any(m.groups()):
+        raise ValueError(f"invalid diskLifetime {text!r}")
+    d, h, mi, s = (int(g or 0) for g in m.groups())
+    return float(((d * 24 + h) * 60 + mi) * 60 + s)
+
+
+def _user(request: web.Request) -> str:
+    transport = request.transport
+    cert = transport.get_extra_info("peercert") if transport is not None else None
+    return repr(cert.get("subject")) if cert else "anonymous"
+
+
+async def _body(request: web.Request, key: str) -> list[Any]:
+    """The list under ``key`` of a JSON object body; web.HTTPBadRequest (as problem) if not."""
+    try:
+        doc = json.loads(await request.read())
+    except ValueError:
+        raise _Problem(400, "Request body is not valid JSON") from None
+    items = doc.get(key) if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        raise _Problem(400, f"Request body has no \"{key}\" list")
+    return items
+
+
+class _Problem(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class TapeFrontend:
+    """Handlers of the frontend; requests are kept in memory for the emulator's life."""
+
+    def __init__(self, core: DCacheCore) -> None:
+        self.core = self._core = core
+        self.requests: dict[str, StageRequest] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _count(self, kind: str, paths: int = 0) -> None:
+        self._core.stats.requests[f"frontend:{kind}"] += 1
+        self._core.stats.max_paths = max(self._core.stats.max_paths, paths)
+
+    # stage
+
+    async def stage(self, request: web.Request) -> web.StreamResponse:
+        files = await _body(request, "files")
+        self._count("stage", len(files))
+        user = _user(request)
+        unfinished = sum(1 for r in self.requests.values() if r.user == user and not r.finished)
+        if unfinished >= self._core.config.max_requests:
+            raise _Problem(429, f"User has {unfinished} unfinished requests; "
+                                f"the limit is {self._core.config.max_requests}")
+        if len(files) > self._core.config.max_targets:
+            raise _Problem(413, f"Request has {len(files)} targets; at most "
+                                f"{self._core.config.max_targets} are allowed")
+        paths, lifetime = self._stage_targets(files)
+        req = StageRequest(uuid.uuid4().hex, user, lifetime, {p: _File(p) for p in paths})
+        self.requests[req.id] = req
+        task = asyncio.create_task(self._run(req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        location = f"{request.url.origin()}{TAPE_API}/stage/{req.id}"
+        return web.json_response({"requestId": req.id}, status=201,
+                                 headers={"Location": location})
+
+    @staticmethod
+    def _stage_targets(files: list[Any]) -> tuple[list[str], float]:
+        paths: list[str] = []
+        lifetime = DEFAULT_PIN
+        for item in files:
+            if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+                raise _Problem(400, "Each file needs a \"path\"")
+            paths.append(item["path"])
+            if "diskLifetime" in item:
+                try:
+                    lifetime = parse_lifetime(item["diskLifetime"])
+                except ValueError as e:
+                    raise _Problem(400, str(e)) from None
+        return paths, lifetime
+
+    async def _run(self, req: StageRequest) -> None:
+        await asyncio.sleep(0)  # a poll right after the POST sees SUBMITTED, as on dCache
+        req.started = time.time()
+        await asyncio.gather(*(self._stage_file(req, f) for f in list(req.files.values())))
+
+    async def _stage_file(self, req: StageRequest, f: _File) -> None:
+        if f.state != "SUBMITTED":
+            return
+        f.state, f.started = "STARTED", time.time()
+        replica = self._core.files.get(f.path)
+        error = self._refusal(replica)
+        if error is None and replica is not None and not replica.on_disk:
+            error = await self._core.recall(replica)
+        if f.state == "CANCELLED":
+            return
+        if error is None and replica is not None and replica.on_disk:
+            replica.pins[req.id] = time.time() + req.lifetime
+            f.state = "COMPLETED"
+        else:
+            f.state, f.error = "FAILED", error or "File was evicted before it could be pinned"
+        f.finished = time.time()
+        self._core.changed()
+
+    @staticmethod
+    def _refusal(replica: Optional[Replica]) -> Optional[str]:
+        if replica is None:
+            return "No such file or directory"
+        if replica.tape is None:
+            return "Cannot stage DISK only files"
+        if not replica.readable:
+            return "File is unavailable"
+        return None
+
+    def _request(self, request: web.Request) -> StageRequest:
+        req = self.requests.get(request.match_info["id"])
+        if req is None:
+            raise _Problem(404, f"Stage request {request.match_info['id']} not found")
+        return req
+
+    async def poll(self, request: web.Request) -> web.StreamResponse:
+        self._count("poll")
+        return web.json_response(self._request(request).to_json())
+
+    async def cancel(self, request: web.Request) -> web.StreamResponse:
+        req = self._request(request)
+        paths = await _body(request, "paths")
+        self._count("cancel", len(paths))
+        unknown = [p for p in paths if p not in req.files]
+        if unknown:
+            # dCache puts this message in a header and sends no body.
+            return web.Response(status=400, headers={"X-Error": f"{unknown[0]} not in request"})
+        for f in (req.files.values() if not paths else (req.files[p] for p in paths)):
+            if f.state not in TERMINAL:
+                f.state, f.finished = "CANCELLED", time.time()
+        self._core.changed()
+        return web.Response(status=200)
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        self._count("delete")
+        req = self._request(request)
+        for f in req.files.values():
+            if f.state not in TERMINAL:
+                f.state, f.finished = "CANCELLED", time.time()
+        del self.requests[req.id]
+        return web.Response(status=200)
+
+    async def release(self, request: web.Request) -> web.StreamResponse:
+        req = self._request(request)
+        paths = await _body(request, "paths")
+        self._count("release", len(paths))
+        for path in paths:
+            replica = self._core.files.get(path) if path in req.files else None
+            if replica is not None:
+                replica.pins.pop(req.id, None)
+        self._core.changed()
+        return web.Response(status=200)
+
+    # locality
+
+    async def archiveinfo(self, request: web.Request) -> web.StreamResponse:
+        paths = await _body(request, "paths")
+        self._count("archiveinfo", len(paths))
+        # dCache does not refuse more: it silently answers the first 10,000 distinct paths.
+        distinct = list(dict.fromkeys(p for p in paths if isinstance(p, str)))[:ARCHIVEINFO_LIMIT]
+        answer: list[dict[str, str]] = []
+        for path in distinct:
+            replica = self._core.files.get(path)
+            answer.append({"path": path, "locality": replica.archive_locality} if replica
+                          else {"path": path, "error": "No such file or directory"})
+        return web.json_response(answer)
+
+    async def namespace(self, request: web.Request) -> web.StreamResponse:
+        self._count("namespace")
+        path = "/" + request.match_info["path"].strip("/")
+        replica = self._core.files.get(path)
+        if replica is not None:
+            doc: dict[str, Any] = {"fileType": "REGULAR", "size": replica.size,
+                                   "mtime": _ms(replica.atime)}
+            if request.query.get("locality") == "true":
+                doc["fileLocality"] = replica.file_locality
+            return web.json_response(doc)
+        if any(p.startswith(path.rstrip("/") + "/") for p in self._core.files):
+            doc = {"fileType": "DIR"}
+            if request.query.get("locality") == "true":
+                doc["fileLocality"] = "NONE"
+            return web.json_response(doc)
+        raise _Problem(404, f"Path {path} does not exist")
+
+
+@web.middleware
+async def _problems(request: web.Request, handler: Any) -> web.StreamResponse:
+    request.app[_CORE].stats.frontend_calls.append(f"{request.method} {request.path}")
+    try:
+        response: web.StreamResponse = await handler(request)
+    except _Problem as e:
+        return problem(e.status, e.detail)
+    return response
+
+
+def frontend_app(frontend: TapeFrontend) -> web.Application:
+    """The aiohttp application serving ``frontend`` under /api/v1."""
+    app = web.Application(middlewares=[_problems])
+    app[_CORE] = frontend.core
+    r = app.router
+    for suffix in ("", "/"):
+        r.add_post(f"{TAPE_API}/stage{suffix}", frontend.stage)
+        r.add_post(f"{TAPE_API}/archiveinfo{suffix}", frontend.archiveinfo)
+    r.add_get(TAPE_API + "/stage/{id}", frontend.poll)
+    r.add_post(TAPE_API + "/stage/{id}/cancel", frontend.cancel)
+    r.add_delete(TAPE_API + "/stage/{id}", frontend.delete)
+    r.add_post(TAPE_API + "/release/{id}", frontend.release)
+    r.add_get("/api/v1/namespace/{path:.*}", frontend.namespace)
+    return app

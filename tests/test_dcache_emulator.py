@@ -1,0 +1,374 @@
+"""The dCache emulator (prestaged.testing.dcache), driven by the real grid client (gfal2 2.21)
+and by aiohttp, over TLS on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+import pytest
+from conftest import _in_ci
+
+from prestaged.testing.dcache import (
+    DOOR_TIMEOUT_MESSAGE,
+    DCacheConfig,
+    DCacheServer,
+    Locality,
+)
+from prestaged.testing.pki import TestPKI
+
+PROBE = Path(__file__).with_name("gfal2_probe.py")
+SYSTEM_PYTHON = "/usr/bin/python3"
+TWO_DAYS = 2 * 24 * 3600
+Factory = Callable[..., Awaitable[DCacheServer]]
+
+
+@pytest.fixture
+async def dcache(pki: TestPKI) -> AsyncIterator[Factory]:
+    """Factory of started emulators (``await dcache(**DCacheConfig kwargs)``), stopped after."""
+    servers: list[DCacheServer] = []
+
+    async def make(**config: Any) -> DCacheServer:
+        srv = DCacheServer(pki.server_ssl_context(),
+                           pki.server_ssl_context(require_client_cert=False),
+                           DCacheConfig(**config))
+        await srv.start()
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        await srv.stop()
+
+
+@pytest.fixture
+async def http(pki: TestPKI, proxy: Path) -> AsyncIterator[aiohttp.ClientSession]:
+    """An aiohttp session presenting the test proxy."""
+    connector = aiohttp.TCPConnector(ssl=pki.client_ssl_context(proxy))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        yield session
+
+
+@pytest.fixture
+def gfal2(pki: TestPKI, proxy: Path) -> Callable[..., Awaitable[dict[str, Any]]]:
+    """Run tests/gfal2_probe.py under Debian's python3 with the test proxy; returns its JSON."""
+    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import gfal2"], capture_output=True,
+                           check=False) if shutil.which(SYSTEM_PYTHON) else None
+    if probe is None or probe.returncode != 0:
+        message = "gfal2 not importable: install Debian packages python3-gfal2 gfal2-plugin-http"
+        if _in_ci():
+            pytest.fail(f"{message} (CI is set: a missing tool is a failure)")
+        pytest.skip(message)
+    env = dict(os.environ, X509_USER_PROXY=str(proxy), X509_CERT_DIR=str(pki.ca_dir))
+
+    async def run(*args: str) -> dict[str, Any]:
+        proc = await asyncio.create_subprocess_exec(
+            SYSTEM_PYTHON, str(PROBE), *args, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    return run
+
+
+# --- the real client: gfal2 ------------------------------------------------------------------
+
+
+async def test_gfal2_status_maps_archiveinfo_localities(dcache: Factory, gfal2: Any) -> None:
+    """gfal2's user.status, over both davs:// and https://, reads each locality the emulator
+    answers through discovery and POST /archiveinfo/; UNAVAILABLE is gfal2's EAGAIN error."""
+    srv = await dcache()
+    srv.core.add_file("/pnfs/t/tape", 10, Locality.TAPE)
+    srv.core.add_file("/pnfs/t/both", 10, Locality.DISK_AND_TAPE)
+    srv.core.add_file("/pnfs/t/disk", 10, Locality.DISK)
+    srv.core.add_file("/pnfs/t/lost", 10, Locality.LOST)
+    want = {"tape": "NEARLINE", "both": "ONLINE_AND_NEARLINE", "disk": "ONLINE"}
+    for name, status in want.items():
+        for scheme in ("davs", "https"):
+            url = srv.door_url(f"/pnfs/t/{name}").replace("https", scheme, 1)
+            assert await gfal2("status", url) == {"status": status}
+    lost = await gfal2("status", srv.door_url("/pnfs/t/lost"))
+    assert "UNAVAILABLE" in lost["error"] and lost["code"] == 11  # EAGAIN
+    assert srv.core.stats.requests["door:discovery"] == 7  # one per gfal2 context
+    assert "POST /api/v1/tape/archiveinfo/" in srv.core.stats.frontend_calls
+
+
+async def test_gfal2_bring_online_poll_and_release(dcache: Factory, gfal2: Any) -> None:
+    """gfal2 stages through POST /stage/, polls pending then done, and releases the pin; it
+    sends no diskLifetime (2.21 drops pintime), so dCache's 2-day default pin applies."""
+    srv = await dcache(mount_seconds=3.0)
+    replica = srv.core.add_file("/pnfs/t/a", 10, Locality.TAPE)
+    url = srv.door_url("/pnfs/t/a")
+    staged = await gfal2("bring_online", "3600", "60", url)
+    token = staged["token"]
+    assert staged["errors"] == [None] and token in srv.frontend.requests
+    assert "POST /api/v1/tape/stage/" in srv.core.stats.frontend_calls
+    assert await gfal2("poll", token, url) == {"result": 0}  # the mount takes 3 s
+    await srv.core.wait_until(lambda: bool(replica.pins))
+    assert await gfal2("poll", token, url) == {"result": 1}
+    assert replica.on_disk and srv.core.stats.mounts == 1
+    assert replica.pins[token] - time.time() == pytest.approx(TWO_DAYS, abs=60)
+    assert await gfal2("release", token, url) == {"errors": [None]}
+    assert replica.pins == {} and f"POST /api/v1/tape/release/{token}" in \
+        srv.core.stats.frontend_calls
+
+
+async def test_gfal2_sees_stage_failures_and_archive_poll(dcache: Factory, gfal2: Any) -> None:
+    """A disk-only file fails to stage with dCache's message as gfal2 reports it; archive_poll
+    says which files are on tape and which path is unknown."""
+    srv = await dcache()
+    srv.core.add_file("/pnfs/t/disk", 10, Locality.DISK)
+    srv.core.add_file("/pnfs/t/tape", 10, Locality.TAPE)
+    disk = srv.door_url("/pnfs/t/disk")
+    token = (await gfal2("bring_online", "60", "60", disk))["token"]
+    req = srv.frontend.requests[token]
+    await srv.core.wait_until(lambda: req.finished)
+    polled = await gfal2("poll", token, disk)
+    assert "Cannot stage DISK only files" in polled["error"]
+    answers = (await gfal2("archive_poll", srv.door_url("/pnfs/t/tape"), disk,
+                           srv.door_url("/pnfs/t/none")))["errors"]
+    assert answers[0] is None
+    assert "not yet archived" in answers[1] and "No such file" in answers[2]
+
+
+# --- door and pool -----------------------------------------------------------------------------
+
+
+async def test_door_redirects_to_one_time_pool_url(dcache: Factory,
+                                                   http: aiohttp.ClientSession) -> None:
+    """HEAD at the door starts no mover; GET answers 302 to the pool with a dcache-http-uuid;
+    the pool serves the range once and sends a second use of the UUID back to the door (307)."""
+    srv = await dcache()
+    replica = srv.core.add_file("/pnfs/d/f", 1000, Locality.DISK)
+    async with http.head(srv.door_url("/pnfs/d/f"), allow_redirects=False) as head:
+        assert head.status == 200 and head.headers["Content-Length"] == "1000"
+    assert replica.atime == 0.0 and srv.core.stats.movers_started == 0
+    async with http.get(srv.door_url("/pnfs/d/f"), allow_redirects=False) as door:
+        assert door.status == 302
+        pool_url = door.headers["Location"]
+    assert "?dcache-http-uuid=" in pool_url and not pool_url.startswith(srv.door_url("/"))
+    headers = {"Range": "bytes=0-3", "Connection": "close"}
+    async with http.get(pool_url, headers=headers, allow_redirects=False) as pool:
+        assert pool.status == 206 and len(await pool.read()) == 4
+        assert pool.headers["Content-Range"] == "bytes 0-3/1000"
+    async with http.get(pool_url, headers=headers, allow_redirects=False) as again:
+        assert again.status == 307 and again.headers["Location"] == srv.door_url("/pnfs/d/f")
+
+
+async def test_mover_lives_while_the_pool_connection_is_open(
+        dcache: Factory, pki: TestPKI, proxy: Path, http: aiohttp.ClientSession) -> None:
+    """A ranged read sets the replica's atime and keeps its mover until the client closes the
+    connection; Connection: close ends it with the response."""
+    srv = await dcache()
+    replica = srv.core.add_file("/pnfs/d/f", 1000, Locality.DISK_AND_TAPE, atime=1.0)
+    before = time.time()
+    keep = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+        ssl=pki.client_ssl_context(proxy)))
+    async with keep.get(srv.door_url("/pnfs/d/f"), headers={"Range": "bytes=0-3"}) as r:
+        assert r.status == 206 and len(await r.read()) == 4
+    assert replica.atime >= before and srv.core.stats.open_movers == 1
+    await keep.close()
+    await srv.core.wait_until(lambda: srv.core.stats.open_movers == 0)
+    async with http.get(srv.door_url("/pnfs/d/f"),
+                        headers={"Range": "bytes=0-3", "Connection": "close"}) as r:
+        assert r.status == 206
+        assert srv.core.stats.open_movers == 0
+    assert srv.core.stats.movers_started == 2
+
+
+async def test_door_blocks_on_tape_only_file_then_500_and_recall_goes_on(
+        dcache: Factory, http: aiohttp.ClientSession) -> None:
+    """A door GET of a NEARLINE file holds the request for door_timeout, answers dCache's 500,
+    and the recall it started completes afterwards (a later GET is redirected)."""
+    srv = await dcache(door_timeout=0.3, mount_seconds=0.8)
+    replica = srv.core.add_file("/pnfs/t/f", 100, Locality.TAPE)
+    began = time.monotonic()
+    async with http.get(srv.door_url("/pnfs/t/f"), allow_redirects=False) as r:
+        assert r.status == 500 and DOOR_TIMEOUT_MESSAGE in await r.text()
+    assert time.monotonic() - began >= 0.3
+    stats = srv.core.stats
+    assert stats.door_tape_gets == 1 and stats.door_blocked_seconds >= 0.3
+    assert not replica.on_disk
+    await srv.core.wait_until(lambda: replica.on_disk)
+    async with http.get(srv.door_url("/pnfs/t/f"), allow_redirects=False) as r:
+        assert r.status == 302
+    assert stats.mounts == 1 and stats.recalled == 1
+
+
+async def test_door_and_frontend_require_a_client_certificate(dcache: Factory,
+                                                              pki: TestPKI) -> None:
+    """Without a client certificate neither the door nor the frontend answers."""
+    srv = await dcache()
+    ctx = ssl.create_default_context(capath=str(pki.ca_dir))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as anon:
+        for url in (srv.door_url("/x"), srv.tape_api_url + "/stage/x"):
+            with pytest.raises(aiohttp.ClientError):
+                async with anon.get(url) as r:
+                    await r.read()
+
+
+# --- the frontend -----------------------------------------------------------------------------
+
+
+async def _stage(http: aiohttp.ClientSession, srv: DCacheServer, paths: list[str],
+                 **extra: Any) -> aiohttp.ClientResponse:
+    body = {"files": [{"path": p, **extra} for p in paths]}
+    async with http.post(srv.tape_api_url + "/stage", json=body) as r:
+        await r.read()
+        return r
+
+
+async def _finished(srv: DCacheServer, rid: str) -> None:
+    """Wait until every file of stage request ``rid`` is in a final state."""
+    req = srv.frontend.requests[rid]
+    await srv.core.wait_until(lambda: req.finished)
+
+
+async def test_discovery_points_at_the_frontend_on_its_own_port(
+        dcache: Factory, http: aiohttp.ClientSession) -> None:
+    """/.well-known/wlcg-tape-rest-api on the door gives a v1 uri on another port."""
+    srv = await dcache()
+    async with http.get(srv.door_url("/.well-known/wlcg-tape-rest-api")) as r:
+        doc = await r.json()
+    (endpoint,) = doc["endpoints"]
+    assert endpoint["version"] == "v1" and endpoint["uri"] == srv.tape_api_url
+    assert not endpoint["uri"].startswith(srv.door_url(""))
+
+
+async def test_stage_lifecycle_states_pins_and_errors(dcache: Factory,
+                                                      http: aiohttp.ClientSession) -> None:
+    """201 + Location + requestId; per-file COMPLETED (pinned for diskLifetime) or FAILED with
+    dCache's reasons; ms timestamps; cancel of a foreign path is 400; DELETE then 404."""
+    srv = await dcache()
+    tape = srv.core.add_file("/pnfs/t/a", 10, Locality.TAPE)
+    srv.core.add_file("/pnfs/t/d", 10, Locality.DISK)
+    r = await _stage(http, srv, ["/pnfs/t/a", "/pnfs/t/d", "/pnfs/t/x"], diskLifetime="PT1H")
+    assert r.status == 201
+    rid = (await r.json())["requestId"]
+    assert r.headers["Location"] == f"{srv.tape_api_url}/stage/{rid}"
+    await _finished(srv, rid)
+    async with http.get(r.headers["Location"]) as poll:
+        doc = await poll.json()
+    files = {f["path"]: f for f in doc["files"]}
+    assert files["/pnfs/t/a"]["state"] == "COMPLETED"
+    assert files["/pnfs/t/d"] == {**files["/pnfs/t/d"], "state": "FAILED",
+                                  "error": "Cannot stage DISK only files"}
+    assert files["/pnfs/t/x"]["state"] == "FAILED"
+    assert doc["completedAt"] >= doc["createdAt"] > time.time() * 1000 - 60_000
+    assert tape.pins[rid] - time.time() == pytest.approx(3600, abs=60)
+    async with http.post(f"{srv.tape_api_url}/stage/{rid}/cancel",
+                         json={"paths": ["/other"]}) as c:
+        assert c.status == 400 and await c.read() == b""
+    async with http.delete(f"{srv.tape_api_url}/stage/{rid}") as d:
+        assert d.status == 200
+    async with http.get(f"{srv.tape_api_url}/stage/{rid}") as gone:
+        problem = await gone.json(content_type="application/problem+json")
+        assert gone.status == 404 and problem["status"] == "404"
+
+
+async def test_limits_413_and_429_checked_first(dcache: Factory,
+                                                http: aiohttp.ClientSession) -> None:
+    """Over 500 targets is 413; over max_requests unfinished requests is 429, even for a
+    request that is also too large; limits above dCache's cannot be configured."""
+    srv = await dcache(max_requests=2, mount_seconds=60)
+    srv.core.add_file("/pnfs/t/a", 10, Locality.TAPE)
+    many = [f"/pnfs/t/{i}" for i in range(501)]
+    too_big = await _stage(http, srv, many)
+    assert too_big.status == 413
+    for _ in range(2):
+        assert (await _stage(http, srv, ["/pnfs/t/a"])).status == 201
+    async with http.post(srv.tape_api_url + "/stage/",
+                         json={"files": [{"path": p} for p in many]}) as r:
+        problem = await r.json(content_type="application/problem+json")
+    assert r.status == 429 and problem["status"] == "429" and problem["title"]
+    assert srv.core.stats.max_paths == 501
+    with pytest.raises(ValueError, match="dCache's limit"):
+        DCacheConfig(max_targets=501)
+
+
+async def test_archiveinfo_answers_at_most_10000_paths(dcache: Factory,
+                                                       http: aiohttp.ClientSession) -> None:
+    """archiveinfo silently answers 10,000 distinct paths of a bigger request, an unknown path
+    with a per-path error, and each locality as dCache names it."""
+    srv = await dcache()
+    srv.core.add_file("/pnfs/t/tape", 1, Locality.TAPE)
+    srv.core.add_file("/pnfs/t/lost", 1, Locality.LOST)
+    paths = ["/pnfs/t/tape", "/pnfs/t/tape", "/pnfs/t/lost", "/pnfs/t/none"]
+    paths += [f"/pnfs/u/{i}" for i in range(10_100)]
+    async with http.post(srv.tape_api_url + "/archiveinfo/", json={"paths": paths}) as r:
+        answer = await r.json()
+    assert r.status == 200 and len(answer) == 10_000
+    by_path = {a["path"]: a for a in answer}
+    assert by_path["/pnfs/t/tape"]["locality"] == "TAPE"
+    assert by_path["/pnfs/t/lost"]["locality"] == "UNAVAILABLE"
+    assert "error" in by_path["/pnfs/t/none"] and "locality" not in by_path["/pnfs/t/none"]
+    assert srv.core.stats.max_paths == len(paths)
+
+
+async def test_namespace_locality(dcache: Factory, http: aiohttp.ClientSession) -> None:
+    """GET /api/v1/namespace/<path>?locality=true gives fileLocality; a missing path is a 404
+    problem."""
+    srv = await dcache()
+    want = {Locality.DISK: "ONLINE", Locality.TAPE: "NEARLINE",
+            Locality.DISK_AND_TAPE: "ONLINE_AND_NEARLINE", Locality.LOST: "UNAVAILABLE"}
+    for locality in want:
+        srv.core.add_file(f"/pnfs/n/{locality.name}", 5, locality)
+    base = srv.frontend_url + "/api/v1/namespace"
+    for locality, expected in {**want, None: "NONE"}.items():
+        name = f"/{locality.name}" if locality else ""
+        async with http.get(f"{base}/pnfs/n{name}?locality=true") as r:
+            assert (await r.json())["fileLocality"] == expected
+    async with http.get(f"{base}/pnfs/missing?locality=true") as r:
+        assert r.status == 404
+        assert (await r.json(content_type="application/problem+json"))["status"] == "404"
+
+
+# --- the tape model and the disk ---------------------------------------------------------------
+
+
+async def test_recalls_queued_together_are_grouped_by_tape(
+        dcache: Factory, http: aiohttp.ClientSession) -> None:
+    """Six files alternating between two tapes, staged in one request, need two mounts on one
+    drive and on two drives (one tape per drive), not six."""
+    for drives in (1, 2):
+        srv = await dcache(drives=drives, mount_seconds=0.05, file_seconds=0.01)
+        paths = [f"/pnfs/g/{i}" for i in range(6)]
+        for i, path in enumerate(paths):
+            srv.core.add_file(path, 1, Locality.TAPE, tape=f"T{i % 2}")
+        rid = (await (await _stage(http, srv, paths)).json())["requestId"]
+        await _finished(srv, rid)
+        assert srv.core.stats.mounts == 2 and srv.core.stats.recalled == 6
+
+
+async def test_lru_eviction_never_evicts_pinned(dcache: Factory,
+                                                http: aiohttp.ClientSession) -> None:
+    """A recall into a full pool evicts the least recently used unpinned replica, never an
+    older pinned one; with only pinned replicas left the recall fails."""
+    srv = await dcache(disk_capacity=200)
+    old_pinned = srv.core.add_file("/pnfs/l/old", 100, Locality.DISK_AND_TAPE, atime=1.0)
+    newer = srv.core.add_file("/pnfs/l/newer", 100, Locality.DISK_AND_TAPE, atime=2.0)
+    srv.core.add_file("/pnfs/l/c", 100, Locality.TAPE)
+    srv.core.add_file("/pnfs/l/d", 100, Locality.TAPE)
+
+    async def stage_one(path: str) -> dict[str, Any]:
+        rid = (await (await _stage(http, srv, [path])).json())["requestId"]
+        await _finished(srv, rid)
+        return srv.frontend.requests[rid].to_json()["files"][0]  # type: ignore[no-any-return]
+
+    assert (await stage_one("/pnfs/l/old"))["state"] == "COMPLETED"
+    assert (await stage_one("/pnfs/l/c"))["state"] == "COMPLETED"
+    assert old_pinned.on_disk and not newer.on_disk and srv.core.stats.evicted == 1
+    failed = await stage_one("/pnfs/l/d")
+    assert failed["state"] == "FAILED" and "No space" in failed["error"]
+    assert old_pinned.on_disk and srv.core.files["/pnfs/l/c"].on_disk
