@@ -68,8 +68,7 @@ class RetryPolicy:
                 return None
             wait = retry_after
         else:
-            # 2**64 times any sane initial is past any sane max: the cap keeps 2.0**n finite.
-            wait = self.backoff(min(retry, 64), rand)
+            wait = self.backoff(retry, rand)
         if elapsed + wait >= self.total:
             return None
         return wait

@@ -18,6 +18,8 @@ on_message_complete
 pipe_data_received
 pipe_connection_lost
 process_exited
+# Tape REST localities the server may answer (read by value, never named in our code).
+NONE
 # Submission rows: stored columns, shown through dataclasses.asdict.
 created
 updated

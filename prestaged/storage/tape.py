@@ -1,0 +1,336 @@
+"""The WLCG Tape REST API v1 as dCache serves it: discovery, locality in bulk, staging, pins.
+
+How the real movers (FTS3, gfal2, Rucio) talk to a tape-backed dCache, and what issue 13's
+engine builds on (``reference/tape-rest.md`` has the facts):
+
+* ``discover(door)``: ``GET <door>/.well-known/wlcg-tape-rest-api`` once per storage endpoint;
+  the ``v1`` entry's ``uri`` is the frontend, usually on another port (3880) than the WebDAV door
+  (2880): never assume the door's host:port. None when the door has no such document (404).
+* ``archiveinfo(uri, paths)``: locality of many paths per request (at most ``ARCHIVEINFO_BATCH``;
+  dCache silently answers only the first 10,000 of a longer list), matched by path, not position.
+* ``stage(uri, paths, lifetime)``: stage requests of at most ``stage_batch`` paths (dCache refuses
+  more than 500 with 413: a 413 halves the batch and sends again); 429 and 503 are back-pressure,
+  waited out (``Retry-After`` honoured) by ``policy``, never a file's failure.
+* ``poll(uri, id)``: a request's files; ``state`` and the spec's ``onDisk`` forms, ``CANCELLED``
+  and gfal2's ``CANCELED``, any order, partial lists; a request the server forgot (404) says so.
+* ``cancel``, ``release``: for the files of one request.
+
+Errors: 401/403 are ``CredentialError`` naming the right staging needs (a WLCG token needs
+``storage.stage``; ``storage.read`` cannot recall); other refusals are ``TapeRestError`` (exit 5)
+with the server's RFC 7807 ``detail``. The session (client certificate, bearer token) is the
+caller's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from prestaged.errors import CredentialError, StorageError
+from prestaged.model import error_text
+from prestaged.net import parse_retry_after
+from prestaged.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    import aiohttp
+
+__all__ = [
+    "ARCHIVEINFO_BATCH",
+    "DISCOVERY_PATH",
+    "FileLocality",
+    "FileStage",
+    "Locality",
+    "StageRequest",
+    "StageStatus",
+    "TapeClient",
+    "TapeRestError",
+]
+
+log = logging.getLogger(__name__)
+
+DISCOVERY_PATH = "/.well-known/wlcg-tape-rest-api"
+ARCHIVEINFO_BATCH = 1000
+"""Paths per archiveinfo request (dCache answers at most 10,000 and drops the rest silently)."""
+STAGE_LIMIT = 500
+"""dCache's ``bulk.limits.max.targets-per-flat-request``: more paths per request get 413."""
+
+
+class TapeRestError(StorageError):
+    """The Tape REST API refused a request or answered something we cannot read (exit 5)."""
+
+
+class Locality(str, enum.Enum):
+    """Where a file's replicas are (``archiveinfo``)."""
+
+    DISK = "DISK"
+    TAPE = "TAPE"
+    DISK_AND_TAPE = "DISK_AND_TAPE"
+    LOST = "LOST"
+    NONE = "NONE"
+    UNAVAILABLE = "UNAVAILABLE"
+
+    @property
+    def on_disk(self) -> bool:
+        """A ranged GET reads it from disk now (no recall)."""
+        return self in (Locality.DISK, Locality.DISK_AND_TAPE)
+
+
+@dataclass(frozen=True)
+class FileLocality:
+    """One path's answer: a ``locality``, or the server's ``error`` for it (unknown path...)."""
+
+    path: str
+    locality: Optional[Locality]
+    error: str = ""
+
+
+class StageState(str, enum.Enum):
+    """A file's state in a stage request (``CANCELED``, gfal2's spelling, is read as this)."""
+
+    SUBMITTED = "SUBMITTED"
+    STARTED = "STARTED"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+@dataclass(frozen=True)
+class FileStage:
+    """One file of a stage request as a poll shows it."""
+
+    path: str
+    state: StageState
+    error: str = ""
+
+    @property
+    def done(self) -> bool:
+        """Nothing more will happen to it in this request."""
+        return self.state in (StageState.COMPLETED, StageState.FAILED, StageState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """A stage request the server accepted: its id and the paths it covers."""
+
+    id: str
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    """A poll's answer: the files it listed, by path (possibly not all of the request's), or
+    ``found = False`` when the server no longer knows the request (404)."""
+
+    id: str
+    files: dict[str, FileStage] = field(default_factory=dict)
+    found: bool = True
+
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class TapeClient:
+    """The Tape REST API over the caller's ``session`` (its TLS context or token authenticate).
+
+    ``stage_batch``: paths per stage request (default 200, as FTS3; at most 500). ``policy``:
+    how 429/503 back-pressure and dropped connections are waited out (attempts, time budget,
+    ``Retry-After``). ``sleep`` is ``asyncio.sleep`` (tests replace it).
+    """
+
+    def __init__(self, session: aiohttp.ClientSession, *, stage_batch: int = 200,
+                 policy: Optional[RetryPolicy] = None, sleep: Sleep = asyncio.sleep) -> None:
+        if not 1 <= stage_batch <= STAGE_LIMIT:
+            raise ValueError(f"stage_batch must be 1..{STAGE_LIMIT}, got {stage_batch}")
+        self.session = session
+        self.stage_batch = stage_batch
+        self.policy = policy or RetryPolicy(attempts=8, initial=1.0, max=60.0, total=600.0)
+        self._sleep = sleep
+
+    # --- discovery and locality -------------------------------------------------------------
+
+    async def discover(self, door: str) -> Optional[str]:
+        """The v1 endpoint URI advertised by ``door`` (``https://host:port``), or None when the
+        door publishes no Tape REST API (404). ``TapeRestError`` for a document we cannot read
+        (the caller decides: ``stage = auto`` warns and reads by GET, ``always`` fails)."""
+        url = door.rstrip("/") + DISCOVERY_PATH
+        status, doc = await self._call("GET", url, None, allow=(404,))
+        if status == 404:
+            return None
+        endpoints = doc.get("endpoints") if isinstance(doc, dict) else None
+        if not isinstance(endpoints, list):
+            raise TapeRestError(f"{url}: no endpoints list in the discovery document")
+        uris = {str(e.get("version")): e.get("uri") for e in endpoints if isinstance(e, dict)}
+        uri = uris.get("v1")
+        if not isinstance(uri, str) or not uri.startswith("https://"):
+            raise TapeRestError(f"{url}: no https v1 endpoint in the discovery document "
+                                f"(versions: {', '.join(sorted(uris)) or 'none'})")
+        return uri.rstrip("/")
+
+    async def archiveinfo(self, uri: str, paths: Sequence[str]) -> dict[str, FileLocality]:
+        """Locality of every path (batches of ``ARCHIVEINFO_BATCH``), by path. A path the
+        server did not answer is absent from the result (the caller asks again)."""
+        out: dict[str, FileLocality] = {}
+        for i in range(0, len(paths), ARCHIVEINFO_BATCH):
+            chunk = list(dict.fromkeys(paths[i:i + ARCHIVEINFO_BATCH]))
+            _, doc = await self._call("POST", f"{uri}/archiveinfo", {"paths": chunk})
+            if not isinstance(doc, list):
+                raise TapeRestError(f"{uri}/archiveinfo: expected a list, got "
+                                    f"{type(doc).__name__}")
+            wanted = set(chunk)
+            for item in doc:
+                answer = _file_locality(item)
+                if answer is not None and answer.path in wanted:
+                    out[answer.path] = answer
+        return out
+
+    # --- staging ----------------------------------------------------------------------------
+
+    async def stage(self, uri: str, paths: Sequence[str],
+                    lifetime: float) -> list[StageRequest]:
+        """Stage ``paths`` with a pin of ``lifetime`` seconds, ``stage_batch`` paths a request
+        (halved on 413); returns the requests made, in order."""
+        made: list[StageRequest] = []
+        todo = list(dict.fromkeys(paths))
+        batch = self.stage_batch
+        while todo:
+            chunk, rest = todo[:batch], todo[batch:]
+            body = {"files": [{"path": p, "diskLifetime": _iso_duration(lifetime)}
+                              for p in chunk]}
+            status, doc = await self._call("POST", f"{uri}/stage", body, allow=(413,))
+            if status == 413:
+                if batch == 1:
+                    raise TapeRestError(f"{uri}/stage: refused a request of one path (413)")
+                batch = max(1, batch // 2)
+                log.info("%s/stage: 413 for %d paths; sending %d a request", uri, len(chunk),
+                         batch)
+                continue
+            request_id = doc.get("requestId") if isinstance(doc, dict) else None
+            if not isinstance(request_id, str) or not request_id:
+                raise TapeRestError(f"{uri}/stage: accepted, but named no requestId")
+            made.append(StageRequest(request_id, tuple(chunk)))
+            todo = rest
+        return made
+
+    async def poll(self, uri: str, request_id: str) -> StageStatus:
+        """Request ``request_id``'s files as the server lists them now."""
+        status, doc = await self._call("GET", f"{uri}/stage/{request_id}", None, allow=(404,))
+        if status == 404:
+            return StageStatus(request_id, found=False)
+        files = doc.get("files") if isinstance(doc, dict) else None
+        if not isinstance(files, list):
+            raise TapeRestError(f"{uri}/stage/{request_id}: no files list in the answer")
+        out: dict[str, FileStage] = {}
+        for item in files:
+            stage = _file_stage(item)
+            if stage is not None:
+                out[stage.path] = stage
+        return StageStatus(request_id, out)
+
+    async def cancel(self, uri: str, request_id: str, paths: Sequence[str]) -> None:
+        """Cancel ``paths`` of request ``request_id`` (a request the server forgot is fine)."""
+        await self._call("POST", f"{uri}/stage/{request_id}/cancel", {"paths": list(paths)},
+                         allow=(404,))
+
+    async def release(self, uri: str, request_id: str, paths: Sequence[str]) -> None:
+        """Drop the pins request ``request_id`` made on ``paths``."""
+        await self._call("POST", f"{uri}/release/{request_id}", {"paths": list(paths)},
+                         allow=(404,))
+
+    # --- one call ---------------------------------------------------------------------------
+
+    async def _call(self, method: str, url: str, body: Optional[Mapping[str, Any]],
+                    allow: tuple[int, ...] = ()) -> tuple[int, Any]:
+        """(status, JSON document) of ``method url``, back-pressure (429, 503) and dropped
+        connections waited out by the policy; ``allow``ed statuses are returned with None."""
+        import aiohttp
+
+        tries = 0
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            tries += 1
+            retry_after: Optional[float] = None
+            try:
+                async with self.session.request(method, url, json=body) as resp:
+                    status = resp.status
+                    text = await resp.text()
+                    if status in allow:
+                        return status, None
+                    if 200 <= status < 300:
+                        return status, _json(url, text)
+                    if status in (401, 403):
+                        raise CredentialError(
+                            f"{url}: the Tape REST API refused us ({status}: "
+                            f"{_problem(text)}); staging needs the right to stage (for a WLCG "
+                            "token: storage.stage)")
+                    if status not in (429, 503):
+                        raise TapeRestError(f"{url}: {status} {_problem(text)}")
+                    why = f"{status} {_problem(text)}"
+                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                why = error_text(str(e) or type(e).__name__)
+            elapsed = loop.time() - start
+            delay = self.policy.delay(tries, retry_after=retry_after, elapsed=elapsed)
+            if delay is None:
+                raise TapeRestError(f"{url}: gave up after {tries} tries: {why}")
+            log.info("%s: %s; trying again in %.1f s", url, why, delay)
+            await self._sleep(delay)
+
+
+def _json(url: str, text: str) -> Any:
+    try:
+        return json.loads(text) if text.strip() else None
+    except ValueError:
+        raise TapeRestError(f"{url}: the answer is not JSON") from None
+
+
+def _problem(text: str) -> str:
+    """The ``detail`` (or ``title``) of an RFC 7807 problem document, else the text, bounded."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        text = str(doc.get("detail") or doc.get("title") or text)
+    return error_text(text) or "(no detail)"
+
+
+def _file_locality(item: object) -> Optional[FileLocality]:
+    if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+        return None
+    path = item["path"]
+    if item.get("error"):
+        return FileLocality(path, None, error_text(str(item["error"])))
+    try:
+        return FileLocality(path, Locality(str(item.get("locality"))))
+    except ValueError:
+        return FileLocality(path, None, f"unknown locality {item.get('locality')!r}")
+
+
+_STATES = {s.value: s for s in StageState} | {"CANCELED": StageState.CANCELLED}
+
+
+def _file_stage(item: object) -> Optional[FileStage]:
+    if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+        return None
+    error = error_text(str(item.get("error") or ""))
+    state = _STATES.get(str(item.get("state", "")).upper())
+    if state is None:  # the spec's other form: onDisk true/false
+        on_disk = item.get("onDisk")
+        if on_disk is True:
+            state = StageState.COMPLETED
+        elif error:
+            state = StageState.FAILED
+        else:
+            state = StageState.STARTED
+    return FileStage(item["path"], state, error)
+
+
+def _iso_duration(seconds: float) -> str:
+    """``seconds`` as an ISO 8601 duration (``PT86400S``), as ``diskLifetime`` takes it."""
+    return f"PT{max(1, int(seconds))}S"
