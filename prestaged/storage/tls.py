@@ -24,12 +24,13 @@ from __future__ import annotations
 import contextlib
 import ssl
 from collections import OrderedDict
+from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import Iterator, Optional, Tuple
+from typing import Optional
 
 __all__ = ["Hop", "SessionCache", "enable_resumption"]
 
-Key = Tuple[str, int]
+Key = tuple[str, int]
 """(server name as given to ``wrap_bio``, port)."""
 
 _OFFER: ContextVar[Optional[Hop]] = ContextVar("prestaged_tls_offer", default=None)
@@ -82,6 +83,9 @@ class SessionCache:
             yield hop
         finally:
             _OFFER.reset(token)
+            # Copies of the context (a transport's, a task's) may outlive the block: do not let
+            # them keep the SSLObject and its buffers alive too.
+            hop.tls = None
 
 
 class Hop:
@@ -144,4 +148,4 @@ def enable_resumption(context: ssl.SSLContext) -> None:
 
     # An attribute of this instance: the class and other contexts stay as they are.
     setattr(context, "wrap_bio", wrap_bio)  # noqa: B010 (mypy: no assignment to a method)
-    setattr(context, _MARK, True)  # noqa: B010
+    setattr(context, _MARK, True)
