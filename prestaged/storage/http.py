@@ -6,6 +6,8 @@ status. 206 and 200 are warm (200 means the server ignored Range: the connection
 401/403 denied. Redirects (a dCache door sending us to a pool) are followed here rather than by
 aiohttp so that the connection to the redirect target is closed after the read (a dCache pool
 mover lives as long as its connection) while the connection to the door stays in the pool.
+Each pool hop offers the TLS session of the previous hop to the same pool (``storage.tls``), so
+closing costs an abbreviated handshake rather than a full one.
 
 Plain URLs go through ``storage.fast`` first (pre-built request bytes on pooled keep-alive
 connections, answers parsed by httptools): it gives the same ``Attempt`` for a final answer and
