@@ -6,6 +6,8 @@ status. 206 and 200 are warm (200 means the server ignored Range: the connection
 401/403 denied. Redirects (a dCache door sending us to a pool) are followed here rather than by
 aiohttp so that the connection to the redirect target is closed after the read (a dCache pool
 mover lives as long as its connection) while the connection to the door stays in the pool.
+Each pool hop offers the TLS session of the previous hop to the same pool (``storage.tls``), so
+closing costs an abbreviated handshake rather than a full one.
 
 Plain URLs go through ``storage.fast`` first (pre-built request bytes on pooled keep-alive
 connections, answers parsed by httptools): it gives the same ``Attempt`` for a final answer and
@@ -24,6 +26,7 @@ This module does one attempt; retries, breakers and throttling live in ``prestag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 from typing import TYPE_CHECKING, Any, Optional
@@ -35,6 +38,7 @@ from prestaged.model import Attempt, Failure
 from prestaged.net import parse_retry_after, tls_cause
 from prestaged.storage.attempt import CONTENT_RANGE_TOTAL, DRAIN_LIMIT, REDIRECTS
 from prestaged.storage.fast import FastPath, FastPathStats, Redirect, connect_timeout_text
+from prestaged.storage.tls import Hop, SessionCache, enable_resumption
 
 if TYPE_CHECKING:
     import aiohttp
@@ -135,6 +139,12 @@ class HttpToucher:
         self._use_fast = fast_path
         self._fast: Optional[FastPath] = None
         self._fast_stats: Optional[FastPathStats] = None
+        self._tls = SessionCache()
+
+    @property
+    def tls_sessions(self) -> SessionCache:
+        """Pool TLS sessions kept for resumption (``offered``/``resumed`` count handshakes)."""
+        return self._tls
 
     @property
     def fast_path_stats(self) -> Optional[FastPathStats]:
@@ -142,7 +152,9 @@ class HttpToucher:
         return self._fast_stats
 
     async def start(self) -> None:
-        """Open the connection pools."""
+        """Open the connection pools; pool hops made with the SSL context resume sessions."""
+        if self._ssl is not None:
+            enable_resumption(self._ssl)
         if self._use_fast:
             lines = "".join(f"{k}: {v}\r\n" for k, v in self._headers.items())
             self._fast = FastPath(self._ssl, nbytes=self.nbytes, headers=lines.encode("ascii"),
@@ -282,42 +294,50 @@ class HttpToucher:
                       timeout: Optional[aiohttp.ClientTimeout] = None) -> Attempt:
         for hop in range(first_hop, self.max_redirects + 1):
             headers = None if hop == 0 else self._pool_headers
-            async with session.get(target, headers=headers, allow_redirects=False,
-                                   timeout=timeout or self._timeout) as resp:
-                status = resp.status
-                if status in REDIRECTS:
+            host, port = (target.raw_host or "").rstrip("."), target.port or 0
+            offer = self._tls.offering(host, port) if hop else contextlib.nullcontext()
+            with offer as pool:
+                async with session.get(target, headers=headers, allow_redirects=False,
+                                       timeout=timeout or self._timeout) as resp:
+                    if resp.status not in REDIRECTS:
+                        return await self._final(resp, pool)
                     location = resp.headers.get("Location")
                     if not location:
-                        return Attempt(status=status, failure=Failure.PROTOCOL,
-                                       error=f"HTTP {status} redirect without Location")
+                        return Attempt(status=resp.status, failure=Failure.PROTOCOL,
+                                       error=f"HTTP {resp.status} redirect without Location")
                     await self._drain(resp)
                     nxt = resp.url.join(URL(location))
-                    refused = _refused_redirect(resp.url, nxt, status)
+                    refused = _refused_redirect(resp.url, nxt, resp.status)
                     if refused is not None:
                         return refused
                     target = nxt
-                    continue
-                size = _size(resp)
-                if size == 0:
-                    # Nothing to read. XRootD 5.5 answers an empty file with 206, a 4-byte
-                    # Content-Length and no body: do not wait for bytes that never come.
-                    data = 0
-                    resp.close()
-                elif status in (200, 206):
-                    data = await self._read_head(resp)
-                else:
-                    data = 0
-                    await self._drain(resp)
-                if hop > 0:
-                    resp.close()
-                return Attempt(
-                    status=status,
-                    data=data,
-                    retry_after=parse_retry_after(resp.headers.get("Retry-After")),
-                    error="" if status < 400 else f"HTTP {status} {resp.reason or ''}".strip(),
-                    size=size,
-                )
         return Attempt(failure=Failure.PROTOCOL, error=f"more than {self.max_redirects} redirects")
+
+    async def _final(self, resp: aiohttp.ClientResponse, pool: Optional[Hop]) -> Attempt:
+        """Read and classify a final answer; from a pool (after a redirect), keep its TLS
+        session and close its connection."""
+        status = resp.status
+        size = _size(resp)
+        if size == 0:
+            # Nothing to read. XRootD 5.5 answers an empty file with 206, a 4-byte
+            # Content-Length and no body: do not wait for bytes that never come.
+            data = 0
+        elif status in (200, 206):
+            data = await self._read_head(resp)
+        else:
+            data = 0
+            await self._drain(resp)
+        if pool is not None:
+            pool.remember()  # after the answer: a TLS 1.3 ticket follows the handshake
+        if size == 0 or pool is not None:
+            resp.close()
+        return Attempt(
+            status=status,
+            data=data,
+            retry_after=parse_retry_after(resp.headers.get("Retry-After")),
+            error="" if status < 400 else f"HTTP {status} {resp.reason or ''}".strip(),
+            size=size,
+        )
 
     async def _read_head(self, resp: aiohttp.ClientResponse) -> int:
         """Read at most ``nbytes`` of body; close the connection if more would follow."""

@@ -257,7 +257,8 @@ class ServerStats:
     Attributes (plain ints and dicts, safe to read from another thread once the run is over):
     ``paths`` (normalised path -> ``PathStats``), ``requests_total``, ``bytes_total`` (body
     bytes), ``requests_by_site``, ``connections`` (distinct connections accepted per site),
-    ``client_dns`` (peer certificate subject -> connections), ``active_requests`` (in flight).
+    ``client_dns`` (peer certificate subject -> connections), ``active_requests`` (in flight),
+    ``tls_resumed`` (connections per site whose TLS handshake resumed a session).
     """
 
     def __init__(self) -> None:
@@ -272,6 +273,7 @@ class ServerStats:
         self.bytes_total = 0
         self.requests_by_site = dict.fromkeys(SITES, 0)
         self.connections = dict.fromkeys(SITES, 0)
+        self.tls_resumed = dict.fromkeys(SITES, 0)
         self.client_dns: dict[str, int] = {}
 
     def open_connections(self, site: str = DOOR) -> int:
@@ -289,13 +291,15 @@ class ServerStats:
             "bytes_total": self.bytes_total,
             "requests_by_site": dict(self.requests_by_site),
             "connections": dict(self.connections),
+            "tls_resumed": dict(self.tls_resumed),
             "open_connections": dict(self._open),
             "client_dns": dict(self.client_dns),
             "paths": {p: s.to_dict() for p, s in self.paths.items()},
         }
 
-    def _connection_made(self, site: str, dn: Optional[str]) -> None:
+    def _connection_made(self, site: str, dn: Optional[str], resumed: bool) -> None:
         self.connections[site] += 1
+        self.tls_resumed[site] += resumed
         self._open[site] += 1
         if dn is not None:
             self.client_dns[dn] = self.client_dns.get(dn, 0) + 1
@@ -422,7 +426,10 @@ class _TrackingServer(web.Server):
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
         self._tracked.add(handler)
-        self._stats._connection_made(self._site, _peer_dn(transport))
+        # The handshake is over when the protocol sees the connection (asyncio and uvloop).
+        tls = transport.get_extra_info("ssl_object")
+        resumed = tls is not None and bool(tls.session_reused)
+        self._stats._connection_made(self._site, _peer_dn(transport), resumed)
         self._on_change()
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
