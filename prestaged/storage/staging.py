@@ -1,0 +1,172 @@
+"""Bringing tape-only files to disk the way the real movers do: staged in batches, a bounded
+number of open requests, polled with backoff, each file handed on the moment it is on disk.
+
+``Stager(client, uri, settings).run(paths)`` yields one ``Staged`` per path, in the order the
+files land (or fail), so the caller can touch each one at once and its atime is fresh when the
+job comes. The policy (issue 13):
+
+* at most ``max_requests`` open stage requests on the endpoint, ``batch`` paths each (the client
+  halves a batch the server refuses with 413, and waits out 429);
+* each request is polled from ``poll_min`` seconds, doubling to ``poll_max``, and back to
+  ``poll_min`` when a poll shows progress; files may come in any order or be missing from a poll;
+* ``FAILED``: staged once more in a new request, then reported with the server's error;
+  ``CANCELLED`` (by someone else): reported; a request the server forgot (404 on poll): its
+  unfinished paths are staged again once;
+* ``timeout`` after a request was made: its unfinished paths are cancelled and reported as
+  "stage timed out".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from prestaged.storage.tape import StageState, StageStatus, TapeClient
+
+__all__ = ["Staged", "Stager", "StagingSettings"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StagingSettings:
+    """How staging paces itself; times in seconds (defaults: FTS3-like batches of 200, 50 open
+    requests, polls from 2 s to 5 min, 24 h to give up, pins of 24 h)."""
+
+    batch: int = 200
+    max_requests: int = 50
+    poll_min: float = 2.0
+    poll_max: float = 300.0
+    timeout: float = 24 * 3600.0
+    lifetime: float = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Staged:
+    """How one path's staging ended: ``on_disk`` (then touch it), or not with ``error``.
+    ``request_id`` names the request that brought it (for a later release); ``seconds`` from
+    its first stage request to the answer."""
+
+    path: str
+    on_disk: bool
+    error: str = ""
+    request_id: Optional[str] = None
+    seconds: float = 0.0
+
+
+@dataclass
+class _Open:
+    """A stage request not finished yet: its unfinished paths and when to poll it next."""
+
+    id: str
+    paths: set[str]
+    made: float
+    delay: float
+    due: float
+    seen: set[str] = field(default_factory=set)
+
+
+class Stager:
+    """Stages paths on the Tape REST endpoint ``uri`` through ``client``; see the module."""
+
+    def __init__(self, client: TapeClient, uri: str, settings: Optional[StagingSettings] = None,
+                 *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.client = client
+        self.uri = uri
+        self.s = settings or StagingSettings()
+        self._clock = clock
+        self._sleep = sleep
+        self._open: dict[str, _Open] = {}
+        self._first: dict[str, float] = {}  # path -> time of its first stage request
+        self._restaged: set[str] = set()
+        self._todo: deque[str] = deque()
+
+    async def run(self, paths: Iterable[str]) -> AsyncIterator[Staged]:
+        """Stage every path (duplicates once) and yield each as it lands on disk or fails."""
+        self._todo.extend(dict.fromkeys(paths))
+        while self._todo or self._open:
+            await self._submit()
+            request = min(self._open.values(), key=lambda r: r.due)
+            wait = request.due - self._clock()
+            if wait > 0:
+                await self._sleep(wait)
+            for done in await self._poll(request):
+                yield done
+
+    async def _submit(self) -> None:
+        """Fill the free request slots with batches of waiting paths."""
+        while self._todo and len(self._open) < self.s.max_requests:
+            chunk = [self._todo.popleft() for _ in range(min(self.s.batch, len(self._todo)))]
+            now = self._clock()
+            for path in chunk:
+                self._first.setdefault(path, now)
+            made = await self.client.stage(self.uri, chunk, self.s.lifetime)
+            for request in made:
+                self._open[request.id] = _Open(request.id, set(request.paths), now,
+                                               self.s.poll_min, now + self.s.poll_min)
+
+    async def _poll(self, request: _Open) -> list[Staged]:
+        """Poll ``request``; what ended in it, and its next poll time."""
+        now = self._clock()
+        status = await self.client.poll(self.uri, request.id)
+        if not status.found:
+            return self._lost(request)
+        ended = self._ended(request, status, now)
+        if not request.paths:
+            del self._open[request.id]
+            return ended
+        if now - request.made >= self.s.timeout:
+            return ended + await self._timed_out(request, now)
+        # Progress resets the backoff: files of one tape tend to land together.
+        request.delay = (self.s.poll_min if ended else
+                         min(self.s.poll_max, request.delay * 2))
+        request.due = now + request.delay
+        return ended
+
+    def _ended(self, request: _Open, status: StageStatus, now: float) -> list[Staged]:
+        out = []
+        for path in sorted(request.paths):  # sorted: a stable order for the caller and tests
+            f = status.files.get(path)
+            if f is None or not f.done:
+                continue  # still on its way, or left out of this answer
+            request.paths.discard(path)
+            if f.state is StageState.COMPLETED:
+                out.append(Staged(path, True, "", request.id, now - self._first[path]))
+            elif f.state is StageState.FAILED and path not in self._restaged:
+                self._restaged.add(path)  # one more try in a new request
+                self._todo.append(path)
+                log.info("stage of %s failed (%s); asking once more", path, f.error)
+            else:
+                why = f.error or ("cancelled" if f.state is StageState.CANCELLED else "failed")
+                out.append(Staged(path, False, f"stage failed: {why}", request.id,
+                                  now - self._first[path]))
+        return out
+
+    def _lost(self, request: _Open) -> list[Staged]:
+        """The server forgot ``request`` (404): stage its unfinished paths again, once."""
+        del self._open[request.id]
+        out = []
+        for path in sorted(request.paths):
+            if path in self._restaged:
+                out.append(Staged(path, False, "stage failed: the stage request was lost "
+                                  "twice", request.id, self._clock() - self._first[path]))
+            else:
+                self._restaged.add(path)
+                self._todo.append(path)
+        log.info("stage request %s is gone (404); %d paths asked again", request.id,
+                 len(request.paths))
+        return out
+
+    async def _timed_out(self, request: _Open, now: float) -> list[Staged]:
+        """Cancel what ``request`` did not bring to disk within ``timeout``; report it."""
+        paths = sorted(request.paths)
+        del self._open[request.id]
+        await self.client.cancel(self.uri, request.id, paths)
+        return [Staged(p, False, f"stage timed out after {self.s.timeout:g}s", request.id,
+                       now - self._first[p]) for p in paths]

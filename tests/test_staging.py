@@ -1,0 +1,158 @@
+"""The stage/poll loop (prestaged.storage.staging) against the dCache emulator: bounded open
+requests and batches, every file handed on once on disk, one more try after FAILED, a timeout
+that cancels, a request the server forgot, and the poll backoff."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from prestaged.retry import RetryPolicy
+from prestaged.storage.staging import Staged, Stager, StagingSettings
+from prestaged.storage.tape import StageState, StageStatus, TapeClient
+from prestaged.testing.dcache import DCacheConfig, DCacheServer
+from prestaged.testing.dcache import Locality as Where
+from prestaged.testing.pki import TestPKI
+
+NO_WAIT = RetryPolicy(attempts=5, initial=0.0, max=0.0, jitter=0.0, total=60.0)
+QUICK = StagingSettings(batch=50, max_requests=2, poll_min=0.01, poll_max=0.08, timeout=30,
+                        lifetime=3600)
+
+
+@pytest.fixture
+async def http(pki: TestPKI, proxy: Path) -> AsyncIterator[aiohttp.ClientSession]:
+    """An aiohttp session presenting the test proxy."""
+    connector = aiohttp.TCPConnector(ssl=pki.client_ssl_context(proxy))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        yield session
+
+
+async def _dcache(pki: TestPKI, **config: Any) -> DCacheServer:
+    srv = DCacheServer(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+                       DCacheConfig(**config))
+    await srv.start()
+    return srv
+
+
+async def _all(stager: Stager, paths: list[str]) -> list[Staged]:
+    return [s async for s in stager.run(paths)]
+
+
+async def test_every_file_lands_once_within_the_request_and_batch_bounds(
+    pki: TestPKI, http: aiohttp.ClientSession
+) -> None:
+    """300 tape files on 3 tapes, 50 a request, 2 requests open at most (the emulator refuses a
+    third with 429): each file yielded once, on disk and pinned; no request over 50 paths and
+    no stage request sent twice."""
+    srv = await _dcache(pki, drives=2, max_requests=2)
+    try:
+        paths = [f"/pnfs/q/f{i:04d}" for i in range(300)]
+        for i, p in enumerate(paths):
+            srv.core.add_file(p, 10, Where.TAPE, tape=f"T{i % 3}")
+        got = await _all(Stager(TapeClient(http, policy=NO_WAIT), srv.tape_api_url, QUICK), paths)
+        assert sorted(s.path for s in got) == paths and all(s.on_disk for s in got)
+        assert all(srv.core.files[p].on_disk and srv.core.files[p].pins for p in paths)
+        assert srv.core.stats.max_paths <= 50
+        stage_calls = [c for c in srv.core.stats.frontend_calls if c.startswith("POST")
+                       and "/stage" in c and "cancel" not in c]
+        assert len(stage_calls) == 6  # 300 / 50: none refused with 429 and sent again
+    finally:
+        await srv.stop()
+
+
+async def test_a_failed_file_is_asked_once_more_then_reported(
+    pki: TestPKI, http: aiohttp.ClientSession
+) -> None:
+    """A disk-only file cannot be staged: FAILED, a second request for it, then one failure
+    carrying dCache's error; the tape file beside it lands."""
+    srv = await _dcache(pki)
+    try:
+        srv.core.add_file("/pnfs/f/disk", 10, Where.DISK)
+        srv.core.add_file("/pnfs/f/tape", 10, Where.TAPE)
+        got = {s.path: s for s in await _all(
+            Stager(TapeClient(http, policy=NO_WAIT), srv.tape_api_url, QUICK),
+            ["/pnfs/f/disk", "/pnfs/f/tape"])}
+        assert got["/pnfs/f/tape"].on_disk
+        assert not got["/pnfs/f/disk"].on_disk
+        assert "Cannot stage DISK only files" in got["/pnfs/f/disk"].error
+        assert srv.core.stats.requests["frontend:stage"] == 2
+    finally:
+        await srv.stop()
+
+
+async def test_a_stage_that_takes_too_long_is_cancelled_and_reported(
+    pki: TestPKI, http: aiohttp.ClientSession
+) -> None:
+    """A tape that takes longer to mount than the timeout: the file is reported "stage timed
+    out" and its request cancelled on the server."""
+    srv = await _dcache(pki, mount_seconds=30)
+    try:
+        srv.core.add_file("/pnfs/t/slow", 10, Where.TAPE)
+        settings = StagingSettings(batch=10, max_requests=1, poll_min=0.05, poll_max=0.1,
+                                   timeout=0.3, lifetime=60)
+        [got] = await _all(Stager(TapeClient(http, policy=NO_WAIT), srv.tape_api_url,
+                                  settings), ["/pnfs/t/slow"])
+        assert not got.on_disk and got.error == "stage timed out after 0.3s"
+        assert srv.core.stats.requests["frontend:cancel"] == 1
+    finally:
+        await srv.stop()
+
+
+class _Scripted:
+    """A TapeClient stand-in whose polls follow a script (partial lists, a forgotten request),
+    recording the stage requests and the sleeps between polls."""
+
+    def __init__(self, answers: list[StageStatus]) -> None:
+        self.answers = answers
+        self.staged: list[list[str]] = []
+
+    async def stage(self, uri: str, paths: list[str], lifetime: float) -> list[Any]:
+        from prestaged.storage.tape import StageRequest
+
+        self.staged.append(list(paths))
+        return [StageRequest(f"r{len(self.staged)}", tuple(paths))]
+
+    async def poll(self, uri: str, request_id: str) -> StageStatus:
+        answer = self.answers.pop(0)
+        return StageStatus(request_id, answer.files, answer.found)
+
+    async def cancel(self, uri: str, request_id: str, paths: list[str]) -> None:
+        raise AssertionError("no cancel expected")
+
+
+async def test_backoff_doubles_without_progress_resets_with_it_and_a_lost_request_is_resent(
+) -> None:
+    """Polls wait poll_min, doubling to poll_max while nothing lands, back to poll_min after
+    progress; files missing from a poll stay pending; a 404 stages the rest again once."""
+    from prestaged.storage.tape import FileStage
+
+    def files(**states: StageState) -> dict[str, FileStage]:
+        return {f"/{k}": FileStage(f"/{k}", v) for k, v in states.items()}
+
+    S = StageState
+    answers = [
+        StageStatus("r1", files(a=S.STARTED, b=S.STARTED, c=S.STARTED)),
+        StageStatus("r1", files(a=S.STARTED)),                   # a partial list
+        StageStatus("r1", files(a=S.COMPLETED, b=S.STARTED)),    # progress
+        StageStatus("r1", {}, found=False),                       # the server forgot it
+        StageStatus("r2", files(b=S.COMPLETED, c=S.COMPLETED)),
+    ]
+    client = _Scripted(answers)
+    clock = [0.0]
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(round(seconds, 3))
+        clock[0] += seconds
+
+    settings = StagingSettings(batch=10, max_requests=1, poll_min=1, poll_max=3, timeout=100)
+    stager = Stager(client, "https://t", settings, clock=lambda: clock[0],  # type: ignore[arg-type]
+                    sleep=sleep)
+    got = [s async for s in stager.run(["/a", "/b", "/c"])]
+    assert [s.path for s in got] == ["/a", "/b", "/c"] and all(s.on_disk for s in got)
+    assert client.staged == [["/a", "/b", "/c"], ["/b", "/c"]]
+    assert waits == [1, 2, 3, 1, 1]
