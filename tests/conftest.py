@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, Callable
 
+import aiohttp
 import pytest
 
+from prestaged.testing.dcache import DCacheConfig, DCacheServer
 from prestaged.testing.pki import TestPKI, create_pki
 from prestaged.testing.samweb import ThreadedSamWebServer
 from prestaged.testing.storage import ThreadedStorageServer
@@ -89,3 +91,30 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     from daemon_harness import daemon_starter
 
     yield from daemon_starter(tmp_path)
+
+
+@pytest.fixture
+async def http(pki: TestPKI, proxy: Path) -> AsyncIterator[aiohttp.ClientSession]:
+    """An aiohttp session presenting the test proxy (modules may define their own ``http``)."""
+    connector = aiohttp.TCPConnector(ssl=pki.client_ssl_context(proxy))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        yield session
+
+
+@pytest.fixture
+async def dcache(pki: TestPKI) -> AsyncIterator[Callable[..., Awaitable[DCacheServer]]]:
+    """Factory of started dCache emulators (``await dcache(**DCacheConfig kwargs)``), stopped
+    after the test."""
+    servers: list[DCacheServer] = []
+
+    async def make(**config: Any) -> DCacheServer:
+        srv = DCacheServer(pki.server_ssl_context(),
+                           pki.server_ssl_context(require_client_cert=False),
+                           DCacheConfig(**config))
+        await srv.start()
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        await srv.stop()

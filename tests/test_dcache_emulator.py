@@ -10,7 +10,7 @@ import shutil
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,32 +30,6 @@ PROBE = Path(__file__).with_name("gfal2_probe.py")
 SYSTEM_PYTHON = "/usr/bin/python3"
 TWO_DAYS = 2 * 24 * 3600
 Factory = Callable[..., Awaitable[DCacheServer]]
-
-
-@pytest.fixture
-async def dcache(pki: TestPKI) -> AsyncIterator[Factory]:
-    """Factory of started emulators (``await dcache(**DCacheConfig kwargs)``), stopped after."""
-    servers: list[DCacheServer] = []
-
-    async def make(**config: Any) -> DCacheServer:
-        srv = DCacheServer(pki.server_ssl_context(),
-                           pki.server_ssl_context(require_client_cert=False),
-                           DCacheConfig(**config))
-        await srv.start()
-        servers.append(srv)
-        return srv
-
-    yield make
-    for srv in servers:
-        await srv.stop()
-
-
-@pytest.fixture
-async def http(pki: TestPKI, proxy: Path) -> AsyncIterator[aiohttp.ClientSession]:
-    """An aiohttp session presenting the test proxy."""
-    connector = aiohttp.TCPConnector(ssl=pki.client_ssl_context(proxy))
-    async with aiohttp.ClientSession(connector=connector) as session:
-        yield session
 
 
 @pytest.fixture

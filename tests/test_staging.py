@@ -4,38 +4,21 @@ that cancels, a request the server forgot, and the poll backoff."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, Callable
 
 import aiohttp
-import pytest
 
 from prestaged.retry import RetryPolicy
 from prestaged.storage.staging import Staged, Stager, StagingSettings
 from prestaged.storage.tape import StageState, StageStatus, TapeClient
-from prestaged.testing.dcache import DCacheConfig, DCacheServer
+from prestaged.testing.dcache import DCacheServer
 from prestaged.testing.dcache import Locality as Where
-from prestaged.testing.pki import TestPKI
 
+Factory = Callable[..., Awaitable[DCacheServer]]
 NO_WAIT = RetryPolicy(attempts=5, initial=0.0, max=0.0, jitter=0.0, total=60.0)
 QUICK = StagingSettings(batch=50, max_requests=2, poll_min=0.01, poll_max=0.08, timeout=30,
                         lifetime=3600)
-
-
-@pytest.fixture
-async def http(pki: TestPKI, proxy: Path) -> AsyncIterator[aiohttp.ClientSession]:
-    """An aiohttp session presenting the test proxy."""
-    connector = aiohttp.TCPConnector(ssl=pki.client_ssl_context(proxy))
-    async with aiohttp.ClientSession(connector=connector) as session:
-        yield session
-
-
-async def _dcache(pki: TestPKI, **config: Any) -> DCacheServer:
-    srv = DCacheServer(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
-                       DCacheConfig(**config))
-    await srv.start()
-    return srv
 
 
 async def _all(stager: Stager, paths: list[str]) -> list[Staged]:
@@ -43,63 +26,54 @@ async def _all(stager: Stager, paths: list[str]) -> list[Staged]:
 
 
 async def test_every_file_lands_once_within_the_request_and_batch_bounds(
-    pki: TestPKI, http: aiohttp.ClientSession
+    dcache: Factory, http: aiohttp.ClientSession
 ) -> None:
     """300 tape files on 3 tapes, 50 a request, 2 requests open at most (the emulator refuses a
     third with 429): each file yielded once, on disk and pinned; no request over 50 paths and
     no stage request sent twice."""
-    srv = await _dcache(pki, drives=2, max_requests=2)
-    try:
-        paths = [f"/pnfs/q/f{i:04d}" for i in range(300)]
-        for i, p in enumerate(paths):
-            srv.core.add_file(p, 10, Where.TAPE, tape=f"T{i % 3}")
-        got = await _all(Stager(TapeClient(http, policy=NO_WAIT), srv.tape_api_url, QUICK), paths)
-        assert sorted(s.path for s in got) == paths and all(s.on_disk for s in got)
-        assert all(srv.core.files[p].on_disk and srv.core.files[p].pins for p in paths)
-        assert srv.core.stats.max_paths <= 50
-        stage_calls = [c for c in srv.core.stats.frontend_calls if c.startswith("POST")
-                       and "/stage" in c and "cancel" not in c]
-        assert len(stage_calls) == 6  # 300 / 50: none refused with 429 and sent again
-    finally:
-        await srv.stop()
+    srv = await dcache(drives=2, max_requests=2)
+    paths = [f"/pnfs/q/f{i:04d}" for i in range(300)]
+    for i, p in enumerate(paths):
+        srv.core.add_file(p, 10, Where.TAPE, tape=f"T{i % 3}")
+    got = await _all(Stager(TapeClient(http, policy=NO_WAIT), srv.tape_api_url, QUICK), paths)
+    assert sorted(s.path for s in got) == paths and all(s.on_disk for s in got)
+    assert all(srv.core.files[p].on_disk and srv.core.files[p].pins for p in paths)
+    assert srv.core.stats.max_paths <= 50
+    stage_calls = [c for c in srv.core.stats.frontend_calls if c.startswith("POST")
+                   and "/stage" in c and "cancel" not in c]
+    assert len(stage_calls) == 6  # 300 / 50: none refused with 429 and sent again
 
 
 async def test_a_failed_file_is_asked_once_more_then_reported(
-    pki: TestPKI, http: aiohttp.ClientSession
+    dcache: Factory, http: aiohttp.ClientSession
 ) -> None:
     """A disk-only file cannot be staged: FAILED, a second request for it, then one failure
     carrying dCache's error; the tape file beside it lands."""
-    srv = await _dcache(pki)
-    try:
-        srv.core.add_file("/pnfs/f/disk", 10, Where.DISK)
-        srv.core.add_file("/pnfs/f/tape", 10, Where.TAPE)
-        got = {s.path: s for s in await _all(
-            Stager(TapeClient(http, policy=NO_WAIT), srv.tape_api_url, QUICK),
-            ["/pnfs/f/disk", "/pnfs/f/tape"])}
-        assert got["/pnfs/f/tape"].on_disk
-        assert not got["/pnfs/f/disk"].on_disk
-        assert "Cannot stage DISK only files" in got["/pnfs/f/disk"].error
-        assert srv.core.stats.requests["frontend:stage"] == 2
-    finally:
-        await srv.stop()
+    srv = await dcache()
+    srv.core.add_file("/pnfs/f/disk", 10, Where.DISK)
+    srv.core.add_file("/pnfs/f/tape", 10, Where.TAPE)
+    got = {s.path: s for s in await _all(
+        Stager(TapeClient(http, policy=NO_WAIT), srv.tape_api_url, QUICK),
+        ["/pnfs/f/disk", "/pnfs/f/tape"])}
+    assert got["/pnfs/f/tape"].on_disk
+    assert not got["/pnfs/f/disk"].on_disk
+    assert "Cannot stage DISK only files" in got["/pnfs/f/disk"].error
+    assert srv.core.stats.requests["frontend:stage"] == 2
 
 
 async def test_a_stage_that_takes_too_long_is_cancelled_and_reported(
-    pki: TestPKI, http: aiohttp.ClientSession
+    dcache: Factory, http: aiohttp.ClientSession
 ) -> None:
     """A tape that takes longer to mount than the timeout: the file is reported "stage timed
     out" and its request cancelled on the server."""
-    srv = await _dcache(pki, mount_seconds=30)
-    try:
-        srv.core.add_file("/pnfs/t/slow", 10, Where.TAPE)
-        settings = StagingSettings(batch=10, max_requests=1, poll_min=0.05, poll_max=0.1,
-                                   timeout=0.3, lifetime=60)
-        [got] = await _all(Stager(TapeClient(http, policy=NO_WAIT), srv.tape_api_url,
-                                  settings), ["/pnfs/t/slow"])
-        assert not got.on_disk and got.error == "stage timed out after 0.3s"
-        assert srv.core.stats.requests["frontend:cancel"] == 1
-    finally:
-        await srv.stop()
+    srv = await dcache(mount_seconds=30)
+    srv.core.add_file("/pnfs/t/slow", 10, Where.TAPE)
+    settings = StagingSettings(batch=10, max_requests=1, poll_min=0.05, poll_max=0.1,
+                               timeout=0.3, lifetime=60)
+    [got] = await _all(Stager(TapeClient(http, policy=NO_WAIT), srv.tape_api_url,
+                              settings), ["/pnfs/t/slow"])
+    assert not got.on_disk and got.error == "stage timed out after 0.3s"
+    assert srv.core.stats.requests["frontend:cancel"] == 1
 
 
 class _Scripted:

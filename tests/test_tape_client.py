@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Awaitable
+from typing import Callable
 
 import aiohttp
 import pytest
@@ -24,141 +23,111 @@ from prestaged.storage.tape import (
     TapeClient,
     TapeRestError,
 )
-from prestaged.testing.dcache import DCacheConfig, DCacheServer
+from prestaged.testing.dcache import DCacheServer
 from prestaged.testing.dcache import Locality as Where
-from prestaged.testing.pki import TestPKI
 
+Factory = Callable[..., Awaitable[DCacheServer]]
 NO_WAIT = RetryPolicy(attempts=5, initial=0.0, max=0.0, jitter=0.0, total=60.0)
 
 
-@pytest.fixture
-async def http(pki: TestPKI, proxy: Path) -> AsyncIterator[aiohttp.ClientSession]:
-    """An aiohttp session presenting the test proxy."""
-    connector = aiohttp.TCPConnector(ssl=pki.client_ssl_context(proxy))
-    async with aiohttp.ClientSession(connector=connector) as session:
-        yield session
-
-
-async def _dcache(pki: TestPKI, **config: Any) -> DCacheServer:
-    srv = DCacheServer(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
-                       DCacheConfig(**config))
-    await srv.start()
-    return srv
-
-
 async def test_discovery_finds_the_frontend_on_its_own_port(
-    pki: TestPKI, http: aiohttp.ClientSession
+    dcache: Factory, http: aiohttp.ClientSession
 ) -> None:
     """The door's well-known document names the frontend (another port than the door)."""
-    srv = await _dcache(pki)
-    try:
-        door = srv.door_url("")
-        uri = await TapeClient(http).discover(door)
-        assert uri == srv.tape_api_url and not uri.startswith(door)
-    finally:
-        await srv.stop()
+    srv = await dcache()
+    door = srv.door_url("")
+    uri = await TapeClient(http).discover(door)
+    assert uri == srv.tape_api_url and not uri.startswith(door)
 
 
 async def test_locality_in_bulk_is_matched_by_path(
-    pki: TestPKI, http: aiohttp.ClientSession
+    dcache: Factory, http: aiohttp.ClientSession
 ) -> None:
     """archiveinfo of disk, tape, both, lost and unknown paths, more than one batch: every answer
     by path, the unknown one as an error, and no request above the batch size."""
-    srv = await _dcache(pki)
-    try:
-        kinds = [Where.DISK, Where.TAPE, Where.DISK_AND_TAPE, Where.LOST]
-        paths = [f"/pnfs/t/f{i:05d}" for i in range(ARCHIVEINFO_BATCH + 10)]
-        for i, p in enumerate(paths):
-            srv.core.add_file(p, 10, kinds[i % 4])
-        client = TapeClient(http)
-        got = await client.archiveinfo(srv.tape_api_url, [*paths, "/pnfs/t/none"])
-        assert [got[p].locality for p in paths[:4]] == [
-            Locality.TAPE if k is Where.TAPE else
-            Locality.DISK if k is Where.DISK else
-            Locality.DISK_AND_TAPE if k is Where.DISK_AND_TAPE else Locality.UNAVAILABLE
-            for k in kinds]
-        assert got["/pnfs/t/none"].locality is None and got["/pnfs/t/none"].error
-        assert len(got) == len(paths) + 1
-        assert srv.core.stats.max_paths <= ARCHIVEINFO_BATCH
-        assert got[paths[1]].locality is not None and not got[paths[1]].locality.on_disk
-    finally:
-        await srv.stop()
+    srv = await dcache()
+    kinds = [Where.DISK, Where.TAPE, Where.DISK_AND_TAPE, Where.LOST]
+    paths = [f"/pnfs/t/f{i:05d}" for i in range(ARCHIVEINFO_BATCH + 10)]
+    for i, p in enumerate(paths):
+        srv.core.add_file(p, 10, kinds[i % 4])
+    client = TapeClient(http)
+    got = await client.archiveinfo(srv.tape_api_url, [*paths, "/pnfs/t/none"])
+    assert [got[p].locality for p in paths[:4]] == [
+        Locality.TAPE if k is Where.TAPE else
+        Locality.DISK if k is Where.DISK else
+        Locality.DISK_AND_TAPE if k is Where.DISK_AND_TAPE else Locality.UNAVAILABLE
+        for k in kinds]
+    assert got["/pnfs/t/none"].locality is None and got["/pnfs/t/none"].error
+    assert len(got) == len(paths) + 1
+    assert srv.core.stats.max_paths <= ARCHIVEINFO_BATCH
+    assert got[paths[1]].locality is not None and not got[paths[1]].locality.on_disk
 
 
 async def test_stage_batches_poll_to_completion_and_release_the_pins(
-    pki: TestPKI, http: aiohttp.ClientSession
+    dcache: Factory, http: aiohttp.ClientSession
 ) -> None:
     """Stage 450 tape files with stage_batch 200: three requests (none above 500 paths), every
     file COMPLETED on disk and pinned; release drops the pins of one request."""
-    srv = await _dcache(pki, drives=2)
-    try:
-        paths = [f"/pnfs/s/f{i:04d}" for i in range(450)]
-        for i, p in enumerate(paths):
-            srv.core.add_file(p, 10, Where.TAPE, tape=f"T{i % 3}")
-        client = TapeClient(http, stage_batch=200, policy=NO_WAIT)
-        requests = await client.stage(srv.tape_api_url, paths, lifetime=3600)
-        assert [len(r.paths) for r in requests] == [200, 200, 50]
-        assert srv.core.stats.max_paths == 200
+    srv = await dcache(drives=2)
+    paths = [f"/pnfs/s/f{i:04d}" for i in range(450)]
+    for i, p in enumerate(paths):
+        srv.core.add_file(p, 10, Where.TAPE, tape=f"T{i % 3}")
+    client = TapeClient(http, stage_batch=200, policy=NO_WAIT)
+    requests = await client.stage(srv.tape_api_url, paths, lifetime=3600)
+    assert [len(r.paths) for r in requests] == [200, 200, 50]
+    assert srv.core.stats.max_paths == 200
 
-        async def all_done() -> bool:
-            states = [await client.poll(srv.tape_api_url, r.id) for r in requests]
-            return all(f.state is StageState.COMPLETED for s in states for f in s.files.values())
+    async def all_done() -> bool:
+        states = [await client.poll(srv.tape_api_url, r.id) for r in requests]
+        return all(f.state is StageState.COMPLETED for s in states for f in s.files.values())
 
-        deadline = asyncio.get_running_loop().time() + 30
-        while not await all_done():
-            assert asyncio.get_running_loop().time() < deadline, "staging did not complete"
-            await srv.core.wait_until(lambda: True, timeout=0.2)
-        assert all(srv.core.files[p].on_disk for p in paths)
-        first = requests[0]
-        assert all(srv.core.files[p].pins for p in first.paths)
-        await client.release(srv.tape_api_url, first.id, first.paths)
-        assert not any(srv.core.files[p].pins.get(first.id) for p in first.paths)
-    finally:
-        await srv.stop()
+    deadline = asyncio.get_running_loop().time() + 30
+    while not await all_done():
+        assert asyncio.get_running_loop().time() < deadline, "staging did not complete"
+        await srv.core.wait_until(lambda: True, timeout=0.2)
+    assert all(srv.core.files[p].on_disk for p in paths)
+    first = requests[0]
+    assert all(srv.core.files[p].pins for p in first.paths)
+    await client.release(srv.tape_api_url, first.id, first.paths)
+    assert not any(srv.core.files[p].pins.get(first.id) for p in first.paths)
 
 
 async def test_413_halves_the_batch_and_sends_again(
-    pki: TestPKI, http: aiohttp.ClientSession
+    dcache: Factory, http: aiohttp.ClientSession
 ) -> None:
     """A frontend whose target limit is below our batch answers 413: the batch is halved until
     it fits, and every path is staged once."""
-    srv = await _dcache(pki, max_targets=60)
-    try:
-        paths = [f"/pnfs/h/f{i:03d}" for i in range(200)]
-        for p in paths:
-            srv.core.add_file(p, 10, Where.TAPE)
-        requests = await TapeClient(http, stage_batch=200, policy=NO_WAIT).stage(
-            srv.tape_api_url, paths, lifetime=600)
-        staged = [p for r in requests for p in r.paths]
-        assert sorted(staged) == paths and all(len(r.paths) <= 60 for r in requests)
-        assert srv.core.stats.requests["frontend:stage"] >= len(requests) + 1  # the 413s too
-    finally:
-        await srv.stop()
+    srv = await dcache(max_targets=60)
+    paths = [f"/pnfs/h/f{i:03d}" for i in range(200)]
+    for p in paths:
+        srv.core.add_file(p, 10, Where.TAPE)
+    requests = await TapeClient(http, stage_batch=200, policy=NO_WAIT).stage(
+        srv.tape_api_url, paths, lifetime=600)
+    staged = [p for r in requests for p in r.paths]
+    assert sorted(staged) == paths and all(len(r.paths) <= 60 for r in requests)
+    assert srv.core.stats.requests["frontend:stage"] >= len(requests) + 1  # the 413s too
 
 
 async def test_429_is_back_pressure_not_a_failure(
-    pki: TestPKI, http: aiohttp.ClientSession
+    dcache: Factory, http: aiohttp.ClientSession
 ) -> None:
     """With one unfinished request allowed, a second stage request gets 429 and is sent again
     once the first finished; a server that keeps saying 429 exhausts the policy with one line."""
-    srv = await _dcache(pki, max_requests=1, mount_seconds=0.3)
-    try:
-        for p in ("/pnfs/b/a", "/pnfs/b/b"):
-            srv.core.add_file(p, 10, Where.TAPE)
-        waits: list[float] = []
+    srv = await dcache(max_requests=1, mount_seconds=0.3)
+    for p in ("/pnfs/b/a", "/pnfs/b/b"):
+        srv.core.add_file(p, 10, Where.TAPE)
+    waits: list[float] = []
 
-        async def sleep(seconds: float) -> None:
-            waits.append(seconds)
-            # Back-pressure ends when the first request finished (its file is on disk).
-            await srv.core.wait_until(lambda: srv.core.files["/pnfs/b/a"].on_disk, timeout=10)
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        # Back-pressure ends when the first request finished (its file is on disk).
+        await srv.core.wait_until(lambda: srv.core.files["/pnfs/b/a"].on_disk, timeout=10)
 
-        policy = RetryPolicy(attempts=10, initial=0.01, max=0.05, jitter=0.0, total=30.0)
-        client = TapeClient(http, policy=policy, sleep=sleep)
-        await client.stage(srv.tape_api_url, ["/pnfs/b/a"], lifetime=60)
-        [second] = await client.stage(srv.tape_api_url, ["/pnfs/b/b"], lifetime=60)
-        assert waits and second.paths == ("/pnfs/b/b",)
-    finally:
-        await srv.stop()
+    policy = RetryPolicy(attempts=10, initial=0.01, max=0.05, jitter=0.0, total=30.0)
+    client = TapeClient(http, policy=policy, sleep=sleep)
+    await client.stage(srv.tape_api_url, ["/pnfs/b/a"], lifetime=60)
+    [second] = await client.stage(srv.tape_api_url, ["/pnfs/b/b"], lifetime=60)
+    assert waits and second.paths == ("/pnfs/b/b",)
     with mocked() as m:
         for _ in range(3):
             m.post("https://t/api/v1/tape/stage", status=429, body="{}")
@@ -210,16 +179,13 @@ async def test_refusals_name_the_right_and_problems_their_detail() -> None:
 
 
 async def test_cancel_stops_what_is_not_on_disk_yet(
-    pki: TestPKI, http: aiohttp.ClientSession
+    dcache: Factory, http: aiohttp.ClientSession
 ) -> None:
     """Cancel of a request whose tape is still mounting: its file ends CANCELLED, not recalled."""
-    srv = await _dcache(pki, mount_seconds=5)
-    try:
-        srv.core.add_file("/pnfs/c/a", 10, Where.TAPE)
-        client = TapeClient(http, policy=NO_WAIT)
-        [req] = await client.stage(srv.tape_api_url, ["/pnfs/c/a"], lifetime=60)
-        await client.cancel(srv.tape_api_url, req.id, req.paths)
-        status = await client.poll(srv.tape_api_url, req.id)
-        assert status.files["/pnfs/c/a"].state is StageState.CANCELLED
-    finally:
-        await srv.stop()
+    srv = await dcache(mount_seconds=5)
+    srv.core.add_file("/pnfs/c/a", 10, Where.TAPE)
+    client = TapeClient(http, policy=NO_WAIT)
+    [req] = await client.stage(srv.tape_api_url, ["/pnfs/c/a"], lifetime=60)
+    await client.cancel(srv.tape_api_url, req.id, req.paths)
+    status = await client.poll(srv.tape_api_url, req.id)
+    assert status.files["/pnfs/c/a"].state is StageState.CANCELLED
