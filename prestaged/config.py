@@ -51,6 +51,7 @@ __all__ = [
     "DaemonConfig",
     "LocalCatalogConfig",
     "OutputConfig",
+    "PathMap",
     "RetryConfig",
     "RewriteRule",
     "SamWebConfig",
@@ -187,6 +188,8 @@ _URL_BASE = matches(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+(/[^?#\s]*)?",
                     'a URL base such as "https://fndca1.fnal.gov:2880/pnfs/fnal.gov/usr/"')
 _HTTP_URL = matches(r"https?://[^/?#\s]+(/[^?#\s]*)?",
                     'an http(s) URL such as "https://samweb.fnal.gov:8483/sam/dune/api"')
+_NAMESPACE_PATH = matches(r"/[^\s?#]*",
+                          'an absolute namespace path such as "/pnfs/fnal.gov/usr/"')
 _SCHEME = matches(r"[a-z][a-z0-9+.-]*", 'a URL scheme such as "https"')
 
 
@@ -225,6 +228,18 @@ class CredentialsConfig:
 
 
 @dataclass(frozen=True)
+class PathMap:
+    """One ``[[storage.path_map]]`` table: file URLs starting with ``url_prefix`` have the
+    namespace path ``path_prefix`` + the rest of the URL's path (percent-decoded), as the Tape
+    REST API names files. Needed where the door serves the namespace under another root."""
+
+    url_prefix: str = field(metadata=check(_URL_BASE))
+    """E.g. ``https://fndca1.fnal.gov:2880/dune/``."""
+    path_prefix: str = field(metadata=check(_NAMESPACE_PATH))
+    """E.g. ``/pnfs/fnal.gov/usr/dune/``."""
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     """``[storage]``: how files are touched."""
 
@@ -251,6 +266,34 @@ class StorageConfig:
     """Touch ``http://`` URLs; by default they fail ("plain http refused"): a request in clear
     exposes the bearer token and the file names. Redirects from https to http are never
     followed, whatever this says."""
+    stage: str = field(default="auto", metadata=check(one_of("auto", "never", "always")))
+    """Tape staging: ``auto`` asks an endpoint that advertises the WLCG Tape REST API where each
+    file is and stages tape-only files before touching them (others are only touched);
+    ``never`` touches every file with a ranged GET; ``always`` fails (exit 5) for an endpoint
+    without the API."""
+    stage_batch: int = field(default=200, metadata=check(within(1, 500)))
+    """Files per stage request (dCache refuses more than 500; a 413 halves it)."""
+    stage_requests: int = field(default=50, metadata=check(within(1, 5000)))
+    """Open stage requests per endpoint at most."""
+    poll_min: Duration = field(default=Duration(2.0), metadata=check(_UP_TO_AN_HOUR))
+    """First wait before polling a stage request, and the wait after a poll that showed
+    progress (seconds)."""
+    poll_max: Duration = field(default=Duration(300.0), metadata=check(_UP_TO_A_DAY))
+    """Longest wait between two polls of one stage request; the wait doubles up to it."""
+    stage_timeout: Duration = field(default=Duration(DAY), metadata=check(_UP_TO_A_WEEK))
+    """A file not on disk this long after its stage request is cancelled and fails."""
+    pin_lifetime: Duration = field(default=Duration(DAY), metadata=check(_UP_TO_A_WEEK))
+    """How long a staged file is pinned on disk (the request's ``diskLifetime``)."""
+    discovery_ttl: Duration = field(default=Duration(HOUR), metadata=check(_UP_TO_A_DAY))
+    """How long the daemon trusts an endpoint's Tape REST discovery document (seconds)."""
+    path_map: tuple[PathMap, ...] = ()
+    """``[[storage.path_map]]`` rules from file URLs to namespace paths; first match wins; a
+    URL no rule matches uses its own path."""
+
+    def __post_init__(self) -> None:
+        if self.poll_max < self.poll_min:
+            raise ConfigError(f"storage.poll_max ({self.poll_max:g} s) must not be below "
+                              f"storage.poll_min ({self.poll_min:g} s)")
 
 
 @dataclass(frozen=True)

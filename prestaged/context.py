@@ -13,8 +13,10 @@ Building a ``Context`` does no I/O; each method does only the I/O its name says.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,6 +31,8 @@ from prestaged.credentials import (
 )
 from prestaged.errors import ConfigError, CredentialError, StateError
 from prestaged.gate import GateFn, GateResult, RewarmFn, wait_until_ready
+from prestaged.locality import TapeAccess, TapeSettings
+from prestaged.retry import RetryPolicy
 from prestaged.runner import run_definition
 from prestaged.state.store import Store, default_state_path
 from prestaged.storage.http import HttpToucher
@@ -90,6 +94,32 @@ class Context:
                            limit_per_host=st.per_host, timeout=st.timeout,
                            connect_timeout=st.connect_timeout, max_redirects=st.max_redirects,
                            fast_path=st.fast_path)
+
+    def tape_settings(self) -> TapeSettings:
+        """The tape path's settings (``storage.stage`` and its keys)."""
+        return TapeSettings.from_config(self.cfg.storage)
+
+    def make_tape(self, ssl_context: Optional[ssl.SSLContext]) -> Optional[TapeAccess]:
+        """The Tape REST access (not open: ``async with`` it), or None with ``storage.stage =
+        never``. Back-pressure from the frontend is waited out as ``[retry]`` says, with at
+        least 8 tries and 10 minutes (a busy frontend is no reason to give up a dataset)."""
+        if self.cfg.storage.stage == "never":
+            return None
+        r = self.cfg.retry
+        policy = RetryPolicy(max(8, r.attempts), r.initial, r.max, r.jitter,
+                             max(600.0, r.total), r.max_retry_after)
+        return TapeAccess(ssl_context, self.tape_settings(), policy=policy)
+
+    @contextlib.asynccontextmanager
+    async def storage(self, ssl_context: Optional[ssl.SSLContext]
+                      ) -> AsyncIterator[tuple[HttpToucher, Optional[TapeAccess]]]:
+        """(toucher, tape access or None), both open, for one command's runs."""
+        async with contextlib.AsyncExitStack() as stack:
+            toucher = await stack.enter_async_context(self.make_toucher(ssl_context))
+            tape = self.make_tape(ssl_context)
+            if tape is not None:
+                await stack.enter_async_context(tape)
+            yield toucher, tape
 
     # --- catalogs -------------------------------------------------------------------------
 
@@ -176,7 +206,8 @@ class Context:
     # --- gate and keep-warm ---------------------------------------------------------------
 
     def gate(self, store: Store, toucher: Toucher, settings: WarmSettings, *,
-             stop: asyncio.Event, probe: Optional[Probe] = None) -> GateFn:
+             stop: asyncio.Event, probe: Optional[Probe] = None,
+             tape: Optional[TapeAccess] = None) -> GateFn:
         """``GateFn`` for campaigns: ``wait_until_ready`` with this context's freshness."""
         fresh_for = self.cfg.state.fresh_for
 
@@ -184,14 +215,16 @@ class Context:
                        retry: float) -> GateResult:
             return await wait_until_ready(catalog, settings, toucher, store, fresh_for=fresh_for,
                                           ready=ready, timeout=timeout, retry_initial=retry,
-                                          stop=stop, probe=probe)
+                                          stop=stop, probe=probe, tape=tape)
         return gate
 
     def rewarm(self, store: Store, toucher: Toucher, settings: WarmSettings, *,
-               stop: asyncio.Event, probe: Optional[Probe] = None) -> RewarmFn:
+               stop: asyncio.Event, probe: Optional[Probe] = None,
+               tape: Optional[TapeAccess] = None) -> RewarmFn:
         """``RewarmFn`` for campaigns' keep-warm: a warm run skipping files fresh within the
         given window."""
         async def rewarm(catalog: Catalog, fresh_for: float) -> RunReport:
             return await run_definition(catalog, settings, toucher, store=store,
-                                        fresh_for=fresh_for, stop=stop, probe=probe)
+                                        fresh_for=fresh_for, stop=stop, probe=probe,
+                                        tape=tape)
         return rewarm

@@ -31,6 +31,7 @@ from prestaged.errors import (
     EXIT_SOME_FAILED,
     ConfigError,
 )
+from prestaged.locality import TapeAccess
 from prestaged.retry import RetryPolicy
 from prestaged.runner import run_definition
 from prestaged.state.store import Store
@@ -154,6 +155,7 @@ async def wait_until_ready(
     clock: Callable[[], float] = time.monotonic,
     probe: Optional[Probe] = None,
     allow_empty: bool = False,
+    tape: Optional[TapeAccess] = None,
 ) -> GateResult:
     """Warm ``catalog``'s cold files (not touched within ``fresh_for`` seconds) until its warm
     fraction reaches ``ready`` (0..1], giving up after ``timeout`` seconds (default 6 h);
@@ -161,7 +163,8 @@ async def wait_until_ready(
     (default 600). A run in progress at the timeout is stopped. Setting ``stop`` ends the gate
     early with exit code 130. ``probe`` hears every request (the daemon's metrics). A
     definition with no files fails at once with exit code 4 (an empty input is almost always a
-    wrong name or query, and submitting on it wastes a job) unless ``allow_empty``."""
+    wrong name or query, and submitting on it wastes a job) unless ``allow_empty``. ``tape``
+    stages tape-only files first; only files on disk and touched count as warm."""
     check_ready(ready)
     if fresh_for <= 0:
         raise ConfigError("state.fresh_for: the gate needs a freshness window, got 0 "
@@ -184,7 +187,8 @@ async def wait_until_ready(
         while True:
             runs += 1
             report = await run_definition(catalog, settings, toucher, store=store,
-                                          fresh_for=fresh_for, stop=halt, probe=probe)
+                                          fresh_for=fresh_for, stop=halt, probe=probe,
+                                          tape=tape)
             files, fresh, cold = await _measure(store, catalog, fresh_for)
             log.info("%s: run %d: %s", catalog.definition, runs,
                      ", ".join(f"{k} {v}" for k, v in sorted(report.tally.results.items()) if v)

@@ -25,6 +25,7 @@ __all__ = [
     "FileRef",
     "Outcome",
     "Result",
+    "TapeInfo",
     "classify_status",
     "error_text",
     "redact",
@@ -142,6 +143,23 @@ def classify_status(status: int) -> Optional[Result]:
 
 
 @dataclass(frozen=True)
+class TapeInfo:
+    """What the tape-aware path learned about one file (times are ``time.time()`` seconds).
+
+    ``locality`` is the Tape REST ``archiveinfo`` answer (``DISK``, ``TAPE``,
+    ``DISK_AND_TAPE``, ``LOST``, ``UNAVAILABLE``, ``NONE``); for a file prestaged staged, the
+    stage ``request`` id and the Tape REST endpoint ``uri`` that holds its pin, when it reached
+    disk (``staged_at``) and until when it is pinned (``pinned_until``).
+    """
+
+    locality: str
+    request: Optional[str] = None
+    uri: Optional[str] = None
+    staged_at: Optional[float] = None
+    pinned_until: Optional[float] = None
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What happened to one file (error text never contains secrets; ``url`` is the file's
     identity, as the catalog gave it: only ``Tally.failures`` holds it redacted)."""
@@ -155,3 +173,10 @@ class Outcome:
     elapsed: float
     """Seconds from the first try to the final answer."""
     error: str = ""
+    tape: Optional[TapeInfo] = None
+    """Locality and staging, when the storage told them (``storage.stage``)."""
+
+    @property
+    def staged(self) -> bool:
+        """The file came from tape: prestaged staged it, then touched it."""
+        return self.tape is not None and self.tape.staged_at is not None

@@ -12,6 +12,7 @@ import asyncio
 from typing import Optional
 
 from prestaged.catalog import Catalog
+from prestaged.locality import TapeAccess
 from prestaged.state.store import Store, StoreRecorder
 from prestaged.warm import Probe, RunReport, Tally, Toucher, WarmSettings, warm
 
@@ -35,10 +36,12 @@ async def run_definition(
     tally: Optional[Tally] = None,
     stop: Optional[asyncio.Event] = None,
     probe: Optional[Probe] = None,
+    tape: Optional[TapeAccess] = None,
 ) -> RunReport:
     """Warm ``catalog``'s files through ``toucher``. With a ``store``, files touched within
     ``fresh_for`` seconds are skipped (unless ``force``) and every outcome and the run itself
-    are recorded; without one nothing is skipped or kept."""
+    are recorded; without one nothing is skipped or kept. ``tape`` (an open ``TapeAccess``)
+    stages tape-only files before their touch (``storage.stage``)."""
     recorder = None
     run_id = None
     if store is not None:
@@ -48,7 +51,7 @@ async def run_definition(
     report: Optional[RunReport] = None
     try:
         report = await warm(catalog.files(), settings, toucher, tally=tally, stop=stop,
-                            recorder=recorder, probe=probe)
+                            recorder=recorder, probe=probe, tape=tape)
         return report
     finally:
         if store is not None and run_id is not None:

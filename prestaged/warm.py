@@ -40,7 +40,8 @@ from prestaged.errors import (
     PrestagedError,
     StorageError,
 )
-from prestaged.model import Attempt, Failure, FileRef, Outcome, Result, redact
+from prestaged.locality import TapeAccess, TapeProbe, TapeRouter, TapeTally
+from prestaged.model import Attempt, Failure, FileRef, Outcome, Result, TapeInfo, redact
 from prestaged.retry import RetryPolicy, retry_reason
 
 __all__ = [
@@ -77,8 +78,12 @@ class Recorder(Protocol):
         """Remember one file's outcome."""
         ...
 
+    def note(self, url: str, info: TapeInfo) -> None:
+        """Remember what the tape path learned of a file (locality, stage request, on disk)."""
+        ...
 
-class Probe(Protocol):
+
+class Probe(TapeProbe, Protocol):
     """Receives per-request events for metrics (``metrics.Metrics`` is the real one).
 
     ``host`` is the endpoint's host name (a bounded set: never a URL or file name).
@@ -159,6 +164,10 @@ class Tally:
     retries: Counter[str] = field(default_factory=Counter)
     failures: list[Outcome] = field(default_factory=list)
     """Failed files for the report (``MAX_FAILURES_KEPT`` at most), URL credentials redacted."""
+    staged: int = 0
+    """Files warm at the end that came from tape (staged by us, then touched)."""
+    tape: TapeTally = field(default_factory=TapeTally)
+    """Locality and staging counters (``storage.stage``)."""
 
     @property
     def total(self) -> Optional[int]:
@@ -179,6 +188,8 @@ class Tally:
         self.done += 1
         self.bytes += outcome.bytes
         self.results[outcome.result.value] += 1
+        if outcome.staged and outcome.result in (Result.WARM, Result.EMPTY):
+            self.staged += 1
         if outcome.result in _NOT_OK and len(self.failures) < MAX_FAILURES_KEPT:
             url = redact(outcome.url)
             self.failures.append(outcome if url is outcome.url else replace(outcome, url=url))
@@ -325,6 +336,10 @@ class _Breakers:
         return None
 
 
+_Job = tuple[FileRef, Optional[TapeInfo]]
+"""A file for a worker, with what the tape path knows of it (None: not asked)."""
+
+
 class _Run:
     """One run of the engine; see ``warm()``."""
 
@@ -338,6 +353,7 @@ class _Run:
         sleep: Callable[[float], Awaitable[None]],
         recorder: Optional[Recorder] = None,
         probe: Optional[Probe] = None,
+        tape: Optional[TapeAccess] = None,
     ) -> None:
         self.recorder = recorder
         self.probe = probe
@@ -347,7 +363,7 @@ class _Run:
         self.tally = tally
         self.on_outcome = on_outcome
         self.sleep = sleep
-        self.queue: asyncio.Queue[Optional[FileRef]] = asyncio.Queue(
+        self.queue: asyncio.Queue[Optional[_Job]] = asyncio.Queue(
             settings.queue or 4 * settings.concurrency
         )
         self.breakers = _Breakers(settings.breaker, settings.credential_hint)
@@ -355,6 +371,11 @@ class _Run:
         self.abort = asyncio.Event()
         self.throttlers: dict[str, Throttler] = {}
         self.seen: set[bytes] = set()
+        self.router: Optional[TapeRouter] = None
+        if tape is not None:
+            self.router = TapeRouter(tape, tally.tape, touch=self._enqueue, finish=self.finish,
+                                     fail=self._trip, note=recorder.note if recorder else None,
+                                     probe=probe)
 
     def _trip(self, error: Optional[PrestagedError]) -> None:
         if error is not None and self.abort_error is None:
@@ -372,8 +393,8 @@ class _Run:
                     continue
                 self.seen.add(digest)
                 self.tally.queued += 1
-                if self.recorder is None:
-                    await self.queue.put(ref)
+                if self.recorder is None and self.router is None:
+                    await self.queue.put((ref, None))
                     continue
                 chunk.append(ref)
                 if len(chunk) >= ADMIT_CHUNK:
@@ -381,19 +402,20 @@ class _Run:
                     chunk = []
             if chunk:
                 await self._admit(chunk)
+            self.tally.catalog_done = True
+            if self.router is not None:
+                await self.router.close()  # every staged file handed on
         except PrestagedError as e:
             self._trip(e)
             return
         except BaseException:
             self.abort.set()  # a bug or a cancellation: let warm() stop the workers and raise
             raise
-        self.tally.catalog_done = True
         for _ in range(self.s.concurrency):
             await self.queue.put(None)
 
     async def _admit(self, chunk: list[FileRef]) -> None:
-        assert self.recorder is not None
-        todo = await self.recorder.admit(chunk)
+        todo = chunk if self.recorder is None else await self.recorder.admit(chunk)
         skipped = len(chunk) - len(todo)
         if skipped:
             self.tally.done += skipped
@@ -403,8 +425,29 @@ class _Run:
                 for ref in chunk:
                     if ref.url not in fresh:
                         self.probe.file_done(_skipped(ref))
+        if self.router is not None:
+            await self._route(todo)
+            return
         for ref in todo:
-            await self.queue.put(ref)
+            await self.queue.put((ref, None))
+
+    async def _route(self, refs: list[FileRef]) -> None:
+        """Hand ``refs`` to the tape path, per door; what it cannot concern (a URL we do not
+        touch, plain http) takes the usual way."""
+        assert self.router is not None
+        doors: dict[str, list[tuple[FileRef, str]]] = {}
+        for ref in refs:
+            url = touch_url(ref.url, self.s.allow_plain_http)
+            if isinstance(url, str) and url.startswith("https://"):
+                doors.setdefault(endpoint_of(url), []).append((ref, url))
+            else:
+                await self.queue.put((ref, None))  # fails in warm_one, or plain http
+        for door, files in doors.items():
+            await self.router.route(door, files)
+
+    async def _enqueue(self, ref: FileRef, url: str, info: TapeInfo) -> None:
+        """Queue a file the tape path found on disk (or brought there) for the touch."""
+        await self.queue.put((ref, info if info.locality else None))
 
     def _throttler(self, endpoint: str) -> Optional[Throttler]:
         if self.s.rate <= 0:
@@ -470,17 +513,22 @@ class _Run:
     async def work(self) -> None:
         """A worker: take files until a stop marker."""
         while True:
-            ref = await self.queue.get()
-            if ref is None or self.abort.is_set():
+            job = await self.queue.get()
+            if job is None or self.abort.is_set():
                 return
+            ref, info = job
             outcome = await self.warm_one(ref)
-            self.tally.add(outcome)
-            if self.recorder is not None:
-                self.recorder.record(outcome)
-            if self.probe is not None:
-                self.probe.file_done(outcome)
-            if self.on_outcome is not None:
-                self.on_outcome(outcome)
+            self.finish(outcome if info is None else replace(outcome, tape=info))
+
+    def finish(self, outcome: Outcome) -> None:
+        """Count, record and report one file's final outcome."""
+        self.tally.add(outcome)
+        if self.recorder is not None:
+            self.recorder.record(outcome)
+        if self.probe is not None:
+            self.probe.file_done(outcome)
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -519,6 +567,7 @@ async def warm(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     recorder: Optional[Recorder] = None,
     probe: Optional[Probe] = None,
+    tape: Optional[TapeAccess] = None,
 ) -> RunReport:
     """Warm every file of ``files`` with ``toucher``; return the report (never raises for
     storage or catalog trouble: those end up in ``RunReport.aborted``).
@@ -527,10 +576,12 @@ async def warm(
     finished file; setting ``stop`` ends the run early (in-flight files are abandoned) and marks
     the report interrupted; ``sleep`` is injectable so tests can run backoff at zero cost;
     ``recorder`` (the state store) skips fresh files and remembers outcomes; ``probe``
-    (metrics) hears of every request, retry and outcome.
+    (metrics) hears of every request, retry and outcome; ``tape`` (an open ``TapeAccess``)
+    asks the storage where files are and stages tape-only ones before touching them
+    (``locality``); without it every file is touched.
     """
     tally = tally if tally is not None else Tally()
-    run = _Run(files, settings, toucher, tally, on_outcome, sleep, recorder, probe)
+    run = _Run(files, settings, toucher, tally, on_outcome, sleep, recorder, probe, tape)
     producer = asyncio.ensure_future(run.produce())
     workers = [asyncio.ensure_future(run.work()) for _ in range(settings.concurrency)]
     everything = asyncio.gather(*workers)
@@ -545,6 +596,8 @@ async def warm(
         for task in [producer, *workers, *waiters]:
             task.cancel()
         await asyncio.gather(producer, everything, *waiters, return_exceptions=True)
+        if run.router is not None:
+            await run.router.abort()
     for task in (producer, *workers):
         # A bug in a worker or the catalog must not pass for a finished run.
         if task.done() and not task.cancelled() and task.exception() is not None:

@@ -145,12 +145,12 @@ def cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
     async def go() -> CampaignResult:
         stop = asyncio.Event()
         install_interrupt(stop)
-        async with ctx.make_toucher(creds.ssl_context()) as toucher:
+        async with ctx.storage(creds.ssl_context()) as (toucher, tape):
             return await run_campaign(
-                campaign, store, gate=ctx.gate(store, toucher, settings, stop=stop),
+                campaign, store, gate=ctx.gate(store, toucher, settings, stop=stop, tape=tape),
                 open_catalog=lambda d: ctx.open_catalog(kind, d, creds=catalog_creds),
                 workdir=store.path.parent / "campaigns", stop=stop,
-                rewarm=ctx.rewarm(store, toucher, settings, stop=stop))
+                rewarm=ctx.rewarm(store, toucher, settings, stop=stop, tape=tape))
 
     try:
         result = run(go())

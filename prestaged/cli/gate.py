@@ -88,11 +88,11 @@ def _gate(args: argparse.Namespace, cfg: Config) -> GateResult:
     async def gate() -> GateResult:
         stop = asyncio.Event()
         install_interrupt(stop)
-        async with ctx.make_toucher(creds.ssl_context()) as toucher:
+        async with ctx.storage(creds.ssl_context()) as (toucher, tape):
             return await wait_until_ready(catalog, settings, toucher, store,
                                           fresh_for=cfg.state.fresh_for, ready=ready,
                                           timeout=timeout, retry_initial=retry, stop=stop,
-                                          allow_empty=args.allow_empty)
+                                          allow_empty=args.allow_empty, tape=tape)
 
     try:
         return run(gate())

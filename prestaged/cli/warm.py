@@ -161,10 +161,10 @@ async def _warm(catalog: Catalog, ctx: Context, creds: Credentials, *, bar: bool
     if not as_json and not quiet:
         progress.start()
     try:
-        async with ctx.make_toucher(creds.ssl_context()) as toucher:
+        async with ctx.storage(creds.ssl_context()) as (toucher, tape):
             report = await run_definition(catalog, ctx.warm_settings(creds), toucher, store=store,
                                           fresh_for=ctx.cfg.state.fresh_for, force=force,
-                                          tally=tally, stop=stop)
+                                          tally=tally, stop=stop, tape=tape)
     finally:
         await progress.stop()
     where = dict(definition=catalog.definition, catalog=catalog.name, source=source_of(catalog))

@@ -128,6 +128,18 @@ MIGRATIONS: list[str] = [
         updated REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 6: tape (issue 13): the last locality the Tape REST API gave for a file and when, and
+    # the last stage request prestaged made for it: the endpoint holding its pin (to release
+    # it later), when it reached disk (NULL while staging) and until when it is pinned.
+    """
+    ALTER TABLE files ADD COLUMN locality TEXT;
+    ALTER TABLE files ADD COLUMN locality_at REAL;
+    ALTER TABLE files ADD COLUMN stage_request TEXT;
+    ALTER TABLE files ADD COLUMN stage_uri TEXT;
+    ALTER TABLE files ADD COLUMN staged_at REAL;
+    ALTER TABLE files ADD COLUMN pinned_until REAL;
+    CREATE INDEX files_by_stage_request ON files (stage_request) WHERE stage_request IS NOT NULL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

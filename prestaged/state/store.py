@@ -33,12 +33,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, cast
 
 from prestaged.errors import StateError
-from prestaged.model import FileRef, Outcome, Result, redact
+from prestaged.model import FileRef, Outcome, Result, TapeInfo, redact
 from prestaged.state import schema
 from prestaged.state.private import create_private
 
@@ -53,6 +53,21 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _OK = (Result.WARM.value, Result.EMPTY.value)
+_TAPE_ROWS = ("located", "staging", "staged")
+_TAPE_COUNTS = """
+SELECT CASE
+    WHEN f.locality IS NULL THEN 'unknown'
+    WHEN f.locality IN ('DISK', 'DISK_AND_TAPE') THEN 'on_disk'
+    WHEN f.locality = 'TAPE' AND f.stage_request IS NOT NULL AND f.staged_at IS NULL
+        THEN 'staging'
+    WHEN f.locality = 'TAPE' THEN 'tape_only'
+    ELSE 'unavailable' END,
+    COUNT(*)
+FROM members m JOIN files f ON f.id = m.file_id WHERE m.definition_id = ? GROUP BY 1
+"""
+# A file is warm only while on disk: touched, and not seen tape-only (or lost) since. A staged
+# file's row says DISK_AND_TAPE from the moment it landed.
+_ON_DISK = "COALESCE(f.locality, '') NOT IN ('TAPE', 'LOST', 'UNAVAILABLE', 'NONE')"
 
 
 
@@ -152,6 +167,10 @@ class DatasetStatus:
     never: int
     """Member files never tried."""
     last_run: Optional[RunRecord]
+    tape: dict[str, int] = field(default_factory=dict)
+    """Member files by where the Tape REST API last placed them: ``on_disk``, ``tape_only``,
+    ``staging`` (a stage request of ours is open), ``unavailable`` (lost, unavailable, none);
+    empty when the storage never told."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -310,7 +329,11 @@ class Store:
                 catalog, definition, refs = payload
                 members.append([catalog, definition,
                                 [[url_id(r.url), redact(r.url), r.name, r.size] for r in refs]])
-        doc = {"members": members, "outcomes": [p for kind, p in items if kind == "outcome"]}
+        doc: dict[str, list[Any]] = {"members": members}
+        for key in ("outcomes", *_TAPE_ROWS):
+            rows = [p for kind, p in items if kind == key]
+            if rows or key == "outcomes":
+                doc[key] = rows
         self._line(json.dumps(doc, separators=(",", ":")))
 
     def _line(self, line: str) -> None:
@@ -330,8 +353,20 @@ class Store:
     def record(self, url: str, name: str, result: str, http_status: Optional[int],
                nbytes: int, attempts: int, error: str, when: Optional[float] = None) -> None:
         """Record one file's outcome (queued; skipped_fresh is not an outcome to record)."""
-        self._put("outcome", (url_id(url), redact(url), name, result, http_status, nbytes,
+        self._put("outcomes", (url_id(url), redact(url), name, result, http_status, nbytes,
                               attempts, error, time.time() if when is None else when))
+
+    def note_tape(self, url: str, info: TapeInfo, when: Optional[float] = None) -> None:
+        """Record what the tape path learned of one file (queued): its locality; or a stage
+        request made for it (``info.request``, ``uri``, ``pinned_until``); or that it reached
+        disk (``info.staged_at``)."""
+        fid = url_id(url)
+        if info.staged_at is not None:
+            self._put("staged", (fid, info.staged_at, info.pinned_until))
+        elif info.request is not None:
+            self._put("staging", (fid, info.request, info.uri, info.pinned_until))
+        else:
+            self._put("located", (fid, info.locality, time.time() if when is None else when))
 
     def flush(self) -> None:
         """Block until everything recorded so far is committed."""
@@ -406,7 +441,8 @@ class Store:
                 chunk = wanted[i:i + 500]
                 marks = ",".join("?" * len(chunk))
                 rows = self.conn.execute(
-                    f"SELECT id FROM files WHERE id IN ({marks}) AND last_warm >= ?",
+                    f"SELECT id FROM files f WHERE id IN ({marks}) AND last_warm >= ? "
+                    f"AND {_ON_DISK}",
                     [*chunk, since],
                 )
                 found.update(by_id[r[0]] for r in rows)
@@ -440,7 +476,7 @@ class Store:
             rows = self.conn.execute(
                 "SELECT f.url FROM definitions d JOIN members m ON m.definition_id = d.id "
                 "JOIN files f ON f.id = m.file_id WHERE d.catalog = ? AND d.name = ? "
-                "AND NOT COALESCE(f.status IN (?, ?) AND f.last_warm >= ?, 0) "
+                f"AND NOT COALESCE(f.status IN (?, ?) AND f.last_warm >= ? AND {_ON_DISK}, 0) "
                 "ORDER BY f.url LIMIT ?",
                 (catalog, definition, *_OK, since, limit),
             ).fetchall()
@@ -448,10 +484,12 @@ class Store:
 
     def _status_of(self, def_id: int, catalog: str, name: str, since: float) -> DatasetStatus:
         rows = self.conn.execute(
-            "SELECT f.status, f.last_warm >= ?, f.last_warm IS NOT NULL, COUNT(*) "
-            "FROM members m JOIN files f ON f.id = m.file_id WHERE m.definition_id = ? "
+            f"SELECT f.status, f.last_warm >= ? AND {_ON_DISK}, f.last_warm IS NOT NULL, "
+            "COUNT(*) FROM members m JOIN files f ON f.id = m.file_id WHERE m.definition_id = ? "
             "GROUP BY 1, 2, 3", (since, def_id),
         ).fetchall()
+        tape = dict(self.conn.execute(_TAPE_COUNTS, (def_id,)).fetchall())
+        tape.pop("unknown", None)
         files = fresh = stale = never = 0
         failed: Counter[str] = Counter()
         for status, is_fresh, ever_warm, n in rows:
@@ -466,7 +504,7 @@ class Store:
                 stale += n
         last = self.runs(limit=1, definition_id=def_id)
         return DatasetStatus(catalog, name, files, fresh, stale, dict(failed), never,
-                             last[0] if last else None)
+                             last[0] if last else None, tape)
 
     @_one_line_errors
     def runs(self, limit: int = 20, definition_id: Optional[int] = None) -> list[RunRecord]:
@@ -543,6 +581,10 @@ class StoreRecorder:
         fresh = await asyncio.to_thread(self.store.fresh_urls, [r.url for r in refs],
                                         self.fresh_for)
         return [r for r in refs if r.url not in fresh] if fresh else refs
+
+    def note(self, url: str, info: TapeInfo) -> None:
+        """Queue what the tape path learned of one file (see ``Store.note_tape``)."""
+        self.store.note_tape(url, info)
 
     def record(self, outcome: Outcome) -> None:
         """Queue one file's outcome for writing."""

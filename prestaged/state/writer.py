@@ -8,6 +8,9 @@ and GIL (in a thread of the warming process it cost 12-15% of the rate; bench/th
 Lines: ``{"members": [[catalog, definition, [[id, url, name, size], ...]], ...],
 "outcomes": [[id, url, name, result, http_status, bytes, attempts, error, time], ...]}`` or
 ``{"flush": n}``, answered with the line ``ok n`` once everything before it is committed.
+A batch may also carry tape rows, applied after the outcomes in this order (a file's life:
+located, staging, staged): ``"located": [[id, locality, time]]``, ``"staging": [[id, request,
+uri, pinned_until]]``, ``"staged": [[id, time, pinned_until]]``.
 End of input: exit 0. A failure is answered with one line ``error <message>`` on stdout, then
 exit 1; the store turns it into its one-line error (the disk is full, ...).
 
@@ -49,6 +52,15 @@ ON CONFLICT (id) DO UPDATE SET
 """
 
 
+# Tape rows (issue 13). A stage request made: the file is staging (staged_at cleared) under
+# that request's pin. Staged: on disk since staged_at, so its locality is DISK_AND_TAPE now.
+LOCATED = "UPDATE files SET locality = ?2, locality_at = ?3 WHERE id = ?1"
+STAGING = ("UPDATE files SET stage_request = ?2, stage_uri = ?3, pinned_until = ?4, "
+           "staged_at = NULL WHERE id = ?1")
+STAGED = ("UPDATE files SET staged_at = ?2, pinned_until = ?3, locality = 'DISK_AND_TAPE', "
+          "locality_at = ?2 WHERE id = ?1")
+
+
 def write(conn: sqlite3.Connection, doc: dict[str, Any]) -> None:
     """Apply one batch in one transaction."""
     with immediate(conn):
@@ -58,6 +70,9 @@ def write(conn: sqlite3.Connection, doc: dict[str, Any]) -> None:
             conn.executemany(INSERT_MEMBER, [(def_id, row[0]) for row in rows])
         if doc.get("outcomes"):
             conn.executemany(UPSERT_OUTCOME, doc["outcomes"])
+        for key, statement in (("located", LOCATED), ("staging", STAGING), ("staged", STAGED)):
+            if doc.get(key):
+                conn.executemany(statement, doc[key])
 
 
 def main(argv: list[str]) -> int:

@@ -3,7 +3,9 @@ number of open requests, polled with backoff, each file handed on the moment it 
 
 ``Stager(client, uri, settings).run(paths)`` yields one ``Staged`` per path, in the order the
 files land (or fail), so the caller can touch each one at once and its atime is fresh when the
-job comes. The policy (issue 13):
+job comes. A run's engine feeds paths as the catalog yields them instead: ``add(paths)`` any
+number of times, ``close()`` after the last, and ``landed()`` yields until every path added has
+ended. The policy (issue 13):
 
 * at most ``max_requests`` open stage requests on the endpoint, ``batch`` paths each (the client
   halves a batch the server refuses with 413, and waits out 429);
@@ -26,7 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from prestaged.storage.tape import StageState, StageStatus, TapeClient
+from prestaged.storage.tape import StageRequest, StageState, StageStatus, TapeClient
 
 __all__ = ["Staged", "Stager", "StagingSettings"]
 
@@ -76,28 +78,73 @@ class Stager:
 
     def __init__(self, client: TapeClient, uri: str, settings: Optional[StagingSettings] = None,
                  *, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 on_request: Optional[Callable[[StageRequest], None]] = None) -> None:
         self.client = client
         self.uri = uri
         self.s = settings or StagingSettings()
         self._clock = clock
         self._sleep = sleep
+        self._on_request = on_request
         self._open: dict[str, _Open] = {}
         self._first: dict[str, float] = {}  # path -> time of its first stage request
         self._restaged: set[str] = set()
         self._todo: deque[str] = deque()
+        self._added: set[str] = set()
+        self._closed = False
+        self._wake = asyncio.Event()
+
+    def add(self, paths: Iterable[str]) -> None:
+        """Stage ``paths`` too (a path already added is ignored)."""
+        for path in paths:
+            if path not in self._added:
+                self._added.add(path)
+                self._todo.append(path)
+        self._wake.set()
+
+    def close(self) -> None:
+        """No more paths will be added: ``landed()`` ends once the added ones have."""
+        self._closed = True
+        self._wake.set()
 
     async def run(self, paths: Iterable[str]) -> AsyncIterator[Staged]:
         """Stage every path (duplicates once) and yield each as it lands on disk or fails."""
-        self._todo.extend(dict.fromkeys(paths))
-        while self._todo or self._open:
+        self.add(paths)
+        self.close()
+        async for staged in self.landed():
+            yield staged
+
+    async def landed(self) -> AsyncIterator[Staged]:
+        """Yield each added path as it lands on disk or fails, until ``close()`` and all ended."""
+        while True:
+            self._wake.clear()
             await self._submit()
+            if not self._open:
+                if self._closed and not self._todo:
+                    return
+                await self._wake.wait()  # nothing to poll: wait for paths (or the close)
+                continue
             request = min(self._open.values(), key=lambda r: r.due)
             wait = request.due - self._clock()
-            if wait > 0:
-                await self._sleep(wait)
+            if wait > 0 and not await self._pause(wait):
+                continue  # new paths came while a slot is free: submit them first
             for done in await self._poll(request):
                 yield done
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep ``seconds``; False when woken early by new paths that a free slot can take."""
+        if self._closed or len(self._open) >= self.s.max_requests:
+            await self._sleep(seconds)
+            return True
+        sleeping = asyncio.ensure_future(self._sleep(seconds))
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({sleeping, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeping, woken):
+                task.cancel()
+            await asyncio.gather(sleeping, woken, return_exceptions=True)
+        return not (woken.done() and not woken.cancelled())
 
     async def _submit(self) -> None:
         """Fill the free request slots with batches of waiting paths."""
@@ -110,6 +157,8 @@ class Stager:
             for request in made:
                 self._open[request.id] = _Open(request.id, set(request.paths), now,
                                                self.s.poll_min, now + self.s.poll_min)
+                if self._on_request is not None:
+                    self._on_request(request)
 
     async def _poll(self, request: _Open) -> list[Staged]:
         """Poll ``request``; what ended in it, and its next poll time."""

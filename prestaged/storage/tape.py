@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 DISCOVERY_PATH = "/.well-known/wlcg-tape-rest-api"
 ARCHIVEINFO_BATCH = 1000
 """Paths per archiveinfo request (dCache answers at most 10,000 and drops the rest silently)."""
+MAX_ANSWER = 8 << 20
+"""Bytes of one answer read at most (an archiveinfo of 1,000 paths is about 100 KiB)."""
 STAGE_LIMIT = 500
 """dCache's ``bulk.limits.max.targets-per-flat-request``: more paths per request get 413."""
 
@@ -258,7 +260,7 @@ class TapeClient:
             try:
                 async with self.session.request(method, url, json=body) as resp:
                     status = resp.status
-                    text = await resp.text()
+                    text = await _body(url, resp)
                     if status in allow:
                         return status, None
                     if 200 <= status < 300:
@@ -280,6 +282,20 @@ class TapeClient:
                 raise TapeRestError(f"{url}: gave up after {tries} tries: {why}")
             log.info("%s: %s; trying again in %.1f s", url, why, delay)
             await self._sleep(delay)
+
+
+async def _body(url: str, resp: aiohttp.ClientResponse) -> str:
+    """The answer's text, at most ``MAX_ANSWER`` bytes (a door that serves every path as a file
+    must not make us read one whole), undecodable bytes replaced (then it is no JSON)."""
+    data = bytearray()
+    while len(data) <= MAX_ANSWER:
+        chunk = await resp.content.read(MAX_ANSWER + 1 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    if len(data) > MAX_ANSWER:
+        raise TapeRestError(f"{url}: the answer is larger than {MAX_ANSWER >> 20} MiB")
+    return data.decode("utf-8", errors="replace")
 
 
 def _json(url: str, text: str) -> Any:

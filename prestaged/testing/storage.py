@@ -72,6 +72,9 @@ DOOR = "door"
 POOL = "pool"
 SITES = (DOOR, POOL)
 
+TAPE_REST_DISCOVERY = "/.well-known/wlcg-tape-rest-api"
+"""The WLCG Tape REST discovery path: this server has no such API (404, as XRootD answers)."""
+
 #: Size of the body chunks written by streamed responses (bytes).
 CHUNK_SIZE = 64 * 1024
 #: Period of the generated content: prime, so equal bytes rarely line up at nearby offsets.
@@ -258,7 +261,8 @@ class ServerStats:
     ``paths`` (normalised path -> ``PathStats``), ``requests_total``, ``bytes_total`` (body
     bytes), ``requests_by_site``, ``connections`` (distinct connections accepted per site),
     ``client_dns`` (peer certificate subject -> connections), ``active_requests`` (in flight),
-    ``tls_resumed`` (connections per site whose TLS handshake resumed a session).
+    ``tls_resumed`` (connections per site whose TLS handshake resumed a session),
+    ``discovery_requests`` (``TAPE_REST_DISCOVERY`` asked, answered 404, not in the others).
     """
 
     def __init__(self) -> None:
@@ -270,6 +274,7 @@ class ServerStats:
         """Zero every counter; open connections and in-flight requests are live state and stay."""
         self.paths: dict[str, PathStats] = {}
         self.requests_total = 0
+        self.discovery_requests = 0
         self.bytes_total = 0
         self.requests_by_site = dict.fromkeys(SITES, 0)
         self.connections = dict.fromkeys(SITES, 0)
@@ -288,6 +293,7 @@ class ServerStats:
         """JSON-ready snapshot of every counter."""
         return {
             "requests_total": self.requests_total,
+            "discovery_requests": self.discovery_requests,
             "bytes_total": self.bytes_total,
             "requests_by_site": dict(self.requests_by_site),
             "connections": dict(self.connections),
@@ -683,6 +689,11 @@ class StorageServer:
     # request handling
 
     async def _handle_door(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.path == TAPE_REST_DISCOVERY:
+            # A plain WebDAV/XRootD door: no WLCG Tape REST API here, as such servers answer.
+            # Counted apart: it is no file request.
+            self.stats.discovery_requests += 1
+            return _text(404, b"Not Found\n")
         ex = self._arrive(DOOR, request)
         try:
             ex.record.action = self._next_action(ex.key)

@@ -1,0 +1,381 @@
+"""The tape-aware path of a run (issue 13): ask the storage where files are, stage the tape-only
+ones in bulk, and hand each file to the touch only once it is on disk.
+
+For every storage endpoint (door ``https://host:port``) of a run, ``TapeRouter`` asks the door
+once whether it publishes the WLCG Tape REST API (``TapeDirectory``; the daemon keeps the
+answers ``storage.discovery_ttl``). Where it does, the files of each admitted chunk go to one
+``archiveinfo`` request (so locality is pipelined with the catalog stream) and then:
+
+* ``DISK``, ``DISK_AND_TAPE``: touched at once, as without tape;
+* ``TAPE``: staged (``storage.staging.Stager``, one per endpoint, fed as the files come), and
+  touched the moment a poll shows them on disk (the atime must be fresh when the job comes);
+* ``LOST``, ``UNAVAILABLE``, ``NONE``: failed with that reason, never read;
+* a per-path error (an unknown path): missing.
+
+``storage.stage``: ``auto`` does the above where the API is published and touches elsewhere
+(a discovery document it cannot read is warned about, and those files are touched); ``always``
+stops the run (exit 5) at an endpoint without it; ``never`` builds no router at all. Refusals
+by the frontend are the run's end: 401/403 exit 3 (staging needs ``storage.stage``), anything
+else exit 5 — a failure to learn locality is never replaced by a GET that would block the door.
+
+What was learned is noted per file (``note``: the state store's tape columns) the moment it is
+known: the locality, the stage request holding the pin, when the file reached disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Union
+from urllib.parse import unquote, urlsplit
+
+from prestaged.config import PathMap, StorageConfig
+from prestaged.errors import PrestagedError, StorageError
+from prestaged.model import FileRef, Outcome, Result, TapeInfo
+from prestaged.retry import RetryPolicy
+from prestaged.storage.staging import Staged, Stager, StagingSettings
+from prestaged.storage.tape import (
+    ARCHIVEINFO_BATCH,
+    FileLocality,
+    Locality,
+    StageRequest,
+    TapeClient,
+    TapeRestError,
+)
+
+if TYPE_CHECKING:
+    import ssl
+
+    import aiohttp
+
+__all__ = [
+    "TapeAccess",
+    "TapeDirectory",
+    "TapeProbe",
+    "TapeRouter",
+    "TapeSettings",
+    "TapeTally",
+    "namespace_path",
+]
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = 120.0
+"""Seconds one Tape REST request may take (an archiveinfo of 1,000 paths takes a few)."""
+
+_UNREADABLE = {
+    Locality.LOST: "locality LOST: the storage has no readable copy",
+    Locality.UNAVAILABLE: "locality UNAVAILABLE: its copies are on offline pools or tapes",
+    Locality.NONE: "locality NONE: the storage holds no copy",
+}
+
+
+@dataclass(frozen=True)
+class TapeSettings:
+    """The ``[storage]`` keys of the tape path (see ``config.StorageConfig``)."""
+
+    mode: str = "auto"
+    batch: int = 200
+    staging: StagingSettings = field(default_factory=StagingSettings)
+    path_map: tuple[PathMap, ...] = ()
+    discovery_ttl: float = 3600.0
+
+    @classmethod
+    def from_config(cls, st: StorageConfig) -> TapeSettings:
+        """Settings from ``[storage]`` (after command-line overrides)."""
+        return cls(mode=st.stage, batch=st.stage_batch, path_map=st.path_map,
+                   discovery_ttl=st.discovery_ttl,
+                   staging=StagingSettings(batch=st.stage_batch, max_requests=st.stage_requests,
+                                           poll_min=st.poll_min, poll_max=st.poll_max,
+                                           timeout=st.stage_timeout, lifetime=st.pin_lifetime))
+
+
+def namespace_path(url: str, path_map: Sequence[PathMap] = ()) -> str:
+    """The namespace path the Tape REST API knows ``url``'s file by: the first ``path_map``
+    rule whose ``url_prefix`` starts the URL maps it, else the URL's own path; percent-decoded
+    (``%20`` is a space in the namespace), query and fragment dropped."""
+    for rule in path_map:
+        if url.startswith(rule.url_prefix):
+            rest = urlsplit("https://h/" + url[len(rule.url_prefix):]).path[1:]
+            return rule.path_prefix + unquote(rest)
+    return unquote(urlsplit(url).path) or "/"
+
+
+class TapeProbe(Protocol):
+    """Hears staging events for metrics (``metrics.Metrics`` is the real one)."""
+
+    def staging(self, delta: int) -> None:
+        """Files with an open stage request went up (or down) by ``delta``."""
+        ...
+
+    def file_staged(self, seconds: float) -> None:
+        """A file reached disk ``seconds`` after its first stage request."""
+        ...
+
+
+@dataclass
+class TapeTally:
+    """Live counters of the tape path of a run (progress displays and the summary)."""
+
+    located: Counter[str] = field(default_factory=Counter)
+    """Files by the locality ``archiveinfo`` gave."""
+    requested: int = 0
+    """Files put in stage requests (a file asked twice counts once)."""
+    on_disk: int = 0
+    """Staged files that reached disk."""
+    endpoints: dict[str, Optional[str]] = field(default_factory=dict)
+    """Door -> its Tape REST endpoint (None: none, files touched directly)."""
+
+    @property
+    def staging(self) -> int:
+        """Files asked for and not on disk yet (or failed)."""
+        return self.requested - self.on_disk
+
+
+_Found = Union[str, None, TapeRestError]
+
+
+class TapeDirectory:
+    """Which doors publish a Tape REST API: their v1 endpoint, or None. Answers are kept
+    ``ttl`` seconds (the daemon shares one directory between runs); errors are not kept."""
+
+    def __init__(self, ttl: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._found: dict[str, tuple[Optional[str], float]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def lookup(self, client: TapeClient, door: str) -> _Found:
+        """``door``'s endpoint, None without one, or the ``TapeRestError`` of a discovery
+        document that cannot be read (401/403 raise ``CredentialError``)."""
+        lock = self._locks.setdefault(door, asyncio.Lock())
+        async with lock:  # concurrent runs of the daemon ask once
+            kept = self._found.get(door)
+            if kept is not None and self._clock() - kept[1] < self.ttl:
+                return kept[0]
+            try:
+                uri = await client.discover(door)
+            except TapeRestError as e:
+                return e
+            self._found[door] = (uri, self._clock())
+            return uri
+
+
+class TapeAccess:
+    """The Tape REST side of the storage for runs: an aiohttp session presenting our
+    credentials (``ssl_context``), the ``TapeClient`` over it and the ``TapeDirectory``.
+    ``async with`` it; the daemon keeps one for its life, the CLI one per command."""
+
+    def __init__(self, ssl_context: Optional[ssl.SSLContext], settings: TapeSettings, *,
+                 policy: Optional[RetryPolicy] = None) -> None:
+        self.settings = settings
+        self.directory = TapeDirectory(settings.discovery_ttl)
+        self._ssl = ssl_context
+        self._policy = policy
+        self._session: Optional[aiohttp.ClientSession] = None
+        self._client: Optional[TapeClient] = None
+
+    @property
+    def client(self) -> TapeClient:
+        """The client; only inside ``async with``."""
+        if self._client is None:
+            raise RuntimeError("TapeAccess is not open: use async with")
+        return self._client
+
+    async def __aenter__(self) -> TapeAccess:
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True,
+                                         limit=16)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT))
+        self._client = TapeClient(self._session, stage_batch=self.settings.batch,
+                                  policy=self._policy)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+        self._session = self._client = None
+
+
+Touch = Callable[[FileRef, str, TapeInfo], Awaitable[None]]
+"""Queue a file for the touch: its ref, its URL to touch, what the tape path knows of it."""
+
+
+class TapeRouter:
+    """One run's tape path; see the module. The engine calls ``route`` for each admitted
+    chunk of one door, ``close`` after the last (it returns once every staged file has been
+    handed to ``touch`` or ``finish``), and ``abort`` when the run stops early.
+
+    ``touch`` queues a file for the touch; ``finish`` ends a file without touching it;
+    ``fail`` stops the run (a refusal by the frontend while staging); ``note`` records what
+    was learned (the state store).
+    """
+
+    def __init__(self, access: TapeAccess, tally: TapeTally, *, touch: Touch,
+                 finish: Callable[[Outcome], None], fail: Callable[[PrestagedError], None],
+                 note: Optional[Callable[[str, TapeInfo], None]] = None,
+                 probe: Optional[TapeProbe] = None) -> None:
+        self.access = access
+        self.s = access.settings
+        self.tally = tally
+        self._touch = touch
+        self._finish = finish
+        self._fail = fail
+        self._note = note
+        self._probe = probe
+        self._stagers: dict[str, Stager] = {}
+        self._pending: dict[str, dict[str, list[tuple[FileRef, str]]]] = {}  # uri -> path -> files
+        self._requests: dict[str, dict[str, float]] = {}  # uri -> request id -> pinned until
+        self._tasks: list[asyncio.Task[None]] = []
+        self._warned: set[str] = set()
+        self._asked: set[str] = set()  # paths put in a stage request (counted once)
+
+    async def route(self, door: str, files: Sequence[tuple[FileRef, str]]) -> None:
+        """Send ``files`` (ref, https URL) of ``door`` where their locality says."""
+        uri = await self._endpoint(door)
+        if uri is None:
+            for ref, url in files:
+                await self._touch(ref, url, _NO_TAPE)
+            return
+        paths = [namespace_path(url, self.s.path_map) for _, url in files]
+        found = await self._archiveinfo(uri, paths)
+        staged: list[str] = []
+        for (ref, url), path in zip(files, paths):
+            answer = found.get(path)
+            staged += await self._one(uri, ref, url, path, answer)
+        if staged:
+            self._stager(uri).add(staged)
+
+    async def _endpoint(self, door: str) -> Optional[str]:
+        found = await self.access.directory.lookup(self.access.client, door)
+        if isinstance(found, TapeRestError):
+            if self.s.mode == "always":
+                raise StorageError(f"{found} (storage.stage = always)")
+            if door not in self._warned:
+                self._warned.add(door)
+                log.warning("%s; touching its files without asking their locality", found)
+            found = None
+        elif found is None and self.s.mode == "always":
+            raise StorageError(f"{door} publishes no WLCG Tape REST API (no "
+                               "/.well-known/wlcg-tape-rest-api); storage.stage = always needs "
+                               "it (auto touches such files directly)")
+        self.tally.endpoints[door] = found
+        return found
+
+    async def _archiveinfo(self, uri: str, paths: list[str]) -> dict[str, FileLocality]:
+        """Locality of ``paths``; paths the server left out of its answer are asked once more
+        (dCache answers at most 10,000 a request and drops the rest without a word)."""
+        found = await self.access.client.archiveinfo(uri, paths)
+        missing = [p for p in dict.fromkeys(paths) if p not in found]
+        if missing:
+            for i in range(0, len(missing), ARCHIVEINFO_BATCH):
+                found.update(await self.access.client.archiveinfo(
+                    uri, missing[i:i + ARCHIVEINFO_BATCH]))
+        return found
+
+    async def _one(self, uri: str, ref: FileRef, url: str, path: str,
+                   answer: Optional[FileLocality]) -> list[str]:
+        """Route one file; the paths (zero or one) to stage."""
+        if answer is None:
+            self._finish(_ended(ref, Result.FAILED, f"{uri}/archiveinfo did not answer for "
+                                "it, twice", None))
+            return []
+        if answer.locality is None:
+            self._finish(_ended(ref, Result.MISSING, f"archiveinfo: {answer.error}", None))
+            return []
+        where = answer.locality
+        self.tally.located[where.value] += 1
+        info = TapeInfo(where.value)
+        if self._note is not None:
+            self._note(ref.url, info)
+        if where.on_disk:
+            await self._touch(ref, url, info)
+            return []
+        if where is not Locality.TAPE:
+            self._finish(_ended(ref, Result.FAILED, _UNREADABLE[where], info))
+            return []
+        waiting = self._pending.setdefault(uri, {}).setdefault(path, [])
+        waiting.append((ref, url))
+        return [path] if len(waiting) == 1 else []
+
+    def _stager(self, uri: str) -> Stager:
+        stager = self._stagers.get(uri)
+        if stager is None:
+            stager = self._stagers[uri] = Stager(
+                self.access.client, uri, self.s.staging,
+                on_request=lambda r: self._requested(uri, r))
+            self._tasks.append(asyncio.create_task(self._land(uri, stager)))
+        return stager
+
+    def _requested(self, uri: str, request: StageRequest) -> None:
+        """A stage request was made: note its pin on each of its files."""
+        until = time.time() + self.s.staging.lifetime
+        self._requests.setdefault(uri, {})[request.id] = until
+        pending = self._pending.get(uri, {})
+        if self._note is not None:
+            info = TapeInfo("TAPE", request.id, uri, None, until)
+            for path in request.paths:
+                for ref, _ in pending.get(path, ()):
+                    self._note(ref.url, info)
+        # A path asked again (after FAILED or a lost request) is counted once.
+        fresh = [p for p in request.paths if p not in self._asked]
+        self._asked.update(fresh)
+        self.tally.requested += len(fresh)
+        if self._probe is not None and fresh:
+            self._probe.staging(len(fresh))
+
+    async def _land(self, uri: str, stager: Stager) -> None:
+        """Hand each file of ``uri``'s stager on as it lands (or fails)."""
+        try:
+            async for staged in stager.landed():
+                await self._landed(uri, staged)
+        except PrestagedError as e:
+            self._fail(e)
+
+    async def _landed(self, uri: str, staged: Staged) -> None:
+        files = self._pending.get(uri, {}).pop(staged.path, [])
+        if self._probe is not None:
+            self._probe.staging(-1)
+        if not staged.on_disk:
+            info = TapeInfo("TAPE", staged.request_id, uri)
+            for ref, _ in files:
+                self._finish(_ended(ref, Result.FAILED, staged.error, info))
+            return
+        self.tally.on_disk += 1
+        if self._probe is not None:
+            self._probe.file_staged(staged.seconds)
+        until = self._requests.get(uri, {}).get(staged.request_id or "")
+        info = TapeInfo("TAPE", staged.request_id, uri, time.time(), until)
+        for ref, url in files:
+            if self._note is not None:
+                self._note(ref.url, info)
+            await self._touch(ref, url, info)
+
+    async def close(self) -> None:
+        """No more files: wait until every staged file was handed on."""
+        for stager in self._stagers.values():
+            stager.close()
+        if self._tasks:
+            await asyncio.gather(*self._tasks)
+
+    async def abort(self) -> None:
+        """Stop staging now (the run is ending early); open requests stay on the server,
+        noted in the state, for ``prestaged release``."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+_NO_TAPE = TapeInfo("")
+"""Files of a door without the API: nothing known (the engine records no tape info)."""
+
+
+def _ended(ref: FileRef, result: Result, error: str, info: Optional[TapeInfo]) -> Outcome:
+    return Outcome(url=ref.url, name=ref.name, result=result, status=None, bytes=0,
+                   attempts=0, elapsed=0.0, error=error, tape=info)
