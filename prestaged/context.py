@@ -99,7 +99,8 @@ class Context:
         """The tape path's settings (``storage.stage`` and its keys)."""
         return TapeSettings.from_config(self.cfg.storage)
 
-    def make_tape(self, ssl_context: Optional[ssl.SSLContext]) -> Optional[TapeAccess]:
+    def make_tape(self, ssl_context: Optional[ssl.SSLContext], *,
+                  on_stage: Optional[Callable[[str], None]] = None) -> Optional[TapeAccess]:
         """The Tape REST access (not open: ``async with`` it), or None with ``storage.stage =
         never``. Back-pressure from the frontend is waited out as ``[retry]`` says, with at
         least 8 tries and 10 minutes (a busy frontend is no reason to give up a dataset)."""
@@ -108,7 +109,7 @@ class Context:
         r = self.cfg.retry
         policy = RetryPolicy(max(8, r.attempts), r.initial, r.max, r.jitter,
                              max(600.0, r.total), r.max_retry_after)
-        return TapeAccess(ssl_context, self.tape_settings(), policy=policy)
+        return TapeAccess(ssl_context, self.tape_settings(), policy=policy, on_stage=on_stage)
 
     @contextlib.asynccontextmanager
     async def storage(self, ssl_context: Optional[ssl.SSLContext]

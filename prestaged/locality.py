@@ -168,14 +168,17 @@ class TapeDirectory:
 class TapeAccess:
     """The Tape REST side of the storage for runs: an aiohttp session presenting our
     credentials (``ssl_context``), the ``TapeClient`` over it and the ``TapeDirectory``.
-    ``async with`` it; the daemon keeps one for its life, the CLI one per command."""
+    ``async with`` it; the daemon keeps one for its life, the CLI one per command.
+    ``on_stage`` hears the result of every stage request (metrics)."""
 
     def __init__(self, ssl_context: Optional[ssl.SSLContext], settings: TapeSettings, *,
-                 policy: Optional[RetryPolicy] = None) -> None:
+                 policy: Optional[RetryPolicy] = None,
+                 on_stage: Optional[Callable[[str], None]] = None) -> None:
         self.settings = settings
         self.directory = TapeDirectory(settings.discovery_ttl)
         self._ssl = ssl_context
         self._policy = policy
+        self._on_stage = on_stage
         self._session: Optional[aiohttp.ClientSession] = None
         self._client: Optional[TapeClient] = None
 
@@ -194,7 +197,7 @@ class TapeAccess:
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT))
         self._client = TapeClient(self._session, stage_batch=self.settings.batch,
-                                  policy=self._policy)
+                                  policy=self._policy, on_stage=self._on_stage)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

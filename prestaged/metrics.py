@@ -1,13 +1,16 @@
 """Every Prometheus metric of prestaged, in one place, on an injected ``CollectorRegistry``.
 
 ``Metrics`` is the engine's ``warm.Probe`` (requests, retries, outcomes) and the daemon's sink
-for run results, dataset warmth, credential expiry and catalog calls. ``Metrics.aiohttp_handler``
-serves the exposition at the daemon's ``/metrics``; ``grafana/prestaged.json`` reads it.
+for run results, dataset warmth, credential expiry and catalog calls; for tape staging (issue 13)
+it counts stage requests by result (``stage_request``, the ``TapeClient(on_stage=...)`` hook),
+files being staged, stage durations, locality per watched definition and the concurrency used
+per storage host. ``Metrics.aiohttp_handler`` serves the exposition at the daemon's
+``/metrics``; ``grafana/prestaged.json`` reads it.
 
 Label values come from bounded sets only: results, retry reasons, endpoint host names, catalog
-kinds and watched definition names. Nothing here ever puts a URL or a file name in a label: hosts
-are reduced to their host name and a definition given as a path to a URL list (local catalog) is
-reduced to its base name without ``.txt``.
+kinds, localities and watched definition names. Nothing here ever puts a URL or a file name in a
+label: hosts are reduced to their host name and a definition given as a path to a URL list
+(local catalog) is reduced to its base name without ``.txt``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from prometheus_client import (
 from prestaged._version import __version__
 from prestaged.catalog import KINDS
 from prestaged.model import Result
+from prestaged.storage.tape import STAGE_RESULTS, Locality
 
 if TYPE_CHECKING:
     from prestaged.model import Outcome
@@ -44,7 +48,9 @@ __all__ = [
     "GATE_BUCKETS",
     "LATENCY_BUCKETS",
     "LAUNCH_RESULTS",
+    "LOCALITIES",
     "RUN_RESULTS",
+    "STAGE_BUCKETS",
     "Metrics",
     "definition_label",
     "host_label",
@@ -72,6 +78,15 @@ the daemon died while it ran)."""
 
 CATALOG_RESULTS = ("ok", "error")
 """``prestaged_catalog_requests_total{result}`` values created at zero for every catalog kind."""
+
+STAGE_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0,
+                 86400.0)
+"""Stage duration buckets (seconds): a file already on its way to disk, to a day in the tape
+queue."""
+
+LOCALITIES = (*(where.value for where in Locality), "unknown")
+"""``prestaged_locality_files{locality}`` values: the Tape REST API's localities, and
+``unknown`` for a file the frontend gave no locality for (an error, or not asked yet)."""
 
 _RETRY_REASONS = ("timeout", "reset", "unreachable")
 """Retry reasons that exist whatever the storage answers (statuses are added as they occur)."""
@@ -121,7 +136,8 @@ class Metrics:
     """prestaged's metrics on ``registry`` (default: a new private one, never the global).
 
     Implements ``warm.Probe``; series of known label values (file results, run results, retry
-    reasons, catalog kinds) exist at zero from the start so ``rate()`` works on the first event.
+    reasons, catalog kinds, stage results) exist at zero from the start so ``rate()`` works on
+    the first event; a definition's localities all exist once it is first set.
     """
 
     def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
@@ -166,6 +182,24 @@ class Metrics:
         self.launches = Counter(
             "prestaged_campaign_launches", "Submit commands run by campaigns, by result.",
             ["result"], registry=r)
+        self.stage_requests = Counter(
+            "prestaged_stage_requests",
+            "Stage requests sent to a Tape REST frontend, by result: accepted, too_large (413, "
+            "batch halved), throttled (429/503, waited out), refused (any other answer, or none).",
+            ["result"], registry=r)
+        self.files_staging = Gauge(
+            "prestaged_files_staging", "Files with an open stage request now.", registry=r)
+        self.stage_duration = Histogram(
+            "prestaged_stage_duration_seconds",
+            "Time a file took from its first stage request to on disk (seconds).",
+            buckets=STAGE_BUCKETS, registry=r)
+        self.locality_files = Gauge(
+            "prestaged_locality_files", "Files of a watched definition, by Tape REST locality.",
+            ["definition", "locality"], registry=r)
+        self.endpoint_concurrency = Gauge(
+            "prestaged_endpoint_concurrency",
+            "Concurrency used towards a storage host now (its limiter cuts it on 429/503).",
+            ["host"], registry=r)
         self.build = Info("prestaged_build", "prestaged version and Python.", registry=r)
         self.build.info({"version": __version__, "python": platform.python_version()})
         self._initialise()
@@ -182,6 +216,8 @@ class Metrics:
         for kind in KINDS:
             for result_ in CATALOG_RESULTS:
                 self.catalog_requests.labels(kind, result_)
+        for stage in STAGE_RESULTS:
+            self.stage_requests.labels(stage)
 
     # --- warm.Probe ------------------------------------------------------------------------
 
@@ -237,6 +273,8 @@ class Metrics:
         for state in DATASET_STATES:
             self._remove(self.dataset_files, name, state)
         self._remove(self.dataset_last_warm, name)
+        for locality in LOCALITIES:
+            self._remove(self.locality_files, name, locality)
 
     def set_credential_expiry(self, kind: str, timestamp: float) -> None:
         """Credential ``kind`` (``proxy``...) expires at ``timestamp`` (Unix seconds)."""
@@ -260,6 +298,36 @@ class Metrics:
     def launched(self, result: str) -> None:
         """A submit command ended with ``result`` (one of ``LAUNCH_RESULTS``)."""
         self.launches.labels(_plain_label(result)).inc()
+
+    # --- tape staging (issue 13) ------------------------------------------------------------
+
+    def stage_request(self, result: str) -> None:
+        """One stage request ended with ``result`` (one of ``STAGE_RESULTS``); the
+        ``TapeClient(on_stage=...)`` hook."""
+        self.stage_requests.labels(_plain_label(result)).inc()
+
+    def staging(self, delta: int) -> None:
+        """``delta`` files gained (> 0) or left (< 0) an open stage request."""
+        self.files_staging.inc(delta)
+
+    def file_staged(self, seconds: float) -> None:
+        """A file is on disk ``seconds`` after its first stage request."""
+        self.stage_duration.observe(max(0.0, seconds))
+
+    def set_locality(self, definition: str, counts: Mapping[str, int]) -> None:
+        """Files of a watched definition by locality: every one of ``LOCALITIES`` is set (0 if
+        absent); a key outside them is added to ``unknown`` so the label set stays bounded."""
+        name = definition_label(definition)
+        values = dict.fromkeys(LOCALITIES, 0)
+        for locality, n in counts.items():
+            values[locality if locality in values else "unknown"] += n
+        for locality, n in values.items():
+            self.locality_files.labels(name, locality).set(n)
+
+    def set_concurrency(self, host: str, n: int) -> None:
+        """Storage ``host`` gets ``n`` concurrent requests now (its limiter's value); a URL or
+        ``host:port`` is reduced to the host name."""
+        self.endpoint_concurrency.labels(host_label(host)).set(n)
 
     # --- exposition ------------------------------------------------------------------------
 

@@ -21,10 +21,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import prestaged
 from prestaged.credentials import inspect_proxy, load_credentials
-from prestaged.metrics import Metrics, definition_label, host_label, run_result
+from prestaged.metrics import (
+    LOCALITIES,
+    STAGE_BUCKETS,
+    Metrics,
+    definition_label,
+    host_label,
+    run_result,
+)
 from prestaged.model import FileRef
 from prestaged.retry import RetryPolicy
 from prestaged.storage.http import HttpToucher
+from prestaged.storage.tape import STAGE_RESULTS
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Status, StorageServer
 from prestaged.warm import RunReport, Tally, WarmSettings, warm
@@ -90,7 +98,8 @@ async def storage(pki: TestPKI) -> AsyncIterator[StorageServer]:
 
 @pytest.fixture
 async def warmed(pki: TestPKI, proxy: Path, storage: StorageServer) -> Metrics:
-    """Metrics after a real warm of 50 files (one 503 then warm) plus every daemon-side call."""
+    """Metrics after a real warm of 50 files (one 503 then warm) plus every daemon-side and
+    tape-side call."""
     m = Metrics()
     storage.inject("/pnfs/ds/f0000.root", [Status(503)])
     urls = [storage.url(f"/pnfs/ds/f{i:04d}.root") for i in range(50)]
@@ -101,6 +110,12 @@ async def warmed(pki: TestPKI, proxy: Path, storage: StorageServer) -> Metrics:
                   unknown=0, last_warm=1.7e9)
     m.set_credential_expiry("proxy", inspect_proxy(proxy).not_after.timestamp())
     m.catalog_request("local", "ok")
+    # The tape side (issue 13) as the engine will call it, so promtool lints those series too.
+    m.stage_request("accepted")
+    m.staging(1)
+    m.file_staged(30.0)
+    m.set_locality(str(Path("/data/definitions/my_dataset.txt")), {"TAPE": 3, "DISK": 1})
+    m.set_concurrency(storage.url("/pnfs/ds/f0000.root"), 8)
     return m
 
 
@@ -237,3 +252,88 @@ async def test_promtool_check_metrics_passes(warmed: Metrics) -> None:
     out, _ = await asyncio.wait_for(proc.communicate(warmed.exposition()), timeout=60)
     assert proc.returncode == 0, out.decode()
     assert not out.strip(), out.decode()  # lint findings are printed even when it exits 0
+
+
+# --- tape staging (issue 13) ----------------------------------------------------------------
+
+
+def test_stage_results_exist_at_zero_and_count() -> None:
+    """Every stage result has a series at 0 before any request; stage_request counts one."""
+    m = Metrics()
+    assert STAGE_RESULTS == ("accepted", "too_large", "throttled", "refused")
+    for result in STAGE_RESULTS:
+        assert _value(m, "prestaged_stage_requests_total", result=result) == 0
+    m.stage_request("throttled")
+    m.stage_request("throttled")
+    m.stage_request("accepted")
+    assert _value(m, "prestaged_stage_requests_total", result="throttled") == 2
+    assert _value(m, "prestaged_stage_requests_total", result="accepted") == 1
+
+
+def test_files_staging_goes_up_and_down() -> None:
+    """The staging gauge starts at 0 and follows staging(+n) and staging(-n)."""
+    m = Metrics()
+    assert _value(m, "prestaged_files_staging") == 0
+    m.staging(200)
+    m.staging(-3)
+    assert _value(m, "prestaged_files_staging") == 197
+
+
+def test_stage_duration_buckets_span_seconds_to_a_day() -> None:
+    """file_staged observes seconds in buckets from 1 s to 86400 s; a negative clock step is 0."""
+    m = Metrics()
+    assert STAGE_BUCKETS[0] == 1.0 and STAGE_BUCKETS[-1] == 86400.0
+    m.file_staged(42.0)
+    m.file_staged(5 * 3600.0)
+    m.file_staged(-1.0)
+    name = "prestaged_stage_duration_seconds"
+    assert _value(m, f"{name}_count") == 3
+    assert _value(m, f"{name}_sum") == 42.0 + 5 * 3600.0
+    assert _value(m, f"{name}_bucket", le="1.0") == 1
+    assert _value(m, f"{name}_bucket", le="60.0") == 2
+    assert _value(m, f"{name}_bucket", le="14400.0") == 2
+    assert _value(m, f"{name}_bucket", le="43200.0") == 3
+
+
+def test_set_locality_sets_every_locality_and_forget_drops_them() -> None:
+    """set_locality writes all seven localities (0 if absent, strays to unknown) under the
+    definition's name; forget_dataset removes them with the warmth series."""
+    m = Metrics()
+    m.set_locality("/srv/defs/run42_raw.txt", {"TAPE": 40, "DISK_AND_TAPE": 8, "weird": 2})
+    got = {loc: _value(m, "prestaged_locality_files", definition="run42_raw", locality=loc)
+           for loc in LOCALITIES}
+    assert got == {"DISK": 0, "TAPE": 40, "DISK_AND_TAPE": 8, "LOST": 0, "NONE": 0,
+                   "UNAVAILABLE": 0, "unknown": 2}
+    m.set_locality("/srv/defs/run42_raw.txt", {"DISK_AND_TAPE": 48})
+    assert _value(m, "prestaged_locality_files", definition="run42_raw", locality="TAPE") == 0
+    m.set_dataset("run42_raw", warm=48, stale=0, failed=0, unknown=0, last_warm=1.0)
+    m.forget_dataset("/srv/defs/run42_raw.txt")
+    exposition = m.exposition().decode()
+    assert "run42_raw" not in exposition
+
+
+def test_set_concurrency_is_per_host_name() -> None:
+    """set_concurrency keeps one series per host name, whatever form the host is given in."""
+    m = Metrics()
+    m.set_concurrency("https://door.example.org:2880/pnfs/x/f.root", 64)
+    m.set_concurrency("door.example.org:2880", 32)
+    m.set_concurrency("127.0.0.1", 4)
+    assert _value(m, "prestaged_endpoint_concurrency", host="door.example.org") == 32
+    assert _value(m, "prestaged_endpoint_concurrency", host="127.0.0.1") == 4
+    families = {f.name: f for f in text_string_to_metric_families(m.exposition().decode())}
+    assert len(families["prestaged_endpoint_concurrency"].samples) == 2
+
+
+def test_tape_metrics_never_label_a_url_or_a_path() -> None:
+    """Definitions given as URL-list paths or URLs and hosts given as URLs become bare names
+    in every tape series; a result with a slash is flattened."""
+    m = Metrics()
+    m.set_locality("https://samweb.example.org/defs/mc_2024.txt", {"TAPE": 1})
+    m.set_locality("/data/definitions/run7.txt", {"DISK": 1})
+    m.set_concurrency("https://door.example.org:2880/pnfs/a/b.root", 8)
+    m.stage_request("too/large")
+    labels = _label_values(m.exposition())
+    assert not [(s, k, v) for s, k, v in labels if "/" in v or "://" in v]
+    assert ("prestaged_locality_files", "definition", "mc_2024") in labels
+    assert ("prestaged_locality_files", "definition", "run7") in labels
+    assert ("prestaged_endpoint_concurrency", "host", "door.example.org") in labels

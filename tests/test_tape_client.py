@@ -189,3 +189,58 @@ async def test_cancel_stops_what_is_not_on_disk_yet(
     await client.cancel(srv.tape_api_url, req.id, req.paths)
     status = await client.poll(srv.tape_api_url, req.id)
     assert status.files["/pnfs/c/a"].state is StageState.CANCELLED
+
+
+async def test_on_stage_hears_every_stage_post_by_result(
+    dcache: Factory, http: aiohttp.ClientSession
+) -> None:
+    """Against a frontend allowing one open request of at most 60 targets: accepted, throttled
+    (429 while a request is open), too_large (413, batch halved), each POST reported once, in
+    order, as many as the emulator saw."""
+    srv = await dcache(max_targets=60, max_requests=1, mount_seconds=60)  # nothing ends alone
+    srv.core.add_file("/pnfs/o/first", 10, Where.TAPE)
+    paths = [f"/pnfs/o/f{i:03d}" for i in range(100)]
+    for p in paths:
+        srv.core.add_file(p, 10, Where.TAPE)
+    heard: list[str] = []
+    operator = TapeClient(http, policy=NO_WAIT)
+
+    async def sleep(seconds: float) -> None:
+        # Back-pressure lifts when the open requests end: an operator cancels them here.
+        for request_id in list(srv.frontend.requests):
+            await operator.cancel(srv.tape_api_url, request_id, [])
+
+    client = TapeClient(http, stage_batch=100, policy=NO_WAIT, sleep=sleep,
+                        on_stage=heard.append)
+    await client.stage(srv.tape_api_url, ["/pnfs/o/first"], lifetime=60)
+    requests = await client.stage(srv.tape_api_url, paths, lifetime=60)
+    assert [len(r.paths) for r in requests] == [50, 50]
+    assert heard == ["accepted", "throttled", "too_large", "accepted", "throttled", "accepted"]
+    assert len(heard) == srv.core.stats.requests["frontend:stage"]
+
+
+async def test_on_stage_counts_503_as_throttled_and_other_failures_as_refused() -> None:
+    """A 503 is throttled and sent again; a dropped connection, a 400 and a 403 are refused;
+    polls, locality and releases are never reported as stage requests."""
+    uri = "https://t/api/v1/tape"
+    with mocked() as m:
+        m.post(f"{uri}/stage", status=503, body="{}")
+        m.post(f"{uri}/stage", exception=aiohttp.ServerDisconnectedError())
+        m.post(f"{uri}/stage", status=201, body=json.dumps({"requestId": "r1"}))
+        m.post(f"{uri}/stage", status=400, body=json.dumps({"detail": "bad path"}))
+        m.post(f"{uri}/stage", status=403, body=json.dumps({"detail": "no stage"}))
+        m.get(f"{uri}/stage/r1", status=200, body=json.dumps({"files": []}))
+        m.post(f"{uri}/archiveinfo", status=200, body="[]")
+        m.post(f"{uri}/release/r1", status=200, body="")
+        heard: list[str] = []
+        async with aiohttp.ClientSession() as session:
+            client = TapeClient(session, policy=NO_WAIT, on_stage=heard.append)
+            [req] = await client.stage(uri, ["/p"], lifetime=60)
+            await client.poll(uri, req.id)
+            await client.archiveinfo(uri, ["/p"])
+            await client.release(uri, req.id, ["/p"])
+            with pytest.raises(TapeRestError, match="400 bad path"):
+                await client.stage(uri, ["/p"], lifetime=60)
+            with pytest.raises(CredentialError):
+                await client.stage(uri, ["/p"], lifetime=60)
+    assert heard == ["throttled", "refused", "accepted", "refused", "refused"]

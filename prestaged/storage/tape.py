@@ -15,6 +15,11 @@ engine builds on (``reference/tape-rest.md`` has the facts):
   and gfal2's ``CANCELED``, any order, partial lists; a request the server forgot (404) says so.
 * ``cancel``, ``release``: for the files of one request.
 
+Every stage POST is reported to the optional ``on_stage`` hook with one of ``STAGE_RESULTS``
+(the metrics count them; the client knows nothing of Prometheus): ``accepted`` (2xx),
+``too_large`` (413, the batch is halved), ``throttled`` (each 429 or 503, waited out) or
+``refused`` (any other answer, or none: a dropped connection or a timeout).
+
 Errors: 401/403 are ``CredentialError`` naming the right staging needs (a WLCG token needs
 ``storage.stage``; ``storage.read`` cannot recall); other refusals are ``TapeRestError`` (exit 5)
 with the server's RFC 7807 ``detail``. The session (client certificate, bearer token) is the
@@ -42,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ARCHIVEINFO_BATCH",
     "DISCOVERY_PATH",
+    "STAGE_RESULTS",
     "FileLocality",
     "FileStage",
     "Locality",
@@ -60,6 +66,8 @@ MAX_ANSWER = 8 << 20
 """Bytes of one answer read at most (an archiveinfo of 1,000 paths is about 100 KiB)."""
 STAGE_LIMIT = 500
 """dCache's ``bulk.limits.max.targets-per-flat-request``: more paths per request get 413."""
+STAGE_RESULTS = ("accepted", "too_large", "throttled", "refused")
+"""What ``TapeClient(on_stage=...)`` is called with, once per stage POST (see the module)."""
 
 
 class TapeRestError(StorageError):
@@ -134,6 +142,8 @@ class StageStatus:
 
 
 Sleep = Callable[[float], Awaitable[None]]
+Observe = Callable[[Optional[int]], None]
+"""Called once per try of a request with its HTTP status (None: no answer)."""
 
 
 class TapeClient:
@@ -141,17 +151,20 @@ class TapeClient:
 
     ``stage_batch``: paths per stage request (default 200, as FTS3; at most 500). ``policy``:
     how 429/503 back-pressure and dropped connections are waited out (attempts, time budget,
-    ``Retry-After``). ``sleep`` is ``asyncio.sleep`` (tests replace it).
+    ``Retry-After``). ``sleep`` is ``asyncio.sleep`` (tests replace it). ``on_stage`` (default
+    None) is called with one of ``STAGE_RESULTS`` for every stage POST, retries included.
     """
 
     def __init__(self, session: aiohttp.ClientSession, *, stage_batch: int = 200,
-                 policy: Optional[RetryPolicy] = None, sleep: Sleep = asyncio.sleep) -> None:
+                 policy: Optional[RetryPolicy] = None, sleep: Sleep = asyncio.sleep,
+                 on_stage: Optional[Callable[[str], None]] = None) -> None:
         if not 1 <= stage_batch <= STAGE_LIMIT:
             raise ValueError(f"stage_batch must be 1..{STAGE_LIMIT}, got {stage_batch}")
         self.session = session
         self.stage_batch = stage_batch
         self.policy = policy or RetryPolicy(attempts=8, initial=1.0, max=60.0, total=600.0)
         self._sleep = sleep
+        self._on_stage = on_stage
 
     # --- discovery and locality -------------------------------------------------------------
 
@@ -203,7 +216,8 @@ class TapeClient:
             chunk, rest = todo[:batch], todo[batch:]
             body = {"files": [{"path": p, "diskLifetime": _iso_duration(lifetime)}
                               for p in chunk]}
-            status, doc = await self._call("POST", f"{uri}/stage", body, allow=(413,))
+            status, doc = await self._call("POST", f"{uri}/stage", body, allow=(413,),
+                                           observe=self._stage_answered)
             if status == 413:
                 if batch == 1:
                     raise TapeRestError(f"{uri}/stage: refused a request of one path (413)")
@@ -217,6 +231,10 @@ class TapeClient:
             made.append(StageRequest(request_id, tuple(chunk)))
             todo = rest
         return made
+
+    def _stage_answered(self, status: Optional[int]) -> None:
+        if self._on_stage is not None:
+            self._on_stage(_stage_result(status))
 
     async def poll(self, uri: str, request_id: str) -> StageStatus:
         """Request ``request_id``'s files as the server lists them now."""
@@ -246,9 +264,11 @@ class TapeClient:
     # --- one call ---------------------------------------------------------------------------
 
     async def _call(self, method: str, url: str, body: Optional[Mapping[str, Any]],
-                    allow: tuple[int, ...] = ()) -> tuple[int, Any]:
+                    allow: tuple[int, ...] = (),
+                    observe: Optional[Observe] = None) -> tuple[int, Any]:
         """(status, JSON document) of ``method url``, back-pressure (429, 503) and dropped
-        connections waited out by the policy; ``allow``ed statuses are returned with None."""
+        connections waited out by the policy; ``allow``ed statuses are returned with None.
+        ``observe`` hears every try's status (None: no answer)."""
         import aiohttp
 
         tries = 0
@@ -260,6 +280,8 @@ class TapeClient:
             try:
                 async with self.session.request(method, url, json=body) as resp:
                     status = resp.status
+                    if observe is not None:
+                        observe(status)
                     text = await _body(url, resp)
                     if status in allow:
                         return status, None
@@ -275,6 +297,8 @@ class TapeClient:
                     why = f"{status} {_problem(text)}"
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                if observe is not None:
+                    observe(None)
                 why = error_text(str(e) or type(e).__name__)
             elapsed = loop.time() - start
             delay = self.policy.delay(tries, retry_after=retry_after, elapsed=elapsed)
@@ -296,6 +320,17 @@ async def _body(url: str, resp: aiohttp.ClientResponse) -> str:
     if len(data) > MAX_ANSWER:
         raise TapeRestError(f"{url}: the answer is larger than {MAX_ANSWER >> 20} MiB")
     return data.decode("utf-8", errors="replace")
+
+
+def _stage_result(status: Optional[int]) -> str:
+    """The ``STAGE_RESULTS`` entry of a stage POST's answer (None: there was none)."""
+    if status is not None and 200 <= status < 300:
+        return "accepted"
+    if status == 413:
+        return "too_large"
+    if status in (429, 503):
+        return "throttled"
+    return "refused"
 
 
 def _json(url: str, text: str) -> Any:
