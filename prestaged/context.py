@@ -100,12 +100,11 @@ class Context:
         return TapeSettings.from_config(self.cfg.storage)
 
     def make_tape(self, ssl_context: Optional[ssl.SSLContext], *,
-                  on_stage: Optional[Callable[[str], None]] = None) -> Optional[TapeAccess]:
-        """The Tape REST access (not open: ``async with`` it), or None with ``storage.stage =
-        never``. Back-pressure from the frontend is waited out as ``[retry]`` says, with at
-        least 8 tries and 10 minutes (a busy frontend is no reason to give up a dataset)."""
-        if self.cfg.storage.stage == "never":
-            return None
+                  on_stage: Optional[Callable[[str], None]] = None) -> TapeAccess:
+        """The Tape REST access (not open: ``async with`` it); runs use it unless
+        ``storage.stage = never``. Back-pressure from the frontend is waited out as ``[retry]``
+        says, with at least 8 tries and 10 minutes (a busy frontend is no reason to give up a
+        dataset)."""
         r = self.cfg.retry
         policy = RetryPolicy(max(8, r.attempts), r.initial, r.max, r.jitter,
                              max(600.0, r.total), r.max_retry_after)
@@ -117,9 +116,9 @@ class Context:
         """(toucher, tape access or None), both open, for one command's runs."""
         async with contextlib.AsyncExitStack() as stack:
             toucher = await stack.enter_async_context(self.make_toucher(ssl_context))
-            tape = self.make_tape(ssl_context)
-            if tape is not None:
-                await stack.enter_async_context(tape)
+            tape = None
+            if self.cfg.storage.stage != "never":
+                tape = await stack.enter_async_context(self.make_tape(ssl_context))
             yield toucher, tape
 
     # --- catalogs -------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from prestaged.storage.tape import (
     StageRequest,
     TapeClient,
     TapeRestError,
+    TapeUnreachable,
 )
 
 if TYPE_CHECKING:
@@ -180,6 +181,7 @@ class TapeAccess:
         self._policy = policy
         self._on_stage = on_stage
         self._session: Optional[aiohttp.ClientSession] = None
+        self._retired: list[aiohttp.ClientSession] = []
         self._client: Optional[TapeClient] = None
 
     @property
@@ -189,20 +191,35 @@ class TapeAccess:
             raise RuntimeError("TapeAccess is not open: use async with")
         return self._client
 
-    async def __aenter__(self) -> TapeAccess:
+    def _new_session(self) -> aiohttp.ClientSession:
         import aiohttp
 
         connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True,
                                          limit=16)
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT))
+        return aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT))
+
+    async def __aenter__(self) -> TapeAccess:
+        self._session = self._new_session()
         self._client = TapeClient(self._session, stage_batch=self.settings.batch,
                                   policy=self._policy, on_stage=self._on_stage)
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    def install(self, ssl_context: Optional[ssl.SSLContext]) -> None:
+        """Present ``ssl_context`` (renewed credentials) from now on: new requests, those of
+        stagers already running included, go through a new session; requests in flight end
+        on the old one, closed with the access."""
+        self._ssl = ssl_context
+        if self._client is None:
+            return
         if self._session is not None:
-            await self._session.close()
+            self._retired.append(self._session)
+        self._session = self._client.session = self._new_session()
+
+    async def __aexit__(self, *exc: object) -> None:
+        for session in [*self._retired, *([self._session] if self._session else [])]:
+            await session.close()
+        self._retired.clear()
         self._session = self._client = None
 
 
@@ -262,7 +279,9 @@ class TapeRouter:
                 raise StorageError(f"{found} (storage.stage = always)")
             if door not in self._warned:
                 self._warned.add(door)
-                log.warning("%s; touching its files without asking their locality", found)
+                # Unreachable: its touches fail the same way and the breakers say why.
+                level = logging.INFO if isinstance(found, TapeUnreachable) else logging.WARNING
+                log.log(level, "%s; touching its files without asking their locality", found)
             found = None
         elif found is None and self.s.mode == "always":
             raise StorageError(f"{door} publishes no WLCG Tape REST API (no "

@@ -134,7 +134,10 @@ BAD_CONFIG_VALUES: dict[str, object] = {
     "credentials.min_lifetime": -1,
     "storage.concurrency": 0, "storage.per_host": -3, "storage.bytes": 0,
     "storage.rate": -1.5, "storage.timeout": "0s", "storage.connect_timeout": 0,
-    "storage.max_redirects": -1, "storage.queue": -1,
+    "storage.max_redirects": -1, "storage.queue": -1, "storage.stage": "sometimes",
+    "storage.stage_batch": 501, "storage.stage_requests": 0, "storage.poll_min": 0,
+    "storage.poll_max": "2d", "storage.stage_timeout": "8d", "storage.pin_lifetime": 0,
+    "storage.discovery_ttl": 0,
     "retry.attempts": 0, "retry.initial": -1, "retry.max": -2, "retry.jitter": -0.5,
     "retry.total": 0, "retry.max_retry_after": -1,
     "breaker.denials": 0, "breaker.tls_failures": 0, "breaker.unreachable": -1,
@@ -146,6 +149,8 @@ BAD_CONFIG_VALUES: dict[str, object] = {
     "catalog.samweb.role": "pro duction",
     "catalog.samweb.rewrite[0].location": "/pnfs/without-kind/",
     "catalog.samweb.rewrite[0].url": "fndca1/pnfs/",
+    "storage.path_map[0].url_prefix": "fndca1:2880/pnfs/",
+    "storage.path_map[0].path_prefix": "pnfs/fnal.gov/",
     "state.fresh_for": -1, "state.batch": 0, "state.flush_interval": 0,
     "output.progress_interval": 0, "output.log_level": "loud",
     "daemon.listen": "nope", "daemon.drain_timeout": -1, "daemon.credential_check": 0,
@@ -155,7 +160,8 @@ BAD_CONFIG_VALUES: dict[str, object] = {
 
 # What an array-of-tables item needs besides the key under test.
 ARRAY_ITEMS = {"watch": {"definition": "defs/a.txt"},
-               "catalog.samweb.rewrite": {"location": "enstore:/pnfs/", "url": "https://h/"}}
+               "catalog.samweb.rewrite": {"location": "enstore:/pnfs/", "url": "https://h/"},
+               "storage.path_map": {"url_prefix": "https://h/", "path_prefix": "/pnfs/"}}
 
 # "<key>: expected <what>, got <value>", where <what> does not stop on a fragment.
 SENTENCE = re.compile(r"^(?P<key>[\w.\[\]]+): expected (?P<what>.+), got (?P<got>.+)$")

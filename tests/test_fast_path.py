@@ -383,15 +383,16 @@ async def test_runs_follow_the_config_key(ctx: ssl.SSLContext, storage: StorageS
 async def test_a_run_the_fast_path_serves_never_loads_aiohttp(
     pki: TestPKI, proxy: Path, storage: StorageServer, tmp_path: Path
 ) -> None:
-    """``prestaged warm`` of plain URLs that all answer 206 does not import aiohttp at all (a
-    third of a one-file run's start-up); a redirect would load it for the pool hop."""
+    """``prestaged warm --stage never`` of plain URLs that all answer 206 does not import
+    aiohttp at all (a third of a one-file run's start-up); a redirect would load it for the
+    pool hop, and so does the Tape REST discovery of ``--stage auto``."""
     definition = tmp_path / "ds.txt"
     definition.write_text("".join(storage.url(f"/lean/f{i}") + "\n" for i in range(20)))
     code = ("import sys; from prestaged.cli import main; rc = main(sys.argv[1:]); "
             "print('aiohttp' in sys.modules, rc)")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", code, "warm", str(definition), "--proxy", str(proxy), "--ca-dir",
-        str(pki.ca_dir), "--no-state", "-q", stdout=asyncio.subprocess.PIPE,
+        str(pki.ca_dir), "--no-state", "-q", "--stage", "never", stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert out.decode().split()[-2:] == ["False", "0"], err.decode()

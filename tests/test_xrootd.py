@@ -111,7 +111,9 @@ def _assert_all_read_once(server: XRootDServer, mark: int, names: list[str]) -> 
     reads = sorted(r.path for r in records if r.operation == "read")
     assert reads == sorted(str(server.export_dir / n) for n in names)
     logins = server.logins(mark)
-    assert set(logins) == {MAPPED_USER} and len(logins) <= CONCURRENCY  # keep-alive reuse
+    # Keep-alive reuse: one connection per worker at most, plus the Tape REST discovery's own
+    # (storage.stage = auto asks the door once; XRootD answers 403, so the files are touched).
+    assert set(logins) == {MAPPED_USER} and len(logins) <= CONCURRENCY + 1
 
 
 def test_warm_300_files_with_cryptography_proxy(

@@ -40,7 +40,7 @@ OVERRIDES = {
     "nbytes": "storage.bytes",
     "rate": "storage.rate",
     "timeout": "storage.timeout",
-    "stage": "storage.stage",
+    "stage_mode": "storage.stage",
     "retries": "retry.attempts",
     "catalog": "catalog.default",
     "catalog_dir": "catalog.local.dir",
@@ -132,7 +132,7 @@ def _storage(timeout_flag: str) -> argparse.ArgumentParser:
     g.add_argument(timeout_flag, dest="timeout", metavar="DURATION",
                    help="per attempt (default 60s)")
     g.add_argument("--retries", type=int, metavar="N", help="attempts per file (default 5)")
-    g.add_argument("--stage", choices=("auto", "never", "always"),
+    g.add_argument("--stage", dest="stage_mode", choices=("auto", "never", "always"),
                    help="tape: auto stages tape-only files where the storage publishes the WLCG "
                         "Tape REST API and touches the rest; never only touches (a GET of a "
                         "tape-only file makes the door recall it and block); always fails "

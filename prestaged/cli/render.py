@@ -61,7 +61,16 @@ def progress_line(tally: Tally) -> str:
     of = f"/{total} ({100.0 * tally.done / total:.0f}%)" if total else ""
     eta = _eta(tally)
     tail = f", ETA {eta:.0f}s" if eta is not None else ""
-    return f"progress: {tally.done}{of} files, {rate:.0f} files/s, {tally.failed} failed{tail}"
+    staging = _staging(tally)
+    staging = f", staging {staging}" if staging else ""
+    return (f"progress: {tally.done}{of} files, {rate:.0f} files/s, {tally.failed} failed"
+            f"{staging}{tail}")
+
+
+def _staging(tally: Tally) -> str:
+    """``N requested / M on disk`` while the run stages from tape, else empty."""
+    tape = tally.tape
+    return f"{tape.requested} requested / {tape.on_disk} on disk" if tape.requested else ""
 
 
 class Progress:
@@ -108,7 +117,11 @@ class Progress:
             while not stopping:
                 stopping = await self._tick()
                 pbar.total = self.tally.total
-                pbar.set_postfix(failed=self.tally.failed, refresh=False)
+                staging = _staging(self.tally)
+                if staging:
+                    pbar.set_postfix(failed=self.tally.failed, staging=staging, refresh=False)
+                else:
+                    pbar.set_postfix(failed=self.tally.failed, refresh=False)
                 pbar.update(self.tally.done - pbar.n)
 
 
@@ -120,7 +133,8 @@ def report_json(report: RunReport, *, definition: str, catalog: str, source: str
         "catalog": catalog,
         "source": source,
         "files": t.done,
-        "counts": {r.value: t.results[r.value] for r in _ORDER},
+        "counts": {**{r.value: t.results[r.value] for r in _ORDER}, "staged": t.staged},
+        "tape": _tape_json(t),
         "duplicates_skipped": t.duplicates,
         "retries": dict(t.retries),
         "bytes_read": t.bytes,
@@ -138,6 +152,15 @@ def report_json(report: RunReport, *, definition: str, catalog: str, source: str
     }
 
 
+def _tape_json(t: Tally) -> Optional[dict[str, Any]]:
+    """What the tape path did (None when no endpoint told locality)."""
+    tape = t.tape
+    if not tape.endpoints:
+        return None
+    return {"endpoints": dict(tape.endpoints), "locality": dict(tape.located),
+            "stage_requested": tape.requested, "staged_on_disk": tape.on_disk}
+
+
 def report_text(report: RunReport, *, definition: str, catalog: str, source: str) -> str:
     """The summary table printed at the end of ``prestaged warm``."""
     t = report.tally
@@ -147,6 +170,12 @@ def report_text(report: RunReport, *, definition: str, catalog: str, source: str
     rows: list[tuple[str, str]] = [(r.value, str(t.results[r.value])) for r in _ORDER]
     of = f" of {t.total}" if t.total and t.total != t.done else ""
     rows.insert(0, ("files", f"{t.done}{of}"))
+    if t.tape.located:
+        where = ", ".join(f"{k} {v}" for k, v in sorted(t.tape.located.items()))
+        rows.append(("locality", where))
+    if t.tape.requested:
+        rows.append(("staged", f"{t.staged} warm from tape ({t.tape.requested} requested, "
+                               f"{t.tape.on_disk} reached disk)"))
     if t.duplicates:
         rows.append(("duplicates", f"{t.duplicates} (touched once)"))
     if t.retries:
@@ -294,9 +323,15 @@ def status_lines(rows: Sequence[DatasetStatus]) -> list[str]:
         failed = sum(r.failed.values())
         lines.append(f"{r.definition:<32} {r.catalog:<8} {r.files:>8} {r.fresh:>8} "
                      f"{r.stale:>7} {failed:>7} {r.never:>7}  {last}")
+        if r.tape:
+            lines.append("  tape: " + ", ".join(f"{k.replace('_', ' ')} {r.tape[k]}"
+                                                for k in _TAPE_BUCKETS if r.tape.get(k)))
         if r.failed:
             lines.append("  failed: " + ", ".join(f"{k} {v}" for k, v in sorted(r.failed.items())))
     return lines
+
+
+_TAPE_BUCKETS = ("on_disk", "tape_only", "staging", "unavailable")
 
 
 def history_lines(runs: Sequence[RunRecord]) -> list[str]:

@@ -36,6 +36,7 @@ from prestaged.catalog import Catalog
 from prestaged.context import Context
 from prestaged.errors import EXIT_OK, NotFoundError, PrestagedError
 from prestaged.gate import GateFn, RewarmFn
+from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics
 from prestaged.service.runs import Spawn
 from prestaged.state.store import Store
@@ -95,8 +96,10 @@ class DaemonCampaigns:
     def __init__(self, store: Store, toucher: Toucher, metrics: Metrics, *,
                  context: Callable[[], Context], settings: Callable[[], WarmSettings],
                  open_catalog: Callable[[str, str], Catalog], spawn: Spawn,
-                 draining: Callable[[], bool]) -> None:
+                 draining: Callable[[], bool],
+                 tape: Callable[[], Optional[TapeAccess]] = lambda: None) -> None:
         self._store, self._toucher, self._metrics = store, toucher, metrics
+        self._tape = tape
         self._context, self._settings, self._open = context, settings, open_catalog
         self._spawn, self._draining = spawn, draining
         self.entries: dict[str, CampaignEntry] = {}
@@ -273,11 +276,11 @@ class DaemonCampaigns:
 
     def _gate(self, stop: asyncio.Event) -> GateFn:
         return self._context().gate(self._store, self._toucher, self._settings(), stop=stop,
-                                    probe=self._metrics)
+                                    probe=self._metrics, tape=self._tape())
 
     def _rewarm(self, stop: asyncio.Event) -> RewarmFn:
         return self._context().rewarm(self._store, self._toucher, self._settings(), stop=stop,
-                                      probe=self._metrics)
+                                      probe=self._metrics, tape=self._tape())
 
     def _catalogs(self, campaign: CampaignConfig) -> Callable[[str], Catalog]:
         kind = campaign.defaults.catalog or self._context().cfg.catalog.default

@@ -38,6 +38,7 @@ from prestaged.credentials import (
     resolve_proxy_path,
 )
 from prestaged.errors import ConfigError, CredentialError
+from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics
 from prestaged.service.api import Handler, JsonObject, build_app
 from prestaged.service.campaigns import DaemonCampaigns
@@ -132,6 +133,7 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._store: Optional[Store] = None
         self._touch: Optional[SharedToucher] = None
+        self._tape: Optional[TapeAccess] = None
         self._live: Optional[_Live] = None
         self._runner: Optional[web.AppRunner] = None
         self._proxy_stamp: Optional[tuple[int, int, int]] = None
@@ -198,8 +200,12 @@ class Daemon:
         toucher = self._touch = SharedToucher(lambda tls: self.ctx.make_toucher(tls),  # noqa: PLW0108
                                               cfg.storage.concurrency)
         await toucher.install(self.credentials.ssl_context())
+        # One Tape REST access for the daemon's life: its discovery answers are kept
+        # storage.discovery_ttl across runs; renewed credentials are installed in it too.
+        self._tape = await self.ctx.make_tape(self.credentials.ssl_context(),
+                                              on_stage=self.metrics.stage_request).__aenter__()
         self._credentials_changed(self.credentials.proxy)
-        runs = Runs(store, toucher, self.metrics, settings=self._settings,
+        runs = Runs(store, toucher, self.metrics, settings=self._settings, tape=self._tape_now,
                     fresh_for=lambda: self.cfg.state.fresh_for, draining=self._draining,
                     stop=ev.stop_runs, spawn=self.spawn, after=self._after_run,
                     changed=self._status, max_runs=lambda: self.cfg.daemon.max_runs)
@@ -208,6 +214,7 @@ class Daemon:
                                                                 fresh_for=fresh)[0],
                           spawn=self.spawn, config=lambda: self.cfg)
         campaigns = DaemonCampaigns(store, toucher, self.metrics, context=lambda: self.ctx,
+                                    tape=self._tape_now,
                                     settings=self._settings, open_catalog=self.open_catalog,
                                     spawn=self.spawn, draining=self._draining)
         self._live = _Live(store, toucher, runs, watches, campaigns)
@@ -264,6 +271,8 @@ class Daemon:
             await self._runner.cleanup()
         if self._touch is not None:
             await self._touch.close()
+        if self._tape is not None:
+            await self._tape.__aexit__(None, None, None)
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
 
@@ -288,6 +297,8 @@ class Daemon:
         else:
             self.cfg = cfg
             self.ctx = Context(cfg)
+            if self._tape is not None:
+                self._tape.settings = self.ctx.tape_settings()
             if self._live is not None:
                 self._live.watches.apply(cfg)
             log.info("reloaded %s: %d watched definitions", self.config_path or "defaults",
@@ -317,6 +328,8 @@ class Daemon:
                 info = inspect_proxy(path)
                 creds = Credentials(proxy=info, ca_dir=ca_dir)
                 await self._touch.install(creds.ssl_context())
+                if self._tape is not None:
+                    self._tape.install(creds.ssl_context())
             except CredentialError as e:
                 log.error("proxy changed but cannot be used: %s; keeping the previous one", e)
             else:
@@ -362,6 +375,10 @@ class Daemon:
         (``catalog.samweb.use_certificate``); every SAM request is counted in the metrics."""
         return self.ctx.open_catalog(kind, definition, creds=self.credentials,
                                      probe=self.metrics.catalog_request)
+
+    def _tape_now(self) -> Optional[TapeAccess]:
+        """The Tape REST access runs use now: none with ``storage.stage = never``."""
+        return None if self.cfg.storage.stage == "never" else self._tape
 
     def _settings(self) -> WarmSettings:
         return self.ctx.warm_settings(self.credentials)

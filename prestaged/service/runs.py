@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 from prestaged.catalog import Catalog
 from prestaged.errors import BusyError, PrestagedError
+from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics, run_result
 from prestaged.runner import run_definition
 from prestaged.state.store import Store
@@ -116,14 +117,16 @@ class Runs:
     """Queues and executes warm runs; never two of one definition at once.
 
     Collaborators: the open ``store``, the shared ``toucher``, ``metrics``; ``settings()`` the
-    engine settings in force, ``fresh_for()`` the default freshness (``state.fresh_for``),
-    ``draining()`` whether the daemon is stopping, ``stop`` the event that interrupts runs,
-    ``spawn`` to run tasks, ``after`` (see ``AfterRun``) and ``changed`` (a run started or
-    ended: the systemd status line).
+    engine settings in force, ``tape()`` the Tape REST access in force (None: touch only),
+    ``fresh_for()`` the default freshness (``state.fresh_for``), ``draining()`` whether the
+    daemon is stopping, ``stop`` the event that interrupts runs, ``spawn`` to run tasks,
+    ``after`` (see ``AfterRun``) and ``changed`` (a run started or ended: the systemd status
+    line).
     """
 
     def __init__(self, store: Store, toucher: Toucher, metrics: Metrics, *,
                  settings: Callable[[], WarmSettings], fresh_for: Callable[[], float],
+                 tape: Callable[[], Optional[TapeAccess]] = lambda: None,
                  draining: Callable[[], bool], stop: asyncio.Event, spawn: Spawn,
                  after: AfterRun, changed: Callable[[], None], kept: int = KEPT_RUNS,
                  max_runs: Callable[[], int] = lambda: 100) -> None:
@@ -131,6 +134,7 @@ class Runs:
         self._max_runs = max_runs
         self._store, self._toucher, self._metrics = store, toucher, metrics
         self._settings, self._fresh_for, self._draining = settings, fresh_for, draining
+        self._tape = tape
         self._stop, self._spawn, self._after, self._changed = stop, spawn, after, changed
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
@@ -176,7 +180,7 @@ class Runs:
                 self._changed()
                 report = await run_definition(
                     catalog, self._settings(), self._toucher, store=self._store,
-                    tally=info.tally, stop=self._stop, probe=self._metrics,
+                    tally=info.tally, stop=self._stop, probe=self._metrics, tape=self._tape(),
                     fresh_for=self._fresh_for() if fresh_for is None else fresh_for)
                 info.exit_code = report.exit_code
                 info.error = str(report.aborted) if report.aborted else ""

@@ -162,6 +162,8 @@ class Watches:
         self._metrics.set_dataset(row.definition, warm=row.fresh, stale=row.stale,
                                   failed=sum(row.failed.values()), unknown=row.never,
                                   last_warm=last)
+        if row.localities:  # only where the storage tells locality
+            self._metrics.set_locality(row.definition, row.localities)
 
     def _open_watched(self, watch: Watch) -> Catalog:
         """Open ``watch``'s catalog and learn its canonical key (if it changed: the file

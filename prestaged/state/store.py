@@ -55,16 +55,28 @@ log = logging.getLogger(__name__)
 _OK = (Result.WARM.value, Result.EMPTY.value)
 _TAPE_ROWS = ("located", "staging", "staged")
 _TAPE_COUNTS = """
-SELECT CASE
-    WHEN f.locality IS NULL THEN 'unknown'
-    WHEN f.locality IN ('DISK', 'DISK_AND_TAPE') THEN 'on_disk'
-    WHEN f.locality = 'TAPE' AND f.stage_request IS NOT NULL AND f.staged_at IS NULL
-        THEN 'staging'
-    WHEN f.locality = 'TAPE' THEN 'tape_only'
-    ELSE 'unavailable' END,
-    COUNT(*)
-FROM members m JOIN files f ON f.id = m.file_id WHERE m.definition_id = ? GROUP BY 1
+SELECT f.locality, f.stage_request IS NOT NULL AND f.staged_at IS NULL, COUNT(*)
+FROM members m JOIN files f ON f.id = m.file_id WHERE m.definition_id = ? GROUP BY 1, 2
 """
+_ON_DISK_LOCALITIES = ("DISK", "DISK_AND_TAPE")
+
+
+def _tape_counts(rows: Iterable[tuple[Optional[str], int, int]]
+                 ) -> tuple[dict[str, int], dict[str, int]]:
+    """(status buckets, raw localities) of a definition's ``_TAPE_COUNTS`` rows."""
+    buckets: Counter[str] = Counter()
+    raw: Counter[str] = Counter()
+    for locality, staging, n in rows:
+        raw[locality or "unknown"] += n
+        if locality is None:
+            continue
+        if locality in _ON_DISK_LOCALITIES:
+            buckets["on_disk"] += n
+        elif locality == "TAPE":
+            buckets["staging" if staging else "tape_only"] += n
+        else:
+            buckets["unavailable"] += n
+    return dict(buckets), dict(raw) if buckets else {}
 # A file is warm only while on disk: touched, and not seen tape-only (or lost) since. A staged
 # file's row says DISK_AND_TAPE from the moment it landed.
 _ON_DISK = "COALESCE(f.locality, '') NOT IN ('TAPE', 'LOST', 'UNAVAILABLE', 'NONE')"
@@ -171,6 +183,9 @@ class DatasetStatus:
     """Member files by where the Tape REST API last placed them: ``on_disk``, ``tape_only``,
     ``staging`` (a stage request of ours is open), ``unavailable`` (lost, unavailable, none);
     empty when the storage never told."""
+    localities: dict[str, int] = field(default_factory=dict)
+    """Member files by last ``archiveinfo`` locality (``unknown``: never asked); empty when
+    the storage never told (metrics: ``prestaged_locality_files``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -488,8 +503,7 @@ class Store:
             "COUNT(*) FROM members m JOIN files f ON f.id = m.file_id WHERE m.definition_id = ? "
             "GROUP BY 1, 2, 3", (since, def_id),
         ).fetchall()
-        tape = dict(self.conn.execute(_TAPE_COUNTS, (def_id,)).fetchall())
-        tape.pop("unknown", None)
+        tape, localities = _tape_counts(self.conn.execute(_TAPE_COUNTS, (def_id,)))
         files = fresh = stale = never = 0
         failed: Counter[str] = Counter()
         for status, is_fresh, ever_warm, n in rows:
@@ -504,7 +518,7 @@ class Store:
                 stale += n
         last = self.runs(limit=1, definition_id=def_id)
         return DatasetStatus(catalog, name, files, fresh, stale, dict(failed), never,
-                             last[0] if last else None, tape)
+                             last[0] if last else None, tape, localities)
 
     @_one_line_errors
     def runs(self, limit: int = 20, definition_id: Optional[int] = None) -> list[RunRecord]:

@@ -55,6 +55,7 @@ __all__ = [
     "StageStatus",
     "TapeClient",
     "TapeRestError",
+    "TapeUnreachable",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,16 @@ STAGE_RESULTS = ("accepted", "too_large", "throttled", "refused")
 """What ``TapeClient(on_stage=...)`` is called with, once per stage POST (see the module)."""
 
 
+_NO_DISCOVERY = (401, 403, 404, 405)
+"""Answers to the discovery GET that mean "no Tape REST API published here"."""
+
+
 class TapeRestError(StorageError):
     """The Tape REST API refused a request or answered something we cannot read (exit 5)."""
+
+
+class TapeUnreachable(TapeRestError):
+    """No answer at all: the connection failed, was refused or dropped (discovery)."""
 
 
 class Locality(str, enum.Enum):
@@ -170,11 +179,16 @@ class TapeClient:
 
     async def discover(self, door: str) -> Optional[str]:
         """The v1 endpoint URI advertised by ``door`` (``https://host:port``), or None when the
-        door publishes no Tape REST API (404). ``TapeRestError`` for a document we cannot read
-        (the caller decides: ``stage = auto`` warns and reads by GET, ``always`` fails)."""
+        door publishes no Tape REST API: 404, or a refusal of the path (dCache serves the
+        document to anyone; XRootD answers 403 "Opening path ... is disallowed", a plain web
+        server may answer 401 or 405). ``TapeRestError`` for a document we cannot read (the
+        caller decides: ``stage = auto`` warns and reads by GET, ``always`` fails);
+        ``TapeUnreachable`` when the door cannot be reached or refuses our connection (not
+        retried: the touches of its files will tell why, breakers included)."""
         url = door.rstrip("/") + DISCOVERY_PATH
-        status, doc = await self._call("GET", url, None, allow=(404,))
-        if status == 404:
+        status, doc = await self._call("GET", url, None, allow=_NO_DISCOVERY, reconnect=False)
+        if status in _NO_DISCOVERY:
+            log.debug("%s: %d, so no Tape REST API there", url, status)
             return None
         endpoints = doc.get("endpoints") if isinstance(doc, dict) else None
         if not isinstance(endpoints, list):
@@ -265,10 +279,12 @@ class TapeClient:
 
     async def _call(self, method: str, url: str, body: Optional[Mapping[str, Any]],
                     allow: tuple[int, ...] = (),
-                    observe: Optional[Observe] = None) -> tuple[int, Any]:
+                    observe: Optional[Observe] = None,
+                    reconnect: bool = True) -> tuple[int, Any]:
         """(status, JSON document) of ``method url``, back-pressure (429, 503) and dropped
         connections waited out by the policy; ``allow``ed statuses are returned with None.
-        ``observe`` hears every try's status (None: no answer)."""
+        ``observe`` hears every try's status (None: no answer). Without ``reconnect`` a
+        connection that fails is ``TapeUnreachable`` at once."""
         import aiohttp
 
         tries = 0
@@ -300,6 +316,8 @@ class TapeClient:
                 if observe is not None:
                     observe(None)
                 why = error_text(str(e) or type(e).__name__)
+                if not reconnect:
+                    raise TapeUnreachable(f"{url}: {why}") from None
             elapsed = loop.time() - start
             delay = self.policy.delay(tries, retry_after=retry_after, elapsed=elapsed)
             if delay is None:
