@@ -2,11 +2,13 @@
 
 ``DCacheServer(ssl, pool_ssl, DCacheConfig(...))`` listens on 127.0.0.1 with three ports; tests
 set files up with ``server.core.add_file(path, size, Locality.TAPE, tape="T1")`` and assert on
-``server.core.stats`` and ``server.core.files``. Not for production: everything is in memory.
+``server.core.stats`` and ``server.core.files``; ``ThreadedDCache`` runs one in a thread for
+synchronous callers. Not for production: everything is in memory.
 """
 
 from prestaged.testing.dcache.model import DCacheConfig, DCacheStats, Locality, Replica
 from prestaged.testing.dcache.server import DOOR_TIMEOUT_MESSAGE, DCacheServer
+from prestaged.testing.dcache.threaded import ThreadedDCache
 
 __all__ = ["DOOR_TIMEOUT_MESSAGE", "DCacheConfig", "DCacheServer", "DCacheStats", "Locality",
-           "Replica"]
+           "Replica", "ThreadedDCache"]

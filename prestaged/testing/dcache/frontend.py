@@ -139,6 +139,9 @@ class TapeFrontend:
         files = await _body(request, "files")
         self._count("stage", len(files))
         user = _user(request)
+        stagers = self._core.config.stagers
+        if stagers is not None and not any(f"'{cn}')" in user for cn in stagers):
+            raise _Problem(403, "Permission denied: staging is not allowed for this user")
         unfinished = sum(1 for r in self.requests.values() if r.user == user and not r.finished)
         if unfinished >= self._core.config.max_requests:
             raise _Problem(429, f"User has {unfinished} unfinished requests; "

@@ -51,6 +51,12 @@ class DCacheConfig:
     max_targets: int = MAX_TARGETS
     max_requests: int = MAX_REQUESTS
     sitename: str = "prestaged-test"
+    door_root: str = ""
+    """dCache's ``webdav.root``: the door serves namespace path ``door_root + URL path`` (a door
+    with root ``/pnfs/fnal.gov/usr`` has ``/dune/f`` for ``/pnfs/fnal.gov/usr/dune/f``)."""
+    stagers: Optional[tuple[str, ...]] = None
+    """Common names of the users allowed to stage (None: everyone); others get dCache's 403
+    on ``/stage``, as without the staging right (a WLCG token without ``storage.stage``)."""
 
     def __post_init__(self) -> None:
         if self.drives < 1:
@@ -62,6 +68,9 @@ class DCacheConfig:
             raise ValueError(f"disk_capacity must be >= 0 or None, got {self.disk_capacity}")
         if not 1 <= self.max_targets <= MAX_TARGETS:
             raise ValueError(f"max_targets must be 1-{MAX_TARGETS} (dCache's limit)")
+        if self.door_root and (not self.door_root.startswith("/")
+                               or self.door_root.endswith("/")):
+            raise ValueError(f"door_root must start and not end with /, got {self.door_root!r}")
         if not 1 <= self.max_requests <= MAX_REQUESTS:
             raise ValueError(f"max_requests must be 1-{MAX_REQUESTS} (dCache's limit)")
 

@@ -114,6 +114,8 @@ class DCacheServer:
         self._pool = _Pool(self.core, self.door_url)
         self._runners: list[web.BaseRunner] = []
         self._ports: dict[str, int] = {}
+        self.discovery_body: Optional[str] = None
+        """A test fault: the door answers the discovery GET with this text (200, JSON type)."""
 
     async def start(self) -> None:
         """Listen on the pool, frontend and door (in that order) and start the tape drives."""
@@ -154,8 +156,12 @@ class DCacheServer:
         return f"https://{HOST}:{self._ports[site]}"
 
     def door_url(self, path: str) -> str:
-        """``https://127.0.0.1:<door port><path>``."""
-        return self._base("door") + path
+        """The door's URL of namespace ``path``: ``https://127.0.0.1:<door port><path>``, less
+        the ``door_root``."""
+        root = self.core.config.door_root
+        if root and not path.startswith(root + "/"):
+            raise ValueError(f"{path} is not under the door root {root}")
+        return self._base("door") + path[len(root):]
 
     @property
     def tape_api_url(self) -> str:
@@ -172,11 +178,13 @@ class DCacheServer:
     async def _door(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path == "/.well-known/wlcg-tape-rest-api":
             self.core.stats.requests["door:discovery"] += 1
+            if self.discovery_body is not None:
+                return web.Response(text=self.discovery_body, content_type="application/json")
             return web.json_response({
                 "sitename": self.core.config.sitename, "description": "prestaged dCache emulator",
                 "endpoints": [{"uri": self.tape_api_url, "version": "v1", "metadata": {}}]})
         self.core.stats.requests[f"door:{request.method.lower()}"] += 1
-        replica = self.core.files.get(request.path)
+        replica = self.core.files.get(self.core.config.door_root + request.path)
         if request.method not in ("GET", "HEAD"):
             return web.Response(status=405)
         if replica is None:

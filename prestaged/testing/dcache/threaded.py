@@ -1,0 +1,65 @@
+"""The dCache emulator on its own event loop in a daemon thread, for synchronous code (the
+in-process CLI of the tests): ``with ThreadedDCache(ssl, pool_ssl, DCacheConfig(...)) as site``.
+
+Mutators and reads run on the emulator's loop and return once done, so the next request sees
+them; ``stats()`` and ``replica()`` return copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from typing import Any, Optional
+
+from prestaged.testing.dcache.model import DCacheConfig, Locality, Replica
+from prestaged.testing.dcache.server import DCacheServer
+from prestaged.testing.threaded import ThreadedServer
+
+__all__ = ["ThreadedDCache"]
+
+
+class ThreadedDCache(ThreadedServer[DCacheServer]):
+    """A ``DCacheServer`` in a thread; see the module."""
+
+    def __init__(self, ssl_context: ssl.SSLContext, pool_ssl_context: ssl.SSLContext,
+                 config: Optional[DCacheConfig] = None) -> None:
+        super().__init__(lambda: DCacheServer(ssl_context, pool_ssl_context, config),
+                         "dcache emulator")
+
+    def add_file(self, path: str, size: int, locality: Locality, *, tape: str = "T0001") -> None:
+        """``core.add_file`` on the emulator's loop."""
+        self._call(lambda: self.server.core.add_file(path, size, locality, tape=tape))
+
+    def door_url(self, path: str) -> str:
+        """The door's URL of namespace ``path``."""
+        return self.server.door_url(path)
+
+    @property
+    def tape_api_url(self) -> str:
+        """The Tape REST endpoint the door advertises."""
+        return self.server.tape_api_url
+
+    def replica(self, path: str) -> Replica:
+        """A copy of ``path``'s replica as it is now."""
+        return self._call(lambda: dataclasses.replace(
+            self.server.core.files[path], pins=dict(self.server.core.files[path].pins)))
+
+    def evict(self, path: str) -> None:
+        """Drop ``path``'s disk copy and pins (the LRU sweeper took it): tape-only again."""
+        def evict() -> None:
+            replica = self.server.core.files[path]
+            replica.on_disk, replica.pins = False, {}
+        self._call(evict)
+
+    def stats(self) -> dict[str, Any]:
+        """The emulator's statistics now, with ``frontend_calls``."""
+        def snapshot() -> dict[str, Any]:
+            stats = self.server.core.stats
+            return {**stats.to_dict(), "frontend_calls": list(stats.frontend_calls)}
+        return self._call(snapshot)
+
+    def set_discovery_body(self, text: Optional[str]) -> None:
+        """Answer the discovery GET with ``text`` (None: the real document again)."""
+        def set_body() -> None:
+            self.server.discovery_body = text
+        self._call(set_body)

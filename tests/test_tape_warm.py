@@ -1,0 +1,282 @@
+"""``prestaged warm`` on tape-backed storage (issue 13), against the dCache emulator in a thread:
+locality in bulk, tape-only files staged and touched on landing, unreadable ones reported and
+never read, the three ``--stage`` modes, path maps, the state's tape columns, a re-run after
+eviction, and a gate that submits only once every file is on disk and touched."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from prestaged.testing.dcache import DCacheConfig, Locality, ThreadedDCache
+from prestaged.testing.pki import TestPKI
+from prestaged.testing.storage import ThreadedStorageServer
+from tests.cli_runner import CliResult, run_cli
+
+# Polls scaled down: the emulator's tape is fast, so a poll every 20-100 ms keeps tests short.
+# ``extra`` text is appended to the [storage] table, last here.
+QUICK = """
+[retry]
+initial = "10ms"
+max = "50ms"
+[storage]
+poll_min = "20ms"
+poll_max = "100ms"
+stage_batch = 5
+"""
+
+
+def _config(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "prestaged.toml"
+    path.write_text(QUICK + extra)
+    return path
+
+
+def _warm(pki: TestPKI, proxy: Path, tmp_path: Path, definition: Path, *args: str,
+          extra: str = "", command: str = "warm") -> CliResult:
+    """``prestaged warm DEFINITION --json`` in-process with the test proxy, state in tmp_path."""
+    res = run_cli(command, str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
+                  "--state", str(tmp_path / "state.db"), "--config",
+                  str(_config(tmp_path, extra)), *args)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+def _definition(tmp_path: Path, urls: list[str], name: str = "ds.txt") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(u + "\n" for u in urls))
+    return path
+
+
+@pytest.fixture
+def site(pki: TestPKI) -> Iterator[ThreadedDCache]:
+    """A dCache emulator with 2 drives (fast tape) in a thread."""
+    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+                        DCacheConfig(drives=2, door_timeout=5.0)) as srv:
+        yield srv
+
+
+def _mixed(site: ThreadedDCache) -> dict[str, list[str]]:
+    """4 disk, 3 disk+tape, 12 tape-only on 3 tapes, 1 unavailable; and 1 unknown path."""
+    paths: dict[str, list[str]] = {
+        "disk": [f"/pnfs/t/disk{i}" for i in range(4)],
+        "cached": [f"/pnfs/t/cached{i}" for i in range(3)],
+        "tape": [f"/pnfs/t/tape{i:02d}" for i in range(12)],
+        "lost": ["/pnfs/t/lost"],
+        "unknown": ["/pnfs/t/nowhere"],
+    }
+    for p in paths["disk"]:
+        site.add_file(p, 100, Locality.DISK)
+    for p in paths["cached"]:
+        site.add_file(p, 100, Locality.DISK_AND_TAPE)
+    for i, p in enumerate(paths["tape"]):
+        site.add_file(p, 100, Locality.TAPE, tape=f"T{i % 3}")
+    site.add_file(paths["lost"][0], 100, Locality.LOST)
+    return paths
+
+
+def test_a_cold_mixed_dataset_warms_in_one_run(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """Disk files touched, tape-only files staged in batches then touched (atime fresh, pinned),
+    the unavailable one failed with its reason and the unknown one missing, both never read;
+    no door GET of a tape-only file; counts.staged; the state keeps locality, request and pin."""
+    paths = _mixed(site)
+    urls = [site.door_url(p) for group in paths.values() for p in group]
+    started = time.time()
+    res = _warm(pki, proxy, tmp_path, _definition(tmp_path, urls), "--json")
+    doc = json.loads(res.stdout)
+    assert res.returncode == 1, res.stderr  # one failed, one missing
+    assert doc["counts"]["warm"] == 19 and doc["counts"]["staged"] == 12
+    assert doc["counts"]["failed"] == 1 and doc["counts"]["missing"] == 1
+    assert doc["tape"]["locality"] == {"DISK": 4, "DISK_AND_TAPE": 3, "TAPE": 12,
+                                       "UNAVAILABLE": 1}
+    assert doc["tape"]["endpoints"] == {site.door_url("/").rstrip("/"): site.tape_api_url}
+    reasons = {f["url"]: f["error"] for f in doc["failures"]}
+    assert "locality UNAVAILABLE" in reasons[site.door_url(paths["lost"][0])]
+    assert "archiveinfo" in reasons[site.door_url(paths["unknown"][0])]
+    stats = site.stats()
+    assert stats["door_tape_gets"] == 0 and stats["door_blocked_seconds"] == 0
+    # One archiveinfo for the whole (admitted) chunk; 12 tape files in requests of 5, 5 and 2.
+    assert stats["requests"]["frontend:archiveinfo"] == 1 and stats["max_paths"] == 21
+    assert stats["requests"]["frontend:stage"] == 3
+    for p in paths["tape"]:
+        replica = site.replica(p)
+        assert replica.on_disk and replica.pins and replica.atime >= started
+    # The door was never asked for the unavailable or unknown files.
+    assert stats["requests"].get("door:get", 0) == 19
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        rows = {url: (loc, req, staged, pin) for url, loc, req, staged, pin in db.execute(
+            "SELECT url, locality, stage_request, staged_at, pinned_until FROM files")}
+    tape_row = rows[site.door_url(paths["tape"][0])]
+    assert tape_row[0] == "DISK_AND_TAPE" and tape_row[1] and tape_row[2] >= started
+    assert tape_row[3] > time.time() + 23 * 3600  # pinned for the default 24 h
+    assert rows[site.door_url(paths["disk"][0])][:2] == ("DISK", None)
+    assert rows[site.door_url(paths["lost"][0])][0] == "UNAVAILABLE"
+    status = run_cli("status", "--state", str(tmp_path / "state.db"))
+    assert "tape: on disk 19, unavailable 1" in status.stdout, status.stdout
+
+
+def test_stage_never_reads_tape_files_through_the_door_as_before(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """--stage never: no Tape REST request at all; tape-only files are GET (the door recalls
+    and blocks), which is today's behaviour, and they end warm."""
+    tape = [f"/pnfs/n/tape{i}" for i in range(4)]
+    for i, p in enumerate(tape):
+        site.add_file(p, 10, Locality.TAPE, tape=f"T{i % 2}")
+    site.add_file("/pnfs/n/disk", 10, Locality.DISK)
+    urls = [site.door_url(p) for p in [*tape, "/pnfs/n/disk"]]
+    res = _warm(pki, proxy, tmp_path, _definition(tmp_path, urls), "--json", "--stage", "never")
+    doc = json.loads(res.stdout)
+    assert res.returncode == 0, res.stderr
+    assert doc["counts"]["warm"] == 5 and doc["counts"]["staged"] == 0 and doc["tape"] is None
+    stats = site.stats()
+    assert stats["door_tape_gets"] == 4 and stats["frontend_calls"] == []
+    assert "door:discovery" not in stats["requests"]
+
+
+def test_stage_always_fails_where_the_api_is_missing(
+    storage: ThreadedStorageServer, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """--stage always on a door without the API: exit 5 naming the endpoint, nothing read;
+    auto touches the same files."""
+    definition = _definition(tmp_path, [storage.url(f"/plain/f{i}") for i in range(3)])
+    res = _warm(pki, proxy, tmp_path, definition, "--stage", "always", "-q")
+    assert res.returncode == 5, res.stderr
+    assert f"https://127.0.0.1:{storage.door_port} publishes no WLCG Tape REST API" in res.stderr
+    assert storage.stats.requests_total == 0 and storage.stats.discovery_requests == 1
+    res = _warm(pki, proxy, tmp_path, definition, "--stage", "auto", "-q")
+    assert res.returncode == 0 and storage.stats.requests_total == 3
+
+
+def test_malformed_discovery_warns_and_touches_in_auto_and_fails_in_always(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """A discovery document without endpoints: auto warns once and reads the files by GET;
+    always is exit 5 with the reason."""
+    site.add_file("/pnfs/m/f", 10, Locality.DISK)
+    site.set_discovery_body('{"sitename": "broken"}')
+    definition = _definition(tmp_path, [site.door_url("/pnfs/m/f")])
+    res = _warm(pki, proxy, tmp_path, definition, "-q", "--force")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("no endpoints list in the discovery document") == 1
+    res = _warm(pki, proxy, tmp_path, definition, "-q", "--force", "--stage", "always")
+    assert res.returncode == 5
+    assert "no endpoints list in the discovery document (storage.stage = always)" in res.stderr
+
+
+def test_a_refused_stage_is_exit_3_naming_the_right(
+    pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """A user without the staging right: the frontend's 403 ends the run with exit 3 naming
+    storage.stage; the tape file was never GET."""
+    config = DCacheConfig(stagers=("Somebody Else",))
+    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+                        config) as srv:
+        srv.add_file("/pnfs/r/tape", 10, Locality.TAPE)
+        res = _warm(pki, proxy, tmp_path, _definition(tmp_path, [srv.door_url("/pnfs/r/tape")]),
+                    "-q")
+        assert res.returncode == 3, res.stderr
+        assert "storage.stage" in res.stderr and "Permission denied" in res.stderr
+        assert srv.stats()["door_tape_gets"] == 0
+
+
+def test_path_map_names_files_by_their_namespace_path(
+    pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """A door with webdav.root /pnfs/fnal.gov/usr serves /dune/f for /pnfs/fnal.gov/usr/dune/f:
+    a [[storage.path_map]] rule makes the Tape REST requests name the namespace path."""
+    config = DCacheConfig(door_root="/pnfs/fnal.gov/usr")
+    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+                        config) as srv:
+        for i in range(3):
+            srv.add_file(f"/pnfs/fnal.gov/usr/dune/f{i}", 10, Locality.TAPE)
+        urls = [srv.door_url(f"/pnfs/fnal.gov/usr/dune/f{i}") for i in range(3)]
+        assert urls[0].endswith(":" + urls[0].split(":")[2].split("/")[0] + "/dune/f0")
+        rule = (f'\n[[storage.path_map]]\nurl_prefix = "{urls[0].rsplit("/", 2)[0]}/"\n'
+                'path_prefix = "/pnfs/fnal.gov/usr/"\n')
+        res = _warm(pki, proxy, tmp_path, _definition(tmp_path, urls), "--json", extra=rule)
+        doc = json.loads(res.stdout)
+        assert res.returncode == 0, res.stderr
+        assert doc["counts"]["staged"] == 3 and srv.stats()["door_tape_gets"] == 0
+        # Without the rule the frontend does not know /dune/f0: missing, and still never GET.
+        res = _warm(pki, proxy, tmp_path, _definition(tmp_path, urls, "again.txt"), "--json",
+                    "--force")
+        doc = json.loads(res.stdout)
+        assert doc["counts"]["missing"] == 3 and srv.stats()["door_tape_gets"] == 0
+
+
+def test_evicted_files_are_staged_again_not_read(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """Keep-warm after eviction: a later run (files no longer fresh) asks locality again,
+    touches the files still on disk and stages the evicted ones anew; never a door GET."""
+    paths = [f"/pnfs/k/f{i}" for i in range(6)]
+    for p in paths:
+        site.add_file(p, 10, Locality.TAPE)
+    definition = _definition(tmp_path, [site.door_url(p) for p in paths])
+    res = _warm(pki, proxy, tmp_path, definition, "--json")
+    assert json.loads(res.stdout)["counts"]["staged"] == 6
+    requests_before = site.stats()["requests"]["frontend:stage"]
+    for p in paths[:2]:
+        site.evict(p)
+    res = _warm(pki, proxy, tmp_path, definition, "--json", "--force")
+    doc = json.loads(res.stdout)
+    assert res.returncode == 0, res.stderr
+    assert doc["tape"]["locality"] == {"TAPE": 2, "DISK_AND_TAPE": 4}
+    assert doc["counts"]["warm"] == 6 and doc["counts"]["staged"] == 2
+    stats = site.stats()
+    assert stats["requests"]["frontend:stage"] == requests_before + 1
+    assert stats["door_tape_gets"] == 0
+    assert all(site.replica(p).on_disk for p in paths)
+
+
+def test_a_stage_that_does_not_finish_in_time_fails_and_is_cancelled(
+    pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """storage.stage_timeout: a recall slower than it is cancelled on the frontend and the file
+    fails with "stage timed out"; it is never GET."""
+    config = DCacheConfig(drives=1, mount_seconds=30.0)
+    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+                        config) as srv:
+        srv.add_file("/pnfs/s/slow", 10, Locality.TAPE)
+        srv.add_file("/pnfs/s/disk", 10, Locality.DISK)
+        urls = [srv.door_url("/pnfs/s/slow"), srv.door_url("/pnfs/s/disk")]
+        res = _warm(pki, proxy, tmp_path, _definition(tmp_path, urls), "--json",
+                    extra='stage_timeout = "300ms"\n')
+        doc = json.loads(res.stdout)
+        assert res.returncode == 1, res.stderr
+        assert doc["counts"]["warm"] == 1 and doc["counts"]["failed"] == 1
+        assert doc["failures"][0]["error"].startswith("stage timed out")
+        stats = srv.stats()
+        assert stats["requests"]["frontend:cancel"] == 1 and stats["door_tape_gets"] == 0
+
+
+def test_submit_on_a_cold_tape_slice_runs_only_once_all_is_on_disk_and_touched(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """``prestaged submit`` gated on a cold tape definition: the command starts after every
+    file was staged and touched (each replica's atime precedes the start), exactly once."""
+    paths = [f"/pnfs/g/f{i}" for i in range(8)]
+    for i, p in enumerate(paths):
+        site.add_file(p, 10, Locality.TAPE, tape=f"T{i % 2}")
+    definition = _definition(tmp_path, [site.door_url(p) for p in paths])
+    marker = tmp_path / "started"
+    script = f"import time, pathlib; pathlib.Path({str(marker)!r}).write_text(repr(time.time()))"
+    res = run_cli("submit", "--definition", str(definition), "--proxy", str(proxy), "--ca-dir",
+                  str(pki.ca_dir), "--state", str(tmp_path / "state.db"), "--config",
+                  str(_config(tmp_path)), "--retry-every", "50ms", "--",
+                  sys.executable, "-c", script)
+    assert res.returncode == 0, res.stderr
+    started = float(marker.read_text())
+    for p in paths:
+        replica = site.replica(p)
+        assert replica.on_disk and 0 < replica.atime <= started
+    assert site.stats()["door_tape_gets"] == 0
