@@ -63,7 +63,7 @@ def test_warm_json_counts_and_exit_1_for_missing(
     doc = json.loads(capsys.readouterr().out)
     assert code == 1 and doc["exit_code"] == 1
     assert doc["counts"] == {"warm": 48, "empty": 1, "skipped_fresh": 0, "missing": 1, "denied": 0,
-                             "failed": 0}
+                             "failed": 0, "staged": 0}
     assert doc["duplicates_skipped"] == 1 and doc["bytes_read"] == 48 * 4
     assert doc["failures"] == [{"url": storage.url(paths[3]), "result": "missing", "status": 404,
                                 "attempts": 1, "error": "HTTP 404 Not Found"}]

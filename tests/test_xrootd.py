@@ -101,7 +101,7 @@ def _only_error_line(res: CliResult, server: XRootDServer) -> str:
 
 def _counts(**nonzero: int) -> dict[str, int]:
     return {"warm": 0, "empty": 0, "skipped_fresh": 0, "missing": 0, "denied": 0, "failed": 0,
-            **nonzero}
+            "staged": 0, **nonzero}
 
 
 def _assert_all_read_once(server: XRootDServer, mark: int, names: list[str]) -> None:
