@@ -280,3 +280,49 @@ def test_submit_on_a_cold_tape_slice_runs_only_once_all_is_on_disk_and_touched(
         replica = site.replica(p)
         assert replica.on_disk and 0 < replica.atime <= started
     assert site.stats()["door_tape_gets"] == 0
+
+
+async def test_a_watch_stages_tape_files_and_reports_tape_metrics(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """A daemon watching a tape-only definition stages it (no door GET of a tape file), and its
+    metrics show the stage requests, per-file stage durations, no file left staging, and the
+    definition's files by locality (on disk now)."""
+    from daemon_harness import free_port, in_process, metric_value, until
+
+    paths = [f"/pnfs/w/f{i}" for i in range(6)]
+    for i, p in enumerate(paths):
+        site.add_file(p, 10, Locality.TAPE, tape=f"T{i % 2}")
+    definition = _definition(tmp_path, [site.door_url(p) for p in paths])
+    config = tmp_path / "daemon.toml"
+    config.write_text(f"""
+[credentials]
+proxy = "{proxy}"
+ca_dir = "{pki.ca_dir}"
+[state]
+path = "{tmp_path / 'state.db'}"
+flush_interval = "100ms"
+[daemon]
+listen = "127.0.0.1:{free_port()}"
+drain_timeout = "1s"
+jitter = 0
+[storage]
+poll_min = "20ms"
+poll_max = "100ms"
+[[watch]]
+definition = "{definition}"
+every = "1h"
+""")
+    async with in_process(config) as d:
+        async def done() -> bool:
+            return (await d.http("GET", "/api/v1/runs/1"))[1].get("state") == "done"
+        await until("the watch's run", done)
+        run = (await d.http("GET", "/api/v1/runs/1"))[1]
+        assert run["exit_code"] == 0, run
+        text = await d.metrics()
+        assert metric_value(text, "prestaged_stage_requests_total", result="accepted") >= 1
+        assert metric_value(text, "prestaged_stage_duration_seconds_count") == 6
+        assert metric_value(text, "prestaged_files_staging") == 0
+        assert metric_value(text, "prestaged_locality_files", definition="ds",
+                            locality="DISK_AND_TAPE") == 6
+    assert site.stats()["door_tape_gets"] == 0
