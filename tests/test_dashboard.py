@@ -4,8 +4,9 @@ Every PromQL expression of the dashboard (and every ``label_values`` variable qu
 through Prometheus's HTTP API and must return data, so renaming a metric or a label breaks the
 build. The scraped target comes from the ``metrics_target`` fixture, the one place to change when
 the target becomes the real ``prestaged serve`` daemon. The Tape row is fed by real tape traffic
-in the harness (a ``TapeClient`` and ``Stager`` against the dCache emulator); the daemon does
-not stage yet, so it is excused from the panels named in ``DAEMON_PENDING``.
+in the harness (a ``TapeClient`` and ``Stager`` against the dCache emulator) and in the daemon
+(a watch of tape files on the emulator); the daemon is excused from the panels named in
+``DAEMON_PENDING``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ TOKEN = "dashboard-api-token"  # the daemon target's bearer token (campaign chan
 # The real daemon stages nothing yet: the lead wires TapeClient and Stager into the engine
 # (issue 13) and the AIMD limiter reports the concurrency. Until then only the harness feeds
 # these panels; the test fails as soon as the daemon does, to have them removed from here.
-DAEMON_PENDING = frozenset({"Stage duration", "Locality by definition", "Endpoint concurrency"})
+DAEMON_PENDING = frozenset({"Endpoint concurrency"})
 TAPE_FILES = 12  # tape-only files the harness recalls each round
 
 
@@ -310,7 +311,7 @@ async def _harness(pki: TestPKI, proxy: Path, tmp_path: Path) -> AsyncIterator[s
 
 
 def _daemon_config(tmp_path: Path, pki: TestPKI, proxy: Path, listen: str,
-                   definition: Path) -> Path:
+                   definition: Path, tape_definition: Path) -> Path:
     config = tmp_path / "prestaged.toml"
     state = tmp_path / "state.db"
     token = tmp_path / "api-token"
@@ -321,23 +322,34 @@ def _daemon_config(tmp_path: Path, pki: TestPKI, proxy: Path, listen: str,
         f'[state]\npath = "{state}"\nflush_interval = "100ms"\n'
         f'[daemon]\nlisten = "{listen}"\ndrain_timeout = "1s"\njitter = 0\n'
         f'token_file = "{token}"\n'
+        '[storage]\npoll_min = "50ms"\npoll_max = "200ms"\n'
         f'[[watch]]\ndefinition = "{definition}"\ncatalog = "local"\nevery = "2s"\n'
+        f'[[watch]]\ndefinition = "{tape_definition}"\ncatalog = "local"\nevery = "2s"\n'
     )
     return config
 
 
 @contextlib.asynccontextmanager
 async def _daemon(pki: TestPKI, proxy: Path, tmp_path: Path) -> AsyncIterator[str]:
-    """The real ``prestaged serve`` (subprocess) keeping a URL list on the test storage warm
-    every 2 s; yields its listen address once ``/healthz`` answers."""
-    async with StorageServer(pki.server_ssl_context()) as storage:
+    """The real ``prestaged serve`` (subprocess) keeping a URL list on the test storage and one
+    of tape files on the dCache emulator warm every 2 s; yields its listen address once
+    ``/healthz`` answers."""
+    async with StorageServer(pki.server_ssl_context()) as storage, DCacheServer(
+            pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+            DCacheConfig(drives=2)) as tape_site:
+        for i in range(6):
+            tape_site.core.add_file(f"/pnfs/tape/f{i}.root", 10, Where.TAPE, tape=f"T{i % 2}")
+        tape_definition = tmp_path / "definitions" / "tape_raw.txt"
         storage.inject("/pnfs/campaign/f000.root", [Status(503)])
         definition = tmp_path / "definitions" / "campaign_raw.txt"
         definition.parent.mkdir()
         definition.write_text("".join(storage.url(f"/pnfs/campaign/f{i:03d}.root") + "\n"
                                       for i in range(20)))
+        tape_definition.write_text("".join(tape_site.door_url(f"/pnfs/tape/f{i}.root") + "\n"
+                                           for i in range(6)))
+        sweeper = asyncio.ensure_future(_sweep(tape_site))
         listen = f"127.0.0.1:{_free_port()}"
-        config = _daemon_config(tmp_path, pki, proxy, listen, definition)
+        config = _daemon_config(tmp_path, pki, proxy, listen, definition, tape_definition)
         log = tmp_path / "daemon.log"
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         with log.open("wb") as out:
@@ -359,7 +371,18 @@ async def _daemon(pki: TestPKI, proxy: Path, tmp_path: Path) -> AsyncIterator[st
                 await _add_campaign(http, listen, tmp_path, definition)
             yield listen
         finally:
+            sweeper.cancel()
             await _stop(proc)
+
+
+async def _sweep(site: DCacheServer) -> None:
+    """The pool's LRU sweeper, hurried: every second the tape files lose their disk copies and
+    pins, so each watch run (every 2 s) stages them again and the stage panels keep moving."""
+    while True:
+        await asyncio.sleep(1.0)
+        for replica in site.core.files.values():
+            if replica.tape is not None:
+                replica.on_disk, replica.pins = False, {}
 
 
 # Exits 1 the first time it is asked about a submission, 0 the next: each submission of the
@@ -567,7 +590,8 @@ async def test_every_dashboard_expression_returns_data(prometheus: Prometheus,
         values = await prometheus.api(f"label/{label}/values", **{"match[]": selector})
         assert values, f"variable {var['name']}: no {label} values for {selector}"
         if var["name"] == "definition":
-            assert values == ["campaign_raw"]  # the URL list's name, never its path
+            # The URL lists' names, never their paths (the daemon also watches tape_raw).
+            assert set(values) <= {"campaign_raw", "tape_raw"} and "campaign_raw" in values
 
     series = await prometheus.api("series", **{"match[]": '{__name__=~"prestaged_.+"}'})
     assert series
