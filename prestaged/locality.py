@@ -232,12 +232,14 @@ class TapeRouter:
     chunk of one door, ``close`` after the last (it returns once every staged file has been
     handed to ``touch`` or ``finish``), and ``abort`` when the run stops early.
 
-    ``touch`` queues a file for the touch; ``finish`` ends a file without touching it;
+    ``touch`` queues a file for the touch; ``skip`` counts a fresh file found on disk (one
+    touched within ``fresh_for``: not touched again); ``finish`` ends a file without touching it;
     ``fail`` stops the run (a refusal by the frontend while staging); ``note`` records what
     was learned (the state store).
     """
 
     def __init__(self, access: TapeAccess, tally: TapeTally, *, touch: Touch,
+                 skip: Callable[[FileRef], None],
                  finish: Callable[[Outcome], None], fail: Callable[[PrestagedError], None],
                  note: Optional[Callable[[str, TapeInfo], None]] = None,
                  probe: Optional[TapeProbe] = None) -> None:
@@ -245,6 +247,7 @@ class TapeRouter:
         self.s = access.settings
         self.tally = tally
         self._touch = touch
+        self._skip = skip
         self._finish = finish
         self._fail = fail
         self._note = note
@@ -256,19 +259,24 @@ class TapeRouter:
         self._warned: set[str] = set()
         self._asked: set[str] = set()  # paths put in a stage request (counted once)
 
-    async def route(self, door: str, files: Sequence[tuple[FileRef, str]]) -> None:
-        """Send ``files`` (ref, https URL) of ``door`` where their locality says."""
+    async def route(self, door: str, files: Sequence[tuple[FileRef, str]],
+                    fresh: frozenset[str] = frozenset()) -> None:
+        """Send ``files`` (ref, https URL) of ``door`` where their locality says; those whose
+        ref URL is in ``fresh`` are skipped while on disk (staged again when not)."""
         uri = await self._endpoint(door)
         if uri is None:
             for ref, url in files:
-                await self._touch(ref, url, _NO_TAPE)
+                if ref.url in fresh:
+                    self._skip(ref)
+                else:
+                    await self._touch(ref, url, _NO_TAPE)
             return
         paths = [namespace_path(url, self.s.path_map) for _, url in files]
         found = await self._archiveinfo(uri, paths)
         staged: list[str] = []
         for (ref, url), path in zip(files, paths):
             answer = found.get(path)
-            staged += await self._one(uri, ref, url, path, answer)
+            staged += await self._one(uri, ref, url, path, answer, ref.url in fresh)
         if staged:
             self._stager(uri).add(staged)
 
@@ -302,7 +310,7 @@ class TapeRouter:
         return found
 
     async def _one(self, uri: str, ref: FileRef, url: str, path: str,
-                   answer: Optional[FileLocality]) -> list[str]:
+                   answer: Optional[FileLocality], fresh: bool) -> list[str]:
         """Route one file; the paths (zero or one) to stage."""
         if answer is None:
             self._finish(_ended(ref, Result.FAILED, f"{uri}/archiveinfo did not answer for "
@@ -317,7 +325,10 @@ class TapeRouter:
         if self._note is not None:
             self._note(ref.url, info)
         if where.on_disk:
-            await self._touch(ref, url, info)
+            if fresh:
+                self._skip(ref)
+            else:
+                await self._touch(ref, url, info)
             return []
         if where is not Locality.TAPE:
             self._finish(_ended(ref, Result.FAILED, _UNREADABLE[where], info))

@@ -373,7 +373,8 @@ class _Run:
         self.seen: set[bytes] = set()
         self.router: Optional[TapeRouter] = None
         if tape is not None:
-            self.router = TapeRouter(tape, tally.tape, touch=self._enqueue, finish=self.finish,
+            self.router = TapeRouter(tape, tally.tape, touch=self._enqueue, skip=self.skip,
+                                     finish=self.finish,
                                      fail=self._trip, note=recorder.note if recorder else None,
                                      probe=probe)
 
@@ -416,22 +417,29 @@ class _Run:
 
     async def _admit(self, chunk: list[FileRef]) -> None:
         todo = chunk if self.recorder is None else await self.recorder.admit(chunk)
-        skipped = len(chunk) - len(todo)
-        if skipped:
-            self.tally.done += skipped
-            self.tally.results[Result.SKIPPED_FRESH.value] += skipped
-            if self.probe is not None:
-                fresh = {r.url for r in todo}
-                for ref in chunk:
-                    if ref.url not in fresh:
-                        self.probe.file_done(_skipped(ref))
+        fresh: frozenset[str] = frozenset()
+        if len(todo) != len(chunk):
+            stale = {r.url for r in todo}
+            fresh = frozenset(r.url for r in chunk if r.url not in stale)
         if self.router is not None:
-            await self._route(todo)
+            # Fresh files too: fresh means touched lately AND still on disk, which only the
+            # storage can tell (an evicted file is staged again, not skipped).
+            await self._route(chunk, fresh)
             return
-        for ref in todo:
-            await self.queue.put((ref, None))
+        for ref in chunk:
+            if ref.url in fresh:
+                self.skip(ref)
+            else:
+                await self.queue.put((ref, None))
 
-    async def _route(self, refs: list[FileRef]) -> None:
+    def skip(self, ref: FileRef) -> None:
+        """Count ``ref`` as skipped: touched within ``fresh_for`` (and on disk, when told)."""
+        self.tally.done += 1
+        self.tally.results[Result.SKIPPED_FRESH.value] += 1
+        if self.probe is not None:
+            self.probe.file_done(_skipped(ref))
+
+    async def _route(self, refs: list[FileRef], fresh: frozenset[str]) -> None:
         """Hand ``refs`` to the tape path, per door; what it cannot concern (a URL we do not
         touch, plain http) takes the usual way."""
         assert self.router is not None
@@ -440,10 +448,12 @@ class _Run:
             url = touch_url(ref.url, self.s.allow_plain_http)
             if isinstance(url, str) and url.startswith("https://"):
                 doors.setdefault(endpoint_of(url), []).append((ref, url))
+            elif ref.url in fresh:
+                self.skip(ref)
             else:
                 await self.queue.put((ref, None))  # fails in warm_one, or plain http
         for door, files in doors.items():
-            await self.router.route(door, files)
+            await self.router.route(door, files, fresh)
 
     async def _enqueue(self, ref: FileRef, url: str, info: TapeInfo) -> None:
         """Queue a file the tape path found on disk (or brought there) for the touch."""

@@ -326,3 +326,26 @@ every = "1h"
         assert metric_value(text, "prestaged_locality_files", definition="ds",
                             locality="DISK_AND_TAPE") == 6
     assert site.stats()["door_tape_gets"] == 0
+
+
+def test_the_gate_counts_only_files_still_on_disk(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """A file touched within fresh_for but evicted since is cold for the gate: ``wait`` asks
+    locality for fresh files too, skips those on disk and stages the evicted one again (no
+    door GET), then passes."""
+    paths = [f"/pnfs/e/f{i}" for i in range(5)]
+    for p in paths:
+        site.add_file(p, 10, Locality.TAPE)
+    definition = _definition(tmp_path, [site.door_url(p) for p in paths])
+    assert _warm(pki, proxy, tmp_path, definition, "-q").returncode == 0
+    site.evict(paths[3])
+    stages = site.stats()["requests"]["frontend:stage"]
+    res = _warm(pki, proxy, tmp_path, definition, "--json", "--retry-every", "50ms",
+                command="wait")
+    doc = json.loads(res.stdout)
+    assert res.returncode == 0 and doc["passed"] and doc["fresh"] == 5, res.stdout
+    assert site.stats()["requests"]["frontend:stage"] == stages + 1
+    assert site.replica(paths[3]).on_disk and site.stats()["door_tape_gets"] == 0
+    # The skipped four were not read again: one pool GET each from the first run, two for f3.
+    assert site.stats()["requests"]["door:get"] == 6

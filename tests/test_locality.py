@@ -1,0 +1,146 @@
+"""The engine's tape path (prestaged.locality) in the test's event loop: locality asked while the
+catalog still streams, every locality's way (LOST and NONE, which the emulator never answers,
+from a scripted client), paths left out of an answer asked again, discovery kept for its TTL,
+and namespace paths from URLs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from prestaged.config import PathMap
+from prestaged.locality import TapeAccess, TapeDirectory, TapeSettings, namespace_path
+from prestaged.model import Attempt, FileRef, Result
+from prestaged.storage.staging import StagingSettings
+from prestaged.storage.tape import FileLocality, Locality
+from prestaged.testing.dcache import DCacheServer
+from prestaged.testing.dcache import Locality as Where
+from prestaged.testing.pki import TestPKI
+from prestaged.warm import WarmSettings, warm
+
+Factory = Callable[..., Awaitable[DCacheServer]]
+QUICK = TapeSettings(staging=StagingSettings(poll_min=0.01, poll_max=0.05))
+
+
+class _Touches:
+    """A toucher that answers 206 and remembers what it touched, setting ``first`` then."""
+
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+        self.first = asyncio.Event()
+
+    async def touch(self, url: str) -> Attempt:
+        self.urls.append(url)
+        self.first.set()
+        return Attempt(status=206, data=4)
+
+
+async def test_the_first_touches_do_not_wait_for_the_whole_catalog(
+    dcache: Factory, pki: TestPKI, proxy: Path
+) -> None:
+    """A catalog that yields 300 files, then waits until a file has been touched before it
+    yields the rest: the run ends (it would hang if locality waited for the whole stream), with
+    one archiveinfo per admitted chunk."""
+    srv = await dcache()
+    for i in range(600):
+        srv.core.add_file(f"/pnfs/p/f{i:03d}", 10, Where.DISK)
+    toucher = _Touches()
+
+    async def files() -> AsyncIterator[FileRef]:
+        for i in range(600):
+            if i == 300:
+                await toucher.first.wait()
+            yield FileRef(f"f{i}", srv.door_url(f"/pnfs/p/f{i:03d}"))
+
+    async with TapeAccess(pki.client_ssl_context(proxy), QUICK) as tape:
+        report = await asyncio.wait_for(
+            warm(files(), WarmSettings(concurrency=4), toucher, tape=tape), 30)
+    assert report.tally.results[Result.WARM.value] == 600 and len(toucher.urls) == 600
+    assert srv.core.stats.requests["frontend:archiveinfo"] == 3  # chunks of 256, 256, 88
+    assert srv.core.stats.requests["door:discovery"] == 1
+
+
+class _Scripted:
+    """A TapeClient answering archiveinfo from a table; paths in ``late`` only on a retry."""
+
+    def __init__(self, answers: dict[str, FileLocality], late: set[str]) -> None:
+        self.answers, self.late = answers, late
+        self.asked: list[list[str]] = []
+
+    async def discover(self, door: str) -> Optional[str]:
+        return "https://frontend/api/v1/tape"
+
+    async def archiveinfo(self, uri: str, paths: Sequence[str]) -> dict[str, FileLocality]:
+        self.asked.append(list(paths))
+        first = len(self.asked) == 1
+        return {p: self.answers[p] for p in paths
+                if p in self.answers and not (first and p in self.late)}
+
+
+async def test_every_locality_takes_its_way() -> None:
+    """DISK and DISK_AND_TAPE are touched; LOST, UNAVAILABLE and NONE fail with that reason,
+    untouched; a per-path error is missing; a path left out of the answer is asked once more."""
+    L = Locality
+    answers = {f"/{w.value}": FileLocality(f"/{w.value}", w) for w in
+               (L.DISK, L.DISK_AND_TAPE, L.LOST, L.UNAVAILABLE, L.NONE)}
+    answers["/gone"] = FileLocality("/gone", None, "No such file or directory")
+    client = _Scripted(answers, late={"/DISK_AND_TAPE"})
+    access = TapeAccess(None, TapeSettings())
+    access._client = client  # type: ignore[assignment]
+    toucher = _Touches()
+
+    async def files() -> AsyncIterator[FileRef]:
+        for path in answers:
+            yield FileRef(path, f"https://door:2880{path}")
+
+    report = await warm(files(), WarmSettings(concurrency=2), toucher, tape=access)
+    assert sorted(toucher.urls) == ["https://door:2880/DISK", "https://door:2880/DISK_AND_TAPE"]
+    errors = {o.name: (o.result, o.error) for o in report.tally.failures}
+    assert errors["/LOST"] == (Result.FAILED, "locality LOST: the storage has no readable copy")
+    assert errors["/NONE"][1].startswith("locality NONE")
+    assert errors["/UNAVAILABLE"][1].startswith("locality UNAVAILABLE")
+    assert errors["/gone"] == (Result.MISSING, "archiveinfo: No such file or directory")
+    assert client.asked[1] == ["/DISK_AND_TAPE"]  # the one left out, asked again alone
+
+
+async def test_discovery_is_kept_for_its_ttl() -> None:
+    """A door's discovery answer is reused until ``ttl`` has passed, then asked again; an
+    unreadable document is not kept."""
+    from prestaged.storage.tape import TapeRestError
+
+    now = [0.0]
+    calls: list[str] = []
+    outcome: list[Any] = ["https://f/api/v1/tape"]
+
+    class Client:
+        async def discover(self, door: str) -> Optional[str]:
+            calls.append(door)
+            if isinstance(outcome[0], Exception):
+                raise outcome[0]
+            return outcome[0]  # type: ignore[no-any-return]
+
+    directory = TapeDirectory(ttl=60, clock=lambda: now[0])
+    client: Any = Client()
+    assert await directory.lookup(client, "https://d:2880") == "https://f/api/v1/tape"
+    now[0] = 59
+    assert await directory.lookup(client, "https://d:2880") == "https://f/api/v1/tape"
+    assert len(calls) == 1
+    now[0] = 61
+    outcome[0] = TapeRestError("bad document")
+    assert isinstance(await directory.lookup(client, "https://d:2880"), TapeRestError)
+    outcome[0] = None
+    assert await directory.lookup(client, "https://d:2880") is None
+    assert len(calls) == 3
+
+
+def test_namespace_paths_from_urls() -> None:
+    """The URL's percent-decoded path by default; the first matching path_map rule otherwise."""
+    rules = (PathMap("https://d:2880/dune/", "/pnfs/fnal.gov/usr/dune/"),
+             PathMap("https://d:2880/", "/pnfs/other/"))
+    assert namespace_path("https://d:2880/pnfs/a%20b/f.root?x=1") == "/pnfs/a b/f.root"
+    assert namespace_path("https://d:2880/dune/raw/f%2B1", rules) == \
+        "/pnfs/fnal.gov/usr/dune/raw/f+1"
+    assert namespace_path("https://d:2880/icarus/f", rules) == "/pnfs/other/icarus/f"
+    assert namespace_path("https://e:2880/dune/f", rules) == "/dune/f"
