@@ -258,6 +258,7 @@ class TapeRouter:
         self._tasks: list[asyncio.Task[None]] = []
         self._warned: set[str] = set()
         self._asked: set[str] = set()  # paths put in a stage request (counted once)
+        self._ended = 0  # of those, how many landed or failed
 
     async def route(self, door: str, files: Sequence[tuple[FileRef, str]],
                     fresh: frozenset[str] = frozenset()) -> None:
@@ -373,6 +374,7 @@ class TapeRouter:
 
     async def _landed(self, uri: str, staged: Staged) -> None:
         files = self._pending.get(uri, {}).pop(staged.path, [])
+        self._ended += 1
         if self._probe is not None:
             self._probe.staging(-1)
         if not staged.on_disk:
@@ -403,6 +405,10 @@ class TapeRouter:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        left = len(self._asked) - self._ended
+        if self._probe is not None and left > 0:
+            self._probe.staging(-left)  # no longer followed by this run
+        self._ended = len(self._asked)
 
 
 _NO_TAPE = TapeInfo("")

@@ -144,3 +144,53 @@ def test_namespace_paths_from_urls() -> None:
         "/pnfs/fnal.gov/usr/dune/raw/f+1"
     assert namespace_path("https://d:2880/icarus/f", rules) == "/pnfs/other/icarus/f"
     assert namespace_path("https://e:2880/dune/f", rules) == "/dune/f"
+
+
+class _StagingProbe:
+    """Records ``staging`` deltas; sets ``requested`` at the first positive one."""
+
+    def __init__(self) -> None:
+        self.deltas: list[int] = []
+        self.requested = asyncio.Event()
+
+    def staging(self, delta: int) -> None:
+        self.deltas.append(delta)
+        if delta > 0:
+            self.requested.set()
+
+    def file_staged(self, seconds: float) -> None:
+        raise AssertionError("nothing lands in this test")
+
+    def request_started(self, host: str) -> None: ...
+
+    def request_finished(self, host: str, seconds: float) -> None: ...
+
+    def retried(self, reason: str) -> None: ...
+
+    def file_done(self, outcome: object) -> None: ...
+
+
+async def test_a_run_stopped_while_staging_leaves_no_file_counted_as_staging(
+    dcache: Factory, pki: TestPKI, proxy: Path
+) -> None:
+    """Stopping a run whose files wait for a 30 s mount: the files-staging gauge goes back to
+    where it was (the run no longer follows them), and the run is reported interrupted."""
+    srv = await dcache(mount_seconds=30.0)
+    for i in range(3):
+        srv.core.add_file(f"/pnfs/i/f{i}", 10, Where.TAPE)
+    probe, stop = _StagingProbe(), asyncio.Event()
+
+    async def files() -> AsyncIterator[FileRef]:
+        for i in range(3):
+            yield FileRef(f"f{i}", srv.door_url(f"/pnfs/i/f{i}"))
+
+    async def stop_once_requested() -> None:
+        await probe.requested.wait()
+        stop.set()
+
+    stopper = asyncio.ensure_future(stop_once_requested())
+    async with TapeAccess(pki.client_ssl_context(proxy), QUICK) as tape:
+        report = await asyncio.wait_for(warm(files(), WarmSettings(), _Touches(), stop=stop,
+                                             tape=tape, probe=probe), 30)  # type: ignore[arg-type]
+    await stopper
+    assert report.interrupted and probe.deltas[0] == 3 and sum(probe.deltas) == 0
