@@ -37,7 +37,7 @@ from prestaged.config import PathMap, StorageConfig
 from prestaged.errors import PrestagedError, StorageError
 from prestaged.model import FileRef, Outcome, Result, TapeInfo
 from prestaged.retry import RetryPolicy
-from prestaged.storage.staging import Staged, Stager, StagingSettings
+from prestaged.storage.staging import RequestSlots, Staged, Stager, StagingSettings
 from prestaged.storage.tape import (
     ARCHIVEINFO_BATCH,
     FileLocality,
@@ -177,6 +177,8 @@ class TapeAccess:
                  on_stage: Optional[Callable[[str], None]] = None) -> None:
         self.settings = settings
         self.directory = TapeDirectory(settings.discovery_ttl)
+        self.slots = RequestSlots(settings.staging.max_requests)
+        """Open stage requests per endpoint, shared by every run of this access."""
         self._ssl = ssl_context
         self._policy = policy
         self._on_stage = on_stage
@@ -343,7 +345,7 @@ class TapeRouter:
         if stager is None:
             stager = self._stagers[uri] = Stager(
                 self.access.client, uri, self.s.staging,
-                on_request=lambda r: self._requested(uri, r))
+                on_request=lambda r: self._requested(uri, r), slots=self.access.slots)
             self._tasks.append(asyncio.create_task(self._land(uri, stager)))
         return stager
 

@@ -130,3 +130,28 @@ async def test_backoff_doubles_without_progress_resets_with_it_and_a_lost_reques
     assert [s.path for s in got] == ["/a", "/b", "/c"] and all(s.on_disk for s in got)
     assert client.staged == [["/a", "/b", "/c"], ["/b", "/c"]]
     assert waits == [1, 2, 3, 1, 1]
+
+
+async def test_stagers_sharing_slots_keep_to_the_endpoint_limit(
+    dcache: Factory, http: aiohttp.ClientSession
+) -> None:
+    """Two stagers (two runs of the daemon) sharing one ``RequestSlots`` of 1 never have two
+    requests open on the endpoint: the emulator, refusing a second open request with 429,
+    answers every stage POST with 201; both stagers finish."""
+    import asyncio
+
+    from prestaged.storage.staging import RequestSlots
+
+    srv = await dcache(max_requests=1)
+    for i in range(20):
+        srv.core.add_file(f"/pnfs/s/f{i:02d}", 10, Where.TAPE, tape=f"T{i % 2}")
+    slots = RequestSlots(1)
+    settings = StagingSettings(batch=5, max_requests=1, poll_min=0.01, poll_max=0.05)
+    answers: list[str] = []
+    client = TapeClient(http, policy=NO_WAIT, on_stage=answers.append)
+    a = Stager(client, srv.tape_api_url, settings, slots=slots)
+    b = Stager(client, srv.tape_api_url, settings, slots=slots)
+    got = await asyncio.gather(_all(a, [f"/pnfs/s/f{i:02d}" for i in range(10)]),
+                               _all(b, [f"/pnfs/s/f{i:02d}" for i in range(10, 20)]))
+    assert all(s.on_disk for run in got for s in run) and sum(map(len, got)) == 20
+    assert answers == ["accepted"] * 4 and slots.used[srv.tape_api_url] == 0

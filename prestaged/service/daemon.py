@@ -299,6 +299,7 @@ class Daemon:
             self.ctx = Context(cfg)
             if self._tape is not None:
                 self._tape.settings = self.ctx.tape_settings()
+                self._tape.slots.limit = cfg.storage.stage_requests
             if self._live is not None:
                 self._live.watches.apply(cfg)
             log.info("reloaded %s: %d watched definitions", self.config_path or "defaults",

@@ -23,14 +23,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from prestaged.storage.tape import StageRequest, StageState, StageStatus, TapeClient
 
-__all__ = ["Staged", "Stager", "StagingSettings"]
+__all__ = ["RequestSlots", "Staged", "Stager", "StagingSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,41 @@ class _Open:
     seen: set[str] = field(default_factory=set)
 
 
+class RequestSlots:
+    """Open stage requests per endpoint, shared by every stager of a ``TapeAccess`` (the
+    daemon's concurrent runs): at most ``limit`` per endpoint URI. A stager waiting for a slot
+    is woken (its ``waiters`` event set) when another gives one back."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used: Counter[str] = Counter()
+        self.waiters: set[asyncio.Event] = set()
+
+    def free(self, uri: str) -> bool:
+        """A request may be made to ``uri`` now."""
+        return self.used[uri] < self.limit
+
+    def take(self, uri: str) -> None:
+        """One request of ``uri`` is open (or being made)."""
+        self.used[uri] += 1
+
+    def release(self, uri: str, n: int) -> None:
+        """``n`` requests of ``uri`` ended (or are no longer followed); wake the waiters."""
+        if n <= 0:
+            return
+        self.used[uri] = max(0, self.used[uri] - n)
+        for event in self.waiters:
+            event.set()
+
+
 class Stager:
     """Stages paths on the Tape REST endpoint ``uri`` through ``client``; see the module."""
 
     def __init__(self, client: TapeClient, uri: str, settings: Optional[StagingSettings] = None,
                  *, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 on_request: Optional[Callable[[StageRequest], None]] = None) -> None:
+                 on_request: Optional[Callable[[StageRequest], None]] = None,
+                 slots: Optional[RequestSlots] = None) -> None:
         self.client = client
         self.uri = uri
         self.s = settings or StagingSettings()
@@ -93,6 +121,8 @@ class Stager:
         self._added: set[str] = set()
         self._closed = False
         self._wake = asyncio.Event()
+        self._slots = slots if slots is not None else RequestSlots(self.s.max_requests)
+        self._slots.waiters.add(self._wake)
 
     def add(self, paths: Iterable[str]) -> None:
         """Stage ``paths`` too (a path already added is ignored)."""
@@ -115,14 +145,26 @@ class Stager:
             yield staged
 
     async def landed(self) -> AsyncIterator[Staged]:
-        """Yield each added path as it lands on disk or fails, until ``close()`` and all ended."""
+        """Yield each added path as it lands on disk or fails, until ``close()`` and all ended.
+        Leaving early (the caller stops) gives this stager's request slots back."""
+        try:
+            async for staged in self._landed():
+                yield staged
+        finally:
+            self._slots.release(self.uri, len(self._open))
+            self._open.clear()
+            self._slots.waiters.discard(self._wake)
+
+    async def _landed(self) -> AsyncIterator[Staged]:
         while True:
             self._wake.clear()
             await self._submit()
             if not self._open:
                 if self._closed and not self._todo:
                     return
-                await self._wake.wait()  # nothing to poll: wait for paths (or the close)
+                # Nothing to poll: wait for paths, the close, or a slot another stager of this
+                # endpoint gave back.
+                await self._wake.wait()
                 continue
             request = min(self._open.values(), key=lambda r: r.due)
             wait = request.due - self._clock()
@@ -133,7 +175,7 @@ class Stager:
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep ``seconds``; False when woken early by new paths that a free slot can take."""
-        if self._closed or len(self._open) >= self.s.max_requests:
+        if self._closed or not self._slots.free(self.uri):
             await self._sleep(seconds)
             return True
         sleeping = asyncio.ensure_future(self._sleep(seconds))
@@ -148,17 +190,27 @@ class Stager:
 
     async def _submit(self) -> None:
         """Fill the free request slots with batches of waiting paths."""
-        while self._todo and len(self._open) < self.s.max_requests:
+        while self._todo and self._slots.free(self.uri):
             chunk = [self._todo.popleft() for _ in range(min(self.s.batch, len(self._todo)))]
             now = self._clock()
             for path in chunk:
                 self._first.setdefault(path, now)
-            made = await self.client.stage(self.uri, chunk, self.s.lifetime)
+            self._slots.take(self.uri)  # before the await: no other stager takes it meanwhile
+            try:
+                made = await self.client.stage(self.uri, chunk, self.s.lifetime)
+            finally:
+                self._slots.release(self.uri, 1)
             for request in made:
+                self._slots.take(self.uri)
                 self._open[request.id] = _Open(request.id, set(request.paths), now,
                                                self.s.poll_min, now + self.s.poll_min)
                 if self._on_request is not None:
                     self._on_request(request)
+
+    def _forget(self, request: _Open) -> None:
+        """``request`` is no longer open: its slot is free."""
+        del self._open[request.id]
+        self._slots.release(self.uri, 1)
 
     async def _poll(self, request: _Open) -> list[Staged]:
         """Poll ``request``; what ended in it, and its next poll time."""
@@ -168,7 +220,7 @@ class Stager:
             return self._lost(request)
         ended = self._ended(request, status, now)
         if not request.paths:
-            del self._open[request.id]
+            self._forget(request)
             return ended
         if now - request.made >= self.s.timeout:
             return ended + await self._timed_out(request, now)
@@ -199,7 +251,7 @@ class Stager:
 
     def _lost(self, request: _Open) -> list[Staged]:
         """The server forgot ``request`` (404): stage its unfinished paths again, once."""
-        del self._open[request.id]
+        self._forget(request)
         out = []
         for path in sorted(request.paths):
             if path in self._restaged:
@@ -215,7 +267,7 @@ class Stager:
     async def _timed_out(self, request: _Open, now: float) -> list[Staged]:
         """Cancel what ``request`` did not bring to disk within ``timeout``; report it."""
         paths = sorted(request.paths)
-        del self._open[request.id]
+        self._forget(request)
         await self.client.cancel(self.uri, request.id, paths)
         return [Staged(p, False, f"stage timed out after {self.s.timeout:g}s", request.id,
                        now - self._first[p]) for p in paths]
