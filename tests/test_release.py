@@ -1,17 +1,21 @@
 """Releasing tape pins (issue 13, "Pins"): ``prestaged release`` against the dCache emulator,
-from the state alone; a refusal keeps in the state the pins it did not release."""
+from the state alone; a refusal keeps in the state the pins it did not release; a campaign
+stage with ``release_after_complete`` releases its slice once ``complete`` succeeded."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from prestaged.errors import ConfigError
 from prestaged.model import FileRef, TapeInfo
 from prestaged.state.store import Store
 from prestaged.testing.dcache import DCacheConfig, Locality, ThreadedDCache
@@ -210,3 +214,99 @@ async def test_a_refused_release_keeps_the_pins_it_did_not_release(
         rows = dict(db.execute("SELECT stage_request, COUNT(pinned_until) FROM files "
                                "GROUP BY stage_request").fetchall())
     assert rows == {"a-ok": 0, "b-no": 2}
+
+
+# --- campaigns --------------------------------------------------------------------------------
+
+# Records how many files of the state still hold a pin when `complete` is polled, exits 0.
+COMPLETE = """\
+import sqlite3, sys
+n = sqlite3.connect(sys.argv[1]).execute(
+    "SELECT COUNT(*) FROM files WHERE pinned_until IS NOT NULL").fetchone()[0]
+open(sys.argv[2], "w").write(str(n))
+"""
+
+
+def _q(*parts: object) -> str:
+    return " ".join(shlex.quote(str(p)) for p in parts)
+
+
+def test_a_campaign_stage_releases_its_slice_once_complete_succeeded(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """release_after_complete: the slice's tape files are staged and pinned for the job, still
+    pinned when complete is polled, released on the emulator and in the state once it exits 0;
+    the completed submission's reason says what was released."""
+    definition, paths = _tape_definition(site, tmp_path, n=4)
+    script = tmp_path / "complete.py"
+    script.write_text(COMPLETE)
+    seen = tmp_path / "pinned-at-complete"
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(
+        f'name = "c"\n[[stage]]\nname = "s"\ninput = {json.dumps(str(definition))}\n'
+        f'submit = {json.dumps(_q(sys.executable, "-c", "pass"))}\n'
+        f'complete = {json.dumps(_q(sys.executable, script, tmp_path / "state.db", seen))}\n'
+        "release_after_complete = true\n")
+    res = _cli(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 0, res.stderr
+    assert seen.read_text() == "4"  # pinned while the job ran
+    assert all(not site.replica(p).pins for p in paths)
+    assert _pinned_rows(tmp_path / "state.db") == 0
+    show = run_cli("campaign", "show", "c", "--json", "--state", str(tmp_path / "state.db"))
+    reason = json.loads(show.stdout)["submissions"][0]["reason"]
+    assert reason.endswith("exited 0 after 1 poll(s); pins released: 4 file(s) in "
+                           "2 request(s)"), reason
+
+
+def test_release_after_complete_needs_a_complete_command(tmp_path: Path) -> None:
+    """Without complete a submission is complete once submitted: the option is refused, naming
+    the key, rather than releasing the pins before the jobs read the files."""
+    from prestaged.campaign.spec import parse_campaign
+
+    text = ('name = "c"\n[[stage]]\nname = "s"\ninput = "d"\nsubmit = "true"\n'
+            "release_after_complete = true\n")
+    with pytest.raises(ConfigError, match=r"stage\[0\]\.release_after_complete: expected a "
+                                          "stage with a complete command"):
+        parse_campaign(text, tmp_path / "c.toml")
+
+
+async def test_a_failed_release_is_logged_and_the_submission_still_completes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A release that fails (the frontend down) is a warning and a note in the reason of
+    completed, never the campaign's failure: the pins expire on their own."""
+    from prestaged.campaign.runner import run_campaign
+    from prestaged.campaign.spec import parse_campaign
+    from prestaged.catalog import Catalog
+    from prestaged.catalog.local import LocalCatalog
+    from prestaged.errors import StorageError
+    from prestaged.gate import GateResult
+    from prestaged.pins import ReleaseReport
+
+    asked: list[str] = []
+
+    async def gate(catalog: Catalog, ready: float, timeout: float, retry: float) -> GateResult:
+        return GateResult(catalog.name, catalog.definition, ready, 1, 1, 1, 0.0, 0, "ready")
+
+    async def release(catalog: Catalog) -> ReleaseReport:
+        asked.append(catalog.definition)
+        raise StorageError("https://tape.example/api/tape/v1/release/r1: 502 Bad Gateway")
+
+    ds = tmp_path / "ds.txt"
+    ds.write_text("https://127.0.0.1:1/pnfs/a\n")
+    ok = _q(sys.executable, "-c", "pass")
+    cfg = parse_campaign(f'name = "c"\n[[stage]]\nname = "s"\ninput = {json.dumps(str(ds))}\n'
+                         f"submit = {json.dumps(ok)}\ncomplete = {json.dumps(ok)}\n"
+                         "release_after_complete = true\n", tmp_path / "c.toml")
+    with Store(tmp_path / "state.db") as store:
+        result = await run_campaign(cfg, store, gate=gate, open_catalog=LocalCatalog,
+                                    workdir=tmp_path / "work", release=release)
+        with store.transaction() as conn:
+            state, reason = conn.execute(
+                "SELECT state, reason FROM campaign_submissions").fetchone()
+    assert result.exit_code == 0, result
+    assert len(asked) == 1 and asked[0].endswith("s-1.urls")
+    assert state == "completed"
+    assert reason.endswith("; pins not released: https://tape.example/api/tape/v1/release/r1: "
+                           "502 Bad Gateway")
+    assert "pins not released (they expire on their own)" in caplog.text
