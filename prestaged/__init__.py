@@ -30,6 +30,7 @@ _EXPORTS = {
     "prestaged.storage.http": ("HttpToucher",),
     "prestaged.warm": ("RunReport", "Tally", "WarmSettings", "warm"),
     "prestaged.gate": ("GateResult", "wait_until_ready"),
+    "prestaged.pins": ("ReleaseReport", "release_pins"),
     "prestaged.metrics": ("Metrics",),
     "prestaged.state.store": ("Store",),
     "prestaged.campaign.spec": ("load_campaign",),
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from prestaged.gate import GateResult, wait_until_ready
     from prestaged.metrics import Metrics
     from prestaged.model import FileRef, Outcome, Result
+    from prestaged.pins import ReleaseReport, release_pins
     from prestaged.runner import run_definition
     from prestaged.state.store import Store
     from prestaged.storage.http import HttpToucher
@@ -89,6 +91,7 @@ __all__ = [
     "Outcome",
     "PrestagedError",
     "ProxyInfo",
+    "ReleaseReport",
     "Result",
     "RunReport",
     "StorageError",
@@ -101,6 +104,7 @@ __all__ = [
     "load_config",
     "load_credentials",
     "open_catalog",
+    "release_pins",
     "run_campaign",
     "run_definition",
     "wait_until_ready",

@@ -3,9 +3,9 @@
 The CLI, the daemon and the campaign runner build nothing from the config themselves: they ask
 a ``Context`` for the credentials, the catalog of a definition (with the TLS identity SAM web
 gets, honouring ``catalog.samweb.use_certificate``), the state store, the toucher and engine
-settings, and the gate and keep-warm functions a campaign runs. So the two callers cannot drift
-apart (they did: the daemon used to present its proxy to SAM even with ``use_certificate =
-false``).
+settings, and the gate, keep-warm and release functions a campaign runs. So the two callers
+cannot drift apart (they did: the daemon used to present its proxy to SAM even with
+``use_certificate = false``).
 
 Building a ``Context`` does no I/O; each method does only the I/O its name says.
 """
@@ -29,9 +29,10 @@ from prestaged.credentials import (
     resolve_ca_dir,
     resolve_proxy_path,
 )
-from prestaged.errors import ConfigError, CredentialError, StateError
+from prestaged.errors import ConfigError, CredentialError, StateError, StorageError
 from prestaged.gate import GateFn, GateResult, RewarmFn, wait_until_ready
 from prestaged.locality import TapeAccess, TapeSettings
+from prestaged.pins import ReleaseFn, ReleaseReport, pinned, release_pins
 from prestaged.retry import RetryPolicy
 from prestaged.runner import run_definition
 from prestaged.state.store import Store, default_state_path
@@ -203,7 +204,7 @@ class Context:
             raise ConfigError("give a DEFINITION (or --dims with the samweb catalog)")
         return definition
 
-    # --- gate and keep-warm ---------------------------------------------------------------
+    # --- gate, keep-warm and release -----------------------------------------------------
 
     def gate(self, store: Store, toucher: Toucher, settings: WarmSettings, *,
              stop: asyncio.Event, probe: Optional[Probe] = None,
@@ -228,3 +229,20 @@ class Context:
                                         fresh_for=fresh_for, stop=stop, probe=probe,
                                         tape=tape)
         return rewarm
+
+    def release(self, store: Store, tape: Optional[TapeAccess], *,
+                stop: asyncio.Event) -> ReleaseFn:
+        """``ReleaseFn`` for campaigns (``release_after_complete``): the pins recorded on a
+        slice released through ``tape``, the run's open Tape REST access; without one
+        (``storage.stage = never``) a slice with pins is a ``StorageError``."""
+        async def release(catalog: Catalog) -> ReleaseReport:
+            pins = await asyncio.to_thread(pinned, store, catalog.name, catalog.definition)
+            if not pins:
+                return ReleaseReport(catalog.name, catalog.definition)
+            if tape is None:
+                raise StorageError(f"{len(pins)} files of {catalog.definition} are pinned, but "
+                                   "storage.stage = never: no Tape REST access to release "
+                                   "them with (the pins expire on their own)")
+            return await release_pins(store, tape, catalog.name, catalog.definition, pins,
+                                      stop=stop)
+        return release

@@ -297,8 +297,8 @@ def test_console_entry_point_runs_for_real(tmp_path: Path) -> None:
     assert "--concurrency: expected an integer from 1 to 10000, got 0" in _one_error_line(res.stderr)
 
 
-COMMANDS = ["warm", "files", "status", "history", "wait", "submit", "campaign", "serve", "proxy",
-            "demo"]
+COMMANDS = ["warm", "files", "status", "history", "release", "wait", "submit", "campaign", "serve",
+            "proxy", "demo"]
 CAMPAIGN_ACTIONS = ["run", "add", "list", "show", "hold", "release", "cancel", "mark-submitted",
                     "retry"]
 

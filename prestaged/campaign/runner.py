@@ -7,6 +7,11 @@ the stage's submissions from its ``split`` and advances each one: gate its slice
 ``repository`` for at-most-once); then poll its ``complete`` command, doubling the wait from
 ``complete_poll`` up to ``complete_poll_max``. While a submission waits for ``complete``, its
 slice is warmed again every ``keep_warm`` (files touched within ``keep_warm / 2`` are skipped).
+Once ``complete`` exits 0, a stage with ``release_after_complete`` releases the tape pins held on
+the slice (``release``, see ``prestaged.pins``) before the submission becomes ``completed``, its
+reason saying what was released; a release that fails is logged and named in that reason, never
+the campaign's failure (the pins expire on their own), and a crash in between releases again
+on resume (releasing twice is harmless).
 
 The submit command's exit status decides its outcome: exit 0 is ``submitted`` (with the job id
 its output names), another exit ``launch_failed``; a command killed on ``submit_timeout`` or
@@ -52,9 +57,11 @@ from prestaged.errors import (
     EXIT_SOME_FAILED,
     CatalogError,
     ConflictError,
+    PrestagedError,
 )
 from prestaged.gate import GateFn, RewarmFn
 from prestaged.model import FileRef
+from prestaged.pins import ReleaseFn
 from prestaged.retry import RetryPolicy
 from prestaged.state.private import write_private
 from prestaged.state.store import Store
@@ -86,6 +93,7 @@ class _Runner:
     workdir: Path
     stop: asyncio.Event
     rewarm: Optional[RewarmFn] = None
+    release: Optional[ReleaseFn] = None
     _next_touch: float = 0.0
 
     async def _control(self, stage: StageConfig) -> Optional[str]:
@@ -299,8 +307,9 @@ class _Runner:
             res = await run_argv(argv, d.submit_timeout)
             polls += 1
             if res.exit_code == 0:
+                released = await self._release(stage, sub)
                 return await self._move(sub, S.COMPLETED,
-                                        f"{argv[0]} exited 0 after {polls} poll(s)")
+                                        f"{argv[0]} exited 0 after {polls} poll(s){released}")
             left = d.complete_timeout - (time.monotonic() - start)
             if left <= 0:
                 return await self._move(sub, S.FAILED, f"not complete within "
@@ -309,6 +318,26 @@ class _Runner:
             delay = polling.backoff(polls)
             if not await self._wait_keeping_warm(stage, sub, min(delay, left)):
                 return sub
+
+    async def _release(self, stage: StageConfig, sub: Submission) -> str:
+        """Release the pins on ``sub``'s slice when the stage asks for it; what to add to the
+        reason of ``completed``. A failure is logged, never raised: the pins expire anyway."""
+        if not stage.release_after_complete or self.release is None:
+            return ""
+        from prestaged.catalog.local import LocalCatalog
+
+        try:
+            catalog = LocalCatalog(str(self._values(stage, sub)["urls_file"]))
+            report = await self.release(catalog)
+        except (PrestagedError, OSError) as e:
+            log.warning("%s/%s #%d: pins not released (they expire on their own): %s",
+                        sub.campaign, sub.stage, sub.id, e)
+            return f"; pins not released: {e}"
+        log.info("%s/%s #%d: %s", sub.campaign, sub.stage, sub.id, report.summary())
+        if not report.files and not report.left:
+            return "; nothing pinned to release"
+        left = f", {report.left} still pinned (stopped)" if report.left else ""
+        return f"; pins released: {report.files} file(s) in {report.requests} request(s){left}"
 
     async def _wait_keeping_warm(self, stage: StageConfig, sub: Submission,
                                  seconds: float) -> bool:
@@ -354,14 +383,17 @@ async def run_campaign(campaign: CampaignConfig, store: Store, *, gate: GateFn,
                        open_catalog: Callable[[str], Catalog], workdir: Path,
                        stop: Optional[asyncio.Event] = None,
                        rewarm: Optional[RewarmFn] = None,
+                       release: Optional[ReleaseFn] = None,
                        on_move: Optional[MoveHook] = None) -> CampaignResult:
     """Process ``campaign`` in the foreground: stages in ``after`` order, each stage's
     submissions one at a time (gate, submit, poll ``complete`` while keeping the slice warm
     with ``rewarm``, see ``RewarmFn``; without it no keep-warm). ``gate`` warms a slice (see
     ``GateFn``); ``open_catalog`` resolves a definition name; slice files go under
-    ``workdir``/<campaign>/. Setting ``stop`` ends it at the next step (exit code 130).
+    ``workdir``/<campaign>/. ``release`` releases a slice's tape pins once its ``complete``
+    succeeded, in stages with ``release_after_complete`` (without it, nothing is released).
+    Setting ``stop`` ends it at the next step (exit code 130).
     Held and cancelled campaigns/stages create and launch nothing (see ``CampaignResult``).
     ``on_move`` hears every stored transition, in a worker thread (see ``MoveHook``)."""
     runner = _Runner(campaign, CampaignRepository(store, on_move), gate, open_catalog, workdir,
-                     stop if stop is not None else asyncio.Event(), rewarm)
+                     stop if stop is not None else asyncio.Event(), rewarm, release)
     return await runner.run()

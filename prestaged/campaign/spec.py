@@ -153,6 +153,10 @@ class StageConfig:
     ready: Optional[float] = field(default=None, metadata=check(FRACTION))
     """Overrides ``defaults.ready`` for this stage."""
     job_id_regex: str = field(default=DEFAULT_JOB_ID_REGEX, metadata=check(_REGEX))
+    release_after_complete: bool = False
+    """Once ``complete`` exits 0 for a submission, release the tape pins prestaged's stage
+    requests hold on its slice (``prestaged release``); needs ``complete``. Default false: the
+    pins last ``storage.pin_lifetime``."""
     after: tuple[str, ...] = field(default=(), metadata={"internal": True})
     """Stages that must be drained and complete before this one starts."""
 
@@ -256,6 +260,13 @@ def _check_stages(stages: Sequence[StageConfig]) -> None:
         for problem in problems:
             if problem:
                 raise ConfigError(problem)
+        if s.release_after_complete and s.complete is None:
+            # Without `complete` a submission counts as complete once submitted: releasing
+            # then would drop the pins before its jobs read the files.
+            raise ConfigError(f"stage[{i}].release_after_complete: expected a stage with a "
+                              "complete command (without one a submission is complete as soon "
+                              "as it is submitted, before its jobs read the files), got true; "
+                              "set complete or drop release_after_complete")
     by_name = {s.name: s for s in stages}
     for i, s in enumerate(stages):
         _no_cycle(by_name, [s.name], f"stage[{i}].after")

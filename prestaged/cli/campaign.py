@@ -150,7 +150,8 @@ def cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
                 campaign, store, gate=ctx.gate(store, toucher, settings, stop=stop, tape=tape),
                 open_catalog=lambda d: ctx.open_catalog(kind, d, creds=catalog_creds),
                 workdir=store.path.parent / "campaigns", stop=stop,
-                rewarm=ctx.rewarm(store, toucher, settings, stop=stop, tape=tape))
+                rewarm=ctx.rewarm(store, toucher, settings, stop=stop, tape=tape),
+                release=ctx.release(store, tape, stop=stop))
 
     try:
         result = run(go())

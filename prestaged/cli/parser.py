@@ -26,6 +26,7 @@ from prestaged.cli.campaign import (
 from prestaged.cli.gate import cmd_submit, cmd_wait
 from prestaged.cli.serve import cmd_demo, cmd_serve
 from prestaged.cli.state import cmd_history, cmd_status
+from prestaged.cli.tape import cmd_release
 from prestaged.cli.warm import cmd_files, cmd_proxy, cmd_warm
 
 if TYPE_CHECKING:
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_warm(sub, parents)
     _add_files(sub, parents)
     _add_state_commands(sub, parents)
+    _add_release(sub, parents)
     _add_gate_commands(sub, parents)
     _add_campaign_commands(sub, parents)
     _add_serve(sub, parents)
@@ -265,6 +267,27 @@ def _add_state_commands(sub: Subparsers, parents: _Parents) -> None:
                        description="Recent runs, newest first, with their counts and result.",
                        parents=[own, parents.state, parents.common])
     h.set_defaults(func=cmd_history)
+
+
+def _add_release(sub: Subparsers, parents: _Parents) -> None:
+    """``release``: drop the tape pins prestaged holds on a definition's files."""
+    own = _parent()
+    own.add_argument("definition", help="definition name, or the text file of URLs warmed")
+    own.add_argument("--catalog", metavar="KIND",
+                     help="catalog DEFINITION was warmed with: local or samweb "
+                          "(default: catalog.default)")
+    own.add_argument("--json", action="store_true", help="print one JSON document")
+    r = sub.add_parser("release", help="release the tape pins prestaged holds on a definition",
+                       description="Release the disk pins that prestaged's stage requests hold "
+                                   "on DEFINITION's files, as the state database recorded them "
+                                   "(the catalog is not asked): one release request per stage "
+                                   "request, then the pins are cleared in the state. The files "
+                                   "stay on disk until the storage evicts them. Exit 0 also "
+                                   "when nothing is pinned; 2 for a definition the state does "
+                                   "not know; 3 or 5 when the storage refuses (what was "
+                                   "released before is recorded).",
+                       parents=[own, parents.credentials, parents.state, parents.common])
+    r.set_defaults(func=cmd_release)
 
 
 def _add_gate_commands(sub: Subparsers, parents: _Parents) -> None:

@@ -38,6 +38,7 @@ from prestaged.errors import EXIT_OK, NotFoundError, PrestagedError
 from prestaged.gate import GateFn, RewarmFn
 from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics
+from prestaged.pins import ReleaseFn
 from prestaged.service.runs import Spawn
 from prestaged.state.store import Store
 from prestaged.warm import Toucher, WarmSettings
@@ -84,9 +85,10 @@ class DaemonCampaigns:
     """The daemon's campaign tasks (started by ``start()``).
 
     Collaborators, nothing more of the daemon: the open ``store``, the shared ``toucher``,
-    ``metrics``; ``context()`` the context in force (config, gate and keep-warm functions),
-    ``settings()`` the engine settings with the current credentials, ``open_catalog(kind,
-    definition)`` the daemon's catalogs, ``spawn`` to run tasks and ``draining()``.
+    ``metrics``; ``context()`` the context in force (config, gate, keep-warm and release
+    functions), ``settings()`` the engine settings with the current credentials,
+    ``open_catalog(kind, definition)`` the daemon's catalogs, ``spawn`` to run tasks,
+    ``draining()`` and ``tape()`` the daemon's Tape REST access (None: ``stage = never``).
 
     Every campaign-state call goes through ``asyncio.to_thread``: a transaction may wait up to
     the store's busy timeout for another process, and the event loop must keep answering
@@ -252,7 +254,7 @@ class DaemonCampaigns:
             result = await run_campaign(
                 entry.config, self._store, gate=self._gate(stop),
                 open_catalog=self._catalogs(entry.config), workdir=self.workdir, stop=stop,
-                rewarm=self._rewarm(stop), on_move=self._moved)
+                rewarm=self._rewarm(stop), release=self._release(stop), on_move=self._moved)
         except PrestagedError as e:
             entry.status, entry.detail = "waiting", str(e)
             log.error("campaign %s: %s; trying again in %.0f s or on the next action",
@@ -281,6 +283,9 @@ class DaemonCampaigns:
     def _rewarm(self, stop: asyncio.Event) -> RewarmFn:
         return self._context().rewarm(self._store, self._toucher, self._settings(), stop=stop,
                                       probe=self._metrics, tape=self._tape())
+
+    def _release(self, stop: asyncio.Event) -> ReleaseFn:
+        return self._context().release(self._store, self._tape(), stop=stop)
 
     def _catalogs(self, campaign: CampaignConfig) -> Callable[[str], Catalog]:
         kind = campaign.defaults.catalog or self._context().cfg.catalog.default

@@ -44,6 +44,7 @@ from prestaged.state.private import create_private
 
 __all__ = [
     "DatasetStatus",
+    "Pin",
     "RunRecord",
     "Store",
     "StoreRecorder",
@@ -192,6 +193,22 @@ class DatasetStatus:
         d = dict(self.__dict__)
         d["last_run"] = self.last_run.to_dict() if self.last_run else None
         return d
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A pin one of prestaged's stage requests holds on a file, as the state recorded it."""
+
+    file_id: int
+    """The files table's key (``url_id`` of the URL as the catalog gave it)."""
+    url: str
+    """The file's URL as stored (credentials redacted)."""
+    request: str
+    """The stage request's id."""
+    uri: str
+    """The Tape REST endpoint (v1 URI) the request was made at."""
+    pinned_until: float
+    """Unix seconds the pin was asked to last until."""
 
 
 class Store:
@@ -440,6 +457,36 @@ class Store:
                 "UPDATE runs SET ended = ?, counts = ?, exit_code = ?, reason = ? WHERE id = ?",
                 (time.time(), json.dumps(dict(counts), sort_keys=True), exit_code, reason, run_id),
             )
+
+    # --- pins (issue 13) ----------------------------------------------------------------------
+
+    @_one_line_errors
+    def pins(self, catalog: str, definition: str) -> Optional[list[Pin]]:
+        """The pins recorded on ``definition``'s member files (a non-NULL ``pinned_until``,
+        expired or not), ordered by endpoint, request and URL; None when the state has no
+        such definition."""
+        with self._lock:
+            row = self.conn.execute("SELECT id FROM definitions WHERE catalog = ? AND name = ?",
+                                    (catalog, definition)).fetchone()
+            if row is None:
+                return None
+            rows = self.conn.execute(
+                "SELECT f.id, f.url, f.stage_request, f.stage_uri, f.pinned_until "
+                "FROM members m JOIN files f ON f.id = m.file_id WHERE m.definition_id = ? "
+                "AND f.pinned_until IS NOT NULL AND f.stage_request IS NOT NULL "
+                "AND f.stage_uri IS NOT NULL ORDER BY f.stage_uri, f.stage_request, f.url",
+                (row[0],)).fetchall()
+        return [Pin(*r) for r in rows]
+
+    def unpinned(self, pins: Sequence[Pin]) -> int:
+        """Record that ``pins`` were released (``pinned_until`` NULL), at once, in one
+        transaction; a file staged again since under another request keeps that newer pin.
+        Returns the files changed."""
+        with self.transaction() as conn:
+            cur = conn.executemany(
+                "UPDATE files SET pinned_until = NULL WHERE id = ? AND stage_request = ?",
+                [(p.file_id, p.request) for p in pins])
+        return cur.rowcount
 
     # --- reads --------------------------------------------------------------------------------
 

@@ -1,0 +1,157 @@
+"""Releasing the pins prestaged's stage requests hold (issue 13): ``prestaged release`` and a
+campaign stage's ``release_after_complete``.
+
+A file staged from tape stays pinned on disk until its pin expires (``storage.pin_lifetime``,
+24 h by default), whether or not its jobs still need it. Releasing tells the storage early that
+they do not. Everything comes from the state, never from the catalog: every member file of the
+definition whose row holds a pin (``pinned_until``) is released with ``POST
+{stage_uri}/release/{stage_request}`` naming its namespace path (``namespace_path`` with
+``storage.path_map``, as it was staged), one POST per stage request (at most ``STAGE_LIMIT``
+paths each), and once the storage has accepted a request's POST its files' ``pinned_until``
+is cleared in the state. A request the storage no longer knows (404) counts as released.
+
+A refusal (401/403: ``CredentialError``, exit 3; anything else: ``TapeRestError``, exit 5)
+stops there: what was released before it is recorded, the rest keeps its pins in the state, so
+releasing again picks up where it stopped. A file of two definitions holds the pin of whichever
+run staged it last: releasing one definition releases it for the other too. Releasing evicts
+nothing: the file stays on disk until the storage's LRU sweeper takes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Protocol
+
+from prestaged.errors import PrestagedError, StateError
+from prestaged.locality import TapeAccess, namespace_path
+from prestaged.state.store import Pin, Store
+from prestaged.storage.tape import STAGE_LIMIT
+from prestaged.warm import touch_url
+
+if TYPE_CHECKING:
+    from prestaged.catalog import Catalog
+
+__all__ = ["ReleaseFn", "ReleaseReport", "Released", "pinned", "release_pins"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Released:
+    """What was released at one Tape REST endpoint."""
+
+    uri: str
+    files: int
+    requests: int
+    """Stage requests whose pins were released (one POST each, or more past ``STAGE_LIMIT``)."""
+
+
+@dataclass(frozen=True)
+class ReleaseReport:
+    """What releasing a definition's pins did: per endpoint, in the order released; empty when
+    nothing was pinned. ``left``: pinned files not released because it was stopped early."""
+
+    catalog: str
+    definition: str
+    endpoints: tuple[Released, ...] = ()
+    left: int = 0
+
+    @property
+    def files(self) -> int:
+        """Files released, over every endpoint."""
+        return sum(e.files for e in self.endpoints)
+
+    @property
+    def requests(self) -> int:
+        """Stage requests released, over every endpoint."""
+        return sum(e.requests for e in self.endpoints)
+
+    def summary(self) -> str:
+        """One line for people."""
+        name = f"{self.catalog}:{self.definition}"
+        if not self.endpoints and not self.left:
+            return f"{name}: nothing pinned (no stage request of prestaged holds a pin on its " \
+                   "files)"
+        done = "; ".join(f"{e.uri}: {_n(e.files, 'file')} in {_n(e.requests, 'request')}"
+                         for e in self.endpoints) or "nothing"
+        tail = f"; stopped with {_n(self.left, 'file')} still pinned" if self.left else ""
+        return f"{name}: released {done}{tail}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, with the totals."""
+        return {"catalog": self.catalog, "definition": self.definition, "files": self.files,
+                "requests": self.requests, "left": self.left,
+                "endpoints": [{"uri": e.uri, "files": e.files, "requests": e.requests}
+                              for e in self.endpoints]}
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+class ReleaseFn(Protocol):
+    """Release the pins held on ``catalog``'s files, by its definition as the state records it
+    (``pinned`` and ``release_pins``); built by ``Context.release``."""
+
+    def __call__(self, catalog: Catalog) -> Awaitable[ReleaseReport]: ...
+
+
+def pinned(store: Store, catalog: str, definition: str) -> list[Pin]:
+    """The pins recorded on ``definition``'s files (blocking: call it in a worker thread from
+    the event loop); ``StateError`` (exit 2) when the state has no such definition."""
+    pins = store.pins(catalog, definition)
+    if pins is None:
+        raise StateError(f"definition {definition!r} (catalog {catalog}) has no record in state "
+                         f"{store.path}: nothing was warmed under that name with this state "
+                         "(--catalog names its catalog, --state another state file)")
+    return pins
+
+
+async def release_pins(store: Store, access: TapeAccess, catalog: str, definition: str,
+                       pins: Sequence[Pin], *,
+                       stop: Optional[asyncio.Event] = None) -> ReleaseReport:
+    """Release ``pins`` (``pinned``'s answer for ``catalog:definition``) through ``access``
+    (open), one stage request after another, clearing each request's pins in ``store`` once the
+    storage accepted its release; see the module for refusals. Setting ``stop`` ends it between
+    two requests (``ReleaseReport.left`` counts what is still pinned)."""
+    groups: dict[tuple[str, str], list[Pin]] = {}
+    for pin in pins:
+        groups.setdefault((pin.uri, pin.request), []).append(pin)
+    done: dict[str, list[int]] = {}  # uri -> [files, requests]
+    left = len(pins)
+    try:
+        for (uri, request), group in groups.items():
+            if stop is not None and stop.is_set():
+                break
+            await _release_request(access, uri, request, group)
+            await asyncio.to_thread(store.unpinned, group)
+            tally = done.setdefault(uri, [0, 0])
+            tally[0] += len(group)
+            tally[1] += 1
+            left -= len(group)
+    except PrestagedError:
+        if left < len(pins):
+            log.warning("%s:%s: released %d of %d pinned files before this error (recorded in "
+                        "the state); the rest keep their pins", catalog, definition,
+                        len(pins) - left, len(pins))
+        raise
+    return ReleaseReport(catalog, definition,
+                         tuple(Released(uri, f, r) for uri, (f, r) in done.items()), left)
+
+
+async def _release_request(access: TapeAccess, uri: str, request: str,
+                           group: Sequence[Pin]) -> None:
+    """One stage request's release: its files' namespace paths, ``STAGE_LIMIT`` a POST."""
+    path_map = access.settings.path_map
+    paths: list[str] = []
+    for pin in group:
+        # Named as the stage request named it: the router maps the https form of a davs URL.
+        url = touch_url(pin.url, allow_plain_http=True)
+        paths.append(namespace_path(url if isinstance(url, str) else pin.url, path_map))
+    paths = list(dict.fromkeys(paths))
+    for i in range(0, len(paths), STAGE_LIMIT):
+        await access.client.release(uri, request, paths[i:i + STAGE_LIMIT])
+    log.debug("%s/release/%s: %d paths", uri, request, len(paths))

@@ -1,0 +1,312 @@
+"""Releasing tape pins (issue 13, "Pins"): ``prestaged release`` against the dCache emulator,
+from the state alone; a refusal keeps in the state the pins it did not release; a campaign
+stage with ``release_after_complete`` releases its slice once ``complete`` succeeded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from prestaged.errors import ConfigError
+from prestaged.model import FileRef, TapeInfo
+from prestaged.state.store import Store
+from prestaged.testing.dcache import DCacheConfig, Locality, ThreadedDCache
+from prestaged.testing.pki import TestPKI
+from tests.cli_runner import CliResult, run_cli
+
+QUICK = """
+[retry]
+initial = "10ms"
+max = "50ms"
+[storage]
+poll_min = "20ms"
+poll_max = "100ms"
+stage_batch = 3
+"""
+
+
+@pytest.fixture
+def site(pki: TestPKI) -> Iterator[ThreadedDCache]:
+    """A dCache emulator with 2 drives (fast tape) in a thread."""
+    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+                        DCacheConfig(drives=2, door_timeout=5.0)) as srv:
+        yield srv
+
+
+def _cli(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str, extra: str = "") -> CliResult:
+    """``prestaged ARGS`` in-process with the test proxy, the quick config (``extra`` appended
+    to its [storage] table) and the state in tmp_path."""
+    config = tmp_path / "prestaged.toml"
+    config.write_text(QUICK + extra)
+    res = run_cli(*args, "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), "--state",
+                  str(tmp_path / "state.db"), "--config", str(config))
+    assert "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+def _tape_definition(site: ThreadedDCache, tmp_path: Path, n: int = 7) -> tuple[Path, list[str]]:
+    """A local definition of ``n`` tape-only files (on two tapes) and one disk file."""
+    paths = [f"/pnfs/p/tape{i}" for i in range(n)]
+    for i, p in enumerate(paths):
+        site.add_file(p, 10, Locality.TAPE, tape=f"T{i % 2}")
+    site.add_file("/pnfs/p/disk", 10, Locality.DISK)
+    definition = tmp_path / "ds.txt"
+    definition.write_text("".join(site.door_url(p) + "\n" for p in [*paths, "/pnfs/p/disk"]))
+    return definition, paths
+
+
+def _pinned_rows(state: Path) -> int:
+    with sqlite3.connect(state) as db:
+        return int(db.execute(
+            "SELECT COUNT(*) FROM files WHERE pinned_until IS NOT NULL").fetchone()[0])
+
+
+def test_release_drops_the_pins_a_warm_made_and_a_second_release_finds_none(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """After a warm staged 7 tape files in 3 requests, `release` sends one release per request
+    naming their paths (the emulator's pins are gone), NULLs pinned_until in the state and says
+    so per endpoint; run again, it sends nothing and says nothing is pinned (exit 0)."""
+    definition, paths = _tape_definition(site, tmp_path)
+    warm = _cli(pki, proxy, tmp_path, "warm", str(definition), "-q")
+    assert warm.returncode == 0, warm.stderr
+    assert all(site.replica(p).pins for p in paths)
+    assert _pinned_rows(tmp_path / "state.db") == 7
+
+    res = _cli(pki, proxy, tmp_path, "release", str(definition), "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert (doc["files"], doc["requests"], doc["left"]) == (7, 3, 0)
+    assert doc["endpoints"] == [{"uri": site.tape_api_url, "files": 7, "requests": 3}]
+    assert doc["definition"] == str(definition.resolve()) and doc["catalog"] == "local"
+    assert all(not site.replica(p).pins for p in paths)
+    assert site.stats()["requests"]["frontend:release"] == 3
+    assert _pinned_rows(tmp_path / "state.db") == 0
+
+    again = _cli(pki, proxy, tmp_path, "release", str(definition))
+    assert again.returncode == 0, again.stderr
+    assert "nothing pinned" in again.stdout
+    assert site.stats()["requests"]["frontend:release"] == 3
+
+
+def test_release_prints_per_endpoint_files_and_requests(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """The text form names the definition and, per Tape REST endpoint, N files in M requests."""
+    definition, _ = _tape_definition(site, tmp_path, n=2)
+    assert _cli(pki, proxy, tmp_path, "warm", str(definition), "-q").returncode == 0
+    res = _cli(pki, proxy, tmp_path, "release", str(definition))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == (f"local:{definition.resolve()}: released "
+                                  f"{site.tape_api_url}: 2 files in 1 request")
+
+
+def test_release_names_files_by_their_namespace_path_through_the_path_map(
+    pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """A door serving /dune/f for /pnfs/fnal.gov/usr/dune/f: the release names the namespace
+    path by the same [[storage.path_map]] rule the stage request did, so the pins go."""
+    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+                        DCacheConfig(door_root="/pnfs/fnal.gov/usr")) as srv:
+        paths = [f"/pnfs/fnal.gov/usr/dune/f{i}" for i in range(2)]
+        for p in paths:
+            srv.add_file(p, 10, Locality.TAPE)
+        urls = [srv.door_url(p) for p in paths]
+        rule = (f'\n[[storage.path_map]]\nurl_prefix = "{urls[0].rsplit("/", 2)[0]}/"\n'
+                'path_prefix = "/pnfs/fnal.gov/usr/"\n')
+        definition = tmp_path / "ds.txt"
+        definition.write_text("".join(u + "\n" for u in urls))
+        assert _cli(pki, proxy, tmp_path, "warm", str(definition), "-q",
+                    extra=rule).returncode == 0
+        assert all(srv.replica(p).pins for p in paths)
+        res = _cli(pki, proxy, tmp_path, "release", str(definition), "--json", extra=rule)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["files"] == 2
+        assert all(not srv.replica(p).pins for p in paths)
+
+
+def test_release_of_a_definition_the_state_does_not_know_is_exit_2(
+    pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """A definition with no record: exit 2, one line naming it and the state file; no request."""
+    Store(tmp_path / "state.db").open().close()
+    res = _cli(pki, proxy, tmp_path, "release", "never-warmed", "--catalog", "samweb")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "'never-warmed' (catalog samweb) has no record in state" in lines[0]
+    assert str(tmp_path / "state.db") in lines[0]
+
+
+# --- a frontend that refuses one request's release ------------------------------------------
+
+
+@pytest.fixture
+async def refusing(pki: TestPKI) -> AsyncIterator[tuple[str, list[str], list[int]]]:
+    """A Tape REST frontend on 127.0.0.1 (client certificate required) whose release of request
+    ``a-ok`` succeeds and of ``b-no`` answers the status put in ``status[0]``: (its URI, the
+    request ids released, status)."""
+    released: list[str] = []
+    status = [403]
+
+    async def release(request: web.Request) -> web.Response:
+        rid = request.match_info["id"]
+        if rid == "b-no":
+            return web.json_response({"title": "Forbidden", "detail": "Permission denied"},
+                                     status=status[0])
+        released.append(rid)
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/api/tape/v1/release/{id}", release)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=pki.server_ssl_context())
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"https://127.0.0.1:{port}/api/tape/v1", released, status
+    await runner.cleanup()
+
+
+def _seed_pins(state: Path, uri: str) -> str:
+    """A state with definition ``ds`` (samweb) of 4 files pinned by requests a-ok and b-no."""
+    store = Store(state).open()
+    try:
+        refs = [FileRef(name=f"f{i}", url=f"https://door.example:2880/pnfs/x/f{i}")
+                for i in range(4)]
+        store.add_members("samweb", "ds", refs)
+        for i, ref in enumerate(refs):
+            store.note_tape(ref.url, TapeInfo("TAPE", "a-ok" if i < 2 else "b-no", uri, None,
+                                              4e9))
+        store.flush()
+    finally:
+        store.close()
+    return "ds"
+
+
+@pytest.mark.parametrize(("status", "code"), [(403, 3), (401, 3), (500, 5)])
+async def test_a_refused_release_keeps_the_pins_it_did_not_release(
+    refusing: tuple[str, list[str], list[int]], pki: TestPKI, proxy: Path, tmp_path: Path,
+    status: int, code: int
+) -> None:
+    """The frontend refuses the second request's release: exit 3 for 401/403, 5 otherwise, one
+    error line; the first request's files are unpinned in the state, the refused ones keep
+    pinned_until."""
+    uri, released, answer = refusing
+    answer[0] = status
+    state = tmp_path / "state.db"
+    name = _seed_pins(state, uri)
+    res = await asyncio.to_thread(_cli, pki, proxy, tmp_path, "release", name, "--catalog",
+                                  "samweb", "-q")
+    assert res.returncode == code, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("prestaged: error: ")
+    assert f"release/b-no: {'the Tape REST API refused us' if code == 3 else ''}" in res.stderr
+    assert released == ["a-ok"]
+    with sqlite3.connect(state) as db:
+        rows = dict(db.execute("SELECT stage_request, COUNT(pinned_until) FROM files "
+                               "GROUP BY stage_request").fetchall())
+    assert rows == {"a-ok": 0, "b-no": 2}
+
+
+# --- campaigns --------------------------------------------------------------------------------
+
+# Records how many files of the state still hold a pin when `complete` is polled, exits 0.
+COMPLETE = """\
+import sqlite3, sys
+n = sqlite3.connect(sys.argv[1]).execute(
+    "SELECT COUNT(*) FROM files WHERE pinned_until IS NOT NULL").fetchone()[0]
+open(sys.argv[2], "w").write(str(n))
+"""
+
+
+def _q(*parts: object) -> str:
+    return " ".join(shlex.quote(str(p)) for p in parts)
+
+
+def test_a_campaign_stage_releases_its_slice_once_complete_succeeded(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """release_after_complete: the slice's tape files are staged and pinned for the job, still
+    pinned when complete is polled, released on the emulator and in the state once it exits 0;
+    the completed submission's reason says what was released."""
+    definition, paths = _tape_definition(site, tmp_path, n=4)
+    script = tmp_path / "complete.py"
+    script.write_text(COMPLETE)
+    seen = tmp_path / "pinned-at-complete"
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(
+        f'name = "c"\n[[stage]]\nname = "s"\ninput = {json.dumps(str(definition))}\n'
+        f'submit = {json.dumps(_q(sys.executable, "-c", "pass"))}\n'
+        f'complete = {json.dumps(_q(sys.executable, script, tmp_path / "state.db", seen))}\n'
+        "release_after_complete = true\n")
+    res = _cli(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 0, res.stderr
+    assert seen.read_text() == "4"  # pinned while the job ran
+    assert all(not site.replica(p).pins for p in paths)
+    assert _pinned_rows(tmp_path / "state.db") == 0
+    show = run_cli("campaign", "show", "c", "--json", "--state", str(tmp_path / "state.db"))
+    reason = json.loads(show.stdout)["submissions"][0]["reason"]
+    assert reason.endswith("exited 0 after 1 poll(s); pins released: 4 file(s) in "
+                           "2 request(s)"), reason
+
+
+def test_release_after_complete_needs_a_complete_command(tmp_path: Path) -> None:
+    """Without complete a submission is complete once submitted: the option is refused, naming
+    the key, rather than releasing the pins before the jobs read the files."""
+    from prestaged.campaign.spec import parse_campaign
+
+    text = ('name = "c"\n[[stage]]\nname = "s"\ninput = "d"\nsubmit = "true"\n'
+            "release_after_complete = true\n")
+    with pytest.raises(ConfigError, match=r"stage\[0\]\.release_after_complete: expected a "
+                                          "stage with a complete command"):
+        parse_campaign(text, tmp_path / "c.toml")
+
+
+async def test_a_failed_release_is_logged_and_the_submission_still_completes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A release that fails (the frontend down) is a warning and a note in the reason of
+    completed, never the campaign's failure: the pins expire on their own."""
+    from prestaged.campaign.runner import run_campaign
+    from prestaged.campaign.spec import parse_campaign
+    from prestaged.catalog import Catalog
+    from prestaged.catalog.local import LocalCatalog
+    from prestaged.errors import StorageError
+    from prestaged.gate import GateResult
+    from prestaged.pins import ReleaseReport
+
+    asked: list[str] = []
+
+    async def gate(catalog: Catalog, ready: float, timeout: float, retry: float) -> GateResult:
+        return GateResult(catalog.name, catalog.definition, ready, 1, 1, 1, 0.0, 0, "ready")
+
+    async def release(catalog: Catalog) -> ReleaseReport:
+        asked.append(catalog.definition)
+        raise StorageError("https://tape.example/api/tape/v1/release/r1: 502 Bad Gateway")
+
+    ds = tmp_path / "ds.txt"
+    ds.write_text("https://127.0.0.1:1/pnfs/a\n")
+    ok = _q(sys.executable, "-c", "pass")
+    cfg = parse_campaign(f'name = "c"\n[[stage]]\nname = "s"\ninput = {json.dumps(str(ds))}\n'
+                         f"submit = {json.dumps(ok)}\ncomplete = {json.dumps(ok)}\n"
+                         "release_after_complete = true\n", tmp_path / "c.toml")
+    with Store(tmp_path / "state.db") as store:
+        result = await run_campaign(cfg, store, gate=gate, open_catalog=LocalCatalog,
+                                    workdir=tmp_path / "work", release=release)
+        with store.transaction() as conn:
+            state, reason = conn.execute(
+                "SELECT state, reason FROM campaign_submissions").fetchone()
+    assert result.exit_code == 0, result
+    assert len(asked) == 1 and asked[0].endswith("s-1.urls")
+    assert state == "completed"
+    assert reason.endswith("; pins not released: https://tape.example/api/tape/v1/release/r1: "
+                           "502 Bad Gateway")
+    assert "pins not released (they expire on their own)" in caplog.text
