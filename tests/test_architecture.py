@@ -21,7 +21,7 @@ PACKAGE = ROOT / "prestaged"
 LOWER = ("prestaged.model", "prestaged.errors", "prestaged.net", "prestaged.storage",
          "prestaged.catalog", "prestaged.state", "prestaged.config", "prestaged.retry",
          "prestaged.credentials", "prestaged.metrics", "prestaged.warm", "prestaged.runner",
-         "prestaged.gate", "prestaged.runtime", "prestaged.pins")
+         "prestaged.gate", "prestaged.runtime", "prestaged.pins", "prestaged.pacing")
 UPPER = ("prestaged.cli", "prestaged.service", "prestaged.campaign", "prestaged.context",
          "prestaged.demo")
 
