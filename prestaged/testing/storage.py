@@ -175,6 +175,7 @@ class Flood:
 
 Action = Union[Serve, Status, Delay, Reset, IgnoreRange, Raw, Flood]
 _SERVE = Serve()
+_TOO_MANY = Status(429, body=b"Too many requests in flight\n")
 
 
 # --- statistics --------------------------------------------------------------------------------
@@ -186,10 +187,11 @@ class RequestRecord:
 
     ``time`` is ``time.monotonic()`` at arrival; ``status`` is 0 until a response is started and
     stays 0 for ``Reset``, ``Raw``, ``Flood`` or a client that left first; ``bytes_sent`` counts
-    body bytes written (every byte of a ``Raw`` or ``Flood`` answer).
+    body bytes written (every byte of a ``Raw`` or ``Flood`` answer); ``in_flight``: requests
+    being handled at its arrival (door and pool), itself included.
     """
 
-    __slots__ = ("action", "bytes_sent", "method", "range", "site", "status", "time")
+    __slots__ = ("action", "bytes_sent", "in_flight", "method", "range", "site", "status", "time")
 
     time: float
     site: str
@@ -198,6 +200,7 @@ class RequestRecord:
     action: Action
     status: int
     bytes_sent: int
+    in_flight: int
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; the action is given as its ``repr``."""
@@ -209,6 +212,7 @@ class RequestRecord:
             "action": repr(self.action),
             "status": self.status,
             "bytes_sent": self.bytes_sent,
+            "in_flight": self.in_flight,
         }
 
 
@@ -457,6 +461,12 @@ class StorageServer:
     absent); otherwise every path exists with ``default_size`` bytes (default 1 MiB) of
     ``generated_bytes`` content. ``set_size``/``remove`` override either namespace. Ports are
     chosen by the OS unless ``door_port`` is given. Use ``async with`` or ``start()``/``stop()``.
+
+    ``max_in_flight`` (default None: no limit) stands for the request limiter of dCache 11.2+
+    doors, modelled as a cap on requests in flight: while that many door requests are being
+    handled, another one is answered ``429`` at once (no ``Retry-After``; recorded as the action
+    ``Status(429)``, leaving the path's injected actions for later requests). Each
+    ``RequestRecord.in_flight`` shows the load the server saw.
     """
 
     def __init__(
@@ -469,6 +479,7 @@ class StorageServer:
         redirect: bool = False,
         host: str = "127.0.0.1",
         door_port: int = 0,
+        max_in_flight: Optional[int] = None,
     ) -> None:
         if default_size < 0:
             raise ValueError(f"default_size must be >= 0, got {default_size}")
@@ -478,6 +489,8 @@ class StorageServer:
         self.redirect = redirect
         self.host = host
         self._requested_door_port = door_port
+        self.max_in_flight = max_in_flight
+        self._admitted = 0  # door requests being handled that the limiter let in
         self.stats = ServerStats()
         self._sizes: dict[str, int] = {}
         self._removed: set[str] = set()
@@ -695,12 +708,15 @@ class StorageServer:
             self.stats.discovery_requests += 1
             return _text(404, b"Not Found\n")
         ex = self._arrive(DOOR, request)
+        admitted = self.max_in_flight is None or self._admitted < self.max_in_flight
+        self._admitted += int(admitted)
         try:
-            ex.record.action = self._next_action(ex.key)
+            ex.record.action = self._next_action(ex.key) if admitted else _TOO_MANY
             resp = await self._apply(ex, ex.record.action)
             ex.record.status = resp.status
             return resp
         finally:
+            self._admitted -= int(admitted)
             self._leave()
 
     async def _handle_pool(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -719,10 +735,9 @@ class StorageServer:
 
     def _arrive(self, site: str, request: web.BaseRequest) -> _Exchange:
         key = _normalize(request.path)
-        record = RequestRecord(
-            time.monotonic(), site, request.method, request.headers.get("Range"), _SERVE, 0, 0
-        )
         self.stats.active_requests += 1
+        record = RequestRecord(time.monotonic(), site, request.method, request.headers.get("Range"),
+                               _SERVE, 0, 0, self.stats.active_requests)
         ex = _Exchange(request, key, record, self.stats._request(key, record))
         self._notify()
         return ex
