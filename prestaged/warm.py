@@ -1,8 +1,9 @@
 """The engine: stream files from a catalog through a bounded queue to a fixed pool of workers.
 
 Each worker touches one file at a time (``storage.http.HttpToucher``), retrying by
-``retry.RetryPolicy``, optionally throttled per endpoint (asyncio-throttle), and reports an
-``Outcome``. Breakers per endpoint (``scheme://host:port`` of the file's URL) stop the whole run
+``retry.RetryPolicy``, optionally throttled per endpoint (asyncio-throttle), with fewer attempts
+in flight at an endpoint answering 429 or 503 (``pacing.Pacer``), and reports an ``Outcome``.
+Breakers per endpoint (``scheme://host:port`` of the file's URL) stop the whole run
 early when the storage keeps denying us (exit 3), keeps failing TLS (exit 3) or cannot be
 reached at all (exit 5), instead of trying every remaining file.
 
@@ -42,6 +43,7 @@ from prestaged.errors import (
 )
 from prestaged.locality import TapeAccess, TapeProbe, TapeRouter, TapeTally
 from prestaged.model import Attempt, Failure, FileRef, Outcome, Result, TapeInfo, redact
+from prestaged.pacing import Pace, Pacer
 from prestaged.retry import RetryPolicy, retry_reason
 
 __all__ = [
@@ -168,6 +170,10 @@ class Tally:
     """Files warm at the end that came from tape (staged by us, then touched)."""
     tape: TapeTally = field(default_factory=TapeTally)
     """Locality and staging counters (``storage.stage``)."""
+    paced: dict[str, Pace] = field(default_factory=dict)
+    """Endpoints whose concurrency was cut (429/503), by ``scheme://host:port``: the attempts
+    in flight allowed now, the lowest it was cut to, the cuts (``pacing.Pacer``). Endpoints
+    never cut ran at ``concurrency`` and are not listed."""
 
     @property
     def total(self) -> Optional[int]:
@@ -253,8 +259,8 @@ def touch_url(url: str, allow_plain_http: bool = False) -> Union[str, Attempt]:
 
 
 def endpoint_of(url: str) -> str:
-    """``scheme://host:port`` of ``url``: the unit for breakers and throttling, named in their
-    messages (so without the URL's userinfo: ``https://u:pw@h/f`` is ``https://h``)."""
+    """``scheme://host:port`` of ``url``: the unit for breakers, throttling and pacing, named in
+    their messages (so without the URL's userinfo: ``https://u:pw@h/f`` is ``https://h``)."""
     start = url.find("://")
     if start < 0:
         parts = urlsplit(url)
@@ -377,6 +383,9 @@ class _Run:
                                      finish=self.finish,
                                      fail=self._trip, note=recorder.note if recorder else None,
                                      probe=probe)
+        # Starts every endpoint at `concurrency`, not storage.per_host: that bounds connections
+        # per host, and after a door's redirect an attempt holds a pool's connection instead.
+        self.pacer = Pacer(settings.concurrency, tally.paced)
 
     def _trip(self, error: Optional[PrestagedError]) -> None:
         if error is not None and self.abort_error is None:
@@ -474,6 +483,13 @@ class _Run:
         thr = self._throttler(endpoint)
         if thr is not None:
             await thr.acquire()  # type: ignore[no-untyped-call]
+        # The rate token first: a slot held while waiting for one would idle the endpoint.
+        async with self.pacer.slot(endpoint) as slot:
+            attempt = await self._touch(url, endpoint)
+            slot.answered(attempt.status)
+        return attempt
+
+    async def _touch(self, url: str, endpoint: str) -> Attempt:
         probe = self.probe
         if probe is None:
             return await self.toucher.touch(url)

@@ -1,16 +1,41 @@
-"""Pacing (issue 13): fewer attempts in flight at an endpoint that answers 429/503 (AIMD)."""
+"""Pacing (issue 13): fewer attempts in flight at an endpoint that answers 429/503 (AIMD).
+
+The ``Pacer`` on its own first, then the engine against the test storage with a dCache-like
+request limiter (``StorageServer(max_in_flight=K)``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import pytest
 
+from prestaged.credentials import load_credentials
+from prestaged.model import FileRef, Result
 from prestaged.pacing import Pace, Pacer
+from prestaged.retry import RetryPolicy
+from prestaged.storage.http import HttpToucher
+from prestaged.testing.pki import TestPKI
+from prestaged.testing.storage import (
+    Delay,
+    RequestRecord,
+    ServerStats,
+    StorageServer,
+)
+from prestaged.warm import WarmSettings, warm
 
 EP = "https://door.example:2880"
+K = 4
+"""Requests the emulated door serves at once; one more is answered 429."""
+SERVICE = Delay(0.01)
+"""Every admitted request takes 10 ms, so that requests overlap and the limit matters."""
+ZERO_BACKOFF = RetryPolicy(attempts=20, initial=0.0, max=0.0, jitter=0.0, total=30.0)
+"""Retries at once: the harshest case for the door (no backoff spreads the burst)."""
 
 
 async def _answer(pacer: Pacer, status: int | None, endpoint: str = EP) -> None:
@@ -161,3 +186,57 @@ def test_maximum_must_be_positive() -> None:
     """A maximum below 1 could never admit an attempt: refused."""
     with pytest.raises(ValueError, match="maximum must be >= 1"):
         Pacer(0)
+
+
+# --- the engine against a door with a request limiter ------------------------------------------
+
+
+def _client(pki: TestPKI, proxy: Path) -> ssl.SSLContext:
+    creds = load_credentials(proxy=proxy, proxy_configured=None, ca_dir=pki.ca_dir,
+                             ca_dir_configured=None, min_lifetime=3600)
+    return creds.ssl_context()
+
+
+async def _refs(urls: list[str]) -> AsyncIterator[FileRef]:
+    for u in urls:
+        yield FileRef(name=u.rsplit("/", 1)[-1], url=u)
+
+
+def _door_records(stats: ServerStats) -> list[RequestRecord]:
+    return sorted((r for p in stats.paths.values() for r in p.records), key=lambda r: r.time)
+
+
+def _endpoint(srv: StorageServer) -> str:
+    return f"https://127.0.0.1:{srv.door_port}"
+
+
+@pytest.fixture
+async def limited(pki: TestPKI) -> AsyncIterator[StorageServer]:
+    """The test storage serving K requests at once (10 ms each), answering 429 above that."""
+    async with StorageServer(pki.server_ssl_context(), max_in_flight=K) as srv:
+        srv.inject_all([SERVICE], repeat=True)
+        yield srv
+
+
+async def test_engine_comes_down_to_what_the_door_serves_and_warms_everything(
+    pki: TestPKI, proxy: Path, limited: StorageServer
+) -> None:
+    """32 workers at a door serving 4 at once: the first burst meets 429s, the engine halves
+    down to about 4 in flight (the door never again sees more than 5), every file ends warm,
+    and the tally reports the endpoint's reduced concurrency."""
+    urls = [limited.url(f"/pnfs/ds/f{i:03d}") for i in range(160)]
+    settings = WarmSettings(concurrency=32, retry=ZERO_BACKOFF)
+    async with HttpToucher(_client(pki, proxy), limit=32, limit_per_host=32, timeout=20) as t:
+        report = await warm(_refs(urls), settings, t)
+    assert report.tally.results[Result.WARM.value] == 160 and report.exit_code == 0
+
+    records = _door_records(limited.stats)
+    rejected = [r for r in records if r.status == 429]
+    assert rejected and max(r.in_flight for r in records) > K  # the burst was refused
+    later = records[len(records) // 2:]
+    assert max(r.in_flight for r in later) <= K + 1, [r.in_flight for r in later]
+    assert len(rejected) < len(urls) // 2  # without pacing, most tries would be refused
+
+    pace = report.tally.paced[_endpoint(limited)]
+    assert pace.lowest <= K and pace.limit <= K + 1 and pace.cuts >= 2
+    assert list(report.tally.paced) == [_endpoint(limited)]
