@@ -1,12 +1,13 @@
 """Pacing (issue 13): fewer attempts in flight at an endpoint that answers 429/503 (AIMD).
 
-The ``Pacer`` on its own first, then the engine against the test storage with a dCache-like
-request limiter (``StorageServer(max_in_flight=K)``).
+The ``Pacer`` on its own first, then the engine and ``prestaged warm --json`` against the test
+storage with a dCache-like request limiter (``StorageServer(max_in_flight=K)``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from prestaged.cli import main
+from prestaged.cli.render import report_json, report_text
 from prestaged.credentials import load_credentials
 from prestaged.model import FileRef, Result
 from prestaged.pacing import Pace, Pacer
@@ -26,8 +29,9 @@ from prestaged.testing.storage import (
     RequestRecord,
     ServerStats,
     StorageServer,
+    ThreadedStorageServer,
 )
-from prestaged.warm import WarmSettings, warm
+from prestaged.warm import RunReport, Tally, WarmSettings, warm
 
 EP = "https://door.example:2880"
 K = 4
@@ -188,6 +192,21 @@ def test_maximum_must_be_positive() -> None:
         Pacer(0)
 
 
+def test_summary_shows_paced_endpoints_only() -> None:
+    """--json lists the endpoints that were cut (concurrency, lowest, backoffs); the table
+    gets a row for each; a run without cuts lists none."""
+    tally = Tally()
+    report = RunReport(tally=tally, elapsed=1.0)
+    where = {"definition": "d", "catalog": "local", "source": "d"}
+    assert report_json(report, **where)["endpoints"] == {}
+    assert "paced" not in report_text(report, **where)
+    tally.paced[EP] = Pace(limit=5, lowest=2, cuts=7)
+    assert report_json(report, **where)["endpoints"] == {
+        EP: {"concurrency": 5, "lowest": 2, "backoffs": 7}}
+    rows = [ln.split(None, 1) for ln in report_text(report, **where).splitlines()]
+    assert ["paced", f"{EP}: 5 at once (lowest 2, cut 7x on 429/503)"] in rows
+
+
 # --- the engine against a door with a request limiter ------------------------------------------
 
 
@@ -206,7 +225,7 @@ def _door_records(stats: ServerStats) -> list[RequestRecord]:
     return sorted((r for p in stats.paths.values() for r in p.records), key=lambda r: r.time)
 
 
-def _endpoint(srv: StorageServer) -> str:
+def _endpoint(srv: StorageServer | ThreadedStorageServer) -> str:
     return f"https://127.0.0.1:{srv.door_port}"
 
 
@@ -240,3 +259,26 @@ async def test_engine_comes_down_to_what_the_door_serves_and_warms_everything(
     pace = report.tally.paced[_endpoint(limited)]
     assert pace.lowest <= K and pace.limit <= K + 1 and pace.cuts >= 2
     assert list(report.tally.paced) == [_endpoint(limited)]
+
+
+def test_warm_json_reports_the_concurrency_used(
+    pki: TestPKI, proxy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``prestaged warm --json`` at a door refusing more than 4 at once: all files warm, and
+    ``endpoints`` gives that door's concurrency at the end, the lowest and the backoffs."""
+    with ThreadedStorageServer(pki.server_ssl_context(), max_in_flight=K) as srv:
+        srv.inject_all([SERVICE], repeat=True)
+        definition = tmp_path / "dataset.txt"
+        definition.write_text("".join(srv.url(f"/pnfs/ds/f{i:03d}") + "\n" for i in range(120)))
+        config = tmp_path / "prestaged.toml"
+        config.write_text("[storage]\nconcurrency = 16\n"
+                          "[retry]\nattempts = 20\ninitial = 0\nmax = 0\njitter = 0\n"
+                          f'[credentials]\nproxy = "{proxy}"\nca_dir = "{pki.ca_dir}"\n')
+        code = main(["warm", str(definition), "--config", str(config), "--json"])
+        endpoint = _endpoint(srv)
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["counts"]["warm"] == 120
+    assert list(doc["endpoints"]) == [endpoint]
+    used = doc["endpoints"][endpoint]
+    assert used["lowest"] <= K and used["concurrency"] <= K + 1 and used["backoffs"] >= 1
+    assert doc["retries"]["429"] >= 1

@@ -137,6 +137,12 @@ def report_json(report: RunReport, *, definition: str, catalog: str, source: str
         "tape": _tape_json(t),
         "duplicates_skipped": t.duplicates,
         "retries": dict(t.retries),
+        # Only endpoints that pushed back: the others ran at the configured concurrency, and a
+        # dataset spread over many doors would otherwise list them all.
+        "endpoints": {
+            endpoint: {"concurrency": p.limit, "lowest": p.lowest, "backoffs": p.cuts}
+            for endpoint, p in sorted(t.paced.items())
+        },
         "bytes_read": t.bytes,
         "elapsed_seconds": round(report.elapsed, 3),
         "files_per_second": round(report.rate, 1),
@@ -181,6 +187,9 @@ def report_text(report: RunReport, *, definition: str, catalog: str, source: str
     if t.retries:
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(t.retries.items()))
         rows.append(("retries", f"{sum(t.retries.values())} ({detail})"))
+    for endpoint, p in sorted(t.paced.items()):
+        rows.append(("paced", f"{endpoint}: {p.limit} at once (lowest {p.lowest}, "
+                              f"cut {p.cuts}x on 429/503)"))
     rows += [
         ("bytes read", str(t.bytes)),
         ("elapsed", f"{report.elapsed:.2f} s"),
