@@ -271,14 +271,18 @@ def test_warm_json_reports_the_concurrency_used(
         definition = tmp_path / "dataset.txt"
         definition.write_text("".join(srv.url(f"/pnfs/ds/f{i:03d}") + "\n" for i in range(120)))
         config = tmp_path / "prestaged.toml"
-        config.write_text("[storage]\nconcurrency = 16\n"
+        # stage = "never": a plain touch run, no Tape REST discovery asking the busy door too.
+        config.write_text('[storage]\nconcurrency = 16\nstage = "never"\n'
                           "[retry]\nattempts = 20\ninitial = 0\nmax = 0\njitter = 0\n"
                           f'[credentials]\nproxy = "{proxy}"\nca_dir = "{pki.ca_dir}"\n')
         code = main(["warm", str(definition), "--config", str(config), "--json"])
         endpoint = _endpoint(srv)
     doc = json.loads(capsys.readouterr().out)
-    assert code == 0 and doc["counts"]["warm"] == 120
-    assert list(doc["endpoints"]) == [endpoint]
+    seen = {k: doc[k] for k in ("counts", "retries", "endpoints", "aborted")}
+    assert code == 0 and doc["counts"]["warm"] == 120, seen
+    assert list(doc["endpoints"]) == [endpoint], seen
     used = doc["endpoints"][endpoint]
-    assert used["lowest"] <= K and used["concurrency"] <= K + 1 and used["backoffs"] >= 1
-    assert doc["retries"]["429"] >= 1
+    # The server runs in its own thread here, so how far the limit climbs back before the next
+    # 429 varies with scheduling; what holds is that it came down from 16 and went to K or less.
+    assert used["lowest"] <= K and used["concurrency"] < 16 and used["backoffs"] >= 1, seen
+    assert doc["retries"].get("429", 0) >= 1, seen
