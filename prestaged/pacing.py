@@ -22,7 +22,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Optional
+from typing import Callable, Optional
 
 __all__ = ["BACK_PRESSURE", "Pace", "Pacer", "Slot"]
 
@@ -64,13 +64,17 @@ class Pacer:
 
     ``paced`` receives the ``Pace`` of every endpoint whose limit was ever cut, updated on each
     change of its limit (pass a ``warm.Tally``'s dict to show it live); a new dict by default.
+    ``on_change(endpoint, limit)`` hears every endpoint's limit when first used and on each
+    change (metrics).
     Use ``async with pacer.slot(endpoint) as slot:`` around one attempt, then ``slot.answered``.
     """
 
-    def __init__(self, maximum: int, paced: Optional[dict[str, Pace]] = None) -> None:
+    def __init__(self, maximum: int, paced: Optional[dict[str, Pace]] = None, *,
+                 on_change: Optional[Callable[[str, int], None]] = None) -> None:
         if maximum < 1:
             raise ValueError(f"Pacer maximum must be >= 1, got {maximum}")
         self.maximum = maximum
+        self._on_change = on_change
         self.paced: dict[str, Pace] = {} if paced is None else paced
         self._endpoints: dict[str, _Endpoint] = {}
 
@@ -80,7 +84,12 @@ class Pacer:
         ep = self._endpoints.get(endpoint)
         if ep is None:
             ep = self._endpoints[endpoint] = _Endpoint(self.maximum)
+            self._changed(endpoint, ep)
         return Slot(self, endpoint, ep)
+
+    def _changed(self, endpoint: str, ep: _Endpoint) -> None:
+        if self._on_change is not None:
+            self._on_change(endpoint, ep.limit)
 
     def pace(self, endpoint: str) -> Pace:
         """``endpoint``'s pacing now (the maximum for one never seen)."""
@@ -140,6 +149,7 @@ class Pacer:
         ep.successes = 0
         self.paced[endpoint] = Pace(ep.limit, ep.lowest, ep.cuts)
         log.info("%s answered %d: concurrency %d -> %d", endpoint, status, old, ep.limit)
+        self._changed(endpoint, ep)
 
     def _grow(self, endpoint: str, ep: _Endpoint, window: int, binding: bool) -> None:
         # Only successes sent at the current limit, with the limit in use, say that it could be
@@ -155,6 +165,7 @@ class Pacer:
         if ep.cuts:
             self.paced[endpoint] = Pace(ep.limit, ep.lowest, ep.cuts)
         log.debug("%s: concurrency %d -> %d", endpoint, ep.limit - 1, ep.limit)
+        self._changed(endpoint, ep)
         self._grant(ep)
 
 

@@ -107,6 +107,10 @@ class Probe(TapeProbe, Protocol):
         """A file's final outcome (skipped fresh files included)."""
         ...
 
+    def set_concurrency(self, host: str, n: int) -> None:
+        """Attempts allowed in flight at ``host`` now (its AIMD limit, ``pacing.Pacer``)."""
+        ...
+
 
 ADMIT_CHUNK = 256
 """Files handed to ``Recorder.admit`` at once (one state query per chunk)."""
@@ -385,7 +389,8 @@ class _Run:
                                      probe=probe)
         # Starts every endpoint at `concurrency`, not storage.per_host: that bounds connections
         # per host, and after a door's redirect an attempt holds a pool's connection instead.
-        self.pacer = Pacer(settings.concurrency, tally.paced)
+        self.pacer = Pacer(settings.concurrency, tally.paced, on_change=(
+            None if probe is None else lambda ep, n: probe.set_concurrency(_host(ep), n)))
 
     def _trip(self, error: Optional[PrestagedError]) -> None:
         if error is not None and self.abort_error is None:

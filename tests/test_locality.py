@@ -169,6 +169,8 @@ class _StagingProbe:
 
     def file_done(self, outcome: object) -> None: ...
 
+    def set_concurrency(self, host: str, n: int) -> None: ...
+
 
 async def test_a_run_stopped_while_staging_leaves_no_file_counted_as_staging(
     dcache: Factory, pki: TestPKI, proxy: Path

@@ -73,6 +73,18 @@ async def test_back_pressure_halves_the_limit_down_to_one(status: int) -> None:
     assert pacer.paced == {EP: Pace(1, 1, 5)}
 
 
+async def test_on_change_hears_first_use_and_every_change_of_the_limit() -> None:
+    """The metrics hook hears the maximum at an endpoint's first attempt, then each cut and
+    each increase (the daemon's prestaged_endpoint_concurrency gauge)."""
+    heard: list[tuple[str, int]] = []
+    pacer = Pacer(4, on_change=lambda ep, n: heard.append((ep, n)))
+    await _answer(pacer, 429)
+    await _answer(pacer, 503)
+    assert heard == [(EP, 4), (EP, 2), (EP, 1)]
+    await _answer(pacer, 206)  # one success at limit 1, in use: grows to 2
+    assert heard[-1] == (EP, 2)
+
+
 async def test_a_burst_of_429_cuts_once_and_later_answers_of_it_count_for_nothing() -> None:
     """Eight attempts in flight all answered 429 cut 8 -> 4 once; their successes do not grow
     the limit either; the next attempt (a new window) answered 429 cuts again."""
