@@ -349,3 +349,41 @@ def test_the_gate_counts_only_files_still_on_disk(
     assert site.replica(paths[3]).on_disk and site.stats()["door_tape_gets"] == 0
     # The skipped four were not read again: one pool GET each from the first run, two for f3.
     assert site.stats()["requests"]["door:get"] == 6
+
+
+def test_a_campaign_submits_each_cold_tape_slice_once_all_of_it_is_on_disk(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """``campaign run`` over 6 tape-only files in drainingn(3) slices: each slice's submit
+    command starts after every file of it was staged and touched, and runs exactly once; no
+    door GET of a tape-only file."""
+    import shlex
+
+    paths = [f"/pnfs/c/f{i}" for i in range(6)]
+    for i, p in enumerate(paths):
+        site.add_file(p, 10, Locality.TAPE, tape=f"T{i % 2}")
+    definition = _definition(tmp_path, [site.door_url(p) for p in paths])
+    starts = tmp_path / "starts"
+    starts.mkdir()
+    record = ("import sys, time, pathlib; urls = pathlib.Path(sys.argv[1]).read_text().split(); "
+              f"pathlib.Path({str(starts)!r}, sys.argv[2]).write_text("
+              "repr(time.time()) + chr(10) + chr(10).join(urls))")
+    submit = shlex.join([sys.executable, "-c", record]) + " {urls_file} {submission}"
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(f'name = "c"\n[[stage]]\nname = "s"\ninput = {json.dumps(str(definition))}\n'
+                        f'split = "drainingn(3)"\nsubmit = {json.dumps(submit)}\n')
+    res = run_cli("campaign", "run", str(campaign), "--proxy", str(proxy), "--ca-dir",
+                  str(pki.ca_dir), "--state", str(tmp_path / "state.db"), "--config",
+                  str(_config(tmp_path)))
+    assert res.returncode == 0, res.stderr
+    slices = sorted(starts.iterdir())
+    assert len(slices) == 2
+    submitted: list[str] = []
+    for f in slices:
+        started, *urls = f.read_text().split("\n")
+        submitted += urls
+        for url in urls:
+            replica = site.replica("/" + url.split("/", 3)[3])
+            assert replica.on_disk and 0 < replica.atime <= float(started)
+    assert sorted(submitted) == sorted(site.door_url(p) for p in paths)
+    assert site.stats()["door_tape_gets"] == 0
