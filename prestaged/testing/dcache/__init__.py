@@ -3,7 +3,8 @@
 ``DCacheServer(ssl, pool_ssl, DCacheConfig(...))`` listens on 127.0.0.1 with three ports; tests
 set files up with ``server.core.add_file(path, size, Locality.TAPE, tape="T1")`` and assert on
 ``server.core.stats`` and ``server.core.files``; ``ThreadedDCache`` runs one in a thread for
-synchronous callers. Not for production: everything is in memory.
+synchronous callers, and ``python -m prestaged.testing.dcache`` as a process of its own (for
+benchmarks: see its ``--help``). Not for production: everything is in memory.
 """
 
 from prestaged.testing.dcache.model import DCacheConfig, DCacheStats, Locality, Replica

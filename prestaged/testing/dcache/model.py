@@ -78,7 +78,8 @@ class DCacheConfig:
 @dataclass
 class Replica:
     """One file: ``tape`` is its volume (None: no tape copy); ``pins`` maps a stage request id to
-    the ``time.time()`` its pin ends; ``atime`` is the last mover start (``time.time()``)."""
+    the ``time.time()`` its pin ends; ``atime`` is the last mover start (``time.time()``) or
+    recall; ``reads`` counts mover starts, i.e. client reads (a recall is not one)."""
 
     path: str
     size: int
@@ -86,6 +87,7 @@ class Replica:
     on_disk: bool
     readable: bool = True
     atime: float = 0.0
+    reads: int = 0
     pins: dict[str, float] = field(default_factory=dict)
 
     def pinned(self, now: float) -> bool:

@@ -80,6 +80,7 @@ class _Pool:
 
     def _start_mover(self, handler: Optional[RequestHandler], replica: Replica) -> None:
         replica.atime = time.time()
+        replica.reads += 1
         self._core.stats.movers_started += 1
         self._core.stats.open_movers += 1
         if handler is not None:
