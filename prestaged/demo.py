@@ -10,6 +10,11 @@ With ``catalog="samweb"`` the definition lives in a SAM web emulator
 (``enstore:`` locations with a tape suffix), half on disk (``dcache:``), and a config file whose
 ``[[catalog.samweb.rewrite]]`` rules map both onto the test storage, as the Fermilab rules map
 them onto dCache.
+
+``run_tape_demo`` starts the dCache emulator (``prestaged.testing.dcache``, its own process)
+instead, with a cold dataset on tape: 70 % tape-only files over 4 tapes, the rest with a disk
+copy, and one lost file; ``prestaged warm`` stages the tape-only files through the Tape REST
+API and touches each as it lands.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prestaged.errors import PrestagedError
 
-__all__ = ["DEMO_DEFINITION", "run_demo", "write_definition", "write_sam_definition"]
+__all__ = ["DEMO_DEFINITION", "run_demo", "run_tape_demo", "write_definition",
+           "write_sam_definition"]
 
 DEMO_DEFINITION = "demo-dataset"
 """Name of the demo's SAM definition."""
@@ -160,5 +167,85 @@ def run_demo(*, files: int, redirect: bool, keep: bool,
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# The demo's tape library, times scaled down about 1/100 from a real one (a mount takes 1-2 min,
+# a file a few seconds): the demo must take seconds.
+_TAPE_MODEL = ["--drives", "2", "--mount-seconds", "0.5", "--file-seconds", "0.002",
+               "--door-timeout", "3"]
+_TAPE_CONFIG = """# prestaged demo: polls scaled down like the emulated tape library
+[storage]
+poll_min = "200ms"
+poll_max = "2s"
+"""
+
+
+def write_tape_manifest(path: Path, files: int) -> list[str]:
+    """The tape demo's files as a ``prestaged.testing.dcache`` manifest; their paths, in
+    listing order. Files 0, 10, 20... keep a disk copy, file 7 is lost, the rest are tape-only
+    (70 %), round-robin over 4 tapes (the order that makes a GET-driven recall thrash)."""
+    paths = [f"/pnfs/demo/raw/run{n // 100:05d}/demo_{n:06d}.root" for n in range(files)]
+    entries = []
+    for n, name in enumerate(paths):
+        where = "disk+tape" if n % 10 in (0, 3, 6) else "tape"
+        entries.append({"path": name, "size": 1 << 20, "locality": "lost" if n == 7 else where,
+                        "tape": f"T{n % 4}"})
+    path.write_text(json.dumps(entries) + "\n")
+    return paths
+
+
+def _wait_ready(proc: subprocess.Popen[str], ready: Path, timeout: float = 30.0) -> dict[str, Any]:
+    """The emulator's ready file once written (it writes it whole), or ``DemoError``."""
+    deadline = time.monotonic() + timeout
+    while not ready.is_file():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise DemoError("demo: the dCache emulator did not start")
+        time.sleep(0.05)
+    info: dict[str, Any] = json.loads(ready.read_text())
+    return info
+
+
+def run_tape_demo(*, files: int, keep: bool, main: Callable[[Optional[list[str]]], int]) -> int:
+    """The tape demo; returns ``prestaged warm``'s exit code (1: the lost file)."""
+    from prestaged.testing.pki import create_pki
+
+    tmp = Path(tempfile.mkdtemp(prefix="prestaged-demo-"))
+    proc: Optional[subprocess.Popen[str]] = None
+    try:
+        pki = create_pki(tmp / "pki")
+        proxy = pki.make_proxy(tmp / "x509up_demo")
+        paths = write_tape_manifest(tmp / "manifest.json", files)
+        stats = tmp / "dcache-stats.json"
+        proc = subprocess.Popen([sys.executable, "-m", "prestaged.testing.dcache", "--pki-dir",
+                                 str(tmp / "pki"), "--ready-file", str(tmp / "ready.json"),
+                                 "--stats-file", str(stats), "--manifest",
+                                 str(tmp / "manifest.json"), *_TAPE_MODEL], text=True)
+        info = _wait_ready(proc, tmp / "ready.json")
+        door = str(info["door_url"]).rstrip("/")
+        definition = tmp / "demo-dataset.txt"
+        definition.write_text("".join(door + p + "\n" for p in paths))
+        config = tmp / "prestaged.toml"
+        config.write_text(_TAPE_CONFIG)
+        print(f"demo: emulated dCache: WebDAV door {door}, Tape REST API {info['tape_api_url']}")
+        print(f"demo: {files} files, cold: 70% only on tape (4 tapes, 2 drives), 1 lost")
+        print(f"demo: definition {definition}\n")
+        code = main(["warm", str(definition), "--proxy", str(proxy), "--ca-dir",
+                     str(pki.ca_dir), "--state", str(tmp / "state.db"), "--config",
+                     str(config)])
+        seen = _stop(proc, stats).get("stats", {})
+        asked = seen.get("requests", {})
+        print(f"\ndemo: the dCache saw {asked.get('frontend:archiveinfo', 0)} locality and "
+              f"{asked.get('frontend:stage', 0)} stage requests, {seen.get('mounts', 0)} tape "
+              f"mounts, {seen.get('recalled', 0)} recalls, and "
+              f"{seen.get('door_tape_gets', 0)} GETs of a tape-only file at its door")
+        if keep:
+            print(f"demo: kept {tmp}")
+        return code
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -337,3 +337,14 @@ def test_demo_runs_end_to_end() -> None:
     assert res.returncode == 0, res.stderr
     assert re.search(r"warm\s+300\b", res.stdout)
     assert "the storage saw 300 requests and sent 1200 bytes" in res.stdout
+
+
+def test_tape_demo_stages_the_cold_dataset_and_never_gets_a_tape_file() -> None:
+    """`prestaged demo --tape`: the emulated dCache's tape-only files are staged in bulk and
+    touched, the lost one fails (exit 1), and the door never saw a GET of a tape-only file."""
+    res = run_cli("demo", "--tape", "--files", "200")
+    assert res.returncode == 1, res.stderr
+    assert re.search(r"warm\s+199\b", res.stdout) and re.search(r"failed\s+1\b", res.stdout)
+    assert "staged         139 warm from tape (139 requested, 139 reached disk)" in res.stdout
+    assert re.search(r"\b1 stage requests, \d+ tape mounts, 139 recalls, and 0 GETs of a "
+                     r"tape-only file at its door", res.stdout), res.stdout

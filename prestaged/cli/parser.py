@@ -457,6 +457,9 @@ def _add_demo(sub: Subparsers, parents: _Parents) -> None:
                      default="local",
                      help="resolve the definition with a local file (default) or through a "
                           "SAM web emulator")
+    own.add_argument("--tape", action="store_true",
+                     help="a cold dataset on an emulated tape-backed dCache (door, pool, Tape "
+                          "REST frontend, 2 drives): staged in bulk, then touched")
     d = sub.add_parser("demo", help="warm a generated dataset on a local test storage",
                        description="Start a test HTTPS storage on 127.0.0.1 with a fresh test "
                                    "PKI, warm a generated definition through the real CLI, "
