@@ -98,12 +98,14 @@ class Setup:
 
 @dataclass(frozen=True)
 class Pass:
-    """One ``prestaged warm`` process of a run: wall and CPU seconds, exit code, its counts."""
+    """One ``prestaged warm`` process of a run: wall and CPU seconds, exit code, its counts and
+    retries by reason."""
 
     wall_seconds: float
     cpu_seconds: float
     returncode: int
     counts: dict[str, int]
+    retries: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -220,14 +222,15 @@ def stage_supported() -> bool:
 def _pass(cmd: list[str], timeout: float) -> Pass:
     got = run_measured(cmd, timeout=timeout)
     try:
-        counts = json.loads(got.stdout).get("counts", {})
+        doc = json.loads(got.stdout)
     except ValueError:
-        counts = {}
+        doc = {}
     if got.returncode not in (0, 1):
         tail = got.stderr.strip()[-300:]
         print(f"  prestaged exited {got.returncode}: {tail!r}", file=sys.stderr, flush=True)
     return Pass(wall_seconds=round(got.elapsed, 3), cpu_seconds=round(got.cpu_seconds, 2),
-                returncode=got.returncode, counts=counts)
+                returncode=got.returncode, counts=doc.get("counts", {}),
+                retries=doc.get("retries", {}))
 
 
 def _all_warm(p: Pass, files: int) -> bool:
@@ -367,7 +370,8 @@ def _progress(run: Run) -> None:
     print(f"round {run.round} {run.mode:<5}: {run.seconds:.1f} s in {len(run.passes)} passes; "
           f"door {run.door_requests} requests ({run.door_tape_gets} GETs of tape-only files, "
           f"blocked {run.door_blocked_seconds:.0f} s), frontend {run.frontend_requests}, "
-          f"{run.mounts} mounts, max {run.max_paths} paths/request {verdict}",
+          f"{run.mounts} mounts, max {run.max_paths} paths/request; emulator CPU "
+          f"{run.emulator_cpu_seconds:.0f} s {verdict}",
           file=sys.stderr, flush=True)
 
 
