@@ -308,7 +308,7 @@ def measure(setup: Setup, mode: str, round_no: int) -> Run:
 
 def _per_mode(runs: list[Run], mode: str) -> dict[str, Any]:
     mine = [r for r in runs if r.mode == mode]
-    return {key: median([getattr(r, key) for r in mine])
+    return {key: round(median([getattr(r, key) for r in mine]), 2)
             for key in ("seconds", "door_requests", "frontend_requests", "door_tape_gets",
                         "door_blocked_seconds", "mounts")} | {
         "passes": median([len(r.passes) for r in mine]),
