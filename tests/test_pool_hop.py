@@ -419,3 +419,29 @@ async def test_dcache_movers_end_with_each_fast_hop(client: ssl.SSLContext,
     assert stats is not None and (stats.hops, stats.hop_fallbacks) == (20, 0)
     await srv.core.wait_until(lambda: srv.core.stats.open_movers == 0)
     assert srv.core.stats.movers_started == 20
+
+
+async def test_named_pool_resolved_once_numeric_door_never(
+    client: ssl.SSLContext, door: StorageServer, pool: StorageServer
+) -> None:
+    """One-shot hops to a pool named by host name ask the resolver once for ten files (aiohttp's
+    DNS cache does the same), and the numeric door is never looked up."""
+    loop = asyncio.get_running_loop()
+    asked: list[object] = []
+    resolve = loop.getaddrinfo
+
+    async def counting(host: Any, *args: Any, **kwargs: Any) -> Any:
+        asked.append(host)
+        return await resolve(host, *args, **kwargs)
+
+    location = f"https://localhost:{pool.door_port}/h?dcache-http-uuid=1"
+    door.inject("/h", [_to(location)] * 10)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "getaddrinfo", counting)
+        async with HttpToucher(client, limit=4, limit_per_host=4, timeout=20) as t:
+            got = [await t.touch(door.url("/h")) for _ in range(10)]
+            stats = t.fast_path_stats
+    assert got == [WARM] * 10
+    assert stats is not None and (stats.hops, stats.hop_fallbacks) == (10, 0)
+    assert asked == ["localhost"]
+    assert t.tls_sessions.resumed >= 9  # the session is kept under the name, not the address

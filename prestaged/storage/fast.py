@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union, cast
@@ -49,6 +50,7 @@ __all__ = [
     "MAX_FIELD_SIZE",
     "MAX_HEADERS",
     "MAX_LINE_SIZE",
+    "RESOLVE_TTL",
     "Answer",
     "Endpoint",
     "FastPath",
@@ -101,6 +103,10 @@ _NETLOC = re.compile(r"([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)(?::([0-9]{1,5}))?")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Idle keep-alive connections are closed after this long (aiohttp's keepalive_timeout).
 IDLE_TIMEOUT = 15.0
+RESOLVE_TTL = 300.0
+"""Seconds a host name's addresses are kept (aiohttp's ``ttl_dns_cache`` in ``HttpToucher``):
+one-shot connections to a named pool would otherwise ask the resolver once per file."""
+_IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
 # Sent on one-shot connections: the server may end the transfer (a dCache mover) with the
 # answer rather than when it sees the connection close.
 _CLOSE = b"Connection: close\r\n"
@@ -153,8 +159,8 @@ class Endpoint:
     """One ``scheme://host:port``: where to connect, the request tail, the idle connections
     (never any if ``one_shot``), the slots its connections count against."""
 
-    __slots__ = ("host", "idle", "one_shot", "open", "port", "server_hostname", "slots", "ssl",
-                 "tail")
+    __slots__ = ("addresses", "host", "idle", "numeric", "one_shot", "open", "port",
+                 "resolved_until", "server_hostname", "slots", "ssl", "tail")
 
     def __init__(self, host: str, port: int, ssl_context: Optional[ssl.SSLContext],
                  tail: bytes, slots: _Slots, *, one_shot: bool) -> None:
@@ -167,6 +173,9 @@ class Endpoint:
         self.one_shot = one_shot
         self.idle: list[_Conn] = []
         self.open = 0
+        self.numeric = _IPV4.fullmatch(host) is not None
+        self.addresses: list[tuple[int, str]] = []  # (family, address) of a host name
+        self.resolved_until = 0.0
 
 
 def _endpoint(endpoint: str, ssl_context: Optional[ssl.SSLContext], headers: bytes,
@@ -580,11 +589,7 @@ class FastPath:
         ep.open += 1
         ep.slots.open += 1
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(lambda: conn, ep.host, ep.port, ssl=ep.ssl,
-                                            server_hostname=ep.server_hostname),
-                timeout,
-            )
+            await asyncio.wait_for(self._open(conn, ep), timeout)
         except asyncio.TimeoutError:
             conn.close()
             if timeout < self._connect_timeout:  # the attempt's own limit: the caller says so
@@ -606,6 +611,40 @@ class FastPath:
             conn.close()
             return None
         return conn
+
+    async def _open(self, conn: _Conn, ep: Endpoint) -> None:
+        """Connect ``conn`` to ``ep`` and finish the TLS handshake: to a numeric host directly,
+        else to the name's addresses (resolved at most every ``RESOLVE_TTL`` s) in turn."""
+        def factory() -> _Conn:
+            return conn
+
+        if ep.numeric:
+            await self.loop.create_connection(factory, ep.host, ep.port, ssl=ep.ssl,
+                                              server_hostname=ep.server_hostname)
+            return
+        error: Optional[OSError] = None
+        for family, address in await self._addresses(ep):
+            try:
+                await self.loop.create_connection(factory, address, ep.port, family=family,
+                                                  ssl=ep.ssl, server_hostname=ep.server_hostname)
+                return
+            except OSError as e:  # refused, unreachable, TLS: the next address, as aiohttp does
+                error = e
+        raise error or OSError(f"no address for {ep.host}")
+
+    async def _addresses(self, ep: Endpoint) -> list[tuple[int, str]]:
+        """The (family, address) pairs of ``ep``'s host name, from the cache or the resolver."""
+        now = self.loop.time()
+        if ep.addresses and now < ep.resolved_until:
+            return ep.addresses
+        infos = await self.loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
+        found: list[tuple[int, str]] = []
+        for family, _, _, _, sockaddr in infos:
+            pair = (int(family), str(sockaddr[0]))
+            if pair not in found:
+                found.append(pair)
+        ep.addresses, ep.resolved_until = found, now + RESOLVE_TTL
+        return found
 
     @property
     def closed(self) -> bool:

@@ -41,6 +41,7 @@ from prestaged.model import Attempt, Failure
 from prestaged.net import parse_retry_after, tls_cause
 from prestaged.storage.attempt import CONTENT_RANGE_TOTAL, DRAIN_LIMIT, REDIRECTS
 from prestaged.storage.fast import (
+    RESOLVE_TTL,
     Answer,
     Endpoint,
     FastPath,
@@ -187,7 +188,7 @@ class HttpToucher:
             limit=self._limit,
             limit_per_host=self._limit_per_host,
             ssl=self._ssl if self._ssl is not None else True,
-            ttl_dns_cache=300,
+            ttl_dns_cache=RESOLVE_TTL,  # seconds; the fast path keeps names as long
         )
         session: aiohttp.ClientSession = aio.ClientSession(
             connector=connector,
