@@ -10,12 +10,13 @@ transports build their ``SSLObject`` through ``SSLContext.wrap_bio``, which does
 ``enable_resumption`` wraps the context's ``wrap_bio`` once; the wrapper offers a session only
 inside ``SessionCache.offering(host, port)`` (a ``ContextVar``, copied into any task the
 connection is made in), and only to the server name it was cached for; it also hands the new
-``SSLObject`` to the ``Hop`` that block yields (aiohttp may have released the connection by the
-time the caller sees the answer). Every other connection made with the context (doors, the fast
-path) is unchanged.
+``SSLObject`` to the ``Hop`` that block yields (aiohttp may have released the connection, and the
+fast path's one-shot hop has closed it, by the time the caller sees the answer). Every other
+connection made with the context (doors, kept-alive fast-path connections) is unchanged.
 
 A TLS 1.3 session is only resumable once its ticket has arrived, after the handshake: keep it
-with ``Hop.remember()`` after reading the answer, before closing. A server that refuses (no
+with ``Hop.remember()`` after reading the answer (before closing, or after a clean close: the
+``SSLObject`` keeps its session). A server that refuses (no
 tickets, no cache, a forgotten session) simply does a full handshake.
 """
 
