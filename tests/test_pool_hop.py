@@ -15,7 +15,7 @@ import pytest
 from prestaged.credentials import load_credentials
 from prestaged.model import Attempt, Failure, FileRef
 from prestaged.retry import RetryPolicy
-from prestaged.storage.fast import FastPathStats, connect_timeout_text
+from prestaged.storage.fast import Endpoint, FastPath, FastPathStats, connect_timeout_text
 from prestaged.storage.http import HttpToucher
 from prestaged.storage.tls import SessionCache
 from prestaged.testing.dcache import Locality
@@ -402,6 +402,32 @@ async def test_pool_hops_do_not_take_the_door_connection_s_slot(
     assert got == [WARM] * 10
     assert stats is not None and (stats.hops, stats.connections) == (10, 1)
     assert srv.stats.connections == {"door": 1, "pool": 10}
+
+
+async def test_pool_hops_bounded_per_host(client: ssl.SSLContext, pki: TestPKI,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """limit_per_host 2 with 16 files at once: never more than two pool connections open, the
+    other hops wait for a slot, none is handed back."""
+    most = 0
+    connect = FastPath._connect
+
+    async def counting(self: FastPath, ep: Endpoint, timeout: float) -> Any:
+        nonlocal most
+        if ep.one_shot:
+            most = max(most, ep.open + 1)
+        return await connect(self, ep, timeout)
+
+    monkeypatch.setattr(FastPath, "_connect", counting)
+    async with StorageServer(pki.server_ssl_context(), redirect=True,
+                             pool_ssl_context=_pool_context(pki, "1.3")) as srv:
+        async with HttpToucher(client, limit=8, limit_per_host=2, timeout=20) as t:
+            got = await asyncio.gather(*(t.touch(srv.url(f"/b/f{i}")) for i in range(16)))
+            stats = t.fast_path_stats
+        await srv.wait_until(lambda s: s.open_connections("pool") == 0, timeout=10)
+    assert got == [WARM] * 16
+    assert stats is not None and (stats.hops, stats.hop_fallbacks) == (16, 0)
+    assert most == 2
+    assert srv.stats.connections["pool"] == 16
 
 
 async def test_dcache_movers_end_with_each_fast_hop(client: ssl.SSLContext,
