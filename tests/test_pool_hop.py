@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, cast
@@ -111,6 +112,7 @@ def test_pool_hops_closed_and_resumed(pki: TestPKI, proxy: Path, loop_name: str,
     assert stats.open_connections("pool") == 0
     assert stats.tls_resumed["pool"] >= FILES - IN_FLIGHT  # only the first wave is full
     assert cache.resumed == stats.tls_resumed["pool"] <= cache.offered
+    assert cache.kept <= 2 * IN_FLIGHT  # a resumed session stays: no copy of each successor
     assert stats.tls_resumed["door"] == 0  # doors are kept alive, never offered a session
     assert len(cache) == 1
 
@@ -471,3 +473,70 @@ async def test_named_pool_resolved_once_numeric_door_never(
     assert stats is not None and (stats.hops, stats.hop_fallbacks) == (10, 0)
     assert asked == ["localhost"]
     assert t.tls_sessions.resumed >= 9  # the session is kept under the name, not the address
+
+
+# --- which session a hop leaves cached (fakes: what Hop.remember reads) ------------------------
+
+
+class _Session:
+    """What ``Hop.remember`` reads of an ``ssl.SSLSession``: created ``age`` s ago."""
+
+    def __init__(self, age: float = 0.0, timeout: int = 7200) -> None:
+        self.time = int(time.time() - age)
+        self.timeout = timeout
+        self.has_ticket = True
+        self.id = b"id"
+
+
+class _TLS:
+    """What ``Hop.remember`` reads of an ``ssl.SSLObject``; counts reads of ``session`` (each
+    one a copy in CPython)."""
+
+    def __init__(self, reused: bool, session: _Session) -> None:
+        self.session_reused = reused
+        self._session = session
+        self.reads = 0
+
+    @property
+    def session(self) -> _Session:
+        self.reads += 1
+        return self._session
+
+
+def _hop(cache: SessionCache, reused: bool, new: _Session) -> int:
+    """One hop to pool:1 offering the cached session; the server resumes it or not and the
+    connection ends with session ``new``. Returns how often the session was read."""
+    tls = _TLS(reused, new)
+    with cache.offering("pool", 1) as hop:
+        hop.session("pool")  # what wrap_bio asks
+        hop.tls = cast(ssl.SSLObject, tls)
+        hop.remember()
+    return tls.reads
+
+
+def test_resumed_hops_keep_the_cached_session_until_half_its_lifetime() -> None:
+    """A full handshake's session is taken; hops resuming it leave it cached without reading
+    theirs, until it is half-way through its lifetime; a stale session refused once is
+    simply replaced."""
+    cache = SessionCache()
+    stale, first, later = _Session(), _Session(), _Session()
+    cache.put("pool", 1, cast(ssl.SSLSession, stale))
+    assert _hop(cache, False, first) == 1  # refused (never accepted): replaced
+    assert [_hop(cache, True, _Session()) for _ in range(5)] == [0] * 5
+    assert cache.get("pool", 1) is first and cache.kept == 1 and cache.resumed == 5
+    first.time -= 3601  # half of 7200 s
+    assert _hop(cache, True, later) == 1
+    assert cache.get("pool", 1) is later
+    assert _hop(cache, True, _Session()) == 0  # the fresh one stays
+
+
+def test_pool_refusing_a_session_it_accepted_gets_each_new_one() -> None:
+    """A pool that refuses a session it resumed before (single-use tickets) is given the
+    newest session at every hop from then on."""
+    cache = SessionCache()
+    _hop(cache, False, _Session())
+    assert _hop(cache, True, _Session()) == 0  # accepted: proven
+    assert _hop(cache, False, _Session()) == 1  # refused the proven session
+    newest = [_Session() for _ in range(3)]
+    assert [_hop(cache, True, s) for s in newest] == [1, 1, 1]
+    assert cache.get("pool", 1) is newest[-1]
