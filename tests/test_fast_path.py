@@ -209,17 +209,22 @@ async def test_nbytes_larger_than_the_file(ctx: ssl.SSLContext, storage: Storage
     assert _stats(fast) == (1, 0)
 
 
-async def test_redirect_followed_through_aiohttp(ctx: ssl.SSLContext, pki: TestPKI) -> None:
-    """Door 302 -> pool: the door answer is the fast path's, the pool read aiohttp's (closed)."""
+async def test_redirect_followed_on_a_one_shot_connection(ctx: ssl.SSLContext,
+                                                         pki: TestPKI) -> None:
+    """Door 302 -> pool: both answers are the fast path's (the pool's on a connection closed
+    after its read), the same Attempts as aiohttp's, and no aiohttp session is opened."""
     async with StorageServer(pki.server_ssl_context(), redirect=True) as srv:
         urls = [srv.url(f"/pnfs/r/f{i}") for i in range(20)]
         async with _toucher(ctx) as fast:
             got = [await fast.touch(u) for u in urls]
+            assert fast._session is None
         async with _toucher(ctx, fast=False) as slow:
             want = [await slow.touch(u) for u in urls]
         assert got == want
         assert set(got) == {Attempt(status=206, data=4, size=1 << 20)}
         assert _stats(fast) == (20, 0)
+        stats = fast.fast_path_stats
+        assert stats is not None and (stats.hops, stats.hop_fallbacks) == (20, 0)
         assert srv.stats.connections["door"] == 2  # one per toucher: door kept alive
         assert srv.stats.connections["pool"] == 40  # one mover connection per read
         await srv.wait_until(lambda s: s.open_connections("pool") == 0, timeout=10)
@@ -380,23 +385,25 @@ async def test_runs_follow_the_config_key(ctx: ssl.SSLContext, storage: StorageS
     assert storage.stats.path("/cfg/f0").requests == 2
 
 
+@pytest.mark.parametrize("redirect", [False, True], ids=["direct", "door-pool"])
 async def test_a_run_the_fast_path_serves_never_loads_aiohttp(
-    pki: TestPKI, proxy: Path, storage: StorageServer, tmp_path: Path
+    pki: TestPKI, proxy: Path, tmp_path: Path, redirect: bool
 ) -> None:
-    """``prestaged warm --stage never`` of plain URLs that all answer 206 does not import
-    aiohttp at all (a third of a one-file run's start-up); a redirect would load it for the
-    pool hop, and so does the Tape REST discovery of ``--stage auto``."""
-    definition = tmp_path / "ds.txt"
-    definition.write_text("".join(storage.url(f"/lean/f{i}") + "\n" for i in range(20)))
-    code = ("import sys; from prestaged.cli import main; rc = main(sys.argv[1:]); "
-            "print('aiohttp' in sys.modules, rc)")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, "warm", str(definition), "--proxy", str(proxy), "--ca-dir",
-        str(pki.ca_dir), "--no-state", "-q", "--stage", "never", stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    """``prestaged warm --stage never`` of plain URLs that all answer 206, directly or through a
+    door's redirect to a pool, does not import aiohttp at all (a third of a one-file run's
+    start-up); the Tape REST discovery of ``--stage auto`` does load it."""
+    async with StorageServer(pki.server_ssl_context(), redirect=redirect) as srv:
+        definition = tmp_path / "ds.txt"
+        definition.write_text("".join(srv.url(f"/lean/f{i}") + "\n" for i in range(20)))
+        code = ("import sys; from prestaged.cli import main; rc = main(sys.argv[1:]); "
+                "print('aiohttp' in sys.modules, rc)")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, "warm", str(definition), "--proxy", str(proxy),
+            "--ca-dir", str(pki.ca_dir), "--no-state", "-q", "--stage", "never",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert out.decode().split()[-2:] == ["False", "0"], err.decode()
-    assert storage.stats.path("/lean/f19").requests == 1
+    assert srv.stats.path("/lean/f19").requests == (2 if redirect else 1)
 
 
 async def test_a_fallback_after_close_opens_no_session(ctx: ssl.SSLContext,

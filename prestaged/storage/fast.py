@@ -6,10 +6,16 @@ connection, this module writes pre-built request bytes on a pooled ``asyncio.Pro
 connection and parses the answer with ``httptools`` (llhttp). It produces the same ``Attempt``
 as the aiohttp path or hands the file back: ``FastPath.fetch`` returns an ``Attempt`` (final
 answer, or a connection not made within ``connect_timeout``), a ``Redirect`` (which the caller
-follows with aiohttp) or None (no complete, well-formed answer within aiohttp's limits:
-connection or TLS failure, timeout, stale connection, parser error, a head past aiohttp's
-limits, no free connection slot), after which the caller tries the URL once with aiohttp, so
-failures are classified exactly as before.
+follows) or None (no complete, well-formed answer within aiohttp's limits: connection or TLS
+failure, timeout, stale connection, parser error, a head past aiohttp's limits, no free
+connection slot), after which the caller tries the URL once with aiohttp, so failures are
+classified exactly as before.
+
+A redirect's target (a dCache pool's one-time URL) is fetched the same way on a one-shot
+connection (``FastPath.hop_route``): a new connection per request, ``Connection: close`` sent,
+closed as soon as the answer is in, never pooled, since a dCache mover lives as long as its
+connection. One-shot connections have their own slots (``limit`` overall, ``limit_per_host``
+per endpoint), so a hop never closes an idle keep-alive connection to a door to make room.
 
 A server decides how much it sends; the fast path bounds what it keeps. aiohttp refuses a
 reason phrase or a header line over 8190 bytes and more than 128 header lines, so the same
@@ -27,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union, cast
@@ -43,6 +50,9 @@ __all__ = [
     "MAX_FIELD_SIZE",
     "MAX_HEADERS",
     "MAX_LINE_SIZE",
+    "RESOLVE_TTL",
+    "Answer",
+    "Endpoint",
     "FastPath",
     "FastPathStats",
     "Redirect",
@@ -93,6 +103,13 @@ _NETLOC = re.compile(r"([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)(?::([0-9]{1,5}))?")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Idle keep-alive connections are closed after this long (aiohttp's keepalive_timeout).
 IDLE_TIMEOUT = 15.0
+RESOLVE_TTL = 300.0
+"""Seconds a host name's addresses are kept (aiohttp's ``ttl_dns_cache`` in ``HttpToucher``):
+one-shot connections to a named pool would otherwise ask the resolver once per file."""
+_IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+# Sent on one-shot connections: the server may end the transfer (a dCache mover) with the
+# answer rather than when it sees the connection close.
+_CLOSE = b"Connection: close\r\n"
 _MAX_ENDPOINTS = 4096
 _WANTED = frozenset({b"content-length", b"content-range", b"retry-after", b"location"})
 
@@ -100,34 +117,70 @@ _WANTED = frozenset({b"content-length", b"content-range", b"retry-after", b"loca
 @dataclass
 class FastPathStats:
     """Counters of a ``FastPath``: ``answered`` files (final answer, redirect, or no connection
-    within the connect timeout), ``fallbacks``
-    (handed back to aiohttp), ``connections`` opened, ``reused`` requests on a pooled one."""
+    within the connect timeout), ``fallbacks`` (handed back to aiohttp), kept-alive
+    ``connections`` opened, ``reused`` requests on a pooled one; ``hops`` redirect targets
+    answered on one-shot connections, ``hop_fallbacks`` handed back."""
 
     answered: int = 0
     fallbacks: int = 0
     connections: int = 0
     reused: int = 0
+    hops: int = 0
+    hop_fallbacks: int = 0
 
 
-class _Endpoint:
-    """One ``scheme://host:port``: where to connect, the request tail, the idle connections."""
+class _Slots:
+    """Open connections of one kind (kept-alive or one-shot) against their overall ``limit``,
+    and the fetches waiting for one to close or go idle."""
 
-    __slots__ = ("host", "idle", "open", "port", "server_hostname", "ssl", "tail")
+    __slots__ = ("limit", "open", "waiters")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def wake(self) -> None:
+        """A connection went idle or a slot became free: let one waiting fetch look again."""
+        while self.waiters:
+            waiter = self.waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def wake_all(self) -> None:
+        """Let every waiting fetch look again (the pool is closing)."""
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class Endpoint:
+    """One ``scheme://host:port``: where to connect, the request tail, the idle connections
+    (never any if ``one_shot``), the slots its connections count against."""
+
+    __slots__ = ("addresses", "host", "idle", "numeric", "one_shot", "open", "port",
+                 "resolved_until", "server_hostname", "slots", "ssl", "tail")
 
     def __init__(self, host: str, port: int, ssl_context: Optional[ssl.SSLContext],
-                 tail: bytes) -> None:
+                 tail: bytes, slots: _Slots, *, one_shot: bool) -> None:
         self.host = host
         self.port = port
         self.ssl = ssl_context
         self.server_hostname = host if ssl_context is not None else None
         self.tail = tail
+        self.slots = slots
+        self.one_shot = one_shot
         self.idle: list[_Conn] = []
         self.open = 0
+        self.numeric = _IPV4.fullmatch(host) is not None
+        self.addresses: list[tuple[int, str]] = []  # (family, address) of a host name
+        self.resolved_until = 0.0
 
 
-def _endpoint(endpoint: str, ssl_context: Optional[ssl.SSLContext],
-              headers: bytes) -> Optional[_Endpoint]:
-    """The ``_Endpoint`` of ``scheme://netloc``, or None if the fast path does not take it."""
+def _endpoint(endpoint: str, ssl_context: Optional[ssl.SSLContext], headers: bytes,
+              slots: _Slots, *, one_shot: bool) -> Optional[Endpoint]:
+    """The ``Endpoint`` of ``scheme://netloc``, or None if the fast path does not take it."""
     scheme, _, netloc = endpoint.partition("://")
     if scheme not in _DEFAULT_PORTS or (scheme == "https" and ssl_context is None):
         return None
@@ -141,13 +194,14 @@ def _endpoint(endpoint: str, ssl_context: Optional[ssl.SSLContext],
     if host_header is None:
         return None
     tail = b" HTTP/1.1\r\nHost: " + host_header.encode("ascii") + b"\r\n" + headers + b"\r\n"
-    return _Endpoint(match.group(1), port, ssl_context if scheme == "https" else None, tail)
+    return Endpoint(match.group(1), port, ssl_context if scheme == "https" else None, tail,
+                     slots, one_shot=one_shot)
 
 
 class _Conn(asyncio.Protocol):
     """One keep-alive connection; one request at a time, its answer parsed by httptools."""
 
-    def __init__(self, pool: FastPath, ep: _Endpoint) -> None:
+    def __init__(self, pool: FastPath, ep: Endpoint) -> None:
         self.pool = pool
         self.ep = ep
         self.parser = httptools.HttpResponseParser(self)
@@ -328,7 +382,8 @@ class _Conn(asyncio.Protocol):
         if self.mode == "read":  # nbytes read and more would follow: never read the rest
             self._final(data=self.got, size=self.size)
         answer = self.answer
-        if self.complete and self.keep and not self.drop and not self.retired:
+        if (self.complete and self.keep and not self.drop and not self.retired
+                and not self.ep.one_shot):
             self.waiter_done()
             self.pool.release(self)
         else:
@@ -380,18 +435,20 @@ class _Conn(asyncio.Protocol):
         if not self.retired:
             self.retired = True
             self.ep.open -= 1
-            self.pool.open -= 1
-            self.pool.wake()
+            self.ep.slots.open -= 1
+            self.ep.slots.wake()
 
 
 class FastPath:
-    """Pooled keep-alive HTTP/1.1 connections for plain ranged GETs (see the module docstring).
+    """Pooled keep-alive HTTP/1.1 connections for plain ranged GETs, and one-shot connections
+    for redirect targets (see the module docstring).
 
     ``ssl_context`` is used for every https endpoint (None: https is left to aiohttp);
     ``nbytes``: file bytes read per file; ``headers``: the request's header lines (CRLF-ended
     bytes, Host excluded); ``limit``/``limit_per_host``: open connections overall and per
-    endpoint; ``connect_timeout``: seconds to connect and finish the TLS handshake.
-    Build it inside the running loop (``HttpToucher.start``).
+    endpoint, for kept-alive and one-shot connections each; ``connect_timeout``: seconds to
+    connect and finish the TLS handshake. Build it inside the running loop
+    (``HttpToucher.start``).
     """
 
     def __init__(self, ssl_context: Optional[ssl.SSLContext], *, nbytes: int, headers: bytes,
@@ -399,30 +456,49 @@ class FastPath:
         self.loop = asyncio.get_running_loop()
         self.nbytes = nbytes
         self.stats = FastPathStats()
-        self.open = 0
         self._ssl = ssl_context
         self._headers = headers
-        self._limit = limit
         self._limit_per_host = limit_per_host
         self._connect_timeout = connect_timeout
-        self._endpoints: dict[str, Optional[_Endpoint]] = {}
+        self._kept = _Slots(limit)
+        self._one_shot = _Slots(limit)
+        self._endpoints: dict[str, Optional[Endpoint]] = {}
+        self._hop_endpoints: dict[str, Optional[Endpoint]] = {}
         self._sweeper: Optional[asyncio.TimerHandle] = None
-        self._waiters: list[asyncio.Future[None]] = []
         self._closed = False
 
-    def route(self, url: str) -> Optional[tuple[_Endpoint, bytes]]:
-        """The endpoint and request bytes for ``url``, or None if it is not a plain URL."""
+    @property
+    def open(self) -> int:
+        """Connections open now (kept-alive and one-shot)."""
+        return self._kept.open + self._one_shot.open
+
+    def route(self, url: str) -> Optional[tuple[Endpoint, bytes]]:
+        """The endpoint and request bytes for ``url`` on a kept-alive connection, or None if it
+        is not a plain URL."""
+        return self._route(url, self._endpoints, one_shot=False)
+
+    def hop_route(self, url: str) -> Optional[tuple[Endpoint, bytes]]:
+        """The endpoint and request bytes for ``url`` (a redirect target) on a one-shot
+        connection, or None if it is not a plain URL."""
+        return self._route(url, self._hop_endpoints, one_shot=True)
+
+    def _route(self, url: str, endpoints: dict[str, Optional[Endpoint]], *,
+               one_shot: bool) -> Optional[tuple[Endpoint, bytes]]:
         start = url.find("://")
         end = url.find("/", start + 3) if start > 0 else -1
         if end < 0:
             return None
         key = url[:end]
         try:
-            ep = self._endpoints[key]
+            ep = endpoints[key]
         except KeyError:
-            ep = _endpoint(key, self._ssl, self._headers)
-            if len(self._endpoints) < _MAX_ENDPOINTS:
-                self._endpoints[key] = ep
+            if one_shot:
+                ep = _endpoint(key, self._ssl, self._headers + _CLOSE, self._one_shot,
+                               one_shot=True)
+            else:
+                ep = _endpoint(key, self._ssl, self._headers, self._kept, one_shot=False)
+            if len(endpoints) < _MAX_ENDPOINTS:
+                endpoints[key] = ep
         if ep is None:
             return None
         path = url[end:]
@@ -430,8 +506,9 @@ class FastPath:
             return None
         return ep, b"GET " + path.encode("ascii") + ep.tail
 
-    async def fetch(self, ep: _Endpoint, request: bytes, timeout: float) -> Answer:
-        """Send ``request`` to ``ep`` on a pooled or new connection; see the module docstring.
+    async def fetch(self, ep: Endpoint, request: bytes, timeout: float) -> Answer:
+        """Send ``request`` to ``ep`` on a pooled or new connection (always a new one, closed
+        after the answer, for a ``hop_route``); see the module docstring.
 
         ``timeout`` (seconds) covers waiting for a connection, connecting and the answer.
         """
@@ -440,10 +517,10 @@ class FastPath:
             deadline = self.loop.time() + timeout
             got = await self._acquire(ep, deadline)
             if isinstance(got, Attempt):  # no connection within connect_timeout
-                self.stats.answered += 1
+                self._count(ep, got)
                 return got
             if got is None:
-                self.stats.fallbacks += 1
+                self._count(ep, None)
                 return None
             conn = got
             timeout = deadline - self.loop.time()
@@ -454,43 +531,45 @@ class FastPath:
         except asyncio.CancelledError:
             conn.abandon()
             raise
-        if answer is None:
-            self.stats.fallbacks += 1
-        else:
-            self.stats.answered += 1
+        self._count(ep, answer)
         return answer
 
-    async def _acquire(self, ep: _Endpoint, deadline: float) -> Union[_Conn, Attempt, None]:
+    def _count(self, ep: Endpoint, answer: Answer) -> None:
+        stats = self.stats
+        if ep.one_shot:
+            if answer is None:
+                stats.hop_fallbacks += 1
+            else:
+                stats.hops += 1
+        elif answer is None:
+            stats.fallbacks += 1
+        else:
+            stats.answered += 1
+
+    async def _acquire(self, ep: Endpoint, deadline: float) -> Union[_Conn, Attempt, None]:
         """A new connection to ``ep``, or an idle one freed while we wait for a slot (see
         ``_connect`` for the Attempt)."""
+        waiters = ep.slots.waiters
         while not self._closed:
             if self._free_slot(ep):
                 timeout = min(deadline - self.loop.time(), self._connect_timeout)
                 return await self._connect(ep, timeout)
             waiter: asyncio.Future[None] = self.loop.create_future()
-            self._waiters.append(waiter)
+            waiters.append(waiter)
             try:
                 await asyncio.wait_for(waiter, deadline - self.loop.time())
             except asyncio.TimeoutError:
                 return None
             finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
+                if waiter in waiters:
+                    waiters.remove(waiter)
             conn = self._take(ep)
             if conn is not None:
                 self.stats.reused += 1
                 return conn
         return None
 
-    def wake(self) -> None:
-        """A connection went idle or a slot became free: let one waiting fetch look again."""
-        while self._waiters:
-            waiter = self._waiters.pop(0)
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-
-    def _take(self, ep: _Endpoint) -> Optional[_Conn]:
+    def _take(self, ep: Endpoint) -> Optional[_Conn]:
         idle = ep.idle
         while idle:
             conn = idle.pop()
@@ -500,7 +579,7 @@ class FastPath:
             conn.close()
         return None
 
-    async def _connect(self, ep: _Endpoint, timeout: float) -> Union[_Conn, Attempt, None]:
+    async def _connect(self, ep: Endpoint, timeout: float) -> Union[_Conn, Attempt, None]:
         """A new connection, or None (fall back), or the failure of a connection that took
         longer than ``connect_timeout``: an endpoint that accepts TCP but never finishes the TLS
         handshake would otherwise stall each file twice, here and again in aiohttp."""
@@ -508,13 +587,9 @@ class FastPath:
             return None
         conn = _Conn(self, ep)
         ep.open += 1
-        self.open += 1
+        ep.slots.open += 1
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(lambda: conn, ep.host, ep.port, ssl=ep.ssl,
-                                            server_hostname=ep.server_hostname),
-                timeout,
-            )
+            await asyncio.wait_for(self._open(conn, ep), timeout)
         except asyncio.TimeoutError:
             conn.close()
             if timeout < self._connect_timeout:  # the attempt's own limit: the caller says so
@@ -530,24 +605,61 @@ class FastPath:
         except BaseException:  # cancelled: give the slot back (and any socket made meanwhile)
             conn.close()
             raise
-        self.stats.connections += 1
+        if not ep.one_shot:
+            self.stats.connections += 1
         if self.closed:  # close() ran while we connected
             conn.close()
             return None
         return conn
+
+    async def _open(self, conn: _Conn, ep: Endpoint) -> None:
+        """Connect ``conn`` to ``ep`` and finish the TLS handshake: to a numeric host directly,
+        else to the name's addresses (resolved at most every ``RESOLVE_TTL`` s) in turn."""
+        def factory() -> _Conn:
+            return conn
+
+        if ep.numeric:
+            await self.loop.create_connection(factory, ep.host, ep.port, ssl=ep.ssl,
+                                              server_hostname=ep.server_hostname)
+            return
+        error: Optional[OSError] = None
+        for family, address in await self._addresses(ep):
+            try:
+                await self.loop.create_connection(factory, address, ep.port, family=family,
+                                                  ssl=ep.ssl, server_hostname=ep.server_hostname)
+                return
+            except OSError as e:  # refused, unreachable, TLS: the next address, as aiohttp does
+                error = e
+        raise error or OSError(f"no address for {ep.host}")
+
+    async def _addresses(self, ep: Endpoint) -> list[tuple[int, str]]:
+        """The (family, address) pairs of ``ep``'s host name, from the cache or the resolver."""
+        now = self.loop.time()
+        if ep.addresses and now < ep.resolved_until:
+            return ep.addresses
+        infos = await self.loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
+        found: list[tuple[int, str]] = []
+        for family, _, _, _, sockaddr in infos:
+            pair = (int(family), str(sockaddr[0]))
+            if pair not in found:
+                found.append(pair)
+        ep.addresses, ep.resolved_until = found, now + RESOLVE_TTL
+        return found
 
     @property
     def closed(self) -> bool:
         """Whether ``close()`` was called (no new connections then)."""
         return self._closed
 
-    def _free_slot(self, ep: _Endpoint) -> bool:
-        """Whether one more connection to ``ep`` fits the limits (closing an idle one if need
-        be)."""
+    def _free_slot(self, ep: Endpoint) -> bool:
+        """Whether one more connection to ``ep`` fits the limits (closing an idle kept-alive
+        one if need be)."""
         if ep.open >= self._limit_per_host:
             return False
-        if self.open < self._limit:
+        if ep.slots.open < ep.slots.limit:
             return True
+        if ep.one_shot:
+            return False
         for other in self._endpoints.values():
             if other is not None and other.idle:
                 other.idle.pop(0).close()
@@ -561,8 +673,7 @@ class FastPath:
             return
         conn.idle_since = self.loop.time()
         conn.ep.idle.append(conn)
-        if self._waiters:
-            self.wake()
+        self._kept.wake()
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(IDLE_TIMEOUT, self._sweep)
 
@@ -583,9 +694,8 @@ class FastPath:
     def close(self) -> None:
         """Close every idle connection; connections in use close when their answer is in."""
         self._closed = True
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self._kept.wake_all()
+        self._one_shot.wake_all()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

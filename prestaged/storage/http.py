@@ -10,9 +10,12 @@ Each pool hop offers the TLS session of the previous hop to the same pool (``sto
 closing costs an abbreviated handshake rather than a full one.
 
 Plain URLs go through ``storage.fast`` first (pre-built request bytes on pooled keep-alive
-connections, answers parsed by httptools): it gives the same ``Attempt`` for a final answer and
-hands anything else (redirect targets, failures, malformed or missing answers) back to the
-aiohttp path here, which classifies it exactly as without the fast path.
+connections, answers parsed by httptools): it gives the same ``Attempt`` for a final answer, and
+reads a door's redirect target (when plain too) on a one-shot connection of its own, with the
+same TLS session offer. Anything else (a target that is not plain, a second redirect, failures,
+malformed or missing answers) goes back to the aiohttp path here, which classifies it exactly as
+without the fast path; a pool hop that fails is not retried on its own (its one-time URL may be
+spent) but the whole file is, from its URL.
 
 Redirects are followed to ``https`` only (or from ``http`` to ``http``, after the engine let an
 ``http`` URL through): a door sending us from https to ``http://`` would expose the request
@@ -29,7 +32,7 @@ import asyncio
 import contextlib
 import re
 import ssl
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from yarl import URL
 
@@ -37,7 +40,15 @@ from prestaged._version import __version__
 from prestaged.model import Attempt, Failure
 from prestaged.net import parse_retry_after, tls_cause
 from prestaged.storage.attempt import CONTENT_RANGE_TOTAL, DRAIN_LIMIT, REDIRECTS
-from prestaged.storage.fast import FastPath, FastPathStats, Redirect, connect_timeout_text
+from prestaged.storage.fast import (
+    RESOLVE_TTL,
+    Answer,
+    Endpoint,
+    FastPath,
+    FastPathStats,
+    Redirect,
+    connect_timeout_text,
+)
 from prestaged.storage.tls import Hop, SessionCache, enable_resumption
 
 if TYPE_CHECKING:
@@ -102,8 +113,9 @@ class HttpToucher:
 
     ``nbytes``: bytes read per file (default 4). ``timeout``: seconds for one attempt including
     redirects; ``connect_timeout``: seconds to connect + handshake. ``limit``/``limit_per_host``
-    bound sockets overall and per host (the fast path's pool and aiohttp's each). ``fast_path``
-    (default True): try plain URLs on ``storage.fast`` connections first.
+    bound sockets overall and per host (the fast path's kept-alive and one-shot connections and
+    aiohttp's pool, each). ``fast_path`` (default True): try plain URLs, and the redirect targets
+    they lead to, on ``storage.fast`` connections first.
     """
 
     def __init__(
@@ -176,7 +188,7 @@ class HttpToucher:
             limit=self._limit,
             limit_per_host=self._limit_per_host,
             ssl=self._ssl if self._ssl is not None else True,
-            ttl_dns_cache=300,
+            ttl_dns_cache=RESOLVE_TTL,  # seconds; the fast path keeps names as long
         )
         session: aiohttp.ClientSession = aio.ClientSession(
             connector=connector,
@@ -222,28 +234,65 @@ class HttpToucher:
         route = fast.route(url) if fast is not None else None
         if fast is None or route is None:
             return await self._slow(self._open_session(), url)
-        started = fast.loop.time()
+        deadline = fast.loop.time() + self._total
         answer = await fast.fetch(*route, self._total)
         if isinstance(answer, Attempt):
             return answer
+        source, hop = url, 1
+        if isinstance(answer, Redirect) and self.max_redirects > 0:
+            target = self._hop_target(url, answer)
+            if isinstance(target, Attempt):
+                return target
+            pool = fast.hop_route(str(target)) if target is not None else None
+            if target is not None and pool is not None:
+                answer = await self._pool_hop(fast, *pool, deadline - fast.loop.time())
+                if isinstance(answer, Attempt):
+                    return answer
+                if answer is not None:  # the pool redirects too: aiohttp goes on from there
+                    source, hop = str(target), 2
+                # else: the whole file again through aiohttp, from its URL (a pool's one-time
+                # URL may be spent: its mover ended with the connection)
         if not self._is_open():
             # close() ran while this file was in flight (a run stopping): no new session, which
             # nothing would close; the same answer a closed aiohttp session gives.
             return Attempt(failure=Failure.RESET, error="connection pool closed")
-        remaining = self._total - (fast.loop.time() - started)
+        remaining = deadline - fast.loop.time()
         if remaining <= 0:
             return Attempt(failure=Failure.TIMEOUT, error="timed out")
         # Anything but a final answer goes to aiohttp, within what is left of the time limit: a
-        # redirect's target (as its hop 1), else the URL again, classified as without the fast
-        # path.
+        # redirect's target (as its hop 1, or 2 after a pool's redirect), else the URL again,
+        # classified as without the fast path.
         session = self._open_session()
         timeout = _aiohttp().ClientTimeout(total=remaining, sock_connect=self._connect_timeout)
-        return await self._slow(session, url, redirect=answer, timeout=timeout)
+        return await self._slow(session, source, redirect=answer, hop=hop, timeout=timeout)
+
+    @staticmethod
+    def _hop_target(url: str, redirect: Redirect) -> Union[URL, Attempt, None]:
+        """Where the door's ``redirect`` from ``url`` (a fast-path URL) sends us, as the aiohttp
+        path resolves it; the refusal if we do not follow it; None if yarl refuses it (aiohttp
+        then says why)."""
+        try:
+            source = URL(url, encoded=True)  # the fast path takes encoded URLs only
+            target = source.join(URL(redirect.location))
+        except (ValueError, TypeError):
+            return None
+        return _refused_redirect(source, target, redirect.status) or target
+
+    async def _pool_hop(self, fast: FastPath, ep: Endpoint, request: bytes,
+                        timeout: float) -> Answer:
+        """A redirect target's answer on a one-shot fast-path connection (closed after the
+        answer), offering and then keeping the pool's TLS session like the aiohttp path."""
+        with self._tls.offering(ep.host, ep.port) as pool:
+            answer = await fast.fetch(ep, request, timeout)
+            if isinstance(answer, Attempt) and answer.status:
+                pool.remember()
+        return answer
 
     async def _slow(self, session: aiohttp.ClientSession, url: str, *,
-                    redirect: Optional[Redirect] = None,
+                    redirect: Optional[Redirect] = None, hop: int = 1,
                     timeout: Optional[aiohttp.ClientTimeout] = None) -> Attempt:
-        """The touch through aiohttp; with ``redirect``, from that answer to ``url`` on."""
+        """The touch through aiohttp; with ``redirect`` (the answer ``url`` gave), from its
+        target on, as hop number ``hop``."""
         aiohttp = _aiohttp()
         try:
             # A URL made only of characters legal in an encoded URL needs no requoting by yarl
@@ -261,7 +310,7 @@ class HttpToucher:
             refused = _refused_redirect(target, nxt, redirect.status)
             if refused is not None:
                 return refused
-            return await self._follow(session, nxt, first_hop=1, timeout=timeout)
+            return await self._follow(session, nxt, first_hop=hop, timeout=timeout)
         except aiohttp.ConnectionTimeoutError:
             # No TCP connection or TLS handshake within connect_timeout: an endpoint that does
             # not answer, counted toward the unreachable breaker like a refused connection.
