@@ -225,8 +225,9 @@ class TapeAccess:
         self._session = self._client = None
 
 
-Touch = Callable[[FileRef, str, TapeInfo], Awaitable[None]]
-"""Queue a file for the touch: its ref, its URL to touch, what the tape path knows of it."""
+Touch = Callable[[FileRef, Optional[TapeInfo]], Awaitable[None]]
+"""Queue a file for the touch, with what the tape path knows of it (None: its door has no
+Tape REST API)."""
 
 
 class TapeRouter:
@@ -255,7 +256,7 @@ class TapeRouter:
         self._note = note
         self._probe = probe
         self._stagers: dict[str, Stager] = {}
-        self._pending: dict[str, dict[str, list[tuple[FileRef, str]]]] = {}  # uri -> path -> files
+        self._pending: dict[str, dict[str, list[FileRef]]] = {}  # uri -> path -> its files
         self._requests: dict[str, dict[str, float]] = {}  # uri -> request id -> pinned until
         self._tasks: list[asyncio.Task[None]] = []
         self._warned: set[str] = set()
@@ -268,18 +269,17 @@ class TapeRouter:
         ref URL is in ``fresh`` are skipped while on disk (staged again when not)."""
         uri = await self._endpoint(door)
         if uri is None:
-            for ref, url in files:
+            for ref, _ in files:
                 if ref.url in fresh:
                     self._skip(ref)
                 else:
-                    await self._touch(ref, url, _NO_TAPE)
+                    await self._touch(ref, None)
             return
         paths = [namespace_path(url, self.s.path_map) for _, url in files]
         found = await self._archiveinfo(uri, paths)
         staged: list[str] = []
-        for (ref, url), path in zip(files, paths):
-            answer = found.get(path)
-            staged += await self._one(uri, ref, url, path, answer, ref.url in fresh)
+        for (ref, _), path in zip(files, paths):
+            staged += await self._one(uri, ref, path, found.get(path), ref.url in fresh)
         if staged:
             self._stager(uri).add(staged)
 
@@ -312,8 +312,8 @@ class TapeRouter:
                     uri, missing[i:i + ARCHIVEINFO_BATCH]))
         return found
 
-    async def _one(self, uri: str, ref: FileRef, url: str, path: str,
-                   answer: Optional[FileLocality], fresh: bool) -> list[str]:
+    async def _one(self, uri: str, ref: FileRef, path: str, answer: Optional[FileLocality],
+                   fresh: bool) -> list[str]:
         """Route one file; the paths (zero or one) to stage."""
         if answer is None:
             self._finish(_ended(ref, Result.FAILED, f"{uri}/archiveinfo did not answer for "
@@ -331,13 +331,13 @@ class TapeRouter:
             if fresh:
                 self._skip(ref)
             else:
-                await self._touch(ref, url, info)
+                await self._touch(ref, info)
             return []
         if where is not Locality.TAPE:
             self._finish(_ended(ref, Result.FAILED, _UNREADABLE[where], info))
             return []
         waiting = self._pending.setdefault(uri, {}).setdefault(path, [])
-        waiting.append((ref, url))
+        waiting.append(ref)
         return [path] if len(waiting) == 1 else []
 
     def _stager(self, uri: str) -> Stager:
@@ -357,7 +357,7 @@ class TapeRouter:
         if self._note is not None:
             info = TapeInfo("TAPE", request.id, uri, None, until)
             for path in request.paths:
-                for ref, _ in pending.get(path, ()):
+                for ref in pending.get(path, ()):
                     self._note(ref.url, info)
         # A path asked again (after FAILED or a lost request) is counted once.
         fresh = [p for p in request.paths if p not in self._asked]
@@ -381,7 +381,7 @@ class TapeRouter:
             self._probe.staging(-1)
         if not staged.on_disk:
             info = TapeInfo("TAPE", staged.request_id, uri)
-            for ref, _ in files:
+            for ref in files:
                 self._finish(_ended(ref, Result.FAILED, staged.error, info))
             return
         self.tally.on_disk += 1
@@ -389,10 +389,10 @@ class TapeRouter:
             self._probe.file_staged(staged.seconds)
         until = self._requests.get(uri, {}).get(staged.request_id or "")
         info = TapeInfo("TAPE", staged.request_id, uri, time.time(), until)
-        for ref, url in files:
+        for ref in files:
             if self._note is not None:
                 self._note(ref.url, info)
-            await self._touch(ref, url, info)
+            await self._touch(ref, info)
 
     async def close(self) -> None:
         """No more files: wait until every staged file was handed on."""
@@ -411,10 +411,6 @@ class TapeRouter:
         if self._probe is not None and left > 0:
             self._probe.staging(-left)  # no longer followed by this run
         self._ended = len(self._asked)
-
-
-_NO_TAPE = TapeInfo("")
-"""Files of a door without the API: nothing known (the engine records no tape info)."""
 
 
 def _ended(ref: FileRef, result: Result, error: str, info: Optional[TapeInfo]) -> Outcome:

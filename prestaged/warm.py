@@ -469,9 +469,9 @@ class _Run:
         for door, files in doors.items():
             await self.router.route(door, files, fresh)
 
-    async def _enqueue(self, ref: FileRef, url: str, info: TapeInfo) -> None:
+    async def _enqueue(self, ref: FileRef, info: Optional[TapeInfo]) -> None:
         """Queue a file the tape path found on disk (or brought there) for the touch."""
-        await self.queue.put((ref, info if info.locality else None))
+        await self.queue.put((ref, info))
 
     def _throttler(self, endpoint: str) -> Optional[Throttler]:
         if self.s.rate <= 0:
