@@ -97,21 +97,30 @@ class StorageProcess:
         has exited; a server that does not exit in time is killed and this raises. The
         server's CPU time (user + system, s, start-up included) is added as ``cpu_seconds``.
         """
-        if self.stats is not None:
-            return self.stats
-        self.proc.terminate()
-        killer = threading.Timer(STORAGE_STOP_TIMEOUT, self.proc.kill)
-        killer.start()
-        try:
-            _, status, usage = os.wait4(self.proc.pid, 0)
-        finally:
-            killer.cancel()
-        self.proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by us, not Popen
-        if self.proc.returncode != 0 or not self.stats_file.is_file():
-            raise RuntimeError(f"the storage process failed (exit {self.proc.returncode})")
-        self.stats = json.loads(self.stats_file.read_text())
-        self.stats["cpu_seconds"] = usage.ru_utime + usage.ru_stime
+        if self.stats is None:
+            self.stats = stop_server(self.proc, self.stats_file, STORAGE_STOP_TIMEOUT,
+                                     "the storage process")
         return self.stats
+
+
+def stop_server(proc: subprocess.Popen[Any], stats_file: Path, timeout: float,
+                what: str) -> dict[str, Any]:
+    """SIGTERM a test server process that writes ``stats_file`` on its way out, reap it
+    (killed after ``timeout`` s), and return those stats with its CPU seconds (user + system,
+    start-up included) as ``cpu_seconds``; RuntimeError naming ``what`` if it failed."""
+    proc.terminate()
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        killer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by us, not Popen
+    if proc.returncode != 0 or not stats_file.is_file():
+        raise RuntimeError(f"{what} failed (exit {proc.returncode})")
+    stats: dict[str, Any] = json.loads(stats_file.read_text())
+    stats["cpu_seconds"] = usage.ru_utime + usage.ru_stime
+    return stats
 
 
 def _read_port_line(proc: subprocess.Popen[str]) -> dict[str, Any]:

@@ -28,12 +28,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -46,6 +43,7 @@ from common import (
     median,
     prestaged_command,
     run_measured,
+    stop_server,
     warm_command,
 )
 
@@ -144,19 +142,7 @@ class Emulator:
     def stop(self) -> dict[str, Any]:
         """SIGTERM it, reap it (killed after ``STOP_TIMEOUT`` s), return its stats plus its CPU
         seconds (user + system) as ``cpu_seconds``; RuntimeError if it failed."""
-        self.proc.send_signal(signal.SIGTERM)
-        killer = threading.Timer(STOP_TIMEOUT, self.proc.kill)
-        killer.start()
-        try:
-            _, status, usage = os.wait4(self.proc.pid, 0)
-        finally:
-            killer.cancel()
-        self.proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by us, not Popen
-        if self.proc.returncode != 0 or not self.stats_file.is_file():
-            raise RuntimeError(f"the dCache emulator failed (exit {self.proc.returncode})")
-        stats: dict[str, Any] = json.loads(self.stats_file.read_text())
-        stats["cpu_seconds"] = usage.ru_utime + usage.ru_stime
-        return stats
+        return stop_server(self.proc, self.stats_file, STOP_TIMEOUT, "the dCache emulator")
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], ready: Path) -> dict[str, Any]:

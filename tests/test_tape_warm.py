@@ -288,31 +288,14 @@ async def test_a_watch_stages_tape_files_and_reports_tape_metrics(
     """A daemon watching a tape-only definition stages it (no door GET of a tape file), and its
     metrics show the stage requests, per-file stage durations, no file left staging, and the
     definition's files by locality (on disk now)."""
-    from daemon_harness import free_port, in_process, metric_value, until
+    from daemon_harness import free_port, in_process, metric_value, until, write_config
 
     paths = [f"/pnfs/w/f{i}" for i in range(6)]
     for i, p in enumerate(paths):
         site.add_file(p, 10, Locality.TAPE, tape=f"T{i % 2}")
     definition = _definition(tmp_path, [site.door_url(p) for p in paths])
-    config = tmp_path / "daemon.toml"
-    config.write_text(f"""
-[credentials]
-proxy = "{proxy}"
-ca_dir = "{pki.ca_dir}"
-[state]
-path = "{tmp_path / 'state.db'}"
-flush_interval = "100ms"
-[daemon]
-listen = "127.0.0.1:{free_port()}"
-drain_timeout = "1s"
-jitter = 0
-[storage]
-poll_min = "20ms"
-poll_max = "100ms"
-[[watch]]
-definition = "{definition}"
-every = "1h"
-""")
+    config = write_config(tmp_path, pki, proxy, free_port(), [(definition, "1h")],
+                          extra='[storage]\npoll_min = "20ms"\npoll_max = "100ms"')
     async with in_process(config) as d:
         async def done() -> bool:
             return (await d.http("GET", "/api/v1/runs/1"))[1].get("state") == "done"
