@@ -1,0 +1,427 @@
+"""WLCG bearer tokens: find them, describe them, refuse unusable ones early, follow renewals.
+
+prestaged is not the relying party: it never verifies a token's signature (the storage does).
+It decodes the payload to tell the user what the token allows and until when, and to refuse a
+token that cannot work (expired, not yet valid, about to expire, malformed) before any request,
+because the server cannot be trusted to refuse promptly: XRootD's SciTokens plugin keeps an
+accepted token for 60 s past its ``exp``.
+
+Where tokens are (WLCG Bearer Token Discovery, after our own two places): ``--token-file``,
+``[credentials] token_file``, ``$BEARER_TOKEN`` (the token itself), ``$BEARER_TOKEN_FILE``,
+``$XDG_RUNTIME_DIR/bt_u<uid>``, ``/tmp/bt_u<uid>``. Surrounding whitespace is stripped and
+empty values are skipped. A file named explicitly (the first two and ``$BEARER_TOKEN_FILE``)
+that cannot be read is an error; the two default locations are only looked at.
+
+htgettoken and condor's credmon rewrite the token file in place about every hour, so a
+``TokenSource`` re-reads it when it changes (checked at most every ``recheck`` seconds).
+
+Nothing here ever puts a token, or any part of it, into a message, a log record or a repr.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from prestaged.errors import CredentialError
+
+__all__ = [
+    "WLCG_ANY_AUDIENCE",
+    "FoundToken",
+    "TokenInfo",
+    "TokenSource",
+    "check_token",
+    "find_token",
+    "inspect_token",
+    "scope_covers",
+    "token_locations",
+]
+
+logger = logging.getLogger(__name__)
+
+WLCG_ANY_AUDIENCE = "https://wlcg.cern.ch/jwt/v1/any"
+_RENEW_HINT = "renew it (htgettoken, or whatever writes the token file)"
+# A WLCG access token is 1-3 KiB; refuse to slurp something that obviously is not one.
+_MAX_TOKEN_BYTES = 64 * 1024
+_B64URL = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _format_time(when: datetime) -> str:
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _span(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 0:
+        return f"expired {_span(-seconds)} ago"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m"
+
+
+# --------------------------------------------------------------------------------------------
+# What a token says
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """The claims of a token that a user and prestaged care about (never the token itself).
+
+    ``source`` says where it was found (``--token-file``, ``$BEARER_TOKEN``...), ``path`` is
+    its file (None for ``$BEARER_TOKEN``). Times are tz-aware UTC; ``not_before`` and
+    ``issued_at`` are None when the token has no such claim.
+    """
+
+    source: str
+    path: Optional[Path]
+    issuer: str
+    subject: str
+    audience: tuple[str, ...]
+    scopes: tuple[str, ...]
+    groups: tuple[str, ...]
+    expires: datetime
+    not_before: Optional[datetime] = None
+    issued_at: Optional[datetime] = None
+    wlcg_ver: Optional[str] = None
+    token_id: Optional[str] = field(default=None, repr=False)
+    """``jti``: an identifier, not a secret, but of no use in messages."""
+
+    def time_left(self, now: Optional[datetime] = None) -> timedelta:
+        """Lifetime left at ``now`` (default: the current UTC time); negative once expired."""
+        return self.expires - (now if now is not None else _utcnow())
+
+    @property
+    def where(self) -> str:
+        """``token /tmp/bt_u1000 (from $BEARER_TOKEN_FILE)`` or ``token from $BEARER_TOKEN``."""
+        if self.path is None:
+            return f"token from {self.source}"
+        if self.source.startswith("default"):
+            return f"token {self.path} (default location)"
+        return f"token {self.path} (from {self.source})"
+
+    def describe(self) -> str:
+        """Names the token in messages that blame it: where, issuer, subject and scopes."""
+        scopes = " ".join(self.scopes) or "none"
+        return f"{self.where}: issuer {self.issuer}, subject {self.subject}, scopes {scopes}"
+
+
+def _b64json(part: str, what: str, label: str) -> dict[str, Any]:
+    if not _B64URL.fullmatch(part):
+        raise CredentialError(f"{label}: malformed token (its {what} is not base64url)")
+    try:
+        raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        value = json.loads(raw)
+    except (binascii.Error, ValueError) as e:
+        raise CredentialError(f"{label}: malformed token (its {what} is not JSON)") from e
+    if not isinstance(value, dict):
+        raise CredentialError(f"{label}: malformed token (its {what} is not a JSON object)")
+    return value
+
+
+def _when(claims: Mapping[str, Any], name: str, label: str) -> Optional[datetime]:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CredentialError(f"{label}: malformed token (claim {name} is not a number)")
+    try:
+        return datetime.fromtimestamp(value, timezone.utc)
+    except (OverflowError, OSError, ValueError) as e:
+        raise CredentialError(f"{label}: malformed token (claim {name} is out of range)") from e
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(str(v) for v in value if isinstance(v, (str, int, float)))
+    return ()
+
+
+def inspect_token(text: str, *, source: str, path: Optional[Path] = None) -> TokenInfo:
+    """Decode the JWT ``text`` (no signature check) and describe it.
+
+    Raises :class:`CredentialError` naming ``source``/``path`` (never any of the text) when it
+    is not a signed JWT (three base64url parts, JSON header and payload) or has no ``exp``.
+    Expiry is not checked here: see :func:`check_token`.
+    """
+    label = f"token {path} (from {source})" if path is not None else f"token from {source}"
+    parts = text.split(".")
+    if len(parts) != 3 or not all(parts):
+        raise CredentialError(f"{label}: malformed token (not a JWT: expected three "
+                              "base64url parts separated by dots)")
+    _b64json(parts[0], "header", label)
+    claims = _b64json(parts[1], "payload", label)
+    if not _B64URL.fullmatch(parts[2]):
+        raise CredentialError(f"{label}: malformed token (its signature is not base64url)")
+    expires = _when(claims, "exp", label)
+    if expires is None:
+        raise CredentialError(f"{label}: malformed token (no exp claim)")
+    scope = claims.get("scope", "")
+    groups = claims.get("wlcg.groups", claims.get("groups"))
+    return TokenInfo(
+        source=source,
+        path=path,
+        issuer=str(claims.get("iss", "?")),
+        subject=str(claims.get("sub", "?")),
+        audience=_strings(claims.get("aud")),
+        scopes=tuple(scope.split()) if isinstance(scope, str) else _strings(scope),
+        groups=_strings(groups),
+        expires=expires,
+        not_before=_when(claims, "nbf", label),
+        issued_at=_when(claims, "iat", label),
+        wlcg_ver=str(claims["wlcg.ver"]) if "wlcg.ver" in claims else None,
+        token_id=str(claims["jti"]) if "jti" in claims else None,
+    )
+
+
+def check_token(info: TokenInfo, min_lifetime: float, now: Optional[datetime] = None) -> None:
+    """Raise :class:`CredentialError` unless ``info`` is valid at ``now`` (default: the current
+    UTC time) for ``min_lifetime`` more seconds (``credentials.token_min_lifetime``)."""
+    now = now if now is not None else _utcnow()
+    if now >= info.expires:
+        raise CredentialError(f"{info.where}: expired at {_format_time(info.expires)}; "
+                              f"{_RENEW_HINT}")
+    if info.not_before is not None and now < info.not_before:
+        raise CredentialError(f"{info.where}: not valid before {_format_time(info.not_before)}"
+                              " (is the clock of this host right?)")
+    left = info.time_left(now).total_seconds()
+    if left < min_lifetime:
+        raise CredentialError(f"{info.where}: {_span(left)} left, less than "
+                              f"credentials.token_min_lifetime ({_span(min_lifetime)}); "
+                              f"{_RENEW_HINT}")
+
+
+def _components(path: str) -> list[str]:
+    return [part for part in path.split("/") if part]
+
+
+def scope_covers(scopes: tuple[str, ...], verb: str, path: str) -> bool:
+    """Whether some ``verb:/dir`` scope (``storage.read``...) can cover the URL path ``path``.
+
+    A scope's path is relative to the issuer's base path at the storage (``/dune`` may mean
+    ``/pnfs/fnal.gov/usr/dune``), which a client cannot know: a scope covers ``path`` when its
+    components appear in ``path`` as a run starting at some component (``/`` and a scope
+    without a path cover everything). A yes is "may be allowed"; a no is surely refused.
+    """
+    want = _components(path)
+    for scope in scopes:
+        name, _, spath = scope.partition(":")
+        if name != verb:
+            continue
+        have = _components(spath)
+        if not have:
+            return True
+        n = len(have)
+        if any(want[i:i + n] == have for i in range(len(want) - n + 1)):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Where tokens are
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FoundToken:
+    """A token found by :func:`find_token`: its text (never shown), where it came from."""
+
+    text: str = field(repr=False)
+    source: str
+    path: Optional[Path]
+
+    def inspect(self) -> TokenInfo:
+        """The token's claims (:func:`inspect_token`)."""
+        return inspect_token(self.text, source=self.source, path=self.path)
+
+
+def token_locations(cli: Optional[Path], configured: Optional[Path],
+                    env: Optional[Mapping[str, str]] = None,
+                    uid: Optional[int] = None) -> list[tuple[str, Optional[Path], bool]]:
+    """Every place looked at, in order: ``(source, path, explicit)``; ``path`` is None for
+    ``$BEARER_TOKEN`` (its value is the token); an ``explicit`` file must be readable."""
+    environ = os.environ if env is None else env
+    uid = os.getuid() if uid is None else uid
+    places: list[tuple[str, Optional[Path], bool]] = []
+    if cli is not None:
+        places.append(("--token-file", cli, True))
+    if configured is not None:
+        places.append(("credentials.token_file", configured, True))
+    places.append(("$BEARER_TOKEN", None, False))
+    if environ.get("BEARER_TOKEN_FILE", "").strip():
+        places.append(("$BEARER_TOKEN_FILE", Path(environ["BEARER_TOKEN_FILE"].strip()), True))
+    runtime = environ.get("XDG_RUNTIME_DIR", "").strip()
+    if runtime:
+        places.append(("default $XDG_RUNTIME_DIR/bt_u<uid>", Path(runtime) / f"bt_u{uid}", False))
+    places.append(("default /tmp/bt_u<uid>", Path(f"/tmp/bt_u{uid}"), False))
+    return places
+
+
+def describe_locations(places: list[tuple[str, Optional[Path], bool]]) -> str:
+    """The places :func:`token_locations` gave, for a "no token" message."""
+    return ", ".join("$BEARER_TOKEN" if path is None else
+                     (str(path) if source.startswith("default") else f"{path} ({source})")
+                     for source, path, _ in places)
+
+
+def read_token_file(path: Path, label: str) -> str:
+    """The stripped text of token file ``path``; ``CredentialError`` naming ``label``."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_TOKEN_BYTES + 1)
+    except FileNotFoundError as e:
+        raise CredentialError(f"{label}: no such file") from e
+    except IsADirectoryError as e:
+        raise CredentialError(f"{label}: is a directory, not a token file") from e
+    except PermissionError as e:
+        raise CredentialError(f"{label}: permission denied (cannot read the file)") from e
+    except OSError as e:
+        raise CredentialError(f"{label}: cannot read: {e.strerror or type(e).__name__}") from e
+    if len(data) > _MAX_TOKEN_BYTES:
+        raise CredentialError(f"{label}: larger than 64 KiB, not a token file")
+    try:
+        return data.decode("ascii").strip()
+    except UnicodeDecodeError as e:
+        raise CredentialError(f"{label}: malformed token (not ASCII text)") from e
+
+
+def find_token(cli: Optional[Path], configured: Optional[Path],
+               env: Optional[Mapping[str, str]] = None,
+               uid: Optional[int] = None) -> Optional[FoundToken]:
+    """The first token in :func:`token_locations` order, or None when there is none.
+
+    An explicitly named file that is missing or unreadable raises :class:`CredentialError`;
+    empty values (and a missing default file) are skipped.
+    """
+    environ = os.environ if env is None else env
+    for source, path, explicit in token_locations(cli, configured, environ, uid):
+        if path is None:
+            value = environ.get("BEARER_TOKEN", "").strip()
+            if value:
+                return FoundToken(value, source, None)
+            continue
+        label = f"token {path} (from {source})"
+        if not explicit and not path.exists():
+            continue
+        text = read_token_file(path, label)
+        if text:
+            return FoundToken(text, source, path)
+        logger.debug("%s is empty: skipped", label)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The live token
+# --------------------------------------------------------------------------------------------
+
+
+def _stamp(path: Path) -> Optional[tuple[int, int, int]]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ino, st.st_size
+
+
+class TokenSource:
+    """The token requests carry, re-read from its file when the file changes.
+
+    ``found`` is the token at start (checked by the caller). The file (if any) is looked at
+    again at most every ``recheck`` seconds (default 1), so requests that start a little after
+    a rewrite carry the new token; a rewritten file that cannot be read or decoded keeps the
+    previous token (logged once per change). ``clock`` is ``time.monotonic`` by default.
+    Thread-safe: the catalog may read it from a worker thread.
+    """
+
+    def __init__(self, found: FoundToken, *, recheck: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._text = found.text
+        self._info = found.inspect()
+        self._path = found.path
+        self._recheck = recheck
+        self._clock = clock
+        self._stamp = _stamp(found.path) if found.path is not None else None
+        self._next = clock() + recheck
+        self._lock = threading.Lock()
+        self.version = 0
+        """Counts renewals seen (0: the token found at start)."""
+
+    def __repr__(self) -> str:
+        return f"TokenSource({self._info.where})"
+
+    @property
+    def info(self) -> TokenInfo:
+        """The current token's claims (after any renewal seen so far)."""
+        return self._info
+
+    @property
+    def renewable(self) -> bool:
+        """True when the token comes from a file (``$BEARER_TOKEN`` cannot be renewed)."""
+        return self._path is not None
+
+    def refresh(self) -> bool:
+        """Re-read the file now if it changed; True if a new token was taken."""
+        path = self._path
+        if path is None:
+            return False
+        with self._lock:
+            self._next = self._clock() + self._recheck
+            stamp = _stamp(path)
+            if stamp is None or stamp == self._stamp:
+                return False
+            self._stamp = stamp
+            try:
+                text = read_token_file(path, f"token {path}")
+                info = inspect_token(text, source=self._info.source, path=path)
+            except CredentialError as e:
+                logger.warning("token file changed but cannot be used: %s; keeping the "
+                               "previous token", e)
+                return False
+            if text == self._text:
+                return False
+            self._text, self._info = text, info
+            self.version += 1
+        logger.info("token %s re-read: subject %s, %s left", path, info.subject,
+                    _span(info.time_left().total_seconds()))
+        return True
+
+    def _current(self) -> str:
+        if self._path is not None and self._clock() >= self._next:
+            self.refresh()
+        return self._text
+
+    def expired(self, now: Optional[datetime] = None) -> bool:
+        """Whether the current token (after looking for a renewal) has expired at ``now``."""
+        self._current()
+        return self._info.time_left(now).total_seconds() <= 0
+
+    def authorization(self) -> str:
+        """The ``Authorization`` header value for a request starting now.
+
+        Raises :class:`CredentialError` when the current token (after looking for a renewal)
+        has expired or is not yet valid: nothing must be sent with it.
+        """
+        text = self._current()
+        now = _utcnow()
+        info = self._info
+        if now >= info.expires or (info.not_before is not None and now < info.not_before):
+            check_token(info, 0.0, now)
+        return "Bearer " + text
