@@ -166,7 +166,7 @@ def scope_allows(claims: Mapping[str, Any], verb: str, path: str, base_path: str
         if name != verb:
             continue
         root = (base + "/" + spath.strip("/")).rstrip("/") or "/"
-        if root == "/" or path == root or path.startswith(root + "/"):
+        if root in ("/", path) or path.startswith(root + "/"):
             return True
     return False
 
