@@ -217,7 +217,8 @@ _ZERO_TO_A_YEAR = within(0, 365 * DAY, unit="s")
 
 @dataclass(frozen=True)
 class CredentialsConfig:
-    """``[credentials]``: where the X.509 proxy and the CA directory are, and how fresh."""
+    """``[credentials]``: where the X.509 proxy, the bearer token and the CA directory are,
+    which to use, and how fresh they must be."""
 
     proxy: Optional[Path] = None
     """Proxy file; unset means ``$X509_USER_PROXY`` then ``/tmp/x509up_u<uid>``."""
@@ -225,6 +226,16 @@ class CredentialsConfig:
     """Hashed CA directory; unset: ``$X509_CERT_DIR``, ``/etc/grid-security/certificates``."""
     min_lifetime: Duration = field(default=Duration(3600.0), metadata=check(_ZERO_TO_30_DAYS))
     """Refuse to start when the proxy has less than this left (seconds; default 1 h)."""
+    token_file: Optional[Path] = None
+    """WLCG bearer token file; unset: ``$BEARER_TOKEN``, ``$BEARER_TOKEN_FILE``,
+    ``$XDG_RUNTIME_DIR/bt_u<uid>``, ``/tmp/bt_u<uid>`` (WLCG Bearer Token Discovery)."""
+    method: str = field(default="auto", metadata=check(one_of("auto", "token", "proxy")))
+    """``auto``: send the token when one is found and present the proxy when one is found (both
+    when both are); ``token``/``proxy``: only that one, which must be there (exit 3)."""
+    token_min_lifetime: Duration = field(default=Duration(60.0),
+                                         metadata=check(_ZERO_TO_30_DAYS))
+    """Refuse a token with less than this left (seconds; default 60 s). Tokens live about an
+    hour and are renewed in place: the daemon and long runs re-read the file."""
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ CatalogProbe = Callable[[str, str], None]
 
 @dataclass(frozen=True)
 class Context:
-    """What ``cfg`` and the command line's ``proxy``/``ca_dir`` (None: not given) make.
+    """What ``cfg`` and the command line's ``proxy``/``ca_dir``/``token_file`` (None: not given)
+    make.
 
     Frozen: the daemon makes a new one when SIGHUP brings a new config.
     """
@@ -57,14 +58,19 @@ class Context:
     cfg: Config
     proxy: Optional[Path] = None
     ca_dir: Optional[Path] = None
+    token_file: Optional[Path] = None
 
     # --- credentials ----------------------------------------------------------------------
 
     def load_credentials(self) -> Credentials:
-        """The proxy and CA directory, found and checked; ``CredentialError`` (exit 3)."""
+        """The token and/or proxy (``credentials.method``) and the CA directory, found and
+        checked; ``CredentialError`` (exit 3)."""
         c = self.cfg.credentials
         return load_credentials(proxy=self.proxy, proxy_configured=c.proxy, ca_dir=self.ca_dir,
-                                ca_dir_configured=c.ca_dir, min_lifetime=c.min_lifetime)
+                                ca_dir_configured=c.ca_dir, min_lifetime=c.min_lifetime,
+                                method=c.method, token_file=self.token_file,
+                                token_configured=c.token_file,
+                                token_min_lifetime=c.token_min_lifetime)
 
     def warm_settings(self, creds: Optional[Credentials]) -> WarmSettings:
         """Engine settings, with ``creds`` named in breaker messages."""
@@ -165,7 +171,7 @@ class Context:
         from prestaged.catalog.samweb import samweb_ssl_context
 
         shown = self.catalog_credentials(creds)
-        if shown is not None:
+        if shown is not None and shown.proxy is not None:
             tls, identity = samweb_ssl_context(shown), shown.proxy.identity
         else:
             ca_dir, _ = resolve_ca_dir(self.ca_dir, self.cfg.credentials.ca_dir)

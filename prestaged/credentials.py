@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Optional
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -27,12 +28,20 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from prestaged.errors import CredentialError
+from prestaged.tokens import (
+    TokenSource,
+    check_token,
+    describe_locations,
+    find_token,
+    token_locations,
+)
 
 __all__ = [
     "DEFAULT_CA_DIR",
     "KIND_END_ENTITY",
     "KIND_LEGACY_PROXY",
     "KIND_RFC3820_PROXY",
+    "METHODS",
     "CredentialError",
     "Credentials",
     "ProxyInfo",
@@ -441,17 +450,26 @@ def _no_password() -> bytes:
 
 @dataclass(frozen=True)
 class Credentials:
-    """A checked proxy and the CA directory to verify storage servers against."""
+    """What requests present: the checked proxy (client certificate), the bearer token (an
+    ``Authorization`` header, re-read when its file is renewed), or both; and the CA directory
+    to verify servers against. At least one of ``proxy`` and ``token`` is set."""
 
-    proxy: ProxyInfo
+    proxy: Optional[ProxyInfo]
     ca_dir: Path
+    token: Optional[TokenSource] = None
 
     def hint(self) -> str:
-        """Names the credential in messages that blame it: ``proxy PATH (IDENTITY)``."""
-        return f"proxy {self.proxy.path} ({self.proxy.identity})"
+        """Names the credentials in messages that blame them: ``proxy PATH (IDENTITY)``, the
+        token's issuer, subject and scopes (never its text), or both."""
+        parts = []
+        if self.token is not None:
+            parts.append(self.token.info.describe())
+        if self.proxy is not None:
+            parts.append(f"proxy {self.proxy.path} ({self.proxy.identity})")
+        return " and ".join(parts)
 
     def ssl_context(self) -> ssl.SSLContext:
-        """Build a client SSL context presenting the proxy and trusting ``ca_dir``.
+        """Build a client SSL context trusting ``ca_dir`` and presenting the proxy (if any).
 
         Raises :class:`CredentialError` naming the file if OpenSSL refuses to load either.
         """
@@ -461,6 +479,8 @@ class Credentials:
             raise CredentialError(
                 f"CA directory {self.ca_dir}: OpenSSL cannot load it ({_ssl_reason(e)})"
             ) from e
+        if self.proxy is None:
+            return ctx
         try:
             ctx.load_cert_chain(self.proxy.path, password=_no_password)
         except (ssl.SSLError, OSError) as e:
@@ -486,40 +506,101 @@ def _inspect_resolved(path: Path, source: str) -> ProxyInfo:
     return inspect_proxy(path, source=source)
 
 
+METHODS = ("auto", "token", "proxy")
+
+
+def _load_token(cli: Optional[Path], configured: Optional[Path], method: str,
+                min_lifetime: float, env: Optional[Mapping[str, str]], uid: Optional[int],
+                now: Optional[datetime]) -> Optional[TokenSource]:
+    """The token ``method`` allows, found and checked; None when auto finds none."""
+    if method == "proxy":
+        return None
+    found = find_token(cli, configured, env, uid)
+    if found is None:
+        if method == "token":
+            places = describe_locations(token_locations(cli, configured, env, uid))
+            raise CredentialError(f"no bearer token (credentials.method = token): looked at "
+                                  f"{places}; run htgettoken or set --token-file")
+        return None
+    check_token(found.inspect(), min_lifetime, now)
+    return TokenSource(found)
+
+
+def _load_proxy(cli: Optional[Path], configured: Optional[Path], method: str,
+                min_lifetime: float, have_token: bool, env: Optional[Mapping[str, str]],
+                uid: Optional[int], now: Optional[datetime]) -> Optional[ProxyInfo]:
+    """The proxy ``method`` allows, found and checked; None when auto finds none, or finds an
+    unusable one in the default location while a token is there (warned)."""
+    if method == "token":
+        return None
+    path, source = resolve_proxy_path(cli, configured, env, uid)
+    default = source.startswith("default")
+    if method == "auto" and default and not path.exists():
+        return None
+    try:
+        info = _inspect_resolved(path, source)
+        check_lifetime(info, min_lifetime, now)
+    except CredentialError as e:
+        if method == "auto" and default and have_token:
+            # A stale proxy left in /tmp must not break a run the token can do (a server checks
+            # a presented certificate before it reads the token); one named explicitly must.
+            logger.warning("not presenting the proxy: %s; using the bearer token only", e)
+            return None
+        raise
+    warn_if_exposed(path)
+    return info
+
+
 def load_credentials(
     *,
-    proxy: Path | None,
-    proxy_configured: Path | None,
-    ca_dir: Path | None,
-    ca_dir_configured: Path | None,
+    proxy: Optional[Path],
+    proxy_configured: Optional[Path],
+    ca_dir: Optional[Path],
+    ca_dir_configured: Optional[Path],
     min_lifetime: float,
-    env: Mapping[str, str] | None = None,
-    uid: int | None = None,
-    now: datetime | None = None,
+    method: str = "proxy",
+    token_file: Optional[Path] = None,
+    token_configured: Optional[Path] = None,
+    token_min_lifetime: float = 60.0,
+    env: Optional[Mapping[str, str]] = None,
+    uid: Optional[int] = None,
+    now: Optional[datetime] = None,
 ) -> Credentials:
-    """Find, inspect and check the proxy and CA directory; prove OpenSSL can load them.
+    """Find, inspect and check the credentials ``method`` asks for, and the CA directory;
+    prove OpenSSL can load them.
 
-    ``proxy``/``ca_dir`` come from the command line and ``*_configured`` from the config file;
-    see :func:`resolve_proxy_path` and :func:`resolve_ca_dir` for the fallbacks. The proxy must
-    stay valid for ``min_lifetime`` seconds after ``now``. A proxy readable by others is only
-    warned about. Raises :class:`CredentialError` (exit code 3) with one line otherwise.
+    ``method``: ``auto`` (a token when one is found, the proxy when one is found, both when
+    both are), ``token`` or ``proxy`` (only that one, which must be there). ``proxy``,
+    ``token_file`` and ``ca_dir`` come from the command line and ``*_configured`` from the
+    config file; see :func:`resolve_proxy_path`, :func:`prestaged.tokens.token_locations` and
+    :func:`resolve_ca_dir` for the fallbacks. The proxy must stay valid for ``min_lifetime``
+    and the token for ``token_min_lifetime`` seconds after ``now``. A proxy readable by
+    others is only warned about. Raises :class:`CredentialError` (exit code 3) with one line,
+    listing every place looked at when nothing is found.
     """
-    proxy_path, proxy_source = resolve_proxy_path(proxy, proxy_configured, env, uid)
-    info = _inspect_resolved(proxy_path, proxy_source)
-    check_lifetime(info, min_lifetime, now)
-    warn_if_exposed(proxy_path)
+    if method not in METHODS:
+        raise CredentialError(f"credentials.method: expected one of {', '.join(METHODS)}, "
+                              f"got {method!r}")
+    token = _load_token(token_file, token_configured, method, token_min_lifetime, env, uid,
+                        now)
+    info = _load_proxy(proxy, proxy_configured, method, min_lifetime, token is not None, env,
+                       uid, now)
+    if token is None and info is None:
+        places = describe_locations(token_locations(token_file, token_configured, env, uid))
+        proxy_path, _ = resolve_proxy_path(proxy, proxy_configured, env, uid)
+        raise CredentialError(
+            f"no credentials: no bearer token (looked at {places}) and no X.509 proxy "
+            f"(looked at {proxy_path}); run htgettoken or voms-proxy-init, or set "
+            "--token-file or --proxy")
     ca_path, ca_source = resolve_ca_dir(ca_dir, ca_dir_configured, env)
     check_ca_dir(ca_path, ca_source)
-    credentials = Credentials(proxy=info, ca_dir=ca_path)
+    credentials = Credentials(proxy=info, ca_dir=ca_path, token=token)
     credentials.ssl_context()
-    logger.info(
-        "using %s %s (%s) of %s, %s left; CA directory %s (%s)",
-        info.kind,
-        proxy_path,
-        proxy_source,
-        info.identity,
-        format_timedelta(info.time_left(now)),
-        ca_path,
-        ca_source,
-    )
+    if info is not None:
+        logger.info("using %s %s of %s, %s left", info.kind, info.path, info.identity,
+                    format_timedelta(info.time_left(now)))
+    if token is not None:
+        t = token.info
+        logger.info("using %s, %s left", t.describe(), format_timedelta(t.time_left(now)))
+    logger.info("CA directory %s (%s)", ca_path, ca_source)
     return credentials

@@ -42,8 +42,10 @@ __all__ = [
     "TokenInfo",
     "TokenSource",
     "check_token",
+    "describe_locations",
     "find_token",
     "inspect_token",
+    "read_token_file",
     "scope_covers",
     "token_locations",
 ]
@@ -100,8 +102,6 @@ class TokenInfo:
     not_before: Optional[datetime] = None
     issued_at: Optional[datetime] = None
     wlcg_ver: Optional[str] = None
-    token_id: Optional[str] = field(default=None, repr=False)
-    """``jti``: an identifier, not a secret, but of no use in messages."""
 
     def time_left(self, now: Optional[datetime] = None) -> timedelta:
         """Lifetime left at ``now`` (default: the current UTC time); negative once expired."""
@@ -188,7 +188,6 @@ def inspect_token(text: str, *, source: str, path: Optional[Path] = None) -> Tok
         not_before=_when(claims, "nbf", label),
         issued_at=_when(claims, "iat", label),
         wlcg_ver=str(claims["wlcg.ver"]) if "wlcg.ver" in claims else None,
-        token_id=str(claims["jti"]) if "jti" in claims else None,
     )
 
 
@@ -371,11 +370,6 @@ class TokenSource:
     def info(self) -> TokenInfo:
         """The current token's claims (after any renewal seen so far)."""
         return self._info
-
-    @property
-    def renewable(self) -> bool:
-        """True when the token comes from a file (``$BEARER_TOKEN`` cannot be renewed)."""
-        return self._path is not None
 
     def refresh(self) -> bool:
         """Re-read the file now if it changed; True if a new token was taken."""

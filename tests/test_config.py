@@ -131,7 +131,8 @@ def test_parse_duration_rejects(text: object) -> None:
 # A value each validated key refuses (of the right type); every key is also given `true`, which
 # none of them accepts, for the wrong-type message.
 BAD_CONFIG_VALUES: dict[str, object] = {
-    "credentials.min_lifetime": -1,
+    "credentials.min_lifetime": -1, "credentials.method": "kerberos",
+    "credentials.token_min_lifetime": "-5s",
     "storage.concurrency": 0, "storage.per_host": -3, "storage.bytes": 0,
     "storage.rate": -1.5, "storage.timeout": "0s", "storage.connect_timeout": 0,
     "storage.max_redirects": -1, "storage.queue": -1, "storage.stage": "sometimes",

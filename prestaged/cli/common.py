@@ -25,10 +25,12 @@ Command = Callable[[argparse.Namespace, Config], int]
 
 
 def context(args: argparse.Namespace, cfg: Config) -> Context:
-    """The context of this command: ``cfg`` with ``--proxy``/``--ca-dir`` when given."""
+    """The context of this command: ``cfg`` with ``--proxy``/``--ca-dir``/``--token-file`` when
+    given."""
     from prestaged.context import Context  # the storage stack: only for commands that use it
 
-    return Context(cfg, proxy=getattr(args, "proxy", None), ca_dir=getattr(args, "ca_dir", None))
+    return Context(cfg, proxy=getattr(args, "proxy", None), ca_dir=getattr(args, "ca_dir", None),
+                   token_file=getattr(args, "token_file", None))
 
 
 def open_store(args: argparse.Namespace, cfg: Config, *, must_exist: bool = False) -> Store:

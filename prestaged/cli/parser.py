@@ -23,11 +23,12 @@ from prestaged.cli.campaign import (
     cmd_campaign_run,
     cmd_campaign_show,
 )
+from prestaged.cli.credentials import cmd_credentials
 from prestaged.cli.gate import cmd_submit, cmd_wait
 from prestaged.cli.serve import cmd_demo, cmd_serve
 from prestaged.cli.state import cmd_history, cmd_status
 from prestaged.cli.tape import cmd_release
-from prestaged.cli.warm import cmd_files, cmd_proxy, cmd_warm
+from prestaged.cli.warm import cmd_files, cmd_warm
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -36,6 +37,7 @@ __all__ = ["OVERRIDES", "build_parser"]
 
 OVERRIDES = {
     "min_lifetime": "credentials.min_lifetime",
+    "auth": "credentials.method",
     "concurrency": "storage.concurrency",
     "per_host": "storage.per_host",
     "nbytes": "storage.bytes",
@@ -80,6 +82,13 @@ def _credentials() -> argparse.ArgumentParser:
                         "/etc/grid-security/certificates)")
     g.add_argument("--min-lifetime", metavar="DURATION",
                    help="refuse a proxy with less time left (default 1h)")
+    g.add_argument("--token-file", type=Path, metavar="FILE",
+                   help="WLCG bearer token file (default: credentials.token_file, "
+                        "$BEARER_TOKEN, $BEARER_TOKEN_FILE, $XDG_RUNTIME_DIR/bt_u<uid>, "
+                        "/tmp/bt_u<uid>)")
+    g.add_argument("--auth", choices=("auto", "token", "proxy"),
+                   help="credentials to use: auto = the token and/or the proxy, whichever are "
+                        "found (default: credentials.method, auto)")
     return p
 
 
@@ -203,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gate_commands(sub, parents)
     _add_campaign_commands(sub, parents)
     _add_serve(sub, parents)
-    _add_proxy(sub, parents)
+    _add_credentials(sub, parents)
     _add_demo(sub, parents)
     return parser
 
@@ -436,14 +445,18 @@ def _add_serve(sub: Subparsers, parents: _Parents) -> None:
     v.set_defaults(func=cmd_serve)
 
 
-def _add_proxy(sub: Subparsers, parents: _Parents) -> None:
-    """``proxy``: the X.509 proxy that would be used."""
+def _add_credentials(sub: Subparsers, parents: _Parents) -> None:
+    """``credentials`` (alias ``proxy``): the proxy and token a run would use."""
     own = _parent()
     own.add_argument("--json", action="store_true", help="print one JSON document")
-    p = sub.add_parser("proxy", help="show the X.509 proxy prestaged would use",
-                       description="Show the proxy's DN, type and time left; exit 3 if unusable.",
+    p = sub.add_parser("credentials", aliases=["proxy"],
+                       help="show the proxy and bearer token prestaged would use",
+                       description="Show the X.509 proxy (DN, type, time left) and the bearer "
+                                   "token (issuer, subject, audience, scopes, groups, time "
+                                   "left; never the token itself), then check them as a run "
+                                   "would: exit 3 if unusable. As 'proxy': the proxy only.",
                        parents=[parents.credentials, own, parents.common])
-    p.set_defaults(func=cmd_proxy)
+    p.set_defaults(func=cmd_credentials)
 
 
 def _add_demo(sub: Subparsers, parents: _Parents) -> None:

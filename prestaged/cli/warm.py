@@ -1,5 +1,5 @@
-"""``prestaged warm`` (and its ``--dry-run``), ``files`` and ``proxy``: one definition's files
-touched, listed, or the credentials that would touch them."""
+"""``prestaged warm`` (and its ``--dry-run``) and ``files``: one definition's files touched or
+listed."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from prestaged.credentials import Credentials
     from prestaged.state.store import Store
 
-__all__ = ["cmd_files", "cmd_proxy", "cmd_warm"]
+__all__ = ["cmd_files", "cmd_warm"]
 
 
 def cmd_warm(args: argparse.Namespace, cfg: Config) -> int:
@@ -54,35 +54,6 @@ def cmd_warm(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_files(args: argparse.Namespace, cfg: Config) -> int:
     """``prestaged files``: the definition's URLs, touching nothing; exit 1 for unresolved."""
     return run(_list_files(_open(args, cfg), as_json=args.json))
-
-
-def cmd_proxy(args: argparse.Namespace, cfg: Config) -> int:
-    """``prestaged proxy``: the proxy that would be used; ``CredentialError`` if unusable."""
-    from prestaged.credentials import (
-        check_lifetime,
-        format_timedelta,
-        inspect_proxy,
-        resolve_proxy_path,
-    )
-
-    path, source = resolve_proxy_path(args.proxy, cfg.credentials.proxy)
-    info = inspect_proxy(path)
-    left = info.time_left()
-    if args.json:
-        print(json.dumps({
-            "path": str(info.path), "source": source, "subject": info.subject,
-            "identity": info.identity, "issuer": info.issuer, "type": info.kind,
-            "not_after": info.not_after.isoformat(), "seconds_left": int(left.total_seconds()),
-        }, indent=2))
-    else:
-        print(f"path      : {info.path} ({source})")
-        print(f"subject   : {info.subject}")
-        print(f"identity  : {info.identity}")
-        print(f"type      : {info.kind}")
-        until = f"{info.not_after:%Y-%m-%d %H:%M:%S} UTC"
-        print(f"timeleft  : {format_timedelta(left)} (until {until})")
-    check_lifetime(info, cfg.credentials.min_lifetime)
-    return 0
 
 
 def _open(args: argparse.Namespace, cfg: Config) -> Catalog:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -32,7 +33,6 @@ from prestaged.config import Config, load_config
 from prestaged.context import Context
 from prestaged.credentials import (
     Credentials,
-    ProxyInfo,
     inspect_proxy,
     resolve_ca_dir,
     resolve_proxy_path,
@@ -137,6 +137,7 @@ class Daemon:
         self._live: Optional[_Live] = None
         self._runner: Optional[web.AppRunner] = None
         self._proxy_stamp: Optional[tuple[int, int, int]] = None
+        self._paused_once = False
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -194,17 +195,19 @@ class Daemon:
         self.token = _read_token(cfg.daemon.token_file, cfg.daemon.listen)
         store = self._store = await asyncio.to_thread(self.ctx.open_store)
         self.credentials = self.ctx.load_credentials()
-        self._proxy_stamp = _stamp(self.credentials.proxy.path)
+        if self.credentials.proxy is not None:
+            self._proxy_stamp = _stamp(self.credentials.proxy.path)
         # The pool is built by the context in force when credentials change (a reload may
         # have changed storage settings too); the budget is fixed at start.
         toucher = self._touch = SharedToucher(lambda tls: self.ctx.make_toucher(tls),  # noqa: PLW0108
-                                              cfg.storage.concurrency)
+                                              cfg.storage.concurrency,
+                                              expired=self._token_expired)
         await toucher.install(self.credentials.ssl_context())
         # One Tape REST access for the daemon's life: its discovery answers are kept
         # storage.discovery_ttl across runs; renewed credentials are installed in it too.
         self._tape = await self.ctx.make_tape(self.credentials.ssl_context(),
                                               on_stage=self.metrics.stage_request).__aenter__()
-        self._credentials_changed(self.credentials.proxy)
+        self._credentials_changed()
         runs = Runs(store, toucher, self.metrics, settings=self._settings, tape=self._tape_now,
                     fresh_for=lambda: self.cfg.state.fresh_for, draining=self._draining,
                     stop=ev.stop_runs, spawn=self.spawn, after=self._after_run,
@@ -312,45 +315,117 @@ class Daemon:
 
     async def _watch_credentials(self) -> None:
         while True:
-            await asyncio.sleep(self.cfg.daemon.credential_check)
+            await asyncio.sleep(self._next_check())
             await self._check_credentials()
 
+    def _next_check(self) -> float:
+        """Seconds until the credentials are looked at again: ``daemon.credential_check``,
+        sooner when the token expires before that (touching pauses at once), and every second
+        while paused on an expired token (a renewal resumes touching at once)."""
+        wait: float = self.cfg.daemon.credential_check
+        token = self.credentials.token if self.credentials is not None else None
+        if token is not None:
+            left = token.info.time_left().total_seconds()
+            wait = min(wait, left + 0.05) if left > 0 else min(wait, 1.0)
+        return max(wait, 0.05)
+
     async def _check_credentials(self, force: bool = False) -> None:
-        """Re-read the proxy when its file changed, or the config names another proxy or CA
-        directory (or ``force``); pause on expiry."""
-        assert self.credentials is not None and self._touch is not None
+        """Re-read the proxy when its file changed or moved, and the token file when it changed;
+        with ``force`` (a reload) find and check every credential again as at start. A
+        credential that changed but cannot be used is logged and the previous one kept. Pause
+        touching while one in use is expired."""
+        assert self.credentials is not None
+        if force:
+            await self._reload_credentials()
+        else:
+            await self._reread_proxy()
+            if self.credentials.token is not None:
+                self.credentials.token.refresh()
+        self._credentials_changed()
+
+    async def _reload_credentials(self) -> None:
+        try:
+            creds = self.ctx.load_credentials()
+        except CredentialError as e:
+            log.error("credentials cannot be used: %s; keeping the previous ones", e)
+            return
+        await self._install(creds)
+
+    async def _reread_proxy(self) -> None:
+        assert self.credentials is not None
+        current = self.credentials.proxy
+        if current is None:
+            return
         path, _ = resolve_proxy_path(None, self.cfg.credentials.proxy)
         ca_dir, _ = resolve_ca_dir(None, self.cfg.credentials.ca_dir)
         stamp = _stamp(path)
-        moved = (path, ca_dir) != (self.credentials.proxy.path, self.credentials.ca_dir)
-        if force or moved or stamp != self._proxy_stamp:
-            self._proxy_stamp = stamp
-            try:
-                info = inspect_proxy(path)
-                creds = Credentials(proxy=info, ca_dir=ca_dir)
-                await self._touch.install(creds.ssl_context())
-                if self._tape is not None:
-                    self._tape.install(creds.ssl_context())
-            except CredentialError as e:
-                log.error("proxy changed but cannot be used: %s; keeping the previous one", e)
-            else:
-                self.credentials = creds
-                log.info("proxy %s re-read: %s, %.1f h left", path, info.identity,
-                         info.time_left().total_seconds() / 3600)
-        self._credentials_changed(self.credentials.proxy)
+        if (path, ca_dir, stamp) == (current.path, self.credentials.ca_dir, self._proxy_stamp):
+            return
+        self._proxy_stamp = stamp
+        try:
+            info = inspect_proxy(path)
+            await self._install(dataclasses.replace(self.credentials, proxy=info, ca_dir=ca_dir))
+        except CredentialError as e:
+            log.error("proxy changed but cannot be used: %s; keeping the previous one", e)
+            return
+        log.info("proxy %s re-read: %s, %.1f h left", path, info.identity,
+                 info.time_left().total_seconds() / 3600)
 
-    def _credentials_changed(self, info: ProxyInfo) -> None:
+    async def _install(self, creds: Credentials) -> None:
+        """Use ``creds`` for new requests (touches, Tape REST); ``CredentialError`` when OpenSSL
+        refuses them (nothing changed then)."""
         assert self._touch is not None
-        self.metrics.set_credential_expiry("proxy", info.not_after.timestamp())
-        left = info.time_left().total_seconds()
-        if left <= 0:
+        tls = creds.ssl_context()
+        self.credentials = creds
+        if creds.proxy is not None:
+            self._proxy_stamp = _stamp(creds.proxy.path)
+        await self._touch.install(tls)
+        if self._tape is not None:
+            self._tape.install(tls)
+
+    def _token_expired(self) -> bool:
+        token = self.credentials.token if self.credentials is not None else None
+        return token is not None and token.expired()
+
+    def _credential_problems(self, *, margin: bool) -> list[str]:
+        """What is wrong with the credentials in use: expired ones, or (``margin``) ones with
+        less than their ``*min_lifetime`` left."""
+        creds, c = self.credentials, self.cfg.credentials
+        if creds is None:
+            return ["no credentials"]
+        problems = []
+        if creds.proxy is not None:
+            left = creds.proxy.time_left().total_seconds()
+            if left < (c.min_lifetime if margin else 0.0) or left <= 0:
+                problems.append(f"proxy {creds.proxy.path} has {max(0.0, left):.0f} s left"
+                                + (", less than credentials.min_lifetime" if margin else ""))
+        if creds.token is not None:
+            info = creds.token.info
+            left = info.time_left().total_seconds()
+            if left < (c.token_min_lifetime if margin else 0.0) or left <= 0:
+                problems.append(f"{info.where} has {max(0.0, left):.0f} s left"
+                                + (", less than credentials.token_min_lifetime" if margin
+                                   else ""))
+        return problems
+
+    def _credentials_changed(self) -> None:
+        assert self._touch is not None and self.credentials is not None
+        creds = self.credentials
+        if creds.proxy is not None:
+            self.metrics.set_credential_expiry("proxy", creds.proxy.not_after.timestamp())
+        if creds.token is not None:
+            self.metrics.set_credential_expiry("token", creds.token.info.expires.timestamp())
+        expired = self._credential_problems(margin=False)
+        if expired:
             if self._touch.valid.is_set():
-                log.error("proxy %s expired: touching paused until it is renewed", info.path)
+                log.error("%s: touching paused until renewed", "; ".join(expired))
             self._touch.valid.clear()
             return
-        if left < self.cfg.credentials.min_lifetime:
-            log.warning("proxy %s has %.1f h left, less than credentials.min_lifetime: renew it",
-                        info.path, left / 3600)
+        for problem in self._credential_problems(margin=True):
+            log.warning("%s: renew it", problem)
+        if not self._touch.valid.is_set() and self._paused_once:
+            log.info("credentials valid again: touching resumed")
+        self._paused_once = True
         self._touch.valid.set()
 
     def readiness(self) -> list[str]:
@@ -358,13 +433,7 @@ class Daemon:
         problems = []
         if self._live is None:
             problems.append("state store not open")
-        if self.credentials is None:
-            problems.append("no credentials")
-        else:
-            left = self.credentials.proxy.time_left().total_seconds()
-            if left < self.cfg.credentials.min_lifetime:
-                problems.append(f"proxy {self.credentials.proxy.path} has {max(0.0, left):.0f} s "
-                                "left, less than credentials.min_lifetime")
+        problems += self._credential_problems(margin=True)
         if self.draining:
             problems.append("stopping")
         return problems

@@ -1,6 +1,6 @@
 """The daemon's one touch path, shared by every run, gate and keep-warm it makes.
 
-One budget (``storage.concurrency`` files in flight in total), a pause while the proxy is
+One budget (``storage.concurrency`` files in flight in total), a pause while a credential is
 expired, and a connection pool that can be swapped for one built on renewed credentials without
 dropping the touches in flight on the old one.
 """
@@ -21,8 +21,10 @@ class SharedToucher:
     """A ``warm.Toucher`` over swappable pools: ``make`` builds a pool (not started) for an SSL
     context; at most ``budget`` touches run at once across every caller."""
 
-    def __init__(self, make: Callable[[ssl.SSLContext], HttpToucher], budget: int) -> None:
+    def __init__(self, make: Callable[[ssl.SSLContext], HttpToucher], budget: int, *,
+                 expired: Optional[Callable[[], bool]] = None) -> None:
         self._make = make
+        self._expired = expired
         self._budget = asyncio.Semaphore(budget)
         self.valid = asyncio.Event()
         """Set while the credentials are usable; touches wait for it."""
@@ -47,8 +49,15 @@ class SharedToucher:
             await t.close()
 
     async def touch(self, url: str) -> Attempt:
-        """One attempt, within the shared budget, once the credentials are valid."""
+        """One attempt, within the shared budget, once the credentials are valid.
+
+        ``expired`` (the bearer token's, looked at before each touch) clears ``valid`` the
+        moment it turns true, so no touch goes out with an expired token while the daemon's
+        credential watch has not looked yet; the watch sets ``valid`` again on renewal."""
         await self.valid.wait()
+        while self._expired is not None and self._expired():
+            self.valid.clear()
+            await self.valid.wait()
         async with self._budget:
             t = self._current
             assert t is not None
