@@ -43,6 +43,7 @@ from prestaged.testing.dcache import DCacheConfig, DCacheServer
 from prestaged.testing.dcache import Locality as Where
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Status, StorageServer
+from prestaged.testing.tokens import TokenIssuer, write_token
 from prestaged.warm import WarmSettings, warm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,10 +135,12 @@ def test_dashboard_is_importable_with_a_datasource_variable() -> None:
 
 
 def test_dashboard_has_the_panels_of_the_issue() -> None:
-    """Touch rate, error ratio, latency quantiles, in-flight, warmth, proxy lifetime and runs."""
+    """Touch rate, error ratio, latency quantiles, in-flight, warmth, proxy and token lifetime,
+    and runs."""
     titles = {p["title"] for p in _panels(_load()["panels"])}
     assert {"Touch rate by result", "Error ratio", "Request latency by host",
-            "Requests in flight", "Dataset warmth", "Proxy lifetime left", "Runs"} <= titles
+            "Requests in flight", "Dataset warmth", "Proxy lifetime left", "Token lifetime left",
+            "Credential lifetime left", "Runs"} <= titles
     latency = [e for t, e in _targets(_load()) if t.startswith("Request latency by host")]
     assert len(latency) == 3
     assert all("histogram_quantile(" in e and "_bucket" in e for e in latency)
@@ -264,6 +267,7 @@ async def _harness(pki: TestPKI, proxy: Path, tmp_path: Path) -> AsyncIterator[s
     ``host:port``."""
     metrics = Metrics()
     metrics.set_credential_expiry("proxy", inspect_proxy(proxy).not_after.timestamp())
+    metrics.set_credential_expiry("token", time.time() + 1800)
     creds = load_credentials(proxy=proxy, proxy_configured=None, ca_dir=pki.ca_dir,
                              ca_dir_configured=None, min_lifetime=3600)
     app = web.Application()
@@ -317,8 +321,11 @@ def _daemon_config(tmp_path: Path, pki: TestPKI, proxy: Path, listen: str,
     token = tmp_path / "api-token"
     token.write_text(TOKEN)
     token.chmod(0o600)
+    # A bearer token beside the proxy (method auto sends both; the test storage goes by the
+    # proxy) so that the token's expiry reaches the "Token lifetime left" panel.
+    bearer = write_token(tmp_path / "bt", TokenIssuer().mint(lifetime=1800))
     config.write_text(
-        f'[credentials]\nproxy = "{proxy}"\nca_dir = "{pki.ca_dir}"\n'
+        f'[credentials]\nproxy = "{proxy}"\nca_dir = "{pki.ca_dir}"\ntoken_file = "{bearer}"\n'
         f'[state]\npath = "{state}"\nflush_interval = "100ms"\n'
         f'[daemon]\nlisten = "{listen}"\ndrain_timeout = "1s"\njitter = 0\n'
         f'token_file = "{token}"\n'
