@@ -108,11 +108,13 @@ def poll(what: str, check: Callable[[], bool], timeout: float = DEADLINE) -> Non
 
 
 def write_config(tmp_path: Path, pki: TestPKI, proxy: Path, port: int, watches: list[tuple[Path, str]],
-            extra: str = "") -> Path:
+            extra: str = "", credentials: str = "") -> Path:
+    """A daemon config: ``extra`` lines go in ``[daemon]``, ``credentials`` in ``[credentials]``."""
     text = f"""
 [credentials]
 proxy = "{proxy}"
 ca_dir = "{pki.ca_dir}"
+{credentials}
 [state]
 path = "{tmp_path / 'state.db'}"
 flush_interval = "100ms"

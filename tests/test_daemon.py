@@ -12,6 +12,7 @@ import logging
 import signal
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +32,7 @@ from daemon_harness import (
 
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, ThreadedStorageServer
+from prestaged.testing.tokens import TokenIssuer, write_token
 
 
 def _definition(tmp_path: Path, srv: ThreadedStorageServer, name: str, n: int) -> Path:
@@ -124,6 +126,52 @@ async def test_warm_over_the_api_and_status_asks_the_daemon(
         assert doc["source"] == f"daemon http://127.0.0.1:{port}"
         assert [(r["definition"], r["fresh"]) for r in doc["definitions"]] == [("ok", 5)]
     assert "s3cret-token" not in caplog.text
+
+
+async def test_expired_token_pauses_touching_until_a_fresh_one_appears(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A token that expires: /readyz fails and touches wait (none sent) until the token file is
+    rewritten; then the run goes on, and the token's expiry is in /metrics. Never logged."""
+    issuer = TokenIssuer()
+    first = issuer.mint(lifetime=3)
+    bearer = write_token(tmp_path / "bt", first)
+    port = free_port()
+    config = write_config(tmp_path, pki, proxy, port, [],
+                          credentials=f'token_file = "{bearer}"\ntoken_min_lifetime = "0s"')
+    caplog.set_level(logging.DEBUG)
+    async with in_process(config) as d:
+        assert (await d.http("GET", "/readyz"))[0] == 200
+        expiry = metric_value(await d.metrics(), "prestaged_credential_expiry_timestamp_seconds",
+                              kind="token")
+        assert expiry is not None and abs(expiry - (time.time() + 3)) < 2
+
+        async def not_ready() -> bool:
+            status, body = await d.http("GET", "/readyz")
+            return status == 503 and f"token {bearer}" in json.dumps(body)
+        await until("not ready on the expired token", not_ready)
+        _definition(tmp_path, storage, "held", 3)
+        status, body = await d.http("POST", "/api/v1/warm", {"definition": "held"})
+        assert status == 202, body
+
+        async def running() -> bool:
+            return (await d.http("GET", body["href"]))[1]["state"] == "running"
+        await until("run started", running)
+        assert storage.stats.path("/held/f0000").requests == 0
+        write_token(bearer, second := issuer.mint(lifetime=3600))
+
+        async def done() -> bool:
+            return (await d.http("GET", body["href"]))[1]["state"] == "done"
+        await until("run done after renewal", done)
+        assert (await d.http("GET", "/readyz"))[0] == 200
+        assert (await d.http("GET", body["href"]))[1]["counts"] == {"warm": 3}
+        renewed = metric_value(await d.metrics(),
+                               "prestaged_credential_expiry_timestamp_seconds", kind="token")
+        assert renewed is not None and renewed > time.time() + 3000
+    assert "touching paused" in caplog.text and "touching resumed" in caplog.text
+    for token in (first, second):
+        assert token not in caplog.text and token.rsplit(".", 1)[1] not in caplog.text
 
 
 def test_expired_proxy_refused_at_start(pki: TestPKI, tmp_path: Path) -> None:

@@ -137,7 +137,7 @@ class Daemon:
         self._live: Optional[_Live] = None
         self._runner: Optional[web.AppRunner] = None
         self._proxy_stamp: Optional[tuple[int, int, int]] = None
-        self._paused_once = False
+        self._paused = False
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -384,8 +384,14 @@ class Daemon:
             self._tape.install(tls)
 
     def _token_expired(self) -> bool:
+        """Whether the token is expired now (the shared toucher asks before each touch); the
+        first touch to find out pauses touching as the credential watch would."""
         token = self.credentials.token if self.credentials is not None else None
-        return token is not None and token.expired()
+        if token is None or not token.expired():
+            return False
+        if not self._paused:
+            self._credentials_changed()
+        return True
 
     def _credential_problems(self, *, margin: bool) -> list[str]:
         """What is wrong with the credentials in use: expired ones, or (``margin``) ones with
@@ -417,15 +423,18 @@ class Daemon:
             self.metrics.set_credential_expiry("token", creds.token.info.expires.timestamp())
         expired = self._credential_problems(margin=False)
         if expired:
-            if self._touch.valid.is_set():
+            # The shared toucher may have paused already (it looks at the token before each
+            # touch): log the pause once, here.
+            if not self._paused:
                 log.error("%s: touching paused until renewed", "; ".join(expired))
+            self._paused = True
             self._touch.valid.clear()
             return
         for problem in self._credential_problems(margin=True):
             log.warning("%s: renew it", problem)
-        if not self._touch.valid.is_set() and self._paused_once:
+        if self._paused:
             log.info("credentials valid again: touching resumed")
-        self._paused_once = True
+        self._paused = False
         self._touch.valid.set()
 
     def readiness(self) -> list[str]:
