@@ -39,6 +39,7 @@ from prestaged.errors import CredentialError
 __all__ = [
     "WLCG_ANY_AUDIENCE",
     "FoundToken",
+    "ScopeWarner",
     "TokenInfo",
     "TokenSource",
     "check_token",
@@ -419,3 +420,34 @@ class TokenSource:
         if now >= info.expires or (info.not_before is not None and now < info.not_before):
             check_token(info, 0.0, now)
         return "Bearer " + text
+
+
+class ScopeWarner:
+    """Warns once per endpoint (``scheme://host:port``) and token when no scope of the token
+    can cover the path of a URL about to be read (``storage.read``) or staged
+    (``storage.stage``): the storage will refuse it. A warning, not a refusal: the scope's base
+    path at the storage is unknown here (see :func:`scope_covers`)."""
+
+    def __init__(self, token: TokenSource, verb: str) -> None:
+        self._token = token
+        self._verb = verb
+        self._warned: set[tuple[str, int]] = set()
+        self._checked: set[tuple[str, str, int]] = set()  # (endpoint, directory, version)
+
+    def see(self, endpoint: str, path: str) -> None:
+        """Look at one ``path`` on ``endpoint``; log a WARNING the first time one is not
+        covered for this endpoint and token. Each directory is looked at once."""
+        version = self._token.version
+        folder = (endpoint, path.rpartition("/")[0], version)
+        if folder in self._checked or (endpoint, version) in self._warned:
+            return
+        if len(self._checked) >= 10_000:
+            self._checked.clear()
+        self._checked.add(folder)
+        info = self._token.info
+        if scope_covers(info.scopes, self._verb, path):
+            return
+        self._warned.add((endpoint, version))
+        logger.warning("%s: no %s scope covers %s on %s; the storage will refuse it (ask for "
+                       "a token with %s for that path)", info.describe(), self._verb, path,
+                       endpoint, self._verb)

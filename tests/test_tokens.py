@@ -17,6 +17,7 @@ from prestaged.credentials import CredentialError, load_credentials
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.tokens import TokenIssuer, write_token
 from prestaged.tokens import (
+    ScopeWarner,
     TokenSource,
     check_token,
     find_token,
@@ -329,3 +330,28 @@ def test_expiry_arithmetic_is_utc(issuer: TokenIssuer) -> None:
     now = datetime.now(timezone.utc).replace(microsecond=0)
     info = inspect_token(issuer.mint(lifetime=100, now=now.timestamp()), source="x")
     assert info.expires == now + timedelta(seconds=100)
+
+
+def test_scope_warning_once_per_endpoint_and_token(issuer: TokenIssuer, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A read outside every storage.read scope warns once per endpoint (again after a renewal);
+    covered paths never warn; the warning names the scopes, never the token."""
+    token = issuer.mint("storage.read:/dune")
+    path = write_token(tmp_path / "bt", token)
+    found = find_token(path, None, {}, UID)
+    assert found is not None
+    source = TokenSource(found, recheck=0.0)
+    warner = ScopeWarner(source, "storage.read")
+    with caplog.at_level(logging.WARNING, logger="prestaged.tokens"):
+        warner.see("https://a:2880", "/pnfs/fnal.gov/usr/dune/x/f1")
+        assert not caplog.records
+        for i in range(5):
+            warner.see("https://a:2880", f"/pnfs/fnal.gov/usr/icarus/f{i}")
+            warner.see("https://b:2880", f"/icarus/f{i}")
+        assert len(caplog.records) == 2
+        assert "no storage.read scope covers /pnfs/fnal.gov/usr/icarus/f0" in caplog.text
+        write_token(path, issuer.mint("storage.read:/dune", subject="renewed"))
+        source.refresh()
+        warner.see("https://a:2880", "/pnfs/fnal.gov/usr/icarus/f9")
+        assert len(caplog.records) == 3 and "renewed" in caplog.records[-1].getMessage()
+    _no_text(token, caplog.text)
