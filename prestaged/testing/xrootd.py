@@ -113,6 +113,7 @@ __all__ = [
     "MAPPED_USER",
     "AuditRecord",
     "GridProxyInitError",
+    "HiddenToken",
     "XRootDError",
     "XRootDServer",
     "grid_ca_dir",
@@ -262,6 +263,17 @@ def grid_proxy_init(
 # --------------------------------------------------------------------------------------------
 # The server
 # --------------------------------------------------------------------------------------------
+
+
+class HiddenToken(str):
+    """A token as a ``str`` whose ``repr`` is ``<token>``: pytest shows reprs (assertion
+    rewriting, ``--showlocals``), and test output must never show a token. ``str()`` and
+    f-strings give the token itself."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<token>"
 
 
 @dataclass(frozen=True)
@@ -575,12 +587,12 @@ class XRootDServer:
         the same origin named ``localhost``."""
         return list(dict.fromkeys([self.audience, f"https://localhost:{self.port}"]))
 
-    def mint(self, scope: str = "storage.read:/", **kwargs: Any) -> str:
+    def mint(self, scope: str = "storage.read:/", **kwargs: Any) -> HiddenToken:
         """A token of :attr:`issuer` for this server: ``audience`` defaults to :attr:`audience`,
         scope paths are relative to the export directory (the default ``storage.read:/`` reads
-        every file); other ``kwargs`` go to :meth:`TokenIssuer.mint`."""
+        every file); other ``kwargs`` go to :meth:`TokenIssuer.mint`. Its repr hides it."""
         kwargs.setdefault("audience", self.audience)
-        return self.issuer.mint(scope, **kwargs)
+        return HiddenToken(self.issuer.mint(scope, **kwargs))
 
     # ---- log --------------------------------------------------------------------------------
 
