@@ -1,4 +1,5 @@
-"""Shared fixtures: one test PKI per session and a fresh proxy per test."""
+"""Shared fixtures: one test PKI per session, a fresh proxy per test, the emulators and the
+real XRootD that checks bearer tokens."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from prestaged.testing.dcache import DCacheConfig, DCacheServer
 from prestaged.testing.pki import TestPKI, create_pki
 from prestaged.testing.samweb import ThreadedSamWebServer
 from prestaged.testing.storage import ThreadedStorageServer
+from prestaged.testing.tokens import TokenIssuer
+from prestaged.testing.xrootd import XRootDServer
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +58,78 @@ def grid_proxy(pki: TestPKI, tmp_path: Path) -> Path:
     # -verify checks the user certificate against a CA directory with Globus signing policies.
     ca_dir = grid_ca_dir(pki.ca_dir, tmp_path / "grid-certificates")
     return grid_proxy_init(pki.user_cert, pki.user_key, tmp_path / "x509up_grid", ca_dir=ca_dir)
+
+
+def _require_xrootd_tokens() -> None:
+    """Skip the calling test unless ``xrootd`` and its SciTokens plugin are installed; with CI
+    set, fail it instead (a missing server is a failure there, not a skip)."""
+    from prestaged.testing.xrootd import scitokens_available, xrootd_available
+
+    missing = [package for present, package in ((xrootd_available(), "xrootd-server"),
+                                                (scitokens_available(), "xrootd-scitokens-plugins"))
+               if not present]
+    if missing:
+        message = f"install Debian package(s) {' '.join(missing)} for the token-checking XRootD"
+        if _in_ci():
+            pytest.fail(f"{message} (CI is set: a missing server is a failure)")
+        pytest.skip(message)
+
+
+# Files on the session's token XRootDs, as on tests/test_xrootd.py's proxy-only one.
+_TOKEN_FILES = 300
+
+
+@pytest.fixture(scope="session")
+def xrootd_token_server(pki: TestPKI) -> Iterator[XRootDServer]:
+    """The real XRootD accepting bearer tokens AND the test user's proxy (one per session).
+
+    Mint with ``server.mint(scope="storage.read:/", **TokenIssuer.mint kwargs)``: ``aud``
+    defaults to ``server.audience`` = ``https://127.0.0.1:<port>`` (the origin of
+    ``server.url(name)``; ``https://localhost:<port>`` and the WLCG "any" audience are accepted
+    too), scope paths are relative to the export directory (``storage.read:/`` reads every
+    file, ``storage.read:/f000001.dat`` one). ``server.issuer`` is the ``TokenIssuer``, served
+    over HTTPS at ``server.issuer.url`` with the test CA. Files: ``server.file_names``
+    (300 of 64 bytes) and ``server.empty_names`` (2), URLs ``server.urls()``.
+    Without a token, or with an invalid one, a mapped proxy still reads (``onmissing =
+    passthrough``); a VALID token decides alone. Every refusal is 403. Log: ``log_mark()``,
+    then ``token_grants(mark)``, ``token_failures(mark)``, ``audit(mark)`` (proxy decisions),
+    ``logins(mark)``; ``log_tail()`` is safe to print. Tokens stay valid in XRootD's cache a
+    while past ``exp``: mint a fresh token (new ``jti``) per case.
+    """
+    _require_xrootd_tokens()
+    with XRootDServer(pki, files=_TOKEN_FILES, empty_files=2,
+                      issuer=TokenIssuer()) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def xrootd_token_only_server(pki: TestPKI) -> Iterator[XRootDServer]:
+    """Like ``xrootd_token_server`` but token-only (``onmissing = deny``): without a valid
+    token every request gets 403, even with a mapped proxy; clients need no certificate, and
+    one presenting an unmapped proxy is not dropped (the grid-mapfile is not "required")."""
+    _require_xrootd_tokens()
+    with XRootDServer(pki, files=_TOKEN_FILES, empty_files=2, issuer=TokenIssuer(),
+                      token_only=True) as server:
+        yield server
+
+
+@pytest.fixture
+def make_xrootd_token_server(pki: TestPKI) -> Iterator[Callable[..., XRootDServer]]:
+    """Factory of started token XRootDs for tests that change one (``make(**XRootDServer
+    kwargs)``; ``issuer`` defaults to a new ``TokenIssuer``), stopped after the test."""
+    _require_xrootd_tokens()
+    servers: list[XRootDServer] = []
+
+    def make(**kwargs: Any) -> XRootDServer:
+        kwargs.setdefault("issuer", TokenIssuer())
+        server = XRootDServer(pki, **kwargs)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture

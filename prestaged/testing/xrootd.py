@@ -34,6 +34,47 @@ What XRootD 5.5.3 does, and therefore why the set-up looks like this:
 - The xroot protocol shares the port and trusts the user name a root:// client claims: this
   server is test material for loopback only.
 
+With ``issuer`` (a :class:`~prestaged.testing.tokens.TokenIssuer`) the server also authorises
+WLCG bearer tokens with the SciTokens plugin (Debian ``xrootd-scitokens-plugins``), offline::
+
+    http.header2cgi Authorization authz          the plugin reads the token only from the
+                                                 "authz" CGI element: without it, 403 for all
+    ofs.authlib ++ libXrdAccSciTokens.so config=<root>/scitokens.cfg
+    scitokens.trace all                          log grants as well as failures (no token text)
+
+``scitokens.cfg`` accepts that issuer's tokens for the audiences ``https://127.0.0.1:<port>``
+and ``https://localhost:<port>`` (scitokens-cpp also accepts the WLCG "any" audience), with
+scope paths relative to the export directory (``base_path``): ``storage.read:/`` covers every
+file, ``storage.read:/f000001.dat`` one. Without a token the plugin either passes the request
+on to the authdb, so a mapped proxy still reads (``onmissing = passthrough``, the default), or
+refuses it (``token_only``: ``onmissing = deny``). A client without a certificate is let in
+as ``nobody`` either way; "required" would only drop clients presenting an unmapped proxy, so
+a token-only server does not require the grid-mapfile. What the plugin does:
+
+- It needs the issuer's public keys. scitokens-cpp would fetch the discovery document and JWKS
+  with libcurl, trusting only the system CA bundle, which lacks the test CA; instead the key
+  cache it reads first, ``$XDG_CACHE_HOME/scitokens/scitokens_cpp.sqllite`` (sic), is pre-filled
+  under ``<root>/cache`` with keys fresh for a day, and ``XDG_CACHE_HOME`` points there (it
+  survives ``-R xrootd``). The issuer is still served over HTTPS with the test CA's host
+  certificate during the server's life (``serve_issuer``), which sets the issuer's URL to
+  ``https://localhost:<port>/issuer``; XRootD never asks it.
+- Every refusal is HTTP 403, never 401, without ``WWW-Authenticate``, with ``Connection: Close``
+  and the body "Unable to open <path>; permission denied"; only the log says why
+  (:meth:`XRootDServer.token_failures`). A token not yet valid is logged as "token expired"; a
+  valid token whose scope does not cover the path logs no failure at all; text that is no JWT
+  is skipped as if there were no token. Grants are logged per operation
+  (:meth:`XRootDServer.token_grants`); the authdb's ``acc.audit`` lines appear only for
+  requests the plugin passed on. XRootD logs no token text.
+- With a proxy and a token, the TLS handshake checks the proxy first; then a valid token decides
+  alone (a valid token without a covering scope gets 403 although the proxy would be allowed),
+  and an invalid token falls back to the proxy's grid-mapfile identity (``passthrough``).
+- An accepted token stays accepted from the plugin's cache after its ``exp`` (measured: still
+  206 over a second past ``exp``, logged "Cached token", while an unseen token with the same
+  ``exp`` gets 403; for 60 s by the reference notes, not measured here): a client must check
+  ``exp`` itself.
+- Without the key cache the plugin does fetch from the served issuer, and fails: "SSL peer
+  certificate or SSH remote key was not OK" (the system bundle lacks the test CA).
+
 ``grid_proxy_init`` runs Globus' ``grid-proxy-init -rfc`` (Debian ``globus-proxy-utils``). It
 wants the user key at mode 0600 or stricter, reads no passphrase for an unencrypted key, and
 with ``-verify`` needs a Globus ``<hash>.signing_policy`` next to each CA: ``grid_ca_dir``
@@ -43,11 +84,14 @@ writes them.
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
+import json
 import os
 import pwd
 import re
 import shutil
 import socket
+import sqlite3
 import stat
 import subprocess
 import tempfile
@@ -56,23 +100,29 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Optional
+from typing import IO, Any, Optional
 from urllib.parse import quote
 
 from cryptography import x509
 
 from prestaged.credentials import format_dn
 from prestaged.testing.pki import TestPKI, subject_hash
+from prestaged.testing.threaded import ThreadedServer
+from prestaged.testing.tokens import IssuerServer, TokenIssuer
 
 __all__ = [
     "MAPPED_USER",
     "AuditRecord",
     "GridProxyInitError",
+    "HiddenToken",
     "XRootDError",
     "XRootDServer",
     "grid_ca_dir",
     "grid_proxy_init",
     "grid_proxy_init_available",
+    "scitokens_available",
+    "scitokens_config",
+    "write_key_cache",
     "write_signing_policy",
     "xrootd_available",
     "xrootd_config",
@@ -94,6 +144,21 @@ _AUDIT = re.compile(
 _GRIDMAP_FAILED = re.compile(r"Required gridmap mapping failed for DN: (.+)$", re.M)
 _CERT_REJECTED = re.compile(r"CertVerify: Cert verification failed for DN=(.+)$", re.M)
 _LOGIN = re.compile(r"XrootdBridge: \S+ login as (\S+)$", re.M)
+_TOKEN_FAILED = re.compile(
+    r"scitokens_GenerateAcls: (?:ACL generation from SciToken failed|Failed to deserialize "
+    r"SciToken): (?:token verification failed: )?(.+?)\.?$",
+    re.M,
+)
+_TOKEN_GRANT = re.compile(
+    r"scitokens_Access: Grant authorization based on scopes for operation=(\S+), path=(.+)$",
+    re.M,
+)
+# Anything shaped like a JWT; log tails we print are scrubbed of it (XRootD 5.5.3 logs none).
+_JWT = re.compile(r"eyJ[\w-]*\.[\w-]+\.[\w-]*")
+# ``ofs.authlib libXrdAccSciTokens.so`` loads the plugin of XRootD's major version.
+_SCITOKENS_PLUGIN = "XrdAccSciTokens-5"
+_KEY_CACHE = Path("scitokens", "scitokens_cpp.sqllite")  # (sic), under XDG_CACHE_HOME
+_KEY_CACHE_LIFETIME = 86400  # seconds the pre-filled keys count as fresh: longer than any run
 _BIND_ATTEMPTS = 3
 _POLL = 0.05  # seconds between readiness checks while waiting on the process
 
@@ -109,6 +174,12 @@ class GridProxyInitError(RuntimeError):
 def xrootd_available() -> bool:
     """True if an ``xrootd`` binary is on ``PATH`` (Debian package ``xrootd-server``)."""
     return shutil.which("xrootd") is not None
+
+
+def scitokens_available() -> bool:
+    """True if XRootD's SciTokens authorization plugin is installed (Debian package
+    ``xrootd-scitokens-plugins``)."""
+    return ctypes.util.find_library(_SCITOKENS_PLUGIN) is not None
 
 
 def grid_proxy_init_available() -> bool:
@@ -195,6 +266,17 @@ def grid_proxy_init(
 # --------------------------------------------------------------------------------------------
 
 
+class HiddenToken(str):
+    """A token as a ``str`` whose ``repr`` is ``<token>``: pytest shows reprs (assertion
+    rewriting, ``--showlocals``), and test output must never show a token. ``str()`` and
+    f-strings give the token itself."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<token>"
+
+
 @dataclass(frozen=True)
 class AuditRecord:
     """One ``acc.audit`` log line: an authorization decision for one operation on one path.
@@ -265,9 +347,11 @@ def xrootd_config(
     admin_dir: Path,
     gridmap_required: bool = True,
     audit: bool = True,
+    scitokens: Optional[Path] = None,
     extra: Sequence[str] = (),
 ) -> str:
-    """The text of an XRootD 5.5 config serving ``export_dir`` over XrdHttp on ``port``."""
+    """The text of an XRootD 5.5 config serving ``export_dir`` over XrdHttp on ``port``; with
+    ``scitokens`` (the plugin's config file) bearer tokens are authorised too."""
     lines = [
         f"xrd.port {port}",
         f"xrd.protocol XrdHttp:{port} libXrdHttp.so",
@@ -283,8 +367,57 @@ def xrootd_config(
     ]
     if audit:
         lines.append("acc.audit deny grant")
+    if scitokens is not None:
+        lines += [
+            # The plugin reads the token only from the "authz" CGI element, never the header.
+            "http.header2cgi Authorization authz",
+            f"ofs.authlib ++ libXrdAccSciTokens.so config={scitokens}",
+            # Failures are logged by default; "all" adds the grants (and never the token).
+            "scitokens.trace all",
+        ]
     lines.extend(extra)
     return "\n".join(lines) + "\n"
+
+
+def scitokens_config(
+    *, issuer_url: str, audiences: Sequence[str], base_path: Path, token_only: bool
+) -> str:
+    """The text of a ``scitokens.cfg``: tokens of ``issuer_url`` for one of ``audiences``, scope
+    paths relative to ``base_path``; a request without a token is refused (``token_only``) or
+    left to the authdb (``passthrough``)."""
+    return (
+        "[Global]\n"
+        f"audience = {', '.join(audiences)}\n"
+        f"onmissing = {'deny' if token_only else 'passthrough'}\n"
+        "\n"
+        "[Issuer test]\n"
+        f"issuer = {issuer_url}\n"
+        f"base_path = {base_path}\n"
+    )
+
+
+def write_key_cache(
+    cache_home: Path, issuer: TokenIssuer, *, lifetime: int = _KEY_CACHE_LIFETIME,
+    now: Optional[float] = None,
+) -> Path:
+    """Put ``issuer``'s JWKS into scitokens-cpp's key cache under ``cache_home`` (what it gets
+    as ``XDG_CACHE_HOME``); return the cache file.
+
+    The keys count as fresh for ``lifetime`` seconds (default a day) from ``now`` and expire
+    after twice that, so scitokens-cpp never fetches them from the issuer.
+    """
+    path = cache_home / _KEY_CACHE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    now = time.time() if now is None else now
+    keys = {"jwks": issuer.jwks(), "next_update": int(now + lifetime),
+            "expires": int(now + 2 * lifetime)}
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        # The schema scitokens-cpp 0.7 creates; it reads the row of the token's "iss".
+        db.execute("CREATE TABLE IF NOT EXISTS keycache ("
+                   "issuer text UNIQUE PRIMARY KEY NOT NULL, keys text NOT NULL)")
+        db.execute("INSERT OR REPLACE INTO keycache VALUES (?, ?)",
+                   (issuer.url, json.dumps(keys)))
+    return path
 
 
 class XRootDServer:
@@ -296,9 +429,16 @@ class XRootDServer:
     > 0 the non-empty files are spread over subdirectories of that many files each
     (``d0000/f000000.dat``, ``d0000/f000001.dat``, ...; e.g. for benchmarks with 10^5 files);
     the default 0 puts them all directly in the export directory. ``gridmap_required``
-    (default true) makes XRootD drop connections of unmapped DNs instead of naming them after
-    a hash. ``audit`` (default true) logs every authorization decision (two lines per GET);
-    turn it off for benchmarks. ``extra_config`` lines are appended to the config.
+    (default true, false with ``token_only``) makes XRootD drop connections of unmapped DNs
+    instead of naming them after a hash. ``audit`` (default true) logs every authorization
+    decision of the authdb (two lines per GET; not those the token plugin takes); turn it off
+    for benchmarks. ``extra_config`` lines are appended to the config.
+
+    With ``issuer`` the server also authorises that issuer's bearer tokens (see the module
+    doc): mint them with :meth:`mint`, for :attr:`audience`, scopes relative to the export
+    directory. ``token_only`` (default false) refuses every request without a token, even with
+    a mapped proxy. ``serve_issuer`` (default true) serves the issuer's discovery document and
+    JWKS over HTTPS on 127.0.0.1 while the server runs, which sets ``issuer.url``.
 
     Everything lives under ``root`` (default: a new directory in the system temp dir, removed
     on :meth:`stop` unless ``keep``). ``startup_timeout``/``stop_timeout`` are seconds; after
@@ -315,8 +455,11 @@ class XRootDServer:
         file_size: int = 64,
         files_per_dir: int = 0,
         users: Optional[Mapping[str, str]] = None,
-        gridmap_required: bool = True,
+        gridmap_required: Optional[bool] = None,
         audit: bool = True,
+        issuer: Optional[TokenIssuer] = None,
+        token_only: bool = False,
+        serve_issuer: bool = True,
         extra_config: Sequence[str] = (),
         host: str = "127.0.0.1",
         run_as: str = "xrootd",
@@ -329,6 +472,11 @@ class XRootDServer:
             raise ValueError("files, empty_files, file_size and files_per_dir must be >= 0")
         if startup_timeout <= 0 or stop_timeout <= 0:
             raise ValueError("startup_timeout and stop_timeout must be > 0 seconds")
+        if token_only and issuer is None:
+            raise ValueError("token_only needs an issuer whose tokens the server accepts")
+        if token_only and gridmap_required:
+            raise ValueError("a token-only server cannot require a grid-mapfile mapping: its "
+                             "clients present no certificate")
         self.pki = pki
         self.users = dict(users) if users is not None else {pki.user_dn: MAPPED_USER}
         if not self.users or not all(_LOCAL_NAME.match(n) for n in self.users.values()):
@@ -343,8 +491,12 @@ class XRootDServer:
         self.empty_names = [f"empty{i:03d}.dat" for i in range(empty_files)]
         """Names of the empty files."""
         self.file_size = file_size
-        self.gridmap_required = gridmap_required
+        self.gridmap_required = not token_only if gridmap_required is None else gridmap_required
         self.audit_enabled = audit
+        self._issuer = issuer
+        self.token_only = token_only
+        self.serve_issuer = serve_issuer
+        self._issuer_server: Optional[ThreadedServer[IssuerServer]] = None
         self.extra_config = tuple(extra_config)
         self.host = host
         self.run_as = run_as
@@ -387,6 +539,16 @@ class XRootDServer:
         return self.root / "xrootd.cfg"
 
     @property
+    def cache_home(self) -> Path:
+        """The server's ``XDG_CACHE_HOME``, holding scitokens-cpp's key cache (with ``issuer``)."""
+        return self.root / "cache"
+
+    @property
+    def key_cache(self) -> Path:
+        """scitokens-cpp's key cache (SQLite; see :func:`write_key_cache`)."""
+        return self.cache_home / _KEY_CACHE
+
+    @property
     def port(self) -> int:
         """The HTTPS port (also the xroot port)."""
         if self._port is None:
@@ -405,6 +567,33 @@ class XRootDServer:
     def urls(self) -> list[str]:
         """URLs of every non-empty file, in order."""
         return [self.url(n) for n in self.file_names]
+
+    # ---- tokens -----------------------------------------------------------------------------
+
+    @property
+    def issuer(self) -> TokenIssuer:
+        """The issuer whose tokens the server accepts (``issuer=``)."""
+        if self._issuer is None:
+            raise RuntimeError("this XRootDServer accepts no tokens: pass issuer=TokenIssuer()")
+        return self._issuer
+
+    @property
+    def audience(self) -> str:
+        """The ``aud`` to mint: ``https://<host>:<port>``, the origin of :meth:`url`."""
+        return f"https://{self.host}:{self.port}"
+
+    @property
+    def audiences(self) -> list[str]:
+        """Every audience the server accepts besides the WLCG "any" one: :attr:`audience` and
+        the same origin named ``localhost``."""
+        return list(dict.fromkeys([self.audience, f"https://localhost:{self.port}"]))
+
+    def mint(self, scope: str = "storage.read:/", **kwargs: Any) -> HiddenToken:
+        """A token of :attr:`issuer` for this server: ``audience`` defaults to :attr:`audience`,
+        scope paths are relative to the export directory (the default ``storage.read:/`` reads
+        every file); other ``kwargs`` go to :meth:`TokenIssuer.mint`. Its repr hides it."""
+        kwargs.setdefault("audience", self.audience)
+        return HiddenToken(self.issuer.mint(scope, **kwargs))
 
     # ---- log --------------------------------------------------------------------------------
 
@@ -425,12 +614,13 @@ class XRootDServer:
             return ""
 
     def log_tail(self, lines: int = 60) -> str:
-        """The last ``lines`` lines of the log (and of the console output if it has any)."""
+        """The last ``lines`` lines of the log (and of the console output if it has any), with
+        anything shaped like a token replaced by ``<token>``: it is meant to be printed."""
         text = self.log_text()
         console = self.root / "console.txt"
         if console.is_file():
             text = console.read_text(errors="replace") + text
-        return "\n".join(text.splitlines()[-lines:])
+        return _JWT.sub("<token>", "\n".join(text.splitlines()[-lines:]))
 
     def audit(self, since: int = 0) -> list[AuditRecord]:
         """Authorization decisions logged from offset ``since`` (needs ``audit=True``)."""
@@ -448,6 +638,19 @@ class XRootDServer:
         """DNs of client certificates that failed verification (e.g. an unknown CA)."""
         return [dn.strip() for dn in _CERT_REJECTED.findall(self.log_text(since))]
 
+    def token_failures(self, since: int = 0) -> list[str]:
+        """Why the token plugin rejected tokens, from offset ``since``: one reason per check (a
+        GET checks twice, "stat" then "open"), e.g. ``token expired``, ``'aud' claim
+        verification failed``, ``Invalid signature``, ``Token issuer is not in list of allowed
+        issuers``. A valid token that does not cover the path is not a failure here."""
+        return _TOKEN_FAILED.findall(self.log_text(since))
+
+    def token_grants(self, since: int = 0) -> list[tuple[str, str]]:
+        """``(operation, path)`` the token plugin granted from offset ``since`` (a GET: ``stat``
+        then ``read`` of the file's absolute path); requests the plugin passed on to the authdb
+        appear in :meth:`audit` instead."""
+        return [(op, path) for op, path in _TOKEN_GRANT.findall(self.log_text(since))]
+
     # ---- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -462,6 +665,8 @@ class XRootDServer:
         if binary is None:
             raise XRootDError("xrootd not found: install the Debian package xrootd-server")
         try:
+            if self._issuer is not None and self.serve_issuer:
+                self._start_issuer(self._issuer)
             self._prepare()
             for _ in range(_BIND_ATTEMPTS):
                 if self._launch(binary):
@@ -470,6 +675,16 @@ class XRootDServer:
         except BaseException:
             self.stop()
             raise
+
+    def _start_issuer(self, issuer: TokenIssuer) -> None:
+        """Serve ``issuer`` on its own loop in a thread; this sets its URL (and so ``iss``)."""
+        pki = self.pki
+        server = ThreadedServer(
+            lambda: IssuerServer(issuer, pki.server_ssl_context(require_client_cert=False)),
+            "token-issuer",
+        )
+        server.start(timeout=self.startup_timeout)
+        self._issuer_server = server
 
     def _prepare(self) -> None:
         if self._root is None:
@@ -504,6 +719,11 @@ class XRootDServer:
         var = root / "var"
         var.mkdir(exist_ok=True)
         os.chown(var, uid, gid)
+        if self._issuer is not None:
+            cache = write_key_cache(self.cache_home, self._issuer)
+            # scitokens-cpp, running as the server's user, may update its cache.
+            for path in (self.cache_home, cache.parent, cache):
+                os.chown(path, uid, gid)
 
     def _server_ids(self) -> tuple[int, int]:
         """uid/gid ``xrootd`` will run as: ``run_as`` when we are root, else ourselves."""
@@ -520,6 +740,15 @@ class XRootDServer:
     def _launch(self, binary: str) -> bool:
         """Start on a fresh port; True once serving, False if the port was taken meanwhile."""
         self._port = _free_port()
+        scitokens: Optional[Path] = None
+        env = None
+        if self._issuer is not None:
+            scitokens = self.root / "scitokens.cfg"
+            scitokens.write_text(scitokens_config(
+                issuer_url=self._issuer.url, audiences=self.audiences,
+                base_path=self.export_dir, token_only=self.token_only,
+            ))
+            env = {**os.environ, "XDG_CACHE_HOME": str(self.cache_home)}
         self.config_path.write_text(
             xrootd_config(
                 port=self._port,
@@ -532,6 +761,7 @@ class XRootDServer:
                 admin_dir=self.root / "var",
                 gridmap_required=self.gridmap_required,
                 audit=self.audit_enabled,
+                scitokens=scitokens,
                 extra=self.extra_config,
             )
         )
@@ -543,7 +773,7 @@ class XRootDServer:
         self._console = open(self.root / "console.txt", "wb")  # noqa: SIM115 closed in stop()
         self._process = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=self._console, stderr=subprocess.STDOUT,
-            cwd=self.root, start_new_session=True,
+            cwd=self.root, start_new_session=True, env=env,
         )
         try:
             self._wait_ready(self._process)
@@ -587,8 +817,12 @@ class XRootDServer:
             self._console = None
 
     def stop(self) -> None:
-        """Stop the server (see :meth:`_terminate`) and remove its directory unless ``keep``."""
+        """Stop the server (see :meth:`_terminate`) and the issuer's, and remove the directory
+        unless ``keep``."""
         self._terminate()
+        if self._issuer_server is not None:
+            self._issuer_server.stop()
+            self._issuer_server = None
         if self._made_root and not self.keep and self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
 
