@@ -214,16 +214,17 @@ def test_expired_proxy_refused_before_any_request(
 def test_no_proxy_and_no_default_file_exit_3(
     xrootd: XRootDServer, pki: TestPKI, tmp_path: Path
 ) -> None:
-    """No --proxy, no X509_USER_PROXY and no /tmp/x509up_u<uid>: exit 3 naming that path."""
+    """No proxy and no token anywhere: exit 3 naming /tmp/x509up_u<uid> and every token place."""
     default = Path(f"/tmp/x509up_u{os.getuid()}")
-    if default.exists():
-        pytest.skip(f"{default} exists on this machine")
+    for path in (default, Path(f"/tmp/bt_u{os.getuid()}")):
+        if path.exists():
+            pytest.skip(f"{path} exists on this machine")
     mark = xrootd.log_mark()
     res = _cli(tmp_path, "warm", _definition(tmp_path, xrootd.urls()), "--ca-dir", pki.ca_dir,
                "-q")
     assert res.returncode == 3, _why(res, xrootd)
     line = _only_error_line(res, xrootd)
-    assert str(default) in line and "does not exist" in line
+    assert str(default) in line and "no credentials" in line and "$BEARER_TOKEN" in line
     assert xrootd.logins(mark) == [] and xrootd.audit(mark) == []
 
 

@@ -16,14 +16,11 @@ from typing import Any, Optional
 
 from prestaged.cli.common import context
 from prestaged.config import Config
-from prestaged.credentials import (
-    check_lifetime,
-    format_timedelta,
-    inspect_proxy,
-    resolve_proxy_path,
-)
 from prestaged.errors import CredentialError
-from prestaged.tokens import TokenInfo, find_token
+from prestaged.tokens import find_token
+
+# prestaged.credentials imports cryptography (~0.1 s): loaded when this command runs, not when
+# the CLI starts.
 
 __all__ = ["cmd_credentials"]
 
@@ -36,6 +33,8 @@ def _proxy_doc(args: argparse.Namespace, cfg: Config, *,
                required: bool) -> Optional[dict[str, Any]]:
     """The proxy's description, None when there is none to show (not named, not at the
     default location, and not ``required``); an unreadable one raises when ``required``."""
+    from prestaged.credentials import inspect_proxy, resolve_proxy_path
+
     path, source = resolve_proxy_path(args.proxy, cfg.credentials.proxy)
     if not required and source.startswith("default") and not path.exists():
         return None
@@ -58,7 +57,7 @@ def _token_doc(args: argparse.Namespace, cfg: Config) -> Optional[dict[str, Any]
         found = find_token(args.token_file, cfg.credentials.token_file)
         if found is None:
             return None
-        info: TokenInfo = found.inspect()
+        info = found.inspect()
     except CredentialError as e:
         return {"error": str(e)}
     return {
@@ -73,6 +72,14 @@ def _token_doc(args: argparse.Namespace, cfg: Config) -> Optional[dict[str, Any]
     }
 
 
+def _timeleft(not_after: str) -> str:
+    """``11h59m (until 2026-12-04 04:08:06 UTC)`` for an ISO time."""
+    from prestaged.credentials import format_timedelta
+
+    until = datetime.fromisoformat(not_after)
+    return f"{format_timedelta(until - datetime.now(timezone.utc))} (until {_utc(until)})"
+
+
 def _print_proxy(doc: dict[str, Any], indent: str = "") -> None:
     if "error" in doc:
         print(f"{indent}path      : {doc['path']} ({doc['source']})")
@@ -82,9 +89,7 @@ def _print_proxy(doc: dict[str, Any], indent: str = "") -> None:
     print(f"{indent}subject   : {doc['subject']}")
     print(f"{indent}identity  : {doc['identity']}")
     print(f"{indent}type      : {doc['type']}")
-    until = datetime.fromisoformat(doc["not_after"])
-    left = until - datetime.now(timezone.utc)
-    print(f"{indent}timeleft  : {format_timedelta(left)} (until {_utc(until)})")
+    print(f"{indent}timeleft  : {_timeleft(doc['not_after'])}")
 
 
 def _print_token(doc: dict[str, Any]) -> None:
@@ -99,15 +104,15 @@ def _print_token(doc: dict[str, Any]) -> None:
     print(f"  scopes    : {' '.join(doc['scopes']) or '(none)'}")
     if doc["groups"]:
         print(f"  groups    : {' '.join(doc['groups'])}")
-    until = datetime.fromisoformat(doc["not_after"])
-    left = until - datetime.now(timezone.utc)
-    print(f"  timeleft  : {format_timedelta(left)} (until {_utc(until)})")
+    print(f"  timeleft  : {_timeleft(doc['not_after'])}")
 
 
 def cmd_credentials(args: argparse.Namespace, cfg: Config) -> int:
     """``prestaged credentials``: describe the proxy and the token, then check them as a run
     would (``CredentialError``, exit 3, when it would fail). As ``prestaged proxy``: the proxy
     only, checked for its lifetime."""
+    from prestaged.credentials import check_lifetime, inspect_proxy, resolve_proxy_path
+
     if args.command == "proxy":
         doc = _proxy_doc(args, cfg, required=True)
         assert doc is not None
