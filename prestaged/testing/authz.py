@@ -27,9 +27,8 @@ from __future__ import annotations
 import enum
 import math
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional
 
 from aiohttp import web
 
@@ -38,7 +37,6 @@ from prestaged.testing.tokens import INSUFFICIENT_SCOPE, NO_TOKEN, Verdict
 __all__ = ["AuthErrorLimiter", "RefusalStyle", "client_address", "refusal"]
 
 BUSY = "Server is busy. Please try again later."
-R = TypeVar("R", bound=web.BaseRequest)
 
 
 class RefusalStyle(str, enum.Enum):
@@ -65,7 +63,8 @@ def refusal(style: RefusalStyle, verdict: Verdict) -> web.Response:
     if style is RefusalStyle.DCACHE:
         if scope:
             return web.Response(status=403, text="Permission denied\n", content_type="text/plain")
-        return web.Response(status=401, reason=_quoted(reason),
+        phrase = None if verdict.kind == NO_TOKEN else _quoted(reason)  # anonymous: plain 401
+        return web.Response(status=401, reason=phrase,
                             headers={"WWW-Authenticate": 'Basic realm="dCache"'})
     if verdict.kind == NO_TOKEN:
         challenge = "Bearer"
@@ -136,14 +135,3 @@ class AuthErrorLimiter:
         if state.errors >= self.max_errors:
             state.errors, state.blocked_until = 0, now + self.block_seconds
             self.blocks += 1
-
-    async def guard(self, request: R, handler: Callable[[R], Awaitable[web.StreamResponse]]
-                    ) -> web.StreamResponse:
-        """Answer ``request`` with ``handler`` unless its client is blocked; count a 401."""
-        client = client_address(request)
-        busy = self.blocked(client)
-        if busy is not None:
-            return busy
-        response = await handler(request)
-        self.answered(client, response.status)
-        return response

@@ -216,11 +216,6 @@ class Verdict:
         """True when the request may go on."""
         return self.kind == GRANTED
 
-    @property
-    def authenticated(self) -> bool:
-        """True when the request carried a valid token (granted or not)."""
-        return self.claims is not None
-
 
 @dataclass
 class BearerCheck:
