@@ -505,7 +505,7 @@ class StorageServer:
         door_port: int = 0,
         max_in_flight: Optional[int] = None,
         bearer: Optional[BearerCheck] = None,
-        refusal: RefusalStyle = RefusalStyle.XROOTD,
+        refusal: Union[RefusalStyle, str] = RefusalStyle.XROOTD,
     ) -> None:
         if default_size < 0:
             raise ValueError(f"default_size must be >= 0, got {default_size}")
