@@ -22,6 +22,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Optional
@@ -147,7 +148,8 @@ class TapeFrontend:
     def _login(self, request: web.Request) -> Login:
         return self._logins[id(request)]
 
-    def _require(self, request: web.Request, verbs: tuple[str, ...], paths: Any) -> None:
+    def _require(self, request: web.Request, verbs: tuple[str, ...], paths: Iterable[str]
+                 ) -> None:
         """403 (problem JSON, counted) unless the login may do ``verbs`` on every path."""
         login = self._login(request)
         if not all(login.allows(verbs, p) for p in paths):
