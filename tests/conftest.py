@@ -190,13 +190,15 @@ async def http(pki: TestPKI, proxy: Path) -> AsyncIterator[aiohttp.ClientSession
 @pytest.fixture
 async def dcache(pki: TestPKI) -> AsyncIterator[Callable[..., Awaitable[DCacheServer]]]:
     """Factory of started dCache emulators (``await dcache(**DCacheConfig kwargs)``), stopped
-    after the test."""
+    after the test; ``bearer=`` and ``clock=`` go to ``DCacheServer`` (with a ``BearerCheck``
+    client certificates become optional)."""
     servers: list[DCacheServer] = []
 
-    async def make(**config: Any) -> DCacheServer:
-        srv = DCacheServer(pki.server_ssl_context(),
+    async def make(*, bearer: Any = None, clock: Any = None, **config: Any) -> DCacheServer:
+        extra = {"bearer": bearer} if clock is None else {"bearer": bearer, "clock": clock}
+        srv = DCacheServer(pki.server_ssl_context(require_client_cert=bearer is None),
                            pki.server_ssl_context(require_client_cert=False),
-                           DCacheConfig(**config))
+                           DCacheConfig(**config), **extra)
         await srv.start()
         servers.append(srv)
         return srv

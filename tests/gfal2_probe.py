@@ -2,9 +2,12 @@
 
 Run by /usr/bin/python3 (Debian's python3-gfal2), not by the project's venv:
 ``gfal2_probe.py status URL`` | ``bring_online PIN TIMEOUT URL...`` | ``poll TOKEN URL`` |
-``archive_poll URL...`` | ``release TOKEN URL...``. The client certificate and CA directory come
-from X509_USER_PROXY and X509_CERT_DIR, as in gfal2's own start-up. Each command prints one JSON
-object; a gfal2 error is ``{"error": message, "code": errno}``.
+``archive_poll URL...`` | ``release TOKEN URL...`` | ``read N URL`` (open, read N bytes). The
+client certificate and CA directory come from X509_USER_PROXY and X509_CERT_DIR, as in gfal2's
+own start-up; a WLCG bearer token from BEARER_TOKEN, which gfal2 then uses instead of the proxy
+(for every URL: door, frontend, and whatever a redirect leads to). Each command prints one JSON
+object; a gfal2 error is ``{"error": message, "code": errno}``. The request ids gfal2 calls
+"token" are stage request ids, not bearer tokens.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ def main(argv: list[str]) -> dict[str, object]:
             return {"errors": _errors(ctx.archive_poll(args))}
         if command == "release":
             return {"errors": _errors(ctx.release(args[1:], args[0]))}
+        if command == "read":
+            return {"bytes": len(ctx.open(args[1], "r").read_bytes(int(args[0])))}
     except gfal2.GError as e:
         return {"error": e.message, "code": e.code}
     raise SystemExit(f"unknown command {command!r}")

@@ -25,6 +25,7 @@ from prestaged.testing.dcache import (
     Locality,
 )
 from prestaged.testing.pki import TestPKI
+from prestaged.testing.tokens import BearerCheck, TokenIssuer
 
 PROBE = Path(__file__).with_name("gfal2_probe.py")
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -34,7 +35,8 @@ Factory = Callable[..., Awaitable[DCacheServer]]
 
 @pytest.fixture
 def gfal2(pki: TestPKI, proxy: Path) -> Callable[..., Awaitable[dict[str, Any]]]:
-    """Run tests/gfal2_probe.py under Debian's python3 with the test proxy; returns its JSON."""
+    """Run tests/gfal2_probe.py under Debian's python3 with the test proxy (or, given
+    ``token=``, a bearer token instead); returns its JSON."""
     probe = subprocess.run([SYSTEM_PYTHON, "-c", "import gfal2"], capture_output=True,
                            check=False) if shutil.which(SYSTEM_PYTHON) else None
     if probe is None or probe.returncode != 0:
@@ -44,9 +46,14 @@ def gfal2(pki: TestPKI, proxy: Path) -> Callable[..., Awaitable[dict[str, Any]]]
         pytest.skip(message)
     env = dict(os.environ, X509_USER_PROXY=str(proxy), X509_CERT_DIR=str(pki.ca_dir))
 
-    async def run(*args: str) -> dict[str, Any]:
+    async def run(*args: str, token: str | None = None) -> dict[str, Any]:
+        """``token``: gfal2 gets it as BEARER_TOKEN and no proxy at all."""
+        run_env = dict(env)
+        if token is not None:
+            del run_env["X509_USER_PROXY"]
+            run_env["BEARER_TOKEN"] = token
         proc = await asyncio.create_subprocess_exec(
-            SYSTEM_PYTHON, str(PROBE), *args, env=env,
+            SYSTEM_PYTHON, str(PROBE), *args, env=run_env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
@@ -114,6 +121,87 @@ async def test_gfal2_sees_stage_failures_and_archive_poll(dcache: Factory, gfal2
                            srv.door_url("/pnfs/t/none")))["errors"]
     assert answers[0] is None
     assert "not yet archived" in answers[1] and "No such file" in answers[2]
+
+
+# --- the real client with a WLCG token ---------------------------------------------------------
+
+
+@pytest.fixture
+def tokens() -> tuple[TokenIssuer, BearerCheck]:
+    """An issuer and the check the emulator makes: audience 127.0.0.1, scopes under /pnfs."""
+    issuer = TokenIssuer()
+    return issuer, BearerCheck(issuer, ["https://127.0.0.1"], "/pnfs")
+
+
+async def test_gfal2_token_alone_reads_status_stages_polls_and_releases(
+        dcache: Factory, gfal2: Any, tokens: tuple[TokenIssuer, BearerCheck]) -> None:
+    """gfal2 with BEARER_TOKEN and no proxy sends the token to door and frontend: with
+    storage.stage it reads user.status, stages, polls and releases, as the token's subject."""
+    issuer, check = tokens
+    srv = await dcache(bearer=check)
+    replica = srv.core.add_file("/pnfs/t/a", 10, Locality.TAPE)
+    url, token = srv.door_url("/pnfs/t/a"), issuer.mint("storage.stage:/t")
+    assert await gfal2("status", url, token=token) == {"status": "NEARLINE"}
+    staged = await gfal2("bring_online", "3600", "60", url, token=token)
+    assert staged["errors"] == [None]
+    req = srv.frontend.requests[staged["token"]]
+    assert req.user == "token:prestaged-test-user"
+    await srv.core.wait_until(lambda: req.finished)
+    assert await gfal2("poll", staged["token"], url, token=token) == {"result": 1}
+    assert await gfal2("release", staged["token"], url, token=token) == {"errors": [None]}
+    assert replica.on_disk and replica.pins == {}
+    stats = srv.core.stats
+    assert stats.token_requests["frontend"] == 4  # archiveinfo, stage, poll, release
+    assert stats.token_requests["door"] >= 4 and stats.auth_refusals == {}
+    assert token not in json.dumps(stats.to_dict()) + repr(srv.frontend.requests)
+
+
+async def test_gfal2_read_only_token_cannot_stage(
+        dcache: Factory, gfal2: Any, tokens: tuple[TokenIssuer, BearerCheck]) -> None:
+    """With storage.read only, dCache takes gfal2's stage request and fails the tape-only file
+    (storage.read never recalls): gfal2's poll reports PoolManager's message; nothing mounts."""
+    issuer, check = tokens
+    srv = await dcache(bearer=check)
+    srv.core.add_file("/pnfs/t/a", 10, Locality.TAPE)
+    url, token = srv.door_url("/pnfs/t/a"), issuer.mint("storage.read:/t")
+    staged = await gfal2("bring_online", "3600", "60", url, token=token)
+    req = srv.frontend.requests[staged["token"]]
+    await srv.core.wait_until(lambda: req.finished)
+    polled = await gfal2("poll", staged["token"], url, token=token)
+    assert "File not online. Staging not allowed." in polled["error"]
+    assert srv.core.stats.mounts == 0
+
+
+async def test_gfal2_sends_its_token_on_to_the_pool(
+        dcache: Factory, gfal2: Any, tokens: tuple[TokenIssuer, BearerCheck]) -> None:
+    """gfal2 2.21 (davix 0.8) keeps Authorization when it follows the door's redirect to the
+    pool, another port (another host in a real dCache): the pool counts it and, going by the
+    one-time UUID alone, serves. A careful client does not do this; the counter shows it."""
+    issuer, check = tokens
+    srv = await dcache(bearer=check)
+    srv.core.add_file("/pnfs/t/a", 10, Locality.DISK_AND_TAPE)
+    url = srv.door_url("/pnfs/t/a")
+    assert await gfal2("read", "4", url, token=issuer.mint("storage.read:/t")) == {"bytes": 4}
+    assert srv.core.stats.requests["pool:get"] == 1
+    assert srv.core.stats.pool_authorization == 1
+
+
+async def test_gfal2_expired_token_is_refused_then_blocked(
+        dcache: Factory, gfal2: Any, tokens: tuple[TokenIssuer, BearerCheck]) -> None:
+    """An expired token: gfal2 gets 401 (EACCES) three times, then dCache 11.2 blocks the
+    client and gfal2 sees 429 for any token, a good one included."""
+    issuer, check = tokens
+    srv = await dcache(bearer=check, clock=lambda: 0.0)  # frozen: the block never ends
+    srv.core.add_file("/pnfs/t/a", 10, Locality.TAPE)
+    url, expired = srv.door_url("/pnfs/t/a"), issuer.mint("storage.stage:/t", lifetime=-5)
+    for _ in range(3):
+        refused = await gfal2("status", url, token=expired)
+        assert refused["code"] == 13 and "401" in refused["error"]
+    blocked = await gfal2("status", url, token=issuer.mint("storage.stage:/t"))
+    assert "429" in blocked["error"]
+    assert srv.core.stats.auth_refusals == {"door:401": 3}
+    assert srv.core.stats.blocked == {"door": 1}
+    assert check.refusals == {"token expired": 3}
 
 
 # --- door and pool -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import subprocess
 import sys
 import time
@@ -16,8 +17,10 @@ import aiohttp
 import pytest
 
 from prestaged.testing.dcache import Locality
+from prestaged.testing.dcache.auth import bearer_document
 from prestaged.testing.dcache.dataset import load_manifest, synthetic
 from prestaged.testing.pki import TestPKI
+from prestaged.testing.tokens import BearerCheck, TokenIssuer
 
 READY_TIMEOUT = 60.0  # interpreter start, imports and 100 files; generous for a loaded CI
 POLL = 0.05
@@ -69,6 +72,36 @@ async def test_process_serves_on_loopback_and_reports_stats_on_sigterm(
     assert doc["requests_total"] == 3 and doc["stats"]["door_tape_gets"] == 0
     assert doc["files"] == {"total": 10, "tape_only_at_start": 5, "on_disk": 5, "touched": 1,
                             "on_disk_and_touched": 1}
+
+
+async def test_process_takes_a_bearer_config(pki: TestPKI, tmp_path: Path) -> None:
+    """With --bearer-config the process accepts the issuer's tokens from a client without a
+    certificate (public key only in the file), refuses an expired one with 401, and counts
+    both in its stats file."""
+    issuer = TokenIssuer()
+    config, ready, stats = tmp_path / "bearer.json", tmp_path / "ready.json", tmp_path / "s.json"
+    config.write_text(json.dumps(bearer_document(BearerCheck(issuer, ["https://127.0.0.1"]))))
+    proc = await asyncio.to_thread(subprocess.Popen, [
+        sys.executable, "-m", "prestaged.testing.dcache", "--pki-dir", str(pki.root),
+        "--ready-file", str(ready), "--stats-file", str(stats), "--files", "1",
+        "--bearer-config", str(config)])
+    try:
+        info = await asyncio.to_thread(_wait_ready, ready, proc)
+        ctx = ssl.create_default_context(capath=str(pki.ca_dir))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as http:
+            statuses = []
+            for token in (issuer.mint("storage.read:/pnfs"), issuer.mint(lifetime=-5)):
+                async with http.post(info["tape_api_url"] + "/archiveinfo",
+                                     json={"paths": ["/pnfs/bench/f0000000.root"]},
+                                     headers={"Authorization": f"Bearer {token}"}) as r:
+                    statuses.append(r.status)
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 30)
+    assert statuses == [200, 401]
+    doc = json.loads(await asyncio.to_thread(stats.read_text))
+    assert doc["stats"]["token_requests"] == {"frontend": 2}
+    assert doc["stats"]["auth_refusals"] == {"frontend:401": 1}
 
 
 def test_synthetic_puts_file_i_on_tape_i_mod_tapes_and_draws_the_tape_only_share() -> None:

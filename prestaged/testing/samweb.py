@@ -34,6 +34,12 @@ listings answer 503, then normal service) with the storage emulator's actions ``
 after some lines). Every request is counted per
 endpoint and recorded (``stats``), with the client certificate's DN if one was presented.
 
+Given a ``BearerCheck`` (``bearer=``) the emulator takes a WLCG token in place of the client
+certificate: a request needs a certificate or an ``Authorization: Bearer`` token with a good
+signature, lifetime and audience (no storage scope: SAM is no storage); anything else, a bad
+token even beside a certificate, is answered 401 with SAM's JSON error (``"error":
+"Unauthorized"``) and a ``WWW-Authenticate: Bearer`` challenge, before any injected action.
+
 ``ThreadedSamWebServer`` runs it on its own loop in a thread (for synchronous tests);
 ``python -m prestaged.testing.samweb --pki-dir DIR --definitions FILE`` runs it as a process.
 Definitions files are JSON or TOML: ``{"definitions": {"name": [{"name": "a.root", "size": 1,
@@ -66,6 +72,7 @@ from aiohttp import web
 from prestaged.testing.pki import load_or_create_pki
 from prestaged.testing.storage import Delay, Reset, Serve, Status
 from prestaged.testing.threaded import ThreadedServer
+from prestaged.testing.tokens import NO_TOKEN, BearerCheck
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -180,6 +187,8 @@ class SamRequest:
     """The ``SAM-Role`` header, if sent."""
     line: int = 0
     """Bytes of the request line (method, target and HTTP version, without CRLF)."""
+    bearer: bool = False
+    """Whether it carried ``Authorization: Bearer`` (the token itself is never kept)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -188,11 +197,15 @@ class SamRequest:
 
 @dataclass
 class SamStats:
-    """Requests per endpoint, every request, and the client DNs seen (None: anonymous)."""
+    """Requests per endpoint, every request, and the client DNs seen (None: anonymous); with a
+    ``BearerCheck``, ``token_requests`` (requests carrying a bearer token) and
+    ``auth_refusals`` (401s for want of a good token or a certificate)."""
 
     requests: Counter[str] = field(default_factory=Counter)
     records: list[SamRequest] = field(default_factory=list)
     client_dns: Counter[Optional[str]] = field(default_factory=Counter)
+    token_requests: int = 0
+    auth_refusals: int = 0
 
     @property
     def total(self) -> int:
@@ -205,6 +218,8 @@ class SamStats:
             "requests": dict(self.requests),
             "total": self.total,
             "client_dns": {str(k): v for k, v in self.client_dns.items()},
+            "token_requests": self.token_requests,
+            "auth_refusals": self.auth_refusals,
             "records": [r.to_dict() for r in self.records],
         }
 
@@ -278,7 +293,9 @@ class SamWebServer:
     pairs the server uses to answer ``locations/url`` (the real rules are SAM's secret).
     ``ssl_context`` decides whether clients must present a certificate.
     ``max_request_line`` (bytes; None: only aiohttp's 8190): a longer request line is answered
-    414 without reaching SAM, as by a stricter front end.
+    414 without reaching SAM, as by a stricter front end. ``bearer`` (None: certificates only,
+    optional or required by ``ssl_context``) accepts tokens in place of a certificate (see the
+    module docstring); ``ssl_context`` must then not require a certificate.
     """
 
     def __init__(
@@ -292,8 +309,13 @@ class SamWebServer:
         host: str = "127.0.0.1",
         port: int = 0,
         max_request_line: Optional[int] = None,
+        bearer: Optional[BearerCheck] = None,
     ) -> None:
+        if bearer is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED:
+            raise ValueError("with bearer tokens clients without a certificate must get through"
+                             " TLS: use server_ssl_context(require_client_cert=False)")
         self._ssl = ssl_context
+        self.bearer = bearer
         self.max_request_line = max_request_line
         self.experiment = experiment
         self.host = host
@@ -411,15 +433,19 @@ class SamWebServer:
     def _wrap(self, endpoint: str, handler: _Handler) -> _Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
             line = _request_line_bytes(request)
-            # A front end refuses a long line before SAM sees it: no injected action is used.
+            # A front end refuses a long line before SAM sees it: no injected action is used,
+            # nor by a request refused for its credentials.
             too_long = self.max_request_line is not None and line > self.max_request_line
-            queue = None if too_long else self._injected.get(endpoint)
+            dn = _peer_dn(request)
+            bearer = request.headers.get("Authorization", "").startswith("Bearer ")
+            refused = None if too_long else self._authorize(request, dn, bearer)
+            queue = None if too_long or refused else self._injected.get(endpoint)
             action = queue.popleft() if queue else _SERVE
             record = SamRequest(
                 time=time.monotonic(), endpoint=endpoint, method=request.method,
                 path=request.path, names=len(request.query.getall("file_name", [])),
-                client_dn=_peer_dn(request), action="too long" if too_long else repr(action),
-                role=request.headers.get("SAM-Role"), line=line,
+                client_dn=dn, role=request.headers.get("SAM-Role"), line=line, bearer=bearer,
+                action="too long" if too_long else "unauthorized" if refused else repr(action),
             )
             self.stats.requests[endpoint] += 1
             self.stats.client_dns[record.client_dn] += 1
@@ -427,11 +453,27 @@ class SamWebServer:
             if too_long:
                 resp: web.StreamResponse = _uri_too_long(line, self.max_request_line or 0)
             else:
-                resp = await self._apply(action, request, handler)
+                resp = refused or await self._apply(action, request, handler)
             record.status = resp.status
             return resp
 
         return handle
+
+    def _authorize(self, request: web.Request, dn: Optional[str], bearer: bool
+                   ) -> Optional[web.Response]:
+        """None when ``request`` may be served (see the module docstring), else the 401."""
+        if self.bearer is None:
+            return None
+        self.stats.token_requests += int(bearer)
+        verdict = self.bearer.authorize(request.headers.get("Authorization"), ())
+        if verdict.granted or (verdict.kind == NO_TOKEN and dn is not None):
+            return None
+        self.stats.auth_refusals += 1
+        message = "No client certificate or bearer token" if verdict.kind == NO_TOKEN \
+            else f"Bearer token rejected: {verdict.reason}"
+        response = _error(401, "Unauthorized", message)
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     async def _apply(
         self, action: Action, request: web.Request, handler: _Handler

@@ -44,8 +44,10 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_protocol import RequestHandler
 
+from prestaged.testing.authz import RefusalStyle, refusal
 from prestaged.testing.pki import load_or_create_pki
 from prestaged.testing.threaded import ThreadedServer
+from prestaged.testing.tokens import INVALID, NO_TOKEN, BearerCheck
 
 __all__ = [
     "DOOR",
@@ -267,6 +269,11 @@ class ServerStats:
     ``client_dns`` (peer certificate subject -> connections), ``active_requests`` (in flight),
     ``tls_resumed`` (connections per site whose TLS handshake resumed a session),
     ``discovery_requests`` (``TAPE_REST_DISCOVERY`` asked, answered 404, not in the others).
+    With a ``BearerCheck``: ``token_requests`` (door requests that carried ``Authorization:
+    Bearer``) and ``auth_refusals`` (door requests refused for want of a good token or
+    certificate). Always: ``authorization_at_target`` (requests that reached the redirect
+    target, the pool, with an ``Authorization`` header of any kind: a well-behaved client
+    never sends its token to another port or host).
     """
 
     def __init__(self) -> None:
@@ -279,6 +286,9 @@ class ServerStats:
         self.paths: dict[str, PathStats] = {}
         self.requests_total = 0
         self.discovery_requests = 0
+        self.token_requests = 0
+        self.auth_refusals = 0
+        self.authorization_at_target = 0
         self.bytes_total = 0
         self.requests_by_site = dict.fromkeys(SITES, 0)
         self.connections = dict.fromkeys(SITES, 0)
@@ -298,6 +308,9 @@ class ServerStats:
         return {
             "requests_total": self.requests_total,
             "discovery_requests": self.discovery_requests,
+            "token_requests": self.token_requests,
+            "auth_refusals": self.auth_refusals,
+            "authorization_at_target": self.authorization_at_target,
             "bytes_total": self.bytes_total,
             "requests_by_site": dict(self.requests_by_site),
             "connections": dict(self.connections),
@@ -467,6 +480,17 @@ class StorageServer:
     handled, another one is answered ``429`` at once (no ``Retry-After``; recorded as the action
     ``Status(429)``, leaving the path's injected actions for later requests). Each
     ``RequestRecord.in_flight`` shows the load the server saw.
+
+    ``bearer`` (default None: certificates only, as before) makes the door accept ``Authorization:
+    Bearer`` tokens: a GET or HEAD needs ``storage.read`` on the URL path, checked before any
+    injected action. A client without a certificate is then let through TLS, so
+    ``ssl_context`` must request but not require one (``require_client_cert=False``). A request
+    with a good covering token is served; one without a token is served if it came with a
+    certificate; a good token that does not cover the path is refused even with a certificate;
+    a bad or expired token is refused, except that the ``XROOTD`` style falls back to the
+    certificate as XRootD does. ``refusal`` picks how refusals look (``RefusalStyle``: XRootD's
+    403 by default, ``RFC6750`` or ``DCACHE``); they are recorded as ``Status(<code>)``. The pool
+    never looks at tokens: the one-time UUID authorises.
     """
 
     def __init__(
@@ -480,9 +504,16 @@ class StorageServer:
         host: str = "127.0.0.1",
         door_port: int = 0,
         max_in_flight: Optional[int] = None,
+        bearer: Optional[BearerCheck] = None,
+        refusal: Union[RefusalStyle, str] = RefusalStyle.XROOTD,
     ) -> None:
         if default_size < 0:
             raise ValueError(f"default_size must be >= 0, got {default_size}")
+        if bearer is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED:
+            raise ValueError("with bearer tokens the door must let clients without a certificate"
+                             " through: use server_ssl_context(require_client_cert=False)")
+        self.bearer = bearer
+        self.refusal = RefusalStyle(refusal)
         self._ssl = {DOOR: ssl_context, POOL: pool_ssl_context or ssl_context}
         self._root = root
         self.default_size = default_size
@@ -711,6 +742,10 @@ class StorageServer:
         admitted = self.max_in_flight is None or self._admitted < self.max_in_flight
         self._admitted += int(admitted)
         try:
+            refused = self._authorize(ex) if admitted else None
+            if refused is not None:
+                ex.record.action, ex.record.status = Status(refused.status), refused.status
+                return refused
             ex.record.action = self._next_action(ex.key) if admitted else _TOO_MANY
             resp = await self._apply(ex, ex.record.action)
             ex.record.status = resp.status
@@ -719,8 +754,28 @@ class StorageServer:
             self._admitted -= int(admitted)
             self._leave()
 
+    def _authorize(self, ex: _Exchange) -> Optional[web.Response]:
+        """None when the door may serve ``ex`` (see the class docstring), else the refusal."""
+        if self.bearer is None:
+            return None
+        header = ex.request.headers.get("Authorization")
+        verdict = self.bearer.authorize(header, ("storage.read",), (ex.key,))
+        if verdict.kind != NO_TOKEN:
+            self.stats.token_requests += 1
+        if verdict.granted:
+            return None
+        transport = ex.request.transport
+        certified = transport is not None and bool(transport.get_extra_info("peercert"))
+        if certified and (verdict.kind == NO_TOKEN or (
+                verdict.kind == INVALID and self.refusal is RefusalStyle.XROOTD)):
+            return None
+        self.stats.auth_refusals += 1
+        return refusal(self.refusal, verdict)
+
     async def _handle_pool(self, request: web.BaseRequest) -> web.StreamResponse:
         ex = self._arrive(POOL, request)
+        if "Authorization" in request.headers:
+            self.stats.authorization_at_target += 1
         try:
             transfer = self._transfers.pop(request.query.get("dcache-http-uuid", ""), None)
             if transfer is None or transfer[0] != ex.key:

@@ -16,7 +16,8 @@ import base64
 import json
 import secrets
 import time
-from collections.abc import Collection, Mapping
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +30,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-__all__ = ["BearerCheck", "IssuerServer", "TokenIssuer", "TokenRejected", "scope_allows"]
+__all__ = ["GRANTED", "INSUFFICIENT_SCOPE", "INVALID", "NO_TOKEN", "BearerCheck",
+           "IssuerServer", "TokenIssuer", "TokenRejected", "Verdict", "scope_allows"]
 
 WLCG_ANY = "https://wlcg.cern.ch/jwt/v1/any"
 
@@ -58,7 +60,23 @@ class TokenIssuer:
                  ) -> None:
         self.url = url
         self.kid = kid
-        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._key: Optional[ec.EllipticCurvePrivateKey] = ec.generate_private_key(ec.SECP256R1())
+        self._public = self._key.public_key()
+
+    @classmethod
+    def from_jwks(cls, url: str, jwks: Mapping[str, Any]) -> TokenIssuer:
+        """A verify-only issuer (``mint`` raises) at ``url`` with the first EC P-256 key of
+        ``jwks``, as ``jwks()`` publishes it: what an emulator in another process needs."""
+        try:
+            jwk = next(k for k in jwks["keys"] if k.get("kty") == "EC" and k.get("crv") == "P-256")
+            public = ec.EllipticCurvePublicNumbers(
+                int.from_bytes(_unb64(jwk["x"]), "big"), int.from_bytes(_unb64(jwk["y"]), "big"),
+                ec.SECP256R1()).public_key()
+        except (KeyError, TypeError, StopIteration, ValueError) as e:
+            raise ValueError("jwks has no EC P-256 key with kid, x and y") from e
+        issuer = cls(url, kid=str(jwk["kid"]))
+        issuer._key, issuer._public = None, public
+        return issuer
 
     # --- minting -------------------------------------------------------------------------
 
@@ -91,6 +109,8 @@ class TokenIssuer:
         header = {"alg": "ES256", "typ": "JWT", "kid": kid if kid is not None else self.kid}
         signing = (_b64(json.dumps(header, separators=(",", ":")).encode()) + "."
                    + _b64(json.dumps(payload, separators=(",", ":")).encode()))
+        if self._key is None:
+            raise RuntimeError("a verify-only issuer (from_jwks) cannot mint tokens")
         key = ec.generate_private_key(ec.SECP256R1()) if foreign_key else self._key
         der = key.sign(signing.encode("ascii"), ec.ECDSA(hashes.SHA256()))
         r, s = decode_dss_signature(der)
@@ -100,7 +120,7 @@ class TokenIssuer:
 
     def jwks(self) -> dict[str, Any]:
         """The issuer's JSON Web Key Set (public key only)."""
-        numbers = self._key.public_key().public_numbers()
+        numbers = self._public.public_numbers()
         return {"keys": [{"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig",
                           "kid": self.kid, "x": _int_b64(numbers.x), "y": _int_b64(numbers.y)}]}
 
@@ -136,7 +156,7 @@ class TokenIssuer:
         signature = encode_dss_signature(int.from_bytes(raw[:32], "big"),
                                          int.from_bytes(raw[32:], "big"))
         try:
-            self._key.public_key().verify(signature, (parts[0] + "." + parts[1]).encode(),
+            self._public.verify(signature, (parts[0] + "." + parts[1]).encode(),
                                           ec.ECDSA(hashes.SHA256()))
         except InvalidSignature as e:
             raise TokenRejected("bad signature") from e
@@ -171,35 +191,83 @@ def scope_allows(claims: Mapping[str, Any], verb: str, path: str, base_path: str
     return False
 
 
+GRANTED = "granted"
+NO_TOKEN = "no token"
+INVALID = "invalid"
+INSUFFICIENT_SCOPE = "insufficient scope"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What ``BearerCheck.authorize`` decided about one request: ``kind`` is ``GRANTED``,
+    ``NO_TOKEN`` (no ``Authorization: Bearer``), ``INVALID`` (signature, issuer, lifetime or
+    audience) or ``INSUFFICIENT_SCOPE`` (a good token that does not cover the request);
+    ``reason`` says why it was refused (None when granted; never token text). ``subject`` and
+    ``claims`` are the verified token's (None without one): use them for further per-path
+    decisions with ``BearerCheck.allows``, never keep them."""
+
+    kind: str
+    reason: Optional[str] = None
+    subject: Optional[str] = None
+    claims: Optional[Mapping[str, Any]] = field(default=None, repr=False, compare=False)
+
+    @property
+    def granted(self) -> bool:
+        """True when the request may go on."""
+        return self.kind == GRANTED
+
+
 @dataclass
 class BearerCheck:
     """What a storage emulator checks of ``Authorization: Bearer``: ``issuer``'s signature,
     lifetime, one of ``audiences``, and the scope against the path under ``base_path``.
-    ``seen`` counts requests that carried a token; ``tokens`` keeps the last few distinct
-    ``jti`` values accepted (to prove renewals reach the server without keeping tokens)."""
+    ``seen`` counts requests that carried a token; ``accepted_jti`` keeps the distinct ``jti``
+    values of granted requests (to prove renewals reach the server without keeping tokens);
+    ``refusals`` counts the reasons of refused tokens (``"token expired"``...)."""
 
     issuer: TokenIssuer
     audiences: Collection[str]
     base_path: str = "/"
     seen: int = 0
     accepted_jti: list[str] = field(default_factory=list)
+    refusals: Counter[str] = field(default_factory=Counter)
 
     def check(self, authorization: Optional[str], verb: str, path: str) -> Optional[str]:
         """None when ``authorization`` grants ``verb`` on ``path``; else why not. A request
         without a bearer token gives ``"no token"``."""
+        return self.authorize(authorization, (verb,), (path,)).reason
+
+    def authorize(self, authorization: Optional[str], verbs: Collection[str],
+                  paths: Iterable[str] = ()) -> Verdict:
+        """Whether ``authorization`` (the header's value, or None) carries a valid token whose
+        scope grants, on every one of ``paths``, at least one of ``verbs`` (``storage.read``
+        ...). No ``paths``: a valid token is enough (authentication only; per-path decisions
+        then go through ``allows``)."""
         if not authorization or not authorization.startswith("Bearer "):
-            return "no token"
+            return Verdict(NO_TOKEN, NO_TOKEN)
         self.seen += 1
         try:
             claims = self.issuer.verify(authorization[7:].strip(), audiences=self.audiences)
         except TokenRejected as e:
-            return str(e)
-        if not scope_allows(claims, verb, path, self.base_path):
-            return f"scope does not grant {verb} on {path}"
+            return self._refuse(Verdict(INVALID, str(e)))
+        subject = str(claims.get("sub", ""))
+        for path in paths:
+            if not self.allows(claims, verbs, path):
+                reason = f"scope does not grant {' or '.join(verbs)} on {path}"
+                return self._refuse(Verdict(INSUFFICIENT_SCOPE, reason, subject, claims))
         jti = str(claims.get("jti", ""))
         if jti and jti not in self.accepted_jti[-8:]:
             self.accepted_jti.append(jti)
-        return None
+        return Verdict(GRANTED, None, subject, claims)
+
+    def allows(self, claims: Mapping[str, Any], verbs: Collection[str], path: str) -> bool:
+        """Whether verified ``claims`` grant one of ``verbs`` on ``path`` (under
+        ``base_path``)."""
+        return any(scope_allows(claims, verb, path, self.base_path) for verb in verbs)
+
+    def _refuse(self, verdict: Verdict) -> Verdict:
+        self.refusals[verdict.reason or ""] += 1
+        return verdict
 
 
 class IssuerServer:

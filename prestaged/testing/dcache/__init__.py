@@ -4,7 +4,9 @@
 set files up with ``server.core.add_file(path, size, Locality.TAPE, tape="T1")`` and assert on
 ``server.core.stats`` and ``server.core.files``; ``ThreadedDCache`` runs one in a thread for
 synchronous callers, and ``python -m prestaged.testing.dcache`` as a process of its own (for
-benchmarks: see its ``--help``). Not for production: everything is in memory.
+benchmarks: see its ``--help``). ``DCacheServer(..., bearer=BearerCheck(...))`` accepts WLCG
+tokens as dCache does (``prestaged.testing.dcache.auth``). Not for production: everything is in
+memory.
 """
 
 from prestaged.testing.dcache.model import DCacheConfig, DCacheStats, Locality, Replica

@@ -7,7 +7,9 @@ listening, and on SIGTERM or SIGINT stops and writes ``--stats-file`` (JSON: ``s
 ``DCacheStats.to_dict()``, ``requests_total`` and a ``files`` summary: ``total``,
 ``tape_only_at_start``, ``on_disk``, ``touched`` = read by a client at least once,
 ``on_disk_and_touched``). Both files are written whole (temporary file, then rename), so a
-reader never sees half of one.
+reader never sees half of one. ``--bearer-config FILE`` (a ``bearer_document`` as JSON: issuer
+URL, its public JWKS, audiences, base path) makes door and frontend accept that issuer's WLCG
+tokens, certificates becoming optional.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from prestaged.testing.dcache.auth import load_bearer
 from prestaged.testing.dcache.core import DCacheCore
 from prestaged.testing.dcache.dataset import FileSpec, load_manifest, synthetic
 from prestaged.testing.dcache.model import MAX_REQUESTS, MAX_TARGETS, DCacheConfig, Locality
 from prestaged.testing.dcache.server import DCacheServer
 from prestaged.testing.pki import load_or_create_pki
+from prestaged.testing.tokens import BearerCheck
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-file", type=Path, required=True,
                    help="written (JSON: door_url, frontend_url, tape_api_url, pid) once listening")
     p.add_argument("--stats-file", type=Path, help="statistics written here (JSON) on exit")
+    p.add_argument("--bearer-config", type=Path,
+                   help="accept WLCG tokens of the issuer in this JSON file (issuer, jwks, "
+                        "audiences, base_path: prestaged.testing.dcache.auth.bearer_document); "
+                        "client certificates become optional")
     m = p.add_argument_group("model (times in seconds)")
     m.add_argument("--drives", type=int, default=1, help="tape drives (default 1)")
     m.add_argument("--mount-seconds", type=float, default=0.0, help="to mount a tape (default 0)")
@@ -96,10 +104,12 @@ def summary(core: DCacheCore, tape_only_at_start: int) -> dict[str, Any]:
     }
 
 
-async def _serve(args: argparse.Namespace, config: DCacheConfig, files: list[FileSpec]) -> None:
+async def _serve(args: argparse.Namespace, config: DCacheConfig, files: list[FileSpec],
+                 bearer: Optional[BearerCheck]) -> None:
     pki = load_or_create_pki(args.pki_dir)
-    server = DCacheServer(pki.server_ssl_context(),
-                          pki.server_ssl_context(require_client_cert=False), config)
+    server = DCacheServer(pki.server_ssl_context(require_client_cert=bearer is None),
+                          pki.server_ssl_context(require_client_cert=False), config,
+                          bearer=bearer)
     for f in files:
         server.core.add_file(f.path, f.size, f.locality, tape=f.tape)
     tape_only = sum(1 for f in files if f.locality is Locality.TAPE)
@@ -126,9 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = DCacheConfig(drives=args.drives, mount_seconds=args.mount_seconds,
                               file_seconds=args.file_seconds, door_timeout=args.door_timeout,
                               max_targets=args.max_targets, max_requests=args.max_requests)
+        bearer = load_bearer(args.bearer_config) if args.bearer_config else None
     except (OSError, ValueError) as e:
         parser.error(str(e))
-    asyncio.run(_serve(args, config, files))
+    asyncio.run(_serve(args, config, files, bearer))
     return 0
 
 

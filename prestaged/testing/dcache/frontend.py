@@ -4,6 +4,15 @@ Behaviour follows dCache's implementation (see ../shared/reference/tape-rest.md)
 ``Location`` and ``requestId``; file states SUBMITTED, STARTED, COMPLETED, FAILED, CANCELLED;
 timestamps in milliseconds; RFC 7807 problem JSON; 429 (checked first) and 413 limits; at most
 10,000 archiveinfo answers; trailing slashes on ``/stage/`` and ``/archiveinfo/`` accepted.
+
+With tokens (``DCacheAuth`` with a ``BearerCheck``; activities in ``auth``) the login comes
+first: a token that does not verify, or no credential at all, is 401 before any handler. Then,
+as dCache: a stage request is accepted from any login, and each tape-only file whose path the
+token does not grant ``STAGE`` fails with PoolManager's "File not online. Staging not allowed."
+(a file already on disk is pinned: that needs no recall); ``archiveinfo`` answers "Permission
+denied" for each path without ``READ_METADATA``; the namespace resource is 403 without it. Our
+choice where dCache compares the caller with the request's owner: polling needs
+``READ_METADATA`` on every path of the request, cancel, delete and release ``STAGE``; else 403.
 """
 
 from __future__ import annotations
@@ -13,19 +22,21 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Optional
 
 from aiohttp import web
 
+from prestaged.testing.authz import AuthErrorLimiter
+from prestaged.testing.dcache.auth import READ_METADATA, STAGE, DCacheAuth, Login, limited
 from prestaged.testing.dcache.core import DCacheCore
 from prestaged.testing.dcache.model import ARCHIVEINFO_LIMIT, DEFAULT_PIN, Replica
 
 __all__ = ["TAPE_API", "StageRequest", "TapeFrontend", "frontend_app"]
 
 TAPE_API = "/api/v1/tape"
-_CORE = web.AppKey("core", DCacheCore)
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 _DURATION = re.compile(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?\Z")
 
@@ -34,9 +45,14 @@ def _ms(t: Optional[float]) -> Optional[int]:
     return None if t is None else int(t * 1000)
 
 
+NO_STAGING = "File not online. Staging not allowed."
+PERMISSION_DENIED = "Permission denied"
+
+
 @dataclass
 class _File:
     path: str
+    may_stage: bool = True
     state: str = "SUBMITTED"
     error: Optional[str] = None
     started: Optional[float] = None
@@ -96,12 +112,6 @@ def parse_lifetime(text: Any) -> float:
     return float(((d * 24 + h) * 60 + mi) * 60 + s)
 
 
-def _user(request: web.Request) -> str:
-    transport = request.transport
-    cert = transport.get_extra_info("peercert") if transport is not None else None
-    return repr(cert.get("subject")) if cert else "anonymous"
-
-
 async def _body(request: web.Request, key: str) -> list[Any]:
     """The list under ``key`` of a JSON object body; web.HTTPBadRequest (as problem) if not."""
     try:
@@ -124,10 +134,27 @@ class _Problem(Exception):
 class TapeFrontend:
     """Handlers of the frontend; requests are kept in memory for the emulator's life."""
 
-    def __init__(self, core: DCacheCore) -> None:
+    def __init__(self, core: DCacheCore, auth: Optional[DCacheAuth] = None,
+                 limiter: Optional[AuthErrorLimiter] = None) -> None:
         self.core = self._core = core
+        self.auth = auth or DCacheAuth(None, core.stats)
+        cfg = core.config
+        self.limiter = limiter or AuthErrorLimiter(cfg.auth_max_errors, cfg.auth_error_window,
+                                                   cfg.auth_block_seconds)
         self.requests: dict[str, StageRequest] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._logins: dict[int, Login] = {}  # id(request) -> its login, while it is handled
+
+    def _login(self, request: web.Request) -> Login:
+        return self._logins[id(request)]
+
+    def _require(self, request: web.Request, verbs: tuple[str, ...], paths: Iterable[str]
+                 ) -> None:
+        """403 (problem JSON, counted) unless the login may do ``verbs`` on every path."""
+        login = self._login(request)
+        if not all(login.allows(verbs, p) for p in paths):
+            self.auth.count("frontend", 403)
+            raise _Problem(403, PERMISSION_DENIED)
 
     def _count(self, kind: str, paths: int = 0) -> None:
         self._core.stats.requests[f"frontend:{kind}"] += 1
@@ -138,9 +165,11 @@ class TapeFrontend:
     async def stage(self, request: web.Request) -> web.StreamResponse:
         files = await _body(request, "files")
         self._count("stage", len(files))
-        user = _user(request)
+        login = self._login(request)
+        user = login.user
         stagers = self._core.config.stagers
-        if stagers is not None and not any(f"'{cn}')" in user for cn in stagers):
+        if stagers is not None and login.claims is None and \
+                not any(f"'{cn}')" in user for cn in stagers):
             raise _Problem(403, "Permission denied: staging is not allowed for this user")
         unfinished = sum(1 for r in self.requests.values() if r.user == user and not r.finished)
         if unfinished >= self._core.config.max_requests:
@@ -150,7 +179,8 @@ class TapeFrontend:
             raise _Problem(413, f"Request has {len(files)} targets; at most "
                                 f"{self._core.config.max_targets} are allowed")
         paths, lifetime = self._stage_targets(files)
-        req = StageRequest(uuid.uuid4().hex, user, lifetime, {p: _File(p) for p in paths})
+        req = StageRequest(uuid.uuid4().hex, user, lifetime,
+                           {p: _File(p, login.allows(STAGE, p)) for p in paths})
         self.requests[req.id] = req
         task = asyncio.create_task(self._run(req))
         self._tasks.add(task)
@@ -186,7 +216,7 @@ class TapeFrontend:
         replica = self._core.files.get(f.path)
         error = self._refusal(replica)
         if error is None and replica is not None and not replica.on_disk:
-            error = await self._core.recall(replica)
+            error = await self._core.recall(replica) if f.may_stage else NO_STAGING
         if f.state == "CANCELLED":
             return
         if error is None and replica is not None and replica.on_disk:
@@ -215,10 +245,13 @@ class TapeFrontend:
 
     async def poll(self, request: web.Request) -> web.StreamResponse:
         self._count("poll")
-        return web.json_response(self._request(request).to_json())
+        req = self._request(request)
+        self._require(request, READ_METADATA, req.files)
+        return web.json_response(req.to_json())
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         req = self._request(request)
+        self._require(request, STAGE, req.files)
         paths = await _body(request, "paths")
         self._count("cancel", len(paths))
         unknown = [p for p in paths if p not in req.files]
@@ -234,6 +267,7 @@ class TapeFrontend:
     async def delete(self, request: web.Request) -> web.StreamResponse:
         self._count("delete")
         req = self._request(request)
+        self._require(request, STAGE, req.files)
         for f in req.files.values():
             if f.state not in TERMINAL:
                 f.state, f.finished = "CANCELLED", time.time()
@@ -242,6 +276,7 @@ class TapeFrontend:
 
     async def release(self, request: web.Request) -> web.StreamResponse:
         req = self._request(request)
+        self._require(request, STAGE, req.files)
         paths = await _body(request, "paths")
         self._count("release", len(paths))
         for path in paths:
@@ -258,16 +293,22 @@ class TapeFrontend:
         self._count("archiveinfo", len(paths))
         # dCache does not refuse more: it silently answers the first 10,000 distinct paths.
         distinct = list(dict.fromkeys(p for p in paths if isinstance(p, str)))[:ARCHIVEINFO_LIMIT]
+        login = self._login(request)
         answer: list[dict[str, str]] = []
         for path in distinct:
             replica = self._core.files.get(path)
-            answer.append({"path": path, "locality": replica.archive_locality} if replica
-                          else {"path": path, "error": "No such file or directory"})
+            if not login.allows(READ_METADATA, path):
+                answer.append({"path": path, "error": PERMISSION_DENIED})
+            elif replica is None:
+                answer.append({"path": path, "error": "No such file or directory"})
+            else:
+                answer.append({"path": path, "locality": replica.archive_locality})
         return web.json_response(answer)
 
     async def namespace(self, request: web.Request) -> web.StreamResponse:
         self._count("namespace")
         path = "/" + request.match_info["path"].strip("/")
+        self._require(request, READ_METADATA, (path,))
         replica = self._core.files.get(path)
         if replica is not None:
             doc: dict[str, Any] = {"fileType": "REGULAR", "size": replica.size,
@@ -283,9 +324,32 @@ class TapeFrontend:
         raise _Problem(404, f"Path {path} does not exist")
 
 
+_FRONTEND = web.AppKey("frontend", TapeFrontend)
+
+
+@web.middleware
+async def _gate(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Record the call; then dCache's client blocking and the login, before any handler."""
+    frontend = request.app[_FRONTEND]
+    stats = frontend.core.stats
+    stats.frontend_calls.append(f"{request.method} {request.path}")
+
+    async def login_then(request: web.Request) -> web.StreamResponse:
+        login = frontend.auth.login(request, "frontend")
+        if isinstance(login, web.Response):
+            return login
+        frontend._logins[id(request)] = login
+        try:
+            response: web.StreamResponse = await handler(request)
+        finally:
+            del frontend._logins[id(request)]
+        return response
+
+    return await limited(frontend.limiter, stats, "frontend", request, login_then)
+
+
 @web.middleware
 async def _problems(request: web.Request, handler: Any) -> web.StreamResponse:
-    request.app[_CORE].stats.frontend_calls.append(f"{request.method} {request.path}")
     try:
         response: web.StreamResponse = await handler(request)
     except _Problem as e:
@@ -295,8 +359,8 @@ async def _problems(request: web.Request, handler: Any) -> web.StreamResponse:
 
 def frontend_app(frontend: TapeFrontend) -> web.Application:
     """The aiohttp application serving ``frontend`` under /api/v1."""
-    app = web.Application(middlewares=[_problems])
-    app[_CORE] = frontend.core
+    app = web.Application(middlewares=[_gate, _problems])
+    app[_FRONTEND] = frontend
     r = app.router
     for suffix in ("", "/"):
         r.add_post(f"{TAPE_API}/stage{suffix}", frontend.stage)

@@ -55,8 +55,15 @@ class DCacheConfig:
     """dCache's ``webdav.root``: the door serves namespace path ``door_root + URL path`` (a door
     with root ``/pnfs/fnal.gov/usr`` has ``/dune/f`` for ``/pnfs/fnal.gov/usr/dune/f``)."""
     stagers: Optional[tuple[str, ...]] = None
-    """Common names of the users allowed to stage (None: everyone); others get dCache's 403
-    on ``/stage``, as without the staging right (a WLCG token without ``storage.stage``)."""
+    """Common names of the certificate users allowed to stage (None: everyone); others get a
+    403 on ``/stage`` (a stand-in for dCache's stage protection; tokens go by their scope)."""
+    auth_max_errors: int = 3
+    """``webdav.limits.error.max-allowed`` (dCache 11.2+): a client is blocked once this many
+    401s have been answered to it, each within ``auth_error_window`` of the one before."""
+    auth_error_window: float = 20.0
+    """``webdav.limits.error.block.window.time``: seconds a 401 is remembered."""
+    auth_block_seconds: float = 10.0
+    """``webdav.limits.rate.per-client.block.window.time``: seconds a blocked client gets 429."""
 
     def __post_init__(self) -> None:
         if self.drives < 1:
@@ -73,6 +80,8 @@ class DCacheConfig:
             raise ValueError(f"door_root must start and not end with /, got {self.door_root!r}")
         if not 1 <= self.max_requests <= MAX_REQUESTS:
             raise ValueError(f"max_requests must be 1-{MAX_REQUESTS} (dCache's limit)")
+        if self.auth_max_errors < 1 or self.auth_error_window <= 0 or self.auth_block_seconds <= 0:
+            raise ValueError("auth_max_errors must be >= 1 and the auth windows > 0")
 
 
 @dataclass
@@ -116,7 +125,12 @@ class DCacheStats:
     frontend; kind such as ``get``, ``stage``, ``poll``, ``archiveinfo``); ``door_tape_gets``
     counts door GETs of tape-only files and ``door_blocked_seconds`` the time they held the door;
     ``max_paths`` is the most paths one frontend request carried (refused ones included);
-    ``frontend_calls`` lists each frontend request as ``"METHOD /path"``."""
+    ``frontend_calls`` lists each frontend request as ``"METHOD /path"``. With tokens:
+    ``token_requests`` counts requests carrying ``Authorization: Bearer`` per site (door,
+    frontend), ``auth_refusals`` refusals per ``"<site>:<status>"`` (401, 403), ``blocked`` the
+    429s answered per site to clients blocked for repeated 401s; ``pool_authorization`` counts
+    pool requests that came with an ``Authorization`` header (the one-time UUID is all a pool
+    needs: a careful client never sends its token there)."""
 
     requests: Counter[str] = field(default_factory=Counter)
     frontend_calls: list[str] = field(default_factory=list)
@@ -128,13 +142,20 @@ class DCacheStats:
     max_paths: int = 0
     movers_started: int = 0
     open_movers: int = 0
+    token_requests: Counter[str] = field(default_factory=Counter)
+    auth_refusals: Counter[str] = field(default_factory=Counter)
+    blocked: Counter[str] = field(default_factory=Counter)
+    pool_authorization: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"requests": dict(self.requests), "door_tape_gets": self.door_tape_gets,
                 "door_blocked_seconds": self.door_blocked_seconds, "mounts": self.mounts,
                 "recalled": self.recalled, "evicted": self.evicted, "max_paths": self.max_paths,
-                "movers_started": self.movers_started, "open_movers": self.open_movers}
+                "movers_started": self.movers_started, "open_movers": self.open_movers,
+                "token_requests": dict(self.token_requests),
+                "auth_refusals": dict(self.auth_refusals), "blocked": dict(self.blocked),
+                "pool_authorization": self.pool_authorization}
 
 
 class Disk:

@@ -1,10 +1,12 @@
 """The emulated dCache's door, pool and the server that runs them with the frontend.
 
-The door (client certificate required) answers GET with 302 to the pool and a one-time
-``?dcache-http-uuid=``; a GET of a tape-only file starts a recall and holds the request up to
-``door_timeout``, then 500 as dCache does (the recall goes on). The pool serves one byte range,
-starts a mover (sets the replica's atime) per transfer and keeps it while the connection is open,
-unless the client sent ``Connection: close`` or read the whole file.
+The door (client certificate required, or a WLCG token: see ``auth``) answers GET with 302 to
+the pool and a one-time ``?dcache-http-uuid=``; a GET of a tape-only file starts a recall and
+holds the request up to ``door_timeout``, then 500 as dCache does (the recall goes on). The pool
+serves one byte range, starts a mover (sets the replica's atime) per transfer and keeps it while
+the connection is open, unless the client sent ``Connection: close`` or read the whole file. The
+pool never looks at credentials: the one-time UUID authorises (it counts ``Authorization``
+headers that reach it).
 """
 
 from __future__ import annotations
@@ -20,14 +22,20 @@ from typing import Any, Callable, Optional
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from prestaged.testing.authz import AuthErrorLimiter
+from prestaged.testing.dcache.auth import DOWNLOAD, READ_METADATA, STAGE, DCacheAuth, limited
 from prestaged.testing.dcache.core import DCacheCore
 from prestaged.testing.dcache.frontend import TAPE_API, TapeFrontend, frontend_app
 from prestaged.testing.dcache.model import DCacheConfig, Replica
 from prestaged.testing.storage import generated_bytes
+from prestaged.testing.tokens import BearerCheck
 
 __all__ = ["DOOR_TIMEOUT_MESSAGE", "DCacheServer"]
 
 DOOR_TIMEOUT_MESSAGE = "Internal problem: Request to [>PoolManager@dCacheDomain] timed out."
+NO_STAGING = "File not online. Staging not allowed."
+"""PoolManager's answer to a read of a tape-only file by a token without ``storage.stage``."""
+DISCOVERY = "/.well-known/wlcg-tape-rest-api"
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)\Z")
 HOST = "127.0.0.1"
 
@@ -59,6 +67,8 @@ class _Pool:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self._core.stats.requests["pool:get"] += 1
+        if "Authorization" in request.headers:
+            self._core.stats.pool_authorization += 1
         path = self.transfers.pop(request.query.get("dcache-http-uuid", ""), None)
         if path is None:  # a used or unknown UUID: back to the door, as newer pools do
             return web.Response(status=307, headers={"Location": self._door_url(request.path)})
@@ -105,13 +115,30 @@ class DCacheServer:
     """An emulated dCache on 127.0.0.1: WebDAV door, pool and Tape REST frontend, each on its own
     port, over one namespace, disk and tape library (``DCacheConfig``). ``ssl_context`` serves
     the door and frontend (give one that requires client certificates); ``pool_ssl_context``
-    the pool, which authorises by its one-time UUID. Use ``async with`` or start/stop."""
+    the pool, which authorises by its one-time UUID. Use ``async with`` or start/stop.
+
+    ``bearer`` (default None: certificates only) makes door and frontend accept WLCG tokens as
+    dCache does (see ``prestaged.testing.dcache.auth``); ``ssl_context`` must then request but
+    not require a client certificate. Door and frontend each block a client that collected
+    ``config.auth_max_errors`` 401s (429 with ``Retry-After`` for ``auth_block_seconds``), timed
+    by ``clock`` (seconds; ``time.monotonic`` by default: tests pass their own)."""
 
     def __init__(self, ssl_context: ssl.SSLContext, pool_ssl_context: ssl.SSLContext,
-                 config: Optional[DCacheConfig] = None) -> None:
+                 config: Optional[DCacheConfig] = None, *, bearer: Optional[BearerCheck] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if bearer is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED:
+            raise ValueError("with bearer tokens the door and frontend must let clients without a"
+                             " certificate through: use server_ssl_context("
+                             "require_client_cert=False)")
         self._ssl = {"door": ssl_context, "frontend": ssl_context, "pool": pool_ssl_context}
         self.core = DCacheCore(config or DCacheConfig())
-        self.frontend = TapeFrontend(self.core)
+        self.auth = DCacheAuth(bearer, self.core.stats)
+        cfg = self.core.config
+        self.limiters = {site: AuthErrorLimiter(cfg.auth_max_errors, cfg.auth_error_window,
+                                                cfg.auth_block_seconds, clock)
+                         for site in ("door", "frontend")}
+        """dCache 11.2's blocking of clients with repeated 401s, per service."""
+        self.frontend = TapeFrontend(self.core, self.auth, self.limiters["frontend"])
         self._pool = _Pool(self.core, self.door_url)
         self._runners: list[web.BaseRunner] = []
         self._ports: dict[str, int] = {}
@@ -177,15 +204,28 @@ class DCacheServer:
     # the door
 
     async def _door(self, request: web.BaseRequest) -> web.StreamResponse:
-        if request.path == "/.well-known/wlcg-tape-rest-api":
+        return await limited(self.limiters["door"], self.core.stats, "door", request,
+                             self._door_request)
+
+    async def _door_request(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.path == DISCOVERY:
             self.core.stats.requests["door:discovery"] += 1
+            # Served to anyone, but a token that does not verify fails the login first.
+            login = self.auth.login(request, "door", anonymous=True)
+            if isinstance(login, web.Response):
+                return login
             if self.discovery_body is not None:
                 return web.Response(text=self.discovery_body, content_type="application/json")
             return web.json_response({
                 "sitename": self.core.config.sitename, "description": "prestaged dCache emulator",
                 "endpoints": [{"uri": self.tape_api_url, "version": "v1", "metadata": {}}]})
         self.core.stats.requests[f"door:{request.method.lower()}"] += 1
-        replica = self.core.files.get(self.core.config.door_root + request.path)
+        path = self.core.config.door_root + request.path
+        verbs = DOWNLOAD if request.method == "GET" else READ_METADATA
+        login = self.auth.login(request, "door", verbs, (path,))
+        if isinstance(login, web.Response):
+            return login
+        replica = self.core.files.get(path)
         if request.method not in ("GET", "HEAD"):
             return web.Response(status=405)
         if replica is None:
@@ -193,6 +233,9 @@ class DCacheServer:
         if request.method == "HEAD":  # metadata only: no mover, the LRU clock does not move
             return web.Response(status=200, headers={"Content-Length": str(replica.size)})
         if not replica.on_disk:
+            if not login.allows(STAGE, path):  # PoolManager: no recall without STAGE
+                self.auth.count("door", 403)
+                return web.Response(status=403, text=NO_STAGING + "\n")
             return await self._door_nearline(replica)
         return self._redirect(replica)
 

@@ -1,5 +1,6 @@
 """The dCache emulator on its own event loop in a daemon thread, for synchronous code (the
-in-process CLI of the tests): ``with ThreadedDCache(ssl, pool_ssl, DCacheConfig(...)) as site``.
+in-process CLI of the tests): ``with ThreadedDCache(ssl, pool_ssl, DCacheConfig(...)) as site``;
+``bearer=BearerCheck(...)`` and ``clock=`` are passed on to ``DCacheServer``.
 
 Mutators and reads run on the emulator's loop and return once done, so the next request sees
 them; ``stats()`` and ``replica()`` return copies.
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import ssl
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 from prestaged.testing.dcache.model import DCacheConfig, Locality, Replica
 from prestaged.testing.dcache.server import DCacheServer
 from prestaged.testing.threaded import ThreadedServer
+from prestaged.testing.tokens import BearerCheck
 
 __all__ = ["ThreadedDCache"]
 
@@ -22,8 +25,10 @@ class ThreadedDCache(ThreadedServer[DCacheServer]):
     """A ``DCacheServer`` in a thread; see the module."""
 
     def __init__(self, ssl_context: ssl.SSLContext, pool_ssl_context: ssl.SSLContext,
-                 config: Optional[DCacheConfig] = None) -> None:
-        super().__init__(lambda: DCacheServer(ssl_context, pool_ssl_context, config),
+                 config: Optional[DCacheConfig] = None, *, bearer: Optional[BearerCheck] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(lambda: DCacheServer(ssl_context, pool_ssl_context, config,
+                                              bearer=bearer, clock=clock),
                          "dcache emulator")
 
     def add_file(self, path: str, size: int, locality: Locality, *, tape: str = "T0001") -> None:
@@ -52,7 +57,9 @@ class ThreadedDCache(ThreadedServer[DCacheServer]):
         self._call(evict)
 
     def stats(self) -> dict[str, Any]:
-        """The emulator's statistics now, with ``frontend_calls``."""
+        """The emulator's statistics now (``DCacheStats.to_dict()``: with tokens also
+        ``token_requests``, ``auth_refusals``, ``blocked``, ``pool_authorization``), with
+        ``frontend_calls``."""
         def snapshot() -> dict[str, Any]:
             stats = self.server.core.stats
             return {**stats.to_dict(), "frontend_calls": list(stats.frontend_calls)}

@@ -1,0 +1,144 @@
+"""Who a request to the emulated dCache is, and what a WLCG token lets it do there.
+
+Without a ``BearerCheck`` every request came through TLS with a client certificate (the door and
+frontend require one) and may do anything, as before. With one, a request is logged in the way
+dCache's ``AuthenticationHandler`` does it: an ``Authorization: Bearer`` token must verify
+(else 401, dCache's shape: the reason as status phrase, ``WWW-Authenticate: Basic
+realm="dCache"``); without a token the client certificate is the identity; with neither the
+request is anonymous, which the door and frontend refuse with 401.
+
+What a token allows follows dCache's ``WlcgProfileScope`` (gPlazma's oidc plugin): each scope
+grants activities on its path (relative to the check's ``base_path``):
+
+==================  =====================================================================
+activity            granted by
+==================  =====================================================================
+``DOWNLOAD``        ``storage.read``, ``storage.stage``
+``READ_METADATA``   ``storage.read``, ``storage.stage``, ``storage.poll``, ``storage.create``,
+                    ``storage.modify``
+``STAGE``           ``storage.stage`` only: ``storage.read`` never brings a file from tape
+==================  =====================================================================
+
+A certificate holder has no such restriction. ``DCacheAuth.login`` decides the request and
+counts it in ``DCacheStats``: ``token_requests`` and ``auth_refusals`` per site and status.
+``limited`` puts dCache 11.2's blocking of clients with repeated 401s in front of a handler.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar, Union
+
+from aiohttp import web
+
+from prestaged.testing.authz import AuthErrorLimiter, RefusalStyle, client_address, refusal
+from prestaged.testing.dcache.model import DCacheStats
+from prestaged.testing.tokens import NO_TOKEN, BearerCheck, TokenIssuer, Verdict
+
+__all__ = ["DOWNLOAD", "READ_METADATA", "STAGE", "DCacheAuth", "Login", "bearer_document",
+           "limited", "load_bearer"]
+
+DOWNLOAD = ("storage.read", "storage.stage")
+READ_METADATA = ("storage.read", "storage.stage", "storage.poll", "storage.create",
+                 "storage.modify")
+STAGE = ("storage.stage",)
+R = TypeVar("R", bound=web.BaseRequest)
+
+
+@dataclass(frozen=True)
+class Login:
+    """A request's identity: ``user`` names it (``token:<sub>``, the certificate subject, or
+    ``anonymous`` when tokens are off); a token login keeps the verified claims for the length
+    of the request only, to decide per path."""
+
+    user: str
+    check: Optional[BearerCheck] = field(default=None, repr=False)
+    claims: Optional[Mapping[str, Any]] = field(default=None, repr=False)
+
+    def allows(self, verbs: Collection[str], path: str) -> bool:
+        """Whether this identity may do what one of ``verbs`` grants on ``path``."""
+        if self.check is None or self.claims is None:
+            return True
+        return self.check.allows(self.claims, verbs, path)
+
+
+def _certificate_user(request: web.BaseRequest) -> Optional[str]:
+    transport = request.transport
+    cert = transport.get_extra_info("peercert") if transport is not None else None
+    return repr(cert.get("subject")) if cert else None
+
+
+class DCacheAuth:
+    """Logs requests in against ``bearer`` (None: certificates only), counting in ``stats``."""
+
+    def __init__(self, bearer: Optional[BearerCheck], stats: DCacheStats) -> None:
+        self.bearer = bearer
+        self._stats = stats
+
+    def login(self, request: web.BaseRequest, site: str, verbs: Collection[str] = (),
+              paths: Iterable[str] = (), *, anonymous: bool = False
+              ) -> Union[Login, web.Response]:
+        """The ``Login`` of ``request`` at ``site`` (``door`` or ``frontend``), or the refusal to
+        answer: a token must verify and grant one of ``verbs`` on every one of ``paths`` (403
+        when it does not); ``anonymous`` lets a request without any credential through (the
+        discovery document)."""
+        user = _certificate_user(request)
+        if self.bearer is None:
+            return Login(user or "anonymous")
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            self._stats.token_requests[site] += 1
+            verdict = self.bearer.authorize(header, verbs, paths)
+            if verdict.granted:
+                return Login(f"token:{verdict.subject}", self.bearer, verdict.claims)
+            return self.refuse(site, verdict)
+        if user is not None or anonymous:
+            return Login(user or "anonymous")
+        return self.refuse(site, Verdict(NO_TOKEN))
+
+    def refuse(self, site: str, verdict: Verdict) -> web.Response:
+        """dCache's answer to ``verdict`` at ``site``, counted."""
+        response = refusal(RefusalStyle.DCACHE, verdict)
+        self.count(site, response.status)
+        return response
+
+    def count(self, site: str, status: int) -> None:
+        """Count a refusal with ``status`` at ``site``."""
+        self._stats.auth_refusals[f"{site}:{status}"] += 1
+
+
+async def limited(limiter: AuthErrorLimiter, stats: DCacheStats, site: str, request: R,
+                  handler: Callable[[R], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """``handler(request)`` unless ``limiter`` blocks the client (429, counted in
+    ``stats.blocked[site]``); a 401 answer counts against the client."""
+    client = client_address(request)
+    busy = limiter.blocked(client)
+    if busy is not None:
+        stats.blocked[site] += 1
+        return busy
+    response = await handler(request)
+    limiter.answered(client, response.status)
+    return response
+
+
+def bearer_document(check: BearerCheck) -> dict[str, Any]:
+    """What ``load_bearer`` reads: the issuer's URL and public JWKS, the audiences and the base
+    path of ``check`` (no private key, no token)."""
+    return {"issuer": check.issuer.url, "jwks": check.issuer.jwks(),
+            "audiences": sorted(check.audiences), "base_path": check.base_path}
+
+
+def load_bearer(path: Path) -> BearerCheck:
+    """The ``BearerCheck`` of a ``bearer_document`` written as JSON to ``path``; ValueError
+    naming what is wrong."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        issuer = TokenIssuer.from_jwks(str(doc["issuer"]), doc["jwks"])
+        audiences = [str(a) for a in doc["audiences"]]
+        return BearerCheck(issuer, audiences, str(doc.get("base_path", "/")))
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a bearer document (issuer, jwks, audiences, base_path):"
+                         f" {e}") from None
