@@ -31,12 +31,19 @@ listens on) count exactly one open and one read per file and no error during the
 read of every expected path and no denial; that log costs the server enough CPU to slow curl
 --parallel by about a quarter, so it is off by default.
 
+``--token`` starts XRootD with its SciTokens plugin too (tokens and proxies both accepted,
+``prestaged.testing.xrootd``) and adds (t): the same prestaged command presenting no proxy but
+a ``storage.read`` bearer token (``--auth token --token-file``), interleaved with (c), which then
+runs ``--auth proxy``; the ratio t/c says what the token costs. XRootD's counters check (t)
+like (c); the audit log only records proxy decisions, so ``--audit`` checks (c) alone.
+
 ``--rss`` is the memory mode: XRootD exports 200,000 files, and prestaged (and, for reference,
 curl --parallel) warm all of them once (``--rounds`` defaults to 1); prestaged's peak RSS and
 files/s are reported.
 
     .venv/bin/python bench/xrootd_bench.py [--rounds 3] [--json] [--baseline DIR] [--no-seed]
     .venv/bin/python bench/xrootd_bench.py --rss [--json]
+    .venv/bin/python bench/xrootd_bench.py --token --no-seed [--rounds 5]
 
 Exits 0 if every run was correct, 1 if not, 2 if something needed is missing.
 """
@@ -73,7 +80,8 @@ from common import (
     write_curl_parallel_config,
 )
 
-from prestaged.testing.xrootd import XRootDServer, xrootd_available
+from prestaged.testing.tokens import TokenIssuer, write_token
+from prestaged.testing.xrootd import XRootDServer, scitokens_available, xrootd_available
 
 CONCURRENCY = 32
 FILE_SIZE = 16
@@ -83,12 +91,14 @@ PARALLEL = "curl-parallel"
 PRESTAGED = "prestaged"
 PRESTAGED_ASYNCIO = "prestaged-asyncio"
 BASELINE = "prestaged-baseline"
+PRESTAGED_TOKEN = "prestaged-token"
 LABELS = {
     SEED: "(a) curl per file, sequential",
     PARALLEL: "(b) curl --parallel 32",
     PRESTAGED: "(c) prestaged warm",
     PRESTAGED_ASYNCIO: "(c) prestaged, asyncio loop",
     BASELINE: "(c0) prestaged, --baseline tree",
+    PRESTAGED_TOKEN: "(t) prestaged warm, token only",
 }
 LOOP_ENV = "PRESTAGED_EVENT_LOOP"
 
@@ -111,6 +121,8 @@ class Setup:
     audit: bool
     timeout: float
     baseline: Optional[Path] = None
+    token_file: Optional[Path] = None
+    """A ``storage.read`` token for the server (``--token``); None: proxies only."""
 
 
 @dataclass(frozen=True)
@@ -236,7 +248,7 @@ def write_seed_script(path: Path, sample: list[str], creds: Credentials) -> Path
 
 def prepare(workdir: Path, server: XRootDServer, creds: Credentials, *, sample: int,
             counters: XRootDCounters, audit: bool, timeout: float,
-            baseline: Optional[Path] = None) -> Setup:
+            baseline: Optional[Path] = None, token_file: Optional[Path] = None) -> Setup:
     """Write the URL list, the seed script (on an evenly spread sample) and the curl config."""
     urls = server.urls()
     step = max(1, len(urls) // sample)
@@ -261,6 +273,7 @@ def prepare(workdir: Path, server: XRootDServer, creds: Credentials, *, sample: 
         audit=audit,
         timeout=timeout,
         baseline=baseline,
+        token_file=token_file,
     )
 
 
@@ -284,8 +297,12 @@ def _command(setup: Setup, method: str) -> tuple[list[str], Optional[dict[str, s
     # fresh), pays for recording them, and nothing lands in the state of the user running this.
     state_home = Path(tempfile.mkdtemp(prefix=f"state-{method}-", dir=setup.workdir))
     env["XDG_STATE_HOME"] = str(state_home)
+    auth: list[str] = []
+    if setup.token_file is not None:  # say which credential each run presents
+        auth = (["--auth", "token", "--token-file", str(setup.token_file)]
+                if method == PRESTAGED_TOKEN else ["--auth", "proxy"])
     cmd = warm_command(setup.url_list, setup.creds, setup.prestaged_config,
-                       "--concurrency", str(CONCURRENCY), "--per-host", str(CONCURRENCY))
+                       "--concurrency", str(CONCURRENCY), "--per-host", str(CONCURRENCY), *auth)
     return cmd, env
 
 
@@ -351,7 +368,7 @@ def measure(setup: Setup, method: str, round_no: int) -> Run:
     problems, reported = _client_problems(method, len(paths), got)
     problems += _counter_problems(growth, len(paths))
     granted = None
-    if setup.audit:
+    if setup.audit and method != PRESTAGED_TOKEN:
         more, granted = _audit_problems(setup, mark, paths)
         problems += more
     server_cpu = None
@@ -377,11 +394,15 @@ def measure(setup: Setup, method: str, round_no: int) -> Run:
 
 
 def schedule(rounds: int, asyncio_rounds: int, *, rss: bool, seed: bool = True,
-             baseline: bool = False) -> list[tuple[int, str]]:
-    """The interleaved order of runs: per round (a), (b), (c) [, (c) on asyncio] [, (c0)]."""
+             baseline: bool = False, token: bool = False) -> list[tuple[int, str]]:
+    """The interleaved order of runs: per round (a), (b), (c) [, (t)] [, (c) on asyncio]
+    [, (c0)]; (t) alternates before and after (c) from round to round."""
     order = []
     for round_no in range(1, rounds + 1):
         methods = [PARALLEL, PRESTAGED] if rss or not seed else [SEED, PARALLEL, PRESTAGED]
+        if token:
+            at = len(methods) - (round_no % 2)  # (t) before (c) in odd rounds, after in even
+            methods.insert(at, PRESTAGED_TOKEN)
         if round_no <= asyncio_rounds:
             methods.append(PRESTAGED_ASYNCIO)
         if baseline:
@@ -413,7 +434,7 @@ def summarize(runs: list[Run], setup: Setup, *, rss: bool, sample: int,
               versions: dict[str, Optional[str]], creation_seconds: float) -> dict[str, Any]:
     """The JSON document: every run, per-method medians, the ratios c/a and c/b."""
     per: dict[str, dict[str, Any]] = {}
-    for method in (SEED, PARALLEL, PRESTAGED, PRESTAGED_ASYNCIO, BASELINE):
+    for method in (SEED, PARALLEL, PRESTAGED, PRESTAGED_TOKEN, PRESTAGED_ASYNCIO, BASELINE):
         mine = [r for r in runs if r.method == method]
         if not mine:
             continue
@@ -463,6 +484,7 @@ def summarize(runs: list[Run], setup: Setup, *, rss: bool, sample: int,
         "ratio_c_asyncio_over_b": ratio(PRESTAGED_ASYNCIO, PARALLEL),
         "ratio_c0_over_b": ratio(BASELINE, PARALLEL),
         "ratio_c_over_c0": ratio(PRESTAGED, BASELINE),
+        "ratio_t_over_c": ratio(PRESTAGED_TOKEN, PRESTAGED),
         "baseline": None if setup.baseline is None else str(setup.baseline),
         "all_correct": all(not r.problems for r in runs),
         "runs": [asdict(r) for r in runs],
@@ -498,7 +520,8 @@ def print_table(doc: dict[str, Any]) -> None:
     for key, label in (("ratio_c_over_a", "ratio c/a"), ("ratio_c_over_b", "ratio c/b"),
                        ("ratio_c_asyncio_over_b", "ratio c/b, prestaged on asyncio loop"),
                        ("ratio_c0_over_b", "ratio c0/b, prestaged of the --baseline tree"),
-                       ("ratio_c_over_c0", "ratio c/c0, this prestaged over the baseline")):
+                       ("ratio_c_over_c0", "ratio c/c0, this prestaged over the baseline"),
+                       ("ratio_t_over_c", "ratio t/c, token only over proxy only")):
         if doc[key] is not None:
             print(f"{label} (median files/s): {doc[key]:.2f}")
     if doc["baseline"]:
@@ -554,6 +577,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", type=Path, metavar="DIR",
                    help="also run prestaged importing the package from DIR (a checkout of "
                         "another commit, e.g. from `git archive`), interleaved, as row (c0)")
+    p.add_argument("--token", action="store_true",
+                   help="XRootD with the SciTokens plugin; add (t): prestaged with a bearer "
+                        "token and no proxy, interleaved with (c) on the proxy")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds before a client run is killed (default 900)")
     p.add_argument("--json", action="store_true", help="print one JSON document, no table")
@@ -569,6 +595,10 @@ def main() -> int:
     if not xrootd_available() or missing:
         print(f"xrootd_bench: not found: {', '.join(missing)} (Debian packages xrootd-server, "
               "curl)", file=sys.stderr)
+        return 2
+    if args.token and not scitokens_available():
+        print("xrootd_bench: --token needs the Debian package xrootd-scitokens-plugins",
+              file=sys.stderr)
         return 2
     if files < 1 or rounds < 1 or args.sample < 1:
         print("xrootd_bench: --files, --rounds and --sample must be >= 1", file=sys.stderr)
@@ -593,21 +623,26 @@ def main() -> int:
         print(f"exporting {files} files of {FILE_SIZE} bytes and starting xrootd ...",
               file=sys.stderr, flush=True)
         counters = XRootDCounters()
+        issuer = TokenIssuer() if args.token else None
         try:
             with XRootDServer(creds.pki, files=files, file_size=FILE_SIZE,
                               files_per_dir=FILES_PER_DIR, audit=args.audit,
-                              extra_config=[counters.config_line],
+                              extra_config=[counters.config_line], issuer=issuer,
                               startup_timeout=60.0) as server:
                 creation = time.perf_counter() - started
                 print(f"xrootd serving on port {server.port} after {creation:.1f} s",
                       file=sys.stderr, flush=True)
+                token_file = None
+                if issuer is not None:  # a day: no renewal within the benchmark
+                    token_file = write_token(workdir / "bt", server.mint(lifetime=86400))
                 setup = prepare(workdir, server, creds, sample=min(args.sample, files),
                                 counters=counters, audit=args.audit, timeout=args.timeout,
-                                baseline=baseline)
+                                baseline=baseline, token_file=token_file)
                 runs = []
                 for round_no, method in schedule(rounds, asyncio_rounds, rss=args.rss,
                                                  seed=not args.no_seed,
-                                                 baseline=baseline is not None):
+                                                 baseline=baseline is not None,
+                                                 token=args.token):
                     runs.append(measure(setup, method, round_no))
                     _progress(runs[-1])
         finally:
