@@ -29,8 +29,8 @@ _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789"
                          "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 # Something shaped like a JWT (or a long base64url run, as a signature is): a server that echoes
 # the token back in its description must not make us print it.
-_TOKENISH = re.compile(r"[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}(?:\.[A-Za-z0-9_-]*)?"
-                       r"|[A-Za-z0-9_+/=-]{40,}")
+_TOKENISH = (r"[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}(?:\.[A-Za-z0-9_-]*)?"
+             r"|[A-Za-z0-9_+/=-]{40,}")
 
 # Ways a TLS connection ends without an alert: not a certificate problem once the handshake
 # is over (the peer just went away), but a refusal while it is still going on.
@@ -161,7 +161,9 @@ def bearer_error(value: Optional[str]) -> str:
     parts = [params.get("error", ""), params.get("error_description", "")]
     text = ": ".join(p for p in parts if p)
     text = "".join(ch if ch.isprintable() else " " for ch in text)
-    text = _TOKENISH.sub("[redacted]", " ".join(text.split()))
+    # (re caches the compiled pattern: compiled on the first challenge, not at import, which
+    # every run pays and few need)
+    text = re.sub(_TOKENISH, "[redacted]", " ".join(text.split()))
     if len(text) > BEARER_ERROR_MAX:
         text = text[: BEARER_ERROR_MAX - 1] + "\u2026"
     return text

@@ -194,7 +194,7 @@ class Slot:
     """One attempt's place at an endpoint (see ``Pacer.slot``); report its answer with
     ``answered`` before leaving the ``async with``."""
 
-    __slots__ = ("_binding", "_endpoint", "_ep", "_pacer", "_window")
+    __slots__ = ("_binding", "_endpoint", "_ep", "_pacer", "_window", "gated")
 
     def __init__(self, pacer: Pacer, endpoint: str, ep: _Endpoint) -> None:
         self._pacer = pacer
@@ -202,10 +202,15 @@ class Slot:
         self._ep = ep
         self._window = 0
         self._binding = False
+        self.gated = False
+        """The endpoint was behind its first-contact gate when the slot was granted: report
+        the attempt with ``contact`` (a plain attribute: the engine reads it per attempt)."""
 
     async def __aenter__(self) -> Slot:
-        self._binding = await self._pacer._acquire(self._ep)
-        self._window = self._ep.cuts
+        ep = self._ep
+        self._binding = await self._pacer._acquire(ep)
+        self._window = ep.cuts
+        self.gated = ep.gated
         return self
 
     async def __aexit__(
@@ -216,14 +221,17 @@ class Slot:
     ) -> None:
         self._pacer._release(self._ep)
 
-    def answered(self, status: Optional[int], *, refused: bool = False) -> None:
-        """The attempt's HTTP status (None: no answer, which leaves the limit alone): 429 and
-        503 cut the endpoint's limit, anything else counts toward growing it. Any outcome but
-        401/403 or ``refused`` (a connection refused by an endpoint, as the engine's breakers
-        count it) opens the endpoint's first-contact gate."""
+    def contact(self, status: Optional[int], refused: bool) -> None:
+        """First contact (when ``gated``): any outcome but 401/403 (``status``) or ``refused``
+        (a connection the endpoint refused, as the engine's breakers count it) opens the
+        endpoint's gate."""
         ep = self._ep
         if ep.gated and not refused and status not in REFUSALS:
             self._pacer._open(self._endpoint, ep)
+
+    def answered(self, status: Optional[int]) -> None:
+        """The attempt's HTTP status (None: no answer, which leaves the limit alone): 429 and
+        503 cut the endpoint's limit, anything else counts toward growing it."""
         if status is None:
             return
         if status in BACK_PRESSURE:

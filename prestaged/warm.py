@@ -316,11 +316,26 @@ class _Breakers:
         connection (see the class), or a token we could not send."""
         if attempt.failure is None:
             return attempt.status in (401, 403)
-        return attempt.failure in (Failure.TLS, Failure.UNTRUSTED, Failure.CREDENTIAL) or (
-            attempt.failure is Failure.RESET and endpoint not in self.answered)
+        return attempt.failure in _REFUSING and (
+            attempt.failure is not Failure.RESET or endpoint not in self.answered)
 
     def observe(self, endpoint: str, attempt: Attempt) -> Optional[PrestagedError]:
         """Account one attempt; return the error that stops the run if a breaker trips."""
+        if attempt.failure is not None and attempt.failure in _REFUSING:
+            return self._refusal(endpoint, attempt)
+        if attempt.status is None:
+            return None
+        self.answered.add(endpoint)
+        if attempt.status in (401, 403):
+            self.denials[endpoint] += 1
+            if self.denials[endpoint] >= self.denial_limit:
+                return self._denied(endpoint, attempt)
+            return None
+        self.denials[endpoint] = self.refusals[endpoint] = self.unreachable[endpoint] = 0
+        return None
+
+    def _refusal(self, endpoint: str, attempt: Attempt) -> Optional[PrestagedError]:
+        """Account an attempt that failed in one of the ``_REFUSING`` ways (it has no status)."""
         if attempt.failure is Failure.CREDENTIAL:
             return CredentialError(f"{attempt.error}; stopped (nothing was sent with it)")
         if attempt.failure is Failure.UNTRUSTED:
@@ -346,16 +361,6 @@ class _Breakers:
                     f"{attempt.error}); it does not accept "
                     f"{self.hint or 'our proxy (or we do not trust its CA)'}; stopped early"
                 )
-            return None
-        if attempt.status is None:
-            return None
-        self.answered.add(endpoint)
-        if attempt.status in (401, 403):
-            self.denials[endpoint] += 1
-            if self.denials[endpoint] >= self.denial_limit:
-                return self._denied(endpoint, attempt)
-            return None
-        self.denials[endpoint] = self.refusals[endpoint] = self.unreachable[endpoint] = 0
         return None
 
     def _denied(self, endpoint: str, attempt: Attempt) -> CredentialError:
@@ -382,6 +387,9 @@ class _Breakers:
                 )
         return None
 
+
+_REFUSING = frozenset({Failure.CREDENTIAL, Failure.UNTRUSTED, Failure.TLS, Failure.RESET})
+"""Failures the credentials breakers look at (``_Breakers._refusal``); never with a status."""
 
 _Job = tuple[FileRef, Optional[TapeInfo]]
 """A file for a worker, with what the tape path knows of it (None: not asked)."""
@@ -529,12 +537,14 @@ class _Run:
             await thr.acquire()  # type: ignore[no-untyped-call]
         # The rate token first: a slot held while waiting for one would idle the endpoint.
         async with self.pacer.slot(endpoint) as slot:
-            if self.abort.is_set():
+            if self.abort_error is not None:
                 # A breaker tripped while we waited for the slot (the attempt before ours was
                 # its last refusal): send nothing more; warm() is about to cancel us.
                 await self._stopped()
             attempt = await self._touch(url, endpoint)
-            slot.answered(attempt.status, refused=self.breakers.refused(endpoint, attempt))
+            if slot.gated:
+                slot.contact(attempt.status, self.breakers.refused(endpoint, attempt))
+            slot.answered(attempt.status)
         return attempt
 
     @staticmethod

@@ -495,15 +495,15 @@ class FastPath:
         """The endpoint and request bytes for ``url`` on a kept-alive connection, or None if it
         is not a plain URL. ``auth`` (a bearer token's request) is the ``Authorization`` line
         and the blank line that ends the head: ``b"Authorization: Bearer ...\\r\\n\\r\\n"``."""
-        return self._route(url, self._endpoints, one_shot=False, auth=auth)
+        return self._route(url, self._endpoints, False, auth)  # positional: runs per file
 
     def hop_route(self, url: str) -> Optional[tuple[Endpoint, bytes]]:
         """The endpoint and request bytes for ``url`` (a redirect target) on a one-shot
         connection, or None if it is not a plain URL."""
-        return self._route(url, self._hop_endpoints, one_shot=True)
+        return self._route(url, self._hop_endpoints, True, None)
 
-    def _route(self, url: str, endpoints: dict[str, Optional[Endpoint]], *,
-               one_shot: bool, auth: Optional[bytes] = None) -> Optional[tuple[Endpoint, bytes]]:
+    def _route(self, url: str, endpoints: dict[str, Optional[Endpoint]], one_shot: bool,
+               auth: Optional[bytes]) -> Optional[tuple[Endpoint, bytes]]:
         start = url.find("://")
         end = url.find("/", start + 3) if start > 0 else -1
         if end < 0:
