@@ -330,7 +330,12 @@ class BreakerConfig:
     """``[breaker]``: stop a run early when an endpoint refuses us again and again."""
 
     denials: int = field(default=20, metadata=check(within(1, 1_000_000)))
-    """Consecutive 401/403 answers from one endpoint that stop the run (exit 3)."""
+    """Consecutive 401/403 answers from one endpoint that stop a run sending no bearer token
+    (exit 3)."""
+    token_denials: int = field(default=3, metadata=check(within(1, 1_000_000)))
+    """Consecutive 401/403 answers from one endpoint that stop a run sending a bearer token
+    (exit 3). Low: a refused token is refused for every file, and dCache blocks a client after
+    more than 3 authorisation errors in 20 s."""
     tls_failures: int = field(default=5, metadata=check(within(1, 1_000_000)))
     """Consecutive refused connections (TLS handshake failures, or hang-ups by an endpoint that
     never answered) that stop the run (exit 3)."""
@@ -391,6 +396,9 @@ class SamWebConfig:
     """URL scheme asked for in ``access-url`` mode."""
     use_certificate: Optional[bool] = None
     """Present the X.509 proxy to SAM; unset: when a usable proxy is found, else anonymous."""
+    use_token: bool = False
+    """Send the bearer token (``Authorization: Bearer``) with every SAM request. Off by
+    default: SAM web at Fermilab authenticates by certificate."""
     role: Optional[str] = field(default=None, metadata=check(PLAIN_NAME))
     """SAM role sent as the ``SAM-Role`` header (e.g. ``production``); unset: no header, SAM
     uses ``default``."""

@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 
     import aiohttp
 
+    from prestaged.tokens import TokenSource
+
 __all__ = [
     "TapeAccess",
     "TapeDirectory",
@@ -168,13 +170,15 @@ class TapeDirectory:
 
 class TapeAccess:
     """The Tape REST side of the storage for runs: an aiohttp session presenting our
-    credentials (``ssl_context``), the ``TapeClient`` over it and the ``TapeDirectory``.
-    ``async with`` it; the daemon keeps one for its life, the CLI one per command.
-    ``on_stage`` hears the result of every stage request (metrics)."""
+    credentials (``ssl_context``, and the bearer ``token`` if any: sent to the doors and the
+    frontends on their hosts, see ``storage.tape``), the ``TapeClient`` over it and the
+    ``TapeDirectory``. ``async with`` it; the daemon keeps one for its life, the CLI one per
+    command. ``on_stage`` hears the result of every stage request (metrics)."""
 
     def __init__(self, ssl_context: Optional[ssl.SSLContext], settings: TapeSettings, *,
                  policy: Optional[RetryPolicy] = None,
-                 on_stage: Optional[Callable[[str], None]] = None) -> None:
+                 on_stage: Optional[Callable[[str], None]] = None,
+                 token: Optional[TokenSource] = None) -> None:
         self.settings = settings
         self.directory = TapeDirectory(settings.discovery_ttl)
         self.slots = RequestSlots(settings.staging.max_requests)
@@ -182,6 +186,7 @@ class TapeAccess:
         self._ssl = ssl_context
         self._policy = policy
         self._on_stage = on_stage
+        self._token = token
         self._session: Optional[aiohttp.ClientSession] = None
         self._retired: list[aiohttp.ClientSession] = []
         self._client: Optional[TapeClient] = None
@@ -204,7 +209,8 @@ class TapeAccess:
     async def __aenter__(self) -> TapeAccess:
         self._session = self._new_session()
         self._client = TapeClient(self._session, stage_batch=self.settings.batch,
-                                  policy=self._policy, on_stage=self._on_stage)
+                                  policy=self._policy, on_stage=self._on_stage,
+                                  token=self._token)
         return self
 
     def install(self, ssl_context: Optional[ssl.SSLContext]) -> None:

@@ -91,6 +91,9 @@ class Failure(str, enum.Enum):
     # expired): a wrong URL or CA directory, not a problem of our credentials. Not retried.
     UNTRUSTED = "untrusted"
     PROTOCOL = "protocol"  # malformed answer, bad redirect, bad URL: not retried
+    # Nothing was sent: our own credential cannot be used now (the bearer token expired
+    # during the run). Not retried; the engine stops the run on the first one (exit 3).
+    CREDENTIAL = "credential"
 
     def __str__(self) -> str:
         return self.value
@@ -109,6 +112,9 @@ class Attempt:
     """Seconds the server asked us to wait (Retry-After), if any."""
     size: Optional[int] = None
     """File size when the answer tells it (Content-Range total, or a 200's Content-Length)."""
+    auth_error: str = ""
+    """What a 401/403 said about our token (its ``WWW-Authenticate: Bearer`` error and
+    description, ``net.bearer_error``: bounded, sanitised); empty when it said nothing."""
 
     def __post_init__(self) -> None:
         # The one place error text is made fit to keep, whoever built the attempt (both toucher

@@ -11,6 +11,14 @@ and an overloaded door answers ``503``. Retrying each file (``retry.RetryPolicy`
 * after ``limit`` successes (any other HTTP answer) of requests sent since the last cut, with the
   limit in use, the limit grows by one, up to the maximum.
 
+First contact (``gate=True``, as the engine runs it): until an endpoint has accepted us once,
+one attempt at a time goes to it. An
+endpoint that refuses our credentials (401/403, or a refused connection: ``refused``) refuses
+every file, and a run stopped by the breaker after N refusals must not have sent 32 doomed
+requests before the first answer came back (dCache blocks a client after more than 3
+authorisation errors in 20 s). Any other outcome opens the gate for good; it costs one round
+trip per endpoint and run.
+
 A request without an HTTP answer (timeout, reset, TLS failure) says nothing about load and
 neither cuts nor grows. Pure asyncio; no clock: windows are counted in cuts, not seconds.
 """
@@ -24,12 +32,14 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Callable, Optional
 
-__all__ = ["BACK_PRESSURE", "Pace", "Pacer", "Slot"]
+__all__ = ["BACK_PRESSURE", "REFUSALS", "Pace", "Pacer", "Slot"]
 
 log = logging.getLogger(__name__)
 
 BACK_PRESSURE = frozenset({429, 503})
 """HTTP statuses that mean "fewer requests at once, please"."""
+REFUSALS = frozenset({401, 403})
+"""HTTP statuses that keep an endpoint's first-contact gate shut."""
 
 
 @dataclass(frozen=True)
@@ -45,9 +55,11 @@ class Pace:
 class _Endpoint:
     """The live state of one endpoint (only ever touched from the event loop's thread)."""
 
-    __slots__ = ("cuts", "in_flight", "limit", "lowest", "successes", "waiters")
+    __slots__ = ("cuts", "gated", "in_flight", "limit", "lowest", "successes", "waiters")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, gated: bool) -> None:
+        self.gated = gated
+        """First contact: one attempt at a time until the endpoint has accepted us once."""
         self.limit = limit
         self.lowest = limit
         self.cuts = 0
@@ -65,16 +77,19 @@ class Pacer:
     ``paced`` receives the ``Pace`` of every endpoint whose limit was ever cut, updated on each
     change of its limit (pass a ``warm.Tally``'s dict to show it live); a new dict by default.
     ``on_change(endpoint, limit)`` hears every endpoint's limit when first used and on each
-    change (metrics).
+    change (metrics). ``gate`` (default False): each endpoint starts behind a first-contact gate
+    (see the module).
     Use ``async with pacer.slot(endpoint) as slot:`` around one attempt, then ``slot.answered``.
     """
 
     def __init__(self, maximum: int, paced: Optional[dict[str, Pace]] = None, *,
-                 on_change: Optional[Callable[[str, int], None]] = None) -> None:
+                 on_change: Optional[Callable[[str, int], None]] = None,
+                 gate: bool = False) -> None:
         if maximum < 1:
             raise ValueError(f"Pacer maximum must be >= 1, got {maximum}")
         self.maximum = maximum
         self._on_change = on_change
+        self._gate = gate
         self.paced: dict[str, Pace] = {} if paced is None else paced
         self._endpoints: dict[str, _Endpoint] = {}
 
@@ -83,7 +98,7 @@ class Pacer:
         frees it on exit, cancellation included)."""
         ep = self._endpoints.get(endpoint)
         if ep is None:
-            ep = self._endpoints[endpoint] = _Endpoint(self.maximum)
+            ep = self._endpoints[endpoint] = _Endpoint(self.maximum, self._gate)
             self._changed(endpoint, ep)
         return Slot(self, endpoint, ep)
 
@@ -110,7 +125,7 @@ class Pacer:
     async def _acquire(self, ep: _Endpoint) -> bool:
         """Take a slot of ``ep``; True when the limit was binding (we had to wait or took the
         last free slot), which is when a success may grow the limit."""
-        if ep.in_flight < ep.limit and not ep.waiters:
+        if ep.in_flight < (1 if ep.gated else ep.limit) and not ep.waiters:
             ep.in_flight += 1
             return ep.in_flight >= ep.limit
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -131,14 +146,20 @@ class Pacer:
 
     @staticmethod
     def _grant(ep: _Endpoint) -> None:
-        """Hand free slots to waiters (after a release or an increase; a cut frees none)."""
-        while ep.waiters and ep.in_flight < ep.limit:
+        """Hand free slots to waiters (after a release, an increase or the gate opening; a cut
+        frees none)."""
+        while ep.waiters and ep.in_flight < (1 if ep.gated else ep.limit):
             waiter = ep.waiters.popleft()
             if not waiter.done():
                 ep.in_flight += 1
                 waiter.set_result(None)
 
     # Feedback.
+
+    def _open(self, endpoint: str, ep: _Endpoint) -> None:
+        ep.gated = False
+        log.debug("%s accepted us: up to %d attempts at once", endpoint, ep.limit)
+        self._grant(ep)
 
     def _cut(self, endpoint: str, ep: _Endpoint, window: int, status: int) -> None:
         if window != ep.cuts or ep.limit == 1:
@@ -173,7 +194,7 @@ class Slot:
     """One attempt's place at an endpoint (see ``Pacer.slot``); report its answer with
     ``answered`` before leaving the ``async with``."""
 
-    __slots__ = ("_binding", "_endpoint", "_ep", "_pacer", "_window")
+    __slots__ = ("_binding", "_endpoint", "_ep", "_pacer", "_window", "gated")
 
     def __init__(self, pacer: Pacer, endpoint: str, ep: _Endpoint) -> None:
         self._pacer = pacer
@@ -181,10 +202,15 @@ class Slot:
         self._ep = ep
         self._window = 0
         self._binding = False
+        self.gated = False
+        """The endpoint was behind its first-contact gate when the slot was granted: report
+        the attempt with ``contact`` (a plain attribute: the engine reads it per attempt)."""
 
     async def __aenter__(self) -> Slot:
-        self._binding = await self._pacer._acquire(self._ep)
-        self._window = self._ep.cuts
+        ep = self._ep
+        self._binding = await self._pacer._acquire(ep)
+        self._window = ep.cuts
+        self.gated = ep.gated
         return self
 
     async def __aexit__(
@@ -194,6 +220,14 @@ class Slot:
         tb: TracebackType | None,
     ) -> None:
         self._pacer._release(self._ep)
+
+    def contact(self, status: Optional[int], refused: bool) -> None:
+        """First contact (when ``gated``): any outcome but 401/403 (``status``) or ``refused``
+        (a connection the endpoint refused, as the engine's breakers count it) opens the
+        endpoint's gate."""
+        ep = self._ep
+        if ep.gated and not refused and status not in REFUSALS:
+            self._pacer._open(self._endpoint, ep)
 
     def answered(self, status: Optional[int]) -> None:
         """The attempt's HTTP status (None: no answer, which leaves the limit alone): 429 and

@@ -150,6 +150,8 @@ async def _release_request(access: TapeAccess, uri: str, request: str,
     for pin in group:
         # Named as the stage request named it: the router maps the https form of a davs URL.
         url = touch_url(pin.url, allow_plain_http=True)
+        if isinstance(url, str):
+            access.client.allow(url)  # its door's host: a bearer token may go to the frontend
         paths.append(namespace_path(url if isinstance(url, str) else pin.url, path_map))
     paths = list(dict.fromkeys(paths))
     for i in range(0, len(paths), STAGE_LIMIT):

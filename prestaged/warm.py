@@ -5,7 +5,11 @@ Each worker touches one file at a time (``storage.http.HttpToucher``), retrying 
 in flight at an endpoint answering 429 or 503 (``pacing.Pacer``), and reports an ``Outcome``.
 Breakers per endpoint (``scheme://host:port`` of the file's URL) stop the whole run
 early when the storage keeps denying us (exit 3), keeps failing TLS (exit 3) or cannot be
-reached at all (exit 5), instead of trying every remaining file.
+reached at all (exit 5), instead of trying every remaining file. Until an endpoint has
+accepted us once, one attempt at a time goes to it (``pacing``'s first-contact gate), so a
+breaker trips before more refusals than its threshold reach the endpoint; once the run is
+stopped, no attempt starts. A bearer token that cannot be sent (it expired during the run)
+stops the run at once.
 
 Memory does not grow with the dataset: the queue is bounded, duplicates are remembered as 8-byte
 digests, and only failures (capped at ``MAX_FAILURES_KEPT``) are kept for the report.
@@ -135,13 +139,19 @@ class WarmSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     credential_hint: str = ""
-    """Names the proxy/CA in breaker messages, e.g. ``proxy /tmp/x509up_u1000``."""
+    """Names the credentials in breaker messages, e.g. ``proxy /tmp/x509up_u1000`` or a
+    token's ``TokenInfo.describe()`` (where, issuer, subject, scopes)."""
+    sends_token: bool = False
+    """The toucher sends a bearer token: 401/403 trip at ``breaker.token_denials`` rather than
+    ``breaker.denials``."""
     allow_plain_http: bool = False
     """Touch ``http://`` URLs (default: each fails, "plain http refused")."""
 
     @classmethod
-    def from_config(cls, cfg: Config, credential_hint: str = "") -> WarmSettings:
-        """Settings from a loaded (and CLI-overridden) ``Config``."""
+    def from_config(cls, cfg: Config, credential_hint: str = "",
+                    sends_token: bool = False) -> WarmSettings:
+        """Settings from a loaded (and CLI-overridden) ``Config``; ``credential_hint`` and
+        ``sends_token`` as the fields."""
         r = cfg.retry
         return cls(
             concurrency=cfg.storage.concurrency,
@@ -151,6 +161,7 @@ class WarmSettings:
             retry=RetryPolicy(r.attempts, r.initial, r.max, r.jitter, r.total, r.max_retry_after),
             breaker=cfg.breaker,
             credential_hint=credential_hint,
+            sends_token=sends_token,
             allow_plain_http=cfg.storage.allow_plain_http,
         )
 
@@ -283,18 +294,50 @@ class _Breakers:
     certificate they do not like (unknown CA, DN not in the grid-mapfile) in both ways; XRootD
     with ``http.gridmap required`` reads the request and hangs up. Once an endpoint has answered
     anything, a dropped connection is an ordinary retryable reset again.
+
+    Denials (401/403) trip at ``cfg.token_denials`` when the run sends a bearer token
+    (``token``), else at ``cfg.denials``; the message quotes what the server said about the
+    token (``Attempt.auth_error``). An attempt that could not be sent because our token cannot
+    be used (``Failure.CREDENTIAL``) trips at once.
     """
 
-    def __init__(self, cfg: BreakerConfig, hint: str) -> None:
+    def __init__(self, cfg: BreakerConfig, hint: str, token: bool = False) -> None:
         self.cfg = cfg
         self.hint = hint
+        self.token = token
+        self.denial_limit = cfg.token_denials if token else cfg.denials
         self.denials: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
         self.unreachable: Counter[str] = Counter()
         self.answered: set[str] = set()
 
+    def refused(self, endpoint: str, attempt: Attempt) -> bool:
+        """Whether ``attempt`` counts toward a credentials breaker: a denial, a refused
+        connection (see the class), or a token we could not send."""
+        if attempt.failure is None:
+            return attempt.status in (401, 403)
+        return attempt.failure in _REFUSING and (
+            attempt.failure is not Failure.RESET or endpoint not in self.answered)
+
     def observe(self, endpoint: str, attempt: Attempt) -> Optional[PrestagedError]:
         """Account one attempt; return the error that stops the run if a breaker trips."""
+        if attempt.failure is not None and attempt.failure in _REFUSING:
+            return self._refusal(endpoint, attempt)
+        if attempt.status is None:
+            return None
+        self.answered.add(endpoint)
+        if attempt.status in (401, 403):
+            self.denials[endpoint] += 1
+            if self.denials[endpoint] >= self.denial_limit:
+                return self._denied(endpoint, attempt)
+            return None
+        self.denials[endpoint] = self.refusals[endpoint] = self.unreachable[endpoint] = 0
+        return None
+
+    def _refusal(self, endpoint: str, attempt: Attempt) -> Optional[PrestagedError]:
+        """Account an attempt that failed in one of the ``_REFUSING`` ways (it has no status)."""
+        if attempt.failure is Failure.CREDENTIAL:
+            return CredentialError(f"{attempt.error}; stopped (nothing was sent with it)")
         if attempt.failure is Failure.UNTRUSTED:
             self.refusals[endpoint] += 1
             n = self.refusals[endpoint]
@@ -318,21 +361,20 @@ class _Breakers:
                     f"{attempt.error}); it does not accept "
                     f"{self.hint or 'our proxy (or we do not trust its CA)'}; stopped early"
                 )
-            return None
-        if attempt.status is None:
-            return None
-        self.answered.add(endpoint)
-        if attempt.status in (401, 403):
-            self.denials[endpoint] += 1
-            if self.denials[endpoint] >= self.cfg.denials:
-                return CredentialError(
-                    f"{endpoint} denied {self.denials[endpoint]} files in a row "
-                    f"(HTTP {attempt.status}): it does not accept "
-                    f"{self.hint or 'our credentials'}; stopped early"
-                )
-            return None
-        self.denials[endpoint] = self.refusals[endpoint] = self.unreachable[endpoint] = 0
         return None
+
+    def _denied(self, endpoint: str, attempt: Attempt) -> CredentialError:
+        said = f"; the server says: {attempt.auth_error}" if attempt.auth_error else ""
+        if not self.token:
+            return CredentialError(
+                f"{endpoint} denied {self.denials[endpoint]} files in a row "
+                f"(HTTP {attempt.status}{said}): it does not accept "
+                f"{self.hint or 'our credentials'}; stopped early")
+        return CredentialError(
+            f"{endpoint} denied {self.denials[endpoint]} files in a row "
+            f"(HTTP {attempt.status}{said}): it does not accept {self.hint or 'our token'}; "
+            "a token needs storage.read covering the files' paths (and the storage's audience); "
+            "stopped early")
 
     def observe_final(self, endpoint: str, last: Attempt) -> Optional[PrestagedError]:
         """Account a file whose retries are over, by its last attempt (unreachable breaker)."""
@@ -345,6 +387,9 @@ class _Breakers:
                 )
         return None
 
+
+_REFUSING = frozenset({Failure.CREDENTIAL, Failure.UNTRUSTED, Failure.TLS, Failure.RESET})
+"""Failures the credentials breakers look at (``_Breakers._refusal``); never with a status."""
 
 _Job = tuple[FileRef, Optional[TapeInfo]]
 """A file for a worker, with what the tape path knows of it (None: not asked)."""
@@ -376,7 +421,8 @@ class _Run:
         self.queue: asyncio.Queue[Optional[_Job]] = asyncio.Queue(
             settings.queue or 4 * settings.concurrency
         )
-        self.breakers = _Breakers(settings.breaker, settings.credential_hint)
+        self.breakers = _Breakers(settings.breaker, settings.credential_hint,
+                                  settings.sends_token)
         self.abort_error: Optional[PrestagedError] = None
         self.abort = asyncio.Event()
         self.throttlers: dict[str, Throttler] = {}
@@ -390,7 +436,8 @@ class _Run:
         # Starts every endpoint at `concurrency`, not storage.per_host: that bounds connections
         # per host, and after a door's redirect an attempt holds a pool's connection instead.
         self.pacer = Pacer(settings.concurrency, tally.paced, on_change=(
-            None if probe is None else lambda ep, n: probe.set_concurrency(_host(ep), n)))
+            None if probe is None else lambda ep, n: probe.set_concurrency(_host(ep), n)),
+            gate=True)
 
     def _trip(self, error: Optional[PrestagedError]) -> None:
         if error is not None and self.abort_error is None:
@@ -490,9 +537,20 @@ class _Run:
             await thr.acquire()  # type: ignore[no-untyped-call]
         # The rate token first: a slot held while waiting for one would idle the endpoint.
         async with self.pacer.slot(endpoint) as slot:
+            if self.abort_error is not None:
+                # A breaker tripped while we waited for the slot (the attempt before ours was
+                # its last refusal): send nothing more; warm() is about to cancel us.
+                await self._stopped()
             attempt = await self._touch(url, endpoint)
+            if slot.gated:
+                slot.contact(attempt.status, self.breakers.refused(endpoint, attempt))
             slot.answered(attempt.status)
         return attempt
+
+    @staticmethod
+    async def _stopped() -> None:
+        """Wait for the cancellation that follows an abort (``warm`` cancels every worker)."""
+        await asyncio.get_running_loop().create_future()
 
     async def _touch(self, url: str, endpoint: str) -> Attempt:
         probe = self.probe

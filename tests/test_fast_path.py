@@ -502,6 +502,45 @@ async def test_canned_answers(ctx: ssl.SSLContext,
         assert results == [expected, expected]
 
 
+_CHALLENGES = [
+    # dCache: a Basic challenge, then the Bearer one with what went wrong
+    (b"WWW-Authenticate: Basic realm=\"dCache\"\r\nWWW-Authenticate: Bearer realm=\"dCache\", "
+     b"error=\"invalid_token\", error_description=\"Token has expired\"\r\n",
+     "invalid_token: Token has expired"),
+    (b"WWW-Authenticate: Bearer error=\"insufficient_scope\", "
+     b"error_description=\"Zugriff f\xc3\xbcr /dune verweigert\"\r\n",
+     "insufficient_scope: Zugriff f\u00fcr /dune verweigert"),
+    (b"WWW-Authenticate: Bearer error=\"bad\xff\xfebytes\"\r\n", "bad bytes"),
+    (b"WWW-Authenticate: Basic realm=\"x\"\r\n", ""),
+]
+
+
+@pytest.mark.parametrize(("header", "said"), _CHALLENGES,
+                         ids=["dcache-two-challenges", "utf-8", "invalid-utf-8", "basic-only"])
+@pytest.mark.parametrize("status", [401, 403])
+async def test_bearer_challenges_equal_the_aiohttp_path(
+    ctx: ssl.SSLContext, canned: Callable[[list[bytes]], _Canned], header: bytes,
+    said: str, status: int
+) -> None:
+    """A 401/403's WWW-Authenticate (repeated, non-ASCII, invalid UTF-8, not Bearer):
+    the same Attempt on both paths, quoting the Bearer error (``auth_error``, in the error
+    text too) and nothing unprintable."""
+    reason = b"Unauthorized" if status == 401 else b"Forbidden"
+    answer = (b"HTTP/1.1 %d %s\r\n" % (status, reason) + header
+              + b"Content-Length: 0\r\n\r\n")
+    results = []
+    for fast in (True, False):
+        async with canned([answer, _OK]) as srv, _toucher(ctx, fast=fast) as t:
+            results.append(await t.touch(srv.url("/f")))
+            if fast:
+                assert _stats(t) == (1, 0)
+    got, want = results
+    assert got == want and got.status == status
+    assert got.auth_error == said
+    if said:
+        assert got.error == f"HTTP {status} {reason.decode()} ({got.auth_error})"
+
+
 async def test_malformed_answer_falls_back(ctx: ssl.SSLContext,
                                            canned: Callable[[list[bytes]], _Canned]) -> None:
     """Garbage instead of HTTP: the fast path gives up and aiohttp reports what it sees."""

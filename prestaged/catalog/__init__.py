@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import ssl
 
     from prestaged.config import CatalogConfig
+    from prestaged.tokens import TokenSource
 
 __all__ = ["KINDS", "Catalog", "open_catalog"]
 
@@ -51,12 +52,14 @@ def open_catalog(
     ssl_context: Optional[ssl.SSLContext] = None,
     dims: Optional[str] = None,
     identity: Optional[str] = None,
+    token: Optional[TokenSource] = None,
 ) -> Catalog:
     """The catalog ``kind`` for ``definition``; ``ConfigError`` for an unknown kind.
 
     ``ssl_context`` (the client TLS context for a networked catalog, built by the caller),
-    ``dims`` (a SAM dimensions query instead of a definition) and ``identity`` (the DN
-    presented, for error messages) are used by ``samweb`` only.
+    ``dims`` (a SAM dimensions query instead of a definition), ``identity`` (the DN
+    presented, for error messages) and ``token`` (the bearer token, sent when
+    ``catalog.samweb.use_token``) are used by ``samweb`` only.
     """
     if dims is not None and kind != "samweb":
         raise ConfigError(f"--dims needs the samweb catalog, not {kind!r}")
@@ -67,5 +70,6 @@ def open_catalog(
     if kind == "samweb":
         from prestaged.catalog.samweb import SamWebCatalog
 
-        return SamWebCatalog(definition, cfg.samweb, ssl_context, dims=dims, identity=identity)
+        return SamWebCatalog(definition, cfg.samweb, ssl_context, dims=dims, identity=identity,
+                             token=token)
     raise ConfigError(f"catalog {kind!r} is not known; choose one of: {', '.join(KINDS)}")

@@ -24,6 +24,10 @@ Files whose locations match no rule are not silently dropped: they are counted i
 ``unresolved_count`` and the first ``MAX_UNRESOLVED_KEPT`` are kept in ``unresolved`` (name,
 locations, reason) for the report.
 
+With ``use_token`` (off by default: SAM web at Fermilab authenticates by certificate) every
+request carries the bearer token, asked for when the request starts (so a renewed token file is
+used); aiohttp drops it on a redirect to another origin.
+
 Errors follow the real samweb client: 4xx answers are never retried and become one-line errors
 (``definition 'x' not found in SAM (dune)``; 401/403 and TLS failures are credential errors,
 exit 3; everything else exit 4); 5xx, 408, 429, timeouts and dropped connections are retried
@@ -57,11 +61,12 @@ from prestaged.catalog.rewrite import Rewriter
 from prestaged.config import SamWebConfig
 from prestaged.errors import CatalogError, ConfigError, CredentialError, PrestagedError
 from prestaged.model import FileRef
-from prestaged.net import parse_retry_after, tls_cause
+from prestaged.net import bearer_error, parse_retry_after, tls_cause
 from prestaged.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from prestaged.credentials import Credentials
+    from prestaged.tokens import TokenSource
 
 __all__ = [
     "DEFAULT_HOST",
@@ -248,8 +253,10 @@ class _Api:
         ssl_context: Optional[ssl.SSLContext],
         identity: Optional[str],
         sleep: Callable[[float], Awaitable[None]],
+        token: Optional[TokenSource] = None,
     ) -> None:
         self.base_url = base_url
+        self._token = token
         self.label = label
         self.cfg = cfg
         self._ssl = ssl_context
@@ -309,9 +316,13 @@ class _Api:
         """
         assert self._session is not None, "use `async with _Api(...)`"
         method = "GET" if data is None else "POST"
+        headers = None
+        if self._token is not None:  # CredentialError when it expired: nothing is sent
+            headers = {"Authorization": self._token.authorization()}
         ok = False
         try:
-            async with self._session.request(method, url, params=params, data=data) as resp:
+            async with self._session.request(method, url, params=params, data=data,
+                                             headers=headers) as resp:
                 self._answered = True
                 ok = resp.status == 200
                 if resp.status != 200:
@@ -347,15 +358,27 @@ class _Api:
         if status == 400 and (error == "DimensionError" or call.dims):
             return CatalogError(f"{sam} rejected the dimensions: {message or detail}")
         if status in (401, 403):
-            who = f"as {self._identity}" if self._identity else "anonymously (no certificate)"
-            fix = ("check the proxy" if self._identity else
-                   "give a proxy (--proxy) or set catalog.samweb.use_certificate = true")
-            return CredentialError(f"{sam} refused {call.what} {who} ({detail}); {fix}")
+            return self._refused(call, sam, detail, headers)
         if status in _TOO_LONG_STATUS or (status == 400 and _TOO_LONG_400.search(body)):
             if call.splittable:
                 return _TooLong(detail)
             return CatalogError(f"{sam} refused {call.what}: request too long ({detail})")
         return CatalogError(f"{sam} failed {call.what}: {detail}")
+
+    def _refused(self, call: _Call, sam: str, detail: str,
+                 headers: Mapping[str, str]) -> CredentialError:
+        """A 401/403: who we presented ourselves as, and what to check."""
+        if self._token is not None:
+            said = bearer_error(headers.get("WWW-Authenticate"))
+            detail += f"; the server says: {said}" if said else ""
+            return CredentialError(
+                f"{sam} refused {call.what} with {self._token.info.describe()} ({detail}); "
+                "check the token's audience and scopes for SAM, or set "
+                "catalog.samweb.use_token = false")
+        who = f"as {self._identity}" if self._identity else "anonymously (no certificate)"
+        fix = ("check the proxy" if self._identity else
+               "give a proxy (--proxy) or set catalog.samweb.use_certificate = true")
+        return CredentialError(f"{sam} refused {call.what} {who} ({detail}); {fix}")
 
     def _network_error(self, e: aiohttp.ClientError) -> Exception:
         tls = tls_cause(e)
@@ -501,8 +524,10 @@ class SamWebCatalog:
 
     ``ssl_context`` presents the proxy or not (``samweb_ssl_context``); None uses aiohttp's
     default verification. ``identity`` (the proxy's DN, or None for anonymous) only words
-    errors. ``env`` replaces ``os.environ`` for the ``SAM_*`` variables and ``sleep`` the
-    backoff sleep (tests). Raises ``ConfigError`` if the server or the rules are not configured.
+    errors. ``token``: the bearer token, sent with every request when ``cfg.use_token``
+    (ignored otherwise; missing then: ``CredentialError``). ``env`` replaces ``os.environ`` for
+    the ``SAM_*`` variables and ``sleep`` the backoff sleep (tests). Raises ``ConfigError`` if
+    the server or the rules are not configured.
     """
 
     name = "samweb"
@@ -517,8 +542,13 @@ class SamWebCatalog:
         identity: Optional[str] = None,
         env: Mapping[str, str] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        token: Optional[TokenSource] = None,
     ) -> None:
         self.base_url, self.experiment = check_config(cfg, env)
+        if cfg.use_token and token is None:
+            raise CredentialError("catalog.samweb.use_token is true but no bearer token was "
+                                  "found (see `prestaged credentials`)")
+        self._token = token if cfg.use_token else None
         self.definition = definition
         self.dims = dims
         self.cfg = cfg
@@ -541,7 +571,7 @@ class SamWebCatalog:
 
     def _api(self) -> _Api:
         api = _Api(self.base_url, self.experiment, self.cfg, self._ssl, self._identity,
-                   self._sleep)
+                   self._sleep, self._token)
         api.on_request = self.on_request
         return api
 

@@ -42,8 +42,14 @@ import httptools
 from yarl import URL
 
 from prestaged.model import Attempt, Failure
-from prestaged.net import parse_retry_after
-from prestaged.storage.attempt import CONTENT_RANGE_TOTAL, DRAIN_LIMIT, REDIRECTS
+from prestaged.net import bearer_error, parse_retry_after
+from prestaged.storage.attempt import (
+    CONTENT_RANGE_TOTAL,
+    DENIED,
+    DRAIN_LIMIT,
+    REDIRECTS,
+    status_error,
+)
 
 __all__ = [
     "HEAD_LIMIT",
@@ -111,7 +117,9 @@ _IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
 # answer rather than when it sees the connection close.
 _CLOSE = b"Connection: close\r\n"
 _MAX_ENDPOINTS = 4096
-_WANTED = frozenset({b"content-length", b"content-range", b"retry-after", b"location"})
+_WANTED = frozenset({b"content-length", b"content-range", b"retry-after", b"location",
+                     b"www-authenticate"})
+_CHALLENGE = b"www-authenticate"  # the one header kept whole when repeated (one per scheme)
 
 
 @dataclass
@@ -159,7 +167,7 @@ class Endpoint:
     """One ``scheme://host:port``: where to connect, the request tail, the idle connections
     (never any if ``one_shot``), the slots its connections count against."""
 
-    __slots__ = ("addresses", "host", "idle", "numeric", "one_shot", "open", "port",
+    __slots__ = ("addresses", "head", "host", "idle", "numeric", "one_shot", "open", "port",
                  "resolved_until", "server_hostname", "slots", "ssl", "tail")
 
     def __init__(self, host: str, port: int, ssl_context: Optional[ssl.SSLContext],
@@ -169,6 +177,7 @@ class Endpoint:
         self.ssl = ssl_context
         self.server_hostname = host if ssl_context is not None else None
         self.tail = tail
+        self.head = tail[:-2]  # the tail without the blank line: more header lines may follow
         self.slots = slots
         self.one_shot = one_shot
         self.idle: list[_Conn] = []
@@ -289,8 +298,11 @@ class _Conn(asyncio.Protocol):
             raise ValueError(f"header line over {MAX_FIELD_SIZE} bytes")
         self.last_name = n
         key = name.lower()
-        if key in _WANTED and key not in self.headers:
-            self.headers[key] = value
+        if key in _WANTED:
+            if key not in self.headers:
+                self.headers[key] = value
+            elif key == _CHALLENGE:  # as aiohttp's getall(), joined as HTTP combines fields
+                self.headers[key] += b", " + value
         elif key == _REFUSED_HEADER:
             raise ValueError("Sec-WebSocket-Key1 header")
 
@@ -368,13 +380,19 @@ class _Conn(asyncio.Protocol):
 
     def _final(self, *, data: int, size: Optional[int]) -> None:
         status = self.status
-        reason = b"".join(self.reason).decode("utf-8", "surrogateescape")
+        error = auth = ""
+        if status >= 400:
+            reason = b"".join(self.reason).decode("utf-8", "surrogateescape")
+            if status in DENIED:
+                auth = bearer_error(self._header(_CHALLENGE))
+            error = status_error(status, reason, auth)
         self.answer = Attempt(
             status=status,
             data=data,
             retry_after=parse_retry_after(self._header(b"retry-after")),
-            error="" if status < 400 else f"HTTP {status} {reason}".strip(),
+            error=error,
             size=size,
+            auth_error=auth,
         )
 
     def _finish(self) -> None:
@@ -472,18 +490,20 @@ class FastPath:
         """Connections open now (kept-alive and one-shot)."""
         return self._kept.open + self._one_shot.open
 
-    def route(self, url: str) -> Optional[tuple[Endpoint, bytes]]:
+    def route(self, url: str,
+              auth: Optional[bytes] = None) -> Optional[tuple[Endpoint, bytes]]:
         """The endpoint and request bytes for ``url`` on a kept-alive connection, or None if it
-        is not a plain URL."""
-        return self._route(url, self._endpoints, one_shot=False)
+        is not a plain URL. ``auth`` (a bearer token's request) is the ``Authorization`` line
+        and the blank line that ends the head: ``b"Authorization: Bearer ...\\r\\n\\r\\n"``."""
+        return self._route(url, self._endpoints, False, auth)  # positional: runs per file
 
     def hop_route(self, url: str) -> Optional[tuple[Endpoint, bytes]]:
         """The endpoint and request bytes for ``url`` (a redirect target) on a one-shot
         connection, or None if it is not a plain URL."""
-        return self._route(url, self._hop_endpoints, one_shot=True)
+        return self._route(url, self._hop_endpoints, True, None)
 
-    def _route(self, url: str, endpoints: dict[str, Optional[Endpoint]], *,
-               one_shot: bool) -> Optional[tuple[Endpoint, bytes]]:
+    def _route(self, url: str, endpoints: dict[str, Optional[Endpoint]], one_shot: bool,
+               auth: Optional[bytes]) -> Optional[tuple[Endpoint, bytes]]:
         start = url.find("://")
         end = url.find("/", start + 3) if start > 0 else -1
         if end < 0:
@@ -504,7 +524,9 @@ class FastPath:
         path = url[end:]
         if _PLAIN_PATH.fullmatch(path) is None:
             return None
-        return ep, b"GET " + path.encode("ascii") + ep.tail
+        if auth is None:
+            return ep, b"GET " + path.encode("ascii") + ep.tail
+        return ep, b"GET " + path.encode("ascii") + ep.head + auth
 
     async def fetch(self, ep: Endpoint, request: bytes, timeout: float) -> Answer:
         """Send ``request`` to ``ep`` on a pooled or new connection (always a new one, closed

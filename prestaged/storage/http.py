@@ -23,6 +23,15 @@ Redirects are followed to ``https`` only (or from ``http`` to ``http``, after th
 aiohttp raises about one URL is that URL's failed ``Attempt``, never an exception out of
 ``touch``.
 
+With a bearer token (``token``), each touch asks it for the ``Authorization`` value when it
+starts (so a renewed token file is used by the touches that start after), and sends it to the
+file's URL only: a redirect target of another origin (scheme, host or port) never gets it, nor
+does any later hop, as aiohttp itself drops ``Authorization`` on a cross-origin redirect (a dCache
+pool is authorised by the one-time URL of the redirect). The fast path's one-shot hops never
+carry it; a redirect to the same origin is followed by the aiohttp path, which sends it. A
+token that cannot be used now (expired, not yet valid) sends nothing: the touch is a
+``Failure.CREDENTIAL`` attempt carrying the ``CredentialError``'s text.
+
 This module does one attempt; retries, breakers and throttling live in ``prestaged.warm``.
 """
 
@@ -37,9 +46,16 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from yarl import URL
 
 from prestaged._version import __version__
+from prestaged.errors import CredentialError
 from prestaged.model import Attempt, Failure
-from prestaged.net import parse_retry_after, tls_cause
-from prestaged.storage.attempt import CONTENT_RANGE_TOTAL, DRAIN_LIMIT, REDIRECTS
+from prestaged.net import bearer_error, parse_retry_after, tls_cause
+from prestaged.storage.attempt import (
+    CONTENT_RANGE_TOTAL,
+    DENIED,
+    DRAIN_LIMIT,
+    REDIRECTS,
+    status_error,
+)
 from prestaged.storage.fast import (
     RESOLVE_TTL,
     Answer,
@@ -53,6 +69,8 @@ from prestaged.storage.tls import Hop, SessionCache, enable_resumption
 
 if TYPE_CHECKING:
     import aiohttp
+
+    from prestaged.tokens import TokenSource
 
 __all__ = ["FastPathStats", "HttpToucher"]
 
@@ -107,6 +125,15 @@ def _refused_redirect(source: URL, target: URL, status: int) -> Optional[Attempt
     return Attempt(status=status, failure=Failure.PROTOCOL, error=f"refused redirect to {target}")
 
 
+_Origin = tuple[str, str, Optional[int]]
+
+
+def _origin(url: URL) -> _Origin:
+    """Scheme, host and port (explicit or the scheme's default) of an absolute ``url``: a
+    bearer token goes only where all three are those of the URL it was sent with."""
+    return url.scheme, (url.raw_host or "").lower(), url.port
+
+
 class HttpToucher:
     """Touches URLs over the fast path's connections and one pooled ``aiohttp.ClientSession``
     (built in ``start()`` without the fast path, else when first needed).
@@ -115,7 +142,8 @@ class HttpToucher:
     redirects; ``connect_timeout``: seconds to connect + handshake. ``limit``/``limit_per_host``
     bound sockets overall and per host (the fast path's kept-alive and one-shot connections and
     aiohttp's pool, each). ``fast_path`` (default True): try plain URLs, and the redirect targets
-    they lead to, on ``storage.fast`` connections first.
+    they lead to, on ``storage.fast`` connections first. ``token`` (default None): the bearer
+    token sent to each file's URL (never to a redirect target elsewhere; see the module).
     """
 
     def __init__(
@@ -129,8 +157,13 @@ class HttpToucher:
         connect_timeout: float = 15.0,
         max_redirects: int = 5,
         fast_path: bool = True,
+        token: Optional[TokenSource] = None,
     ) -> None:
         self.nbytes = nbytes
+        self._token = token
+        # The fast path's Authorization line, encoded once per token (not once per request).
+        self._auth_value = ""
+        self._auth_line = b""
         self.max_redirects = max_redirects
         self._ssl = ssl_context
         self._limit = limit
@@ -230,10 +263,18 @@ class HttpToucher:
         """
         if not self._started:
             raise RuntimeError("HttpToucher.start() was not called")
+        auth: Optional[str] = None
+        if self._token is not None:
+            try:
+                auth = self._token.authorization()
+            except CredentialError as e:
+                return Attempt(failure=Failure.CREDENTIAL, error=str(e))
         fast = self._fast
-        route = fast.route(url) if fast is not None else None
+        route = None
+        if fast is not None:
+            route = fast.route(url) if auth is None else fast.route(url, self._line(auth))
         if fast is None or route is None:
-            return await self._slow(self._open_session(), url)
+            return await self._slow(self._open_session(), url, auth=auth)
         deadline = fast.loop.time() + self._total
         answer = await fast.fetch(*route, self._total)
         if isinstance(answer, Attempt):
@@ -243,13 +284,17 @@ class HttpToucher:
             target = self._hop_target(url, answer)
             if isinstance(target, Attempt):
                 return target
-            pool = fast.hop_route(str(target)) if target is not None else None
+            pool = None
+            if target is not None and (auth is None or not self._same_origin(url, target)):
+                # (a same-origin target gets the token: the aiohttp path below sends it)
+                pool = fast.hop_route(str(target))
             if target is not None and pool is not None:
                 answer = await self._pool_hop(fast, *pool, deadline - fast.loop.time())
                 if isinstance(answer, Attempt):
                     return answer
                 if answer is not None:  # the pool redirects too: aiohttp goes on from there
-                    source, hop = str(target), 2
+                    # (off the token's origin: no later hop gets it)
+                    source, hop, auth = str(target), 2, None
                 # else: the whole file again through aiohttp, from its URL (a pool's one-time
                 # URL may be spent: its mover ended with the connection)
         if not self._is_open():
@@ -264,7 +309,21 @@ class HttpToucher:
         # classified as without the fast path.
         session = self._open_session()
         timeout = _aiohttp().ClientTimeout(total=remaining, sock_connect=self._connect_timeout)
-        return await self._slow(session, source, redirect=answer, hop=hop, timeout=timeout)
+        return await self._slow(session, source, redirect=answer, hop=hop, timeout=timeout,
+                                auth=auth)
+
+    def _line(self, auth: str) -> bytes:
+        """The fast path's ``Authorization`` line (and end of head) for the value ``auth``."""
+        if auth != self._auth_value:  # a new token: encode it once
+            # ASCII by construction: TokenSource only takes base64url JWTs.
+            self._auth_line = b"Authorization: " + auth.encode("ascii") + b"\r\n\r\n"
+            self._auth_value = auth
+        return self._auth_line
+
+    @staticmethod
+    def _same_origin(url: str, target: URL) -> bool:
+        """Whether ``target`` (a redirect from the fast-path URL ``url``) is ``url``'s origin."""
+        return _origin(URL(url, encoded=True)) == _origin(target)
 
     @staticmethod
     def _hop_target(url: str, redirect: Redirect) -> Union[URL, Attempt, None]:
@@ -290,9 +349,11 @@ class HttpToucher:
 
     async def _slow(self, session: aiohttp.ClientSession, url: str, *,
                     redirect: Optional[Redirect] = None, hop: int = 1,
-                    timeout: Optional[aiohttp.ClientTimeout] = None) -> Attempt:
+                    timeout: Optional[aiohttp.ClientTimeout] = None,
+                    auth: Optional[str] = None) -> Attempt:
         """The touch through aiohttp; with ``redirect`` (the answer ``url`` gave), from its
-        target on, as hop number ``hop``."""
+        target on, as hop number ``hop``. ``auth``: the ``Authorization`` value ``url`` was
+        (or is) sent with; hops to ``url``'s origin get it too, until one leaves it."""
         aiohttp = _aiohttp()
         try:
             # A URL made only of characters legal in an encoded URL needs no requoting by yarl
@@ -304,13 +365,16 @@ class HttpToucher:
             return Attempt(failure=Failure.PROTOCOL,
                            error=f"unsupported scheme {target.scheme or '(none)'}://")
         try:
+            origin = _origin(target) if auth is not None else None
             if redirect is None:
-                return await self._follow(session, target, timeout=timeout)
+                return await self._follow(session, target, timeout=timeout, auth=auth,
+                                          origin=origin)
             nxt = target.join(URL(redirect.location))
             refused = _refused_redirect(target, nxt, redirect.status)
             if refused is not None:
                 return refused
-            return await self._follow(session, nxt, first_hop=hop, timeout=timeout)
+            return await self._follow(session, nxt, first_hop=hop, timeout=timeout, auth=auth,
+                                      origin=origin)
         except aiohttp.ConnectionTimeoutError:
             # No TCP connection or TLS handshake within connect_timeout: an endpoint that does
             # not answer, counted toward the unreachable breaker like a refused connection.
@@ -340,9 +404,15 @@ class HttpToucher:
             return Attempt(failure=Failure.PROTOCOL, error=_describe(e))
 
     async def _follow(self, session: aiohttp.ClientSession, target: URL, *, first_hop: int = 0,
-                      timeout: Optional[aiohttp.ClientTimeout] = None) -> Attempt:
+                      timeout: Optional[aiohttp.ClientTimeout] = None,
+                      auth: Optional[str] = None, origin: Optional[_Origin] = None) -> Attempt:
         for hop in range(first_hop, self.max_redirects + 1):
             headers = None if hop == 0 else self._pool_headers
+            if auth is not None:
+                if _origin(target) == origin:
+                    headers = {**(headers or {}), "Authorization": auth}
+                else:
+                    auth = None  # left the token's origin: never sent again, even back there
             host, port = (target.raw_host or "").rstrip("."), target.port or 0
             offer = self._tls.offering(host, port) if hop else contextlib.nullcontext()
             with offer as pool:
@@ -380,12 +450,16 @@ class HttpToucher:
             pool.remember()  # after the answer: a TLS 1.3 ticket follows the handshake
         if size == 0 or pool is not None:
             resp.close()
+        auth = ""
+        if status in DENIED:
+            auth = bearer_error(", ".join(resp.headers.getall("WWW-Authenticate", ())))
         return Attempt(
             status=status,
             data=data,
             retry_after=parse_retry_after(resp.headers.get("Retry-After")),
-            error="" if status < 400 else f"HTTP {status} {resp.reason or ''}".strip(),
+            error="" if status < 400 else status_error(status, resp.reason or "", auth),
             size=size,
+            auth_error=auth,
         )
 
     async def _read_head(self, resp: aiohttp.ClientResponse) -> int:

@@ -21,9 +21,16 @@ Every stage POST is reported to the optional ``on_stage`` hook with one of ``STA
 ``refused`` (any other answer, or none: a dropped connection or a timeout).
 
 Errors: 401/403 are ``CredentialError`` naming the right staging needs (a WLCG token needs
-``storage.stage``; ``storage.read`` cannot recall); other refusals are ``TapeRestError`` (exit 5)
-with the server's RFC 7807 ``detail``. The session (client certificate, bearer token) is the
-caller's.
+``storage.stage``; ``storage.read`` cannot recall) and, with a token, the token; other refusals
+are ``TapeRestError`` (exit 5) with the server's RFC 7807 ``detail``. The session (client
+certificate) is the caller's.
+
+A bearer token (``token``) goes to the doors (discovery) and to the frontends on a door's host:
+the frontend's address comes from the document a door serves, so a frontend on another host
+(another port of the door's host is fine: dCache's frontend listens on 3880, its WebDAV door on
+2880) never gets it, and is warned about once. The hosts allowed are those of the doors
+``discover`` was asked about, or named to ``allow`` (releasing pins recorded by an earlier run);
+https only. aiohttp itself drops it on a redirect to another origin.
 """
 
 from __future__ import annotations
@@ -35,14 +42,17 @@ import logging
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
+from urllib.parse import urlsplit
 
 from prestaged.errors import CredentialError, StorageError
 from prestaged.model import error_text
-from prestaged.net import parse_retry_after
+from prestaged.net import bearer_error, parse_retry_after
 from prestaged.retry import RetryPolicy
 
 if TYPE_CHECKING:
     import aiohttp
+
+    from prestaged.tokens import TokenSource
 
 __all__ = [
     "ARCHIVEINFO_BATCH",
@@ -155,8 +165,18 @@ Observe = Callable[[Optional[int]], None]
 """Called once per try of a request with its HTTP status (None: no answer)."""
 
 
+def _host(url: str) -> Optional[str]:
+    """The lower-case host of an ``https`` URL (None for any other scheme or no host)."""
+    try:
+        parts = urlsplit(url)
+        return parts.hostname if parts.scheme == "https" else None
+    except ValueError:
+        return None
+
+
 class TapeClient:
-    """The Tape REST API over the caller's ``session`` (its TLS context or token authenticate).
+    """The Tape REST API over the caller's ``session`` (its TLS context authenticates) and
+    ``token`` (default None: a bearer token sent where the module says).
 
     ``stage_batch``: paths per stage request (default 200, as FTS3; at most 500). ``policy``:
     how 429/503 back-pressure and dropped connections are waited out (attempts, time budget,
@@ -166,7 +186,8 @@ class TapeClient:
 
     def __init__(self, session: aiohttp.ClientSession, *, stage_batch: int = 200,
                  policy: Optional[RetryPolicy] = None, sleep: Sleep = asyncio.sleep,
-                 on_stage: Optional[Callable[[str], None]] = None) -> None:
+                 on_stage: Optional[Callable[[str], None]] = None,
+                 token: Optional[TokenSource] = None) -> None:
         if not 1 <= stage_batch <= STAGE_LIMIT:
             raise ValueError(f"stage_batch must be 1..{STAGE_LIMIT}, got {stage_batch}")
         self.session = session
@@ -174,6 +195,30 @@ class TapeClient:
         self.policy = policy or RetryPolicy(attempts=8, initial=1.0, max=60.0, total=600.0)
         self._sleep = sleep
         self._on_stage = on_stage
+        self._token = token
+        self._hosts: set[str] = set()
+        """Hosts the token may go to: those of the doors (see the module)."""
+        self._warned: set[str] = set()
+
+    def allow(self, door: str) -> None:
+        """Let the token go to ``door``'s host (an ``https`` URL of the storage: a door, or a
+        file on it), and so to a frontend there."""
+        host = _host(door)
+        if host is not None:
+            self._hosts.add(host)
+
+    def _authorization(self, url: str) -> Optional[str]:
+        """The ``Authorization`` value for a request to ``url`` starting now, if it gets one;
+        ``CredentialError`` when the token cannot be used now."""
+        if self._token is None or _host(url) not in self._hosts:
+            return None
+        return self._token.authorization()
+
+    def _check_frontend(self, door: str, uri: str) -> None:
+        if self._token is not None and _host(uri) not in self._hosts and uri not in self._warned:
+            self._warned.add(uri)
+            log.warning("%s: its Tape REST API %s is on another host: the bearer token is not "
+                        "sent there (only to the storage's doors' hosts)", door, uri)
 
     # --- discovery and locality -------------------------------------------------------------
 
@@ -186,6 +231,7 @@ class TapeClient:
         ``TapeUnreachable`` when the door cannot be reached or refuses our connection (not
         retried: the touches of its files will tell why, breakers included)."""
         url = door.rstrip("/") + DISCOVERY_PATH
+        self.allow(door)
         status, doc = await self._call("GET", url, None, allow=_NO_DISCOVERY, reconnect=False)
         if status in _NO_DISCOVERY:
             log.debug("%s: %d, so no Tape REST API there", url, status)
@@ -198,6 +244,7 @@ class TapeClient:
         if not isinstance(uri, str) or not uri.startswith("https://"):
             raise TapeRestError(f"{url}: no https v1 endpoint in the discovery document "
                                 f"(versions: {', '.join(sorted(uris)) or 'none'})")
+        self._check_frontend(door, uri)
         return uri.rstrip("/")
 
     async def archiveinfo(self, uri: str, paths: Sequence[str]) -> dict[str, FileLocality]:
@@ -293,8 +340,11 @@ class TapeClient:
         while True:
             tries += 1
             retry_after: Optional[float] = None
+            auth = self._authorization(url)
+            headers = None if auth is None else {"Authorization": auth}
             try:
-                async with self.session.request(method, url, json=body) as resp:
+                async with self.session.request(method, url, json=body,
+                                                headers=headers) as resp:
                     status = resp.status
                     if observe is not None:
                         observe(status)
@@ -304,10 +354,8 @@ class TapeClient:
                     if 200 <= status < 300:
                         return status, _json(url, text)
                     if status in (401, 403):
-                        raise CredentialError(
-                            f"{url}: the Tape REST API refused us ({status}: "
-                            f"{_problem(text)}); staging needs the right to stage (for a WLCG "
-                            "token: storage.stage)")
+                        raise self._refused(url, status, text, auth is not None,
+                                            resp.headers.getall("WWW-Authenticate", ()))
                     if status not in (429, 503):
                         raise TapeRestError(f"{url}: {status} {_problem(text)}")
                     why = f"{status} {_problem(text)}"
@@ -324,6 +372,23 @@ class TapeClient:
                 raise TapeRestError(f"{url}: gave up after {tries} tries: {why}")
             log.info("%s: %s; trying again in %.1f s", url, why, delay)
             await self._sleep(delay)
+
+    def _refused(self, url: str, status: int, text: str, sent: bool,
+                 challenges: Sequence[str]) -> CredentialError:
+        """The error of a 401/403 to ``url``: what the server said, and which right is missing
+        (with a token: which token, and whether it was sent at all)."""
+        said = bearer_error(", ".join(challenges))
+        why = f"{status}: {_problem(text)}" + (f"; the server says: {said}" if said else "")
+        if self._token is None:
+            return CredentialError(f"{url}: the Tape REST API refused us ({why}); staging needs "
+                                   "the right to stage (for a WLCG token: storage.stage)")
+        token = self._token.info.describe()
+        if not sent:
+            return CredentialError(
+                f"{url}: the Tape REST API refused us ({why}); the bearer token was not sent "
+                "there: it is not on the host of a storage door we asked")
+        return CredentialError(f"{url}: the Tape REST API refused {token} ({why}); staging needs "
+                               "storage.stage covering the files' paths")
 
 
 async def _body(url: str, resp: aiohttp.ClientResponse) -> str:
