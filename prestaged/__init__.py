@@ -5,7 +5,7 @@ The library API is re-exported here. The CLI (``prestaged.cli``) and the daemon
 
     ctx = Context(load_config(path))
     catalog, creds = ctx.open_for_warm(None, "my-definition")
-    async with ctx.make_toucher(creds.ssl_context()) as toucher:
+    async with ctx.make_toucher(creds.ssl_context(), creds.token) as toucher:
         report = await run_definition(catalog, ctx.warm_settings(creds), toucher)
 
 The re-exports are loaded on first use (PEP 562), so that ``import prestaged.cli`` and commands

@@ -37,6 +37,7 @@ from prestaged.retry import RetryPolicy
 from prestaged.runner import run_definition
 from prestaged.state.store import Store, default_state_path
 from prestaged.storage.http import HttpToucher
+from prestaged.tokens import TokenSource
 from prestaged.warm import Probe, RunReport, Toucher, WarmSettings
 
 __all__ = ["Context"]
@@ -73,8 +74,10 @@ class Context:
                                 token_min_lifetime=c.token_min_lifetime)
 
     def warm_settings(self, creds: Optional[Credentials]) -> WarmSettings:
-        """Engine settings, with ``creds`` named in breaker messages."""
-        return WarmSettings.from_config(self.cfg, credential_hint=creds.hint() if creds else "")
+        """Engine settings, with ``creds`` named in breaker messages (and, when they include
+        a token, its tighter denials breaker)."""
+        return WarmSettings.from_config(self.cfg, credential_hint=creds.hint() if creds else "",
+                                        token=creds.token if creds is not None else None)
 
     # --- state ----------------------------------------------------------------------------
 
@@ -94,38 +97,44 @@ class Context:
 
     # --- storage --------------------------------------------------------------------------
 
-    def make_toucher(self, ssl_context: Optional[ssl.SSLContext]) -> HttpToucher:
-        """A toucher (connection pool) per ``storage``, not started: ``async with`` it."""
+    def make_toucher(self, ssl_context: Optional[ssl.SSLContext],
+                     token: Optional[TokenSource] = None) -> HttpToucher:
+        """A toucher (connection pool) per ``storage``, sending ``token`` (if any) to each
+        file's URL, not started: ``async with`` it."""
         st = self.cfg.storage
         return HttpToucher(ssl_context, nbytes=st.bytes, limit=st.concurrency,
                            limit_per_host=st.per_host, timeout=st.timeout,
                            connect_timeout=st.connect_timeout, max_redirects=st.max_redirects,
-                           fast_path=st.fast_path)
+                           fast_path=st.fast_path, token=token)
 
     def tape_settings(self) -> TapeSettings:
         """The tape path's settings (``storage.stage`` and its keys)."""
         return TapeSettings.from_config(self.cfg.storage)
 
     def make_tape(self, ssl_context: Optional[ssl.SSLContext], *,
+                  token: Optional[TokenSource] = None,
                   on_stage: Optional[Callable[[str], None]] = None) -> TapeAccess:
-        """The Tape REST access (not open: ``async with`` it); runs use it unless
-        ``storage.stage = never``. Back-pressure from the frontend is waited out as ``[retry]``
-        says, with at least 8 tries and 10 minutes (a busy frontend is no reason to give up a
-        dataset)."""
+        """The Tape REST access (not open: ``async with`` it), sending ``token`` (if any) to
+        the doors and their hosts' frontends; runs use it unless ``storage.stage = never``.
+        Back-pressure from the frontend is waited out as ``[retry]`` says, with at least 8 tries
+        and 10 minutes (a busy frontend is no reason to give up a dataset)."""
         r = self.cfg.retry
         policy = RetryPolicy(max(8, r.attempts), r.initial, r.max, r.jitter,
                              max(600.0, r.total), r.max_retry_after)
-        return TapeAccess(ssl_context, self.tape_settings(), policy=policy, on_stage=on_stage)
+        return TapeAccess(ssl_context, self.tape_settings(), policy=policy, on_stage=on_stage,
+                          token=token)
 
     @contextlib.asynccontextmanager
-    async def storage(self, ssl_context: Optional[ssl.SSLContext]
+    async def storage(self, creds: Credentials
                       ) -> AsyncIterator[tuple[HttpToucher, Optional[TapeAccess]]]:
-        """(toucher, tape access or None), both open, for one command's runs."""
+        """(toucher, tape access or None), both open and presenting ``creds``, for one
+        command's runs."""
+        tls = creds.ssl_context()
         async with contextlib.AsyncExitStack() as stack:
-            toucher = await stack.enter_async_context(self.make_toucher(ssl_context))
+            toucher = await stack.enter_async_context(self.make_toucher(tls, creds.token))
             tape = None
             if self.cfg.storage.stage != "never":
-                tape = await stack.enter_async_context(self.make_tape(ssl_context))
+                tape = await stack.enter_async_context(self.make_tape(tls, token=creds.token))
             yield toucher, tape
 
     # --- catalogs -------------------------------------------------------------------------
@@ -162,8 +171,9 @@ class Context:
                      probe: Optional[CatalogProbe] = None) -> Catalog:
         """The catalog ``kind`` (see ``catalog_kind``) for ``definition`` (or ``dims``).
 
-        A networked catalog (SAM web) is shown ``catalog_credentials(creds)``; ``probe`` hears
-        each of its requests. No I/O for the local catalog beyond finding the file.
+        A networked catalog (SAM web) is shown ``catalog_credentials(creds)`` and, with
+        ``catalog.samweb.use_token``, sent the bearer token; ``probe`` hears each of its
+        requests. No I/O for the local catalog beyond finding the file.
         """
         kind = self.catalog_kind(kind, dims=dims)
         if kind != "samweb":
@@ -176,8 +186,11 @@ class Context:
         else:
             ca_dir, _ = resolve_ca_dir(self.ca_dir, self.cfg.credentials.ca_dir)
             tls, identity = samweb_ssl_context(None, ca_dir), None
+        token = None
+        if self.cfg.catalog.samweb.use_token:
+            token = (shown or creds or self.load_credentials()).token
         catalog = open_catalog(kind, definition, self.cfg.catalog, ssl_context=tls, dims=dims,
-                               identity=identity)
+                               identity=identity, token=token)
         if probe is not None and hasattr(catalog, "on_request"):
             catalog.on_request = lambda result: probe(kind, result)
         return catalog

@@ -47,13 +47,12 @@ from prestaged.storage.tape import (
     TapeRestError,
     TapeUnreachable,
 )
+from prestaged.tokens import ScopeWarner, TokenSource
 
 if TYPE_CHECKING:
     import ssl
 
     import aiohttp
-
-    from prestaged.tokens import TokenSource
 
 __all__ = [
     "TapeAccess",
@@ -187,6 +186,9 @@ class TapeAccess:
         self._policy = policy
         self._on_stage = on_stage
         self._token = token
+        self.ready: Optional[Callable[[], Awaitable[None]]] = None
+        """Awaited before every Tape REST request (the daemon: until its credentials are
+        valid, so that an expired token pauses staging as it pauses touching)."""
         self._session: Optional[aiohttp.ClientSession] = None
         self._retired: list[aiohttp.ClientSession] = []
         self._client: Optional[TapeClient] = None
@@ -211,15 +213,24 @@ class TapeAccess:
         self._client = TapeClient(self._session, stage_batch=self.settings.batch,
                                   policy=self._policy, on_stage=self._on_stage,
                                   token=self._token)
+        self._client.ready = self.ready
         return self
 
-    def install(self, ssl_context: Optional[ssl.SSLContext]) -> None:
-        """Present ``ssl_context`` (renewed credentials) from now on: new requests, those of
-        stagers already running included, go through a new session; requests in flight end
-        on the old one, closed with the access."""
+    @property
+    def token(self) -> Optional[TokenSource]:
+        """The bearer token sent to the doors and their hosts' frontends (None: none)."""
+        return self._token
+
+    def install(self, ssl_context: Optional[ssl.SSLContext],
+                token: Optional[TokenSource] = None) -> None:
+        """Present ``ssl_context`` and send ``token`` (renewed credentials) from now on: new
+        requests, those of stagers already running included, go through a new session;
+        requests in flight end on the old one, closed with the access."""
         self._ssl = ssl_context
+        self._token = token
         if self._client is None:
             return
+        self._client.use_token(token)
         if self._session is not None:
             self._retired.append(self._session)
         self._session = self._client.session = self._new_session()
@@ -268,6 +279,8 @@ class TapeRouter:
         self._warned: set[str] = set()
         self._asked: set[str] = set()  # paths put in a stage request (counted once)
         self._ended = 0  # of those, how many landed or failed
+        token = access.token
+        self._stage_scopes = ScopeWarner(token, "storage.stage") if token is not None else None
 
     async def route(self, door: str, files: Sequence[tuple[FileRef, str]],
                     fresh: frozenset[str] = frozenset()) -> None:
@@ -342,6 +355,8 @@ class TapeRouter:
         if where is not Locality.TAPE:
             self._finish(_ended(ref, Result.FAILED, _UNREADABLE[where], info))
             return []
+        if self._stage_scopes is not None:
+            self._stage_scopes.see(uri, path)
         waiting = self._pending.setdefault(uri, {}).setdefault(path, [])
         waiting.append(ref)
         return [path] if len(waiting) == 1 else []

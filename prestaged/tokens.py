@@ -49,6 +49,7 @@ __all__ = [
     "read_token_file",
     "scope_covers",
     "token_locations",
+    "url_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,19 @@ def check_token(info: TokenInfo, min_lifetime: float, now: Optional[datetime] = 
         raise CredentialError(f"{info.where}: {_span(left)} left, less than "
                               f"credentials.token_min_lifetime ({_span(min_lifetime)}); "
                               f"{_RENEW_HINT}")
+
+
+def url_path(url: str) -> str:
+    """The path of ``scheme://host/path?query`` (percent-encoded as given), cheaply."""
+    start = url.find("/", url.find("://") + 3)
+    if start < 0:
+        return "/"
+    end = len(url)
+    for mark in ("?", "#"):
+        at = url.find(mark, start)
+        if 0 <= at < end:
+            end = at
+    return url[start:end]
 
 
 def _components(path: str) -> list[str]:

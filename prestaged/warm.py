@@ -49,6 +49,7 @@ from prestaged.locality import TapeAccess, TapeProbe, TapeRouter, TapeTally
 from prestaged.model import Attempt, Failure, FileRef, Outcome, Result, TapeInfo, redact
 from prestaged.pacing import Pace, Pacer
 from prestaged.retry import RetryPolicy, retry_reason
+from prestaged.tokens import ScopeWarner, TokenSource, url_path
 
 __all__ = [
     "MAX_FAILURES_KEPT",
@@ -141,6 +142,9 @@ class WarmSettings:
     credential_hint: str = ""
     """Names the credentials in breaker messages, e.g. ``proxy /tmp/x509up_u1000`` or a
     token's ``TokenInfo.describe()`` (where, issuer, subject, scopes)."""
+    token: Optional[TokenSource] = None
+    """The bearer token the toucher sends (for scope warnings: no ``storage.read`` scope can
+    cover a file's path); None: none."""
     sends_token: bool = False
     """The toucher sends a bearer token: 401/403 trip at ``breaker.token_denials`` rather than
     ``breaker.denials``."""
@@ -149,9 +153,9 @@ class WarmSettings:
 
     @classmethod
     def from_config(cls, cfg: Config, credential_hint: str = "",
-                    sends_token: bool = False) -> WarmSettings:
+                    token: Optional[TokenSource] = None) -> WarmSettings:
         """Settings from a loaded (and CLI-overridden) ``Config``; ``credential_hint`` and
-        ``sends_token`` as the fields."""
+        ``token`` as the fields (``sends_token`` when there is a token)."""
         r = cfg.retry
         return cls(
             concurrency=cfg.storage.concurrency,
@@ -161,7 +165,8 @@ class WarmSettings:
             retry=RetryPolicy(r.attempts, r.initial, r.max, r.jitter, r.total, r.max_retry_after),
             breaker=cfg.breaker,
             credential_hint=credential_hint,
-            sends_token=sends_token,
+            token=token,
+            sends_token=token is not None,
             allow_plain_http=cfg.storage.allow_plain_http,
         )
 
@@ -423,6 +428,8 @@ class _Run:
         )
         self.breakers = _Breakers(settings.breaker, settings.credential_hint,
                                   settings.sends_token)
+        self.read_scopes = (ScopeWarner(settings.token, "storage.read")
+                            if settings.token is not None else None)
         self.abort_error: Optional[PrestagedError] = None
         self.abort = asyncio.Event()
         self.throttlers: dict[str, Throttler] = {}
@@ -571,6 +578,8 @@ class _Run:
         if isinstance(url, Attempt):
             return _outcome(ref, url, 0, 0.0)
         endpoint = endpoint_of(url)
+        if self.read_scopes is not None:
+            self.read_scopes.see(endpoint, url_path(url))
         start = time.monotonic()
         tries = 0
         try:

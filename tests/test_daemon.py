@@ -151,6 +151,10 @@ async def test_expired_token_pauses_touching_until_a_fresh_one_appears(
             status, body = await d.http("GET", "/readyz")
             return status == 503 and f"token {bearer}" in json.dumps(body)
         await until("not ready on the expired token", not_ready)
+
+        async def paused() -> bool:
+            return "touching paused" in caplog.text
+        await until("touching paused", paused)
         _definition(tmp_path, storage, "held", 3)
         status, body = await d.http("POST", "/api/v1/warm", {"definition": "held"})
         assert status == 202, body

@@ -17,6 +17,7 @@ import pytest
 from prestaged.testing.dcache import DCacheConfig, Locality, ThreadedDCache
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import ThreadedStorageServer
+from prestaged.testing.tokens import BearerCheck, TokenIssuer, write_token
 from tests.cli_runner import CliResult, run_cli
 
 # Polls scaled down: the emulator's tape is fast, so a poll every 20-100 ms keeps tests short.
@@ -370,3 +371,69 @@ def test_a_campaign_submits_each_cold_tape_slice_once_all_of_it_is_on_disk(
             assert replica.on_disk and 0 < replica.atime <= float(started)
     assert sorted(submitted) == sorted(site.door_url(p) for p in paths)
     assert site.stats()["door_tape_gets"] == 0
+
+
+# --- with a bearer token (issue 14) --------------------------------------------------------------
+
+
+@pytest.fixture
+def token_site(pki: TestPKI) -> Iterator[tuple[ThreadedDCache, TokenIssuer]]:
+    """The dCache emulator checking bearer tokens (audience 127.0.0.1, scopes under /pnfs) and
+    taking no client certificate: a token is the only credential."""
+    issuer = TokenIssuer()
+    check = BearerCheck(issuer, ["https://127.0.0.1"], "/pnfs")
+    open_door = pki.server_ssl_context(require_client_cert=False)
+    with ThreadedDCache(open_door, pki.server_ssl_context(require_client_cert=False),
+                        DCacheConfig(drives=2, door_timeout=5.0), bearer=check) as srv:
+        yield srv, issuer
+
+
+def _warm_with_token(pki: TestPKI, tmp_path: Path, definition: Path, token: str,
+                     *args: str) -> CliResult:
+    """``prestaged warm --json`` with only a bearer token (no proxy anywhere)."""
+    path = write_token(tmp_path / "bt", token)
+    res = run_cli("warm", str(definition), "--token-file", str(path), "--auth", "token",
+                  "--ca-dir", str(pki.ca_dir), "--state", str(tmp_path / "state.db"),
+                  "--config", str(_config(tmp_path)), "--json", *args)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+def test_a_stage_token_alone_stages_and_touches_and_never_reaches_a_pool(
+    token_site: tuple[ThreadedDCache, TokenIssuer], pki: TestPKI, tmp_path: Path
+) -> None:
+    """A token with storage.read and storage.stage, no proxy: the cold dataset is staged and
+    touched as with a proxy; the door and the frontend saw the token, the pool never did
+    (gfal2 sends it on to the pool, see test_dcache_emulator), nothing was refused."""
+    site, issuer = token_site
+    paths = _mixed(site)
+    urls = [site.door_url(p) for group in paths.values() for p in group]
+    token = issuer.mint("storage.read:/ storage.stage:/", audience="https://127.0.0.1")
+    res = _warm_with_token(pki, tmp_path, _definition(tmp_path, urls), token, "-v")
+    doc = json.loads(res.stdout)
+    assert res.returncode == 1, res.stderr  # the unavailable and the unknown file
+    assert doc["counts"]["warm"] == 19 and doc["counts"]["staged"] == 12
+    stats = site.stats()
+    assert stats["token_requests"]["door"] >= 19 and stats["token_requests"]["frontend"] >= 4
+    assert stats["pool_authorization"] == 0 and not stats["auth_refusals"]
+    assert stats["door_tape_gets"] == 0
+    assert token not in res.stdout + res.stderr
+
+
+def test_a_read_only_token_touches_disk_files_and_cannot_stage(
+    token_site: tuple[ThreadedDCache, TokenIssuer], pki: TestPKI, tmp_path: Path
+) -> None:
+    """storage.read only: a warning names the missing storage.stage before staging; files on
+    disk are warm, tape-only ones fail with dCache's "Staging not allowed", none is door-GET."""
+    site, issuer = token_site
+    paths = _mixed(site)
+    urls = [site.door_url(p) for p in paths["disk"] + paths["tape"]]
+    token = issuer.mint("storage.read:/", audience="https://127.0.0.1")
+    res = _warm_with_token(pki, tmp_path, _definition(tmp_path, urls), token)
+    doc = json.loads(res.stdout)
+    assert doc["counts"]["warm"] == 4 and doc["counts"].get("staged", 0) == 0, res.stderr
+    assert "no storage.stage scope covers" in res.stderr
+    errors = {f["error"] for f in doc["failures"]}
+    assert errors and all("Staging not allowed" in e for e in errors), errors
+    assert len(doc["failures"]) == 12 and site.stats()["door_tape_gets"] == 0
+    assert token not in res.stdout + res.stderr

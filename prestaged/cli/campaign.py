@@ -145,7 +145,7 @@ def cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
     async def go() -> CampaignResult:
         stop = asyncio.Event()
         install_interrupt(stop)
-        async with ctx.storage(creds.ssl_context()) as (toucher, tape):
+        async with ctx.storage(creds) as (toucher, tape):
             return await run_campaign(
                 campaign, store, gate=ctx.gate(store, toucher, settings, stop=stop, tape=tape),
                 open_catalog=lambda d: ctx.open_catalog(kind, d, creds=catalog_creds),

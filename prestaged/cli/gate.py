@@ -88,7 +88,7 @@ def _gate(args: argparse.Namespace, cfg: Config) -> GateResult:
     async def gate() -> GateResult:
         stop = asyncio.Event()
         install_interrupt(stop)
-        async with ctx.storage(creds.ssl_context()) as (toucher, tape):
+        async with ctx.storage(creds) as (toucher, tape):
             return await wait_until_ready(catalog, settings, toucher, store,
                                           fresh_for=cfg.state.fresh_for, ready=ready,
                                           timeout=timeout, retry_initial=retry, stop=stop,

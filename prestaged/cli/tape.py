@@ -60,5 +60,5 @@ async def _release(ctx: Context, store: Store, kind: str, definition: str) -> Re
     if not pins:
         return ReleaseReport(kind, definition)
     creds = ctx.load_credentials()
-    async with ctx.make_tape(creds.ssl_context()) as tape:
+    async with ctx.make_tape(creds.ssl_context(), token=creds.token) as tape:
         return await release_pins(store, tape, kind, definition, pins)

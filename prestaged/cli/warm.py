@@ -132,7 +132,7 @@ async def _warm(catalog: Catalog, ctx: Context, creds: Credentials, *, bar: bool
     if not as_json and not quiet:
         progress.start()
     try:
-        async with ctx.storage(creds.ssl_context()) as (toucher, tape):
+        async with ctx.storage(creds) as (toucher, tape):
             report = await run_definition(catalog, ctx.warm_settings(creds), toucher, store=store,
                                           fresh_for=ctx.cfg.state.fresh_for, force=force,
                                           tally=tally, stop=stop, tape=tape)

@@ -22,6 +22,7 @@ import dataclasses
 import ipaddress
 import logging
 import signal
+import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from prestaged.service.sdnotify import Notifier
 from prestaged.service.toucher import SharedToucher
 from prestaged.service.watches import Watches
 from prestaged.state.store import Store
+from prestaged.storage.http import HttpToucher
 from prestaged.warm import WarmSettings
 
 if TYPE_CHECKING:
@@ -199,14 +201,15 @@ class Daemon:
             self._proxy_stamp = _stamp(self.credentials.proxy.path)
         # The pool is built by the context in force when credentials change (a reload may
         # have changed storage settings too); the budget is fixed at start.
-        toucher = self._touch = SharedToucher(lambda tls: self.ctx.make_toucher(tls),  # noqa: PLW0108
-                                              cfg.storage.concurrency,
+        toucher = self._touch = SharedToucher(self._make_toucher, cfg.storage.concurrency,
                                               expired=self._token_expired)
         await toucher.install(self.credentials.ssl_context())
         # One Tape REST access for the daemon's life: its discovery answers are kept
         # storage.discovery_ttl across runs; renewed credentials are installed in it too.
-        self._tape = await self.ctx.make_tape(self.credentials.ssl_context(),
-                                              on_stage=self.metrics.stage_request).__aenter__()
+        tape = self.ctx.make_tape(self.credentials.ssl_context(), token=self.credentials.token,
+                                  on_stage=self.metrics.stage_request)
+        tape.ready = toucher.usable  # an expired token pauses staging too
+        self._tape = await tape.__aenter__()
         self._credentials_changed()
         runs = Runs(store, toucher, self.metrics, settings=self._settings, tape=self._tape_now,
                     fresh_for=lambda: self.cfg.state.fresh_for, draining=self._draining,
@@ -381,7 +384,13 @@ class Daemon:
             self._proxy_stamp = _stamp(creds.proxy.path)
         await self._touch.install(tls)
         if self._tape is not None:
-            self._tape.install(tls)
+            self._tape.install(tls, creds.token)
+
+    def _make_toucher(self, tls: ssl.SSLContext) -> HttpToucher:
+        """A pool of the context in force (a reload may have changed storage settings) sending
+        the token of the credentials in force."""
+        token = self.credentials.token if self.credentials is not None else None
+        return self.ctx.make_toucher(tls, token)
 
     def _token_expired(self) -> bool:
         """Whether the token is expired now (the shared toucher asks before each touch); the

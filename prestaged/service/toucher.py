@@ -48,16 +48,21 @@ class SharedToucher:
             self._users.pop(id(t), None)
             await t.close()
 
+    async def usable(self) -> None:
+        """Return once the credentials are valid: at once, or when the daemon sets ``valid``
+        again (the Tape REST requests of the daemon's runs wait here too)."""
+        await self.valid.wait()
+        while self._expired is not None and self._expired():
+            self.valid.clear()
+            await self.valid.wait()
+
     async def touch(self, url: str) -> Attempt:
         """One attempt, within the shared budget, once the credentials are valid.
 
         ``expired`` (the bearer token's, looked at before each touch) clears ``valid`` the
         moment it turns true, so no touch goes out with an expired token while the daemon's
         credential watch has not looked yet; the watch sets ``valid`` again on renewal."""
-        await self.valid.wait()
-        while self._expired is not None and self._expired():
-            self.valid.clear()
-            await self.valid.wait()
+        await self.usable()
         async with self._budget:
             t = self._current
             assert t is not None

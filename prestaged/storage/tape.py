@@ -196,9 +196,15 @@ class TapeClient:
         self._sleep = sleep
         self._on_stage = on_stage
         self._token = token
+        self.ready: Optional[Callable[[], Awaitable[None]]] = None
+        """Awaited before every request (the daemon: until its credentials are valid)."""
         self._hosts: set[str] = set()
         """Hosts the token may go to: those of the doors (see the module)."""
         self._warned: set[str] = set()
+
+    def use_token(self, token: Optional[TokenSource]) -> None:
+        """Send ``token`` from now on (a renewal the daemon found on reload); None: none."""
+        self._token = token
 
     def allow(self, door: str) -> None:
         """Let the token go to ``door``'s host (an ``https`` URL of the storage: a door, or a
@@ -340,6 +346,8 @@ class TapeClient:
         while True:
             tries += 1
             retry_after: Optional[float] = None
+            if self.ready is not None:
+                await self.ready()
             auth = self._authorization(url)
             headers = None if auth is None else {"Authorization": auth}
             try:
