@@ -291,6 +291,19 @@ def endpoint_of(url: str) -> str:
     return endpoint if at < 0 else endpoint[: start + 3] + endpoint[at + 1 :]
 
 
+_PLAIN_REASONS = frozenset({"", "unauthorized", "forbidden"})
+
+
+def _status_reason(attempt: Attempt) -> str:
+    """The reason phrase of a refusal when it says more than the status does (dCache puts why
+    a token was refused there: "HTTP 401 Token expired"), else ""."""
+    prefix = f"HTTP {attempt.status}"
+    if not attempt.error.startswith(prefix):
+        return ""
+    reason = attempt.error[len(prefix):].strip()
+    return "" if reason.lower() in _PLAIN_REASONS else reason
+
+
 class _Breakers:
     """Consecutive-failure counters per endpoint; a trip becomes the run's abort error.
 
@@ -369,7 +382,8 @@ class _Breakers:
         return None
 
     def _denied(self, endpoint: str, attempt: Attempt) -> CredentialError:
-        said = f"; the server says: {attempt.auth_error}" if attempt.auth_error else ""
+        why = attempt.auth_error or _status_reason(attempt)
+        said = f"; the server says: {why}" if why else ""
         if not self.token:
             return CredentialError(
                 f"{endpoint} denied {self.denials[endpoint]} files in a row "

@@ -437,3 +437,25 @@ def test_a_read_only_token_touches_disk_files_and_cannot_stage(
     assert errors and all("Staging not allowed" in e for e in errors), errors
     assert len(doc["failures"]) == 12 and site.stats()["door_tape_gets"] == 0
     assert token not in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("stage", ["auto", "never"])
+def test_a_token_dcache_rejects_stops_the_run_before_dcache_blocks_us(
+    token_site: tuple[ThreadedDCache, TokenIssuer], pki: TestPKI, tmp_path: Path, stage: str
+) -> None:
+    """A token for another audience: exit 3 naming the token and quoting dCache's reason, and
+    fewer than dCache's 3 authorisation errors (auto: the discovery's 401 alone; never: the
+    breaker's 3 touches, then nothing), so the client is never blocked (no 429)."""
+    site, issuer = token_site
+    paths = _mixed(site)
+    urls = [site.door_url(p) for p in paths["disk"]]
+    token = issuer.mint("storage.read:/", audience="https://elsewhere")
+    res = _warm_with_token(pki, tmp_path, _definition(tmp_path, urls), token, "-q",
+                           "--stage", stage)
+    assert res.returncode == 3, res.stderr
+    [line] = [ln for ln in res.stderr.splitlines() if ln.startswith("prestaged: error:")]
+    assert "wrong audience" in line and "scopes storage.read:/" in line
+    stats = site.stats()
+    assert stats["auth_refusals"] == {"door:401": 1 if stage == "auto" else 3}
+    assert not any(stats["blocked"].values())
+    assert token not in res.stdout + res.stderr

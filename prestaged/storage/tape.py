@@ -82,6 +82,7 @@ STAGE_RESULTS = ("accepted", "too_large", "throttled", "refused")
 
 
 _NO_DISCOVERY = (401, 403, 404, 405)
+_NO_DISCOVERY_WITH_TOKEN = (403, 404, 405)
 """Answers to the discovery GET that mean "no Tape REST API published here"."""
 
 
@@ -238,7 +239,11 @@ class TapeClient:
         retried: the touches of its files will tell why, breakers included)."""
         url = door.rstrip("/") + DISCOVERY_PATH
         self.allow(door)
-        status, doc = await self._call("GET", url, None, allow=_NO_DISCOVERY, reconnect=False)
+        # dCache serves the document to anyone but answers 401 to a token it cannot verify:
+        # with a token sent, 401 is that token refused (exit 3), not "no API here" (and each
+        # further 401 would count toward dCache's block of the client).
+        allow = _NO_DISCOVERY if self._token is None else _NO_DISCOVERY_WITH_TOKEN
+        status, doc = await self._call("GET", url, None, allow=allow, reconnect=False)
         if status in _NO_DISCOVERY:
             log.debug("%s: %d, so no Tape REST API there", url, status)
             return None
@@ -362,7 +367,9 @@ class TapeClient:
                     if 200 <= status < 300:
                         return status, _json(url, text)
                     if status in (401, 403):
-                        raise self._refused(url, status, text, auth is not None,
+                        # dCache puts its reason in the status line, with an empty body.
+                        raise self._refused(url, status, text or (resp.reason or ""),
+                                            auth is not None,
                                             resp.headers.getall("WWW-Authenticate", ()))
                     if status not in (429, 503):
                         raise TapeRestError(f"{url}: {status} {_problem(text)}")
@@ -395,6 +402,9 @@ class TapeClient:
             return CredentialError(
                 f"{url}: the Tape REST API refused us ({why}); the bearer token was not sent "
                 "there: it is not on the host of a storage door we asked")
+        if url.endswith(DISCOVERY_PATH):
+            return CredentialError(f"{url}: the storage refused {token} ({why}); check the "
+                                   "token's audience, issuer and lifetime")
         return CredentialError(f"{url}: the Tape REST API refused {token} ({why}); staging needs "
                                "storage.stage covering the files' paths")
 
