@@ -222,8 +222,9 @@ class Slot:
         self._pacer._release(self._ep)
 
     def contact(self, status: Optional[int], refused: bool) -> None:
-        """First contact (when ``gated``): any outcome but 401/403 (``status``) or ``refused``
-        (a connection the endpoint refused, as the engine's breakers count it) opens the
+        """First contact (when ``gated``; after ``answered``, so that a 503 has cut the limit
+        before waiters enter): any outcome but 401/403 (``status``) or ``refused`` (a
+        connection the endpoint refused, as the engine's breakers count it) opens the
         endpoint's gate."""
         ep = self._ep
         if ep.gated and not refused and status not in REFUSALS:

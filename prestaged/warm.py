@@ -563,9 +563,9 @@ class _Run:
                 # its last refusal): send nothing more; warm() is about to cancel us.
                 await self._stopped()
             attempt = await self._touch(url, endpoint)
+            slot.answered(attempt.status)  # first: a 503 cuts the limit before the gate opens
             if slot.gated:
                 slot.contact(attempt.status, self.breakers.refused(endpoint, attempt))
-            slot.answered(attempt.status)
         return attempt
 
     @staticmethod

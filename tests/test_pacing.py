@@ -165,6 +165,41 @@ async def test_waiters_enter_in_order_only_below_a_cut_limit() -> None:
     assert entered == [0, 1, 2] and pacer.in_flight(EP) == 0
 
 
+@pytest.mark.parametrize(("status", "refused", "admitted"), [
+    (403, False, 1), (401, False, 1), (None, True, 1),  # refusals: still one at a time
+    (206, False, 4), (404, False, 4), (None, False, 4),  # accepted (or a timeout): the limit
+    (503, False, 2),  # accepted, and the 503 halves the limit
+])
+async def test_first_contact_gate_admits_one_until_the_endpoint_accepts_us(
+    status: int | None, refused: bool, admitted: int
+) -> None:
+    """gate=True: one attempt at a time until an outcome other than 401/403 or a refused
+    connection; then the waiters enter at once, up to the limit. A Pacer without the gate
+    (the default) admits the limit from the start."""
+    pacer = Pacer(4, gate=True)
+    entered: list[int] = []
+
+    async def attempt(n: int) -> None:
+        async with pacer.slot(EP):
+            entered.append(n)
+            await asyncio.Event().wait()
+
+    async with pacer.slot(EP) as first:
+        assert first.gated
+        tasks = [asyncio.ensure_future(attempt(n)) for n in range(5)]
+        await _settle()
+        assert entered == [] and pacer.in_flight(EP) == 1
+        first.answered(status)
+        first.contact(status, refused)
+    await _settle()
+    assert entered == list(range(admitted))
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    async with Pacer(4).slot(EP) as ungated:
+        assert not ungated.gated
+
+
 async def test_cancelled_attempts_give_their_slot_back() -> None:
     """Cancelled inside the slot, while waiting, or granted a slot but cancelled before
     resuming: each time the slot is free again and the next waiter gets it."""
