@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterable
+import ssl
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import pytest
 from aiohttp import web
@@ -24,6 +25,7 @@ from prestaged.model import Attempt, Failure, FileRef
 from prestaged.net import bearer_error
 from prestaged.retry import RetryPolicy
 from prestaged.storage.http import HttpToucher
+from prestaged.testing.pki import TestPKI
 from prestaged.testing.tokens import TokenIssuer, write_token
 from prestaged.tokens import FoundToken, TokenSource
 from prestaged.warm import RunReport, WarmSettings, warm
@@ -31,24 +33,32 @@ from prestaged.warm import RunReport, WarmSettings, warm
 NO_RETRY = RetryPolicy(attempts=1, initial=0.0, max=0.0, jitter=0.0, total=30.0)
 BODY = b"\x00\x01\x02\x03"
 CONTENT_RANGE = "bytes 0-3/1000"
-Serve = Callable[[web.Application], Awaitable[int]]
+class Serve:
+    """Starts aiohttp apps on 127.0.0.1 over TLS (the test CA's host certificate, no client
+    certificate asked: a token never goes in clear); ``client`` is the SSL context that
+    trusts them."""
 
+    def __init__(self, pki: TestPKI) -> None:
+        self.tls = pki.server_ssl_context(require_client_cert=False)
+        self.client = ssl.create_default_context(capath=str(pki.ca_dir))
+        self.runners: list[web.AppRunner] = []
 
-@pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
-    """Start an aiohttp app on 127.0.0.1 (plain HTTP) and give its port; stopped after."""
-    runners: list[web.AppRunner] = []
-
-    async def start(app: web.Application) -> int:
+    async def __call__(self, app: web.Application) -> int:
+        """Start ``app``; its port."""
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        self.runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.tls)
         await site.start()
         return int(runner.addresses[0][1])
 
-    yield start
-    for runner in runners:
+
+@pytest.fixture
+async def serve(pki: TestPKI) -> AsyncIterator[Serve]:
+    """A ``Serve``; its apps stopped after the test."""
+    server = Serve(pki)
+    yield server
+    for runner in server.runners:
         await runner.cleanup()
 
 
@@ -86,7 +96,7 @@ async def _door_and_pool(serve: Serve, seen: Seen, *, back_to_door: bool = False
         seen.pool.append(request.headers.get("Authorization"))
         if back_to_door:
             name = request.match_info["name"]
-            raise web.HTTPFound(f"http://127.0.0.1:{door_port}/data/{name}")
+            raise web.HTTPFound(f"https://127.0.0.1:{door_port}/data/{name}")
         return _partial()
 
     pool_app = web.Application()
@@ -98,7 +108,7 @@ async def _door_and_pool(serve: Serve, seen: Seen, *, back_to_door: bool = False
         if back_to_door and seen.pool:  # the pool sent us back: serve it here
             return _partial()
         name = request.match_info["name"]
-        raise web.HTTPFound(f"http://127.0.0.1:{pool_port}/pool/{name}?uuid=0f3a")
+        raise web.HTTPFound(f"https://127.0.0.1:{pool_port}/pool/{name}?uuid=0f3a")
 
     async def same(request: web.Request) -> web.StreamResponse:
         seen.door.append(request.headers.get("Authorization"))
@@ -125,11 +135,11 @@ async def test_the_door_gets_the_token_and_a_pool_on_another_port_never(
     port = await _door_and_pool(serve, seen)
     first, second = issuer.mint(), issuer.mint(subject="renewed")
     token = _source(tmp_path / "bt_u1000", first)
-    async with HttpToucher(None, fast_path=fast_path, token=token) as toucher:
-        assert await toucher.touch(f"http://127.0.0.1:{port}/data/a") == WARM
-        assert await toucher.touch(f"http://127.0.0.1:{port}/data/b") == WARM
+    async with HttpToucher(serve.client, fast_path=fast_path, token=token) as toucher:
+        assert await toucher.touch(f"https://127.0.0.1:{port}/data/a") == WARM
+        assert await toucher.touch(f"https://127.0.0.1:{port}/data/b") == WARM
         write_token(tmp_path / "bt_u1000", second)
-        assert await toucher.touch(f"http://127.0.0.1:{port}/data/c") == WARM
+        assert await toucher.touch(f"https://127.0.0.1:{port}/data/c") == WARM
         stats = toucher.fast_path_stats
     assert seen.door == [f"Bearer {first}", f"Bearer {first}", f"Bearer {second}"]
     assert seen.pool == [None, None, None]
@@ -146,9 +156,9 @@ async def test_a_same_origin_redirect_keeps_the_token(
     seen = Seen()
     port = await _door_and_pool(serve, seen)
     text = issuer.mint()
-    async with HttpToucher(None, fast_path=fast_path,
+    async with HttpToucher(serve.client, fast_path=fast_path,
                            token=_source(tmp_path / "bt", text)) as toucher:
-        assert await toucher.touch(f"http://127.0.0.1:{port}/same/a") == WARM
+        assert await toucher.touch(f"https://127.0.0.1:{port}/same/a") == WARM
     assert seen.door == [f"Bearer {text}", f"Bearer {text}"]
     assert seen.pool == [None]
 
@@ -162,9 +172,9 @@ async def test_once_off_the_origin_the_token_is_not_sent_even_back_there(
     seen = Seen()
     port = await _door_and_pool(serve, seen, back_to_door=True)
     text = issuer.mint()
-    async with HttpToucher(None, fast_path=fast_path,
+    async with HttpToucher(serve.client, fast_path=fast_path,
                            token=_source(tmp_path / "bt", text)) as toucher:
-        assert await toucher.touch(f"http://127.0.0.1:{port}/data/a") == WARM
+        assert await toucher.touch(f"https://127.0.0.1:{port}/data/a") == WARM
     assert seen.door == [f"Bearer {text}", None]
     assert seen.pool == [None]
 
@@ -174,8 +184,8 @@ async def test_without_a_token_no_authorization_is_sent(serve: Serve, fast_path:
     """A toucher without a token sends no Authorization header anywhere (proxy-only runs)."""
     seen = Seen()
     port = await _door_and_pool(serve, seen)
-    async with HttpToucher(None, fast_path=fast_path) as toucher:
-        assert await toucher.touch(f"http://127.0.0.1:{port}/data/a") == WARM
+    async with HttpToucher(serve.client, fast_path=fast_path) as toucher:
+        assert await toucher.touch(f"https://127.0.0.1:{port}/data/a") == WARM
     assert seen.door == [None] and seen.pool == [None]
 
 
@@ -205,13 +215,13 @@ async def _files(urls: Iterable[str]) -> AsyncIterator[FileRef]:
 
 
 def _urls(port: int, n: int) -> list[str]:
-    return [f"http://127.0.0.1:{port}/data/f{i:04d}" for i in range(n)]
+    return [f"https://127.0.0.1:{port}/data/f{i:04d}" for i in range(n)]
 
 
 async def _warm(toucher: HttpToucher, urls: list[str], *, token: Optional[TokenSource],
                 breaker: Optional[BreakerConfig] = None) -> RunReport:
     settings = WarmSettings(concurrency=32, retry=NO_RETRY, breaker=breaker or BreakerConfig(),
-                            allow_plain_http=True, sends_token=token is not None,
+                            sends_token=token is not None,
                             credential_hint=token.info.describe() if token else "")
     return await warm(_files(urls), settings, toucher)
 
@@ -226,10 +236,10 @@ async def test_an_expired_token_sends_nothing_and_fails_the_touch(
     path = tmp_path / "bt"
     token = _source(path, issuer.mint())
     expired = issuer.mint(lifetime=-30)
-    async with HttpToucher(None, fast_path=fast_path, token=token) as toucher:
-        assert await toucher.touch(f"http://127.0.0.1:{port}/data/a") == WARM
+    async with HttpToucher(serve.client, fast_path=fast_path, token=token) as toucher:
+        assert await toucher.touch(f"https://127.0.0.1:{port}/data/a") == WARM
         write_token(path, expired)
-        attempt = await toucher.touch(f"http://127.0.0.1:{port}/data/b")
+        attempt = await toucher.touch(f"https://127.0.0.1:{port}/data/b")
     assert attempt.failure is Failure.CREDENTIAL and attempt.status is None
     assert "expired at" in attempt.error and str(path) in attempt.error
     assert expired not in attempt.error and expired.split(".")[2] not in attempt.error
@@ -244,7 +254,7 @@ async def test_a_token_expiring_mid_run_stops_it_with_exit_3(
     port, seen = await _counting(serve)
     expired = issuer.mint(lifetime=-30)
     token = TokenSource(FoundToken(expired, "$BEARER_TOKEN", None))
-    async with HttpToucher(None, token=token) as toucher:
+    async with HttpToucher(serve.client, token=token) as toucher:
         report = await _warm(toucher, _urls(port, 200), token=token)
     assert report.aborted is not None and report.exit_code == 3
     assert "token from $BEARER_TOKEN: expired at" in str(report.aborted)
@@ -275,7 +285,7 @@ async def test_a_refused_token_reaches_the_endpoint_at_most_token_denials_times(
     port, seen = await _counting(serve, status, headers)
     text = issuer.mint("storage.create:/dune", subject="alice")
     token = _source(tmp_path / "bt", text)
-    async with HttpToucher(None, fast_path=fast_path, token=token) as toucher:
+    async with HttpToucher(serve.client, fast_path=fast_path, token=token) as toucher:
         report = await _warm(toucher, _urls(port, 300), token=token)
     message = str(report.aborted)
     assert report.exit_code == 3 and len(seen) == 3 == BreakerConfig().token_denials
@@ -298,7 +308,7 @@ async def test_a_proxy_run_refused_sends_at_most_breaker_denials(
     first-contact gate holds the requests reaching a refusing endpoint to exactly that."""
     port, seen = await _counting(serve, 403)
     breaker = BreakerConfig(denials=5)
-    async with HttpToucher(None, fast_path=fast_path) as toucher:
+    async with HttpToucher(serve.client, fast_path=fast_path) as toucher:
         report = await _warm(toucher, _urls(port, 300), token=None, breaker=breaker)
     assert report.exit_code == 3 and len(seen) == 5
     assert "denied 5 files in a row (HTTP 403)" in str(report.aborted)
@@ -329,7 +339,7 @@ async def test_the_gate_opens_at_the_first_accepted_answer(
     app.router.add_get("/{tail:.*}", handle)
     port = await serve(app)
     token = _source(tmp_path / "bt", issuer.mint())
-    async with HttpToucher(None, token=token) as toucher:
+    async with HttpToucher(serve.client, token=token) as toucher:
         report = await _warm(toucher, _urls(port, 40), token=token)
     assert report.exit_code == 0 and in_flight[1] >= 8
 
@@ -351,3 +361,30 @@ def test_bearer_error_reads_the_challenge_safely() -> None:
         "bad token [redacted]"
     assert len(bearer_error('Bearer error="' + "x " * 5000 + '"')) <= 160
     assert bearer_error(" " * 5000 + 'Bearer error="late"') == ""
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "aiohttp"])
+async def test_a_plain_http_url_never_gets_the_token(
+    issuer: TokenIssuer, tmp_path: Path, fast_path: bool
+) -> None:
+    """storage.allow_plain_http lets an http:// URL through, but the token is not sent in
+    clear: the server sees no Authorization header."""
+    seen: list[Optional[str]] = []
+
+    async def data(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Authorization"))
+        return _partial()
+
+    app = web.Application()
+    app.router.add_get("/data/{name}", data)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = int(runner.addresses[0][1])
+        token = _source(tmp_path / "bt", issuer.mint())
+        async with HttpToucher(None, fast_path=fast_path, token=token) as toucher:
+            assert await toucher.touch(f"http://127.0.0.1:{port}/data/a") == WARM
+    finally:
+        await runner.cleanup()
+    assert seen == [None]

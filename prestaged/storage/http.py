@@ -25,12 +25,13 @@ aiohttp raises about one URL is that URL's failed ``Attempt``, never an exceptio
 
 With a bearer token (``token``), each touch asks it for the ``Authorization`` value when it
 starts (so a renewed token file is used by the touches that start after), and sends it to the
-file's URL only: a redirect target of another origin (scheme, host or port) never gets it, nor
-does any later hop, as aiohttp itself drops ``Authorization`` on a cross-origin redirect (a dCache
-pool is authorised by the one-time URL of the redirect). The fast path's one-shot hops never
-carry it; a redirect to the same origin is followed by the aiohttp path, which sends it. A
-token that cannot be used now (expired, not yet valid) sends nothing: the touch is a
-``Failure.CREDENTIAL`` attempt carrying the ``CredentialError``'s text.
+file's URL only, and over https only (a plain-http URL goes without it). A redirect target of
+another origin (scheme, host or port) never gets it, nor does any later hop, as aiohttp itself
+drops ``Authorization`` on a cross-origin redirect (a dCache pool is authorised by the one-time
+URL of the redirect). The fast path's one-shot hops never carry it; a redirect to the same
+origin is followed by the aiohttp path, which sends it. A token that cannot be used now
+(expired, not yet valid) sends nothing: the touch is a ``Failure.CREDENTIAL`` attempt carrying
+the ``CredentialError``'s text.
 
 This module does one attempt; retries, breakers and throttling live in ``prestaged.warm``.
 """
@@ -264,7 +265,8 @@ class HttpToucher:
         if not self._started:
             raise RuntimeError("HttpToucher.start() was not called")
         auth: Optional[str] = None
-        if self._token is not None:
+        # Never in clear: a plain-http URL (storage.allow_plain_http) goes without the token.
+        if self._token is not None and url.startswith("https://"):
             try:
                 auth = self._token.authorization()
             except CredentialError as e:
