@@ -158,18 +158,18 @@ def test_a_token_renewed_mid_run_is_used_by_later_requests(
     ends with every file warm, though the first token expired while it ran (an expired token is
     never sent: without the renewal the run would stop with exit 3)."""
     server = xrootd_token_only_server
-    first_life = 4.0
+    first_life = 2.5
     first = server.mint(lifetime=first_life)
     expires = time.time() + first_life
     path = write_token(tmp_path / "bt", first)
     config = tmp_path / "prestaged.toml"
     config.write_text('[credentials]\ntoken_min_lifetime = "1s"\n')
-    urls = server.urls()[:150]
+    urls = server.urls()[:200]
     mark = server.log_mark()
     proc = subprocess.Popen(
         entry_point("warm", str(_definition(tmp_path, urls)), "--token-file", str(path),
                     "--ca-dir", str(pki.ca_dir), "--json", "--config", str(config),
-                    "--rate", "25", "--no-state"),
+                    "--rate", "50", "--no-state"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=subprocess_env({"HOME": str(tmp_path)}))
     try:
