@@ -19,6 +19,7 @@ from prestaged.testing.metacat import (
     QUERY,
     ThreadedMetaCatServer,
 )
+from prestaged.testing.pki import TestPKI
 
 N_FILES = 3000
 TIERS = ("raw", "reco", "pandora")
@@ -244,3 +245,33 @@ def test_open_server_ignores_tokens(client: Callable[..., Any]) -> None:
         assert client(s.base_url, token=_jwt("anyone")).get_dataset("dune:a")["file_count"] == 3
         assert client(s.base_url).get_dataset("dune:a")["file_count"] == 3
         assert (s.stats.auth_refusals, s.stats.token_requests) == (0, 1)
+
+
+def test_file_in_two_datasets_keeps_one_fid(client: Callable[..., Any]) -> None:
+    """A file declared in two datasets is one MetaCat file: the same fid in both listings."""
+    files = _files(20)
+    with ThreadedMetaCatServer(datasets={"dune:all": files, "dune:some": files[5:10]}) as s:
+        c = client(s.base_url)
+        fids = {f["name"]: f["fid"] for f in c.get_dataset_files("dune:all")}
+        some = {f["name"]: f["fid"] for f in c.get_dataset_files("dune:some")}
+    assert len(set(fids.values())) == 20
+    assert some == {name: fids[name] for name in some} and len(some) == 5
+
+
+def test_bad_default_namespace_is_refused(webapi: Any, emulator: ThreadedMetaCatServer,
+                                          client: Callable[..., Any]) -> None:
+    """query(namespace=) outside the server's safe characters is a 400 BadRequestError."""
+    with pytest.raises(webapi.BadRequestError, match="Invalid value for namespace"):
+        list(client(emulator.base_url).query("files from np04_raw", namespace="du ne"))
+
+
+def test_over_https_with_the_test_ca(pki: TestPKI, client: Callable[..., Any],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given an SSL context the emulator serves HTTPS (as DUNE's MetaCat does), and the real
+    client verifies it against the CA named by REQUESTS_CA_BUNDLE."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pki.ca_cert))
+    ctx = pki.server_ssl_context(require_client_cert=False)
+    with ThreadedMetaCatServer(datasets={"dune:a": _files(30)}, ssl_context=ctx) as s:
+        assert s.base_url.startswith("https://127.0.0.1:")
+        got = list(client(s.base_url).query("files from dune:a", batch_size=7))
+    assert [f["name"] for f in got] == [f["name"] for f in _files(30)]

@@ -376,7 +376,7 @@ class MetaCatServer:
         self.stats = MetaCatStats()
         self._datasets: dict[str, list[MetaCatFile]] = {}
         self._created: dict[str, float] = {}
-        self._files = 0
+        self._files: dict[tuple[str, str], MetaCatFile] = {}
         self._results: OrderedDict[Query, list[MetaCatFile]] = OrderedDict()
         self._runner: Optional[web.AppRunner] = None
         self._port: Optional[int] = None
@@ -386,18 +386,23 @@ class MetaCatServer:
     # --- content (call on the server's loop, or through the threaded wrapper)
 
     def add_dataset(self, did: str, files: Iterable[Any]) -> None:
-        """Create (or replace) dataset ``did`` (``"ns:name"``) holding ``files``; a file without
-        a fid or creation time gets the next ones."""
+        """Create (or replace) dataset ``did`` (``"ns:name"``) holding ``files``. A file without
+        a fid or creation time keeps those it got in another dataset, else gets the next ones."""
         if ":" not in did:
             raise ValueError(f"dataset {did!r}: expected namespace:name")
         members = []
         for obj in files:
             f = MetaCatFile.from_obj(obj)
-            self._files += 1
+            known = self._files.get((f.namespace, f.name))
             if not f.fid or not f.created_timestamp:
+                # A file already declared (in another dataset) keeps its fid and age, as one
+                # MetaCat file belongs to many datasets.
+                number = len(self._files) + 1
                 f = MetaCatFile(
-                    f.namespace, f.name, f.fid or f"{self._files:016x}", f.size, f.metadata,
-                    f.checksums, f.created_timestamp or _BASE_TIME + self._files)
+                    f.namespace, f.name, f.fid or (known.fid if known else f"{number:016x}"),
+                    f.size, f.metadata, f.checksums, f.created_timestamp or (
+                        known.created_timestamp if known else _BASE_TIME + number))
+            self._files[(f.namespace, f.name)] = f
             members.append(f)
         self._datasets[did] = members
         self._created[did] = time.time()
@@ -527,8 +532,11 @@ class MetaCatServer:
         self.stats.queries.append(text)
         if not text.strip():
             return web.Response(text="[]", content_type="application/json")
+        namespace = request.query.get("namespace") or None
+        if namespace is not None and not _SAFE_NAME.fullmatch(namespace):
+            return _text(400, f"Invalid value for namespace: {namespace}")
         try:
-            q = parse_mql(text, request.query.get("namespace") or None)
+            q = parse_mql(text, namespace)
         except MQLSyntaxError as e:
             return _text(400, f"MQLSyntaxError: {e}")
         with_meta = request.query.get("with_meta", "no") == "yes"
