@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import http.client
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,3 +279,36 @@ def test_over_https_with_the_test_ca(pki: TestPKI, client: Callable[..., Any],
         assert s.base_url.startswith("https://127.0.0.1:")
         got = list(client(s.base_url).query("files from dune:a", batch_size=7))
     assert [f["name"] for f in got] == [f["name"] for f in _files(30)]
+
+
+def test_process_serves_datasets_and_writes_stats_on_sigterm(
+        client: Callable[..., Any], tmp_path: Path) -> None:
+    """``python -m prestaged.testing.metacat`` prints its base URL once listening, serves a
+    datasets file and generated datasets to the real client behind the token in its token
+    file, and on SIGTERM exits 0 writing statistics that count exactly those requests."""
+    token = _jwt("bench")
+    (tmp_path / "token").write_text(token + "\n")
+    (tmp_path / "datasets.json").write_text(json.dumps({"datasets": {"dune:small": _files(5)}}))
+    stats = tmp_path / "stats.json"
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prestaged.testing.metacat", "--datasets",
+         str(tmp_path / "datasets.json"), "--synthetic", "dune:gen=250", "--token-file",
+         str(tmp_path / "token"), "--stats-file", str(stats)],
+        stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())  # blocks until listening
+        assert info["pid"] == proc.pid and info["base_url"].startswith("http://127.0.0.1:")
+        c = client(info["base_url"], token=token)
+        assert c.get_dataset("dune:small")["file_count"] == 5
+        gen = list(c.query("files from dune:gen where core.runs = 1001", batch_size=40))
+        assert [f["name"] for f in gen] == [f"gen_{i:07d}.root" for i in range(100, 200)]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert proc.returncode == 0
+    doc = json.loads(stats.read_text())
+    assert doc["requests"] == {DATASET: 1, QUERY: 3} and doc["auth_refusals"] == 0

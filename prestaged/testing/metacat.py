@@ -38,25 +38,40 @@ plays a deployment that does: a request without ``X-Authentication-Token: <token
 ``Authorization: Bearer <token>``) is answered 401 before it is served.
 
 Every request is counted per endpoint (``stats.requests``), every MQL text kept
-(``stats.queries``). ``ThreadedMetaCatServer`` runs it in a thread for synchronous clients.
-Not for production: everything is kept in memory.
+(``stats.queries``). ``ThreadedMetaCatServer`` runs it in a thread for synchronous clients;
+``python -m prestaged.testing.metacat --datasets FILE`` (or ``--synthetic ns:name=COUNT``) runs it
+as a process. Datasets files are JSON or TOML: ``{"datasets": {"ns:name": [{"namespace": "ns",
+"name": "a.root", "size": 1, "metadata": {"core.runs": 5}}, ...]}}``. Not for production:
+everything is kept in memory.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import hashlib
 import json
+import os
 import re
+import signal
 import ssl
+import sys
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from aiohttp import web
 
+from prestaged.testing.pki import load_or_create_pki
 from prestaged.testing.threaded import ThreadedServer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.9/3.10 only
+    import tomli as tomllib
 
 __all__ = [
     "DATASET",
@@ -69,7 +84,10 @@ __all__ = [
     "MetaCatServer",
     "MetaCatStats",
     "ThreadedMetaCatServer",
+    "load_datasets",
+    "main",
     "parse_mql",
+    "synthetic_files",
 ]
 
 DATASET = "dataset"
@@ -618,3 +636,87 @@ class ThreadedMetaCatServer(ThreadedServer[MetaCatServer]):
     def reset_stats(self) -> None:
         """See ``MetaCatServer.reset_stats``."""
         self._call(self.server.reset_stats)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def load_datasets(path: Path) -> dict[str, list[Any]]:
+    """Read a datasets file (JSON, or TOML by suffix): ``{"datasets": {"ns:name": [files]}}``."""
+    raw = path.read_bytes()
+    doc = tomllib.loads(raw.decode()) if path.suffix == ".toml" else json.loads(raw)
+    if not isinstance(doc, dict) or not isinstance(doc.get("datasets"), dict):
+        raise ValueError(f"{path}: expected an object with a 'datasets' object")
+    return {str(k): list(v) for k, v in doc["datasets"].items()}
+
+
+def synthetic_files(did: str, count: int) -> list[MetaCatFile]:
+    """``count`` files for dataset ``did``: ``<name>_<i>.root`` in its namespace, 1 MiB each,
+    metadata ``core.runs`` (one run per 100 files), ``core.data_tier`` ``raw`` and
+    ``core.file_format`` ``artroot``."""
+    namespace, name = did.split(":", 1)
+    return [MetaCatFile(namespace, f"{name}_{i:07d}.root", size=1 << 20, metadata={
+        "core.runs": 1000 + i // 100, "core.data_tier": "raw", "core.file_format": "artroot"})
+        for i in range(count)]
+
+
+def _synthetic_arg(text: str) -> tuple[str, int]:
+    did, sep, count = text.rpartition("=")
+    if not sep or ":" not in did or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"expected ns:name=COUNT, got {text!r}")
+    return did, int(count)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m prestaged.testing.metacat",
+        description="Run the MetaCat emulator on 127.0.0.1 until SIGTERM/SIGINT. Prints one "
+                    "JSON line {port, base_url, pid} once listening.",
+    )
+    p.add_argument("--datasets", type=Path, help="JSON or TOML datasets file (see the module "
+                   "docstring)")
+    p.add_argument("--synthetic", type=_synthetic_arg, action="append", default=[],
+                   metavar="NS:NAME=COUNT", help="add a generated dataset (repeatable)")
+    p.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    p.add_argument("--prefix", default="/dune_meta_prod/app",
+                   help="application prefix before /data (default: DUNE's)")
+    p.add_argument("--token-file", type=Path,
+                   help="require the token in this file (default: reads are open)")
+    p.add_argument("--pki-dir", type=Path,
+                   help="serve HTTPS with this test PKI (created if DIR/ca does not exist); "
+                        "default: plain HTTP")
+    p.add_argument("--stats-file", type=Path, help="write the request statistics here on exit")
+    return p
+
+
+async def _serve_cli(args: argparse.Namespace) -> None:
+    datasets: dict[str, list[Any]] = load_datasets(args.datasets) if args.datasets else {}
+    for did, count in args.synthetic:
+        datasets[did] = synthetic_files(did, count)
+    token = args.token_file.read_text().strip() if args.token_file else None
+    ctx = (load_or_create_pki(args.pki_dir).server_ssl_context(require_client_cert=False)
+           if args.pki_dir else None)
+    server = MetaCatServer(datasets=datasets, token=token, prefix=args.prefix,
+                           ssl_context=ctx, port=args.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with server:
+        line = {"port": server.port, "base_url": server.base_url, "pid": os.getpid()}
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
+        await stop.wait()
+    if args.stats_file is not None:
+        args.stats_file.write_text(json.dumps(server.stats.to_dict()) + "\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m prestaged.testing.metacat``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    asyncio.run(_serve_cli(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
