@@ -312,3 +312,14 @@ def test_process_serves_datasets_and_writes_stats_on_sigterm(
     assert proc.returncode == 0
     doc = json.loads(stats.read_text())
     assert doc["requests"] == {DATASET: 1, QUERY: 3} and doc["auth_refusals"] == 0
+
+
+def test_query_summaries(emulator: ThreadedMetaCatServer, client: Callable[..., Any]) -> None:
+    """query(summary='count') answers the count and total size of the selection in one
+    object; summary='keys' the metadata keys present."""
+    c = client(emulator.base_url)
+    wanted = [f for f in _files() if f["metadata"]["core.data_tier"] == "raw"]
+    (count,) = c.query("files from dune:np04_raw where core.data_tier = 'raw'", summary="count")
+    assert count == {"count": len(wanted), "total_size": sum(f["size"] for f in wanted)}
+    (keys,) = c.query("files from dune:np04_raw limit 1", summary="keys")
+    assert keys == sorted(_files()[0]["metadata"])

@@ -10,6 +10,7 @@ under ``http://127.0.0.1:<port><prefix>`` (``prefix`` like DUNE's ``/dune_meta_p
 ``GET /data/dataset_files?dataset=ns:name``            ``application/json-seq``: one file record
   ``&with_metadata=yes|no``                            each, in no promised order
 ``POST /data/query?with_meta=yes|no`` (MQL as body)    ``application/json-seq`` file records
+  ``&summary=count|keys``                              JSON ``{"count", "total_size"}`` | keys
 ``GET /data/version``                                  text: the server version
 =====================================================  ==========================================
 
@@ -548,6 +549,8 @@ class MetaCatServer:
         if text is None:
             text = (await request.read()).decode("utf-8", "replace")
         self.stats.queries.append(text)
+        if request.query.get("summary") not in ("count", "keys", None):
+            return _text(400, f"Unsupported summary type: {request.query['summary']}")
         if not text.strip():
             return web.Response(text="[]", content_type="application/json")
         namespace = request.query.get("namespace") or None
@@ -557,8 +560,15 @@ class MetaCatServer:
             q = parse_mql(text, namespace)
         except MQLSyntaxError as e:
             return _text(400, f"MQLSyntaxError: {e}")
+        files = self._evaluate(q)
+        summary = request.query.get("summary")
+        if summary == "count":
+            return web.json_response({"count": len(files),
+                                      "total_size": sum(f.size for f in files)})
+        if summary == "keys":
+            return web.json_response(sorted({k for f in files for k in f.metadata}))
         with_meta = request.query.get("with_meta", "no") == "yes"
-        return await self._stream(request, self._evaluate(q), with_meta)
+        return await self._stream(request, files, with_meta)
 
     def _unordered(self, did: str) -> list[MetaCatFile]:
         """A dataset's files in a fixed order that is neither creation nor insertion order."""
