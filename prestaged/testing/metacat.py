@@ -66,6 +66,7 @@ from typing import Any, Callable, Optional, Union
 
 from aiohttp import web
 
+from prestaged.testing.appserver import AppServer
 from prestaged.testing.pki import load_or_create_pki
 from prestaged.testing.threaded import ThreadedServer
 
@@ -368,7 +369,7 @@ def _text(status: int, text: str) -> web.Response:
     return web.Response(status=status, text=text, content_type="text/plain")
 
 
-class MetaCatServer:
+class MetaCatServer(AppServer):
     """The emulator (see the module docstring). Use ``async with`` or ``start()``/``stop()``.
 
     ``datasets``: ``"ns:name"`` -> files (``MetaCatFile`` or dicts, see ``from_obj``).
@@ -389,16 +390,12 @@ class MetaCatServer:
     ) -> None:
         self.token = token
         self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
-        self.host = host
-        self._ssl = ssl_context
-        self._requested_port = port
+        super().__init__(ssl_context, host, port)
         self.stats = MetaCatStats()
         self._datasets: dict[str, list[MetaCatFile]] = {}
         self._created: dict[str, float] = {}
         self._files: dict[tuple[str, str], MetaCatFile] = {}
         self._results: OrderedDict[Query, list[MetaCatFile]] = OrderedDict()
-        self._runner: Optional[web.AppRunner] = None
-        self._port: Optional[int] = None
         for did, files in (datasets or {}).items():
             self.add_dataset(did, files)
 
@@ -433,10 +430,7 @@ class MetaCatServer:
 
     # --- lifecycle
 
-    async def start(self) -> None:
-        """Listen on ``host``:``port`` (0: a free port)."""
-        if self._runner is not None:
-            raise RuntimeError("MetaCatServer already started")
+    def _app(self) -> web.Application:
         app = web.Application()
         data = self.prefix + "/data"
         app.add_routes([
@@ -445,39 +439,7 @@ class MetaCatServer:
             web.post(data + "/query", self._wrap(QUERY, self._query)),
             web.get(data + "/version", self._wrap(VERSION, self._version)),
         ])
-        # aiohttp's default line, header and body limits stay: an emulator must refuse what the
-        # real server refuses, never widen them to fit a client.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        self._runner = runner
-        try:
-            await web.TCPSite(runner, self.host, self._requested_port,
-                              ssl_context=self._ssl).start()
-        except BaseException:
-            await self.stop()
-            raise
-        self._port = runner.addresses[0][1]
-
-    async def stop(self) -> None:
-        """Stop listening and close connections. Idempotent."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-        self._port = None
-
-    async def __aenter__(self) -> MetaCatServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    @property
-    def port(self) -> int:
-        """The TCP port listened on."""
-        if self._port is None:
-            raise RuntimeError("MetaCatServer is not listening")
-        return self._port
+        return app
 
     @property
     def base_url(self) -> str:

@@ -69,6 +69,7 @@ from typing import Any, Callable, Optional, TypeVar, Union
 
 from aiohttp import web
 
+from prestaged.testing.appserver import AppServer
 from prestaged.testing.pki import load_or_create_pki
 from prestaged.testing.storage import Delay, Reset, Serve, Status
 from prestaged.testing.threaded import ThreadedServer
@@ -285,7 +286,7 @@ def _uri_too_long(line: int, limit: int) -> web.Response:
     )
 
 
-class SamWebServer:
+class SamWebServer(AppServer):
     """The emulator (see the module docstring). Use ``async with`` or ``start()``/``stop()``.
 
     ``definitions``: name -> files (``SamFile``, a name, or a dict, see ``SamFile.from_obj``).
@@ -314,12 +315,10 @@ class SamWebServer:
         if bearer is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED:
             raise ValueError("with bearer tokens clients without a certificate must get through"
                              " TLS: use server_ssl_context(require_client_cert=False)")
-        self._ssl = ssl_context
+        super().__init__(ssl_context, host, port)
         self.bearer = bearer
         self.max_request_line = max_request_line
         self.experiment = experiment
-        self.host = host
-        self._requested_port = port
         self.access_rules = list(access_rules)
         self.stats = SamStats()
         self._files: dict[str, tuple[int, SamFile]] = {}
@@ -327,8 +326,6 @@ class SamWebServer:
         self._dims: dict[str, list[str]] = {}
         self._injected: dict[str, deque[Action]] = {}
         self._cuts: dict[int, int] = {}  # id(request) -> lines to send (Truncate)
-        self._runner: Optional[web.AppRunner] = None
-        self._port: Optional[int] = None
         for name, files in (definitions or {}).items():
             self.add_definition(name, files)
         for query, names in (dims or {}).items():
@@ -366,45 +363,10 @@ class SamWebServer:
 
     # --- lifecycle
 
-    async def start(self) -> None:
-        """Listen on ``host``:``port`` (0: a free port)."""
-        if self._runner is not None:
-            raise RuntimeError("SamWebServer already started")
+    def _app(self) -> web.Application:
         app = web.Application()
         app.add_routes(self._routes(f"/sam/{self.experiment}/api"))
-        # aiohttp's default line and header limits (8190 bytes) stay: an emulator must refuse
-        # what the real front ends refuse, never widen them to fit a client.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        self._runner = runner
-        try:
-            await web.TCPSite(runner, self.host, self._requested_port,
-                              ssl_context=self._ssl).start()
-        except BaseException:
-            await self.stop()
-            raise
-        self._port = runner.addresses[0][1]
-
-    async def stop(self) -> None:
-        """Stop listening and close connections. Idempotent."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-        self._port = None
-
-    async def __aenter__(self) -> SamWebServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    @property
-    def port(self) -> int:
-        """The TCP port listened on."""
-        if self._port is None:
-            raise RuntimeError("SamWebServer is not listening")
-        return self._port
+        return app
 
     @property
     def base_url(self) -> str:
