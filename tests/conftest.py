@@ -3,6 +3,7 @@ real XRootD that checks bearer tokens."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -206,3 +207,19 @@ async def dcache(pki: TestPKI) -> AsyncIterator[Callable[..., Awaitable[DCacheSe
     yield make
     for srv in servers:
         await srv.stop()
+
+
+@pytest.fixture
+async def anonymous(pki: TestPKI) -> AsyncIterator[aiohttp.ClientSession]:
+    """An aiohttp session that trusts the test CA and presents no certificate (token tests)."""
+    ctx = ssl.create_default_context(capath=str(pki.ca_dir))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+        yield s
+
+
+@pytest.fixture
+async def certified(pki: TestPKI, proxy: Path) -> AsyncIterator[aiohttp.ClientSession]:
+    """An aiohttp session presenting the test proxy."""
+    ctx = pki.client_ssl_context(proxy)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+        yield s

@@ -8,7 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,14 +34,6 @@ def issuer() -> TokenIssuer:
 def check(issuer: TokenIssuer) -> BearerCheck:
     """Tokens of ``issuer`` for ``AUDIENCE``, scope paths under /pnfs (as gPlazma maps them)."""
     return BearerCheck(issuer, [AUDIENCE], "/pnfs")
-
-
-@pytest.fixture
-async def anonymous(pki: TestPKI) -> AsyncIterator[aiohttp.ClientSession]:
-    """A session that trusts the test CA and presents no certificate."""
-    ctx = ssl.create_default_context(capath=str(pki.ca_dir))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
-        yield s
 
 
 class Clock:

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import json
-import ssl
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -33,22 +31,6 @@ async def sam(pki: TestPKI, issuer: TokenIssuer) -> AsyncIterator[SamWebServer]:
                        bearer=BearerCheck(issuer, [AUDIENCE]))
     async with srv:
         yield srv
-
-
-@pytest.fixture
-async def anonymous(pki: TestPKI) -> AsyncIterator[aiohttp.ClientSession]:
-    """A session that trusts the test CA and presents no certificate."""
-    ctx = ssl.create_default_context(capath=str(pki.ca_dir))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
-        yield s
-
-
-@pytest.fixture
-async def certified(pki: TestPKI, proxy: Path) -> AsyncIterator[aiohttp.ClientSession]:
-    """A session presenting the test proxy."""
-    ctx = pki.client_ssl_context(proxy)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
-        yield s
 
 
 async def _list(session: aiohttp.ClientSession, sam: SamWebServer, token: str | None = None

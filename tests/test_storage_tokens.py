@@ -5,9 +5,7 @@ redirect target."""
 from __future__ import annotations
 
 import json
-import ssl
 from collections.abc import AsyncIterator, Awaitable
-from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
@@ -47,22 +45,6 @@ async def storage_with_tokens(pki: TestPKI, issuer: TokenIssuer
     yield make
     for srv in servers:
         await srv.stop()
-
-
-@pytest.fixture
-async def anonymous(pki: TestPKI) -> AsyncIterator[aiohttp.ClientSession]:
-    """A session that trusts the test CA and presents no certificate."""
-    ctx = ssl.create_default_context(capath=str(pki.ca_dir))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
-        yield s
-
-
-@pytest.fixture
-async def certified(pki: TestPKI, proxy: Path) -> AsyncIterator[aiohttp.ClientSession]:
-    """A session presenting the test proxy."""
-    ctx = pki.client_ssl_context(proxy)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
-        yield s
 
 
 def _bearer(token: str) -> dict[str, str]:
