@@ -97,14 +97,6 @@ async def tape(pki: TestPKI) -> AsyncIterator[Make]:
 
 
 @pytest.fixture
-async def http(pki: TestPKI) -> AsyncIterator[aiohttp.ClientSession]:
-    """A session trusting the test CA and presenting no certificate: the token is all we have."""
-    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session:
-        yield session
-
-
-@pytest.fixture
 def token(tmp_path: Path) -> tuple[str, TokenSource]:
     """A storage.read-only token (no storage.stage) in a token file, and its source."""
     text = TokenIssuer("https://localhost:8443/issuer").mint("storage.read:/dune",
@@ -114,13 +106,13 @@ def token(tmp_path: Path) -> tuple[str, TokenSource]:
 
 
 async def test_discovery_and_a_frontend_on_the_doors_host_get_the_token(
-    tape: Make, http: aiohttp.ClientSession, token: tuple[str, TokenSource]
+    tape: Make, anonymous: aiohttp.ClientSession, token: tuple[str, TokenSource]
 ) -> None:
     """The door's discovery GET and the frontend (same host, another port) both carry
     ``Bearer <token>``."""
     text, source = token
     srv = await tape()
-    client = TapeClient(http, token=source)
+    client = TapeClient(anonymous, token=source)
     uri = await client.discover(srv.door)
     assert uri == srv.frontend and not uri.startswith(srv.door)
     await client.archiveinfo(uri, ["/dune/a"])
@@ -129,7 +121,7 @@ async def test_discovery_and_a_frontend_on_the_doors_host_get_the_token(
 
 
 async def test_a_frontend_on_another_host_never_gets_the_token(
-    tape: Make, http: aiohttp.ClientSession, token: tuple[str, TokenSource],
+    tape: Make, anonymous: aiohttp.ClientSession, token: tuple[str, TokenSource],
     caplog: pytest.LogCaptureFixture
 ) -> None:
     """A discovery document naming a frontend on another host (localhost vs 127.0.0.1): the
@@ -137,7 +129,7 @@ async def test_a_frontend_on_another_host_never_gets_the_token(
     caplog.set_level(logging.DEBUG)
     text, source = token
     srv = await tape(frontend_host="localhost")
-    client = TapeClient(http, token=source)
+    client = TapeClient(anonymous, token=source)
     uri = await client.discover(srv.door)
     await client.archiveinfo(uri, ["/dune/a"])
     await client.archiveinfo(uri, ["/dune/b"])
@@ -149,11 +141,11 @@ async def test_a_frontend_on_another_host_never_gets_the_token(
 
 
 async def test_without_a_token_nothing_is_sent(
-    tape: Make, http: aiohttp.ClientSession
+    tape: Make, anonymous: aiohttp.ClientSession
 ) -> None:
     """A client without a token sends no Authorization to the door or the frontend."""
     srv = await tape()
-    client = TapeClient(http)
+    client = TapeClient(anonymous)
     await client.archiveinfo(await client.discover(srv.door) or "", ["/dune/a"])
     assert srv.auth("door") == [None] and srv.auth("frontend") == [None]
 
@@ -184,7 +176,7 @@ async def test_a_refusing_frontend_names_the_token_and_storage_stage(
 
 
 async def test_an_expired_token_sends_nothing_to_the_tape_api(
-    tape: Make, http: aiohttp.ClientSession, tmp_path: Path
+    tape: Make, anonymous: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """A token that expired is not sent: the call raises the CredentialError (exit 3) before
     any request reaches the door."""
@@ -192,18 +184,18 @@ async def test_an_expired_token_sends_nothing_to_the_tape_api(
     source = TokenSource(FoundToken(text, "$BEARER_TOKEN", None))
     srv = await tape()
     with pytest.raises(CredentialError, match="expired at"):
-        await TapeClient(http, token=source).discover(srv.door)
+        await TapeClient(anonymous, token=source).discover(srv.door)
     assert srv.seen == []
 
 
 async def test_releasing_recorded_pins_sends_the_token_to_the_doors_host(
-    tape: Make, http: aiohttp.ClientSession, token: tuple[str, TokenSource]
+    tape: Make, anonymous: aiohttp.ClientSession, token: tuple[str, TokenSource]
 ) -> None:
     """Without a discovery in this process (pins recorded by an earlier run), ``allow`` with a
     file URL on the door lets the token go to the frontend on its host, and only there."""
     text, source = token
     srv = await tape()
-    client = TapeClient(http, token=source)
+    client = TapeClient(anonymous, token=source)
     await client.release(srv.frontend, "r1", ["/dune/a"])  # nothing allowed yet: no token
     client.allow(f"{srv.door}/dune/a")
     await client.release(srv.frontend, "r2", ["/dune/a"])

@@ -4,7 +4,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import signal
 import ssl
+import sys
 from typing import Optional, TypeVar
 
 from aiohttp import web
@@ -59,6 +64,24 @@ class AppServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    @property
+    def base_url(self) -> str:
+        """The URL clients are given (the subclass's)."""
+        raise NotImplementedError
+
+    async def serve_until_signalled(self) -> None:
+        """For ``python -m``: listen, print one JSON line (port, base_url, pid) on stdout, serve
+        until SIGTERM or SIGINT, stop."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        async with self:
+            line = {"port": self.port, "base_url": self.base_url, "pid": os.getpid()}
+            sys.stdout.write(json.dumps(line) + "\n")
+            sys.stdout.flush()
+            await stop.wait()
 
     @property
     def port(self) -> int:

@@ -52,9 +52,7 @@ import argparse
 import asyncio
 import hashlib
 import json
-import os
 import re
-import signal
 import ssl
 import sys
 import time
@@ -670,15 +668,7 @@ async def _serve_cli(args: argparse.Namespace) -> None:
            if args.pki_dir else None)
     server = MetaCatServer(datasets=datasets, token=token, prefix=args.prefix,
                            ssl_context=ctx, port=args.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    async with server:
-        line = {"port": server.port, "base_url": server.base_url, "pid": os.getpid()}
-        sys.stdout.write(json.dumps(line) + "\n")
-        sys.stdout.flush()
-        await stop.wait()
+    await server.serve_until_signalled()
     if args.stats_file is not None:
         args.stats_file.write_text(json.dumps(server.stats.to_dict()) + "\n")
 

@@ -53,9 +53,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import re
-import signal
 import socket
 import ssl
 import struct
@@ -679,15 +677,7 @@ async def _serve_cli(args: argparse.Namespace) -> None:
         kwargs["experiment"] = args.experiment
     server = SamWebServer(pki.server_ssl_context(require_client_cert=args.require_cert),
                           port=args.port, **kwargs)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    async with server:
-        line = {"port": server.port, "base_url": server.base_url, "pid": os.getpid()}
-        sys.stdout.write(json.dumps(line) + "\n")
-        sys.stdout.flush()
-        await stop.wait()
+    await server.serve_until_signalled()
     if args.stats_file is not None:
         args.stats_file.write_text(json.dumps(server.stats.to_dict()) + "\n")
 
