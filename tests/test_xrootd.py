@@ -11,10 +11,13 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cli_runner import CliResult, run_cli
+from xrootd_cli import definition as _definition
+from xrootd_cli import in_ci as _in_ci
+from xrootd_cli import summary as _doc
+from xrootd_cli import why as _why
 
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.xrootd import MAPPED_USER, XRootDServer, xrootd_available
@@ -31,10 +34,6 @@ REFUSED_FILES = 100
 REFUSED_ARGS = ("-q", "--concurrency", "8")
 EARLY = REFUSED_FILES // 4  # files a run may finish before its breaker has to have tripped
 FOREIGN_DN = "/DC=org/DC=other-test/O=Other/CN=Foreign User"
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 if not xrootd_available() and not _in_ci():
@@ -66,30 +65,10 @@ def _cli(tmp_path: Path, *args: object, config: str = "") -> CliResult:
                    env={"HOME": home, "XDG_CONFIG_HOME": home})
 
 
-def _definition(tmp_path: Path, urls: list[str]) -> Path:
-    path = tmp_path / "dataset.txt"
-    path.write_text("".join(u + "\n" for u in urls))
-    return path
-
-
 def _warm(tmp_path: Path, urls: list[str], proxy: Path, ca_dir: Path, *extra: str,
           config: str = "") -> CliResult:
     return _cli(tmp_path, "warm", _definition(tmp_path, urls), "--proxy", proxy,
                 "--ca-dir", ca_dir, "--json", *extra, config=config)
-
-
-def _why(res: CliResult, server: XRootDServer) -> str:
-    """What to print when an assertion fails: the CLI's output and XRootD's log tail."""
-    return (f"exit {res.returncode}\n--- stdout\n{res.stdout[:3000]}\n--- stderr\n{res.stderr}"
-            f"\n--- xrootd log ({server.log_path})\n{server.log_tail()}")
-
-
-def _doc(res: CliResult, server: XRootDServer) -> dict[str, Any]:
-    try:
-        doc: dict[str, Any] = json.loads(res.stdout)
-    except ValueError:
-        pytest.fail(f"no JSON document on stdout\n{_why(res, server)}")
-    return doc
 
 
 def _only_error_line(res: CliResult, server: XRootDServer) -> str:

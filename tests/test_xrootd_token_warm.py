@@ -6,14 +6,16 @@ run. No token text in any output."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cli_runner import CliResult, entry_point, run_cli, subprocess_env
+from xrootd_cli import definition as _definition
+from xrootd_cli import in_ci as _in_ci
+from xrootd_cli import summary as _doc
+from xrootd_cli import why as _why
 
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.tokens import write_token
@@ -25,19 +27,9 @@ DEADLINE = 120.0
 REFUSED_RUN_CONNECTIONS = 3 + 1
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 if not (xrootd_available() and scitokens_available()) and not _in_ci():
     pytest.skip("install Debian packages xrootd-server and xrootd-scitokens-plugins",
                 allow_module_level=True)
-
-
-def _definition(tmp_path: Path, urls: list[str]) -> Path:
-    path = tmp_path / "dataset.txt"
-    path.write_text("".join(u + "\n" for u in urls))
-    return path
 
 
 def _warm(tmp_path: Path, server: XRootDServer, pki: TestPKI, token: Path, *extra: str,
@@ -48,19 +40,6 @@ def _warm(tmp_path: Path, server: XRootDServer, pki: TestPKI, token: Path, *extr
     return run_cli("warm", str(_definition(tmp_path, urls or server.urls())), "--token-file",
                    str(token), "--ca-dir", str(pki.ca_dir), "--json", "--config", str(config),
                    *extra, env={"HOME": str(tmp_path)})
-
-
-def _why(res: CliResult, server: XRootDServer) -> str:
-    return (f"exit {res.returncode}\n--- stdout\n{res.stdout[:2000]}\n--- stderr\n"
-            f"{res.stderr[:3000]}\n--- xrootd log\n{server.log_tail()}")
-
-
-def _doc(res: CliResult, server: XRootDServer) -> dict[str, Any]:
-    try:
-        doc: dict[str, Any] = json.loads(res.stdout)
-    except ValueError:
-        pytest.fail(f"no JSON document\n{_why(res, server)}")
-    return doc
 
 
 def _error_line(res: CliResult) -> str:
