@@ -22,6 +22,7 @@ from yarl import URL
 
 from prestaged import net
 from prestaged.catalog import KINDS, open_catalog
+from prestaged.catalog import http as catalog_http
 from prestaged.catalog import samweb as samweb_module
 from prestaged.catalog.rewrite import Rewriter, location_kind, strip_tape_suffix
 from prestaged.catalog.samweb import SamWebCatalog, resolve_base_url
@@ -293,7 +294,7 @@ async def test_access_url_mode() -> None:
 
 async def test_unresolved_are_counted_and_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     """Files without a matching location are kept (capped) with their locations, all counted."""
-    monkeypatch.setattr(samweb_module, "MAX_UNRESOLVED_KEPT", 2)
+    monkeypatch.setattr(catalog_http, "MAX_UNRESOLVED_KEPT", 2)
     names = ["ok", "eos1", "eos2", "eos3", "none"]
     doc = {**_locations(["ok"]), **_locations(["eos1", "eos2", "eos3"], "cern-eos:/eos/x"),
            "none": []}
@@ -592,13 +593,13 @@ def test_tls_cause_stops_on_cyclic_chains() -> None:
 
 
 def test_one_tls_walker_and_retry_after_parser_for_catalog_and_storage() -> None:
-    """SAM web and both touch paths share prestaged.net's helpers (one copy of each)."""
+    """The catalogs and both touch paths share prestaged.net's helpers (one copy of each)."""
     from prestaged.storage import fast, http
 
-    assert samweb_module.tls_cause is net.tls_cause and http.tls_cause is net.tls_cause
-    assert samweb_module.parse_retry_after is net.parse_retry_after
+    assert catalog_http.tls_cause is net.tls_cause and http.tls_cause is net.tls_cause
+    assert catalog_http.parse_retry_after is net.parse_retry_after
     assert fast.parse_retry_after is net.parse_retry_after
-    assert not hasattr(samweb_module, "_tls_error") and not hasattr(http, "_tls_cause")
+    assert not hasattr(catalog_http, "_tls_error") and not hasattr(http, "_tls_cause")
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -614,10 +615,11 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 def test_catalog_does_not_import_the_storage_layer_and_net_is_stdlib_only() -> None:
-    """samweb.py imports nothing from prestaged.storage; prestaged/net.py only the stdlib."""
+    """No catalog imports prestaged.storage; prestaged/net.py only the stdlib."""
     package = Path(samweb_module.__file__).resolve().parents[1]
-    catalog_imports = _imported_modules(package / "catalog" / "samweb.py")
-    assert not {m for m in catalog_imports if m.startswith("prestaged.storage")}
+    for module in (package / "catalog").glob("*.py"):
+        catalog_imports = _imported_modules(module)
+        assert not {m for m in catalog_imports if m.startswith("prestaged.storage")}, module
     net_imports = {m.split(".")[0] for m in _imported_modules(package / "net.py")}
     assert "prestaged" not in net_imports
     stdlib = getattr(sys, "stdlib_module_names", None)  # Python 3.10+

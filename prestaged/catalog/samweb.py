@@ -40,29 +40,34 @@ the names already seen are skipped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import re
 import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional
 from urllib.parse import quote, urlsplit
 
-import aiohttp
-from yarl import URL
-
-from prestaged._version import __version__
+from prestaged.catalog.http import (
+    Call,
+    HttpApi,
+    Transient,
+    UnresolvedLog,
+    gather_or_cancel,
+    lines,
+    one_line,
+    ordered,
+    retry_settings,
+)
 from prestaged.catalog.rewrite import Rewriter
 from prestaged.config import SamWebConfig
-from prestaged.errors import CatalogError, ConfigError, CredentialError, PrestagedError
+from prestaged.errors import CatalogError, ConfigError, CredentialError
 from prestaged.model import FileRef
-from prestaged.net import bearer_error, parse_retry_after, tls_cause
-from prestaged.retry import RetryPolicy
+from prestaged.net import bearer_error
 
 if TYPE_CHECKING:
     from prestaged.credentials import Credentials
@@ -71,9 +76,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_HOST",
     "LONG_DIMS",
-    "MAX_UNRESOLVED_KEPT",
     "SamWebCatalog",
-    "Unresolved",
     "check_config",
     "resolve_base_url",
     "samweb_ssl_context",
@@ -85,37 +88,17 @@ DEFAULT_HOST = "samweb.fnal.gov"
 DEFAULT_PORT = 8483
 LONG_DIMS = 1024
 """Dimensions longer than this (characters) are POSTed, like the samweb client does."""
-MAX_UNRESOLVED_KEPT = 10_000
-"""Unresolved files kept with their locations; beyond this only ``unresolved_count`` grows."""
 MAX_LOCATIONS_TARGET = 6 * 1024
 """Longest request target (path and query, bytes) of one bulk locations GET. Apache's
 ``LimitRequestLine`` and aiohttp's ``max_line_size`` refuse request lines over 8190 bytes, nginx
 over 8 KiB; this leaves room for the method, the version and a longer base path."""
 
-_RETRYABLE_STATUS = frozenset({408, 429})
-_EARLY_DROPS = 3  # connections dropped before any answer that mean "certificate refused"
-_CHUNK = 64 * 1024
-_MAX_MESSAGE = 300
 _SAM_PATH = re.compile(r"/sam/([^/]+)/")
 # How aiohttp (and some proxies) word a 400 for a request line or header over their limit.
 _TOO_LONG_400 = re.compile(r"too (?:long|large)|got more than \d+ bytes", re.IGNORECASE)
 _TOO_LONG_STATUS = frozenset({414, 431})
 _NAME_PARAM = len("file_name=") + 1  # bytes of one query parameter besides the name, "&" included
 
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Unresolved:
-    """A file SAM listed but that got no URL: its SAM locations and why."""
-
-    name: str
-    locations: tuple[str, ...]
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"name": self.name, "locations": list(self.locations), "reason": self.reason}
 
 
 # --- configuration -> endpoint and TLS ----------------------------------------------------------
@@ -194,20 +177,6 @@ def samweb_ssl_context(
 # --- one request, classified -------------------------------------------------------------------
 
 
-class _Transient(Exception):
-    """A failure worth retrying: 5xx/408/429, a timeout or a dropped connection."""
-
-    def __init__(self, reason: str, retry_after: Optional[float] = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-def _one_line(text: str, limit: int = _MAX_MESSAGE) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
 def _error_body(body: str) -> tuple[str, str]:
     """``(error, message)`` of a SAM error body: JSON ``{"error", "message"}`` or plain text.
 
@@ -216,17 +185,16 @@ def _error_body(body: str) -> tuple[str, str]:
     try:
         doc = json.loads(body)
     except ValueError:
-        return "", "" if body.lstrip().startswith("<") else _one_line(body)
+        return "", "" if body.lstrip().startswith("<") else one_line(body)
     if isinstance(doc, dict):
-        return _one_line(str(doc.get("error") or "")), _one_line(str(doc.get("message") or ""))
-    return "", _one_line(body)
+        return one_line(str(doc.get("error") or "")), one_line(str(doc.get("message") or ""))
+    return "", one_line(body)
 
 
 @dataclass(frozen=True)
-class _Call:
-    """What a request is for, to word its errors (``what`` reads "listing the files of ...")."""
+class _Call(Call):
+    """A SAM request: what it is for, and how to word its errors."""
 
-    what: str
     definition: Optional[str] = None
     dims: bool = False
     missing_ok: bool = False
@@ -242,8 +210,10 @@ class _TooLong(Exception):
     """A ``splittable`` request refused as too long (414, 431, or a 400 saying so)."""
 
 
-class _Api:
+class _Api(HttpApi):
     """One aiohttp session to one SAM web server; every request classified (see module doc)."""
+
+    service = "SAM web"
 
     def __init__(
         self,
@@ -255,100 +225,38 @@ class _Api:
         sleep: Callable[[float], Awaitable[None]],
         token: Optional[TokenSource] = None,
     ) -> None:
-        self.base_url = base_url
+        limit = cfg.parallel + (
+            cfg.access_url_concurrency if cfg.url_mode == "access-url" else 0
+        )
+        super().__init__(
+            base_url, retry_settings(cfg, "catalog.samweb"), ssl_context, limit=limit,
+            headers={"Accept": "application/json",
+                     **({"SAM-Role": cfg.role} if cfg.role else {})},
+            sleep=sleep, identity=identity,
+        )
         self._token = token
         self.label = label
         self.cfg = cfg
-        self._ssl = ssl_context
-        self._identity = identity
-        self._sleep = sleep
-        # Bounded by time only (retry_for), like the samweb client; Retry-After capped at
-        # retry_max by _Backoff.
-        self._policy = RetryPolicy(
-            attempts=1 << 30, initial=cfg.retry_initial, max=cfg.retry_max, jitter=0.5,
-            total=cfg.retry_for, max_retry_after=cfg.retry_max,
-        )
-        self._session: Optional[aiohttp.ClientSession] = None
-        self._answered = False
-        self._early_drops = 0
-        self.on_request: Optional[Callable[[str], None]] = None
-        """Told ``ok`` or ``error`` after every request (the daemon's metrics)."""
 
-    async def __aenter__(self) -> _Api:
-        limit = self.cfg.parallel + (
-            self.cfg.access_url_concurrency if self.cfg.url_mode == "access-url" else 0
-        )
-        connector = aiohttp.TCPConnector(
-            limit=limit + 1, ssl=self._ssl if self._ssl is not None else True
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=self.cfg.timeout, sock_read=self.cfg.timeout
-            ),
-            headers={"Accept": "application/json", "User-Agent": f"prestaged/{__version__}",
-                     **({"SAM-Role": self.cfg.role} if self.cfg.role else {})},
-        )
-        return self
+    async def headers_for(self, call: Call) -> Optional[Mapping[str, str]]:
+        if self._token is None:
+            return None
+        return {"Authorization": self._token.authorization()}  # CredentialError when expired
 
-    async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def url(self, *segments: str) -> URL:
-        """``base_url`` + ``/``-joined ``segments``, each percent-encoded (``/`` included)."""
-        path = "/".join(quote(s, safe="") for s in segments)
-        return URL(f"{self.base_url}/{path}", encoded=True)
-
-    @contextlib.asynccontextmanager
-    async def exchange(
-        self,
-        call: _Call,
-        url: URL,
-        *,
-        params: Union[Sequence[tuple[str, str]], Mapping[str, str], None] = None,
-        data: Optional[Mapping[str, str]] = None,
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One attempt: yield the 200 response, or raise ``_Transient``/a ``PrestagedError``.
-
-        Network errors while the caller reads the body are classified the same way.
-        """
-        assert self._session is not None, "use `async with _Api(...)`"
-        method = "GET" if data is None else "POST"
-        headers = None
-        if self._token is not None:  # CredentialError when it expired: nothing is sent
-            headers = {"Authorization": self._token.authorization()}
-        ok = False
-        try:
-            async with self._session.request(method, url, params=params, data=data,
-                                             headers=headers) as resp:
-                self._answered = True
-                ok = resp.status == 200
-                if resp.status != 200:
-                    body = await resp.text(errors="replace") if resp.status < 600 else ""
-                    raise self._status_error(call, resp.status, resp.reason or "", body,
-                                             resp.headers)
-                yield resp
-        except asyncio.TimeoutError:
-            ok = False
-            raise _Transient("timed out") from None
-        except aiohttp.ClientError as e:
-            ok = False
-            raise self._network_error(e) from e
-        finally:
-            if self.on_request is not None:
-                self.on_request("ok" if ok else "error")
-
-    def _status_error(
-        self, call: _Call, status: int, reason: str, body: str, headers: Mapping[str, str]
-    ) -> Exception:
+    def detail(self, status: int, reason: str, body: str) -> str:
         error, message = _error_body(body)
-        detail = f"HTTP {status}" + (f" {error}" if error else "") + (
+        return f"HTTP {status}" + (f" {error}" if error else "") + (
             f": {message}" if message else (f" {reason}" if reason and not error else "")
         )
-        if status >= 500 or status in _RETRYABLE_STATUS:
-            return _Transient(detail, parse_retry_after(headers.get("Retry-After")))
+
+    def tls_hint(self) -> str:
+        return "check the CA directory and catalog.samweb.use_certificate"
+
+    def status_error(self, call: Call, status: int, reason: str, body: str,
+                     headers: Mapping[str, str]) -> Exception:
+        assert isinstance(call, _Call)
+        error, message = _error_body(body)
+        detail = self.detail(status, reason, body)
         sam = f"SAM ({self.label})"
         if status == 404 and call.missing_ok:
             return _NotFound(detail)
@@ -375,123 +283,10 @@ class _Api:
                 f"{sam} refused {call.what} with {self._token.info.describe()} ({detail}); "
                 "check the token's audience and scopes for SAM, or set "
                 "catalog.samweb.use_token = false")
-        who = f"as {self._identity}" if self._identity else "anonymously (no certificate)"
-        fix = ("check the proxy" if self._identity else
+        who = f"as {self.identity}" if self.identity else "anonymously (no certificate)"
+        fix = ("check the proxy" if self.identity else
                "give a proxy (--proxy) or set catalog.samweb.use_certificate = true")
         return CredentialError(f"{sam} refused {call.what} {who} ({detail}); {fix}")
-
-    def _network_error(self, e: aiohttp.ClientError) -> Exception:
-        tls = tls_cause(e)
-        if tls is not None:
-            who = f"the proxy of {self._identity}" if self._identity else "no client certificate"
-            why = _one_line(str(tls) or type(tls).__name__)
-            return CredentialError(
-                f"TLS with SAM web {self.base_url} failed ({why}); we presented {who}; "
-                "check the CA directory and catalog.samweb.use_certificate"
-            )
-        if _dropped(e) and not self._answered:
-            # A server that refuses the client certificate (or its absence) under TLS 1.3
-            # simply closes the connection: after a few such drops before any answer at
-            # all, say so instead of retrying for an hour.
-            self._early_drops += 1
-            if self._early_drops >= _EARLY_DROPS:
-                who = (f"does not accept the proxy of {self._identity}" if self._identity
-                       else "requires a client certificate (give a proxy with --proxy)")
-                return CredentialError(
-                    f"SAM web {self.base_url} closed the connection {self._early_drops} times "
-                    f"without answering; it probably {who}"
-                )
-        if isinstance(e, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
-            return _Transient(_one_line(str(e) or type(e).__name__))
-        return CatalogError(f"SAM web {self.base_url}: {_one_line(str(e) or type(e).__name__)}")
-
-    async def fetch(
-        self,
-        call: _Call,
-        url: URL,
-        *,
-        params: Union[Sequence[tuple[str, str]], Mapping[str, str], None] = None,
-        json_body: bool = True,
-        retry: bool = True,
-    ) -> Any:
-        """GET ``url`` with retries; the decoded JSON (or text, ``json_body=False``)."""
-        backoff = self.backoff(call)
-        while True:
-            try:
-                async with self.exchange(call, url, params=params) as resp:
-                    text = await resp.text(errors="replace")
-                break
-            except _Transient as e:
-                if not retry:
-                    raise
-                await backoff.wait(e)
-        if not json_body:
-            return text
-        try:
-            return json.loads(text)
-        except ValueError:
-            raise CatalogError(
-                f"SAM ({self.label}) answered {call.what} with malformed JSON"
-            ) from None
-
-    def backoff(self, call: _Call) -> _Backoff:
-        """Retry bookkeeping for one request (or one resumable stream)."""
-        return _Backoff(self._policy, self._sleep, f"SAM web {self.base_url}", call.what)
-
-
-def _dropped(exc: BaseException) -> bool:
-    """True if ``exc`` is the server closing or resetting the connection without answering."""
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return True
-    cause = getattr(exc, "os_error", None) or exc.__cause__
-    return isinstance(exc, aiohttp.ClientOSError) and isinstance(
-        cause if cause is not None else exc, ConnectionResetError
-    )
-
-
-class _Backoff:
-    """Retry bookkeeping for one request: how many tries, since when; the delays themselves
-    come from ``RetryPolicy.delay`` (the project's one backoff formula)."""
-
-    def __init__(
-        self,
-        policy: RetryPolicy,
-        sleep: Callable[[float], Awaitable[None]],
-        server: str,
-        what: str,
-    ) -> None:
-        self.policy = policy
-        self.sleep = sleep
-        self.server = server
-        self.what = what
-        self.tries = 0
-        self.started: Optional[float] = None
-
-    def reset(self) -> None:
-        """Forget earlier failures (the request made progress since)."""
-        self.tries, self.started = 0, None
-
-    async def wait(self, error: _Transient) -> None:
-        """Sleep before the next try, or raise ``CatalogError`` when the time budget is spent."""
-        now = time.monotonic()
-        if self.started is None:
-            self.started = now
-        self.tries += 1
-        elapsed = now - self.started
-        # A Retry-After beyond retry_max is capped, not a reason to give up (the config's
-        # documented meaning): only retry_for ends the retries of a catalog request.
-        asked = (None if error.retry_after is None
-                 else min(error.retry_after, self.policy.max_retry_after))
-        delay = self.policy.delay(self.tries, retry_after=asked, elapsed=elapsed)
-        if delay is None:
-            tries = f"{self.tries} tries" if self.tries > 1 else "1 try"
-            raise CatalogError(
-                f"{self.server} unreachable while {self.what}: {error.reason} "
-                f"(gave up after {tries} in {elapsed:.0f} s; catalog.samweb.retry_for)"
-            )
-        log.warning("SAM web: %s while %s; retry %d in %.1f s",
-                    error.reason, self.what, self.tries, delay)
-        await self.sleep(delay)
 
 
 # --- the catalog -------------------------------------------------------------------------------
@@ -519,7 +314,7 @@ def _location_text(entry: object) -> Optional[str]:
 _Entry = tuple[str, Optional[int]]
 
 
-class SamWebCatalog:
+class SamWebCatalog(UnresolvedLog):
     """Files of a SAM definition (or of ``dims``) as ``FileRef``s; see the module docstring.
 
     ``ssl_context`` presents the proxy or not (``samweb_ssl_context``); None uses aiohttp's
@@ -558,12 +353,9 @@ class SamWebCatalog:
         self._identity = identity
         self._sleep = sleep
         self._rewriter = Rewriter(cfg.rewrite)
+        super().__init__()
         self.listed = 0
         """Files SAM listed so far in the current ``files()`` pass."""
-        self.unresolved: list[Unresolved] = []
-        """The first ``MAX_UNRESOLVED_KEPT`` files that got no URL."""
-        self.unresolved_count = 0
-        """Files that got no URL (all of them, kept or not)."""
         self.on_request: Optional[Callable[[str], None]] = None
         """Told ``ok`` or ``error`` after every request to SAM (metrics)."""
         self._target_limit = MAX_LOCATIONS_TARGET
@@ -601,7 +393,7 @@ class SamWebCatalog:
             async with self._api() as api:
                 text = await api.fetch(call, api.url(*path), params=params, json_body=False,
                                        retry=False)
-        except _Transient as e:
+        except Transient as e:
             log.debug("SAM web: no file count (%s)", e.reason)
             return None
         text = str(text).strip()
@@ -609,56 +401,25 @@ class SamWebCatalog:
 
     async def files(self) -> AsyncIterator[FileRef]:
         """Yield the resolved files in listing order, streaming (see the module docstring)."""
-        self.listed, self.unresolved, self.unresolved_count = 0, [], 0
+        self.listed = 0
+        self._forget_unresolved()
         self._target_limit = MAX_LOCATIONS_TARGET
         started = time.monotonic()
         async with self._api() as api:
-            slots = asyncio.Semaphore(self.cfg.parallel)
-            ready: asyncio.Queue[Optional[asyncio.Future[list[FileRef]]]] = asyncio.Queue()
-            feeder = asyncio.ensure_future(self._feed(api, slots, ready))
+            listing = self._listing(api)
             try:
-                while True:
-                    batch = await ready.get()
-                    if batch is None:
-                        break
-                    try:
-                        refs = await batch
-                    finally:
-                        slots.release()
-                    for ref in refs:
-                        yield ref
-                await feeder
+                async for ref in ordered(self._batches(api, listing),
+                                         lambda batch: self._resolve(api, batch),
+                                         self.cfg.parallel):
+                    yield ref
             finally:
-                await _cancel_all(feeder, ready)
+                await listing.aclose()
         log.info("SAM web: %d files listed, %d resolved, %d unresolved in %.1f s",
                  self.listed, self.listed - self.unresolved_count, self.unresolved_count,
                  time.monotonic() - started)
         if self.unresolved_count:
             log.warning("%d files got no URL and are reported as unresolved",
                         self.unresolved_count)
-
-    async def _feed(
-        self,
-        api: _Api,
-        slots: asyncio.Semaphore,
-        ready: asyncio.Queue[Optional[asyncio.Future[list[FileRef]]]],
-    ) -> None:
-        """List names, cut them into batches and start resolving each while a slot is free."""
-        listing = self._listing(api)
-        batches = self._batches(api, listing)
-        try:
-            async for batch in batches:
-                await slots.acquire()
-                ready.put_nowait(asyncio.ensure_future(self._resolve(api, batch)))
-        except Exception as e:  # handed to the consumer, in order, after the batches before it
-            failed: asyncio.Future[list[FileRef]] = asyncio.get_running_loop().create_future()
-            failed.set_exception(e)
-            await slots.acquire()
-            ready.put_nowait(failed)
-        finally:
-            await batches.aclose()
-            await listing.aclose()
-        ready.put_nowait(None)
 
     async def _batches(
         self, api: _Api, listing: AsyncIterator[_Entry]
@@ -702,7 +463,7 @@ class SamWebCatalog:
             count = 0
             try:
                 async with api.exchange(call, url, params=params, data=data) as resp:
-                    async for line in _lines(resp):
+                    async for line in lines(resp):
                         entry = _parse_list_line(line)
                         if entry is None:
                             continue
@@ -714,7 +475,7 @@ class SamWebCatalog:
                         backoff.reset()
                         yield entry
                 return
-            except _Transient as e:
+            except Transient as e:
                 if count:
                     log.info("SAM web: listing cut off after %d files; listing again", count)
                 await backoff.wait(e)
@@ -795,17 +556,8 @@ class SamWebCatalog:
                 return None
             return FileRef(name=name, url=found[0], size=size)
 
-        results = await _gather_or_cancel(one(name, size) for name, size in batch)
+        results = await gather_or_cancel(one(name, size) for name, size in batch)
         return [ref for ref in results if ref is not None]
-
-    def _unresolved(self, name: str, locations: tuple[str, ...], reason: str) -> None:
-        self.unresolved_count += 1
-        if len(self.unresolved) < MAX_UNRESOLVED_KEPT:
-            self.unresolved.append(Unresolved(name, locations, reason))
-        if self.unresolved_count == 1:
-            log.warning("unresolved: %s (%s): %s", name, reason, ", ".join(locations) or "-")
-        else:
-            log.debug("unresolved: %s (%s): %s", name, reason, ", ".join(locations) or "-")
 
 
 def _name_bytes(name: str) -> int:
@@ -813,44 +565,3 @@ def _name_bytes(name: str) -> int:
     ``file_name=`` parameter and separator, percent-encoding every character that is not
     unreserved (yarl leaves some of those unencoded, never encodes more)."""
     return _NAME_PARAM + len(quote(name, safe=""))
-
-
-async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    """Text lines of a streamed body, read in 64 KiB chunks (cheaper than one await per line)."""
-    tail = b""
-    async for chunk in resp.content.iter_chunked(_CHUNK):
-        lines = (tail + chunk).split(b"\n")
-        tail = lines.pop()
-        for raw in lines:
-            yield raw.decode("utf-8", errors="replace")
-    if tail:
-        yield tail.decode("utf-8", errors="replace")
-
-
-async def _gather_or_cancel(coros: Iterable[Awaitable[T]]) -> list[T]:
-    """``gather`` that cancels the others as soon as one fails, then raises that failure."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _cancel_all(
-    feeder: asyncio.Future[None],
-    ready: asyncio.Queue[Optional[asyncio.Future[list[FileRef]]]],
-) -> None:
-    """Stop the feeder and every batch still queued, and wait until they are gone."""
-    pending: list[asyncio.Future[Any]] = [feeder]
-    while not ready.empty():
-        item = ready.get_nowait()
-        if item is not None:
-            pending.append(item)
-    for fut in pending:
-        fut.cancel()
-    results = await asyncio.gather(*pending, return_exceptions=True)
-    for result in results:
-        if isinstance(result, PrestagedError):
-            log.debug("SAM web: dropped after stop: %s", result)

@@ -1,0 +1,485 @@
+"""What the networked catalogs (SAM web, MetaCat, Rucio) share: one aiohttp session per server
+with every request classified, time-bounded retries, streamed lines, unresolved files, and the
+ordered batch pipeline that lets the engine warm the first files while later ones resolve.
+
+Classification, the same for every server (the subclass words the errors):
+
+- 200: the answer, handed to the caller (``HttpApi.exchange``);
+- 5xx, 408, 429, a timeout, a dropped connection: ``Transient``, retried with the project's
+  ``RetryPolicy`` backoff (``retry_initial`` doubling up to ``retry_max``, up to 50% jitter, a
+  ``Retry-After`` honoured but capped at ``retry_max``) for at most ``retry_for`` seconds, then
+  ``CatalogError`` (exit 4) naming the server and what was being asked;
+- any other status: ``HttpApi.status_error`` (the subclass), never retried;
+- a TLS failure, or a server that keeps hanging up before it ever answered (how a server
+  refusing a client certificate looks under TLS 1.3): ``CredentialError`` (exit 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol, TypeVar, Union
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from prestaged._version import __version__
+from prestaged.errors import CatalogError, CredentialError, PrestagedError
+from prestaged.model import FileRef
+from prestaged.net import parse_retry_after, tls_cause
+from prestaged.retry import RetryPolicy
+
+__all__ = [
+    "MAX_UNRESOLVED_KEPT",
+    "Call",
+    "HttpApi",
+    "RetrySettings",
+    "Transient",
+    "Unresolved",
+    "UnresolvedLog",
+    "gather_or_cancel",
+    "lines",
+    "one_line",
+    "ordered",
+    "retry_settings",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_UNRESOLVED_KEPT = 10_000
+"""Unresolved files kept with their locations; beyond this only the count grows."""
+RETRYABLE_STATUS = frozenset({408, 429})
+_EARLY_DROPS = 3  # connections dropped before any answer that mean "certificate refused"
+_CHUNK = 64 * 1024
+_MAX_MESSAGE = 300
+
+T = TypeVar("T")
+B = TypeVar("B")
+A = TypeVar("A", bound="HttpApi")
+Params = Union[Sequence[tuple[str, str]], Mapping[str, str], None]
+
+
+class Transient(Exception):
+    """A failure worth retrying: 5xx/408/429, a timeout or a dropped connection."""
+
+    def __init__(self, reason: str, retry_after: Optional[float] = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+def one_line(text: str, limit: int = _MAX_MESSAGE) -> str:
+    """``text`` on one line (white space runs made one space), cut to ``limit`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a request is for, to word its errors (``what`` reads "listing the files of ...")."""
+
+    what: str
+
+
+class _RetryKeys(Protocol):
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def retry_initial(self) -> float: ...
+    @property
+    def retry_max(self) -> float: ...
+    @property
+    def retry_for(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """The per-server retry and timeout keys (``[catalog.<kind>]``), and their key prefix for
+    messages (``catalog.samweb``)."""
+
+    timeout: float
+    retry_initial: float
+    retry_max: float
+    retry_for: float
+    key: str
+
+
+def retry_settings(cfg: _RetryKeys, key: str) -> RetrySettings:
+    """The ``timeout``/``retry_*`` keys of the config section ``key`` (``catalog.samweb``)."""
+    return RetrySettings(cfg.timeout, cfg.retry_initial, cfg.retry_max, cfg.retry_for, key)
+
+
+class HttpApi:
+    """One aiohttp session to one catalog server (``service`` names it in messages, e.g.
+    ``SAM web``); every request classified as the module docstring says.
+
+    Subclasses word errors (``status_error``), add headers (``headers_for``, asked before
+    every request, so a renewed token is used) and say who was presented (``identity``).
+    """
+
+    service = "catalog"
+
+    def __init__(
+        self,
+        base_url: str,
+        retry: RetrySettings,
+        ssl_context: Optional[ssl.SSLContext],
+        *,
+        limit: int,
+        headers: Optional[Mapping[str, str]] = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        identity: Optional[str] = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry
+        self._ssl = ssl_context
+        self._limit = limit
+        self._headers = {"User-Agent": f"prestaged/{__version__}", **(headers or {})}
+        self._sleep = sleep
+        self.identity = identity
+        """The proxy's DN when one is presented, for messages (None: no certificate)."""
+        # Bounded by time only (retry_for); Retry-After capped at retry_max by Backoff.
+        self.policy = RetryPolicy(
+            attempts=1 << 30, initial=retry.retry_initial, max=retry.retry_max, jitter=0.5,
+            total=retry.retry_for, max_retry_after=retry.retry_max,
+        )
+        self._session: Optional[aiohttp.ClientSession] = None
+        self._answered = False
+        self._early_drops = 0
+        self.on_request: Optional[Callable[[str], None]] = None
+        """Told ``ok`` or ``error`` after every request (the daemon's metrics)."""
+
+    async def __aenter__(self: A) -> A:
+        connector = aiohttp.TCPConnector(limit=self._limit + 1,
+                                         ssl=self._ssl if self._ssl is not None else True)
+        timeout = self.retry.timeout
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
+            headers=self._headers,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def url(self, *segments: str) -> URL:
+        """``base_url`` + ``/``-joined ``segments``, each percent-encoded (``/`` included)."""
+        path = "/".join(quote(s, safe="") for s in segments)
+        return URL(f"{self.base_url}/{path}", encoded=True)
+
+    async def headers_for(self, call: Call) -> Optional[Mapping[str, str]]:
+        """Extra headers of one request (a token); raising ``CredentialError`` sends nothing."""
+        return None
+
+    def detail(self, status: int, reason: str, body: str) -> str:
+        """``HTTP 404: <the server's message>`` for an answer that is not 200; an HTML page (a
+        proxy in front of the server) gives no message: the reason phrase says enough."""
+        text = "" if body.lstrip().startswith("<") else one_line(body)
+        return f"HTTP {status}" + (f": {text}" if text else (f" {reason}" if reason else ""))
+
+    def status_error(self, call: Call, status: int, reason: str, body: str,
+                     headers: Mapping[str, str]) -> Exception:
+        """The error for a non-200 answer that is not worth retrying (the subclass words it)."""
+        return CatalogError(f"{self.service} {self.base_url} failed {call.what}: "
+                            f"{self.detail(status, reason, body)}")
+
+    def tls_hint(self) -> str:
+        """What to check when TLS with the server fails (the subclass names its keys)."""
+        return "check the CA directory"
+
+    @contextlib.asynccontextmanager
+    async def exchange(
+        self,
+        call: Call,
+        url: URL,
+        *,
+        method: Optional[str] = None,
+        params: Params = None,
+        data: Union[Mapping[str, str], str, bytes, None] = None,
+        json_body: Any = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One attempt: yield the 200 response, or raise ``Transient``/a ``PrestagedError``.
+
+        Network errors while the caller reads the body are classified the same way.
+        """
+        assert self._session is not None, "use `async with` first"
+        if method is None:
+            method = "GET" if data is None and json_body is None else "POST"
+        headers = await self.headers_for(call)
+        ok = False
+        try:
+            async with self._session.request(method, url, params=params, data=data,
+                                             json=json_body, headers=headers) as resp:
+                self._answered = True
+                ok = resp.status == 200
+                if resp.status != 200:
+                    body = await resp.text(errors="replace") if resp.status < 600 else ""
+                    raise self._classify(call, resp.status, resp.reason or "", body,
+                                         resp.headers)
+                yield resp
+        except asyncio.TimeoutError:
+            ok = False
+            raise Transient("timed out") from None
+        except aiohttp.ClientError as e:
+            ok = False
+            raise self._network_error(e) from e
+        finally:
+            if self.on_request is not None:
+                self.on_request("ok" if ok else "error")
+
+    def _classify(self, call: Call, status: int, reason: str, body: str,
+                  headers: Mapping[str, str]) -> Exception:
+        if status >= 500 or status in RETRYABLE_STATUS:
+            return Transient(self.detail(status, reason, body),
+                             parse_retry_after(headers.get("Retry-After")))
+        return self.status_error(call, status, reason, body, headers)
+
+    def _network_error(self, e: aiohttp.ClientError) -> Exception:
+        tls = tls_cause(e)
+        if tls is not None:
+            who = f"the proxy of {self.identity}" if self.identity else "no client certificate"
+            why = one_line(str(tls) or type(tls).__name__)
+            return CredentialError(
+                f"TLS with {self.service} {self.base_url} failed ({why}); we presented {who}; "
+                f"{self.tls_hint()}"
+            )
+        if _dropped(e) and not self._answered:
+            # A server that refuses the client certificate (or its absence) under TLS 1.3
+            # simply closes the connection: after a few such drops before any answer at
+            # all, say so instead of retrying for an hour.
+            self._early_drops += 1
+            if self._early_drops >= _EARLY_DROPS:
+                who = (f"does not accept the proxy of {self.identity}" if self.identity
+                       else "requires a client certificate (give a proxy with --proxy)")
+                return CredentialError(
+                    f"{self.service} {self.base_url} closed the connection "
+                    f"{self._early_drops} times without answering; it probably {who}"
+                )
+        if isinstance(e, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
+            return Transient(one_line(str(e) or type(e).__name__))
+        return CatalogError(f"{self.service} {self.base_url}: "
+                            f"{one_line(str(e) or type(e).__name__)}")
+
+    async def fetch(self, call: Call, url: URL, *, params: Params = None,
+                    json_body: bool = True, retry: bool = True) -> Any:
+        """GET ``url`` with retries; the decoded JSON (or text, ``json_body=False``)."""
+        backoff = self.backoff(call)
+        while True:
+            try:
+                async with self.exchange(call, url, params=params) as resp:
+                    text = await resp.text(errors="replace")
+                break
+            except Transient as e:
+                if not retry:
+                    raise
+                await backoff.wait(e)
+        if not json_body:
+            return text
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise CatalogError(f"{self.service} {self.base_url} answered {call.what} with "
+                               "malformed JSON") from None
+
+    def backoff(self, call: Call) -> Backoff:
+        """Retry bookkeeping for one request (or one resumable stream)."""
+        return Backoff(self.policy, self._sleep, f"{self.service} {self.base_url}", call.what,
+                       service=self.service, key=f"{self.retry.key}.retry_for")
+
+
+def _dropped(exc: BaseException) -> bool:
+    """True if ``exc`` is the server closing or resetting the connection without answering."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    cause = getattr(exc, "os_error", None) or exc.__cause__
+    return isinstance(exc, aiohttp.ClientOSError) and isinstance(
+        cause if cause is not None else exc, ConnectionResetError
+    )
+
+
+class Backoff:
+    """Retry bookkeeping for one request: how many tries, since when; the delays themselves
+    come from ``RetryPolicy.delay`` (the project's one backoff formula)."""
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        sleep: Callable[[float], Awaitable[None]],
+        server: str,
+        what: str,
+        *,
+        service: str,
+        key: str,
+    ) -> None:
+        self.policy = policy
+        self.sleep = sleep
+        self.server = server
+        self.what = what
+        self.service = service
+        self.key = key
+        self.tries = 0
+        self.started: Optional[float] = None
+
+    def reset(self) -> None:
+        """Forget earlier failures (the request made progress since)."""
+        self.tries, self.started = 0, None
+
+    async def wait(self, error: Transient) -> None:
+        """Sleep before the next try, or raise ``CatalogError`` when the time budget is spent."""
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        self.tries += 1
+        elapsed = now - self.started
+        # A Retry-After beyond retry_max is capped, not a reason to give up (the config's
+        # documented meaning): only retry_for ends the retries of a catalog request.
+        asked = (None if error.retry_after is None
+                 else min(error.retry_after, self.policy.max_retry_after))
+        delay = self.policy.delay(self.tries, retry_after=asked, elapsed=elapsed)
+        if delay is None:
+            tries = f"{self.tries} tries" if self.tries > 1 else "1 try"
+            raise CatalogError(
+                f"{self.server} unreachable while {self.what}: {error.reason} "
+                f"(gave up after {tries} in {elapsed:.0f} s; {self.key})"
+            )
+        log.warning("%s: %s while %s; retry %d in %.1f s",
+                    self.service, error.reason, self.what, self.tries, delay)
+        await self.sleep(delay)
+
+
+# --- unresolved files ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unresolved:
+    """A file the catalog listed but that got no URL: where the catalog says it is, and why."""
+
+    name: str
+    locations: tuple[str, ...]
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"name": self.name, "locations": list(self.locations), "reason": self.reason}
+
+
+class UnresolvedLog:
+    """The unresolved files of one ``files()`` pass: all counted, the first
+    ``MAX_UNRESOLVED_KEPT`` kept; the first one is logged as a WARNING, the others at DEBUG."""
+
+    def __init__(self) -> None:
+        self.unresolved: list[Unresolved] = []
+        """The first ``MAX_UNRESOLVED_KEPT`` files that got no URL."""
+        self.unresolved_count = 0
+        """Files that got no URL (all of them, kept or not)."""
+
+    def _unresolved(self, name: str, locations: tuple[str, ...], reason: str) -> None:
+        self.unresolved_count += 1
+        if len(self.unresolved) < MAX_UNRESOLVED_KEPT:
+            self.unresolved.append(Unresolved(name, locations, reason))
+        level = logging.WARNING if self.unresolved_count == 1 else logging.DEBUG
+        log.log(level, "unresolved: %s (%s): %s", name, reason, ", ".join(locations) or "-")
+
+    def _forget_unresolved(self) -> None:
+        self.unresolved, self.unresolved_count = [], 0
+
+
+# --- streams and pipelines -----------------------------------------------------------------
+
+
+async def lines(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
+    """Text lines of a streamed body, read in 64 KiB chunks (cheaper than one await per line)."""
+    tail = b""
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        parts = (tail + chunk).split(b"\n")
+        tail = parts.pop()
+        for raw in parts:
+            yield raw.decode("utf-8", errors="replace")
+    if tail:
+        yield tail.decode("utf-8", errors="replace")
+
+
+async def gather_or_cancel(coros: Iterable[Awaitable[T]]) -> list[T]:
+    """``gather`` that cancels the others as soon as one fails, then raises that failure."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def ordered(
+    batches: AsyncGenerator[B, None],
+    resolve: Callable[[B], Awaitable[list[FileRef]]],
+    parallel: int,
+) -> AsyncIterator[FileRef]:
+    """The files of ``resolve(batch)`` for every batch, in batch order, with up to ``parallel``
+    batches resolving at once while the earlier ones are handed out.
+
+    Memory stays bounded: besides the batch being handed out, at most ``parallel`` batches are
+    resolving (or resolved) at any time, and ``batches`` is read only as fast as they are
+    consumed. An error from ``batches`` reaches the consumer after the batches before it; an
+    error of a batch when its turn comes. Stopping early cancels everything still running.
+    """
+    slots = asyncio.Semaphore(parallel)
+    ready: asyncio.Queue[Optional[asyncio.Future[list[FileRef]]]] = asyncio.Queue()
+
+    async def feed() -> None:
+        try:
+            async for batch in batches:
+                await slots.acquire()
+                ready.put_nowait(asyncio.ensure_future(resolve(batch)))
+        except Exception as e:  # handed to the consumer, in order, after the batches before it
+            failed: asyncio.Future[list[FileRef]] = asyncio.get_running_loop().create_future()
+            failed.set_exception(e)
+            await slots.acquire()
+            ready.put_nowait(failed)
+        finally:
+            await batches.aclose()
+        ready.put_nowait(None)
+
+    feeder = asyncio.ensure_future(feed())
+    try:
+        while True:
+            batch = await ready.get()
+            if batch is None:
+                break
+            try:
+                refs = await batch
+            finally:
+                slots.release()
+            for ref in refs:
+                yield ref
+        await feeder
+    finally:
+        await _cancel_all(feeder, ready)
+
+
+async def _cancel_all(
+    feeder: asyncio.Future[None],
+    ready: asyncio.Queue[Optional[asyncio.Future[list[FileRef]]]],
+) -> None:
+    """Stop the feeder and every batch still queued, and wait until they are gone."""
+    pending: list[asyncio.Future[Any]] = [feeder]
+    while not ready.empty():
+        item = ready.get_nowait()
+        if item is not None:
+            pending.append(item)
+    for fut in pending:
+        fut.cancel()
+    results = await asyncio.gather(*pending, return_exceptions=True)
+    for result in results:
+        if isinstance(result, PrestagedError):
+            log.debug("catalog: dropped after stop: %s", result)
