@@ -50,10 +50,12 @@ __all__ = [
     "CredentialsConfig",
     "DaemonConfig",
     "LocalCatalogConfig",
+    "MetaCatConfig",
     "OutputConfig",
     "PathMap",
     "RetryConfig",
     "RewriteRule",
+    "RucioConfig",
     "SamWebConfig",
     "StateConfig",
     "StorageConfig",
@@ -407,6 +409,77 @@ class SamWebConfig:
 
 
 @dataclass(frozen=True)
+class MetaCatConfig:
+    """``[catalog.metacat]``: DUNE's file catalog MetaCat (datasets ``namespace:name``, MQL
+    queries); the files' replicas come from ``[catalog.rucio]``."""
+
+    url: Optional[str] = field(default=None, metadata=check(_HTTP_URL))
+    """Server URL as the metacat client takes it, application prefix included (e.g.
+    ``https://metacat.fnal.gov:9443/dune_meta_prod/app``); unset: ``$METACAT_SERVER_URL``."""
+    auth: str = field(default="auto", metadata=check(one_of("auto", "metacat", "token",
+                                                              "none")))
+    """``metacat``: the MetaCat token (``token_file``, else the token library's entry for
+    ``url``, as ``metacat auth login`` leaves it) as ``X-Authentication-Token``; ``token``: the
+    WLCG bearer token (``[credentials]``) as ``Authorization: Bearer``; ``none``: anonymous
+    (MetaCat reads need no token); ``auto``: the first of those that is there."""
+    token_file: Optional[Path] = None
+    """File holding a MetaCat token; unset: the token library."""
+    token_library: Optional[Path] = None
+    """The metacat client's token library (lines ``<server URL> <token>``); unset:
+    ``$HOME/.token_library``, ``./.token_library``, ``/tmp/.token_library``, as the client."""
+    page: int = field(default=10_000, metadata=check(within(1, 1_000_000)))
+    """Files per page of an MQL query (``(QUERY) ordered skip K limit N``, as the client
+    pages); a page cut off midway is asked again."""
+    timeout: Duration = field(default=Duration(120.0), metadata=check(_UP_TO_A_DAY))
+    """Connect limit, and longest wait for the next bytes of an answer (seconds)."""
+    retry_initial: Duration = field(default=Duration(1.0), metadata=check(_ZERO_TO_AN_HOUR))
+    """First backoff after a 5xx, timeout or dropped connection (seconds); doubles each retry."""
+    retry_max: Duration = field(default=Duration(60.0), metadata=check(_ZERO_TO_A_DAY))
+    """Largest backoff between two tries (seconds); also caps a server's ``Retry-After``."""
+    retry_for: Duration = field(default=Duration(3600.0), metadata=check(_ZERO_TO_30_DAYS))
+    """Give up on an unanswered request after retrying this long (seconds; 0: never retry)."""
+
+
+@dataclass(frozen=True)
+class RucioConfig:
+    """``[catalog.rucio]``: the replica catalog that turns MetaCat's files into URLs."""
+
+    url: Optional[str] = field(default=None, metadata=check(_HTTP_URL))
+    """Rucio server (``rucio_host``), e.g. ``https://dune-rucio.fnal.gov``."""
+    auth_url: Optional[str] = field(default=None, metadata=check(_HTTP_URL))
+    """Rucio authentication server (``auth_host``); unset: ``url``."""
+    account: Optional[str] = field(default=None, metadata=check(PLAIN_NAME))
+    """Rucio account (``X-Rucio-Account``); unset: ``$RUCIO_ACCOUNT``, else (X.509 only) the
+    identity's default account."""
+    auth: str = field(default="auto", metadata=check(one_of("auto", "x509", "userpass",
+                                                              "token")))
+    """``x509``: log in with the proxy (``/auth/x509``); ``userpass``: with ``username`` and
+    ``password_file`` (``/auth/userpass``); ``token``: send the WLCG bearer token itself;
+    ``auto``: the token when one was found, else the proxy."""
+    username: Optional[str] = None
+    """User name of a ``userpass`` identity."""
+    password_file: Optional[Path] = None
+    """File holding the ``userpass`` password (never logged)."""
+    rse_expression: Optional[str] = None
+    """Only replicas on RSEs matching this Rucio RSE expression; unset: all."""
+    rse_preference: tuple[str, ...] = field(default=(), metadata=check(PLAIN_NAME))
+    """RSEs in order of preference (after DISK before TAPE); unlisted RSEs come after, in
+    Rucio's priority order. Empty: Rucio's priority alone."""
+    chunk: int = field(default=500, metadata=check(within(1, 1000)))
+    """Files per ``/replicas/list`` request (Rucio struggles above 1,000)."""
+    parallel: int = field(default=4, metadata=check(within(1, 64)))
+    """Replica requests in flight at once (bounds the files held in memory, too)."""
+    timeout: Duration = field(default=Duration(120.0), metadata=check(_UP_TO_A_DAY))
+    """Connect limit, and longest wait for the next bytes of an answer (seconds)."""
+    retry_initial: Duration = field(default=Duration(1.0), metadata=check(_ZERO_TO_AN_HOUR))
+    """First backoff after a 5xx, timeout or dropped connection (seconds); doubles each retry."""
+    retry_max: Duration = field(default=Duration(60.0), metadata=check(_ZERO_TO_A_DAY))
+    """Largest backoff between two tries (seconds); also caps a server's ``Retry-After``."""
+    retry_for: Duration = field(default=Duration(3600.0), metadata=check(_ZERO_TO_30_DAYS))
+    """Give up on an unanswered request after retrying this long (seconds; 0: never retry)."""
+
+
+@dataclass(frozen=True)
 class CatalogConfig:
     """``[catalog]``: which catalog resolves a definition name."""
 
@@ -414,6 +487,8 @@ class CatalogConfig:
     """Catalog used when ``--catalog`` is not given."""
     local: LocalCatalogConfig = field(default_factory=LocalCatalogConfig)
     samweb: SamWebConfig = field(default_factory=SamWebConfig)
+    metacat: MetaCatConfig = field(default_factory=MetaCatConfig)
+    rucio: RucioConfig = field(default_factory=RucioConfig)
 
 
 @dataclass(frozen=True)
@@ -608,6 +683,21 @@ def _table_array(tp: Any, value: object, key: str, base: Path) -> tuple[Any, ...
     return tuple(build_section(tp, item, f"{key}[{i}].", base) for i, item in enumerate(value))
 
 
+def _string_array(fld: dataclasses.Field[Any], value: object, key: str) -> tuple[str, ...]:
+    """An array of strings, each passing the field's check; errors name ``key[i]``."""
+    if not isinstance(value, list):
+        raise ConfigError(f'{key}: expected an array of strings such as ["A", "B"], '
+                          f"got {shown(value)}")
+    rule: Optional[Check] = fld.metadata.get("check")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ConfigError(f"{key}[{i}]: expected a string, got {shown(item)}")
+        if rule is not None and not rule.ok(item):
+            raise ConfigError(f"{key}[{i}]: expected {rule.describe('string')}, "
+                              f"got {shown(item)}")
+    return tuple(value)
+
+
 def shown(value: object) -> str:
     """``value`` as an error message quotes it after "got": strings in double quotes (JSON
     escapes), anything else as its ``repr``."""
@@ -644,6 +734,8 @@ def _convert(tp: Any, fld: dataclasses.Field[Any], value: object, key: str, base
         return build_section(tp, value, key + ".", base)  # type: ignore[arg-type]
     if getattr(tp, "__origin__", None) is tuple:
         item, rest = tp.__args__[0], tp.__args__[1:]
+        if rest == (Ellipsis,) and item is str:
+            return _string_array(fld, value, key)
         if rest != (Ellipsis,) or not dataclasses.is_dataclass(item):  # pragma: no cover
             raise TypeError(f"unsupported config type {tp!r} for {key}")
         return _table_array(item, value, key, base)

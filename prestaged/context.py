@@ -139,11 +139,15 @@ class Context:
 
     # --- catalogs -------------------------------------------------------------------------
 
-    def catalog_kind(self, kind: Optional[str] = None, *, dims: Optional[str] = None) -> str:
-        """``kind``, else samweb for a dimensions query, else ``catalog.default``."""
+    def catalog_kind(self, kind: Optional[str] = None, *, dims: Optional[str] = None,
+                     mql: Optional[str] = None) -> str:
+        """``kind``, else samweb for a dimensions query, metacat for an MQL query, else
+        ``catalog.default``."""
         if kind is not None:
             return kind
-        return "samweb" if dims is not None else self.cfg.catalog.default
+        if dims is not None:
+            return "samweb"
+        return "metacat" if mql is not None else self.cfg.catalog.default
 
     def catalog_credentials(self, creds: Optional[Credentials]) -> Optional[Credentials]:
         """The credentials a networked catalog is shown: ``creds`` or, when None, the proxy if
@@ -167,60 +171,112 @@ class Context:
             return None
 
     def open_catalog(self, kind: Optional[str], definition: str, *, dims: Optional[str] = None,
-                     creds: Optional[Credentials] = None,
+                     mql: Optional[str] = None, creds: Optional[Credentials] = None,
                      probe: Optional[CatalogProbe] = None) -> Catalog:
-        """The catalog ``kind`` (see ``catalog_kind``) for ``definition`` (or ``dims``).
+        """The catalog ``kind`` (see ``catalog_kind``) for ``definition`` (or ``dims``, or
+        ``mql``: then ``definition`` is that query).
 
-        A networked catalog (SAM web) is shown ``catalog_credentials(creds)`` and, with
-        ``catalog.samweb.use_token``, sent the bearer token; ``probe`` hears each of its
-        requests. No I/O for the local catalog beyond finding the file.
+        SAM web is shown ``catalog_credentials(creds)`` and, with ``catalog.samweb.use_token``,
+        sent the bearer token; MetaCat and Rucio get ``creds`` (loaded when None) as their
+        sections say; ``probe`` hears each request of a networked catalog. No I/O for the
+        local catalog beyond finding the file.
         """
-        kind = self.catalog_kind(kind, dims=dims)
-        if kind != "samweb":
-            return open_catalog(kind, definition, self.cfg.catalog, dims=dims)
-        from prestaged.catalog.samweb import samweb_ssl_context
-
-        shown = self.catalog_credentials(creds)
-        if shown is not None and shown.proxy is not None:
-            tls, identity = samweb_ssl_context(shown), shown.proxy.identity
+        kind = self.catalog_kind(kind, dims=dims, mql=mql)
+        if kind == "metacat":
+            catalog = self._open_metacat(definition, mql is not None, creds)
+        elif kind != "samweb":
+            return open_catalog(kind, definition, self.cfg.catalog, dims=dims,
+                                mql=mql is not None)
         else:
-            ca_dir, _ = resolve_ca_dir(self.ca_dir, self.cfg.credentials.ca_dir)
-            tls, identity = samweb_ssl_context(None, ca_dir), None
-        token = None
-        if self.cfg.catalog.samweb.use_token:
-            token = (shown or creds or self.load_credentials()).token
-        catalog = open_catalog(kind, definition, self.cfg.catalog, ssl_context=tls, dims=dims,
-                               identity=identity, token=token)
+            catalog = self._open_samweb(definition, dims, creds)
         if probe is not None and hasattr(catalog, "on_request"):
             catalog.on_request = lambda result: probe(kind, result)
         return catalog
 
+    def _open_samweb(self, definition: str, dims: Optional[str],
+                     creds: Optional[Credentials]) -> Catalog:
+        from prestaged.catalog.http import catalog_ssl_context
+
+        shown = self.catalog_credentials(creds)
+        if shown is not None and shown.proxy is not None:
+            tls, identity = catalog_ssl_context(shown), shown.proxy.identity
+        else:
+            ca_dir, _ = resolve_ca_dir(self.ca_dir, self.cfg.credentials.ca_dir)
+            tls, identity = catalog_ssl_context(None, ca_dir), None
+        token = None
+        if self.cfg.catalog.samweb.use_token:
+            token = (shown or creds or self.load_credentials()).token
+        return open_catalog("samweb", definition, self.cfg.catalog, ssl_context=tls, dims=dims,
+                            identity=identity, token=token)
+
+    def _open_metacat(self, definition: str, mql: bool,
+                      creds: Optional[Credentials]) -> Catalog:
+        """MetaCat with Rucio, shown ``creds`` (found now when None): the proxy for Rucio's
+        x509 login, the token where ``[catalog.metacat]``/``[catalog.rucio] auth`` say. A run
+        that needs neither (userpass for Rucio, MetaCat anonymous or with its own token) goes
+        on without them."""
+        from prestaged.catalog.http import catalog_ssl_context
+        from prestaged.catalog.metacat import check_config
+
+        check_config(self.cfg.catalog)
+        if creds is None:
+            try:
+                creds = self.load_credentials()
+            except CredentialError:
+                if self.cfg.catalog.rucio.auth != "userpass" \
+                        or self.cfg.catalog.metacat.auth == "token":
+                    raise
+        if creds is not None:
+            tls = catalog_ssl_context(creds)
+            identity = creds.proxy.identity if creds.proxy is not None else None
+        else:
+            ca_dir, _ = resolve_ca_dir(self.ca_dir, self.cfg.credentials.ca_dir)
+            tls, identity = catalog_ssl_context(None, ca_dir), None
+        return open_catalog("metacat", definition, self.cfg.catalog, ssl_context=tls, mql=mql,
+                            identity=identity, token=creds.token if creds else None)
+
     def open_for_warm(self, kind: Optional[str], definition: Optional[str],
-                      dims: Optional[str] = None) -> tuple[Catalog, Credentials]:
+                      dims: Optional[str] = None,
+                      mql: Optional[str] = None) -> tuple[Catalog, Credentials]:
         """(catalog, credentials) for a warm run, checked in the order users see errors in:
-        a SAM configuration before the proxy, a local definition file before the proxy."""
-        name = self.definition_name(definition, dims)
-        if self.catalog_kind(kind, dims=dims) == "samweb":
+        a catalog's configuration before the credentials, a local definition file before
+        them."""
+        name = self.definition_name(definition, dims, mql)
+        chosen = self.catalog_kind(kind, dims=dims, mql=mql)
+        if chosen == "samweb":
             from prestaged.catalog.samweb import check_config
 
             check_config(self.cfg.catalog.samweb)
-            creds = self.load_credentials()
-            return self.open_catalog(kind, name, dims=dims, creds=creds), creds
-        catalog = self.open_catalog(kind, name, dims=dims)
-        return catalog, self.load_credentials()
+        elif chosen == "metacat":
+            from prestaged.catalog.metacat import check_config as check_metacat
+
+            check_metacat(self.cfg.catalog)
+        else:
+            catalog = self.open_catalog(kind, name, dims=dims, mql=mql)
+            return catalog, self.load_credentials()
+        creds = self.load_credentials()
+        return self.open_catalog(kind, name, dims=dims, mql=mql, creds=creds), creds
 
     @staticmethod
-    def definition_name(definition: Optional[str], dims: Optional[str]) -> str:
-        """The definition (or dimensions query) a command names; ``ConfigError`` for neither
-        or both."""
-        if dims is not None:
+    def definition_name(definition: Optional[str], dims: Optional[str],
+                        mql: Optional[str] = None) -> str:
+        """The definition (or dimensions or MQL query) a command names; ``ConfigError`` for
+        none or more than one."""
+        given = [(flag, text) for flag, text in (("--dims", dims), ("--mql", mql))
+                 if text is not None]
+        if len(given) > 1:
+            raise ConfigError("give --dims or --mql, not both")
+        if given:
+            flag, text = given[0]
             if definition is not None:
-                raise ConfigError("give a DEFINITION or --dims, not both")
-            if not dims.strip():
-                raise ConfigError("--dims: expected a SAM dimensions query, got nothing")
-            return dims
+                raise ConfigError(f"give a DEFINITION or {flag}, not both")
+            if not text.strip():
+                what = "a SAM dimensions query" if flag == "--dims" else "an MQL query"
+                raise ConfigError(f"{flag}: expected {what}, got nothing")
+            return text
         if definition is None:
-            raise ConfigError("give a DEFINITION (or --dims with the samweb catalog)")
+            raise ConfigError("give a DEFINITION (or --dims with the samweb catalog, --mql "
+                              "with the metacat catalog)")
         return definition
 
     # --- gate, keep-warm and release -----------------------------------------------------

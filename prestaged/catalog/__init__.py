@@ -1,7 +1,7 @@
 """Catalogs turn a definition name into a stream of ``FileRef``s.
 
 Every backend implements the ``Catalog`` protocol; the engine only ever sees the async iterator,
-so SAM web, MetaCat or Rucio plug in without touching it. Nothing here holds a whole dataset in
+so SAM web or MetaCat with Rucio plug in without touching it. Nothing here holds a whole dataset in
 memory: backends stream.
 """
 
@@ -40,7 +40,7 @@ class Catalog(Protocol):
         ...
 
 
-KINDS = ("local", "samweb")
+KINDS = ("local", "samweb", "metacat")
 """Catalog backends this build knows (``--catalog``, ``catalog.default``)."""
 
 
@@ -51,18 +51,22 @@ def open_catalog(
     *,
     ssl_context: Optional[ssl.SSLContext] = None,
     dims: Optional[str] = None,
+    mql: bool = False,
     identity: Optional[str] = None,
     token: Optional[TokenSource] = None,
 ) -> Catalog:
     """The catalog ``kind`` for ``definition``; ``ConfigError`` for an unknown kind.
 
-    ``ssl_context`` (the client TLS context for a networked catalog, built by the caller),
-    ``dims`` (a SAM dimensions query instead of a definition), ``identity`` (the DN
-    presented, for error messages) and ``token`` (the bearer token, sent when
-    ``catalog.samweb.use_token``) are used by ``samweb`` only.
+    For the networked catalogs (``samweb``, ``metacat``): ``ssl_context`` (the client TLS
+    context, built by the caller), ``identity`` (the DN presented, for error messages) and
+    ``token`` (the bearer token, sent where the catalog's configuration says). ``dims`` (a SAM
+    dimensions query instead of a definition) is for ``samweb``; ``mql`` (``definition`` is an
+    MQL query, not a dataset) for ``metacat``.
     """
     if dims is not None and kind != "samweb":
         raise ConfigError(f"--dims needs the samweb catalog, not {kind!r}")
+    if mql and kind != "metacat":
+        raise ConfigError(f"--mql needs the metacat catalog, not {kind!r}")
     if kind == "local":
         from prestaged.catalog.local import LocalCatalog
 
@@ -72,4 +76,9 @@ def open_catalog(
 
         return SamWebCatalog(definition, cfg.samweb, ssl_context, dims=dims, identity=identity,
                              token=token)
+    if kind == "metacat":
+        from prestaged.catalog.metacat import MetaCatCatalog
+
+        return MetaCatCatalog(definition, cfg, ssl_context, mql=mql, identity=identity,
+                              token=token)
     raise ConfigError(f"catalog {kind!r} is not known; choose one of: {', '.join(KINDS)}")

@@ -24,7 +24,8 @@ import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol, TypeVar, Union
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypeVar, Union
 from urllib.parse import quote
 
 import aiohttp
@@ -36,6 +37,9 @@ from prestaged.model import FileRef
 from prestaged.net import parse_retry_after, tls_cause
 from prestaged.retry import RetryPolicy
 
+if TYPE_CHECKING:
+    from prestaged.credentials import Credentials
+
 __all__ = [
     "MAX_UNRESOLVED_KEPT",
     "Call",
@@ -44,6 +48,7 @@ __all__ = [
     "Transient",
     "Unresolved",
     "UnresolvedLog",
+    "catalog_ssl_context",
     "gather_or_cancel",
     "lines",
     "one_line",
@@ -172,10 +177,11 @@ class HttpApi:
             await self._session.close()
             self._session = None
 
-    def url(self, *segments: str) -> URL:
-        """``base_url`` + ``/``-joined ``segments``, each percent-encoded (``/`` included)."""
+    def url(self, *segments: str, base: Optional[str] = None) -> URL:
+        """``base_url`` (or ``base``) + ``/``-joined ``segments``, each percent-encoded (``/``
+        included)."""
         path = "/".join(quote(s, safe="") for s in segments)
-        return URL(f"{self.base_url}/{path}", encoded=True)
+        return URL(f"{base or self.base_url}/{path}", encoded=True)
 
     async def headers_for(self, call: Call) -> Optional[Mapping[str, str]]:
         """Extra headers of one request (a token); raising ``CredentialError`` sends nothing."""
@@ -355,6 +361,28 @@ class Backoff:
         log.warning("%s: %s while %s; retry %d in %.1f s",
                     self.service, error.reason, self.what, self.tries, delay)
         await self.sleep(delay)
+
+
+def catalog_ssl_context(
+    credentials: Optional[Credentials] = None, ca_dir: Optional[Path] = None
+) -> ssl.SSLContext:
+    """Client TLS context for a catalog: presenting the proxy of ``credentials``, or anonymous.
+
+    Trusts the system's CAs plus the grid CA directory (``credentials.ca_dir``; anonymous:
+    ``ca_dir`` if it exists): catalog servers may carry either kind of certificate.
+    Raises ``CredentialError`` if OpenSSL refuses the proxy or the CA directory.
+    """
+    if credentials is not None:
+        ctx = credentials.ssl_context()
+        ctx.load_default_certs()
+        return ctx
+    ctx = ssl.create_default_context()
+    if ca_dir is not None and ca_dir.is_dir():
+        try:
+            ctx.load_verify_locations(capath=str(ca_dir))
+        except (ssl.SSLError, OSError) as e:
+            raise CredentialError(f"CA directory {ca_dir}: OpenSSL cannot load it") from e
+    return ctx
 
 
 # --- unresolved files ----------------------------------------------------------------------

@@ -48,7 +48,6 @@ import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 from urllib.parse import quote, urlsplit
 
@@ -57,6 +56,7 @@ from prestaged.catalog.http import (
     HttpApi,
     Transient,
     UnresolvedLog,
+    catalog_ssl_context,
     gather_or_cancel,
     lines,
     one_line,
@@ -70,7 +70,6 @@ from prestaged.model import FileRef
 from prestaged.net import bearer_error
 
 if TYPE_CHECKING:
-    from prestaged.credentials import Credentials
     from prestaged.tokens import TokenSource
 
 __all__ = [
@@ -152,26 +151,8 @@ def _with_port(host: str) -> str:
     return host if port else f"{host}:{DEFAULT_PORT}"
 
 
-def samweb_ssl_context(
-    credentials: Optional[Credentials] = None, ca_dir: Optional[Path] = None
-) -> ssl.SSLContext:
-    """Client TLS context for SAM: presenting the proxy of ``credentials``, or anonymous.
-
-    Trusts the system's CAs plus the grid CA directory (``credentials.ca_dir``; anonymous:
-    ``ca_dir`` if it exists): SAM servers may carry either kind of certificate.
-    Raises ``CredentialError`` if OpenSSL refuses the proxy or the CA directory.
-    """
-    if credentials is not None:
-        ctx = credentials.ssl_context()
-        ctx.load_default_certs()
-        return ctx
-    ctx = ssl.create_default_context()
-    if ca_dir is not None and ca_dir.is_dir():
-        try:
-            ctx.load_verify_locations(capath=str(ca_dir))
-        except (ssl.SSLError, OSError) as e:
-            raise CredentialError(f"CA directory {ca_dir}: OpenSSL cannot load it") from e
-    return ctx
+samweb_ssl_context = catalog_ssl_context
+"""The client TLS context SAM web gets (``catalog.http.catalog_ssl_context``)."""
 
 
 # --- one request, classified -------------------------------------------------------------------

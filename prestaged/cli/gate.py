@@ -81,7 +81,7 @@ def _gate(args: argparse.Namespace, cfg: Config) -> GateResult:
                                                                unit="s"))
     ready = check_ready(args.ready)
     ctx = context(args, cfg)
-    catalog, creds = ctx.open_for_warm(args.catalog, args.definition, args.dims)
+    catalog, creds = ctx.open_for_warm(args.catalog, args.definition, args.dims, args.mql)
     settings = ctx.warm_settings(creds)
     store = ctx.open_store()
 

@@ -97,17 +97,23 @@ def _source(*, option: bool) -> argparse.ArgumentParser:
     p = _parent()
     what = "definition name, or a text file of URLs (one per line)"
     if option:
-        p.add_argument("--definition", metavar="DEFINITION", help=what + " (or --dims)")
+        p.add_argument("--definition", metavar="DEFINITION", help=what + " (or --dims/--mql)")
     else:
-        p.add_argument("definition", nargs="?", help=what)
-    p.add_argument("--catalog", help="catalog that resolves DEFINITION: local or samweb "
-                                     "(default: catalog.default; --dims implies samweb)")
+        p.add_argument("definition", nargs="?", help=what + "; a MetaCat dataset is "
+                                                            "namespace:name")
+    p.add_argument("--catalog", help="catalog that resolves DEFINITION: local, samweb or "
+                                     "metacat (default: catalog.default; --dims implies "
+                                     "samweb, --mql metacat)")
     p.add_argument("--catalog-dir", metavar="DIR", help="directory of NAME.txt definitions")
     g = p.add_argument_group("SAM web")
     g.add_argument("--dims", metavar="DIMENSIONS",
                    help="files matching a SAM dimensions query instead of a definition")
     g.add_argument("-e", "--experiment",
                    help="SAM experiment (default: catalog.samweb.experiment, $SAM_EXPERIMENT)")
+    g = p.add_argument_group("MetaCat")
+    g.add_argument("--mql", metavar="QUERY",
+                   help="files matching a MetaCat MQL query (\"files from ns:name where ...\") "
+                        "instead of a dataset; replicas from Rucio")
     return p
 
 

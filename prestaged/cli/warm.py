@@ -38,7 +38,7 @@ def cmd_warm(args: argparse.Namespace, cfg: Config) -> int:
     if args.dry_run:
         return run(_dry_run(_open(args, cfg), as_json=args.json))
     ctx = context(args, cfg)
-    catalog, creds = ctx.open_for_warm(args.catalog, args.definition, args.dims)
+    catalog, creds = ctx.open_for_warm(args.catalog, args.definition, args.dims, args.mql)
     bar = sys.stderr.isatty() if args.bar is None else args.bar
     if args.json or args.quiet:
         bar = False
@@ -57,10 +57,11 @@ def cmd_files(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _open(args: argparse.Namespace, cfg: Config) -> Catalog:
-    """The catalog for the command line's DEFINITION or --dims."""
+    """The catalog for the command line's DEFINITION, --dims or --mql."""
     ctx = context(args, cfg)
-    return ctx.open_catalog(args.catalog, ctx.definition_name(args.definition, args.dims),
-                            dims=args.dims)
+    return ctx.open_catalog(args.catalog,
+                            ctx.definition_name(args.definition, args.dims, args.mql),
+                            dims=args.dims, mql=args.mql)
 
 
 def _with_unresolved(catalog: Catalog, code: int) -> int:

@@ -1,0 +1,450 @@
+"""The MetaCat catalog: a MetaCat dataset (``namespace:name``) or MQL query -> its files ->
+their replicas in Rucio -> a stream of storage URLs. DUNE resolves its input this way.
+
+MetaCat is spoken as its real client (``metacat.webapi.MetaCatClient``, PyPI
+``metacat-client`` 4.x) speaks it, under ``[catalog.metacat] url`` (application prefix
+included):
+
+- a dataset: ``GET {url}/data/dataset_files?dataset=ns:name&with_metadata=no&
+  include_retired_files=no``, streamed as ``application/json-seq`` (RFC 7464: 0x1E, a JSON file
+  record, ``\\n``); a listing cut off midway is asked again and the records already seen are
+  skipped (MetaCat promises no order, but lists the same dataset the same way);
+- a query (``--mql``): ``POST {url}/data/query?with_meta=no&with_provenance=no&trimquery=...``
+  with the MQL as the body, paged as the client pages, ``(QUERY) ordered skip K limit N``
+  (``[catalog.metacat] page``), until a page comes back short;
+- the count for progress: ``GET {url}/data/dataset?dataset=ns:name`` (``file_count``).
+
+Authentication (``[catalog.metacat] auth``): the MetaCat token in ``X-Authentication-Token``
+(``token_file``, or the client's token library entry for ``url``), the WLCG bearer token in
+``Authorization``, or none (MetaCat reads are open).
+
+The listed files are cut into chunks of ``[catalog.rucio] chunk`` DIDs, each resolved by one
+Rucio ``/replicas/list`` request (``prestaged.catalog.rucio``), ``[catalog.rucio] parallel`` at
+once, and yielded in listing order as soon as their chunk is resolved: the engine warms the
+first files while later chunks are still being listed and asked. Memory stays bounded by
+``parallel`` chunks.
+
+A file Rucio does not know, knows no available replica of, or has no https/davs replica of is
+unresolved and reported as SAM's unresolved files are (``unresolved``, ``unresolved_count``).
+
+Errors: an unknown dataset -> ``CatalogError`` naming it (exit 4), as is MQL MetaCat rejects;
+401/403 from either server -> ``CredentialError`` (exit 3) with the server's message;
+5xx/408/429, timeouts and dropped connections are retried for ``retry_for``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import ssl
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+from prestaged.catalog.http import (
+    Call,
+    HttpApi,
+    Transient,
+    UnresolvedLog,
+    lines,
+    one_line,
+    ordered,
+    retry_settings,
+)
+from prestaged.catalog.rucio import RucioApi, pick, rucio_login_mode
+from prestaged.config import CatalogConfig, MetaCatConfig, RucioConfig
+from prestaged.errors import CatalogError, ConfigError, CredentialError
+from prestaged.model import FileRef
+from prestaged.net import bearer_error
+from prestaged.tokens import check_token, inspect_token, read_token_file
+
+if TYPE_CHECKING:
+    from prestaged.tokens import TokenSource
+
+__all__ = ["MetaCatCatalog", "check_config", "metacat_token", "metacat_url"]
+
+log = logging.getLogger(__name__)
+
+_DATASET = re.compile(r"[^:\s]+:[^:\s]+")
+_TRIM = 255  # characters of MQL the client repeats in trimquery= (for the server's logs)
+
+
+def metacat_url(cfg: MetaCatConfig, env: Optional[Mapping[str, str]] = None) -> str:
+    """``cfg.url``, else ``$METACAT_SERVER_URL`` (the metacat client's variable); no trailing
+    slash. ``ConfigError`` when neither is set."""
+    environ = os.environ if env is None else env
+    url = cfg.url or environ.get("METACAT_SERVER_URL") or None
+    if url is None:
+        raise ConfigError("MetaCat: no server; set [catalog.metacat] url (e.g. "
+                          "https://metacat.fnal.gov:9443/dune_meta_prod/app) or "
+                          "$METACAT_SERVER_URL")
+    return url.rstrip("/")
+
+
+def check_config(cfg: CatalogConfig, env: Optional[Mapping[str, str]] = None) -> str:
+    """Raise ``ConfigError`` unless MetaCat and Rucio are named (and userpass has its keys);
+    else return the MetaCat URL. No I/O: the CLI calls it before the credential checks."""
+    url = metacat_url(cfg.metacat, env)
+    if cfg.rucio.url is None:
+        raise ConfigError("catalog.rucio.url: not set; the MetaCat catalog resolves its "
+                          "files' replicas through Rucio (e.g. https://dune-rucio.fnal.gov)")
+    if cfg.rucio.auth == "userpass":
+        rucio_login_mode(cfg.rucio, have_token=False)
+    return url
+
+
+def _library_paths(cfg: MetaCatConfig, env: Mapping[str, str]) -> list[Path]:
+    if cfg.token_library is not None:
+        return [cfg.token_library]
+    return [Path(d) / ".token_library" for d in (env.get("HOME"), str(Path.cwd()), "/tmp") if d]
+
+
+def metacat_token(cfg: MetaCatConfig, url: str,
+                  env: Optional[Mapping[str, str]] = None) -> Optional[tuple[str, str]]:
+    """``(token, where)``: the MetaCat token of ``token_file``, else the first token library's
+    entry for ``url`` (the metacat client's search: ``$HOME``, the working directory,
+    ``/tmp``), as long as it has not expired; None when there is none. ``CredentialError``
+    for a ``token_file`` that cannot be read, is not a token, or has expired."""
+    environ = os.environ if env is None else env
+    if cfg.token_file is not None:
+        text = read_token_file(cfg.token_file, f"catalog.metacat.token_file {cfg.token_file}")
+        check_token(inspect_token(text, source="catalog.metacat.token_file",
+                                  path=cfg.token_file), 0.0)
+        return text, f"MetaCat token {cfg.token_file}"
+    for path in _library_paths(cfg, environ):
+        try:
+            entries = path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            continue
+        for line in entries:
+            parts = line.split(None, 1)
+            if len(parts) != 2 or parts[0].rstrip("/") != url:
+                continue
+            text = parts[1].strip()
+            try:
+                check_token(inspect_token(text, source="the MetaCat token library",
+                                          path=path), 0.0)
+            except CredentialError as e:
+                log.warning("MetaCat: %s; not using it (run `metacat auth login`)", e)
+                return None
+            return text, f"MetaCat token from the library {path}"
+        return None  # the client reads only the first library found
+    return None
+
+
+@dataclass(frozen=True)
+class _Call(Call):
+    """A MetaCat request: what it is for, and the dataset it names."""
+
+    dataset: Optional[str] = None
+    mql: bool = False
+
+
+class _MetaCatApi(HttpApi):
+    """One session to MetaCat; errors worded for it (see the module docstring)."""
+
+    service = "MetaCat"
+
+    def __init__(self, url: str, cfg: MetaCatConfig, ssl_context: Optional[ssl.SSLContext],
+                 *, metacat_token: Optional[tuple[str, str]], token: Optional[TokenSource],
+                 sleep: Callable[[float], Awaitable[None]]) -> None:
+        super().__init__(url, retry_settings(cfg, "catalog.metacat"), ssl_context, limit=2,
+                         sleep=sleep)
+        self._metacat_token = metacat_token
+        self._token = token
+
+    async def headers_for(self, call: Call) -> Optional[Mapping[str, str]]:
+        if self._metacat_token is not None:
+            return {"X-Authentication-Token": self._metacat_token[0]}
+        if self._token is not None:  # CredentialError when it expired: nothing is sent
+            return {"Authorization": self._token.authorization()}
+        return None
+
+    def tls_hint(self) -> str:
+        return "check the CA directory and catalog.metacat.url"
+
+    def status_error(self, call: Call, status: int, reason: str, body: str,
+                     headers: Mapping[str, str]) -> Exception:
+        assert isinstance(call, _Call)
+        detail = self.detail(status, reason, body)
+        if status == 404 and call.dataset is not None:
+            return CatalogError(f"MetaCat dataset '{call.dataset}' not found at "
+                                f"{self.base_url} ({detail})")
+        if status == 400 and call.mql:
+            return CatalogError(f"MetaCat {self.base_url} rejected the MQL query: "
+                                f"{one_line(body) or detail}")
+        if status in (401, 403):
+            said = bearer_error(headers.get("WWW-Authenticate"))
+            detail += f"; the server says: {said}" if said else ""
+            if self._metacat_token is not None:
+                who, fix = (f"with the {self._metacat_token[1]}",
+                            "renew it with `metacat auth login`")
+            elif self._token is not None:
+                who, fix = (f"with {self._token.info.describe()}",
+                            "check the token's audience for MetaCat, or set "
+                            "catalog.metacat.auth")
+            else:
+                who, fix = ("anonymously", "log in with `metacat auth login` or set "
+                            "catalog.metacat.auth")
+            return CredentialError(f"MetaCat {self.base_url} refused {call.what} {who} "
+                                   f"({detail}); {fix}")
+        return CatalogError(f"MetaCat {self.base_url} failed {call.what}: {detail}")
+
+
+_Entry = tuple[str, str, Optional[int]]  # namespace, name, size
+
+
+def _record(line: str) -> Optional[_Entry]:
+    """``(namespace, name, size)`` of one json-seq record line (0x1E stripped), or None for
+    an empty line. ``CatalogError`` for a record that is not a MetaCat file."""
+    text = line.lstrip("\x1e").strip()
+    if not text:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise CatalogError(f"MetaCat answered a listing with a record that is not JSON: "
+                           f"{one_line(text, 80)}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("namespace"), str) \
+            or not isinstance(doc.get("name"), str):
+        raise CatalogError(f"MetaCat answered a listing with a record without namespace and "
+                           f"name: {one_line(text, 80)}")
+    size = doc.get("size")
+    return doc["namespace"], doc["name"], size if isinstance(size, int) else None
+
+
+class MetaCatCatalog(UnresolvedLog):
+    """Files of a MetaCat dataset (or of ``mql``) as ``FileRef``s named ``namespace:name``;
+    see the module docstring.
+
+    ``ssl_context`` is the client TLS context for both servers (presenting the proxy for
+    Rucio's x509 login); ``identity`` the proxy's DN (messages); ``token`` the WLCG bearer
+    token (sent where ``[catalog.metacat] auth`` / ``[catalog.rucio] auth`` say). ``env``
+    replaces ``os.environ`` and ``sleep`` the backoff sleep (tests). Raises ``ConfigError``
+    for a dataset name without ``namespace:`` or missing servers, ``CredentialError`` for a
+    credential the configuration demands but that is not there.
+    """
+
+    name = "metacat"
+
+    def __init__(
+        self,
+        definition: str,
+        cfg: CatalogConfig,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        *,
+        mql: bool = False,
+        identity: Optional[str] = None,
+        token: Optional[TokenSource] = None,
+        env: Optional[Mapping[str, str]] = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        super().__init__()
+        self.url = check_config(cfg, env)
+        if not mql and not _DATASET.fullmatch(definition):
+            raise ConfigError(f"MetaCat dataset {definition!r}: expected namespace:name "
+                              "(or --mql for a query)")
+        self.definition = definition
+        self.mql = mql
+        self.cfg = cfg.metacat
+        self.rucio_cfg: RucioConfig = cfg.rucio
+        self._ssl = ssl_context
+        self._identity = identity
+        self._sleep = sleep
+        self._metacat_token = self._metacat_auth(token, env)
+        self._token = token if self._metacat_token is None and self.cfg.auth in (
+            "auto", "token") else None
+        self._rucio_mode = rucio_login_mode(cfg.rucio, have_token=token is not None)
+        self._rucio_token = token if self._rucio_mode == "token" else None
+        if self._rucio_mode == "x509" and identity is None:
+            raise CredentialError("catalog.rucio.auth: x509 login needs a proxy, and none was "
+                                  "found (see `prestaged credentials`)")
+        self._password = self._read_password() if self._rucio_mode == "userpass" else None
+        self.source = f"{self.url} + Rucio {cfg.rucio.url}"
+        """Where the files come from, for summaries."""
+        self.listed = 0
+        """Files MetaCat listed so far in the current ``files()`` pass."""
+        self.rucio_requests = 0
+        """``/replicas/list`` requests sent in the current pass."""
+        self.on_request: Optional[Callable[[str], None]] = None
+        """Told ``ok`` or ``error`` after every request to MetaCat or Rucio (metrics)."""
+
+    def _metacat_auth(self, token: Optional[TokenSource],
+                      env: Optional[Mapping[str, str]]) -> Optional[tuple[str, str]]:
+        auth = self.cfg.auth
+        if auth == "token" and token is None:
+            raise CredentialError("catalog.metacat.auth is token but no bearer token was "
+                                  "found (see `prestaged credentials`)")
+        if auth not in ("auto", "metacat"):
+            return None
+        found = metacat_token(self.cfg, self.url, env)
+        if found is None and auth == "metacat":
+            raise CredentialError(f"catalog.metacat.auth is metacat but no MetaCat token for "
+                                  f"{self.url} was found; run `metacat auth login` or set "
+                                  "catalog.metacat.token_file")
+        return found
+
+    def _read_password(self) -> str:
+        path = self.rucio_cfg.password_file
+        assert path is not None
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CredentialError(f"catalog.rucio.password_file {path}: cannot read it "
+                                  f"({type(e).__name__})") from None
+        if not text:
+            raise CredentialError(f"catalog.rucio.password_file {path}: empty")
+        return text
+
+    def _metacat(self) -> _MetaCatApi:
+        api = _MetaCatApi(self.url, self.cfg, self._ssl, metacat_token=self._metacat_token,
+                          token=self._token, sleep=self._sleep)
+        api.on_request = self.on_request
+        return api
+
+    def _rucio(self) -> RucioApi:
+        api = RucioApi(self.rucio_cfg, self._rucio_mode, self._ssl, identity=self._identity,
+                       token=self._rucio_token, password=self._password, sleep=self._sleep)
+        api.on_request = self.on_request
+        return api
+
+    async def estimate(self) -> Optional[int]:
+        """The dataset's file count from MetaCat (one try), or None (a query, or MetaCat
+        cannot say now). Raises the usual errors for answers that will not change."""
+        if self.mql:
+            return None
+        call = _Call(f"reading dataset '{self.definition}'", dataset=self.definition)
+        try:
+            async with self._metacat() as api:
+                doc = await api.fetch(call, api.url("data", "dataset"),
+                                      params={"dataset": self.definition}, retry=False)
+        except Transient as e:
+            log.debug("MetaCat: no file count (%s)", e.reason)
+            return None
+        count = doc.get("file_count") if isinstance(doc, dict) else None
+        return count if isinstance(count, int) and count >= 0 else None
+
+    async def files(self) -> AsyncIterator[FileRef]:
+        """Yield the resolved files in listing order, streaming (see the module docstring)."""
+        self.listed = self.rucio_requests = 0
+        self._forget_unresolved()
+        started = time.monotonic()
+        async with self._metacat() as metacat, self._rucio() as rucio:
+            listing = self._query(metacat) if self.mql else self._dataset(metacat)
+            try:
+                async for ref in ordered(self._chunks(listing),
+                                         lambda chunk: self._resolve(rucio, chunk),
+                                         self.rucio_cfg.parallel):
+                    yield ref
+            finally:
+                await listing.aclose()
+        log.info("MetaCat: %d files listed, %d resolved through Rucio (%d requests), "
+                 "%d unresolved in %.1f s", self.listed, self.listed - self.unresolved_count,
+                 self.rucio_requests, self.unresolved_count, time.monotonic() - started)
+        if self.unresolved_count:
+            log.warning("%d files got no URL and are reported as unresolved",
+                        self.unresolved_count)
+
+    async def _dataset(self, api: _MetaCatApi) -> AsyncGenerator[_Entry, None]:
+        """Stream the dataset's files; a cut-off listing is asked again, skipping."""
+        call = _Call(f"listing the files of dataset '{self.definition}'",
+                     dataset=self.definition)
+        params = {"dataset": self.definition, "with_metadata": "no",
+                  "include_retired_files": "no"}
+        url = api.url("data", "dataset_files")
+        backoff = api.backoff(call)
+        seen = 0
+        while True:
+            count = 0
+            try:
+                async with api.exchange(call, url, params=params) as resp:
+                    async for line in lines(resp):
+                        entry = _record(line)
+                        if entry is None:
+                            continue
+                        count += 1
+                        if count <= seen:
+                            continue
+                        seen = count
+                        self.listed = seen
+                        backoff.reset()
+                        yield entry
+                return
+            except Transient as e:
+                if count:
+                    log.info("MetaCat: listing cut off after %d files; listing again", count)
+                await backoff.wait(e)
+
+    async def _query(self, api: _MetaCatApi) -> AsyncGenerator[_Entry, None]:
+        """Stream the query's files a page at a time (``ordered skip K limit N``)."""
+        page = self.cfg.page
+        url = api.url("data", "query")
+        params = {"with_meta": "no", "with_provenance": "no",
+                  "trimquery": self.definition[:_TRIM]}
+        call = _Call("running the MQL query", mql=True)
+        backoff = api.backoff(call)
+        skip = 0
+        while True:
+            body = f"({self.definition}) ordered skip {skip} limit {page}"
+            count = 0
+            try:
+                async with api.exchange(call, url, params=params, data=body) as resp:
+                    async for line in lines(resp):
+                        entry = _record(line)
+                        if entry is None:
+                            continue
+                        count += 1
+                        self.listed = skip + count
+                        backoff.reset()
+                        yield entry
+            except Transient as e:
+                # The page is ordered: ask again from the first file not yet handed out.
+                skip += count
+                await backoff.wait(e)
+                continue
+            skip += count
+            if count < page:  # a short page is the last, as the client sees it
+                return
+
+    async def _chunks(self, listing: AsyncIterator[_Entry]
+                      ) -> AsyncGenerator[list[_Entry], None]:
+        """The listing cut into chunks of at most ``[catalog.rucio] chunk`` files; a full chunk
+        goes out at once."""
+        chunk: list[_Entry] = []
+        async for entry in listing:
+            chunk.append(entry)
+            if len(chunk) >= self.rucio_cfg.chunk:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    async def _resolve(self, rucio: RucioApi, chunk: list[_Entry]) -> list[FileRef]:
+        """One ``/replicas/list`` request for ``chunk``; its files' URLs, in listing order."""
+        self.rucio_requests += 1
+        found = await rucio.list_replicas([(ns, name) for ns, name, _ in chunk])
+        refs = []
+        preference = self.rucio_cfg.rse_preference
+        for ns, name, size in chunk:
+            did = f"{ns}:{name}"
+            answer = found.get(did)
+            if answer is None:
+                self._unresolved(did, (), "Rucio does not know the file")
+                continue
+            pfns = answer.get("pfns")
+            chosen = pick(pfns if isinstance(pfns, dict) else {}, preference)
+            if chosen is not None:
+                refs.append(FileRef(name=did, url=chosen.url, size=size))
+                continue
+            rses = answer.get("rses")
+            where = tuple(sorted(rses)) if isinstance(rses, dict) else ()
+            if where:
+                self._unresolved(did, where, "Rucio has no https or davs replica of it")
+            else:
+                self._unresolved(did, (), "Rucio lists no available https or davs replica")
+        return refs

@@ -1,0 +1,240 @@
+"""The MetaCat catalog's own logic: PFN choice, MetaCat token discovery, configuration and the
+errors MetaCat answers (against the MetaCat emulator, itself held to the real metacat-client).
+The whole path through Rucio is in tests/test_metacat_rucio.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from prestaged.catalog import open_catalog
+from prestaged.catalog.metacat import MetaCatCatalog, metacat_token
+from prestaged.catalog.rucio import pick, rucio_login_mode
+from prestaged.config import CatalogConfig, MetaCatConfig, RucioConfig, load_config
+from prestaged.errors import CatalogError, ConfigError, CredentialError
+from prestaged.testing.metacat import MetaCatServer, synthetic_files
+from prestaged.testing.tokens import TokenIssuer
+
+DATASET = "dune:raw-run1"
+
+
+def _pfn(rse: str, kind: str = "DISK", priority: int = 1) -> dict[str, object]:
+    return {"rse": rse, "rse_id": rse.lower(), "type": kind, "volatile": False,
+            "domain": "wan", "priority": priority, "client_extract": False}
+
+
+# --- choosing the PFN ---------------------------------------------------------------------
+
+
+def test_pick_puts_disk_before_tape_whatever_the_priority() -> None:
+    pfns = {"davs://tape.example:2880/pnfs/f": _pfn("FNAL_TAPE", "TAPE", 1),
+            "https://disk.example:2880/pnfs/f": _pfn("FNAL_DISK", "DISK", 2)}
+    chosen = pick(pfns, ())
+    assert chosen is not None and chosen.rse == "FNAL_DISK"
+    assert chosen.url == "https://disk.example:2880/pnfs/f"
+
+
+def test_pick_follows_rse_preference_then_rucio_priority() -> None:
+    pfns = {"https://a.example/f": _pfn("A", priority=1),
+            "https://b.example/f": _pfn("B", priority=2),
+            "https://c.example/f": _pfn("C", priority=3)}
+    assert pick(pfns, ()).rse == "A"  # type: ignore[union-attr]
+    assert pick(pfns, ("C", "B")).rse == "C"  # type: ignore[union-attr]
+    # An unlisted RSE comes after the listed ones, however high its priority.
+    assert pick(pfns, ("B",)).rse == "B"  # type: ignore[union-attr]
+
+
+def test_pick_turns_davs_into_https_and_skips_other_schemes() -> None:
+    pfns = {"root://x.example//pnfs/f": _pfn("X", priority=1),
+            "davs://y.example:2880/pnfs/f": _pfn("Y", priority=2)}
+    chosen = pick(pfns, ())
+    assert chosen is not None and chosen.url == "https://y.example:2880/pnfs/f"
+    assert pick({"root://x.example//pnfs/f": _pfn("X")}, ()) is None
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "prestaged.toml"
+    path.write_text(text)
+    return path
+
+
+def test_config_reads_the_metacat_and_rucio_sections(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, """
+[catalog.metacat]
+url = "https://metacat.fnal.gov:9443/dune_meta_prod/app"
+page = 5000
+[catalog.rucio]
+url = "https://dune-rucio.fnal.gov"
+auth_url = "https://auth-dune-rucio.fnal.gov"
+account = "dunepro"
+rse_expression = "FNAL_DCACHE|DUNE_US_FNAL_DISK_STAGE"
+rse_preference = ["DUNE_US_FNAL_DISK_STAGE", "FNAL_DCACHE"]
+chunk = 250
+"""))
+    assert cfg.catalog.metacat.page == 5000
+    assert cfg.catalog.rucio.rse_preference == ("DUNE_US_FNAL_DISK_STAGE", "FNAL_DCACHE")
+    assert cfg.catalog.rucio.chunk == 250 and cfg.catalog.rucio.account == "dunepro"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('rse_preference = "FNAL_DCACHE"', "catalog.rucio.rse_preference: expected an array"),
+    ('rse_preference = ["FNAL DCACHE"]', "catalog.rucio.rse_preference[0]: expected a plain"),
+    ("chunk = 2000", "catalog.rucio.chunk: expected an integer from 1 to 1000"),
+    ('auth = "kerberos"', 'catalog.rucio.auth: expected one of "auto", "x509"'),
+])
+def test_bad_rucio_values_name_their_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(_write(tmp_path, f"[catalog.rucio]\n{text}\n"))
+
+
+def _catalog_cfg(metacat_url: str = "http://127.0.0.1:1/app", **rucio: object) -> CatalogConfig:
+    return CatalogConfig(metacat=MetaCatConfig(url=metacat_url, retry_for=0),
+                         rucio=RucioConfig(**{"url": "http://127.0.0.1:1", "retry_for": 0,
+                                              **rucio}))  # type: ignore[arg-type]
+
+
+def _userpass(tmp_path: Path, **more: object) -> CatalogConfig:
+    secret = tmp_path / "rucio-password"
+    secret.write_text("s3cret-pass\n")
+    return _catalog_cfg(**{"auth": "userpass", "username": "prestaged",
+                           "password_file": secret, **more})
+
+
+def test_a_dataset_name_without_namespace_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"MetaCat dataset 'raw-run1': expected "
+                                          r"namespace:name \(or --mql"):
+        open_catalog("metacat", "raw-run1", _userpass(tmp_path))
+
+
+def test_missing_servers_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"set \[catalog.metacat\] url"):
+        MetaCatCatalog(DATASET, CatalogConfig(), env={})
+    with pytest.raises(ConfigError, match=r"catalog\.rucio\.url: not set"):
+        MetaCatCatalog(DATASET, CatalogConfig(metacat=MetaCatConfig(url="http://x/app")),
+                       env={})
+
+
+def test_userpass_needs_its_keys_and_x509_needs_a_proxy(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r'catalog.rucio.password_file: required with '
+                                          r'catalog.rucio.auth = "userpass"'):
+        MetaCatCatalog(DATASET, _catalog_cfg(auth="userpass", username="u"), env={})
+    with pytest.raises(CredentialError, match="x509 login needs a proxy"):
+        MetaCatCatalog(DATASET, _catalog_cfg(auth="x509"), env={})
+    assert rucio_login_mode(RucioConfig(), have_token=True) == "token"
+    assert rucio_login_mode(RucioConfig(), have_token=False) == "x509"
+
+
+def test_mql_needs_the_metacat_catalog() -> None:
+    with pytest.raises(ConfigError, match="--mql needs the metacat catalog"):
+        open_catalog("samweb", "files from dune:x", CatalogConfig(), mql=True)
+
+
+# --- MetaCat tokens -----------------------------------------------------------------------
+
+
+def test_metacat_token_from_the_token_library_entry_of_the_server(tmp_path: Path) -> None:
+    issuer = TokenIssuer("https://metacat.example/auth")
+    good, other = issuer.mint("x", subject="alice"), issuer.mint("x", subject="bob")
+    library = tmp_path / ".token_library"
+    library.write_text(f"https://other.example/app {other}\n"
+                       f"https://metacat.example/app {good}\n")
+    cfg = MetaCatConfig(url="https://metacat.example/app")
+    found = metacat_token(cfg, "https://metacat.example/app", {"HOME": str(tmp_path)})
+    assert found is not None and found[0] == good and str(library) in found[1]
+    assert metacat_token(cfg, "https://nowhere.example/app", {"HOME": str(tmp_path)}) is None
+
+
+def test_an_expired_library_token_is_not_used(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    stale = TokenIssuer().mint("x", lifetime=-60)
+    (tmp_path / ".token_library").write_text(f"https://metacat.example/app {stale}\n")
+    with caplog.at_level(logging.WARNING):
+        found = metacat_token(MetaCatConfig(), "https://metacat.example/app",
+                              {"HOME": str(tmp_path)})
+    assert found is None
+    assert "metacat auth login" in caplog.text and stale not in caplog.text
+
+
+def test_a_named_metacat_token_file_must_be_usable(tmp_path: Path) -> None:
+    path = tmp_path / "mc-token"
+    path.write_text(TokenIssuer().mint("x", lifetime=-60))
+    with pytest.raises(CredentialError, match="expired"):
+        metacat_token(MetaCatConfig(token_file=path), "https://m.example/app", {})
+
+
+# --- MetaCat's answers, through the emulator ----------------------------------------------
+
+
+METACAT_TOKEN = TokenIssuer("https://metacat.example/auth").mint("x", subject="alice")
+
+
+@pytest.fixture
+async def metacat() -> AsyncIterator[MetaCatServer]:
+    server = MetaCatServer(datasets={DATASET: synthetic_files(DATASET, 30)},
+                           token=METACAT_TOKEN)
+    async with server:
+        yield server
+
+
+def _against(server: MetaCatServer, tmp_path: Path, **metacat: object) -> CatalogConfig:
+    cfg = _userpass(tmp_path)
+    return dataclasses.replace(cfg, metacat=MetaCatConfig(
+        **{"url": server.base_url, "retry_for": 0, **metacat}))  # type: ignore[arg-type]
+
+
+def _with_token(server: MetaCatServer, tmp_path: Path) -> CatalogConfig:
+    (tmp_path / "mc-token").write_text(METACAT_TOKEN + "\n")
+    return _against(server, tmp_path, auth="metacat", token_file=tmp_path / "mc-token")
+
+
+async def _drain(catalog: MetaCatCatalog) -> list[str]:
+    return [ref.url async for ref in catalog.files()]
+
+
+async def test_unknown_dataset_is_a_catalog_error_naming_it(
+        metacat: MetaCatServer, tmp_path: Path) -> None:
+    catalog = MetaCatCatalog("dune:no-such", _with_token(metacat, tmp_path), env={})
+    with pytest.raises(CatalogError, match="MetaCat dataset 'dune:no-such' not found at "
+                                           r"http://127\.0\.0\.1:\d+/dune_meta_prod/app"):
+        await _drain(catalog)
+
+
+async def test_mql_metacat_rejects_is_a_catalog_error_quoting_it(
+        metacat: MetaCatServer, tmp_path: Path) -> None:
+    catalog = MetaCatCatalog("files frm dune:raw-run1", _with_token(metacat, tmp_path),
+                             mql=True, env={})
+    with pytest.raises(CatalogError, match="rejected the MQL query: MQLSyntaxError"):
+        await _drain(catalog)
+
+
+async def test_a_refused_request_is_a_credential_error_saying_who_asked(
+        metacat: MetaCatServer, tmp_path: Path) -> None:
+    anonymous = MetaCatCatalog(DATASET, _against(metacat, tmp_path, auth="none"), env={})
+    with pytest.raises(CredentialError, match=r"refused listing the files of dataset "
+                                              r"'dune:raw-run1' anonymously \(HTTP 401"):
+        await _drain(anonymous)
+    assert metacat.stats.requests["dataset_files"] == 1  # a refusal is not retried
+
+
+async def test_estimate_is_metacats_file_count(metacat: MetaCatServer, tmp_path: Path) -> None:
+    catalog = MetaCatCatalog(DATASET, _with_token(metacat, tmp_path), env={})
+    assert await catalog.estimate() == 30
+    query = MetaCatCatalog(f"files from {DATASET}", _with_token(metacat, tmp_path), mql=True,
+                           env={})
+    assert await query.estimate() is None
+
+
+def test_metacat_tokens_that_are_not_jwts_are_refused_before_any_request(
+        tmp_path: Path) -> None:
+    (tmp_path / "tok").write_text("not-a-jwt")
+    cfg = dataclasses.replace(_catalog_cfg(), metacat=MetaCatConfig(
+        url="http://127.0.0.1:1/app", auth="metacat", token_file=tmp_path / "tok"))
+    with pytest.raises(CredentialError, match="malformed token"):
+        MetaCatCatalog(DATASET, cfg, env={})
