@@ -149,6 +149,16 @@ BAD_CONFIG_VALUES: dict[str, object] = {
     "catalog.samweb.retry_for": -1, "catalog.samweb.url_mode": "both",
     "catalog.samweb.access_url_concurrency": 0, "catalog.samweb.schema": "HTTPS",
     "catalog.samweb.role": "pro duction",
+    "catalog.metacat.url": "metacat.fnal.gov/app", "catalog.metacat.auth": "kerberos",
+    "catalog.metacat.page": 0, "catalog.metacat.timeout": 0,
+    "catalog.metacat.retry_initial": -1, "catalog.metacat.retry_max": -1,
+    "catalog.metacat.retry_for": -1,
+    "catalog.rucio.url": "rucio", "catalog.rucio.auth_url": "ftp://rucio/auth",
+    "catalog.rucio.account": "dune pro", "catalog.rucio.auth": "kerberos",
+    "catalog.rucio.rse_preference": "FNAL_DCACHE", "catalog.rucio.chunk": 2000,
+    "catalog.rucio.parallel": 0, "catalog.rucio.timeout": 0,
+    "catalog.rucio.retry_initial": -1, "catalog.rucio.retry_max": -1,
+    "catalog.rucio.retry_for": -1,
     "catalog.samweb.rewrite[0].location": "/pnfs/without-kind/",
     "catalog.samweb.rewrite[0].url": "fndca1/pnfs/",
     "storage.path_map[0].url_prefix": "fndca1:2880/pnfs/",
@@ -183,7 +193,7 @@ def config_keys(cls: type[Any], wanted: Callable[[Any, dataclasses.Field[Any]], 
             tp = next(a for a in tp.__args__ if a is not type(None))
         if f.metadata.get("internal"):
             continue
-        if getattr(tp, "__origin__", None) is tuple:
+        if getattr(tp, "__origin__", None) is tuple and dataclasses.is_dataclass(tp.__args__[0]):
             keys += config_keys(tp.__args__[0], wanted, f"{prefix}{f.name}[0].")
         elif dataclasses.is_dataclass(tp):
             keys += config_keys(tp, wanted, f"{prefix}{f.name}.")  # type: ignore[arg-type]

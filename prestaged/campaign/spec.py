@@ -110,7 +110,7 @@ def _is_regex(v: str) -> bool:
 
 _SPLIT = Check(_is_split, _SPLIT_FORMS)
 _REGEX = Check(_is_regex, "a valid regular expression")
-_CATALOG = one_of("local", "samweb")
+_CATALOG = one_of("local", "samweb", "metacat")
 
 
 @dataclass(frozen=True)

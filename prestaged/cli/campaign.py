@@ -138,7 +138,8 @@ def cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
     ctx = context(args, cfg)
     creds = ctx.load_credentials()
     kind = campaign.defaults.catalog or cfg.catalog.default
-    catalog_creds = ctx.catalog_credentials(creds) if kind == "samweb" else None
+    catalog_creds = (ctx.catalog_credentials(creds) if kind == "samweb"
+                     else creds if kind == "metacat" else None)
     settings = ctx.warm_settings(creds)
     store = ctx.open_store()
 

@@ -289,7 +289,7 @@ def _add_release(sub: Subparsers, parents: _Parents) -> None:
     own = _parent()
     own.add_argument("definition", help="definition name, or the text file of URLs warmed")
     own.add_argument("--catalog", metavar="KIND",
-                     help="catalog DEFINITION was warmed with: local or samweb "
+                     help="catalog DEFINITION was warmed with: local, samweb or metacat "
                           "(default: catalog.default)")
     own.add_argument("--json", action="store_true", help="print one JSON document")
     r = sub.add_parser("release", help="release the tape pins prestaged holds on a definition",
