@@ -418,8 +418,7 @@ def _equal_distances() -> None:
     """Replace GeoIP sorting by its offline outcome (module docstring): order kept."""
     from rucio.core import replica_sorter  # type: ignore[import-untyped]
 
-    def sort_geoip(dictreplica: dict[str, Any], client_location: object,
-                   ignore_error: bool = False) -> list[str]:
+    def sort_geoip(dictreplica: dict[str, Any], *_: object, **__: object) -> list[str]:
         return list(dictreplica)
 
     replica_sorter.sort_geoip = sort_geoip
