@@ -158,6 +158,8 @@ def make_rucio_server(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory,
     alike), ``ca_dir``/``ca_file`` (the test CA), ``root_username``/``root_password``
     (userpass of account ``root``), ``root_dn`` (the test user's DN: ``proxy`` logs in as
     ``root`` over ``/auth/x509``), ``timings`` and ``log_tail()``. About 4 s to start.
+    ``oidc=[{"issuer": issuer.url, "sub": ..., "account": ...}]`` makes it accept JWTs of a
+    ``prestaged.testing.tokens`` issuer served by ``IssuerServer`` (tests/test_rucio_server.py).
     """
     _require_rucio()
     servers: list[RucioServer] = []

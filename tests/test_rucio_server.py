@@ -17,6 +17,8 @@ import pytest
 
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.rucio_server import RucioServer, RucioServerError, rfc2253_dn
+from prestaged.testing.threaded import ThreadedServer
+from prestaged.testing.tokens import IssuerServer, TokenIssuer
 
 DISK = {"name": "DISK_RSE", "type": "DISK", "protocols": [
     {"scheme": "https", "hostname": "127.0.0.1", "port": 2880, "prefix": "/pnfs/dune"},
@@ -53,12 +55,33 @@ def _spec(second_user_dn: str) -> dict[str, Any]:
     }
 
 
+TOKEN_SUBJECT = "prestaged-test-user"
+# Rucio's defaults for [oidc] expected_scope and expected_audience.
+TOKEN_SCOPE = "openid profile storage.read:/"
+TOKEN_AUDIENCE = "rucio"
+
+
 @pytest.fixture(scope="module")
-def rucio(pki: TestPKI, make_rucio_server: Callable[..., RucioServer]) -> Iterator[RucioServer]:
-    """One real Rucio server for the module, loaded with ``_spec``."""
+def issuer(pki: TestPKI) -> Iterator[TokenIssuer]:
+    """A WLCG token issuer serving its discovery document and JWKS over HTTPS (test CA)."""
+    issuer = TokenIssuer()
+    server = ThreadedServer(
+        lambda: IssuerServer(issuer, pki.server_ssl_context(require_client_cert=False)),
+        "rucio-token-issuer")
+    server.start()
+    yield issuer
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def rucio(pki: TestPKI, issuer: TokenIssuer, make_rucio_server: Callable[..., RucioServer],
+          ) -> Iterator[RucioServer]:
+    """One real Rucio server for the module, loaded with ``_spec``; tokens of ``issuer`` for
+    ``TOKEN_SUBJECT`` are account ``carol``'s."""
     pki.make_proxy_for("Second User")  # makes the second user's certificate
     second = rfc2253_dn(pki.root / "users" / "Second_User" / "usercert.pem")
-    server = make_rucio_server(_spec(second))
+    server = make_rucio_server(_spec(second), oidc=[
+        {"issuer": issuer.url, "sub": TOKEN_SUBJECT, "account": "carol"}])
     yield server
     server.stop()
 
@@ -168,6 +191,44 @@ async def test_replicas_list_without_a_token_is_401(rucio: RucioServer,
     doc = {"dids": [{"scope": "dune", "name": "f1.root"}]}
     async with anonymous.post(f"{rucio.url}/replicas/list", json=doc,
                               headers={"X-Rucio-Auth-Token": "root-root-bogus"}) as resp:
+        assert resp.status == 401
+        assert resp.headers["ExceptionClass"] == "CannotAuthenticate"
+
+
+async def test_a_wlcg_jwt_of_a_listed_issuer_is_a_rucio_token(
+        rucio: RucioServer, issuer: TokenIssuer, anonymous: aiohttp.ClientSession) -> None:
+    """A JWT from an issuer in idpsecrets, with Rucio's expected scope and audience, works as
+    X-Rucio-Auth-Token (signature checked against the issuer's JWKS) for the account its
+    "SUB=..., ISS=..." identity maps to."""
+    token = issuer.mint(TOKEN_SCOPE, audience=TOKEN_AUDIENCE, subject=TOKEN_SUBJECT)
+    async with anonymous.get(f"{rucio.url}/accounts/whoami",
+                             headers={"X-Rucio-Auth-Token": token}) as resp:
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json(content_type=None))["account"] == "carol"
+    doc = {"dids": [{"scope": "dune", "name": "f2.root"}], "schemes": ["davs"]}
+    async with anonymous.post(f"{rucio.url}/replicas/list", json=doc,
+                              headers={"X-Rucio-Auth-Token": token}) as resp:
+        assert resp.status == 200
+        assert F2_TAPE in (await resp.text())
+
+
+@pytest.mark.parametrize("change", [
+    {"audience": "https://wlcg.cern.ch/jwt/v1/any"},
+    {"scope": "storage.read:/"},
+    {"foreign_key": True},
+    {"lifetime": -60.0},
+    {"subject": "someone-else"},
+])
+async def test_a_jwt_rucio_cannot_accept_is_401(rucio: RucioServer, issuer: TokenIssuer,
+                                                anonymous: aiohttp.ClientSession,
+                                                change: dict[str, Any]) -> None:
+    """Another audience, a scope without Rucio's expected one, a key not in the JWKS, an
+    expired token or a subject with no identity: each is 401 CannotAuthenticate."""
+    kwargs: dict[str, Any] = {"scope": TOKEN_SCOPE, "audience": TOKEN_AUDIENCE,
+                              "subject": TOKEN_SUBJECT, **change}
+    token = issuer.mint(kwargs.pop("scope"), **kwargs)
+    async with anonymous.get(f"{rucio.url}/accounts/whoami",
+                             headers={"X-Rucio-Auth-Token": token}) as resp:
         assert resp.status == 401
         assert resp.headers["ExceptionClass"] == "CannotAuthenticate"
 

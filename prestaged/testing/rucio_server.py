@@ -20,6 +20,14 @@ serve --dir DIRECTORY`` in a subprocess, which:
    (``--ready-fd``) and serves until SIGTERM. Rucio logs to stdout: both stdout and stderr go to
    ``server.log`` in the directory.
 
+WLCG/OIDC bearer tokens work offline too: given ``oidc`` identities (issuer URL, ``sub``,
+account), the server lists each issuer in an ``idpsecrets.json`` and maps ``SUB=<sub>,
+ISS=<issuer>`` to the account; Rucio then accepts a JWT as ``X-Rucio-Auth-Token`` when its
+signature checks against the issuer's JWKS (fetched from its discovery document on the first
+JWT, trusting the test CA through ``REQUESTS_CA_BUNDLE``), it has not expired, and its ``scope``
+and ``aud`` contain ``oidc_scope`` and ``oidc_audience`` (Rucio's defaults: ``openid profile``
+and ``rucio``). ``prestaged.testing.tokens.IssuerServer`` is such an issuer.
+
 GeoIP replica sorting, Rucio's default for ``/replicas/list``, tries to download MaxMind's
 database on every lookup and fails offline (1.8 ms a file and a log line each time); the
 server replaces it with "every host equally far", which is what it falls back to offline
@@ -41,7 +49,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Optional, Union
@@ -93,8 +101,12 @@ class RucioServer:
 
     ``spec`` is a ``RucioSpec`` or its JSON form. ``directory`` holds the config, database and
     ``server.log`` (created if missing; left in place). ``root_password`` defaults to a random
-    one. ``startup_timeout`` (seconds, default 120) bounds interpreter start, schema and
-    bootstrap; ``stop_timeout`` (default 10) the wait after SIGTERM before SIGKILL.
+    one. ``oidc`` lists token identities as ``{"issuer": URL, "sub": ..., "account": ...}``
+    (the account is created if need be; module docstring: what a token needs);
+    ``oidc_audience`` and ``oidc_scope`` are what every token must carry (space-separated
+    items, all required). ``startup_timeout`` (seconds, default 120) bounds interpreter
+    start, schema and bootstrap; ``stop_timeout`` (default 10) the wait after SIGTERM before
+    SIGKILL.
 
     After ``start()``: ``url`` (``https://127.0.0.1:<port>``, REST and auth alike), ``ca_dir``
     and ``ca_file`` (the test CA, for ssl/aiohttp/requests clients), ``root_username`` /
@@ -105,6 +117,8 @@ class RucioServer:
 
     def __init__(self, pki: TestPKI, spec: Union[RucioSpec, Mapping[str, Any]],
                  directory: Path, *, root_password: Optional[str] = None,
+                 oidc: Sequence[Mapping[str, str]] = (), oidc_audience: str = "rucio",
+                 oidc_scope: str = "openid profile",
                  startup_timeout: float = 120.0, stop_timeout: float = 10.0) -> None:
         self.pki = pki
         self.spec = load_spec(spec)
@@ -112,6 +126,12 @@ class RucioServer:
         self.root_username = ROOT_USERNAME
         self.root_password = root_password or secrets.token_urlsafe(12)
         self.root_dn = rfc2253_dn(pki.user_cert)
+        self.oidc = [dict(o) for o in oidc]
+        for ident in self.oidc:
+            if set(ident) != {"issuer", "sub", "account"}:
+                raise ValueError(f"oidc identity {ident!r}: give issuer, sub and account")
+        self.oidc_audience = oidc_audience
+        self.oidc_scope = oidc_scope
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.timings: dict[str, float] = {}
@@ -163,7 +183,9 @@ class RucioServer:
             raise RuntimeError("RucioServer already started")
         self.directory.mkdir(parents=True, exist_ok=True)
         settings = {"spec": self.spec.to_dict(), "pki_root": str(self.pki.root),
-                    "root_password": self.root_password, "root_dn": self.root_dn}
+                    "root_password": self.root_password, "root_dn": self.root_dn,
+                    "oidc": self.oidc, "oidc_audience": self.oidc_audience,
+                    "oidc_scope": self.oidc_scope}
         path = self.directory / _SERVER_JSON
         path.touch(mode=0o600)
         path.write_text(json.dumps(settings), encoding="utf-8")
@@ -244,8 +266,10 @@ def _child_env() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _write_config(directory: Path, *, root_password: str, root_dn: str) -> Path:
-    """Write ``rucio.cfg`` and ``alembic.ini`` under ``directory``; return the former."""
+def _write_config(directory: Path, settings: Mapping[str, Any]) -> Path:
+    """Write ``rucio.cfg`` and ``alembic.ini`` (and ``idpsecrets.json`` for token issuers)
+    under ``directory``; return the first."""
+    root_password, root_dn = settings["root_password"], settings["root_dn"]
     import importlib.util
 
     origin = importlib.util.find_spec("rucio")
@@ -274,9 +298,30 @@ def _write_config(directory: Path, *, root_password: str, root_dn: str) -> Path:
         "[cache]\nurl = 127.0.0.1:1\n\n"
         # What Rucio falls back to anyway, said outright (no start-up warning).
         "[policy]\npermission = generic\nschema = generic\n\n"
-        "[core]\ngeoip_ignore_error = True\n",
+        "[core]\ngeoip_ignore_error = True\n\n"
+        + _oidc_config(directory, settings),
         encoding="utf-8")
     return config
+
+
+def _oidc_config(directory: Path, settings: Mapping[str, Any]) -> str:
+    """The ``[oidc]`` section, and ``idpsecrets.json`` with one client per token issuer: Rucio
+    takes a JWT in ``X-Rucio-Auth-Token`` only from an issuer listed there (it fetches the
+    issuer's discovery document and JWKS on the first JWT it sees), with a ``SCIM`` client
+    entry too (without one it loads no issuer at all). The client ids and secrets are never
+    used: validating a token that carries ``scope`` and ``aud`` needs no IdP call."""
+    issuers = sorted({ident["issuer"] for ident in settings["oidc"]})
+    if not issuers:
+        return ""
+    client = {"client_id": "rucio-test", "client_secret": "unused",
+              "redirect_uris": ["https://127.0.0.1/auth/oidc_token"]}
+    secrets_path = directory / "idpsecrets.json"
+    secrets_path.write_text(json.dumps(
+        {f"issuer{i}": {"issuer": iss, **client, "SCIM": dict(client)}
+         for i, iss in enumerate(issuers)}), encoding="utf-8")
+    return (f"[oidc]\nidpsecrets = {secrets_path}\n"
+            f"expected_audience = {settings['oidc_audience']}\n"
+            f"expected_scope = {settings['oidc_scope']}\n")
 
 
 def _protocol(rse: RseSpec, index: int) -> dict[str, Any]:
@@ -299,10 +344,12 @@ class _Bootstrap:
     """Loads a ``RucioSpec`` into a fresh Rucio database through ``rucio.core``, in one
     transaction (``session``) after the schema and root account exist."""
 
-    def __init__(self, spec: RucioSpec, session: Any) -> None:
+    def __init__(self, spec: RucioSpec, session: Any,
+                 oidc: Sequence[Mapping[str, str]] = ()) -> None:
         from rucio.common.types import InternalAccount, InternalScope  # type: ignore[import-untyped]
 
         self.spec = spec
+        self.oidc = oidc
         self.session = session
         self.root = InternalAccount("root")
         self._account = InternalAccount
@@ -315,8 +362,10 @@ class _Bootstrap:
         from rucio.core.identity import add_account_identity  # type: ignore[import-untyped]
         from rucio.db.sqla.constants import AccountType, IdentityType  # type: ignore[import-untyped]
 
-        for name in self.spec.accounts:
-            add_account(self._account(name), AccountType.USER, _EMAIL, session=self.session)
+        oidc_accounts = [o["account"] for o in self.oidc]
+        for name in dict.fromkeys([*self.spec.accounts, *oidc_accounts]):
+            if name != "root":
+                add_account(self._account(name), AccountType.USER, _EMAIL, session=self.session)
         for user in self.spec.users:
             add_account_identity(user.username, IdentityType.USERPASS,
                                  self._account(user.account), _EMAIL, password=user.password,
@@ -324,6 +373,9 @@ class _Bootstrap:
         for ident in self.spec.x509:
             add_account_identity(ident.dn, IdentityType.X509, self._account(ident.account),
                                  _EMAIL, session=self.session)
+        for o in self.oidc:  # Rucio's identity string for a token: "SUB=<sub>, ISS=<iss>"
+            add_account_identity(f"SUB={o['sub']}, ISS={o['issuer']}", IdentityType.OIDC,
+                                 self._account(o["account"]), _EMAIL, session=self.session)
 
     def scopes_and_rses(self) -> None:
         """Scopes owned by root; RSEs with their type, determinism and protocols."""
@@ -392,7 +444,7 @@ class _Bootstrap:
                 attach_dids(scope, ds.name, chunk, self.root, session=self.session)
 
 
-def _bootstrap(spec: RucioSpec) -> None:
+def _bootstrap(spec: RucioSpec, oidc: Sequence[Mapping[str, str]]) -> None:
     """Schema, base VO and root account (Rucio's own bootstrap, reading ``[bootstrap]``), then
     the spec: identities, scopes, RSEs, files, datasets."""
     from rucio.db.sqla.constants import DatabaseOperationType
@@ -407,7 +459,7 @@ def _bootstrap(spec: RucioSpec) -> None:
     create_base_vo()
     create_root_account()
     with db_session(DatabaseOperationType.WRITE) as session:
-        boot = _Bootstrap(spec, session)
+        boot = _Bootstrap(spec, session, oidc)
         boot.identities()
         boot.scopes_and_rses()
         boot.files()
@@ -452,9 +504,10 @@ def serve(directory: Path, ready_fd: int) -> None:
     settings = json.loads((directory / _SERVER_JSON).read_text(encoding="utf-8"))
     spec = load_spec(settings["spec"])
     pki = load_pki(Path(settings["pki_root"]))
-    config = _write_config(directory, root_password=settings["root_password"],
-                           root_dn=settings["root_dn"])
+    config = _write_config(directory, settings)
     os.environ["RUCIO_CONFIG"] = str(config)
+    # Rucio fetches token issuers' documents with requests, which trusts this bundle only.
+    os.environ["REQUESTS_CA_BUNDLE"] = str(pki.ca_cert)
     timings: dict[str, float] = {}
     mark = time.monotonic()
     from rucio.web.rest.flaskapi.v1.main import application  # type: ignore[import-untyped]
@@ -463,7 +516,7 @@ def serve(directory: Path, ready_fd: int) -> None:
     _equal_distances()
     timings["imports"] = time.monotonic() - mark
     mark = time.monotonic()
-    _bootstrap(spec)
+    _bootstrap(spec, settings["oidc"])
     timings["bootstrap"] = time.monotonic() - mark
     server = make_server(HOST, 0, application, threaded=True,
                          request_handler=_request_handler(), ssl_context=_server_ssl_context(pki))
