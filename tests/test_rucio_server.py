@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -379,6 +381,37 @@ async def test_a_thousand_files_bootstrap_list_and_stop(
     assert all({p["type"] for p in r["pfns"].values()} == {"DISK", "TAPE"} for r in answer)
     server.stop()
     assert _refused(port)
+
+
+_ORPHAN_PARENT = """
+import sys
+from pathlib import Path
+from prestaged.testing.pki import load_pki
+from prestaged.testing.rucio_server import RucioServer
+server = RucioServer(load_pki(Path(sys.argv[1])), {"scopes": ["dune"]}, Path(sys.argv[2]))
+server.start()
+print(server.port, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.slow
+def test_the_server_exits_when_its_parent_is_killed(pki: TestPKI, tmp_path: Path) -> None:
+    """A test run killed with SIGKILL leaves no Rucio server behind: the server notices its
+    parent's end (stdin EOF) and stops listening."""
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN_PARENT, str(pki.root),
+                               str(tmp_path / "rucio")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(parent.stdout.readline()) if parent.stdout else 0
+        assert port and not _refused(port)
+    finally:
+        parent.kill()
+        parent.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while not _refused(port):
+        assert time.monotonic() < deadline, "the orphaned Rucio server still listens"
+        time.sleep(0.05)
 
 
 @pytest.mark.slow

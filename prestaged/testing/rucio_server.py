@@ -17,8 +17,9 @@ serve --dir DIRECTORY`` in a subprocess, which:
    ``SSL_CLIENT_S_DN`` set from the peer's leaf certificate in RFC 2253 order, as Apache's
    mod_ssl does in production (Rucio strips the proxy's ``CN=<digits>`` itself);
 4. writes one JSON line (``port``, ``url``, ``pid``, ``timings``) to the pipe the parent gave it
-   (``--ready-fd``) and serves until SIGTERM. Rucio logs to stdout: both stdout and stderr go to
-   ``server.log`` in the directory.
+   (``--ready-fd``) and serves until SIGTERM or until its stdin, a pipe from the parent, is
+   closed (the parent died). Rucio logs to stdout: both stdout and stderr go to ``server.log``
+   in the directory.
 
 WLCG/OIDC bearer tokens work offline too: given ``oidc`` identities (issuer URL, ``sub``,
 account), the server lists each issuer in an ``idpsecrets.json`` and maps ``SUB=<sub>,
@@ -65,8 +66,8 @@ HOST = "127.0.0.1"
 ROOT_USERNAME = "root"
 # What Rucio's account and identity tables want for an e-mail; never mailed.
 _EMAIL = "rucio-test@localhost"
-# Rucio's default web protocol implementation is fine for https/davs PFNs (only lfns2pfns runs
-# on the server); xrootd joins root:// PFNs its own way (no slash stripping).
+# Protocol implementations as deployments configure them; on the server only their PFN
+# joining and parsing run. xrootd keeps a parsed path's leading "/" (webdav drops it).
 _IMPLS = {"https": "rucio.rse.protocols.webdav.Default",
           "davs": "rucio.rse.protocols.webdav.Default",
           "http": "rucio.rse.protocols.webdav.Default",
@@ -195,7 +196,7 @@ class RucioServer:
                 self._process = subprocess.Popen(
                     [sys.executable, "-m", "prestaged.testing.rucio_server", "serve",
                      "--dir", str(self.directory), "--ready-fd", str(write_end)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                     pass_fds=(write_end,), start_new_session=True, env=_child_env())
             os.close(write_end)
             write_end = -1
@@ -236,7 +237,11 @@ class RucioServer:
         """SIGTERM the server, SIGKILL after ``stop_timeout`` seconds; reap it. Idempotent."""
         process, self._process = self._process, None
         self._port = None
-        if process is None or process.poll() is not None:
+        if process is None:
+            return
+        if process.stdin is not None:
+            process.stdin.close()
+        if process.poll() is not None:
             return
         process.terminate()
         try:
@@ -498,32 +503,50 @@ def _request_handler() -> type[Any]:
     return Handler
 
 
-def serve(directory: Path, ready_fd: int) -> None:
-    """The subprocess (module docstring): config, schema and spec, then serve until SIGTERM."""
-    started = time.monotonic()
+def _set_up(directory: Path, timings: dict[str, float]) -> tuple[Any, TestPKI]:
+    """Config, Rucio's imports, schema and spec; the WSGI application and the PKI. Adds the
+    seconds spent importing and bootstrapping to ``timings``."""
     settings = json.loads((directory / _SERVER_JSON).read_text(encoding="utf-8"))
     spec = load_spec(settings["spec"])
     pki = load_pki(Path(settings["pki_root"]))
-    config = _write_config(directory, settings)
-    os.environ["RUCIO_CONFIG"] = str(config)
+    os.environ["RUCIO_CONFIG"] = str(_write_config(directory, settings))
     # Rucio fetches token issuers' documents with requests, which trusts this bundle only.
     os.environ["REQUESTS_CA_BUNDLE"] = str(pki.ca_cert)
-    timings: dict[str, float] = {}
     mark = time.monotonic()
     from rucio.web.rest.flaskapi.v1.main import application  # type: ignore[import-untyped]
-    from werkzeug.serving import make_server
 
     _equal_distances()
     timings["imports"] = time.monotonic() - mark
     mark = time.monotonic()
     _bootstrap(spec, settings["oidc"])
     timings["bootstrap"] = time.monotonic() - mark
+    return application, pki
+
+
+def _stop_on_parent_exit(stop: threading.Event) -> None:
+    """Set ``stop`` when stdin (a pipe from the parent) reaches EOF: the parent closed it or
+    died, so no server outlives a killed test run."""
+    def watch() -> None:
+        sys.stdin.buffer.read()
+        stop.set()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def serve(directory: Path, ready_fd: int) -> None:
+    """The subprocess (module docstring): set up, listen, write the ready line to
+    ``ready_fd``, serve until SIGTERM or the parent's exit."""
+    from werkzeug.serving import make_server
+
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    application, pki = _set_up(directory, timings)
     server = make_server(HOST, 0, application, threaded=True,
                          request_handler=_request_handler(), ssl_context=_server_ssl_context(pki))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    thread = threading.Thread(target=server.serve_forever, name="rucio-server", daemon=True)
-    thread.start()
+    _stop_on_parent_exit(stop)
+    threading.Thread(target=server.serve_forever, name="rucio-server", daemon=True).start()
     timings["total"] = time.monotonic() - started
     port = server.server_address[1]
     line = {"port": port, "url": f"https://{HOST}:{port}", "pid": os.getpid(),
