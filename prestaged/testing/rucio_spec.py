@@ -32,6 +32,27 @@ Meaning, as the real server gives it:
   2253 order, leaf first: ``CN=...,O=...,DC=org``, as Apache's ``SSL_CLIENT_S_DN``); an
   account that is not ``root`` is created as a USER account on first mention.
 
+What the real server answers to ``POST /replicas/list`` for a spec (Rucio 41.5.1, measured by
+tests/test_rucio_server.py; an emulator should do the same):
+
+- a file with no replica: one line with empty ``pfns``, ``rses`` and ``states``, whether or
+  not ``all_states`` is set; ``md5`` is null when the spec gives none;
+- an unknown DID: left out of the stream; more than 1,000 DIDs: 400 ``InvalidObject``;
+- a dataset: one line per attached file that has a replica (replica-less files are left out);
+  a file asked for both by name and through a dataset comes once;
+- ``pfns``: one per replica and protocol whose scheme was asked for, each with ``rse``,
+  ``rse_id``, ``type``, ``volatile`` false, ``domain`` ``wan``, ``client_extract`` false and
+  ``priority`` = its rank 1..n over all the file's PFNs sorted by protocol priority (an
+  RSE's k-th protocol has priority k; ties between RSEs in no promised order); ``pfns`` and
+  ``rses`` (RSE -> its PFNs) come in that order;
+  ``states`` names every RSE holding the file (``AVAILABLE``) even when ``schemes`` filtered
+  all its PFNs out;
+- a derived (null) path on a deterministic RSE is Rucio's ``hash`` lfn2pfn:
+  ``<scope>/<md5("scope:name")[0:2]>/<[2:4]>/<name>`` after the prefix;
+- on a non-deterministic RSE, Rucio parses the PFN itself: ``root://`` PFNs come back with
+  ``//`` after the prefix (``root://h:1094/data/nd/f`` -> ``root://h:1094/data//nd/f``),
+  other schemes as registered.
+
 ``load_spec(path)`` reads a JSON file, ``RucioSpec.from_dict`` a parsed document; both raise
 ``SpecError`` naming the offending key. ``to_dict`` gives the JSON form back.
 """
