@@ -441,10 +441,15 @@ class MetaCatCatalog(UnresolvedLog):
             if chosen is not None:
                 refs.append(FileRef(name=did, url=chosen.url, size=size))
                 continue
-            rses = answer.get("rses")
-            where = tuple(sorted(rses)) if isinstance(rses, dict) else ()
+            # With the schemes filter, "rses" loses the RSEs it removed every PFN of, but
+            # "states" still names them (seen on Rucio 41.5.1).
+            where = tuple(sorted({*_keys(answer.get("rses")), *_keys(answer.get("states"))}))
             if where:
                 self._unresolved(did, where, "Rucio has no https or davs replica of it")
             else:
                 self._unresolved(did, (), "Rucio lists no available https or davs replica")
         return refs
+
+
+def _keys(value: object) -> list[str]:
+    return [k for k in value if isinstance(k, str)] if isinstance(value, dict) else []

@@ -136,8 +136,7 @@ class RucioApi(HttpApi):
             raise CredentialError("catalog.rucio.auth is token but no bearer token was found "
                                   "(see `prestaged credentials`)")
         super().__init__(cfg.url, retry_settings(cfg, "catalog.rucio"), ssl_context,
-                         limit=cfg.parallel + 1, headers={"Accept": "application/x-json-stream"},
-                         sleep=sleep, identity=identity)
+                         limit=cfg.parallel + 1, sleep=sleep, identity=identity)
         self.cfg = cfg
         self.mode = mode
         self.auth_url = (cfg.auth_url or cfg.url).rstrip("/")
@@ -162,12 +161,15 @@ class RucioApi(HttpApi):
                 return {**self._account(), "X-Rucio-Username": self.cfg.username,
                         "X-Rucio-Password": self._password}
             return self._account()
+        # As the client: the stream type asked for on listings only (Rucio answers 406 to a
+        # login that asks for it).
+        accept = {"Accept": "application/x-json-stream"} if isinstance(call, _Listing) else {}
         if self.mode == "token":
             assert self._wlcg is not None
             # The JWT itself; CredentialError (nothing sent) when it has expired.
-            return {**self._account(),
+            return {**self._account(), **accept,
                     "X-Rucio-Auth-Token": self._wlcg.authorization()[len("Bearer "):]}
-        return {**self._account(), "X-Rucio-Auth-Token": await self._logged_in()}
+        return {**self._account(), **accept, "X-Rucio-Auth-Token": await self._logged_in()}
 
     async def _logged_in(self) -> str:
         """The login token, logging in when there is none or it is about to expire."""
