@@ -480,34 +480,34 @@ class RucioServer(AppServer):
             return _error(400, "TypeError", "body must be a json dictionary")
         return body
 
-    async def _stream(self, request: web.Request, first: dict[str, Any],
-                      rest: Iterator[dict[str, Any]], headers: dict[str, str]
-                      ) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, first: str, rest: Iterator[str],
+                      headers: dict[str, str]) -> web.StreamResponse:
         resp = web.StreamResponse(headers=headers)
         resp.content_type = JSON_STREAM  # exactly: the client compares the whole header
         resp.enable_chunked_encoding()
         await resp.prepare(request)
-        lines = [json.dumps(first) + "\n"]
-        sent = 1
+        lines = [first]
         try:
-            for record in rest:
-                lines.append(json.dumps(record) + "\n")
+            for line in rest:
+                lines.append(line)
                 if len(lines) >= _RECORDS_PER_WRITE:
-                    await resp.write("".join(lines).encode())
-                    sent, lines = sent + len(lines), []
+                    await self._write(resp, lines)
+                    lines = []
         except RucioError as e:
             # The real server fails inside its generator after the headers went out: the
             # stream breaks off. Send what was made, then drop the connection.
-            await resp.write("".join(lines).encode())
-            self.stats.files_listed += sent + len(lines)
+            await self._write(resp, lines)
             log.info("Rucio emulator: replica listing broken off: %s", e)
             if request.transport is not None:
                 request.transport.close()
             return resp
-        await resp.write("".join(lines).encode())
-        self.stats.files_listed += sent + len(lines)
+        await self._write(resp, lines)
         await resp.write_eof()
         return resp
+
+    async def _write(self, resp: web.StreamResponse, lines: list[str]) -> None:
+        self.stats.files_listed += len(lines)
+        await resp.write("".join(lines).encode())
 
 
 # --- in a thread -------------------------------------------------------------------------------
