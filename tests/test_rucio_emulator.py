@@ -20,7 +20,7 @@ import requests
 from conftest import _in_ci
 
 from prestaged.testing.pki import TestPKI
-from prestaged.testing.rucio import LIST_REPLICAS, RucioServer, ThreadedRucioServer
+from prestaged.testing.rucio import LIST_REPLICAS, RucioServer, ThreadedRucioServer, main
 from prestaged.testing.rucio_catalog import ListRequest, RucioCatalog, SyntheticFiles
 from prestaged.testing.rucio_spec import RucioSpec
 from prestaged.testing.tokens import BearerCheck, TokenIssuer
@@ -482,3 +482,9 @@ def test_cli_serves_a_synthetic_world_until_signalled(tmp_path: Path) -> None:
     written = json.loads(stats.read_text())
     assert written["dids_per_request"] == [1] and written["files_listed"] == 1000
     assert written["tokens_issued"] == {"userpass": 1}
+
+
+def test_cli_refuses_synthetic_files_on_unknown_rses(capsys: pytest.CaptureFixture[str]) -> None:
+    """A generated file on an RSE the spec lacks is one line on stderr and exit code 2."""
+    assert main(["--synthetic", "5", "--synthetic-rses", "NOPE"]) == 2
+    assert "unknown RSEs ['NOPE']" in capsys.readouterr().err

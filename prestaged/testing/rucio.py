@@ -61,7 +61,7 @@ from collections import Counter
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from aiohttp import web
 from cryptography import x509
@@ -74,7 +74,7 @@ from prestaged.testing.rucio_catalog import (
     RucioError,
     SyntheticFiles,
 )
-from prestaged.testing.rucio_spec import ProtocolSpec, RseSpec, RucioSpec, load_spec
+from prestaged.testing.rucio_spec import ProtocolSpec, RseSpec, RucioSpec, SpecError, load_spec
 from prestaged.testing.threaded import ThreadedServer
 from prestaged.testing.tokens import BearerCheck
 
@@ -86,6 +86,7 @@ __all__ = [
     "LIST_REPLICAS",
     "RucioServer",
     "RucioStats",
+    "SpecSource",
     "ThreadedRucioServer",
     "default_spec",
     "main",
@@ -113,6 +114,8 @@ _EXPOSE = ("X-Rucio-Auth-Token, X-Rucio-Auth-Token-Expires, X-Rucio-Auth-Account
 _PROXY_CNS = re.compile(r"^(CN=(limited proxy|proxy|[0-9]+),)+")
 
 _Handler = Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]
+SpecSource = Union[RucioSpec, Path, str, Mapping[str, Any]]
+"""What ``load_spec`` takes: a spec, a JSON file's path or a parsed document."""
 
 
 @dataclass
@@ -224,7 +227,7 @@ class RucioServer(AppServer):
 
     def __init__(
         self,
-        spec: Any = None,
+        spec: Optional[SpecSource] = None,
         *,
         synthetic: Optional[SyntheticFiles] = None,
         ssl_context: Optional[ssl.SSLContext] = None,
@@ -518,7 +521,7 @@ class ThreadedRucioServer(ThreadedServer[RucioServer]):
     such as the real ``ReplicaClient``. Takes the same arguments; ``stats`` is the live object
     (read it once requests are over)."""
 
-    def __init__(self, spec: Any = None, **kwargs: Any) -> None:
+    def __init__(self, spec: Optional[SpecSource] = None, **kwargs: Any) -> None:
         super().__init__(lambda: RucioServer(spec, **kwargs), "Rucio emulator")
 
     @property
@@ -594,7 +597,11 @@ async def _serve_cli(args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m prestaged.testing.rucio``; returns the exit code."""
     args = _parser().parse_args(argv)
-    asyncio.run(_serve_cli(args))
+    try:
+        asyncio.run(_serve_cli(args))
+    except (SpecError, ValueError, OSError) as e:
+        sys.stderr.write(f"prestaged.testing.rucio: {e}\n")
+        return 2
     return 0
 
 
