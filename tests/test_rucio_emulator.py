@@ -20,7 +20,7 @@ import requests
 from conftest import _in_ci
 
 from prestaged.testing.pki import TestPKI
-from prestaged.testing.rucio import LIST_REPLICAS, RucioServer, ThreadedRucioServer, main
+from prestaged.testing.rucio import LIST_REPLICAS, RucioEmulator, ThreadedRucioEmulator, main
 from prestaged.testing.rucio_catalog import ListRequest, RucioCatalog, SyntheticFiles
 from prestaged.testing.rucio_spec import RucioSpec
 from prestaged.testing.tokens import BearerCheck, TokenIssuer
@@ -104,16 +104,16 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def emulator(clock: Clock) -> Iterator[ThreadedRucioServer]:
+def emulator(clock: Clock) -> Iterator[ThreadedRucioEmulator]:
     """The emulator over plain HTTP with SPEC and ``clock``."""
-    with ThreadedRucioServer(SPEC, clock=clock) as s:
+    with ThreadedRucioEmulator(SPEC, clock=clock) as s:
         yield s
 
 
 @pytest.fixture
-def tls_emulator(pki: TestPKI, clock: Clock) -> Iterator[ThreadedRucioServer]:
+def tls_emulator(pki: TestPKI, clock: Clock) -> Iterator[ThreadedRucioEmulator]:
     """The emulator over HTTPS (client certificate asked for, proxies allowed)."""
-    with ThreadedRucioServer(SPEC, clock=clock,
+    with ThreadedRucioEmulator(SPEC, clock=clock,
                              ssl_context=pki.server_ssl_context(require_client_cert=False)) as s:
         yield s
 
@@ -125,7 +125,7 @@ MakeClient = Callable[..., Any]
 def client(rucio_client: Any, rucio_config: Path) -> MakeClient:
     """Make a real ReplicaClient for an emulator; userpass u/p4ss-w0rd as root by default."""
 
-    def make(server: ThreadedRucioServer, **kwargs: Any) -> Any:
+    def make(server: ThreadedRucioEmulator, **kwargs: Any) -> Any:
         args: dict[str, Any] = {"rucio_host": server.base_url, "auth_host": server.base_url,
                                 "account": "root", "auth_type": "userpass",
                                 "creds": {"username": "u", "password": "p4ss-w0rd"}}
@@ -143,7 +143,7 @@ def _by_name(records: Any) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for r in records}
 
 
-def test_files_unknown_dids_and_no_replica_files(emulator: ThreadedRucioServer,
+def test_files_unknown_dids_and_no_replica_files(emulator: ThreadedRucioEmulator,
                                                  client: MakeClient) -> None:
     """Files come back with the real record fields in scope:name order; an unknown DID is
     left out; a file without replicas has empty pfns, rses and states."""
@@ -168,14 +168,14 @@ def test_files_unknown_dids_and_no_replica_files(emulator: ThreadedRucioServer,
     assert f2["md5"] == "0" * 32 and f2["bytes"] == 456
 
 
-def test_dataset_expands_to_its_files_with_replicas(emulator: ThreadedRucioServer,
+def test_dataset_expands_to_its_files_with_replicas(emulator: ThreadedRucioEmulator,
                                                    client: MakeClient) -> None:
     """A dataset DID lists its files that have a replica; one without any is left out."""
     names = [r["name"] for r in client(emulator).list_replicas(_dids("ds1"))]
     assert names == ["f1.root", "f2.root"]
 
 
-def test_schemes_choose_the_protocols(emulator: ThreadedRucioServer,
+def test_schemes_choose_the_protocols(emulator: ThreadedRucioEmulator,
                                       client: MakeClient) -> None:
     """Without schemes an RSE gives its first protocol; with schemes one PFN per scheme it
     has; a scheme no RSE has leaves pfns empty but keeps states."""
@@ -200,7 +200,7 @@ def test_schemes_choose_the_protocols(emulator: ThreadedRucioServer,
     ("*\\rse_type=TAPE", {"DISK_RSE"}),
     ("(DISK_RSE|TAPE_RSE)&deterministic=true", {"DISK_RSE"}),
 ])
-def test_rse_expression_restricts_the_replicas(emulator: ThreadedRucioServer,
+def test_rse_expression_restricts_the_replicas(emulator: ThreadedRucioEmulator,
                                                client: MakeClient, expression: str,
                                                rses: set[str]) -> None:
     """An RSE expression keeps the replicas on the RSEs it selects, as the real grammar
@@ -217,7 +217,7 @@ def test_rse_expression_restricts_the_replicas(emulator: ThreadedRucioServer,
     ("(DISK_RSE", "InvalidRSEExpression"),
     ("rse_type=FOO", "InvalidObject"),
 ])
-def test_bad_rse_expression_raises_the_real_exception(emulator: ThreadedRucioServer,
+def test_bad_rse_expression_raises_the_real_exception(emulator: ThreadedRucioEmulator,
                                                       client: MakeClient, rucio_client: Any,
                                                       expression: str, error: str) -> None:
     """An expression the real parser refuses raises the real client's exception class."""
@@ -227,7 +227,7 @@ def test_bad_rse_expression_raises_the_real_exception(emulator: ThreadedRucioSer
         list(client(emulator).list_replicas(_dids("f1.root"), rse_expression=expression))
 
 
-def test_wrong_password_raises_cannot_authenticate(emulator: ThreadedRucioServer,
+def test_wrong_password_raises_cannot_authenticate(emulator: ThreadedRucioEmulator,
                                                    client: MakeClient) -> None:
     """A wrong password is the real 401 the client turns into CannotAuthenticate."""
     from rucio.common.exception import CannotAuthenticate
@@ -239,7 +239,7 @@ def test_wrong_password_raises_cannot_authenticate(emulator: ThreadedRucioServer
 
 
 def test_expired_token_makes_the_client_authenticate_again(
-        emulator: ThreadedRucioServer, client: MakeClient, clock: Clock) -> None:
+        emulator: ThreadedRucioEmulator, client: MakeClient, clock: Clock) -> None:
     """Past the token's lifetime the listing gets a 401; the client fetches a new token and
     the listing succeeds."""
     c = client(emulator)
@@ -252,7 +252,7 @@ def test_expired_token_makes_the_client_authenticate_again(
     assert stats.requests[LIST_REPLICAS] == 3
 
 
-def test_token_headers_and_lifetime(emulator: ThreadedRucioServer, clock: Clock) -> None:
+def test_token_headers_and_lifetime(emulator: ThreadedRucioEmulator, clock: Clock) -> None:
     """userpass answers 200 with X-Rucio-Auth-Token and an RFC 1123 UTC expiry one hour on;
     /auth/validate knows the token's account until then."""
     r = requests.get(f"{emulator.base_url}/auth/userpass", timeout=10, headers={
@@ -272,7 +272,7 @@ def test_token_headers_and_lifetime(emulator: ThreadedRucioServer, clock: Clock)
     assert expired.headers["ExceptionClass"] == "CannotAuthenticate"
 
 
-def test_errors_have_the_real_headers_and_body(emulator: ThreadedRucioServer) -> None:
+def test_errors_have_the_real_headers_and_body(emulator: ThreadedRucioEmulator) -> None:
     """No token: 400 ValueError; a bad token: 401 CannotAuthenticate; both with the
     ExceptionClass/ExceptionMessage headers and the same JSON body."""
     url = f"{emulator.base_url}/replicas/list"
@@ -287,14 +287,14 @@ def test_errors_have_the_real_headers_and_body(emulator: ThreadedRucioServer) ->
     assert bad.headers["Content-Type"] == "application/octet-stream"
 
 
-def _token(emulator: ThreadedRucioServer) -> str:
+def _token(emulator: ThreadedRucioEmulator) -> str:
     r = requests.get(f"{emulator.base_url}/auth/userpass", timeout=10, headers={
         "X-Rucio-Username": "u", "X-Rucio-Password": "p4ss-w0rd"})
     assert r.status_code == 200
     return str(r.headers["X-Rucio-Auth-Token"])
 
 
-def test_too_many_dids_is_the_real_schema_error(emulator: ThreadedRucioServer,
+def test_too_many_dids_is_the_real_schema_error(emulator: ThreadedRucioEmulator,
                                                 rucio_config: Path) -> None:
     """Over 1,000 DIDs (the r_dids schema's maxItems: the server's only request limit) and a
     DID with an unknown key are 400 InvalidObject, with the first line of the message the
@@ -319,7 +319,7 @@ def test_too_many_dids_is_the_real_schema_error(emulator: ThreadedRucioServer,
     assert empty.headers["Content-Type"] == "application/x-json-stream"
 
 
-def test_bad_sort_fails_up_front_or_breaks_the_stream(emulator: ThreadedRucioServer) -> None:
+def test_bad_sort_fails_up_front_or_breaks_the_stream(emulator: ThreadedRucioEmulator) -> None:
     """An unknown sort is a 400 when the first file has a PFN to sort, and breaks the stream
     off when only a later one has (the real server fails inside its generator)."""
     url = f"{emulator.base_url}/replicas/list?sort=nearest"
@@ -335,7 +335,7 @@ def test_bad_sort_fails_up_front_or_breaks_the_stream(emulator: ThreadedRucioSer
         list(later.iter_lines())
 
 
-def test_x509_proxy_and_certificate_log_in(tls_emulator: ThreadedRucioServer,
+def test_x509_proxy_and_certificate_log_in(tls_emulator: ThreadedRucioEmulator,
                                            client: MakeClient, pki: TestPKI,
                                            proxy: Path, rucio_config: Path) -> None:
     """x509_proxy (a grid proxy: its CN stripped) and x509 (certificate and key) get a
@@ -351,7 +351,7 @@ def test_x509_proxy_and_certificate_log_in(tls_emulator: ThreadedRucioServer,
     assert tls_emulator.stats.tokens_issued["x509"] == 2
 
 
-def test_x509_unknown_dn_raises_identity_error(tls_emulator: ThreadedRucioServer,
+def test_x509_unknown_dn_raises_identity_error(tls_emulator: ThreadedRucioEmulator,
                                                client: MakeClient, pki: TestPKI,
                                                tmp_path: Path) -> None:
     """A DN the server does not know is the real 401 IdentityError."""
@@ -373,7 +373,7 @@ def test_jwt_bearer_token_is_taken_for_its_subject(client: MakeClient, clock: Cl
     issuer = TokenIssuer("https://issuer.example/")
     check = BearerCheck(issuer, audiences=["rucio"])
     token_file = tmp_path / "bt"
-    with ThreadedRucioServer(SPEC, clock=clock, bearer=check,
+    with ThreadedRucioEmulator(SPEC, clock=clock, bearer=check,
                              bearer_accounts={"dune-prod": "root"}) as server:
         monkeypatch.setenv("BEARER_TOKEN_FILE", str(token_file))
         token_file.write_text(issuer.mint(subject="dune-prod", audience="rucio"))
@@ -386,7 +386,7 @@ def test_jwt_bearer_token_is_taken_for_its_subject(client: MakeClient, clock: Cl
     assert check.seen >= 2
 
 
-def test_secrets_stay_out_of_stats_and_logs(emulator: ThreadedRucioServer, client: MakeClient,
+def test_secrets_stay_out_of_stats_and_logs(emulator: ThreadedRucioEmulator, client: MakeClient,
                                             caplog: pytest.LogCaptureFixture,
                                             rucio_config: Path) -> None:
     """Neither the password nor a token appears in the statistics or the log."""
@@ -410,7 +410,7 @@ def test_synthetic_files_resolve_fast(rucio_config: Path) -> None:
     import aiohttp
 
     async def run() -> tuple[int, float]:
-        server = RucioServer(synthetic=SyntheticFiles(100_000, rses=("DISK_RSE", "TAPE_RSE")))
+        server = RucioEmulator(synthetic=SyntheticFiles(100_000, rses=("DISK_RSE", "TAPE_RSE")))
         async with server, aiohttp.ClientSession() as s:
             async with s.get(f"{server.base_url}/auth/userpass", headers={
                     "X-Rucio-Username": "root", "X-Rucio-Password": "secret"}) as r:

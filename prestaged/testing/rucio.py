@@ -1,6 +1,6 @@
 """A Rucio server emulator for tests, benchmarks and demos, held to the real Rucio 41.5.1 client.
 
-``RucioServer`` serves, on 127.0.0.1 (HTTPS with ``ssl_context``, else HTTP), the part of the
+``RucioEmulator`` serves, on 127.0.0.1 (HTTPS with ``ssl_context``, else HTTP), the part of the
 Rucio REST API that ``rucio.client.replicaclient.ReplicaClient`` needs to list replicas, with
 the real server's paths, headers, status codes and error format
 (``rucio/web/rest/flaskapi/v1/{auth,replicas,common}.py``):
@@ -38,7 +38,7 @@ where aiohttp's own default would cap at 1 MiB).
 
 Every request is counted per endpoint, with the DIDs each replica listing asked for, the files
 it answered and the tokens issued per method (``stats``); no password or token is ever kept
-in the stats or logged. ``ThreadedRucioServer`` runs it in a thread for synchronous clients;
+in the stats or logged. ``ThreadedRucioEmulator`` runs it in a thread for synchronous clients;
 ``python -m prestaged.testing.rucio --spec FILE | --synthetic N`` runs it as a process. Not
 emulated: metalink answers (406), other endpoints, VOs other than the default, OIDC flows.
 """
@@ -84,10 +84,10 @@ __all__ = [
     "AUTH_X509",
     "ENDPOINTS",
     "LIST_REPLICAS",
-    "RucioServer",
+    "RucioEmulator",
     "RucioStats",
     "SpecSource",
-    "ThreadedRucioServer",
+    "ThreadedRucioEmulator",
     "default_spec",
     "main",
 ]
@@ -216,7 +216,7 @@ def _peer_dn(request: web.BaseRequest) -> Optional[str]:
     return x509.load_der_x509_certificate(der).subject.rfc4514_string()
 
 
-class RucioServer(AppServer):
+class RucioEmulator(AppServer):
     """The emulator (see the module docstring). Use ``async with`` or ``start()``/``stop()``.
 
     ``spec``: the world (a ``RucioSpec``, a path or a parsed document; default
@@ -516,17 +516,17 @@ class RucioServer(AppServer):
 # --- in a thread -------------------------------------------------------------------------------
 
 
-class ThreadedRucioServer(ThreadedServer[RucioServer]):
-    """A ``RucioServer`` on its own event loop in a daemon thread, for synchronous clients
+class ThreadedRucioEmulator(ThreadedServer[RucioEmulator]):
+    """A ``RucioEmulator`` on its own event loop in a daemon thread, for synchronous clients
     such as the real ``ReplicaClient``. Takes the same arguments; ``stats`` is the live object
     (read it once requests are over)."""
 
     def __init__(self, spec: Optional[SpecSource] = None, **kwargs: Any) -> None:
-        super().__init__(lambda: RucioServer(spec, **kwargs), "Rucio emulator")
+        super().__init__(lambda: RucioEmulator(spec, **kwargs), "Rucio emulator")
 
     @property
     def base_url(self) -> str:
-        """See ``RucioServer.base_url``."""
+        """See ``RucioEmulator.base_url``."""
         return self.server.base_url
 
     @property
@@ -587,7 +587,7 @@ async def _serve_cli(args: argparse.Namespace) -> None:
         synthetic = SyntheticFiles(args.synthetic, rses=rses)
     ctx = (load_or_create_pki(args.pki_dir).server_ssl_context(require_client_cert=False)
            if args.pki_dir else None)
-    server = RucioServer(spec, synthetic=synthetic, ssl_context=ctx, port=args.port,
+    server = RucioEmulator(spec, synthetic=synthetic, ssl_context=ctx, port=args.port,
                          token_lifetime=args.token_lifetime)
     await server.serve_until_signalled()
     if args.stats_file is not None:
