@@ -1,5 +1,5 @@
-"""Shared fixtures: one test PKI per session, a fresh proxy per test, the emulators and the
-real XRootD that checks bearer tokens."""
+"""Shared fixtures: one test PKI per session, a fresh proxy per test, the emulators, the
+real XRootD that checks bearer tokens and the real Rucio server."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from prestaged.testing.dcache import DCacheConfig, DCacheServer
 from prestaged.testing.pki import TestPKI, create_pki
+from prestaged.testing.rucio_server import RucioServer
 from prestaged.testing.samweb import ThreadedSamWebServer
 from prestaged.testing.storage import ThreadedStorageServer
 from prestaged.testing.tokens import TokenIssuer
@@ -124,6 +125,47 @@ def make_xrootd_token_server(pki: TestPKI) -> Iterator[Callable[..., XRootDServe
     def make(**kwargs: Any) -> XRootDServer:
         kwargs.setdefault("issuer", TokenIssuer())
         server = XRootDServer(pki, **kwargs)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def _require_rucio() -> None:
+    """Skip the calling test unless the real Rucio server (PyPI ``rucio``, the test extra) is
+    installed; with CI set, fail it instead."""
+    import importlib.util
+
+    if importlib.util.find_spec("rucio") is None:
+        message = "install the test extra (pip install -e '.[test]') for the real Rucio server"
+        if _in_ci():
+            pytest.fail(f"{message} (CI is set: a missing server is a failure)")
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def make_rucio_server(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory,
+                      ) -> Iterator[Callable[..., RucioServer]]:
+    """Factory of started REAL Rucio servers (``prestaged.testing.rucio_server``), each in its
+    own subprocess and directory; whatever is still running at the end of the session is
+    stopped (stop a module's server yourself with ``server.stop()``).
+
+    ``make(spec, **RucioServer kwargs) -> RucioServer``; ``spec`` is a ``RucioSpec`` or its
+    JSON form (``prestaged.testing.rucio_spec``). The server has ``url`` (REST and ``/auth``
+    alike), ``ca_dir``/``ca_file`` (the test CA), ``root_username``/``root_password``
+    (userpass of account ``root``), ``root_dn`` (the test user's DN: ``proxy`` logs in as
+    ``root`` over ``/auth/x509``), ``timings`` and ``log_tail()``. About 4 s to start.
+    ``oidc=[{"issuer": issuer.url, "sub": ..., "account": ...}]`` makes it accept JWTs of a
+    ``prestaged.testing.tokens`` issuer served by ``IssuerServer`` (tests/test_rucio_server.py).
+    """
+    _require_rucio()
+    servers: list[RucioServer] = []
+
+    def make(spec: Any, **kwargs: Any) -> RucioServer:
+        server = RucioServer(pki, spec, tmp_path_factory.mktemp("rucio"), **kwargs)
         servers.append(server)
         server.start()
         return server

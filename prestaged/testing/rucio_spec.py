@@ -105,9 +105,11 @@ class ProtocolSpec:
 
     @property
     def base(self) -> str:
-        """``scheme://hostname:port/prefix/`` with exactly one ``/`` around the prefix."""
-        prefix = self.prefix.strip("/")
-        return f"{self.scheme}://{self.hostname}:{self.port}/{prefix + '/' if prefix else ''}"
+        """``scheme://hostname:port`` + the prefix with a ``/`` added at either end where it
+        lacks one, as Rucio's ``lfns2pfns`` joins them (``//eos/`` stays ``//eos/``)."""
+        prefix = self.prefix if self.prefix.startswith("/") else "/" + self.prefix
+        prefix = prefix if prefix.endswith("/") else prefix + "/"
+        return f"{self.scheme}://{self.hostname}:{self.port}{prefix}"
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], where: str) -> ProtocolSpec:
