@@ -488,3 +488,105 @@ def test_cli_refuses_synthetic_files_on_unknown_rses(capsys: pytest.CaptureFixtu
     """A generated file on an RSE the spec lacks is one line on stderr and exit code 2."""
     assert main(["--synthetic", "5", "--synthetic-rses", "NOPE"]) == 2
     assert "unknown RSEs ['NOPE']" in capsys.readouterr().err
+
+
+# ---- differential: the emulator against the REAL Rucio server, same spec -------------------
+
+DIFF_SPEC: dict[str, Any] = {
+    "scopes": ["dune"],
+    "rses": [
+        {"name": "DISK_RSE", "type": "DISK", "protocols": [
+            {"scheme": "https", "hostname": "127.0.0.1", "port": 2880, "prefix": "/pnfs/dune"},
+            {"scheme": "davs", "hostname": "127.0.0.1", "port": 2881, "prefix": "/pnfs/dune"}]},
+        {"name": "TAPE_RSE", "type": "TAPE", "protocols": [
+            {"scheme": "davs", "hostname": "127.0.0.1", "port": 2882, "prefix": "/tape"}]},
+        {"name": "ND_RSE", "type": "DISK", "deterministic": False, "protocols": [
+            {"scheme": "root", "hostname": "127.0.0.1", "port": 1094, "prefix": "/data"},
+            {"scheme": "https", "hostname": "127.0.0.1", "port": 1095, "prefix": "/data"}]},
+    ],
+    "files": [
+        {"scope": "dune", "name": "f1.root", "bytes": 100, "adler32": "0cc737eb",
+         "replicas": {"DISK_RSE": f"{DISK}/raw/f1.root", "TAPE_RSE": None}},
+        {"scope": "dune", "name": "f2.root", "bytes": 200, "adler32": "0cc737ec",
+         "md5": "1" * 32, "replicas": {"TAPE_RSE": "davs://127.0.0.1:2882/tape/x/f2.root"}},
+        {"scope": "dune", "name": "f3.root", "bytes": 300, "adler32": "0cc737ed",
+         "replicas": {"ND_RSE": "https://127.0.0.1:1095/data/nd/f3.root"}},
+        {"scope": "dune", "name": "bare.root", "bytes": 1, "adler32": "0cc737ee",
+         "replicas": {}},
+        *({"scope": "dune", "name": f"d{i}.root", "bytes": i, "adler32": "0cc737ef",
+           "replicas": {"DISK_RSE": None, "ND_RSE": f"https://127.0.0.1:1095/data/d{i}.root"}}
+          for i in range(3)),
+    ],
+    "datasets": [{"scope": "dune", "name": "ds1",
+                  "files": ["dune:d0.root", "dune:d1.root", "dune:d2.root", "dune:bare.root"]}],
+    "users": [{"account": "alice", "username": "alice", "password": "alice-pw"}],
+}
+DIFF_NAMES = ["f1.root", "f2.root", "f3.root", "bare.root", "nope.root", "ds1", "d1.root"]
+
+
+@pytest.fixture(scope="module")
+def real_and_emulated(pki: TestPKI, make_rucio_server: Callable[..., Any]
+                      ) -> Iterator[tuple[str, str]]:
+    """The base URLs of the REAL Rucio server and of the emulator, both loaded with
+    DIFF_SPEC (HTTPS, test CA)."""
+    real = make_rucio_server(DIFF_SPEC)
+    with ThreadedRucioEmulator(
+            DIFF_SPEC, ssl_context=pki.server_ssl_context(require_client_cert=False)) as emu:
+        yield real.url, emu.base_url
+    real.stop()
+
+
+def _ask(base: str, pki: TestPKI, body: dict[str, Any], query: str = ""
+         ) -> tuple[int, Any]:
+    """Log in as alice, POST /replicas/list; (status, records with rse_id replaced by the
+    RSE name, or the error's class and first message line)."""
+    s, ca = requests.Session(), str(pki.ca_dir)  # verify per request: the env beats a session's
+    login = s.get(f"{base}/auth/userpass", timeout=30, verify=ca, headers={
+        "X-Rucio-Username": "alice", "X-Rucio-Password": "alice-pw"})
+    assert login.status_code == 200, login.text
+    r = s.post(f"{base}/replicas/list{query}", data=json.dumps(body), timeout=60, verify=ca,
+               stream=True,
+               headers={"X-Rucio-Auth-Token": login.headers["X-Rucio-Auth-Token"]})
+    if r.status_code != 200:
+        doc = r.json()
+        return r.status_code, (doc["ExceptionClass"], doc["ExceptionMessage"].splitlines()[0],
+                               r.headers["ExceptionClass"])
+    assert r.headers["Content-Type"] == "application/x-json-stream"
+    try:
+        text = r.text
+    except requests.exceptions.ChunkedEncodingError:
+        return 200, "stream broken off"
+    records = [json.loads(line) for line in text.splitlines() if line]
+    for rec in records:
+        for entry in rec["pfns"].values():
+            assert len(entry["rse_id"]) == 32
+            entry["rse_id"] = entry["rse"]  # ids are random on the real server
+    return 200, records
+
+
+@pytest.mark.parametrize(("body", "query"), [
+    ({}, ""),
+    ({"schemes": ["davs", "https"], "domain": "wan"}, ""),
+    ({"schemes": ["root"]}, ""),
+    ({"schemes": ["root", "https", "davs"], "domain": "all"}, ""),
+    ({"schemes": "https"}, ""),  # the rucio CLI's string: no PFN at all
+    ({"rse_expression": "TAPE_RSE|ND_RSE"}, ""),
+    ({"rse_expression": "rse_type=DISK\\ND_RSE"}, ""),
+    ({"rse_expression": "(*)&deterministic=false"}, ""),
+    ({"resolve_parents": True, "all_states": True}, ""),
+    ({"rse_expression": "NO_SUCH_RSE"}, ""),
+    ({"rse_expression": "DISK_RSE|"}, ""),
+    ({"rse_expression": "rse_type=FOO"}, ""),
+    ({}, "?sort=nearest"),  # bare.root sorts first, has no PFN: the error hits a later file
+    ({"dids": [{"scope": "dune", "name": "f1.root"}]}, "?sort=nearest"),
+    ({"dids": [{"scope": "dune", "name": "f2.root"}]}, "?sort=random"),  # one PFN: no dice
+    ({"dids": [{"scope": "dune", "name": "f1.root", "did_type": "FILE"}]}, ""),
+    ({"dids": []}, ""),
+])
+def test_emulator_answers_as_the_real_server(real_and_emulated: tuple[str, str], pki: TestPKI,
+                                             body: dict[str, Any], query: str) -> None:
+    """Same spec, same request: the emulator's records (or error class and message) equal the
+    real Rucio 41.5.1 server's, PFN priorities and domains included."""
+    doc = {"dids": [{"scope": "dune", "name": n} for n in DIFF_NAMES], **body}
+    real, emulated = (_ask(base, pki, doc, query) for base in real_and_emulated)
+    assert emulated == real

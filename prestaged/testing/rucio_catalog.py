@@ -139,6 +139,15 @@ def hash_path(scope: str, name: str) -> str:
     return f"{scope}/{digest[0:2]}/{digest[2:4]}/{name}"
 
 
+def _stored_path(rse: RseSpec, scope: str, name: str, pfn: Optional[str]) -> str:
+    """The replica's path as Rucio stores it: on a non-deterministic RSE what ``parse_pfns``
+    gives (``/`` + the part after the prefix), else the part after the prefix (the test kit
+    stores it for an explicit PFN), else the ``hash`` path."""
+    if pfn is None:
+        return hash_path(scope, name)
+    return rse.path_of(pfn) if rse.deterministic else "/" + rse.path_of(pfn)
+
+
 @dataclass(frozen=True)
 class SyntheticFiles:
     """``count`` generated files ``<scope>:<dataset>_<i:07d>.root`` (i from 0), 1 MiB each,
@@ -388,9 +397,8 @@ class RucioCatalog:
             tzinfo=None)
         self._files: dict[tuple[str, str], CatalogFile] = {}
         for f in spec.files:
-            replicas = tuple(
-                (rse, hash_path(f.scope, f.name) if pfn is None else spec.rse(rse).path_of(pfn))
-                for rse, pfn in f.replicas.items())
+            replicas = tuple((rse, _stored_path(spec.rse(rse), f.scope, f.name, pfn))
+                             for rse, pfn in f.replicas.items())
             self._files[(f.scope, f.name)] = CatalogFile(f.scope, f.name, f.bytes, f.adler32,
                                                          f.md5, replicas)
         self._datasets: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
@@ -462,8 +470,10 @@ class RucioCatalog:
 
 
 _esc = encode_basestring_ascii  # what json.dumps does to a str (ensure_ascii)
-# (domain, PFN base, protocol priority, rse_id, rse name, the entry's JSON up to "priority": )
-_Door = tuple[str, str, int, str, str, str]
+# (domain, PFN base, protocol priority, rse_id, rse name, the entry's JSON up to "priority": ,
+# whether a stored path keeps its leading "/": only the root scheme's protocols (xrootd's and
+# gfal's lfns2pfns) keep it; the others drop it)
+_Door = tuple[str, str, int, str, str, str, bool]
 _ENTRY_END = ', "client_extract": false}'
 
 
@@ -487,7 +497,8 @@ class _Renderer:
             doors = self.doors[rse_name] = [
                 (domain, base, priority, rse.id, rse.name,
                  f'{{"rse_id": {_esc(rse.id)}, "rse": {_esc(rse.name)}, "type": '
-                 f'{_esc(rse.type)}, "volatile": false, "domain": {_esc(domain)}, "priority": ')
+                 f'{_esc(rse.type)}, "volatile": false, "domain": {_esc(domain)}, "priority": ',
+                 base.startswith("root:"))
                 for domain, base, priority in _protocols(rse, self.req.domain, self.req.schemes)]
         return doors
 
@@ -506,7 +517,8 @@ class _Renderer:
                 continue
             states[rse_name] = None
             for door in self._doors(rse_name):
-                pfns[door[1] + path] = door  # the same URL twice: the later entry stays
+                url = door[1] + (path[1:] if path[:1] == "/" and not door[6] else path)
+                pfns[url] = door  # the same URL twice: the later entry stays
         # The core numbers PFNs by (domain, protocol priority, URL) and lists them per RSE by
         # (rse_id, that number, URL) ...
         # (The raw URL sorts; the JSON-escaped one is written.)
