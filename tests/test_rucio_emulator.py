@@ -530,8 +530,10 @@ def real_and_emulated(pki: TestPKI, make_rucio_server: Callable[..., Any]
     """The base URLs of the REAL Rucio server and of the emulator, both loaded with
     DIFF_SPEC (HTTPS, test CA)."""
     real = make_rucio_server(DIFF_SPEC)
+    # The real kit adds root's identities itself: userpass root and the test user's DN.
+    emulated_spec = {**DIFF_SPEC, "x509": [{"account": "root", "dn": USER_DN}]}
     with ThreadedRucioEmulator(
-            DIFF_SPEC, ssl_context=pki.server_ssl_context(require_client_cert=False)) as emu:
+            emulated_spec, ssl_context=pki.server_ssl_context(require_client_cert=False)) as emu:
         yield real.url, emu.base_url
     real.stop()
 
@@ -589,4 +591,70 @@ def test_emulator_answers_as_the_real_server(real_and_emulated: tuple[str, str],
     real Rucio 41.5.1 server's, PFN priorities and domains included."""
     doc = {"dids": [{"scope": "dune", "name": n} for n in DIFF_NAMES], **body}
     real, emulated = (_ask(base, pki, doc, query) for base in real_and_emulated)
+    assert emulated == real
+
+
+_LOGINS: list[tuple[str, dict[str, str], Optional[str]]] = [
+    ("userpass", {"X-Rucio-Account": "alice", "X-Rucio-Username": "alice",
+                  "X-Rucio-Password": "wrong"}, None),
+    ("userpass", {"X-Rucio-Username": "nobody", "X-Rucio-Password": "x"}, None),
+    ("userpass", {"X-Rucio-Username": "alice"}, None),
+    ("userpass", {"X-Rucio-Account": "root", "X-Rucio-Username": "alice",
+                  "X-Rucio-Password": "alice-pw"}, None),
+    ("userpass", {"X-Rucio-Username": "alice", "X-Rucio-Password": "alice-pw"}, None),
+    ("userpass", {"X-Rucio-Username": "alice", "X-Rucio-Password": "alice-pw",
+                  "Accept": "application/json"}, None),
+    ("x509", {}, None),
+    ("x509", {}, "proxy"),
+    ("x509_proxy", {"X-Rucio-Account": "alice"}, "proxy"),
+    ("x509", {}, "stranger"),
+]
+
+
+@pytest.mark.parametrize(("path", "headers", "cert"), _LOGINS)
+def test_logins_answer_as_the_real_server(real_and_emulated: tuple[str, str], pki: TestPKI,
+                                          proxy: Path, tmp_path: Path, path: str,
+                                          headers: dict[str, str], cert: Optional[str]) -> None:
+    """Logins (good, wrong password, unknown identity, missing header, wrong account, a
+    refused Accept, no certificate, a proxy, an unknown DN) get the real server's status,
+    exception class and message, and on success the same account and token shape."""
+    certs = {"proxy": str(proxy),
+             "stranger": str(pki.make_proxy_for("Somebody Else", tmp_path / "other"))}
+
+    def login(base: str) -> tuple[Any, ...]:
+        r = requests.get(f"{base}/auth/{path}", headers=headers, timeout=30,
+                         verify=str(pki.ca_dir), cert=certs[cert] if cert else None)
+        if r.status_code != 200:
+            return r.status_code, r.headers.get("ExceptionClass"), r.json()
+        token = r.headers["X-Rucio-Auth-Token"]
+        return (200, r.headers["X-Rucio-Auth-Account"], token.rsplit("-", 1)[0],
+                len(token.rsplit("-", 1)[1]), r.headers["Content-Type"])
+
+    real, emulated = (login(base) for base in real_and_emulated)
+    assert emulated == real
+
+
+def test_token_checks_answer_as_the_real_server(real_and_emulated: tuple[str, str],
+                                                pki: TestPKI) -> None:
+    """No token, an unknown token and /auth/validate give what the real server gives."""
+    ca = str(pki.ca_dir)
+
+    def check(base: str) -> list[Any]:
+        login = requests.get(f"{base}/auth/userpass", timeout=30, verify=ca, headers={
+            "X-Rucio-Username": "alice", "X-Rucio-Password": "alice-pw"})
+        token = login.headers["X-Rucio-Auth-Token"]
+        out: list[Any] = []
+        for sent in ({}, {"X-Rucio-Auth-Token": "root-nobody-unknown-0"}):
+            r = requests.post(f"{base}/replicas/list", data=json.dumps({"dids": []}),
+                              headers=sent, timeout=30, verify=ca)
+            out.append((r.status_code, r.json()))
+        valid = requests.get(f"{base}/auth/validate", timeout=30, verify=ca,
+                             headers={"X-Rucio-Auth-Token": token})
+        out.append((valid.status_code, valid.text.split(", 'lifetime'")[0]))
+        bad = requests.get(f"{base}/auth/validate", timeout=30, verify=ca,
+                           headers={"X-Rucio-Auth-Token": "nonsense"})
+        out.append((bad.status_code, bad.headers.get("ExceptionClass")))
+        return out
+
+    real, emulated = (check(base) for base in real_and_emulated)
     assert emulated == real

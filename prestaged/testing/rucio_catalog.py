@@ -15,7 +15,9 @@ optional ``SyntheticFiles`` range generated on demand), and ``list_replicas`` an
 - an RSE's protocols are in priority order (the spec's order, 1 first, in ``wan`` and ``lan``);
   without ``schemes`` each RSE gives the PFN of its first protocol, with ``schemes`` one PFN
   per asked scheme it has; a PFN is the protocol's ``scheme://hostname:port`` + prefix + the
-  replica's path (the part of its spec PFN after the prefix, or Rucio's ``hash`` path);
+  replica's stored path (the part of its spec PFN after the prefix, or Rucio's ``hash`` path;
+  on a non-deterministic RSE Rucio stores it with a leading ``/``, which ``root://`` PFNs
+  keep: ``root://host:1094/data//f.root``, as the real server answers);
 - priorities: the core orders a file's PFNs by (domain, protocol priority, PFN text) and
   numbers them from 1; the REST layer puts ``lan`` ones first and keeps the rest in that order
   (the GeoIP sort finds no database offline and keeps it), then numbers them again;
