@@ -584,6 +584,10 @@ def _ask(base: str, pki: TestPKI, body: dict[str, Any], query: str = ""
     ({"dids": [{"scope": "dune", "name": "f2.root"}]}, "?sort=random"),  # one PFN: no dice
     ({"dids": [{"scope": "dune", "name": "f1.root", "did_type": "FILE"}]}, ""),
     ({"dids": []}, ""),
+    ({"dids": [{"scope": "dune", "name": f"x{i}"} for i in range(1001)]}, ""),
+    ({"dids": [{"scope": "dune", "name": "f1.root"}, "dune:f2.root"]}, ""),
+    ({"dids": [{"scope": "dune"}]}, ""),
+    ({"all_states": "maybe"}, ""),
 ])
 def test_emulator_answers_as_the_real_server(real_and_emulated: tuple[str, str], pki: TestPKI,
                                              body: dict[str, Any], query: str) -> None:
