@@ -23,7 +23,8 @@ from prestaged.testing.pki import TestPKI
 from prestaged.testing.rucio import LIST_REPLICAS, RucioEmulator, ThreadedRucioEmulator, main
 from prestaged.testing.rucio_catalog import ListRequest, RucioCatalog, SyntheticFiles
 from prestaged.testing.rucio_spec import RucioSpec
-from prestaged.testing.tokens import BearerCheck, TokenIssuer
+from prestaged.testing.threaded import ThreadedServer
+from prestaged.testing.tokens import BearerCheck, IssuerServer, TokenIssuer
 
 USER_DN = "CN=Test User,O=Test,DC=prestaged-test,DC=org"
 DISK = "https://127.0.0.1:2880/pnfs/dune"
@@ -367,23 +368,28 @@ def test_jwt_bearer_token_is_taken_for_its_subject(client: MakeClient, clock: Cl
                                                    tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """With a BearerCheck a WLCG JWT found by the client (auth_type oidc, BEARER_TOKEN_FILE)
-    authenticates as its subject's account; a token of another subject is refused."""
+    authenticates as its subject's account when it has Rucio's expected audience and scope;
+    another subject, audience or scope is refused."""
     from rucio.common.exception import CannotAuthenticate
 
     issuer = TokenIssuer("https://issuer.example/")
     check = BearerCheck(issuer, audiences=["rucio"])
     token_file = tmp_path / "bt"
     with ThreadedRucioEmulator(SPEC, clock=clock, bearer=check,
-                             bearer_accounts={"dune-prod": "root"}) as server:
+                               bearer_accounts={"dune-prod": "root"}) as server:
         monkeypatch.setenv("BEARER_TOKEN_FILE", str(token_file))
-        token_file.write_text(issuer.mint(subject="dune-prod", audience="rucio"))
+        token_file.write_text(issuer.mint("openid profile", subject="dune-prod",
+                                          audience="rucio"))
         names = [r["name"] for r in client(server, auth_type="oidc", creds={})
                  .list_replicas(_dids("f2.root"))]
         assert names == ["f2.root"]
-        token_file.write_text(issuer.mint(subject="stranger", audience="rucio"))
-        with pytest.raises(CannotAuthenticate):
-            list(client(server, auth_type="oidc", creds={}).list_replicas(_dids("f2.root")))
-    assert check.seen >= 2
+        for kwargs in ({"subject": "stranger", "audience": "rucio"},
+                       {"subject": "dune-prod", "audience": "https://wlcg.cern.ch/jwt/v1/any"},
+                       {"subject": "dune-prod", "audience": "rucio", "scope": "openid"}):
+            token_file.write_text(issuer.mint(**{"scope": "openid profile", **kwargs}))
+            with pytest.raises(CannotAuthenticate):
+                list(client(server, auth_type="oidc", creds={}).list_replicas(_dids("f2.root")))
+    assert check.seen >= 4
 
 
 def test_secrets_stay_out_of_stats_and_logs(emulator: ThreadedRucioEmulator, client: MakeClient,
@@ -525,15 +531,31 @@ DIFF_NAMES = ["f1.root", "f2.root", "f3.root", "bare.root", "nope.root", "ds1", 
 
 
 @pytest.fixture(scope="module")
-def real_and_emulated(pki: TestPKI, make_rucio_server: Callable[..., Any]
-                      ) -> Iterator[tuple[str, str]]:
+def jwt_issuer(pki: TestPKI) -> Iterator[TokenIssuer]:
+    """A WLCG token issuer serving its discovery document and JWKS over HTTPS (test CA)."""
+    issuer = TokenIssuer()
+    server = ThreadedServer(
+        lambda: IssuerServer(issuer, pki.server_ssl_context(require_client_cert=False)),
+        "rucio-emulator-token-issuer")
+    server.start()
+    yield issuer
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def real_and_emulated(pki: TestPKI, make_rucio_server: Callable[..., Any],
+                      jwt_issuer: TokenIssuer) -> Iterator[tuple[str, str]]:
     """The base URLs of the REAL Rucio server and of the emulator, both loaded with
-    DIFF_SPEC (HTTPS, test CA)."""
-    real = make_rucio_server(DIFF_SPEC)
+    DIFF_SPEC (HTTPS, test CA), both taking ``jwt_issuer``'s tokens of subject ``carol-sub``
+    as account ``carol``."""
+    real = make_rucio_server(DIFF_SPEC, oidc=[
+        {"issuer": jwt_issuer.url, "sub": "carol-sub", "account": "carol"}])
     # The real kit adds root's identities itself: userpass root and the test user's DN.
     emulated_spec = {**DIFF_SPEC, "x509": [{"account": "root", "dn": USER_DN}]}
     with ThreadedRucioEmulator(
-            emulated_spec, ssl_context=pki.server_ssl_context(require_client_cert=False)) as emu:
+            emulated_spec, ssl_context=pki.server_ssl_context(require_client_cert=False),
+            bearer=BearerCheck(jwt_issuer, audiences=["rucio"]),
+            bearer_accounts={"carol-sub": "carol"}) as emu:
         yield real.url, emu.base_url
     real.stop()
 
@@ -661,4 +683,30 @@ def test_token_checks_answer_as_the_real_server(real_and_emulated: tuple[str, st
         return out
 
     real, emulated = (check(base) for base in real_and_emulated)
+    assert emulated == real
+
+
+@pytest.mark.parametrize("claims", [
+    {"subject": "carol-sub", "audience": "rucio", "scope": "openid profile"},
+    {"subject": "carol-sub", "audience": ["rucio", "other"], "scope": "openid profile x"},
+    {"subject": "nobody", "audience": "rucio", "scope": "openid profile"},
+    {"subject": "carol-sub", "audience": "other", "scope": "openid profile"},
+    {"subject": "carol-sub", "audience": "rucio", "scope": "openid"},
+    {"subject": "carol-sub", "audience": "rucio", "scope": "openid profile", "lifetime": -60},
+])
+def test_jwts_are_judged_as_the_real_server_does(real_and_emulated: tuple[str, str],
+                                                 pki: TestPKI, jwt_issuer: TokenIssuer,
+                                                 claims: dict[str, Any]) -> None:
+    """A JWT as X-Rucio-Auth-Token lists replicas on both servers or is refused by both
+    (subject mapping, audience, scope, expiry)."""
+    token = jwt_issuer.mint(**claims)
+
+    def ask(base: str) -> tuple[int, Any]:
+        r = requests.post(f"{base}/replicas/list", timeout=30, verify=str(pki.ca_dir),
+                          headers={"X-Rucio-Auth-Token": token},
+                          data=json.dumps({"dids": _dids("f2.root")}))
+        return r.status_code, ([json.loads(x)["name"] for x in r.text.splitlines()]
+                               if r.status_code == 200 else r.json())
+
+    real, emulated = (ask(base) for base in real_and_emulated)
     assert emulated == real

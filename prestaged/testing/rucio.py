@@ -26,10 +26,12 @@ token the real 400 (``ValueError``, "Token must be set."). Errors carry the real
 characters) and the JSON body ``{"ExceptionClass": ..., "ExceptionMessage": ...}``
 (``application/octet-stream``). The real client re-authenticates on a 401 and retries.
 
-With ``bearer`` (a ``BearerCheck``), a WLCG JWT sent as ``X-Rucio-Auth-Token`` is accepted
-when its signature, lifetime and audience are good and its subject is in ``bearer_accounts``
-(subject -> account); the real server's OIDC set-up (issuer secrets, expected scope) is not
-emulated.
+With ``bearer`` (a ``BearerCheck``), a WLCG JWT sent as ``X-Rucio-Auth-Token`` is accepted,
+as the real server's ``validate_jwt`` does, when its signature and lifetime are good, its
+``aud`` holds every word of ``bearer_audience`` and its ``scope`` every word of
+``bearer_scope`` (Rucio's ``[oidc] expected_audience``/``expected_scope`` defaults ``rucio``
+and ``openid profile``), and its subject is in ``bearer_accounts`` (subject -> account). The
+real server's issuer secrets and token caching are not emulated.
 
 Request size: the real Flask app sets no ``MAX_CONTENT_LENGTH``; its limit is the ``r_dids``
 schema's 1,000 DIDs per request (400 ``InvalidObject``). The emulator takes bodies up to
@@ -205,6 +207,14 @@ def _accepts(request: web.Request, types: Sequence[str]) -> Optional[str]:
     return best[2] if best else None
 
 
+def _has_words(claim: Any, required: str) -> bool:
+    """rucio.common.utils.all_oidc_req_claims_present for one claim: every space-separated
+    word of ``required`` is in ``claim`` (a space-separated string or a list)."""
+    have = claim.split(" ") if isinstance(claim, str) else claim if isinstance(claim, list) \
+        else []
+    return all(word in have for word in required.split(" ") if word)
+
+
 def _peer_dn(request: web.BaseRequest) -> Optional[str]:
     """The client certificate's subject in RFC 2253 order, as Apache's ``SSL_CLIENT_S_DN``
     (the leaf: a proxy's own DN)."""
@@ -221,8 +231,9 @@ class RucioEmulator(AppServer):
 
     ``spec``: the world (a ``RucioSpec``, a path or a parsed document; default
     ``default_spec()``); ``synthetic``: generated files on top of it. ``token_lifetime`` in
-    seconds; ``clock`` gives the time in seconds since the epoch. ``bearer`` and
-    ``bearer_accounts`` accept WLCG JWTs (module docstring). ``client_max_size``: the largest
+    seconds; ``clock`` gives the time in seconds since the epoch. ``bearer``,
+    ``bearer_accounts``, ``bearer_audience`` and ``bearer_scope`` accept WLCG JWTs (module
+    docstring). ``client_max_size``: the largest
     request body in bytes."""
 
     def __init__(
@@ -237,6 +248,8 @@ class RucioEmulator(AppServer):
         clock: Callable[[], float] = time.time,
         bearer: Optional[BearerCheck] = None,
         bearer_accounts: Optional[Mapping[str, str]] = None,
+        bearer_audience: str = "rucio",
+        bearer_scope: str = "openid profile",
         client_max_size: int = _MAX_BODY,
     ) -> None:
         if token_lifetime <= 0:
@@ -248,6 +261,8 @@ class RucioEmulator(AppServer):
         self.clock = clock
         self.bearer = bearer
         self.bearer_accounts = dict(bearer_accounts or {})
+        self.bearer_audience = bearer_audience
+        self.bearer_scope = bearer_scope
         self.client_max_size = client_max_size
         self.stats = RucioStats()
         self._tokens: dict[str, _Token] = {}
@@ -411,11 +426,13 @@ class RucioEmulator(AppServer):
             return None
         verdict = self.bearer.authorize("Bearer " + text, ())
         account = self.bearer_accounts.get(verdict.subject or "")
-        if not verdict.granted or account is None or verdict.claims is None:
+        claims = verdict.claims
+        if not verdict.granted or account is None or claims is None or not (
+                _has_words(claims.get("aud"), self.bearer_audience)
+                and _has_words(claims.get("scope"), self.bearer_scope)):
             return None
-        issuer = verdict.claims.get("iss", "")
-        return _Token(account, f"SUB={verdict.subject}, ISS={issuer}",
-                      float(verdict.claims.get("exp", now)))
+        return _Token(account, f"SUB={verdict.subject}, ISS={claims.get('iss', '')}",
+                      float(claims.get("exp", now)))
 
     async def _validate(self, request: web.Request) -> web.StreamResponse:
         refused = self._not_acceptable(request, [OCTET_STREAM])
