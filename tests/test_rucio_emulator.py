@@ -408,31 +408,33 @@ def test_secrets_stay_out_of_stats_and_logs(emulator: ThreadedRucioEmulator, cli
     assert "userpass" in text  # the log and stats do record the event
 
 
-def test_synthetic_files_resolve_fast(rucio_config: Path) -> None:
-    """100,000 generated files resolve in chunks of 500 DIDs at over 20,000 files/s through
-    the emulator's HTTP path (the benchmark's floor; about 50,000 files/s on 2 cores)."""
+def test_synthetic_files_resolve_in_chunks_over_http(rucio_config: Path) -> None:
+    """Generated files resolve in chunks of 500 DIDs through the emulator's HTTP path, each
+    exactly once (their speed is measured by bench/metacat_resolve.py, not here)."""
     import asyncio
 
     import aiohttp
 
-    async def run() -> tuple[int, float]:
-        server = RucioEmulator(synthetic=SyntheticFiles(100_000, rses=("DISK_RSE", "TAPE_RSE")))
+    count = 5_000
+
+    async def run() -> list[str]:
+        server = RucioEmulator(synthetic=SyntheticFiles(count, rses=("DISK_RSE", "TAPE_RSE")))
+        names: list[str] = []
         async with server, aiohttp.ClientSession() as s:
             async with s.get(f"{server.base_url}/auth/userpass", headers={
                     "X-Rucio-Username": "root", "X-Rucio-Password": "secret"}) as r:
                 token = r.headers["X-Rucio-Auth-Token"]
-            got, start = 0, time.perf_counter()
-            for chunk in range(0, 100_000, 500):
+            for chunk in range(0, count, 500):
                 dids = [{"scope": "dune", "name": f"synthetic_{i:07d}.root"}
                         for i in range(chunk, chunk + 500)]
                 async with s.post(f"{server.base_url}/replicas/list", json={"dids": dids},
                                   headers={"X-Rucio-Auth-Token": token}) as r:
-                    got += sum(1 for line in (await r.read()).splitlines() if line)
-            return got, time.perf_counter() - start
+                    names += [json.loads(line)["name"]
+                              for line in (await r.read()).splitlines() if line]
+        return names
 
-    got, elapsed = asyncio.run(run())
-    assert got == 100_000
-    assert got / elapsed > 20_000, f"{got / elapsed:.0f} files/s"
+    names = asyncio.run(run())
+    assert sorted(names) == [f"synthetic_{i:07d}.root" for i in range(count)]
 
 
 def test_catalog_orders_and_numbers_like_the_server() -> None:
