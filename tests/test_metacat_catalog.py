@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, Optional
 
 import pytest
 
@@ -17,6 +19,8 @@ from prestaged.catalog.rucio import pick, rucio_login_mode
 from prestaged.config import CatalogConfig, MetaCatConfig, RucioConfig, load_config
 from prestaged.errors import CatalogError, ConfigError, CredentialError
 from prestaged.testing.metacat import MetaCatServer, synthetic_files
+from prestaged.testing.rucio import RucioEmulator
+from prestaged.testing.rucio_catalog import SyntheticFiles
 from prestaged.testing.tokens import TokenIssuer
 
 DATASET = "dune:raw-run1"
@@ -238,3 +242,137 @@ def test_metacat_tokens_that_are_not_jwts_are_refused_before_any_request(
         url="http://127.0.0.1:1/app", auth="metacat", token_file=tmp_path / "tok"))
     with pytest.raises(CredentialError, match="malformed token"):
         MetaCatCatalog(DATASET, cfg, env={})
+
+
+# --- streaming, chunks and retries, against both emulators ----------------------------------
+
+
+SYNTHETIC = "dune:synthetic"  # the dataset both emulators generate files for
+
+
+class _Clock:
+    """The Rucio emulator's clock, moved forward by tests."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[MetaCatServer, RucioEmulator, _Clock]]:
+    """A MetaCat emulator listing ``dune:synthetic`` (2,000 files) and a Rucio emulator with a
+    DISK replica of each, on plain HTTP (TLS is the end-to-end module's business)."""
+    clock = _Clock()
+    metacat = MetaCatServer(datasets={SYNTHETIC: synthetic_files(SYNTHETIC, 2000)})
+    rucio = RucioEmulator(synthetic=SyntheticFiles(2000, rses=("DISK_RSE",)), clock=clock)
+    async with metacat, rucio:
+        yield metacat, rucio, clock
+
+
+def _pair_cfg(tmp_path: Path, metacat: MetaCatServer, rucio: RucioEmulator,
+              *, metacat_keys: Optional[dict[str, Any]] = None, **rucio_keys: Any
+              ) -> CatalogConfig:
+    secret = tmp_path / "rucio-password"
+    secret.write_text("secret\n")
+    return CatalogConfig(
+        metacat=MetaCatConfig(**{"url": metacat.base_url, "auth": "none", "retry_initial": 0,
+                                 "retry_max": 0.01, "retry_for": 30,
+                                 **(metacat_keys or {})}),
+        rucio=RucioConfig(**{"url": rucio.base_url, "auth": "userpass", "username": "root",
+                             "password_file": secret, "retry_initial": 0, "retry_max": 0.01,
+                             "retry_for": 30, **rucio_keys}))
+
+
+async def test_chunks_hold_at_most_chunk_dids_and_every_file_comes_once(
+        pair: tuple[MetaCatServer, RucioEmulator, _Clock], tmp_path: Path) -> None:
+    metacat, rucio, _ = pair
+    catalog = MetaCatCatalog(SYNTHETIC, _pair_cfg(tmp_path, metacat, rucio, chunk=300),
+                             env={})
+    refs = [ref async for ref in catalog.files()]
+    assert sorted(r.name for r in refs) == [f"dune:synthetic_{i:07d}.root" for i in range(2000)]
+    assert sorted(rucio.stats.dids_per_request) == [200] + [300] * 6
+    assert catalog.rucio_requests == 7 and rucio.stats.tokens_issued["userpass"] == 1
+    assert all(r.url == f"https://127.0.0.1:2880/pnfs/dune/synthetic/{r.name[5:]}"
+               for r in refs)
+
+
+async def test_the_first_url_comes_before_the_later_chunks_are_asked(
+        pair: tuple[MetaCatServer, RucioEmulator, _Clock], tmp_path: Path) -> None:
+    """Streaming: with 20 chunks and 2 in flight, the first URL is handed out while at most
+    ``parallel + 1`` replica requests have been made."""
+    metacat, rucio, _ = pair
+    catalog = MetaCatCatalog(SYNTHETIC, _pair_cfg(tmp_path, metacat, rucio, chunk=100,
+                                                  parallel=2), env={})
+    files = catalog.files()
+    first = await files.__anext__()
+    asked = rucio.stats.requests["replicas/list"]
+    rest = [ref async for ref in files]
+    assert first.url.startswith("https://") and len(rest) == 1999
+    assert asked <= 3 < rucio.stats.requests["replicas/list"] == 20
+
+
+async def test_server_trouble_is_retried_then_resolves(
+        pair: tuple[MetaCatServer, RucioEmulator, _Clock], tmp_path: Path) -> None:
+    """503 from MetaCat, 503 and 429 (Retry-After) from Rucio: retried, nothing lost."""
+    metacat, rucio, _ = pair
+    metacat.fail("/data/dataset_files", 503)
+    rucio.fail("/replicas/list", 503, times=2)
+    rucio.fail("/replicas/list", 429, retry_after=0)
+    catalog = MetaCatCatalog(SYNTHETIC, _pair_cfg(tmp_path, metacat, rucio), env={})
+    refs = [ref async for ref in catalog.files()]
+    assert len({r.url for r in refs}) == 2000
+    assert metacat.faults_served == 1 and rucio.faults_served == 3
+    assert metacat.stats.requests["dataset_files"] == 1  # the 503 never reached it
+
+
+async def test_retries_end_after_retry_for_with_a_catalog_error(
+        pair: tuple[MetaCatServer, RucioEmulator, _Clock], tmp_path: Path) -> None:
+    metacat, rucio, _ = pair
+    rucio.fail("/replicas/list", 503, times=1000)
+    catalog = MetaCatCatalog(SYNTHETIC, _pair_cfg(tmp_path, metacat, rucio, retry_for=0.05),
+                             env={})
+    with pytest.raises(CatalogError, match=r"Rucio http://127\.0\.0\.1:\d+ unreachable while "
+                                           r"listing the replicas of 500 files: HTTP 503.*"
+                                           r"catalog\.rucio\.retry_for"):
+        [ref async for ref in catalog.files()]
+
+
+async def test_an_expired_login_token_is_renewed_once_and_the_pass_goes_on(
+        pair: tuple[MetaCatServer, RucioEmulator, _Clock], tmp_path: Path) -> None:
+    """Rucio refuses the login token midway (its clock passed the expiry): prestaged logs in
+    again and resolves every file."""
+    metacat, rucio, clock = pair
+    catalog = MetaCatCatalog(SYNTHETIC, _pair_cfg(tmp_path, metacat, rucio, chunk=100,
+                                                  parallel=1), env={})
+    files = catalog.files()
+    first = await files.__anext__()
+    clock.offset = 7200.0  # every token issued so far has expired, as Rucio sees it
+    rest = [ref async for ref in files]
+    assert 1 + len(rest) == 2000 and first.url
+    assert rucio.stats.tokens_issued["userpass"] == 2 and rucio.stats.auth_refusals >= 1
+
+
+async def test_a_dataset_listing_cut_off_midway_resumes_without_duplicates(
+        pair: tuple[MetaCatServer, RucioEmulator, _Clock], tmp_path: Path) -> None:
+    metacat, rucio, _ = pair
+    metacat.cut_next = 700
+    catalog = MetaCatCatalog(SYNTHETIC, _pair_cfg(tmp_path, metacat, rucio), env={})
+    names = [ref.name async for ref in catalog.files()]
+    assert len(names) == len(set(names)) == 2000
+    assert metacat.stats.requests["dataset_files"] == 2
+
+
+async def test_a_query_page_cut_off_is_asked_again_from_where_it_stopped(
+        pair: tuple[MetaCatServer, RucioEmulator, _Clock], tmp_path: Path) -> None:
+    metacat, rucio, _ = pair
+    metacat.cut_next = 300
+    cfg = _pair_cfg(tmp_path, metacat, rucio, metacat_keys={"page": 1000})
+    catalog = MetaCatCatalog(f"files from {SYNTHETIC} where core.runs < 1005", cfg, mql=True,
+                             env={})
+    names = [ref.name async for ref in catalog.files()]
+    assert sorted(names) == [f"dune:synthetic_{i:07d}.root" for i in range(500)]
+    # page 1 cut at 300, asked again from skip 300 (500 - 300 = 200 more, short: the end).
+    assert metacat.stats.queries[-1].endswith("ordered skip 300 limit 1000")
+    assert metacat.stats.requests["query"] == 2

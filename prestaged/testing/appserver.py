@@ -1,5 +1,6 @@
-"""The lifecycle the aiohttp-based service emulators share (SAM web, MetaCat): listen on
-``host``:``port`` (0: a free port) with an optional TLS context, stop idempotently, ``async with``.
+"""The lifecycle the aiohttp-based service emulators share (SAM web, MetaCat, Rucio): listen on
+``host``:``port`` (0: a free port) with an optional TLS context, stop idempotently, ``async with``;
+and injected failures (``fail``), so tests can prove a client's retries.
 """
 
 from __future__ import annotations
@@ -10,13 +11,23 @@ import os
 import signal
 import ssl
 import sys
-from typing import Optional, TypeVar
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Callable, Optional, TypeVar
 
 from aiohttp import web
 
 __all__ = ["AppServer"]
 
 S = TypeVar("S", bound="AppServer")
+
+
+@dataclass
+class _Fault:
+    path: str
+    status: int
+    times: int
+    retry_after: Optional[float]
 
 
 class AppServer:
@@ -31,6 +42,30 @@ class AppServer:
         self._requested_port = port
         self._runner: Optional[web.AppRunner] = None
         self._port: Optional[int] = None
+        self._faults: list[_Fault] = []
+        self.faults_served = 0
+        """Requests answered by an injected failure instead of the emulator."""
+
+    def fail(self, path: str, status: int, *, times: int = 1,
+             retry_after: Optional[float] = None) -> None:
+        """Answer the next ``times`` requests whose path ends with ``path`` with ``status`` (and
+        ``Retry-After``), before the emulator sees them: a server in trouble. Call it before the
+        requests (from any thread: a list append)."""
+        self._faults.append(_Fault(path, status, times, retry_after))
+
+    @web.middleware
+    async def _injected_fault(self, request: web.Request,
+                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                        ) -> web.StreamResponse:
+        for fault in self._faults:
+            if fault.times > 0 and request.path.endswith(fault.path):
+                fault.times -= 1
+                self.faults_served += 1
+                headers = ({"Retry-After": f"{fault.retry_after:g}"}
+                           if fault.retry_after is not None else None)
+                return web.Response(status=fault.status, text=f"injected {fault.status}",
+                                    headers=headers)
+        return await handler(request)
 
     def _app(self) -> web.Application:
         """The application to serve (called once per ``start()``)."""
@@ -40,7 +75,9 @@ class AppServer:
         """Listen on ``host``:``port`` (0: a free port)."""
         if self._runner is not None:
             raise RuntimeError(f"{type(self).__name__} already started")
-        runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=1.0)
+        app = self._app()
+        app.middlewares.append(self._injected_fault)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         self._runner = runner
         try:

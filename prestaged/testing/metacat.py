@@ -393,6 +393,8 @@ class MetaCatServer(AppServer):
         self._datasets: dict[str, list[MetaCatFile]] = {}
         self._created: dict[str, float] = {}
         self._files: dict[tuple[str, str], MetaCatFile] = {}
+        self.cut_next: Optional[int] = None
+        """Cut the next listing (or query page) off after this many records."""
         self._results: OrderedDict[Query, list[MetaCatFile]] = OrderedDict()
         for did, files in (datasets or {}).items():
             self.add_dataset(did, files)
@@ -568,10 +570,15 @@ class MetaCatServer(AppServer):
         resp.content_type = JSON_SEQ  # exactly: the 4.x client rejects any parameter
         resp.enable_chunked_encoding()
         await resp.prepare(request)
-        for start in range(0, len(files), _RECORDS_PER_WRITE):
-            chunk = files[start:start + _RECORDS_PER_WRITE]
+        cut, self.cut_next = self.cut_next, None
+        end = len(files) if cut is None else min(cut, len(files))
+        for start in range(0, end, _RECORDS_PER_WRITE):
+            chunk = files[start:min(start + _RECORDS_PER_WRITE, end)]
             await resp.write(b"".join(
                 _RS + json.dumps(f.record(with_metadata)).encode() + b"\n" for f in chunk))
+        if cut is not None and request.transport is not None:
+            request.transport.close()  # a listing cut off midway: no last chunk
+            return resp
         await resp.write_eof()
         return resp
 
