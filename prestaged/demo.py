@@ -11,6 +11,12 @@ With ``catalog="samweb"`` the definition lives in a SAM web emulator
 ``[[catalog.samweb.rewrite]]`` rules map both onto the test storage, as the Fermilab rules map
 them onto dCache.
 
+With ``catalog="metacat"`` the definition is a MetaCat dataset (``dune:demo-dataset``) in the
+MetaCat emulator (``prestaged.testing.metacat``), whose files' replicas are in the Rucio emulator
+(``prestaged.testing.rucio``), both processes of their own over TLS: three quarters of the files
+on a DISK RSE (most with a TAPE copy too), a quarter only on a TAPE RSE reached over davs://,
+both RSEs on the test storage. prestaged logs in to Rucio with the demo proxy (``/auth/x509``).
+
 ``run_tape_demo`` starts the dCache emulator (``prestaged.testing.dcache``, its own process)
 instead, with a cold dataset on tape: 70 % tape-only files over 4 tapes, the rest with a disk
 copy, and one lost file; ``prestaged warm`` stages the tape-only files through the Tape REST
@@ -30,11 +36,13 @@ from typing import Any, Callable, Optional
 
 from prestaged.errors import PrestagedError
 
-__all__ = ["DEMO_DEFINITION", "run_demo", "run_tape_demo", "write_definition",
-           "write_sam_definition"]
+__all__ = ["DEMO_DATASET", "DEMO_DEFINITION", "run_demo", "run_tape_demo", "write_definition",
+           "write_metacat_dataset", "write_sam_definition"]
 
 DEMO_DEFINITION = "demo-dataset"
 """Name of the demo's SAM definition."""
+DEMO_DATASET = "dune:demo-dataset"
+"""The demo's MetaCat dataset."""
 
 
 class DemoError(PrestagedError):
@@ -66,6 +74,42 @@ def write_sam_definition(path: Path, files: int) -> Path:
     path.write_text(json.dumps({"experiment": "demo",
                                 "definitions": {DEMO_DEFINITION: entries}}) + "\n")
     return path
+
+
+def write_metacat_dataset(tmp: Path, files: int, storage: str, user_dn: str
+                          ) -> tuple[Path, Path]:
+    """``(datasets file, Rucio spec)`` for the MetaCat and Rucio emulators: ``DEMO_DATASET``
+    with ``files`` files. File ``n`` is on the DISK RSE (``n % 4 != 3``, half of those with a
+    TAPE copy too) or only on the TAPE RSE; both RSEs serve from ``storage``; ``user_dn`` (RFC
+    2253) logs in to Rucio by X.509 as ``root``."""
+    namespace = DEMO_DATASET.partition(":")[0]
+    names = [f"np04_raw_run{n // 100:05d}_{n:06d}.root" for n in range(files)]
+    dataset = [{"namespace": namespace, "name": f, "size": 1 << 20,
+                "metadata": {"core.runs": [5000 + n // 100], "core.data_tier": "raw"}}
+               for n, f in enumerate(names)]
+    datasets = tmp / "metacat-datasets.json"
+    datasets.write_text(json.dumps({"datasets": {DEMO_DATASET: dataset}}) + "\n")
+    host, port = storage.split("://", 1)[1].split(":")
+
+    def rse(rse_name: str, kind: str, scheme: str, prefix: str) -> dict[str, Any]:
+        return {"name": rse_name, "type": kind, "protocols": [
+            {"scheme": scheme, "hostname": host, "port": int(port), "prefix": prefix}]}
+
+    def replicas(n: int) -> dict[str, None]:
+        if n % 4 == 3:
+            return {"DEMO_TAPE": None}
+        return {"DEMO_DISK": None, **({"DEMO_TAPE": None} if n % 2 else {})}
+
+    spec = {"scopes": [namespace],
+            "rses": [rse("DEMO_DISK", "DISK", "https", "/pnfs/demo/persistent"),
+                     rse("DEMO_TAPE", "TAPE", "davs", "/pnfs/demo/tape_backed")],
+            "files": [{"scope": namespace, "name": f, "bytes": 1 << 20, "adler32": "00000001",
+                       "replicas": replicas(n)} for n, f in enumerate(names)],
+            "datasets": [],
+            "x509": [{"account": "root", "dn": user_dn}]}
+    path = tmp / "rucio-spec.json"
+    path.write_text(json.dumps(spec) + "\n")
+    return datasets, path
 
 
 def _start(cmd: list[str], what: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
@@ -117,11 +161,65 @@ def _samweb_setup(tmp: Path, files: int, base: str) -> tuple[subprocess.Popen[st
     return proc, [DEMO_DEFINITION, "--config", str(config)]
 
 
+def _metacat_setup(tmp: Path, files: int, base: str, user_dn: str
+                   ) -> tuple[list[subprocess.Popen[str]], list[str]]:
+    """Start the MetaCat and Rucio emulators; return them and the ``warm`` arguments."""
+    datasets, spec = write_metacat_dataset(tmp, files, base, user_dn)
+    pki = ["--pki-dir", str(tmp / "pki")]
+    metacat, info = _start([sys.executable, "-m", "prestaged.testing.metacat", *pki,
+                            "--datasets", str(datasets),
+                            "--stats-file", str(tmp / "metacat-stats.json")], "MetaCat emulator")
+    procs = [metacat]
+    try:
+        rucio, rucio_info = _start([sys.executable, "-m", "prestaged.testing.rucio", *pki,
+                                    "--spec", str(spec),
+                                    "--stats-file", str(tmp / "rucio-stats.json")],
+                                   "Rucio emulator")
+        procs.append(rucio)
+        metacat_url, rucio_url = str(info["base_url"]), str(rucio_info["base_url"])
+    except (DemoError, KeyError):
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        raise
+    config = tmp / "prestaged.toml"
+    config.write_text(
+        "# prestaged demo: resolve datasets with the MetaCat and Rucio emulators\n"
+        '[catalog]\ndefault = "metacat"\n'
+        f'[catalog.metacat]\nurl = "{metacat_url}"\n'
+        f'[catalog.rucio]\nurl = "{rucio_url}"\nauth = "x509"\n'
+        'rse_preference = ["DEMO_DISK"]\n')
+    print(f"demo: MetaCat emulator at {metacat_url}")
+    print(f"demo: Rucio emulator at {rucio_url} (X.509 login with the demo proxy)")
+    print(f"demo: MetaCat dataset {DEMO_DATASET!r} with {files} files; in Rucio 3/4 on the "
+          "DISK RSE, 1/4 only on the TAPE RSE (davs://)")
+    print(f"demo: config {config}\n")
+    return procs, [DEMO_DATASET, "--config", str(config)]
+
+
+def _report_catalogs(tmp: Path, sam: Optional[subprocess.Popen[str]],
+                     metacat: list[subprocess.Popen[str]]) -> None:
+    if sam is not None:
+        asked = _stop(sam, tmp / "samweb-stats.json").get("requests", {})
+        print(f"\ndemo: the SAM web emulator answered {sum(asked.values())} requests "
+              f"({asked.get('list', 0)} listing, {asked.get('locations', 0)} bulk location "
+              "lookups)", end="")
+    if metacat:
+        listed = _stop(metacat[0], tmp / "metacat-stats.json").get("requests", {})
+        rucio = _stop(metacat[1], tmp / "rucio-stats.json")
+        asked = rucio.get("requests", {})
+        print(f"\ndemo: MetaCat answered {sum(listed.values())} requests; Rucio "
+              f"{asked.get('replicas/list', 0)} replica listings (up to "
+              f"{max(rucio.get('dids_per_request') or [0])} files each) after "
+              f"{sum((rucio.get('tokens_issued') or {}).values())} X.509 login", end="")
+
+
 def run_demo(*, files: int, redirect: bool, keep: bool,
              main: Callable[[Optional[list[str]]], int], catalog: str = "local") -> int:
     """Run the demo; returns ``prestaged warm``'s exit code. ``main`` is the CLI entry point.
 
-    ``catalog`` is ``"local"`` (a text file of URLs) or ``"samweb"`` (the SAM web emulator).
+    ``catalog`` is ``"local"`` (a text file of URLs), ``"samweb"`` (the SAM web emulator) or
+    ``"metacat"`` (the MetaCat and Rucio emulators).
     """
     from prestaged.testing.pki import create_pki
 
@@ -140,9 +238,15 @@ def run_demo(*, files: int, redirect: bool, keep: bool,
         print(f"demo: test storage on {base} ({kind}client certificate required)")
         print(f"demo: proxy {proxy} for {pki.user_dn}")
         sam: Optional[subprocess.Popen[str]] = None
+        metacat: list[subprocess.Popen[str]] = []
         if catalog == "samweb":
             sam, source = _samweb_setup(tmp, files, base)
             procs.append(sam)
+        elif catalog == "metacat":
+            from prestaged.testing.rucio_server import rfc2253_dn
+
+            metacat, source = _metacat_setup(tmp, files, base, rfc2253_dn(pki.user_cert))
+            procs.extend(metacat)
         else:
             definition = write_definition(tmp / "demo-dataset.txt", base, files)
             print(f"demo: definition {definition} with {files} files\n")
@@ -151,11 +255,7 @@ def run_demo(*, files: int, redirect: bool, keep: bool,
         code = main(["warm", *source, "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
                      "--state", str(tmp / "state.db")])
         seen = _stop(storage, stats)
-        if sam is not None:
-            asked = _stop(sam, tmp / "samweb-stats.json").get("requests", {})
-            print(f"\ndemo: the SAM web emulator answered {sum(asked.values())} requests "
-                  f"({asked.get('list', 0)} listing, {asked.get('locations', 0)} bulk location "
-                  "lookups)", end="")
+        _report_catalogs(tmp, sam, metacat)
         if seen:
             print(f"\ndemo: the storage saw {seen.get('requests_total')} requests and sent "
                   f"{seen.get('bytes_total')} bytes of file data")

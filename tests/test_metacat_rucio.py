@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from cli_runner import run_cli
 
 from prestaged.catalog.metacat import MetaCatCatalog
 from prestaged.cli import main
@@ -272,3 +273,16 @@ def test_a_wlcg_token_is_sent_to_the_real_rucio_as_its_auth_token(
     with pytest.raises(CredentialError, match=r"refused listing the replicas of \d+ files "
                                               r"for its default account with token"):
         _drain(refused)
+
+
+def test_demo_with_the_metacat_catalog() -> None:
+    """`prestaged demo --catalog metacat` resolves through both emulators (X.509 login to
+    Rucio with the demo proxy) and warms every file."""
+    res = run_cli("demo", "--catalog", "metacat", "--files", "1200",
+                  clean=("X509_", "PRESTAGED_", "METACAT_", "RUCIO_", "BEARER_TOKEN"))
+    assert res.returncode == 0, res.stderr
+    assert "warm           1200" in res.stdout
+    assert "(metacat catalog: https://127.0.0.1:" in res.stdout
+    # 1,200 files in chunks of 500: three replica listings after one X.509 login.
+    assert "Rucio 3 replica listings (up to 500 files each) after 1 X.509 login" in res.stdout
+    assert "the storage saw 1200 requests" in res.stdout

@@ -343,9 +343,10 @@ class MetaCatCatalog(UnresolvedLog):
                     yield ref
             finally:
                 await listing.aclose()
-        log.info("MetaCat: %d files listed, %d resolved through Rucio (%d requests), "
+        log.info("MetaCat: %d files listed, %d resolved through Rucio (%d replica listing%s), "
                  "%d unresolved in %.1f s", self.listed, self.listed - self.unresolved_count,
-                 self.rucio_requests, self.unresolved_count, time.monotonic() - started)
+                 self.rucio_requests, "" if self.rucio_requests == 1 else "s",
+                 self.unresolved_count, time.monotonic() - started)
         if self.unresolved_count:
             log.warning("%d files got no URL and are reported as unresolved",
                         self.unresolved_count)

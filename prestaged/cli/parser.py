@@ -472,10 +472,10 @@ def _add_demo(sub: Subparsers, parents: _Parents) -> None:
     own.add_argument("--redirect", action="store_true",
                      help="door redirects to a pool, like dCache")
     own.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    own.add_argument("--catalog", dest="demo_catalog", choices=("local", "samweb"),
+    own.add_argument("--catalog", dest="demo_catalog", choices=("local", "samweb", "metacat"),
                      default="local",
-                     help="resolve the definition with a local file (default) or through a "
-                          "SAM web emulator")
+                     help="resolve the definition with a local file (default), through a "
+                          "SAM web emulator, or through MetaCat and Rucio emulators")
     own.add_argument("--tape", action="store_true",
                      help="a cold dataset on an emulated tape-backed dCache (door, pool, Tape "
                           "REST frontend, 2 drives): staged in bulk, then touched")
