@@ -459,3 +459,56 @@ def test_a_token_dcache_rejects_stops_the_run_before_dcache_blocks_us(
     assert stats["auth_refusals"] == {"door:401": 1 if stage == "auto" else 3}
     assert not any(stats["blocked"].values())
     assert token not in res.stdout + res.stderr
+
+
+def test_a_metacat_dataset_with_tape_only_replicas_in_rucio_is_staged_then_touched(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """Issue 15 meets issue 13: Rucio's TAPE-only replicas (davs:// on a tape-backed dCache)
+    go to the tape path (staged in bulk, touched on landing), never read cold through the door;
+    files with a disk copy are touched from their DISK RSE."""
+    from prestaged.testing.metacat import ThreadedMetaCatServer
+    from prestaged.testing.rucio import ThreadedRucioEmulator
+    from prestaged.testing.rucio_server import rfc2253_dn
+
+    door = site.door_url("/").rstrip("/")
+    host, port = door.split("://", 1)[1].split(":")
+    disk = [f"d{i}.root" for i in range(3)]
+    tape = [f"t{i}.root" for i in range(4)]
+    for name in disk:
+        site.add_file(f"/pnfs/t/{name}", 100, Locality.DISK_AND_TAPE)
+    for i, name in enumerate(tape):
+        site.add_file(f"/pnfs/t/{name}", 100, Locality.TAPE, tape=f"T{i % 2}")
+
+    def rse(name: str, kind: str, scheme: str) -> dict[str, object]:
+        return {"name": name, "type": kind, "deterministic": False, "protocols": [
+            {"scheme": scheme, "hostname": host, "port": int(port), "prefix": "/pnfs"}]}
+
+    files = [{"scope": "dune", "name": n, "bytes": 100, "adler32": "00000001", "replicas": {
+        "FNAL_DISK": f"https://{host}:{port}/pnfs/t/{n}",
+        "FNAL_TAPE": f"davs://{host}:{port}/pnfs/t/{n}"}} for n in disk]
+    files += [{"scope": "dune", "name": n, "bytes": 100, "adler32": "00000001", "replicas": {
+        "FNAL_TAPE": f"davs://{host}:{port}/pnfs/t/{n}"}} for n in tape]
+    spec = {"scopes": ["dune"], "files": files, "datasets": [],
+            "rses": [rse("FNAL_DISK", "DISK", "https"), rse("FNAL_TAPE", "TAPE", "davs")],
+            "x509": [{"account": "root", "dn": rfc2253_dn(pki.user_cert)}]}
+    members = [{"namespace": "dune", "name": n, "size": 100} for n in disk + tape]
+    with ThreadedMetaCatServer(datasets={"dune:cold": members}) as metacat, \
+            ThreadedRucioEmulator(spec, ssl_context=pki.server_ssl_context(
+                require_client_cert=False)) as rucio:
+        # Tables after QUICK's [storage] keys end that table.
+        extra = (f'[catalog.metacat]\nurl = "{metacat.base_url}"\n'
+                 f'[catalog.rucio]\nurl = "{rucio.base_url}"\nauth = "x509"\n')
+        res = run_cli("warm", "dune:cold", "--catalog", "metacat", "--json", "--proxy",
+                      str(proxy), "--ca-dir", str(pki.ca_dir), "--state",
+                      str(tmp_path / "state.db"), "--config", str(_config(tmp_path, extra)))
+        assert rucio.stats.tokens_issued["x509"] == 1
+    assert "Traceback" not in res.stderr, res.stderr
+    doc = json.loads(res.stdout)
+    assert res.returncode == 0, res.stderr
+    assert doc["counts"]["warm"] == 7 and doc["counts"]["staged"] == 4
+    stats = site.stats()
+    assert stats["door_tape_gets"] == 0
+    assert stats["requests"]["frontend:stage"] == 1  # 4 files in one batch of stage_batch 5
+    assert all(site.replica(f"/pnfs/t/{n}").on_disk for n in tape)
+
