@@ -376,3 +376,29 @@ async def test_a_query_page_cut_off_is_asked_again_from_where_it_stopped(
     # page 1 cut at 300, asked again from skip 300 (500 - 300 = 200 more, short: the end).
     assert metacat.stats.queries[-1].endswith("ordered skip 300 limit 1000")
     assert metacat.stats.requests["query"] == 2
+
+
+async def test_a_refused_metacat_token_is_named_by_where_it_came_from_never_shown(
+        metacat: MetaCatServer, tmp_path: Path) -> None:
+    wrong = TokenIssuer("https://metacat.example/auth").mint("x", subject="mallory")
+    (tmp_path / "mc-token").write_text(wrong)
+    cfg = _against(metacat, tmp_path, auth="metacat", token_file=tmp_path / "mc-token")
+    with pytest.raises(CredentialError) as err:
+        await _drain(MetaCatCatalog(DATASET, cfg, env={}))
+    text = str(err.value)
+    assert f"with the MetaCat token {tmp_path / 'mc-token'}" in text
+    assert "metacat auth login" in text and wrong not in text and wrong[:40] not in text
+
+
+async def test_an_unreachable_metacat_is_a_catalog_error_after_retry_for(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = dataclasses.replace(_userpass(tmp_path), metacat=MetaCatConfig(
+        url=f"http://127.0.0.1:{port}/app", retry_initial=0, retry_max=0.01, retry_for=0.05))
+    with pytest.raises(CatalogError, match=rf"MetaCat http://127\.0\.0\.1:{port}/app "
+                                           r"unreachable while listing the files of dataset "
+                                           r"'dune:raw-run1'.*catalog\.metacat\.retry_for"):
+        await _drain(MetaCatCatalog(DATASET, cfg, env={}))
