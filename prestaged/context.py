@@ -193,16 +193,21 @@ class Context:
             catalog.on_request = lambda result: probe(kind, result)
         return catalog
 
-    def _open_samweb(self, definition: str, dims: Optional[str],
-                     creds: Optional[Credentials]) -> Catalog:
+    def _catalog_tls(self, shown: Optional[Credentials]
+                     ) -> tuple[ssl.SSLContext, Optional[str]]:
+        """(client TLS context, DN presented): the proxy of ``shown`` when it has one, else
+        anonymous (trusting the CA directory too)."""
         from prestaged.catalog.http import catalog_ssl_context
 
-        shown = self.catalog_credentials(creds)
         if shown is not None and shown.proxy is not None:
-            tls, identity = catalog_ssl_context(shown), shown.proxy.identity
-        else:
-            ca_dir, _ = resolve_ca_dir(self.ca_dir, self.cfg.credentials.ca_dir)
-            tls, identity = catalog_ssl_context(None, ca_dir), None
+            return catalog_ssl_context(shown), shown.proxy.identity
+        ca_dir, _ = resolve_ca_dir(self.ca_dir, self.cfg.credentials.ca_dir)
+        return catalog_ssl_context(None, ca_dir), None
+
+    def _open_samweb(self, definition: str, dims: Optional[str],
+                     creds: Optional[Credentials]) -> Catalog:
+        shown = self.catalog_credentials(creds)
+        tls, identity = self._catalog_tls(shown)
         token = None
         if self.cfg.catalog.samweb.use_token:
             token = (shown or creds or self.load_credentials()).token
@@ -215,7 +220,6 @@ class Context:
         x509 login, the token where ``[catalog.metacat]``/``[catalog.rucio] auth`` say. A run
         that needs neither (userpass for Rucio, MetaCat anonymous or with its own token) goes
         on without them."""
-        from prestaged.catalog.http import catalog_ssl_context
         from prestaged.catalog.metacat import check_config
 
         check_config(self.cfg.catalog)
@@ -226,12 +230,7 @@ class Context:
                 if self.cfg.catalog.rucio.auth != "userpass" \
                         or self.cfg.catalog.metacat.auth == "token":
                     raise
-        if creds is not None:
-            tls = catalog_ssl_context(creds)
-            identity = creds.proxy.identity if creds.proxy is not None else None
-        else:
-            ca_dir, _ = resolve_ca_dir(self.ca_dir, self.cfg.credentials.ca_dir)
-            tls, identity = catalog_ssl_context(None, ca_dir), None
+        tls, identity = self._catalog_tls(creds)
         return open_catalog("metacat", definition, self.cfg.catalog, ssl_context=tls, mql=mql,
                             identity=identity, token=creds.token if creds else None)
 
