@@ -1,0 +1,138 @@
+"""MetaCat datasets in the flows SAM definitions have: the daemon's ``[[watch]]``, a campaign's
+``drainingn`` split, the gate (``wait``/``submit``), ``status`` and ``history``, and files that
+resolve to no URL.
+
+The MetaCat emulator lists the dataset; the Rucio emulator (HTTPS, the test user's DN as an
+x509 identity of ``root``, so the proxy logs in as on the real server) resolves it to the test
+storage's door; both are held to the real servers elsewhere (tests/test_metacat_emulator.py,
+tests/test_rucio_emulator.py, tests/test_metacat_rucio.py). Nothing sleeps: the daemon is
+waited on through its metrics, the CLI runs to its end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from campaign_fakes import read_records
+from cli_runner import run_cli
+from daemon_harness import free_port, in_process, metric_value, until, write_config
+from test_campaigns import _prestaged, _show, _submit, _write
+
+from prestaged.testing.metacat import ThreadedMetaCatServer
+from prestaged.testing.pki import TestPKI
+from prestaged.testing.rucio import LIST_REPLICAS, ThreadedRucioEmulator
+from prestaged.testing.rucio_server import rfc2253_dn
+from prestaged.testing.storage import ThreadedStorageServer
+
+DATASET = "dune:flow-run7"
+PREFIX = "/pnfs/dune/persistent"
+UNKNOWN = "not-in-rucio.root"  # listed by MetaCat, unknown to Rucio: unresolved
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine's MetaCat, Rucio and proxy settings must not leak in."""
+    for name in ("X509_USER_PROXY", "X509_CERT_DIR", "PRESTAGED_CONFIG", "METACAT_SERVER_URL",
+                 "RUCIO_ACCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@dataclass(frozen=True)
+class World:
+    """A MetaCat dataset whose files Rucio places on the test storage."""
+
+    metacat: ThreadedMetaCatServer
+    rucio: ThreadedRucioEmulator
+    names: list[str]
+    """File names (scope ``dune``) Rucio has a replica of, in MetaCat's listing."""
+
+    @property
+    def dids(self) -> set[str]:
+        """``dune:<name>`` of every resolvable file: the names prestaged gives them."""
+        return {f"dune:{n}" for n in self.names}
+
+    def catalog_toml(self) -> str:
+        """``[catalog.metacat]`` and ``[catalog.rucio]`` for this world."""
+        return (f'[catalog.metacat]\nurl = "{self.metacat.base_url}"\nretry_for = 0\n'
+                f'[catalog.rucio]\nurl = "{self.rucio.base_url}"\nretry_for = 0\nchunk = 4\n')
+
+
+def _touched(storage: ThreadedStorageServer) -> dict[str, int]:
+    """Requests per file name under the Rucio prefix of the storage."""
+    return {p.rsplit("/", 1)[-1]: s.requests for p, s in storage.stats.paths.items()
+            if p.startswith(PREFIX + "/")}
+
+
+@pytest.fixture
+def world(pki: TestPKI, storage: ThreadedStorageServer
+          ) -> Iterator[Callable[..., World]]:
+    """``world(n, unknown=False)``: a dataset ``DATASET`` of ``n`` files on a DISK RSE of the
+    test storage (plus ``UNKNOWN``, which Rucio does not know, with ``unknown``)."""
+    started: list[Any] = []
+
+    def make(n: int, *, unknown: bool = False) -> World:
+        names = [f"raw_{i:03d}.root" for i in range(n)]
+        spec = {
+            "scopes": ["dune"],
+            "rses": [{"name": "FNAL_DISK", "type": "DISK", "protocols": [
+                {"scheme": "https", "hostname": "127.0.0.1", "port": storage.door_port,
+                 "prefix": PREFIX}]}],
+            "files": [{"scope": "dune", "name": name, "bytes": 100, "adler32": "0cc737eb",
+                       "replicas": {"FNAL_DISK": None}} for name in names],
+            "x509": [{"account": "root", "dn": rfc2253_dn(pki.user_cert)}],
+        }
+        listed = [*names, UNKNOWN] if unknown else names
+        metacat = ThreadedMetaCatServer(datasets={DATASET: [
+            {"namespace": "dune", "name": name, "size": 100} for name in listed]})
+        rucio = ThreadedRucioEmulator(
+            spec, ssl_context=pki.server_ssl_context(require_client_cert=False))
+        for server in (metacat, rucio):
+            server.start()
+            started.append(server)
+        return World(metacat, rucio, names)
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+# --- the daemon's [[watch]] -----------------------------------------------------------------
+
+
+async def test_daemon_watches_a_metacat_dataset(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    world: Callable[..., World],
+) -> None:
+    """In-process: a [[watch]] on a MetaCat dataset lists it in MetaCat, resolves it through
+    Rucio (the daemon's proxy logging in), warms every file once, records it under its
+    ``ns:name`` with catalog metacat, and counts every MetaCat and Rucio request as kind
+    metacat in prestaged_catalog_requests_total."""
+    w = world(12)
+    port = free_port()
+    config = write_config(tmp_path, pki, proxy, port, [])
+    config.write_text(config.read_text() + f'\n[[watch]]\ndefinition = "{DATASET}"\n'
+                      'catalog = "metacat"\nevery = "1h"\n' + w.catalog_toml())
+    async with in_process(config) as d:
+        async def warmed() -> bool:
+            return metric_value(await d.metrics(), "prestaged_runs_total", result="ok") == 1
+        await until("metacat watch warmed", warmed)
+        assert _touched(storage) == {n: 1 for n in w.names}
+        status, doc = await d.http("GET", "/api/v1/datasets")
+        assert status == 200, doc
+        [row] = doc["definitions"]
+        assert (row["definition"], row["catalog"], row["files"], row["fresh"]) \
+            == (DATASET, "metacat", 12, 12)
+        text = await d.metrics()
+    asked = w.metacat.stats.total + w.rucio.stats.total
+    assert w.metacat.stats.requests["dataset_files"] >= 1
+    assert w.rucio.stats.requests[LIST_REPLICAS] == 3  # 12 files in chunks of 4
+    assert metric_value(text, "prestaged_catalog_requests_total",
+                        catalog="metacat", result="ok") == asked
+    assert metric_value(text, "prestaged_catalog_requests_total",
+                        catalog="samweb", result="ok") == 0
