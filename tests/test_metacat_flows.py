@@ -136,3 +136,56 @@ async def test_daemon_watches_a_metacat_dataset(
                         catalog="metacat", result="ok") == asked
     assert metric_value(text, "prestaged_catalog_requests_total",
                         catalog="samweb", result="ok") == 0
+
+
+# --- a campaign's drainingn split -------------------------------------------------------------
+
+
+def _prestaged_config(tmp_path: Path, w: World) -> Path:
+    """A prestaged config naming ``w``'s MetaCat and Rucio."""
+    path = tmp_path / "prestaged.toml"
+    path.write_text(w.catalog_toml())
+    return path
+
+
+def test_campaign_drainingn_slices_a_metacat_dataset(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    world: Callable[..., World],
+) -> None:
+    """[defaults] catalog = "metacat", drainingn(3) over a dataset of 9 files: 3 submissions
+    of 3, disjoint, together the dataset's files (named ``ns:name``), each file warmed once
+    before its slice is submitted; a second run submits nothing more."""
+    w = world(9)
+    config = _prestaged_config(tmp_path, w)
+    campaign = _write(tmp_path, f"""
+name = "mc-drain"
+[defaults]
+catalog = "metacat"
+[[stage]]
+name = "reco"
+input = "{DATASET}"
+split = "drainingn(3)"
+submit = {_submit(tmp_path, "{submission} {definition} {files_file} {urls_file} {n_files}")}
+""")
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign),
+                     "--config", str(config))
+    assert res.returncode == 0, res.stderr
+    records = read_records(tmp_path)
+    assert [len(r["files"]) for r in records] == [3, 3, 3]
+    assert [r["argv"][-1] for r in records] == ["3", "3", "3"]
+    files = [f for r in records for f in r["files"]]
+    assert len(files) == 9 and set(files) == w.dids  # disjoint and complete
+    urls = [u for r in records for u in r["urls"]]
+    assert sorted(u.rsplit("/", 1)[-1] for u in urls) == sorted(w.names)
+    assert all(u.startswith(storage.url(PREFIX)) for u in urls)
+    assert _touched(storage) == {n: 1 for n in w.names}
+    touched = {storage.url(p): s.times[0] for p, s in storage.stats.paths.items()}
+    assert all(r["start"] >= max(touched[u] for u in r["urls"]) for r in records)
+    subs = _show(pki, proxy, tmp_path, "mc-drain")
+    assert [(s["item"], s["state"]) for s in subs] == [
+        (f"slice-{k}", "completed") for k in (1, 2, 3)]
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign),
+                     "--config", str(config))
+    assert res.returncode == 0, res.stderr
+    assert len(read_records(tmp_path)) == 3
+    assert _touched(storage) == {n: 1 for n in w.names}
