@@ -189,3 +189,57 @@ submit = {_submit(tmp_path, "{submission} {definition} {files_file} {urls_file} 
     assert res.returncode == 0, res.stderr
     assert len(read_records(tmp_path)) == 3
     assert _touched(storage) == {n: 1 for n in w.names}
+
+
+# --- the gate, status and history -------------------------------------------------------------
+
+
+def _cli(pki: TestPKI, proxy: Path, tmp_path: Path, config: Path, *args: str) -> Any:
+    """``prestaged COMMAND ARGS`` in-process with ``config``, the test proxy and tmp_path's
+    state (given right after COMMAND: ``submit`` passes what follows ``--`` on)."""
+    command, *rest = args
+    return run_cli(command, "--config", str(config), "--proxy", str(proxy),
+                   "--ca-dir", str(pki.ca_dir), "--state", str(tmp_path / "state.db"), *rest)
+
+
+def _state_cli(tmp_path: Path, *args: str) -> Any:
+    """``prestaged status|history ARGS --json`` on tmp_path's state: its JSON document."""
+    res = run_cli(*args, "--state", str(tmp_path / "state.db"), "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_gate_passes_once_warm_and_status_and_history_name_the_dataset(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    world: Callable[..., World],
+) -> None:
+    """`wait` on a MetaCat dataset warms it and passes; `submit` then runs its command without
+    touching anything again (the store knows the dataset's files as fresh); `status` and
+    `history` name the dataset ``ns:name`` with catalog metacat."""
+    w = world(6)
+    config = _prestaged_config(tmp_path, w)
+    res = _cli(pki, proxy, tmp_path, config, "wait", DATASET, "--catalog", "metacat", "--json")
+    assert res.returncode == 0, res.stderr
+    gate = json.loads(res.stdout)
+    assert (gate["catalog"], gate["definition"], gate["files"], gate["fresh"], gate["runs"]) \
+        == ("metacat", DATASET, 6, 6, 1)
+    assert _touched(storage) == {n: 1 for n in w.names}
+    marker = tmp_path / "submitted"
+    res = _cli(pki, proxy, tmp_path, config, "submit", "--definition", DATASET, "--catalog",
+               "metacat", "--", sys.executable, "-c",
+               f"open({str(marker)!r}, 'w').write('ran')")
+    assert res.returncode == 0, res.stderr
+    assert marker.read_text() == "ran"
+    assert f"metacat:{DATASET}: 6/6 files warm" in res.stderr
+    assert _touched(storage) == {n: 1 for n in w.names}  # fresh: not touched again
+    [row] = _state_cli(tmp_path, "status", DATASET, "--catalog", "metacat")["definitions"]
+    assert (row["definition"], row["catalog"], row["files"], row["fresh"]) \
+        == (DATASET, "metacat", 6, 6)
+    other = run_cli("status", DATASET, "--catalog", "samweb", "--state",
+                    str(tmp_path / "state.db"))
+    assert other.returncode == 4 and "has no record" in other.stderr
+    runs = _state_cli(tmp_path, "history")["runs"]
+    assert [(r["catalog"], r["definition"], r["exit_code"]) for r in runs] \
+        == [("metacat", DATASET, 0)] * 2
+    text = run_cli("history", "--state", str(tmp_path / "state.db"))
+    assert f"metacat:{DATASET}  exit 0  done" in text.stdout
