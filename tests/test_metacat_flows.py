@@ -243,3 +243,118 @@ def test_gate_passes_once_warm_and_status_and_history_name_the_dataset(
         == [("metacat", DATASET, 0)] * 2
     text = run_cli("history", "--state", str(tmp_path / "state.db"))
     assert f"metacat:{DATASET}  exit 0  done" in text.stdout
+
+
+# --- files that resolve to no URL: as SAM's -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unresolvable:
+    """A definition ``DATASET`` of 4 files on the storage plus UNKNOWN, which gets no URL."""
+
+    kind: str
+    catalog_toml: str
+    names: list[str]
+    unresolved: str
+    """UNKNOWN as the catalog names it."""
+    reason: str
+    """Why the catalog could not resolve it."""
+
+
+@pytest.fixture(params=["samweb", "metacat"])
+def unresolvable(request: pytest.FixtureRequest, storage: ThreadedStorageServer,
+                 world: Callable[..., World], samweb: Callable[..., Any]) -> Unresolvable:
+    """The same dataset in SAM (UNKNOWN's only location matches no rewrite rule) and in
+    MetaCat (Rucio does not know UNKNOWN): each flow must treat the two alike."""
+    if request.param == "metacat":
+        w = world(4, unknown=True)
+        return Unresolvable("metacat", w.catalog_toml(), w.names, f"dune:{UNKNOWN}",
+                            "Rucio does not know the file")
+    names = [f"raw_{i:03d}.root" for i in range(4)]
+    files = [{"name": n, "size": 100, "locations": ["dcache:/pnfs/dune/persistent"]}
+             for n in names]
+    files.append({"name": UNKNOWN, "size": 100, "locations": ["cern-eos:/eos/dune/x"]})
+    sam = samweb({DATASET: files})
+    toml = (f'[catalog.samweb]\nbase_url = "{sam.base_url}"\nretry_for = 0\n'
+            '[[catalog.samweb.rewrite]]\nlocation = "dcache:/pnfs/dune/persistent"\n'
+            f'url = "{storage.url(PREFIX)}"\n')
+    return Unresolvable("samweb", toml, names, UNKNOWN, "no rewrite rule matches its locations")
+
+
+def test_unresolved_files_in_the_gate_warm_and_status(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    unresolvable: Unresolvable,
+) -> None:
+    """As for SAM, so for MetaCat: the gate counts only the files that got a URL (4/4 warm
+    passes, the unresolved file warned about on stderr, not listed as cold); `warm` lists it
+    with its reason and exits 1; `status` counts the 4 resolved files."""
+    u = unresolvable
+    config = tmp_path / "prestaged.toml"
+    config.write_text(u.catalog_toml)
+    res = _cli(pki, proxy, tmp_path, config, "wait", DATASET, "--catalog", u.kind, "--json")
+    assert res.returncode == 0, res.stderr
+    gate = json.loads(res.stdout)
+    assert (gate["catalog"], gate["files"], gate["fresh"], gate["cold"], gate["passed"]) \
+        == (u.kind, 4, 4, [], True)
+    assert f"unresolved: {u.unresolved} ({u.reason})" in res.stderr
+    assert "1 files got no URL and are reported as unresolved" in res.stderr
+    assert _touched(storage) == {n: 1 for n in u.names}
+    res = _cli(pki, proxy, tmp_path, config, "warm", DATASET, "--catalog", u.kind, "--json")
+    assert res.returncode == 1, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["counts"]["skipped_fresh"] == 4
+    assert [(x["name"], x["reason"]) for x in doc["unresolved"]] == [(u.unresolved, u.reason)]
+    [row] = _state_cli(tmp_path, "status", DATASET)["definitions"]
+    assert (row["catalog"], row["files"], row["fresh"], row["never"]) == (u.kind, 4, 4, 0)
+
+
+async def test_unresolved_files_in_a_watch(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    unresolvable: Unresolvable,
+) -> None:
+    """As for SAM, so for MetaCat: a watch's run over a dataset with an unresolved file warms
+    the others, ends ok and leaves the dataset 4/4 fresh (the unresolved file is not a member)."""
+    u = unresolvable
+    port = free_port()
+    config = write_config(tmp_path, pki, proxy, port, [])
+    config.write_text(config.read_text() + f'\n[[watch]]\ndefinition = "{DATASET}"\n'
+                      f'catalog = "{u.kind}"\nevery = "1h"\n' + u.catalog_toml)
+    async with in_process(config) as d:
+        async def warmed() -> bool:
+            return metric_value(await d.metrics(), "prestaged_runs_total", result="ok") == 1
+        await until(f"{u.kind} watch warmed", warmed)
+        status, doc = await d.http("GET", "/api/v1/datasets")
+        assert status == 200, doc
+        [row] = doc["definitions"]
+        assert (row["catalog"], row["files"], row["fresh"]) == (u.kind, 4, 4)
+        run = row["last_run"]
+        assert (run["exit_code"], run["reason"], run["counts"]["warm"]) == (0, "done", 4), run
+    assert _touched(storage) == {n: 1 for n in u.names}
+
+
+def test_unresolved_files_in_a_drainingn_campaign(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    unresolvable: Unresolvable,
+) -> None:
+    """As for SAM, so for MetaCat: drainingn(2) slices hold only files with a URL (2 slices
+    of 2), the unresolved file in none; the stage completes."""
+    u = unresolvable
+    config = tmp_path / "prestaged.toml"
+    config.write_text(u.catalog_toml)
+    campaign = _write(tmp_path, f"""
+name = "unres"
+[defaults]
+catalog = "{u.kind}"
+[[stage]]
+name = "reco"
+input = "{DATASET}"
+split = "drainingn(2)"
+submit = {_submit(tmp_path, "{files_file} {urls_file}")}
+""")
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign),
+                     "--config", str(config))
+    assert res.returncode == 0, res.stderr
+    records = read_records(tmp_path)
+    assert [len(r["urls"]) for r in records] == [2, 2]
+    assert sorted(f.rsplit(":", 1)[-1] for r in records for f in r["files"]) == u.names
+    assert [s["state"] for s in _show(pki, proxy, tmp_path, "unres")] == ["completed"] * 2
