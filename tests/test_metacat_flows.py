@@ -11,6 +11,7 @@ waited on through its metrics, the CLI runs to its end.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections.abc import Iterator
@@ -111,8 +112,8 @@ async def test_daemon_watches_a_metacat_dataset(
 ) -> None:
     """In-process: a [[watch]] on a MetaCat dataset lists it in MetaCat, resolves it through
     Rucio (the daemon's proxy logging in), warms every file once, records it under its
-    ``ns:name`` with catalog metacat, and counts every MetaCat and Rucio request as kind
-    metacat in prestaged_catalog_requests_total."""
+    ``ns:name`` with catalog metacat (as `prestaged status` hears from the daemon), and counts
+    every MetaCat and Rucio request as kind metacat in prestaged_catalog_requests_total."""
     w = world(12)
     port = free_port()
     config = write_config(tmp_path, pki, proxy, port, [])
@@ -128,6 +129,13 @@ async def test_daemon_watches_a_metacat_dataset(
         [row] = doc["definitions"]
         assert (row["definition"], row["catalog"], row["files"], row["fresh"]) \
             == (DATASET, "metacat", 12, 12)
+        res = await asyncio.to_thread(run_cli, "status", DATASET, "--catalog", "metacat",
+                                      "--config", str(config), "--json")
+        assert res.returncode == 0, res.stderr
+        asked_daemon = json.loads(res.stdout)
+        assert asked_daemon["source"] == f"daemon http://127.0.0.1:{port}"
+        assert [(r["definition"], r["catalog"], r["fresh"])
+                for r in asked_daemon["definitions"]] == [(DATASET, "metacat", 12)]
         text = await d.metrics()
     asked = w.metacat.stats.total + w.rucio.stats.total
     assert w.metacat.stats.requests["dataset_files"] >= 1
