@@ -33,7 +33,7 @@ from prestaged.testing.storage import ThreadedStorageServer
 
 DATASET = "dune:flow-run7"
 PREFIX = "/pnfs/dune/persistent"
-UNKNOWN = "not-in-rucio.root"  # listed by MetaCat, unknown to Rucio: unresolved
+UNKNOWN = "not-in-rucio.root"  # gets no URL: Rucio does not know it; SAM: no rewrite rule
 
 
 @pytest.fixture(autouse=True)
