@@ -118,7 +118,8 @@ class CampaignDefaults:
     """``[defaults]``: settings shared by every stage."""
 
     catalog: Optional[str] = field(default=None, metadata=check(_CATALOG))
-    """Catalog resolving stage inputs (``local`` or ``samweb``); unset: ``catalog.default``."""
+    """Catalog resolving stage inputs (``local``, ``samweb`` or ``metacat``); unset:
+    ``catalog.default``."""
     ready: float = field(default=1.0, metadata=check(FRACTION))
     """Fraction of a submission's slice that must be warm before it is submitted."""
     keep_warm: Duration = field(default=Duration(4 * 3600.0), metadata=check(POSITIVE))

@@ -460,7 +460,8 @@ class Daemon:
 
     def open_catalog(self, kind: str, definition: str) -> Catalog:
         """The catalog of ``definition``, shown the daemon's proxy as the context decides
-        (``catalog.samweb.use_certificate``); every SAM request is counted in the metrics."""
+        (``catalog.samweb.use_certificate``); every SAM, MetaCat and Rucio request is counted
+        in the metrics."""
         return self.ctx.open_catalog(kind, definition, creds=self.credentials,
                                      probe=self.metrics.catalog_request)
 
