@@ -402,3 +402,21 @@ async def test_an_unreachable_metacat_is_a_catalog_error_after_retry_for(tmp_pat
                                            r"unreachable while listing the files of dataset "
                                            r"'dune:raw-run1'.*catalog\.metacat\.retry_for"):
         await _drain(MetaCatCatalog(DATASET, cfg, env={}))
+
+
+async def test_rucio_account_comes_from_the_config_else_rucio_account(
+        pair: tuple[MetaCatServer, RucioEmulator, _Clock], tmp_path: Path) -> None:
+    """``$RUCIO_ACCOUNT`` names the account when the config does not; a wrong one is refused
+    at login (exit 3), naming it."""
+    metacat, rucio, _ = pair
+    cfg = _pair_cfg(tmp_path, metacat, rucio)
+    refs = [r async for r in MetaCatCatalog(SYNTHETIC, cfg, env={"RUCIO_ACCOUNT": "root"})
+            .files()]
+    assert len(refs) == 2000
+    with pytest.raises(CredentialError, match=r"refused logging in \(userpass, account "
+                                              r"nobody\) for account nobody as user root"):
+        [r async for r in MetaCatCatalog(SYNTHETIC, cfg, env={"RUCIO_ACCOUNT": "nobody"})
+         .files()]
+    configured = dataclasses.replace(cfg, rucio=dataclasses.replace(cfg.rucio, account="root"))
+    assert len([r async for r in MetaCatCatalog(SYNTHETIC, configured,
+                                                env={"RUCIO_ACCOUNT": "nobody"}).files()]) == 2000

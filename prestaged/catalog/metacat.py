@@ -265,6 +265,8 @@ class MetaCatCatalog(UnresolvedLog):
             raise CredentialError("catalog.rucio.auth: x509 login needs a proxy, and none was "
                                   "found (see `prestaged credentials`)")
         self._password = self._read_password() if self._rucio_mode == "userpass" else None
+        environ = os.environ if env is None else env
+        self._rucio_account = cfg.rucio.account or environ.get("RUCIO_ACCOUNT") or None
         self.source = f"{self.url} + Rucio {cfg.rucio.url}"
         """Where the files come from, for summaries."""
         self.listed = 0
@@ -309,7 +311,8 @@ class MetaCatCatalog(UnresolvedLog):
 
     def _rucio(self) -> RucioApi:
         api = RucioApi(self.rucio_cfg, self._rucio_mode, self._ssl, identity=self._identity,
-                       token=self._rucio_token, password=self._password, sleep=self._sleep)
+                       token=self._rucio_token, password=self._password,
+                       account=self._rucio_account, sleep=self._sleep)
         api.on_request = self.on_request
         return api
 

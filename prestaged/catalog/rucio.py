@@ -126,7 +126,7 @@ class RucioApi(HttpApi):
 
     def __init__(self, cfg: RucioConfig, mode: str, ssl_context: Optional[ssl.SSLContext], *,
                  identity: Optional[str] = None, token: Optional[TokenSource] = None,
-                 password: Optional[str] = None,
+                 password: Optional[str] = None, account: Optional[str] = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  clock: Callable[[], float] = time.time) -> None:
         if cfg.url is None:
@@ -139,6 +139,9 @@ class RucioApi(HttpApi):
                          limit=cfg.parallel + 1, sleep=sleep, identity=identity)
         self.cfg = cfg
         self.mode = mode
+        self.account = account or cfg.account
+        """``X-Rucio-Account``: ``account`` (the caller's ``$RUCIO_ACCOUNT``), else the
+        config's; None: the identity's default account."""
         self.auth_url = (cfg.auth_url or cfg.url).rstrip("/")
         self._wlcg = token
         self._password = password
@@ -152,7 +155,7 @@ class RucioApi(HttpApi):
     # --- authentication -----------------------------------------------------------------
 
     def _account(self) -> dict[str, str]:
-        return {"X-Rucio-Account": self.cfg.account} if self.cfg.account else {}
+        return {"X-Rucio-Account": self.account} if self.account else {}
 
     async def headers_for(self, call: Call) -> Optional[Mapping[str, str]]:
         if isinstance(call, _Login):
@@ -181,8 +184,8 @@ class RucioApi(HttpApi):
 
     async def _login(self) -> None:
         kind = "x509" if self.mode == "x509" else "userpass"
-        call = _Login(f"logging in ({kind}" + (f", account {self.cfg.account})"
-                                                 if self.cfg.account else ")"))
+        call = _Login(f"logging in ({kind}" + (f", account {self.account})"
+                                                 if self.account else ")"))
         url = self.url("auth", kind, base=self.auth_url)
         backoff = self.backoff(call)
         while True:
@@ -235,7 +238,7 @@ class RucioApi(HttpApi):
         return self.auth_url if isinstance(call, _Login) else self.base_url
 
     def _who(self) -> str:
-        account = f"account {self.cfg.account}" if self.cfg.account else "its default account"
+        account = f"account {self.account}" if self.account else "its default account"
         if self.mode == "token":
             assert self._wlcg is not None
             return f"for {account} with {self._wlcg.info.describe()}"
