@@ -421,7 +421,8 @@ class MetaCatConfig:
     """``metacat``: the MetaCat token (``token_file``, else the token library's entry for
     ``url``, as ``metacat auth login`` leaves it) as ``X-Authentication-Token``; ``token``: the
     WLCG bearer token (``[credentials]``) as ``Authorization: Bearer``; ``none``: anonymous
-    (MetaCat reads need no token); ``auto``: the first of those that is there."""
+    (MetaCat reads need no token); ``auto``: the MetaCat token when there is one, else none
+    (the WLCG token is sent to MetaCat only with ``token``)."""
     token_file: Optional[Path] = None
     """File holding a MetaCat token; unset: the token library."""
     token_library: Optional[Path] = None

@@ -420,3 +420,18 @@ async def test_rucio_account_comes_from_the_config_else_rucio_account(
     configured = dataclasses.replace(cfg, rucio=dataclasses.replace(cfg.rucio, account="root"))
     assert len([r async for r in MetaCatCatalog(SYNTHETIC, configured,
                                                 env={"RUCIO_ACCOUNT": "nobody"}).files()]) == 2000
+
+
+async def test_the_wlcg_token_goes_to_metacat_only_when_asked_for(
+        metacat: MetaCatServer, tmp_path: Path) -> None:
+    """auth = "token" sends it (``Authorization: Bearer``); "auto" without a MetaCat token
+    sends nothing, even with a WLCG token at hand (MetaCat reads are open)."""
+    from prestaged.tokens import FoundToken, TokenSource
+
+    wlcg = TokenSource(FoundToken(METACAT_TOKEN, "$BEARER_TOKEN", None))
+    with pytest.raises(CredentialError, match="anonymously"):
+        await MetaCatCatalog(DATASET, _against(metacat, tmp_path, auth="auto"), token=wlcg,
+                             env={"HOME": str(tmp_path)}).estimate()
+    asked = MetaCatCatalog(DATASET, _against(metacat, tmp_path, auth="token"), token=wlcg,
+                           env={"HOME": str(tmp_path)})
+    assert await asked.estimate() == 30

@@ -16,7 +16,8 @@ included):
 
 Authentication (``[catalog.metacat] auth``): the MetaCat token in ``X-Authentication-Token``
 (``token_file``, or the client's token library entry for ``url``), the WLCG bearer token in
-``Authorization``, or none (MetaCat reads are open).
+``Authorization`` (``auth = "token"`` only), or none (MetaCat reads are open; ``auto`` sends the
+MetaCat token when there is one).
 
 The listed files are cut into chunks of ``[catalog.rucio] chunk`` DIDs, each resolved by one
 Rucio ``/replicas/list`` request (``prestaged.catalog.rucio``), ``[catalog.rucio] parallel`` at
@@ -257,8 +258,9 @@ class MetaCatCatalog(UnresolvedLog):
         self._identity = identity
         self._sleep = sleep
         self._metacat_token = self._metacat_auth(token, env)
-        self._token = token if self._metacat_token is None and self.cfg.auth in (
-            "auto", "token") else None
+        # The WLCG token goes to MetaCat only when asked for: its reads are open, and a
+        # token is not sent where it is not needed.
+        self._token = token if self.cfg.auth == "token" else None
         self._rucio_mode = rucio_login_mode(cfg.rucio, have_token=token is not None)
         self._rucio_token = token if self._rucio_mode == "token" else None
         if self._rucio_mode == "x509" and identity is None:
