@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 APP_ROLE = "prestaged"
 _SUPERUSER = "postgres"
-_PORT = 5432  # only names the socket file: nothing listens on a TCP port
+_PORT = 5432  # libpq's default; only names the socket file: nothing listens on a TCP port
 _SOCKET_PATH_MAX = 107  # bytes, sun_path less its terminating NUL
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")
 
@@ -148,6 +148,11 @@ class PostgresCluster:
         return self.directory
 
     @property
+    def socket_path(self) -> Path:
+        """The server's unix socket, ``<socket_dir>/.s.PGSQL.<port>`` (at most 107 bytes)."""
+        return self.socket_dir / f".s.PGSQL.{self._port()}"
+
+    @property
     def log_path(self) -> Path:
         """The server's log file."""
         return self.directory / "server.log"
@@ -192,11 +197,11 @@ class PostgresCluster:
         """The libpq URL of database ``name`` for the application role, password included
         (pass it to a client, never to a log)."""
         return (f"postgresql://{APP_ROLE}:{quote(self.password, safe='')}@/{quote(name)}"
-                f"?host={self._host()}")
+                f"?{self._host()}")
 
     def superuser_url(self, name: str = "postgres") -> str:
         """The libpq URL of database ``name`` as the superuser (trusted, no password)."""
-        return f"postgresql://{_SUPERUSER}@/{quote(name)}?host={self._host()}"
+        return f"postgresql://{_SUPERUSER}@/{quote(name)}?{self._host()}"
 
     def create_database(self, name: str) -> str:
         """Create database ``name`` (lower-case letters, digits and ``_``, at most 63) owned by
@@ -250,8 +255,13 @@ class PostgresCluster:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _port(self) -> int:
+        return int(self.settings["port"])
+
     def _host(self) -> str:
-        return quote(str(self.socket_dir), safe="/")
+        """The URL query naming the socket: directory, and port when not libpq's default."""
+        host = f"host={quote(str(self.socket_dir), safe='/')}"
+        return host if self._port() == _PORT else f"{host}&port={self._port()}"
 
     def _server_ids(self) -> tuple[int, int]:
         """uid/gid the server runs as: ``run_as`` when we are root, else ourselves."""
@@ -267,7 +277,7 @@ class PostgresCluster:
     def _make_dir(self) -> Path:
         uid, gid = self._server_ids()
         directory = Path(tempfile.mkdtemp(prefix="pg-"))
-        socket = directory / f".s.PGSQL.{_PORT}"
+        socket = directory / f".s.PGSQL.{self._port()}"
         if len(os.fsencode(socket)) > _SOCKET_PATH_MAX:
             shutil.rmtree(directory)
             raise PostgresError(f"socket path {socket} is over {_SOCKET_PATH_MAX} bytes:"
