@@ -51,10 +51,12 @@ def test_every_public_name_imports() -> None:
 
 
 def test_cli_start_up_does_not_load_the_storage_stack() -> None:
-    """``import prestaged.cli`` (every command's start) leaves aiohttp and cryptography for the
-    commands that use them: status, campaign list/show and --help stay quick."""
+    """``import prestaged.cli`` (every command's start) leaves aiohttp, cryptography and psycopg
+    (the optional PostgreSQL driver) for the commands that use them: status, campaign list/show
+    and --help stay quick."""
     code = ("import sys, prestaged.cli; "
-            "print(sorted(m for m in ('aiohttp', 'cryptography', 'prometheus_client') "
+            "print(sorted(m for m in ('aiohttp', 'cryptography', 'prometheus_client', "
+            "'psycopg', 'psycopg_pool') "
             "if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
