@@ -162,8 +162,8 @@ def catalog_requests(metacat: dict[str, Any], rucio: dict[str, Any]) -> dict[str
 
 
 class FileCheck:
-    """Exactly files ``0 .. count-1``, each once, each at its DISK URL (a bitmap, so that the
-    check itself costs the child ~count/8 bytes)."""
+    """Exactly files ``0 .. count-1``, each once, each at its DISK URL (a bitmap: ~count/8
+    bytes), naming what is wrong; for the CLI runs, checked here from their output."""
 
     def __init__(self, count: int, door: str) -> None:
         self.count = count
@@ -216,20 +216,30 @@ async def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     creds = load_credentials(proxy=args.proxy, proxy_configured=None, ca_dir=args.ca_dir,
                              ca_dir_configured=None, min_lifetime=0.0)
     assert creds.proxy is not None
-    check = FileCheck(args.expect, args.door)
     start = time.perf_counter()
     catalog = MetaCatCatalog(args.dataset, cfg, catalog_ssl_context(creds),
                              identity=creds.proxy.identity)
     first: Optional[float] = None
     first_mono: Optional[float] = None
+    count = digest = 0
     async for ref in catalog.files():
         if first is None:
             first, first_mono = time.perf_counter() - start, time.monotonic()
-        check.add(ref.name, ref.url)
-    return {"files": check.distinct, "unresolved": catalog.unresolved_count,
+        # ~1 us a file, where FileCheck costs ~4.5 us (~5 % of the client's CPU per file);
+        # the sum of the pairs' hashes is compared once the clock has stopped.
+        count += 1
+        digest += hash((ref.name, ref.url))
+    elapsed = time.perf_counter() - start
+    prefix = f"{args.door}/synthetic/"
+    want = sum(hash((f"dune:{NAME.format(i)}", prefix + NAME.format(i)))
+               for i in range(args.expect))
+    problems = [] if (count, digest) == (args.expect, want) else [
+        f"{count} files resolved, not exactly files 0..{args.expect - 1} each once at its "
+        "DISK URL (prestaged files shows which)"]
+    return {"files": count, "unresolved": catalog.unresolved_count,
             "rucio_requests": catalog.rucio_requests, "first_ref_seconds": first,
-            "first_ref_monotonic": first_mono, "resolve_seconds": time.perf_counter() - start,
-            "problems": check.result()}
+            "first_ref_monotonic": first_mono, "resolve_seconds": elapsed,
+            "problems": problems}
 
 
 def child(args: argparse.Namespace) -> int:
@@ -377,12 +387,14 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
               for r in rounds if r["resolve_big"]["peak_rss_mib"]
               and r["resolve_small"]["peak_rss_mib"]]
     first, rate = med("resolve_big", "first_ref_seconds"), med("resolve_big", "files_per_second")
+    rate = round(rate) if rate is not None else None
+    requests = med("resolve_big", "rucio_requests")
     rss_growth = round(max(growth), 1) if growth else None
     return {
         "first_ref_seconds": first, "files_per_second": rate,
         "rss_small_mib": med("resolve_small", "peak_rss_mib"),
         "rss_big_mib": med("resolve_big", "peak_rss_mib"), "rss_growth_mib": rss_growth,
-        "rucio_requests": med("resolve_big", "rucio_requests"),
+        "rucio_requests": round(requests) if requests is not None else None,
         "targets": {
             "first_url_under_1_s": first is not None and first < TARGET_FIRST_URL,
             "at_least_20000_files_per_s": rate is not None and rate >= TARGET_RATE,
