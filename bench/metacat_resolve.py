@@ -270,8 +270,10 @@ def _round(value: Optional[float]) -> Optional[float]:
 
 def _env(world: World, run: str) -> dict[str, str]:
     """The client's environment: a state database of its own (no run skips files another
-    warmed) and nothing of the user's state touched."""
-    return {**os.environ, "XDG_STATE_HOME": str(world.workdir / "state" / run)}
+    warmed), nothing of the user's state touched, and no ``$RUCIO_ACCOUNT`` of the user (the
+    emulator maps the bench DN to its own account)."""
+    env = {k: v for k, v in os.environ.items() if k != "RUCIO_ACCOUNT"}
+    return {**env, "XDG_STATE_HOME": str(world.workdir / "state" / run)}
 
 
 def measure_resolve(world: World, args: argparse.Namespace, dataset: str, files: int,
