@@ -31,9 +31,11 @@ from prestaged.testing.pki import TestPKI, create_pki
 
 __all__ = [
     "Credentials",
+    "EmulatorProcess",
     "Measured",
     "StorageProcess",
     "empty_config",
+    "emulator",
     "free_port",
     "gnu_time",
     "make_credentials",
@@ -123,8 +125,10 @@ def stop_server(proc: subprocess.Popen[Any], stats_file: Path, timeout: float,
     return stats
 
 
-def _read_port_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    """The JSON line the storage prints once listening; kills ``proc`` if none comes in time."""
+def _read_port_line(proc: subprocess.Popen[str], key: str = "door_port",
+                    what: str = "the storage process") -> dict[str, Any]:
+    """The JSON line a test server prints once listening (it must hold ``key``); kills
+    ``proc`` if none comes in time."""
     assert proc.stdout is not None
     timer = threading.Timer(STORAGE_START_TIMEOUT, proc.kill)
     timer.start()
@@ -134,11 +138,11 @@ def _read_port_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
         timer.cancel()
     try:
         info: dict[str, Any] = json.loads(line)
-        int(info["door_port"])
+        str(info[key])
     except (ValueError, KeyError, TypeError):
         proc.kill()
         proc.wait()
-        raise RuntimeError(f"the storage process did not start (said {line.strip()!r})") from None
+        raise RuntimeError(f"{what} did not start (said {line.strip()!r})") from None
     return info
 
 
@@ -165,6 +169,52 @@ def storage(pki_dir: Path, stats_file: Path, *, redirect: bool = False,
         server = StorageProcess(proc=proc, door_port=int(info["door_port"]),
                                 pool_port=info.get("pool_port"), stats_file=stats_file)
         yield server
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=STORAGE_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@dataclass
+class EmulatorProcess:
+    """A running catalog emulator (``python -m prestaged.testing.<name>``) that printed its
+    ``base_url``; ``stats`` is filled in by ``stop()``."""
+
+    proc: subprocess.Popen[str]
+    base_url: str
+    stats_file: Path
+    what: str
+    stats: Optional[dict[str, Any]] = None
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM it and return the statistics it writes on its way out, with its CPU
+        seconds (``stop_server``)."""
+        if self.stats is None:
+            self.stats = stop_server(self.proc, self.stats_file, STORAGE_STOP_TIMEOUT,
+                                     self.what)
+        return self.stats
+
+
+@contextlib.contextmanager
+def emulator(module: str, args: Sequence[str], stats_file: Path,
+             what: str) -> Iterator[EmulatorProcess]:
+    """Run ``python -m <module> ARGS --stats-file STATS_FILE`` (a test server that prints one
+    JSON line with ``base_url`` once listening, like ``prestaged.testing.metacat`` and
+    ``.rucio``) for the ``with`` block; it is always stopped on the way out. Start-up is
+    bounded by ``STORAGE_START_TIMEOUT`` s; ``what`` names it in errors."""
+    stats_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", module, *args, "--stats-file", str(stats_file)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        info = _read_port_line(proc, "base_url", what)
+        yield EmulatorProcess(proc=proc, base_url=str(info["base_url"]), stats_file=stats_file,
+                              what=what)
     finally:
         if proc.poll() is None:
             proc.terminate()
