@@ -15,7 +15,7 @@ import pytest
 
 from prestaged.catalog import open_catalog
 from prestaged.catalog.metacat import MetaCatCatalog, metacat_token
-from prestaged.catalog.rucio import pick, rucio_login_mode
+from prestaged.catalog.rucio import Pfn, pick, rucio_login_mode
 from prestaged.config import CatalogConfig, MetaCatConfig, RucioConfig, load_config
 from prestaged.errors import CatalogError, ConfigError, CredentialError
 from prestaged.testing.metacat import MetaCatServer, synthetic_files
@@ -26,9 +26,8 @@ from prestaged.testing.tokens import TokenIssuer
 DATASET = "dune:raw-run1"
 
 
-def _pfn(rse: str, kind: str = "DISK", priority: int = 1) -> dict[str, object]:
-    return {"rse": rse, "rse_id": rse.lower(), "type": kind, "volatile": False,
-            "domain": "wan", "priority": priority, "client_extract": False}
+def _pfn(rse: str, kind: str = "DISK", priority: int = 1) -> Pfn:
+    return Pfn(rse=rse, type=kind, priority=priority)
 
 
 # --- choosing the PFN ---------------------------------------------------------------------

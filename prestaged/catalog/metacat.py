@@ -36,7 +36,6 @@ Errors: an unknown dataset -> ``CatalogError`` naming it (exit 4), as is MQL Met
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -47,12 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
+import msgspec
+
 from prestaged.catalog.http import (
     Call,
     HttpApi,
     Transient,
     UnresolvedLog,
-    lines,
+    line_blocks,
     one_line,
     ordered,
     retry_settings,
@@ -200,23 +201,33 @@ class _MetaCatApi(HttpApi):
 _Entry = tuple[str, str, Optional[int]]  # namespace, name, size
 
 
-def _record(line: str) -> Optional[_Entry]:
-    """``(namespace, name, size)`` of one json-seq record line (0x1E stripped), or None for
-    an empty line. ``CatalogError`` for a record that is not a MetaCat file."""
-    text = line.lstrip("\x1e").strip()
-    if not text:
-        return None
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        raise CatalogError(f"MetaCat answered a listing with a record that is not JSON: "
-                           f"{one_line(text, 80)}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("namespace"), str) \
-            or not isinstance(doc.get("name"), str):
-        raise CatalogError(f"MetaCat answered a listing with a record without namespace and "
-                           f"name: {one_line(text, 80)}")
-    size = doc.get("size")
-    return doc["namespace"], doc["name"], size if isinstance(size, int) else None
+class _Record(msgspec.Struct):
+    """The fields of a MetaCat file record prestaged uses (others are not decoded)."""
+
+    namespace: str
+    name: str
+    size: Optional[int] = None
+
+
+_RECORD = msgspec.json.Decoder(_Record)
+
+
+def _records(block: list[bytes]) -> list[_Entry]:
+    """``(namespace, name, size)`` of each json-seq record line of ``block`` (0x1E and blank
+    lines skipped). ``CatalogError`` for a record that is not a MetaCat file."""
+    out: list[_Entry] = []
+    for raw in block:
+        text = raw.lstrip(b"\x1e").strip()
+        if not text:
+            continue
+        try:
+            record = _RECORD.decode(text)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise CatalogError(f"MetaCat answered a listing with a record that is not a file "
+                               f"({one_line(str(e), 120)}): "
+                               f"{one_line(text.decode('utf-8', 'replace'), 80)}") from None
+        out.append((record.namespace, record.name, record.size))
+    return out
 
 
 class MetaCatCatalog(UnresolvedLog):
@@ -342,10 +353,11 @@ class MetaCatCatalog(UnresolvedLog):
         async with self._metacat() as metacat, self._rucio() as rucio:
             listing = self._query(metacat) if self.mql else self._dataset(metacat)
             try:
-                async for ref in ordered(self._chunks(listing),
-                                         lambda chunk: self._resolve(rucio, chunk),
-                                         self.rucio_cfg.parallel):
-                    yield ref
+                async for refs in ordered(self._chunks(listing),
+                                          lambda chunk: self._resolve(rucio, chunk),
+                                          self.rucio_cfg.parallel):
+                    for ref in refs:
+                        yield ref
             finally:
                 await listing.aclose()
         log.info("MetaCat: %d files listed, %d resolved through Rucio (%d replica listing%s), "
@@ -356,8 +368,9 @@ class MetaCatCatalog(UnresolvedLog):
             log.warning("%d files got no URL and are reported as unresolved",
                         self.unresolved_count)
 
-    async def _dataset(self, api: _MetaCatApi) -> AsyncGenerator[_Entry, None]:
-        """Stream the dataset's files; a cut-off listing is asked again, skipping."""
+    async def _dataset(self, api: _MetaCatApi) -> AsyncGenerator[list[_Entry], None]:
+        """Stream the dataset's files (a list per block read); a cut-off listing is asked
+        again, skipping the records already handed out."""
         call = _Call(f"listing the files of dataset '{self.definition}'",
                      dataset=self.definition)
         params = {"dataset": self.definition, "with_metadata": "no",
@@ -369,24 +382,22 @@ class MetaCatCatalog(UnresolvedLog):
             count = 0
             try:
                 async with api.exchange(call, url, params=params) as resp:
-                    async for line in lines(resp):
-                        entry = _record(line)
-                        if entry is None:
-                            continue
-                        count += 1
-                        if count <= seen:
-                            continue
-                        seen = count
-                        self.listed = seen
-                        backoff.reset()
-                        yield entry
+                    async for block in line_blocks(resp):
+                        entries = _records(block)
+                        fresh = entries[max(0, seen - count):]
+                        count += len(entries)
+                        if fresh:
+                            seen = count
+                            self.listed = seen
+                            backoff.reset()
+                            yield fresh
                 return
             except Transient as e:
                 if count:
                     log.info("MetaCat: listing cut off after %d files; listing again", count)
                 await backoff.wait(e)
 
-    async def _query(self, api: _MetaCatApi) -> AsyncGenerator[_Entry, None]:
+    async def _query(self, api: _MetaCatApi) -> AsyncGenerator[list[_Entry], None]:
         """Stream the query's files a page at a time (``ordered skip K limit N``)."""
         page = self.cfg.page
         url = api.url("data", "query")
@@ -400,14 +411,13 @@ class MetaCatCatalog(UnresolvedLog):
             count = 0
             try:
                 async with api.exchange(call, url, params=params, data=body) as resp:
-                    async for line in lines(resp):
-                        entry = _record(line)
-                        if entry is None:
-                            continue
-                        count += 1
-                        self.listed = skip + count
-                        backoff.reset()
-                        yield entry
+                    async for block in line_blocks(resp):
+                        entries = _records(block)
+                        if entries:
+                            count += len(entries)
+                            self.listed = skip + count
+                            backoff.reset()
+                            yield entries
             except Transient as e:
                 # The page is ordered: ask again from the first file not yet handed out.
                 skip += count
@@ -417,16 +427,17 @@ class MetaCatCatalog(UnresolvedLog):
             if count < page:  # a short page is the last, as the client sees it
                 return
 
-    async def _chunks(self, listing: AsyncIterator[_Entry]
+    async def _chunks(self, listing: AsyncIterator[list[_Entry]]
                       ) -> AsyncGenerator[list[_Entry], None]:
         """The listing cut into chunks of at most ``[catalog.rucio] chunk`` files; a full chunk
         goes out at once."""
+        size = self.rucio_cfg.chunk
         chunk: list[_Entry] = []
-        async for entry in listing:
-            chunk.append(entry)
-            if len(chunk) >= self.rucio_cfg.chunk:
-                yield chunk
-                chunk = []
+        async for entries in listing:
+            chunk.extend(entries)
+            while len(chunk) >= size:
+                yield chunk[:size]
+                chunk = chunk[size:]
         if chunk:
             yield chunk
 
@@ -442,20 +453,14 @@ class MetaCatCatalog(UnresolvedLog):
             if answer is None:
                 self._unresolved(did, (), "Rucio does not know the file")
                 continue
-            pfns = answer.get("pfns")
-            chosen = pick(pfns if isinstance(pfns, dict) else {}, preference)
+            chosen = pick(answer.pfns, preference)
             if chosen is not None:
                 refs.append(FileRef(name=did, url=chosen.url, size=size))
                 continue
-            # With the schemes filter, "rses" loses the RSEs it removed every PFN of, but
-            # "states" still names them (seen on Rucio 41.5.1).
-            where = tuple(sorted({*_keys(answer.get("rses")), *_keys(answer.get("states"))}))
+            where = tuple(sorted({*answer.states, *(p.rse for p in answer.pfns.values())}))
             if where:
                 self._unresolved(did, where, "Rucio has no https or davs replica of it")
             else:
                 self._unresolved(did, (), "Rucio lists no available https or davs replica")
         return refs
 
-
-def _keys(value: object) -> list[str]:
-    return [k for k in value if isinstance(k, str)] if isinstance(value, dict) else []

@@ -37,7 +37,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from prestaged.catalog.http import Call, HttpApi, Transient, lines, one_line, retry_settings
+import msgspec
+
+from prestaged.catalog.http import Call, HttpApi, Transient, one_line, retry_settings
 from prestaged.config import RucioConfig
 from prestaged.errors import CatalogError, ConfigError, CredentialError
 
@@ -46,7 +48,7 @@ if TYPE_CHECKING:
 
     from prestaged.tokens import TokenSource
 
-__all__ = ["SCHEMES", "Replica", "RucioApi", "pick", "rucio_login_mode"]
+__all__ = ["SCHEMES", "Answer", "Pfn", "Replica", "RucioApi", "pick", "rucio_login_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +60,32 @@ _UNKNOWN_LIFETIME = 1800.0  # a login token whose expiry cannot be read is renew
 _TYPE_ORDER = {"DISK": 0, "TAPE": 1}
 
 
+class Pfn(msgspec.Struct):
+    """What Rucio says of one PFN (``pfns[url]``); other fields are not decoded."""
+
+    rse: str = "?"
+    type: str = "DISK"
+    priority: int = 1 << 30
+
+
+class Answer(msgspec.Struct):
+    """One line of a ``/replicas/list`` answer: a file, its PFNs, and (``states``) every RSE
+    holding it, even those the schemes filter left without a PFN (seen on Rucio 41.5.1). The
+    other fields (``rses``: the URLs again, per RSE; checksums) are skipped, not decoded: this
+    runs for every file of a dataset."""
+
+    scope: str
+    name: str
+    pfns: dict[str, Pfn] = {}
+    states: dict[str, msgspec.Raw] = {}
+
+
+_ANSWERS = msgspec.json.Decoder(Answer)
+
+
 @dataclass(frozen=True)
 class Replica:
-    """One PFN of a file as Rucio lists it."""
+    """The PFN chosen for a file, as https."""
 
     url: str
     rse: str
@@ -81,28 +106,25 @@ def rucio_login_mode(cfg: RucioConfig, *, have_token: bool) -> str:
     return mode
 
 
-def pick(pfns: Mapping[str, Any], preference: Sequence[str]) -> Optional[Replica]:
+def pick(pfns: Mapping[str, Pfn], preference: Sequence[str]) -> Optional[Replica]:
     """The replica to touch among ``pfns`` (Rucio's ``{url: {rse, type, priority}}``), as
-    https; None when none has an https/davs URL. See the module docstring for the order."""
-    rank = {rse: i for i, rse in enumerate(preference)}
-    found: list[Replica] = []
+    https; None when none has an https/davs URL. See the module docstring for the order.
+    One pass, no object but the winner's (it runs for every file of a dataset)."""
+    best: Optional[tuple[tuple[int, int, int, str], str, Pfn]] = None
+    unlisted = len(preference)
     for url, about in pfns.items():
-        if not isinstance(url, str) or not isinstance(about, Mapping):
-            continue
         scheme, sep, rest = url.partition("://")
         if not sep or scheme.lower() not in SCHEMES:
             continue
-        priority = about.get("priority")
-        found.append(Replica(
-            url="https://" + rest,
-            rse=str(about.get("rse") or "?"),
-            type=str(about.get("type") or "DISK").upper(),
-            priority=priority if isinstance(priority, int) else 1 << 30,
-        ))
-    if not found:
+        kind = about.type.upper()
+        rank = preference.index(about.rse) if about.rse in preference else unlisted
+        key = (_TYPE_ORDER.get(kind, 2), rank, about.priority, url)
+        if best is None or key < best[0]:
+            best = (key, rest, about)
+    if best is None:
         return None
-    return min(found, key=lambda r: (_TYPE_ORDER.get(r.type, 2),
-                                     rank.get(r.rse, len(rank)), r.priority, r.url))
+    _, rest, about = best
+    return Replica("https://" + rest, about.rse, about.type.upper(), about.priority)
 
 
 @dataclass(frozen=True)
@@ -256,7 +278,7 @@ class RucioApi(HttpApi):
 
     # --- replicas -------------------------------------------------------------------------
 
-    async def list_replicas(self, dids: Sequence[tuple[str, str]]) -> dict[str, dict[str, Any]]:
+    async def list_replicas(self, dids: Sequence[tuple[str, str]]) -> dict[str, Answer]:
         """Rucio's answer for ``dids`` (``(scope, name)``), ``{"scope:name": answer}``; DIDs
         Rucio does not know are absent. Retried as the module docstring says; a refused login
         token is renewed once."""
@@ -272,13 +294,11 @@ class RucioApi(HttpApi):
         renewed = False
         while True:
             logins = self.logins
-            found: dict[str, dict[str, Any]] = {}
             try:
+                # At most ``chunk`` (<= 1,000) lines of about 1 KiB: read whole, decoded at once.
                 async with self.exchange(call, url, method="POST", json_body=body) as resp:
-                    async for line in lines(resp):
-                        if line.strip():
-                            _take(found, line)
-                return found
+                    text = await resp.read()
+                return _answers(text)
             except Transient as e:
                 await backoff.wait(e)
             except _Refused as e:
@@ -295,15 +315,14 @@ class _Refused(Exception):
     """A listing refused with a login token (expired early, revoked): log in again once."""
 
 
-def _take(found: dict[str, dict[str, Any]], line: str) -> None:
+def _answers(text: bytes) -> dict[str, Answer]:
+    """``{"scope:name": answer}`` of a ``/replicas/list`` body (x-json-stream)."""
     try:
-        doc = json.loads(line)
-    except ValueError:
-        raise CatalogError(f"Rucio answered a replica listing with a line that is not JSON: "
-                           f"{one_line(line, 80)}") from None
-    if isinstance(doc, dict) and isinstance(doc.get("scope"), str) \
-            and isinstance(doc.get("name"), str):
-        found[f"{doc['scope']}:{doc['name']}"] = doc
+        answers = _ANSWERS.decode_lines(text)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise CatalogError(f"Rucio answered a replica listing with a line that is not a "
+                           f"replica record ({one_line(str(e), 120)})") from None
+    return {f"{a.scope}:{a.name}": a for a in answers}
 
 
 def _rucio_error(body: str) -> tuple[str, str]:

@@ -389,10 +389,11 @@ class SamWebCatalog(UnresolvedLog):
         async with self._api() as api:
             listing = self._listing(api)
             try:
-                async for ref in ordered(self._batches(api, listing),
-                                         lambda batch: self._resolve(api, batch),
-                                         self.cfg.parallel):
-                    yield ref
+                async for refs in ordered(self._batches(api, listing),
+                                          lambda batch: self._resolve(api, batch),
+                                          self.cfg.parallel):
+                    for ref in refs:
+                        yield ref
             finally:
                 await listing.aclose()
         log.info("SAM web: %d files listed, %d resolved, %d unresolved in %.1f s",
