@@ -213,7 +213,6 @@ class HttpApi:
         method: Optional[str] = None,
         params: Params = None,
         data: Union[Mapping[str, str], str, bytes, None] = None,
-        json_body: Any = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """One attempt: yield the 200 response, or raise ``Transient``/a ``PrestagedError``.
 
@@ -221,12 +220,12 @@ class HttpApi:
         """
         assert self._session is not None, "use `async with` first"
         if method is None:
-            method = "GET" if data is None and json_body is None else "POST"
+            method = "GET" if data is None else "POST"
         headers = await self.headers_for(call)
         ok = False
         try:
             async with self._session.request(method, url, params=params, data=data,
-                                             json=json_body, headers=headers) as resp:
+                                             headers=headers) as resp:
                 self._answered = True
                 ok = resp.status == 200
                 if resp.status != 200:

@@ -188,7 +188,8 @@ class RucioApi(HttpApi):
             return self._account()
         # As the client: the stream type asked for on listings only (Rucio answers 406 to a
         # login that asks for it).
-        accept = {"Accept": "application/x-json-stream"} if isinstance(call, _Listing) else {}
+        accept = ({"Accept": "application/x-json-stream", "Content-Type": "application/json"}
+                  if isinstance(call, _Listing) else {})
         if self.mode == "token":
             assert self._wlcg is not None
             # The JWT itself; CredentialError (nothing sent) when it has expired.
@@ -288,6 +289,7 @@ class RucioApi(HttpApi):
         }
         if self.cfg.rse_expression:
             body["rse_expression"] = self.cfg.rse_expression
+        payload = msgspec.json.encode(body)  # several times faster than aiohttp's json.dumps
         call = _Listing(f"listing the replicas of {len(dids)} files")
         url = self.url("replicas", "list")
         backoff = self.backoff(call)
@@ -296,7 +298,7 @@ class RucioApi(HttpApi):
             logins = self.logins
             try:
                 # At most ``chunk`` (<= 1,000) lines of about 1 KiB: read whole, decoded at once.
-                async with self.exchange(call, url, method="POST", json_body=body) as resp:
+                async with self.exchange(call, url, method="POST", data=payload) as resp:
                     text = await resp.read()
                 return _answers(text)
             except Transient as e:
