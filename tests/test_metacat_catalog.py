@@ -434,3 +434,20 @@ async def test_the_wlcg_token_goes_to_metacat_only_when_asked_for(
     asked = MetaCatCatalog(DATASET, _against(metacat, tmp_path, auth="token"), token=wlcg,
                            env={"HOME": str(tmp_path)})
     assert await asked.estimate() == 30
+
+
+async def test_a_login_token_is_renewed_before_rucio_says_it_expires(tmp_path: Path) -> None:
+    """The token is kept until 5 minutes before X-Rucio-Auth-Token-Expires: one login for a
+    whole pass with Rucio's hour-long tokens, but a login per request with tokens that
+    expire in 4 minutes (already inside the margin), and never a refusal."""
+    metacat = MetaCatServer(datasets={SYNTHETIC: synthetic_files(SYNTHETIC, 600)})
+    hour = RucioEmulator(synthetic=SyntheticFiles(600, rses=("DISK_RSE",)))
+    short = RucioEmulator(synthetic=SyntheticFiles(600, rses=("DISK_RSE",)),
+                          token_lifetime=240)
+    async with metacat, hour, short:
+        for rucio in (hour, short):
+            cfg = _pair_cfg(tmp_path, metacat, rucio, chunk=100, parallel=1)
+            refs = [r async for r in MetaCatCatalog(SYNTHETIC, cfg, env={}).files()]
+            assert len(refs) == 600 and rucio.stats.auth_refusals == 0
+    assert hour.stats.tokens_issued["userpass"] == 1
+    assert short.stats.tokens_issued["userpass"] == 6  # one per chunk of 100
