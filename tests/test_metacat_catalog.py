@@ -451,3 +451,17 @@ async def test_a_login_token_is_renewed_before_rucio_says_it_expires(tmp_path: P
             assert len(refs) == 600 and rucio.stats.auth_refusals == 0
     assert hour.stats.tokens_issued["userpass"] == 1
     assert short.stats.tokens_issued["userpass"] == 6  # one per chunk of 100
+
+
+async def test_rse_expression_is_sent_and_limits_the_replicas(tmp_path: Path) -> None:
+    """``rse_expression`` goes to Rucio, which lists only replicas on matching RSEs: with
+    "TAPE_RSE" every file resolves to its tape copy although a disk copy exists."""
+    metacat = MetaCatServer(datasets={SYNTHETIC: synthetic_files(SYNTHETIC, 50)})
+    rucio = RucioEmulator(synthetic=SyntheticFiles(50, rses=("DISK_RSE", "TAPE_RSE")))
+    async with metacat, rucio:
+        both = _pair_cfg(tmp_path, metacat, rucio)
+        disk = [r.url async for r in MetaCatCatalog(SYNTHETIC, both, env={}).files()]
+        tape_only = _pair_cfg(tmp_path, metacat, rucio, rse_expression="TAPE_RSE")
+        tape = [r.url async for r in MetaCatCatalog(SYNTHETIC, tape_only, env={}).files()]
+    assert all("/pnfs/dune/synthetic/" in u for u in disk)  # DISK before TAPE
+    assert len(tape) == 50 and all("/pnfs/dune/tape/synthetic/" in u for u in tape)
