@@ -184,9 +184,11 @@ class Runs:
                     fresh_for=self._fresh_for() if fresh_for is None else fresh_for)
                 info.exit_code = report.exit_code
                 info.error = str(report.aborted) if report.aborted else ""
-                info.state = "done"
                 self._metrics.run_finished(run_result(report))
             await self._report(info)
+            # "done" only once the after hook has filled warm_fraction in: an API client that
+            # polls for "done" must not read a run without it (a race seen under load).
+            info.state = "done"
         except PrestagedError as e:
             info.state, info.error = "error", str(e)
             self._metrics.run_finished("aborted")
