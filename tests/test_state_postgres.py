@@ -31,8 +31,6 @@ from prestaged.state.postgres import (
 from prestaged.state.schema import SCHEMA_VERSION
 from prestaged.testing.postgres import PostgresCluster
 
-psycopg = pytest.importorskip("psycopg")
-
 
 def _applied(url: str) -> list[tuple[int, float]]:
     """The rows of the version table: (version, applied)."""
@@ -168,6 +166,7 @@ def test_foreign_database_is_refused_and_left_alone(pg_url: str) -> None:
 def test_unreachable_server_is_refused_without_the_password() -> None:
     """No server on the socket the URL names: StateError (exit 2) saying what to check, with
     the user and socket directory but not the password."""
+    pytest.importorskip("psycopg")
     with tempfile.TemporaryDirectory(prefix="pg-") as empty:
         url = f"postgresql://prestaged:{'s3cr3t-XYZ'}@/state?host={empty}"
         with pytest.raises(StateError) as err:
@@ -198,11 +197,14 @@ def test_wrong_password_is_refused_without_either_password(
 
 def test_malformed_url_is_refused_without_the_password() -> None:
     """A URL libpq cannot parse: StateError, the password hidden even where libpq quotes it."""
-    url = "postgresql://prestaged:pa55-Qq@/state?host=/run/postgresql&no_such_option=1"
+    pytest.importorskip("psycopg")
+    url = "postgresql://prestaged:pa55-Qq@[::1/state"  # libpq quotes it back: no "]"
     with pytest.raises(StateError) as err:
         open_state(url)
-    assert "not a usable PostgreSQL URL" in str(err.value)
-    assert "pa55-Qq" not in str(err.value)
+    message = str(err.value)
+    assert "not a usable PostgreSQL URL" in message
+    assert 'IPv6 host address in URI: "postgresql://prestaged:***@[::1/state"' in message
+    assert "pa55-Qq" not in message
 
 
 # --- one schema -----------------------------------------------------------------------------
