@@ -15,11 +15,11 @@ module, and so starting the CLI, needs only the standard library.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
 from prestaged.errors import StateError
+from prestaged.model import redacted_url
 from prestaged.state.schema import POSTGRESQL, SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -69,37 +69,6 @@ _TABLES = ("SELECT table_name FROM information_schema.tables WHERE table_schema 
            " current_schema() AND table_type = 'BASE TABLE' AND table_name <> %s"
            " ORDER BY table_name")
 _LOCK = "SELECT pg_advisory_xact_lock(%s)"
-
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
-_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&#]*", re.IGNORECASE)
-_CONNINFO_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
-
-
-def redacted_url(url: str) -> str:
-    """``url`` fit to show: the password of its userinfo and any ``password=`` parameter
-    replaced by ``***``; the user, hosts, database and other parameters kept (an operator
-    needs them to see which database and role were meant).
-
-    ``postgresql://app:pw@db/state?sslmode=require`` -> ``postgresql://app:***@db/state?...``.
-    Text that is no URL (a ``key=value`` connection string) has its ``password=`` hidden.
-    """
-    scheme = _SCHEME.match(url)
-    if scheme is None:
-        return _CONNINFO_PASSWORD.sub(r"\1***", url)
-    start = scheme.end()
-    query = url.find("?", start)
-    # The userinfo ends at the authority's last "@": a password with an unescaped "@" or "/" is
-    # hidden whole (model.redact reads URLs the same way, but hides the user too).
-    at = url.rfind("@", start, query if query >= 0 else len(url))
-    if at >= 0:
-        user, colon, _ = url[start:at].partition(":")
-        if colon:
-            url = f"{url[:start]}{user}:***{url[at:]}"
-    query = url.find("?", start)
-    if query < 0:
-        return url
-    return url[: query + 1] + _QUERY_PASSWORD.sub(r"\1***", url[query + 1:])
-
 
 def connect(url: str, *, connect_timeout: int = CONNECT_TIMEOUT) -> Connection:
     """A psycopg connection (autocommit: every transaction explicit) to the database of the
@@ -206,10 +175,10 @@ def _message(error: Exception, url: str, password: object = None) -> str:
     not echo passwords, but a malformed URL may be quoted back)."""
     text = " ".join(str(error).split()) or type(error).__name__
     secrets = {str(password)} if password else set()
-    scheme = _SCHEME.match(url)
-    if scheme:
-        at = url.rfind("@", scheme.end())
-        secrets.add(url[scheme.end():at].partition(":")[2] if at >= 0 else "")
+    start = url.find("://")
+    at = url.rfind("@")
+    if 0 <= start < at:
+        secrets.add(url[start + 3:at].partition(":")[2])
     for secret in sorted(secrets - {""}, key=len, reverse=True):
         text = text.replace(secret, "***")
     return redacted_url(text)
