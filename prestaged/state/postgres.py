@@ -70,6 +70,7 @@ _TABLES = ("SELECT table_name FROM information_schema.tables WHERE table_schema 
            " ORDER BY table_name")
 _LOCK = "SELECT pg_advisory_xact_lock(%s)"
 
+
 def connect(url: str, *, connect_timeout: int = CONNECT_TIMEOUT) -> Connection:
     """A psycopg connection (autocommit: every transaction explicit) to the database of the
     libpq ``url``, named ``prestaged`` in ``pg_stat_activity`` unless the URL names it.
