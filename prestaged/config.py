@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union, get_type_hints
 
 from prestaged.errors import ConfigError
+from prestaged.model import redacted_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -193,6 +194,11 @@ _HTTP_URL = matches(r"https?://[^/?#\s]+(/[^?#\s]*)?",
 _NAMESPACE_PATH = matches(r"/[^\s?#]*",
                           'an absolute namespace path such as "/pnfs/fnal.gov/usr/"')
 _SCHEME = matches(r"[a-z][a-z0-9+.-]*", 'a URL scheme such as "https"')
+# libpq's two URI schemes; the rest (hosts, socket directory, parameters) libpq itself checks
+# when prestaged connects, so that a URL it accepts is never refused here.
+_POSTGRES_URL = matches(r"postgres(?:ql)?://[^\s]*",
+                        'a PostgreSQL URL such as "postgresql://prestaged@db.example.org/'
+                        'prestaged" or "postgresql:///prestaged?host=/run/postgresql"')
 
 
 def _is_listen(v: str) -> bool:
@@ -494,16 +500,27 @@ class CatalogConfig:
 
 @dataclass(frozen=True)
 class StateConfig:
-    """``[state]``: the SQLite record of what was warmed when."""
+    """``[state]``: the record of what was warmed when: a SQLite file (default), or a
+    PostgreSQL database that several daemons share."""
 
     path: Optional[Path] = None
     """Database file; unset: ``$XDG_STATE_HOME/prestaged/state.db`` (``~/.local/state/...``)."""
+    url: Optional[str] = field(default=None, metadata=check(_POSTGRES_URL))
+    """PostgreSQL database instead of the file, as a libpq URL:
+    ``postgresql://USER@HOST/DB`` or ``postgresql:///DB?host=/run/postgresql`` (unix socket);
+    keep its password in ``~/.pgpass`` (or ``?passfile=``) rather than here. Unset: SQLite."""
     fresh_for: Duration = field(default=Duration(6 * 3600.0), metadata=check(_ZERO_TO_A_YEAR))
     """Files touched successfully within this long are skipped unless ``--force`` (0: never)."""
     batch: int = field(default=500, metadata=check(within(1, 100_000)))
     """Outcomes per write transaction; a crash loses at most one batch (re-warmed next time)."""
     flush_interval: Duration = field(default=Duration(1.0), metadata=check(_UP_TO_AN_HOUR))
     """Longest time an outcome waits before it is written (seconds)."""
+
+    def __post_init__(self) -> None:
+        if self.path is not None and self.url is not None:
+            raise ConfigError("state.path and state.url are both set: set path for a SQLite "
+                              "file or url for a PostgreSQL database, not both (--state "
+                              "names a file instead of either)")
 
 
 @dataclass(frozen=True)
@@ -701,8 +718,11 @@ def _string_array(fld: dataclasses.Field[Any], value: object, key: str) -> tuple
 
 def shown(value: object) -> str:
     """``value`` as an error message quotes it after "got": strings in double quotes (JSON
-    escapes), anything else as its ``repr``."""
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+    escapes) with any password in them hidden (``redacted_url``), anything else as its
+    ``repr``."""
+    if isinstance(value, str):
+        return json.dumps(redacted_url(value), ensure_ascii=False)
+    return repr(value)
 
 
 _NOUNS: dict[Any, str] = {Duration: "duration", int: "integer", float: "number", str: "string"}

@@ -88,6 +88,10 @@ class Context:
 
     def open_store(self, *, must_exist: bool = False) -> Store:
         """The state store, open; ``must_exist`` refuses to create one (read-only commands)."""
+        if self.cfg.state.url is not None:
+            # Until the store runs on PostgreSQL (issue 16), never fall back to the file.
+            raise ConfigError("state.url: this prestaged cannot keep its state in PostgreSQL "
+                              "yet; remove state.url to use the SQLite file (state.path)")
         path = self.state_path
         if must_exist and not path.exists():
             raise StateError(f"state {path}: no such file (nothing warmed yet with this "

@@ -8,7 +8,8 @@ engine or each other.
 Error text comes from servers (reason phrases) and libraries (exception messages, which often
 quote the URL). Before it is kept (an ``Attempt``, then an ``Outcome``, the state store, the
 report) it goes through ``error_text``: userinfo redacted, whitespace folded, at most
-``ERROR_TEXT_MAX`` characters. ``redact`` is the one helper for any URL put into text.
+``ERROR_TEXT_MAX`` characters. ``redact`` is the one helper for any URL put into text;
+``redacted_url`` shows a database URL (PostgreSQL state) with only its password hidden.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "classify_status",
     "error_text",
     "redact",
+    "redacted_url",
 ]
 
 ERROR_TEXT_MAX = 200
@@ -45,6 +47,37 @@ def redact(text: str) -> str:
     if "@" not in text:  # the common case costs no regex
         return text
     return _USERINFO.sub(r"\1***@", text)
+
+
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&#]*", re.IGNORECASE)
+_CONNINFO_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` fit to show: the password of its userinfo and any ``password=`` parameter
+    replaced by ``***``; the user, hosts, database and other parameters kept (an operator
+    needs them to see which database and role were meant).
+
+    ``postgresql://app:pw@db/state?sslmode=require`` -> ``postgresql://app:***@db/state?...``.
+    Text that is no URL (a ``key=value`` connection string) has its ``password=`` hidden.
+    """
+    scheme = _URL_SCHEME.match(url)
+    if scheme is None:
+        return _CONNINFO_PASSWORD.sub(r"\1***", url)
+    start = scheme.end()
+    query = url.find("?", start)
+    # The userinfo ends at the authority's last "@": a password with an unescaped "@" or "/" is
+    # hidden whole (as redact reads URLs; redact hides the user too, which an operator needs).
+    at = url.rfind("@", start, query if query >= 0 else len(url))
+    if at >= 0:
+        user, colon, _ = url[start:at].partition(":")
+        if colon:
+            url = f"{url[:start]}{user}:***{url[at:]}"
+    query = url.find("?", start)
+    if query < 0:
+        return url
+    return url[: query + 1] + _QUERY_PASSWORD.sub(r"\1***", url[query + 1:])
 
 
 def error_text(text: str) -> str:

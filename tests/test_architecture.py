@@ -13,6 +13,11 @@ from pathlib import Path
 
 import pytest
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.9/3.10 only
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "prestaged"
 
@@ -129,38 +134,74 @@ def test_model_imports_nothing_of_prestaged() -> None:
     assert not list(_imports(PACKAGE / "model.py", "prestaged.model"))
 
 
-def _third_party_imports() -> dict[str, str]:
-    """Top-level third-party module -> a file that imports it, over the whole package."""
+def _lazy_imports(tree: ast.AST) -> set[int]:
+    """ids of the import nodes of ``tree`` that do not run at import time: inside a function,
+    or under ``if TYPE_CHECKING:``."""
+    lazy: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            scopes: list[ast.AST] = [node]
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            scopes = list(node.body)
+        else:
+            continue
+        lazy |= {id(n) for scope in scopes for n in ast.walk(scope)
+                 if isinstance(n, (ast.Import, ast.ImportFrom))}
+    return lazy
+
+
+def _third_party_imports() -> dict[str, tuple[str, bool]]:
+    """Top-level third-party module -> (a file that imports it, whether any import of it runs
+    at import time), over the whole package."""
     stdlib = set(sys.stdlib_module_names)
-    found: dict[str, str] = {}
+    found: dict[str, tuple[str, bool]] = {}
     for path in PACKAGE.rglob("*.py"):
         if "testing" in path.parts:
             continue  # the test kit runs with the test extra
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        lazy = _lazy_imports(tree)
+        for node in ast.walk(tree):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module] if isinstance(node, ast.ImportFrom) and node.module
                      and not node.level else [])
             for n in names:
                 top = n.split(".")[0]
                 if top not in stdlib and top != "prestaged":
-                    found.setdefault(top, str(path.relative_to(ROOT)))
+                    where, eager = found.get(top, (str(path.relative_to(ROOT)), False))
+                    found[top] = (where, eager or id(node) not in lazy)
     return found
+
+
+def _requirement_names(lines: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~;\[ ]", line.strip())[0].lower().replace("_", "-")
+            for line in lines}
 
 
 def test_every_imported_library_is_declared() -> None:
     """Each third-party module the package imports belongs to a distribution listed in
-    pyproject.toml's dependencies (yarl was imported but not declared)."""
-    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    deps_block = text.split("dependencies = [", 1)[1].split("]", 1)[0]
-    declared = {re.split(r"[<>=!~;\[ ]", line.strip().strip('",'))[0].lower().replace("_", "-")
-                for line in deps_block.splitlines() if line.strip().startswith('"')}
+    pyproject.toml's dependencies (yarl was imported but not declared); one imported only
+    lazily (in a function, or for type checking) may instead come from an optional extra
+    other than ``test`` (psycopg: ``postgresql``)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = _requirement_names(project["dependencies"])
+    extras = _requirement_names([req for extra, reqs in project["optional-dependencies"].items()
+                                 if extra != "test" for req in reqs])
     dists = importlib.metadata.packages_distributions()
     missing = []
-    for module, where in sorted(_third_party_imports().items()):
+    for module, (where, eager) in sorted(_third_party_imports().items()):
         names = {d.lower().replace("_", "-") for d in dists.get(module, [module])}
-        if not names & declared:
+        if not names & (declared if eager else declared | extras):
             missing.append(f"{module} (imported in {where}; distribution {sorted(names)})")
     assert not missing, "undeclared: " + ", ".join(missing)
+
+
+def test_optional_driver_is_imported_only_lazily() -> None:
+    """psycopg, from the optional ``postgresql`` extra, is imported only where it is used, never
+    when a module of the package is imported (the check above would otherwise demand it as a
+    dependency of every install)."""
+    found = _third_party_imports()
+    assert "psycopg" in found
+    assert not found["psycopg"][1], found["psycopg"]
 
 
 def test_no_dead_code() -> None:

@@ -164,6 +164,7 @@ BAD_CONFIG_VALUES: dict[str, object] = {
     "storage.path_map[0].url_prefix": "fndca1:2880/pnfs/",
     "storage.path_map[0].path_prefix": "pnfs/fnal.gov/",
     "state.fresh_for": -1, "state.batch": 0, "state.flush_interval": 0,
+    "state.url": "mysql://db.example.org/prestaged",
     "output.progress_interval": 0, "output.log_level": "loud",
     "daemon.listen": "nope", "daemon.drain_timeout": -1, "daemon.credential_check": 0,
     "daemon.jitter": -0.1, "daemon.campaign_check": 0, "daemon.max_runs": 0,
@@ -267,8 +268,55 @@ def test_reported_fragment_messages_read_whole(tmp_path: Path, key: str, value: 
     assert str(err.value) == f"config {path}: {message}"
 
 
+@pytest.mark.parametrize("url", [
+    "postgresql://prestaged@db.example.org/prestaged",
+    "postgresql:///prestaged?host=/run/postgresql",
+    "postgres://prestaged:pw@db1:5432,db2:5432/prestaged?sslmode=verify-full",
+])
+def test_state_url_takes_libpq_urls(tmp_path: Path, url: str) -> None:
+    """[state] url accepts libpq's URL forms (TCP, unix socket, several hosts) as written;
+    state.path stays unset, SQLite remains the default otherwise."""
+    cfg = load_config(_write(tmp_path, f'[state]\nurl = "{url}"\n'))
+    assert (cfg.state.url, cfg.state.path) == (url, None)
+    assert Config().state.url is None
+
+
+def test_refused_state_url_does_not_echo_its_password(tmp_path: Path) -> None:
+    """A refused URL is quoted back with its password hidden, in the userinfo or a parameter."""
+    path = _write(tmp_path, '[state]\nurl = "mysql://app:hunter2@db/x?password=hunter3"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).endswith('got "mysql://app:***@db/x?password=***"')
+    assert "hunter" not in str(err.value)
+
+
+def test_state_path_and_url_together_are_refused(tmp_path: Path) -> None:
+    """Both a SQLite file and a PostgreSQL URL: which one is meant? Refused, naming both keys."""
+    path = _write(tmp_path, '[state]\npath = "s.db"\nurl = "postgresql:///prestaged"\n')
+    with pytest.raises(ConfigError, match=r"state\.path and state\.url are both set"):
+        load_config(path)
+
+
 def test_flag_overrides_word_errors_alike() -> None:
     """A command-line override is checked by the same rule and named by its flag."""
     with pytest.raises(ConfigError) as err:
         replace_path(Config(), "storage.rate", -1, label="--rate")
     assert str(err.value) == "--rate: expected a number from 0 to 1000000, got -1"
+
+
+def test_state_option_wins_over_a_configured_url(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """--state FILE works on that SQLite file even when the config names a PostgreSQL URL
+    (no "both set" error); without it, the URL is not silently replaced by the file."""
+    from prestaged.cli import main
+    from prestaged.state.store import Store
+
+    config = _write(tmp_path, '[state]\nurl = "postgresql:///prestaged?host=/nonexistent"\n'
+                              '[daemon]\nlisten = "127.0.0.1:1"\n')  # no daemon to ask
+    state = tmp_path / "state.db"
+    Store(state).open().close()
+    assert main(["history", "--config", str(config), "--state", str(state), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"] == []
+    assert main(["history", "--config", str(config), "--json"]) == 2
+    assert "state.url: this prestaged cannot keep its state in PostgreSQL yet" in (
+        capsys.readouterr().err)

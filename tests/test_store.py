@@ -20,7 +20,7 @@ from cli_runner import entry_point, run_cli, subprocess_env
 
 from prestaged.errors import StateError
 from prestaged.model import FileRef
-from prestaged.state.schema import MIGRATIONS, SCHEMA_VERSION
+from prestaged.state.schema import SCHEMA_VERSION, SQLITE
 from prestaged.state.store import Store, url_id
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, ThreadedStorageServer
@@ -138,7 +138,7 @@ def test_failures_are_not_fresh_and_status_counts_them(
 
 def _v1_database(path: Path) -> None:
     conn = sqlite3.connect(path)
-    conn.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    conn.executescript(";".join(SQLITE.statements(1)) + "; PRAGMA user_version = 1;")
     conn.execute("INSERT INTO files (id, url, name, status, last_try, last_warm) "
                  "VALUES (?, 'https://h/a', 'a', 'warm', 1, ?)", (url_id("https://h/a"), time.time()))
     conn.commit()

@@ -44,6 +44,8 @@ def _load(args: argparse.Namespace) -> Config:
         value = getattr(args, dest, None)
         if value is not None:
             label = "--bytes" if dest == "nbytes" else "--" + dest.replace("_", "-")
+            if dest == "state":  # a file named on the command line wins over state.url too
+                cfg = replace_path(cfg, "state.url", None)
             cfg = replace_path(cfg, key, value, label=label)
     return cfg
 

@@ -1,0 +1,185 @@
+"""A PostgreSQL state (issue 16): connect to it from its URL and bring its schema to
+``SCHEMA_VERSION``, with errors that name the URL without its password.
+
+The schema is ``state.schema``'s migrations rendered by its ``POSTGRESQL`` dialect, so both
+backends have the same tables and columns. The version lives in the table ``prestaged_schema``,
+one row per migration applied (SQLite keeps ``PRAGMA user_version``). Migrating runs in one
+transaction under ``pg_advisory_xact_lock(MIGRATION_LOCK)``: of several daemons starting at once,
+one migrates and the others wait, then find nothing left to do. PostgreSQL's DDL is
+transactional, so a migration that fails leaves the database as it was.
+
+psycopg 3 (the ``postgresql`` extra) is imported only when a function here runs: importing this
+module, and so starting the CLI, needs only the standard library.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from prestaged.errors import StateError
+from prestaged.model import redacted_url
+from prestaged.state.schema import POSTGRESQL, SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    import psycopg
+
+    Connection = psycopg.Connection[tuple[Any, ...]]
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "MIGRATION_LOCK",
+    "VERSION_TABLE",
+    "connect",
+    "migrate",
+    "open_state",
+    "redacted_url",
+    "schema_version",
+]
+
+log = logging.getLogger(__name__)
+
+MIGRATION_LOCK = 0x7072657374616765
+"""Key of the advisory lock the migration runner holds ("prestage" in ASCII, a signed 64-bit
+integer). Advisory locks are per database, so two prestaged databases on one server do not
+wait for each other."""
+
+CONNECT_TIMEOUT = 10
+"""Seconds libpq waits for a server to answer when the URL sets no ``connect_timeout`` (libpq's
+own default is to wait for ever on a host that drops packets)."""
+
+VERSION_TABLE = "prestaged_schema"
+"""The table recording the migrations applied, one row each (version, applied in Unix s)."""
+
+_CREATE_VERSION_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {VERSION_TABLE} (
+    version INTEGER PRIMARY KEY,    -- a migration applied: never twice
+    applied DOUBLE PRECISION NOT NULL
+)"""
+# Not to_regclass(): it looks the name up in the session's catalog cache without a lock, so a
+# migrator that saw no table before waiting on the lock would still see none after it (a stale
+# cache entry; the concurrency test caught it). A query of pg_class reads the committed rows.
+_HAS_VERSION_TABLE = ("SELECT EXISTS (SELECT FROM pg_catalog.pg_class c JOIN"
+                      " pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+                      " WHERE n.nspname = current_schema() AND c.relname = %s)")
+_VERSION = f"SELECT COALESCE(MAX(version), 0) FROM {VERSION_TABLE}"
+_RECORD = f"INSERT INTO {VERSION_TABLE} (version, applied) VALUES (%s, %s)"
+_TABLES = ("SELECT table_name FROM information_schema.tables WHERE table_schema ="
+           " current_schema() AND table_type = 'BASE TABLE' AND table_name <> %s"
+           " ORDER BY table_name")
+_LOCK = "SELECT pg_advisory_xact_lock(%s)"
+
+
+def connect(url: str, *, connect_timeout: int = CONNECT_TIMEOUT) -> Connection:
+    """A psycopg connection (autocommit: every transaction explicit) to the database of the
+    libpq ``url``, named ``prestaged`` in ``pg_stat_activity`` unless the URL names it.
+
+    ``connect_timeout`` (seconds) applies unless the URL sets its own. Raises ``StateError``
+    (exit 2) naming ``redacted_url(url)`` and what to check when the URL is malformed or the
+    server cannot be reached or refuses us (no server, wrong password, no such database).
+    """
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    shown = redacted_url(url)
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error as e:
+        raise StateError(f"state {shown}: not a usable PostgreSQL URL "
+                         f"({_message(e, url)})") from e
+    extra: dict[str, Any] = {}
+    if "connect_timeout" not in params:
+        extra["connect_timeout"] = connect_timeout
+    if "application_name" not in params:
+        extra["application_name"] = "prestaged"
+    try:
+        return psycopg.connect(url, autocommit=True, **extra)
+    except psycopg.Error as e:
+        raise StateError(
+            f"state {shown}: cannot connect ({_message(e, url, params.get('password'))}); "
+            "check that the server runs and that the URL's host, port, database, user and "
+            "password (or the password file) are right"
+        ) from e
+
+
+def schema_version(conn: Connection, url: str) -> int:
+    """The database's schema version (0: none yet), after checking that it is prestaged's and
+    not from a newer prestaged: ``StateError`` otherwise, naming ``redacted_url(url)``."""
+    shown = redacted_url(url)
+    version = 0
+    exists = conn.execute(_HAS_VERSION_TABLE, (VERSION_TABLE,)).fetchone()
+    if exists and exists[0]:
+        row = conn.execute(_VERSION).fetchone()
+        version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise StateError(
+            f"state {shown}: schema version {version} is newer than this prestaged knows "
+            f"({SCHEMA_VERSION}); upgrade prestaged, or give it another database"
+        )
+    if version == 0:
+        tables = [str(r[0]) for r in conn.execute(_TABLES, (VERSION_TABLE,))]
+        if tables:
+            raise StateError(
+                f"state {shown}: a database of something else (tables: "
+                f"{', '.join(tables[:5])}); give prestaged a database (or schema) of its own"
+            )
+    return version
+
+
+def migrate(conn: Connection, url: str) -> int:
+    """Bring the schema of ``conn`` (the autocommit connection to ``url``) to ``SCHEMA_VERSION``;
+    safe when several processes do it at once. Returns the version found before.
+
+    ``StateError`` (naming ``redacted_url(url)``) for a database that is not prestaged's, is
+    newer than this prestaged, or cannot be changed (the role lacks ``CREATE`` on the schema,
+    the connection broke); a failed migration changes nothing.
+    """
+    import psycopg
+
+    try:
+        found = schema_version(conn, url)
+        if found == SCHEMA_VERSION:
+            return found
+        # The lock is taken before the version is read again: of two processes migrating a
+        # new database together, the second waits, then finds nothing left to do.
+        with conn.transaction():
+            conn.execute(_LOCK, (MIGRATION_LOCK,))
+            version = schema_version(conn, url)
+            conn.execute(_CREATE_VERSION_TABLE)
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in POSTGRESQL.statements(target):
+                    conn.execute(statement)
+                conn.execute(_RECORD, (target, time.time()))
+    except psycopg.Error as e:
+        raise StateError(f"state {redacted_url(url)}: cannot bring the schema to version "
+                         f"{SCHEMA_VERSION}: {_message(e, url)}") from e
+    if version < SCHEMA_VERSION:
+        log.info("state %s: schema version %d -> %d", redacted_url(url), version, SCHEMA_VERSION)
+    return found
+
+
+def open_state(url: str, *, connect_timeout: int = CONNECT_TIMEOUT) -> Connection:
+    """``connect`` then ``migrate``: a connection to a database whose schema is current, or
+    ``StateError`` (exit 2) naming the URL without its password. The caller closes it."""
+    conn = connect(url, connect_timeout=connect_timeout)
+    try:
+        migrate(conn, url)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _message(error: Exception, url: str, password: object = None) -> str:
+    """``error``'s text on one line, any password of ``url`` replaced by ``***`` (libpq does
+    not echo passwords, but a malformed URL may be quoted back)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    secrets = {str(password)} if password else set()
+    start = url.find("://")
+    at = url.rfind("@")
+    if 0 <= start < at:
+        secrets.add(url[start + 3:at].partition(":")[2])
+    for secret in sorted(secrets - {""}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return redacted_url(text)
