@@ -46,6 +46,7 @@ __all__ = [
     "POSITIVE",
     "BreakerConfig",
     "CatalogConfig",
+    "CatalogServerKeys",
     "Check",
     "Config",
     "CredentialsConfig",
@@ -375,7 +376,22 @@ class RewriteRule:
 
 
 @dataclass(frozen=True)
-class SamWebConfig:
+class CatalogServerKeys:
+    """The keys every networked catalog section has (``[catalog.samweb]``, ``.metacat``,
+    ``.rucio``): how long to wait for its server, and how long to retry it."""
+
+    timeout: Duration = field(default=Duration(120.0), metadata=check(_UP_TO_A_DAY))
+    """Connect limit, and longest wait for the next bytes of an answer (seconds)."""
+    retry_initial: Duration = field(default=Duration(1.0), metadata=check(_ZERO_TO_AN_HOUR))
+    """First backoff after a 5xx, timeout or dropped connection (seconds); doubles each retry."""
+    retry_max: Duration = field(default=Duration(60.0), metadata=check(_ZERO_TO_A_DAY))
+    """Largest backoff between two tries (seconds); also caps a server's ``Retry-After``."""
+    retry_for: Duration = field(default=Duration(3600.0), metadata=check(_ZERO_TO_30_DAYS))
+    """Give up on an unanswered request after retrying this long (seconds; 0: never retry)."""
+
+
+@dataclass(frozen=True)
+class SamWebConfig(CatalogServerKeys):
     """``[catalog.samweb]``: the SAM web REST API and how its locations become URLs."""
 
     base_url: Optional[str] = field(default=None, metadata=check(_HTTP_URL))
@@ -388,14 +404,6 @@ class SamWebConfig:
     """File names per bulk ``/files/locations`` request (the samweb client sends 50)."""
     parallel: int = field(default=4, metadata=check(within(1, 64)))
     """Location requests in flight at once (bounds the files held in memory, too)."""
-    timeout: Duration = field(default=Duration(120.0), metadata=check(_UP_TO_A_DAY))
-    """Connect limit, and longest wait for the next bytes of an answer (seconds)."""
-    retry_initial: Duration = field(default=Duration(1.0), metadata=check(_ZERO_TO_AN_HOUR))
-    """First backoff after a 5xx, timeout or dropped connection (seconds); doubles each retry."""
-    retry_max: Duration = field(default=Duration(60.0), metadata=check(_ZERO_TO_A_DAY))
-    """Largest backoff between two tries (seconds); also caps a server's ``Retry-After``."""
-    retry_for: Duration = field(default=Duration(3600.0), metadata=check(_ZERO_TO_30_DAYS))
-    """Give up on an unanswered request after retrying this long (seconds; 0: never retry)."""
     url_mode: str = field(default="rewrite", metadata=check(one_of("rewrite", "access-url")))
     """``rewrite``: locations -> URLs by the rules; ``access-url``: ask SAM per file."""
     access_url_concurrency: int = field(default=16, metadata=check(within(1, 1000)))
@@ -415,7 +423,7 @@ class SamWebConfig:
 
 
 @dataclass(frozen=True)
-class MetaCatConfig:
+class MetaCatConfig(CatalogServerKeys):
     """``[catalog.metacat]``: DUNE's file catalog MetaCat (datasets ``namespace:name``, MQL
     queries); the files' replicas come from ``[catalog.rucio]``."""
 
@@ -437,18 +445,10 @@ class MetaCatConfig:
     page: int = field(default=10_000, metadata=check(within(1, 1_000_000)))
     """Files per page of an MQL query (``(QUERY) ordered skip K limit N``, as the client
     pages); a page cut off midway is asked again."""
-    timeout: Duration = field(default=Duration(120.0), metadata=check(_UP_TO_A_DAY))
-    """Connect limit, and longest wait for the next bytes of an answer (seconds)."""
-    retry_initial: Duration = field(default=Duration(1.0), metadata=check(_ZERO_TO_AN_HOUR))
-    """First backoff after a 5xx, timeout or dropped connection (seconds); doubles each retry."""
-    retry_max: Duration = field(default=Duration(60.0), metadata=check(_ZERO_TO_A_DAY))
-    """Largest backoff between two tries (seconds); also caps a server's ``Retry-After``."""
-    retry_for: Duration = field(default=Duration(3600.0), metadata=check(_ZERO_TO_30_DAYS))
-    """Give up on an unanswered request after retrying this long (seconds; 0: never retry)."""
 
 
 @dataclass(frozen=True)
-class RucioConfig:
+class RucioConfig(CatalogServerKeys):
     """``[catalog.rucio]``: the replica catalog that turns MetaCat's files into URLs."""
 
     url: Optional[str] = field(default=None, metadata=check(_HTTP_URL))
@@ -476,14 +476,6 @@ class RucioConfig:
     """Files per ``/replicas/list`` request (Rucio struggles above 1,000)."""
     parallel: int = field(default=4, metadata=check(within(1, 64)))
     """Replica requests in flight at once (bounds the files held in memory, too)."""
-    timeout: Duration = field(default=Duration(120.0), metadata=check(_UP_TO_A_DAY))
-    """Connect limit, and longest wait for the next bytes of an answer (seconds)."""
-    retry_initial: Duration = field(default=Duration(1.0), metadata=check(_ZERO_TO_AN_HOUR))
-    """First backoff after a 5xx, timeout or dropped connection (seconds); doubles each retry."""
-    retry_max: Duration = field(default=Duration(60.0), metadata=check(_ZERO_TO_A_DAY))
-    """Largest backoff between two tries (seconds); also caps a server's ``Retry-After``."""
-    retry_for: Duration = field(default=Duration(3600.0), metadata=check(_ZERO_TO_30_DAYS))
-    """Give up on an unanswered request after retrying this long (seconds; 0: never retry)."""
 
 
 @dataclass(frozen=True)

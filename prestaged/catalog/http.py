@@ -25,13 +25,14 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, Union
 from urllib.parse import quote
 
 import aiohttp
 from yarl import URL
 
 from prestaged._version import __version__
+from prestaged.config import CatalogServerKeys
 from prestaged.errors import CatalogError, CredentialError, PrestagedError
 from prestaged.model import FileRef
 from prestaged.net import parse_retry_after, tls_cause
@@ -94,17 +95,6 @@ class Call:
     what: str
 
 
-class _RetryKeys(Protocol):
-    @property
-    def timeout(self) -> float: ...
-    @property
-    def retry_initial(self) -> float: ...
-    @property
-    def retry_max(self) -> float: ...
-    @property
-    def retry_for(self) -> float: ...
-
-
 @dataclass(frozen=True)
 class RetrySettings:
     """The per-server retry and timeout keys (``[catalog.<kind>]``), and their key prefix for
@@ -117,7 +107,7 @@ class RetrySettings:
     key: str
 
 
-def retry_settings(cfg: _RetryKeys, key: str) -> RetrySettings:
+def retry_settings(cfg: CatalogServerKeys, key: str) -> RetrySettings:
     """The ``timeout``/``retry_*`` keys of the config section ``key`` (``catalog.samweb``)."""
     return RetrySettings(cfg.timeout, cfg.retry_initial, cfg.retry_max, cfg.retry_for, key)
 
