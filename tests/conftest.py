@@ -8,7 +8,7 @@ import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import aiohttp
 import pytest
@@ -50,16 +50,21 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def missing(message: str, what: str = "tool") -> NoReturn:
+    """A real peer the test needs is not installed: skip with ``message`` (what to install);
+    with CI set, fail instead, so that CI never passes without it."""
+    if _in_ci():
+        pytest.fail(f"{message} (CI is set: a missing {what} is a failure)")
+    pytest.skip(message)
+
+
 @pytest.fixture
 def grid_proxy(pki: TestPKI, tmp_path: Path) -> Path:
     """A 12-hour RFC 3820 proxy of the test user made by the real ``grid-proxy-init -rfc``."""
     from prestaged.testing.xrootd import grid_ca_dir, grid_proxy_init, grid_proxy_init_available
 
     if not grid_proxy_init_available():
-        message = "grid-proxy-init not found: install Debian package globus-proxy-utils"
-        if _in_ci():
-            pytest.fail(f"{message} (CI is set: a missing tool is a failure)")
-        pytest.skip(message)
+        missing("grid-proxy-init not found: install Debian package globus-proxy-utils")
     # -verify checks the user certificate against a CA directory with Globus signing policies.
     ca_dir = grid_ca_dir(pki.ca_dir, tmp_path / "grid-certificates")
     return grid_proxy_init(pki.user_cert, pki.user_key, tmp_path / "x509up_grid", ca_dir=ca_dir)
@@ -74,10 +79,7 @@ def _require_xrootd_tokens() -> None:
                                                 (scitokens_available(), "xrootd-scitokens-plugins"))
                if not present]
     if missing:
-        message = f"install Debian package(s) {' '.join(missing)} for the token-checking XRootD"
-        if _in_ci():
-            pytest.fail(f"{message} (CI is set: a missing server is a failure)")
-        pytest.skip(message)
+        missing(f"install Debian package(s) {' '.join(missing)} for the token-checking XRootD", "server")
 
 
 # Files on the session's token XRootDs, as on tests/test_xrootd.py's proxy-only one.
@@ -143,10 +145,7 @@ def _require_rucio() -> None:
     import importlib.util
 
     if importlib.util.find_spec("rucio") is None:
-        message = "install the test extra (pip install -e '.[test]') for the real Rucio server"
-        if _in_ci():
-            pytest.fail(f"{message} (CI is set: a missing server is a failure)")
-        pytest.skip(message)
+        missing("install the test extra (pip install -e '.[test]') for the real Rucio server", "server")
 
 
 @pytest.fixture(scope="session")
@@ -189,10 +188,7 @@ def _require_postgres() -> None:
     if importlib.util.find_spec("psycopg") is None or importlib.util.find_spec("psycopg_pool") is None:
         missing.append("the test extra (pip install -e '.[test]') for psycopg")
     if missing:
-        message = f"install {' and '.join(missing)} for the real PostgreSQL"
-        if _in_ci():
-            pytest.fail(f"{message} (CI is set: a missing server is a failure)")
-        pytest.skip(message)
+        missing(f"install {' and '.join(missing)} for the real PostgreSQL", "server")
 
 
 @pytest.fixture(scope="session")
