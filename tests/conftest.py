@@ -50,7 +50,7 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def missing(message: str, what: str = "tool") -> NoReturn:
+def peer_missing(message: str, what: str = "tool") -> NoReturn:
     """A real peer the test needs is not installed: skip with ``message`` (what to install);
     with CI set, fail instead, so that CI never passes without it."""
     if _in_ci():
@@ -64,7 +64,7 @@ def grid_proxy(pki: TestPKI, tmp_path: Path) -> Path:
     from prestaged.testing.xrootd import grid_ca_dir, grid_proxy_init, grid_proxy_init_available
 
     if not grid_proxy_init_available():
-        missing("grid-proxy-init not found: install Debian package globus-proxy-utils")
+        peer_missing("grid-proxy-init not found: install Debian package globus-proxy-utils")
     # -verify checks the user certificate against a CA directory with Globus signing policies.
     ca_dir = grid_ca_dir(pki.ca_dir, tmp_path / "grid-certificates")
     return grid_proxy_init(pki.user_cert, pki.user_key, tmp_path / "x509up_grid", ca_dir=ca_dir)
@@ -79,7 +79,7 @@ def _require_xrootd_tokens() -> None:
                                                 (scitokens_available(), "xrootd-scitokens-plugins"))
                if not present]
     if missing:
-        missing(f"install Debian package(s) {' '.join(missing)} for the token-checking XRootD", "server")
+        peer_missing(f"install Debian package(s) {' '.join(missing)} for the token-checking XRootD", "server")
 
 
 # Files on the session's token XRootDs, as on tests/test_xrootd.py's proxy-only one.
@@ -145,7 +145,7 @@ def _require_rucio() -> None:
     import importlib.util
 
     if importlib.util.find_spec("rucio") is None:
-        missing("install the test extra (pip install -e '.[test]') for the real Rucio server", "server")
+        peer_missing("install the test extra (pip install -e '.[test]') for the real Rucio server", "server")
 
 
 @pytest.fixture(scope="session")
@@ -188,7 +188,7 @@ def _require_postgres() -> None:
     if importlib.util.find_spec("psycopg") is None or importlib.util.find_spec("psycopg_pool") is None:
         missing.append("the test extra (pip install -e '.[test]') for psycopg")
     if missing:
-        missing(f"install {' and '.join(missing)} for the real PostgreSQL", "server")
+        peer_missing(f"install {' and '.join(missing)} for the real PostgreSQL", "server")
 
 
 @pytest.fixture(scope="session")

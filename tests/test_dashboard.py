@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import pytest
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
-from conftest import missing
+from conftest import peer_missing
 
 from prestaged.campaign.repository import SubmissionState
 from prestaged.credentials import inspect_proxy, load_credentials
@@ -458,7 +458,7 @@ def _prometheus_binary() -> str:
     path = shutil.which("prometheus") or ("/usr/bin/prometheus"
                                           if Path("/usr/bin/prometheus").exists() else None)
     if path is None:
-        missing("prometheus not found: install Debian package prometheus")
+        peer_missing("prometheus not found: install Debian package prometheus")
     return path
 
 

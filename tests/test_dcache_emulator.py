@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import aiohttp
 import pytest
-from conftest import missing
+from conftest import peer_missing
 
 from prestaged.testing.dcache import (
     DOOR_TIMEOUT_MESSAGE,
@@ -40,7 +40,7 @@ def gfal2(pki: TestPKI, proxy: Path) -> Callable[..., Awaitable[dict[str, Any]]]
     probe = subprocess.run([SYSTEM_PYTHON, "-c", "import gfal2"], capture_output=True,
                            check=False) if shutil.which(SYSTEM_PYTHON) else None
     if probe is None or probe.returncode != 0:
-        missing("gfal2 not importable: install Debian packages python3-gfal2 gfal2-plugin-http")
+        peer_missing("gfal2 not importable: install Debian packages python3-gfal2 gfal2-plugin-http")
     env = dict(os.environ, X509_USER_PROXY=str(proxy), X509_CERT_DIR=str(pki.ca_dir))
 
     async def run(*args: str, token: str | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
-from conftest import missing
+from conftest import peer_missing
 
 from prestaged.testing.metacat import (
     DATASET,
@@ -42,7 +42,7 @@ def webapi() -> Any:
     MetaCatClient and the base errors, not NotFoundError or BadRequestError); a skip without
     CI, a failure with CI set."""
     if importlib.util.find_spec("metacat") is None:
-        missing("metacat-client not importable: pip install metacat-client", "client")
+        peer_missing("metacat-client not importable: pip install metacat-client", "client")
     import metacat.webapi.webapi
 
     return metacat.webapi.webapi

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 from aiohttp.web import Application
-from conftest import missing
+from conftest import peer_missing
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -44,7 +44,7 @@ def _promtool() -> str:
     """Path of promtool; skip without it, unless CI is set (then a missing tool fails)."""
     path = shutil.which("promtool")
     if path is None:
-        missing("promtool not found: install Debian package prometheus")
+        peer_missing("promtool not found: install Debian package prometheus")
     return path
 
 

@@ -61,3 +61,16 @@ def test_cli_start_up_does_not_load_the_storage_stack() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert res.stdout.strip() == "[]"
+
+
+def test_a_missing_peer_skips_and_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest.peer_missing: a skip on a developer's machine, a failure with CI set."""
+    from conftest import peer_missing
+
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="install it"):
+        peer_missing("install it")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"install it \(CI is set: a missing "
+                                                    r"server is a failure\)"):
+        peer_missing("install it", "server")

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 import requests
-from conftest import missing
+from conftest import peer_missing
 
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.rucio import LIST_REPLICAS, RucioEmulator, ThreadedRucioEmulator, main
@@ -56,7 +56,7 @@ SPEC: dict[str, Any] = {
 def rucio_client() -> Any:
     """The real ``rucio.client.replicaclient`` module; a skip without CI, a failure with it."""
     if importlib.util.find_spec("rucio") is None:
-        missing("rucio not importable: pip install rucio==41.5.1", "client")
+        peer_missing("rucio not importable: pip install rucio==41.5.1", "client")
     import rucio.client.replicaclient
 
     return rucio.client.replicaclient
