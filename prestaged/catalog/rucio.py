@@ -5,7 +5,7 @@ Speaks Rucio's REST API as the real client (``rucio.client.replicaclient``) does
 - **Login**, once, and again only when the token expires or the server refuses it:
   ``GET {auth_url}/auth/x509`` presenting the proxy, or ``GET {auth_url}/auth/userpass`` with
   ``X-Rucio-Username``/``X-Rucio-Password``; both with ``X-Rucio-Account`` when an account is
-  configured. The token comes back in ``X-Rucio-Auth-Token`` and is kept until 5 minutes
+  configured (``[catalog.rucio] account``, else ``$RUCIO_ACCOUNT``). The token comes back in ``X-Rucio-Auth-Token`` and is kept until 5 minutes
   before ``X-Rucio-Auth-Token-Expires``. With ``auth = "token"`` the WLCG bearer token itself
   goes in ``X-Rucio-Auth-Token`` (Rucio validates JWTs against its identity providers), asked
   for before every request so that a renewed token file is used.
@@ -13,8 +13,9 @@ Speaks Rucio's REST API as the real client (``rucio.client.replicaclient``) does
   "schemes": ["davs", "https"], "domain": "wan", "all_states": false}`` (plus
   ``rse_expression``), at most ``chunk`` DIDs per request. The answer is
   ``application/x-json-stream``: one JSON object per line, ``pfns`` keyed by URL with ``rse``,
-  ``type`` (DISK or TAPE) and ``priority``. An unknown DID is silently left out of the answer:
-  answers are matched to requests by ``scope:name``.
+  ``type`` (DISK or TAPE) and ``priority``. An answer (at most ``chunk`` lines of about 1 KiB)
+  is read whole and decoded by ``msgspec`` into ``Answer``s, only the fields used. An unknown
+  DID is silently left out of the answer: answers are matched to requests by ``scope:name``.
 
 ``pick`` chooses one PFN per file: DISK before TAPE, then ``rse_preference`` order (unlisted
 RSEs after the listed ones), then Rucio's priority; ``davs://`` becomes ``https://`` (WebDAV
