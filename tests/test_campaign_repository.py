@@ -4,22 +4,21 @@ submissions whose state refuses them 409s (defect 6), through ``apply_action`` a
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from conftest import Backend
 
 from prestaged.campaign.actions import apply_action
 from prestaged.campaign.repository import CampaignRepository, Submission, SubmissionState
 from prestaged.errors import ConflictError, NotFoundError
-from prestaged.state.store import Store
 
 S = SubmissionState
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Iterator[CampaignRepository]:
-    """A repository on a fresh state database in tmp_path."""
-    with Store(tmp_path / "state.db") as store:
+def repo(backend: Backend) -> Iterator[CampaignRepository]:
+    """A repository on a fresh state database of each backend."""
+    with backend.store() as store:
         yield CampaignRepository(store)
 
 
