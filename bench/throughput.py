@@ -10,17 +10,22 @@ What is timed is the whole client process, as a user runs it: for prestaged, int
 imports, proxy checks, reading the URL list, the warm and the JSON summary; for curl, parsing
 its config file of N entries and the transfers.
 
+``--postgresql`` adds the client ``postgresql``: prestaged warm (with state) keeping its state
+in a throw-away PostgreSQL (the test kit, ``prestaged.testing.postgres``; a fresh database per
+run), so the two backends' cost can be compared with ``no-state``.
+
 ``--baseline DIR`` adds a fourth client in every round: prestaged from another source tree
 (e.g. ``git archive OLD prestaged | tar -x -C DIR``) through ``PYTHONPATH``, so that a change
 is measured against the code before it on the same machine, interleaved, in one run.
 
     .venv/bin/python bench/throughput.py [--files 20000] [--rounds 3] [--redirect]
-        [--baseline DIR] [--json]
+        [--baseline DIR] [--postgresql] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,7 +59,10 @@ NO_STATE = "no-state"
 CURL = "curl"
 BASELINE = "baseline"
 """prestaged warm (with state) of the --baseline tree."""
+POSTGRES = "postgresql"
+"""prestaged warm with [state] url: a fresh database on a throw-away PostgreSQL."""
 CLIENTS = (PRESTAGED, NO_STATE, CURL)
+PRESTAGED_CLIENTS = (PRESTAGED, NO_STATE, BASELINE, POSTGRES)
 
 
 @dataclass(frozen=True)
@@ -72,11 +80,14 @@ class Setup:
     curl: str
     timeout: float
     baseline: Optional[Path] = None
+    postgres: Any = None
+    """A running ``PostgresCluster`` for the ``postgresql`` client, or None."""
 
     @property
     def clients(self) -> tuple[str, ...]:
         """The clients of each round, in the order they run."""
-        return (*CLIENTS, BASELINE) if self.baseline is not None else CLIENTS
+        return (*CLIENTS, *([BASELINE] if self.baseline is not None else []),
+                *([POSTGRES] if self.postgres is not None else []))
 
 
 @dataclass(frozen=True)
@@ -179,11 +190,17 @@ def _curl_problems(setup: Setup, got: Measured) -> list[str]:
 def measure(setup: Setup, client: str, round_no: int) -> Run:
     """One run of ``client`` against a fresh storage process; checked against its stats."""
     env = None
-    if client in (PRESTAGED, NO_STATE, BASELINE):
-        # A new state file per run: every file is warmed (none is fresh) and recorded.
+    if client in PRESTAGED_CLIENTS:
+        # A new state per run: every file is warmed (none is fresh) and recorded.
+        config = setup.prestaged_config
         state = (["--no-state"] if client == NO_STATE
                  else ["--state", str(setup.workdir / f"state-{client}-{round_no}.db")])
-        cmd = warm_command(setup.url_list, setup.creds, setup.prestaged_config,
+        if client == POSTGRES:
+            url = setup.postgres.create_database(f"bench_{round_no}")
+            config = setup.workdir / f"pg-{round_no}.toml"
+            config.write_text(f"[state]\nurl = {json.dumps(url)}\n", encoding="utf-8")
+            state = []
+        cmd = warm_command(setup.url_list, setup.creds, config,
                            "--concurrency", str(CONCURRENCY), "--per-host", str(CONCURRENCY),
                            *state)
         if client == BASELINE:
@@ -198,7 +215,7 @@ def measure(setup: Setup, client: str, round_no: int) -> Run:
         got = run_measured(cmd, timeout=setup.timeout, env=env)
         stats = server.stop()
     reported = None
-    if client in (PRESTAGED, NO_STATE, BASELINE):
+    if client in PRESTAGED_CLIENTS:
         problems, reported = _prestaged_problems(setup, got)
     else:
         problems = _curl_problems(setup, got)
@@ -240,6 +257,10 @@ def summarize(runs: list[Run], setup: Setup, curl_version: str) -> dict[str, Any
     state_cost = 1.0 - (per[PRESTAGED]["median_files_per_second"] or 0.0) / (
         per[NO_STATE]["median_files_per_second"] or 1.0)
     extra: dict[str, Any] = {}
+    if setup.postgres is not None:
+        extra["postgresql_state_cost_fraction"] = round(1.0 - (
+            per[POSTGRES]["median_files_per_second"] or 0.0) / (
+            per[NO_STATE]["median_files_per_second"] or 1.0), 3)
     if setup.baseline is not None:
         # Per round, then the median: pairs measured minutes apart share the machine's drift.
         pairs = [(r.files_per_second, b.files_per_second) for r in runs for b in runs
@@ -278,6 +299,9 @@ def print_table(doc: dict[str, Any]) -> None:
     print(f"ratio prestaged/curl (median files/s): {doc['ratio_prestaged_over_curl']:.2f}")
     print(f"state cost (1 - prestaged/no-state, median files/s): "
           f"{100 * doc['state_cost_fraction']:.1f}%")
+    if "postgresql_state_cost_fraction" in doc:
+        print(f"PostgreSQL state cost (1 - postgresql/no-state, median files/s): "
+              f"{100 * doc['postgresql_state_cost_fraction']:.1f}%")
     if "ratio_prestaged_over_baseline" in doc:
         rounds = ", ".join(f"{r:.2f}" for r in doc["ratio_per_round"])
         print(f"ratio prestaged/baseline {doc['baseline']} (median of rounds): "
@@ -316,6 +340,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", type=Path, metavar="DIR",
                    help="also run prestaged from this source tree (its prestaged/ package) in "
                         "every round, and report the ratio")
+    p.add_argument("--postgresql", action="store_true",
+                   help="also run prestaged with its state in a throw-away PostgreSQL "
+                        "(needs Debian's postgresql and psycopg)")
     p.add_argument("--json", action="store_true", help="print one JSON document, no table")
     return p
 
@@ -336,9 +363,14 @@ def main() -> int:
         return 2
     version = subprocess.run([curl, "--version"], capture_output=True, text=True, check=True)
     curl_version = version.stdout.split("\n", 1)[0]
-    with tempfile.TemporaryDirectory(prefix="prestaged-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="prestaged-bench-") as tmp, \
+            contextlib.ExitStack() as stack:
         setup = prepare(Path(tmp), args.files, redirect=args.redirect, curl=curl,
                         timeout=args.timeout, baseline=args.baseline)
+        if args.postgresql:
+            from prestaged.testing.postgres import PostgresCluster
+
+            setup = replace(setup, postgres=stack.enter_context(PostgresCluster()))
         runs = []
         for round_no in range(1, args.rounds + 1):
             for client in setup.clients:

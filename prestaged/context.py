@@ -87,16 +87,17 @@ class Context:
         return self.cfg.state.path or default_state_path()
 
     def open_store(self, *, must_exist: bool = False) -> Store:
-        """The state store, open; ``must_exist`` refuses to create one (read-only commands)."""
-        if self.cfg.state.url is not None:
-            # Until the store runs on PostgreSQL (issue 16), never fall back to the file.
-            raise ConfigError("state.url: this prestaged cannot keep its state in PostgreSQL "
-                              "yet; remove state.url to use the SQLite file (state.path)")
+        """The state store (``state.url``'s PostgreSQL database, else the SQLite file), open;
+        ``must_exist`` refuses to create a file (read-only commands)."""
+        st = self.cfg.state
         path = self.state_path
+        if st.url is not None:
+            # PostgreSQL (issue 16): path only anchors local files (campaign slice lists).
+            return Store(path, url=st.url, batch=st.batch,
+                         flush_interval=st.flush_interval).open()
         if must_exist and not path.exists():
             raise StateError(f"state {path}: no such file (nothing warmed yet with this "
                              "state; --state names another)")
-        st = self.cfg.state
         return Store(path, batch=st.batch, flush_interval=st.flush_interval).open()
 
     # --- storage --------------------------------------------------------------------------

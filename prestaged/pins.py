@@ -105,7 +105,7 @@ def pinned(store: Store, catalog: str, definition: str) -> list[Pin]:
     pins = store.pins(catalog, definition)
     if pins is None:
         raise StateError(f"definition {definition!r} (catalog {catalog}) has no record in state "
-                         f"{store.path}: nothing was warmed under that name with this state "
+                         f"{store.where}: nothing was warmed under that name with this state "
                          "(--catalog names its catalog, --state another state file)")
     return pins
 

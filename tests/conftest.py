@@ -4,15 +4,18 @@ real XRootD that checks bearer tokens, the real Rucio server and a real PostgreS
 from __future__ import annotations
 
 import itertools
+import json
 import re
+import sqlite3
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, Optional
 
 import aiohttp
 import pytest
 
+from prestaged.state.store import Store
 from prestaged.testing.dcache import DCacheConfig, DCacheServer
 from prestaged.testing.pki import TestPKI, create_pki
 from prestaged.testing.postgres import PostgresCluster, find_bin_dir
@@ -227,6 +230,61 @@ def make_pg_url(pg_cluster: PostgresCluster,
 def pg_url(make_pg_url: Callable[[], str]) -> str:
     """A database of this test's own on the session's PostgreSQL (see ``make_pg_url``)."""
     return make_pg_url()
+
+
+class Backend:
+    """A fresh state of one backend for a test: ``sqlite`` (a file under tmp_path) or
+    ``postgresql`` (a database of its own on the session's server)."""
+
+    def __init__(self, name: str, directory: Path, url: Optional[str]) -> None:
+        self.name = name
+        self.path = directory / "state.db"
+        """The SQLite file; for PostgreSQL only the anchor of local files (campaign lists)."""
+        self.url = url
+        self._directory = directory
+
+    @property
+    def where(self) -> str:
+        """The state as prestaged's messages name it."""
+        from prestaged.model import redacted_url
+
+        return redacted_url(self.url) if self.url is not None else str(self.path)
+
+    def store(self, **kwargs: Any) -> Store:
+        """A ``Store`` of this state, not opened."""
+        return Store(self.path, url=self.url, **kwargs)
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """The rows of ``sql`` read on a connection of its own (another process's view)."""
+        if self.url is None:
+            conn = sqlite3.connect(self.path)
+            try:
+                return conn.execute(sql).fetchall()
+            finally:
+                conn.close()
+        from prestaged.state.postgres import connect
+
+        with connect(self.url) as pg:
+            return pg.execute(sql).fetchall()
+
+    def cli(self, state_toml: str = "") -> list[str]:
+        """Command-line arguments selecting this state: ``--state FILE``, or a config whose
+        ``[state] url`` is the database (and no daemon to ask); ``state_toml`` adds keys to
+        ``[state]``."""
+        config = self._directory / f"state-{self.name}.toml"
+        url = f"url = {json.dumps(self.url)}\n" if self.url is not None else ""
+        config.write_text(f"[state]\n{url}{state_toml}\n[daemon]\nlisten = \"127.0.0.1:1\"\n")
+        args = ["--config", str(config)]
+        return args if self.url is not None else [*args, "--state", str(self.path)]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Each state backend in turn, fresh (see ``Backend``)."""
+    if request.param == "sqlite":
+        return Backend("sqlite", tmp_path, None)
+    make: Callable[[], str] = request.getfixturevalue("make_pg_url")
+    return Backend("postgresql", tmp_path, make())
 
 
 @pytest.fixture

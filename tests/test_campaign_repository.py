@@ -4,22 +4,22 @@ submissions whose state refuses them 409s (defect 6), through ``apply_action`` a
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from conftest import Backend
 
 from prestaged.campaign.actions import apply_action
 from prestaged.campaign.repository import CampaignRepository, Submission, SubmissionState
 from prestaged.errors import ConflictError, NotFoundError
-from prestaged.state.store import Store
+from prestaged.model import FileRef
 
 S = SubmissionState
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Iterator[CampaignRepository]:
-    """A repository on a fresh state database in tmp_path."""
-    with Store(tmp_path / "state.db") as store:
+def repo(backend: Backend) -> Iterator[CampaignRepository]:
+    """A repository on a fresh state database of each backend."""
+    with backend.store() as store:
         yield CampaignRepository(store)
 
 
@@ -98,3 +98,30 @@ def test_apply_action_answers_409_for_a_refused_transition(repo: CampaignReposit
     with pytest.raises(ConflictError, match="not launch_unknown") as err:
         apply_action(repo, "c", "mark-submitted", submission=sub.id, job_id="1.0@job")
     assert err.value.http_status == 409
+
+
+def test_ledger_controls_and_retries_round_trip(repo: CampaignRepository) -> None:
+    """What the runner relies on, on each backend: a slice's ledger written with its
+    submission, ids handed back by the insert, controls (cancel wins over hold), a released
+    launch_unknown superseded by a retry that takes over its slice, and the counts."""
+    files = [FileRef(f"f{i}", f"https://h/f{i}") for i in range(3)]
+    first = repo.create("c", "s", "slice-1", "d1", ledger=files)
+    second = repo.create("c", "s", "slice-2", "d2")
+    assert second.id > first.id and first.n_files == 3
+    assert repo.taken("c", "s") == {"f0", "f1", "f2"}
+    repo.hold("c")
+    assert repo.control("c", "s") == "held"
+    repo.cancel("c", "other")
+    assert (repo.control("c", "other"), repo.controls("c")) == (
+        "cancelled", {"": "held", "other": "cancelled"})
+    walk(repo, first, S.PRESTAGING, S.READY, S.SUBMITTING, S.LAUNCH_UNKNOWN)
+    [retry] = repo.release("c")
+    assert repo.control("c", "s") is None
+    assert repo.get(first.id).state is S.CANCELLED
+    assert repo.get(first.id).superseded_by == retry.id
+    assert (retry.item, retry.state) == ("slice-1 (retry 1)", S.QUEUED)
+    assert repo.slice_of(retry.id) == files and repo.slice_of(first.id) == []
+    assert repo.counts("c") == {"s": {"cancelled": 1, "queued": 2}}
+    assert [e["to"] for e in repo.events(first.id)] == [
+        "queued", "prestaging", "ready", "submitting", "launch_unknown", "cancelled"]
+    assert repo.names() == ["c"]

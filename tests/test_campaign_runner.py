@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import pytest
 from campaign_fakes import LOOPS, reaped, run_on
+from conftest import Backend
 
 from prestaged.campaign.runner import CampaignResult, _Runner, run_campaign
 from prestaged.campaign.spec import parse_campaign
@@ -39,10 +40,27 @@ async def passing_gate(catalog: Catalog, ready: float, timeout: float,
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    """An open state database in tmp_path (5 s busy timeout), closed after the test."""
-    with Store(tmp_path / "state.db", busy_timeout=5.0) as s:
+def store(backend: Backend) -> Iterator[Store]:
+    """An open state database of each backend (5 s busy timeout), closed after the test."""
+    with backend.store(busy_timeout=5.0) as s:
         yield s
+
+
+def _lock_elsewhere(store: Store) -> Any:
+    """Another process's connection holding what another prestaged writing its state holds:
+    SQLite's write lock, or on PostgreSQL exclusive locks on the campaign tables; the caller
+    ends it with ``COMMIT`` and closes it."""
+    if store.url is None:
+        locker = sqlite3.connect(str(store.path), isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        return locker
+    from prestaged.state.postgres import connect
+
+    pg = connect(store.url)
+    pg.execute("BEGIN")
+    pg.execute("LOCK TABLE campaigns, campaign_controls, campaign_submissions, "
+               "submission_events, campaign_ledger IN ACCESS EXCLUSIVE MODE")
+    return pg
 
 
 def q(*parts: object) -> str:
@@ -92,8 +110,7 @@ async def test_a_lock_held_elsewhere_does_not_freeze_the_event_loop(
         tmp_path: Path, store: Store) -> None:
     """Another process's write lock stalls the campaign, never the loop (defect 11)."""
     cfg = campaign(tmp_path, submit=q(sys.executable, "-c", "pass"))
-    locker = sqlite3.connect(str(store.path), isolation_level=None)
-    locker.execute("BEGIN IMMEDIATE")  # what another prestaged writing its state holds
+    locker = _lock_elsewhere(store)
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(run(cfg, store, tmp_path))
     try:

@@ -8,12 +8,14 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from campaign_fakes import read_records, write_definition
 from cli_runner import CliResult, run_cli
+from conftest import Backend
 
 from prestaged.campaign.spec import load_campaign, parse_split, render
 from prestaged.errors import ConfigError
@@ -81,9 +83,39 @@ def _env(tmp_path: Path, extra_env: dict[str, str] | None = None) -> dict[str, s
             **(extra_env or {})}
 
 
+@pytest.fixture(autouse=True)
+def _state_backend(backend: Backend, tmp_path: Path) -> Iterator[None]:
+    """Every test on each backend: what selects its state is kept in tmp_path, where the
+    helpers (which get tmp_path) find it. On PostgreSQL no command fell back to a file."""
+    from prestaged.state.store import default_state_path
+
+    (tmp_path / "backend.json").write_text(json.dumps({"cli": backend.cli(),
+                                                       "url": backend.url}))
+    yield
+    if backend.url is not None:
+        assert not default_state_path().exists() and not backend.path.exists()
+
+
+def _state(tmp_path: Path) -> dict[str, Any]:
+    """The test's backend: ``cli`` (arguments selecting it) and ``url`` (None for SQLite);
+    for tests of other modules using these helpers, the SQLite file in tmp_path."""
+    chosen = tmp_path / "backend.json"
+    if not chosen.exists():
+        return {"cli": ["--state", str(tmp_path / "state.db")], "url": None}
+    doc: dict[str, Any] = json.loads(chosen.read_text())
+    return doc
+
+
+def _store(tmp_path: Path) -> Any:
+    """A ``Store`` of the test's state, not opened."""
+    from prestaged.state.store import Store
+
+    return Store(tmp_path / "state.db", url=_state(tmp_path)["url"])
+
+
 def _args(pki: TestPKI, proxy: Path, tmp_path: Path, args: tuple[str, ...]) -> list[str]:
-    """``args`` with the state file in tmp_path (and the test proxy for ``campaign run``)."""
-    ours = ["--state", str(tmp_path / "state.db")]
+    """``args`` with the test's state (and the test proxy for ``campaign run``)."""
+    ours = list(_state(tmp_path)["cli"])
     if args[:2] == ("campaign", "run"):
         ours += ["--proxy", str(proxy), "--ca-dir", str(pki.ca_dir)]
     return [*args, *ours]
@@ -370,9 +402,8 @@ submit = {_submit(tmp_path, "{stage}")}
 def _launch_unknown(tmp_path: Path, campaign: str, definition: str) -> int:
     """A submission of ``campaign``/reco (item all) left in launch_unknown, made in-process."""
     from prestaged.campaign.repository import CampaignRepository, SubmissionState
-    from prestaged.state.store import Store
 
-    with Store(tmp_path / "state.db") as store:
+    with _store(tmp_path) as store:
         state = CampaignRepository(store)
         sub = state.create(campaign, "reco", "all", definition)
         for to in ("prestaging", "ready", "submitting", "launch_unknown"):
@@ -423,9 +454,8 @@ submit = {_submit(tmp_path, "{stage}")}
     assert res.returncode == 75 and "cx/reco: held" in res.stdout
     assert "cx/next: blocked" in res.stdout and read_records(tmp_path) == []
     from prestaged.campaign.repository import CampaignRepository
-    from prestaged.state.store import Store
 
-    with Store(tmp_path / "state.db") as store:  # a queued submission, as a hold may leave one
+    with _store(tmp_path) as store:  # a queued submission, as a hold may leave one
         CampaignRepository(store).create("cx", "reco", "all", "unused")
     res = _prestaged(pki, proxy, tmp_path, "campaign", "cancel", "cx", "--stage", "reco")
     assert res.returncode == 0 and "#1 all cancelled" in res.stdout

@@ -1,6 +1,10 @@
 """Faults around the state store (issue 12: 7, 9, 10): a process-group SIGTERM, a SIGKILL, a
 full disk, a damaged file, private file modes, and the gate on an empty input. Each test
-breaks the run the way an operator or the machine would and checks what is left behind."""
+breaks the run the way an operator or the machine would and checks what is left behind.
+
+Faults that are not about a file run on both backends (``backend``); the full disk, the
+damaged page and the file modes are SQLite's alone. PostgreSQL has its own: the server cutting
+the store's sessions."""
 
 from __future__ import annotations
 
@@ -16,29 +20,37 @@ from pathlib import Path
 
 import pytest
 from cli_runner import run_cli
+from conftest import Backend
 from test_store import _definition
 
 from prestaged.state.store import Store, describe_sqlite_error
 from prestaged.testing.pki import TestPKI
+from prestaged.testing.postgres import PostgresCluster
 from prestaged.testing.storage import Delay, ThreadedStorageServer
 
 TIMEOUT = 120
 
 
-def _warm(definition: Path, proxy: Path, pki: TestPKI, state: Path, *extra: str) -> list[str]:
+def _selects(state: Path | list[str]) -> list[str]:
+    """The arguments selecting ``state``: a file, or ``Backend.cli``'s arguments."""
+    return ["--state", str(state)] if isinstance(state, Path) else state
+
+
+def _warm(definition: Path, proxy: Path, pki: TestPKI, state: Path | list[str],
+          *extra: str) -> list[str]:
     return [sys.executable, "-m", "prestaged", "warm", str(definition), "--proxy", str(proxy),
-            "--ca-dir", str(pki.ca_dir), "--state", str(state), "--json", *extra]
+            "--ca-dir", str(pki.ca_dir), *_selects(state), "--json", *extra]
 
 
-def _history(state: Path) -> list[dict[str, object]]:
-    res = run_cli("history", "--state", str(state), "--json")
+def _history(state: Path | list[str]) -> list[dict[str, object]]:
+    res = run_cli("history", *_selects(state), "--json")
     assert res.returncode == 0, res.stderr
     runs: list[dict[str, object]] = json.loads(res.stdout)["runs"]
     return runs
 
 
 def test_sigterm_to_the_process_group_stops_like_sigterm_to_the_pid(
-    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, backend: Backend
 ) -> None:
     """``kill -- -PGID`` (systemd's control-group stop, ``timeout``) reaches the state writer
     too: it must survive it, so the warm stops cleanly with exit 130, a partial JSON summary,
@@ -46,7 +58,7 @@ def test_sigterm_to_the_process_group_stops_like_sigterm_to_the_pid(
     definition = _definition(tmp_path, storage, 400)
     for i in range(100, 400):
         storage.server.inject(f"/ds/f{i:05d}", [Delay(60)])
-    state = tmp_path / "state.db"
+    state = backend.cli()
     proc = subprocess.Popen(_warm(definition, proxy, pki, state, "--concurrency", "4"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -63,18 +75,21 @@ def test_sigterm_to_the_process_group_stops_like_sigterm_to_the_pid(
     assert doc["counts"]["warm"] == 100
     [run] = _history(state)
     assert run["reason"] == "interrupted" and run["exit_code"] == 130
-    status = json.loads(run_cli("status", "--state", str(state), "--json").stdout)
+    status = json.loads(run_cli("status", *state, "--json").stdout)
     assert status["definitions"][0]["fresh"] == 100
 
 
 def test_a_killed_run_shows_as_crashed_not_running(
-    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, backend: Backend
 ) -> None:
     """A run whose process got SIGKILL has no end recorded; status and history say it crashed
     (its pid is gone) instead of showing it running forever."""
     definition = _definition(tmp_path, storage, 50)
-    storage.server.inject_all([Delay(60)], repeat=True)
-    state = tmp_path / "state.db"
+    # The first file is answered at once: with every file delayed, two requests were in flight
+    # only after 60 s (the run's first request goes out alone), a minute of every test run.
+    for i in range(1, 50):
+        storage.server.inject(f"/ds/f{i:05d}", [Delay(60)])
+    state = backend.cli()
     proc = subprocess.Popen(_warm(definition, proxy, pki, state, "--concurrency", "2"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -86,7 +101,7 @@ def test_a_killed_run_shows_as_crashed_not_running(
         proc.kill()
     [run] = _history(state)
     assert str(run["reason"]).startswith(f"crashed: process {proc.pid} ended")
-    res = run_cli("status", "--state", str(state))
+    res = run_cli("status", *state)
     assert "crashed" in res.stdout and "running" not in res.stdout
 
 
@@ -169,7 +184,8 @@ def test_state_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
         assert extra.stat().st_mode & 0o077 == 0, extra
 
 
-async def test_an_empty_definition_fails_the_gate_unless_allowed(tmp_path: Path) -> None:
+async def test_an_empty_definition_fails_the_gate_unless_allowed(tmp_path: Path,
+                                                                backend: Backend) -> None:
     """0 of 0 files is not "100% warm": the gate fails with exit 4 naming the definition,
     and passes only with allow_empty."""
     from prestaged.catalog.local import LocalCatalog
@@ -183,7 +199,7 @@ async def test_an_empty_definition_fails_the_gate_unless_allowed(tmp_path: Path)
 
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing here\n")
-    with Store(tmp_path / "state.db") as store:
+    with backend.store() as store:
         got = await wait_until_ready(LocalCatalog(str(empty)), WarmSettings(), NoTouch(), store,
                                      fresh_for=3600, timeout=5)
         assert (got.passed, got.exit_code) == (False, 4)
@@ -193,12 +209,12 @@ async def test_an_empty_definition_fails_the_gate_unless_allowed(tmp_path: Path)
         assert ok.passed
 
 
-def test_url_credentials_never_reach_the_state_file(tmp_path: Path) -> None:
+def test_url_credentials_never_reach_the_state_file(tmp_path: Path, backend: Backend) -> None:
     """A URL with ``user:password@`` is recorded (membership, outcome, cold list) under its
     full identity, but its text in the database has the credentials redacted."""
     url = "https://alice:s3cr3t-pw@door.example:2880/pnfs/f1"
-    state = tmp_path / "state.db"
-    with Store(state) as store:
+    state = backend.path
+    with backend.store() as store:
         from prestaged.model import FileRef
 
         store.add_members("local", "ds", [FileRef("f1", url)])
@@ -210,9 +226,32 @@ def test_url_credentials_never_reach_the_state_file(tmp_path: Path) -> None:
         assert store.fresh_urls([url], 3600) == {url}  # still found by its full identity
     for path in state.parent.glob("state.db*"):
         assert b"s3cr3t" not in path.read_bytes(), path
+    rows = backend.query("SELECT url, name, last_error FROM files")
+    assert len(rows) == 1 and "s3cr3t" not in repr(rows), rows
 
 
-def test_recording_never_waits_for_another_process_s_lock(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _held_write_lock(backend: Backend) -> Iterator[None]:
+    """Another process's lock on the state, held until the block ends: SQLite's write lock
+    (``BEGIN IMMEDIATE``), or on PostgreSQL an exclusive lock on ``definitions`` (what a run
+    row writes first)."""
+    if backend.url is None:
+        other = sqlite3.connect(backend.path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+    else:
+        from prestaged.state.postgres import connect
+
+        other = connect(backend.url)  # type: ignore[assignment]
+        other.execute("BEGIN")
+        other.execute("LOCK TABLE definitions IN ACCESS EXCLUSIVE MODE")
+    try:
+        yield
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+def test_recording_never_waits_for_another_process_s_lock(backend: Backend) -> None:
     """While a read or run row waits (up to busy_timeout) for a write lock another process
     holds, record() - called on the event loop - returns at once (it waited behind the same
     lock before: a locked state DB froze a daemon's loop)."""
@@ -221,10 +260,7 @@ def test_recording_never_waits_for_another_process_s_lock(tmp_path: Path) -> Non
 
     from prestaged.errors import StateError
 
-    state = tmp_path / "state.db"
-    with Store(state, busy_timeout=3.0) as store:
-        other = sqlite3.connect(state, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")  # another process's write lock
+    with backend.store(busy_timeout=3.0) as store, _held_write_lock(backend):
         waiting = threading.Event()
 
         def start_run() -> None:
@@ -244,22 +280,20 @@ def test_recording_never_waits_for_another_process_s_lock(tmp_path: Path) -> Non
         for i in range(50):
             store.record(f"https://h/f{i}", f"f{i}", "warm", 206, 4, 1, "")
         took = time.monotonic() - begin
-        other.execute("ROLLBACK")
-        other.close()
-        t.join(10)
+    t.join(10)
     assert took < 0.5, f"record() waited {took:.2f} s behind the state DB's lock"
 
 
 def test_wait_on_an_empty_definition_fails_and_submit_runs_nothing(
-    tmp_path: Path, pki: TestPKI, proxy: Path
+    tmp_path: Path, pki: TestPKI, proxy: Path, backend: Backend
 ) -> None:
     """``prestaged wait`` on an empty definition exits 4 naming it; ``submit`` does not run its
     command; ``--allow-empty`` lets it pass (issue 12, 10)."""
     empty = tmp_path / "empty.txt"
     empty.write_text("# no files yet\n")
     marker = tmp_path / "ran"
-    common = ["--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), "--state",
-              str(tmp_path / "s.db"), "--timeout", "5s"]
+    common = ["--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), *backend.cli(),
+              "--timeout", "5s"]
     res = run_cli("wait", str(empty), *common)
     assert res.returncode == 4 and "has no files" in res.stderr, res.stderr
     res = run_cli("submit", "--definition", str(empty), *common, "--", "touch", str(marker))
@@ -282,3 +316,35 @@ def test_campaign_slice_lists_are_private_whatever_the_umask(tmp_path: Path) -> 
     assert urls.read_text() == "https://h/f1\n" and names.read_text() == "f1\n"
     assert {p.stat().st_mode & 0o777 for p in (urls, names)} == {0o600}
     assert {p.stat().st_mode & 0o777 for p in (urls.parent, urls.parent.parent)} == {0o700}
+
+
+
+def test_a_cut_postgresql_session_is_one_line_without_the_password(
+        pg_cluster: PostgresCluster, pg_url: str, tmp_path: Path) -> None:
+    """The server terminates the store's sessions (a restart, an operator's
+    pg_terminate_backend): the next read and the next flush each fail with one StateError line
+    naming the URL without its password, never a psycopg traceback."""
+    from urllib.parse import urlsplit
+
+    from prestaged.errors import StateError
+    from prestaged.model import redacted_url
+
+    dbname = urlsplit(pg_url).path.lstrip("/")
+    store = Store(tmp_path / "state.db", url=pg_url).open()
+    try:
+        store.start_run("local", "ds")
+        store.flush()  # answered once the writer is connected
+        assert pg_cluster.terminate_backends(dbname) == 2  # the store's and its writer's
+        with pytest.raises(StateError) as read:
+            store.status(fresh_for=3600)
+        store.record("https://h/f1", "f1", "warm", 206, 4, 1, "")
+        with pytest.raises(StateError, match="cannot write") as flushed:
+            store.flush()
+    finally:
+        with contextlib.suppress(StateError):
+            store.close()
+    password = pg_cluster.password
+    for err in (read.value, flushed.value):
+        text = str(err)
+        assert text.startswith(f"state {redacted_url(pg_url)}: ") and "\n" not in text, text
+        assert password not in text and "Traceback" not in text

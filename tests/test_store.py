@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from cli_runner import entry_point, run_cli, subprocess_env
+from conftest import Backend
 
 from prestaged.errors import StateError
 from prestaged.model import FileRef
@@ -34,10 +35,13 @@ def _definition(tmp_path: Path, srv: ThreadedStorageServer, n: int, name: str = 
     return path
 
 
-def _warm_args(definition: Path, proxy: Path, pki: TestPKI, state: Path, *extra: str) -> list[str]:
-    """``warm DEFINITION --json`` with the test proxy and ``state``."""
+def _warm_args(definition: Path, proxy: Path, pki: TestPKI, state: Path | list[str],
+               *extra: str) -> list[str]:
+    """``warm DEFINITION --json`` with the test proxy and ``state`` (a file, or the arguments
+    selecting a backend's state: ``Backend.cli``)."""
+    selects = ["--state", str(state)] if isinstance(state, Path) else state
     return ["warm", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
-            "--state", str(state), "--json", *extra]
+            *selects, "--json", *extra]
 
 
 def _process(args: list[str], **popen: Any) -> subprocess.Popen[str]:
@@ -53,9 +57,11 @@ def _run(args: list[str]) -> tuple[int, dict[str, object]]:
     return res.returncode, json.loads(res.stdout) if res.stdout.strip() else {}
 
 
-def _status(state: Path, *args: str) -> dict[str, object]:
-    """``prestaged status --state STATE --json ARGS`` in-process."""
-    res = run_cli("status", "--state", str(state), "--json", *args)
+def _status(state: Path | list[str], *args: str) -> dict[str, object]:
+    """``prestaged status --state STATE --json ARGS`` in-process (``state``: a file, or
+    ``Backend.cli``'s arguments)."""
+    selects = ["--state", str(state)] if isinstance(state, Path) else state
+    res = run_cli("status", *selects, "--json", *args)
     assert res.returncode == 0, res.stderr
     doc: dict[str, object] = json.loads(res.stdout)
     return doc
@@ -63,17 +69,15 @@ def _status(state: Path, *args: str) -> dict[str, object]:
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_touches_only_what_is_left(
-    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, backend: Backend
 ) -> None:
     """SIGKILL mid-run; the rerun touches only unrecorded files and ends with all 5,000 warm."""
     batch = 256
-    config = tmp_path / "c.toml"
     # Outcomes reach the writer every 20 ms or every `batch`: what a SIGKILL can lose (the
     # unsent outcomes plus the 4 requests in flight) stays well under one batch.
-    config.write_text(f'[state]\nbatch = {batch}\nflush_interval = "20ms"\n')
+    state = backend.cli(f'batch = {batch}\nflush_interval = "20ms"')
     definition = _definition(tmp_path, storage, 5000)
-    state = tmp_path / "state.db"
-    args = _warm_args(definition, proxy, pki, state, "--config", str(config), "--concurrency", "4")
+    args = _warm_args(definition, proxy, pki, state, "--concurrency", "4")
     proc = _process(args, stdout=subprocess.DEVNULL)
     try:
         storage.wait_until(lambda s: s.requests_total >= 2000, timeout=TIMEOUT)
@@ -98,11 +102,11 @@ def test_sigkill_then_rerun_touches_only_what_is_left(
 
 
 def test_rerun_within_fresh_for_makes_no_request_and_force_touches_all(
-    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, backend: Backend
 ) -> None:
     """A rerun within fresh_for sends zero requests; --force touches everything again."""
     definition = _definition(tmp_path, storage, 300)
-    state = tmp_path / "state.db"
+    state = backend.cli()
     assert _run(_warm_args(definition, proxy, pki, state))[0] == 0
     assert storage.stats.requests_total == 300
     code, doc = _run(_warm_args(definition, proxy, pki, state))
@@ -117,12 +121,12 @@ def test_rerun_within_fresh_for_makes_no_request_and_force_touches_all(
 
 
 def test_failures_are_not_fresh_and_status_counts_them(
-    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, backend: Backend
 ) -> None:
     """Missing files are recorded as failed, retried on the next run, and shown by status."""
     definition = _definition(tmp_path, storage, 20)
     storage.remove("/ds/f00003")
-    state = tmp_path / "state.db"
+    state = backend.cli()
     assert _run(_warm_args(definition, proxy, pki, state))[0] == 1
     [ds] = _status(state, str(definition))["definitions"]  # type: ignore[misc]
     assert (ds["files"], ds["fresh"], ds["failed"]) == (20, 19, {"missing": 1})
@@ -130,10 +134,13 @@ def test_failures_are_not_fresh_and_status_counts_them(
     assert _run(_warm_args(definition, proxy, pki, state))[0] == 1
     assert storage.stats.path("/ds/f00003").requests == 2
     assert storage.stats.requests_total == 21
-    history = run_cli("history", "--state", str(state), "--json")
+    history = run_cli("history", *state, "--json")
     assert history.returncode == 0, history.stderr
     runs = json.loads(history.stdout)["runs"]
     assert [r["counts"].get("skipped_fresh", 0) for r in runs] == [19, 0]
+    # in the backend's own database, not a file the CLI fell back to
+    assert backend.query("SELECT status, COUNT(*) FROM files GROUP BY status ORDER BY 1") == [
+        ("missing", 1), ("warm", 19)]
 
 
 def _v1_database(path: Path) -> None:
@@ -145,6 +152,7 @@ def _v1_database(path: Path) -> None:
     conn.close()
 
 
+# SQLite files only: test_state_postgres refuses foreign and newer PostgreSQL databases.
 def test_older_schema_is_migrated(tmp_path: Path) -> None:
     """A version-1 state file is migrated forward and keeps its records."""
     path = tmp_path / "old.db"
@@ -192,15 +200,12 @@ def test_foreign_and_newer_databases_refused(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_processes_share_one_state_file(
-    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, backend: Backend
 ) -> None:
-    """Two concurrent warms of different definitions on one state file keep every result."""
-    state = tmp_path / "state.db"
-    config = tmp_path / "c.toml"
-    config.write_text('[state]\nbatch = 50\nflush_interval = "50ms"\n')
+    """Two concurrent warms of different definitions on one state keep every result."""
+    state = backend.cli('batch = 50\nflush_interval = "50ms"')
     defs = [_definition(tmp_path, storage, 2000, name) for name in ("one", "two")]
-    procs = [_process(_warm_args(d, proxy, pki, state, "--config", str(config)),
-                      stdout=subprocess.PIPE) for d in defs]
+    procs = [_process(_warm_args(d, proxy, pki, state), stdout=subprocess.PIPE) for d in defs]
     for p in procs:
         out, err = p.communicate(timeout=TIMEOUT)
         assert p.returncode == 0, err
@@ -208,18 +213,18 @@ def test_two_processes_share_one_state_file(
     doc = _status(state)
     assert sorted((d["definition"], d["files"], d["fresh"]) for d in doc["definitions"]) == [  # type: ignore[union-attr]
         (str(defs[0]), 2000, 2000), (str(defs[1]), 2000, 2000)]
-    conn = sqlite3.connect(state)
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert conn.execute("SELECT COUNT(*) FROM runs WHERE ended IS NOT NULL").fetchone()[0] == 2
+    if backend.url is None:
+        assert backend.query("PRAGMA integrity_check") == [("ok",)]
+    assert backend.query("SELECT COUNT(*) FROM runs WHERE ended IS NOT NULL") == [(2,)]
 
 
 def test_interrupted_run_is_recorded(pki: TestPKI, proxy: Path, storage: ThreadedStorageServer,
-                                     tmp_path: Path) -> None:
+                                     tmp_path: Path, backend: Backend) -> None:
     """Ctrl-C: the run is recorded as interrupted with exit 130 and what was done is kept."""
     definition = _definition(tmp_path, storage, 100)
     for i in range(20, 100):
         storage.inject(f"/ds/f{i:05d}", [Delay(30)])
-    state = tmp_path / "state.db"
+    state = backend.cli()
     proc = _process(_warm_args(definition, proxy, pki, state, "--concurrency", "4"),
                     stdout=subprocess.PIPE)
     try:
@@ -234,16 +239,15 @@ def test_interrupted_run_is_recorded(pki: TestPKI, proxy: Path, storage: Threade
     assert ds["last_run"]["reason"] == "interrupted"
 
 
-def test_store_batches_writes(tmp_path: Path) -> None:
+def test_store_batches_writes(backend: Backend) -> None:
     """Outcomes queue up and are committed in batches; flush() makes them durable."""
-    with Store(tmp_path / "s.db", batch=10, flush_interval=60) as store:
+    with backend.store(batch=10, flush_interval=60) as store:
         refs = [FileRef(name=f"f{i}", url=f"https://h/f{i}") for i in range(25)]
         store.add_members("local", "d", refs)
         for r in refs:
             store.record(r.url, r.name, "warm", 206, 4, 1, "")
         store.flush()
-        other = sqlite3.connect(tmp_path / "s.db")
-        assert other.execute("SELECT COUNT(*) FROM files WHERE status = 'warm'").fetchone()[0] == 25
+        assert backend.query("SELECT COUNT(*) FROM files WHERE status = 'warm'") == [(25,)]
         [st] = store.status(fresh_for=3600)
         assert (st.files, st.fresh) == (25, 25)
 

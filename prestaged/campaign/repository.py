@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from typing import Any, Callable, Optional
 from prestaged.campaign.spec import CampaignConfig, StageConfig, parse_campaign
 from prestaged.errors import ConfigError, ConflictError, NotFoundError
 from prestaged.model import FileRef
+from prestaged.state.db import Database
 from prestaged.state.store import Store
 
 __all__ = [
@@ -133,9 +133,9 @@ made it, so it must be thread-safe and must not touch the event loop's objects."
 
 
 class CampaignRepository:
-    """Campaign rows of the state database; every write is its own committed transaction
-    (``Store.transaction``). ``on_move`` (see ``MoveHook``) hears every transition once it is
-    committed (metrics).
+    """Campaign rows of the state database (SQLite or PostgreSQL, the same SQL); every write
+    is its own committed transaction (``Store.transaction``). ``on_move`` (see ``MoveHook``)
+    hears every transition once it is committed (metrics).
 
     The methods are synchronous and may wait up to the store's busy timeout for another
     process's write lock: async callers run them in a worker thread (``asyncio.to_thread``),
@@ -300,19 +300,17 @@ class CampaignRepository:
         """A new ``queued`` submission and, in the same transaction, its ``ledger`` files."""
         now = time.time()
         with self.store.transaction() as conn:
-            cur = conn.execute(
+            sub_id = conn.insert(
                 "INSERT INTO campaign_submissions (campaign, stage, item, definition, state, "
                 "reason, created, updated, n_files) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (campaign, stage, item, definition, S.QUEUED.value, "created", now, now,
                  len(ledger) if ledger else None))
-            sub_id = cur.lastrowid
             conn.execute("INSERT INTO submission_events (submission_id, at, from_state, "
                          "to_state, reason) VALUES (?, ?, NULL, ?, 'created')",
                          (sub_id, now, S.QUEUED.value))
             conn.executemany("INSERT INTO campaign_ledger (campaign, stage, name, url, "
                              "submission_id) VALUES (?, ?, ?, ?, ?)",
                              [(campaign, stage, r.name, r.url, sub_id) for r in ledger])
-        assert sub_id is not None
         self._moved(campaign, None, S.QUEUED, now)
         return self.get(sub_id)
 
@@ -327,10 +325,10 @@ class CampaignRepository:
             return "held"
         return None
 
-    def _set(self, conn: sqlite3.Connection, campaign: str, stage: Optional[str], column: str,
+    def _set(self, conn: Database, campaign: str, stage: Optional[str], column: str,
              value: int, reason: str) -> None:
-        conn.execute("INSERT OR IGNORE INTO campaign_controls (campaign, stage, updated, "
-                     "reason) VALUES (?, ?, ?, ?)",
+        conn.execute("INSERT INTO campaign_controls (campaign, stage, updated, reason) "
+                     "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                      (campaign, stage or "", time.time(), reason))
         conn.execute(f"UPDATE campaign_controls SET {column} = ?, updated = ?, reason = ? "
                      "WHERE campaign = ? AND stage = ?",
@@ -375,12 +373,11 @@ class CampaignRepository:
         tries = sum(1 for s in self.submissions(old.campaign, old.stage)
                     if s.item.split(" (retry", 1)[0] == old.item.split(" (retry", 1)[0])
         with self.store.transaction() as conn:
-            cur = conn.execute(
+            new_id = conn.insert(
                 "INSERT INTO campaign_submissions (campaign, stage, item, definition, state, "
                 "reason, created, updated, n_files) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (old.campaign, old.stage, f"{old.item.split(' (retry', 1)[0]} (retry {tries})",
                  old.definition, S.QUEUED.value, reason, now, now, old.n_files))
-            new_id = cur.lastrowid
             conn.execute("UPDATE campaign_submissions SET superseded_by = ? WHERE id = ?",
                          (new_id, old.id))
             conn.execute("INSERT INTO submission_events (submission_id, at, from_state, "
@@ -388,7 +385,6 @@ class CampaignRepository:
                          (new_id, now, S.QUEUED.value, reason))
             conn.execute("UPDATE campaign_ledger SET submission_id = ? WHERE submission_id = ?",
                          (new_id, old.id))
-        assert new_id is not None
         self._moved(old.campaign, None, S.QUEUED, now)
         if old.state is S.LAUNCH_UNKNOWN:
             self.move(old, S.CANCELLED, f"superseded by #{new_id}: {why} for a retry (this "

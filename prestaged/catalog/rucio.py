@@ -5,10 +5,11 @@ Speaks Rucio's REST API as the real client (``rucio.client.replicaclient``) does
 - **Login**, once, and again only when the token expires or the server refuses it:
   ``GET {auth_url}/auth/x509`` presenting the proxy, or ``GET {auth_url}/auth/userpass`` with
   ``X-Rucio-Username``/``X-Rucio-Password``; both with ``X-Rucio-Account`` when an account is
-  configured (``[catalog.rucio] account``, else ``$RUCIO_ACCOUNT``). The token comes back in ``X-Rucio-Auth-Token`` and is kept until 5 minutes
-  before ``X-Rucio-Auth-Token-Expires``. With ``auth = "token"`` the WLCG bearer token itself
-  goes in ``X-Rucio-Auth-Token`` (Rucio validates JWTs against its identity providers), asked
-  for before every request so that a renewed token file is used.
+  configured (``[catalog.rucio] account``, else ``$RUCIO_ACCOUNT``). The token comes back in
+  ``X-Rucio-Auth-Token`` and is kept until 5 minutes before ``X-Rucio-Auth-Token-Expires``.
+  With ``auth = "token"`` the WLCG bearer token itself goes in ``X-Rucio-Auth-Token`` (Rucio
+  validates JWTs against its identity providers), asked for before every request so that a
+  renewed token file is used.
 - **Replicas**: ``POST {url}/replicas/list`` with ``{"dids": [{"scope", "name"}, ...],
   "schemes": ["davs", "https"], "domain": "wan", "all_states": false}`` (plus
   ``rse_expression``), at most ``chunk`` DIDs per request. The answer is

@@ -67,7 +67,7 @@ def cmd_campaign_list(args: argparse.Namespace, cfg: Config) -> int:
             rows = [{**r, "daemon": None} for r in CampaignRepository(store).summaries()]
         finally:
             store.close()
-        source = f"state {store.path}"
+        source = f"state {store.where}"
     if args.json:
         print(json.dumps({"source": source, "campaigns": rows}, indent=2))
         return 0
@@ -93,11 +93,11 @@ def cmd_campaign_show(args: argparse.Namespace, cfg: Config) -> int:
                                                 cfg.state.fresh_for)
         finally:
             store.close()
-        doc["source"] = f"state {store.path}"
+        doc["source"] = f"state {store.where}"
         if not doc["submissions"] and not doc["control"]:
             from prestaged.errors import CatalogError
 
-            raise CatalogError(f"campaign '{name}' has no submissions in state {store.path}")
+            raise CatalogError(f"campaign '{name}' has no submissions in state {store.where}")
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0

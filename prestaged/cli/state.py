@@ -32,7 +32,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             rows = store.status(cfg.state.fresh_for, args.definition, args.status_catalog)
         finally:
             store.close()
-        source = f"state {store.path}"
+        source = f"state {store.where}"
     if args.definition is not None and not rows:
         from prestaged.errors import CatalogError
 
@@ -56,7 +56,7 @@ def cmd_history(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps({"state": str(store.path), "runs": [r.to_dict() for r in runs]},
+        print(json.dumps({"state": store.where, "runs": [r.to_dict() for r in runs]},
                          indent=2))
         return 0
     for line in history_lines(runs):

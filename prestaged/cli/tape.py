@@ -34,7 +34,7 @@ def cmd_release(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps({"state": str(store.path), **report.to_dict()}, indent=2))
+        print(json.dumps({"state": store.where, **report.to_dict()}, indent=2))
     else:
         print(report.summary())
     return 0

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics
 from prestaged.pins import ReleaseFn
 from prestaged.service.runs import Spawn
+from prestaged.state.db import driver_errors
 from prestaged.state.store import Store
 from prestaged.warm import Toucher, WarmSettings
 
@@ -322,7 +322,7 @@ class DaemonCampaigns:
             names, self._stale = sorted(self._stale), set()
             try:
                 totals = await asyncio.to_thread(self._totals, names)
-            except (PrestagedError, sqlite3.Error) as e:  # unreadable now: the next move retries
+            except driver_errors(PrestagedError) as e:  # unreadable now: the next move retries
                 log.warning("campaign gauges not updated: %s", e)
                 continue
             for name, counts in totals.items():

@@ -19,9 +19,10 @@ import contextlib
 import logging
 import re
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from prestaged.errors import StateError
 
@@ -31,6 +32,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "SQLITE",
     "Dialect",
+    "Executes",
     "configure",
     "definition_id",
     "immediate",
@@ -233,9 +235,15 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
-def definition_id(conn: sqlite3.Connection, catalog: str, definition: str) -> int:
-    """The id of ``(catalog, definition)``, created if new."""
-    conn.execute("INSERT OR IGNORE INTO definitions (catalog, name) VALUES (?, ?)",
+class Executes(Protocol):
+    """A connection of either engine (``sqlite3.Connection``, ``state.db.Database``)."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any: ...
+
+
+def definition_id(conn: Executes, catalog: str, definition: str) -> int:
+    """The id of ``(catalog, definition)``, created if new (on either engine)."""
+    conn.execute("INSERT INTO definitions (catalog, name) VALUES (?, ?) ON CONFLICT DO NOTHING",
                  (catalog, definition))
     row = conn.execute("SELECT id FROM definitions WHERE catalog = ? AND name = ?",
                        (catalog, definition)).fetchone()

@@ -1,14 +1,18 @@
-"""Persistent state in SQLite: what was warmed when, which files belong to which definition, runs.
+"""Persistent state: what was warmed when, which files belong to which definition, runs.
 
-One database file (WAL, foreign keys, a busy timeout so several prestaged processes can share
-it), schema versioned with ``PRAGMA user_version`` and upgraded by forward migrations.
+By default one SQLite file (WAL, foreign keys, a busy timeout so several prestaged processes
+can share it), schema versioned with ``PRAGMA user_version`` and upgraded by forward
+migrations; with ``url`` a PostgreSQL database (``state.postgres``) with the same schema. Both
+are reached through ``state.db`` with the same SQL.
 
 Writes are batched so the store never limits throughput: outcomes and memberships are buffered
 and, once ``batch`` rows are waiting or ``flush_interval`` seconds have passed, sent as one JSON
 line to a writer process (``state/writer.py``) that commits each batch in one transaction. The
 warming process never runs SQLite's per-row work (in a thread it cost 12-15% of the rate, in a
 process 9%: bench/throughput.py). A crash of the warming process loses at most the open batch
-(the writer finishes what it was sent), and those files are simply warmed again. Reads the
+(the writer finishes what it was sent), and those files are simply warmed again. PostgreSQL
+keeps the same writer process, speaking psycopg: its client side costs ~58 us of CPU a file
+(SQLite's ~11 us), which in a thread would be the warming process's CPU and GIL. Reads the
 engine needs (which of these files are still fresh?) are asked per chunk of files, in a worker
 thread.
 
@@ -40,6 +44,13 @@ from typing import Any, Callable, Optional, TypeVar, cast
 from prestaged.errors import StateError
 from prestaged.model import FileRef, Outcome, Result, TapeInfo, redact
 from prestaged.state import schema
+from prestaged.state.db import (
+    Database,
+    PostgresDatabase,
+    SqliteDatabase,
+    describe_sqlite_error,
+    driver_errors,
+)
 from prestaged.state.private import create_private
 
 __all__ = [
@@ -49,6 +60,7 @@ __all__ = [
     "Store",
     "StoreRecorder",
     "default_state_path",
+    "describe_sqlite_error",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,36 +96,20 @@ _ON_DISK = "COALESCE(f.locality, '') NOT IN ('TAPE', 'LOST', 'UNAVAILABLE', 'NON
 
 
 
-def describe_sqlite_error(message: str) -> str:
-    """SQLite's text, said so that the user knows what to do (disk full, read-only, locked,
-    damaged file), on one line."""
-    text = " ".join(message.split())
-    low = text.lower()
-    if "disk is full" in low or "no space left" in low:
-        return f"the disk is full ({text}); free some space, nothing recorded was lost"
-    if "readonly" in low or "read-only" in low:
-        return f"the file or its directory is read-only ({text})"
-    if "locked" in low or "busy" in low:
-        return f"another process holds the database locked for too long ({text})"
-    if "malformed" in low or "not a database" in low or "corrupt" in low:
-        return (f"the database is damaged ({text}); move it away (prestaged starts a new one) "
-                "or choose another file with --state")
-    return text
-
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _one_line_errors(method: F) -> F:
-    """A ``Store`` method whose ``sqlite3.Error`` becomes one ``StateError`` line naming the
-    file (a damaged page behind a valid header fails in the middle of a read, not at open)."""
+    """A ``Store`` method whose driver error becomes one ``StateError`` line naming the
+    state (a damaged page behind a valid header fails in the middle of a read, not at open;
+    a PostgreSQL server may go away at any time)."""
 
     @functools.wraps(method)
     def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
-        except sqlite3.Error as e:
-            raise StateError(f"state {self.path}: {describe_sqlite_error(str(e))}") from None
+        except driver_errors() as e:
+            raise self._error(e) from None
 
     return cast(F, wrapper)
 
@@ -212,20 +208,23 @@ class Pin:
 
 
 class Store:
-    """The state database at ``path``; ``open()`` it before use and ``close()`` it after.
+    """The state database at ``path``, or the PostgreSQL database of the libpq ``url`` when
+    one is given (``path`` then only anchors local files such as campaign slice lists);
+    ``open()`` it before use and ``close()`` it after.
 
     ``batch``: rows per write transaction (default 500); ``flush_interval``: seconds an outcome
     may wait before it is written (default 1); ``busy_timeout``: seconds to wait for another
     process holding the write lock (default 30).
     """
 
-    def __init__(self, path: Path, *, batch: int = 500, flush_interval: float = 1.0,
-                 busy_timeout: float = 30.0) -> None:
+    def __init__(self, path: Path, *, url: Optional[str] = None, batch: int = 500,
+                 flush_interval: float = 1.0, busy_timeout: float = 30.0) -> None:
         self.path = path
+        self.url = url
         self.batch = batch
         self.flush_interval = flush_interval
         self.busy_timeout = busy_timeout
-        self._conn: Optional[sqlite3.Connection] = None
+        self._conn: Optional[Database] = None
         # Reads (and run rows) use this process's connection, guarded by _lock (reads come
         # from worker threads via asyncio.to_thread). Outcomes and memberships wait in _buffer
         # and go a batch at a time to a writer process (state/writer.py), which commits each
@@ -246,13 +245,56 @@ class Store:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
+    @property
+    def where(self) -> str:
+        """The state as messages name it: the file, or the URL without its password."""
+        if self.url is None:
+            return str(self.path)
+        from prestaged.model import redacted_url
+
+        return redacted_url(self.url)
+
+    def _error(self, e: BaseException) -> StateError:
+        """A driver's error ``e`` as one line naming the state."""
+        text = (self._conn.describe(e) if self._conn is not None
+                else describe_sqlite_error(str(e)))
+        return StateError(f"state {self.where}: {text}")
+
     def open(self) -> Store:
         """Open (creating or migrating) the database.
 
         Raises ``StateError`` (exit 2) for a file that is not a SQLite database, a database
         that is not prestaged's, or one written by a newer prestaged; such files are left as
-        they are.
+        they are. A PostgreSQL state: the same for an unreachable, foreign or newer database
+        (``state.postgres.open_state``).
         """
+        self._conn = self._open_postgres() if self.url is not None else self._open_sqlite()
+        target = "-" if self.url is not None else str(self.path)
+        try:
+            self._writer = subprocess.Popen(
+                [sys.executable, "-m", "prestaged.state.writer", target,
+                 str(self.busy_timeout)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=_writer_env(),
+                # Its own session: a Ctrl-C or a SIGTERM to our process group (systemd, timeout,
+                # kill -- -PGID) must not reach it before we hand over the last batch; it ends
+                # when we close its stdin (and it ignores both signals itself, for the cgroup).
+                start_new_session=True)
+        except OSError as e:
+            self._conn.close()
+            self._conn = None
+            raise StateError(f"state {self.where}: cannot start the writer: {e}") from e
+        if self.url is not None:
+            # The URL may carry a password: on the pipe, never on the command line.
+            self._line(self.url)
+        return self
+
+    def _open_postgres(self) -> Database:
+        from prestaged.state.postgres import open_state
+
+        assert self.url is not None
+        return PostgresDatabase(open_state(self.url), self.url)
+
+    def _open_sqlite(self) -> Database:
         if self.path.exists() and not self.path.is_file():
             raise StateError(f"state {self.path}: not a regular file")
         try:
@@ -279,21 +321,7 @@ class Store:
         except StateError:
             conn.close()
             raise
-        self._conn = conn
-        try:
-            self._writer = subprocess.Popen(
-                [sys.executable, "-m", "prestaged.state.writer", str(self.path),
-                 str(self.busy_timeout)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=_writer_env(),
-                # Its own session: a Ctrl-C or a SIGTERM to our process group (systemd, timeout,
-                # kill -- -PGID) must not reach it before we hand over the last batch; it ends
-                # when we close its stdin (and it ignores both signals itself, for the cgroup).
-                start_new_session=True)
-        except OSError as e:
-            conn.close()
-            self._conn = None
-            raise StateError(f"state {self.path}: cannot start the writer: {e}") from e
-        return self
+        return SqliteDatabase(conn, str(self.path))
 
     def close(self) -> None:
         """Write everything still queued, stop the writer and close the database."""
@@ -321,24 +349,24 @@ class Store:
         self.close()
 
     @property
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> Database:
         """The open connection (guarded by ``_lock``)."""
         if self._conn is None:
             raise RuntimeError("Store.open() was not called")
         return self._conn
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """The connection inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error),
-        under this store's lock: for small synchronous writes that must be durable at once
-        (campaign state), not for outcomes (those go through the writer process)."""
+    def transaction(self) -> Iterator[Database]:
+        """The connection inside a write transaction (SQLite: ``BEGIN IMMEDIATE``) ...
+        ``COMMIT`` (``ROLLBACK`` on error), under this store's lock: for small synchronous
+        writes that must be durable at once (campaign state), not for outcomes (those go
+        through the writer process)."""
         with self._lock:
             try:
-                with schema.immediate(self.conn) as conn:
+                with self.conn.transaction() as conn:
                     yield conn
-            except sqlite3.Error as e:
-                raise StateError(f"state {self.path}: "
-                                 f"{describe_sqlite_error(str(e))}") from None
+            except driver_errors() as e:
+                raise self._error(e) from None
 
     # --- writes (queued) ----------------------------------------------------------------------
 
@@ -426,12 +454,13 @@ class Store:
         if answer.startswith("error "):
             self._writer_error = answer[6:]  # kept: later calls (finish_run) say the same
         if self._writer_error is not None:
-            return StateError(f"state {self.path}: cannot write: "
-                              f"{describe_sqlite_error(self._writer_error)}")
+            text = (self._writer_error if self.url is not None
+                    else describe_sqlite_error(self._writer_error))
+            return StateError(f"state {self.where}: cannot write: {text}")
         code = writer.poll()
         how = "is still running" if code is None else (
             f"was killed by signal {-code}" if code < 0 else f"exited {code}")
-        return StateError(f"state {self.path}: the writer process stopped answering (it {how})")
+        return StateError(f"state {self.where}: the writer process stopped answering (it {how})")
 
     # --- runs ---------------------------------------------------------------------------------
 
@@ -440,12 +469,10 @@ class Store:
         """Record the start of a run now (written at once, not queued); return its id."""
         with self.transaction() as conn:
             def_id = schema.definition_id(conn, catalog, definition)
-            cur = conn.execute(
+            return conn.insert(
                 "INSERT INTO runs (definition_id, started, host, pid) VALUES (?, ?, ?, ?)",
                 (def_id, time.time(), os.uname().nodename, os.getpid()),
             )
-        assert cur.lastrowid is not None
-        return cur.lastrowid
 
     @_one_line_errors
     def finish_run(self, run_id: int, counts: Mapping[str, int], exit_code: int,
@@ -483,10 +510,9 @@ class Store:
         transaction; a file staged again since under another request keeps that newer pin.
         Returns the files changed."""
         with self.transaction() as conn:
-            cur = conn.executemany(
+            return conn.executemany(
                 "UPDATE files SET pinned_until = NULL WHERE id = ? AND stage_request = ?",
                 [(p.file_id, p.request) for p in pins])
-        return cur.rowcount
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -538,7 +564,7 @@ class Store:
             rows = self.conn.execute(
                 "SELECT f.url FROM definitions d JOIN members m ON m.definition_id = d.id "
                 "JOIN files f ON f.id = m.file_id WHERE d.catalog = ? AND d.name = ? "
-                f"AND NOT COALESCE(f.status IN (?, ?) AND f.last_warm >= ? AND {_ON_DISK}, 0) "
+                f"AND NOT COALESCE(f.status IN (?, ?) AND f.last_warm >= ? AND {_ON_DISK}, FALSE) "
                 "ORDER BY f.url LIMIT ?",
                 (catalog, definition, *_OK, since, limit),
             ).fetchall()

@@ -1,6 +1,7 @@
 """The state store's writer process: applies batches of rows to the SQLite file.
 
-``prestaged.state.store.Store`` starts it (``python -m prestaged.state.writer DB TIMEOUT``) and
+``prestaged.state.store.Store`` starts it (``python -m prestaged.state.writer DB TIMEOUT``, DB
+"-" for a PostgreSQL state whose URL is then the first line of stdin) and
 sends it one JSON document per line on stdin; it writes each document in one transaction. Running
 the writes in a process of their own keeps SQLite's per-row work off the warming process's CPU
 and GIL (in a thread of the warming process it cost 12-15% of the rate; bench/throughput.py).
@@ -16,8 +17,9 @@ exit 1; the store turns it into its one-line error (the disk is full, ...).
 
 It ignores SIGINT and SIGTERM: a Ctrl-C, ``timeout`` or systemd's stop signal to the whole
 process group must not kill it before the warming process has handed over its last batch and
-closed the pipe, which is how it learns to finish. It imports only ``state.schema`` (the
-package's ``__init__`` loads nothing eagerly), so it starts in a few tens of milliseconds.
+closed the pipe, which is how it learns to finish. It imports only ``state.schema`` and
+``state.db`` (the package's ``__init__`` loads nothing eagerly), so it starts in a few tens of
+milliseconds; psycopg only for a PostgreSQL state.
 """
 
 from __future__ import annotations
@@ -27,62 +29,104 @@ import json
 import signal
 import sqlite3
 import sys
+from collections.abc import Sequence
 from typing import Any
 
-from prestaged.state.schema import configure, definition_id, immediate
+from prestaged.errors import StateError
+from prestaged.state.db import Database, PostgresDatabase, SqliteDatabase, driver_errors
+from prestaged.state.schema import configure, definition_id
+
+PG_WRITE_LOCK = 0x7072657374617772
+"""Key of the advisory lock a PostgreSQL writer holds for each batch ("prestawr"): writers of
+several daemons then take their row locks one batch at a time, as SQLite's ``BEGIN IMMEDIATE``
+makes them, instead of deadlocking on files two batches share in different orders."""
 
 UPSERT_MEMBER_FILE = (
     "INSERT INTO files (id, url, name, size) VALUES (?, ?, ?, ?) ON CONFLICT (id) "
     "DO UPDATE SET size = COALESCE(excluded.size, files.size)"
 )
-INSERT_MEMBER = "INSERT OR IGNORE INTO members (definition_id, file_id) VALUES (?, ?)"
-# An outcome never erases a newer success written by another process: last_warm only grows.
+INSERT_MEMBER = ("INSERT INTO members (definition_id, file_id) VALUES (?, ?) "
+                 "ON CONFLICT DO NOTHING")
+# An outcome never erases a newer success written by another process: last_try and last_warm
+# only grow. CASE, not SQLite's scalar MAX(a, b), which PostgreSQL lacks (GREATEST there);
+# the same SQL on both engines. The last parameter is last_warm (``_outcome_rows``).
 UPSERT_OUTCOME = """
 INSERT INTO files (id, url, name, status, http_status, bytes, attempts, last_error, last_try,
                    last_warm)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, CASE WHEN ?4 IN ('warm', 'empty') THEN ?9 END)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO UPDATE SET
     status = excluded.status,
     http_status = excluded.http_status,
     bytes = excluded.bytes,
     attempts = excluded.attempts,
     last_error = excluded.last_error,
-    last_try = MAX(COALESCE(files.last_try, 0), excluded.last_try),
-    last_warm = NULLIF(MAX(COALESCE(files.last_warm, 0), COALESCE(excluded.last_warm, 0)), 0)
+    last_try = CASE WHEN files.last_try > excluded.last_try THEN files.last_try
+                    ELSE excluded.last_try END,
+    last_warm = CASE WHEN excluded.last_warm > COALESCE(files.last_warm, 0)
+                     THEN excluded.last_warm ELSE files.last_warm END
 """
+_SUCCESS = ("warm", "empty")
 
 
 # Tape rows (issue 13). A stage request made: the file is staging (staged_at cleared) under
 # that request's pin. Staged: on disk since staged_at, so its locality is DISK_AND_TAPE now.
-LOCATED = "UPDATE files SET locality = ?2, locality_at = ?3 WHERE id = ?1"
-STAGING = ("UPDATE files SET stage_request = ?2, stage_uri = ?3, pinned_until = ?4, "
-           "staged_at = NULL WHERE id = ?1")
-STAGED = ("UPDATE files SET staged_at = ?2, pinned_until = ?3, locality = 'DISK_AND_TAPE', "
-          "locality_at = ?2 WHERE id = ?1")
+# Plain ? in the order of the row the store sent (no ?N: psycopg has no numbered parameters).
+LOCATED = "UPDATE files SET locality = ?, locality_at = ? WHERE id = ?"
+STAGING = ("UPDATE files SET stage_request = ?, stage_uri = ?, pinned_until = ?, "
+           "staged_at = NULL WHERE id = ?")
+STAGED = ("UPDATE files SET staged_at = ?, pinned_until = ?, locality = 'DISK_AND_TAPE', "
+          "locality_at = ? WHERE id = ?")
 
 
-def write(conn: sqlite3.Connection, doc: dict[str, Any]) -> None:
+def _outcome_rows(rows: list[Sequence[Any]]) -> list[Sequence[Any]]:
+    """Outcome rows of the protocol with last_warm added: their time for a success."""
+    return [(*r, r[8] if r[3] in _SUCCESS else None) for r in rows]
+
+
+def _tape_rows(key: str, rows: list[Sequence[Any]]) -> list[Sequence[Any]]:
+    """Tape rows of the protocol (id first) in the order of their statement's parameters."""
+    if key == "staged":  # [id, time, pinned_until]
+        return [(r[1], r[2], r[1], r[0]) for r in rows]
+    return [(*r[1:], r[0]) for r in rows]
+
+
+def write(db: Database, doc: dict[str, Any]) -> None:
     """Apply one batch in one transaction."""
-    with immediate(conn):
+    with db.transaction():
+        if db.dialect.name == "postgresql":
+            db.execute("SELECT pg_advisory_xact_lock(?)", (PG_WRITE_LOCK,))
         for catalog, definition, rows in doc.get("members", ()):
-            def_id = definition_id(conn, catalog, definition)
-            conn.executemany(UPSERT_MEMBER_FILE, rows)
-            conn.executemany(INSERT_MEMBER, [(def_id, row[0]) for row in rows])
+            def_id = definition_id(db, catalog, definition)
+            db.executemany(UPSERT_MEMBER_FILE, rows)
+            db.executemany(INSERT_MEMBER, [(def_id, row[0]) for row in rows])
         if doc.get("outcomes"):
-            conn.executemany(UPSERT_OUTCOME, doc["outcomes"])
+            db.executemany(UPSERT_OUTCOME, _outcome_rows(doc["outcomes"]))
         for key, statement in (("located", LOCATED), ("staging", STAGING), ("staged", STAGED)):
             if doc.get(key):
-                conn.executemany(statement, doc[key])
+                db.executemany(statement, _tape_rows(key, doc[key]))
+
+
+def _open(target: str, timeout: float) -> Database:
+    """The database to write: the SQLite file ``target``, or (``target`` "-") the PostgreSQL
+    URL read as the first line of stdin (never on the command line, where ps shows it)."""
+    if target != "-":
+        conn = sqlite3.connect(target, timeout=timeout, isolation_level=None)
+        configure(conn)
+        return SqliteDatabase(conn, target)
+    from prestaged.state.postgres import connect
+
+    url = sys.stdin.buffer.readline().decode().strip()
+    return PostgresDatabase(connect(url), url)
 
 
 def main(argv: list[str]) -> int:
-    """Serve batches for the database ``argv[1]`` (busy timeout ``argv[2]`` seconds)."""
+    """Serve batches for the database ``argv[1]`` (a file, or "-": a PostgreSQL URL on the
+    first line of stdin), busy timeout ``argv[2]`` seconds (SQLite)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        conn = sqlite3.connect(argv[1], timeout=float(argv[2]), isolation_level=None)
-        configure(conn)
-    except (sqlite3.Error, OSError) as e:
+        db = _open(argv[1], float(argv[2]))
+    except driver_errors(StateError, OSError, ValueError) as e:
         return _fail(e)
     try:
         for line in sys.stdin.buffer:
@@ -91,17 +135,18 @@ def main(argv: list[str]) -> int:
                 sys.stdout.write(f"ok {doc['flush']}\n")
                 sys.stdout.flush()
             else:
-                write(conn, doc)
-    except (sqlite3.Error, OSError, ValueError) as e:
-        return _fail(e)
+                write(db, doc)
+    except driver_errors(OSError, ValueError) as e:
+        return _fail(e, db)
     finally:
-        conn.close()
+        db.close()
     return 0
 
 
-def _fail(e: BaseException) -> int:
+def _fail(e: BaseException, db: Database | None = None) -> int:
     """Tell the store what went wrong (one line on stdout), then exit 1."""
-    message = " ".join(str(e).split()) or type(e).__name__
+    message = db.describe(e) if isinstance(db, PostgresDatabase) else str(e)
+    message = " ".join(message.split()) or type(e).__name__
     with contextlib.suppress(OSError):
         sys.stdout.write(f"error {message}\n")
         sys.stdout.flush()
