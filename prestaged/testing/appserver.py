@@ -17,9 +17,12 @@ from typing import Callable, Optional, TypeVar
 
 from aiohttp import web
 
-__all__ = ["AppServer"]
+from prestaged.testing.threaded import ThreadedServer
+
+__all__ = ["AppServer", "ThreadedAppServer"]
 
 S = TypeVar("S", bound="AppServer")
+A = TypeVar("A", bound="AppServer")
 
 
 @dataclass
@@ -126,3 +129,12 @@ class AppServer:
         if self._port is None:
             raise RuntimeError(f"{type(self).__name__} is not listening")
         return self._port
+
+
+class ThreadedAppServer(ThreadedServer[A]):
+    """An ``AppServer`` in a thread (``ThreadedServer``), with the URL clients are given."""
+
+    @property
+    def base_url(self) -> str:
+        """See the server's ``base_url``."""
+        return self.server.base_url

@@ -64,9 +64,8 @@ from typing import Any, Callable, Optional, Union
 
 from aiohttp import web
 
-from prestaged.testing.appserver import AppServer
+from prestaged.testing.appserver import AppServer, ThreadedAppServer
 from prestaged.testing.pki import load_or_create_pki
-from prestaged.testing.threaded import ThreadedServer
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -586,7 +585,7 @@ class MetaCatServer(AppServer):
 # --- in a thread -------------------------------------------------------------------------------
 
 
-class ThreadedMetaCatServer(ThreadedServer[MetaCatServer]):
+class ThreadedMetaCatServer(ThreadedAppServer[MetaCatServer]):
     """A ``MetaCatServer`` on its own event loop in a daemon thread, for synchronous clients
     such as the real ``MetaCatClient``. Takes the same arguments; mutators run on the server's
     loop and return once applied; ``stats`` is the live object (read it once requests are
@@ -594,11 +593,6 @@ class ThreadedMetaCatServer(ThreadedServer[MetaCatServer]):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(lambda: MetaCatServer(**kwargs), "MetaCat emulator")
-
-    @property
-    def base_url(self) -> str:
-        """See ``MetaCatServer.base_url``."""
-        return self.server.base_url
 
     @property
     def stats(self) -> MetaCatStats:

@@ -68,7 +68,7 @@ from typing import Any, Callable, Optional, Union
 from aiohttp import web
 from cryptography import x509
 
-from prestaged.testing.appserver import AppServer
+from prestaged.testing.appserver import AppServer, ThreadedAppServer
 from prestaged.testing.pki import load_or_create_pki
 from prestaged.testing.rucio_catalog import (
     ListRequest,
@@ -77,7 +77,6 @@ from prestaged.testing.rucio_catalog import (
     SyntheticFiles,
 )
 from prestaged.testing.rucio_spec import ProtocolSpec, RseSpec, RucioSpec, SpecError, load_spec
-from prestaged.testing.threaded import ThreadedServer
 from prestaged.testing.tokens import BearerCheck
 
 __all__ = [
@@ -533,18 +532,13 @@ class RucioEmulator(AppServer):
 # --- in a thread -------------------------------------------------------------------------------
 
 
-class ThreadedRucioEmulator(ThreadedServer[RucioEmulator]):
+class ThreadedRucioEmulator(ThreadedAppServer[RucioEmulator]):
     """A ``RucioEmulator`` on its own event loop in a daemon thread, for synchronous clients
     such as the real ``ReplicaClient``. Takes the same arguments; ``stats`` is the live object
     (read it once requests are over)."""
 
     def __init__(self, spec: Optional[SpecSource] = None, **kwargs: Any) -> None:
         super().__init__(lambda: RucioEmulator(spec, **kwargs), "Rucio emulator")
-
-    @property
-    def base_url(self) -> str:
-        """See ``RucioEmulator.base_url``."""
-        return self.server.base_url
 
     @property
     def stats(self) -> RucioStats:

@@ -67,10 +67,9 @@ from typing import Any, Callable, Optional, TypeVar, Union
 
 from aiohttp import web
 
-from prestaged.testing.appserver import AppServer
+from prestaged.testing.appserver import AppServer, ThreadedAppServer
 from prestaged.testing.pki import load_or_create_pki
 from prestaged.testing.storage import Delay, Reset, Serve, Status
-from prestaged.testing.threaded import ThreadedServer
 from prestaged.testing.tokens import NO_TOKEN, BearerCheck
 
 if sys.version_info >= (3, 11):
@@ -608,7 +607,7 @@ async def _reset(request: web.BaseRequest) -> web.StreamResponse:
 # --- in a thread -------------------------------------------------------------------------------
 
 
-class ThreadedSamWebServer(ThreadedServer[SamWebServer]):
+class ThreadedSamWebServer(ThreadedAppServer[SamWebServer]):
     """A ``SamWebServer`` on its own event loop in a daemon thread, for synchronous code.
 
     Takes the same arguments. Mutators run on the server's loop and return once applied;
@@ -617,11 +616,6 @@ class ThreadedSamWebServer(ThreadedServer[SamWebServer]):
 
     def __init__(self, ssl_context: ssl.SSLContext, **kwargs: Any) -> None:
         super().__init__(lambda: SamWebServer(ssl_context, **kwargs), "SAM web emulator")
-
-    @property
-    def base_url(self) -> str:
-        """See ``SamWebServer.base_url``."""
-        return self.server.base_url
 
     @property
     def stats(self) -> SamStats:
