@@ -48,6 +48,7 @@ __all__ = [
     "CatalogConfig",
     "CatalogServerKeys",
     "Check",
+    "ClusterConfig",
     "Config",
     "CredentialsConfig",
     "DaemonConfig",
@@ -539,6 +540,27 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: several daemons sharing one PostgreSQL state (``state.url``) share its
+    work through leases in the database (README "Running several daemons")."""
+
+    lease: Duration = field(default=Duration(60.0), metadata=check(_UP_TO_A_DAY))
+    """A member whose heartbeat is older than this is dead; its leases (renewed every third of
+    this) expire at most this long after it died, and another member takes its work (s)."""
+    heartbeat: Duration = field(default=Duration(5.0), metadata=check(_UP_TO_AN_HOUR))
+    """How often a member heartbeats and looks for work to claim (s): a dead member's work is
+    taken over within ``lease`` plus this."""
+    chunk: int = field(default=10_000, metadata=check(within(1, 10_000_000)))
+    """Files per chunk of a watch round on a shared state; members claim chunks independently."""
+
+    def __post_init__(self) -> None:
+        if self.heartbeat * 3 > self.lease:
+            raise ConfigError(f"cluster.heartbeat {self.heartbeat:g}s: at most a third of "
+                              f"cluster.lease ({self.lease:g}s), or a live member would look "
+                              "dead after one late heartbeat")
+
+
+@dataclass(frozen=True)
 class WatchConfig:
     """One ``[[watch]]`` table: a definition the daemon keeps warm."""
 
@@ -581,6 +603,7 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     watch: tuple[WatchConfig, ...] = ()
     """``[[watch]]`` definitions kept warm by ``prestaged serve``."""
     source: Optional[Path] = field(default=None, metadata={"internal": True})

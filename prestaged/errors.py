@@ -48,6 +48,11 @@ class ConflictError(StateError):
     http_status = 409
 
 
+class LeaseLost(ConflictError):
+    """A daemon went to change a campaign whose lease it no longer holds (another member took
+    it over after the lease expired): nothing was changed, the new holder goes on."""
+
+
 class BusyError(PrestagedError):
     """The daemon has as much queued as it takes: try again after ``retry_after`` seconds
     (HTTP 429 with ``Retry-After``)."""

@@ -48,6 +48,7 @@ __all__ = [
     "GATE_BUCKETS",
     "LATENCY_BUCKETS",
     "LAUNCH_RESULTS",
+    "LEASE_KINDS",
     "LOCALITIES",
     "RUN_RESULTS",
     "STAGE_BUCKETS",
@@ -56,6 +57,10 @@ __all__ = [
     "host_label",
     "run_result",
 ]
+
+LEASE_KINDS = ("campaign", "watch", "chunk")
+"""What a member holds leases on (``state.cluster``): a campaign it drives, a watch schedule
+while it lists a round, a chunk of a watch round it warms."""
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -200,6 +205,17 @@ class Metrics:
             "prestaged_endpoint_concurrency",
             "Concurrency used towards a storage host now (its limiter cuts it on 429/503).",
             ["host"], registry=r)
+        self.cluster_members = Gauge(
+            "prestaged_cluster_members",
+            "Members of the daemons' cluster heartbeating within [cluster] lease (this daemon "
+            "included), as this member last read them.", registry=r)
+        self.leases_held = Gauge(
+            "prestaged_leases_held", "Unexpired work leases this member holds, by kind.",
+            ["kind"], registry=r)
+        self.lease_takeovers = Counter(
+            "prestaged_lease_takeovers",
+            "Leases this member took over from a member whose lease had expired, by kind.",
+            ["kind"], registry=r)
         self.build = Info("prestaged_build", "prestaged version and Python.", registry=r)
         self.build.info({"version": __version__, "python": platform.python_version()})
         self._initialise()
@@ -213,6 +229,9 @@ class Metrics:
             self.retries.labels(reason)
         for launch in LAUNCH_RESULTS:
             self.launches.labels(launch)
+        for kind in LEASE_KINDS:
+            self.leases_held.labels(kind)
+            self.lease_takeovers.labels(kind)
         for kind in KINDS:
             for result_ in CATALOG_RESULTS:
                 self.catalog_requests.labels(kind, result_)
@@ -328,6 +347,18 @@ class Metrics:
         """Storage ``host`` gets ``n`` concurrent requests now (its limiter's value); a URL or
         ``host:port`` is reduced to the host name."""
         self.endpoint_concurrency.labels(host_label(host)).set(n)
+
+    # --- several daemons (issue 16) ---------------------------------------------------------
+
+    def set_cluster(self, members: int, leases: Mapping[str, int]) -> None:
+        """``members`` alive now; this member's unexpired leases per kind (``LEASE_KINDS``)."""
+        self.cluster_members.set(members)
+        for kind in LEASE_KINDS:
+            self.leases_held.labels(kind).set(leases.get(kind, 0))
+
+    def lease_taken_over(self, kind: str) -> None:
+        """This member took a ``kind`` lease over from a member whose lease had expired."""
+        self.lease_takeovers.labels(kind if kind in LEASE_KINDS else "unknown").inc()
 
     # --- exposition ------------------------------------------------------------------------
 

@@ -168,6 +168,7 @@ BAD_CONFIG_VALUES: dict[str, object] = {
     "output.progress_interval": 0, "output.log_level": "loud",
     "daemon.listen": "nope", "daemon.drain_timeout": -1, "daemon.credential_check": 0,
     "daemon.jitter": -0.1, "daemon.campaign_check": 0, "daemon.max_runs": 0,
+    "cluster.lease": 0, "cluster.heartbeat": "-1s", "cluster.chunk": 0,
     "watch[0].definition": " ", "watch[0].every": 0, "watch[0].ready": 0,
 }
 
@@ -288,6 +289,18 @@ def test_refused_state_url_does_not_echo_its_password(tmp_path: Path) -> None:
         load_config(path)
     assert str(err.value).endswith('got "mysql://app:***@db/x?password=***"')
     assert "hunter" not in str(err.value)
+
+
+def test_cluster_heartbeat_over_a_third_of_the_lease_is_refused(tmp_path: Path) -> None:
+    """A heartbeat slower than lease/3 would make a live member look dead after one late beat:
+    refused, naming both keys; the defaults (60 s, 5 s) and lease = 3 heartbeats load."""
+    path = _write(tmp_path, '[cluster]\nlease = "10s"\nheartbeat = "4s"\n')
+    with pytest.raises(ConfigError, match=r"cluster\.heartbeat 4s: at most a third of "
+                                          r"cluster\.lease \(10s\)"):
+        load_config(path)
+    assert load_config(_write(tmp_path, '[cluster]\nlease = "9s"\nheartbeat = "3s"\n')
+                       ).cluster.lease == 9.0
+    assert (Config().cluster.lease, Config().cluster.heartbeat) == (60.0, 5.0)
 
 
 def test_state_path_and_url_together_are_refused(tmp_path: Path) -> None:

@@ -25,6 +25,15 @@ to a second submission of the same stage.
 
 Asking for a submission that does not exist is a ``NotFoundError`` (HTTP 404); a transition its
 state refuses is a ``ConflictError`` (HTTP 409).
+
+Several daemons (issue 16): the daemon driving a campaign holds its lease (``state.cluster``)
+and its repository is made with ``owner`` = its member id. Then every change the runner makes
+checks the lease in the same transaction: creating a submission (and its drainingn ledger) and
+moving one to ``submitting`` need an unexpired lease; any other move needs that no other member
+took the lease over. A member that lost the lease changes nothing (``LeaseLost``): so a
+submission is launched at most once across daemons, and one found in ``submitting`` by the
+member that took over becomes ``launch_unknown`` exactly as after a restart. Operator actions
+go through a repository without ``owner``: any member acts on all.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prestaged.campaign.spec import CampaignConfig, StageConfig, parse_campaign
-from prestaged.errors import ConfigError, ConflictError, NotFoundError
+from prestaged.errors import ConfigError, ConflictError, LeaseLost, NotFoundError
 from prestaged.model import FileRef
 from prestaged.state.db import Database
 from prestaged.state.store import Store
@@ -141,9 +150,23 @@ class CampaignRepository:
     process's write lock: async callers run them in a worker thread (``asyncio.to_thread``),
     as the runner does."""
 
-    def __init__(self, store: Store, on_move: Optional[MoveHook] = None) -> None:
+    def __init__(self, store: Store, on_move: Optional[MoveHook] = None,
+                 owner: Optional[str] = None) -> None:
         self.store = store
         self.on_move = on_move
+        self.owner = owner
+        """The member id whose campaign lease every runner change checks (None: no check)."""
+
+    def _check_lease(self, conn: Database, campaign: str, *, strict: bool) -> None:
+        """Inside a write transaction: ``LeaseLost`` unless ``owner`` holds ``campaign``'s
+        lease (``strict``: unexpired; else: not taken over by another member)."""
+        if self.owner is None:
+            return
+        from prestaged.state.cluster import holds_campaign
+
+        if not holds_campaign(conn, campaign, self.owner, strict=strict):
+            raise LeaseLost(f"campaign {campaign}: this daemon's lease was lost (taken over by "
+                            "another member after it expired); nothing changed")
 
     def _moved(self, campaign: str, frm: Optional[SubmissionState], to: SubmissionState,
                since: float) -> None:
@@ -300,6 +323,7 @@ class CampaignRepository:
         """A new ``queued`` submission and, in the same transaction, its ``ledger`` files."""
         now = time.time()
         with self.store.transaction() as conn:
+            self._check_lease(conn, campaign, strict=True)
             sub_id = conn.insert(
                 "INSERT INTO campaign_submissions (campaign, stage, item, definition, state, "
                 "reason, created, updated, n_files) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -427,6 +451,9 @@ class CampaignRepository:
         now = time.time()
         sets = "".join(f", {k} = ?" for k in fields)
         with self.store.transaction() as conn:
+            # The lease first: on PostgreSQL it locks the campaign row, so a takeover cannot
+            # come between this check and the move (the launch ledger entry included).
+            self._check_lease(conn, sub.campaign, strict=to is S.SUBMITTING)
             row = conn.execute("SELECT state, updated FROM campaign_submissions WHERE id = ?",
                                (sub.id,)).fetchone()
             if row is None:

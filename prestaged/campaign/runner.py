@@ -384,7 +384,8 @@ async def run_campaign(campaign: CampaignConfig, store: Store, *, gate: GateFn,
                        stop: Optional[asyncio.Event] = None,
                        rewarm: Optional[RewarmFn] = None,
                        release: Optional[ReleaseFn] = None,
-                       on_move: Optional[MoveHook] = None) -> CampaignResult:
+                       on_move: Optional[MoveHook] = None,
+                       owner: Optional[str] = None) -> CampaignResult:
     """Process ``campaign`` in the foreground: stages in ``after`` order, each stage's
     submissions one at a time (gate, submit, poll ``complete`` while keeping the slice warm
     with ``rewarm``, see ``RewarmFn``; without it no keep-warm). ``gate`` warms a slice (see
@@ -393,7 +394,10 @@ async def run_campaign(campaign: CampaignConfig, store: Store, *, gate: GateFn,
     succeeded, in stages with ``release_after_complete`` (without it, nothing is released).
     Setting ``stop`` ends it at the next step (exit code 130).
     Held and cancelled campaigns/stages create and launch nothing (see ``CampaignResult``).
-    ``on_move`` hears every stored transition, in a worker thread (see ``MoveHook``)."""
-    runner = _Runner(campaign, CampaignRepository(store, on_move), gate, open_catalog, workdir,
+    ``on_move`` hears every stored transition, in a worker thread (see ``MoveHook``).
+    ``owner`` (a daemon's member id) makes every change check that member's campaign lease
+    (see ``CampaignRepository``): a lost lease ends the pass with ``LeaseLost``."""
+    runner = _Runner(campaign, CampaignRepository(store, on_move, owner), gate, open_catalog,
+                     workdir,
                      stop if stop is not None else asyncio.Event(), rewarm, release)
     return await runner.run()

@@ -14,6 +14,16 @@ mark-submitted: they act at once) or for ``daemon.campaign_check`` to pass, then
 campaign again, which resumes from the state database. A cancel also interrupts a gate in
 progress. On SIGTERM, gates and keep-warm waits stop at once; a submit command that is running
 gets ``daemon.drain_timeout`` to finish (if it is killed its submission is launch_unknown).
+
+Several daemons on one state (issue 16): every member has a task per stored campaign, but only
+the member holding the campaign's lease (``state.cluster``) runs passes; the others show it as
+``elsewhere`` and try to claim it every heartbeat, so a dead member's campaigns are taken over
+within ``[cluster] lease`` plus a heartbeat. The holder renews the lease at a third of the
+lease; a renewal that finds it taken over interrupts the pass, and every change the runner makes
+checks the lease in its own transaction (``CampaignRepository(owner=...)``), so no submission is
+launched twice. Every member looks at the stored campaigns every heartbeat: a campaign added or
+replaced through another member is started here too, and an operator action through another
+member (it sets ``poked``) wakes the holder (a cancel interrupts its gate).
 """
 
 from __future__ import annotations
@@ -38,7 +48,9 @@ from prestaged.gate import GateFn, RewarmFn
 from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics
 from prestaged.pins import ReleaseFn
+from prestaged.service.cluster import ClusterMember, keep_lease
 from prestaged.service.runs import Spawn
+from prestaged.state import cluster as shared
 from prestaged.state.db import driver_errors
 from prestaged.state.store import Store
 from prestaged.warm import Toucher, WarmSettings
@@ -73,6 +85,8 @@ class CampaignEntry:
     interrupt: asyncio.Event = field(default_factory=asyncio.Event)
     """Ends the current pass at its next step (a cancel); the task goes on."""
     task: Optional[asyncio.Task[None]] = None
+    keeper: Optional[asyncio.Task[None]] = None
+    """Renews this member's lease on the campaign while it holds it (several daemons)."""
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready summary (the daemon side of ``campaign list``/``show``)."""
@@ -99,8 +113,11 @@ class DaemonCampaigns:
                  context: Callable[[], Context], settings: Callable[[], WarmSettings],
                  open_catalog: Callable[[str, str], Catalog], spawn: Spawn,
                  draining: Callable[[], bool],
-                 tape: Callable[[], Optional[TapeAccess]] = lambda: None) -> None:
+                 tape: Callable[[], Optional[TapeAccess]] = lambda: None,
+                 member: Optional[ClusterMember] = None) -> None:
         self._store, self._toucher, self._metrics = store, toucher, metrics
+        self._member = member
+        self._seen: dict[str, tuple[Optional[float], float]] = {}
         self._tape = tape
         self._context, self._settings, self._open = context, settings, open_catalog
         self._spawn, self._draining = spawn, draining
@@ -111,6 +128,7 @@ class DaemonCampaigns:
         self._stale: set[str] = set()
         self._stale_event = asyncio.Event()
         self._gauges: Optional[asyncio.Task[Any]] = None
+        self._follower: Optional[asyncio.Task[Any]] = None
 
     @property
     def workdir(self) -> Path:
@@ -124,6 +142,10 @@ class DaemonCampaigns:
         for campaign in await asyncio.to_thread(self.state.registered):
             self._mark_stale(campaign.name)
             self._launch(campaign)
+        if self._member is not None:
+            self._seen = {name: (poked, updated) for name, (poked, updated, _) in
+                          (await asyncio.to_thread(shared.pokes, self._store)).items()}
+            self._follower = self._spawn(self._follow(self._member))
         if self.entries:
             log.info("resuming %d campaigns: %s", len(self.entries), ", ".join(self.entries))
 
@@ -134,6 +156,8 @@ class DaemonCampaigns:
             entry.poke.set()
         if self._gauges is not None:
             self._gauges.cancel()
+        if self._follower is not None:
+            self._follower.cancel()
 
     # --- operator actions -----------------------------------------------------------------
 
@@ -170,6 +194,8 @@ class DaemonCampaigns:
         text = await asyncio.to_thread(functools.partial(
             apply_action, self.state, name, action, stage=stage, submission=submission,
             job_id=job_id, stages=stages))
+        if self._member is not None:  # the member driving it (maybe another) looks again
+            await asyncio.to_thread(shared.poke_campaign, self._store, name)
         entry = self.entries.get(name)  # the campaign may have been replaced meanwhile
         if action == "cancel" and entry is not None:
             entry.interrupt.set()  # a gate in progress ends now; the next pass sees it
@@ -228,18 +254,105 @@ class DaemonCampaigns:
                        previous: Optional[asyncio.Task[Any]]) -> None:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
-        while not self._draining() and not entry.stop.is_set():
-            await self._pass(entry)
-            if entry.status == "done":
-                return
-            if entry.stop.is_set() or self._draining():
-                break
-            # Idle until an operator acts or campaign_check passes: nothing else changes
-            # a campaign that stopped short.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(entry.poke.wait(),
-                                       self._context().cfg.daemon.campaign_check)
-        entry.status = "stopped"
+        try:
+            while not self._draining() and not entry.stop.is_set():
+                if not await self._hold(entry):
+                    # Another member drives it: look again every heartbeat (its death shows
+                    # as an expired lease) or when an operator acts.
+                    assert self._member is not None
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(entry.poke.wait(), self._member.heartbeat)
+                    entry.poke.clear()
+                    continue
+                await self._pass(entry)
+                if entry.status == "done":
+                    return
+                if entry.stop.is_set() or self._draining():
+                    break
+                # Idle until an operator acts or campaign_check passes: nothing else changes
+                # a campaign that stopped short.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(entry.poke.wait(),
+                                           self._context().cfg.daemon.campaign_check)
+            entry.status = "stopped"
+        finally:
+            await self._unhold(entry)
+
+    async def _hold(self, entry: CampaignEntry) -> bool:
+        """Whether this member may run a pass of ``entry``: always on its own; with several
+        daemons, once it holds the campaign's lease (claimed here, then renewed by
+        ``entry.keeper`` until it is lost or given up)."""
+        member = self._member
+        if member is None or (entry.keeper is not None and not entry.keeper.done()):
+            return True
+        name = entry.config.name
+        await member.connected.wait()
+        try:
+            ours, other = await asyncio.to_thread(shared.claim_campaign, self._store, name,
+                                                  member.id, member.lease)
+        except driver_errors(PrestagedError) as e:
+            entry.status, entry.detail = "waiting", f"state unreachable: {e}"
+            return False
+        if not ours:
+            entry.status = "elsewhere"
+            entry.detail = f"driven by member {other}" if other else "not claimable now"
+            return False
+        if other is not None:
+            self._metrics.lease_taken_over("campaign")
+            log.info("campaign %s: taken over from member %s (its lease expired)", name, other)
+
+        def lost() -> None:
+            entry.interrupt.set()  # the pass in progress ends at its next step
+            entry.poke.set()
+
+        entry.keeper = asyncio.ensure_future(keep_lease(self._store, member, "campaign",
+                                                        (name,), lost))
+        return True
+
+    async def _unhold(self, entry: CampaignEntry) -> None:
+        """Stop renewing ``entry``'s lease and give it up (another member may drive it)."""
+        if entry.keeper is None or self._member is None:
+            return
+        entry.keeper.cancel()
+        entry.keeper = None
+        with contextlib.suppress(*driver_errors(PrestagedError)):
+            await asyncio.to_thread(shared.release_campaign, self._store, entry.config.name,
+                                    self._member.id)
+
+    async def _follow(self, member: ClusterMember) -> None:
+        """Every heartbeat: start campaigns added through other members, restart those they
+        replaced, and wake those they acted on (see the module docstring)."""
+        while True:
+            await asyncio.sleep(member.heartbeat)
+            try:
+                rows = await asyncio.to_thread(shared.pokes, self._store)
+                changed = {name for name, (poked, updated, _) in rows.items()
+                           if self._seen.get(name) != (poked, updated)}
+                fresh = {name for name in changed
+                         if name not in self.entries
+                         or self._seen.get(name, (None, -1.0))[1] != rows[name][1]}
+                configs = (await asyncio.to_thread(self.state.registered)) if fresh else []
+                cancelled = {name for name in changed - fresh
+                             if "cancelled" in (await asyncio.to_thread(
+                                 self.state.controls, name)).values()}
+            except driver_errors(PrestagedError) as e:
+                log.warning("campaigns: cannot read the shared campaigns: %s", e)
+                continue
+            self._seen = {name: (poked, updated) for name, (poked, updated, _) in rows.items()}
+            for campaign in configs:
+                if campaign.name in fresh:
+                    self._mark_stale(campaign.name)
+                    self._launch(campaign)
+            for name in changed - fresh:
+                entry = self.entries.get(name)
+                if entry is None:
+                    continue
+                if name in cancelled:
+                    entry.interrupt.set()
+                if entry.task is None or entry.task.done():
+                    self._launch(entry.config)
+                else:
+                    entry.poke.set()
 
     async def _pass(self, entry: CampaignEntry) -> None:
         """One ``run_campaign`` pass; ``entry`` says how it ended."""
@@ -254,7 +367,8 @@ class DaemonCampaigns:
             result = await run_campaign(
                 entry.config, self._store, gate=self._gate(stop),
                 open_catalog=self._catalogs(entry.config), workdir=self.workdir, stop=stop,
-                rewarm=self._rewarm(stop), release=self._release(stop), on_move=self._moved)
+                rewarm=self._rewarm(stop), release=self._release(stop), on_move=self._moved,
+                owner=self._member.id if self._member is not None else None)
         except PrestagedError as e:
             entry.status, entry.detail = "waiting", str(e)
             log.error("campaign %s: %s; trying again in %.0f s or on the next action",

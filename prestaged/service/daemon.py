@@ -38,11 +38,12 @@ from prestaged.credentials import (
     resolve_ca_dir,
     resolve_proxy_path,
 )
-from prestaged.errors import ConfigError, CredentialError
+from prestaged.errors import ConfigError, CredentialError, PrestagedError
 from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics
 from prestaged.service.api import Handler, JsonObject, build_app
 from prestaged.service.campaigns import DaemonCampaigns
+from prestaged.service.cluster import ChunkWorker, ClusterMember
 from prestaged.service.coalesce import Coalesced
 from prestaged.service.naming import open_requested
 from prestaged.service.runs import RunInfo, Runs
@@ -116,6 +117,9 @@ class _Live:
     runs: Runs
     watches: Watches
     campaigns: DaemonCampaigns
+    member: ClusterMember
+    chunks: Optional[ChunkWorker]
+    """Warms chunks of watch rounds (a shared state only)."""
 
 
 class Daemon:
@@ -137,6 +141,8 @@ class Daemon:
         self._touch: Optional[SharedToucher] = None
         self._tape: Optional[TapeAccess] = None
         self._live: Optional[_Live] = None
+        self._member: Optional[ClusterMember] = None
+        self._chunk_task: Optional[asyncio.Task[None]] = None
         self._runner: Optional[web.AppRunner] = None
         self._proxy_stamp: Optional[tuple[int, int, int]] = None
         self._paused = False
@@ -196,6 +202,9 @@ class Daemon:
         assert ev is not None
         self.token = _read_token(cfg.daemon.token_file, cfg.daemon.listen)
         store = self._store = await asyncio.to_thread(self.ctx.open_store)
+        member = self._member = ClusterMember(store, self.metrics, config=lambda: self.cfg.cluster,
+                                              listen=cfg.daemon.listen, version=__version__)
+        await member.start()
         self.credentials = self.ctx.load_credentials()
         if self.credentials.proxy is not None:
             self._proxy_stamp = _stamp(self.credentials.proxy.path)
@@ -215,18 +224,39 @@ class Daemon:
                     fresh_for=lambda: self.cfg.state.fresh_for, draining=self._draining,
                     stop=ev.stop_runs, spawn=self.spawn, after=self._after_run,
                     changed=self._status, max_runs=lambda: self.cfg.daemon.max_runs)
+        # On a shared (PostgreSQL) state watch rounds are planned in the database and warmed
+        # chunk by chunk by every member; on a SQLite file the daemon schedules its own.
+        chunks = None
+        if store.url is not None:
+            chunks = ChunkWorker(store, member, self.metrics, run=self._run_chunk,
+                                 draining=self._draining)
         watches = Watches(store, self.metrics, open_catalog=self.open_catalog,
                           submit=lambda cat, fresh: runs.submit(cat, origin="watch",
                                                                 fresh_for=fresh)[0],
-                          spawn=self.spawn, config=lambda: self.cfg)
+                          spawn=self.spawn, config=lambda: self.cfg,
+                          member=member if chunks is not None else None,
+                          planned=chunks.wake.set if chunks is not None else lambda: None)
         campaigns = DaemonCampaigns(store, toucher, self.metrics, context=lambda: self.ctx,
                                     tape=self._tape_now,
                                     settings=self._settings, open_catalog=self.open_catalog,
-                                    spawn=self.spawn, draining=self._draining)
-        self._live = _Live(store, toucher, runs, watches, campaigns)
+                                    spawn=self.spawn, draining=self._draining, member=member)
+        self._live = _Live(store, toucher, runs, watches, campaigns, member, chunks)
         await self._start_api(_Ports(self, self._live))
         watches.apply(cfg)
         await campaigns.start()
+        if chunks is not None:
+            self._chunk_task = asyncio.ensure_future(chunks.loop())
+
+    async def _run_chunk(self, catalog: Catalog, fresh_for: float) -> int:
+        """Warm one chunk of a watch round as a watch run of its definition (queued behind a
+        run of the same definition, never joined to it); its exit code."""
+        assert self._live is not None
+        info, _ = self._live.runs.submit(catalog, origin="watch", fresh_for=fresh_for,
+                                         join=False)
+        await info.finished.wait()
+        if info.state == "error":
+            raise PrestagedError(info.error)
+        return info.exit_code or 0
 
     async def _start_api(self, ports: _Ports) -> None:
         from aiohttp import web
@@ -261,6 +291,8 @@ class Daemon:
         if self._live is not None:
             self._live.watches.stop()
             self._live.campaigns.stop()
+        if self._chunk_task is not None:
+            self._chunk_task.cancel()
         running = [t for t in self._tasks if not t.done()]
         if running:
             _, pending = await asyncio.wait(running, timeout=self.cfg.daemon.drain_timeout)
@@ -279,6 +311,10 @@ class Daemon:
             await self._touch.close()
         if self._tape is not None:
             await self._tape.__aexit__(None, None, None)
+        if self._chunk_task is not None:
+            self._chunk_task.cancel()
+        if self._member is not None:
+            await self._member.leave()
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
 
@@ -451,6 +487,8 @@ class Daemon:
         problems = []
         if self._live is None:
             problems.append("state store not open")
+        elif not self._live.member.connected.is_set():
+            problems.append("state database does not answer")
         problems += self._credential_problems(margin=True)
         if self.draining:
             problems.append("stopping")

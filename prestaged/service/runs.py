@@ -138,11 +138,13 @@ class Runs:
         self._stop, self._spawn, self._after, self._changed = stop, spawn, after, changed
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
-    def submit(self, catalog: Catalog, *, origin: str,
-               fresh_for: Optional[float] = None) -> tuple[RunInfo, bool]:
+    def submit(self, catalog: Catalog, *, origin: str, fresh_for: Optional[float] = None,
+               join: bool = True) -> tuple[RunInfo, bool]:
         """Queue a warm of ``catalog``'s definition, skipping files touched within
         ``fresh_for`` seconds (None: ``state.fresh_for``); or, when a run of that definition
-        is queued or running already, join it. Returns (the run, whether it was joined).
+        is queued or running already, join it (unless not ``join``: a chunk of a watch round
+        has files of its own, so it queues behind that run). Returns (the run, whether it was
+        joined).
 
         ``PrestagedError`` (HTTP 503) while the daemon is stopping; ``BusyError`` (429) for an
         API request while ``max_runs()`` runs are queued or running (watches are never refused:
@@ -151,7 +153,7 @@ class Runs:
         if self._draining():
             raise PrestagedError("the daemon is stopping")
         unfinished = self.book.unfinished()
-        for other in unfinished:
+        for other in unfinished if join else ():
             if (other.catalog, other.definition) == (catalog.name, catalog.definition):
                 return other, True
         if origin == "api" and len(unfinished) >= self._max_runs():

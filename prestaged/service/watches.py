@@ -10,6 +10,14 @@ A watch is known by its catalog's canonical (kind, definition), as ``Catalog.nam
 ``defs/a.txt`` or ``~/a.txt`` into an absolute path, and the runs, the store and every lookup
 here use that form. Gauges exist for watched definitions only (a bounded label set) and are
 dropped when a reload removes the watch.
+
+On a shared (PostgreSQL) state with several daemons (issue 16) the schedule is the database's:
+each watch has a ``watch_schedule`` row, due first as above. Every member looks at it every
+``[cluster] heartbeat``; the one that claims it when due lists the definition once, stores the
+round as chunks of ``[cluster] chunk`` files and sets the next due time, all in one transaction
+(``state.cluster.plan_round``). The members' ``ChunkWorker``s then warm the chunks. Each member
+runs the same ``[[watch]]`` entries (one config for all), and a watch only some members list
+is planned by those.
 """
 
 from __future__ import annotations
@@ -25,7 +33,10 @@ from prestaged.catalog import Catalog
 from prestaged.config import Config, WatchConfig
 from prestaged.errors import PrestagedError
 from prestaged.metrics import Metrics, definition_label
+from prestaged.service.cluster import ClusterMember
 from prestaged.service.runs import RunInfo, Spawn
+from prestaged.state import cluster as shared
+from prestaged.state.db import driver_errors
 from prestaged.state.store import DatasetStatus, Store
 
 __all__ = ["Watch", "Watches", "watch_fresh_for"]
@@ -65,15 +76,19 @@ class Watches:
 
     Collaborators: the open ``store`` and ``metrics``; ``open_catalog(kind, definition)``,
     ``submit(catalog, fresh_for)`` (queues a run, see ``Runs.submit``), ``spawn`` and
-    ``config()``, the configuration in force.
+    ``config()``, the configuration in force. With ``member`` (a shared state) rounds are
+    planned in the database instead (see the module docstring) and ``planned()`` is called
+    after each round this member stored (its chunk worker claims at once).
     """
 
     def __init__(self, store: Store, metrics: Metrics, *,
                  open_catalog: Callable[[str, str], Catalog],
                  submit: Callable[[Catalog, float], RunInfo], spawn: Spawn,
-                 config: Callable[[], Config]) -> None:
+                 config: Callable[[], Config], member: Optional[ClusterMember] = None,
+                 planned: Callable[[], None] = lambda: None) -> None:
         self._store, self._metrics = store, metrics
         self._open, self._submit, self._spawn, self._config = open_catalog, submit, spawn, config
+        self._member, self._planned = member, planned
         self._watches: dict[Key, Watch] = {}
 
     def __len__(self) -> int:
@@ -96,7 +111,8 @@ class Watches:
             old = self._watches.get(key)
             if old is not None and old.task is not None:
                 old.task.cancel()
-            watch.task = self._spawn(self._loop(watch))
+            loop = self._loop if self._member is None else self._shared_loop
+            watch.task = self._spawn(loop(watch))
             self._watches[key] = watch
 
     def stop(self) -> None:
@@ -186,6 +202,61 @@ class Watches:
                 await info.finished.wait()
             jitter = self._config().daemon.jitter
             delay = w.every * (1.0 + random.uniform(-jitter, jitter))
+
+    async def _shared_loop(self, watch: Watch) -> None:
+        """A watch on a shared state: add its schedule (due after the first delay, unless
+        another member added it), then every heartbeat claim it when due and plan a round."""
+        member = self._member
+        assert member is not None
+        delay = await self._first_delay(watch)
+        added = False
+        while True:
+            await member.connected.wait()
+            kind, definition = watch.key
+            try:
+                if not added:
+                    await asyncio.to_thread(shared.ensure_schedule, self._store, kind,
+                                            definition, time.time() + delay)
+                    added = True
+                if await asyncio.to_thread(shared.claim_schedule, self._store, kind,
+                                           definition, member.id, member.lease):
+                    await self._plan(watch)
+            except driver_errors(PrestagedError) as e:
+                log.warning("watch %s: %s", watch.config.definition, e)
+            await asyncio.sleep(member.heartbeat)
+
+    async def _plan(self, watch: Watch) -> None:
+        """We hold ``watch``'s schedule: list its definition and store the round's chunks (or,
+        when it cannot be listed, give the schedule back, due again after ``every``)."""
+        member = self._member
+        assert member is not None
+        w, cfg = watch.config, self._config()
+        jitter = cfg.daemon.jitter
+        try:
+            catalog = self._open_watched(watch)
+            refs = [ref async for ref in catalog.files()]
+        except PrestagedError as e:
+            log.error("watch %s: %s", w.definition, e)
+            await asyncio.to_thread(shared.release_schedule, self._store, *watch.key,
+                                    member.id, w.every)
+            return
+        try:
+            planned = await asyncio.to_thread(
+                shared.plan_round, self._store, catalog.name, catalog.definition, member.id,
+                refs=refs, chunk=cfg.cluster.chunk, fresh_for=watch.fresh_for,
+                next_in=w.every * (1.0 + random.uniform(-jitter, jitter)))
+        except ValueError as e:
+            log.error("watch %s: %s; not warmed", w.definition, e)
+            await asyncio.to_thread(shared.release_schedule, self._store, *watch.key,
+                                    member.id, w.every)
+            return
+        if planned is None:
+            log.warning("watch %s: schedule lease lost while listing; another member plans "
+                        "the round", w.definition)
+            return
+        log.info("watch %s: round %d planned, %d files in %d chunks", w.definition, planned.id,
+                 planned.files, planned.chunks)
+        self._planned()
 
     async def _first_delay(self, watch: Watch) -> float:
         """0, or what is left of ``every`` since the last successful run of the watch."""

@@ -206,6 +206,61 @@ MIGRATIONS: list[str] = [
     ALTER TABLE files ADD COLUMN pinned_until {seconds};
     CREATE INDEX files_by_stage_request ON files (stage_request) WHERE stage_request IS NOT NULL;
     """,
+    # 7: several daemons on one database (issue 16, state/cluster.py). Members (daemons) and their
+    # heartbeats; a lease (lease_owner, lease_until: the database's clock) on each campaign,
+    # on each watch's schedule and on each chunk of a watch round, so that exactly one member
+    # works on each at a time and a dead member's work is taken over once its leases expire.
+    # "poked" tells the member driving a campaign that an operator acted through another one.
+    # A round's chunk keeps its files (JSON) until it is done, so the definition is listed once
+    # per round, not once per member.
+    """
+    CREATE TABLE cluster_members (
+        id TEXT PRIMARY KEY,      -- host:pid:random, new at every start
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        listen TEXT,              -- its API address, for people
+        version TEXT,
+        started {seconds} NOT NULL,
+        heartbeat {seconds} NOT NULL
+    ){without_rowid};
+    ALTER TABLE campaigns ADD COLUMN lease_owner TEXT;
+    ALTER TABLE campaigns ADD COLUMN lease_until {seconds};
+    ALTER TABLE campaigns ADD COLUMN lease_since {seconds};
+    ALTER TABLE campaigns ADD COLUMN poked {seconds};
+    CREATE TABLE watch_schedule (
+        catalog TEXT NOT NULL,
+        definition TEXT NOT NULL,
+        next_due {seconds} NOT NULL,
+        lease_owner TEXT,
+        lease_until {seconds},
+        PRIMARY KEY (catalog, definition)
+    ){without_rowid};
+    CREATE TABLE watch_rounds (
+        id {serial},
+        catalog TEXT NOT NULL,
+        definition TEXT NOT NULL,
+        fresh_for {seconds} NOT NULL,
+        created {seconds} NOT NULL,
+        created_by TEXT NOT NULL,
+        files INTEGER NOT NULL,
+        chunks INTEGER NOT NULL
+    );
+    CREATE TABLE round_chunks (
+        round_id {int64} NOT NULL REFERENCES watch_rounds(id) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        files TEXT NOT NULL,      -- JSON [[name, url, size], ...], '[]' once done
+        n_files INTEGER NOT NULL,
+        lease_owner TEXT,
+        lease_until {seconds},
+        lease_since {seconds},    -- when the holder claimed it (takeover times)
+        takeovers INTEGER NOT NULL DEFAULT 0,
+        done {seconds},
+        done_by TEXT,
+        exit_code INTEGER,
+        PRIMARY KEY (round_id, idx)
+    );
+    CREATE INDEX round_chunks_open ON round_chunks (round_id, idx) WHERE done IS NULL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,0 +1,223 @@
+"""The daemon as a member of a cluster sharing one state (issue 16): heartbeat, lease keeping,
+and the worker that claims chunks of watch rounds.
+
+``ClusterMember`` registers the daemon in ``cluster_members`` at start, heartbeats every ``[cluster]
+heartbeat`` and leaves (giving up its leases) on a clean stop. While the database does not
+answer, ``connected`` is clear: the daemon claims no new work until a heartbeat succeeds again
+(the store reconnects by itself); the leases it held meanwhile may have expired and been taken
+over, which every renewal and every campaign change notices (``state.cluster``).
+
+``ChunkWorker`` warms chunks of watch rounds (``Watches`` plans them on a shared state): it
+claims the oldest free chunk, runs it as a warm run of the watched definition, renewing the
+chunk's lease at a third of the lease meanwhile, records it done, and claims the next; with
+nothing to claim it looks again every heartbeat, or at once when this member planned a round.
+
+``keep_lease`` renews one lease while some work runs; the campaign queue uses it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, Callable, Optional
+
+from prestaged.catalog import Catalog
+from prestaged.config import ClusterConfig
+from prestaged.errors import PrestagedError
+from prestaged.metrics import Metrics
+from prestaged.model import FileRef
+from prestaged.state import cluster as shared
+from prestaged.state.db import driver_errors
+from prestaged.state.store import Store
+
+__all__ = ["ChunkCatalog", "ChunkWorker", "ClusterMember", "keep_lease"]
+
+log = logging.getLogger(__name__)
+
+FORGET_AFTER = 86400.0
+"""A dead member's row stays this long (seconds) for people to see, then a live one drops it."""
+
+
+def _unreachable() -> tuple[type[Exception], ...]:
+    """What a database that does not answer raises here: a driver's error, or the store's
+    one-line ``StateError`` (a ``PrestagedError``)."""
+    return driver_errors(PrestagedError)
+
+
+class ClusterMember:
+    """This daemon's row in ``members`` and its heartbeat (see the module docstring).
+
+    ``config()`` is the ``[cluster]`` section in force; ``listen`` the API address shown to
+    people. The heartbeat task is its own (not one the daemon waits for on drain): ``leave``
+    ends it."""
+
+    def __init__(self, store: Store, metrics: Metrics, *, config: Callable[[], ClusterConfig],
+                 listen: str, version: str) -> None:
+        self._store, self._metrics, self._config = store, metrics, config
+        self._listen, self._version = listen, version
+        self.id = shared.new_member_id()
+        self.connected = asyncio.Event()
+        """Set while the database answers: work is claimed only then."""
+        self._task: Optional[asyncio.Task[Any]] = None
+
+    @property
+    def lease(self) -> float:
+        """``[cluster] lease`` in force (seconds)."""
+        return float(self._config().lease)
+
+    @property
+    def heartbeat(self) -> float:
+        """``[cluster] heartbeat`` in force (seconds)."""
+        return float(self._config().heartbeat)
+
+    async def start(self) -> None:
+        """Register (after forgetting members of this host whose process is gone, so that a
+        restarted daemon resumes their work at once instead of after their leases), then
+        heartbeat in the background."""
+        gone = await asyncio.to_thread(shared.forget_dead_local, self._store)
+        for member in gone:
+            log.info("member %s (this host, process gone): its leases are given up", member)
+        await asyncio.to_thread(shared.register_member, self._store, self.id,
+                                listen=self._listen, version=self._version)
+        self.connected.set()
+        log.info("cluster member %s (lease %.0f s, heartbeat %.0f s)", self.id, self.lease,
+                 self.heartbeat)
+        await self._beat_once()
+        self._task = asyncio.ensure_future(self._beat())
+
+    async def leave(self) -> None:
+        """A clean stop: stop heartbeating, give up every lease and remove our row (others
+        take our work at once). A database that does not answer is logged: our leases then
+        expire on their own."""
+        if self._task is not None:
+            self._task.cancel()
+        try:
+            await asyncio.to_thread(shared.leave, self._store, self.id)
+        except _unreachable() as e:
+            log.warning("cluster: could not leave cleanly (%s); our leases expire in %.0f s",
+                        e, self.lease)
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            await self._beat_once()
+
+    async def _beat_once(self) -> None:
+        """One heartbeat, and the cluster gauges; a failure clears ``connected``."""
+        try:
+            found = await asyncio.to_thread(shared.heartbeat, self._store, self.id,
+                                            forget_after=max(FORGET_AFTER, 10 * self.lease))
+            if not found:  # forgotten by the others after a very long silence
+                log.warning("cluster: our member row was gone; registering again")
+                await asyncio.to_thread(shared.register_member, self._store, self.id,
+                                        listen=self._listen, version=self._version)
+            rows = await asyncio.to_thread(shared.members, self._store)
+            leases = await asyncio.to_thread(shared.leases_held, self._store, self.id)
+        except _unreachable() as e:
+            if self.connected.is_set():
+                log.error("cluster: the state database does not answer (%s); claiming no new "
+                          "work until it does", e)
+            self.connected.clear()
+            return
+        if not self.connected.is_set():
+            log.info("cluster: the state database answers again; claiming work")
+        self.connected.set()
+        self._metrics.set_cluster(sum(m.alive(self.lease) for m in rows), leases)
+
+
+async def keep_lease(store: Store, member: ClusterMember, kind: str, key: Sequence[Any],
+                     on_lost: Callable[[], None]) -> None:
+    """Renew our ``kind`` lease on ``key`` every third of the lease until cancelled; when a
+    renewal finds it taken over, call ``on_lost`` once and return. A database that does not
+    answer is retried at the next third: the lease may still be ours when it answers."""
+    while True:
+        await asyncio.sleep(member.lease / 3)
+        try:
+            ours = await asyncio.to_thread(shared.renew, store, kind, key, member.id,
+                                           member.lease)
+        except _unreachable() as e:
+            log.warning("cluster: %s %s lease not renewed: %s", kind, _show(key), e)
+            continue
+        if not ours:
+            log.warning("cluster: %s %s: lease lost (taken over by another member)", kind,
+                        _show(key))
+            on_lost()
+            return
+
+
+def _show(key: Sequence[Any]) -> str:
+    return "/".join(str(k) for k in key)
+
+
+class ChunkCatalog:
+    """The files of one chunk of a watch round, as the watched definition's catalog: its runs
+    and records are the definition's (a ``Catalog``)."""
+
+    def __init__(self, name: str, definition: str, refs: list[FileRef]) -> None:
+        self.name, self.definition, self._refs = name, definition, refs
+
+    async def files(self) -> AsyncIterator[FileRef]:
+        """The chunk's files, in round order."""
+        for ref in self._refs:
+            yield ref
+
+    async def estimate(self) -> Optional[int]:
+        """The chunk's size."""
+        return len(self._refs)
+
+
+RunChunk = Callable[[Catalog, float], Awaitable[int]]
+"""``run(catalog, fresh_for) -> exit code``: one warm run of a chunk (``Runs.submit``)."""
+
+
+class ChunkWorker:
+    """Claims and warms chunks of watch rounds, one at a time (see the module docstring)."""
+
+    def __init__(self, store: Store, member: ClusterMember, metrics: Metrics, *,
+                 run: RunChunk, draining: Callable[[], bool]) -> None:
+        self._store, self._member, self._metrics = store, member, metrics
+        self._run, self._draining = run, draining
+        self.wake = asyncio.Event()
+        """Set when this member planned a round: claim at once, not at the next heartbeat."""
+
+    async def loop(self) -> None:
+        """Claim and warm chunks until cancelled or the daemon drains."""
+        while not self._draining():
+            await self._member.connected.wait()
+            self.wake.clear()
+            try:
+                chunk = await asyncio.to_thread(shared.claim_chunk, self._store,
+                                                self._member.id, self._member.lease)
+            except _unreachable() as e:
+                log.warning("cluster: cannot claim a chunk: %s", e)
+                chunk = None
+            if chunk is None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), self._member.heartbeat)
+                continue
+            await self._work(chunk)
+
+    async def _work(self, chunk: shared.Chunk) -> None:
+        if chunk.taken_from is not None:
+            self._metrics.lease_taken_over("chunk")
+            log.info("cluster: took chunk %d/%d of %s over from %s (its lease expired)",
+                     chunk.round_id, chunk.idx, chunk.definition, chunk.taken_from)
+        catalog = ChunkCatalog(chunk.catalog, chunk.definition, chunk.refs)
+        keeper = asyncio.ensure_future(keep_lease(self._store, self._member, "chunk", chunk.key,
+                                                  lambda: None))
+        try:
+            code = await self._run(catalog, chunk.fresh_for)
+        except PrestagedError as e:
+            log.error("cluster: chunk %d/%d of %s: %s", chunk.round_id, chunk.idx,
+                      chunk.definition, e)
+            return  # not done: its lease expires and a member (maybe us) takes it again
+        finally:
+            keeper.cancel()
+        try:
+            await asyncio.to_thread(shared.finish_chunk, self._store, chunk, self._member.id,
+                                    code)
+        except _unreachable() as e:
+            log.warning("cluster: chunk %d/%d of %s warmed but not recorded done (%s); it "
+                        "will be warmed again", chunk.round_id, chunk.idx, chunk.definition, e)
