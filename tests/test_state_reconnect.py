@@ -190,3 +190,46 @@ def _catching(call: Any, errors: list[BaseException]) -> Any:
         except BaseException as e:  # whatever it is, the test reports it
             errors.append(e)
     return run
+
+
+def test_the_writer_gives_up_after_its_patience(
+        pg_cluster: PostgresCluster, pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``write_through`` retries a lost connection with growing waits (zero here) only for
+    ``patience`` seconds, then raises the last error, naming the URL without its password."""
+    from prestaged.state.db import PostgresDatabase
+    from prestaged.state.postgres import connect, open_state
+    from prestaged.state.writer import write_through
+
+    db = PostgresDatabase(open_state(pg_url), pg_url)
+    waits: list[float] = []
+    try:
+        with _login_refused(pg_cluster), pytest.raises(StateError) as gave_up:
+            _terminate(pg_cluster, pg_url, f"prestaged/{os.getpid()}")
+            write_through(db, {"outcomes": []}, lambda: connect(pg_url),
+                          patience=0.5, sleep=waits.append)
+    finally:
+        db.close()
+    assert "not permitted to log in" in _one_line(gave_up.value, pg_url, pg_cluster.password)
+    assert len(waits) > 1 and waits[0] < waits[-1] <= 0.5
+    assert capsys.readouterr().err.count("connection lost") == 1
+
+
+def test_the_writer_does_not_retry_a_wrong_batch(pg_url: str) -> None:
+    """An error that is not a lost connection (here text for a count) is raised at once, with
+    no retry and no wait."""
+    import psycopg
+
+    from prestaged.state.db import PostgresDatabase
+    from prestaged.state.postgres import connect, open_state
+    from prestaged.state.writer import write_through
+
+    open_state(pg_url).close()
+    db = PostgresDatabase(connect(pg_url), pg_url)
+    waits: list[float] = []
+    try:
+        with pytest.raises(psycopg.DataError):
+            write_through(db, {"outcomes": [[1, "u", "n", "warm", 206, 4, "many", "", 1.0]]},
+                          lambda: connect(pg_url), sleep=waits.append)
+    finally:
+        db.close()
+    assert waits == []
