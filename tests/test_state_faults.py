@@ -319,32 +319,19 @@ def test_campaign_slice_lists_are_private_whatever_the_umask(tmp_path: Path) -> 
 
 
 
-def test_a_cut_postgresql_session_is_one_line_without_the_password(
+def test_a_cut_postgresql_session_is_survived(
         pg_cluster: PostgresCluster, pg_url: str, tmp_path: Path) -> None:
     """The server terminates the store's sessions (a restart, an operator's
-    pg_terminate_backend): the next read and the next flush each fail with one StateError line
-    naming the URL without its password, never a psycopg traceback."""
+    pg_terminate_backend): the next read and the next flush work on new connections, and
+    nothing recorded is lost (tests/test_state_reconnect.py pins the details)."""
     from urllib.parse import urlsplit
 
-    from prestaged.errors import StateError
-    from prestaged.model import redacted_url
-
     dbname = urlsplit(pg_url).path.lstrip("/")
-    store = Store(tmp_path / "state.db", url=pg_url).open()
-    try:
+    with Store(tmp_path / "state.db", url=pg_url) as store:
         store.start_run("local", "ds")
         store.flush()  # answered once the writer is connected
         assert pg_cluster.terminate_backends(dbname) == 2  # the store's and its writer's
-        with pytest.raises(StateError) as read:
-            store.status(fresh_for=3600)
+        assert [r.definition for r in store.runs()] == ["ds"]
         store.record("https://h/f1", "f1", "warm", 206, 4, 1, "")
-        with pytest.raises(StateError, match="cannot write") as flushed:
-            store.flush()
-    finally:
-        with contextlib.suppress(StateError):
-            store.close()
-    password = pg_cluster.password
-    for err in (read.value, flushed.value):
-        text = str(err)
-        assert text.startswith(f"state {redacted_url(pg_url)}: ") and "\n" not in text, text
-        assert password not in text and "Traceback" not in text
+        store.flush()
+        assert store.conn.execute("SELECT count(*) FROM files").fetchone()[0] == 1

@@ -12,6 +12,11 @@ The SQL is written once, with SQLite's ``?`` placeholders; on PostgreSQL they be
 - errors: either driver's becomes one ``StateError`` line naming the state (the file, or the
   URL without its password) and what to do.
 
+On PostgreSQL the store holds a pool, not a connection (``PooledDatabase``): a statement takes
+a connection for itself, a transaction one for its whole length, and a connection the server
+cut fails only the call that was using it (the pool checks the next one before handing it
+out). The writer process keeps one connection (``PostgresDatabase``) and replaces it itself.
+
 Standard library at import time (the writer process and the CLI's start import it): psycopg is
 imported only when a PostgreSQL state is opened.
 """
@@ -29,10 +34,12 @@ from prestaged.state.schema import POSTGRESQL, SQLITE, Dialect, immediate
 
 if TYPE_CHECKING:
     from prestaged.state.postgres import Connection as PgConnection
+    from prestaged.state.postgres import Pool
 
 __all__ = [
     "Cursor",
     "Database",
+    "PooledDatabase",
     "PostgresDatabase",
     "SqliteDatabase",
     "describe_sqlite_error",
@@ -197,11 +204,76 @@ class PostgresDatabase:
 
     def describe(self, error: BaseException) -> str:
         """See ``Database.describe``: the server's text, any password scrubbed."""
-        from prestaged.state.postgres import _message
-
-        return _message(error if isinstance(error, Exception) else Exception(str(error)),
-                        self.url)
+        return _describe_pg(error, self.url)
 
     def close(self) -> None:
         """See ``Database.close``."""
         self.conn.close()
+
+
+class PooledDatabase:
+    """A ``Database`` on a pool of autocommit psycopg connections (``state.postgres.open_pool``).
+
+    A statement outside a transaction takes a connection for itself and gives it back at once
+    (psycopg's cursors are client-side: the rows stay readable); a transaction keeps one from
+    ``BEGIN`` to ``COMMIT``. A connection the server cut fails only the call using it: the pool
+    drops it, and checks the one it hands out next, so the next call works without anything
+    else being done. Nothing is retried here: the caller decides.
+    """
+
+    dialect = POSTGRESQL
+
+    def __init__(self, pool: Pool, url: str) -> None:
+        from prestaged.model import redacted_url
+
+        self.pool = pool
+        self.url = url
+        self.where = redacted_url(url)
+
+    @contextlib.contextmanager
+    def _one(self) -> Iterator[PostgresDatabase]:
+        """One connection of the pool, given back (or dropped when broken) at the end."""
+        with self.pool.connection() as conn:
+            yield PostgresDatabase(conn, self.url)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        """See ``Database.execute``."""
+        with self._one() as db:
+            return db.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        """See ``Database.executemany``."""
+        with self._one() as db:
+            return db.executemany(sql, rows)
+
+    def insert(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """See ``Database.insert``."""
+        with self._one() as db:
+            return db.insert(sql, params)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Database]:
+        """See ``Database.transaction``: one connection from ``BEGIN`` to ``COMMIT``."""
+        with self._one() as db, db.transaction():
+            yield db
+
+    def describe(self, error: BaseException) -> str:
+        """See ``Database.describe``."""
+        return _describe_pg(error, self.url)
+
+    def close(self) -> None:
+        """See ``Database.close``: close the pool and its connections."""
+        self.pool.close()
+
+
+def _describe_pg(error: BaseException, url: str) -> str:
+    """A psycopg error as one line, any password of ``url`` scrubbed; the pool's timeout
+    says what it means."""
+    from prestaged.state.postgres import _message
+
+    text = _message(error if isinstance(error, Exception) else Exception(str(error)), url)
+    pool = sys.modules.get("psycopg_pool")
+    if pool is not None and isinstance(error, pool.PoolTimeout):
+        text = (f"no connection to the server ({text}); it does not answer or refuses us "
+                "(the psycopg.pool log says why), or all connections are in use")
+    return text

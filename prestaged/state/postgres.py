@@ -8,6 +8,12 @@ transaction under ``pg_advisory_xact_lock(MIGRATION_LOCK)``: of several daemons 
 one migrates and the others wait, then find nothing left to do. PostgreSQL's DDL is
 transactional, so a migration that fails leaves the database as it was.
 
+After migrating, the store works through a small ``psycopg_pool`` pool (``open_pool``) whose
+connections are checked before use, so one the server cut (``pg_terminate_backend``, a restart,
+a network partition) is replaced instead of breaking every later call. Every connection names
+its process in ``pg_stat_activity`` (``application_name``: ``prestaged/<pid>``, the writer's
+``prestaged-writer/<pid of the store's process>``) unless the URL names it.
+
 psycopg 3 (the ``postgresql`` extra) is imported only when a function here runs: importing this
 module, and so starting the CLI, needs only the standard library.
 """
@@ -15,6 +21,7 @@ module, and so starting the CLI, needs only the standard library.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,18 +31,23 @@ from prestaged.state.schema import POSTGRESQL, SCHEMA_VERSION
 
 if TYPE_CHECKING:
     import psycopg
+    from psycopg_pool import ConnectionPool
 
     Connection = psycopg.Connection[tuple[Any, ...]]
+    Pool = ConnectionPool[Connection]
 
 __all__ = [
     "CONNECT_TIMEOUT",
     "MIGRATION_LOCK",
     "VERSION_TABLE",
     "connect",
+    "connect_options",
     "migrate",
+    "open_pool",
     "open_state",
     "redacted_url",
     "schema_version",
+    "store_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,9 +83,38 @@ _TABLES = ("SELECT table_name FROM information_schema.tables WHERE table_schema 
 _LOCK = "SELECT pg_advisory_xact_lock(%s)"
 
 
-def connect(url: str, *, connect_timeout: int = CONNECT_TIMEOUT) -> Connection:
+def store_name() -> str:
+    """The ``application_name`` of this process's store connections, ``prestaged/<pid>``: an
+    operator (or a test) finds a daemon's backends in ``pg_stat_activity`` by it."""
+    return f"prestaged/{os.getpid()}"
+
+
+def connect_options(url: str, *, connect_timeout: int = CONNECT_TIMEOUT,
+                    application_name: str | None = None) -> dict[str, Any]:
+    """psycopg's keyword arguments for ``url``: autocommit, and ``connect_timeout`` (seconds)
+    and ``application_name`` (default ``store_name()``) unless the URL sets them. Raises
+    ``StateError`` naming ``redacted_url(url)`` for a malformed URL."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error as e:
+        raise StateError(f"state {redacted_url(url)}: not a usable PostgreSQL URL "
+                         f"({_message(e, url)})") from e
+    options: dict[str, Any] = {"autocommit": True}
+    if "connect_timeout" not in params:
+        options["connect_timeout"] = connect_timeout
+    if "application_name" not in params:
+        options["application_name"] = application_name or store_name()
+    return options
+
+
+def connect(url: str, *, connect_timeout: int = CONNECT_TIMEOUT,
+            application_name: str | None = None) -> Connection:
     """A psycopg connection (autocommit: every transaction explicit) to the database of the
-    libpq ``url``, named ``prestaged`` in ``pg_stat_activity`` unless the URL names it.
+    libpq ``url``, named ``application_name`` (default ``store_name()``) in
+    ``pg_stat_activity`` unless the URL names it.
 
     ``connect_timeout`` (seconds) applies unless the URL sets its own. Raises ``StateError``
     (exit 2) naming ``redacted_url(url)`` and what to check when the URL is malformed or the
@@ -82,25 +123,41 @@ def connect(url: str, *, connect_timeout: int = CONNECT_TIMEOUT) -> Connection:
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
-    shown = redacted_url(url)
+    options = connect_options(url, connect_timeout=connect_timeout,
+                              application_name=application_name)
     try:
-        params = conninfo_to_dict(url)
+        return psycopg.connect(url, **options)
     except psycopg.Error as e:
-        raise StateError(f"state {shown}: not a usable PostgreSQL URL "
-                         f"({_message(e, url)})") from e
-    extra: dict[str, Any] = {}
-    if "connect_timeout" not in params:
-        extra["connect_timeout"] = connect_timeout
-    if "application_name" not in params:
-        extra["application_name"] = "prestaged"
-    try:
-        return psycopg.connect(url, autocommit=True, **extra)
-    except psycopg.Error as e:
+        password = conninfo_to_dict(url).get("password")
         raise StateError(
-            f"state {shown}: cannot connect ({_message(e, url, params.get('password'))}); "
+            f"state {redacted_url(url)}: cannot connect ({_message(e, url, password)}); "
             "check that the server runs and that the URL's host, port, database, user and "
             "password (or the password file) are right"
         ) from e
+
+
+def open_pool(url: str, *, timeout: float = CONNECT_TIMEOUT) -> Pool:
+    """An open pool of the store's connections to ``url`` (``connect_options``): one kept, a
+    few at most (the store's lock serialises its users; the others stand in while a broken one
+    is replaced), each checked before it is handed out, so a connection the server cut is
+    replaced rather than failing the call. Getting one waits up to ``timeout`` seconds
+    (``PoolTimeout``, a ``psycopg.OperationalError``). The caller closes it.
+
+    Raises ``StateError`` naming ``redacted_url(url)`` when no connection can be made within
+    ``timeout``."""
+    import psycopg
+    from psycopg_pool import ConnectionPool
+
+    pool: Pool = ConnectionPool(url, kwargs=connect_options(url), min_size=1, max_size=4,
+                          timeout=timeout, check=ConnectionPool.check_connection,
+                          name="prestaged-state", open=False)
+    try:
+        pool.open(wait=True, timeout=timeout)
+    except psycopg.Error as e:
+        pool.close()
+        raise StateError(f"state {redacted_url(url)}: cannot connect within {timeout:g} s "
+                         f"({_message(e, url)})") from e
+    return pool
 
 
 def schema_version(conn: Connection, url: str) -> int:

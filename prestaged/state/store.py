@@ -16,6 +16,16 @@ keeps the same writer process, speaking psycopg: its client side costs ~58 us of
 engine needs (which of these files are still fresh?) are asked per chunk of files, in a worker
 thread.
 
+A cut PostgreSQL connection (the server restarted, an operator's ``pg_terminate_backend``, a
+network partition) is survived on both sides. This process's reads and small transactions go
+through a small ``psycopg_pool`` pool (``state.db.PooledDatabase``) that checks a connection
+before handing it out: a call caught by the cut raises one ``StateError`` line (the store never
+retries a write transaction itself: the caller decides), and the next call works on a new
+connection. The writer retries a batch on a new connection for up to
+``writer.RECONNECT_FOR`` seconds (a ``flush`` waits meanwhile) before it fails as on any other
+error. Both name this process in ``pg_stat_activity`` (``prestaged/<pid>``,
+``prestaged-writer/<pid>``).
+
 Times are stored as Unix seconds (REAL, UTC). Files are keyed by a hash of their full URL; the
 URL text kept beside it has its credentials redacted (``https://***@host/...``), so a URL with
 a password in it never reaches the file.
@@ -46,7 +56,7 @@ from prestaged.model import FileRef, Outcome, Result, TapeInfo, redact
 from prestaged.state import schema
 from prestaged.state.db import (
     Database,
-    PostgresDatabase,
+    PooledDatabase,
     SqliteDatabase,
     describe_sqlite_error,
     driver_errors,
@@ -225,7 +235,8 @@ class Store:
         self.flush_interval = flush_interval
         self.busy_timeout = busy_timeout
         self._conn: Optional[Database] = None
-        # Reads (and run rows) use this process's connection, guarded by _lock (reads come
+        # Reads (and run rows) use this process's connection (PostgreSQL: its pool), guarded
+        # by _lock (reads come
         # from worker threads via asyncio.to_thread). Outcomes and memberships wait in _buffer
         # and go a batch at a time to a writer process (state/writer.py), which commits each
         # batch in one transaction: SQLite's per-row work then costs the warming process
@@ -272,8 +283,9 @@ class Store:
         target = "-" if self.url is not None else str(self.path)
         try:
             self._writer = subprocess.Popen(
+                # Our pid names the writer's connection (prestaged-writer/<pid>).
                 [sys.executable, "-m", "prestaged.state.writer", target,
-                 str(self.busy_timeout)],
+                 str(self.busy_timeout), str(os.getpid())],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=_writer_env(),
                 # Its own session: a Ctrl-C or a SIGTERM to our process group (systemd, timeout,
                 # kill -- -PGID) must not reach it before we hand over the last batch; it ends
@@ -289,10 +301,13 @@ class Store:
         return self
 
     def _open_postgres(self) -> Database:
-        from prestaged.state.postgres import open_state
+        from prestaged.state.postgres import open_pool, open_state
 
         assert self.url is not None
-        return PostgresDatabase(open_state(self.url), self.url)
+        # Migrate once, on a connection of its own (the advisory lock), then work through a
+        # pool that replaces connections the server cut.
+        open_state(self.url).close()
+        return PooledDatabase(open_pool(self.url), self.url)
 
     def _open_sqlite(self) -> Database:
         if self.path.exists() and not self.path.is_file():

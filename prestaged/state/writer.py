@@ -15,6 +15,13 @@ uri, pinned_until]]``, ``"staged": [[id, time, pinned_until]]``.
 End of input: exit 0. A failure is answered with one line ``error <message>`` on stdout, then
 exit 1; the store turns it into its one-line error (the disk is full, ...).
 
+A PostgreSQL batch whose connection is lost (``psycopg.OperationalError``, a broken
+connection: the server restarted, terminated the session or cannot be reached) is not a
+failure yet: the writer says so in one line on stderr and writes the batch again on a new
+connection, with backoff, for up to ``RECONNECT_FOR`` seconds (``write_through``); batches are
+idempotent, so one committed just before the cut does no harm written twice. Its connection is
+named ``prestaged-writer/<pid of the store's process>`` (``argv[3]``) in ``pg_stat_activity``.
+
 It ignores SIGINT and SIGTERM: a Ctrl-C, ``timeout`` or systemd's stop signal to the whole
 process group must not kill it before the warming process has handed over its last batch and
 closed the pipe, which is how it learns to finish. It imports only ``state.schema`` and
@@ -25,16 +32,21 @@ milliseconds; psycopg only for a PostgreSQL state.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import signal
 import sqlite3
 import sys
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from prestaged.errors import StateError
 from prestaged.state.db import Database, PostgresDatabase, SqliteDatabase, driver_errors
 from prestaged.state.schema import configure, definition_id
+
+if TYPE_CHECKING:
+    from prestaged.state.postgres import Connection as PgConnection
 
 PG_WRITE_LOCK = 0x7072657374617772
 """Key of the advisory lock a PostgreSQL writer holds for each batch ("prestawr"): writers of
@@ -66,6 +78,14 @@ ON CONFLICT (id) DO UPDATE SET
                      THEN excluded.last_warm ELSE files.last_warm END
 """
 _SUCCESS = ("warm", "empty")
+
+RECONNECT_FOR = 300.0
+"""Seconds a PostgreSQL writer keeps retrying a batch whose connection was lost (backoff 0.2 s
+doubling to 5 s) before it fails as it would on any other error: longer than a daemon's
+lease, so a server restart or a short network partition loses nothing and stops nothing;
+the store's ``flush`` waits meanwhile."""
+BACKOFF_FIRST = 0.2
+BACKOFF_MAX = 5.0
 
 
 # Tape rows (issue 13). A stage request made: the file is staging (staged_at cleared) under
@@ -106,26 +126,82 @@ def write(db: Database, doc: dict[str, Any]) -> None:
                 db.executemany(statement, _tape_rows(key, doc[key]))
 
 
-def _open(target: str, timeout: float) -> Database:
+def _lost(db: PostgresDatabase, error: BaseException) -> bool:
+    """Whether ``error`` says the connection is gone or the server unreachable (or refusing
+    us for now, as during a restart), not that the batch is wrong: worth a new connection.
+    ``connect`` wraps its errors in ``StateError``, hence the cause."""
+    import psycopg
+
+    return (db.conn.broken or isinstance(error, psycopg.OperationalError)
+            or isinstance(error.__cause__, psycopg.OperationalError))
+
+
+def write_through(db: PostgresDatabase, doc: dict[str, Any],
+                  reconnect: Callable[[], PgConnection], *, patience: float = RECONNECT_FOR,
+                  sleep: Callable[[float], None] = time.sleep) -> None:
+    """``write`` one batch, again on a new connection (``reconnect()``, put in ``db.conn``)
+    while the connection is lost, for up to ``patience`` seconds; then, or for any other
+    error, raise. Safe because a batch is idempotent: upserts, members ``ON CONFLICT DO
+    NOTHING``, times that only grow, tape updates setting given values; one whose ``COMMIT``
+    was sent but not answered is applied twice to the same effect. One line on stderr per
+    outage, not per attempt."""
+    from prestaged.retry import RetryPolicy
+
+    policy = RetryPolicy(attempts=sys.maxsize, initial=BACKOFF_FIRST, max=BACKOFF_MAX,
+                         jitter=0.1, total=patience)
+    started: float | None = None
+    retry = 0
+    while True:
+        try:
+            if db.conn.closed:
+                db.conn = reconnect()
+            write(db, doc)
+            return
+        except driver_errors(StateError) as e:
+            if not _lost(db, e):
+                raise
+            if started is None:
+                started = time.monotonic()
+                sys.stderr.write(f"prestaged-writer: state {db.where}: connection lost "
+                                 f"({db.describe(e)}); retrying for up to {patience:g} s\n")
+                sys.stderr.flush()
+            retry += 1
+            wait = policy.delay(retry, elapsed=time.monotonic() - started)
+            if wait is None:
+                raise
+            db.conn.close()
+            sleep(wait)
+
+
+def _open(target: str, timeout: float, parent: str) -> Database:
     """The database to write: the SQLite file ``target``, or (``target`` "-") the PostgreSQL
-    URL read as the first line of stdin (never on the command line, where ps shows it)."""
+    URL read as the first line of stdin (never on the command line, where ps shows it), its
+    connection named ``prestaged-writer/<parent>`` (the store's pid)."""
     if target != "-":
         conn = sqlite3.connect(target, timeout=timeout, isolation_level=None)
         configure(conn)
         return SqliteDatabase(conn, target)
+    url = sys.stdin.buffer.readline().decode().strip()
+    return PostgresDatabase(_connect(url, parent), url)
+
+
+def _connect(url: str, parent: str) -> PgConnection:
+    """A connection named ``prestaged-writer/<parent>`` (the store's pid) in
+    ``pg_stat_activity``: an operator tells a daemon's writer from its other backends."""
     from prestaged.state.postgres import connect
 
-    url = sys.stdin.buffer.readline().decode().strip()
-    return PostgresDatabase(connect(url), url)
+    return connect(url, application_name=f"prestaged-writer/{parent}")
 
 
 def main(argv: list[str]) -> int:
     """Serve batches for the database ``argv[1]`` (a file, or "-": a PostgreSQL URL on the
-    first line of stdin), busy timeout ``argv[2]`` seconds (SQLite)."""
+    first line of stdin), busy timeout ``argv[2]`` seconds (SQLite), ``argv[3]`` the store's
+    pid (optional; names a PostgreSQL connection)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = argv[3] if len(argv) > 3 else "?"
     try:
-        db = _open(argv[1], float(argv[2]))
+        db = _open(argv[1], float(argv[2]), parent)
     except driver_errors(StateError, OSError, ValueError) as e:
         return _fail(e)
     try:
@@ -134,9 +210,11 @@ def main(argv: list[str]) -> int:
             if "flush" in doc:
                 sys.stdout.write(f"ok {doc['flush']}\n")
                 sys.stdout.flush()
+            elif isinstance(db, PostgresDatabase):
+                write_through(db, doc, functools.partial(_connect, db.url, parent))
             else:
                 write(db, doc)
-    except driver_errors(OSError, ValueError) as e:
+    except driver_errors(StateError, OSError, ValueError) as e:
         return _fail(e, db)
     finally:
         db.close()
@@ -145,7 +223,11 @@ def main(argv: list[str]) -> int:
 
 def _fail(e: BaseException, db: Database | None = None) -> int:
     """Tell the store what went wrong (one line on stdout), then exit 1."""
-    message = db.describe(e) if isinstance(db, PostgresDatabase) else str(e)
+    message = str(e)
+    if isinstance(db, PostgresDatabase):
+        # A reconnection's StateError already names the state, as the store's line will.
+        message = (message.replace(f"state {db.where}: ", "", 1) if isinstance(e, StateError)
+                   else db.describe(e))
     message = " ".join(message.split()) or type(e).__name__
     with contextlib.suppress(OSError):
         sys.stdout.write(f"error {message}\n")
