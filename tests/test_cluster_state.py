@@ -259,3 +259,19 @@ def test_members_claim_different_chunks_without_waiting(make_pg_url: Any) -> Non
             worker.join(timeout=10)
             assert not worker.is_alive(), "the claim waited for the locked chunk"
         assert got and got[0] is not None and got[0].idx == 1
+
+
+def test_a_busy_member_claims_only_orphans(store: Store) -> None:
+    """A member already warming a chunk takes only chunks whose holder's lease expired (a dead
+    member's), never a free one another idle member would take."""
+    shared.ensure_schedule(store, "local", "/d.txt", 0.0)
+    shared.claim_schedule(store, "local", "/d.txt", "a", 60)
+    shared.plan_round(store, "local", "/d.txt", "a", refs=_refs(3), chunk=1, fresh_for=1.0,
+                      next_in=1.0)
+    held = shared.claim_chunk(store, "dead", 60)
+    assert held is not None and held.idx == 0
+    assert shared.claim_chunk(store, "a", 60, orphans_only=True) is None  # 1, 2 are free
+    _expire(store, "round_chunks")
+    orphan = shared.claim_chunk(store, "a", 60, orphans_only=True)
+    assert orphan is not None and orphan.idx == 0 and orphan.taken_from == "dead"
+    assert shared.claim_chunk(store, "a", 60, orphans_only=True) is None

@@ -11,6 +11,9 @@ over, which every renewal and every campaign change notices (``state.cluster``).
 claims the oldest free chunk, runs it as a warm run of the watched definition, renewing the
 chunk's lease at a third of the lease meanwhile, records it done, and claims the next; with
 nothing to claim it looks again every heartbeat, or at once when this member planned a round.
+While it warms a chunk it still looks every heartbeat for orphans (chunks whose holder's lease
+expired: a dead member's) and warms those beside it, sharing the touch budget, so a dead
+member's chunk is taken over within the lease plus a heartbeat even when every survivor is busy.
 
 ``keep_lease`` renews one lease while some work runs; the campaign queue uses it too.
 """
@@ -184,20 +187,31 @@ class ChunkWorker:
 
     async def loop(self) -> None:
         """Claim and warm chunks until cancelled or the daemon drains."""
-        while not self._draining():
-            await self._member.connected.wait()
-            self.wake.clear()
-            try:
-                chunk = await asyncio.to_thread(shared.claim_chunk, self._store,
-                                                self._member.id, self._member.lease)
-            except _unreachable() as e:
-                log.warning("cluster: cannot claim a chunk: %s", e)
-                chunk = None
-            if chunk is None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), self._member.heartbeat)
-                continue
-            await self._work(chunk)
+        working: set[asyncio.Task[None]] = set()
+        try:
+            while not self._draining():
+                await self._member.connected.wait()
+                self.wake.clear()
+                try:
+                    chunk = await asyncio.to_thread(
+                        shared.claim_chunk, self._store, self._member.id, self._member.lease,
+                        orphans_only=bool(working))
+                except _unreachable() as e:
+                    log.warning("cluster: cannot claim a chunk: %s", e)
+                    chunk = None
+                if chunk is not None:
+                    task = asyncio.ensure_future(self._work(chunk))
+                    working.add(task)
+                    task.add_done_callback(working.discard)
+                    continue  # maybe more orphans
+                waits = {asyncio.ensure_future(self.wake.wait()), *working}
+                _, pending = await asyncio.wait(waits, timeout=self._member.heartbeat,
+                                                return_when=asyncio.FIRST_COMPLETED)
+                for waiter in pending - working:
+                    waiter.cancel()
+        finally:
+            for task in working:
+                task.cancel()
 
     async def _work(self, chunk: shared.Chunk) -> None:
         if chunk.taken_from is not None:

@@ -143,7 +143,7 @@ class Runs:
         """Queue a warm of ``catalog``'s definition, skipping files touched within
         ``fresh_for`` seconds (None: ``state.fresh_for``); or, when a run of that definition
         is queued or running already, join it (unless not ``join``: a chunk of a watch round
-        has files of its own, so it queues behind that run). Returns (the run, whether it was
+        has files of its own, so it runs beside that run). Returns (the run, whether it was
         joined).
 
         ``PrestagedError`` (HTTP 503) while the daemon is stopping; ``BusyError`` (429) for an
@@ -160,7 +160,7 @@ class Runs:
             raise BusyError(f"{len(unfinished)} warm runs are queued or running "
                             "(daemon.max_runs); try again later", retry_after=30.0)
         info = self.book.add(catalog.name, catalog.definition, origin)
-        self._spawn(self._execute(info, catalog, fresh_for))
+        self._spawn(self._execute(info, catalog, fresh_for, alone=join))
         return info, False
 
     def get(self, run_id: int) -> Optional[RunInfo]:
@@ -171,8 +171,12 @@ class Runs:
         """Runs in progress, oldest first."""
         return self.book.running()
 
-    async def _execute(self, info: RunInfo, catalog: Catalog, fresh_for: Optional[float]) -> None:
-        lock = self._locks.setdefault((info.catalog, info.definition), asyncio.Lock())
+    async def _execute(self, info: RunInfo, catalog: Catalog, fresh_for: Optional[float], *,
+                       alone: bool = True) -> None:
+        # One run of a definition at a time, except chunks of a watch round (not ``alone``):
+        # their files are disjoint, and a member warms a chunk it took over beside its own.
+        lock = (self._locks.setdefault((info.catalog, info.definition), asyncio.Lock())
+                if alone else asyncio.Lock())
         try:
             async with lock:
                 if self._draining():

@@ -388,16 +388,21 @@ class Chunk:
         return (self.round_id, self.idx)
 
 
-def claim_chunk(store: Store, member_id: str, lease: float) -> Optional[Chunk]:
-    """Claim the oldest unfinished chunk whose lease is free or expired; None when there is
-    none. Members claim different chunks at once (``SKIP LOCKED``)."""
+def claim_chunk(store: Store, member_id: str, lease: float, *,
+                orphans_only: bool = False) -> Optional[Chunk]:
+    """Claim the oldest unfinished chunk whose lease is free or expired (``orphans_only``:
+    expired only, a dead member's); None when there is none. Members claim different chunks at
+    once (``SKIP LOCKED``)."""
+    free = "c.lease_owner IS NOT NULL" if orphans_only else "(c.lease_owner IS NULL OR"
     with store.transaction() as conn:
         now = now_sql(conn)
+        expired = f"c.lease_until < {now}"
         row = conn.execute(
             f"SELECT c.round_id, c.idx, c.files, c.lease_owner, r.catalog, r.definition, "
             f"r.fresh_for FROM round_chunks c JOIN watch_rounds r ON r.id = c.round_id "
-            f"WHERE c.done IS NULL AND (c.lease_owner IS NULL OR c.lease_until < {now}) "
-            f"ORDER BY c.round_id, c.idx LIMIT 1"
+            f"WHERE c.done IS NULL AND "
+            + (f"{free} AND {expired}" if orphans_only else f"{free} {expired})")
+            + " ORDER BY c.round_id, c.idx LIMIT 1"
             + (" FOR UPDATE OF c SKIP LOCKED" if conn.dialect.name == "postgresql" else "")
         ).fetchone()
         if row is None:
