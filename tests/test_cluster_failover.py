@@ -1,0 +1,268 @@
+"""Several ``prestaged serve`` on one real PostgreSQL (issue 16): they share a watch of 30,000
+files chunk by chunk and a drainingn campaign; members killed with SIGKILL (one holding a watch
+chunk, one while its submit command runs) have their work taken over within the lease plus a
+heartbeat, every file ends warm, and no slice is ever submitted twice. A member whose database
+sessions are cut stops claiming, reconnects, and never runs a submission another member took.
+
+The daemons are real subprocesses (``daemon_harness``); waits poll the database, the API or a
+file with deadlines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+from daemon_harness import DEADLINE, Daemon, Notifications, free_port, poll
+
+from prestaged.state.postgres import connect
+from prestaged.testing.pki import TestPKI
+from prestaged.testing.storage import ThreadedStorageServer
+
+LEASE, HEARTBEAT = 4.0, 1.0
+TOKEN = "cluster-t0ken-secret"
+SLACK = 1.5
+"""Seconds a takeover may come after lease + heartbeat: the claim's own transaction and the
+scheduling of three daemons, the storage and PostgreSQL on two shared cores."""
+
+# One JSON line per run (item, the daemon's pid, the slice's URLs) to $CAMPAIGN_RECORD; the run
+# whose item is $BLOCK_ITEM then blocks until the test writes to the FIFO $FAKE_BLOCK.
+FAKE_SUBMIT = """\
+import json, os, sys
+item, urls = sys.argv[1], sys.argv[2]
+doc = {"item": item, "daemon": os.getppid(), "urls": open(urls).read().split()}
+with open(os.environ["CAMPAIGN_RECORD"], "a") as f:
+    f.write(json.dumps(doc) + "\\n")
+if item == os.environ.get("BLOCK_ITEM"):
+    with open(os.environ["FAKE_BLOCK"]) as fifo:
+        fifo.read()
+print("JobsubJobId of first job: %s.0@test" % item, flush=True)
+"""
+
+
+class Cluster:
+    """Daemons on one database: each with its own config directory and API port."""
+
+    def __init__(self, tmp_path: Path, pki: TestPKI, proxy: Path, url: str,
+                 watches: list[Path]) -> None:
+        self.tmp_path, self.pki, self.proxy, self.url = tmp_path, pki, proxy, url
+        self.watches = watches
+        self.daemons: list[Daemon] = []
+        (tmp_path / "fake_submit.py").write_text(FAKE_SUBMIT)
+        self.token = tmp_path / "api-token"
+        self.token.write_text(TOKEN + "\n")
+        self.token.chmod(0o600)
+
+    def start(self, **env: str) -> Daemon:
+        """One more daemon; READY=1 awaited."""
+        import subprocess
+
+        n = len(self.daemons)
+        home = self.tmp_path / f"d{n}"
+        home.mkdir()
+        port = free_port()
+        watch = "".join(f'\n[[watch]]\ndefinition = "{w}"\nevery = "1h"\n' for w in self.watches)
+        config = home / "prestaged.toml"
+        config.write_text(f"""
+[credentials]
+proxy = "{self.proxy}"
+ca_dir = "{self.pki.ca_dir}"
+[state]
+url = {json.dumps(self.url)}
+flush_interval = "100ms"
+[daemon]
+listen = "127.0.0.1:{port}"
+drain_timeout = "1s"
+jitter = 0
+campaign_check = "1h"
+token_file = "{self.token}"
+[cluster]
+lease = "{LEASE}s"
+heartbeat = "{HEARTBEAT}s"
+chunk = 10000
+[catalog.local]
+dir = "{self.tmp_path}"
+{watch}
+""")
+        notify = Notifications(home / "notify")
+        log = home / "daemon.log"
+        full_env = {**os.environ, "HOME": str(home), "XDG_STATE_HOME": str(home / "state"),
+                    "NOTIFY_SOCKET": str(notify.path),
+                    "CAMPAIGN_RECORD": str(self.tmp_path / "record.jsonl"), **env}
+        with log.open("w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "prestaged", "serve", "--config",
+                                     str(config)], env=full_env, stdout=out, stderr=out,
+                                    text=True)
+        d = Daemon(proc, port, notify, config, TOKEN, log)
+        self.daemons.append(d)
+        try:
+            notify.wait_for("READY=1")
+        except AssertionError:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(d.output()) from None
+        return d
+
+    def close(self) -> None:
+        for d in self.daemons:
+            if d.proc.poll() is None:
+                d.proc.kill()
+            d.proc.wait()
+            d.notify.close()
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` on a connection of the test's own."""
+        with connect(self.url) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def member_of(self, pid: int) -> Optional[str]:
+        """The member id of the daemon with ``pid``."""
+        rows = self.query("SELECT id FROM cluster_members WHERE pid = %s", (pid,))
+        return str(rows[0][0]) if rows else None
+
+    def pid_of(self, member: str) -> int:
+        """The pid of member ``member``."""
+        return int(self.query("SELECT pid FROM cluster_members WHERE id = %s", (member,))[0][0])
+
+    def records(self) -> list[dict[str, Any]]:
+        """What the fake submit command recorded, in order."""
+        path = self.tmp_path / "record.jsonl"
+        return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+
+    def kill(self, pid: int) -> Daemon:
+        """SIGKILL the daemon with ``pid``; returns it."""
+        [d] = [d for d in self.daemons if d.proc.pid == pid]
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(timeout=DEADLINE)
+        return d
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path, pki: TestPKI, proxy: Path,
+                    pg_url: str) -> Iterator[Callable[[list[Path]], Cluster]]:
+    made: list[Cluster] = []
+
+    def make(watches: list[Path]) -> Cluster:
+        c = Cluster(tmp_path, pki, proxy, pg_url, watches)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def _definition(tmp_path: Path, storage: ThreadedStorageServer, name: str, n: int) -> Path:
+    path = tmp_path / name
+    path.write_text("".join(storage.url(f"/pnfs/{name}/f{i:05d}") + "\n" for i in range(n)))
+    return path
+
+
+def _campaign(tmp_path: Path, definition: Path) -> str:
+    """drainingn(3) over ``definition``; the fake submit gets "<stage>-<submission id>"."""
+    submit = f"{sys.executable} {tmp_path / 'fake_submit.py'} {{stage}}-{{submission}} " \
+             "{urls_file}"
+    return f"""
+name = "drain"
+[[stage]]
+name = "reco"
+input = {json.dumps(str(definition))}
+split = "drainingn(3)"
+submit = {json.dumps(submit)}
+"""
+
+
+def _took_over(c: Cluster, sql: str, dead: str, since: float, what: str) -> float:
+    """Seconds from ``since`` (monotonic) until ``sql`` (one row: the lease owner, or NULL)
+    names a member other than ``dead``."""
+    def moved() -> bool:
+        rows = c.query(sql)
+        return bool(rows) and rows[0][0] not in (None, dead)
+
+    poll(what, moved, timeout=LEASE + HEARTBEAT + 30)
+    return time.monotonic() - since
+
+
+def test_three_daemons_survive_two_kills(
+    tmp_path: Path, storage: ThreadedStorageServer,
+    cluster_factory: Callable[[list[Path]], Cluster],
+) -> None:
+    """3 daemons, a watch of 30,000 files (3 chunks) and drainingn(3) over 30 files: kill -9
+    one member holding a watch chunk and another while its submit command runs. The chunk and
+    the campaign are taken over within lease + heartbeat; every file ends warm; every slice is
+    submitted once, the one killed mid-submit is launch_unknown and never run again."""
+    big = _definition(tmp_path, storage, "big", 30_000)
+    small = _definition(tmp_path, storage, "small", 30)
+    fifo = tmp_path / "block"
+    os.mkfifo(fifo)
+    c = cluster_factory([big])
+    env = {"FAKE_BLOCK": str(fifo), "BLOCK_ITEM": "reco-2"}
+    first = c.start(**env)
+    for _ in range(2):
+        c.start(**env)
+
+    # A member holding a chunk of the watch round: killed.
+    poll("every chunk claimed", lambda: c.query(
+        "SELECT COUNT(*) FROM round_chunks WHERE lease_owner IS NOT NULL")[0][0] == 3)
+    owner = str(c.query("SELECT lease_owner FROM round_chunks WHERE done IS NULL AND "
+                        "lease_owner IS NOT NULL ORDER BY idx LIMIT 1")[0][0])
+    chunk_pid = c.pid_of(owner)
+    c.kill(chunk_pid)
+    killed_at = time.monotonic()
+    idx = c.query("SELECT idx FROM round_chunks WHERE lease_owner = %s", (owner,))
+    chunk_takeover = _took_over(
+        c, f"SELECT COALESCE(lease_owner, done_by) FROM round_chunks WHERE idx = {idx[0][0]}",
+        owner, killed_at, "the dead member's chunk taken over")
+
+    # The campaign: added through a survivor; whoever runs slice 2 is killed mid-submit.
+    survivor = next(d for d in c.daemons if d.proc.poll() is None)
+    status, doc = survivor.http("POST", "/api/v1/campaigns",
+                                {"toml": _campaign(tmp_path, small), "source": "c.toml"})
+    assert status in (200, 201), doc
+    poll("slice 2's submit command running",
+         lambda: any(r["item"] == "reco-2" for r in c.records()))
+    submit_pid = next(r["daemon"] for r in c.records() if r["item"] == "reco-2")
+    submitter = c.member_of(submit_pid)
+    assert submitter is not None and submit_pid != chunk_pid
+    c.kill(submit_pid)
+    killed_at = time.monotonic()
+    campaign_takeover = _took_over(c, "SELECT lease_owner FROM campaigns WHERE name = 'drain'",
+                                   submitter, killed_at, "the campaign taken over")
+    with open(fifo, "w") as f:  # the orphaned submit command may end now
+        f.write("go")
+
+    last = next(d for d in c.daemons if d.proc.poll() is None)
+    assert last is not first or first.proc.pid not in (chunk_pid, submit_pid)
+    poll("the campaign's pass ended", lambda: last.http(
+        "GET", "/api/v1/campaigns/drain")[1]["daemon"]["status"] == "waiting", timeout=120)
+    poll("every chunk done", lambda: c.query(
+        "SELECT COUNT(*) FROM round_chunks WHERE done IS NULL")[0][0] == 0, timeout=180)
+    _, datasets = last.http("GET", "/api/v1/datasets")
+    by_name = {d["definition"]: d for d in datasets["definitions"]}
+    assert by_name[str(big)]["files"] == 30_000
+    assert by_name[str(big)]["fresh"] == 30_000
+
+    subs = last.http("GET", "/api/v1/campaigns/drain")[1]["submissions"]
+    states = {s["item"]: s["state"] for s in subs}
+    assert states.pop("slice-2") == "launch_unknown"
+    assert set(states.values()) == {"completed"} and len(states) == 9
+    items = [r["item"] for r in c.records()]
+    assert sorted(items) == sorted(f"reco-{s['id']}" for s in subs)  # each exactly once
+    assert len(set(items)) == len(items) == 10
+    urls = [u for r in c.records() for u in r["urls"]]
+    assert len(urls) == len(set(urls)) == 30  # disjoint slices covering the definition
+
+    bound = LEASE + HEARTBEAT + SLACK
+    assert chunk_takeover <= bound, (chunk_takeover, bound)
+    assert campaign_takeover <= bound, (campaign_takeover, bound)
+    assert last.metric("prestaged_lease_takeovers_total", kind="campaign") + sum(
+        d.metric("prestaged_lease_takeovers_total", kind="chunk") for d in c.daemons
+        if d.proc.poll() is None) >= 2
+    print(f"takeovers after the kill: chunk {chunk_takeover:.2f} s, campaign "
+          f"{campaign_takeover:.2f} s (lease {LEASE:g} s + heartbeat {HEARTBEAT:g} s)")
