@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -23,6 +24,7 @@ from daemon_harness import DEADLINE, Daemon, Notifications, free_port, poll
 
 from prestaged.state.postgres import connect
 from prestaged.testing.pki import TestPKI
+from prestaged.testing.postgres import APP_ROLE, PostgresCluster
 from prestaged.testing.storage import ThreadedStorageServer
 
 LEASE, HEARTBEAT = 4.0, 1.0
@@ -59,8 +61,9 @@ class Cluster:
         self.token.write_text(TOKEN + "\n")
         self.token.chmod(0o600)
 
-    def start(self, **env: str) -> Daemon:
-        """One more daemon; READY=1 awaited."""
+    def start(self, url: Optional[str] = None, **env: str) -> Daemon:
+        """One more daemon (on the database's ``url``, default the cluster's); READY=1
+        awaited."""
         import subprocess
 
         n = len(self.daemons)
@@ -74,7 +77,7 @@ class Cluster:
 proxy = "{self.proxy}"
 ca_dir = "{self.pki.ca_dir}"
 [state]
-url = {json.dumps(self.url)}
+url = {json.dumps(url or self.url)}
 flush_interval = "100ms"
 [daemon]
 listen = "127.0.0.1:{port}"
@@ -266,3 +269,78 @@ def test_three_daemons_survive_two_kills(
         if d.proc.poll() is None) >= 2
     print(f"takeovers after the kill: chunk {chunk_takeover:.2f} s, campaign "
           f"{campaign_takeover:.2f} s (lease {LEASE:g} s + heartbeat {HEARTBEAT:g} s)")
+
+
+@pytest.fixture
+def partitionable(pg_cluster: PostgresCluster, pg_url: str) -> Iterator[tuple[str, str]]:
+    """(role, URL) of a login role of its own that acts as the application role (``SET role``),
+    so that a test can cut that role's sessions and refuse its logins while the others go on;
+    dropped after the test."""
+    role = f"part_{secrets.token_hex(4)}"
+    password = secrets.token_urlsafe(12)
+    pg_cluster.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}' IN ROLE {APP_ROLE}")
+    pg_cluster.execute(f"ALTER ROLE {role} SET role = '{APP_ROLE}'")
+    userinfo = pg_url.split("//", 1)[1].split("@", 1)[0]
+    yield role, pg_url.replace(f"//{userinfo}@", f"//{role}:{password}@", 1)
+    pg_cluster.execute(f"ALTER ROLE {role} LOGIN")
+    pg_cluster.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE usename = %s", (role,))
+    poll("the role's sessions gone", lambda: not pg_cluster.execute(
+        "SELECT 1 FROM pg_stat_activity WHERE usename = %s", (role,)))
+    pg_cluster.execute(f"DROP ROLE {role}")
+
+
+def test_a_cut_member_stops_claiming_reconnects_and_never_double_runs(
+    tmp_path: Path, storage: ThreadedStorageServer, pg_cluster: PostgresCluster,
+    partitionable: tuple[str, str], cluster_factory: Callable[[list[Path]], Cluster],
+) -> None:
+    """A daemon whose sessions are cut (pg_terminate_backend) and whose logins are refused
+    while its submit command runs: it stops claiming (its heartbeat stops), the other member
+    takes the campaign over and marks that submission launch_unknown; once its sessions come
+    back it reconnects (heartbeats again), finds its lease lost, and neither records its
+    launch nor runs anything else of the campaign: every slice ran once."""
+    role, cut_url = partitionable
+    small = _definition(tmp_path, storage, "small", 9)
+    fifo = tmp_path / "block"
+    os.mkfifo(fifo)
+    c = cluster_factory([])
+    a = c.start(cut_url, FAKE_BLOCK=str(fifo), BLOCK_ITEM="reco-1")
+    status, doc = a.http("POST", "/api/v1/campaigns",
+                         {"toml": _campaign(tmp_path, small), "source": "c.toml"})
+    assert status == 201, doc
+    poll("slice 1's submit command running", lambda: len(c.records()) == 1)
+    b = c.start()
+    member_a = c.member_of(a.proc.pid)
+    assert member_a is not None
+    assert c.query("SELECT lease_owner FROM campaigns")[0][0] == member_a
+
+    pg_cluster.execute(f"ALTER ROLE {role} NOLOGIN")
+    pg_cluster.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE usename = %s", (role,))
+    cut = time.monotonic()
+    beat = c.query("SELECT heartbeat FROM cluster_members WHERE id = %s", (member_a,))[0][0]
+    poll("the campaign taken over by b", lambda: c.query(
+        "SELECT lease_owner FROM campaigns")[0][0] == c.member_of(b.proc.pid),
+        timeout=LEASE + HEARTBEAT + 30)
+    assert time.monotonic() - cut <= LEASE + HEARTBEAT + SLACK
+    poll("b ran the other slices", lambda: len(c.records()) == 3, timeout=60)
+    assert c.query("SELECT heartbeat FROM cluster_members WHERE id = %s",
+                   (member_a,))[0][0] == beat  # a claimed nothing, heartbeat included
+
+    pg_cluster.execute(f"ALTER ROLE {role} LOGIN")
+    poll("a heartbeats again", lambda: c.query(
+        "SELECT heartbeat FROM cluster_members WHERE id = %s", (member_a,))[0][0] > beat,
+        timeout=60)
+    with open(fifo, "w") as f:  # a's submit command ends now: a may not record it
+        f.write("go")
+    poll("a noticed", lambda: "lease lost" in a.output() or "lease was lost" in a.output(),
+         timeout=30)
+    subs = b.http("GET", "/api/v1/campaigns/drain")[1]["submissions"]
+    assert [(s["item"], s["state"]) for s in subs] == [
+        ("slice-1", "launch_unknown"), ("slice-2", "completed"), ("slice-3", "completed")]
+    records = c.records()
+    assert [r["item"] for r in records] == ["reco-1", "reco-2", "reco-3"]
+    assert [r["daemon"] for r in records] == [a.proc.pid, b.proc.pid, b.proc.pid]
+    assert "the state database does not answer" in a.output()
+    poll("a logs that it claims again", lambda: "answers again; claiming work" in a.output())
+    assert a.proc.poll() is None and "Traceback" not in a.output()

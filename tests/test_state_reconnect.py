@@ -33,7 +33,7 @@ def _dbname(url: str) -> str:
 def _terminate(cluster: PostgresCluster, url: str, application_name: str) -> int:
     """Terminate the sessions of ``url``'s database named ``application_name`` and wait until
     they have exited; returns how many there were."""
-    rows = cluster._execute(
+    rows = cluster.execute(
         "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
         " WHERE datname = %s AND application_name = %s", (_dbname(url), application_name))
     return sum(1 for row in rows if row[0])
@@ -42,11 +42,11 @@ def _terminate(cluster: PostgresCluster, url: str, application_name: str) -> int
 @contextlib.contextmanager
 def _login_refused(cluster: PostgresCluster) -> Iterator[None]:
     """The application role may not log in (an outage as clients see it) until the end."""
-    cluster._execute(f"ALTER ROLE {APP_ROLE} NOLOGIN")
+    cluster.execute(f"ALTER ROLE {APP_ROLE} NOLOGIN")
     try:
         yield
     finally:
-        cluster._execute(f"ALTER ROLE {APP_ROLE} LOGIN")
+        cluster.execute(f"ALTER ROLE {APP_ROLE} LOGIN")
 
 
 def _record(store: Store, first: int, count: int) -> None:

@@ -21,7 +21,6 @@ member's chunk is taken over within the lease plus a heartbeat even when every s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, Callable, Optional
@@ -64,6 +63,8 @@ class ClusterMember:
         self.connected = asyncio.Event()
         """Set while the database answers: work is claimed only then."""
         self._task: Optional[asyncio.Task[Any]] = None
+        self._inflight: Optional[asyncio.Future[tuple[list[shared.Member],
+                                                      dict[str, int]]]] = None
 
     @property
     def lease(self) -> float:
@@ -108,26 +109,37 @@ class ClusterMember:
             await self._beat_once()
 
     async def _beat_once(self) -> None:
-        """One heartbeat, and the cluster gauges; a failure clears ``connected``."""
+        """One heartbeat, and the cluster gauges. A heartbeat that fails, or that has not
+        answered within a heartbeat (the store waits up to its pool timeout for a connection),
+        clears ``connected``; the one in flight is waited for, never doubled."""
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.ensure_future(asyncio.to_thread(self._beat_sync))
+        failures: tuple[type[Exception], ...] = (asyncio.TimeoutError, *_unreachable())
         try:
-            found = await asyncio.to_thread(shared.heartbeat, self._store, self.id,
-                                            forget_after=max(FORGET_AFTER, 10 * self.lease))
-            if not found:  # forgotten by the others after a very long silence
-                log.warning("cluster: our member row was gone; registering again")
-                await asyncio.to_thread(shared.register_member, self._store, self.id,
-                                        listen=self._listen, version=self._version)
-            rows = await asyncio.to_thread(shared.members, self._store)
-            leases = await asyncio.to_thread(shared.leases_held, self._store, self.id)
-        except _unreachable() as e:
+            members, leases = await asyncio.wait_for(asyncio.shield(self._inflight),
+                                                     self.heartbeat)
+        except failures as e:
             if self.connected.is_set():
+                why = "no answer within a heartbeat" if isinstance(
+                    e, asyncio.TimeoutError) else str(e)
                 log.error("cluster: the state database does not answer (%s); claiming no new "
-                          "work until it does", e)
+                          "work until it does", why)
             self.connected.clear()
             return
         if not self.connected.is_set():
             log.info("cluster: the state database answers again; claiming work")
         self.connected.set()
-        self._metrics.set_cluster(sum(m.alive(self.lease) for m in rows), leases)
+        self._metrics.set_cluster(sum(m.alive(self.lease) for m in members), leases)
+
+    def _beat_sync(self) -> tuple[list[shared.Member], dict[str, int]]:
+        """The heartbeat's transactions (in a worker thread): our row (registered again if
+        the others forgot it after a very long silence), then what the gauges show."""
+        if not shared.heartbeat(self._store, self.id,
+                                forget_after=max(FORGET_AFTER, 10 * self.lease)):
+            log.warning("cluster: our member row was gone; registering again")
+            shared.register_member(self._store, self.id, listen=self._listen,
+                                   version=self._version)
+        return shared.members(self._store), shared.leases_held(self._store, self.id)
 
 
 async def keep_lease(store: Store, member: ClusterMember, kind: str, key: Sequence[Any],

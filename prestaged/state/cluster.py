@@ -398,9 +398,9 @@ def claim_chunk(store: Store, member_id: str, lease: float, *,
         now = now_sql(conn)
         expired = f"c.lease_until < {now}"
         row = conn.execute(
-            f"SELECT c.round_id, c.idx, c.files, c.lease_owner, r.catalog, r.definition, "
-            f"r.fresh_for FROM round_chunks c JOIN watch_rounds r ON r.id = c.round_id "
-            f"WHERE c.done IS NULL AND "
+            "SELECT c.round_id, c.idx, c.files, c.lease_owner, r.catalog, r.definition, "
+            "r.fresh_for FROM round_chunks c JOIN watch_rounds r ON r.id = c.round_id "
+            "WHERE c.done IS NULL AND "
             + (f"{free} AND {expired}" if orphans_only else f"{free} {expired})")
             + " ORDER BY c.round_id, c.idx LIMIT 1"
             + (" FOR UPDATE OF c SKIP LOCKED" if conn.dialect.name == "postgresql" else "")

@@ -206,17 +206,17 @@ class PostgresCluster:
     def create_database(self, name: str) -> str:
         """Create database ``name`` (lower-case letters, digits and ``_``, at most 63) owned by
         the application role and return its :meth:`url`."""
-        self._execute(f"CREATE DATABASE {_ident(name)} OWNER {APP_ROLE}")
+        self.execute(f"CREATE DATABASE {_ident(name)} OWNER {APP_ROLE}")
         return self.url(name)
 
     def drop_database(self, name: str) -> None:
         """Drop database ``name``, first cutting any session still connected to it; a database
         that does not exist is no error."""
-        self._execute(f"DROP DATABASE IF EXISTS {_ident(name)} WITH (FORCE)")
+        self.execute(f"DROP DATABASE IF EXISTS {_ident(name)} WITH (FORCE)")
 
     def databases(self) -> list[str]:
         """Names of the databases other than the templates and ``postgres``, sorted."""
-        rows = self._execute("SELECT datname FROM pg_database WHERE NOT datistemplate"
+        rows = self.execute("SELECT datname FROM pg_database WHERE NOT datistemplate"
                              " AND datname <> 'postgres' ORDER BY datname")
         return [str(row[0]) for row in rows]
 
@@ -224,7 +224,7 @@ class PostgresCluster:
         """Terminate every session connected to ``dbname`` (``pg_terminate_backend``) and wait
         up to ``timeout`` seconds until each has exited; returns how many there were. The
         clients' connections are cut: their next query raises ``psycopg.OperationalError``."""
-        rows = self._execute(
+        rows = self.execute(
             "SELECT pg_terminate_backend(pid, %s) FROM pg_stat_activity"
             " WHERE datname = %s AND pid <> pg_backend_pid()",
             (int(timeout * 1000), _ident(dbname)),
@@ -355,7 +355,9 @@ class PostgresCluster:
         self._admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
             sql.Identifier(APP_ROLE), sql.Literal(self.password)))
 
-    def _execute(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+    def execute(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run ``query`` as the superuser (autocommit) and return its rows (none for a
+        statement): for tests that change roles or cut sessions."""
         if self._admin is None:
             raise PostgresError("the cluster is not started")
         cursor = self._admin.execute(query, params or None)
