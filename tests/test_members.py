@@ -75,6 +75,14 @@ def test_status_members_without_a_state_fails_as_status_does(tmp_path: Path) -> 
     assert not (tmp_path / "nope.db").exists()
 
 
+def test_status_members_refuses_a_definition(tmp_path: Path) -> None:
+    """`status --members` with a definition (or --catalog) is a one-line usage error, not a
+    members list that silently ignored it."""
+    res = run_cli("status", "--members", "mc-reco", "--state", str(tmp_path / "s.db"))
+    assert res.returncode == 2 and "takes no definition" in res.stderr
+    assert res.stdout == "" and len(res.stderr.splitlines()) == 1
+
+
 def _config(tmp_path: Path, pki: TestPKI, proxy: Path) -> Path:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
