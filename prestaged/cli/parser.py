@@ -273,7 +273,8 @@ def _add_state_commands(sub: Subparsers, parents: _Parents) -> None:
                           "address, heartbeat age, alive or dead ([cluster] lease), leases held")
     s = sub.add_parser("status", help="how warm recorded definitions are",
                        description="Per definition: files, fresh within state.fresh_for, "
-                                   "stale, failed by reason, never tried, and the last run.",
+                                   "stale, failed by reason, never tried, and the last run; "
+                                   "--members: the daemons sharing the state instead.",
                        parents=[own, parents.state, parents.common])
     s.set_defaults(func=cmd_status)
 
