@@ -74,6 +74,11 @@ class FakePorts:
         return [r for r in self.rows if name in (None, r["definition"])
                 and catalog in (None, r["catalog"])]
 
+    async def members(self) -> list[JsonObject]:
+        """One member row."""
+        self._call("members")
+        return [{"id": "h:1:a", "alive": True}]
+
     async def add_campaign(self, text: str, source: str, *, held: bool) -> tuple[str, bool]:
         """Stores the campaign under its first line."""
         self._call("add_campaign", text, source, held)
@@ -239,6 +244,16 @@ async def test_dataset_shapes(client: Client) -> None:
         200, {"definitions": [b_sam]})
     assert await _answer(await c.get("/api/v1/datasets/nope")) == (
         404, {"error": "definition 'nope' has no record"})
+
+
+async def test_members_are_open_to_read_with_a_token_configured(client: Client) -> None:
+    """GET /api/v1/members answers the ports' list as is, without the token even when one is
+    configured (like dataset warmth)."""
+    ports = FakePorts(token=TOKEN)
+    c = await client(ports)
+    assert await _answer(await c.get("/api/v1/members")) == (
+        200, [{"id": "h:1:a", "alive": True}])
+    assert ports.calls == [("members", ())]
 
 
 # --- campaigns --------------------------------------------------------------------------------

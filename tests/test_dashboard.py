@@ -167,6 +167,21 @@ def test_dashboard_has_a_tape_row() -> None:
     assert locality["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
 
 
+def test_dashboard_has_a_cluster_row() -> None:
+    """The Cluster row (issue 16): members alive, leases held by kind per member instance and
+    the increase of lease takeovers, each from its metric."""
+    panels = list(_panels(_load()["panels"]))
+    [row] = [p for p in panels if p["type"] == "row" and p["title"] == "Cluster"]
+    below = {p["title"] for p in panels if p["type"] != "row"
+             and p["gridPos"]["y"] > row["gridPos"]["y"]}
+    assert {"Cluster members alive", "Leases held by member", "Lease takeovers"} <= below
+    exprs = {_panel_title(t): e for t, e in _targets(_load())}
+    assert "prestaged_cluster_members" in exprs["Cluster members alive"]
+    assert re.search(r"by \(instance, kind\) \(prestaged_leases_held",
+                     exprs["Leases held by member"])
+    assert "increase(prestaged_lease_takeovers_total" in exprs["Lease takeovers"]
+
+
 def test_rates_use_grafana_intervals() -> None:
     """Every range vector in rate()/increase() is $__rate_interval or $__range, never hard-coded."""
     for title, expr in _targets(_load()):
@@ -184,6 +199,8 @@ def test_every_dashboard_metric_is_exposed() -> None:
     m.set_campaign_submissions("c", {"queued": 1}, [s.value for s in SubmissionState])
     m.set_locality("d", {"TAPE": 1})
     m.set_concurrency("h", 4)
+    m.set_cluster(1, {"campaign": 1})
+    m.lease_taken_over("chunk")
     exposed = set(re.findall(r"^(prestaged_[a-z_]+)", m.exposition().decode(), re.M))
     dash = _load()
     used = {n for _, e in _targets(dash) for n in _metric_names(e)}
@@ -219,6 +236,8 @@ async def _warm_once(metrics: Metrics, storage: StorageServer, toucher: HttpTouc
     # Set directly: the AIMD limiter (issue 13) will report what it allows; this is the fixed
     # concurrency the run used.
     metrics.set_concurrency(urls[0], settings.concurrency)
+    # This member alone, driving the campaign, as the daemon's heartbeat reports it.
+    metrics.set_cluster(1, {"campaign": 1})
 
 
 class _StagingClient(TapeClient):

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import prestaged
 from prestaged.credentials import inspect_proxy, load_credentials
 from prestaged.metrics import (
+    LEASE_KINDS,
     LOCALITIES,
     STAGE_BUCKETS,
     Metrics,
@@ -329,3 +330,19 @@ def test_tape_metrics_never_label_a_url_or_a_path() -> None:
     assert ("prestaged_locality_files", "definition", "mc_2024") in labels
     assert ("prestaged_locality_files", "definition", "run7") in labels
     assert ("prestaged_endpoint_concurrency", "host", "door.example.org") in labels
+
+
+def test_cluster_gauges_cover_every_lease_kind_and_takeovers_stay_bounded() -> None:
+    """set_cluster sets the members alive and every lease kind (0 for a kind not given, so a
+    lease given up drops to 0); a takeover of an unknown kind counts as "unknown", never as a
+    new label value."""
+    m = Metrics()
+    m.set_cluster(3, {"campaign": 2, "chunk": 1})
+    m.set_cluster(2, {"campaign": 1})
+    assert _value(m, "prestaged_cluster_members") == 2
+    assert [_value(m, "prestaged_leases_held", kind=k) for k in LEASE_KINDS] == [1, 0, 0]
+    m.lease_taken_over("chunk")
+    m.lease_taken_over("/pnfs/odd")
+    assert _value(m, "prestaged_lease_takeovers_total", kind="chunk") == 1
+    assert _value(m, "prestaged_lease_takeovers_total", kind="unknown") == 1
+    assert "/pnfs/odd" not in m.exposition().decode()

@@ -268,9 +268,13 @@ def _add_state_commands(sub: Subparsers, parents: _Parents) -> None:
     own.add_argument("definition", nargs="?", help="only this definition")
     own.add_argument("--catalog", dest="status_catalog", help="only this catalog's definition")
     own.add_argument("--json", action="store_true", help="print one JSON document")
+    own.add_argument("--members", action="store_true",
+                     help="list the daemons sharing this state instead: host, pid, API "
+                          "address, heartbeat age, alive or dead ([cluster] lease), leases held")
     s = sub.add_parser("status", help="how warm recorded definitions are",
                        description="Per definition: files, fresh within state.fresh_for, "
-                                   "stale, failed by reason, never tried, and the last run.",
+                                   "stale, failed by reason, never tried, and the last run; "
+                                   "--members: the daemons sharing the state instead.",
                        parents=[own, parents.state, parents.common])
     s.set_defaults(func=cmd_status)
 

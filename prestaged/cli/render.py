@@ -21,6 +21,7 @@ from prestaged.model import Result
 
 if TYPE_CHECKING:
     from prestaged.catalog import Catalog
+    from prestaged.state.cluster import Member
     from prestaged.state.store import DatasetStatus, RunRecord
     from prestaged.warm import RunReport, Tally
 
@@ -31,6 +32,7 @@ __all__ = [
     "campaign_lines",
     "campaign_list_lines",
     "history_lines",
+    "member_lines",
     "report_json",
     "report_text",
     "source_of",
@@ -351,6 +353,18 @@ def history_lines(runs: Sequence[RunRecord]) -> list[str]:
         lines.append(f"#{r.id:<5} {ago(r.started):<14} {r.catalog}:{r.definition}  "
                      f"exit {r.exit_code if r.exit_code is not None else '-'}  "
                      f"{r.reason or 'running'}  [{counts}]")
+    return lines
+
+
+def member_lines(members: Sequence[Member], lease: float) -> list[str]:
+    """``prestaged status --members``: one line per member of the state's cluster, dead when
+    its last heartbeat (``age``, by the database's clock) is older than ``lease`` seconds."""
+    lines = [f"{'member':<36} {'host':<20} {'pid':>7} {'API':<21} {'heartbeat':>12} "
+             f"{'state':<5} {'leases':>6}"]
+    for m in members:
+        lines.append(f"{m.id:<36} {m.host:<20} {m.pid:>7} {m.listen or '-':<21} "
+                     f"{f'{m.age:.0f} s ago':>12} {'alive' if m.alive(lease) else 'dead':<5} "
+                     f"{m.leases:>6}")
     return lines
 
 

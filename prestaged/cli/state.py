@@ -1,5 +1,5 @@
 """``prestaged status`` and ``prestaged history``: what the state database (or the running
-daemon) knows of past warm runs."""
+daemon) knows of past warm runs; ``status --members``: the daemons sharing the state."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import urllib.parse
 from typing import TYPE_CHECKING, Optional
 
 from prestaged.cli.common import open_store, via_daemon
-from prestaged.cli.render import history_lines, status_lines
+from prestaged.cli.render import history_lines, member_lines, status_lines
 from prestaged.config import Config
 
 if TYPE_CHECKING:
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     """``prestaged status``: warmth per definition, from the daemon or the state database;
     ``CatalogError`` (exit 4) for a named definition with no record."""
+    if args.members:
+        return _members(args, cfg)
     rows = _daemon_status(args, cfg)
     source = f"daemon http://{cfg.daemon.listen}"
     if rows is None:
@@ -42,6 +44,30 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
                           "definitions": [r.to_dict() for r in rows]}, indent=2))
         return 0
     print("\n".join(status_lines(rows)))
+    return 0
+
+
+def _members(args: argparse.Namespace, cfg: Config) -> int:
+    """``status --members``: the daemons registered in the state (``state.cluster.members``),
+    read from the state database itself (a daemon that does not answer is listed too), alive
+    when their heartbeat is within ``[cluster] lease`` of the config in force."""
+    from prestaged.state.cluster import members
+
+    if args.definition is not None or args.status_catalog is not None:
+        from prestaged.errors import ConfigError
+
+        raise ConfigError("status --members lists the daemons: it takes no definition or "
+                          "--catalog")
+    store = open_store(args, cfg, must_exist=True)
+    try:
+        rows = members(store)
+    finally:
+        store.close()
+    lease = float(cfg.cluster.lease)
+    if args.json:
+        print(json.dumps([m.to_dict(lease) for m in rows], indent=2))
+        return 0
+    print("\n".join(member_lines(rows, lease) if rows else [f"no members ({store.where})"]))
     return 0
 
 

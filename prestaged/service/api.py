@@ -7,7 +7,8 @@ than ``credentials.min_lifetime`` left, else 503 with the reasons; ``GET /metric
 of the run already queued or running for that definition, if there is one, with ``"merged":
 true``; 429 with ``Retry-After`` while ``daemon.max_runs`` runs are queued or running);
 ``GET /api/v1/runs/<id>``; ``GET /api/v1/datasets`` and ``/api/v1/datasets/<name>``;
-campaigns: ``GET|POST /api/v1/campaigns``, ``GET /api/v1/campaigns/<name>``, ``POST
+``GET /api/v1/members`` (the daemons sharing the state, as ``prestaged status --members
+--json``); campaigns: ``GET|POST /api/v1/campaigns``, ``GET /api/v1/campaigns/<name>``, ``POST
 /api/v1/campaigns/<name>/<action>`` (``campaign.actions.ACTIONS``).
 
 Errors are JSON ``{"error": "..."}``; the status is the error's own ``http_status`` (400 bad
@@ -23,7 +24,8 @@ Who may do and see what. The token is ``Authorization: Bearer <token>`` with the
   (their errors may quote what a catalog answered) and the output of campaigns' submit
   commands (``output_tail``, left out of ``GET /api/v1/campaigns/<name>`` without it).
 - Open to anyone who can connect: ``/healthz``, ``/readyz``, ``/metrics``, dataset warmth
-  (counts per definition) and the campaign list and documents (states, reasons, job ids).
+  (counts per definition), the members (host names, pids, API addresses) and the campaign
+  list and documents (states, reasons, job ids).
 - Without a token (loopback only) every local user may request warms and read runs, but a
   definition named over the API is never a path: only a name in ``catalog.local.dir`` or of
   a remote catalog (``naming``), so the daemon reads no file a caller chose.
@@ -97,6 +99,11 @@ class ApiPorts(Protocol):
 
     async def datasets(self, name: Optional[str], catalog: Optional[str]) -> list[JsonObject]:
         """Warmth of every recorded definition (``name`` None) or of the one named."""
+        ...
+
+    async def members(self) -> list[JsonObject]:
+        """The daemons registered in the state (``state.cluster.Member.to_dict``), alive or
+        not by the ``[cluster] lease`` in force."""
         ...
 
     async def add_campaign(self, text: str, source: str, *, held: bool) -> tuple[str, bool]:
@@ -261,6 +268,11 @@ async def dataset(request: web.Request) -> web.Response:
     return web.json_response(rows[0] if len(rows) == 1 else {"definitions": rows})
 
 
+async def members(request: web.Request) -> web.Response:
+    """The daemons sharing the state: a JSON list, as ``prestaged status --members --json``."""
+    return web.json_response(await request.app[PORTS].members())
+
+
 async def campaigns(request: web.Request) -> web.Response:
     """Every campaign: control, submissions by state, the daemon's task (``campaign list``)."""
     return web.json_response({"campaigns": await request.app[PORTS].campaign_summaries()})
@@ -315,6 +327,7 @@ def build_app(ports: ApiPorts) -> web.Application:
     app.router.add_get("/api/v1/runs/{id}", get_run)
     app.router.add_get("/api/v1/datasets", datasets)
     app.router.add_get("/api/v1/datasets/{name:.+}", dataset)
+    app.router.add_get("/api/v1/members", members)
     app.router.add_get("/api/v1/campaigns", campaigns)
     app.router.add_post("/api/v1/campaigns", post_campaign)
     app.router.add_get("/api/v1/campaigns/{name}", get_campaign)

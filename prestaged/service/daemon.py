@@ -50,6 +50,7 @@ from prestaged.service.runs import RunInfo, Runs
 from prestaged.service.sdnotify import Notifier
 from prestaged.service.toucher import SharedToucher
 from prestaged.service.watches import Watches
+from prestaged.state.cluster import members as cluster_members
 from prestaged.state.store import Store
 from prestaged.storage.http import HttpToucher
 from prestaged.warm import WarmSettings
@@ -579,6 +580,12 @@ class _Ports:
             return [r.to_dict() for r in rows]
 
         return await self._datasets.get((name, catalog, fresh_for), read)
+
+    async def members(self) -> list[JsonObject]:
+        """The state's members, alive by this daemon's ``[cluster] lease`` (read in a worker
+        thread: the store blocks)."""
+        rows = await asyncio.to_thread(cluster_members, self._live.store)
+        return [m.to_dict(self._live.member.lease) for m in rows]
 
     async def add_campaign(self, text: str, source: str, *, held: bool) -> tuple[str, bool]:
         """See ``DaemonCampaigns.add``: (campaign name, whether it is new)."""
