@@ -247,12 +247,12 @@ async def test_dataset_shapes(client: Client) -> None:
 
 
 async def test_members_are_open_to_read_with_a_token_configured(client: Client) -> None:
-    """GET /api/v1/members answers the ports' list as is, without the token even when one is
-    configured (like dataset warmth)."""
+    """GET /api/v1/members answers the ports' list under "members", without the token even
+    when one is configured (like dataset warmth)."""
     ports = FakePorts(token=TOKEN)
     c = await client(ports)
     assert await _answer(await c.get("/api/v1/members")) == (
-        200, [{"id": "h:1:a", "alive": True}])
+        200, {"members": [{"id": "h:1:a", "alive": True}]})
     assert ports.calls == [("members", ())]
 
 

@@ -45,7 +45,9 @@ def test_status_members_shows_each_member_alive_or_dead(backend: Backend) -> Non
 
     res = run_cli("status", "--members", "--json", *backend.cli())
     assert res.returncode == 0, res.stderr
-    doc = {m["id"]: m for m in json.loads(res.stdout)}
+    answer = json.loads(res.stdout)
+    assert (answer["state"], answer["lease_seconds"]) == (backend.where, 60.0)
+    doc = {m["id"]: m for m in answer["members"]}
     assert set(doc) == {"alive", "dead"}
     assert set(doc["dead"]) == {"id", "host", "pid", "listen", "version", "started",
                                 "heartbeat", "age", "leases", "alive"}
@@ -63,7 +65,7 @@ def test_status_members_is_judged_by_the_lease_in_force(backend: Backend) -> Non
     config = Path(args[1])
     config.write_text(config.read_text() + '[cluster]\nlease = "300s"\n')
     doc = json.loads(run_cli("status", "--members", "--json", *args).stdout)
-    assert [m["alive"] for m in doc] == [True, True]
+    assert [m["alive"] for m in doc["members"]] == [True, True]
 
 
 def test_status_members_without_a_state_fails_as_status_does(tmp_path: Path) -> None:
@@ -115,7 +117,7 @@ async def test_the_daemon_lists_itself_and_counts_its_leases(pki: TestPKI, proxy
     async with in_process(config) as d:
         status, doc = await d.http("GET", "/api/v1/members")
         assert status == 200, doc
-        [me] = doc
+        [me] = doc["members"]
         assert (me["pid"], me["alive"], me["listen"]) == (
             os.getpid(), True, d.daemon.cfg.daemon.listen)
         text = await d.metrics()
@@ -134,4 +136,4 @@ async def test_the_daemon_lists_itself_and_counts_its_leases(pki: TestPKI, proxy
                                 kind="campaign") == 1
         await until("the campaign lease in the metrics", leased)
         status, doc = await d.http("GET", "/api/v1/members")
-        assert [m["leases"] for m in doc] == [1]
+        assert [m["leases"] for m in doc["members"]] == [1]

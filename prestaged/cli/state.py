@@ -65,7 +65,8 @@ def _members(args: argparse.Namespace, cfg: Config) -> int:
         store.close()
     lease = float(cfg.cluster.lease)
     if args.json:
-        print(json.dumps([m.to_dict(lease) for m in rows], indent=2))
+        print(json.dumps({"state": store.where, "lease_seconds": lease,
+                          "members": [m.to_dict(lease) for m in rows]}, indent=2))
         return 0
     print("\n".join(member_lines(rows, lease) if rows else [f"no members ({store.where})"]))
     return 0

@@ -269,8 +269,9 @@ async def dataset(request: web.Request) -> web.Response:
 
 
 async def members(request: web.Request) -> web.Response:
-    """The daemons sharing the state: a JSON list, as ``prestaged status --members --json``."""
-    return web.json_response(await request.app[PORTS].members())
+    """The daemons sharing the state: ``{"members": [...]}``, each as in ``prestaged status
+    --members --json``."""
+    return web.json_response({"members": await request.app[PORTS].members()})
 
 
 async def campaigns(request: web.Request) -> web.Response:
