@@ -25,7 +25,7 @@ from daemon_harness import DEADLINE, Daemon, Notifications, free_port, poll
 from prestaged.state.postgres import connect
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.postgres import APP_ROLE, PostgresCluster
-from prestaged.testing.storage import ThreadedStorageServer
+from prestaged.testing.storage import Delay, ThreadedStorageServer
 
 LEASE, HEARTBEAT = 4.0, 1.0
 TOKEN = "cluster-t0ken-secret"
@@ -344,3 +344,42 @@ def test_a_cut_member_stops_claiming_reconnects_and_never_double_runs(
     assert "the state database does not answer" in a.output()
     poll("a logs that it claims again", lambda: "answers again; claiming work" in a.output())
     assert a.proc.poll() is None and "Traceback" not in a.output()
+
+
+def test_operator_actions_through_any_member_act_on_all(
+    tmp_path: Path, storage: ThreadedStorageServer,
+    cluster_factory: Callable[[list[Path]], Cluster],
+) -> None:
+    """A campaign driven by member a is released and then cancelled through member b's API:
+    a wakes at once (its campaign_check is 1 h) and launches slice 1, a's gate of slice 2 in
+    progress is interrupted by the cancel, and both members show the same submissions."""
+    small = _definition(tmp_path, storage, "small", 6)
+    storage.inject("/pnfs/small/f00004", [Delay(60)])  # slice 2's gate hangs until cancelled
+    c = cluster_factory([])
+    a = c.start()
+    status, doc = a.http("POST", "/api/v1/campaigns",
+                         {"toml": _campaign(tmp_path, small), "source": "c.toml", "held": True})
+    assert status == 201, doc
+    poll("a holds the campaign", lambda: c.query(
+        "SELECT lease_owner FROM campaigns")[0][0] == c.member_of(a.proc.pid))
+    b = c.start()
+    poll("b sees it driven elsewhere", lambda: (b.http("GET", "/api/v1/campaigns/drain")[1]
+                                                ["daemon"] or {}).get("status") == "elsewhere")
+    assert c.records() == []
+
+    status, doc = b.http("POST", "/api/v1/campaigns/drain/release")
+    assert status == 200, doc
+    poll("a launched slice 1", lambda: len(c.records()) == 1, timeout=30)
+    assert c.records()[0]["daemon"] == a.proc.pid
+    poll("slice 2 prestaging on a", lambda: [s["state"] for s in b.http(
+        "GET", "/api/v1/campaigns/drain")[1]["submissions"]] == ["completed", "prestaging"])
+    cancelled = time.monotonic()
+    status, doc = b.http("POST", "/api/v1/campaigns/drain/cancel")
+    assert status == 200, doc
+    poll("a's gate interrupted: the campaign done", lambda: a.http(
+        "GET", "/api/v1/campaigns/drain")[1]["daemon"]["status"] == "done", timeout=30)
+    assert time.monotonic() - cancelled < 30  # not the 60 s the storage holds the file
+    seen_by = [[(s["item"], s["state"]) for s in d.http("GET", "/api/v1/campaigns/drain")[1]
+                ["submissions"]] for d in (a, b)]
+    assert seen_by[0] == seen_by[1] == [("slice-1", "completed"), ("slice-2", "cancelled")]
+    assert len(c.records()) == 1
