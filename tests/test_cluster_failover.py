@@ -250,6 +250,10 @@ def test_three_daemons_survive_two_kills(
     by_name = {d["definition"]: d for d in datasets["definitions"]}
     assert by_name[str(big)]["files"] == 30_000
     assert by_name[str(big)]["fresh"] == 30_000
+    # Exactly one member saw the round complete; no chunk warned "below ready" on its own.
+    logs = [d.output() for d in c.daemons]
+    assert sum(f"round 1 of {big} complete" in text for text in logs) == 1
+    assert not any("below ready" in text for text in logs)
 
     subs = last.http("GET", "/api/v1/campaigns/drain")[1]["submissions"]
     states = {s["item"]: s["state"] for s in subs}

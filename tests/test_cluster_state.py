@@ -153,8 +153,8 @@ def test_rounds_are_cut_into_chunks_claimed_once_each(store: Store) -> None:
     assert c0 is not None and c1 is not None
     assert (c0.idx, c1.idx) == (0, 1) and c0.refs == _refs(25)[:10]
     assert c0.definition == "/d.txt" and c0.fresh_for == 100.0 and c0.taken_from is None
-    assert shared.finish_chunk(store, c0, "a", 0)
-    assert not shared.finish_chunk(store, c0, "b", 0)
+    assert shared.finish_chunk(store, c0, "a", 0) == (True, False)
+    assert shared.finish_chunk(store, c0, "b", 0) == (False, False)
     _expire(store, "round_chunks")
     c1b = shared.claim_chunk(store, "c", 60)
     assert c1b is not None and c1b.key == c1.key and c1b.taken_from == "b"
@@ -179,7 +179,7 @@ def test_schedule_is_claimed_once_per_due_round(store: Store) -> None:
                              fresh_for=1.0, next_in=0.0) is not None
     assert not shared.claim_schedule(store, "local", "/d.txt", "b", 60)  # chunk unfinished
     chunk = shared.claim_chunk(store, "b", 60)
-    assert chunk is not None and shared.finish_chunk(store, chunk, "b", 0)
+    assert chunk is not None and shared.finish_chunk(store, chunk, "b", 0) == (True, True)
     assert shared.claim_schedule(store, "local", "/d.txt", "b", 60)  # due (next_in 0)
     _expire(store, "watch_schedule")
     assert shared.claim_schedule(store, "local", "/d.txt", "c", 60)

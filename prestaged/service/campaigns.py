@@ -286,7 +286,9 @@ class DaemonCampaigns:
         if member is None or (entry.keeper is not None and not entry.keeper.done()):
             return True
         name = entry.config.name
-        await member.connected.wait()
+        if not member.connected.is_set():  # claim nothing while the database is away
+            entry.status, entry.detail = "waiting", "state database does not answer"
+            return False
         try:
             ours, other = await asyncio.to_thread(shared.claim_campaign, self._store, name,
                                                   member.id, member.lease)

@@ -188,12 +188,14 @@ RunChunk = Callable[[Catalog, float], Awaitable[int]]
 
 
 class ChunkWorker:
-    """Claims and warms chunks of watch rounds, one at a time (see the module docstring)."""
+    """Claims and warms chunks of watch rounds (see the module docstring); ``round_done(catalog,
+    definition)`` is awaited when a chunk this member finished completed its round."""
 
     def __init__(self, store: Store, member: ClusterMember, metrics: Metrics, *,
-                 run: RunChunk, draining: Callable[[], bool]) -> None:
+                 run: RunChunk, draining: Callable[[], bool],
+                 round_done: Callable[[str, str], Awaitable[None]]) -> None:
         self._store, self._member, self._metrics = store, member, metrics
-        self._run, self._draining = run, draining
+        self._run, self._draining, self._round_done = run, draining, round_done
         self.wake = asyncio.Event()
         """Set when this member planned a round: claim at once, not at the next heartbeat."""
 
@@ -242,8 +244,12 @@ class ChunkWorker:
         finally:
             keeper.cancel()
         try:
-            await asyncio.to_thread(shared.finish_chunk, self._store, chunk, self._member.id,
-                                    code)
+            _, completed = await asyncio.to_thread(shared.finish_chunk, self._store, chunk,
+                                                   self._member.id, code)
         except _unreachable() as e:
             log.warning("cluster: chunk %d/%d of %s warmed but not recorded done (%s); it "
                         "will be warmed again", chunk.round_id, chunk.idx, chunk.definition, e)
+            return
+        if completed:
+            log.info("cluster: round %d of %s complete", chunk.round_id, chunk.definition)
+            await self._round_done(chunk.catalog, chunk.definition)

@@ -230,7 +230,7 @@ class Daemon:
         chunks = None
         if store.url is not None:
             chunks = ChunkWorker(store, member, self.metrics, run=self._run_chunk,
-                                 draining=self._draining)
+                                 draining=self._draining, round_done=self._round_done)
         watches = Watches(store, self.metrics, open_catalog=self.open_catalog,
                           submit=lambda cat, fresh: runs.submit(cat, origin="watch",
                                                                 fresh_for=fresh)[0],
@@ -248,11 +248,15 @@ class Daemon:
         if chunks is not None:
             self._chunk_task = asyncio.ensure_future(chunks.loop())
 
+    async def _round_done(self, catalog: str, definition: str) -> None:
+        assert self._live is not None
+        await self._live.watches.round_done(catalog, definition)
+
     async def _run_chunk(self, catalog: Catalog, fresh_for: float) -> int:
         """Warm one chunk of a watch round as a watch run of its definition (queued behind a
         run of the same definition, never joined to it); its exit code."""
         assert self._live is not None
-        info, _ = self._live.runs.submit(catalog, origin="watch", fresh_for=fresh_for,
+        info, _ = self._live.runs.submit(catalog, origin="chunk", fresh_for=fresh_for,
                                          join=False)
         await info.finished.wait()
         if info.state == "error":

@@ -45,7 +45,7 @@ class RunInfo:
     definition: str
     """The definition as its catalog reports it (``Catalog.definition``: canonical)."""
     origin: str
-    """``watch`` or ``api``."""
+    """``watch``, ``chunk`` (a chunk of a watch round on a shared state) or ``api``."""
     state: str = "queued"
     """queued, running, done (finished with an exit code) or error (did not run, or died)."""
     submitted: float = field(default_factory=time.time)

@@ -147,10 +147,26 @@ class Watches:
         if watch is None or row is None:
             return
         self._set_gauges(row)
+        if info.origin != "chunk":  # a chunk is part of a round: see round_done
+            self._warn_unready(watch, info.warm_fraction)
+
+    async def round_done(self, catalog: str, definition: str) -> None:
+        """The last chunk of a round of (``catalog``, ``definition``) was just recorded done by
+        this member: warn when the definition stays below its watch's ``ready`` fraction."""
+        watch = self.find(catalog, definition)
+        if watch is None:
+            return
+        rows = await asyncio.to_thread(self._store.status, watch.fresh_for, definition,
+                                       catalog)
+        if rows and rows[0].files:
+            self._warn_unready(watch, rows[0].fresh / rows[0].files)
+
+    @staticmethod
+    def _warn_unready(watch: Watch, warm_fraction: Optional[float]) -> None:
         ready = watch.config.ready
-        if info.warm_fraction is not None and info.warm_fraction < ready:
+        if warm_fraction is not None and warm_fraction < ready:
             log.warning("watch %s: only %.1f%% warm after the run, below ready %.1f%%",
-                        watch.config.definition, 100 * info.warm_fraction, 100 * ready)
+                        watch.config.definition, 100 * warm_fraction, 100 * ready)
 
     # --- internals --------------------------------------------------------------------------
 

@@ -415,15 +415,22 @@ def claim_chunk(store: Store, member_id: str, lease: float, *,
     return Chunk(int(row[0]), int(row[1]), row[4], row[5], float(row[6]), refs, taken_from)
 
 
-def finish_chunk(store: Store, chunk: Chunk, member_id: str, exit_code: int) -> bool:
-    """Record ``chunk`` done by ``member_id`` and drop its file list; False when it was done
-    already (another member took it over and finished first: harmless, touches repeat)."""
+def finish_chunk(store: Store, chunk: Chunk, member_id: str,
+                 exit_code: int) -> tuple[bool, bool]:
+    """Record ``chunk`` done by ``member_id`` and drop its file list. Returns (whether we
+    recorded it: False when another member that took it over finished first, harmless since
+    touches repeat; whether that completed its round). The round's row is locked first, so of
+    members finishing its last chunks at once exactly one learns it completed the round."""
     with store.transaction() as conn:
+        lock = " FOR UPDATE" if conn.dialect.name == "postgresql" else ""
+        conn.execute(f"SELECT id FROM watch_rounds WHERE id = ?{lock}", (chunk.round_id,))
         found = conn.execute(
             f"UPDATE round_chunks SET done = {now_sql(conn)}, done_by = ?, exit_code = ?, "
             "files = '[]', lease_owner = NULL, lease_until = NULL WHERE round_id = ? AND "
             "idx = ? AND done IS NULL", (member_id, exit_code, *chunk.key)).rowcount
-    return found == 1
+        left = conn.execute("SELECT COUNT(*) FROM round_chunks WHERE round_id = ? AND "
+                            "done IS NULL", (chunk.round_id,)).fetchone()
+    return found == 1, found == 1 and int(left[0]) == 0
 
 
 def unfinished_chunks(store: Store) -> int:
