@@ -211,8 +211,9 @@ _pg_serial = itertools.count(1)
 def make_pg_url(pg_cluster: PostgresCluster,
                 request: pytest.FixtureRequest) -> Iterator[Callable[[], str]]:
     """Factory of fresh databases on the session's PostgreSQL: ``make() -> url`` (libpq URL
-    of the ``prestaged`` role, password included: never log it). Each is dropped after the
-    test, with any connection still open to it; about 0.1 s per database."""
+    of the ``prestaged`` role with no password in it: libpq reads that from the cluster's
+    password file, ``passfile=``). Each is dropped after the test, with any connection still
+    open to it; about 0.1 s per database."""
     stem = re.sub(r"[^a-z0-9_]+", "_", request.node.name.lower())[:40]
     names: list[str] = []
 
