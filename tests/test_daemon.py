@@ -12,10 +12,12 @@ import logging
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import pytest
 from cli_runner import run_cli
@@ -26,11 +28,14 @@ from daemon_harness import (
     in_process,
     metric_value,
     poll,
+    state_files,
     until,
     write_config,
 )
 
+from prestaged.model import redacted_url
 from prestaged.testing.pki import TestPKI
+from prestaged.testing.postgres import PostgresCluster
 from prestaged.testing.storage import Delay, ThreadedStorageServer
 from prestaged.testing.tokens import TokenIssuer, write_token
 
@@ -186,6 +191,56 @@ def test_expired_proxy_refused_at_start(pki: TestPKI, tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=DEADLINE, check=False)
     assert res.returncode == 3
     assert "expired" in res.stderr and "Traceback" not in res.stderr
+
+
+def _refused_state(config: Path) -> str:
+    """``prestaged serve --config config`` run to its end: checked to exit 2 with no output
+    but one stderr line and no traceback; returns that line."""
+    res = subprocess.run([sys.executable, "-m", "prestaged", "serve", "--config", str(config)],
+                         capture_output=True, text=True, timeout=DEADLINE, check=False)
+    assert (res.returncode, res.stdout) == (2, ""), res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    return res.stderr.strip()
+
+
+def test_unreachable_postgresql_refused_at_start(pki: TestPKI, proxy: Path,
+                                                  tmp_path: Path) -> None:
+    """``[state] url`` naming a socket directory with no server: the daemon exits 2 with one
+    line naming the URL with its password hidden, and makes no state file instead."""
+    pytest.importorskip("psycopg")
+    # Under the system's temporary directory: a socket path is at most 107 bytes.
+    with tempfile.TemporaryDirectory(prefix="pg-") as empty:
+        url = f"postgresql://prestaged:s3cr3t-XYZ@/state?host={empty}"
+        line = _refused_state(write_config(tmp_path, pki, proxy, free_port(), [],
+                                           state_url=url))
+    assert line.startswith(f"prestaged: error: state {redacted_url(url)}: cannot connect")
+    assert "s3cr3t" not in line
+    assert state_files(tmp_path) == []
+
+
+def test_newer_postgresql_schema_refused_at_start(pki: TestPKI, proxy: Path, tmp_path: Path,
+                                                   pg_cluster: PostgresCluster,
+                                                   pg_url: str) -> None:
+    """A database migrated by a newer prestaged: the daemon exits 2 with one line naming
+    both versions and the URL with its password hidden, and leaves the database alone."""
+    from prestaged.state.postgres import VERSION_TABLE, connect, open_state
+    from prestaged.state.schema import SCHEMA_VERSION
+
+    open_state(pg_url).close()
+    with connect(pg_url) as conn:
+        conn.execute(f"INSERT INTO {VERSION_TABLE} VALUES (%s, 0)", (SCHEMA_VERSION + 1,))
+    secret = pg_cluster.url_with_password(urlsplit(pg_url).path.lstrip("/"))
+    line = _refused_state(write_config(tmp_path, pki, proxy, free_port(), [],
+                                       state_url=secret))
+    assert line == (f"prestaged: error: state {redacted_url(secret)}: schema version "
+                    f"{SCHEMA_VERSION + 1} is newer than this prestaged knows "
+                    f"({SCHEMA_VERSION}); upgrade prestaged, or give it another database")
+    leaked = pg_cluster.password in line  # not in the assert: it would print the password
+    assert not leaked, "the password is in the daemon's error"
+    with connect(pg_url) as conn:
+        assert conn.execute(f"SELECT max(version) FROM {VERSION_TABLE}").fetchone() == (
+            SCHEMA_VERSION + 1,)
+    assert state_files(tmp_path) == []
 
 
 async def test_daemon_watches_a_samweb_definition(
