@@ -108,9 +108,11 @@ def poll(what: str, check: Callable[[], bool], timeout: float = DEADLINE) -> Non
 
 
 def write_config(tmp_path: Path, pki: TestPKI, proxy: Path, port: int, watches: list[tuple[Path, str]],
-            extra: str = "", credentials: str = "", state_url: Optional[str] = None) -> Path:
+            extra: str = "", credentials: str = "", state_url: Optional[str] = None,
+            sections: str = "") -> Path:
     """A daemon config: ``extra`` lines go in ``[daemon]``, ``credentials`` in ``[credentials]``;
-    the state is ``tmp_path/state.db``, or the PostgreSQL database ``state_url`` when given."""
+    the state is ``tmp_path/state.db``, or the PostgreSQL database ``state_url`` when given;
+    ``sections`` (whole tables, e.g. ``[cluster]``) go before ``[catalog.local]``."""
     state = (f"url = {json.dumps(state_url)}" if state_url is not None
              else f'path = "{tmp_path / "state.db"}"')
     text = f"""
@@ -127,6 +129,7 @@ drain_timeout = "1s"
 credential_check = "100ms"
 jitter = 0
 {extra}
+{sections}
 [catalog.local]
 dir = "{tmp_path}"
 """
