@@ -268,6 +268,18 @@ class Backend:
         with connect(self.url) as pg:
             return pg.execute(sql).fetchall()
 
+    def state_table(self) -> str:
+        """TOML to append to a config a test writes itself: for PostgreSQL ``[state] url`` and
+        no daemon to ask (``[daemon] listen`` on port 1); "" for SQLite (see ``state_args``)."""
+        if self.url is None:
+            return ""
+        return f'\n[state]\nurl = {json.dumps(self.url)}\n[daemon]\nlisten = "127.0.0.1:1"\n'
+
+    def state_args(self) -> list[str]:
+        """Command-line arguments to go with a config ending in ``state_table()``:
+        ``--state FILE`` for SQLite, none for PostgreSQL."""
+        return [] if self.url is not None else ["--state", str(self.path)]
+
     def cli(self, state_toml: str = "") -> list[str]:
         """Command-line arguments selecting this state: ``--state FILE``, or a config whose
         ``[state] url`` is the database (and no daemon to ask); ``state_toml`` adds keys to

@@ -50,18 +50,12 @@ def _cli(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str, extra: str = "",
     """``prestaged ARGS`` in-process with the test proxy, the quick config (``extra`` appended
     to its [storage] table) and ``backend``'s state (default: the file tmp_path/state.db)."""
     config = tmp_path / "prestaged.toml"
-    if backend is not None and backend.url is not None:
-        # [state] url, and no daemon to ask (port 1).
-        config.write_text(f"{QUICK}{extra}\n[state]\nurl = {json.dumps(backend.url)}\n"
-                          '[daemon]\nlisten = "127.0.0.1:1"\n')
-        state = []
-    else:
-        config.write_text(QUICK + extra)
-        state = ["--state", str(tmp_path / "state.db")]
-    res = run_cli(*args, "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), *state,
-                  "--config", str(config))
+    backend = backend or Backend("sqlite", tmp_path, None)
+    config.write_text(QUICK + extra + backend.state_table())
+    res = run_cli(*args, "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
+                  *backend.state_args(), "--config", str(config))
     assert "Traceback" not in res.stderr, res.stderr
-    if backend is not None and backend.url is not None:
+    if backend.url is not None:
         assert state_files(tmp_path) == []  # never a state file beside the database
     return res
 
