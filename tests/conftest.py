@@ -211,8 +211,9 @@ _pg_serial = itertools.count(1)
 def make_pg_url(pg_cluster: PostgresCluster,
                 request: pytest.FixtureRequest) -> Iterator[Callable[[], str]]:
     """Factory of fresh databases on the session's PostgreSQL: ``make() -> url`` (libpq URL
-    of the ``prestaged`` role, password included: never log it). Each is dropped after the
-    test, with any connection still open to it; about 0.1 s per database."""
+    of the ``prestaged`` role with no password in it: libpq reads that from the cluster's
+    password file, ``passfile=``). Each is dropped after the test, with any connection still
+    open to it; about 0.1 s per database."""
     stem = re.sub(r"[^a-z0-9_]+", "_", request.node.name.lower())[:40]
     names: list[str] = []
 
@@ -266,6 +267,18 @@ class Backend:
 
         with connect(self.url) as pg:
             return pg.execute(sql).fetchall()
+
+    def state_table(self) -> str:
+        """TOML to append to a config a test writes itself: for PostgreSQL ``[state] url`` and
+        no daemon to ask (``[daemon] listen`` on port 1); "" for SQLite (see ``state_args``)."""
+        if self.url is None:
+            return ""
+        return f'\n[state]\nurl = {json.dumps(self.url)}\n[daemon]\nlisten = "127.0.0.1:1"\n'
+
+    def state_args(self) -> list[str]:
+        """Command-line arguments to go with a config ending in ``state_table()``:
+        ``--state FILE`` for SQLite, none for PostgreSQL."""
+        return [] if self.url is not None else ["--state", str(self.path)]
 
     def cli(self, state_toml: str = "") -> list[str]:
         """Command-line arguments selecting this state: ``--state FILE``, or a config whose

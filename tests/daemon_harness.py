@@ -108,15 +108,20 @@ def poll(what: str, check: Callable[[], bool], timeout: float = DEADLINE) -> Non
 
 
 def write_config(tmp_path: Path, pki: TestPKI, proxy: Path, port: int, watches: list[tuple[Path, str]],
-            extra: str = "", credentials: str = "") -> Path:
-    """A daemon config: ``extra`` lines go in ``[daemon]``, ``credentials`` in ``[credentials]``."""
+            extra: str = "", credentials: str = "", state_url: Optional[str] = None,
+            sections: str = "") -> Path:
+    """A daemon config: ``extra`` lines go in ``[daemon]``, ``credentials`` in ``[credentials]``;
+    the state is ``tmp_path/state.db``, or the PostgreSQL database ``state_url`` when given;
+    ``sections`` (whole tables, e.g. ``[cluster]``) go before ``[catalog.local]``."""
+    state = (f"url = {json.dumps(state_url)}" if state_url is not None
+             else f'path = "{tmp_path / "state.db"}"')
     text = f"""
 [credentials]
 proxy = "{proxy}"
 ca_dir = "{pki.ca_dir}"
 {credentials}
 [state]
-path = "{tmp_path / 'state.db'}"
+{state}
 flush_interval = "100ms"
 [daemon]
 listen = "127.0.0.1:{port}"
@@ -124,6 +129,7 @@ drain_timeout = "1s"
 credential_check = "100ms"
 jitter = 0
 {extra}
+{sections}
 [catalog.local]
 dir = "{tmp_path}"
 """
@@ -132,6 +138,14 @@ dir = "{tmp_path}"
     path = tmp_path / "prestaged.toml"
     path.write_text(text)
     return path
+
+
+def state_files(*roots: Path) -> list[Path]:
+    """SQLite state files (``*.db``, with their ``-wal``/``-journal``) under ``roots`` and the
+    default state directory ``$XDG_STATE_HOME/prestaged``: a daemon on PostgreSQL makes none."""
+    default = Path(os.environ.get("XDG_STATE_HOME", "/nonexistent")) / "prestaged"
+    return sorted(p for root in (*roots, default) if root.exists()
+                  for p in root.rglob("*.db*"))
 
 
 def daemon_starter(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:

@@ -13,12 +13,14 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 from campaign_fakes import read_records, write_definition
 from cli_runner import run_cli
+from conftest import Backend
 from daemon_harness import (
     DEADLINE,
     Daemon,
@@ -27,6 +29,7 @@ from daemon_harness import (
     in_process,
     metric_value,
     poll,
+    state_files,
     until,
     write_config,
 )
@@ -86,23 +89,46 @@ def _states(d: Daemon, name: str) -> list[str]:
     return [s["state"] for s in _show(d, name)["submissions"]]
 
 
+# On PostgreSQL a daemon is a cluster member: a short lease, so that a daemon started after a
+# SIGKILL takes over the dead one's campaign within seconds (the default is a minute).
+CLUSTER = '[cluster]\nlease = "3s"\nheartbeat = "1s"\n'
+
+
+@pytest.fixture(autouse=True)
+def _no_state_file(backend: Backend, tmp_path: Path) -> Iterator[None]:
+    """Every test on each backend; on PostgreSQL no daemon or CLI fell back to a state file
+    (in tmp_path or the default directory)."""
+    yield
+    if backend.url is not None:
+        assert state_files(tmp_path) == []
+
+
+def _state(backend: Backend) -> dict[str, Any]:
+    """``write_config`` arguments selecting ``backend``'s state (tmp_path/state.db for
+    SQLite)."""
+    if backend.url is None:
+        return {}
+    return {"state_url": backend.url, "sections": CLUSTER}
+
+
 def _start(tmp_path: Path, pki: TestPKI, proxy: Path, start_daemon: Callable[..., Daemon],
-           port: int, **env: str) -> Daemon:
-    """A daemon on ``port`` with the state in tmp_path and a bearer token (campaign changes
+           port: int, backend: Backend, **env: str) -> Daemon:
+    """A daemon on ``port`` with ``backend``'s state and a bearer token (campaign changes
     need one); campaigns that stopped short are only looked at again on an operator action
     (campaign_check is 1 h)."""
     token = tmp_path / "api-token"
     token.write_text(TOKEN + "\n")
     token.chmod(0o600)
     config = write_config(tmp_path, pki, proxy, port, [],
-                          extra=f'campaign_check = "1h"\ntoken_file = "{token}"')
+                          extra=f'campaign_check = "1h"\ntoken_file = "{token}"',
+                          **_state(backend))
     return start_daemon(config, port, token=TOKEN,
                         env={"CAMPAIGN_RECORD": str(tmp_path / "record.jsonl"), **env})
 
 
 def test_drainingn_across_a_daemon_restart_gives_disjoint_slices(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
-    start_daemon: Callable[..., Daemon],
+    start_daemon: Callable[..., Daemon], backend: Backend,
 ) -> None:
     """drainingn(2) over 5 files, daemon stopped while slice 2 is prestaging and started again:
     3 submissions, disjoint, covering all 5, each submitted after its slice was warm."""
@@ -118,7 +144,7 @@ split = "drainingn(2)"
 submit = {_submit(tmp_path, "{submission} {urls_file} {n_files}")}
 """)
     port = free_port()
-    d = _start(tmp_path, pki, proxy, start_daemon, port)
+    d = _start(tmp_path, pki, proxy, start_daemon, port, backend)
     res = _cli(d, "campaign", "add", str(campaign))
     assert res.returncode == 0, res.stderr
     assert "drain: added" in res.stdout
@@ -127,7 +153,7 @@ submit = {_submit(tmp_path, "{submission} {urls_file} {n_files}")}
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(timeout=DEADLINE) == 0
 
-    d = _start(tmp_path, pki, proxy, start_daemon, port)  # resumes from the state database
+    d = _start(tmp_path, pki, proxy, start_daemon, port, backend)  # resumes from the state database
     poll("the stage drained", lambda: _show(d, "drain")["daemon"]["status"] == "done")
     doc = _show(d, "drain")
     assert [(s["item"], s["state"], s["n_files"]) for s in doc["submissions"]] == [
@@ -156,7 +182,7 @@ submit = {_submit(tmp_path, "{submission} {urls_file} {n_files}")}
 
 def test_daemon_killed_while_submitting_does_not_resubmit(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
-    start_daemon: Callable[..., Daemon],
+    start_daemon: Callable[..., Daemon], backend: Backend,
 ) -> None:
     """SIGKILL while the submit command runs: after the restart the submission is
     launch_unknown and not run again; mark-submitted (through the daemon) completes it."""
@@ -171,7 +197,7 @@ submit = {_submit(tmp_path, "{stage}")}
     fifo = tmp_path / "block"
     os.mkfifo(fifo)
     port = free_port()
-    d = _start(tmp_path, pki, proxy, start_daemon, port, FAKE_BLOCK=str(fifo))
+    d = _start(tmp_path, pki, proxy, start_daemon, port, backend, FAKE_BLOCK=str(fifo))
     res = _cli(d, "campaign", "add", str(campaign))
     assert res.returncode == 0, res.stderr
     poll("the submit command started", lambda: len(read_records(tmp_path)) == 1)
@@ -181,7 +207,7 @@ submit = {_submit(tmp_path, "{stage}")}
     with open(fifo, "w") as f:  # let the orphaned submit command finish
         f.write("go")
 
-    d = _start(tmp_path, pki, proxy, start_daemon, port)
+    d = _start(tmp_path, pki, proxy, start_daemon, port, backend)
     poll("the pass after the restart", lambda: _show(d, "crash")["daemon"]["status"] == "waiting")
     [sub] = _show(d, "crash")["submissions"]
     assert sub["state"] == "launch_unknown" and "not run again" in sub["reason"]
@@ -204,7 +230,7 @@ submit = {_submit(tmp_path, "{stage}")}
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
-def _in_process_config(tmp_path: Path, pki: TestPKI, proxy: Path, *,
+def _in_process_config(tmp_path: Path, pki: TestPKI, proxy: Path, backend: Backend, *,
                        token: bool = True) -> Path:
     """A daemon config as ``_start`` writes it (with the token file unless ``token`` is
     false)."""
@@ -214,7 +240,7 @@ def _in_process_config(tmp_path: Path, pki: TestPKI, proxy: Path, *,
         path.write_text(TOKEN + "\n")
         path.chmod(0o600)
         extra += f'\ntoken_file = "{path}"'
-    return write_config(tmp_path, pki, proxy, free_port(), [], extra=extra)
+    return write_config(tmp_path, pki, proxy, free_port(), [], extra=extra, **_state(backend))
 
 
 async def _show_async(d: InProcess, name: str) -> dict[str, Any]:
@@ -237,7 +263,7 @@ async def _add(d: InProcess, campaign: Path, held: bool = False) -> None:
 
 async def test_hold_release_and_cancel_through_the_daemon(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, backend: Backend,
 ) -> None:
     """In-process: a campaign added held launches nothing until released; a cancel stops a
     gate in progress at once and nothing of it is ever submitted."""
@@ -261,7 +287,7 @@ name = "one"
 input = {json.dumps(str(slow))}
 submit = {_submit(tmp_path, "doomed")}
 """, name="doomed.toml")
-    async with in_process(_in_process_config(tmp_path, pki, proxy), token=TOKEN) as d:
+    async with in_process(_in_process_config(tmp_path, pki, proxy, backend), token=TOKEN) as d:
         await _add(d, later, held=True)
 
         async def held_pass() -> bool:
@@ -304,7 +330,7 @@ submit = {_submit(tmp_path, "doomed")}
 
 async def test_keep_warm_through_the_daemon_until_complete(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, backend: Backend,
 ) -> None:
     """In-process: while a submission is submitted and its complete command fails, the
     daemon touches its slice again every keep_warm; once complete exits 0 the campaign ends
@@ -327,7 +353,7 @@ input = {json.dumps(str(ds))}
 submit = {_submit(tmp_path, "{stage}")}
 complete = {complete}
 """)
-    async with in_process(_in_process_config(tmp_path, pki, proxy), token=TOKEN) as d:
+    async with in_process(_in_process_config(tmp_path, pki, proxy, backend), token=TOKEN) as d:
         await _add(d, campaign)
 
         async def touched_again() -> bool:
@@ -349,7 +375,7 @@ complete = {complete}
 
 async def test_campaign_changes_need_the_token(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, backend: Backend,
 ) -> None:
     """In-process: a campaign runs commands as the daemon's user: without daemon.token_file
     the daemon refuses campaign changes (403, which `campaign add` reports in one line),
@@ -362,7 +388,7 @@ name = "one"
 input = {json.dumps(str(ds))}
 submit = {_submit(tmp_path, "x")}
 """)
-    config = _in_process_config(tmp_path, pki, proxy, token=False)
+    config = _in_process_config(tmp_path, pki, proxy, backend, token=False)
     async with in_process(config) as d:
         res = await asyncio.to_thread(run_cli, "campaign", "add", str(campaign), "--config",
                                       str(config))
@@ -373,7 +399,7 @@ submit = {_submit(tmp_path, "x")}
         assert await d.http("GET", "/api/v1/campaigns") == (200, {"campaigns": []})
 
     caplog.set_level(logging.DEBUG)
-    async with in_process(_in_process_config(tmp_path, pki, proxy), token=TOKEN) as d:
+    async with in_process(_in_process_config(tmp_path, pki, proxy, backend), token=TOKEN) as d:
         status, body = await d.http("POST", "/api/v1/campaigns",
                                     {"toml": campaign.read_text()}, token="wrong")
         assert status == 401 and "bearer token" in body["error"]

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
+from urllib.parse import urlsplit
 
 import pytest
 from daemon_harness import DEADLINE, Daemon, Notifications, free_port, poll
@@ -284,8 +285,8 @@ def partitionable(pg_cluster: PostgresCluster, pg_url: str) -> Iterator[tuple[st
     password = secrets.token_urlsafe(12)
     pg_cluster.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}' IN ROLE {APP_ROLE}")
     pg_cluster.execute(f"ALTER ROLE {role} SET role = '{APP_ROLE}'")
-    userinfo = pg_url.split("//", 1)[1].split("@", 1)[0]
-    yield role, pg_url.replace(f"//{userinfo}@", f"//{role}:{password}@", 1)
+    pg_cluster.add_login(role, password)  # in the password file: the URL shows no secret
+    yield role, pg_cluster.url(urlsplit(pg_url).path.lstrip("/"), user=role)
     pg_cluster.execute(f"ALTER ROLE {role} LOGIN")
     pg_cluster.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                        "WHERE usename = %s", (role,))

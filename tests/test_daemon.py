@@ -12,13 +12,16 @@ import logging
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import pytest
 from cli_runner import run_cli
+from conftest import Backend
 from daemon_harness import (
     DEADLINE,
     Daemon,
@@ -26,11 +29,14 @@ from daemon_harness import (
     in_process,
     metric_value,
     poll,
+    state_files,
     until,
     write_config,
 )
 
+from prestaged.model import redacted_url
 from prestaged.testing.pki import TestPKI
+from prestaged.testing.postgres import PostgresCluster
 from prestaged.testing.storage import Delay, ThreadedStorageServer
 from prestaged.testing.tokens import TokenIssuer, write_token
 
@@ -43,16 +49,24 @@ def _definition(tmp_path: Path, srv: ThreadedStorageServer, name: str, n: int) -
 
 def test_daemon_schedule_metrics_reload_renewal_and_drain(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
-    start_daemon: Callable[..., Daemon],
+    start_daemon: Callable[..., Daemon], backend: Backend,
 ) -> None:
-    """READY, scheduled re-warms, /metrics, SIGHUP reload, proxy renewal, SIGTERM drain."""
+    """READY, scheduled re-warms, /metrics, SIGHUP reload, proxy renewal, SIGTERM drain; on
+    each backend (PostgreSQL: the drained run's results reach the database, no state file)."""
     port = free_port()
     a = _definition(tmp_path, storage, "a", 100)
-    config = write_config(tmp_path, pki, proxy, port, [(a, "1s")])
+    state: dict[str, Any] = {} if backend.url is None else {
+        "state_url": backend.url, "sections": '[cluster]\nlease = "3s"\nheartbeat = "1s"\n'}
+    config = write_config(tmp_path, pki, proxy, port, [(a, "1s")], **state)
     d = start_daemon(config, port)
     assert d.http("GET", "/healthz")[0] == 200
     # warmed, then re-warmed on schedule
     poll("two scheduled warms", lambda: d.metric("prestaged_runs_total", result="ok") >= 2)
+    if backend.url is not None:
+        # A shared state's round is due ``every`` after the last was planned, not after it
+        # ended, so one may skip files touched < 0.8 ``every`` before; a later one takes them.
+        poll("every file re-warmed", lambda: d.metric(
+            "prestaged_files_touched_total", result="warm") >= 200)
     assert storage.stats.path("/a/f0000").requests >= 2
     assert d.metric("prestaged_files_touched_total", result="warm") >= 200
     assert d.metric("prestaged_bytes_read_total") >= 800
@@ -62,7 +76,7 @@ def test_daemon_schedule_metrics_reload_renewal_and_drain(
     assert status == 200 and ds["files"] == 100 and ds["fresh"] == 100
     # SIGHUP reloads a changed watch list
     b = _definition(tmp_path, storage, "b", 30)
-    write_config(tmp_path, pki, proxy, port, [(a, "1h"), (b, "1h")])
+    write_config(tmp_path, pki, proxy, port, [(a, "1h"), (b, "1h")], **state)
     d.proc.send_signal(signal.SIGHUP)
     d.notify.wait_for("RELOADING=1")
     poll("b warmed after reload", lambda: storage.stats.path("/b/f0029").requests >= 1)
@@ -87,12 +101,13 @@ def test_daemon_schedule_metrics_reload_renewal_and_drain(
     d.proc.send_signal(signal.SIGTERM)
     d.notify.wait_for("STOPPING=1")
     assert d.proc.wait(timeout=DEADLINE) == 0
-    res = subprocess.run([sys.executable, "-m", "prestaged", "status", "slow", "--state",
-                          str(tmp_path / "state.db"), "--json"], capture_output=True, text=True,
-                         timeout=DEADLINE, check=True)
+    res = subprocess.run([sys.executable, "-m", "prestaged", "status", "slow", *backend.cli(),
+                          "--json"], capture_output=True, text=True, timeout=DEADLINE,
+                         check=True)
     [row] = json.loads(res.stdout)["definitions"]
     assert row["fresh"] == 10 and row["last_run"]["reason"] == "interrupted"
     assert "Traceback" not in d.output()
+    assert backend.url is None or state_files(tmp_path) == []
 
 
 async def test_warm_over_the_api_and_status_asks_the_daemon(
@@ -186,6 +201,56 @@ def test_expired_proxy_refused_at_start(pki: TestPKI, tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=DEADLINE, check=False)
     assert res.returncode == 3
     assert "expired" in res.stderr and "Traceback" not in res.stderr
+
+
+def _refused_state(config: Path) -> str:
+    """``prestaged serve --config config`` run to its end: checked to exit 2 with no output
+    but one stderr line and no traceback; returns that line."""
+    res = subprocess.run([sys.executable, "-m", "prestaged", "serve", "--config", str(config)],
+                         capture_output=True, text=True, timeout=DEADLINE, check=False)
+    assert (res.returncode, res.stdout) == (2, ""), res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    return res.stderr.strip()
+
+
+def test_unreachable_postgresql_refused_at_start(pki: TestPKI, proxy: Path,
+                                                  tmp_path: Path) -> None:
+    """``[state] url`` naming a socket directory with no server: the daemon exits 2 with one
+    line naming the URL with its password hidden, and makes no state file instead."""
+    pytest.importorskip("psycopg")
+    # Under the system's temporary directory: a socket path is at most 107 bytes.
+    with tempfile.TemporaryDirectory(prefix="pg-") as empty:
+        url = f"postgresql://prestaged:s3cr3t-XYZ@/state?host={empty}"
+        line = _refused_state(write_config(tmp_path, pki, proxy, free_port(), [],
+                                           state_url=url))
+    assert line.startswith(f"prestaged: error: state {redacted_url(url)}: cannot connect")
+    assert "s3cr3t" not in line
+    assert state_files(tmp_path) == []
+
+
+def test_newer_postgresql_schema_refused_at_start(pki: TestPKI, proxy: Path, tmp_path: Path,
+                                                   pg_cluster: PostgresCluster,
+                                                   pg_url: str) -> None:
+    """A database migrated by a newer prestaged: the daemon exits 2 with one line naming
+    both versions and the URL with its password hidden, and leaves the database alone."""
+    from prestaged.state.postgres import VERSION_TABLE, connect, open_state
+    from prestaged.state.schema import SCHEMA_VERSION
+
+    open_state(pg_url).close()
+    with connect(pg_url) as conn:
+        conn.execute(f"INSERT INTO {VERSION_TABLE} VALUES (%s, 0)", (SCHEMA_VERSION + 1,))
+    secret = pg_cluster.url_with_password(urlsplit(pg_url).path.lstrip("/"))
+    line = _refused_state(write_config(tmp_path, pki, proxy, free_port(), [],
+                                       state_url=secret))
+    assert line == (f"prestaged: error: state {redacted_url(secret)}: schema version "
+                    f"{SCHEMA_VERSION + 1} is newer than this prestaged knows "
+                    f"({SCHEMA_VERSION}); upgrade prestaged, or give it another database")
+    leaked = pg_cluster.password in line  # not in the assert: it would print the password
+    assert not leaked, "the password is in the daemon's error"
+    with connect(pg_url) as conn:
+        assert conn.execute(f"SELECT max(version) FROM {VERSION_TABLE}").fetchone() == (
+            SCHEMA_VERSION + 1,)
+    assert state_files(tmp_path) == []
 
 
 async def test_daemon_watches_a_samweb_definition(

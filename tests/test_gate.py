@@ -12,11 +12,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from cli_runner import CliResult, entry_point, run_cli, subprocess_env
+from conftest import Backend
+from daemon_harness import state_files
 
-from prestaged.state.store import Store
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, Status, ThreadedStorageServer
 
@@ -50,18 +52,25 @@ def _definition(tmp_path: Path, srv: ThreadedStorageServer, paths: list[str],
     return path
 
 
-def _argv(pki: TestPKI, proxy: Path, tmp_path: Path, args: tuple[str, ...]) -> list[str]:
-    """``args`` with the test proxy and a state file in tmp_path (before any ``--``)."""
-    ours = ["--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), "--state", str(tmp_path / "state.db")]
+def _argv(pki: TestPKI, proxy: Path, tmp_path: Path, args: tuple[str, ...],
+          backend: Optional[Backend] = None) -> list[str]:
+    """``args`` with the test proxy and ``backend``'s state (default: a state file in
+    tmp_path), before any ``--``."""
+    state = backend.cli() if backend is not None else ["--state", str(tmp_path / "state.db")]
+    ours = ["--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), *state]
     i = args.index("--") if "--" in args else len(args)  # the gate's flags go before the --
     return [*args[:i], *ours, *args[i:]]
 
 
-def _prestaged(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str) -> CliResult:
-    """``prestaged ARGS`` in-process with the test proxy and a state file in tmp_path."""
-    res = run_cli(*_argv(pki, proxy, tmp_path, args),
+def _prestaged(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str,
+               backend: Optional[Backend] = None) -> CliResult:
+    """``prestaged ARGS`` in-process with the test proxy and ``backend``'s state (default: a
+    state file in tmp_path); on PostgreSQL no state file may appear."""
+    res = run_cli(*_argv(pki, proxy, tmp_path, args, backend),
                   env={"GATE_RECORD": str(tmp_path / "record.json")})
     assert "Traceback" not in res.stderr, res.stderr
+    if backend is not None and backend.url is not None:
+        assert state_files(tmp_path) == []
     return res
 
 
@@ -168,16 +177,18 @@ def test_shell_metacharacters_are_passed_verbatim(
 
 
 def test_wait_exit_0_when_warm_and_no_requests_while_fresh(
-    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    backend: Backend,
 ) -> None:
-    """wait warms a cold definition (exit 0); a second call within fresh_for touches nothing."""
+    """wait warms a cold definition (exit 0); a second call within fresh_for touches nothing
+    (the state, of either backend, knows the files as fresh)."""
     paths = [f"/pnfs/gate/f{i}" for i in range(5)]
     definition = _definition(tmp_path, storage, paths)
-    res = _prestaged(pki, proxy, tmp_path, "wait", str(definition))
+    res = _prestaged(pki, proxy, tmp_path, "wait", str(definition), backend=backend)
     assert res.returncode == 0, res.stderr
     assert "5/5 files warm" in res.stdout and "ready" in res.stdout
     assert storage.stats.requests_total == 5
-    res = _prestaged(pki, proxy, tmp_path, "wait", str(definition), "--json")
+    res = _prestaged(pki, proxy, tmp_path, "wait", str(definition), "--json", backend=backend)
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["passed"] and doc["fresh"] == doc["files"] == 5 and doc["runs"] == 1
@@ -202,11 +213,11 @@ def test_wait_ready_fraction_and_timeout_message(
     assert "2/3 files warm" in line and "need 100.0%" in line and storage.url(paths[2]) in line
 
 
-def test_cold_urls(tmp_path: Path) -> None:
+def test_cold_urls(backend: Backend) -> None:
     """cold_urls lists never-tried, failed and stale members, never the fresh ones."""
     from prestaged.model import FileRef
 
-    with Store(tmp_path / "state.db") as store:
+    with backend.store() as store:
         refs = [FileRef(n, f"https://h/{n}") for n in "abcd"]
         store.add_members("local", "ds", refs)
         store.record("https://h/a", "a", "warm", 206, 4, 1, "")
@@ -220,14 +231,16 @@ def test_cold_urls(tmp_path: Path) -> None:
 
 
 def test_wait_retries_the_cold_files(
-    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    backend: Backend,
 ) -> None:
-    """A file that is missing at first is retried by a second run; warm files are not touched again."""
+    """A file that is missing at first is retried by a second run; warm files are not touched
+    again (the cold list comes from the state, of either backend)."""
     paths = [f"/pnfs/gate/f{i}" for i in range(4)]
     storage.inject(paths[3], [Status(404)])
     definition = _definition(tmp_path, storage, paths)
     res = _prestaged(pki, proxy, tmp_path, "wait", str(definition), "--retry-every", "0.2s",
-                     "--timeout", "20s", "--json")
+                     "--timeout", "20s", "--json", backend=backend)
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["runs"] == 2 and doc["fresh"] == 4

@@ -22,7 +22,8 @@ from typing import Any, Callable
 import pytest
 from campaign_fakes import read_records
 from cli_runner import run_cli
-from daemon_harness import free_port, in_process, metric_value, until, write_config
+from conftest import Backend
+from daemon_harness import free_port, in_process, metric_value, state_files, until, write_config
 from test_campaigns import _prestaged, _show, _submit, _write
 
 from prestaged.testing.metacat import ThreadedMetaCatServer
@@ -217,40 +218,54 @@ def _state_cli(tmp_path: Path, *args: str) -> Any:
     return json.loads(res.stdout)
 
 
+def _on(backend: Backend, config: Path) -> list[str]:
+    """Arguments selecting ``config`` with ``backend``'s state appended to it (``--state`` for
+    SQLite)."""
+    config.write_text(config.read_text() + backend.state_table())
+    return ["--config", str(config), *backend.state_args()]
+
+
 def test_gate_passes_once_warm_and_status_and_history_name_the_dataset(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
-    world: Callable[..., World],
+    world: Callable[..., World], backend: Backend,
 ) -> None:
     """`wait` on a MetaCat dataset warms it and passes; `submit` then runs its command without
     touching anything again (the store knows the dataset's files as fresh); `status` and
-    `history` name the dataset ``ns:name`` with catalog metacat."""
+    `history` name the dataset ``ns:name`` with catalog metacat. On each backend."""
     w = world(6)
-    config = _prestaged_config(tmp_path, w)
-    res = _cli(pki, proxy, tmp_path, config, "wait", DATASET, "--catalog", "metacat", "--json")
+    on = _on(backend, _prestaged_config(tmp_path, w))
+    ours = ["--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), *on]
+
+    def state_cli(*args: str) -> Any:
+        res = run_cli(*args, *on, "--json")
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    res = run_cli("wait", *ours, DATASET, "--catalog", "metacat", "--json")
     assert res.returncode == 0, res.stderr
     gate = json.loads(res.stdout)
     assert (gate["catalog"], gate["definition"], gate["files"], gate["fresh"], gate["runs"]) \
         == ("metacat", DATASET, 6, 6, 1)
     assert _touched(storage) == {n: 1 for n in w.names}
     marker = tmp_path / "submitted"
-    res = _cli(pki, proxy, tmp_path, config, "submit", "--definition", DATASET, "--catalog",
-               "metacat", "--", sys.executable, "-c",
-               f"open({str(marker)!r}, 'w').write('ran')")
+    res = run_cli("submit", *ours, "--definition", DATASET, "--catalog",
+                  "metacat", "--", sys.executable, "-c",
+                  f"open({str(marker)!r}, 'w').write('ran')")
     assert res.returncode == 0, res.stderr
     assert marker.read_text() == "ran"
     assert f"metacat:{DATASET}: 6/6 files warm" in res.stderr
     assert _touched(storage) == {n: 1 for n in w.names}  # fresh: not touched again
-    [row] = _state_cli(tmp_path, "status", DATASET, "--catalog", "metacat")["definitions"]
+    [row] = state_cli("status", DATASET, "--catalog", "metacat")["definitions"]
     assert (row["definition"], row["catalog"], row["files"], row["fresh"]) \
         == (DATASET, "metacat", 6, 6)
-    other = run_cli("status", DATASET, "--catalog", "samweb", "--state",
-                    str(tmp_path / "state.db"))
+    other = run_cli("status", DATASET, "--catalog", "samweb", *on)
     assert other.returncode == 4 and "has no record" in other.stderr
-    runs = _state_cli(tmp_path, "history")["runs"]
+    runs = state_cli("history")["runs"]
     assert [(r["catalog"], r["definition"], r["exit_code"]) for r in runs] \
         == [("metacat", DATASET, 0)] * 2
-    text = run_cli("history", "--state", str(tmp_path / "state.db"))
+    text = run_cli("history", *on)
     assert f"metacat:{DATASET}  exit 0  done" in text.stdout
+    assert backend.url is None or state_files(tmp_path) == []
 
 
 # --- files that resolve to no URL: as SAM's -------------------------------------------------

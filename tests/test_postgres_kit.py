@@ -183,8 +183,31 @@ async def test_the_role_needs_its_password(pg_cluster: PostgresCluster, pg_url: 
     for conninfo in (host, f"{host} password=wrong"):
         with pytest.raises(psycopg.OperationalError, match="password"):
             await psycopg.AsyncConnection.connect(conninfo)
-    assert pg_cluster.password not in pg_cluster.log_path.read_text()
-    assert pg_cluster.password not in repr(pg_cluster)
+    # Booleans, not `password not in text`: a failing assertion would print its operands.
+    shown = [pg_cluster.password in text
+             for text in (pg_cluster.log_path.read_text(), repr(pg_cluster))]
+    assert shown == [False, False], "the password is in the server log or the repr"
+
+
+async def test_urls_carry_no_password(pg_cluster: PostgresCluster, pg_url: str) -> None:
+    """``pg_url`` names a 0600 password file instead of holding the password (pytest prints
+    fixture values), and connects; ``url_with_password`` connects without the file."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(pg_url)
+    leaked = pg_cluster.password in pg_url  # not in the assert: it would print the password
+    assert "password" not in params and not leaked
+    assert params["passfile"] == str(pg_cluster.passfile)
+    assert pg_cluster.passfile.stat().st_mode & 0o777 == 0o600
+    secret = pg_cluster.url_with_password(_dbname(pg_url))
+    assert "passfile" not in conninfo_to_dict(secret)
+    for url in (pg_url, secret):
+        conn = await psycopg.AsyncConnection.connect(url)
+        try:
+            assert await (await conn.execute("SELECT current_user")).fetchone() == (APP_ROLE,)
+        finally:
+            await conn.close()
 
 
 def test_server_listens_on_its_unix_socket_only(pg_cluster: PostgresCluster) -> None:

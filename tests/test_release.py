@@ -1,23 +1,27 @@
 """Releasing tape pins (issue 13, "Pins"): ``prestaged release`` against the dCache emulator,
 from the state alone; a refusal keeps in the state the pins it did not release; a campaign
-stage with ``release_after_complete`` releases its slice once ``complete`` succeeded."""
+stage with ``release_after_complete`` releases its slice once ``complete`` succeeded.
+
+The tests that read or change pins in the state run on both backends (``backend``: SQLite and
+PostgreSQL, issue 16); the output format, the path map and the spec check stay on SQLite."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import shlex
-import sqlite3
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from aiohttp import web
+from conftest import Backend
+from daemon_harness import state_files
 
 from prestaged.errors import ConfigError
 from prestaged.model import FileRef, TapeInfo
-from prestaged.state.store import Store
 from prestaged.testing.dcache import DCacheConfig, Locality, ThreadedDCache
 from prestaged.testing.pki import TestPKI
 from tests.cli_runner import CliResult, run_cli
@@ -41,14 +45,18 @@ def site(pki: TestPKI) -> Iterator[ThreadedDCache]:
         yield srv
 
 
-def _cli(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str, extra: str = "") -> CliResult:
+def _cli(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str, extra: str = "",
+         backend: Optional[Backend] = None) -> CliResult:
     """``prestaged ARGS`` in-process with the test proxy, the quick config (``extra`` appended
-    to its [storage] table) and the state in tmp_path."""
+    to its [storage] table) and ``backend``'s state (default: the file tmp_path/state.db)."""
     config = tmp_path / "prestaged.toml"
-    config.write_text(QUICK + extra)
-    res = run_cli(*args, "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir), "--state",
-                  str(tmp_path / "state.db"), "--config", str(config))
+    backend = backend or Backend("sqlite", tmp_path, None)
+    config.write_text(QUICK + extra + backend.state_table())
+    res = run_cli(*args, "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
+                  *backend.state_args(), "--config", str(config))
     assert "Traceback" not in res.stderr, res.stderr
+    if backend.url is not None:
+        assert state_files(tmp_path) == []  # never a state file beside the database
     return res
 
 
@@ -63,25 +71,25 @@ def _tape_definition(site: ThreadedDCache, tmp_path: Path, n: int = 7) -> tuple[
     return definition, paths
 
 
-def _pinned_rows(state: Path) -> int:
-    with sqlite3.connect(state) as db:
-        return int(db.execute(
-            "SELECT COUNT(*) FROM files WHERE pinned_until IS NOT NULL").fetchone()[0])
+def _pinned_rows(backend: Backend) -> int:
+    """Files of the state that hold a pin."""
+    return int(backend.query(
+        "SELECT COUNT(*) FROM files WHERE pinned_until IS NOT NULL")[0][0])
 
 
 def test_release_drops_the_pins_a_warm_made_and_a_second_release_finds_none(
-    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
 ) -> None:
     """After a warm staged 7 tape files in 3 requests, `release` sends one release per request
     naming their paths (the emulator's pins are gone), NULLs pinned_until in the state and says
     so per endpoint; run again, it sends nothing and says nothing is pinned (exit 0)."""
     definition, paths = _tape_definition(site, tmp_path)
-    warm = _cli(pki, proxy, tmp_path, "warm", str(definition), "-q")
+    warm = _cli(pki, proxy, tmp_path, "warm", str(definition), "-q", backend=backend)
     assert warm.returncode == 0, warm.stderr
     assert all(site.replica(p).pins for p in paths)
-    assert _pinned_rows(tmp_path / "state.db") == 7
+    assert _pinned_rows(backend) == 7
 
-    res = _cli(pki, proxy, tmp_path, "release", str(definition), "--json")
+    res = _cli(pki, proxy, tmp_path, "release", str(definition), "--json", backend=backend)
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert (doc["files"], doc["requests"], doc["left"]) == (7, 3, 0)
@@ -89,9 +97,9 @@ def test_release_drops_the_pins_a_warm_made_and_a_second_release_finds_none(
     assert doc["definition"] == str(definition.resolve()) and doc["catalog"] == "local"
     assert all(not site.replica(p).pins for p in paths)
     assert site.stats()["requests"]["frontend:release"] == 3
-    assert _pinned_rows(tmp_path / "state.db") == 0
+    assert _pinned_rows(backend) == 0
 
-    again = _cli(pki, proxy, tmp_path, "release", str(definition))
+    again = _cli(pki, proxy, tmp_path, "release", str(definition), backend=backend)
     assert again.returncode == 0, again.stderr
     assert "nothing pinned" in again.stdout
     assert site.stats()["requests"]["frontend:release"] == 3
@@ -134,16 +142,18 @@ def test_release_names_files_by_their_namespace_path_through_the_path_map(
 
 
 def test_release_of_a_definition_the_state_does_not_know_is_exit_2(
-    pki: TestPKI, proxy: Path, tmp_path: Path
+    pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
 ) -> None:
-    """A definition with no record: exit 2, one line naming it and the state file; no request."""
-    Store(tmp_path / "state.db").open().close()
-    res = _cli(pki, proxy, tmp_path, "release", "never-warmed", "--catalog", "samweb")
+    """A definition with no record: exit 2, one line naming it and the state (file or URL);
+    no request."""
+    backend.store().open().close()
+    res = _cli(pki, proxy, tmp_path, "release", "never-warmed", "--catalog", "samweb",
+               backend=backend)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
     assert "'never-warmed' (catalog samweb) has no record in state" in lines[0]
-    assert str(tmp_path / "state.db") in lines[0]
+    assert backend.where in lines[0]
 
 
 # --- a frontend that refuses one request's release ------------------------------------------
@@ -176,9 +186,9 @@ async def refusing(pki: TestPKI) -> AsyncIterator[tuple[str, list[str], list[int
     await runner.cleanup()
 
 
-def _seed_pins(state: Path, uri: str) -> str:
+def _seed_pins(backend: Backend, uri: str) -> str:
     """A state with definition ``ds`` (samweb) of 4 files pinned by requests a-ok and b-no."""
-    store = Store(state).open()
+    store = backend.store().open()
     try:
         refs = [FileRef(name=f"f{i}", url=f"https://door.example:2880/pnfs/x/f{i}")
                 for i in range(4)]
@@ -195,34 +205,38 @@ def _seed_pins(state: Path, uri: str) -> str:
 @pytest.mark.parametrize(("status", "code"), [(403, 3), (401, 3), (500, 5)])
 async def test_a_refused_release_keeps_the_pins_it_did_not_release(
     refusing: tuple[str, list[str], list[int]], pki: TestPKI, proxy: Path, tmp_path: Path,
-    status: int, code: int
+    status: int, code: int, backend: Backend
 ) -> None:
     """The frontend refuses the second request's release: exit 3 for 401/403, 5 otherwise, one
     error line; the first request's files are unpinned in the state, the refused ones keep
     pinned_until."""
     uri, released, answer = refusing
     answer[0] = status
-    state = tmp_path / "state.db"
-    name = _seed_pins(state, uri)
-    res = await asyncio.to_thread(_cli, pki, proxy, tmp_path, "release", name, "--catalog",
-                                  "samweb", "-q")
+    name = _seed_pins(backend, uri)
+    res = await asyncio.to_thread(lambda: _cli(pki, proxy, tmp_path, "release", name,
+                                               "--catalog", "samweb", "-q", backend=backend))
     assert res.returncode == code, res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("prestaged: error: ")
     assert f"release/b-no: {'the Tape REST API refused us' if code == 3 else ''}" in res.stderr
     assert released == ["a-ok"]
-    with sqlite3.connect(state) as db:
-        rows = dict(db.execute("SELECT stage_request, COUNT(pinned_until) FROM files "
-                               "GROUP BY stage_request").fetchall())
+    rows = dict(backend.query("SELECT stage_request, COUNT(pinned_until) FROM files "
+                              "GROUP BY stage_request"))
     assert rows == {"a-ok": 0, "b-no": 2}
 
 
 # --- campaigns --------------------------------------------------------------------------------
 
-# Records how many files of the state still hold a pin when `complete` is polled, exits 0.
+# Records how many files of the state (a SQLite file or a PostgreSQL URL) still hold a pin
+# when `complete` is polled, exits 0.
 COMPLETE = """\
-import sqlite3, sys
-n = sqlite3.connect(sys.argv[1]).execute(
-    "SELECT COUNT(*) FROM files WHERE pinned_until IS NOT NULL").fetchone()[0]
+import sys
+if sys.argv[1].startswith("postgresql:"):
+    import psycopg
+    conn = psycopg.connect(sys.argv[1])
+else:
+    import sqlite3
+    conn = sqlite3.connect(sys.argv[1])
+n = conn.execute("SELECT COUNT(*) FROM files WHERE pinned_until IS NOT NULL").fetchone()[0]
 open(sys.argv[2], "w").write(str(n))
 """
 
@@ -232,7 +246,7 @@ def _q(*parts: object) -> str:
 
 
 def test_a_campaign_stage_releases_its_slice_once_complete_succeeded(
-    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
 ) -> None:
     """release_after_complete: the slice's tape files are staged and pinned for the job, still
     pinned when complete is polled, released on the emulator and in the state once it exits 0;
@@ -245,14 +259,14 @@ def test_a_campaign_stage_releases_its_slice_once_complete_succeeded(
     campaign.write_text(
         f'name = "c"\n[[stage]]\nname = "s"\ninput = {json.dumps(str(definition))}\n'
         f'submit = {json.dumps(_q(sys.executable, "-c", "pass"))}\n'
-        f'complete = {json.dumps(_q(sys.executable, script, tmp_path / "state.db", seen))}\n'
+        f'complete = {json.dumps(_q(sys.executable, script, backend.url or backend.path, seen))}\n'
         "release_after_complete = true\n")
-    res = _cli(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    res = _cli(pki, proxy, tmp_path, "campaign", "run", str(campaign), backend=backend)
     assert res.returncode == 0, res.stderr
     assert seen.read_text() == "4"  # pinned while the job ran
     assert all(not site.replica(p).pins for p in paths)
-    assert _pinned_rows(tmp_path / "state.db") == 0
-    show = run_cli("campaign", "show", "c", "--json", "--state", str(tmp_path / "state.db"))
+    assert _pinned_rows(backend) == 0
+    show = run_cli("campaign", "show", "c", "--json", *backend.cli())
     reason = json.loads(show.stdout)["submissions"][0]["reason"]
     assert reason.endswith("exited 0 after 1 poll(s); pins released: 4 file(s) in "
                            "2 request(s)"), reason
@@ -271,7 +285,7 @@ def test_release_after_complete_needs_a_complete_command(tmp_path: Path) -> None
 
 
 async def test_a_failed_release_is_logged_and_the_submission_still_completes(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, backend: Backend
 ) -> None:
     """A release that fails (the frontend down) is a warning and a note in the reason of
     completed, never the campaign's failure: the pins expire on their own."""
@@ -298,7 +312,7 @@ async def test_a_failed_release_is_logged_and_the_submission_still_completes(
     cfg = parse_campaign(f'name = "c"\n[[stage]]\nname = "s"\ninput = {json.dumps(str(ds))}\n'
                          f"submit = {json.dumps(ok)}\ncomplete = {json.dumps(ok)}\n"
                          "release_after_complete = true\n", tmp_path / "c.toml")
-    with Store(tmp_path / "state.db") as store:
+    with backend.store() as store:
         result = await run_campaign(cfg, store, gate=gate, open_catalog=LocalCatalog,
                                     workdir=tmp_path / "work", release=release)
         with store.transaction() as conn:
@@ -310,3 +324,4 @@ async def test_a_failed_release_is_logged_and_the_submission_still_completes(
     assert reason.endswith("; pins not released: https://tape.example/api/tape/v1/release/r1: "
                            "502 Bad Gateway")
     assert "pins not released (they expire on their own)" in caplog.text
+    assert backend.url is None or state_files(tmp_path) == []

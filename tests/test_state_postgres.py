@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pytest
 
@@ -48,10 +48,11 @@ def _tables(url: str) -> list[str]:
 
 @pytest.fixture
 def secret_url(pg_cluster: PostgresCluster, pg_url: str) -> Iterator[Callable[[str], str]]:
-    """``make(password)``: ``pg_url`` with another password in it (the cluster's real one is
-    ``pg_cluster.password``)."""
+    """``make(password)``: ``pg_url``'s database as a URL with ``password`` in it and no
+    password file (the cluster's real one is ``pg_cluster.password``)."""
     def make(password: str) -> str:
-        return pg_url.replace(quote(pg_cluster.password, safe=""), quote(password, safe=""))
+        real = pg_cluster.url_with_password(urlsplit(pg_url).path.lstrip("/"))
+        return real.replace(quote(pg_cluster.password, safe=""), quote(password, safe=""))
     yield make
 
 
@@ -143,13 +144,15 @@ def test_newer_schema_is_refused_and_left_alone(pg_cluster: PostgresCluster,
     with closing(connect(pg_url)) as conn:
         conn.execute(f"INSERT INTO {VERSION_TABLE} VALUES (%s, 0)", (SCHEMA_VERSION + 1,))
     before = (_applied(pg_url), _tables(pg_url))
+    secret = pg_cluster.url_with_password(urlsplit(pg_url).path.lstrip("/"))
     with pytest.raises(StateError) as err:
-        open_state(pg_url)
+        open_state(secret)
     message = str(err.value)
     assert (f"schema version {SCHEMA_VERSION + 1} is newer than this prestaged knows "
             f"({SCHEMA_VERSION})") in message
-    assert redacted_url(pg_url) in message
-    assert pg_cluster.password not in message
+    assert redacted_url(secret) in message and ":***@" in message
+    leaked = pg_cluster.password in message  # not in the assert: it would print the password
+    assert not leaked, "the password is in the message"
     assert err.value.exit_code == EXIT_USAGE == 2
     assert (_applied(pg_url), _tables(pg_url)) == before
 
@@ -192,7 +195,8 @@ def test_wrong_password_is_refused_without_either_password(
     message = str(err.value)
     assert 'password authentication failed for user "prestaged"' in message
     assert "not-the-password-7Q" not in message
-    assert pg_cluster.password not in message
+    leaked = pg_cluster.password in message  # not in the assert: it would print the password
+    assert not leaked, "the cluster's password is in the message"
     assert redacted_url(url) in message
 
 

@@ -66,35 +66,40 @@ def _files(cluster: PostgresCluster, url: str) -> int:
     return int(row[0])
 
 
-def _one_line(error: BaseException, url: str, password: str) -> str:
-    """``error``'s text, checked to be one line naming ``url`` without its password."""
+def _one_line(error: BaseException, url: str, cluster: PostgresCluster) -> str:
+    """``error``'s text, checked to be one line naming ``url`` without the role's password
+    (taken from ``cluster``: as an argument, a traceback would print it)."""
     text = str(error)
     assert text.startswith(f"state {redacted_url(url)}: ") and "\n" not in text, text
-    assert password not in text
+    leaked = cluster.password in text
+    assert not leaked, "the password is in the error"
     return text
 
 
-def _no_secret(password: str, caplog: pytest.LogCaptureFixture, *texts: str) -> None:
-    """Neither a log record nor any of ``texts`` holds ``password``."""
-    for text in (*texts, *(r.getMessage() for r in caplog.records)):
-        assert password not in text
+def _no_secret(cluster: PostgresCluster, caplog: pytest.LogCaptureFixture, *texts: str) -> None:
+    """Neither a log record nor any of ``texts`` holds the role's password."""
+    leaked = [cluster.password in text
+              for text in (*texts, *(r.getMessage() for r in caplog.records))]
+    assert not any(leaked), "the password is in a log record or in stderr"
 
 
 def test_a_cut_store_session_costs_at_most_one_call(
         pg_cluster: PostgresCluster, pg_url: str, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     """Terminating the store's sessions (prestaged/<pid>) costs at most the next call, as
-    one StateError line; the call after works and what was committed before is there."""
+    one StateError line; the call after works and what was committed before is there. The
+    URL carries the password here, which no error or log record shows."""
     caplog.set_level(logging.DEBUG)
-    with Store(tmp_path / "state.db", url=pg_url) as store:
+    secret = pg_cluster.url_with_password(_dbname(pg_url))
+    with Store(tmp_path / "state.db", url=secret) as store:
         run = store.start_run("local", "ds")
         assert _terminate(pg_cluster, pg_url, f"prestaged/{os.getpid()}") >= 1
         try:
             store.runs()
         except StateError as e:
-            _one_line(e, pg_url, pg_cluster.password)
+            _one_line(e, secret, pg_cluster)
         assert [r.id for r in store.runs()] == [run]
-    _no_secret(pg_cluster.password, caplog)
+    _no_secret(pg_cluster, caplog)
 
 
 def test_a_session_cut_inside_a_transaction_fails_that_transaction_only(
@@ -106,7 +111,7 @@ def test_a_session_cut_inside_a_transaction_fails_that_transaction_only(
             conn.execute("INSERT INTO definitions (catalog, name) VALUES (?, ?)", ("l", "lost"))
             _terminate(pg_cluster, pg_url, f"prestaged/{os.getpid()}")
             conn.execute("SELECT 1")
-        _one_line(cut.value, pg_url, pg_cluster.password)
+        _one_line(cut.value, pg_url, pg_cluster)
         with store.transaction() as conn:
             conn.execute("INSERT INTO definitions (catalog, name) VALUES (?, ?)", ("l", "kept"))
         rows = store.conn.execute("SELECT name FROM definitions").fetchall()
@@ -128,7 +133,7 @@ def test_the_writer_survives_its_session_cut(
         assert _files(pg_cluster, pg_url) == 6
     err = capfd.readouterr().err
     assert err.count("connection lost") == 1, err
-    _no_secret(pg_cluster.password, caplog, err)
+    _no_secret(pg_cluster, caplog, err)
 
 
 def test_the_writer_waits_out_an_outage(
@@ -157,7 +162,7 @@ def test_the_writer_waits_out_an_outage(
         assert _files(pg_cluster, pg_url) == 5
     seen += capfd.readouterr().err
     assert seen.count("connection lost") == 1, seen
-    _no_secret(pg_cluster.password, caplog, seen)
+    _no_secret(pg_cluster, caplog, seen)
 
 
 def test_no_connection_within_the_timeout_is_one_line(
@@ -165,9 +170,10 @@ def test_no_connection_within_the_timeout_is_one_line(
         caplog: pytest.LogCaptureFixture) -> None:
     """A call that gets no connection from the pool (logins refused) raises one StateError
     line without the password, the pool's log holds no password either, and calls work again
-    once the server takes us back."""
+    once the server takes us back. The URL carries the password here."""
     caplog.set_level(logging.DEBUG)
-    with Store(tmp_path / "state.db", url=pg_url) as store:
+    secret = pg_cluster.url_with_password(_dbname(pg_url))
+    with Store(tmp_path / "state.db", url=secret) as store:
         store.flush()  # answered once the writer is connected: its start is not under test
         pool: Any = store.conn
         with _login_refused(pg_cluster):
@@ -177,9 +183,9 @@ def test_no_connection_within_the_timeout_is_one_line(
                 store.runs()
         pool.pool.timeout = DEADLINE
         assert store.runs() == []
-    text = _one_line(refused.value, pg_url, pg_cluster.password)
+    text = _one_line(refused.value, secret, pg_cluster)
     assert "no connection to the server" in text
-    _no_secret(pg_cluster.password, caplog)
+    _no_secret(pg_cluster, caplog)
 
 
 def _catching(call: Any, errors: list[BaseException]) -> Any:
@@ -209,7 +215,7 @@ def test_the_writer_gives_up_after_its_patience(
                           patience=0.5, sleep=waits.append)
     finally:
         db.close()
-    assert "not permitted to log in" in _one_line(gave_up.value, pg_url, pg_cluster.password)
+    assert "not permitted to log in" in _one_line(gave_up.value, pg_url, pg_cluster)
     assert len(waits) > 1 and waits[0] < waits[-1] <= 0.5
     assert capsys.readouterr().err.count("connection lost") == 1
 

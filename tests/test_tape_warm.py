@@ -6,13 +6,15 @@ eviction, and a gate that submits only once every file is on disk and touched.""
 from __future__ import annotations
 
 import json
-import sqlite3
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Optional
 
 import pytest
+from conftest import Backend
+from daemon_harness import state_files
 
 from prestaged.testing.dcache import DCacheConfig, Locality, ThreadedDCache
 from prestaged.testing.pki import TestPKI
@@ -33,18 +35,21 @@ stage_batch = 5
 """
 
 
-def _config(tmp_path: Path, extra: str = "") -> Path:
+def _config(tmp_path: Path, extra: str = "", state: str = "") -> Path:
     path = tmp_path / "prestaged.toml"
-    path.write_text(QUICK + extra)
+    path.write_text(QUICK + extra + state)
     return path
 
 
 def _warm(pki: TestPKI, proxy: Path, tmp_path: Path, definition: Path, *args: str,
-          extra: str = "", command: str = "warm") -> CliResult:
-    """``prestaged warm DEFINITION --json`` in-process with the test proxy, state in tmp_path."""
+          extra: str = "", command: str = "warm", backend: Optional[Backend] = None,
+          ) -> CliResult:
+    """``prestaged warm DEFINITION --json`` in-process with the test proxy, ``backend``'s
+    state (default: the file tmp_path/state.db)."""
+    backend = backend or Backend("sqlite", tmp_path, None)
     res = run_cli(command, str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
-                  "--state", str(tmp_path / "state.db"), "--config",
-                  str(_config(tmp_path, extra)), *args)
+                  *backend.state_args(), "--config",
+                  str(_config(tmp_path, extra, backend.state_table())), *args)
     assert "Traceback" not in res.stderr, res.stderr
     return res
 
@@ -83,15 +88,16 @@ def _mixed(site: ThreadedDCache) -> dict[str, list[str]]:
 
 
 def test_a_cold_mixed_dataset_warms_in_one_run(
-    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
 ) -> None:
     """Disk files touched, tape-only files staged in batches then touched (atime fresh, pinned),
     the unavailable one failed with its reason and the unknown one missing, both never read;
-    no door GET of a tape-only file; counts.staged; the state keeps locality, request and pin."""
+    no door GET of a tape-only file; counts.staged; the state (each backend) keeps locality,
+    request and pin, and status reports them."""
     paths = _mixed(site)
     urls = [site.door_url(p) for group in paths.values() for p in group]
     started = time.time()
-    res = _warm(pki, proxy, tmp_path, _definition(tmp_path, urls), "--json")
+    res = _warm(pki, proxy, tmp_path, _definition(tmp_path, urls), "--json", backend=backend)
     doc = json.loads(res.stdout)
     assert res.returncode == 1, res.stderr  # one failed, one missing
     assert doc["counts"]["warm"] == 19 and doc["counts"]["staged"] == 12
@@ -112,16 +118,16 @@ def test_a_cold_mixed_dataset_warms_in_one_run(
         assert replica.on_disk and replica.pins and replica.atime >= started
     # The door was never asked for the unavailable or unknown files.
     assert stats["requests"].get("door:get", 0) == 19
-    with sqlite3.connect(tmp_path / "state.db") as db:
-        rows = {url: (loc, req, staged, pin) for url, loc, req, staged, pin in db.execute(
-            "SELECT url, locality, stage_request, staged_at, pinned_until FROM files")}
+    rows = {url: (loc, req, staged, pin) for url, loc, req, staged, pin in backend.query(
+        "SELECT url, locality, stage_request, staged_at, pinned_until FROM files")}
     tape_row = rows[site.door_url(paths["tape"][0])]
     assert tape_row[0] == "DISK_AND_TAPE" and tape_row[1] and tape_row[2] >= started
     assert tape_row[3] > time.time() + 23 * 3600  # pinned for the default 24 h
     assert rows[site.door_url(paths["disk"][0])][:2] == ("DISK", None)
     assert rows[site.door_url(paths["lost"][0])][0] == "UNAVAILABLE"
-    status = run_cli("status", "--state", str(tmp_path / "state.db"))
+    status = run_cli("status", *backend.cli())
     assert "tape: on disk 19, unavailable 1" in status.stdout, status.stdout
+    assert backend.url is None or state_files(tmp_path) == []
 
 
 def test_stage_never_reads_tape_files_through_the_door_as_before(

@@ -130,6 +130,7 @@ class PostgresCluster:
         self.timings: dict[str, float] = {}
         self.password = secrets.token_urlsafe(18)
         self._dir: Optional[Path] = None
+        self._passfile: Optional[Path] = None
         self._admin: Any = None  # psycopg.Connection once started
 
     def __repr__(self) -> str:
@@ -193,11 +194,33 @@ class PostgresCluster:
 
     # -- databases ------------------------------------------------------------------------
 
-    def url(self, name: str) -> str:
-        """The libpq URL of database ``name`` for the application role, password included
-        (pass it to a client, never to a log)."""
+    @property
+    def passfile(self) -> Path:
+        """The libpq password file (mode 0600) holding the login roles' passwords: the
+        application role's, and those of :meth:`add_login`."""
+        if self._passfile is None:
+            raise PostgresError("the cluster is not started")
+        return self._passfile
+
+    def url(self, name: str, *, user: str = APP_ROLE) -> str:
+        """The libpq URL of database ``name`` for ``user`` (default the application role),
+        with no password in it: libpq reads it from :attr:`passfile` (``passfile=`` in the
+        query), so the URL may be shown, in a traceback too."""
+        return (f"postgresql://{quote(user, safe='')}@/{quote(name)}?{self._host()}"
+                f"&passfile={quote(str(self.passfile), safe='/')}")
+
+    def url_with_password(self, name: str) -> str:
+        """The libpq URL of database ``name`` for the application role WITH its password in
+        the userinfo and no password file: only for tests that check the password is hidden
+        (never let it reach an assertion's operands, a fixture value or a log)."""
         return (f"postgresql://{APP_ROLE}:{quote(self.password, safe='')}@/{quote(name)}"
                 f"?{self._host()}")
+
+    def add_login(self, role: str, password: str) -> None:
+        """Add ``role``'s ``password`` to :attr:`passfile`, so that :meth:`url` with
+        ``user=role`` logs in without a password in the URL (creating the role is the
+        caller's)."""
+        self._write_passfile_line(role, password)
 
     def superuser_url(self, name: str = "postgres") -> str:
         """The libpq URL of database ``name`` as the superuser (trusted, no password)."""
@@ -240,6 +263,7 @@ class PostgresCluster:
             self._admin.close()
             self._admin = None
         directory, self._dir = self._dir, None
+        self._passfile = None
         if directory is None:
             return
         if (directory / "data" / "postmaster.pid").exists():
@@ -354,6 +378,17 @@ class PostgresCluster:
         # new in a new cluster, so this one does not.
         self._admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
             sql.Identifier(APP_ROLE), sql.Literal(self.password)))
+        self._write_passfile_line(APP_ROLE, self.password)
+
+    def _write_passfile_line(self, role: str, password: str) -> None:
+        """Append ``*:*:*:role:password`` to the password file (created 0600: libpq ignores
+        one that group or others may read); ``:`` and ``\\`` escaped as libpq reads them."""
+        path = self.directory / "pgpass"
+        escaped = [field.replace("\\", "\\\\").replace(":", "\\:") for field in (role, password)]
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as passfile:
+            passfile.write(f"*:*:*:{escaped[0]}:{escaped[1]}\n")
+        self._passfile = path
 
     def execute(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         """Run ``query`` as the superuser (autocommit) and return its rows (none for a
