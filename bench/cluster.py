@@ -101,11 +101,13 @@ class Run:
     xact_commits: Optional[int]
     xact_per_second: Optional[float]
     storage_requests: int
+    status_seconds: float
+    """One ``Store.status`` of the definition at the end (every chunk's run ends with one)."""
     chunks_per_member: list[int] = field(default_factory=list)
     """Chunks each member recorded done (PostgreSQL), most first."""
     busy_per_member: list[float] = field(default_factory=list)
     """Fraction of the warm phase each member held a chunk it then finished, most first."""
-    median_chunk_seconds: Optional[float] = None
+    chunk_seconds: Optional[float] = None
     """A chunk's claim to done, median over the round's chunks (PostgreSQL)."""
     first_claim_seconds: list[float] = field(default_factory=list)
     """Seconds from the round being stored to each member's first claim, soonest first."""
@@ -321,6 +323,21 @@ def warm_in_state(setup: Setup, engine: str, where: str) -> int:
         return int(row[0]) if row else 0
 
 
+def status_seconds(setup: Setup, engine: str, where: str) -> float:
+    """Seconds of one ``Store.status`` of the definition on the finished state: the scan that
+    ends every run of a watched definition (``Watches.after_run``), i.e. every chunk."""
+    from prestaged.state.store import Store
+
+    path = Path(where) if engine == "sqlite" else setup.workdir / "status.db"
+    store = Store(path, url=where if engine == "postgresql" else None).open()
+    try:
+        started = time.perf_counter()
+        store.status(3600.0, str(setup.definition))
+        return time.perf_counter() - started
+    finally:
+        store.close()
+
+
 def xact_commits(setup: Setup, db: str) -> int:
     """``pg_stat_database.xact_commit`` of database ``db`` (read as the superuser)."""
     rows = setup.postgres.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s",
@@ -340,6 +357,7 @@ class Readings:
     daemon_cpu: float = 0.0
     storage_cpu: float = 0.0
     pg_cpu: Optional[float] = None
+    status_seconds: float = 0.0
 
 
 def _run_daemons(setup: Setup, config: str, round_no: int, server: StorageProcess,
@@ -387,6 +405,7 @@ def measure(setup: Setup, config: str, round_no: int) -> Run:
     assert got.finished is not None
     problems = _problems(setup, engine, where, stats)
     xacts = xact_commits(setup, db) - xact_before if engine == "postgresql" else None
+    got.status_seconds = status_seconds(setup, engine, where)
     if engine == "postgresql":
         setup.postgres.drop_database(db)
     return _run_record(setup, config, round_no, count, got, got.finished, xacts, stats,
@@ -422,10 +441,10 @@ def _run_record(setup: Setup, config: str, round_no: int, count: int, got: Readi
         storage_cpu_seconds=round(got.storage_cpu, 2),
         xact_commits=xacts, xact_per_second=None if xacts is None else round(xacts / wall, 1),
         storage_requests=int(stats.get("requests_total", 0)),
+        status_seconds=round(got.status_seconds, 3),
         chunks_per_member=sorted(done.chunks.values(), reverse=True),
         busy_per_member=sorted((round(b / warm, 3) for b in done.busy.values()), reverse=True),
-        median_chunk_seconds=(round(median(done.chunk_seconds), 2) if done.chunk_seconds
-                              else None),
+        chunk_seconds=round(median(done.chunk_seconds), 2) if done.chunk_seconds else None,
         first_claim_seconds=done.first_claims, takeovers=done.takeovers, problems=problems,
     )
 
@@ -440,7 +459,8 @@ def _med(runs: Sequence[Run], key: str) -> Optional[float]:
 
 MEDIANS = ("files_per_second", "warm_files_per_second", "wall_seconds", "warm_seconds",
            "daemon_cpu_seconds", "daemon_cpu_us_per_file", "postgres_cpu_seconds",
-           "storage_cpu_seconds", "xact_per_second")
+           "storage_cpu_seconds", "xact_per_second", "chunk_seconds",
+           "status_seconds")
 
 
 def summarize(runs: list[Run], setup: Setup, configs: Sequence[str]) -> dict[str, Any]:
@@ -479,6 +499,13 @@ def _notes(runs: list[Run]) -> list[str]:
         if r.daemons > 1 and len(r.chunks_per_member) < r.daemons:
             notes.append(f"{r.config} round {r.round}: only {len(r.chunks_per_member)} of "
                          f"{r.daemons} members finished a chunk")
+        chunks = sum(r.chunks_per_member)
+        if chunks > 1:
+            scans = r.status_seconds * chunks / r.daemons
+            notes.append(f"{r.config} round {r.round}: every chunk's run ends with a status "
+                         f"scan of the whole definition ({r.status_seconds:.2f} s at the end "
+                         f"x {chunks} chunks / {r.daemons} members = up to {scans:.1f} s of "
+                         f"the {r.warm_seconds:.1f} s warm phase)")
         if r.storage_requests > r.files:
             notes.append(f"{r.config} round {r.round}: {r.storage_requests - r.files} "
                          f"requests beyond one per file ({r.takeovers} takeovers)")
@@ -496,7 +523,7 @@ def print_table(doc: dict[str, Any]) -> None:
           f"{doc['cpus']} CPUs")
     print(f"{'config':<9} {'files/s':>8} {'runs files/s':>16} {'warm f/s':>8} {'wall s':>7} "
           f"{'CPU s':>6} {'us/file':>7} {'PG CPU s':>8} {'stor CPU s':>10} {'xact/s':>7} "
-          f"chunks/member")
+          f"{'chunk s':>7} {'status s':>8} chunks/member")
     for config, row in doc["configs"].items():
         mine = [r for r in doc["runs"] if r["config"] == config]
         each = ", ".join(f"{r['files_per_second']:.0f}" for r in mine)
@@ -508,7 +535,9 @@ def print_table(doc: dict[str, Any]) -> None:
               f"{_f(row['median_daemon_cpu_us_per_file'], '.0f'):>7} "
               f"{_f(row['median_postgres_cpu_seconds']):>8} "
               f"{_f(row['median_storage_cpu_seconds']):>10} "
-              f"{_f(row['median_xact_per_second'], '.0f'):>7} {spread}")
+              f"{_f(row['median_xact_per_second'], '.0f'):>7} "
+              f"{_f(row['median_chunk_seconds']):>7} {_f(row['median_status_seconds']):>8} "
+              f"{spread}")
     for name, ratio in doc["ratios"].items():
         print(f"ratio {name} (median files/s): {ratio['files_per_second']:.2f} "
               f"(warm phase: {ratio['warm_files_per_second']:.2f})")
@@ -527,7 +556,8 @@ def _progress(run: Run) -> None:
           f"{run.files_per_second:.0f} files/s (warm {run.warm_seconds:.1f} s; daemons CPU "
           f"{run.daemon_cpu_seconds:.1f} s, storage CPU {run.storage_cpu_seconds:.1f} s{pg}; "
           f"chunks {run.chunks_per_member}, busy {run.busy_per_member}, chunk "
-          f"{run.median_chunk_seconds} s, first claims {run.first_claim_seconds} s) {verdict}",
+          f"{run.chunk_seconds} s, first claims {run.first_claim_seconds} s; status "
+          f"{run.status_seconds:.2f} s) {verdict}",
           file=sys.stderr, flush=True)
 
 
