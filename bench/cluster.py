@@ -358,6 +358,8 @@ class Readings:
     storage_cpu: float = 0.0
     pg_cpu: Optional[float] = None
     status_seconds: float = 0.0
+    own_xacts: int = 0
+    """Transactions of the benchmark itself (its polls) on the run's database."""
 
 
 def _run_daemons(setup: Setup, config: str, round_no: int, server: StorageProcess,
@@ -378,8 +380,12 @@ def _run_daemons(setup: Setup, config: str, round_no: int, server: StorageProces
         if engine == "postgresql":
             import psycopg
 
+            def look() -> Optional[Finished]:
+                got.own_xacts += 1  # each poll is a transaction of the run's database
+                return pg_finished(conn)
+
             with psycopg.connect(where, autocommit=True) as conn:
-                got.finished = _wait(config, lambda: pg_finished(conn), left, alive)
+                got.finished = _wait(config, look, left, alive)
         else:
             got.finished = _wait(config, lambda: sqlite_finished(Path(where)), left, alive)
         got.daemon_cpu = sum(tree_cpu_seconds(p) for p in pids)
@@ -403,8 +409,9 @@ def measure(setup: Setup, config: str, round_no: int) -> Run:
         stats = server.stop()
     stats_file.unlink()
     assert got.finished is not None
+    xacts = xact_commits(setup, db) - xact_before - got.own_xacts if engine == "postgresql" \
+        else None
     problems = _problems(setup, engine, where, stats)
-    xacts = xact_commits(setup, db) - xact_before if engine == "postgresql" else None
     got.status_seconds = status_seconds(setup, engine, where)
     if engine == "postgresql":
         setup.postgres.drop_database(db)
