@@ -275,3 +275,21 @@ def test_a_busy_member_claims_only_orphans(store: Store) -> None:
     orphan = shared.claim_chunk(store, "a", 60, orphans_only=True)
     assert orphan is not None and orphan.idx == 0 and orphan.taken_from == "dead"
     assert shared.claim_chunk(store, "a", 60, orphans_only=True) is None
+
+
+def test_a_busy_member_never_takes_its_own_late_chunk_over(store: Store) -> None:
+    """A member whose renewal of the chunk it is warming is late (lease expired, nobody took
+    it) does not claim that chunk again as an orphan: it would warm it twice at once; another
+    member may take it."""
+    shared.ensure_schedule(store, "local", "/d.txt", 0.0)
+    shared.claim_schedule(store, "local", "/d.txt", "a", 60)
+    shared.plan_round(store, "local", "/d.txt", "a", refs=_refs(2), chunk=1, fresh_for=1.0,
+                      next_in=1.0)
+    held = shared.claim_chunk(store, "a", 60)
+    assert held is not None and held.idx == 0
+    _expire(store, "round_chunks")
+    assert shared.claim_chunk(store, "a", 60, orphans_only=True) is None
+    assert shared.renew(store, "chunk", held.key, "a", 60)  # still ours to renew
+    _expire(store, "round_chunks")
+    orphan = shared.claim_chunk(store, "b", 60, orphans_only=True)
+    assert orphan is not None and orphan.idx == 0 and orphan.taken_from == "a"

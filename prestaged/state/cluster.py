@@ -391,9 +391,9 @@ class Chunk:
 def claim_chunk(store: Store, member_id: str, lease: float, *,
                 orphans_only: bool = False) -> Optional[Chunk]:
     """Claim the oldest unfinished chunk whose lease is free or expired (``orphans_only``:
-    expired only, a dead member's); None when there is none. Members claim different chunks at
-    once (``SKIP LOCKED``)."""
-    free = "c.lease_owner IS NOT NULL" if orphans_only else "(c.lease_owner IS NULL OR"
+    expired only, another member's: one of ours whose renewal is late is still being warmed
+    here); None when there is none. Members claim different chunks at once (``SKIP LOCKED``)."""
+    free = "c.lease_owner <> ?" if orphans_only else "(c.lease_owner IS NULL OR"
     with store.transaction() as conn:
         now = now_sql(conn)
         expired = f"c.lease_until < {now}"
@@ -403,8 +403,8 @@ def claim_chunk(store: Store, member_id: str, lease: float, *,
             "WHERE c.done IS NULL AND "
             + (f"{free} AND {expired}" if orphans_only else f"{free} {expired})")
             + " ORDER BY c.round_id, c.idx LIMIT 1"
-            + (" FOR UPDATE OF c SKIP LOCKED" if conn.dialect.name == "postgresql" else "")
-        ).fetchone()
+            + (" FOR UPDATE OF c SKIP LOCKED" if conn.dialect.name == "postgresql" else ""),
+            (member_id,) if orphans_only else ()).fetchone()
         if row is None:
             return None
         taken_from = row[3]
