@@ -293,3 +293,23 @@ def test_a_busy_member_never_takes_its_own_late_chunk_over(store: Store) -> None
     _expire(store, "round_chunks")
     orphan = shared.claim_chunk(store, "b", 60, orphans_only=True)
     assert orphan is not None and orphan.idx == 0 and orphan.taken_from == "a"
+
+
+def test_the_next_round_is_due_every_after_the_last_one_ended(store: Store) -> None:
+    """As a daemon alone waits ``every`` after a run ends, a shared round sets its schedule
+    due ``next_in`` after its last chunk is done, not after it was planned: the files a long
+    round touched last are not still fresh when the next one comes."""
+    shared.ensure_schedule(store, "local", "/d.txt", 0.0)
+    shared.claim_schedule(store, "local", "/d.txt", "a", 60)
+    shared.plan_round(store, "local", "/d.txt", "a", refs=_refs(2), chunk=1, fresh_for=1.0,
+                      next_in=100.0)
+    [(planned_due,)] = _sql(store, "SELECT next_due FROM watch_schedule")
+    first = shared.claim_chunk(store, "a", 60)
+    assert first is not None and shared.finish_chunk(store, first, "a", 0) == (True, False)
+    _sql(store, "UPDATE watch_rounds SET created = created - 50")  # the round took 50 s
+    _sql(store, "UPDATE watch_schedule SET next_due = next_due - 50")
+    last = shared.claim_chunk(store, "b", 60)
+    assert last is not None and shared.finish_chunk(store, last, "b", 0) == (True, True)
+    [(due, finished)] = _sql(store, "SELECT s.next_due, r.finished FROM watch_schedule s, "
+                                    "watch_rounds r")
+    assert due == pytest.approx(finished + 100.0) and due > planned_due - 1

@@ -327,7 +327,10 @@ def plan_round(store: Store, catalog: str, definition: str, member_id: str, *,
                next_in: float) -> Optional[Round]:
     """Store a round of ``refs`` (the listed definition) cut into chunks of ``chunk`` files,
     set the schedule due again ``next_in`` seconds from now and give up its lease, all in one
-    transaction; None (nothing stored) when our schedule lease was lost meanwhile.
+    transaction; None (nothing stored) when our schedule lease was lost meanwhile. When the
+    round's last chunk is done the schedule is set due ``next_in`` after that instead
+    (``finish_chunk``), as a daemon alone waits ``every`` after a run ends: otherwise the files
+    a long round touched last would still be fresh (0.8 ``every``) when the next one came.
 
     URLs are stored as ``model.redact`` shows them: a URL with a password in it is refused
     (``ValueError``) rather than written to the shared state."""
@@ -345,8 +348,8 @@ def plan_round(store: Store, catalog: str, definition: str, member_id: str, *,
         pieces = [refs[i:i + chunk] for i in range(0, len(refs), chunk)]
         round_id = conn.insert(
             f"INSERT INTO watch_rounds (catalog, definition, fresh_for, created, created_by, "
-            f"files, chunks) VALUES (?, ?, ?, {now}, ?, ?, ?)",
-            (catalog, definition, fresh_for, member_id, len(refs), len(pieces)))
+            f"files, chunks, next_in) VALUES (?, ?, ?, {now}, ?, ?, ?, ?)",
+            (catalog, definition, fresh_for, member_id, len(refs), len(pieces), next_in))
         conn.executemany(
             "INSERT INTO round_chunks (round_id, idx, files, n_files) VALUES (?, ?, ?, ?)",
             [(round_id, i, json.dumps([[r.name, r.url, r.size] for r in piece],
@@ -430,7 +433,15 @@ def finish_chunk(store: Store, chunk: Chunk, member_id: str,
             "idx = ? AND done IS NULL", (member_id, exit_code, *chunk.key)).rowcount
         left = conn.execute("SELECT COUNT(*) FROM round_chunks WHERE round_id = ? AND "
                             "done IS NULL", (chunk.round_id,)).fetchone()
-    return found == 1, found == 1 and int(left[0]) == 0
+        completed = found == 1 and int(left[0]) == 0
+        if completed:
+            now = now_sql(conn)
+            conn.execute(f"UPDATE watch_rounds SET finished = {now} WHERE id = ?",
+                         (chunk.round_id,))
+            conn.execute(f"UPDATE watch_schedule SET next_due = {now} + (SELECT next_in FROM "
+                         "watch_rounds WHERE id = ?) WHERE catalog = ? AND definition = ?",
+                         (chunk.round_id, chunk.catalog, chunk.definition))
+    return found == 1, completed
 
 
 def unfinished_chunks(store: Store) -> int:

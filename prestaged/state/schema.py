@@ -243,7 +243,9 @@ MIGRATIONS: list[str] = [
         created {seconds} NOT NULL,
         created_by TEXT NOT NULL,
         files INTEGER NOT NULL,
-        chunks INTEGER NOT NULL
+        chunks INTEGER NOT NULL,
+        next_in {seconds} NOT NULL,   -- the next round is due this long after this one ends
+        finished {seconds}
     );
     CREATE TABLE round_chunks (
         round_id {int64} NOT NULL REFERENCES watch_rounds(id) ON DELETE CASCADE,

@@ -239,9 +239,9 @@ class Store:
         # come from worker threads via asyncio.to_thread); on PostgreSQL each read and each
         # transaction takes a connection of the pool, so _lock guards nothing and serialises
         # nothing: a daemon's heartbeat never waits behind a long status scan (bench/cluster.py
-        # saw heartbeats miss behind 2 s scans when it did). Outcomes and memberships wait in _buffer
-        # and go a batch at a time to a writer process (state/writer.py), which commits each
-        # batch in one transaction: SQLite's per-row work then costs the warming process
+        # saw heartbeats miss behind 2 s scans when it did). Outcomes and memberships wait in
+        # _buffer and go a batch at a time to a writer process (state/writer.py), which commits
+        # each batch in one transaction: SQLite's per-row work then costs the warming process
         # nothing but a JSON line. The buffer and the pipe have a lock of their own (_pipe),
         # held only to append or write a line, and flushes wait for the writer's answer under
         # a third (_answers): record(), called on the event loop, never waits for a reader or
