@@ -142,7 +142,8 @@ def test_expired_lease_not_taken_still_records_the_launch(store: Store) -> None:
 def test_rounds_are_cut_into_chunks_claimed_once_each(store: Store) -> None:
     """A planned round of 25 files in chunks of 10 gives 3 chunks, each claimed by one member
     in round order with its files; done chunks drop their file list; finishing twice is
-    refused; a chunk whose lease expired is taken over, counted."""
+    refused; a chunk whose lease expired is taken over, counted, and only its new holder
+    records it done."""
     shared.ensure_schedule(store, "local", "/d.txt", 0.0)
     assert shared.claim_schedule(store, "local", "/d.txt", "a", 60)
     planned = shared.plan_round(store, "local", "/d.txt", "a", refs=_refs(25), chunk=10,
@@ -158,6 +159,7 @@ def test_rounds_are_cut_into_chunks_claimed_once_each(store: Store) -> None:
     _expire(store, "round_chunks")
     c1b = shared.claim_chunk(store, "c", 60)
     assert c1b is not None and c1b.key == c1.key and c1b.taken_from == "b"
+    assert shared.finish_chunk(store, c1, "b", 0) == (False, False)  # no longer b's to record
     c2 = shared.claim_chunk(store, "a", 60)
     assert c2 is not None and len(c2.refs) == 5
     assert shared.claim_chunk(store, "a", 60) is None

@@ -183,8 +183,9 @@ class ChunkCatalog:
         return len(self._refs)
 
 
-RunChunk = Callable[[Catalog, float], Awaitable[int]]
-"""``run(catalog, fresh_for) -> exit code``: one warm run of a chunk (``Runs.submit``)."""
+RunChunk = Callable[[Catalog, float, asyncio.Event], Awaitable[int]]
+"""``run(catalog, fresh_for, stop) -> exit code``: one warm run of a chunk (``Runs.submit``),
+interrupted when ``stop`` is set."""
 
 
 class ChunkWorker:
@@ -233,16 +234,21 @@ class ChunkWorker:
             log.info("cluster: took chunk %d/%d of %s over from %s (its lease expired)",
                      chunk.round_id, chunk.idx, chunk.definition, chunk.taken_from)
         catalog = ChunkCatalog(chunk.catalog, chunk.definition, chunk.refs)
+        lost = asyncio.Event()  # another member took it over: stop, it warms the rest
         keeper = asyncio.ensure_future(keep_lease(self._store, self._member, "chunk", chunk.key,
-                                                  lambda: None))
+                                                  lost.set))
         try:
-            code = await self._run(catalog, chunk.fresh_for)
+            code = await self._run(catalog, chunk.fresh_for, lost)
         except PrestagedError as e:
             log.error("cluster: chunk %d/%d of %s: %s", chunk.round_id, chunk.idx,
                       chunk.definition, e)
             return  # not done: its lease expires and a member (maybe us) takes it again
         finally:
             keeper.cancel()
+        if lost.is_set():
+            log.info("cluster: chunk %d/%d of %s stopped: another member took it over",
+                     chunk.round_id, chunk.idx, chunk.definition)
+            return
         try:
             _, completed = await asyncio.to_thread(shared.finish_chunk, self._store, chunk,
                                                    self._member.id, code)

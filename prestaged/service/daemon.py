@@ -252,12 +252,12 @@ class Daemon:
         assert self._live is not None
         await self._live.watches.round_done(catalog, definition)
 
-    async def _run_chunk(self, catalog: Catalog, fresh_for: float) -> int:
-        """Warm one chunk of a watch round as a watch run of its definition (queued behind a
-        run of the same definition, never joined to it); its exit code."""
+    async def _run_chunk(self, catalog: Catalog, fresh_for: float, stop: asyncio.Event) -> int:
+        """Warm one chunk of a watch round as a run of its definition (beside any other run
+        of it, never joined to one; ``stop`` interrupts it); its exit code."""
         assert self._live is not None
         info, _ = self._live.runs.submit(catalog, origin="chunk", fresh_for=fresh_for,
-                                         join=False)
+                                         join=False, stop=stop)
         await info.finished.wait()
         if info.state == "error":
             raise PrestagedError(info.error)

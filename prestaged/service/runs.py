@@ -139,12 +139,13 @@ class Runs:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     def submit(self, catalog: Catalog, *, origin: str, fresh_for: Optional[float] = None,
-               join: bool = True) -> tuple[RunInfo, bool]:
+               join: bool = True,
+               stop: Optional[asyncio.Event] = None) -> tuple[RunInfo, bool]:
         """Queue a warm of ``catalog``'s definition, skipping files touched within
         ``fresh_for`` seconds (None: ``state.fresh_for``); or, when a run of that definition
         is queued or running already, join it (unless not ``join``: a chunk of a watch round
         has files of its own, so it runs beside that run). Returns (the run, whether it was
-        joined).
+        joined). ``stop`` (a new run only) also interrupts it: a chunk whose lease was lost.
 
         ``PrestagedError`` (HTTP 503) while the daemon is stopping; ``BusyError`` (429) for an
         API request while ``max_runs()`` runs are queued or running (watches are never refused:
@@ -160,7 +161,7 @@ class Runs:
             raise BusyError(f"{len(unfinished)} warm runs are queued or running "
                             "(daemon.max_runs); try again later", retry_after=30.0)
         info = self.book.add(catalog.name, catalog.definition, origin)
-        self._spawn(self._execute(info, catalog, fresh_for, alone=join))
+        self._spawn(self._execute(info, catalog, fresh_for, alone=join, stop=stop))
         return info, False
 
     def get(self, run_id: int) -> Optional[RunInfo]:
@@ -172,11 +173,15 @@ class Runs:
         return self.book.running()
 
     async def _execute(self, info: RunInfo, catalog: Catalog, fresh_for: Optional[float], *,
-                       alone: bool = True) -> None:
+                       alone: bool = True, stop: Optional[asyncio.Event] = None) -> None:
         # One run of a definition at a time, except chunks of a watch round (not ``alone``):
         # their files are disjoint, and a member warms a chunk it took over beside its own.
         lock = (self._locks.setdefault((info.catalog, info.definition), asyncio.Lock())
                 if alone else asyncio.Lock())
+        relay = None
+        if stop is not None:  # the daemon's stop interrupts this run too
+            relay = asyncio.ensure_future(self._stop.wait())
+            relay.add_done_callback(lambda _: stop.set())
         try:
             async with lock:
                 if self._draining():
@@ -186,7 +191,8 @@ class Runs:
                 self._changed()
                 report = await run_definition(
                     catalog, self._settings(), self._toucher, store=self._store,
-                    tally=info.tally, stop=self._stop, probe=self._metrics, tape=self._tape(),
+                    tally=info.tally, stop=self._stop if stop is None else stop,
+                    probe=self._metrics, tape=self._tape(),
                     fresh_for=self._fresh_for() if fresh_for is None else fresh_for)
                 info.exit_code = report.exit_code
                 info.error = str(report.aborted) if report.aborted else ""
@@ -204,6 +210,8 @@ class Runs:
             self._metrics.run_finished("aborted")
             log.exception("warm of %s: internal error", info.definition)
         finally:
+            if relay is not None:
+                relay.cancel()
             self.book.finish(info)
             self._changed()
 

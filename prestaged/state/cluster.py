@@ -421,8 +421,8 @@ def claim_chunk(store: Store, member_id: str, lease: float, *,
 def finish_chunk(store: Store, chunk: Chunk, member_id: str,
                  exit_code: int) -> tuple[bool, bool]:
     """Record ``chunk`` done by ``member_id`` and drop its file list. Returns (whether we
-    recorded it: False when another member that took it over finished first, harmless since
-    touches repeat; whether that completed its round). The round's row is locked first, so of
+    recorded it: False when another member took it over meanwhile, whose run then records it;
+    whether that completed its round). The round's row is locked first, so of
     members finishing its last chunks at once exactly one learns it completed the round."""
     with store.transaction() as conn:
         lock = " FOR UPDATE" if conn.dialect.name == "postgresql" else ""
@@ -430,7 +430,8 @@ def finish_chunk(store: Store, chunk: Chunk, member_id: str,
         found = conn.execute(
             f"UPDATE round_chunks SET done = {now_sql(conn)}, done_by = ?, exit_code = ?, "
             "files = '[]', lease_owner = NULL, lease_until = NULL WHERE round_id = ? AND "
-            "idx = ? AND done IS NULL", (member_id, exit_code, *chunk.key)).rowcount
+            "idx = ? AND done IS NULL AND lease_owner = ?",
+            (member_id, exit_code, *chunk.key, member_id)).rowcount
         left = conn.execute("SELECT COUNT(*) FROM round_chunks WHERE round_id = ? AND "
                             "done IS NULL", (chunk.round_id,)).fetchone()
         completed = found == 1 and int(left[0]) == 0
