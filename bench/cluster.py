@@ -506,13 +506,6 @@ def _notes(runs: list[Run]) -> list[str]:
         if r.daemons > 1 and len(r.chunks_per_member) < r.daemons:
             notes.append(f"{r.config} round {r.round}: only {len(r.chunks_per_member)} of "
                          f"{r.daemons} members finished a chunk")
-        chunks = sum(r.chunks_per_member)
-        if chunks > 1:
-            scans = r.status_seconds * chunks / r.daemons
-            notes.append(f"{r.config} round {r.round}: every chunk's run ends with a status "
-                         f"scan of the whole definition ({r.status_seconds:.2f} s at the end "
-                         f"x {chunks} chunks / {r.daemons} members = up to {scans:.1f} s of "
-                         f"the {r.warm_seconds:.1f} s warm phase)")
         if r.storage_requests > r.files:
             notes.append(f"{r.config} round {r.round}: {r.storage_requests - r.files} "
                          f"requests beyond one per file ({r.takeovers} takeovers)")
