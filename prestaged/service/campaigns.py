@@ -330,9 +330,11 @@ class DaemonCampaigns:
                 rows = await asyncio.to_thread(shared.pokes, self._store)
                 changed = {name for name, (poked, updated, _) in rows.items()
                            if self._seen.get(name) != (poked, updated)}
+                # New here, or replaced since we last looked (one added through this member
+                # is in entries already and has no earlier look: not restarted again).
                 fresh = {name for name in changed
                          if name not in self.entries
-                         or self._seen.get(name, (None, -1.0))[1] != rows[name][1]}
+                         or (name in self._seen and self._seen[name][1] != rows[name][1])}
                 configs = (await asyncio.to_thread(self.state.registered)) if fresh else []
                 cancelled = {name for name in changed - fresh
                              if "cancelled" in (await asyncio.to_thread(
