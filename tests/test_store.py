@@ -252,6 +252,22 @@ def test_store_batches_writes(backend: Backend) -> None:
         assert (st.files, st.fresh) == (25, 25)
 
 
+def test_status_catalog_narrows_every_definition(backend: Backend) -> None:
+    """``status --catalog K`` without a definition lists only catalog K's definitions (it
+    listed all of them), from the store and on the command line."""
+    with backend.store() as store:
+        store.add_members("local", "/defs/a.txt", [FileRef("a", "https://h/a")])
+        store.add_members("samweb", "b", [FileRef("b", "https://h/b")])
+        store.add_members("samweb", "c", [FileRef("c", "https://h/c")])
+        store.flush()
+        assert [r.definition for r in store.status(3600, catalog="samweb")] == ["b", "c"]
+        assert [r.definition for r in store.status(3600, "b", "local")] == []
+        assert len(store.status(3600)) == 3
+    res = run_cli("status", "--catalog", "local", "--json", *backend.cli())
+    assert res.returncode == 0, res.stderr
+    assert [d["definition"] for d in json.loads(res.stdout)["definitions"]] == ["/defs/a.txt"]
+
+
 def test_default_state_path_honours_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Without --state the CLI uses $XDG_STATE_HOME/prestaged/state.db."""
     from prestaged.state.store import default_state_path

@@ -557,13 +557,15 @@ class Store:
     @_one_line_errors
     def status(self, fresh_for: float, definition: Optional[str] = None,
                catalog: Optional[str] = None, now: Optional[float] = None) -> list[DatasetStatus]:
-        """Warmth of every recorded definition (or of the one named)."""
+        """Warmth of every recorded definition, or of the one named; ``catalog`` narrows
+        either to that catalog kind."""
         since = (time.time() if now is None else now) - fresh_for
         query = "SELECT id, catalog, name FROM definitions"
-        args: list[Any] = []
-        if definition is not None:
-            query += " WHERE name = ?" + (" AND catalog = ?" if catalog else "")
-            args = [definition, *([catalog] if catalog else [])]
+        wanted = {"name": definition, "catalog": catalog or None}
+        args: list[Any] = [v for v in wanted.values() if v is not None]
+        if args:
+            query += " WHERE " + " AND ".join(f"{k} = ?" for k, v in wanted.items()
+                                              if v is not None)
         out = []
         with self._lock:
             found = self.conn.execute(query + " ORDER BY catalog, name", args).fetchall()
