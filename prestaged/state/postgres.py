@@ -137,17 +137,22 @@ def connect(url: str, *, connect_timeout: int = CONNECT_TIMEOUT,
 
 
 def open_pool(url: str, *, timeout: float = CONNECT_TIMEOUT) -> Pool:
-    """An open pool of the store's connections to ``url`` (``connect_options``): one kept, a
-    few at most (the store's lock serialises its users; the others stand in while a broken one
-    is replaced), each checked before it is handed out, so a connection the server cut is
-    replaced rather than failing the call. Getting one waits up to ``timeout`` seconds
-    (``PoolTimeout``, a ``psycopg.OperationalError``). The caller closes it.
+    """An open pool of the store's connections to ``url`` (``connect_options``): one kept, up
+    to 4 at once (each read or transaction of the store takes one: a heartbeat never waits
+    behind a long scan), each checked before it is handed out, so a connection the server cut
+    is replaced rather than failing the call. While the server refuses connections the pool
+    logs one warning a minute, not one per attempt (``_QuietRepeats``). Getting a connection
+    waits up to ``timeout`` seconds (``PoolTimeout``, a ``psycopg.OperationalError``). The
+    caller closes it.
 
     Raises ``StateError`` naming ``redacted_url(url)`` when no connection can be made within
     ``timeout``."""
     import psycopg
     from psycopg_pool import ConnectionPool
 
+    pool_log = logging.getLogger("psycopg.pool")
+    if not any(isinstance(f, _QuietRepeats) for f in pool_log.filters):
+        pool_log.addFilter(_QuietRepeats(REPEAT_EVERY))
     pool: Pool = ConnectionPool(url, kwargs=connect_options(url), min_size=1, max_size=4,
                           timeout=timeout, check=ConnectionPool.check_connection,
                           name="prestaged-state", open=False)
@@ -158,6 +163,31 @@ def open_pool(url: str, *, timeout: float = CONNECT_TIMEOUT) -> Pool:
         raise StateError(f"state {redacted_url(url)}: cannot connect within {timeout:g} s "
                          f"({_message(e, url)})") from e
     return pool
+
+
+REPEAT_EVERY = 60.0
+"""Seconds between two of the pool's "error connecting" warnings (an outage retried every
+fraction of a second would otherwise log a line per attempt)."""
+
+
+class _QuietRepeats(logging.Filter):
+    """Lets one of psycopg-pool's "error connecting" warnings through every ``every`` seconds
+    (the first of an outage always: it says why); every other record passes."""
+
+    def __init__(self, every: float) -> None:
+        super().__init__()
+        self.every = every
+        self._last = float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a repeat within ``every`` seconds of the last one let through."""
+        if record.levelno != logging.WARNING or "error connecting" not in record.getMessage():
+            return True
+        now = time.monotonic()
+        if now - self._last < self.every:
+            return False
+        self._last = now
+        return True
 
 
 def schema_version(conn: Connection, url: str) -> int:
