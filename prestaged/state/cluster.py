@@ -40,7 +40,6 @@ __all__ = [
     "claim_campaign",
     "claim_chunk",
     "claim_schedule",
-    "db_now",
     "ensure_schedule",
     "finish_chunk",
     "forget_dead_local",
@@ -57,7 +56,6 @@ __all__ = [
     "release_campaign",
     "release_schedule",
     "renew",
-    "unfinished_chunks",
 ]
 
 _NOW = {
@@ -80,13 +78,6 @@ def _lock(conn: Database) -> str:
 def _free(conn: Database) -> str:
     """A lease that may be taken: nobody's, or expired."""
     return f"(lease_owner IS NULL OR lease_until < {now_sql(conn)})"
-
-
-def db_now(store: Store) -> float:
-    """The database's clock now (Unix seconds)."""
-    with store.transaction() as conn:
-        row = conn.execute(f"SELECT {now_sql(conn)}").fetchone()
-    return float(row[0])
 
 
 # --- members ----------------------------------------------------------------------------------
@@ -443,10 +434,3 @@ def finish_chunk(store: Store, chunk: Chunk, member_id: str,
                          "watch_rounds WHERE id = ?) WHERE catalog = ? AND definition = ?",
                          (chunk.round_id, chunk.catalog, chunk.definition))
     return found == 1, completed
-
-
-def unfinished_chunks(store: Store) -> int:
-    """Chunks of any round not done yet (tests, ``status``)."""
-    with store.transaction() as conn:
-        row = conn.execute("SELECT COUNT(*) FROM round_chunks WHERE done IS NULL").fetchone()
-    return int(row[0])
