@@ -1,8 +1,9 @@
-"""The state store's writer process: applies batches of rows to the SQLite file.
+"""The state store's writer process: applies batches of rows to the state database.
 
 ``prestaged.state.store.Store`` starts it (``python -m prestaged.state.writer DB TIMEOUT``, DB
 "-" for a PostgreSQL state whose URL is then the first line of stdin) and
-sends it one JSON document per line on stdin; it writes each document in one transaction. Running
+sends it one JSON document per line on stdin; it writes each document in one transaction (on
+PostgreSQL as one statement per kind of row, see ``UPSERT_MEMBER_FILE``'s comment). Running
 the writes in a process of their own keeps SQLite's per-row work off the warming process's CPU
 and GIL (in a thread of the warming process it cost 12-15% of the rate; bench/throughput.py).
 
@@ -53,19 +54,31 @@ PG_WRITE_LOCK = 0x7072657374617772
 several daemons then take their row locks one batch at a time, as SQLite's ``BEGIN IMMEDIATE``
 makes them, instead of deadlocking on files two batches share in different orders."""
 
-UPSERT_MEMBER_FILE = (
-    "INSERT INTO files (id, url, name, size) VALUES (?, ?, ?, ?) ON CONFLICT (id) "
-    "DO UPDATE SET size = COALESCE(excluded.size, files.size)"
-)
+# Each statement is written once and sent two ways: on SQLite a row at a time (executemany:
+# SQLite runs in this process, a row costs microseconds), on PostgreSQL once per batch with
+# every column as an array (``INSERT ... SELECT * FROM unnest(...)``, ``UPDATE ... FROM
+# unnest(...)``): psycopg's executemany sends and the server plans one statement per row, which
+# cost 2-3x the writer's CPU and the server's time (bench/README.md). An array statement must
+# not touch a row twice (``ON CONFLICT DO UPDATE`` refuses to), so a batch's rows are first
+# merged per file id into the row that executing them in order would leave (``_merged_*``).
+_MEMBER_FILE_INSERT = "INSERT INTO files (id, url, name, size)"
+_MEMBER_FILE_TYPES = ("bigint", "text", "text", "bigint")
+_MEMBER_FILE_CONFLICT = " ON CONFLICT (id) DO UPDATE SET size = COALESCE(excluded.size, files.size)"
+UPSERT_MEMBER_FILE = _MEMBER_FILE_INSERT + " VALUES (?, ?, ?, ?)" + _MEMBER_FILE_CONFLICT
 INSERT_MEMBER = ("INSERT INTO members (definition_id, file_id) VALUES (?, ?) "
                  "ON CONFLICT DO NOTHING")
+PG_INSERT_MEMBERS = ("INSERT INTO members (definition_id, file_id) "
+                     "SELECT ?, unnest(?::bigint[]) ON CONFLICT DO NOTHING")
 # An outcome never erases a newer success written by another process: last_try and last_warm
 # only grow. CASE, not SQLite's scalar MAX(a, b), which PostgreSQL lacks (GREATEST there);
 # the same SQL on both engines. The last parameter is last_warm (``_outcome_rows``).
-UPSERT_OUTCOME = """
+_OUTCOME_INSERT = """
 INSERT INTO files (id, url, name, status, http_status, bytes, attempts, last_error, last_try,
                    last_warm)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_OUTCOME_TYPES = ("bigint", "text", "text", "text", "integer", "bigint", "integer", "text",
+                  "double precision", "double precision")
+_OUTCOME_CONFLICT = """
 ON CONFLICT (id) DO UPDATE SET
     status = excluded.status,
     http_status = excluded.http_status,
@@ -77,7 +90,19 @@ ON CONFLICT (id) DO UPDATE SET
     last_warm = CASE WHEN excluded.last_warm > COALESCE(files.last_warm, 0)
                      THEN excluded.last_warm ELSE files.last_warm END
 """
+UPSERT_OUTCOME = _OUTCOME_INSERT + "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" + _OUTCOME_CONFLICT
 _SUCCESS = ("warm", "empty")
+
+
+def _unnest(types: Sequence[str]) -> str:
+    """``unnest(?::t1[], ...)``: one array parameter per column, a row per index."""
+    return "unnest(" + ", ".join(f"?::{t}[]" for t in types) + ")"
+
+
+PG_UPSERT_MEMBER_FILES = (_MEMBER_FILE_INSERT + " SELECT * FROM " + _unnest(_MEMBER_FILE_TYPES)
+                          + _MEMBER_FILE_CONFLICT)
+PG_UPSERT_OUTCOMES = (_OUTCOME_INSERT + "SELECT * FROM " + _unnest(_OUTCOME_TYPES)
+                      + _OUTCOME_CONFLICT)
 
 RECONNECT_FOR = 300.0
 """Seconds a PostgreSQL writer keeps retrying a batch whose connection was lost (backoff 0.2 s
@@ -91,11 +116,34 @@ BACKOFF_MAX = 5.0
 # Tape rows (issue 13). A stage request made: the file is staging (staged_at cleared) under
 # that request's pin. Staged: on disk since staged_at, so its locality is DISK_AND_TAPE now.
 # Plain ? in the order of the row the store sent (no ?N: psycopg has no numbered parameters).
-LOCATED = "UPDATE files SET locality = ?, locality_at = ? WHERE id = ?"
-STAGING = ("UPDATE files SET stage_request = ?, stage_uri = ?, pinned_until = ?, "
-           "staged_at = NULL WHERE id = ?")
-STAGED = ("UPDATE files SET staged_at = ?, pinned_until = ?, locality = 'DISK_AND_TAPE', "
-          "locality_at = ? WHERE id = ?")
+# Each as (SET clause with one name per parameter, those names, their types): the id last.
+_TAPE_UPDATES = {
+    "located": ("locality = {0}, locality_at = {1}", ("text", "double precision")),
+    "staging": ("stage_request = {0}, stage_uri = {1}, pinned_until = {2}, staged_at = NULL",
+                ("text", "text", "double precision")),
+    "staged": ("staged_at = {0}, pinned_until = {1}, locality = 'DISK_AND_TAPE', "
+               "locality_at = {2}", ("double precision", "double precision",
+                                     "double precision")),
+}
+
+
+def _tape_update(key: str) -> str:
+    """The row-at-a-time UPDATE of a tape row kind (SQLite)."""
+    clause, types = _TAPE_UPDATES[key]
+    return f"UPDATE files SET {clause.format(*['?'] * len(types))} WHERE id = ?"
+
+
+def _pg_tape_update(key: str) -> str:
+    """The same UPDATE with its rows as arrays (PostgreSQL)."""
+    clause, types = _TAPE_UPDATES[key]
+    names = [f"u.c{i}" for i in range(len(types))]
+    columns = ", ".join(f"c{i}" for i in range(len(types)))
+    return (f"UPDATE files SET {clause.format(*names)} "
+            f"FROM {_unnest((*types, 'bigint'))} AS u({columns}, id) WHERE files.id = u.id")
+
+
+LOCATED, STAGING, STAGED = (_tape_update(k) for k in ("located", "staging", "staged"))
+_PG_TAPE = {key: _pg_tape_update(key) for key in _TAPE_UPDATES}
 
 
 def _outcome_rows(rows: list[Sequence[Any]]) -> list[Sequence[Any]]:
@@ -110,11 +158,49 @@ def _tape_rows(key: str, rows: list[Sequence[Any]]) -> list[Sequence[Any]]:
     return [(*r[1:], r[0]) for r in rows]
 
 
+def _merged_member_files(rows: list[Sequence[Any]]) -> list[Sequence[Any]]:
+    """One (id, url, name, size) per id: the first row's URL and name (the insert), the last
+    size given (each later row sets a size it has)."""
+    merged: dict[Any, Sequence[Any]] = {}
+    for row in rows:
+        first = merged.get(row[0])
+        if first is None:
+            merged[row[0]] = row
+        elif row[3] is not None:
+            merged[row[0]] = (*first[:3], row[3])
+    return list(merged.values())
+
+
+def _merged_outcomes(rows: list[Sequence[Any]]) -> list[Sequence[Any]]:
+    """One outcome row (``_outcome_rows``'s, last_warm last) per id: the last row's outcome,
+    the latest last_try and last_warm of them all, as the upsert applied in order leaves it."""
+    merged: dict[Any, Sequence[Any]] = {}
+    for row in rows:
+        before = merged.get(row[0])
+        if before is None:
+            merged[row[0]] = row
+        else:
+            warmed = max((t for t in (before[9], row[9]) if t is not None), default=None)
+            merged[row[0]] = (*row[:8], max(before[8], row[8]), warmed)
+    return list(merged.values())
+
+
+def _last_per_id(rows: list[Sequence[Any]]) -> list[Sequence[Any]]:
+    """The last row per id (the last parameter), as UPDATEs applied in order leave it."""
+    return list({row[-1]: row for row in rows}.values())
+
+
+def _columns(rows: list[Sequence[Any]]) -> list[list[Any]]:
+    """Rows as one list per column (the array parameters of an ``unnest``)."""
+    return [list(column) for column in zip(*rows)]
+
+
 def write(db: Database, doc: dict[str, Any]) -> None:
     """Apply one batch in one transaction."""
     with db.transaction():
         if db.dialect.name == "postgresql":
-            db.execute("SELECT pg_advisory_xact_lock(?)", (PG_WRITE_LOCK,))
+            _write_arrays(db, doc)
+            return
         for catalog, definition, rows in doc.get("members", ()):
             def_id = definition_id(db, catalog, definition)
             db.executemany(UPSERT_MEMBER_FILE, rows)
@@ -124,6 +210,23 @@ def write(db: Database, doc: dict[str, Any]) -> None:
         for key, statement in (("located", LOCATED), ("staging", STAGING), ("staged", STAGED)):
             if doc.get(key):
                 db.executemany(statement, _tape_rows(key, doc[key]))
+
+
+def _write_arrays(db: Database, doc: dict[str, Any]) -> None:
+    """``write`` on PostgreSQL, inside its transaction: one statement per kind of row."""
+    db.execute("SELECT pg_advisory_xact_lock(?)", (PG_WRITE_LOCK,))
+    for catalog, definition, rows in doc.get("members", ()):
+        def_id = definition_id(db, catalog, definition)
+        if not rows:
+            continue
+        files = _merged_member_files(rows)
+        db.execute(PG_UPSERT_MEMBER_FILES, _columns(files))
+        db.execute(PG_INSERT_MEMBERS, (def_id, [row[0] for row in files]))
+    if doc.get("outcomes"):
+        db.execute(PG_UPSERT_OUTCOMES, _columns(_merged_outcomes(_outcome_rows(doc["outcomes"]))))
+    for key in ("located", "staging", "staged"):
+        if doc.get(key):
+            db.execute(_PG_TAPE[key], _columns(_last_per_id(_tape_rows(key, doc[key]))))
 
 
 def _lost(db: PostgresDatabase, error: BaseException) -> bool:

@@ -1,0 +1,121 @@
+"""The writer process applies a batch the same way on both backends (issue 16's follow-up).
+
+On SQLite it executes a batch's rows one at a time; on PostgreSQL one statement per kind of
+row with the columns as arrays (``unnest``). Such a statement must not touch a file twice, so
+the writer first merges a batch's rows per file. The row-at-a-time SQLite result is the
+reference: the same batches, with repeated files, older times and rows already stored, must
+leave the same tables on PostgreSQL. Expected values are asserted too, so that both writers
+cannot agree on a wrong answer.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from prestaged.state.db import Database, PostgresDatabase, SqliteDatabase
+from prestaged.state.schema import configure, migrate
+from prestaged.state.writer import write
+
+A, B, C, D = 11, -22, 33, 2**62  # file ids are signed 64-bit hashes
+
+FIRST = {
+    "members": [["samweb", "ds", [[A, "https://h/a", "a", None], [C, "https://h/c", "c", 7]]]],
+    "outcomes": [[C, "https://h/c", "c", "warm", 206, 4, 1, "", 200.0]],
+    "located": [[C, "DISK", 200.0]],
+}
+SECOND = {
+    "members": [
+        ["samweb", "ds", [
+            [A, "https://h/a", "a", 5],        # a size arrives for a file stored without one
+            [B, "https://h/b", "b", 9],
+            [B, "https://h/b", "b", None],     # no size: keeps 9
+            [D, "https://h/d", "d", 1],
+            [D, "https://h/d", "d", 2 ** 40],  # the last size given wins
+        ]],
+        ["metacat", "empty:set", []],          # an empty definition is still recorded
+        ["metacat", "other", [[B, "https://h/b", "b", None]]],
+    ],
+    "outcomes": [
+        [A, "https://h/a", "a", "warm", 206, 4, 1, "", 100.0],
+        [A, "https://h/a", "a", "failed", 500, 0, 3, "boom", 90.0],  # older, recorded later
+        [B, "https://h/b", "b", "failed", None, 0, 2, "refused", 50.0],
+        [B, "https://h/b", "b", "warm", 206, 4, 1, "", 60.0],
+        [C, "https://h/c", "c", "warm", 206, 4, 1, "", 150.0],  # older than the stored success
+    ],
+    "located": [[A, "TAPE", 100.0], [A, "DISK", 101.0], [B, "TAPE", 55.0]],
+    "staging": [[B, "req-1", "https://fe/api/v1/tape", 1000.0],
+                [B, "req-2", "https://fe/api/v1/tape", 2000.0]],
+    "staged": [[B, 70.0, 2000.0]],
+}
+
+
+def _sqlite(path: Path) -> SqliteDatabase:
+    conn = sqlite3.connect(path, isolation_level=None)
+    configure(conn)
+    migrate(conn, path)
+    return SqliteDatabase(conn, str(path))
+
+
+def _postgres(url: str) -> PostgresDatabase:
+    from prestaged.state.postgres import open_state
+
+    return PostgresDatabase(open_state(url), url)
+
+
+def _tables(db: Database) -> dict[str, list[tuple[Any, ...]]]:
+    files = ("SELECT id, url, name, size, status, http_status, bytes, attempts, last_error,"
+             " last_try, last_warm, locality, locality_at, stage_request, stage_uri, staged_at,"
+             " pinned_until FROM files ORDER BY id")
+    members = ("SELECT d.catalog, d.name, m.file_id FROM members m"
+               " JOIN definitions d ON d.id = m.definition_id ORDER BY 1, 2, 3")
+    return {
+        "files": [tuple(row) for row in db.execute(files).fetchall()],
+        "members": [tuple(row) for row in db.execute(members).fetchall()],
+        "definitions": [tuple(row) for row in db.execute(
+            "SELECT catalog, name FROM definitions ORDER BY 1, 2").fetchall()],
+    }
+
+
+def _written(db: Database) -> dict[str, list[tuple[Any, ...]]]:
+    try:
+        write(db, FIRST)
+        write(db, SECOND)
+        return _tables(db)
+    finally:
+        db.close()
+
+
+def test_postgresql_arrays_leave_what_sqlite_rows_leave(tmp_path: Path, pg_url: str) -> None:
+    reference = _written(_sqlite(tmp_path / "state.db"))
+    assert _written(_postgres(pg_url)) == reference
+
+    files = {row[0]: row for row in reference["files"]}
+    # A: the outcome recorded last, the latest try and the success's time
+    assert files[A][3:11] == (5, "failed", 500, 0, 3, "boom", 100.0, 100.0)
+    assert files[A][11:13] == ("DISK", 101.0)
+    # B: warm after a failure; staged under the second request, so on disk now
+    assert files[B][3:11] == (9, "warm", 206, 4, 1, "", 60.0, 60.0)
+    assert files[B][11:] == ("DISK_AND_TAPE", 70.0, "req-2", "https://fe/api/v1/tape", 70.0,
+                             2000.0)
+    # C: an older success does not move last_try or last_warm back
+    assert files[C][4:11] == ("warm", 206, 4, 1, "", 200.0, 200.0)
+    assert files[D][3] == 2 ** 40
+    assert reference["definitions"] == [("metacat", "empty:set"), ("metacat", "other"),
+                                        ("samweb", "ds")]
+    assert reference["members"] == [("metacat", "other", B), *[("samweb", "ds", f)
+                                                                for f in sorted((A, B, C, D))]]
+
+
+def test_a_batch_written_twice_changes_nothing(pg_url: str) -> None:
+    """Batches are idempotent (the writer resends one whose COMMIT went unanswered)."""
+    db = _postgres(pg_url)
+    try:
+        write(db, FIRST)
+        write(db, SECOND)
+        once = _tables(db)
+        write(db, SECOND)
+        assert _tables(db) == once
+    finally:
+        db.close()
