@@ -390,3 +390,39 @@ def test_operator_actions_through_any_member_act_on_all(
                 ["submissions"]] for d in (a, b)]
     assert seen_by[0] == seen_by[1] == [("slice-1", "completed"), ("slice-2", "cancelled")]
     assert len(c.records()) == 1
+
+
+def test_a_hold_through_another_member_stops_the_holders_next_launch(
+    tmp_path: Path, storage: ThreadedStorageServer,
+    cluster_factory: Callable[[list[Path]], Cluster],
+) -> None:
+    """Member a drives the campaign; a hold sent through member b while a gates slice 2 keeps
+    a from launching it once its files are warm (a logs that the launch waits), and a release
+    through b launches it on a."""
+    small = _definition(tmp_path, storage, "small", 6)
+    storage.inject("/pnfs/small/f00004", [Delay(8)])  # slice 2's gate outlasts the hold call
+    c = cluster_factory([])
+    a = c.start()
+    b = c.start()
+    status, doc = b.http("POST", "/api/v1/campaigns", {"toml": _campaign(tmp_path, small),
+                                                        "source": "c.toml"})
+    assert status == 201, doc
+    poll("slice 2 prestaging", lambda: [s["state"] for s in b.http(
+        "GET", "/api/v1/campaigns/drain")[1]["submissions"]] == ["completed", "prestaging"],
+         timeout=30)
+    driver = a if c.query("SELECT lease_owner FROM campaigns")[0][0] == c.member_of(
+        a.proc.pid) else b
+    other = b if driver is a else a
+    status, doc = other.http("POST", "/api/v1/campaigns/drain/hold")
+    assert status == 200, doc
+
+    poll("the driver's launch waits for release",
+         lambda: "held: launch waits for release" in driver.output(), timeout=30)
+    assert [s["state"] for s in other.http("GET", "/api/v1/campaigns/drain")[1]
+            ["submissions"]] == ["completed", "ready"]
+    assert len(c.records()) == 1
+
+    status, doc = other.http("POST", "/api/v1/campaigns/drain/release")
+    assert status == 200, doc
+    poll("slice 2 launched after the release", lambda: len(c.records()) == 2, timeout=30)
+    assert {r["daemon"] for r in c.records()} == {driver.proc.pid}
