@@ -196,6 +196,8 @@ class Context:
             catalog = self._open_samweb(definition, dims, creds)
         if probe is not None and hasattr(catalog, "on_request"):
             catalog.on_request = lambda result: probe(kind, result)
+        if probe is not None and hasattr(catalog, "on_rucio_request"):  # MetaCat's resolver
+            catalog.on_rucio_request = lambda result: probe("rucio", result)
         return catalog
 
     def _catalog_tls(self, shown: Optional[Credentials]

@@ -82,7 +82,8 @@ LAUNCH_RESULTS = ("submitted", "launch_failed", "launch_unknown")
 the daemon died while it ran)."""
 
 CATALOG_RESULTS = ("ok", "error")
-"""``prestaged_catalog_requests_total{result}`` values created at zero for every catalog kind."""
+"""``prestaged_catalog_requests_total{result}`` values created at zero for every catalog kind
+and for ``rucio`` (the requests MetaCat's resolver sends to Rucio)."""
 
 STAGE_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0,
                  86400.0)
@@ -175,7 +176,8 @@ class Metrics:
         self.runs = Counter(
             "prestaged_runs", "Warm runs finished, by result.", ["result"], registry=r)
         self.catalog_requests = Counter(
-            "prestaged_catalog_requests", "Catalog queries, by catalog kind and result.",
+            "prestaged_catalog_requests",
+            "Catalog queries, by catalog service (samweb, metacat, rucio) and result.",
             ["catalog", "result"], registry=r)
         self.campaign_submissions = Gauge(
             "prestaged_campaign_submissions", "Submissions of a daemon campaign, by state.",
@@ -232,7 +234,7 @@ class Metrics:
         for kind in LEASE_KINDS:
             self.leases_held.labels(kind)
             self.lease_takeovers.labels(kind)
-        for kind in KINDS:
+        for kind in (*KINDS, "rucio"):
             for result_ in CATALOG_RESULTS:
                 self.catalog_requests.labels(kind, result_)
         for stage in STAGE_RESULTS:

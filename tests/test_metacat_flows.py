@@ -114,7 +114,8 @@ async def test_daemon_watches_a_metacat_dataset(
     """In-process: a [[watch]] on a MetaCat dataset lists it in MetaCat, resolves it through
     Rucio (the daemon's proxy logging in), warms every file once, records it under its
     ``ns:name`` with catalog metacat (as `prestaged status` hears from the daemon), and counts
-    every MetaCat and Rucio request as kind metacat in prestaged_catalog_requests_total."""
+    every MetaCat request as catalog="metacat" and every Rucio request as catalog="rucio" in
+    prestaged_catalog_requests_total."""
     w = world(12)
     port = free_port()
     config = write_config(tmp_path, pki, proxy, port, [])
@@ -138,11 +139,12 @@ async def test_daemon_watches_a_metacat_dataset(
         assert [(r["definition"], r["catalog"], r["fresh"])
                 for r in asked_daemon["definitions"]] == [(DATASET, "metacat", 12)]
         text = await d.metrics()
-    asked = w.metacat.stats.total + w.rucio.stats.total
     assert w.metacat.stats.requests["dataset_files"] >= 1
     assert w.rucio.stats.requests[LIST_REPLICAS] == 3  # 12 files in chunks of 4
     assert metric_value(text, "prestaged_catalog_requests_total",
-                        catalog="metacat", result="ok") == asked
+                        catalog="metacat", result="ok") == w.metacat.stats.total
+    assert metric_value(text, "prestaged_catalog_requests_total",
+                        catalog="rucio", result="ok") == w.rucio.stats.total
     assert metric_value(text, "prestaged_catalog_requests_total",
                         catalog="samweb", result="ok") == 0
 

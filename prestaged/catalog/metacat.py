@@ -287,7 +287,9 @@ class MetaCatCatalog(UnresolvedLog):
         self.rucio_requests = 0
         """``/replicas/list`` requests sent in the current pass."""
         self.on_request: Optional[Callable[[str], None]] = None
-        """Told ``ok`` or ``error`` after every request to MetaCat or Rucio (metrics)."""
+        """Told ``ok`` or ``error`` after every request to MetaCat (metrics)."""
+        self.on_rucio_request: Optional[Callable[[str], None]] = None
+        """The same for every request to Rucio."""
 
     def _metacat_auth(self, token: Optional[TokenSource],
                       env: Optional[Mapping[str, str]]) -> Optional[tuple[str, str]]:
@@ -326,7 +328,7 @@ class MetaCatCatalog(UnresolvedLog):
         api = RucioApi(self.rucio_cfg, self._rucio_mode, self._ssl, identity=self._identity,
                        token=self._rucio_token, password=self._password,
                        account=self._rucio_account, sleep=self._sleep)
-        api.on_request = self.on_request
+        api.on_request = self.on_rucio_request
         return api
 
     async def estimate(self) -> Optional[int]:
