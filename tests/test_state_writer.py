@@ -19,6 +19,7 @@ from prestaged.state.schema import configure, migrate
 from prestaged.state.writer import write
 
 A, B, C, D = 11, -22, 33, 2**62  # file ids are signed 64-bit hashes
+BOOM = 'said "no", {1,2} \\ NULL \u00e9'  # what an array literal must quote
 
 FIRST = {
     "members": [["samweb", "ds", [[A, "https://h/a", "a", None], [C, "https://h/c", "c", 7]]]],
@@ -31,15 +32,15 @@ SECOND = {
             [A, "https://h/a", "a", 5],        # a size arrives for a file stored without one
             [B, "https://h/b", "b", 9],
             [B, "https://h/b", "b", None],     # no size: keeps 9
-            [D, "https://h/d", "d", 1],
-            [D, "https://h/d", "d", 2 ** 40],  # the last size given wins
+            [D, "https://h/d,{x}", "NULL", 1],
+            [D, "https://h/d,{x}", "NULL", 2 ** 40],  # the last size given wins
         ]],
         ["metacat", "empty:set", []],          # an empty definition is still recorded
         ["metacat", "other", [[B, "https://h/b", "b", None]]],
     ],
     "outcomes": [
         [A, "https://h/a", "a", "warm", 206, 4, 1, "", 100.0],
-        [A, "https://h/a", "a", "failed", 500, 0, 3, "boom", 90.0],  # older, recorded later
+        [A, "https://h/a", "a", "failed", 500, 0, 3, BOOM, 90.0],  # older, recorded later
         [B, "https://h/b", "b", "failed", None, 0, 2, "refused", 50.0],
         [B, "https://h/b", "b", "warm", 206, 4, 1, "", 60.0],
         [C, "https://h/c", "c", "warm", 206, 4, 1, "", 150.0],  # older than the stored success
@@ -93,7 +94,7 @@ def test_postgresql_arrays_leave_what_sqlite_rows_leave(tmp_path: Path, pg_url: 
 
     files = {row[0]: row for row in reference["files"]}
     # A: the outcome recorded last, the latest try and the success's time
-    assert files[A][3:11] == (5, "failed", 500, 0, 3, "boom", 100.0, 100.0)
+    assert files[A][3:11] == (5, "failed", 500, 0, 3, BOOM, 100.0, 100.0)
     assert files[A][11:13] == ("DISK", 101.0)
     # B: warm after a failure; staged under the second request, so on disk now
     assert files[B][3:11] == (9, "warm", 206, 4, 1, "", 60.0, 60.0)
@@ -101,7 +102,7 @@ def test_postgresql_arrays_leave_what_sqlite_rows_leave(tmp_path: Path, pg_url: 
                              2000.0)
     # C: an older success does not move last_try or last_warm back
     assert files[C][4:11] == ("warm", 206, 4, 1, "", 200.0, 200.0)
-    assert files[D][3] == 2 ** 40
+    assert files[D][1:4] == ("https://h/d,{x}", "NULL", 2 ** 40)
     assert reference["definitions"] == [("metacat", "empty:set"), ("metacat", "other"),
                                         ("samweb", "ds")]
     assert reference["members"] == [("metacat", "other", B), *[("samweb", "ds", f)
