@@ -57,10 +57,10 @@ makes them, instead of deadlocking on files two batches share in different order
 # Each statement is written once and sent two ways: on SQLite a row at a time (executemany:
 # SQLite runs in this process, a row costs microseconds), on PostgreSQL once per batch with
 # every column as an array (``INSERT ... SELECT * FROM unnest(...)``, ``UPDATE ... FROM
-# unnest(...)``): psycopg's executemany sends and the server plans one statement per row, which
-# cost 2-3x the writer's CPU and the server's time (bench/README.md). An array statement must
-# not touch a row twice (``ON CONFLICT DO UPDATE`` refuses to), so a batch's rows are first
-# merged per file id into the row that executing them in order would leave (``_merged_*``).
+# unnest(...)``): psycopg's executemany sends one statement per row, for the server to run one
+# by one; that took 2.2x the writer's CPU and 1.6x the time (bench/README.md). An array
+# statement must not touch a row twice (``ON CONFLICT DO UPDATE`` refuses to), so a batch's rows
+# are first merged per file id into the row that executing them in order leaves (``_merged_*``).
 _MEMBER_FILE_INSERT = "INSERT INTO files (id, url, name, size)"
 _MEMBER_FILE_TYPES = ("bigint", "text", "text", "bigint")
 _MEMBER_FILE_CONFLICT = " ON CONFLICT (id) DO UPDATE SET size = COALESCE(excluded.size, files.size)"
@@ -116,7 +116,7 @@ BACKOFF_MAX = 5.0
 # Tape rows (issue 13). A stage request made: the file is staging (staged_at cleared) under
 # that request's pin. Staged: on disk since staged_at, so its locality is DISK_AND_TAPE now.
 # Plain ? in the order of the row the store sent (no ?N: psycopg has no numbered parameters).
-# Each as (SET clause with one name per parameter, those names, their types): the id last.
+# Each kind as (its SET clause, a {n} per parameter; the parameters' types); the id comes last.
 _TAPE_UPDATES = {
     "located": ("locality = {0}, locality_at = {1}", ("text", "double precision")),
     "staging": ("stage_request = {0}, stage_uri = {1}, pinned_until = {2}, staged_at = NULL",
