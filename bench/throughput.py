@@ -16,7 +16,9 @@ run), so the two backends' cost can be compared with ``no-state``.
 
 ``--baseline DIR`` adds a fourth client in every round: prestaged from another source tree
 (e.g. ``git archive OLD prestaged | tar -x -C DIR``) through ``PYTHONPATH``, so that a change
-is measured against the code before it on the same machine, interleaved, in one run.
+is measured against the code before it on the same machine, interleaved, in one run. With
+``--postgresql`` too, ``baseline-postgresql`` (that tree with its state in PostgreSQL) is added
+and compared with ``postgresql``.
 
     .venv/bin/python bench/throughput.py [--files 20000] [--rounds 3] [--redirect]
         [--baseline DIR] [--postgresql] [--json]
@@ -61,8 +63,10 @@ BASELINE = "baseline"
 """prestaged warm (with state) of the --baseline tree."""
 POSTGRES = "postgresql"
 """prestaged warm with [state] url: a fresh database on a throw-away PostgreSQL."""
+BASELINE_POSTGRES = "baseline-postgresql"
+"""The same with the --baseline tree (with both --baseline and --postgresql)."""
 CLIENTS = (PRESTAGED, NO_STATE, CURL)
-PRESTAGED_CLIENTS = (PRESTAGED, NO_STATE, BASELINE, POSTGRES)
+PRESTAGED_CLIENTS = (PRESTAGED, NO_STATE, BASELINE, POSTGRES, BASELINE_POSTGRES)
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,10 @@ class Setup:
     @property
     def clients(self) -> tuple[str, ...]:
         """The clients of each round, in the order they run."""
+        both = self.baseline is not None and self.postgres is not None
         return (*CLIENTS, *([BASELINE] if self.baseline is not None else []),
-                *([POSTGRES] if self.postgres is not None else []))
+                *([POSTGRES] if self.postgres is not None else []),
+                *([BASELINE_POSTGRES] if both else []))
 
 
 @dataclass(frozen=True)
@@ -195,15 +201,16 @@ def measure(setup: Setup, client: str, round_no: int) -> Run:
         config = setup.prestaged_config
         state = (["--no-state"] if client == NO_STATE
                  else ["--state", str(setup.workdir / f"state-{client}-{round_no}.db")])
-        if client == POSTGRES:
-            url = setup.postgres.create_database(f"bench_{round_no}")
-            config = setup.workdir / f"pg-{round_no}.toml"
+        if client in (POSTGRES, BASELINE_POSTGRES):
+            tag = "base_" if client == BASELINE_POSTGRES else ""
+            url = setup.postgres.create_database(f"bench_{tag}{round_no}")
+            config = setup.workdir / f"pg-{tag}{round_no}.toml"
             config.write_text(f"[state]\nurl = {json.dumps(url)}\n", encoding="utf-8")
             state = []
         cmd = warm_command(setup.url_list, setup.creds, config,
                            "--concurrency", str(CONCURRENCY), "--per-host", str(CONCURRENCY),
                            *state)
-        if client == BASELINE:
+        if client in (BASELINE, BASELINE_POSTGRES):
             # Its package first on the path, before the installed one.
             env = {**os.environ, "PYTHONPATH": str(setup.baseline)}
     else:
@@ -263,11 +270,14 @@ def summarize(runs: list[Run], setup: Setup, curl_version: str) -> dict[str, Any
             per[NO_STATE]["median_files_per_second"] or 1.0), 3)
     if setup.baseline is not None:
         # Per round, then the median: pairs measured minutes apart share the machine's drift.
-        pairs = [(r.files_per_second, b.files_per_second) for r in runs for b in runs
-                 if r.client == PRESTAGED and b.client == BASELINE and r.round == b.round]
-        extra = {"baseline": str(setup.baseline),
-                 "ratio_prestaged_over_baseline": round(median([a / b for a, b in pairs]), 3),
-                 "ratio_per_round": [round(a / b, 3) for a, b in pairs]}
+        extra["baseline"] = str(setup.baseline)
+        for new, old, key in ((PRESTAGED, BASELINE, "prestaged"),
+                              (POSTGRES, BASELINE_POSTGRES, "postgresql")):
+            pairs = [(r.files_per_second, b.files_per_second) for r in runs for b in runs
+                     if r.client == new and b.client == old and r.round == b.round]
+            if pairs:
+                extra[f"ratio_{key}_over_baseline"] = round(median([a / b for a, b in pairs]), 3)
+                extra[f"ratio_{key}_per_round"] = [round(a / b, 3) for a, b in pairs]
     return {
         "files": setup.files,
         "rounds": len(runs) // len(setup.clients),
@@ -288,12 +298,12 @@ def print_table(doc: dict[str, Any]) -> None:
     mode = "door->pool redirect" if doc["redirect"] else "direct"
     print(f"throughput: {doc['files']} files x {doc['rounds']} rounds, concurrency "
           f"{doc['concurrency']}, {mode}; {doc['curl_version']}")
-    print(f"{'client':<10} {'median files/s':>14} {'runs files/s':>22} {'wall s':>7} "
+    print(f"{'client':<19} {'median files/s':>14} {'runs files/s':>22} {'wall s':>7} "
           f"{'CPU s':>6} {'server CPU s':>12} {'RSS MiB':>8}")
     for client, row in doc["clients"].items():
         each = ", ".join(f"{r['files_per_second']:.0f}" for r in doc["runs"]
                          if r["client"] == client)
-        print(f"{client:<10} {row['median_files_per_second']:>14.0f} {each:>22} "
+        print(f"{client:<19} {row['median_files_per_second']:>14.0f} {each:>22} "
               f"{row['median_wall_seconds']:>7.2f} {row['median_cpu_seconds']:>6.2f} "
               f"{row['median_server_cpu_seconds']:>12.2f} {_mib(row['max_peak_rss_mib']):>8}")
     print(f"ratio prestaged/curl (median files/s): {doc['ratio_prestaged_over_curl']:.2f}")
@@ -302,10 +312,11 @@ def print_table(doc: dict[str, Any]) -> None:
     if "postgresql_state_cost_fraction" in doc:
         print(f"PostgreSQL state cost (1 - postgresql/no-state, median files/s): "
               f"{100 * doc['postgresql_state_cost_fraction']:.1f}%")
-    if "ratio_prestaged_over_baseline" in doc:
-        rounds = ", ".join(f"{r:.2f}" for r in doc["ratio_per_round"])
-        print(f"ratio prestaged/baseline {doc['baseline']} (median of rounds): "
-              f"{doc['ratio_prestaged_over_baseline']:.3f} ({rounds})")
+    for key in ("prestaged", "postgresql"):
+        if f"ratio_{key}_over_baseline" in doc:
+            rounds = ", ".join(f"{r:.2f}" for r in doc[f"ratio_{key}_per_round"])
+            print(f"ratio {key}/baseline {doc['baseline']} (median of rounds): "
+                  f"{doc[f'ratio_{key}_over_baseline']:.3f} ({rounds})")
     for r in doc["runs"]:
         for problem in r["problems"]:
             print(f"INCORRECT {r['client']} round {r['round']}: {problem}")
@@ -318,7 +329,7 @@ def _mib(value: Optional[float]) -> str:
 
 def _progress(run: Run) -> None:
     verdict = "ok" if not run.problems else "INCORRECT: " + "; ".join(run.problems)
-    print(f"round {run.round} {run.client:<9}: {run.files} files in {run.wall_seconds:.2f} s = "
+    print(f"round {run.round} {run.client:<19}: {run.files} files in {run.wall_seconds:.2f} s = "
           f"{run.files_per_second:.0f} files/s (CPU {run.cpu_seconds:.2f} s, peak RSS "
           f"{_mib(run.peak_rss_mib)} MiB; server: {run.server_requests} requests, CPU "
           f"{run.server_cpu_seconds:.2f} s) {verdict}",
