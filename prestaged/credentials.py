@@ -33,6 +33,7 @@ from prestaged.tokens import (
     check_token,
     describe_locations,
     find_token,
+    read_credential_file,
     token_locations,
 )
 
@@ -222,20 +223,7 @@ def _validity(cert: x509.Certificate) -> tuple[datetime, datetime]:
 
 
 def _read_proxy_file(path: Path, label: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_PROXY_BYTES + 1)
-    except FileNotFoundError as e:
-        raise CredentialError(f"{label}: no such file") from e
-    except IsADirectoryError as e:
-        raise CredentialError(f"{label}: is a directory, not a proxy file") from e
-    except PermissionError as e:
-        raise CredentialError(f"{label}: permission denied (cannot read the file)") from e
-    except OSError as e:
-        raise CredentialError(f"{label}: cannot read: {e.strerror or type(e).__name__}") from e
-    if len(data) > _MAX_PROXY_BYTES:
-        raise CredentialError(f"{label}: larger than 1 MiB, not a proxy file")
-    return data
+    return read_credential_file(path, label, limit=_MAX_PROXY_BYTES, kind="proxy")
 
 
 def _parse_certificates(data: bytes, label: str) -> list[x509.Certificate]:

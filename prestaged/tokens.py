@@ -46,6 +46,7 @@ __all__ = [
     "describe_locations",
     "find_token",
     "inspect_token",
+    "read_credential_file",
     "read_token_file",
     "scope_covers",
     "token_locations",
@@ -296,21 +297,30 @@ def describe_locations(places: list[tuple[str, Optional[Path], bool]]) -> str:
                      for source, path, _ in places)
 
 
-def read_token_file(path: Path, label: str) -> str:
-    """The stripped text of token file ``path``; ``CredentialError`` naming ``label``."""
+def read_credential_file(path: Path, label: str, *, limit: int, kind: str) -> bytes:
+    """The bytes of credential file ``path`` (a ``kind`` file: "token", "proxy"), at most
+    ``limit`` of them; ``CredentialError`` naming ``label`` if it is missing, a directory,
+    unreadable or larger."""
     try:
         with open(path, "rb") as f:
-            data = f.read(_MAX_TOKEN_BYTES + 1)
+            data = f.read(limit + 1)
     except FileNotFoundError as e:
         raise CredentialError(f"{label}: no such file") from e
     except IsADirectoryError as e:
-        raise CredentialError(f"{label}: is a directory, not a token file") from e
+        raise CredentialError(f"{label}: is a directory, not a {kind} file") from e
     except PermissionError as e:
         raise CredentialError(f"{label}: permission denied (cannot read the file)") from e
     except OSError as e:
         raise CredentialError(f"{label}: cannot read: {e.strerror or type(e).__name__}") from e
-    if len(data) > _MAX_TOKEN_BYTES:
-        raise CredentialError(f"{label}: larger than 64 KiB, not a token file")
+    if len(data) > limit:
+        size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
+        raise CredentialError(f"{label}: larger than {size}, not a {kind} file")
+    return data
+
+
+def read_token_file(path: Path, label: str) -> str:
+    """The stripped text of token file ``path``; ``CredentialError`` naming ``label``."""
+    data = read_credential_file(path, label, limit=_MAX_TOKEN_BYTES, kind="token")
     try:
         return data.decode("ascii").strip()
     except UnicodeDecodeError as e:
