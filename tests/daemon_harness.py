@@ -109,10 +109,11 @@ def poll(what: str, check: Callable[[], bool], timeout: float = DEADLINE) -> Non
 
 def write_config(tmp_path: Path, pki: TestPKI, proxy: Path, port: int, watches: list[tuple[Path, str]],
             extra: str = "", credentials: str = "", state_url: Optional[str] = None,
-            sections: str = "") -> Path:
+            sections: str = "", catalog_dir: Optional[Path] = None) -> Path:
     """A daemon config: ``extra`` lines go in ``[daemon]``, ``credentials`` in ``[credentials]``;
     the state is ``tmp_path/state.db``, or the PostgreSQL database ``state_url`` when given;
-    ``sections`` (whole tables, e.g. ``[cluster]``) go before ``[catalog.local]``."""
+    ``sections`` (whole tables, e.g. ``[cluster]``) go before ``[catalog.local]``, whose ``dir``
+    is ``catalog_dir`` (default ``tmp_path``)."""
     state = (f"url = {json.dumps(state_url)}" if state_url is not None
              else f'path = "{tmp_path / "state.db"}"')
     text = f"""
@@ -131,7 +132,7 @@ jitter = 0
 {extra}
 {sections}
 [catalog.local]
-dir = "{tmp_path}"
+dir = "{catalog_dir or tmp_path}"
 """
     for definition, every in watches:
         text += f'\n[[watch]]\ndefinition = "{definition}"\nevery = "{every}"\n'

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from daemon_harness import DEADLINE, free_port, in_process, metric_value, until
+from daemon_harness import DEADLINE, free_port, in_process, metric_value, until, write_config
 
 from prestaged.metrics import Metrics
 from prestaged.model import Attempt, FileRef
@@ -35,23 +35,9 @@ def _config(tmp_path: Path, pki: TestPKI, proxy: Path, *, token: bool = True) ->
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     token_file.chmod(0o600)
-    path = tmp_path / "prestaged.toml"
-    path.write_text(f"""
-[credentials]
-proxy = "{proxy}"
-ca_dir = "{pki.ca_dir}"
-[state]
-path = "{tmp_path / 'state.db'}"
-flush_interval = "100ms"
-[daemon]
-listen = "127.0.0.1:{free_port()}"
-drain_timeout = "1s"
-campaign_check = "1h"
-{f'token_file = "{token_file}"' if token else ""}
-[catalog.local]
-dir = "{tmp_path / 'defs'}"
-""")
-    return path
+    extra = 'campaign_check = "1h"\n' + (f'token_file = "{token_file}"' if token else "")
+    return write_config(tmp_path, pki, proxy, free_port(), [], extra=extra,
+                        catalog_dir=tmp_path / "defs")
 
 
 async def test_a_locked_state_database_does_not_freeze_health_or_metrics(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cli_runner import run_cli
 from conftest import Backend
-from daemon_harness import free_port, in_process, metric_value, until
+from daemon_harness import free_port, in_process, metric_value, until, write_config
 
 from prestaged.state import cluster
 from prestaged.testing.pki import TestPKI
@@ -89,23 +89,9 @@ def _config(tmp_path: Path, pki: TestPKI, proxy: Path) -> Path:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     token_file.chmod(0o600)
-    path = tmp_path / "prestaged.toml"
-    path.write_text(f"""
-[credentials]
-proxy = "{proxy}"
-ca_dir = "{pki.ca_dir}"
-[state]
-path = "{tmp_path / 'state.db'}"
-flush_interval = "100ms"
-[daemon]
-listen = "127.0.0.1:{free_port()}"
-drain_timeout = "1s"
-campaign_check = "1h"
-token_file = "{token_file}"
-[cluster]
-heartbeat = "100ms"
-""")
-    return path
+    return write_config(tmp_path, pki, proxy, free_port(), [],
+                        extra=f'campaign_check = "1h"\ntoken_file = "{token_file}"',
+                        sections='[cluster]\nheartbeat = "100ms"')
 
 
 async def test_the_daemon_lists_itself_and_counts_its_leases(pki: TestPKI, proxy: Path,
