@@ -18,7 +18,7 @@ from prestaged.state.db import Database, PostgresDatabase, SqliteDatabase
 from prestaged.state.schema import configure, migrate
 from prestaged.state.writer import write
 
-A, B, C, D = 11, -22, 33, 2**62  # file ids are signed 64-bit hashes
+A, B, C, D, E = 11, -22, 33, 2**62, 55  # file ids are signed 64-bit hashes
 BOOM = 'said "no", {1,2} \\ NULL \u00e9'  # what an array literal must quote
 
 FIRST = {
@@ -52,6 +52,15 @@ SECOND = {
 }
 
 
+# A batch whose columns hold nothing but NULLs (no size, no HTTP status, no success, no pin):
+# the arrays carry no element to tell their type by, only the statement's casts do.
+NULLS = {
+    "members": [["samweb", "ds", [[E, "https://h/e", "e", None]]]],
+    "outcomes": [[E, "https://h/e", "e", "failed", None, 0, 1, "unreachable", 300.0]],
+    "staging": [[E, "req-3", "https://fe/api/v1/tape", None]],
+}
+
+
 def _sqlite(path: Path) -> SqliteDatabase:
     conn = sqlite3.connect(path, isolation_level=None)
     configure(conn)
@@ -81,8 +90,8 @@ def _tables(db: Database) -> dict[str, list[tuple[Any, ...]]]:
 
 def _written(db: Database) -> dict[str, list[tuple[Any, ...]]]:
     try:
-        write(db, FIRST)
-        write(db, SECOND)
+        for batch in (FIRST, SECOND, NULLS):
+            write(db, batch)
         return _tables(db)
     finally:
         db.close()
@@ -103,10 +112,12 @@ def test_postgresql_arrays_leave_what_sqlite_rows_leave(tmp_path: Path, pg_url: 
     # C: an older success does not move last_try or last_warm back
     assert files[C][4:11] == ("warm", 206, 4, 1, "", 200.0, 200.0)
     assert files[D][1:4] == ("https://h/d,{x}", "NULL", 2 ** 40)
+    assert files[E][3:11] == (None, "failed", None, 0, 1, "unreachable", 300.0, None)
+    assert files[E][13:] == ("req-3", "https://fe/api/v1/tape", None, None)
     assert reference["definitions"] == [("metacat", "empty:set"), ("metacat", "other"),
                                         ("samweb", "ds")]
     assert reference["members"] == [("metacat", "other", B), *[("samweb", "ds", f)
-                                                                for f in sorted((A, B, C, D))]]
+                                                                for f in sorted((A, B, C, D, E))]]
 
 
 def test_a_batch_written_twice_changes_nothing(pg_url: str) -> None:
