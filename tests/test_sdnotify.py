@@ -156,20 +156,46 @@ def test_send_failure_is_logged_not_raised(tmp_path: Path,
     assert "gone.sock" in caplog.records[0].getMessage()
 
 
-def test_full_queue_times_out_instead_of_blocking(receiver: Receiver,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """When systemd's queue is full, send() gives up after SEND_TIMEOUT and returns False."""
-    monkeypatch.setattr(sdnotify, "SEND_TIMEOUT", 0.05)
+def _fill(receiver: Receiver) -> None:
+    """Fill the receiving socket's queue, as a service manager that reads nothing."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
         filler.setblocking(False)
         for _ in range(100_000):
             try:
                 filler.sendto(b"WATCHDOG=1", receiver.address)
             except BlockingIOError:
-                break
-        else:
-            pytest.fail("the receiving queue never filled up")
-    assert Notifier(receiver.address).watchdog() is False
+                return
+    pytest.fail("the receiving queue never filled up")
+
+
+def test_full_queue_times_out_instead_of_blocking(receiver: Receiver,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """When systemd's queue is full, a state change waits SEND_TIMEOUT, then returns False."""
+    monkeypatch.setattr(sdnotify, "SEND_TIMEOUT", 0.2)
+    _fill(receiver)
+    started = time.monotonic()
+    assert Notifier(receiver.address).stopping() is False
+    assert time.monotonic() - started >= 0.2
+
+
+def test_status_and_watchdog_never_wait_for_a_full_queue(
+        receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """STATUS= and WATCHDOG=1 are dropped at once when the queue is full (the daemon's event
+    loop sends them on every run it starts or ends); they arrive once there is room."""
+    monkeypatch.setattr(sdnotify, "SEND_TIMEOUT", 30.0)
+    _fill(receiver)
+    notifier = Notifier(receiver.address)
+    started = time.monotonic()
+    assert [notifier.status(f"{i} running") for i in range(20)] == [False] * 20
+    assert notifier.watchdog() is False
+    assert time.monotonic() - started < 10.0  # not 21 x SEND_TIMEOUT
+    receiver.sock.setblocking(False)
+    with pytest.raises(BlockingIOError):  # drain: the service manager catches up
+        while True:
+            receiver.sock.recv(65536)
+    receiver.sock.settimeout(WAIT)
+    assert notifier.status("caught up") is True
+    assert receiver.fields() == {"STATUS": "caught up"}
 
 
 def test_from_environment_reads_notify_socket(receiver: Receiver,
