@@ -165,6 +165,30 @@ def test_the_writer_waits_out_an_outage(
     _no_secret(pg_cluster, caplog, seen)
 
 
+def test_recording_goes_on_while_the_writer_waits_out_an_outage(
+        pg_cluster: PostgresCluster, pg_url: str, tmp_path: Path) -> None:
+    """record() never waits for a writer that cannot write: 30,000 outcomes (~3 MB of batches,
+    far more than the pipe holds) are queued while logins are refused, and a flush once they
+    work again writes every one. (record() runs on the daemon's event loop: it used to block
+    on the full pipe, freezing /metrics, /healthz and the watchdog for the whole outage.)"""
+    errors: list[BaseException] = []
+    with Store(tmp_path / "state.db", url=pg_url) as store:
+        _record(store, 0, 2)
+        store.flush()
+        with _login_refused(pg_cluster):
+            _terminate(pg_cluster, pg_url, f"prestaged-writer/{os.getpid()}")
+            recorder = threading.Thread(target=_catching(lambda: _record(store, 2, 30_000),
+                                                         errors))
+            recorder.start()
+            recorder.join(DEADLINE)
+            assert not recorder.is_alive(), "record() waited for the writer"
+            assert errors == []
+            assert store._outbox_bytes > 1 << 20  # queued here, not written
+            assert _files(pg_cluster, pg_url) == 2
+        store.flush()
+        assert _files(pg_cluster, pg_url) == 30_002
+
+
 def test_no_connection_within_the_timeout_is_one_line(
         pg_cluster: PostgresCluster, pg_url: str, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:

@@ -26,6 +26,12 @@ connection. The writer retries a batch on a new connection for up to
 error. Both name this process in ``pg_stat_activity`` (``prestaged/<pid>``,
 ``prestaged-writer/<pid>``).
 
+Batches reach the writer's pipe through a thread of their own (``_sender``), so a writer that
+cannot write (an outage, a SQLite lock held for ``busy_timeout``) never stops the caller:
+``record()`` runs on the daemon's event loop, and a full pipe used to freeze the loop, and with
+it ``/metrics``, ``/healthz``, heartbeats and the systemd watchdog, for as long as the writer
+waited. Up to ``OUTBOX_LIMIT`` bytes of batches wait in memory; past that the caller waits too.
+
 Times are stored as Unix seconds (REAL, UTC). Files are keyed by a hash of their full URL; the
 URL text kept beside it has its credentials redacted (``https://***@host/...``), so a URL with
 a password in it never reaches the file.
@@ -45,7 +51,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +80,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+OUTBOX_LIMIT = 32 << 20
+"""Bytes of batches that may wait for the writer process before ``record()`` waits for it:
+some 200,000 outcomes, more than the files a daemon has in flight."""
 
 _OK = (Result.WARM.value, Result.EMPTY.value)
 _TAPE_ROWS = ("located", "staging", "staged")
@@ -256,6 +266,12 @@ class Store:
         self._writer: Optional[subprocess.Popen[bytes]] = None
         self._writer_error: Optional[str] = None
         self._flushes = 0
+        # Lines for the writer's stdin (None: no more), written in order by _sender.
+        self._outbox: deque[Optional[bytes]] = deque()
+        self._outbox_bytes = 0
+        self._outbox_changed = threading.Condition()
+        self._send_failed = False
+        self._sender: Optional[threading.Thread] = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -298,6 +314,12 @@ class Store:
             self._conn.close()
             self._conn = None
             raise StateError(f"state {self.where}: cannot start the writer: {e}") from e
+        self._send_failed = False
+        self._outbox.clear()
+        self._outbox_bytes = 0
+        self._sender = threading.Thread(target=self._send_lines, args=(self._writer,),
+                                        name="prestaged-state-sender", daemon=True)
+        self._sender.start()
         if self.url is not None:
             # The URL may carry a password: on the pipe, never on the command line.
             self._line(self.url)
@@ -348,6 +370,7 @@ class Store:
         try:
             self.flush()
         finally:
+            self._stop_sender()
             writer, self._writer = self._writer, None
             if writer is not None:
                 assert writer.stdin is not None
@@ -415,14 +438,57 @@ class Store:
         self._line(json.dumps(doc, separators=(",", ":")))
 
     def _line(self, line: str) -> None:
-        writer = self._writer
-        if writer is None or writer.stdin is None:
+        """Queue ``line`` for the writer's stdin (see the module docstring)."""
+        if self._writer is None or self._sender is None:
             raise RuntimeError("Store.open() was not called")
-        try:
-            writer.stdin.write(line.encode() + b"\n")
-            writer.stdin.flush()
-        except OSError:
-            raise self._writer_failed() from None
+        data = line.encode() + b"\n"
+        with self._outbox_changed:
+            while self._outbox_bytes > OUTBOX_LIMIT and not self._send_failed:
+                self._outbox_changed.wait()
+            failed = self._send_failed
+            if not failed:
+                self._outbox.append(data)
+                self._outbox_bytes += len(data)
+                self._outbox_changed.notify_all()
+        if failed:
+            raise self._writer_failed()
+
+    def _send_lines(self, writer: subprocess.Popen[bytes]) -> None:
+        """The sender thread: write queued lines to ``writer`` in order until None; on a
+        failure (the writer is gone) drop the rest and let ``_line`` report it."""
+        assert writer.stdin is not None
+        while True:
+            with self._outbox_changed:
+                while not self._outbox:
+                    self._outbox_changed.wait()
+                data = self._outbox[0]
+                if data is None:
+                    self._outbox.popleft()
+                    return
+            try:
+                writer.stdin.write(data)
+                writer.stdin.flush()
+            except (OSError, ValueError):  # broken pipe; ValueError: stdin closed
+                with self._outbox_changed:
+                    self._send_failed = True
+                    self._outbox.clear()
+                    self._outbox_bytes = 0
+                    self._outbox_changed.notify_all()
+                return
+            with self._outbox_changed:
+                self._outbox.popleft()
+                self._outbox_bytes -= len(data)
+                self._outbox_changed.notify_all()
+
+    def _stop_sender(self) -> None:
+        """Let the sender write what is queued, then end it."""
+        sender, self._sender = self._sender, None
+        if sender is None:
+            return
+        with self._outbox_changed:
+            self._outbox.append(None)
+            self._outbox_changed.notify_all()
+        sender.join()
 
     def add_members(self, catalog: str, definition: str, refs: Sequence[FileRef]) -> None:
         """Record that ``refs`` belong to ``definition`` (queued)."""
