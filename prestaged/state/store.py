@@ -253,9 +253,10 @@ class Store:
         # _buffer and go a batch at a time to a writer process (state/writer.py), which commits
         # each batch in one transaction: SQLite's per-row work then costs the warming process
         # nothing but a JSON line. The buffer and the pipe have a lock of their own (_pipe),
-        # held only to append or write a line, and flushes wait for the writer's answer under
-        # a third (_answers): record(), called on the event loop, never waits for a reader or
-        # a flush that waits for another process's SQLite lock (up to busy_timeout).
+        # held only to append or queue a line (the sender thread writes it), and flushes wait
+        # for the writer's answer under a third (_answers): record(), called on the event loop,
+        # never waits for a reader, for a flush that waits for another process's SQLite lock
+        # (up to busy_timeout), nor for a writer that cannot write (up to OUTBOX_LIMIT).
         self._lock: contextlib.AbstractContextManager[Any] = (
             threading.RLock() if url is None else contextlib.nullcontext())
         self._pipe = threading.Lock()
