@@ -218,6 +218,11 @@ class Metrics:
             "prestaged_lease_takeovers",
             "Leases this member took over from a member whose lease had expired, by kind.",
             ["kind"], registry=r)
+        self.state_queued_bytes = Gauge(
+            "prestaged_state_queued_bytes",
+            "Bytes of outcome batches waiting for the state writer process: near zero while "
+            "the state database takes writes, growing while it does not (up to 32 MiB, then "
+            "recording waits).", registry=r)
         self.build = Info("prestaged_build", "prestaged version and Python.", registry=r)
         self.build.info({"version": __version__, "python": platform.python_version()})
         self._initialise()

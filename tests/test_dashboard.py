@@ -182,6 +182,17 @@ def test_dashboard_has_a_cluster_row() -> None:
     assert "increase(prestaged_lease_takeovers_total" in exprs["Lease takeovers"]
 
 
+def test_dashboard_has_a_state_writer_backlog_panel() -> None:
+    """The State row: each daemon's bytes of batches waiting for its state writer, in bytes."""
+    panels = list(_panels(_load()["panels"]))
+    [row] = [p for p in panels if p["type"] == "row" and p["title"] == "State"]
+    [panel] = [p for p in panels if p["title"] == "State writer backlog"]
+    assert panel["gridPos"]["y"] > row["gridPos"]["y"]
+    assert panel["fieldConfig"]["defaults"]["unit"] == "bytes"
+    exprs = {_panel_title(t): e for t, e in _targets(_load())}
+    assert exprs["State writer backlog"].startswith("prestaged_state_queued_bytes{")
+
+
 def test_rates_use_grafana_intervals() -> None:
     """Every range vector in rate()/increase() is $__rate_interval or $__range, never hard-coded."""
     for title, expr in _targets(_load()):

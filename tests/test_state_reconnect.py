@@ -183,7 +183,7 @@ def test_recording_goes_on_while_the_writer_waits_out_an_outage(
             recorder.join(DEADLINE)
             assert not recorder.is_alive(), "record() waited for the writer"
             assert errors == []
-            assert store._outbox_bytes > 1 << 20  # queued here, not written
+            assert store.queued_bytes > 1 << 20  # queued here, not written
             assert _files(pg_cluster, pg_url) == 2
         store.flush()
         assert _files(pg_cluster, pg_url) == 30_002

@@ -203,6 +203,7 @@ class Daemon:
         assert ev is not None
         self.token = _read_token(cfg.daemon.token_file, cfg.daemon.listen)
         store = self._store = await asyncio.to_thread(self.ctx.open_store)
+        self.metrics.state_queued_bytes.set_function(lambda: store.queued_bytes)
         member = self._member = ClusterMember(store, self.metrics, config=lambda: self.cfg.cluster,
                                               listen=cfg.daemon.listen, version=__version__)
         await member.start()

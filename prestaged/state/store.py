@@ -438,6 +438,11 @@ class Store:
                 doc[key] = rows
         self._line(json.dumps(doc, separators=(",", ":")))
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of batches waiting for the writer process (see the module docstring)."""
+        return self._outbox_bytes
+
     def _line(self, line: str) -> None:
         """Queue ``line`` for the writer's stdin (see the module docstring)."""
         if self._writer is None or self._sender is None:
