@@ -137,7 +137,10 @@ def test_a_token_renewed_mid_run_is_used_by_later_requests(
     ends with every file warm, though the first token expired while it ran (an expired token is
     never sent: without the renewal the run would stop with exit 3)."""
     server = xrootd_token_only_server
-    first_life = 2.5
+    # 5 s of the first token's life for start-up and 20 grants (with token_min_lifetime 1 s):
+    # with 2.5 s, a start-up slowed by a loaded machine left it too short, and the run
+    # stopped with exit 3 before the renewal. 200 files at 25/s outlive it by 2 s or more.
+    first_life = 6.0
     first = server.mint(lifetime=first_life)
     expires = time.time() + first_life
     path = write_token(tmp_path / "bt", first)
@@ -148,7 +151,7 @@ def test_a_token_renewed_mid_run_is_used_by_later_requests(
     proc = subprocess.Popen(
         entry_point("warm", str(_definition(tmp_path, urls)), "--token-file", str(path),
                     "--ca-dir", str(pki.ca_dir), "--json", "--config", str(config),
-                    "--rate", "50", "--no-state"),
+                    "--rate", "25", "--no-state"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=subprocess_env({"HOME": str(tmp_path)}))
     try:
