@@ -669,11 +669,12 @@ class XRootDServer:
             if self._issuer is not None and self.serve_issuer:
                 self._start_issuer(self._issuer)
             self._prepare()
-            crashed = False
-            for _ in range(_BIND_ATTEMPTS + 1):
+            crashed, taken = False, 0
+            while taken < _BIND_ATTEMPTS:
                 try:
                     if self._launch(binary):
                         return
+                    taken += 1
                 except _CrashedAtStart as e:
                     if crashed:  # twice: not a fluke, the caller must hear it
                         raise XRootDError(str(e)) from None
