@@ -58,6 +58,15 @@ def _refs(n: int) -> list[FileRef]:
     return [FileRef(f"f{i:03d}", f"https://127.0.0.1:1/d/f{i:03d}", i) for i in range(n)]
 
 
+def _one_file_chunks(store: Store, n: int, *, planner: str = "a", next_in: float = 1.0) -> None:
+    """A round of ``n`` chunks of one file each of the watch ``/d.txt``, planned by ``planner``
+    (which claimed its schedule)."""
+    shared.ensure_schedule(store, "local", "/d.txt", 0.0)
+    shared.claim_schedule(store, "local", "/d.txt", planner, 60)
+    shared.plan_round(store, "local", "/d.txt", planner, refs=_refs(n), chunk=1, fresh_for=1.0,
+                      next_in=next_in)
+
+
 def _register_campaign(store: Store) -> CampaignRepository:
     campaign = parse_campaign(CAMPAIGN, Path("c.toml"))
     repo = CampaignRepository(store)
@@ -210,10 +219,7 @@ def test_leaving_gives_every_lease_up(store: Store) -> None:
     _register_campaign(store)
     shared.register_member(store, "a", listen=None, version="t")
     shared.claim_campaign(store, "c", "a", 60)
-    shared.ensure_schedule(store, "local", "/d.txt", 0.0)
-    shared.claim_schedule(store, "local", "/d.txt", "b", 60)
-    shared.plan_round(store, "local", "/d.txt", "b", refs=_refs(2), chunk=1, fresh_for=1.0,
-                      next_in=1.0)
+    _one_file_chunks(store, 2, planner="b")
     shared.claim_chunk(store, "a", 60)
     shared.claim_chunk(store, "b", 60)
     assert shared.leases_held(store, "a") == {"campaign": 1, "watch": 0, "chunk": 1}
@@ -247,10 +253,7 @@ def test_members_claim_different_chunks_without_waiting(make_pg_url: Any) -> Non
 
     url = make_pg_url()
     with Store(Path("/nonexistent/state.db"), url=url) as store:
-        shared.ensure_schedule(store, "local", "/d.txt", 0.0)
-        shared.claim_schedule(store, "local", "/d.txt", "a", 60)
-        shared.plan_round(store, "local", "/d.txt", "a", refs=_refs(3), chunk=1, fresh_for=1.0,
-                          next_in=1.0)
+        _one_file_chunks(store, 3)
         with connect(url) as other, other.transaction():
             other.execute("SET LOCAL lock_timeout = '5s'")
             other.execute("SELECT idx FROM round_chunks WHERE idx = 0 FOR UPDATE")
@@ -266,10 +269,7 @@ def test_members_claim_different_chunks_without_waiting(make_pg_url: Any) -> Non
 def test_a_busy_member_claims_only_orphans(store: Store) -> None:
     """A member already warming a chunk takes only chunks whose holder's lease expired (a dead
     member's), never a free one another idle member would take."""
-    shared.ensure_schedule(store, "local", "/d.txt", 0.0)
-    shared.claim_schedule(store, "local", "/d.txt", "a", 60)
-    shared.plan_round(store, "local", "/d.txt", "a", refs=_refs(3), chunk=1, fresh_for=1.0,
-                      next_in=1.0)
+    _one_file_chunks(store, 3)
     held = shared.claim_chunk(store, "dead", 60)
     assert held is not None and held.idx == 0
     assert shared.claim_chunk(store, "a", 60, orphans_only=True) is None  # 1, 2 are free
@@ -283,10 +283,7 @@ def test_a_busy_member_never_takes_its_own_late_chunk_over(store: Store) -> None
     """A member whose renewal of the chunk it is warming is late (lease expired, nobody took
     it) does not claim that chunk again as an orphan: it would warm it twice at once; another
     member may take it."""
-    shared.ensure_schedule(store, "local", "/d.txt", 0.0)
-    shared.claim_schedule(store, "local", "/d.txt", "a", 60)
-    shared.plan_round(store, "local", "/d.txt", "a", refs=_refs(2), chunk=1, fresh_for=1.0,
-                      next_in=1.0)
+    _one_file_chunks(store, 2)
     held = shared.claim_chunk(store, "a", 60)
     assert held is not None and held.idx == 0
     _expire(store, "round_chunks")
@@ -301,10 +298,7 @@ def test_the_next_round_is_due_every_after_the_last_one_ended(store: Store) -> N
     """As a daemon alone waits ``every`` after a run ends, a shared round sets its schedule
     due ``next_in`` after its last chunk is done, not after it was planned: the files a long
     round touched last are not still fresh when the next one comes."""
-    shared.ensure_schedule(store, "local", "/d.txt", 0.0)
-    shared.claim_schedule(store, "local", "/d.txt", "a", 60)
-    shared.plan_round(store, "local", "/d.txt", "a", refs=_refs(2), chunk=1, fresh_for=1.0,
-                      next_in=100.0)
+    _one_file_chunks(store, 2, next_in=100.0)
     [(planned_due,)] = _sql(store, "SELECT next_due FROM watch_schedule")
     first = shared.claim_chunk(store, "a", 60)
     assert first is not None and shared.finish_chunk(store, first, "a", 0) == (True, False)
