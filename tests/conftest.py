@@ -61,6 +61,25 @@ def peer_missing(message: str, what: str = "tool") -> NoReturn:
     pytest.skip(message)
 
 
+def exposed_metric_names() -> set[str]:
+    """The names in the exposition of a ``Metrics`` with a series of every labelled metric
+    (what a dashboard or an alert rule may name)."""
+    from prestaged.campaign.repository import SubmissionState
+    from prestaged.metrics import Metrics
+
+    m = Metrics()
+    m.request_started("h")
+    m.request_finished("h", 0.1)
+    m.set_dataset("d", warm=1, stale=0, failed=0, unknown=0, last_warm=1.0)
+    m.set_credential_expiry("proxy", 2.0)
+    m.set_campaign_submissions("c", {"queued": 1}, [s.value for s in SubmissionState])
+    m.set_locality("d", {"TAPE": 1})
+    m.set_concurrency("h", 4)
+    m.set_cluster(1, {"campaign": 1})
+    m.lease_taken_over("chunk")
+    return set(re.findall(r"^(prestaged_[a-z_]+)", m.exposition().decode(), re.M))
+
+
 @pytest.fixture
 def grid_proxy(pki: TestPKI, tmp_path: Path) -> Path:
     """A 12-hour RFC 3820 proxy of the test user made by the real ``grid-proxy-init -rfc``."""

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import pytest
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
-from conftest import peer_missing
+from conftest import exposed_metric_names, peer_missing
 
 from prestaged.campaign.repository import SubmissionState
 from prestaged.credentials import inspect_proxy, load_credentials
@@ -49,6 +49,7 @@ from prestaged.warm import WarmSettings, warm
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "grafana" / "prestaged.json"
+ALERT_RULES = ROOT / "config" / "prestaged-alerts.yml"
 FAST = RetryPolicy(attempts=5, initial=0.0, max=0.0, jitter=0.0, total=30.0)
 # What Grafana would put in for its built-in interval variables on a short time range.
 GRAFANA_BUILTINS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "5m"}
@@ -202,17 +203,7 @@ def test_rates_use_grafana_intervals() -> None:
 
 def test_every_dashboard_metric_is_exposed() -> None:
     """Each metric the dashboard (or a variable) names is in the exposition of ``Metrics``."""
-    m = Metrics()
-    m.request_started("h")
-    m.request_finished("h", 0.1)
-    m.set_dataset("d", warm=1, stale=0, failed=0, unknown=0, last_warm=1.0)
-    m.set_credential_expiry("proxy", 2.0)
-    m.set_campaign_submissions("c", {"queued": 1}, [s.value for s in SubmissionState])
-    m.set_locality("d", {"TAPE": 1})
-    m.set_concurrency("h", 4)
-    m.set_cluster(1, {"campaign": 1})
-    m.lease_taken_over("chunk")
-    exposed = set(re.findall(r"^(prestaged_[a-z_]+)", m.exposition().decode(), re.M))
+    exposed = exposed_metric_names()
     dash = _load()
     used = {n for _, e in _targets(dash) for n in _metric_names(e)}
     used |= {n for v in _variables(dash) if v["type"] == "query" for n in _metric_names(_var_query(v))}
@@ -377,14 +368,16 @@ async def _daemon(pki: TestPKI, proxy: Path, tmp_path: Path) -> AsyncIterator[st
             DCacheConfig(drives=2)) as tape_site:
         for i in range(6):
             tape_site.core.add_file(f"/pnfs/tape/f{i}.root", 10, Where.TAPE, tape=f"T{i % 2}")
+        # A file the tape library lost: the watch fails it (an alert's condition).
+        tape_site.core.add_file("/pnfs/tape/lost.root", 10, Where.LOST)
         tape_definition = tmp_path / "definitions" / "tape_raw.txt"
         storage.inject("/pnfs/campaign/f000.root", [Status(503)])
         definition = tmp_path / "definitions" / "campaign_raw.txt"
         definition.parent.mkdir()
         definition.write_text("".join(storage.url(f"/pnfs/campaign/f{i:03d}.root") + "\n"
                                       for i in range(20)))
-        tape_definition.write_text("".join(tape_site.door_url(f"/pnfs/tape/f{i}.root") + "\n"
-                                           for i in range(6)))
+        tape_definition.write_text("".join(tape_site.door_url(f"/pnfs/tape/{name}.root") + "\n"
+                                           for name in [*(f"f{i}" for i in range(6)), "lost"]))
         sweeper = asyncio.ensure_future(_sweep(tape_site))
         listen = f"127.0.0.1:{_free_port()}"
         config = _daemon_config(tmp_path, pki, proxy, listen, definition, tape_definition)
@@ -505,6 +498,7 @@ def _config(target: str) -> str:
         "  scrape_interval: 1s\n"
         "  scrape_timeout: 1s\n"
         "  evaluation_interval: 1s\n"
+        f"rule_files: ['{ALERT_RULES}']\n"
         "scrape_configs:\n"
         "  - job_name: prestaged\n"
         f"    static_configs:\n      - targets: ['{target}']\n"
@@ -628,3 +622,40 @@ async def test_every_dashboard_expression_returns_data(prometheus: Prometheus,
     paths = [s for s in series if any("/" in v for k, v in s.items() if k != "__name__")]
     assert not paths, f"URL or path in a label value: {paths[:3]}"
     assert time.monotonic() - started < DEADLINE
+
+
+@pytest.mark.parametrize("metrics_target", ["daemon"], indirect=True)
+async def test_alert_rules_evaluate_against_the_daemon(prometheus: Prometheus,
+                                                       metrics_target: Target,
+                                                       proxy: Path) -> None:
+    """config/prestaged-alerts.yml loaded by the real Prometheus scraping the real daemon: every
+    rule evaluates without error on its series, and exactly the alerts whose conditions the
+    daemon has are active (pending: their ``for`` is longer than the test): a watched file the
+    tape library lost, and the test proxy's 12 hours (below the 12 h warning once started)."""
+    left = inspect_proxy(proxy).not_after.timestamp() - time.time()
+    assert 0 < left < 12 * 3600  # the proxy alert's condition, so its activity is no accident
+    expected = {("PrestagedDatasetFilesFailing", "tape_raw"), ("PrestagedProxyExpiresSoon", "")}
+    deadline = time.monotonic() + DEADLINE
+
+    async def active() -> set[tuple[str, str]]:
+        alerts = (await prometheus.api("alerts"))["alerts"]
+        return {(a["labels"]["alertname"], a["labels"].get("definition", "")) for a in alerts}
+
+    async def all_active() -> bool:
+        return await active() >= expected
+
+    assert await _until(all_active, deadline), (await active(), prometheus.log_tail())
+    assert await active() == expected
+    groups = (await prometheus.api("rules"))["groups"]
+    rules = [r for g in groups for r in g["rules"]]
+    assert len(rules) == ALERT_RULES.read_text().count("- alert:")
+    assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
+    alerts = {a["labels"]["alertname"]: a for a in (await prometheus.api("alerts"))["alerts"]}
+    failing = alerts["PrestagedDatasetFilesFailing"]
+    assert failing["state"] == "pending"
+    assert failing["annotations"]["summary"] == (
+        f"1 files of tape_raw are not warm on {metrics_target.address}")
+    proxy_alert = alerts["PrestagedProxyExpiresSoon"]
+    assert re.fullmatch(rf"prestaged's proxy on {re.escape(metrics_target.address)} expires "
+                        r"in 11h \d+m \d+s", proxy_alert["annotations"]["summary"]), proxy_alert
+    assert not [a for a in alerts.values() if "error" in json.dumps(a["annotations"])]
