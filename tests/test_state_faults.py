@@ -338,3 +338,42 @@ def test_a_cut_postgresql_session_is_survived(
         store.record("https://h/f1", "f1", "warm", 206, 4, 1, "")
         store.flush()
         assert store.conn.execute("SELECT count(*) FROM files").fetchone()[0] == 1
+
+
+def test_a_writer_that_gave_up_on_a_lock_is_replaced_when_the_next_run_starts(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A SQLite write lock held past ``busy_timeout`` makes the writer process give up: the
+    flush fails with one line, and so does every call that meets the stopped writer, until the
+    next run starts: ``start_run`` puts a new writer in its place (with a warning) and that
+    run's outcomes are written. The batch the old writer held is lost, as in a crash. Before,
+    one long lock left a daemon up and ready, aborting every run until it was restarted."""
+    from prestaged.errors import StateError
+
+    path = tmp_path / "state.db"
+
+    def record(store: Store, first: int, count: int) -> None:
+        for i in range(first, first + count):
+            store.record(f"https://h/f{i}", f"f{i}", "warm", 206, 4, 1, "")
+
+    with Store(path, busy_timeout=0.2) as store:
+        record(store, 0, 2)
+        store.flush()
+        with _held_write_lock(Backend("sqlite", tmp_path, None)):
+            record(store, 2, 3)
+            with pytest.raises(StateError) as gave_up:
+                store.flush()
+        assert "locked" in str(gave_up.value) and "\n" not in str(gave_up.value)
+        with pytest.raises(StateError) as again:  # the lock is gone, the writer too
+            store.flush()
+        assert str(again.value) == str(gave_up.value)
+        run = store.start_run("local", "ds")
+        record(store, 10, 3)
+        store.finish_run(run, {"warm": 3}, 0, "")
+    with sqlite3.connect(path) as conn:
+        names = {row[0] for row in conn.execute("SELECT name FROM files")}
+        ended = conn.execute("SELECT exit_code FROM runs WHERE id = ?", (run,)).fetchone()
+    assert names == {"f0", "f1", "f10", "f11", "f12"}
+    assert ended == (0,)
+    warnings = [r.getMessage() for r in caplog.records if "new writer process" in r.getMessage()]
+    assert warnings == [f"{gave_up.value}; a new writer process replaces it (outcomes it had "
+                        "not written are lost: those files will be touched again)"]

@@ -26,6 +26,13 @@ connection. The writer retries a batch on a new connection for up to
 error. Both name this process in ``pg_stat_activity`` (``prestaged/<pid>``,
 ``prestaged-writer/<pid>``).
 
+A writer that gave up (that outage lasted longer; a SQLite lock was held past ``busy_timeout``)
+fails every call that meets it with its one error line until the next run starts: ``start_run``
+then starts a new writer, so a daemon goes on once the database takes writes again, without a
+restart. The batches the old one had not committed are lost, as in a crash, and those files
+are touched again. (Before, one such outage left a daemon up and ready but aborting every run
+until someone restarted it.)
+
 Batches reach the writer's pipe through a thread of their own (``_sender``), so a writer that
 cannot write (an outage, a SQLite lock held for ``busy_timeout``) never stops the caller:
 ``record()`` runs on the daemon's event loop, and a full pipe used to freeze the loop, and with
@@ -80,6 +87,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+WRITER_EXIT_WAIT = 5.0
+"""Seconds a writer that gave up may take to exit before it is killed (``_revive_writer``)."""
 
 OUTBOX_LIMIT = 32 << 20
 """Bytes of batches that may wait for the writer process before ``record()`` waits for it:
@@ -234,16 +244,19 @@ class Store:
 
     ``batch``: rows per write transaction (default 500); ``flush_interval``: seconds an outcome
     may wait before it is written (default 1); ``busy_timeout``: seconds to wait for another
-    process holding the write lock (default 30).
+    process holding the write lock (default 30); ``writer_patience``: seconds the PostgreSQL
+    writer retries a batch whose connection was lost (default ``writer.RECONNECT_FOR``).
     """
 
     def __init__(self, path: Path, *, url: Optional[str] = None, batch: int = 500,
-                 flush_interval: float = 1.0, busy_timeout: float = 30.0) -> None:
+                 flush_interval: float = 1.0, busy_timeout: float = 30.0,
+                 writer_patience: Optional[float] = None) -> None:
         self.path = path
         self.url = url
         self.batch = batch
         self.flush_interval = flush_interval
         self.busy_timeout = busy_timeout
+        self.writer_patience = writer_patience
         self._conn: Optional[Database] = None
         # Reads (and run rows) use this process's SQLite connection, guarded by _lock (reads
         # come from worker threads via asyncio.to_thread); on PostgreSQL each read and each
@@ -300,21 +313,31 @@ class Store:
         (``state.postgres.open_state``).
         """
         self._conn = self._open_postgres() if self.url is not None else self._open_sqlite()
+        try:
+            self._start_writer()
+        except StateError:
+            self._conn.close()
+            self._conn = None
+            raise
+        return self
+
+    def _start_writer(self) -> None:
+        """Start the writer process and the sender thread that feeds it."""
         target = "-" if self.url is not None else str(self.path)
+        patience = [] if self.writer_patience is None else [str(self.writer_patience)]
         try:
             self._writer = subprocess.Popen(
                 # Our pid names the writer's connection (prestaged-writer/<pid>).
                 [sys.executable, "-m", "prestaged.state.writer", target,
-                 str(self.busy_timeout), str(os.getpid())],
+                 str(self.busy_timeout), str(os.getpid()), *patience],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=_writer_env(),
                 # Its own session: a Ctrl-C or a SIGTERM to our process group (systemd, timeout,
                 # kill -- -PGID) must not reach it before we hand over the last batch; it ends
                 # when we close its stdin (and it ignores both signals itself, for the cgroup).
                 start_new_session=True)
         except OSError as e:
-            self._conn.close()
-            self._conn = None
             raise StateError(f"state {self.where}: cannot start the writer: {e}") from e
+        self._writer_error = None
         self._send_failed = False
         self._outbox.clear()
         self._outbox_bytes = 0
@@ -324,7 +347,41 @@ class Store:
         if self.url is not None:
             # The URL may carry a password: on the pipe, never on the command line.
             self._line(self.url)
-        return self
+
+    def _writer_stopped(self) -> bool:
+        """Whether the writer process gave up: it sent its error, exited, or its pipe broke."""
+        writer = self._writer
+        return writer is not None and (self._send_failed or self._writer_error is not None
+                                       or writer.poll() is not None)
+
+    def _revive_writer(self) -> None:
+        """Replace a writer process that gave up (a database that took no writes for the
+        writer's patience, a SQLite lock held past ``busy_timeout``) by a new one, so that a
+        daemon goes on once the database does, without a restart: until this is called, every
+        call that meets the stopped writer raises its error. What the stopped writer had not
+        committed is lost, as in a crash: those files are touched again."""
+        if not self._writer_stopped():
+            return
+        with self._pipe, self._answers:
+            old = self._writer
+            if old is None or not self._writer_stopped():
+                return
+            why = self._writer_failed().args[0]
+            self._buffer = []  # rows queued after the failure: never sent
+            assert old.stdin is not None and old.stdout is not None
+            with contextlib.suppress(OSError, ValueError):
+                old.stdin.close()
+            try:
+                old.wait(timeout=WRITER_EXIT_WAIT)
+            except subprocess.TimeoutExpired:
+                old.kill()
+                old.wait()
+            self._stop_sender()
+            old.stdout.close()
+            self._send_failed = True  # until a new writer runs: if it cannot start, still so
+            self._start_writer()
+        log.warning("%s; a new writer process replaces it (outcomes it had not written are "
+                    "lost: those files will be touched again)", why)
 
     def _open_postgres(self) -> Database:
         from prestaged.state.postgres import open_pool, open_state
@@ -445,7 +502,7 @@ class Store:
 
     def _line(self, line: str) -> None:
         """Queue ``line`` for the writer's stdin (see the module docstring)."""
-        if self._writer is None or self._sender is None:
+        if self._writer is None:
             raise RuntimeError("Store.open() was not called")
         data = line.encode() + b"\n"
         with self._outbox_changed:
@@ -556,7 +613,9 @@ class Store:
 
     @_one_line_errors
     def start_run(self, catalog: str, definition: str) -> int:
-        """Record the start of a run now (written at once, not queued); return its id."""
+        """Record the start of a run now (written at once, not queued); return its id. A
+        writer process that gave up since the last run is replaced first."""
+        self._revive_writer()
         with self.transaction() as conn:
             def_id = schema.definition_id(conn, catalog, definition)
             return conn.insert(

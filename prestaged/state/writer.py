@@ -19,9 +19,11 @@ exit 1; the store turns it into its one-line error (the disk is full, ...).
 A PostgreSQL batch whose connection is lost (``psycopg.OperationalError``, a broken
 connection: the server restarted, terminated the session or cannot be reached) is not a
 failure yet: the writer says so in one line on stderr and writes the batch again on a new
-connection, with backoff, for up to ``RECONNECT_FOR`` seconds (``write_through``); batches are
-idempotent, so one committed just before the cut does no harm written twice. Its connection is
-named ``prestaged-writer/<pid of the store's process>`` (``argv[3]``) in ``pg_stat_activity``.
+connection, with backoff, for up to ``RECONNECT_FOR`` seconds (or ``argv[4]``;
+``write_through``); batches are idempotent, so one committed just before the cut does no harm
+written twice. Its connection is named ``prestaged-writer/<pid of the store's process>``
+(``argv[3]``) in ``pg_stat_activity``. A writer that gave up is not the end of a daemon: the
+store starts a new one when its next run starts (``Store._revive_writer``).
 
 It ignores SIGINT and SIGTERM: a Ctrl-C, ``timeout`` or systemd's stop signal to the whole
 process group must not kill it before the warming process has handed over its last batch and
@@ -299,10 +301,12 @@ def _connect(url: str, parent: str) -> PgConnection:
 def main(argv: list[str]) -> int:
     """Serve batches for the database ``argv[1]`` (a file, or "-": a PostgreSQL URL on the
     first line of stdin), busy timeout ``argv[2]`` seconds (SQLite), ``argv[3]`` the store's
-    pid (optional; names a PostgreSQL connection)."""
+    pid (optional; names a PostgreSQL connection), ``argv[4]`` seconds to retry a batch whose
+    connection was lost (optional; default ``RECONNECT_FOR``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = argv[3] if len(argv) > 3 else "?"
+    patience = float(argv[4]) if len(argv) > 4 else RECONNECT_FOR
     try:
         db = _open(argv[1], float(argv[2]), parent)
     except driver_errors(StateError, OSError, ValueError) as e:
@@ -314,7 +318,8 @@ def main(argv: list[str]) -> int:
                 sys.stdout.write(f"ok {doc['flush']}\n")
                 sys.stdout.flush()
             elif isinstance(db, PostgresDatabase):
-                write_through(db, doc, functools.partial(_connect, db.url, parent))
+                write_through(db, doc, functools.partial(_connect, db.url, parent),
+                              patience=patience)
             else:
                 write(db, doc)
     except driver_errors(StateError, OSError, ValueError) as e:
