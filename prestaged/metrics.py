@@ -85,6 +85,11 @@ CATALOG_RESULTS = ("ok", "error")
 """``prestaged_catalog_requests_total{result}`` values created at zero for every catalog kind
 and for ``rucio`` (the requests MetaCat's resolver sends to Rucio)."""
 
+LOOP_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""``prestaged_event_loop_lag_seconds`` buckets: an idle loop is late by about a millisecond;
+1 s or more means everything the daemon does stood still that long (the watchdog fires at
+60 s)."""
+
 STAGE_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0,
                  86400.0)
 """Stage duration buckets (seconds): a file already on its way to disk, to a day in the tape
@@ -223,6 +228,11 @@ class Metrics:
             "Bytes of outcome batches waiting for the state writer process: near zero while "
             "the state database takes writes, growing while it does not (up to 32 MiB, then "
             "recording waits).", registry=r)
+        self.loop_lag = Histogram(
+            "prestaged_event_loop_lag_seconds",
+            "How late the daemon's event loop ran a timer set every 0.25 s: how long something "
+            "kept it from serving the API, touches and heartbeats.",
+            buckets=LOOP_LAG_BUCKETS, registry=r)
         self.build = Info("prestaged_build", "prestaged version and Python.", registry=r)
         self.build.info({"version": __version__, "python": platform.python_version()})
         self._initialise()

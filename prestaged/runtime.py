@@ -3,6 +3,8 @@
 Shared by the CLI and the daemon so that both pick the loop the same way (uvloop when it is
 installed: faster TLS and I/O; ``PRESTAGED_EVENT_LOOP=asyncio`` forces the standard loop) and
 both keep transport errors that the engine has already classified out of the user's way.
+``probe_lag`` tells how long the loop was kept from running (the daemon's
+``prestaged_event_loop_lag_seconds``).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import os
 import signal
 import ssl
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
-__all__ = ["install_interrupt", "quiet_transport_errors", "run"]
+__all__ = ["install_interrupt", "probe_lag", "quiet_transport_errors", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +80,16 @@ def install_interrupt(stop: asyncio.Event) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, first, sig)
+
+
+async def probe_lag(observe: Callable[[float], None], every: float) -> None:
+    """Until cancelled: every ``every`` seconds, ``observe`` how late the loop ran that timer.
+
+    A timer runs late when something held the loop (a blocking call, a long callback): for
+    that long nothing else ran, not the API, the touches, the heartbeats nor the watchdog.
+    Timers run up to a millisecond or so late on an idle loop too."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + every
+        await asyncio.sleep(every)
+        observe(max(0.0, loop.time() - due))

@@ -37,6 +37,7 @@ from prestaged.credentials import inspect_proxy, load_credentials
 from prestaged.metrics import Metrics, run_result
 from prestaged.model import FileRef
 from prestaged.retry import RetryPolicy
+from prestaged.runtime import probe_lag
 from prestaged.storage.http import HttpToucher
 from prestaged.storage.staging import Stager, StagingSettings
 from prestaged.storage.tape import StageRequest, TapeClient
@@ -194,6 +195,18 @@ def test_dashboard_has_a_state_writer_backlog_panel() -> None:
     assert exprs["State writer backlog"].startswith("prestaged_state_queued_bytes{")
 
 
+def test_dashboard_has_an_event_loop_row() -> None:
+    """The Event loop row: each daemon's p99 loop lag, in seconds, and its stalls over 1 s."""
+    panels = list(_panels(_load()["panels"]))
+    [row] = [p for p in panels if p["type"] == "row" and p["title"] == "Event loop"]
+    [panel] = [p for p in panels if p["title"] == "Event loop lag"]
+    assert panel["gridPos"]["y"] > row["gridPos"]["y"]
+    assert panel["fieldConfig"]["defaults"]["unit"] == "s"
+    exprs = [e for t, e in _targets(_load()) if _panel_title(t) == "Event loop lag"]
+    assert exprs[0].startswith("histogram_quantile(0.99, ")
+    assert 'le="1.0"' in exprs[1]  # the bucket prometheus_client exposes for 1 s
+
+
 def test_rates_use_grafana_intervals() -> None:
     """Every range vector in rate()/increase() is $__rate_interval or $__range, never hard-coded."""
     for title, expr in _targets(_load()):
@@ -327,10 +340,13 @@ async def _harness(pki: TestPKI, proxy: Path, tmp_path: Path) -> AsyncIterator[s
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
             task = asyncio.ensure_future(keep_warm())
+            # The daemon's probe of its own event loop, on the harness's.
+            probe = asyncio.ensure_future(probe_lag(metrics.loop_lag.observe, 0.25))
             try:
                 yield f"127.0.0.1:{runner.addresses[0][1]}"
             finally:
                 stop.set()
+                probe.cancel()
                 await task
         finally:
             await runner.cleanup()

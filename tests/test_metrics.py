@@ -7,6 +7,7 @@ import asyncio
 import platform
 import shutil
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from subprocess import PIPE, STDOUT
@@ -32,6 +33,7 @@ from prestaged.metrics import (
 )
 from prestaged.model import FileRef
 from prestaged.retry import RetryPolicy
+from prestaged.runtime import probe_lag
 from prestaged.storage.http import HttpToucher
 from prestaged.storage.tape import STAGE_RESULTS
 from prestaged.testing.pki import TestPKI
@@ -346,3 +348,36 @@ def test_cluster_gauges_cover_every_lease_kind_and_takeovers_stay_bounded() -> N
     assert _value(m, "prestaged_lease_takeovers_total", kind="chunk") == 1
     assert _value(m, "prestaged_lease_takeovers_total", kind="unknown") == 1
     assert "/pnfs/odd" not in m.exposition().decode()
+
+
+async def test_probe_lag_sees_the_loop_held() -> None:
+    """A callback holding the loop for 0.3 s makes the probe that was due meanwhile run at
+    least 0.25 s late (probes every 0.05 s); the probes of the idle loop before it were not."""
+    lags: list[float] = []
+    idle, held = asyncio.Event(), asyncio.Event()
+
+    def observe(lag: float) -> None:
+        lags.append(lag)
+        if len(lags) == 3:
+            idle.set()
+        if lag >= 0.25:
+            held.set()
+
+    task = asyncio.ensure_future(probe_lag(observe, 0.05))
+    try:
+        await asyncio.wait_for(idle.wait(), 5)
+        asyncio.get_running_loop().call_soon(time.sleep, 0.3)  # a callback holding the loop
+        await asyncio.wait_for(held.wait(), 5)
+    finally:
+        task.cancel()
+    assert all(lag < 0.25 for lag in lags[:3]), lags
+    assert 0.25 <= max(lags) < 5, lags
+
+
+def test_loop_lag_histogram_is_in_the_exposition() -> None:
+    m = Metrics()
+    m.loop_lag.observe(0.002)
+    m.loop_lag.observe(1.5)
+    text = m.exposition().decode()
+    assert 'prestaged_event_loop_lag_seconds_bucket{le="1.0"} 1.0' in text
+    assert 'prestaged_event_loop_lag_seconds_bucket{le="2.5"} 2.0' in text

@@ -41,6 +41,7 @@ from prestaged.credentials import (
 from prestaged.errors import ConfigError, CredentialError, PrestagedError
 from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics
+from prestaged.runtime import probe_lag
 from prestaged.service.api import Handler, JsonObject, build_app
 from prestaged.service.campaigns import DaemonCampaigns
 from prestaged.service.cluster import ChunkWorker, ClusterMember
@@ -61,6 +62,9 @@ if TYPE_CHECKING:
 __all__ = ["Daemon"]
 
 log = logging.getLogger(__name__)
+
+LOOP_PROBE = 0.25
+"""Seconds between two probes of the event loop's lag (``prestaged_event_loop_lag_seconds``)."""
 
 
 def _is_loopback(listen: str) -> bool:
@@ -277,7 +281,8 @@ class Daemon:
             raise ConfigError(f"daemon.listen {self.cfg.daemon.listen}: {e.strerror}") from None
 
     async def _serve(self, ev: _Events) -> None:
-        background = [self.spawn(self._watch_credentials()), self.spawn(self._watchdog())]
+        background = [self.spawn(self._watch_credentials()), self.spawn(self._watchdog()),
+                      self.spawn(probe_lag(self.metrics.loop_lag.observe, LOOP_PROBE))]
         while not ev.stop.is_set():
             reload_wait = asyncio.ensure_future(ev.reload.wait())
             stop_wait = asyncio.ensure_future(ev.stop.wait())
