@@ -112,6 +112,8 @@ class Run:
     first_claim_seconds: list[float] = field(default_factory=list)
     """Seconds from the round being stored to each member's first claim, soonest first."""
     takeovers: int = 0
+    loop_lag: list[dict[str, Any]] = field(default_factory=list)
+    """Each daemon's event loop lag over the run (``LoopLag``)."""
     problems: list[str] = field(default_factory=list)
 
 
@@ -177,9 +179,9 @@ class Notify:
         self.sock.close()
 
 
-def daemon_config(home: Path, setup: Setup, state: str) -> Path:
-    """Write daemon ``home``'s config: state ``state`` (a TOML line), a free API port on
-    127.0.0.1, the bench proxy and a watch of the definition every hour."""
+def daemon_config(home: Path, setup: Setup, state: str, listen: str) -> Path:
+    """Write daemon ``home``'s config: state ``state`` (a TOML line), the API on ``listen``,
+    the bench proxy and a watch of the definition every hour."""
     cluster = (f'[cluster]\nlease = "{LEASE:g}s"\nheartbeat = "{HEARTBEAT:g}s"\n'
                f"chunk = {setup.chunk}\n" if state.startswith("url") else "")
     path = home / "prestaged.toml"
@@ -190,7 +192,7 @@ ca_dir = {json.dumps(str(setup.creds.pki.ca_dir))}
 [state]
 {state}
 [daemon]
-listen = "127.0.0.1:{free_port()}"
+listen = "{listen}"
 drain_timeout = "5s"
 jitter = 0
 campaign_check = "1h"
@@ -204,17 +206,27 @@ every = "1h"
     return path
 
 
+@dataclass(frozen=True)
+class Daemon:
+    """A launched daemon: its pid and the ``host:port`` of its API."""
+
+    pid: int
+    listen: str
+
+
 @contextlib.contextmanager
-def daemons(setup: Setup, count: int, state: str, name: str) -> Iterator[list[int]]:
+def daemons(setup: Setup, count: int, state: str, name: str) -> Iterator[list[Daemon]]:
     """Launch ``count`` daemons at once on ``state`` and wait until each is ready; yields
-    their pids. On the way out: SIGTERM to all, then wait (killed after a timeout)."""
+    them. On the way out: SIGTERM to all, then wait (killed after a timeout)."""
     procs: list[subprocess.Popen[bytes]] = []
     notes: list[Notify] = []
+    listens: list[str] = []
     try:
         for n in range(count):
             home = setup.workdir / f"{name}-d{n}"
             home.mkdir()
-            config = daemon_config(home, setup, state)
+            listens.append(f"127.0.0.1:{free_port()}")
+            config = daemon_config(home, setup, state, listens[-1])
             note = Notify(home / "notify")
             notes.append(note)
             env = {**os.environ, "HOME": str(home), "XDG_STATE_HOME": str(home / "state"),
@@ -224,7 +236,7 @@ def daemons(setup: Setup, count: int, state: str, name: str) -> Iterator[list[in
                                               env=env, stdout=log, stderr=log))
         for proc, note in zip(procs, notes):
             note.wait_ready(proc, DAEMON_START_TIMEOUT)
-        yield [p.pid for p in procs]
+        yield [Daemon(p.pid, listen) for p, listen in zip(procs, listens)]
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -360,6 +372,39 @@ class Readings:
     status_seconds: float = 0.0
     own_xacts: int = 0
     """Transactions of the benchmark itself (its polls) on the run's database."""
+    loop_lag: list[LoopLag] = field(default_factory=list)
+    """Each daemon's event loop lag over the run (its /metrics when the work is done)."""
+
+
+@dataclass(frozen=True)
+class LoopLag:
+    """A daemon's ``prestaged_event_loop_lag_seconds``: probes, their mean lateness, how many
+    were over 0.1 s, and the upper bound of the bucket of the latest one (None: over 30 s)."""
+
+    probes: int
+    mean_seconds: float
+    over_100ms: int
+    max_at_most: Optional[float]
+
+
+def loop_lag(listen: str) -> LoopLag:
+    """Read the loop lag histogram from the daemon's /metrics at ``listen``."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://{listen}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    [family] = [f for f in text_string_to_metric_families(text)
+                if f.name == "prestaged_event_loop_lag_seconds"]
+    buckets = {float(s.labels["le"]): s.value for s in family.samples
+               if s.name.endswith("_bucket")}
+    total = buckets[float("inf")]
+    mean = next(s.value for s in family.samples if s.name.endswith("_sum")) / max(total, 1)
+    bound = min((le for le, n in buckets.items() if n >= total), default=float("inf"))
+    return LoopLag(probes=int(total), mean_seconds=round(mean, 4),
+                   over_100ms=int(total - buckets[0.1]),
+                   max_at_most=None if bound == float("inf") else bound)
 
 
 def _run_daemons(setup: Setup, config: str, round_no: int, server: StorageProcess,
@@ -372,7 +417,9 @@ def _run_daemons(setup: Setup, config: str, round_no: int, server: StorageProces
     pg_pid = setup.postgres.server_pid() if engine == "postgresql" else None
     pg_before = tree_cpu_seconds(pg_pid) if pg_pid is not None else 0.0
     got = Readings(launched=time.time())
-    with daemons(setup, count, state, f"{config}-{round_no}") as pids:
+    with daemons(setup, count, state, f"{config}-{round_no}") as members:
+        pids = [d.pid for d in members]
+
         def alive() -> bool:
             return all((_stat_fields(p) or ["Z"])[0] != "Z" for p in pids)
 
@@ -389,6 +436,7 @@ def _run_daemons(setup: Setup, config: str, round_no: int, server: StorageProces
         else:
             got.finished = _wait(config, lambda: sqlite_finished(Path(where)), left, alive)
         got.daemon_cpu = sum(tree_cpu_seconds(p) for p in pids)
+        got.loop_lag = [loop_lag(d.listen) for d in members]
         got.storage_cpu = tree_cpu_seconds(server.proc.pid)
         if pg_pid is not None:
             got.pg_cpu = tree_cpu_seconds(pg_pid) - pg_before
@@ -452,7 +500,8 @@ def _run_record(setup: Setup, config: str, round_no: int, count: int, got: Readi
         chunks_per_member=sorted(done.chunks.values(), reverse=True),
         busy_per_member=sorted((round(b / warm, 3) for b in done.busy.values()), reverse=True),
         chunk_seconds=round(median(done.chunk_seconds), 2) if done.chunk_seconds else None,
-        first_claim_seconds=done.first_claims, takeovers=done.takeovers, problems=problems,
+        first_claim_seconds=done.first_claims, takeovers=done.takeovers,
+        loop_lag=[asdict(lag) for lag in got.loop_lag], problems=problems,
     )
 
 
@@ -506,6 +555,13 @@ def _notes(runs: list[Run]) -> list[str]:
         if r.daemons > 1 and len(r.chunks_per_member) < r.daemons:
             notes.append(f"{r.config} round {r.round}: only {len(r.chunks_per_member)} of "
                          f"{r.daemons} members finished a chunk")
+        held = [lag for lag in r.loop_lag if lag["max_at_most"] is None
+                or lag["max_at_most"] > 0.1]
+        if held:
+            worst = max(held, key=lambda lag: lag["max_at_most"] or float("inf"))
+            notes.append(f"{r.config} round {r.round}: a daemon's event loop was held up to "
+                         f"{worst['max_at_most'] or '> 30'} s ({worst['over_100ms']} of "
+                         f"{worst['probes']} probes over 0.1 s)")
         if r.storage_requests > r.files:
             notes.append(f"{r.config} round {r.round}: {r.storage_requests - r.files} "
                          f"requests beyond one per file ({r.takeovers} takeovers)")
@@ -557,7 +613,8 @@ def _progress(run: Run) -> None:
           f"{run.daemon_cpu_seconds:.1f} s, storage CPU {run.storage_cpu_seconds:.1f} s{pg}; "
           f"chunks {run.chunks_per_member}, busy {run.busy_per_member}, chunk "
           f"{run.chunk_seconds} s, first claims {run.first_claim_seconds} s; status "
-          f"{run.status_seconds:.2f} s) {verdict}",
+          f"{run.status_seconds:.2f} s; loop lag at most "
+          f"{[lag['max_at_most'] for lag in run.loop_lag]} s) {verdict}",
           file=sys.stderr, flush=True)
 
 
