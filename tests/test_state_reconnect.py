@@ -196,8 +196,10 @@ def test_a_writer_that_gave_up_is_replaced_when_the_next_run_starts(
     writer give up: the flush fails with one line, and so does every call that meets the
     stopped writer even once logins work again, until the next run starts: ``start_run``
     puts a new writer in its place and that run's outcomes are written. Before, a daemon came
-    out of such an outage up and ready but aborting every run until it was restarted."""
-    with Store(tmp_path / "state.db", url=pg_url, writer_patience=0.5) as store:
+    out of such an outage up and ready but aborting every run until it was restarted. The URL
+    carries the password: neither the errors nor the warning show it."""
+    secret = pg_cluster.url_with_password(_dbname(pg_url))
+    with Store(tmp_path / "state.db", url=secret, writer_patience=0.5) as store:
         _record(store, 0, 2)
         store.flush()
         with _login_refused(pg_cluster):
@@ -212,7 +214,7 @@ def test_a_writer_that_gave_up_is_replaced_when_the_next_run_starts(
         _record(store, 10, 3)
         store.finish_run(run, {"warm": 3}, 0, "")
         assert [r.id for r in store.runs() if r.ended is not None] == [run]
-    assert "not permitted to log in" in _one_line(gave_up.value, pg_url, pg_cluster)
+    assert "not permitted to log in" in _one_line(gave_up.value, secret, pg_cluster)
     assert _files(pg_cluster, pg_url) == 5  # f0, f1, f10-f12: the lost batch is not there
     assert sum("a new writer process replaces it" in r.getMessage() for r in caplog.records) == 1
     _no_secret(pg_cluster, caplog)
