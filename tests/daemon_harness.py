@@ -10,9 +10,11 @@ import contextlib
 import json
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,29 +38,42 @@ def free_port() -> int:
 
 
 class Notifications:
-    """A fake systemd: a datagram socket at $NOTIFY_SOCKET that collects what the daemon says."""
+    """A fake systemd: a datagram socket at $NOTIFY_SOCKET whose datagrams a thread collects
+    as they come, like systemd does (a socket read only when a test waits would fill, and the
+    daemon's sends would wait or be dropped)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
         self.seen: list[str] = []
+        self._changed = threading.Condition()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._reader = threading.Thread(target=self._read, name="fake-systemd", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.sock, self._wake_r], [], [])
+            if self._wake_r in ready:
+                return
+            data = self.sock.recv(4096)
+            with self._changed:
+                self.seen.append(data.decode())
+                self._changed.notify_all()
 
     def wait_for(self, line: str, timeout: float = DEADLINE) -> None:
-        """Block until a datagram containing the line ``line`` arrives."""
-        deadline = time.monotonic() + timeout
-        while not any(line in m.splitlines() for m in self.seen):
-            left = deadline - time.monotonic()
-            if left <= 0:
+        """Block until a datagram containing the line ``line`` has arrived."""
+        with self._changed:
+            if not self._changed.wait_for(
+                    lambda: any(line in m.splitlines() for m in self.seen), timeout):
                 raise AssertionError(f"no {line!r} from the daemon; got {self.seen}")
-            self.sock.settimeout(left)
-            try:
-                self.seen.append(self.sock.recv(4096).decode())
-            except socket.timeout:
-                continue
 
     def close(self) -> None:
-        self.sock.close()
+        self._wake_w.send(b"x")
+        self._reader.join()
+        for sock in (self.sock, self._wake_r, self._wake_w):
+            sock.close()
 
 
 class Daemon:
