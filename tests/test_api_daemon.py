@@ -2,7 +2,7 @@
 does not freeze ``/healthz`` and ``/metrics`` (defect 11); run eviction never forgets a queued
 or running run (defect 12); a run that dies of a bug is an error, not a stuck run (issue 12
 section 3); the API reads no file a caller names and keeps operator data behind the token
-(issue 12 section 1)."""
+(issue 12 section 1); a killed state writer is replaced by the next run."""
 
 from __future__ import annotations
 
@@ -276,3 +276,50 @@ async def test_a_run_that_dies_of_a_bug_is_an_error_and_the_daemon_goes_on(
     finally:
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.to_thread(store.close)
+
+
+# --- the state writer killed ------------------------------------------------------------------
+
+async def test_a_killed_state_writer_is_replaced_by_the_next_run(
+    pki: TestPKI, proxy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The daemon's state writer process killed (the OOM killer, an operator's kill -9) does
+    not end its recording: the next run starts a new writer, ends ok, and its files are fresh
+    in the state. Before, every later run failed ("the writer process stopped answering")
+    until the daemon was restarted."""
+    import psutil
+
+    (tmp_path / "defs").mkdir()
+    with ThreadedStorageServer(pki.server_ssl_context()) as storage:
+        for name in ("a", "b"):
+            (tmp_path / "defs" / f"{name}.txt").write_text(
+                "".join(storage.url(f"/{name}/f{i}") + "\n" for i in range(5)))
+        async with in_process(_config(tmp_path, pki, proxy, token=False)) as d:
+
+            async def warm(name: str) -> dict[str, Any]:
+                status, body = await d.http("POST", "/api/v1/warm", {"definition": name})
+                assert status == 202, body
+                run: dict[str, Any] = {}
+
+                async def ended() -> bool:
+                    run.update((await d.http("GET", body["href"]))[1])
+                    return run["state"] in ("done", "error")
+                await until(f"the run of {name}", ended)
+                return run
+
+            assert (await warm("a"))["exit_code"] == 0
+            [writer] = [p for p in psutil.Process().children()
+                        if "prestaged.state.writer" in p.cmdline()]
+            writer.kill()
+
+            async def dead() -> bool:  # a zombie until the store reaps it: not waited here
+                return bool(writer.status() == psutil.STATUS_ZOMBIE)
+            await until("the writer killed", dead)
+            run = await warm("b")
+            assert (run["state"], run["exit_code"], run["error"]) == ("done", 0, None), run
+            status, doc = await d.http("GET", "/api/v1/datasets/b")
+            assert status == 200 and doc["fresh"] == 5, doc
+    assert [r.getMessage() for r in caplog.records if "new writer process" in r.getMessage()
+            ] == [f"state {tmp_path / 'state.db'}: the writer process stopped answering (it was "
+                  "killed by signal 9); a new writer process replaces it (outcomes it had not "
+                  "written are lost: those files will be touched again)"]
