@@ -32,13 +32,13 @@ def _promtool() -> str:
     return path
 
 
-def _rules() -> list[dict[str, Any]]:
-    doc = yaml.safe_load(RULES.read_text())
+def _rules(path: Path = RULES) -> list[dict[str, Any]]:
+    doc = yaml.safe_load(path.read_text())
     return [rule for group in doc["groups"] for rule in group["rules"]]
 
 
-def _alerts() -> dict[str, dict[str, Any]]:
-    return {rule["alert"]: rule for rule in _rules() if "alert" in rule}
+def _alerts(path: Path = RULES) -> dict[str, dict[str, Any]]:
+    return {rule["alert"]: rule for rule in _rules(path) if "alert" in rule}
 
 
 def _unit_tests() -> dict[str, Any]:
@@ -65,6 +65,7 @@ def test_promtool_checks_every_rule() -> None:
 
 
 def test_every_alert_has_a_case_that_fires_and_one_that_does_not() -> None:
+    """So that a new alert comes with its promtool cases."""
     alerts = set(_alerts())
     fired = {c["alertname"] for c in _cases() if c.get("exp_alerts")}
     quiet = {c["alertname"] for c in _cases() if not c.get("exp_alerts")}
@@ -93,7 +94,7 @@ def test_every_alert_names_exposed_metrics() -> None:
 
 def _unit_tests_for(rules: Path, tmp_path: Path) -> Path:
     """The unit tests run against ``rules``, each expected alert given its rule's description."""
-    alerts = {r["alert"]: r for g in yaml.safe_load(rules.read_text())["groups"] for r in g["rules"]}
+    alerts = _alerts(rules)
     doc = _unit_tests()
     doc["rule_files"] = [str(rules)]
     for case in (c for test in doc["tests"] for c in test.get("alert_rule_test", [])):
