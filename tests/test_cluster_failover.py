@@ -426,3 +426,27 @@ def test_a_hold_through_another_member_stops_the_holders_next_launch(
     assert status == 200, doc
     poll("slice 2 launched after the release", lambda: len(c.records()) == 2, timeout=30)
     assert {r["daemon"] for r in c.records()} == {driver.proc.pid}
+
+
+def test_every_member_shows_the_last_finished_round_in_its_gauges(
+    tmp_path: Path, storage: ThreadedStorageServer,
+    cluster_factory: Callable[[list[Path]], Cluster],
+) -> None:
+    """A watch of 50 files (one chunk) on two members: whichever of them finishes the round,
+    both members' dataset gauges show its 50 warm files, and so do those of a member started
+    after it. Before, only the member that finished a round set its gauges: the others went on
+    showing an older round, or nothing, for as long as they did not finish one (and the alert
+    rules on those gauges fired, or stayed quiet, on that)."""
+    _definition(tmp_path, storage, "small", 50)
+    c = cluster_factory([tmp_path / "small"])
+    early = [c.start(), c.start()]
+    poll("the round finished", lambda: c.query(
+        "SELECT COUNT(*) FROM watch_rounds WHERE finished IS NOT NULL")[0][0] == 1)
+    [finisher] = c.query("SELECT done_by FROM round_chunks")[0]
+    late = c.start()
+    for d in (*early, late):
+        poll(f"the gauges of the member with pid {d.proc.pid}",
+             lambda d=d: d.metric("prestaged_dataset_files", definition="small",
+                                  state="warm") == 50)
+        assert d.metric("prestaged_dataset_files", definition="small", state="unknown") == 0
+    assert c.member_of(late.proc.pid) != finisher

@@ -194,7 +194,7 @@ class ChunkWorker:
 
     def __init__(self, store: Store, member: ClusterMember, metrics: Metrics, *,
                  run: RunChunk, draining: Callable[[], bool],
-                 round_done: Callable[[str, str], Awaitable[None]]) -> None:
+                 round_done: Callable[[str, str, int], Awaitable[None]]) -> None:
         self._store, self._member, self._metrics = store, member, metrics
         self._run, self._draining, self._round_done = run, draining, round_done
         self.wake = asyncio.Event()
@@ -258,4 +258,4 @@ class ChunkWorker:
             return
         if completed:
             log.info("cluster: round %d of %s complete", chunk.round_id, chunk.definition)
-            await self._round_done(chunk.catalog, chunk.definition)
+            await self._round_done(chunk.catalog, chunk.definition, chunk.round_id)

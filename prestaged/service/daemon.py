@@ -253,9 +253,9 @@ class Daemon:
         if chunks is not None:
             self._chunk_task = asyncio.ensure_future(chunks.loop())
 
-    async def _round_done(self, catalog: str, definition: str) -> None:
+    async def _round_done(self, catalog: str, definition: str, round_id: int) -> None:
         assert self._live is not None
-        await self._live.watches.round_done(catalog, definition)
+        await self._live.watches.round_done(catalog, definition, round_id)
 
     async def _run_chunk(self, catalog: Catalog, fresh_for: float, stop: asyncio.Event) -> int:
         """Warm one chunk of a watch round as a run of its definition (beside any other run

@@ -17,7 +17,10 @@ each watch has a ``watch_schedule`` row, due first as above. Every member looks 
 round as chunks of ``[cluster] chunk`` files and sets the next due time, all in one transaction
 (``state.cluster.plan_round``). The members' ``ChunkWorker``s then warm the chunks. Each member
 runs the same ``[[watch]]`` entries (one config for all), and a watch only some members list
-is planned by those.
+is planned by those. Every member sets a watch's gauges from the shared state once per
+finished round: the member that finishes it at once, the others at their next heartbeat (and
+a member that starts, after the last round finished before it), so that all show the same
+round.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ class Watch:
         self.key = key
         """Canonical (kind, definition); the written form until the catalog could be opened."""
         self.task: Optional[asyncio.Task[None]] = None
+        self.gauges_round: Optional[int] = None
+        """On a shared state: the finished round this member's gauges were last set after."""
 
     @property
     def fresh_for(self) -> float:
@@ -153,20 +158,27 @@ class Watches:
         self._set_gauges(row)
         self._warn_unready(watch, info.warm_fraction)
 
-    async def round_done(self, catalog: str, definition: str) -> None:
-        """The last chunk of a round of (``catalog``, ``definition``) was just recorded done by
-        this member: set its gauges, and warn when the definition stays below its watch's
-        ``ready`` fraction. (A member's gauges change when it completes a round, so members'
-        gauges of one definition may differ by a round.)"""
+    async def round_done(self, catalog: str, definition: str, round_id: int) -> None:
+        """The last chunk of round ``round_id`` of (``catalog``, ``definition``) was just
+        recorded done by this member: set its gauges, and warn when the definition stays below
+        its watch's ``ready`` fraction. The other members set theirs at their next heartbeat
+        (``_shared_loop``), so that every member's gauges show the last finished round."""
         watch = self.find(catalog, definition)
         if watch is None:
             return
+        row = await self._refresh_gauges(watch, round_id)
+        if row is not None and row.files:
+            self._warn_unready(watch, row.fresh / row.files)
+
+    async def _refresh_gauges(self, watch: Watch, round_id: int) -> Optional[DatasetStatus]:
+        """Set ``watch``'s gauges from the state, after its round ``round_id`` finished."""
+        catalog, definition = watch.key
         rows = await asyncio.to_thread(self._store.status, watch.fresh_for, definition,
                                        catalog)
         if rows and self.find(catalog, definition) is watch:
             self._set_gauges(rows[0])
-        if rows and rows[0].files:
-            self._warn_unready(watch, rows[0].fresh / rows[0].files)
+            watch.gauges_round = round_id
+        return rows[0] if rows else None
 
     @staticmethod
     def _warn_unready(watch: Watch, warm_fraction: Optional[float]) -> None:
@@ -244,6 +256,12 @@ class Watches:
                 if await asyncio.to_thread(shared.claim_schedule, self._store, kind,
                                            definition, member.id, member.lease):
                     await self._plan(watch)
+                # A round another member finished (or one before this member started): the
+                # gauges follow it, or they would show some earlier round for ever.
+                finished = await asyncio.to_thread(shared.last_finished_round, self._store,
+                                                   kind, definition)
+                if finished is not None and finished != watch.gauges_round:
+                    await self._refresh_gauges(watch, finished)
             except driver_errors(PrestagedError) as e:
                 log.warning("watch %s: %s", watch.config.definition, e)
             await asyncio.sleep(member.heartbeat)

@@ -409,6 +409,15 @@ def claim_chunk(store: Store, member_id: str, lease: float, *,
     return Chunk(int(row[0]), int(row[1]), row[4], row[5], float(row[6]), refs, taken_from)
 
 
+def last_finished_round(store: Store, catalog: str, definition: str) -> Optional[int]:
+    """The id of the latest round of a watch whose chunks are all done, or None."""
+    with store.transaction() as conn:
+        row = conn.execute("SELECT MAX(id) FROM watch_rounds WHERE catalog = ? AND "
+                           "definition = ? AND finished IS NOT NULL",
+                           (catalog, definition)).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
 def finish_chunk(store: Store, chunk: Chunk, member_id: str,
                  exit_code: int) -> tuple[bool, bool]:
     """Record ``chunk`` done by ``member_id`` and drop its file list. Returns (whether we
