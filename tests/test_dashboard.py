@@ -645,9 +645,10 @@ async def test_alert_rules_evaluate_against_the_daemon(prometheus: Prometheus,
                                                        metrics_target: Target,
                                                        proxy: Path) -> None:
     """config/prestaged-alerts.yml loaded by the real Prometheus scraping the real daemon: every
-    rule evaluates without error on its series, and exactly the alerts whose conditions the
-    daemon has are active (pending: their ``for`` is longer than the test): a watched file the
-    tape library lost, and the test proxy's 12 hours (below the 12 h warning once started)."""
+    rule evaluates without error on its series; the alerts whose conditions the daemon has are
+    active (pending: their ``for`` is longer than the test): a watched file the tape library
+    lost, and the test proxy's 12 hours (below the 12 h warning once started); and those whose
+    conditions it has not are not."""
     left = inspect_proxy(proxy).not_after.timestamp() - time.time()
     assert 0 < left < 12 * 3600  # the proxy alert's condition, so its activity is no accident
     expected = {("PrestagedDatasetFilesFailing", "tape_raw"), ("PrestagedProxyExpiresSoon", "")}
@@ -661,7 +662,13 @@ async def test_alert_rules_evaluate_against_the_daemon(prometheus: Prometheus,
         return await active() >= expected
 
     assert await _until(all_active, deadline), (await active(), prometheus.log_tail())
-    assert await active() == expected
+    # None of these has its condition here. (Others may: the sweeper makes tape files stale,
+    # and a loaded machine may hold the daemon's loop.)
+    quiet = {"PrestagedDown", "PrestagedCredentialExpired", "PrestagedTokenExpiresSoon",
+             "PrestagedStateBacklog", "PrestagedStateBacklogFull", "PrestagedCatalogUnreachable",
+             "PrestagedStorageDenies", "PrestagedLaunchUnknown", "PrestagedLaunchFailed",
+             "PrestagedLeaseTakenOver"}
+    assert not {name for name, _ in await active()} & quiet, await active()
     groups = (await prometheus.api("rules"))["groups"]
     rules = [r for g in groups for r in g["rules"]]
     assert len(rules) == ALERT_RULES.read_text().count("- alert:")
