@@ -174,6 +174,11 @@ class Metrics:
             "prestaged_dataset_last_warm_timestamp_seconds",
             "When a watched definition's last run finished (Unix time).",
             ["definition"], registry=r)
+        self.watch_every = Gauge(
+            "prestaged_watch_every_seconds",
+            "A watched definition's schedule interval ([[watch]] every): with "
+            "prestaged_dataset_last_warm_timestamp_seconds, tells a watch that stopped running.",
+            ["definition"], registry=r)
         self.credential_expiry = Gauge(
             "prestaged_credential_expiry_timestamp_seconds",
             "When a credential expires (Unix time), by kind (proxy, token).",
@@ -303,12 +308,17 @@ class Metrics:
         else:
             self.dataset_last_warm.labels(name).set(last_warm)
 
+    def set_watch_every(self, definition: str, seconds: float) -> None:
+        """The watched ``definition`` is warmed every ``seconds``."""
+        self.watch_every.labels(definition_label(definition)).set(seconds)
+
     def forget_dataset(self, definition: str) -> None:
         """Drop a definition's series (it left the watch list on reload)."""
         name = definition_label(definition)
         for state in DATASET_STATES:
             self._remove(self.dataset_files, name, state)
         self._remove(self.dataset_last_warm, name)
+        self._remove(self.watch_every, name)
         for locality in LOCALITIES:
             self._remove(self.locality_files, name, locality)
 

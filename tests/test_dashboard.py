@@ -662,12 +662,12 @@ async def test_alert_rules_evaluate_against_the_daemon(prometheus: Prometheus,
         return await active() >= expected
 
     assert await _until(all_active, deadline), (await active(), prometheus.log_tail())
-    # None of these has its condition here. (Others may: the sweeper makes tape files stale,
-    # and a loaded machine may hold the daemon's loop.)
+    # None of these has its condition here. (Others may: a loaded machine may hold the
+    # daemon's loop.)
     quiet = {"PrestagedDown", "PrestagedCredentialExpired", "PrestagedTokenExpiresSoon",
              "PrestagedStateBacklog", "PrestagedStateBacklogFull", "PrestagedCatalogUnreachable",
              "PrestagedStorageDenies", "PrestagedLaunchUnknown", "PrestagedLaunchFailed",
-             "PrestagedLeaseTakenOver"}
+             "PrestagedLeaseTakenOver", "PrestagedWatchOverdue"}
     assert not {name for name, _ in await active()} & quiet, await active()
     groups = (await prometheus.api("rules"))["groups"]
     rules = [r for g in groups for r in g["rules"]]

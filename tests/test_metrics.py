@@ -204,9 +204,12 @@ def test_set_dataset_sets_states_and_forget_drops_them() -> None:
     m.set_dataset("d", warm=7, stale=2, failed=1, unknown=3, last_warm=None)
     assert m.registry.get_sample_value(
         "prestaged_dataset_last_warm_timestamp_seconds", {"definition": "d"}) is None
+    m.set_watch_every("/defs/d.txt", 3600)
+    assert _value(m, "prestaged_watch_every_seconds", definition="d") == 3600
     m.forget_dataset("d")
     assert m.registry.get_sample_value(
         "prestaged_dataset_files", {"definition": "d", "state": "warm"}) is None
+    assert m.registry.get_sample_value("prestaged_watch_every_seconds", {"definition": "d"}) is None
     m.forget_dataset("never-seen")
 
 

@@ -119,6 +119,7 @@ class Watches:
             loop = self._loop if self._member is None else self._shared_loop
             watch.task = self._spawn(loop(watch))
             self._watches[key] = watch
+            self._metrics.set_watch_every(key[1], watch.config.every)
 
     def stop(self) -> None:
         """Cancel every watch loop (runs already queued go on)."""
