@@ -184,27 +184,28 @@ def test_dashboard_has_a_cluster_row() -> None:
     assert "increase(prestaged_lease_takeovers_total" in exprs["Lease takeovers"]
 
 
+def _row_panel(row_title: str, title: str, unit: str) -> list[str]:
+    """The expressions of panel ``title``, checked to sit below row ``row_title`` in
+    ``unit``."""
+    panels = list(_panels(_load()["panels"]))
+    [row] = [p for p in panels if p["type"] == "row" and p["title"] == row_title]
+    [panel] = [p for p in panels if p["title"] == title]
+    assert panel["gridPos"]["y"] > row["gridPos"]["y"]
+    assert panel["fieldConfig"]["defaults"]["unit"] == unit
+    return [e for t, e in _targets(_load()) if _panel_title(t) == title]
+
+
 def test_dashboard_has_a_state_writer_backlog_panel() -> None:
     """The State row: each daemon's bytes of batches waiting for its state writer, in bytes."""
-    panels = list(_panels(_load()["panels"]))
-    [row] = [p for p in panels if p["type"] == "row" and p["title"] == "State"]
-    [panel] = [p for p in panels if p["title"] == "State writer backlog"]
-    assert panel["gridPos"]["y"] > row["gridPos"]["y"]
-    assert panel["fieldConfig"]["defaults"]["unit"] == "bytes"
-    exprs = {_panel_title(t): e for t, e in _targets(_load())}
-    assert exprs["State writer backlog"].startswith("prestaged_state_queued_bytes{")
+    [expr] = _row_panel("State", "State writer backlog", "bytes")
+    assert expr.startswith("prestaged_state_queued_bytes{")
 
 
 def test_dashboard_has_an_event_loop_row() -> None:
     """The Event loop row: each daemon's p99 loop lag, in seconds, and its stalls over 1 s."""
-    panels = list(_panels(_load()["panels"]))
-    [row] = [p for p in panels if p["type"] == "row" and p["title"] == "Event loop"]
-    [panel] = [p for p in panels if p["title"] == "Event loop lag"]
-    assert panel["gridPos"]["y"] > row["gridPos"]["y"]
-    assert panel["fieldConfig"]["defaults"]["unit"] == "s"
-    exprs = [e for t, e in _targets(_load()) if _panel_title(t) == "Event loop lag"]
-    assert exprs[0].startswith("histogram_quantile(0.99, ")
-    assert 'le="1.0"' in exprs[1]  # the bucket prometheus_client exposes for 1 s
+    p99, held = _row_panel("Event loop", "Event loop lag", "s")
+    assert p99.startswith("histogram_quantile(0.99, ")
+    assert 'le="1.0"' in held  # the bucket prometheus_client exposes for 1 s
 
 
 def test_rates_use_grafana_intervals() -> None:
