@@ -7,6 +7,7 @@ section 3); the API reads no file a caller names and keeps operator data behind 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import threading
@@ -308,8 +309,15 @@ async def test_a_killed_state_writer_is_replaced_by_the_next_run(
                 return run
 
             assert (await warm("a"))["exit_code"] == 0
-            [writer] = [p for p in psutil.Process().children()
-                        if "prestaged.state.writer" in p.cmdline()]
+            def writers() -> list[psutil.Process]:
+                found = []
+                for p in psutil.Process().children():
+                    with contextlib.suppress(psutil.Error):  # gone, or a zombie of a test
+                        if "prestaged.state.writer" in p.cmdline():
+                            found.append(p)
+                return found
+
+            [writer] = writers()
             writer.kill()
 
             async def dead() -> bool:  # a zombie until the store reaps it: not waited here
