@@ -379,7 +379,7 @@ class Readings:
 @dataclass(frozen=True)
 class LoopLag:
     """A daemon's ``prestaged_event_loop_lag_seconds``: probes, their mean lateness, how many
-    were over 0.1 s, and the upper bound of the bucket of the latest one (None: over 30 s)."""
+    were over 0.1 s, and the upper bound of the bucket of the largest one (None: over 30 s)."""
 
     probes: int
     mean_seconds: float
