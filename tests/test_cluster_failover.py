@@ -449,4 +449,5 @@ def test_every_member_shows_the_last_finished_round_in_its_gauges(
              lambda d=d: d.metric("prestaged_dataset_files", definition="small",
                                   state="warm") == 50)
         assert d.metric("prestaged_dataset_files", definition="small", state="unknown") == 0
-    assert c.member_of(late.proc.pid) != finisher
+    # One early member finished the round; the other did not, and shows its gauges all the same.
+    assert sorted(c.member_of(d.proc.pid) == finisher for d in early) == [False, True]
