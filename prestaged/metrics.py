@@ -233,6 +233,15 @@ class Metrics:
             "Bytes of outcome batches waiting for the state writer process: near zero while "
             "the state database takes writes, growing while it does not (up to 32 MiB, then "
             "recording waits).", registry=r)
+        self.state_writer_up = Gauge(
+            "prestaged_state_writer_up",
+            "1 while the state writer process takes outcomes, 0 once it gave up (the state "
+            "database took no writes for its patience); a new one replaces it when the "
+            "database answers again.", registry=r)
+        self.state_writer_replacements = Counter(
+            "prestaged_state_writer_replacements",
+            "State writer processes that gave up and were replaced (their unwritten outcomes "
+            "are lost: those files are touched again).", registry=r)
         self.loop_lag = Histogram(
             "prestaged_event_loop_lag_seconds",
             "How late the daemon's event loop ran a timer set every 0.25 s: how long something "

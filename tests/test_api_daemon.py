@@ -2,7 +2,8 @@
 does not freeze ``/healthz`` and ``/metrics`` (defect 11); run eviction never forgets a queued
 or running run (defect 12); a run that dies of a bug is an error, not a stuck run (issue 12
 section 3); the API reads no file a caller names and keeps operator data behind the token
-(issue 12 section 1); a killed state writer is replaced by the next run."""
+(issue 12 section 1); a killed state writer is replaced by the next run, or by the next
+heartbeat when no run comes."""
 
 from __future__ import annotations
 
@@ -281,6 +282,23 @@ async def test_a_run_that_dies_of_a_bug_is_an_error_and_the_daemon_goes_on(
 
 # --- the state writer killed ------------------------------------------------------------------
 
+async def _kill_the_writer() -> None:
+    """SIGKILL this process's state writer (the only one) and wait until it is a zombie (the
+    store reaps it: not waited for here, or ``Popen.poll`` would report exit 0)."""
+    import psutil
+
+    found = []
+    for p in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):  # gone, or a zombie of a test
+            if "prestaged.state.writer" in p.cmdline():
+                found.append(p)
+    [writer] = found
+    writer.kill()
+
+    async def dead() -> bool:
+        return bool(writer.status() == psutil.STATUS_ZOMBIE)
+    await until("the writer killed", dead)
+
 async def test_a_killed_state_writer_is_replaced_by_the_next_run(
     pki: TestPKI, proxy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -288,8 +306,6 @@ async def test_a_killed_state_writer_is_replaced_by_the_next_run(
     not end its recording: the next run starts a new writer, ends ok, and its files are fresh
     in the state. Before, every later run failed ("the writer process stopped answering")
     until the daemon was restarted."""
-    import psutil
-
     (tmp_path / "defs").mkdir()
     with ThreadedStorageServer(pki.server_ssl_context()) as storage:
         for name in ("a", "b"):
@@ -309,20 +325,7 @@ async def test_a_killed_state_writer_is_replaced_by_the_next_run(
                 return run
 
             assert (await warm("a"))["exit_code"] == 0
-            def writers() -> list[psutil.Process]:
-                found = []
-                for p in psutil.Process().children():
-                    with contextlib.suppress(psutil.Error):  # gone, or a zombie of a test
-                        if "prestaged.state.writer" in p.cmdline():
-                            found.append(p)
-                return found
-
-            [writer] = writers()
-            writer.kill()
-
-            async def dead() -> bool:  # a zombie until the store reaps it: not waited here
-                return bool(writer.status() == psutil.STATUS_ZOMBIE)
-            await until("the writer killed", dead)
+            await _kill_the_writer()
             run = await warm("b")
             assert (run["state"], run["exit_code"], run["error"]) == ("done", 0, None), run
             status, doc = await d.http("GET", "/api/v1/datasets/b")
@@ -331,3 +334,40 @@ async def test_a_killed_state_writer_is_replaced_by_the_next_run(
             ] == [f"state {tmp_path / 'state.db'}: the writer process stopped answering (it was "
                   "killed by signal 9); a new writer process replaces it (outcomes it had not "
                   "written are lost: those files will be touched again)"]
+
+
+async def test_a_stopped_state_writer_shows_and_is_replaced_at_the_next_heartbeat(
+    pki: TestPKI, proxy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no run coming (a daemon whose watches are a day apart), a writer that gave up is
+    not left stopped until the next run: ``/readyz`` and ``prestaged_state_writer_up`` say it
+    stopped, and the next heartbeat that the database answers starts a new one, counted in
+    ``prestaged_state_writer_replacements_total``. Revival is held back by the test until the
+    stopped state was seen, so that both halves are asserted, not raced."""
+    allowed = threading.Event()
+    revive = Store.revive_writer
+
+    def gated(store: Store) -> None:
+        allowed.wait(DEADLINE)
+        revive(store)
+
+    monkeypatch.setattr(Store, "revive_writer", gated)
+    async with in_process(_config(tmp_path, pki, proxy, token=False)) as d:
+        text = await d.metrics()
+        assert metric_value(text, "prestaged_state_writer_up") == 1
+        assert metric_value(text, "prestaged_state_writer_replacements_total") == 0
+        await _kill_the_writer()
+        status, body = await d.http("GET", "/readyz")
+        assert (status, body["problems"]) == (503, [
+            "state writer stopped: a new one starts once the database answers"]), body
+        assert metric_value(await d.metrics(), "prestaged_state_writer_up") == 0
+        allowed.set()
+
+        async def replaced() -> bool:
+            text = await d.metrics()
+            return (metric_value(text, "prestaged_state_writer_replacements_total") == 1
+                    and metric_value(text, "prestaged_state_writer_up") == 1)
+        await until("the writer replaced by a heartbeat", replaced)
+        status, body = await d.http("GET", "/readyz")
+        assert status == 200, body
+        assert metric_value(await d.metrics(), "prestaged_runs_total", result="ok") in (0, None)

@@ -201,6 +201,13 @@ def test_dashboard_has_a_state_writer_backlog_panel() -> None:
     assert expr.startswith("prestaged_state_queued_bytes{")
 
 
+def test_dashboard_has_a_state_writer_panel() -> None:
+    """Whether each daemon's state writer takes outcomes, and how often one was replaced."""
+    up, replaced = _row_panel("State", "State writer", "short")
+    assert up.startswith("min by (instance) (prestaged_state_writer_up{")
+    assert "increase(prestaged_state_writer_replacements_total{" in replaced
+
+
 def test_dashboard_has_an_event_loop_row() -> None:
     """The Event loop row: each daemon's p99 loop lag, in seconds, and its stalls over 1 s."""
     p99, held = _row_panel("Event loop", "Event loop lag", "s")
@@ -668,7 +675,7 @@ async def test_alert_rules_evaluate_against_the_daemon(prometheus: Prometheus,
     quiet = {"PrestagedDown", "PrestagedCredentialExpired", "PrestagedTokenExpiresSoon",
              "PrestagedStateBacklog", "PrestagedStateBacklogFull", "PrestagedCatalogUnreachable",
              "PrestagedStorageDenies", "PrestagedLaunchUnknown", "PrestagedLaunchFailed",
-             "PrestagedLeaseTakenOver", "PrestagedWatchOverdue"}
+             "PrestagedLeaseTakenOver", "PrestagedWatchOverdue", "PrestagedStateWriterStopped"}
     assert not {name for name, _ in await active()} & quiet, await active()
     groups = (await prometheus.api("rules"))["groups"]
     rules = [r for g in groups for r in g["rules"]]

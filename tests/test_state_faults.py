@@ -366,7 +366,11 @@ def test_a_writer_that_gave_up_on_a_lock_is_replaced_when_the_next_run_starts(
         with pytest.raises(StateError) as again:  # the lock is gone, the writer too
             store.flush()
         assert str(again.value) == str(gave_up.value)
+        assert (store.writer_stopped, store.writer_replacements) == (True, 0)
+        replaced: list[int] = []
+        store.on_writer_replaced = lambda: replaced.append(store.writer_replacements)
         run = store.start_run("local", "ds")
+        assert (store.writer_stopped, store.writer_replacements, replaced) == (False, 1, [1])
         record(store, 10, 3)
         store.finish_run(run, {"warm": 3}, 0, "")
     with sqlite3.connect(path) as conn:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 from prestaged.catalog import Catalog
 from prestaged.config import ClusterConfig
-from prestaged.errors import PrestagedError
+from prestaged.errors import PrestagedError, StateError
 from prestaged.metrics import Metrics
 from prestaged.model import FileRef
 from prestaged.state import cluster as shared
@@ -130,6 +130,13 @@ class ClusterMember:
             log.info("cluster: the state database answers again; claiming work")
         self.connected.set()
         self._metrics.set_cluster(sum(m.alive(self.lease) for m in members), leases)
+        if self._store.writer_stopped:
+            # The database answers again (or never stopped: a killed writer): outcomes are
+            # recorded again from now on, not only from the next run's start.
+            try:
+                await asyncio.to_thread(self._store.revive_writer)
+            except StateError as e:
+                log.error("%s", e)
 
     def _beat_sync(self) -> tuple[list[shared.Member], dict[str, int]]:
         """The heartbeat's transactions (in a worker thread): our row (registered again if

@@ -208,6 +208,8 @@ class Daemon:
         self.token = _read_token(cfg.daemon.token_file, cfg.daemon.listen)
         store = self._store = await asyncio.to_thread(self.ctx.open_store)
         self.metrics.state_queued_bytes.set_function(lambda: store.queued_bytes)
+        self.metrics.state_writer_up.set_function(lambda: 0.0 if store.writer_stopped else 1.0)
+        store.on_writer_replaced = self.metrics.state_writer_replacements.inc
         member = self._member = ClusterMember(store, self.metrics, config=lambda: self.cfg.cluster,
                                               listen=cfg.daemon.listen, version=__version__)
         await member.start()
@@ -500,6 +502,8 @@ class Daemon:
             problems.append("state store not open")
         elif not self._live.member.connected.is_set():
             problems.append("state database does not answer")
+        elif self._live.store.writer_stopped:
+            problems.append("state writer stopped: a new one starts once the database answers")
         problems += self._credential_problems(margin=True)
         if self.draining:
             problems.append("stopping")

@@ -89,7 +89,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 WRITER_EXIT_WAIT = 5.0
-"""Seconds a writer that gave up may take to exit before it is killed (``_revive_writer``)."""
+"""Seconds a writer that gave up may take to exit before it is killed (``revive_writer``)."""
 
 OUTBOX_LIMIT = 32 << 20
 """Bytes of batches that may wait for the writer process before ``record()`` waits for it:
@@ -279,6 +279,10 @@ class Store:
         self._last_send = time.monotonic()
         self._writer: Optional[subprocess.Popen[bytes]] = None
         self._writer_error: Optional[str] = None
+        self.writer_replacements = 0
+        """Writer processes replaced since the store opened (``revive_writer``)."""
+        self.on_writer_replaced: Optional[Callable[[], None]] = None
+        """Called after each replacement (the daemon counts them in its metrics)."""
         self._flushes = 0
         # Lines for the writer's stdin (None: no more), written in order by _sender.
         self._outbox: deque[Optional[bytes]] = deque()
@@ -348,18 +352,25 @@ class Store:
             # The URL may carry a password: on the pipe, never on the command line.
             self._line(self.url)
 
+    @property
+    def writer_stopped(self) -> bool:
+        """Whether the writer process gave up: it sent its error, exited, or its pipe broke.
+        Until ``revive_writer`` (or the next ``start_run``) nothing more is written."""
+        return self._writer_stopped()
+
     def _writer_stopped(self) -> bool:
-        """Whether the writer process gave up: it sent its error, exited, or its pipe broke."""
         writer = self._writer
         return writer is not None and (self._send_failed or self._writer_error is not None
                                        or writer.poll() is not None)
 
-    def _revive_writer(self) -> None:
+    def revive_writer(self) -> None:
         """Replace a writer process that gave up (a database that took no writes for the
         writer's patience, a SQLite lock held past ``busy_timeout``) by a new one, so that a
         daemon goes on once the database does, without a restart: until this is called, every
         call that meets the stopped writer raises its error. What the stopped writer had not
-        committed is lost, as in a crash: those files are touched again."""
+        committed is lost, as in a crash: those files are touched again. ``start_run`` calls
+        it, and the daemon's heartbeat once the database answers again. Blocks up to
+        ``WRITER_EXIT_WAIT`` for the old process: call it off the event loop."""
         if not self._writer_stopped():
             return
         with self._pipe, self._answers:
@@ -382,6 +393,9 @@ class Store:
             self._start_writer()
         log.warning("%s; a new writer process replaces it (outcomes it had not written are "
                     "lost: those files will be touched again)", why)
+        self.writer_replacements += 1
+        if self.on_writer_replaced is not None:
+            self.on_writer_replaced()
 
     def _open_postgres(self) -> Database:
         from prestaged.state.postgres import open_pool, open_state
@@ -615,7 +629,7 @@ class Store:
     def start_run(self, catalog: str, definition: str) -> int:
         """Record the start of a run now (written at once, not queued); return its id. A
         writer process that gave up since the last run is replaced first."""
-        self._revive_writer()
+        self.revive_writer()
         with self.transaction() as conn:
             def_id = schema.definition_id(conn, catalog, definition)
             return conn.insert(

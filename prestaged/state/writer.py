@@ -23,7 +23,7 @@ connection, with backoff, for up to ``RECONNECT_FOR`` seconds (or ``argv[4]``;
 ``write_through``); batches are idempotent, so one committed just before the cut does no harm
 written twice. Its connection is named ``prestaged-writer/<pid of the store's process>``
 (``argv[3]``) in ``pg_stat_activity``. A writer that gave up is not the end of a daemon: the
-store starts a new one when its next run starts (``Store._revive_writer``).
+store starts a new one when its next run starts (``Store.revive_writer``).
 
 It ignores SIGINT and SIGTERM: a Ctrl-C, ``timeout`` or systemd's stop signal to the whole
 process group must not kill it before the warming process has handed over its last batch and
