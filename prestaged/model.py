@@ -15,6 +15,7 @@ report) it goes through ``error_text``: userinfo redacted, whitespace folded, at
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -31,6 +32,7 @@ __all__ = [
     "error_text",
     "redact",
     "redacted_url",
+    "usable_origin",
 ]
 
 ERROR_TEXT_MAX = 200
@@ -41,12 +43,39 @@ ERROR_TEXT_MAX = 200
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s@]*(?:@[^/?#\s@]*)*@")
 
 
+# Query parameters that carry a secret in storage URLs: a password, a bearer token or macaroon
+# (XRootD's and dCache's ``authz=``), a presigned URL's signature and credentials (S3).
+_SECRET_PARAMETER = re.compile(
+    r"([?&;](?:password|passwd|pwd|token|access_token|bearer_token|authz|sig|signature"
+    r"|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&#;\s]*", re.IGNORECASE)
+
+
 def redact(text: str) -> str:
-    """``text`` (a URL, or text quoting URLs) with every URL's userinfo replaced by ``***``:
-    ``https://user:pw@host/f`` -> ``https://***@host/f``."""
-    if "@" not in text:  # the common case costs no regex
-        return text
-    return _USERINFO.sub(r"\1***@", text)
+    """``text`` (a URL, or text quoting URLs) with every URL's userinfo, and the value of every
+    query parameter that carries a secret (``password``, ``token``, ``authz``, a signature...),
+    replaced by ``***``: ``https://user:pw@host/f?authz=T`` -> ``https://***@host/f?authz=***``."""
+    if "@" in text:  # the common case (neither) costs no regex
+        text = _USERINFO.sub(r"\1***@", text)
+    if "=" in text:
+        text = _SECRET_PARAMETER.sub(r"\1***", text)
+    return text
+
+
+@functools.lru_cache(maxsize=4096)
+def usable_origin(url: str) -> bool:
+    """Whether a request can go to ``url``'s origin: it parses, has a host, and its port, if
+    it names one, is from 1 to 65535. Not so for a typo in a list (``:99999``, ``https:///x``)
+    or a discovery document's ``uri``: files at such a door are not asked their locality, each
+    fails alone when touched ("bad URL: ..."). Called per door or per setting, not per file
+    (hence the cache)."""
+    from yarl import URL
+
+    try:
+        parsed = URL(url)
+        port = parsed.explicit_port
+        return bool(parsed.host) and (port is None or 0 < port < 65536)
+    except ValueError:
+        return False
 
 
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")

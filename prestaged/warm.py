@@ -46,7 +46,16 @@ from prestaged.errors import (
     StorageError,
 )
 from prestaged.locality import TapeAccess, TapeProbe, TapeRouter, TapeTally
-from prestaged.model import Attempt, Failure, FileRef, Outcome, Result, TapeInfo, redact
+from prestaged.model import (
+    Attempt,
+    Failure,
+    FileRef,
+    Outcome,
+    Result,
+    TapeInfo,
+    redact,
+    usable_origin,
+)
 from prestaged.pacing import Pace, Pacer
 from prestaged.retry import RetryPolicy, retry_reason
 from prestaged.tokens import ScopeWarner, TokenSource, url_path
@@ -523,13 +532,14 @@ class _Run:
 
     async def _route(self, refs: list[FileRef], fresh: frozenset[str]) -> None:
         """Hand ``refs`` to the tape path, per door; what it cannot concern (a URL we do not
-        touch, plain http) takes the usual way."""
+        touch, plain http, a door no request can go to) takes the usual way."""
         assert self.router is not None
         doors: dict[str, list[tuple[FileRef, str]]] = {}
         for ref in refs:
             url = touch_url(ref.url, self.s.allow_plain_http)
-            if isinstance(url, str) and url.startswith("https://"):
-                doors.setdefault(endpoint_of(url), []).append((ref, url))
+            door = endpoint_of(url) if isinstance(url, str) else ""
+            if isinstance(url, str) and url.startswith("https://") and usable_origin(door):
+                doors.setdefault(door, []).append((ref, url))
             elif ref.url in fresh:
                 self.skip(ref)
             else:

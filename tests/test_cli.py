@@ -188,6 +188,31 @@ def test_storage_denying_everything_exit_3(pki: TestPKI, proxy: Path, storage: T
     assert storage.stats.requests_total <= 5 + 4
 
 
+@pytest.mark.parametrize("stage", ["auto", "never"])
+def test_a_malformed_url_fails_alone(pki: TestPKI, proxy: Path, storage: ThreadedStorageServer,
+                                     tmp_path: Path, stage: str) -> None:
+    """A list line whose authority no request can go to (port 99999, ``abc``, no host, a broken
+    IPv6 literal) fails that file, "bad URL", and the rest are warmed: with ``--stage auto`` it
+    used to crash the run with a traceback while asking the door's Tape REST discovery, warming
+    nothing. Its password is not shown."""
+    definition = _definition(tmp_path, storage, [f"/ok/{i}" for i in range(20)])
+    bad = ["https://alice:S3cretPW@127.0.0.1:99999/x", "https://127.0.0.1:abc/y",
+           "https:///nohost/z", "https://[zz::1/w", "https://127.0.0.1:0/v"]
+    with definition.open("a") as f:
+        f.write("".join(u + "\n" for u in bad))
+    res = run_cli("warm", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
+                  "--stage", stage, "--json", "--no-progress", "--state", str(tmp_path / "s.db"),
+                  "--retries", "1")
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr and "S3cretPW" not in res.stdout + res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["counts"]["warm"] == 20, doc["counts"]
+    failures = {f["url"]: f["error"] for f in doc["failures"]}
+    assert len(failures) == len(bad), failures
+    assert [e.startswith("bad URL") for e in failures.values()] == [True] * 4 + [False]
+    assert "Cannot connect to host 127.0.0.1:0" in failures["https://127.0.0.1:0/v"], failures
+
+
 def test_ctrl_c_stops_with_partial_summary_130(pki: TestPKI, proxy: Path, storage: ThreadedStorageServer,
                                                tmp_path: Path) -> None:
     """SIGINT mid-run: clean stop, partial summary marked interrupted, exit 130."""

@@ -166,8 +166,8 @@ def test_stage_always_fails_where_the_api_is_missing(
 def test_malformed_discovery_warns_and_touches_in_auto_and_fails_in_always(
     site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
 ) -> None:
-    """A discovery document without endpoints: auto warns once and reads the files by GET;
-    always is exit 5 with the reason."""
+    """A discovery document without endpoints, or whose v1 uri no request can go to: auto
+    warns once and reads the files by GET; always is exit 5 with the reason."""
     site.add_file("/pnfs/m/f", 10, Locality.DISK)
     site.set_discovery_body('{"sitename": "broken"}')
     definition = _definition(tmp_path, [site.door_url("/pnfs/m/f")])
@@ -177,6 +177,11 @@ def test_malformed_discovery_warns_and_touches_in_auto_and_fails_in_always(
     res = _warm(pki, proxy, tmp_path, definition, "-q", "--force", "--stage", "always")
     assert res.returncode == 5
     assert "no endpoints list in the discovery document (storage.stage = always)" in res.stderr
+    site.set_discovery_body(
+        '{"endpoints": [{"uri": "https://127.0.0.1:99999/api/v1/tape", "version": "v1"}]}')
+    res = _warm(pki, proxy, tmp_path, definition, "-q", "--force")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.count("v1 uri is no usable URL: https://127.0.0.1:99999/api/v1/tape") == 1
 
 
 def test_a_refused_stage_is_exit_3_naming_the_right(

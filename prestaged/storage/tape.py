@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from urllib.parse import urlsplit
 
 from prestaged.errors import CredentialError, StorageError
-from prestaged.model import error_text
+from prestaged.model import error_text, usable_origin
 from prestaged.net import bearer_error, parse_retry_after
 from prestaged.retry import RetryPolicy
 
@@ -255,6 +255,9 @@ class TapeClient:
         if not isinstance(uri, str) or not uri.startswith("https://"):
             raise TapeRestError(f"{url}: no https v1 endpoint in the discovery document "
                                 f"(versions: {', '.join(sorted(uris)) or 'none'})")
+        if not usable_origin(uri):
+            raise TapeRestError(f"{url}: the discovery document's v1 uri is no usable URL: "
+                                f"{error_text(uri)}")
         self._check_frontend(door, uri)
         return uri.rstrip("/")
 
@@ -375,6 +378,8 @@ class TapeClient:
                         raise TapeRestError(f"{url}: {status} {_problem(text)}")
                     why = f"{status} {_problem(text)}"
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            except aiohttp.InvalidURL as e:  # a discovery document's uri, say
+                raise TapeRestError(f"{url}: bad URL: {error_text(str(e))}") from None
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
                 if observe is not None:
                     observe(None)
