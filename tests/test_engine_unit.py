@@ -312,6 +312,13 @@ def test_attempt_error_text_is_bounded_and_redacted() -> None:
     assert redact("https://u:p@ss@h:1/f?a=b@c") == "https://***@h:1/f?a=b@c"
     assert redact("davs://a@h/x and root://b:c@h//y") == "davs://***@h/x and root://***@h//y"
     assert redact("https://h/f@x") == "https://h/f@x"  # an "@" in the path is no userinfo
+    # Query parameters that carry a secret: every one, whatever its case; the rest kept.
+    assert redact("https://h/f?password=QS3cret&token=T0k&x=1") == (
+        "https://h/f?password=***&token=***&x=1")
+    assert redact("root://h//f?authz=Bearer%20eyJ.x.y and https://h/g?X-Amz-Signature=ab#c") == (
+        "root://h//f?authz=*** and https://h/g?X-Amz-Signature=***#c")
+    assert redact("https://h/f?tokenizer=a&mytoken=b&x=token=c") == (
+        "https://h/f?tokenizer=a&mytoken=b&x=token=c")
     # Redacted before the cut: a password is never half-shown.
     assert "secret" not in error_text("x" * 190 + " https://user:secret@h/f")
 

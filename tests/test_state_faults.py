@@ -230,6 +230,24 @@ def test_url_credentials_never_reach_the_state_file(tmp_path: Path, backend: Bac
     assert len(rows) == 1 and "s3cr3t" not in repr(rows), rows
 
 
+def test_url_query_secrets_never_reach_the_state_file(tmp_path: Path, backend: Backend) -> None:
+    """A URL carrying a token or password in its query (XRootD's ``authz=``, ``password=``)
+    is recorded under its full identity, with those values redacted in the database."""
+    url = "https://door.example:2880/pnfs/f1?authz=Bearer%20s3cr3t-tok&password=s3cr3t-pw&x=1"
+    with backend.store() as store:
+        from prestaged.model import FileRef
+
+        store.add_members("local", "ds", [FileRef("f1", url)])
+        store.record(url, "f1", "failed", 503, 0, 5, f"HTTP 503 from {url}")
+        store.flush()
+        assert store.cold_urls("local", "ds", 3600) == [
+            "https://door.example:2880/pnfs/f1?authz=***&password=***&x=1"]
+    for path in backend.path.parent.glob("state.db*"):
+        assert b"s3cr3t" not in path.read_bytes(), path
+    rows = backend.query("SELECT url, name, last_error FROM files")
+    assert len(rows) == 1 and "s3cr3t" not in repr(rows), rows
+
+
 @contextlib.contextmanager
 def _held_write_lock(backend: Backend) -> Iterator[None]:
     """Another process's lock on the state, held until the block ends: SQLite's write lock

@@ -323,12 +323,12 @@ def plan_round(store: Store, catalog: str, definition: str, member_id: str, *,
     (``finish_chunk``), as a daemon alone waits ``every`` after a run ends: otherwise the files
     a long round touched last would still be fresh (0.8 ``every``) when the next one came.
 
-    URLs are stored as ``model.redact`` shows them: a URL with a password in it is refused
-    (``ValueError``) rather than written to the shared state."""
+    URLs are stored as ``model.redact`` shows them: a URL with a password or a token in it
+    is refused (``ValueError``) rather than written to the shared state."""
     leaky = next((r.url for r in refs if redact(r.url) != r.url), None)
     if leaky is not None:
-        raise ValueError(f"{redact(leaky)}: a URL with user:password cannot be shared between "
-                         "members")
+        raise ValueError(f"{redact(leaky)}: a URL with a password or a token (user:password, "
+                         "password=, authz=...) cannot be shared between members")
     with store.transaction() as conn:
         now = now_sql(conn)
         held = conn.execute(f"SELECT 1 FROM watch_schedule WHERE catalog = ? AND definition = ?"

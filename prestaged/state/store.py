@@ -575,7 +575,7 @@ class Store:
                nbytes: int, attempts: int, error: str, when: Optional[float] = None) -> None:
         """Record one file's outcome (queued; skipped_fresh is not an outcome to record)."""
         self._put("outcomes", (url_id(url), redact(url), name, result, http_status, nbytes,
-                              attempts, error, time.time() if when is None else when))
+                              attempts, redact(error), time.time() if when is None else when))
 
     def note_tape(self, url: str, info: TapeInfo, when: Optional[float] = None) -> None:
         """Record what the tape path learned of one file (queued): its locality; or a stage
