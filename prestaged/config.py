@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union, get_type_hints
 
 from prestaged.errors import ConfigError
-from prestaged.model import redacted_url
+from prestaged.model import redacted_url, usable_origin
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -155,6 +155,13 @@ def checked(label: str, value: T, rule: Check, noun: str) -> T:
     return value
 
 
+def env_value(environ: Mapping[str, str], name: str, rule: Check) -> Optional[str]:
+    """Variable ``name`` of ``environ`` (None when unset or empty) held to the ``rule`` of the
+    config key it stands in for; the ``ConfigError`` names ``$name``."""
+    value = environ.get(name) or None
+    return None if value is None else checked(f"${name}", value, rule, "string")
+
+
 def _number(v: float) -> str:
     return f"{v:g}" if isinstance(v, float) and not v.is_integer() else f"{int(v)}"
 
@@ -189,10 +196,33 @@ def matches(pattern: str, expected: str) -> Check:
 # "<kind>:<path>" as SAM writes it; the kind alone ("rucio:") is a valid prefix too.
 _LOCATION_PREFIX = matches(r"(?s)[A-Za-z][A-Za-z0-9_.+-]*:.*",
                            'a SAM location prefix such as "enstore:/pnfs/dune/"')
-_URL_BASE = matches(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+(/[^?#\s]*)?",
-                    'a URL base such as "https://fndca1.fnal.gov:2880/pnfs/fnal.gov/usr/"')
-_HTTP_URL = matches(r"https?://[^/?#\s]+(/[^?#\s]*)?",
-                    'an http(s) URL such as "https://samweb.fnal.gov:8483/sam/dune/api"')
+_URL_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+(/[^?#\s]*)?")
+_HTTP_FORM = re.compile(r"https?://[^/?#@\s]+(/[^?#\s]*)?")  # no user:password@
+
+
+def _url_base(v: str) -> bool:
+    return _URL_FORM.fullmatch(v) is not None and usable_origin(v)
+
+
+def _http_url(v: str) -> bool:
+    return _HTTP_FORM.fullmatch(v) is not None and usable_origin(v)
+
+
+def _host_port(v: str) -> bool:
+    return re.fullmatch(r"[^/?#@\s]+", v) is not None and usable_origin(f"https://{v}")
+
+
+_URL_BASE = Check(_url_base,
+                  'a URL base such as "https://fndca1.fnal.gov:2880/pnfs/fnal.gov/usr/" (a host, '
+                  'a port up to 65535)')
+HTTP_URL = Check(_http_url,
+                 'an http(s) URL such as "https://samweb.fnal.gov:8483/sam/dune/api" (a host, a '
+                 'port up to 65535, no user:password)')
+"""A catalog server's URL (config keys and the variables standing in for them)."""
+HOST_PORT = Check(_host_port,
+                  'a host name with an optional port, such as "samweb.fnal.gov" or '
+                  '"samweb.fnal.gov:8483"')
+"""A server's ``host[:port]``."""
 _NAMESPACE_PATH = matches(r"/[^\s?#]*",
                           'an absolute namespace path such as "/pnfs/fnal.gov/usr/"')
 _SCHEME = matches(r"[a-z][a-z0-9+.-]*", 'a URL scheme such as "https"')
@@ -395,9 +425,9 @@ class CatalogServerKeys:
 class SamWebConfig(CatalogServerKeys):
     """``[catalog.samweb]``: the SAM web REST API and how its locations become URLs."""
 
-    base_url: Optional[str] = field(default=None, metadata=check(_HTTP_URL))
+    base_url: Optional[str] = field(default=None, metadata=check(HTTP_URL))
     """API base; unset: ``$SAM_WEB_BASE_URL``, else ``https://<host>:8483/sam/<experiment>/api``."""
-    host: Optional[str] = None
+    host: Optional[str] = field(default=None, metadata=check(HOST_PORT))
     """SAM web host; unset: ``$SAM_WEB_HOST``, then ``samweb.fnal.gov``."""
     experiment: Optional[str] = field(default=None, metadata=check(PLAIN_NAME))
     """Experiment (``dune``, ``uboone``, ...); unset: ``$SAM_EXPERIMENT``."""
@@ -428,7 +458,7 @@ class MetaCatConfig(CatalogServerKeys):
     """``[catalog.metacat]``: DUNE's file catalog MetaCat (datasets ``namespace:name``, MQL
     queries); the files' replicas come from ``[catalog.rucio]``."""
 
-    url: Optional[str] = field(default=None, metadata=check(_HTTP_URL))
+    url: Optional[str] = field(default=None, metadata=check(HTTP_URL))
     """Server URL as the metacat client takes it, application prefix included (e.g.
     ``https://metacat.fnal.gov:9443/dune_meta_prod/app``); unset: ``$METACAT_SERVER_URL``."""
     auth: str = field(default="auto", metadata=check(one_of("auto", "metacat", "token",
@@ -452,9 +482,9 @@ class MetaCatConfig(CatalogServerKeys):
 class RucioConfig(CatalogServerKeys):
     """``[catalog.rucio]``: the replica catalog that turns MetaCat's files into URLs."""
 
-    url: Optional[str] = field(default=None, metadata=check(_HTTP_URL))
+    url: Optional[str] = field(default=None, metadata=check(HTTP_URL))
     """Rucio server (``rucio_host``), e.g. ``https://dune-rucio.fnal.gov``."""
-    auth_url: Optional[str] = field(default=None, metadata=check(_HTTP_URL))
+    auth_url: Optional[str] = field(default=None, metadata=check(HTTP_URL))
     """Rucio authentication server (``auth_host``); unset: ``url``."""
     account: Optional[str] = field(default=None, metadata=check(PLAIN_NAME))
     """Rucio account (``X-Rucio-Account``); unset: ``$RUCIO_ACCOUNT``, else (X.509 only) the
@@ -731,13 +761,31 @@ def _string_array(fld: dataclasses.Field[Any], value: object, key: str) -> tuple
     return tuple(value)
 
 
+def _hidden(text: str) -> str:
+    """``text`` with any password in it hidden: a URL's (``redacted_url``), or what precedes the
+    ``@`` of a ``user:password@host`` written without a scheme."""
+    if "://" not in text and "@" in text:
+        return "***@" + text.rpartition("@")[2]
+    return redacted_url(text)
+
+
+def _strings_hidden(value: object) -> object:
+    if isinstance(value, str):
+        return _hidden(value)
+    if isinstance(value, dict):
+        return {k: _strings_hidden(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strings_hidden(v) for v in value]
+    return value
+
+
 def shown(value: object) -> str:
     """``value`` as an error message quotes it after "got": strings in double quotes (JSON
-    escapes) with any password in them hidden (``redacted_url``), anything else as its
-    ``repr``."""
+    escapes), anything else as its ``repr``; any password in a string, or in the strings of a
+    table or array written where a string goes, hidden (``redacted_url``)."""
     if isinstance(value, str):
-        return json.dumps(redacted_url(value), ensure_ascii=False)
-    return repr(value)
+        return json.dumps(_hidden(value), ensure_ascii=False)
+    return repr(_strings_hidden(value))
 
 
 _NOUNS: dict[Any, str] = {Duration: "duration", int: "integer", float: "number", str: "string"}

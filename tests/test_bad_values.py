@@ -74,6 +74,69 @@ def test_bad_option_values_are_one_line_exit_2(tmp_path: Path, argv: list[str],
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize(("text", "key"), [
+    ('[catalog.samweb]\nbase_url = "https://127.0.0.1:99999/sam/dune/api"\n',
+     "catalog.samweb.base_url"),
+    ('[catalog.samweb]\nbase_url = "https://127.0.0.1:abc/sam/dune/api"\n',
+     "catalog.samweb.base_url"),
+    ('[catalog.samweb]\nhost = "127.0.0.1:99999"\n', "catalog.samweb.host"),
+    ('[catalog.samweb]\nhost = "u:S3cretPW@127.0.0.1"\n', "catalog.samweb.host"),
+    ('[catalog.samweb]\nbase_url = "https://alice:S3cretPW@127.0.0.1:1/sam/dune/api"\n',
+     "catalog.samweb.base_url"),
+    ('[catalog.metacat]\nurl = "https://127.0.0.1:99999/app"\n', "catalog.metacat.url"),
+    ('[catalog.rucio]\nurl = "https://bob:S3cretPW@127.0.0.1:1"\n', "catalog.rucio.url"),
+    ('[[catalog.samweb.rewrite]]\nlocation = "enstore:/pnfs/"\nurl = "https://h:70000/pnfs/"\n',
+     "catalog.samweb.rewrite[0].url"),
+    ('[[storage.path_map]]\nurl_prefix = "https:///pnfs/"\npath_prefix = "/pnfs/"\n',
+     "storage.path_map[0].url_prefix"),
+    ('[[state]]\nurl = "postgresql://prestaged:S3cretPW@db.example.org/prestaged"\n', "state"),
+    ('[storage.path_map]\nurl_prefix = "https://alice:S3cretPW@host/"\n', "storage.path_map"),
+    ('[state]\nurl = {a = "postgresql://u:S3cretPW@h/db"}\n', "state.url"),
+])
+def test_server_urls_are_checked_at_load_and_never_shown_with_a_password(
+        tmp_path: Path, text: str, key: str) -> None:
+    """A server URL no request can go to (a port above 65535 or not a number), or a catalog URL
+    with user:password, is refused at load naming the key: it crashed the first catalog request
+    with a traceback, or printed the password in "unreachable" errors. A value in the wrong
+    form (a table, an array) is quoted with its passwords hidden."""
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"config {path}: {key}") and "S3cretPW" not in message, message
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("SAM_WEB_BASE_URL", "ftp://u:S3cretPW@127.0.0.1:1/sam/dune/api"),
+    ("SAM_WEB_BASE_URL", "https://127.0.0.1:99999/sam/dune/api"),
+    ("SAM_WEB_HOST", "u:S3cretPW@127.0.0.1"),
+    ("SAM_EXPERIMENT", "bad name"),
+])
+def test_environment_variables_are_held_to_their_keys_rules(
+        tmp_path: Path, variable: str, value: str) -> None:
+    """``$SAM_WEB_BASE_URL``, ``$SAM_WEB_HOST`` and ``$SAM_EXPERIMENT`` stand in for config keys
+    and are checked like them: exit 2, one line naming the variable, no password."""
+    (tmp_path / "c.toml").write_text("")
+    env = {variable: value}
+    if variable != "SAM_EXPERIMENT":
+        env["SAM_EXPERIMENT"] = "dune"
+    res = run_cli("files", "foo", "--catalog", "samweb", "--config", str(tmp_path / "c.toml"),
+                  env=env)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith(f"prestaged: error: ${variable}: expected ")
+    assert res.stderr.count("\n") == 1 and "S3cretPW" not in res.stderr, res.stderr
+
+
+def test_metacat_server_url_variable_is_checked(tmp_path: Path) -> None:
+    """``$METACAT_SERVER_URL`` as ``[catalog.metacat] url``: "not a url" is named as such."""
+    (tmp_path / "c.toml").write_text('[catalog.rucio]\nurl = "https://127.0.0.1:1"\n')
+    res = run_cli("files", "ns:ds", "--catalog", "metacat", "--config", str(tmp_path / "c.toml"),
+                  env={"METACAT_SERVER_URL": "not a url"})
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("prestaged: error: $METACAT_SERVER_URL: expected an http(s) URL")
+
+
 def test_a_non_utf8_config_is_one_line_exit_2(tmp_path: Path) -> None:
     """A config of bytes that are not UTF-8: one line naming the file and the byte, exit 2
     (a UnicodeDecodeError traceback before)."""

@@ -144,6 +144,7 @@ BAD_CONFIG_VALUES: dict[str, object] = {
     "breaker.denials": 0, "breaker.token_denials": 0, "breaker.tls_failures": 0,
     "breaker.unreachable": -1,
     "catalog.samweb.base_url": "ftp://samweb/api", "catalog.samweb.experiment": "du ne",
+    "catalog.samweb.host": "samweb:99999",
     "catalog.samweb.batch": 0, "catalog.samweb.parallel": 0, "catalog.samweb.timeout": 0,
     "catalog.samweb.retry_initial": -1, "catalog.samweb.retry_max": -1,
     "catalog.samweb.retry_for": -1, "catalog.samweb.url_mode": "both",

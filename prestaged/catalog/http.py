@@ -34,7 +34,7 @@ from yarl import URL
 from prestaged._version import __version__
 from prestaged.config import CatalogServerKeys
 from prestaged.errors import CatalogError, CredentialError, PrestagedError
-from prestaged.model import FileRef
+from prestaged.model import FileRef, redact
 from prestaged.net import parse_retry_after, tls_cause
 from prestaged.retry import RetryPolicy
 
@@ -319,7 +319,7 @@ class Backoff:
     ) -> None:
         self.policy = policy
         self.sleep = sleep
-        self.server = server
+        self.server = redact(server)  # a base URL may carry user:password
         self.what = what
         self.service = service
         self.key = key

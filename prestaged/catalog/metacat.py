@@ -59,7 +59,7 @@ from prestaged.catalog.http import (
     retry_settings,
 )
 from prestaged.catalog.rucio import RucioApi, pick, rucio_login_mode
-from prestaged.config import CatalogConfig, MetaCatConfig, RucioConfig
+from prestaged.config import HTTP_URL, CatalogConfig, MetaCatConfig, RucioConfig, env_value
 from prestaged.errors import CatalogError, ConfigError, CredentialError
 from prestaged.model import FileRef
 from prestaged.net import bearer_error
@@ -80,7 +80,7 @@ def metacat_url(cfg: MetaCatConfig, env: Optional[Mapping[str, str]] = None) -> 
     """``cfg.url``, else ``$METACAT_SERVER_URL`` (the metacat client's variable); no trailing
     slash. ``ConfigError`` when neither is set."""
     environ = os.environ if env is None else env
-    url = cfg.url or environ.get("METACAT_SERVER_URL") or None
+    url = cfg.url or env_value(environ, "METACAT_SERVER_URL", HTTP_URL)
     if url is None:
         raise ConfigError("MetaCat: no server; set [catalog.metacat] url (e.g. "
                           "https://metacat.fnal.gov:9443/dune_meta_prod/app) or "

@@ -64,7 +64,7 @@ from prestaged.catalog.http import (
     retry_settings,
 )
 from prestaged.catalog.rewrite import Rewriter
-from prestaged.config import SamWebConfig
+from prestaged.config import HOST_PORT, HTTP_URL, PLAIN_NAME, SamWebConfig, env_value
 from prestaged.errors import CatalogError, ConfigError, CredentialError
 from prestaged.model import FileRef
 from prestaged.net import bearer_error
@@ -112,15 +112,15 @@ def resolve_base_url(cfg: SamWebConfig, env: Mapping[str, str] | None = None) ->
     experiment.
     """
     environ = os.environ if env is None else env
-    experiment = cfg.experiment or environ.get("SAM_EXPERIMENT") or None
-    base = cfg.base_url or environ.get("SAM_WEB_BASE_URL") or None
+    experiment = cfg.experiment or env_value(environ, "SAM_EXPERIMENT", PLAIN_NAME)
+    base = cfg.base_url or env_value(environ, "SAM_WEB_BASE_URL", HTTP_URL)
     if base is None:
         if experiment is None:
             raise ConfigError(
                 "SAM web: no experiment; give --experiment, set [catalog.samweb] experiment "
                 "or base_url, or $SAM_EXPERIMENT"
             )
-        host = cfg.host or environ.get("SAM_WEB_HOST") or DEFAULT_HOST
+        host = cfg.host or env_value(environ, "SAM_WEB_HOST", HOST_PORT) or DEFAULT_HOST
         base = f"https://{_with_port(host)}/sam/{quote(experiment, safe='')}/api"
     base = base.rstrip("/")
     if experiment is None:
