@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union, get_type_hints
 
 from prestaged.errors import ConfigError
+from prestaged.files import read_small
 from prestaged.model import redacted_url, usable_origin
 
 if sys.version_info >= (3, 11):
@@ -663,13 +664,20 @@ def find_config(explicit: Path | None, env: Mapping[str, str] | None = None) -> 
     return None
 
 
+CONFIG_MAX_BYTES = 1 << 20
+"""A config file's largest size (one of ours is a few KiB; /dev/zero is not one)."""
+
+
 def load_config(path: Path | None) -> Config:
     """Load and validate ``path`` (None: built-in defaults). Raises ``ConfigError`` (exit 2)."""
     if path is None:
         return Config()
     try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+        raw = read_small(path, CONFIG_MAX_BYTES)
+        if len(raw) > CONFIG_MAX_BYTES:
+            raise ConfigError(f"config {path}: larger than {CONFIG_MAX_BYTES >> 20} MiB, not a "
+                              "prestaged config")
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config {path}: no such file") from None
     except OSError as e:

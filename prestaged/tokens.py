@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prestaged.errors import CredentialError
+from prestaged.files import read_small
 
 __all__ = [
     "WLCG_ANY_AUDIENCE",
@@ -302,8 +303,7 @@ def read_credential_file(path: Path, label: str, *, limit: int, kind: str) -> by
     ``limit`` of them; ``CredentialError`` naming ``label`` if it is missing, a directory,
     unreadable or larger."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
+        data = read_small(path, limit)
     except FileNotFoundError as e:
         raise CredentialError(f"{label}: no such file") from e
     except IsADirectoryError as e:

@@ -26,7 +26,8 @@ PACKAGE = ROOT / "prestaged"
 LOWER = ("prestaged.model", "prestaged.errors", "prestaged.net", "prestaged.storage",
          "prestaged.catalog", "prestaged.state", "prestaged.config", "prestaged.retry",
          "prestaged.credentials", "prestaged.metrics", "prestaged.warm", "prestaged.runner",
-         "prestaged.gate", "prestaged.runtime", "prestaged.pins", "prestaged.pacing")
+         "prestaged.gate", "prestaged.runtime", "prestaged.pins", "prestaged.pacing",
+         "prestaged.files")
 UPPER = ("prestaged.cli", "prestaged.service", "prestaged.campaign", "prestaged.context",
          "prestaged.demo")
 

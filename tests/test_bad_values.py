@@ -137,6 +137,32 @@ def test_metacat_server_url_variable_is_checked(tmp_path: Path) -> None:
     assert res.stderr.startswith("prestaged: error: $METACAT_SERVER_URL: expected an http(s) URL")
 
 
+def test_config_and_credential_paths_to_devices_and_pipes_neither_hang_nor_swallow_memory(
+        tmp_path: Path) -> None:
+    """``--config /dev/zero`` read gigabytes, a named pipe as ``--config`` or ``--proxy``
+    waited forever for a writer: now /dev/zero is "larger than 1 MiB", a pipe without a writer
+    reads as empty (a config of defaults, a proxy without a certificate)."""
+    import os
+    import subprocess
+
+    from cli_runner import entry_point, subprocess_env
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(entry_point(*argv), capture_output=True, text=True, timeout=60,
+                              env=subprocess_env(), check=False)
+
+    res = run("status", "--config", "/dev/zero", "--state", str(tmp_path / "s.db"))
+    assert (res.returncode, res.stderr) == (
+        2, "prestaged: error: config /dev/zero: larger than 1 MiB, not a prestaged config\n")
+    res = run("status", "--config", str(fifo), "--state", str(tmp_path / "s.db"))
+    assert "no such file (nothing warmed yet" in res.stderr  # the config was read: defaults
+    res = run("credentials", "--proxy", str(fifo), "--config", str(fifo))
+    assert res.returncode == 3 and f"proxy {fifo} (from --proxy): no certificate" in res.stdout
+
+
 def test_a_non_utf8_config_is_one_line_exit_2(tmp_path: Path) -> None:
     """A config of bytes that are not UTF-8: one line naming the file and the byte, exit 2
     (a UnicodeDecodeError traceback before)."""

@@ -219,7 +219,7 @@ def test_permission_error_is_reported(
     def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("prestaged.tokens.open", refuse, raising=False)  # the reader of both
+    monkeypatch.setattr("prestaged.tokens.read_small", refuse)  # the reader of both
     assert "permission denied" in _error(proxy)
 
 

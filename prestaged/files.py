@@ -1,0 +1,38 @@
+"""Reading the small files a user names: config, campaign and credential files.
+
+Each is read whole, so a path to something that is no such file must not hang or exhaust memory:
+``/dev/zero`` as a config read gigabytes, a named pipe as the proxy waited for a writer forever.
+``read_small`` opens without blocking (a pipe with no writer reads as empty) and reads at most
+one byte more than its limit, so that the caller can say "larger than ...".
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import Union
+
+__all__ = ["read_small"]
+
+
+def read_small(path: Union[str, Path], limit: int) -> bytes:
+    """Up to ``limit + 1`` bytes of ``path`` (more than ``limit``: too large, the caller's
+    word). ``OSError`` as ``open`` raises it (``FileNotFoundError``, ``PermissionError``...),
+    ``IsADirectoryError`` for a directory, ``BlockingIOError`` for a pipe whose writer has not
+    written yet."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = f.read(limit + 1 - size)
+            if chunk is None:  # a pipe with nothing to read yet
+                raise BlockingIOError(errno.EAGAIN, "nothing to read yet (a pipe?)", str(path))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
