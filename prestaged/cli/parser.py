@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from prestaged import __version__
 from prestaged.cli.campaign import (
@@ -145,6 +145,7 @@ def _storage(timeout_flag: str) -> argparse.ArgumentParser:
                    help="bytes read per file (default 4)")
     g.add_argument("--rate", type=float, metavar="FILES_PER_S",
                    help="limit per endpoint (default unlimited)")
+    p.set_defaults(timeout_flag=timeout_flag)  # how errors name it
     g.add_argument(timeout_flag, dest="timeout", metavar="DURATION",
                    help="per attempt (default 60s)")
     g.add_argument("--retries", type=int, metavar="N", help="attempts per file (default 5)")
@@ -202,9 +203,17 @@ class _Parents:
         return [self.gate, self.attempt_storage, self.credentials, self.state, self.common]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (exit 2), pointing at ``--help``
+    instead of printing the whole usage block before the line that matters."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand; each sets ``func`` to its ``Command``."""
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="prestaged",
         description="Prestage and keep warm grid datasets on tape-backed disk caches.",
     )
