@@ -21,19 +21,30 @@ both RSEs on the test storage. prestaged logs in to Rucio with the demo proxy (`
 instead, with a cold dataset on tape: 70 % tape-only files over 4 tapes, the rest with a disk
 copy, and one lost file; ``prestaged warm`` stages the tape-only files through the Tape REST
 API and touches each as it lands.
+
+The temporary directory is made under ``TMPDIR`` (``tempfile``'s rule). Each server process runs
+in a session of its own, so that Ctrl-C at the terminal reaches the demo alone: a Ctrl-C during
+the warm stops it cleanly while the servers still answer. However the demo ends (an error,
+Ctrl-C, SIGTERM, SIGHUP), its server processes are stopped and reaped and the directory, with
+the test PKI's private keys, is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Optional
+from types import FrameType
+from typing import Any, Callable, Optional, Union
 
+from prestaged.config import checked, within
 from prestaged.errors import PrestagedError
 
 __all__ = ["DEMO_DATASET", "DEMO_DEFINITION", "run_demo", "run_tape_demo", "write_definition",
@@ -43,6 +54,12 @@ DEMO_DEFINITION = "demo-dataset"
 """Name of the demo's SAM definition."""
 DEMO_DATASET = "dune:demo-dataset"
 """The demo's MetaCat dataset."""
+MAX_FILES = 100_000
+"""The most files ``--files`` asks for (the demo is meant to take seconds)."""
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_Handler = Union[Callable[[int, Optional[FrameType]], Any], int, None]
+_Procs = list[subprocess.Popen[str]]
 
 
 class DemoError(PrestagedError):
@@ -112,9 +129,77 @@ def write_metacat_dataset(tmp: Path, files: int, storage: str, user_dn: str
     return datasets, path
 
 
-def _start(cmd: list[str], what: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    """Start a test server process and read the JSON line it prints once listening."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+def _interrupt_on_stop_signals() -> dict[int, _Handler]:
+    """Make SIGINT, SIGTERM and SIGHUP raise ``KeyboardInterrupt``; the handlers they had.
+
+    Without this a terminated or hung-up demo dies at once, leaving its servers running and the
+    private keys on disk; and the warm's event loop (uvloop) leaves handlers behind that ignore
+    all three once it is closed.
+    """
+    return {sig: signal.signal(sig, signal.default_int_handler) for sig in _STOP_SIGNALS}
+
+
+def _restore_signals(handlers: dict[int, _Handler]) -> None:
+    for sig, handler in handlers.items():
+        signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+@contextlib.contextmanager
+def _workspace(keep: bool) -> Iterator[tuple[Path, _Procs]]:
+    """A new temporary directory under ``TMPDIR`` and the list of the server processes started
+    for it (by ``_spawn``).
+
+    However the block is left (an error, Ctrl-C, SIGTERM or SIGHUP: each raises
+    ``KeyboardInterrupt`` meanwhile), the processes still running are killed and all are
+    reaped, then the directory is removed unless ``keep``. The three signals are ignored during
+    that clean-up, so that pressing Ctrl-C again does not cut it short.
+    """
+    previous = _interrupt_on_stop_signals()
+    procs: _Procs = []
+    tmp: Optional[Path] = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix="prestaged-demo-"))
+        yield tmp, procs
+    finally:
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+            if tmp is not None and not keep:
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            _restore_signals(previous)
+
+
+def _spawn(procs: _Procs, cmd: list[str], stdout: Optional[int] = None
+           ) -> subprocess.Popen[str]:
+    """Start a server process, listed in ``procs`` before anything else can interrupt.
+
+    It runs in a session of its own, out of the terminal's reach: Ctrl-C goes to the demo
+    alone, whose warm then stops cleanly while the servers still answer; the demo stops them.
+    """
+    proc = subprocess.Popen(cmd, stdout=stdout, text=True, start_new_session=True)
+    procs.append(proc)
+    return proc
+
+
+def _warm(main: Callable[[Optional[list[str]]], int], argv: list[str]) -> int:
+    """``main(argv)``, then SIGINT, SIGTERM and SIGHUP interrupt the demo again (see
+    ``_interrupt_on_stop_signals``)."""
+    try:
+        return main(argv)
+    finally:
+        _interrupt_on_stop_signals()
+
+
+def _start(procs: _Procs, cmd: list[str], what: str
+           ) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """Start a test server process (``_spawn``) and read the JSON line it prints once
+    listening; one that says something else is left to ``_workspace`` to kill."""
+    proc = _spawn(procs, cmd, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     try:
@@ -123,8 +208,6 @@ def _start(cmd: list[str], what: str) -> tuple[subprocess.Popen[str], dict[str, 
             raise TypeError(line)
         return proc, info
     except (ValueError, TypeError):
-        proc.kill()
-        proc.wait()
         raise DemoError(f"demo: the {what} did not start (said {line.strip()!r})") from None
 
 
@@ -135,16 +218,17 @@ def _stop(proc: subprocess.Popen[str], stats: Path) -> dict[str, Any]:
     return seen
 
 
-def _samweb_setup(tmp: Path, files: int, base: str) -> tuple[subprocess.Popen[str], list[str]]:
-    """Start the SAM web emulator; return it and the ``warm`` arguments that use it."""
+def _samweb_setup(tmp: Path, procs: _Procs, files: int, base: str
+                  ) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start the SAM web emulator (into ``procs``); return it and the ``warm`` arguments that
+    use it."""
     defs = write_sam_definition(tmp / "sam-definitions.json", files)
-    proc, info = _start([sys.executable, "-m", "prestaged.testing.samweb", "--pki-dir",
+    proc, info = _start(procs, [sys.executable, "-m", "prestaged.testing.samweb", "--pki-dir",
                          str(tmp / "pki"), "--definitions", str(defs),
                          "--stats-file", str(tmp / "samweb-stats.json")], "SAM web emulator")
     try:
         base_url = str(info["base_url"])
     except KeyError:
-        proc.kill()
         raise DemoError("demo: the SAM web emulator did not say its URL") from None
     config = tmp / "prestaged.toml"
     config.write_text(
@@ -161,27 +245,24 @@ def _samweb_setup(tmp: Path, files: int, base: str) -> tuple[subprocess.Popen[st
     return proc, [DEMO_DEFINITION, "--config", str(config)]
 
 
-def _metacat_setup(tmp: Path, files: int, base: str, user_dn: str
+def _metacat_setup(tmp: Path, procs: _Procs, files: int, base: str, user_dn: str
                    ) -> tuple[list[subprocess.Popen[str]], list[str]]:
-    """Start the MetaCat and Rucio emulators; return them and the ``warm`` arguments."""
+    """Start the MetaCat and Rucio emulators (into ``procs``); return them and the ``warm``
+    arguments."""
     datasets, spec = write_metacat_dataset(tmp, files, base, user_dn)
     pki = ["--pki-dir", str(tmp / "pki")]
-    metacat, info = _start([sys.executable, "-m", "prestaged.testing.metacat", *pki,
-                            "--datasets", str(datasets),
-                            "--stats-file", str(tmp / "metacat-stats.json")], "MetaCat emulator")
-    procs = [metacat]
+    metacat, info = _start(procs, [sys.executable, "-m", "prestaged.testing.metacat", *pki,
+                                   "--datasets", str(datasets),
+                                   "--stats-file", str(tmp / "metacat-stats.json")],
+                           "MetaCat emulator")
+    rucio, rucio_info = _start(procs, [sys.executable, "-m", "prestaged.testing.rucio", *pki,
+                                       "--spec", str(spec),
+                                       "--stats-file", str(tmp / "rucio-stats.json")],
+                               "Rucio emulator")
     try:
-        rucio, rucio_info = _start([sys.executable, "-m", "prestaged.testing.rucio", *pki,
-                                    "--spec", str(spec),
-                                    "--stats-file", str(tmp / "rucio-stats.json")],
-                                   "Rucio emulator")
-        procs.append(rucio)
         metacat_url, rucio_url = str(info["base_url"]), str(rucio_info["base_url"])
-    except (DemoError, KeyError):
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-        raise
+    except KeyError:
+        raise DemoError("demo: the MetaCat or Rucio emulator did not say its URL") from None
     config = tmp / "prestaged.toml"
     config.write_text(
         "# prestaged demo: resolve datasets with the MetaCat and Rucio emulators\n"
@@ -194,7 +275,7 @@ def _metacat_setup(tmp: Path, files: int, base: str, user_dn: str
     print(f"demo: MetaCat dataset {DEMO_DATASET!r} with {files} files; in Rucio 3/4 on the "
           "DISK RSE, 1/4 only on the TAPE RSE (davs://)")
     print(f"demo: config {config}\n")
-    return procs, [DEMO_DATASET, "--config", str(config)]
+    return [metacat, rucio], [DEMO_DATASET, "--config", str(config)]
 
 
 def _report_catalogs(tmp: Path, sam: Optional[subprocess.Popen[str]],
@@ -219,20 +300,19 @@ def run_demo(*, files: int, redirect: bool, keep: bool,
     """Run the demo; returns ``prestaged warm``'s exit code. ``main`` is the CLI entry point.
 
     ``catalog`` is ``"local"`` (a text file of URLs), ``"samweb"`` (the SAM web emulator) or
-    ``"metacat"`` (the MetaCat and Rucio emulators).
+    ``"metacat"`` (the MetaCat and Rucio emulators). ``files`` is from 1 to ``MAX_FILES``
+    (``ConfigError`` naming ``--files`` otherwise).
     """
     from prestaged.testing.pki import create_pki
 
-    tmp = Path(tempfile.mkdtemp(prefix="prestaged-demo-"))
-    procs: list[subprocess.Popen[str]] = []
-    try:
+    checked("--files", files, within(1, MAX_FILES), "integer")
+    with _workspace(keep) as (tmp, procs):
         pki = create_pki(tmp / "pki")
         proxy = pki.make_proxy(tmp / "x509up_demo")
         stats = tmp / "storage-stats.json"
         cmd = [sys.executable, "-m", "prestaged.testing.storage", "--pki-dir", str(tmp / "pki"),
                "--stats-file", str(stats)] + (["--redirect"] if redirect else [])
-        storage, info = _start(cmd, "test storage")
-        procs.append(storage)
+        storage, info = _start(procs, cmd, "test storage")
         base = f"https://127.0.0.1:{info['door_port']}"
         kind = "door -> pool redirects, " if redirect else ""
         print(f"demo: test storage on {base} ({kind}client certificate required)")
@@ -240,20 +320,18 @@ def run_demo(*, files: int, redirect: bool, keep: bool,
         sam: Optional[subprocess.Popen[str]] = None
         metacat: list[subprocess.Popen[str]] = []
         if catalog == "samweb":
-            sam, source = _samweb_setup(tmp, files, base)
-            procs.append(sam)
+            sam, source = _samweb_setup(tmp, procs, files, base)
         elif catalog == "metacat":
             from prestaged.testing.rucio_server import rfc2253_dn
 
-            metacat, source = _metacat_setup(tmp, files, base, rfc2253_dn(pki.user_cert))
-            procs.extend(metacat)
+            metacat, source = _metacat_setup(tmp, procs, files, base, rfc2253_dn(pki.user_cert))
         else:
             definition = write_definition(tmp / "demo-dataset.txt", base, files)
             print(f"demo: definition {definition} with {files} files\n")
             source = [str(definition)]
         # The demo's state lives (and goes) with its temporary directory.
-        code = main(["warm", *source, "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
-                     "--state", str(tmp / "state.db")])
+        code = _warm(main, ["warm", *source, "--proxy", str(proxy), "--ca-dir",
+                            str(pki.ca_dir), "--state", str(tmp / "state.db")])
         seen = _stop(storage, stats)
         _report_catalogs(tmp, sam, metacat)
         if seen:
@@ -262,13 +340,6 @@ def run_demo(*, files: int, redirect: bool, keep: bool,
         if keep:
             print(f"demo: kept {tmp}")
         return code
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        if not keep:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # The demo's tape library, times scaled down about 1/100 from a real one (a mount takes 1-2 min,
@@ -308,20 +379,20 @@ def _wait_ready(proc: subprocess.Popen[str], ready: Path, timeout: float = 30.0)
 
 
 def run_tape_demo(*, files: int, keep: bool, main: Callable[[Optional[list[str]]], int]) -> int:
-    """The tape demo; returns ``prestaged warm``'s exit code (1: the lost file)."""
+    """The tape demo; returns ``prestaged warm``'s exit code (1: the lost file). ``files`` as
+    for ``run_demo``."""
     from prestaged.testing.pki import create_pki
 
-    tmp = Path(tempfile.mkdtemp(prefix="prestaged-demo-"))
-    proc: Optional[subprocess.Popen[str]] = None
-    try:
+    checked("--files", files, within(1, MAX_FILES), "integer")
+    with _workspace(keep) as (tmp, procs):
         pki = create_pki(tmp / "pki")
         proxy = pki.make_proxy(tmp / "x509up_demo")
         paths = write_tape_manifest(tmp / "manifest.json", files)
         stats = tmp / "dcache-stats.json"
-        proc = subprocess.Popen([sys.executable, "-m", "prestaged.testing.dcache", "--pki-dir",
-                                 str(tmp / "pki"), "--ready-file", str(tmp / "ready.json"),
-                                 "--stats-file", str(stats), "--manifest",
-                                 str(tmp / "manifest.json"), *_TAPE_MODEL], text=True)
+        proc = _spawn(procs, [sys.executable, "-m", "prestaged.testing.dcache", "--pki-dir",
+                              str(tmp / "pki"), "--ready-file", str(tmp / "ready.json"),
+                              "--stats-file", str(stats), "--manifest",
+                              str(tmp / "manifest.json"), *_TAPE_MODEL])
         info = _wait_ready(proc, tmp / "ready.json")
         door = str(info["door_url"]).rstrip("/")
         definition = tmp / "demo-dataset.txt"
@@ -331,9 +402,9 @@ def run_tape_demo(*, files: int, keep: bool, main: Callable[[Optional[list[str]]
         print(f"demo: emulated dCache: WebDAV door {door}, Tape REST API {info['tape_api_url']}")
         print(f"demo: {files} files, cold: 70% only on tape (4 tapes, 2 drives), 1 lost")
         print(f"demo: definition {definition}\n")
-        code = main(["warm", str(definition), "--proxy", str(proxy), "--ca-dir",
-                     str(pki.ca_dir), "--state", str(tmp / "state.db"), "--config",
-                     str(config)])
+        code = _warm(main, ["warm", str(definition), "--proxy", str(proxy), "--ca-dir",
+                            str(pki.ca_dir), "--state", str(tmp / "state.db"), "--config",
+                            str(config)])
         seen = _stop(proc, stats).get("stats", {})
         asked = seen.get("requests", {})
         print(f"\ndemo: the dCache saw {asked.get('frontend:archiveinfo', 0)} locality and "
@@ -343,9 +414,3 @@ def run_tape_demo(*, files: int, keep: bool, main: Callable[[Optional[list[str]]
         if keep:
             print(f"demo: kept {tmp}")
         return code
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if not keep:
-            shutil.rmtree(tmp, ignore_errors=True)

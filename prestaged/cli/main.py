@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from typing import Optional
 
 from prestaged.cli.common import Command
 from prestaged.cli.parser import OVERRIDES, build_parser
-from prestaged.config import Config, find_config, load_config, replace_path
-from prestaged.errors import EXIT_INTERRUPTED, PrestagedError
+from prestaged.config import Config, find_config, load_config, replace_path, shown
+from prestaged.errors import EXIT_INTERRUPTED, ConfigError, PrestagedError
 
 __all__ = ["main"]
+
+_LABELS = {"nbytes": "--bytes", "stage_mode": "--stage"}
+"""The flag of an ``OVERRIDES`` destination named otherwise."""
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``prestaged`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    args.entry = main  # for a command that drives the entry point itself (the demo)
-    command: Command = args.func
     try:
+        args = build_parser().parse_args(argv)
+        args.entry = main  # for a command that drives the entry point itself (the demo)
+        command: Command = args.func
         cfg = _load(args)
         _setup_logging(args, cfg)
         return command(args, cfg)
@@ -43,11 +48,25 @@ def _load(args: argparse.Namespace) -> Config:
     for dest, key in OVERRIDES.items():
         value = getattr(args, dest, None)
         if value is not None:
-            label = "--bytes" if dest == "nbytes" else "--" + dest.replace("_", "-")
+            label = _LABELS.get(dest) or "--" + dest.replace("_", "-")
+            if dest == "timeout":
+                label = getattr(args, "timeout_flag", label)
             if dest == "state":  # a file named on the command line wins over state.url too
+                _check_state_file(value)
                 cfg = replace_path(cfg, "state.url", None)
             cfg = replace_path(cfg, key, value, label=label)
     return cfg
+
+
+def _check_state_file(value: str) -> None:
+    """``--state`` names a file: not empty (an unset variable in a script), not a URL (which
+    would have made a SQLite file named after it, password and all)."""
+    if not value.strip():
+        raise ConfigError('--state: expected a file path, got ""')
+    if _URL_SCHEME.match(value):
+        raise ConfigError(f"--state: expected a file path, got {shown(value)}: a PostgreSQL "
+                          "state goes in [state] url of the config (its password in ~/.pgpass, "
+                          "not on a command line, which every user sees in ps)")
 
 
 def _setup_logging(args: argparse.Namespace, cfg: Config) -> None:
