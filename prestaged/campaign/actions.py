@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from typing import Optional
 
 from prestaged.campaign.repository import CampaignRepository
+from prestaged.config import PLAIN_NAME, checked
 from prestaged.errors import ConfigError, NotFoundError
 
-__all__ = ["ACTIONS", "apply_action"]
+__all__ = ["ACTIONS", "apply_action", "check_names"]
 
 ACTIONS = ("hold", "release", "cancel", "retry", "mark-submitted")
 """Operator actions (``prestaged campaign ACTION``, ``POST /api/v1/campaigns/<name>/<action>``)."""
@@ -23,20 +24,24 @@ def apply_action(state: CampaignRepository, name: str, action: str, *, stage: Op
                  stages: Optional[Sequence[str]] = None, ahead: bool = False) -> str:
     """Apply ``action`` (one of ``ACTIONS``) to campaign ``name`` (or one ``stage``) and return
     a one-line account. ``stages`` are the campaign's stage names when known (the daemon's
-    running config); otherwise the stored registration's are used, if any.
+    running config); otherwise those the state has (``CampaignRepository.stage_names``: the
+    stored registration's, else those its runs recorded), if any.
 
     With ``ahead`` (campaigns run in the foreground, whose files are not registered), a hold
     or cancel may name a campaign that has not run yet: it then starts held or cancelled.
     Otherwise an unknown campaign is a ``NotFoundError`` (the daemon knows every campaign it
     runs: ``campaign add --held`` holds one from the start). Raises
     ``NotFoundError`` for an unknown stage or submission, ``ConfigError`` for
-    a malformed request, ``ConflictError`` for a transition the submission's state refuses.
+    a malformed request (a ``name`` or ``stage`` no campaign file can have: ``check_names``),
+    ``ConflictError`` for a transition the submission's state refuses.
     """
     if action not in ACTIONS:
         raise ConfigError(f"unknown action '{action}': expected one of {', '.join(ACTIONS)}")
+    check_names(name, stage)
     exists = name in state.names()
     if not exists and not (ahead and action in ("hold", "cancel")):
         raise NotFoundError(f"no campaign '{name}'")
+    # A campaign recorded without stages (only held or cancelled ahead) takes any stage name.
     known = list(stages) if stages is not None else state.stage_names(name)
     if stage is not None and known and stage not in known:
         raise NotFoundError(f"campaign '{name}' has no stage '{stage}'; its stages are "
@@ -66,3 +71,13 @@ def apply_action(state: CampaignRepository, name: str, action: str, *, stage: Op
                           '"job_id": "<id>" in the request)')
     sub = state.mark_submitted(name, submission, job_id)
     return f"{name}/{sub.stage}: #{sub.id} {sub.item} submitted, job {sub.job_id}"
+
+
+def check_names(name: str, stage: Optional[str] = None) -> None:
+    """``ConfigError`` (exit 2, HTTP 400) unless campaign ``name`` and ``stage`` (if given)
+    are plain names, the rule of a campaign file's ``name`` and ``[[stage]] name``: an action
+    on any other name could never reach a campaign, and a hold would only be stored and
+    listed as if one existed."""
+    checked("campaign name", name, PLAIN_NAME, "string")
+    if stage is not None:
+        checked("stage name", stage, PLAIN_NAME, "string")

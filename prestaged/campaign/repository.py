@@ -17,7 +17,9 @@ records a launch made outside (``launch_unknown -> submitted`` with its job id).
 
 Controls (``campaign_controls``), per campaign or per stage: a held campaign/stage creates and
 launches nothing; a cancelled one creates and launches nothing ever again, and its
-queued/prestaging/ready submissions become ``cancelled``.
+queued/prestaging/ready submissions become ``cancelled``. A run also leaves a row, neither held
+nor cancelled, per stage of its file (``record_stages``): so an operator action on a campaign run
+in the foreground, never registered, can refuse a stage it does not have (``stage_names``).
 
 drainingn: the files of a slice are written to the ledger (``campaign_ledger``) in the same
 transaction that creates the submission, before anything runs, so a restart never gives a file
@@ -263,8 +265,29 @@ class CampaignRepository:
                 "submissions": docs}
 
     def stage_names(self, name: str) -> list[str]:
-        """Stage names of the stored registration of campaign ``name`` ([] when none)."""
-        return [st.name for st in self._config_stages(name)]
+        """Stage names of campaign ``name``: those of its stored registration (``campaign
+        add``), else those the state recorded (``record_stages``, submissions, controls), by
+        name; [] when none."""
+        registered = [st.name for st in self._config_stages(name)]
+        if registered:
+            return registered
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT stage FROM campaign_controls WHERE campaign = ? AND "
+                                "stage <> '' UNION SELECT stage FROM campaign_submissions "
+                                "WHERE campaign = ? ORDER BY 1", (name, name)).fetchall()
+        return [r[0] for r in rows]
+
+    def record_stages(self, campaign: CampaignConfig) -> None:
+        """Record the stage names of ``campaign`` for ``stage_names``: a control row per stage,
+        neither held nor cancelled (one that exists is kept as it is). So an operator action
+        on a campaign run in the foreground (never registered) can tell a stage it has from a
+        typo, before that stage has a submission."""
+        now = time.time()
+        with self.store.transaction() as conn:
+            conn.executemany("INSERT INTO campaign_controls (campaign, stage, updated, reason) "
+                             "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                             [(campaign.name, st.name, now, "a stage of the campaign file")
+                              for st in campaign.stage])
 
     def _config_stages(self, name: str) -> list[StageConfig]:
         with self.store.transaction() as conn:

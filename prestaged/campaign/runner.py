@@ -114,6 +114,8 @@ class _Runner:
                 "job_id": sub.job_id or ""}
 
     async def run(self) -> CampaignResult:
+        # Operator actions on this campaign then know its stages (see record_stages).
+        await asyncio.to_thread(self.repo.record_stages, self.campaign)
         outcome: dict[str, str] = {}
         for stage in self.campaign.ordered():
             if self.stop.is_set():

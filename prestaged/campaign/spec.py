@@ -7,7 +7,9 @@ run after the stages named in their ``after``.
 
 Commands are argv lists, never a shell: a template is split with ``shlex.split`` first, then
 each element has its placeholders substituted (``render``), so no file or definition name can
-inject shell syntax.
+inject shell syntax. A placeholder is a plain name: attribute or index access
+(``{campaign.__class__}``), conversions and format specs are refused when the file is loaded,
+so ``str.format`` never evaluates more than a lookup of a name.
 
 Errors name the file and the key and read ``<key>: expected <what>, got <value>``, as the
 config file's do (the same ``prestaged.config`` checks and loader).
@@ -16,6 +18,7 @@ config file's do (the same ``prestaged.config`` checks and loader).
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shlex
 import string
@@ -178,20 +181,7 @@ class CampaignConfig:
 
     def ordered(self) -> list[StageConfig]:
         """Stages in an order where every stage comes after those in its ``after``."""
-        by_name = {s.name: s for s in self.stage}
-        out: list[StageConfig] = []
-        done: set[str] = set()
-
-        def visit(s: StageConfig) -> None:
-            if s.name not in done:
-                for up in s.after:
-                    visit(by_name[up])
-                done.add(s.name)
-                out.append(s)
-
-        for s in self.stage:
-            visit(s)
-        return out
+        return _dependency_order(self.stage)
 
 
 def render(template: str, values: Mapping[str, object]) -> list[str]:
@@ -201,6 +191,32 @@ def render(template: str, values: Mapping[str, object]) -> list[str]:
 
 
 # --- checks across keys: templates, stage names, dependencies ---------------------------------
+
+
+def _bad_placeholder(text: str, allowed: Sequence[str]) -> Optional[tuple[str, str]]:
+    """The first placeholder of ``text`` other than a plain ``{name}`` with ``name`` among
+    ``allowed``: (it as written, why it is refused when its name alone does not say), or None.
+    ``ValueError`` when ``text`` is no format string at all (a single brace)."""
+    # Only plain names: str.format would evaluate attribute and index access
+    # ({campaign.__init__.__globals__}) and format specs ({stage:>1000000000} allocates that
+    # many characters), so nothing but a name ever reaches it (render, the runner's _input).
+    for _, name, spec, conv in string.Formatter().parse(text):
+        if name is None:
+            continue
+        written = _escaped("{" + name + (f"!{conv}" if conv else "")
+                           + (f":{spec}" if spec else "") + "}")
+        if "." in name or "[" in name:
+            return written, "a placeholder is a plain name: no attribute or index access"
+        if spec:
+            return written, "a placeholder takes no format spec"
+        if name not in allowed or conv:
+            return written, ""
+    return None
+
+
+def _escaped(text: str) -> str:
+    """``text`` with control characters escaped as JSON does, so an error stays one line."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
 def _template_error(key: str, text: str, allowed: Sequence[str]) -> Optional[str]:
@@ -216,23 +232,29 @@ def _template_error(key: str, text: str, allowed: Sequence[str]) -> Optional[str
         return f"{key}: expected a command, got {shown(text)}"
     for arg in argv:
         try:
-            parsed = list(string.Formatter().parse(arg))
+            bad = _bad_placeholder(arg, allowed)
         except ValueError as e:
             return f"{key}: expected {expected}, got {shown(text)} ({e})"
-        for _, name, spec, conv in parsed:
-            if name is not None and (name not in allowed or spec or conv):
-                written = name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "")
-                return f"{key}: expected {expected}, got {{{written}}}"
+        if bad is not None:
+            written, why = bad
+            return f"{key}: expected {expected}, got {written}" + (f" ({why})" if why else "")
     return None
 
 
 def _input_error(key: str, text: str) -> Optional[str]:
+    """Why ``text`` is not a usable input definition name, as a whole sentence naming
+    ``key``: its placeholders may only be ``{campaign}`` and ``{stage}``."""
+    expected = ("a definition name whose placeholders are among {campaign} {stage} "
+                "(write {{ for a literal {)")
     try:
-        text.format_map({"campaign": "", "stage": ""})
-    except (KeyError, ValueError, IndexError, AttributeError):
-        return (f"{key}: expected a definition name whose placeholders are among {{campaign}} "
-                f"{{stage}} (write {{{{ for a literal {{), got {shown(text)}")
-    return None
+        bad = _bad_placeholder(text, ("campaign", "stage"))
+    except ValueError as e:
+        return f"{key}: expected {expected}, got {shown(text)} ({e})"
+    if bad is None:
+        return None
+    written, why = bad
+    return f"{key}: expected {expected}, got {shown(text)}" + (f" ({written}: {why})"
+                                                                 if why else "")
 
 
 def _after(raw: object, key: str) -> tuple[str, ...]:
@@ -268,19 +290,40 @@ def _check_stages(stages: Sequence[StageConfig]) -> None:
                               "complete command (without one a submission is complete as soon "
                               "as it is submitted, before its jobs read the files), got true; "
                               "set complete or drop release_after_complete")
+    _dependency_order(stages)
+
+
+def _dependency_order(stages: Sequence[StageConfig]) -> list[StageConfig]:
+    """``stages`` ordered so that each comes after those in its ``after`` (names known);
+    ``ConfigError`` naming ``stage[i].after`` of the first stage from which a cycle is
+    reached. Linear in stages and ``after`` entries, and without recursion: a long chain or
+    many diamonds of stages costs neither the stack nor exponential time."""
     by_name = {s.name: s for s in stages}
-    for i, s in enumerate(stages):
-        _no_cycle(by_name, [s.name], f"stage[{i}].after")
-
-
-def _no_cycle(by_name: Mapping[str, StageConfig], path: list[str], key: str) -> None:
-    """``ConfigError`` naming ``key`` when following ``after`` from ``path[-1]`` loops."""
-    for up in by_name[path[-1]].after:
-        if up in path:
-            cycle = [*path[path.index(up):], up]
-            raise ConfigError(f"{key}: expected stages that do not run after this one, got "
-                              "a dependency cycle: " + " runs after ".join(cycle))
-        _no_cycle(by_name, [*path, up], key)
+    out: list[StageConfig] = []
+    done: set[str] = set()
+    for i, root in enumerate(stages):
+        if root.name in done:
+            continue
+        path, on_path = [root.name], {root.name}
+        todo = [iter(root.after)]
+        while todo:
+            up = next(todo[-1], None)
+            if up is None:  # every stage this one runs after is placed: place it
+                todo.pop()
+                name = path.pop()
+                on_path.discard(name)
+                done.add(name)
+                out.append(by_name[name])
+            elif up in on_path:
+                cycle = [*path[path.index(up):], up]
+                raise ConfigError(f"stage[{i}].after: expected stages that do not run after "
+                                  "this one, got a dependency cycle: "
+                                  + " runs after ".join(cycle))
+            elif up not in done:
+                path.append(up)
+                on_path.add(up)
+                todo.append(iter(by_name[up].after))
+    return out
 
 
 # --- loading ----------------------------------------------------------------------------------
