@@ -108,13 +108,14 @@ def cmd_campaign_show(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_campaign_action(args: argparse.Namespace, cfg: Config) -> int:
     """hold, release, cancel, retry, mark-submitted: through the daemon when one answers,
     else on the state database; the same ``apply_action`` words the result either way."""
-    from prestaged.campaign.actions import apply_action
+    from prestaged.campaign.actions import apply_action, check_names
     from prestaged.campaign.repository import CampaignRepository
 
     body: dict[str, Any] = {"stage": getattr(args, "stage", None),
                             "submission": getattr(args, "submission", None),
                             "job_id": getattr(args, "job_id", None)}
     body = {k: v for k, v in body.items() if v is not None}
+    check_names(args.campaign, body.get("stage"))  # before any daemon or state is touched
     doc = via_daemon(args, cfg, "POST",
                      f"/api/v1/campaigns/{quote(args.campaign, safe='')}/{args.action}", body)
     if doc is not None:
