@@ -19,7 +19,10 @@ by the frontend are the run's end: 401/403 exit 3 (staging needs ``storage.stage
 else exit 5 — a failure to learn locality is never replaced by a GET that would block the door.
 
 What was learned is noted per file (``note``: the state store's tape columns) the moment it is
-known: the locality, the stage request holding the pin, when the file reached disk.
+known: the locality, the stage request holding the pin, when the file reached disk. A tape-only
+file that an earlier run's request is still bringing to disk (``resume``: the state's open
+requests) is followed in that request, not asked for again: a rerun after a timeout, a Ctrl-C,
+a crash or a cluster chunk taken over makes no duplicate request and keeps the pin it holds.
 """
 
 from __future__ import annotations
@@ -242,6 +245,9 @@ class TapeAccess:
         self._session = self._client = None
 
 
+Resume = Callable[[list[str]], Awaitable[dict[str, TapeInfo]]]
+"""The stage requests earlier runs left open on some file URLs (``StoreRecorder.open_stages``)."""
+
 Touch = Callable[[FileRef, Optional[TapeInfo]], Awaitable[None]]
 """Queue a file for the touch, with what the tape path knows of it (None: its door has no
 Tape REST API)."""
@@ -255,14 +261,14 @@ class TapeRouter:
     ``touch`` queues a file for the touch; ``skip`` counts a fresh file found on disk (one
     touched within ``fresh_for``: not touched again); ``finish`` ends a file without touching it;
     ``fail`` stops the run (a refusal by the frontend while staging); ``note`` records what
-    was learned (the state store).
+    was learned (the state store); ``resume`` tells the stage requests earlier runs left open.
     """
 
     def __init__(self, access: TapeAccess, tally: TapeTally, *, touch: Touch,
                  skip: Callable[[FileRef], None],
                  finish: Callable[[Outcome], None], fail: Callable[[PrestagedError], None],
                  note: Optional[Callable[[str, TapeInfo], None]] = None,
-                 probe: Optional[TapeProbe] = None) -> None:
+                 probe: Optional[TapeProbe] = None, resume: Optional[Resume] = None) -> None:
         self.access = access
         self.s = access.settings
         self.tally = tally
@@ -272,6 +278,7 @@ class TapeRouter:
         self._fail = fail
         self._note = note
         self._probe = probe
+        self._resume = resume
         self._stagers: dict[str, Stager] = {}
         self._pending: dict[str, dict[str, list[FileRef]]] = {}  # uri -> path -> its files
         self._requests: dict[str, dict[str, float]] = {}  # uri -> request id -> pinned until
@@ -300,7 +307,7 @@ class TapeRouter:
         for (ref, _), path in zip(files, paths):
             staged += await self._one(uri, ref, path, found.get(path), ref.url in fresh)
         if staged:
-            self._stager(uri).add(staged)
+            await self._stage(uri, staged)
 
     async def _endpoint(self, door: str) -> Optional[str]:
         found = await self.access.directory.lookup(self.access.client, door)
@@ -361,6 +368,31 @@ class TapeRouter:
         waiting.append(ref)
         return [path] if len(waiting) == 1 else []
 
+    async def _stage(self, uri: str, paths: list[str]) -> None:
+        """Stage ``paths``; those an earlier run's request is still bringing to disk (at this
+        endpoint) are followed in that request instead."""
+        stager = self._stager(uri)
+        pending = self._pending[uri]
+        earlier = {} if self._resume is None else await self._resume(
+            [ref.url for path in paths for ref in pending[path]])
+        follow: dict[str, list[str]] = {}
+        fresh = []
+        for path in paths:
+            info = next((earlier[r.url] for r in pending[path] if r.url in earlier), None)
+            if info is None or info.request is None or info.uri != uri:
+                fresh.append(path)
+                continue
+            follow.setdefault(info.request, []).append(path)
+            if info.pinned_until is not None:
+                self._requests.setdefault(uri, {})[info.request] = info.pinned_until
+        for request, followed in follow.items():
+            log.info("following stage request %s of an earlier run for %d files", request,
+                     len(followed))
+            self._asked_for(followed)
+            stager.adopt(request, followed)
+        if fresh:
+            stager.add(fresh)
+
     def _stager(self, uri: str) -> Stager:
         stager = self._stagers.get(uri)
         if stager is None:
@@ -380,8 +412,12 @@ class TapeRouter:
             for path in request.paths:
                 for ref in pending.get(path, ()):
                     self._note(ref.url, info)
-        # A path asked again (after FAILED or a lost request) is counted once.
-        fresh = [p for p in request.paths if p not in self._asked]
+        self._asked_for(request.paths)
+
+    def _asked_for(self, paths: Sequence[str]) -> None:
+        """``paths`` are in a stage request (ours or an earlier run's): count them as asked,
+        once each (a path asked again after FAILED or a lost request counts once)."""
+        fresh = [p for p in paths if p not in self._asked]
         self._asked.update(fresh)
         self.tally.requested += len(fresh)
         if self._probe is not None and fresh:

@@ -98,6 +98,10 @@ class Recorder(Protocol):
         """Remember what the tape path learned of a file (locality, stage request, on disk)."""
         ...
 
+    async def open_stages(self, urls: list[str]) -> dict[str, TapeInfo]:
+        """The stage requests earlier runs made for ``urls`` that are still open and pinned."""
+        ...
+
 
 class Probe(TapeProbe, Protocol):
     """Receives per-request events for metrics (``metrics.Metrics`` is the real one).
@@ -462,7 +466,8 @@ class _Run:
             self.router = TapeRouter(tape, tally.tape, touch=self._enqueue, skip=self.skip,
                                      finish=self.finish,
                                      fail=self._trip, note=recorder.note if recorder else None,
-                                     probe=probe)
+                                     probe=probe,
+                                     resume=recorder.open_stages if recorder else None)
         # Starts every endpoint at `concurrency`, not storage.per_host: that bounds connections
         # per host, and after a door's redirect an attempt holds a pool's connection instead.
         self.pacer = Pacer(settings.concurrency, tally.paced, on_change=(

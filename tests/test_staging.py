@@ -132,6 +132,48 @@ async def test_backoff_doubles_without_progress_resets_with_it_and_a_lost_reques
     assert waits == [1, 2, 3, 1, 1]
 
 
+async def test_an_adopted_request_is_polled_at_once_and_what_it_does_not_bring_is_asked_anew(
+) -> None:
+    """An earlier run's request (``adopt``) is polled before anything is staged: the file it
+    brought lands without a stage request, the one it cancelled is staged in a new request
+    (not counted as its one retry: its FAILED there is asked once more), and a second
+    adopted request the server forgot (404) is staged anew too. A path given both to
+    ``adopt`` and to ``add`` is followed only."""
+    from prestaged.storage.tape import FileStage
+
+    S = StageState
+    by_id = {  # each request's polls, in order
+        "old": [StageStatus("old", {"/a": FileStage("/a", S.COMPLETED),
+                                    "/b": FileStage("/b", S.CANCELLED)})],
+        "gone": [StageStatus("gone", {}, found=False)],
+        "r1": [StageStatus("r1", {"/b": FileStage("/b", S.FAILED, "tape error")})],
+        "r2": [StageStatus("r2", {"/c": FileStage("/c", S.COMPLETED)})],
+        "r3": [StageStatus("r3", {"/b": FileStage("/b", S.COMPLETED)})],
+    }
+
+    class ById(_Scripted):
+        async def poll(self, uri: str, request_id: str) -> StageStatus:
+            return by_id[request_id].pop(0)
+
+    client = ById([])
+    clock = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    settings = StagingSettings(batch=10, max_requests=5, poll_min=1, poll_max=3, timeout=100)
+    stager = Stager(client, "https://t", settings, clock=lambda: clock[0],  # type: ignore[arg-type]
+                    sleep=sleep)
+    stager.adopt("old", ["/a", "/b"])
+    stager.adopt("gone", ["/c"])
+    stager.add(["/a"])
+    stager.close()
+    got = [s async for s in stager.landed()]
+    assert [(s.path, s.on_disk, s.request_id) for s in got] == [
+        ("/a", True, "old"), ("/c", True, "r2"), ("/b", True, "r3")]
+    assert client.staged == [["/b"], ["/c"], ["/b"]]
+
+
 async def test_stagers_sharing_slots_keep_to_the_endpoint_limit(
     dcache: Factory, http: aiohttp.ClientSession
 ) -> None:

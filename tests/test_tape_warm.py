@@ -5,6 +5,7 @@ eviction, and a gate that submits only once every file is on disk and touched.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -269,6 +270,77 @@ def test_a_stage_that_does_not_finish_in_time_fails_and_is_cancelled(
         assert doc["failures"][0]["error"].startswith("stage timed out")
         stats = srv.stats()
         assert stats["requests"]["frontend:cancel"] == 1 and stats["door_tape_gets"] == 0
+
+
+def test_a_rerun_follows_the_open_stage_request_of_an_interrupted_run(
+    pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
+) -> None:
+    """A ``wait`` that gives up while the tape is still mounting leaves its stage request open
+    (noted in the state); the next run polls that request instead of asking again (dCache keeps
+    one request per file: a duplicate is a second pin that ``release`` cannot free), then
+    touches the files. The state still names the first request, so ``release`` frees it."""
+    config = DCacheConfig(drives=1, mount_seconds=1.5)
+    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+                        config) as srv:
+        paths = [f"/pnfs/r/f{i}" for i in range(3)]
+        for p in paths:
+            srv.add_file(p, 10, Locality.TAPE)
+        definition = _definition(tmp_path, [srv.door_url(p) for p in paths])
+        res = _warm(pki, proxy, tmp_path, definition, "--timeout", "300ms", command="wait",
+                    backend=backend)
+        assert res.returncode == 1, res.stderr
+        assert srv.stats()["requests"]["frontend:stage"] == 1
+        assert not any(srv.replica(p).on_disk for p in paths)  # still mounting
+        first = {r for (r,) in backend.query("SELECT stage_request FROM files")}
+        assert len(first) == 1 and None not in first
+        res = _warm(pki, proxy, tmp_path, definition, "--json", backend=backend)
+        doc = json.loads(res.stdout)
+        assert res.returncode == 0, res.stderr
+        assert doc["counts"]["warm"] == 3 and doc["counts"]["staged"] == 3
+        stats = srv.stats()
+        assert stats["requests"]["frontend:stage"] == 1  # no second request
+        assert stats["door_tape_gets"] == 0
+        for p in paths:
+            replica = srv.replica(p)
+            assert replica.on_disk and set(replica.pins) == first
+        assert {r for (r,) in backend.query("SELECT stage_request FROM files")} == first
+
+
+def test_a_rerun_asks_anew_for_files_the_earlier_request_did_not_bring(
+    pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """The earlier run's request was cancelled (its stage timed out): the rerun polls it once,
+    sees the file cancelled there and makes a new request, which lands and is touched."""
+    config = DCacheConfig(drives=1, mount_seconds=1.0)
+    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+                        config) as srv:
+        srv.add_file("/pnfs/s/slow", 10, Locality.TAPE)
+        definition = _definition(tmp_path, [srv.door_url("/pnfs/s/slow")])
+        res = _warm(pki, proxy, tmp_path, definition, "--json",
+                    extra='stage_timeout = "200ms"\n')
+        assert res.returncode == 5, res.stderr  # nothing warmed
+        assert json.loads(res.stdout)["failures"][0]["error"].startswith("stage timed out")
+        (first,) = {r for (r,) in _rows(tmp_path, "SELECT stage_request FROM files")}
+        calls = len(srv.stats()["frontend_calls"])
+        res = _warm(pki, proxy, tmp_path, definition, "--json")
+        doc = json.loads(res.stdout)
+        assert res.returncode == 0, res.stderr
+        assert doc["counts"]["staged"] == 1
+        stats = srv.stats()
+        assert stats["requests"]["frontend:stage"] == 2
+        # The rerun's first request after locality is the poll of the earlier request.
+        rerun = [c for c in stats["frontend_calls"][calls:] if "archiveinfo" not in c]
+        assert rerun[:2] == [f"GET /api/v1/tape/stage/{first}", "POST /api/v1/tape/stage"]
+        (second,) = {r for (r,) in _rows(tmp_path, "SELECT stage_request FROM files")}
+        assert second != first and second in srv.replica("/pnfs/s/slow").pins
+
+
+def _rows(tmp_path: Path, query: str) -> list[tuple[object, ...]]:
+    """Rows of ``query`` on the SQLite state tmp_path/state.db (flushed: the runs ended)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "state.db")) as conn:
+        return list(conn.execute(query))
 
 
 def test_submit_on_a_cold_tape_slice_runs_only_once_all_is_on_disk_and_touched(

@@ -677,6 +677,29 @@ class Store:
                 "UPDATE files SET pinned_until = NULL WHERE id = ? AND stage_request = ?",
                 [(p.file_id, p.request) for p in pins])
 
+    @_one_line_errors
+    def open_stages(self, urls: Iterable[str], now: Optional[float] = None) -> dict[str, TapeInfo]:
+        """Those of ``urls`` that a stage request of an earlier run is still bringing to disk:
+        one that has not landed (no ``staged_at``) and still holds its pin. Each as the
+        ``TapeInfo`` of that request (locality TAPE, request id, endpoint, pinned until), so a
+        rerun follows it rather than asking again (the reference: no duplicate requests for a
+        file)."""
+        by_id = {url_id(u): u for u in urls}
+        wanted = list(by_id)
+        found: dict[str, TapeInfo] = {}
+        when = time.time() if now is None else now
+        with self._lock:
+            for i in range(0, len(wanted), 500):  # SQLite's bound-parameter limit is 999+
+                chunk = wanted[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self.conn.execute(
+                    f"SELECT id, stage_request, stage_uri, pinned_until FROM files "
+                    f"WHERE id IN ({marks}) AND stage_request IS NOT NULL AND stage_uri IS NOT "
+                    f"NULL AND staged_at IS NULL AND pinned_until > ?", [*chunk, when])
+                for fid, request, uri, until in rows:
+                    found[by_id[fid]] = TapeInfo("TAPE", request, uri, None, until)
+        return found
+
     # --- reads --------------------------------------------------------------------------------
 
     @_one_line_errors
@@ -833,6 +856,10 @@ class StoreRecorder:
         fresh = await asyncio.to_thread(self.store.fresh_urls, [r.url for r in refs],
                                         self.fresh_for)
         return [r for r in refs if r.url not in fresh] if fresh else refs
+
+    async def open_stages(self, urls: list[str]) -> dict[str, TapeInfo]:
+        """The stage requests earlier runs left open on ``urls`` (see ``Store.open_stages``)."""
+        return await asyncio.to_thread(self.store.open_stages, urls)
 
     def note(self, url: str, info: TapeInfo) -> None:
         """Queue what the tape path learned of one file (see ``Store.note_tape``)."""

@@ -15,7 +15,10 @@ ended. The policy (issue 13):
   ``CANCELLED`` (by someone else): reported; a request the server forgot (404 on poll): its
   unfinished paths are staged again once;
 * ``timeout`` after a request was made: its unfinished paths are cancelled and reported as
-  "stage timed out".
+  "stage timed out";
+* ``adopt(id, paths)``: a request an earlier run made (still pinned, not landed) is followed
+  instead of asking again, polled at once; what it does not bring to disk (failed, cancelled,
+  forgotten by the server) is staged anew as if never asked.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ class _Open:
     delay: float
     due: float
     seen: set[str] = field(default_factory=set)
+    adopted: bool = False
+    """Made by an earlier run: a path it does not bring to disk is simply staged anew."""
 
 
 class RequestSlots:
@@ -130,6 +135,25 @@ class Stager:
             if path not in self._added:
                 self._added.add(path)
                 self._todo.append(path)
+        self._wake.set()
+
+    def adopt(self, request_id: str, paths: Iterable[str]) -> None:
+        """Follow ``request_id``, which an earlier run made for ``paths`` (a path already added
+        is ignored): poll it at once instead of asking for the paths again. It takes a request
+        slot like the requests this stager makes (it is open on the server)."""
+        new = [p for p in dict.fromkeys(paths) if p not in self._added]
+        if not new:
+            return
+        self._added.update(new)
+        now = self._clock()
+        for path in new:
+            self._first[path] = now
+        request = self._open.get(request_id)
+        if request is None:
+            self._slots.take(self.uri)
+            request = self._open[request_id] = _Open(request_id, set(), now, self.s.poll_min,
+                                                     now, adopted=True)
+        request.paths.update(new)
         self._wake.set()
 
     def close(self) -> None:
@@ -239,6 +263,10 @@ class Stager:
             request.paths.discard(path)
             if f.state is StageState.COMPLETED:
                 out.append(Staged(path, True, "", request.id, now - self._first[path]))
+            elif request.adopted:  # an earlier run's request: ask for the file now, as new
+                self._todo.append(path)
+                log.info("the earlier stage request %s of %s ended %s; asking anew", request.id,
+                         path, f.state.value)
             elif f.state is StageState.FAILED and path not in self._restaged:
                 self._restaged.add(path)  # one more try in a new request
                 self._todo.append(path)
@@ -254,7 +282,9 @@ class Stager:
         self._forget(request)
         out = []
         for path in sorted(request.paths):
-            if path in self._restaged:
+            if request.adopted:
+                self._todo.append(path)  # an earlier run's request: this is the first ask
+            elif path in self._restaged:
                 out.append(Staged(path, False, "stage failed: the stage request was lost "
                                   "twice", request.id, self._clock() - self._first[path]))
             else:
