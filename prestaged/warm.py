@@ -330,6 +330,12 @@ class _Breakers:
     (``token``), else at ``cfg.denials``; the message quotes what the server said about the
     token (``Attempt.auth_error``). An attempt that could not be sent because our token cannot
     be used (``Failure.CREDENTIAL``) trips at once.
+
+    Back-pressure (429, 503) says nothing of our credentials and leaves the counts alone. A 429
+    from an endpoint that has just denied us ``AUTH_BLOCK_ERRORS`` times in a row trips the
+    denial breaker at once: dCache 11.2+ blocks a client after more than 3 authorisation errors
+    in 20 s and answers it 429 meanwhile, so the denials would never reach the limit and the run
+    would end in files failed for "429" instead of naming the credentials.
     """
 
     def __init__(self, cfg: BreakerConfig, hint: str, token: bool = False) -> None:
@@ -341,6 +347,7 @@ class _Breakers:
         self.refusals: Counter[str] = Counter()
         self.unreachable: Counter[str] = Counter()
         self.answered: set[str] = set()
+        self.last_denial: dict[str, Attempt] = {}
 
     def refused(self, endpoint: str, attempt: Attempt) -> bool:
         """Whether ``attempt`` counts toward a credentials breaker: a denial, a refused
@@ -359,8 +366,13 @@ class _Breakers:
         self.answered.add(endpoint)
         if attempt.status in (401, 403):
             self.denials[endpoint] += 1
+            self.last_denial[endpoint] = attempt
             if self.denials[endpoint] >= self.denial_limit:
                 return self._denied(endpoint, attempt)
+            return None
+        if attempt.status in (429, 503):
+            if attempt.status == 429 and self.denials[endpoint] >= AUTH_BLOCK_ERRORS:
+                return self._denied(endpoint, attempt, blocked=True)
             return None
         self.denials[endpoint] = self.refusals[endpoint] = self.unreachable[endpoint] = 0
         return None
@@ -394,17 +406,20 @@ class _Breakers:
                 )
         return None
 
-    def _denied(self, endpoint: str, attempt: Attempt) -> CredentialError:
-        why = attempt.auth_error or _status_reason(attempt)
+    def _denied(self, endpoint: str, attempt: Attempt, blocked: bool = False) -> CredentialError:
+        last = self.last_denial.get(endpoint, attempt) if blocked else attempt
+        why = last.auth_error or _status_reason(last)
         said = f"; the server says: {why}" if why else ""
+        denied = (f"{endpoint} denied {self.denials[endpoint]} files in a row "
+                  f"(HTTP {last.status}{said})")
+        if blocked:
+            denied += (" and now answers 429: it blocks clients after repeated authorisation "
+                       "errors (dCache: more than 3 in 20 s)")
         if not self.token:
-            return CredentialError(
-                f"{endpoint} denied {self.denials[endpoint]} files in a row "
-                f"(HTTP {attempt.status}{said}): it does not accept "
-                f"{self.hint or 'our credentials'}; stopped early")
+            return CredentialError(f"{denied}: it does not accept "
+                                   f"{self.hint or 'our credentials'}; stopped early")
         return CredentialError(
-            f"{endpoint} denied {self.denials[endpoint]} files in a row "
-            f"(HTTP {attempt.status}{said}): it does not accept {self.hint or 'our token'}; "
+            f"{denied}: it does not accept {self.hint or 'our token'}; "
             "a token needs storage.read covering the files' paths (and the storage's audience); "
             "stopped early")
 
@@ -419,6 +434,10 @@ class _Breakers:
                 )
         return None
 
+
+AUTH_BLOCK_ERRORS = 3
+"""Consecutive denials after which an endpoint's 429 means it blocks us for them (dCache's
+``webdav.limits.error.max-allowed``)."""
 
 _REFUSING = frozenset({Failure.CREDENTIAL, Failure.UNTRUSTED, Failure.TLS, Failure.RESET})
 """Failures the credentials breakers look at (``_Breakers._refusal``); never with a status."""

@@ -159,6 +159,40 @@ async def test_denials_trip_breaker_early() -> None:
     assert report.tally.done < 10
 
 
+class _ByName:
+    """A toucher answering each file with the status its name ends in (``f3-503``: 503)."""
+
+    async def touch(self, url: str) -> Attempt:
+        status = int(url.rsplit("-", 1)[1])
+        return Attempt(status=status, error=f"HTTP {status}")
+
+
+async def test_back_pressure_leaves_the_denial_count_alone() -> None:
+    """503s between denials neither reset nor add to the count: three 403s in a row with 503s
+    between them trip a limit of 3 (before, every 503 reset the count to zero)."""
+    names = ["a-403", "b-503", "c-403", "d-503", "e-403", "f-206", "g-206"]
+    report = await warm(_refs(f"https://door:2880/{n}" for n in names),
+                        _settings(concurrency=1, breaker=BreakerConfig(denials=3)), _ByName(),
+                        sleep=_Sleeps())
+    assert report.exit_code == 3
+    assert str(report.aborted).startswith("https://door:2880 denied 3 files in a row (HTTP 403")
+    assert report.tally.results["warm"] == 0
+
+
+async def test_a_429_after_repeated_denials_is_the_storage_blocking_us() -> None:
+    """dCache blocks a client after more than 3 authorisation errors in 20 s (429 meanwhile):
+    three denials then a 429 stop the run with exit 3 at once, whatever the denial limit; a 429
+    after fewer denials is plain back-pressure."""
+    names = ["a-401", "b-429", "c-401", "d-401", "e-429", "f-206"]
+    report = await warm(_refs(f"https://door:2880/{n}" for n in names),
+                        _settings(concurrency=1, breaker=BreakerConfig(denials=20),
+                                  retry=RetryPolicy(attempts=1)), _ByName(), sleep=_Sleeps())
+    assert report.exit_code == 3
+    assert "denied 3 files in a row (HTTP 401" in str(report.aborted)
+    assert "now answers 429" in str(report.aborted)
+    assert report.tally.results["warm"] == 0
+
+
 async def test_duplicates_touched_once() -> None:
     """A URL listed twice is touched once and counted as a duplicate."""
     with aioresponses() as m:

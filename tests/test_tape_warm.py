@@ -472,12 +472,12 @@ def token_site(pki: TestPKI) -> Iterator[tuple[ThreadedDCache, TokenIssuer]]:
 
 
 def _warm_with_token(pki: TestPKI, tmp_path: Path, definition: Path, token: str,
-                     *args: str) -> CliResult:
+                     *args: str, extra: str = "") -> CliResult:
     """``prestaged warm --json`` with only a bearer token (no proxy anywhere)."""
     path = write_token(tmp_path / "bt", token)
     res = run_cli("warm", str(definition), "--token-file", str(path), "--auth", "token",
                   "--ca-dir", str(pki.ca_dir), "--state", str(tmp_path / "state.db"),
-                  "--config", str(_config(tmp_path)), "--json", *args)
+                  "--config", str(_config(tmp_path, extra)), "--json", *args)
     assert "Traceback" not in res.stderr, res.stderr
     return res
 
@@ -541,6 +541,28 @@ def test_a_token_dcache_rejects_stops_the_run_before_dcache_blocks_us(
     stats = site.stats()
     assert stats["auth_refusals"] == {"door:401": 1 if stage == "auto" else 3}
     assert not any(stats["blocked"].values())
+    assert token not in res.stdout + res.stderr
+
+
+def test_a_client_dcache_blocked_for_its_denials_stops_with_exit_3_not_mass_failures(
+    token_site: tuple[ThreadedDCache, TokenIssuer], pki: TestPKI, tmp_path: Path
+) -> None:
+    """With a denial limit above dCache's (a proxy's 20; here ``token_denials = 20``) the door
+    blocks us after its 3 authorisation errors and answers 429 from then on: the run stops at
+    the first 429 with exit 3, quoting the last denial's reason and naming the block, instead of
+    retrying every file into "429" failures."""
+    site, issuer = token_site
+    paths = _mixed(site)
+    urls = [site.door_url(p) for p in paths["disk"] + paths["cached"]]
+    token = issuer.mint("storage.read:/", audience="https://elsewhere")
+    res = _warm_with_token(pki, tmp_path, _definition(tmp_path, urls), token, "-q",
+                           "--stage", "never", extra="[breaker]\ntoken_denials = 20\n")
+    assert res.returncode == 3, res.stdout + res.stderr
+    [line] = [ln for ln in res.stderr.splitlines() if ln.startswith("prestaged: error:")]
+    assert "denied 3 files in a row (HTTP 401" in line and "wrong audience" in line
+    assert "now answers 429" in line
+    stats = site.stats()
+    assert stats["auth_refusals"] == {"door:401": 3} and stats["blocked"]["door"] >= 1
     assert token not in res.stdout + res.stderr
 
 
