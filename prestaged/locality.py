@@ -72,6 +72,9 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 120.0
 """Seconds one Tape REST request may take (an archiveinfo of 1,000 paths takes a few)."""
 
+UNKNOWN_HINT = 3
+"""Paths an endpoint must not know, and none it knows, before ``path_map`` is suggested."""
+
 _UNREADABLE = {
     Locality.LOST: "locality LOST: the storage has no readable copy",
     Locality.UNAVAILABLE: "locality UNAVAILABLE: its copies are on offline pools or tapes",
@@ -284,6 +287,8 @@ class TapeRouter:
         self._requests: dict[str, dict[str, float]] = {}  # uri -> request id -> pinned until
         self._tasks: list[asyncio.Task[None]] = []
         self._warned: set[str] = set()
+        self._known: set[str] = set()  # endpoints that knew a path (or were warned they did not)
+        self._unknown: Counter[str] = Counter()  # endpoint -> paths it did not know, so far
         self._asked: set[str] = set()  # paths put in a stage request (counted once)
         self._ended = 0  # of those, how many landed or failed
         token = access.token
@@ -303,6 +308,7 @@ class TapeRouter:
             return
         paths = [namespace_path(url, self.s.path_map) for _, url in files]
         found = await self._archiveinfo(uri, paths)
+        self._check_known(uri, paths, found)
         staged: list[str] = []
         for (ref, _), path in zip(files, paths):
             staged += await self._one(uri, ref, path, found.get(path), ref.url in fresh)
@@ -337,6 +343,23 @@ class TapeRouter:
                 found.update(await self.access.client.archiveinfo(
                     uri, missing[i:i + ARCHIVEINFO_BATCH]))
         return found
+
+    def _check_known(self, uri: str, paths: list[str], found: dict[str, FileLocality]) -> None:
+        """Warn once per endpoint when it knows none of the first ``UNKNOWN_HINT`` or more paths
+        asked: the URLs' paths are most likely not its namespace paths (``path_map``)."""
+        if uri in self._known:
+            return
+        unknown = [p for p in paths if p in found and found[p].locality is None]
+        if len(unknown) < len(paths):
+            self._known.add(uri)  # it knows some: a missing file is just missing
+            return
+        self._unknown[uri] += len(unknown)
+        if self._unknown[uri] >= UNKNOWN_HINT:
+            self._known.add(uri)  # said once
+            log.warning("%s/archiveinfo knows none of the %d paths asked (%s: %s); if the "
+                        "storage's namespace path is not the URL's path (a door with a "
+                        "webdav.root), map them with [[storage.path_map]]", uri,
+                        self._unknown[uri], unknown[0], found[unknown[0]].error)
 
     async def _one(self, uri: str, ref: FileRef, path: str, answer: Optional[FileLocality],
                    fresh: bool) -> list[str]:

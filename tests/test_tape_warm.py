@@ -109,6 +109,7 @@ def test_a_cold_mixed_dataset_warms_in_one_run(
     reasons = {f["url"]: f["error"] for f in doc["failures"]}
     assert "locality UNAVAILABLE" in reasons[site.door_url(paths["lost"][0])]
     assert "archiveinfo" in reasons[site.door_url(paths["unknown"][0])]
+    assert "knows none" not in res.stderr  # one unknown path among known ones: just missing
     stats = site.stats()
     assert stats["door_tape_gets"] == 0 and stats["door_blocked_seconds"] == 0
     # One archiveinfo for the whole (admitted) chunk; 12 tape files in requests of 5, 5 and 2.
@@ -224,6 +225,8 @@ def test_path_map_names_files_by_their_namespace_path(
                     "--force")
         doc = json.loads(res.stdout)
         assert doc["counts"]["missing"] == 3 and srv.stats()["door_tape_gets"] == 0
+        [hint] = [ln for ln in res.stderr.splitlines() if "knows none" in ln]
+        assert "of the 3 paths asked (/dune/f0: " in hint and "[[storage.path_map]]" in hint
 
 
 def test_evicted_files_are_staged_again_not_read(
