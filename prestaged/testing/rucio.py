@@ -617,13 +617,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C before the server took SIGINT over, or after it let go
-        sys.exit(130)
-    except BrokenPipeError:  # whoever was to read the JSON line is gone: exit without a word
-        import os
+    from prestaged.testing.process import exit_quietly
 
-        # Python flushes stdout once more at exit: into /dev/null, so that says nothing either.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    exit_quietly(main)

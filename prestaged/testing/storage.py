@@ -1200,11 +1200,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C before the server took SIGINT over, or after it let go
-        sys.exit(130)
-    except BrokenPipeError:  # whoever was to read the JSON line is gone: exit without a word
-        # Python flushes stdout once more at exit: into /dev/null, so that says nothing either.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    from prestaged.testing.process import exit_quietly
+
+    exit_quietly(main)

@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -144,7 +143,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C before the server took SIGINT over, or after it let go
-        sys.exit(130)
+    from prestaged.testing.process import exit_quietly
+
+    exit_quietly(main)
