@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union, get_type_hints
 
 from prestaged.errors import ConfigError
-from prestaged.files import read_small
+from prestaged.files import read_small_text
 from prestaged.model import redacted_url, usable_origin
 
 if sys.version_info >= (3, 11):
@@ -672,21 +672,11 @@ def load_config(path: Path | None) -> Config:
     """Load and validate ``path`` (None: built-in defaults). Raises ``ConfigError`` (exit 2)."""
     if path is None:
         return Config()
+    text = read_small_text(path, CONFIG_MAX_BYTES, "config")  # TOML is UTF-8
     try:
-        raw = read_small(path, CONFIG_MAX_BYTES)
-        if len(raw) > CONFIG_MAX_BYTES:
-            raise ConfigError(f"config {path}: larger than {CONFIG_MAX_BYTES >> 20} MiB, not a "
-                              "prestaged config")
-        data = tomllib.loads(raw.decode("utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config {path}: no such file") from None
-    except OSError as e:
-        raise ConfigError(f"config {path}: cannot read: {e.strerror}") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config {path}: invalid TOML: {e}") from None
-    except UnicodeDecodeError as e:  # TOML is UTF-8; tomllib decodes before it parses
-        raise ConfigError(f"config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
-                          f"offset {e.start})") from None
     base = path.parent
     try:
         cfg = build_section(Config, data, "", base)

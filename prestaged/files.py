@@ -14,7 +14,9 @@ import stat
 from pathlib import Path
 from typing import Union
 
-__all__ = ["read_small"]
+from prestaged.errors import ConfigError
+
+__all__ = ["read_small", "read_small_text"]
 
 
 def read_small(path: Union[str, Path], limit: int) -> bytes:
@@ -36,3 +38,23 @@ def read_small(path: Union[str, Path], limit: int) -> bytes:
             chunks.append(chunk)
             size += len(chunk)
         return b"".join(chunks)
+
+
+def read_small_text(path: Path, limit: int, what: str) -> str:
+    """``path``'s UTF-8 text, at most ``limit`` bytes; ``ConfigError`` (exit 2) naming ``what``
+    (``config``, ``campaign``) and the file for a missing, unreadable, too large or non-UTF-8
+    file."""
+    try:
+        raw = read_small(path, limit)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot read: {e.strerror}") from None
+    if len(raw) > limit:
+        size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
+        raise ConfigError(f"{what} {path}: larger than {size}, not a prestaged {what}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                          f"offset {e.start})") from None

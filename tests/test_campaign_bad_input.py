@@ -126,6 +126,35 @@ def test_reported_template_through_the_real_entry_point(tmp_path: Path) -> None:
     assert not state.exists()
 
 
+@pytest.mark.parametrize("command", [["campaign", "run", "--state"], ["campaign", "add"]])
+def test_a_campaign_file_that_is_a_device_a_pipe_or_not_utf8_is_one_line_exit_2(
+        tmp_path: Path, command: list[str]) -> None:
+    """``campaign run /dev/zero`` read until memory ran out and a named pipe waited forever for
+    a writer: now /dev/zero is "larger than 128 KiB" (a campaign must fit the daemon's API), a
+    pipe without a writer reads as empty (then "name" is missing), bytes that are not UTF-8
+    name the byte; each exit 2 before any daemon or state is contacted."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b'name = "caf\xe9"\n')
+    state = tmp_path / "state.db"
+    expected = {
+        "/dev/zero": "campaign /dev/zero: larger than 128 KiB, not a prestaged campaign",
+        str(fifo): f"campaign {fifo}: name:",
+        str(latin): f"campaign {latin}: not UTF-8 text (byte 0xe9 at offset 11)",
+    }
+    for path, line in expected.items():
+        argv = [*command[:2], path] + (["--state", str(state)] if "--state" in command else [])
+        res = subprocess.run(entry_point(*argv),
+                             capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path,
+                             timeout=DEADLINE, check=False)
+        assert res.returncode == 2, res.stderr
+        assert _one_line(res.stderr).startswith(line), res.stderr
+    assert not state.exists()
+
+
 def test_error_of_a_multiline_placeholder_stays_one_line(tmp_path: Path) -> None:
     """A placeholder holding a newline (TOML allows one) is quoted escaped: still one line."""
     with pytest.raises(ConfigError) as err:

@@ -41,6 +41,7 @@ from prestaged.config import (
     shown,
 )
 from prestaged.errors import ConfigError
+from prestaged.files import read_small_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -329,17 +330,20 @@ def _dependency_order(stages: Sequence[StageConfig]) -> list[StageConfig]:
 # --- loading ----------------------------------------------------------------------------------
 
 
+CAMPAIGN_MAX_BYTES = 128 << 10
+"""A campaign file's largest size: one is a few KiB, and ``campaign add`` sends it whole to the
+daemon, whose API reads at most 256 KiB of JSON (the file's quotes and newlines escaped)."""
+
+
+def read_campaign(path: Path) -> str:
+    """A campaign file's text (not checked yet); ``ConfigError`` naming the file (exit 2) when
+    it is missing, unreadable, not UTF-8 or larger than ``CAMPAIGN_MAX_BYTES``."""
+    return read_small_text(path, CAMPAIGN_MAX_BYTES, "campaign")
+
+
 def load_campaign(path: Path) -> CampaignConfig:
     """Load and validate a campaign file; ``ConfigError`` naming the file and key (exit 2)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"campaign {path}: no such file") from None
-    except OSError as e:
-        raise ConfigError(f"campaign {path}: cannot read: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"campaign {path}: not UTF-8 text") from None
-    return parse_campaign(text, path)
+    return parse_campaign(read_campaign(path), path)
 
 
 def parse_campaign(text: str, path: Path) -> CampaignConfig:

@@ -36,11 +36,12 @@ __all__ = [
 
 def cmd_campaign_add(args: argparse.Namespace, cfg: Config) -> int:
     """``campaign add``: validate FILE here, then give it to the daemon (an error without one)."""
-    from prestaged.campaign.spec import load_campaign
+    from prestaged.campaign.spec import parse_campaign, read_campaign
     from prestaged.service.client import base_url, call
 
-    campaign = load_campaign(args.file)  # the daemon checks again; errors come out here first
-    body: dict[str, Any] = {"toml": args.file.read_text(encoding="utf-8"),
+    text = read_campaign(args.file)
+    campaign = parse_campaign(text, args.file)  # the daemon checks again; errors come out here
+    body: dict[str, Any] = {"toml": text,
                             "source": str(args.file.resolve()), "held": args.held}
     doc = call(cfg, "POST", "/api/v1/campaigns", body)
     if doc is None:
