@@ -324,6 +324,23 @@ def test_console_entry_point_runs_for_real(tmp_path: Path) -> None:
     assert "--concurrency: expected an integer from 1 to 10000, got 0" in _one_error_line(res.stderr)
 
 
+@pytest.mark.parametrize(("argv", "helped"), [
+    (["warm", "x.txt", "--bogus"], "prestaged warm"),
+    (["campaign", "add", "c.toml", "--state", "s.db"], "prestaged campaign add"),
+    (["--bogus", "status"], "prestaged status"),
+])
+def test_an_unknown_argument_points_at_its_commands_help(
+        argv: list[str], helped: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An argument the command does not take: exit 2, one line naming it and pointing at the
+    help of that command, which lists its options (``prestaged --help`` does not)."""
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unrecognized arguments: " in err
+    assert err.endswith(f"(see {helped} --help)\n"), err
+
+
 COMMANDS = ["warm", "files", "status", "history", "release", "wait", "submit", "campaign", "serve",
             "credentials", "proxy", "demo"]
 CAMPAIGN_ACTIONS = ["run", "add", "list", "show", "hold", "release", "cancel", "mark-submitted",

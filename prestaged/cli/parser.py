@@ -11,9 +11,11 @@ listed in ``OVERRIDES``.
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, Optional
 
 from prestaged import __version__
 from prestaged.cli.campaign import (
@@ -205,10 +207,33 @@ class _Parents:
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line (exit 2), pointing at ``--help``
-    instead of printing the whole usage block before the line that matters."""
+    instead of printing the whole usage block before the line that matters. Arguments no
+    command takes are named by the top parser: ``parse_args`` points at the help of the
+    command they were given to (``prestaged warm --help``, not ``prestaged --help``)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args: Optional[Sequence[str]] = None,  # type: ignore[override]
+                   namespace: Optional[argparse.Namespace] = None) -> argparse.Namespace:
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            argv = list(sys.argv[1:] if args is None else args)
+            help_of = _command_parser(self, argv)
+            self.exit(2, f"{self.prog}: error: unrecognized arguments: {' '.join(extra)} "
+                         f"(see {help_of.prog} --help)\n")
+        return parsed
+
+
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub)command parser ``argv`` reaches: its first word naming a subcommand, then the
+    same in what follows it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for i, word in enumerate(argv):
+                if word in action.choices:
+                    return _command_parser(action.choices[word], argv[i + 1:])
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
