@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Protocol
 
-from prestaged.errors import PrestagedError, StateError
+from prestaged.errors import CatalogError, PrestagedError
 from prestaged.locality import TapeAccess, namespace_path
 from prestaged.state.store import Pin, Store
 from prestaged.storage.tape import STAGE_LIMIT
@@ -101,10 +101,11 @@ class ReleaseFn(Protocol):
 
 def pinned(store: Store, catalog: str, definition: str) -> list[Pin]:
     """The pins recorded on ``definition``'s files (blocking: call it in a worker thread from
-    the event loop); ``StateError`` (exit 2) when the state has no such definition."""
+    the event loop); ``CatalogError`` (exit 4, as ``status``) when the state has no such
+    definition."""
     pins = store.pins(catalog, definition)
     if pins is None:
-        raise StateError(f"definition {definition!r} (catalog {catalog}) has no record in state "
+        raise CatalogError(f"definition {definition!r} (catalog {catalog}) has no record in state "
                          f"{store.where}: nothing was warmed under that name with this state "
                          "(--catalog names its catalog, --state another state file)")
     return pins

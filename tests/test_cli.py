@@ -71,6 +71,26 @@ def test_warm_json_counts_and_exit_1_for_missing(
     assert storage.stats.requests_total == 50
 
 
+def test_status_and_release_find_a_definition_warmed_by_a_relative_path(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``warm dataset.txt`` records the file by its absolute path; ``status dataset.txt`` from
+    the same directory finds it (it was exit 4, "no record"), as ``release`` already did."""
+    _definition(tmp_path, storage, [f"/pnfs/r/f{i}" for i in range(3)])
+    monkeypatch.chdir(tmp_path)
+    state = ["--state", str(tmp_path / "s.db")]
+    assert main(["warm", "dataset.txt", "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
+                 "-q", *state]) == 0
+    capsys.readouterr()
+    assert main(["status", "dataset.txt", "--json", *state]) == 0
+    [row] = json.loads(capsys.readouterr().out)["definitions"]
+    assert row["definition"] == str(tmp_path / "dataset.txt") and row["fresh"] == 3
+    assert main(["status", "./dataset.txt", "--catalog", "local", *state]) == 0
+    assert main(["status", "other.txt", *state]) == 4
+    assert main(["release", "dataset.txt", *state]) == 0
+
+
 def test_dry_run_touches_nothing(
     storage: ThreadedStorageServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -141,15 +141,15 @@ def test_release_names_files_by_their_namespace_path_through_the_path_map(
         assert all(not srv.replica(p).pins for p in paths)
 
 
-def test_release_of_a_definition_the_state_does_not_know_is_exit_2(
+def test_release_of_a_definition_the_state_does_not_know_is_exit_4(
     pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
 ) -> None:
-    """A definition with no record: exit 2, one line naming it and the state (file or URL);
-    no request."""
+    """A definition with no record: exit 4 (as ``status``), one line naming it and the state
+    (file or URL); no request."""
     backend.store().open().close()
     res = _cli(pki, proxy, tmp_path, "release", "never-warmed", "--catalog", "samweb",
                backend=backend)
-    assert res.returncode == 2
+    assert res.returncode == 4
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
     assert "'never-warmed' (catalog samweb) has no record in state" in lines[0]

@@ -33,6 +33,16 @@ def parse_line(line: str) -> Optional[str]:
     return text
 
 
+def recorded_name(definition: str, directory: Optional[Path] = None) -> str:
+    """The name a run records the local definition ``definition`` under (``LocalCatalog``: a
+    file given by path is known by its absolute path); the name given when there is no such
+    file (any more)."""
+    try:
+        return LocalCatalog(definition, directory).definition
+    except CatalogError:
+        return definition
+
+
 class LocalCatalog:
     """Definitions stored as text files of URLs (see module docstring)."""
 

@@ -26,12 +26,17 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     ``CatalogError`` (exit 4) for a named definition with no record."""
     if args.members:
         return _members(args, cfg)
-    rows = _daemon_status(args, cfg)
+    names = _names(args, cfg)
+    rows = _daemon_status(args, cfg, names)
     source = f"daemon http://{cfg.daemon.listen}"
     if rows is None:
         store = open_store(args, cfg, must_exist=True)
         try:
-            rows = store.status(cfg.state.fresh_for, args.definition, args.status_catalog)
+            rows = []
+            for name in names:
+                rows = store.status(cfg.state.fresh_for, name, args.status_catalog)
+                if rows:
+                    break
         finally:
             store.close()
         source = f"state {store.where}"
@@ -91,8 +96,23 @@ def cmd_history(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _daemon_status(args: argparse.Namespace, cfg: Config) -> Optional[list[DatasetStatus]]:
-    """Warmth as the running daemon (``daemon.listen``) reports it, or None when none answers.
+def _names(args: argparse.Namespace, cfg: Config) -> list[Optional[str]]:
+    """The names to look the definition up by, in turn: as given (None: every definition),
+    then, for a local definition file given by a relative path, the absolute path ``warm``
+    recorded it under (``status ds.txt`` finds what ``warm ds.txt`` did)."""
+    from prestaged.catalog.local import recorded_name
+
+    given = args.definition
+    if given is None or args.status_catalog not in (None, "local"):
+        return [given]
+    recorded = recorded_name(given, cfg.catalog.local.dir)
+    return [given] if recorded == given else [given, recorded]
+
+
+def _daemon_status(args: argparse.Namespace, cfg: Config, names: list[Optional[str]]
+                   ) -> Optional[list[DatasetStatus]]:
+    """Warmth as the running daemon (``daemon.listen``) reports it, or None when none answers;
+    only the definition of the first of ``names`` it knows (None: all).
 
     An explicit ``--state`` always reads that file instead.
     """
@@ -103,9 +123,12 @@ def _daemon_status(args: argparse.Namespace, cfg: Config) -> Optional[list[Datas
     doc = via_daemon(args, cfg, "GET", f"/api/v1/datasets?{query}")
     if doc is None:
         return None
+    known = doc.get("definitions", [])
+    wanted = next((n for n in names if n is None or any(d["definition"] == n for d in known)),
+                  names[0])
     rows = []
-    for d in doc.get("definitions", []):
-        if args.definition is not None and d["definition"] != args.definition:
+    for d in known:
+        if wanted is not None and d["definition"] != wanted:
             continue
         last = RunRecord(**d["last_run"]) if d.get("last_run") else None
         rows.append(DatasetStatus(**{**d, "last_run": last}))

@@ -8,9 +8,9 @@ import asyncio
 import json
 from typing import TYPE_CHECKING
 
+from prestaged.catalog.local import recorded_name
 from prestaged.cli.common import context
 from prestaged.config import Config
-from prestaged.errors import CatalogError
 from prestaged.runtime import run
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ __all__ = ["cmd_release"]
 
 def cmd_release(args: argparse.Namespace, cfg: Config) -> int:
     """``prestaged release``: 0 once every recorded pin is released (or none was recorded);
-    ``StateError`` (exit 2) for a definition the state does not know, a refusal by the storage
+    ``CatalogError`` (exit 4) for a definition the state does not know, a refusal by the storage
     3 or 5 (see ``prestaged.pins``)."""
     ctx = context(args, cfg)
     kind = ctx.catalog_kind(None)  # --catalog overrides catalog.default, as for `warm`
@@ -45,10 +45,7 @@ def _recorded_name(ctx: Context, kind: str, definition: str) -> str:
     absolute path (``LocalCatalog``); one that no longer exists by the name given."""
     if kind != "local":
         return definition
-    try:
-        return ctx.open_catalog(kind, definition).definition
-    except CatalogError:
-        return definition
+    return recorded_name(definition, ctx.cfg.catalog.local.dir)
 
 
 async def _release(ctx: Context, store: Store, kind: str, definition: str) -> ReleaseReport:
