@@ -29,6 +29,43 @@ def test_shipped_example_loads_and_equals_defaults() -> None:
     assert cfg == Config(source=EXAMPLE)
 
 
+def test_shipped_example_names_every_key() -> None:
+    """config/prestaged.toml documents every key (set, or commented out where it has no
+    default value): each field of each section appears as ``key =`` in its table, and each
+    array of tables (``[[watch]]``, ``[[storage.path_map]]``...) with its keys."""
+    import dataclasses
+    import re
+    import typing
+
+    text = EXAMPLE.read_text()
+    starts = {m.group(1): m.start() for m in re.finditer(
+        r"^#? ?\[\[?([a-z_.]+)\]\]?\s*(?:#.*)?$", text, re.M)}
+    missing = []
+
+    def keys_of(table: str) -> str:
+        start = starts[table]
+        return text[start:min((p for p in starts.values() if p > start), default=len(text))]
+
+    def walk(cls: type, table: str) -> None:
+        if table and table not in starts:
+            missing.append(f"[{table}]")
+            return
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "source":
+                continue
+            kind = hints[f.name]
+            inner = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else kind
+            name = f"{table}.{f.name}".lstrip(".")
+            if dataclasses.is_dataclass(inner):
+                walk(typing.cast(type, inner), name)
+            elif not table or not re.search(rf"^#? ?{f.name} = ", keys_of(table), re.M):
+                missing.append(name)
+
+    walk(Config, "")
+    assert not missing, missing
+
+
 def test_values_and_durations_are_parsed(tmp_path: Path) -> None:
     """Numbers, duration strings and relative paths become typed values."""
     cfg = load_config(_write(tmp_path, """
