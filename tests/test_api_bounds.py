@@ -70,7 +70,8 @@ async def test_the_warm_queue_is_bounded_and_a_repeat_joins_the_running_run(
 
 
 async def test_request_bodies_are_capped(tmp_path: Path) -> None:
-    """A body over MAX_BODY is refused with 413 before it is read; the daemon goes on."""
+    """A body over MAX_BODY is refused with 413 before it is read, as ``{"error": ...}`` like
+    every refusal (unknown paths and methods too); the daemon goes on."""
     store = Store(tmp_path / "state.db").open()
     tasks: set[asyncio.Task[Any]] = set()
     runs = _runs(store, _GatedToucher(), Metrics(), tasks)
@@ -81,6 +82,13 @@ async def test_request_bodies_are_capped(tmp_path: Path) -> None:
         resp = await client.post("/api/v1/warm", data=big,
                                  headers={"Content-Type": "application/json"})
         assert resp.status == 413
+        error = (await resp.json())["error"]  # the API's form, naming the limit
+        assert error.startswith(f"Maximum request body size {MAX_BODY} exceeded"), error
+        for method, path, status in [("GET", "/api/v1/nope", 404),
+                                     ("DELETE", "/api/v1/warm", 405)]:
+            resp = await client.request(method, path)
+            assert (resp.status, await resp.json()) == (status, {"error": resp.reason})
+        assert resp.headers["Allow"] == "POST"
         resp = await client.post("/api/v1/warm", json={"definition": "q"})
         assert resp.status == 202
     finally:

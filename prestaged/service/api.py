@@ -156,6 +156,15 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return answer
     except PrestagedError as e:
         return _error(e.http_status, str(e))
+    except web.HTTPException as e:
+        # aiohttp's own refusals (no such path 404, method 405, a body over MAX_BODY 413) in
+        # the same form; a redirect or success it raises is passed on as it is.
+        if e.status < 400:
+            raise
+        answer = _error(e.status, e.reason if e.status != 413 else str(e.text or e.reason))
+        if "Allow" in e.headers:
+            answer.headers["Allow"] = e.headers["Allow"]
+        return answer
 
 
 # --- authorisation --------------------------------------------------------------------------
