@@ -61,6 +61,15 @@ async def test_non_url_line_names_file_and_line_but_not_its_content(tmp_path: Pa
     assert "s3cr3t" not in str(err.value) and "99999" not in str(err.value)
 
 
+async def test_any_scheme_is_a_url_and_a_byte_order_mark_is_ignored(tmp_path: Path) -> None:
+    """``ftp://`` and ``xroots://`` lines are URLs (the engine fails each alone: "unsupported
+    scheme"), not the end of the load; a BOM before line 1 (Notepad's UTF-8) is not part of it."""
+    path = tmp_path / "mixed.txt"
+    path.write_bytes("\ufeffhttps://h/a\nftp://h/b\nxroots://h/c\nDAVS://h/d\n".encode())
+    refs = await _all(LocalCatalog(str(path)))
+    assert [r.url for r in refs] == ["https://h/a", "ftp://h/b", "xroots://h/c", "DAVS://h/d"]
+
+
 async def test_streams_large_lists(tmp_path: Path) -> None:
     """Large lists stream in order, chunk boundaries included."""
     path = tmp_path / "big.txt"

@@ -2,12 +2,15 @@
 
 ``#`` starts a comment (whole line or trailing after whitespace); blank lines are ignored.
 ``prestaged warm path/to/list.txt`` reads that file; ``prestaged warm NAME`` reads
-``[catalog.local] dir``/``NAME.txt``.
+``[catalog.local] dir``/``NAME.txt``. A line is a URL when it starts with ``scheme://``
+(any scheme: one no toucher speaks, ``ftp://``, fails that file alone); anything else stops the
+load, naming the line. A UTF-8 byte-order mark (Windows editors write one) is ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Optional
@@ -18,7 +21,8 @@ from prestaged.model import FileRef
 
 __all__ = ["LocalCatalog", "parse_line"]
 
-_SCHEMES = ("https://", "http://", "davs://", "root://", "roots://")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+"""The start of a URL (RFC 3986's scheme, then ``//``)."""
 _CHUNK = 1000  # lines parsed per thread hop: keeps file I/O off the event loop, cheaply
 
 
@@ -74,7 +78,7 @@ class LocalCatalog:
 
     def _lines(self) -> Iterator[list[tuple[int, str]]]:
         try:
-            with open(self.path, encoding="utf-8") as fh:
+            with open(self.path, encoding="utf-8-sig") as fh:
                 batch: list[tuple[int, str]] = []
                 for number, line in enumerate(fh, 1):
                     url = parse_line(line)
@@ -100,7 +104,7 @@ class LocalCatalog:
                 return
             assert isinstance(batch, list)
             for number, url in batch:
-                if not url.startswith(_SCHEMES):
+                if not _URL.match(url):
                     # The line itself is not quoted: a definition may be any file (the daemon
                     # once read /etc/shadow for an API caller), and an error is shown to others.
                     raise CatalogError(f"definition file {self.path}, line {number} is not a URL "
