@@ -18,6 +18,8 @@ EXIT_CATALOG = 4
 EXIT_STORAGE = 5
 EXIT_HELD = 75
 """``campaign run`` stopped because a hold kept it from launching more (EX_TEMPFAIL)."""
+EXIT_DAEMON = 69
+"""The daemon at ``daemon.listen`` did not answer, or not as our daemon would (EX_UNAVAILABLE)."""
 EXIT_INTERRUPTED = 130
 
 
@@ -82,6 +84,13 @@ class NotFoundError(CatalogError):
     (exit 4, HTTP 404)."""
 
     http_status = 404
+
+
+class DaemonError(PrestagedError):
+    """The daemon a command asked did not answer in time, answered something that is not its
+    API, or failed the call (exit 69: not 1, which says files failed)."""
+
+    exit_code = EXIT_DAEMON
 
 
 class StorageError(PrestagedError):

@@ -83,7 +83,7 @@ def test_a_slow_daemon_is_not_taken_for_no_daemon(
     cfg.write_text(f'[daemon]\nlisten = "{mute_listener}"\n[state]\npath = "{state}"\n')
     code = main(["campaign", "hold", "somecampaign", "--config", str(cfg)])
     err = capsys.readouterr().err
-    assert code != 0
+    assert code == 69  # EX_UNAVAILABLE: not 1, which says files failed
     assert mute_listener in err and "--state" in err and "did not answer" in err
     assert not state.exists()
 
@@ -101,3 +101,41 @@ def test_nothing_listening_means_the_state_file(tmp_path: Path,
     cfg.write_text(f'[daemon]\nlisten = "127.0.0.1:{port}"\n[state]\npath = "{state}"\n')
     assert main(["campaign", "list", "--config", str(cfg)]) == 2  # no state file yet
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("status", "body", "said"), [
+    (503, b'{"error": "stopping"}', "daemon: stopping"),
+    (200, b"<html>hello</html>", "but not with JSON"),
+    (200, b"[1, 2]", "with list, not a JSON object"),
+])
+def test_a_daemon_that_fails_or_is_not_ours_is_exit_69(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], status: int, body: bytes, said: str
+) -> None:
+    """Something at daemon.listen that fails the call (503) or does not speak the API: exit 69
+    (EX_UNAVAILABLE), one line naming what it said; before, exit 1, which says files failed."""
+    import http.server
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[daemon]\nlisten = "127.0.0.1:{srv.server_port}"\n')
+        code = main(["campaign", "list", "--config", str(cfg)])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    err = capsys.readouterr().err
+    assert code == 69, err
+    assert len(err.splitlines()) == 1 and said in err

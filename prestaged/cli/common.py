@@ -12,7 +12,7 @@ import argparse
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from prestaged.config import Config
-from prestaged.errors import PrestagedError
+from prestaged.errors import DaemonError
 
 if TYPE_CHECKING:
     from prestaged.context import Context
@@ -57,6 +57,6 @@ def via_daemon(args: argparse.Namespace, cfg: Config, method: str, path: str,
                             "on a state file instead)") from None
     if doc is not None and not isinstance(doc, dict):
         # Every API answer is an object: anything else is not our daemon speaking.
-        raise PrestagedError(f"the daemon at {cfg.daemon.listen} answered {method} {path} with "
+        raise DaemonError(f"the daemon at {cfg.daemon.listen} answered {method} {path} with "
                              f"{type(doc).__name__}, not a JSON object")
     return doc

@@ -4,10 +4,10 @@
 works on the state file instead), the JSON answer on success, and raises the ``PrestagedError``
 matching an error answer (400 -> ``ConfigError``, 404 -> ``NotFoundError``, 409 ->
 ``ConflictError``), with the daemon's one-line message. A daemon that is slow, or anything else
-that goes wrong on the way, is an error naming the daemon and ``--state``: it is never taken
-for "no daemon", which would send a hold or cancel to a different database than the one the
-daemon uses. Every call sends the bearer token from ``daemon.token_file`` when set (a read
-goes without it when the file cannot be read).
+that goes wrong on the way, is a ``DaemonError`` (exit 69) naming the daemon and ``--state``:
+never taken for "no daemon", which would send a hold or cancel to a different database than
+the one the daemon uses. Every call sends the bearer token from ``daemon.token_file`` when set
+(a read goes without it when the file cannot be read).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import urllib.request
 from typing import Any, Optional
 
 from prestaged.config import Config
-from prestaged.errors import ConfigError, ConflictError, NotFoundError, PrestagedError
+from prestaged.errors import ConfigError, ConflictError, DaemonError, NotFoundError
 
 __all__ = ["base_url", "call"]
 
@@ -54,9 +54,10 @@ def _token(cfg: Config, *, required: bool) -> Optional[str]:
 def call(cfg: Config, method: str, path: str, body: Optional[dict[str, Any]] = None,
          *, timeout: Optional[float] = None) -> Optional[Any]:
     """``method`` ``path`` (``/api/v1/...``) on the daemon: its JSON answer, or None when
-    nothing listens at ``daemon.listen``. ``PrestagedError`` when the daemon refuses the call,
-    does not answer within ``timeout`` seconds (default ``TIMEOUT``), or answers with
-    something that is not JSON."""
+    nothing listens at ``daemon.listen``. ``PrestagedError`` when the daemon refuses the call
+    (bad input, a token, not found, a conflict); ``DaemonError`` (exit 69) when it fails it, does
+    not answer within ``timeout`` seconds (default ``TIMEOUT``), or answers with something that
+    is not JSON."""
     url = base_url(cfg) + path
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)
@@ -76,13 +77,13 @@ def call(cfg: Config, method: str, path: str, body: Optional[dict[str, Any]] = N
         if isinstance(reason, ConnectionRefusedError):
             log.debug("no daemon at %s: %s", url, reason)
             return None
-        raise PrestagedError(f"the daemon at {base_url(cfg)} (daemon.listen) did not answer "
+        raise DaemonError(f"the daemon at {base_url(cfg)} (daemon.listen) did not answer "
                              f"{method} {path}: {_describe(reason)}; is it overloaded or "
                              "stuck? --state FILE works on a state file instead") from None
     try:
         return json.loads(payload)
     except ValueError:
-        raise PrestagedError(f"{base_url(cfg)} (daemon.listen) answered {method} {path}, but "
+        raise DaemonError(f"{base_url(cfg)} (daemon.listen) answered {method} {path}, but "
                              "not with JSON: is something else listening there? --state FILE "
                              "works on a state file instead") from None
 
@@ -108,4 +109,4 @@ def _raise(status: int, payload: bytes, url: str) -> None:
         raise NotFoundError(message)
     if status == 409:
         raise ConflictError(message)
-    raise PrestagedError(f"daemon: {message}")
+    raise DaemonError(f"daemon: {message}")
