@@ -133,8 +133,7 @@ def _interrupt_on_stop_signals() -> dict[int, _Handler]:
     """Make SIGINT, SIGTERM and SIGHUP raise ``KeyboardInterrupt``; the handlers they had.
 
     Without this a terminated or hung-up demo dies at once, leaving its servers running and the
-    private keys on disk; and the warm's event loop (uvloop) leaves handlers behind that ignore
-    all three once it is closed.
+    private keys on disk (the warm's ``runtime.run`` puts them back when it returns).
     """
     return {sig: signal.signal(sig, signal.default_int_handler) for sig in _STOP_SIGNALS}
 
@@ -184,15 +183,6 @@ def _spawn(procs: _Procs, cmd: list[str], stdout: Optional[int] = None
     proc = subprocess.Popen(cmd, stdout=stdout, text=True, start_new_session=True)
     procs.append(proc)
     return proc
-
-
-def _warm(main: Callable[[Optional[list[str]]], int], argv: list[str]) -> int:
-    """``main(argv)``, then SIGINT, SIGTERM and SIGHUP interrupt the demo again (see
-    ``_interrupt_on_stop_signals``)."""
-    try:
-        return main(argv)
-    finally:
-        _interrupt_on_stop_signals()
 
 
 def _start(procs: _Procs, cmd: list[str], what: str
@@ -330,7 +320,7 @@ def run_demo(*, files: int, redirect: bool, keep: bool,
             print(f"demo: definition {definition} with {files} files\n")
             source = [str(definition)]
         # The demo's state lives (and goes) with its temporary directory.
-        code = _warm(main, ["warm", *source, "--proxy", str(proxy), "--ca-dir",
+        code = main(["warm", *source, "--proxy", str(proxy), "--ca-dir",
                             str(pki.ca_dir), "--state", str(tmp / "state.db")])
         seen = _stop(storage, stats)
         _report_catalogs(tmp, sam, metacat)
@@ -402,7 +392,7 @@ def run_tape_demo(*, files: int, keep: bool, main: Callable[[Optional[list[str]]
         print(f"demo: emulated dCache: WebDAV door {door}, Tape REST API {info['tape_api_url']}")
         print(f"demo: {files} files, cold: 70% only on tape (4 tapes, 2 drives), 1 lost")
         print(f"demo: definition {definition}\n")
-        code = _warm(main, ["warm", str(definition), "--proxy", str(proxy), "--ca-dir",
+        code = main(["warm", str(definition), "--proxy", str(proxy), "--ca-dir",
                             str(pki.ca_dir), "--state", str(tmp / "state.db"), "--config",
                             str(config)])
         seen = _stop(proc, stats).get("stats", {})

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import ssl
+import threading
 from collections.abc import Coroutine
 from typing import Any, Callable, TypeVar
 
@@ -28,22 +29,42 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` to completion on a new event loop and return its result.
 
     The loop is uvloop's when it can be imported and ``PRESTAGED_EVENT_LOOP`` is not
-    ``asyncio``; the loop's exception handler is ``quiet_transport_errors`` either way.
+    ``asyncio``; the loop's exception handler is ``quiet_transport_errors`` either way. The
+    handlers of the stop signals are as before once it returns: a closed uvloop loop leaves its
+    own behind, which ignore the signal (a Ctrl-C after a warm, in the same process, did
+    nothing).
     """
 
     async def wrapped() -> T:
         asyncio.get_running_loop().set_exception_handler(quiet_transport_errors)
         return await main
 
-    if os.environ.get("PRESTAGED_EVENT_LOOP", "auto") != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            result: T = uvloop.run(wrapped())
-            return result
-    return asyncio.run(wrapped())
+    saved = _signal_handlers()
+    try:
+        if os.environ.get("PRESTAGED_EVENT_LOOP", "auto") != "asyncio":
+            try:
+                import uvloop
+            except ImportError:
+                pass
+            else:
+                result: T = uvloop.run(wrapped())
+                return result
+        return asyncio.run(wrapped())
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _signal_handlers() -> dict[signal.Signals, Any]:
+    """The stop signals' handlers now (none outside the main thread: only it can set them;
+    None, a handler not set from Python, is left alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    handlers = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    return {sig: h for sig, h in handlers.items() if h is not None}
 
 
 def quiet_transport_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ import psutil
 import pytest
 from cli_runner import entry_point, run_cli, subprocess_env
 
-from prestaged import demo, runtime
+from prestaged import runtime
 
 DEADLINE = 60.0
 """Seconds any one wait of these tests may take before it fails (they take about one)."""
@@ -259,22 +259,24 @@ def test_files_out_of_range_is_one_line_exit_2(args: list[str], tmp_path: Path,
     assert not list(tmp_path.iterdir())
 
 
-def test_signals_interrupt_the_demo_again_after_its_warm() -> None:
-    """The warm's event loop (uvloop) leaves handlers that ignore SIGINT and SIGTERM once
-    closed: after the warm the demo makes SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt
-    again, so that being stopped while it reports still stops its servers and cleans up."""
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])
+def test_the_stop_signals_handlers_are_as_before_once_a_run_returns(
+        loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A closed uvloop loop leaves its own SIGTERM handler behind, which ignores the signal:
+    ``runtime.run`` puts back what SIGINT, SIGTERM and SIGHUP had (here the demo's
+    KeyboardInterrupt), so being stopped after a warm still stops the demo and cleans up."""
+    monkeypatch.setenv("PRESTAGED_EVENT_LOOP", loop)
     stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     before = {sig: signal.getsignal(sig) for sig in stops}
 
-    def warm(argv: Optional[list[str]]) -> int:
-        async def run() -> int:
-            runtime.install_interrupt(asyncio.Event())
-            return 0
-
-        return runtime.run(run())
+    async def run() -> int:
+        runtime.install_interrupt(asyncio.Event())
+        return 0
 
     try:
-        assert demo._warm(warm, ["warm"]) == 0
+        for sig in stops:
+            signal.signal(sig, signal.default_int_handler)
+        assert runtime.run(run()) == 0
         assert all(signal.getsignal(sig) is signal.default_int_handler for sig in stops)
     finally:
         for sig, handler in before.items():
