@@ -4,6 +4,7 @@ that its database calls never hold up the event loop, and what a submit's end re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shlex
 import sqlite3
@@ -198,6 +199,41 @@ def test_submit_killed_by_a_signal_is_launch_unknown(
     state, _, reason, _ = submission(store)
     assert state == "launch_unknown"
     assert reason.startswith("sh was killed by SIGKILL: it may or may not have launched")
+
+
+async def test_a_job_id_regex_that_backtracks_without_end_gives_up_and_the_loop_runs_on(
+        tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``job_id_regex = "(a|aa)+$"`` on 3,000 a's and a b takes longer than the universe with
+    ``re``, on the event loop: the daemon froze. Now the search gives up at JOB_ID_TIMEOUT
+    (submitted, no job id, a warning naming the stage) and runs off the loop, which keeps
+    running meanwhile."""
+    import prestaged.campaign.runner as runner
+
+    monkeypatch.setattr(runner, "JOB_ID_TIMEOUT", 0.5)
+    cfg = campaign(tmp_path, submit=q("sh", "-c", "printf " + "a" * 3000 + "b"))
+    cfg = dataclasses.replace(cfg, stage=tuple(
+        dataclasses.replace(stage, job_id_regex="(a|aa)+$") for stage in cfg.stage))
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.02)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        result = await run(cfg, store, tmp_path)
+    finally:
+        ticking.cancel()
+    assert result.exit_code == 0, result
+    state, job_id, _, states = submission(store)
+    assert (state, job_id) == ("completed", None) and "submitted" in states
+    assert "job_id_regex '(a|aa)+$' did not finish within 0.5s" in caplog.text
+    assert max(gaps) < 0.4, max(gaps)  # the search held neither the loop nor the GIL
 
 
 def test_submit_exiting_non_zero_is_launch_failed(tmp_path: Path, store: Store) -> None:

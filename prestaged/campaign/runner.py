@@ -31,12 +31,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
+
+import regex
 
 from prestaged.campaign.commands import run_argv
 from prestaged.campaign.repository import (
@@ -281,7 +282,7 @@ class _Runner:
         # Committed before the command starts: a crash from here on is launch_unknown.
         sub = await self._move(sub, S.SUBMITTING, f"running {argv[0]}")
         res = await run_argv(argv, self.campaign.defaults.submit_timeout)
-        job_id = _job_id(stage, res.output_tail)
+        job_id = await asyncio.to_thread(_job_id, stage, res.output_tail)
         if res.may_have_run:  # stopped by a signal: it may have launched before it was
             seen = f"; its output names job id {job_id}" if job_id else ""
             return await self._move(
@@ -368,10 +369,21 @@ class _Runner:
                 await asyncio.wait_for(self.stop.wait(), wake - now)
 
 
+JOB_ID_TIMEOUT = 2.0
+"""Seconds ``job_id_regex`` may search a submit command's output (at most 4,000 characters)."""
+
+
 def _job_id(stage: StageConfig, output: str) -> Optional[str]:
     """The job id in a submit command's ``output`` by the stage's ``job_id_regex`` (group 1,
-    or the whole match), or None."""
-    m = re.search(stage.job_id_regex, output)
+    or the whole match), or None. A pattern that backtracks without end (``(a|aa)+$``) gives
+    up after ``JOB_ID_TIMEOUT`` (None, with a warning) instead of holding a thread and the
+    GIL for ever: the ``regex`` module, which has a timeout and lets other threads run."""
+    try:
+        m = regex.search(stage.job_id_regex, output, timeout=JOB_ID_TIMEOUT, concurrent=True)
+    except TimeoutError:
+        log.warning("%s: job_id_regex %r did not finish within %gs on the submit command's "
+                    "output; no job id", stage.name, stage.job_id_regex, JOB_ID_TIMEOUT)
+        return None
     return (m.group(1) if m.groups() else m.group(0)) if m else None
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import regex
+
 from prestaged.config import (
     FRACTION,
     NON_EMPTY,
@@ -105,9 +107,11 @@ def _is_split(v: str) -> bool:
 
 
 def _is_regex(v: str) -> bool:
+    """Whether ``v`` compiles as the runner will use it (the ``regex`` module's syntax, a
+    superset of ``re``'s)."""
     try:
-        re.compile(v)
-    except re.error:
+        regex.compile(v)
+    except regex.error:
         return False
     return True
 
