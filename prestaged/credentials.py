@@ -46,6 +46,7 @@ __all__ = [
     "CredentialError",
     "Credentials",
     "ProxyInfo",
+    "VomsAttributes",
     "check_ca_dir",
     "check_lifetime",
     "format_dn",
@@ -67,6 +68,10 @@ DEFAULT_CA_DIR = Path("/etc/grid-security/certificates")
 
 _PROXY_CERT_INFO = ObjectIdentifier("1.3.6.1.5.5.7.1.14")
 _GLOBUS_PROXY_CERT_INFO = ObjectIdentifier("1.3.6.1.4.1.3536.1.222")
+_VOMS_EXTENSION = ObjectIdentifier("1.3.6.1.4.1.8005.100.100.5")
+"""The proxy extension holding the VOMS attribute certificates (a SEQUENCE OF SEQUENCE OF AC)."""
+_VOMS_FQANS = "1.3.6.1.4.1.8005.100.100.4"
+"""The AC attribute listing the FQANs (IetfAttrSyntax: the VO://host:port, then the FQANs)."""
 _LEGACY_PROXY_CNS = frozenset({"proxy", "limited proxy"})
 _RENEW_HINT = "run voms-proxy-init or grid-proxy-init"
 
@@ -166,6 +171,21 @@ def _utcnow() -> datetime:
 
 
 @dataclass(frozen=True)
+class VomsAttributes:
+    """One VOMS attribute certificate of a proxy, as ``voms-proxy-info -all`` shows it: the
+    VO, its FQANs in order (the first is the one a storage maps by), the VOMS server that signed
+    it (DN, ``host:port``) and its validity (tz-aware UTC), which may end before the proxy's.
+    Shown, and its lifetime checked; its signature is the storage's to verify (``vomsdir``)."""
+
+    vo: str
+    fqans: tuple[str, ...]
+    issuer: str
+    uri: str
+    not_before: datetime
+    not_after: datetime
+
+
+@dataclass(frozen=True)
 class ProxyInfo:
     """What a proxy (or plain certificate) file holds, as far as prestaged cares.
 
@@ -183,15 +203,26 @@ class ProxyInfo:
     not_before: datetime
     not_after: datetime
     chain_length: int
+    voms: tuple[VomsAttributes, ...] = ()
+    """The VOMS attribute certificates of the proxy (none: a plain grid-proxy-init proxy)."""
+    voms_error: Optional[str] = None
+    """Why a VOMS extension present could not be read (then ``voms`` is empty)."""
 
     @property
     def is_proxy(self) -> bool:
         """True for RFC 3820 and legacy Globus proxies, false for a plain certificate."""
         return self.kind != KIND_END_ENTITY
 
+    @property
+    def usable_until(self) -> datetime:
+        """When the proxy stops being usable as it is: at its own end, or its VOMS attributes'
+        when they end first (a storage that maps by FQAN refuses it from then on)."""
+        return min([self.not_after, *(v.not_after for v in self.voms)])
+
     def time_left(self, now: datetime | None = None) -> timedelta:
-        """Usable lifetime left at ``now`` (default: the current UTC time); negative if expired."""
-        return self.not_after - (now if now is not None else _utcnow())
+        """Usable lifetime left at ``now`` (default: the current UTC time), VOMS attributes
+        included (``usable_until``); negative if expired."""
+        return self.usable_until - (now if now is not None else _utcnow())
 
 
 def _cert_kind(cert: x509.Certificate) -> str:
@@ -210,6 +241,63 @@ def _cert_kind(cert: x509.Certificate) -> str:
     ):
         return KIND_LEGACY_PROXY
     return KIND_END_ENTITY
+
+
+def _voms(chain: list[x509.Certificate]) -> tuple[tuple[VomsAttributes, ...], Optional[str]]:
+    """The VOMS attribute certificates of the first certificate of ``chain`` that has any
+    (voms-proxy-init puts them in the proxy; a delegated proxy keeps them further down), and
+    why they cannot be read when they cannot."""
+    for cert in chain:
+        try:
+            ext = cert.extensions.get_extension_for_oid(_VOMS_EXTENSION)
+        except (x509.ExtensionNotFound, ValueError):
+            continue
+        raw = ext.value.value if isinstance(ext.value, x509.UnrecognizedExtension) else b""
+        try:
+            return _voms_acs(raw), None
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError):
+            return (), "its VOMS extension cannot be read (not attribute certificates)"
+    return (), None
+
+
+def _voms_acs(raw: bytes) -> tuple[VomsAttributes, ...]:
+    """Parse a VOMS extension's value (asn1crypto: RFC 5755 attribute certificates)."""
+    from asn1crypto import cms, core
+
+    class _ACs(core.SequenceOf):  # type: ignore[misc]
+        _child_spec = cms.AttributeCertificateV2
+
+    class _ACSeq(core.SequenceOf):  # type: ignore[misc]
+        _child_spec = _ACs
+
+    out = []
+    for acs in _ACSeq.load(raw, strict=True):
+        for ac in acs:
+            info = ac["ac_info"]
+            period = info["att_cert_validity_period"].native
+            names = info["issuer"].chosen["issuer_name"]
+            issuer = next((_slash_name(n.chosen) for n in names if n.name == "directory_name"),
+                          "")
+            for attribute in info["attributes"]:
+                if attribute["type"].dotted != _VOMS_FQANS:
+                    continue
+                for value in attribute["values"]:
+                    syntax = cms.IetfAttrSyntax.load(value.dump()).native
+                    authority = str((syntax["policy_authority"] or [""])[0])
+                    vo, _, uri = authority.partition("://")
+                    fqans = tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                                  for v in syntax["values"])
+                    out.append(VomsAttributes(vo, fqans, issuer, uri, period["not_before_time"],
+                                              period["not_after_time"]))
+    return tuple(out)
+
+
+def _slash_name(name: object) -> str:
+    """An asn1crypto ``x509.Name`` as ``format_dn`` prints a cryptography one."""
+    rdns = [x509.RelativeDistinguishedName([
+        x509.NameAttribute(ObjectIdentifier(attr["type"].dotted), str(attr["value"].native))
+        for attr in rdn]) for rdn in name.chosen]  # type: ignore[attr-defined]
+    return format_dn(x509.Name(rdns))
 
 
 def _validity(cert: x509.Certificate) -> tuple[datetime, datetime]:
@@ -288,6 +376,7 @@ def inspect_proxy(path: Path, *, source: str | None = None) -> ProxyInfo:
     except ValueError as e:  # duplicate or malformed extensions
         raise CredentialError(f"{label}: certificate with malformed extensions") from e
     validity = [_validity(cert) for cert in chain]
+    voms, voms_error = _voms(chain)
     return ProxyInfo(
         path=path,
         subject=format_dn(chain[0].subject),
@@ -297,31 +386,36 @@ def inspect_proxy(path: Path, *, source: str | None = None) -> ProxyInfo:
         not_before=max(before for before, _ in validity),
         not_after=min(after for _, after in validity),
         chain_length=len(chain),
+        voms=voms,
+        voms_error=voms_error,
     )
 
 
 def check_lifetime(info: ProxyInfo, min_lifetime: float, now: datetime | None = None) -> None:
-    """Raise :class:`CredentialError` unless ``info`` is valid at ``now`` for ``min_lifetime`` s.
+    """Raise :class:`CredentialError` unless ``info`` is valid at ``now`` for ``min_lifetime`` s,
+    its VOMS attributes too (a storage that maps by FQAN refuses a proxy whose attributes
+    expired, however long the proxy itself lasts).
 
     ``min_lifetime`` is ``credentials.min_lifetime`` in seconds (0 only requires "not expired");
     ``now`` defaults to the current UTC time.
     """
     now = now if now is not None else _utcnow()
     label = f"proxy {info.path}"
-    if now >= info.not_after:
-        raise CredentialError(f"{label}: expired at {_format_time(info.not_after)} ({_RENEW_HINT})")
-    if now < info.not_before:
-        raise CredentialError(
-            f"{label}: not valid before {_format_time(info.not_before)}"
-            " (is the clock of this host right?)"
-        )
-    left = info.time_left(now)
-    if left.total_seconds() < min_lifetime:
-        minimum = format_timedelta(timedelta(seconds=min_lifetime))
-        raise CredentialError(
-            f"{label}: {format_timedelta(left)} left, less than credentials.min_lifetime"
-            f" ({minimum}); {_RENEW_HINT}"
-        )
+    spans = [(label, info.not_before, info.not_after, _RENEW_HINT)]
+    spans += [(f"{label}: its VOMS attributes ({v.vo}, {v.fqans[0] if v.fqans else 'no FQAN'})",
+               v.not_before, v.not_after, f"run voms-proxy-init -voms {v.vo or '<vo>'}")
+              for v in info.voms]
+    minimum = format_timedelta(timedelta(seconds=min_lifetime))
+    for what, not_before, not_after, hint in spans:
+        if now >= not_after:
+            raise CredentialError(f"{what}: expired at {_format_time(not_after)} ({hint})")
+        if now < not_before:
+            raise CredentialError(f"{what}: not valid before {_format_time(not_before)} (is the "
+                                  "clock of this host right?)")
+        left = not_after - now
+        if left.total_seconds() < min_lifetime:
+            raise CredentialError(f"{what}: {format_timedelta(left)} left, less than "
+                                  f"credentials.min_lifetime ({minimum}); {hint}")
 
 
 def warn_if_exposed(path: Path) -> bool:
@@ -585,7 +679,8 @@ def load_credentials(
     credentials = Credentials(proxy=info, ca_dir=ca_path, token=token)
     credentials.ssl_context()
     if info is not None:
-        logger.info("using %s %s of %s, %s left", info.kind, info.path, info.identity,
+        roles = "".join(f" as {v.fqans[0]}" for v in info.voms[:1] if v.fqans)
+        logger.info("using %s %s of %s%s, %s left", info.kind, info.path, info.identity, roles,
                     format_timedelta(info.time_left(now)))
     if token is not None:
         t = token.info

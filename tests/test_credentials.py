@@ -76,6 +76,7 @@ def _forge(
     last_cn: str,
     lifetime: timedelta,
     extension: ObjectIdentifier | None = None,
+    value: bytes = b"\x30\x00",
 ) -> Path:
     """Sign a proxy-like cert with the first cert/key of issuer_file, without lifetime capping."""
     chain = x509.load_pem_x509_certificates(issuer_file.read_bytes())
@@ -97,7 +98,7 @@ def _forge(
     )
     if extension is not None:
         builder = builder.add_extension(
-            x509.UnrecognizedExtension(extension, b"\x30\x00"), critical=False
+            x509.UnrecognizedExtension(extension, value), critical=False
         )
     cert = builder.sign(issuer_key, hashes.SHA256())
     key_out = key.private_bytes(
@@ -192,6 +193,21 @@ def test_lifetime_is_minimum_over_chain(proxy: Path, tmp_path: Path) -> None:
     assert info.not_after == min(c.not_valid_after_utc for c in chain)
     assert info.not_after == chain[1].not_valid_after_utc
     assert info.not_before == max(c.not_valid_before_utc for c in chain)
+
+
+def test_an_unreadable_voms_extension_is_said_and_the_proxy_still_usable(
+        proxy: Path, tmp_path: Path) -> None:
+    """A VOMS extension that holds no attribute certificates: ``voms_error`` says so, no
+    attributes, and the proxy's lifetime is its own (the storage decides what it makes of it)."""
+    voms = ObjectIdentifier("1.3.6.1.4.1.8005.100.100.5")
+    for value, error in [(b"\x04\x03abc", True), (b"\x30\x00", False)]:
+        path = _forge(proxy, tmp_path / "p", last_cn="123", lifetime=timedelta(hours=2),
+                      extension=voms, value=value)
+        info = inspect_proxy(path)
+        assert info.voms == () and info.usable_until == info.not_after
+        assert (info.voms_error == "its VOMS extension cannot be read (not attribute "
+                "certificates)") is error
+        check_lifetime(info, 3600)
 
 
 def test_missing_file(tmp_path: Path) -> None:

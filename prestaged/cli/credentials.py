@@ -44,10 +44,18 @@ def _proxy_doc(args: argparse.Namespace, cfg: Config, *,
         if required:
             raise
         return {"path": str(path), "source": source, "error": str(e)}
-    left = info.time_left()
-    return {"path": str(info.path), "source": source, "subject": info.subject,
-            "identity": info.identity, "issuer": info.issuer, "type": info.kind,
-            "not_after": info.not_after.isoformat(), "seconds_left": int(left.total_seconds())}
+    now = datetime.now(timezone.utc)
+    doc: dict[str, Any] = {
+        "path": str(info.path), "source": source, "subject": info.subject,
+        "identity": info.identity, "issuer": info.issuer, "type": info.kind,
+        "not_after": info.not_after.isoformat(),
+        "seconds_left": int((info.not_after - now).total_seconds()),
+        "voms": [{"vo": v.vo, "fqans": list(v.fqans), "issuer": v.issuer, "uri": v.uri,
+                  "not_after": v.not_after.isoformat(),
+                  "seconds_left": int((v.not_after - now).total_seconds())} for v in info.voms]}
+    if info.voms_error:
+        doc["voms_error"] = info.voms_error
+    return doc
 
 
 def _token_doc(args: argparse.Namespace, cfg: Config) -> Optional[dict[str, Any]]:
@@ -80,6 +88,9 @@ def _timeleft(not_after: str) -> str:
     return f"{format_timedelta(until - datetime.now(timezone.utc))} (until {_utc(until)})"
 
 
+_NO_VOMS = "none (a storage that maps by VO role sees none: voms-proxy-init -voms VO)"
+
+
 def _print_proxy(doc: dict[str, Any], indent: str = "") -> None:
     if "error" in doc:
         print(f"{indent}path      : {doc['path']} ({doc['source']})")
@@ -90,6 +101,16 @@ def _print_proxy(doc: dict[str, Any], indent: str = "") -> None:
     print(f"{indent}identity  : {doc['identity']}")
     print(f"{indent}type      : {doc['type']}")
     print(f"{indent}timeleft  : {_timeleft(doc['not_after'])}")
+    for voms in doc["voms"]:  # as voms-proxy-info -all shows them
+        print(f"{indent}=== VO {voms['vo']} extension information ===")
+        print(f"{indent}VO        : {voms['vo']}")
+        print(f"{indent}issuer    : {voms['issuer']}")
+        for fqan in voms["fqans"]:
+            print(f"{indent}attribute : {fqan}")
+        print(f"{indent}timeleft  : {_timeleft(voms['not_after'])}")
+        print(f"{indent}uri       : {voms['uri']}")
+    if not doc["voms"]:
+        print(f"{indent}VOMS      : {doc.get('voms_error') or _NO_VOMS}")
 
 
 def _print_token(doc: dict[str, Any]) -> None:

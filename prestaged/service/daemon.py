@@ -461,7 +461,9 @@ class Daemon:
         if creds.proxy is not None:
             left = creds.proxy.time_left().total_seconds()
             if left < (c.min_lifetime if margin else 0.0) or left <= 0:
-                problems.append(f"proxy {creds.proxy.path} has {max(0.0, left):.0f} s left"
+                voms = (" (its VOMS attributes end first)"
+                        if creds.proxy.usable_until < creds.proxy.not_after else "")
+                problems.append(f"proxy {creds.proxy.path} has {max(0.0, left):.0f} s left{voms}"
                                 + (", less than credentials.min_lifetime" if margin else ""))
         if creds.token is not None:
             info = creds.token.info
@@ -476,7 +478,7 @@ class Daemon:
         assert self._touch is not None and self.credentials is not None
         creds = self.credentials
         if creds.proxy is not None:
-            self.metrics.set_credential_expiry("proxy", creds.proxy.not_after.timestamp())
+            self.metrics.set_credential_expiry("proxy", creds.proxy.usable_until.timestamp())
         if creds.token is not None:
             self.metrics.set_credential_expiry("token", creds.token.info.expires.timestamp())
         expired = self._credential_problems(margin=False)
