@@ -16,7 +16,7 @@ from typing import Union
 
 from prestaged.errors import ConfigError
 
-__all__ = ["read_small", "read_small_text"]
+__all__ = ["read_small", "read_small_text", "size_text"]
 
 
 def read_small(path: Union[str, Path], limit: int) -> bytes:
@@ -51,10 +51,15 @@ def read_small_text(path: Path, limit: int, what: str) -> str:
     except OSError as e:
         raise ConfigError(f"{what} {path}: cannot read: {e.strerror}") from None
     if len(raw) > limit:
-        size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
-        raise ConfigError(f"{what} {path}: larger than {size}, not a prestaged {what}")
+        raise ConfigError(f"{what} {path}: larger than {size_text(limit)}, not a prestaged "
+                          f"{what}")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{what} {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
                           f"offset {e.start})") from None
+
+
+def size_text(limit: int) -> str:
+    """``limit`` bytes as a file size limit is said: ``1 MiB``, ``128 KiB``."""
+    return f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"

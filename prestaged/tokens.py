@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prestaged.errors import CredentialError
-from prestaged.files import read_small
+from prestaged.files import read_small, size_text
 
 __all__ = [
     "WLCG_ANY_AUDIENCE",
@@ -313,8 +313,7 @@ def read_credential_file(path: Path, label: str, *, limit: int, kind: str) -> by
     except OSError as e:
         raise CredentialError(f"{label}: cannot read: {e.strerror or type(e).__name__}") from e
     if len(data) > limit:
-        size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
-        raise CredentialError(f"{label}: larger than {size}, not a {kind} file")
+        raise CredentialError(f"{label}: larger than {size_text(limit)}, not a {kind} file")
     return data
 
 

@@ -684,20 +684,27 @@ class Store:
         ``TapeInfo`` of that request (locality TAPE, request id, endpoint, pinned until), so a
         rerun follows it rather than asking again (the reference: no duplicate requests for a
         file)."""
+        rows = self._files_of(urls, "stage_request, stage_uri, pinned_until",
+                              "stage_request IS NOT NULL AND stage_uri IS NOT NULL AND "
+                              "staged_at IS NULL AND pinned_until > ?",
+                              [time.time() if now is None else now])
+        return {url: TapeInfo("TAPE", request, uri, None, until)
+                for url, (request, uri, until) in rows}
+
+    def _files_of(self, urls: Iterable[str], columns: str, condition: str,
+                  params: Sequence[Any]) -> list[tuple[str, tuple[Any, ...]]]:
+        """(URL, ``columns``) of the files rows (alias ``f``) of ``urls`` that meet
+        ``condition`` (its ``?`` bound to ``params``), asked 500 ids at a time."""
         by_id = {url_id(u): u for u in urls}
         wanted = list(by_id)
-        found: dict[str, TapeInfo] = {}
-        when = time.time() if now is None else now
+        found = []
         with self._lock:
             for i in range(0, len(wanted), 500):  # SQLite's bound-parameter limit is 999+
                 chunk = wanted[i:i + 500]
                 marks = ",".join("?" * len(chunk))
-                rows = self.conn.execute(
-                    f"SELECT id, stage_request, stage_uri, pinned_until FROM files "
-                    f"WHERE id IN ({marks}) AND stage_request IS NOT NULL AND stage_uri IS NOT "
-                    f"NULL AND staged_at IS NULL AND pinned_until > ?", [*chunk, when])
-                for fid, request, uri, until in rows:
-                    found[by_id[fid]] = TapeInfo("TAPE", request, uri, None, until)
+                rows = self.conn.execute(f"SELECT f.id, {columns} FROM files f WHERE f.id IN "
+                                         f"({marks}) AND {condition}", [*chunk, *params])
+                found += [(by_id[row[0]], tuple(row[1:])) for row in rows]
         return found
 
     # --- reads --------------------------------------------------------------------------------
@@ -707,20 +714,8 @@ class Store:
                    now: Optional[float] = None) -> set[str]:
         """Those of ``urls`` successfully touched within the last ``fresh_for`` seconds."""
         since = (time.time() if now is None else now) - fresh_for
-        by_id = {url_id(u): u for u in urls}
-        wanted = list(by_id)
-        found: set[str] = set()
-        with self._lock:
-            for i in range(0, len(wanted), 500):  # SQLite's bound-parameter limit is 999+
-                chunk = wanted[i:i + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = self.conn.execute(
-                    f"SELECT id FROM files f WHERE id IN ({marks}) AND last_warm >= ? "
-                    f"AND {_ON_DISK}",
-                    [*chunk, since],
-                )
-                found.update(by_id[r[0]] for r in rows)
-        return found
+        return {url for url, _ in self._files_of(urls, "f.last_warm",
+                                                 f"f.last_warm >= ? AND {_ON_DISK}", [since])}
 
     @_one_line_errors
     def status(self, fresh_for: float, definition: Optional[str] = None,
