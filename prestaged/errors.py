@@ -98,3 +98,13 @@ class StorageError(PrestagedError):
 
     exit_code = EXIT_STORAGE
     http_status = 502
+
+
+def error_for_exit(code: object, message: str) -> PrestagedError:
+    """The error a daemon's failure answer stands for, by the exit code it carries (its
+    ``exit_code`` field): credentials 3, catalog 4, storage 5; anything else (or none) is a
+    ``DaemonError``, exit 69."""
+    kinds: dict[object, type[PrestagedError]] = {
+        EXIT_CREDENTIALS: CredentialError, EXIT_CATALOG: CatalogError,
+        EXIT_STORAGE: StorageError}
+    return kinds.get(code, DaemonError)(message)

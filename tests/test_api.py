@@ -15,7 +15,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from prestaged.errors import ConfigError, ConflictError, NotFoundError, PrestagedError
+from prestaged.errors import (
+    CatalogError,
+    ConfigError,
+    ConflictError,
+    NotFoundError,
+    PrestagedError,
+)
 from prestaged.metrics import Metrics
 from prestaged.service.api import Handler, JsonObject, build_app
 
@@ -190,17 +196,19 @@ async def test_bad_warm_requests_are_400(client: Client, body: bytes, message: s
     assert not [name for name, _ in ports.calls if name == "submit"]
 
 
-@pytest.mark.parametrize(("error", "status"), [
-    (NotFoundError("definition 'x' not found in the local catalog"), 404),
-    (ConfigError("catalog 'nope' is not known"), 400),
-    (PrestagedError("the daemon is stopping"), 503),
+@pytest.mark.parametrize(("error", "status", "extra"), [
+    (NotFoundError("definition 'x' not found in the local catalog"), 404, {}),
+    (ConfigError("catalog 'nope' is not known"), 400, {}),
+    (PrestagedError("the daemon is stopping"), 503, {"exit_code": 1}),
+    (CatalogError("SAM web unreachable"), 502, {"exit_code": 4}),
 ])
 async def test_warm_refusals_answer_with_the_errors_status(
-        client: Client, error: PrestagedError, status: int) -> None:
-    """A refused warm answers with the error's own http_status and its one-line message."""
+        client: Client, error: PrestagedError, status: int, extra: dict[str, int]) -> None:
+    """A refused warm answers with the error's own http_status and its one-line message; a
+    failure (5xx) also with its exit code, which the CLI exits with (``error_for_exit``)."""
     c = await client(FakePorts(fail={"submit": error}))
     assert await _answer(await c.post("/api/v1/warm", json={"definition": "x"})) == (
-        status, {"error": str(error)})
+        status, {"error": str(error), **extra})
 
 
 async def test_unknown_or_malformed_run_ids(client: Client) -> None:
@@ -338,13 +346,15 @@ async def test_bad_campaign_requests_are_400(client: Client, path: str, body: ob
 ])
 async def test_campaign_refusals_answer_with_the_errors_status(
         client: Client, error: PrestagedError, status: int) -> None:
-    """An action or an add the daemon refuses answers with the error's http_status."""
+    """An action or an add the daemon refuses answers with the error's http_status (and a
+    failure, 5xx, with its exit code)."""
+    expected = {"error": str(error), **({"exit_code": error.exit_code} if status >= 500 else {})}
     c = await client(FakePorts(token=TOKEN, fail={"campaign_action": error,
                                                   "add_campaign": error}))
     assert await _answer(await c.post("/api/v1/campaigns/x/retry", json={"submission": 9},
-                                      headers=_auth())) == (status, {"error": str(error)})
+                                      headers=_auth())) == (status, expected)
     assert await _answer(await c.post("/api/v1/campaigns", json={"toml": "x"},
-                                      headers=_auth())) == (status, {"error": str(error)})
+                                      headers=_auth())) == (status, expected)
 
 
 async def test_unknown_campaign_is_404(client: Client) -> None:

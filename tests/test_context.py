@@ -103,16 +103,21 @@ def test_nothing_listening_means_the_state_file(tmp_path: Path,
     assert "no such file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("status", "body", "said"), [
-    (503, b'{"error": "stopping"}', "daemon: stopping"),
-    (200, b"<html>hello</html>", "but not with JSON"),
-    (200, b"[1, 2]", "with list, not a JSON object"),
+@pytest.mark.parametrize(("status", "body", "said", "code"), [
+    (503, b'{"error": "stopping"}', "daemon: stopping", 69),
+    (503, b'{"error": "stopping", "exit_code": 1}', "daemon: stopping", 69),
+    (502, b'{"error": "SAM web unreachable", "exit_code": 4}', "daemon: SAM web", 4),
+    (502, b'{"error": "storage refused", "exit_code": 5}', "daemon: storage refused", 5),
+    (200, b"<html>hello</html>", "but not with JSON", 69),
+    (200, b"[1, 2]", "with list, not a JSON object", 69),
 ])
 def test_a_daemon_that_fails_or_is_not_ours_is_exit_69(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], status: int, body: bytes, said: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], status: int, body: bytes, said: str,
+    code: int
 ) -> None:
     """Something at daemon.listen that fails the call (503) or does not speak the API: exit 69
-    (EX_UNAVAILABLE), one line naming what it said; before, exit 1, which says files failed."""
+    (EX_UNAVAILABLE), one line naming what it said; before, exit 1, which says files failed.
+    A failure whose kind the daemon names (``exit_code``: catalog 4, storage 5) keeps it."""
     import http.server
 
     class Answer(http.server.BaseHTTPRequestHandler):
@@ -132,10 +137,10 @@ def test_a_daemon_that_fails_or_is_not_ours_is_exit_69(
     try:
         cfg = tmp_path / "c.toml"
         cfg.write_text(f'[daemon]\nlisten = "127.0.0.1:{srv.server_port}"\n')
-        code = main(["campaign", "list", "--config", str(cfg)])
+        exit_code = main(["campaign", "list", "--config", str(cfg)])
     finally:
         srv.shutdown()
         srv.server_close()
     err = capsys.readouterr().err
-    assert code == 69, err
+    assert exit_code == code, err
     assert len(err.splitlines()) == 1 and said in err

@@ -155,7 +155,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         answer.headers["Retry-After"] = str(max(1, round(e.retry_after)))
         return answer
     except PrestagedError as e:
-        return _error(e.http_status, str(e))
+        body: dict[str, object] = {"error": str(e)}
+        if e.http_status >= 500:  # the kind of failure, for the CLI's exit code (4xx say it)
+            body["exit_code"] = e.exit_code
+        return web.json_response(body, status=e.http_status)
     except web.HTTPException as e:
         # aiohttp's own refusals (no such path 404, method 405, a body over MAX_BODY 413) in
         # the same form; a redirect or success it raises is passed on as it is.

@@ -20,7 +20,13 @@ import urllib.request
 from typing import Any, Optional
 
 from prestaged.config import Config
-from prestaged.errors import ConfigError, ConflictError, DaemonError, NotFoundError
+from prestaged.errors import (
+    ConfigError,
+    ConflictError,
+    DaemonError,
+    NotFoundError,
+    error_for_exit,
+)
 
 __all__ = ["base_url", "call"]
 
@@ -96,9 +102,11 @@ def _describe(e: object) -> str:
 
 
 def _raise(status: int, payload: bytes, url: str) -> None:
+    code: object = None
     try:
-        message = str(json.loads(payload)["error"])
-    except (ValueError, KeyError, TypeError):
+        doc = json.loads(payload)
+        message, code = str(doc["error"]), doc.get("exit_code")
+    except (ValueError, KeyError, TypeError, AttributeError):
         message = f"HTTP {status} from {url}"
     if status in (401, 403):
         raise ConfigError(f"daemon at {url} refused the call: {message} (set daemon.token_file "
@@ -109,4 +117,4 @@ def _raise(status: int, payload: bytes, url: str) -> None:
         raise NotFoundError(message)
     if status == 409:
         raise ConflictError(message)
-    raise DaemonError(f"daemon: {message}")
+    raise error_for_exit(code if status >= 500 else None, f"daemon: {message}")
