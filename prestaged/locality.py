@@ -399,6 +399,7 @@ class TapeRouter:
         earlier = {} if self._resume is None else await self._resume(
             [ref.url for path in paths for ref in pending[path]])
         follow: dict[str, list[str]] = {}
+        ages: dict[str, float] = {}
         fresh = []
         for path in paths:
             info = next((earlier[r.url] for r in pending[path] if r.url in earlier), None)
@@ -408,11 +409,15 @@ class TapeRouter:
             follow.setdefault(info.request, []).append(path)
             if info.pinned_until is not None:
                 self._requests.setdefault(uri, {})[info.request] = info.pinned_until
+                # Made when its pin started (pins last storage.pin_lifetime): its timeout runs
+                # from then, not from this rerun.
+                made = info.pinned_until - self.s.staging.lifetime
+                ages[info.request] = max(0.0, time.time() - made)
         for request, followed in follow.items():
             log.info("following stage request %s of an earlier run for %d files", request,
                      len(followed))
             self._asked_for(followed)
-            stager.adopt(request, followed)
+            stager.adopt(request, followed, ages.get(request, 0.0))
         if fresh:
             stager.add(fresh)
 

@@ -134,19 +134,25 @@ async def test_backoff_doubles_without_progress_resets_with_it_and_a_lost_reques
 
 async def test_an_adopted_request_is_polled_at_once_and_what_it_does_not_bring_is_asked_anew(
 ) -> None:
-    """An earlier run's request (``adopt``) is polled before anything is staged: the file it
-    brought lands without a stage request, the one it cancelled is staged in a new request
-    (not counted as its one retry: its FAILED there is asked once more), and a second
-    adopted request the server forgot (404) is staged anew too. A path given both to
-    ``adopt`` and to ``add`` is followed only."""
+    """An earlier run's request (``adopt``) is polled before anything is staged. What its first
+    poll shows on the way lands from it without a stage request (/a). Asked anew instead: a
+    path it cancelled (/b, whose FAILED in the new request then gets its one retry), one its
+    first poll does not list (/d), one already COMPLETED at that first poll (/e: the locality
+    said TAPE just before, so that may be from before an eviction), and the paths of a second
+    adopted request the server forgot (404, /c). A path given both to ``adopt`` and ``add`` is
+    followed only."""
     from prestaged.storage.tape import FileStage
 
     S = StageState
     by_id = {  # each request's polls, in order
-        "old": [StageStatus("old", {"/a": FileStage("/a", S.COMPLETED),
-                                    "/b": FileStage("/b", S.CANCELLED)})],
+        "old": [StageStatus("old", {"/a": FileStage("/a", S.STARTED),
+                                    "/b": FileStage("/b", S.CANCELLED),
+                                    "/e": FileStage("/e", S.COMPLETED)}),
+                StageStatus("old", {"/a": FileStage("/a", S.COMPLETED)})],
         "gone": [StageStatus("gone", {}, found=False)],
-        "r1": [StageStatus("r1", {"/b": FileStage("/b", S.FAILED, "tape error")})],
+        "r1": [StageStatus("r1", {"/b": FileStage("/b", S.FAILED, "tape error"),
+                                  "/d": FileStage("/d", S.COMPLETED),
+                                  "/e": FileStage("/e", S.COMPLETED)})],
         "r2": [StageStatus("r2", {"/c": FileStage("/c", S.COMPLETED)})],
         "r3": [StageStatus("r3", {"/b": FileStage("/b", S.COMPLETED)})],
     }
@@ -164,14 +170,49 @@ async def test_an_adopted_request_is_polled_at_once_and_what_it_does_not_bring_i
     settings = StagingSettings(batch=10, max_requests=5, poll_min=1, poll_max=3, timeout=100)
     stager = Stager(client, "https://t", settings, clock=lambda: clock[0],  # type: ignore[arg-type]
                     sleep=sleep)
-    stager.adopt("old", ["/a", "/b"])
+    stager.adopt("old", ["/a", "/b", "/d", "/e"])
     stager.adopt("gone", ["/c"])
     stager.add(["/a"])
     stager.close()
-    got = [s async for s in stager.landed()]
-    assert [(s.path, s.on_disk, s.request_id) for s in got] == [
-        ("/a", True, "old"), ("/c", True, "r2"), ("/b", True, "r3")]
-    assert client.staged == [["/b"], ["/c"], ["/b"]]
+    got = {s.path: (s.on_disk, s.request_id) async for s in stager.landed()}
+    assert got == {"/a": (True, "old"), "/b": (True, "r3"), "/c": (True, "r2"),
+                   "/d": (True, "r1"), "/e": (True, "r1")}
+    assert client.staged == [["/b", "/d", "/e"], ["/c"], ["/b"]]
+
+
+async def test_an_adopted_request_times_out_from_when_it_was_made_and_nothing_is_adopted_late(
+) -> None:
+    """A request made 90 s ago under a 100 s timeout is cancelled 10 s into the rerun, not 100;
+    once ``landed()`` has ended an ``adopt`` takes no request slot (it would never be given
+    back, and the daemon's runs share the slots)."""
+    from prestaged.storage.staging import RequestSlots
+    from prestaged.storage.tape import FileStage
+
+    cancelled: list[tuple[str, list[str]]] = []
+
+    class Slow(_Scripted):
+        async def poll(self, uri: str, request_id: str) -> StageStatus:
+            return StageStatus(request_id, {"/a": FileStage("/a", StageState.STARTED)})
+
+        async def cancel(self, uri: str, request_id: str, paths: list[str]) -> None:
+            cancelled.append((request_id, paths))
+
+    clock = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    slots = RequestSlots(5)
+    settings = StagingSettings(batch=10, max_requests=5, poll_min=1, poll_max=3, timeout=100)
+    stager = Stager(Slow([]), "https://t", settings, clock=lambda: clock[0],  # type: ignore[arg-type]
+                    sleep=sleep, slots=slots)
+    stager.adopt("old", ["/a"], age=90)
+    stager.close()
+    [got] = [s async for s in stager.landed()]
+    assert not got.on_disk and got.error.startswith("stage timed out")
+    assert cancelled == [("old", ["/a"])] and 10 <= clock[0] <= 13
+    stager.adopt("late", ["/b"])
+    assert slots.used["https://t"] == 0
 
 
 async def test_stagers_sharing_slots_keep_to_the_endpoint_limit(

@@ -16,9 +16,11 @@ ended. The policy (issue 13):
   unfinished paths are staged again once;
 * ``timeout`` after a request was made: its unfinished paths are cancelled and reported as
   "stage timed out";
-* ``adopt(id, paths)``: a request an earlier run made (still pinned, not landed) is followed
-  instead of asking again, polled at once; what it does not bring to disk (failed, cancelled,
-  forgotten by the server) is staged anew as if never asked.
+* ``adopt(id, paths, age)``: a request an earlier run made ``age`` seconds ago (still pinned,
+  not landed) is followed instead of asking again, polled at once, its timeout counted from
+  when it was made; what it does not bring to disk (failed, cancelled, forgotten by the server)
+  is staged anew as if never asked, and so is a path its first poll does not list or already
+  shows COMPLETED (the locality just said TAPE: that answer may be from before an eviction).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class _Open:
     seen: set[str] = field(default_factory=set)
     adopted: bool = False
     """Made by an earlier run: a path it does not bring to disk is simply staged anew."""
+    polls: int = 0
 
 
 class RequestSlots:
@@ -125,6 +128,7 @@ class Stager:
         self._todo: deque[str] = deque()
         self._added: set[str] = set()
         self._closed = False
+        self._ended = False  # landed() has returned: nothing may take a slot any more
         self._wake = asyncio.Event()
         self._slots = slots if slots is not None else RequestSlots(self.s.max_requests)
         self._slots.waiters.add(self._wake)
@@ -137,21 +141,23 @@ class Stager:
                 self._todo.append(path)
         self._wake.set()
 
-    def adopt(self, request_id: str, paths: Iterable[str]) -> None:
-        """Follow ``request_id``, which an earlier run made for ``paths`` (a path already added
-        is ignored): poll it at once instead of asking for the paths again. It takes a request
-        slot like the requests this stager makes (it is open on the server)."""
+    def adopt(self, request_id: str, paths: Iterable[str], age: float = 0.0) -> None:
+        """Follow ``request_id``, which an earlier run made ``age`` seconds ago for ``paths`` (a
+        path already added is ignored): poll it at once instead of asking for the paths again.
+        It takes a request slot like the requests this stager makes (it is open on the
+        server); once ``landed()`` has ended, nothing is adopted."""
         new = [p for p in dict.fromkeys(paths) if p not in self._added]
-        if not new:
+        if not new or self._ended:
             return
         self._added.update(new)
         now = self._clock()
+        made = now - max(0.0, age)
         for path in new:
-            self._first[path] = now
+            self._first[path] = made
         request = self._open.get(request_id)
         if request is None:
             self._slots.take(self.uri)
-            request = self._open[request_id] = _Open(request_id, set(), now, self.s.poll_min,
+            request = self._open[request_id] = _Open(request_id, set(), made, self.s.poll_min,
                                                      now, adopted=True)
         request.paths.update(new)
         self._wake.set()
@@ -175,6 +181,7 @@ class Stager:
             async for staged in self._landed():
                 yield staged
         finally:
+            self._ended = True
             self._slots.release(self.uri, len(self._open))
             self._open.clear()
             self._slots.waiters.discard(self._wake)
@@ -242,7 +249,8 @@ class Stager:
         status = await self.client.poll(self.uri, request.id)
         if not status.found:
             return self._lost(request)
-        ended = self._ended(request, status, now)
+        ended = self._landed_in(request, status, now)
+        request.polls += 1
         if not request.paths:
             self._forget(request)
             return ended
@@ -254,10 +262,17 @@ class Stager:
         request.due = now + request.delay
         return ended
 
-    def _ended(self, request: _Open, status: StageStatus, now: float) -> list[Staged]:
+    def _landed_in(self, request: _Open, status: StageStatus, now: float) -> list[Staged]:
         out = []
+        first_look = request.adopted and request.polls == 0
         for path in sorted(request.paths):  # sorted: a stable order for the caller and tests
             f = status.files.get(path)
+            if first_look and (f is None or f.state is StageState.COMPLETED):
+                # Not in it (a path_map changed?), or on disk before the locality said TAPE:
+                # ask anew rather than wait for nothing or touch an evicted file.
+                request.paths.discard(path)
+                self._todo.append(path)
+                continue
             if f is None or not f.done:
                 continue  # still on its way, or left out of this answer
             request.paths.discard(path)
