@@ -27,7 +27,7 @@ import hashlib
 import logging
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Protocol, Union
@@ -331,9 +331,10 @@ class _Breakers:
     token (``Attempt.auth_error``). An attempt that could not be sent because our token cannot
     be used (``Failure.CREDENTIAL``) trips at once.
 
-    Back-pressure (429, 503) says nothing of our credentials and leaves the counts alone. A 429
-    from an endpoint that has just denied us ``AUTH_BLOCK_ERRORS`` times in a row trips the
-    denial breaker at once: dCache 11.2+ blocks a client after more than 3 authorisation errors
+    Back-pressure (429, 503) says nothing of our credentials and leaves the denial count alone
+    (the others it resets, as any answer does). A 429 from an endpoint that denied us
+    ``AUTH_BLOCK_ERRORS`` times in a row within the last ``AUTH_BLOCK_WINDOW`` seconds trips
+    the denial breaker at once: dCache 11.2+ blocks a client after more than 3 authorisation errors
     in 20 s and answers it 429 meanwhile, so the denials would never reach the limit and the run
     would end in files failed for "429" instead of naming the credentials.
     """
@@ -348,6 +349,8 @@ class _Breakers:
         self.unreachable: Counter[str] = Counter()
         self.answered: set[str] = set()
         self.last_denial: dict[str, Attempt] = {}
+        self.denied_at: dict[str, deque[float]] = {}  # the times of the denials in a row
+        self.clock: Callable[[], float] = time.monotonic
 
     def refused(self, endpoint: str, attempt: Attempt) -> bool:
         """Whether ``attempt`` counts toward a credentials breaker: a denial, a refused
@@ -367,14 +370,20 @@ class _Breakers:
         if attempt.status in (401, 403):
             self.denials[endpoint] += 1
             self.last_denial[endpoint] = attempt
+            self.denied_at.setdefault(endpoint, deque(maxlen=AUTH_BLOCK_ERRORS)).append(
+                self.clock())
             if self.denials[endpoint] >= self.denial_limit:
                 return self._denied(endpoint, attempt)
             return None
+        self.refusals[endpoint] = self.unreachable[endpoint] = 0
         if attempt.status in (429, 503):
-            if attempt.status == 429 and self.denials[endpoint] >= AUTH_BLOCK_ERRORS:
+            times = self.denied_at.get(endpoint) or deque()
+            if (attempt.status == 429 and len(times) >= AUTH_BLOCK_ERRORS
+                    and self.clock() - times[0] <= AUTH_BLOCK_WINDOW):
                 return self._denied(endpoint, attempt, blocked=True)
             return None
-        self.denials[endpoint] = self.refusals[endpoint] = self.unreachable[endpoint] = 0
+        self.denials[endpoint] = 0
+        self.denied_at.pop(endpoint, None)
         return None
 
     def _refusal(self, endpoint: str, attempt: Attempt) -> Optional[PrestagedError]:
@@ -438,6 +447,8 @@ class _Breakers:
 AUTH_BLOCK_ERRORS = 3
 """Consecutive denials after which an endpoint's 429 means it blocks us for them (dCache's
 ``webdav.limits.error.max-allowed``)."""
+AUTH_BLOCK_WINDOW = 20.0
+"""Seconds those denials must fall within (``webdav.limits.error.block.window.time``)."""
 
 _REFUSING = frozenset({Failure.CREDENTIAL, Failure.UNTRUSTED, Failure.TLS, Failure.RESET})
 """Failures the credentials breakers look at (``_Breakers._refusal``); never with a status."""

@@ -193,6 +193,23 @@ async def test_a_429_after_repeated_denials_is_the_storage_blocking_us() -> None
     assert report.tally.results["warm"] == 0
 
 
+def test_a_429_counts_as_the_block_only_after_3_denials_within_20_s() -> None:
+    """Denials at 0, 30 and 35 s then a 429 at 36 s: dCache forgets errors after 20 s, so the
+    429 is plain back-pressure; one more denial at 40 s puts three within 20 s, and the next
+    429 is the block (exit 3)."""
+    from prestaged.warm import _Breakers
+
+    breakers = _Breakers(BreakerConfig(denials=20), "")
+    now = [0.0]
+    breakers.clock = lambda: now[0]
+    for when, status in [(0, 403), (30, 403), (35, 403), (36, 429), (40, 403)]:
+        now[0] = when
+        assert breakers.observe("e", Attempt(status=status)) is None, when
+    now[0] = 41
+    error = breakers.observe("e", Attempt(status=429))
+    assert error is not None and "denied 4 files in a row" in str(error)
+
+
 async def test_duplicates_touched_once() -> None:
     """A URL listed twice is touched once and counted as a duplicate."""
     with aioresponses() as m:
