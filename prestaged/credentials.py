@@ -68,6 +68,9 @@ DEFAULT_CA_DIR = Path("/etc/grid-security/certificates")
 
 _PROXY_CERT_INFO = ObjectIdentifier("1.3.6.1.5.5.7.1.14")
 _GLOBUS_PROXY_CERT_INFO = ObjectIdentifier("1.3.6.1.4.1.3536.1.222")
+VOMS_CLOCK_SKEW = timedelta(minutes=5)
+"""How far a VOMS server's clock may run ahead of ours before its attributes are "not valid
+yet"."""
 _VOMS_EXTENSION = ObjectIdentifier("1.3.6.1.4.1.8005.100.100.5")
 """The proxy extension holding the VOMS attribute certificates (a SEQUENCE OF SEQUENCE OF AC)."""
 _VOMS_FQANS = "1.3.6.1.4.1.8005.100.100.4"
@@ -287,9 +290,18 @@ def _voms_acs(raw: bytes) -> tuple[VomsAttributes, ...]:
                     vo, _, uri = authority.partition("://")
                     fqans = tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
                                   for v in syntax["values"])
-                    out.append(VomsAttributes(vo, fqans, issuer, uri, period["not_before_time"],
-                                              period["not_after_time"]))
+                    out.append(VomsAttributes(vo, fqans, issuer, uri,
+                                              _utc_time(period["not_before_time"]),
+                                              _utc_time(period["not_after_time"])))
     return tuple(out)
+
+
+def _utc_time(value: object) -> datetime:
+    """An AC validity time as a tz-aware ``datetime``; ValueError for what asn1crypto gives a
+    malformed one as (naive without a ``Z``, or its ``extended_datetime`` for year 0)."""
+    if type(value) is not datetime or value.tzinfo is None:
+        raise ValueError("VOMS attribute certificate validity is not a UTC time")
+    return value
 
 
 def _slash_name(name: object) -> str:
@@ -402,9 +414,11 @@ def check_lifetime(info: ProxyInfo, min_lifetime: float, now: datetime | None = 
     now = now if now is not None else _utcnow()
     label = f"proxy {info.path}"
     spans = [(label, info.not_before, info.not_after, _RENEW_HINT)]
+    # An AC starts when its VOMS server says: allow that server's clock some skew, as VOMS
+    # validators do.
     spans += [(f"{label}: its VOMS attributes ({v.vo}, {v.fqans[0] if v.fqans else 'no FQAN'})",
-               v.not_before, v.not_after, f"run voms-proxy-init -voms {v.vo or '<vo>'}")
-              for v in info.voms]
+               v.not_before - VOMS_CLOCK_SKEW, v.not_after,
+               f"run voms-proxy-init -voms {v.vo or '<vo>'}") for v in info.voms]
     minimum = format_timedelta(timedelta(seconds=min_lifetime))
     for what, not_before, not_after, hint in spans:
         if now >= not_after:

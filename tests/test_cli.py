@@ -91,6 +91,22 @@ def test_status_and_release_find_a_definition_warmed_by_a_relative_path(
     assert main(["release", "dataset.txt", *state]) == 0
 
 
+def test_a_definition_name_too_long_for_a_file_name_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 300-character definition name (ENAMETOOLONG when looked up as a file) and an unknown
+    ``~user``: ``warm`` exits 4 with one line, ``status`` answers "no record" (both printed a
+    traceback)."""
+    state = tmp_path / "s.db"
+    state.touch()
+    for name in ("x" * 300, "~nosuchuser-prestaged/ds.txt"):
+        assert main(["warm", name, "--no-state"]) == 4
+        [line] = capsys.readouterr().err.splitlines()[-1:]
+        assert line.startswith("prestaged: error: definition '") and "not a usable file name" in line
+        assert main(["status", name, "--state", str(state)]) == 4
+        assert "Traceback" not in capsys.readouterr().err
+
+
 def test_dry_run_touches_nothing(
     storage: ThreadedStorageServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -210,6 +210,21 @@ def test_an_unreadable_voms_extension_is_said_and_the_proxy_still_usable(
         check_lifetime(info, 3600)
 
 
+def test_voms_validity_times_must_be_utc() -> None:
+    """asn1crypto gives a GeneralizedTime without ``Z`` as a naive datetime and year 0 as its
+    own ``extended_datetime``: both are malformed attributes (then ``voms_error``), never a
+    comparison that raises later (a traceback in ``warm`` and ``credentials``)."""
+    from asn1crypto.util import extended_datetime
+
+    from prestaged.credentials import _utc_time
+
+    good = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    assert _utc_time(good) is good
+    for bad in (datetime(2030, 1, 1), extended_datetime(0, 1, 1, tzinfo=timezone.utc), None):
+        with pytest.raises(ValueError):
+            _utc_time(bad)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     """A missing proxy is reported as 'no such file' with its path."""
     assert _error(tmp_path / "nope").endswith(": no such file")

@@ -61,6 +61,15 @@ class LocalCatalog:
 
     @staticmethod
     def _locate(definition: str, directory: Optional[Path]) -> Path:
+        try:
+            return LocalCatalog._find(definition, directory)
+        except (OSError, RuntimeError) as e:  # a name too long for a path, ~nosuchuser
+            shown = definition if len(definition) <= 80 else definition[:77] + "..."
+            why = getattr(e, "strerror", None) or str(e)
+            raise CatalogError(f"definition '{shown}': not a usable file name ({why})") from None
+
+    @staticmethod
+    def _find(definition: str, directory: Optional[Path]) -> Path:
         given = Path(definition).expanduser()
         if given.is_file():
             return given

@@ -106,6 +106,7 @@ def _raise(status: int, payload: bytes, url: str) -> None:
     try:
         doc = json.loads(payload)
         message, code = str(doc["error"]), doc.get("exit_code")
+        code = code if isinstance(code, int) else None
     except (ValueError, KeyError, TypeError, AttributeError):
         message = f"HTTP {status} from {url}"
     if status in (401, 403):
