@@ -321,7 +321,7 @@ def run_demo(*, files: int, redirect: bool, keep: bool,
             source = [str(definition)]
         # The demo's state lives (and goes) with its temporary directory.
         code = main(["warm", *source, "--proxy", str(proxy), "--ca-dir",
-                            str(pki.ca_dir), "--state", str(tmp / "state.db")])
+                     str(pki.ca_dir), "--state", str(tmp / "state.db")])
         seen = _stop(storage, stats)
         _report_catalogs(tmp, sam, metacat)
         if seen:
@@ -393,8 +393,8 @@ def run_tape_demo(*, files: int, keep: bool, main: Callable[[Optional[list[str]]
         print(f"demo: {files} files, cold: 70% only on tape (4 tapes, 2 drives), 1 lost")
         print(f"demo: definition {definition}\n")
         code = main(["warm", str(definition), "--proxy", str(proxy), "--ca-dir",
-                            str(pki.ca_dir), "--state", str(tmp / "state.db"), "--config",
-                            str(config)])
+                     str(pki.ca_dir), "--state", str(tmp / "state.db"), "--config",
+                     str(config)])
         seen = _stop(proc, stats).get("stats", {})
         asked = seen.get("requests", {})
         print(f"\ndemo: the dCache saw {asked.get('frontend:archiveinfo', 0)} locality and "
