@@ -63,11 +63,13 @@ __all__ = [
     "SamWebConfig",
     "StateConfig",
     "StorageConfig",
+    "TapeApi",
     "WatchConfig",
     "build_section",
     "check",
     "checked",
     "default_config_paths",
+    "door_key",
     "find_config",
     "load_config",
     "matches",
@@ -209,6 +211,23 @@ def _http_url(v: str) -> bool:
     return _HTTP_FORM.fullmatch(v) is not None and usable_origin(v)
 
 
+def _door(v: str) -> bool:
+    return re.fullmatch(r"https://[^/?#@\s]+/?", v) is not None and usable_origin(v)
+
+
+def _https_url(v: str) -> bool:
+    return v.startswith("https://") and _http_url(v)
+
+
+def door_key(door: str) -> tuple[str, int]:
+    """``door`` (``https://host[:port]``, as checked by ``_door``) as (lower-case host, port):
+    ``https://FNDCA1.fnal.gov:443`` and ``https://fndca1.fnal.gov/`` are one door."""
+    from yarl import URL
+
+    url = URL(door)
+    return (url.host or "").lower(), url.port or 443
+
+
 def _host_port(v: str) -> bool:
     return re.fullmatch(r"[^/?#@\s]+", v) is not None and usable_origin(f"https://{v}")
 
@@ -224,6 +243,10 @@ HOST_PORT = Check(_host_port,
                   'a host name with an optional port, such as "samweb.fnal.gov" or '
                   '"samweb.fnal.gov:8483"')
 """A server's ``host[:port]``."""
+_DOOR = Check(_door, 'a door such as "https://fndca1.fnal.gov:2880" (https, a host, a port up '
+               'to 65535, no path)')
+_HTTPS_URL = Check(_https_url, 'an https URL such as "https://fndca1.fnal.gov:3880/api/v1/tape" '
+                   '(a host, a port up to 65535, no user:password)')
 _NAMESPACE_PATH = matches(r"/[^\s?#]*",
                           'an absolute namespace path such as "/pnfs/fnal.gov/usr/"')
 _SCHEME = matches(r"[a-z][a-z0-9+.-]*", 'a URL scheme such as "https"')
@@ -292,6 +315,19 @@ class PathMap:
 
 
 @dataclass(frozen=True)
+class TapeApi:
+    """One ``[[storage.tape_api]]`` table: the WLCG Tape REST API of the files at ``door``, for a
+    door that publishes no discovery document (``/.well-known/wlcg-tape-rest-api``) or one that
+    should not be asked. The door is then never asked; the token, if any, goes to ``uri``'s
+    host (it is named here, not by the storage)."""
+
+    door: str = field(metadata=check(_DOOR))
+    """The files' ``https://host:port``, e.g. ``https://fndca1.fnal.gov:2880``."""
+    uri: str = field(metadata=check(_HTTPS_URL))
+    """Its Tape REST API v1 endpoint, e.g. ``https://fndca1.fnal.gov:3880/api/v1/tape``."""
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     """``[storage]``: how files are touched."""
 
@@ -341,11 +377,19 @@ class StorageConfig:
     path_map: tuple[PathMap, ...] = ()
     """``[[storage.path_map]]`` rules from file URLs to namespace paths; first match wins; a
     URL no rule matches uses its own path."""
+    tape_api: tuple[TapeApi, ...] = ()
+    """``[[storage.tape_api]]``: doors whose Tape REST API is named here instead of discovered."""
 
     def __post_init__(self) -> None:
         if self.poll_max < self.poll_min:
             raise ConfigError(f"storage.poll_max ({self.poll_max:g} s) must not be below "
                               f"storage.poll_min ({self.poll_min:g} s)")
+        seen: dict[tuple[str, int], int] = {}
+        for i, api in enumerate(self.tape_api):
+            first = seen.setdefault(door_key(api.door), i)
+            if first != i:
+                raise ConfigError(f"storage.tape_api[{i}].door: {api.door} is the door of "
+                                  f"storage.tape_api[{first}] too (one entry per door)")
 
 
 @dataclass(frozen=True)

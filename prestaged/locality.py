@@ -3,8 +3,9 @@ ones in bulk, and hand each file to the touch only once it is on disk.
 
 For every storage endpoint (door ``https://host:port``) of a run, ``TapeRouter`` asks the door
 once whether it publishes the WLCG Tape REST API (``TapeDirectory``; the daemon keeps the
-answers ``storage.discovery_ttl``). Where it does, the files of each admitted chunk go to one
-``archiveinfo`` request (so locality is pipelined with the catalog stream) and then:
+answers ``storage.discovery_ttl``), unless ``[[storage.tape_api]]`` names the door's endpoint.
+Where there is one, the files of each admitted chunk go to one ``archiveinfo`` request (so
+locality is pipelined with the catalog stream) and then:
 
 * ``DISK``, ``DISK_AND_TAPE``: touched at once, as without tape;
 * ``TAPE``: staged (``storage.staging.Stager``, one per endpoint, fed as the files come), and
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional, Protocol, Union
 from urllib.parse import unquote, urlsplit
 
-from prestaged.config import PathMap, StorageConfig
+from prestaged.config import PathMap, StorageConfig, TapeApi, door_key
 from prestaged.errors import PrestagedError, StorageError
 from prestaged.model import FileRef, Outcome, Result, TapeInfo
 from prestaged.retry import RetryPolicy
@@ -91,12 +92,13 @@ class TapeSettings:
     staging: StagingSettings = field(default_factory=StagingSettings)
     path_map: tuple[PathMap, ...] = ()
     discovery_ttl: float = 3600.0
+    tape_api: tuple[TapeApi, ...] = ()
 
     @classmethod
     def from_config(cls, st: StorageConfig) -> TapeSettings:
         """Settings from ``[storage]`` (after command-line overrides)."""
         return cls(mode=st.stage, batch=st.stage_batch, path_map=st.path_map,
-                   discovery_ttl=st.discovery_ttl,
+                   discovery_ttl=st.discovery_ttl, tape_api=st.tape_api,
                    staging=StagingSettings(batch=st.stage_batch, max_requests=st.stage_requests,
                                            poll_min=st.poll_min, poll_max=st.poll_max,
                                            timeout=st.stage_timeout, lifetime=st.pin_lifetime))
@@ -149,17 +151,29 @@ _Found = Union[str, None, TapeRestError]
 
 class TapeDirectory:
     """Which doors publish a Tape REST API: their v1 endpoint, or None. Answers are kept
-    ``ttl`` seconds (the daemon shares one directory between runs); errors are not kept."""
+    ``ttl`` seconds (the daemon shares one directory between runs); errors are not kept. The
+    doors of ``configured`` (``[[storage.tape_api]]``) are never asked: their entry holds."""
 
-    def __init__(self, ttl: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, ttl: float = 3600.0, clock: Callable[[], float] = time.monotonic,
+                 configured: Sequence[TapeApi] = ()) -> None:
         self.ttl = ttl
         self._clock = clock
         self._found: dict[str, tuple[Optional[str], float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._configured: dict[tuple[str, int], str] = {}
+        self.configure(configured)
+
+    def configure(self, configured: Sequence[TapeApi]) -> None:
+        """Use ``configured`` from now on (a reloaded config)."""
+        self._configured = {door_key(api.door): api.uri.rstrip("/") for api in configured}
 
     async def lookup(self, client: TapeClient, door: str) -> _Found:
         """``door``'s endpoint, None without one, or the ``TapeRestError`` of a discovery
         document that cannot be read (401/403 raise ``CredentialError``)."""
+        if self._configured:
+            uri = self._configured.get(door_key(door))
+            if uri is not None:
+                return uri
         lock = self._locks.setdefault(door, asyncio.Lock())
         async with lock:  # concurrent runs of the daemon ask once
             kept = self._found.get(door)
@@ -184,8 +198,8 @@ class TapeAccess:
                  policy: Optional[RetryPolicy] = None,
                  on_stage: Optional[Callable[[str], None]] = None,
                  token: Optional[TokenSource] = None) -> None:
-        self.settings = settings
-        self.directory = TapeDirectory(settings.discovery_ttl)
+        self._settings = settings
+        self.directory = TapeDirectory(settings.discovery_ttl, configured=settings.tape_api)
         self.slots = RequestSlots(settings.staging.max_requests)
         """Open stage requests per endpoint, shared by every run of this access."""
         self._ssl = ssl_context
@@ -198,6 +212,24 @@ class TapeAccess:
         self._session: Optional[aiohttp.ClientSession] = None
         self._retired: list[aiohttp.ClientSession] = []
         self._client: Optional[TapeClient] = None
+
+    @property
+    def settings(self) -> TapeSettings:
+        """The ``[storage]`` keys in force; set anew on a reload (the daemon's access lives on)."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: TapeSettings) -> None:
+        self._settings = settings
+        self.directory.ttl = settings.discovery_ttl
+        self.directory.configure(settings.tape_api)
+        if self._client is not None:
+            self._allow_configured(self._client)
+
+    def _allow_configured(self, client: TapeClient) -> None:
+        for api in self._settings.tape_api:
+            # Named in the config, not by a storage: a bearer token may go there (release too).
+            client.allow(api.uri)
 
     @property
     def client(self) -> TapeClient:
@@ -220,6 +252,7 @@ class TapeAccess:
                                   policy=self._policy, on_stage=self._on_stage,
                                   token=self._token)
         self._client.ready = self.ready
+        self._allow_configured(self._client)
         return self
 
     @property
@@ -329,7 +362,8 @@ class TapeRouter:
         elif found is None and self.s.mode == "always":
             raise StorageError(f"{door} publishes no WLCG Tape REST API (no "
                                "/.well-known/wlcg-tape-rest-api); storage.stage = always needs "
-                               "it (auto touches such files directly)")
+                               "it, or a [[storage.tape_api]] entry naming it for this door "
+                               "(auto touches such files directly)")
         self.tally.endpoints[door] = found
         return found
 

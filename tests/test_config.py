@@ -201,6 +201,8 @@ BAD_CONFIG_VALUES: dict[str, object] = {
     "catalog.samweb.rewrite[0].url": "fndca1/pnfs/",
     "storage.path_map[0].url_prefix": "fndca1:2880/pnfs/",
     "storage.path_map[0].path_prefix": "pnfs/fnal.gov/",
+    "storage.tape_api[0].door": "https://fndca1:2880/pnfs/",
+    "storage.tape_api[0].uri": "http://fndca1:3880/api/v1/tape",
     "state.fresh_for": -1, "state.batch": 0, "state.flush_interval": 0,
     "state.url": "mysql://db.example.org/prestaged",
     "output.progress_interval": 0, "output.log_level": "loud",
@@ -213,7 +215,8 @@ BAD_CONFIG_VALUES: dict[str, object] = {
 # What an array-of-tables item needs besides the key under test.
 ARRAY_ITEMS = {"watch": {"definition": "defs/a.txt"},
                "catalog.samweb.rewrite": {"location": "enstore:/pnfs/", "url": "https://h/"},
-               "storage.path_map": {"url_prefix": "https://h/", "path_prefix": "/pnfs/"}}
+               "storage.path_map": {"url_prefix": "https://h/", "path_prefix": "/pnfs/"},
+               "storage.tape_api": {"door": "https://h:2880", "uri": "https://h:3880/tape"}}
 
 # "<key>: expected <what>, got <value>", where <what> does not stop on a fragment.
 SENTENCE = re.compile(r"^(?P<key>[\w.\[\]]+): expected (?P<what>.+), got (?P<got>.+)$")

@@ -135,6 +135,43 @@ async def test_discovery_is_kept_for_its_ttl() -> None:
     assert len(calls) == 3
 
 
+async def test_a_door_named_in_tape_api_is_never_asked_and_a_reload_applies() -> None:
+    """[[storage.tape_api]]: its door's endpoint is the entry's uri, whatever the spelling of
+    the door (case, default port), and discovery is never sent there; other doors are asked.
+    Settings set anew on the access (the daemon's reload) change the entries and the TTL, and
+    a bearer token may go to the new entry's host."""
+    from prestaged.config import TapeApi
+    from prestaged.testing.tokens import TokenIssuer
+    from prestaged.tokens import FoundToken, TokenSource
+
+    asked: list[str] = []
+
+    class Client:
+        async def discover(self, door: str) -> Optional[str]:
+            asked.append(door)
+            return None
+
+    entry = TapeApi("https://FNDCA.example.org", "https://f.example.org:3880/api/v1/tape/")
+    directory = TapeDirectory(configured=[entry])
+    client: Any = Client()
+    assert await directory.lookup(client, "https://fndca.example.org:443") == \
+        "https://f.example.org:3880/api/v1/tape"
+    assert asked == []
+    assert await directory.lookup(client, "https://fndca.example.org:2880") is None
+    assert asked == ["https://fndca.example.org:2880"]
+
+    minted = TokenIssuer().mint("storage.stage:/", audience="https://d.example.org")
+    token = TokenSource(FoundToken(minted, "test", None))
+    async with TapeAccess(None, QUICK, token=token) as access:
+        assert access.client._authorization("https://g.example.org:3880/api/v1/tape") is None
+        other = TapeApi("https://d.example.org:2880", "https://g.example.org:3880/api/v1/tape")
+        access.settings = TapeSettings(tape_api=(other,), discovery_ttl=5.0)
+        assert access.directory.ttl == 5.0
+        assert await access.directory.lookup(client, "https://d.example.org:2880") == other.uri
+        assert await access.directory.lookup(client, "https://fndca.example.org:443") is None
+        assert access.client._authorization(other.uri) == "Bearer " + minted
+
+
 def test_namespace_paths_from_urls() -> None:
     """The URL's percent-decoded path by default; the first matching path_map rule otherwise."""
     rules = (PathMap("https://d:2880/dune/", "/pnfs/fnal.gov/usr/dune/"),

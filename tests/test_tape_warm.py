@@ -165,6 +165,68 @@ def test_stage_always_fails_where_the_api_is_missing(
     assert res.returncode == 0 and storage.stats.requests_total == 3
 
 
+def test_a_door_without_discovery_stages_through_the_tape_api_named_in_the_config(
+    pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """A door that publishes no discovery document (404): always is exit 5 pointing at
+    [[storage.tape_api]]; with an entry naming its frontend the door is never asked, the tape
+    file is staged, not GET, and the disk file touched (a trailing slash on the entry's door
+    does not matter)."""
+    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+                        DCacheConfig(drives=1, door_timeout=5.0, discovery=False)) as srv:
+        srv.add_file("/pnfs/c/tape", 10, Locality.TAPE)
+        srv.add_file("/pnfs/c/disk", 10, Locality.DISK)
+        definition = _definition(tmp_path, [srv.door_url("/pnfs/c/tape"),
+                                            srv.door_url("/pnfs/c/disk")])
+        res = _warm(pki, proxy, tmp_path, definition, "-q", "--stage", "always")
+        assert res.returncode == 5, res.stderr
+        assert "[[storage.tape_api]]" in res.stderr and srv.stats()["requests"]["door:discovery"]
+        door = srv.door_url("/").rstrip("/")
+        entry = f'\n[[storage.tape_api]]\ndoor = "{door}/"\nuri = "{srv.tape_api_url}"\n'
+        before = srv.stats()["requests"]["door:discovery"]
+        res = _warm(pki, proxy, tmp_path, definition, "--json", "--stage", "always", extra=entry)
+        doc = json.loads(res.stdout)
+        assert res.returncode == 0, res.stderr
+        assert doc["counts"]["warm"] == 2 and doc["counts"]["staged"] == 1
+        assert doc["tape"]["endpoints"] == {door: srv.tape_api_url}
+        stats = srv.stats()
+        assert stats["requests"]["door:discovery"] == before  # never asked
+        assert stats["door_tape_gets"] == 0 and stats["requests"]["frontend:stage"] == 1
+        assert srv.replica("/pnfs/c/tape").on_disk
+
+
+@pytest.mark.parametrize(("entry", "key"), [
+    ('door = "https://h:2880/pnfs"\nuri = "https://h:3880/api/v1/tape"', "door"),
+    ('door = "http://h:2880"\nuri = "https://h:3880/api/v1/tape"', "door"),
+    ('door = "https://h:2880"\nuri = "http://h:3880/api/v1/tape"', "uri"),
+    ('door = "https://h:2880"\nuri = "https://h:99999/api/v1/tape"', "uri"),
+    ('door = "https://h:2880"', "uri"),
+])
+def test_a_bad_tape_api_entry_is_one_line_naming_its_key(
+    tmp_path: Path, entry: str, key: str
+) -> None:
+    """A [[storage.tape_api]] entry with a door that is not an https origin or a uri that is not
+    an https URL, or a missing key: exit 2, one line naming the key."""
+    (tmp_path / "c.toml").write_text(f"[[storage.tape_api]]\n{entry}\n")
+    res = run_cli("warm", str(_definition(tmp_path, ["https://127.0.0.1:1/f"])), "--config",
+                  str(tmp_path / "c.toml"))
+    assert res.returncode == 2, res.stderr
+    assert f"storage.tape_api[0].{key}" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
+def test_one_door_named_twice_in_tape_api_is_refused(tmp_path: Path) -> None:
+    """Two entries for one door (the default port spelled out in one): exit 2 naming both."""
+    (tmp_path / "c.toml").write_text(
+        '[[storage.tape_api]]\ndoor = "https://h"\nuri = "https://h:3880/api/v1/tape"\n'
+        '[[storage.tape_api]]\ndoor = "https://H:443"\nuri = "https://g:3880/api/v1/tape"\n')
+    res = run_cli("warm", str(_definition(tmp_path, ["https://127.0.0.1:1/f"])), "--config",
+                  str(tmp_path / "c.toml"))
+    assert res.returncode == 2, res.stderr
+    assert "storage.tape_api[1].door: https://H:443 is the door of storage.tape_api[0]" \
+        in res.stderr, res.stderr
+
+
 def test_malformed_discovery_warns_and_touches_in_auto_and_fails_in_always(
     site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
 ) -> None:
@@ -523,6 +585,34 @@ def test_a_read_only_token_touches_disk_files_and_cannot_stage(
     assert errors and all("Staging not allowed" in e for e in errors), errors
     assert len(doc["failures"]) == 12 and site.stats()["door_tape_gets"] == 0
     assert token not in res.stdout + res.stderr
+
+
+def test_a_tape_api_named_in_the_config_gets_the_token_on_another_host(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """The token goes to a frontend on another host than the door's only when the config names
+    it ([[storage.tape_api]]): a discovery document cannot send it there, the operator can.
+    Here the door is 127.0.0.1 and the frontend is named as localhost."""
+    issuer = TokenIssuer()
+    check = BearerCheck(issuer, ["https://127.0.0.1"], "/pnfs")
+    open_door = pki.server_ssl_context(require_client_cert=False)
+    with ThreadedDCache(open_door, pki.server_ssl_context(require_client_cert=False),
+                        DCacheConfig(drives=1, door_timeout=5.0, discovery=False),
+                        bearer=check) as srv:
+        srv.add_file("/pnfs/t/tape", 10, Locality.TAPE)
+        door = srv.door_url("/").rstrip("/")
+        uri = srv.tape_api_url.replace("127.0.0.1", "localhost")
+        token = issuer.mint("storage.read:/ storage.stage:/", audience="https://127.0.0.1")
+        res = _warm_with_token(pki, tmp_path, _definition(tmp_path, [srv.door_url("/pnfs/t/tape")]),
+                               token, extra=f'\n[[storage.tape_api]]\ndoor = "{door}"\n'
+                                            f'uri = "{uri}"\n')
+        doc = json.loads(res.stdout)
+        assert res.returncode == 0, res.stderr
+        assert doc["counts"]["staged"] == 1 and doc["tape"]["endpoints"] == {door: uri}
+        stats = srv.stats()
+        assert stats["token_requests"]["frontend"] >= 3  # archiveinfo, stage, poll
+        assert not stats["auth_refusals"] and stats["door_tape_gets"] == 0
+        assert token not in res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("stage", ["auto", "never"])

@@ -51,6 +51,9 @@ class DCacheConfig:
     max_targets: int = MAX_TARGETS
     max_requests: int = MAX_REQUESTS
     sitename: str = "prestaged-test"
+    discovery: bool = True
+    """The door serves ``/.well-known/wlcg-tape-rest-api``; False: 404 there, as a door that
+    does not publish it (the frontend still serves the API: ``[[storage.tape_api]]``)."""
     door_root: str = ""
     """dCache's ``webdav.root``: the door serves namespace path ``door_root + URL path`` (a door
     with root ``/pnfs/fnal.gov/usr`` has ``/dune/f`` for ``/pnfs/fnal.gov/usr/dune/f``)."""

@@ -214,6 +214,8 @@ class DCacheServer:
             login = self.auth.login(request, "door", anonymous=True)
             if isinstance(login, web.Response):
                 return login
+            if not self.core.config.discovery:
+                return web.Response(status=404, text="File not found\n")
             if self.discovery_body is not None:
                 return web.Response(text=self.discovery_body, content_type="application/json")
             return web.json_response({
