@@ -460,13 +460,15 @@ class TapeRouter:
         if stager is None:
             stager = self._stagers[uri] = Stager(
                 self.access.client, uri, self.s.staging,
-                on_request=lambda r: self._requested(uri, r), slots=self.access.slots)
+                on_request=lambda r: self._requested(uri, r),
+                on_follow=lambda r, age: self._requested(uri, r, age), slots=self.access.slots)
             self._tasks.append(asyncio.create_task(self._land(uri, stager)))
         return stager
 
-    def _requested(self, uri: str, request: StageRequest) -> None:
-        """A stage request was made: note its pin on each of its files."""
-        until = time.time() + self.s.staging.lifetime
+    def _requested(self, uri: str, request: StageRequest, age: float = 0.0) -> None:
+        """A stage request was made ``age`` seconds ago (by this run, or by another run of the
+        daemon that this one follows): note its pin on each of its files."""
+        until = time.time() - age + self.s.staging.lifetime
         self._requests.setdefault(uri, {})[request.id] = until
         pending = self._pending.get(uri, {})
         if self._note is not None:

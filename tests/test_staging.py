@@ -238,3 +238,103 @@ async def test_stagers_sharing_slots_keep_to_the_endpoint_limit(
                                _all(b, [f"/pnfs/s/f{i:02d}" for i in range(10, 20)]))
     assert all(s.on_disk for run in got for s in run) and sum(map(len, got)) == 20
     assert answers == ["accepted"] * 4 and slots.used[srv.tape_api_url] == 0
+
+
+class _Recording(TapeClient):
+    """The real client, recording the paths of each stage POST; with ``gate`` the POST waits
+    for it (``posting`` is set meanwhile), so a test can act while it is on its way."""
+
+    def __init__(self, *args: Any, gate: Any = None, **kwargs: Any) -> None:
+        import asyncio
+
+        super().__init__(*args, **kwargs)
+        self.posted: list[list[str]] = []
+        self.gate = gate
+        self.posting = asyncio.Event()
+
+    async def stage(self, uri: str, paths: Any, lifetime: float) -> Any:
+        self.posted.append(list(paths))
+        self.posting.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        return await super().stage(uri, paths, lifetime)
+
+
+async def test_stagers_sharing_an_endpoint_never_ask_twice_for_one_file(
+    dcache: Factory, http: aiohttp.ClientSession
+) -> None:
+    """Two runs of the daemon whose definitions share files: while A's stage request for
+    f00-f09 is on its way, B (f05-f14) asks only for f10-f14, then follows f05-f09 in A's
+    request once its id is known. Both see all their files land; each file was in one stage
+    request and holds one pin; the slots are all given back."""
+    import asyncio
+
+    from prestaged.storage.staging import RequestSlots
+
+    srv = await dcache(drives=2)
+    names = [f"/pnfs/d/f{i:02d}" for i in range(15)]
+    for i, p in enumerate(names):
+        srv.core.add_file(p, 10, Where.TAPE, tape=f"T{i % 2}")
+    slots = RequestSlots(5)
+    settings = StagingSettings(batch=20, max_requests=5, poll_min=0.01, poll_max=0.05)
+    gate = asyncio.Event()
+    client_a = _Recording(http, policy=NO_WAIT, gate=gate)
+    client_b = _Recording(http, policy=NO_WAIT)
+    heard: list[tuple[str, tuple[str, ...]]] = []
+    a = Stager(client_a, srv.tape_api_url, settings, slots=slots)
+    b = Stager(client_b, srv.tape_api_url, settings, slots=slots,
+               on_follow=lambda r, age: heard.append((r.id, r.paths)))
+    run_a = asyncio.ensure_future(_all(a, names[:10]))
+    await asyncio.wait_for(client_a.posting.wait(), 10)
+    run_b = asyncio.ensure_future(_all(b, names[5:]))
+    await asyncio.wait_for(client_b.posting.wait(), 10)
+    assert client_b.posted == [names[10:]]  # f05-f09 are held, not asked again
+    gate.set()
+    got_a, got_b = await asyncio.wait_for(asyncio.gather(run_a, run_b), 30)
+    assert sorted(s.path for s in got_a) == names[:10] and all(s.on_disk for s in got_a)
+    assert sorted(s.path for s in got_b) == names[5:] and all(s.on_disk for s in got_b)
+    assert client_a.posted == [names[:10]] and len(client_b.posted) == 1
+    assert srv.core.stats.requests["frontend:stage"] == 2
+    assert all(len(srv.core.files[p].pins) == 1 for p in names)
+    followed = {s.request_id for s in got_b if s.path in names[5:10]}
+    assert followed == {s.request_id for s in got_a}  # A's one request
+    assert heard == [(followed.pop(), tuple(names[5:10]))]  # B's router notes A's pin
+    assert slots.used[srv.tape_api_url] == 0 and not slots.claims and not slots.owners
+
+
+async def test_a_request_of_a_running_stager_handed_to_adopt_is_followed_not_asked_again(
+    dcache: Factory, http: aiohttp.ClientSession
+) -> None:
+    """The state already names A's open request when B's run starts (B's router hands it to
+    ``adopt``): B follows it without a slot of its own and without a new request, and its
+    files land in both runs."""
+    import asyncio
+
+    from prestaged.storage.staging import RequestSlots
+
+    srv = await dcache(drives=1, mount_seconds=0.3)
+    names = [f"/pnfs/e/f{i}" for i in range(4)]
+    for p in names:
+        srv.core.add_file(p, 10, Where.TAPE)
+    slots = RequestSlots(1)
+    settings = StagingSettings(batch=10, max_requests=1, poll_min=0.01, poll_max=0.05)
+    client = _Recording(http, policy=NO_WAIT)
+    made: list[str] = []
+    answered = asyncio.Event()
+
+    def on_request(request: Any) -> None:
+        made.append(request.id)
+        answered.set()
+
+    a = Stager(client, srv.tape_api_url, settings, slots=slots, on_request=on_request)
+    run_a = asyncio.ensure_future(_all(a, names))
+    await asyncio.wait_for(answered.wait(), 10)
+    b = Stager(client, srv.tape_api_url, settings, slots=slots)
+    b.adopt(made[0], names[:2], age=0.0)
+    assert slots.used[srv.tape_api_url] == 1  # A's only: B took no slot for it
+    b.close()
+    got_b = await asyncio.wait_for(_all(b, []), 30)
+    got_a = await asyncio.wait_for(run_a, 30)
+    assert sorted(s.path for s in got_b) == names[:2] and all(s.on_disk for s in got_b)
+    assert len(got_a) == 4 and all(s.on_disk for s in got_a)
+    assert client.posted == [names] and srv.core.stats.requests["frontend:stage"] == 1

@@ -460,6 +460,37 @@ async def test_a_watch_stages_tape_files_and_reports_tape_metrics(
     assert site.stats()["door_tape_gets"] == 0
 
 
+async def test_two_watches_sharing_tape_files_ask_for_each_file_once(
+    pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """Two watched definitions that share tape files, run at once by one daemon: each file is
+    in one stage request and holds one pin (dCache would otherwise queue and pin it twice);
+    both runs end with all their files staged and touched, and no file is left staging."""
+    from daemon_harness import free_port, in_process, metric_value, until, write_config
+
+    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+                        DCacheConfig(drives=1, mount_seconds=0.5)) as srv:
+        paths = [f"/pnfs/s/f{i}" for i in range(9)]
+        for p in paths:
+            srv.add_file(p, 10, Locality.TAPE)
+        first = _definition(tmp_path, [srv.door_url(p) for p in paths[:6]], "first.txt")
+        second = _definition(tmp_path, [srv.door_url(p) for p in paths[3:]], "second.txt")
+        config = write_config(tmp_path, pki, proxy, free_port(), [(first, "1h"), (second, "1h")],
+                              extra='[storage]\npoll_min = "20ms"\npoll_max = "100ms"')
+        async with in_process(config) as d:
+            async def done() -> bool:
+                runs = [(await d.http("GET", f"/api/v1/runs/{n}"))[1] for n in (1, 2)]
+                return all(r.get("state") == "done" for r in runs)
+            await until("both watches' runs", done)
+            for n in (1, 2):
+                run = (await d.http("GET", f"/api/v1/runs/{n}"))[1]
+                assert run["exit_code"] == 0 and run["counts"] == {"warm": 6}, run
+            assert metric_value(await d.metrics(), "prestaged_files_staging") == 0
+        pins = {p: len(srv.replica(p).pins) for p in paths}
+        assert pins == {p: 1 for p in paths}, pins
+        assert srv.stats()["door_tape_gets"] == 0
+
+
 def test_the_gate_counts_only_files_still_on_disk(
     site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
 ) -> None:

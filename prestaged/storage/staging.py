@@ -21,6 +21,14 @@ ended. The policy (issue 13):
   when it was made; what it does not bring to disk (failed, cancelled, forgotten by the server)
   is staged anew as if never asked, and so is a path its first poll does not list or already
   shows COMPLETED (the locality just said TAPE: that answer may be from before an eviction).
+
+Stagers of one endpoint sharing a ``RequestSlots`` (the daemon's concurrent runs, whose
+definitions may share files) never ask twice for one file: a path another stager has asked
+for is followed in that stager's request (polled here too, as if this stager had made it:
+FAILED gets the usual one more try, which joins the other's retry when it made one), and a
+path whose request another stager is making right now waits for that request's id. A request
+of a stager still running that ``adopt`` is handed (the state already recorded it) is
+followed the same way, not as an earlier run's.
 """
 
 from __future__ import annotations
@@ -79,17 +87,39 @@ class _Open:
     adopted: bool = False
     """Made by an earlier run: a path it does not bring to disk is simply staged anew."""
     polls: int = 0
+    slot: bool = True
+    """It holds a request slot here (False: another stager's request, followed)."""
+
+
+@dataclass
+class _Claim:
+    """A path some stager has asked for: in ``request`` (None while the POST is on its way),
+    made at ``made`` (the stagers' clock)."""
+
+    owner: Stager
+    request: Optional[str]
+    made: float
 
 
 class RequestSlots:
     """Open stage requests per endpoint, shared by every stager of a ``TapeAccess`` (the
     daemon's concurrent runs): at most ``limit`` per endpoint URI. A stager waiting for a slot
-    is woken (its ``waiters`` event set) when another gives one back."""
+    is woken (its ``waiters`` event set) when another gives one back. ``claims`` holds the
+    paths each stager has asked for, so that no other stager asks for them again."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used: Counter[str] = Counter()
         self.waiters: set[asyncio.Event] = set()
+        self.claims: dict[tuple[str, str], _Claim] = {}
+        """(uri, path) -> the stager that asked for it, and in which request."""
+        self.owners: dict[tuple[str, str], Stager] = {}
+        """(uri, request id) -> the running stager that made it."""
+
+    def wake(self) -> None:
+        """Wake every waiting stager (a slot or a claim changed)."""
+        for event in self.waiters:
+            event.set()
 
     def free(self, uri: str) -> bool:
         """A request may be made to ``uri`` now."""
@@ -104,8 +134,7 @@ class RequestSlots:
         if n <= 0:
             return
         self.used[uri] = max(0, self.used[uri] - n)
-        for event in self.waiters:
-            event.set()
+        self.wake()
 
 
 class Stager:
@@ -115,6 +144,7 @@ class Stager:
                  *, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  on_request: Optional[Callable[[StageRequest], None]] = None,
+                 on_follow: Optional[Callable[[StageRequest, float], None]] = None,
                  slots: Optional[RequestSlots] = None) -> None:
         self.client = client
         self.uri = uri
@@ -122,10 +152,12 @@ class Stager:
         self._clock = clock
         self._sleep = sleep
         self._on_request = on_request
+        self._on_follow = on_follow
         self._open: dict[str, _Open] = {}
         self._first: dict[str, float] = {}  # path -> time of its first stage request
         self._restaged: set[str] = set()
         self._todo: deque[str] = deque()
+        self._held: list[str] = []  # paths whose request another stager is making right now
         self._added: set[str] = set()
         self._closed = False
         self._ended = False  # landed() has returned: nothing may take a slot any more
@@ -150,6 +182,13 @@ class Stager:
         if not new or self._ended:
             return
         self._added.update(new)
+        owner = self._slots.owners.get((self.uri, request_id))
+        if owner is not None and owner is not self:  # a running stager's: followed as live
+            claims = [self._slots.claims.get((self.uri, p)) for p in new]
+            made = min((c.made for c in claims if c is not None), default=self._clock() - age)
+            self._follow(request_id, new, made)
+            self._wake.set()
+            return
         now = self._clock()
         made = now - max(0.0, age)
         for path in new:
@@ -161,6 +200,21 @@ class Stager:
                                                      now, adopted=True)
         request.paths.update(new)
         self._wake.set()
+
+    def _follow(self, request_id: str, paths: list[str], made: float) -> None:
+        """Follow ``paths`` in another running stager's request ``request_id`` (made at
+        ``made``): polled here like an own request, without a slot (it holds one there);
+        ``on_follow`` hears of it with the request's age."""
+        now = self._clock()
+        for path in paths:
+            self._first.setdefault(path, made)
+        request = self._open.get(request_id)
+        if request is None:
+            request = self._open[request_id] = _Open(request_id, set(), made, self.s.poll_min,
+                                                     now, slot=False)
+        request.paths.update(paths)
+        if self._on_follow is not None:
+            self._on_follow(StageRequest(request_id, tuple(paths)), max(0.0, now - made))
 
     def close(self) -> None:
         """No more paths will be added: ``landed()`` ends once the added ones have."""
@@ -182,16 +236,37 @@ class Stager:
                 yield staged
         finally:
             self._ended = True
-            self._slots.release(self.uri, len(self._open))
+            self._slots.release(self.uri, sum(r.slot for r in self._open.values()))
             self._open.clear()
             self._slots.waiters.discard(self._wake)
+            self._drop_claims()
+
+    def _drop_claims(self) -> None:
+        """This stager ended: its claims and requests are no longer followed by it."""
+        slots = self._slots
+        for key in [k for k, c in slots.claims.items() if c.owner is self]:
+            del slots.claims[key]
+        for key in [k for k, o in slots.owners.items() if o is self]:
+            del slots.owners[key]
+        slots.wake()  # stagers holding paths for one of ours ask for them themselves now
+
+    def _claim(self, path: str, request: Optional[str], made: float = 0.0) -> None:
+        """Record that this stager asks for ``path`` in ``request`` (None: being made)."""
+        self._slots.claims[(self.uri, path)] = _Claim(self, request, made)
+
+    def _unclaim(self, path: str) -> None:
+        """``path`` ended here: others may ask for it."""
+        key = (self.uri, path)
+        claim = self._slots.claims.get(key)
+        if claim is not None and claim.owner is self:
+            del self._slots.claims[key]
 
     async def _landed(self) -> AsyncIterator[Staged]:
         while True:
             self._wake.clear()
             await self._submit()
             if not self._open:
-                if self._closed and not self._todo:
+                if self._closed and not self._todo and not self._held:
                     return
                 # Nothing to poll: wait for paths, the close, or a slot another stager of this
                 # endpoint gave back.
@@ -206,7 +281,7 @@ class Stager:
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep ``seconds``; False when woken early by new paths that a free slot can take."""
-        if self._closed or not self._slots.free(self.uri):
+        if not self._held and (self._closed or not self._slots.free(self.uri)):
             await self._sleep(seconds)
             return True
         sleeping = asyncio.ensure_future(self._sleep(seconds))
@@ -219,20 +294,56 @@ class Stager:
             await asyncio.gather(sleeping, woken, return_exceptions=True)
         return not (woken.done() and not woken.cancelled())
 
+    def _mine(self, paths: Iterable[str]) -> list[str]:
+        """Of ``paths``, those no other stager has asked for (to ask for here); those in
+        another's request are followed there, those whose request is being made wait in
+        ``_held`` (looked at again at each ``_submit``)."""
+        mine: list[str] = []
+        follow: dict[str, tuple[float, list[str]]] = {}
+        for path in paths:
+            claim = self._slots.claims.get((self.uri, path))
+            if claim is None or claim.owner is self:
+                mine.append(path)
+            elif claim.request is None:
+                self._held.append(path)
+            else:
+                follow.setdefault(claim.request, (claim.made, []))[1].append(path)
+        for request_id, (made, followed) in follow.items():
+            self._follow(request_id, followed, made)
+        return mine
+
     async def _submit(self) -> None:
         """Fill the free request slots with batches of waiting paths."""
+        if self._held:
+            held, self._held = self._held, []
+            self._todo.extendleft(reversed(self._mine(held)))
         while self._todo and self._slots.free(self.uri):
-            chunk = [self._todo.popleft() for _ in range(min(self.s.batch, len(self._todo)))]
+            # Each path is looked at once, when its turn comes: O(1) a path, however long
+            # the queue (a path claimed meanwhile by another stager is followed then).
+            chunk: list[str] = []
+            while self._todo and len(chunk) < self.s.batch:
+                take = min(self.s.batch - len(chunk), len(self._todo))
+                chunk += self._mine([self._todo.popleft() for _ in range(take)])
+            if not chunk:
+                break
             now = self._clock()
             for path in chunk:
                 self._first.setdefault(path, now)
+                self._claim(path, None)  # others wait for this request's id
             self._slots.take(self.uri)  # before the await: no other stager takes it meanwhile
             try:
                 made = await self.client.stage(self.uri, chunk, self.s.lifetime)
+            except BaseException:
+                for path in chunk:
+                    self._unclaim(path)
+                raise
             finally:
-                self._slots.release(self.uri, 1)
+                self._slots.release(self.uri, 1)  # wakes the stagers holding these paths
             for request in made:
                 self._slots.take(self.uri)
+                self._slots.owners[(self.uri, request.id)] = self
+                for path in request.paths:
+                    self._claim(path, request.id, now)
                 self._open[request.id] = _Open(request.id, set(request.paths), now,
                                                self.s.poll_min, now + self.s.poll_min)
                 if self._on_request is not None:
@@ -241,7 +352,9 @@ class Stager:
     def _forget(self, request: _Open) -> None:
         """``request`` is no longer open: its slot is free."""
         del self._open[request.id]
-        self._slots.release(self.uri, 1)
+        if request.slot:
+            self._slots.owners.pop((self.uri, request.id), None)
+            self._slots.release(self.uri, 1)
 
     async def _poll(self, request: _Open) -> list[Staged]:
         """Poll ``request``; what ended in it, and its next poll time."""
@@ -277,6 +390,7 @@ class Stager:
                 continue  # still on its way, or left out of this answer
             request.paths.discard(path)
             if f.state is StageState.COMPLETED:
+                self._unclaim(path)
                 out.append(Staged(path, True, "", request.id, now - self._first[path]))
             elif request.adopted:  # an earlier run's request: ask for the file now, as new
                 self._todo.append(path)
@@ -284,9 +398,11 @@ class Stager:
                          path, f.state.value)
             elif f.state is StageState.FAILED and path not in self._restaged:
                 self._restaged.add(path)  # one more try in a new request
+                self._claim(path, None)  # one stager makes it; the others follow
                 self._todo.append(path)
                 log.info("stage of %s failed (%s); asking once more", path, f.error)
             else:
+                self._unclaim(path)
                 why = f.error or ("cancelled" if f.state is StageState.CANCELLED else "failed")
                 out.append(Staged(path, False, f"stage failed: {why}", request.id,
                                   now - self._first[path]))
@@ -300,10 +416,12 @@ class Stager:
             if request.adopted:
                 self._todo.append(path)  # an earlier run's request: this is the first ask
             elif path in self._restaged:
+                self._unclaim(path)
                 out.append(Staged(path, False, "stage failed: the stage request was lost "
                                   "twice", request.id, self._clock() - self._first[path]))
             else:
                 self._restaged.add(path)
+                self._claim(path, None)
                 self._todo.append(path)
         log.info("stage request %s is gone (404); %d paths asked again", request.id,
                  len(request.paths))
@@ -313,6 +431,8 @@ class Stager:
         """Cancel what ``request`` did not bring to disk within ``timeout``; report it."""
         paths = sorted(request.paths)
         self._forget(request)
+        for path in paths:
+            self._unclaim(path)
         await self.client.cancel(self.uri, request.id, paths)
         return [Staged(p, False, f"stage timed out after {self.s.timeout:g}s", request.id,
                        now - self._first[p]) for p in paths]
