@@ -180,6 +180,34 @@ async def test_an_adopted_request_is_polled_at_once_and_what_it_does_not_bring_i
     assert client.staged == [["/b", "/d", "/e"], ["/c"], ["/b"]]
 
 
+async def test_a_file_failed_in_an_adopted_request_gets_one_more_request_not_two() -> None:
+    """FAILED in an earlier run's request is the file's first try: one new request, and when
+    that fails too the file fails with the server's error (two requests in all, as in one
+    run), not a new request plus the usual retry."""
+    from prestaged.storage.tape import FileStage
+
+    S = StageState
+    by_id = {"old": [StageStatus("old", {"/f": FileStage("/f", S.FAILED, "bad tape")})],
+             "r1": [StageStatus("r1", {"/f": FileStage("/f", S.FAILED, "bad tape again")})]}
+
+    class ById(_Scripted):
+        async def poll(self, uri: str, request_id: str) -> StageStatus:
+            return by_id[request_id].pop(0)
+
+    client = ById([])
+
+    async def sleep(seconds: float) -> None:
+        pass
+
+    settings = StagingSettings(batch=10, max_requests=5, poll_min=1, poll_max=3, timeout=100)
+    stager = Stager(client, "https://t", settings, sleep=sleep)  # type: ignore[arg-type]
+    stager.adopt("old", ["/f"])
+    stager.close()
+    [got] = [s async for s in stager.landed()]
+    assert not got.on_disk and got.error == "stage failed: bad tape again"
+    assert got.request_id == "r1" and client.staged == [["/f"]]
+
+
 async def test_an_adopted_request_times_out_from_when_it_was_made_and_nothing_is_adopted_late(
 ) -> None:
     """A request made 90 s ago under a 100 s timeout is cancelled 10 s into the rerun, not 100;

@@ -18,9 +18,10 @@ ended. The policy (issue 13):
   "stage timed out";
 * ``adopt(id, paths, age)``: a request an earlier run made ``age`` seconds ago (still pinned,
   not landed) is followed instead of asking again, polled at once, its timeout counted from
-  when it was made; what it does not bring to disk (failed, cancelled, forgotten by the server)
-  is staged anew as if never asked, and so is a path its first poll does not list or already
-  shows COMPLETED (the locality just said TAPE: that answer may be from before an eviction).
+  when it was made; what it does not bring to disk is staged anew (FAILED there was the file's
+  first try, so the new request is its one more; cancelled or forgotten by the server: as if
+  never asked), and so is a path its first poll does not list or already shows COMPLETED (the
+  locality just said TAPE: that answer may be from before an eviction).
 
 Stagers of one endpoint sharing a ``RequestSlots`` (the daemon's concurrent runs, whose
 definitions may share files) never ask twice for one file: a path another stager has asked
@@ -393,6 +394,9 @@ class Stager:
                 self._unclaim(path)
                 out.append(Staged(path, True, "", request.id, now - self._first[path]))
             elif request.adopted:  # an earlier run's request: ask for the file now, as new
+                if f.state is StageState.FAILED:
+                    self._restaged.add(path)  # that was its first try: this is the one more
+                    self._claim(path, None)
                 self._todo.append(path)
                 log.info("the earlier stage request %s of %s ended %s; asking anew", request.id,
                          path, f.state.value)
