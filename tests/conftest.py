@@ -385,7 +385,7 @@ async def dcache(pki: TestPKI) -> AsyncIterator[Callable[..., Awaitable[DCacheSe
     async def make(*, bearer: Any = None, clock: Any = None, **config: Any) -> DCacheServer:
         extra = {"bearer": bearer} if clock is None else {"bearer": bearer, "clock": clock}
         srv = DCacheServer(pki.server_ssl_context(require_client_cert=bearer is None),
-                           pki.server_ssl_context(require_client_cert=False),
+                           pki.pool_ssl_context(),
                            DCacheConfig(**config), **extra)
         await srv.start()
         servers.append(srv)

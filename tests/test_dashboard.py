@@ -321,7 +321,7 @@ async def _harness(pki: TestPKI, proxy: Path, tmp_path: Path) -> AsyncIterator[s
             HttpToucher(creds.ssl_context(), nbytes=4, limit=4, limit_per_host=4,
                         timeout=20) as toucher, \
             DCacheServer(pki.server_ssl_context(),
-                         pki.server_ssl_context(require_client_cert=False), tape) as dcache, \
+                         pki.pool_ssl_context(), tape) as dcache, \
             ClientSession(connector=TCPConnector(ssl=creds.ssl_context())) as tape_http:
         urls = [storage.url(f"/pnfs/campaign/f{i:03d}.root") for i in range(20)]
         definition = tmp_path / "definitions" / "campaign_raw.txt"
@@ -388,7 +388,7 @@ async def _daemon(pki: TestPKI, proxy: Path, tmp_path: Path) -> AsyncIterator[st
     of tape files on the dCache emulator warm every 2 s; yields its listen address once
     ``/healthz`` answers."""
     async with StorageServer(pki.server_ssl_context()) as storage, DCacheServer(
-            pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+            pki.server_ssl_context(), pki.pool_ssl_context(),
             DCacheConfig(drives=2)) as tape_site:
         for i in range(6):
             tape_site.core.add_file(f"/pnfs/tape/f{i}.root", 10, Where.TAPE, tape=f"T{i % 2}")

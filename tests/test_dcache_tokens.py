@@ -272,7 +272,7 @@ def test_threaded_dcache_takes_tokens(pki: TestPKI, check: BearerCheck,
     stats() reports the token and the refusal."""
     ctx = ssl.create_default_context(capath=str(pki.ca_dir))
     with ThreadedDCache(pki.server_ssl_context(require_client_cert=False),
-                        pki.server_ssl_context(require_client_cert=False), bearer=check) as site:
+                        pki.pool_ssl_context(), bearer=check) as site:
         site.add_file("/pnfs/t/a", 10, Locality.DISK_AND_TAPE)
         port = int(site.door_url("/pnfs/t/a").rsplit(":", 1)[1].split("/")[0])
         statuses = []

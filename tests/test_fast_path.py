@@ -213,7 +213,8 @@ async def test_redirect_followed_on_a_one_shot_connection(ctx: ssl.SSLContext,
                                                          pki: TestPKI) -> None:
     """Door 302 -> pool: both answers are the fast path's (the pool's on a connection closed
     after its read), the same Attempts as aiohttp's, and no aiohttp session is opened."""
-    async with StorageServer(pki.server_ssl_context(), redirect=True) as srv:
+    async with StorageServer(pki.server_ssl_context(), redirect=True,
+                             pool_ssl_context=pki.pool_ssl_context()) as srv:
         urls = [srv.url(f"/pnfs/r/f{i}") for i in range(20)]
         async with _toucher(ctx) as fast:
             got = [await fast.touch(u) for u in urls]

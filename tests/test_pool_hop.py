@@ -54,7 +54,7 @@ def client(pki: TestPKI, proxy: Path) -> ssl.SSLContext:
 
 
 def _pool_context(pki: TestPKI, tls: str, *, resumes: bool = True) -> ssl.SSLContext:
-    ctx = pki.server_ssl_context(require_client_cert=False)
+    ctx = pki.pool_ssl_context()
     if tls == "1.2":
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     if not resumes:
@@ -196,7 +196,7 @@ async def door(pki: TestPKI) -> AsyncIterator[StorageServer]:
 async def pool(pki: TestPKI) -> AsyncIterator[StorageServer]:
     """A second server standing in for a pool: it serves /h whatever the query, or misbehaves
     as the test injects."""
-    async with StorageServer(pki.server_ssl_context(require_client_cert=False)) as srv:
+    async with StorageServer(pki.pool_ssl_context()) as srv:
         yield srv
 
 
@@ -374,7 +374,7 @@ async def test_pool_request_carries_no_credentials_and_asks_to_close(
 ) -> None:
     """The pool request (another host:port) has exactly the headers the aiohttp path sends
     there: its own Host, the Range, Connection: close, and no Authorization or cookie."""
-    async with _Recorder(pki.server_ssl_context(require_client_cert=False)) as rec:
+    async with _Recorder(pki.pool_ssl_context()) as rec:
         port = rec.port
         location = f"https://127.0.0.1:{port}/p/f?dcache-http-uuid=u-1"
         got, want, stats, _ = await _both(client, door.url("/h"),

@@ -40,7 +40,7 @@ stage_batch = 3
 @pytest.fixture
 def site(pki: TestPKI) -> Iterator[ThreadedDCache]:
     """A dCache emulator with 2 drives (fast tape) in a thread."""
-    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
                         DCacheConfig(drives=2, door_timeout=5.0)) as srv:
         yield srv
 
@@ -122,7 +122,7 @@ def test_release_names_files_by_their_namespace_path_through_the_path_map(
 ) -> None:
     """A door serving /dune/f for /pnfs/fnal.gov/usr/dune/f: the release names the namespace
     path by the same [[storage.path_map]] rule the stage request did, so the pins go."""
-    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
                         DCacheConfig(door_root="/pnfs/fnal.gov/usr")) as srv:
         paths = [f"/pnfs/fnal.gov/usr/dune/f{i}" for i in range(2)]
         for p in paths:

@@ -64,7 +64,7 @@ def _definition(tmp_path: Path, urls: list[str], name: str = "ds.txt") -> Path:
 @pytest.fixture
 def site(pki: TestPKI) -> Iterator[ThreadedDCache]:
     """A dCache emulator with 2 drives (fast tape) in a thread."""
-    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
                         DCacheConfig(drives=2, door_timeout=5.0)) as srv:
         yield srv
 
@@ -172,7 +172,7 @@ def test_a_door_without_discovery_stages_through_the_tape_api_named_in_the_confi
     [[storage.tape_api]]; with an entry naming its frontend the door is never asked, the tape
     file is staged, not GET, and the disk file touched (a trailing slash on the entry's door
     does not matter)."""
-    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
                         DCacheConfig(drives=1, door_timeout=5.0, discovery=False)) as srv:
         srv.add_file("/pnfs/c/tape", 10, Locality.TAPE)
         srv.add_file("/pnfs/c/disk", 10, Locality.DISK)
@@ -254,7 +254,7 @@ def test_a_refused_stage_is_exit_3_naming_the_right(
     """A user without the staging right: the frontend's 403 ends the run with exit 3 naming
     storage.stage; the tape file was never GET."""
     config = DCacheConfig(stagers=("Somebody Else",))
-    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
                         config) as srv:
         srv.add_file("/pnfs/r/tape", 10, Locality.TAPE)
         res = _warm(pki, proxy, tmp_path, _definition(tmp_path, [srv.door_url("/pnfs/r/tape")]),
@@ -270,7 +270,7 @@ def test_path_map_names_files_by_their_namespace_path(
     """A door with webdav.root /pnfs/fnal.gov/usr serves /dune/f for /pnfs/fnal.gov/usr/dune/f:
     a [[storage.path_map]] rule makes the Tape REST requests name the namespace path."""
     config = DCacheConfig(door_root="/pnfs/fnal.gov/usr")
-    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
                         config) as srv:
         for i in range(3):
             srv.add_file(f"/pnfs/fnal.gov/usr/dune/f{i}", 10, Locality.TAPE)
@@ -322,7 +322,7 @@ def test_a_stage_that_does_not_finish_in_time_fails_and_is_cancelled(
     """storage.stage_timeout: a recall slower than it is cancelled on the frontend and the file
     fails with "stage timed out"; it is never GET."""
     config = DCacheConfig(drives=1, mount_seconds=30.0)
-    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
                         config) as srv:
         srv.add_file("/pnfs/s/slow", 10, Locality.TAPE)
         srv.add_file("/pnfs/s/disk", 10, Locality.DISK)
@@ -345,7 +345,7 @@ def test_a_rerun_follows_the_open_stage_request_of_an_interrupted_run(
     one request per file: a duplicate is a second pin that ``release`` cannot free), then
     touches the files. The state still names the first request, so ``release`` frees it."""
     config = DCacheConfig(drives=1, mount_seconds=1.5)
-    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
                         config) as srv:
         paths = [f"/pnfs/r/f{i}" for i in range(3)]
         for p in paths:
@@ -377,7 +377,7 @@ def test_a_rerun_asks_anew_for_files_the_earlier_request_did_not_bring(
     """The earlier run's request was cancelled (its stage timed out): the rerun polls it once,
     sees the file cancelled there and makes a new request, which lands and is touched."""
     config = DCacheConfig(drives=1, mount_seconds=1.0)
-    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
                         config) as srv:
         srv.add_file("/pnfs/s/slow", 10, Locality.TAPE)
         definition = _definition(tmp_path, [srv.door_url("/pnfs/s/slow")])
@@ -468,7 +468,7 @@ async def test_two_watches_sharing_tape_files_ask_for_each_file_once(
     both runs end with all their files staged and touched, and no file is left staging."""
     from daemon_harness import free_port, in_process, metric_value, until, write_config
 
-    with ThreadedDCache(pki.server_ssl_context(), pki.server_ssl_context(require_client_cert=False),
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
                         DCacheConfig(drives=1, mount_seconds=0.5)) as srv:
         paths = [f"/pnfs/s/f{i}" for i in range(9)]
         for p in paths:
@@ -562,7 +562,7 @@ def token_site(pki: TestPKI) -> Iterator[tuple[ThreadedDCache, TokenIssuer]]:
     issuer = TokenIssuer()
     check = BearerCheck(issuer, ["https://127.0.0.1"], "/pnfs")
     open_door = pki.server_ssl_context(require_client_cert=False)
-    with ThreadedDCache(open_door, pki.server_ssl_context(require_client_cert=False),
+    with ThreadedDCache(open_door, pki.pool_ssl_context(),
                         DCacheConfig(drives=2, door_timeout=5.0), bearer=check) as srv:
         yield srv, issuer
 
@@ -627,7 +627,7 @@ def test_a_tape_api_named_in_the_config_gets_the_token_on_another_host(
     issuer = TokenIssuer()
     check = BearerCheck(issuer, ["https://127.0.0.1"], "/pnfs")
     open_door = pki.server_ssl_context(require_client_cert=False)
-    with ThreadedDCache(open_door, pki.server_ssl_context(require_client_cert=False),
+    with ThreadedDCache(open_door, pki.pool_ssl_context(),
                         DCacheConfig(drives=1, door_timeout=5.0, discovery=False),
                         bearer=check) as srv:
         srv.add_file("/pnfs/t/tape", 10, Locality.TAPE)

@@ -133,7 +133,8 @@ async def test_deny_everything_trips_breaker_early(
 
 async def test_redirect_followed_and_pool_connection_closed(pki: TestPKI, proxy: Path) -> None:
     """Door 302 -> pool on another port: the pool read is 4 bytes and its connection closed."""
-    async with StorageServer(pki.server_ssl_context(), redirect=True) as srv:
+    async with StorageServer(pki.server_ssl_context(), redirect=True,
+                             pool_ssl_context=pki.pool_ssl_context()) as srv:
         paths = [f"/pnfs/r/f{i}" for i in range(40)]
         report = await _warm(_client(pki, proxy), [srv.url(p) for p in paths])
         assert report.tally.results["warm"] == 40

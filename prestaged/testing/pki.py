@@ -499,6 +499,16 @@ class TestPKI:
         ctx.verify_flags |= _ALLOW_PROXY_CERTS
         return ctx
 
+    def pool_ssl_context(self) -> ssl.SSLContext:
+        """A dCache pool's server context: the host certificate, and no client certificate
+        asked for (the door's one-time ``dcache-http-uuid`` authorises the read). A context
+        that asks for one would make every client send, and the server verify and keep in its
+        session tickets, a certificate chain that a real pool never sees."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.host_cert, self.host_key)
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
     def client_ssl_context(self, proxy: Path) -> ssl.SSLContext:
         """A client context trusting ``ca_dir`` and presenting the proxy file ``proxy``."""
         ctx = ssl.create_default_context(capath=str(self.ca_dir))

@@ -470,7 +470,8 @@ class StorageServer:
     """A dCache-like HTTPS storage on 127.0.0.1 for tests (see the module docstring).
 
     ``ssl_context`` serves the door; ``pool_ssl_context`` (default: the same) the pool, which
-    exists only with ``redirect=True``. With ``root`` files come from that directory (404 if
+    exists only with ``redirect=True`` (a real dCache pool asks for no client certificate:
+    give ``TestPKI.pool_ssl_context()``). With ``root`` files come from that directory (404 if
     absent); otherwise every path exists with ``default_size`` bytes (default 1 MiB) of
     ``generated_bytes`` content. ``set_size``/``remove`` override either namespace. Ports are
     chosen by the OS unless ``door_port`` is given. Use ``async with`` or ``start()``/``stop()``.
@@ -1144,7 +1145,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--redirect",
         action="store_true",
-        help="door answers 302 to a pool (which asks for no client certificate)",
+        help="door answers 302 to a pool (asking, like dCache's, for no client certificate)",
     )
     p.add_argument(
         "--default-size",
@@ -1170,7 +1171,7 @@ async def _serve_cli(args: argparse.Namespace) -> None:
     pki = load_or_create_pki(root)
     server = StorageServer(
         pki.server_ssl_context(),
-        pool_ssl_context=pki.server_ssl_context(require_client_cert=False),
+        pool_ssl_context=pki.pool_ssl_context(),
         root=args.root,
         default_size=args.default_size,
         redirect=args.redirect,

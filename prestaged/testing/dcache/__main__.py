@@ -107,7 +107,7 @@ async def _serve(args: argparse.Namespace, config: DCacheConfig, files: list[Fil
                  bearer: Optional[BearerCheck]) -> None:
     pki = load_or_create_pki(args.pki_dir)
     server = DCacheServer(pki.server_ssl_context(require_client_cert=bearer is None),
-                          pki.server_ssl_context(require_client_cert=False), config,
+                          pki.pool_ssl_context(), config,
                           bearer=bearer)
     for f in files:
         server.core.add_file(f.path, f.size, f.locality, tape=f.tape)
