@@ -419,8 +419,8 @@ class BreakerConfig:
     (exit 3)."""
     token_denials: int = field(default=3, metadata=check(within(1, 1_000_000)))
     """Consecutive 401/403 answers from one endpoint that stop a run sending a bearer token
-    (exit 3). Low: a refused token is refused for every file, and dCache blocks a client after
-    more than 3 authorisation errors in 20 s."""
+    (exit 3). Low: a refused token is refused for every file, and dCache blocks a client at
+    its 3rd 401, each within 20 s of the one before."""
     tls_failures: int = field(default=5, metadata=check(within(1, 1_000_000)))
     """Consecutive refused connections (TLS handshake failures, or hang-ups by an endpoint that
     never answered) that stop the run (exit 3)."""

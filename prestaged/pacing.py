@@ -15,8 +15,8 @@ First contact (``gate=True``, as the engine runs it): until an endpoint has acce
 one attempt at a time goes to it. An
 endpoint that refuses our credentials (401/403, or a refused connection: ``refused``) refuses
 every file, and a run stopped by the breaker after N refusals must not have sent 32 doomed
-requests before the first answer came back (dCache blocks a client after more than 3
-authorisation errors in 20 s). Any other outcome opens the gate for good; it costs one round
+requests before the first answer came back (dCache blocks a client at its 3rd 401,
+each within 20 s of the one before). Any other outcome opens the gate for good; it costs one round
 trip per endpoint and run.
 
 A request without an HTTP answer (timeout, reset, TLS failure) says nothing about load and

@@ -27,7 +27,7 @@ import hashlib
 import logging
 import re
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Protocol, Union
@@ -332,11 +332,13 @@ class _Breakers:
     be used (``Failure.CREDENTIAL``) trips at once.
 
     Back-pressure (429, 503) says nothing of our credentials and leaves the denial count alone
-    (the others it resets, as any answer does). A 429 from an endpoint that denied us
-    ``AUTH_BLOCK_ERRORS`` times in a row within the last ``AUTH_BLOCK_WINDOW`` seconds trips
-    the denial breaker at once: dCache 11.2+ blocks a client after more than 3 authorisation errors
-    in 20 s and answers it 429 meanwhile, so the denials would never reach the limit and the run
-    would end in files failed for "429" instead of naming the credentials.
+    (the others it resets, as any answer does). A 429 within ``AUTH_BLOCK_WINDOW`` seconds of
+    the last of ``AUTH_BLOCK_ERRORS`` 401s, each within that window of the one before, trips
+    the denial breaker at once: dCache 11.2+ blocks a client at its 3rd 401 so spaced (403s do
+    not count, answers between them do not reset it; ``RateLimitedHandlerList``) and answers it
+    429 meanwhile, so the denials would never reach the limit and the run would end in files
+    failed for "429" instead of naming the credentials. An answer after the 3rd such 401 shows
+    that the endpoint did not block us: its 401s are forgotten.
     """
 
     def __init__(self, cfg: BreakerConfig, hint: str, token: bool = False) -> None:
@@ -349,7 +351,10 @@ class _Breakers:
         self.unreachable: Counter[str] = Counter()
         self.answered: set[str] = set()
         self.last_denial: dict[str, Attempt] = {}
-        self.denied_at: dict[str, deque[float]] = {}  # the times of the denials in a row
+        self.unauthorized: dict[str, list[float]] = {}
+        """Per endpoint, the times of its last 401s, each within AUTH_BLOCK_WINDOW of the one
+        before (at most AUTH_BLOCK_ERRORS)."""
+        self.last_unauthorized: dict[str, Attempt] = {}
         self.clock: Callable[[], float] = time.monotonic
 
     def refused(self, endpoint: str, attempt: Attempt) -> bool:
@@ -370,21 +375,46 @@ class _Breakers:
         if attempt.status in (401, 403):
             self.denials[endpoint] += 1
             self.last_denial[endpoint] = attempt
-            self.denied_at.setdefault(endpoint, deque(maxlen=AUTH_BLOCK_ERRORS)).append(
-                self.clock())
+            if attempt.status == 401:
+                self._unauthorized(endpoint, attempt)
             if self.denials[endpoint] >= self.denial_limit:
                 return self._denied(endpoint, attempt)
             return None
         self.refusals[endpoint] = self.unreachable[endpoint] = 0
         if attempt.status in (429, 503):
-            times = self.denied_at.get(endpoint) or deque()
-            if (attempt.status == 429 and len(times) >= AUTH_BLOCK_ERRORS
-                    and self.clock() - times[0] <= AUTH_BLOCK_WINDOW):
-                return self._denied(endpoint, attempt, blocked=True)
+            if attempt.status == 429 and self._blocked(endpoint):
+                return self._blocked_error(endpoint)
             return None
         self.denials[endpoint] = 0
-        self.denied_at.pop(endpoint, None)
+        if len(self.unauthorized.get(endpoint, ())) >= AUTH_BLOCK_ERRORS:
+            del self.unauthorized[endpoint]  # it answered after them: no block
         return None
+
+    def _unauthorized(self, endpoint: str, attempt: Attempt) -> None:
+        """Count a 401 toward dCache's block of clients."""
+        now = self.clock()
+        chain = self.unauthorized.setdefault(endpoint, [])
+        if chain and now - chain[-1] > AUTH_BLOCK_WINDOW:
+            chain.clear()  # dCache forgot the earlier ones
+        chain.append(now)
+        del chain[:-AUTH_BLOCK_ERRORS]
+        self.last_unauthorized[endpoint] = attempt
+
+    def _blocked(self, endpoint: str) -> bool:
+        """Whether a 429 from ``endpoint`` now is dCache's block for our 401s."""
+        chain = self.unauthorized.get(endpoint, [])
+        return (len(chain) >= AUTH_BLOCK_ERRORS
+                and self.clock() - chain[-1] <= AUTH_BLOCK_WINDOW)
+
+    def _blocked_error(self, endpoint: str) -> CredentialError:
+        last = self.last_unauthorized[endpoint]
+        why = last.auth_error or _status_reason(last)
+        said = f"; the server says: {why}" if why else ""
+        refused = (f"{endpoint} answered 401 {AUTH_BLOCK_ERRORS} times, each within "
+                   f"{AUTH_BLOCK_WINDOW:g} s of the one before (HTTP {last.status}{said}), and "
+                   "now answers 429: it blocks clients after repeated authentication errors "
+                   f"(dCache: {AUTH_BLOCK_ERRORS} so spaced)")
+        return self._stop(refused)
 
     def _refusal(self, endpoint: str, attempt: Attempt) -> Optional[PrestagedError]:
         """Account an attempt that failed in one of the ``_REFUSING`` ways (it has no status)."""
@@ -415,20 +445,19 @@ class _Breakers:
                 )
         return None
 
-    def _denied(self, endpoint: str, attempt: Attempt, blocked: bool = False) -> CredentialError:
-        last = self.last_denial.get(endpoint, attempt) if blocked else attempt
-        why = last.auth_error or _status_reason(last)
+    def _denied(self, endpoint: str, attempt: Attempt) -> CredentialError:
+        why = attempt.auth_error or _status_reason(attempt)
         said = f"; the server says: {why}" if why else ""
-        denied = (f"{endpoint} denied {self.denials[endpoint]} files in a row "
-                  f"(HTTP {last.status}{said})")
-        if blocked:
-            denied += (" and now answers 429: it blocks clients after repeated authorisation "
-                       "errors (dCache: more than 3 in 20 s)")
+        return self._stop(f"{endpoint} denied {self.denials[endpoint]} files in a row "
+                          f"(HTTP {attempt.status}{said})")
+
+    def _stop(self, refused: str) -> CredentialError:
+        """The error ending the run after ``refused`` (what the endpoint did)."""
         if not self.token:
-            return CredentialError(f"{denied}: it does not accept "
+            return CredentialError(f"{refused}: it does not accept "
                                    f"{self.hint or 'our credentials'}; stopped early")
         return CredentialError(
-            f"{denied}: it does not accept {self.hint or 'our token'}; "
+            f"{refused}: it does not accept {self.hint or 'our token'}; "
             "a token needs storage.read covering the files' paths (and the storage's audience); "
             "stopped early")
 
@@ -445,10 +474,12 @@ class _Breakers:
 
 
 AUTH_BLOCK_ERRORS = 3
-"""Consecutive denials after which an endpoint's 429 means it blocks us for them (dCache's
-``webdav.limits.error.max-allowed``)."""
+"""401s after which an endpoint's 429 means it blocks us for them (dCache's
+``webdav.limits.error.max-allowed``: the client is blocked at that many)."""
 AUTH_BLOCK_WINDOW = 20.0
-"""Seconds those denials must fall within (``webdav.limits.error.block.window.time``)."""
+"""Seconds within which each of those 401s follows the one before
+(``webdav.limits.error.block.window.time``: dCache forgets a client's errors that long after
+its last one)."""
 
 _REFUSING = frozenset({Failure.CREDENTIAL, Failure.UNTRUSTED, Failure.TLS, Failure.RESET})
 """Failures the credentials breakers look at (``_Breakers._refusal``); never with a status."""

@@ -8,12 +8,14 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import Optional
 
 import aiohttp
 import pytest
 from mocks import aioresponses
 
 from prestaged.config import BreakerConfig, load_config
+from prestaged.errors import PrestagedError
 from prestaged.model import (
     ERROR_TEXT_MAX,
     Attempt,
@@ -180,34 +182,44 @@ async def test_back_pressure_leaves_the_denial_count_alone() -> None:
 
 
 async def test_a_429_after_repeated_denials_is_the_storage_blocking_us() -> None:
-    """dCache blocks a client after more than 3 authorisation errors in 20 s (429 meanwhile):
-    three denials then a 429 stop the run with exit 3 at once, whatever the denial limit; a 429
-    after fewer denials is plain back-pressure."""
+    """dCache blocks a client at its 3rd 401, each within 20 s of the one before (429
+    meanwhile): three 401s then a 429 stop the run with exit 3 at once, whatever the denial
+    limit; a 429 after fewer is plain back-pressure."""
     names = ["a-401", "b-429", "c-401", "d-401", "e-429", "f-206"]
     report = await warm(_refs(f"https://door:2880/{n}" for n in names),
                         _settings(concurrency=1, breaker=BreakerConfig(denials=20),
                                   retry=RetryPolicy(attempts=1)), _ByName(), sleep=_Sleeps())
     assert report.exit_code == 3
-    assert "denied 3 files in a row (HTTP 401" in str(report.aborted)
+    assert "answered 401 3 times, each within 20 s of the one before (HTTP 401" in str(
+        report.aborted)
     assert "now answers 429" in str(report.aborted)
     assert report.tally.results["warm"] == 0
 
 
-def test_a_429_counts_as_the_block_only_after_3_denials_within_20_s() -> None:
-    """Denials at 0, 30 and 35 s then a 429 at 36 s: dCache forgets errors after 20 s, so the
-    429 is plain back-pressure; one more denial at 40 s puts three within 20 s, and the next
-    429 is the block (exit 3)."""
+def test_a_429_counts_as_the_block_only_after_3_401s_each_within_20_s_of_the_last() -> None:
+    """As dCache's RateLimitedHandlerList counts: 401s at 0, 30 and 35 s then a 429 at 36 s:
+    the one at 0 was forgotten after 20 s, so the 429 is back-pressure; a 401 at 40 s is the
+    third in the chain (answers between 401s do not reset it), and a 429 at 41 s is the block
+    (exit 3). 403s never count; nor do 401s the endpoint answered something after."""
     from prestaged.warm import _Breakers
 
-    breakers = _Breakers(BreakerConfig(denials=20), "")
-    now = [0.0]
-    breakers.clock = lambda: now[0]
-    for when, status in [(0, 403), (30, 403), (35, 403), (36, 429), (40, 403)]:
-        now[0] = when
-        assert breakers.observe("e", Attempt(status=status)) is None, when
-    now[0] = 41
-    error = breakers.observe("e", Attempt(status=429))
-    assert error is not None and "denied 4 files in a row" in str(error)
+    def run(steps: list[tuple[float, int]]) -> Optional[PrestagedError]:
+        breakers = _Breakers(BreakerConfig(denials=20), "")
+        now = [0.0]
+        breakers.clock = lambda: now[0]
+        for when, status in steps[:-1]:
+            now[0] = when
+            assert breakers.observe("e", Attempt(status=status)) is None, when
+        now[0] = steps[-1][0]
+        return breakers.observe("e", Attempt(status=steps[-1][1]))
+
+    assert run([(0, 401), (30, 401), (35, 401), (36, 429)]) is None
+    error = run([(0, 401), (30, 401), (35, 401), (36, 429), (38, 206), (40, 401), (41, 429)])
+    assert error is not None and "answered 401 3 times" in str(error)
+    assert run([(0, 401), (1, 206), (2, 401), (3, 206), (4, 401), (5, 429)]) is not None
+    assert run([(0, 403), (1, 403), (2, 403), (3, 429)]) is None  # dCache counts 401s only
+    assert run([(0, 401), (1, 401), (2, 401), (3, 206), (4, 429)]) is None  # it did not block
+    assert run([(0, 401), (1, 401), (2, 401), (23, 429)]) is None  # too long after
 
 
 async def test_duplicates_touched_once() -> None:

@@ -683,7 +683,7 @@ def test_a_client_dcache_blocked_for_its_denials_stops_with_exit_3_not_mass_fail
                            "--stage", "never", extra="[breaker]\ntoken_denials = 20\n")
     assert res.returncode == 3, res.stdout + res.stderr
     [line] = [ln for ln in res.stderr.splitlines() if ln.startswith("prestaged: error:")]
-    assert "denied 3 files in a row (HTTP 401" in line and "wrong audience" in line
+    assert "answered 401 3 times, each within 20 s" in line and "wrong audience" in line
     assert "now answers 429" in line
     stats = site.stats()
     assert stats["auth_refusals"] == {"door:401": 3} and stats["blocked"]["door"] >= 1

@@ -96,9 +96,11 @@ class AuthErrorLimiter:
     """dCache's blocking of clients with too many authorisation errors, for one service (door
     or frontend each have their own). Defaults are dCache's: ``webdav.limits.error.max-allowed``
     = 3, ``...error.block.window.time`` = 20 s (how long an error is remembered), and the block
-    lasts ``...rate.per-client.block.window.time`` = 10 s. ``clock`` gives seconds
-    (``time.monotonic`` by default). ``blocks`` counts clients blocked, ``refused`` the 429s
-    answered to blocked clients."""
+    lasts ``...rate.per-client.block.window.time`` = 10 s. As dCache's ``RateLimitedHandlerList``
+    (2026): only 401s count, the client is blocked at the ``max_errors``-th (``errors >=
+    max``), and the count is forgotten ``error_window`` after the last 401
+    (``expireAfterAccess``). ``clock`` gives seconds (``time.monotonic`` by default).
+    ``blocks`` counts clients blocked, ``refused`` the 429s answered to blocked clients."""
 
     max_errors: int = 3
     error_window: float = 20.0
