@@ -201,6 +201,51 @@ async def test_gfal2_expired_token_is_refused_then_blocked(
     assert check.refusals == {"token expired": 3}
 
 
+async def test_gfal2_is_refused_with_429_over_dcache_11_2_request_rate(
+        dcache: Factory, gfal2: Any) -> None:
+    """dCache 11.2's request rate per client (here 1 a second, the clock frozen): gfal2's first
+    status call passes, the next gets 429 (the emulator's answer is one the real client reads
+    as dCache's)."""
+    srv = await dcache(rate_overall=4.0, clock=lambda: 0.0)
+    srv.core.add_file("/pnfs/r/a", 10, Locality.DISK)
+    url = srv.door_url("/pnfs/r/a")
+    assert (await gfal2("status", url))["status"] == "ONLINE"
+    throttled = await gfal2("status", url)
+    assert "429" in throttled["error"], throttled
+    assert srv.core.stats.throttled["door"] >= 1 and not srv.core.stats.blocked
+
+
+async def test_request_rates_follow_guava_smooth_bursty_per_client_then_overall(
+        dcache: Factory, http: aiohttp.ClientSession) -> None:
+    """rate_overall 8/s, 25 % a client (2/s): a new client's first request passes and the next
+    at the same instant gets 429 (Retry-After 1-9 s, dCache's body); another client
+    (X-Forwarded-For) has its own share once the overall ticket is due; half a second on, one
+    more passes; idle time stores permits up to one second's worth; after the idle time the
+    client's limiter starts afresh (none stored)."""
+    now = [100.0]
+    srv = await dcache(rate_overall=8.0, clock=lambda: now[0])
+    srv.core.add_file("/pnfs/r/f", 10, Locality.DISK)
+
+    async def status(client: str = "10.0.0.1") -> int:
+        async with http.get(srv.door_url("/pnfs/r/f"), allow_redirects=False,
+                            headers={"X-Forwarded-For": client}) as r:
+            if r.status == 429:
+                assert 1 <= int(r.headers["Retry-After"]) <= 9
+                assert await r.text() == "Server is busy. Please try again later."
+            return r.status
+
+    assert [await status(), await status()] == [302, 429]
+    now[0] += 0.2  # the overall limiter's next ticket (1/8 s) is due
+    assert await status("10.0.0.2") == 302  # its own share
+    now[0] += 0.3
+    assert [await status(), await status()] == [302, 429]
+    now[0] += 3.0  # stores min(2, 6) permits
+    assert [await status() for _ in range(4)] == [302, 302, 302, 429]
+    now[0] += 11.0  # idle longer than 10 s: a new limiter, nothing stored
+    assert [await status(), await status()] == [302, 429]
+    assert srv.core.stats.throttled["door"] == 4
+
+
 # --- door and pool -----------------------------------------------------------------------------
 
 

@@ -151,6 +151,37 @@ def test_stage_never_reads_tape_files_through_the_door_as_before(
     assert "door:discovery" not in stats["requests"]
 
 
+def test_dcache_11_2_request_rates_slow_a_run_down_but_fail_no_file(
+    pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """dCache 11.2's default request rates on door and frontend (1000/s in all, 250/s a
+    client): 32 touches at once on loopback outrun 250/s, so the door answers some with 429.
+    Those files are tried again after the Retry-After, the door's concurrency is cut (AIMD),
+    and every file ends warm, the tape ones staged; nothing fails, nothing is GET from tape."""
+    from prestaged.testing.dcache import DCACHE_RATE
+
+    config = DCacheConfig(drives=2, rate_overall=DCACHE_RATE, client_idle_seconds=2)
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(), config) as srv:
+        paths = [f"/pnfs/q/d{i:03d}" for i in range(300)]
+        for p in paths:
+            srv.add_file(p, 10, Locality.DISK)
+        tape = [f"/pnfs/q/t{i}" for i in range(10)]
+        for p in tape:
+            srv.add_file(p, 10, Locality.TAPE)
+        urls = [srv.door_url(p) for p in paths + tape]
+        res = _warm(pki, proxy, tmp_path, _definition(tmp_path, urls), "--json", "--retries",
+                    "20")
+        doc = json.loads(res.stdout)
+        assert res.returncode == 0, res.stderr
+        assert doc["counts"]["warm"] == 310 and doc["counts"]["staged"] == 10
+        stats = srv.stats()
+        assert stats["throttled"].get("door", 0) > 0, stats["throttled"]
+        assert doc["retries"]["429"] == stats["throttled"]["door"]  # each one tried again
+        [door] = doc["endpoints"].values()
+        assert door["backoffs"] >= 1 and door["lowest"] < 32, door  # AIMD cut it
+        assert stats["door_tape_gets"] == 0
+
+
 def test_stage_always_fails_where_the_api_is_missing(
     storage: ThreadedStorageServer, pki: TestPKI, proxy: Path, tmp_path: Path
 ) -> None:

@@ -20,12 +20,22 @@ than ``error_window`` seconds after the previous one starts the count again) the
 blocked for ``block_seconds``: every request gets 429 ``Server is busy. Please try again
 later.`` with ``Retry-After`` (whole seconds left), before any other check. 403 does not count
 (dCache 11.1+). Times come from an injectable clock, so tests need not sleep.
+
+With ``rate_overall`` set it also keeps dCache's request rates (``throttled``): each client
+address may make ``client_percent`` % of ``rate_overall`` requests a second, and all clients
+together ``rate_overall`` (``webdav.limits.rate.overall`` = 1000, ``...per-client.fractions`` =
+25), each through Guava's ``RateLimiter.create`` (``SmoothBursty``: no stored permits at first,
+unused ones stored up to one second's worth, a request admitted when its ticket is due). A
+client's limiter is dropped after ``idle_seconds`` without requests (``blocked-clients.idle-
+time`` = 10 s). A refused request gets 429 ``Server is busy...`` with a ``Retry-After`` drawn
+from 1 to ``idle_seconds`` - 1, as dCache draws it.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -34,7 +44,7 @@ from aiohttp import web
 
 from prestaged.testing.tokens import INSUFFICIENT_SCOPE, NO_TOKEN, Verdict
 
-__all__ = ["AuthErrorLimiter", "RefusalStyle", "client_address", "refusal"]
+__all__ = ["AuthErrorLimiter", "RefusalStyle", "SmoothBursty", "client_address", "refusal"]
 
 BUSY = "Server is busy. Please try again later."
 
@@ -84,6 +94,31 @@ def client_address(request: web.BaseRequest) -> str:
     return request.remote or ""
 
 
+class SmoothBursty:
+    """Guava's ``RateLimiter.create(rate)`` as dCache uses it (``tryAcquire()``, one permit):
+    admitted when the next ticket is due; a permit not stored costs ``1 / rate`` seconds of the
+    next ticket; idle time stores permits, up to ``rate`` (one second's worth); none at first."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        if rate <= 0:
+            raise ValueError(f"rate must be > 0, got {rate}")
+        self.interval = 1.0 / rate
+        self.max_permits = rate
+        self.stored = 0.0
+        self.next_free = now
+
+    def try_acquire(self, now: float) -> bool:
+        """Take a permit at ``now`` (seconds) if one is due."""
+        if self.next_free > now:
+            return False
+        self.stored = min(self.max_permits, self.stored + (now - self.next_free) / self.interval)
+        self.next_free = now
+        spent = min(1.0, self.stored)
+        self.stored -= spent
+        self.next_free += (1.0 - spent) * self.interval
+        return True
+
+
 @dataclass
 class _Client:
     errors: int = 0
@@ -106,14 +141,43 @@ class AuthErrorLimiter:
     error_window: float = 20.0
     block_seconds: float = 10.0
     clock: Callable[[], float] = time.monotonic
+    rate_overall: Optional[float] = None
+    client_percent: float = 25.0
+    idle_seconds: float = 10.0
+    rng: random.Random = field(default_factory=random.Random, repr=False)
     blocks: int = 0
     refused: int = 0
     _clients: dict[str, _Client] = field(default_factory=dict, repr=False)
+    _rates: dict[str, tuple[SmoothBursty, float]] = field(default_factory=dict, repr=False)
+    _overall: Optional[SmoothBursty] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_errors < 1 or self.error_window <= 0 or self.block_seconds <= 0:
             raise ValueError("AuthErrorLimiter needs max_errors >= 1 and positive windows, got "
                              f"{self.max_errors}, {self.error_window}, {self.block_seconds}")
+        if self.rate_overall is not None:
+            if not (self.rate_overall > 0 and 0 < self.client_percent <= 100
+                    and self.idle_seconds >= 2):
+                raise ValueError("rates need rate_overall > 0, client_percent in (0, 100] and "
+                                 "idle_seconds >= 2")
+            self._overall = SmoothBursty(self.rate_overall, self.clock())
+
+    def throttled(self, client: str) -> Optional[web.Response]:
+        """The 429 answer when ``client``, or all clients, are over their request rate now (the
+        client's limit is checked first, as dCache does), else None."""
+        if self._overall is None or self.rate_overall is None:
+            return None
+        now = self.clock()
+        kept = self._rates.get(client)
+        if kept is None or now - kept[1] > self.idle_seconds:  # expireAfterAccess
+            limiter = SmoothBursty(self.rate_overall * self.client_percent / 100.0, now)
+        else:
+            limiter = kept[0]
+        self._rates[client] = (limiter, now)
+        if limiter.try_acquire(now) and self._overall.try_acquire(now):
+            return None
+        wait = self.rng.randrange(1, int(self.idle_seconds))
+        return web.Response(status=429, text=BUSY, headers={"Retry-After": str(wait)})
 
     def blocked(self, client: str) -> Optional[web.Response]:
         """The 429 answer when ``client`` is blocked now, else None."""
@@ -137,3 +201,4 @@ class AuthErrorLimiter:
         if state.errors >= self.max_errors:
             state.errors, state.blocked_until = 0, now + self.block_seconds
             self.blocks += 1
+            self._rates.pop(client, None)  # dCache invalidates its rate limiter too

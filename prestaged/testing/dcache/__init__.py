@@ -9,9 +9,15 @@ tokens as dCache does (``prestaged.testing.dcache.auth``). Not for production: e
 memory.
 """
 
-from prestaged.testing.dcache.model import DCacheConfig, DCacheStats, Locality, Replica
+from prestaged.testing.dcache.model import (
+    DCACHE_RATE,
+    DCacheConfig,
+    DCacheStats,
+    Locality,
+    Replica,
+)
 from prestaged.testing.dcache.server import DOOR_TIMEOUT_MESSAGE, DCacheServer
 from prestaged.testing.dcache.threaded import ThreadedDCache
 
-__all__ = ["DOOR_TIMEOUT_MESSAGE", "DCacheConfig", "DCacheServer", "DCacheStats", "Locality",
-           "Replica", "ThreadedDCache"]
+__all__ = ["DCACHE_RATE", "DOOR_TIMEOUT_MESSAGE", "DCacheConfig", "DCacheServer", "DCacheStats",
+           "Locality", "Replica", "ThreadedDCache"]

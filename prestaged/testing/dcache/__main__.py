@@ -26,7 +26,13 @@ from typing import Any, Optional
 from prestaged.testing.dcache.auth import load_bearer
 from prestaged.testing.dcache.core import DCacheCore
 from prestaged.testing.dcache.dataset import FileSpec, load_manifest, synthetic
-from prestaged.testing.dcache.model import MAX_REQUESTS, MAX_TARGETS, DCacheConfig, Locality
+from prestaged.testing.dcache.model import (
+    DCACHE_RATE,
+    MAX_REQUESTS,
+    MAX_TARGETS,
+    DCacheConfig,
+    Locality,
+)
 from prestaged.testing.dcache.server import DCacheServer
 from prestaged.testing.pki import load_or_create_pki
 from prestaged.testing.tokens import BearerCheck
@@ -58,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"paths per stage request before 413 (default {MAX_TARGETS})")
     m.add_argument("--max-requests", type=int, default=MAX_REQUESTS,
                    help=f"unfinished stage requests per user before 429 (default {MAX_REQUESTS})")
+    m.add_argument("--rate-overall", type=float, default=None,
+                   help="requests a second to door, and to frontend, from all clients, a quarter "
+                        f"of it per client (dCache 11.2+: {DCACHE_RATE:g}; default: no limit)")
     d = p.add_argument_group("dataset (synthetic unless --manifest)")
     d.add_argument("--files", type=int, default=0, help="synthetic files (default 0)")
     d.add_argument("--tape-fraction", type=float, default=0.7,
@@ -134,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         files = _dataset(args)
         config = DCacheConfig(drives=args.drives, mount_seconds=args.mount_seconds,
                               file_seconds=args.file_seconds, door_timeout=args.door_timeout,
-                              max_targets=args.max_targets, max_requests=args.max_requests)
+                              max_targets=args.max_targets, max_requests=args.max_requests,
+                              rate_overall=args.rate_overall)
         bearer = load_bearer(args.bearer_config) if args.bearer_config else None
     except (OSError, ValueError) as e:
         parser.error(str(e))

@@ -119,6 +119,10 @@ async def limited(limiter: AuthErrorLimiter, stats: DCacheStats, site: str, requ
     if busy is not None:
         stats.blocked[site] += 1
         return busy
+    busy = limiter.throttled(client)
+    if busy is not None:
+        stats.throttled[site] += 1
+        return busy
     response = await handler(request)
     limiter.answered(client, response.status)
     return response

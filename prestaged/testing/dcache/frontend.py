@@ -140,7 +140,10 @@ class TapeFrontend:
         self.auth = auth or DCacheAuth(None, core.stats)
         cfg = core.config
         self.limiter = limiter or AuthErrorLimiter(cfg.auth_max_errors, cfg.auth_error_window,
-                                                   cfg.auth_block_seconds)
+                                                   cfg.auth_block_seconds,
+                                                   rate_overall=cfg.rate_overall,
+                                                   client_percent=cfg.rate_client_percent,
+                                                   idle_seconds=cfg.client_idle_seconds)
         self.requests: dict[str, StageRequest] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._logins: dict[int, Login] = {}  # id(request) -> its login, while it is handled

@@ -13,10 +13,13 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-__all__ = ["DCacheConfig", "DCacheStats", "Disk", "Locality", "Replica", "TapeLibrary"]
+__all__ = ["DCACHE_RATE", "DCacheConfig", "DCacheStats", "Disk", "Locality", "Replica",
+           "TapeLibrary"]
 
 #: dCache's defaults, which the emulator may lower for a test but never raise: a client that
-#: only works against wider limits must fail here as it would on a real dCache.
+#: only works against wider limits must fail here as it would on a real dCache. (The request
+#: rates of dCache 11.2+, ``DCACHE_RATE``, are a site setting many tests leave out, as a site
+#: that raised them would: ``DCacheConfig.rate_overall``.)
 MAX_TARGETS = 500  # bulk.limits.max.targets-per-flat-request
 MAX_REQUESTS = 5000  # max-requests-per-user (unfinished)
 ARCHIVEINFO_LIMIT = 10_000  # paths answered per archiveinfo request
@@ -67,6 +70,16 @@ class DCacheConfig:
     """``webdav.limits.error.block.window.time``: seconds a 401 is remembered."""
     auth_block_seconds: float = 10.0
     """``webdav.limits.rate.per-client.block.window.time``: seconds a blocked client gets 429."""
+    rate_overall: Optional[float] = None
+    """``webdav.limits.rate.overall``: requests a second to door, and to frontend, from all
+    clients together; dCache 11.2+ has 1000 (``DCACHE_RATE``). None (the default here): no
+    request-rate limit, as before 11.2 or where a site raised it out of reach. Tests that
+    assert exact request counts keep None; ``test_tape_warm`` runs prestaged against 1000."""
+    rate_client_percent: float = 25.0
+    """``webdav.limits.rate.per-client.fractions``: one client's share of ``rate_overall``."""
+    client_idle_seconds: float = 10.0
+    """``webdav.limits.blocked-clients.idle-time``: a client's rate limiter is dropped after so
+    long without requests; a rate 429's ``Retry-After`` is drawn from 1 to this - 1."""
 
     def __post_init__(self) -> None:
         if self.drives < 1:
@@ -85,6 +98,15 @@ class DCacheConfig:
             raise ValueError(f"max_requests must be 1-{MAX_REQUESTS} (dCache's limit)")
         if self.auth_max_errors < 1 or self.auth_error_window <= 0 or self.auth_block_seconds <= 0:
             raise ValueError("auth_max_errors must be >= 1 and the auth windows > 0")
+        if self.rate_overall is not None and not (
+                self.rate_overall > 0 and 0 < self.rate_client_percent <= 100
+                and self.client_idle_seconds >= 2):
+            raise ValueError("rate_overall must be > 0 (or None), rate_client_percent in "
+                             "(0, 100] and client_idle_seconds >= 2")
+
+
+DCACHE_RATE = 1000.0
+"""dCache 11.2's ``webdav.limits.rate.overall`` and ``frontend.limits.rate.overall``."""
 
 
 @dataclass
@@ -148,6 +170,7 @@ class DCacheStats:
     token_requests: Counter[str] = field(default_factory=Counter)
     auth_refusals: Counter[str] = field(default_factory=Counter)
     blocked: Counter[str] = field(default_factory=Counter)
+    throttled: Counter[str] = field(default_factory=Counter)
     pool_authorization: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +181,7 @@ class DCacheStats:
                 "movers_started": self.movers_started, "open_movers": self.open_movers,
                 "token_requests": dict(self.token_requests),
                 "auth_refusals": dict(self.auth_refusals), "blocked": dict(self.blocked),
+                "throttled": dict(self.throttled),
                 "pool_authorization": self.pool_authorization}
 
 

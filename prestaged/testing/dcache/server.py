@@ -135,7 +135,9 @@ class DCacheServer:
         self.auth = DCacheAuth(bearer, self.core.stats)
         cfg = self.core.config
         self.limiters = {site: AuthErrorLimiter(cfg.auth_max_errors, cfg.auth_error_window,
-                                                cfg.auth_block_seconds, clock)
+                                                cfg.auth_block_seconds, clock,
+                                                cfg.rate_overall, cfg.rate_client_percent,
+                                                cfg.client_idle_seconds)
                          for site in ("door", "frontend")}
         """dCache 11.2's blocking of clients with repeated 401s, per service."""
         self.frontend = TapeFrontend(self.core, self.auth, self.limiters["frontend"])
