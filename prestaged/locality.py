@@ -227,9 +227,11 @@ class TapeAccess:
             self._allow_configured(self._client)
 
     def _allow_configured(self, client: TapeClient) -> None:
-        for api in self._settings.tape_api:
-            # Named in the config, not by a storage: a bearer token may go there (release too).
-            client.allow(api.uri)
+        # Named in the config, not by a storage: a bearer token may go there (release too),
+        # for as long as the config names them.
+        client.configured = frozenset(
+            host for host in (urlsplit(api.uri).hostname for api in self._settings.tape_api)
+            if host is not None)
 
     @property
     def client(self) -> TapeClient:

@@ -139,7 +139,7 @@ async def test_a_door_named_in_tape_api_is_never_asked_and_a_reload_applies() ->
     """[[storage.tape_api]]: its door's endpoint is the entry's uri, whatever the spelling of
     the door (case, default port), and discovery is never sent there; other doors are asked.
     Settings set anew on the access (the daemon's reload) change the entries and the TTL, and
-    a bearer token may go to the new entry's host."""
+    a bearer token may go to the new entry's host, and no longer once the entry is gone."""
     from prestaged.config import TapeApi
     from prestaged.testing.tokens import TokenIssuer
     from prestaged.tokens import FoundToken, TokenSource
@@ -170,6 +170,8 @@ async def test_a_door_named_in_tape_api_is_never_asked_and_a_reload_applies() ->
         assert await access.directory.lookup(client, "https://d.example.org:2880") == other.uri
         assert await access.directory.lookup(client, "https://fndca.example.org:443") is None
         assert access.client._authorization(other.uri) == "Bearer " + minted
+        access.settings = QUICK  # the entry is gone: so is the token's way there
+        assert access.client._authorization(other.uri) is None
 
 
 def test_namespace_paths_from_urls() -> None:

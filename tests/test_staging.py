@@ -366,3 +366,94 @@ async def test_a_request_of_a_running_stager_handed_to_adopt_is_followed_not_ask
     assert sorted(s.path for s in got_b) == names[:2] and all(s.on_disk for s in got_b)
     assert len(got_a) == 4 and all(s.on_disk for s in got_a)
     assert client.posted == [names] and srv.core.stats.requests["frontend:stage"] == 1
+
+
+class _Shared:
+    """A scripted Tape REST endpoint for several stagers: each stage POST makes request r1,
+    r2, ...; ``states`` says what a poll shows of a request's paths (by request id, else
+    ``default``); POSTs and cancels are recorded, and ``posted`` is set at the first POST."""
+
+    def __init__(self, states: dict[str, StageState],
+                 default: StageState = StageState.STARTED) -> None:
+        import asyncio
+
+        self.states = states
+        self.default = default
+        self.posted = asyncio.Event()
+        self.staged: list[list[str]] = []
+        self.cancelled: list[str] = []
+        self.paths: dict[str, list[str]] = {}
+
+    async def stage(self, uri: str, paths: list[str], lifetime: float) -> list[Any]:
+        from prestaged.storage.tape import StageRequest
+
+        self.staged.append(list(paths))
+        rid = f"r{len(self.staged)}"
+        self.paths[rid] = list(paths)
+        self.posted.set()
+        return [StageRequest(rid, tuple(paths))]
+
+    async def poll(self, uri: str, request_id: str) -> StageStatus:
+        from prestaged.storage.tape import FileStage
+
+        state = self.states.get(request_id, self.default)
+        return StageStatus(request_id, {p: FileStage(p, state, "bad tape")
+                                        for p in self.paths[request_id]})
+
+    async def cancel(self, uri: str, request_id: str, paths: list[str]) -> None:
+        self.cancelled.append(request_id)
+
+
+async def test_one_retry_for_a_file_two_runs_saw_fail_and_no_post_for_a_followed_one() -> None:
+    """A's request r1 for /p fails; B followed r1 at once, though A held the only slot. A and
+    B both see FAILED, in whichever order: one of them asks again (r2), the other follows r2;
+    both see /p land from r2. Two POSTs in all."""
+    import asyncio
+
+    from prestaged.storage.staging import RequestSlots
+
+    client = _Shared({"r1": StageState.FAILED}, default=StageState.COMPLETED)
+    slots = RequestSlots(1)
+    settings = StagingSettings(batch=10, max_requests=1, poll_min=0.01, poll_max=0.02,
+                               timeout=30)
+    a = Stager(client, "https://t", settings, slots=slots)  # type: ignore[arg-type]
+    b = Stager(client, "https://t", settings, slots=slots)  # type: ignore[arg-type]
+    a.add(["/p"])
+    a.close()
+    run_a = asyncio.ensure_future(_drain(a))
+    await asyncio.wait_for(client.posted.wait(), 10)
+    b.add(["/p"])
+    b.close()
+    got_a, got_b = await asyncio.wait_for(asyncio.gather(run_a, _drain(b)), 10)
+    assert client.staged == [["/p"], ["/p"]]
+    assert got_a == got_b == {"/p": (True, "r2")}
+    assert slots.used["https://t"] == 0 and not slots.claims
+
+
+async def _drain(stager: Stager) -> dict[str, tuple[bool, Any]]:
+    return {s.path: (s.on_disk, s.request_id) async for s in stager.landed()}
+
+
+async def test_a_followers_timeout_leaves_the_owners_request_alone() -> None:
+    """B follows A's request with a shorter stage_timeout (a reloaded config): B reports its
+    file timed out, but only A, the request's owner, cancels the request on the server."""
+    import asyncio
+
+    from prestaged.storage.staging import RequestSlots
+
+    client = _Shared({})
+    slots = RequestSlots(2)
+    short = StagingSettings(batch=10, max_requests=2, poll_min=0.01, poll_max=0.02, timeout=0.05)
+    long = StagingSettings(batch=10, max_requests=2, poll_min=0.01, poll_max=0.02, timeout=0.3)
+    a = Stager(client, "https://t", long, slots=slots)  # type: ignore[arg-type]
+    b = Stager(client, "https://t", short, slots=slots)  # type: ignore[arg-type]
+    a.add(["/s"])
+    a.close()
+    run_a = asyncio.ensure_future(_drain(a))
+    await asyncio.wait_for(client.posted.wait(), 10)
+    b.add(["/s"])
+    b.close()
+    got_b = await asyncio.wait_for(_drain(b), 10)
+    assert got_b == {"/s": (False, "r1")} and client.cancelled == []
+    got_a = await asyncio.wait_for(run_a, 10)
+    assert got_a == {"/s": (False, "r1")} and client.cancelled == ["r1"]

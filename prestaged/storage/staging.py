@@ -25,11 +25,13 @@ ended. The policy (issue 13):
 
 Stagers of one endpoint sharing a ``RequestSlots`` (the daemon's concurrent runs, whose
 definitions may share files) never ask twice for one file: a path another stager has asked
-for is followed in that stager's request (polled here too, as if this stager had made it:
-FAILED gets the usual one more try, which joins the other's retry when it made one), and a
-path whose request another stager is making right now waits for that request's id. A request
-of a stager still running that ``adopt`` is handed (the state already recorded it) is
-followed the same way, not as an earlier run's.
+for (its claim lasts while that stager runs) is followed in that stager's request at once,
+needing no slot (polled here too, as if this stager had made it: FAILED gets the usual one
+more try, made by whichever stager sees it first and followed by the other), and a path whose
+request another stager is making right now waits for that request's id. A followed request
+that times out here is cancelled by its owner, not by the follower. A request of a stager
+still running that ``adopt`` is handed (the state already recorded it) is followed the same
+way, not as an earlier run's.
 """
 
 from __future__ import annotations
@@ -167,11 +169,11 @@ class Stager:
         self._slots.waiters.add(self._wake)
 
     def add(self, paths: Iterable[str]) -> None:
-        """Stage ``paths`` too (a path already added is ignored)."""
-        for path in paths:
-            if path not in self._added:
-                self._added.add(path)
-                self._todo.append(path)
+        """Stage ``paths`` too (a path already added is ignored); those another stager has
+        asked for are followed (or held) at once, needing no slot."""
+        new = [p for p in dict.fromkeys(paths) if p not in self._added]
+        self._added.update(new)
+        self._todo.extend(self._mine(new))
         self._wake.set()
 
     def adopt(self, request_id: str, paths: Iterable[str], age: float = 0.0) -> None:
@@ -183,13 +185,22 @@ class Stager:
         if not new or self._ended:
             return
         self._added.update(new)
-        owner = self._slots.owners.get((self.uri, request_id))
-        if owner is not None and owner is not self:  # a running stager's: followed as live
-            claims = [self._slots.claims.get((self.uri, p)) for p in new]
-            made = min((c.made for c in claims if c is not None), default=self._clock() - age)
-            self._follow(request_id, new, made)
-            self._wake.set()
+        # Paths another running stager has asked for are not an earlier run's: those claimed
+        # in this very request are followed there as live, the others (retried elsewhere
+        # since, or being asked for now) are sorted like new paths.
+        earlier: list[str] = []
+        for path in new:
+            claim = self._slots.claims.get((self.uri, path))
+            if claim is None:
+                earlier.append(path)
+            elif claim.request == request_id:
+                self._follow(request_id, [path], claim.made)
+            else:
+                self._todo.extend(self._mine([path]))
+        self._wake.set()
+        if not earlier:
             return
+        new = earlier
         now = self._clock()
         made = now - max(0.0, age)
         for path in new:
@@ -254,6 +265,14 @@ class Stager:
     def _claim(self, path: str, request: Optional[str], made: float = 0.0) -> None:
         """Record that this stager asks for ``path`` in ``request`` (None: being made)."""
         self._slots.claims[(self.uri, path)] = _Claim(self, request, made)
+
+    def _claim_again(self, path: str, ended: str) -> None:
+        """``path`` is to be asked for anew after request ``ended`` failed or was lost: this
+        stager makes that request unless another stager already makes (or made) one, whose
+        request ``_mine`` then follows."""
+        claim = self._slots.claims.get((self.uri, path))
+        if claim is None or claim.owner is self or claim.request == ended:
+            self._claim(path, None)
 
     def _unclaim(self, path: str) -> None:
         """``path`` ended here: others may ask for it."""
@@ -385,28 +404,26 @@ class Stager:
                 # Not in it (a path_map changed?), or on disk before the locality said TAPE:
                 # ask anew rather than wait for nothing or touch an evicted file.
                 request.paths.discard(path)
-                self._todo.append(path)
+                self._todo.extend(self._mine([path]))
                 continue
             if f is None or not f.done:
                 continue  # still on its way, or left out of this answer
             request.paths.discard(path)
             if f.state is StageState.COMPLETED:
-                self._unclaim(path)
                 out.append(Staged(path, True, "", request.id, now - self._first[path]))
             elif request.adopted:  # an earlier run's request: ask for the file now, as new
                 if f.state is StageState.FAILED:
                     self._restaged.add(path)  # that was its first try: this is the one more
-                    self._claim(path, None)
-                self._todo.append(path)
+                    self._claim_again(path, request.id)
+                self._todo.extend(self._mine([path]))  # or follow another's request for it
                 log.info("the earlier stage request %s of %s ended %s; asking anew", request.id,
                          path, f.state.value)
             elif f.state is StageState.FAILED and path not in self._restaged:
                 self._restaged.add(path)  # one more try in a new request
-                self._claim(path, None)  # one stager makes it; the others follow
-                self._todo.append(path)
+                self._claim_again(path, request.id)  # one stager makes it; others follow
+                self._todo.extend(self._mine([path]))  # or follow another's request for it
                 log.info("stage of %s failed (%s); asking once more", path, f.error)
             else:
-                self._unclaim(path)
                 why = f.error or ("cancelled" if f.state is StageState.CANCELLED else "failed")
                 out.append(Staged(path, False, f"stage failed: {why}", request.id,
                                   now - self._first[path]))
@@ -418,15 +435,15 @@ class Stager:
         out = []
         for path in sorted(request.paths):
             if request.adopted:
-                self._todo.append(path)  # an earlier run's request: this is the first ask
+                # an earlier run's request: this is the first ask
+                self._todo.extend(self._mine([path]))
             elif path in self._restaged:
-                self._unclaim(path)
                 out.append(Staged(path, False, "stage failed: the stage request was lost "
                                   "twice", request.id, self._clock() - self._first[path]))
             else:
                 self._restaged.add(path)
-                self._claim(path, None)
-                self._todo.append(path)
+                self._claim_again(path, request.id)
+                self._todo.extend(self._mine([path]))  # or follow another's request for it
         log.info("stage request %s is gone (404); %d paths asked again", request.id,
                  len(request.paths))
         return out
@@ -434,9 +451,11 @@ class Stager:
     async def _timed_out(self, request: _Open, now: float) -> list[Staged]:
         """Cancel what ``request`` did not bring to disk within ``timeout``; report it."""
         paths = sorted(request.paths)
+        owned_elsewhere = not request.slot and (self.uri, request.id) in self._slots.owners
         self._forget(request)
         for path in paths:
             self._unclaim(path)
-        await self.client.cancel(self.uri, request.id, paths)
+        if not owned_elsewhere:  # another run's request: its own timeout cancels it
+            await self.client.cancel(self.uri, request.id, paths)
         return [Staged(p, False, f"stage timed out after {self.s.timeout:g}s", request.id,
                        now - self._first[p]) for p in paths]

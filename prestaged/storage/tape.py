@@ -201,6 +201,9 @@ class TapeClient:
         """Awaited before every request (the daemon: until its credentials are valid)."""
         self._hosts: set[str] = set()
         """Hosts the token may go to: those of the doors (see the module)."""
+        self.configured: frozenset[str] = frozenset()
+        """Hosts the token may go to as well: those of ``[[storage.tape_api]]`` entries (set
+        anew when the config is)."""
         self._warned: set[str] = set()
 
     def use_token(self, token: Optional[TokenSource]) -> None:
@@ -217,12 +220,15 @@ class TapeClient:
     def _authorization(self, url: str) -> Optional[str]:
         """The ``Authorization`` value for a request to ``url`` starting now, if it gets one;
         ``CredentialError`` when the token cannot be used now."""
-        if self._token is None or _host(url) not in self._hosts:
+        if self._token is None or not self._trusted(_host(url)):
             return None
         return self._token.authorization()
 
+    def _trusted(self, host: Optional[str]) -> bool:
+        return host is not None and (host in self._hosts or host in self.configured)
+
     def _check_frontend(self, door: str, uri: str) -> None:
-        if self._token is not None and _host(uri) not in self._hosts and uri not in self._warned:
+        if self._token is not None and not self._trusted(_host(uri)) and uri not in self._warned:
             self._warned.add(uri)
             log.warning("%s: its Tape REST API %s is on another host: the bearer token is not "
                         "sent there (only to the storage's doors' hosts)", door, uri)

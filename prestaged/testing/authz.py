@@ -169,7 +169,7 @@ class AuthErrorLimiter:
             return None
         now = self.clock()
         kept = self._rates.get(client)
-        if kept is None or now - kept[1] > self.idle_seconds:  # expireAfterAccess
+        if kept is None or now - kept[1] >= self.idle_seconds:  # expireAfterAccess
             limiter = SmoothBursty(self.rate_overall * self.client_percent / 100.0, now)
         else:
             limiter = kept[0]
