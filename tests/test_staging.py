@@ -416,14 +416,7 @@ async def test_one_retry_for_a_file_two_runs_saw_fail_and_no_post_for_a_followed
     slots = RequestSlots(1)
     settings = StagingSettings(batch=10, max_requests=1, poll_min=0.01, poll_max=0.02,
                                timeout=30)
-    a = Stager(client, "https://t", settings, slots=slots)  # type: ignore[arg-type]
-    b = Stager(client, "https://t", settings, slots=slots)  # type: ignore[arg-type]
-    a.add(["/p"])
-    a.close()
-    run_a = asyncio.ensure_future(_drain(a))
-    await asyncio.wait_for(client.posted.wait(), 10)
-    b.add(["/p"])
-    b.close()
+    run_a, b = await _owner_then_follower(client, slots, settings, settings, "/p")
     got_a, got_b = await asyncio.wait_for(asyncio.gather(run_a, _drain(b)), 10)
     assert client.staged == [["/p"], ["/p"]]
     assert got_a == got_b == {"/p": (True, "r2")}
@@ -432,6 +425,23 @@ async def test_one_retry_for_a_file_two_runs_saw_fail_and_no_post_for_a_followed
 
 async def _drain(stager: Stager) -> dict[str, tuple[bool, Any]]:
     return {s.path: (s.on_disk, s.request_id) async for s in stager.landed()}
+
+
+async def _owner_then_follower(client: _Shared, slots: Any, first: StagingSettings,
+                               second: StagingSettings, path: str) -> tuple[Any, Stager]:
+    """Stager A (``first``) stages ``path``; once its POST is out, stager B (``second``) is
+    given it too. A's run as a task, and B (closed, not yet drained)."""
+    import asyncio
+
+    a = Stager(client, "https://t", first, slots=slots)  # type: ignore[arg-type]
+    b = Stager(client, "https://t", second, slots=slots)  # type: ignore[arg-type]
+    a.add([path])
+    a.close()
+    run_a = asyncio.ensure_future(_drain(a))
+    await asyncio.wait_for(client.posted.wait(), 10)
+    b.add([path])
+    b.close()
+    return run_a, b
 
 
 async def test_a_followers_timeout_leaves_the_owners_request_alone() -> None:
@@ -445,14 +455,7 @@ async def test_a_followers_timeout_leaves_the_owners_request_alone() -> None:
     slots = RequestSlots(2)
     short = StagingSettings(batch=10, max_requests=2, poll_min=0.01, poll_max=0.02, timeout=0.05)
     long = StagingSettings(batch=10, max_requests=2, poll_min=0.01, poll_max=0.02, timeout=0.3)
-    a = Stager(client, "https://t", long, slots=slots)  # type: ignore[arg-type]
-    b = Stager(client, "https://t", short, slots=slots)  # type: ignore[arg-type]
-    a.add(["/s"])
-    a.close()
-    run_a = asyncio.ensure_future(_drain(a))
-    await asyncio.wait_for(client.posted.wait(), 10)
-    b.add(["/s"])
-    b.close()
+    run_a, b = await _owner_then_follower(client, slots, long, short, "/s")
     got_b = await asyncio.wait_for(_drain(b), 10)
     assert got_b == {"/s": (False, "r1")} and client.cancelled == []
     got_a = await asyncio.wait_for(run_a, 10)
