@@ -19,33 +19,20 @@ requests before the first answer came back (dCache blocks a client at its 3rd 40
 each within 20 s of the one before). Any other outcome opens the gate for good; it costs one round
 trip per endpoint and run.
 
-Below one in flight: an endpoint that still answers 429 or 503 at a limit of 1 limits the
-request *rate* (dCache 11.2+ allows 250 requests a second per client, and a door on the same
-LAN answers in a millisecond or two, so even one request at a time outruns it). Each such
-answer then spaces the starts of attempts there: twice the recent gap between starts at the
-first, twice the spacing at each later one (once per window, as cuts are). Every
-``RATE_GROW_EVERY`` successes take a tenth off the spacing, but never beyond nine tenths of the
-rate at which the endpoint last pushed back (so a steady limit is met just below it, instead of
-probed over and over: each 429 costs its file a Retry-After, 1-9 s at dCache); below
-``MIN_SPACING`` the spacing is dropped and the limit grows again as above.
-
 A request without an HTTP answer (timeout, reset, TLS failure) says nothing about load and
-neither cuts nor grows. Pure asyncio: windows are counted in cuts, not seconds; only the
-spacing reads the loop's clock.
+neither cuts nor grows. Pure asyncio; no clock: windows are counted in cuts, not seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Callable, Optional
 
-__all__ = ["BACK_PRESSURE", "MIN_SPACING", "RATE_GROW_EVERY", "REFUSALS", "Pace", "Pacer",
-           "Slot"]
+__all__ = ["BACK_PRESSURE", "REFUSALS", "Pace", "Pacer", "Slot"]
 
 log = logging.getLogger(__name__)
 
@@ -53,30 +40,22 @@ BACK_PRESSURE = frozenset({429, 503})
 """HTTP statuses that mean "fewer requests at once, please"."""
 REFUSALS = frozenset({401, 403})
 """HTTP statuses that keep an endpoint's first-contact gate shut."""
-MIN_SPACING = 0.0005
-"""Seconds between starts below which an endpoint is no longer spaced (2,000 a second)."""
-RATE_GROW_EVERY = 16
-"""Successes, while spaced, per tenth taken off the spacing."""
 
 
 @dataclass(frozen=True)
 class Pace:
     """An endpoint's pacing: ``limit`` (attempts in flight allowed now), ``lowest`` (the lowest
-    limit it was cut to) and ``cuts`` (times it was cut); ``rate`` (attempts a second it is
-    spaced to now, None: not spaced) and ``lowest_rate`` (the lowest it was spaced to)."""
+    limit it was cut to) and ``cuts`` (times it was halved)."""
 
     limit: int
     lowest: int
     cuts: int
-    rate: Optional[float] = None
-    lowest_rate: Optional[float] = None
 
 
 class _Endpoint:
     """The live state of one endpoint (only ever touched from the event loop's thread)."""
 
-    __slots__ = ("ceiling", "cuts", "gap", "gated", "in_flight", "last_start", "limit",
-                 "lowest", "lowest_rate", "next_start", "spacing", "successes", "waiters")
+    __slots__ = ("cuts", "gated", "in_flight", "limit", "lowest", "successes", "waiters")
 
     def __init__(self, limit: int, gated: bool) -> None:
         self.gated = gated
@@ -89,21 +68,6 @@ class _Endpoint:
         self.successes = 0
         """Successes counted toward the next increase."""
         self.waiters: deque[asyncio.Future[None]] = deque()
-        self.spacing = 0.0
-        """Seconds between attempt starts (0: not spaced)."""
-        self.next_start = 0.0
-        self.last_start: Optional[float] = None
-        self.gap = 0.0
-        """Recent seconds between starts (a moving average)."""
-        self.lowest_rate: Optional[float] = None
-        self.ceiling = math.inf
-        """Starts a second the spacing never grows beyond: nine tenths of the rate at which
-        the endpoint last pushed back."""
-
-    def pace(self) -> Pace:
-        """What is reported of it."""
-        rate = 1.0 / self.spacing if self.spacing else None
-        return Pace(self.limit, self.lowest, self.cuts, rate, self.lowest_rate)
 
 
 class Pacer:
@@ -147,7 +111,7 @@ class Pacer:
         ep = self._endpoints.get(endpoint)
         if ep is None:
             return Pace(self.maximum, self.maximum, 0)
-        return ep.pace()
+        return Pace(ep.limit, ep.lowest, ep.cuts)
 
     def in_flight(self, endpoint: str) -> int:
         """Slots of ``endpoint`` taken now (those granted to waiters about to resume included)."""
@@ -176,21 +140,6 @@ class Pacer:
             raise
         return True
 
-    @staticmethod
-    async def _start(ep: _Endpoint) -> None:
-        """Wait for ``ep``'s next start time when it is spaced; note the gap between starts."""
-        now = asyncio.get_running_loop().time()
-        if ep.spacing:
-            start = max(now, ep.next_start)
-            ep.next_start = start + ep.spacing
-            if start > now:
-                await asyncio.sleep(start - now)
-                now = start
-        if ep.last_start is not None:
-            gap = now - ep.last_start
-            ep.gap = gap if not ep.gap else 0.8 * ep.gap + 0.2 * gap
-        ep.last_start = now
-
     def _release(self, ep: _Endpoint) -> None:
         ep.in_flight -= 1
         self._grant(ep)
@@ -213,23 +162,13 @@ class Pacer:
         self._grant(ep)
 
     def _cut(self, endpoint: str, ep: _Endpoint, window: int, status: int) -> None:
-        if window != ep.cuts:
-            return  # sent before the last cut: the same burst
-        ep.cuts += 1
-        ep.successes = 0
-        if ep.limit == 1:  # one at a time is too fast already: space the starts
-            pushed_at = 1.0 / (ep.spacing or ep.gap) if (ep.spacing or ep.gap) else math.inf
-            ep.ceiling = min(ep.ceiling, 0.9 * pushed_at)
-            ep.spacing = max(2 * (ep.spacing or ep.gap), 2 * MIN_SPACING)
-            rate = 1.0 / ep.spacing
-            ep.lowest_rate = rate if ep.lowest_rate is None else min(ep.lowest_rate, rate)
-            self.paced[endpoint] = ep.pace()
-            log.info("%s answered %d at 1 attempt at once: at most %.0f a second", endpoint,
-                     status, rate)
-            return
+        if window != ep.cuts or ep.limit == 1:
+            return  # sent before the last cut (same burst), or nothing left to cut
         old, ep.limit = ep.limit, max(1, ep.limit // 2)
         ep.lowest = min(ep.lowest, ep.limit)
-        self.paced[endpoint] = ep.pace()
+        ep.cuts += 1
+        ep.successes = 0
+        self.paced[endpoint] = Pace(ep.limit, ep.lowest, ep.cuts)
         log.info("%s answered %d: concurrency %d -> %d", endpoint, status, old, ep.limit)
         self._changed(endpoint, ep)
 
@@ -237,19 +176,7 @@ class Pacer:
         # Only successes sent at the current limit, with the limit in use, say that it could be
         # larger: a burst sent before a cut, or a run's tail with fewer files than slots, does
         # not (without this, the reported limit would creep to the maximum at every run's end).
-        if window != ep.cuts or not binding:
-            return
-        if ep.spacing:
-            ep.successes += 1
-            if ep.successes >= RATE_GROW_EVERY:
-                ep.successes = 0
-                ep.spacing = max(0.9 * ep.spacing, 1.0 / ep.ceiling)
-                if ep.spacing < MIN_SPACING:
-                    ep.spacing = 0.0
-                    log.debug("%s: no longer spaced", endpoint)
-                self.paced[endpoint] = ep.pace()
-            return
-        if ep.limit >= self.maximum:
+        if window != ep.cuts or not binding or ep.limit >= self.maximum:
             return
         ep.successes += 1
         if ep.successes < ep.limit:
@@ -257,7 +184,7 @@ class Pacer:
         ep.limit += 1
         ep.successes = 0
         if ep.cuts:
-            self.paced[endpoint] = ep.pace()
+            self.paced[endpoint] = Pace(ep.limit, ep.lowest, ep.cuts)
         log.debug("%s: concurrency %d -> %d", endpoint, ep.limit - 1, ep.limit)
         self._changed(endpoint, ep)
         self._grant(ep)
@@ -282,11 +209,6 @@ class Slot:
     async def __aenter__(self) -> Slot:
         ep = self._ep
         self._binding = await self._pacer._acquire(ep)
-        try:
-            await self._pacer._start(ep)
-        except BaseException:  # cancelled while spaced: __aexit__ will not run
-            self._pacer._release(ep)
-            raise
         self._window = ep.cuts
         self.gated = ep.gated
         return self

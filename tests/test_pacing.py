@@ -20,7 +20,7 @@ from prestaged.cli import main
 from prestaged.cli.render import report_json, report_text
 from prestaged.credentials import load_credentials
 from prestaged.model import FileRef, Result
-from prestaged.pacing import MIN_SPACING, RATE_GROW_EVERY, Pace, Pacer
+from prestaged.pacing import Pace, Pacer
 from prestaged.retry import RetryPolicy
 from prestaged.storage.http import HttpToucher
 from prestaged.testing.pki import TestPKI
@@ -61,60 +61,16 @@ async def _settle() -> None:
 
 
 @pytest.mark.parametrize("status", [429, 503])
-async def test_back_pressure_halves_the_limit_down_to_one_then_spaces_the_starts(
-        status: int) -> None:
-    """Each 429/503 in a new window halves the limit (32, 16, ... 1); at 1 the limit stays 1
-    and the starts are spaced instead, twice as far apart at each later one."""
+async def test_back_pressure_halves_the_limit_down_to_one(status: int) -> None:
+    """Each 429/503 in a new window halves the limit (32, 16, ... 1); at 1 it stays 1."""
     pacer = Pacer(32)
     limits = []
     for _ in range(7):
         await _answer(pacer, status)
         limits.append(pacer.pace(EP).limit)
     assert limits == [16, 8, 4, 2, 1, 1, 1]
-    pace = pacer.pace(EP)
-    assert (pace.limit, pace.lowest, pace.cuts) == (1, 1, 7)
-    assert pace.rate is not None and pace.lowest_rate == pace.rate <= 1 / (2 * MIN_SPACING) / 2
-    assert pacer.paced == {EP: pace}
-
-
-async def test_spaced_starts_wait_their_turn_grow_back_below_the_pushed_rate_and_end() -> None:
-    """At one attempt at a time, 429s space the starts (1, 2, 4, 8 ms apart) and the starts
-    keep to it. Successes take a tenth off every RATE_GROW_EVERY, but never beyond nine tenths
-    of the rate the endpoint last pushed back at (1/4 ms: 225 a second). An endpoint whose
-    push-back came at a rate the gaps never measured (the very first start) is spaced only
-    until the spacing falls under MIN_SPACING; then its limit grows again. A wait for a start
-    that is cancelled gives its slot back."""
-    loop = asyncio.get_running_loop()
-    pacer = Pacer(1)
-    for _ in range(4):
-        await _answer(pacer, 429)
-    assert pacer.pace(EP).rate == pytest.approx(125.0)  # 8 ms apart
-    starts = []
-    for _ in range(3):
-        async with pacer.slot(EP) as slot:
-            starts.append(loop.time())
-            slot.answered(206)
-    assert min(b - a for a, b in zip(starts, starts[1:])) >= 0.007
-    for _ in range(RATE_GROW_EVERY * 8):
-        await _answer(pacer, 206)
-    assert pacer.pace(EP).rate == pytest.approx(225.0)  # and no further
-    pacer._endpoints[EP].next_start = loop.time() + 60  # the next start a minute away
-    waiting = asyncio.ensure_future(_answer(pacer, 206))
-    await _settle()
-    assert pacer.in_flight(EP) == 1  # its slot, waiting for the start
-    waiting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiting
-    assert pacer.in_flight(EP) == 0
-
-    fresh = Pacer(2)
-    await _answer(fresh, 429, "https://other")  # 2 -> 1
-    await _answer(fresh, 429, "https://other")  # spaced, 1 ms
-    assert fresh.pace("https://other").rate is not None
-    for _ in range(RATE_GROW_EVERY * 8):
-        await _answer(fresh, 206, "https://other")
-    pace = fresh.pace("https://other")
-    assert pace.rate is None and pace.limit == 2 and pace.lowest_rate is not None
+    assert pacer.pace(EP) == Pace(limit=1, lowest=1, cuts=5)
+    assert pacer.paced == {EP: Pace(1, 1, 5)}
 
 
 async def test_on_change_hears_first_use_and_every_change_of_the_limit() -> None:
@@ -296,12 +252,6 @@ def test_summary_shows_paced_endpoints_only() -> None:
         EP: {"concurrency": 5, "lowest": 2, "backoffs": 7}}
     rows = [ln.split(None, 1) for ln in report_text(report, **where).splitlines()]
     assert ["paced", f"{EP}: 5 at once (lowest 2, cut 7x on 429/503)"] in rows
-    tally.paced[EP] = Pace(limit=1, lowest=1, cuts=9, rate=225.04, lowest_rate=112.5)
-    assert report_json(report, **where)["endpoints"] == {
-        EP: {"concurrency": 1, "lowest": 1, "backoffs": 9, "rate": 225.0, "lowest_rate": 112.5}}
-    rows = [ln.split(None, 1) for ln in report_text(report, **where).splitlines()]
-    assert ["paced", f"{EP}: 1 at once (lowest 1, cut 9x on 429/503; starts spaced to "
-                     "112/s at the lowest, 225/s now)"] in rows
 
 
 # --- the engine against a door with a request limiter ------------------------------------------

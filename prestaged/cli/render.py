@@ -21,7 +21,6 @@ from prestaged.model import Result
 
 if TYPE_CHECKING:
     from prestaged.catalog import Catalog
-    from prestaged.pacing import Pace
     from prestaged.state.cluster import Member
     from prestaged.state.store import DatasetStatus, RunRecord
     from prestaged.warm import RunReport, Tally
@@ -142,7 +141,10 @@ def report_json(report: RunReport, *, definition: str, catalog: str, source: str
         "retries": dict(t.retries),
         # Only endpoints that pushed back: the others ran at the configured concurrency, and a
         # dataset spread over many doors would otherwise list them all.
-        "endpoints": {endpoint: _pace_json(p) for endpoint, p in sorted(t.paced.items())},
+        "endpoints": {
+            endpoint: {"concurrency": p.limit, "lowest": p.lowest, "backoffs": p.cuts}
+            for endpoint, p in sorted(t.paced.items())
+        },
         "bytes_read": t.bytes,
         "elapsed_seconds": round(report.elapsed, 3),
         "files_per_second": round(report.rate, 1),
@@ -188,12 +190,8 @@ def report_text(report: RunReport, *, definition: str, catalog: str, source: str
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(t.retries.items()))
         rows.append(("retries", f"{sum(t.retries.values())} ({detail})"))
     for endpoint, p in sorted(t.paced.items()):
-        spaced = ""
-        if p.lowest_rate is not None:
-            now = "not now" if p.rate is None else f"{p.rate:.0f}/s now"
-            spaced = f"; starts spaced to {p.lowest_rate:.0f}/s at the lowest, {now}"
         rows.append(("paced", f"{endpoint}: {p.limit} at once (lowest {p.lowest}, "
-                              f"cut {p.cuts}x on 429/503{spaced})"))
+                              f"cut {p.cuts}x on 429/503)"))
     rows += [
         ("bytes read", str(t.bytes)),
         ("elapsed", f"{report.elapsed:.2f} s"),
@@ -404,14 +402,3 @@ def campaign_lines(doc: dict[str, Any]) -> list[str]:
                          f"warm {warm:<9} job {s['job_id'] or '-'}  {ago(s['updated'])}: "
                          f"{s['reason'] or '-'}")
     return lines
-
-
-def _pace_json(p: Pace) -> dict[str, object]:
-    """An endpoint's pacing in ``--json``: concurrency at the end, the lowest, the cuts, and,
-    for an endpoint whose starts were spaced, attempts a second at the end (null: no longer
-    spaced) and the lowest."""
-    doc: dict[str, object] = {"concurrency": p.limit, "lowest": p.lowest, "backoffs": p.cuts}
-    if p.lowest_rate is not None:
-        doc["rate"] = None if p.rate is None else round(p.rate, 1)
-        doc["lowest_rate"] = round(p.lowest_rate, 1)
-    return doc
