@@ -200,18 +200,16 @@ class Stager:
         self._wake.set()
         if not earlier:
             return
-        new = earlier
         now = self._clock()
         made = now - max(0.0, age)
-        for path in new:
+        for path in earlier:
             self._first[path] = made
         request = self._open.get(request_id)
         if request is None:
             self._slots.take(self.uri)
             request = self._open[request_id] = _Open(request_id, set(), made, self.s.poll_min,
                                                      now, adopted=True)
-        request.paths.update(new)
-        self._wake.set()
+        request.paths.update(earlier)
 
     def _follow(self, request_id: str, paths: list[str], made: float) -> None:
         """Follow ``paths`` in another running stager's request ``request_id`` (made at

@@ -27,6 +27,7 @@ counts it in ``DCacheStats``: ``token_requests`` and ``auth_refusals`` per site 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any, Callable, Optional, TypeVar, Union
 from aiohttp import web
 
 from prestaged.testing.authz import AuthErrorLimiter, RefusalStyle, client_address, refusal
-from prestaged.testing.dcache.model import DCacheStats
+from prestaged.testing.dcache.model import DCacheConfig, DCacheStats
 from prestaged.testing.tokens import NO_TOKEN, BearerCheck, TokenIssuer, Verdict
 
 __all__ = ["DOWNLOAD", "READ_METADATA", "STAGE", "DCacheAuth", "Login", "bearer_document",
@@ -108,6 +109,16 @@ class DCacheAuth:
     def count(self, site: str, status: int) -> None:
         """Count a refusal with ``status`` at ``site``."""
         self._stats.auth_refusals[f"{site}:{status}"] += 1
+
+
+def limiter_for(cfg: DCacheConfig, clock: Callable[[], float] = time.monotonic
+                ) -> AuthErrorLimiter:
+    """One service's ``RateLimitedHandlerList`` (door or frontend) as ``cfg`` sets it up, timed
+    by ``clock``."""
+    return AuthErrorLimiter(cfg.auth_max_errors, cfg.auth_error_window, cfg.auth_block_seconds,
+                            clock, rate_overall=cfg.rate_overall,
+                            client_percent=cfg.rate_client_percent,
+                            idle_seconds=cfg.client_idle_seconds)
 
 
 async def limited(limiter: AuthErrorLimiter, stats: DCacheStats, site: str, request: R,

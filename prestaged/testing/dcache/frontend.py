@@ -30,7 +30,14 @@ from typing import Any, Optional
 from aiohttp import web
 
 from prestaged.testing.authz import AuthErrorLimiter
-from prestaged.testing.dcache.auth import READ_METADATA, STAGE, DCacheAuth, Login, limited
+from prestaged.testing.dcache.auth import (
+    READ_METADATA,
+    STAGE,
+    DCacheAuth,
+    Login,
+    limited,
+    limiter_for,
+)
 from prestaged.testing.dcache.core import DCacheCore
 from prestaged.testing.dcache.model import ARCHIVEINFO_LIMIT, DEFAULT_PIN, Replica
 
@@ -139,11 +146,7 @@ class TapeFrontend:
         self.core = self._core = core
         self.auth = auth or DCacheAuth(None, core.stats)
         cfg = core.config
-        self.limiter = limiter or AuthErrorLimiter(cfg.auth_max_errors, cfg.auth_error_window,
-                                                   cfg.auth_block_seconds,
-                                                   rate_overall=cfg.rate_overall,
-                                                   client_percent=cfg.rate_client_percent,
-                                                   idle_seconds=cfg.client_idle_seconds)
+        self.limiter = limiter or limiter_for(cfg)
         self.requests: dict[str, StageRequest] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._logins: dict[int, Login] = {}  # id(request) -> its login, while it is handled

@@ -22,8 +22,14 @@ from typing import Any, Callable, Optional
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from prestaged.testing.authz import AuthErrorLimiter
-from prestaged.testing.dcache.auth import DOWNLOAD, READ_METADATA, STAGE, DCacheAuth, limited
+from prestaged.testing.dcache.auth import (
+    DOWNLOAD,
+    READ_METADATA,
+    STAGE,
+    DCacheAuth,
+    limited,
+    limiter_for,
+)
 from prestaged.testing.dcache.core import DCacheCore
 from prestaged.testing.dcache.frontend import TAPE_API, TapeFrontend, frontend_app
 from prestaged.testing.dcache.model import DCacheConfig, Replica
@@ -134,11 +140,7 @@ class DCacheServer:
         self.core = DCacheCore(config or DCacheConfig())
         self.auth = DCacheAuth(bearer, self.core.stats)
         cfg = self.core.config
-        self.limiters = {site: AuthErrorLimiter(cfg.auth_max_errors, cfg.auth_error_window,
-                                                cfg.auth_block_seconds, clock,
-                                                cfg.rate_overall, cfg.rate_client_percent,
-                                                cfg.client_idle_seconds)
-                         for site in ("door", "frontend")}
+        self.limiters = {site: limiter_for(cfg, clock) for site in ("door", "frontend")}
         """dCache 11.2's blocking of clients with repeated 401s, per service."""
         self.frontend = TapeFrontend(self.core, self.auth, self.limiters["frontend"])
         self._pool = _Pool(self.core, self.door_url)
