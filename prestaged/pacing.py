@@ -1,15 +1,41 @@
-"""Pacing: attempts in flight per endpoint, cut on back-pressure and grown back (AIMD).
+"""Pacing: attempts in flight and request starts per endpoint, cut on push-back, grown back.
 
-dCache 11.2 and later rate-limit their WebDAV doors and frontend with ``429 Too Many Requests``,
-and an overloaded door answers ``503``. Retrying each file (``retry.RetryPolicy``, which honours
-``Retry-After``) spaces out one file's tries but keeps the same number of them in flight; the
-``Pacer`` lowers that number for the endpoint that pushed back:
+Retrying each file (``retry.RetryPolicy``, which honours ``Retry-After``) spaces out one file's
+tries but keeps as many of them going; the ``Pacer`` slows down the endpoint that pushed back.
+It has two controls, because servers push back in two ways:
+
+**Concurrency, on 503.** An overloaded door (a servlet container's or a proxy's cap on
+requests at once) answers ``503 Service Unavailable``:
 
 * each endpoint (``scheme://host:port``, ``warm.endpoint_of``) starts at the ``maximum``;
-* an answer 429 or 503 halves its limit (never below 1), at most once per window: answers to
-  requests sent before the last cut are the rest of the burst that caused it, and are ignored;
+* a 503 halves its limit (never below 1), at most once per window: answers to requests sent
+  before the last cut are the rest of the burst that caused it, and are ignored;
 * after ``limit`` successes (any other HTTP answer) of requests sent since the last cut, with the
   limit in use, the limit grows by one, up to the maximum.
+
+**Rate, on 429.** ``429 Too Many Requests`` is a complaint about requests *per unit of time*
+(RFC 6585): dCache 11.2 and later limit each client to 250 requests a second at a door and at
+the frontend (``webdav.limits.rate.*``, a Guava ``SmoothBursty`` limiter). Fewer requests at
+once cannot fix that: on loopback one request at a time is still faster than 250/s, and over a
+WAN a cut to 1 in flight would be far slower than the limit. So a 429 sets a ceiling on
+request *starts* instead, and leaves the concurrency alone:
+
+* an endpoint has no ceiling until its first 429 (nothing is spaced at a server that never
+  complained);
+* a 429 of a request sent since the last rate cut sets the ceiling to ``RATE_CUT`` (80 %) of
+  the starts of the last ``RATE_WINDOW`` (1 s; measured over at least ``RATE_MIN_SPAN``, 0.1 s,
+  so a first burst does not count as thousands a second) or of the ceiling, whichever is lower,
+  never below ``RATE_FLOOR`` (1/s);
+* starts are then spaced at least ``1 / ceiling`` apart, one after the other, measured from
+  when the previous one really went (no burst credit builds up while idle);
+* a 429 counts only for a start spaced at the ceiling set by the last rate cut: one spaced at
+  the old ceiling is the same burst, even when it goes after the cut;
+* each success of a request whose start the ceiling delayed raises it by ``RATE_GROWTH`` (0.1
+  request/s, so +10 % a second while it binds), and by a tenth of that (+1 % a second) between
+  ``RATE_NEAR`` (90 %) of the rate that drew the last 429 and that rate: a 429 costs its file a
+  ``Retry-After`` (dCache: 1 to 9 s), so the band where the limit likely is must be crossed
+  slowly; past it without a 429, that rate was no limit, and growth is fast again. A start that
+  did not wait says nothing.
 
 First contact (``gate=True``, as the engine runs it): until an endpoint has accepted us once,
 one attempt at a time goes to it. An
@@ -20,14 +46,17 @@ each within 20 s of the one before). Any other outcome opens the gate for good; 
 trip per endpoint and run.
 
 A request without an HTTP answer (timeout, reset, TLS failure) says nothing about load and
-neither cuts nor grows. Pure asyncio; no clock: windows are counted in cuts, not seconds.
+neither cuts nor grows. Windows are counted in cuts, not seconds; the clock and the sleep are
+injectable (tests drive the rate on a fake clock).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Callable, Optional
@@ -37,7 +66,19 @@ __all__ = ["BACK_PRESSURE", "REFUSALS", "Pace", "Pacer", "Slot"]
 log = logging.getLogger(__name__)
 
 BACK_PRESSURE = frozenset({429, 503})
-"""HTTP statuses that mean "fewer requests at once, please"."""
+"""HTTP statuses that mean "slower, please": 503 cuts the concurrency, 429 the rate."""
+RATE_WINDOW = 1.0
+"""Seconds of recent starts measured when a 429 sets an endpoint's rate ceiling."""
+RATE_MIN_SPAN = 0.1
+"""The shortest span the starts are counted over (a first burst is not 1,000s a second)."""
+RATE_CUT = 0.8
+"""A 429 sets the ceiling to this share of the measured start rate (or of the ceiling)."""
+RATE_GROWTH = 0.1
+"""Requests/s added to the ceiling by each success whose start the ceiling delayed (a tenth of
+it from ``RATE_NEAR`` of the rate that drew the last 429 up to that rate)."""
+RATE_NEAR = 0.9
+RATE_FLOOR = 1.0
+"""Requests/s: the lowest ceiling a 429 can set."""
 REFUSALS = frozenset({401, 403})
 """HTTP statuses that keep an endpoint's first-contact gate shut."""
 
@@ -45,17 +86,21 @@ REFUSALS = frozenset({401, 403})
 @dataclass(frozen=True)
 class Pace:
     """An endpoint's pacing: ``limit`` (attempts in flight allowed now), ``lowest`` (the lowest
-    limit it was cut to) and ``cuts`` (times it was halved)."""
+    limit it was cut to) and ``cuts`` (times it was halved, on 503); ``rate`` (request starts
+    a second allowed now, None while it answered no 429) and ``rate_cuts`` (429s that set it)."""
 
     limit: int
     lowest: int
     cuts: int
+    rate: Optional[float] = None
+    rate_cuts: int = 0
 
 
 class _Endpoint:
     """The live state of one endpoint (only ever touched from the event loop's thread)."""
 
-    __slots__ = ("cuts", "gated", "in_flight", "limit", "lowest", "successes", "waiters")
+    __slots__ = ("cuts", "gated", "in_flight", "last_start", "limit", "lowest", "rate",
+                 "rate_cuts", "starts", "successes", "too_fast", "turns", "waiters")
 
     def __init__(self, limit: int, gated: bool) -> None:
         self.gated = gated
@@ -68,14 +113,32 @@ class _Endpoint:
         self.successes = 0
         """Successes counted toward the next increase."""
         self.waiters: deque[asyncio.Future[None]] = deque()
+        self.rate: Optional[float] = None
+        """Request starts a second allowed (None: no 429 yet, starts are not spaced)."""
+        self.rate_cuts = 0
+        """Also the rate's window, as ``cuts`` is the concurrency's."""
+        self.turns = asyncio.Lock()
+        """Held by the start being spaced (with a ``rate``)."""
+        self.last_start = float("-inf")
+        """When the last spaced start went (the clock's time)."""
+        self.starts: deque[float] = deque()
+        """Start times of the last ``RATE_WINDOW`` seconds (what a 429 measures)."""
+        self.too_fast = 0.0
+        """The start rate that drew the last 429 (where growth slows down)."""
+
+    def pace(self) -> Pace:
+        """The ``Pace`` now."""
+        return Pace(self.limit, self.lowest, self.cuts, self.rate, self.rate_cuts)
 
 
 class Pacer:
-    """Per-endpoint AIMD limits on attempts in flight; ``maximum`` (>= 1) is where every
-    endpoint starts and the most it grows back to.
+    """Per-endpoint AIMD limits on attempts in flight (503) and on request starts a second
+    (429); ``maximum`` (>= 1) is where every endpoint's concurrency starts and the most it
+    grows back to.
 
-    ``paced`` receives the ``Pace`` of every endpoint whose limit was ever cut, updated on each
-    change of its limit (pass a ``warm.Tally``'s dict to show it live); a new dict by default.
+    ``paced`` receives the ``Pace`` of every endpoint whose concurrency or rate was ever cut,
+    updated on each change (pass a ``warm.Tally``'s dict to show it live); a new dict by
+    default. ``clock`` and ``sleep`` (``time.monotonic``, ``asyncio.sleep``) space the starts.
     ``on_change(endpoint, limit)`` hears every endpoint's limit when first used and on each
     change (metrics). ``gate`` (default False): each endpoint starts behind a first-contact gate
     (see the module).
@@ -84,10 +147,13 @@ class Pacer:
 
     def __init__(self, maximum: int, paced: Optional[dict[str, Pace]] = None, *,
                  on_change: Optional[Callable[[str, int], None]] = None,
-                 gate: bool = False) -> None:
+                 gate: bool = False, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         if maximum < 1:
             raise ValueError(f"Pacer maximum must be >= 1, got {maximum}")
         self.maximum = maximum
+        self._clock = clock
+        self._sleep = sleep
         self._on_change = on_change
         self._gate = gate
         self.paced: dict[str, Pace] = {} if paced is None else paced
@@ -111,7 +177,7 @@ class Pacer:
         ep = self._endpoints.get(endpoint)
         if ep is None:
             return Pace(self.maximum, self.maximum, 0)
-        return Pace(ep.limit, ep.lowest, ep.cuts)
+        return ep.pace()
 
     def in_flight(self, endpoint: str) -> int:
         """Slots of ``endpoint`` taken now (those granted to waiters about to resume included)."""
@@ -144,6 +210,34 @@ class Pacer:
         ep.in_flight -= 1
         self._grant(ep)
 
+    async def _start(self, ep: _Endpoint) -> tuple[bool, int]:
+        """Wait for this start's turn under ``ep``'s rate ceiling, if it has one, and note the
+        start. Returns whether the ceiling delayed it (then a success may raise the ceiling)
+        and the rate window of the start: one spaced at the rate before a cut belongs to the
+        burst before that cut, whenever it comes."""
+        window = ep.rate_cuts
+        delayed = False
+        if ep.rate is None:
+            now = self._clock()
+        else:
+            # One start at a time, each 1/rate after the one before it really went: a start the
+            # loop woke late does not let the next one come early (dCache's limiter, with no
+            # permits stored, refuses two requests closer than 1/rate).
+            async with ep.turns:
+                window = ep.rate_cuts
+                now = self._clock()
+                wait = ep.last_start + 1.0 / ep.rate - now
+                if wait > 0:
+                    await self._sleep(wait)
+                    now = self._clock()
+                    delayed = True
+                ep.last_start = now
+        starts = ep.starts
+        starts.append(now)
+        while starts[0] < now - RATE_WINDOW:
+            starts.popleft()
+        return delayed, window
+
     @staticmethod
     def _grant(ep: _Endpoint) -> None:
         """Hand free slots to waiters (after a release, an increase or the gate opening; a cut
@@ -168,9 +262,33 @@ class Pacer:
         ep.lowest = min(ep.lowest, ep.limit)
         ep.cuts += 1
         ep.successes = 0
-        self.paced[endpoint] = Pace(ep.limit, ep.lowest, ep.cuts)
+        self.paced[endpoint] = ep.pace()
         log.info("%s answered %d: concurrency %d -> %d", endpoint, status, old, ep.limit)
         self._changed(endpoint, ep)
+
+    def _slow(self, endpoint: str, ep: _Endpoint, window: int) -> None:
+        """A 429 of a request sent in rate window ``window``: set the ceiling (module doc)."""
+        if window != ep.rate_cuts:
+            return  # sent before the last rate cut: the same burst
+        now = self._clock()
+        starts = ep.starts
+        while starts and starts[0] < now - RATE_WINDOW:
+            starts.popleft()
+        span = RATE_WINDOW if not starts else min(RATE_WINDOW, max(RATE_MIN_SPAN, now - starts[0]))
+        measured = len(starts) / span
+        old = ep.rate
+        ep.too_fast = measured if old is None else min(old, measured)
+        ep.rate = max(RATE_FLOOR, RATE_CUT * ep.too_fast)
+        ep.rate_cuts += 1
+        self.paced[endpoint] = ep.pace()
+        log.info("%s answered 429: at most %.1f requests/s (%s)", endpoint, ep.rate,
+                 f"was {old:.1f}" if old is not None else f"{len(starts)} sent in {span:.2f} s")
+
+    def _speed_up(self, endpoint: str, ep: _Endpoint, window: int) -> None:
+        if window == ep.rate_cuts and ep.rate is not None:
+            near = RATE_NEAR * ep.too_fast <= ep.rate < ep.too_fast
+            ep.rate += RATE_GROWTH / 10 if near else RATE_GROWTH
+            self.paced[endpoint] = ep.pace()
 
     def _grow(self, endpoint: str, ep: _Endpoint, window: int, binding: bool) -> None:
         # Only successes sent at the current limit, with the limit in use, say that it could be
@@ -183,8 +301,8 @@ class Pacer:
             return
         ep.limit += 1
         ep.successes = 0
-        if ep.cuts:
-            self.paced[endpoint] = Pace(ep.limit, ep.lowest, ep.cuts)
+        if endpoint in self.paced:
+            self.paced[endpoint] = ep.pace()
         log.debug("%s: concurrency %d -> %d", endpoint, ep.limit - 1, ep.limit)
         self._changed(endpoint, ep)
         self._grant(ep)
@@ -194,14 +312,17 @@ class Slot:
     """One attempt's place at an endpoint (see ``Pacer.slot``); report its answer with
     ``answered`` before leaving the ``async with``."""
 
-    __slots__ = ("_binding", "_endpoint", "_ep", "_pacer", "_window", "gated")
+    __slots__ = ("_binding", "_delayed", "_endpoint", "_ep", "_pacer", "_rate_window",
+                 "_window", "gated")
 
     def __init__(self, pacer: Pacer, endpoint: str, ep: _Endpoint) -> None:
         self._pacer = pacer
         self._endpoint = endpoint
         self._ep = ep
         self._window = 0
+        self._rate_window = 0
         self._binding = False
+        self._delayed = False
         self.gated = False
         """The endpoint was behind its first-contact gate when the slot was granted: report
         the attempt with ``contact`` (a plain attribute: the engine reads it per attempt)."""
@@ -209,6 +330,13 @@ class Slot:
     async def __aenter__(self) -> Slot:
         ep = self._ep
         self._binding = await self._pacer._acquire(ep)
+        try:
+            # The slot first, then the turn: turns handed out to attempts still waiting for a
+            # slot would all come due at once when slots free up, a burst above the ceiling.
+            self._delayed, self._rate_window = await self._pacer._start(ep)
+        except BaseException:
+            self._pacer._release(ep)  # cancelled while spaced: __aexit__ will not run
+            raise
         self._window = ep.cuts
         self.gated = ep.gated
         return self
@@ -231,11 +359,15 @@ class Slot:
             self._pacer._open(self._endpoint, ep)
 
     def answered(self, status: Optional[int]) -> None:
-        """The attempt's HTTP status (None: no answer, which leaves the limit alone): 429 and
-        503 cut the endpoint's limit, anything else counts toward growing it."""
+        """The attempt's HTTP status (None: no answer, which leaves the pacing alone): 503 cuts
+        the endpoint's concurrency, 429 its rate; anything else counts toward growing both."""
         if status is None:
             return
-        if status in BACK_PRESSURE:
+        if status == 429:
+            self._pacer._slow(self._endpoint, self._ep, self._rate_window)
+        elif status in BACK_PRESSURE:
             self._pacer._cut(self._endpoint, self._ep, self._window, status)
         else:
             self._pacer._grow(self._endpoint, self._ep, self._window, self._binding)
+            if self._delayed:
+                self._pacer._speed_up(self._endpoint, self._ep, self._rate_window)

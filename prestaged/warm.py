@@ -204,9 +204,10 @@ class Tally:
     tape: TapeTally = field(default_factory=TapeTally)
     """Locality and staging counters (``storage.stage``)."""
     paced: dict[str, Pace] = field(default_factory=dict)
-    """Endpoints whose concurrency was cut (429/503), by ``scheme://host:port``: the attempts
-    in flight allowed now, the lowest it was cut to, the cuts (``pacing.Pacer``). Endpoints
-    never cut ran at ``concurrency`` and are not listed."""
+    """Endpoints whose concurrency (503) or request rate (429) was cut, by
+    ``scheme://host:port``: the attempts in flight allowed now, the lowest it was cut to, the
+    cuts; the request starts a second allowed now and the 429s that set it (``pacing.Pacer``).
+    Endpoints never cut ran at ``concurrency``, unspaced, and are not listed."""
 
     @property
     def total(self) -> Optional[int]:

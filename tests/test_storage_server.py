@@ -209,25 +209,25 @@ async def test_inject_all_per_path_and_repeat(
     assert (await _get(session, server.url("a")))[0] == 206
 
 
-async def test_max_in_flight_answers_429_above_the_limit(
+async def test_max_in_flight_answers_503_above_the_limit(
     server: StorageServer, session: aiohttp.ClientSession
 ) -> None:
-    """With max_in_flight=2, a request arriving while two are served gets 429 at once, leaves
+    """With max_in_flight=2, a request arriving while two are served gets 503 at once, leaves
     the path's injected action to a later request, and records the load it saw (3)."""
     server.max_in_flight = 2
     server.inject("held", [Delay(3600), Delay(3600)])
-    server.inject("c", [Status(503)])
+    server.inject("c", [Status(404)])
     held = [asyncio.ensure_future(_get(session, server.url("held"))) for _ in range(2)]
     await server.wait_until(lambda s: s.active_requests == 2)
-    assert (await _get(session, server.url("c")))[0] == 429
+    assert (await _get(session, server.url("c")))[0] == 503
     for task in held:
         task.cancel()
     await asyncio.gather(*held, return_exceptions=True)
     await _idle(server)
-    assert (await _get(session, server.url("c")))[0] == 503
+    assert (await _get(session, server.url("c")))[0] == 404
     records = server.stats.path("c").records
     assert [(r.status, r.action, r.in_flight) for r in records] == [
-        (429, Status(429, body=b"Too many requests in flight\n"), 3), (503, Status(503), 1)]
+        (503, Status(503, body=b"Too many requests in flight\n"), 3), (404, Status(404), 1)]
     assert sorted(r.in_flight for r in server.stats.path("held").records) == [1, 2]
 
 

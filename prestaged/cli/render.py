@@ -142,7 +142,9 @@ def report_json(report: RunReport, *, definition: str, catalog: str, source: str
         # Only endpoints that pushed back: the others ran at the configured concurrency, and a
         # dataset spread over many doors would otherwise list them all.
         "endpoints": {
-            endpoint: {"concurrency": p.limit, "lowest": p.lowest, "backoffs": p.cuts}
+            endpoint: {"concurrency": p.limit, "lowest": p.lowest, "backoffs": p.cuts,
+                       "rate": None if p.rate is None else round(p.rate, 1),
+                       "rate_cuts": p.rate_cuts}
             for endpoint, p in sorted(t.paced.items())
         },
         "bytes_read": t.bytes,
@@ -190,8 +192,12 @@ def report_text(report: RunReport, *, definition: str, catalog: str, source: str
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(t.retries.items()))
         rows.append(("retries", f"{sum(t.retries.values())} ({detail})"))
     for endpoint, p in sorted(t.paced.items()):
-        rows.append(("paced", f"{endpoint}: {p.limit} at once (lowest {p.lowest}, "
-                              f"cut {p.cuts}x on 429/503)"))
+        if p.cuts:
+            rows.append(("paced", f"{endpoint}: {p.limit} at once (lowest {p.lowest}, "
+                                  f"cut {p.cuts}x on 503)"))
+        if p.rate is not None:
+            rows.append(("paced", f"{endpoint}: at most {p.rate:.0f} requests/s "
+                                  f"(set {p.rate_cuts}x on 429)"))
     rows += [
         ("bytes read", str(t.bytes)),
         ("elapsed", f"{report.elapsed:.2f} s"),

@@ -177,7 +177,7 @@ class Flood:
 
 Action = Union[Serve, Status, Delay, Reset, IgnoreRange, Raw, Flood]
 _SERVE = Serve()
-_TOO_MANY = Status(429, body=b"Too many requests in flight\n")
+_TOO_MANY = Status(503, body=b"Too many requests in flight\n")
 
 
 # --- statistics --------------------------------------------------------------------------------
@@ -476,10 +476,11 @@ class StorageServer:
     ``generated_bytes`` content. ``set_size``/``remove`` override either namespace. Ports are
     chosen by the OS unless ``door_port`` is given. Use ``async with`` or ``start()``/``stop()``.
 
-    ``max_in_flight`` (default None: no limit) stands for the request limiter of dCache 11.2+
-    doors, modelled as a cap on requests in flight: while that many door requests are being
-    handled, another one is answered ``429`` at once (no ``Retry-After``; recorded as the action
-    ``Status(429)``, leaving the path's injected actions for later requests). Each
+    ``max_in_flight`` (default None: no limit) stands for a door at capacity (a servlet
+    container's or a proxy's cap on requests at once): while that many door requests are being
+    handled, another one is answered ``503`` at once (no ``Retry-After``; recorded as the action
+    ``Status(503)``, leaving the path's injected actions for later requests). dCache 11.2's
+    request *rate* limiter (429) is the dCache emulator's (``testing.dcache``). Each
     ``RequestRecord.in_flight`` shows the load the server saw.
 
     ``bearer`` (default None: certificates only, as before) makes the door accept ``Authorization:
