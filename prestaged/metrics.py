@@ -215,7 +215,12 @@ class Metrics:
             ["definition", "locality"], registry=r)
         self.endpoint_concurrency = Gauge(
             "prestaged_endpoint_concurrency",
-            "Concurrency used towards a storage host now (its limiter cuts it on 429/503).",
+            "Concurrency used towards a storage host now (its limiter cuts it on 503).",
+            ["host"], registry=r)
+        self.endpoint_rate_limit = Gauge(
+            "prestaged_endpoint_rate_limit",
+            "Request starts a second allowed towards a storage host now: set by its 429s, "
+            "raised while it keeps up; no series for a host that never answered 429.",
             ["host"], registry=r)
         self.cluster_members = Gauge(
             "prestaged_cluster_members",
@@ -383,6 +388,11 @@ class Metrics:
         """Storage ``host`` gets ``n`` concurrent requests now (its limiter's value); a URL or
         ``host:port`` is reduced to the host name."""
         self.endpoint_concurrency.labels(host_label(host)).set(n)
+
+    def set_rate(self, host: str, rate: float) -> None:
+        """Storage ``host`` may get ``rate`` request starts a second now (its 429 ceiling); a
+        URL or ``host:port`` is reduced to the host name."""
+        self.endpoint_rate_limit.labels(host_label(host)).set(rate)
 
     # --- several daemons (issue 16) ---------------------------------------------------------
 

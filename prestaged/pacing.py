@@ -140,13 +140,15 @@ class Pacer:
     updated on each change (pass a ``warm.Tally``'s dict to show it live); a new dict by
     default. ``clock`` and ``sleep`` (``time.monotonic``, ``asyncio.sleep``) space the starts.
     ``on_change(endpoint, limit)`` hears every endpoint's limit when first used and on each
-    change (metrics). ``gate`` (default False): each endpoint starts behind a first-contact gate
+    change (metrics); ``on_rate(endpoint, rate)`` each ceiling a 429 sets and each raise of
+    it. ``gate`` (default False): each endpoint starts behind a first-contact gate
     (see the module).
     Use ``async with pacer.slot(endpoint) as slot:`` around one attempt, then ``slot.answered``.
     """
 
     def __init__(self, maximum: int, paced: Optional[dict[str, Pace]] = None, *,
                  on_change: Optional[Callable[[str, int], None]] = None,
+                 on_rate: Optional[Callable[[str, float], None]] = None,
                  gate: bool = False, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         if maximum < 1:
@@ -155,6 +157,7 @@ class Pacer:
         self._clock = clock
         self._sleep = sleep
         self._on_change = on_change
+        self._on_rate = on_rate
         self._gate = gate
         self.paced: dict[str, Pace] = {} if paced is None else paced
         self._endpoints: dict[str, _Endpoint] = {}
@@ -281,6 +284,8 @@ class Pacer:
         ep.rate = max(RATE_FLOOR, RATE_CUT * ep.too_fast)
         ep.rate_cuts += 1
         self.paced[endpoint] = ep.pace()
+        if self._on_rate is not None:
+            self._on_rate(endpoint, ep.rate)
         log.info("%s answered 429: at most %.1f requests/s (%s)", endpoint, ep.rate,
                  f"was {old:.1f}" if old is not None else f"{len(starts)} sent in {span:.2f} s")
 
@@ -289,6 +294,8 @@ class Pacer:
             near = RATE_NEAR * ep.too_fast <= ep.rate < ep.too_fast
             ep.rate += RATE_GROWTH / 10 if near else RATE_GROWTH
             self.paced[endpoint] = ep.pace()
+            if self._on_rate is not None:
+                self._on_rate(endpoint, ep.rate)
 
     def _grow(self, endpoint: str, ep: _Endpoint, window: int, binding: bool) -> None:
         # Only successes sent at the current limit, with the limit in use, say that it could be

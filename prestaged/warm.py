@@ -2,7 +2,8 @@
 
 Each worker touches one file at a time (``storage.http.HttpToucher``), retrying by
 ``retry.RetryPolicy``, optionally throttled per endpoint (asyncio-throttle), with fewer attempts
-in flight at an endpoint answering 429 or 503 (``pacing.Pacer``), and reports an ``Outcome``.
+in flight at an endpoint answering 503 and fewer starts a second at one answering 429
+(``pacing.Pacer``), and reports an ``Outcome``.
 Breakers per endpoint (``scheme://host:port`` of the file's URL) stop the whole run
 early when the storage keeps denying us (exit 3), keeps failing TLS (exit 3) or cannot be
 reached at all (exit 5), instead of trying every remaining file. Until an endpoint has
@@ -127,6 +128,10 @@ class Probe(TapeProbe, Protocol):
 
     def set_concurrency(self, host: str, n: int) -> None:
         """Attempts allowed in flight at ``host`` now (its AIMD limit, ``pacing.Pacer``)."""
+        ...
+
+    def set_rate(self, host: str, rate: float) -> None:
+        """Request starts a second allowed at ``host`` now (its 429 ceiling, ``pacing.Pacer``)."""
         ...
 
 
@@ -534,6 +539,7 @@ class _Run:
         # per host, and after a door's redirect an attempt holds a pool's connection instead.
         self.pacer = Pacer(settings.concurrency, tally.paced, on_change=(
             None if probe is None else lambda ep, n: probe.set_concurrency(_host(ep), n)),
+            on_rate=None if probe is None else lambda ep, r: probe.set_rate(_host(ep), r),
             gate=True)
 
     def _trip(self, error: Optional[PrestagedError]) -> None:

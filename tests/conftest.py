@@ -76,6 +76,7 @@ def exposed_metric_names() -> set[str]:
     m.set_campaign_submissions("c", {"queued": 1}, [s.value for s in SubmissionState])
     m.set_locality("d", {"TAPE": 1})
     m.set_concurrency("h", 4)
+    m.set_rate("h", 200.0)
     m.set_cluster(1, {"campaign": 1})
     m.lease_taken_over("chunk")
     return set(re.findall(r"^(prestaged_[a-z_]+)", m.exposition().decode(), re.M))

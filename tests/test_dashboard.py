@@ -151,7 +151,8 @@ def test_dashboard_has_the_panels_of_the_issue() -> None:
 
 def test_dashboard_has_a_tape_row() -> None:
     """The Tape row: stage requests by result, files staging, stage duration p50/p90 from the
-    histogram, locality per watched definition (stacked) and endpoint concurrency."""
+    histogram, locality per watched definition (stacked), endpoint concurrency and request
+    rate limit."""
     panels = list(_panels(_load()["panels"]))
     rows = [p["title"] for p in panels if p["type"] == "row"]
     assert "Tape" in rows
@@ -159,7 +160,8 @@ def test_dashboard_has_a_tape_row() -> None:
             > next(r["gridPos"]["y"] for r in panels if r["title"] == "Tape")]
     titles = {p["title"] for p in tape}
     assert {"Stage requests by result", "Files staging", "Stage duration",
-            "Locality by definition", "Endpoint concurrency"} <= titles
+            "Locality by definition", "Endpoint concurrency",
+            "Endpoint request rate limit"} <= titles
     assert titles >= DAEMON_PENDING
     duration = [e for t, e in _targets(_load()) if t.startswith("Stage duration")]
     assert [e.split(",", 1)[0] for e in duration] == ["histogram_quantile(0.5",
@@ -243,6 +245,7 @@ async def _warm_once(metrics: Metrics, storage: StorageServer, toucher: HttpTouc
                      definition: Path, urls: list[str]) -> None:
     """One scheduled run as the daemon does it: warm, then report run, dataset and catalog."""
     storage.inject("/pnfs/campaign/f000.root", [Status(503)])  # one retry per run
+    storage.inject("/pnfs/campaign/f001.root", [Status(429)])  # and a rate ceiling
     settings = WarmSettings(concurrency=4, nbytes=4, retry=FAST)
     report = await warm(_refs(urls), settings, toucher, probe=metrics)
     metrics.catalog_request("local", "ok")
@@ -396,6 +399,7 @@ async def _daemon(pki: TestPKI, proxy: Path, tmp_path: Path) -> AsyncIterator[st
         tape_site.core.add_file("/pnfs/tape/lost.root", 10, Where.LOST)
         tape_definition = tmp_path / "definitions" / "tape_raw.txt"
         storage.inject("/pnfs/campaign/f000.root", [Status(503)])
+        storage.inject("/pnfs/campaign/f001.root", [Status(429)])  # a rate ceiling
         definition = tmp_path / "definitions" / "campaign_raw.txt"
         definition.parent.mkdir()
         definition.write_text("".join(storage.url(f"/pnfs/campaign/f{i:03d}.root") + "\n"

@@ -210,6 +210,8 @@ class _StagingProbe:
 
     def set_concurrency(self, host: str, n: int) -> None: ...
 
+    def set_rate(self, host: str, rate: float) -> None: ...
+
 
 async def test_a_run_stopped_while_staging_leaves_no_file_counted_as_staging(
     dcache: Factory, pki: TestPKI, proxy: Path

@@ -111,6 +111,7 @@ async def warmed(pki: TestPKI, proxy: Path, storage: StorageServer) -> Metrics:
     m.file_staged(30.0)
     m.set_locality(str(Path("/data/definitions/my_dataset.txt")), {"TAPE": 3, "DISK": 1})
     m.set_concurrency(storage.url("/pnfs/ds/f0000.root"), 8)
+    m.set_rate(storage.url("/pnfs/ds/f0000.root"), 212.5)
     return m
 
 
@@ -320,6 +321,9 @@ def test_set_concurrency_is_per_host_name() -> None:
     assert _value(m, "prestaged_endpoint_concurrency", host="127.0.0.1") == 4
     families = {f.name: f for f in text_string_to_metric_families(m.exposition().decode())}
     assert len(families["prestaged_endpoint_concurrency"].samples) == 2
+    assert "prestaged_endpoint_rate_limit{" not in m.exposition().decode()  # no 429, no series
+    m.set_rate("https://door.example.org:2880/pnfs/x/f.root", 212.5)
+    assert _value(m, "prestaged_endpoint_rate_limit", host="door.example.org") == 212.5
 
 
 def test_tape_metrics_never_label_a_url_or_a_path() -> None:
