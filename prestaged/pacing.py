@@ -31,11 +31,12 @@ request *starts* instead, and leaves the concurrency alone:
 * a 429 counts only for a start spaced at the ceiling set by the last rate cut: one spaced at
   the old ceiling is the same burst, even when it goes after the cut;
 * each success of a request whose start the ceiling delayed raises it by ``RATE_GROWTH`` (0.1
-  request/s, so +10 % a second while it binds), and by a tenth of that (+1 % a second) between
-  ``RATE_NEAR`` (90 %) of the rate that drew the last 429 and that rate: a 429 costs its file a
-  ``Retry-After`` (dCache: 1 to 9 s), so the band where the limit likely is must be crossed
-  slowly; past it without a 429, that rate was no limit, and growth is fast again. A start that
-  did not wait says nothing.
+  request/s, so +10 % a second while it binds), and by a tenth of that (+1 % a second) from
+  ``RATE_NEAR`` (90 %) of the rate that drew the last 429: a 429 costs its file a
+  ``Retry-After`` (dCache: 1 to 9 s), so probing where the limit likely is must be slow. Only a
+  rate measured over a first burst (the endpoint in use for less than ``RATE_WINDOW``) may be
+  far below the limit: past it without a 429, growth is fast again. A start that did not wait
+  says nothing.
 
 First contact (``gate=True``, as the engine runs it): until an endpoint has accepted us once,
 one attempt at a time goes to it. An
@@ -75,7 +76,7 @@ RATE_CUT = 0.8
 """A 429 sets the ceiling to this share of the measured start rate (or of the ceiling)."""
 RATE_GROWTH = 0.1
 """Requests/s added to the ceiling by each success whose start the ceiling delayed (a tenth of
-it from ``RATE_NEAR`` of the rate that drew the last 429 up to that rate)."""
+it from ``RATE_NEAR`` of the rate that drew the last 429)."""
 RATE_NEAR = 0.9
 RATE_FLOOR = 1.0
 """Requests/s: the lowest ceiling a 429 can set."""
@@ -99,8 +100,9 @@ class Pace:
 class _Endpoint:
     """The live state of one endpoint (only ever touched from the event loop's thread)."""
 
-    __slots__ = ("cuts", "gated", "in_flight", "last_start", "limit", "lowest", "rate",
-                 "rate_cuts", "starts", "successes", "too_fast", "turns", "waiters")
+    __slots__ = ("cuts", "firm", "first_start", "gated", "in_flight", "last_start", "limit",
+                 "lowest", "rate", "rate_cuts", "starts", "successes", "too_fast", "turns",
+                 "waiters")
 
     def __init__(self, limit: int, gated: bool) -> None:
         self.gated = gated
@@ -125,6 +127,9 @@ class _Endpoint:
         """Start times of the last ``RATE_WINDOW`` seconds (what a 429 measures)."""
         self.too_fast = 0.0
         """The start rate that drew the last 429 (where growth slows down)."""
+        self.firm = False
+        """``too_fast`` was measured over a whole ``RATE_WINDOW`` (not a first burst)."""
+        self.first_start = float("inf")
 
     def pace(self) -> Pace:
         """The ``Pace`` now."""
@@ -236,6 +241,7 @@ class Pacer:
                     delayed = True
                 ep.last_start = now
         starts = ep.starts
+        ep.first_start = min(ep.first_start, now)  # inf before the first
         starts.append(now)
         while starts[0] < now - RATE_WINDOW:
             starts.popleft()
@@ -281,6 +287,7 @@ class Pacer:
         measured = len(starts) / span
         old = ep.rate
         ep.too_fast = measured if old is None else min(old, measured)
+        ep.firm = now - ep.first_start >= RATE_WINDOW
         ep.rate = max(RATE_FLOOR, RATE_CUT * ep.too_fast)
         ep.rate_cuts += 1
         self.paced[endpoint] = ep.pace()
@@ -291,7 +298,7 @@ class Pacer:
 
     def _speed_up(self, endpoint: str, ep: _Endpoint, window: int) -> None:
         if window == ep.rate_cuts and ep.rate is not None:
-            near = RATE_NEAR * ep.too_fast <= ep.rate < ep.too_fast
+            near = RATE_NEAR * ep.too_fast <= ep.rate and (ep.firm or ep.rate < ep.too_fast)
             ep.rate += RATE_GROWTH / 10 if near else RATE_GROWTH
             self.paced[endpoint] = ep.pace()
             if self._on_rate is not None:

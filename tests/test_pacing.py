@@ -330,10 +330,12 @@ async def test_a_429_of_a_start_spaced_at_the_old_ceiling_cuts_nothing() -> None
     assert pacer.pace(EP).rate_cuts == 3 and pacer.pace(EP).rate == pytest.approx(6.4 * 0.8)
 
 
-async def test_the_ceiling_grows_slowly_only_near_the_rate_that_drew_the_429() -> None:
-    """A 429 at 10/s sets 8/s. Delayed successes add 0.1 each up to 9/s (90 % of 10), then
-    0.01 each up to 10/s (a 429 costs its file the server's Retry-After, so the band where the
-    limit likely is is crossed slowly), then 0.1 again: 10/s was no limit after all."""
+async def test_after_a_first_burst_the_ceiling_grows_slowly_only_near_the_rate_that_drew_it(
+) -> None:
+    """A 429 of a first burst, at 10/s, sets 8/s. Delayed successes add 0.1 each up to 9/s (90 %
+    of 10), then 0.01 each up to 10/s (a 429 costs its file the server's Retry-After, so the
+    band where the limit likely is is crossed slowly), then 0.1 again: a first burst's rate
+    can be far below the limit, and 10/s was no limit after all."""
     clock = _Clock()
     pacer = _on(clock)
     await _go(pacer, 429)
@@ -357,6 +359,29 @@ async def test_the_ceiling_grows_slowly_only_near_the_rate_that_drew_the_429() -
             steps["fast again"] += 1
     assert steps["fast"] >= 9 and steps["slow"] >= 80 and steps["fast again"] >= 10, steps
     assert pacer.paced[EP].rate == rates[-1]
+
+
+async def test_after_a_second_of_starts_the_ceiling_grows_slowly_past_the_rate_that_drew_it(
+) -> None:
+    """20 starts a second for 2 s, then a 429: about 16/s (80 % of the 20-21 starts of the
+    last whole second). Growth is fast to 90 % of that rate, then slow for good, past it too:
+    measured over a second, it is where the limit was."""
+    clock = _Clock()
+    pacer = _on(clock)
+    for _ in range(40):
+        await _go(pacer, 206)
+        clock.now += 0.05
+    await _go(pacer, 429)
+    rate = pacer.pace(EP).rate
+    assert rate is not None and 16.0 - 1e-9 <= rate <= 16.8 + 1e-9, rate
+    rates = []
+    for _ in range(600):
+        await _go(pacer, 206)
+        rate = pacer.pace(EP).rate
+        assert rate is not None
+        rates.append(rate)
+    slow_past = [b - a for a, b in zip(rates, rates[1:]) if a > 20.5]
+    assert slow_past and all(step == pytest.approx(0.01) for step in slow_past)
 
 
 async def test_429s_in_a_row_bring_the_ceiling_down_to_one_a_second_not_below() -> None:
