@@ -268,6 +268,17 @@ async def _go(pacer: Pacer, status: int | None, endpoint: str = EP) -> None:
         slot.answered(status)
 
 
+async def _rates_after_successes(pacer: Pacer, n: int) -> list[float]:
+    """The ceiling after each of ``n`` successes in a row."""
+    rates = []
+    for _ in range(n):
+        await _go(pacer, 206)
+        rate = pacer.pace(EP).rate
+        assert rate is not None
+        rates.append(rate)
+    return rates
+
+
 async def test_starts_are_not_spaced_until_a_429_which_sets_a_rate_and_not_the_concurrency(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -339,12 +350,7 @@ async def test_after_a_first_burst_the_ceiling_grows_slowly_only_near_the_rate_t
     clock = _Clock()
     pacer = _on(clock)
     await _go(pacer, 429)
-    rates = []
-    for _ in range(140):
-        await _go(pacer, 206)
-        rate = pacer.pace(EP).rate
-        assert rate is not None
-        rates.append(rate)
+    rates = await _rates_after_successes(pacer, 140)
     assert rates[0] == 8.0  # the first start after the cut did not wait
     steps = {"fast": 0, "slow": 0, "fast again": 0}
     for before, after in zip(rates, rates[1:]):
@@ -374,12 +380,7 @@ async def test_after_a_second_of_starts_the_ceiling_grows_slowly_past_the_rate_t
     await _go(pacer, 429)
     rate = pacer.pace(EP).rate
     assert rate is not None and 16.0 - 1e-9 <= rate <= 16.8 + 1e-9, rate
-    rates = []
-    for _ in range(600):
-        await _go(pacer, 206)
-        rate = pacer.pace(EP).rate
-        assert rate is not None
-        rates.append(rate)
+    rates = await _rates_after_successes(pacer, 600)
     slow_past = [b - a for a, b in zip(rates, rates[1:]) if a > 20.5]
     assert slow_past and all(step == pytest.approx(0.01) for step in slow_past)
 
