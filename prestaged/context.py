@@ -32,6 +32,7 @@ from prestaged.credentials import (
 from prestaged.errors import ConfigError, CredentialError, StateError, StorageError
 from prestaged.gate import GateFn, GateResult, RewarmFn, wait_until_ready
 from prestaged.locality import TapeAccess, TapeSettings
+from prestaged.pacing import Rates
 from prestaged.pins import ReleaseFn, ReleaseReport, pinned, release_pins
 from prestaged.retry import RetryPolicy
 from prestaged.runner import run_definition
@@ -289,26 +290,27 @@ class Context:
 
     def gate(self, store: Store, toucher: Toucher, settings: WarmSettings, *,
              stop: asyncio.Event, probe: Optional[Probe] = None,
-             tape: Optional[TapeAccess] = None) -> GateFn:
-        """``GateFn`` for campaigns: ``wait_until_ready`` with this context's freshness."""
+             tape: Optional[TapeAccess] = None, rates: Optional[Rates] = None) -> GateFn:
+        """``GateFn`` for campaigns: ``wait_until_ready`` with this context's freshness (and
+        ``rates``, the request rates learned from 429s, shared by the caller's runs)."""
         fresh_for = self.cfg.state.fresh_for
 
         async def gate(catalog: Catalog, ready: float, timeout: float,
                        retry: float) -> GateResult:
             return await wait_until_ready(catalog, settings, toucher, store, fresh_for=fresh_for,
                                           ready=ready, timeout=timeout, retry_initial=retry,
-                                          stop=stop, probe=probe, tape=tape)
+                                          stop=stop, probe=probe, tape=tape, rates=rates)
         return gate
 
     def rewarm(self, store: Store, toucher: Toucher, settings: WarmSettings, *,
                stop: asyncio.Event, probe: Optional[Probe] = None,
-               tape: Optional[TapeAccess] = None) -> RewarmFn:
+               tape: Optional[TapeAccess] = None, rates: Optional[Rates] = None) -> RewarmFn:
         """``RewarmFn`` for campaigns' keep-warm: a warm run skipping files fresh within the
         given window."""
         async def rewarm(catalog: Catalog, fresh_for: float) -> RunReport:
             return await run_definition(catalog, settings, toucher, store=store,
                                         fresh_for=fresh_for, stop=stop, probe=probe,
-                                        tape=tape)
+                                        tape=tape, rates=rates)
         return rewarm
 
     def release(self, store: Store, tape: Optional[TapeAccess], *,

@@ -32,6 +32,7 @@ from prestaged.errors import (
     ConfigError,
 )
 from prestaged.locality import TapeAccess
+from prestaged.pacing import Rates
 from prestaged.retry import RetryPolicy
 from prestaged.runner import run_definition
 from prestaged.state.store import Store
@@ -156,6 +157,7 @@ async def wait_until_ready(
     probe: Optional[Probe] = None,
     allow_empty: bool = False,
     tape: Optional[TapeAccess] = None,
+    rates: Optional[Rates] = None,
 ) -> GateResult:
     """Warm ``catalog``'s cold files (not touched within ``fresh_for`` seconds) until its warm
     fraction reaches ``ready`` (0..1], giving up after ``timeout`` seconds (default 6 h);
@@ -164,8 +166,11 @@ async def wait_until_ready(
     early with exit code 130. ``probe`` hears every request (the daemon's metrics). A
     definition with no files fails at once with exit code 4 (an empty input is almost always a
     wrong name or query, and submitting on it wastes a job) unless ``allow_empty``. ``tape``
-    stages tape-only files first; only files on disk and touched count as warm."""
+    stages tape-only files first; only files on disk and touched count as warm. ``rates``: the
+    request rates learned from 429s, shared with the caller's other runs; by default the
+    gate's runs share their own."""
     check_ready(ready)
+    rates = Rates() if rates is None else rates
     if fresh_for <= 0:
         raise ConfigError("state.fresh_for: the gate needs a freshness window, got 0 "
                           "(every file would count as cold); set --fresh-for, e.g. 6h")
@@ -188,7 +193,7 @@ async def wait_until_ready(
             runs += 1
             report = await run_definition(catalog, settings, toucher, store=store,
                                           fresh_for=fresh_for, stop=halt, probe=probe,
-                                          tape=tape)
+                                          tape=tape, rates=rates)
             files, fresh, cold = await _measure(store, catalog, fresh_for)
             log.info("%s: run %d: %s", catalog.definition, runs,
                      ", ".join(f"{k} {v}" for k, v in sorted(report.tally.results.items()) if v)

@@ -35,8 +35,9 @@ request *starts* instead, and leaves the concurrency alone:
   ``RATE_NEAR`` (90 %) of the rate that drew the last 429: a 429 costs its file a
   ``Retry-After`` (dCache: 1 to 9 s), so probing where the limit likely is must be slow. Only a
   rate measured over a first burst (the endpoint in use for less than ``RATE_WINDOW``) may be
-  far below the limit: past it without a 429, growth is fast again. A start that did not wait
-  says nothing.
+  far below the limit: past it without a 429, growth is fast again. And after ``RATE_MEMORY``
+  (60 s) without a 429 the rate that drew the last one is forgotten: the limit may have been
+  lowered for a while only. A start that did not wait says nothing.
 
 First contact (``gate=True``, as the engine runs it): until an endpoint has accepted us once,
 one attempt at a time goes to it. An
@@ -62,7 +63,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Callable, Optional
 
-__all__ = ["BACK_PRESSURE", "REFUSALS", "Pace", "Pacer", "Slot"]
+__all__ = ["BACK_PRESSURE", "REFUSALS", "Pace", "Pacer", "Rates", "Slot"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ RATE_GROWTH = 0.1
 """Requests/s added to the ceiling by each success whose start the ceiling delayed (a tenth of
 it from ``RATE_NEAR`` of the rate that drew the last 429)."""
 RATE_NEAR = 0.9
+RATE_MEMORY = 60.0
+"""Seconds after a 429 during which growth near the rate that drew it stays slow: a limit
+lowered for a while (other clients sharing dCache's overall rate) is not remembered for good."""
 RATE_FLOOR = 1.0
 """Requests/s: the lowest ceiling a 429 can set."""
 REFUSALS = frozenset({401, 403})
@@ -97,28 +101,17 @@ class Pace:
     rate_cuts: int = 0
 
 
-class _Endpoint:
-    """The live state of one endpoint (only ever touched from the event loop's thread)."""
+class _Rate:
+    """One endpoint's request-rate state (only ever touched from the event loop's thread)."""
 
-    __slots__ = ("cuts", "firm", "first_start", "gated", "in_flight", "last_start", "limit",
-                 "lowest", "rate", "rate_cuts", "starts", "successes", "too_fast", "turns",
-                 "waiters")
+    __slots__ = ("cut_at", "cuts", "firm", "first_start", "last_start", "rate", "starts",
+                 "too_fast", "turns")
 
-    def __init__(self, limit: int, gated: bool) -> None:
-        self.gated = gated
-        """First contact: one attempt at a time until the endpoint has accepted us once."""
-        self.limit = limit
-        self.lowest = limit
-        self.cuts = 0
-        """Also the window: a slot remembers how many cuts preceded it."""
-        self.in_flight = 0
-        self.successes = 0
-        """Successes counted toward the next increase."""
-        self.waiters: deque[asyncio.Future[None]] = deque()
+    def __init__(self) -> None:
         self.rate: Optional[float] = None
         """Request starts a second allowed (None: no 429 yet, starts are not spaced)."""
-        self.rate_cuts = 0
-        """Also the rate's window, as ``cuts`` is the concurrency's."""
+        self.cuts = 0
+        """Also the rate's window, as ``_Endpoint.cuts`` is the concurrency's."""
         self.turns = asyncio.Lock()
         """Held by the start being spaced (with a ``rate``)."""
         self.last_start = float("-inf")
@@ -129,11 +122,51 @@ class _Endpoint:
         """The start rate that drew the last 429 (where growth slows down)."""
         self.firm = False
         """``too_fast`` was measured over a whole ``RATE_WINDOW`` (not a first burst)."""
+        self.cut_at = float("-inf")
+        """When the last 429 set the ceiling (the clock's time)."""
         self.first_start = float("inf")
+
+
+class Rates:
+    """Request-rate ceilings by endpoint, for one client. dCache limits requests per client, so
+    the daemon gives one ``Rates`` to the ``Pacer`` of every run it makes: runs at once share
+    one ceiling per door (not one each, which would add up past the limit), and a run starts at
+    the ceiling the last one learned rather than with a burst. A ``Pacer`` without one has its
+    own."""
+
+    def __init__(self) -> None:
+        self._endpoints: dict[str, _Rate] = {}
+
+    def of(self, endpoint: str) -> _Rate:
+        """``endpoint``'s state (new and unspaced when first asked)."""
+        r = self._endpoints.get(endpoint)
+        if r is None:
+            r = self._endpoints[endpoint] = _Rate()
+        return r
+
+
+class _Endpoint:
+    """The live state of one endpoint (only ever touched from the event loop's thread)."""
+
+    __slots__ = ("cuts", "gated", "in_flight", "limit", "lowest", "r", "successes", "waiters")
+
+    def __init__(self, limit: int, gated: bool, r: _Rate) -> None:
+        self.gated = gated
+        """First contact: one attempt at a time until the endpoint has accepted us once."""
+        self.limit = limit
+        self.lowest = limit
+        self.cuts = 0
+        """Also the window: a slot remembers how many cuts preceded it."""
+        self.in_flight = 0
+        self.successes = 0
+        """Successes counted toward the next increase."""
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.r = r
+        """Its request rate (perhaps shared with other Pacers: ``Rates``)."""
 
     def pace(self) -> Pace:
         """The ``Pace`` now."""
-        return Pace(self.limit, self.lowest, self.cuts, self.rate, self.rate_cuts)
+        return Pace(self.limit, self.lowest, self.cuts, self.r.rate, self.r.cuts)
 
 
 class Pacer:
@@ -143,7 +176,9 @@ class Pacer:
 
     ``paced`` receives the ``Pace`` of every endpoint whose concurrency or rate was ever cut,
     updated on each change (pass a ``warm.Tally``'s dict to show it live); a new dict by
-    default. ``clock`` and ``sleep`` (``time.monotonic``, ``asyncio.sleep``) space the starts.
+    default. ``rates``: the request-rate ceilings, shared with other Pacers (the daemon's
+    runs) or, by default, this one's own. ``clock`` and ``sleep`` (``time.monotonic``,
+    ``asyncio.sleep``) space the starts.
     ``on_change(endpoint, limit)`` hears every endpoint's limit when first used and on each
     change (metrics); ``on_rate(endpoint, rate)`` each ceiling a 429 sets and each raise of
     it. ``gate`` (default False): each endpoint starts behind a first-contact gate
@@ -154,13 +189,15 @@ class Pacer:
     def __init__(self, maximum: int, paced: Optional[dict[str, Pace]] = None, *,
                  on_change: Optional[Callable[[str, int], None]] = None,
                  on_rate: Optional[Callable[[str, float], None]] = None,
-                 gate: bool = False, clock: Callable[[], float] = time.monotonic,
+                 gate: bool = False, rates: Optional[Rates] = None,
+                 clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         if maximum < 1:
             raise ValueError(f"Pacer maximum must be >= 1, got {maximum}")
         self.maximum = maximum
         self._clock = clock
         self._sleep = sleep
+        self._rates = Rates() if rates is None else rates
         self._on_change = on_change
         self._on_rate = on_rate
         self._gate = gate
@@ -172,7 +209,8 @@ class Pacer:
         frees it on exit, cancellation included)."""
         ep = self._endpoints.get(endpoint)
         if ep is None:
-            ep = self._endpoints[endpoint] = _Endpoint(self.maximum, self._gate)
+            ep = self._endpoints[endpoint] = _Endpoint(self.maximum, self._gate,
+                                                       self._rates.of(endpoint))
             self._changed(endpoint, ep)
         return Slot(self, endpoint, ep)
 
@@ -218,30 +256,34 @@ class Pacer:
         ep.in_flight -= 1
         self._grant(ep)
 
-    async def _start(self, ep: _Endpoint) -> tuple[bool, int]:
+    async def _start(self, endpoint: str, ep: _Endpoint) -> tuple[bool, int]:
         """Wait for this start's turn under ``ep``'s rate ceiling, if it has one, and note the
         start. Returns whether the ceiling delayed it (then a success may raise the ceiling)
         and the rate window of the start: one spaced at the rate before a cut belongs to the
         burst before that cut, whenever it comes."""
-        window = ep.rate_cuts
+        r = ep.r
+        window = r.cuts
         delayed = False
-        if ep.rate is None:
+        if r.rate is None:
             now = self._clock()
         else:
             # One start at a time, each 1/rate after the one before it really went: a start the
             # loop woke late does not let the next one come early (dCache's limiter, with no
             # permits stored, refuses two requests closer than 1/rate).
-            async with ep.turns:
-                window = ep.rate_cuts
+            async with r.turns:
+                window = r.cuts
                 now = self._clock()
-                wait = ep.last_start + 1.0 / ep.rate - now
+                assert r.rate is not None  # a ceiling is never taken away
+                wait = r.last_start + 1.0 / r.rate - now
                 if wait > 0:
                     await self._sleep(wait)
                     now = self._clock()
                     delayed = True
-                ep.last_start = now
-        starts = ep.starts
-        ep.first_start = min(ep.first_start, now)  # inf before the first
+                    if endpoint not in self.paced:  # spaced at a ceiling another run set
+                        self.paced[endpoint] = ep.pace()
+                r.last_start = now
+        starts = r.starts
+        r.first_start = min(r.first_start, now)  # inf before the first
         starts.append(now)
         while starts[0] < now - RATE_WINDOW:
             starts.popleft()
@@ -277,32 +319,37 @@ class Pacer:
 
     def _slow(self, endpoint: str, ep: _Endpoint, window: int) -> None:
         """A 429 of a request sent in rate window ``window``: set the ceiling (module doc)."""
-        if window != ep.rate_cuts:
+        r = ep.r
+        if window != r.cuts:
             return  # sent before the last rate cut: the same burst
         now = self._clock()
-        starts = ep.starts
+        starts = r.starts
         while starts and starts[0] < now - RATE_WINDOW:
             starts.popleft()
         span = RATE_WINDOW if not starts else min(RATE_WINDOW, max(RATE_MIN_SPAN, now - starts[0]))
         measured = len(starts) / span
-        old = ep.rate
-        ep.too_fast = measured if old is None else min(old, measured)
-        ep.firm = now - ep.first_start >= RATE_WINDOW
-        ep.rate = max(RATE_FLOOR, RATE_CUT * ep.too_fast)
-        ep.rate_cuts += 1
+        old = r.rate
+        r.too_fast = measured if old is None else min(old, measured)
+        r.firm = now - r.first_start >= RATE_WINDOW
+        r.cut_at = now
+        r.rate = max(RATE_FLOOR, RATE_CUT * r.too_fast)
+        r.cuts += 1
         self.paced[endpoint] = ep.pace()
         if self._on_rate is not None:
-            self._on_rate(endpoint, ep.rate)
-        log.info("%s answered 429: at most %.1f requests/s (%s)", endpoint, ep.rate,
+            self._on_rate(endpoint, r.rate)
+        log.info("%s answered 429: at most %.1f requests/s (%s)", endpoint, r.rate,
                  f"was {old:.1f}" if old is not None else f"{len(starts)} sent in {span:.2f} s")
 
     def _speed_up(self, endpoint: str, ep: _Endpoint, window: int) -> None:
-        if window == ep.rate_cuts and ep.rate is not None:
-            near = RATE_NEAR * ep.too_fast <= ep.rate and (ep.firm or ep.rate < ep.too_fast)
-            ep.rate += RATE_GROWTH / 10 if near else RATE_GROWTH
-            self.paced[endpoint] = ep.pace()
-            if self._on_rate is not None:
-                self._on_rate(endpoint, ep.rate)
+        r = ep.r
+        if window != r.cuts or r.rate is None:
+            return
+        near = (RATE_NEAR * r.too_fast <= r.rate and (r.firm or r.rate < r.too_fast)
+                and self._clock() - r.cut_at < RATE_MEMORY)
+        r.rate += RATE_GROWTH / 10 if near else RATE_GROWTH
+        self.paced[endpoint] = ep.pace()
+        if self._on_rate is not None:
+            self._on_rate(endpoint, r.rate)
 
     def _grow(self, endpoint: str, ep: _Endpoint, window: int, binding: bool) -> None:
         # Only successes sent at the current limit, with the limit in use, say that it could be
@@ -347,7 +394,7 @@ class Slot:
         try:
             # The slot first, then the turn: turns handed out to attempts still waiting for a
             # slot would all come due at once when slots free up, a burst above the ceiling.
-            self._delayed, self._rate_window = await self._pacer._start(ep)
+            self._delayed, self._rate_window = await self._pacer._start(self._endpoint, ep)
         except BaseException:
             self._pacer._release(ep)  # cancelled while spaced: __aexit__ will not run
             raise

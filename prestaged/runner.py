@@ -13,6 +13,7 @@ from typing import Optional
 
 from prestaged.catalog import Catalog
 from prestaged.locality import TapeAccess
+from prestaged.pacing import Rates
 from prestaged.state.store import Store, StoreRecorder
 from prestaged.warm import Probe, RunReport, Tally, Toucher, WarmSettings, warm
 
@@ -37,11 +38,13 @@ async def run_definition(
     stop: Optional[asyncio.Event] = None,
     probe: Optional[Probe] = None,
     tape: Optional[TapeAccess] = None,
+    rates: Optional[Rates] = None,
 ) -> RunReport:
     """Warm ``catalog``'s files through ``toucher``. With a ``store``, files touched within
     ``fresh_for`` seconds are skipped (unless ``force``) and every outcome and the run itself
     are recorded; without one nothing is skipped or kept. ``tape`` (an open ``TapeAccess``)
-    stages tape-only files before their touch (``storage.stage``)."""
+    stages tape-only files before their touch (``storage.stage``); ``rates`` are the request
+    rates learned from 429s, shared by the caller's runs (``warm``)."""
     recorder = None
     run_id = None
     if store is not None:
@@ -51,7 +54,7 @@ async def run_definition(
     report: Optional[RunReport] = None
     try:
         report = await warm(catalog.files(), settings, toucher, tally=tally, stop=stop,
-                            recorder=recorder, probe=probe, tape=tape)
+                            recorder=recorder, probe=probe, tape=tape, rates=rates)
         return report
     finally:
         if store is not None and run_id is not None:

@@ -57,7 +57,7 @@ from prestaged.model import (
     redact,
     usable_origin,
 )
-from prestaged.pacing import Pace, Pacer
+from prestaged.pacing import Pace, Pacer, Rates
 from prestaged.retry import RetryPolicy, retry_reason
 from prestaged.tokens import ScopeWarner, TokenSource, url_path
 
@@ -508,6 +508,7 @@ class _Run:
         recorder: Optional[Recorder] = None,
         probe: Optional[Probe] = None,
         tape: Optional[TapeAccess] = None,
+        rates: Optional[Rates] = None,
     ) -> None:
         self.recorder = recorder
         self.probe = probe
@@ -540,7 +541,7 @@ class _Run:
         self.pacer = Pacer(settings.concurrency, tally.paced, on_change=(
             None if probe is None else lambda ep, n: probe.set_concurrency(_host(ep), n)),
             on_rate=None if probe is None else lambda ep, r: probe.set_rate(_host(ep), r),
-            gate=True)
+            gate=True, rates=rates)
 
     def _trip(self, error: Optional[PrestagedError]) -> None:
         if error is not None and self.abort_error is None:
@@ -763,6 +764,7 @@ async def warm(
     recorder: Optional[Recorder] = None,
     probe: Optional[Probe] = None,
     tape: Optional[TapeAccess] = None,
+    rates: Optional[Rates] = None,
 ) -> RunReport:
     """Warm every file of ``files`` with ``toucher``; return the report (never raises for
     storage or catalog trouble: those end up in ``RunReport.aborted``).
@@ -773,10 +775,12 @@ async def warm(
     ``recorder`` (the state store) skips fresh files and remembers outcomes; ``probe``
     (metrics) hears of every request, retry and outcome; ``tape`` (an open ``TapeAccess``)
     asks the storage where files are and stages tape-only ones before touching them
-    (``locality``); without it every file is touched.
+    (``locality``); without it every file is touched. ``rates`` (``pacing.Rates``): the
+    request-rate ceilings learned from 429s, shared with the caller's other runs (the
+    daemon's); without it the run learns its own.
     """
     tally = tally if tally is not None else Tally()
-    run = _Run(files, settings, toucher, tally, on_outcome, sleep, recorder, probe, tape)
+    run = _Run(files, settings, toucher, tally, on_outcome, sleep, recorder, probe, tape, rates)
     producer = asyncio.ensure_future(run.produce())
     workers = [asyncio.ensure_future(run.work()) for _ in range(settings.concurrency)]
     everything = asyncio.gather(*workers)

@@ -23,7 +23,7 @@ from prestaged.cli import main
 from prestaged.cli.render import report_json, report_text
 from prestaged.credentials import load_credentials
 from prestaged.model import FileRef, Result
-from prestaged.pacing import Pace, Pacer
+from prestaged.pacing import Pace, Pacer, Rates
 from prestaged.retry import RetryPolicy
 from prestaged.storage.http import HttpToucher
 from prestaged.testing.authz import SmoothBursty
@@ -32,6 +32,7 @@ from prestaged.testing.storage import (
     Delay,
     RequestRecord,
     ServerStats,
+    Status,
     StorageServer,
     ThreadedStorageServer,
 )
@@ -385,6 +386,44 @@ async def test_after_a_second_of_starts_the_ceiling_grows_slowly_past_the_rate_t
     assert slow_past and all(step == pytest.approx(0.01) for step in slow_past)
 
 
+async def test_a_minute_after_the_last_429_growth_is_fast_again() -> None:
+    """After a 429 measured over a whole second growth near that rate is slow; 60 s later
+    without another 429, that rate is forgotten (a limit lowered for a while, as when other
+    clients share dCache's overall rate) and growth is fast again."""
+    clock = _Clock()
+    pacer = _on(clock)
+    for _ in range(40):
+        await _go(pacer, 206)
+        clock.now += 0.05
+    await _go(pacer, 429)
+    rates = await _rates_after_successes(pacer, 40)
+    assert rates[-1] - rates[-2] == pytest.approx(0.01)  # slow by now
+    clock.now += 60.0
+    rates = await _rates_after_successes(pacer, 3)
+    assert rates[-1] - rates[-2] == pytest.approx(0.1)
+
+
+async def test_pacers_sharing_rates_share_the_ceiling() -> None:
+    """Two runs of one daemon (two Pacers, one ``Rates``): a 429 to one run sets the door's
+    ceiling for both, so the other's starts are spaced too, and that run lists the door as
+    paced once it was (its concurrency untouched). A Pacer of its own shares nothing."""
+    clock = _Clock()
+    rates = Rates()
+    one = Pacer(32, clock=clock, sleep=clock.sleep, rates=rates)
+    other = Pacer(32, clock=clock, sleep=clock.sleep, rates=rates)
+    alone = _on(clock)
+    await _go(one, 429)
+    await _go(other, 206)  # the first start after the cut goes at once
+    assert other.paced == {}
+    await _go(other, 206)
+    assert clock.waits == [pytest.approx(0.125)]
+    assert other.paced[EP].rate == pytest.approx(8.1) and other.paced[EP].limit == 32
+    assert one.pace(EP).rate == pytest.approx(8.1)  # raised by the other's delayed success
+    await _go(alone, 206)
+    await _go(alone, 206)
+    assert len(clock.waits) == 1 and alone.pace(EP).rate is None
+
+
 async def test_429s_in_a_row_bring_the_ceiling_down_to_one_a_second_not_below() -> None:
     clock = _Clock()
     pacer = _on(clock)
@@ -552,3 +591,27 @@ def test_warm_json_reports_the_concurrency_used(
     # 503 varies with scheduling; what holds is that it came down from 16 and went to K or less.
     assert used["lowest"] <= K and used["concurrency"] < 16 and used["backoffs"] >= 1, seen
     assert doc["retries"].get("503", 0) >= 1, seen
+
+
+async def test_a_run_sharing_rates_starts_at_the_ceiling_an_earlier_run_learned(
+    pki: TestPKI, proxy: Path
+) -> None:
+    """As the daemon runs them: a first run meets one 429 and learns a ceiling for the door;
+    a second run given the same ``Rates`` spaces its starts from the first one (listed as
+    paced at that ceiling, having met no 429 itself); a run with rates of its own does not."""
+    async with StorageServer(pki.server_ssl_context()) as srv:
+        srv.inject("/pnfs/ds/f000", [Status(429)])
+        urls = [srv.url(f"/pnfs/ds/f{i:03d}") for i in range(12)]
+        rates = Rates()
+        settings = WarmSettings(concurrency=8, retry=ZERO_BACKOFF)
+        async with HttpToucher(_client(pki, proxy), limit=8, limit_per_host=8,
+                               timeout=20) as t:
+            first = await warm(_refs(urls[:1]), settings, t, rates=rates)
+            learned = first.tally.paced[_endpoint(srv)].rate
+            assert learned is not None and first.tally.retries["429"] == 1
+            second = await warm(_refs(urls[1:]), settings, t, rates=rates)
+            alone = await warm(_refs(urls[1:]), settings, t)
+        paced = second.tally.paced[_endpoint(srv)]
+    assert paced.rate is not None and paced.rate >= learned and paced.rate_cuts == 1
+    assert not second.tally.retries and second.tally.results[Result.WARM.value] == 11
+    assert alone.tally.paced == {}

@@ -20,6 +20,7 @@ from prestaged.cli.common import context, open_store, via_daemon
 from prestaged.cli.render import campaign_lines, campaign_list_lines
 from prestaged.config import Config
 from prestaged.errors import EXIT_HELD, ConfigError
+from prestaged.pacing import Rates
 from prestaged.runtime import install_interrupt, run
 
 if TYPE_CHECKING:
@@ -148,12 +149,15 @@ def cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
     async def go() -> CampaignResult:
         stop = asyncio.Event()
         install_interrupt(stop)
+        rates = Rates()  # the gates and keep-warm runs are one client at the storage
         async with ctx.storage(creds) as (toucher, tape):
             return await run_campaign(
-                campaign, store, gate=ctx.gate(store, toucher, settings, stop=stop, tape=tape),
+                campaign, store, gate=ctx.gate(store, toucher, settings, stop=stop, tape=tape,
+                                               rates=rates),
                 open_catalog=lambda d: ctx.open_catalog(kind, d, creds=catalog_creds),
                 workdir=store.path.parent / "campaigns", stop=stop,
-                rewarm=ctx.rewarm(store, toucher, settings, stop=stop, tape=tape),
+                rewarm=ctx.rewarm(store, toucher, settings, stop=stop, tape=tape,
+                                  rates=rates),
                 release=ctx.release(store, tape, stop=stop))
 
     try:

@@ -47,6 +47,7 @@ from prestaged.errors import EXIT_OK, NotFoundError, PrestagedError
 from prestaged.gate import GateFn, RewarmFn
 from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics
+from prestaged.pacing import Rates
 from prestaged.pins import ReleaseFn
 from prestaged.service.cluster import ClusterMember, keep_lease
 from prestaged.service.runs import Spawn
@@ -102,7 +103,8 @@ class DaemonCampaigns:
     ``metrics``; ``context()`` the context in force (config, gate, keep-warm and release
     functions), ``settings()`` the engine settings with the current credentials,
     ``open_catalog(kind, definition)`` the daemon's catalogs, ``spawn`` to run tasks,
-    ``draining()`` and ``tape()`` the daemon's Tape REST access (None: ``stage = never``).
+    ``draining()`` and ``tape()`` the daemon's Tape REST access (None: ``stage = never``),
+    ``rates`` the request rates learned from 429s that the daemon's runs share.
 
     Every campaign-state call goes through ``asyncio.to_thread``: a transaction may wait up to
     the store's busy timeout for another process, and the event loop must keep answering
@@ -114,8 +116,10 @@ class DaemonCampaigns:
                  open_catalog: Callable[[str, str], Catalog], spawn: Spawn,
                  draining: Callable[[], bool],
                  tape: Callable[[], Optional[TapeAccess]] = lambda: None,
-                 member: Optional[ClusterMember] = None) -> None:
+                 member: Optional[ClusterMember] = None,
+                 rates: Optional[Rates] = None) -> None:
         self._store, self._toucher, self._metrics = store, toucher, metrics
+        self._rates = Rates() if rates is None else rates
         self._member = member
         self._seen: dict[str, tuple[Optional[float], float]] = {}
         self._tape = tape
@@ -396,11 +400,12 @@ class DaemonCampaigns:
 
     def _gate(self, stop: asyncio.Event) -> GateFn:
         return self._context().gate(self._store, self._toucher, self._settings(), stop=stop,
-                                    probe=self._metrics, tape=self._tape())
+                                    probe=self._metrics, tape=self._tape(), rates=self._rates)
 
     def _rewarm(self, stop: asyncio.Event) -> RewarmFn:
         return self._context().rewarm(self._store, self._toucher, self._settings(), stop=stop,
-                                      probe=self._metrics, tape=self._tape())
+                                      probe=self._metrics, tape=self._tape(),
+                                      rates=self._rates)
 
     def _release(self, stop: asyncio.Event) -> ReleaseFn:
         return self._context().release(self._store, self._tape(), stop=stop)

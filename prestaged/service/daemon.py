@@ -41,6 +41,7 @@ from prestaged.credentials import (
 from prestaged.errors import ConfigError, CredentialError, PrestagedError
 from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics
+from prestaged.pacing import Rates
 from prestaged.runtime import probe_lag
 from prestaged.service.api import Handler, JsonObject, build_app
 from prestaged.service.campaigns import DaemonCampaigns
@@ -228,10 +229,13 @@ class Daemon:
         tape.ready = toucher.usable  # an expired token pauses staging too
         self._tape = await tape.__aenter__()
         self._credentials_changed()
+        # One client at the storage: dCache limits its request rate, not each run's.
+        rates = Rates()
         runs = Runs(store, toucher, self.metrics, settings=self._settings, tape=self._tape_now,
                     fresh_for=lambda: self.cfg.state.fresh_for, draining=self._draining,
                     stop=ev.stop_runs, spawn=self.spawn, after=self._after_run,
-                    changed=self._status, max_runs=lambda: self.cfg.daemon.max_runs)
+                    changed=self._status, max_runs=lambda: self.cfg.daemon.max_runs,
+                    rates=rates)
         # On a shared (PostgreSQL) state watch rounds are planned in the database and warmed
         # chunk by chunk by every member; on a SQLite file the daemon schedules its own.
         chunks = None
@@ -247,7 +251,8 @@ class Daemon:
         campaigns = DaemonCampaigns(store, toucher, self.metrics, context=lambda: self.ctx,
                                     tape=self._tape_now,
                                     settings=self._settings, open_catalog=self.open_catalog,
-                                    spawn=self.spawn, draining=self._draining, member=member)
+                                    spawn=self.spawn, draining=self._draining, member=member,
+                                    rates=rates)
         self._live = _Live(store, toucher, runs, watches, campaigns, member, chunks)
         await self._start_api(_Ports(self, self._live))
         watches.apply(cfg)

@@ -21,6 +21,7 @@ from prestaged.catalog import Catalog
 from prestaged.errors import BusyError, PrestagedError
 from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics, run_result
+from prestaged.pacing import Rates
 from prestaged.runner import run_definition
 from prestaged.state.store import Store
 from prestaged.warm import Tally, Toucher, WarmSettings
@@ -121,7 +122,8 @@ class Runs:
     ``fresh_for()`` the default freshness (``state.fresh_for``), ``draining()`` whether the
     daemon is stopping, ``stop`` the event that interrupts runs, ``spawn`` to run tasks,
     ``after`` (see ``AfterRun``) and ``changed`` (a run started or ended: the systemd status
-    line).
+    line); ``rates`` the request rates learned from 429s, shared by every run of the daemon
+    (dCache limits a client, not a run).
     """
 
     def __init__(self, store: Store, toucher: Toucher, metrics: Metrics, *,
@@ -129,8 +131,10 @@ class Runs:
                  tape: Callable[[], Optional[TapeAccess]] = lambda: None,
                  draining: Callable[[], bool], stop: asyncio.Event, spawn: Spawn,
                  after: AfterRun, changed: Callable[[], None], kept: int = KEPT_RUNS,
-                 max_runs: Callable[[], int] = lambda: 100) -> None:
+                 max_runs: Callable[[], int] = lambda: 100,
+                 rates: Optional[Rates] = None) -> None:
         self.book = RunBook(kept)
+        self._rates = Rates() if rates is None else rates
         self._max_runs = max_runs
         self._store, self._toucher, self._metrics = store, toucher, metrics
         self._settings, self._fresh_for, self._draining = settings, fresh_for, draining
@@ -192,7 +196,7 @@ class Runs:
                 report = await run_definition(
                     catalog, self._settings(), self._toucher, store=self._store,
                     tally=info.tally, stop=self._stop if stop is None else stop,
-                    probe=self._metrics, tape=self._tape(),
+                    probe=self._metrics, tape=self._tape(), rates=self._rates,
                     fresh_for=self._fresh_for() if fresh_for is None else fresh_for)
                 info.exit_code = report.exit_code
                 info.error = str(report.aborted) if report.aborted else ""
