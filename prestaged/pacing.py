@@ -34,10 +34,10 @@ request *starts* instead, and leaves the concurrency alone:
   request/s, so +10 % a second while it binds), and by a tenth of that (+1 % a second) from
   ``RATE_NEAR`` (90 %) of the rate that drew the last 429: a 429 costs its file a
   ``Retry-After`` (dCache: 1 to 9 s), so probing where the limit likely is must be slow. Only a
-  rate measured over a first burst (the endpoint in use for less than ``RATE_WINDOW``) may be
-  far below the limit: past it without a 429, growth is fast again. And after ``RATE_MEMORY``
-  (60 s) without a 429 the rate that drew the last one is forgotten: the limit may have been
-  lowered for a while only. A start that did not wait says nothing.
+  rate measured over a first burst (no ceiling yet, the endpoint in use for less than
+  ``RATE_WINDOW``) may be far below the limit: past it without a 429, growth is fast again.
+  And after ``RATE_MEMORY`` (60 s) without a 429 the rate that drew the last one is forgotten:
+  the limit may have been lowered for a while only. A start that did not wait says nothing.
 
 First contact (``gate=True``, as the engine runs it): until an endpoint has accepted us once,
 one attempt at a time goes to it. An
@@ -121,7 +121,7 @@ class _Rate:
         self.too_fast = 0.0
         """The start rate that drew the last 429 (where growth slows down)."""
         self.firm = False
-        """``too_fast`` was measured over a whole ``RATE_WINDOW`` (not a first burst)."""
+        """``too_fast`` was not measured over a first burst (see ``_slow``)."""
         self.cut_at = float("-inf")
         """When the last 429 set the ceiling (the clock's time)."""
         self.first_start = float("inf")
@@ -330,7 +330,9 @@ class Pacer:
         measured = len(starts) / span
         old = r.rate
         r.too_fast = measured if old is None else min(old, measured)
-        r.firm = now - r.first_start >= RATE_WINDOW
+        # Soft only for a first burst: no ceiling yet and under a second of use. Once spaced,
+        # the starts measured are the ceiling's, a fair picture of where the limit is.
+        r.firm = old is not None or now - r.first_start >= RATE_WINDOW
         r.cut_at = now
         r.rate = max(RATE_FLOOR, RATE_CUT * r.too_fast)
         r.cuts += 1

@@ -386,6 +386,21 @@ async def test_after_a_second_of_starts_the_ceiling_grows_slowly_past_the_rate_t
     assert slow_past and all(step == pytest.approx(0.01) for step in slow_past)
 
 
+async def test_a_429_at_a_ceiling_is_where_the_limit_was_even_within_the_first_second() -> None:
+    """A first burst's 429 sets 8/s (soft); a 429 of a start spaced at that ceiling, a quarter
+    of a second later, measures the ceiling, not a burst: growth stays slow past it."""
+    clock = _Clock()
+    pacer = _on(clock)
+    await _go(pacer, 429)
+    await _go(pacer, 206)
+    await _go(pacer, 206)
+    await _go(pacer, 429)
+    assert pacer.pace(EP).rate == pytest.approx(0.8 * 8.1)
+    rates = await _rates_after_successes(pacer, 300)
+    slow_past = [b - a for a, b in zip(rates, rates[1:]) if a > 8.2]
+    assert slow_past and all(step == pytest.approx(0.01) for step in slow_past)
+
+
 async def test_a_minute_after_the_last_429_growth_is_fast_again() -> None:
     """After a 429 measured over a whole second growth near that rate is slow; 60 s later
     without another 429, that rate is forgotten (a limit lowered for a while, as when other
