@@ -368,22 +368,32 @@ async def test_after_a_first_burst_the_ceiling_grows_slowly_only_near_the_rate_t
     assert pacer.paced[EP].rate == rates[-1]
 
 
+async def _a_429_after_two_seconds_at_20_a_second(clock: _Clock) -> Pacer:
+    pacer = _on(clock)
+    for _ in range(40):
+        await _go(pacer, 206)
+        clock.now += 0.05
+    await _go(pacer, 429)
+    return pacer
+
+
+def _assert_slow_past(rates: list[float], past: float) -> None:
+    """Every step of the ceiling from above ``past`` was a slow one (0.01), and there were some."""
+    slow_past = [b - a for a, b in zip(rates, rates[1:]) if a > past]
+    assert slow_past and all(step == pytest.approx(0.01) for step in slow_past)
+
+
 async def test_after_a_second_of_starts_the_ceiling_grows_slowly_past_the_rate_that_drew_it(
 ) -> None:
     """20 starts a second for 2 s, then a 429: about 16/s (80 % of the 20-21 starts of the
     last whole second). Growth is fast to 90 % of that rate, then slow for good, past it too:
     measured over a second, it is where the limit was."""
     clock = _Clock()
-    pacer = _on(clock)
-    for _ in range(40):
-        await _go(pacer, 206)
-        clock.now += 0.05
-    await _go(pacer, 429)
+    pacer = await _a_429_after_two_seconds_at_20_a_second(clock)
     rate = pacer.pace(EP).rate
     assert rate is not None and 16.0 - 1e-9 <= rate <= 16.8 + 1e-9, rate
     rates = await _rates_after_successes(pacer, 600)
-    slow_past = [b - a for a, b in zip(rates, rates[1:]) if a > 20.5]
-    assert slow_past and all(step == pytest.approx(0.01) for step in slow_past)
+    _assert_slow_past(rates, 20.5)
 
 
 async def test_a_429_at_a_ceiling_is_where_the_limit_was_even_within_the_first_second() -> None:
@@ -397,8 +407,7 @@ async def test_a_429_at_a_ceiling_is_where_the_limit_was_even_within_the_first_s
     await _go(pacer, 429)
     assert pacer.pace(EP).rate == pytest.approx(0.8 * 8.1)
     rates = await _rates_after_successes(pacer, 300)
-    slow_past = [b - a for a, b in zip(rates, rates[1:]) if a > 8.2]
-    assert slow_past and all(step == pytest.approx(0.01) for step in slow_past)
+    _assert_slow_past(rates, 8.2)
 
 
 async def test_a_minute_after_the_last_429_growth_is_fast_again() -> None:
@@ -406,11 +415,7 @@ async def test_a_minute_after_the_last_429_growth_is_fast_again() -> None:
     without another 429, that rate is forgotten (a limit lowered for a while, as when other
     clients share dCache's overall rate) and growth is fast again."""
     clock = _Clock()
-    pacer = _on(clock)
-    for _ in range(40):
-        await _go(pacer, 206)
-        clock.now += 0.05
-    await _go(pacer, 429)
+    pacer = await _a_429_after_two_seconds_at_20_a_second(clock)
     rates = await _rates_after_successes(pacer, 40)
     assert rates[-1] - rates[-2] == pytest.approx(0.01)  # slow by now
     clock.now += 60.0
