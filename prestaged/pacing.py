@@ -21,23 +21,26 @@ WAN a cut to 1 in flight would be far slower than the limit. So a 429 sets a cei
 request *starts* instead, and leaves the concurrency alone:
 
 * an endpoint has no ceiling until its first 429 (nothing is spaced at a server that never
-  complained);
+  complained), and a 429 among fewer than ``RATE_MIN_STARTS`` (8) starts of the last second
+  sets none either: a fresh dCache client limiter refuses the second of two requests closer
+  than 1/rate whatever the rate, as when two runs' first requests meet;
 * a 429 of a request sent since the last rate cut sets the ceiling to ``RATE_CUT`` (80 %) of
   the starts of the last ``RATE_WINDOW`` (1 s; measured over at least ``RATE_MIN_SPAN``, 0.1 s,
   so a first burst does not count as thousands a second) or of the ceiling, whichever is lower,
   never below ``RATE_FLOOR`` (1/s);
 * starts are then spaced at least ``1 / ceiling`` apart, one after the other, measured from
-  when the previous one really went (no burst credit builds up while idle);
+  when the previous one really went, spaced or not (no burst credit builds up while idle);
 * a 429 counts only for a start spaced at the ceiling set by the last rate cut: one spaced at
   the old ceiling is the same burst, even when it goes after the cut;
-* each success of a request whose start the ceiling delayed raises it by ``RATE_GROWTH`` (0.1
-  request/s, so +10 % a second while it binds), and by a tenth of that (+1 % a second) from
-  ``RATE_NEAR`` (90 %) of the rate that drew the last 429: a 429 costs its file a
-  ``Retry-After`` (dCache: 1 to 9 s), so probing where the limit likely is must be slow. Only a
-  rate measured over a first burst (no ceiling yet, the endpoint in use for less than
-  ``RATE_WINDOW``) may be far below the limit: past it without a 429, growth is fast again.
-  And after ``RATE_MEMORY`` (60 s) without a 429 the rate that drew the last one is forgotten:
-  the limit may have been lowered for a while only. A start that did not wait says nothing.
+* each success of a request whose start the ceiling delayed raises it. A soft estimate (a
+  first burst's: no ceiling yet and under ``RATE_WINDOW`` of use; or a 429 at a ceiling that
+  held less than ``RATE_MIN_SPAN``) may be far from the limit: the ceiling grows by
+  ``RATE_SOFT`` x ``RATE_GROWTH`` (0.5 request/s a success, +50 % a second) until a 429 says
+  more. Otherwise by ``RATE_GROWTH`` (0.1, +10 % a second), and by a tenth of that (+1 % a
+  second) from ``RATE_NEAR`` (90 %) of the rate that drew the last 429: a 429 costs its file a
+  ``Retry-After`` (dCache: 1 to 9 s), so probing where the limit likely is must be slow. After
+  ``RATE_MEMORY`` (60 s) without a 429 that rate is forgotten: the limit may have been lowered
+  for a while only. A start that did not wait says nothing.
 
 First contact (``gate=True``, as the engine runs it): until an endpoint has accepted us once,
 one attempt at a time goes to it. An
@@ -73,12 +76,16 @@ RATE_WINDOW = 1.0
 """Seconds of recent starts measured when a 429 sets an endpoint's rate ceiling."""
 RATE_MIN_SPAN = 0.1
 """The shortest span the starts are counted over (a first burst is not 1,000s a second)."""
+RATE_MIN_STARTS = 8
+"""Starts in the window a first 429 needs to set a ceiling (fewer measure nothing)."""
 RATE_CUT = 0.8
 """A 429 sets the ceiling to this share of the measured start rate (or of the ceiling)."""
 RATE_GROWTH = 0.1
 """Requests/s added to the ceiling by each success whose start the ceiling delayed (a tenth of
 it from ``RATE_NEAR`` of the rate that drew the last 429)."""
 RATE_NEAR = 0.9
+RATE_SOFT = 5
+"""Growth is this many times ``RATE_GROWTH`` (+50 % a second) after a soft estimate."""
 RATE_MEMORY = 60.0
 """Seconds after a 429 during which growth near the rate that drew it stays slow: a limit
 lowered for a while (other clients sharing dCache's overall rate) is not remembered for good."""
@@ -115,7 +122,7 @@ class _Rate:
         self.turns = asyncio.Lock()
         """Held by the start being spaced (with a ``rate``)."""
         self.last_start = float("-inf")
-        """When the last spaced start went (the clock's time)."""
+        """When the last start went (the clock's time)."""
         self.starts: deque[float] = deque()
         """Start times of the last ``RATE_WINDOW`` seconds (what a 429 measures)."""
         self.too_fast = 0.0
@@ -281,7 +288,7 @@ class Pacer:
                     delayed = True
                     if endpoint not in self.paced:  # spaced at a ceiling another run set
                         self.paced[endpoint] = ep.pace()
-                r.last_start = now
+        r.last_start = now  # unspaced starts too: a new ceiling counts from the last of them
         starts = r.starts
         r.first_start = min(r.first_start, now)  # inf before the first
         starts.append(now)
@@ -326,13 +333,20 @@ class Pacer:
         starts = r.starts
         while starts and starts[0] < now - RATE_WINDOW:
             starts.popleft()
+        old = r.rate
+        if old is None and len(starts) < RATE_MIN_STARTS:
+            # A fresh dCache client limiter refuses the second of two requests closer than
+            # 1/rate, whatever the rate: a handful of starts says nothing of it.
+            log.debug("%s answered 429 after %d starts: no ceiling yet", endpoint, len(starts))
+            return
         span = RATE_WINDOW if not starts else min(RATE_WINDOW, max(RATE_MIN_SPAN, now - starts[0]))
         measured = len(starts) / span
-        old = r.rate
         r.too_fast = measured if old is None else min(old, measured)
-        # Soft only for a first burst: no ceiling yet and under a second of use. Once spaced,
-        # the starts measured are the ceiling's, a fair picture of where the limit is.
-        r.firm = old is not None or now - r.first_start >= RATE_WINDOW
+        # Soft: a first burst's (no ceiling yet, under a second of use), or one at a ceiling
+        # that held less than RATE_MIN_SPAN. Otherwise the starts measured are the ceiling's,
+        # a fair picture of where the limit is.
+        r.firm = (now - r.first_start >= RATE_WINDOW
+                  or (old is not None and now - r.cut_at >= RATE_MIN_SPAN))
         r.cut_at = now
         r.rate = max(RATE_FLOOR, RATE_CUT * r.too_fast)
         r.cuts += 1
@@ -346,9 +360,12 @@ class Pacer:
         r = ep.r
         if window != r.cuts or r.rate is None:
             return
-        near = (RATE_NEAR * r.too_fast <= r.rate and (r.firm or r.rate < r.too_fast)
-                and self._clock() - r.cut_at < RATE_MEMORY)
-        r.rate += RATE_GROWTH / 10 if near else RATE_GROWTH
+        if not r.firm:
+            r.rate += RATE_GROWTH * RATE_SOFT
+        elif RATE_NEAR * r.too_fast <= r.rate and self._clock() - r.cut_at < RATE_MEMORY:
+            r.rate += RATE_GROWTH / 10
+        else:
+            r.rate += RATE_GROWTH
         self.paced[endpoint] = ep.pace()
         if self._on_rate is not None:
             self._on_rate(endpoint, r.rate)

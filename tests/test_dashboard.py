@@ -245,7 +245,8 @@ async def _warm_once(metrics: Metrics, storage: StorageServer, toucher: HttpTouc
                      definition: Path, urls: list[str]) -> None:
     """One scheduled run as the daemon does it: warm, then report run, dataset and catalog."""
     storage.inject("/pnfs/campaign/f000.root", [Status(503)])  # one retry per run
-    storage.inject("/pnfs/campaign/f001.root", [Status(429)])  # and a rate ceiling
+    # A 429 after a dozen starts: a rate ceiling (fewer starts would measure nothing).
+    storage.inject("/pnfs/campaign/f015.root", [Status(429)])
     settings = WarmSettings(concurrency=4, nbytes=4, retry=FAST)
     report = await warm(_refs(urls), settings, toucher, probe=metrics)
     metrics.catalog_request("local", "ok")
@@ -399,7 +400,7 @@ async def _daemon(pki: TestPKI, proxy: Path, tmp_path: Path) -> AsyncIterator[st
         tape_site.core.add_file("/pnfs/tape/lost.root", 10, Where.LOST)
         tape_definition = tmp_path / "definitions" / "tape_raw.txt"
         storage.inject("/pnfs/campaign/f000.root", [Status(503)])
-        storage.inject("/pnfs/campaign/f001.root", [Status(429)])  # a rate ceiling
+        storage.inject("/pnfs/campaign/f015.root", [Status(429)])  # a rate ceiling, late
         definition = tmp_path / "definitions" / "campaign_raw.txt"
         definition.parent.mkdir()
         definition.write_text("".join(storage.url(f"/pnfs/campaign/f{i:03d}.root") + "\n"

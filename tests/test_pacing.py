@@ -269,6 +269,14 @@ async def _go(pacer: Pacer, status: int | None, endpoint: str = EP) -> None:
         slot.answered(status)
 
 
+async def _burst_then_429(pacer: Pacer) -> None:
+    """Seven starts and an eighth answered 429, at one instant: 8 in the shortest span (0.1
+    s) is 80/s, so the ceiling is 64/s, soft (a first burst's)."""
+    for _ in range(7):
+        await _go(pacer, 206)
+    await _go(pacer, 429)
+
+
 async def _rates_after_successes(pacer: Pacer, n: int) -> list[float]:
     """The ceiling after each of ``n`` successes in a row."""
     rates = []
@@ -280,12 +288,17 @@ async def _rates_after_successes(pacer: Pacer, n: int) -> list[float]:
     return rates
 
 
+def _steps(rates: list[float], above: float) -> list[float]:
+    """How much the ceiling moved at each step that began above ``above``."""
+    return [b - a for a, b in zip(rates, rates[1:]) if a > above]
+
+
 async def test_starts_are_not_spaced_until_a_429_which_sets_a_rate_and_not_the_concurrency(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """100 attempts at one instant and a 503-free run: nothing waits, nothing is listed. A
-    429 then sets the ceiling to 80 % of the starts measured (101 over the shortest span, 0.1
-    s: 808/s), leaves the concurrency at 32, and says so in one INFO line."""
+    """100 attempts at one instant, no 429: nothing waits, nothing is listed. A 429 then sets
+    the ceiling to 80 % of the starts measured (101 over the shortest span, 0.1 s: 808/s),
+    leaves the concurrency at 32, and says so in one INFO line."""
     clock = _Clock()
     pacer = _on(clock)
     for _ in range(100):
@@ -299,38 +312,53 @@ async def test_starts_are_not_spaced_until_a_429_which_sets_a_rate_and_not_the_c
         f"{EP} answered 429: at most 808.0 requests/s (101 sent in 0.10 s)"]
 
 
-async def test_starts_are_spaced_from_when_the_last_one_really_went() -> None:
-    """Ceiling 8/s (a first 429: one start in 0.1 s is 10/s): the next start goes at once,
-    the one after waits 1/8 s and, delayed, raises the ceiling by 0.1. The loop then wakes
-    0.3 s late: that start goes at once (no credit for the idle time, and no early start for
-    the next), and the next waits 1/8.1 s from it."""
+async def test_a_429_after_a_handful_of_starts_sets_no_ceiling() -> None:
+    """A fresh dCache client limiter refuses the second of two requests close together,
+    whatever its rate (two runs' first requests can meet so): a 429 among fewer than 8
+    starts measures nothing, and nothing is spaced; the 8th start's 429 sets a ceiling."""
     clock = _Clock()
     pacer = _on(clock)
+    await _go(pacer, 206)
     await _go(pacer, 429)
-    assert pacer.pace(EP).rate == 8.0
+    assert pacer.pace(EP).rate is None and pacer.paced == {}
+    for _ in range(5):
+        await _go(pacer, 206)
+    await _go(pacer, 429)
+    assert pacer.pace(EP).rate == pytest.approx(64.0) and clock.waits == []
+
+
+async def test_starts_are_spaced_from_when_the_last_one_really_went() -> None:
+    """Ceiling 64/s: the next start waits 1/64 s after the 429's own start and, delayed, raises
+    the ceiling (by 0.5: a first burst's estimate grows fast). The loop then wakes 0.3 s late:
+    that start goes at once (no credit for the idle time, no growth), and the next one waits
+    a whole interval after it, not less."""
+    clock = _Clock()
+    pacer = _on(clock)
+    await _burst_then_429(pacer)
     await _go(pacer, 206)
     await _go(pacer, 206)
-    assert clock.waits == [pytest.approx(0.125)] and pacer.pace(EP).rate == pytest.approx(8.1)
+    assert clock.waits == [pytest.approx(1 / 64), pytest.approx(1 / 64.5)]
+    assert pacer.pace(EP).rate == pytest.approx(65.0)
     clock.now += 0.3
-    await _go(pacer, 206)  # not delayed: the ceiling stays
     await _go(pacer, 206)
-    assert clock.waits[1:] == [pytest.approx(1 / 8.1)]
-    assert pacer.pace(EP).rate == pytest.approx(8.2)
+    await _go(pacer, 206)
+    assert clock.waits[2:] == [pytest.approx(1 / 65)]
+    assert pacer.pace(EP).rate == pytest.approx(65.5)
 
 
 async def test_a_429_of_a_start_spaced_at_the_old_ceiling_cuts_nothing() -> None:
-    """Two starts spaced at 8/s; the first one's 429 cuts (6.4/s), the second's (the same
-    burst) does not. A start already waiting for its turn at 8/s when the cut came is of that
-    burst too, though it goes after the cut; a start spaced at 6.4/s cuts again."""
+    """Two starts spaced at 64/s; the first one's 429 cuts (51.2/s), the second's (the same
+    burst) does not. A start already waiting for its turn at 64/s when the cut came is of
+    that burst too, though it goes after the cut; a start spaced at 51.2/s cuts again."""
     clock = _Clock()
     pacer = _on(clock)
-    await _go(pacer, 429)
+    await _burst_then_429(pacer)
     async with pacer.slot(EP) as one, pacer.slot(EP) as two:
         clock.hold = asyncio.Event()
         late = asyncio.ensure_future(pacer.slot(EP).__aenter__())
-        await _settle()  # `late` waits for its turn, at 8/s
+        await _settle()  # `late` waits for its turn, at 64/s
         one.answered(429)
-        assert pacer.pace(EP).rate_cuts == 2 and pacer.pace(EP).rate == pytest.approx(6.4)
+        assert pacer.pace(EP).rate_cuts == 2 and pacer.pace(EP).rate == pytest.approx(51.2)
         two.answered(429)
         clock.hold.set()
         clock.hold = None
@@ -339,32 +367,18 @@ async def test_a_429_of_a_start_spaced_at_the_old_ceiling_cuts_nothing() -> None
         assert pacer.pace(EP).rate_cuts == 2
         await third.__aexit__(None, None, None)
     await _go(pacer, 429)
-    assert pacer.pace(EP).rate_cuts == 3 and pacer.pace(EP).rate == pytest.approx(6.4 * 0.8)
+    assert pacer.pace(EP).rate_cuts == 3 and pacer.pace(EP).rate == pytest.approx(51.2 * 0.8)
 
 
-async def test_after_a_first_burst_the_ceiling_grows_slowly_only_near_the_rate_that_drew_it(
-) -> None:
-    """A 429 of a first burst, at 10/s, sets 8/s. Delayed successes add 0.1 each up to 9/s (90 %
-    of 10), then 0.01 each up to 10/s (a 429 costs its file the server's Retry-After, so the
-    band where the limit likely is is crossed slowly), then 0.1 again: a first burst's rate
-    can be far below the limit, and 10/s was no limit after all."""
+async def test_after_a_first_burst_the_ceiling_grows_fast_whatever_the_rate_measured() -> None:
+    """A first burst says little of the limit (the rate measured, 80/s, is the burst's): each
+    delayed success adds 0.5 (+50 % a second), past 80/s too, until a 429 says more."""
     clock = _Clock()
     pacer = _on(clock)
-    await _go(pacer, 429)
-    rates = await _rates_after_successes(pacer, 140)
-    assert rates[0] == 8.0  # the first start after the cut did not wait
-    steps = {"fast": 0, "slow": 0, "fast again": 0}
-    for before, after in zip(rates, rates[1:]):
-        if before < 8.95:
-            assert after - before == pytest.approx(0.1)
-            steps["fast"] += 1
-        elif 9.05 < before < 9.95:
-            assert after - before == pytest.approx(0.01)
-            steps["slow"] += 1
-        elif before > 10.05:
-            assert after - before == pytest.approx(0.1)
-            steps["fast again"] += 1
-    assert steps["fast"] >= 9 and steps["slow"] >= 80 and steps["fast again"] >= 10, steps
+    await _burst_then_429(pacer)
+    rates = await _rates_after_successes(pacer, 60)
+    assert rates[0] == pytest.approx(64.5) and rates[-1] > 90
+    assert all(step == pytest.approx(0.5) for step in _steps(rates, 0))
     assert pacer.paced[EP].rate == rates[-1]
 
 
@@ -377,37 +391,39 @@ async def _a_429_after_two_seconds_at_20_a_second(clock: _Clock) -> Pacer:
     return pacer
 
 
-def _assert_slow_past(rates: list[float], past: float) -> None:
-    """Every step of the ceiling from above ``past`` was a slow one (0.01), and there were some."""
-    slow_past = [b - a for a, b in zip(rates, rates[1:]) if a > past]
-    assert slow_past and all(step == pytest.approx(0.01) for step in slow_past)
-
-
 async def test_after_a_second_of_starts_the_ceiling_grows_slowly_past_the_rate_that_drew_it(
 ) -> None:
     """20 starts a second for 2 s, then a 429: about 16/s (80 % of the 20-21 starts of the
-    last whole second). Growth is fast to 90 % of that rate, then slow for good, past it too:
-    measured over a second, it is where the limit was."""
+    last whole second). Growth is fast (0.1 a success, +10 % a second) to 90 % of that rate,
+    then slow (0.01) for good, past it too: measured over a second, it is where the limit was."""
     clock = _Clock()
     pacer = await _a_429_after_two_seconds_at_20_a_second(clock)
     rate = pacer.pace(EP).rate
     assert rate is not None and 16.0 - 1e-9 <= rate <= 16.8 + 1e-9, rate
     rates = await _rates_after_successes(pacer, 600)
-    _assert_slow_past(rates, 20.5)
+    assert rates[0] - rate == pytest.approx(0.1)
+    past = _steps(rates, 20.5)
+    assert past and all(step == pytest.approx(0.01) for step in past)
 
 
-async def test_a_429_at_a_ceiling_is_where_the_limit_was_even_within_the_first_second() -> None:
-    """A first burst's 429 sets 8/s (soft); a 429 of a start spaced at that ceiling, a quarter
-    of a second later, measures the ceiling, not a burst: growth stays slow past it."""
+async def test_a_429_at_a_ceiling_that_held_a_tenth_of_a_second_is_where_the_limit_was() -> None:
+    """After a first burst's ceiling (64/s), a 429 at once (under 0.1 s later) is soft too:
+    growth stays fast past it. One after the ceiling held 0.1 s, within the first second,
+    measures that ceiling: growth slows near it and stays slow past it."""
     clock = _Clock()
     pacer = _on(clock)
+    await _burst_then_429(pacer)
+    await _go(pacer, 429)  # 1/64 s after the cut
+    assert pacer.pace(EP).rate == pytest.approx(51.2)
+    rates = await _rates_after_successes(pacer, 40)
+    assert all(step == pytest.approx(0.5) for step in _steps(rates, 0))
+    # The ceiling (about 71/s now) held 0.6 s: a 429 now is firm.
     await _go(pacer, 429)
-    await _go(pacer, 206)
-    await _go(pacer, 206)
-    await _go(pacer, 429)
-    assert pacer.pace(EP).rate == pytest.approx(0.8 * 8.1)
-    rates = await _rates_after_successes(pacer, 300)
-    _assert_slow_past(rates, 8.2)
+    drew = rates[-1]
+    assert pacer.pace(EP).rate == pytest.approx(0.8 * drew)
+    rates = await _rates_after_successes(pacer, 1000)
+    past = _steps(rates, drew + 0.2)
+    assert past and all(step == pytest.approx(0.01) for step in past)
 
 
 async def test_a_minute_after_the_last_429_growth_is_fast_again() -> None:
@@ -432,13 +448,12 @@ async def test_pacers_sharing_rates_share_the_ceiling() -> None:
     one = Pacer(32, clock=clock, sleep=clock.sleep, rates=rates)
     other = Pacer(32, clock=clock, sleep=clock.sleep, rates=rates)
     alone = _on(clock)
-    await _go(one, 429)
-    await _go(other, 206)  # the first start after the cut goes at once
+    await _burst_then_429(one)
     assert other.paced == {}
     await _go(other, 206)
-    assert clock.waits == [pytest.approx(0.125)]
-    assert other.paced[EP].rate == pytest.approx(8.1) and other.paced[EP].limit == 32
-    assert one.pace(EP).rate == pytest.approx(8.1)  # raised by the other's delayed success
+    assert clock.waits == [pytest.approx(1 / 64)]
+    assert other.paced[EP].rate == pytest.approx(64.5) and other.paced[EP].limit == 32
+    assert one.pace(EP).rate == pytest.approx(64.5)  # raised by the other's delayed success
     await _go(alone, 206)
     await _go(alone, 206)
     assert len(clock.waits) == 1 and alone.pace(EP).rate is None
@@ -447,9 +462,10 @@ async def test_pacers_sharing_rates_share_the_ceiling() -> None:
 async def test_429s_in_a_row_bring_the_ceiling_down_to_one_a_second_not_below() -> None:
     clock = _Clock()
     pacer = _on(clock)
+    await _burst_then_429(pacer)
     for _ in range(40):
         await _go(pacer, 429)
-    assert pacer.pace(EP).rate == 1.0 and pacer.pace(EP).rate_cuts == 40
+    assert pacer.pace(EP).rate == 1.0 and pacer.pace(EP).rate_cuts == 41
     await _go(pacer, 429)
     assert clock.waits[-1] == pytest.approx(1.0) and pacer.pace(EP).rate == 1.0
 
@@ -459,8 +475,7 @@ async def test_an_attempt_cancelled_while_waiting_for_its_turn_gives_its_slot_ba
     the slot is free, and the next start is not blocked behind it."""
     clock = _Clock()
     pacer = _on(clock, maximum=1)
-    await _go(pacer, 429)
-    await _go(pacer, 206)
+    await _burst_then_429(pacer)
     clock.hold = asyncio.Event()
     waiting = asyncio.ensure_future(_go(pacer, 206))
     await _settle()
@@ -616,21 +631,22 @@ def test_warm_json_reports_the_concurrency_used(
 async def test_a_run_sharing_rates_starts_at_the_ceiling_an_earlier_run_learned(
     pki: TestPKI, proxy: Path
 ) -> None:
-    """As the daemon runs them: a first run meets one 429 and learns a ceiling for the door;
-    a second run given the same ``Rates`` spaces its starts from the first one (listed as
-    paced at that ceiling, having met no 429 itself); a run with rates of its own does not."""
+    """As the daemon runs them: a first run meets a 429 at its 12th file and learns a ceiling
+    for the door; a second run given the same ``Rates`` spaces its starts from the first one
+    (listed as paced at that ceiling, having met no 429 itself); a run with rates of its own
+    does not."""
     async with StorageServer(pki.server_ssl_context()) as srv:
-        srv.inject("/pnfs/ds/f000", [Status(429)])
-        urls = [srv.url(f"/pnfs/ds/f{i:03d}") for i in range(12)]
+        srv.inject("/pnfs/ds/f011", [Status(429)])
+        urls = [srv.url(f"/pnfs/ds/f{i:03d}") for i in range(23)]
         rates = Rates()
         settings = WarmSettings(concurrency=8, retry=ZERO_BACKOFF)
         async with HttpToucher(_client(pki, proxy), limit=8, limit_per_host=8,
                                timeout=20) as t:
-            first = await warm(_refs(urls[:1]), settings, t, rates=rates)
+            first = await warm(_refs(urls[:12]), settings, t, rates=rates)
             learned = first.tally.paced[_endpoint(srv)].rate
             assert learned is not None and first.tally.retries["429"] == 1
-            second = await warm(_refs(urls[1:]), settings, t, rates=rates)
-            alone = await warm(_refs(urls[1:]), settings, t)
+            second = await warm(_refs(urls[12:]), settings, t, rates=rates)
+            alone = await warm(_refs(urls[12:]), settings, t)
         paced = second.tally.paced[_endpoint(srv)]
     assert paced.rate is not None and paced.rate >= learned and paced.rate_cuts == 1
     assert not second.tally.retries and second.tally.results[Result.WARM.value] == 11
