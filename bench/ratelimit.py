@@ -14,11 +14,20 @@ Clients, interleaved in every round so that drift of the machine hits all of the
   per-client limit (what the README advised before the pacer learned rates);
 * ``baseline`` (with ``--baseline DIR``): prestaged from another source tree, defaults.
 
+With ``--runs K`` (K >= 2) each measured process is a daemon's situation instead: this
+script's ``--child`` mode warms the N files as K runs at once (file i in run i mod K) through
+one touch path with 32 files in flight in all, as the daemon's ``SharedToucher`` does. Clients:
+
+* ``shared``: this tree, one ``pacing.Rates`` for the K runs (what the daemon does);
+* ``separate``: this tree, a request-rate cap per run (each run learns its own);
+* ``baseline`` (with ``--baseline DIR``): the other tree, its own pacing per run.
+
 Each run must exit 0 with every file warm (exit 1 otherwise). Reported per client: median wall
 seconds and files/s (N / wall, interpreter start-up included), answers 429 (the emulator's
 count), the request rate cap the run reported (``endpoints``), and the concurrency it ended at.
 
-    .venv/bin/python bench/ratelimit.py [--files 4000] [--rounds 3] [--baseline DIR] [--json]
+    .venv/bin/python bench/ratelimit.py [--files 4000] [--rounds 3] [--runs K] [--baseline DIR]
+                                        [--json]
 """
 
 from __future__ import annotations
@@ -44,6 +53,9 @@ READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 READY_POLL = 0.05
 PRESTAGED, RATE240, BASELINE = "prestaged", "rate240", "baseline"
+SHARED, SEPARATE = "shared", "separate"
+IN_FLIGHT = 32
+"""Files in flight in all (``storage.concurrency``), also for K runs at once."""
 
 
 @dataclass(frozen=True)
@@ -84,8 +96,9 @@ def _emulator(creds: Credentials, rundir: Path, files: int) -> tuple[subprocess.
 
 
 def measure(client: str, round_no: int, *, files: int, creds: Credentials, workdir: Path,
-            baseline: Optional[Path], timeout: float) -> Run:
-    """One run of ``client`` against a fresh emulator at dCache's default rates."""
+            baseline: Optional[Path], timeout: float, runs: int = 1) -> Run:
+    """One run of ``client`` against a fresh emulator at dCache's default rates (with ``runs``
+    > 1: ``runs`` warm runs at once in one ``--child`` process)."""
     rundir = workdir / f"{client}-{round_no}"
     rundir.mkdir()
     config = rundir / "prestaged.toml"
@@ -99,7 +112,12 @@ def measure(client: str, round_no: int, *, files: int, creds: Credentials, workd
         urls.write_text("".join(door + f.path + "\n"
                                 for f in synthetic(files, tape_fraction=0.0, tapes=20)))
         # --retries 50: every 429 is tried again after its Retry-After, whatever the client.
-        cmd = warm_command(urls, creds, config, "--retries", "50", "--no-state")
+        if runs > 1:
+            cmd = [sys.executable, __file__, "--child", str(urls), "--proxy", str(creds.proxy),
+                   "--ca-dir", str(creds.pki.ca_dir), "--runs", str(runs),
+                   *(["--separate"] if client == SEPARATE else [])]
+        else:
+            cmd = warm_command(urls, creds, config, "--retries", "50", "--no-state")
         got = run_measured(cmd, timeout=timeout, env=env)
     finally:
         doc = stop_server(proc, stats_file, STOP_TIMEOUT, "the dCache emulator")
@@ -116,7 +134,72 @@ def measure(client: str, round_no: int, *, files: int, creds: Credentials, workd
                endpoints=report.get("endpoints", {}))
 
 
-def summarize(runs: list[Run], files: int, clients: list[str]) -> dict[str, Any]:
+async def _child_runs(urls: list[str], proxy: Path, ca_dir: Path, runs: int,
+                     separate: bool) -> dict[str, Any]:
+    """``runs`` warm runs at once over ``urls`` through one touch path (``IN_FLIGHT`` files
+    in flight in all), with one ``Rates`` unless ``separate`` or the tree has none."""
+    import asyncio
+
+    from prestaged.credentials import load_credentials
+    from prestaged.model import Attempt, FileRef
+    from prestaged.retry import RetryPolicy
+    from prestaged.storage.http import HttpToucher
+    from prestaged.warm import WarmSettings, warm
+
+    try:
+        from prestaged.pacing import Rates
+        shared: dict[str, Any] = {} if separate else {"rates": Rates()}
+    except ImportError:  # a tree from before pacing.Rates
+        shared = {}
+
+    creds = load_credentials(proxy=proxy, proxy_configured=None, ca_dir=ca_dir,
+                             ca_dir_configured=None, min_lifetime=60)
+    budget = asyncio.Semaphore(IN_FLIGHT)
+
+    class Budgeted:
+        """The daemon's SharedToucher in short: one pool, IN_FLIGHT touches in all."""
+
+        def __init__(self, toucher: HttpToucher) -> None:
+            self.toucher = toucher
+
+        async def touch(self, url: str) -> Attempt:
+            async with budget:
+                return await self.toucher.touch(url)
+
+    async def refs(part: list[str]) -> Any:
+        for u in part:
+            yield FileRef(name=u.rsplit("/", 1)[-1], url=u)
+
+    settings = WarmSettings(concurrency=IN_FLIGHT, retry=RetryPolicy(attempts=50, total=600.0))
+    async with HttpToucher(creds.ssl_context(), limit=IN_FLIGHT, limit_per_host=IN_FLIGHT,
+                           timeout=60) as toucher:
+        t = Budgeted(toucher)
+        reports = await asyncio.gather(*(warm(refs(urls[i::runs]), settings, t, **shared)
+                                         for i in range(runs)))
+    endpoints: dict[str, Any] = {}
+    for i, r in enumerate(reports):
+        for ep, pace in r.tally.paced.items():
+            rate: Optional[float] = getattr(pace, "rate", None)  # None in an older tree too
+            endpoints[f"run {i}: {ep}"] = {
+                "concurrency": pace.limit, "rate": None if rate is None else round(rate, 1),
+                "rate_cuts": getattr(pace, "rate_cuts", None), "backoffs": pace.cuts}
+    warm_files = sum(r.tally.results["warm"] for r in reports)
+    return {"counts": {"warm": warm_files}, "endpoints": endpoints,
+            "exit_codes": [r.exit_code for r in reports]}
+
+
+def child(args: argparse.Namespace) -> int:
+    """``--child``: print the K runs' JSON summary; exit 0 when every run did."""
+    import asyncio
+
+    urls = Path(args.child).read_text().split()
+    doc = asyncio.run(_child_runs(urls, args.proxy, args.ca_dir, args.runs, args.separate))
+    json.dump(doc, sys.stdout)
+    return 0 if set(doc["exit_codes"]) == {0} else 1
+
+
+def summarize(runs: list[Run], files: int, clients: list[str],
+              runs_at_once: int = 1) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for client in clients:
         mine = [r for r in runs if r.client == client]
@@ -128,11 +211,13 @@ def summarize(runs: list[Run], files: int, clients: list[str]) -> dict[str, Any]
             "rounds_seconds": [r.seconds for r in mine],
         }
     doc: dict[str, Any] = {"files": files, "rate_per_client": DCACHE_RATE / 4,
+                           "runs_at_once": runs_at_once,
                            "clients": rows, "runs": [asdict(r) for r in runs],
                            "all_correct": all(r.correct and r.warm == files for r in runs)}
     if BASELINE in rows:
+        ours = PRESTAGED if PRESTAGED in rows else SHARED
         pairs = [(a.seconds, b.seconds) for a in runs for b in runs
-                 if a.client == BASELINE and b.client == PRESTAGED and a.round == b.round]
+                 if a.client == BASELINE and b.client == ours and a.round == b.round]
         doc["ratio_baseline_over_prestaged_seconds"] = round(median([a / b for a, b in pairs]),
                                                              2)
     return doc
@@ -141,7 +226,7 @@ def summarize(runs: list[Run], files: int, clients: list[str]) -> dict[str, Any]
 def print_table(doc: dict[str, Any]) -> None:
     print(f"rate limits: {doc['files']} files on disk, the dCache emulator at dCache 11.2's "
           f"default rates ({doc['rate_per_client']:.0f} requests/s a client), a fresh one per "
-          "run")
+          f"run; {doc['runs_at_once']} warm run(s) at once")
     print(f"{'client':<10} {'median s':>9} {'files/s':>8} {'429s':>6} {'CPU s':>6}  rounds s")
     for client, row in doc["clients"].items():
         each = ", ".join(f"{s:.1f}" for s in row["rounds_seconds"])
@@ -163,13 +248,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--baseline", type=Path, metavar="DIR",
                    help="another source tree to run as the client 'baseline'")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per run (600)")
+    p.add_argument("--runs", type=int, default=1,
+                   help="warm runs at once in one process, as the daemon makes them (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON document, no table")
+    p.add_argument("--child", metavar="URLS", help=argparse.SUPPRESS)
+    p.add_argument("--proxy", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--ca-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--separate", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child is not None:
+        return child(args)
     if args.baseline is not None and not (args.baseline / "prestaged" / "__init__.py").is_file():
         print(f"ratelimit: --baseline {args.baseline}: no prestaged/__init__.py there",
               file=sys.stderr)
         return 2
-    clients = [PRESTAGED, RATE240, *([BASELINE] if args.baseline is not None else [])]
+    mine = [PRESTAGED, RATE240] if args.runs == 1 else [SHARED, SEPARATE]
+    clients = [*mine, *([BASELINE] if args.baseline is not None else [])]
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="prestaged-ratelimit-") as tmp:
         workdir = Path(tmp)
@@ -179,12 +273,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             order = clients[round_no % len(clients):] + clients[:round_no % len(clients)]
             for client in order:
                 run = measure(client, round_no, files=args.files, creds=creds,
-                              workdir=workdir, baseline=args.baseline, timeout=args.timeout)
+                              workdir=workdir, baseline=args.baseline, timeout=args.timeout,
+                              runs=args.runs)
                 runs.append(run)
                 print(f"round {round_no} {client:<9}: {run.seconds:.2f} s, {run.warm} warm, "
                       f"{run.answers_429} answers 429, endpoints {run.endpoints}",
                       file=sys.stderr, flush=True)
-    doc = summarize(runs, args.files, clients)
+    doc = summarize(runs, args.files, clients, args.runs)
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         print()
