@@ -16,7 +16,7 @@ Clients, interleaved in every round so that drift of the machine hits all of the
 
 With ``--runs K`` (K >= 2) each measured process is a daemon's situation instead: this
 script's ``--child`` mode warms the N files as K runs at once (file i in run i mod K) through
-one touch path with 32 files in flight in all, as the daemon's ``SharedToucher`` does. Clients:
+the daemon's touch path (``SharedToucher``, 32 files in flight in all). Clients:
 
 * ``shared``: this tree, one ``pacing.Rates`` for the K runs (what the daemon does);
 * ``separate``: this tree, a request-rate cap per run (each run learns its own);
@@ -141,8 +141,9 @@ async def _child_runs(urls: list[str], proxy: Path, ca_dir: Path, runs: int,
     import asyncio
 
     from prestaged.credentials import load_credentials
-    from prestaged.model import Attempt, FileRef
+    from prestaged.model import FileRef
     from prestaged.retry import RetryPolicy
+    from prestaged.service.toucher import SharedToucher
     from prestaged.storage.http import HttpToucher
     from prestaged.warm import WarmSettings, warm
 
@@ -154,28 +155,23 @@ async def _child_runs(urls: list[str], proxy: Path, ca_dir: Path, runs: int,
 
     creds = load_credentials(proxy=proxy, proxy_configured=None, ca_dir=ca_dir,
                              ca_dir_configured=None, min_lifetime=60)
-    budget = asyncio.Semaphore(IN_FLIGHT)
-
-    class Budgeted:
-        """The daemon's SharedToucher in short: one pool, IN_FLIGHT touches in all."""
-
-        def __init__(self, toucher: HttpToucher) -> None:
-            self.toucher = toucher
-
-        async def touch(self, url: str) -> Attempt:
-            async with budget:
-                return await self.toucher.touch(url)
 
     async def refs(part: list[str]) -> Any:
         for u in part:
             yield FileRef(name=u.rsplit("/", 1)[-1], url=u)
 
     settings = WarmSettings(concurrency=IN_FLIGHT, retry=RetryPolicy(attempts=50, total=600.0))
-    async with HttpToucher(creds.ssl_context(), limit=IN_FLIGHT, limit_per_host=IN_FLIGHT,
-                           timeout=60) as toucher:
-        t = Budgeted(toucher)
-        reports = await asyncio.gather(*(warm(refs(urls[i::runs]), settings, t, **shared)
+    # The daemon's own touch path: one pool, IN_FLIGHT touches in all across the runs.
+    toucher = SharedToucher(lambda tls: HttpToucher(tls, limit=IN_FLIGHT,
+                                                    limit_per_host=IN_FLIGHT, timeout=60),
+                            IN_FLIGHT)
+    await toucher.install(creds.ssl_context())
+    toucher.valid.set()
+    try:
+        reports = await asyncio.gather(*(warm(refs(urls[i::runs]), settings, toucher, **shared)
                                          for i in range(runs)))
+    finally:
+        await toucher.close()
     endpoints: dict[str, Any] = {}
     for i, r in enumerate(reports):
         for ep, pace in r.tally.paced.items():

@@ -84,6 +84,7 @@ RATE_GROWTH = 0.1
 """Requests/s added to the ceiling by each success whose start the ceiling delayed (a tenth of
 it from ``RATE_NEAR`` of the rate that drew the last 429)."""
 RATE_NEAR = 0.9
+"""Share of the rate that drew the last 429 from which growth is slow."""
 RATE_SOFT = 5
 """Growth is this many times ``RATE_GROWTH`` (+50 % a second) after a soft estimate."""
 RATE_MEMORY = 60.0
@@ -150,6 +151,12 @@ class Rates:
         if r is None:
             r = self._endpoints[endpoint] = _Rate()
         return r
+
+
+def _forget_old(starts: deque[float], now: float) -> None:
+    """Drop the start times older than ``RATE_WINDOW`` before ``now``."""
+    while starts and starts[0] < now - RATE_WINDOW:
+        starts.popleft()
 
 
 class _Endpoint:
@@ -289,11 +296,9 @@ class Pacer:
                     if endpoint not in self.paced:  # spaced at a ceiling another run set
                         self.paced[endpoint] = ep.pace()
         r.last_start = now  # unspaced starts too: a new ceiling counts from the last of them
-        starts = r.starts
         r.first_start = min(r.first_start, now)  # inf before the first
-        starts.append(now)
-        while starts[0] < now - RATE_WINDOW:
-            starts.popleft()
+        r.starts.append(now)
+        _forget_old(r.starts, now)
         return delayed, window
 
     @staticmethod
@@ -331,8 +336,7 @@ class Pacer:
             return  # sent before the last rate cut: the same burst
         now = self._clock()
         starts = r.starts
-        while starts and starts[0] < now - RATE_WINDOW:
-            starts.popleft()
+        _forget_old(starts, now)
         old = r.rate
         if old is None and len(starts) < RATE_MIN_STARTS:
             # A fresh dCache client limiter refuses the second of two requests closer than
@@ -350,9 +354,7 @@ class Pacer:
         r.cut_at = now
         r.rate = max(RATE_FLOOR, RATE_CUT * r.too_fast)
         r.cuts += 1
-        self.paced[endpoint] = ep.pace()
-        if self._on_rate is not None:
-            self._on_rate(endpoint, r.rate)
+        self._rate_changed(endpoint, ep, r.rate)
         log.info("%s answered 429: at most %.1f requests/s (%s)", endpoint, r.rate,
                  f"was {old:.1f}" if old is not None else f"{len(starts)} sent in {span:.2f} s")
 
@@ -366,9 +368,12 @@ class Pacer:
             r.rate += RATE_GROWTH / 10
         else:
             r.rate += RATE_GROWTH
+        self._rate_changed(endpoint, ep, r.rate)
+
+    def _rate_changed(self, endpoint: str, ep: _Endpoint, rate: float) -> None:
         self.paced[endpoint] = ep.pace()
         if self._on_rate is not None:
-            self._on_rate(endpoint, r.rate)
+            self._on_rate(endpoint, rate)
 
     def _grow(self, endpoint: str, ep: _Endpoint, window: int, binding: bool) -> None:
         # Only successes sent at the current limit, with the limit in use, say that it could be
@@ -411,8 +416,8 @@ class Slot:
         ep = self._ep
         self._binding = await self._pacer._acquire(ep)
         try:
-            # The slot first, then the turn: turns handed out to attempts still waiting for a
-            # slot would all come due at once when slots free up, a burst above the ceiling.
+            # The slot first, then the turn: a turn taken while waiting for a slot would be
+            # spent idle, and the starts would bunch up when slots free, above the ceiling.
             self._delayed, self._rate_window = await self._pacer._start(self._endpoint, ep)
         except BaseException:
             self._pacer._release(ep)  # cancelled while spaced: __aexit__ will not run
