@@ -6,6 +6,7 @@ servers on 127.0.0.1.
 
 from __future__ import annotations
 
+import inspect
 import types
 
 import aiohttp
@@ -14,11 +15,16 @@ from aioresponses import aioresponses as _aioresponses
 __all__ = ["aioresponses"]
 
 
+_WANTS_WRITER = "stream_writer" in inspect.signature(aiohttp.ClientResponse.__init__).parameters
+"""aiohttp 3.14 (Python 3.10+) requires it; 3.13, the last for Python 3.9, has no such argument."""
+
+
 class _Response(aiohttp.ClientResponse):
     """aioresponses 0.7.9 predates aiohttp 3.14's required ``stream_writer`` argument."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        kwargs.setdefault("stream_writer", types.SimpleNamespace(output_size=0))
+        if _WANTS_WRITER:
+            kwargs.setdefault("stream_writer", types.SimpleNamespace(output_size=0))
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
 

@@ -178,6 +178,13 @@ def _requirement_names(lines: list[str]) -> set[str]:
             for line in lines}
 
 
+_STATIC_NEEDS_310 = pytest.mark.skipif(
+    sys.version_info < (3, 10),
+    reason="reads the source with sys.stdlib_module_names and packages_distributions (3.10+); "
+           "it checks the tree, which no interpreter changes")
+
+
+@_STATIC_NEEDS_310
 def test_every_imported_library_is_declared() -> None:
     """Each third-party module the package imports belongs to a distribution listed in
     pyproject.toml's dependencies (yarl was imported but not declared); one imported only
@@ -196,6 +203,7 @@ def test_every_imported_library_is_declared() -> None:
     assert not missing, "undeclared: " + ", ".join(missing)
 
 
+@_STATIC_NEEDS_310
 def test_optional_driver_is_imported_only_lazily() -> None:
     """psycopg, from the optional ``postgresql`` extra, is imported only where it is used, never
     when a module of the package is imported (the check above would otherwise demand it as a

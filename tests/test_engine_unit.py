@@ -5,6 +5,7 @@ aioresponses stands in for the network here; the integration tests use real TLS 
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -115,7 +116,7 @@ async def test_reset_and_timeout_are_retried() -> None:
     """A dropped connection and a timeout are retried; the file still ends warm."""
     with aioresponses() as m:
         m.get(URL, exception=aiohttp.ServerDisconnectedError())
-        m.get(URL, exception=TimeoutError())
+        m.get(URL, exception=asyncio.TimeoutError())  # what aiohttp raises, on 3.9 too
         m.get(URL, status=206, body=b"abcd")
         async with HttpToucher(None) as t:
             report = await warm(_refs([URL]), _settings(), t, sleep=_Sleeps())

@@ -493,7 +493,8 @@ class TestPKI:
         Clients must present a certificate unless ``require_client_cert`` is false, in which
         case one is requested and verified if sent (like XrdHttp).
         """
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, capath=str(self.ca_dir))
+        ctx = _server_context()
+        ctx.load_verify_locations(capath=str(self.ca_dir))
         ctx.load_cert_chain(*(cert or (self.host_cert, self.host_key)))
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
         ctx.verify_flags |= _ALLOW_PROXY_CERTS
@@ -504,7 +505,7 @@ class TestPKI:
         asked for (the door's one-time ``dcache-http-uuid`` authorises the read). A context
         that asks for one would make every client send, and the server verify and keep in its
         session tickets, a certificate chain that a real pool never sees."""
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx = _server_context()
         ctx.load_cert_chain(self.host_cert, self.host_key)
         ctx.verify_mode = ssl.CERT_NONE
         return ctx
@@ -514,6 +515,12 @@ class TestPKI:
         ctx = ssl.create_default_context(capath=str(self.ca_dir))
         ctx.load_cert_chain(proxy)
         return ctx
+
+
+def _server_context() -> ssl.SSLContext:
+    """A server-side TLS context on every Python: on 3.9, ``create_default_context(CLIENT_AUTH)``
+    is a generic ``PROTOCOL_TLS`` one, which refuses server-only settings (``num_tickets``)."""
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 
 
 def create_pki(root: Path) -> TestPKI:
