@@ -20,8 +20,12 @@ is measured against the code before it on the same machine, interleaved, in one 
 ``--postgresql`` too, ``baseline-postgresql`` (that tree with its state in PostgreSQL) is added
 and compared with ``postgresql``.
 
+``--python EXE`` adds this tree's prestaged run by another interpreter, whose environment has
+it installed (``.venv-py39/bin/python``, which ``tests/test_python39.py`` builds): the grid
+nodes' Python 3.9 against this one, interleaved, reported as ``ratio prestaged/pythonX.Y``.
+
     .venv/bin/python bench/throughput.py [--files 20000] [--rounds 3] [--redirect]
-        [--baseline DIR] [--postgresql] [--json]
+        [--baseline DIR] [--postgresql] [--python EXE] [--json]
 """
 
 from __future__ import annotations
@@ -86,6 +90,10 @@ class Setup:
     baseline: Optional[Path] = None
     postgres: Any = None
     """A running ``PostgresCluster`` for the ``postgresql`` client, or None."""
+    python: Optional[Path] = None
+    """Another interpreter (``--python``) running this tree's prestaged, or None."""
+    python_client: str = ""
+    """Its client name: ``python`` and its version (``python3.9.18``)."""
 
     @property
     def clients(self) -> tuple[str, ...]:
@@ -93,7 +101,8 @@ class Setup:
         both = self.baseline is not None and self.postgres is not None
         return (*CLIENTS, *([BASELINE] if self.baseline is not None else []),
                 *([POSTGRES] if self.postgres is not None else []),
-                *([BASELINE_POSTGRES] if both else []))
+                *([BASELINE_POSTGRES] if both else []),
+                *([self.python_client] if self.python is not None else []))
 
 
 @dataclass(frozen=True)
@@ -213,6 +222,13 @@ def measure(setup: Setup, client: str, round_no: int) -> Run:
         if client in (BASELINE, BASELINE_POSTGRES):
             # Its package first on the path, before the installed one.
             env = {**os.environ, "PYTHONPATH": str(setup.baseline)}
+    elif setup.python is not None and client == setup.python_client:
+        script = setup.python.parent / "prestaged"  # its console script, as a user runs it
+        mine = warm_command(setup.url_list, setup.creds, setup.prestaged_config,
+                            "--concurrency", str(CONCURRENCY), "--per-host", str(CONCURRENCY),
+                            "--state", str(setup.workdir / f"state-{client}-{round_no}.db"))
+        cmd = [*([str(script)] if script.is_file() else [str(setup.python), "-m", "prestaged"]),
+               *mine[mine.index("warm"):]]
     else:
         cmd = [setup.curl, "--no-progress-meter", "--parallel", "--parallel-max",
                str(CONCURRENCY), "--config", str(setup.curl_config)]
@@ -222,7 +238,7 @@ def measure(setup: Setup, client: str, round_no: int) -> Run:
         got = run_measured(cmd, timeout=setup.timeout, env=env)
         stats = server.stop()
     reported = None
-    if client in PRESTAGED_CLIENTS:
+    if client in PRESTAGED_CLIENTS or client == setup.python_client:
         problems, reported = _prestaged_problems(setup, got)
     else:
         problems = _curl_problems(setup, got)
@@ -278,6 +294,13 @@ def summarize(runs: list[Run], setup: Setup, curl_version: str) -> dict[str, Any
             if pairs:
                 extra[f"ratio_{key}_over_baseline"] = round(median([a / b for a, b in pairs]), 3)
                 extra[f"ratio_{key}_per_round"] = [round(a / b, 3) for a, b in pairs]
+    if setup.python is not None:
+        name = setup.python_client
+        pairs = [(r.files_per_second, b.files_per_second) for r in runs for b in runs
+                 if r.client == PRESTAGED and b.client == name and r.round == b.round]
+        extra["python"] = {"client": name, "executable": str(setup.python),
+                           "ratio_prestaged_over_it": round(median([a / b for a, b in pairs]), 3),
+                           "ratio_per_round": [round(a / b, 3) for a, b in pairs]}
     return {
         "files": setup.files,
         "rounds": len(runs) // len(setup.clients),
@@ -317,6 +340,11 @@ def print_table(doc: dict[str, Any]) -> None:
             rounds = ", ".join(f"{r:.2f}" for r in doc[f"ratio_{key}_per_round"])
             print(f"ratio {key}/baseline {doc['baseline']} (median of rounds): "
                   f"{doc[f'ratio_{key}_over_baseline']:.3f} ({rounds})")
+    if "python" in doc:
+        other = doc["python"]
+        rounds = ", ".join(f"{r:.2f}" for r in other["ratio_per_round"])
+        print(f"ratio prestaged/{other['client']} ({other['executable']}; median of rounds): "
+              f"{other['ratio_prestaged_over_it']:.3f} ({rounds})")
     for r in doc["runs"]:
         for problem in r["problems"]:
             print(f"INCORRECT {r['client']} round {r['round']}: {problem}")
@@ -354,6 +382,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--postgresql", action="store_true",
                    help="also run prestaged with its state in a throw-away PostgreSQL "
                         "(needs Debian's postgresql and psycopg)")
+    p.add_argument("--python", type=Path, metavar="EXE",
+                   help="also run this tree's prestaged with this interpreter (its environment "
+                        "must have prestaged installed, e.g. .venv-py39/bin/python)")
     p.add_argument("--json", action="store_true", help="print one JSON document, no table")
     return p
 
@@ -372,12 +403,24 @@ def main() -> int:
         print(f"throughput: --baseline {args.baseline}: no prestaged/__init__.py there",
               file=sys.stderr)
         return 2
+    other = ""
+    if args.python is not None:
+        probe = subprocess.run([str(args.python), "-c", "import platform, prestaged; "
+                                "print(platform.python_version())"],
+                               capture_output=True, text=True, check=False)
+        if probe.returncode != 0:
+            print(f"throughput: --python {args.python}: cannot import prestaged with it",
+                  file=sys.stderr)
+            return 2
+        other = probe.stdout.strip()
     version = subprocess.run([curl, "--version"], capture_output=True, text=True, check=True)
     curl_version = version.stdout.split("\n", 1)[0]
     with tempfile.TemporaryDirectory(prefix="prestaged-bench-") as tmp, \
             contextlib.ExitStack() as stack:
         setup = prepare(Path(tmp), args.files, redirect=args.redirect, curl=curl,
                         timeout=args.timeout, baseline=args.baseline)
+        if args.python is not None:
+            setup = replace(setup, python=args.python, python_client=f"python{other}")
         if args.postgresql:
             from prestaged.testing.postgres import PostgresCluster
 
