@@ -583,6 +583,9 @@ class StateConfig:
     """Outcomes per write transaction; a crash loses at most one batch (re-warmed next time)."""
     flush_interval: Duration = field(default=Duration(1.0), metadata=check(_UP_TO_AN_HOUR))
     """Longest time an outcome waits before it is written (seconds)."""
+    journal: str = field(default="auto", metadata=check(one_of("auto", "wal", "delete")))
+    """The SQLite file's journal: ``auto`` is WAL on a local filesystem and the rollback
+    journal (``delete``) on a network one (NFS, AFS, EOS...), where WAL works on one host only."""
 
     def __post_init__(self) -> None:
         if self.path is not None and self.url is not None:

@@ -99,7 +99,8 @@ class Context:
         if must_exist and not path.exists():
             raise StateError(f"state {path}: no such file (nothing warmed yet with this "
                              "state; --state names another)")
-        return Store(path, batch=st.batch, flush_interval=st.flush_interval).open()
+        return Store(path, batch=st.batch, flush_interval=st.flush_interval,
+                     journal=st.journal).open()
 
     # --- storage --------------------------------------------------------------------------
 

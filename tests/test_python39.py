@@ -44,7 +44,8 @@ MODULES = [
     "test_warm_integration", "test_tape_client", "test_staging", "test_locality",
     "test_tape_warm", "test_release", "test_samweb_unit", "test_config", "test_bad_values",
     "test_credentials", "test_tokens", "test_voms", "test_store", "test_state_writer",
-    "test_state_postgres", "test_cluster_state", "test_context", "test_cli", "test_daemon",
+    "test_state_journal", "test_state_postgres", "test_cluster_state", "test_context",
+    "test_cli", "test_daemon",
     "test_api", "test_sdnotify", "test_metrics", "test_gate", "test_campaign_runner",
 ]
 

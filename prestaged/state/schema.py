@@ -270,7 +270,31 @@ SCHEMA_VERSION = len(MIGRATIONS)
 def configure(conn: sqlite3.Connection) -> None:
     """Per-connection settings every prestaged connection uses."""
     conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoints, fast commits
+    wal = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal"
+    # WAL: durable at checkpoints, fast commits. The rollback journal (a network filesystem)
+    # can be corrupted by a power loss under NORMAL, so there every commit is synced.
+    conn.execute(f"PRAGMA synchronous = {'NORMAL' if wal else 'FULL'}")
+
+
+def set_journal(conn: sqlite3.Connection, path: Path, mode: str, why: str) -> str:
+    """Put the database at ``path`` in journal ``mode`` (``wal`` or ``delete``; ``why``, for
+    the log, says what chose it) and return the mode it is in: a WAL file that another process
+    has open stays WAL (with a warning), since only its last user can leave WAL."""
+    before = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+    if before == mode:
+        return mode
+    try:
+        after = str(conn.execute(f"PRAGMA journal_mode = {mode}").fetchone()[0]).lower()
+    except sqlite3.OperationalError as e:  # busy: another connection holds it in WAL
+        after, problem = before, str(e)
+    else:
+        problem = "another process has it open"
+    if after != mode:
+        log.warning("state %s: stays in %s mode (%s), not %s: %s", path, after.upper(),
+                    problem, mode.upper(), why)
+    elif before == "wal":  # leaving WAL is news; a new file's DELETE -> WAL is not
+        log.info("state %s: journal %s -> %s (%s)", path, before.upper(), mode.upper(), why)
+    return after
 
 
 @contextlib.contextmanager
@@ -323,7 +347,6 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
             conn.execute(f"PRAGMA user_version = {target}")
     if 0 < version < SCHEMA_VERSION:
         log.info("state %s: schema version %d -> %d", path, version, SCHEMA_VERSION)
-    conn.execute("PRAGMA journal_mode = WAL")  # persistent: once per file is enough
 
 
 def _version(conn: sqlite3.Connection, path: Path) -> int:

@@ -66,7 +66,7 @@ from typing import Any, Callable, Optional, TypeVar, cast
 
 from prestaged.errors import StateError
 from prestaged.model import FileRef, Outcome, Result, TapeInfo, redact
-from prestaged.state import schema
+from prestaged.state import mounts, schema
 from prestaged.state.db import (
     Database,
     PooledDatabase,
@@ -245,14 +245,19 @@ class Store:
     ``batch``: rows per write transaction (default 500); ``flush_interval``: seconds an outcome
     may wait before it is written (default 1); ``busy_timeout``: seconds to wait for another
     process holding the write lock (default 30); ``writer_patience``: seconds the PostgreSQL
-    writer retries a batch whose connection was lost (default ``writer.RECONNECT_FOR``).
+    writer retries a batch whose connection was lost (default ``writer.RECONNECT_FOR``);
+    ``journal``: the SQLite file's journal, ``wal``, ``delete`` (the rollback journal) or
+    ``auto`` (default: WAL unless the file is on a network filesystem, ``state.mounts``).
     """
 
     def __init__(self, path: Path, *, url: Optional[str] = None, batch: int = 500,
                  flush_interval: float = 1.0, busy_timeout: float = 30.0,
-                 writer_patience: Optional[float] = None) -> None:
+                 writer_patience: Optional[float] = None, journal: str = "auto") -> None:
+        if journal not in ("auto", "wal", "delete"):
+            raise ValueError(f"journal must be auto, wal or delete, not {journal!r}")
         self.path = path
         self.url = url
+        self.journal = journal
         self.batch = batch
         self.flush_interval = flush_interval
         self.busy_timeout = busy_timeout
@@ -420,6 +425,7 @@ class Store:
                              f"{describe_sqlite_error(str(e))}") from e
         try:
             schema.migrate(conn, self.path)
+            schema.set_journal(conn, self.path, *self._journal())
             schema.configure(conn)
         except sqlite3.OperationalError as e:
             conn.close()
@@ -434,6 +440,17 @@ class Store:
             conn.close()
             raise
         return SqliteDatabase(conn, str(self.path))
+
+    def _journal(self) -> tuple[str, str]:
+        """The journal mode the SQLite file should have, and why (for the log)."""
+        if self.journal != "auto":
+            return self.journal, f"state.journal = {self.journal}"
+        network = mounts.network_filesystem(self.path)
+        if network is None:
+            return "wal", "a local filesystem"
+        log.debug("state %s: on %s, shared between hosts: SQLite's rollback journal, not WAL",
+                  self.path, network)
+        return "delete", f"on {network}: SQLite's WAL works on one host only"
 
     def close(self) -> None:
         """Write everything still queued, stop the writer and close the database."""
