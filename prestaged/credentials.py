@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from prestaged.errors import CredentialError
+from prestaged.net import client_ssl_context
 from prestaged.tokens import (
     TokenSource,
     check_token,
@@ -570,7 +571,7 @@ class Credentials:
         Raises :class:`CredentialError` naming the file if OpenSSL refuses to load either.
         """
         try:
-            ctx = ssl.create_default_context(capath=str(self.ca_dir))
+            ctx = client_ssl_context(capath=str(self.ca_dir))
         except (ssl.SSLError, OSError) as e:
             raise CredentialError(
                 f"CA directory {self.ca_dir}: OpenSSL cannot load it ({_ssl_reason(e)})"

@@ -7,7 +7,8 @@ catalogs must not depend on ``prestaged.storage`` for a header parser.
   ``ssl`` error as ``os_error``/``__cause__``), or None when it is not a TLS problem;
 * ``parse_retry_after``: a ``Retry-After`` header as seconds;
 * ``bearer_error``: what a ``WWW-Authenticate: Bearer`` challenge says went wrong with our
-  token (RFC 6750 ``error`` and ``error_description``), fit to quote in a message.
+  token (RFC 6750 ``error`` and ``error_description``), fit to quote in a message;
+* ``client_ssl_context``: the client TLS context every connection of ours starts from.
 """
 
 from __future__ import annotations
@@ -18,7 +19,24 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Optional
 
-__all__ = ["BEARER_ERROR_MAX", "bearer_error", "parse_retry_after", "tls_cause"]
+__all__ = ["BEARER_ERROR_MAX", "bearer_error", "client_ssl_context", "parse_retry_after",
+           "tls_cause"]
+
+# ssl.VERIFY_X509_PARTIAL_CHAIN is named from 3.10 on; no 3.9 context sets it.
+_NOT_OPENSSL_DEFAULT = ssl.VERIFY_X509_STRICT | getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0)
+
+
+def client_ssl_context(capath: Optional[str] = None) -> ssl.SSLContext:
+    """``ssl.create_default_context(capath=capath)`` that verifies servers as OpenSSL does by
+    default, on every Python, as curl, gfal2/davix and XRootD do. Python 3.13 added
+    ``VERIFY_X509_STRICT`` and ``VERIFY_X509_PARTIAL_CHAIN`` to that context: strict refuses
+    certificates every grid client accepts (a CA whose basicConstraints is not critical, a
+    host certificate without an authority key identifier), so a storage that the same user
+    reaches with 3.9 would be unreachable with 3.13; partial chains would make any
+    intermediate in the CA directory an anchor on 3.13 only."""
+    ctx = ssl.create_default_context(capath=capath)
+    ctx.verify_flags &= ~_NOT_OPENSSL_DEFAULT
+    return ctx
 
 BEARER_ERROR_MAX = 160
 """Characters of a server's bearer error kept (``bearer_error``)."""

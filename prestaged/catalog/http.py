@@ -35,7 +35,7 @@ from prestaged._version import __version__
 from prestaged.config import CatalogServerKeys
 from prestaged.errors import CatalogError, CredentialError, PrestagedError
 from prestaged.model import FileRef, redact
-from prestaged.net import parse_retry_after, tls_cause
+from prestaged.net import client_ssl_context, parse_retry_after, tls_cause
 from prestaged.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -366,7 +366,7 @@ def catalog_ssl_context(
         ctx = credentials.ssl_context()
         ctx.load_default_certs()
         return ctx
-    ctx = ssl.create_default_context()
+    ctx = client_ssl_context()
     if ca_dir is not None and ca_dir.is_dir():
         try:
             ctx.load_verify_locations(capath=str(ca_dir))
