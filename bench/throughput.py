@@ -21,7 +21,7 @@ is measured against the code before it on the same machine, interleaved, in one 
 and compared with ``postgresql``.
 
 ``--python EXE`` adds this tree's prestaged run by another interpreter, whose environment has
-it installed (``.venv-py39/bin/python``, which ``tests/test_python39.py`` builds): the grid
+it installed (``.venv-py39/bin/python``, which ``tests/test_pythons.py`` builds): the grid
 nodes' Python 3.9 against this one, interleaved, reported as ``ratio prestaged/pythonX.Y``.
 
     .venv/bin/python bench/throughput.py [--files 20000] [--rounds 3] [--redirect]
