@@ -116,7 +116,8 @@ class FakePorts:
         return self.metrics.aiohttp_handler()
 
 
-Client = Callable[[FakePorts], Awaitable[TestClient[web.Request, web.Application]]]
+# A string: TestClient is subscriptable only from aiohttp 3.11 (the package needs 3.10).
+Client = Callable[[FakePorts], Awaitable["TestClient[web.Request, web.Application]"]]
 
 
 @pytest.fixture
