@@ -179,7 +179,10 @@ def test_dcache_11_2_request_rates_slow_a_run_down_but_fail_no_file(
         assert stats["throttled"].get("door", 0) > 0, stats["throttled"]
         assert doc["retries"]["429"] == stats["throttled"]["door"]  # each one tried again
         [door] = doc["endpoints"].values()
-        assert door["rate_cuts"] >= 1 and 1 <= door["rate"] < 400, door  # a ceiling, set
+        # A ceiling, set. Not bounded above: a first burst's cap is a soft estimate that grows
+        # +0.5/s with each delayed success until the next 429 (pacing), so a run whose later
+        # starts meet no 429 ends above it (a CI run ended at 408 from 264).
+        assert door["rate_cuts"] >= 1 and door["rate"] is not None and door["rate"] >= 1, door
         assert door["backoffs"] == 0 and door["concurrency"] == 32, door
         assert stats["door_tape_gets"] == 0
 
