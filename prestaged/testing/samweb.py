@@ -398,13 +398,16 @@ class SamWebServer(AppServer):
             dn = _peer_dn(request)
             bearer = request.headers.get("Authorization", "").startswith("Bearer ")
             refused = None if too_long else self._authorize(request, dn, bearer)
-            queue = None if too_long or refused else self._injected.get(endpoint)
+            # `is not None`: a Response is a MutableMapping, falsy while empty on aiohttp 3.10,
+            # where a refusal was served as if granted.
+            queue = None if too_long or refused is not None else self._injected.get(endpoint)
             action = queue.popleft() if queue else _SERVE
             record = SamRequest(
                 time=time.monotonic(), endpoint=endpoint, method=request.method,
                 path=request.path, names=len(request.query.getall("file_name", [])),
                 client_dn=dn, role=request.headers.get("SAM-Role"), line=line, bearer=bearer,
-                action="too long" if too_long else "unauthorized" if refused else repr(action),
+                action="too long" if too_long else "unauthorized" if refused is not None
+                else repr(action),
             )
             self.stats.requests[endpoint] += 1
             self.stats.client_dns[record.client_dn] += 1
@@ -412,7 +415,8 @@ class SamWebServer(AppServer):
             if too_long:
                 resp: web.StreamResponse = _uri_too_long(line, self.max_request_line or 0)
             else:
-                resp = refused or await self._apply(action, request, handler)
+                resp = refused if refused is not None else await self._apply(action, request,
+                                                                             handler)
             record.status = resp.status
             return resp
 
