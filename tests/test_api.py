@@ -116,8 +116,7 @@ class FakePorts:
         return self.metrics.aiohttp_handler()
 
 
-# A string: TestClient is subscriptable only from aiohttp 3.11 (the package needs 3.10).
-Client = Callable[[FakePorts], Awaitable["TestClient[web.Request, web.Application]"]]
+Client = Callable[[FakePorts], Awaitable[TestClient[web.Request, web.Application]]]
 
 
 @pytest.fixture
