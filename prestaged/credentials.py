@@ -313,7 +313,8 @@ def _slash_name(name: object) -> str:
     return format_dn(x509.Name(rdns))
 
 
-def _validity(cert: x509.Certificate) -> tuple[datetime, datetime]:
+def validity(cert: x509.Certificate) -> tuple[datetime, datetime]:
+    """``cert``'s not-before and not-after, timezone-aware (UTC) on every cryptography."""
     # The *_utc properties appeared in cryptography 42; the naive ones are UTC.
     before: datetime | None = getattr(cert, "not_valid_before_utc", None)
     after: datetime | None = getattr(cert, "not_valid_after_utc", None)
@@ -388,7 +389,7 @@ def inspect_proxy(path: Path, *, source: str | None = None) -> ProxyInfo:
         kinds = [_cert_kind(cert) for cert in chain]
     except ValueError as e:  # duplicate or malformed extensions
         raise CredentialError(f"{label}: certificate with malformed extensions") from e
-    validity = [_validity(cert) for cert in chain]
+    periods = [validity(cert) for cert in chain]
     voms, voms_error = _voms(chain)
     return ProxyInfo(
         path=path,
@@ -396,8 +397,8 @@ def inspect_proxy(path: Path, *, source: str | None = None) -> ProxyInfo:
         identity=_identity(chain, kinds),
         issuer=format_dn(chain[0].issuer),
         kind=kinds[0],
-        not_before=max(before for before, _ in validity),
-        not_after=min(after for _, after in validity),
+        not_before=max(before for before, _ in periods),
+        not_after=min(after for _, after in periods),
         chain_length=len(chain),
         voms=voms,
         voms_error=voms_error,

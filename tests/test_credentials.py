@@ -32,6 +32,7 @@ from prestaged.credentials import (
     load_credentials,
     resolve_ca_dir,
     resolve_proxy_path,
+    validity,
     warn_if_exposed,
 )
 from prestaged.errors import EXIT_CREDENTIALS
@@ -188,11 +189,11 @@ def test_lifetime_is_minimum_over_chain(proxy: Path, tmp_path: Path) -> None:
     long = _forge(short, tmp_path / "long", last_cn="2", lifetime=timedelta(hours=48))
     chain = x509.load_pem_x509_certificates(long.read_bytes())
     assert len(chain) == 4
-    assert chain[0].not_valid_after_utc > chain[1].not_valid_after_utc
+    assert validity(chain[0])[1] > validity(chain[1])[1]
     info = inspect_proxy(long)
-    assert info.not_after == min(c.not_valid_after_utc for c in chain)
-    assert info.not_after == chain[1].not_valid_after_utc
-    assert info.not_before == max(c.not_valid_before_utc for c in chain)
+    assert info.not_after == min(validity(c)[1] for c in chain)
+    assert info.not_after == validity(chain[1])[1]
+    assert info.not_before == max(validity(c)[0] for c in chain)
 
 
 def test_an_unreadable_voms_extension_is_said_and_the_proxy_still_usable(

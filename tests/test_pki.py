@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from prestaged.credentials import validity
 from prestaged.testing.pki import PROXY_CERT_INFO_OID, TestPKI, create_pki, subject_hash
 
 OPENSSL = shutil.which("openssl")
@@ -191,12 +192,12 @@ def test_proxy_lifetime_is_capped_by_user_cert(pki: TestPKI) -> None:
     """A proxy never outlives its issuer; expired=True ends it in the past."""
     user = _certs(pki.user_cert)[0]
     long = _certs(pki.make_proxy(lifetime=timedelta(days=5000)))[0]
-    assert long.not_valid_after_utc == user.not_valid_after_utc
+    assert validity(long)[1] == validity(user)[1]
     short = _certs(pki.make_proxy(lifetime=timedelta(hours=1)))[0]
     now = datetime.now(timezone.utc)
-    assert now + timedelta(minutes=58) < short.not_valid_after_utc <= now + timedelta(hours=1)
+    assert now + timedelta(minutes=58) < validity(short)[1] <= now + timedelta(hours=1)
     expired = _certs(pki.make_proxy(expired=True))[0]
-    assert expired.not_valid_after_utc < now
+    assert validity(expired)[1] < now
 
 
 def test_proxy_of_proxy_and_custom_mode(pki: TestPKI, tmp_path: Path) -> None:

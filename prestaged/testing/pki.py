@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
+from prestaged.credentials import validity
+
 __all__ = [
     "PROXY_CERT_INFO_OID",
     "TestPKI",
@@ -190,14 +192,6 @@ def _new_key() -> _Key:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
-
-
-def _not_after(cert: x509.Certificate) -> datetime:
-    # not_valid_after_utc appeared in cryptography 42; the naive attribute is UTC.
-    aware: datetime | None = getattr(cert, "not_valid_after_utc", None)
-    if aware is not None:
-        return aware
-    return cert.not_valid_after.replace(tzinfo=timezone.utc)
 
 
 def _builder(
@@ -380,7 +374,7 @@ class TestPKI:
             not_before = not_after - lifetime
         else:
             not_before = now - timedelta(minutes=5)  # tolerate clock skew, like grid-proxy-init
-            not_after = min(now + lifetime, _not_after(issuer_cert))
+            not_after = min(now + lifetime, validity(issuer_cert)[1])
         serial = secrets.randbelow(2**31 - 1) + 1
         subject = x509.Name(
             [*issuer_cert.subject, x509.NameAttribute(NameOID.COMMON_NAME, str(serial))]
