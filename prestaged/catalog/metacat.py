@@ -209,7 +209,7 @@ class _Record(msgspec.Struct):
     size: Optional[int] = None
 
 
-_RECORD = msgspec.json.Decoder(_Record)
+_RECORD: msgspec.json.Decoder[_Record] = msgspec.json.Decoder(_Record)
 
 
 def _records(block: list[bytes]) -> list[_Entry]:

@@ -82,7 +82,7 @@ class Answer(msgspec.Struct):
     states: dict[str, msgspec.Raw] = {}
 
 
-_ANSWERS = msgspec.json.Decoder(Answer)
+_ANSWERS: msgspec.json.Decoder[Answer] = msgspec.json.Decoder(Answer)
 
 
 @dataclass(frozen=True)

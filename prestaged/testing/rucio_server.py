@@ -351,7 +351,10 @@ class _Bootstrap:
 
     def __init__(self, spec: RucioSpec, session: Any,
                  oidc: Sequence[Mapping[str, str]] = ()) -> None:
-        from rucio.common.types import InternalAccount, InternalScope  # type: ignore[import-untyped]
+        from rucio.common.types import (  # type: ignore[import-untyped]
+            InternalAccount,
+            InternalScope,
+        )
 
         self.spec = spec
         self.oidc = oidc
@@ -365,7 +368,10 @@ class _Bootstrap:
         """Extra accounts (USER) and their userpass and X.509 identities."""
         from rucio.core.account import add_account  # type: ignore[import-untyped]
         from rucio.core.identity import add_account_identity  # type: ignore[import-untyped]
-        from rucio.db.sqla.constants import AccountType, IdentityType  # type: ignore[import-untyped]
+        from rucio.db.sqla.constants import (  # type: ignore[import-untyped]
+            AccountType,
+            IdentityType,
+        )
 
         oidc_accounts = [o["account"] for o in self.oidc]
         for name in dict.fromkeys([*self.spec.accounts, *oidc_accounts]):
