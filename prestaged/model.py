@@ -38,9 +38,23 @@ __all__ = [
 ERROR_TEXT_MAX = 200
 """Characters of error text kept per attempt (a reason phrase may be megabytes long)."""
 
-# scheme://userinfo@ up to the authority's last "@": a password holding an unescaped "@"
-# (``https://u:p@ss@host/``) is redacted whole, as urlsplit and yarl read it.
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s@]*(?:@[^/?#\s@]*)*@")
+# scheme://userinfo@ up to the last "@" before the first "/" (or blank): a password holding an
+# unescaped "@" (``https://u:p@ss@host/``) is redacted whole, as urlsplit and yarl read it, and
+# so is one holding an unescaped "?" or "#". One holding a "/" reads as ``user:port/path``
+# with a port that is no number (an invalid URL, still listed by someone): then up to the
+# first "@".
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)(?:[^/\s@]*(?:@[^/\s@]*)*"
+                       r"|[^/\s@:\[]*:(?=[^/\s@]*[^\d/\s@])[^\s@]*)@")
+
+
+def host_start(url: str) -> int:
+    """Where the host of ``url`` (``scheme://...``) starts: after its userinfo as ``redact``
+    reads it, else right after ``://`` (-1 + 3 = 2 without a scheme)."""
+    if "@" in url:
+        match = _USERINFO.match(url)
+        if match is not None:
+            return match.end()
+    return url.find("://") + 3
 
 
 # Query parameters that carry a secret in storage URLs: a password, a bearer token or macaroon
@@ -73,20 +87,27 @@ def usable_origin(url: str) -> bool:
     try:
         parsed = URL(url)
         port = parsed.explicit_port
-        return bool(parsed.host) and (port is None or 0 < port < 65536)
-    except ValueError:
+        if not parsed.raw_host or not (port is None or 0 < port < 65536):
+            return False
+        # A label over 63 characters (or an empty one) is no host name: the resolver's IDNA
+        # encoding raises UnicodeError, which once crashed a whole run.
+        parsed.raw_host.encode("idna")
+        return True
+    except ValueError:  # UnicodeError too
         return False
 
 
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
-_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&#]*", re.IGNORECASE)
-_CONNINFO_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"((?:^|&)(?:ssl)?password=)[^&#]*", re.IGNORECASE)
+_CONNINFO_PASSWORD = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)",
+                                re.IGNORECASE)
 
 
 def redacted_url(url: str) -> str:
-    """``url`` fit to show: the password of its userinfo and any ``password=`` parameter
-    replaced by ``***``; the user, hosts, database and other parameters kept (an operator
-    needs them to see which database and role were meant).
+    """``url`` fit to show: the password of its userinfo and any ``password=``,
+    ``sslpassword=`` or other secret parameter (``token=``, ``authz=``... as ``redact`` knows
+    them) replaced by ``***``; the user, hosts, database and other parameters kept (an
+    operator needs them to see which database and role were meant).
 
     ``postgresql://app:pw@db/state?sslmode=require`` -> ``postgresql://app:***@db/state?...``.
     Text that is no URL (a ``key=value`` connection string) has its ``password=`` hidden.
@@ -95,18 +116,21 @@ def redacted_url(url: str) -> str:
     if scheme is None:
         return _CONNINFO_PASSWORD.sub(r"\1***", url)
     start = scheme.end()
-    query = url.find("?", start)
-    # The userinfo ends at the authority's last "@": a password with an unescaped "@" or "/" is
-    # hidden whole (as redact reads URLs; redact hides the user too, which an operator needs).
-    at = url.rfind("@", start, query if query >= 0 else len(url))
+    # The userinfo may end at the last "@" before the query, or before the first "/" (libpq's
+    # reading, where a password may hold an unescaped "?"): hidden up to the later of the two,
+    # so an unescaped "@", "/" or "?" in a password never shows (redact hides the user too,
+    # which an operator needs).
+    at = max(url.rfind("@", start, end if end >= 0 else len(url))
+             for end in (url.find("?", start), url.find("/", start)))
     if at >= 0:
         user, colon, _ = url[start:at].partition(":")
         if colon:
             url = f"{url[:start]}{user}:***{url[at:]}"
-    query = url.find("?", start)
+    query = url.find("?", start if at < 0 else url.find("@", start))
     if query < 0:
         return url
-    return url[: query + 1] + _QUERY_PASSWORD.sub(r"\1***", url[query + 1:])
+    url = url[: query + 1] + _QUERY_PASSWORD.sub(r"\1***", url[query + 1:])
+    return _SECRET_PARAMETER.sub(r"\1***", url) if "=" in url else url
 
 
 def error_text(text: str) -> str:

@@ -54,6 +54,7 @@ from prestaged.model import (
     Outcome,
     Result,
     TapeInfo,
+    host_start,
     redact,
     usable_origin,
 )
@@ -304,10 +305,16 @@ def endpoint_of(url: str) -> str:
     if start < 0:
         parts = urlsplit(url)
         return f"{parts.scheme}://{parts.netloc}"
-    end = url.find("/", start + 3)
-    endpoint = url if end < 0 else url[:end]
-    at = endpoint.rfind("@", start + 3)
-    return endpoint if at < 0 else endpoint[: start + 3] + endpoint[at + 1 :]
+    # The host starts after the userinfo as redact reads it and ends at the first "/", "?" or
+    # "#": the query of ``https://h:1?authz=T``, named in every message about the door, and a
+    # password holding "?", "#" or "/" were leaks.
+    host = host_start(url)
+    end = len(url)
+    for sep in "/?#":
+        i = url.find(sep, host, end)
+        if i >= 0:
+            end = i
+    return url[: start + 3] + url[host:end]
 
 
 _PLAIN_REASONS = frozenset({"", "unauthorized", "forbidden"})

@@ -25,6 +25,7 @@ import pytest
 from cli_runner import entry_point, run_cli, subprocess_env
 
 from prestaged.cli import build_parser, main
+from prestaged.model import redact
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, Status, ThreadedStorageServer
 
@@ -228,12 +229,13 @@ def test_storage_denying_everything_exit_3(pki: TestPKI, proxy: Path, storage: T
 def test_a_malformed_url_fails_alone(pki: TestPKI, proxy: Path, storage: ThreadedStorageServer,
                                      tmp_path: Path, stage: str) -> None:
     """A list line whose authority no request can go to (port 99999, ``abc``, no host, a broken
-    IPv6 literal) fails that file, "bad URL", and the rest are warmed: with ``--stage auto`` it
-    used to crash the run with a traceback while asking the door's Tape REST discovery, warming
-    nothing. Its password is not shown."""
+    IPv6 literal, a host label over 63 characters) fails that file, "bad URL", and the rest are
+    warmed: with ``--stage auto`` it used to crash the run with a traceback while asking the
+    door's Tape REST discovery, warming nothing. Its password is not shown."""
     definition = _definition(tmp_path, storage, [f"/ok/{i}" for i in range(20)])
     bad = ["https://alice:S3cretPW@127.0.0.1:99999/x", "https://127.0.0.1:abc/y",
-           "https:///nohost/z", "https://[zz::1/w", "https://127.0.0.1:0/v"]
+           "https:///nohost/z", "https://[zz::1/w", f"https://{'a' * 64}.invalid/u",
+           "https://127.0.0.1:0/v"]
     with definition.open("a") as f:
         f.write("".join(u + "\n" for u in bad))
     res = run_cli("warm", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
@@ -245,8 +247,39 @@ def test_a_malformed_url_fails_alone(pki: TestPKI, proxy: Path, storage: Threade
     assert doc["counts"]["warm"] == 20, doc["counts"]
     failures = {f["url"]: f["error"] for f in doc["failures"]}
     assert len(failures) == len(bad), failures
-    assert [e.startswith("bad URL") for e in failures.values()] == [True] * 4 + [False]
+    assert [failures[redact(u)].startswith("bad URL") for u in bad] == [True] * 5 + [False]
     assert "Cannot connect to host 127.0.0.1:0" in failures["https://127.0.0.1:0/v"], failures
+
+
+@pytest.mark.parametrize("stage", ["auto", "never"])
+def test_secrets_in_list_urls_reach_no_output_nor_state(
+        pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+        stage: str) -> None:
+    """Passwords and token parameters in list URLs, wherever they sit (a query with no path,
+    userinfo with no path or an empty last segment, a password holding an unescaped "?", "#"
+    or "/"),
+    show nowhere: not at debug level, not in ``--json``, not in the state's bytes. The door's
+    query once reached the INFO log and ``--json`` (``endpoint_of`` kept it), and a URL with no
+    path segment was stored whole as the file's name."""
+    door = storage.url("/x")[: -len("/x")]
+    secret = "C4nary"
+    urls = [f"{door}?authz={secret}1", f"https://u:{secret}2@127.0.0.1:1/",
+            f"https://u:{secret}3@127.0.0.1:1", f"https://127.0.0.1:1/d/?token={secret}4",
+            f"https://u:{secret}5?x@127.0.0.1:1/f", f"https://u:{secret}6#x@127.0.0.1:1/f",
+            f"https://u:{secret}7/x@127.0.0.1:1/f", storage.url("/ok")]
+    definition = tmp_path / "list.txt"
+    definition.write_text("".join(u + "\n" for u in urls))
+    state = tmp_path / "state"
+    state.mkdir()
+    res = run_cli("warm", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
+                  "--stage", stage, "--json", "--no-progress", "--state", str(state / "s.db"),
+                  "--retries", "1", "-v")
+    assert res.returncode == 1, res.stderr
+    assert json.loads(res.stdout)["counts"]["warm"] == 2  # the door serves its root too
+    assert secret not in res.stdout and secret not in res.stderr
+    assert "DEBUG" in res.stderr  # the debug lines were there to look at
+    for f in state.iterdir():
+        assert secret.encode() not in f.read_bytes(), f.name
 
 
 def test_ctrl_c_stops_with_partial_summary_130(pki: TestPKI, proxy: Path, storage: ThreadedStorageServer,

@@ -304,9 +304,17 @@ def test_indexes_match_sqlite(tmp_path: Path, pg_url: str) -> None:
     ("postgresql://db/state?PASSWORD=pw", "postgresql://db/state?PASSWORD=***"),
     ("host=db user=app password='p w' dbname=state",
      "host=db user=app password=*** dbname=state"),
+    # libpq takes an unescaped "?" in the password (the userinfo ends at the first "/").
+    ("postgresql://app:pw?x@127.0.0.1:1/state", "postgresql://app:***@127.0.0.1:1/state"),
+    ("postgresql://db/state?sslpassword=pw&sslmode=require",
+     "postgresql://db/state?sslpassword=***&sslmode=require"),
+    ("host=db sslpassword=pw dbname=state", "host=db sslpassword=*** dbname=state"),
+    ("https://127.0.0.1:1/sam/api?token=T&x=1", "https://127.0.0.1:1/sam/api?token=***&x=1"),
+    ("https://127.0.0.1:1?authz=T", "https://127.0.0.1:1?authz=***"),
 ])
 def test_redacted_url_hides_only_the_password(url: str, shown: str) -> None:
-    """The password, wherever a libpq URL carries it, becomes ***; the rest is kept."""
+    """The password (and a token-like parameter), wherever a URL carries it, becomes ***; the
+    rest is kept."""
     assert redacted_url(url) == shown
 
 

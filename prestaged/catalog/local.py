@@ -17,7 +17,7 @@ from typing import Optional
 from urllib.parse import unquote
 
 from prestaged.errors import CatalogError
-from prestaged.model import FileRef
+from prestaged.model import FileRef, redact
 
 __all__ = ["LocalCatalog", "parse_line"]
 
@@ -126,6 +126,9 @@ class LocalCatalog:
 
 
 def _basename(url: str) -> str:
-    path = url.split("?", 1)[0].split("#", 1)[0]
-    name = path.rsplit("/", 1)[-1]
-    return (unquote(name) if "%" in name else name) or url
+    """The last segment of ``url``'s path; a URL with no path segment is named by itself,
+    redacted (its authority may carry a password: ``https://u:pw@h/``)."""
+    rest = url.split("?", 1)[0].split("#", 1)[0]
+    slash = rest.find("/", rest.find("://") + 3)
+    name = rest[slash:].rsplit("/", 1)[-1] if slash >= 0 else ""
+    return (unquote(name) if "%" in name else name) or redact(url)

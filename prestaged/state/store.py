@@ -517,8 +517,8 @@ class Store:
         for kind, payload in items:
             if kind == "members":
                 catalog, definition, refs = payload
-                members.append([catalog, definition,
-                                [[url_id(r.url), redact(r.url), r.name, r.size] for r in refs]])
+                members.append([catalog, definition, [[url_id(r.url), redact(r.url),
+                                                       redact(r.name), r.size] for r in refs]])
         doc: dict[str, list[Any]] = {"members": members}
         for key in ("outcomes", *_TAPE_ROWS):
             rows = [p for kind, p in items if kind == key]
@@ -591,7 +591,7 @@ class Store:
     def record(self, url: str, name: str, result: str, http_status: Optional[int],
                nbytes: int, attempts: int, error: str, when: Optional[float] = None) -> None:
         """Record one file's outcome (queued; skipped_fresh is not an outcome to record)."""
-        self._put("outcomes", (url_id(url), redact(url), name, result, http_status, nbytes,
+        self._put("outcomes", (url_id(url), redact(url), redact(name), result, http_status, nbytes,
                               attempts, redact(error), time.time() if when is None else when))
 
     def note_tape(self, url: str, info: TapeInfo, when: Optional[float] = None) -> None:
