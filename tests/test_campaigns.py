@@ -186,6 +186,36 @@ submit = {_submit(tmp_path, "{submission} {definition} {files_file} {urls_file} 
     assert len(_show(pki, proxy, tmp_path, "drain")) == 3
 
 
+def test_drainingn_refuses_urls_with_secrets_and_stores_none(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """A drainingn slice is kept in the state's ledger: a URL of its input with a token in it
+    stops the run (exit 4, one line naming the URL redacted and the input) before any
+    submission, and the token is nowhere in the state; it used to be stored verbatim."""
+    ds = tmp_path / "ds.txt"
+    ds.write_text(storage.url("/pnfs/camp/a") + "\n" + storage.url("/pnfs/camp/b")
+                  + "?authz=C4naryT0k\n")
+    campaign = _write(tmp_path, f"""
+name = "leaky"
+[[stage]]
+name = "reco"
+input = {json.dumps(str(ds))}
+split = "drainingn(5)"
+submit = {_submit(tmp_path, "{submission}")}
+""")
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 4, res.stderr
+    assert "C4naryT0k" not in res.stdout + res.stderr and "Traceback" not in res.stderr
+    (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("prestaged: error:")]
+    assert "campaign leaky, stage reco" in line and "authz=***" in line and str(ds) in line
+    assert read_records(tmp_path) == []
+    shown = _prestaged(pki, proxy, tmp_path, "campaign", "show", "leaky")
+    assert shown.returncode == 4 and "has no submissions" in shown.stderr
+    if _state(tmp_path)["url"] is None:
+        for f in tmp_path.glob("state.db*"):
+            assert b"C4naryT0k" not in f.read_bytes(), f.name
+
+
 def test_after_orders_stages_on_complete(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
 ) -> None:

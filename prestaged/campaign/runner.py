@@ -61,7 +61,7 @@ from prestaged.errors import (
     PrestagedError,
 )
 from prestaged.gate import GateFn, RewarmFn
-from prestaged.model import FileRef
+from prestaged.model import FileRef, redact
 from prestaged.pins import ReleaseFn
 from prestaged.retry import RetryPolicy
 from prestaged.state.private import write_private
@@ -209,6 +209,14 @@ class _Runner:
         if not fresh:
             log.info("%s/%s: drained", self.campaign.name, stage.name)
             return False
+        leaky = next((r.url for r in fresh if redact(r.url) != r.url), None)
+        if leaky is not None:
+            # The ledger keeps the slice's URLs in the state, which never holds a secret.
+            raise CatalogError(
+                f"campaign {self.campaign.name}, stage {stage.name}: {redact(leaky)} (from "
+                f"{self._input(stage)}) carries a password or a token (user:password, "
+                "password=, authz=...), and a drainingn slice is kept in the state, which "
+                "holds no secrets: let the proxy or a bearer token carry the credentials")
         k = len(await self._submissions(stage)) + 1
         urls = self.workdir / self.campaign.name / f"{stage.name}-slice-{k}.urls"
         sub = await asyncio.to_thread(self.repo.create, self.campaign.name, stage.name,
