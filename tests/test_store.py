@@ -24,7 +24,7 @@ from prestaged.model import FileRef
 from prestaged.state.schema import SCHEMA_VERSION, SQLITE
 from prestaged.state.store import Store, url_id
 from prestaged.testing.pki import TestPKI
-from prestaged.testing.storage import Delay, ThreadedStorageServer
+from prestaged.testing.storage import Delay, Status, ThreadedStorageServer
 
 TIMEOUT = 180
 
@@ -141,6 +141,27 @@ def test_failures_are_not_fresh_and_status_counts_them(
     # in the backend's own database, not a file the CLI fell back to
     assert backend.query("SELECT status, COUNT(*) FROM files GROUP BY status ORDER BY 1") == [
         ("missing", 1), ("warm", 19)]
+
+
+def test_a_file_whose_last_touch_failed_is_not_skipped_as_fresh(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, backend: Backend
+) -> None:
+    """A file warmed minutes ago whose last touch (a forced rerun) failed is touched again by
+    the next run instead of being skipped as fresh, so ``wait`` passes at once. It used to be
+    skipped while the gate counted it cold: ``wait`` and ``submit`` waited for it until their
+    timeout (6 h by default)."""
+    definition = _definition(tmp_path, storage, 20)
+    state = backend.cli()
+    assert _run(_warm_args(definition, proxy, pki, state))[0] == 0
+    storage.inject("/ds/f00003", [Status(404)])
+    assert _run(_warm_args(definition, proxy, pki, state, "--force"))[0] == 1
+    code, doc = _run(_warm_args(definition, proxy, pki, state))
+    assert code == 0 and doc["counts"]["skipped_fresh"] == 19  # type: ignore[index]
+    assert storage.stats.path("/ds/f00003").requests == 3
+    res = run_cli("wait", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
+                  *state, "--timeout", "60s")
+    assert res.returncode == 0, res.stderr
+    assert storage.stats.requests_total == 20 + 20 + 1  # wait found it all warm
 
 
 def _v1_database(path: Path) -> None:

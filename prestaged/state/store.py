@@ -729,10 +729,14 @@ class Store:
     @_one_line_errors
     def fresh_urls(self, urls: Iterable[str], fresh_for: float,
                    now: Optional[float] = None) -> set[str]:
-        """Those of ``urls`` successfully touched within the last ``fresh_for`` seconds."""
+        """Those of ``urls`` successfully touched within the last ``fresh_for`` seconds and
+        not failed since: the files ``status`` counts fresh and the gate counts warm. (A file
+        whose last touch failed was skipped as fresh while the gate counted it cold, so
+        ``wait`` and ``submit`` waited for it until their timeout.)"""
         since = (time.time() if now is None else now) - fresh_for
-        return {url for url, _ in self._files_of(urls, "f.last_warm",
-                                                 f"f.last_warm >= ? AND {_ON_DISK}", [since])}
+        return {url for url, _ in self._files_of(
+            urls, "f.last_warm", f"f.status IN (?, ?) AND f.last_warm >= ? AND {_ON_DISK}",
+            [*_OK, since])}
 
     @_one_line_errors
     def status(self, fresh_for: float, definition: Optional[str] = None,
