@@ -878,7 +878,10 @@ def _convert(tp: Any, fld: dataclasses.Field[Any], value: object, key: str, base
     if tp is Path:
         if not isinstance(value, (str, Path)) or "\x00" in str(value):
             raise ConfigError(f"{key}: expected a path (a string without NUL bytes), got {got}")
-        p = Path(value).expanduser()
+        try:
+            p = Path(value).expanduser()
+        except RuntimeError:  # ~name of no user: "Could not determine home directory."
+            raise ConfigError(f"{key}: {got}: no such user's home directory") from None
         return p if p.is_absolute() else base / p
     if tp not in _NOUNS:  # pragma: no cover - a programming error in the dataclasses above
         raise TypeError(f"unsupported config type {tp!r} for {key}")

@@ -36,7 +36,7 @@ from prestaged.pacing import Rates
 from prestaged.pins import ReleaseFn, ReleaseReport, pinned, release_pins
 from prestaged.retry import RetryPolicy
 from prestaged.runner import run_definition
-from prestaged.state.store import Store, default_state_path
+from prestaged.state.store import Store, default_state_path, state_file_exists
 from prestaged.storage.http import HttpToucher
 from prestaged.tokens import TokenSource
 from prestaged.warm import Probe, RunReport, Toucher, WarmSettings
@@ -96,7 +96,7 @@ class Context:
             # PostgreSQL (issue 16): path only anchors local files (campaign slice lists).
             return Store(path, url=st.url, batch=st.batch,
                          flush_interval=st.flush_interval).open()
-        if must_exist and not path.exists():
+        if must_exist and not state_file_exists(path):
             raise StateError(f"state {path}: no such file (nothing warmed yet with this "
                              "state; --state names another)")
         return Store(path, batch=st.batch, flush_interval=st.flush_interval,

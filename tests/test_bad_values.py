@@ -52,6 +52,37 @@ def test_a_nul_byte_in_a_path_is_refused(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_a_home_of_no_user_is_refused_naming_the_key(tmp_path: Path) -> None:
+    """``~nouser/...`` in a path setting, ``--state`` or ``--catalog-dir`` is a config error
+    naming where it was (it was a RuntimeError traceback: "Could not determine home
+    directory")."""
+    path = tmp_path / "c.toml"
+    path.write_text('[state]\npath = "~no-such-user-x/s.db"\n')
+    with pytest.raises(ConfigError, match=r'state\.path: "~no-such-user-x/s\.db": no such '):
+        load_config(path)
+    for argv, where in ((["status", "--state", "~no-such-user-x/s.db"], "--state"),
+                        (["files", "d", "--catalog-dir", "~no-such-user-x/d"], "--catalog-dir")):
+        res = run_cli(*argv)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.startswith(f'prestaged: error: {where}: "~no-such-user-x/'), res.stderr
+
+
+def test_a_state_path_that_cannot_be_looked_at_is_one_line_exit_2(
+        pki: TestPKI, proxy: Path, tmp_path: Path) -> None:
+    """A state path whose name is too long (or whose directory may not be entered) is
+    ``state PATH: cannot open: ...``, exit 2, for commands that read the state and those
+    that write it; exists() raised there, a traceback."""
+    state = tmp_path / ("a" * 300) / "s.db"
+    listed = tmp_path / "x.txt"
+    listed.write_text("https://127.0.0.1:1/f\n")
+    for argv in (["status", "--state", str(state)],
+                 ["warm", str(listed), "--state", str(state), "--proxy", str(proxy),
+                  "--ca-dir", str(pki.ca_dir)]):
+        res = run_cli(*argv)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert f"state {state}: cannot open: File name too long" in res.stderr
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["warm", "x.txt", "--dry-run", "--rate", "1e400"],
      "--rate: expected a number from 0 to 1000000, got inf"),

@@ -237,6 +237,16 @@ class Pin:
     """Unix seconds the pin was asked to last until."""
 
 
+def state_file_exists(path: Path) -> bool:
+    """Whether the state file ``path`` exists; ``StateError`` (exit 2, naming it) where that
+    cannot be told: ``exists()`` raises, not False, for a directory we may not enter or a
+    name too long."""
+    try:
+        return path.exists()
+    except OSError as e:
+        raise StateError(f"state {path}: cannot open: {e.strerror}") from e
+
+
 class Store:
     """The state database at ``path``, or the PostgreSQL database of the libpq ``url`` when
     one is given (``path`` then only anchors local files such as campaign slice lists);
@@ -412,7 +422,7 @@ class Store:
         return PooledDatabase(open_pool(self.url), self.url)
 
     def _open_sqlite(self) -> Database:
-        if self.path.exists() and not self.path.is_file():
+        if state_file_exists(self.path) and not self.path.is_file():
             raise StateError(f"state {self.path}: not a regular file")
         try:
             # A new database is private (state.private); SQLite gives its -wal and -shm files
