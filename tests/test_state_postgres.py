@@ -212,6 +212,17 @@ def test_malformed_url_is_refused_without_the_password() -> None:
     assert "pa55-Qq" not in message
 
 
+@pytest.mark.parametrize("url", ["postgresql://u@127.0.0.1:1/db?password=hunter2%ZZ",
+                                 "postgresql://u@127.0.0.1:1/db?sslpassword=hunter2s"])
+def test_a_password_parameter_is_hidden_where_libpq_quotes_it(url: str) -> None:
+    """A password= parameter libpq quotes back (a bad percent-encoding), and sslpassword=:
+    hidden in the error too."""
+    pytest.importorskip("psycopg")
+    with pytest.raises(StateError) as err:
+        open_state(url)
+    assert "hunter2" not in str(err.value) and "password=***" in str(err.value)
+
+
 # --- one schema -----------------------------------------------------------------------------
 
 

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from prestaged.errors import StateError
 from prestaged.model import redacted_url
@@ -267,6 +269,9 @@ def _message(error: Exception, url: str, password: object = None) -> str:
     at = url.rfind("@")
     if 0 <= start < at:
         secrets.add(url[start + 3:at].partition(":")[2])
+    # and the value of a password= or sslpassword= parameter, as written and decoded
+    for value in re.findall(r"[?&](?:ssl)?password=([^&#]*)", url, flags=re.IGNORECASE):
+        secrets.update((value, unquote(value)))
     for secret in sorted(secrets - {""}, key=len, reverse=True):
         text = text.replace(secret, "***")
     return redacted_url(text)
