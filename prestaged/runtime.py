@@ -89,15 +89,21 @@ def quiet_transport_errors(loop: asyncio.AbstractEventLoop, context: dict[str, A
 
 
 def install_interrupt(stop: asyncio.Event) -> None:
-    """First Ctrl-C/SIGTERM sets ``stop`` (a clean stop with a partial summary); a second one
-    raises ``KeyboardInterrupt`` at once. Call from inside the running loop."""
+    """First Ctrl-C/SIGTERM sets ``stop`` (a clean stop with a partial summary); a second
+    Ctrl-C raises ``KeyboardInterrupt`` at once. More SIGTERMs change nothing: one sent to the
+    pid and to its process group (``timeout``, ``kill -- -PGID``) comes twice, and aborting on
+    the second lost the partial summary (and, in uvloop's shutdown, printed a traceback).
+    Call from inside the running loop."""
     loop = asyncio.get_running_loop()
 
     def first(signum: int) -> None:
         log.warning("interrupted: stopping (press Ctrl-C again to abort at once)")
         stop.set()
-        loop.remove_signal_handler(signum)
-        signal.signal(signum, signal.default_int_handler)
+        if signum == signal.SIGINT:
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.default_int_handler)
+        else:
+            loop.add_signal_handler(signum, log.debug, "SIGTERM again: already stopping")
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, first, sig)

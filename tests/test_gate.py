@@ -266,6 +266,36 @@ def test_wait_interrupted_exit_130(
     assert "interrupted" in _error_line(err) and "Traceback" not in err
 
 
+def test_wait_stopped_by_sigterm_twice_still_prints_its_summary(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """SIGTERM twice (to the pid and to its group: ``timeout``, ``kill -- -PGID``) is one clean
+    stop: exit 130 with the partial summary. The second used to abort at once, losing the
+    summary and sometimes printing a traceback from uvloop's shutdown."""
+    storage.inject("/pnfs/gate/gone", [Status(404)])
+    definition = _definition(tmp_path, storage, ["/pnfs/gate/gone"])
+    argv = _argv(pki, proxy, tmp_path, ("wait", str(definition), "--retry-every", "60s"))
+    proc = subprocess.Popen(entry_point(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=subprocess_env())
+    try:
+        assert proc.stderr is not None
+        seen = []
+        while not seen or "next try in" not in seen[-1]:  # between runs: where it aborted
+            seen.append(proc.stderr.readline())
+            assert seen[-1], seen
+        proc.send_signal(signal.SIGTERM)
+        while "interrupted: stopping" not in seen[-1]:  # the first was taken: now the second
+            seen.append(proc.stderr.readline())
+            assert seen[-1], seen
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err
+    line = _error_line(err)
+    assert "0/1 files warm" in line and "interrupted" in line, err
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["--ready", "1.5"], "--ready: expected a fraction in (0, 1]"),
     (["--timeout", "soon"], "--timeout: expected a duration"),
