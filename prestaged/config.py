@@ -189,6 +189,12 @@ def one_of(*choices: str) -> Check:
                  "one of " + ", ".join(json.dumps(c) for c in choices))
 
 
+CATALOG_KINDS = ("local", "samweb", "metacat")
+"""Catalog backends this build knows (``--catalog``, ``catalog.default``, a watch's and a
+campaign's ``catalog``)."""
+CATALOG = one_of(*CATALOG_KINDS)
+
+
 def matches(pattern: str, expected: str) -> Check:
     """A string matching the regular expression ``pattern`` in full, described as ``expected``
     (a noun phrase; write ``{{`` for a literal brace)."""
@@ -558,7 +564,7 @@ class RucioConfig(CatalogServerKeys):
 class CatalogConfig:
     """``[catalog]``: which catalog resolves a definition name."""
 
-    default: str = "local"
+    default: str = field(default="local", metadata=check(CATALOG))
     """Catalog used when ``--catalog`` is not given."""
     local: LocalCatalogConfig = field(default_factory=LocalCatalogConfig)
     samweb: SamWebConfig = field(default_factory=SamWebConfig)
@@ -644,7 +650,7 @@ class WatchConfig:
 
     definition: str = field(metadata=check(NON_EMPTY))
     """Definition name (or, for the local catalog, a path to a URL list)."""
-    catalog: Optional[str] = None
+    catalog: Optional[str] = field(default=None, metadata=check(CATALOG))
     """Catalog resolving it; unset: ``catalog.default``."""
     every: Duration = field(default=Duration(6 * 3600.0), metadata=check(_UP_TO_A_YEAR))
     """Re-warm interval (seconds); files touched within it are not touched again."""

@@ -187,6 +187,7 @@ BAD_CONFIG_VALUES: dict[str, object] = {
     "catalog.samweb.retry_for": -1, "catalog.samweb.url_mode": "both",
     "catalog.samweb.access_url_concurrency": 0, "catalog.samweb.schema": "HTTPS",
     "catalog.samweb.role": "pro duction",
+    "catalog.default": "oracle", "watch[0].catalog": "oracle",
     "catalog.metacat.url": "metacat.fnal.gov/app", "catalog.metacat.auth": "kerberos",
     "catalog.metacat.page": 0, "catalog.metacat.timeout": 0,
     "catalog.metacat.retry_initial": -1, "catalog.metacat.retry_max": -1,

@@ -31,6 +31,7 @@ from typing import Optional
 import regex
 
 from prestaged.config import (
+    CATALOG,
     FRACTION,
     NON_EMPTY,
     PLAIN_NAME,
@@ -39,7 +40,6 @@ from prestaged.config import (
     Duration,
     build_section,
     check,
-    one_of,
     shown,
 )
 from prestaged.errors import ConfigError
@@ -118,7 +118,7 @@ def _is_regex(v: str) -> bool:
 
 _SPLIT = Check(_is_split, _SPLIT_FORMS)
 _REGEX = Check(_is_regex, "a valid regular expression")
-_CATALOG = one_of("local", "samweb", "metacat")
+_CATALOG = CATALOG
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
 
+from prestaged.config import CATALOG_KINDS
 from prestaged.errors import ConfigError
 from prestaged.model import FileRef
 
@@ -40,7 +41,7 @@ class Catalog(Protocol):
         ...
 
 
-KINDS = ("local", "samweb", "metacat")
+KINDS = CATALOG_KINDS
 """Catalog backends this build knows (``--catalog``, ``catalog.default``)."""
 
 
