@@ -216,6 +216,33 @@ submit = {_submit(tmp_path, "{submission}")}
             assert b"C4naryT0k" not in f.read_bytes(), f.name
 
 
+def test_a_missing_stage_input_is_an_error_line_and_retry_gets_past_it(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """A stage whose input list does not exist fails its submission with an ERROR line that
+    names the input and the way out, shown under -q too (it was only in the state); once the
+    list exists, ``campaign retry`` and a run submit it."""
+    later = tmp_path / "later.txt"
+    campaign = _write(tmp_path, f"""
+name = "fix"
+[[stage]]
+name = "a"
+input = {json.dumps(str(later))}
+submit = {_submit(tmp_path, "{submission}")}
+""")
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign), "-q")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    (line,) = [ln for ln in res.stderr.splitlines() if "ERROR" in ln]
+    assert f"fix/a #1: input: definition '{later}': no such file" in line
+    assert "prestaged campaign retry --submission 1" in line
+    write_definition(tmp_path, storage, ["/pnfs/camp/x"]).rename(later)
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "retry", "fix", "--submission", "1")
+    assert res.returncode == 0, res.stderr
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    assert res.returncode == 0, res.stderr
+    assert len(read_records(tmp_path)) == 1
+
+
 def test_after_orders_stages_on_complete(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
 ) -> None:

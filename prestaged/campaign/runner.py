@@ -273,6 +273,10 @@ class _Runner:
         try:
             refs = await self._slice(stage, sub)
         except (CatalogError, OSError) as e:
+            # Said at ERROR (it was only in the state: -q showed nothing), with the way out.
+            log.error("%s/%s #%d: input: %s; the submission failed: once the input is "
+                      "fixed, `prestaged campaign retry --submission %d` gates it again",
+                      sub.campaign, sub.stage, sub.id, e, sub.id)
             return await self._move(sub, S.FAILED, f"input: {e}")
         d = self.campaign.defaults
         ready = stage.ready if stage.ready is not None else d.ready
