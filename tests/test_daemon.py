@@ -143,6 +143,28 @@ async def test_warm_over_the_api_and_status_asks_the_daemon(
     assert "s3cret-token" not in caplog.text
 
 
+async def test_a_run_stopped_by_an_unreadable_list_is_logged_at_error(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A run that stops on its definition (a line that is no URL) says so at ERROR, naming the
+    file: it was recorded with exit 4 and shown only by the API."""
+    port = free_port()
+    config = write_config(tmp_path, pki, proxy, port, [])
+    caplog.set_level(logging.INFO)
+    async with in_process(config) as d:
+        listed = _definition(tmp_path, storage, "bad", 3)
+        listed.write_text(listed.read_text() + "not a url\n")
+        status, body = await d.http("POST", "/api/v1/warm", {"definition": "bad"})
+        assert status == 202
+
+        async def ended() -> bool:
+            return (await d.http("GET", body["href"]))[1]["state"] in ("done", "error")
+        await until("run ended", ended)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(str(listed) in m and "line 4 is not a URL" in m for m in errors), errors
+
+
 async def test_expired_token_pauses_touching_until_a_fresh_one_appears(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
     caplog: pytest.LogCaptureFixture,

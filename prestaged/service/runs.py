@@ -200,6 +200,8 @@ class Runs:
                     fresh_for=self._fresh_for() if fresh_for is None else fresh_for)
                 info.exit_code = report.exit_code
                 info.error = str(report.aborted) if report.aborted else ""
+                if report.aborted:  # a list that cannot be read, a refusing storage...
+                    log.error("warm of %s stopped: %s", info.definition, info.error)
                 self._metrics.run_finished(run_result(report))
             await self._report(info)
             # "done" only once the after hook has filled warm_fraction in: an API client that
