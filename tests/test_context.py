@@ -103,17 +103,24 @@ def test_nothing_listening_means_the_state_file(tmp_path: Path,
     assert "no such file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("status", "body", "said", "code"), [
-    (503, b'{"error": "stopping"}', "daemon: stopping", 69),
-    (503, b'{"error": "stopping", "exit_code": 1}', "daemon: stopping", 69),
-    (502, b'{"error": "SAM web unreachable", "exit_code": 4}', "daemon: SAM web", 4),
-    (502, b'{"error": "storage refused", "exit_code": 5}', "daemon: storage refused", 5),
-    (200, b"<html>hello</html>", "but not with JSON", 69),
-    (200, b"[1, 2]", "with list, not a JSON object", 69),
+@pytest.mark.parametrize(("status", "body", "said", "code", "argv"), [
+    (503, b'{"error": "stopping"}', "daemon: stopping", 69, ["campaign", "list"]),
+    (503, b'{"error": "stopping", "exit_code": 1}', "daemon: stopping", 69, ["campaign", "list"]),
+    (502, b'{"error": "SAM web unreachable", "exit_code": 4}', "daemon: SAM web", 4,
+     ["campaign", "list"]),
+    (502, b'{"error": "storage refused", "exit_code": 5}', "daemon: storage refused", 5,
+     ["campaign", "list"]),
+    (200, b"<html>hello</html>", "but not with JSON", 69, ["campaign", "list"]),
+    (200, b"[1, 2]", "with list, not a JSON object", 69, ["campaign", "list"]),
+    # JSON objects of another shape: a KeyError or TypeError traceback, or silence, before
+    (200, b"{}", "not with prestaged's API (no list 'campaigns')", 69, ["campaign", "list"]),
+    (200, b"{}", "(no str 'campaign')", 69, ["campaign", "show", "c1"]),
+    (200, b"{}", "(no list 'definitions')", 69, ["status"]),
+    (200, b'{"definitions": 5}', "(no list 'definitions')", 69, ["status"]),
 ])
 def test_a_daemon_that_fails_or_is_not_ours_is_exit_69(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], status: int, body: bytes, said: str,
-    code: int
+    code: int, argv: list[str]
 ) -> None:
     """Something at daemon.listen that fails the call (503) or does not speak the API: exit 69
     (EX_UNAVAILABLE), one line naming what it said; before, exit 1, which says files failed.
@@ -137,7 +144,7 @@ def test_a_daemon_that_fails_or_is_not_ours_is_exit_69(
     try:
         cfg = tmp_path / "c.toml"
         cfg.write_text(f'[daemon]\nlisten = "127.0.0.1:{srv.server_port}"\n')
-        exit_code = main(["campaign", "list", "--config", str(cfg)])
+        exit_code = main([*argv, "--config", str(cfg)])
     finally:
         srv.shutdown()
         srv.server_close()

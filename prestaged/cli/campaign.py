@@ -59,7 +59,7 @@ def cmd_campaign_list(args: argparse.Namespace, cfg: Config) -> int:
     """``campaign list``: every campaign with its submissions by state."""
     from prestaged.campaign.repository import CampaignRepository
 
-    doc = via_daemon(args, cfg, "GET", "/api/v1/campaigns")
+    doc = via_daemon(args, cfg, "GET", "/api/v1/campaigns", keys={"campaigns": list})
     rows: list[dict[str, Any]]
     if doc is not None:
         rows, source = doc["campaigns"], f"daemon {cfg.daemon.listen}"
@@ -85,7 +85,8 @@ def cmd_campaign_show(args: argparse.Namespace, cfg: Config) -> int:
     name = args.campaign
     if Path(name).is_file():
         name = load_campaign(Path(name)).name
-    doc = via_daemon(args, cfg, "GET", f"/api/v1/campaigns/{quote(name, safe='')}")
+    doc = via_daemon(args, cfg, "GET", f"/api/v1/campaigns/{quote(name, safe='')}",
+                     keys={"campaign": str, "stages": list, "submissions": list})
     if doc is not None:
         doc["source"] = f"daemon {cfg.daemon.listen}"
     else:
@@ -119,7 +120,8 @@ def cmd_campaign_action(args: argparse.Namespace, cfg: Config) -> int:
     body = {k: v for k, v in body.items() if v is not None}
     check_names(args.campaign, body.get("stage"))  # before any daemon or state is touched
     doc = via_daemon(args, cfg, "POST",
-                     f"/api/v1/campaigns/{quote(args.campaign, safe='')}/{args.action}", body)
+                     f"/api/v1/campaigns/{quote(args.campaign, safe='')}/{args.action}", body,
+                     keys={"result": str})
     if doc is not None:
         print(doc["result"])
         return 0

@@ -40,11 +40,13 @@ def open_store(args: argparse.Namespace, cfg: Config, *, must_exist: bool = Fals
 
 
 def via_daemon(args: argparse.Namespace, cfg: Config, method: str, path: str,
-               body: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
-    """The daemon's answer (a JSON object) to ``method path``, or None when ``--state`` was
-    given or nothing listens at ``daemon.listen`` (then the command works on the state database
-    itself). A daemon that does not answer in time is an error, never "no daemon" (see
-    ``service.client``)."""
+               body: Optional[dict[str, Any]] = None,
+               keys: Optional[dict[str, type]] = None) -> Optional[dict[str, Any]]:
+    """The daemon's answer (a JSON object with ``keys``, each of its type) to ``method
+    path``, or None when ``--state`` was given or nothing listens at ``daemon.listen`` (then
+    the command works on the state database itself). A daemon that does not answer in time is
+    an error, never "no daemon" (see ``service.client``); so is an answer without ``keys``
+    (something else listening there: it was a KeyError traceback, or silently nothing)."""
     from prestaged.errors import NotFoundError
     from prestaged.service.client import call
 
@@ -59,4 +61,10 @@ def via_daemon(args: argparse.Namespace, cfg: Config, method: str, path: str,
         # Every API answer is an object: anything else is not our daemon speaking.
         raise DaemonError(f"the daemon at {cfg.daemon.listen} answered {method} {path} with "
                              f"{type(doc).__name__}, not a JSON object")
+    for key, kind in (keys or {}).items():
+        if doc is not None and not isinstance(doc.get(key), kind):
+            raise DaemonError(f"{cfg.daemon.listen} (daemon.listen) answered {method} {path}, "
+                              f"but not with prestaged's API (no {kind.__name__} {key!r}): is "
+                              "something else listening there? --state FILE works on a state "
+                              "file instead")
     return doc
