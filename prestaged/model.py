@@ -30,6 +30,7 @@ __all__ = [
     "TapeInfo",
     "classify_status",
     "error_text",
+    "hide_secret",
     "redact",
     "redacted_url",
     "usable_origin",
@@ -133,11 +134,45 @@ def redacted_url(url: str) -> str:
     return _SECRET_PARAMETER.sub(r"\1***", url) if "=" in url else url
 
 
+_SECRETS: dict[str, None] = {}
+"""The secrets ``scrub`` hides, newest last (a few: a daemon renews its token every hour)."""
+_SECRETS_KEPT = 16
+# A JWT, whole or its start: base64url of '{"' then more, up to three dot-separated parts.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}(?:\.[A-Za-z0-9_-]*){0,2}")
+
+
+def hide_secret(value: str) -> None:
+    """Have ``scrub`` hide ``value`` (a bearer token, a password) wherever a server quotes it
+    back: a reason phrase, an error body. A JWT's signature is hidden on its own too."""
+    value = value.strip()
+    if len(value) < 8:  # too short to tell from ordinary words
+        return
+    parts = [value]
+    if value.count(".") == 2 and len(value.rpartition(".")[2]) >= 16:
+        parts.append(value.rpartition(".")[2])
+    for part in parts:
+        _SECRETS.pop(part, None)
+        _SECRETS[part] = None
+    while len(_SECRETS) > _SECRETS_KEPT:
+        del _SECRETS[next(iter(_SECRETS))]
+
+
+def scrub(text: str) -> str:
+    """``text`` (a server's words, an error) without the secrets ``hide_secret`` was given nor
+    anything shaped like a JWT (or its first part), each replaced by ``***``."""
+    if "eyJ" in text:
+        text = _JWT.sub("***", text)
+    for secret in list(_SECRETS):
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
 def error_text(text: str) -> str:
-    """``text`` fit to keep: credentials redacted, whitespace runs folded to one space, cut to
-    ``ERROR_TEXT_MAX`` characters (an ellipsis marks the cut)."""
+    """``text`` fit to keep: credentials redacted (and ``scrub``bed), whitespace runs folded to
+    one space, cut to ``ERROR_TEXT_MAX`` characters (an ellipsis marks the cut)."""
     # Redact first: a cut could otherwise leave a password's head without its "@".
-    text = " ".join(redact(text).split())
+    text = " ".join(scrub(redact(text)).split())
     if len(text) <= ERROR_TEXT_MAX:
         return text
     return text[: ERROR_TEXT_MAX - 1] + "\u2026"

@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 
 from prestaged.errors import CredentialError
 from prestaged.files import read_small, size_text
+from prestaged.model import hide_secret
 
 __all__ = [
     "WLCG_ANY_AUDIENCE",
@@ -263,6 +264,9 @@ class FoundToken:
     text: str = field(repr=False)
     source: str
     path: Optional[Path]
+
+    def __post_init__(self) -> None:
+        hide_secret(self.text)  # a server quoting it back is never shown
 
     def inspect(self) -> TokenInfo:
         """The token's claims (:func:`inspect_token`)."""

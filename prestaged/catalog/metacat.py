@@ -61,7 +61,7 @@ from prestaged.catalog.http import (
 from prestaged.catalog.rucio import RucioApi, pick, rucio_login_mode
 from prestaged.config import HTTP_URL, CatalogConfig, MetaCatConfig, RucioConfig, env_value
 from prestaged.errors import CatalogError, ConfigError, CredentialError
-from prestaged.model import FileRef
+from prestaged.model import FileRef, hide_secret
 from prestaged.net import bearer_error
 from prestaged.tokens import check_token, inspect_token, read_token_file
 
@@ -117,6 +117,7 @@ def metacat_token(cfg: MetaCatConfig, url: str,
         text = read_token_file(cfg.token_file, f"catalog.metacat.token_file {cfg.token_file}")
         check_token(inspect_token(text, source="catalog.metacat.token_file",
                                   path=cfg.token_file), 0.0)
+        hide_secret(text)
         return text, f"MetaCat token {cfg.token_file}"
     for path in _library_paths(cfg, environ):
         try:
@@ -134,6 +135,7 @@ def metacat_token(cfg: MetaCatConfig, url: str,
             except CredentialError as e:
                 log.warning("MetaCat: %s; not using it (run `metacat auth login`)", e)
                 return None
+            hide_secret(text)
             return text, f"MetaCat token from the library {path}"
         return None  # the client reads only the first library found
     return None

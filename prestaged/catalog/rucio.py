@@ -44,6 +44,7 @@ import msgspec
 from prestaged.catalog.http import Call, HttpApi, Transient, one_line, retry_settings
 from prestaged.config import RucioConfig
 from prestaged.errors import CatalogError, ConfigError, CredentialError
+from prestaged.model import hide_secret
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -169,6 +170,8 @@ class RucioApi(HttpApi):
         self.auth_url = (cfg.auth_url or cfg.url).rstrip("/")
         self._wlcg = token
         self._password = password
+        if password:
+            hide_secret(password)
         self._clock = clock
         self._login_token: Optional[str] = None
         self._login_until = 0.0
@@ -224,6 +227,7 @@ class RucioApi(HttpApi):
         if not token:
             raise CatalogError(f"Rucio {self.auth_url} answered {call.what} without an "
                                "X-Rucio-Auth-Token")
+        hide_secret(token)
         self.logins += 1
         self._login_token = token
         self._login_until = self._expiry(expires) - _RENEW_BEFORE

@@ -1,0 +1,79 @@
+"""Secrets a server quotes back (a reason phrase, an error body) are not shown: a storage that
+puts our bearer token, or only its signature, in its refusal's reason phrase once had them
+printed in the breaker's error, ``--json`` and the state (``model.hide_secret``/``scrub``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from cli_runner import run_cli
+
+from prestaged.errors import CatalogError
+from prestaged.model import Attempt, hide_secret, scrub
+from prestaged.testing.appserver import AppServer, ThreadedAppServer
+from prestaged.testing.pki import TestPKI
+from prestaged.testing.tokens import TokenIssuer, write_token
+
+
+def test_scrub_hides_registered_secrets_their_signature_and_any_jwt() -> None:
+    """A registered token, its signature alone, and a JWT's start never registered: ***."""
+    token = TokenIssuer().mint("storage.read:/")
+    signature = token.rpartition(".")[2]
+    hide_secret(token)
+    hide_secret("hunter2-rucio-pw")
+    assert scrub(f"HTTP 401 {token} refused") == "HTTP 401 *** refused"
+    assert scrub(f"bad signature {signature}") == "bad signature ***"
+    assert scrub("login failed for eyJhbGciOiJSUzI1NiIs, sorry") == "login failed for ***, sorry"
+    assert str(CatalogError("Rucio said: wrong password hunter2-rucio-pw")) == (
+        "Rucio said: wrong password ***")
+    assert Attempt(status=403, error=f"HTTP 403 {signature}").error == "HTTP 403 ***"
+    assert scrub("HTTP 403 Forbidden: eyJ") == "HTTP 403 Forbidden: eyJ"  # too short to tell
+
+
+class _Echo(AppServer):
+    """A storage refusing every file with the request's bearer token in its reason phrase."""
+
+    def __init__(self, pki: TestPKI) -> None:
+        super().__init__(pki.server_ssl_context(require_client_cert=False), "127.0.0.1", 0)
+
+    def _app(self) -> web.Application:
+        async def refuse(request: web.Request) -> web.Response:
+            token = request.headers.get("Authorization", "")[len("Bearer "):]
+            status = 401 if "r401" in request.path else 403
+            return web.Response(status=status, reason=f"token {token[:190]} refused")
+
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", refuse)
+        return app
+
+    @property
+    def base_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def echo(pki: TestPKI) -> Iterator[str]:
+    with ThreadedAppServer(lambda: _Echo(pki), "echoing storage") as srv:
+        yield srv.base_url
+
+
+@pytest.mark.parametrize("kind", ["r401", "r403"])
+def test_a_token_quoted_in_a_reason_phrase_is_never_shown(
+        pki: TestPKI, echo: str, tmp_path: Path, kind: str) -> None:
+    token = TokenIssuer().mint("storage.read:/")
+    token_file = write_token(tmp_path / "tok", token)
+    listed = tmp_path / "l.txt"
+    listed.write_text("".join(f"{echo}/{kind}/f{i}\n" for i in range(6)))
+    res = run_cli("warm", str(listed), "--token-file", str(token_file), "--ca-dir",
+                  str(pki.ca_dir), "--auth", "token", "--state", str(tmp_path / "s.db"),
+                  "--json", "-v")
+    assert res.returncode in (1, 3, 5), res.stderr
+    json.loads(res.stdout)
+    for piece in (token[:40], token.rpartition(".")[2]):
+        assert piece not in res.stdout and piece not in res.stderr
+        for f in tmp_path.glob("s.db*"):
+            assert piece.encode() not in f.read_bytes(), f.name
