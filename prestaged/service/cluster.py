@@ -114,6 +114,9 @@ class ClusterMember:
         clears ``connected``; the one in flight is waited for, never doubled."""
         if self._inflight is None or self._inflight.done():
             self._inflight = asyncio.ensure_future(asyncio.to_thread(self._beat_sync))
+            # One that fails after its wait gave up is replaced unawaited: its error was
+            # "Task exception was never retrieved" with a traceback (the next beat reports).
+            self._inflight.add_done_callback(_retrieved)
         failures: tuple[type[Exception], ...] = (asyncio.TimeoutError, *_unreachable())
         try:
             members, leases = await asyncio.wait_for(asyncio.shield(self._inflight),
@@ -266,3 +269,9 @@ class ChunkWorker:
         if completed:
             log.info("cluster: round %d of %s complete", chunk.round_id, chunk.definition)
             await self._round_done(chunk.catalog, chunk.definition, chunk.round_id)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark ``future``'s outcome as seen (its exception is reported elsewhere, or moot)."""
+    if not future.cancelled():
+        future.exception()
