@@ -282,6 +282,24 @@ def test_secrets_in_list_urls_reach_no_output_nor_state(
         assert secret.encode() not in f.read_bytes(), f.name
 
 
+def test_a_url_with_a_user_and_a_bearer_token_fails_saying_why(pki: TestPKI,
+                                                               tmp_path: Path) -> None:
+    """A list URL with user:password@ while a bearer token is sent fails that file with a
+    sentence saying what to drop (aiohttp's "Cannot combine AUTHORIZATION header with AUTH
+    argument" before); the password is not shown."""
+    from prestaged.testing.tokens import TokenIssuer, write_token
+
+    token = write_token(tmp_path / "tok", TokenIssuer().mint("storage.read:/"))
+    listed = tmp_path / "l.txt"
+    listed.write_text("https://u:Pw0rdX@127.0.0.1:1/f\n")
+    res = run_cli("warm", str(listed), "--token-file", str(token), "--ca-dir", str(pki.ca_dir),
+                  "--auth", "token", "--no-state", "--json", "--stage", "never")
+    assert "Pw0rdX" not in res.stdout + res.stderr
+    (failure,) = json.loads(res.stdout)["failures"]
+    assert failure["error"].startswith("bad URL: it names a user (user:password@) and a "
+                                       "bearer token"), failure
+
+
 def test_ctrl_c_stops_with_partial_summary_130(pki: TestPKI, proxy: Path, storage: ThreadedStorageServer,
                                                tmp_path: Path) -> None:
     """SIGINT mid-run: clean stop, partial summary marked interrupted, exit 130."""

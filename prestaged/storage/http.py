@@ -366,6 +366,12 @@ class HttpToucher:
         if target.scheme not in ("http", "https"):
             return Attempt(failure=Failure.PROTOCOL,
                            error=f"unsupported scheme {target.scheme or '(none)'}://")
+        if auth is not None and target.raw_user is not None:
+            # aiohttp's words were "Cannot combine AUTHORIZATION header with AUTH argument".
+            return Attempt(failure=Failure.PROTOCOL,
+                           error="bad URL: it names a user (user:password@) and a bearer "
+                                 "token goes with it: one request sends one of them; drop "
+                                 "the URL's user:password, or --auth proxy")
         try:
             origin = _origin(target) if auth is not None else None
             if redirect is None:
