@@ -156,3 +156,32 @@ def test_two_cli_runs_share_a_rollback_journal_state(
     assert backend.query("SELECT COUNT(*) FROM files") == [(3000,)]
     assert backend.query("PRAGMA integrity_check") == [("ok",)]
     assert backend.query("SELECT COUNT(*) FROM runs WHERE ended IS NOT NULL") == [(2,)]
+
+
+def test_a_file_migrated_by_another_process_mid_check_is_not_something_else(
+        tmp_path: Path) -> None:
+    """Of two processes opening a new state file together, the second must not read the
+    version before the first's migration commits and the tables after it: it then took the
+    file for "a SQLite database of something else" and refused it (exit 2; CI saw it once in
+    two concurrent warms). Here the first commits exactly between those two reads."""
+    from prestaged.state import schema
+
+    path = tmp_path / "s.db"
+    first = sqlite3.connect(path, isolation_level=None)
+    first.execute("PRAGMA journal_mode = WAL")
+    first.execute("BEGIN IMMEDIATE")
+    for target in range(1, schema.SCHEMA_VERSION + 1):
+        for statement in schema.SQLITE.statements(target):
+            first.execute(statement)
+    first.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
+    second = sqlite3.connect(path, isolation_level=None, timeout=10)
+
+    def commit_the_first_between_the_reads(statement: str) -> None:
+        if "sqlite_master" in statement and first.in_transaction:
+            first.execute("COMMIT")
+    second.set_trace_callback(commit_the_first_between_the_reads)
+    schema.migrate(second, path)  # raised StateError "a SQLite database of something else"
+    assert not first.in_transaction  # the interleaving above did happen
+    assert second.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
+    first.close()
+    second.close()

@@ -335,7 +335,16 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
     """Bring the schema of ``conn`` (the database at ``path``) to ``SCHEMA_VERSION``; safe when
     several processes open it at once. ``StateError`` for a database that is not prestaged's
     or is newer than this prestaged."""
-    if _version(conn, path) == SCHEMA_VERSION:
+    # The version and the table list are read in one snapshot: read apart, a process that
+    # migrated a new file between them made it "a SQLite database of something else" (tables,
+    # yet version 0) to the other, which then refused it (two warms starting together).
+    conn.execute("BEGIN")
+    try:
+        current = _version(conn, path)
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    if current == SCHEMA_VERSION:
         return
     # The write lock is taken before the version is read again: of two processes opening a
     # new file together, the second waits, then finds nothing left to do.
