@@ -154,7 +154,7 @@ def hide_secret(value: str) -> None:
         _SECRETS.pop(part, None)
         _SECRETS[part] = None
     while len(_SECRETS) > _SECRETS_KEPT:
-        del _SECRETS[next(iter(_SECRETS))]
+        _SECRETS.pop(next(iter(_SECRETS)), None)  # pop: another thread may evict it too
 
 
 def scrub(text: str) -> str:

@@ -45,6 +45,7 @@ STRUCTURE = [
     ([{**STAGE, "submit": "x {stage!r}"}], "stage[0].submit",
      f"expected a command whose placeholders are among {PLACEHOLDERS} {LITERAL}, "
      "got {stage!r}"),
+    ([{**STAGE, "submit": '""'}], "stage[0].submit", 'expected a command, got "\\"\\""'),
     ([{**STAGE, "submit": "x 'y"}], "stage[0].submit",
      "expected a command line that splits into arguments, got \"x 'y\" "
      "(No closing quotation)"),

@@ -233,7 +233,7 @@ def _template_error(key: str, text: str, allowed: Sequence[str]) -> Optional[str
     except ValueError as e:
         return (f"{key}: expected a command line that splits into arguments, "
                 f"got {shown(text)} ({e})")
-    if not argv:
+    if not argv or not argv[0]:  # '""' splits into one empty word: no program to run
         return f"{key}: expected a command, got {shown(text)}"
     for arg in argv:
         try:
