@@ -25,16 +25,17 @@ EXIT_INTERRUPTED = 130
 
 class PrestagedError(Exception):
     """Root of every error prestaged reports to a user; ``str()`` is the one-line message,
-    without a secret a server may have quoted back (``model.scrub``)."""
+    without a secret a server may have quoted back (``model.scrub``) nor a control character
+    (``model.printable``)."""
 
     exit_code: int = EXIT_SOME_FAILED
     http_status: int = 503
     """The API's answer: by default the daemon cannot do it now (stopping, busy)."""
 
     def __str__(self) -> str:
-        from prestaged.model import scrub
+        from prestaged.model import printable, scrub
 
-        return scrub(super().__str__())
+        return printable(scrub(super().__str__()))
 
 
 class ConfigError(PrestagedError, ValueError):

@@ -31,6 +31,7 @@ __all__ = [
     "classify_status",
     "error_text",
     "hide_secret",
+    "printable",
     "redact",
     "redacted_url",
     "usable_origin",
@@ -168,11 +169,20 @@ def scrub(text: str) -> str:
     return text
 
 
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]}
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (C0, DEL, C1) written as ``\\xNN``: a server's bytes
+    quoted in an error cannot move a terminal's cursor, colour it or break the line."""
+    return text.translate(_CONTROLS)
+
+
 def error_text(text: str) -> str:
     """``text`` fit to keep: credentials redacted (and ``scrub``bed), whitespace runs folded to
     one space, cut to ``ERROR_TEXT_MAX`` characters (an ellipsis marks the cut)."""
     # Redact first: a cut could otherwise leave a password's head without its "@".
-    text = " ".join(scrub(redact(text)).split())
+    text = printable(" ".join(scrub(redact(text)).split()))
     if len(text) <= ERROR_TEXT_MAX:
         return text
     return text[: ERROR_TEXT_MAX - 1] + "\u2026"

@@ -77,3 +77,12 @@ def test_a_token_quoted_in_a_reason_phrase_is_never_shown(
         assert piece not in res.stdout and piece not in res.stderr
         for f in tmp_path.glob("s.db*"):
             assert piece.encode() not in f.read_bytes(), f.name
+
+
+def test_control_characters_a_server_sends_are_escaped_in_errors() -> None:
+    """A server's bytes quoted in an error (a reason phrase, a catalog's listing) cannot drive
+    the terminal: NUL, ESC sequences and C1 controls are written as \\xNN, on one line."""
+    assert Attempt(status=500, error="HTTP 500 \x1b[2Jboom\x00").error == (
+        "HTTP 500 \\x1b[2Jboom\\x00")
+    assert str(CatalogError("SAM answered for a\x16\x02b\nc\x9b31m")) == (
+        "SAM answered for a\\x16\\x02b\\x0ac\\x9b31m")
