@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 
@@ -86,17 +86,21 @@ def _python(version: str) -> Optional[str]:
     return next((c for c in candidates if c and _runs(c, version)), None)
 
 
+def _project() -> dict[str, Any]:
+    """pyproject.toml's ``[project]`` table."""
+    doc = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    project: dict[str, Any] = doc["project"]
+    return project
+
+
 def _requirements() -> list[str]:
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))[
-        "project"]["optional-dependencies"]
-    return [req for req in extras["test"]
+    return [req for req in _project()["optional-dependencies"]["test"]
             if re.split(r"[\[<>=!~; ]", req, maxsplit=1)[0].lower() in TEST_TOOLS]
 
 
 def _declared_minimum(name: str) -> str:
     """The ``>=`` bound of ``name`` in the package's dependencies."""
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))[
-        "project"]["dependencies"]
+    deps = _project()["dependencies"]
     found = [m.group(1) for d in deps if (m := re.fullmatch(rf"{name}>=([\w.]+)", d))]
     assert len(found) == 1, deps
     return found[0]

@@ -57,12 +57,14 @@ def via_daemon(args: argparse.Namespace, cfg: Config, method: str, path: str,
     except NotFoundError as e:
         raise NotFoundError(f"{e} (asked the daemon at {cfg.daemon.listen}; --state FILE works "
                             "on a state file instead)") from None
-    if doc is not None and not isinstance(doc, dict):
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
         # Every API answer is an object: anything else is not our daemon speaking.
         raise DaemonError(f"the daemon at {cfg.daemon.listen} answered {method} {path} with "
                              f"{type(doc).__name__}, not a JSON object")
     for key, kind in (keys or {}).items():
-        if doc is not None and not isinstance(doc.get(key), kind):
+        if not isinstance(doc.get(key), kind):
             raise DaemonError(f"{cfg.daemon.listen} (daemon.listen) answered {method} {path}, "
                               f"but not with prestaged's API (no {kind.__name__} {key!r}): is "
                               "something else listening there? --state FILE works on a state "
