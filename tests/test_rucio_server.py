@@ -354,10 +354,14 @@ def test_the_real_rucio_client_lists_replicas(rucio: RucioServer, tmp_path: Path
 
 
 def _refused(port: int) -> bool:
+    """True once nothing listens on the port. A reset is a listener closing with our connection
+    still in its backlog: it is going away but has not gone, so that is not yet refused."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
     return False
 
 
