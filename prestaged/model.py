@@ -178,6 +178,11 @@ def printable(text: str) -> str:
     return text.translate(_CONTROLS)
 
 
+def has_control(text: str) -> bool:
+    """Whether ``text`` holds a control character (C0 such as a line break or NUL, DEL, C1)."""
+    return any(ord(c) in _CONTROLS for c in text)
+
+
 def error_text(text: str) -> str:
     """``text`` fit to keep: credentials redacted (and ``scrub``bed), whitespace runs folded to
     one space, cut to ``ERROR_TEXT_MAX`` characters (an ellipsis marks the cut)."""

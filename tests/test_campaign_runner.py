@@ -242,3 +242,71 @@ def test_submit_exiting_non_zero_is_launch_failed(tmp_path: Path, store: Store) 
     run_on("asyncio", lambda: run(cfg, store, tmp_path))
     state, _, reason, _ = submission(store)
     assert (state, reason) == ("launch_failed", "sh exited 3")
+
+
+async def test_no_job_id_when_complete_needs_one_is_launch_unknown_and_complete_never_runs(
+        tmp_path: Path, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """A submit that exits 0 but prints no job id, with a ``complete`` that takes
+    ``{job_id}``: polling ``complete ''`` could pass at once (``condor_q ''`` finds no jobs)
+    and release the pins before the jobs read the files. The submission is launch_unknown,
+    ``complete`` never runs, and a warning names mark-submitted."""
+    polled = tmp_path / "polled"
+    cfg = campaign(tmp_path, submit=q("echo", "submitted, but the format changed"),
+                   complete=q("sh", "-c", 'echo "[$1]" >> "$0"', polled, "{job_id}"))
+    result = await run(cfg, store, tmp_path)
+    assert result.exit_code == 1, result
+    state, job_id, reason, states = submission(store)
+    assert (state, job_id) == ("launch_unknown", None) and "submitted" not in states
+    assert reason.startswith("echo exited 0 but no job id was found in its output")
+    assert not polled.exists()
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "prestaged campaign mark-submitted --submission 1 --job-id ID" in warning
+
+
+class _Listing:
+    """A catalog whose entries are given: what MetaCat or SAM could answer."""
+
+    def __init__(self, definition: str, refs: list[Any]) -> None:
+        self.name, self.definition, self._refs = "listing", definition, refs
+
+    async def files(self) -> Any:
+        for ref in self._refs:
+            yield ref
+
+    async def estimate(self) -> Optional[int]:
+        return len(self._refs)
+
+
+@pytest.mark.parametrize("split", ["all", "drainingn(5)"])
+async def test_a_line_break_in_a_catalog_name_cannot_add_files_to_the_slice(
+        tmp_path: Path, store: Store, split: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A catalog entry whose name (or URL) holds a line break wrote extra lines of its choosing
+    into ``{urls_file}``/``{files_file}``: a URL not in the dataset was warmed and given to the
+    jobs. Such an entry is left out of the slice, said at ERROR; the others go on."""
+    from prestaged.model import FileRef
+
+    injected = "https://127.0.0.1:1/pnfs/NOT/IN/DATASET/injected.root"
+    refs = [FileRef("a.root", "https://127.0.0.1:1/pnfs/a.root"),
+            FileRef(f"evil.root\n{injected}", "https://127.0.0.1:1/pnfs/evil.root"),
+            FileRef("b.root", "https://127.0.0.1:1/pnfs/b.root\r\nX-Injected: 1"),
+            FileRef("c.root", "https://127.0.0.1:1/pnfs/c.root")]
+    seen = tmp_path / "seen"
+    cfg = campaign(tmp_path, submit=q("sh", "-c", 'cat "$1" "$2" > "$0"', seen,
+                                      "{urls_file}", "{files_file}"))
+    cfg = dataclasses.replace(cfg, stage=tuple(
+        dataclasses.replace(stage, split=split) for stage in cfg.stage))
+
+    def listing(definition: str) -> Any:
+        return LocalCatalog(definition) if definition.endswith(".urls") else \
+            _Listing(definition, refs)
+
+    result = await run_campaign(cfg, store, gate=passing_gate, open_catalog=listing,
+                                workdir=tmp_path / "work")
+    assert result.exit_code == 0, result
+    assert seen.read_text().splitlines() == [
+        "https://127.0.0.1:1/pnfs/a.root", "https://127.0.0.1:1/pnfs/c.root",
+        "a.root", "c.root"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2, errors
+    assert "skipped https://127.0.0.1:1/pnfs/evil.root (name evil.root\\x0ahttps:" in errors[0]
+    assert "skipped https://127.0.0.1:1/pnfs/b.root\\x0d\\x0aX-Injected: 1" in errors[1]

@@ -219,7 +219,7 @@ submit = {_submit(tmp_path, "{submission}")}
 def test_a_missing_stage_input_is_an_error_line_and_retry_gets_past_it(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
 ) -> None:
-    """A stage whose input list does not exist fails its submission with an ERROR line that
+    """A stage whose input list does not exist fails its submission with a WARNING line that
     names the input and the way out, shown under -q too (it was only in the state); once the
     list exists, ``campaign retry`` and a run submit it."""
     later = tmp_path / "later.txt"
@@ -232,8 +232,9 @@ submit = {_submit(tmp_path, "{submission}")}
 """)
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign), "-q")
     assert res.returncode == 1 and "Traceback" not in res.stderr
-    (line,) = [ln for ln in res.stderr.splitlines() if "ERROR" in ln]
-    assert f"fix/a #1: input: definition '{later}': no such file" in line
+    (line,) = [ln for ln in res.stderr.splitlines() if "WARNING" in ln and "#1" in ln]
+    assert f"fix/a #1 all: prestaging -> failed: input: definition '{later}': no such file" \
+        in line
     assert "prestaged campaign retry --submission 1" in line
     write_definition(tmp_path, storage, ["/pnfs/camp/x"]).rename(later)
     res = _prestaged(pki, proxy, tmp_path, "campaign", "retry", "fix", "--submission", "1")

@@ -62,6 +62,7 @@ __all__ = [
     "Submission",
     "SubmissionState",
     "urls_file",
+    "way_out",
 ]
 
 log = logging.getLogger(__name__)
@@ -491,10 +492,24 @@ class CampaignRepository:
             conn.execute("INSERT INTO submission_events (submission_id, at, from_state, "
                          "to_state, reason) VALUES (?, ?, ?, ?, ?)",
                          (sub.id, now, frm.value, to.value, reason))
-        log.info("%s/%s #%d %s: %s -> %s: %s", sub.campaign, sub.stage, sub.id, sub.item,
-                 frm.value, to.value, reason)
+        if to in RETRYABLE:  # the operator must act: shown under -q too, with the way out
+            log.warning("%s/%s #%d %s: %s -> %s: %s; %s", sub.campaign, sub.stage, sub.id,
+                        sub.item, frm.value, to.value, reason, way_out(to, sub.id))
+        else:
+            log.info("%s/%s #%d %s: %s -> %s: %s", sub.campaign, sub.stage, sub.id, sub.item,
+                     frm.value, to.value, reason)
         self._moved(sub.campaign, frm, to, since)
         return self.get(sub.id)
+
+
+def way_out(state: SubmissionState, sub_id: int) -> str:
+    """What an operator may do about a submission that ended in ``state`` (one of
+    ``RETRYABLE``)."""
+    if state is S.LAUNCH_UNKNOWN:
+        return (f"if it did launch, `prestaged campaign mark-submitted --submission {sub_id} "
+                f"--job-id ID` records it; if not, `prestaged campaign retry --submission "
+                f"{sub_id}` runs it again")
+    return f"once the cause is fixed, `prestaged campaign retry --submission {sub_id}` runs it again"
 
 
 def urls_file(workdir: Path, sub: Submission) -> Path:

@@ -33,7 +33,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -61,7 +61,7 @@ from prestaged.errors import (
     PrestagedError,
 )
 from prestaged.gate import GateFn, RewarmFn
-from prestaged.model import FileRef, redact
+from prestaged.model import FileRef, has_control, printable, redact
 from prestaged.pins import ReleaseFn
 from prestaged.retry import RetryPolicy
 from prestaged.state.private import write_private
@@ -96,6 +96,7 @@ class _Runner:
     rewarm: Optional[RewarmFn] = None
     release: Optional[ReleaseFn] = None
     _next_touch: float = 0.0
+    _skipped: set[str] = field(default_factory=set)
 
     async def _control(self, stage: StageConfig) -> Optional[str]:
         return await asyncio.to_thread(self.repo.control, self.campaign.name, stage.name)
@@ -192,6 +193,19 @@ class _Runner:
             return "held"
         return "incomplete"
 
+    def _usable(self, stage: StageConfig, ref: FileRef) -> bool:
+        """False (said at ERROR, once per file) for a catalog entry whose name or URL holds a
+        control character: a line break would add lines of its choosing to the slice's
+        ``{urls_file}``/``{files_file}``, which the jobs take as their input."""
+        if not (has_control(ref.name) or has_control(ref.url)):
+            return True
+        if ref.url not in self._skipped:
+            self._skipped.add(ref.url)
+            log.error("%s/%s: skipped %s (name %s): a control character (a line break, NUL...) "
+                      "in a catalog entry; it is left out of every slice", self.campaign.name,
+                      stage.name, printable(redact(ref.url)), printable(ref.name))
+        return False
+
     def _input(self, stage: StageConfig) -> str:
         return stage.input.format_map({"campaign": self.campaign.name, "stage": stage.name})
 
@@ -201,7 +215,7 @@ class _Runner:
         fresh: list[FileRef] = []
         seen: set[str] = set()
         async for ref in self.open_catalog(self._input(stage)).files():
-            if ref.name not in taken and ref.name not in seen:
+            if ref.name not in taken and ref.name not in seen and self._usable(stage, ref):
                 seen.add(ref.name)
                 fresh.append(ref)
                 if len(fresh) >= n:
@@ -257,7 +271,7 @@ class _Runner:
             refs = []
             seen: set[str] = set()
             async for ref in self.open_catalog(sub.definition).files():
-                if ref.url not in seen:
+                if ref.url not in seen and self._usable(stage, ref):
                     seen.add(ref.url)
                     refs.append(ref)
         values = self._values(stage, sub)
@@ -272,11 +286,7 @@ class _Runner:
             sub = await self._move(sub, S.PRESTAGING, "gate started")
         try:
             refs = await self._slice(stage, sub)
-        except (CatalogError, OSError) as e:
-            # Said at ERROR (it was only in the state: -q showed nothing), with the way out.
-            log.error("%s/%s #%d: input: %s; the submission failed: once the input is "
-                      "fixed, `prestaged campaign retry --submission %d` gates it again",
-                      sub.campaign, sub.stage, sub.id, e, sub.id)
+        except (CatalogError, OSError) as e:  # the move says it under -q, with the way out
             return await self._move(sub, S.FAILED, f"input: {e}")
         d = self.campaign.defaults
         ready = stage.ready if stage.ready is not None else d.ready
@@ -304,6 +314,13 @@ class _Runner:
         if res.exit_code != 0:
             return await self._move(sub, S.LAUNCH_FAILED, res.describe(argv[0]),
                                     exit_code=res.exit_code, output_tail=res.output_tail)
+        if job_id is None and stage.complete is not None and "{job_id}" in stage.complete:
+            # Polling `complete` with an empty job id could pass at once (`condor_q ''` finds
+            # no jobs) and release the pins before the jobs read the files.
+            return await self._move(
+                sub, S.LAUNCH_UNKNOWN, f"{argv[0]} exited 0 but no job id was found in its "
+                f"output (job_id_regex {stage.job_id_regex!r}), and complete needs one",
+                exit_code=0, output_tail=res.output_tail)
         return await self._move(sub, S.SUBMITTED, f"{argv[0]} exited 0, job id {job_id or '-'}",
                                 exit_code=0, job_id=job_id, output_tail=res.output_tail)
 
