@@ -125,3 +125,52 @@ def test_ledger_controls_and_retries_round_trip(repo: CampaignRepository) -> Non
     assert [e["to"] for e in repo.events(first.id)] == [
         "queued", "prestaging", "ready", "submitting", "launch_unknown", "cancelled"]
     assert repo.names() == ["c"]
+
+
+@pytest.mark.parametrize("state", [S.FAILED, S.LAUNCH_UNKNOWN])
+def test_two_retries_at_once_make_one_successor(
+        backend: Backend, state: SubmissionState) -> None:
+    """Two operators (two CLIs, two members) retry one submission at once: both read it
+    unretried, then both act. Each used to create a successor, and the slice was submitted
+    twice. Now the retry claims the submission in its own transaction: the one that comes
+    second (here through another connection, with what it read before the first committed)
+    is a conflict and adds nothing."""
+    with backend.store() as one, backend.store() as other:
+        first, second = CampaignRepository(one), CampaignRepository(other)
+        files = [FileRef("f0", "https://h/f0")]
+        middle = S.SUBMITTING if state is S.LAUNCH_UNKNOWN else S.PRESTAGING
+        pre = [S.PRESTAGING, S.READY] if state is S.LAUNCH_UNKNOWN else []
+        sub = walk(first, first.create("c", "s", "slice-1", "d", ledger=files),
+                   *pre, middle, state)
+        stale = [s for s in second.submissions("c") if s.id == sub.id][0]
+        assert stale.superseded_by is None  # what the second operator's check saw
+        winner = first.retry("c", sub.id)
+        with pytest.raises(ConflictError, match="retried meanwhile") as err:
+            second._retry(stale, "retried by operator")
+        assert err.value.http_status == 409
+        subs = first.submissions("c")
+        assert [s.id for s in subs if s.state is S.QUEUED] == [winner.id]
+        old = first.get(sub.id)
+        assert old.superseded_by == winner.id
+        assert old.state is (S.CANCELLED if state is S.LAUNCH_UNKNOWN else state)
+        assert first.slice_of(winner.id) == files
+
+
+def test_retry_and_release_in_a_cancelled_campaign_are_conflicts(
+        repo: CampaignRepository) -> None:
+    """A cancelled campaign (or stage) creates and launches nothing ever again: a retry or a
+    release there made 'queued' submissions that could never run. Both are 409s, naming the
+    cancel, and nothing is created."""
+    failed = walk(repo, repo.create("c", "s", "all", "d"), S.PRESTAGING, S.FAILED)
+    unknown = walk(repo, repo.create("c", "t", "all", "d"), S.PRESTAGING, S.READY,
+                   S.SUBMITTING, S.LAUNCH_UNKNOWN)
+    repo.cancel("c", "s")
+    with pytest.raises(ConflictError, match="stage s of campaign c is cancelled for good"):
+        repo.retry("c", failed.id)
+    repo.cancel("c")
+    with pytest.raises(ConflictError, match="campaign c is cancelled for good"):
+        repo.release("c")
+    with pytest.raises(ConflictError, match="campaign c is cancelled for good"):
+        repo.retry("c", unknown.id)
+    assert {s.id: s.state for s in repo.submissions("c")} == {
+        failed.id: S.FAILED, unknown.id: S.LAUNCH_UNKNOWN}

@@ -390,11 +390,25 @@ class CampaignRepository:
     def release(self, campaign: str, stage: Optional[str] = None) -> list[Submission]:
         """Lift the hold of the campaign (or one stage) and retry its ``launch_unknown``
         submissions: each is superseded (``cancelled``) by a new ``queued`` submission that
-        takes over its slice, so no state ever moves backwards. Returns the new submissions."""
+        takes over its slice, so no state ever moves backwards. Returns the new submissions.
+        ``ConflictError`` for a cancelled campaign or stage (a retry there would never run)."""
+        self._not_cancelled(campaign, stage)
         with self.store.transaction() as conn:
             self._set(conn, campaign, stage, "held", 0, "released by operator")
-        return [self._retry(s) for s in self.submissions(campaign, stage)
-                if s.state is S.LAUNCH_UNKNOWN]
+        retried = []
+        for s in self.submissions(campaign, stage):
+            if s.state is S.LAUNCH_UNKNOWN and s.superseded_by is None:
+                try:
+                    retried.append(self._retry(s))
+                except ConflictError:  # another operator retried it meanwhile
+                    continue
+        return retried
+
+    def _not_cancelled(self, campaign: str, stage: Optional[str]) -> None:
+        if self.control(campaign, stage or "") == "cancelled":
+            where = f"stage {stage} of campaign {campaign}" if stage else f"campaign {campaign}"
+            raise ConflictError(f"{where} is cancelled for good: nothing in it is created or "
+                                "launched again, so a retry there would never run")
 
     def retry(self, campaign: str, sub_id: int) -> Submission:
         """Recovery of a ``failed`` (gate timed out, or never completed) or ``launch_failed``
@@ -402,7 +416,8 @@ class CampaignRepository:
         slice (its drainingn ledger files included), which the next pass gates and submits.
         The old one keeps its final state and points to the new one (``superseded_by``); a
         ``launch_unknown`` one becomes ``cancelled`` as on release. ``NotFoundError`` for an
-        unknown submission, ``ConflictError`` for one in another state."""
+        unknown submission, ``ConflictError`` for one in another state, one already retried
+        (also by a concurrent retry: see ``_retry``) or one of a cancelled campaign/stage."""
         found = [s for s in self.submissions(campaign) if s.id == sub_id]
         if not found:
             raise NotFoundError(f"campaign '{campaign}' has no submission {sub_id}")
@@ -413,19 +428,36 @@ class CampaignRepository:
         if sub.state not in RETRYABLE:
             raise ConflictError(f"submission {sub_id} is {sub.state.value}: only failed, "
                              "launch_failed or launch_unknown submissions can be retried")
+        self._not_cancelled(campaign, sub.stage)
         return self._retry(sub, "retried by operator")
 
     def _retry(self, old: Submission, why: str = "released by operator") -> Submission:
+        """The new submission taking over ``old``'s slice. One transaction claims ``old``
+        (``superseded_by`` still empty, state still retryable) before anything else: two
+        retries at once (two CLIs, two members, release beside retry) made two successors,
+        and the slice was submitted twice. The loser waits for the winner's commit and gets
+        ``ConflictError``."""
         now = time.time()
         reason = f"retry of #{old.id}, {why}"
-        tries = sum(1 for s in self.submissions(old.campaign, old.stage)
-                    if s.item.split(" (retry", 1)[0] == old.item.split(" (retry", 1)[0])
+        base = old.item.split(" (retry", 1)[0]
+        retryable = tuple(s.value for s in RETRYABLE)
         with self.store.transaction() as conn:
+            # Pointing at itself (a valid reference) until the successor's id is known.
+            claimed = conn.execute(
+                "UPDATE campaign_submissions SET superseded_by = id WHERE id = ? AND "
+                f"superseded_by IS NULL AND state IN ({', '.join('?' * len(retryable))})",
+                (old.id, *retryable)).rowcount
+            if not claimed:
+                raise ConflictError(f"submission {old.id} was retried meanwhile or is no "
+                                    "longer retryable")
+            items = conn.execute("SELECT item FROM campaign_submissions WHERE campaign = ? AND "
+                                 "stage = ?", (old.campaign, old.stage)).fetchall()
+            tries = sum(1 for (item,) in items if item.split(" (retry", 1)[0] == base)
             new_id = conn.insert(
                 "INSERT INTO campaign_submissions (campaign, stage, item, definition, state, "
                 "reason, created, updated, n_files) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (old.campaign, old.stage, f"{old.item.split(' (retry', 1)[0]} (retry {tries})",
-                 old.definition, S.QUEUED.value, reason, now, now, old.n_files))
+                (old.campaign, old.stage, f"{base} (retry {tries})", old.definition,
+                 S.QUEUED.value, reason, now, now, old.n_files))
             conn.execute("UPDATE campaign_submissions SET superseded_by = ? WHERE id = ?",
                          (new_id, old.id))
             conn.execute("INSERT INTO submission_events (submission_id, at, from_state, "
@@ -433,10 +465,21 @@ class CampaignRepository:
                          (new_id, now, S.QUEUED.value, reason))
             conn.execute("UPDATE campaign_ledger SET submission_id = ? WHERE submission_id = ?",
                          (new_id, old.id))
+            cancelled = f"superseded by #{new_id}: {why} for a retry (this launch may or may " \
+                        "not have run)"
+            if old.state is S.LAUNCH_UNKNOWN:  # in the claim's transaction: no window
+                conn.execute("UPDATE campaign_submissions SET state = ?, reason = ?, "
+                             "updated = ? WHERE id = ?",
+                             (S.CANCELLED.value, cancelled, now, old.id))
+                conn.execute("INSERT INTO submission_events (submission_id, at, from_state, "
+                             "to_state, reason) VALUES (?, ?, ?, ?, ?)",
+                             (old.id, now, S.LAUNCH_UNKNOWN.value, S.CANCELLED.value,
+                              cancelled))
         self._moved(old.campaign, None, S.QUEUED, now)
         if old.state is S.LAUNCH_UNKNOWN:
-            self.move(old, S.CANCELLED, f"superseded by #{new_id}: {why} for a retry (this "
-                                        "launch may or may not have run)")
+            log.info("%s/%s #%d %s: launch_unknown -> cancelled: %s", old.campaign, old.stage,
+                     old.id, old.item, cancelled)
+            self._moved(old.campaign, S.LAUNCH_UNKNOWN, S.CANCELLED, old.updated)
         else:
             log.info("%s/%s #%d %s: %s, superseded by #%d: %s", old.campaign, old.stage, old.id,
                      old.item, old.state.value, new_id, why)
@@ -509,7 +552,8 @@ def way_out(state: SubmissionState, sub_id: int) -> str:
         return (f"if it did launch, `prestaged campaign mark-submitted --submission {sub_id} "
                 f"--job-id ID` records it; if not, `prestaged campaign retry --submission "
                 f"{sub_id}` runs it again")
-    return f"once the cause is fixed, `prestaged campaign retry --submission {sub_id}` runs it again"
+    return (f"once the cause is fixed, `prestaged campaign retry --submission {sub_id}` runs it "
+            "again")
 
 
 def urls_file(workdir: Path, sub: Submission) -> Path:
