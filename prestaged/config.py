@@ -145,9 +145,10 @@ FRACTION = Check(lambda v: 0 < v <= 1, "a fraction in (0, 1] such as 0.99")
 """A number greater than 0 and at most 1."""
 NON_EMPTY = Check(lambda v: bool(v.strip()), "a non-empty {noun}")
 """A string with something other than white space."""
-PLAIN_NAME = Check(lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v) is not None,
-                   "a plain name (letters, digits, _.-)")
-"""A name usable in file names and URLs: a letter or digit, then letters, digits, ``_.-``."""
+PLAIN_NAME = Check(lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v) is not None,
+                   "a plain name (letters, digits, _.-; at most 100 characters)")
+"""A name usable in file names and URLs: a letter or digit, then letters, digits, ``_.-``; at
+most 100 characters (campaign and stage names make file names, whose limit is 255 bytes)."""
 
 
 def checked(label: str, value: T, rule: Check, noun: str) -> T:

@@ -17,7 +17,7 @@ from conftest import Backend
 from daemon_harness import DEADLINE, free_port, in_process, until, write_config
 
 from prestaged.campaign.actions import apply_action
-from prestaged.campaign.repository import CampaignRepository
+from prestaged.campaign.repository import CampaignRepository, SubmissionState
 from prestaged.campaign.runner import run_campaign
 from prestaged.campaign.spec import parse_campaign
 from prestaged.catalog import Catalog
@@ -25,6 +25,8 @@ from prestaged.catalog.local import LocalCatalog
 from prestaged.errors import ConfigError
 from prestaged.gate import GateResult
 from prestaged.testing.pki import TestPKI
+
+S = SubmissionState
 
 TOKEN = "bad-input-t0ken"
 
@@ -52,7 +54,7 @@ BAD_TEMPLATES = [
     ("complete", "true {urls_file:{stage}}", f"got {{urls_file:{{stage}}}} ({SPEC})"),
 ]
 
-NEED_A_PLAIN_NAME = "expected a plain name (letters, digits, _.-), got "
+NEED_A_PLAIN_NAME = "expected a plain name (letters, digits, _.-; at most 100 characters), got "
 
 
 def _campaign(tmp_path: Path, field: str, template: str) -> Path:
@@ -313,3 +315,34 @@ async def test_daemon_answers_400_for_a_bad_template_and_bad_names(
             status, body = await d.http("POST", f"/api/v1/campaigns/{path}", payload)
             assert (status, body) == (expected[0], {"error": expected[1]}), path
         assert _recorded(backend) == before
+
+
+@pytest.mark.parametrize("name", ["a" * 300, "a" * 101, "x/../y"])
+def test_show_of_a_name_no_campaign_can_have_is_exit_2(recorded: Backend, name: str) -> None:
+    """``campaign show`` with a 300-character name: ``Path.is_file()`` raised ENAMETOOLONG, a
+    traceback. It is checked like every action's name: exit 2, one line."""
+    res = run_cli("campaign", "show", name, *recorded.cli())
+    assert res.returncode == 2, res.stderr
+    assert _one_line(res.stderr).startswith(f"campaign name: {NEED_A_PLAIN_NAME}")
+
+
+@pytest.mark.parametrize("job_id", ["a\nb\x1b[31m", "1\x07.0@x", "j" * 257])
+def test_mark_submitted_refuses_a_job_id_with_control_characters(
+        recorded: Backend, job_id: str) -> None:
+    """A job id is shown in listings and given to ``complete``: one with a line break or an
+    escape sequence (or over 256 characters) is exit 2, escaped in the one line, and nothing
+    is recorded."""
+    with recorded.store() as store:
+        repo = CampaignRepository(store)
+        sub = repo.get(1)
+        for to in (S.PRESTAGING, S.READY, S.SUBMITTING, S.LAUNCH_UNKNOWN):
+            sub = repo.move(sub, to, "test")
+    before = _recorded(recorded)
+    res = run_cli("campaign", "mark-submitted", "c", "--submission", "1", "--job-id", job_id,
+                  *recorded.cli())
+    assert res.returncode == 2, res.stderr
+    line = _one_line(res.stderr)
+    assert line.startswith("mark-submitted: expected a job id of at most 256 characters "
+                           "without control characters, got '"), line
+    assert "\x1b" not in line and "\x07" not in line
+    assert _recorded(recorded) == before

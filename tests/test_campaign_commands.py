@@ -104,3 +104,12 @@ def test_a_command_runs_in_a_session_of_its_own(loop: str) -> None:
         [sys.executable, "-c", "import os; print(os.getpgid(0), os.getsid(0))"], timeout=20))
     pgid, sid = (int(x) for x in res.output_tail.split())
     assert pgid != os.getpgid(0) and sid != os.getsid(0)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_nul_in_an_argument_does_not_run(loop: str) -> None:
+    """asyncio raised ValueError (a traceback, the submission left in ``submitting``); uvloop
+    ran the command with the argument cut at the NUL. Neither runs it: exit 126, said."""
+    res = run_on(loop, lambda: run_argv(["echo", "a\0b"], timeout=20))
+    assert (res.exit_code, res.may_have_run) == (126, False)
+    assert res.describe("echo") == "echo: cannot run: an argument holds a NUL character"

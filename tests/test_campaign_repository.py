@@ -4,6 +4,7 @@ submissions whose state refuses them 409s (defect 6), through ``apply_action`` a
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import Backend
@@ -142,7 +143,7 @@ def test_two_retries_at_once_make_one_successor(
         pre = [S.PRESTAGING, S.READY] if state is S.LAUNCH_UNKNOWN else []
         sub = walk(first, first.create("c", "s", "slice-1", "d", ledger=files),
                    *pre, middle, state)
-        stale = [s for s in second.submissions("c") if s.id == sub.id][0]
+        stale = next(s for s in second.submissions("c") if s.id == sub.id)
         assert stale.superseded_by is None  # what the second operator's check saw
         winner = first.retry("c", sub.id)
         with pytest.raises(ConflictError, match="retried meanwhile") as err:
@@ -174,3 +175,22 @@ def test_retry_and_release_in_a_cancelled_campaign_are_conflicts(
         repo.retry("c", unknown.id)
     assert {s.id: s.state for s in repo.submissions("c")} == {
         failed.id: S.FAILED, unknown.id: S.LAUNCH_UNKNOWN}
+
+
+def test_a_list_item_named_like_a_slice_keeps_its_list_in_the_work_directory(
+        tmp_path: Path) -> None:
+    """``split = "list(slice-7.urls)"`` was taken for a drainingn slice by its text, and its
+    URL list went to the process's cwd (the daemon's, under systemd). Only the list the runner
+    named is a slice's own; retries keep it."""
+    from prestaged.campaign.repository import urls_file
+
+    def sub(item: str, definition: str, sub_id: int = 3) -> Submission:
+        return Submission(sub_id, "c", "s", item, definition, S.QUEUED, None, 0.0, 0.0, None,
+                          None, None, None)
+
+    work = tmp_path / "work"
+    mine = work / "c" / "s-slice-7.urls"
+    assert urls_file(work, sub("slice-7", str(mine))) == mine
+    assert urls_file(work, sub("slice-7 (retry 2)", str(mine))) == mine
+    for item in ("slice-7.urls", "slice-7", "slice-x.urls"):
+        assert urls_file(work, sub(item, item)) == work / "c" / "s-3.urls"

@@ -310,3 +310,18 @@ async def test_a_line_break_in_a_catalog_name_cannot_add_files_to_the_slice(
     assert len(errors) == 2, errors
     assert "skipped https://127.0.0.1:1/pnfs/evil.root (name evil.root\\x0ahttps:" in errors[0]
     assert "skipped https://127.0.0.1:1/pnfs/b.root\\x0d\\x0aX-Injected: 1" in errors[1]
+
+
+@pytest.mark.parametrize("printed", ["1\x1b[2J\x1b[31mFAKE.0@x", "12\x00evil"])
+async def test_a_job_id_with_control_characters_is_no_job_id(
+        tmp_path: Path, store: Store, printed: str) -> None:
+    """``\\S+`` takes ESC and NUL: such a "job id" drove terminals in ``campaign show`` and was
+    cut short in ``complete``'s argv. It is no job id (with a complete that needs one:
+    launch_unknown)."""
+    script = tmp_path / "submit.py"
+    script.write_text(f"print({('JobsubJobId of first job: ' + printed)!r})\n")
+    cfg = campaign(tmp_path, submit=q(sys.executable, script),
+                   complete=q("true", "{job_id}"))
+    await run(cfg, store, tmp_path)
+    state, job_id, _, _ = submission(store)
+    assert (state, job_id) == ("launch_unknown", None)

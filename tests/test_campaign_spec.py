@@ -56,7 +56,45 @@ STRUCTURE = [
      "expected a definition name whose placeholders are among {campaign} {stage} "
      f'{LITERAL}, got "ds-{{x}}"'),
     ([], "stage", "a campaign needs at least one [[stage]] table, got none"),
+    ([{**STAGE, "name": "b"}, {**STAGE, "after": ["b", "b"]}], "stage[1].after",
+     'expected each stage name once, got "b" twice'),
+    # A NUL cut uvloop's argument short (asyncio: a traceback, `submitting` left behind).
+    ([{**STAGE, "submit": "echo a\u0000b"}], "stage[0].submit",
+     "expected a command line without control characters (tabs and line breaks are spaces), "
+     'got "echo a\\u0000b"'),
+    ([{**STAGE, "complete": "check \u001b[2J{job_id}"}], "stage[0].complete",
+     "expected a command line without control characters (tabs and line breaks are spaces), "
+     'got "check \\u001b[2J{job_id}"'),
 ]
+
+
+@pytest.mark.parametrize(("key", "value", "rest"), [
+    # Names make file names (255 bytes at most): a 300-character one failed at run time.
+    ("name", "a" * 101, "expected a plain name (letters, digits, _.-; at most 100 characters)"),
+    ("stage[0].name", "s" * 101,
+     "expected a plain name (letters, digits, _.-; at most 100 characters)"),
+    ("stage[0].split", "drainingn(\u0663)", 'expected "all", "drainingn(N)" with N >= 1'),
+    ("stage[0].job_id_regex", "", "expected a valid, non-empty regular expression"),
+    ("defaults.submit_timeout", 1e300, "expected a duration above 0 and at most 86400 s"),
+    ("defaults.keep_warm", "99999999999999999999d",
+     "expected a duration above 0 and at most 2592000 s"),
+    ("defaults.complete_timeout", "400d",
+     "expected a duration above 0 and at most 31536000 s"),
+])
+def test_names_splits_regexes_and_durations_have_bounds(
+        tmp_path: Path, key: str, value: object, rest: str) -> None:
+    """What the campaign review got through: over-long names, a non-ASCII digit, an empty job
+    id pattern, durations without end."""
+    text = campaign_text(key, value, [STAGE])
+    assert error_of(tmp_path, text).startswith(f"{key}: {rest}")
+
+
+def test_complete_poll_may_not_exceed_its_maximum(tmp_path: Path) -> None:
+    """``complete_poll = "1h"`` with ``complete_poll_max = "1s"`` was taken."""
+    text = campaign_text("defaults.complete_poll", "1h", [STAGE]).replace(
+        "[defaults]\n", '[defaults]\ncomplete_poll_max = "1s"\n')
+    assert error_of(tmp_path, text) == ("defaults.complete_poll: expected at most "
+                                        "complete_poll_max (1 s), got 3600 s")
 
 
 def campaign_text(key: str, value: object, stages: list[dict[str, object]]) -> str:

@@ -12,8 +12,12 @@ from typing import Optional
 from prestaged.campaign.repository import CampaignRepository
 from prestaged.config import PLAIN_NAME, checked
 from prestaged.errors import ConfigError, NotFoundError
+from prestaged.model import printable
 
-__all__ = ["ACTIONS", "apply_action", "check_names"]
+__all__ = ["ACTIONS", "JOB_ID_MAX", "apply_action", "check_names", "usable_job_id"]
+
+JOB_ID_MAX = 256
+"""The longest job id ``mark-submitted`` takes (jobsub's are ``<cluster>.<proc>@<schedd>``)."""
 
 ACTIONS = ("hold", "release", "cancel", "retry", "mark-submitted")
 """Operator actions (``prestaged campaign ACTION``, ``POST /api/v1/campaigns/<name>/<action>``)."""
@@ -69,8 +73,19 @@ def apply_action(state: CampaignRepository, name: str, action: str, *, stage: Op
     if not job_id:
         raise ConfigError('mark-submitted: the job id is missing (give --job-id JOB_ID, or '
                           '"job_id": "<id>" in the request)')
+    if not usable_job_id(job_id):
+        # It is shown in listings and passed to `complete`: no line breaks or escapes.
+        raise ConfigError(f"mark-submitted: expected a job id of at most {JOB_ID_MAX} "
+                          f"characters without control characters, got '{printable(job_id[:80])}'"
+                          + ("..." if len(job_id) > 80 else ""))
     sub = state.mark_submitted(name, submission, job_id)
     return f"{name}/{sub.stage}: #{sub.id} {sub.item} submitted, job {sub.job_id}"
+
+
+def usable_job_id(job_id: str) -> bool:
+    """Whether ``job_id`` may be stored, shown and given to ``complete``: 1 to ``JOB_ID_MAX``
+    printable characters (no control characters, no U+FFFD standing for undecodable bytes)."""
+    return 0 < len(job_id) <= JOB_ID_MAX and job_id.isprintable() and "\ufffd" not in job_id
 
 
 def check_names(name: str, stage: Optional[str] = None) -> None:

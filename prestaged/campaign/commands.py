@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
+from prestaged.model import printable
+
 __all__ = ["DRAIN", "TAIL", "CommandResult", "run_argv"]
 
 TAIL = 4000
@@ -87,7 +89,9 @@ class _Capture(asyncio.SubprocessProtocol):
 
     def tail(self) -> str:
         # 4 bytes per character at most in UTF-8: enough bytes for TAIL characters.
-        return bytes(self.output[-self.keep:]).decode(errors="replace")[-TAIL:]
+        # A NUL becomes U+FFFD as undecodable bytes do: PostgreSQL text cannot hold one.
+        text = bytes(self.output[-self.keep:]).decode(errors="replace")[-TAIL:]
+        return text.replace("\0", "\ufffd")
 
 
 def _kill(transport: asyncio.SubprocessTransport) -> None:
@@ -105,6 +109,9 @@ async def run_argv(argv: Sequence[str], timeout: float, *,
     process exits, whatever holds its output pipe; output is read for at most ``drain``
     seconds after that (default ``DRAIN``)."""
     loop = asyncio.get_running_loop()
+    if any("\0" in arg for arg in argv):  # asyncio raises ValueError, uvloop cuts it short
+        return CommandResult(126, "", f"{printable(argv[0])}: cannot run: an argument holds "
+                                      "a NUL character")
     try:
         # Its own session: a Ctrl-C or a SIGTERM to prestaged's process group (systemd's
         # stop, timeout, kill -- -PGID) must not cut a submission short; prestaged decides
@@ -115,6 +122,7 @@ async def run_argv(argv: Sequence[str], timeout: float, *,
     except OSError as e:
         code = 127 if isinstance(e, FileNotFoundError) else 126
         return CommandResult(code, "", f"{argv[0]}: cannot run: {e.strerror or e}")
+
     try:
         timed_out = False
         try:

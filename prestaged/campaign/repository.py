@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -560,7 +561,11 @@ def urls_file(workdir: Path, sub: Submission) -> Path:
     """The URL list of ``sub``'s slice (``{urls_file}``), which its gate warms as a local
     definition: a drainingn slice's definition is that list itself (``slice-N`` items, kept by
     their retries); any other submission's list is ``<workdir>/<campaign>/<stage>-<id>.urls``."""
-    if sub.item.startswith("slice-") and sub.definition.endswith(".urls"):
+    # Told by the name the runner gave the list (`<stage>-slice-N.urls`), not by the item's
+    # text alone: a `list(...)` item named `slice-7.urls` wrote its list to the cwd.
+    base = sub.item.split(" (retry", 1)[0]
+    if re.fullmatch(r"slice-[0-9]+", base) \
+            and Path(sub.definition).name == f"{sub.stage}-{base}.urls":
         return Path(sub.definition)
     return workdir / sub.campaign / f"{sub.stage}-{sub.id}.urls"
 

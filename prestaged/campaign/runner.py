@@ -39,6 +39,7 @@ from typing import Callable, Optional
 
 import regex
 
+from prestaged.campaign.actions import usable_job_id
 from prestaged.campaign.commands import run_argv
 from prestaged.campaign.repository import (
     CANCELLABLE,
@@ -413,7 +414,15 @@ def _job_id(stage: StageConfig, output: str) -> Optional[str]:
         log.warning("%s: job_id_regex %r did not finish within %gs on the submit command's "
                     "output; no job id", stage.name, stage.job_id_regex, JOB_ID_TIMEOUT)
         return None
-    return (m.group(1) if m.groups() else m.group(0)) if m else None
+    found = (m.group(1) if m.groups() else m.group(0)) if m else None
+    if found is not None and not usable_job_id(found):
+        # `\S+` takes ESC and NUL: such an id would drive terminals and cut complete's argv.
+        log.warning("%s: job_id_regex %r found %r in the submit command's output, which is "
+                    "no job id (empty, too long, control characters or undecodable bytes); "
+                    "no job id",
+                    stage.name, stage.job_id_regex, printable(found[:80]))
+        return None
+    return found
 
 
 def _write_lists(urls: Path, names: Path, refs: Sequence[FileRef]) -> None:

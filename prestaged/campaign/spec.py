@@ -32,18 +32,20 @@ import regex
 
 from prestaged.config import (
     CATALOG,
+    DAY,
     FRACTION,
     NON_EMPTY,
     PLAIN_NAME,
-    POSITIVE,
     Check,
     Duration,
     build_section,
     check,
     shown,
+    within,
 )
 from prestaged.errors import ConfigError
 from prestaged.files import read_small_text
+from prestaged.model import has_control
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -87,7 +89,7 @@ def parse_split(text: str) -> Split:
     t = text.strip()
     if t == "all":
         return Split("all")
-    m = re.fullmatch(r"drainingn\(\s*(\d+)\s*\)", t)
+    m = re.fullmatch(r"drainingn\(\s*([0-9]+)\s*\)", t)
     if m and int(m.group(1)) > 0:
         return Split("drainingn", n=int(m.group(1)))
     m = re.fullmatch(r"list\((.*)\)", t, re.DOTALL)
@@ -117,7 +119,11 @@ def _is_regex(v: str) -> bool:
 
 
 _SPLIT = Check(_is_split, _SPLIT_FORMS)
-_REGEX = Check(_is_regex, "a valid regular expression")
+_REGEX = Check(lambda v: bool(v) and _is_regex(v), "a valid, non-empty regular expression")
+# Bounded above like the daemon's own durations (config.within): 1e300 s is no timeout.
+_UP_TO_A_DAY = within(0, DAY, low_open=True, unit="s")
+_UP_TO_30_DAYS = within(0, 30 * DAY, low_open=True, unit="s")
+_UP_TO_A_YEAR = within(0, 365 * DAY, low_open=True, unit="s")
 _CATALOG = CATALOG
 
 
@@ -130,20 +136,20 @@ class CampaignDefaults:
     ``catalog.default``."""
     ready: float = field(default=1.0, metadata=check(FRACTION))
     """Fraction of a submission's slice that must be warm before it is submitted."""
-    keep_warm: Duration = field(default=Duration(4 * 3600.0), metadata=check(POSITIVE))
+    keep_warm: Duration = field(default=Duration(4 * 3600.0), metadata=check(_UP_TO_30_DAYS))
     """Re-touch interval of a submitted slice until its ``complete`` command exits 0 (seconds)."""
-    prestage_timeout: Duration = field(default=Duration(6 * 3600.0), metadata=check(POSITIVE))
+    prestage_timeout: Duration = field(default=Duration(6 * 3600.0), metadata=check(_UP_TO_30_DAYS))
     """A slice not warm enough within this long fails, naming its cold files (seconds)."""
-    prestage_retry: Duration = field(default=Duration(10.0), metadata=check(POSITIVE))
+    prestage_retry: Duration = field(default=Duration(10.0), metadata=check(_UP_TO_A_DAY))
     """First wait before retrying cold files, doubling up to 10 minutes (seconds)."""
-    submit_timeout: Duration = field(default=Duration(600.0), metadata=check(POSITIVE))
+    submit_timeout: Duration = field(default=Duration(600.0), metadata=check(_UP_TO_A_DAY))
     """Longest run of one submit or complete command; then it is killed (seconds)."""
-    complete_timeout: Duration = field(default=Duration(7 * 86400.0), metadata=check(POSITIVE))
+    complete_timeout: Duration = field(default=Duration(7 * 86400.0), metadata=check(_UP_TO_A_YEAR))
     """A submission whose ``complete`` command never exits 0 within this long fails (seconds)."""
-    complete_poll: Duration = field(default=Duration(60.0), metadata=check(POSITIVE))
+    complete_poll: Duration = field(default=Duration(60.0), metadata=check(_UP_TO_A_DAY))
     """First wait between two ``complete`` polls, doubling up to ``complete_poll_max``
     (seconds)."""
-    complete_poll_max: Duration = field(default=Duration(1800.0), metadata=check(POSITIVE))
+    complete_poll_max: Duration = field(default=Duration(1800.0), metadata=check(_UP_TO_A_DAY))
     """Longest wait between two ``complete`` polls (seconds)."""
 
 
@@ -228,6 +234,11 @@ def _template_error(key: str, text: str, allowed: Sequence[str]) -> Optional[str
     """Why ``text`` is not a usable command template, as a whole sentence naming ``key``."""
     expected = ("a command whose placeholders are among "
                 + " ".join("{" + p + "}" for p in allowed) + " (write {{ for a literal {)")
+    if has_control(text.replace("\t", " ").replace("\n", " ").replace("\r", " ")):
+        # A NUL cuts the argument short (uvloop) or fails the launch (asyncio) after
+        # `submitting` is stored; an escape sequence would reach the log and listings.
+        return (f"{key}: expected a command line without control characters (tabs and line "
+                f"breaks are spaces), got {shown(text)}")
     try:
         argv = shlex.split(text)
     except ValueError as e:
@@ -265,6 +276,9 @@ def _input_error(key: str, text: str) -> Optional[str]:
 def _after(raw: object, key: str) -> tuple[str, ...]:
     if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):
         raise ConfigError(f"{key}: expected a list of stage names, got {shown(raw)}")
+    twice = next((a for i, a in enumerate(raw) if a in raw[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"{key}: expected each stage name once, got {shown(twice)} twice")
     return tuple(raw)
 
 
@@ -371,6 +385,10 @@ def parse_campaign(text: str, path: Path) -> CampaignConfig:
             raise ConfigError("stage: a campaign needs at least one [[stage]] table, got none")
         built = tuple(dataclasses.replace(s, after=a) for s, a in zip(cfg.stage, afters))
         _check_stages(built)
+        d = cfg.defaults
+        if d.complete_poll > d.complete_poll_max:
+            raise ConfigError(f"defaults.complete_poll: expected at most complete_poll_max "
+                              f"({d.complete_poll_max:g} s), got {d.complete_poll:g} s")
     except ConfigError as e:
         raise ConfigError(f"campaign {path}: {e}") from None
     return dataclasses.replace(cfg, stage=built, source=path)

@@ -77,14 +77,25 @@ def cmd_campaign_list(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _is_file(arg: str) -> bool:
+    """Whether ``arg`` names a file; a name too long to be a path, or one we may not look
+    into, is no file (it is then checked as a campaign name)."""
+    try:
+        return Path(arg).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def cmd_campaign_show(args: argparse.Namespace, cfg: Config) -> int:
     """``campaign show``: stages, controls and submissions of one campaign (FILE or NAME)."""
+    from prestaged.campaign.actions import check_names
     from prestaged.campaign.repository import CampaignRepository
     from prestaged.campaign.spec import load_campaign
 
     name = args.campaign
-    if Path(name).is_file():
+    if _is_file(name):
         name = load_campaign(Path(name)).name
+    check_names(name)
     doc = via_daemon(args, cfg, "GET", f"/api/v1/campaigns/{quote(name, safe='')}",
                      keys={"campaign": str, "stages": list, "submissions": list})
     if doc is not None:

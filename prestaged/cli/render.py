@@ -17,7 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Protocol, TextIO, runtime_checkable
 
-from prestaged.model import Result
+from prestaged.model import Result, printable
 
 if TYPE_CHECKING:
     from prestaged.catalog import Catalog
@@ -404,7 +404,10 @@ def campaign_lines(doc: dict[str, Any]) -> list[str]:
         for s in (s for s in doc["submissions"] if s["stage"] == stage["name"]):
             files = "-" if s["n_files"] is None else str(s["n_files"])
             warm = "-" if s["warm_of"] is None else f"{s['warm']}/{s['warm_of']}"
-            lines.append(f"  #{s['id']:<4} {s['item']:<12} {s['state']:<14} files {files:<6} "
-                         f"warm {warm:<9} job {s['job_id'] or '-'}  {ago(s['updated'])}: "
-                         f"{s['reason'] or '-'}")
+            # Escaped: an item, a job id or a reason quoting a command's output could hold
+            # escape sequences (states written before job ids were checked, too).
+            lines.append(printable(
+                f"  #{s['id']:<4} {s['item']:<12} {s['state']:<14} files {files:<6} "
+                f"warm {warm:<9} job {s['job_id'] or '-'}  {ago(s['updated'])}: "
+                f"{s['reason'] or '-'}"))
     return lines
