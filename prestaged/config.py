@@ -731,6 +731,10 @@ def load_config(path: Path | None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config {path}: invalid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config {path}: invalid TOML: nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise ConfigError(f"config {path}: invalid TOML: {e}") from None
     base = path.parent
     try:
         cfg = build_section(Config, data, "", base)

@@ -45,6 +45,13 @@ class ConfigError(PrestagedError, ValueError):
     http_status = 400
 
 
+class ServerConfigError(ConfigError):
+    """The daemon's own configuration cannot serve a request (a catalog it has no settings
+    for): the operator's fault, not the caller's (exit 2, HTTP 500 with ``exit_code``)."""
+
+    http_status = 500
+
+
 class StateError(PrestagedError):
     """The state store cannot be opened or is not ours (exit 2); never overwritten."""
 

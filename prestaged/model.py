@@ -60,10 +60,13 @@ def host_start(url: str) -> int:
 
 
 # Query parameters that carry a secret in storage URLs: a password, a bearer token or macaroon
-# (XRootD's and dCache's ``authz=``), a presigned URL's signature and credentials (S3).
+# (XRootD's and dCache's ``authz=``), a presigned URL's signature and credentials (S3, GCS).
+# Also in a fragment (``#access_token=``, OAuth's implicit flow) and where a server's words
+# quote one without its URL (``Missing authz=T``): after a blank or at the start.
 _SECRET_PARAMETER = re.compile(
-    r"([?&;](?:password|passwd|pwd|token|access_token|bearer_token|authz|sig|signature"
-    r"|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&#;\s]*", re.IGNORECASE)
+    r"((?:^|[?&;#\s])(?:password|passwd|pwd|token|access_token|bearer_token|authz|sig"
+    r"|signature|authorization|x-amz-signature|x-amz-credential|x-amz-security-token"
+    r"|x-goog-signature|x-goog-credential)=)[^&#;\s]*", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
@@ -158,11 +161,18 @@ def hide_secret(value: str) -> None:
         _SECRETS.pop(next(iter(_SECRETS)), None)  # pop: another thread may evict it too
 
 
+# A bearer credential as an HTTP header or a server's words write it: ``Bearer <token>``.
+_BEARER = re.compile(r"(\bbearer\s+)[^\s'\",;]+", re.IGNORECASE)
+
+
 def scrub(text: str) -> str:
-    """``text`` (a server's words, an error) without the secrets ``hide_secret`` was given nor
-    anything shaped like a JWT (or its first part), each replaced by ``***``."""
+    """``text`` (a server's words, an error, a log line) without the secrets ``hide_secret``
+    was given, anything shaped like a JWT (or its first part), nor what follows ``Bearer ``,
+    each replaced by ``***``."""
     if "eyJ" in text:
         text = _JWT.sub("***", text)
+    if "earer" in text or "EARER" in text:
+        text = _BEARER.sub(r"\1***", text)
     for secret in list(_SECRETS):
         if secret in text:
             text = text.replace(secret, "***")

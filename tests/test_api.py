@@ -74,9 +74,10 @@ class FakePorts:
         self._call("run", run_id)
         return self.runs.get(run_id)
 
-    async def datasets(self, name: Optional[str], catalog: Optional[str]) -> list[JsonObject]:
+    async def datasets(self, name: Optional[str], catalog: Optional[str], *,
+                       reasons: bool) -> list[JsonObject]:
         """Rows whose definition (and catalog) match."""
-        self._call("datasets", name, catalog)
+        self._call("datasets", name, catalog, reasons)
         return [r for r in self.rows if name in (None, r["definition"])
                 and catalog in (None, r["catalog"])]
 
@@ -180,7 +181,15 @@ async def test_warm_request_and_run_shapes(client: Client) -> None:
     (b"{not json", "body is not JSON"),
     (b"\xff\xfe", "body is not JSON"),
     (b"[1, 2]", "body must be a JSON object"),
-    (b'{"nodefinition": 1}', "expected {\"definition\""),
+    (b'{"nodefinition": 1}', "unknown key 'nodefinition' in the body: expected definition, "
+                             "catalog"),
+    (b'{"definition": "a", "force": true}', "unknown key 'force'"),
+    (b'{"definition": "a", "catalog": ""}', "catalog: expected one of local, samweb, metacat"),
+    (b'{"definition": "a", "catalog": "oracle"}', "expected one of local, samweb, metacat"),
+    # The review's 500s: an integer Python will not read, a lone surrogate, a huge name.
+    (b'{"definition": ' + b"1" * 5000 + b"}", "body is not JSON"),
+    (b'{"definition": "\\ud800"}', "definition: expected a name of at most 1024 characters"),
+    (b'{"definition": "' + b"a" * 1025 + b'"}', "at most 1024 characters"),
     (b'{"definition": "  "}', "expected {\"definition\""),
     (b'{"definition": 5}', "expected {\"definition\""),
     (b'{"definition": "a", "catalog": 5}', "catalog: expected a string, got int"),
@@ -215,8 +224,59 @@ async def test_unknown_or_malformed_run_ids(client: Client) -> None:
     """GET /api/v1/runs/<id>: 404 for an unknown run, 400 for an id that is not an integer."""
     c = await client(FakePorts())
     assert await _answer(await c.get("/api/v1/runs/999")) == (404, {"error": "no run 999"})
-    status, body = await _answer(await c.get("/api/v1/runs/abc"))
-    assert status == 400 and "integer" in body["error"]
+    ports_calls(c).clear()
+    for given in ("abc", "%201%20", "%D9%A1", "1_0", "-1", "1" * 19):
+        # int() read " 1 " and an Arabic-Indic one as run 1, "1_0" as run 10.
+        status, body = await _answer(await c.get(f"/api/v1/runs/{given}"))
+        assert status == 400 and "run id must be a whole number" in body["error"], given
+    assert not [args for name, args in ports_calls(c) if name == "run"]
+
+
+def ports_calls(c: Any) -> list[tuple[str, tuple[object, ...]]]:
+    """What the API asked of the ports of test client ``c``."""
+    from prestaged.service.api import PORTS
+
+    calls: list[tuple[str, tuple[object, ...]]] = c.server.app[PORTS].calls
+    return calls
+
+
+async def test_authorization_header_forms(client: Client) -> None:
+    """The scheme in any case (RFC 7235) is accepted; two Authorization headers are a 400
+    (which one counts was the first one's guess); a header that is not UTF-8 is a 401 on
+    every route that looks at it, not a 500 (it raised in the compare, before any check)."""
+    ports = FakePorts(token=TOKEN)
+    c = await client(ports)
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        resp = await c.post("/api/v1/warm", json={"definition": "a"},
+                            headers={"Authorization": f"{scheme} {TOKEN}"})
+        assert resp.status == 202, scheme
+    from multidict import CIMultiDict
+
+    two = CIMultiDict([("Authorization", f"Bearer {TOKEN}"), ("Authorization", "Bearer x")])
+    assert (await c.post("/api/v1/warm", json={"definition": "a"}, headers=two)).status == 400
+    assert len(ports.runs) == 3
+    reader, writer = await asyncio.open_connection("127.0.0.1", c.port)
+    writer.write(b"GET /api/v1/runs/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe"
+                 b"\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:80]
+
+
+@pytest.mark.parametrize(("headers", "body", "message"), [
+    ({"Content-Type": "application/json; charset=nope-9"}, b'{"definition": "a"}',
+     "body is not JSON"),
+    ({"Content-Encoding": "gzip"}, b"abcd", "body cannot be read"),
+])
+async def test_bodies_that_do_not_decode_are_400(client: Client, headers: dict[str, str],
+                                                 body: bytes, message: str) -> None:
+    """An unknown charset (LookupError) or a gzip body that is not gzip answered 500 with a
+    traceback in the log."""
+    ports = FakePorts()
+    c = await client(ports)
+    status, doc = await _answer(await c.post("/api/v1/warm", data=body, headers=headers))
+    assert status == 400 and message in doc["error"], doc
+    assert not ports.runs
 
 
 async def test_a_token_guards_warm_requests(client: Client) -> None:
@@ -252,6 +312,25 @@ async def test_dataset_shapes(client: Client) -> None:
         200, {"definitions": [b_sam]})
     assert await _answer(await c.get("/api/v1/datasets/nope")) == (
         404, {"error": "definition 'nope' has no record"})
+    # An unknown catalog answered 200 and nothing (404 for one name); twice took the first.
+    for query in ("?catalog=zzz", "?catalog=", "?catalog=local&catalog=samweb"):
+        for path in ("/api/v1/datasets", "/api/v1/datasets/b"):
+            status, doc = await _answer(await c.get(path + query))
+            assert status == 400 and "catalog" in doc["error"], (path, query, doc)
+
+
+async def test_open_dataset_answers_leave_run_errors_to_the_token(client: Client) -> None:
+    """A run's error may name the token file, the token's subject, the proxy's DN, what a
+    storage answered: ``GET /api/v1/runs`` keeps it to the token, and the open dataset routes
+    gave it to anyone. They now ask the ports for reasons only with the token."""
+    ports = FakePorts(token=TOKEN, rows=[{"catalog": "local", "definition": "b"}])
+    c = await client(ports)
+    for headers, reasons in (({}, False), (_auth("wrong"), False), (_auth(), True),
+                             ({"Authorization": f"bearer {TOKEN}"}, True)):
+        for path in ("/api/v1/datasets", "/api/v1/datasets/b"):
+            ports.calls.clear()
+            assert (await c.get(path, headers=headers)).status == 200
+            assert [args[2] for name, args in ports.calls if name == "datasets"] == [reasons]
 
 
 async def test_members_are_open_to_read_with_a_token_configured(client: Client) -> None:
@@ -325,6 +404,14 @@ async def test_campaign_changes_need_a_token_file_and_the_token(client: Client) 
     ("/api/v1/campaigns/x/retry", {"submission": True}, "submission: expected int, got bool"),
     ("/api/v1/campaigns/x/hold", {"stage": ["a"]}, "stage: expected a string, got list"),
     ("/api/v1/campaigns/x/hold", [1], "body must be a JSON object"),
+    ("/api/v1/campaigns", {"toml": "x", "helds": True}, "unknown key 'helds' in the body"),
+    ("/api/v1/campaigns/x/retry", {"submision": 4}, "unknown key 'submision' in the body"),
+    # `source` is logged and listed: a line break forged a log line, 200,000 characters were
+    # repeated in every listing.
+    ("/api/v1/campaigns", {"toml": "x", "source": "a\r\nprestaged: ERROR: fake"},
+     "source: expected the campaign file's path (at most 4096 characters, no control "
+     "characters), got 'a\\x0d\\x0aprestaged: ERROR: fake'"),
+    ("/api/v1/campaigns", {"toml": "x", "source": "s" * 4097}, "at most 4096 characters"),
 ])
 async def test_bad_campaign_requests_are_400(client: Client, path: str, body: object,
                                              message: str) -> None:

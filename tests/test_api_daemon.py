@@ -371,3 +371,25 @@ async def test_a_stopped_state_writer_shows_and_is_replaced_at_the_next_heartbea
         status, body = await d.http("GET", "/readyz")
         assert status == 200, body
         assert metric_value(await d.metrics(), "prestaged_runs_total", result="ok") in (0, None)
+
+
+async def test_warms_and_campaign_changes_are_refused_from_the_stop_signal_on(
+        pki: TestPKI, proxy: Path, tmp_path: Path) -> None:
+    """``draining`` was set only when the serve loop woke up to drain: a warm asked between
+    the signal and then got 202 and ran, and campaign actions were taken all through the
+    drain (a release then launched after the restart). Both are 503 from the signal on."""
+    (tmp_path / "defs").mkdir()
+    (tmp_path / "defs" / "a.txt").write_text("https://127.0.0.1:1/f\n")
+    (tmp_path / "ds.txt").write_text("https://127.0.0.1:1/f\n")
+    campaign = (f'name = "c"\n[[stage]]\nname = "one"\ninput = "{tmp_path / "ds.txt"}"\n'
+                'submit = "true"\n')
+    async with in_process(_config(tmp_path, pki, proxy), token=TOKEN) as d:
+        status, body = await d.http("POST", "/api/v1/campaigns", {"toml": campaign,
+                                                                   "held": True})
+        assert status == 201, body
+        d.daemon.request_stop()
+        assert d.daemon.draining  # at once, not when the loop comes round to it
+        for path, doc in (("/api/v1/warm", {"definition": "a"}),
+                          ("/api/v1/campaigns/c/release", {})):
+            status, body = await d.http("POST", path, doc)
+            assert (status, body["error"]) == (503, "the daemon is stopping"), (path, body)

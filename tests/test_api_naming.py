@@ -104,3 +104,28 @@ def test_remote_catalogs_resolve_names_themselves(catalog_dir: Path) -> None:
     opened, open_catalog = _open(catalog_dir)
     open_requested("samweb", "mc/2026 ../x", catalog_dir, open_catalog)  # type: ignore[arg-type]
     assert opened == [("samweb", "mc/2026 ../x")]
+
+
+def test_a_catalog_the_daemon_is_not_configured_for_is_its_fault_not_the_callers(
+        catalog_dir: Path) -> None:
+    """``catalog: samweb`` on a daemon with no SAM rewrite rules answered 400, as if the
+    request were wrong: it is the daemon's configuration (HTTP 500, exit code 2 in the body)."""
+    from prestaged.errors import ServerConfigError
+
+    def open_catalog(kind: str, definition: str) -> object:
+        raise ConfigError("catalog.samweb.rewrite: no rules to turn SAM locations into URLs")
+
+    with pytest.raises(ServerConfigError) as err:
+        open_requested("samweb", "mc-2026", catalog_dir, open_catalog)  # type: ignore[arg-type]
+    assert err.value.http_status == 500 and err.value.exit_code == 2
+    assert str(err.value) == ("the daemon's configuration: catalog.samweb.rewrite: no rules to "
+                              "turn SAM locations into URLs")
+
+
+@pytest.mark.parametrize("definition", ["a" * 252, "é" * 126])
+def test_a_name_too_long_for_a_file_name_is_refused(catalog_dir: Path, definition: str) -> None:
+    """NAME.txt must fit 255 bytes: a 300-character name was OSError ENAMETOOLONG, a 500."""
+    opened, open_catalog = _open(catalog_dir)
+    with pytest.raises(ConfigError, match="not a path"):
+        open_requested("local", definition, catalog_dir, open_catalog)  # type: ignore[arg-type]
+    assert opened == []

@@ -113,3 +113,12 @@ def test_a_nul_in_an_argument_does_not_run(loop: str) -> None:
     res = run_on(loop, lambda: run_argv(["echo", "a\0b"], timeout=20))
     assert (res.exit_code, res.may_have_run) == (126, False)
     assert res.describe("echo") == "echo: cannot run: an argument holds a NUL character"
+
+
+def test_credentials_a_command_prints_are_redacted_in_its_tail() -> None:
+    """The tail is kept in the state and shown with the token: a URL with a password or an
+    ``authz=`` a submit tool prints is redacted there as everywhere else (it was kept whole)."""
+    res = run_on("asyncio", lambda: run_argv(
+        ["echo", "https://u:CANARYPW@h/x?authz=CANARYAUTHZ JobsubJobId of first job: 1.0@s"],
+        timeout=20))
+    assert res.output_tail == "https://***@h/x?authz=*** JobsubJobId of first job: 1.0@s\n"

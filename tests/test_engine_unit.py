@@ -26,6 +26,7 @@ from prestaged.model import (
     classify_status,
     error_text,
     redact,
+    scrub,
 )
 from prestaged.net import parse_retry_after
 from prestaged.retry import RetryPolicy, retry_reason
@@ -383,6 +384,16 @@ def test_attempt_error_text_is_bounded_and_redacted() -> None:
         "root://h//f?authz=*** and https://h/g?X-Amz-Signature=***#c")
     assert redact("https://h/f?tokenizer=a&mytoken=b&x=token=c") == (
         "https://h/f?tokenizer=a&mytoken=b&x=token=c")
+    # Also GCS signatures, a token in a fragment, and a server's words quoting one without
+    # its URL (the API review found each in the state and a DEBUG line).
+    assert redact("https://h/g?X-Goog-Signature=G00g&X-Goog-Credential=c&x=1#access_token=F") \
+        == "https://h/g?X-Goog-Signature=***&X-Goog-Credential=***&x=1#access_token=***"
+    assert redact("HTTP 404 Missing authz=H1 and token=H2") == (
+        "HTTP 404 Missing authz=*** and token=***")
+    assert redact("authz=H3 first") == "authz=*** first"
+    assert redact("https://h/f?Authorization=Bearer%20A1") == "https://h/f?Authorization=***"
+    assert scrub("b'Authorization: Bearer S3cr3tV4lue\\x00'") == (
+        "b'Authorization: Bearer ***'")
     # Redacted before the cut: a password is never half-shown.
     assert "secret" not in error_text("x" * 190 + " https://user:secret@h/f")
 

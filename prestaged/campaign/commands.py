@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-from prestaged.model import printable
+from prestaged.model import printable, redact, scrub
 
 __all__ = ["DRAIN", "TAIL", "CommandResult", "run_argv"]
 
@@ -91,7 +91,9 @@ class _Capture(asyncio.SubprocessProtocol):
         # 4 bytes per character at most in UTF-8: enough bytes for TAIL characters.
         # A NUL becomes U+FFFD as undecodable bytes do: PostgreSQL text cannot hold one.
         text = bytes(self.output[-self.keep:]).decode(errors="replace")[-TAIL:]
-        return text.replace("\0", "\ufffd")
+        # Kept in the state and shown: credentials a submit tool prints (a URL's password, a
+        # token) are redacted as everywhere else.
+        return scrub(redact(text.replace("\0", "\ufffd")))
 
 
 def _kill(transport: asyncio.SubprocessTransport) -> None:

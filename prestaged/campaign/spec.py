@@ -368,8 +368,17 @@ def parse_campaign(text: str, path: Path) -> CampaignConfig:
     """Validate campaign file ``text`` read from ``path`` (named in errors; a daemon gets the
     text and the path it came from); ``ConfigError`` naming the file and key (exit 2)."""
     try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, sent as JSON "\ud800" to the daemon
+        raise ConfigError(f"campaign {path}: not valid text: a lone surrogate at character "
+                          f"{e.start}") from None
+    try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"campaign {path}: invalid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"campaign {path}: invalid TOML: nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4300 digits
         raise ConfigError(f"campaign {path}: invalid TOML: {e}") from None
     try:
         # `after` is a list of strings, which the config loader has no type for: taken out

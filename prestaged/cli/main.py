@@ -17,6 +17,7 @@ from prestaged.cli.common import Command
 from prestaged.cli.parser import OVERRIDES, build_parser
 from prestaged.config import Config, find_config, load_config, replace_path, shown
 from prestaged.errors import EXIT_INTERRUPTED, ConfigError, PrestagedError
+from prestaged.model import redact, scrub
 
 __all__ = ["main"]
 
@@ -69,6 +70,16 @@ def _check_state_file(value: str) -> None:
                           "not on a command line, which every user sees in ps)")
 
 
+class _Scrubbing(logging.Formatter):
+    """Log lines without secrets, whoever wrote them: ours are careful already, but a
+    library's are not (aiohttp's server quotes a malformed request's header line, token and
+    all, in its error and traceback). URL credentials are redacted, known secrets, JWTs and
+    ``Bearer`` values scrubbed (``model.redact``, ``model.scrub``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(redact(super().format(record)))
+
+
 def _setup_logging(args: argparse.Namespace, cfg: Config) -> None:
     """``output.log_level``, or DEBUG for ``-v``, WARNING for ``-q``, as one-line messages on
     stderr."""
@@ -84,7 +95,7 @@ def _setup_logging(args: argparse.Namespace, cfg: Config) -> None:
         root.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name("prestaged-cli")
-    handler.setFormatter(logging.Formatter("prestaged: %(levelname)s: %(message)s"))
+    handler.setFormatter(_Scrubbing("prestaged: %(levelname)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("asyncio").setLevel(logging.WARNING)

@@ -38,14 +38,22 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
+import re
 from collections.abc import Awaitable, Mapping
 from typing import Callable, Optional, Protocol, TypeVar
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
+from prestaged.config import CATALOG_KINDS
 from prestaged.errors import BusyError, ConfigError, PrestagedError
+from prestaged.model import has_control, printable
 
 __all__ = ["MAX_BODY", "ApiPorts", "Handler", "JsonObject", "RunView", "build_app"]
+
+log = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024
 """Bytes of a request body the API reads at most (413 beyond)."""
@@ -97,8 +105,11 @@ class ApiPorts(Protocol):
         """Run ``run_id``, or None when unknown."""
         ...
 
-    async def datasets(self, name: Optional[str], catalog: Optional[str]) -> list[JsonObject]:
-        """Warmth of every recorded definition (``name`` None) or of the one named."""
+    async def datasets(self, name: Optional[str], catalog: Optional[str], *,
+                       reasons: bool) -> list[JsonObject]:
+        """Warmth of every recorded definition (``name`` None) or of the one named; with
+        ``reasons`` False (no token where one is configured) without the last run's error,
+        which may quote what a catalog or a storage answered (as ``GET /api/v1/runs``)."""
         ...
 
     async def members(self) -> list[JsonObject]:
@@ -131,6 +142,10 @@ class ApiPorts(Protocol):
 PORTS: web.AppKey[ApiPorts] = web.AppKey("ports", ApiPorts)
 
 
+class _Gone(Exception):
+    """The client closed its connection while we read its request."""
+
+
 class _Refused(Exception):
     """An answer other than a ``PrestagedError``'s: 401/403 for authorisation."""
 
@@ -150,6 +165,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except _Refused as e:
         return _error(e.status, str(e))
+    except _Gone:  # nobody to answer; not an error of ours (no traceback in the log)
+        log.debug("%s %s: the client went away mid-request", request.method, request.path)
+        return web.Response(status=400)
     except BusyError as e:
         answer = _error(e.http_status, str(e))
         answer.headers["Retry-After"] = str(max(1, round(e.retry_after)))
@@ -173,11 +191,38 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 # --- authorisation --------------------------------------------------------------------------
 
 def _authorized(request: web.Request) -> bool:
+    """Whether the request carries the bearer token (always, when none is configured). One
+    ``Authorization`` header, scheme in any case (RFC 7235); two are refused (400), since
+    which one counts would be a guess. Compared in constant time, as bytes: a header that is
+    not UTF-8 (surrogate escapes) compares unequal instead of raising."""
     token = request.app[PORTS].token
     if token is None:
         return True
-    given = request.headers.get("Authorization", "")
-    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+    headers = request.headers.getall("Authorization", [])
+    if len(headers) > 1:
+        raise _Refused(400, "more than one Authorization header")
+    scheme, _, given = (headers[0] if headers else "").partition(" ")
+    if scheme.lower() != "bearer":
+        given = ""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
+                               token.encode("utf-8", "surrogateescape"))
+
+
+def _authorized_quietly(request: web.Request) -> bool:
+    """``_authorized`` for open routes, which only show more with the token: a malformed
+    ``Authorization`` header there shows less, it is not refused."""
+    try:
+        return _authorized(request)
+    except _Refused:
+        return False
+
+
+def _catalog(kind: Optional[str]) -> Optional[str]:
+    """A catalog kind a caller gave: one of ``CATALOG_KINDS`` (400 otherwise, ``""`` too)."""
+    if kind is not None and kind not in CATALOG_KINDS:
+        raise ConfigError(f"catalog: expected one of {', '.join(CATALOG_KINDS)}, got "
+                          f"'{printable(kind[:40])}'")
+    return kind
 
 
 def _require_token(request: web.Request) -> None:
@@ -201,14 +246,51 @@ async def _json_object(request: web.Request) -> dict[str, object]:
     if not request.can_read_body:
         return {}
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        raw = await request.read()
+    except web.HTTPException:
+        raise  # 413: over MAX_BODY
+    except (HttpProcessingError, RequestPayloadError) as e:  # a Content-Encoding that fails
+        said = str(getattr(e, "message", "") or e).strip().splitlines()
+        raise ConfigError(f"body cannot be read: {printable(said[-1] if said else '')}") \
+            from None
+    except (ConnectionError, ClientPayloadError) as e:  # the client went away mid-body
+        raise _Gone from e
+    try:
+        body = json.loads(raw.decode(request.charset or "utf-8"))
+    except (LookupError, ValueError):  # unknown charset, not UTF-8, not JSON, >4300 digits
         raise ConfigError("body is not JSON") from None
     except RecursionError:  # nested deeper than the parser's stack: bad input, not a 500
         raise ConfigError("body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ConfigError("body must be a JSON object")
     return body
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (JSON's ``"\\ud800"`` is a lone surrogate, which no
+    file name, database or log can take)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _only(body: Mapping[str, object], keys: tuple[str, ...]) -> None:
+    """``ConfigError`` naming the first key of ``body`` not among ``keys``: a misspelt key
+    (``"defintion"``, ``"helds"``) is refused, never ignored."""
+    unknown = sorted(k for k in body if k not in keys)
+    if unknown:
+        raise ConfigError(f"unknown key '{printable(unknown[0][:80])}' in the body: expected "
+                          + ", ".join(keys))
+
+
+def _query(request: web.Request, key: str) -> Optional[str]:
+    """Query parameter ``key`` given at most once (400 for twice)."""
+    values = request.query.getall(key, [])
+    if len(values) > 1:
+        raise ConfigError(f"query parameter {key} given {len(values)} times: give it once")
+    return values[0] if values else None
 
 
 T = TypeVar("T")
@@ -243,10 +325,14 @@ async def post_warm(request: web.Request) -> web.Response:
     """Queue a warm run: ``{"definition": str, "catalog": str (optional)}`` -> 202 + id."""
     _require_token(request)
     body = await _json_object(request)
+    _only(body, ("definition", "catalog"))
     definition = body.get("definition")
     if not isinstance(definition, str) or not definition.strip():
         raise ConfigError('expected {"definition": "<name>", "catalog": "<kind>"}')
-    catalog = _optional(body, "catalog", str)
+    if len(definition) > 1024 or not _encodable(definition):
+        raise ConfigError("definition: expected a name of at most 1024 characters of valid "
+                          f"text, got {printable(ascii(definition[:80]))}")
+    catalog = _catalog(_optional(body, "catalog", str))
     info, merged = request.app[PORTS].submit(definition, catalog)
     return web.json_response({"id": info.id, "state": info.state, "merged": merged,
                               "href": f"/api/v1/runs/{info.id}"}, status=202)
@@ -255,10 +341,11 @@ async def post_warm(request: web.Request) -> web.Response:
 async def get_run(request: web.Request) -> web.Response:
     """One run's state and live counts (operator data: the token when one is configured)."""
     _require_token(request)
-    try:
-        run_id = int(request.match_info["id"])
-    except ValueError:
-        raise ConfigError("run id must be an integer") from None
+    given = request.match_info["id"]
+    # ASCII digits only: int() also takes " 1 ", "1_0" and other scripts' digits.
+    if not re.fullmatch(r"[0-9]{1,18}", given):
+        raise ConfigError(f"run id must be a whole number, got '{printable(given[:40])}'")
+    run_id = int(given)
     info = request.app[PORTS].run(run_id)
     if info is None:
         return _error(404, f"no run {run_id}")
@@ -267,14 +354,16 @@ async def get_run(request: web.Request) -> web.Response:
 
 async def datasets(request: web.Request) -> web.Response:
     """Warmth of every recorded definition (as ``prestaged status --json``)."""
-    rows = await request.app[PORTS].datasets(None, request.query.get("catalog"))
+    rows = await request.app[PORTS].datasets(None, _catalog(_query(request, "catalog")),
+                                             reasons=_authorized_quietly(request))
     return web.json_response({"definitions": rows})
 
 
 async def dataset(request: web.Request) -> web.Response:
     """Warmth of one definition (``?catalog=`` narrows it)."""
     name = request.match_info["name"]
-    rows = await request.app[PORTS].datasets(name, request.query.get("catalog"))
+    rows = await request.app[PORTS].datasets(name, _catalog(_query(request, "catalog")),
+                                             reasons=_authorized_quietly(request))
     if not rows:
         return _error(404, f"definition '{name}' has no record")
     return web.json_response(rows[0] if len(rows) == 1 else {"definitions": rows})
@@ -299,7 +388,11 @@ async def post_campaign(request: web.Request) -> web.Response:
     text = _optional(body, "toml", str)
     if not text:
         raise ConfigError('expected {"toml": "<campaign file text>", "source": "<path>"}')
+    _only(body, ("toml", "source", "held"))
     source = _optional(body, "source", str) or "<api>"
+    if len(source) > 4096 or has_control(source):  # it is logged and listed
+        raise ConfigError("source: expected the campaign file's path (at most 4096 characters, "
+                          f"no control characters), got '{printable(source[:80])}'")
     held = bool(_optional(body, "held", bool))
     name, new = await request.app[PORTS].add_campaign(text, source, held=held)
     return web.json_response({"campaign": name, "added": new, "held": held,
@@ -310,7 +403,7 @@ async def get_campaign(request: web.Request) -> web.Response:
     """One campaign: stages, controls, submissions with transitions and warmth; the submit
     commands' output only with the token when one is configured."""
     doc = await request.app[PORTS].describe_campaign(request.match_info["name"],
-                                                     output=_authorized(request))
+                                                     output=_authorized_quietly(request))
     return web.json_response(doc)
 
 
@@ -320,6 +413,7 @@ async def campaign_action(request: web.Request) -> web.Response:
     -> 200 ``{"result": <one line>}``."""
     _require_campaign_token(request)
     body = await _json_object(request)
+    _only(body, ("stage", "submission", "job_id"))
     text = await request.app[PORTS].campaign_action(
         request.match_info["name"], request.match_info["action"],
         stage=_optional(body, "stage", str), submission=_optional(body, "submission", int),
@@ -327,11 +421,39 @@ async def campaign_action(request: web.Request) -> web.Response:
     return web.json_response({"result": text})
 
 
+class _ClientFaults(logging.Filter):
+    """aiohttp's server logs a request it could not parse (a bad header byte, an 8 KiB
+    header) or a client gone mid-request at ERROR, with a traceback quoting the request's
+    header line. Those are the client's doing: one WARNING line naming the fault, nothing
+    quoted (the log formatter scrubs what gets through anyway)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (HttpProcessingError, RequestPayloadError, ConnectionError,
+                            ClientPayloadError)):
+            what = (getattr(exc, "message", "") or type(exc).__name__).strip()
+            # Up to the bytes it quotes ("...when reading: b'Bearer T...'"), on one line.
+            what = re.split(r"[\s:]*b['\"]", what.splitlines()[0] if what else "")[0]
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "API: refused a request: %s", (printable(what[:120]) or type(exc).__name__,),
+                None, None)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def quiet_client_faults() -> None:
+    """Install ``_ClientFaults`` on aiohttp's server logger (once)."""
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientFaults) for f in server.filters):
+        server.addFilter(_ClientFaults())
+
+
 def build_app(ports: ApiPorts) -> web.Application:
     """The aiohttp application serving ``ports``."""
     # Request bodies are small JSON documents (a campaign file is a few KiB): a larger one is
     # refused with 413 before it is read.
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    quiet_client_faults()
     app[PORTS] = ports
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -193,6 +193,8 @@ class DaemonCampaigns:
         """Apply ``action`` (one of ``ACTIONS``) to campaign ``name`` (or one ``stage``) and
         wake its task; returns a one-line account (``campaign.actions.apply_action``, whose
         errors propagate)."""
+        if self._draining():  # stored now, it would act only after the restart: say so
+            raise PrestagedError("the daemon is stopping")
         entry = self.entries.get(name)
         stages = [s.name for s in entry.config.stage] if entry is not None else None
         text = await asyncio.to_thread(functools.partial(

@@ -41,6 +41,7 @@ from prestaged.credentials import (
 from prestaged.errors import ConfigError, CredentialError, PrestagedError
 from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics
+from prestaged.model import hide_secret
 from prestaged.pacing import Rates
 from prestaged.runtime import probe_lag
 from prestaged.service.api import Handler, JsonObject, build_app
@@ -95,6 +96,7 @@ def _read_token(path: Optional[Path], listen: str) -> Optional[str]:
                           f"{mode & 0o777:o}); chmod 600 it")
     if not token:
         raise ConfigError(f"daemon.token_file {path}: empty")
+    hide_secret(token)  # a library quoting a request's header in its log: never shown
     return token
 
 
@@ -196,6 +198,9 @@ class Daemon:
             ev.stop_runs.set()
             return
         log.info("stopping: draining running warms (up to %.0f s)", self.cfg.daemon.drain_timeout)
+        # At once: a warm or a campaign change asked between the signal and _drain (the loop
+        # may be busy) was accepted and then run, or stored for the next start.
+        self.draining = True
         ev.stop.set()
 
     def request_reload(self) -> None:
@@ -279,7 +284,10 @@ class Daemon:
         from aiohttp import web
 
         host, _, port = self.cfg.daemon.listen.rpartition(":")
-        self._runner = web.AppRunner(build_app(ports), access_log=None)
+        # shutdown_timeout: a client that never finishes its request body held the exit for
+        # aiohttp's default 60 s, past systemd's TimeoutStopSec after the drain.
+        self._runner = web.AppRunner(build_app(ports), access_log=None,
+                                     shutdown_timeout=SHUTDOWN_GRACE)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host.strip("[]"), int(port))
         try:
@@ -562,6 +570,13 @@ class Daemon:
         self.notifier.status(text)
 
 
+SHUTDOWN_GRACE = 5.0
+"""Seconds the API's open connections get to finish when the daemon stops."""
+
+WITH_THE_TOKEN = "(shown with the token)"
+"""What an open API answer says instead of a run's error."""
+
+
 class _Ports:
     """The daemon as its HTTP API sees it: an ``api.ApiPorts``."""
 
@@ -591,16 +606,28 @@ class _Ports:
         """Run ``run_id``, if remembered."""
         return self._live.runs.get(run_id)
 
-    async def datasets(self, name: Optional[str], catalog: Optional[str]) -> list[JsonObject]:
+    async def datasets(self, name: Optional[str], catalog: Optional[str], *,
+                       reasons: bool) -> list[JsonObject]:
         """Warmth of every recorded definition, or of ``name`` (in ``catalog``); concurrent
-        asks share one read of the store, whose answer serves for 2 s (``Coalesced``)."""
+        asks share one read of the store, whose answer serves for 2 s (``Coalesced``).
+        Without ``reasons`` each last run's ``reason`` is ``"(shown with the token)"`` when it
+        has one: it may name credential files, a token's subject, what a storage answered."""
         fresh_for = self._daemon.cfg.state.fresh_for
 
         async def read() -> list[JsonObject]:
             rows = await asyncio.to_thread(self._live.store.status, fresh_for, name, catalog)
             return [r.to_dict() for r in rows]
 
-        return await self._datasets.get((name, catalog, fresh_for), read)
+        rows = await self._datasets.get((name, catalog, fresh_for), read)
+        if reasons:
+            return rows
+        shown = []
+        for row in rows:
+            last = row.get("last_run")
+            hide = isinstance(last, dict) and last.get("reason")
+            shown.append({**row, "last_run": {**last, "reason": WITH_THE_TOKEN}}
+                         if hide and isinstance(last, dict) else row)
+        return shown
 
     async def members(self) -> list[JsonObject]:
         """The state's members, alive by this daemon's ``[cluster] lease`` (read in a worker

@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from prestaged.catalog import Catalog
-from prestaged.errors import CatalogError, ConfigError, NotFoundError
+from prestaged.errors import CatalogError, ConfigError, NotFoundError, ServerConfigError
 
 __all__ = ["local_file", "open_requested"]
 
 
 def _plain_name(definition: str) -> bool:
+    # NAME.txt must fit a file name's 255 bytes.
     return (definition.strip() == definition and definition not in ("", ".", "..")
+            and len(definition.encode("utf-8", "surrogatepass")) <= 251
             and not definition.startswith("~")
             and not any(c in definition for c in ("/", "\\", "\0")))
 
@@ -35,7 +37,8 @@ def local_file(definition: str, directory: Optional[Path]) -> Path:
                           "definition of a remote catalog")
     if not _plain_name(definition):
         raise ConfigError(f"definition {definition[:80]!r}: over the API a local definition "
-                          "is a name in catalog.local.dir (no '/', '..' or '~'), not a path")
+                          "is a name in catalog.local.dir (no '/', '..' or '~'; at most 251 "
+                          "bytes), not a path")
     base = directory.resolve()
     real = (base / f"{definition}.txt").resolve()
     if base not in real.parents:
@@ -46,15 +49,27 @@ def local_file(definition: str, directory: Optional[Path]) -> Path:
     return real
 
 
+def _opened(open_catalog: Callable[[str, str], Catalog], kind: str,
+            definition: str) -> Catalog:
+    """``open_catalog(kind, definition)``; a ``ConfigError`` then is the daemon's config (no
+    SAM rewrite rules, no MetaCat URL), not the caller's request: a ``ServerConfigError``."""
+    try:
+        return open_catalog(kind, definition)
+    except ServerConfigError:
+        raise
+    except ConfigError as e:
+        raise ServerConfigError(f"the daemon's configuration: {e}") from None
+
+
 def open_requested(kind: str, definition: str, directory: Optional[Path],
                    open_catalog: Callable[[str, str], Catalog]) -> Catalog:
     """The catalog of ``definition`` as an API caller named it (see the module docstring);
     ``open_catalog(kind, definition)`` opens it once the name is allowed."""
     if kind != "local":
-        return open_catalog(kind, definition)
+        return _opened(open_catalog, kind, definition)
     real = local_file(definition, directory)
     try:
-        catalog = open_catalog(kind, definition)
+        catalog = _opened(open_catalog, kind, definition)
     except CatalogError as e:  # only finds the file, which was just there: gone meanwhile
         raise NotFoundError(str(e)) from e
     # The local catalog tries the name as a path in the working directory first: make sure
