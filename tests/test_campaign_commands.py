@@ -122,3 +122,15 @@ def test_credentials_a_command_prints_are_redacted_in_its_tail() -> None:
         ["echo", "https://u:CANARYPW@h/x?authz=CANARYAUTHZ JobsubJobId of first job: 1.0@s"],
         timeout=20))
     assert res.output_tail == "https://***@h/x?authz=*** JobsubJobId of first job: 1.0@s\n"
+
+
+def test_commands_do_not_get_the_state_databases_password(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Submit and complete commands inherited the daemon's whole environment, PGPASSWORD
+    included (the state database's password, no business of jobsub's); grid credentials
+    still pass."""
+    monkeypatch.setenv("PGPASSWORD", "CANARYPG10")
+    monkeypatch.setenv("BEARER_TOKEN_FILE", "/run/user/1/bt_u1")
+    res = run_on("asyncio", lambda: run_argv(
+        ["sh", "-c", 'echo "[${PGPASSWORD-unset}] [$BEARER_TOKEN_FILE]"'], timeout=20))
+    assert res.output_tail == "[unset] [/run/user/1/bt_u1]\n"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 from collections.abc import Sequence
@@ -104,6 +105,17 @@ def _kill(transport: asyncio.SubprocessTransport) -> None:
             transport.kill()
 
 
+KEPT_FROM_COMMANDS = ("PGPASSWORD",)
+"""Variables of prestaged's environment its commands do not get: the state database's
+password (libpq reads it) is prestaged's, not the submit tool's. Grid credentials
+(``X509_USER_PROXY``, ``BEARER_TOKEN_FILE``...) are passed on: jobsub needs them."""
+
+
+def command_env() -> dict[str, str]:
+    """The environment of a submit or complete command: ours without ``KEPT_FROM_COMMANDS``."""
+    return {k: v for k, v in os.environ.items() if k not in KEPT_FROM_COMMANDS}
+
+
 async def run_argv(argv: Sequence[str], timeout: float, *,
                    drain: float = DRAIN) -> CommandResult:
     """Run ``argv`` (no shell) with stdin from /dev/null and its output captured (its last
@@ -120,7 +132,8 @@ async def run_argv(argv: Sequence[str], timeout: float, *,
         # (the daemon's drain_timeout, then launch_unknown if it has to go).
         transport, capture = await loop.subprocess_exec(
             lambda: _Capture(4 * TAIL), *argv, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            env=command_env())
     except OSError as e:
         code = 127 if isinstance(e, FileNotFoundError) else 126
         return CommandResult(code, "", f"{argv[0]}: cannot run: {e.strerror or e}")
