@@ -325,3 +325,37 @@ async def test_a_job_id_with_control_characters_is_no_job_id(
     await run(cfg, store, tmp_path)
     state, job_id, _, _ = submission(store)
     assert (state, job_id) == ("launch_unknown", None)
+
+
+async def test_a_submit_killed_at_shutdown_is_said(
+        tmp_path: Path, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """The daemon's stop cancels a campaign step past the drain: its submit command was killed
+    and nothing said so. Now a WARNING names the submission, the command is gone, and the
+    submission stays in submitting (launch_unknown at the next start)."""
+    pid_file = tmp_path / "submit.pid"
+    cfg = campaign(tmp_path, submit=q("sh", "-c", 'echo $$ > "$0"; exec sleep 60', pid_file),
+                   defaults='submit_timeout = "120s"')
+    task = asyncio.ensure_future(run(cfg, store, tmp_path))
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text().strip()):
+        assert time.monotonic() < deadline and not task.done(), "the submit never started"
+        await asyncio.sleep(0.02)
+    pid = int(pid_file.read_text())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("c/s #1: sh was still running when prestaged stopped and was "
+                              "killed")
+    assert submission(store)[0] == "submitting"
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and "zombie" not in _proc_state(pid):
+        assert time.monotonic() < deadline, "the submit command outlived the stop"
+        await asyncio.sleep(0.02)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return "zombie"

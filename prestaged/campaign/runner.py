@@ -304,7 +304,13 @@ class _Runner:
         argv = render(stage.submit, self._values(stage, sub))
         # Committed before the command starts: a crash from here on is launch_unknown.
         sub = await self._move(sub, S.SUBMITTING, f"running {argv[0]}")
-        res = await run_argv(argv, self.campaign.defaults.submit_timeout)
+        try:
+            res = await run_argv(argv, self.campaign.defaults.submit_timeout)
+        except asyncio.CancelledError:  # the daemon's stop, past its drain: the command is killed
+            log.warning("%s/%s #%d: %s was still running when prestaged stopped and was killed; "
+                        "it may or may not have launched: the submission is launch_unknown at "
+                        "the next start", sub.campaign, sub.stage, sub.id, argv[0])
+            raise
         job_id = await asyncio.to_thread(_job_id, stage, res.output_tail)
         if res.may_have_run:  # stopped by a signal: it may have launched before it was
             seen = f"; its output names job id {job_id}" if job_id else ""

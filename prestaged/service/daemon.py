@@ -323,7 +323,8 @@ class Daemon:
         if running:
             _, pending = await asyncio.wait(running, timeout=self.cfg.daemon.drain_timeout)
             if pending:
-                log.info("drain timeout: stopping %d running warms", len(pending))
+                log.info("drain timeout: stopping %d running tasks (warms, campaign steps)",
+                         len(pending))
                 ev.stop_runs.set()
                 await asyncio.wait(pending, timeout=30)
 
