@@ -349,13 +349,33 @@ async def test_a_submit_killed_at_shutdown_is_said(
                               "killed")
     assert submission(store)[0] == "submitting"
     deadline = time.monotonic() + 30
-    while Path(f"/proc/{pid}").exists() and "zombie" not in _proc_state(pid):
+    while "zombie" not in _proc_state(pid):
         assert time.monotonic() < deadline, "the submit command outlived the stop"
         await asyncio.sleep(0.02)
 
 
 def _proc_state(pid: int) -> str:
+    """Process ``pid``'s /proc status ("zombie" once it is gone)."""
     try:
         return Path(f"/proc/{pid}/status").read_text().lower()
     except OSError:
         return "zombie"
+
+
+def test_one_runner_per_campaign_names_the_holder_and_ends_with_it(tmp_path: Path) -> None:
+    """The runner's lock: a second taker is a ConflictError naming the first (its pid); once
+    the first is done, it can be taken again; another campaign is not concerned."""
+    import os
+
+    from prestaged.campaign.runner import one_runner
+    from prestaged.errors import ConflictError
+
+    with one_runner(tmp_path, "c"):
+        with pytest.raises(ConflictError, match=f"campaign c is being run by prestaged pid "
+                                                f"{os.getpid()} on "):
+            one_runner(tmp_path, "c")
+        with one_runner(tmp_path, "other"):
+            pass
+    with one_runner(tmp_path, "c"):
+        pass
+    assert (tmp_path / "c" / ".runner.lock").stat().st_mode & 0o777 == 0o600

@@ -8,6 +8,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -305,6 +306,45 @@ submit = {_submit(tmp_path, "{stage}")}
     assert sub["state"] == "launch_unknown" and "not run again" in sub["reason"]
     text = _prestaged(pki, proxy, tmp_path, "campaign", "show", "crash").stdout
     assert "launch_unknown" in text and "crash/reco:" in text
+
+
+def test_a_second_runner_of_a_campaign_is_refused_while_the_first_submits(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """``campaign run`` started again (or beside the daemon) while the first was in its submit
+    command took that submission for a crash's and made it launch_unknown, and the first one's
+    result could then be lost. The second is refused (exit 2, naming the first's pid); the
+    first submits once and completes."""
+    ds = write_definition(tmp_path, storage, ["/pnfs/camp/a"])
+    wait = ('touch started; i=0; while [ ! -e go ] && [ $i -lt 1200 ]; do sleep 0.05; '
+            'i=$((i+1)); done; echo "JobsubJobId of first job: 9.0@t"')
+    campaign = _write(tmp_path, f"""
+name = "twice"
+[[stage]]
+name = "reco"
+input = {json.dumps(str(ds))}
+submit = {json.dumps(_q("sh", "-c", wait))}
+""")
+    first = _spawn(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (tmp_path / "started").exists():
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the first run never submitted"
+            time.sleep(0.02)
+        second = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+        assert second.returncode == 2, second.stderr
+        assert (f"campaign twice is being run by prestaged pid {first.pid} on "
+                in second.stderr), second.stderr
+        (tmp_path / "go").touch()
+        _, err = first.communicate(timeout=TIMEOUT)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0, err
+    [sub] = _show(pki, proxy, tmp_path, "twice")
+    assert (sub["state"], sub["job_id"]) == ("completed", "9.0@t")
 
 
 def test_shell_metacharacters_in_names_cannot_inject(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Backend
 
 from prestaged.campaign.repository import CampaignRepository, SubmissionState
 from prestaged.campaign.spec import parse_campaign
@@ -19,7 +20,6 @@ from prestaged.errors import LeaseLost
 from prestaged.model import FileRef
 from prestaged.state import cluster as shared
 from prestaged.state.store import Store
-from tests.conftest import Backend
 
 S = SubmissionState
 

@@ -17,6 +17,7 @@ from typing import Optional
 
 import pytest
 from aiohttp import web
+from cli_runner import CliResult, run_cli
 from conftest import Backend
 from daemon_harness import state_files
 
@@ -24,7 +25,6 @@ from prestaged.errors import ConfigError
 from prestaged.model import FileRef, TapeInfo
 from prestaged.testing.dcache import DCacheConfig, Locality, ThreadedDCache
 from prestaged.testing.pki import TestPKI
-from tests.cli_runner import CliResult, run_cli
 
 QUICK = """
 [retry]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+from cli_runner import CliResult, run_cli
 from conftest import Backend
 from daemon_harness import state_files
 
@@ -21,7 +22,6 @@ from prestaged.testing.dcache import DCacheConfig, Locality, ThreadedDCache
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import ThreadedStorageServer
 from prestaged.testing.tokens import BearerCheck, TokenIssuer, write_token
-from tests.cli_runner import CliResult, run_cli
 
 # Polls scaled down: the emulator's tape is fast, so a poll every 20-100 ms keeps tests short.
 # ``extra`` text is appended to the [storage] table, last here.

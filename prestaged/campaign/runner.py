@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
+import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -65,7 +68,7 @@ from prestaged.gate import GateFn, RewarmFn
 from prestaged.model import FileRef, has_control, printable, redact
 from prestaged.pins import ReleaseFn
 from prestaged.retry import RetryPolicy
-from prestaged.state.private import write_private
+from prestaged.state.private import create_private, write_private
 from prestaged.state.store import Store
 
 __all__ = ["CampaignResult", "run_campaign"]
@@ -458,4 +461,42 @@ async def run_campaign(campaign: CampaignConfig, store: Store, *, gate: GateFn,
     runner = _Runner(campaign, CampaignRepository(store, on_move, owner), gate, open_catalog,
                      workdir,
                      stop if stop is not None else asyncio.Event(), rewarm, release)
-    return await runner.run()
+    if owner is not None:  # a cluster member: the campaign's lease keeps runners apart
+        return await runner.run()
+    with await asyncio.to_thread(one_runner, workdir, campaign.name):
+        return await runner.run()
+
+
+@contextlib.contextmanager
+def _held(fd: int) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        os.close(fd)  # the lock goes with it
+
+
+def one_runner(workdir: Path, name: str) -> contextlib.AbstractContextManager[None]:
+    """The lock making this process the only runner of campaign ``name`` on this state (an
+    exclusive ``flock`` on ``<workdir>/<name>/.runner.lock``, which names its holder), for as
+    long as the returned context lasts; the kernel drops it when the process dies. Two runners
+    (``campaign run`` beside the daemon, or twice) each took the other's ``submitting``
+    submission for a crash's and made it ``launch_unknown`` while it ran. ``ConflictError``
+    naming the holder when another process runs it. Daemons sharing a PostgreSQL state
+    (``owner`` set) are kept apart by the campaign's lease instead, whatever host they run on;
+    a foreground ``campaign run`` on such a state is not kept apart from them."""
+    path = workdir / name / ".runner.lock"
+    create_private(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConflictError(f"campaign {name} is being run by {printable(holder)} on this "
+                            "state: one runner per campaign (wait for it, or stop it)") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"prestaged pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return _held(fd)
