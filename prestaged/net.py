@@ -90,8 +90,8 @@ def parse_retry_after(value: Optional[str], now: Optional[datetime] = None) -> O
     if not value:
         return None
     text = value.strip()
-    if text.isdigit():
-        return float(text)
+    if text.isdigit():  # "²" and other scripts' digits are digits too, but no number
+        return float(text) if text.isascii() else None
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from prestaged.errors import CatalogError, PrestagedError
 from prestaged.locality import TapeAccess, namespace_path
+from prestaged.model import printable
 from prestaged.state.store import Pin, Store
 from prestaged.storage.tape import STAGE_LIMIT
 from prestaged.warm import touch_url
@@ -78,7 +79,8 @@ class ReleaseReport:
         done = "; ".join(f"{e.uri}: {_n(e.files, 'file')} in {_n(e.requests, 'request')}"
                          for e in self.endpoints) or "nothing"
         tail = f"; stopped with {_n(self.left, 'file')} still pinned" if self.left else ""
-        return f"{name}: released {done}{tail}"
+        # The URIs are the frontends' own words (their discovery documents): escaped.
+        return printable(f"{name}: released {done}{tail}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, with the totals."""

@@ -133,7 +133,7 @@ def _b64json(part: str, what: str, label: str) -> dict[str, Any]:
     try:
         raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
         value = json.loads(raw)
-    except (binascii.Error, ValueError) as e:
+    except (binascii.Error, ValueError, RecursionError) as e:
         raise CredentialError(f"{label}: malformed token (its {what} is not JSON)") from e
     if not isinstance(value, dict):
         raise CredentialError(f"{label}: malformed token (its {what} is not a JSON object)")

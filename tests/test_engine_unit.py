@@ -75,6 +75,10 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+    # Digits of other scripts pass str.isdigit() and then float() raised: a traceback from
+    # every Tape REST and catalog 429, and door 503s failed as "bad URL".
+    for digits in ("\u00b2", "\u0663", "1\u00b2"):
+        assert parse_retry_after(digits) is None
 
 
 def test_backoff_is_exponential_capped_and_jittered() -> None:

@@ -627,3 +627,73 @@ def test_catalog_does_not_import_the_storage_layer_and_net_is_stdlib_only() -> N
     stdlib = getattr(sys, "stdlib_module_names", None)  # Python 3.10+
     if stdlib is not None:
         assert net_imports <= set(stdlib), net_imports - set(stdlib)
+
+
+# --- hostile answers ----------------------------------------------------------------------------
+
+
+async def test_redirects_are_followed_on_the_same_origin_only() -> None:
+    """Catalog requests followed every redirect, and aiohttp drops only Authorization on
+    another origin: a Rucio password or login token, a MetaCat token (in X- headers) went to
+    whatever host a redirect named, over plain http too. Now a redirect is followed on the
+    same origin only; another origin is a CatalogError naming it, and nothing is sent there."""
+    names = ["f0.root"]
+    with aioresponses() as m:
+        m.get(LIST_URL, status=302, headers={
+            "Location": "/sam/dune/api/definitions/name/moved/files/list?format=plain"})
+        m.get(LIST_URL, body="f0.root 1 10 1\n", content_type="text/plain")
+        m.get(LOCATIONS_URL, payload=_locations(names))
+        refs = await _all(_catalog().files())
+    assert [r.name for r in refs] == names
+    for location in ("https://elsewhere.example:8483/sam/dune/api/x",
+                     "http://sam.example:8483/sam/dune/api/x",
+                     "https://user:pw@sam.example:9999/x"):
+        with aioresponses() as m:
+            m.get(LIST_URL, status=307, headers={"Location": location})
+            with pytest.raises(CatalogError, match="not followed, since the credentials we send "
+                                                   "it would go along") as err:
+                await _all(_catalog(retry_for=0.0).files())
+            sent = [str(u) for u, _ in _calls(m)]
+        assert not [u for u in sent if "elsewhere" in u or u.startswith("http:")
+                    or ":9999" in u]
+        assert "pw" not in str(err.value)
+
+
+async def test_numbers_sam_writes_in_other_scripts_or_without_end_are_no_numbers() -> None:
+    """A count or a size of "²" passed isdigit() and then int() raised; 5,000 digits passed
+    no more: each was a traceback. They read as unknown now."""
+    with aioresponses() as m:
+        m.get(COUNT_URL, body="\u00b2\n", content_type="text/plain")
+        m.get(COUNT_URL, body="9" * 5000, content_type="text/plain")
+        assert await _catalog().estimate() is None
+        assert await _catalog().estimate() is None
+    with aioresponses() as m:
+        m.get(LIST_URL, body="f0.root 1 \u00b2 1\nf1.root 2 " + "9" * 5000 + " 1\n",
+              content_type="text/plain")
+        m.get(LOCATIONS_URL, payload=_locations(["f0.root", "f1.root"]))
+        refs = await _all(_catalog().files())
+    assert [(r.name, r.size) for r in refs] == [("f0.root", None), ("f1.root", None)]
+
+
+async def test_a_listing_line_without_end_or_json_nested_without_end_is_a_catalog_error(
+) -> None:
+    """A listing line of 32 MiB took quadratic time and memory (9 s, 300 MB; 128 MiB: 133 s,
+    1 GB) and was then quoted whole; locations nested 100,000 deep were a RecursionError."""
+    class _Content:
+        async def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
+            for _ in range(1 << 14):  # 1 GiB, if nothing stopped it
+                yield b"a" * n
+
+    class _Answer:
+        url, content = URL("https://sam.example:8483/sam/dune/api/x"), _Content()
+
+    for split in (catalog_http.lines, catalog_http.line_blocks):
+        with pytest.raises(CatalogError, match=r"https://sam\.example:8483 answered a line "
+                                               "longer than 64 KiB: that is no file listing"):
+            async for _ in split(_Answer()):  # type: ignore[arg-type]
+                pass
+    with aioresponses() as m:
+        m.get(LIST_URL, body="a\n", content_type="text/plain")
+        m.get(LOCATIONS_URL, body="[" * 100_000, content_type="application/json")
+        with pytest.raises(CatalogError, match="malformed JSON"):
+            await _all(_catalog().files())

@@ -244,3 +244,64 @@ async def test_on_stage_counts_503_as_throttled_and_other_failures_as_refused() 
             with pytest.raises(CredentialError):
                 await client.stage(uri, ["/p"], lifetime=60)
     assert heard == ["throttled", "refused", "accepted", "refused", "refused"]
+
+
+async def test_hostile_frontend_answers_are_errors_never_tracebacks_nor_redirects_followed(
+) -> None:
+    """From the hostile-server review: a redirect (to plain http, another origin, file://, or
+    a loop) was followed (a stage re-POSTed over http) or escaped as a traceback; a discovery
+    uri with a user in it beside our token was a traceback; JSON nested 100,000 deep was a
+    RecursionError. Each is now a TapeRestError naming it, and no redirect is followed."""
+    uri = "https://t/api/v1/tape"
+    with mocked() as m:
+        m.post(f"{uri}/stage", status=307, headers={"Location": "http://t:8080/api/v1/tape/stage"})
+        m.get("https://door/.well-known/wlcg-tape-rest-api", status=302,
+              headers={"Location": "file:///etc/passwd"})
+        m.get("https://door2/.well-known/wlcg-tape-rest-api", status=200, body=json.dumps(
+            {"endpoints": [{"uri": "https://u:pw@door2:3880/api/v1/tape", "version": "v1"}]}))
+        m.post(f"{uri}/archiveinfo", status=200, body="[" * 100_000)
+        async with aiohttp.ClientSession() as session:
+            client = TapeClient(session, policy=NO_WAIT)
+            with pytest.raises(TapeRestError, match=r"redirected \(307\) to "
+                                                    r"http://t:8080/api/v1/tape/stage: not "
+                                                    "followed"):
+                await client.stage(uri, ["/p"], lifetime=60)
+            with pytest.raises(TapeRestError, match=r"redirected \(302\) to file:///etc/passwd"):
+                await client.discover("https://door")
+            with pytest.raises(TapeRestError, match="v1 uri has a user, a query or a fragment: "
+                                                    r"https://\*\*\*@door2"):
+                await client.discover("https://door2")
+            with pytest.raises(TapeRestError, match="the answer is not JSON"):
+                await client.archiveinfo(uri, ["/p"])
+        sent = [(method, str(url)) for method, url in m.requests]
+    assert ("POST", "http://t:8080/api/v1/tape/stage") not in sent
+    assert not [u for _, u in sent if u.startswith("file:")]
+
+
+async def test_a_path_answered_twice_keeps_the_answer_that_avoids_the_door() -> None:
+    """archiveinfo listing a path twice, TAPE then DISK: the last won, and a file the storage
+    also called tape-only was range-read at the door. The answer that is not on disk wins,
+    in either order (of two on-disk answers the later stands)."""
+    uri = "https://t/api/v1/tape"
+    answer = [{"path": "/a", "locality": "TAPE"}, {"path": "/a", "locality": "DISK"},
+              {"path": "/b", "locality": "DISK"}, {"path": "/b", "locality": "NONE"},
+              {"path": "/c", "locality": "DISK"}, {"path": "/c", "locality": "DISK_AND_TAPE"}]
+    with mocked() as m:
+        m.post(f"{uri}/archiveinfo", status=200, body=json.dumps(answer))
+        async with aiohttp.ClientSession() as session:
+            got = await TapeClient(session, policy=NO_WAIT).archiveinfo(uri, ["/a", "/b", "/c"])
+    assert {p: f.locality for p, f in got.items()} == {
+        "/a": Locality.TAPE, "/b": Locality.NONE, "/c": Locality.DISK_AND_TAPE}
+
+
+async def test_a_request_id_is_one_path_segment() -> None:
+    """A server-chosen request id ``../x?y`` moved the poll (and the release, with our token)
+    to another path of the frontend; it is sent percent-encoded as one segment."""
+    uri = "https://t/api/v1/tape"
+    with mocked() as m:
+        m.get(f"{uri}/stage/..%2Fx%3Fy", status=200, body=json.dumps({"files": []}))
+        async with aiohttp.ClientSession() as session:
+            status = await TapeClient(session, policy=NO_WAIT).poll(uri, "../x?y")
+        assert status.found
+        [(_, url)] = list(m.requests)
+    assert url.raw_path == "/api/v1/tape/stage/..%2Fx%3Fy"

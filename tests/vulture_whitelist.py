@@ -30,3 +30,6 @@ exc_type
 tb
 # mypy-only proof that Metrics satisfies warm.Probe (under TYPE_CHECKING).
 _is_probe
+# logging.LogRecord fields a filter rewrites (read by logging's formatter).
+msg
+exc_text

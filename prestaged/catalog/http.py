@@ -34,7 +34,7 @@ from yarl import URL
 from prestaged._version import __version__
 from prestaged.config import CatalogServerKeys
 from prestaged.errors import CatalogError, CredentialError, PrestagedError
-from prestaged.model import FileRef, redact
+from prestaged.model import FileRef, printable, redact
 from prestaged.net import client_ssl_context, parse_retry_after, tls_cause
 from prestaged.retry import RetryPolicy
 
@@ -213,16 +213,27 @@ class HttpApi:
             method = "GET" if data is None else "POST"
         headers = await self.headers_for(call)
         ok = False
+        hops = 0
         try:
-            async with self._session.request(method, url, params=params, data=data,
-                                             headers=headers) as resp:
-                self._answered = True
-                ok = resp.status == 200
-                if resp.status != 200:
-                    body = await resp.text(errors="replace") if resp.status < 600 else ""
-                    raise self._classify(call, resp.status, resp.reason or "", body,
-                                         resp.headers)
-                yield resp
+            while True:
+                # Redirects by hand: aiohttp drops only Authorization on another origin, and
+                # our tokens and passwords also ride in X-Rucio-Auth-Token, X-Rucio-Password and
+                # X-Authentication-Token. Only same-origin ones are followed.
+                async with self._session.request(method, url, params=params, data=data,
+                                                 headers=headers,
+                                                 allow_redirects=False) as resp:
+                    self._answered = True
+                    if resp.status in _REDIRECTS and hops < _MAX_HOPS:
+                        url, method, data = self._redirect(call, resp, method, data)
+                        params, hops = None, hops + 1
+                        continue
+                    ok = resp.status == 200
+                    if resp.status != 200:
+                        body = await _error_body(resp) if resp.status < 600 else ""
+                        raise self._classify(call, resp.status, resp.reason or "", body,
+                                             resp.headers)
+                    yield resp
+                    break
         except asyncio.TimeoutError:
             ok = False
             raise Transient("timed out") from None
@@ -232,6 +243,26 @@ class HttpApi:
         finally:
             if self.on_request is not None:
                 self.on_request("ok" if ok else "error")
+
+    def _redirect(self, call: Call, resp: aiohttp.ClientResponse, method: str,
+                  data: Union[Mapping[str, str], str, bytes, None],
+                  ) -> tuple[URL, str, Union[Mapping[str, str], str, bytes, None]]:
+        """Where a redirect of ``call`` goes (URL, method, body): on the same origin only
+        (scheme, host, port), else ``CatalogError`` naming it, nothing sent there."""
+        location = resp.headers.get("Location", "")
+        try:
+            target = resp.url.join(URL(location))
+        except ValueError:
+            target = None
+        if target is None or target.origin() != resp.url.origin() or not target.is_absolute():
+            where = redact(location)[:200] if location else "nowhere (no Location)"
+            raise CatalogError(
+                f"{self.service} {self.base_url} redirected {call.what} to "
+                f"{printable(where)}: not followed, since the credentials we send it would go "
+                "along; point the catalog's url at that server")
+        if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
+            return target, "GET", None  # as browsers and aiohttp do
+        return target, method, data
 
     def _classify(self, call: Call, status: int, reason: str, body: str,
                   headers: Mapping[str, str]) -> Exception:
@@ -273,7 +304,7 @@ class HttpApi:
         while True:
             try:
                 async with self.exchange(call, url, params=params) as resp:
-                    text = await resp.text(errors="replace")
+                    text = await _capped_text(self, call, resp)
                 break
             except Transient as e:
                 if not retry:
@@ -283,7 +314,7 @@ class HttpApi:
             return text
         try:
             return json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested 100,000 deep
             raise CatalogError(f"{self.service} {self.base_url} answered {call.what} with "
                                "malformed JSON") from None
 
@@ -291,6 +322,39 @@ class HttpApi:
         """Retry bookkeeping for one request (or one resumable stream)."""
         return Backoff(self.policy, self._sleep, f"{self.service} {self.base_url}", call.what,
                        service=self.service, key=f"{self.retry.key}.retry_for")
+
+
+MAX_ANSWER = 256 << 20
+"""The largest answer read whole (locations of a 10,000-file batch are a few MiB): a server
+streaming without end must not take the memory of the machine."""
+
+
+async def capped_body(client: HttpApi, call: Call, resp: aiohttp.ClientResponse) -> bytes:
+    """``resp``'s body, ``CatalogError`` past ``MAX_ANSWER`` bytes."""
+    data = bytearray()
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        data += chunk
+        if len(data) > MAX_ANSWER:
+            raise CatalogError(f"{client.service} {client.base_url} answered {call.what} with "
+                               f"more than {MAX_ANSWER >> 20} MiB")
+    return bytes(data)
+
+
+async def _capped_text(client: HttpApi, call: Call, resp: aiohttp.ClientResponse) -> str:
+    """``resp``'s body as text (``capped_body``)."""
+    data = await capped_body(client, call, resp)
+    return data.decode(resp.get_encoding() if resp.charset else "utf-8", errors="replace")
+
+
+async def _error_body(resp: aiohttp.ClientResponse) -> str:
+    """The first ``_CHUNK`` bytes of an error answer, as text: all a message quotes."""
+    data = await resp.content.read(_CHUNK)
+    return data.decode("utf-8", errors="replace")
+
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+_MAX_HOPS = 5
+"""Same-origin redirects followed for one request (then the redirect is the answer)."""
 
 
 def _dropped(exc: BaseException) -> bool:
@@ -415,13 +479,26 @@ class UnresolvedLog:
 # --- streams and pipelines -----------------------------------------------------------------
 
 
+MAX_LINE = 64 << 10
+"""The longest line of a listing (a file name and its fields are a few hundred bytes)."""
+
+
+def _bounded(resp: aiohttp.ClientResponse, tail: bytes) -> bytes:
+    """``tail``, the start of a line, unless it is longer than ``MAX_LINE``: then it is no
+    listing (and gluing chunks to it again and again took quadratic time and memory)."""
+    if len(tail) > MAX_LINE:
+        raise CatalogError(f"{resp.url.origin()} answered a line longer than "
+                           f"{MAX_LINE >> 10} KiB: that is no file listing")
+    return tail
+
+
 async def line_blocks(resp: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
     """The complete lines of a streamed body, a list per 64 KiB read (no newlines; a last line
     without one included): one await per block, not per line, for listings of 10^5 records."""
     tail = b""
     async for chunk in resp.content.iter_chunked(_CHUNK):
         parts = (tail + chunk).split(b"\n")
-        tail = parts.pop()
+        tail = _bounded(resp, parts.pop())
         if parts:
             yield parts
     if tail:
@@ -433,7 +510,7 @@ async def lines(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
     tail = b""
     async for chunk in resp.content.iter_chunked(_CHUNK):
         parts = (tail + chunk).split(b"\n")
-        tail = parts.pop()
+        tail = _bounded(resp, parts.pop())
         for raw in parts:
             yield raw.decode("utf-8", errors="replace")
     if tail:

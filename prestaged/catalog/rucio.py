@@ -41,7 +41,14 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import msgspec
 
-from prestaged.catalog.http import Call, HttpApi, Transient, one_line, retry_settings
+from prestaged.catalog.http import (
+    Call,
+    HttpApi,
+    Transient,
+    capped_body,
+    one_line,
+    retry_settings,
+)
 from prestaged.config import RucioConfig
 from prestaged.errors import CatalogError, ConfigError, CredentialError
 from prestaged.model import hide_secret
@@ -305,7 +312,7 @@ class RucioApi(HttpApi):
             try:
                 # At most ``chunk`` (<= 1,000) lines of about 1 KiB: read whole, decoded at once.
                 async with self.exchange(call, url, method="POST", data=payload) as resp:
-                    text = await resp.read()
+                    text = await capped_body(self, call, resp)
                 return _answers(text)
             except Transient as e:
                 await backoff.wait(e)
@@ -337,7 +344,7 @@ def _rucio_error(body: str) -> tuple[str, str]:
     """``(ExceptionClass, ExceptionMessage)`` of a Rucio error body (JSON), else empty."""
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return "", ""
     if not isinstance(doc, dict):
         return "", ""

@@ -165,7 +165,7 @@ def _error_body(body: str) -> tuple[str, str]:
     """
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return "", "" if body.lstrip().startswith("<") else one_line(body)
     if isinstance(doc, dict):
         return one_line(str(doc.get("error") or "")), one_line(str(doc.get("message") or ""))
@@ -278,8 +278,14 @@ def _parse_list_line(line: str) -> Optional[tuple[str, Optional[int]]]:
     parts = line.split()
     if not parts:
         return None
-    size = int(parts[2]) if len(parts) >= 3 and parts[2].isdigit() else None
+    size = _number(parts[2]) if len(parts) >= 3 else None
     return parts[0], size
+
+
+def _number(text: str) -> Optional[int]:
+    """A whole number SAM wrote (ASCII digits, at most 18 of them), else None: "²" passes
+    ``isdigit`` and 5,000 digits pass ``int``'s limit no more, and either was a traceback."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
 
 def _location_text(entry: object) -> Optional[str]:
@@ -377,8 +383,7 @@ class SamWebCatalog(UnresolvedLog):
         except Transient as e:
             log.debug("SAM web: no file count (%s)", e.reason)
             return None
-        text = str(text).strip()
-        return int(text) if text.isdigit() else None
+        return _number(str(text).strip())
 
     async def files(self) -> AsyncIterator[FileRef]:
         """Yield the resolved files in listing order, streaming (see the module docstring)."""

@@ -209,7 +209,7 @@ def report_text(report: RunReport, *, definition: str, catalog: str, source: str
         lines.append(f"failed files ({min(len(t.failures), _SHOWN_FAILURES)} of {t.failed} shown; "
                      "--json lists them all):")
         for o in t.failures[:_SHOWN_FAILURES]:
-            lines.append(f"  {o.result.value:<8} {o.url}  {o.error}")
+            lines.append(f"  {o.result.value:<8} {printable(o.url)}  {o.error}")
     return "\n".join(lines)
 
 

@@ -42,10 +42,10 @@ import logging
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from prestaged.errors import CredentialError, StorageError
-from prestaged.model import error_text, usable_origin
+from prestaged.model import error_text, host_start, usable_origin
 from prestaged.net import bearer_error, parse_retry_after
 from prestaged.retry import RetryPolicy
 
@@ -231,7 +231,7 @@ class TapeClient:
         if self._token is not None and not self._trusted(_host(uri)) and uri not in self._warned:
             self._warned.add(uri)
             log.warning("%s: its Tape REST API %s is on another host: the bearer token is not "
-                        "sent there (only to the storage's doors' hosts)", door, uri)
+                        "sent there (only to the storage's doors' hosts)", door, error_text(uri))
 
     # --- discovery and locality -------------------------------------------------------------
 
@@ -264,6 +264,11 @@ class TapeClient:
         if not usable_origin(uri):
             raise TapeRestError(f"{url}: the discovery document's v1 uri is no usable URL: "
                                 f"{error_text(uri)}")
+        if "@" in uri[:host_start(uri)] or any(c in uri for c in "?#"):
+            # Userinfo beside our token was a traceback; a query or fragment would swallow the
+            # paths we append to the uri.
+            raise TapeRestError(f"{url}: the discovery document's v1 uri has a user, a query "
+                                f"or a fragment: {error_text(uri)}")
         self._check_frontend(door, uri)
         return uri.rstrip("/")
 
@@ -281,7 +286,11 @@ class TapeClient:
             for item in doc:
                 answer = _file_locality(item)
                 if answer is not None and answer.path in wanted:
-                    out[answer.path] = answer
+                    # A path answered twice keeps the answer that does not send it to the
+                    # door: "TAPE" then "DISK" must not make us range-read a tape-only file.
+                    earlier = out.get(answer.path)
+                    if earlier is None or _on_disk(earlier) >= _on_disk(answer):
+                        out[answer.path] = answer
         return out
 
     # --- staging ----------------------------------------------------------------------------
@@ -319,7 +328,8 @@ class TapeClient:
 
     async def poll(self, uri: str, request_id: str) -> StageStatus:
         """Request ``request_id``'s files as the server lists them now."""
-        status, doc = await self._call("GET", f"{uri}/stage/{request_id}", None, allow=(404,))
+        status, doc = await self._call("GET", f"{uri}/stage/{_segment(request_id)}", None,
+                                       allow=(404,))
         if status == 404:
             return StageStatus(request_id, found=False)
         files = doc.get("files") if isinstance(doc, dict) else None
@@ -334,12 +344,12 @@ class TapeClient:
 
     async def cancel(self, uri: str, request_id: str, paths: Sequence[str]) -> None:
         """Cancel ``paths`` of request ``request_id`` (a request the server forgot is fine)."""
-        await self._call("POST", f"{uri}/stage/{request_id}/cancel", {"paths": list(paths)},
-                         allow=(404,))
+        await self._call("POST", f"{uri}/stage/{_segment(request_id)}/cancel",
+                         {"paths": list(paths)}, allow=(404,))
 
     async def release(self, uri: str, request_id: str, paths: Sequence[str]) -> None:
         """Drop the pins request ``request_id`` made on ``paths``."""
-        await self._call("POST", f"{uri}/release/{request_id}", {"paths": list(paths)},
+        await self._call("POST", f"{uri}/release/{_segment(request_id)}", {"paths": list(paths)},
                          allow=(404,))
 
     # --- one call ---------------------------------------------------------------------------
@@ -365,11 +375,17 @@ class TapeClient:
             auth = self._authorization(url)
             headers = None if auth is None else {"Authorization": auth}
             try:
-                async with self.session.request(method, url, json=body,
-                                                headers=headers) as resp:
+                # Redirects are not followed: one to plain http or to another origin would
+                # carry the request (a stage of our paths) there; dCache's frontend has none.
+                async with self.session.request(method, url, json=body, headers=headers,
+                                                allow_redirects=False) as resp:
                     status = resp.status
                     if observe is not None:
                         observe(status)
+                    if 300 <= status < 400:
+                        where = error_text(resp.headers.get("Location", "") or "nowhere")
+                        raise TapeRestError(f"{error_text(url)}: redirected ({status}) to "
+                                            f"{where}: not followed")
                     text = await _body(url, resp)
                     if status in allow:
                         return status, None
@@ -386,12 +402,16 @@ class TapeClient:
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
             except aiohttp.InvalidURL as e:  # a discovery document's uri, say
                 raise TapeRestError(f"{url}: bad URL: {error_text(str(e))}") from None
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
+                    asyncio.TimeoutError) as e:
                 if observe is not None:
                     observe(None)
                 why = error_text(str(e) or type(e).__name__)
                 if not reconnect:
                     raise TapeUnreachable(f"{url}: {why}") from None
+            except (aiohttp.ClientError, ValueError) as e:  # a malformed answer, say
+                raise TapeRestError(f"{error_text(url)}: {error_text(str(e) or type(e).__name__)}"
+                                    ) from None
             elapsed = loop.time() - start
             delay = self.policy.delay(tries, retry_after=retry_after, elapsed=elapsed)
             if delay is None:
@@ -434,6 +454,12 @@ async def _body(url: str, resp: aiohttp.ClientResponse) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def _segment(request_id: str) -> str:
+    """A server-chosen request id as one path segment: ``../x``, ``?`` or ``#`` in it cannot
+    move the request elsewhere on the frontend."""
+    return quote(request_id, safe="")
+
+
 def _stage_result(status: Optional[int]) -> str:
     """The ``STAGE_RESULTS`` entry of a stage POST's answer (None: there was none)."""
     if status is not None and 200 <= status < 300:
@@ -448,7 +474,7 @@ def _stage_result(status: Optional[int]) -> str:
 def _json(url: str, text: str) -> Any:
     try:
         return json.loads(text) if text.strip() else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested 100,000 deep
         raise TapeRestError(f"{url}: the answer is not JSON") from None
 
 
@@ -456,11 +482,15 @@ def _problem(text: str) -> str:
     """The ``detail`` (or ``title``) of an RFC 7807 problem document, else the text, bounded."""
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = None
     if isinstance(doc, dict):
         text = str(doc.get("detail") or doc.get("title") or text)
     return error_text(text) or "(no detail)"
+
+
+def _on_disk(answer: FileLocality) -> bool:
+    return answer.locality is not None and answer.locality.on_disk
 
 
 def _file_locality(item: object) -> Optional[FileLocality]:
