@@ -161,8 +161,11 @@ def hide_secret(value: str) -> None:
         _SECRETS.pop(next(iter(_SECRETS)), None)  # pop: another thread may evict it too
 
 
-# A bearer credential as an HTTP header or a server's words write it: ``Bearer <token>``.
-_BEARER = re.compile(r"(\bbearer\s+)[^\s'\",;]+", re.IGNORECASE)
+# A bearer credential as an HTTP header or a server's words write it: ``Bearer <token>``,
+# a token68 of 8 characters or more with a digit or punctuation in it (a JWT, a macaroon);
+# not prose ("bearer token", "Bearer challenge").
+_BEARER = re.compile(r"(\bbearer\s+)(?=[A-Za-z0-9._~+/=-]*[0-9._~+/=-])[A-Za-z0-9._~+/=-]{8,}",
+                     re.IGNORECASE)
 
 
 def scrub(text: str) -> str:

@@ -42,18 +42,22 @@ def _config(tmp_path: Path, pki: TestPKI, proxy: Path, *, token: bool = True) ->
                         catalog_dir=tmp_path / "defs")
 
 
+async def _add_held_campaign(d: Any, tmp_path: Path) -> None:
+    """Campaign ``c`` (one stage over a one-file list in tmp_path) added held to ``d``."""
+    (tmp_path / "ds.txt").write_text("https://127.0.0.1:1/f\n")
+    campaign = (f'name = "c"\n[[stage]]\nname = "one"\ninput = "{tmp_path / "ds.txt"}"\n'
+                'submit = "true"\n')
+    status, body = await d.http("POST", "/api/v1/campaigns", {"toml": campaign, "held": True})
+    assert status == 201, body
+
+
 async def test_a_locked_state_database_does_not_freeze_health_or_metrics(
     pki: TestPKI, proxy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Another process holds the state DB's write lock: a campaign action and a dataset query
     wait for it, while /healthz and /metrics answer at once; both finish once it is gone."""
-    (tmp_path / "ds.txt").write_text("https://127.0.0.1:1/f\n")
-    campaign = (f'name = "c"\n[[stage]]\nname = "one"\ninput = "{tmp_path / "ds.txt"}"\n'
-                'submit = "true"\n')
     async with in_process(_config(tmp_path, pki, proxy), token=TOKEN) as d:
-        status, body = await d.http("POST", "/api/v1/campaigns", {"toml": campaign,
-                                                                   "held": True})
-        assert status == 201, body
+        await _add_held_campaign(d, tmp_path)
 
         async def idle() -> bool:  # its pass ended held, and its gauge was counted
             doc = (await d.http("GET", "/api/v1/campaigns/c"))[1]
@@ -380,13 +384,8 @@ async def test_warms_and_campaign_changes_are_refused_from_the_stop_signal_on(
     drain (a release then launched after the restart). Both are 503 from the signal on."""
     (tmp_path / "defs").mkdir()
     (tmp_path / "defs" / "a.txt").write_text("https://127.0.0.1:1/f\n")
-    (tmp_path / "ds.txt").write_text("https://127.0.0.1:1/f\n")
-    campaign = (f'name = "c"\n[[stage]]\nname = "one"\ninput = "{tmp_path / "ds.txt"}"\n'
-                'submit = "true"\n')
     async with in_process(_config(tmp_path, pki, proxy), token=TOKEN) as d:
-        status, body = await d.http("POST", "/api/v1/campaigns", {"toml": campaign,
-                                                                   "held": True})
-        assert status == 201, body
+        await _add_held_campaign(d, tmp_path)
         d.daemon.request_stop()
         assert d.daemon.draining  # at once, not when the loop comes round to it
         for path, doc in (("/api/v1/warm", {"definition": "a"}),

@@ -397,7 +397,8 @@ def test_attempt_error_text_is_bounded_and_redacted() -> None:
     assert redact("authz=H3 first") == "authz=*** first"
     assert redact("https://h/f?Authorization=Bearer%20A1") == "https://h/f?Authorization=***"
     assert scrub("b'Authorization: Bearer S3cr3tV4lue\\x00'") == (
-        "b'Authorization: Bearer ***'")
+        "b'Authorization: Bearer ***\\x00'")
+    assert scrub("no bearer token, a Bearer challenge") == "no bearer token, a Bearer challenge"
     # Redacted before the cut: a password is never half-shown.
     assert "secret" not in error_text("x" * 190 + " https://user:secret@h/f")
 
