@@ -697,3 +697,38 @@ async def test_a_listing_line_without_end_or_json_nested_without_end_is_a_catalo
         m.get(LOCATIONS_URL, body="[" * 100_000, content_type="application/json")
         with pytest.raises(CatalogError, match="malformed JSON"):
             await _all(_catalog().files())
+
+
+async def test_an_answer_read_whole_has_a_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server trickling a byte within every ``timeout`` held a request for ever (60 s of
+    trickle took 62 s with timeout = 3 s). An answer read whole (not a streamed listing) now
+    has ``WHOLE_DEADLINE`` x ``timeout`` in all: here the count gives up (unknown) and the
+    server sees us hang up long before its 200 bytes are out."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    monkeypatch.setattr(catalog_http, "WHOLE_DEADLINE", 3)
+    gone = asyncio.Event()
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await resp.prepare(request)
+        try:
+            for _ in range(200):
+                await resp.write(b"5")
+                await asyncio.sleep(0.05)
+        except (ConnectionError, asyncio.CancelledError):
+            gone.set()
+            raise
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/sam/dune/api/definitions/name/mydef/files/count", trickle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        base = f"http://127.0.0.1:{server.port}/sam/dune/api"
+        assert await _catalog(base_url=base, timeout=0.3).estimate() is None
+        await asyncio.wait_for(gone.wait(), 30)
+    finally:
+        await server.close()

@@ -203,10 +203,14 @@ class HttpApi:
         method: Optional[str] = None,
         params: Params = None,
         data: Union[Mapping[str, str], str, bytes, None] = None,
+        whole: bool = False,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """One attempt: yield the 200 response, or raise ``Transient``/a ``PrestagedError``.
 
-        Network errors while the caller reads the body are classified the same way.
+        Network errors while the caller reads the body are classified the same way. With
+        ``whole`` (an answer read at once, not a streamed listing) the attempt also has a
+        deadline of ``WHOLE_DEADLINE`` x ``timeout``: a server trickling a byte within every
+        ``timeout`` held it for ever.
         """
         assert self._session is not None, "use `async with` first"
         if method is None:
@@ -214,14 +218,17 @@ class HttpApi:
         headers = await self.headers_for(call)
         ok = False
         hops = 0
+        t = self.retry.timeout
+        deadline = {"timeout": aiohttp.ClientTimeout(
+            total=WHOLE_DEADLINE * t, sock_connect=t, sock_read=t)} if whole else {}
         try:
             while True:
                 # Redirects by hand: aiohttp drops only Authorization on another origin, and
                 # our tokens and passwords also ride in X-Rucio-Auth-Token, X-Rucio-Password and
                 # X-Authentication-Token. Only same-origin ones are followed.
                 async with self._session.request(method, url, params=params, data=data,
-                                                 headers=headers,
-                                                 allow_redirects=False) as resp:
+                                                 headers=headers, allow_redirects=False,
+                                                 **deadline) as resp:
                     self._answered = True
                     if resp.status in _REDIRECTS and hops < _MAX_HOPS:
                         url, method, data = self._redirect(call, resp, method, data)
@@ -303,7 +310,7 @@ class HttpApi:
         backoff = self.backoff(call)
         while True:
             try:
-                async with self.exchange(call, url, params=params) as resp:
+                async with self.exchange(call, url, params=params, whole=True) as resp:
                     text = await _capped_text(self, call, resp)
                 break
             except Transient as e:
@@ -323,6 +330,9 @@ class HttpApi:
         return Backoff(self.policy, self._sleep, f"{self.service} {self.base_url}", call.what,
                        service=self.service, key=f"{self.retry.key}.retry_for")
 
+
+WHOLE_DEADLINE = 10
+"""An answer read whole must come within this many ``timeout``s (20 minutes by default)."""
 
 MAX_ANSWER = 256 << 20
 """The largest answer read whole (locations of a 10,000-file batch are a few MiB): a server

@@ -225,7 +225,7 @@ class RucioApi(HttpApi):
         backoff = self.backoff(call)
         while True:
             try:
-                async with self.exchange(call, url) as resp:
+                async with self.exchange(call, url, whole=True) as resp:
                     token = resp.headers.get("X-Rucio-Auth-Token")
                     expires = resp.headers.get("X-Rucio-Auth-Token-Expires")
                 break
@@ -311,7 +311,8 @@ class RucioApi(HttpApi):
             logins = self.logins
             try:
                 # At most ``chunk`` (<= 1,000) lines of about 1 KiB: read whole, decoded at once.
-                async with self.exchange(call, url, method="POST", data=payload) as resp:
+                async with self.exchange(call, url, method="POST", data=payload,
+                                         whole=True) as resp:
                     text = await capped_body(self, call, resp)
                 return _answers(text)
             except Transient as e:
