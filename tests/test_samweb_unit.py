@@ -647,7 +647,8 @@ async def test_redirects_are_followed_on_the_same_origin_only() -> None:
     assert [r.name for r in refs] == names
     for location in ("https://elsewhere.example:8483/sam/dune/api/x",
                      "http://sam.example:8483/sam/dune/api/x",
-                     "https://user:pw@sam.example:9999/x"):
+                     "https://user:pw@sam.example:9999/x",
+                     "https://user:pw@sam.example:8483/sam/dune/api/x"):
         with aioresponses() as m:
             m.get(LIST_URL, status=307, headers={"Location": location})
             with pytest.raises(CatalogError, match="not followed, since the credentials we send "

@@ -261,7 +261,8 @@ class HttpApi:
             target = resp.url.join(URL(location))
         except ValueError:
             target = None
-        if target is None or target.origin() != resp.url.origin() or not target.is_absolute():
+        if target is None or not target.is_absolute() or target.user is not None \
+                or target.origin() != resp.url.origin():
             where = redact(location)[:200] if location else "nowhere (no Location)"
             raise CatalogError(
                 f"{self.service} {self.base_url} redirected {call.what} to "
