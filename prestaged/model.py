@@ -64,9 +64,12 @@ def host_start(url: str) -> int:
 # Also in a fragment (``#access_token=``, OAuth's implicit flow) and where a server's words
 # quote one without its URL (``Missing authz=T``): after a blank or at the start.
 _SECRET_PARAMETER = re.compile(
-    r"((?:^|[?&;#\s])(?:password|passwd|pwd|token|access_token|bearer_token|authz|sig"
+    r"((?:[?&;#](?:password|passwd|pwd|token|access_token|bearer_token|authz|sig"
     r"|signature|authorization|x-amz-signature|x-amz-credential|x-amz-security-token"
-    r"|x-goog-signature|x-goog-credential)=)[^&#;\s]*", re.IGNORECASE)
+    r"|x-goog-signature|x-goog-credential)"
+    # After a blank only the unmistakable ones: "PWD=/home/u" in an env dump is no secret.
+    r"|(?:^|(?<=\s))(?:password|passwd|token|access_token|bearer_token|authz))=)[^&#;\s]*",
+    re.IGNORECASE)
 
 
 def redact(text: str) -> str:
@@ -161,11 +164,12 @@ def hide_secret(value: str) -> None:
         _SECRETS.pop(next(iter(_SECRETS)), None)  # pop: another thread may evict it too
 
 
-# A bearer credential as an HTTP header or a server's words write it: ``Bearer <token>``,
-# a token68 of 8 characters or more with a digit or punctuation in it (a JWT, a macaroon);
-# not prose ("bearer token", "Bearer challenge").
-_BEARER = re.compile(r"(\bbearer\s+)(?=[A-Za-z0-9._~+/=-]*[0-9._~+/=-])[A-Za-z0-9._~+/=-]{8,}",
-                     re.IGNORECASE)
+# A bearer credential as an HTTP header or a server's words write it: ``Bearer <token68>``
+# of 16 characters or more with a digit in it (a JWT, a macaroon); not prose ("bearer
+# token", "Bearer tokens/credentials", a path) nor a challenge's parameters ("Bearer
+# scope=storage.read:/dune": a token68 has "=" only at its end).
+_BEARER = re.compile(r"(\bbearer\s+)(?=[A-Za-z0-9._~+/-]*[0-9])[A-Za-z0-9._~+/-]{16,}=*"
+                     r"(?![A-Za-z0-9._~+/=-])", re.IGNORECASE)
 
 
 def scrub(text: str) -> str:

@@ -71,3 +71,26 @@ def test_malformed_requests_never_log_the_token_and_a_stalled_body_does_not_hold
     assert TOKEN not in log and TOKEN[:12] not in log
     assert "Traceback" not in log and "ERROR" not in log, log
     assert log.count("WARNING: API: refused a request") >= 3, log
+
+
+def test_a_log_line_is_one_escaped_line_and_its_traceback_keeps_its_lines() -> None:
+    """Every log line goes through the CLI's formatter: a campaign's list item or a server's
+    words with an escape sequence or a line break reached the terminal and the journal raw (a
+    forged line, a cleared screen). The message is escaped; a traceback after it keeps its
+    lines; a URL's password and a bearer value are hidden in both."""
+    import logging
+    import sys
+
+    from prestaged.cli.main import _Scrubbing
+
+    fmt = _Scrubbing("prestaged: %(levelname)s: %(message)s")
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "item %s",
+                               ("ds\x1b[41mX\nprestaged: ERROR: fake",), None)
+    assert fmt.format(record) == "prestaged: INFO: item ds\\x1b[41mX\\x0aprestaged: ERROR: fake"
+    try:
+        raise RuntimeError("https://u:pw@h/f Bearer eyJhbGciOiJFUzI1NiJ9.e30.c2ln")
+    except RuntimeError:
+        failed = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    text = fmt.format(failed)
+    assert text.startswith("prestaged: ERROR: failed\nTraceback (most recent call last):\n")
+    assert "u:pw@" not in text and "eyJ" not in text and "https://***@h/f" in text

@@ -177,6 +177,24 @@ def test_retry_and_release_in_a_cancelled_campaign_are_conflicts(
         failed.id: S.FAILED, unknown.id: S.LAUNCH_UNKNOWN}
 
 
+def test_release_leaves_launch_unknown_of_a_cancelled_stage_alone(
+        repo: CampaignRepository) -> None:
+    """Release of a campaign with one stage cancelled made a queued retry in that stage that
+    could never run, and hid its launch_unknown record (cancelled) behind it."""
+    there = walk(repo, repo.create("c", "s", "all", "d"), S.PRESTAGING, S.READY, S.SUBMITTING,
+                 S.LAUNCH_UNKNOWN)
+    other = walk(repo, repo.create("c", "t", "all", "d"), S.PRESTAGING, S.READY, S.SUBMITTING,
+                 S.LAUNCH_UNKNOWN)
+    repo.cancel("c", "s")
+    [retry] = repo.release("c")
+    assert retry.stage == "t" and repo.get(other.id).state is S.CANCELLED
+    assert repo.get(there.id).state is S.LAUNCH_UNKNOWN
+    assert repo.get(there.id).superseded_by is None
+    repo.cancel("c")
+    with pytest.raises(ConflictError, match=r"^campaign c is cancelled for good"):
+        repo.retry("c", there.id)  # the campaign, not "stage s of campaign c"
+
+
 def test_a_list_item_named_like_a_slice_keeps_its_list_in_the_work_directory(
         tmp_path: Path) -> None:
     """``split = "list(slice-7.urls)"`` was taken for a drainingn slice by its text, and its

@@ -379,3 +379,24 @@ def test_one_runner_per_campaign_names_the_holder_and_ends_with_it(tmp_path: Pat
     with one_runner(tmp_path, "c"):
         pass
     assert (tmp_path / "c" / ".runner.lock").stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_daemon_on_a_sqlite_state_takes_the_runner_lock_too(
+        tmp_path: Path, backend: Backend) -> None:
+    """The daemon runs campaigns as a cluster member (``owner`` set) even on SQLite, and so
+    skipped the lock: ``campaign run`` beside it was not refused and made its submission in
+    ``submitting`` launch_unknown while the command ran. On SQLite every runner takes the lock;
+    on PostgreSQL the lease keeps members apart (and ``campaign run`` checks it)."""
+    from prestaged.campaign.runner import one_runner
+    from prestaged.errors import ConflictError, LeaseLost
+
+    cfg = campaign(tmp_path, submit="true")
+    with backend.store() as store, one_runner(tmp_path / "work", "c"):
+        call = run_campaign(cfg, store, gate=passing_gate, open_catalog=LocalCatalog,
+                            workdir=tmp_path / "work", owner="other-member")
+        if store.url is None:
+            with pytest.raises(ConflictError, match="campaign c is being run by prestaged pid"):
+                await call
+        else:  # no lock there; this member holds no lease, so it changes nothing
+            with pytest.raises(LeaseLost):
+                await call

@@ -347,6 +347,40 @@ submit = {json.dumps(_q("sh", "-c", wait))}
     assert (sub["state"], sub["job_id"]) == ("completed", "9.0@t")
 
 
+def test_campaign_run_refuses_a_campaign_a_daemon_member_holds(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, backend: Backend
+) -> None:
+    """On a shared PostgreSQL state the daemons keep each campaign to one member by its lease,
+    and a foreground ``campaign run`` took no part in it. It now refuses a campaign whose lease
+    a live member holds (exit 2, naming it), and runs it once the lease is given up."""
+    if backend.url is None:
+        pytest.skip("SQLite: the runner lock file keeps every runner apart (tested above)")
+    from prestaged.campaign.repository import CampaignRepository
+    from prestaged.campaign.spec import load_campaign
+    from prestaged.state import cluster as shared
+
+    ds = write_definition(tmp_path, storage, ["/pnfs/camp/a"])
+    path = _write(tmp_path, f"""
+name = "held-elsewhere"
+[[stage]]
+name = "reco"
+input = {json.dumps(str(ds))}
+submit = {_submit(tmp_path, "{stage}")}
+""")
+    with backend.store() as store:
+        CampaignRepository(store).register(load_campaign(path), path.read_text())
+        assert shared.claim_campaign(store, "held-elsewhere", "host:1:m1", 600.0)[0]
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(path))
+    assert res.returncode == 2, res.stderr
+    assert "campaign held-elsewhere is being run by the daemon member host:1:m1" in res.stderr
+    assert read_records(tmp_path) == []
+    with backend.store() as store:
+        shared.release_campaign(store, "held-elsewhere", "host:1:m1")
+    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(path))
+    assert res.returncode == 0, res.stderr
+    assert len(read_records(tmp_path)) == 1
+
+
 def test_shell_metacharacters_in_names_cannot_inject(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
 ) -> None:

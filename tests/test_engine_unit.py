@@ -396,9 +396,15 @@ def test_attempt_error_text_is_bounded_and_redacted() -> None:
         "HTTP 404 Missing authz=*** and token=***")
     assert redact("authz=H3 first") == "authz=*** first"
     assert redact("https://h/f?Authorization=Bearer%20A1") == "https://h/f?Authorization=***"
-    assert scrub("b'Authorization: Bearer S3cr3tV4lue\\x00'") == (
+    assert scrub("b'Authorization: Bearer S3cr3tV4lue-0f-a-t0ken\\x00'") == (
         "b'Authorization: Bearer ***\\x00'")
-    assert scrub("no bearer token, a Bearer challenge") == "no bearer token, a Bearer challenge"
+    for prose in ("no bearer token, a Bearer challenge",
+                  "WWW-Authenticate: Bearer scope=storage.read:/dune",
+                  "the server wants Bearer tokens/credentials for /pnfs/x",
+                  "the Bearer /pnfs/dune/persistent/users/x.root was refused"):
+        assert scrub(prose) == prose
+    assert redact("PWD=/home/u pwd=/tmp sig=abc") == "PWD=/home/u pwd=/tmp sig=abc"
+    assert redact("password=hunter2 and ?pwd=x") == "password=*** and ?pwd=***"
     # Redacted before the cut: a password is never half-shown.
     assert "secret" not in error_text("x" * 190 + " https://user:secret@h/f")
 

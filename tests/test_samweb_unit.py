@@ -648,7 +648,8 @@ async def test_redirects_are_followed_on_the_same_origin_only() -> None:
     for location in ("https://elsewhere.example:8483/sam/dune/api/x",
                      "http://sam.example:8483/sam/dune/api/x",
                      "https://user:pw@sam.example:9999/x",
-                     "https://user:pw@sam.example:8483/sam/dune/api/x"):
+                     "https://user:pw@sam.example:8483/sam/dune/api/x",
+                     "javascript:alert(1)", "mailto:x@y"):
         with aioresponses() as m:
             m.get(LIST_URL, status=307, headers={"Location": location})
             with pytest.raises(CatalogError, match="not followed, since the credentials we send "
@@ -658,6 +659,12 @@ async def test_redirects_are_followed_on_the_same_origin_only() -> None:
         assert not [u for u in sent if "elsewhere" in u or u.startswith("http:")
                     or ":9999" in u]
         assert "pw" not in str(err.value)
+    with aioresponses() as m:  # a loop (or no Location) is said, after 5 hops
+        for _ in range(6):
+            m.get(LIST_URL, status=302)
+        with pytest.raises(CatalogError, match=r"redirected listing .* more than 5 times "
+                                               r"\(a loop, or no Location\)"):
+            await _all(_catalog(retry_for=0.0).files())
 
 
 async def test_numbers_sam_writes_in_other_scripts_or_without_end_are_no_numbers() -> None:

@@ -399,6 +399,10 @@ class CampaignRepository:
         retried = []
         for s in self.submissions(campaign, stage):
             if s.state is S.LAUNCH_UNKNOWN and s.superseded_by is None:
+                if self.control(campaign, s.stage) == "cancelled":  # its stage is: never runs
+                    log.info("%s/%s #%d: launch_unknown, not retried: its stage is cancelled",
+                             campaign, s.stage, s.id)
+                    continue
                 try:
                     retried.append(self._retry(s))
                 except ConflictError:  # another operator retried it meanwhile
@@ -406,10 +410,13 @@ class CampaignRepository:
         return retried
 
     def _not_cancelled(self, campaign: str, stage: Optional[str]) -> None:
-        if self.control(campaign, stage or "") == "cancelled":
-            where = f"stage {stage} of campaign {campaign}" if stage else f"campaign {campaign}"
-            raise ConflictError(f"{where} is cancelled for good: nothing in it is created or "
-                                "launched again, so a retry there would never run")
+        if self.control(campaign, stage or "") != "cancelled":
+            return
+        whole = self.control(campaign, "") == "cancelled"
+        where = f"campaign {campaign}" if whole or not stage else \
+            f"stage {stage} of campaign {campaign}"
+        raise ConflictError(f"{where} is cancelled for good: nothing in it is created or "
+                            "launched again, so a retry there would never run")
 
     def retry(self, campaign: str, sub_id: int) -> Submission:
         """Recovery of a ``failed`` (gate timed out, or never completed) or ``launch_failed``

@@ -461,7 +461,10 @@ async def run_campaign(campaign: CampaignConfig, store: Store, *, gate: GateFn,
     runner = _Runner(campaign, CampaignRepository(store, on_move, owner), gate, open_catalog,
                      workdir,
                      stop if stop is not None else asyncio.Event(), rewarm, release)
-    if owner is not None:  # a cluster member: the campaign's lease keeps runners apart
+    if owner is not None and store.url is not None:
+        # Daemons sharing a PostgreSQL state, on any host: the campaign's lease keeps them
+        # apart. A SQLite state is one host's, and its daemon's lease keeps no foreground
+        # `campaign run` out: the lock does.
         return await runner.run()
     with await asyncio.to_thread(one_runner, workdir, campaign.name):
         return await runner.run()
@@ -483,7 +486,7 @@ def one_runner(workdir: Path, name: str) -> contextlib.AbstractContextManager[No
     submission for a crash's and made it ``launch_unknown`` while it ran. ``ConflictError``
     naming the holder when another process runs it. Daemons sharing a PostgreSQL state
     (``owner`` set) are kept apart by the campaign's lease instead, whatever host they run on;
-    a foreground ``campaign run`` on such a state is not kept apart from them."""
+    ``campaign run`` on such a state refuses a campaign whose lease a live member holds."""
     path = workdir / name / ".runner.lock"
     create_private(path)
     fd = os.open(path, os.O_RDWR)

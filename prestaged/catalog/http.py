@@ -230,7 +230,11 @@ class HttpApi:
                                                  headers=headers, allow_redirects=False,
                                                  **deadline) as resp:
                     self._answered = True
-                    if resp.status in _REDIRECTS and hops < _MAX_HOPS:
+                    if resp.status in _REDIRECTS:
+                        if hops == _MAX_HOPS:
+                            raise CatalogError(
+                                f"{self.service} {self.base_url} redirected {call.what} more "
+                                f"than {_MAX_HOPS} times (a loop, or no Location)")
                         url, method, data = self._redirect(call, resp, method, data)
                         params, hops = None, hops + 1
                         continue

@@ -25,6 +25,7 @@ from prestaged.runtime import install_interrupt, run
 
 if TYPE_CHECKING:
     from prestaged.campaign.runner import CampaignResult
+    from prestaged.state.store import Store
 
 __all__ = [
     "cmd_campaign_action",
@@ -75,6 +76,21 @@ def cmd_campaign_list(args: argparse.Namespace, cfg: Config) -> int:
         return 0
     print("\n".join(campaign_list_lines(rows, source)))
     return 0
+
+
+def _not_driven_by_a_daemon(store: Store, name: str) -> None:
+    """``ConflictError`` (exit 2) when a daemon sharing this PostgreSQL state holds campaign
+    ``name``'s lease: a second runner would take its submission in ``submitting`` for a
+    crash's (on SQLite, the runner's lock file says so for every runner)."""
+    from prestaged.errors import ConflictError
+    from prestaged.state import cluster as shared
+
+    holder = shared.pokes(store).get(name, (None, 0.0, None))[2]
+    if holder is not None:
+        store.close()
+        raise ConflictError(f"campaign {name} is being run by the daemon member {holder} on "
+                            "this state: one runner per campaign (act on it with `prestaged "
+                            "campaign hold/release/...`, or stop that daemon first)")
 
 
 def _is_file(arg: str) -> bool:
@@ -158,6 +174,8 @@ def cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
                      else creds if kind == "metacat" else None)
     settings = ctx.warm_settings(creds)
     store = ctx.open_store()
+    if store.url is not None:
+        _not_driven_by_a_daemon(store, campaign.name)
 
     async def go() -> CampaignResult:
         stop = asyncio.Event()

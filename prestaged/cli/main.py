@@ -17,7 +17,7 @@ from prestaged.cli.common import Command
 from prestaged.cli.parser import OVERRIDES, build_parser
 from prestaged.config import Config, find_config, load_config, replace_path, shown
 from prestaged.errors import EXIT_INTERRUPTED, ConfigError, PrestagedError
-from prestaged.model import redact, scrub
+from prestaged.model import printable, redact, scrub
 
 __all__ = ["main"]
 
@@ -78,6 +78,11 @@ class _Scrubbing(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return scrub(redact(super().format(record)))
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The message on one line, control characters escaped (a campaign's list item, a
+        # server's words): a traceback, added after it, keeps its lines.
+        return printable(super().formatMessage(record))
 
 
 def _setup_logging(args: argparse.Namespace, cfg: Config) -> None:
