@@ -139,6 +139,20 @@ def _spawn(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
 
 
+def _one_file_campaign(tmp_path: Path, storage: ThreadedStorageServer, name: str,
+                       submit: str) -> Path:
+    """Campaign ``name``: one stage ``reco`` over a one-file list on ``storage``, submitting
+    with ``submit`` (a TOML string)."""
+    ds = write_definition(tmp_path, storage, ["/pnfs/camp/a"])
+    return _write(tmp_path, f"""
+name = "{name}"
+[[stage]]
+name = "reco"
+input = {json.dumps(str(ds))}
+submit = {submit}
+""")
+
+
 def _show(pki: TestPKI, proxy: Path, tmp_path: Path, name: str) -> list[dict[str, Any]]:
     res = _prestaged(pki, proxy, tmp_path, "campaign", "show", name, "--json")
     assert res.returncode == 0, res.stderr
@@ -284,14 +298,7 @@ def test_killed_while_submitting_becomes_launch_unknown_and_is_not_rerun(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
 ) -> None:
     """prestaged SIGKILLed during the submit command: next run marks launch_unknown, exit 1, no rerun."""
-    ds = write_definition(tmp_path, storage, ["/pnfs/camp/a"])
-    campaign = _write(tmp_path, f"""
-name = "crash"
-[[stage]]
-name = "reco"
-input = {json.dumps(str(ds))}
-submit = {_submit(tmp_path, "{stage}")}
-""")
+    campaign = _one_file_campaign(tmp_path, storage, "crash", _submit(tmp_path, "{stage}"))
     proc = _spawn(pki, proxy, tmp_path, "campaign", "run", str(campaign),
                   extra_env={"FAKE_KILL_PARENT": "1"})
     _, err = proc.communicate(timeout=TIMEOUT)
@@ -315,16 +322,10 @@ def test_a_second_runner_of_a_campaign_is_refused_while_the_first_submits(
     command took that submission for a crash's and made it launch_unknown, and the first one's
     result could then be lost. The second is refused (exit 2, naming the first's pid); the
     first submits once and completes."""
-    ds = write_definition(tmp_path, storage, ["/pnfs/camp/a"])
     wait = ('touch started; i=0; while [ ! -e go ] && [ $i -lt 1200 ]; do sleep 0.05; '
             'i=$((i+1)); done; echo "JobsubJobId of first job: 9.0@t"')
-    campaign = _write(tmp_path, f"""
-name = "twice"
-[[stage]]
-name = "reco"
-input = {json.dumps(str(ds))}
-submit = {json.dumps(_q("sh", "-c", wait))}
-""")
+    campaign = _one_file_campaign(tmp_path, storage, "twice",
+                                  json.dumps(_q("sh", "-c", wait)))
     first = _spawn(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -359,14 +360,8 @@ def test_campaign_run_refuses_a_campaign_a_daemon_member_holds(
     from prestaged.campaign.spec import load_campaign
     from prestaged.state import cluster as shared
 
-    ds = write_definition(tmp_path, storage, ["/pnfs/camp/a"])
-    path = _write(tmp_path, f"""
-name = "held-elsewhere"
-[[stage]]
-name = "reco"
-input = {json.dumps(str(ds))}
-submit = {_submit(tmp_path, "{stage}")}
-""")
+    path = _one_file_campaign(tmp_path, storage, "held-elsewhere",
+                              _submit(tmp_path, "{stage}"))
     with backend.store() as store:
         CampaignRepository(store).register(load_campaign(path), path.read_text())
         assert shared.claim_campaign(store, "held-elsewhere", "host:1:m1", 600.0)[0]
