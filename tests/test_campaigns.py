@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -151,6 +152,22 @@ name = "reco"
 input = {json.dumps(str(ds))}
 submit = {submit}
 """)
+
+
+# A submit command (a TOML string) that touches ./started, waits for ./go (at most 60 s),
+# then prints a job id.
+WAITING_SUBMIT = json.dumps(_q(
+    "sh", "-c", 'touch started; i=0; while [ ! -e go ] && [ $i -lt 1200 ]; do sleep 0.05; '
+    'i=$((i+1)); done; echo "JobsubJobId of first job: 9.0@t"'))
+
+
+def _until_submitting(proc: subprocess.Popen[str], tmp_path: Path) -> None:
+    """Wait (with a deadline) until ``proc``'s ``WAITING_SUBMIT`` has started."""
+    deadline = time.monotonic() + TIMEOUT
+    while not (tmp_path / "started").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run never submitted"
+        time.sleep(0.02)  # polling another process's file, with a deadline
 
 
 def _show(pki: TestPKI, proxy: Path, tmp_path: Path, name: str) -> list[dict[str, Any]]:
@@ -322,17 +339,10 @@ def test_a_second_runner_of_a_campaign_is_refused_while_the_first_submits(
     command took that submission for a crash's and made it launch_unknown, and the first one's
     result could then be lost. The second is refused (exit 2, naming the first's pid); the
     first submits once and completes."""
-    wait = ('touch started; i=0; while [ ! -e go ] && [ $i -lt 1200 ]; do sleep 0.05; '
-            'i=$((i+1)); done; echo "JobsubJobId of first job: 9.0@t"')
-    campaign = _one_file_campaign(tmp_path, storage, "twice",
-                                  json.dumps(_q("sh", "-c", wait)))
+    campaign = _one_file_campaign(tmp_path, storage, "twice", WAITING_SUBMIT)
     first = _spawn(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not (tmp_path / "started").exists():
-            assert first.poll() is None, first.communicate()
-            assert time.monotonic() < deadline, "the first run never submitted"
-            time.sleep(0.02)
+        _until_submitting(first, tmp_path)
         second = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
         assert second.returncode == 2, second.stderr
         assert (f"campaign twice is being run by prestaged pid {first.pid} on "
@@ -348,32 +358,46 @@ def test_a_second_runner_of_a_campaign_is_refused_while_the_first_submits(
     assert (sub["state"], sub["job_id"]) == ("completed", "9.0@t")
 
 
-def test_campaign_run_refuses_a_campaign_a_daemon_member_holds(
+def test_campaign_run_takes_the_lease_daemon_members_take(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, backend: Backend
 ) -> None:
     """On a shared PostgreSQL state the daemons keep each campaign to one member by its lease,
     and a foreground ``campaign run`` took no part in it. It now refuses a campaign whose lease
-    a live member holds (exit 2, naming it), and runs it once the lease is given up."""
+    a live member holds (exit 2, naming it); otherwise it takes the lease itself for the run
+    (a member's claim then fails, naming the run) and gives it up at the end."""
     if backend.url is None:
         pytest.skip("SQLite: the runner lock file keeps every runner apart (tested above)")
     from prestaged.campaign.repository import CampaignRepository
     from prestaged.campaign.spec import load_campaign
     from prestaged.state import cluster as shared
 
-    path = _one_file_campaign(tmp_path, storage, "held-elsewhere",
-                              _submit(tmp_path, "{stage}"))
+    path = _one_file_campaign(tmp_path, storage, "leased", WAITING_SUBMIT)
     with backend.store() as store:
         CampaignRepository(store).register(load_campaign(path), path.read_text())
-        assert shared.claim_campaign(store, "held-elsewhere", "host:1:m1", 600.0)[0]
+        assert shared.claim_campaign(store, "leased", "host:1:m1", 600.0)[0]
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(path))
     assert res.returncode == 2, res.stderr
-    assert "campaign held-elsewhere is being run by the daemon member host:1:m1" in res.stderr
-    assert read_records(tmp_path) == []
+    assert "campaign leased is being run by the daemon member host:1:m1" in res.stderr
+    assert not (tmp_path / "started").exists()
     with backend.store() as store:
-        shared.release_campaign(store, "held-elsewhere", "host:1:m1")
-    res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(path))
-    assert res.returncode == 0, res.stderr
-    assert len(read_records(tmp_path)) == 1
+        shared.release_campaign(store, "leased", "host:1:m1")
+    run = _spawn(pki, proxy, tmp_path, "campaign", "run", str(path))
+    try:
+        _until_submitting(run, tmp_path)
+        with backend.store() as store:
+            ours, holder = shared.claim_campaign(store, "leased", "host:1:m1", 600.0)
+        assert (ours, holder) == (False, f"campaign-run:{socket.gethostname()}:{run.pid}")
+        (tmp_path / "go").touch()
+        _, err = run.communicate(timeout=TIMEOUT)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, err
+    with backend.store() as store:
+        assert shared.pokes(store)["leased"][2] is None  # given up at the end
+    [sub] = _show(pki, proxy, tmp_path, "leased")
+    assert (sub["state"], sub["job_id"]) == ("completed", "9.0@t")
 
 
 def test_shell_metacharacters_in_names_cannot_inject(

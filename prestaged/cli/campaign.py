@@ -10,22 +10,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
+import os
+import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import quote
 
 from prestaged.cli.common import context, open_store, via_daemon
 from prestaged.cli.render import campaign_lines, campaign_list_lines
 from prestaged.config import Config
-from prestaged.errors import EXIT_HELD, ConfigError
+from prestaged.errors import EXIT_HELD, ConfigError, ConflictError, PrestagedError
 from prestaged.pacing import Rates
 from prestaged.runtime import install_interrupt, run
+from prestaged.state.db import driver_errors
 
 if TYPE_CHECKING:
     from prestaged.campaign.runner import CampaignResult
     from prestaged.state.store import Store
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "cmd_campaign_action",
@@ -78,19 +85,46 @@ def cmd_campaign_list(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _not_driven_by_a_daemon(store: Store, name: str) -> None:
-    """``ConflictError`` (exit 2) when a daemon sharing this PostgreSQL state holds campaign
-    ``name``'s lease: a second runner would take its submission in ``submitting`` for a
-    crash's (on SQLite, the runner's lock file says so for every runner)."""
-    from prestaged.errors import ConflictError
+def _claim(store: Store, name: str, lease: float) -> Optional[str]:
+    """On a shared PostgreSQL state, the lease of campaign ``name`` for this foreground run,
+    taken as the daemons take it (``[cluster] lease``): our owner id, or None for a campaign
+    no daemon has (not registered: no daemon can run it). ``ConflictError`` (exit 2) when a
+    live member holds it: a second runner would take its submission in ``submitting`` for a
+    crash's. (On SQLite the runner's lock file keeps every runner apart.)"""
     from prestaged.state import cluster as shared
 
-    holder = shared.pokes(store).get(name, (None, 0.0, None))[2]
-    if holder is not None:
-        store.close()
-        raise ConflictError(f"campaign {name} is being run by the daemon member {holder} on "
-                            "this state: one runner per campaign (act on it with `prestaged "
-                            "campaign hold/release/...`, or stop that daemon first)")
+    owner = f"campaign-run:{socket.gethostname()}:{os.getpid()}"
+    ours, holder = shared.claim_campaign(store, name, owner, lease)
+    if ours:
+        return owner
+    if holder is None and name not in shared.pokes(store):
+        return None
+    raise ConflictError(f"campaign {name} is being run by the daemon member "
+                        f"{holder or '(claiming it now)'} on this state: one runner per campaign "
+                        "(act on it with `prestaged campaign hold/release/...`, or stop that "
+                        "daemon first)")
+
+
+async def _keep(store: Store, name: str, owner: str, lease: float,
+                stop: asyncio.Event) -> None:
+    """Renew our lease on campaign ``name`` every third of ``lease``; lost (taken over after
+    it expired, say while the database did not answer): stop the run, which changes nothing
+    more (every change checks the lease)."""
+    from prestaged.state import cluster as shared
+
+    while True:
+        await asyncio.sleep(lease / 3)
+        try:
+            ours = await asyncio.to_thread(shared.renew, store, "campaign", (name,), owner,
+                                           lease)
+        except driver_errors(PrestagedError) as e:  # the next third may still be in time
+            log.warning("campaign %s: lease not renewed: %s", name, e)
+            continue
+        if not ours:
+            log.warning("campaign %s: lease lost (taken over by a daemon member): stopping",
+                        name)
+            stop.set()
+            return
 
 
 def _is_file(arg: str) -> bool:
@@ -174,26 +208,41 @@ def cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
                      else creds if kind == "metacat" else None)
     settings = ctx.warm_settings(creds)
     store = ctx.open_store()
-    if store.url is not None:
-        _not_driven_by_a_daemon(store, campaign.name)
+    lease = cfg.cluster.lease
+    try:
+        owner = _claim(store, campaign.name, lease) if store.url is not None else None
+    except BaseException:
+        store.close()
+        raise
 
     async def go() -> CampaignResult:
         stop = asyncio.Event()
         install_interrupt(stop)
+        keeper = (asyncio.ensure_future(_keep(store, campaign.name, owner, lease, stop))
+                  if owner is not None else None)
         rates = Rates()  # the gates and keep-warm runs are one client at the storage
-        async with ctx.storage(creds) as (toucher, tape):
-            return await run_campaign(
-                campaign, store, gate=ctx.gate(store, toucher, settings, stop=stop, tape=tape,
-                                               rates=rates),
-                open_catalog=lambda d: ctx.open_catalog(kind, d, creds=catalog_creds),
-                workdir=store.path.parent / "campaigns", stop=stop,
-                rewarm=ctx.rewarm(store, toucher, settings, stop=stop, tape=tape,
-                                  rates=rates),
-                release=ctx.release(store, tape, stop=stop))
+        try:
+            async with ctx.storage(creds) as (toucher, tape):
+                return await run_campaign(
+                    campaign, store, gate=ctx.gate(store, toucher, settings, stop=stop,
+                                                   tape=tape, rates=rates),
+                    open_catalog=lambda d: ctx.open_catalog(kind, d, creds=catalog_creds),
+                    workdir=store.path.parent / "campaigns", stop=stop,
+                    rewarm=ctx.rewarm(store, toucher, settings, stop=stop, tape=tape,
+                                      rates=rates),
+                    release=ctx.release(store, tape, stop=stop), owner=owner)
+        finally:
+            if keeper is not None:
+                keeper.cancel()
 
     try:
         result = run(go())
     finally:
+        if owner is not None:
+            from prestaged.state import cluster as shared
+
+            with contextlib.suppress(*driver_errors(PrestagedError)):
+                shared.release_campaign(store, campaign.name, owner)
         store.close()
     for stage, outcome in result.stages.items():
         print(f"{campaign.name}/{stage}: {outcome}")
