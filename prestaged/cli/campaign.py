@@ -12,10 +12,10 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import quote
@@ -31,8 +31,6 @@ from prestaged.state.db import driver_errors
 if TYPE_CHECKING:
     from prestaged.campaign.runner import CampaignResult
     from prestaged.state.store import Store
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "cmd_campaign_action",
@@ -105,26 +103,12 @@ def _claim(store: Store, name: str, lease: float) -> Optional[str]:
                         "daemon first)")
 
 
-async def _keep(store: Store, name: str, owner: str, lease: float,
-                stop: asyncio.Event) -> None:
-    """Renew our lease on campaign ``name`` every third of ``lease``; lost (taken over after
-    it expired, say while the database did not answer): stop the run, which changes nothing
-    more (every change checks the lease)."""
-    from prestaged.state import cluster as shared
+@dataclass(frozen=True)
+class _Holder:
+    """This foreground run as the holder of a campaign's lease (``cluster.LeaseHolder``)."""
 
-    while True:
-        await asyncio.sleep(lease / 3)
-        try:
-            ours = await asyncio.to_thread(shared.renew, store, "campaign", (name,), owner,
-                                           lease)
-        except driver_errors(PrestagedError) as e:  # the next third may still be in time
-            log.warning("campaign %s: lease not renewed: %s", name, e)
-            continue
-        if not ours:
-            log.warning("campaign %s: lease lost (taken over by a daemon member): stopping",
-                        name)
-            stop.set()
-            return
+    id: str
+    lease: float
 
 
 def _is_file(arg: str) -> bool:
@@ -218,8 +202,12 @@ def cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
     async def go() -> CampaignResult:
         stop = asyncio.Event()
         install_interrupt(stop)
-        keeper = (asyncio.ensure_future(_keep(store, campaign.name, owner, lease, stop))
-                  if owner is not None else None)
+        keeper = None
+        if owner is not None:  # renewed as the daemons renew theirs; lost: stop the run
+            from prestaged.service.cluster import keep_lease
+
+            keeper = asyncio.ensure_future(keep_lease(store, _Holder(owner, lease), "campaign",
+                                                      (campaign.name,), stop.set))
         rates = Rates()  # the gates and keep-warm runs are one client at the storage
         try:
             async with ctx.storage(creds) as (toucher, tape):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from prestaged.catalog import Catalog
 from prestaged.config import ClusterConfig
@@ -34,7 +34,7 @@ from prestaged.state import cluster as shared
 from prestaged.state.db import driver_errors
 from prestaged.state.store import Store
 
-__all__ = ["ChunkCatalog", "ChunkWorker", "ClusterMember", "keep_lease"]
+__all__ = ["ChunkCatalog", "ChunkWorker", "ClusterMember", "LeaseHolder", "keep_lease"]
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,21 @@ class ClusterMember:
         return shared.members(self._store), shared.leases_held(self._store, self.id)
 
 
-async def keep_lease(store: Store, member: ClusterMember, kind: str, key: Sequence[Any],
+class LeaseHolder(Protocol):
+    """Who holds a lease: a ``ClusterMember``, or a foreground ``campaign run``."""
+
+    @property
+    def id(self) -> str:
+        """The owner id the lease is stored under."""
+        ...
+
+    @property
+    def lease(self) -> float:
+        """Seconds one renewal lasts."""
+        ...
+
+
+async def keep_lease(store: Store, member: LeaseHolder, kind: str, key: Sequence[Any],
                      on_lost: Callable[[], None]) -> None:
     """Renew our ``kind`` lease on ``key`` every third of the lease until cancelled; when a
     renewal finds it taken over, call ``on_lost`` once and return. A database that does not
