@@ -140,18 +140,25 @@ def _spawn(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
 
 
-def _one_file_campaign(tmp_path: Path, storage: ThreadedStorageServer, name: str,
-                       submit: str) -> Path:
-    """Campaign ``name``: one stage ``reco`` over a one-file list on ``storage``, submitting
-    with ``submit`` (a TOML string)."""
-    ds = write_definition(tmp_path, storage, ["/pnfs/camp/a"])
+def _reco_campaign(tmp_path: Path, name: str, ds: Path, submit: str,
+                   split: str = "all") -> Path:
+    """Campaign ``name``: one stage ``reco`` over the list ``ds``, split by ``split``,
+    submitting with ``submit`` (a TOML string)."""
     return _write(tmp_path, f"""
 name = "{name}"
 [[stage]]
 name = "reco"
 input = {json.dumps(str(ds))}
+split = "{split}"
 submit = {submit}
 """)
+
+
+def _one_file_campaign(tmp_path: Path, storage: ThreadedStorageServer, name: str,
+                       submit: str) -> Path:
+    """``_reco_campaign`` over a one-file list on ``storage``."""
+    return _reco_campaign(tmp_path, name, write_definition(tmp_path, storage, ["/pnfs/camp/a"]),
+                          submit)
 
 
 # A submit command (a TOML string) that touches ./started, waits for ./go (at most 60 s),
@@ -186,14 +193,10 @@ def test_drainingn_slices_are_disjoint_warm_first_and_never_resubmitted(
     for p, seconds in delays.items():
         storage.inject(p, [Delay(seconds)])
     ds = write_definition(tmp_path, storage, paths)
-    campaign = _write(tmp_path, f"""
-name = "drain"
-[[stage]]
-name = "reco"
-input = {json.dumps(str(ds))}
-split = "drainingn(2)"
-submit = {_submit(tmp_path, "{submission} {definition} {files_file} {urls_file} {n_files}")}
-""")
+    campaign = _reco_campaign(
+        tmp_path, "drain", ds,
+        _submit(tmp_path, "{submission} {definition} {files_file} {urls_file} {n_files}"),
+        split="drainingn(2)")
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 0, res.stderr
     records = read_records(tmp_path)
@@ -227,14 +230,8 @@ def test_drainingn_refuses_urls_with_secrets_and_stores_none(
     ds = tmp_path / "ds.txt"
     ds.write_text(storage.url("/pnfs/camp/a") + "\n" + storage.url("/pnfs/camp/b")
                   + "?authz=C4naryT0k\n")
-    campaign = _write(tmp_path, f"""
-name = "leaky"
-[[stage]]
-name = "reco"
-input = {json.dumps(str(ds))}
-split = "drainingn(5)"
-submit = {_submit(tmp_path, "{submission}")}
-""")
+    campaign = _reco_campaign(tmp_path, "leaky", ds, _submit(tmp_path, "{submission}"),
+                              split="drainingn(5)")
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     assert res.returncode == 4, res.stderr
     assert "C4naryT0k" not in res.stdout + res.stderr and "Traceback" not in res.stderr
@@ -255,18 +252,12 @@ def test_a_missing_stage_input_is_an_error_line_and_retry_gets_past_it(
     names the input and the way out, shown under -q too (it was only in the state); once the
     list exists, ``campaign retry`` and a run submit it."""
     later = tmp_path / "later.txt"
-    campaign = _write(tmp_path, f"""
-name = "fix"
-[[stage]]
-name = "a"
-input = {json.dumps(str(later))}
-submit = {_submit(tmp_path, "{submission}")}
-""")
+    campaign = _reco_campaign(tmp_path, "fix", later, _submit(tmp_path, "{submission}"))
     res = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign), "-q")
     assert res.returncode == 1 and "Traceback" not in res.stderr
     (line,) = [ln for ln in res.stderr.splitlines() if "WARNING" in ln and "#1" in ln]
-    assert f"fix/a #1 all: prestaging -> failed: input: definition '{later}': no such file" \
-        in line
+    assert f"fix/reco #1 all: prestaging -> failed: input: definition '{later}': no such " \
+        "file" in line
     assert "prestaged campaign retry --submission 1" in line
     write_definition(tmp_path, storage, ["/pnfs/camp/x"]).rename(later)
     res = _prestaged(pki, proxy, tmp_path, "campaign", "retry", "fix", "--submission", "1")
