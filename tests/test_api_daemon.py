@@ -392,3 +392,18 @@ async def test_warms_and_campaign_changes_are_refused_from_the_stop_signal_on(
                           ("/api/v1/campaigns/c/release", {})):
             status, body = await d.http("POST", path, doc)
             assert (status, body["error"]) == (503, "the daemon is stopping"), (path, body)
+
+
+def test_open_dataset_rows_leave_the_last_runs_error_to_the_token() -> None:
+    """What the daemon answers on the open dataset routes without the token: the last run's
+    error (token file, token subject, proxy DN...) is replaced; everything else is kept."""
+    from prestaged.service.daemon import WITH_THE_TOKEN, _without_reason
+
+    row = {"definition": "d", "fresh": 3,
+           "last_run": {"id": 7, "reason": "stopped: token /run/bt_u1 subject alice refused"}}
+    assert _without_reason(row) == {"definition": "d", "fresh": 3,
+                                    "last_run": {"id": 7, "reason": WITH_THE_TOKEN}}
+    assert row["last_run"]["reason"].startswith("stopped")  # the shared (coalesced) row stays
+    for kept in ({"definition": "d", "last_run": None},
+                 {"definition": "d", "last_run": {"id": 8, "reason": None}}):
+        assert _without_reason(kept) == kept

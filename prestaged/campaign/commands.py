@@ -137,7 +137,6 @@ async def run_argv(argv: Sequence[str], timeout: float, *,
     except OSError as e:
         code = 127 if isinstance(e, FileNotFoundError) else 126
         return CommandResult(code, "", f"{argv[0]}: cannot run: {e.strerror or e}")
-
     try:
         timed_out = False
         try:

@@ -578,6 +578,14 @@ WITH_THE_TOKEN = "(shown with the token)"
 """What an open API answer says instead of a run's error."""
 
 
+def _without_reason(row: JsonObject) -> JsonObject:
+    """``row`` (a dataset's status) with its last run's error, if any, left to the token."""
+    last = row.get("last_run")
+    if not isinstance(last, dict) or not last.get("reason"):
+        return row
+    return {**row, "last_run": {**last, "reason": WITH_THE_TOKEN}}
+
+
 class _Ports:
     """The daemon as its HTTP API sees it: an ``api.ApiPorts``."""
 
@@ -620,15 +628,7 @@ class _Ports:
             return [r.to_dict() for r in rows]
 
         rows = await self._datasets.get((name, catalog, fresh_for), read)
-        if reasons:
-            return rows
-        shown = []
-        for row in rows:
-            last = row.get("last_run")
-            hide = isinstance(last, dict) and last.get("reason")
-            shown.append({**row, "last_run": {**last, "reason": WITH_THE_TOKEN}}
-                         if hide and isinstance(last, dict) else row)
-        return shown
+        return rows if reasons else [_without_reason(row) for row in rows]
 
     async def members(self) -> list[JsonObject]:
         """The state's members, alive by this daemon's ``[cluster] lease`` (read in a worker
