@@ -1,18 +1,23 @@
 """The daemon's API against hostile or clumsy clients, over real sockets to ``prestaged
 serve``: what aiohttp's own parser refuses never puts the token in the log, a client dropping
-mid-body is one quiet line, and one that never finishes its body no longer holds the daemon's
-exit for aiohttp's 60 s (past systemd's stop timeout after the drain)."""
+mid-body is one quiet line, one that never finishes its body no longer holds the daemon's
+exit for aiohttp's 60 s (past systemd's stop timeout after the drain), and one that sends
+nothing, trickles its headers or stalls its body is cut off after ``REQUEST_DEADLINE``."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from daemon_harness import DEADLINE, Daemon, free_port, write_config
+import pytest
+from daemon_harness import DEADLINE, Daemon, free_port, in_process, write_config
 
+from prestaged.service import api
 from prestaged.service.daemon import SHUTDOWN_GRACE
 from prestaged.testing.pki import TestPKI
 
@@ -94,3 +99,53 @@ def test_a_log_line_is_one_escaped_line_and_its_traceback_keeps_its_lines() -> N
     text = fmt.format(failed)
     assert text.startswith("prestaged: ERROR: failed\nTraceback (most recent call last):\n")
     assert "u:pw@" not in text and "eyJ" not in text and "https://***@h/f" in text
+
+
+async def _until_closed(reader: asyncio.StreamReader) -> bytes:
+    """What the daemon sends on a connection until it closes it (a test deadline otherwise)."""
+    try:
+        return await asyncio.wait_for(reader.read(), DEADLINE)
+    except ConnectionResetError:
+        return b""
+
+
+async def test_a_client_too_slow_to_send_its_request_is_cut_off(
+        pki: TestPKI, proxy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection that sends nothing, half a request line, headers trickled a line at a
+    time, or a body that stops, held a connection and a file descriptor for good (the only
+    bound was the process's file limit). Each is closed once ``REQUEST_DEADLINE`` has passed,
+    the stalled body with a 408, an idle kept-alive connection too, and the daemon serves
+    everyone else meanwhile."""
+    monkeypatch.setattr(api, "REQUEST_DEADLINE", 0.5)
+    port = free_port()
+    config = write_config(tmp_path, pki, proxy, port, [])
+    async with in_process(config) as d:
+        async def connect(first: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(first)
+            return reader, writer
+
+        silent = await connect(b"")
+        half_line = await connect(b"GET /heal")
+        trickled = await connect(b"GET /healthz HTTP/1.1\r\n")
+        body = await connect(b"POST /api/v1/warm HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        kept = await connect(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        waits = {name: asyncio.ensure_future(_until_closed(reader)) for name, (reader, _) in
+                 {"silent": silent, "half_line": half_line, "trickled": trickled,
+                  "body": body, "kept": kept}.items()}
+        start = time.monotonic()
+        while not waits["trickled"].done() and time.monotonic() - start < DEADLINE:
+            trickled[1].write(b"X-Slow: 1\r\n")  # a header line every 0.1 s, never the end
+            await asyncio.wait({waits["trickled"]}, timeout=0.1)
+        assert (await d.http("GET", "/healthz"))[0] == 200  # everyone else is served
+        got = dict(zip(waits, await asyncio.gather(*waits.values())))
+        took = time.monotonic() - start
+        for _, writer in (silent, half_line, trickled, body, kept):
+            writer.close()
+    assert took < DEADLINE / 2, f"slow clients kept for {took:.1f} s"
+    assert got["silent"] == got["half_line"] == got["trickled"] == b""
+    assert got["kept"].startswith(b"HTTP/1.1 200 ") and got["kept"].count(b"HTTP/1.1") == 1
+    head, _, answer = got["body"].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), got["body"]
+    assert json.loads(answer) == {"error": "the request body did not come within 0.5 s"}

@@ -36,6 +36,7 @@ against any object with those methods (the tests use a fake).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -51,12 +52,19 @@ from prestaged.config import CATALOG_KINDS
 from prestaged.errors import BusyError, ConfigError, PrestagedError
 from prestaged.model import has_control, printable
 
-__all__ = ["MAX_BODY", "ApiPorts", "Handler", "JsonObject", "RunView", "build_app"]
+__all__ = ["MAX_BODY", "REQUEST_DEADLINE", "ApiPorts", "Handler", "JsonObject", "RunView",
+           "build_app", "serve"]
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024
 """Bytes of a request body the API reads at most (413 beyond)."""
+
+REQUEST_DEADLINE = 30.0
+"""Seconds a client has to send a request's line and headers (from connecting, or from the
+previous answer on a kept-alive connection), then as many to send its body; a connection idle
+that long between requests is closed too. A client that trickled, or sent nothing, held its
+connection and a file descriptor for good."""
 
 JsonObject = Mapping[str, object]
 """A JSON document the daemon hands the API (``web.json_response`` serialises it)."""
@@ -147,7 +155,8 @@ class _Gone(Exception):
 
 
 class _Refused(Exception):
-    """An answer other than a ``PrestagedError``'s: 401/403 for authorisation."""
+    """An answer other than a ``PrestagedError``'s: 401/403 for authorisation, 408 for a body
+    too slow to come."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -161,10 +170,14 @@ def _error(status: int, message: str) -> web.Response:
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every refusal as ``{"error": ...}`` with the error's own status."""
+    _first_request_came(request)
     try:
         return await handler(request)
     except _Refused as e:
-        return _error(e.status, str(e))
+        refusal = _error(e.status, str(e))
+        if e.status == 408:  # the rest of a body that slow is not waited for on this connection
+            refusal.force_close()
+        return refusal
     except _Gone:  # nobody to answer; not an error of ours (no traceback in the log)
         log.debug("%s %s: the client went away mid-request", request.method, request.path)
         return web.Response(status=400)
@@ -246,7 +259,10 @@ async def _json_object(request: web.Request) -> dict[str, object]:
     if not request.can_read_body:
         return {}
     try:
-        raw = await request.read()
+        raw = await asyncio.wait_for(request.read(), REQUEST_DEADLINE)
+    except asyncio.TimeoutError:
+        raise _Refused(408, f"the request body did not come within {REQUEST_DEADLINE:g} s") \
+            from None
     except web.HTTPException:
         raise  # 413: over MAX_BODY
     except (HttpProcessingError, RequestPayloadError) as e:  # a Content-Encoding that fails
@@ -446,6 +462,52 @@ def quiet_client_faults() -> None:
     server = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _ClientFaults) for f in server.filters):
         server.addFilter(_ClientFaults())
+
+
+# --- the listener ---------------------------------------------------------------------------
+
+_SILENT: dict[int, asyncio.TimerHandle] = {}
+"""Connections that have not sent a whole request yet (by ``id`` of their handler, which the
+timer keeps alive), each with the timer that closes it ``REQUEST_DEADLINE`` after connecting.
+aiohttp before 3.14 (all Python 3.9 has) closes no connection before its first request."""
+
+
+def _first_request_came(request: web.Request) -> None:
+    timer = _SILENT.pop(id(request.protocol), None)
+    if timer is not None:
+        timer.cancel()
+
+
+def _close_silent(handler: web.RequestHandler) -> None:
+    if _SILENT.pop(id(handler), None) is not None and handler.transport is not None:
+        log.debug("API: closed a connection that sent no request within %g s",
+                  REQUEST_DEADLINE)
+        handler.force_close()
+
+
+async def serve(app: web.Application, host: str, port: int, *,
+                shutdown_timeout: float) -> tuple[web.AppRunner, asyncio.AbstractServer]:
+    """Serve ``app`` on ``host:port``: its runner (``cleanup()`` it) and its listener (close it
+    first). A connection that sends no whole request within ``REQUEST_DEADLINE`` of connecting
+    is closed, and so is a kept-alive one idle or trickling that long (aiohttp's
+    ``keepalive_timeout``). ``OSError`` if the address cannot be had."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout,
+                           keepalive_timeout=REQUEST_DEADLINE)
+    await runner.setup()
+    loop = asyncio.get_running_loop()
+    server = runner.server
+    assert server is not None
+
+    def connection() -> web.RequestHandler:
+        handler = server()
+        _SILENT[id(handler)] = loop.call_later(REQUEST_DEADLINE, _close_silent, handler)
+        return handler
+
+    try:
+        return runner, await loop.create_server(connection, host, port, reuse_address=True)
+    except OSError:
+        await runner.cleanup()
+        raise
 
 
 def build_app(ports: ApiPorts) -> web.Application:

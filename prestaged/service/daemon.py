@@ -44,7 +44,7 @@ from prestaged.metrics import Metrics
 from prestaged.model import hide_secret
 from prestaged.pacing import Rates
 from prestaged.runtime import probe_lag
-from prestaged.service.api import Handler, JsonObject, build_app
+from prestaged.service.api import Handler, JsonObject, build_app, serve
 from prestaged.service.campaigns import DaemonCampaigns
 from prestaged.service.cluster import ChunkWorker, ClusterMember
 from prestaged.service.coalesce import Coalesced
@@ -152,6 +152,7 @@ class Daemon:
         self._member: Optional[ClusterMember] = None
         self._chunk_task: Optional[asyncio.Task[None]] = None
         self._runner: Optional[web.AppRunner] = None
+        self._listener: Optional[asyncio.AbstractServer] = None
         self._proxy_stamp: Optional[tuple[int, int, int]] = None
         self._paused = False
 
@@ -281,17 +282,12 @@ class Daemon:
         return info.exit_code or 0
 
     async def _start_api(self, ports: _Ports) -> None:
-        from aiohttp import web
-
         host, _, port = self.cfg.daemon.listen.rpartition(":")
         # shutdown_timeout: a client that never finishes its request body held the exit for
         # aiohttp's default 60 s, past systemd's TimeoutStopSec after the drain.
-        self._runner = web.AppRunner(build_app(ports), access_log=None,
-                                     shutdown_timeout=SHUTDOWN_GRACE)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host.strip("[]"), int(port))
         try:
-            await site.start()
+            self._runner, self._listener = await serve(
+                build_app(ports), host.strip("[]"), int(port), shutdown_timeout=SHUTDOWN_GRACE)
         except OSError as e:
             raise ConfigError(f"daemon.listen {self.cfg.daemon.listen}: {e.strerror}") from None
 
@@ -332,6 +328,8 @@ class Daemon:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the runner closes the open ones
         if self._runner is not None:
             await self._runner.cleanup()
         if self._touch is not None:
