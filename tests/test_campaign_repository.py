@@ -3,8 +3,9 @@ submissions whose state refuses them 409s (defect 6), through ``apply_action`` a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Backend
@@ -212,3 +213,38 @@ def test_a_list_item_named_like_a_slice_keeps_its_list_in_the_work_directory(
     assert urls_file(work, sub("slice-7 (retry 2)", str(mine))) == mine
     for item in ("slice-7.urls", "slice-7", "slice-x.urls"):
         assert urls_file(work, sub(item, item)) == work / "c" / "s-3.urls"
+
+
+def test_a_cancel_does_not_overwrite_a_launch_begun_after_it_read(
+        make_pg_url: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator's cancel holds no campaign lock: on PostgreSQL it read a submission
+    `ready`, the runner moved it to `submitting` and ran its command, and the cancel then
+    wrote `cancelled` over the launch. The move now writes only from the state it read: the
+    cancel leaves the launch alone and cancels the rest. (On SQLite, BEGIN IMMEDIATE keeps
+    the runner out between the read and the write.)"""
+    from prestaged.state.db import PostgresDatabase
+
+    backend = Backend("postgresql", tmp_path, make_pg_url())
+
+    with backend.store() as operator_store, backend.store() as runner_store:
+        operator, runner = CampaignRepository(operator_store), CampaignRepository(runner_store)
+        launching = walk(runner, runner.create("c", "s", "slice-1", "d"), S.PRESTAGING, S.READY)
+        waiting = runner.create("c", "s", "slice-2", "d")
+        execute = PostgresDatabase.execute
+        raced: list[str] = []
+
+        def runner_first(db: PostgresDatabase, sql: str, params: Any = ()) -> Any:
+            if sql.startswith("UPDATE campaign_submissions SET state") and not raced:
+                raced.append("the runner's move")  # before it: its own UPDATE passes here
+                runner.move(launching, S.SUBMITTING, "running submit")
+            return execute(db, sql, params)
+
+        monkeypatch.setattr(PostgresDatabase, "execute", runner_first)
+        cancelled = operator.cancel("c")
+        monkeypatch.setattr(PostgresDatabase, "execute", execute)
+        assert raced, "the runner's move did not come between the cancel's read and write"
+        assert [s.id for s in cancelled] == [waiting.id]
+        assert runner.get(launching.id).state is S.SUBMITTING
+        assert runner.get(waiting.id).state is S.CANCELLED
+        assert runner.move(launching, S.SUBMITTED, "launched", job_id="1.0@j").state \
+            is S.SUBMITTED

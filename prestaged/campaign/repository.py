@@ -498,8 +498,14 @@ class CampaignRepository:
         submissions become ``cancelled`` (returned)."""
         with self.store.transaction() as conn:
             self._set(conn, campaign, stage, "cancelled", 1, "cancelled by operator")
-        return [self.move(s, S.CANCELLED, "cancelled by operator")
-                for s in self.submissions(campaign, stage) if s.state in CANCELLABLE]
+        cancelled = []
+        for sub in self.submissions(campaign, stage):
+            if sub.state in CANCELLABLE:
+                try:
+                    cancelled.append(self.move(sub, S.CANCELLED, "cancelled by operator"))
+                except ConflictError:  # its runner launched it meanwhile: that launch stands
+                    continue
+        return cancelled
 
     def mark_submitted(self, campaign: str, sub_id: int, job_id: str) -> Submission:
         """Record that ``launch_unknown`` submission ``sub_id`` was launched (outside
@@ -529,17 +535,23 @@ class CampaignRepository:
             # The lease first: on PostgreSQL it locks the campaign row, so a takeover cannot
             # come between this check and the move (the launch ledger entry included).
             self._check_lease(conn, sub.campaign, strict=to is S.SUBMITTING)
-            row = conn.execute("SELECT state, updated FROM campaign_submissions WHERE id = ?",
-                               (sub.id,)).fetchone()
-            if row is None:
-                raise NotFoundError(f"no submission {sub.id}")
-            frm, since = SubmissionState(row[0]), row[1]
-            if to not in _NEXT.get(frm, frozenset()):
-                raise ConflictError(f"submission {sub.id}: {frm.value} -> {to.value} is not "
-                                    "allowed")
-            conn.execute(f"UPDATE campaign_submissions SET state = ?, reason = ?, updated = ?"
-                         f"{sets} WHERE id = ?",
-                         (to.value, reason, now, *fields.values(), sub.id))
+            while True:
+                row = conn.execute("SELECT state, updated FROM campaign_submissions "
+                                   "WHERE id = ?", (sub.id,)).fetchone()
+                if row is None:
+                    raise NotFoundError(f"no submission {sub.id}")
+                frm, since = SubmissionState(row[0]), row[1]
+                if to not in _NEXT.get(frm, frozenset()):
+                    raise ConflictError(f"submission {sub.id}: {frm.value} -> {to.value} is "
+                                        "not allowed")
+                # Only from the state just read: an operator's move (which holds no campaign
+                # lock) read `ready` while the runner moved it on to `submitting` and ran its
+                # command, then wrote `cancelled` over the launch. Read again and judge anew.
+                if conn.execute(f"UPDATE campaign_submissions SET state = ?, reason = ?, "
+                                f"updated = ?{sets} WHERE id = ? AND state = ?",
+                                (to.value, reason, now, *fields.values(), sub.id,
+                                 frm.value)).rowcount:
+                    break
             conn.execute("INSERT INTO submission_events (submission_id, at, from_state, "
                          "to_state, reason) VALUES (?, ?, ?, ?, ?)",
                          (sub.id, now, frm.value, to.value, reason))
