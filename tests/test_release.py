@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Optional
@@ -19,7 +22,7 @@ import pytest
 from aiohttp import web
 from cli_runner import CliResult, run_cli
 from conftest import Backend
-from daemon_harness import state_files
+from daemon_harness import DEADLINE, state_files
 
 from prestaged.errors import ConfigError
 from prestaged.model import FileRef, TapeInfo
@@ -325,3 +328,45 @@ async def test_a_failed_release_is_logged_and_the_submission_still_completes(
                            "502 Bad Gateway")
     assert "pins not released (they expire on their own)" in caplog.text
     assert backend.url is None or state_files(tmp_path) == []
+
+
+def test_a_warm_killed_while_its_files_come_back_from_tape_leaves_their_pins_releasable(
+    pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
+) -> None:
+    """The stage request's id waited in the store's buffer for the next thing recorded, and a
+    run whose files are on their way from tape records nothing for hours: a SIGKILL meanwhile
+    left no row at all, so `release` found nothing pinned (the pins held for their whole
+    lifetime) and a rerun asked the tape system for the same files again. The id is now in the
+    state within moments of the request, and `release` after the kill frees those pins."""
+    slow = DCacheConfig(drives=1, mount_seconds=3600.0)  # nothing lands during the test
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(), slow) as site:
+        paths = [f"/pnfs/p/cold{i}" for i in range(3)]
+        for p in paths:
+            site.add_file(p, 10, Locality.TAPE, tape="T0")
+        definition = tmp_path / "ds.txt"
+        definition.write_text("".join(site.door_url(p) + "\n" for p in paths))
+        config = tmp_path / "prestaged.toml"
+        config.write_text(QUICK + backend.state_table())
+        warm = subprocess.Popen(
+            [sys.executable, "-m", "prestaged", "warm", str(definition), "-q", "--proxy",
+             str(proxy), "--ca-dir", str(pki.ca_dir), *backend.state_args(), "--config",
+             str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + DEADLINE
+            while time.monotonic() < deadline and not (
+                    site.stats()["requests"].get("frontend:stage") and backend.query(
+                        "SELECT COUNT(*) FROM files WHERE stage_request IS NOT NULL")[0][0] == 3):
+                assert warm.poll() is None, warm.communicate()[1]
+                time.sleep(0.05)  # polling the emulator, then the state, with a deadline
+            assert site.stats()["requests"]["frontend:stage"] == 1
+            warm.send_signal(signal.SIGKILL)
+            warm.communicate(timeout=DEADLINE)
+        finally:
+            warm.kill()
+        assert _pinned_rows(backend) == 3, "the stage request's id is not in the state"
+
+        res = _cli(pki, proxy, tmp_path, "release", str(definition), "--json", backend=backend)
+        assert res.returncode == 0, res.stderr
+        assert (json.loads(res.stdout)["files"], json.loads(res.stdout)["requests"]) == (3, 1)
+        assert site.stats()["requests"]["frontend:release"] == 1
+        assert _pinned_rows(backend) == 0

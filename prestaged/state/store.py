@@ -6,11 +6,13 @@ migrations; with ``url`` a PostgreSQL database (``state.postgres``) with the sam
 are reached through ``state.db`` with the same SQL.
 
 Writes are batched so the store never limits throughput: outcomes and memberships are buffered
-and, once ``batch`` rows are waiting or ``flush_interval`` seconds have passed, sent as one JSON
-line to a writer process (``state/writer.py``) that commits each batch in one transaction. The
-warming process never runs SQLite's per-row work (in a thread it cost 12-15% of the rate, in a
-process 9%: bench/throughput.py). A crash of the warming process loses at most the open batch
-(the writer finishes what it was sent), and those files are simply warmed again. PostgreSQL
+and, once ``batch`` rows are waiting or ``flush_interval`` seconds have passed (a ticker thread
+keeps that time even when nothing more is recorded; a stage request's rows go at once), sent as
+one JSON line to a writer process (``state/writer.py``) that commits each batch in one
+transaction. The warming process never runs SQLite's per-row work (in a thread it cost 12-15%
+of the rate, in a process 9%: bench/throughput.py). A crash of the warming process loses at
+most the open batch (the writer finishes what it was sent), and those files are simply warmed
+again. PostgreSQL
 keeps the same writer process, speaking psycopg: its client side costs ~58 us of CPU a file
 (SQLite's ~11 us), which in a thread would be the warming process's CPU and GIL. Reads the
 engine needs (which of these files are still fresh?) are asked per chunk of files, in a worker
@@ -305,6 +307,9 @@ class Store:
         self._outbox_changed = threading.Condition()
         self._send_failed = False
         self._sender: Optional[threading.Thread] = None
+        self._ticker: Optional[threading.Thread] = None
+        self._soon = threading.Event()  # wakes the ticker: a stage request was noted
+        self._ticking = False
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -338,7 +343,36 @@ class Store:
             self._conn.close()
             self._conn = None
             raise
+        self._ticking = True
+        self._ticker = threading.Thread(target=self._tick, name="prestaged-state-ticker",
+                                        daemon=True)
+        self._ticker.start()
         return self
+
+    def _tick(self) -> None:
+        """The ticker thread: hand the buffer to the writer once ``flush_interval`` has passed
+        since the last hand-over, and at once after a stage request is noted. Rows used to
+        wait for the next ``record``: a run whose files come back from tape records nothing
+        for hours, and a crash meanwhile lost its stage request ids (the rerun asked the tape
+        system again, and no ``release`` could free the first request's pins) and the
+        definition's memberships."""
+        while True:
+            soon = self._soon.wait(self.flush_interval)
+            self._soon.clear()
+            if not self._ticking:
+                return
+            with self._pipe:
+                due = soon or time.monotonic() - self._last_send >= self.flush_interval
+                if self._buffer and due and not self._writer_stopped():
+                    with contextlib.suppress(StateError):  # the next record or flush says it
+                        self._send()
+
+    def _stop_ticker(self) -> None:
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            self._ticking = False
+            self._soon.set()
+            ticker.join()
 
     def _start_writer(self) -> None:
         """Start the writer process and the sender thread that feeds it."""
@@ -466,6 +500,7 @@ class Store:
         """Write everything still queued, stop the writer and close the database."""
         if self._conn is None:
             return
+        self._stop_ticker()
         try:
             self.flush()
         finally:
@@ -613,6 +648,7 @@ class Store:
             self._put("staged", (fid, info.staged_at, info.pinned_until))
         elif info.request is not None:
             self._put("staging", (fid, info.request, info.uri, info.pinned_until))
+            self._soon.set()  # durable at once: a crash must not lose the request's id
         else:
             self._put("located", (fid, info.locality, time.time() if when is None else when))
 
