@@ -376,15 +376,17 @@ class _Breakers:
         if attempt.failure is None:
             return attempt.status in (401, 403)
         return attempt.failure in _REFUSING and (
-            attempt.failure is not Failure.RESET or endpoint not in self.answered)
+            attempt.failure is not Failure.RESET
+            or (endpoint not in self.answered and attempt.status is None))
 
     def observe(self, endpoint: str, attempt: Attempt) -> Optional[PrestagedError]:
         """Account one attempt; return the error that stops the run if a breaker trips."""
+        if attempt.status is not None:
+            self.answered.add(endpoint)  # even when its body then broke off (RESET)
         if attempt.failure is not None and attempt.failure in _REFUSING:
             return self._refusal(endpoint, attempt)
         if attempt.status is None:
             return None
-        self.answered.add(endpoint)
         if attempt.status in (401, 403):
             self.denials[endpoint] += 1
             self.last_denial[endpoint] = attempt
@@ -430,7 +432,8 @@ class _Breakers:
         return self._stop(refused)
 
     def _refusal(self, endpoint: str, attempt: Attempt) -> Optional[PrestagedError]:
-        """Account an attempt that failed in one of the ``_REFUSING`` ways (it has no status)."""
+        """Account an attempt that failed in one of the ``_REFUSING`` ways (it has no status,
+        but for a RESET after the head, which ``answered`` keeps from counting)."""
         if attempt.failure is Failure.CREDENTIAL:
             return CredentialError(f"{attempt.error}; stopped (nothing was sent with it)")
         if attempt.failure is Failure.UNTRUSTED:

@@ -228,6 +228,36 @@ def test_a_429_counts_as_the_block_only_after_3_401s_each_within_20_s_of_the_las
     assert run([(0, 401), (1, 401), (2, 401), (23, 429)]) is None  # too long after
 
 
+class _BrokenBodies:
+    """A toucher whose every answer is a 206 head whose body then broke off (a pool dying
+    mid-read, XRootD cutting a short file), or a close before any answer (``silent``)."""
+
+    def __init__(self, *, silent: bool) -> None:
+        self.silent = silent
+
+    async def touch(self, url: str) -> Attempt:
+        if self.silent:
+            return Attempt(failure=Failure.RESET, error="closed")
+        return Attempt(status=206, failure=Failure.RESET,
+                       error="HTTP 206, then the body broke off: received 0 of 4 bytes")
+
+
+async def test_a_body_that_breaks_off_after_its_head_is_not_a_refused_connection() -> None:
+    """A server that sent its head, then broke the body, did answer: each such file fails on
+    its own after its retries (exit 5), and the run goes through the list. It was counted as
+    a connection closed without an answer, and five of them stopped the run with exit 3,
+    blaming the proxy. A close before any answer still trips that breaker."""
+    urls = [f"https://pool:2880/f{i}" for i in range(20)]
+    settings = _settings(concurrency=2, retry=RetryPolicy(attempts=2))
+    broken = await warm(_refs(urls), settings, _BrokenBodies(silent=False), sleep=_Sleeps())
+    assert broken.aborted is None and broken.exit_code == 5
+    assert broken.tally.results["failed"] == 20
+    assert all(f.status == 206 and "body broke off" in f.error for f in broken.tally.failures)
+    silent = await warm(_refs(urls), settings, _BrokenBodies(silent=True), sleep=_Sleeps())
+    assert silent.exit_code == 3
+    assert "closed the connection without answering" in str(silent.aborted)
+
+
 async def test_duplicates_touched_once() -> None:
     """A URL listed twice is touched once and counted as a duplicate."""
     with aioresponses() as m:

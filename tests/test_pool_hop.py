@@ -241,7 +241,7 @@ _POOL_ANSWERS: list[tuple[str, list[Action], tuple[Optional[int], Optional[Failu
     ("500-long-body", [Status(500, body=b"x" * 5000)], (500, None), True),
     ("ignores-range", [IgnoreRange()], (200, None), True),
     ("reset", [Reset()], (None, Failure.RESET), False),
-    ("truncated-body", [Raw(_H206 + b"\r\nab")], (None, Failure.RESET), False),
+    ("truncated-body", [Raw(_H206 + b"\r\nab")], (206, Failure.RESET), False),
     ("garbage", [Raw(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")], (None, Failure.PROTOCOL), False),
     ("header-line-without-end",
      [Flood(_H206 + b"X-Big: ", b"a", _FLOOD, b"\r\n\r\nabcd")], (None, Failure.PROTOCOL), False),

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["CONTENT_RANGE_TOTAL", "DENIED", "DRAIN_LIMIT", "REDIRECTS", "status_error"]
+__all__ = ["CONTENT_RANGE_TOTAL", "DENIED", "DRAIN_LIMIT", "REDIRECTS", "past_the_end",
+           "status_error"]
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 DENIED = frozenset({401, 403})
 """Statuses whose ``WWW-Authenticate`` is read for what the server says about our token."""
-CONTENT_RANGE_TOTAL = re.compile(r"/\s*(\d+)\s*$")
+# Bounded: int() refuses more than 4300 digits, and no file has 20 digits of bytes.
+CONTENT_RANGE_TOTAL = re.compile(r"/\s*([0-9]{1,19})\s*$")
+_CONTENT_RANGE = re.compile(r"bytes\s+([0-9]{1,19})\s*-\s*([0-9]{1,19})\s*/\s*([0-9]{1,19})",
+                            re.IGNORECASE)
 # Small error/redirect bodies are drained so the connection can be reused; anything larger
 # (or of unknown length) costs a closed connection instead of reading it.
 DRAIN_LIMIT = 1024
@@ -22,3 +26,13 @@ def status_error(status: int, reason: str, auth_error: str) -> str:
     the server said about our token (``net.bearer_error``) in parentheses when it said it."""
     text = f"HTTP {status} {reason}".strip()
     return f"{text} ({auth_error})" if auth_error else text
+
+
+def past_the_end(content_range: str) -> bool:
+    """Whether a 206's ``Content-Range`` claims bytes past the file's end (``bytes 0-3/2``).
+    XRootD (5.5) answers a range beyond the end of a short file (or any range of an empty one)
+    so, with the Content-Length of the range asked, no body, and a dropped connection: its
+    head is the whole answer (the GET reached the file), and waiting for the body failed every
+    file shorter than ``--bytes``."""
+    match = _CONTENT_RANGE.fullmatch(content_range.strip())
+    return match is not None and int(match.group(2)) >= int(match.group(3))

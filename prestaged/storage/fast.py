@@ -48,6 +48,7 @@ from prestaged.storage.attempt import (
     DENIED,
     DRAIN_LIMIT,
     REDIRECTS,
+    past_the_end,
     status_error,
 )
 
@@ -347,7 +348,7 @@ class _Conn(asyncio.Protocol):
             return self.length
         value = self.headers.get(b"content-range", b"")
         total = value.rpartition(b"/")[2].strip(b" \t")
-        if total.isdigit():  # the common "bytes 0-3/1234", without the regex
+        if total.isdigit() and len(total) < 20:  # the common "bytes 0-3/1234", without the regex
             return int(total)
         match = CONTENT_RANGE_TOTAL.search(value.decode("utf-8", "surrogateescape"))
         return int(match.group(1)) if match else None
@@ -370,11 +371,14 @@ class _Conn(asyncio.Protocol):
 
     def _success(self) -> None:
         self.size = self._size()
-        if self.size == 0:
-            # Nothing to read. XRootD 5.5 answers an empty file with 206, a 4-byte
-            # Content-Length and no body: do not wait for bytes that never come.
-            self._final(data=0, size=0)
+        if self.size == 0 or (self.status == 206 and past_the_end(
+                self.headers.get(b"content-range", b"").decode("latin-1"))):
+            # Nothing to read: XRootD 5.5 answers an empty file, or a range past the end of a
+            # short one, with a 206, the asked range's Content-Length and no body. Do not wait
+            # for bytes that never come (nor reuse the connection).
+            self._final(data=0, size=self.size)
             self.mode = "done"
+            self.drop = True
         else:
             self.mode = "read"
 

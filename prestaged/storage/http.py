@@ -55,6 +55,7 @@ from prestaged.storage.attempt import (
     DENIED,
     DRAIN_LIMIT,
     REDIRECTS,
+    past_the_end,
     status_error,
 )
 from prestaged.storage.fast import (
@@ -443,20 +444,33 @@ class HttpToucher:
     async def _final(self, resp: aiohttp.ClientResponse, pool: Optional[Hop]) -> Attempt:
         """Read and classify a final answer; from a pool (after a redirect), keep its TLS
         session and close its connection."""
+        aiohttp = _aiohttp()
         status = resp.status
         size = _size(resp)
-        if size == 0:
-            # Nothing to read. XRootD 5.5 answers an empty file with 206, a 4-byte
-            # Content-Length and no body: do not wait for bytes that never come.
+        headless = size == 0 or (
+            status == 206 and past_the_end(resp.headers.get("Content-Range", "")))
+        if headless:
+            # Nothing to read: XRootD 5.5 answers an empty file, or a range past the end of a
+            # short one, with a 206, the asked range's Content-Length and no body. Do not wait
+            # for bytes that never come.
             data = 0
         elif status in (200, 206):
-            data = await self._read_head(resp)
+            try:
+                data = await self._read_head(resp)
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+                # The server answered, then its body broke off (a pool dying mid-read, a
+                # truncated chunk): this file's failure, retried, never a refused connection
+                # (it counted toward the credentials breaker: exit 3 blaming the proxy).
+                resp.close()
+                return Attempt(status=status, failure=Failure.RESET,
+                               error=f"HTTP {status}, then the body broke off: {_describe(e)}",
+                               size=size)
         else:
             data = 0
             await self._drain(resp)
         if pool is not None:
             pool.remember()  # after the answer: a TLS 1.3 ticket follows the handshake
-        if size == 0 or pool is not None:
+        if headless or pool is not None:
             resp.close()
         auth = ""
         if status in DENIED:
