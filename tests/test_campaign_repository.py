@@ -248,3 +248,20 @@ def test_a_cancel_does_not_overwrite_a_launch_begun_after_it_read(
         assert runner.get(waiting.id).state is S.CANCELLED
         assert runner.move(launching, S.SUBMITTED, "launched", job_id="1.0@j").state \
             is S.SUBMITTED
+
+
+def test_a_launch_recorded_after_its_retry_keeps_the_retry_and_says_the_slice_may_run_twice(
+        repo: CampaignRepository, caplog: pytest.LogCaptureFixture) -> None:
+    """The submit command of a submission another runner marked launch_unknown, and that an
+    operator has since released for a retry, launches after all: its state stays (the retry
+    is queued), its job id is kept on it, and an ERROR says the slice may run twice."""
+    sub = walk(repo, repo.create("c", "s", "all", "d"), S.PRESTAGING, S.READY, S.SUBMITTING,
+               S.LAUNCH_UNKNOWN)
+    retry = repo.retry("c", sub.id)
+    got = repo.record_launch(sub, S.SUBMITTED, "sh exited 0, job id 7.0@j", exit_code=0,
+                             job_id="7.0@j")
+    assert (got.state, got.job_id, got.superseded_by) == (S.CANCELLED, "7.0@j", retry.id)
+    assert repo.get(retry.id).state is S.QUEUED
+    [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "sh exited 0, job id 7.0@j, but it was cancelled meanwhile" in error
+    assert "the slice may run twice" in error

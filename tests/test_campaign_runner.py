@@ -400,3 +400,90 @@ async def test_a_daemon_on_a_sqlite_state_takes_the_runner_lock_too(
         else:  # no lock there; this member holds no lease, so it changes nothing
             with pytest.raises(LeaseLost):
                 await call
+
+
+def _gated_submit(tmp_path: Path) -> tuple[str, Path]:
+    """A submit command that prints a jobsub job id once the test creates its ``go`` file
+    (polled for at most a minute), and that file."""
+    go = tmp_path / "go"
+    script = ('for i in $(seq 1200); do [ -e "$0" ] && break; sleep 0.05; done; '
+              'echo "JobsubJobId of first job: 1.0@jobsub01"')
+    return q("sh", "-c", script, go), go
+
+
+def _states(store: Store) -> list[str]:
+    with store.transaction() as conn:
+        return [r[0] for r in conn.execute("SELECT state FROM campaign_submissions")]
+
+
+async def _until_submitting(store: Store) -> None:
+    deadline = time.monotonic() + 60
+    while await asyncio.to_thread(_states, store) != ["submitting"]:
+        assert time.monotonic() < deadline, "the submission never reached submitting"
+        await asyncio.sleep(0.02)  # polling the state with a deadline
+
+
+async def test_a_launch_is_recorded_by_its_launcher_after_a_takeover(
+        tmp_path: Path, make_pg_url: Any) -> None:
+    """Daemon A runs the submit command; meanwhile (A frozen past its lease) daemon B takes
+    the campaign over and marks the submission launch_unknown. The command then launches job
+    1.0@jobsub01. A's record of it was refused (its lease was gone) and dropped: the launch
+    stayed launch_unknown without its job id, and a release submitted the slice again. A's
+    record now replaces B's guess, job id and all."""
+    from prestaged.campaign.repository import CampaignRepository, SubmissionState
+    from prestaged.state.cluster import claim_campaign
+
+    submit, go = _gated_submit(tmp_path)
+    cfg = campaign(tmp_path, submit=submit)
+    with Store(tmp_path / "anchor.db", url=make_pg_url()) as store:
+        CampaignRepository(store).register(cfg, "(test)")
+        assert claim_campaign(store, "c", "A", 60.0)[0]
+        running = asyncio.ensure_future(run_campaign(
+            cfg, store, gate=passing_gate, open_catalog=LocalCatalog,
+            workdir=tmp_path / "work", owner="A"))
+        await _until_submitting(store)
+        with store.transaction() as conn:  # A's lease expired and B took the campaign over
+            conn.execute("UPDATE campaigns SET lease_owner = 'B' WHERE name = 'c'")
+        b = CampaignRepository(store, owner="B")
+        [sub] = b.submissions("c")
+        b.move(sub, SubmissionState.LAUNCH_UNKNOWN, "found in submitting (B's guess)")
+        go.touch()
+        await asyncio.wait_for(running, 60)
+        state, job_id, reason, states = submission(store)
+    assert (state, job_id) == ("submitted", "1.0@jobsub01")
+    assert reason == "sh exited 0, job id 1.0@jobsub01 (recorded by its launcher over " \
+                     "launch_unknown)"
+    assert states[-2:] == ["launch_unknown", "submitted"]
+
+
+async def test_a_launch_is_recorded_once_the_state_answers_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The state cannot be written when the submit command ends (a PostgreSQL restart,
+    another process's SQLite lock past busy_timeout): the move to submitted failed, the
+    result was dropped, and the next pass guessed launch_unknown. The runner now says so and
+    tries again until the state answers."""
+    from prestaged.campaign import runner
+
+    monkeypatch.setattr(runner, "LAUNCH_RECORD_RETRY", 0.05)
+    submit, go = _gated_submit(tmp_path)
+    cfg = campaign(tmp_path, submit=submit)
+    with Store(tmp_path / "state.db", busy_timeout=0.2) as store:
+        running = asyncio.ensure_future(run(cfg, store, tmp_path))
+        await _until_submitting(store)
+        locker = _lock_elsewhere(store)
+        try:
+            go.touch()
+            deadline = time.monotonic() + 60
+            while not any("cannot record it yet" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline and not running.done()
+                await asyncio.sleep(0.02)  # waiting for the runner's first refused try
+        finally:
+            locker.execute("COMMIT")
+            locker.close()
+        result = await asyncio.wait_for(running, 60)
+        state, job_id, _, _ = submission(store)
+    assert result.exit_code == 0, result
+    assert (state, job_id) == ("completed", "1.0@jobsub01")
+    [warning] = [r.getMessage() for r in caplog.records if "cannot record it yet" in r.getMessage()]
+    assert "c/s #1: sh exited 0, job id 1.0@jobsub01; the state cannot record it yet" in warning

@@ -565,6 +565,61 @@ class CampaignRepository:
         return self.get(sub.id)
 
 
+    def record_launch(self, sub: Submission, to: SubmissionState, reason: str,
+                      **fields: object) -> Submission:
+        """Record what the submit command this process ran for ``sub`` did (``to``:
+        ``submitted``, ``launch_failed`` or ``launch_unknown``; ``fields``: its exit code, job
+        id and output), whoever holds the campaign's lease now: a launch is a fact, and only
+        its launcher knows it. (It was dropped when the lease had been taken over meanwhile, or
+        the state was unreachable for a moment: the submission became ``launch_unknown``
+        without its job id, and a release submitted the slice again.)
+
+        From ``submitting`` it moves as ``move`` does. Over a ``launch_unknown`` that another
+        runner guessed meanwhile (not yet retried), the result replaces the guess. If an
+        operator has since retried it or cancelled it, its state stays, the result is kept on
+        it and an ERROR says the slice may now run twice."""
+        unknown = set(fields) - set(_SETTABLE)
+        if unknown:  # pragma: no cover - a programming error
+            raise TypeError(f"cannot set {sorted(unknown)}")
+        now = time.time()
+        sets = "".join(f", {k} = ?" for k in fields)
+        with self.store.transaction() as conn:
+            while True:
+                row = conn.execute("SELECT state, updated, superseded_by, reason FROM "
+                                   "campaign_submissions WHERE id = ?", (sub.id,)).fetchone()
+                if row is None:
+                    raise NotFoundError(f"no submission {sub.id}")
+                frm, since = SubmissionState(row[0]), row[1]
+                guessed = frm is S.LAUNCH_UNKNOWN and row[2] is None
+                if frm is S.SUBMITTING or guessed:
+                    new, why = to, reason if not guessed else (
+                        f"{reason} (recorded by its launcher over launch_unknown)")
+                else:
+                    new, why = frm, str(row[3] or "")
+                if conn.execute(f"UPDATE campaign_submissions SET state = ?, reason = ?, "
+                                f"updated = ?{sets} WHERE id = ? AND state = ?",
+                                (new.value, why, now, *fields.values(), sub.id,
+                                 frm.value)).rowcount:
+                    break
+            if new is not frm:
+                conn.execute("INSERT INTO submission_events (submission_id, at, from_state, "
+                             "to_state, reason) VALUES (?, ?, ?, ?, ?)",
+                             (sub.id, now, frm.value, new.value, why))
+        if new is frm:
+            log.error("%s/%s #%d %s: %s, but it was %s meanwhile (%s): the slice may run twice; "
+                      "the result is kept on #%d", sub.campaign, sub.stage, sub.id, sub.item,
+                      reason, frm.value, why, sub.id)
+        elif new in RETRYABLE:
+            log.warning("%s/%s #%d %s: %s -> %s: %s; %s", sub.campaign, sub.stage, sub.id,
+                        sub.item, frm.value, new.value, why, way_out(new, sub.id))
+        else:
+            log.info("%s/%s #%d %s: %s -> %s: %s", sub.campaign, sub.stage, sub.id, sub.item,
+                     frm.value, new.value, why)
+        if new is not frm:
+            self._moved(sub.campaign, frm, new, since)
+        return self.get(sub.id)
+
+
 def way_out(state: SubmissionState, sub_id: int) -> str:
     """What an operator may do about a submission that ended in ``state`` (one of
     ``RETRYABLE``)."""

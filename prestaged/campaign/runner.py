@@ -62,7 +62,9 @@ from prestaged.errors import (
     EXIT_SOME_FAILED,
     CatalogError,
     ConflictError,
+    NotFoundError,
     PrestagedError,
+    StateError,
 )
 from prestaged.gate import GateFn, RewarmFn
 from prestaged.model import FileRef, has_control, printable, redact
@@ -74,6 +76,12 @@ from prestaged.state.store import Store
 __all__ = ["CampaignResult", "run_campaign"]
 
 log = logging.getLogger(__name__)
+
+LAUNCH_RECORD_PATIENCE = 300.0
+"""Seconds a runner keeps trying to record a submit command's result while the state cannot
+be reached (the state writer's patience for outcomes is the same)."""
+LAUNCH_RECORD_RETRY = 1.0
+"""The first wait between those tries (doubling up to 30 s)."""
 
 S = SubmissionState
 
@@ -111,6 +119,31 @@ class _Runner:
     async def _move(self, sub: Submission, to: SubmissionState, reason: str,
                     **fields: object) -> Submission:
         return await asyncio.to_thread(self.repo.move, sub, to, reason, **fields)
+
+    async def _record_launch(self, sub: Submission, to: SubmissionState, reason: str,
+                             **fields: object) -> Submission:
+        """``repo.record_launch``: what the submit command did, known only here, tried again
+        while the state cannot be reached (a PostgreSQL restart), for up to
+        ``LAUNCH_RECORD_PATIENCE``; then an ERROR keeps it in the log."""
+        deadline = time.monotonic() + LAUNCH_RECORD_PATIENCE
+        delay = LAUNCH_RECORD_RETRY
+        while True:
+            try:
+                return await asyncio.to_thread(self.repo.record_launch, sub, to, reason,
+                                               **fields)
+            except (ConflictError, NotFoundError):
+                raise
+            except StateError as e:
+                said = f"{sub.campaign}/{sub.stage} #{sub.id}: {reason}"
+                if time.monotonic() + delay > deadline:
+                    log.error("%s, and the state could not record it for %g s (%s): record "
+                              "it by hand once the state answers", said,
+                              LAUNCH_RECORD_PATIENCE, e)
+                    raise
+                log.warning("%s; the state cannot record it yet (%s): trying again in %g s",
+                            said, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 30.0)
 
     def _values(self, stage: StageConfig, sub: Submission) -> dict[str, object]:
         base = self.workdir / self.campaign.name / f"{stage.name}-{sub.id}"
@@ -246,8 +279,10 @@ class _Runner:
         """Take ``sub`` as far as it goes: to a final state, or until ``stop``."""
         if sub.state is S.SUBMITTING:
             await self._move(sub, S.LAUNCH_UNKNOWN,
-                             "found in submitting at start-up: the submit command may or may "
-                             "not have run; not run again automatically")
+                             "found in submitting with no runner of it here (its runner "
+                             "crashed, lost the campaign's lease or could not reach the "
+                             "state): the submit command may or may not have run; not run "
+                             "again automatically (its runner records the result if it can)")
             return
         steps = {S.QUEUED: self._prestage, S.PRESTAGING: self._prestage,
                  S.READY: self._submit, S.SUBMITTED: self._complete}
@@ -317,22 +352,24 @@ class _Runner:
         job_id = await asyncio.to_thread(_job_id, stage, res.output_tail)
         if res.may_have_run:  # stopped by a signal: it may have launched before it was
             seen = f"; its output names job id {job_id}" if job_id else ""
-            return await self._move(
+            return await self._record_launch(
                 sub, S.LAUNCH_UNKNOWN, f"{res.describe(argv[0])}: it may or may not have "
                 f"launched{seen}; not run again automatically", exit_code=res.exit_code,
                 output_tail=res.output_tail)
         if res.exit_code != 0:
-            return await self._move(sub, S.LAUNCH_FAILED, res.describe(argv[0]),
-                                    exit_code=res.exit_code, output_tail=res.output_tail)
+            return await self._record_launch(sub, S.LAUNCH_FAILED, res.describe(argv[0]),
+                                             exit_code=res.exit_code,
+                                             output_tail=res.output_tail)
         if job_id is None and stage.complete is not None and "{job_id}" in stage.complete:
             # Polling `complete` with an empty job id could pass at once (`condor_q ''` finds
             # no jobs) and release the pins before the jobs read the files.
-            return await self._move(
+            return await self._record_launch(
                 sub, S.LAUNCH_UNKNOWN, f"{argv[0]} exited 0 but no job id was found in its "
                 f"output (job_id_regex {stage.job_id_regex!r}), and complete needs one",
                 exit_code=0, output_tail=res.output_tail)
-        return await self._move(sub, S.SUBMITTED, f"{argv[0]} exited 0, job id {job_id or '-'}",
-                                exit_code=0, job_id=job_id, output_tail=res.output_tail)
+        return await self._record_launch(
+            sub, S.SUBMITTED, f"{argv[0]} exited 0, job id {job_id or '-'}", exit_code=0,
+            job_id=job_id, output_tail=res.output_tail)
 
     async def _complete(self, stage: StageConfig, sub: Submission) -> Submission:
         if stage.complete is None:
