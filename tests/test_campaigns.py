@@ -391,6 +391,39 @@ def test_campaign_run_takes_the_lease_daemon_members_take(
     assert (sub["state"], sub["job_id"]) == ("completed", "9.0@t")
 
 
+def test_two_runs_of_an_unregistered_campaign_on_two_hosts_are_one_runner(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, backend: Backend
+) -> None:
+    """A campaign no daemon registered has no lease to take, and the runner's lock file is
+    one host's: on a shared PostgreSQL state a second ``campaign run`` from another host took
+    the first's live launch for a crash's and told the operator to retry it. The second is
+    now refused (exit 2) by a lock the database holds for the first, which submits once."""
+    if backend.url is None:
+        pytest.skip("SQLite: the runner lock file keeps every runner apart (tested above)")
+    path = _one_file_campaign(tmp_path, storage, "tworuns", WAITING_SUBMIT)
+    first = _spawn(pki, proxy, tmp_path, "campaign", "run", str(path))
+    try:
+        _until_submitting(first, tmp_path)
+        elsewhere = {"XDG_STATE_HOME": str(tmp_path / "other-host")}  # its own lock files
+        second = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(path),
+                            extra_env=elsewhere)
+        assert second.returncode == 2, second.stderr
+        assert (f"campaign tworuns is being run by prestaged pid {first.pid} on "
+                f"{socket.gethostname()} (`prestaged campaign run`, holding its lock on this "
+                "state" in second.stderr), second.stderr
+        (tmp_path / "go").touch()
+        _, err = first.communicate(timeout=TIMEOUT)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0, err
+    [sub] = _show(pki, proxy, tmp_path, "tworuns")
+    assert (sub["state"], sub["job_id"]) == ("completed", "9.0@t")
+    moves = [r[0] for r in backend.query("SELECT to_state FROM submission_events ORDER BY id")]
+    assert "launch_unknown" not in moves and moves.count("submitting") == 1, moves
+
+
 def test_shell_metacharacters_in_names_cannot_inject(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path
 ) -> None:

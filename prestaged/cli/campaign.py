@@ -103,6 +103,70 @@ def _claim(store: Store, name: str, lease: float) -> Optional[str]:
                         "daemon first)")
 
 
+def _sole_run(store: Store, name: str) -> Any:
+    """On a shared PostgreSQL state, make this the only ``campaign run`` of ``name`` on any
+    host: a session advisory lock, held on a connection of its own until the run closes it
+    (the server drops it with the connection, as the kernel drops the lock file's flock on
+    SQLite). The lease (``_claim``) keeps the daemons out, but only of campaigns they have
+    registered: two runs of an unregistered one on two hosts each took the other's live
+    launch for a crash's. ``ConflictError`` (exit 2) when another run holds it."""
+    from prestaged.state.postgres import connect
+
+    assert store.url is not None
+    key = f"prestaged campaign run {name}"
+    # Its holder is named by its connection (pid and host, as the lock file names them).
+    conn = connect(store.url, application_name=(
+        f"{_RUN_LOCK}{os.getpid()}@{socket.gethostname()}"[:63]))
+    try:
+        got = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                           (key,)).fetchone()
+        holder = None if got and got[0] else conn.execute(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM "
+            "pg_database WHERE datname = current_database()) AND ((l.classid::bigint << 32) | "
+            "l.objid::bigint) = hashtextextended(%s, 0)", (key,)).fetchone()
+    except driver_errors() as e:
+        conn.close()
+        raise PrestagedError(f"state {store.where}: cannot lock campaign {name}: {e}") from None
+    if holder is None and got and got[0]:
+        return conn
+    conn.close()
+    pid, _, host = str(holder[0] if holder else "").removeprefix(_RUN_LOCK).partition("@")
+    who = f"prestaged pid {pid} on {host}" if pid.isdigit() else "another prestaged"
+    raise ConflictError(f"campaign {name} is being run by {who} (`prestaged campaign run`, "
+                        f"holding its lock on this state, {store.where}): one runner per "
+                        "campaign")
+
+
+_RUN_LOCK = "prestaged-campaign-run/"
+"""How the connection holding a ``campaign run``'s lock names itself (then ``pid@host``)."""
+
+
+def _take(store: Store, name: str, lease: float) -> tuple[Any, Optional[str]]:
+    """On a shared PostgreSQL state, campaign ``name`` for this foreground run: the lock of
+    ``_sole_run`` and the lease of ``_claim`` (None, None on SQLite: the runner's lock file)."""
+    if store.url is None:
+        return None, None
+    lock = _sole_run(store, name)
+    try:
+        return lock, _claim(store, name, lease)
+    except BaseException:
+        lock.close()
+        raise
+
+
+def _let_go(store: Store, name: str, lock: Any, owner: Optional[str]) -> None:
+    """Give up what ``_take`` took."""
+    if owner is not None:
+        from prestaged.state import cluster as shared
+
+        with contextlib.suppress(*driver_errors(PrestagedError)):
+            shared.release_campaign(store, name, owner)
+    if lock is not None:
+        with contextlib.suppress(*driver_errors()):
+            lock.close()
+
+
 @dataclass(frozen=True)
 class _Holder:
     """This foreground run as the holder of a campaign's lease (``cluster.LeaseHolder``)."""
@@ -194,7 +258,7 @@ def cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
     store = ctx.open_store()
     lease = cfg.cluster.lease
     try:
-        owner = _claim(store, campaign.name, lease) if store.url is not None else None
+        lock, owner = _take(store, campaign.name, lease)
     except BaseException:
         store.close()
         raise
@@ -226,11 +290,7 @@ def cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
     try:
         result = run(go())
     finally:
-        if owner is not None:
-            from prestaged.state import cluster as shared
-
-            with contextlib.suppress(*driver_errors(PrestagedError)):
-                shared.release_campaign(store, campaign.name, owner)
+        _let_go(store, campaign.name, lock, owner)
         store.close()
     for stage, outcome in result.stages.items():
         print(f"{campaign.name}/{stage}: {outcome}")
