@@ -335,8 +335,9 @@ def find_token(cli: Optional[Path], configured: Optional[Path],
                uid: Optional[int] = None) -> Optional[FoundToken]:
     """The first token in :func:`token_locations` order, or None when there is none.
 
-    An explicitly named file that is missing or unreadable raises :class:`CredentialError`;
-    empty values (and a missing default file) are skipped.
+    An explicitly named file that is missing or unreadable raises :class:`CredentialError`,
+    and so does an empty ``--token-file`` or ``credentials.token_file``; other empty values
+    (and a missing default file) are skipped, as the discovery spec says.
     """
     environ = os.environ if env is None else env
     for source, path, explicit in token_locations(cli, configured, environ, uid):
@@ -351,8 +352,16 @@ def find_token(cli: Optional[Path], configured: Optional[Path],
         text = read_token_file(path, label)
         if text:
             return FoundToken(text, source, path)
+        if source in _NAMED:
+            # The discovery spec skips empty values; a file named to prestaged itself is the
+            # token the user chose, and another one found further on was sent instead.
+            raise CredentialError(f"{label} holds no token (it is empty)")
         logger.debug("%s is empty: skipped", label)
     return None
+
+
+_NAMED = ("--token-file", "credentials.token_file")
+"""Token places named to prestaged itself (not discovered): an empty one is an error."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,6 +421,7 @@ class TokenSource:
             self._stamp = stamp
             try:
                 text = read_token_file(path, f"token {path}")
+                hide_secret(text)  # as the first one: a server quoting it back is never shown
                 info = inspect_token(text, source=self._info.source, path=path)
             except CredentialError as e:
                 logger.warning("token file changed but cannot be used: %s; keeping the "

@@ -98,6 +98,24 @@ def test_whitespace_is_stripped_and_empty_values_skipped(issuer: TokenIssuer,
     assert found is not None and found.text == token
 
 
+def test_an_empty_file_named_to_prestaged_is_an_error_not_a_way_to_another_token(
+        issuer: TokenIssuer, tmp_path: Path) -> None:
+    """An empty --token-file or credentials.token_file was skipped with a DEBUG line, and a
+    token found further on ($BEARER_TOKEN: perhaps another identity's) was sent instead. It
+    is now one error naming the file; an empty $BEARER_TOKEN_FILE is still skipped, as the
+    discovery spec says."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    other = {"BEARER_TOKEN": issuer.mint(subject="someone-else")}
+    for cli, conf, source in [(empty, None, "--token-file"),
+                              (None, empty, "credentials.token_file")]:
+        with pytest.raises(CredentialError, match=re.escape(
+                f"token {empty} (from {source}) holds no token (it is empty)")):
+            find_token(cli, conf, other, UID)
+    found = find_token(None, None, {**other, "BEARER_TOKEN_FILE": str(empty)}, UID)
+    assert found is not None and found.source == "$BEARER_TOKEN"
+
+
 def test_a_named_file_that_is_missing_is_an_error(tmp_path: Path) -> None:
     """--token-file, token_file and $BEARER_TOKEN_FILE naming no file: one line naming it."""
     gone = tmp_path / "gone"
@@ -197,6 +215,24 @@ def test_a_rewritten_token_file_is_used_by_later_requests(issuer: TokenIssuer,
     path.write_text("garbage\n")
     now[0] = 3.0
     assert source.authorization() == "Bearer " + second_token
+
+
+def test_a_renewed_token_is_hidden_where_a_server_quotes_it(issuer: TokenIssuer,
+                                                            tmp_path: Path) -> None:
+    """Only the token found at start was registered as a secret: a server quoting back the
+    signature of a token renewed on disk had it printed in errors, --json and the state."""
+    from prestaged.model import scrub
+
+    path = write_token(tmp_path / "bt", issuer.mint(subject="first"))
+    found = find_token(path, None, {}, UID)
+    assert found is not None
+    source = TokenSource(found, recheck=0.0)
+    renewed = issuer.mint(subject="renewed")
+    write_token(path, renewed)
+    assert source.authorization() == "Bearer " + renewed
+    signature = renewed.rpartition(".")[2]
+    said = scrub(f"HTTP 403 denied {signature}; token was {renewed}")
+    assert signature not in said and renewed not in said
 
 
 def test_an_expired_token_is_never_handed_out(issuer: TokenIssuer, tmp_path: Path) -> None:
