@@ -758,3 +758,36 @@ def test_on_uvloop(ctx: ssl.SSLContext, pki: TestPKI) -> None:
                    # The server's reason phrase: "Range Not Satisfiable" from Python 3.13 on.
                    Attempt(status=416, error=f"HTTP 416 {HTTPStatus(416).phrase}")]
     assert stats == (4, 1)
+
+
+async def test_redirects_share_one_attempts_timeout(ctx: ssl.SSLContext, pki: TestPKI) -> None:
+    """``--timeout`` bounds one attempt, redirects included. On the aiohttp path (an escaped
+    URL, a token's same-origin hops, ``fast_path = false``) every hop had all of it: five
+    hops of 0.4 s each passed a 1 s timeout (and six slow hops of the default 60 s took six
+    minutes). The attempt now times out."""
+    from aiohttp import web
+
+    async def hop(request: web.Request) -> web.StreamResponse:
+        n = int(request.match_info["n"])
+        await asyncio.sleep(0.4)  # the server's slowness, not a wait of the test
+        if n < 5:
+            raise web.HTTPFound(f"/hop/{n + 1}")
+        return web.Response(status=206, body=b"abcd",
+                            headers={"Content-Range": "bytes 0-3/99"})
+
+    app = web.Application()
+    app.router.add_get("/hop/{n}", hop)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=pki.server_ssl_context())
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        for fast in (True, False):  # a %-escape keeps the fast path out: aiohttp does it all
+            async with _toucher(ctx, fast=fast, timeout=1.0) as t:
+                got = await t.touch(f"https://localhost:{port}/hop/%31")
+            assert got.failure is Failure.TIMEOUT, (fast, got)
+        async with _toucher(ctx, fast=False, timeout=5.0) as t:
+            assert (await t.touch(f"https://localhost:{port}/hop/1")).status == 206
+    finally:
+        await runner.cleanup()

@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import re
 import ssl
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from yarl import URL
@@ -376,14 +377,14 @@ class HttpToucher:
         try:
             origin = _origin(target) if auth is not None else None
             if redirect is None:
-                return await self._follow(session, target, timeout=timeout, auth=auth,
-                                          origin=origin)
+                return await self._within(timeout, self._follow(
+                    session, target, timeout=timeout, auth=auth, origin=origin))
             nxt = target.join(URL(redirect.location))
             refused = _refused_redirect(target, nxt, redirect.status)
             if refused is not None:
                 return refused
-            return await self._follow(session, nxt, first_hop=hop, timeout=timeout, auth=auth,
-                                      origin=origin)
+            return await self._within(timeout, self._follow(
+                session, nxt, first_hop=hop, timeout=timeout, auth=auth, origin=origin))
         except aiohttp.ConnectionTimeoutError:
             # No TCP connection or TLS handshake within connect_timeout: an endpoint that does
             # not answer, counted toward the unreachable breaker like a refused connection.
@@ -411,6 +412,16 @@ class HttpToucher:
         except aiohttp.ClientError as e:
             # Whatever else aiohttp refuses about this URL or its answer fails this file only.
             return Attempt(failure=Failure.PROTOCOL, error=_describe(e))
+
+    async def _within(self, timeout: Optional[aiohttp.ClientTimeout],
+                      hops: Awaitable[Attempt]) -> Attempt:
+        """``hops`` (every request of one attempt) within the attempt's total time: each
+        request's own timeout is all of it, so six slow hops took six times ``--timeout``."""
+        chosen = timeout or self._timeout
+        total = chosen.total if chosen is not None else None
+        if total is None:
+            return await hops
+        return await asyncio.wait_for(hops, total)
 
     async def _follow(self, session: aiohttp.ClientSession, target: URL, *, first_hop: int = 0,
                       timeout: Optional[aiohttp.ClientTimeout] = None,
