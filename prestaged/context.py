@@ -133,16 +133,26 @@ class Context:
 
     @contextlib.asynccontextmanager
     async def storage(self, creds: Credentials
-                      ) -> AsyncIterator[tuple[HttpToucher, Optional[TapeAccess]]]:
+                      ) -> AsyncIterator[tuple[Toucher, Optional[TapeAccess]]]:
         """(toucher, tape access or None), both open and presenting ``creds``, for one
-        command's runs."""
+        command's runs; with a proxy, the proxy file as it is when each touch starts (a
+        renewal is taken up: ``ProxyFollower``)."""
+        from prestaged.service.toucher import ProxyFollower, SharedToucher
+
         tls = creds.ssl_context()
         async with contextlib.AsyncExitStack() as stack:
-            toucher = await stack.enter_async_context(self.make_toucher(tls, creds.token))
             tape = None
             if self.cfg.storage.stage != "never":
                 tape = await stack.enter_async_context(self.make_tape(tls, token=creds.token))
-            yield toucher, tape
+            if creds.proxy is None:  # a token alone: its TokenSource follows its file
+                yield await stack.enter_async_context(self.make_toucher(tls, creds.token)), tape
+                return
+            shared = SharedToucher(lambda ctx: self.make_toucher(ctx, creds.token),
+                                   self.cfg.storage.concurrency)
+            stack.push_async_callback(shared.close)
+            shared.valid.set()
+            await shared.install(tls)
+            yield ProxyFollower(creds, shared, tape), tape
 
     # --- catalogs -------------------------------------------------------------------------
 

@@ -12,11 +12,11 @@ import errno
 import os
 import stat
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from prestaged.errors import ConfigError
 
-__all__ = ["read_small", "read_small_text", "size_text"]
+__all__ = ["file_stamp", "read_small", "read_small_text", "size_text"]
 
 
 def read_small(path: Union[str, Path], limit: int) -> bytes:
@@ -63,3 +63,13 @@ def read_small_text(path: Path, limit: int, what: str) -> str:
 def size_text(limit: int) -> str:
     """``limit`` bytes as a file size limit is said: ``1 MiB``, ``128 KiB``."""
     return f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
+
+
+def file_stamp(path: Path) -> Optional[tuple[int, int, int]]:
+    """What tells a renewed file from the one read before (modification time, inode, size),
+    whether it was rewritten in place or renamed over; None when it cannot be looked at."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ino, st.st_size

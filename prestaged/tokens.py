@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prestaged.errors import CredentialError
-from prestaged.files import read_small, size_text
+from prestaged.files import file_stamp, read_small, size_text
 from prestaged.model import hide_secret
 
 __all__ = [
@@ -369,14 +369,6 @@ _NAMED = ("--token-file", "credentials.token_file")
 # --------------------------------------------------------------------------------------------
 
 
-def _stamp(path: Path) -> Optional[tuple[int, int, int]]:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_ino, st.st_size
-
-
 class TokenSource:
     """The token requests carry, re-read from its file when the file changes.
 
@@ -394,7 +386,7 @@ class TokenSource:
         self._path = found.path
         self._recheck = recheck
         self._clock = clock
-        self._stamp = _stamp(found.path) if found.path is not None else None
+        self._stamp = file_stamp(found.path) if found.path is not None else None
         self._next = clock() + recheck
         self._lock = threading.Lock()
         self.version = 0
@@ -415,7 +407,7 @@ class TokenSource:
             return False
         with self._lock:
             self._next = self._clock() + self._recheck
-            stamp = _stamp(path)
+            stamp = file_stamp(path)
             if stamp is None or stamp == self._stamp:
                 return False
             self._stamp = stamp

@@ -37,6 +37,7 @@ from prestaged.credentials import (
 )
 from prestaged.errors import EXIT_CREDENTIALS
 from prestaged.testing.pki import TestPKI, create_pki
+from prestaged.testing.storage import ThreadedStorageServer
 
 CA_DN = "/DC=org/DC=prestaged-test/CN=Prestaged Test CA"
 PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----.*?-----END \1-----\n?", re.DOTALL)
@@ -633,3 +634,44 @@ def test_no_key_material_in_errors_or_logs(
         serialization.NoEncryption(),
     )
     assert base64.b64encode(der[40:80]).decode() not in text
+
+
+async def test_a_command_presents_the_proxy_file_as_it_is_when_each_touch_starts(
+        pki: TestPKI, storage: ThreadedStorageServer, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`warm`, `wait`, `submit` and `campaign run` kept the proxy they started with, though
+    the README said they take up a renewed one: a `wait` whose proxy was renewed on disk
+    ended with exit 3 once the first expired. Each touch now presents the file as it is (a
+    rewrite with another CA's proxy is refused by the storage: that is what it presented);
+    a rewrite that is no usable proxy keeps the previous one; and a proxy that has expired
+    fails the touch at once, naming it, with nothing sent."""
+    from prestaged.credentials import Credentials, inspect_proxy
+    from prestaged.model import Failure
+    from prestaged.service.toucher import ProxyFollower, SharedToucher
+    from prestaged.storage.http import HttpToucher
+
+    path = pki.make_proxy(tmp_path / "x509up")
+    creds = Credentials(proxy=inspect_proxy(path), ca_dir=pki.ca_dir)
+    shared = SharedToucher(lambda ctx: HttpToucher(ctx, limit=2, limit_per_host=2), 2)
+    shared.valid.set()
+    await shared.install(creds.ssl_context())
+    follower = ProxyFollower(creds, shared, recheck=0.0)
+    url = storage.url("/f")
+    try:
+        assert (await follower.touch(url)).status == 206
+        pki.make_foreign_proxy(path)  # renewed from another CA: the storage refuses it
+        refused = await follower.touch(url)
+        assert refused.status is None and refused.failure in (Failure.TLS, Failure.RESET)
+        pki.make_proxy(path)  # renewed properly
+        assert (await follower.touch(url)).status == 206
+        path.write_text("not a proxy\n")
+        assert (await follower.touch(url)).status == 206  # the previous one is kept
+        assert "proxy changed but cannot be used" in caplog.text
+        stale = pki.make_proxy(tmp_path / "x509up_stale", expired=True)
+        gone = ProxyFollower(Credentials(proxy=inspect_proxy(stale), ca_dir=pki.ca_dir),
+                             shared, recheck=3600.0)
+        expired = await gone.touch(url)
+        assert expired.failure is Failure.CREDENTIAL and "expired at" in expired.error
+        assert str(stale) in expired.error
+    finally:
+        await shared.close()

@@ -30,6 +30,7 @@ from prestaged.state.db import driver_errors
 
 if TYPE_CHECKING:
     from prestaged.campaign.runner import CampaignResult
+    from prestaged.state.postgres import Connection
     from prestaged.state.store import Store
 
 __all__ = [
@@ -103,7 +104,7 @@ def _claim(store: Store, name: str, lease: float) -> Optional[str]:
                         "daemon first)")
 
 
-def _sole_run(store: Store, name: str) -> Any:
+def _sole_run(store: Store, name: str) -> Connection:
     """On a shared PostgreSQL state, make this the only ``campaign run`` of ``name`` on any
     host: a session advisory lock, held on a connection of its own until the run closes it
     (the server drops it with the connection, as the kernel drops the lock file's flock on
@@ -142,7 +143,7 @@ _RUN_LOCK = "prestaged-campaign-run/"
 """How the connection holding a ``campaign run``'s lock names itself (then ``pid@host``)."""
 
 
-def _take(store: Store, name: str, lease: float) -> tuple[Any, Optional[str]]:
+def _take(store: Store, name: str, lease: float) -> tuple[Optional[Connection], Optional[str]]:
     """On a shared PostgreSQL state, campaign ``name`` for this foreground run: the lock of
     ``_sole_run`` and the lease of ``_claim`` (None, None on SQLite: the runner's lock file)."""
     if store.url is None:
@@ -155,7 +156,7 @@ def _take(store: Store, name: str, lease: float) -> tuple[Any, Optional[str]]:
         raise
 
 
-def _let_go(store: Store, name: str, lock: Any, owner: Optional[str]) -> None:
+def _let_go(store: Store, name: str, lock: Optional[Connection], owner: Optional[str]) -> None:
     """Give up what ``_take`` took."""
     if owner is not None:
         from prestaged.state import cluster as shared

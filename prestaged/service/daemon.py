@@ -17,7 +17,6 @@ a valid one appears.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -39,6 +38,7 @@ from prestaged.credentials import (
     resolve_proxy_path,
 )
 from prestaged.errors import ConfigError, CredentialError, PrestagedError
+from prestaged.files import file_stamp
 from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics
 from prestaged.model import hide_secret
@@ -222,7 +222,7 @@ class Daemon:
         await member.start()
         self.credentials = self.ctx.load_credentials()
         if self.credentials.proxy is not None:
-            self._proxy_stamp = _stamp(self.credentials.proxy.path)
+            self._proxy_stamp = file_stamp(self.credentials.proxy.path)
         # The pool is built by the context in force when credentials change (a reload may
         # have changed storage settings too); the budget is fixed at start.
         toucher = self._touch = SharedToucher(self._make_toucher, cfg.storage.concurrency,
@@ -422,7 +422,7 @@ class Daemon:
             return
         path, _ = resolve_proxy_path(None, self.cfg.credentials.proxy)
         ca_dir, _ = resolve_ca_dir(None, self.cfg.credentials.ca_dir)
-        stamp = _stamp(path)
+        stamp = file_stamp(path)
         if (path, ca_dir, stamp) == (current.path, self.credentials.ca_dir, self._proxy_stamp):
             return
         self._proxy_stamp = stamp
@@ -442,7 +442,7 @@ class Daemon:
         tls = creds.ssl_context()
         self.credentials = creds
         if creds.proxy is not None:
-            self._proxy_stamp = _stamp(creds.proxy.path)
+            self._proxy_stamp = file_stamp(creds.proxy.path)
         await self._touch.install(tls)
         if self._tape is not None:
             self._tape.install(tls, creds.token)
@@ -657,9 +657,3 @@ class _Ports:
         """``GET /metrics``."""
         return self._daemon.metrics.aiohttp_handler()
 
-
-def _stamp(path: Path) -> Optional[tuple[int, int, int]]:
-    with contextlib.suppress(OSError):
-        st = path.stat()
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-    return None

@@ -1,4 +1,5 @@
-"""The daemon's one touch path, shared by every run, gate and keep-warm it makes.
+"""The daemon's one touch path, shared by every run, gate and keep-warm it makes; and a
+command's, which follows a renewed proxy file the same way.
 
 One budget (``storage.concurrency`` files in flight in total), a pause while a credential is
 expired, and a connection pool that can be swapped for one built on renewed credentials without
@@ -8,13 +9,23 @@ dropping the touches in flight on the old one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import ssl
+import time
+from datetime import datetime, timezone
 from typing import Callable, Optional
 
-from prestaged.model import Attempt
+from prestaged.credentials import Credentials, check_lifetime, inspect_proxy
+from prestaged.errors import CredentialError
+from prestaged.files import file_stamp
+from prestaged.locality import TapeAccess
+from prestaged.model import Attempt, Failure
 from prestaged.storage.http import HttpToucher
 
-__all__ = ["SharedToucher"]
+__all__ = ["ProxyFollower", "SharedToucher"]
+
+log = logging.getLogger(__name__)
 
 
 class SharedToucher:
@@ -80,3 +91,67 @@ class SharedToucher:
             await t.close()
         self._retired.clear()
         self._current = None
+
+
+class ProxyFollower:
+    """A command's touch path (``warm``, ``wait``, ``submit``, ``campaign run``: runs of hours
+    or days) presenting the proxy file as it is now, as the daemon's credential watch does.
+    Before a touch, at most every ``recheck`` seconds, the file is looked at; renewed (rewritten
+    in place by condor's credmon, or renamed over by voms-proxy-init), it is checked and the
+    touches (and the Tape REST requests of ``tape``) that start from then on present it, while
+    those in flight finish on the old pool. A renewal that cannot be used is a WARNING, and the
+    previous proxy is kept. Once the proxy in use has expired, each touch fails at once naming
+    it (nothing is sent: the run stops with exit 3), instead of every server refusing it and
+    the run blaming the storage. (Before, a command kept the proxy it started with.)"""
+
+    def __init__(self, creds: Credentials, shared: SharedToucher,
+                 tape: Optional[TapeAccess] = None, *, recheck: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        assert creds.proxy is not None
+        self.creds = creds
+        self._shared = shared
+        self._tape = tape
+        self._recheck = recheck
+        self._clock = clock
+        self._stamp = file_stamp(creds.proxy.path)
+        self._next = clock() + recheck
+        self._looking = asyncio.Lock()
+
+    async def touch(self, url: str) -> Attempt:
+        """One attempt at ``url`` with the proxy on disk now (see the class)."""
+        if self._clock() >= self._next:
+            await self._look()
+        proxy = self.creds.proxy
+        assert proxy is not None
+        if datetime.now(timezone.utc) >= proxy.usable_until:
+            try:
+                check_lifetime(proxy, 0)
+            except CredentialError as e:
+                return Attempt(failure=Failure.CREDENTIAL, error=str(e))
+        return await self._shared.touch(url)
+
+    async def _look(self) -> None:
+        async with self._looking:
+            if self._clock() < self._next:
+                return  # another touch looked meanwhile
+            self._next = self._clock() + self._recheck
+            current = self.creds.proxy
+            assert current is not None
+            stamp = file_stamp(current.path)
+            if stamp is None or stamp == self._stamp:
+                return
+            self._stamp = stamp
+            try:
+                info = inspect_proxy(current.path)
+                check_lifetime(info, 0)
+                creds = dataclasses.replace(self.creds, proxy=info)
+                tls = creds.ssl_context()
+            except CredentialError as e:
+                log.warning("proxy changed but cannot be used: %s; keeping the previous one", e)
+                return
+            await self._shared.install(tls)
+            if self._tape is not None:
+                self._tape.install(tls, creds.token)
+            self.creds = creds
+        log.info("proxy %s re-read: %s, %.1f h left", info.path, info.identity,
+                 info.time_left().total_seconds() / 3600)
