@@ -58,6 +58,15 @@ class StateError(PrestagedError):
     exit_code = EXIT_USAGE
 
 
+class StateUnavailable(StateError):
+    """The PostgreSQL state does not answer: no server there, a failover, a network cut (exit
+    69, EX_UNAVAILABLE, as for a daemon that does not answer). systemd restarts the daemon for
+    it (it does not for 2, a configuration error), so a member started during a database
+    outage joins once the database is back."""
+
+    exit_code = EXIT_DAEMON
+
+
 class ConflictError(StateError):
     """A refused state transition, e.g. cancelling a submitted submission (exit 2, HTTP 409)."""
 

@@ -372,6 +372,6 @@ def test_state_option_wins_over_a_configured_url(tmp_path: Path,
     Store(state).open().close()
     assert main(["history", "--config", str(config), "--state", str(state), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["runs"] == []
-    assert main(["history", "--config", str(config), "--json"]) == 2
+    assert main(["history", "--config", str(config), "--json"]) == 69
     err = capsys.readouterr().err  # the URL's database, unreachable: never the file
     assert "state postgresql:///prestaged?host=/nonexistent: cannot connect" in err, err

@@ -111,6 +111,11 @@ def test_nothing_listening_means_the_state_file(tmp_path: Path,
     (502, b'{"error": "storage refused", "exit_code": 5}', "daemon: storage refused", 5,
      ["campaign", "list"]),
     (200, b"<html>hello</html>", "but not with JSON", 69, ["campaign", "list"]),
+    # Another server's refusals (an exporter on 9464): exit 4 "not found", or advice about
+    # our token, before.
+    (404, b"<html>Not Found</html>", "answered GET /api/v1/campaigns with HTTP 404, not as "
+     "prestaged's API", 69, ["campaign", "list"]),
+    (401, b"", "with HTTP 401, not as prestaged's API", 69, ["status"]),
     (200, b"[1, 2]", "with list, not a JSON object", 69, ["campaign", "list"]),
     # JSON objects of another shape: a KeyError or TypeError traceback, or silence, before
     (200, b"{}", "not with prestaged's API (no list 'campaigns')", 69, ["campaign", "list"]),

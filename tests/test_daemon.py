@@ -225,26 +225,28 @@ def test_expired_proxy_refused_at_start(pki: TestPKI, tmp_path: Path) -> None:
     assert "expired" in res.stderr and "Traceback" not in res.stderr
 
 
-def _refused_state(config: Path) -> str:
-    """``prestaged serve --config config`` run to its end: checked to exit 2 with no output
-    but one stderr line and no traceback; returns that line."""
+def _refused_state(config: Path, code: int = 2) -> str:
+    """``prestaged serve --config config`` run to its end: checked to exit ``code`` with no
+    output but one stderr line and no traceback; returns that line."""
     res = subprocess.run([sys.executable, "-m", "prestaged", "serve", "--config", str(config)],
                          capture_output=True, text=True, timeout=DEADLINE, check=False)
-    assert (res.returncode, res.stdout) == (2, ""), res.stderr
+    assert (res.returncode, res.stdout) == (code, ""), res.stderr
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
     return res.stderr.strip()
 
 
 def test_unreachable_postgresql_refused_at_start(pki: TestPKI, proxy: Path,
                                                   tmp_path: Path) -> None:
-    """``[state] url`` naming a socket directory with no server: the daemon exits 2 with one
-    line naming the URL with its password hidden, and makes no state file instead."""
+    """``[state] url`` naming a socket directory with no server: the daemon exits 69 (not 2,
+    which systemd's RestartPreventExitStatus keeps down: a member started during a database
+    failover stayed dead) with one line naming the URL with its password hidden, and makes no
+    state file instead."""
     pytest.importorskip("psycopg")
     # Under the system's temporary directory: a socket path is at most 107 bytes.
     with tempfile.TemporaryDirectory(prefix="pg-") as empty:
         url = f"postgresql://prestaged:s3cr3t-XYZ@/state?host={empty}"
         line = _refused_state(write_config(tmp_path, pki, proxy, free_port(), [],
-                                           state_url=url))
+                                           state_url=url), code=69)
     assert line.startswith(f"prestaged: error: state {redacted_url(url)}: cannot connect")
     assert "s3cr3t" not in line
     assert state_files(tmp_path) == []

@@ -27,7 +27,7 @@ RENEW = (UNITS / "prestaged-proxy-renew.service", UNITS / "prestaged-proxy-renew
 USER_SERVICE = UNITS / "prestaged-user.service"
 EXAMPLE_CONFIG = ROOT / "config" / "prestaged-service.toml"
 
-INSTALLED_EXEC = "/usr/bin/prestaged"
+INSTALLED_EXEC = "/opt/prestaged/venv/bin/prestaged"
 """ExecStart= binary of the shipped unit."""
 ABSENT_EXECS = (INSTALLED_EXEC, "/usr/bin/voms-proxy-init")
 """Executables of the units that a test machine lacks; verify warns about a missing one, so

@@ -336,7 +336,7 @@ def _add_release(sub: Subparsers, parents: _Parents) -> None:
                                    "(the catalog is not asked): one release request per stage "
                                    "request, then the pins are cleared in the state. The files "
                                    "stay on disk until the storage evicts them. Exit 0 also "
-                                   "when nothing is pinned; 2 for a definition the state does "
+                                   "when nothing is pinned; 4 for a definition the state does "
                                    "not know; 3 or 5 when the storage refuses (what was "
                                    "released before is recorded).",
                        parents=[own, parents.credentials, parents.state, parents.common])

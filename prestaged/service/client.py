@@ -77,7 +77,7 @@ def call(cfg: Config, method: str, path: str, body: Optional[dict[str, Any]] = N
         with urllib.request.urlopen(req, timeout=TIMEOUT if timeout is None else timeout) as resp:
             payload = resp.read()
     except urllib.error.HTTPError as e:
-        _raise(e.code, e.read(), url)
+        _raise(e.code, e.read(), url, f"{method} {path}")
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         if isinstance(reason, ConnectionRefusedError):
@@ -101,14 +101,19 @@ def _describe(e: object) -> str:
     return str(text)
 
 
-def _raise(status: int, payload: bytes, url: str) -> None:
+def _raise(status: int, payload: bytes, url: str, asked: str) -> None:
     code: object = None
     try:
         doc = json.loads(payload)
         message, code = str(doc["error"]), doc.get("exit_code")
         code = code if isinstance(code, int) else None
     except (ValueError, KeyError, TypeError, AttributeError):
-        message = f"HTTP {status} from {url}"
+        # Not the daemon's API (every refusal of it is {"error": ...}): another server holds
+        # daemon.listen (9464 is also OpenTelemetry's Prometheus exporter's). Its 404 was
+        # "not found" (exit 4, a catalog's code), its 401 advice about our token.
+        raise DaemonError(f"{url.split('/api/', 1)[0]} (daemon.listen) answered {asked} with "
+                          f"HTTP {status}, not as prestaged's API: is something else listening "
+                          "there? --state FILE works on a state file instead") from None
     if status in (401, 403):
         raise ConfigError(f"daemon at {url} refused the call: {message} (set daemon.token_file "
                           "to the daemon's token file)")

@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from prestaged.errors import StateError
+from prestaged.errors import StateError, StateUnavailable
 from prestaged.model import redacted_url
 from prestaged.state.schema import POSTGRESQL, SCHEMA_VERSION
 
@@ -131,11 +131,26 @@ def connect(url: str, *, connect_timeout: int = CONNECT_TIMEOUT,
         return psycopg.connect(url, **options)
     except psycopg.Error as e:
         password = conninfo_to_dict(url).get("password")
-        raise StateError(
+        raise (StateUnavailable if _may_come_back(str(e)) else StateError)(
             f"state {redacted_url(url)}: cannot connect ({_message(e, url, password)}); "
             "check that the server runs and that the URL's host, port, database, user and "
             "password (or the password file) are right"
         ) from e
+
+
+# What a server says when it refuses connections for now (libpq gives a connection failure no
+# SQLSTATE, only its text).
+_FOR_NOW = ("the database system is starting up", "the database system is shutting down",
+            "the database system is in recovery mode", "the database system is not yet "
+            "accepting connections", "too many clients", "remaining connection slots")
+
+
+def _may_come_back(said: str) -> bool:
+    """Whether libpq's connection failure ``said`` is the server's absence (no server there,
+    a network cut, a name that does not resolve now) or a refusal for now (starting, shutting
+    down, full): a daemon restarted later may connect. A server's other refusals (a
+    password, a role, a database that does not exist: ``FATAL:``) are the configuration's."""
+    return "FATAL:" not in said or any(reason in said for reason in _FOR_NOW)
 
 
 def open_pool(url: str, *, timeout: float = CONNECT_TIMEOUT) -> Pool:
@@ -162,8 +177,8 @@ def open_pool(url: str, *, timeout: float = CONNECT_TIMEOUT) -> Pool:
         pool.open(wait=True, timeout=timeout)
     except psycopg.Error as e:
         pool.close()
-        raise StateError(f"state {redacted_url(url)}: cannot connect within {timeout:g} s "
-                         f"({_message(e, url)})") from e
+        raise StateUnavailable(f"state {redacted_url(url)}: cannot connect within {timeout:g} "
+                               f"s ({_message(e, url)})") from e
     return pool
 
 
