@@ -99,6 +99,11 @@ class Context:
         if must_exist and not state_file_exists(path):
             raise StateError(f"state {path}: no such file (nothing warmed yet with this "
                              "state; --state names another)")
+        if st.path is not None and not path.parent.is_dir():
+            # A typo in --state (or state.path) made the whole directory tree and a new,
+            # empty state, silently: every file warmed again and recorded where nobody looks.
+            raise StateError(f"state {path}: no directory {path.parent} (a new state is made "
+                             "only in an existing directory: check the path, or create it)")
         return Store(path, batch=st.batch, flush_interval=st.flush_interval,
                      journal=st.journal).open()
 

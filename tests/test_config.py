@@ -12,6 +12,7 @@ import pytest
 
 from prestaged.config import Config, find_config, load_config, parse_duration, replace_path
 from prestaged.errors import ConfigError
+from prestaged.testing.pki import TestPKI
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "prestaged.toml"
 
@@ -375,3 +376,22 @@ def test_state_option_wins_over_a_configured_url(tmp_path: Path,
     assert main(["history", "--config", str(config), "--json"]) == 69
     err = capsys.readouterr().err  # the URL's database, unreachable: never the file
     assert "state postgresql:///prestaged?host=/nonexistent: cannot connect" in err, err
+
+
+def test_a_state_path_in_a_directory_that_does_not_exist_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], pki: TestPKI, proxy: Path) -> None:
+    """``--state /data/prestagd/state.db`` (a typo) made the whole directory tree and a new,
+    empty state without a word: every file was warmed again and recorded where nobody looks.
+    It is one line naming the missing directory (exit 2), and nothing is made."""
+    from prestaged.cli import main
+
+    definition = tmp_path / "ds.txt"
+    definition.write_text("https://127.0.0.1:1/pnfs/a\n")
+    typo = tmp_path / "prestagd" / "sub" / "state.db"
+    config = _write(tmp_path, '[daemon]\nlisten = "127.0.0.1:1"\n')
+    assert main(["warm", str(definition), "--config", str(config), "--state", str(typo),
+                 "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"state {typo}: no directory {typo.parent} (a new state is made only in an " \
+           "existing directory" in err, err
+    assert not (tmp_path / "prestagd").exists()
