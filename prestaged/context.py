@@ -99,7 +99,7 @@ class Context:
         if must_exist and not state_file_exists(path):
             raise StateError(f"state {path}: no such file (nothing warmed yet with this "
                              "state; --state names another)")
-        if st.path is not None and not path.parent.is_dir():
+        if st.path is not None and not _is_dir_or_unknown(path.parent):
             # A typo in --state (or state.path) made the whole directory tree and a new,
             # empty state, silently: every file warmed again and recorded where nobody looks.
             raise StateError(f"state {path}: no directory {path.parent} (a new state is made "
@@ -345,3 +345,12 @@ class Context:
             return await release_pins(store, tape, catalog.name, catalog.definition, pins,
                                       stop=stop)
         return release
+
+
+def _is_dir_or_unknown(path: Path) -> bool:
+    """Whether ``path`` is a directory, or cannot be looked at (a name too long, a directory
+    that may not be entered: opening the state says so in its words)."""
+    try:
+        return path.is_dir() or path.exists()
+    except OSError:
+        return True

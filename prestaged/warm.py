@@ -207,6 +207,8 @@ class Tally:
     """Failed files for the report (``MAX_FAILURES_KEPT`` at most), URL credentials redacted."""
     staged: int = 0
     """Files warm at the end that came from tape (staged by us, then touched)."""
+    unsent: int = 0
+    """Failed files whose URL was never sent anywhere (``unsent``): the list's fault."""
     tape: TapeTally = field(default_factory=TapeTally)
     """Locality and staging counters (``storage.stage``)."""
     paced: dict[str, Pace] = field(default_factory=dict)
@@ -236,6 +238,8 @@ class Tally:
         self.results[outcome.result.value] += 1
         if outcome.staged and outcome.result in (Result.WARM, Result.EMPTY):
             self.staged += 1
+        if outcome.result is Result.FAILED and unsent(outcome):
+            self.unsent += 1
         if outcome.result in _NOT_OK and len(self.failures) < MAX_FAILURES_KEPT:
             url = redact(outcome.url)
             self.failures.append(outcome if url is outcome.url else replace(outcome, url=url))
@@ -265,13 +269,22 @@ class RunReport:
             return EXIT_INTERRUPTED
         ok = sum(t.results[r.value] for r in (Result.WARM, Result.EMPTY, Result.SKIPPED_FRESH))
         refused = t.results[Result.DENIED.value] + t.results[Result.FAILED.value]
-        if t.done and ok == 0 and refused == t.done:
+        # Storage that refused everything it was sent; URLs never sent (a port out of range,
+        # plain http) are the list's fault: exit 1, not 5 ("look at the storage").
+        if t.done and ok == 0 and refused == t.done and refused > t.unsent:
             return EXIT_STORAGE
         return EXIT_SOME_FAILED if t.failed else EXIT_OK
 
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
 PLAIN_HTTP_REFUSED = "plain http refused; set storage.allow_plain_http = true"
+# What touch_url and the touchers say of a URL they refuse before sending anything.
+_UNSENT = ("not a URL", "unsupported scheme ", PLAIN_HTTP_REFUSED, "bad URL: ")
+
+
+def unsent(outcome: Outcome) -> bool:
+    """Whether ``outcome`` failed on its URL alone, which was never sent to any server."""
+    return outcome.status is None and outcome.error.startswith(_UNSENT)
 
 
 def touch_url(url: str, allow_plain_http: bool = False) -> Union[str, Attempt]:

@@ -258,6 +258,22 @@ async def test_a_body_that_breaks_off_after_its_head_is_not_a_refused_connection
     assert "closed the connection without answering" in str(silent.aborted)
 
 
+async def test_a_list_whose_urls_are_all_malformed_is_exit_1_not_the_storages_5() -> None:
+    """Lines whose URL is never sent (plain http, a port out of range): each fails alone, and
+    with no good line the run exited 5, "the storage refused everything", sending the user to
+    look at the storage. It is 1; a storage that refused what it was sent is still 5."""
+    with aioresponses() as m:
+        m.get(re.compile(r"https://door/.*"), status=503, repeat=True)
+        async with HttpToucher(None) as t:
+            bad = await warm(_refs(["http://door/a", "https://door:99999/b", "ftp://door/c"]),
+                             _settings(), t, sleep=_Sleeps())
+            refused = await warm(_refs(["http://door/a", "https://door/b"]),
+                                 _settings(retry=RetryPolicy(attempts=1)), t, sleep=_Sleeps())
+    assert bad.tally.results["failed"] == 3 and bad.tally.unsent == 3
+    assert bad.exit_code == 1
+    assert refused.tally.unsent == 1 and refused.exit_code == 5
+
+
 async def test_duplicates_touched_once() -> None:
     """A URL listed twice is touched once and counted as a duplicate."""
     with aioresponses() as m:
