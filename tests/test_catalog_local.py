@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cli
 
 from prestaged.catalog import Catalog, open_catalog
 from prestaged.catalog.local import LocalCatalog
 from prestaged.config import CatalogConfig, LocalCatalogConfig
 from prestaged.errors import CatalogError, ConfigError
 from prestaged.model import FileRef
+from prestaged.testing.pki import TestPKI
 
 
 async def _all(cat: LocalCatalog) -> list[FileRef]:
@@ -30,6 +32,17 @@ async def test_reads_urls_skipping_comments_and_blanks(tmp_path: Path) -> None:
     assert [r.url for r in refs] == ["https://h:2880/pnfs/a/one.root", "https://h:2880/pnfs/a/two%20x.root"]
     assert [r.name for r in refs] == ["one.root", "two x.root"]
     assert await cat.estimate() == 2
+
+
+def test_a_missing_list_named_like_a_file_says_so(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`warm nope.txt` with a catalog directory said only "no file defs/nope.txt.txt": the
+    user meant ./nope.txt, which the message never mentioned."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CatalogError) as err:
+        LocalCatalog("nope.txt", tmp_path / "defs")
+    assert str(err.value) == ("definition 'nope.txt' not found in the local catalog: neither "
+                              f"nope.txt nor {tmp_path / 'defs' / 'nope.txt.txt'} is a file")
 
 
 async def test_name_lookup_in_directory(tmp_path: Path) -> None:
@@ -77,3 +90,20 @@ async def test_streams_large_lists(tmp_path: Path) -> None:
     refs = await _all(LocalCatalog(str(path)))
     assert len(refs) == 2500
     assert refs[0].url == "https://h/f0" and refs[-1].url == "https://h/f2499"
+
+
+def test_a_bad_line_stops_warm_with_its_one_error_line_and_no_summary_of_zeros(
+        tmp_path: Path, pki: TestPKI, proxy: Path) -> None:
+    """`warm` of a list with a line that is not a URL printed an 11-line "stopped" summary
+    ("files 0 of 2", nine lines of zeros) before the one line that says what is wrong. A run
+    that ended no file shows that line alone (exit 4)."""
+    listed = tmp_path / "bad2.txt"
+    listed.write_text("https://127.0.0.1:1/pnfs/a.root\n127.0.0.1:1/pnfs/b.root\n")
+    (tmp_path / "none.toml").write_text("")
+    res = run_cli("warm", str(listed), "--no-state", "--proxy", str(proxy), "--ca-dir",
+                  str(pki.ca_dir), "--config", str(tmp_path / "none.toml"))
+    assert res.returncode == 4, res.stderr
+    assert res.stdout == ""
+    errors = [line for line in res.stderr.splitlines() if "error" in line]
+    assert errors == [f"prestaged: error: definition file {listed}, line 2 is not a URL "
+                      "(expected scheme://host/path)"], res.stderr

@@ -77,9 +77,12 @@ class LocalCatalog:
             candidate = directory / f"{definition}.txt"
             if candidate.is_file():
                 return candidate
+            # `warm nope.txt` meant ./nope.txt: say that it is missing too, not only
+            # defs/nope.txt.txt.
+            missing = (f"neither {given} nor {candidate} is a file"
+                       if definition.endswith(".txt") else f"no file {candidate}")
             raise CatalogError(
-                f"definition '{definition}' not found in the local catalog: no file {candidate}"
-            )
+                f"definition '{definition}' not found in the local catalog: {missing}")
         if given.exists():
             raise CatalogError(f"definition file {given}: not a regular file")
         hint = "" if directory else " (set [catalog.local] dir to look names up in a directory)"

@@ -146,7 +146,9 @@ async def _warm(catalog: Catalog, ctx: Context, creds: Credentials, *, bar: bool
         doc.update(unresolved_json(catalog))
         doc["exit_code"] = code
         print(json.dumps(doc, indent=2))
-    elif not quiet or code:
+    elif (not quiet or code) and not (report.aborted is not None and report.tally.done == 0):
+        # (A run stopped before any file ended, by a bad list line or a refused catalog: its
+        # error line below says all; a summary of zeros before it buried it.)
         print(report_text(report, **where))
         if unresolved_count(catalog):
             print(unresolved_text(catalog))
