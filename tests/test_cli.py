@@ -428,6 +428,20 @@ def test_an_unknown_argument_points_at_its_commands_help(
     assert err.endswith(f"(see {helped} --help)\n"), err
 
 
+def test_a_campaign_stage_given_to_campaign_run_is_told_apart_from_the_tape_mode(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--stage` is a campaign stage on `campaign hold/release/cancel` and the tape mode on
+    `campaign run` (and warm, wait, submit): `campaign run c.toml --stage reco2` said only
+    "invalid choice"; it says which --stage this is."""
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["campaign", "run", "c.toml", "--stage", "reco2"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "'reco2' is no tape mode (auto, never, always): --stage here is how tape-only " \
+           "files are brought to disk, not a campaign stage" in err, err
+    assert build_parser().parse_args(["warm", "x", "--stage", "never"]).stage_mode == "never"
+
+
 COMMANDS = ["warm", "files", "status", "history", "release", "wait", "submit", "campaign", "serve",
             "credentials", "proxy", "demo"]
 CAMPAIGN_ACTIONS = ["run", "add", "list", "show", "hold", "release", "cancel", "mark-submitted",

@@ -136,6 +136,17 @@ def _state(*, warm: bool) -> argparse.ArgumentParser:
     return p
 
 
+
+def _tape_mode(value: str) -> str:
+    """``--stage``'s value: the tape mode. (On ``campaign hold/release/cancel`` ``--stage``
+    names a campaign stage; ``campaign run --stage reco2`` said only "invalid choice".)"""
+    if value in ("auto", "never", "always"):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is no tape mode (auto, never, always): --stage here is how tape-only files "
+        "are brought to disk, not a campaign stage (`campaign run` runs every stage; "
+        "`campaign hold NAME --stage S` holds one)")
+
 def _storage(timeout_flag: str) -> argparse.ArgumentParser:
     """The ``storage``/``retry`` overrides; ``timeout_flag`` names the per-attempt timeout
     (``--timeout`` for ``warm``; the gate's own ``--timeout`` is the whole wait)."""
@@ -151,7 +162,7 @@ def _storage(timeout_flag: str) -> argparse.ArgumentParser:
     g.add_argument(timeout_flag, dest="timeout", metavar="DURATION",
                    help="per attempt (default 60s)")
     g.add_argument("--retries", type=int, metavar="N", help="attempts per file (default 5)")
-    g.add_argument("--stage", dest="stage_mode", choices=("auto", "never", "always"),
+    g.add_argument("--stage", dest="stage_mode", type=_tape_mode, metavar="{auto,never,always}",
                    help="tape: auto stages tape-only files where the storage publishes the WLCG "
                         "Tape REST API and touches the rest; never only touches (a GET of a "
                         "tape-only file makes the door recall it and block); always fails "
