@@ -335,12 +335,16 @@ def test_progress_lines_when_not_a_terminal(pki: TestPKI, proxy: Path, storage: 
     assert re.search(r"progress: \d+/20 \(\d+%\) files, \d+ files/s, 0 failed", res.stderr)
 
 
+@pytest.mark.parametrize("columns", [120, 0])
 def test_progress_bar_on_a_terminal(pki: TestPKI, proxy: Path, storage: ThreadedStorageServer,
-                                    tmp_path: Path) -> None:
-    """On a terminal, a live bar shows done/total and the rate (stderr on a real pty)."""
+                                    tmp_path: Path, columns: int) -> None:
+    """On a terminal, a live bar shows done/total and the rate (stderr on a real pty); on one
+    that reports no size (a fresh pty, `script`: 0 x 0), 100 x 24 is assumed (it showed
+    nothing: tqdm hides a bar on 0 rows, and shutil's fallback hid the 0)."""
     definition = _definition(tmp_path, storage, [f"/t/{i}" for i in range(300)])
     primary, secondary = pty.openpty()
-    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    rows = 24 if columns else 0
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     proc = subprocess.Popen(entry_point("warm", str(definition), "--proxy", str(proxy), "--ca-dir",
                                         str(pki.ca_dir)),
                             stdout=subprocess.PIPE, stderr=secondary, text=True,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -112,10 +112,13 @@ class Progress:
             return
         from tqdm import tqdm  # imported here: only terminals need it
 
-        # A terminal that reports no width (a fresh pty) would get an empty bar: assume 100.
-        sized = shutil.get_terminal_size((100, 24)).columns > 0
+        # A terminal that reports no size (a fresh pty, `script`) got no bar at all (tqdm
+        # hides it with 0 rows): assume 100 x 24. (shutil.get_terminal_size puts its fallback
+        # in for a 0, so the stream itself is asked.)
+        sized = min(_size(self.stream)) > 0
         with tqdm(total=self.tally.total, unit="file", file=self.stream, dynamic_ncols=sized,
-                  ncols=None if sized else 100, smoothing=0.1, mininterval=0.1) as pbar:
+                  ncols=None if sized else 100, nrows=None if sized else 24, smoothing=0.1,
+                  mininterval=0.1) as pbar:
             stopping = False
             while not stopping:
                 stopping = await self._tick()
@@ -126,6 +129,15 @@ class Progress:
                 else:
                     pbar.set_postfix(failed=self.tally.failed, refresh=False)
                 pbar.update(self.tally.done - pbar.n)
+
+
+def _size(stream: TextIO) -> tuple[int, int]:
+    """The columns and rows the terminal of ``stream`` reports (0: none, or no terminal)."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return 0, 0
+    return size.columns, size.lines
 
 
 def report_json(report: RunReport, *, definition: str, catalog: str, source: str) -> dict[str, Any]:
