@@ -91,6 +91,15 @@ def test_daemon_schedule_metrics_reload_renewal_and_drain(
     assert status == 202, body
     poll("run done", lambda: d.http("GET", body["href"])[1]["state"] == "done")
     assert pki.dn_for("Renewed") in "".join(storage.stats.client_dns)
+    # an already expired replacement is refused, not installed over the valid one (it was,
+    # and touching paused: /readyz 503)
+    renewed_expiry = d.metric("prestaged_credential_expiry_timestamp_seconds", kind="proxy")
+    pki.make_proxy(tmp_path / "stale", expired=True).replace(proxy)
+    poll("expired replacement refused", lambda: "proxy changed but cannot be used" in d.output())
+    assert "expired at" in d.output()
+    assert d.metric("prestaged_credential_expiry_timestamp_seconds",
+                    kind="proxy") == renewed_expiry
+    assert d.http("GET", "/readyz")[0] == 200
     # SIGTERM during a run drains, then stops it; exit 0; the run's results are in the store
     _definition(tmp_path, storage, "slow", 40)
     for i in range(10, 40):

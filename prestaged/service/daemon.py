@@ -33,9 +33,11 @@ from prestaged.config import Config, load_config
 from prestaged.context import Context
 from prestaged.credentials import (
     Credentials,
+    check_lifetime,
     inspect_proxy,
     resolve_ca_dir,
     resolve_proxy_path,
+    warn_if_exposed,
 )
 from prestaged.errors import ConfigError, CredentialError, PrestagedError
 from prestaged.files import file_stamp
@@ -428,6 +430,10 @@ class Daemon:
         self._proxy_stamp = stamp
         try:
             info = inspect_proxy(path)
+            # An expired replacement was installed over the valid proxy in use, and touching
+            # paused: "changed but cannot be used" keeps the previous one, as for a bad key.
+            check_lifetime(info, 0)
+            warn_if_exposed(path)
             await self._install(dataclasses.replace(self.credentials, proxy=info, ca_dir=ca_dir))
         except CredentialError as e:
             log.error("proxy changed but cannot be used: %s; keeping the previous one", e)
