@@ -73,6 +73,8 @@ def test_sigterm_to_the_process_group_stops_like_sigterm_to_the_pid(
     assert "writer" not in err and "Traceback" not in err
     doc = json.loads(out)
     assert doc["counts"]["warm"] == 100
+    # The files listed but not ended are said: "files" alone read as a 100-file run.
+    assert doc["not_done"] >= 4 and doc["files"] + doc["not_done"] <= 400
     [run] = _history(state)
     assert run["reason"] == "interrupted" and run["exit_code"] == 130
     status = json.loads(run_cli("status", *state, "--json").stdout)

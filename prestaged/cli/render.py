@@ -148,6 +148,10 @@ def report_json(report: RunReport, *, definition: str, catalog: str, source: str
         "catalog": catalog,
         "source": source,
         "files": t.done,
+        # Listed but never ended (a breaker or an interrupt stopped the run): with only
+        # "files", a 50-file list stopped after one read as a 1-file run.
+        "not_done": t.queued - t.done,
+        "listing_complete": t.catalog_done,
         "counts": {**{r.value: t.results[r.value] for r in _ORDER}, "staged": t.staged},
         "tape": _tape_json(t),
         "duplicates_skipped": t.duplicates,
