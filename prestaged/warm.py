@@ -454,9 +454,9 @@ class _Breakers:
             n = self.refusals[endpoint]
             if n >= self.cfg.tls_failures:
                 return CredentialError(
-                    f"{endpoint}: we refused its certificate {n} times in a row ("
-                    f"{attempt.error}); check the host name in the URLs and the CA directory; "
-                    "stopped early")
+                    f"{endpoint}: we refused a server certificate on the way to its files {n} "
+                    f"times in a row (last: {attempt.error}); check the host names (the URLs', "
+                    "or the pools' a door redirects to) and the CA directory; stopped early")
             return None
         refused = attempt.failure is Failure.TLS or (
             attempt.failure is Failure.RESET and endpoint not in self.answered

@@ -133,7 +133,26 @@ async def test_a_server_certificate_for_another_name_is_not_blamed_on_the_proxy(
         urls = [srv.url(f"/f{i}") for i in range(50)]
         report = await _warm(ctx, urls, fast=fast, breaker=BreakerConfig(tls_failures=3),
                              credential_hint="proxy /tmp/x509up_u1000 (Test User)")
+        port = srv.door_port
     assert report.exit_code == 3
     message = str(report.aborted)
-    assert "does not match its name" in message and "proxy" not in message
+    assert f"the certificate of 127.0.0.1:{port} does not match its name" in message
+    assert "proxy" not in message
     assert report.tally.done <= 4 + 3  # stopped early: at most those in flight and the trips
+
+
+async def test_a_pools_certificate_for_another_name_names_the_pool_not_the_door(
+        pki: TestPKI, ctx: ssl.SSLContext) -> None:
+    """A door with a good certificate redirects to a pool whose certificate names another
+    host: the message blamed the door ("its certificate") and never named the pool."""
+    pool = pki.server_ssl_context(require_client_cert=False,
+                                  cert=pki.make_host_cert("pool.other.invalid"))
+    async with StorageServer(pki.server_ssl_context(), redirect=True,
+                             pool_ssl_context=pool) as srv:
+        urls = [srv.url(f"/f{i}") for i in range(20)]
+        report = await _warm(ctx, urls, fast=True, breaker=BreakerConfig(tls_failures=3))
+        pool_port = srv.pool_port
+    assert report.exit_code == 3
+    message = str(report.aborted)
+    assert f"the certificate of 127.0.0.1:{pool_port} does not match its name" in message
+    assert "or the pools' a door redirects to" in message

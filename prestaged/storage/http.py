@@ -103,15 +103,16 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _untrusted(e: ssl.SSLCertVerificationError) -> Attempt:
-    """We refused the server's certificate: say which way, the name first (a wrong host name in
-    the URL is the usual cause, and it is not our proxy's fault)."""
+def _untrusted(e: ssl.SSLCertVerificationError, server: str) -> Attempt:
+    """We refused the certificate of ``server`` (``host:port``, the door's or a pool's it
+    redirected to: a pool's was blamed on the door): say which way, the name first (a wrong
+    host name is the usual cause, and it is not our proxy's fault)."""
     inner = getattr(e, "certificate_error", e)  # aiohttp's ClientConnectorCertificateError
     why = str(getattr(inner, "verify_message", None) or inner)
     if "hostname mismatch" in why.lower() or "ip address mismatch" in why.lower():
-        text = f"the server's certificate does not match its name ({why})"
+        text = f"the certificate of {server} does not match its name ({why})"
     else:
-        text = f"the server's certificate is not trusted ({why}; check the CA directory)"
+        text = f"the certificate of {server} is not trusted ({why}; check the CA directory)"
     return Attempt(failure=Failure.UNTRUSTED, error=text)
 
 
@@ -395,7 +396,7 @@ class HttpToucher:
         except aiohttp.ClientConnectorError as e:
             tls = tls_cause(e, handshake=True)
             if isinstance(tls, ssl.SSLCertVerificationError):
-                return _untrusted(tls)
+                return _untrusted(tls, f"{e.host}:{e.port}")
             if tls is not None:
                 why = _describe(tls) if str(tls) else "connection closed during the TLS handshake"
                 return Attempt(failure=Failure.TLS, error=f"TLS handshake failed: {why}")
