@@ -366,11 +366,29 @@ def _check_private_key(data: bytes, cert: x509.Certificate, label: str) -> None:
 
 
 def _identity(chain: list[x509.Certificate], kinds: list[str]) -> str:
-    for cert, kind in zip(chain, kinds):
-        if kind == KIND_END_ENTITY:
-            return format_dn(cert.subject)
-    # Only proxies in the file: the last one was issued by the user.
-    return format_dn(chain[-1].issuer)
+    """The DN of the first certificate that is no proxy (``_check_chain`` saw there is one)."""
+    return next(format_dn(cert.subject) for cert, kind in zip(chain, kinds)
+                if kind == KIND_END_ENTITY)
+
+
+def _check_chain(chain: list[x509.Certificate], kinds: list[str], label: str) -> None:
+    """A proxy is sent with its chain down to the user certificate (servers trust only the
+    CA that issued that one): each certificate issued by the next, and the user's among them.
+    A file without it passed ``prestaged credentials`` (exit 0) and every server refused it."""
+    for n, (cert, issuer) in enumerate(zip(chain, chain[1:]), 1):
+        if kinds[n - 1] == KIND_END_ENTITY:
+            return  # the user certificate: what follows (CA certificates) is not ours to judge
+        if cert.issuer != issuer.subject:
+            raise CredentialError(
+                f"{label}: its chain is broken: certificate {n} was issued by "
+                f"{format_dn(cert.issuer)}, not by the next in the file "
+                f"({format_dn(issuer.subject)}): a proxy of a proxy without its middle? make it "
+                "again from the full file")
+    if KIND_END_ENTITY not in kinds:
+        raise CredentialError(
+            f"{label}: its chain is incomplete: the user certificate it was made from "
+            f"({format_dn(chain[-1].issuer)}) is not in the file, and servers refuse a proxy "
+            f"without it; {_RENEW_HINT}")
 
 
 def inspect_proxy(path: Path, *, source: str | None = None) -> ProxyInfo:
@@ -389,6 +407,8 @@ def inspect_proxy(path: Path, *, source: str | None = None) -> ProxyInfo:
         kinds = [_cert_kind(cert) for cert in chain]
     except ValueError as e:  # duplicate or malformed extensions
         raise CredentialError(f"{label}: certificate with malformed extensions") from e
+    if kinds[0] != KIND_END_ENTITY:
+        _check_chain(chain, kinds, label)
     periods = [validity(cert) for cert in chain]
     voms, voms_error = _voms(chain)
     return ProxyInfo(

@@ -160,12 +160,25 @@ def test_identity_of_proxy_of_proxy(pki: TestPKI, proxy: Path, tmp_path: Path) -
     assert info.issuer == inspect_proxy(proxy).subject
 
 
-def test_identity_when_file_has_no_user_cert(pki: TestPKI, proxy: Path, tmp_path: Path) -> None:
-    """A proxy file without the user cert still reports the user DN (the proxy's issuer)."""
+def test_a_proxy_without_its_chain_is_refused_naming_what_is_missing(
+        pki: TestPKI, proxy: Path, tmp_path: Path) -> None:
+    """A proxy file without the user certificate, or a proxy of a proxy without its middle,
+    passed `prestaged credentials` (exit 0, identity and time left shown) and every server
+    refused it: servers trust only the CA, so the chain down to the user's certificate must
+    be sent. Each is now one error naming what is missing."""
     cert, key, _user = _blocks(proxy)
-    info = inspect_proxy(_write(tmp_path / "bare", cert, key))
-    assert info.identity == pki.user_dn
-    assert info.chain_length == 1
+    with pytest.raises(CredentialError, match=re.escape(
+            f"its chain is incomplete: the user certificate it was made from ({pki.user_dn}) "
+            "is not in the file")):
+        inspect_proxy(_write(tmp_path / "bare", cert, key))
+    nested = pki.make_proxy(tmp_path / "nested", issuer=(proxy, proxy))
+    blocks = _blocks(nested)
+    certs = [b for b in blocks if b"CERTIFICATE" in b]
+    keys = [b for b in blocks if b"PRIVATE KEY" in b]
+    assert len(certs) == 3  # the proxy of a proxy, the proxy, the user
+    assert inspect_proxy(nested).identity == pki.user_dn
+    with pytest.raises(CredentialError, match="its chain is broken: certificate 1 was issued by"):
+        inspect_proxy(_write(tmp_path / "no-middle", certs[0], keys[0], certs[2]))
 
 
 def test_legacy_proxies_are_recognised(proxy: Path, tmp_path: Path) -> None:
