@@ -306,7 +306,8 @@ class TapeRouter:
                  skip: Callable[[FileRef], None],
                  finish: Callable[[Outcome], None], fail: Callable[[PrestagedError], None],
                  note: Optional[Callable[[str, TapeInfo], None]] = None,
-                 probe: Optional[TapeProbe] = None, resume: Optional[Resume] = None) -> None:
+                 probe: Optional[TapeProbe] = None, resume: Optional[Resume] = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.access = access
         self.s = access.settings
         self.tally = tally
@@ -317,6 +318,7 @@ class TapeRouter:
         self._note = note
         self._probe = probe
         self._resume = resume
+        self._clock = clock  # the state's time (its database's): pins are compared with it
         self._stagers: dict[str, Stager] = {}
         self._pending: dict[str, dict[str, list[FileRef]]] = {}  # uri -> path -> its files
         self._requests: dict[str, dict[str, float]] = {}  # uri -> request id -> pinned until
@@ -448,7 +450,7 @@ class TapeRouter:
                 # Made when its pin started (pins last storage.pin_lifetime): its timeout runs
                 # from then, not from this rerun.
                 made = info.pinned_until - self.s.staging.lifetime
-                ages[info.request] = max(0.0, time.time() - made)
+                ages[info.request] = max(0.0, self._clock() - made)
         for request, followed in follow.items():
             log.info("following stage request %s of an earlier run for %d files", request,
                      len(followed))
@@ -470,7 +472,7 @@ class TapeRouter:
     def _requested(self, uri: str, request: StageRequest, age: float = 0.0) -> None:
         """A stage request was made ``age`` seconds ago (by this run, or by another run of the
         daemon that this one follows): note its pin on each of its files."""
-        until = time.time() - age + self.s.staging.lifetime
+        until = self._clock() - age + self.s.staging.lifetime
         self._requests.setdefault(uri, {})[request.id] = until
         pending = self._pending.get(uri, {})
         if self._note is not None:
@@ -511,7 +513,7 @@ class TapeRouter:
         if self._probe is not None:
             self._probe.file_staged(staged.seconds)
         until = self._requests.get(uri, {}).get(staged.request_id or "")
-        info = TapeInfo("TAPE", staged.request_id, uri, time.time(), until)
+        info = TapeInfo("TAPE", staged.request_id, uri, self._clock(), until)
         for ref in files:
             if self._note is not None:
                 self._note(ref.url, info)

@@ -104,6 +104,11 @@ class Recorder(Protocol):
         """The stage requests earlier runs made for ``urls`` that are still open and pinned."""
         ...
 
+    def now(self) -> float:
+        """The time as the state keeps it (``Store.now``: the database's clock), for the pins
+        and landings the tape path records."""
+        ...
+
 
 class Probe(TapeProbe, Protocol):
     """Receives per-request events for metrics (``metrics.Metrics`` is the real one).
@@ -558,7 +563,8 @@ class _Run:
                                      finish=self.finish,
                                      fail=self._trip, note=recorder.note if recorder else None,
                                      probe=probe,
-                                     resume=recorder.open_stages if recorder else None)
+                                     resume=recorder.open_stages if recorder else None,
+                                     clock=recorder.now if recorder else time.time)
         # Starts every endpoint at `concurrency`, not storage.per_host: that bounds connections
         # per host, and after a door's redirect an attempt holds a pool's connection instead.
         self.pacer = Pacer(settings.concurrency, tally.paced, on_change=(

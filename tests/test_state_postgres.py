@@ -338,3 +338,32 @@ def test_importing_the_module_does_not_import_psycopg() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert res.stdout.strip() == "False"
+
+
+def test_members_with_skewed_clocks_judge_freshness_by_the_databases_clock(
+        make_pg_url: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Leases and heartbeats used the database's clock, outcomes and freshness each host's:
+    a member 2 h behind stamped a touch made now as 2 h old, so another member (and the gate)
+    found it stale at once, and one 2 h ahead kept files fresh past fresh_for. The state's
+    times are now the database's, whatever the host's clock says; a skew is a WARNING."""
+    from prestaged.state.store import Store
+
+    url = make_pg_url()
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 7200.0)  # this host is 2 h behind
+    behind = Store(tmp_path / "anchor", url=url).open()
+    try:
+        behind.record("https://door/f1", "f1", "warm", 206, 4, 1, "")
+        run = behind.start_run("local", "d")
+        behind.finish_run(run, {"warm": 1}, 0, "ok")
+        stamped = behind.now()
+    finally:
+        behind.close()
+    monkeypatch.setattr(time, "time", real)
+    assert abs(stamped - real()) < 60, "the outcome has this host's time, not the database's"
+    assert "this host's clock is -7200" in caplog.text
+    with Store(tmp_path / "anchor", url=url) as right:
+        assert right.fresh_urls(["https://door/f1"], fresh_for=3600) == {"https://door/f1"}
+        [ended] = [r[0] for r in right.conn.execute("SELECT ended FROM runs").fetchall()]
+        assert abs(ended - real()) < 60

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Iterable
 from typing import Callable, Optional
 
@@ -252,7 +251,7 @@ class Watches:
             try:
                 if not added:
                     await asyncio.to_thread(shared.ensure_schedule, self._store, kind,
-                                            definition, time.time() + delay)
+                                            definition, self._store.now() + delay)
                     added = True
                 if await asyncio.to_thread(shared.claim_schedule, self._store, kind,
                                            definition, member.id, member.lease):
@@ -311,5 +310,5 @@ class Watches:
                                        catalog.name)
         last = rows[0].last_run if rows else None
         if last is not None and last.ended and last.exit_code == 0:
-            return max(0.0, last.ended + every - time.time())
+            return max(0.0, last.ended + every - self._store.now())
         return 0.0

@@ -54,6 +54,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import subprocess
@@ -96,6 +97,12 @@ WRITER_EXIT_WAIT = 5.0
 OUTBOX_LIMIT = 32 << 20
 """Bytes of batches that may wait for the writer process before ``record()`` waits for it:
 some 200,000 outcomes, more than the files a daemon has in flight."""
+
+CLOCK_RESYNC = 300.0
+"""Seconds between two measures of the database's clock against ours (``Store.now``)."""
+CLOCK_SKEW_WARN = 5.0
+"""Seconds off the database's clock past which a host's clock is worth a WARNING."""
+_DB_NOW = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"
 
 _OK = (Result.WARM.value, Result.EMPTY.value)
 _TAPE_ROWS = ("located", "staging", "staged")
@@ -308,6 +315,8 @@ class Store:
         self._send_failed = False
         self._sender: Optional[threading.Thread] = None
         self._ticker: Optional[threading.Thread] = None
+        self._clock_offset = 0.0  # the database's clock minus ours (PostgreSQL; see now())
+        self._clock_synced = -math.inf
         self._soon = threading.Event()  # wakes the ticker: a stage request was noted
         self._ticking = False
 
@@ -321,6 +330,35 @@ class Store:
         from prestaged.model import redacted_url
 
         return redacted_url(self.url)
+
+    def _judged_now(self) -> float:
+        """``now()`` for a read that judges freshness or pins, the offset measured again when
+        it is older than ``CLOCK_RESYNC``."""
+        self._sync_clock()
+        return self.now()
+
+    def now(self) -> float:
+        """The time as the state keeps it (Unix seconds): the database's clock on PostgreSQL,
+        which members on several hosts share (as leases and heartbeats already did), else ours.
+        Outcomes, runs, pins and every freshness cut-off use it: with one member's clock 2 h
+        ahead, members disagreed on what was fresh and a gate passed on files touched 7.5 h
+        before with fresh_for 6 h. The offset is measured at open and again, at most every
+        ``CLOCK_RESYNC`` seconds, by the reads that judge freshness."""
+        return time.time() + self._clock_offset
+
+    def _sync_clock(self) -> None:
+        if self.url is None or time.monotonic() - self._clock_synced < CLOCK_RESYNC:
+            return
+        with self._lock:
+            before = time.time()
+            row = self.conn.execute(f"SELECT {_DB_NOW}").fetchone()
+            after = time.time()
+        self._clock_offset = float(row[0]) - (before + after) / 2
+        self._clock_synced = time.monotonic()
+        if abs(self._clock_offset) > CLOCK_SKEW_WARN:
+            log.warning("this host's clock is %+.1f s off the state database's (%s): prestaged "
+                        "keeps the database's time; fix this host's clock (NTP)",
+                        -self._clock_offset, self.where)
 
     def _error(self, e: BaseException) -> StateError:
         """A driver's error ``e`` as one line naming the state."""
@@ -343,6 +381,7 @@ class Store:
             self._conn.close()
             self._conn = None
             raise
+        self._sync_clock()
         self._ticking = True
         self._ticker = threading.Thread(target=self._tick, name="prestaged-state-ticker",
                                         daemon=True)
@@ -637,7 +676,7 @@ class Store:
                nbytes: int, attempts: int, error: str, when: Optional[float] = None) -> None:
         """Record one file's outcome (queued; skipped_fresh is not an outcome to record)."""
         self._put("outcomes", (url_id(url), redact(url), redact(name), result, http_status, nbytes,
-                              attempts, redact(error), time.time() if when is None else when))
+                              attempts, redact(error), self.now() if when is None else when))
 
     def note_tape(self, url: str, info: TapeInfo, when: Optional[float] = None) -> None:
         """Record what the tape path learned of one file (queued): its locality; or a stage
@@ -650,7 +689,7 @@ class Store:
             self._put("staging", (fid, info.request, info.uri, info.pinned_until))
             self._soon.set()  # durable at once: a crash must not lose the request's id
         else:
-            self._put("located", (fid, info.locality, time.time() if when is None else when))
+            self._put("located", (fid, info.locality, self.now() if when is None else when))
 
     def flush(self) -> None:
         """Block until everything recorded so far is committed."""
@@ -697,7 +736,7 @@ class Store:
             def_id = schema.definition_id(conn, catalog, definition)
             return conn.insert(
                 "INSERT INTO runs (definition_id, started, host, pid) VALUES (?, ?, ?, ?)",
-                (def_id, time.time(), os.uname().nodename, os.getpid()),
+                (def_id, self.now(), os.uname().nodename, os.getpid()),
             )
 
     @_one_line_errors
@@ -708,7 +747,7 @@ class Store:
         with self._lock:
             self.conn.execute(
                 "UPDATE runs SET ended = ?, counts = ?, exit_code = ?, reason = ? WHERE id = ?",
-                (time.time(), json.dumps(dict(counts), sort_keys=True), exit_code, reason, run_id),
+                (self.now(), json.dumps(dict(counts), sort_keys=True), exit_code, reason, run_id),
             )
 
     # --- pins (issue 13) ----------------------------------------------------------------------
@@ -750,7 +789,7 @@ class Store:
         rows = self._files_of(urls, "stage_request, stage_uri, pinned_until",
                               "stage_request IS NOT NULL AND stage_uri IS NOT NULL AND "
                               "staged_at IS NULL AND pinned_until > ?",
-                              [time.time() if now is None else now])
+                              [self._judged_now() if now is None else now])
         return {url: TapeInfo("TAPE", request, uri, None, until)
                 for url, (request, uri, until) in rows}
 
@@ -779,7 +818,7 @@ class Store:
         not failed since: the files ``status`` counts fresh and the gate counts warm. (A file
         whose last touch failed was skipped as fresh while the gate counted it cold, so
         ``wait`` and ``submit`` waited for it until their timeout.)"""
-        since = (time.time() if now is None else now) - fresh_for
+        since = (self._judged_now() if now is None else now) - fresh_for
         return {url for url, _ in self._files_of(
             urls, "f.last_warm", f"f.status IN (?, ?) AND f.last_warm >= ? AND {_ON_DISK}",
             [*_OK, since])}
@@ -789,7 +828,7 @@ class Store:
                catalog: Optional[str] = None, now: Optional[float] = None) -> list[DatasetStatus]:
         """Warmth of every recorded definition, or of the one named; ``catalog`` narrows
         either to that catalog kind."""
-        since = (time.time() if now is None else now) - fresh_for
+        since = (self._judged_now() if now is None else now) - fresh_for
         query = "SELECT id, catalog, name FROM definitions"
         wanted = {"name": definition, "catalog": catalog or None}
         args: list[Any] = [v for v in wanted.values() if v is not None]
@@ -809,7 +848,7 @@ class Store:
         """Up to ``limit`` URLs (sorted) of ``definition``'s files not successfully touched
         within the last ``fresh_for`` seconds: never tried, failed (last outcome), or stale; the
         complement of ``DatasetStatus.fresh``."""
-        since = (time.time() if now is None else now) - fresh_for
+        since = (self._judged_now() if now is None else now) - fresh_for
         with self._lock:
             rows = self.conn.execute(
                 "SELECT f.url FROM definitions d JOIN members m ON m.definition_id = d.id "
@@ -922,6 +961,10 @@ class StoreRecorder:
     async def open_stages(self, urls: list[str]) -> dict[str, TapeInfo]:
         """The stage requests earlier runs left open on ``urls`` (see ``Store.open_stages``)."""
         return await asyncio.to_thread(self.store.open_stages, urls)
+
+    def now(self) -> float:
+        """``Store.now``."""
+        return self.store.now()
 
     def note(self, url: str, info: TapeInfo) -> None:
         """Queue what the tape path learned of one file (see ``Store.note_tape``)."""
