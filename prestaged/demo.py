@@ -272,9 +272,12 @@ def _report_catalogs(tmp: Path, sam: Optional[subprocess.Popen[str]],
                      metacat: list[subprocess.Popen[str]]) -> None:
     if sam is not None:
         asked = _stop(sam, tmp / "samweb-stats.json").get("requests", {})
+        # Every kind it counted (the count, the listing, the bulk location lookups): the
+        # listing and the lookups alone did not add up to the total.
+        words = {"count": "file count", "list": "listing", "locations": "bulk location lookups"}
+        kinds = ", ".join(f"{n} {words.get(kind, kind)}" for kind, n in sorted(asked.items()))
         print(f"\ndemo: the SAM web emulator answered {sum(asked.values())} requests "
-              f"({asked.get('list', 0)} listing, {asked.get('locations', 0)} bulk location "
-              "lookups)", end="")
+              f"({kinds})", end="")
     if metacat:
         listed = _stop(metacat[0], tmp / "metacat-stats.json").get("requests", {})
         rucio = _stop(metacat[1], tmp / "rucio-stats.json")

@@ -386,12 +386,19 @@ async def test_warms_and_campaign_changes_are_refused_from_the_stop_signal_on(
     (tmp_path / "defs" / "a.txt").write_text("https://127.0.0.1:1/f\n")
     async with in_process(_config(tmp_path, pki, proxy), token=TOKEN) as d:
         await _add_held_campaign(d, tmp_path)
+        # A task in flight, as a run would be: the drain (and the API) lasts until it ends,
+        # so the requests below meet a stopping daemon, not one already gone.
+        done = asyncio.Event()
+        d.daemon.spawn(done.wait())
         d.daemon.request_stop()
         assert d.daemon.draining  # at once, not when the loop comes round to it
-        for path, doc in (("/api/v1/warm", {"definition": "a"}),
-                          ("/api/v1/campaigns/c/release", {})):
-            status, body = await d.http("POST", path, doc)
-            assert (status, body["error"]) == (503, "the daemon is stopping"), (path, body)
+        try:
+            for path, doc in (("/api/v1/warm", {"definition": "a"}),
+                              ("/api/v1/campaigns/c/release", {})):
+                status, body = await d.http("POST", path, doc)
+                assert (status, body["error"]) == (503, "the daemon is stopping"), (path, body)
+        finally:
+            done.set()
 
 
 def test_open_dataset_rows_leave_the_last_runs_error_to_the_token() -> None:

@@ -303,7 +303,8 @@ def test_demo_with_samweb_catalog() -> None:
     assert re.search(r"warm\s+300\b", res.stdout)
     assert "(samweb catalog: https://127.0.0.1:" in res.stdout
     # 300 names of 16 characters take two requests of at most MAX_LOCATIONS_TARGET bytes.
-    assert "the SAM web emulator answered 4 requests (1 listing, 2 bulk location lookups)" in res.stdout
+    assert ("the SAM web emulator answered 4 requests (1 file count, 1 listing, 2 bulk "
+            "location lookups)") in res.stdout
     assert "the storage saw 300 requests" in res.stdout
 
 
