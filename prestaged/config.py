@@ -776,11 +776,15 @@ def build_section(cls: type[T], data: object, prefix: str, base: Path) -> T:
               if not f.metadata.get("internal")}
     hints = get_type_hints(cls)
     kwargs: dict[str, Any] = {}
+    # Keys the caller took out of ``data`` before (``metadata={"internal": True, "key":
+    # True}``: a campaign stage's ``after``) are keys all the same, and named in hints.
+    keys = [*fields, *(f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                       if f.metadata.get("key"))]
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
+            close = difflib.get_close_matches(key, keys, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            known = ", ".join(sorted(fields))
+            known = ", ".join(sorted(keys))
             raise ConfigError(f"unknown key {prefix}{key}{hint}; keys here: {known}")
         fld = fields[key]
         kwargs[key] = _convert(hints[key], fld, value, prefix + key, base)

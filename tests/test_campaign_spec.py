@@ -97,6 +97,15 @@ def test_complete_poll_may_not_exceed_its_maximum(tmp_path: Path) -> None:
                                         "complete_poll_max (1 s), got 3600 s")
 
 
+def test_an_unknown_stage_key_names_after_among_the_keys(tmp_path: Path) -> None:
+    """`after` is taken out of a stage before the rest is checked, so the hint for a
+    misspelt key never listed it, nor suggested it for `afetr`."""
+    text = campaign_text("stage[0].afetr", ["x"], [STAGE])
+    said = error_of(tmp_path, text)
+    assert said.startswith("unknown key stage[0].afetr (did you mean stage[0].after?); keys "
+                           "here: after, complete,"), said
+
+
 def campaign_text(key: str, value: object, stages: list[dict[str, object]]) -> str:
     """A campaign file with ``stages`` and ``key`` (``k``, ``defaults.k``, ``stage[0].k``)
     set to ``value``."""

@@ -344,6 +344,9 @@ def test_credentials_command_describes_both_and_never_prints_the_token(
     assert 3500 < doc["token"]["seconds_left"] <= 3600
     only = json.loads(run_cli("credentials", *args, "--auth", "token", "--json").stdout)
     assert only["proxy"] is None
+    # A proxy is there, only not used: "none found" said it was missing.
+    said = run_cli("credentials", *args, "--auth", "token").stdout
+    assert "proxy       : not used (--auth token)" in said and "none found" not in said
     _no_text(token, text.stdout, text.stderr, json.dumps(doc))
 
 

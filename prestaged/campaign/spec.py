@@ -172,7 +172,7 @@ class StageConfig:
     """Once ``complete`` exits 0 for a submission, release the tape pins prestaged's stage
     requests hold on its slice (``prestaged release``); needs ``complete``. Default false: the
     pins last ``storage.pin_lifetime``."""
-    after: tuple[str, ...] = field(default=(), metadata={"internal": True})
+    after: tuple[str, ...] = field(default=(), metadata={"internal": True, "key": True})
     """Stages that must be drained and complete before this one starts."""
 
     @property

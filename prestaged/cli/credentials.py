@@ -151,10 +151,11 @@ def cmd_credentials(args: argparse.Namespace, cfg: Config) -> int:
         print(json.dumps({"method": method, "proxy": proxy, "token": token}, indent=2))
     else:
         print(f"method      : {method}")
-        print("proxy       :" + ("" if proxy else " none found"))
+        unused = f" not used (--auth {method})"  # not "none found": one may be configured
+        print("proxy       :" + ("" if proxy else unused if method == "token" else " none found"))
         if proxy:
             _print_proxy(proxy, indent="  ")
-        print("token       :" + ("" if token else " none found"))
+        print("token       :" + ("" if token else unused if method == "proxy" else " none found"))
         if token:
             _print_token(token)
     creds = context(args, cfg).load_credentials()

@@ -416,7 +416,8 @@ def campaign_list_lines(rows: Sequence[dict[str, Any]], source: str) -> list[str
 def campaign_lines(doc: dict[str, Any]) -> list[str]:
     """``campaign show``'s text: the campaign, then each stage and its submissions."""
     task = doc.get("daemon")
-    head = f"{doc['campaign']}: {doc['control'] or 'active'}"
+    # (not 'active': a campaign whose every submission completed showed as active)
+    head = f"{doc['campaign']}: {doc['control'] or 'not held'}"
     if task:
         head += f"; daemon: {task['status']}" + (f" ({task['detail']})" if task["detail"] else "")
     lines = [f"{head}  [{doc['source']}]"]
