@@ -43,8 +43,7 @@ from __future__ import annotations
 import enum
 import logging
 import re
-import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -182,7 +181,7 @@ class CampaignRepository:
     def register(self, campaign: CampaignConfig, body: str) -> bool:
         """Store ``campaign`` (its file's text ``body``) for the daemon; True when it is new,
         False when it replaced a campaign of that name (its submissions and ledger are kept)."""
-        now = time.time()
+        now = self.store.now()
         source = str(campaign.source) if campaign.source else None
         with self.store.transaction() as conn:
             cur = conn.execute("UPDATE campaigns SET source = ?, body = ?, updated = ? "
@@ -284,7 +283,7 @@ class CampaignRepository:
         neither held nor cancelled (one that exists is kept as it is). So an operator action
         on a campaign run in the foreground (never registered) can tell a stage it has from a
         typo, before that stage has a submission."""
-        now = time.time()
+        now = self.store.now()
         with self.store.transaction() as conn:
             conn.executemany("INSERT INTO campaign_controls (campaign, stage, updated, reason) "
                              "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -346,7 +345,7 @@ class CampaignRepository:
     def create(self, campaign: str, stage: str, item: str, definition: str,
                ledger: Sequence[FileRef] = ()) -> Submission:
         """A new ``queued`` submission and, in the same transaction, its ``ledger`` files."""
-        now = time.time()
+        now = self.store.now()
         with self.store.transaction() as conn:
             self._check_lease(conn, campaign, strict=True)
             sub_id = conn.insert(
@@ -378,10 +377,10 @@ class CampaignRepository:
              value: int, reason: str) -> None:
         conn.execute("INSERT INTO campaign_controls (campaign, stage, updated, reason) "
                      "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                     (campaign, stage or "", time.time(), reason))
+                     (campaign, stage or "", self.store.now(), reason))
         conn.execute(f"UPDATE campaign_controls SET {column} = ?, updated = ?, reason = ? "
                      "WHERE campaign = ? AND stage = ?",
-                     (value, time.time(), reason, campaign, stage or ""))
+                     (value, self.store.now(), reason, campaign, stage or ""))
 
     def hold(self, campaign: str, stage: Optional[str] = None) -> None:
         """Hold the campaign (or one stage): ``run`` creates and launches nothing there."""
@@ -445,7 +444,7 @@ class CampaignRepository:
         retries at once (two CLIs, two members, release beside retry) made two successors,
         and the slice was submitted twice. The loser waits for the winner's commit and gets
         ``ConflictError``."""
-        now = time.time()
+        now = self.store.now()
         reason = f"retry of #{old.id}, {why}"
         base = old.item.split(" (retry", 1)[0]
         retryable = tuple(s.value for s in RETRYABLE)
@@ -526,44 +525,18 @@ class CampaignRepository:
         """Move ``sub`` to ``to`` (stored with the time and ``reason``); ``ConflictError`` for a
         transition that is not allowed (backwards, or out of a final state), ``NotFoundError``
         when the submission is gone."""
-        unknown = set(fields) - set(_SETTABLE)
-        if unknown:  # pragma: no cover - a programming error
-            raise TypeError(f"cannot set {sorted(unknown)}")
-        now = time.time()
-        sets = "".join(f", {k} = ?" for k in fields)
-        with self.store.transaction() as conn:
-            # The lease first: on PostgreSQL it locks the campaign row, so a takeover cannot
-            # come between this check and the move (the launch ledger entry included).
-            self._check_lease(conn, sub.campaign, strict=to is S.SUBMITTING)
-            while True:
-                row = conn.execute("SELECT state, updated FROM campaign_submissions "
-                                   "WHERE id = ?", (sub.id,)).fetchone()
-                if row is None:
-                    raise NotFoundError(f"no submission {sub.id}")
-                frm, since = SubmissionState(row[0]), row[1]
-                if to not in _NEXT.get(frm, frozenset()):
-                    raise ConflictError(f"submission {sub.id}: {frm.value} -> {to.value} is "
-                                        "not allowed")
-                # Only from the state just read: an operator's move (which holds no campaign
-                # lock) read `ready` while the runner moved it on to `submitting` and ran its
-                # command, then wrote `cancelled` over the launch. Read again and judge anew.
-                if conn.execute(f"UPDATE campaign_submissions SET state = ?, reason = ?, "
-                                f"updated = ?{sets} WHERE id = ? AND state = ?",
-                                (to.value, reason, now, *fields.values(), sub.id,
-                                 frm.value)).rowcount:
-                    break
-            conn.execute("INSERT INTO submission_events (submission_id, at, from_state, "
-                         "to_state, reason) VALUES (?, ?, ?, ?, ?)",
-                         (sub.id, now, frm.value, to.value, reason))
-        if to in RETRYABLE:  # the operator must act: shown under -q too, with the way out
-            log.warning("%s/%s #%d %s: %s -> %s: %s; %s", sub.campaign, sub.stage, sub.id,
-                        sub.item, frm.value, to.value, reason, way_out(to, sub.id))
-        else:
-            log.info("%s/%s #%d %s: %s -> %s: %s", sub.campaign, sub.stage, sub.id, sub.item,
-                     frm.value, to.value, reason)
-        self._moved(sub.campaign, frm, to, since)
-        return self.get(sub.id)
+        def judge(frm: SubmissionState, _row: Sequence[Any]) -> tuple[SubmissionState, str]:
+            if to not in _NEXT.get(frm, frozenset()):
+                raise ConflictError(f"submission {sub.id}: {frm.value} -> {to.value} is not "
+                                    "allowed")
+            return to, reason
 
+        # The lease is checked first: on PostgreSQL it locks the campaign row, so a takeover
+        # cannot come between the check and the move (the launch ledger entry included).
+        frm, new, why, since = self._write(sub, fields, judge, lease=to is S.SUBMITTING)
+        self._said(sub, frm, new, why)
+        self._moved(sub.campaign, frm, new, since)
+        return self.get(sub.id)
 
     def record_launch(self, sub: Submission, to: SubmissionState, reason: str,
                       **fields: object) -> Submission:
@@ -578,24 +551,48 @@ class CampaignRepository:
         runner guessed meanwhile (not yet retried), the result replaces the guess. If an
         operator has since retried it or cancelled it, its state stays, the result is kept on
         it and an ERROR says the slice may now run twice."""
+        def judge(frm: SubmissionState, row: Sequence[Any]) -> tuple[SubmissionState, str]:
+            if frm is S.SUBMITTING:
+                return to, reason
+            if frm is S.LAUNCH_UNKNOWN and row[2] is None:  # guessed, not yet retried
+                return to, f"{reason} (recorded by its launcher over launch_unknown)"
+            return frm, str(row[3] or "")
+
+        frm, new, why, since = self._write(sub, fields, judge, lease=None)
+        if new is frm:
+            log.error("%s/%s #%d %s: %s, but it was %s meanwhile (%s): the slice may run "
+                      "twice; the result is kept on #%d", sub.campaign, sub.stage, sub.id,
+                      sub.item, reason, frm.value, why, sub.id)
+        else:
+            self._said(sub, frm, new, why)
+            self._moved(sub.campaign, frm, new, since)
+        return self.get(sub.id)
+
+    def _write(self, sub: Submission, fields: Mapping[str, object],
+               judge: Callable[[SubmissionState, Sequence[Any]], tuple[SubmissionState, str]],
+               *, lease: Optional[bool]) -> tuple[SubmissionState, SubmissionState, str, float]:
+        """In one transaction (after the lease check: ``lease`` is ``strict``, None for none),
+        ``sub``'s state, ``judge``'s new state and reason for it (from the state and the row
+        ``state, updated, superseded_by, reason``), written with ``fields`` and an event (when
+        the state changes) only over the state read: an operator's move (which holds no
+        campaign lock) read `ready` while the runner moved it on to `submitting` and ran its
+        command, then wrote `cancelled` over the launch; read again and judged anew. Returns
+        (old state, new state, reason, when the old one began)."""
         unknown = set(fields) - set(_SETTABLE)
         if unknown:  # pragma: no cover - a programming error
             raise TypeError(f"cannot set {sorted(unknown)}")
-        now = time.time()
+        now = self.store.now()
         sets = "".join(f", {k} = ?" for k in fields)
         with self.store.transaction() as conn:
+            if lease is not None:
+                self._check_lease(conn, sub.campaign, strict=lease)
             while True:
                 row = conn.execute("SELECT state, updated, superseded_by, reason FROM "
                                    "campaign_submissions WHERE id = ?", (sub.id,)).fetchone()
                 if row is None:
                     raise NotFoundError(f"no submission {sub.id}")
-                frm, since = SubmissionState(row[0]), row[1]
-                guessed = frm is S.LAUNCH_UNKNOWN and row[2] is None
-                if frm is S.SUBMITTING or guessed:
-                    new, why = to, reason if not guessed else (
-                        f"{reason} (recorded by its launcher over launch_unknown)")
-                else:
-                    new, why = frm, str(row[3] or "")
+                frm = SubmissionState(row[0])
+                new, why = judge(frm, row)
                 if conn.execute(f"UPDATE campaign_submissions SET state = ?, reason = ?, "
                                 f"updated = ?{sets} WHERE id = ? AND state = ?",
                                 (new.value, why, now, *fields.values(), sub.id,
@@ -605,19 +602,16 @@ class CampaignRepository:
                 conn.execute("INSERT INTO submission_events (submission_id, at, from_state, "
                              "to_state, reason) VALUES (?, ?, ?, ?, ?)",
                              (sub.id, now, frm.value, new.value, why))
-        if new is frm:
-            log.error("%s/%s #%d %s: %s, but it was %s meanwhile (%s): the slice may run twice; "
-                      "the result is kept on #%d", sub.campaign, sub.stage, sub.id, sub.item,
-                      reason, frm.value, why, sub.id)
-        elif new in RETRYABLE:
+        return frm, new, why, row[1]
+
+    @staticmethod
+    def _said(sub: Submission, frm: SubmissionState, to: SubmissionState, why: str) -> None:
+        if to in RETRYABLE:  # the operator must act: shown under -q too, with the way out
             log.warning("%s/%s #%d %s: %s -> %s: %s; %s", sub.campaign, sub.stage, sub.id,
-                        sub.item, frm.value, new.value, why, way_out(new, sub.id))
+                        sub.item, frm.value, to.value, why, way_out(to, sub.id))
         else:
             log.info("%s/%s #%d %s: %s -> %s: %s", sub.campaign, sub.stage, sub.id, sub.item,
-                     frm.value, new.value, why)
-        if new is not frm:
-            self._moved(sub.campaign, frm, new, since)
-        return self.get(sub.id)
+                     frm.value, to.value, why)
 
 
 def way_out(state: SubmissionState, sub_id: int) -> str:

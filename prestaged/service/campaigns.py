@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -425,7 +424,7 @@ class DaemonCampaigns:
         needs a query, is refreshed by ``_refresh_gauges`` on the loop's side."""
         S = SubmissionState
         if frm is S.PRESTAGING and to in (S.READY, S.FAILED):
-            self._metrics.gate_waited(time.time() - since)
+            self._metrics.gate_waited(self._store.now() - since)
         if frm is S.SUBMITTING:
             self._metrics.launched(to.value)
         if self._loop is not None:
