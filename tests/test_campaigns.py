@@ -330,14 +330,23 @@ def test_a_second_runner_of_a_campaign_is_refused_while_the_first_submits(
     command took that submission for a crash's and made it launch_unknown, and the first one's
     result could then be lost. The second is refused (exit 2, naming the first's pid); the
     first submits once and completes."""
-    campaign = _one_file_campaign(tmp_path, storage, "twice", WAITING_SUBMIT)
+    pid, said = _second_run_during_the_firsts_submit(pki, proxy, storage, tmp_path, "twice")
+    assert f"campaign twice is being run by prestaged pid {pid} on " in said, said
+
+
+def _second_run_during_the_firsts_submit(
+        pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, name: str,
+        elsewhere: dict[str, str] | None = None) -> tuple[int, str]:
+    """Campaign ``name`` run, and run again (with ``elsewhere`` in its environment) while the
+    first's submit command runs: checked that the second is refused (exit 2) and the first
+    completes with its job id; (the first's pid, what the second said)."""
+    campaign = _one_file_campaign(tmp_path, storage, name, WAITING_SUBMIT)
     first = _spawn(pki, proxy, tmp_path, "campaign", "run", str(campaign))
     try:
         _until_submitting(first, tmp_path)
-        second = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign))
+        second = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign),
+                            extra_env=elsewhere)
         assert second.returncode == 2, second.stderr
-        assert (f"campaign twice is being run by prestaged pid {first.pid} on "
-                in second.stderr), second.stderr
         (tmp_path / "go").touch()
         _, err = first.communicate(timeout=TIMEOUT)
     finally:
@@ -345,8 +354,9 @@ def test_a_second_runner_of_a_campaign_is_refused_while_the_first_submits(
             first.kill()
             first.wait()
     assert first.returncode == 0, err
-    [sub] = _show(pki, proxy, tmp_path, "twice")
+    [sub] = _show(pki, proxy, tmp_path, name)
     assert (sub["state"], sub["job_id"]) == ("completed", "9.0@t")
+    return first.pid, second.stderr
 
 
 def test_campaign_run_takes_the_lease_daemon_members_take(
@@ -400,26 +410,11 @@ def test_two_runs_of_an_unregistered_campaign_on_two_hosts_are_one_runner(
     now refused (exit 2) by a lock the database holds for the first, which submits once."""
     if backend.url is None:
         pytest.skip("SQLite: the runner lock file keeps every runner apart (tested above)")
-    path = _one_file_campaign(tmp_path, storage, "tworuns", WAITING_SUBMIT)
-    first = _spawn(pki, proxy, tmp_path, "campaign", "run", str(path))
-    try:
-        _until_submitting(first, tmp_path)
-        elsewhere = {"XDG_STATE_HOME": str(tmp_path / "other-host")}  # its own lock files
-        second = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(path),
-                            extra_env=elsewhere)
-        assert second.returncode == 2, second.stderr
-        assert (f"campaign tworuns is being run by prestaged pid {first.pid} on "
-                f"{socket.gethostname()} (`prestaged campaign run`, holding its lock on this "
-                "state" in second.stderr), second.stderr
-        (tmp_path / "go").touch()
-        _, err = first.communicate(timeout=TIMEOUT)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-    assert first.returncode == 0, err
-    [sub] = _show(pki, proxy, tmp_path, "tworuns")
-    assert (sub["state"], sub["job_id"]) == ("completed", "9.0@t")
+    elsewhere = {"XDG_STATE_HOME": str(tmp_path / "other-host")}  # its own lock files
+    pid, said = _second_run_during_the_firsts_submit(pki, proxy, storage, tmp_path, "tworuns",
+                                                     elsewhere)
+    assert (f"campaign tworuns is being run by prestaged pid {pid} on {socket.gethostname()} "
+            "(`prestaged campaign run`, holding its lock on this state" in said), said
     moves = [r[0] for r in backend.query("SELECT to_state FROM submission_events ORDER BY id")]
     assert "launch_unknown" not in moves and moves.count("submitting") == 1, moves
 
