@@ -767,6 +767,8 @@ async def test_redirects_share_one_attempts_timeout(ctx: ssl.SSLContext, pki: Te
     minutes). The attempt now times out."""
     from aiohttp import web
 
+    from prestaged.testing.appserver import serving
+
     async def hop(request: web.Request) -> web.StreamResponse:
         n = int(request.match_info["n"])
         await asyncio.sleep(0.4)  # the server's slowness, not a wait of the test
@@ -777,17 +779,10 @@ async def test_redirects_share_one_attempts_timeout(ctx: ssl.SSLContext, pki: Te
 
     app = web.Application()
     app.router.add_get("/hop/{n}", hop)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=pki.server_ssl_context())
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
+    async with serving(app, pki.server_ssl_context()) as port:
         for fast in (True, False):  # a %-escape keeps the fast path out: aiohttp does it all
             async with _toucher(ctx, fast=fast, timeout=1.0) as t:
                 got = await t.touch(f"https://localhost:{port}/hop/%31")
             assert got.failure is Failure.TIMEOUT, (fast, got)
         async with _toucher(ctx, fast=False, timeout=5.0) as t:
             assert (await t.touch(f"https://localhost:{port}/hop/1")).status == 206
-    finally:
-        await runner.cleanup()

@@ -26,6 +26,7 @@ from daemon_harness import DEADLINE, state_files
 
 from prestaged.errors import ConfigError
 from prestaged.model import FileRef, TapeInfo
+from prestaged.testing.appserver import serving
 from prestaged.testing.dcache import DCacheConfig, Locality, ThreadedDCache
 from prestaged.testing.pki import TestPKI
 
@@ -180,13 +181,8 @@ async def refusing(pki: TestPKI) -> AsyncIterator[tuple[str, list[str], list[int
 
     app = web.Application()
     app.router.add_post("/api/tape/v1/release/{id}", release)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=pki.server_ssl_context())
-    await site.start()
-    port = runner.addresses[0][1]
-    yield f"https://127.0.0.1:{port}/api/tape/v1", released, status
-    await runner.cleanup()
+    async with serving(app, pki.server_ssl_context()) as port:
+        yield f"https://127.0.0.1:{port}/api/tape/v1", released, status
 
 
 def _seed_pins(backend: Backend, uri: str) -> str:

@@ -6,12 +6,13 @@ and injected failures (``fail``), so tests can prove a client's retries.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import ssl
 import sys
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Callable, Optional, TypeVar
 
@@ -19,9 +20,24 @@ from aiohttp import web
 
 from prestaged.testing.threaded import ThreadedServer
 
-__all__ = ["AppServer", "ThreadedAppServer"]
+__all__ = ["AppServer", "ThreadedAppServer", "serving"]
 
 S = TypeVar("S", bound="AppServer")
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application, ssl_context: Optional[ssl.SSLContext],
+                  host: str = "127.0.0.1") -> AsyncIterator[int]:
+    """``app`` served on ``host`` over ``ssl_context`` until the block ends: a test's server of a
+    route or two, on a free port (given)."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, 0, ssl_context=ssl_context)
+        await site.start()
+        yield int(runner.addresses[0][1])
+    finally:
+        await runner.cleanup()
 A = TypeVar("A", bound="AppServer")
 
 
