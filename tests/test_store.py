@@ -273,6 +273,20 @@ def test_store_batches_writes(backend: Backend) -> None:
         assert (st.files, st.fresh) == (25, 25)
 
 
+def test_buffered_rows_reach_the_database_without_another_record(backend: Backend) -> None:
+    """A row waited in the buffer for the next record() past flush_interval, and a run whose
+    files are coming back from tape records nothing for hours: a crash lost it. The store's
+    ticker hands it to the writer once flush_interval has passed, with no flush() and no
+    other record."""
+    with backend.store(batch=1000, flush_interval=0.05) as store:
+        store.add_members("local", "d", [FileRef("f0", "https://h/f0")])
+        store.record("https://h/f0", "f0", "warm", 206, 4, 1, "")
+        deadline = time.monotonic() + 30
+        while backend.query("SELECT COUNT(*) FROM files WHERE status = 'warm'") != [(1,)]:
+            assert time.monotonic() < deadline, "the buffered outcome never reached the state"
+            time.sleep(0.02)  # polling the database with a deadline
+
+
 def test_status_catalog_narrows_every_definition(backend: Backend) -> None:
     """``status --catalog K`` without a definition lists only catalog K's definitions (it
     listed all of them), from the store and on the command line."""
