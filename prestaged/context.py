@@ -157,7 +157,10 @@ class Context:
             stack.push_async_callback(shared.close)
             shared.valid.set()
             await shared.install(tls)
-            yield ProxyFollower(creds, shared, tape), tape
+            follower = ProxyFollower(creds, shared, tape)
+            following = asyncio.ensure_future(follower.follow())
+            stack.callback(following.cancel)
+            yield follower, tape
 
     # --- catalogs -------------------------------------------------------------------------
 

@@ -688,3 +688,39 @@ async def test_a_command_presents_the_proxy_file_as_it_is_when_each_touch_starts
         assert str(stale) in expired.error
     finally:
         await shared.close()
+
+
+async def test_a_renewed_proxy_reaches_the_tape_client_with_no_touch_at_all(
+        pki: TestPKI, tmp_path: Path) -> None:
+    """A dataset all on tape makes no touch until files land: the proxy was looked at only
+    before touches, so its Tape REST polls kept the first proxy past its end (exit 5 after 8
+    tries) while a renewal sat on disk. ``follow`` looks every ``recheck`` seconds."""
+    from prestaged.credentials import Credentials, inspect_proxy
+    from prestaged.service.toucher import ProxyFollower, SharedToucher
+    from prestaged.storage.http import HttpToucher
+
+    class Tape:
+        installed: list[ssl.SSLContext] = []
+
+        def install(self, ctx: ssl.SSLContext, token: object) -> None:
+            self.installed.append(ctx)
+
+    path = pki.make_proxy(tmp_path / "x509up", lifetime=timedelta(hours=1))
+    creds = Credentials(proxy=inspect_proxy(path), ca_dir=pki.ca_dir)
+    shared = SharedToucher(lambda ctx: HttpToucher(ctx, limit=1, limit_per_host=1), 1)
+    shared.valid.set()
+    await shared.install(creds.ssl_context())
+    tape = Tape()
+    follower = ProxyFollower(creds, shared, tape, recheck=0.02)  # type: ignore[arg-type]
+    following = asyncio.ensure_future(follower.follow())
+    try:
+        pki.make_proxy(path, lifetime=timedelta(hours=12))  # renewed; nothing is touched
+        deadline = asyncio.get_running_loop().time() + 30
+        while not tape.installed:
+            assert asyncio.get_running_loop().time() < deadline, "the renewal never reached tape"
+            await asyncio.sleep(0.02)  # polling with a deadline
+        proxy = follower.creds.proxy
+        assert proxy is not None and proxy.time_left() > timedelta(hours=11)
+    finally:
+        following.cancel()
+        await shared.close()

@@ -96,13 +96,14 @@ class SharedToucher:
 class ProxyFollower:
     """A command's touch path (``warm``, ``wait``, ``submit``, ``campaign run``: runs of hours
     or days) presenting the proxy file as it is now, as the daemon's credential watch does.
-    Before a touch, at most every ``recheck`` seconds, the file is looked at; renewed (rewritten
-    in place by condor's credmon, or renamed over by voms-proxy-init), it is checked and the
-    touches (and the Tape REST requests of ``tape``) that start from then on present it, while
-    those in flight finish on the old pool. A renewal that cannot be used is a WARNING, and the
-    previous proxy is kept. Once the proxy in use has expired, each touch fails at once naming
-    it (nothing is sent: the run stops with exit 3), instead of every server refusing it and
-    the run blaming the storage. (Before, a command kept the proxy it started with.)"""
+    Every ``recheck`` seconds (``follow``) and before a touch, the file is looked at; renewed
+    (rewritten in place by condor's credmon, or renamed over by voms-proxy-init), it is checked
+    and the touches (and the Tape REST requests of ``tape``) that start from then on present
+    it, while those in flight finish on the old pool. A renewal that cannot be used is a
+    WARNING, and the previous proxy is kept. Once the proxy in use has expired, each touch
+    fails at once naming it (nothing is sent: the run stops with exit 3), instead of every
+    server refusing it and the run blaming the storage. (Before, a command kept the proxy it
+    started with.)"""
 
     def __init__(self, creds: Credentials, shared: SharedToucher,
                  tape: Optional[TapeAccess] = None, *, recheck: float = 1.0,
@@ -129,6 +130,14 @@ class ProxyFollower:
             except CredentialError as e:
                 return Attempt(failure=Failure.CREDENTIAL, error=str(e))
         return await self._shared.touch(url)
+
+    async def follow(self) -> None:
+        """Look at the file every ``recheck`` seconds, touches or not, until cancelled: a
+        dataset all on tape makes no touch until files land, and its Tape REST polls kept the
+        first proxy past its end (the run gave up with exit 5) while a renewal sat on disk."""
+        while True:
+            await asyncio.sleep(self._recheck)
+            await self._look()
 
     async def _look(self) -> None:
         async with self._looking:
