@@ -744,3 +744,41 @@ submit = {_submit(tmp_path, "{submission} {urls_file}")}
     again = _prestaged(pki, proxy, tmp_path, "campaign", "retry", "recover", "--submission",
                        str(failed["id"]))
     assert again.returncode == 2 and "already retried" in again.stderr
+
+
+def test_a_campaign_runs_lock_lost_with_its_connection_is_taken_again_or_the_run_stops(
+        make_pg_url: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The advisory lock of a `campaign run` lives on one connection, which a PostgreSQL
+    restart or failover drops, and the run never noticed: a second `campaign run` started
+    beside it. The run's check now takes the lock again on a new connection, or, when another
+    run has it meanwhile, says so and stops."""
+    from prestaged.cli.campaign import _RunLock
+    from prestaged.state.postgres import connect
+    from prestaged.state.store import Store
+
+    def drop_the_locks_connection(admin: Any) -> None:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE application_name LIKE 'prestaged-campaign-run/%'")
+
+    url = make_pg_url()
+    key = "prestaged campaign run c"
+    with Store(tmp_path / "anchor", url=url) as store, connect(url) as admin:
+        lock = _RunLock(store, "c")
+        try:
+            drop_the_locks_connection(admin)
+            assert lock.still_ours()  # taken again, on a new connection
+            assert "went with its connection to the state; taken again" in caplog.text
+            held = admin.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                 "AND granted").fetchone()
+            assert held == (1,)
+            drop_the_locks_connection(admin)
+            deadline = time.monotonic() + 30
+            while not admin.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                                    (key,)).fetchone()[0]:  # another run takes it first
+                assert time.monotonic() < deadline
+                time.sleep(0.02)  # until the server has ended the dropped connection
+            assert not lock.still_ours()
+            assert "being run by another prestaged" in caplog.text and "this run stops" in \
+                caplog.text
+        finally:
+            lock.close()

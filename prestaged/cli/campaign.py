@@ -12,18 +12,19 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 from urllib.parse import quote
 
 from prestaged.cli.common import context, open_store, via_daemon
 from prestaged.cli.render import campaign_lines, campaign_list_lines
 from prestaged.config import Config
-from prestaged.errors import EXIT_HELD, ConfigError, ConflictError, PrestagedError
+from prestaged.errors import EXIT_HELD, ConfigError, ConflictError, PrestagedError, StateError
 from prestaged.pacing import Rates
 from prestaged.runtime import install_interrupt, run
 from prestaged.state.db import driver_errors
@@ -40,6 +41,8 @@ __all__ = [
     "cmd_campaign_run",
     "cmd_campaign_show",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def cmd_campaign_add(args: argparse.Namespace, cfg: Config) -> int:
@@ -128,7 +131,7 @@ def _sole_run(store: Store, name: str) -> Connection:
             "l.objid::bigint) = hashtextextended(%s, 0)", (key,)).fetchone()
     except driver_errors() as e:
         conn.close()
-        raise PrestagedError(f"state {store.where}: cannot lock campaign {name}: {e}") from None
+        raise StateError(f"state {store.where}: cannot lock campaign {name}: {e}") from None
     if holder is None and got and got[0]:
         return conn
     conn.close()
@@ -143,12 +146,61 @@ _RUN_LOCK = "prestaged-campaign-run/"
 """How the connection holding a ``campaign run``'s lock names itself (then ``pid@host``)."""
 
 
-def _take(store: Store, name: str, lease: float) -> tuple[Optional[Connection], Optional[str]]:
+class _RunLock:
+    """``_sole_run``'s lock, kept for the run. The server drops it with its connection (a
+    restart, a failover: the run went on, and a second `campaign run` started beside it):
+    ``still_ours`` takes it again on a new connection, or says another run has it now."""
+
+    def __init__(self, store: Store, name: str) -> None:
+        self.store, self.name = store, name
+        self.conn: Optional[Connection] = _sole_run(store, name)
+
+    def still_ours(self) -> bool:
+        """Whether the lock is (again) this run's; False when another run took it."""
+        if self.conn is not None:
+            try:
+                self.conn.execute("SELECT 1")
+                return True
+            except driver_errors():
+                self.close()  # the server dropped it, and the lock with it
+        try:
+            self.conn = _sole_run(self.store, self.name)
+        except ConflictError as e:
+            log.error("%s; taken while this run's connection to the state was lost: this run "
+                      "stops", e)
+            return False
+        except StateError:
+            return True  # no server to lock anything with: nobody else can take it either
+        log.warning("campaign %s: this run's lock went with its connection to the state; "
+                    "taken again", self.name)
+        return True
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(*driver_errors()):
+                conn.close()
+
+
+async def _keep_lock(lock: _RunLock, lost: Callable[[], None]) -> None:
+    """Check ``lock`` every ``RUN_LOCK_CHECK`` seconds; ``lost()`` once another run has it."""
+    while True:
+        await asyncio.sleep(RUN_LOCK_CHECK)
+        if not await asyncio.to_thread(lock.still_ours):
+            lost()
+            return
+
+
+RUN_LOCK_CHECK = 2.0
+"""Seconds between two checks that a ``campaign run``'s lock is still its own."""
+
+
+def _take(store: Store, name: str, lease: float) -> tuple[Optional[_RunLock], Optional[str]]:
     """On a shared PostgreSQL state, campaign ``name`` for this foreground run: the lock of
     ``_sole_run`` and the lease of ``_claim`` (None, None on SQLite: the runner's lock file)."""
     if store.url is None:
         return None, None
-    lock = _sole_run(store, name)
+    lock = _RunLock(store, name)
     try:
         return lock, _claim(store, name, lease)
     except BaseException:
@@ -156,7 +208,7 @@ def _take(store: Store, name: str, lease: float) -> tuple[Optional[Connection], 
         raise
 
 
-def _let_go(store: Store, name: str, lock: Optional[Connection], owner: Optional[str]) -> None:
+def _let_go(store: Store, name: str, lock: Optional[_RunLock], owner: Optional[str]) -> None:
     """Give up what ``_take`` took."""
     if owner is not None:
         from prestaged.state import cluster as shared
@@ -164,8 +216,7 @@ def _let_go(store: Store, name: str, lock: Optional[Connection], owner: Optional
         with contextlib.suppress(*driver_errors(PrestagedError)):
             shared.release_campaign(store, name, owner)
     if lock is not None:
-        with contextlib.suppress(*driver_errors()):
-            lock.close()
+        lock.close()
 
 
 @dataclass(frozen=True)
@@ -267,12 +318,14 @@ def cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
     async def go() -> CampaignResult:
         stop = asyncio.Event()
         install_interrupt(stop)
-        keeper = None
+        keepers = []
         if owner is not None:  # renewed as the daemons renew theirs; lost: stop the run
             from prestaged.service.cluster import keep_lease
 
-            keeper = asyncio.ensure_future(keep_lease(store, _Holder(owner, lease), "campaign",
-                                                      (campaign.name,), stop.set))
+            keepers.append(asyncio.ensure_future(keep_lease(
+                store, _Holder(owner, lease), "campaign", (campaign.name,), stop.set)))
+        if lock is not None:
+            keepers.append(asyncio.ensure_future(_keep_lock(lock, stop.set)))
         rates = Rates()  # the gates and keep-warm runs are one client at the storage
         try:
             async with ctx.storage(creds) as (toucher, tape):
@@ -285,7 +338,7 @@ def cmd_campaign_run(args: argparse.Namespace, cfg: Config) -> int:
                                       rates=rates),
                     release=ctx.release(store, tape, stop=stop), owner=owner)
         finally:
-            if keeper is not None:
+            for keeper in keepers:
                 keeper.cancel()
 
     try:
