@@ -120,7 +120,7 @@ def _daemon_status(args: argparse.Namespace, cfg: Config, names: list[Optional[s
 
     query = urllib.parse.urlencode({"catalog": args.status_catalog} if args.status_catalog
                                    else {})
-    doc = via_daemon(args, cfg, "GET", f"/api/v1/datasets?{query}",
+    doc = via_daemon(args, cfg, "GET", "/api/v1/datasets" + (f"?{query}" if query else ""),
                      keys={"definitions": list})
     if doc is None:
         return None
