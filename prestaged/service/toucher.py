@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from typing import Callable, Optional
 
-from prestaged.credentials import Credentials, check_lifetime, inspect_proxy
+from prestaged.credentials import Credentials, check_lifetime, inspect_proxy, warn_if_exposed
 from prestaged.errors import CredentialError
 from prestaged.files import file_stamp
 from prestaged.locality import TapeAccess
@@ -153,6 +153,7 @@ class ProxyFollower:
             try:
                 info = inspect_proxy(current.path)
                 check_lifetime(info, 0)
+                warn_if_exposed(current.path)
                 creds = dataclasses.replace(self.creds, proxy=info)
                 tls = creds.ssl_context()
             except CredentialError as e:
