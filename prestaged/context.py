@@ -158,6 +158,8 @@ class Context:
             shared.valid.set()
             await shared.install(tls)
             follower = ProxyFollower(creds, shared, tape)
+            if tape is not None:
+                tape.check_credentials_with(follower.check)
             following = asyncio.ensure_future(follower.follow())
             stack.callback(following.cancel)
             yield follower, tape

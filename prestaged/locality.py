@@ -209,6 +209,7 @@ class TapeAccess:
         self.ready: Optional[Callable[[], Awaitable[None]]] = None
         """Awaited before every Tape REST request (the daemon: until its credentials are
         valid, so that an expired token pauses staging as it pauses touching)."""
+        self._check: Optional[Callable[[], None]] = None
         self._session: Optional[aiohttp.ClientSession] = None
         self._retired: list[aiohttp.ClientSession] = []
         self._client: Optional[TapeClient] = None
@@ -254,8 +255,17 @@ class TapeAccess:
                                   policy=self._policy, on_stage=self._on_stage,
                                   token=self._token)
         self._client.ready = self.ready
+        self._client.check = self._check
         self._allow_configured(self._client)
         return self
+
+    def check_credentials_with(self, check: Callable[[], None]) -> None:
+        """Call ``check`` before every Tape REST request: ``CredentialError`` stops the run
+        with exit 3 (a command's expired proxy: staging went on with it, and a dataset all on
+        tape ended with exit 5 "Server disconnected" after 8 tries)."""
+        self._check = check
+        if self._client is not None:
+            self._client.check = check
 
     @property
     def token(self) -> Optional[TokenSource]:

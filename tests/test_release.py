@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -366,3 +367,28 @@ def test_a_warm_killed_while_its_files_come_back_from_tape_leaves_their_pins_rel
         assert (json.loads(res.stdout)["files"], json.loads(res.stdout)["requests"]) == (3, 1)
         assert site.stats()["requests"]["frontend:release"] == 1
         assert _pinned_rows(backend) == 0
+
+
+def test_a_proxy_that_expires_while_files_come_back_from_tape_stops_the_run_naming_it(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """Staging went on with a proxy that had expired (nothing was touched, so nothing looked):
+    the frontend refused its handshakes and the run ended, minutes later, with exit 5 "Server
+    disconnected". The Tape REST requests now check the proxy first: exit 3 naming it."""
+    slow = DCacheConfig(drives=1, mount_seconds=3600.0)  # nothing lands during the test
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(), slow) as site:
+        paths = [f"/pnfs/p/cold{i}" for i in range(3)]
+        for p in paths:
+            site.add_file(p, 10, Locality.TAPE, tape="T0")
+        definition = tmp_path / "ds.txt"
+        definition.write_text("".join(site.door_url(p) + "\n" for p in paths))
+        (tmp_path / "prestaged.toml").write_text(QUICK)
+        short = pki.make_proxy(tmp_path / "x509up_short", lifetime=timedelta(seconds=4))
+        res = subprocess.run(
+            [sys.executable, "-m", "prestaged", "warm", str(definition), "-q", "--no-state",
+             "--proxy", str(short), "--ca-dir", str(pki.ca_dir), "--min-lifetime", "0",
+             "--config", str(tmp_path / "prestaged.toml")],
+            capture_output=True, text=True, timeout=DEADLINE, check=False)
+        assert site.stats()["requests"]["frontend:stage"] == 1
+    assert res.returncode == 3, res.stderr
+    assert f"proxy {short}: expired at" in res.stderr, res.stderr

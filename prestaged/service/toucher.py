@@ -122,14 +122,18 @@ class ProxyFollower:
         """One attempt at ``url`` with the proxy on disk now (see the class)."""
         if self._clock() >= self._next:
             await self._look()
+        try:
+            self.check()
+        except CredentialError as e:
+            return Attempt(failure=Failure.CREDENTIAL, error=str(e))
+        return await self._shared.touch(url)
+
+    def check(self) -> None:
+        """``CredentialError`` naming the proxy in use once it has expired (unrenewed)."""
         proxy = self.creds.proxy
         assert proxy is not None
         if datetime.now(timezone.utc) >= proxy.usable_until:
-            try:
-                check_lifetime(proxy, 0)
-            except CredentialError as e:
-                return Attempt(failure=Failure.CREDENTIAL, error=str(e))
-        return await self._shared.touch(url)
+            check_lifetime(proxy, 0)
 
     async def follow(self) -> None:
         """Look at the file every ``recheck`` seconds, touches or not, until cancelled: a

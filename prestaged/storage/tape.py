@@ -199,6 +199,9 @@ class TapeClient:
         self._token = token
         self.ready: Optional[Callable[[], Awaitable[None]]] = None
         """Awaited before every request (the daemon: until its credentials are valid)."""
+        self.check: Optional[Callable[[], None]] = None
+        """Called before every request: ``CredentialError`` when the credentials presented
+        cannot be used now (a command's expired proxy)."""
         self._hosts: set[str] = set()
         """Hosts the token may go to: those of the doors (see the module)."""
         self.configured: frozenset[str] = frozenset()
@@ -372,6 +375,8 @@ class TapeClient:
             retry_after: Optional[float] = None
             if self.ready is not None:
                 await self.ready()
+            if self.check is not None:
+                self.check()
             auth = self._authorization(url)
             headers = None if auth is None else {"Authorization": auth}
             try:
