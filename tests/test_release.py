@@ -65,15 +65,26 @@ def _cli(pki: TestPKI, proxy: Path, tmp_path: Path, *args: str, extra: str = "",
     return res
 
 
-def _tape_definition(site: ThreadedDCache, tmp_path: Path, n: int = 7) -> tuple[Path, list[str]]:
-    """A local definition of ``n`` tape-only files (on two tapes) and one disk file."""
+def _tape_definition(site: ThreadedDCache, tmp_path: Path, n: int = 7, *,
+                     with_disk: bool = True) -> tuple[Path, list[str]]:
+    """A local definition of ``n`` tape-only files (on two tapes) and one disk file (unless
+    not ``with_disk``)."""
     paths = [f"/pnfs/p/tape{i}" for i in range(n)]
     for i, p in enumerate(paths):
         site.add_file(p, 10, Locality.TAPE, tape=f"T{i % 2}")
-    site.add_file("/pnfs/p/disk", 10, Locality.DISK)
+    listed = paths
+    if with_disk:
+        site.add_file("/pnfs/p/disk", 10, Locality.DISK)
+        listed = [*paths, "/pnfs/p/disk"]
     definition = tmp_path / "ds.txt"
-    definition.write_text("".join(site.door_url(p) + "\n" for p in [*paths, "/pnfs/p/disk"]))
+    definition.write_text("".join(site.door_url(p) + "\n" for p in listed))
     return definition, paths
+
+
+def _recalling(pki: TestPKI) -> ThreadedDCache:
+    """A dCache emulator whose one drive takes an hour to mount: nothing lands in a test."""
+    return ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
+                          DCacheConfig(drives=1, mount_seconds=3600.0))
 
 
 def _pinned_rows(backend: Backend) -> int:
@@ -335,13 +346,8 @@ def test_a_warm_killed_while_its_files_come_back_from_tape_leaves_their_pins_rel
     left no row at all, so `release` found nothing pinned (the pins held for their whole
     lifetime) and a rerun asked the tape system for the same files again. The id is now in the
     state within moments of the request, and `release` after the kill frees those pins."""
-    slow = DCacheConfig(drives=1, mount_seconds=3600.0)  # nothing lands during the test
-    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(), slow) as site:
-        paths = [f"/pnfs/p/cold{i}" for i in range(3)]
-        for p in paths:
-            site.add_file(p, 10, Locality.TAPE, tape="T0")
-        definition = tmp_path / "ds.txt"
-        definition.write_text("".join(site.door_url(p) + "\n" for p in paths))
+    with _recalling(pki) as site:
+        definition, _ = _tape_definition(site, tmp_path, 3, with_disk=False)
         config = tmp_path / "prestaged.toml"
         config.write_text(QUICK + backend.state_table())
         warm = subprocess.Popen(
@@ -375,13 +381,8 @@ def test_a_proxy_that_expires_while_files_come_back_from_tape_stops_the_run_nami
     """Staging went on with a proxy that had expired (nothing was touched, so nothing looked):
     the frontend refused its handshakes and the run ended, minutes later, with exit 5 "Server
     disconnected". The Tape REST requests now check the proxy first: exit 3 naming it."""
-    slow = DCacheConfig(drives=1, mount_seconds=3600.0)  # nothing lands during the test
-    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(), slow) as site:
-        paths = [f"/pnfs/p/cold{i}" for i in range(3)]
-        for p in paths:
-            site.add_file(p, 10, Locality.TAPE, tape="T0")
-        definition = tmp_path / "ds.txt"
-        definition.write_text("".join(site.door_url(p) + "\n" for p in paths))
+    with _recalling(pki) as site:
+        definition, _ = _tape_definition(site, tmp_path, 3, with_disk=False)
         (tmp_path / "prestaged.toml").write_text(QUICK)
         short = pki.make_proxy(tmp_path / "x509up_short", lifetime=timedelta(seconds=4))
         res = subprocess.run(
