@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -166,6 +167,17 @@ def _one_file_campaign(tmp_path: Path, storage: ThreadedStorageServer, name: str
 WAITING_SUBMIT = json.dumps(_q(
     "sh", "-c", 'touch started; i=0; while [ ! -e go ] && [ $i -lt 1200 ]; do sleep 0.05; '
     'i=$((i+1)); done; echo "JobsubJobId of first job: 9.0@t"'))
+
+
+@contextlib.contextmanager
+def _killed_at_the_end(proc: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """``proc``, killed (and reaped) when the block ends if it still runs (a failed assert)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _until_submitting(proc: subprocess.Popen[str], tmp_path: Path) -> None:
@@ -341,18 +353,14 @@ def _second_run_during_the_firsts_submit(
     first's submit command runs: checked that the second is refused (exit 2) and the first
     completes with its job id; (the first's pid, what the second said)."""
     campaign = _one_file_campaign(tmp_path, storage, name, WAITING_SUBMIT)
-    first = _spawn(pki, proxy, tmp_path, "campaign", "run", str(campaign))
-    try:
+    with _killed_at_the_end(_spawn(pki, proxy, tmp_path, "campaign", "run",
+                                   str(campaign))) as first:
         _until_submitting(first, tmp_path)
         second = _prestaged(pki, proxy, tmp_path, "campaign", "run", str(campaign),
                             extra_env=elsewhere)
         assert second.returncode == 2, second.stderr
         (tmp_path / "go").touch()
         _, err = first.communicate(timeout=TIMEOUT)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
     assert first.returncode == 0, err
     [sub] = _show(pki, proxy, tmp_path, name)
     assert (sub["state"], sub["job_id"]) == ("completed", "9.0@t")
@@ -382,18 +390,13 @@ def test_campaign_run_takes_the_lease_daemon_members_take(
     assert not (tmp_path / "started").exists()
     with backend.store() as store:
         shared.release_campaign(store, "leased", "host:1:m1")
-    run = _spawn(pki, proxy, tmp_path, "campaign", "run", str(path))
-    try:
+    with _killed_at_the_end(_spawn(pki, proxy, tmp_path, "campaign", "run", str(path))) as run:
         _until_submitting(run, tmp_path)
         with backend.store() as store:
             ours, holder = shared.claim_campaign(store, "leased", "host:1:m1", 600.0)
         assert (ours, holder) == (False, f"campaign-run:{socket.gethostname()}:{run.pid}")
         (tmp_path / "go").touch()
         _, err = run.communicate(timeout=TIMEOUT)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
     assert run.returncode == 0, err
     with backend.store() as store:
         assert shared.pokes(store)["leased"][2] is None  # given up at the end

@@ -124,7 +124,9 @@ def _sole_run(store: Store, name: str) -> Connection:
     try:
         got = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
                            (key,)).fetchone()
-        holder = None if got and got[0] else conn.execute(
+        if got and got[0]:
+            return conn
+        holder = conn.execute(
             "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
             " WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM "
             "pg_database WHERE datname = current_database()) AND ((l.classid::bigint << 32) | "
@@ -132,8 +134,6 @@ def _sole_run(store: Store, name: str) -> Connection:
     except driver_errors() as e:
         conn.close()
         raise StateError(f"state {store.where}: cannot lock campaign {name}: {e}") from None
-    if holder is None and got and got[0]:
-        return conn
     conn.close()
     pid, _, host = str(holder[0] if holder else "").removeprefix(_RUN_LOCK).partition("@")
     who = f"prestaged pid {pid} on {host}" if pid.isdigit() else "another prestaged"

@@ -12,11 +12,10 @@ one JSON line to a writer process (``state/writer.py``) that commits each batch 
 transaction. The warming process never runs SQLite's per-row work (in a thread it cost 12-15%
 of the rate, in a process 9%: bench/throughput.py). A crash of the warming process loses at
 most the open batch (the writer finishes what it was sent), and those files are simply warmed
-again. PostgreSQL
-keeps the same writer process, speaking psycopg: its client side costs ~58 us of CPU a file
-(SQLite's ~11 us), which in a thread would be the warming process's CPU and GIL. Reads the
-engine needs (which of these files are still fresh?) are asked per chunk of files, in a worker
-thread.
+again. PostgreSQL keeps the same writer process, speaking psycopg: its client side costs ~58 us
+of CPU a file (SQLite's ~11 us), which in a thread would be the warming process's CPU and GIL.
+Reads the engine needs (which of these files are still fresh?) are asked per chunk of files, in
+a worker thread.
 
 A cut PostgreSQL connection (the server restarted, an operator's ``pg_terminate_backend``, a
 network partition) is survived on both sides. This process's reads and small transactions go
