@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -703,6 +704,26 @@ def test_keep_warm_retouches_until_complete_then_stops(
         assert len([t for t in times if start < t < done["done"]]) >= 3  # keep-warm
         assert max(times) < done["done"]  # none after complete succeeded
     assert (tmp_path / "third.polls").read_text() == "3"
+
+
+def test_a_keep_warm_stopped_by_an_expired_proxy_stops_the_run_with_exit_3(
+    pki: TestPKI, storage: ThreadedStorageServer, tmp_path: Path
+) -> None:
+    """Keep-warm runs that an expired proxy stopped were dropped in silence: nothing touched
+    the slice while its job ran, and the campaign went on to exit 0 (or 1 at complete_timeout).
+    Such a run now stops ``campaign run`` with exit 3 naming the proxy."""
+    short = pki.make_proxy(tmp_path / "x509up_short", lifetime=timedelta(seconds=5))
+    never = tmp_path / "never_complete.py"
+    never.write_text("import sys\nsys.exit(1)\n")
+    campaign = _simple(tmp_path, storage, "expiring", ("/pnfs/camp/e1",),
+                       'keep_warm = "0.2s"\ncomplete_poll = "0.5s"\ncomplete_timeout = "40s"')
+    complete = json.dumps(_q(sys.executable, never) + " {job_id}")
+    campaign.write_text(campaign.read_text() + f"complete = {complete}\n")
+    res = _prestaged(pki, short, tmp_path, "campaign", "run", str(campaign),
+                     "--min-lifetime", "0")
+    assert res.returncode == 3, res.stderr
+    assert f"proxy {short}: expired at" in res.stderr, res.stderr
+    assert len(storage.stats.path("/pnfs/camp/e1").times) >= 2  # the gate, then keep-warm
 
 
 def test_retry_recovers_a_failed_drainingn_slice(

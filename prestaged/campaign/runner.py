@@ -62,6 +62,7 @@ from prestaged.errors import (
     EXIT_SOME_FAILED,
     CatalogError,
     ConflictError,
+    CredentialError,
     NotFoundError,
     PrestagedError,
     StateError,
@@ -72,6 +73,7 @@ from prestaged.pins import ReleaseFn
 from prestaged.retry import RetryPolicy
 from prestaged.state.private import create_private, write_private
 from prestaged.state.store import Store
+from prestaged.warm import RunReport
 
 __all__ = ["CampaignResult", "run_campaign"]
 
@@ -433,7 +435,7 @@ class _Runner:
                 log.info("%s/%s #%d: keep-warm: touching the slice again", sub.campaign,
                          sub.stage, sub.id)
                 try:
-                    await self.rewarm(catalog, keep_warm / 2)
+                    _judge_rewarm(sub, await self.rewarm(catalog, keep_warm / 2))
                 except (CatalogError, OSError) as e:  # keep polling; try again next time
                     log.warning("%s/%s #%d: keep-warm: %s", sub.campaign, sub.stage, sub.id, e)
                 self._next_touch = time.monotonic() + keep_warm
@@ -443,6 +445,20 @@ class _Runner:
             wake = min(until, self._next_touch) if self.rewarm is not None else until
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), wake - now)
+
+
+def _judge_rewarm(sub: Submission, report: RunReport) -> None:
+    """Say what a keep-warm run of ``sub``'s slice did not do. A run stopped for its
+    credentials (an expired proxy or token) stops the campaign's run with that error (exit 3;
+    the daemon tries again once they are renewed): its jobs run on input nobody keeps warm, and
+    only a person can renew them. Other trouble is an ERROR; the next keep-warm tries again."""
+    if isinstance(report.aborted, CredentialError):
+        raise report.aborted
+    if report.exit_code not in (EXIT_OK, EXIT_INTERRUPTED):
+        what = report.aborted if report.aborted is not None else (
+            f"{report.tally.failed} of {report.tally.done} files failed")
+        log.error("%s/%s #%d: keep-warm: the slice was not kept warm (exit %d): %s",
+                  sub.campaign, sub.stage, sub.id, report.exit_code, what)
 
 
 JOB_ID_TIMEOUT = 2.0
