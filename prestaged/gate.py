@@ -64,7 +64,8 @@ class GateResult:
     ready: float
     """The warm fraction that was required (0..1)."""
     files: int
-    """Files of the definition in the state store."""
+    """Files of the definition: in the state store, and those its catalog named without a
+    URL (``unresolved``)."""
     fresh: int
     """Of those, files successfully touched within ``state.fresh_for``."""
     runs: int
@@ -75,6 +76,8 @@ class GateResult:
     reason: str
     cold: list[str] = field(default_factory=list)
     """Up to ``COLD_SHOWN`` URLs of files that are not fresh."""
+    unresolved: int = 0
+    """Files the catalog named without a URL: cold for good (``prestaged files`` lists them)."""
 
     @property
     def passed(self) -> bool:
@@ -92,11 +95,14 @@ class GateResult:
         line = (f"{self.catalog}:{self.definition}: {self.fresh}/{self.files} files warm "
                 f"({self.fraction:.1%}, need {self.ready:.1%}) after {self.runs} "
                 f"run{'s' if self.runs != 1 else ''}, {self.waited:.1f}s: {self.reason}")
-        cold = self.files - self.fresh
+        cold = self.files - self.fresh - self.unresolved
         if cold and not self.passed:
             shown = ", ".join(self.cold)
             more = f" and {cold - len(self.cold)} more" if cold > len(self.cold) else ""
             line += f"; {cold} cold: {shown}{more}"
+        if self.unresolved and not self.passed:
+            line += (f"; {self.unresolved} unresolved (the catalog gave no URL: `prestaged "
+                     f"files {self.definition}` lists them)")
         return line
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,7 +111,7 @@ class GateResult:
                 "files": self.files, "fresh": self.fresh, "cold_count": self.files - self.fresh,
                 "fraction": self.fraction, "passed": self.passed, "runs": self.runs,
                 "waited_seconds": round(self.waited, 3), "exit_code": self.exit_code,
-                "reason": self.reason, "cold": list(self.cold)}
+                "reason": self.reason, "cold": list(self.cold), "unresolved": self.unresolved}
 
 
 def check_ready(ready: float) -> float:
@@ -129,16 +135,28 @@ class RewarmFn(Protocol):
     def __call__(self, catalog: Catalog, fresh_for: float) -> Awaitable[RunReport]: ...
 
 
-async def _measure(store: Store, catalog: Catalog, fresh_for: float) -> tuple[int, int, list[str]]:
-    """(files, fresh, up to ``COLD_SHOWN`` cold URLs) of the definition, from the store."""
+@dataclass(frozen=True)
+class _Measure:
+    files: int
+    """Member files and unresolved ones."""
+    fresh: int
+    cold: list[str]
+    """Up to ``COLD_SHOWN`` URLs of member files not fresh."""
+    unresolved: int
+
+
+async def _measure(store: Store, catalog: Catalog, fresh_for: float) -> _Measure:
+    """How warm the definition is, from the store: the files its last complete listing named
+    without a URL count, as cold."""
     rows = await asyncio.to_thread(store.status, fresh_for, catalog.definition, catalog.name)
-    files = rows[0].files if rows else 0
+    members = rows[0].files if rows else 0
     fresh = rows[0].fresh if rows else 0
+    unresolved = rows[0].unresolved if rows else 0
     cold: list[str] = []
-    if fresh < files:
+    if fresh < members:
         cold = await asyncio.to_thread(store.cold_urls, catalog.name, catalog.definition,
                                        fresh_for, COLD_SHOWN)
-    return files, fresh, cold
+    return _Measure(members + unresolved, fresh, cold, unresolved)
 
 
 async def wait_until_ready(
@@ -184,9 +202,9 @@ async def wait_until_ready(
     runs = 0
     backoff = RetryPolicy(initial=retry_initial, max=retry_max, jitter=0.0)
 
-    def result(code: int, reason: str, files: int, fresh: int, cold: list[str]) -> GateResult:
-        return GateResult(catalog.name, catalog.definition, ready, files, fresh, runs,
-                          clock() - start, code, reason, cold)
+    def result(code: int, reason: str, m: _Measure) -> GateResult:
+        return GateResult(catalog.name, catalog.definition, ready, m.files, m.fresh, runs,
+                          clock() - start, code, reason, m.cold, m.unresolved)
 
     try:
         while True:
@@ -194,34 +212,32 @@ async def wait_until_ready(
             report = await run_definition(catalog, settings, toucher, store=store,
                                           fresh_for=fresh_for, stop=halt, probe=probe,
                                           tape=tape, rates=rates)
-            files, fresh, cold = await _measure(store, catalog, fresh_for)
+            m = await _measure(store, catalog, fresh_for)
             log.info("%s: run %d: %s", catalog.definition, runs,
                      ", ".join(f"{k} {v}" for k, v in sorted(report.tally.results.items()) if v)
                      or "nothing to touch")
             if report.aborted is not None:
-                return result(report.exit_code, f"warm run stopped: {report.aborted}",
-                              files, fresh, cold)
+                return result(report.exit_code, f"warm run stopped: {report.aborted}", m)
             if stop is not None and stop.is_set():  # before "ready": Ctrl-C never submits
-                return result(EXIT_INTERRUPTED, "interrupted", files, fresh, cold)
-            if not files and not allow_empty:
+                return result(EXIT_INTERRUPTED, "interrupted", m)
+            if not m.files and not allow_empty:
                 return result(EXIT_CATALOG, f"definition {catalog.definition} has no files "
-                              "(--allow-empty lets an empty input pass)", files, fresh, cold)
-            if (fresh / files if files else 1.0) >= ready:
-                return result(EXIT_OK, "ready", files, fresh, cold)
+                              "(--allow-empty lets an empty input pass)", m)
+            if (m.fresh / m.files if m.files else 1.0) >= ready:
+                return result(EXIT_OK, "ready", m)
             left = timeout - (clock() - start)
             if not halt.is_set() and left > 0:
                 delay = backoff.backoff(runs)
                 log.info("%s: %d/%d files warm, need %.1f%%; %d cold, next try in %.0fs "
-                         "(%.0fs left)", catalog.definition, fresh, files, ready * 100,
-                         files - fresh, delay, left)
+                         "(%.0fs left)", catalog.definition, m.fresh, m.files, ready * 100,
+                         m.files - m.fresh, delay, left)
                 # Past the deadline the timer sets halt: no race between two clocks.
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(halt.wait(), delay if delay < left else None)
             if stop is not None and stop.is_set():
-                return result(EXIT_INTERRUPTED, "interrupted", files, fresh, cold)
+                return result(EXIT_INTERRUPTED, "interrupted", m)
             if halt.is_set() or clock() - start >= timeout:
-                return result(EXIT_SOME_FAILED, f"not ready within {timeout:g}s",
-                              files, fresh, cold)
+                return result(EXIT_SOME_FAILED, f"not ready within {timeout:g}s", m)
     finally:
         timer.cancel()
         if relay is not None:

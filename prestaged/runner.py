@@ -11,13 +11,22 @@ from __future__ import annotations
 import asyncio
 from typing import Optional
 
-from prestaged.catalog import Catalog
+from prestaged.catalog import Catalog, unresolved_in
 from prestaged.locality import TapeAccess
 from prestaged.pacing import Rates
-from prestaged.state.store import Store, StoreRecorder
+from prestaged.state.store import Listing, Store, StoreRecorder
 from prestaged.warm import Probe, RunReport, Tally, Toucher, WarmSettings, warm
 
 __all__ = ["run_definition"]
+
+
+def _listing(catalog: Catalog, report: Optional[RunReport], since: float) -> Optional[Listing]:
+    """What the run's listing said of the whole definition; None for a catalog that lists
+    only part of it by design (a chunk of a watch round)."""
+    if getattr(catalog, "lists_part", False):
+        return None
+    complete = report is not None and report.tally.catalog_done
+    return Listing(complete, since, unresolved_in(catalog) if complete else 0)
 
 
 def _reason(report: RunReport) -> str:
@@ -47,9 +56,11 @@ async def run_definition(
     rates learned from 429s, shared by the caller's runs (``warm``)."""
     recorder = None
     run_id = None
+    since = 0.0
     if store is not None:
         recorder = StoreRecorder(store, catalog.name, catalog.definition, force=force,
                                  fresh_for=fresh_for)
+        since = store.now()
         run_id = await asyncio.to_thread(store.start_run, catalog.name, catalog.definition)
     report: Optional[RunReport] = None
     try:
@@ -62,4 +73,5 @@ async def run_definition(
             code = report.exit_code if report else -1
             reason = _reason(report) if report else "crashed"
             # Shielded: the run's end is recorded even when the caller is being cancelled.
-            await asyncio.shield(asyncio.to_thread(store.finish_run, run_id, counts, code, reason))
+            await asyncio.shield(asyncio.to_thread(store.finish_run, run_id, counts, code, reason,
+                                                   _listing(catalog, report, since)))

@@ -404,3 +404,29 @@ async def test_one_name_too_long_for_the_server_is_named(
     message = str(err.value)
     assert message.startswith("SAM (dune) refused locating file 'huge_yyyy")
     assert "even with this one name in it" in message
+
+
+def test_the_gate_counts_unresolved_files_as_cold(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, samweb: Samweb, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Files SAM lists without a usable location never reach the state: `wait --ready 1.0`
+    passed on the half of a definition that had URLs, and `submit` ran on it. They now count
+    as cold in the gate and show in `status`."""
+    eos = [{"name": f"on_eos_{i}.root", "locations": ["cern-eos:/eos/experiment/x"]}
+           for i in range(2)]
+    sam = samweb({"d": _mixed(4, eos)})
+    config = _config(tmp_path, sam, storage)
+    state = ["--state", str(tmp_path / "state.db")]
+    gate = ["wait", "d", "--config", str(config), "--proxy", str(proxy), "--ca-dir",
+            str(pki.ca_dir), *state, "--ready", "1.0", "--timeout", "1s", "--json"]
+    assert main(gate) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["files"], doc["fresh"], doc["unresolved"]) == (6, 4, 2), doc
+    assert storage.stats.requests_total == 4  # the 4 with a URL were touched
+    assert main(["status", "d", *state, "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)["definitions"]
+    assert (row["files"], row["fresh"], row["unresolved"]) == (4, 4, 2)
+    assert main(["status", *state]) == 0
+    assert "unresolved: 2 more files the catalog gave no URL for" in capsys.readouterr().out
+    assert main([*gate[:-1], "--ready", "0.6"]) == 0  # 4 of 6

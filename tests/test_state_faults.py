@@ -108,7 +108,7 @@ def test_a_killed_run_shows_as_crashed_not_running(
     assert "(exit -)" in res.stdout and "(exit None)" not in res.stdout
     # The counts are of the files listed so far, which status now says (a 60,000-file
     # definition interrupted after 20,000 showed as 98 % fresh).
-    assert "files: those listed so far; the last run did not finish" in res.stdout
+    assert "files: those listed so far; the last run did not list the whole" in res.stdout
 
 
 @pytest.fixture

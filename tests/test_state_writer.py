@@ -22,21 +22,22 @@ A, B, C, D, E = 11, -22, 33, 2**62, 55  # file ids are signed 64-bit hashes
 BOOM = 'said "no", {1,2} \\ NULL \u00e9'  # what an array literal must quote
 
 FIRST = {
-    "members": [["samweb", "ds", [[A, "https://h/a", "a", None], [C, "https://h/c", "c", 7]]]],
+    "members": [["samweb", "ds", 300.0, [[A, "https://h/a", "a", None],
+                                         [C, "https://h/c", "c", 7]]]],
     "outcomes": [[C, "https://h/c", "c", "warm", 206, 4, 1, "", 200.0]],
     "located": [[C, "DISK", 200.0]],
 }
 SECOND = {
     "members": [
-        ["samweb", "ds", [
+        ["samweb", "ds", 200.0, [  # written after FIRST, listed before it
             [A, "https://h/a", "a", 5],        # a size arrives for a file stored without one
             [B, "https://h/b", "b", 9],
             [B, "https://h/b", "b", None],     # no size: keeps 9
             [D, "https://h/d,{x}", "NULL", 1],
             [D, "https://h/d,{x}", "NULL", 2 ** 40],  # the last size given wins
         ]],
-        ["metacat", "empty:set", []],          # an empty definition is still recorded
-        ["metacat", "other", [[B, "https://h/b", "b", None]]],
+        ["metacat", "empty:set", 200.0, []],   # an empty definition is still recorded
+        ["metacat", "other", 200.0, [[B, "https://h/b", "b", None]]],
     ],
     "outcomes": [
         [A, "https://h/a", "a", "warm", 206, 4, 1, "", 100.0],
@@ -55,7 +56,7 @@ SECOND = {
 # A batch whose columns hold nothing but NULLs (no size, no HTTP status, no success, no pin):
 # the arrays carry no element to tell their type by, only the statement's casts do.
 NULLS = {
-    "members": [["samweb", "ds", [[E, "https://h/e", "e", None]]]],
+    "members": [["samweb", "ds", 300.0, [[E, "https://h/e", "e", None]]]],
     "outcomes": [[E, "https://h/e", "e", "failed", None, 0, 1, "unreachable", 300.0]],
     "staging": [[E, "req-3", "https://fe/api/v1/tape", None]],
 }
@@ -78,7 +79,7 @@ def _tables(db: Database) -> dict[str, list[tuple[Any, ...]]]:
     files = ("SELECT id, url, name, size, status, http_status, bytes, attempts, last_error,"
              " last_try, last_warm, locality, locality_at, stage_request, stage_uri, staged_at,"
              " pinned_until FROM files ORDER BY id")
-    members = ("SELECT d.catalog, d.name, m.file_id FROM members m"
+    members = ("SELECT d.catalog, d.name, m.file_id, m.listed FROM members m"
                " JOIN definitions d ON d.id = m.definition_id ORDER BY 1, 2, 3")
     return {
         "files": [tuple(row) for row in db.execute(files).fetchall()],
@@ -116,8 +117,10 @@ def test_postgresql_arrays_leave_what_sqlite_rows_leave(tmp_path: Path, pg_url: 
     assert files[E][13:] == ("req-3", "https://fe/api/v1/tape", None, None)
     assert reference["definitions"] == [("metacat", "empty:set"), ("metacat", "other"),
                                         ("samweb", "ds")]
-    assert reference["members"] == [("metacat", "other", B), *[("samweb", "ds", f)
-                                                                for f in sorted((A, B, C, D, E))]]
+    # "listed" only grows: A and C keep FIRST's time, written before SECOND's older one
+    listed = {A: 300.0, B: 200.0, C: 300.0, D: 200.0, E: 300.0}
+    assert reference["members"] == [("metacat", "other", B, 200.0),
+                                     *[("samweb", "ds", f, listed[f]) for f in sorted(listed)]]
 
 
 def test_a_batch_written_twice_changes_nothing(pg_url: str) -> None:

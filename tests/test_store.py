@@ -120,6 +120,39 @@ def test_rerun_within_fresh_for_makes_no_request_and_force_touches_all(
     assert storage.stats.requests_total == 1200
 
 
+def _status_of(definition: Path, state: list[str]) -> dict[str, Any]:
+    res = run_cli("status", str(definition), *state, "--json")
+    assert res.returncode == 0, res.stderr
+    [row] = json.loads(res.stdout)["definitions"]
+    return dict(row)
+
+
+def test_files_that_left_a_definition_stop_counting_once_it_is_listed_whole(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, backend: Backend
+) -> None:
+    """Members were never removed: a definition that lost 4 of its 10 files kept them, and
+    `wait --ready 1.0` timed out naming files no longer in it. A complete listing now makes
+    the members the files it named; an incomplete one removes nothing."""
+    definition = _definition(tmp_path, storage, 10)
+    state = backend.cli()
+    assert _run(_warm_args(definition, proxy, pki, state))[0] == 0
+    lines = definition.read_text().splitlines()
+    definition.write_text("".join(f"{u}\n" for u in lines[:6]) + "not a URL\n")
+    assert _run(_warm_args(definition, proxy, pki, state))[0] == 4
+    row = _status_of(definition, state)
+    assert (row["files"], row["listing_complete"]) == (10, False)
+    res = run_cli("status", *state)
+    assert "the last run did not list the whole definition" in res.stdout
+    definition.write_text("".join(f"{u}\n" for u in lines[:6]))
+    assert _run(_warm_args(definition, proxy, pki, state))[0] == 0
+    row = _status_of(definition, state)
+    assert (row["files"], row["fresh"], row["listing_complete"]) == (6, 6, True)
+    res = run_cli("wait", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
+                  *state, "--ready", "1.0", "--timeout", "5s")
+    assert res.returncode == 0, res.stderr
+    assert storage.stats.requests_total == 10  # the 6 left were fresh: never touched again
+
+
 def test_failures_are_not_fresh_and_status_counts_them(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, backend: Backend
 ) -> None:

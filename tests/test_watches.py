@@ -126,3 +126,4 @@ async def test_reload_drops_the_gauges_of_a_removed_watch(
         text = await d.metrics()
         assert metric_value(text, "prestaged_dataset_files", definition="a", state="warm") == 4
         assert metric_value(text, "prestaged_watch_every_seconds", definition="a") == 3600
+

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from prestaged.config import CatalogConfig
     from prestaged.tokens import TokenSource
 
-__all__ = ["KINDS", "Catalog", "open_catalog"]
+__all__ = ["KINDS", "Catalog", "open_catalog", "unresolved_in"]
 
 
 @runtime_checkable
@@ -39,6 +39,13 @@ class Catalog(Protocol):
     async def estimate(self) -> Optional[int]:
         """Number of files if cheaply known (for progress), else None."""
         ...
+
+
+def unresolved_in(catalog: Catalog) -> int:
+    """Files the last ``files()`` pass of ``catalog`` named but could give no URL for (0 for
+    catalogs that cannot have any: see ``cli.render.Resolving``)."""
+    count = getattr(catalog, "unresolved_count", 0)
+    return count if isinstance(count, int) else 0
 
 
 KINDS = CATALOG_KINDS

@@ -358,11 +358,15 @@ def status_lines(rows: Sequence[DatasetStatus]) -> list[str]:
         failed = sum(r.failed.values())
         lines.append(f"{r.definition:<32} {r.catalog:<8} {r.files:>8} {r.fresh:>8} "
                      f"{r.stale:>7} {failed:>7} {r.never:>7}  {last}")
-        if r.last_run is not None and r.last_run.exit_code in (None, EXIT_INTERRUPTED):
+        if r.listing_complete is False or (
+                r.last_run is not None and r.last_run.exit_code in (None, EXIT_INTERRUPTED)):
             # Files are known as the catalog lists them: a run stopped early may have listed
             # only part of the definition (60,000 files, 20,000 listed, showed as 98 % fresh).
-            lines.append("  files: those listed so far; the last run did not finish, so the "
-                         "definition may hold more (a complete run lists them all)")
+            lines.append("  files: those listed so far; the last run did not list the whole "
+                         "definition, which may hold more (a complete run lists them all)")
+        if r.unresolved:
+            lines.append(f"  unresolved: {r.unresolved} more files the catalog gave no URL "
+                         f"for (never warm; `prestaged files {r.definition}` lists them)")
         if r.tape:
             lines.append("  tape: " + ", ".join(f"{k.replace('_', ' ')} {r.tape[k]}"
                                                 for k in _TAPE_BUCKETS if r.tape.get(k)))

@@ -194,6 +194,9 @@ class ChunkCatalog:
     """The files of one chunk of a watch round, as the watched definition's catalog: its runs
     and records are the definition's (a ``Catalog``)."""
 
+    lists_part = True
+    """A chunk's run says nothing of the definition's whole listing (``runner._listing``)."""
+
     def __init__(self, name: str, definition: str, refs: list[FileRef]) -> None:
         self.name, self.definition, self._refs = name, definition, refs
 

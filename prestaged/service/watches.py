@@ -31,15 +31,16 @@ import random
 from collections.abc import Iterable
 from typing import Callable, Optional
 
-from prestaged.catalog import Catalog
+from prestaged.catalog import Catalog, unresolved_in
 from prestaged.config import Config, WatchConfig
 from prestaged.errors import PrestagedError
 from prestaged.metrics import Metrics, definition_label
+from prestaged.model import FileRef
 from prestaged.service.cluster import ClusterMember
 from prestaged.service.runs import RunInfo, Spawn
 from prestaged.state import cluster as shared
 from prestaged.state.db import driver_errors
-from prestaged.state.store import DatasetStatus, Store
+from prestaged.state.store import DatasetStatus, Listing, Store
 
 __all__ = ["Watch", "Watches", "watch_fresh_for"]
 
@@ -149,7 +150,7 @@ class Watches:
         rows = await asyncio.to_thread(self._store.status, fresh_for, info.definition,
                                        info.catalog)
         row = rows[0] if rows else None
-        info.warm_fraction = row.fresh / row.files if row is not None and row.files else None
+        info.warm_fraction = row.warm_fraction if row is not None else None
         # Looked up again after the wait: a reload may have removed the watch meanwhile, and
         # a gauge set now would never be dropped.
         watch = self.find(info.catalog, info.definition)
@@ -167,8 +168,8 @@ class Watches:
         if watch is None:
             return
         row = await self._refresh_gauges(watch, round_id)
-        if row is not None and row.files:
-            self._warn_unready(watch, row.fresh / row.files)
+        if row is not None:
+            self._warn_unready(watch, row.warm_fraction)
 
     async def _refresh_gauges(self, watch: Watch, round_id: int) -> Optional[DatasetStatus]:
         """Set ``watch``'s gauges from the state, after its round ``round_id`` finished."""
@@ -273,6 +274,7 @@ class Watches:
         assert member is not None
         w, cfg = watch.config, self._config()
         jitter = cfg.daemon.jitter
+        since = self._store.now()
         try:
             catalog = self._open_watched(watch)
             refs = [ref async for ref in catalog.files()]
@@ -297,6 +299,13 @@ class Watches:
             return
         log.info("watch %s: round %d planned, %d files in %d chunks", w.definition, planned.id,
                  planned.files, planned.chunks)
+        # Only this listing sees the whole definition: the members are the files it named.
+        await asyncio.to_thread(self._listed, catalog, refs,
+                                Listing(True, since, unresolved_in(catalog)))
+
+    def _listed(self, catalog: Catalog, refs: list[FileRef], listing: Listing) -> None:
+        self._store.add_members(catalog.name, catalog.definition, refs)
+        self._store.record_listing(catalog.name, catalog.definition, listing)
         self._planned()
 
     async def _first_delay(self, watch: Watch) -> float:

@@ -263,6 +263,17 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX round_chunks_open ON round_chunks (round_id, idx) WHERE done IS NULL;
     """,
+    # 8: what the listings said. A member's "listed" is when a listing last named it: after a
+    # complete listing, members it did not name (files that left the definition) are dropped.
+    # A definition's "listed" is when its last complete listing started, "unresolved" how many
+    # files that listing named without a URL (they count as cold), and "partial" 1 when the
+    # last run's listing did not complete (NULL: no run has said since this version).
+    """
+    ALTER TABLE members ADD COLUMN listed {seconds};
+    ALTER TABLE definitions ADD COLUMN listed {seconds};
+    ALTER TABLE definitions ADD COLUMN unresolved INTEGER;
+    ALTER TABLE definitions ADD COLUMN partial INTEGER;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -80,6 +80,7 @@ from prestaged.state.private import create_private
 
 __all__ = [
     "DatasetStatus",
+    "Listing",
     "Pin",
     "RunRecord",
     "Store",
@@ -221,12 +222,37 @@ class DatasetStatus:
     localities: dict[str, int] = field(default_factory=dict)
     """Member files by last ``archiveinfo`` locality (``unknown``: never asked); empty when
     the storage never told (metrics: ``prestaged_locality_files``)."""
+    unresolved: int = 0
+    """Files the last complete listing named without a URL (not in ``files``; never warm)."""
+    listing_complete: Optional[bool] = None
+    """Whether the last run listed the whole definition (False: it was cut off or stopped,
+    and ``files`` may be only part of it); None when no run has said."""
+
+    @property
+    def warm_fraction(self) -> Optional[float]:
+        """Fresh files over every file of the definition, unresolved ones included; None when
+        not known: no files, or the last listing did not complete (``files`` may be a part)."""
+        whole = self.files + self.unresolved
+        return self.fresh / whole if whole and self.listing_complete is not False else None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         d = dict(self.__dict__)
         d["last_run"] = self.last_run.to_dict() if self.last_run else None
         return d
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What one run's catalog listing said of its definition (``Store.finish_run``)."""
+
+    complete: bool
+    """Whether the catalog listed the whole definition (not cut off, not stopped)."""
+    since: float
+    """``Store.now()`` before the listing began: members last listed earlier were not named
+    by a complete listing, so they left the definition."""
+    unresolved: int = 0
+    """Files the listing named without a URL."""
 
 
 @dataclass(frozen=True)
@@ -599,9 +625,10 @@ class Store:
         members = []
         for kind, payload in items:
             if kind == "members":
-                catalog, definition, refs = payload
-                members.append([catalog, definition, [[url_id(r.url), redact(r.url),
-                                                       redact(r.name), r.size] for r in refs]])
+                catalog, definition, listed, refs = payload
+                members.append([catalog, definition, listed,
+                                [[url_id(r.url), redact(r.url), redact(r.name), r.size]
+                                 for r in refs]])
         doc: dict[str, list[Any]] = {"members": members}
         for key in ("outcomes", *_TAPE_ROWS):
             rows = [p for kind, p in items if kind == key]
@@ -668,8 +695,8 @@ class Store:
         sender.join()
 
     def add_members(self, catalog: str, definition: str, refs: Sequence[FileRef]) -> None:
-        """Record that ``refs`` belong to ``definition`` (queued)."""
-        self._put("members", (catalog, definition, list(refs)))
+        """Record that ``refs`` belong to ``definition``, listed now (queued)."""
+        self._put("members", (catalog, definition, self.now(), list(refs)))
 
     def record(self, url: str, name: str, result: str, http_status: Optional[int],
                nbytes: int, attempts: int, error: str, when: Optional[float] = None) -> None:
@@ -740,14 +767,30 @@ class Store:
 
     @_one_line_errors
     def finish_run(self, run_id: int, counts: Mapping[str, int], exit_code: int,
-                   reason: str) -> None:
-        """Flush queued outcomes, then record how run ``run_id`` ended."""
+                   reason: str, listing: Optional[Listing] = None) -> None:
+        """Flush queued outcomes, then record how run ``run_id`` ended and what its
+        ``listing`` said: after a complete one the definition's members are the files it
+        named (those not named since ``listing.since`` are dropped) and its unresolved files
+        are counted; after another, the definition is marked as partly listed."""
         self.flush()
-        with self._lock:
-            self.conn.execute(
+        with self.transaction() as conn:
+            conn.execute(
                 "UPDATE runs SET ended = ?, counts = ?, exit_code = ?, reason = ? WHERE id = ?",
                 (self.now(), json.dumps(dict(counts), sort_keys=True), exit_code, reason, run_id),
             )
+            row = conn.execute("SELECT definition_id FROM runs WHERE id = ?",
+                               (run_id,)).fetchone()
+            if listing is not None and row is not None:
+                _record_listing(conn, row[0], listing)
+
+    @_one_line_errors
+    def record_listing(self, catalog: str, definition: str, listing: Listing) -> None:
+        """Flush queued rows, then record what a listing made outside a run said of
+        ``definition`` (a watch round's plan, whose files are added as members first): as
+        ``finish_run`` does."""
+        self.flush()
+        with self.transaction() as conn:
+            _record_listing(conn, schema.definition_id(conn, catalog, definition), listing)
 
     # --- pins (issue 13) ----------------------------------------------------------------------
 
@@ -828,7 +871,7 @@ class Store:
         """Warmth of every recorded definition, or of the one named; ``catalog`` narrows
         either to that catalog kind."""
         since = (self._judged_now() if now is None else now) - fresh_for
-        query = "SELECT id, catalog, name FROM definitions"
+        query = "SELECT id, catalog, name, unresolved, partial FROM definitions"
         wanted = {"name": definition, "catalog": catalog or None}
         args: list[Any] = [v for v in wanted.values() if v is not None]
         if args:
@@ -837,8 +880,9 @@ class Store:
         out = []
         with self._lock:
             found = self.conn.execute(query + " ORDER BY catalog, name", args).fetchall()
-            for def_id, cat, name in found:
-                out.append(self._status_of(def_id, cat, name, since))
+            for def_id, cat, name, unresolved, partial in found:
+                listing = None if partial is None else not partial
+                out.append(self._status_of(def_id, cat, name, since, unresolved or 0, listing))
         return out
 
     @_one_line_errors
@@ -858,7 +902,8 @@ class Store:
             ).fetchall()
         return [r[0] for r in rows]
 
-    def _status_of(self, def_id: int, catalog: str, name: str, since: float) -> DatasetStatus:
+    def _status_of(self, def_id: int, catalog: str, name: str, since: float, unresolved: int,
+                   listing: Optional[bool]) -> DatasetStatus:
         rows = self.conn.execute(
             f"SELECT f.status, f.last_warm >= ? AND {_ON_DISK}, f.last_warm IS NOT NULL, "
             "COUNT(*) FROM members m JOIN files f ON f.id = m.file_id WHERE m.definition_id = ? "
@@ -879,7 +924,7 @@ class Store:
                 stale += n
         last = self.runs(limit=1, definition_id=def_id)
         return DatasetStatus(catalog, name, files, fresh, stale, dict(failed), never,
-                             last[0] if last else None, tape, localities)
+                             last[0] if last else None, tape, localities, unresolved, listing)
 
     @_one_line_errors
     def runs(self, limit: int = 20, definition_id: Optional[int] = None) -> list[RunRecord]:
@@ -897,6 +942,18 @@ class Store:
         return [RunRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else {},
                           r[6], r[7] if r[7] is not None else _crashed(r[8], r[9], r[3]), r[8])
                 for r in rows]
+
+
+def _record_listing(conn: Database, def_id: int, listing: Listing) -> None:
+    """``listing`` of definition ``def_id`` (see ``Store.finish_run``), in ``conn``'s
+    transaction."""
+    if not listing.complete:
+        conn.execute("UPDATE definitions SET partial = 1 WHERE id = ?", (def_id,))
+        return
+    conn.execute("DELETE FROM members WHERE definition_id = ? AND "
+                 "(listed IS NULL OR listed < ?)", (def_id, listing.since))
+    conn.execute("UPDATE definitions SET listed = ?, unresolved = ?, partial = 0 WHERE id = ?",
+                 (listing.since, listing.unresolved, def_id))
 
 
 def _crashed(host: Optional[str], pid: Optional[int], started: float) -> Optional[str]:

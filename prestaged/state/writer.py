@@ -7,7 +7,7 @@ PostgreSQL as one statement per kind of row, see ``UPSERT_MEMBER_FILE``'s commen
 the writes in a process of their own keeps SQLite's per-row work off the warming process's CPU
 and GIL (in a thread of the warming process it cost 12-15% of the rate; bench/throughput.py).
 
-Lines: ``{"members": [[catalog, definition, [[id, url, name, size], ...]], ...],
+Lines: ``{"members": [[catalog, definition, listed, [[id, url, name, size], ...]], ...],
 "outcomes": [[id, url, name, result, http_status, bytes, attempts, error, time], ...]}`` or
 ``{"flush": n}``, answered with the line ``ok n`` once everything before it is committed.
 A batch may also carry tape rows, applied after the outcomes in this order (a file's life:
@@ -67,10 +67,14 @@ _MEMBER_FILE_INSERT = "INSERT INTO files (id, url, name, size)"
 _MEMBER_FILE_TYPES = ("bigint", "text", "text", "bigint")
 _MEMBER_FILE_CONFLICT = " ON CONFLICT (id) DO UPDATE SET size = COALESCE(excluded.size, files.size)"
 UPSERT_MEMBER_FILE = _MEMBER_FILE_INSERT + " VALUES (?, ?, ?, ?)" + _MEMBER_FILE_CONFLICT
-INSERT_MEMBER = ("INSERT INTO members (definition_id, file_id) VALUES (?, ?) "
-                 "ON CONFLICT DO NOTHING")
-PG_INSERT_MEMBERS = ("INSERT INTO members (definition_id, file_id) "
-                     "SELECT ?, unnest(?::bigint[]) ON CONFLICT DO NOTHING")
+# "listed" only grows: a batch written late never makes a file look unlisted since.
+_MEMBER_LISTED = (" ON CONFLICT (definition_id, file_id) DO UPDATE SET listed = CASE WHEN "
+                  "COALESCE(members.listed, 0) > excluded.listed THEN members.listed "
+                  "ELSE excluded.listed END")
+INSERT_MEMBER = ("INSERT INTO members (definition_id, file_id, listed) VALUES (?, ?, ?)"
+                 + _MEMBER_LISTED)
+PG_INSERT_MEMBERS = ("INSERT INTO members (definition_id, file_id, listed) "
+                     "SELECT ?, unnest(?::bigint[]), ?::double precision" + _MEMBER_LISTED)
 # An outcome never erases a newer success written by another process: last_try and last_warm
 # only grow. CASE, not SQLite's scalar MAX(a, b), which PostgreSQL lacks (GREATEST there);
 # the same SQL on both engines. The last parameter is last_warm (``_outcome_rows``).
@@ -203,10 +207,10 @@ def write(db: Database, doc: dict[str, Any]) -> None:
         if db.dialect.name == "postgresql":
             _write_arrays(db, doc)
             return
-        for catalog, definition, rows in doc.get("members", ()):
+        for catalog, definition, listed, rows in doc.get("members", ()):
             def_id = definition_id(db, catalog, definition)
             db.executemany(UPSERT_MEMBER_FILE, rows)
-            db.executemany(INSERT_MEMBER, [(def_id, row[0]) for row in rows])
+            db.executemany(INSERT_MEMBER, [(def_id, row[0], listed) for row in rows])
         if doc.get("outcomes"):
             db.executemany(UPSERT_OUTCOME, _outcome_rows(doc["outcomes"]))
         for key, statement in (("located", LOCATED), ("staging", STAGING), ("staged", STAGED)):
@@ -217,13 +221,13 @@ def write(db: Database, doc: dict[str, Any]) -> None:
 def _write_arrays(db: Database, doc: dict[str, Any]) -> None:
     """``write`` on PostgreSQL, inside its transaction: one statement per kind of row."""
     db.execute("SELECT pg_advisory_xact_lock(?)", (PG_WRITE_LOCK,))
-    for catalog, definition, rows in doc.get("members", ()):
+    for catalog, definition, listed, rows in doc.get("members", ()):
         def_id = definition_id(db, catalog, definition)
         if not rows:
             continue
         files = _merged_member_files(rows)
         db.execute(PG_UPSERT_MEMBER_FILES, _columns(files))
-        db.execute(PG_INSERT_MEMBERS, (def_id, [row[0] for row in files]))
+        db.execute(PG_INSERT_MEMBERS, (def_id, [row[0] for row in files], listed))
     if doc.get("outcomes"):
         db.execute(PG_UPSERT_OUTCOMES, _columns(_merged_outcomes(_outcome_rows(doc["outcomes"]))))
     for key in ("located", "staging", "staged"):
