@@ -127,3 +127,22 @@ async def test_reload_drops_the_gauges_of_a_removed_watch(
         assert metric_value(text, "prestaged_dataset_files", definition="a", state="warm") == 4
         assert metric_value(text, "prestaged_watch_every_seconds", definition="a") == 3600
 
+
+async def test_a_watch_whose_files_partly_failed_is_not_run_again_at_every_reload(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+) -> None:
+    """Only a run that exited 0 counted as done: a watch with one missing file (exit 1, a
+    normal state of real data) was listed and warmed again at every reload and restart. A run
+    that did its work now waits out `every`; one stopped by its credentials does not."""
+    a = _urls(tmp_path / "a.txt", storage, "a", 4)
+    storage.remove("/a/f02")
+    config = _config(tmp_path, pki, proxy, f'[[watch]]\ndefinition = "{a}"\nevery = "1h"\n')
+    async with in_process(config) as d:
+        async def done() -> bool:
+            return (await d.http("GET", "/api/v1/runs/1"))[1].get("state") == "done"
+        await until("the watch run", done)
+        assert (await d.http("GET", "/api/v1/runs/1"))[1]["exit_code"] == 1
+        watches = d.daemon._live.watches
+        watch = watches.find("local", str(a))
+        assert watch is not None
+        assert 3500 < await watches._first_delay(watch) <= 3600

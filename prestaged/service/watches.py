@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 from prestaged.catalog import Catalog, unresolved_in
 from prestaged.config import Config, WatchConfig
-from prestaged.errors import PrestagedError
+from prestaged.errors import EXIT_OK, EXIT_SOME_FAILED, PrestagedError
 from prestaged.metrics import Metrics, definition_label
 from prestaged.model import FileRef
 from prestaged.service.cluster import ClusterMember
@@ -309,7 +309,10 @@ class Watches:
         self._planned()
 
     async def _first_delay(self, watch: Watch) -> float:
-        """0, or what is left of ``every`` since the last successful run of the watch."""
+        """0, or what is left of ``every`` since the watch's last run that did its work: all
+        files warm, or some failed on their own (exit 1: a missing file is a normal state of
+        real data, and every reload re-listed such a definition at once). A run stopped by
+        its credentials, catalog, storage, state or a shutdown is run again at once."""
         try:
             catalog = self._open_watched(watch)
         except PrestagedError:
@@ -318,6 +321,6 @@ class Watches:
         rows = await asyncio.to_thread(self._store.status, every, catalog.definition,
                                        catalog.name)
         last = rows[0].last_run if rows else None
-        if last is not None and last.ended and last.exit_code == 0:
+        if last is not None and last.ended and last.exit_code in (EXIT_OK, EXIT_SOME_FAILED):
             return max(0.0, last.ended + every - self._store.now())
         return 0.0
