@@ -359,3 +359,30 @@ def test_daemon_makes_no_loop_objects_before_its_loop_runs(pki: TestPKI, proxy: 
     loop_bound = (asyncio.Event, asyncio.Lock, asyncio.Semaphore, asyncio.Condition,
                   asyncio.Queue, asyncio.Future)
     assert not [k for k, v in vars(daemon).items() if isinstance(v, loop_bound)]
+
+
+async def test_a_state_file_removed_under_the_daemon_makes_it_not_ready(
+    pki: TestPKI, proxy: Path, tmp_path: Path,
+) -> None:
+    """The daemon went on writing to its unlinked state file, ready, and all was lost at the
+    next stop (systemd's next start then made a new, empty state). /readyz now says the file
+    was removed, and a run asked for fails naming it; put back, the daemon is ready again."""
+    config = write_config(tmp_path, pki, proxy, free_port(), [])
+    state = tmp_path / "state.db"
+    async with in_process(config) as d:
+        assert (await d.http("GET", "/readyz"))[0] == 200
+        state.rename(tmp_path / "aside.db")
+        status, body = await d.http("GET", "/readyz")
+        assert status == 503 and f"state {state}: removed while in use" in json.dumps(body)
+        listed = tmp_path / "one.txt"
+        listed.write_text("https://127.0.0.1:1/x\n")
+        code, run = await d.http("POST", "/api/v1/warm", {"definition": "one"})
+        assert code == 202, run
+
+        async def ended() -> bool:
+            return (await d.http("GET", run["href"]))[1]["state"] in ("done", "error")
+        await until("the run ended", ended)
+        doc = (await d.http("GET", run["href"]))[1]
+        assert doc["state"] == "error" and "removed while in use" in doc["error"], doc
+        (tmp_path / "aside.db").rename(state)
+        assert (await d.http("GET", "/readyz"))[0] == 200

@@ -23,6 +23,7 @@ from cli_runner import run_cli
 from conftest import Backend
 from test_store import _definition
 
+from prestaged.errors import StateError
 from prestaged.state.store import Store, describe_sqlite_error
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.postgres import PostgresCluster
@@ -145,6 +146,61 @@ def test_a_full_disk_is_one_line_that_says_so_and_the_store_stays_intact(
     conn = sqlite3.connect(state)
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     conn.close()
+
+
+def test_a_run_stopped_by_a_full_disk_has_its_end_recorded_with_the_reason(
+    tmp_path: Path, tiny_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose outcomes could not be written kept no end: a daemon showed it running,
+    then crashed, and the full disk was never said. Its end is now written with the reason,
+    at once if the database takes it (here: the failed batch's room), else before the next
+    run starts."""
+    with Store(tiny_disk / "state.db", batch=100_000) as store:
+        run_id = store.start_run("local", "ds")
+        for i in range(3000):
+            store.record(f"https://h/full/{'x' * 400}{i:05d}", f"f{i}", "warm", 206, 4, 1, "")
+        with pytest.raises(StateError, match="the disk is full"):
+            store.finish_run(run_id, {"warm": 3000}, 0, "done")
+        [first] = store.runs()
+        assert (first.id, first.exit_code) == (run_id, 2)
+        assert first.reason is not None and "stopped: " in first.reason
+        assert "the disk is full" in first.reason
+        # When even the end does not fit, it waits for the next run's start.
+        run_id = store.start_run("local", "ds")
+        store.record("https://h/one", "one", "warm", 206, 4, 1, "")
+        real, flush = Store.transaction, Store.flush
+        monkeypatch.setattr(Store, "flush", lambda self: (_ for _ in ()).throw(
+            StateError("state x: cannot write: the disk is full")))
+        monkeypatch.setattr(Store, "transaction", lambda self: (_ for _ in ()).throw(
+            StateError("state x: cannot write: the disk is full")))
+        with pytest.raises(StateError):
+            store.finish_run(run_id, {"warm": 1}, 0, "done")
+        monkeypatch.setattr(Store, "transaction", real)
+        monkeypatch.setattr(Store, "flush", flush)
+        assert store.runs()[0].exit_code is None
+        store.start_run("local", "ds")
+        assert [r.exit_code for r in store.runs()] == [None, 2, 2]
+
+
+def test_a_state_file_removed_or_replaced_under_a_store_is_refused(tmp_path: Path) -> None:
+    """The daemon and its writer went on writing to an unlinked file, ready, losing it all at
+    the next stop (and systemd's next start made a new, empty state). A removed or replaced
+    file is now a problem the store names, and no run starts on it."""
+    state = tmp_path / "state.db"
+    with Store(state) as store:
+        store.start_run("local", "ds")
+        assert store.file_problem() is None
+        moved = tmp_path / "moved.db"
+        state.rename(moved)
+        assert f"state {state}: removed while in use" in str(store.file_problem())
+        with pytest.raises(StateError, match="removed while in use"):
+            store.start_run("local", "ds")
+        restored = tmp_path / "restored.db"
+        restored.write_bytes(moved.read_bytes())  # a restore: the same bytes, another file
+        restored.rename(state)
+        assert "replaced by another file while in use" in str(store.file_problem())
+    with Store(state) as store:  # opened anew: that file is the state now
+        assert store.file_problem() is None
 
 
 def test_a_damaged_page_behind_a_valid_header_is_one_line(tmp_path: Path) -> None:

@@ -524,6 +524,8 @@ class Daemon:
             problems.append("state database does not answer")
         elif self._live.store.writer_stopped:
             problems.append("state writer stopped: a new one starts once the database answers")
+        elif (gone := self._live.store.file_problem()) is not None:
+            problems.append(gone)
         problems += self._credential_problems(margin=True)
         if self.draining:
             problems.append("stopping")

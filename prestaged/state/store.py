@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, cast
 
-from prestaged.errors import StateError
+from prestaged.errors import EXIT_USAGE, StateError
 from prestaged.model import FileRef, Outcome, Result, TapeInfo, redact
 from prestaged.state import mounts, schema
 from prestaged.state.db import (
@@ -343,6 +343,10 @@ class Store:
         self._clock_offset = 0.0  # the database's clock minus ours (PostgreSQL; see now())
         self._clock_synced = -math.inf
         self._soon = threading.Event()  # wakes the ticker: a stage request was noted
+        self._identity: Optional[tuple[int, int]] = None  # the SQLite file's (st_dev, st_ino)
+        # Ends of runs whose outcomes could not be written (a full disk), and that could not
+        # be written themselves yet: run id -> (ended, counts, exit code, reason).
+        self._unended: dict[int, tuple[float, Mapping[str, int], int, str]] = {}
         self._ticking = False
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -535,6 +539,7 @@ class Store:
             schema.migrate(conn, self.path)
             schema.set_journal(conn, self.path, *self._journal())
             schema.configure(conn)
+            self._identity = _identity(self.path)
         except sqlite3.OperationalError as e:
             conn.close()
             raise StateError(f"state {self.path}: cannot use it: {e}") from e
@@ -753,11 +758,35 @@ class Store:
 
     # --- runs ---------------------------------------------------------------------------------
 
+    def file_problem(self) -> Optional[str]:
+        """Why the SQLite file this store opened is no longer the one at its path (removed,
+        or replaced by a move or a restore), or None. Both processes would go on writing to
+        the unlinked file, and lose it all when they stop; the next start would make a new,
+        empty state there without a word."""
+        if self._identity is None:
+            return None
+        try:
+            now = _identity(self.path)
+        except OSError as e:
+            why = "removed" if isinstance(e, FileNotFoundError) else f"unreadable ({e.strerror})"
+        else:
+            if now == self._identity:
+                return None
+            why = "replaced by another file"
+        return (f"state {self.path}: {why} while in use: nothing is recorded any more; put "
+                "it back or restart prestaged")
+
     @_one_line_errors
     def start_run(self, catalog: str, definition: str) -> int:
         """Record the start of a run now (written at once, not queued); return its id. A
-        writer process that gave up since the last run is replaced first."""
+        writer process that gave up since the last run is replaced first, and the ends of
+        runs it could not record are written. ``StateError`` when the file was removed or
+        replaced (``file_problem``)."""
+        problem = self.file_problem()
+        if problem is not None:
+            raise StateError(problem)
         self.revive_writer()
+        self._end_unended()
         with self.transaction() as conn:
             def_id = schema.definition_id(conn, catalog, definition)
             return conn.insert(
@@ -772,7 +801,15 @@ class Store:
         ``listing`` said: after a complete one the definition's members are the files it
         named (those not named since ``listing.since`` are dropped) and its unresolved files
         are counted; after another, the definition is marked as partly listed."""
-        self.flush()
+        try:
+            self.flush()
+        except StateError as e:
+            # The outcomes are lost, but the run's end is a small write of its own: written
+            # now if the database takes it, else before the next run starts (a daemon's), so
+            # that the run does not show as running, then crashed, without its reason.
+            self._unended[run_id] = (self.now(), dict(counts), EXIT_USAGE, f"stopped: {e}")
+            self._end_unended()
+            raise
         with self.transaction() as conn:
             conn.execute(
                 "UPDATE runs SET ended = ?, counts = ?, exit_code = ?, reason = ? WHERE id = ?",
@@ -782,6 +819,20 @@ class Store:
                                (run_id,)).fetchone()
             if listing is not None and row is not None:
                 _record_listing(conn, row[0], listing)
+
+    def _end_unended(self) -> None:
+        """Write the ends of runs ``finish_run`` could not record; those the database still
+        refuses wait for the next try."""
+        for run_id, (ended, counts, code, reason) in list(self._unended.items()):
+            try:
+                with self.transaction() as conn:
+                    conn.execute("UPDATE runs SET ended = ?, counts = ?, exit_code = ?, "
+                                 "reason = ? WHERE id = ?",
+                                 (ended, json.dumps(dict(counts), sort_keys=True), code, reason,
+                                  run_id))
+            except StateError:
+                return
+            del self._unended[run_id]
 
     @_one_line_errors
     def record_listing(self, catalog: str, definition: str, listing: Listing) -> None:
@@ -942,6 +993,11 @@ class Store:
         return [RunRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else {},
                           r[6], r[7] if r[7] is not None else _crashed(r[8], r[9], r[3]), r[8])
                 for r in rows]
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return (st.st_dev, st.st_ino)
 
 
 def _record_listing(conn: Database, def_id: int, listing: Listing) -> None:
