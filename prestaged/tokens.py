@@ -112,6 +112,12 @@ class TokenInfo:
         """Lifetime left at ``now`` (default: the current UTC time); negative once expired."""
         return self.expires - (now if now is not None else _utcnow())
 
+    def valid_at(self, now: Optional[datetime] = None) -> bool:
+        """Whether the token can be sent at ``now`` (default: the current UTC time): past its
+        ``nbf`` (if any) and before its ``exp``."""
+        now = now if now is not None else _utcnow()
+        return now < self.expires and (self.not_before is None or now >= self.not_before)
+
     @property
     def where(self) -> str:
         """``token /tmp/bt_u1000 (from $BEARER_TOKEN_FILE)`` or ``token from $BEARER_TOKEN``."""
@@ -374,8 +380,9 @@ class TokenSource:
 
     ``found`` is the token at start (checked by the caller). The file (if any) is looked at
     again at most every ``recheck`` seconds (default 1), so requests that start a little after
-    a rewrite carry the new token; a rewritten file that cannot be read or decoded keeps the
-    previous token (logged once per change). ``clock`` is ``time.monotonic`` by default.
+    a rewrite carry the new token; a rewritten file that cannot be read or decoded, or whose
+    token cannot be sent now (expired, not valid yet) while the previous one can, keeps the
+    previous token (a WARNING once per change). ``clock`` is ``time.monotonic`` by default.
     Thread-safe: the catalog may read it from a worker thread.
     """
 
@@ -388,6 +395,8 @@ class TokenSource:
         self._clock = clock
         self._stamp = file_stamp(found.path) if found.path is not None else None
         self._next = clock() + recheck
+        self._early: Optional[tuple[str, TokenInfo]] = None
+        """A renewal read while not valid yet (``nbf`` ahead), kept for when it is."""
         self._lock = threading.Lock()
         self.version = 0
         """Counts renewals seen (0: the token found at start)."""
@@ -401,7 +410,11 @@ class TokenSource:
         return self._info
 
     def refresh(self) -> bool:
-        """Re-read the file now if it changed; True if a new token was taken."""
+        """Re-read the file now if it changed; True if a new token was taken.
+
+        A renewal that cannot be sent now (expired, or ``nbf`` still ahead: the issuer's clock
+        runs ahead of ours) does not replace a token that can (a WARNING); one not valid yet is
+        taken once it is, or once the token in use expires."""
         path = self._path
         if path is None:
             return False
@@ -409,23 +422,58 @@ class TokenSource:
             self._next = self._clock() + self._recheck
             stamp = file_stamp(path)
             if stamp is None or stamp == self._stamp:
-                return False
-            self._stamp = stamp
-            try:
-                text = read_token_file(path, f"token {path}")
-                hide_secret(text)  # as the first one: a server quoting it back is never shown
-                info = inspect_token(text, source=self._info.source, path=path)
-            except CredentialError as e:
-                logger.warning("token file changed but cannot be used: %s; keeping the "
-                               "previous token", e)
-                return False
-            if text == self._text:
-                return False
-            self._text, self._info = text, info
-            self.version += 1
-        logger.info("token %s re-read: subject %s, %s left", path, info.subject,
-                    _span(info.time_left().total_seconds()))
-        return True
+                taken = self._take_early()
+            else:
+                self._stamp, self._early = stamp, None
+                taken = self._reread(path)
+            info = self._info
+        if taken:
+            logger.info("token %s re-read: subject %s, %s left", path, info.subject,
+                        _span(info.time_left().total_seconds()))
+        return taken
+
+    def _reread(self, path: Path) -> bool:
+        """Read the changed file; take its token unless it is unusable (see ``refresh``)."""
+        try:
+            text = read_token_file(path, f"token {path}")
+            hide_secret(text)  # as the first one: a server quoting it back is never shown
+            info = inspect_token(text, source=self._info.source, path=path)
+        except CredentialError as e:
+            logger.warning("token file changed but cannot be used: %s; keeping the "
+                           "previous token", e)
+            return False
+        if text == self._text:
+            return False
+        now = _utcnow()
+        if info.valid_at(now) or not self._info.valid_at(now):
+            self._take(text, info)
+            return True
+        try:
+            check_token(info, 0.0, now)
+        except CredentialError as e:
+            logger.warning("token file changed but cannot be used now: %s; keeping the "
+                           "previous token (%s left)", e,
+                           _span(self._info.time_left(now).total_seconds()))
+        if now < info.expires:
+            self._early = (text, info)  # not valid yet: taken when it is
+        return False
+
+    def _take_early(self) -> bool:
+        """Take the renewal put aside as not valid yet, once it is valid or the token in use
+        is not."""
+        early = self._early
+        if early is None:
+            return False
+        now = _utcnow()
+        if early[1].valid_at(now) or not self._info.valid_at(now):
+            self._early = None
+            self._take(*early)
+            return True
+        return False
+
+    def _take(self, text: str, info: TokenInfo) -> None:
+        self._text, self._info = text, info
+        self.version += 1
 
     def _current(self) -> str:
         if self._path is not None and self._clock() >= self._next:
@@ -437,6 +485,12 @@ class TokenSource:
         self._current()
         return self._info.time_left(now).total_seconds() <= 0
 
+    def usable(self, now: Optional[datetime] = None) -> bool:
+        """Whether the current token (after looking for a renewal) can be sent at ``now``:
+        not expired and past its ``nbf``."""
+        self._current()
+        return self._info.valid_at(now)
+
     def authorization(self) -> str:
         """The ``Authorization`` header value for a request starting now.
 
@@ -446,7 +500,7 @@ class TokenSource:
         text = self._current()
         now = _utcnow()
         info = self._info
-        if now >= info.expires or (info.not_before is not None and now < info.not_before):
+        if not info.valid_at(now):
             check_token(info, 0.0, now)
         return "Bearer " + text
 

@@ -224,6 +224,43 @@ async def test_expired_token_pauses_touching_until_a_fresh_one_appears(
         assert token not in caplog.text and token.rsplit(".", 1)[1] not in caplog.text
 
 
+async def test_a_token_not_valid_yet_keeps_touching_paused(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The token in use expired and the renewal's nbf is still ahead: the daemon said
+    "touching resumed" and /readyz 200, and runs ended with exit 3. Now it stays not ready
+    naming the nbf and touches wait until it passes; then the run is done."""
+    issuer = TokenIssuer()
+    bearer = write_token(tmp_path / "bt", issuer.mint(lifetime=2))
+    port = free_port()
+    config = write_config(tmp_path, pki, proxy, port, [],
+                          credentials=f'token_file = "{bearer}"\ntoken_min_lifetime = "0s"')
+    caplog.set_level(logging.INFO)
+    async with in_process(config) as d:
+        async def paused() -> bool:
+            return "touching paused" in caplog.text
+        await until("touching paused", paused)
+        write_token(bearer, issuer.mint(lifetime=3600, not_before=4))
+
+        async def taken() -> bool:
+            return f"token {bearer} re-read" in caplog.text
+        await until("early token taken", taken)
+        status, ready = await d.http("GET", "/readyz")
+        assert status == 503 and "not valid before" in json.dumps(ready), ready
+        _definition(tmp_path, storage, "early", 3)
+        status, body = await d.http("POST", "/api/v1/warm", {"definition": "early"})
+        assert status == 202, body
+
+        async def ended() -> bool:
+            return (await d.http("GET", body["href"]))[1]["state"] in ("done", "error")
+        await until("run ended", ended)
+        run = (await d.http("GET", body["href"]))[1]
+        assert (run["state"], run["counts"]) == ("done", {"warm": 3}), run
+        assert (await d.http("GET", "/readyz"))[0] == 200
+    assert caplog.text.index("touching resumed") > caplog.text.index(f"token {bearer} re-read")
+
+
 def test_expired_proxy_refused_at_start(pki: TestPKI, tmp_path: Path) -> None:
     """The daemon will not start on an expired proxy: exit 3, one line, no READY."""
     expired = pki.make_proxy(tmp_path / "old", expired=True)

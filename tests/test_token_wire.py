@@ -14,6 +14,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -228,21 +229,23 @@ async def _warm(toucher: HttpToucher, urls: list[str], *, token: Optional[TokenS
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "aiohttp"])
 async def test_an_expired_token_sends_nothing_and_fails_the_touch(
-    serve: Serve, issuer: TokenIssuer, tmp_path: Path, fast_path: bool
+    serve: Serve, issuer: TokenIssuer, tmp_path: Path, fast_path: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A token that expired (here: its file rewritten with an expired one) is never sent: the
-    touch is a Failure.CREDENTIAL attempt whose error says why, without the token's text."""
+    """A token that expired (here: the clock moved past its exp; an expired renewal would not
+    replace it) is never sent: the touch is a Failure.CREDENTIAL attempt whose error says why,
+    without the token's text."""
     port, seen = await _counting(serve)
     path = tmp_path / "bt"
-    token = _source(path, issuer.mint())
-    expired = issuer.mint(lifetime=-30)
+    token = _source(path, text := issuer.mint(lifetime=60))
     async with HttpToucher(serve.client, fast_path=fast_path, token=token) as toucher:
         assert await toucher.touch(f"https://127.0.0.1:{port}/data/a") == WARM
-        write_token(path, expired)
+        later = datetime.now(timezone.utc) + timedelta(seconds=120)
+        monkeypatch.setattr("prestaged.tokens._utcnow", lambda: later)
         attempt = await toucher.touch(f"https://127.0.0.1:{port}/data/b")
     assert attempt.failure is Failure.CREDENTIAL and attempt.status is None
     assert "expired at" in attempt.error and str(path) in attempt.error
-    assert expired not in attempt.error and expired.split(".")[2] not in attempt.error
+    assert text not in attempt.error and text.split(".")[2] not in attempt.error
     assert len(seen) == 1  # the first touch only
 
 

@@ -17,6 +17,7 @@ from prestaged.credentials import CredentialError, load_credentials
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.tokens import TokenIssuer, write_token
 from prestaged.tokens import (
+    FoundToken,
     ScopeWarner,
     TokenSource,
     check_token,
@@ -235,18 +236,57 @@ def test_a_renewed_token_is_hidden_where_a_server_quotes_it(issuer: TokenIssuer,
     assert signature not in said and renewed not in said
 
 
-def test_an_expired_token_is_never_handed_out(issuer: TokenIssuer, tmp_path: Path) -> None:
+def test_an_expired_token_is_never_handed_out(issuer: TokenIssuer, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The header of an expired token raises instead; a renewed file ends that."""
-    path = write_token(tmp_path / "bt", issuer.mint(lifetime=3600))
+    path = write_token(tmp_path / "bt", issuer.mint(lifetime=60))
     found = find_token(path, None, {}, UID)
     assert found is not None
     source = TokenSource(found, recheck=0.0)
-    write_token(path, issuer.mint(lifetime=-1, subject="stale"))
+    later = datetime.now(timezone.utc) + timedelta(seconds=120)
+    monkeypatch.setattr("prestaged.tokens._utcnow", lambda: later)
     assert source.expired()
     with pytest.raises(CredentialError, match="expired at"):
         source.authorization()
-    write_token(path, fresh := issuer.mint(subject="fresh"))
+    write_token(path, fresh := issuer.mint(subject="fresh", now=later.timestamp()))
     assert not source.expired() and source.authorization() == "Bearer " + fresh
+
+
+def test_a_renewal_that_cannot_be_sent_now_keeps_the_valid_token(
+        issuer: TokenIssuer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An expired renewal, or one whose nbf is ahead (the issuer's clock runs fast), replaced
+    the valid token in use and the run stopped with exit 3. Now it is a WARNING naming the file
+    and the previous token is kept; the early one is taken once its nbf has passed."""
+    caplog.set_level(logging.INFO, logger="prestaged.tokens")
+    first = issuer.mint(subject="first")
+    path = write_token(tmp_path / "bt", first)
+    found = find_token(path, None, {}, UID)
+    assert found is not None
+    source = TokenSource(found, recheck=0.0)
+    write_token(path, stale := issuer.mint(subject="stale", lifetime=-10))
+    assert source.authorization() == "Bearer " + first and source.usable()
+    write_token(path, early := issuer.mint(subject="early", not_before=30, lifetime=7200))
+    assert source.authorization() == "Bearer " + first and source.version == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert all(str(path) in w and "keeping the previous token" in w for w in warnings)
+    assert "expired at" in warnings[0] and "not valid before" in warnings[1]
+    later = datetime.now(timezone.utc) + timedelta(seconds=40)
+    monkeypatch.setattr("prestaged.tokens._utcnow", lambda: later)
+    assert source.authorization() == "Bearer " + early and source.info.subject == "early"
+    _no_text(first, caplog.text)
+    _no_text(stale, caplog.text)
+    _no_text(early, caplog.text)
+
+
+def test_a_token_not_valid_yet_is_not_usable(issuer: TokenIssuer) -> None:
+    """usable() (what pauses the daemon's touches) looks at nbf too, not only at exp."""
+    early = TokenSource(FoundToken(issuer.mint(not_before=30), "$BEARER_TOKEN", None))
+    assert not early.expired() and not early.usable()
+    with pytest.raises(CredentialError, match="not valid before"):
+        early.authorization()
+    assert TokenSource(FoundToken(issuer.mint(), "$BEARER_TOKEN", None)).usable()
 
 
 # --- the method ------------------------------------------------------------------------------

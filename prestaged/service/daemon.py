@@ -228,7 +228,7 @@ class Daemon:
         # The pool is built by the context in force when credentials change (a reload may
         # have changed storage settings too); the budget is fixed at start.
         toucher = self._touch = SharedToucher(self._make_toucher, cfg.storage.concurrency,
-                                              expired=self._token_expired)
+                                              expired=self._token_unusable)
         await toucher.install(self.credentials.ssl_context())
         # One Tape REST access for the daemon's life: its discovery answers are kept
         # storage.discovery_ttl across runs; renewed credentials are installed in it too.
@@ -392,7 +392,7 @@ class Daemon:
         token = self.credentials.token if self.credentials is not None else None
         if token is not None:
             left = token.info.time_left().total_seconds()
-            wait = min(wait, left + 0.05) if left > 0 else min(wait, 1.0)
+            wait = min(wait, left + 0.05) if token.info.valid_at() else min(wait, 1.0)
         return max(wait, 0.05)
 
     async def _check_credentials(self, force: bool = False) -> None:
@@ -459,19 +459,20 @@ class Daemon:
         token = self.credentials.token if self.credentials is not None else None
         return self.ctx.make_toucher(tls, token)
 
-    def _token_expired(self) -> bool:
-        """Whether the token is expired now (the shared toucher asks before each touch); the
-        first touch to find out pauses touching as the credential watch would."""
+    def _token_unusable(self) -> bool:
+        """Whether the token cannot be sent now, expired or not valid yet (the shared toucher
+        asks before each touch); the first touch to find out pauses touching as the credential
+        watch would."""
         token = self.credentials.token if self.credentials is not None else None
-        if token is None or not token.expired():
+        if token is None or token.usable():
             return False
         if not self._paused:
             self._credentials_changed()
         return True
 
     def _credential_problems(self, *, margin: bool) -> list[str]:
-        """What is wrong with the credentials in use: expired ones, or (``margin``) ones with
-        less than their ``*min_lifetime`` left."""
+        """What is wrong with the credentials in use: expired ones, a token not valid yet, or
+        (``margin``) ones with less than their ``*min_lifetime`` left."""
         creds, c = self.credentials, self.cfg.credentials
         if creds is None:
             return ["no credentials"]
@@ -486,7 +487,11 @@ class Daemon:
         if creds.token is not None:
             info = creds.token.info
             left = info.time_left().total_seconds()
-            if left < (c.token_min_lifetime if margin else 0.0) or left <= 0:
+            if left > 0 and not info.valid_at():
+                problems.append(f"{info.where} is not valid before "
+                                f"{info.not_before:%Y-%m-%d %H:%M:%S} UTC (is the clock of this "
+                                "host right?)")
+            elif left < (c.token_min_lifetime if margin else 0.0) or left <= 0:
                 problems.append(f"{info.where} has {max(0.0, left):.0f} s left"
                                 + (", less than credentials.token_min_lifetime" if margin
                                    else ""))
