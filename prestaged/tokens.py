@@ -166,6 +166,27 @@ def _strings(value: Any) -> tuple[str, ...]:
     return ()
 
 
+_SIGNATURE_BYTES = {"ES256": 64, "ES384": 96, "ES512": 132, "EdDSA": 64,
+                    "HS256": 32, "HS384": 48, "HS512": 64}
+"""The signature length of the algorithms that make one of a fixed size."""
+
+
+def _signature_fits(alg: str, signature: str) -> bool:
+    """Whether the base64url ``signature`` has a length ``alg`` can make: a file read while
+    being rewritten in place holds a JWT cut short, and most of the time inside its signature.
+    RSA signatures are as long as the key (a multiple of 16 bytes, from 1024 bits, in
+    practice); an algorithm not known here is not checked."""
+    length = len(signature.rstrip("="))
+    if length % 4 == 1:  # no byte string encodes to this
+        return False
+    size = length * 3 // 4
+    if alg in _SIGNATURE_BYTES:
+        return size == _SIGNATURE_BYTES[alg] or (alg == "EdDSA" and size == 114)
+    if alg[:2] in ("RS", "PS"):
+        return size >= 128 and size % 16 == 0
+    return True
+
+
 def inspect_token(text: str, *, source: str, path: Optional[Path] = None) -> TokenInfo:
     """Decode the JWT ``text`` (no signature check) and describe it.
 
@@ -178,10 +199,14 @@ def inspect_token(text: str, *, source: str, path: Optional[Path] = None) -> Tok
     if len(parts) != 3 or not all(parts):
         raise CredentialError(f"{label}: malformed token (not a JWT: expected three "
                               "base64url parts separated by dots)")
-    _b64json(parts[0], "header", label)
+    header = _b64json(parts[0], "header", label)
     claims = _b64json(parts[1], "payload", label)
     if not _B64URL.fullmatch(parts[2]):
         raise CredentialError(f"{label}: malformed token (its signature is not base64url)")
+    alg = header.get("alg")
+    if not _signature_fits(str(alg), parts[2]):
+        raise CredentialError(f"{label}: malformed token (its {alg} signature has the wrong "
+                              "length: cut short?)")
     expires = _when(claims, "exp", label)
     if expires is None:
         raise CredentialError(f"{label}: malformed token (no exp claim)")
@@ -380,13 +405,15 @@ class TokenSource:
 
     ``found`` is the token at start (checked by the caller). The file (if any) is looked at
     again at most every ``recheck`` seconds (default 1), so requests that start a little after
-    a rewrite carry the new token; a rewritten file that cannot be read or decoded, or whose
-    token cannot be sent now (expired, not valid yet) while the previous one can, keeps the
-    previous token (a WARNING once per change). ``clock`` is ``time.monotonic`` by default.
-    Thread-safe: the catalog may read it from a worker thread.
+    a rewrite carry the new token. A change is taken once the file has stopped changing (the
+    same size, mtime and inode at two looks ``settle`` seconds or more apart; default 0.5, 0:
+    at once): until then a writer may be half-way through it. A rewritten file that cannot be
+    read or decoded, or whose token cannot be sent now (expired, not valid yet) while the
+    previous one can, keeps the previous token (a WARNING once per change). ``clock`` is
+    ``time.monotonic`` by default. Thread-safe: the catalog may read it from a worker thread.
     """
 
-    def __init__(self, found: FoundToken, *, recheck: float = 1.0,
+    def __init__(self, found: FoundToken, *, recheck: float = 1.0, settle: float = 0.5,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._text = found.text
         self._info = found.inspect()
@@ -395,6 +422,9 @@ class TokenSource:
         self._clock = clock
         self._stamp = file_stamp(found.path) if found.path is not None else None
         self._next = clock() + recheck
+        self._settle = settle
+        self._pending: Optional[tuple[tuple[int, int, int], float]] = None
+        """A change seen but not yet taken: the file's stamp then and when (``clock``)."""
         self._early: Optional[tuple[str, TokenInfo]] = None
         """A renewal read while not valid yet (``nbf`` ahead), kept for when it is."""
         self._lock = threading.Lock()
@@ -422,15 +452,31 @@ class TokenSource:
             self._next = self._clock() + self._recheck
             stamp = file_stamp(path)
             if stamp is None or stamp == self._stamp:
+                self._pending = None
                 taken = self._take_early()
+            elif not self._settled(stamp):
+                taken = False
             else:
-                self._stamp, self._early = stamp, None
+                self._stamp, self._pending, self._early = stamp, None, None
                 taken = self._reread(path)
             info = self._info
         if taken:
             logger.info("token %s re-read: subject %s, %s left", path, info.subject,
                         _span(info.time_left().total_seconds()))
         return taken
+
+    def _settled(self, stamp: tuple[int, int, int]) -> bool:
+        """Whether the changed file has stopped changing: its stamp is the one a look at least
+        ``settle`` seconds ago saw. A file rewritten in place (truncated, then written) is
+        otherwise read half-written, and a JWT cut inside its signature still decodes."""
+        if self._settle <= 0:
+            return True
+        now = self._clock()
+        if self._pending is None or self._pending[0] != stamp:
+            self._pending = (stamp, now)
+            self._next = min(self._next, now + self._settle)  # look again soon
+            return False
+        return now - self._pending[1] >= self._settle
 
     def _reread(self, path: Path) -> bool:
         """Read the changed file; take its token unless it is unusable (see ``refresh``)."""

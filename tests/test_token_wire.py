@@ -72,7 +72,7 @@ def issuer() -> TokenIssuer:
 def _source(path: Path, token: str) -> TokenSource:
     """A token file at ``path`` holding ``token``, watched for rewrites on every request."""
     write_token(path, token)
-    return TokenSource(FoundToken(token, "--token-file", path), recheck=0.0)
+    return TokenSource(FoundToken(token, "--token-file", path), recheck=0.0, settle=0.0)
 
 
 @dataclass

@@ -199,23 +199,65 @@ def test_scope_coverage_allows_for_an_unknown_base_path() -> None:
 
 def test_a_rewritten_token_file_is_used_by_later_requests(issuer: TokenIssuer,
                                                           tmp_path: Path) -> None:
-    """After a rewrite, the next header past the recheck interval carries the new token; a
-    rewrite with garbage keeps the previous one."""
+    """After a rewrite, the next header past the recheck interval once the file has stopped
+    changing carries the new token; a rewrite with garbage keeps the previous one."""
     now = [0.0]
     path = write_token(tmp_path / "bt", issuer.mint(subject="first"))
     found = find_token(path, None, {}, UID)
     assert found is not None
-    source = TokenSource(found, recheck=1.0, clock=lambda: now[0])
+    source = TokenSource(found, recheck=1.0, settle=0.5, clock=lambda: now[0])
     first = source.authorization()
     second_token = issuer.mint(subject="second")
     write_token(path, second_token)
     assert source.authorization() == first  # within the recheck interval
     now[0] = 1.5
+    assert source.authorization() == first  # changed since the last look: may be half-written
+    now[0] = 2.0
     assert source.authorization() == "Bearer " + second_token
     assert source.info.subject == "second" and source.version == 1
     path.write_text("garbage\n")
     now[0] = 3.0
     assert source.authorization() == "Bearer " + second_token
+    now[0] = 3.5
+    assert source.authorization() == "Bearer " + second_token
+
+
+def test_a_token_file_rewritten_in_place_is_taken_once_it_stops_changing(
+        issuer: TokenIssuer, tmp_path: Path) -> None:
+    """A file rewritten in place was read half-written (a JWT cut inside its signature still
+    decodes) and replaced the valid token. A change is now taken only when the file is the
+    same at two looks settle seconds apart, the next look coming settle seconds after the
+    first; the token read at start is taken at once."""
+    now = [0.0]
+    old = issuer.mint(subject="old")
+    path = write_token(tmp_path / "bt", old)
+    found = find_token(path, None, {}, UID)
+    assert found is not None and found.text == old  # at start: no waiting
+    source = TokenSource(found, recheck=1.0, settle=0.5, clock=lambda: now[0])
+    new = issuer.mint(subject="new")
+    with path.open("r+") as f:  # in place: same inode, truncated, written in two parts
+        f.truncate(0)
+        f.write(new[:-30])
+        f.flush()
+        now[0] = 1.0
+        assert source.authorization() == "Bearer " + old
+        f.write(new[-30:] + "\n")
+    now[0] = 1.5  # the first look asked for another one settle seconds later
+    assert source.authorization() == "Bearer " + old  # it changed again: not stable yet
+    now[0] = 2.0
+    assert source.authorization() == "Bearer " + new and source.version == 1
+
+
+def test_a_token_cut_inside_its_signature_is_malformed(issuer: TokenIssuer) -> None:
+    """Three base64url parts with a JSON header and payload passed for a token even with the
+    signature cut short (a file read half-written); its length is now checked against alg."""
+    token = issuer.mint()
+    for cut in (token[:-30], token[:-1], token + "A"):
+        with pytest.raises(CredentialError, match=re.escape(
+                "token from $BEARER_TOKEN: malformed token (its ES256 signature has the wrong "
+                "length: cut short?)")):
+            inspect_token(cut, source="$BEARER_TOKEN")
+    assert inspect_token(token, source="$BEARER_TOKEN").subject == "prestaged-test-user"
 
 
 def test_a_renewed_token_is_hidden_where_a_server_quotes_it(issuer: TokenIssuer,
@@ -227,7 +269,7 @@ def test_a_renewed_token_is_hidden_where_a_server_quotes_it(issuer: TokenIssuer,
     path = write_token(tmp_path / "bt", issuer.mint(subject="first"))
     found = find_token(path, None, {}, UID)
     assert found is not None
-    source = TokenSource(found, recheck=0.0)
+    source = TokenSource(found, recheck=0.0, settle=0.0)
     renewed = issuer.mint(subject="renewed")
     write_token(path, renewed)
     assert source.authorization() == "Bearer " + renewed
@@ -242,7 +284,7 @@ def test_an_expired_token_is_never_handed_out(issuer: TokenIssuer, tmp_path: Pat
     path = write_token(tmp_path / "bt", issuer.mint(lifetime=60))
     found = find_token(path, None, {}, UID)
     assert found is not None
-    source = TokenSource(found, recheck=0.0)
+    source = TokenSource(found, recheck=0.0, settle=0.0)
     later = datetime.now(timezone.utc) + timedelta(seconds=120)
     monkeypatch.setattr("prestaged.tokens._utcnow", lambda: later)
     assert source.expired()
@@ -263,7 +305,7 @@ def test_a_renewal_that_cannot_be_sent_now_keeps_the_valid_token(
     path = write_token(tmp_path / "bt", first)
     found = find_token(path, None, {}, UID)
     assert found is not None
-    source = TokenSource(found, recheck=0.0)
+    source = TokenSource(found, recheck=0.0, settle=0.0)
     write_token(path, stale := issuer.mint(subject="stale", lifetime=-10))
     assert source.authorization() == "Bearer " + first and source.usable()
     write_token(path, early := issuer.mint(subject="early", not_before=30, lifetime=7200))
@@ -419,7 +461,7 @@ def test_scope_warning_once_per_endpoint_and_token(issuer: TokenIssuer, tmp_path
     path = write_token(tmp_path / "bt", token)
     found = find_token(path, None, {}, UID)
     assert found is not None
-    source = TokenSource(found, recheck=0.0)
+    source = TokenSource(found, recheck=0.0, settle=0.0)
     warner = ScopeWarner(source, "storage.read")
     with caplog.at_level(logging.WARNING, logger="prestaged.tokens"):
         warner.see("https://a:2880", "/pnfs/fnal.gov/usr/dune/x/f1")
