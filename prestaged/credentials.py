@@ -629,19 +629,28 @@ METHODS = ("auto", "token", "proxy")
 
 def _load_token(cli: Optional[Path], configured: Optional[Path], method: str,
                 min_lifetime: float, env: Optional[Mapping[str, str]], uid: Optional[int],
-                now: Optional[datetime]) -> Optional[TokenSource]:
-    """The token ``method`` allows, found and checked; None when auto finds none."""
+                now: Optional[datetime], empty: list[Path]) -> Optional[TokenSource]:
+    """The token ``method`` allows, found and checked; None when auto finds none. Empty token
+    files skipped are added to ``empty``."""
     if method == "proxy":
         return None
-    found = find_token(cli, configured, env, uid)
+    found = find_token(cli, configured, env, uid, empty)
     if found is None:
         if method == "token":
             places = describe_locations(token_locations(cli, configured, env, uid))
-            raise CredentialError(f"no bearer token (credentials.method = token): looked at "
-                                  f"{places}; run htgettoken or set --token-file")
+            raise CredentialError(f"no bearer token (credentials.method = token): "
+                                  f"{_empty_note(empty)}looked at {places}; run htgettoken or "
+                                  "set --token-file")
         return None
     check_token(found.inspect(), min_lifetime, now)
     return TokenSource(found)
+
+
+def _empty_note(empty: list[Path]) -> str:
+    """``X is empty; `` for the token files found empty, to start a "no token" message."""
+    if not empty:
+        return ""
+    return f"{' and '.join(map(str, empty))} {'is' if len(empty) == 1 else 'are'} empty; "
 
 
 def _load_proxy(cli: Optional[Path], configured: Optional[Path], method: str,
@@ -699,21 +708,25 @@ def load_credentials(
     if method not in METHODS:
         raise CredentialError(f"credentials.method: expected one of {', '.join(METHODS)}, "
                               f"got {method!r}")
+    empty: list[Path] = []
     token = _load_token(token_file, token_configured, method, token_min_lifetime, env, uid,
-                        now)
+                        now, empty)
     info = _load_proxy(proxy, proxy_configured, method, min_lifetime, token is not None, env,
                        uid, now)
     if token is None and info is None:
         places = describe_locations(token_locations(token_file, token_configured, env, uid))
         proxy_path, _ = resolve_proxy_path(proxy, proxy_configured, env, uid)
         raise CredentialError(
-            f"no credentials: no bearer token (looked at {places}) and no X.509 proxy "
-            f"(looked at {proxy_path}); run htgettoken or voms-proxy-init, or set "
+            f"no credentials: no bearer token ({_empty_note(empty)}looked at {places}) and no "
+            f"X.509 proxy (looked at {proxy_path}); run htgettoken or voms-proxy-init, or set "
             "--token-file or --proxy")
     ca_path, ca_source = resolve_ca_dir(ca_dir, ca_dir_configured, env)
     check_ca_dir(ca_path, ca_source)
     credentials = Credentials(proxy=info, ca_dir=ca_path, token=token)
     credentials.ssl_context()
+    if token is None and empty:
+        logger.warning("token %s: skipped, and no other bearer token found; using the proxy "
+                       "alone", _empty_note(empty).rstrip("; "))
     if info is not None:
         roles = "".join(f" as {v.fqans[0]}" for v in info.voms[:1] if v.fqans)
         logger.info("using %s %s of %s%s, %s left", info.kind, info.path, info.identity, roles,

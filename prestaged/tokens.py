@@ -363,32 +363,47 @@ def read_token_file(path: Path, label: str) -> str:
 
 def find_token(cli: Optional[Path], configured: Optional[Path],
                env: Optional[Mapping[str, str]] = None,
-               uid: Optional[int] = None) -> Optional[FoundToken]:
+               uid: Optional[int] = None,
+               empty: Optional[list[Path]] = None) -> Optional[FoundToken]:
     """The first token in :func:`token_locations` order, or None when there is none.
 
     An explicitly named file that is missing or unreadable raises :class:`CredentialError`,
     and so does an empty ``--token-file`` or ``credentials.token_file``; other empty values
-    (and a missing default file) are skipped, as the discovery spec says.
+    (and a missing default file) are skipped, as the discovery spec says. An empty file
+    skipped is appended to ``empty`` (when given), and is a WARNING when another token is
+    used instead (a renewal caught between truncate and write, or a tool that failed after
+    truncating: the token the user meant is not the one sent).
     """
     environ = os.environ if env is None else env
+    skipped: list[str] = []
     for source, path, explicit in token_locations(cli, configured, environ, uid):
         if path is None:
             value = environ.get("BEARER_TOKEN", "").strip()
             if value:
-                return FoundToken(value, source, None)
+                return _found(FoundToken(value, source, None), skipped)
             continue
         label = f"token {path} (from {source})"
         if not explicit and not path.exists():
             continue
         text = read_token_file(path, label)
         if text:
-            return FoundToken(text, source, path)
+            return _found(FoundToken(text, source, path), skipped)
         if source in _NAMED:
             # The discovery spec skips empty values; a file named to prestaged itself is the
             # token the user chose, and another one found further on was sent instead.
             raise CredentialError(f"{label} holds no token (it is empty)")
-        logger.debug("%s is empty: skipped", label)
+        skipped.append(label)
+        if empty is not None:
+            empty.append(path)
     return None
+
+
+def _found(found: FoundToken, skipped: list[str]) -> FoundToken:
+    if skipped:
+        where = (f"token {found.path} (from {found.source})" if found.path is not None
+                 else f"token from {found.source}")
+        logger.warning("%s is empty: skipped; using %s instead", " and ".join(skipped), where)
+    return found
 
 
 _NAMED = ("--token-file", "credentials.token_file")

@@ -371,6 +371,39 @@ def test_nothing_found_lists_every_place_looked_at(pki: TestPKI, tmp_path: Path,
         _load(pki, "proxy")
 
 
+def test_an_empty_discovered_token_file_is_said_and_never_silently_replaced(
+        pki: TestPKI, issuer: TokenIssuer, tmp_path: Path, tmp_default: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An empty $XDG_RUNTIME_DIR/bt_u<uid> (a renewal between truncate and write) was skipped
+    with a DEBUG line: auto went on with the proxy alone or /tmp/bt_u<uid>, and --auth token
+    did not say the file was there but empty. Now a WARNING names it and what is used
+    instead, and the error says it is empty."""
+    caplog.set_level(logging.DEBUG)
+    empty = tmp_path / f"bt_u{UID}"
+    empty.write_text("")
+    env = {"XDG_RUNTIME_DIR": str(tmp_path)}
+    proxy = pki.make_proxy(tmp_path / "x509")
+    assert _load(pki, "auto", proxy=proxy, env=env).token is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"token {empty} is empty: skipped, and no other bearer token found; "
+                        "using the proxy alone"]
+    caplog.clear()
+    write_token(tmp_default, issuer.mint(subject="other"))
+    found = find_token(None, None, env, UID)
+    assert found is not None and found.path == tmp_default
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"token {empty} (from default $XDG_RUNTIME_DIR/bt_u<uid>) is empty: "
+                        f"skipped; using token {tmp_default} (from default /tmp/bt_u<uid>) "
+                        "instead"]
+    tmp_default.unlink()
+    with pytest.raises(CredentialError, match=re.escape(
+            f"no bearer token (credentials.method = token): {empty} is empty; looked at ")):
+        _load(pki, "token", env=env)
+    with pytest.raises(CredentialError, match=re.escape(
+            f"no credentials: no bearer token ({empty} is empty; looked at ")):
+        _load(pki, "auto", env=env)
+
+
 def test_a_stale_default_proxy_gives_way_to_a_token_but_a_named_one_does_not(
         pki: TestPKI, issuer: TokenIssuer, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:

@@ -410,11 +410,19 @@ class Daemon:
         self._credentials_changed()
 
     async def _reload_credentials(self) -> None:
+        assert self.credentials is not None
         try:
             creds = self.ctx.load_credentials()
         except CredentialError as e:
             log.error("credentials cannot be used: %s; keeping the previous ones", e)
             return
+        token = self.credentials.token
+        if creds.token is None and token is not None and self.cfg.credentials.method != "proxy":
+            # Its file empty (a renewal caught between truncate and write) or gone: the proxy
+            # alone was installed and the token file never followed again.
+            log.warning("no bearer token found on reload: keeping %s and following its file "
+                        "(credentials.method = \"proxy\" drops it)", token.info.where)
+            creds = dataclasses.replace(creds, token=token)
         await self._install(creds)
 
     async def _reread_proxy(self) -> None:
