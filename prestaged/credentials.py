@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import ssl
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from prestaged.errors import CredentialError
+from prestaged.files import exposed_mode
 from prestaged.net import client_ssl_context
 from prestaged.tokens import (
     TokenSource,
@@ -36,6 +36,7 @@ from prestaged.tokens import (
     find_token,
     read_credential_file,
     token_locations,
+    warn_if_token_exposed,
 )
 
 __all__ = [
@@ -459,11 +460,8 @@ def warn_if_exposed(path: Path) -> bool:
 
     Missing or unreadable files are not warned about (``inspect_proxy`` reports those).
     """
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        return False
-    if not mode & 0o077:
+    mode = exposed_mode(path)
+    if mode is None:
         return False
     logger.warning(
         "proxy %s is accessible to group/others (mode %04o); run: chmod 600 %s", path, mode, path
@@ -643,6 +641,8 @@ def _load_token(cli: Optional[Path], configured: Optional[Path], method: str,
                                   "set --token-file")
         return None
     check_token(found.inspect(), min_lifetime, now)
+    if found.path is not None:
+        warn_if_token_exposed(found.path)
     return TokenSource(found)
 
 

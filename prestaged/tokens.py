@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prestaged.errors import CredentialError
-from prestaged.files import file_stamp, read_small, size_text
+from prestaged.files import exposed_mode, file_stamp, read_small, size_text
 from prestaged.model import hide_secret
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "scope_covers",
     "token_locations",
     "url_path",
+    "warn_if_token_exposed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -352,6 +353,17 @@ def read_credential_file(path: Path, label: str, *, limit: int, kind: str) -> by
     return data
 
 
+def warn_if_token_exposed(path: Path) -> bool:
+    """Log a WARNING if group or others have any access to token file ``path`` (whoever reads
+    a bearer token can use it until it expires); True if warned. Like the proxy's."""
+    mode = exposed_mode(path)
+    if mode is None:
+        return False
+    logger.warning("token %s is accessible to group/others (mode %04o); run: chmod 600 %s",
+                   path, mode, path)
+    return True
+
+
 def read_token_file(path: Path, label: str) -> str:
     """The stripped text of token file ``path``; ``CredentialError`` naming ``label``."""
     data = read_credential_file(path, label, limit=_MAX_TOKEN_BYTES, kind="token")
@@ -478,6 +490,7 @@ class TokenSource:
         if taken:
             logger.info("token %s re-read: subject %s, %s left", path, info.subject,
                         _span(info.time_left().total_seconds()))
+            warn_if_token_exposed(path)
         return taken
 
     def _settled(self, stamp: tuple[int, int, int]) -> bool:

@@ -404,6 +404,33 @@ def test_an_empty_discovered_token_file_is_said_and_never_silently_replaced(
         _load(pki, "auto", env=env)
 
 
+def test_a_token_file_others_can_read_is_warned_about(
+        pki: TestPKI, issuer: TokenIssuer, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A 0644 token file was used without a word (a 0644 proxy gets a WARNING): whoever reads
+    a bearer token can use it. Now the same WARNING (path, mode, chmod), at load and when a
+    renewal is taken; never the token."""
+    caplog.set_level(logging.WARNING)
+    path = write_token(tmp_path / "bt", first := issuer.mint())
+    creds = _load(pki, "token", token=path)
+    assert caplog.records == []
+    path.chmod(0o644)
+    _load(pki, "token", token=path)
+    said = f"token {path} is accessible to group/others (mode 0644); run: chmod 600 {path}"
+    assert [r.getMessage() for r in caplog.records] == [said]
+    caplog.clear()
+    assert creds.token is not None
+    source = TokenSource(FoundToken(first, "--token-file", path), recheck=0.0, settle=0.0)
+    renewed = issuer.mint(subject="renewed")
+    (tmp_path / "new").write_text(renewed + "\n")
+    (tmp_path / "new").chmod(0o640)
+    (tmp_path / "new").replace(path)
+    assert source.refresh() and source.info.subject == "renewed"
+    assert [r.getMessage() for r in caplog.records] == [said.replace("0644", "0640")]
+    _no_text(first, caplog.text)
+    _no_text(renewed, caplog.text)
+
+
 def test_a_stale_default_proxy_gives_way_to_a_token_but_a_named_one_does_not(
         pki: TestPKI, issuer: TokenIssuer, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
