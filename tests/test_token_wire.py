@@ -29,7 +29,7 @@ from prestaged.storage.http import HttpToucher
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.tokens import TokenIssuer, write_token
 from prestaged.tokens import FoundToken, TokenSource
-from prestaged.warm import RunReport, WarmSettings, warm
+from prestaged.warm import RunReport, WarmSettings, touch_url, warm
 
 NO_RETRY = RetryPolicy(attempts=1, initial=0.0, max=0.0, jitter=0.0, total=30.0)
 BODY = b"\x00\x01\x02\x03"
@@ -263,6 +263,28 @@ async def test_a_token_expiring_mid_run_stops_it_with_exit_3(
     assert "token from $BEARER_TOKEN: expired at" in str(report.aborted)
     assert expired not in str(report.aborted)
     assert seen == []
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "aiohttp"])
+async def test_an_upper_case_scheme_still_gets_the_token(
+    serve: Serve, issuer: TokenIssuer, tmp_path: Path, fast_path: bool
+) -> None:
+    """Schemes ignore case: HTTPS:// and Https:// URLs went without the token, and the run
+    stopped with exit 3 blaming it. The toucher sends it to them, and a run (whose URLs
+    touch_url gives the scheme in lower case) is done."""
+    port, seen = await _counting(serve)
+    token = _source(tmp_path / "bt", text := issuer.mint())
+    upper = [url.replace("https://", scheme) for url, scheme in
+             zip(_urls(port, 4), ["HTTPS://", "Https://"] * 2)]
+    async with HttpToucher(serve.client, fast_path=fast_path, token=token) as toucher:
+        assert await toucher.touch(upper[0]) == WARM
+        assert [header == f"Bearer {text}" for header in seen] == [True]  # (no token shown)
+        report = await _warm(toucher, upper, token=token)
+    assert report.aborted is None and report.exit_code == 0
+    assert [header == f"Bearer {text}" for header in seen] == [True] * 5
+    assert touch_url("HTTPS://h:1/f") == "https://h:1/f"
+    assert touch_url("DAVS://h/f") == "https://h/f"
+    assert touch_url("HTTP://h/f", allow_plain_http=True) == "http://h/f"
 
 
 # --- refusals and the breaker ----------------------------------------------------------------
