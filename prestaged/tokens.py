@@ -51,6 +51,7 @@ __all__ = [
     "read_credential_file",
     "read_token_file",
     "scope_covers",
+    "scopes_refuse",
     "token_locations",
     "url_path",
     "warn_if_token_exposed",
@@ -282,6 +283,15 @@ def scope_covers(scopes: tuple[str, ...], verb: str, path: str) -> bool:
         if any(want[i:i + n] == have for i in range(len(want) - n + 1)):
             return True
     return False
+
+
+def scopes_refuse(info: TokenInfo, verb: str, path: str) -> bool:
+    """Whether ``info``'s scopes surely do not allow ``verb`` on ``path``: it has
+    ``storage.*`` scopes and none covers it (:func:`scope_covers`). A token whose rights come
+    from its groups (``wlcg.groups``, no storage scope) is not judged: False."""
+    if not any(scope.startswith("storage.") for scope in info.scopes):
+        return False
+    return not scope_covers(info.scopes, verb, path)
 
 
 # --------------------------------------------------------------------------------------------
