@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import ssl
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from prestaged.errors import CredentialError
+from prestaged.files import exposed_mode
 from prestaged.net import client_ssl_context
 from prestaged.tokens import (
     TokenSource,
@@ -36,6 +36,7 @@ from prestaged.tokens import (
     find_token,
     read_credential_file,
     token_locations,
+    warn_if_token_exposed,
 )
 
 __all__ = [
@@ -459,11 +460,8 @@ def warn_if_exposed(path: Path) -> bool:
 
     Missing or unreadable files are not warned about (``inspect_proxy`` reports those).
     """
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        return False
-    if not mode & 0o077:
+    mode = exposed_mode(path)
+    if mode is None:
         return False
     logger.warning(
         "proxy %s is accessible to group/others (mode %04o); run: chmod 600 %s", path, mode, path
@@ -629,19 +627,30 @@ METHODS = ("auto", "token", "proxy")
 
 def _load_token(cli: Optional[Path], configured: Optional[Path], method: str,
                 min_lifetime: float, env: Optional[Mapping[str, str]], uid: Optional[int],
-                now: Optional[datetime]) -> Optional[TokenSource]:
-    """The token ``method`` allows, found and checked; None when auto finds none."""
+                now: Optional[datetime], empty: list[Path]) -> Optional[TokenSource]:
+    """The token ``method`` allows, found and checked; None when auto finds none. Empty token
+    files skipped are added to ``empty``."""
     if method == "proxy":
         return None
-    found = find_token(cli, configured, env, uid)
+    found = find_token(cli, configured, env, uid, empty)
     if found is None:
         if method == "token":
             places = describe_locations(token_locations(cli, configured, env, uid))
-            raise CredentialError(f"no bearer token (credentials.method = token): looked at "
-                                  f"{places}; run htgettoken or set --token-file")
+            raise CredentialError(f"no bearer token (credentials.method = token): "
+                                  f"{_empty_note(empty)}looked at {places}; run htgettoken or "
+                                  "set --token-file")
         return None
     check_token(found.inspect(), min_lifetime, now)
+    if found.path is not None:
+        warn_if_token_exposed(found.path)
     return TokenSource(found)
+
+
+def _empty_note(empty: list[Path]) -> str:
+    """``X is empty; `` for the token files found empty, to start a "no token" message."""
+    if not empty:
+        return ""
+    return f"{' and '.join(map(str, empty))} {'is' if len(empty) == 1 else 'are'} empty; "
 
 
 def _load_proxy(cli: Optional[Path], configured: Optional[Path], method: str,
@@ -699,21 +708,25 @@ def load_credentials(
     if method not in METHODS:
         raise CredentialError(f"credentials.method: expected one of {', '.join(METHODS)}, "
                               f"got {method!r}")
+    empty: list[Path] = []
     token = _load_token(token_file, token_configured, method, token_min_lifetime, env, uid,
-                        now)
+                        now, empty)
     info = _load_proxy(proxy, proxy_configured, method, min_lifetime, token is not None, env,
                        uid, now)
     if token is None and info is None:
         places = describe_locations(token_locations(token_file, token_configured, env, uid))
         proxy_path, _ = resolve_proxy_path(proxy, proxy_configured, env, uid)
         raise CredentialError(
-            f"no credentials: no bearer token (looked at {places}) and no X.509 proxy "
-            f"(looked at {proxy_path}); run htgettoken or voms-proxy-init, or set "
+            f"no credentials: no bearer token ({_empty_note(empty)}looked at {places}) and no "
+            f"X.509 proxy (looked at {proxy_path}); run htgettoken or voms-proxy-init, or set "
             "--token-file or --proxy")
     ca_path, ca_source = resolve_ca_dir(ca_dir, ca_dir_configured, env)
     check_ca_dir(ca_path, ca_source)
     credentials = Credentials(proxy=info, ca_dir=ca_path, token=token)
     credentials.ssl_context()
+    if token is None and empty:
+        logger.warning("token %s: skipped, and no other bearer token found; using the proxy "
+                       "alone", _empty_note(empty).rstrip("; "))
     if info is not None:
         roles = "".join(f" as {v.fqans[0]}" for v in info.voms[:1] if v.fqans)
         logger.info("using %s %s of %s%s, %s left", info.kind, info.path, info.identity, roles,

@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 from prestaged.errors import ConfigError
 
-__all__ = ["file_stamp", "read_small", "read_small_text", "size_text"]
+__all__ = ["exposed_mode", "file_stamp", "read_small", "read_small_text", "size_text"]
 
 
 def read_small(path: Union[str, Path], limit: int) -> bytes:
@@ -73,3 +73,14 @@ def file_stamp(path: Path) -> Optional[tuple[int, int, int]]:
     except OSError:
         return None
     return st.st_mtime_ns, st.st_ino, st.st_size
+
+
+def exposed_mode(path: Path) -> Optional[int]:
+    """The permission bits of ``path`` when group or others have any access to it (a proxy or
+    token file anyone else can read is theirs to use), else None; None too when it cannot be
+    looked at."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
+    return mode if mode & 0o077 else None

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Protocol, Union
 from urllib.parse import unquote, urlsplit
 
 from prestaged.config import PathMap, StorageConfig, TapeApi, door_key
-from prestaged.errors import PrestagedError, StorageError
+from prestaged.errors import CredentialError, PrestagedError, StorageError
 from prestaged.model import FileRef, Outcome, Result, TapeInfo
 from prestaged.retry import RetryPolicy
 from prestaged.storage.staging import RequestSlots, Staged, Stager, StagingSettings
@@ -51,7 +51,7 @@ from prestaged.storage.tape import (
     TapeRestError,
     TapeUnreachable,
 )
-from prestaged.tokens import ScopeWarner, TokenSource
+from prestaged.tokens import ScopeWarner, TokenSource, scopes_refuse
 
 if TYPE_CHECKING:
     import ssl
@@ -475,7 +475,8 @@ class TapeRouter:
             stager = self._stagers[uri] = Stager(
                 self.access.client, uri, self.s.staging,
                 on_request=lambda r: self._requested(uri, r),
-                on_follow=lambda r, age: self._requested(uri, r, age), slots=self.access.slots)
+                on_follow=lambda r, age: self._requested(uri, r, age), slots=self.access.slots,
+                hopeless=self._unstageable)
             self._tasks.append(asyncio.create_task(self._land(uri, stager)))
         return stager
 
@@ -518,6 +519,8 @@ class TapeRouter:
             info = TapeInfo("TAPE", staged.request_id, uri)
             for ref in files:
                 self._finish(_ended(ref, Result.FAILED, staged.error, info))
+            if self._unstageable(staged.path):
+                self._fail(self._no_stage_right(uri, staged))
             return
         self.tally.on_disk += 1
         if self._probe is not None:
@@ -528,6 +531,24 @@ class TapeRouter:
             if self._note is not None:
                 self._note(ref.url, info)
             await self._touch(ref, info)
+
+    def _unstageable(self, path: str) -> bool:
+        """Whether the token's scopes surely do not let it stage ``path`` (as the
+        ``storage.stage`` warning judged). A token whose rights come from its groups (no
+        ``storage.*`` scope) is not judged: its failures are the storage's."""
+        token = self.access.token
+        return token is not None and scopes_refuse(token.info, "storage.stage", path)
+
+    def _no_stage_right(self, uri: str, staged: Staged) -> CredentialError:
+        """The run's end (exit 3) when a stage the token cannot make failed: the token, not
+        the storage, is what to change."""
+        assert self.access.token is not None
+        why = staged.error[len("stage failed: "):] if staged.error.startswith(
+            "stage failed: ") else staged.error
+        return CredentialError(
+            f"{self.access.token.info.describe()}: {uri} did not stage {staged.path} ({why}); "
+            "staging from tape needs a storage.stage scope covering the files' paths, and this "
+            "token has none (ask for one: htgettoken --scopes)")
 
     async def close(self) -> None:
         """No more files: wait until every staged file was handed on."""

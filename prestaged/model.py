@@ -148,9 +148,24 @@ _SECRETS_KEPT = 16
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}(?:\.[A-Za-z0-9_-]*){0,2}")
 
 
+_PIECE = 16
+"""The shortest piece of a secret ``scrub`` hides on its own (a server quoting a cut one)."""
+_RUN = re.compile(f"[A-Za-z0-9_-]{{{_PIECE},}}")
+
+
+class _Pieces:
+    """Every ``_PIECE``-character window of the secrets: a run of text whose start is not one
+    is no piece of a secret, known without searching them. Replaced whole on each change (a
+    few thousand strings, once an hour): a thread scrubbing meanwhile sees the old or the new
+    set, never a half-built one."""
+
+    starts: frozenset[str] = frozenset()
+
+
 def hide_secret(value: str) -> None:
     """Have ``scrub`` hide ``value`` (a bearer token, a password) wherever a server quotes it
-    back: a reason phrase, an error body. A JWT's signature is hidden on its own too."""
+    back: a reason phrase, an error body. A JWT's signature is hidden on its own too, and so is
+    any run of ``_PIECE`` or more base64url characters cut from it."""
     value = value.strip()
     if len(value) < 8:  # too short to tell from ordinary words
         return
@@ -162,6 +177,15 @@ def hide_secret(value: str) -> None:
         _SECRETS[part] = None
     while len(_SECRETS) > _SECRETS_KEPT:
         _SECRETS.pop(next(iter(_SECRETS)), None)  # pop: another thread may evict it too
+    _Pieces.starts = frozenset(secret[i:i + _PIECE] for secret in list(_SECRETS)
+                               for i in range(len(secret) - _PIECE + 1))
+
+
+def _piece(match: re.Match[str]) -> str:
+    run = match.group(0)
+    if run[:_PIECE] in _Pieces.starts and any(run in secret for secret in list(_SECRETS)):
+        return "***"
+    return run
 
 
 # A bearer credential as an HTTP header or a server's words write it: ``Bearer <token68>``
@@ -174,8 +198,9 @@ _BEARER = re.compile(r"(\bbearer\s+)(?=[A-Za-z0-9._~+/-]*[0-9])[A-Za-z0-9._~+/-]
 
 def scrub(text: str) -> str:
     """``text`` (a server's words, an error, a log line) without the secrets ``hide_secret``
-    was given, anything shaped like a JWT (or its first part), nor what follows ``Bearer ``,
-    each replaced by ``***``."""
+    was given (nor a run of 16 or more base64url characters cut from one: a server quoting
+    the start of a signature), anything shaped like a JWT (or its first part), nor what
+    follows ``Bearer ``, each replaced by ``***``."""
     if "eyJ" in text:
         text = _JWT.sub("***", text)
     if "earer" in text or "EARER" in text:
@@ -183,6 +208,8 @@ def scrub(text: str) -> str:
     for secret in list(_SECRETS):
         if secret in text:
             text = text.replace(secret, "***")
+    if _Pieces.starts:
+        text = _RUN.sub(_piece, text)
     return text
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prestaged.errors import CredentialError
-from prestaged.files import file_stamp, read_small, size_text
+from prestaged.files import exposed_mode, file_stamp, read_small, size_text
 from prestaged.model import hide_secret
 
 __all__ = [
@@ -51,8 +51,10 @@ __all__ = [
     "read_credential_file",
     "read_token_file",
     "scope_covers",
+    "scopes_refuse",
     "token_locations",
     "url_path",
+    "warn_if_token_exposed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,12 @@ class TokenInfo:
         """Lifetime left at ``now`` (default: the current UTC time); negative once expired."""
         return self.expires - (now if now is not None else _utcnow())
 
+    def valid_at(self, now: Optional[datetime] = None) -> bool:
+        """Whether the token can be sent at ``now`` (default: the current UTC time): past its
+        ``nbf`` (if any) and before its ``exp``."""
+        now = now if now is not None else _utcnow()
+        return now < self.expires and (self.not_before is None or now >= self.not_before)
+
     @property
     def where(self) -> str:
         """``token /tmp/bt_u1000 (from $BEARER_TOKEN_FILE)`` or ``token from $BEARER_TOKEN``."""
@@ -160,6 +168,27 @@ def _strings(value: Any) -> tuple[str, ...]:
     return ()
 
 
+_SIGNATURE_BYTES = {"ES256": 64, "ES384": 96, "ES512": 132, "EdDSA": 64,
+                    "HS256": 32, "HS384": 48, "HS512": 64}
+"""The signature length of the algorithms that make one of a fixed size."""
+
+
+def _signature_fits(alg: str, signature: str) -> bool:
+    """Whether the base64url ``signature`` has a length ``alg`` can make: a file read while
+    being rewritten in place holds a JWT cut short, and most of the time inside its signature.
+    RSA signatures are as long as the key (a multiple of 16 bytes, from 1024 bits, in
+    practice); an algorithm not known here is not checked."""
+    length = len(signature.rstrip("="))
+    if length % 4 == 1:  # no byte string encodes to this
+        return False
+    size = length * 3 // 4
+    if alg in _SIGNATURE_BYTES:
+        return size == _SIGNATURE_BYTES[alg] or (alg == "EdDSA" and size == 114)
+    if alg[:2] in ("RS", "PS"):
+        return size >= 128 and size % 16 == 0
+    return True
+
+
 def inspect_token(text: str, *, source: str, path: Optional[Path] = None) -> TokenInfo:
     """Decode the JWT ``text`` (no signature check) and describe it.
 
@@ -172,10 +201,14 @@ def inspect_token(text: str, *, source: str, path: Optional[Path] = None) -> Tok
     if len(parts) != 3 or not all(parts):
         raise CredentialError(f"{label}: malformed token (not a JWT: expected three "
                               "base64url parts separated by dots)")
-    _b64json(parts[0], "header", label)
+    header = _b64json(parts[0], "header", label)
     claims = _b64json(parts[1], "payload", label)
     if not _B64URL.fullmatch(parts[2]):
         raise CredentialError(f"{label}: malformed token (its signature is not base64url)")
+    alg = header.get("alg")
+    if not _signature_fits(str(alg), parts[2]):
+        raise CredentialError(f"{label}: malformed token (its {alg} signature has the wrong "
+                              "length: cut short?)")
     expires = _when(claims, "exp", label)
     if expires is None:
         raise CredentialError(f"{label}: malformed token (no exp claim)")
@@ -252,6 +285,15 @@ def scope_covers(scopes: tuple[str, ...], verb: str, path: str) -> bool:
     return False
 
 
+def scopes_refuse(info: TokenInfo, verb: str, path: str) -> bool:
+    """Whether ``info``'s scopes surely do not allow ``verb`` on ``path``: it has
+    ``storage.*`` scopes and none covers it (:func:`scope_covers`). A token whose rights come
+    from its groups (``wlcg.groups``, no storage scope) is not judged: False."""
+    if not any(scope.startswith("storage.") for scope in info.scopes):
+        return False
+    return not scope_covers(info.scopes, verb, path)
+
+
 # --------------------------------------------------------------------------------------------
 # Where tokens are
 # --------------------------------------------------------------------------------------------
@@ -321,6 +363,17 @@ def read_credential_file(path: Path, label: str, *, limit: int, kind: str) -> by
     return data
 
 
+def warn_if_token_exposed(path: Path) -> bool:
+    """Log a WARNING if group or others have any access to token file ``path`` (whoever reads
+    a bearer token can use it until it expires); True if warned. Like the proxy's."""
+    mode = exposed_mode(path)
+    if mode is None:
+        return False
+    logger.warning("token %s is accessible to group/others (mode %04o); run: chmod 600 %s",
+                   path, mode, path)
+    return True
+
+
 def read_token_file(path: Path, label: str) -> str:
     """The stripped text of token file ``path``; ``CredentialError`` naming ``label``."""
     data = read_credential_file(path, label, limit=_MAX_TOKEN_BYTES, kind="token")
@@ -332,32 +385,47 @@ def read_token_file(path: Path, label: str) -> str:
 
 def find_token(cli: Optional[Path], configured: Optional[Path],
                env: Optional[Mapping[str, str]] = None,
-               uid: Optional[int] = None) -> Optional[FoundToken]:
+               uid: Optional[int] = None,
+               empty: Optional[list[Path]] = None) -> Optional[FoundToken]:
     """The first token in :func:`token_locations` order, or None when there is none.
 
     An explicitly named file that is missing or unreadable raises :class:`CredentialError`,
     and so does an empty ``--token-file`` or ``credentials.token_file``; other empty values
-    (and a missing default file) are skipped, as the discovery spec says.
+    (and a missing default file) are skipped, as the discovery spec says. An empty file
+    skipped is appended to ``empty`` (when given), and is a WARNING when another token is
+    used instead (a renewal caught between truncate and write, or a tool that failed after
+    truncating: the token the user meant is not the one sent).
     """
     environ = os.environ if env is None else env
+    skipped: list[str] = []
     for source, path, explicit in token_locations(cli, configured, environ, uid):
         if path is None:
             value = environ.get("BEARER_TOKEN", "").strip()
             if value:
-                return FoundToken(value, source, None)
+                return _found(FoundToken(value, source, None), skipped)
             continue
         label = f"token {path} (from {source})"
         if not explicit and not path.exists():
             continue
         text = read_token_file(path, label)
         if text:
-            return FoundToken(text, source, path)
+            return _found(FoundToken(text, source, path), skipped)
         if source in _NAMED:
             # The discovery spec skips empty values; a file named to prestaged itself is the
             # token the user chose, and another one found further on was sent instead.
             raise CredentialError(f"{label} holds no token (it is empty)")
-        logger.debug("%s is empty: skipped", label)
+        skipped.append(label)
+        if empty is not None:
+            empty.append(path)
     return None
+
+
+def _found(found: FoundToken, skipped: list[str]) -> FoundToken:
+    if skipped:
+        where = (f"token {found.path} (from {found.source})" if found.path is not None
+                 else f"token from {found.source}")
+        logger.warning("%s is empty: skipped; using %s instead", " and ".join(skipped), where)
+    return found
 
 
 _NAMED = ("--token-file", "credentials.token_file")
@@ -374,12 +442,15 @@ class TokenSource:
 
     ``found`` is the token at start (checked by the caller). The file (if any) is looked at
     again at most every ``recheck`` seconds (default 1), so requests that start a little after
-    a rewrite carry the new token; a rewritten file that cannot be read or decoded keeps the
-    previous token (logged once per change). ``clock`` is ``time.monotonic`` by default.
-    Thread-safe: the catalog may read it from a worker thread.
+    a rewrite carry the new token. A change is taken once the file has stopped changing (the
+    same size, mtime and inode at two looks ``settle`` seconds or more apart; default 0.5, 0:
+    at once): until then a writer may be half-way through it. A rewritten file that cannot be
+    read or decoded, or whose token cannot be sent now (expired, not valid yet) while the
+    previous one can, keeps the previous token (a WARNING once per change). ``clock`` is
+    ``time.monotonic`` by default. Thread-safe: the catalog may read it from a worker thread.
     """
 
-    def __init__(self, found: FoundToken, *, recheck: float = 1.0,
+    def __init__(self, found: FoundToken, *, recheck: float = 1.0, settle: float = 0.5,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._text = found.text
         self._info = found.inspect()
@@ -388,6 +459,11 @@ class TokenSource:
         self._clock = clock
         self._stamp = file_stamp(found.path) if found.path is not None else None
         self._next = clock() + recheck
+        self._settle = settle
+        self._pending: Optional[tuple[tuple[int, int, int], float]] = None
+        """A change seen but not yet taken: the file's stamp then and when (``clock``)."""
+        self._early: Optional[tuple[str, TokenInfo]] = None
+        """A renewal read while not valid yet (``nbf`` ahead), kept for when it is."""
         self._lock = threading.Lock()
         self.version = 0
         """Counts renewals seen (0: the token found at start)."""
@@ -401,7 +477,11 @@ class TokenSource:
         return self._info
 
     def refresh(self) -> bool:
-        """Re-read the file now if it changed; True if a new token was taken."""
+        """Re-read the file now if it changed; True if a new token was taken.
+
+        A renewal that cannot be sent now (expired, or ``nbf`` still ahead: the issuer's clock
+        runs ahead of ours) does not replace a token that can (a WARNING); one not valid yet is
+        taken once it is, or once the token in use expires."""
         path = self._path
         if path is None:
             return False
@@ -409,23 +489,75 @@ class TokenSource:
             self._next = self._clock() + self._recheck
             stamp = file_stamp(path)
             if stamp is None or stamp == self._stamp:
-                return False
-            self._stamp = stamp
-            try:
-                text = read_token_file(path, f"token {path}")
-                hide_secret(text)  # as the first one: a server quoting it back is never shown
-                info = inspect_token(text, source=self._info.source, path=path)
-            except CredentialError as e:
-                logger.warning("token file changed but cannot be used: %s; keeping the "
-                               "previous token", e)
-                return False
-            if text == self._text:
-                return False
-            self._text, self._info = text, info
-            self.version += 1
-        logger.info("token %s re-read: subject %s, %s left", path, info.subject,
-                    _span(info.time_left().total_seconds()))
-        return True
+                self._pending = None
+                taken = self._take_early()
+            elif not self._settled(stamp):
+                taken = False
+            else:
+                self._stamp, self._pending, self._early = stamp, None, None
+                taken = self._reread(path)
+            info = self._info
+        if taken:
+            logger.info("token %s re-read: subject %s, %s left", path, info.subject,
+                        _span(info.time_left().total_seconds()))
+            warn_if_token_exposed(path)
+        return taken
+
+    def _settled(self, stamp: tuple[int, int, int]) -> bool:
+        """Whether the changed file has stopped changing: its stamp is the one a look at least
+        ``settle`` seconds ago saw. A file rewritten in place (truncated, then written) is
+        otherwise read half-written, and a JWT cut inside its signature still decodes."""
+        if self._settle <= 0:
+            return True
+        now = self._clock()
+        if self._pending is None or self._pending[0] != stamp:
+            self._pending = (stamp, now)
+            self._next = min(self._next, now + self._settle)  # look again soon
+            return False
+        return now - self._pending[1] >= self._settle
+
+    def _reread(self, path: Path) -> bool:
+        """Read the changed file; take its token unless it is unusable (see ``refresh``)."""
+        try:
+            text = read_token_file(path, f"token {path}")
+            hide_secret(text)  # as the first one: a server quoting it back is never shown
+            info = inspect_token(text, source=self._info.source, path=path)
+        except CredentialError as e:
+            logger.warning("token file changed but cannot be used: %s; keeping the "
+                           "previous token", e)
+            return False
+        if text == self._text:
+            return False
+        now = _utcnow()
+        if info.valid_at(now) or not self._info.valid_at(now):
+            self._take(text, info)
+            return True
+        try:
+            check_token(info, 0.0, now)
+        except CredentialError as e:
+            logger.warning("token file changed but cannot be used now: %s; keeping the "
+                           "previous token (%s left)", e,
+                           _span(self._info.time_left(now).total_seconds()))
+        if now < info.expires:
+            self._early = (text, info)  # not valid yet: taken when it is
+        return False
+
+    def _take_early(self) -> bool:
+        """Take the renewal put aside as not valid yet, once it is valid or the token in use
+        is not."""
+        early = self._early
+        if early is None:
+            return False
+        now = _utcnow()
+        if early[1].valid_at(now) or not self._info.valid_at(now):
+            self._early = None
+            self._take(*early)
+            return True
+        return False
+
+    def _take(self, text: str, info: TokenInfo) -> None:
+        self._text, self._info = text, info
+        self.version += 1
 
     def _current(self) -> str:
         if self._path is not None and self._clock() >= self._next:
@@ -437,6 +569,12 @@ class TokenSource:
         self._current()
         return self._info.time_left(now).total_seconds() <= 0
 
+    def usable(self, now: Optional[datetime] = None) -> bool:
+        """Whether the current token (after looking for a renewal) can be sent at ``now``:
+        not expired and past its ``nbf``."""
+        self._current()
+        return self._info.valid_at(now)
+
     def authorization(self) -> str:
         """The ``Authorization`` header value for a request starting now.
 
@@ -446,7 +584,7 @@ class TokenSource:
         text = self._current()
         now = _utcnow()
         info = self._info
-        if now >= info.expires or (info.not_before is not None and now < info.not_before):
+        if not info.valid_at(now):
             check_token(info, 0.0, now)
         return "Bearer " + text
 

@@ -297,7 +297,9 @@ def touch_url(url: str, allow_plain_http: bool = False) -> Union[str, Attempt]:
 
     ``https`` as it is; ``davs`` (WebDAV over TLS: https by another name, same default port 443)
     as ``https``; ``http`` only with ``allow_plain_http``; any other scheme (``root://``...) is
-    refused, since no toucher of ours speaks it.
+    refused, since no toucher of ours speaks it. The scheme is compared, and returned, in lower
+    case (``HTTPS://`` is ``https://``: every later look at it, such as whether the bearer token
+    may go, can then compare it as written).
     """
     if url.startswith("https://"):  # nearly every URL: no regex for it (this runs per file)
         return url
@@ -305,13 +307,11 @@ def touch_url(url: str, allow_plain_http: bool = False) -> Union[str, Attempt]:
     if match is None:
         return Attempt(failure=Failure.PROTOCOL, error="not a URL (no scheme://)")
     scheme = match.group(1).lower()
-    if scheme == "https":
-        return url
-    if scheme == "davs":
+    if scheme in ("https", "davs"):
         return "https" + url[match.end(1):]
     if scheme == "http":
         if allow_plain_http:
-            return url
+            return "http" + url[match.end(1):]
         return Attempt(failure=Failure.PROTOCOL, error=PLAIN_HTTP_REFUSED)
     return Attempt(failure=Failure.PROTOCOL, error=f"unsupported scheme {scheme}://")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -222,6 +223,75 @@ async def test_expired_token_pauses_touching_until_a_fresh_one_appears(
     assert "touching paused" in caplog.text and "touching resumed" in caplog.text
     for token in (first, second):
         assert token not in caplog.text and token.rsplit(".", 1)[1] not in caplog.text
+
+
+async def test_a_token_not_valid_yet_keeps_touching_paused(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The token in use expired and the renewal's nbf is still ahead: the daemon said
+    "touching resumed" and /readyz 200, and runs ended with exit 3. Now it stays not ready
+    naming the nbf and touches wait until it passes; then the run is done."""
+    issuer = TokenIssuer()
+    bearer = write_token(tmp_path / "bt", issuer.mint(lifetime=2))
+    port = free_port()
+    config = write_config(tmp_path, pki, proxy, port, [],
+                          credentials=f'token_file = "{bearer}"\ntoken_min_lifetime = "0s"')
+    caplog.set_level(logging.INFO)
+    async with in_process(config) as d:
+        async def paused() -> bool:
+            return "touching paused" in caplog.text
+        await until("touching paused", paused)
+        write_token(bearer, issuer.mint(lifetime=3600, not_before=4))
+
+        async def taken() -> bool:
+            return f"token {bearer} re-read" in caplog.text
+        await until("early token taken", taken)
+        status, ready = await d.http("GET", "/readyz")
+        assert status == 503 and "not valid before" in json.dumps(ready), ready
+        _definition(tmp_path, storage, "early", 3)
+        status, body = await d.http("POST", "/api/v1/warm", {"definition": "early"})
+        assert status == 202, body
+
+        async def ended() -> bool:
+            return (await d.http("GET", body["href"]))[1]["state"] in ("done", "error")
+        await until("run ended", ended)
+        run = (await d.http("GET", body["href"]))[1]
+        assert (run["state"], run["counts"]) == ("done", {"warm": 3}), run
+        assert (await d.http("GET", "/readyz"))[0] == 200
+    assert caplog.text.index("touching resumed") > caplog.text.index(f"token {bearer} re-read")
+
+
+async def test_a_reload_that_finds_the_token_file_empty_keeps_following_it(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A SIGHUP reload while the discovered token file was empty (a renewal between truncate
+    and write) installed the proxy alone, said so only at INFO, and never followed the token
+    file again. Now the reload keeps the token source with a WARNING, and the renewal written
+    afterwards is taken."""
+    issuer = TokenIssuer()
+    bearer = write_token(Path(os.environ["XDG_RUNTIME_DIR"]) / f"bt_u{os.getuid()}",
+                         issuer.mint(subject="first"))
+    config = write_config(tmp_path, pki, proxy, free_port(), [])
+    caplog.set_level(logging.INFO)
+    async with in_process(config) as d:
+        token = d.daemon.credentials.token
+        assert token is not None and token.info.subject == "first"
+        bearer.write_text("")
+        d.daemon.request_reload()
+
+        async def kept() -> bool:
+            return "no bearer token found on reload: keeping" in caplog.text
+        await until("reload kept the token", kept)
+        assert d.daemon.credentials.token is token
+        write_token(bearer, issuer.mint(subject="renewed"))
+
+        async def renewed() -> bool:
+            now = d.daemon.credentials.token
+            return now is not None and now.info.subject == "renewed"
+        await until("renewal taken", renewed)
+    assert f"token {bearer} is empty: skipped" in caplog.text
 
 
 def test_expired_proxy_refused_at_start(pki: TestPKI, tmp_path: Path) -> None:

@@ -34,6 +34,21 @@ def test_scrub_hides_registered_secrets_their_signature_and_any_jwt() -> None:
     assert scrub("HTTP 403 Forbidden: eyJ") == "HTTP 403 Forbidden: eyJ"  # too short to tell
 
 
+def test_scrub_hides_a_cut_piece_of_a_registered_secret() -> None:
+    """A server quoting the first 40 characters of the signature (or any run of 16 or more
+    base64url characters cut from a registered secret) had them printed, put in --json and
+    stored; ordinary runs of that length, and shorter pieces, are left alone."""
+    token = TokenIssuer().mint("storage.read:/")
+    signature = token.rpartition(".")[2]
+    hide_secret(token)
+    assert scrub(f"HTTP 401 signature sig={signature[:40]}... does not verify") == (
+        "HTTP 401 signature sig=***... does not verify")
+    assert scrub(f"detail: {signature[20:36]} expired") == "detail: *** expired"
+    assert Attempt(status=401, error=f"HTTP 401 {signature[5:45]}").error == "HTTP 401 ***"
+    kept = f"file np04_raw_run005141_0001_dl1 sig {signature[:15]}"
+    assert scrub(kept) == kept
+
+
 class _Echo(AppServer):
     """A storage refusing every file with the request's bearer token in its reason phrase."""
 

@@ -342,13 +342,14 @@ async def test_base_exceptions_that_are_not_errors_still_end_the_run() -> None:
 
 @pytest.mark.parametrize(("url", "touched"), [
     ("https://door:2880/pnfs/f", "https://door:2880/pnfs/f"),
-    ("HTTPS://door/f", "HTTPS://door/f"),
+    ("HTTPS://door/f", "https://door/f"),
     ("davs://door:2880/pnfs/f", "https://door:2880/pnfs/f"),
     ("DAVS://door/f", "https://door/f"),
     ("davs://u:p@door/f?x=davs://", "https://u:p@door/f?x=davs://"),
 ])
 def test_touched_schemes(url: str, touched: str) -> None:
-    """https as it is; davs is https by another name (same port semantics)."""
+    """https as it is, its scheme in lower case; davs is https by another name (same port
+    semantics)."""
     assert touch_url(url) == touched
 
 

@@ -22,6 +22,7 @@ from prestaged.testing.dcache import DCacheConfig, Locality, ThreadedDCache
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import ThreadedStorageServer
 from prestaged.testing.tokens import BearerCheck, TokenIssuer, write_token
+from prestaged.tokens import TokenInfo, inspect_token, scopes_refuse
 
 # Polls scaled down: the emulator's tape is fast, so a poll every 20-100 ms keeps tests short.
 # ``extra`` text is appended to the [storage] table, last here.
@@ -635,23 +636,41 @@ def test_a_stage_token_alone_stages_and_touches_and_never_reaches_a_pool(
     assert token not in res.stdout + res.stderr
 
 
-def test_a_read_only_token_touches_disk_files_and_cannot_stage(
+def test_a_read_only_token_on_tape_files_is_exit_3_naming_storage_stage(
     token_site: tuple[ThreadedDCache, TokenIssuer], pki: TestPKI, tmp_path: Path
 ) -> None:
-    """storage.read only: a warning names the missing storage.stage before staging; files on
-    disk are warm, tape-only ones fail with dCache's "Staging not allowed", none is door-GET."""
+    """storage.read only: a warning names the missing storage.stage before staging; dCache
+    fails the stage ("Staging not allowed"), which ended exit 5 blaming the storage after each
+    file was asked for twice. Now no file is asked again and the run stops with exit 3, one
+    line naming the token and storage.stage; no tape file is door-GET."""
     site, issuer = token_site
     paths = _mixed(site)
     urls = [site.door_url(p) for p in paths["disk"] + paths["tape"]]
     token = issuer.mint("storage.read:/", audience="https://127.0.0.1")
-    res = _warm_with_token(pki, tmp_path, _definition(tmp_path, urls), token)
-    doc = json.loads(res.stdout)
-    assert doc["counts"]["warm"] == 4 and doc["counts"].get("staged", 0) == 0, res.stderr
+    res = _warm_with_token(pki, tmp_path, _definition(tmp_path, urls), token, "-v")
+    assert res.returncode == 3, res.stderr
     assert "no storage.stage scope covers" in res.stderr
-    errors = {f["error"] for f in doc["failures"]}
-    assert errors and all("Staging not allowed" in e for e in errors), errors
-    assert len(doc["failures"]) == 12 and site.stats()["door_tape_gets"] == 0
+    (line,) = [x for x in res.stderr.splitlines() if x.startswith("prestaged: error:")]
+    assert "subject prestaged-test-user, scopes storage.read:/" in line
+    assert "Staging not allowed" in line and "needs a storage.stage scope" in line
+    assert "asking once more" not in res.stderr
+    assert site.stats()["door_tape_gets"] == 0
     assert token not in res.stdout + res.stderr
+
+
+def test_whose_scopes_refuse_staging() -> None:
+    """Only a token with storage scopes, none covering the path, is surely refused a stage; a
+    token whose rights come from its groups is not judged (its failures stay the storage's)."""
+    issuer = TokenIssuer()
+
+    def info(scope: str, groups: list[str] | None = None) -> TokenInfo:
+        return inspect_token(issuer.mint(scope, groups=groups), source="test")
+    assert scopes_refuse(info("storage.read:/"), "storage.stage", "/pnfs/t/a")
+    assert scopes_refuse(info("storage.stage:/dune"), "storage.stage", "/pnfs/t/a")
+    assert not scopes_refuse(info("storage.read:/ storage.stage:/t"), "storage.stage", "/pnfs/t/a")
+    assert not scopes_refuse(info("", groups=["/dune"]), "storage.stage", "/pnfs/t/a")
+    assert not scopes_refuse(info("openid offline_access", groups=["/dune"]), "storage.stage",
+                             "/pnfs/t/a")
 
 
 def test_a_tape_api_named_in_the_config_gets_the_token_on_another_host(

@@ -69,7 +69,7 @@ def _catalog(sam: Sam, *, use_token: bool) -> CatalogConfig:
 
 def _token(path: Path, text: str) -> TokenSource:
     write_token(path, text)
-    return TokenSource(FoundToken(text, "--token-file", path), recheck=0.0)
+    return TokenSource(FoundToken(text, "--token-file", path), recheck=0.0, settle=0.0)
 
 
 async def test_use_token_sends_it_with_every_request_and_follows_renewals(

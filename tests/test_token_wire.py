@@ -14,6 +14,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +29,7 @@ from prestaged.storage.http import HttpToucher
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.tokens import TokenIssuer, write_token
 from prestaged.tokens import FoundToken, TokenSource
-from prestaged.warm import RunReport, WarmSettings, warm
+from prestaged.warm import RunReport, WarmSettings, touch_url, warm
 
 NO_RETRY = RetryPolicy(attempts=1, initial=0.0, max=0.0, jitter=0.0, total=30.0)
 BODY = b"\x00\x01\x02\x03"
@@ -71,7 +72,7 @@ def issuer() -> TokenIssuer:
 def _source(path: Path, token: str) -> TokenSource:
     """A token file at ``path`` holding ``token``, watched for rewrites on every request."""
     write_token(path, token)
-    return TokenSource(FoundToken(token, "--token-file", path), recheck=0.0)
+    return TokenSource(FoundToken(token, "--token-file", path), recheck=0.0, settle=0.0)
 
 
 @dataclass
@@ -228,21 +229,23 @@ async def _warm(toucher: HttpToucher, urls: list[str], *, token: Optional[TokenS
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "aiohttp"])
 async def test_an_expired_token_sends_nothing_and_fails_the_touch(
-    serve: Serve, issuer: TokenIssuer, tmp_path: Path, fast_path: bool
+    serve: Serve, issuer: TokenIssuer, tmp_path: Path, fast_path: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A token that expired (here: its file rewritten with an expired one) is never sent: the
-    touch is a Failure.CREDENTIAL attempt whose error says why, without the token's text."""
+    """A token that expired (here: the clock moved past its exp; an expired renewal would not
+    replace it) is never sent: the touch is a Failure.CREDENTIAL attempt whose error says why,
+    without the token's text."""
     port, seen = await _counting(serve)
     path = tmp_path / "bt"
-    token = _source(path, issuer.mint())
-    expired = issuer.mint(lifetime=-30)
+    token = _source(path, text := issuer.mint(lifetime=60))
     async with HttpToucher(serve.client, fast_path=fast_path, token=token) as toucher:
         assert await toucher.touch(f"https://127.0.0.1:{port}/data/a") == WARM
-        write_token(path, expired)
+        later = datetime.now(timezone.utc) + timedelta(seconds=120)
+        monkeypatch.setattr("prestaged.tokens._utcnow", lambda: later)
         attempt = await toucher.touch(f"https://127.0.0.1:{port}/data/b")
     assert attempt.failure is Failure.CREDENTIAL and attempt.status is None
     assert "expired at" in attempt.error and str(path) in attempt.error
-    assert expired not in attempt.error and expired.split(".")[2] not in attempt.error
+    assert text not in attempt.error and text.split(".")[2] not in attempt.error
     assert len(seen) == 1  # the first touch only
 
 
@@ -260,6 +263,28 @@ async def test_a_token_expiring_mid_run_stops_it_with_exit_3(
     assert "token from $BEARER_TOKEN: expired at" in str(report.aborted)
     assert expired not in str(report.aborted)
     assert seen == []
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "aiohttp"])
+async def test_an_upper_case_scheme_still_gets_the_token(
+    serve: Serve, issuer: TokenIssuer, tmp_path: Path, fast_path: bool
+) -> None:
+    """Schemes ignore case: HTTPS:// and Https:// URLs went without the token, and the run
+    stopped with exit 3 blaming it. The toucher sends it to them, and a run (whose URLs
+    touch_url gives the scheme in lower case) is done."""
+    port, seen = await _counting(serve)
+    token = _source(tmp_path / "bt", text := issuer.mint())
+    upper = [url.replace("https://", scheme) for url, scheme in
+             zip(_urls(port, 4), ["HTTPS://", "Https://"] * 2)]
+    async with HttpToucher(serve.client, fast_path=fast_path, token=token) as toucher:
+        assert await toucher.touch(upper[0]) == WARM
+        assert [header == f"Bearer {text}" for header in seen] == [True]  # (no token shown)
+        report = await _warm(toucher, upper, token=token)
+    assert report.aborted is None and report.exit_code == 0
+    assert [header == f"Bearer {text}" for header in seen] == [True] * 5
+    assert touch_url("HTTPS://h:1/f") == "https://h:1/f"
+    assert touch_url("DAVS://h/f") == "https://h/f"
+    assert touch_url("HTTP://h/f", allow_plain_http=True) == "http://h/f"
 
 
 # --- refusals and the breaker ----------------------------------------------------------------

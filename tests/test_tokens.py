@@ -17,6 +17,7 @@ from prestaged.credentials import CredentialError, load_credentials
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.tokens import TokenIssuer, write_token
 from prestaged.tokens import (
+    FoundToken,
     ScopeWarner,
     TokenSource,
     check_token,
@@ -198,23 +199,65 @@ def test_scope_coverage_allows_for_an_unknown_base_path() -> None:
 
 def test_a_rewritten_token_file_is_used_by_later_requests(issuer: TokenIssuer,
                                                           tmp_path: Path) -> None:
-    """After a rewrite, the next header past the recheck interval carries the new token; a
-    rewrite with garbage keeps the previous one."""
+    """After a rewrite, the next header past the recheck interval once the file has stopped
+    changing carries the new token; a rewrite with garbage keeps the previous one."""
     now = [0.0]
     path = write_token(tmp_path / "bt", issuer.mint(subject="first"))
     found = find_token(path, None, {}, UID)
     assert found is not None
-    source = TokenSource(found, recheck=1.0, clock=lambda: now[0])
+    source = TokenSource(found, recheck=1.0, settle=0.5, clock=lambda: now[0])
     first = source.authorization()
     second_token = issuer.mint(subject="second")
     write_token(path, second_token)
     assert source.authorization() == first  # within the recheck interval
     now[0] = 1.5
+    assert source.authorization() == first  # changed since the last look: may be half-written
+    now[0] = 2.0
     assert source.authorization() == "Bearer " + second_token
     assert source.info.subject == "second" and source.version == 1
     path.write_text("garbage\n")
     now[0] = 3.0
     assert source.authorization() == "Bearer " + second_token
+    now[0] = 3.5
+    assert source.authorization() == "Bearer " + second_token
+
+
+def test_a_token_file_rewritten_in_place_is_taken_once_it_stops_changing(
+        issuer: TokenIssuer, tmp_path: Path) -> None:
+    """A file rewritten in place was read half-written (a JWT cut inside its signature still
+    decodes) and replaced the valid token. A change is now taken only when the file is the
+    same at two looks settle seconds apart, the next look coming settle seconds after the
+    first; the token read at start is taken at once."""
+    now = [0.0]
+    old = issuer.mint(subject="old")
+    path = write_token(tmp_path / "bt", old)
+    found = find_token(path, None, {}, UID)
+    assert found is not None and found.text == old  # at start: no waiting
+    source = TokenSource(found, recheck=1.0, settle=0.5, clock=lambda: now[0])
+    new = issuer.mint(subject="new")
+    with path.open("r+") as f:  # in place: same inode, truncated, written in two parts
+        f.truncate(0)
+        f.write(new[:-30])
+        f.flush()
+        now[0] = 1.0
+        assert source.authorization() == "Bearer " + old
+        f.write(new[-30:] + "\n")
+    now[0] = 1.5  # the first look asked for another one settle seconds later
+    assert source.authorization() == "Bearer " + old  # it changed again: not stable yet
+    now[0] = 2.0
+    assert source.authorization() == "Bearer " + new and source.version == 1
+
+
+def test_a_token_cut_inside_its_signature_is_malformed(issuer: TokenIssuer) -> None:
+    """Three base64url parts with a JSON header and payload passed for a token even with the
+    signature cut short (a file read half-written); its length is now checked against alg."""
+    token = issuer.mint()
+    for cut in (token[:-30], token[:-1], token + "A"):
+        with pytest.raises(CredentialError, match=re.escape(
+                "token from $BEARER_TOKEN: malformed token (its ES256 signature has the wrong "
+                "length: cut short?)")):
+            inspect_token(cut, source="$BEARER_TOKEN")
+    assert inspect_token(token, source="$BEARER_TOKEN").subject == "prestaged-test-user"
 
 
 def test_a_renewed_token_is_hidden_where_a_server_quotes_it(issuer: TokenIssuer,
@@ -226,7 +269,7 @@ def test_a_renewed_token_is_hidden_where_a_server_quotes_it(issuer: TokenIssuer,
     path = write_token(tmp_path / "bt", issuer.mint(subject="first"))
     found = find_token(path, None, {}, UID)
     assert found is not None
-    source = TokenSource(found, recheck=0.0)
+    source = TokenSource(found, recheck=0.0, settle=0.0)
     renewed = issuer.mint(subject="renewed")
     write_token(path, renewed)
     assert source.authorization() == "Bearer " + renewed
@@ -235,18 +278,57 @@ def test_a_renewed_token_is_hidden_where_a_server_quotes_it(issuer: TokenIssuer,
     assert signature not in said and renewed not in said
 
 
-def test_an_expired_token_is_never_handed_out(issuer: TokenIssuer, tmp_path: Path) -> None:
+def test_an_expired_token_is_never_handed_out(issuer: TokenIssuer, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The header of an expired token raises instead; a renewed file ends that."""
-    path = write_token(tmp_path / "bt", issuer.mint(lifetime=3600))
+    path = write_token(tmp_path / "bt", issuer.mint(lifetime=60))
     found = find_token(path, None, {}, UID)
     assert found is not None
-    source = TokenSource(found, recheck=0.0)
-    write_token(path, issuer.mint(lifetime=-1, subject="stale"))
+    source = TokenSource(found, recheck=0.0, settle=0.0)
+    later = datetime.now(timezone.utc) + timedelta(seconds=120)
+    monkeypatch.setattr("prestaged.tokens._utcnow", lambda: later)
     assert source.expired()
     with pytest.raises(CredentialError, match="expired at"):
         source.authorization()
-    write_token(path, fresh := issuer.mint(subject="fresh"))
+    write_token(path, fresh := issuer.mint(subject="fresh", now=later.timestamp()))
     assert not source.expired() and source.authorization() == "Bearer " + fresh
+
+
+def test_a_renewal_that_cannot_be_sent_now_keeps_the_valid_token(
+        issuer: TokenIssuer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An expired renewal, or one whose nbf is ahead (the issuer's clock runs fast), replaced
+    the valid token in use and the run stopped with exit 3. Now it is a WARNING naming the file
+    and the previous token is kept; the early one is taken once its nbf has passed."""
+    caplog.set_level(logging.INFO, logger="prestaged.tokens")
+    first = issuer.mint(subject="first")
+    path = write_token(tmp_path / "bt", first)
+    found = find_token(path, None, {}, UID)
+    assert found is not None
+    source = TokenSource(found, recheck=0.0, settle=0.0)
+    write_token(path, stale := issuer.mint(subject="stale", lifetime=-10))
+    assert source.authorization() == "Bearer " + first and source.usable()
+    write_token(path, early := issuer.mint(subject="early", not_before=30, lifetime=7200))
+    assert source.authorization() == "Bearer " + first and source.version == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert all(str(path) in w and "keeping the previous token" in w for w in warnings)
+    assert "expired at" in warnings[0] and "not valid before" in warnings[1]
+    later = datetime.now(timezone.utc) + timedelta(seconds=40)
+    monkeypatch.setattr("prestaged.tokens._utcnow", lambda: later)
+    assert source.authorization() == "Bearer " + early and source.info.subject == "early"
+    _no_text(first, caplog.text)
+    _no_text(stale, caplog.text)
+    _no_text(early, caplog.text)
+
+
+def test_a_token_not_valid_yet_is_not_usable(issuer: TokenIssuer) -> None:
+    """usable() (what pauses the daemon's touches) looks at nbf too, not only at exp."""
+    early = TokenSource(FoundToken(issuer.mint(not_before=30), "$BEARER_TOKEN", None))
+    assert not early.expired() and not early.usable()
+    with pytest.raises(CredentialError, match="not valid before"):
+        early.authorization()
+    assert TokenSource(FoundToken(issuer.mint(), "$BEARER_TOKEN", None)).usable()
 
 
 # --- the method ------------------------------------------------------------------------------
@@ -287,6 +369,66 @@ def test_nothing_found_lists_every_place_looked_at(pki: TestPKI, tmp_path: Path,
         _load(pki, "token")
     with pytest.raises(CredentialError, match=f"/tmp/x509up_u{UID}.*does not exist"):
         _load(pki, "proxy")
+
+
+def test_an_empty_discovered_token_file_is_said_and_never_silently_replaced(
+        pki: TestPKI, issuer: TokenIssuer, tmp_path: Path, tmp_default: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An empty $XDG_RUNTIME_DIR/bt_u<uid> (a renewal between truncate and write) was skipped
+    with a DEBUG line: auto went on with the proxy alone or /tmp/bt_u<uid>, and --auth token
+    did not say the file was there but empty. Now a WARNING names it and what is used
+    instead, and the error says it is empty."""
+    caplog.set_level(logging.DEBUG)
+    empty = tmp_path / f"bt_u{UID}"
+    empty.write_text("")
+    env = {"XDG_RUNTIME_DIR": str(tmp_path)}
+    proxy = pki.make_proxy(tmp_path / "x509")
+    assert _load(pki, "auto", proxy=proxy, env=env).token is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"token {empty} is empty: skipped, and no other bearer token found; "
+                        "using the proxy alone"]
+    caplog.clear()
+    write_token(tmp_default, issuer.mint(subject="other"))
+    found = find_token(None, None, env, UID)
+    assert found is not None and found.path == tmp_default
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"token {empty} (from default $XDG_RUNTIME_DIR/bt_u<uid>) is empty: "
+                        f"skipped; using token {tmp_default} (from default /tmp/bt_u<uid>) "
+                        "instead"]
+    tmp_default.unlink()
+    with pytest.raises(CredentialError, match=re.escape(
+            f"no bearer token (credentials.method = token): {empty} is empty; looked at ")):
+        _load(pki, "token", env=env)
+    with pytest.raises(CredentialError, match=re.escape(
+            f"no credentials: no bearer token ({empty} is empty; looked at ")):
+        _load(pki, "auto", env=env)
+
+
+def test_a_token_file_others_can_read_is_warned_about(
+        pki: TestPKI, issuer: TokenIssuer, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A 0644 token file was used without a word (a 0644 proxy gets a WARNING): whoever reads
+    a bearer token can use it. Now the same WARNING (path, mode, chmod), at load and when a
+    renewal is taken; never the token."""
+    caplog.set_level(logging.WARNING)
+    path = write_token(tmp_path / "bt", first := issuer.mint())
+    creds = _load(pki, "token", token=path)
+    assert caplog.records == []
+    path.chmod(0o644)
+    _load(pki, "token", token=path)
+    said = f"token {path} is accessible to group/others (mode 0644); run: chmod 600 {path}"
+    assert [r.getMessage() for r in caplog.records] == [said]
+    caplog.clear()
+    assert creds.token is not None
+    source = TokenSource(FoundToken(first, "--token-file", path), recheck=0.0, settle=0.0)
+    renewed = issuer.mint(subject="renewed")
+    (tmp_path / "new").write_text(renewed + "\n")
+    (tmp_path / "new").chmod(0o640)
+    (tmp_path / "new").replace(path)
+    assert source.refresh() and source.info.subject == "renewed"
+    assert [r.getMessage() for r in caplog.records] == [said.replace("0644", "0640")]
+    _no_text(first, caplog.text)
+    _no_text(renewed, caplog.text)
 
 
 def test_a_stale_default_proxy_gives_way_to_a_token_but_a_named_one_does_not(
@@ -379,7 +521,7 @@ def test_scope_warning_once_per_endpoint_and_token(issuer: TokenIssuer, tmp_path
     path = write_token(tmp_path / "bt", token)
     found = find_token(path, None, {}, UID)
     assert found is not None
-    source = TokenSource(found, recheck=0.0)
+    source = TokenSource(found, recheck=0.0, settle=0.0)
     warner = ScopeWarner(source, "storage.read")
     with caplog.at_level(logging.WARNING, logger="prestaged.tokens"):
         warner.see("https://a:2880", "/pnfs/fnal.gov/usr/dune/x/f1")

@@ -228,7 +228,7 @@ class Daemon:
         # The pool is built by the context in force when credentials change (a reload may
         # have changed storage settings too); the budget is fixed at start.
         toucher = self._touch = SharedToucher(self._make_toucher, cfg.storage.concurrency,
-                                              expired=self._token_expired)
+                                              expired=self._token_unusable)
         await toucher.install(self.credentials.ssl_context())
         # One Tape REST access for the daemon's life: its discovery answers are kept
         # storage.discovery_ttl across runs; renewed credentials are installed in it too.
@@ -392,7 +392,7 @@ class Daemon:
         token = self.credentials.token if self.credentials is not None else None
         if token is not None:
             left = token.info.time_left().total_seconds()
-            wait = min(wait, left + 0.05) if left > 0 else min(wait, 1.0)
+            wait = min(wait, left + 0.05) if token.info.valid_at() else min(wait, 1.0)
         return max(wait, 0.05)
 
     async def _check_credentials(self, force: bool = False) -> None:
@@ -410,11 +410,19 @@ class Daemon:
         self._credentials_changed()
 
     async def _reload_credentials(self) -> None:
+        assert self.credentials is not None
         try:
             creds = self.ctx.load_credentials()
         except CredentialError as e:
             log.error("credentials cannot be used: %s; keeping the previous ones", e)
             return
+        token = self.credentials.token
+        if creds.token is None and token is not None and self.cfg.credentials.method != "proxy":
+            # Its file empty (a renewal caught between truncate and write) or gone: the proxy
+            # alone was installed and the token file never followed again.
+            log.warning("no bearer token found on reload: keeping %s and following its file "
+                        "(credentials.method = \"proxy\" drops it)", token.info.where)
+            creds = dataclasses.replace(creds, token=token)
         await self._install(creds)
 
     async def _reread_proxy(self) -> None:
@@ -459,19 +467,20 @@ class Daemon:
         token = self.credentials.token if self.credentials is not None else None
         return self.ctx.make_toucher(tls, token)
 
-    def _token_expired(self) -> bool:
-        """Whether the token is expired now (the shared toucher asks before each touch); the
-        first touch to find out pauses touching as the credential watch would."""
+    def _token_unusable(self) -> bool:
+        """Whether the token cannot be sent now, expired or not valid yet (the shared toucher
+        asks before each touch); the first touch to find out pauses touching as the credential
+        watch would."""
         token = self.credentials.token if self.credentials is not None else None
-        if token is None or not token.expired():
+        if token is None or token.usable():
             return False
         if not self._paused:
             self._credentials_changed()
         return True
 
     def _credential_problems(self, *, margin: bool) -> list[str]:
-        """What is wrong with the credentials in use: expired ones, or (``margin``) ones with
-        less than their ``*min_lifetime`` left."""
+        """What is wrong with the credentials in use: expired ones, a token not valid yet, or
+        (``margin``) ones with less than their ``*min_lifetime`` left."""
         creds, c = self.credentials, self.cfg.credentials
         if creds is None:
             return ["no credentials"]
@@ -486,7 +495,11 @@ class Daemon:
         if creds.token is not None:
             info = creds.token.info
             left = info.time_left().total_seconds()
-            if left < (c.token_min_lifetime if margin else 0.0) or left <= 0:
+            if left > 0 and not info.valid_at():
+                problems.append(f"{info.where} is not valid before "
+                                f"{info.not_before:%Y-%m-%d %H:%M:%S} UTC (is the clock of this "
+                                "host right?)")
+            elif left < (c.token_min_lifetime if margin else 0.0) or left <= 0:
                 problems.append(f"{info.where} has {max(0.0, left):.0f} s left"
                                 + (", less than credentials.token_min_lifetime" if margin
                                    else ""))

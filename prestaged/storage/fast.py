@@ -192,6 +192,7 @@ def _endpoint(endpoint: str, ssl_context: Optional[ssl.SSLContext], headers: byt
               slots: _Slots, *, one_shot: bool) -> Optional[Endpoint]:
     """The ``Endpoint`` of ``scheme://netloc``, or None if the fast path does not take it."""
     scheme, _, netloc = endpoint.partition("://")
+    scheme = scheme.lower()
     if scheme not in _DEFAULT_PORTS or (scheme == "https" and ssl_context is None):
         return None
     match = _NETLOC.fullmatch(netloc)

@@ -269,7 +269,7 @@ class HttpToucher:
             raise RuntimeError("HttpToucher.start() was not called")
         auth: Optional[str] = None
         # Never in clear: a plain-http URL (storage.allow_plain_http) goes without the token.
-        if self._token is not None and url.startswith("https://"):
+        if self._token is not None and url[:8].lower() == "https://":  # schemes ignore case
             try:
                 auth = self._token.authorization()
             except CredentialError as e:

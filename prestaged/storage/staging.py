@@ -148,8 +148,12 @@ class Stager:
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  on_request: Optional[Callable[[StageRequest], None]] = None,
                  on_follow: Optional[Callable[[StageRequest, float], None]] = None,
-                 slots: Optional[RequestSlots] = None) -> None:
+                 slots: Optional[RequestSlots] = None,
+                 hopeless: Optional[Callable[[str], bool]] = None) -> None:
         self.client = client
+        self._hopeless = hopeless or (lambda path: False)
+        """Whether a failed stage of a path is surely refused again (the token cannot stage
+        it): such a path is not asked for once more."""
         self.uri = uri
         self.s = settings or StagingSettings()
         self._clock = clock
@@ -409,6 +413,9 @@ class Stager:
             request.paths.discard(path)
             if f.state is StageState.COMPLETED:
                 out.append(Staged(path, True, "", request.id, now - self._first[path]))
+            elif f.state is StageState.FAILED and self._hopeless(path):
+                out.append(Staged(path, False, f"stage failed: {f.error or 'failed'}",
+                                  request.id, now - self._first[path]))
             elif request.adopted:  # an earlier run's request: ask for the file now, as new
                 if f.state is StageState.FAILED:
                     self._restaged.add(path)  # that was its first try: this is the one more

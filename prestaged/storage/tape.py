@@ -261,7 +261,7 @@ class TapeClient:
             raise TapeRestError(f"{url}: no endpoints list in the discovery document")
         uris = {str(e.get("version")): e.get("uri") for e in endpoints if isinstance(e, dict)}
         uri = uris.get("v1")
-        if not isinstance(uri, str) or not uri.startswith("https://"):
+        if not isinstance(uri, str) or uri[:8].lower() != "https://":
             raise TapeRestError(f"{url}: no https v1 endpoint in the discovery document "
                                 f"(versions: {', '.join(sorted(uris)) or 'none'})")
         if not usable_origin(uri):
