@@ -620,8 +620,9 @@ class DaemonConfig:
     """How often a campaign that stopped short (held, a failed submission, its catalog
     unreachable) is looked at again; operator actions through the API act at once (seconds)."""
     max_runs: int = field(default=100, metadata=check(within(1, 10_000)))
-    """Warm runs queued or running at once; an API request beyond them answers 429 (a request
-    for a definition already queued or running joins that run instead)."""
+    """Warm runs running at once: the runs of watches (and chunks) beyond them wait queued.
+    An API request while this many are queued or running answers 429 (a request for a
+    definition already queued or running joins that run instead)."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import pytest
 from daemon_harness import free_port, in_process, metric_value, until
 
 from prestaged.testing.pki import TestPKI
-from prestaged.testing.storage import ThreadedStorageServer
+from prestaged.testing.storage import Delay, ThreadedStorageServer
 
 
 def _urls(path: Path, srv: ThreadedStorageServer, name: str, n: int) -> Path:
@@ -146,3 +146,25 @@ async def test_a_watch_whose_files_partly_failed_is_not_run_again_at_every_reloa
         watch = watches.find("local", str(a))
         assert watch is not None
         assert 3500 < await watches._first_delay(watch) <= 3600
+
+
+async def test_at_most_max_runs_watch_runs_run_at_once_and_the_rest_wait_queued(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+) -> None:
+    """Every watch started its first run at once (2,000 watches: the API's reads waited
+    seconds behind their state calls). Runs now take one of `daemon.max_runs` places; the
+    others wait queued, and every one runs."""
+    defs = [_urls(tmp_path / f"w{i}.txt", storage, f"w{i}", 1) for i in range(5)]
+    for i in range(5):
+        storage.server.inject(f"/w{i}/f00", [Delay(0.3)])
+    watches = "".join(f'[[watch]]\ndefinition = "{d}"\nevery = "1h"\n' for d in defs)
+    config = _config(tmp_path, pki, proxy, watches)
+    config.write_text(config.read_text().replace("jitter = 0", "jitter = 0\nmax_runs = 2"))
+    async with in_process(config) as d:
+        async def all_done() -> bool:
+            states = [(await d.http("GET", f"/api/v1/runs/{i}"))[1].get("state")
+                      for i in range(1, 6)]
+            return states == ["done"] * 5
+        await until("the five watch runs", all_done)
+    records = [r for i in range(5) for r in storage.stats.path(f"/w{i}/f00").records]
+    assert len(records) == 5 and max(r.in_flight for r in records) == 2

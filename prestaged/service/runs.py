@@ -10,10 +10,11 @@ caller's ``after`` hook, so this module knows nothing of watches.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -141,6 +142,26 @@ class Runs:
         self._tape = tape
         self._stop, self._spawn, self._after, self._changed = stop, spawn, after, changed
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._running = 0
+        self._room: Optional[asyncio.Condition] = None  # made in the loop (Python 3.9)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of the ``max_runs()`` places of runs that run at once; the others wait for one,
+        queued. 2,000 watches started their first runs together, and their state calls
+        queued the API's reads behind them for seconds (2.5 s for /api/v1/datasets)."""
+        if self._room is None:
+            self._room = asyncio.Condition()
+        room = self._room
+        async with room:
+            await room.wait_for(lambda: self._running < self._max_runs())
+            self._running += 1
+        try:
+            yield
+        finally:
+            async with room:
+                self._running -= 1
+                room.notify()
 
     def submit(self, catalog: Catalog, *, origin: str, fresh_for: Optional[float] = None,
                join: bool = True,
@@ -187,7 +208,7 @@ class Runs:
             relay = asyncio.ensure_future(self._stop.wait())
             relay.add_done_callback(lambda _: stop.set())
         try:
-            async with lock:
+            async with lock, self._slot():
                 if self._draining():
                     info.state, info.error = "error", "not started: the daemon was stopping"
                     return
