@@ -203,6 +203,30 @@ def test_a_state_file_removed_or_replaced_under_a_store_is_refused(tmp_path: Pat
         assert store.file_problem() is None
 
 
+def test_a_state_in_a_directory_that_cannot_be_written_names_the_directory(
+    tmp_path: Path
+) -> None:
+    """status on a state readable by a group, in a directory it cannot write, said "attempt to
+    write a readonly database": it is SQLite's -wal and -shm files that cannot be made."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    with Store(shared / "state.db") as store:
+        store.start_run("local", "ds")
+    shared.chmod(0o555)
+    # As root, without the capabilities that ignore file modes.
+    nocap = (["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+             if os.geteuid() == 0 else [])
+    try:
+        res = subprocess.run([*nocap, sys.executable, "-m", "prestaged", "status", "--state",
+                              str(shared / "state.db")], capture_output=True, text=True,
+                             timeout=TIMEOUT, check=False)
+    finally:
+        shared.chmod(0o755)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1, res.stderr
+    assert f"its directory {shared} is not writable" in res.stderr, res.stderr
+
+
 def test_a_damaged_page_behind_a_valid_header_is_one_line(tmp_path: Path) -> None:
     """A state file whose header is fine but whose pages are garbage fails status and history
     with one line naming the file and exit 2 (sqlite3.DatabaseError escaped before)."""

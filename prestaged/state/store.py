@@ -542,7 +542,13 @@ class Store:
             self._identity = _identity(self.path)
         except sqlite3.OperationalError as e:
             conn.close()
-            raise StateError(f"state {self.path}: cannot use it: {e}") from e
+            text = describe_sqlite_error(str(e))
+            if "read-only" in text and not os.access(self.path.parent, os.W_OK):
+                # SQLite makes its -wal/-shm (or -journal) files beside the database, even to
+                # read it: a state readable by a group, in a directory it cannot write.
+                text = (f"its directory {self.path.parent} is not writable, and SQLite makes "
+                        f"its {self.path.name}-wal and -shm files there ({e})")
+            raise StateError(f"state {self.path}: cannot use it: {text}") from e
         except sqlite3.DatabaseError as e:
             conn.close()
             raise StateError(
