@@ -230,3 +230,20 @@ def test_unknown_type_word_is_an_error() -> None:
     """A migration naming a word the dialect does not define fails loudly, never renders it."""
     with pytest.raises(KeyError):
         SQLITE.render("CREATE TABLE t (x {uuid})")
+
+
+# Migrations written since the dialects, by the first 16 hex digits of their text's SHA-256.
+# A migration some tree has run is never edited: a state it made would be taken as current
+# and fail later (7 once gained two columns in place: states it had made lacked them). Change
+# the schema with a new migration, and add its digest here.
+RELEASED = {7: "04575307f3d13d32", 8: "8611bb2c8e79e420"}
+
+
+def test_released_migrations_are_never_edited() -> None:
+    """Every migration since the dialects is the text it was released with."""
+    import hashlib
+
+    assert len(MIGRATIONS) == max(RELEASED), "add the new migration's digest to RELEASED"
+    for version, digest in RELEASED.items():
+        text = MIGRATIONS[version - 1]
+        assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest, version
