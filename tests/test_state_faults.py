@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -225,6 +226,36 @@ def test_a_state_in_a_directory_that_cannot_be_written_names_the_directory(
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("\n") == 1, res.stderr
     assert f"its directory {shared} is not writable" in res.stderr, res.stderr
+
+
+def test_a_new_state_that_cannot_be_made_leaves_no_empty_file(tiny_disk: Path) -> None:
+    """On a full disk the new state failed and left a 0-byte file, which the next run took for
+    a new state in silence."""
+    filler = tiny_disk / "filler"
+    with contextlib.suppress(OSError), filler.open("wb") as f:
+        while True:
+            f.write(b"\0" * 4096)
+            f.flush()
+    with pytest.raises(StateError, match="the disk is full"):
+        Store(tiny_disk / "new.db").open()
+    assert not (tiny_disk / "new.db").exists()
+
+
+def test_an_old_empty_state_file_is_a_warning(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A state file truncated to nothing (`> state.db`, a failed copy) became a new state
+    without a word; it is a WARNING now (not for a file another process is creating)."""
+    state = tmp_path / "state.db"
+    state.touch()
+    with Store(state):
+        pass
+    assert "is an empty file" not in caplog.text  # just made: someone is creating it
+    state.unlink()
+    state.touch()
+    os.utime(state, (time.time() - 3600, time.time() - 3600))
+    with Store(state):
+        pass
+    assert f"state {state} is an empty file: a new state is made in it" in caplog.text
 
 
 def test_a_damaged_page_behind_a_valid_header_is_one_line(tmp_path: Path) -> None:

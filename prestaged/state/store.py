@@ -524,8 +524,11 @@ class Store:
         return PooledDatabase(open_pool(self.url), self.url)
 
     def _open_sqlite(self) -> Database:
-        if state_file_exists(self.path) and not self.path.is_file():
+        existed = state_file_exists(self.path)
+        if existed and not self.path.is_file():
             raise StateError(f"state {self.path}: not a regular file")
+        if existed:
+            _warn_if_emptied(self.path)
         try:
             # A new database is private (state.private); SQLite gives its -wal and -shm files
             # the database file's mode.
@@ -535,6 +538,17 @@ class Store:
         except (OSError, sqlite3.Error) as e:
             raise StateError(f"state {self.path}: cannot open: "
                              f"{describe_sqlite_error(str(e))}") from e
+        try:
+            return self._prepare(conn)
+        except StateError:
+            if not existed:  # ours, and still empty: no 0-byte file left for a later run
+                with contextlib.suppress(OSError):
+                    if self.path.stat().st_size == 0:
+                        self.path.unlink()
+            raise
+
+    def _prepare(self, conn: sqlite3.Connection) -> Database:
+        """Migrate and configure the SQLite connection ``conn`` to ``self.path``."""
         try:
             schema.migrate(conn, self.path)
             schema.set_journal(conn, self.path, *self._journal())
@@ -999,6 +1013,21 @@ class Store:
         return [RunRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else {},
                           r[6], r[7] if r[7] is not None else _crashed(r[8], r[9], r[3]), r[8])
                 for r in rows]
+
+
+EMPTIED_AFTER = 60.0
+"""Seconds after which an empty state file is not one being created by another process."""
+
+
+def _warn_if_emptied(path: Path) -> None:
+    """Warn of an existing, empty state file that nobody is creating now: SQLite makes a new
+    state in it, and a truncated copy of a state (``> state.db``, a failed copy) would lose
+    its history in silence."""
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        if st.st_size == 0 and time.time() - st.st_mtime > EMPTIED_AFTER:
+            log.warning("state %s is an empty file: a new state is made in it (if it was a "
+                        "state, restore it from a copy first)", path)
 
 
 def _identity(path: Path) -> tuple[int, int]:
