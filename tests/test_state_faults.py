@@ -258,6 +258,28 @@ def test_an_old_empty_state_file_is_a_warning(tmp_path: Path,
     assert f"state {state} is an empty file: a new state is made in it" in caplog.text
 
 
+def test_a_daemon_on_a_read_only_state_says_only_that(
+    pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """serve on a state it may not write exits 2 with one line; it said first that it "could
+    not leave" a cluster it had never joined (a SQLite state has none)."""
+    from daemon_harness import free_port, write_config
+
+    config = write_config(tmp_path, pki, proxy, free_port(), [])
+    with Store(tmp_path / "state.db") as store:
+        store.start_run("local", "ds")
+    for f in tmp_path.glob("state.db*"):
+        f.chmod(0o444)
+    nocap = (["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+             if os.geteuid() == 0 else [])
+    res = subprocess.run([*nocap, sys.executable, "-m", "prestaged", "serve", "--config",
+                          str(config)], capture_output=True, text=True, timeout=TIMEOUT,
+                         check=False)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and "read-only" in lines[0], lines
+
+
 def test_a_damaged_page_behind_a_valid_header_is_one_line(tmp_path: Path) -> None:
     """A state file whose header is fine but whose pages are garbage fails status and history
     with one line naming the file and exit 2 (sqlite3.DatabaseError escaped before)."""

@@ -63,6 +63,7 @@ class ClusterMember:
         self.connected = asyncio.Event()
         """Set while the database answers: work is claimed only then."""
         self._task: Optional[asyncio.Task[Any]] = None
+        self._registered = False
         self._inflight: Optional[asyncio.Future[tuple[list[shared.Member],
                                                       dict[str, int]]]] = None
 
@@ -85,6 +86,7 @@ class ClusterMember:
             log.info("member %s (this host, process gone): its leases are given up", member)
         await asyncio.to_thread(shared.register_member, self._store, self.id,
                                 listen=self._listen, version=self._version)
+        self._registered = True
         self.connected.set()
         log.info("cluster member %s (lease %.0f s, heartbeat %.0f s)", self.id, self.lease,
                  self.heartbeat)
@@ -97,6 +99,8 @@ class ClusterMember:
         expire on their own."""
         if self._task is not None:
             self._task.cancel()
+        if not self._registered:  # start() failed (a read-only state): nothing to give up
+            return
         try:
             await asyncio.to_thread(shared.leave, self._store, self.id)
         except _unreachable() as e:
