@@ -565,6 +565,8 @@ class Store:
             raise StateError(f"state {self.path}: cannot use it: {text}") from e
         except sqlite3.DatabaseError as e:
             conn.close()
+            if "malformed" in str(e):  # ours, but damaged (SQLite could read its header)
+                raise StateError(f"state {self.path}: {describe_sqlite_error(str(e))}") from e
             raise StateError(
                 f"state {self.path}: not a prestaged state database ({e}); "
                 "move it away or choose another file with --state"
