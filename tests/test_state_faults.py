@@ -280,6 +280,40 @@ def test_a_daemon_on_a_read_only_state_says_only_that(
     assert len(lines) == 1 and "read-only" in lines[0], lines
 
 
+def test_a_daemon_refuses_a_state_damaged_where_nothing_has_read_yet(
+    pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """Pages damaged in the middle of a state passed open, status and warm alike, and a
+    daemon wrote on into it for months; it now checks the file at start (SQLite's
+    quick_check): exit 2, one line saying the database is damaged."""
+    import random
+
+    from daemon_harness import free_port, write_config
+
+    state = tmp_path / "state.db"
+    with Store(state) as store:
+        run = store.start_run("local", "ds")
+        for i in range(20_000):
+            store.record(f"https://h/x/{i:06d}", f"f{i}", "warm", 206, 4, 1, "")
+        store.finish_run(run, {"warm": 20_000}, 0, "done")
+    conn = sqlite3.connect(state)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    raw = bytearray(state.read_bytes())
+    size = int.from_bytes(raw[16:18], "big")
+    noise = random.Random(7)
+    for i in range(10 * size, 12 * size):  # two pages of the files table's middle
+        raw[i] = noise.randrange(256)
+    state.write_bytes(bytes(raw))
+    assert run_cli("status", "--state", str(state)).returncode == 0  # nothing reads them
+    config = write_config(tmp_path, pki, proxy, free_port(), [])
+    res = subprocess.run([sys.executable, "-m", "prestaged", "serve", "--config", str(config)],
+                         capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and "the database is damaged" in lines[0], lines
+
+
 def test_a_damaged_page_behind_a_valid_header_is_one_line(tmp_path: Path) -> None:
     """A state file whose header is fine but whose pages are garbage fails status and history
     with one line naming the file and exit 2 (sqlite3.DatabaseError escaped before)."""

@@ -216,6 +216,7 @@ class Daemon:
         assert ev is not None
         self.token = _read_token(cfg.daemon.token_file, cfg.daemon.listen)
         store = self._store = await asyncio.to_thread(self.ctx.open_store)
+        await asyncio.to_thread(store.check)  # a service writes for months: not into damage
         self.metrics.state_queued_bytes.set_function(lambda: store.queued_bytes)
         self.metrics.state_writer_up.set_function(lambda: 0.0 if store.writer_stopped else 1.0)
         store.on_writer_replaced = self.metrics.state_writer_replacements.inc

@@ -780,6 +780,21 @@ class Store:
 
     # --- runs ---------------------------------------------------------------------------------
 
+    @_one_line_errors
+    def check(self) -> None:
+        """``StateError`` when SQLite's ``quick_check`` finds the file damaged: damage in pages
+        nothing has read yet passes every statement, and a daemon would write on into it
+        (PostgreSQL checks its own pages)."""
+        if self.url is not None:
+            return
+        with self._lock:
+            rows = self.conn.execute("PRAGMA quick_check(5)").fetchall()
+        problems = [str(r[0]) for r in rows]
+        if problems != ["ok"]:
+            raise StateError(f"state {self.path}: the database is damaged ("
+                             f"{'; '.join(problems)}); restore it from a copy, or move it away "
+                             "(prestaged starts a new one)")
+
     def file_problem(self) -> Optional[str]:
         """Why the SQLite file this store opened is no longer the one at its path (removed,
         or replaced by a move or a restore), or None. Both processes would go on writing to
