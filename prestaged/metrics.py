@@ -70,8 +70,8 @@ LATENCY_BUCKETS = (
 RUN_RESULTS = ("ok", "failed", "aborted", "interrupted")
 """``prestaged_runs_total{result}`` values; see ``run_result``."""
 
-DATASET_STATES = ("warm", "stale", "failed", "unknown")
-"""``prestaged_dataset_files{state}`` values."""
+DATASET_STATES = ("warm", "stale", "failed", "unknown", "unresolved")
+"""``prestaged_dataset_files{state}`` values (``unresolved``: listed without a URL)."""
 
 GATE_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0,
                 21600.0, 43200.0, 86400.0)
@@ -310,11 +310,14 @@ class Metrics:
         failed: int,
         unknown: int,
         last_warm: Optional[float],
+        unresolved: int = 0,
     ) -> None:
-        """Warmth of a watched definition: file counts by state; ``last_warm`` in Unix seconds
-        (None: never warmed, the timestamp series is dropped)."""
+        """Warmth of a watched definition: file counts by state (``unresolved``: files its
+        catalog listed without a URL, cold for good); ``last_warm`` in Unix seconds (None:
+        never warmed, the timestamp series is dropped)."""
         name = definition_label(definition)
-        counts = {"warm": warm, "stale": stale, "failed": failed, "unknown": unknown}
+        counts = {"warm": warm, "stale": stale, "failed": failed, "unknown": unknown,
+                  "unresolved": unresolved}
         for state, n in counts.items():
             self.dataset_files.labels(name, state).set(n)
         if last_warm is None:

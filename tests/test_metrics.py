@@ -195,12 +195,12 @@ def test_label_helpers_strip_urls_and_paths() -> None:
 
 
 def test_set_dataset_sets_states_and_forget_drops_them() -> None:
-    """set_dataset writes the four states and the timestamp; None and forget_dataset drop series."""
+    """set_dataset writes the five states and the timestamp; None and forget_dataset drop series."""
     m = Metrics()
-    m.set_dataset("d", warm=7, stale=2, failed=1, unknown=3, last_warm=1234.5)
+    m.set_dataset("d", warm=7, stale=2, failed=1, unknown=3, last_warm=1234.5, unresolved=4)
     got = {s: _value(m, "prestaged_dataset_files", definition="d", state=s)
-           for s in ("warm", "stale", "failed", "unknown")}
-    assert got == {"warm": 7, "stale": 2, "failed": 1, "unknown": 3}
+           for s in ("warm", "stale", "failed", "unknown", "unresolved")}
+    assert got == {"warm": 7, "stale": 2, "failed": 1, "unknown": 3, "unresolved": 4}
     assert _value(m, "prestaged_dataset_last_warm_timestamp_seconds", definition="d") == 1234.5
     m.set_dataset("d", warm=7, stale=2, failed=1, unknown=3, last_warm=None)
     assert m.registry.get_sample_value(

@@ -213,7 +213,7 @@ class Watches:
         last = row.last_run.ended if row.last_run else None
         self._metrics.set_dataset(row.definition, warm=row.fresh, stale=row.stale,
                                   failed=sum(row.failed.values()), unknown=row.never,
-                                  last_warm=last)
+                                  last_warm=last, unresolved=row.unresolved)
         if row.localities:  # only where the storage tells locality
             self._metrics.set_locality(row.definition, row.localities)
 
