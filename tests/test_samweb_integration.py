@@ -22,7 +22,7 @@ from prestaged.config import RewriteRule, SamWebConfig
 from prestaged.errors import CatalogError
 from prestaged.model import FileRef
 from prestaged.testing.pki import TestPKI
-from prestaged.testing.samweb import SamError, Status, ThreadedSamWebServer, Truncate
+from prestaged.testing.samweb import Delay, SamError, Status, ThreadedSamWebServer, Truncate
 from prestaged.testing.storage import ThreadedStorageServer
 
 Samweb = Callable[..., ThreadedSamWebServer]
@@ -404,3 +404,19 @@ async def test_one_name_too_long_for_the_server_is_named(
     message = str(err.value)
     assert message.startswith("SAM (dune) refused locating file 'huge_yyyy")
     assert "even with this one name in it" in message
+
+
+async def test_a_stalled_listing_names_what_timed_out_and_its_key(
+    pki: TestPKI, samweb: Samweb,
+) -> None:
+    """A listing that sends nothing: the error says nothing came for `timeout` seconds and
+    names catalog.samweb.timeout with its value, not only "timed out"."""
+    sam = samweb({"d": _mixed(3)})
+    sam.inject("list", [Delay(1.5)])
+    config = SamWebConfig(base_url=sam.base_url, retry_for=0.0, timeout=0.3,
+                          rewrite=(RewriteRule("dcache:/pnfs/dune/", "https://door.test/"),))
+    catalog = SamWebCatalog("d", config, samweb_ssl_context(None, pki.ca_dir), env={})
+    with pytest.raises(CatalogError) as err:
+        [ref async for ref in catalog.files()]
+    assert "timed out: nothing received for 0.3 s (catalog.samweb.timeout = 0.3s)" \
+        in str(err.value)

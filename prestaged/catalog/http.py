@@ -245,15 +245,28 @@ class HttpApi:
                                              resp.headers)
                     yield resp
                     break
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as e:
             ok = False
-            raise Transient("timed out") from None
+            raise Transient(self._timed_out(e, whole)) from None
         except aiohttp.ClientError as e:
             ok = False
             raise self._network_error(e) from e
         finally:
             if self.on_request is not None:
                 self.on_request("ok" if ok else "error")
+
+    def _timed_out(self, error: BaseException, whole: bool) -> str:
+        """What timed out, and the key that sets it (``catalog.samweb.timeout = 120s``)."""
+        t = self.retry.timeout
+        key = f"{self.retry.key}.timeout = {t:g}s"
+        if isinstance(error, aiohttp.ConnectionTimeoutError):
+            return f"timed out connecting: no connection within {t:g} s ({key})"
+        if isinstance(error, aiohttp.ServerTimeoutError):
+            return f"timed out: nothing received for {t:g} s ({key})"
+        if whole:  # the deadline of an answer read whole
+            return (f"timed out: the answer took more than {WHOLE_DEADLINE * t:g} s "
+                    f"({WHOLE_DEADLINE} x {key})")
+        return f"timed out ({key})"
 
     def _redirect(self, call: Call, resp: aiohttp.ClientResponse, method: str,
                   data: Union[Mapping[str, str], str, bytes, None],
