@@ -386,6 +386,20 @@ async def test_5xx_and_connection_errors_retry_with_backoff() -> None:
     assert 1.0 <= sleeps.delays[4] <= 1.5  # the locations request has its own budget
 
 
+async def test_an_html_page_answered_200_is_no_listing() -> None:
+    """A login or maintenance page a front end answers 200 text/html is refused, naming the
+    URL and the type; no line of it is looked up as a file."""
+    with aioresponses() as m:
+        m.get(LIST_URL, body="<html>\n<body>Sign in</body>\n</html>\n", content_type="text/html")
+        with pytest.raises(CatalogError) as err:
+            await _all(_catalog(retry_for=0.0).files())
+        assert len(_calls(m)) == 1
+    assert str(err.value) == (
+        f"SAM web {BASE}/definitions/name/mydef/files/list answered listing the files of "
+        "definition 'mydef' with text/html, not the text/plain list of files (a login or "
+        "maintenance page in front of SAM?); check catalog.samweb.base_url")
+
+
 async def test_retries_bounded_by_time() -> None:
     """With retry_for = 0 a 503 is not retried; the error names the server and the cause."""
     with aioresponses() as m:

@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 from urllib.parse import quote, urlsplit
 
+import aiohttp
+
 from prestaged.catalog.http import (
     Call,
     HttpApi,
@@ -66,7 +68,7 @@ from prestaged.catalog.http import (
 from prestaged.catalog.rewrite import Rewriter
 from prestaged.config import HOST_PORT, HTTP_URL, PLAIN_NAME, SamWebConfig, env_value
 from prestaged.errors import CatalogError, ConfigError, CredentialError
-from prestaged.model import FileRef
+from prestaged.model import FileRef, printable, redact
 from prestaged.net import bearer_error
 
 if TYPE_CHECKING:
@@ -288,6 +290,18 @@ def _number(text: str) -> Optional[int]:
     return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
 
+def _check_listing(api: _Api, call: _Call, resp: aiohttp.ClientResponse) -> None:
+    """``CatalogError`` unless ``resp`` is a plain-text listing (or says no type at all): a
+    login or maintenance page answered 200 by a front end is no list of file names."""
+    if "Content-Type" not in resp.headers or resp.content_type == "text/plain":
+        return
+    where = printable(redact(str(resp.url.with_query(None))))
+    raise CatalogError(
+        f"SAM web {where} answered {call.what} with {printable(resp.content_type[:80])}, not "
+        "the text/plain list of files (a login or maintenance page in front of SAM?); check "
+        "catalog.samweb.base_url")
+
+
 def _location_text(entry: object) -> Optional[str]:
     """The location string of one SAM location object (``location``, else ``full_path``)."""
     if isinstance(entry, str):
@@ -450,6 +464,7 @@ class SamWebCatalog(UnresolvedLog):
             count = 0
             try:
                 async with api.exchange(call, url, params=params, data=data) as resp:
+                    _check_listing(api, call, resp)
                     async for line in lines(resp):
                         entry = _parse_list_line(line)
                         if entry is None:
