@@ -18,7 +18,7 @@ from prestaged.catalog.metacat import MetaCatCatalog, metacat_token
 from prestaged.catalog.rucio import Pfn, pick, rucio_login_mode
 from prestaged.config import CatalogConfig, MetaCatConfig, RucioConfig, load_config
 from prestaged.errors import CatalogError, ConfigError, CredentialError
-from prestaged.testing.metacat import MetaCatServer, synthetic_files
+from prestaged.testing.metacat import MetaCatFile, MetaCatServer, Page, Query, synthetic_files
 from prestaged.testing.rucio import RucioEmulator
 from prestaged.testing.rucio_catalog import SyntheticFiles
 from prestaged.testing.tokens import TokenIssuer
@@ -375,6 +375,32 @@ async def test_a_query_page_cut_off_is_asked_again_from_where_it_stopped(
     # page 1 cut at 300, asked again from skip 300 (500 - 300 = 200 more, short: the end).
     assert metacat.stats.queries[-1].endswith("ordered skip 300 limit 1000")
     assert metacat.stats.requests["query"] == 2
+
+
+class _IgnoresSkip(MetaCatServer):
+    """A broken MetaCat that answers every page of a query from its start (ignores skip)."""
+
+    def _evaluate(self, q: Query) -> list[MetaCatFile]:
+        if isinstance(q, Page) and q.skip:
+            q = dataclasses.replace(q, skip=0)
+        return super()._evaluate(q)
+
+
+async def test_a_server_ignoring_skip_stops_the_query_with_a_catalog_error(
+        pair: tuple[MetaCatServer, RucioEmulator, _Clock], tmp_path: Path) -> None:
+    """A full page that brings no file the page before did not bring ends paging with one
+    catalog error, instead of asking the same page for ever."""
+    _, rucio, _ = pair
+    async with _IgnoresSkip(datasets={SYNTHETIC: synthetic_files(SYNTHETIC, 2000)}) as broken:
+        cfg = _pair_cfg(tmp_path, broken, rucio, metacat_keys={"page": 500})
+        catalog = MetaCatCatalog(f"files from {SYNTHETIC}", cfg, mql=True, env={})
+        handed = 0
+        with pytest.raises(CatalogError, match=r"answered the MQL query at skip 500 with the "
+                           r"same 500 files as the page before: it does not honour 'skip'"):
+            async for _ in catalog.files():
+                handed += 1
+                assert handed <= 2000, "paged past the end of the dataset"
+        assert broken.stats.requests["query"] == 2
 
 
 async def test_a_refused_metacat_token_is_named_by_where_it_came_from_never_shown(

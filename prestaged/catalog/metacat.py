@@ -410,6 +410,10 @@ class MetaCatCatalog(UnresolvedLog):
         call = _Call("running the MQL query", mql=True)
         backoff = api.backoff(call)
         skip = 0
+        # Names (in-process hashes) of the page before and of this one: a full page of
+        # nothing new is a server ignoring skip, which would be paged for ever.
+        before: set[int] = set()
+        this: set[int] = set()
         while True:
             body = f"({self.definition}) ordered skip {skip} limit {page}"
             count = 0
@@ -419,6 +423,7 @@ class MetaCatCatalog(UnresolvedLog):
                         entries = _records(block)
                         if entries:
                             count += len(entries)
+                            this.update(hash((ns, name)) for ns, name, _ in entries)
                             self.listed = skip + count
                             backoff.reset()
                             yield entries
@@ -430,6 +435,12 @@ class MetaCatCatalog(UnresolvedLog):
             skip += count
             if count < page:  # a short page is the last, as the client sees it
                 return
+            if this <= before:
+                raise CatalogError(
+                    f"MetaCat {api.base_url} answered the MQL query at skip {skip - count} "
+                    f"with the same {count} files as the page before: it does not honour "
+                    "'skip'; stopped instead of paging for ever")
+            before, this = this, set()
 
     async def _chunks(self, listing: AsyncIterator[list[_Entry]]
                       ) -> AsyncGenerator[list[_Entry], None]:
