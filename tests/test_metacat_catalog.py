@@ -7,13 +7,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from aiohttp import web
 
 from prestaged.catalog import open_catalog
+from prestaged.catalog.http import Call, answer_cap
 from prestaged.catalog.metacat import MetaCatCatalog, metacat_token
 from prestaged.catalog.rucio import Pfn, pick, rucio_login_mode
 from prestaged.config import CatalogConfig, MetaCatConfig, RucioConfig, load_config
@@ -401,6 +403,34 @@ async def test_a_server_ignoring_skip_stops_the_query_with_a_catalog_error(
                 handed += 1
                 assert handed <= 2000, "paged past the end of the dataset"
         assert broken.stats.requests["query"] == 2
+
+
+class _Bloated(RucioEmulator):
+    """A hostile Rucio: each replica record carries 256 KiB of padding (still valid JSON)."""
+
+    async def _stream(self, request: web.Request, first: str, rest: Iterator[str],
+                      headers: dict[str, str]) -> web.StreamResponse:
+        def pad(line: str) -> str:
+            record = line.rstrip()
+            return record[:-1] + ', "padding": "' + "x" * (256 << 10) + '"}\n'
+
+        return await super()._stream(request, pad(first), map(pad, rest), headers)
+
+
+async def test_an_answer_read_whole_is_capped_by_the_files_it_is_about(tmp_path: Path) -> None:
+    """Replicas of 10 DIDs may take 1 MiB (64 KiB a DID), not 256 MiB: a 2.5 MiB answer of
+    valid records is one catalog error naming the cap; 500 DIDs may take 31 MiB."""
+    metacat = MetaCatServer(datasets={SYNTHETIC: synthetic_files(SYNTHETIC, 10)})
+    rucio = _Bloated(synthetic=SyntheticFiles(10, rses=("DISK_RSE",)))
+    async with metacat, rucio:
+        catalog = MetaCatCatalog(SYNTHETIC, _pair_cfg(tmp_path, metacat, rucio), env={})
+        where = rucio.base_url
+        with pytest.raises(CatalogError) as err:
+            await _drain(catalog)
+    assert str(err.value) == (
+        f"Rucio {where} answered listing the replicas of 10 files with more than "
+        "1 MiB (at most 64 KiB a file is read): that is no answer to it")
+    assert answer_cap(Call("x", asked=500)) == 500 << 16
 
 
 async def test_a_refused_metacat_token_is_named_by_where_it_came_from_never_shown(

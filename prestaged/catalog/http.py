@@ -42,13 +42,16 @@ if TYPE_CHECKING:
     from prestaged.credentials import Credentials
 
 __all__ = [
+    "ANSWER_PER_FILE",
     "MAX_UNRESOLVED_KEPT",
+    "MIN_ANSWER",
     "Call",
     "HttpApi",
     "RetrySettings",
     "Transient",
     "Unresolved",
     "UnresolvedLog",
+    "answer_cap",
     "catalog_ssl_context",
     "gather_or_cancel",
     "line_blocks",
@@ -90,9 +93,11 @@ def one_line(text: str, limit: int = _MAX_MESSAGE) -> str:
 
 @dataclass(frozen=True)
 class Call:
-    """What a request is for, to word its errors (``what`` reads "listing the files of ...")."""
+    """What a request is for, to word its errors (``what`` reads "listing the files of ..."),
+    and how many files (names, DIDs) it asks about: that bounds its answer (``answer_cap``)."""
 
     what: str
+    asked: int = 1
 
 
 @dataclass(frozen=True)
@@ -352,20 +357,36 @@ class HttpApi:
 WHOLE_DEADLINE = 10
 """An answer read whole must come within this many ``timeout``s (20 minutes by default)."""
 
-MAX_ANSWER = 256 << 20
-"""The largest answer read whole (locations of a 10,000-file batch are a few MiB): a server
-streaming without end must not take the memory of the machine."""
+ANSWER_PER_FILE = 64 << 10
+"""Bytes of an answer read whole allowed per file asked about (``Call.asked``): a file's
+locations or replicas take about 1 KiB, so 500 DIDs are about 0.5 MiB of answer."""
+MIN_ANSWER = 1 << 20
+"""The cap of an answer read whole about one file or none (a count, a dataset's record)."""
+
+
+def answer_cap(call: Call) -> int:
+    """The largest answer read whole for ``call`` (bytes): ``ANSWER_PER_FILE`` per file asked,
+    at least ``MIN_ANSWER``. A server streaming without end must not take the memory of the
+    machine, nor a few requests in flight each a quarter GiB of it."""
+    return max(MIN_ANSWER, call.asked * ANSWER_PER_FILE)
 
 
 async def capped_body(client: HttpApi, call: Call, resp: aiohttp.ClientResponse) -> bytes:
-    """``resp``'s body, ``CatalogError`` past ``MAX_ANSWER`` bytes."""
+    """``resp``'s body, ``CatalogError`` past ``answer_cap(call)`` bytes."""
+    cap = answer_cap(call)
     data = bytearray()
     async for chunk in resp.content.iter_chunked(_CHUNK):
         data += chunk
-        if len(data) > MAX_ANSWER:
+        if len(data) > cap:
             raise CatalogError(f"{client.service} {client.base_url} answered {call.what} with "
-                               f"more than {MAX_ANSWER >> 20} MiB")
+                               f"more than {_size(cap)} (at most {ANSWER_PER_FILE >> 10} KiB "
+                               "a file is read): that is no answer to it")
     return bytes(data)
+
+
+def _size(n: int) -> str:
+    """``n`` bytes as "1 MiB" or "31.2 MiB"."""
+    return f"{n / (1 << 20):.3g} MiB"
 
 
 async def _capped_text(client: HttpApi, call: Call, resp: aiohttp.ClientResponse) -> str:

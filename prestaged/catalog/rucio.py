@@ -15,8 +15,9 @@ Speaks Rucio's REST API as the real client (``rucio.client.replicaclient``) does
   ``rse_expression``), at most ``chunk`` DIDs per request. The answer is
   ``application/x-json-stream``: one JSON object per line, ``pfns`` keyed by URL with ``rse``,
   ``type`` (DISK or TAPE) and ``priority``. An answer (at most ``chunk`` lines of about 1 KiB)
-  is read whole and decoded by ``msgspec`` into ``Answer``s, only the fields used. An unknown
-  DID is silently left out of the answer: answers are matched to requests by ``scope:name``.
+  is read whole (at most ``catalog.http.ANSWER_PER_FILE`` a DID) and decoded by ``msgspec``
+  into ``Answer``s, only the fields used. An unknown DID is silently left out of the answer:
+  answers are matched to requests by ``scope:name``.
 
 ``pick`` chooses one PFN per file: DISK before TAPE, then ``rse_preference`` order (unlisted
 RSEs after the listed ones), then Rucio's priority; ``davs://`` becomes ``https://`` (WebDAV
@@ -303,7 +304,7 @@ class RucioApi(HttpApi):
         if self.cfg.rse_expression:
             body["rse_expression"] = self.cfg.rse_expression
         payload = msgspec.json.encode(body)  # several times faster than aiohttp's json.dumps
-        call = _Listing(f"listing the replicas of {len(dids)} files")
+        call = _Listing(f"listing the replicas of {len(dids)} files", asked=len(dids))
         url = self.url("replicas", "list")
         backoff = self.backoff(call)
         renewed = False

@@ -510,7 +510,7 @@ class SamWebCatalog(UnresolvedLog):
         """SAM's ``{name: [location objects]}`` for ``batch``, in one request or, when SAM
         finds that one too long, in halves asked one after the other (``parallel`` requests
         in flight stays true) down to single names."""
-        call = _Call(f"locating {len(batch)} files", splittable=True)
+        call = _Call(f"locating {len(batch)} files", asked=len(batch), splittable=True)
         url = api.url("files", "locations")
         try:
             doc = await api.fetch(call, url, params=[("file_name", name) for name, _ in batch])
