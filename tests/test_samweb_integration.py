@@ -420,3 +420,26 @@ async def test_a_stalled_listing_names_what_timed_out_and_its_key(
         [ref async for ref in catalog.files()]
     assert "timed out: nothing received for 0.3 s (catalog.samweb.timeout = 0.3s)" \
         in str(err.value)
+
+
+def test_control_characters_from_sam_never_reach_the_terminal(
+    pki: TestPKI, samweb: Samweb, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`files` prints a SAM access URL holding ESC/BEL percent-encoded (the same URL), and
+    the unresolved list shows names and locations with control characters as \\xNN."""
+    evil = {"name": "a\x1b]0;pwned\x07.root", "locations": ["dcache:/pnfs/dune/persistent/x"]}
+    forged = {"name": "b\x1b[2J.root", "locations": ["cern-eos:/eos/x\rprestaged: all warm"]}
+    sam = samweb({"d": [evil, forged]},
+                 access_rules=[("dcache:/pnfs/dune/", "https://door.test/dune/")])
+    config = _config(tmp_path, sam, None, rules=False, samweb='url_mode = "access-url"\n')
+    assert main(["files", "d", "--config", str(config), "--ca-dir", str(pki.ca_dir)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "https://door.test/dune/persistent/x/a%1B]0;pwned%07.root\n"
+    assert "\x1b" not in err and "\r" not in err and "\x07" not in err
+    assert "  b\\x1b[2J.root  SAM has no https URL for it: -" in err
+    config = _config(tmp_path, sam, None)  # rewrite rules: the location is shown
+    assert main(["files", "d", "--config", str(config), "--ca-dir", str(pki.ca_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\r" not in err
+    assert ("  b\\x1b[2J.root  no rewrite rule matches its locations: "
+            "cern-eos:/eos/x\\x0dprestaged: all warm") in err

@@ -21,6 +21,7 @@ from prestaged.cli.render import (
 )
 from prestaged.config import Config
 from prestaged.errors import EXIT_OK, EXIT_SOME_FAILED
+from prestaged.model import printable_url
 from prestaged.runtime import install_interrupt, run
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ async def _dry_run(catalog: Catalog, *, as_json: bool) -> int:
         if as_json:
             urls.append(ref.url)
         else:
-            print(ref.url)
+            print(printable_url(ref.url))
     code = _with_unresolved(catalog, EXIT_OK)
     if as_json:
         print(json.dumps({"definition": catalog.definition, "catalog": catalog.name,
@@ -104,7 +105,7 @@ async def _list_files(catalog: Catalog, *, as_json: bool) -> int:
         if as_json:
             files.append({"name": ref.name, "url": ref.url, "size": ref.size})
         else:
-            print(ref.url)
+            print(printable_url(ref.url))
     code = _with_unresolved(catalog, EXIT_OK)
     if as_json:
         print(json.dumps({"definition": catalog.definition, "catalog": catalog.name,
