@@ -379,6 +379,22 @@ async def test_a_query_page_cut_off_is_asked_again_from_where_it_stopped(
     assert metacat.stats.requests["query"] == 2
 
 
+async def test_a_name_rucio_refuses_is_one_unresolved_file_not_a_dead_run(
+        pair: tuple[MetaCatServer, RucioEmulator, _Clock], tmp_path: Path) -> None:
+    """MetaCat lists a file named '---' (no \\w, which Rucio's r_dids schema requires): it is
+    unresolved with that reason; the other files of its chunk resolve."""
+    metacat, rucio, _ = pair
+    metacat.add_dataset("dune:odd", [*synthetic_files(SYNTHETIC, 700),
+                                     {"namespace": "dune", "name": "---"}])
+    catalog = MetaCatCatalog("dune:odd", _pair_cfg(tmp_path, metacat, rucio), env={})
+    refs = [ref async for ref in catalog.files()]
+    assert len(refs) == 700 and catalog.unresolved_count == 1
+    [odd] = catalog.unresolved
+    assert odd.name == "dune:---"
+    assert odd.reason.startswith("Rucio refuses the name")
+    assert sorted(rucio.stats.dids_per_request) == [200, 500]
+
+
 class _IgnoresSkip(MetaCatServer):
     """A broken MetaCat that answers every page of a query from its start (ignores skip)."""
 

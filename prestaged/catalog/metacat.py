@@ -26,7 +26,9 @@ first files while later chunks are still being listed and asked. Memory stays bo
 ``parallel`` chunks.
 
 A file Rucio does not know, knows no available replica of, or has no https/davs replica of is
-unresolved and reported as SAM's unresolved files are (``unresolved``, ``unresolved_count``).
+unresolved and reported as SAM's unresolved files are (``unresolved``, ``unresolved_count``);
+so is one whose name Rucio's DID schema refuses (no ``\\w``): it is not asked, since Rucio
+answers 400 for the whole request holding it.
 
 Errors: an unknown dataset -> ``CatalogError`` naming it (exit 4), as is MQL MetaCat rejects;
 401/403 from either server -> ``CredentialError`` (exit 3) with the server's message;
@@ -58,7 +60,7 @@ from prestaged.catalog.http import (
     ordered,
     retry_settings,
 )
-from prestaged.catalog.rucio import RucioApi, pick, rucio_login_mode
+from prestaged.catalog.rucio import Answer, RucioApi, pick, rucio_login_mode
 from prestaged.config import HTTP_URL, CatalogConfig, MetaCatConfig, RucioConfig, env_value
 from prestaged.errors import CatalogError, ConfigError, CredentialError
 from prestaged.model import FileRef, hide_secret
@@ -73,6 +75,8 @@ __all__ = ["MetaCatCatalog", "check_config", "metacat_token", "metacat_url"]
 log = logging.getLogger(__name__)
 
 _DATASET = re.compile(r"[^:\s]+:[^:\s]+")
+# Rucio's r_dids schema: a scope and a name must each hold a \w (rucio.common.schema R_NAME).
+_rucio_name = re.compile(r"\w").search
 _TRIM = 255  # characters of MQL the client repeats in trimquery= (for the server's logs)
 
 
@@ -457,13 +461,23 @@ class MetaCatCatalog(UnresolvedLog):
             yield chunk
 
     async def _resolve(self, rucio: RucioApi, chunk: list[_Entry]) -> list[FileRef]:
-        """One ``/replicas/list`` request for ``chunk``; its files' URLs, in listing order."""
-        self.rucio_requests += 1
-        found = await rucio.list_replicas([(ns, name) for ns, name, _ in chunk])
+        """One ``/replicas/list`` request for ``chunk``; its files' URLs, in listing order.
+
+        A DID Rucio's schema refuses (scope or name without a letter, digit or ``_``) is not
+        asked: it is unresolved, where in the request it got the whole chunk a 400."""
+        asked = [(ns, name) for ns, name, _ in chunk if _rucio_name(ns) and _rucio_name(name)]
+        found: dict[str, Answer] = {}
+        if asked:
+            self.rucio_requests += 1
+            found = await rucio.list_replicas(asked)
         refs = []
         preference = self.rucio_cfg.rse_preference
         for ns, name, size in chunk:
             did = f"{ns}:{name}"
+            if not (_rucio_name(ns) and _rucio_name(name)):
+                self._unresolved(did, (), "Rucio refuses the name (its DIDs need a letter, "
+                                          "digit or underscore)")
+                continue
             answer = found.get(did)
             if answer is None:
                 self._unresolved(did, (), "Rucio does not know the file")
