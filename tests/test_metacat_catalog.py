@@ -365,6 +365,21 @@ async def test_a_dataset_listing_cut_off_midway_resumes_without_duplicates(
     assert metacat.stats.requests["dataset_files"] == 2
 
 
+async def test_a_listing_cut_off_and_answered_in_another_order_loses_no_file(
+        tmp_path: Path) -> None:
+    """dataset_files is not ordered: cut off after 700 records and answered in another order
+    the second time, the listing is resumed by name, not by count; every file once."""
+    metacat = MetaCatServer(datasets={SYNTHETIC: synthetic_files(SYNTHETIC, 2000)},
+                            reorder=True)
+    rucio = RucioEmulator(synthetic=SyntheticFiles(2000, rses=("DISK_RSE",)))
+    async with metacat, rucio:
+        metacat.cut_next = 700
+        catalog = MetaCatCatalog(SYNTHETIC, _pair_cfg(tmp_path, metacat, rucio), env={})
+        names = [ref.name async for ref in catalog.files()]
+    assert sorted(names) == [f"dune:synthetic_{i:07d}.root" for i in range(2000)]
+    assert metacat.stats.requests["dataset_files"] == 2 and catalog.listed == 2000
+
+
 async def test_a_query_page_cut_off_is_asked_again_from_where_it_stopped(
         pair: tuple[MetaCatServer, RucioEmulator, _Clock], tmp_path: Path) -> None:
     metacat, rucio, _ = pair

@@ -216,6 +216,23 @@ def test_listing_cut_off_resumes_without_duplicates(
     assert storage.stats.requests_total == 3000
 
 
+def test_listing_cut_off_and_answered_in_another_order_loses_no_file(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, samweb: Samweb, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SAM promises no order: a listing dropped after 1,234 lines and answered in another
+    order the second time is resumed by name, not by count; every file once."""
+    files = _mixed(3000)
+    sam = samweb({"d": files}, reorder=True)
+    sam.inject("list", [Truncate(1234)])
+    config = _config(tmp_path, sam, storage)
+    assert main(_warm(config, proxy, pki, "d", "--json")) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["counts"]["warm"] == 3000 and doc["duplicates_skipped"] == 0
+    assert sam.stats.requests["list"] == 2
+    assert sorted(storage.stats.paths) == sorted(_expected_path(f) for f in files)
+
+
 def test_files_lists_urls_anonymously(
     pki: TestPKI, samweb: Samweb, tmp_path: Path, caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],

@@ -754,3 +754,22 @@ async def test_an_answer_read_whole_has_a_deadline(monkeypatch: pytest.MonkeyPat
         await asyncio.wait_for(gone.wait(), 30)
     finally:
         await server.close()
+
+
+def test_handed_resumes_a_listing_by_name_whatever_order_it_comes_in() -> None:
+    """Handed: an answer in the same order is skipped by position; one in another order, or
+    with a file gone before the cut, hands out exactly the names not handed out yet, also
+    when that answer is cut off in turn."""
+    names = [f"f{i}.root" for i in range(10)]
+    same = catalog_http.Handed()
+    assert [n for n in names[:4] if same.fresh(n)] == names[:4]
+    same.again()
+    assert [n for n in names if same.fresh(n)] == names[4:] and len(same) == 10
+    moved = catalog_http.Handed()
+    assert [n for n in names[:4] if moved.fresh(n)] == names[:4]
+    moved.again()
+    backwards = names[::-1]
+    assert [n for n in backwards[:3] if moved.fresh(n)] == ["f9.root", "f8.root", "f7.root"]
+    moved.again()  # cut off again; then a file before the cut is gone, shifting the rest
+    assert [n for n in names[1:] if moved.fresh(n)] == ["f4.root", "f5.root", "f6.root"]
+    assert len(moved) == 10

@@ -17,12 +17,22 @@ Classification, the same for every server (the subclass words the errors):
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from array import array
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Hashable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, Union
@@ -46,6 +56,7 @@ __all__ = [
     "MAX_UNRESOLVED_KEPT",
     "MIN_ANSWER",
     "Call",
+    "Handed",
     "HttpApi",
     "RetrySettings",
     "Transient",
@@ -526,6 +537,53 @@ class UnresolvedLog:
 
 
 # --- streams and pipelines -----------------------------------------------------------------
+
+
+class Handed:
+    """The files one listing pass has handed out, to resume a listing cut off midway by
+    identity, not by position: SAM and MetaCat promise no order, and a listing asked again
+    may come in another one (or with files added or removed before the cut).
+
+    Each file is kept as its 8-byte ``hash()`` (keyed SipHash, per process: a catalog cannot
+    make two names collide on purpose), in the order handed out: 8 MiB for a million files,
+    no names. Asked again, a listing is compared position by position while it agrees (the
+    usual case: nothing more is needed); at the first file out of place a sorted copy is made
+    once and every later file is looked up in it, so files already handed out are skipped
+    wherever they now come, and none is lost.
+    """
+
+    def __init__(self) -> None:
+        self._hashes = array("q")
+        self._limit = 0
+        self._pos = 0
+        self._sorted: Optional[array[int]] = None
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def again(self) -> None:
+        """The listing is being answered again from its start."""
+        self._limit, self._pos, self._sorted = len(self._hashes), 0, None
+
+    def fresh(self, key: Hashable) -> bool:
+        """Whether the file ``key`` (its name), next in the listing, is not handed out yet;
+        if so it counts as handed out from now on."""
+        h = hash(key)
+        if self._sorted is None:
+            if self._pos >= self._limit:  # past everything handed out before
+                self._hashes.append(h)
+                return True
+            if self._hashes[self._pos] == h:
+                self._pos += 1
+                return False
+            log.info("catalog: a listing asked again comes in another order after %d files; "
+                     "skipping the %d files handed out before by name", self._pos, self._limit)
+            self._sorted = array("q", sorted(self._hashes[:self._limit]))
+        i = bisect.bisect_left(self._sorted, h)
+        if i < len(self._sorted) and self._sorted[i] == h:
+            return False
+        self._hashes.append(h)
+        return True
 
 
 MAX_LINE = 64 << 10

@@ -7,8 +7,8 @@ included):
 
 - a dataset: ``GET {url}/data/dataset_files?dataset=ns:name&with_metadata=no&
   include_retired_files=no``, streamed as ``application/json-seq`` (RFC 7464: 0x1E, a JSON file
-  record, ``\\n``); a listing cut off midway is asked again and the records already seen are
-  skipped (MetaCat promises no order, but lists the same dataset the same way);
+  record, ``\\n``); a listing cut off midway is asked again and the files already handed out
+  are skipped by name, not by count (MetaCat promises no order: ``catalog.http.Handed``);
 - a query (``--mql``): ``POST {url}/data/query?with_meta=no&with_provenance=no&trimquery=...``
   with the MQL as the body, paged as the client pages, ``(QUERY) ordered skip K limit N``
   (``[catalog.metacat] page``), until a page comes back short;
@@ -52,6 +52,7 @@ import msgspec
 
 from prestaged.catalog.http import (
     Call,
+    Handed,
     HttpApi,
     Transient,
     UnresolvedLog,
@@ -378,25 +379,26 @@ class MetaCatCatalog(UnresolvedLog):
 
     async def _dataset(self, api: _MetaCatApi) -> AsyncGenerator[list[_Entry], None]:
         """Stream the dataset's files (a list per block read); a cut-off listing is asked
-        again, skipping the records already handed out."""
+        again, and the files already handed out are skipped by name (``Handed``), whatever
+        order it comes in."""
         call = _Call(f"listing the files of dataset '{self.definition}'",
                      dataset=self.definition)
         params = {"dataset": self.definition, "with_metadata": "no",
                   "include_retired_files": "no"}
         url = api.url("data", "dataset_files")
         backoff = api.backoff(call)
-        seen = 0
+        handed = Handed()
         while True:
             count = 0
+            handed.again()
             try:
                 async with api.exchange(call, url, params=params) as resp:
                     async for block in line_blocks(resp):
                         entries = _records(block)
-                        fresh = entries[max(0, seen - count):]
                         count += len(entries)
+                        fresh = [e for e in entries if handed.fresh((e[0], e[1]))]
                         if fresh:
-                            seen = count
-                            self.listed = seen
+                            self.listed = len(handed)
                             backoff.reset()
                             yield fresh
                 return

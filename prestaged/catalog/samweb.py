@@ -33,8 +33,8 @@ Errors follow the real samweb client: 4xx answers are never retried and become o
 exit 3; everything else exit 4); 5xx, 408, 429, timeouts and dropped connections are retried
 with the project's ``RetryPolicy`` backoff (``retry_initial`` doubling up to ``retry_max``, plus
 up to 50% jitter; a ``Retry-After`` is honoured, capped at ``retry_max``) for at most
-``retry_for`` seconds. A listing cut off midway is requested again and
-the names already seen are skipped.
+``retry_for`` seconds. A listing cut off midway is requested again and the names already
+handed out are skipped by name, not by count: SAM promises no order (``catalog.http.Handed``).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ import aiohttp
 
 from prestaged.catalog.http import (
     Call,
+    Handed,
     HttpApi,
     Transient,
     UnresolvedLog,
@@ -446,7 +447,9 @@ class SamWebCatalog(UnresolvedLog):
             yield batch
 
     async def _listing(self, api: _Api) -> AsyncGenerator[_Entry, None]:
-        """Stream ``(name, size)`` of every listed file; resume a cut-off listing by skipping."""
+        """Stream ``(name, size)`` of every listed file; a cut-off listing is asked again and
+        the files already handed out are skipped by name (``Handed``), whatever order it
+        comes in."""
         call = self._listing_call()
         params: dict[str, str] = {"format": "plain", "fileinfo": "1"}
         data: Optional[dict[str, str]] = None
@@ -459,9 +462,10 @@ class SamWebCatalog(UnresolvedLog):
             else:
                 params["dims"] = self.dims
         backoff = api.backoff(call)
-        seen = 0
+        handed = Handed()
         while True:
             count = 0
+            handed.again()
             try:
                 async with api.exchange(call, url, params=params, data=data) as resp:
                     _check_listing(api, call, resp)
@@ -470,10 +474,9 @@ class SamWebCatalog(UnresolvedLog):
                         if entry is None:
                             continue
                         count += 1
-                        if count <= seen:
+                        if not handed.fresh(entry[0]):
                             continue
-                        seen = count
-                        self.listed = seen
+                        self.listed = len(handed)
                         backoff.reset()
                         yield entry
                 return
