@@ -164,7 +164,8 @@ def test_unknown_definition_exit_4_with_sam_message(
     line = _error_line(capsys.readouterr().err)
     assert line == ("prestaged: error: definition 'no-such-def' not found in SAM (dune): "
                     "Definition no-such-def not found")
-    assert sam.stats.total == 1
+    # Each endpoint asked once (warm also asks the count, beside the listing): no retries.
+    assert sam.stats.requests["list"] == 1 and max(sam.stats.requests.values()) == 1
 
 
 def test_catalog_503_twice_then_200_succeeds(
@@ -190,7 +191,7 @@ def test_dimension_error_not_retried(
     pki: TestPKI, proxy: Path, samweb: Samweb, tmp_path: Path, command: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """--dims SAM cannot parse: 400 DimensionError, exactly one request, exit 4."""
+    """--dims SAM cannot parse: 400 DimensionError, not retried, exit 4."""
     sam = samweb({"d": _mixed(3)})
     config = _config(tmp_path, sam, None)
     args = [command, "--dims", "run_numbr 5141", "--config", str(config), "--proxy", str(proxy),
@@ -198,7 +199,8 @@ def test_dimension_error_not_retried(
     assert main(args) == 4
     line = _error_line(capsys.readouterr().err)
     assert "SAM (dune) rejected the dimensions: Unable to parse dimensions: run_numbr 5141" in line
-    assert sam.stats.total == 1
+    # Each endpoint asked once (warm also asks the count, beside the listing): no retries.
+    assert sam.stats.requests["dims-list"] == 1 and max(sam.stats.requests.values()) == 1
 
 
 def test_listing_cut_off_resumes_without_duplicates(
@@ -460,3 +462,21 @@ def test_control_characters_from_sam_never_reach_the_terminal(
     assert "\x1b" not in err and "\r" not in err
     assert ("  b\\x1b[2J.root  no rewrite rule matches its locations: "
             "cern-eos:/eos/x\\x0dprestaged: all warm") in err
+
+
+@pytest.mark.timeout(30)
+def test_a_stalled_file_count_neither_delays_nor_holds_the_run(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, samweb: Samweb, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The count (only for the progress display) is asked beside the run: a count SAM holds
+    for a minute (catalog.samweb.timeout: 10 min) does not hold the warm, which ends and
+    drops the request."""
+    files = _mixed(5)
+    sam = samweb({"d": files})
+    sam.inject("count", [Delay(60.0)])
+    config = _config(tmp_path, sam, storage, samweb='timeout = "10m"\n')
+    assert main(_warm(config, proxy, pki, "d", "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["counts"]["warm"] == 5
+    # Never answered (or not even asked yet): the run did not wait for it.
+    assert all(r.status == 0 for r in sam.stats.records if r.endpoint == "count")
