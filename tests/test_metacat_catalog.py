@@ -15,12 +15,13 @@ import pytest
 from aiohttp import web
 
 from prestaged.catalog import open_catalog
-from prestaged.catalog.http import Call, answer_cap
+from prestaged.catalog.http import Call, answer_cap, catalog_ssl_context
 from prestaged.catalog.metacat import MetaCatCatalog, metacat_token
 from prestaged.catalog.rucio import Pfn, pick, rucio_login_mode
 from prestaged.config import CatalogConfig, MetaCatConfig, RucioConfig, load_config
 from prestaged.errors import CatalogError, ConfigError, CredentialError
 from prestaged.testing.metacat import MetaCatFile, MetaCatServer, Page, Query, synthetic_files
+from prestaged.testing.pki import TestPKI
 from prestaged.testing.rucio import RucioEmulator
 from prestaged.testing.rucio_catalog import SyntheticFiles
 from prestaged.testing.tokens import TokenIssuer
@@ -509,18 +510,52 @@ async def test_rucio_account_comes_from_the_config_else_rucio_account(
 
 
 async def test_the_wlcg_token_goes_to_metacat_only_when_asked_for(
-        metacat: MetaCatServer, tmp_path: Path) -> None:
-    """auth = "token" sends it (``Authorization: Bearer``); "auto" without a MetaCat token
-    sends nothing, even with a WLCG token at hand (MetaCat reads are open)."""
+        pki: TestPKI, tmp_path: Path) -> None:
+    """auth = "token" sends it (``Authorization: Bearer``, over https); "auto" without a
+    MetaCat token sends nothing, even with a WLCG token at hand (MetaCat reads are open)."""
     from prestaged.tokens import FoundToken, TokenSource
 
     wlcg = TokenSource(FoundToken(METACAT_TOKEN, "$BEARER_TOKEN", None))
-    with pytest.raises(CredentialError, match="anonymously"):
-        await MetaCatCatalog(DATASET, _against(metacat, tmp_path, auth="auto"), token=wlcg,
-                             env={"HOME": str(tmp_path)}).estimate()
-    asked = MetaCatCatalog(DATASET, _against(metacat, tmp_path, auth="token"), token=wlcg,
-                           env={"HOME": str(tmp_path)})
-    assert await asked.estimate() == 30
+    tls = catalog_ssl_context(None, pki.ca_dir)
+    async with MetaCatServer(datasets={DATASET: synthetic_files(DATASET, 30)},
+                             token=METACAT_TOKEN,
+                             ssl_context=pki.server_ssl_context(require_client_cert=False)
+                             ) as metacat:
+        with pytest.raises(CredentialError, match="anonymously"):
+            await MetaCatCatalog(DATASET, _against(metacat, tmp_path, auth="auto"), tls,
+                                 token=wlcg, env={"HOME": str(tmp_path)}).estimate()
+        asked = MetaCatCatalog(DATASET, _against(metacat, tmp_path, auth="token"), tls,
+                               token=wlcg, env={"HOME": str(tmp_path)})
+        assert await asked.estimate() == 30
+
+
+_HTTPS_RUCIO = '[catalog.rucio]\nurl = "https://rucio.example"\n'
+_HTTPS_METACAT = '[catalog.metacat]\nurl = "https://metacat.example/app"\n'
+
+
+@pytest.mark.parametrize(("text", "env", "key"), [
+    ('[catalog.metacat]\nurl = "http://metacat.example/app"\nauth = "token"\n' + _HTTPS_RUCIO,
+     {}, "catalog.metacat.url"),
+    ('[catalog.metacat]\nauth = "token"\n' + _HTTPS_RUCIO,
+     {"METACAT_SERVER_URL": "http://metacat.example/app"}, "$METACAT_SERVER_URL"),
+    (_HTTPS_METACAT + '[catalog.rucio]\nurl = "http://rucio.example"\nauth = "token"\n', {},
+     "catalog.rucio.url"),
+    (_HTTPS_METACAT + '[catalog.rucio]\nurl = "http://rucio.example"\n', {},
+     "catalog.rucio.url"),
+], ids=["metacat-url", "metacat-env", "rucio-token", "rucio-auto"])
+def test_a_bearer_token_for_an_http_catalog_is_a_config_error(
+        tmp_path: Path, text: str, env: dict[str, str], key: str) -> None:
+    """auth = "token" (or Rucio's "auto" with a token found) and an http:// MetaCat or Rucio
+    URL: exit 2 naming the key or the variable, before any request; the token is not sent."""
+    from prestaged.tokens import FoundToken, TokenSource
+
+    wlcg = TokenSource(FoundToken(METACAT_TOKEN, "$BEARER_TOKEN", None))
+    with pytest.raises(ConfigError) as err:
+        MetaCatCatalog(DATASET, load_config(_write(tmp_path, text)).catalog, token=wlcg,
+                       env=env)
+    assert f"{key}: an http:// URL, and " in str(err.value)
+    assert "would send the bearer token to it in clear" in str(err.value)
+    assert err.value.exit_code == 2 and METACAT_TOKEN not in str(err.value)
 
 
 async def test_a_login_token_is_renewed_before_rucio_says_it_expires(tmp_path: Path) -> None:

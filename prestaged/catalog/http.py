@@ -43,7 +43,7 @@ from yarl import URL
 
 from prestaged._version import __version__
 from prestaged.config import CatalogServerKeys
-from prestaged.errors import CatalogError, CredentialError, PrestagedError
+from prestaged.errors import CatalogError, ConfigError, CredentialError, PrestagedError
 from prestaged.model import FileRef, printable, redact
 from prestaged.net import client_ssl_context, parse_retry_after, tls_cause
 from prestaged.retry import RetryPolicy
@@ -137,6 +137,9 @@ class HttpApi:
     """
 
     service = "catalog"
+    token_headers: frozenset[str] = frozenset()
+    """Headers that carry the WLCG bearer token when ``headers_for`` gives them: never sent
+    but over https."""
 
     def __init__(
         self,
@@ -232,6 +235,10 @@ class HttpApi:
         if method is None:
             method = "GET" if data is None else "POST"
         headers = await self.headers_for(call)
+        if headers and url.scheme != "https" and not self.token_headers.isdisjoint(headers):
+            # The configuration checks refuse this first; a last guard, nothing is sent.
+            raise ConfigError(f"{self.service} {self.base_url}: not sending the bearer token "
+                              f"to a {url.scheme}:// URL (in clear); tokens go over https only")
         ok = False
         hops = 0
         t = self.retry.timeout

@@ -62,7 +62,15 @@ from prestaged.catalog.http import (
     retry_settings,
 )
 from prestaged.catalog.rucio import Answer, RucioApi, pick, rucio_login_mode
-from prestaged.config import HTTP_URL, CatalogConfig, MetaCatConfig, RucioConfig, env_value
+from prestaged.config import (
+    HTTP_URL,
+    CatalogConfig,
+    MetaCatConfig,
+    RucioConfig,
+    env_value,
+    plain_http,
+    token_in_clear,
+)
 from prestaged.errors import CatalogError, ConfigError, CredentialError
 from prestaged.model import FileRef, hide_secret
 from prestaged.net import bearer_error
@@ -94,9 +102,13 @@ def metacat_url(cfg: MetaCatConfig, env: Optional[Mapping[str, str]] = None) -> 
 
 
 def check_config(cfg: CatalogConfig, env: Optional[Mapping[str, str]] = None) -> str:
-    """Raise ``ConfigError`` unless MetaCat and Rucio are named (and userpass has its keys);
-    else return the MetaCat URL. No I/O: the CLI calls it before the credential checks."""
+    """Raise ``ConfigError`` unless MetaCat and Rucio are named (userpass with its keys, a
+    bearer token only to https); else return the MetaCat URL. No I/O: the CLI calls it before
+    the credential checks."""
     url = metacat_url(cfg.metacat, env)
+    if cfg.metacat.auth == "token" and plain_http(url):
+        key = "catalog.metacat.url" if cfg.metacat.url else "$METACAT_SERVER_URL"
+        raise token_in_clear(key, 'catalog.metacat.auth = "token"')
     if cfg.rucio.url is None:
         raise ConfigError("catalog.rucio.url: not set; the MetaCat catalog resolves its "
                           "files' replicas through Rucio (e.g. https://dune-rucio.fnal.gov)")
@@ -166,6 +178,8 @@ class _MetaCatApi(HttpApi):
                          sleep=sleep)
         self._metacat_token = metacat_token
         self._token = token
+
+    token_headers = frozenset({"Authorization"})
 
     async def headers_for(self, call: Call) -> Optional[Mapping[str, str]]:
         if self._metacat_token is not None:

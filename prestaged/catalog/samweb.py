@@ -67,7 +67,15 @@ from prestaged.catalog.http import (
     retry_settings,
 )
 from prestaged.catalog.rewrite import Rewriter
-from prestaged.config import HOST_PORT, HTTP_URL, PLAIN_NAME, SamWebConfig, env_value
+from prestaged.config import (
+    HOST_PORT,
+    HTTP_URL,
+    PLAIN_NAME,
+    SamWebConfig,
+    env_value,
+    plain_http,
+    token_in_clear,
+)
 from prestaged.errors import CatalogError, ConfigError, CredentialError
 from prestaged.model import FileRef, printable, redact
 from prestaged.net import bearer_error
@@ -133,9 +141,13 @@ def resolve_base_url(cfg: SamWebConfig, env: Mapping[str, str] | None = None) ->
 
 
 def check_config(cfg: SamWebConfig, env: Mapping[str, str] | None = None) -> tuple[str, str]:
-    """Raise ``ConfigError`` unless ``cfg`` names a server and can make URLs; else return
-    ``resolve_base_url(cfg, env)``. Costs no I/O: the CLI calls it before the proxy checks."""
+    """Raise ``ConfigError`` unless ``cfg`` names a server and can make URLs (and, with
+    ``use_token``, an https one); else return ``resolve_base_url(cfg, env)``. Costs no I/O:
+    the CLI calls it before the proxy checks."""
     where = resolve_base_url(cfg, env)
+    if cfg.use_token and plain_http(where[0]):
+        key = "catalog.samweb.base_url" if cfg.base_url else "$SAM_WEB_BASE_URL"
+        raise token_in_clear(key, "catalog.samweb.use_token = true")
     if cfg.url_mode == "rewrite" and not cfg.rewrite:
         raise ConfigError(
             "catalog.samweb.rewrite: no rules to turn SAM locations into URLs; add "
@@ -221,6 +233,8 @@ class _Api(HttpApi):
         self._token = token
         self.label = label
         self.cfg = cfg
+
+    token_headers = frozenset({"Authorization"})
 
     async def headers_for(self, call: Call) -> Optional[Mapping[str, str]]:
         if self._token is None:
