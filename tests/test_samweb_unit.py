@@ -398,6 +398,10 @@ async def test_an_html_page_answered_200_is_no_listing() -> None:
         f"SAM web {BASE}/definitions/name/mydef/files/list answered listing the files of "
         "definition 'mydef' with text/html, not the text/plain list of files (a login or "
         "maintenance page in front of SAM?); check catalog.samweb.base_url")
+    with aioresponses() as m:  # SAM documents no type: anything but a web page is read
+        m.get(LIST_URL, body="a\n", content_type="application/octet-stream")
+        m.get(LOCATIONS_URL, payload=_locations(["a"]))
+        assert [r.name for r in await _all(_catalog(retry_for=0.0).files())] == ["a"]
 
 
 async def test_retries_bounded_by_time() -> None:

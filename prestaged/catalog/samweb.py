@@ -305,10 +305,13 @@ def _number(text: str) -> Optional[int]:
     return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
 
+_PAGES = frozenset({"text/html", "application/xhtml+xml"})
+
+
 def _check_listing(api: _Api, call: _Call, resp: aiohttp.ClientResponse) -> None:
-    """``CatalogError`` unless ``resp`` is a plain-text listing (or says no type at all): a
-    login or maintenance page answered 200 by a front end is no list of file names."""
-    if "Content-Type" not in resp.headers or resp.content_type == "text/plain":
+    """``CatalogError`` for a listing answered as a web page: a login or maintenance page a
+    front end answers 200 is no list of file names. (Other types pass: SAM documents none.)"""
+    if resp.content_type not in _PAGES:
         return
     where = printable(redact(str(resp.url.with_query(None))))
     raise CatalogError(
