@@ -75,8 +75,10 @@ __all__ = [
     "matches",
     "one_of",
     "parse_duration",
+    "plain_http",
     "replace_path",
     "shown",
+    "token_in_clear",
     "within",
 ]
 
@@ -473,6 +475,19 @@ class CatalogServerKeys:
     """Give up on an unanswered request after retrying this long (seconds; 0: never retry)."""
 
 
+def plain_http(url: Optional[str]) -> bool:
+    """Whether ``url`` (a catalog server's) is plain ``http://``: no bearer token goes there."""
+    return url is not None and url.startswith("http://")
+
+
+def token_in_clear(where: str, setting: str) -> ConfigError:
+    """The error for a bearer token that ``setting`` (``catalog.samweb.use_token = true``)
+    would send to the ``http://`` URL of ``where`` (a key or ``$VARIABLE``): in clear."""
+    return ConfigError(f"{where}: an http:// URL, and {setting} would send the bearer token "
+                       "to it in clear; give an https:// URL (tokens go over https only) or "
+                       f"change {setting.partition(' ')[0]}")
+
+
 @dataclass(frozen=True)
 class SamWebConfig(CatalogServerKeys):
     """``[catalog.samweb]``: the SAM web REST API and how its locations become URLs."""
@@ -504,6 +519,10 @@ class SamWebConfig(CatalogServerKeys):
     rewrite: tuple[RewriteRule, ...] = ()
     """Location -> URL rules, first match wins (``[[catalog.samweb.rewrite]]`` tables)."""
 
+    def __post_init__(self) -> None:
+        if self.use_token and plain_http(self.base_url):
+            raise token_in_clear("catalog.samweb.base_url", "catalog.samweb.use_token = true")
+
 
 @dataclass(frozen=True)
 class MetaCatConfig(CatalogServerKeys):
@@ -528,6 +547,10 @@ class MetaCatConfig(CatalogServerKeys):
     page: int = field(default=10_000, metadata=check(within(1, 1_000_000)))
     """Files per page of an MQL query (``(QUERY) ordered skip K limit N``, as the client
     pages); a page cut off midway is asked again."""
+
+    def __post_init__(self) -> None:
+        if self.auth == "token" and plain_http(self.url):
+            raise token_in_clear("catalog.metacat.url", 'catalog.metacat.auth = "token"')
 
 
 @dataclass(frozen=True)
@@ -559,6 +582,10 @@ class RucioConfig(CatalogServerKeys):
     """Files per ``/replicas/list`` request (Rucio struggles above 1,000)."""
     parallel: int = field(default=4, metadata=check(within(1, 64)))
     """Replica requests in flight at once (bounds the files held in memory, too)."""
+
+    def __post_init__(self) -> None:
+        if self.auth == "token" and plain_http(self.url):
+            raise token_in_clear("catalog.rucio.url", 'catalog.rucio.auth = "token"')
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ __all__ = [
     "error_text",
     "hide_secret",
     "printable",
+    "printable_url",
     "redact",
     "redacted_url",
     "usable_origin",
@@ -220,6 +221,15 @@ def printable(text: str) -> str:
     """``text`` with control characters (C0, DEL, C1) written as ``\\xNN``: a server's bytes
     quoted in an error cannot move a terminal's cursor, colour it or break the line."""
     return text.translate(_CONTROLS)
+
+
+_URL_CONTROLS = {c: "".join(f"%{b:02X}" for b in chr(c).encode()) for c in _CONTROLS}
+
+
+def printable_url(url: str) -> str:
+    """``url`` with control characters percent-encoded (ESC as ``%1B``, UTF-8 for C1), as a
+    client sends them: the same URL to a server, and it cannot move a terminal's cursor."""
+    return url.translate(_URL_CONTROLS)
 
 
 def has_control(text: str) -> bool:

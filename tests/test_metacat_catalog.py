@@ -7,18 +7,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from aiohttp import web
 
 from prestaged.catalog import open_catalog
+from prestaged.catalog.http import Call, answer_cap, catalog_ssl_context
 from prestaged.catalog.metacat import MetaCatCatalog, metacat_token
 from prestaged.catalog.rucio import Pfn, pick, rucio_login_mode
 from prestaged.config import CatalogConfig, MetaCatConfig, RucioConfig, load_config
 from prestaged.errors import CatalogError, ConfigError, CredentialError
-from prestaged.testing.metacat import MetaCatServer, synthetic_files
+from prestaged.testing.metacat import MetaCatFile, MetaCatServer, Page, Query, synthetic_files
+from prestaged.testing.pki import TestPKI
 from prestaged.testing.rucio import RucioEmulator
 from prestaged.testing.rucio_catalog import SyntheticFiles
 from prestaged.testing.tokens import TokenIssuer
@@ -363,6 +366,21 @@ async def test_a_dataset_listing_cut_off_midway_resumes_without_duplicates(
     assert metacat.stats.requests["dataset_files"] == 2
 
 
+async def test_a_listing_cut_off_and_answered_in_another_order_loses_no_file(
+        tmp_path: Path) -> None:
+    """dataset_files is not ordered: cut off after 700 records and answered in another order
+    the second time, the listing is resumed by name, not by count; every file once."""
+    metacat = MetaCatServer(datasets={SYNTHETIC: synthetic_files(SYNTHETIC, 2000)},
+                            reorder=True)
+    rucio = RucioEmulator(synthetic=SyntheticFiles(2000, rses=("DISK_RSE",)))
+    async with metacat, rucio:
+        metacat.cut_next = 700
+        catalog = MetaCatCatalog(SYNTHETIC, _pair_cfg(tmp_path, metacat, rucio), env={})
+        names = [ref.name async for ref in catalog.files()]
+    assert sorted(names) == [f"dune:synthetic_{i:07d}.root" for i in range(2000)]
+    assert metacat.stats.requests["dataset_files"] == 2 and catalog.listed == 2000
+
+
 async def test_a_query_page_cut_off_is_asked_again_from_where_it_stopped(
         pair: tuple[MetaCatServer, RucioEmulator, _Clock], tmp_path: Path) -> None:
     metacat, rucio, _ = pair
@@ -375,6 +393,76 @@ async def test_a_query_page_cut_off_is_asked_again_from_where_it_stopped(
     # page 1 cut at 300, asked again from skip 300 (500 - 300 = 200 more, short: the end).
     assert metacat.stats.queries[-1].endswith("ordered skip 300 limit 1000")
     assert metacat.stats.requests["query"] == 2
+
+
+async def test_a_name_rucio_refuses_is_one_unresolved_file_not_a_dead_run(
+        pair: tuple[MetaCatServer, RucioEmulator, _Clock], tmp_path: Path) -> None:
+    """MetaCat lists a file named '---' (no \\w, which Rucio's r_dids schema requires): it is
+    unresolved with that reason; the other files of its chunk resolve."""
+    metacat, rucio, _ = pair
+    metacat.add_dataset("dune:odd", [*synthetic_files(SYNTHETIC, 700),
+                                     {"namespace": "dune", "name": "---"}])
+    catalog = MetaCatCatalog("dune:odd", _pair_cfg(tmp_path, metacat, rucio), env={})
+    refs = [ref async for ref in catalog.files()]
+    assert len(refs) == 700 and catalog.unresolved_count == 1
+    [odd] = catalog.unresolved
+    assert odd.name == "dune:---"
+    assert odd.reason.startswith("Rucio refuses the name")
+    assert sorted(rucio.stats.dids_per_request) == [200, 500]
+
+
+class _IgnoresSkip(MetaCatServer):
+    """A broken MetaCat that answers every page of a query from its start (ignores skip)."""
+
+    def _evaluate(self, q: Query) -> list[MetaCatFile]:
+        if isinstance(q, Page) and q.skip:
+            q = dataclasses.replace(q, skip=0)
+        return super()._evaluate(q)
+
+
+async def test_a_server_ignoring_skip_stops_the_query_with_a_catalog_error(
+        pair: tuple[MetaCatServer, RucioEmulator, _Clock], tmp_path: Path) -> None:
+    """A full page that brings no file the page before did not bring ends paging with one
+    catalog error, instead of asking the same page for ever."""
+    _, rucio, _ = pair
+    async with _IgnoresSkip(datasets={SYNTHETIC: synthetic_files(SYNTHETIC, 2000)}) as broken:
+        cfg = _pair_cfg(tmp_path, broken, rucio, metacat_keys={"page": 500})
+        catalog = MetaCatCatalog(f"files from {SYNTHETIC}", cfg, mql=True, env={})
+        handed = 0
+        with pytest.raises(CatalogError, match=r"answered the MQL query at skip 500 with the "
+                           r"same 500 files as the page before: it does not honour 'skip'"):
+            async for _ in catalog.files():
+                handed += 1
+                assert handed <= 2000, "paged past the end of the dataset"
+        assert broken.stats.requests["query"] == 2
+
+
+class _Bloated(RucioEmulator):
+    """A hostile Rucio: each replica record carries 256 KiB of padding (still valid JSON)."""
+
+    async def _stream(self, request: web.Request, first: str, rest: Iterator[str],
+                      headers: dict[str, str]) -> web.StreamResponse:
+        def pad(line: str) -> str:
+            record = line.rstrip()
+            return record[:-1] + ', "padding": "' + "x" * (256 << 10) + '"}\n'
+
+        return await super()._stream(request, pad(first), map(pad, rest), headers)
+
+
+async def test_an_answer_read_whole_is_capped_by_the_files_it_is_about(tmp_path: Path) -> None:
+    """Replicas of 10 DIDs may take 1 MiB (64 KiB a DID), not 256 MiB: a 2.5 MiB answer of
+    valid records is one catalog error naming the cap; 500 DIDs may take 31 MiB."""
+    metacat = MetaCatServer(datasets={SYNTHETIC: synthetic_files(SYNTHETIC, 10)})
+    rucio = _Bloated(synthetic=SyntheticFiles(10, rses=("DISK_RSE",)))
+    async with metacat, rucio:
+        catalog = MetaCatCatalog(SYNTHETIC, _pair_cfg(tmp_path, metacat, rucio), env={})
+        where = rucio.base_url
+        with pytest.raises(CatalogError) as err:
+            await _drain(catalog)
+    assert str(err.value) == (
+        f"Rucio {where} answered listing the replicas of 10 files with more than "
+        "1 MiB (at most 64 KiB a file is read): that is no answer to it")
+    assert answer_cap(Call("x", asked=500)) == 500 << 16
 
 
 async def test_a_refused_metacat_token_is_named_by_where_it_came_from_never_shown(
@@ -422,18 +510,52 @@ async def test_rucio_account_comes_from_the_config_else_rucio_account(
 
 
 async def test_the_wlcg_token_goes_to_metacat_only_when_asked_for(
-        metacat: MetaCatServer, tmp_path: Path) -> None:
-    """auth = "token" sends it (``Authorization: Bearer``); "auto" without a MetaCat token
-    sends nothing, even with a WLCG token at hand (MetaCat reads are open)."""
+        pki: TestPKI, tmp_path: Path) -> None:
+    """auth = "token" sends it (``Authorization: Bearer``, over https); "auto" without a
+    MetaCat token sends nothing, even with a WLCG token at hand (MetaCat reads are open)."""
     from prestaged.tokens import FoundToken, TokenSource
 
     wlcg = TokenSource(FoundToken(METACAT_TOKEN, "$BEARER_TOKEN", None))
-    with pytest.raises(CredentialError, match="anonymously"):
-        await MetaCatCatalog(DATASET, _against(metacat, tmp_path, auth="auto"), token=wlcg,
-                             env={"HOME": str(tmp_path)}).estimate()
-    asked = MetaCatCatalog(DATASET, _against(metacat, tmp_path, auth="token"), token=wlcg,
-                           env={"HOME": str(tmp_path)})
-    assert await asked.estimate() == 30
+    tls = catalog_ssl_context(None, pki.ca_dir)
+    async with MetaCatServer(datasets={DATASET: synthetic_files(DATASET, 30)},
+                             token=METACAT_TOKEN,
+                             ssl_context=pki.server_ssl_context(require_client_cert=False)
+                             ) as metacat:
+        with pytest.raises(CredentialError, match="anonymously"):
+            await MetaCatCatalog(DATASET, _against(metacat, tmp_path, auth="auto"), tls,
+                                 token=wlcg, env={"HOME": str(tmp_path)}).estimate()
+        asked = MetaCatCatalog(DATASET, _against(metacat, tmp_path, auth="token"), tls,
+                               token=wlcg, env={"HOME": str(tmp_path)})
+        assert await asked.estimate() == 30
+
+
+_HTTPS_RUCIO = '[catalog.rucio]\nurl = "https://rucio.example"\n'
+_HTTPS_METACAT = '[catalog.metacat]\nurl = "https://metacat.example/app"\n'
+
+
+@pytest.mark.parametrize(("text", "env", "key"), [
+    ('[catalog.metacat]\nurl = "http://metacat.example/app"\nauth = "token"\n' + _HTTPS_RUCIO,
+     {}, "catalog.metacat.url"),
+    ('[catalog.metacat]\nauth = "token"\n' + _HTTPS_RUCIO,
+     {"METACAT_SERVER_URL": "http://metacat.example/app"}, "$METACAT_SERVER_URL"),
+    (_HTTPS_METACAT + '[catalog.rucio]\nurl = "http://rucio.example"\nauth = "token"\n', {},
+     "catalog.rucio.url"),
+    (_HTTPS_METACAT + '[catalog.rucio]\nurl = "http://rucio.example"\n', {},
+     "catalog.rucio.url"),
+], ids=["metacat-url", "metacat-env", "rucio-token", "rucio-auto"])
+def test_a_bearer_token_for_an_http_catalog_is_a_config_error(
+        tmp_path: Path, text: str, env: dict[str, str], key: str) -> None:
+    """auth = "token" (or Rucio's "auto" with a token found) and an http:// MetaCat or Rucio
+    URL: exit 2 naming the key or the variable, before any request; the token is not sent."""
+    from prestaged.tokens import FoundToken, TokenSource
+
+    wlcg = TokenSource(FoundToken(METACAT_TOKEN, "$BEARER_TOKEN", None))
+    with pytest.raises(ConfigError) as err:
+        MetaCatCatalog(DATASET, load_config(_write(tmp_path, text)).catalog, token=wlcg,
+                       env=env)
+    assert f"{key}: an http:// URL, and " in str(err.value)
+    assert "would send the bearer token to it in clear" in str(err.value)
+    assert err.value.exit_code == 2 and METACAT_TOKEN not in str(err.value)
 
 
 async def test_a_login_token_is_renewed_before_rucio_says_it_expires(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from prestaged.config import RewriteRule, SamWebConfig
 from prestaged.errors import CatalogError
 from prestaged.model import FileRef
 from prestaged.testing.pki import TestPKI
-from prestaged.testing.samweb import SamError, Status, ThreadedSamWebServer, Truncate
+from prestaged.testing.samweb import Delay, SamError, Status, ThreadedSamWebServer, Truncate
 from prestaged.testing.storage import ThreadedStorageServer
 
 Samweb = Callable[..., ThreadedSamWebServer]
@@ -164,7 +164,8 @@ def test_unknown_definition_exit_4_with_sam_message(
     line = _error_line(capsys.readouterr().err)
     assert line == ("prestaged: error: definition 'no-such-def' not found in SAM (dune): "
                     "Definition no-such-def not found")
-    assert sam.stats.total == 1
+    # Each endpoint asked once (warm also asks the count, beside the listing): no retries.
+    assert sam.stats.requests["list"] == 1 and max(sam.stats.requests.values()) == 1
 
 
 def test_catalog_503_twice_then_200_succeeds(
@@ -190,7 +191,7 @@ def test_dimension_error_not_retried(
     pki: TestPKI, proxy: Path, samweb: Samweb, tmp_path: Path, command: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """--dims SAM cannot parse: 400 DimensionError, exactly one request, exit 4."""
+    """--dims SAM cannot parse: 400 DimensionError, not retried, exit 4."""
     sam = samweb({"d": _mixed(3)})
     config = _config(tmp_path, sam, None)
     args = [command, "--dims", "run_numbr 5141", "--config", str(config), "--proxy", str(proxy),
@@ -198,7 +199,8 @@ def test_dimension_error_not_retried(
     assert main(args) == 4
     line = _error_line(capsys.readouterr().err)
     assert "SAM (dune) rejected the dimensions: Unable to parse dimensions: run_numbr 5141" in line
-    assert sam.stats.total == 1
+    # Each endpoint asked once (warm also asks the count, beside the listing): no retries.
+    assert sam.stats.requests["dims-list"] == 1 and max(sam.stats.requests.values()) == 1
 
 
 def test_listing_cut_off_resumes_without_duplicates(
@@ -214,6 +216,23 @@ def test_listing_cut_off_resumes_without_duplicates(
     assert doc["counts"]["warm"] == 3000 and doc["duplicates_skipped"] == 0
     assert sam.stats.requests["list"] == 2
     assert storage.stats.requests_total == 3000
+
+
+def test_listing_cut_off_and_answered_in_another_order_loses_no_file(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, samweb: Samweb, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SAM promises no order: a listing dropped after 1,234 lines and answered in another
+    order the second time is resumed by name, not by count; every file once."""
+    files = _mixed(3000)
+    sam = samweb({"d": files}, reorder=True)
+    sam.inject("list", [Truncate(1234)])
+    config = _config(tmp_path, sam, storage)
+    assert main(_warm(config, proxy, pki, "d", "--json")) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["counts"]["warm"] == 3000 and doc["duplicates_skipped"] == 0
+    assert sam.stats.requests["list"] == 2
+    assert sorted(storage.stats.paths) == sorted(_expected_path(f) for f in files)
 
 
 def test_files_lists_urls_anonymously(
@@ -430,3 +449,60 @@ def test_the_gate_counts_unresolved_files_as_cold(
     assert main(["status", *state]) == 0
     assert "unresolved: 2 more files the catalog gave no URL for" in capsys.readouterr().out
     assert main([*gate[:-1], "--ready", "0.6"]) == 0  # 4 of 6
+
+
+async def test_a_stalled_listing_names_what_timed_out_and_its_key(
+    pki: TestPKI, samweb: Samweb,
+) -> None:
+    """A listing that sends nothing: the error says nothing came for `timeout` seconds and
+    names catalog.samweb.timeout with its value, not only "timed out"."""
+    sam = samweb({"d": _mixed(3)})
+    sam.inject("list", [Delay(1.5)])
+    config = SamWebConfig(base_url=sam.base_url, retry_for=0.0, timeout=0.3,
+                          rewrite=(RewriteRule("dcache:/pnfs/dune/", "https://door.test/"),))
+    catalog = SamWebCatalog("d", config, samweb_ssl_context(None, pki.ca_dir), env={})
+    with pytest.raises(CatalogError) as err:
+        [ref async for ref in catalog.files()]
+    assert "timed out: nothing received for 0.3 s (catalog.samweb.timeout = 0.3s)" \
+        in str(err.value)
+
+
+def test_control_characters_from_sam_never_reach_the_terminal(
+    pki: TestPKI, samweb: Samweb, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`files` prints a SAM access URL holding ESC/BEL percent-encoded (the same URL), and
+    the unresolved list shows names and locations with control characters as \\xNN."""
+    evil = {"name": "a\x1b]0;pwned\x07.root", "locations": ["dcache:/pnfs/dune/persistent/x"]}
+    forged = {"name": "b\x1b[2J.root", "locations": ["cern-eos:/eos/x\rprestaged: all warm"]}
+    sam = samweb({"d": [evil, forged]},
+                 access_rules=[("dcache:/pnfs/dune/", "https://door.test/dune/")])
+    config = _config(tmp_path, sam, None, rules=False, samweb='url_mode = "access-url"\n')
+    assert main(["files", "d", "--config", str(config), "--ca-dir", str(pki.ca_dir)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "https://door.test/dune/persistent/x/a%1B]0;pwned%07.root\n"
+    assert "\x1b" not in err and "\r" not in err and "\x07" not in err
+    assert "  b\\x1b[2J.root  SAM has no https URL for it: -" in err
+    config = _config(tmp_path, sam, None)  # rewrite rules: the location is shown
+    assert main(["files", "d", "--config", str(config), "--ca-dir", str(pki.ca_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\r" not in err
+    assert ("  b\\x1b[2J.root  no rewrite rule matches its locations: "
+            "cern-eos:/eos/x\\x0dprestaged: all warm") in err
+
+
+@pytest.mark.timeout(30)
+def test_a_stalled_file_count_neither_delays_nor_holds_the_run(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, samweb: Samweb, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The count (only for the progress display) is asked beside the run: a count SAM holds
+    for a minute (catalog.samweb.timeout: 10 min) does not hold the warm, which ends and
+    drops the request."""
+    files = _mixed(5)
+    sam = samweb({"d": files})
+    sam.inject("count", [Delay(60.0)])
+    config = _config(tmp_path, sam, storage, samweb='timeout = "10m"\n')
+    assert main(_warm(config, proxy, pki, "d", "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["counts"]["warm"] == 5
+    # Never answered (or not even asked yet): the run did not wait for it.
+    assert all(r.status == 0 for r in sam.stats.records if r.endpoint == "count")

@@ -386,6 +386,24 @@ async def test_5xx_and_connection_errors_retry_with_backoff() -> None:
     assert 1.0 <= sleeps.delays[4] <= 1.5  # the locations request has its own budget
 
 
+async def test_an_html_page_answered_200_is_no_listing() -> None:
+    """A login or maintenance page a front end answers 200 text/html is refused, naming the
+    URL and the type; no line of it is looked up as a file."""
+    with aioresponses() as m:
+        m.get(LIST_URL, body="<html>\n<body>Sign in</body>\n</html>\n", content_type="text/html")
+        with pytest.raises(CatalogError) as err:
+            await _all(_catalog(retry_for=0.0).files())
+        assert len(_calls(m)) == 1
+    assert str(err.value) == (
+        f"SAM web {BASE}/definitions/name/mydef/files/list answered listing the files of "
+        "definition 'mydef' with text/html, not the text/plain list of files (a login or "
+        "maintenance page in front of SAM?); check catalog.samweb.base_url")
+    with aioresponses() as m:  # SAM documents no type: anything but a web page is read
+        m.get(LIST_URL, body="a\n", content_type="application/octet-stream")
+        m.get(LOCATIONS_URL, payload=_locations(["a"]))
+        assert [r.name for r in await _all(_catalog(retry_for=0.0).files())] == ["a"]
+
+
 async def test_retries_bounded_by_time() -> None:
     """With retry_for = 0 a 503 is not retried; the error names the server and the cause."""
     with aioresponses() as m:
@@ -740,3 +758,22 @@ async def test_an_answer_read_whole_has_a_deadline(monkeypatch: pytest.MonkeyPat
         await asyncio.wait_for(gone.wait(), 30)
     finally:
         await server.close()
+
+
+def test_handed_resumes_a_listing_by_name_whatever_order_it_comes_in() -> None:
+    """Handed: an answer in the same order is skipped by position; one in another order, or
+    with a file gone before the cut, hands out exactly the names not handed out yet, also
+    when that answer is cut off in turn."""
+    names = [f"f{i}.root" for i in range(10)]
+    same = catalog_http.Handed()
+    assert [n for n in names[:4] if same.fresh(n)] == names[:4]
+    same.again()
+    assert [n for n in names if same.fresh(n)] == names[4:] and len(same) == 10
+    moved = catalog_http.Handed()
+    assert [n for n in names[:4] if moved.fresh(n)] == names[:4]
+    moved.again()
+    backwards = names[::-1]
+    assert [n for n in backwards[:3] if moved.fresh(n)] == ["f9.root", "f8.root", "f7.root"]
+    moved.again()  # cut off again; then a file before the cut is gone, shifting the rest
+    assert [n for n in names[1:] if moved.fresh(n)] == ["f4.root", "f5.root", "f6.root"]
+    assert len(moved) == 10

@@ -17,12 +17,22 @@ Classification, the same for every server (the subclass words the errors):
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from array import array
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Hashable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, Union
@@ -33,7 +43,7 @@ from yarl import URL
 
 from prestaged._version import __version__
 from prestaged.config import CatalogServerKeys
-from prestaged.errors import CatalogError, CredentialError, PrestagedError
+from prestaged.errors import CatalogError, ConfigError, CredentialError, PrestagedError
 from prestaged.model import FileRef, printable, redact
 from prestaged.net import client_ssl_context, parse_retry_after, tls_cause
 from prestaged.retry import RetryPolicy
@@ -42,13 +52,17 @@ if TYPE_CHECKING:
     from prestaged.credentials import Credentials
 
 __all__ = [
+    "ANSWER_PER_FILE",
     "MAX_UNRESOLVED_KEPT",
+    "MIN_ANSWER",
     "Call",
+    "Handed",
     "HttpApi",
     "RetrySettings",
     "Transient",
     "Unresolved",
     "UnresolvedLog",
+    "answer_cap",
     "catalog_ssl_context",
     "gather_or_cancel",
     "line_blocks",
@@ -90,9 +104,11 @@ def one_line(text: str, limit: int = _MAX_MESSAGE) -> str:
 
 @dataclass(frozen=True)
 class Call:
-    """What a request is for, to word its errors (``what`` reads "listing the files of ...")."""
+    """What a request is for, to word its errors (``what`` reads "listing the files of ..."),
+    and how many files (names, DIDs) it asks about: that bounds its answer (``answer_cap``)."""
 
     what: str
+    asked: int = 1
 
 
 @dataclass(frozen=True)
@@ -121,6 +137,9 @@ class HttpApi:
     """
 
     service = "catalog"
+    token_headers: frozenset[str] = frozenset()
+    """Headers that carry the WLCG bearer token when ``headers_for`` gives them: never sent
+    but over https."""
 
     def __init__(
         self,
@@ -216,6 +235,10 @@ class HttpApi:
         if method is None:
             method = "GET" if data is None else "POST"
         headers = await self.headers_for(call)
+        if headers and url.scheme != "https" and not self.token_headers.isdisjoint(headers):
+            # The configuration checks refuse this first; a last guard, nothing is sent.
+            raise ConfigError(f"{self.service} {self.base_url}: not sending the bearer token "
+                              f"to a {url.scheme}:// URL (in clear); tokens go over https only")
         ok = False
         hops = 0
         t = self.retry.timeout
@@ -245,15 +268,28 @@ class HttpApi:
                                              resp.headers)
                     yield resp
                     break
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as e:
             ok = False
-            raise Transient("timed out") from None
+            raise Transient(self._timed_out(e, whole)) from None
         except aiohttp.ClientError as e:
             ok = False
             raise self._network_error(e) from e
         finally:
             if self.on_request is not None:
                 self.on_request("ok" if ok else "error")
+
+    def _timed_out(self, error: BaseException, whole: bool) -> str:
+        """What timed out, and the key that sets it (``catalog.samweb.timeout = 120s``)."""
+        t = self.retry.timeout
+        key = f"{self.retry.key}.timeout = {t:g}s"
+        if isinstance(error, aiohttp.ConnectionTimeoutError):
+            return f"timed out connecting: no connection within {t:g} s ({key})"
+        if isinstance(error, aiohttp.ServerTimeoutError):
+            return f"timed out: nothing received for {t:g} s ({key})"
+        if whole:  # the deadline of an answer read whole
+            return (f"timed out: the answer took more than {WHOLE_DEADLINE * t:g} s "
+                    f"({WHOLE_DEADLINE} x {key})")
+        return f"timed out ({key})"
 
     def _redirect(self, call: Call, resp: aiohttp.ClientResponse, method: str,
                   data: Union[Mapping[str, str], str, bytes, None],
@@ -339,20 +375,36 @@ class HttpApi:
 WHOLE_DEADLINE = 10
 """An answer read whole must come within this many ``timeout``s (20 minutes by default)."""
 
-MAX_ANSWER = 256 << 20
-"""The largest answer read whole (locations of a 10,000-file batch are a few MiB): a server
-streaming without end must not take the memory of the machine."""
+ANSWER_PER_FILE = 64 << 10
+"""Bytes of an answer read whole allowed per file asked about (``Call.asked``): a file's
+locations or replicas take about 1 KiB, so 500 DIDs are about 0.5 MiB of answer."""
+MIN_ANSWER = 1 << 20
+"""The cap of an answer read whole about one file or none (a count, a dataset's record)."""
+
+
+def answer_cap(call: Call) -> int:
+    """The largest answer read whole for ``call`` (bytes): ``ANSWER_PER_FILE`` per file asked,
+    at least ``MIN_ANSWER``. A server streaming without end must not take the memory of the
+    machine, nor a few requests in flight each a quarter GiB of it."""
+    return max(MIN_ANSWER, call.asked * ANSWER_PER_FILE)
 
 
 async def capped_body(client: HttpApi, call: Call, resp: aiohttp.ClientResponse) -> bytes:
-    """``resp``'s body, ``CatalogError`` past ``MAX_ANSWER`` bytes."""
+    """``resp``'s body, ``CatalogError`` past ``answer_cap(call)`` bytes."""
+    cap = answer_cap(call)
     data = bytearray()
     async for chunk in resp.content.iter_chunked(_CHUNK):
         data += chunk
-        if len(data) > MAX_ANSWER:
+        if len(data) > cap:
             raise CatalogError(f"{client.service} {client.base_url} answered {call.what} with "
-                               f"more than {MAX_ANSWER >> 20} MiB")
+                               f"more than {_size(cap)} (at most {ANSWER_PER_FILE >> 10} KiB "
+                               "a file is read): that is no answer to it")
     return bytes(data)
+
+
+def _size(n: int) -> str:
+    """``n`` bytes as "1 MiB" or "31.2 MiB"."""
+    return f"{n / (1 << 20):.3g} MiB"
 
 
 async def _capped_text(client: HttpApi, call: Call, resp: aiohttp.ClientResponse) -> str:
@@ -492,6 +544,53 @@ class UnresolvedLog:
 
 
 # --- streams and pipelines -----------------------------------------------------------------
+
+
+class Handed:
+    """The files one listing pass has handed out, to resume a listing cut off midway by
+    identity, not by position: SAM and MetaCat promise no order, and a listing asked again
+    may come in another one (or with files added or removed before the cut).
+
+    Each file is kept as its 8-byte ``hash()`` (keyed SipHash, per process: a catalog cannot
+    make two names collide on purpose), in the order handed out: 8 MiB for a million files,
+    no names. Asked again, a listing is compared position by position while it agrees (the
+    usual case: nothing more is needed); at the first file out of place a sorted copy is made
+    once and every later file is looked up in it, so files already handed out are skipped
+    wherever they now come, and none is lost.
+    """
+
+    def __init__(self) -> None:
+        self._hashes = array("q")
+        self._limit = 0
+        self._pos = 0
+        self._sorted: Optional[array[int]] = None
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def again(self) -> None:
+        """The listing is being answered again from its start."""
+        self._limit, self._pos, self._sorted = len(self._hashes), 0, None
+
+    def fresh(self, key: Hashable) -> bool:
+        """Whether the file ``key`` (its name), next in the listing, is not handed out yet;
+        if so it counts as handed out from now on."""
+        h = hash(key)
+        if self._sorted is None:
+            if self._pos >= self._limit:  # past everything handed out before
+                self._hashes.append(h)
+                return True
+            if self._hashes[self._pos] == h:
+                self._pos += 1
+                return False
+            log.info("catalog: a listing asked again comes in another order after %d files; "
+                     "skipping the %d files handed out before by name", self._pos, self._limit)
+            self._sorted = array("q", sorted(self._hashes[:self._limit]))
+        i = bisect.bisect_left(self._sorted, h)
+        if i < len(self._sorted) and self._sorted[i] == h:
+            return False
+        self._hashes.append(h)
+        return True
 
 
 MAX_LINE = 64 << 10

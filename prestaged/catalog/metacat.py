@@ -7,8 +7,8 @@ included):
 
 - a dataset: ``GET {url}/data/dataset_files?dataset=ns:name&with_metadata=no&
   include_retired_files=no``, streamed as ``application/json-seq`` (RFC 7464: 0x1E, a JSON file
-  record, ``\\n``); a listing cut off midway is asked again and the records already seen are
-  skipped (MetaCat promises no order, but lists the same dataset the same way);
+  record, ``\\n``); a listing cut off midway is asked again and the files already handed out
+  are skipped by name, not by count (MetaCat promises no order: ``catalog.http.Handed``);
 - a query (``--mql``): ``POST {url}/data/query?with_meta=no&with_provenance=no&trimquery=...``
   with the MQL as the body, paged as the client pages, ``(QUERY) ordered skip K limit N``
   (``[catalog.metacat] page``), until a page comes back short;
@@ -26,7 +26,9 @@ first files while later chunks are still being listed and asked. Memory stays bo
 ``parallel`` chunks.
 
 A file Rucio does not know, knows no available replica of, or has no https/davs replica of is
-unresolved and reported as SAM's unresolved files are (``unresolved``, ``unresolved_count``).
+unresolved and reported as SAM's unresolved files are (``unresolved``, ``unresolved_count``);
+so is one whose name Rucio's DID schema refuses (no ``\\w``): it is not asked, since Rucio
+answers 400 for the whole request holding it.
 
 Errors: an unknown dataset -> ``CatalogError`` naming it (exit 4), as is MQL MetaCat rejects;
 401/403 from either server -> ``CredentialError`` (exit 3) with the server's message;
@@ -50,6 +52,7 @@ import msgspec
 
 from prestaged.catalog.http import (
     Call,
+    Handed,
     HttpApi,
     Transient,
     UnresolvedLog,
@@ -58,8 +61,16 @@ from prestaged.catalog.http import (
     ordered,
     retry_settings,
 )
-from prestaged.catalog.rucio import RucioApi, pick, rucio_login_mode
-from prestaged.config import HTTP_URL, CatalogConfig, MetaCatConfig, RucioConfig, env_value
+from prestaged.catalog.rucio import Answer, RucioApi, pick, rucio_login_mode
+from prestaged.config import (
+    HTTP_URL,
+    CatalogConfig,
+    MetaCatConfig,
+    RucioConfig,
+    env_value,
+    plain_http,
+    token_in_clear,
+)
 from prestaged.errors import CatalogError, ConfigError, CredentialError
 from prestaged.model import FileRef, hide_secret
 from prestaged.net import bearer_error
@@ -73,6 +84,8 @@ __all__ = ["MetaCatCatalog", "check_config", "metacat_token", "metacat_url"]
 log = logging.getLogger(__name__)
 
 _DATASET = re.compile(r"[^:\s]+:[^:\s]+")
+# Rucio's r_dids schema: a scope and a name must each hold a \w (rucio.common.schema R_NAME).
+_rucio_name = re.compile(r"\w").search
 _TRIM = 255  # characters of MQL the client repeats in trimquery= (for the server's logs)
 
 
@@ -89,9 +102,13 @@ def metacat_url(cfg: MetaCatConfig, env: Optional[Mapping[str, str]] = None) -> 
 
 
 def check_config(cfg: CatalogConfig, env: Optional[Mapping[str, str]] = None) -> str:
-    """Raise ``ConfigError`` unless MetaCat and Rucio are named (and userpass has its keys);
-    else return the MetaCat URL. No I/O: the CLI calls it before the credential checks."""
+    """Raise ``ConfigError`` unless MetaCat and Rucio are named (userpass with its keys, a
+    bearer token only to https); else return the MetaCat URL. No I/O: the CLI calls it before
+    the credential checks."""
     url = metacat_url(cfg.metacat, env)
+    if cfg.metacat.auth == "token" and plain_http(url):
+        key = "catalog.metacat.url" if cfg.metacat.url else "$METACAT_SERVER_URL"
+        raise token_in_clear(key, 'catalog.metacat.auth = "token"')
     if cfg.rucio.url is None:
         raise ConfigError("catalog.rucio.url: not set; the MetaCat catalog resolves its "
                           "files' replicas through Rucio (e.g. https://dune-rucio.fnal.gov)")
@@ -161,6 +178,8 @@ class _MetaCatApi(HttpApi):
                          sleep=sleep)
         self._metacat_token = metacat_token
         self._token = token
+
+    token_headers = frozenset({"Authorization"})
 
     async def headers_for(self, call: Call) -> Optional[Mapping[str, str]]:
         if self._metacat_token is not None:
@@ -374,25 +393,26 @@ class MetaCatCatalog(UnresolvedLog):
 
     async def _dataset(self, api: _MetaCatApi) -> AsyncGenerator[list[_Entry], None]:
         """Stream the dataset's files (a list per block read); a cut-off listing is asked
-        again, skipping the records already handed out."""
+        again, and the files already handed out are skipped by name (``Handed``), whatever
+        order it comes in."""
         call = _Call(f"listing the files of dataset '{self.definition}'",
                      dataset=self.definition)
         params = {"dataset": self.definition, "with_metadata": "no",
                   "include_retired_files": "no"}
         url = api.url("data", "dataset_files")
         backoff = api.backoff(call)
-        seen = 0
+        handed = Handed()
         while True:
             count = 0
+            handed.again()
             try:
                 async with api.exchange(call, url, params=params) as resp:
                     async for block in line_blocks(resp):
                         entries = _records(block)
-                        fresh = entries[max(0, seen - count):]
                         count += len(entries)
+                        fresh = [e for e in entries if handed.fresh((e[0], e[1]))]
                         if fresh:
-                            seen = count
-                            self.listed = seen
+                            self.listed = len(handed)
                             backoff.reset()
                             yield fresh
                 return
@@ -410,6 +430,10 @@ class MetaCatCatalog(UnresolvedLog):
         call = _Call("running the MQL query", mql=True)
         backoff = api.backoff(call)
         skip = 0
+        # Names (in-process hashes) of the page before and of this one: a full page of
+        # nothing new is a server ignoring skip, which would be paged for ever.
+        before: set[int] = set()
+        this: set[int] = set()
         while True:
             body = f"({self.definition}) ordered skip {skip} limit {page}"
             count = 0
@@ -419,6 +443,7 @@ class MetaCatCatalog(UnresolvedLog):
                         entries = _records(block)
                         if entries:
                             count += len(entries)
+                            this.update(hash((ns, name)) for ns, name, _ in entries)
                             self.listed = skip + count
                             backoff.reset()
                             yield entries
@@ -430,6 +455,12 @@ class MetaCatCatalog(UnresolvedLog):
             skip += count
             if count < page:  # a short page is the last, as the client sees it
                 return
+            if this <= before:
+                raise CatalogError(
+                    f"MetaCat {api.base_url} answered the MQL query at skip {skip - count} "
+                    f"with the same {count} files as the page before: it does not honour "
+                    "'skip'; stopped instead of paging for ever")
+            before, this = this, set()
 
     async def _chunks(self, listing: AsyncIterator[list[_Entry]]
                       ) -> AsyncGenerator[list[_Entry], None]:
@@ -446,13 +477,23 @@ class MetaCatCatalog(UnresolvedLog):
             yield chunk
 
     async def _resolve(self, rucio: RucioApi, chunk: list[_Entry]) -> list[FileRef]:
-        """One ``/replicas/list`` request for ``chunk``; its files' URLs, in listing order."""
-        self.rucio_requests += 1
-        found = await rucio.list_replicas([(ns, name) for ns, name, _ in chunk])
+        """One ``/replicas/list`` request for ``chunk``; its files' URLs, in listing order.
+
+        A DID Rucio's schema refuses (scope or name without a letter, digit or ``_``) is not
+        asked: it is unresolved, where in the request it got the whole chunk a 400."""
+        asked = [(ns, name) for ns, name, _ in chunk if _rucio_name(ns) and _rucio_name(name)]
+        found: dict[str, Answer] = {}
+        if asked:
+            self.rucio_requests += 1
+            found = await rucio.list_replicas(asked)
         refs = []
         preference = self.rucio_cfg.rse_preference
         for ns, name, size in chunk:
             did = f"{ns}:{name}"
+            if not (_rucio_name(ns) and _rucio_name(name)):
+                self._unresolved(did, (), "Rucio refuses the name (its DIDs need a letter, "
+                                          "digit or underscore)")
+                continue
             answer = found.get(did)
             if answer is None:
                 self._unresolved(did, (), "Rucio does not know the file")

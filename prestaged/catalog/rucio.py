@@ -15,8 +15,9 @@ Speaks Rucio's REST API as the real client (``rucio.client.replicaclient``) does
   ``rse_expression``), at most ``chunk`` DIDs per request. The answer is
   ``application/x-json-stream``: one JSON object per line, ``pfns`` keyed by URL with ``rse``,
   ``type`` (DISK or TAPE) and ``priority``. An answer (at most ``chunk`` lines of about 1 KiB)
-  is read whole and decoded by ``msgspec`` into ``Answer``s, only the fields used. An unknown
-  DID is silently left out of the answer: answers are matched to requests by ``scope:name``.
+  is read whole (at most ``catalog.http.ANSWER_PER_FILE`` a DID) and decoded by ``msgspec``
+  into ``Answer``s, only the fields used. An unknown DID is silently left out of the answer:
+  answers are matched to requests by ``scope:name``.
 
 ``pick`` chooses one PFN per file: DISK before TAPE, then ``rse_preference`` order (unlisted
 RSEs after the listed ones), then Rucio's priority; ``davs://`` becomes ``https://`` (WebDAV
@@ -49,7 +50,7 @@ from prestaged.catalog.http import (
     one_line,
     retry_settings,
 )
-from prestaged.config import RucioConfig
+from prestaged.config import RucioConfig, plain_http, token_in_clear
 from prestaged.errors import CatalogError, ConfigError, CredentialError
 from prestaged.model import hide_secret
 
@@ -105,10 +106,14 @@ class Replica:
 
 def rucio_login_mode(cfg: RucioConfig, *, have_token: bool) -> str:
     """``x509``, ``userpass`` or ``token``: ``cfg.auth``, with ``auto`` made the token when
-    one was found, else the proxy. ``ConfigError`` when userpass lacks its keys."""
+    one was found, else the proxy. ``ConfigError`` when userpass lacks its keys, or the token
+    would go to an ``http://`` Rucio."""
     mode = cfg.auth
     if mode == "auto":
         mode = "token" if have_token else "x509"
+    if mode == "token" and plain_http(cfg.url):
+        raise token_in_clear("catalog.rucio.url", f'catalog.rucio.auth = "{cfg.auth}"'
+                             + (" (a bearer token was found)" if cfg.auth == "auto" else ""))
     if mode == "userpass" and (cfg.username is None or cfg.password_file is None):
         missing = "username" if cfg.username is None else "password_file"
         raise ConfigError(f'catalog.rucio.{missing}: required with catalog.rucio.auth = '
@@ -171,6 +176,8 @@ class RucioApi(HttpApi):
                          limit=cfg.parallel + 1, sleep=sleep, identity=identity)
         self.cfg = cfg
         self.mode = mode
+        # The WLCG token itself rides in X-Rucio-Auth-Token in token mode (else a login token).
+        self.token_headers = frozenset({"X-Rucio-Auth-Token"} if mode == "token" else ())
         self.account = account or cfg.account
         """``X-Rucio-Account``: ``account`` (the caller's ``$RUCIO_ACCOUNT``), else the
         config's; None: the identity's default account."""
@@ -303,7 +310,7 @@ class RucioApi(HttpApi):
         if self.cfg.rse_expression:
             body["rse_expression"] = self.cfg.rse_expression
         payload = msgspec.json.encode(body)  # several times faster than aiohttp's json.dumps
-        call = _Listing(f"listing the replicas of {len(dids)} files")
+        call = _Listing(f"listing the replicas of {len(dids)} files", asked=len(dids))
         url = self.url("replicas", "list")
         backoff = self.backoff(call)
         renewed = False

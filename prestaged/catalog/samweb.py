@@ -33,8 +33,8 @@ Errors follow the real samweb client: 4xx answers are never retried and become o
 exit 3; everything else exit 4); 5xx, 408, 429, timeouts and dropped connections are retried
 with the project's ``RetryPolicy`` backoff (``retry_initial`` doubling up to ``retry_max``, plus
 up to 50% jitter; a ``Retry-After`` is honoured, capped at ``retry_max``) for at most
-``retry_for`` seconds. A listing cut off midway is requested again and
-the names already seen are skipped.
+``retry_for`` seconds. A listing cut off midway is requested again and the names already
+handed out are skipped by name, not by count: SAM promises no order (``catalog.http.Handed``).
 """
 
 from __future__ import annotations
@@ -51,8 +51,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 from urllib.parse import quote, urlsplit
 
+import aiohttp
+
 from prestaged.catalog.http import (
     Call,
+    Handed,
     HttpApi,
     Transient,
     UnresolvedLog,
@@ -64,9 +67,17 @@ from prestaged.catalog.http import (
     retry_settings,
 )
 from prestaged.catalog.rewrite import Rewriter
-from prestaged.config import HOST_PORT, HTTP_URL, PLAIN_NAME, SamWebConfig, env_value
+from prestaged.config import (
+    HOST_PORT,
+    HTTP_URL,
+    PLAIN_NAME,
+    SamWebConfig,
+    env_value,
+    plain_http,
+    token_in_clear,
+)
 from prestaged.errors import CatalogError, ConfigError, CredentialError
-from prestaged.model import FileRef
+from prestaged.model import FileRef, printable, redact
 from prestaged.net import bearer_error
 
 if TYPE_CHECKING:
@@ -130,9 +141,13 @@ def resolve_base_url(cfg: SamWebConfig, env: Mapping[str, str] | None = None) ->
 
 
 def check_config(cfg: SamWebConfig, env: Mapping[str, str] | None = None) -> tuple[str, str]:
-    """Raise ``ConfigError`` unless ``cfg`` names a server and can make URLs; else return
-    ``resolve_base_url(cfg, env)``. Costs no I/O: the CLI calls it before the proxy checks."""
+    """Raise ``ConfigError`` unless ``cfg`` names a server and can make URLs (and, with
+    ``use_token``, an https one); else return ``resolve_base_url(cfg, env)``. Costs no I/O:
+    the CLI calls it before the proxy checks."""
     where = resolve_base_url(cfg, env)
+    if cfg.use_token and plain_http(where[0]):
+        key = "catalog.samweb.base_url" if cfg.base_url else "$SAM_WEB_BASE_URL"
+        raise token_in_clear(key, "catalog.samweb.use_token = true")
     if cfg.url_mode == "rewrite" and not cfg.rewrite:
         raise ConfigError(
             "catalog.samweb.rewrite: no rules to turn SAM locations into URLs; add "
@@ -219,6 +234,8 @@ class _Api(HttpApi):
         self.label = label
         self.cfg = cfg
 
+    token_headers = frozenset({"Authorization"})
+
     async def headers_for(self, call: Call) -> Optional[Mapping[str, str]]:
         if self._token is None:
             return None
@@ -286,6 +303,21 @@ def _number(text: str) -> Optional[int]:
     """A whole number SAM wrote (ASCII digits, at most 18 of them), else None: "²" passes
     ``isdigit`` and 5,000 digits pass ``int``'s limit no more, and either was a traceback."""
     return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
+_PAGES = frozenset({"text/html", "application/xhtml+xml"})
+
+
+def _check_listing(api: _Api, call: _Call, resp: aiohttp.ClientResponse) -> None:
+    """``CatalogError`` for a listing answered as a web page: a login or maintenance page a
+    front end answers 200 is no list of file names. (Other types pass: SAM documents none.)"""
+    if resp.content_type not in _PAGES:
+        return
+    where = printable(redact(str(resp.url.with_query(None))))
+    raise CatalogError(
+        f"SAM web {where} answered {call.what} with {printable(resp.content_type[:80])}, not "
+        "the text/plain list of files (a login or maintenance page in front of SAM?); check "
+        "catalog.samweb.base_url")
 
 
 def _location_text(entry: object) -> Optional[str]:
@@ -432,7 +464,9 @@ class SamWebCatalog(UnresolvedLog):
             yield batch
 
     async def _listing(self, api: _Api) -> AsyncGenerator[_Entry, None]:
-        """Stream ``(name, size)`` of every listed file; resume a cut-off listing by skipping."""
+        """Stream ``(name, size)`` of every listed file; a cut-off listing is asked again and
+        the files already handed out are skipped by name (``Handed``), whatever order it
+        comes in."""
         call = self._listing_call()
         params: dict[str, str] = {"format": "plain", "fileinfo": "1"}
         data: Optional[dict[str, str]] = None
@@ -445,20 +479,21 @@ class SamWebCatalog(UnresolvedLog):
             else:
                 params["dims"] = self.dims
         backoff = api.backoff(call)
-        seen = 0
+        handed = Handed()
         while True:
             count = 0
+            handed.again()
             try:
                 async with api.exchange(call, url, params=params, data=data) as resp:
+                    _check_listing(api, call, resp)
                     async for line in lines(resp):
                         entry = _parse_list_line(line)
                         if entry is None:
                             continue
                         count += 1
-                        if count <= seen:
+                        if not handed.fresh(entry[0]):
                             continue
-                        seen = count
-                        self.listed = seen
+                        self.listed = len(handed)
                         backoff.reset()
                         yield entry
                 return
@@ -495,7 +530,7 @@ class SamWebCatalog(UnresolvedLog):
         """SAM's ``{name: [location objects]}`` for ``batch``, in one request or, when SAM
         finds that one too long, in halves asked one after the other (``parallel`` requests
         in flight stays true) down to single names."""
-        call = _Call(f"locating {len(batch)} files", splittable=True)
+        call = _Call(f"locating {len(batch)} files", asked=len(batch), splittable=True)
         url = api.url("files", "locations")
         try:
             doc = await api.fetch(call, url, params=[("file_name", name) for name, _ in batch])

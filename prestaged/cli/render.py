@@ -329,7 +329,8 @@ def unresolved_text(catalog: Catalog, *, limit: Optional[int] = _SHOWN_UNRESOLVE
     lines = [f"unresolved: {count} file{'s' if count != 1 else ''} got no URL and "
              f"{'were' if count != 1 else 'was'} not touched{more}:"]
     for u in kept:
-        lines.append(f"  {u.name}  {u.reason}: {', '.join(u.locations) or '-'}")
+        where = ", ".join(u.locations) or "-"
+        lines.append(printable(f"  {u.name}  {u.reason}: {where}"))
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from typing import TYPE_CHECKING, Optional
 
@@ -20,7 +21,8 @@ from prestaged.cli.render import (
     unresolved_text,
 )
 from prestaged.config import Config
-from prestaged.errors import EXIT_OK, EXIT_SOME_FAILED
+from prestaged.errors import EXIT_OK, EXIT_SOME_FAILED, PrestagedError
+from prestaged.model import printable_url
 from prestaged.runtime import install_interrupt, run
 
 if TYPE_CHECKING:
@@ -28,8 +30,11 @@ if TYPE_CHECKING:
     from prestaged.context import Context
     from prestaged.credentials import Credentials
     from prestaged.state.store import Store
+    from prestaged.warm import Tally
 
 __all__ = ["cmd_files", "cmd_warm"]
+
+log = logging.getLogger(__name__)
 
 
 def cmd_warm(args: argparse.Namespace, cfg: Config) -> int:
@@ -82,7 +87,7 @@ async def _dry_run(catalog: Catalog, *, as_json: bool) -> int:
         if as_json:
             urls.append(ref.url)
         else:
-            print(ref.url)
+            print(printable_url(ref.url))
     code = _with_unresolved(catalog, EXIT_OK)
     if as_json:
         print(json.dumps({"definition": catalog.definition, "catalog": catalog.name,
@@ -104,7 +109,7 @@ async def _list_files(catalog: Catalog, *, as_json: bool) -> int:
         if as_json:
             files.append({"name": ref.name, "url": ref.url, "size": ref.size})
         else:
-            print(ref.url)
+            print(printable_url(ref.url))
     code = _with_unresolved(catalog, EXIT_OK)
     if as_json:
         print(json.dumps({"definition": catalog.definition, "catalog": catalog.name,
@@ -119,6 +124,15 @@ async def _list_files(catalog: Catalog, *, as_json: bool) -> int:
     return code
 
 
+async def _count(catalog: Catalog, tally: Tally) -> None:
+    """Fill ``tally.total_hint`` in from ``catalog.estimate()`` when it answers. Its errors
+    are left to the listing, which asks the same server the same thing and stops the run."""
+    try:
+        tally.total_hint = await catalog.estimate()
+    except PrestagedError as e:
+        log.debug("no file count for the progress display: %s", e)
+
+
 async def _warm(catalog: Catalog, ctx: Context, creds: Credentials, *, bar: bool,
                 as_json: bool, quiet: bool, store: Optional[Store], force: bool) -> int:
     """One warm run with progress, then its summary (or JSON document); its exit code."""
@@ -127,7 +141,9 @@ async def _warm(catalog: Catalog, ctx: Context, creds: Credentials, *, bar: bool
 
     stop = asyncio.Event()
     install_interrupt(stop)
-    tally = Tally(total_hint=await catalog.estimate())
+    tally = Tally()
+    # The count is only for the progress display: asked beside the run, never before it.
+    counting = asyncio.ensure_future(_count(catalog, tally))
     interval = 0.1 if bar else ctx.cfg.output.progress_interval
     progress = Progress(tally, bar=bar, interval=interval)
     if not as_json and not quiet:
@@ -138,6 +154,8 @@ async def _warm(catalog: Catalog, ctx: Context, creds: Credentials, *, bar: bool
                                           fresh_for=ctx.cfg.state.fresh_for, force=force,
                                           tally=tally, stop=stop, tape=tape)
     finally:
+        counting.cancel()
+        await asyncio.gather(counting, return_exceptions=True)
         await progress.stop()
     where = dict(definition=catalog.definition, catalog=catalog.name, source=source_of(catalog))
     code = _with_unresolved(catalog, report.exit_code)

@@ -29,6 +29,9 @@ MQL understood (anything else is the real server's 400 ``MQLSyntaxError: ...``):
 A key missing from a file's metadata matches no condition (SQL's NULL). ``ordered`` sorts by
 creation time, then fid; unordered results come in a fixed order that is deliberately neither
 the creation nor the insertion order, so a client relying on an order it did not ask for fails.
+With ``reorder`` a dataset's files come in another order on every ``dataset_files`` request (a
+retried listing included): the real handler streams them with no ``ORDER BY``, and PostgreSQL
+may answer the same scan in another order (``synchronize_seqscans``).
 The real client pages ``query(q, batch_size=N)`` as ``(q) ordered skip K limit N``.
 
 Errors as the real server gives them: an unknown dataset is 404 ``Dataset not found`` (text) for
@@ -52,6 +55,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import random
 import re
 import ssl
 import sys
@@ -372,7 +376,8 @@ class MetaCatServer(AppServer):
     ``datasets``: ``"ns:name"`` -> files (``MetaCatFile`` or dicts, see ``from_obj``).
     ``token`` (None: reads are open, as on the real server): the exact token text a request
     must carry. ``prefix``: the application prefix before ``/data``. ``ssl_context`` (None:
-    plain HTTP) serves HTTPS instead.
+    plain HTTP) serves HTTPS instead. ``reorder``: every dataset listing in another order
+    (see the module docstring).
     """
 
     def __init__(
@@ -384,8 +389,11 @@ class MetaCatServer(AppServer):
         ssl_context: Optional[ssl.SSLContext] = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        reorder: bool = False,
     ) -> None:
         self.token = token
+        self.reorder = reorder
+        self._listings = 0
         self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
         super().__init__(ssl_context, host, port)
         self.stats = MetaCatStats()
@@ -502,7 +510,11 @@ class MetaCatServer(AppServer):
         if isinstance(did, web.Response):
             return did
         with_metadata = request.query.get("with_metadata", "no") == "yes"
-        return await self._stream(request, self._unordered(did), with_metadata)
+        files = self._unordered(did)
+        self._listings += 1
+        if self.reorder:  # another order on every request, reproducibly across test runs
+            files = random.Random(self._listings).sample(files, len(files))
+        return await self._stream(request, files, with_metadata)
 
     async def _query(self, request: web.Request) -> web.StreamResponse:
         # The real server takes the MQL from a ``query`` parameter first, else the body.

@@ -23,6 +23,9 @@ Location objects carry ``location`` (as SAM writes it, tape suffix included), ``
 or 400. Dimensions understood: ``defname: <name>``, ``file_name <a>[, <b> ...]`` and any query
 registered with ``add_dims``; anything else is a 400 ``DimensionError``.
 
+Listings come in definition order; SAM promises no order, and with ``reorder`` every listing
+comes in another one (a retried listing included), as a database may answer the same query.
+
 Request lines are held to the limit of the front ends in front of the real SAM: over 8190 bytes
 (aiohttp's default ``max_line_size``, like Apache's ``LimitRequestLine``) aiohttp itself answers
 400 before any handler runs, so such a request is not recorded. ``max_request_line`` sets a
@@ -53,6 +56,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import re
 import socket
 import ssl
@@ -293,7 +297,8 @@ class SamWebServer(AppServer):
     ``max_request_line`` (bytes; None: only aiohttp's 8190): a longer request line is answered
     414 without reaching SAM, as by a stricter front end. ``bearer`` (None: certificates only,
     optional or required by ``ssl_context``) accepts tokens in place of a certificate (see the
-    module docstring); ``ssl_context`` must then not require a certificate.
+    module docstring); ``ssl_context`` must then not require a certificate. ``reorder``: every
+    listing in another order (see the module docstring).
     """
 
     def __init__(
@@ -308,6 +313,7 @@ class SamWebServer(AppServer):
         port: int = 0,
         max_request_line: Optional[int] = None,
         bearer: Optional[BearerCheck] = None,
+        reorder: bool = False,
     ) -> None:
         if bearer is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED:
             raise ValueError("with bearer tokens clients without a certificate must get through"
@@ -315,6 +321,8 @@ class SamWebServer(AppServer):
         super().__init__(ssl_context, host, port)
         self.bearer = bearer
         self.max_request_line = max_request_line
+        self.reorder = reorder
+        self._listings = 0
         self.experiment = experiment
         self.access_rules = list(access_rules)
         self.stats = SamStats()
@@ -466,6 +474,9 @@ class SamWebServer(AppServer):
         return names
 
     async def _stream_names(self, request: web.Request, names: list[str]) -> web.StreamResponse:
+        self._listings += 1
+        if self.reorder:  # another order on every request, reproducibly across test runs
+            names = random.Random(self._listings).sample(names, len(names))
         resp = web.StreamResponse(status=200)
         resp.content_type = "text/plain"
         await resp.prepare(request)
