@@ -310,17 +310,21 @@ def test_unresolved_files_in_the_gate_warm_and_status(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
     unresolvable: Unresolvable,
 ) -> None:
-    """As for SAM, so for MetaCat: the gate counts only the files that got a URL (4/4 warm
-    passes, the unresolved file warned about on stderr, not listed as cold); `warm` lists it
-    with its reason and exits 1; `status` counts the 4 resolved files."""
+    """As for SAM, so for MetaCat: the gate counts the unresolved file as cold (4/5 warm does
+    not pass --ready 1.0, 0.8 does; it passed on 4/4 before), warned about on stderr; `warm`
+    lists it with its reason and exits 1; `status` counts the 4 resolved files and it."""
     u = unresolvable
     config = tmp_path / "prestaged.toml"
     config.write_text(u.catalog_toml)
-    res = _cli(pki, proxy, tmp_path, config, "wait", DATASET, "--catalog", u.kind, "--json")
-    assert res.returncode == 0, res.stderr
+    res = _cli(pki, proxy, tmp_path, config, "wait", DATASET, "--catalog", u.kind, "--json",
+               "--timeout", "1s")
+    assert res.returncode == 1, res.stderr
     gate = json.loads(res.stdout)
-    assert (gate["catalog"], gate["files"], gate["fresh"], gate["cold"], gate["passed"]) \
-        == (u.kind, 4, 4, [], True)
+    assert (gate["catalog"], gate["files"], gate["fresh"], gate["unresolved"], gate["cold"],
+            gate["passed"]) == (u.kind, 5, 4, 1, [], False)
+    res = _cli(pki, proxy, tmp_path, config, "wait", DATASET, "--catalog", u.kind, "--json",
+               "--ready", "0.8")
+    assert res.returncode == 0 and json.loads(res.stdout)["passed"], res.stderr
     assert f"unresolved: {u.unresolved} ({u.reason})" in res.stderr
     assert "1 files got no URL and are reported as unresolved" in res.stderr
     assert _touched(storage) == {n: 1 for n in u.names}
@@ -330,7 +334,8 @@ def test_unresolved_files_in_the_gate_warm_and_status(
     assert doc["counts"]["skipped_fresh"] == 4
     assert [(x["name"], x["reason"]) for x in doc["unresolved"]] == [(u.unresolved, u.reason)]
     [row] = _state_cli(tmp_path, "status", DATASET)["definitions"]
-    assert (row["catalog"], row["files"], row["fresh"], row["never"]) == (u.kind, 4, 4, 0)
+    assert (row["catalog"], row["files"], row["fresh"], row["never"], row["unresolved"]) \
+        == (u.kind, 4, 4, 0, 1)
 
 
 async def test_unresolved_files_in_a_watch(
