@@ -294,7 +294,7 @@ async def _kill_the_writer() -> None:
     found = []
     for p in psutil.Process().children():
         with contextlib.suppress(psutil.Error):  # gone, or a zombie of a test
-            if "prestaged.state.writer" in p.cmdline():
+            if any("prestaged.state.writer" in arg for arg in p.cmdline()):
                 found.append(p)
     [writer] = found
     writer.kill()

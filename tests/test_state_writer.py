@@ -14,6 +14,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from prestaged.state.db import Database, PostgresDatabase, SqliteDatabase
 from prestaged.state.schema import configure, migrate
 from prestaged.state.writer import write
@@ -134,3 +136,22 @@ def test_a_batch_written_twice_changes_nothing(pg_url: str) -> None:
         assert _tables(db) == once
     finally:
         db.close()
+
+
+def test_the_writer_is_this_prestaged_whatever_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer ran as `python -m prestaged.state.writer`, which puts the directory it starts
+    in first on the path: run from a checkout of another version, the store was fed that
+    version's writer (a benchmark's baseline got today's and failed)."""
+    from prestaged.state.store import Store
+
+    other = tmp_path / "prestaged"
+    other.mkdir()
+    (other / "__init__.py").write_text("raise SystemExit('another prestaged')\n")
+    monkeypatch.chdir(tmp_path)
+    with Store(tmp_path / "state.db") as store:
+        run = store.start_run("local", "ds")
+        store.record("https://h/a", "a", "warm", 206, 4, 1, "")
+        store.finish_run(run, {"warm": 1}, 0, "done")
+        assert store.runs()[0].exit_code == 0

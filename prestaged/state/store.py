@@ -153,12 +153,15 @@ def _one_line_errors(method: F) -> F:
     return cast(F, wrapper)
 
 
-def _writer_env() -> dict[str, str]:
-    """The environment of the writer process: ours, with this very prestaged first on the
-    path (the writer runs as ``python -m prestaged.state.writer``)."""
-    root = str(Path(schema.__file__).resolve().parents[2])
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+_WRITER = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+           "from prestaged.state.writer import main; sys.exit(main(sys.argv))")
+"""The writer process's program: this very prestaged (its root, the first argument, first on
+the path), whatever the directory it starts in. ``python -m prestaged.state.writer`` put that
+directory first: run from a checkout of another version, a store fed a writer of that one."""
+
+
+def _package_root() -> str:
+    return str(Path(schema.__file__).resolve().parents[2])
 
 
 def url_id(url: str) -> int:
@@ -449,9 +452,9 @@ class Store:
         try:
             self._writer = subprocess.Popen(
                 # Our pid names the writer's connection (prestaged-writer/<pid>).
-                [sys.executable, "-m", "prestaged.state.writer", target,
+                [sys.executable, "-c", _WRITER, _package_root(), target,
                  str(self.busy_timeout), str(os.getpid()), *patience],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=_writer_env(),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
                 # Its own session: a Ctrl-C or a SIGTERM to our process group (systemd, timeout,
                 # kill -- -PGID) must not reach it before we hand over the last batch; it ends
                 # when we close its stdin (and it ignores both signals itself, for the cgroup).

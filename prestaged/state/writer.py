@@ -1,7 +1,8 @@
 """The state store's writer process: applies batches of rows to the state database.
 
-``prestaged.state.store.Store`` starts it (``python -m prestaged.state.writer DB TIMEOUT``, DB
-"-" for a PostgreSQL state whose URL is then the first line of stdin) and
+``prestaged.state.store.Store`` starts it (``main`` of its own prestaged in a new interpreter,
+``python -c ... ROOT DB TIMEOUT``, DB "-" for a PostgreSQL state whose URL is then the first
+line of stdin) and
 sends it one JSON document per line on stdin; it writes each document in one transaction (on
 PostgreSQL as one statement per kind of row, see ``UPSERT_MEMBER_FILE``'s comment). Running
 the writes in a process of their own keeps SQLite's per-row work off the warming process's CPU
