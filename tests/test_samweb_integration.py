@@ -494,3 +494,22 @@ def test_a_stalled_file_count_neither_delays_nor_holds_the_run(
     assert json.loads(capsys.readouterr().out)["counts"]["warm"] == 5
     # Never answered (or not even asked yet): the run did not wait for it.
     assert all(r.status == 0 for r in sam.stats.records if r.endpoint == "count")
+
+
+async def test_a_listing_abandoned_midway_closes_without_an_error(
+    pki: TestPKI, samweb: Samweb,
+) -> None:
+    """A consumer that stops after a few files (a run stopped, `files | head`) closed the
+    listing while the pipeline's feeder was still inside it (here: waiting out the backoff of
+    a listing cut off): "aclose(): asynchronous generator is already running". The pipeline
+    is closed first now, and the listing after it."""
+    sam = samweb({"d": _mixed(3000)})
+    sam.inject("list", [Truncate(600)])
+    config = SamWebConfig(base_url=sam.base_url, retry_initial=30.0, retry_max=30.0,
+                          rewrite=(RewriteRule("dcache:/pnfs/dune/", "https://door.test/dune/"),
+                                   RewriteRule("enstore:/pnfs/dune/", "https://door.test/dune/")))
+    catalog = SamWebCatalog("d", config, samweb_ssl_context(None, pki.ca_dir), env={})
+    files = catalog.files()
+    got = [await files.__anext__() for _ in range(10)]
+    await files.aclose()  # what `async for ...: break` does once the generator is collected
+    assert len(got) == 10 and sam.stats.requests["list"] == 1

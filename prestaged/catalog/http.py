@@ -646,7 +646,7 @@ async def ordered(
     batches: AsyncGenerator[B, None],
     resolve: Callable[[B], Awaitable[list[FileRef]]],
     parallel: int,
-) -> AsyncIterator[list[FileRef]]:
+) -> AsyncGenerator[list[FileRef], None]:
     """``resolve(batch)`` for every batch, handed out in batch order, with up to ``parallel``
     batches resolving at once while the earlier ones are handed out (a list per batch: the
     caller yields the files, one generator step per file instead of two).

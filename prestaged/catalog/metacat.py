@@ -375,13 +375,16 @@ class MetaCatCatalog(UnresolvedLog):
         started = time.monotonic()
         async with self._metacat() as metacat, self._rucio() as rucio:
             listing = self._query(metacat) if self.mql else self._dataset(metacat)
+            pipeline = ordered(self._chunks(listing),
+                               lambda chunk: self._resolve(rucio, chunk), self.rucio_cfg.parallel)
             try:
-                async for refs in ordered(self._chunks(listing),
-                                          lambda chunk: self._resolve(rucio, chunk),
-                                          self.rucio_cfg.parallel):
+                async for refs in pipeline:
                     for ref in refs:
                         yield ref
             finally:
+                # The pipeline first: its feeder may still be inside the listing, which then
+                # cannot be closed ("asynchronous generator is already running").
+                await pipeline.aclose()
                 await listing.aclose()
         log.info("MetaCat: %d files listed, %d resolved through Rucio (%d replica listing%s), "
                  "%d unresolved in %.1f s", self.listed, self.listed - self.unresolved_count,

@@ -425,13 +425,16 @@ class SamWebCatalog(UnresolvedLog):
         started = time.monotonic()
         async with self._api() as api:
             listing = self._listing(api)
+            pipeline = ordered(self._batches(api, listing),
+                               lambda batch: self._resolve(api, batch), self.cfg.parallel)
             try:
-                async for refs in ordered(self._batches(api, listing),
-                                          lambda batch: self._resolve(api, batch),
-                                          self.cfg.parallel):
+                async for refs in pipeline:
                     for ref in refs:
                         yield ref
             finally:
+                # The pipeline first: its feeder may still be inside the listing, which then
+                # cannot be closed ("asynchronous generator is already running").
+                await pipeline.aclose()
                 await listing.aclose()
         log.info("SAM web: %d files listed, %d resolved, %d unresolved in %.1f s",
                  self.listed, self.listed - self.unresolved_count, self.unresolved_count,
