@@ -237,6 +237,14 @@ class InProcess:
             text = await resp.text()
             return resp.status, json.loads(text) if text[:1] in ("{", "[") else text
 
+    async def ended(self, href: str) -> dict[str, Any]:
+        """The run at ``href`` (``POST /api/v1/warm``'s answer) once it is done or failed."""
+        async def over() -> bool:
+            return (await self.http("GET", href))[1]["state"] in ("done", "error")
+        await until("the run ended", over)
+        doc: dict[str, Any] = (await self.http("GET", href))[1]
+        return doc
+
     async def metrics(self) -> str:
         """The exposition of ``/metrics``."""
         status, text = await self.http("GET", "/metrics")

@@ -167,10 +167,7 @@ async def test_a_run_stopped_by_an_unreadable_list_is_logged_at_error(
         listed.write_text(listed.read_text() + "not a url\n")
         status, body = await d.http("POST", "/api/v1/warm", {"definition": "bad"})
         assert status == 202
-
-        async def ended() -> bool:
-            return (await d.http("GET", body["href"]))[1]["state"] in ("done", "error")
-        await until("run ended", ended)
+        await d.ended(body["href"])
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any(str(listed) in m and "line 4 is not a URL" in m for m in errors), errors
 
@@ -252,11 +249,7 @@ async def test_a_token_not_valid_yet_keeps_touching_paused(
         _definition(tmp_path, storage, "early", 3)
         status, body = await d.http("POST", "/api/v1/warm", {"definition": "early"})
         assert status == 202, body
-
-        async def ended() -> bool:
-            return (await d.http("GET", body["href"]))[1]["state"] in ("done", "error")
-        await until("run ended", ended)
-        run = (await d.http("GET", body["href"]))[1]
+        run = await d.ended(body["href"])
         assert (run["state"], run["counts"]) == ("done", {"warm": 3}), run
         assert (await d.http("GET", "/readyz"))[0] == 200
     assert caplog.text.index("touching resumed") > caplog.text.index(f"token {bearer} re-read")
@@ -448,11 +441,7 @@ async def test_a_state_file_removed_under_the_daemon_makes_it_not_ready(
         listed.write_text("https://127.0.0.1:1/x\n")
         code, run = await d.http("POST", "/api/v1/warm", {"definition": "one"})
         assert code == 202, run
-
-        async def ended() -> bool:
-            return (await d.http("GET", run["href"]))[1]["state"] in ("done", "error")
-        await until("the run ended", ended)
-        doc = (await d.http("GET", run["href"]))[1]
+        doc = await d.ended(run["href"])
         assert doc["state"] == "error" and "removed while in use" in doc["error"], doc
         (tmp_path / "aside.db").rename(state)
         assert (await d.http("GET", "/readyz"))[0] == 200
