@@ -38,7 +38,6 @@ __all__ = [
     "report_text",
     "source_of",
     "status_lines",
-    "unresolved_count",
     "unresolved_json",
     "unresolved_text",
 ]
@@ -302,11 +301,6 @@ def source_of(catalog: Catalog) -> str:
     if isinstance(catalog, FileBacked):
         return str(catalog.path)
     return catalog.definition
-
-
-def unresolved_count(catalog: Catalog) -> int:
-    """Files ``catalog`` listed but could give no URL (0 for catalogs that cannot have any)."""
-    return catalog.unresolved_count if isinstance(catalog, Resolving) else 0
 
 
 def unresolved_json(catalog: Catalog) -> dict[str, Any]:

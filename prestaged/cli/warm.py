@@ -10,13 +10,13 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Optional
 
+from prestaged.catalog import unresolved_in
 from prestaged.cli.common import context
 from prestaged.cli.render import (
     Progress,
     report_json,
     report_text,
     source_of,
-    unresolved_count,
     unresolved_json,
     unresolved_text,
 )
@@ -71,7 +71,7 @@ def _open(args: argparse.Namespace, cfg: Config) -> Catalog:
 
 def _with_unresolved(catalog: Catalog, code: int) -> int:
     """Unresolved files fail a run that is otherwise all warm, like a missing file does."""
-    if code == EXIT_OK and unresolved_count(catalog):
+    if code == EXIT_OK and unresolved_in(catalog):
         return EXIT_SOME_FAILED
     return code
 
@@ -116,7 +116,7 @@ async def _list_files(catalog: Catalog, *, as_json: bool) -> int:
                           "source": source_of(catalog), "resolved": count, "files": files,
                           **unresolved_json(catalog), "exit_code": code}, indent=2))
         return code
-    unresolved = unresolved_count(catalog)
+    unresolved = unresolved_in(catalog)
     print(f"# {catalog.definition} ({catalog.name} catalog: {source_of(catalog)}): {count} "
           f"files resolved, {unresolved} unresolved", file=sys.stderr)
     if unresolved:
@@ -168,7 +168,7 @@ async def _warm(catalog: Catalog, ctx: Context, creds: Credentials, *, bar: bool
         # (A run stopped before any file ended, by a bad list line or a refused catalog: its
         # error line below says all; a summary of zeros before it buried it.)
         print(report_text(report, **where))
-        if unresolved_count(catalog):
+        if unresolved_in(catalog):
             print(unresolved_text(catalog))
     if report.aborted is not None:
         print(f"prestaged: error: {report.aborted}", file=sys.stderr)
