@@ -851,10 +851,7 @@ class Store:
             self._end_unended()
             raise
         with self.transaction() as conn:
-            conn.execute(
-                "UPDATE runs SET ended = ?, counts = ?, exit_code = ?, reason = ? WHERE id = ?",
-                (self.now(), json.dumps(dict(counts), sort_keys=True), exit_code, reason, run_id),
-            )
+            _end_run(conn, run_id, self.now(), counts, exit_code, reason)
             row = conn.execute("SELECT definition_id FROM runs WHERE id = ?",
                                (run_id,)).fetchone()
             if listing is not None and row is not None:
@@ -866,10 +863,7 @@ class Store:
         for run_id, (ended, counts, code, reason) in list(self._unended.items()):
             try:
                 with self.transaction() as conn:
-                    conn.execute("UPDATE runs SET ended = ?, counts = ?, exit_code = ?, "
-                                 "reason = ? WHERE id = ?",
-                                 (ended, json.dumps(dict(counts), sort_keys=True), code, reason,
-                                  run_id))
+                    _end_run(conn, run_id, ended, counts, code, reason)
             except StateError:
                 return
             del self._unended[run_id]
@@ -1053,6 +1047,12 @@ def _warn_if_emptied(path: Path) -> None:
 def _identity(path: Path) -> tuple[int, int]:
     st = path.stat()
     return (st.st_dev, st.st_ino)
+
+
+def _end_run(conn: Database, run_id: int, ended: float, counts: Mapping[str, int],
+             exit_code: int, reason: str) -> None:
+    conn.execute("UPDATE runs SET ended = ?, counts = ?, exit_code = ?, reason = ? WHERE id = ?",
+                 (ended, json.dumps(dict(counts), sort_keys=True), exit_code, reason, run_id))
 
 
 def _record_listing(conn: Database, def_id: int, listing: Listing) -> None:
