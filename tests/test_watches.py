@@ -168,3 +168,23 @@ async def test_at_most_max_runs_watch_runs_run_at_once_and_the_rest_wait_queued(
         await until("the five watch runs", all_done)
     records = [r for i in range(5) for r in storage.stats.path(f"/w{i}/f00").records]
     assert len(records) == 5 and max(r.in_flight for r in records) == 2
+
+
+async def test_a_watch_whose_listing_was_cut_off_has_no_warm_fraction(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+) -> None:
+    """A run whose listing stopped half-way (a bad line here) gave the files seen so far as the
+    whole definition, 100% warm. Its warm fraction is now unknown (null)."""
+    a = _urls(tmp_path / "a.txt", storage, "a", 300)  # more than the engine admits at once
+    a.write_text(a.read_text() + "not a URL\n")
+    config = _config(tmp_path, pki, proxy, f'[[watch]]\ndefinition = "{a}"\nevery = "1h"\n')
+    async with in_process(config) as d:
+        async def done() -> bool:
+            return (await d.http("GET", "/api/v1/runs/1"))[1].get("state") == "done"
+        await until("the watch run", done)
+        run = (await d.http("GET", "/api/v1/runs/1"))[1]
+        assert (run["exit_code"], run["warm_fraction"]) == (4, None), run
+        status, doc = await d.http("GET", "/api/v1/datasets")
+        assert status == 200, doc
+        [row] = doc["definitions"]
+        assert 0 < row["files"] < 300 and row["listing_complete"] is False, row
