@@ -620,6 +620,13 @@ class StateConfig:
     journal: str = field(default="auto", metadata=check(one_of("auto", "wal", "delete")))
     """The SQLite file's journal: ``auto`` is WAL on a local filesystem and the rollback
     journal (``delete``) on a network one (NFS, AFS, EOS...), where WAL works on one host only."""
+    keep_runs: int = field(default=1000, metadata=check(within(0, 10_000_000)))
+    """Runs kept per definition, the newest: older ones are dropped as each run ends and by
+    the daemon's tidy (0: keep every run)."""
+    tidy_every: Duration = field(default=Duration(DAY), metadata=check(_ZERO_TO_30_DAYS))
+    """How often the daemon drops what the state no longer needs (runs beyond ``keep_runs``,
+    files no definition lists and no pin holds, finished watch rounds but each watch's last);
+    the first tidy comes at most 10 minutes after start (0: never)."""
 
     def __post_init__(self) -> None:
         if self.path is not None and self.url is not None:

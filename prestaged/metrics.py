@@ -247,6 +247,13 @@ class Metrics:
             "prestaged_state_writer_replacements",
             "State writer processes that gave up and were replaced (their unwritten outcomes "
             "are lost: those files are touched again).", registry=r)
+        self.state_tidied = Counter(
+            "prestaged_state_tidied_rows",
+            "Rows the daemon's tidy dropped from the state ([state] tidy_every): runs beyond "
+            "keep_runs per definition, files no definition lists, finished watch rounds.",
+            ["what"], registry=r)
+        for what in ("runs", "files", "rounds"):
+            self.state_tidied.labels(what)
         self.loop_lag = Histogram(
             "prestaged_event_loop_lag_seconds",
             "How late the daemon's event loop ran a timer set every 0.25 s: how long something "

@@ -124,12 +124,13 @@ def poll(what: str, check: Callable[[], bool], timeout: float = DEADLINE) -> Non
 
 def write_config(tmp_path: Path, pki: TestPKI, proxy: Path, port: int, watches: list[tuple[Path, str]],
             extra: str = "", credentials: str = "", state_url: Optional[str] = None,
-            sections: str = "", catalog_dir: Optional[Path] = None) -> Path:
-    """A daemon config: ``extra`` lines go in ``[daemon]``, ``credentials`` in ``[credentials]``;
+            sections: str = "", catalog_dir: Optional[Path] = None, state: str = "") -> Path:
+    """A daemon config: ``extra`` lines go in ``[daemon]``, ``credentials`` in ``[credentials]``,
+    ``state`` in ``[state]``;
     the state is ``tmp_path/state.db``, or the PostgreSQL database ``state_url`` when given;
     ``sections`` (whole tables, e.g. ``[cluster]``) go before ``[catalog.local]``, whose ``dir``
     is ``catalog_dir`` (default ``tmp_path``)."""
-    state = (f"url = {json.dumps(state_url)}" if state_url is not None
+    where = (f"url = {json.dumps(state_url)}" if state_url is not None
              else f'path = "{tmp_path / "state.db"}"')
     text = f"""
 [credentials]
@@ -137,8 +138,9 @@ proxy = "{proxy}"
 ca_dir = "{pki.ca_dir}"
 {credentials}
 [state]
-{state}
+{where}
 flush_interval = "100ms"
+{state}
 [daemon]
 listen = "127.0.0.1:{port}"
 drain_timeout = "1s"

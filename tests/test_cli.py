@@ -446,7 +446,7 @@ def test_a_campaign_stage_given_to_campaign_run_is_told_apart_from_the_tape_mode
     assert build_parser().parse_args(["warm", "x", "--stage", "never"]).stage_mode == "never"
 
 
-COMMANDS = ["warm", "files", "status", "history", "release", "wait", "submit", "campaign", "serve",
+COMMANDS = ["warm", "files", "status", "history", "release", "forget", "wait", "submit", "campaign", "serve",
             "credentials", "proxy", "demo"]
 CAMPAIGN_ACTIONS = ["run", "add", "list", "show", "hold", "release", "cancel", "mark-submitted",
                     "retry"]

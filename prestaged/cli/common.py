@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from prestaged.context import Context
     from prestaged.state.store import Store
 
-__all__ = ["Command", "context", "open_store", "via_daemon"]
+__all__ = ["Command", "context", "open_store", "recorded_definition", "via_daemon"]
 
 Command = Callable[[argparse.Namespace, Config], int]
 """A subcommand's handler: the parsed command line and the loaded config -> the exit code."""
@@ -31,6 +31,17 @@ def context(args: argparse.Namespace, cfg: Config) -> Context:
 
     return Context(cfg, proxy=getattr(args, "proxy", None), ca_dir=getattr(args, "ca_dir", None),
                    token_file=getattr(args, "token_file", None))
+
+
+def recorded_definition(cfg: Config, kind: str, definition: str) -> str:
+    """The name ``warm`` recorded ``definition`` of catalog ``kind`` under: a local definition
+    file is known by its absolute path (``LocalCatalog``); one that no longer exists by the
+    name given."""
+    if kind != "local":
+        return definition
+    from prestaged.catalog.local import recorded_name
+
+    return recorded_name(definition, cfg.catalog.local.dir)
 
 
 def open_store(args: argparse.Namespace, cfg: Config, *, must_exist: bool = False) -> Store:

@@ -28,7 +28,7 @@ from prestaged.cli.campaign import (
 from prestaged.cli.credentials import cmd_credentials
 from prestaged.cli.gate import cmd_submit, cmd_wait
 from prestaged.cli.serve import cmd_demo, cmd_serve
-from prestaged.cli.state import cmd_history, cmd_status
+from prestaged.cli.state import cmd_forget, cmd_history, cmd_status
 from prestaged.cli.tape import cmd_release
 from prestaged.cli.warm import cmd_files, cmd_warm
 
@@ -260,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_files(sub, parents)
     _add_state_commands(sub, parents)
     _add_release(sub, parents)
+    _add_forget(sub, parents)
     _add_gate_commands(sub, parents)
     _add_campaign_commands(sub, parents)
     _add_serve(sub, parents)
@@ -333,13 +334,38 @@ def _add_state_commands(sub: Subparsers, parents: _Parents) -> None:
     h.set_defaults(func=cmd_history)
 
 
-def _add_release(sub: Subparsers, parents: _Parents) -> None:
-    """``release``: drop the tape pins prestaged holds on a definition's files."""
+def _recorded_definition() -> argparse.ArgumentParser:
+    """A command's own parser, holding a definition the state recorded and its catalog."""
     own = _parent()
     own.add_argument("definition", help="definition name, or the text file of URLs warmed")
     own.add_argument("--catalog", metavar="KIND",
                      help="catalog DEFINITION was warmed with: local, samweb or metacat "
                           "(default: catalog.default)")
+    return own
+
+
+def _add_forget(sub: Subparsers, parents: _Parents) -> None:
+    """``forget``: drop a definition from the state."""
+    own = _recorded_definition()
+    own.add_argument("--force", action="store_true",
+                     help="forget it even while watched, running or pinned")
+    own.add_argument("--json", action="store_true", help="print one JSON document")
+    f = sub.add_parser("forget", help="drop a definition and its history from the state",
+                       description="Drop DEFINITION from the state database: its runs, its "
+                                   "members, its watch rounds, and every file no definition "
+                                   "lists any more (the catalog and the storage are not "
+                                   "asked). Refused while this config watches it, while a run "
+                                   "of it has no end recorded, or while prestaged's stage "
+                                   "requests pin its files (run `prestaged release` first), "
+                                   "unless --force. Exit 0 once forgotten; 4 for a definition "
+                                   "the state does not know; 2 when refused (nothing dropped).",
+                       parents=[own, parents.state, parents.common])
+    f.set_defaults(func=cmd_forget)
+
+
+def _add_release(sub: Subparsers, parents: _Parents) -> None:
+    """``release``: drop the tape pins prestaged holds on a definition's files."""
+    own = _recorded_definition()
     own.add_argument("--json", action="store_true", help="print one JSON document")
     r = sub.add_parser("release", help="release the tape pins prestaged holds on a definition",
                        description="Release the disk pins that prestaged's stage requests hold "

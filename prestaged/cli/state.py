@@ -1,5 +1,6 @@
 """``prestaged status`` and ``prestaged history``: what the state database (or the running
-daemon) knows of past warm runs; ``status --members``: the daemons sharing the state."""
+daemon) knows of past warm runs; ``status --members``: the daemons sharing the state;
+``prestaged forget``: drop a definition from it."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import logging
 import urllib.parse
 from typing import TYPE_CHECKING, Optional
 
-from prestaged.cli.common import open_store, via_daemon
+from prestaged.cli.common import open_store, recorded_definition, via_daemon
 from prestaged.cli.render import history_lines, member_lines, status_lines
 from prestaged.config import Config
 
 if TYPE_CHECKING:
     from prestaged.state.store import DatasetStatus
 
-__all__ = ["cmd_history", "cmd_status"]
+__all__ = ["cmd_forget", "cmd_history", "cmd_status"]
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +136,32 @@ def _daemon_status(args: argparse.Namespace, cfg: Config, names: list[Optional[s
         rows.append(DatasetStatus(**{**d, "last_run": last}))
     log.debug("status from the daemon at %s", cfg.daemon.listen)
     return rows
+
+
+def cmd_forget(args: argparse.Namespace, cfg: Config) -> int:
+    """``prestaged forget``: drop a definition, its runs and the files only it listed from the
+    state. ``NotFoundError`` (exit 4) for a definition the state does not know;
+    ``ConflictError`` (exit 2, nothing dropped) while it is watched by this config, running,
+    or pinned, unless ``--force``."""
+    from prestaged.errors import ConflictError
+
+    kind = cfg.catalog.default  # --catalog overrides it, checked
+    definition = recorded_definition(cfg, kind, args.definition)
+    if not args.force and any(
+            (w.catalog or cfg.catalog.default) == kind
+            and recorded_definition(cfg, kind, w.definition) == definition for w in cfg.watch):
+        raise ConflictError(f"definition {definition!r} (catalog {kind}) is watched by this "
+                            "config's [[watch]]: the daemon would record it again; remove the "
+                            "watch first (--force forgets it anyway)")
+    store = open_store(args, cfg, must_exist=True)
+    try:
+        dropped = store.forget(kind, definition, force=args.force)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"state": store.where, "catalog": kind, "definition": definition,
+                          "dropped": dropped.to_dict()}, indent=2))
+        return 0
+    print(f"forgot {definition} (catalog {kind}) in state {store.where}: {dropped.runs:,} runs, "
+          f"{dropped.files:,} files no definition lists any more, {dropped.rounds:,} watch rounds")
+    return 0

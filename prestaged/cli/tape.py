@@ -8,8 +8,7 @@ import asyncio
 import json
 from typing import TYPE_CHECKING
 
-from prestaged.catalog.local import recorded_name
-from prestaged.cli.common import context
+from prestaged.cli.common import context, recorded_definition
 from prestaged.config import Config
 from prestaged.runtime import run
 
@@ -27,7 +26,7 @@ def cmd_release(args: argparse.Namespace, cfg: Config) -> int:
     3 or 5 (see ``prestaged.pins``)."""
     ctx = context(args, cfg)
     kind = ctx.catalog_kind(None)  # --catalog overrides catalog.default, as for `warm`
-    definition = _recorded_name(ctx, kind, args.definition)
+    definition = recorded_definition(cfg, kind, args.definition)
     store = ctx.open_store(must_exist=True)
     try:
         report = run(_release(ctx, store, kind, definition))
@@ -38,14 +37,6 @@ def cmd_release(args: argparse.Namespace, cfg: Config) -> int:
     else:
         print(report.summary())
     return 0
-
-
-def _recorded_name(ctx: Context, kind: str, definition: str) -> str:
-    """The name ``warm`` recorded ``definition`` under: a local definition file is known by its
-    absolute path (``LocalCatalog``); one that no longer exists by the name given."""
-    if kind != "local":
-        return definition
-    return recorded_name(definition, ctx.cfg.catalog.local.dir)
 
 
 async def _release(ctx: Context, store: Store, kind: str, definition: str) -> ReleaseReport:

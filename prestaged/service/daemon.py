@@ -39,7 +39,7 @@ from prestaged.credentials import (
     resolve_proxy_path,
     warn_if_exposed,
 )
-from prestaged.errors import ConfigError, CredentialError, PrestagedError
+from prestaged.errors import ConfigError, CredentialError, PrestagedError, StateError
 from prestaged.files import file_stamp
 from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics
@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 
 LOOP_PROBE = 0.25
 """Seconds between two probes of the event loop's lag (``prestaged_event_loop_lag_seconds``)."""
+TIDY_FIRST = 600.0
+"""Seconds after start of the daemon's first state tidy (``state.tidy_every`` if shorter)."""
 
 
 def _is_loopback(listen: str) -> bool:
@@ -296,6 +298,7 @@ class Daemon:
 
     async def _serve(self, ev: _Events) -> None:
         background = [self.spawn(self._watch_credentials()), self.spawn(self._watchdog()),
+                      self.spawn(self._tidy()),
                       self.spawn(probe_lag(self.metrics.loop_lag.observe, LOOP_PROBE))]
         while not ev.stop.is_set():
             reload_wait = asyncio.ensure_future(ev.reload.wait())
@@ -356,6 +359,31 @@ class Daemon:
     def _draining(self) -> bool:
         return self.draining
 
+    async def _tidy(self) -> None:
+        """Drop what the state no longer needs (``Store.tidy``) every ``state.tidy_every``
+        (read at each turn: a reload may change it; 0: never), the first time at most
+        ``TIDY_FIRST`` after start (a daemon restarted daily would otherwise never tidy). A
+        failure is logged and tried again at the next turn: the state is whole without it."""
+        store = self._store
+        assert store is not None
+        delay = min(self.cfg.state.tidy_every or TIDY_FIRST, TIDY_FIRST)
+        while True:
+            await asyncio.sleep(delay)
+            delay = self.cfg.state.tidy_every or TIDY_FIRST
+            if not self.cfg.state.tidy_every:
+                continue
+            try:
+                done = await asyncio.to_thread(store.tidy)
+            except StateError as e:
+                log.warning("state tidy failed (tried again in %.0f s): %s", delay, e)
+                continue
+            for what, n in done.to_dict().items():
+                self.metrics.state_tidied.labels(what).inc(n)
+            if done:
+                log.info("state tidied: dropped %d runs beyond state.keep_runs = %d per "
+                         "definition, %d files no definition lists, %d finished watch rounds",
+                         done.runs, store.keep_runs, done.files, done.rounds)
+
     # --- reload -------------------------------------------------------------------------------
 
     async def _do_reload(self) -> None:
@@ -370,6 +398,8 @@ class Daemon:
             if self._tape is not None:
                 self._tape.settings = self.ctx.tape_settings()
                 self._tape.slots.limit = cfg.storage.stage_requests
+            if self._store is not None:
+                self._store.keep_runs = cfg.state.keep_runs
             if self._live is not None:
                 self._live.watches.apply(cfg)
             log.info("reloaded %s: %d watched definitions", self.config_path or "defaults",

@@ -66,9 +66,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, cast
 
-from prestaged.errors import EXIT_USAGE, StateError
+from prestaged.errors import EXIT_USAGE, ConflictError, NotFoundError, StateError
 from prestaged.model import FileRef, Outcome, Result, TapeInfo, redact
-from prestaged.state import mounts, schema
+from prestaged.state import mounts, retention, schema
 from prestaged.state.db import (
     Database,
     PooledDatabase,
@@ -294,12 +294,14 @@ class Store:
     process holding the write lock (default 30); ``writer_patience``: seconds the PostgreSQL
     writer retries a batch whose connection was lost (default ``writer.RECONNECT_FOR``);
     ``journal``: the SQLite file's journal, ``wal``, ``delete`` (the rollback journal) or
-    ``auto`` (default: WAL unless the file is on a network filesystem, ``state.mounts``).
+    ``auto`` (default: WAL unless the file is on a network filesystem, ``state.mounts``);
+    ``keep_runs``: runs kept per definition, the newest (default 1000; 0: every run).
     """
 
     def __init__(self, path: Path, *, url: Optional[str] = None, batch: int = 500,
                  flush_interval: float = 1.0, busy_timeout: float = 30.0,
-                 writer_patience: Optional[float] = None, journal: str = "auto") -> None:
+                 writer_patience: Optional[float] = None, journal: str = "auto",
+                 keep_runs: int = 1000) -> None:
         if journal not in ("auto", "wal", "delete"):
             raise ValueError(f"journal must be auto, wal or delete, not {journal!r}")
         self.path = path
@@ -309,6 +311,7 @@ class Store:
         self.flush_interval = flush_interval
         self.busy_timeout = busy_timeout
         self.writer_patience = writer_patience
+        self.keep_runs = keep_runs
         self._conn: Optional[Database] = None
         # Reads (and run rows) use this process's SQLite connection, guarded by _lock (reads
         # come from worker threads via asyncio.to_thread); on PostgreSQL each read and each
@@ -840,7 +843,8 @@ class Store:
         """Flush queued outcomes, then record how run ``run_id`` ended and what its
         ``listing`` said: after a complete one the definition's members are the files it
         named (those not named since ``listing.since`` are dropped) and its unresolved files
-        are counted; after another, the definition is marked as partly listed."""
+        are counted; after another, the definition is marked as partly listed. Runs of the
+        definition beyond its ``keep_runs`` newest are dropped."""
         try:
             self.flush()
         except StateError as e:
@@ -854,8 +858,11 @@ class Store:
             _end_run(conn, run_id, self.now(), counts, exit_code, reason)
             row = conn.execute("SELECT definition_id FROM runs WHERE id = ?",
                                (run_id,)).fetchone()
-            if listing is not None and row is not None:
+            if row is None:
+                return
+            if listing is not None:
                 _record_listing(conn, row[0], listing)
+            retention.keep_newest_runs(conn, row[0], self.keep_runs)
 
     def _end_unended(self) -> None:
         """Write the ends of runs ``finish_run`` could not record; those the database still
@@ -876,6 +883,38 @@ class Store:
         self.flush()
         with self.transaction() as conn:
             _record_listing(conn, schema.definition_id(conn, catalog, definition), listing)
+
+    # --- retention ---------------------------------------------------------------------------
+
+    @_one_line_errors
+    def tidy(self) -> retention.Tidied:
+        """Drop what the state no longer needs (``retention.tidy``: runs beyond
+        ``keep_runs`` per definition, files no definition lists and no pin holds, finished
+        watch rounds but each watch's last), in one transaction; what was dropped."""
+        with self.transaction() as conn:
+            return retention.tidy(conn, self.keep_runs, self._judged_now())
+
+    @_one_line_errors
+    def forget(self, catalog: str, definition: str, *, force: bool = False) -> retention.Tidied:
+        """Drop ``catalog:definition`` and everything only it kept (``retention.forget``).
+        ``NotFoundError`` when the state has no such definition; ``ConflictError`` while a run
+        of it has no end recorded and its process may still run, a watch round of it is
+        unfinished, or pins of prestaged's on its files have not expired (nothing could
+        release them once forgotten), unless ``force``."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT id FROM definitions WHERE catalog = ? AND name = ?",
+                               (catalog, definition)).fetchone()
+            if row is None:
+                raise NotFoundError(f"definition {definition!r} (catalog {catalog}) has no "
+                                    f"record in state {self.where}: nothing to forget "
+                                    "(--catalog names its catalog, --state another state file)")
+            now = self._judged_now()
+            if not force:
+                problem = _busy(conn, row[0], catalog, definition, now)
+                if problem is not None:
+                    raise ConflictError(f"definition {definition!r} (catalog {catalog}): "
+                                        f"{problem}; --force forgets it anyway")
+            return retention.forget(conn, row[0], catalog, definition, now)
 
     # --- pins (issue 13) ----------------------------------------------------------------------
 
@@ -1053,6 +1092,31 @@ def _end_run(conn: Database, run_id: int, ended: float, counts: Mapping[str, int
              exit_code: int, reason: str) -> None:
     conn.execute("UPDATE runs SET ended = ?, counts = ?, exit_code = ?, reason = ? WHERE id = ?",
                  (ended, json.dumps(dict(counts), sort_keys=True), exit_code, reason, run_id))
+
+
+def _busy(conn: Database, def_id: int, catalog: str, definition: str,
+          now: float) -> Optional[str]:
+    """Why definition ``def_id`` cannot be forgotten now, or None."""
+    for run_id, started, host, pid in conn.execute(
+            "SELECT id, started, host, pid FROM runs WHERE definition_id = ? AND ended IS NULL",
+            (def_id,)).fetchall():
+        if _crashed(host, pid, started) is None:
+            where = f"process {pid} on {host}" if host != os.uname().nodename else f"process {pid}"
+            return (f"run {run_id} ({where}) has no end recorded and may still be running: let "
+                    "it end or stop it first")
+    open_rounds = conn.execute("SELECT COUNT(*) FROM watch_rounds WHERE catalog = ? AND "
+                               "definition = ? AND finished IS NULL",
+                               (catalog, definition)).fetchone()[0]
+    if open_rounds:
+        return "a watch round of it is still being warmed by the daemons sharing this state"
+    pinned = conn.execute(
+        "SELECT COUNT(*) FROM members m JOIN files f ON f.id = m.file_id WHERE "
+        "m.definition_id = ? AND f.stage_request IS NOT NULL AND f.pinned_until > ?",
+        (def_id, now)).fetchone()[0]
+    if pinned:
+        return (f"{pinned} of its files are pinned on disk by prestaged's stage requests, and "
+                "nothing could release them once forgotten: run `prestaged release` first")
+    return None
 
 
 def _record_listing(conn: Database, def_id: int, listing: Listing) -> None:
