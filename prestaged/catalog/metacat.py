@@ -179,8 +179,6 @@ class _MetaCatApi(HttpApi):
         self._metacat_token = metacat_token
         self._token = token
 
-    token_headers = frozenset({"Authorization"})
-
     async def headers_for(self, call: Call) -> Optional[Mapping[str, str]]:
         if self._metacat_token is not None:
             return {"X-Authentication-Token": self._metacat_token[0]}

@@ -176,8 +176,6 @@ class RucioApi(HttpApi):
                          limit=cfg.parallel + 1, sleep=sleep, identity=identity)
         self.cfg = cfg
         self.mode = mode
-        # The WLCG token itself rides in X-Rucio-Auth-Token in token mode (else a login token).
-        self.token_headers = frozenset({"X-Rucio-Auth-Token"} if mode == "token" else ())
         self.account = account or cfg.account
         """``X-Rucio-Account``: ``account`` (the caller's ``$RUCIO_ACCOUNT``), else the
         config's; None: the identity's default account."""
