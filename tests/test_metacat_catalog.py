@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import pytest
 from aiohttp import web
+from cli_runner import run_cli
 
 from prestaged.catalog import open_catalog
 from prestaged.catalog.http import Call, answer_cap, catalog_ssl_context
@@ -580,33 +581,170 @@ async def test_the_wlcg_token_goes_to_metacat_only_when_asked_for(
         assert await asked.estimate() == 30
 
 
+async def test_auto_leaves_a_library_token_unsent_to_an_http_metacat(
+        serving: ssl.SSLContext, tls: ssl.SSLContext, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """auth = "auto" and a token library entry for an http:// MetaCat: the token is not sent,
+    the (open) dataset is listed anonymously, and one WARNING names the library, not the
+    token."""
+    metacat = MetaCatServer(datasets={SYNTHETIC: synthetic_files(SYNTHETIC, 50)})  # http://
+    rucio = RucioEmulator(synthetic=SyntheticFiles(50, rses=("DISK_RSE",)), ssl_context=serving)
+    async with metacat, rucio:
+        library = tmp_path / ".token_library"
+        library.write_text(f"{metacat.base_url} {METACAT_TOKEN}\n")
+        cfg = _pair_cfg(tmp_path, metacat, rucio, metacat_keys={"auth": "auto"})
+        with caplog.at_level(logging.WARNING, logger="prestaged.catalog.metacat"):
+            catalog = MetaCatCatalog(SYNTHETIC, cfg, tls, env={"HOME": str(tmp_path)})
+            refs = [ref async for ref in catalog.files()]
+        where, seen = metacat.base_url, metacat.stats.token_requests
+    assert len(refs) == 50 and seen == 0
+    [warning] = [r.getMessage() for r in caplog.records
+                 if r.name == "prestaged.catalog.metacat" and r.levelno == logging.WARNING]
+    assert warning == (
+        f"MetaCat {where}: not sending the MetaCat token from the library {library} "
+        "to an http:// URL (in clear); reading anonymously (give an https:// "
+        'catalog.metacat.url, or set catalog.metacat.auth = "none")')
+    assert METACAT_TOKEN not in caplog.text
+
+
+async def test_a_refusal_after_leaving_the_token_unsent_says_why(tmp_path: Path) -> None:
+    """An http:// MetaCat that refuses anonymous reads, with auth = "auto" and a library
+    token left unsent: exit 3 saying the token was not sent to http and to give the https://
+    URL; MetaCat never saw it."""
+    async with MetaCatServer(datasets={DATASET: synthetic_files(DATASET, 30)},
+                             token=METACAT_TOKEN) as metacat:  # http://
+        (tmp_path / ".token_library").write_text(f"{metacat.base_url} {METACAT_TOKEN}\n")
+        catalog = MetaCatCatalog(DATASET, _against(metacat, tmp_path, auth="auto"),
+                                 env={"HOME": str(tmp_path)})
+        with pytest.raises(CredentialError) as err:
+            await catalog.estimate()
+        seen = metacat.stats.token_requests
+    message = str(err.value)
+    assert seen == 0 and METACAT_TOKEN not in message
+    assert (f"refused reading dataset '{DATASET}' anonymously (the MetaCat token from the "
+            f"library {tmp_path / '.token_library'} is not sent to an http:// URL) "
+            "(HTTP 401") in message
+    assert message.endswith("; give MetaCat's https:// URL")
+
+
 _HTTPS_RUCIO = '[catalog.rucio]\nurl = "https://rucio.example"\n'
 _HTTPS_METACAT = '[catalog.metacat]\nurl = "https://metacat.example/app"\n'
 
 
-@pytest.mark.parametrize(("text", "env", "key"), [
-    ('[catalog.metacat]\nurl = "http://metacat.example/app"\nauth = "token"\n' + _HTTPS_RUCIO,
-     {}, "catalog.metacat.url"),
-    ('[catalog.metacat]\nauth = "token"\n' + _HTTPS_RUCIO,
-     {"METACAT_SERVER_URL": "http://metacat.example/app"}, "$METACAT_SERVER_URL"),
-    (_HTTPS_METACAT + '[catalog.rucio]\nurl = "http://rucio.example"\nauth = "token"\n', {},
-     "catalog.rucio.url"),
-    (_HTTPS_METACAT + '[catalog.rucio]\nurl = "http://rucio.example"\n', {},
-     "catalog.rucio.url"),
-], ids=["metacat-url", "metacat-env", "rucio-token", "rucio-auto"])
-def test_a_bearer_token_for_an_http_catalog_is_a_config_error(
-        tmp_path: Path, text: str, env: dict[str, str], key: str) -> None:
-    """auth = "token" (or Rucio's "auto" with a token found) and an http:// MetaCat or Rucio
-    URL: exit 2 naming the key or the variable, before any request; the token is not sent."""
-    from prestaged.tokens import FoundToken, TokenSource
+_HTTP_METACAT = '[catalog.metacat]\nurl = "http://metacat.example/app"\n'
+_HTTP_RUCIO = '[catalog.rucio]\nurl = "http://rucio.example"\n'
+_USERPASS = 'username = "prestaged"\npassword_file = "rucio-password"\n'
+_MC_TOKEN_FILE = 'token_file = "mc-token"\n'
+_METACAT_ENV = {"METACAT_SERVER_URL": "http://metacat.example/app"}
+_LOGIN_TOKEN = "send the login token Rucio hands out (X-Rucio-Auth-Token) to it"
+_IN_CLEAR_LOGIN = ("log in there without TLS (no proxy can be presented) and get the login "
+                   "token")
 
-    wlcg = TokenSource(FoundToken(METACAT_TOKEN, "$BEARER_TOKEN", None))
+
+@pytest.mark.parametrize(("text", "env", "key", "setting", "would"), [
+    (_HTTP_METACAT + 'auth = "token"\n' + _HTTPS_RUCIO, {}, "catalog.metacat.url",
+     'catalog.metacat.auth = "token"', "send the bearer token to it"),
+    ('[catalog.metacat]\nauth = "token"\n' + _HTTPS_RUCIO, _METACAT_ENV,
+     "$METACAT_SERVER_URL", 'catalog.metacat.auth = "token"', "send the bearer token to it"),
+    (_HTTP_METACAT + 'auth = "metacat"\n' + _MC_TOKEN_FILE + _HTTPS_RUCIO, {},
+     "catalog.metacat.url", 'catalog.metacat.auth = "metacat"', "send the MetaCat token to it"),
+    ('[catalog.metacat]\nauth = "metacat"\n' + _HTTPS_RUCIO, _METACAT_ENV,
+     "$METACAT_SERVER_URL", 'catalog.metacat.auth = "metacat"', "send the MetaCat token to it"),
+    (_HTTP_METACAT + _MC_TOKEN_FILE + _HTTPS_RUCIO, {}, "catalog.metacat.url",
+     'catalog.metacat.token_file (with auth = "auto")', "send the MetaCat token to it"),
+    ('[catalog.metacat]\n' + _MC_TOKEN_FILE + _HTTPS_RUCIO, _METACAT_ENV,
+     "$METACAT_SERVER_URL", 'catalog.metacat.token_file (with auth = "auto")',
+     "send the MetaCat token to it"),
+    (_HTTPS_METACAT + _HTTP_RUCIO + 'auth = "token"\n', {}, "catalog.rucio.url",
+     'catalog.rucio.auth = "token"', "send the bearer token to it"),
+    (_HTTPS_METACAT + _HTTP_RUCIO, {}, "catalog.rucio.url", 'catalog.rucio.auth = "auto"',
+     "send the bearer token, or the login token Rucio hands out, to it"),
+    (_HTTPS_METACAT + _HTTP_RUCIO + 'auth = "x509"\n', {}, "catalog.rucio.url",
+     'catalog.rucio.auth = "x509"', _LOGIN_TOKEN),
+    (_HTTPS_METACAT + _HTTP_RUCIO + 'auth = "userpass"\n' + _USERPASS, {},
+     "catalog.rucio.url", 'catalog.rucio.auth = "userpass"',
+     "send the password, then the login token Rucio hands out, to it"),
+    (_HTTPS_METACAT + _HTTP_RUCIO + 'auth_url = "https://auth.example"\nauth = "userpass"\n'
+     + _USERPASS, {}, "catalog.rucio.url", 'catalog.rucio.auth = "userpass"', _LOGIN_TOKEN),
+    (_HTTPS_METACAT + _HTTPS_RUCIO + 'auth_url = "http://auth.example"\nauth = "userpass"\n'
+     + _USERPASS, {}, "catalog.rucio.auth_url", 'catalog.rucio.auth = "userpass"',
+     "send the password to it"),
+    (_HTTPS_METACAT + _HTTPS_RUCIO + 'auth_url = "http://auth.example"\nauth = "x509"\n', {},
+     "catalog.rucio.auth_url", 'catalog.rucio.auth = "x509"', _IN_CLEAR_LOGIN),
+    (_HTTPS_METACAT + _HTTPS_RUCIO + 'auth_url = "http://auth.example"\n', {},
+     "catalog.rucio.auth_url", 'catalog.rucio.auth = "auto"', _IN_CLEAR_LOGIN),
+], ids=["metacat-token-url", "metacat-token-env", "metacat-metacat-url", "metacat-metacat-env",
+        "metacat-auto-token-file-url", "metacat-auto-token-file-env", "rucio-token",
+        "rucio-auto", "rucio-x509", "rucio-userpass", "rucio-userpass-auth-https",
+        "rucio-userpass-auth-url", "rucio-x509-auth-url", "rucio-auto-auth-url"])
+def test_a_credential_for_an_http_catalog_is_a_config_error(
+        tmp_path: Path, text: str, env: dict[str, str], key: str, setting: str,
+        would: str) -> None:
+    """Settings that would send a token or the Rucio password to an http:// MetaCat or Rucio
+    URL (any Rucio login, whose token rides on every request) are exit 2 naming the key or the
+    variable and the fix, before any request, whether or not a bearer token was found (Rucio's
+    "auto" without one logs in with the proxy, and its login token is no less secret); no
+    secret is in the message."""
+    (tmp_path / "mc-token").write_text(METACAT_TOKEN + "\n")
+    (tmp_path / "rucio-password").write_text("hunter2-rucio-pw\n")
     with pytest.raises(ConfigError) as err:
-        MetaCatCatalog(DATASET, load_config(_write(tmp_path, text)).catalog, token=wlcg,
-                       env=env)
-    assert f"{key}: an http:// URL, and " in str(err.value)
-    assert "would send the bearer token to it in clear" in str(err.value)
-    assert err.value.exit_code == 2 and METACAT_TOKEN not in str(err.value)
+        MetaCatCatalog(DATASET, load_config(_write(tmp_path, text)).catalog, env=env)
+    message = str(err.value)
+    assert f"{key}: an http:// URL, and {setting} would {would} in clear; give an https:// " \
+           "URL (credentials go over https only)" in message
+    assert err.value.exit_code == 2
+    assert METACAT_TOKEN not in message and "hunter2" not in message
+
+
+def test_the_refusals_say_what_else_would_do(tmp_path: Path) -> None:
+    """A MetaCat refusal names the setting to change besides the URL; a Rucio one only the
+    URL, since every Rucio login yields a token (exact messages)."""
+    (tmp_path / "mc-token").write_text(METACAT_TOKEN + "\n")
+    with pytest.raises(ConfigError) as metacat:
+        MetaCatCatalog(DATASET, CatalogConfig(metacat=MetaCatConfig(auth="metacat"),
+                                              rucio=RucioConfig(url="https://rucio.example")),
+                       env=_METACAT_ENV)
+    assert str(metacat.value) == (
+        '$METACAT_SERVER_URL: an http:// URL, and catalog.metacat.auth = "metacat" would send '
+        "the MetaCat token to it in clear; give an https:// URL (credentials go over https "
+        "only) or change catalog.metacat.auth")
+    with pytest.raises(ConfigError) as token_file:
+        MetaCatConfig(url="http://metacat.example/app", token_file=tmp_path / "mc-token")
+    assert str(token_file.value) == (
+        'catalog.metacat.url: an http:// URL, and catalog.metacat.token_file (with auth = '
+        '"auto") would send the MetaCat token to it in clear; give an https:// URL '
+        '(credentials go over https only) or set catalog.metacat.auth = "none" to read '
+        "anonymously")
+    with pytest.raises(ConfigError) as rucio:
+        RucioConfig(url="http://rucio.example", auth="x509")
+    assert str(rucio.value) == (
+        'catalog.rucio.url: an http:// URL, and catalog.rucio.auth = "x509" would send the '
+        "login token Rucio hands out (X-Rucio-Auth-Token) to it in clear; give an https:// URL "
+        "(credentials go over https only)")
+
+
+def test_the_cli_refuses_an_http_metacat_with_its_token_as_exit_2(tmp_path: Path) -> None:
+    """`prestaged files` with auth = "metacat" and an http:// $METACAT_SERVER_URL: exit 2, one
+    line naming the variable, before any request or credential check."""
+    config = _write(tmp_path, '[catalog.metacat]\nauth = "metacat"\n' + _HTTPS_RUCIO)
+    res = run_cli("files", DATASET, "--catalog", "metacat", "--config", str(config),
+                  "--proxy", str(tmp_path / "no-proxy"), env=_METACAT_ENV)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [
+        'prestaged: error: $METACAT_SERVER_URL: an http:// URL, and catalog.metacat.auth = '
+        '"metacat" would send the MetaCat token to it in clear; give an https:// URL '
+        "(credentials go over https only) or change catalog.metacat.auth"]
+
+
+def test_http_catalogs_without_a_credential_are_still_allowed(tmp_path: Path) -> None:
+    """An anonymous MetaCat (auth "none", or "auto" without token_file) may be http://, and
+    auth = "token" never logs in, so an http:// auth_url it never asks is no error."""
+    for auth in ("none", "auto"):
+        cfg = CatalogConfig(metacat=MetaCatConfig(auth=auth),
+                            rucio=RucioConfig(url="https://rucio.example", auth="token",
+                                              auth_url="http://auth.example"))
+        assert MetaCatCatalog(DATASET, cfg, env=_METACAT_ENV).url == _METACAT_ENV[
+            "METACAT_SERVER_URL"]
 
 
 async def test_a_login_token_is_renewed_before_rucio_says_it_expires(
