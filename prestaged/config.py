@@ -476,16 +476,21 @@ class CatalogServerKeys:
 
 
 def plain_http(url: Optional[str]) -> bool:
-    """Whether ``url`` (a catalog server's) is plain ``http://``: no bearer token goes there."""
+    """Whether ``url`` (a catalog server's) is plain ``http://``: no credential goes there."""
     return url is not None and url.startswith("http://")
 
 
-def token_in_clear(where: str, setting: str) -> ConfigError:
-    """The error for a bearer token that ``setting`` (``catalog.samweb.use_token = true``)
-    would send to the ``http://`` URL of ``where`` (a key or ``$VARIABLE``): in clear."""
-    return ConfigError(f"{where}: an http:// URL, and {setting} would send the bearer token "
-                       "to it in clear; give an https:// URL (tokens go over https only) or "
-                       f"change {setting.partition(' ')[0]}")
+def token_in_clear(where: str, setting: str, would: str = "send the bearer token to it",
+                   fix: Optional[str] = None) -> ConfigError:
+    """The error for a credential (a token, a password) that ``setting``
+    (``catalog.samweb.use_token = true``) would expose at the ``http://`` URL of ``where`` (a
+    key or ``$VARIABLE``): ``would`` says how, ending before "in clear" ("send the MetaCat
+    token to it"); ``fix`` is the other way out than an https URL (default: change the key
+    ``setting`` names; "" when there is none)."""
+    other = f"change {setting.partition(' ')[0]}" if fix is None else fix
+    return ConfigError(f"{where}: an http:// URL, and {setting} would {would} in clear; give "
+                       "an https:// URL (credentials go over https only)"
+                       + (f" or {other}" if other else ""))
 
 
 @dataclass(frozen=True)
@@ -538,9 +543,13 @@ class MetaCatConfig(CatalogServerKeys):
     ``url``, as ``metacat auth login`` leaves it) as ``X-Authentication-Token``; ``token``: the
     WLCG bearer token (``[credentials]``) as ``Authorization: Bearer``; ``none``: anonymous
     (MetaCat reads need no token); ``auto``: the MetaCat token when there is one, else none
-    (the WLCG token is sent to MetaCat only with ``token``)."""
+    (the WLCG token is sent to MetaCat only with ``token``). A token goes over https only:
+    ``metacat`` or ``token`` with an ``http://`` URL is refused (exit 2); ``auto`` (without
+    ``token_file``) reads an ``http://`` MetaCat anonymously, with a WARNING when it leaves a
+    token library entry unsent."""
     token_file: Optional[Path] = None
-    """File holding a MetaCat token; unset: the token library."""
+    """File holding a MetaCat token; unset: the token library. Set, with ``auth = "auto"`` and
+    an ``http://`` URL, it is refused (exit 2): it would be sent in clear."""
     token_library: Optional[Path] = None
     """The metacat client's token library (lines ``<server URL> <token>``); unset:
     ``$HOME/.token_library``, ``./.token_library``, ``/tmp/.token_library``, as the client."""
@@ -549,8 +558,41 @@ class MetaCatConfig(CatalogServerKeys):
     pages); a page cut off midway is asked again."""
 
     def __post_init__(self) -> None:
-        if self.auth == "token" and plain_http(self.url):
-            raise token_in_clear("catalog.metacat.url", 'catalog.metacat.auth = "token"')
+        self.refuse_in_clear(self.url, "catalog.metacat.url")
+
+    def refuse_in_clear(self, url: Optional[str], where: str) -> None:
+        """``ConfigError`` (``token_in_clear``) when ``url``, the server's (named ``where``: this
+        key or ``$METACAT_SERVER_URL``), is plain http and these settings would send it a
+        token: ``auth = "token"`` or ``"metacat"``, or ``"auto"`` with ``token_file`` set. (A
+        token ``auto`` finds in the token library is not sent there; see ``auth``.)"""
+        if not plain_http(url):
+            return
+        if self.auth == "token":
+            raise token_in_clear(where, 'catalog.metacat.auth = "token"')
+        if self.auth == "metacat":
+            raise token_in_clear(where, 'catalog.metacat.auth = "metacat"',
+                                 "send the MetaCat token to it")
+        if self.auth == "auto" and self.token_file is not None:
+            raise token_in_clear(where, 'catalog.metacat.token_file (with auth = "auto")',
+                                 "send the MetaCat token to it",
+                                 'set catalog.metacat.auth = "none" to read anonymously')
+
+
+# What each catalog.rucio.auth would expose at an http:// url (every request carries a
+# token; with userpass and no auth_url the login goes there too), and at an http:// auth_url.
+_RUCIO_SENDS = {
+    "token": "send the bearer token to it",
+    "x509": "send the login token Rucio hands out (X-Rucio-Auth-Token) to it",
+    "userpass": "send the login token Rucio hands out (X-Rucio-Auth-Token) to it",
+    "auto": "send the bearer token, or the login token Rucio hands out, to it",
+}
+_USERPASS_HERE = "send the password, then the login token Rucio hands out, to it"
+_LOGIN_IN_CLEAR = "log in there without TLS (no proxy can be presented) and get the login token"
+_RUCIO_LOGIN_SENDS = {
+    "x509": _LOGIN_IN_CLEAR,
+    "userpass": "send the password to it",
+    "auto": _LOGIN_IN_CLEAR,
+}
 
 
 @dataclass(frozen=True)
@@ -558,9 +600,14 @@ class RucioConfig(CatalogServerKeys):
     """``[catalog.rucio]``: the replica catalog that turns MetaCat's files into URLs."""
 
     url: Optional[str] = field(default=None, metadata=check(HTTP_URL))
-    """Rucio server (``rucio_host``), e.g. ``https://dune-rucio.fnal.gov``."""
+    """Rucio server (``rucio_host``), e.g. ``https://dune-rucio.fnal.gov``. An ``http://`` one
+    is refused (exit 2): every request carries a token (the WLCG one, or the login token
+    Rucio hands out), which must not go in clear."""
     auth_url: Optional[str] = field(default=None, metadata=check(HTTP_URL))
-    """Rucio authentication server (``auth_host``); unset: ``url``."""
+    """Rucio authentication server (``auth_host``); unset: ``url``. An ``http://`` one is
+    refused (exit 2) unless ``auth = "token"`` (which never logs in): a userpass login sends the
+    password, and any login gets the login token back, in clear (nor can an x509 login present
+    the proxy without TLS)."""
     account: Optional[str] = field(default=None, metadata=check(PLAIN_NAME))
     """Rucio account (``X-Rucio-Account``); unset: ``$RUCIO_ACCOUNT``, else (X.509 only) the
     identity's default account."""
@@ -584,8 +631,15 @@ class RucioConfig(CatalogServerKeys):
     """Replica requests in flight at once (bounds the files held in memory, too)."""
 
     def __post_init__(self) -> None:
-        if self.auth == "token" and plain_http(self.url):
-            raise token_in_clear("catalog.rucio.url", 'catalog.rucio.auth = "token"')
+        setting = f'catalog.rucio.auth = "{self.auth}"'
+        if plain_http(self.url):
+            login_too = self.auth == "userpass" and self.auth_url is None
+            raise token_in_clear("catalog.rucio.url", setting,
+                                 _USERPASS_HERE if login_too else _RUCIO_SENDS[self.auth],
+                                 fix="")
+        if self.auth != "token" and plain_http(self.auth_url):
+            raise token_in_clear("catalog.rucio.auth_url", setting,
+                                 _RUCIO_LOGIN_SENDS[self.auth], fix="")
 
 
 @dataclass(frozen=True)

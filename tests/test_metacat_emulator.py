@@ -1,5 +1,7 @@
 """The MetaCat emulator (prestaged.testing.metacat) held to the REAL client: metacat-client's
-``MetaCatClient`` (PyPI), synchronous, against the emulator in a thread on 127.0.0.1."""
+``MetaCatClient`` (PyPI), synchronous, against the emulator in a thread on 127.0.0.1. Tests that
+send a MetaCat token do it over https (``secure``), as prestaged does: tokens go over https
+only, in tests too."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import http.client
 import importlib.util
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -64,6 +67,14 @@ def client(webapi: Any, tmp_path: Path) -> Callable[..., Any]:
                                     token_library=str(tmp_path / "token_library"))
 
     return make
+
+
+@pytest.fixture
+def secure(pki: TestPKI, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
+    """The emulator's server TLS context; the real client (requests) trusts the test CA
+    through REQUESTS_CA_BUNDLE from here on."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pki.ca_cert))
+    return pki.server_ssl_context(require_client_cert=False)
 
 
 def _jwt(subject: str) -> str:
@@ -220,12 +231,13 @@ def test_stream_is_rfc7464_chunked(emulator: ThreadedMetaCatServer) -> None:
     assert all(r.startswith(b"\x1e{") and r.endswith(b"}") for r in records[:-1])
 
 
-def test_token_required_refuses_missing_and_wrong(webapi: Any, client: Callable[..., Any]
-                                                  ) -> None:
+def test_token_required_refuses_missing_and_wrong(webapi: Any, client: Callable[..., Any],
+                                                  secure: ssl.SSLContext) -> None:
     """With a token configured, the client's X-Authentication-Token must be that token: none
     or another is a 401 (a WebAPIError) and nothing is served."""
     good, other = _jwt("alice"), _jwt("mallory")
-    with ThreadedMetaCatServer(datasets={"dune:np04_raw": _files(50)}, token=good) as s:
+    with ThreadedMetaCatServer(datasets={"dune:np04_raw": _files(50)}, token=good,
+                               ssl_context=secure) as s:
         assert client(s.base_url, token=good).get_dataset("dune:np04_raw")["file_count"] == 50
         assert len(list(client(s.base_url, token=good).query("files from dune:np04_raw"))) == 50
         for token in (None, other):
@@ -240,9 +252,9 @@ def test_token_required_refuses_missing_and_wrong(webapi: Any, client: Callable[
     assert stats.token_requests == 4  # two good, two wrong; the two without a token send none
 
 
-def test_open_server_ignores_tokens(client: Callable[..., Any]) -> None:
+def test_open_server_ignores_tokens(client: Callable[..., Any], secure: ssl.SSLContext) -> None:
     """Without a configured token reads are open, as on the real server, token or none."""
-    with ThreadedMetaCatServer(datasets={"dune:a": _files(3)}) as s:
+    with ThreadedMetaCatServer(datasets={"dune:a": _files(3)}, ssl_context=secure) as s:
         assert client(s.base_url, token=_jwt("anyone")).get_dataset("dune:a")["file_count"] == 3
         assert client(s.base_url).get_dataset("dune:a")["file_count"] == 3
         assert (s.stats.auth_refusals, s.stats.token_requests) == (0, 1)
@@ -279,10 +291,12 @@ def test_over_https_with_the_test_ca(pki: TestPKI, client: Callable[..., Any],
 
 
 def test_process_serves_datasets_and_writes_stats_on_sigterm(
-        client: Callable[..., Any], tmp_path: Path) -> None:
-    """``python -m prestaged.testing.metacat`` prints its base URL once listening, serves a
-    datasets file and generated datasets to the real client behind the token in its token
-    file, and on SIGTERM exits 0 writing statistics that count exactly those requests."""
+        client: Callable[..., Any], pki: TestPKI, secure: ssl.SSLContext,
+        tmp_path: Path) -> None:
+    """``python -m prestaged.testing.metacat --pki-dir D`` prints its https base URL once
+    listening, serves a datasets file and generated datasets to the real client behind the
+    token in its token file, and on SIGTERM exits 0 writing statistics that count exactly those
+    requests."""
     token = _jwt("bench")
     (tmp_path / "token").write_text(token + "\n")
     (tmp_path / "datasets.json").write_text(json.dumps({"datasets": {"dune:small": _files(5)}}))
@@ -293,12 +307,12 @@ def test_process_serves_datasets_and_writes_stats_on_sigterm(
     proc = subprocess.Popen(
         [sys.executable, "-m", "prestaged.testing.metacat", "--datasets",
          str(tmp_path / "datasets.json"), "--synthetic", "dune:gen=250", "--token-file",
-         str(tmp_path / "token"), "--stats-file", str(stats)],
+         str(tmp_path / "token"), "--stats-file", str(stats), "--pki-dir", str(pki.root)],
         stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None
         info = json.loads(proc.stdout.readline())  # blocks until listening
-        assert info["pid"] == proc.pid and info["base_url"].startswith("http://127.0.0.1:")
+        assert info["pid"] == proc.pid and info["base_url"].startswith("https://127.0.0.1:")
         c = client(info["base_url"], token=token)
         assert c.get_dataset("dune:small")["file_count"] == 5
         gen = list(c.query("files from dune:gen where core.runs = 1001", batch_size=40))

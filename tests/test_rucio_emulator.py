@@ -1,5 +1,6 @@
 """The Rucio emulator (prestaged.testing.rucio) held to the REAL client: rucio 41.5.1's
-``ReplicaClient`` (PyPI), synchronous, against the emulator in a thread on 127.0.0.1."""
+``ReplicaClient`` (PyPI), synchronous, against the emulator in a thread on 127.0.0.1, over
+https with the test CA (passwords and tokens go over https only, in tests too)."""
 
 from __future__ import annotations
 
@@ -102,17 +103,12 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def emulator(clock: Clock) -> Iterator[ThreadedRucioEmulator]:
-    """The emulator over plain HTTP with SPEC and ``clock``."""
-    with ThreadedRucioEmulator(SPEC, clock=clock) as s:
-        yield s
-
-
-@pytest.fixture
-def tls_emulator(pki: TestPKI, clock: Clock) -> Iterator[ThreadedRucioEmulator]:
-    """The emulator over HTTPS (client certificate asked for, proxies allowed)."""
+def emulator(pki: TestPKI, clock: Clock) -> Iterator[ThreadedRucioEmulator]:
+    """The emulator over HTTPS (client certificate asked for, proxies allowed) with SPEC and
+    ``clock``; ``requests`` calls to it verify against ``pki.ca_dir``."""
     with ThreadedRucioEmulator(SPEC, clock=clock,
-                             ssl_context=pki.server_ssl_context(require_client_cert=False)) as s:
+                               ssl_context=pki.server_ssl_context(require_client_cert=False)
+                               ) as s:
         yield s
 
 
@@ -120,13 +116,15 @@ MakeClient = Callable[..., Any]
 
 
 @pytest.fixture
-def client(rucio_client: Any, rucio_config: Path) -> MakeClient:
-    """Make a real ReplicaClient for an emulator; userpass u/p4ss-w0rd as root by default."""
+def client(rucio_client: Any, rucio_config: Path, pki: TestPKI) -> MakeClient:
+    """Make a real ReplicaClient for an emulator (trusting the test CA); userpass
+    u/p4ss-w0rd as root by default."""
 
     def make(server: ThreadedRucioEmulator, **kwargs: Any) -> Any:
         args: dict[str, Any] = {"rucio_host": server.base_url, "auth_host": server.base_url,
                                 "account": "root", "auth_type": "userpass",
-                                "creds": {"username": "u", "password": "p4ss-w0rd"}}
+                                "creds": {"username": "u", "password": "p4ss-w0rd"},
+                                "ca_cert": str(pki.ca_dir)}
         args.update(kwargs)
         return rucio_client.ReplicaClient(**args)
 
@@ -250,50 +248,56 @@ def test_expired_token_makes_the_client_authenticate_again(
     assert stats.requests[LIST_REPLICAS] == 3
 
 
-def test_token_headers_and_lifetime(emulator: ThreadedRucioEmulator, clock: Clock) -> None:
+def test_token_headers_and_lifetime(emulator: ThreadedRucioEmulator, clock: Clock,
+                                    pki: TestPKI) -> None:
     """userpass answers 200 with X-Rucio-Auth-Token and an RFC 1123 UTC expiry one hour on;
     /auth/validate knows the token's account until then."""
-    r = requests.get(f"{emulator.base_url}/auth/userpass", timeout=10, headers={
+    ca = str(pki.ca_dir)
+    r = requests.get(f"{emulator.base_url}/auth/userpass", timeout=10, verify=ca, headers={
         "X-Rucio-Account": "root", "X-Rucio-Username": "u", "X-Rucio-Password": "p4ss-w0rd"})
     assert r.status_code == 200 and r.headers["X-Rucio-Auth-Account"] == "root"
     token = r.headers["X-Rucio-Auth-Token"]
     assert token.startswith("root-u-unknown-")
     expected = time.strftime("%a, %d %b %Y %H:%M:%S UTC", time.gmtime(clock.now + 3600))
     assert r.headers["X-Rucio-Auth-Token-Expires"] == expected
-    valid = requests.get(f"{emulator.base_url}/auth/validate", timeout=10,
+    valid = requests.get(f"{emulator.base_url}/auth/validate", timeout=10, verify=ca,
                          headers={"X-Rucio-Auth-Token": token})
     assert valid.status_code == 200 and "'account': 'root'" in valid.text
     clock.now += 3600
-    expired = requests.get(f"{emulator.base_url}/auth/validate", timeout=10,
+    expired = requests.get(f"{emulator.base_url}/auth/validate", timeout=10, verify=ca,
                            headers={"X-Rucio-Auth-Token": token})
     assert expired.status_code == 500
     assert expired.headers["ExceptionClass"] == "CannotAuthenticate"
 
 
-def test_errors_have_the_real_headers_and_body(emulator: ThreadedRucioEmulator) -> None:
+def test_errors_have_the_real_headers_and_body(emulator: ThreadedRucioEmulator,
+                                               pki: TestPKI) -> None:
     """No token: 400 ValueError; a bad token: 401 CannotAuthenticate; both with the
     ExceptionClass/ExceptionMessage headers and the same JSON body."""
     url = f"{emulator.base_url}/replicas/list"
     body = json.dumps({"dids": _dids("f1.root")})
-    none = requests.post(url, data=body, timeout=10)
+    ca = str(pki.ca_dir)
+    none = requests.post(url, data=body, timeout=10, verify=ca)
     assert none.status_code == 400
     assert none.json() == {"ExceptionClass": "ValueError", "ExceptionMessage": "Token must be set."}
-    bad = requests.post(url, data=body, timeout=10, headers={"X-Rucio-Auth-Token": "x"})
+    bad = requests.post(url, data=body, timeout=10, verify=ca,
+                        headers={"X-Rucio-Auth-Token": "x"})
     assert bad.status_code == 401
     assert bad.headers["ExceptionClass"] == "CannotAuthenticate"
     assert bad.headers["ExceptionMessage"] == "Cannot authenticate with given credentials"
     assert bad.headers["Content-Type"] == "application/octet-stream"
 
 
-def _token(emulator: ThreadedRucioEmulator) -> str:
-    r = requests.get(f"{emulator.base_url}/auth/userpass", timeout=10, headers={
+def _token(emulator: ThreadedRucioEmulator, ca: str) -> str:
+    """A login token of user u from ``emulator`` (verified against the CA directory ``ca``)."""
+    r = requests.get(f"{emulator.base_url}/auth/userpass", timeout=10, verify=ca, headers={
         "X-Rucio-Username": "u", "X-Rucio-Password": "p4ss-w0rd"})
     assert r.status_code == 200
     return str(r.headers["X-Rucio-Auth-Token"])
 
 
 def test_too_many_dids_is_the_real_schema_error(emulator: ThreadedRucioEmulator,
-                                                rucio_config: Path) -> None:
+                                                rucio_config: Path, pki: TestPKI) -> None:
     """Over 1,000 DIDs (the r_dids schema's maxItems: the server's only request limit) and a
     DID with an unknown key are 400 InvalidObject, with the first line of the message the
     real schema check gives; an empty list is an empty 200."""
@@ -301,55 +305,60 @@ def test_too_many_dids_is_the_real_schema_error(emulator: ThreadedRucioEmulator,
     from rucio.common.schema import validate_schema
 
     url = f"{emulator.base_url}/replicas/list"
-    headers = {"X-Rucio-Auth-Token": _token(emulator)}
+    ca = str(pki.ca_dir)
+    headers = {"X-Rucio-Auth-Token": _token(emulator, ca)}
     for dids in (_dids(*[f"f{i}" for i in range(1001)]),
                  [{"scope": "dune", "name": "f1.root", "did_type": "FILE"}]):
-        r = requests.post(url, data=json.dumps({"dids": dids}), headers=headers, timeout=30)
+        r = requests.post(url, data=json.dumps({"dids": dids}), headers=headers, timeout=30,
+                          verify=ca)
         assert r.status_code == 400 and r.json()["ExceptionClass"] == "InvalidObject"
         with pytest.raises(InvalidObject) as real:
             validate_schema("r_dids", dids)
         assert r.json()["ExceptionMessage"] == real.value.args[0].splitlines()[0]
     ok = requests.post(url, data=json.dumps({"dids": _dids(*[f"f{i}" for i in range(1000)])}),
-                       headers=headers, timeout=30)
+                       headers=headers, timeout=30, verify=ca)
     assert ok.status_code == 200 and ok.content == b""
-    empty = requests.post(url, data=json.dumps({"dids": []}), headers=headers, timeout=10)
+    empty = requests.post(url, data=json.dumps({"dids": []}), headers=headers, timeout=10,
+                          verify=ca)
     assert empty.status_code == 200
     assert empty.headers["Content-Type"] == "application/x-json-stream"
 
 
-def test_bad_sort_fails_up_front_or_breaks_the_stream(emulator: ThreadedRucioEmulator) -> None:
+def test_bad_sort_fails_up_front_or_breaks_the_stream(emulator: ThreadedRucioEmulator,
+                                                      pki: TestPKI) -> None:
     """An unknown sort is a 400 when the first file has a PFN to sort, and breaks the stream
     off when only a later one has (the real server fails inside its generator)."""
     url = f"{emulator.base_url}/replicas/list?sort=nearest"
-    headers = {"X-Rucio-Auth-Token": _token(emulator)}
+    ca = str(pki.ca_dir)
+    headers = {"X-Rucio-Auth-Token": _token(emulator, ca)}
     first = requests.post(url, data=json.dumps({"dids": _dids("f1.root")}), headers=headers,
-                          timeout=10)
+                          timeout=10, verify=ca)
     assert first.status_code == 400
     assert first.headers["ExceptionClass"] == "SortingAlgorithmNotSupported"
     later = requests.post(url, data=json.dumps({"dids": _dids("f0.root", "f1.root")}),
-                          headers=headers, timeout=10, stream=True)
+                          headers=headers, timeout=10, stream=True, verify=ca)
     assert later.status_code == 200
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
         list(later.iter_lines())
 
 
-def test_x509_proxy_and_certificate_log_in(tls_emulator: ThreadedRucioEmulator,
+def test_x509_proxy_and_certificate_log_in(emulator: ThreadedRucioEmulator,
                                            client: MakeClient, pki: TestPKI,
                                            proxy: Path, rucio_config: Path) -> None:
     """x509_proxy (a grid proxy: its CN stripped) and x509 (certificate and key) get a
     token for the DN's account; the listing then works over HTTPS."""
-    by_proxy = client(tls_emulator, account=None, auth_type="x509_proxy",
+    by_proxy = client(emulator, account=None, auth_type="x509_proxy",
                       creds={"client_proxy": str(proxy)}, ca_cert=str(pki.ca_dir))
     assert [r["name"] for r in by_proxy.list_replicas(_dids("f1.root"))] == ["f1.root"]
     _forget_token(rucio_config)  # else the next client reuses the token file's token
-    by_cert = client(tls_emulator, account="alice", auth_type="x509",
+    by_cert = client(emulator, account="alice", auth_type="x509",
                      creds={"client_cert": str(pki.user_cert), "client_key": str(pki.user_key)},
                      ca_cert=str(pki.ca_dir))
     assert len(list(by_cert.list_replicas(_dids("ds1")))) == 2
-    assert tls_emulator.stats.tokens_issued["x509"] == 2
+    assert emulator.stats.tokens_issued["x509"] == 2
 
 
-def test_x509_unknown_dn_raises_identity_error(tls_emulator: ThreadedRucioEmulator,
+def test_x509_unknown_dn_raises_identity_error(emulator: ThreadedRucioEmulator,
                                                client: MakeClient, pki: TestPKI,
                                                tmp_path: Path) -> None:
     """A DN the server does not know is the real 401 IdentityError."""
@@ -357,12 +366,12 @@ def test_x509_unknown_dn_raises_identity_error(tls_emulator: ThreadedRucioEmulat
 
     other = pki.make_proxy_for("Somebody Else", tmp_path / "other")
     with pytest.raises(IdentityError, match="does not exist"):
-        client(tls_emulator, account=None, auth_type="x509_proxy",
+        client(emulator, account=None, auth_type="x509_proxy",
                creds={"client_proxy": str(other)}, ca_cert=str(pki.ca_dir))
 
 
 def test_jwt_bearer_token_is_taken_for_its_subject(client: MakeClient, clock: Clock,
-                                                   tmp_path: Path,
+                                                   tmp_path: Path, pki: TestPKI,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """With a BearerCheck a WLCG JWT found by the client (auth_type oidc, BEARER_TOKEN_FILE)
     authenticates as its subject's account when it has Rucio's expected audience and scope;
@@ -373,7 +382,9 @@ def test_jwt_bearer_token_is_taken_for_its_subject(client: MakeClient, clock: Cl
     check = BearerCheck(issuer, audiences=["rucio"])
     token_file = tmp_path / "bt"
     with ThreadedRucioEmulator(SPEC, clock=clock, bearer=check,
-                               bearer_accounts={"dune-prod": "root"}) as server:
+                               bearer_accounts={"dune-prod": "root"},
+                               ssl_context=pki.server_ssl_context(require_client_cert=False)
+                               ) as server:
         monkeypatch.setenv("BEARER_TOKEN_FILE", str(token_file))
         token_file.write_text(issuer.mint("openid profile", subject="dune-prod",
                                           audience="rucio"))
@@ -405,19 +416,24 @@ def test_secrets_stay_out_of_stats_and_logs(emulator: ThreadedRucioEmulator, cli
     assert "userpass" in text  # the log and stats do record the event
 
 
-def test_synthetic_files_resolve_in_chunks_over_http(rucio_config: Path) -> None:
-    """Generated files resolve in chunks of 500 DIDs through the emulator's HTTP path, each
+def test_synthetic_files_resolve_in_chunks_over_https(rucio_config: Path,
+                                                       pki: TestPKI) -> None:
+    """Generated files resolve in chunks of 500 DIDs through the emulator's HTTP(S) path, each
     exactly once (their speed is measured by bench/metacat_resolve.py, not here)."""
     import asyncio
 
     import aiohttp
 
+    from prestaged.catalog.http import catalog_ssl_context
+
     count = 5_000
 
     async def run() -> list[str]:
-        server = RucioEmulator(synthetic=SyntheticFiles(count, rses=("DISK_RSE", "TAPE_RSE")))
+        server = RucioEmulator(synthetic=SyntheticFiles(count, rses=("DISK_RSE", "TAPE_RSE")),
+                               ssl_context=pki.server_ssl_context(require_client_cert=False))
         names: list[str] = []
-        async with server, aiohttp.ClientSession() as s:
+        connector = aiohttp.TCPConnector(ssl=catalog_ssl_context(None, pki.ca_dir))
+        async with server, aiohttp.ClientSession(connector=connector) as s:
             async with s.get(f"{server.base_url}/auth/userpass", headers={
                     "X-Rucio-Username": "root", "X-Rucio-Password": "secret"}) as r:
                 token = r.headers["X-Rucio-Auth-Token"]
@@ -467,17 +483,19 @@ def _start_cli(args: list[str], tmp_path: Path) -> tuple[subprocess.Popen[str], 
     return proc, json.loads(line)
 
 
-def test_cli_serves_a_synthetic_world_until_signalled(tmp_path: Path) -> None:
-    """``python -m prestaged.testing.rucio --synthetic N`` prints its URL, serves the files,
-    and writes its statistics on SIGTERM."""
+def test_cli_serves_a_synthetic_world_until_signalled(tmp_path: Path, pki: TestPKI) -> None:
+    """``python -m prestaged.testing.rucio --synthetic N --pki-dir D`` prints its https URL,
+    serves the files, and writes its statistics on SIGTERM."""
     stats = tmp_path / "stats.json"
-    proc, info = _start_cli(["--synthetic", "1000", "--port", "0", "--stats-file", str(stats)],
-                            tmp_path)
+    proc, info = _start_cli(["--synthetic", "1000", "--port", "0", "--stats-file", str(stats),
+                             "--pki-dir", str(pki.root)], tmp_path)
     try:
         base: Optional[str] = info["base_url"]
-        r = requests.get(f"{base}/auth/userpass", timeout=10, headers={
+        assert base is not None and base.startswith("https://127.0.0.1:")
+        ca = str(pki.ca_dir)
+        r = requests.get(f"{base}/auth/userpass", timeout=10, verify=ca, headers={
             "X-Rucio-Username": "root", "X-Rucio-Password": "secret"})
-        listing = requests.post(f"{base}/replicas/list", timeout=10,
+        listing = requests.post(f"{base}/replicas/list", timeout=10, verify=ca,
                                 headers={"X-Rucio-Auth-Token": r.headers["X-Rucio-Auth-Token"]},
                                 data=json.dumps({"dids": _dids("synthetic")}))
         assert len(listing.text.splitlines()) == 1000

@@ -12,6 +12,10 @@ Classification, the same for every server (the subclass words the errors):
 - any other status: ``HttpApi.status_error`` (the subclass), never retried;
 - a TLS failure, or a server that keeps hanging up before it ever answered (how a server
   refusing a client certificate looks under TLS 1.3): ``CredentialError`` (exit 3).
+
+Credentials (``SECRET_HEADERS``: the bearer token, the MetaCat token, Rucio's tokens and
+password) go over https only: a request that would carry one to an ``http://`` URL is refused
+before it is sent, and redirects are followed on the same origin (scheme included) only.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ __all__ = [
     "ANSWER_PER_FILE",
     "MAX_UNRESOLVED_KEPT",
     "MIN_ANSWER",
+    "SECRET_HEADERS",
     "Call",
     "Handed",
     "HttpApi",
@@ -74,6 +79,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+SECRET_HEADERS: Mapping[str, str] = {
+    "authorization": "the bearer token",
+    "x-authentication-token": "the MetaCat token",
+    "x-rucio-auth-token": "the Rucio token",
+    "x-rucio-password": "the Rucio password",
+}
+"""Request headers (lower case) that carry a credential, and what it is, for messages: sent
+over https only."""
 MAX_UNRESOLVED_KEPT = 10_000
 """Unresolved files kept with their locations; beyond this only the count grows."""
 RETRYABLE_STATUS = frozenset({408, 429})
@@ -137,9 +150,6 @@ class HttpApi:
     """
 
     service = "catalog"
-    token_headers: frozenset[str] = frozenset()
-    """Headers that carry the WLCG bearer token when ``headers_for`` gives them: never sent
-    but over https."""
 
     def __init__(
         self,
@@ -235,10 +245,11 @@ class HttpApi:
         if method is None:
             method = "GET" if data is None else "POST"
         headers = await self.headers_for(call)
-        if headers and url.scheme != "https" and not self.token_headers.isdisjoint(headers):
+        secret = _secret_in(headers) if url.scheme != "https" else None
+        if secret is not None:
             # The configuration checks refuse this first; a last guard, nothing is sent.
-            raise ConfigError(f"{self.service} {self.base_url}: not sending the bearer token "
-                              f"to a {url.scheme}:// URL (in clear); tokens go over https only")
+            raise ConfigError(f"{self.service} {self.base_url}: not sending {secret} to a "
+                              f"{url.scheme}:// URL (in clear); credentials go over https only")
         ok = False
         hops = 0
         t = self.retry.timeout
@@ -422,6 +433,15 @@ async def _error_body(resp: aiohttp.ClientResponse) -> str:
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_HOPS = 5
 """Same-origin redirects followed for one request (then the redirect is the answer)."""
+
+
+def _secret_in(headers: Optional[Mapping[str, str]]) -> Optional[str]:
+    """What the first credential among ``headers`` is (``SECRET_HEADERS``), or None."""
+    for name in headers or ():
+        secret = SECRET_HEADERS.get(name.lower())
+        if secret is not None:
+            return secret
+    return None
 
 
 def _dropped(exc: BaseException) -> bool:

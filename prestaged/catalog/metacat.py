@@ -17,7 +17,9 @@ included):
 Authentication (``[catalog.metacat] auth``): the MetaCat token in ``X-Authentication-Token``
 (``token_file``, or the client's token library entry for ``url``), the WLCG bearer token in
 ``Authorization`` (``auth = "token"`` only), or none (MetaCat reads are open; ``auto`` sends the
-MetaCat token when there is one).
+MetaCat token when there is one). Tokens go over https only: settings that would send one to
+an ``http://`` URL are a ``ConfigError`` (``MetaCatConfig.refuse_in_clear``), and ``auto``
+leaves a token library entry unsent there, with a WARNING, and reads anonymously.
 
 The listed files are cut into chunks of ``[catalog.rucio] chunk`` DIDs, each resolved by one
 Rucio ``/replicas/list`` request (``prestaged.catalog.rucio``), ``[catalog.rucio] parallel`` at
@@ -69,7 +71,6 @@ from prestaged.config import (
     RucioConfig,
     env_value,
     plain_http,
-    token_in_clear,
 )
 from prestaged.errors import CatalogError, ConfigError, CredentialError
 from prestaged.model import FileRef, hide_secret
@@ -102,19 +103,23 @@ def metacat_url(cfg: MetaCatConfig, env: Optional[Mapping[str, str]] = None) -> 
 
 
 def check_config(cfg: CatalogConfig, env: Optional[Mapping[str, str]] = None) -> str:
-    """Raise ``ConfigError`` unless MetaCat and Rucio are named (userpass with its keys, a
-    bearer token only to https); else return the MetaCat URL. No I/O: the CLI calls it before
-    the credential checks."""
+    """Raise ``ConfigError`` unless MetaCat and Rucio are named (userpass with its keys, no
+    token to an http:// MetaCat: ``MetaCatConfig.refuse_in_clear``, which covers
+    ``$METACAT_SERVER_URL`` here); else return the MetaCat URL. No I/O: the CLI calls it
+    before the credential checks."""
     url = metacat_url(cfg.metacat, env)
-    if cfg.metacat.auth == "token" and plain_http(url):
-        key = "catalog.metacat.url" if cfg.metacat.url else "$METACAT_SERVER_URL"
-        raise token_in_clear(key, 'catalog.metacat.auth = "token"')
+    cfg.metacat.refuse_in_clear(url, _url_key(cfg.metacat))
     if cfg.rucio.url is None:
         raise ConfigError("catalog.rucio.url: not set; the MetaCat catalog resolves its "
                           "files' replicas through Rucio (e.g. https://dune-rucio.fnal.gov)")
     if cfg.rucio.auth == "userpass":
         rucio_login_mode(cfg.rucio, have_token=False)
     return url
+
+
+def _url_key(cfg: MetaCatConfig) -> str:
+    """Where the MetaCat URL came from, for messages."""
+    return "catalog.metacat.url" if cfg.url else "$METACAT_SERVER_URL"
 
 
 def _library_paths(cfg: MetaCatConfig, env: Mapping[str, str]) -> list[Path]:
@@ -173,13 +178,13 @@ class _MetaCatApi(HttpApi):
 
     def __init__(self, url: str, cfg: MetaCatConfig, ssl_context: Optional[ssl.SSLContext],
                  *, metacat_token: Optional[tuple[str, str]], token: Optional[TokenSource],
-                 sleep: Callable[[float], Awaitable[None]]) -> None:
+                 sleep: Callable[[float], Awaitable[None]],
+                 withheld: Optional[str] = None) -> None:
         super().__init__(url, retry_settings(cfg, "catalog.metacat"), ssl_context, limit=2,
                          sleep=sleep)
         self._metacat_token = metacat_token
         self._token = token
-
-    token_headers = frozenset({"Authorization"})
+        self._withheld = withheld
 
     async def headers_for(self, call: Call) -> Optional[Mapping[str, str]]:
         if self._metacat_token is not None:
@@ -211,6 +216,9 @@ class _MetaCatApi(HttpApi):
                 who, fix = (f"with {self._token.info.describe()}",
                             "check the token's audience for MetaCat, or set "
                             "catalog.metacat.auth")
+            elif self._withheld is not None:
+                who, fix = (f"anonymously (the {self._withheld} is not sent to an http:// "
+                            "URL)", "give MetaCat's https:// URL")
             else:
                 who, fix = ("anonymously", "log in with `metacat auth login` or set "
                             "catalog.metacat.auth")
@@ -289,6 +297,8 @@ class MetaCatCatalog(UnresolvedLog):
         self._ssl = ssl_context
         self._identity = identity
         self._sleep = sleep
+        self._withheld: Optional[str] = None
+        """Where the MetaCat token ``auto`` found but did not send (an http:// URL) came from."""
         self._metacat_token = self._metacat_auth(token, env)
         # The WLCG token goes to MetaCat only when asked for: its reads are open, and a
         # token is not sent where it is not needed.
@@ -325,6 +335,14 @@ class MetaCatCatalog(UnresolvedLog):
             raise CredentialError(f"catalog.metacat.auth is metacat but no MetaCat token for "
                                   f"{self.url} was found; run `metacat auth login` or set "
                                   "catalog.metacat.token_file")
+        if found is not None and plain_http(self.url):
+            # Only "auto" gets here (refuse_in_clear refused the rest): MetaCat reads are open,
+            # so the run goes on anonymously rather than fail for a token nobody named.
+            self._withheld = found[1]
+            log.warning('MetaCat %s: not sending the %s to an http:// URL (in clear); reading '
+                        'anonymously (give an https:// %s, or set catalog.metacat.auth = '
+                        '"none")', self.url, found[1], _url_key(self.cfg))
+            return None
         return found
 
     def _read_password(self) -> str:
@@ -341,7 +359,7 @@ class MetaCatCatalog(UnresolvedLog):
 
     def _metacat(self) -> _MetaCatApi:
         api = _MetaCatApi(self.url, self.cfg, self._ssl, metacat_token=self._metacat_token,
-                          token=self._token, sleep=self._sleep)
+                          token=self._token, sleep=self._sleep, withheld=self._withheld)
         api.on_request = self.on_request
         return api
 

@@ -23,6 +23,11 @@ Speaks Rucio's REST API as the real client (``rucio.client.replicaclient``) does
 RSEs after the listed ones), then Rucio's priority; ``davs://`` becomes ``https://`` (WebDAV
 over TLS is https to the touch and the Tape REST paths).
 
+Over https only: every request carries a token (the WLCG one, or the login token) and a login
+the password or the proxy, so ``RucioConfig`` refuses an ``http://`` url (and auth_url, but
+with ``auth = "token"``), and ``HttpApi`` sends none of them to an http:// URL whatever the
+config.
+
 Errors: 401/403 -> ``CredentialError`` (exit 3) quoting Rucio's ``ExceptionClass`` and
 ``ExceptionMessage``; another 4xx -> ``CatalogError`` (exit 4); 5xx, 408, 429, timeouts and
 dropped connections are retried for ``retry_for`` (``catalog.http``).
@@ -50,7 +55,7 @@ from prestaged.catalog.http import (
     one_line,
     retry_settings,
 )
-from prestaged.config import RucioConfig, plain_http, token_in_clear
+from prestaged.config import RucioConfig
 from prestaged.errors import CatalogError, ConfigError, CredentialError
 from prestaged.model import hide_secret
 
@@ -106,14 +111,11 @@ class Replica:
 
 def rucio_login_mode(cfg: RucioConfig, *, have_token: bool) -> str:
     """``x509``, ``userpass`` or ``token``: ``cfg.auth``, with ``auto`` made the token when
-    one was found, else the proxy. ``ConfigError`` when userpass lacks its keys, or the token
-    would go to an ``http://`` Rucio."""
+    one was found, else the proxy. ``ConfigError`` when userpass lacks its keys. (Whatever the
+    mode, a token would go to an ``http://`` Rucio: ``RucioConfig`` refuses one.)"""
     mode = cfg.auth
     if mode == "auto":
         mode = "token" if have_token else "x509"
-    if mode == "token" and plain_http(cfg.url):
-        raise token_in_clear("catalog.rucio.url", f'catalog.rucio.auth = "{cfg.auth}"'
-                             + (" (a bearer token was found)" if cfg.auth == "auto" else ""))
     if mode == "userpass" and (cfg.username is None or cfg.password_file is None):
         missing = "username" if cfg.username is None else "password_file"
         raise ConfigError(f'catalog.rucio.{missing}: required with catalog.rucio.auth = '
@@ -176,8 +178,6 @@ class RucioApi(HttpApi):
                          limit=cfg.parallel + 1, sleep=sleep, identity=identity)
         self.cfg = cfg
         self.mode = mode
-        # The WLCG token itself rides in X-Rucio-Auth-Token in token mode (else a login token).
-        self.token_headers = frozenset({"X-Rucio-Auth-Token"} if mode == "token" else ())
         self.account = account or cfg.account
         """``X-Rucio-Account``: ``account`` (the caller's ``$RUCIO_ACCOUNT``), else the
         config's; None: the identity's default account."""

@@ -26,7 +26,9 @@ locations, reason) for the report.
 
 With ``use_token`` (off by default: SAM web at Fermilab authenticates by certificate) every
 request carries the bearer token, asked for when the request starts (so a renewed token file is
-used); aiohttp drops it on a redirect to another origin.
+used); over https only (an ``http://`` SAM with ``use_token`` is a ``ConfigError``), and a
+redirect is followed on the same origin only (``catalog.http``). Nothing else secret goes to
+SAM: the proxy is presented in the TLS handshake, and ``SAM-Role`` names a role.
 
 Errors follow the real samweb client: 4xx answers are never retried and become one-line errors
 (``definition 'x' not found in SAM (dune)``; 401/403 and TLS failures are credential errors,
@@ -233,8 +235,6 @@ class _Api(HttpApi):
         self._token = token
         self.label = label
         self.cfg = cfg
-
-    token_headers = frozenset({"Authorization"})
 
     async def headers_for(self, call: Call) -> Optional[Mapping[str, str]]:
         if self._token is None:
