@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from cli_runner import run_cli
 from conftest import Backend
-from daemon_harness import free_port, in_process, metric_value, until, write_config
+from daemon_harness import free_port, in_process, metric_value, poll, until, write_config
 
 from prestaged.errors import ConflictError, NotFoundError
 from prestaged.model import FileRef, TapeInfo
@@ -203,3 +204,38 @@ async def test_the_daemon_tidies_the_state(tmp_path: Path, pki: TestPKI, proxy: 
                                 what="files") == 2.0
         await until("the daemon tidied", tidied)
     assert _file_ids(backend) == {url_id(_refs("g", 1)[0].url)}
+
+
+def test_a_member_written_during_a_tidy_keeps_its_file(pg_url: str, tmp_path: Path) -> None:
+    """PostgreSQL: a member another connection adds to an unlisted file while a tidy runs
+    keeps the file (and itself): the tidy waits for memberships to settle, where its DELETE
+    would otherwise miss the member and cascade it away."""
+    from prestaged.state.postgres import connect
+
+    store = Store(tmp_path / "unused.db", url=pg_url).open()
+    orphan = _refs("x", 2)[1]
+    try:
+        _run(store, "a", _refs("x", 2))
+        _run(store, "a", _refs("x", 1))  # x1 left a: its file is unlisted
+        with connect(pg_url, application_name="other-writer") as other:
+            other.execute("BEGIN")
+            other.execute("INSERT INTO members (definition_id, file_id, listed) SELECT id, %s, 0 "
+                          "FROM definitions WHERE name = 'a'", (url_id(orphan.url),))
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                tidying = pool.submit(store.tidy)
+
+                def waiting() -> bool:
+                    with connect(pg_url) as look:
+                        return bool(look.execute(
+                            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                            "AND datname = current_database()").fetchall())
+                poll("the tidy waiting on a lock", lambda: tidying.done() or waiting())
+                assert not tidying.done(), tidying.result()
+                other.execute("COMMIT")
+                done = tidying.result(timeout=30)
+    finally:
+        store.close()
+    assert done.files == 0
+    backend = Backend("postgresql", tmp_path, pg_url)
+    assert url_id(orphan.url) in _file_ids(backend)
+    assert backend.query("SELECT COUNT(*) FROM members") == [(2,)]

@@ -17,7 +17,7 @@ from typing import Any
 
 from prestaged.state.db import Database
 
-__all__ = ["Tidied", "forget", "keep_newest_runs", "tidy"]
+__all__ = ["Tidied", "forget", "hold_members", "keep_newest_runs", "tidy"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ def tidy(conn: Database, keep_runs: int, now: float) -> Tidied:
     newest (0: none); files no definition lists and no unexpired pin of prestaged's holds
     (``now``: Unix seconds; a pinned file's request is followed or released by a later run
     that lists it again); and finished watch rounds but the last of each watch."""
+    hold_members(conn)
     runs = 0
     if keep_runs > 0:
         runs = conn.execute(
@@ -66,6 +67,20 @@ def tidy(conn: Database, keep_runs: int, now: float) -> Tidied:
         "DELETE FROM watch_rounds WHERE finished IS NOT NULL AND id NOT IN "
         "(SELECT MAX(id) FROM watch_rounds GROUP BY catalog, definition)").rowcount
     return Tidied(int(runs), _orphan_files(conn, now), int(rounds))
+
+
+def hold_members(conn: Database) -> None:
+    """Keep memberships from changing until ``conn``'s transaction ends: PostgreSQL only (a
+    SQLite write transaction holds the whole file already).
+
+    Without it, a member that the writer process commits while unlisted files are deleted is
+    not in the DELETE's snapshot: its file is deleted as unlisted, and the cascade takes the
+    new member with it, so the definition loses a file until its next listing (and the gate
+    counts one file fewer). SHARE waits for the writers in flight and holds new ones back
+    for the tidy's second or two. Take it first, before any row lock, so that no writer
+    waits on the tidy while holding what the tidy waits for."""
+    if conn.dialect.name != "sqlite":
+        conn.execute("LOCK TABLE members IN SHARE MODE")
 
 
 def _orphan_files(conn: Database, now: float) -> int:
@@ -83,7 +98,8 @@ def _orphan_files(conn: Database, now: float) -> int:
 def forget(conn: Database, def_id: int, catalog: str, definition: str, now: float) -> Tidied:
     """Drop definition ``def_id`` (``catalog:definition``) with its members, runs, watch
     rounds and watch schedule, then every file no definition lists any more and no unexpired
-    pin holds (as ``tidy``); the caller has checked that nothing is running on it."""
+    pin holds (as ``tidy``); the caller holds the members (``hold_members``) and has checked
+    that nothing is running on it."""
     runs = conn.execute("DELETE FROM runs WHERE definition_id = ?", (def_id,)).rowcount
     conn.execute("DELETE FROM members WHERE definition_id = ?", (def_id,))
     conn.execute("DELETE FROM definitions WHERE id = ?", (def_id,))

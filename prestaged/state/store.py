@@ -902,6 +902,7 @@ class Store:
         unfinished, or pins of prestaged's on its files have not expired (nothing could
         release them once forgotten), unless ``force``."""
         with self.transaction() as conn:
+            retention.hold_members(conn)
             row = conn.execute("SELECT id FROM definitions WHERE catalog = ? AND name = ?",
                                (catalog, definition)).fetchone()
             if row is None:
