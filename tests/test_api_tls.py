@@ -233,6 +233,68 @@ async def test_a_tls_key_that_cannot_be_the_daemons_is_refused_at_start(
     assert not (tmp_path / "state.db").exists()  # refused before anything was opened
 
 
+def _acl(path: Path, *entries: tuple[int, int, int]) -> None:
+    """Give ``path`` a POSIX ACL of its owner, group and other entries from its mode plus
+    ``entries`` (tag, permissions, id) and a read mask, as ``setfacl`` would (skipped where
+    the file system has no ACLs)."""
+    import errno
+    import os
+    import struct
+
+    nobody = 0xFFFFFFFF
+    mode = path.stat().st_mode
+    base = [(0x01, (mode >> 6) & 7, nobody), (0x04, (mode >> 3) & 7, nobody),
+            (0x10, 4, nobody), (0x20, mode & 7, nobody)]
+    data = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e)
+                                           for e in sorted([*base, *entries]))
+    try:
+        os.setxattr(path, "system.posix_acl_access", data)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            pytest.skip(f"no POSIX ACLs on {path.parent}")
+        raise
+
+
+@pytest.mark.parametrize(("who", "expected"), [
+    ("the daemon's user", None),
+    ("another user", "readable by others (an ACL entry for user 65534)"),
+    ("a group", "readable by others (an ACL entry for group 65534)"),
+    ("no ACL, mode 0440", "readable by others (mode 440)"),
+    ("a pipe", "not a regular file"),
+])
+def test_a_key_readable_by_the_daemons_user_alone_passes_even_by_an_acl(
+        pki: TestPKI, tmp_path: Path, who: str, expected: str | None) -> None:
+    """systemd's LoadCredential= may hand the key over as a 0400 root file with an ACL for the
+    service's user, whose mask shows as group bits (0440): that passes; an ACL for another user
+    or a group, real group bits, or a pipe (whose open would hang the start) are refused."""
+    import os
+
+    from prestaged.config import DaemonConfig
+    from prestaged.service.tls import server_tls
+
+    cert, key = pki.make_host_cert("127.0.0.1")
+    key.chmod(0o400)
+    if who == "the daemon's user":
+        _acl(key, (0x02, 4, os.getuid()))
+        assert key.stat().st_mode & 0o777 == 0o440
+    elif who == "another user":
+        _acl(key, (0x02, 4, 65534))
+    elif who == "a group":
+        _acl(key, (0x08, 4, 65534))
+    elif who == "a pipe":
+        key = tmp_path / "fifo"
+        os.mkfifo(key, 0o600)
+    else:
+        key.chmod(0o440)
+    cfg = DaemonConfig(tls_cert=cert, tls_key=key)
+    if expected is None:
+        assert server_tls(cfg) is not None
+        return
+    with pytest.raises(ConfigError) as err:
+        server_tls(cfg)
+    assert str(err.value).startswith(f"daemon.tls_key {key}: {expected}"), str(err.value)
+
+
 def _serial(pem: Path) -> int:
     return x509.load_pem_x509_certificate(pem.read_bytes()).serial_number
 

@@ -16,14 +16,16 @@ theirs. ``client_context`` is the CLI's: TLS 1.2 or later, verifying the daemon 
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import ssl
+import stat
 from pathlib import Path
 from typing import Optional, Union
 
 from prestaged.config import Config, DaemonConfig
 from prestaged.errors import ConfigError, CredentialError
-from prestaged.files import exposed_mode
+from prestaged.files import exposed_beyond
 from prestaged.net import client_ssl_context
 
 __all__ = ["ServerTLS", "client_context", "is_loopback", "require_tls", "server_host",
@@ -65,11 +67,17 @@ def _no_password() -> bytes:
 
 
 def _readable(key: str, path: Path) -> None:
+    """``ConfigError`` unless ``path`` is a regular file we may read (a pipe would hang the
+    start on its open)."""
     try:
-        with path.open("rb"):
-            pass
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise ConfigError(f"daemon.{key} {path}: cannot read: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"daemon.{key} {path}: not a regular file")
+    finally:
+        os.close(fd)
 
 
 def _context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -78,11 +86,11 @@ def _context(cert: Path, key: Path) -> ssl.SSLContext:
     _readable("tls_key", key)
     # Refused as token_file is: the key lets its reader pose as the daemon and collect the
     # token. Group-readable is refused too (0640 root:prestaged): give the daemon's user its
-    # own copy, or systemd's LoadCredential=.
-    mode = exposed_mode(key)
-    if mode is not None:
-        raise ConfigError(f"daemon.tls_key {key}: readable by others (mode {mode:o}); chmod "
-                          "600 it, owned by the daemon's user")
+    # own copy, or systemd's LoadCredential= (an ACL for the daemon's user alone passes).
+    exposed = exposed_beyond(key, os.getuid())
+    if exposed is not None:
+        raise ConfigError(f"daemon.tls_key {key}: readable by others ({exposed}); chmod 600 "
+                          "it, owned by the daemon's user")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = MIN_VERSION
     try:
