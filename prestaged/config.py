@@ -694,10 +694,26 @@ class DaemonConfig:
     """``[daemon]``: ``prestaged serve``'s HTTP listener and lifecycle."""
 
     listen: str = field(default="127.0.0.1:9464", metadata=check(_LISTEN))
-    """Address of the HTTP API and /metrics; loopback by default."""
+    """Address of the HTTP API and /metrics; loopback by default. Any other address requires
+    ``token_file`` and ``tls_cert``/``tls_key``."""
     token_file: Optional[Path] = None
     """File (mode 0600) holding the bearer token that mutating API calls must present;
     required whenever ``listen`` is not a loopback address."""
+    tls_cert: Optional[Path] = None
+    """PEM certificate (then any intermediates) the API and /metrics are served with over TLS
+    1.2 or later, e.g. the host certificate ``/etc/grid-security/hostcert.pem``; set with
+    ``tls_key``. Required whenever ``listen`` is not a loopback address: the bearer token
+    would cross the network in clear. Unset: plain HTTP. The CLI talks https when it is set.
+    Re-read on reload (SIGHUP) for new connections."""
+    tls_key: Optional[Path] = None
+    """The private key of ``tls_cert`` (PEM, unencrypted), in a file no group or other user
+    may read (0600 or 0400, as ``token_file``): whoever reads it can pose as the daemon to
+    the CLI and collect the bearer token."""
+    tls_ca: Optional[Path] = None
+    """CA file or hashed CA directory the CLI verifies the daemon's certificate against
+    (hostname checking on: the host of ``listen``, or this host's name for 0.0.0.0 and ::).
+    Unset: the grid CA directory of ``credentials.ca_dir`` (else ``$X509_CERT_DIR``, else
+    ``/etc/grid-security/certificates``), which holds the CA of a grid host certificate."""
     drain_timeout: Duration = field(default=Duration(30.0), metadata=check(_ZERO_TO_A_DAY))
     """On SIGTERM, how long running warms may go on before they are stopped (seconds)."""
     credential_check: Duration = field(default=Duration(30.0), metadata=check(_UP_TO_A_DAY))
@@ -711,6 +727,17 @@ class DaemonConfig:
     """Warm runs running at once: the runs of watches (and chunks) beyond them wait queued.
     An API request while this many are queued or running answers 429 (a request for a
     definition already queued or running joins that run instead)."""
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = (("tls_cert", "tls_key") if self.tls_key is None
+                              else ("tls_key", "tls_cert"))
+            raise ConfigError(f"daemon.{missing}: required with daemon.{given} (the API's "
+                              "certificate and its key, both PEM files)")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ConfigError("daemon.tls_ca: set without daemon.tls_cert, so the API is plain "
+                              "HTTP and nothing verifies against it; set daemon.tls_cert and "
+                              "daemon.tls_key too, or remove daemon.tls_ca")
 
 
 @dataclass(frozen=True)

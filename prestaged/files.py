@@ -11,12 +11,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 from pathlib import Path
 from typing import Optional, Union
 
 from prestaged.errors import ConfigError
 
-__all__ = ["exposed_mode", "file_stamp", "read_small", "read_small_text", "size_text"]
+__all__ = ["exposed_beyond", "exposed_mode", "file_stamp", "read_small", "read_small_text",
+           "size_text"]
 
 
 def read_small(path: Union[str, Path], limit: int) -> bytes:
@@ -84,3 +86,37 @@ def exposed_mode(path: Path) -> Optional[int]:
     except OSError:
         return None
     return mode if mode & 0o077 else None
+
+
+_ACL = "system.posix_acl_access"
+_ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK = 0x02, 0x04, 0x08, 0x10
+_ACL_ENTRY = struct.Struct("<HHI")  # tag, permissions, user or group id
+
+
+def exposed_beyond(path: Path, uid: int) -> Optional[str]:
+    """What lets a user other than ``path``'s owner and ``uid`` (root aside) at ``path``
+    (``"mode 640"``, ``"an ACL entry for user 1001"``), or None: nobody, or it cannot be looked
+    at. As ``exposed_mode``, but a POSIX ACL granting ``uid`` alone passes: the group bits of a
+    file with an ACL show its mask, not its group's access (systemd's ``LoadCredential=``
+    grants the service's user so on a file system with ACLs: a 0400 file reads as 0440)."""
+    mode = exposed_mode(path)
+    if mode is None or mode & 0o007:
+        return None if mode is None else f"mode {mode:o}"
+    try:
+        raw = os.getxattr(path, _ACL)
+    except (OSError, AttributeError):  # no ACL (or no xattrs here): the group bits are the group's
+        return f"mode {mode:o}"
+    if len(raw) < 4 or (len(raw) - 4) % _ACL_ENTRY.size:
+        return f"mode {mode:o}"
+    entries = [_ACL_ENTRY.unpack_from(raw, at) for at in range(4, len(raw), _ACL_ENTRY.size)]
+    mask = next((perm for tag, perm, _ in entries if tag == _ACL_MASK), 0o7)
+    for tag, perm, who in entries:
+        if not perm & mask:
+            continue
+        if tag == _ACL_GROUP_OBJ:
+            return "its group, by its ACL"
+        if tag == _ACL_GROUP:
+            return f"an ACL entry for group {who}"
+        if tag == _ACL_USER and who != uid:
+            return f"an ACL entry for user {who}"
+    return None

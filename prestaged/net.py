@@ -26,15 +26,17 @@ __all__ = ["BEARER_ERROR_MAX", "bearer_error", "client_ssl_context", "parse_retr
 _NOT_OPENSSL_DEFAULT = ssl.VERIFY_X509_STRICT | getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0)
 
 
-def client_ssl_context(capath: Optional[str] = None) -> ssl.SSLContext:
-    """``ssl.create_default_context(capath=capath)`` that verifies servers as OpenSSL does by
-    default, on every Python, as curl, gfal2/davix and XRootD do. Python 3.13 added
+def client_ssl_context(capath: Optional[str] = None,
+                       cafile: Optional[str] = None) -> ssl.SSLContext:
+    """``ssl.create_default_context(capath=capath, cafile=cafile)`` (the system's CAs when
+    neither is given) that verifies servers as OpenSSL does by default, on every Python, as
+    curl, gfal2/davix and XRootD do. Python 3.13 added
     ``VERIFY_X509_STRICT`` and ``VERIFY_X509_PARTIAL_CHAIN`` to that context: strict refuses
     certificates every grid client accepts (a CA whose basicConstraints is not critical, a
     host certificate without an authority key identifier), so a storage that the same user
     reaches with 3.9 would be unreachable with 3.13; partial chains would make any
     intermediate in the CA directory an anchor on 3.13 only."""
-    ctx = ssl.create_default_context(capath=capath)
+    ctx = ssl.create_default_context(capath=capath, cafile=cafile)
     ctx.verify_flags &= ~_NOT_OPENSSL_DEFAULT
     return ctx
 

@@ -12,6 +12,7 @@ import os
 import re
 import select
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -224,8 +225,9 @@ class InProcess:
     HTTP client of its API."""
 
     def __init__(self, daemon: ServiceDaemon, port: int, session: aiohttp.ClientSession,
-                 token: Optional[str]) -> None:
+                 token: Optional[str], scheme: str = "http") -> None:
         self.daemon, self.port, self.session, self.token = daemon, port, session, token
+        self.scheme = scheme
 
     async def http(self, method: str, path: str, body: Any = None, *,
                    token: Optional[str] = None) -> tuple[int, Any]:
@@ -234,7 +236,7 @@ class InProcess:
         headers = {}
         if token or self.token:
             headers["Authorization"] = f"Bearer {token or self.token}"
-        async with self.session.request(method, f"http://127.0.0.1:{self.port}{path}",
+        async with self.session.request(method, f"{self.scheme}://127.0.0.1:{self.port}{path}",
                                         json=body, headers=headers) as resp:
             text = await resp.text()
             return resp.status, json.loads(text) if text[:1] in ("{", "[") else text
@@ -255,9 +257,11 @@ class InProcess:
 
 
 @contextlib.asynccontextmanager
-async def in_process(config: Path, token: Optional[str] = None) -> AsyncIterator[InProcess]:
+async def in_process(config: Path, token: Optional[str] = None,
+                     tls: Optional[ssl.SSLContext] = None) -> AsyncIterator[InProcess]:
     """Run ``prestaged serve --config config`` as a ``Daemon`` in this event loop until the
-    block ends; then drain it and check that it exited 0."""
+    block ends; then drain it and check that it exited 0. ``tls``: the daemon serves https,
+    and the client verifies it with this context."""
     cfg = load_config(config)
     port = int(cfg.daemon.listen.rpartition(":")[2])
     daemon = ServiceDaemon(cfg, config)
@@ -270,8 +274,10 @@ async def in_process(config: Path, token: Optional[str] = None) -> AsyncIterator
             task.result()  # the start-up error
         raise AssertionError("the daemon did not start")
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as s:
-            yield InProcess(daemon, port, s, token)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE),
+                                         connector=None if tls is None else
+                                         aiohttp.TCPConnector(ssl=tls)) as s:
+            yield InProcess(daemon, port, s, token, "http" if tls is None else "https")
     finally:
         daemon.request_stop()
         assert await asyncio.wait_for(task, DEADLINE) == 0

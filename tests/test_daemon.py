@@ -307,6 +307,28 @@ def _refused_state(config: Path, code: int = 2) -> str:
     return res.stderr.strip()
 
 
+@pytest.mark.parametrize(("host", "token"), [("0.0.0.0", False), ("192.0.2.7", True)])
+def test_a_listener_beyond_loopback_without_tls_is_refused_at_start(
+        pki: TestPKI, proxy: Path, tmp_path: Path, host: str, token: bool) -> None:
+    """``daemon.listen`` beyond loopback without ``tls_cert`` (with a token file or without):
+    exit 2 with one line naming daemon.listen and the keys to set, before anything is opened
+    or bound (no state file). Neither address can be bound by a test: 0.0.0.0 goes without a
+    token file (which was refused already), 192.0.2.7 (TEST-NET-1) is no address of this
+    host."""
+    port = free_port()
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ken\n")
+    token_file.chmod(0o600)
+    config = write_config(tmp_path, pki, proxy, port, [],
+                          extra=f'token_file = "{token_file}"' if token else "")
+    config.write_text(config.read_text().replace(f'"127.0.0.1:{port}"', f'"{host}:{port}"'))
+    assert _refused_state(config) == (
+        f"prestaged: error: daemon.listen {host}:{port} is not loopback, and over plain HTTP "
+        "the bearer token would cross the network in clear: set daemon.tls_cert and "
+        "daemon.tls_key (e.g. the host certificate and key), or listen on 127.0.0.1")
+    assert state_files(tmp_path) == []
+
+
 def test_unreachable_postgresql_refused_at_start(pki: TestPKI, proxy: Path,
                                                   tmp_path: Path) -> None:
     """``[state] url`` naming a socket directory with no server: the daemon exits 69 (not 2,

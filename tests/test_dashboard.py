@@ -20,6 +20,7 @@ import re
 import shlex
 import shutil
 import socket
+import ssl
 import sys
 import time
 from collections import Counter
@@ -31,6 +32,7 @@ from typing import Any, Callable
 import pytest
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from conftest import exposed_metric_names, peer_missing
+from daemon_harness import in_process, write_config
 
 from prestaged.campaign.repository import SubmissionState
 from prestaged.credentials import inspect_proxy, load_credentials
@@ -526,7 +528,11 @@ def _free_port() -> int:
         return port
 
 
-def _config(target: str) -> str:
+def _config(target: str, tls_ca: Path | None = None) -> str:
+    """Prometheus's config scraping ``target`` every second, over https verified against
+    ``tls_ca`` when given (README's https variant)."""
+    https = (f"    scheme: https\n    tls_config: {{ca_file: '{tls_ca}'}}\n"
+             if tls_ca is not None else "")
     return (
         "global:\n"
         "  scrape_interval: 1s\n"
@@ -535,6 +541,7 @@ def _config(target: str) -> str:
         f"rule_files: ['{ALERT_RULES}']\n"
         "scrape_configs:\n"
         "  - job_name: prestaged\n"
+        f"{https}"
         f"    static_configs:\n      - targets: ['{target}']\n"
     )
 
@@ -578,9 +585,16 @@ async def _until(check: Callable[[], Awaitable[bool]], deadline: float) -> bool:
 @pytest.fixture
 async def prometheus(metrics_target: Target, tmp_path: Path) -> AsyncIterator[Prometheus]:
     """The Debian Prometheus on 127.0.0.1 scraping ``metrics_target`` every second, ready."""
+    async with _prometheus(_config(metrics_target.address), tmp_path) as prom:
+        yield prom
+
+
+@contextlib.asynccontextmanager
+async def _prometheus(config_text: str, tmp_path: Path) -> AsyncIterator[Prometheus]:
+    """The Debian Prometheus on 127.0.0.1 with config ``config_text``, ready."""
     binary = _prometheus_binary()
     config = tmp_path / "prometheus.yml"
-    config.write_text(_config(metrics_target.address))
+    config.write_text(config_text)
     listen = f"127.0.0.1:{_free_port()}"
     log = tmp_path / "prometheus.log"
     deadline = time.monotonic() + DEADLINE
@@ -700,3 +714,23 @@ async def test_alert_rules_evaluate_against_the_daemon(prometheus: Prometheus,
     assert re.fullmatch(rf"prestaged's proxy on {re.escape(metrics_target.address)} expires "
                         r"in 11h \d+m \d+s", proxy_alert["annotations"]["summary"]), proxy_alert
     assert not [a for a in alerts.values() if "error" in json.dumps(a["annotations"])]
+
+
+async def test_prometheus_scrapes_a_daemon_serving_tls(pki: TestPKI, proxy: Path,
+                                                       tmp_path: Path) -> None:
+    """README's https scrape config (``scheme: https``, ``tls_config: {ca_file}``) against the
+    daemon serving its API over TLS: the real Prometheus scrapes /metrics, checking the
+    certificate (the name 127.0.0.1 in it, the test CA)."""
+    cert, key = pki.make_host_cert("127.0.0.1")
+    listen = f"127.0.0.1:{_free_port()}"
+    config = write_config(tmp_path, pki, proxy, int(listen.rpartition(":")[2]), [],
+                          extra=f'tls_cert = "{cert}"\ntls_key = "{key}"\n')
+    trust = ssl.create_default_context(cafile=str(pki.ca_cert))
+    async with in_process(config, tls=trust), \
+            _prometheus(_config(listen, tls_ca=pki.ca_cert), tmp_path) as prom:
+
+        async def scraped() -> bool:
+            return (await prom.query('up{job="prestaged"}') == [1.0]
+                    and bool(await prom.query("prestaged_event_loop_lag_seconds_count")))
+
+        assert await _until(scraped, time.monotonic() + DEADLINE), prom.log_tail()

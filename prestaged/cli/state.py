@@ -29,8 +29,11 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         return _members(args, cfg)
     names = _names(args, cfg)
     rows = _daemon_status(args, cfg, names)
-    source = f"daemon http://{cfg.daemon.listen}"
-    if rows is None:
+    if rows is not None:
+        from prestaged.service.client import base_url
+
+        source = f"daemon {base_url(cfg)}"
+    else:
         store = open_store(args, cfg, must_exist=True)
         try:
             rows = []

@@ -41,6 +41,7 @@ import hmac
 import json
 import logging
 import re
+import ssl
 from collections.abc import Awaitable, Mapping
 from typing import Callable, Optional, Protocol, TypeVar
 
@@ -478,18 +479,29 @@ def _first_request_came(request: web.Request) -> None:
         timer.cancel()
 
 
-def _close_silent(handler: web.RequestHandler) -> None:
-    if _SILENT.pop(id(handler), None) is not None and handler.transport is not None:
+def _close_silent(handler: web.RequestHandler, loop: asyncio.AbstractEventLoop,
+                  late: bool = False) -> None:
+    if _SILENT.pop(id(handler), None) is None:
+        return
+    if handler.transport is not None:
         log.debug("API: closed a connection that sent no request within %g s",
                   REQUEST_DEADLINE)
         handler.force_close()
+    elif not late:
+        # Still in its TLS handshake (the handler has no transport before it ends), which the
+        # listener cuts off at this same deadline; one that ends between the two timers is
+        # looked at once more, later, so that it cannot stay open without a deadline.
+        _SILENT[id(handler)] = loop.call_later(REQUEST_DEADLINE, _close_silent, handler, loop,
+                                               True)
 
 
-async def serve(app: web.Application, host: str, port: int, *,
-                shutdown_timeout: float) -> tuple[web.AppRunner, asyncio.AbstractServer]:
-    """Serve ``app`` on ``host:port``: its runner (``cleanup()`` it) and its listener (close it
-    first). A connection that sends no whole request within ``REQUEST_DEADLINE`` of connecting
-    is closed, and so is a kept-alive one idle or trickling that long (aiohttp's
+async def serve(app: web.Application, host: str, port: int, *, shutdown_timeout: float,
+                tls: Optional[ssl.SSLContext] = None,
+                ) -> tuple[web.AppRunner, asyncio.AbstractServer]:
+    """Serve ``app`` on ``host:port``, over TLS with ``tls`` (None: plain HTTP): its runner
+    (``cleanup()`` it) and its listener (close it first). A connection that sends no whole
+    request within ``REQUEST_DEADLINE`` of connecting is closed, a TLS handshake not done by
+    then too, and so is a kept-alive one idle or trickling that long (aiohttp's
     ``keepalive_timeout``). ``OSError`` if the address cannot be had."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout,
                            keepalive_timeout=REQUEST_DEADLINE)
@@ -500,14 +512,19 @@ async def serve(app: web.Application, host: str, port: int, *,
 
     def connection() -> web.RequestHandler:
         handler = server()
-        _SILENT[id(handler)] = loop.call_later(REQUEST_DEADLINE, _close_silent, handler)
+        _SILENT[id(handler)] = loop.call_later(REQUEST_DEADLINE, _close_silent, handler, loop)
         return handler
 
     try:
-        return runner, await loop.create_server(connection, host, port, reuse_address=True)
+        if tls is None:
+            listener = await loop.create_server(connection, host, port, reuse_address=True)
+        else:  # asyncio's default handshake timeout is 60 s
+            listener = await loop.create_server(connection, host, port, reuse_address=True,
+                                                ssl=tls, ssl_handshake_timeout=REQUEST_DEADLINE)
     except OSError:
         await runner.cleanup()
         raise
+    return runner, listener
 
 
 def build_app(ports: ApiPorts) -> web.Application:

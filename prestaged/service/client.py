@@ -8,13 +8,20 @@ that goes wrong on the way, is a ``DaemonError`` (exit 69) naming the daemon and
 never taken for "no daemon", which would send a hold or cancel to a different database than
 the one the daemon uses. Every call sends the bearer token from ``daemon.token_file`` when set
 (a read goes without it when the file cannot be read).
+
+With ``daemon.tls_cert`` set the daemon serves https, and so the client talks it, verifying
+the daemon's certificate (``tls.client_context``) for the host of ``daemon.listen``. A
+certificate that does not verify is a ``CredentialError`` (exit 3) naming what was trusted,
+never "no daemon"; the token is never sent over plain HTTP beyond loopback.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import socket
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any, Optional
@@ -23,10 +30,13 @@ from prestaged.config import Config
 from prestaged.errors import (
     ConfigError,
     ConflictError,
+    CredentialError,
     DaemonError,
     NotFoundError,
+    PrestagedError,
     error_for_exit,
 )
+from prestaged.service.tls import client_context, is_loopback, server_host
 
 __all__ = ["base_url", "call"]
 
@@ -37,8 +47,12 @@ TIMEOUT = 10.0
 
 
 def base_url(cfg: Config) -> str:
-    """``http://<daemon.listen>``."""
-    return f"http://{cfg.daemon.listen}"
+    """``http://<daemon.listen>``, or ``https://`` when ``daemon.tls_cert`` is set: then with
+    the host the certificate must name (``tls.server_host``: this host's name for 0.0.0.0)."""
+    listen = cfg.daemon.listen
+    if cfg.daemon.tls_cert is None:
+        return f"http://{listen}"
+    return f"https://{server_host(listen)}:{listen.rpartition(':')[2]}"
 
 
 def _token(cfg: Config, *, required: bool) -> Optional[str]:
@@ -65,33 +79,82 @@ def call(cfg: Config, method: str, path: str, body: Optional[dict[str, Any]] = N
     not answer within ``timeout`` seconds (default ``TIMEOUT``), or answers with something that
     is not JSON."""
     url = base_url(cfg) + path
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    # Reads send the token too when it can be read: runs and commands' output need it.
-    token = _token(cfg, required=method != "GET")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
+    tls, trusted = client_context(cfg) if cfg.daemon.tls_cert is not None else (None, "")
+    req = _request(cfg, url, method, body, in_clear=tls is None)
     try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT if timeout is None else timeout) as resp:
+        with urllib.request.urlopen(req, timeout=TIMEOUT if timeout is None else timeout,
+                                    context=tls) as resp:
             payload = resp.read()
     except urllib.error.HTTPError as e:
         _raise(e.code, e.read(), url, f"{method} {path}")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
         if isinstance(reason, ConnectionRefusedError):
             log.debug("no daemon at %s: %s", url, reason)
             return None
-        raise DaemonError(f"the daemon at {base_url(cfg)} (daemon.listen) did not answer "
-                             f"{method} {path}: {_describe(reason)}; is it overloaded or "
-                             "stuck? --state FILE works on a state file instead") from None
+        raise _failure(cfg, reason, trusted, f"{method} {path}") from None
     try:
         return json.loads(payload)
     except ValueError:
         raise DaemonError(f"{base_url(cfg)} (daemon.listen) answered {method} {path}, but "
                              "not with JSON: is something else listening there? --state FILE "
                              "works on a state file instead") from None
+
+
+def _request(cfg: Config, url: str, method: str, body: Optional[dict[str, Any]], *,
+             in_clear: bool) -> urllib.request.Request:
+    """The request of ``call``, with the bearer token when it can be read (reads send it too:
+    runs and commands' output need it); ``ConfigError`` rather than the token ``in_clear``
+    (plain HTTP) beyond loopback."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    token = _token(cfg, required=method != "GET")
+    if token:
+        if in_clear and not is_loopback(cfg.daemon.listen):
+            raise ConfigError(f"daemon.listen {cfg.daemon.listen} is not loopback and "
+                              "daemon.tls_cert is not set: not sending the bearer token there "
+                              "in clear; set daemon.tls_cert and daemon.tls_key as the daemon "
+                              "has them")
+        req.add_header("Authorization", f"Bearer {token}")
+    return req
+
+
+def _failure(cfg: Config, e: object, trusted: str, asked: str) -> PrestagedError:
+    """The error for a call that got no answer: never "no daemon" (see ``call``)."""
+    where = f"the daemon at {base_url(cfg)} (daemon.listen)"
+    if isinstance(e, ssl.SSLError):  # it is there, but not trusted or not speaking TLS
+        return _tls_failure(where, e, cfg, trusted, asked)
+    if isinstance(e, http.client.HTTPException) and not isinstance(e, ConnectionError):
+        return DaemonError(f"{where} answered {asked}, but not with HTTP: is something else "
+                           "listening there? --state FILE works on a state file instead")
+    # A daemon serving https closes a connection that speaks HTTP in clear without a word.
+    https = (" or serving https (daemon.tls_cert)" if isinstance(e, ConnectionError)
+             and cfg.daemon.tls_cert is None else "")
+    return DaemonError(f"{where} did not answer {asked}: {_describe(e)}; is it overloaded or "
+                       f"stuck{https}? --state FILE works on a state file instead")
+
+
+_NAME_MISMATCH = {62, 64}
+"""OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH."""
+
+
+def _tls_failure(where: str, e: ssl.SSLError, cfg: Config, trusted: str,
+                 asked: str) -> PrestagedError:
+    """The error for a TLS failure with the daemon: a certificate that does not verify is a
+    ``CredentialError`` (exit 3) saying what to fix; any other, a ``DaemonError`` (exit 69)."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        why = str(e.verify_message or e.reason).rstrip(".")
+        if e.verify_code in _NAME_MISMATCH:
+            fix = (f"daemon.tls_cert must name {server_host(cfg.daemon.listen)}, the host "
+                   "daemon.listen is reached at")
+        else:
+            fix = "set daemon.tls_ca to the CA that issued daemon.tls_cert"
+        return CredentialError(f"{where}: its certificate does not verify ({why}) against "
+                               f"{trusted}; {fix}")
+    return DaemonError(f"TLS with {where} failed {asked}: {e.reason or e}; does it serve https "
+                       "(daemon.tls_cert)? --state FILE works on a state file instead")
 
 
 def _describe(e: object) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import logging
 import signal
 import ssl
@@ -53,6 +52,7 @@ from prestaged.service.coalesce import Coalesced
 from prestaged.service.naming import open_requested
 from prestaged.service.runs import RunInfo, Runs
 from prestaged.service.sdnotify import Notifier
+from prestaged.service.tls import ServerTLS, is_loopback, server_tls
 from prestaged.service.toucher import SharedToucher
 from prestaged.service.watches import Watches
 from prestaged.state.cluster import members as cluster_members
@@ -73,20 +73,10 @@ TIDY_FIRST = 600.0
 """Seconds after start of the daemon's first state tidy (``state.tidy_every`` if shorter)."""
 
 
-def _is_loopback(listen: str) -> bool:
-    host = listen.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _read_token(path: Optional[Path], listen: str) -> Optional[str]:
     """The bearer token, required (from a 0600 file) when the listener is not loopback-only."""
     if path is None:
-        if _is_loopback(listen):
+        if is_loopback(listen):
             return None
         raise ConfigError(f"daemon.listen {listen} is not loopback: set daemon.token_file to a "
                           "0600 file holding the bearer token for mutating API calls")
@@ -157,6 +147,7 @@ class Daemon:
         self._chunk_task: Optional[asyncio.Task[None]] = None
         self._runner: Optional[web.AppRunner] = None
         self._listener: Optional[asyncio.AbstractServer] = None
+        self._tls: Optional[ServerTLS] = None
         self._proxy_stamp: Optional[tuple[int, int, int]] = None
         self._paused = False
 
@@ -177,8 +168,9 @@ class Daemon:
             self.notifier.ready()
             self._status()
             ev.started.set()
-            log.info("prestaged %s serving on http://%s, %d watched definitions", __version__,
-                     self.cfg.daemon.listen, len(self.cfg.watch))
+            log.info("prestaged %s serving on %s://%s, %d watched definitions", __version__,
+                     "http" if self._tls is None else "https", self.cfg.daemon.listen,
+                     len(self.cfg.watch))
             await self._serve(ev)
             return 0
         finally:
@@ -216,6 +208,8 @@ class Daemon:
     async def _start(self) -> None:
         cfg, ev = self.cfg, self._events
         assert ev is not None
+        # First: a listener beyond loopback without TLS is refused before anything is opened.
+        self._tls = server_tls(cfg.daemon)
         self.token = _read_token(cfg.daemon.token_file, cfg.daemon.listen)
         store = self._store = await asyncio.to_thread(self.ctx.open_store)
         await asyncio.to_thread(store.check)  # a service writes for months: not into damage
@@ -292,7 +286,8 @@ class Daemon:
         # aiohttp's default 60 s, past systemd's TimeoutStopSec after the drain.
         try:
             self._runner, self._listener = await serve(
-                build_app(ports), host.strip("[]"), int(port), shutdown_timeout=SHUTDOWN_GRACE)
+                build_app(ports), host.strip("[]"), int(port), shutdown_timeout=SHUTDOWN_GRACE,
+                tls=self._tls.context if self._tls is not None else None)
         except OSError as e:
             raise ConfigError(f"daemon.listen {self.cfg.daemon.listen}: {e.strerror}") from None
 
@@ -402,11 +397,26 @@ class Daemon:
                 self._store.keep_runs = cfg.state.keep_runs
             if self._live is not None:
                 self._live.watches.apply(cfg)
+            self._reload_tls()
             log.info("reloaded %s: %d watched definitions", self.config_path or "defaults",
                      len(cfg.watch))
         await self._check_credentials(force=True)
         self.notifier.ready()
         self._status()
+
+    def _reload_tls(self) -> None:
+        """New API connections get the certificate and key ``daemon.tls_cert``/``tls_key``
+        name now; one that cannot be used keeps the one in use. Switching between http and
+        https takes a restart: the listener is not rebound (nor is ``listen`` changed)."""
+        tls, daemon = self._tls, self.cfg.daemon
+        if (tls is None) != (daemon.tls_cert is None):
+            log.warning("reload: setting or unsetting daemon.tls_cert takes a restart; the "
+                        "API is still served over %s", "http" if tls is None else "https")
+        elif tls is not None:
+            try:
+                tls.reload(daemon)
+            except ConfigError as e:
+                log.error("reload: %s; keeping the API's certificate in use", e)
 
     # --- credentials --------------------------------------------------------------------------
 

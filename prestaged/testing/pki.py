@@ -318,6 +318,14 @@ def _load_key(path: Path) -> _Key:
     return key
 
 
+def _san(name: str) -> x509.GeneralName:
+    """A subjectAltName entry: an IP address when ``name`` is one, else a DNS name."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
 def _cn_dir(cn: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", cn).strip("_") or "user"
 
@@ -467,11 +475,13 @@ class TestPKI:
         )
 
     def make_host_cert(self, *names: str) -> tuple[Path, Path]:
-        """A server certificate and key for DNS ``names`` only, from the test CA: a server
-        that presents it on 127.0.0.1 has a certificate that does not match its name."""
+        """A server certificate and key (mode 0600) for ``names`` only, from the test CA: DNS
+        names, and IP addresses for names that are one (``"127.0.0.1"``). A server that
+        presents one without ``127.0.0.1`` there has a certificate that does not match its
+        name on 127.0.0.1."""
         ca_cert = x509.load_pem_x509_certificate(self.ca_cert.read_bytes())
         ca_key = _load_key(self.ca_key)
-        san = x509.SubjectAlternativeName([x509.DNSName(n) for n in names])
+        san = x509.SubjectAlternativeName([_san(n) for n in names])
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
         cert, key = _make_end_entity(subject, ca_cert, ca_key, ExtendedKeyUsageOID.SERVER_AUTH,
                                      san)
