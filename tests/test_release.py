@@ -93,6 +93,13 @@ def _pinned_rows(backend: Backend) -> int:
         "SELECT COUNT(*) FROM files WHERE pinned_until IS NOT NULL")[0][0])
 
 
+def _staging_rows(backend: Backend) -> int:
+    """Files of the state whose stage request is open (not landed, not ended)."""
+    return int(backend.query(
+        "SELECT COUNT(*) FROM files WHERE stage_request IS NOT NULL AND staged_at IS NULL "
+        "AND stage_ended IS NULL")[0][0])
+
+
 def test_release_drops_the_pins_a_warm_made_and_a_second_release_finds_none(
     site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
 ) -> None:
@@ -205,8 +212,11 @@ def _seed_pins(backend: Backend, uri: str) -> str:
                 for i in range(4)]
         store.add_members("samweb", "ds", refs)
         for i, ref in enumerate(refs):
-            store.note_tape(ref.url, TapeInfo("TAPE", "a-ok" if i < 2 else "b-no", uri, None,
-                                              4e9))
+            request = "a-ok" if i < 2 else "b-no"
+            store.note_tape(ref.url, TapeInfo("TAPE", request, uri, requested_at=1e9,
+                                              lifetime=3e9), wanted_by=("samweb", "ds"))
+            store.note_tape(ref.url, TapeInfo("TAPE", request, uri, staged_at=1e9,
+                                              pinned_until=4e9))
         store.flush()
     finally:
         store.close()
@@ -366,13 +376,14 @@ def test_a_warm_killed_while_its_files_come_back_from_tape_leaves_their_pins_rel
             warm.communicate(timeout=DEADLINE)
         finally:
             warm.kill()
-        assert _pinned_rows(backend) == 3, "the stage request's id is not in the state"
+        assert _staging_rows(backend) == 3, "the stage request's id is not in the state"
+        assert _pinned_rows(backend) == 0  # a pin's end is known once the file lands
 
         res = _cli(pki, proxy, tmp_path, "release", str(definition), "--json", backend=backend)
         assert res.returncode == 0, res.stderr
         assert (json.loads(res.stdout)["files"], json.loads(res.stdout)["requests"]) == (3, 1)
         assert site.stats()["requests"]["frontend:release"] == 1
-        assert _pinned_rows(backend) == 0
+        assert _staging_rows(backend) == 0  # released: that stage ended
 
 
 def test_a_proxy_that_expires_while_files_come_back_from_tape_stops_the_run_naming_it(
