@@ -3,18 +3,26 @@ campaign stage's ``release_after_complete``.
 
 A file staged from tape stays pinned on disk until its pin expires (``storage.pin_lifetime``,
 24 h by default), whether or not its jobs still need it. Releasing tells the storage early that
-they do not. Everything comes from the state, never from the catalog: every member file of the
-definition whose row holds a pin (``pinned_until``) is released with ``POST
-{stage_uri}/release/{stage_request}`` naming its namespace path (``namespace_path`` with
-``storage.path_map``, as it was staged), one POST per stage request (at most ``STAGE_LIMIT``
-paths each), and once the storage has accepted a request's POST its files' ``pinned_until``
-is cleared in the state. A request the storage no longer knows (404) counts as released.
+they do not. Everything comes from the state, never from the catalog.
 
-A refusal (401/403: ``CredentialError``, exit 3; anything else: ``TapeRestError``, exit 5)
-stops there: what was released before it is recorded, the rest keeps its pins in the state, so
-releasing again picks up where it stopped. A file of two definitions holds the pin of whichever
-run staged it last: releasing one definition releases it for the other too. Releasing evicts
-nothing: the file stays on disk until the storage's LRU sweeper takes it.
+Pins belong to definitions: the state records, per member file, the stage request whose pin
+that definition relies on (its run made the request, or adopted or followed another run's
+request for the file). Releasing a definition hands back what it relies on, one stage request
+after another, naming each file by its namespace path (``namespace_path`` with
+``storage.path_map``, as it was staged), at most ``STAGE_LIMIT`` paths a POST:
+
+* a pin another definition relies on too is kept on the storage for it (the report says which
+  and for whom); this definition no longer relies on it, so that one's release frees it;
+* the others are released (``POST {stage_uri}/release/{id}``), landed or not;
+* once the storage accepted a request's POST, the state records it: the definition no longer
+  relies on those pins, released files have no ``pinned_until``, and the stage of those not
+  landed ended.
+
+dCache answers 200 to every release (a fire-and-forget bulk request), so a request the storage
+no longer knows is released too. A refusal (401/403: ``CredentialError``, exit 3; anything
+else: ``TapeRestError``, exit 5) stops there: what was released before it is recorded, the
+rest is still relied on in the state, so releasing again picks up where it stopped. Releasing
+evicts nothing: the file stays on disk until the storage's LRU sweeper takes it.
 """
 
 from __future__ import annotations
@@ -42,23 +50,27 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Released:
-    """What was released at one Tape REST endpoint."""
+    """What was released at one Tape REST endpoint: ``files`` released in ``requests`` stage
+    requests (one release POST each, or more past ``STAGE_LIMIT``)."""
 
     uri: str
     files: int
     requests: int
-    """Stage requests whose pins were released (one POST each, or more past ``STAGE_LIMIT``)."""
 
 
 @dataclass(frozen=True)
 class ReleaseReport:
     """What releasing a definition's pins did: per endpoint, in the order released; empty when
-    nothing was pinned. ``left``: pinned files not released because it was stopped early."""
+    nothing was pinned. ``left``: pins not released because it was stopped early. ``kept``:
+    pins left on the storage because the definitions ``kept_for`` (``catalog:name``) rely on
+    them too; this one no longer does."""
 
     catalog: str
     definition: str
     endpoints: tuple[Released, ...] = ()
     left: int = 0
+    kept: int = 0
+    kept_for: tuple[str, ...] = ()
 
     @property
     def files(self) -> int:
@@ -73,12 +85,15 @@ class ReleaseReport:
     def summary(self) -> str:
         """One line for people."""
         name = f"{self.catalog}:{self.definition}"
-        if not self.endpoints and not self.left:
+        if not self.endpoints and not self.left and not self.kept:
             return f"{name}: nothing pinned (no stage request of prestaged holds a pin on its " \
                    "files)"
         done = "; ".join(f"{e.uri}: {_n(e.files, 'file')} in {_n(e.requests, 'request')}"
                          for e in self.endpoints) or "nothing"
         tail = f"; stopped with {_n(self.left, 'file')} still pinned" if self.left else ""
+        if self.kept:
+            tail += (f"; kept {_n(self.kept, 'pin')} that {_names(self.kept_for)} "
+                     f"{'relies' if len(self.kept_for) == 1 else 'rely'} on too")
         # The URIs are the frontends' own words (their discovery documents): escaped.
         return printable(f"{name}: released {done}{tail}")
 
@@ -86,8 +101,19 @@ class ReleaseReport:
         """JSON-ready form, with the totals."""
         return {"catalog": self.catalog, "definition": self.definition, "files": self.files,
                 "requests": self.requests, "left": self.left,
+                "kept": self.kept, "kept_for": list(self.kept_for),
                 "endpoints": [{"uri": e.uri, "files": e.files, "requests": e.requests}
                               for e in self.endpoints]}
+
+
+KEPT_NAMES = 3
+"""Definitions named in a summary's "kept" part; more are counted."""
+
+
+def _names(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:KEPT_NAMES])
+    more = len(names) - KEPT_NAMES
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def _n(count: int, noun: str) -> str:
@@ -102,8 +128,8 @@ class ReleaseFn(Protocol):
 
 
 def pinned(store: Store, catalog: str, definition: str) -> list[Pin]:
-    """The pins recorded on ``definition``'s files (blocking: call it in a worker thread from
-    the event loop); ``CatalogError`` (exit 4, as ``status``) when the state has no such
+    """The pins ``definition`` relies on (``Store.pins``; blocking: call it in a worker thread
+    from the event loop); ``CatalogError`` (exit 4, as ``status``) when the state has no such
     definition."""
     pins = store.pins(catalog, definition)
     if pins is None:
@@ -117,23 +143,28 @@ async def release_pins(store: Store, access: TapeAccess, catalog: str, definitio
                        pins: Sequence[Pin], *,
                        stop: Optional[asyncio.Event] = None) -> ReleaseReport:
     """Release ``pins`` (``pinned``'s answer for ``catalog:definition``) through ``access``
-    (open), one stage request after another, clearing each request's pins in ``store`` once the
-    storage accepted its release; see the module for refusals. Setting ``stop`` ends it between
-    two requests (``ReleaseReport.left`` counts what is still pinned)."""
+    (open), one stage request after another: those no other definition relies on are
+    released, the others kept for those definitions; the
+    state records each request once the storage accepted it. See the module for refusals.
+    Setting ``stop`` ends it between two requests (``ReleaseReport.left`` counts what is still
+    pinned)."""
     groups: dict[tuple[str, str], list[Pin]] = {}
     for pin in pins:
         groups.setdefault((pin.uri, pin.request), []).append(pin)
     done: dict[str, list[int]] = {}  # uri -> [files, requests]
+    kept: list[Pin] = []
     left = len(pins)
     try:
-        for (uri, request), group in groups.items():
+        for (uri, _), group in groups.items():
             if stop is not None and stop.is_set():
                 break
-            await _release_request(access, uri, request, group)
-            await asyncio.to_thread(store.unpinned, group)
-            tally = done.setdefault(uri, [0, 0])
-            tally[0] += len(group)
-            tally[1] += 1
+            released, kept_here = await _release_group(store, access, catalog, definition,
+                                                       group)
+            kept += kept_here
+            if released:
+                tally = done.setdefault(uri, [0, 0])
+                tally[0] += len(released)
+                tally[1] += 1
             left -= len(group)
     except PrestagedError:
         if left < len(pins):
@@ -142,7 +173,28 @@ async def release_pins(store: Store, access: TapeAccess, catalog: str, definitio
                         len(pins) - left, len(pins))
         raise
     return ReleaseReport(catalog, definition,
-                         tuple(Released(uri, f, r) for uri, (f, r) in done.items()), left)
+                         tuple(Released(uri, f, r) for uri, (f, r) in done.items()), left,
+                         len(kept), tuple(sorted({o for p in kept for o in p.others})))
+
+
+async def _release_group(store: Store, access: TapeAccess, catalog: str, definition: str,
+                         group: Sequence[Pin]) -> tuple[list[Pin], list[Pin]]:
+    """Release the pins of one stage request that no other definition relies on, keep the
+    others, and record it; (released, kept)."""
+    mine = [p for p in group if not p.others]
+    theirs = [p for p in group if p.others]
+    released: list[Pin] = []
+    kept: list[Pin] = []
+    while mine or theirs:
+        if mine:
+            await _release_request(access, mine[0].uri, mine[0].request, mine)
+            released += mine
+        # The others may have released theirs meanwhile, each keeping it for this one: those
+        # nobody relies on any more are this one's to release after all.
+        orphans = await asyncio.to_thread(store.unpinned, catalog, definition, mine, theirs)
+        kept += [p for p in theirs if p not in orphans]
+        mine, theirs = orphans, []
+    return released, kept
 
 
 async def _release_request(access: TapeAccess, uri: str, request: str,

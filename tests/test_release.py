@@ -93,11 +93,10 @@ def _pinned_rows(backend: Backend) -> int:
         "SELECT COUNT(*) FROM files WHERE pinned_until IS NOT NULL")[0][0])
 
 
-def _staging_rows(backend: Backend) -> int:
-    """Files of the state whose stage request is open (not landed, not ended)."""
+def _relied_on(backend: Backend) -> int:
+    """Memberships that rely on a stage request's pin (landed or not)."""
     return int(backend.query(
-        "SELECT COUNT(*) FROM files WHERE stage_request IS NOT NULL AND staged_at IS NULL "
-        "AND stage_ended IS NULL")[0][0])
+        "SELECT COUNT(*) FROM members WHERE pin_request IS NOT NULL")[0][0])
 
 
 def test_release_drops_the_pins_a_warm_made_and_a_second_release_finds_none(
@@ -117,10 +116,11 @@ def test_release_drops_the_pins_a_warm_made_and_a_second_release_finds_none(
     doc = json.loads(res.stdout)
     assert (doc["files"], doc["requests"], doc["left"]) == (7, 3, 0)
     assert doc["endpoints"] == [{"uri": site.tape_api_url, "files": 7, "requests": 3}]
+    assert (doc["kept"], doc["kept_for"]) == (0, [])
     assert doc["definition"] == str(definition.resolve()) and doc["catalog"] == "local"
     assert all(not site.replica(p).pins for p in paths)
     assert site.stats()["requests"]["frontend:release"] == 3
-    assert _pinned_rows(backend) == 0
+    assert _pinned_rows(backend) == 0 and _relied_on(backend) == 0
 
     again = _cli(pki, proxy, tmp_path, "release", str(definition), backend=backend)
     assert again.returncode == 0, again.stderr
@@ -177,6 +177,72 @@ def test_release_of_a_definition_the_state_does_not_know_is_exit_4(
     assert len(lines) == 1, res.stderr
     assert "'never-warmed' (catalog samweb) has no record in state" in lines[0]
     assert backend.where in lines[0]
+
+
+# --- pins per definition -----------------------------------------------------------------
+
+
+def _two_definitions(site: ThreadedDCache, tmp_path: Path) -> tuple[Path, Path]:
+    """A (a1, shared) and B (shared, b1): three tape-only files on one tape."""
+    for p in ("/pnfs/p/a1", "/pnfs/p/shared", "/pnfs/p/b1"):
+        site.add_file(p, 10, Locality.TAPE, tape="T1")
+    a, b = tmp_path / "A.txt", tmp_path / "B.txt"
+    a.write_text(f"{site.door_url('/pnfs/p/a1')}\n{site.door_url('/pnfs/p/shared')}\n")
+    b.write_text(f"{site.door_url('/pnfs/p/shared')}\n{site.door_url('/pnfs/p/b1')}\n")
+    return a, b
+
+
+def test_release_never_frees_a_pin_the_definition_did_not_ask_for(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
+) -> None:
+    """A staged the shared file; B's run found it on disk (pinned by A's request) and staged
+    only b1. `release B` frees b1 alone: the shared file keeps A's pin, which A's jobs were
+    promised; `release A` frees it."""
+    a, b = _two_definitions(site, tmp_path)
+    assert _cli(pki, proxy, tmp_path, "warm", str(a), "-q", backend=backend).returncode == 0
+    (first,) = site.replica("/pnfs/p/shared").pins
+    assert _cli(pki, proxy, tmp_path, "warm", str(b), "-q", backend=backend).returncode == 0
+    res = _cli(pki, proxy, tmp_path, "release", str(b), "--json", backend=backend)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert (doc["files"], doc["requests"], doc["kept"]) == (1, 1, 0)
+    assert list(site.replica("/pnfs/p/shared").pins) == [first]
+    assert not site.replica("/pnfs/p/b1").pins
+
+    res = _cli(pki, proxy, tmp_path, "release", str(a), "--json", backend=backend)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["files"] == 2
+    assert not site.replica("/pnfs/p/shared").pins and not site.replica("/pnfs/p/a1").pins
+
+
+def test_release_keeps_a_pin_another_definition_relies_on(
+    pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
+) -> None:
+    """A's run gave up while the tape mounts, its request open; B's run followed that request
+    for the shared file and made one for b1, and gave up too. `release B` releases b1's
+    request only and keeps A's request for the shared file, saying so and for whom; `release
+    A` then releases A's request."""
+    with _recalling(pki) as site:
+        a, b = _two_definitions(site, tmp_path)
+        for definition in (a, b):
+            res = _cli(pki, proxy, tmp_path, "wait", str(definition), "--timeout", "300ms",
+                       backend=backend)
+            assert res.returncode == 1, res.stderr
+        assert site.stats()["requests"]["frontend:stage"] == 2  # B followed A's for shared
+        res = _cli(pki, proxy, tmp_path, "release", str(b), "--json", backend=backend)
+        assert res.returncode == 0, res.stderr
+        doc = json.loads(res.stdout)
+        assert (doc["files"], doc["requests"]) == (1, 1)
+        assert (doc["kept"], doc["kept_for"]) == (1, [f"local:{a.resolve()}"])
+        assert len([c for c in site.stats()["frontend_calls"] if "/release/" in c]) == 1
+        text = _cli(pki, proxy, tmp_path, "release", str(b), backend=backend)
+        assert "nothing pinned" in text.stdout  # B relies on nothing any more
+
+        res = _cli(pki, proxy, tmp_path, "release", str(a), "--json", backend=backend)
+        assert res.returncode == 0, res.stderr
+        assert (json.loads(res.stdout)["files"], json.loads(res.stdout)["kept"]) == (2, 0)
+        assert len({c for c in site.stats()["frontend_calls"] if "/release/" in c}) == 2
+        assert _relied_on(backend) == 0
 
 
 # --- a frontend that refuses one request's release ------------------------------------------
@@ -348,6 +414,43 @@ async def test_a_failed_release_is_logged_and_the_submission_still_completes(
     assert backend.url is None or state_files(tmp_path) == []
 
 
+async def test_a_slice_whose_pins_another_definition_relies_on_says_it_kept_them(
+    tmp_path: Path
+) -> None:
+    """release_after_complete on a slice whose pins another definition relies on too: the
+    completed submission's reason says they were kept, and for whom (not "nothing pinned")."""
+    from prestaged.campaign.runner import run_campaign
+    from prestaged.campaign.spec import parse_campaign
+    from prestaged.catalog import Catalog
+    from prestaged.catalog.local import LocalCatalog
+    from prestaged.gate import GateResult
+    from prestaged.pins import Released, ReleaseReport
+    from prestaged.state.store import Store
+
+    async def gate(catalog: Catalog, ready: float, timeout: float, retry: float) -> GateResult:
+        return GateResult(catalog.name, catalog.definition, ready, 1, 1, 1, 0.0, 0, "ready")
+
+    async def release(catalog: Catalog) -> ReleaseReport:
+        return ReleaseReport(catalog.name, catalog.definition,
+                             (Released("https://fe/api/v1/tape", 1, 1),), 0, 2,
+                             ("local:/other.txt",))
+
+    ds = tmp_path / "ds.txt"
+    ds.write_text("https://127.0.0.1:1/pnfs/a\n")
+    ok = _q(sys.executable, "-c", "pass")
+    cfg = parse_campaign(f'name = "c"\n[[stage]]\nname = "s"\ninput = {json.dumps(str(ds))}\n'
+                         f"submit = {json.dumps(ok)}\ncomplete = {json.dumps(ok)}\n"
+                         "release_after_complete = true\n", tmp_path / "c.toml")
+    with Store(tmp_path / "state.db") as store:
+        result = await run_campaign(cfg, store, gate=gate, open_catalog=LocalCatalog,
+                                    workdir=tmp_path / "work", release=release)
+        with store.transaction() as conn:
+            (reason,) = conn.execute("SELECT reason FROM campaign_submissions").fetchone()
+    assert result.exit_code == 0, result
+    assert reason.endswith("; pins released: 1 file(s) in 1 request(s); 2 pin(s) kept for "
+                           "local:/other.txt"), reason
+
+
 def test_a_warm_killed_while_its_files_come_back_from_tape_leaves_their_pins_releasable(
     pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
 ) -> None:
@@ -376,14 +479,15 @@ def test_a_warm_killed_while_its_files_come_back_from_tape_leaves_their_pins_rel
             warm.communicate(timeout=DEADLINE)
         finally:
             warm.kill()
-        assert _staging_rows(backend) == 3, "the stage request's id is not in the state"
+        assert _relied_on(backend) == 3, "the stage request's id is not in the state"
         assert _pinned_rows(backend) == 0  # a pin's end is known once the file lands
 
         res = _cli(pki, proxy, tmp_path, "release", str(definition), "--json", backend=backend)
         assert res.returncode == 0, res.stderr
-        assert (json.loads(res.stdout)["files"], json.loads(res.stdout)["requests"]) == (3, 1)
+        doc = json.loads(res.stdout)
+        assert (doc["files"], doc["requests"]) == (3, 1)
         assert site.stats()["requests"]["frontend:release"] == 1
-        assert _staging_rows(backend) == 0  # released: that stage ended
+        assert _relied_on(backend) == 0
 
 
 def test_a_proxy_that_expires_while_files_come_back_from_tape_stops_the_run_naming_it(

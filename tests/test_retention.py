@@ -164,6 +164,27 @@ def test_forget_refuses_what_is_still_in_use(backend: Backend) -> None:
     assert _file_ids(backend) == {url_id(_refs("a", 2)[0].url)}
 
 
+def test_forget_leaves_a_pin_another_definition_relies_on_to_that_one(backend: Backend) -> None:
+    """A pin two definitions rely on does not hold forget back: the other one's release frees
+    it. Once that one alone relies on it, forgetting it is refused."""
+    store = backend.store().open()
+    try:
+        shared = _refs("s", 1)
+        _run(store, "a", shared)
+        _run(store, "b", shared)
+        for definition in ("a", "b"):
+            _landed(store, shared[0].url, "req-5", "local", definition, time.time() + 3600)
+        store.flush()
+        assert store.forget("local", "a").runs == 1
+        pins = store.pins("local", "b")
+        assert pins is not None and [(p.request, p.others) for p in pins] == [("req-5", ())]
+        with pytest.raises(ConflictError, match=r"1 of its files are pinned on disk by "
+                                                r"prestaged's stage requests .*for it alone"):
+            store.forget("local", "b")
+    finally:
+        store.close()
+
+
 def test_forget_from_the_command_line(backend: Backend, tmp_path: Path) -> None:
     """`prestaged forget` names what it dropped (text and --json), exits 4 for an unknown
     definition, and refuses a definition the config watches (exit 2) unless --force; a local

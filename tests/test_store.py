@@ -406,3 +406,52 @@ def test_status_counts_a_stage_that_ended_without_landing_as_tape_only(
         store.flush()
         [st] = store.status(3600)
     assert st.tape == {"staging": 1, "tape_only": 1, "on_disk": 1}
+
+
+def test_pins_belong_to_the_definitions_that_relied_on_them(backend: Backend) -> None:
+    """Each definition relies on the requests its runs made or followed, and sees who else
+    relies on each: a definition that found the file on disk relies on none. Releasing one
+    keeps the shared pin (and its pinned_until) for the other; releasing that one too frees
+    it."""
+    with backend.store() as store:
+        shared, a1, b1 = (FileRef(n, f"https://door.example/{n}") for n in ("s", "a1", "b1"))
+        for definition, refs in (("A", [shared, a1]), ("B", [shared, b1]), ("C", [shared])):
+            store.add_members("local", definition, refs)
+        now = store.now()
+        for ref, request, definition in ((shared, "req-1", "A"), (a1, "req-1", "A"),
+                                         (shared, "req-1", "B"), (b1, "req-2", "B")):
+            _made(store, ref, request, now, definition=definition)
+        for ref, request in ((shared, "req-1"), (a1, "req-1"), (b1, "req-2")):
+            store.note_tape(ref.url, TapeInfo("TAPE", request, TAPE_URI, staged_at=now,
+                                              pinned_until=now + 3600))
+        store.flush()
+        b_pins = store.pins("local", "B")
+        assert b_pins is not None
+        assert [(p.url, p.request, p.landed, p.others) for p in b_pins] == [
+            (shared.url, "req-1", True, ("local:A",)), (b1.url, "req-2", True, ())]
+        assert store.pins("local", "C") == []
+        theirs, mine = b_pins[:1], b_pins[1:]
+        assert store.unpinned("local", "B", mine, theirs) == []  # A still relies on it
+        a_pins = store.pins("local", "A")
+        assert a_pins is not None and all(p.others == () for p in a_pins)
+        assert store.pins("local", "B") == []
+    pinned = dict(backend.query("SELECT url, pinned_until FROM files"))
+    assert pinned[shared.url] == pinned[a1.url] == now + 3600 and pinned[b1.url] is None
+
+
+def test_two_definitions_releasing_together_leave_no_pin_behind(backend: Backend) -> None:
+    """A and B both rely on a pin; each reads that the other does, so each keeps it for the
+    other. The one recording last learns that nobody relies on it any more and is handed the
+    pin to release after all."""
+    with backend.store() as store:
+        ref = FileRef("x", "https://door.example/x")
+        for definition in ("A", "B"):
+            store.add_members("local", definition, [ref])
+            _made(store, ref, "req-3", store.now(), definition=definition)
+        store.note_tape(ref.url, TapeInfo("TAPE", "req-3", TAPE_URI, staged_at=store.now(),
+                                          pinned_until=store.now() + 60))
+        store.flush()
+        a_pins, b_pins = store.pins("local", "A"), store.pins("local", "B")
+        assert a_pins is not None and b_pins is not None
+        assert store.unpinned("local", "B", [], b_pins) == []
+        assert store.unpinned("local", "A", [], a_pins) == a_pins

@@ -77,6 +77,7 @@ from prestaged.state.db import (
     driver_errors,
 )
 from prestaged.state.private import create_private
+from prestaged.state.writer import PG_WRITE_LOCK
 
 __all__ = [
     "DatasetStatus",
@@ -266,7 +267,8 @@ class Listing:
 @dataclass(frozen=True)
 class Pin:
     """A pin one of prestaged's stage requests holds (or will hold, once the file is on disk)
-    on a file, as the state recorded it."""
+    on a file for a definition, as the state recorded it: the definition's run made, adopted
+    or followed the request for that file, and the definition has not released it."""
 
     file_id: int
     """The files table's key (``url_id`` of the URL as the catalog gave it)."""
@@ -275,10 +277,16 @@ class Pin:
     request: str
     """The stage request's id."""
     uri: str
-    """The Tape REST endpoint (v1 URI) the request was made at."""
+    """The Tape REST endpoint (v1 URI) the file's request was made at."""
     pinned_until: Optional[float] = None
     """Unix seconds the pin lasts until (landing plus the lifetime asked); None while the
     file is not known to have landed in this request."""
+    landed: bool = False
+    """Whether the file is known to be on disk under this request (else it is still being
+    staged, or nobody followed it to the end: releasing cancels it first)."""
+    others: tuple[str, ...] = ()
+    """The other definitions (``catalog:name``) that rely on this pin too: releasing this
+    one keeps it for them."""
 
 
 def state_file_exists(path: Path) -> bool:
@@ -917,9 +925,9 @@ class Store:
         """Drop ``catalog:definition`` and everything only it kept (``retention.forget``).
         ``NotFoundError`` when the state has no such definition; ``ConflictError`` while a run
         of it has no end recorded and its process may still run, a watch round of it is
-        unfinished, or pins of prestaged's on its files have not expired or stage requests
-        for them are still open (nothing could release them once forgotten), unless
-        ``force``."""
+        unfinished, or it alone relies on pins of prestaged's that have not expired or on
+        stage requests still open (nothing could release them once forgotten; a pin another
+        definition relies on too is that one's to release), unless ``force``."""
         with self.transaction() as conn:
             retention.hold_members(conn)
             row = conn.execute("SELECT id FROM definitions WHERE catalog = ? AND name = ?",
@@ -940,35 +948,64 @@ class Store:
 
     @_one_line_errors
     def pins(self, catalog: str, definition: str) -> Optional[list[Pin]]:
-        """The pins recorded on ``definition``'s member files: landed (a non-NULL
-        ``pinned_until``, expired or not), or not yet (a stage request still open: it pins the
-        file once it lands); ordered by endpoint, request and URL. None when the state has no
-        such definition."""
+        """The pins ``definition`` relies on (its runs made, adopted or followed the stage
+        request for the file, and it has not released it), landed or not, expired or not,
+        each with the other definitions that rely on it too; ordered by endpoint, request and
+        URL. None when the state has no such definition."""
         with self._lock:
             row = self.conn.execute("SELECT id FROM definitions WHERE catalog = ? AND name = ?",
                                     (catalog, definition)).fetchone()
             if row is None:
                 return None
+            # Landed: the file's row names this very request and has it on disk (a later
+            # request of another definition replaced it: this one's outcome is unknown).
             rows = self.conn.execute(
-                "SELECT f.id, f.url, f.stage_request, f.stage_uri, f.pinned_until "
+                "SELECT f.id, f.url, m.pin_request, f.stage_uri, CASE WHEN f.stage_request = "
+                "m.pin_request AND f.staged_at IS NOT NULL THEN f.pinned_until END, CASE WHEN "
+                "f.stage_request = m.pin_request AND f.staged_at IS NOT NULL THEN 1 ELSE 0 END "
                 "FROM members m JOIN files f ON f.id = m.file_id WHERE m.definition_id = ? "
-                "AND f.stage_request IS NOT NULL AND f.stage_uri IS NOT NULL AND "
-                "(f.pinned_until IS NOT NULL OR (f.staged_at IS NULL AND f.stage_ended IS NULL)) "
-                "ORDER BY f.stage_uri, f.stage_request, f.url", (row[0],)).fetchall()
-        return [Pin(*r) for r in rows]
+                "AND m.pin_request IS NOT NULL AND f.stage_uri IS NOT NULL "
+                "ORDER BY f.stage_uri, m.pin_request, f.url", (row[0],)).fetchall()
+            others: dict[tuple[int, str], list[str]] = {}
+            for file_id, request, cat, name in self.conn.execute(
+                    "SELECT m.file_id, m.pin_request, d.catalog, d.name FROM members m "
+                    "JOIN members o ON o.file_id = m.file_id AND o.pin_request = m.pin_request "
+                    "JOIN definitions d ON d.id = o.definition_id WHERE m.definition_id = ? "
+                    "AND m.pin_request IS NOT NULL AND o.pin_request IS NOT NULL "
+                    "AND o.definition_id <> m.definition_id ORDER BY 3, 4", (row[0],)):
+                others.setdefault((file_id, request), []).append(f"{cat}:{name}")
+        return [Pin(fid, url, request, uri, until, bool(landed),
+                    tuple(others.get((fid, request), ())))
+                for fid, url, request, uri, until, landed in rows]
 
-    def unpinned(self, pins: Sequence[Pin]) -> int:
-        """Record that ``pins`` were released (``pinned_until`` NULL; a stage not landed yet
-        ended now: its pin is aborted), at once, in one transaction; a file staged again since
-        under another request keeps that newer pin. Returns the files changed."""
+    @_one_line_errors
+    def unpinned(self, catalog: str, definition: str, released: Sequence[Pin],
+                 kept: Sequence[Pin] = ()) -> list[Pin]:
+        """Record, at once and in one transaction, that ``definition`` no longer relies on the
+        pins ``released`` (the storage accepted their release: ``pinned_until`` NULL; those
+        not landed were cancelled: their stage ended now) nor on ``kept`` (other definitions
+        relied on them, so they were left on the storage). A file staged again since under
+        another request keeps that newer request's pin. Returns the pins of ``kept`` that no
+        definition relies on any more (the others released them meanwhile, each keeping it for
+        this one): the caller releases those too."""
         with self.transaction() as conn:
+            if conn.dialect.name == "postgresql":
+                # Serialised with the writers and other releases, as SQLite's BEGIN IMMEDIATE
+                # does: two definitions released at once must not each keep a pin for the other.
+                conn.execute("SELECT pg_advisory_xact_lock(?)", (PG_WRITE_LOCK,))
+            def_id = schema.definition_id(conn, catalog, definition)
+            conn.executemany("UPDATE members SET pin_request = NULL WHERE definition_id = ? AND "
+                             "file_id = ? AND pin_request = ?",
+                             [(def_id, p.file_id, p.request) for p in (*released, *kept)])
+            conn.executemany("UPDATE files SET pinned_until = NULL WHERE id = ? AND "
+                             "stage_request = ?", [(p.file_id, p.request) for p in released])
             now = self.now()
             conn.executemany("UPDATE files SET stage_ended = ? WHERE id = ? AND stage_request = "
                              "? AND staged_at IS NULL AND stage_ended IS NULL",
-                             [(now, p.file_id, p.request) for p in pins])
-            return conn.executemany(
-                "UPDATE files SET pinned_until = NULL WHERE id = ? AND stage_request = ?",
-                [(p.file_id, p.request) for p in pins])
+                             [(now, p.file_id, p.request) for p in released if not p.landed])
+            return [p for p in kept if not conn.execute(
+                "SELECT COUNT(*) FROM members WHERE file_id = ? AND pin_request = ?",
+                (p.file_id, p.request)).fetchone()[0]]
 
     @_one_line_errors
     def open_stages(self, urls: Iterable[str], timeout: float,
@@ -1144,16 +1181,26 @@ def _busy(conn: Database, def_id: int, catalog: str, definition: str,
                                (catalog, definition)).fetchone()[0]
     if open_rounds:
         return "a watch round of it is still being warmed by the daemons sharing this state"
-    pinned = conn.execute(
-        "SELECT COUNT(*) FROM members m JOIN files f ON f.id = m.file_id WHERE "
-        "m.definition_id = ? AND f.stage_request IS NOT NULL AND ((f.staged_at IS NOT NULL "
-        "AND f.pinned_until > ?) OR (f.staged_at IS NULL AND f.stage_ended IS NULL))",
-        (def_id, now)).fetchone()[0]
+    pinned = conn.execute(_ONLY_ITS_PINS, (def_id, now)).fetchone()[0]
     if pinned:
         return (f"{pinned} of its files are pinned on disk by prestaged's stage requests (or "
-                "will be, once staged), and nothing could release them once forgotten: run "
-                "`prestaged release` first")
+                "will be, once staged) for it alone, and nothing could release them once "
+                "forgotten: run `prestaged release` first")
     return None
+
+
+# The pins only this definition relies on that hold now or will (pins another definition
+# relies on are released by that one's `release`): landed in the file's current request and
+# not expired, or that request still open (not landed, not ended). A request since replaced by
+# another definition's is not counted: its outcome is unknown to the state.
+_ONLY_ITS_PINS = """
+SELECT COUNT(*) FROM members m JOIN files f ON f.id = m.file_id
+WHERE m.definition_id = ? AND m.pin_request IS NOT NULL AND f.stage_request = m.pin_request
+AND ((f.staged_at IS NOT NULL AND f.pinned_until > ?)
+     OR (f.staged_at IS NULL AND f.stage_ended IS NULL))
+AND NOT EXISTS (SELECT 1 FROM members o WHERE o.file_id = m.file_id AND o.pin_request IS NOT NULL
+                AND o.pin_request = m.pin_request AND o.definition_id <> m.definition_id)
+"""
 
 
 def _record_listing(conn: Database, def_id: int, listing: Listing) -> None:
