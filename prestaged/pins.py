@@ -13,10 +13,12 @@ after another, naming each file by its namespace path (``namespace_path`` with
 
 * a pin another definition relies on too is kept on the storage for it (the report says which
   and for whom); this definition no longer relies on it, so that one's release frees it;
-* the others are released (``POST {stage_uri}/release/{id}``), landed or not;
-* once the storage accepted a request's POST, the state records it: the definition no longer
-  relies on those pins, released files have no ``pinned_until``, and the stage of those not
-  landed ended.
+* a file not known to have landed (its request still open, or a run interrupted before it saw
+  the end) is cancelled first (``POST {stage_uri}/stage/{id}/cancel``, as FTS3 and gfal2 do:
+  dCache would otherwise go on recalling it, then fail it "Operation was aborted"), then
+  released with the rest (``POST {stage_uri}/release/{id}``), in case it landed unseen;
+* once the storage accepted a request's POSTs, the state records it: the definition no longer
+  relies on those pins, released files have no ``pinned_until``, cancelled ones' stage ended.
 
 dCache answers 200 to every release (a fire-and-forget bulk request), so a request the storage
 no longer knows is released too. A refusal (401/403: ``CredentialError``, exit 3; anything
@@ -51,11 +53,13 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Released:
     """What was released at one Tape REST endpoint: ``files`` released in ``requests`` stage
-    requests (one release POST each, or more past ``STAGE_LIMIT``)."""
+    requests (one release POST each, or more past ``STAGE_LIMIT``), ``cancelled`` of those
+    files cancelled first (not known to be on disk)."""
 
     uri: str
     files: int
     requests: int
+    cancelled: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,11 @@ class ReleaseReport:
         """Stage requests released, over every endpoint."""
         return sum(e.requests for e in self.endpoints)
 
+    @property
+    def cancelled(self) -> int:
+        """Files cancelled before their release (not on disk yet), over every endpoint."""
+        return sum(e.cancelled for e in self.endpoints)
+
     def summary(self) -> str:
         """One line for people."""
         name = f"{self.catalog}:{self.definition}"
@@ -89,6 +98,8 @@ class ReleaseReport:
             return f"{name}: nothing pinned (no stage request of prestaged holds a pin on its " \
                    "files)"
         done = "; ".join(f"{e.uri}: {_n(e.files, 'file')} in {_n(e.requests, 'request')}"
+                         + (f" ({e.cancelled} not on disk yet: cancelled first)"
+                            if e.cancelled else "")
                          for e in self.endpoints) or "nothing"
         tail = f"; stopped with {_n(self.left, 'file')} still pinned" if self.left else ""
         if self.kept:
@@ -100,10 +111,10 @@ class ReleaseReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, with the totals."""
         return {"catalog": self.catalog, "definition": self.definition, "files": self.files,
-                "requests": self.requests, "left": self.left,
+                "requests": self.requests, "cancelled": self.cancelled, "left": self.left,
                 "kept": self.kept, "kept_for": list(self.kept_for),
-                "endpoints": [{"uri": e.uri, "files": e.files, "requests": e.requests}
-                              for e in self.endpoints]}
+                "endpoints": [{"uri": e.uri, "files": e.files, "requests": e.requests,
+                               "cancelled": e.cancelled} for e in self.endpoints]}
 
 
 KEPT_NAMES = 3
@@ -143,15 +154,15 @@ async def release_pins(store: Store, access: TapeAccess, catalog: str, definitio
                        pins: Sequence[Pin], *,
                        stop: Optional[asyncio.Event] = None) -> ReleaseReport:
     """Release ``pins`` (``pinned``'s answer for ``catalog:definition``) through ``access``
-    (open), one stage request after another: those no other definition relies on are
-    released, the others kept for those definitions; the
+    (open), one stage request after another: those no other definition relies on are released
+    (cancelled first when not known to be on disk), the others kept for those definitions; the
     state records each request once the storage accepted it. See the module for refusals.
     Setting ``stop`` ends it between two requests (``ReleaseReport.left`` counts what is still
     pinned)."""
     groups: dict[tuple[str, str], list[Pin]] = {}
     for pin in pins:
         groups.setdefault((pin.uri, pin.request), []).append(pin)
-    done: dict[str, list[int]] = {}  # uri -> [files, requests]
+    done: dict[str, list[int]] = {}  # uri -> [files, requests, cancelled]
     kept: list[Pin] = []
     left = len(pins)
     try:
@@ -162,9 +173,10 @@ async def release_pins(store: Store, access: TapeAccess, catalog: str, definitio
                                                        group)
             kept += kept_here
             if released:
-                tally = done.setdefault(uri, [0, 0])
+                tally = done.setdefault(uri, [0, 0, 0])
                 tally[0] += len(released)
                 tally[1] += 1
+                tally[2] += sum(not p.landed for p in released)
             left -= len(group)
     except PrestagedError:
         if left < len(pins):
@@ -173,7 +185,7 @@ async def release_pins(store: Store, access: TapeAccess, catalog: str, definitio
                         len(pins) - left, len(pins))
         raise
     return ReleaseReport(catalog, definition,
-                         tuple(Released(uri, f, r) for uri, (f, r) in done.items()), left,
+                         tuple(Released(uri, f, r, c) for uri, (f, r, c) in done.items()), left,
                          len(kept), tuple(sorted({o for p in kept for o in p.others})))
 
 
@@ -199,16 +211,22 @@ async def _release_group(store: Store, access: TapeAccess, catalog: str, definit
 
 async def _release_request(access: TapeAccess, uri: str, request: str,
                            group: Sequence[Pin]) -> None:
-    """One stage request's release: its files' namespace paths, ``STAGE_LIMIT`` a POST."""
+    """One stage request's release: its files' namespace paths, ``STAGE_LIMIT`` a POST; those
+    not known to be on disk are cancelled first."""
     path_map = access.settings.path_map
-    paths: list[str] = []
+    paths: dict[str, bool] = {}  # namespace path -> landed
     for pin in group:
         # Named as the stage request named it: the router maps the https form of a davs URL.
         url = touch_url(pin.url, allow_plain_http=True)
         if isinstance(url, str):
             access.client.allow(url)  # its door's host: a bearer token may go to the frontend
-        paths.append(namespace_path(url if isinstance(url, str) else pin.url, path_map))
-    paths = list(dict.fromkeys(paths))
-    for i in range(0, len(paths), STAGE_LIMIT):
-        await access.client.release(uri, request, paths[i:i + STAGE_LIMIT])
-    log.debug("%s/release/%s: %d paths", uri, request, len(paths))
+        path = namespace_path(url if isinstance(url, str) else pin.url, path_map)
+        paths[path] = paths.get(path, True) and pin.landed
+    staging = [p for p, landed in paths.items() if not landed]
+    for i in range(0, len(staging), STAGE_LIMIT):
+        await access.client.cancel(uri, request, staging[i:i + STAGE_LIMIT])
+    everything = list(paths)
+    for i in range(0, len(everything), STAGE_LIMIT):
+        await access.client.release(uri, request, everything[i:i + STAGE_LIMIT])
+    log.debug("%s/release/%s: %d paths (%d cancelled first)", uri, request, len(paths),
+              len(staging))

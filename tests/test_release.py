@@ -115,11 +115,13 @@ def test_release_drops_the_pins_a_warm_made_and_a_second_release_finds_none(
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert (doc["files"], doc["requests"], doc["left"]) == (7, 3, 0)
-    assert doc["endpoints"] == [{"uri": site.tape_api_url, "files": 7, "requests": 3}]
-    assert (doc["kept"], doc["kept_for"]) == (0, [])
+    assert doc["endpoints"] == [{"uri": site.tape_api_url, "files": 7, "requests": 3,
+                                 "cancelled": 0}]
+    assert (doc["cancelled"], doc["kept"], doc["kept_for"]) == (0, 0, [])
     assert doc["definition"] == str(definition.resolve()) and doc["catalog"] == "local"
     assert all(not site.replica(p).pins for p in paths)
     assert site.stats()["requests"]["frontend:release"] == 3
+    assert "frontend:cancel" not in site.stats()["requests"]  # all on disk: nothing to cancel
     assert _pinned_rows(backend) == 0 and _relied_on(backend) == 0
 
     again = _cli(pki, proxy, tmp_path, "release", str(definition), backend=backend)
@@ -179,7 +181,7 @@ def test_release_of_a_definition_the_state_does_not_know_is_exit_4(
     assert backend.where in lines[0]
 
 
-# --- pins per definition -----------------------------------------------------------------
+# --- pins per definition (M3) and requests not on disk yet (L3) ----------------------------
 
 
 def _two_definitions(site: ThreadedDCache, tmp_path: Path) -> tuple[Path, Path]:
@@ -190,6 +192,20 @@ def _two_definitions(site: ThreadedDCache, tmp_path: Path) -> tuple[Path, Path]:
     a.write_text(f"{site.door_url('/pnfs/p/a1')}\n{site.door_url('/pnfs/p/shared')}\n")
     b.write_text(f"{site.door_url('/pnfs/p/shared')}\n{site.door_url('/pnfs/p/b1')}\n")
     return a, b
+
+
+def _states(site: ThreadedDCache) -> dict[str, str]:
+    """Each path's state in each stage request the emulator holds: ``{"<path> <n>": state}``,
+    n counting the path's requests in the order they were made."""
+    def snapshot() -> dict[str, str]:
+        seen: dict[str, int] = {}
+        out = {}
+        for request in site.server.frontend.requests.values():
+            for path, f in request.files.items():
+                seen[path] = seen.get(path, 0) + 1
+                out[f"{path} {seen[path]}"] = f.state
+        return out
+    return site._call(snapshot)
 
 
 def test_release_never_frees_a_pin_the_definition_did_not_ask_for(
@@ -215,13 +231,13 @@ def test_release_never_frees_a_pin_the_definition_did_not_ask_for(
     assert not site.replica("/pnfs/p/shared").pins and not site.replica("/pnfs/p/a1").pins
 
 
-def test_release_keeps_a_pin_another_definition_relies_on(
+def test_release_keeps_a_pin_another_definition_relies_on_and_cancels_what_is_not_on_disk(
     pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
 ) -> None:
     """A's run gave up while the tape mounts, its request open; B's run followed that request
-    for the shared file and made one for b1, and gave up too. `release B` releases b1's
-    request only and keeps A's request for the shared file, saying so and for whom; `release
-    A` then releases A's request."""
+    for the shared file and made one for b1, and gave up too. `release B` cancels and releases
+    b1's request (not on disk: dCache would go on recalling it) and keeps the shared file's
+    request for A, saying so; `release A` then cancels and releases A's request."""
     with _recalling(pki) as site:
         a, b = _two_definitions(site, tmp_path)
         for definition in (a, b):
@@ -232,17 +248,23 @@ def test_release_keeps_a_pin_another_definition_relies_on(
         res = _cli(pki, proxy, tmp_path, "release", str(b), "--json", backend=backend)
         assert res.returncode == 0, res.stderr
         doc = json.loads(res.stdout)
-        assert (doc["files"], doc["requests"]) == (1, 1)
+        assert (doc["files"], doc["requests"], doc["cancelled"]) == (1, 1, 1)
         assert (doc["kept"], doc["kept_for"]) == (1, [f"local:{a.resolve()}"])
-        assert len([c for c in site.stats()["frontend_calls"] if "/release/" in c]) == 1
+        assert _states(site) == {"/pnfs/p/a1 1": "STARTED", "/pnfs/p/shared 1": "STARTED",
+                                 "/pnfs/p/b1 1": "CANCELLED"}
         text = _cli(pki, proxy, tmp_path, "release", str(b), backend=backend)
         assert "nothing pinned" in text.stdout  # B relies on nothing any more
 
         res = _cli(pki, proxy, tmp_path, "release", str(a), "--json", backend=backend)
         assert res.returncode == 0, res.stderr
-        assert (json.loads(res.stdout)["files"], json.loads(res.stdout)["kept"]) == (2, 0)
-        assert len({c for c in site.stats()["frontend_calls"] if "/release/" in c}) == 2
+        doc = json.loads(res.stdout)
+        assert (doc["files"], doc["cancelled"], doc["kept"]) == (2, 2, 0)
+        assert set(_states(site).values()) == {"CANCELLED"}
+        assert site.stats()["requests"]["frontend:cancel"] == 2
         assert _relied_on(backend) == 0
+        status = run_cli("status", str(a), "--json", *backend.cli())
+        [st] = json.loads(status.stdout)["definitions"]
+        assert st["tape"] == {"tape_only": 2}  # cancelled: no longer staging
 
 
 # --- a frontend that refuses one request's release ------------------------------------------
@@ -451,6 +473,21 @@ async def test_a_slice_whose_pins_another_definition_relies_on_says_it_kept_them
                            "local:/other.txt"), reason
 
 
+def test_the_summary_says_what_was_cancelled_and_what_was_kept_for_whom() -> None:
+    """The text form names the files cancelled before their release (not on disk yet) and the
+    pins kept because other definitions rely on them, naming a few of those."""
+    from prestaged.pins import Released, ReleaseReport
+
+    report = ReleaseReport("local", "B", (Released("https://fe/api", 2, 1, 1),), 0, 1,
+                           ("local:A",))
+    assert report.summary() == ("local:B: released https://fe/api: 2 files in 1 request (1 not "
+                                "on disk yet: cancelled first); kept 1 pin that local:A relies "
+                                "on too")
+    kept = ReleaseReport("local", "B", (), 0, 3, ("local:A", "samweb:c", "samweb:d", "x:y"))
+    assert kept.summary() == ("local:B: released nothing; kept 3 pins that local:A, samweb:c, "
+                              "samweb:d and 1 more rely on too")
+
+
 def test_a_warm_killed_while_its_files_come_back_from_tape_leaves_their_pins_releasable(
     pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
 ) -> None:
@@ -458,7 +495,8 @@ def test_a_warm_killed_while_its_files_come_back_from_tape_leaves_their_pins_rel
     run whose files are on their way from tape records nothing for hours: a SIGKILL meanwhile
     left no row at all, so `release` found nothing pinned (the pins held for their whole
     lifetime) and a rerun asked the tape system for the same files again. The id is now in the
-    state within moments of the request, and `release` after the kill frees those pins."""
+    state within moments of the request, and `release` after the kill cancels the request (its
+    files are not on disk yet: dCache would go on recalling them) and releases it."""
     with _recalling(pki) as site:
         definition, _ = _tape_definition(site, tmp_path, 3, with_disk=False)
         config = tmp_path / "prestaged.toml"
@@ -485,7 +523,8 @@ def test_a_warm_killed_while_its_files_come_back_from_tape_leaves_their_pins_rel
         res = _cli(pki, proxy, tmp_path, "release", str(definition), "--json", backend=backend)
         assert res.returncode == 0, res.stderr
         doc = json.loads(res.stdout)
-        assert (doc["files"], doc["requests"]) == (3, 1)
+        assert (doc["files"], doc["requests"], doc["cancelled"]) == (3, 1, 3)
+        assert site.stats()["requests"]["frontend:cancel"] == 1
         assert site.stats()["requests"]["frontend:release"] == 1
         assert _relied_on(backend) == 0
 
