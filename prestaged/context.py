@@ -344,7 +344,7 @@ class Context:
             if not pins:
                 return ReleaseReport(catalog.name, catalog.definition)
             if tape is None:
-                raise StorageError(f"{len(pins)} files of {catalog.definition} are pinned, but "
+                raise StorageError(f"{len(pins)} pins of {catalog.definition} are held, but "
                                    "storage.stage = never: no Tape REST access to release "
                                    "them with (the pins expire on their own)")
             return await release_pins(store, tape, catalog.name, catalog.definition, pins,

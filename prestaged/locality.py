@@ -293,8 +293,9 @@ class TapeAccess:
         self._session = self._client = None
 
 
-Resume = Callable[[list[str]], Awaitable[dict[str, TapeInfo]]]
-"""The stage requests earlier runs left open on some file URLs (``StoreRecorder.open_stages``)."""
+Resume = Callable[[list[str], float], Awaitable[dict[str, TapeInfo]]]
+"""The stage requests earlier runs left open on some file URLs, made within the given seconds
+(``storage.stage_timeout``; ``StoreRecorder.open_stages``)."""
 
 Touch = Callable[[FileRef, Optional[TapeInfo]], Awaitable[None]]
 """Queue a file for the touch, with what the tape path knows of it (None: its door has no
@@ -331,7 +332,7 @@ class TapeRouter:
         self._clock = clock  # the state's time (its database's): pins are compared with it
         self._stagers: dict[str, Stager] = {}
         self._pending: dict[str, dict[str, list[FileRef]]] = {}  # uri -> path -> its files
-        self._requests: dict[str, dict[str, float]] = {}  # uri -> request id -> pinned until
+        self._lifetimes: dict[str, dict[str, float]] = {}  # uri -> request id -> pin asked
         self._tasks: list[asyncio.Task[None]] = []
         self._warned: set[str] = set()
         self._known: set[str] = set()  # endpoints that knew a path (or were warned they did not)
@@ -445,9 +446,9 @@ class TapeRouter:
         stager = self._stager(uri)
         pending = self._pending[uri]
         earlier = {} if self._resume is None else await self._resume(
-            [ref.url for path in paths for ref in pending[path]])
+            [ref.url for path in paths for ref in pending[path]], self.s.staging.timeout)
         follow: dict[str, list[str]] = {}
-        ages: dict[str, float] = {}
+        made: dict[str, TapeInfo] = {}
         fresh = []
         for path in paths:
             info = next((earlier[r.url] for r in pending[path] if r.url in earlier), None)
@@ -455,17 +456,16 @@ class TapeRouter:
                 fresh.append(path)
                 continue
             follow.setdefault(info.request, []).append(path)
-            if info.pinned_until is not None:
-                self._requests.setdefault(uri, {})[info.request] = info.pinned_until
-                # Made when its pin started (pins last storage.pin_lifetime): its timeout runs
-                # from then, not from this rerun.
-                made = info.pinned_until - self.s.staging.lifetime
-                ages[info.request] = max(0.0, self._clock() - made)
+            made[info.request] = info
         for request, followed in follow.items():
             log.info("following stage request %s of an earlier run for %d files", request,
                      len(followed))
             self._asked_for(followed)
-            stager.adopt(request, followed, ages.get(request, 0.0))
+            self._adopted(uri, made[request], followed)
+            # Its timeout runs from when the server accepted it, as the state recorded (not
+            # from this rerun, nor from a pin lifetime that may have changed since).
+            when = made[request].requested_at
+            stager.adopt(request, followed, 0.0 if when is None else self._clock() - when)
         if fresh:
             stager.add(fresh)
 
@@ -482,16 +482,33 @@ class TapeRouter:
 
     def _requested(self, uri: str, request: StageRequest, age: float = 0.0) -> None:
         """A stage request was made ``age`` seconds ago (by this run, or by another run of the
-        daemon that this one follows): note its pin on each of its files."""
-        until = self._clock() - age + self.s.staging.lifetime
-        self._requests.setdefault(uri, {})[request.id] = until
-        pending = self._pending.get(uri, {})
-        if self._note is not None:
-            info = TapeInfo("TAPE", request.id, uri, None, until)
-            for path in request.paths:
-                for ref in pending.get(path, ()):
-                    self._note(ref.url, info)
+        daemon that this one follows): note it on each of its files, with when it was made and
+        the pin it asked for (its pin's end is known once the file lands)."""
+        lifetime = self.s.staging.lifetime
+        self._lifetimes.setdefault(uri, {})[request.id] = lifetime
+        self._note_request(uri, request.id, request.paths,
+                           TapeInfo("TAPE", request.id, uri, requested_at=self._clock() - age,
+                                    lifetime=lifetime))
         self._asked_for(request.paths)
+
+    def _adopted(self, uri: str, info: TapeInfo, paths: Sequence[str]) -> None:
+        """An earlier run's request ``info`` (as the state recorded it) is followed for
+        ``paths``: this run's definition relies on its pin too. Its pin lasts the lifetime that
+        request asked for, whatever ``storage.pin_lifetime`` says today."""
+        assert info.request is not None
+        lifetime = self.s.staging.lifetime if info.lifetime is None else info.lifetime
+        self._lifetimes.setdefault(uri, {})[info.request] = lifetime
+        self._note_request(uri, info.request, paths, info)
+
+    def _note_request(self, uri: str, request: str, paths: Sequence[str],
+                      info: TapeInfo) -> None:
+        """Note ``info`` (request ``request`` made or followed) on the files of ``paths``."""
+        if self._note is None:
+            return
+        pending = self._pending.get(uri, {})
+        for path in paths:
+            for ref in pending.get(path, ()):
+                self._note(ref.url, info)
 
     def _asked_for(self, paths: Sequence[str]) -> None:
         """``paths`` are in a stage request (ours or an earlier run's): count them as asked,
@@ -515,9 +532,14 @@ class TapeRouter:
         self._ended += 1
         if self._probe is not None:
             self._probe.staging(-1)
+        now = self._clock()
         if not staged.on_disk:
-            info = TapeInfo("TAPE", staged.request_id, uri)
+            # Timed out (and cancelled), failed twice, cancelled or lost: no longer staging,
+            # and nobody relies on that request for these files.
+            info = TapeInfo("TAPE", staged.request_id, uri, ended_at=now)
             for ref in files:
+                if self._note is not None and staged.request_id is not None:
+                    self._note(ref.url, info)
                 self._finish(_ended(ref, Result.FAILED, staged.error, info))
             if self._unstageable(staged.path):
                 self._fail(self._no_stage_right(uri, staged))
@@ -525,8 +547,11 @@ class TapeRouter:
         self.tally.on_disk += 1
         if self._probe is not None:
             self._probe.file_staged(staged.seconds)
-        until = self._requests.get(uri, {}).get(staged.request_id or "")
-        info = TapeInfo("TAPE", staged.request_id, uri, self._clock(), until)
+        # A pin starts when the file is pinned on disk, not when it was asked for: its end is
+        # this landing (seen at most one poll after it) plus the lifetime its request asked.
+        lifetime = self._lifetimes.get(uri, {}).get(staged.request_id or "",
+                                                    self.s.staging.lifetime)
+        info = TapeInfo("TAPE", staged.request_id, uri, now, now + lifetime)
         for ref in files:
             if self._note is not None:
                 self._note(ref.url, info)

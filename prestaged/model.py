@@ -344,8 +344,11 @@ class TapeInfo:
 
     ``locality`` is the Tape REST ``archiveinfo`` answer (``DISK``, ``TAPE``,
     ``DISK_AND_TAPE``, ``LOST``, ``UNAVAILABLE``, ``NONE``); for a file prestaged staged, the
-    stage ``request`` id and the Tape REST endpoint ``uri`` that holds its pin, when it reached
-    disk (``staged_at``) and until when it is pinned (``pinned_until``).
+    stage ``request`` id and the Tape REST endpoint ``uri`` that holds its pin, when the server
+    accepted that request (``requested_at``) and the pin lifetime in seconds it asked for
+    (``lifetime``), when the file reached disk (``staged_at``) and until when it is pinned
+    (``pinned_until``: landing plus the lifetime, known only once landed), or when the request
+    ended without bringing it to disk (``ended_at``).
     """
 
     locality: str
@@ -353,6 +356,9 @@ class TapeInfo:
     uri: Optional[str] = None
     staged_at: Optional[float] = None
     pinned_until: Optional[float] = None
+    requested_at: Optional[float] = None
+    lifetime: Optional[float] = None
+    ended_at: Optional[float] = None
 
 
 @dataclass(frozen=True)

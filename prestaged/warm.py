@@ -97,11 +97,13 @@ class Recorder(Protocol):
         ...
 
     def note(self, url: str, info: TapeInfo) -> None:
-        """Remember what the tape path learned of a file (locality, stage request, on disk)."""
+        """Remember what the tape path learned of a file (locality, stage request made or
+        followed for this run's definition, on disk, or ended without landing)."""
         ...
 
-    async def open_stages(self, urls: list[str]) -> dict[str, TapeInfo]:
-        """The stage requests earlier runs made for ``urls`` that are still open and pinned."""
+    async def open_stages(self, urls: list[str], timeout: float) -> dict[str, TapeInfo]:
+        """The stage requests earlier runs made for ``urls`` less than ``timeout`` seconds ago
+        that are still open (not landed, not ended)."""
         ...
 
     def now(self) -> float:

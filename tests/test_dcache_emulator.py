@@ -381,6 +381,34 @@ async def test_stage_lifecycle_states_pins_and_errors(dcache: Factory,
         assert gone.status == 404 and problem["status"] == "404"
 
 
+async def test_release_answers_200_and_aborts_the_pin_of_a_target_still_staging(
+        dcache: Factory, http: aiohttp.ClientSession) -> None:
+    """As dCache (a fire-and-forget RELEASE bulk request): a release answers 200 even for a
+    request id nobody made; releasing a target still being recalled makes it fail "Operation
+    was aborted" once the recall ends, with no pin set (the file is on disk, unpinned); a
+    target that landed in the same request loses its pin."""
+    srv = await dcache(mount_seconds=1.0)
+    slow = srv.core.add_file("/pnfs/t/slow", 10, Locality.TAPE)
+    cached = srv.core.add_file("/pnfs/t/cached", 10, Locality.DISK_AND_TAPE)
+    async with http.post(f"{srv.tape_api_url}/release/no-such-request",
+                         json={"paths": ["/pnfs/t/slow"]}) as r:
+        assert r.status == 200
+    rid = (await (await _stage(http, srv, ["/pnfs/t/slow", "/pnfs/t/cached"])).json())[
+        "requestId"]
+    await srv.core.wait_until(lambda: bool(cached.pins))  # on disk: pinned at once
+    async with http.post(f"{srv.tape_api_url}/release/{rid}",
+                         json={"paths": ["/pnfs/t/slow", "/pnfs/t/cached"]}) as r:
+        assert r.status == 200
+    assert cached.pins == {}
+    await _finished(srv, rid)
+    async with http.get(f"{srv.tape_api_url}/stage/{rid}") as poll:
+        files = {f["path"]: f for f in (await poll.json())["files"]}
+    assert files["/pnfs/t/slow"]["state"] == "FAILED"
+    assert files["/pnfs/t/slow"]["error"] == "Operation was aborted"
+    assert files["/pnfs/t/cached"]["state"] == "COMPLETED"
+    assert slow.on_disk and slow.pins == {}  # the recall went on
+
+
 async def test_limits_413_and_429_checked_first(dcache: Factory,
                                                 http: aiohttp.ClientSession) -> None:
     """Over 500 targets is 413; over max_requests unfinished requests is 429, even for a

@@ -6,13 +6,15 @@ and namespace paths from URLs."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
+from urllib.parse import urlsplit
 
 from prestaged.config import PathMap
 from prestaged.locality import TapeAccess, TapeDirectory, TapeSettings, namespace_path
-from prestaged.model import Attempt, FileRef, Result
+from prestaged.model import Attempt, FileRef, Result, TapeInfo
 from prestaged.storage.staging import StagingSettings
 from prestaged.storage.tape import FileLocality, Locality
 from prestaged.testing.dcache import DCacheServer
@@ -183,6 +185,67 @@ def test_namespace_paths_from_urls() -> None:
         "/pnfs/fnal.gov/usr/dune/raw/f+1"
     assert namespace_path("https://d:2880/icarus/f", rules) == "/pnfs/other/icarus/f"
     assert namespace_path("https://e:2880/dune/f", rules) == "/dune/f"
+
+
+class _Adopting:
+    """A recorder whose state says an earlier run made a stage request for the files: when
+    the router asks (locality said TAPE), it makes that request on the emulator (``make``),
+    asking a pin of ``lifetime``, and answers it as made ``age`` seconds ago; it keeps what
+    is noted."""
+
+    def __init__(self, make: Callable[[list[str]], Awaitable[str]], uri: str, lifetime: float,
+                 age: float) -> None:
+        self.make, self.uri, self.lifetime, self.age = make, uri, lifetime, age
+        self.notes: list[TapeInfo] = []
+        self.made = 0.0
+
+    async def admit(self, refs: list[FileRef]) -> list[FileRef]:
+        return refs
+
+    def record(self, outcome: Any) -> None: ...
+
+    def note(self, url: str, info: TapeInfo) -> None:
+        self.notes.append(info)
+
+    async def open_stages(self, urls: list[str], timeout: float) -> dict[str, TapeInfo]:
+        request = await self.make([urlsplit(u).path for u in urls])
+        self.made = time.time() - self.age
+        return {u: TapeInfo("TAPE", request, self.uri, requested_at=self.made,
+                            lifetime=self.lifetime) for u in urls}
+
+    def now(self) -> float:
+        return time.time()
+
+
+async def test_an_adopted_request_keeps_its_date_and_its_pin_lifetime(
+    dcache: Factory, pki: TestPKI, proxy: Path
+) -> None:
+    """An earlier run's request, made 100 s ago with a 1 h pin, followed by a run whose
+    storage.pin_lifetime is 2 days and stage_timeout 10 min: it is polled (not cancelled as
+    47 h old), and the pin noted on landing ends an hour after the landing, as that request
+    asked; the follow is noted with the request's own date."""
+    srv = await dcache(mount_seconds=1.0)
+    srv.core.add_file("/pnfs/a/f", 10, Where.TAPE)
+    settings = TapeSettings(staging=StagingSettings(poll_min=0.01, poll_max=0.05, timeout=600,
+                                                    lifetime=2 * 86400))
+    async with TapeAccess(pki.client_ssl_context(proxy), settings) as tape:
+        async def make(paths: list[str]) -> str:
+            (request,) = await tape.client.stage(srv.tape_api_url, paths, 3600.0)
+            return request.id
+
+        recorder = _Adopting(make, srv.tape_api_url, 3600.0, 100.0)
+
+        async def files() -> AsyncIterator[FileRef]:
+            yield FileRef("f", srv.door_url("/pnfs/a/f"))
+
+        report = await asyncio.wait_for(warm(files(), WarmSettings(), _Touches(), tape=tape,
+                                             recorder=recorder), 30)
+    assert report.tally.results[Result.WARM.value] == 1
+    assert srv.core.stats.requests["frontend:stage"] == 1
+    assert "frontend:cancel" not in srv.core.stats.requests
+    followed, landed = [n for n in recorder.notes if n.request is not None]
+    assert (followed.requested_at, followed.lifetime) == (recorder.made, 3600.0)
+    assert landed.staged_at is not None and landed.pinned_until == landed.staged_at + 3600.0
 
 
 class _StagingProbe:

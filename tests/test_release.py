@@ -93,6 +93,12 @@ def _pinned_rows(backend: Backend) -> int:
         "SELECT COUNT(*) FROM files WHERE pinned_until IS NOT NULL")[0][0])
 
 
+def _relied_on(backend: Backend) -> int:
+    """Memberships that rely on a stage request's pin (landed or not)."""
+    return int(backend.query(
+        "SELECT COUNT(*) FROM members WHERE pin_request IS NOT NULL")[0][0])
+
+
 def test_release_drops_the_pins_a_warm_made_and_a_second_release_finds_none(
     site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
 ) -> None:
@@ -109,11 +115,14 @@ def test_release_drops_the_pins_a_warm_made_and_a_second_release_finds_none(
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert (doc["files"], doc["requests"], doc["left"]) == (7, 3, 0)
-    assert doc["endpoints"] == [{"uri": site.tape_api_url, "files": 7, "requests": 3}]
+    assert doc["endpoints"] == [{"uri": site.tape_api_url, "files": 7, "requests": 3,
+                                 "cancelled": 0}]
+    assert (doc["cancelled"], doc["kept"], doc["kept_for"]) == (0, 0, [])
     assert doc["definition"] == str(definition.resolve()) and doc["catalog"] == "local"
     assert all(not site.replica(p).pins for p in paths)
     assert site.stats()["requests"]["frontend:release"] == 3
-    assert _pinned_rows(backend) == 0
+    assert "frontend:cancel" not in site.stats()["requests"]  # all on disk: nothing to cancel
+    assert _pinned_rows(backend) == 0 and _relied_on(backend) == 0
 
     again = _cli(pki, proxy, tmp_path, "release", str(definition), backend=backend)
     assert again.returncode == 0, again.stderr
@@ -172,6 +181,92 @@ def test_release_of_a_definition_the_state_does_not_know_is_exit_4(
     assert backend.where in lines[0]
 
 
+# --- pins per definition (M3) and requests not on disk yet (L3) ----------------------------
+
+
+def _two_definitions(site: ThreadedDCache, tmp_path: Path) -> tuple[Path, Path]:
+    """A (a1, shared) and B (shared, b1): three tape-only files on one tape."""
+    for p in ("/pnfs/p/a1", "/pnfs/p/shared", "/pnfs/p/b1"):
+        site.add_file(p, 10, Locality.TAPE, tape="T1")
+    a, b = tmp_path / "A.txt", tmp_path / "B.txt"
+    a.write_text(f"{site.door_url('/pnfs/p/a1')}\n{site.door_url('/pnfs/p/shared')}\n")
+    b.write_text(f"{site.door_url('/pnfs/p/shared')}\n{site.door_url('/pnfs/p/b1')}\n")
+    return a, b
+
+
+def _states(site: ThreadedDCache) -> dict[str, str]:
+    """Each path's state in each stage request the emulator holds: ``{"<path> <n>": state}``,
+    n counting the path's requests in the order they were made."""
+    def snapshot() -> dict[str, str]:
+        seen: dict[str, int] = {}
+        out = {}
+        for request in site.server.frontend.requests.values():
+            for path, f in request.files.items():
+                seen[path] = seen.get(path, 0) + 1
+                out[f"{path} {seen[path]}"] = f.state
+        return out
+    return site._call(snapshot)
+
+
+def test_release_never_frees_a_pin_the_definition_did_not_ask_for(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
+) -> None:
+    """A staged the shared file; B's run found it on disk (pinned by A's request) and staged
+    only b1. `release B` frees b1 alone: the shared file keeps A's pin, which A's jobs were
+    promised; `release A` frees it."""
+    a, b = _two_definitions(site, tmp_path)
+    assert _cli(pki, proxy, tmp_path, "warm", str(a), "-q", backend=backend).returncode == 0
+    (first,) = site.replica("/pnfs/p/shared").pins
+    assert _cli(pki, proxy, tmp_path, "warm", str(b), "-q", backend=backend).returncode == 0
+    res = _cli(pki, proxy, tmp_path, "release", str(b), "--json", backend=backend)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert (doc["files"], doc["requests"], doc["kept"]) == (1, 1, 0)
+    assert list(site.replica("/pnfs/p/shared").pins) == [first]
+    assert not site.replica("/pnfs/p/b1").pins
+
+    res = _cli(pki, proxy, tmp_path, "release", str(a), "--json", backend=backend)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["files"] == 2
+    assert not site.replica("/pnfs/p/shared").pins and not site.replica("/pnfs/p/a1").pins
+
+
+def test_release_keeps_a_pin_another_definition_relies_on_and_cancels_what_is_not_on_disk(
+    pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
+) -> None:
+    """A's run gave up while the tape mounts, its request open; B's run followed that request
+    for the shared file and made one for b1, and gave up too. `release B` cancels and releases
+    b1's request (not on disk: dCache would go on recalling it) and keeps the shared file's
+    request for A, saying so; `release A` then cancels and releases A's request."""
+    with _recalling(pki) as site:
+        a, b = _two_definitions(site, tmp_path)
+        for definition in (a, b):
+            res = _cli(pki, proxy, tmp_path, "wait", str(definition), "--timeout", "300ms",
+                       backend=backend)
+            assert res.returncode == 1, res.stderr
+        assert site.stats()["requests"]["frontend:stage"] == 2  # B followed A's for shared
+        res = _cli(pki, proxy, tmp_path, "release", str(b), "--json", backend=backend)
+        assert res.returncode == 0, res.stderr
+        doc = json.loads(res.stdout)
+        assert (doc["files"], doc["requests"], doc["cancelled"]) == (1, 1, 1)
+        assert (doc["kept"], doc["kept_for"]) == (1, [f"local:{a.resolve()}"])
+        assert _states(site) == {"/pnfs/p/a1 1": "STARTED", "/pnfs/p/shared 1": "STARTED",
+                                 "/pnfs/p/b1 1": "CANCELLED"}
+        text = _cli(pki, proxy, tmp_path, "release", str(b), backend=backend)
+        assert "nothing pinned" in text.stdout  # B relies on nothing any more
+
+        res = _cli(pki, proxy, tmp_path, "release", str(a), "--json", backend=backend)
+        assert res.returncode == 0, res.stderr
+        doc = json.loads(res.stdout)
+        assert (doc["files"], doc["cancelled"], doc["kept"]) == (2, 2, 0)
+        assert set(_states(site).values()) == {"CANCELLED"}
+        assert site.stats()["requests"]["frontend:cancel"] == 2
+        assert _relied_on(backend) == 0
+        status = run_cli("status", str(a), "--json", *backend.cli())
+        [st] = json.loads(status.stdout)["definitions"]
+        assert st["tape"] == {"tape_only": 2}  # cancelled: no longer staging
+
+
 # --- a frontend that refuses one request's release ------------------------------------------
 
 
@@ -205,8 +300,11 @@ def _seed_pins(backend: Backend, uri: str) -> str:
                 for i in range(4)]
         store.add_members("samweb", "ds", refs)
         for i, ref in enumerate(refs):
-            store.note_tape(ref.url, TapeInfo("TAPE", "a-ok" if i < 2 else "b-no", uri, None,
-                                              4e9))
+            request = "a-ok" if i < 2 else "b-no"
+            store.note_tape(ref.url, TapeInfo("TAPE", request, uri, requested_at=1e9,
+                                              lifetime=3e9), wanted_by=("samweb", "ds"))
+            store.note_tape(ref.url, TapeInfo("TAPE", request, uri, staged_at=1e9,
+                                              pinned_until=4e9))
         store.flush()
     finally:
         store.close()
@@ -338,6 +436,58 @@ async def test_a_failed_release_is_logged_and_the_submission_still_completes(
     assert backend.url is None or state_files(tmp_path) == []
 
 
+async def test_a_slice_whose_pins_another_definition_relies_on_says_it_kept_them(
+    tmp_path: Path
+) -> None:
+    """release_after_complete on a slice whose pins another definition relies on too: the
+    completed submission's reason says they were kept, and for whom (not "nothing pinned")."""
+    from prestaged.campaign.runner import run_campaign
+    from prestaged.campaign.spec import parse_campaign
+    from prestaged.catalog import Catalog
+    from prestaged.catalog.local import LocalCatalog
+    from prestaged.gate import GateResult
+    from prestaged.pins import Released, ReleaseReport
+    from prestaged.state.store import Store
+
+    async def gate(catalog: Catalog, ready: float, timeout: float, retry: float) -> GateResult:
+        return GateResult(catalog.name, catalog.definition, ready, 1, 1, 1, 0.0, 0, "ready")
+
+    async def release(catalog: Catalog) -> ReleaseReport:
+        return ReleaseReport(catalog.name, catalog.definition,
+                             (Released("https://fe/api/v1/tape", 1, 1),), 0, 2,
+                             ("local:/other.txt",))
+
+    ds = tmp_path / "ds.txt"
+    ds.write_text("https://127.0.0.1:1/pnfs/a\n")
+    ok = _q(sys.executable, "-c", "pass")
+    cfg = parse_campaign(f'name = "c"\n[[stage]]\nname = "s"\ninput = {json.dumps(str(ds))}\n'
+                         f"submit = {json.dumps(ok)}\ncomplete = {json.dumps(ok)}\n"
+                         "release_after_complete = true\n", tmp_path / "c.toml")
+    with Store(tmp_path / "state.db") as store:
+        result = await run_campaign(cfg, store, gate=gate, open_catalog=LocalCatalog,
+                                    workdir=tmp_path / "work", release=release)
+        with store.transaction() as conn:
+            (reason,) = conn.execute("SELECT reason FROM campaign_submissions").fetchone()
+    assert result.exit_code == 0, result
+    assert reason.endswith("; pins released: 1 file(s) in 1 request(s); 2 pin(s) kept for "
+                           "local:/other.txt"), reason
+
+
+def test_the_summary_says_what_was_cancelled_and_what_was_kept_for_whom() -> None:
+    """The text form names the files cancelled before their release (not on disk yet) and the
+    pins kept because other definitions rely on them, naming a few of those."""
+    from prestaged.pins import Released, ReleaseReport
+
+    report = ReleaseReport("local", "B", (Released("https://fe/api", 2, 1, 1),), 0, 1,
+                           ("local:A",))
+    assert report.summary() == ("local:B: released https://fe/api: 2 files in 1 request (1 not "
+                                "on disk yet: cancelled first); kept 1 pin that local:A relies "
+                                "on too")
+    kept = ReleaseReport("local", "B", (), 0, 3, ("local:A", "samweb:c", "samweb:d", "x:y"))
+    assert kept.summary() == ("local:B: released nothing; kept 3 pins that local:A, samweb:c, "
+                              "samweb:d and 1 more rely on too")
+
+
 def test_a_warm_killed_while_its_files_come_back_from_tape_leaves_their_pins_releasable(
     pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
 ) -> None:
@@ -345,7 +495,8 @@ def test_a_warm_killed_while_its_files_come_back_from_tape_leaves_their_pins_rel
     run whose files are on their way from tape records nothing for hours: a SIGKILL meanwhile
     left no row at all, so `release` found nothing pinned (the pins held for their whole
     lifetime) and a rerun asked the tape system for the same files again. The id is now in the
-    state within moments of the request, and `release` after the kill frees those pins."""
+    state within moments of the request, and `release` after the kill cancels the request (its
+    files are not on disk yet: dCache would go on recalling them) and releases it."""
     with _recalling(pki) as site:
         definition, _ = _tape_definition(site, tmp_path, 3, with_disk=False)
         config = tmp_path / "prestaged.toml"
@@ -366,13 +517,16 @@ def test_a_warm_killed_while_its_files_come_back_from_tape_leaves_their_pins_rel
             warm.communicate(timeout=DEADLINE)
         finally:
             warm.kill()
-        assert _pinned_rows(backend) == 3, "the stage request's id is not in the state"
+        assert _relied_on(backend) == 3, "the stage request's id is not in the state"
+        assert _pinned_rows(backend) == 0  # a pin's end is known once the file lands
 
         res = _cli(pki, proxy, tmp_path, "release", str(definition), "--json", backend=backend)
         assert res.returncode == 0, res.stderr
-        assert (json.loads(res.stdout)["files"], json.loads(res.stdout)["requests"]) == (3, 1)
+        doc = json.loads(res.stdout)
+        assert (doc["files"], doc["requests"], doc["cancelled"]) == (3, 1, 3)
+        assert site.stats()["requests"]["frontend:cancel"] == 1
         assert site.stats()["requests"]["frontend:release"] == 1
-        assert _pinned_rows(backend) == 0
+        assert _relied_on(backend) == 0
 
 
 def test_a_proxy_that_expires_while_files_come_back_from_tape_stops_the_run_naming_it(

@@ -48,6 +48,17 @@ def _file_ids(backend: Backend) -> set[int]:
     return {r[0] for r in backend.query("SELECT id FROM files")}
 
 
+def _landed(store: Store, url: str, request: str, catalog: str, definition: str,
+            until: float) -> None:
+    """Record that ``catalog:definition``'s run staged ``url`` in ``request``, pinned until
+    ``until``."""
+    uri = "https://tape.example/api/v1"
+    store.note_tape(url, TapeInfo("TAPE", request, uri, requested_at=until - 3600,
+                                  lifetime=3600), wanted_by=(catalog, definition))
+    store.note_tape(url, TapeInfo("TAPE", request, uri, staged_at=until - 3600,
+                                  pinned_until=until))
+
+
 def test_each_definition_keeps_its_newest_runs(backend: Backend) -> None:
     """With keep_runs = 3, a definition's fourth and fifth runs drop its two oldest as they
     end; another definition's runs are its own to keep."""
@@ -82,8 +93,7 @@ def test_tidy_drops_unlisted_files_old_runs_and_old_rounds(backend: Backend) -> 
         _run(store, "a", _refs("x", 6))
         _run(store, "b", _refs("x", 2))  # x0, x1 are b's too
         pinned = _refs("x", 6)[5]
-        store.note_tape(pinned.url, TapeInfo("TAPE", "req-1", "https://tape.example/api/v1",
-                                             None, time.time() + 3600))
+        _landed(store, pinned.url, "req-1", "local", "a", time.time() + 3600)
         runs = [_run(store, "a", _refs("x", 3)) for _ in range(3)]  # x3, x4, x5 leave a
         with store.transaction() as conn:
             for finished in (1.0, 2.0, None):
@@ -133,8 +143,10 @@ def test_forget_refuses_what_is_still_in_use(backend: Backend) -> None:
                                                  "recorded and may still be running"):
             store.forget("local", "a")
         store.finish_run(running, {"warm": 2}, 0, "ok")
+        # a stage request of its run still open: the pin comes once the file lands
         store.note_tape(_refs("a", 2)[0].url, TapeInfo("TAPE", "req-9", "https://t.example/v1",
-                                                       None, time.time() + 600))
+                                                       requested_at=time.time(), lifetime=600),
+                        wanted_by=("local", "a"))
         store.flush()
         with pytest.raises(ConflictError, match=r"1 of its files are pinned on disk by "
                                                 r"prestaged's stage requests.*prestaged release"):
@@ -146,9 +158,31 @@ def test_forget_refuses_what_is_still_in_use(backend: Backend) -> None:
         assert store.status(3600, "a") == []
     finally:
         store.close()
-    # The pinned file's row stays until its pin expires: a run that lists it again follows
-    # its stage request instead of asking for another.
+    # The file's row stays while its stage request may still be open (within the pin
+    # lifetime it asked for): a run that lists it again follows that request instead of asking
+    # for another.
     assert _file_ids(backend) == {url_id(_refs("a", 2)[0].url)}
+
+
+def test_forget_leaves_a_pin_another_definition_relies_on_to_that_one(backend: Backend) -> None:
+    """A pin two definitions rely on does not hold forget back: the other one's release frees
+    it. Once that one alone relies on it, forgetting it is refused."""
+    store = backend.store().open()
+    try:
+        shared = _refs("s", 1)
+        _run(store, "a", shared)
+        _run(store, "b", shared)
+        for definition in ("a", "b"):
+            _landed(store, shared[0].url, "req-5", "local", definition, time.time() + 3600)
+        store.flush()
+        assert store.forget("local", "a").runs == 1
+        pins = store.pins("local", "b")
+        assert pins is not None and [(p.request, p.others) for p in pins] == [("req-5", ())]
+        with pytest.raises(ConflictError, match=r"1 of its files are pinned on disk by "
+                                                r"prestaged's stage requests .*for it alone"):
+            store.forget("local", "b")
+    finally:
+        store.close()
 
 
 def test_forget_from_the_command_line(backend: Backend, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -199,9 +200,10 @@ def test_old_state_file_is_current_for_the_new_runner(tmp_path: Path) -> None:
     after = _schema_of(path)
     assert after[0] == SCHEMA_VERSION
     kept = {row[1]: row for row in after[1]}
-    # 7 adds the campaigns' lease columns, 8 what the listings said to members and definitions
+    # 7 adds the campaigns' lease columns, 8 what the listings said to members and definitions,
+    # 9 the stage requests' dates and who relies on their pins to files and members
     assert all(kept[row[1]] == row for row in before[1]
-               if row[1] not in ("campaigns", "members", "definitions"))
+               if row[1] not in ("campaigns", "members", "definitions", "files"))
     assert {"cluster_members", "watch_schedule", "watch_rounds", "round_chunks"} <= set(kept)
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT catalog, name FROM definitions").fetchall() == [("local", "d")]
@@ -233,11 +235,53 @@ def test_unknown_type_word_is_an_error() -> None:
         SQLITE.render("CREATE TABLE t (x {uuid})")
 
 
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_pin_recorded_before_9_stays_with_every_definition_listing_its_file(
+    engine: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Before 9 a pin was the file's, released by whichever definition listed it: after 9 every
+    definition listing a pinned file relies on that pin (so none releases it while another
+    still lists it); unpinned files and files without a request are relied on by nobody."""
+    if engine == "sqlite":
+        conn: Any = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+        dialect = SQLITE
+    else:
+        from prestaged.state.postgres import connect
+
+        conn = connect(request.getfixturevalue("pg_url"))
+        dialect = POSTGRESQL
+    ph = "?" if engine == "sqlite" else "%s"
+    try:
+        for version in range(1, 9):
+            for statement in dialect.statements(version):
+                conn.execute(statement)
+        for name in ("a", "b"):
+            conn.execute(f"INSERT INTO definitions (catalog, name) VALUES ('local', {ph})",
+                         (name,))
+        files = [(1, "req-1", "https://fe/v1", 4e9), (2, "req-2", "https://fe/v1", None),
+                 (3, None, None, None)]
+        for fid, req, uri, until in files:
+            conn.execute("INSERT INTO files (id, url, name, stage_request, stage_uri, "
+                         f"pinned_until) VALUES ({ph}, 'u', 'n', {ph}, {ph}, {ph})",
+                         (fid, req, uri, until))
+        for def_id, fid in ((1, 1), (2, 1), (1, 2), (2, 3)):
+            conn.execute(f"INSERT INTO members (definition_id, file_id) VALUES ({ph}, {ph})",
+                         (def_id, fid))
+        for statement in dialect.statements(9):
+            conn.execute(statement)
+        rows = conn.execute("SELECT definition_id, file_id, pin_request FROM members "
+                            "ORDER BY 1, 2").fetchall()
+    finally:
+        conn.close()
+    assert [tuple(r) for r in rows] == [(1, 1, "req-1"), (1, 2, None), (2, 1, "req-1"),
+                                        (2, 3, None)]
+
+
 # Migrations written since the dialects, by the first 16 hex digits of their text's SHA-256.
 # A migration some tree has run is never edited: a state it made would be taken as current
 # and fail later (7 once gained two columns in place: states it had made lacked them). Change
 # the schema with a new migration, and add its digest here.
-RELEASED = {7: "04575307f3d13d32", 8: "8611bb2c8e79e420"}
+RELEASED = {7: "04575307f3d13d32", 8: "8611bb2c8e79e420", 9: "bc055ca3987a97c9"}
 
 
 def test_released_migrations_are_never_edited() -> None:

@@ -49,10 +49,18 @@ SECOND = {
         [C, "https://h/c", "c", "warm", 206, 4, 1, "", 150.0],  # older than the stored success
     ],
     "located": [[A, "TAPE", 100.0], [A, "DISK", 101.0], [B, "TAPE", 55.0]],
-    "staging": [[B, "req-1", "https://fe/api/v1/tape", 1000.0],
-                [B, "req-2", "https://fe/api/v1/tape", 2000.0]],
-    "staged": [[B, 70.0, 2000.0]],
+    # B: asked in req-1, then req-2 (made at 950 for an hour); ds and other rely on req-2
+    "staging": [[B, "req-1", "https://fe/api/v1/tape", 900.0, 86400.0],
+                [B, "req-2", "https://fe/api/v1/tape", 950.0, 3600.0],
+                [D, "req-4", "https://fe/api/v1/tape", 960.0, 60.0]],
+    "wanted": [["samweb", "ds", B, "req-1"], ["samweb", "ds", B, "req-2"],
+               ["metacat", "other", B, "req-2"], ["samweb", "ds", D, "req-4"]],
+    # B landed in req-2 (req-1's late landing marks nothing); D's req-4 ended without it
+    "staged": [[B, "req-2", 1000.0, 4600.0], [B, "req-1", 990.0, 9.0]],
+    "ended": [[D, "req-4", 980.0], [D, "req-0", 1.0], [B, "req-2", 5.0]],
 }
+# A follower notes the request again: what is known of it (made, landed, pinned) stays.
+AGAIN = {"staging": [[B, "req-2", "https://fe/api/v1/tape", 999.0, 1.0]]}
 
 
 # A batch whose columns hold nothing but NULLs (no size, no HTTP status, no success, no pin):
@@ -60,7 +68,7 @@ SECOND = {
 NULLS = {
     "members": [["samweb", "ds", 300.0, [[E, "https://h/e", "e", None]]]],
     "outcomes": [[E, "https://h/e", "e", "failed", None, 0, 1, "unreachable", 300.0]],
-    "staging": [[E, "req-3", "https://fe/api/v1/tape", None]],
+    "staging": [[E, "req-3", "https://fe/api/v1/tape", None, None]],
 }
 
 
@@ -80,8 +88,8 @@ def _postgres(url: str) -> PostgresDatabase:
 def _tables(db: Database) -> dict[str, list[tuple[Any, ...]]]:
     files = ("SELECT id, url, name, size, status, http_status, bytes, attempts, last_error,"
              " last_try, last_warm, locality, locality_at, stage_request, stage_uri, staged_at,"
-             " pinned_until FROM files ORDER BY id")
-    members = ("SELECT d.catalog, d.name, m.file_id, m.listed FROM members m"
+             " pinned_until, stage_created, stage_lifetime, stage_ended FROM files ORDER BY id")
+    members = ("SELECT d.catalog, d.name, m.file_id, m.listed, m.pin_request FROM members m"
                " JOIN definitions d ON d.id = m.definition_id ORDER BY 1, 2, 3")
     return {
         "files": [tuple(row) for row in db.execute(files).fetchall()],
@@ -93,7 +101,7 @@ def _tables(db: Database) -> dict[str, list[tuple[Any, ...]]]:
 
 def _written(db: Database) -> dict[str, list[tuple[Any, ...]]]:
     try:
-        for batch in (FIRST, SECOND, NULLS):
+        for batch in (FIRST, SECOND, NULLS, AGAIN):
             write(db, batch)
         return _tables(db)
     finally:
@@ -108,21 +116,29 @@ def test_postgresql_arrays_leave_what_sqlite_rows_leave(tmp_path: Path, pg_url: 
     # A: the outcome recorded last, the latest try and the success's time
     assert files[A][3:11] == (5, "failed", 500, 0, 3, BOOM, 100.0, 100.0)
     assert files[A][11:13] == ("DISK", 101.0)
-    # B: warm after a failure; staged under the second request, so on disk now
+    # B: warm after a failure; staged under the second request, so on disk now, pinned from
+    # its landing for the hour that request asked
     assert files[B][3:11] == (9, "warm", 206, 4, 1, "", 60.0, 60.0)
-    assert files[B][11:] == ("DISK_AND_TAPE", 70.0, "req-2", "https://fe/api/v1/tape", 70.0,
-                             2000.0)
+    assert files[B][11:] == ("DISK_AND_TAPE", 1000.0, "req-2", "https://fe/api/v1/tape",
+                             1000.0, 4600.0, 950.0, 3600.0, None)
+    # D: its request ended without landing (an end of another request changes nothing)
+    assert files[D][11:] == (None, None, "req-4", "https://fe/api/v1/tape", None, None, 960.0,
+                             60.0, 980.0)
     # C: an older success does not move last_try or last_warm back
     assert files[C][4:11] == ("warm", 206, 4, 1, "", 200.0, 200.0)
     assert files[D][1:4] == ("https://h/d,{x}", "NULL", 2 ** 40)
     assert files[E][3:11] == (None, "failed", None, 0, 1, "unreachable", 300.0, None)
-    assert files[E][13:] == ("req-3", "https://fe/api/v1/tape", None, None)
+    assert files[E][13:] == ("req-3", "https://fe/api/v1/tape", None, None, None, None, None)
     assert reference["definitions"] == [("metacat", "empty:set"), ("metacat", "other"),
                                         ("samweb", "ds")]
     # "listed" only grows: A and C keep FIRST's time, written before SECOND's older one
     listed = {A: 300.0, B: 200.0, C: 300.0, D: 200.0, E: 300.0}
-    assert reference["members"] == [("metacat", "other", B, 200.0),
-                                     *[("samweb", "ds", f, listed[f]) for f in sorted(listed)]]
+    # who relies on a pin: both definitions on B's req-2 (ds's last word), nobody on D's
+    # ended req-4
+    pin = {B: "req-2"}
+    assert reference["members"] == [("metacat", "other", B, 200.0, "req-2"),
+                                     *[("samweb", "ds", f, listed[f], pin.get(f))
+                                       for f in sorted(listed)]]
 
 
 def test_a_batch_written_twice_changes_nothing(pg_url: str) -> None:

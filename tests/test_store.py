@@ -20,7 +20,7 @@ from cli_runner import entry_point, run_cli, subprocess_env
 from conftest import Backend
 
 from prestaged.errors import StateError
-from prestaged.model import FileRef
+from prestaged.model import FileRef, TapeInfo
 from prestaged.state.schema import SCHEMA_VERSION, SQLITE
 from prestaged.state.store import Store, url_id
 from prestaged.testing.pki import TestPKI
@@ -343,3 +343,115 @@ def test_default_state_path_honours_xdg(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     assert default_state_path() == tmp_path / "prestaged" / "state.db"
     assert default_state_path({"HOME": "/home/u"}) == Path("/home/u/.local/state/prestaged/state.db")
+
+
+# --- tape: stage requests and pins (issue 13) ---------------------------------------------------
+
+TAPE_URI = "https://tape.example/api/v1/tape"
+
+
+def _made(store: Store, ref: FileRef, request: str, made: float, lifetime: float = 3600.0,
+          definition: str = "d") -> None:
+    """Record that ``local:definition``'s run made (or followed) ``request`` for ``ref`` at
+    ``made`` (the state's seconds), asking a pin of ``lifetime``."""
+    store.note_tape(ref.url, TapeInfo("TAPE", request, TAPE_URI, requested_at=made,
+                                      lifetime=lifetime), wanted_by=("local", definition))
+
+
+def test_a_rerun_follows_a_request_by_when_it_was_made(backend: Backend) -> None:
+    """open_stages follows a request made within stage_timeout that neither landed nor ended,
+    however short the pin it asked for (it was dated by its pin: made = pinned_until - today's
+    pin_lifetime); not one older than stage_timeout, nor one that ended or landed; one recorded
+    before requests were dated, while the pin it was given then lasts."""
+    with backend.store() as store:
+        refs = [FileRef(f"f{i}", f"https://door.example/f{i}") for i in range(6)]
+        store.add_members("local", "d", refs)
+        now = store.now()
+        _made(store, refs[0], "short-pin", now - 100, lifetime=60)
+        _made(store, refs[1], "too-old", now - 2000)
+        _made(store, refs[2], "ended", now - 10)
+        store.note_tape(refs[2].url, TapeInfo("TAPE", "ended", TAPE_URI, ended_at=now - 5))
+        _made(store, refs[3], "landed", now - 10)
+        store.note_tape(refs[3].url, TapeInfo("TAPE", "landed", TAPE_URI, staged_at=now - 5,
+                                              pinned_until=now + 3595))
+        store.flush()
+        with store.transaction() as conn:  # as schema 8 left them: no creation time
+            for ref, until in ((refs[4], now + 100), (refs[5], now - 100)):
+                conn.execute("UPDATE files SET stage_request = ?, stage_uri = ?, "
+                             "pinned_until = ? WHERE id = ?",
+                             (f"legacy-{ref.name}", TAPE_URI, until, url_id(ref.url)))
+        found = store.open_stages([r.url for r in refs], 1000.0, now=now)
+    assert sorted(found) == [refs[0].url, refs[4].url]
+    assert found[refs[0].url] == TapeInfo("TAPE", "short-pin", TAPE_URI, requested_at=now - 100,
+                                          lifetime=60.0)
+    assert found[refs[4].url] == TapeInfo("TAPE", "legacy-f4", TAPE_URI)
+
+
+def test_status_counts_a_stage_that_ended_without_landing_as_tape_only(
+    backend: Backend
+) -> None:
+    """A stage that timed out, failed, was cancelled or released no longer shows as staging:
+    the file is tape-only. An open request (a run interrupted while the tape mounts) is still
+    staging; a landed one is on disk."""
+    with backend.store() as store:
+        refs = [FileRef(f"f{i}", f"https://door.example/f{i}") for i in range(3)]
+        store.add_members("local", "d", refs)
+        now = store.now()
+        for i, ref in enumerate(refs):
+            store.note_tape(ref.url, TapeInfo("TAPE"))
+            _made(store, ref, f"r{i}", now)
+        store.note_tape(refs[1].url, TapeInfo("TAPE", "r1", TAPE_URI, ended_at=now))
+        store.note_tape(refs[2].url, TapeInfo("TAPE", "r2", TAPE_URI, staged_at=now,
+                                              pinned_until=now + 3600))
+        store.flush()
+        [st] = store.status(3600)
+    assert st.tape == {"staging": 1, "tape_only": 1, "on_disk": 1}
+
+
+def test_pins_belong_to_the_definitions_that_relied_on_them(backend: Backend) -> None:
+    """Each definition relies on the requests its runs made or followed, and sees who else
+    relies on each: a definition that found the file on disk relies on none. Releasing one
+    keeps the shared pin (and its pinned_until) for the other; releasing that one too frees
+    it."""
+    with backend.store() as store:
+        shared, a1, b1 = (FileRef(n, f"https://door.example/{n}") for n in ("s", "a1", "b1"))
+        for definition, refs in (("A", [shared, a1]), ("B", [shared, b1]), ("C", [shared])):
+            store.add_members("local", definition, refs)
+        now = store.now()
+        for ref, request, definition in ((shared, "req-1", "A"), (a1, "req-1", "A"),
+                                         (shared, "req-1", "B"), (b1, "req-2", "B")):
+            _made(store, ref, request, now, definition=definition)
+        for ref, request in ((shared, "req-1"), (a1, "req-1"), (b1, "req-2")):
+            store.note_tape(ref.url, TapeInfo("TAPE", request, TAPE_URI, staged_at=now,
+                                              pinned_until=now + 3600))
+        store.flush()
+        b_pins = store.pins("local", "B")
+        assert b_pins is not None
+        assert [(p.url, p.request, p.landed, p.others) for p in b_pins] == [
+            (shared.url, "req-1", True, ("local:A",)), (b1.url, "req-2", True, ())]
+        assert store.pins("local", "C") == []
+        theirs, mine = b_pins[:1], b_pins[1:]
+        assert store.unpinned("local", "B", mine, theirs) == []  # A still relies on it
+        a_pins = store.pins("local", "A")
+        assert a_pins is not None and all(p.others == () for p in a_pins)
+        assert store.pins("local", "B") == []
+    pinned = dict(backend.query("SELECT url, pinned_until FROM files"))
+    assert pinned[shared.url] == pinned[a1.url] == now + 3600 and pinned[b1.url] is None
+
+
+def test_two_definitions_releasing_together_leave_no_pin_behind(backend: Backend) -> None:
+    """A and B both rely on a pin; each reads that the other does, so each keeps it for the
+    other. The one recording last learns that nobody relies on it any more and is handed the
+    pin to release after all."""
+    with backend.store() as store:
+        ref = FileRef("x", "https://door.example/x")
+        for definition in ("A", "B"):
+            store.add_members("local", definition, [ref])
+            _made(store, ref, "req-3", store.now(), definition=definition)
+        store.note_tape(ref.url, TapeInfo("TAPE", "req-3", TAPE_URI, staged_at=store.now(),
+                                          pinned_until=store.now() + 60))
+        store.flush()
+        a_pins, b_pins = store.pins("local", "A"), store.pins("local", "B")
+        assert a_pins is not None and b_pins is not None
+        assert store.unpinned("local", "B", [], b_pins) == []
+        assert store.unpinned("local", "A", [], a_pins) == a_pins

@@ -121,11 +121,13 @@ def test_a_cold_mixed_dataset_warms_in_one_run(
         assert replica.on_disk and replica.pins and replica.atime >= started
     # The door was never asked for the unavailable or unknown files.
     assert stats["requests"].get("door:get", 0) == 19
-    rows = {url: (loc, req, staged, pin) for url, loc, req, staged, pin in backend.query(
-        "SELECT url, locality, stage_request, staged_at, pinned_until FROM files")}
+    rows = {url: (loc, req, staged, pin, made) for url, loc, req, staged, pin, made in
+            backend.query("SELECT url, locality, stage_request, staged_at, pinned_until, "
+                          "stage_created FROM files")}
     tape_row = rows[site.door_url(paths["tape"][0])]
     assert tape_row[0] == "DISK_AND_TAPE" and tape_row[1] and tape_row[2] >= started
-    assert tape_row[3] > time.time() + 23 * 3600  # pinned for the default 24 h
+    # pinned for the default 24 h from its landing (a pin starts when pinned, not when asked)
+    assert tape_row[3] == tape_row[2] + 24 * 3600 and started <= tape_row[4] <= tape_row[2]
     assert rows[site.door_url(paths["disk"][0])][:2] == ("DISK", None)
     assert rows[site.door_url(paths["lost"][0])][0] == "UNAVAILABLE"
     status = run_cli("status", *backend.cli())
@@ -374,6 +376,61 @@ def test_a_stage_that_does_not_finish_in_time_fails_and_is_cancelled(
         assert stats["requests"]["frontend:cancel"] == 1 and stats["door_tape_gets"] == 0
 
 
+def test_a_rerun_with_a_longer_pin_lifetime_follows_the_open_request_without_cancelling_it(
+    pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
+) -> None:
+    """Run 1 (pin_lifetime 1h) gives up while the tape mounts; run 2 has pin_lifetime raised
+    to 2 days. Run 2 dated the open request by its pin (pinned_until - today's lifetime: 47 h
+    old), found it past stage_timeout at its first poll and cancelled it, failing every file.
+    The state now keeps when the request was made: run 2 follows it, cancels nothing, and the
+    request keeps its own date and lifetime; no pin end is recorded before the file lands."""
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
+                        DCacheConfig(drives=1, mount_seconds=3600.0)) as srv:
+        paths = [f"/pnfs/m/f{i}" for i in range(3)]
+        for p in paths:
+            srv.add_file(p, 10, Locality.TAPE)
+        definition = _definition(tmp_path, [srv.door_url(p) for p in paths])
+        started = time.time()
+        for lifetime in ("1h", "2d"):
+            res = _warm(pki, proxy, tmp_path, definition, "--timeout", "300ms", command="wait",
+                        extra=f'pin_lifetime = "{lifetime}"\n', backend=backend)
+            assert res.returncode == 1, res.stderr
+            rows = set(backend.query("SELECT stage_request, stage_created, stage_lifetime, "
+                                     "pinned_until, stage_ended FROM files"))
+            (request, made, asked, until, ended), = rows  # one request for the three
+            assert started <= made <= time.time() and asked == 3600.0
+            assert until is None and ended is None
+        stats = srv.stats()
+        assert stats["requests"]["frontend:stage"] == 1
+        assert "frontend:cancel" not in stats["requests"]
+        states = srv._call(lambda: {f.state for f in srv.server.frontend.requests[request]
+                                    .files.values()})
+        assert states == {"STARTED"}
+        status = run_cli("status", *backend.cli(), "--json")
+        [st] = json.loads(status.stdout)["definitions"]
+        assert st["tape"] == {"staging": 3}  # open on the server: staging, rightly
+
+
+def test_a_stage_that_timed_out_is_tape_only_in_status_not_staging(
+    pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
+) -> None:
+    """A stage that timed out (cancelled by us) ended: `status` counts the file tape-only, and
+    the state records when the stage ended, where it showed "staging" for ever."""
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
+                        DCacheConfig(drives=1, mount_seconds=3600.0)) as srv:
+        srv.add_file("/pnfs/s/slow", 10, Locality.TAPE)
+        definition = _definition(tmp_path, [srv.door_url("/pnfs/s/slow")])
+        res = _warm(pki, proxy, tmp_path, definition, "--json",
+                    extra='stage_timeout = "200ms"\n', backend=backend)
+        assert res.returncode == 5, res.stderr
+        assert json.loads(res.stdout)["failures"][0]["error"].startswith("stage timed out")
+    [(ended, made)] = backend.query("SELECT stage_ended, stage_created FROM files")
+    assert ended >= made
+    status = run_cli("status", *backend.cli(), "--json")
+    [st] = json.loads(status.stdout)["definitions"]
+    assert st["tape"] == {"tape_only": 1}
+
+
 def test_a_rerun_follows_the_open_stage_request_of_an_interrupted_run(
     pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
 ) -> None:
@@ -411,8 +468,9 @@ def test_a_rerun_follows_the_open_stage_request_of_an_interrupted_run(
 def test_a_rerun_asks_anew_for_files_the_earlier_request_did_not_bring(
     pki: TestPKI, proxy: Path, tmp_path: Path
 ) -> None:
-    """The earlier run's request was cancelled (its stage timed out): the rerun polls it once,
-    sees the file cancelled there and makes a new request, which lands and is touched."""
+    """The earlier run's request was cancelled (its stage timed out), and the state recorded
+    that the stage ended: the rerun does not follow it (it polled it once to learn what the
+    state knew) and makes a new request, which lands and is touched."""
     config = DCacheConfig(drives=1, mount_seconds=1.0)
     with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
                         config) as srv:
@@ -430,9 +488,10 @@ def test_a_rerun_asks_anew_for_files_the_earlier_request_did_not_bring(
         assert doc["counts"]["staged"] == 1
         stats = srv.stats()
         assert stats["requests"]["frontend:stage"] == 2
-        # The rerun's first request after locality is the poll of the earlier request.
+        # The rerun's first request after locality is its own stage request.
         rerun = [c for c in stats["frontend_calls"][calls:] if "archiveinfo" not in c]
-        assert rerun[:2] == [f"GET /api/v1/tape/stage/{first}", "POST /api/v1/tape/stage"]
+        assert rerun[0] == "POST /api/v1/tape/stage"
+        assert f"GET /api/v1/tape/stage/{first}" not in rerun
         (second,) = {r for (r,) in _rows(tmp_path, "SELECT stage_request FROM files")}
         assert second != first and second in srv.replica("/pnfs/s/slow").pins
 

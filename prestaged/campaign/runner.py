@@ -415,10 +415,13 @@ class _Runner:
                         sub.campaign, sub.stage, sub.id, e)
             return f"; pins not released: {e}"
         log.info("%s/%s #%d: %s", sub.campaign, sub.stage, sub.id, report.summary())
-        if not report.files and not report.left:
+        if not report.files and not report.left and not report.kept:
             return "; nothing pinned to release"
         left = f", {report.left} still pinned (stopped)" if report.left else ""
-        return f"; pins released: {report.files} file(s) in {report.requests} request(s){left}"
+        kept = (f"; {report.kept} pin(s) kept for {', '.join(report.kept_for)}"
+                if report.kept else "")
+        return (f"; pins released: {report.files} file(s) in {report.requests} request(s)"
+                f"{left}{kept}")
 
     async def _wait_keeping_warm(self, stage: StageConfig, sub: Submission,
                                  seconds: float) -> bool:

@@ -356,9 +356,10 @@ def _add_forget(sub: Subparsers, parents: _Parents) -> None:
                                    "lists any more (the catalog and the storage are not "
                                    "asked). Refused while this config watches it, while a run "
                                    "of it has no end recorded, or while prestaged's stage "
-                                   "requests pin its files (run `prestaged release` first), "
-                                   "unless --force. Exit 0 once forgotten; 4 for a definition "
-                                   "the state does not know; 2 when refused (nothing dropped).",
+                                   "requests pin its files for it alone (run `prestaged "
+                                   "release` first), unless --force. Exit 0 once forgotten; "
+                                   "4 for a definition the state does not know; 2 when "
+                                   "refused (nothing dropped).",
                        parents=[own, parents.state, parents.common])
     f.set_defaults(func=cmd_forget)
 
@@ -369,9 +370,11 @@ def _add_release(sub: Subparsers, parents: _Parents) -> None:
     own.add_argument("--json", action="store_true", help="print one JSON document")
     r = sub.add_parser("release", help="release the tape pins prestaged holds on a definition",
                        description="Release the disk pins that prestaged's stage requests hold "
-                                   "on DEFINITION's files, as the state database recorded them "
+                                   "for DEFINITION's files, as the state database recorded them "
                                    "(the catalog is not asked): one release request per stage "
-                                   "request, then the pins are cleared in the state. The files "
+                                   "request (files not on disk yet are cancelled first), then "
+                                   "the pins are cleared in the state. A pin another "
+                                   "definition relies on too is kept for it. The files "
                                    "stay on disk until the storage evicts them. Exit 0 also "
                                    "when nothing is pinned; 4 for a definition the state does "
                                    "not know; 3 or 5 when the storage refuses (what was "

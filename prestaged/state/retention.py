@@ -86,15 +86,23 @@ def hold_members(conn: Database) -> None:
 
 
 def _orphan_files(conn: Database, now: float) -> int:
-    """Delete the files no definition lists and no unexpired pin holds; how many."""
+    """Delete the files no definition lists and no unexpired pin (or open stage request)
+    holds; how many."""
     # SQLite evaluates NOT IN's list once into a temporary index (0.1 s at 300,000 files);
     # its NOT EXISTS would scan members once per file, members having no index on file_id.
     # PostgreSQL plans NOT EXISTS as an anti-join; its NOT IN hashes the list only within
     # work_mem and otherwise rescans it per file.
     unlisted = ("id NOT IN (SELECT file_id FROM members)" if conn.dialect.name == "sqlite"
                 else "NOT EXISTS (SELECT 1 FROM members m WHERE m.file_id = files.id)")
-    return int(conn.execute(f"DELETE FROM files WHERE {unlisted} AND "
-                            "(pinned_until IS NULL OR pinned_until <= ?)", (now,)).rowcount)
+    return int(conn.execute(f"DELETE FROM files WHERE {unlisted} AND {_UNPINNED}",
+                            (now, now)).rowcount)
+
+
+# No pin holds the file: none landed that has not expired, and no stage request still open
+# that was made within the pin lifetime it asked for (a rerun listing the file again follows
+# that request rather than asking anew; its pin starts only when it lands).
+_UNPINNED = ("(pinned_until IS NULL OR pinned_until <= ?) AND NOT COALESCE(staged_at IS NULL "
+             "AND stage_ended IS NULL AND stage_created + stage_lifetime > ?, FALSE)")
 
 
 def forget(conn: Database, def_id: int, catalog: str, definition: str, now: float) -> Tidied:

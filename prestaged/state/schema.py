@@ -274,6 +274,26 @@ MIGRATIONS: list[str] = [
     ALTER TABLE definitions ADD COLUMN unresolved INTEGER;
     ALTER TABLE definitions ADD COLUMN partial INTEGER;
     """,
+    # 9: stage requests dated, ended and owned (issue 13's review). A file's request: when the
+    # server accepted it (our clock) and the pin lifetime it asked for, so that a rerun dates a
+    # request it adopts by that, and pinned_until is set only once the file is on disk (landing
+    # plus lifetime: a pin starts when pinned, not when asked for). When that request ended
+    # without bringing the file to disk (timed out, cancelled, failed, lost, released), so that
+    # it no longer counts as staging. Per member, the stage request whose pin the definition
+    # relies on for that file (NULL: none, or released by it): releasing one definition keeps
+    # a pin another still relies on. A pin recorded before stays with every definition that
+    # lists its file, as it did.
+    """
+    ALTER TABLE files ADD COLUMN stage_created {seconds};
+    ALTER TABLE files ADD COLUMN stage_lifetime {seconds};
+    ALTER TABLE files ADD COLUMN stage_ended {seconds};
+    ALTER TABLE members ADD COLUMN pin_request TEXT;
+    UPDATE members SET pin_request = (SELECT f.stage_request FROM files f
+                                      WHERE f.id = members.file_id)
+        WHERE file_id IN (SELECT id FROM files WHERE stage_request IS NOT NULL
+                          AND stage_uri IS NOT NULL AND pinned_until IS NOT NULL);
+    CREATE INDEX members_by_pin ON members (file_id) WHERE pin_request IS NOT NULL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

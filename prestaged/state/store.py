@@ -77,6 +77,7 @@ from prestaged.state.db import (
     driver_errors,
 )
 from prestaged.state.private import create_private
+from prestaged.state.writer import PG_WRITE_LOCK
 
 __all__ = [
     "DatasetStatus",
@@ -105,9 +106,14 @@ CLOCK_SKEW_WARN = 5.0
 _DB_NOW = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"
 
 _OK = (Result.WARM.value, Result.EMPTY.value)
-_TAPE_ROWS = ("located", "staging", "staged")
+_TAPE_ROWS = ("located", "staging", "wanted", "staged", "ended")
+# Staging: a request of ours is open for the file (not landed, not ended without landing: a
+# stage that timed out, failed or was cancelled or released leaves it tape-only). A run that
+# was interrupted leaves its request open on the server, and so staging, until a rerun follows
+# it or `release` cancels it.
 _TAPE_COUNTS = """
-SELECT f.locality, f.stage_request IS NOT NULL AND f.staged_at IS NULL, COUNT(*)
+SELECT f.locality, CASE WHEN f.stage_request IS NOT NULL AND f.staged_at IS NULL
+                        AND f.stage_ended IS NULL THEN 1 ELSE 0 END, COUNT(*)
 FROM members m JOIN files f ON f.id = m.file_id WHERE m.definition_id = ? GROUP BY 1, 2
 """
 _ON_DISK_LOCALITIES = ("DISK", "DISK_AND_TAPE")
@@ -260,7 +266,9 @@ class Listing:
 
 @dataclass(frozen=True)
 class Pin:
-    """A pin one of prestaged's stage requests holds on a file, as the state recorded it."""
+    """A pin one of prestaged's stage requests holds (or will hold, once the file is on disk)
+    on a file for a definition, as the state recorded it: the definition's run made, adopted
+    or followed the request for that file, and the definition has not released it."""
 
     file_id: int
     """The files table's key (``url_id`` of the URL as the catalog gave it)."""
@@ -269,9 +277,16 @@ class Pin:
     request: str
     """The stage request's id."""
     uri: str
-    """The Tape REST endpoint (v1 URI) the request was made at."""
-    pinned_until: float
-    """Unix seconds the pin was asked to last until."""
+    """The Tape REST endpoint (v1 URI) the file's request was made at."""
+    pinned_until: Optional[float] = None
+    """Unix seconds the pin lasts until (landing plus the lifetime asked); None while the
+    file is not known to have landed in this request."""
+    landed: bool = False
+    """Whether the file is known to be on disk under this request (else it is still being
+    staged, or nobody followed it to the end: releasing cancels it first)."""
+    others: tuple[str, ...] = ()
+    """The other definitions (``catalog:name``) that rely on this pin too: releasing this
+    one keeps it for them."""
 
 
 def state_file_exists(path: Path) -> bool:
@@ -737,15 +752,26 @@ class Store:
         self._put("outcomes", (url_id(url), redact(url), redact(name), result, http_status, nbytes,
                               attempts, redact(error), self.now() if when is None else when))
 
-    def note_tape(self, url: str, info: TapeInfo, when: Optional[float] = None) -> None:
+    def note_tape(self, url: str, info: TapeInfo, when: Optional[float] = None, *,
+                  wanted_by: Optional[tuple[str, str]] = None) -> None:
         """Record what the tape path learned of one file (queued): its locality; or a stage
-        request made for it (``info.request``, ``uri``, ``pinned_until``); or that it reached
-        disk (``info.staged_at``)."""
+        request made, adopted or followed for it (``info.request``, ``uri``,
+        ``requested_at``, ``lifetime``), whose pin the definition ``wanted_by`` (catalog,
+        name) relies on for it from now on; or that it reached disk in that request
+        (``info.staged_at``, ``pinned_until``); or that the request ended without bringing it
+        to disk (``info.ended_at``: nobody relies on it for that file any more)."""
         fid = url_id(url)
         if info.staged_at is not None:
-            self._put("staged", (fid, info.staged_at, info.pinned_until))
+            self._put("staged", (fid, info.request, float(info.staged_at),
+                                 _seconds(info.pinned_until)))
+        elif info.ended_at is not None:
+            self._put("ended", (fid, info.request, float(info.ended_at)))
         elif info.request is not None:
-            self._put("staging", (fid, info.request, info.uri, info.pinned_until))
+            # floats: PostgreSQL's writer sends each column as one typed array
+            self._put("staging", (fid, info.request, info.uri, _seconds(info.requested_at),
+                                  _seconds(info.lifetime)))
+            if wanted_by is not None:
+                self._put("wanted", (*wanted_by, fid, info.request))
             self._soon.set()  # durable at once: a crash must not lose the request's id
         else:
             self._put("located", (fid, info.locality, self.now() if when is None else when))
@@ -899,8 +925,9 @@ class Store:
         """Drop ``catalog:definition`` and everything only it kept (``retention.forget``).
         ``NotFoundError`` when the state has no such definition; ``ConflictError`` while a run
         of it has no end recorded and its process may still run, a watch round of it is
-        unfinished, or pins of prestaged's on its files have not expired (nothing could
-        release them once forgotten), unless ``force``."""
+        unfinished, or it alone relies on pins of prestaged's that have not expired or on
+        stage requests still open (nothing could release them once forgotten; a pin another
+        definition relies on too is that one's to release), unless ``force``."""
         with self.transaction() as conn:
             retention.hold_members(conn)
             row = conn.execute("SELECT id FROM definitions WHERE catalog = ? AND name = ?",
@@ -921,44 +948,83 @@ class Store:
 
     @_one_line_errors
     def pins(self, catalog: str, definition: str) -> Optional[list[Pin]]:
-        """The pins recorded on ``definition``'s member files (a non-NULL ``pinned_until``,
-        expired or not), ordered by endpoint, request and URL; None when the state has no
-        such definition."""
+        """The pins ``definition`` relies on (its runs made, adopted or followed the stage
+        request for the file, and it has not released it), landed or not, expired or not,
+        each with the other definitions that rely on it too; ordered by endpoint, request and
+        URL. None when the state has no such definition."""
         with self._lock:
             row = self.conn.execute("SELECT id FROM definitions WHERE catalog = ? AND name = ?",
                                     (catalog, definition)).fetchone()
             if row is None:
                 return None
+            # Landed: the file's row names this very request and has it on disk (a later
+            # request of another definition replaced it: this one's outcome is unknown).
             rows = self.conn.execute(
-                "SELECT f.id, f.url, f.stage_request, f.stage_uri, f.pinned_until "
+                "SELECT f.id, f.url, m.pin_request, f.stage_uri, CASE WHEN f.stage_request = "
+                "m.pin_request AND f.staged_at IS NOT NULL THEN f.pinned_until END, CASE WHEN "
+                "f.stage_request = m.pin_request AND f.staged_at IS NOT NULL THEN 1 ELSE 0 END "
                 "FROM members m JOIN files f ON f.id = m.file_id WHERE m.definition_id = ? "
-                "AND f.pinned_until IS NOT NULL AND f.stage_request IS NOT NULL "
-                "AND f.stage_uri IS NOT NULL ORDER BY f.stage_uri, f.stage_request, f.url",
-                (row[0],)).fetchall()
-        return [Pin(*r) for r in rows]
-
-    def unpinned(self, pins: Sequence[Pin]) -> int:
-        """Record that ``pins`` were released (``pinned_until`` NULL), at once, in one
-        transaction; a file staged again since under another request keeps that newer pin.
-        Returns the files changed."""
-        with self.transaction() as conn:
-            return conn.executemany(
-                "UPDATE files SET pinned_until = NULL WHERE id = ? AND stage_request = ?",
-                [(p.file_id, p.request) for p in pins])
+                "AND m.pin_request IS NOT NULL AND f.stage_uri IS NOT NULL "
+                "ORDER BY f.stage_uri, m.pin_request, f.url", (row[0],)).fetchall()
+            others: dict[tuple[int, str], list[str]] = {}
+            for file_id, request, cat, name in self.conn.execute(
+                    "SELECT m.file_id, m.pin_request, d.catalog, d.name FROM members m "
+                    "JOIN members o ON o.file_id = m.file_id AND o.pin_request = m.pin_request "
+                    "JOIN definitions d ON d.id = o.definition_id WHERE m.definition_id = ? "
+                    "AND m.pin_request IS NOT NULL AND o.pin_request IS NOT NULL "
+                    "AND o.definition_id <> m.definition_id ORDER BY 3, 4", (row[0],)):
+                others.setdefault((file_id, request), []).append(f"{cat}:{name}")
+        return [Pin(fid, url, request, uri, until, bool(landed),
+                    tuple(others.get((fid, request), ())))
+                for fid, url, request, uri, until, landed in rows]
 
     @_one_line_errors
-    def open_stages(self, urls: Iterable[str], now: Optional[float] = None) -> dict[str, TapeInfo]:
-        """Those of ``urls`` that a stage request of an earlier run is still bringing to disk:
-        one that has not landed (no ``staged_at``) and still holds its pin. Each as the
-        ``TapeInfo`` of that request (locality TAPE, request id, endpoint, pinned until), so a
-        rerun follows it rather than asking again (the reference: no duplicate requests for a
-        file)."""
-        rows = self._files_of(urls, "stage_request, stage_uri, pinned_until",
+    def unpinned(self, catalog: str, definition: str, released: Sequence[Pin],
+                 kept: Sequence[Pin] = ()) -> list[Pin]:
+        """Record, at once and in one transaction, that ``definition`` no longer relies on the
+        pins ``released`` (the storage accepted their release: ``pinned_until`` NULL; those
+        not landed were cancelled: their stage ended now) nor on ``kept`` (other definitions
+        relied on them, so they were left on the storage). A file staged again since under
+        another request keeps that newer request's pin. Returns the pins of ``kept`` that no
+        definition relies on any more (the others released them meanwhile, each keeping it for
+        this one): the caller releases those too."""
+        with self.transaction() as conn:
+            if conn.dialect.name == "postgresql":
+                # Serialised with the writers and other releases, as SQLite's BEGIN IMMEDIATE
+                # does: two definitions released at once must not each keep a pin for the other.
+                conn.execute("SELECT pg_advisory_xact_lock(?)", (PG_WRITE_LOCK,))
+            def_id = schema.definition_id(conn, catalog, definition)
+            conn.executemany("UPDATE members SET pin_request = NULL WHERE definition_id = ? AND "
+                             "file_id = ? AND pin_request = ?",
+                             [(def_id, p.file_id, p.request) for p in (*released, *kept)])
+            conn.executemany("UPDATE files SET pinned_until = NULL WHERE id = ? AND "
+                             "stage_request = ?", [(p.file_id, p.request) for p in released])
+            now = self.now()
+            conn.executemany("UPDATE files SET stage_ended = ? WHERE id = ? AND stage_request = "
+                             "? AND staged_at IS NULL AND stage_ended IS NULL",
+                             [(now, p.file_id, p.request) for p in released if not p.landed])
+            return [p for p in kept if not conn.execute(
+                "SELECT COUNT(*) FROM members WHERE file_id = ? AND pin_request = ?",
+                (p.file_id, p.request)).fetchone()[0]]
+
+    @_one_line_errors
+    def open_stages(self, urls: Iterable[str], timeout: float,
+                    now: Optional[float] = None) -> dict[str, TapeInfo]:
+        """Those of ``urls`` that a stage request of an earlier run may still be bringing to
+        disk: made less than ``timeout`` seconds ago (``storage.stage_timeout``: the run that
+        made it would have cancelled it then), not landed and not ended. Each as the
+        ``TapeInfo`` of that request (locality TAPE, request id, endpoint, when it was made,
+        the pin lifetime it asked for), so a rerun follows it rather than asking again (the
+        reference: no duplicate requests for a file). A request recorded before the state
+        kept its creation (schema 9) counts while the pin it was guessed to have lasts."""
+        now = self._judged_now() if now is None else now
+        rows = self._files_of(urls, "stage_request, stage_uri, stage_created, stage_lifetime",
                               "stage_request IS NOT NULL AND stage_uri IS NOT NULL AND "
-                              "staged_at IS NULL AND pinned_until > ?",
-                              [self._judged_now() if now is None else now])
-        return {url: TapeInfo("TAPE", request, uri, None, until)
-                for url, (request, uri, until) in rows}
+                              "staged_at IS NULL AND stage_ended IS NULL AND (stage_created > ? "
+                              "OR (stage_created IS NULL AND pinned_until > ?))",
+                              [now - timeout, now])
+        return {url: TapeInfo("TAPE", request, uri, requested_at=created, lifetime=lifetime)
+                for url, (request, uri, created, lifetime) in rows}
 
     def _files_of(self, urls: Iterable[str], columns: str, condition: str,
                   params: Sequence[Any]) -> list[tuple[str, tuple[Any, ...]]]:
@@ -1084,6 +1150,11 @@ def _warn_if_emptied(path: Path) -> None:
                         "state, restore it from a copy first)", path)
 
 
+def _seconds(value: Optional[float]) -> Optional[float]:
+    """``value`` as a float (a whole number of seconds may come as an int), None kept."""
+    return None if value is None else float(value)
+
+
 def _identity(path: Path) -> tuple[int, int]:
     st = path.stat()
     return (st.st_dev, st.st_ino)
@@ -1110,14 +1181,26 @@ def _busy(conn: Database, def_id: int, catalog: str, definition: str,
                                (catalog, definition)).fetchone()[0]
     if open_rounds:
         return "a watch round of it is still being warmed by the daemons sharing this state"
-    pinned = conn.execute(
-        "SELECT COUNT(*) FROM members m JOIN files f ON f.id = m.file_id WHERE "
-        "m.definition_id = ? AND f.stage_request IS NOT NULL AND f.pinned_until > ?",
-        (def_id, now)).fetchone()[0]
+    pinned = conn.execute(_ONLY_ITS_PINS, (def_id, now)).fetchone()[0]
     if pinned:
-        return (f"{pinned} of its files are pinned on disk by prestaged's stage requests, and "
-                "nothing could release them once forgotten: run `prestaged release` first")
+        return (f"{pinned} of its files are pinned on disk by prestaged's stage requests (or "
+                "will be, once staged) for it alone, and nothing could release them once "
+                "forgotten: run `prestaged release` first")
     return None
+
+
+# The pins only this definition relies on that hold now or will (pins another definition
+# relies on are released by that one's `release`): landed in the file's current request and
+# not expired, or that request still open (not landed, not ended). A request since replaced by
+# another definition's is not counted: its outcome is unknown to the state.
+_ONLY_ITS_PINS = """
+SELECT COUNT(*) FROM members m JOIN files f ON f.id = m.file_id
+WHERE m.definition_id = ? AND m.pin_request IS NOT NULL AND f.stage_request = m.pin_request
+AND ((f.staged_at IS NOT NULL AND f.pinned_until > ?)
+     OR (f.staged_at IS NULL AND f.stage_ended IS NULL))
+AND NOT EXISTS (SELECT 1 FROM members o WHERE o.file_id = m.file_id AND o.pin_request IS NOT NULL
+                AND o.pin_request = m.pin_request AND o.definition_id <> m.definition_id)
+"""
 
 
 def _record_listing(conn: Database, def_id: int, listing: Listing) -> None:
@@ -1190,17 +1273,19 @@ class StoreRecorder:
                                         self.fresh_for)
         return [r for r in refs if r.url not in fresh] if fresh else refs
 
-    async def open_stages(self, urls: list[str]) -> dict[str, TapeInfo]:
-        """The stage requests earlier runs left open on ``urls`` (see ``Store.open_stages``)."""
-        return await asyncio.to_thread(self.store.open_stages, urls)
+    async def open_stages(self, urls: list[str], timeout: float) -> dict[str, TapeInfo]:
+        """The stage requests earlier runs left open on ``urls`` within ``timeout`` seconds
+        (see ``Store.open_stages``)."""
+        return await asyncio.to_thread(self.store.open_stages, urls, timeout)
 
     def now(self) -> float:
         """``Store.now``."""
         return self.store.now()
 
     def note(self, url: str, info: TapeInfo) -> None:
-        """Queue what the tape path learned of one file (see ``Store.note_tape``)."""
-        self.store.note_tape(url, info)
+        """Queue what the tape path learned of one file (see ``Store.note_tape``); a stage
+        request made, adopted or followed for it is this definition's to release."""
+        self.store.note_tape(url, info, wanted_by=(self.catalog, self.definition))
 
     def record(self, outcome: Outcome) -> None:
         """Queue one file's outcome for writing."""

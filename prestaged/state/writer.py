@@ -12,8 +12,11 @@ Lines: ``{"members": [[catalog, definition, listed, [[id, url, name, size], ...]
 "outcomes": [[id, url, name, result, http_status, bytes, attempts, error, time], ...]}`` or
 ``{"flush": n}``, answered with the line ``ok n`` once everything before it is committed.
 A batch may also carry tape rows, applied after the outcomes in this order (a file's life:
-located, staging, staged): ``"located": [[id, locality, time]]``, ``"staging": [[id, request,
-uri, pinned_until]]``, ``"staged": [[id, time, pinned_until]]``.
+located, staging, wanted, staged, ended): ``"located": [[id, locality, time]]``, ``"staging":
+[[id, request, uri, created, lifetime]]``, ``"wanted": [[catalog, definition, id, request]]``
+(the definition relies on that request's pin for the file), ``"staged": [[id, request, time,
+pinned_until]]``, ``"ended": [[id, request, time]]`` (it ended without bringing the file to
+disk: nobody relies on it for that file any more).
 End of input: exit 0. A failure is answered with one line ``error <message>`` on stdout, then
 exit 1; the store turns it into its one-line error (the disk is full, ...).
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 import signal
 import sqlite3
 import sys
@@ -120,49 +124,90 @@ BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
 
 
-# Tape rows (issue 13). A stage request made: the file is staging (staged_at cleared) under
-# that request's pin. Staged: on disk since staged_at, so its locality is DISK_AND_TAPE now.
-# Plain ? in the order of the row the store sent (no ?N: psycopg has no numbered parameters).
-# Each kind as (its SET clause, a {n} per parameter; the parameters' types); the id comes last.
-_TAPE_UPDATES = {
-    "located": ("locality = {0}, locality_at = {1}", ("text", "double precision")),
-    "staging": ("stage_request = {0}, stage_uri = {1}, pinned_until = {2}, staged_at = NULL",
-                ("text", "text", "double precision")),
-    "staged": ("staged_at = {0}, pinned_until = {1}, locality = 'DISK_AND_TAPE', "
-               "locality_at = {2}", ("double precision", "double precision",
-                                     "double precision")),
+# Tape rows (issue 13). Each kind updates the files row of its id (first in the protocol's
+# row), with these columns after it: located, its locality; staging, a stage request made or
+# followed for it (the same request again keeps what is known of it: landed, pinned, ended;
+# another one starts afresh); staged, on disk since then (DISK_AND_TAPE now) and pinned until;
+# ended, the request ended without bringing it to disk. staged and ended apply only while the
+# file's row names that request: a later request's row is never marked by an earlier one's.
+# Written once with {name} placeholders: "?" in the row's order on SQLite (psycopg has no
+# numbered parameters), the columns of an unnest on PostgreSQL.
+_SAME = "files.stage_request = {request}"
+_SECONDS = "double precision"
+_TAPE_UPDATES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    # kind: (SET ... WHERE of its UPDATE files, the row's columns after the id and their types)
+    "located": ("locality = {locality}, locality_at = {stamp} WHERE files.id = {id}",
+                (("locality", "text"), ("stamp", _SECONDS))),
+    "staging": ("stage_request = {request}, stage_uri = {uri}, "
+                "stage_created = CASE WHEN " + _SAME + " THEN COALESCE(files.stage_created, "
+                "{created}) ELSE {created} END, "
+                "stage_lifetime = CASE WHEN " + _SAME + " THEN COALESCE(files.stage_lifetime, "
+                "{lifetime}) ELSE {lifetime} END, "
+                "staged_at = CASE WHEN " + _SAME + " THEN files.staged_at END, "
+                "pinned_until = CASE WHEN " + _SAME + " THEN files.pinned_until END, "
+                "stage_ended = CASE WHEN " + _SAME + " THEN files.stage_ended END "
+                "WHERE files.id = {id}",
+                (("request", "text"), ("uri", "text"), ("created", _SECONDS),
+                 ("lifetime", _SECONDS))),
+    "staged": ("staged_at = {stamp}, pinned_until = {pinned}, locality = 'DISK_AND_TAPE', "
+               "locality_at = {stamp}, stage_ended = NULL WHERE files.id = {id} AND " + _SAME,
+               (("request", "text"), ("stamp", _SECONDS), ("pinned", _SECONDS))),
+    "ended": ("stage_ended = {stamp} WHERE files.id = {id} AND " + _SAME
+              + " AND files.staged_at IS NULL",
+              (("request", "text"), ("stamp", _SECONDS))),
 }
+TAPE_KINDS = ("located", "staging", "staged", "ended")
+"""The tape row kinds, in the order a batch applies them (a file's life)."""
+_NAME = re.compile(r"\{([a-z]+)\}")
+
+# Who relies on a pin (schema 9): "wanted" [catalog, definition, id, request] is the stage
+# request whose pin that definition's run relies on for the file (it made, adopted or followed
+# it); a request that "ended" for a file is relied on by nobody any more (unless the file's row
+# has it landed there: an end never undoes a landing).
+WANTED = ("UPDATE members SET pin_request = ? WHERE definition_id = (SELECT id FROM definitions "
+          "WHERE catalog = ? AND name = ?) AND file_id = ?")
+PG_WANTED = ("UPDATE members SET pin_request = u.request FROM unnest(?::text[], ?::text[], "
+             "?::bigint[], ?::text[]) AS u(catalog, name, id, request) JOIN definitions d "
+             "ON d.catalog = u.catalog AND d.name = u.name "
+             "WHERE members.definition_id = d.id AND members.file_id = u.id")
+_LANDED_THERE = (" AND NOT EXISTS (SELECT 1 FROM files f WHERE f.id = members.file_id AND "
+                 "f.stage_request = members.pin_request AND f.staged_at IS NOT NULL)")
+UNWANTED = ("UPDATE members SET pin_request = NULL WHERE file_id = ? AND pin_request = ?"
+            + _LANDED_THERE)
+PG_UNWANTED = ("UPDATE members SET pin_request = NULL FROM unnest(?::bigint[], ?::text[]) "
+               "AS u(id, request) WHERE members.file_id = u.id AND members.pin_request = "
+               "u.request" + _LANDED_THERE)
 
 
 def _tape_update(key: str) -> str:
-    """The row-at-a-time UPDATE of a tape row kind (SQLite)."""
-    clause, types = _TAPE_UPDATES[key]
-    return f"UPDATE files SET {clause.format(*['?'] * len(types))} WHERE id = ?"
+    """The row-at-a-time UPDATE of a tape row kind (SQLite): a ``?`` per placeholder."""
+    return "UPDATE files SET " + _NAME.sub("?", _TAPE_UPDATES[key][0])
 
 
 def _pg_tape_update(key: str) -> str:
-    """The same UPDATE with its rows as arrays (PostgreSQL)."""
-    clause, types = _TAPE_UPDATES[key]
-    names = [f"u.c{i}" for i in range(len(types))]
-    columns = ", ".join(f"c{i}" for i in range(len(types)))
-    return (f"UPDATE files SET {clause.format(*names)} "
-            f"FROM {_unnest((*types, 'bigint'))} AS u({columns}, id) WHERE files.id = u.id")
+    """The same UPDATE with its rows as arrays (PostgreSQL): ``u.<column>`` of an unnest."""
+    clause, columns = _TAPE_UPDATES[key]
+    names = ", ".join(["id", *(name for name, _ in columns)])
+    arrays = _unnest(["bigint", *(kind for _, kind in columns)])
+    sets, where = _NAME.sub(r"u.\1", clause).split(" WHERE ", 1)
+    return f"UPDATE files SET {sets} FROM {arrays} AS u({names}) WHERE {where}"
 
 
-LOCATED, STAGING, STAGED = (_tape_update(k) for k in ("located", "staging", "staged"))
-_PG_TAPE = {key: _pg_tape_update(key) for key in _TAPE_UPDATES}
+def _tape_params(key: str, rows: list[Sequence[Any]]) -> list[Sequence[Any]]:
+    """Tape rows of the protocol (id first) as the parameters of ``_tape_update(key)``: each
+    column where its ``?`` is (some appear twice)."""
+    columns = ["id", *(name for name, _ in _TAPE_UPDATES[key][1])]
+    where = [columns.index(name) for name in _NAME.findall(_TAPE_UPDATES[key][0])]
+    return [tuple(row[i] for i in where) for row in rows]
+
+
+_SQLITE_TAPE = {key: _tape_update(key) for key in TAPE_KINDS}
+_PG_TAPE = {key: _pg_tape_update(key) for key in TAPE_KINDS}
 
 
 def _outcome_rows(rows: list[Sequence[Any]]) -> list[Sequence[Any]]:
     """Outcome rows of the protocol with last_warm added: their time for a success."""
     return [(*r, r[8] if r[3] in _SUCCESS else None) for r in rows]
-
-
-def _tape_rows(key: str, rows: list[Sequence[Any]]) -> list[Sequence[Any]]:
-    """Tape rows of the protocol (id first) in the order of their statement's parameters."""
-    if key == "staged":  # [id, time, pinned_until]
-        return [(r[1], r[2], r[1], r[0]) for r in rows]
-    return [(*r[1:], r[0]) for r in rows]
 
 
 def _merged_member_files(rows: list[Sequence[Any]]) -> list[Sequence[Any]]:
@@ -192,9 +237,14 @@ def _merged_outcomes(rows: list[Sequence[Any]]) -> list[Sequence[Any]]:
     return list(merged.values())
 
 
-def _last_per_id(rows: list[Sequence[Any]]) -> list[Sequence[Any]]:
-    """The last row per id (the last parameter), as UPDATEs applied in order leave it."""
-    return list({row[-1]: row for row in rows}.values())
+def _last_per(rows: list[Sequence[Any]], key: int) -> list[Sequence[Any]]:
+    """The last row per value of its first ``key`` columns, as UPDATEs applied in order leave
+    it (staged and ended rows are per file and request: they apply to one request only)."""
+    return list({tuple(row[:key]): row for row in rows}.values())
+
+
+_MERGE_KEY = {"located": 1, "staging": 1, "staged": 2, "ended": 2}
+"""The columns a tape kind's rows are merged by on PostgreSQL (``_last_per``)."""
 
 
 def _columns(rows: list[Sequence[Any]]) -> list[list[Any]]:
@@ -214,9 +264,13 @@ def write(db: Database, doc: dict[str, Any]) -> None:
             db.executemany(INSERT_MEMBER, [(def_id, row[0], listed) for row in rows])
         if doc.get("outcomes"):
             db.executemany(UPSERT_OUTCOME, _outcome_rows(doc["outcomes"]))
-        for key, statement in (("located", LOCATED), ("staging", STAGING), ("staged", STAGED)):
+        for key in TAPE_KINDS:
             if doc.get(key):
-                db.executemany(statement, _tape_rows(key, doc[key]))
+                db.executemany(_SQLITE_TAPE[key], _tape_params(key, doc[key]))
+            if key == "staging" and doc.get("wanted"):
+                db.executemany(WANTED, [(r[3], r[0], r[1], r[2]) for r in doc["wanted"]])
+        if doc.get("ended"):
+            db.executemany(UNWANTED, [(r[0], r[1]) for r in doc["ended"]])
 
 
 def _write_arrays(db: Database, doc: dict[str, Any]) -> None:
@@ -231,9 +285,13 @@ def _write_arrays(db: Database, doc: dict[str, Any]) -> None:
         db.execute(PG_INSERT_MEMBERS, (def_id, [row[0] for row in files], listed))
     if doc.get("outcomes"):
         db.execute(PG_UPSERT_OUTCOMES, _columns(_merged_outcomes(_outcome_rows(doc["outcomes"]))))
-    for key in ("located", "staging", "staged"):
+    for key in TAPE_KINDS:
         if doc.get(key):
-            db.execute(_PG_TAPE[key], _columns(_last_per_id(_tape_rows(key, doc[key]))))
+            db.execute(_PG_TAPE[key], _columns(_last_per(doc[key], _MERGE_KEY[key])))
+        if key == "staging" and doc.get("wanted"):
+            db.execute(PG_WANTED, _columns(_last_per(doc["wanted"], 3)))
+    if doc.get("ended"):
+        db.execute(PG_UNWANTED, _columns(_last_per([r[:2] for r in doc["ended"]], 2)))
 
 
 def _lost(db: PostgresDatabase, error: BaseException) -> bool:

@@ -4,6 +4,9 @@ Behaviour follows dCache's implementation (see ../shared/reference/tape-rest.md)
 ``Location`` and ``requestId``; file states SUBMITTED, STARTED, COMPLETED, FAILED, CANCELLED;
 timestamps in milliseconds; RFC 7807 problem JSON; 429 (checked first) and 413 limits; at most
 10,000 archiveinfo answers; trailing slashes on ``/stage/`` and ``/archiveinfo/`` accepted.
+``/release/{id}`` always answers 200 (dCache sends a fire-and-forget RELEASE bulk request, even
+for an id it does not know); releasing a target still staging aborts its pin, as dCache's pin
+manager does: the recall goes on, then the target fails "Operation was aborted", unpinned.
 
 With tokens (``DCacheAuth`` with a ``BearerCheck``; activities in ``auth``) the login comes
 first: a token that does not verify, or no credential at all, is 401 before any handler. Then,
@@ -54,6 +57,9 @@ def _ms(t: Optional[float]) -> Optional[int]:
 
 NO_STAGING = "File not online. Staging not allowed."
 PERMISSION_DENIED = "Permission denied"
+ABORTED = "Operation was aborted"
+"""A target whose pin was released while it was being staged (dCache's PinRequestProcessor
+finds its pin no longer PINNING)."""
 
 
 @dataclass
@@ -64,6 +70,8 @@ class _File:
     error: Optional[str] = None
     started: Optional[float] = None
     finished: Optional[float] = None
+    released: bool = False
+    """Released before it was pinned: its pin is aborted (see ``TapeFrontend.release``)."""
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"path": self.path, "state": self.state}
@@ -225,6 +233,8 @@ class TapeFrontend:
             error = await self._core.recall(replica) if f.may_stage else NO_STAGING
         if f.state == "CANCELLED":
             return
+        if error is None and f.released:
+            error = ABORTED  # the recall went on: the file is on disk, unpinned
         if error is None and replica is not None and replica.on_disk:
             replica.pins[req.id] = time.time() + req.lifetime
             f.state = "COMPLETED"
@@ -281,12 +291,22 @@ class TapeFrontend:
         return web.Response(status=200)
 
     async def release(self, request: web.Request) -> web.StreamResponse:
-        req = self._request(request)
-        self._require(request, STAGE, req.files)
+        """As dCache: a fire-and-forget RELEASE bulk request, so always 200 (an unknown id,
+        or a path not in the request, releases nothing). The pin of a target still staging is
+        aborted: the target fails "Operation was aborted" once its recall ends, unpinned."""
         paths = await _body(request, "paths")
         self._count("release", len(paths))
+        req = self.requests.get(request.match_info["id"])
+        if req is None:
+            return web.Response(status=200)
+        self._require(request, STAGE, req.files)
         for path in paths:
-            replica = self._core.files.get(path) if path in req.files else None
+            f = req.files.get(path)
+            if f is None:
+                continue
+            if f.state not in TERMINAL:
+                f.released = True
+            replica = self._core.files.get(path)
             if replica is not None:
                 replica.pins.pop(req.id, None)
         self._core.changed()
