@@ -401,6 +401,31 @@ async def test_limits_413_and_429_checked_first(dcache: Factory,
         DCacheConfig(max_targets=501)
 
 
+async def test_paths_go_by_dcache_fspath(dcache: Factory, http: aiohttp.ClientSession) -> None:
+    """As dCache's FsPath: a stage request lists its targets resolved (``//``, ``.``, ``..``
+    gone), archiveinfo resolves a path but echoes it as sent, a cancel must name a path as the
+    request lists it, and the door and namespace resolve any spelling."""
+    srv = await dcache()
+    srv.core.add_file("/pnfs/t/a", 10, Locality.DISK_AND_TAPE)
+    odd = "/pnfs//t/./x/../a/"
+    r = await _stage(http, srv, [odd])
+    rid = (await r.json())["requestId"]
+    await _finished(srv, rid)
+    async with http.get(f"{srv.tape_api_url}/stage/{rid}") as poll:
+        assert [f["path"] for f in (await poll.json())["files"]] == ["/pnfs/t/a"]
+    async with http.post(srv.tape_api_url + "/archiveinfo", json={"paths": [odd]}) as info:
+        assert await info.json() == [{"path": odd, "locality": "DISK_AND_TAPE"}]
+    for paths, status in (([odd], 400), (["/pnfs/t/a"], 200)):
+        async with http.post(f"{srv.tape_api_url}/stage/{rid}/cancel",
+                             json={"paths": paths}) as c:
+            assert c.status == status
+    async with http.get(srv.frontend_url + "/api/v1/namespace/pnfs//t/a?locality=true") as n:
+        assert (await n.json())["fileLocality"] == "ONLINE_AND_NEARLINE"
+    async with http.get(srv.door_url("/pnfs/t/a").replace("/pnfs/", "//pnfs/"),
+                        headers={"Range": "bytes=0-3"}) as door:
+        assert door.status == 206 and len(await door.read()) == 4
+
+
 async def test_archiveinfo_answers_at_most_10000_paths(dcache: Factory,
                                                        http: aiohttp.ClientSession) -> None:
     """archiveinfo silently answers 10,000 distinct paths of a bigger request, an unknown path

@@ -13,6 +13,11 @@ token does not grant ``STAGE`` fails with PoolManager's "File not online. Stagin
 denied" for each path without ``READ_METADATA``; the namespace resource is 403 without it. Our
 choice where dCache compares the caller with the request's owner: polling needs
 ``READ_METADATA`` on every path of the request, cancel, delete and release ``STAGE``; else 403.
+
+Paths go by dCache's ``FsPath`` (``model.fs_path``): a stage request keeps its targets so and a
+poll lists them so (``/a//b/./c`` is listed ``/a/b/c``); ``archiveinfo`` resolves a path so
+but echoes it as sent; a cancel names paths as the request lists them (any other spelling is
+"not in request", 400); the namespace resolves any spelling.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from prestaged.testing.dcache.auth import (
     limiter_for,
 )
 from prestaged.testing.dcache.core import DCacheCore
-from prestaged.testing.dcache.model import ARCHIVEINFO_LIMIT, DEFAULT_PIN, Replica
+from prestaged.testing.dcache.model import ARCHIVEINFO_LIMIT, DEFAULT_PIN, Replica, fs_path
 
 __all__ = ["TAPE_API", "StageRequest", "TapeFrontend", "frontend_app"]
 
@@ -202,7 +207,7 @@ class TapeFrontend:
         for item in files:
             if not isinstance(item, dict) or not isinstance(item.get("path"), str):
                 raise _Problem(400, "Each file needs a \"path\"")
-            paths.append(item["path"])
+            paths.append(fs_path(item["path"]))  # stored resolved, as JdbcRequestTargetDao
             if "diskLifetime" in item:
                 try:
                     lifetime = parse_lifetime(item["diskLifetime"])
@@ -219,7 +224,7 @@ class TapeFrontend:
         if f.state != "SUBMITTED":
             return
         f.state, f.started = "STARTED", time.time()
-        replica = self._core.files.get(f.path)
+        replica = self._core.file(f.path)
         error = self._refusal(replica)
         if error is None and replica is not None and not replica.on_disk:
             error = await self._core.recall(replica) if f.may_stage else NO_STAGING
@@ -302,8 +307,8 @@ class TapeFrontend:
         login = self._login(request)
         answer: list[dict[str, str]] = []
         for path in distinct:
-            replica = self._core.files.get(path)
-            if not login.allows(READ_METADATA, path):
+            replica = self._core.file(path)
+            if not login.allows(READ_METADATA, fs_path(path)):
                 answer.append({"path": path, "error": PERMISSION_DENIED})
             elif replica is None:
                 answer.append({"path": path, "error": "No such file or directory"})
@@ -313,9 +318,9 @@ class TapeFrontend:
 
     async def namespace(self, request: web.Request) -> web.StreamResponse:
         self._count("namespace")
-        path = "/" + request.match_info["path"].strip("/")
+        path = fs_path(request.match_info["path"])
         self._require(request, READ_METADATA, (path,))
-        replica = self._core.files.get(path)
+        replica = self._core.file(path)
         if replica is not None:
             doc: dict[str, Any] = {"fileType": "REGULAR", "size": replica.size,
                                    "mtime": _ms(replica.atime)}
