@@ -50,6 +50,7 @@ from prestaged.storage.tape import (
     TapeClient,
     TapeRestError,
     TapeUnreachable,
+    fs_path,
 )
 from prestaged.tokens import ScopeWarner, TokenSource, scopes_refuse
 
@@ -107,12 +108,14 @@ class TapeSettings:
 def namespace_path(url: str, path_map: Sequence[PathMap] = ()) -> str:
     """The namespace path the Tape REST API knows ``url``'s file by: the first ``path_map``
     rule whose ``url_prefix`` starts the URL maps it, else the URL's own path; percent-decoded
-    (``%20`` is a space in the namespace), query and fragment dropped."""
+    (``%20`` is a space in the namespace), query and fragment dropped, and spelled as dCache's
+    ``FsPath`` (``fs_path``): a rule with ``/`` on both sides of the join, or a URL's ``//``, would
+    otherwise name a file the server lists under another spelling in its polls."""
     for rule in path_map:
         if url.startswith(rule.url_prefix):
             rest = urlsplit("https://h/" + url[len(rule.url_prefix):]).path[1:]
-            return rule.path_prefix + unquote(rest)
-    return unquote(urlsplit(url).path) or "/"
+            return fs_path(rule.path_prefix + unquote(rest))
+    return fs_path(unquote(urlsplit(url).path))
 
 
 class TapeProbe(Protocol):

@@ -135,6 +135,16 @@ async def test_discovery_is_kept_for_its_ttl() -> None:
     assert len(calls) == 3
 
 
+def test_namespace_paths_are_spelled_as_dcache_fspath() -> None:
+    """A rule whose prefixes both bring a "/" to the join, a URL with "//", "." or "..", and
+    a trailing "/" give the path dCache lists in its polls (no "//", "." or "..")."""
+    rules = (PathMap("https://d:2880/dune", "/pnfs/fnal.gov/usr/dune/"),)
+    assert namespace_path("https://d:2880/dune/raw/f1", rules) == "/pnfs/fnal.gov/usr/dune/raw/f1"
+    assert namespace_path("https://e:2880//pnfs/a//b/./c/../f/") == "/pnfs/a/b/f"
+    assert namespace_path("https://e:2880/../../f") == "/f"
+    assert namespace_path("https://e:2880") == "/"
+
+
 async def test_a_door_named_in_tape_api_is_never_asked_and_a_reload_applies() -> None:
     """[[storage.tape_api]]: its door's endpoint is the entry's uri, whatever the spelling of
     the door (case, default port), and discovery is never sent there; other doors are asked.

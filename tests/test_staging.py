@@ -76,6 +76,21 @@ async def test_a_stage_that_takes_too_long_is_cancelled_and_reported(
     assert srv.core.stats.requests["frontend:cancel"] == 1
 
 
+async def test_a_path_the_server_lists_in_another_spelling_lands(
+    dcache: Factory, http: aiohttp.ClientSession
+) -> None:
+    """dCache lists /a//b/./c as /a/b/c in its polls: the file lands (under the caller's
+    spelling) instead of waiting for the timeout and being cancelled."""
+    srv = await dcache()
+    srv.core.add_file("/pnfs/n/f", 10, Where.TAPE)
+    settings = StagingSettings(batch=10, max_requests=1, poll_min=0.01, poll_max=0.05,
+                               timeout=10)
+    [got] = await _all(Stager(TapeClient(http, policy=NO_WAIT), srv.tape_api_url, settings),
+                       ["/pnfs//n/./f"])
+    assert got.on_disk and got.path == "/pnfs//n/./f"
+    assert srv.core.stats.requests["frontend:cancel"] == 0
+
+
 class _Scripted:
     """A TapeClient stand-in whose polls follow a script (partial lists, a forgotten request),
     recording the stage requests and the sleeps between polls."""

@@ -328,6 +328,33 @@ def test_path_map_names_files_by_their_namespace_path(
         assert "of the 3 paths asked (/dune/f0: " in hint and "[[storage.path_map]]" in hint
 
 
+def test_paths_spelled_with_double_slashes_are_staged_and_touched_not_timed_out(
+    pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """dCache lists a request's files as FsPath spells them (/a/b for /a//b): a path_map rule
+    joining "/" to "/", and a URL with "//", staged files that polls never matched, so each
+    timed out and was cancelled though on disk. They are asked as /a/b and land."""
+    config = DCacheConfig(door_root="/pnfs/fnal.gov/usr", drives=2)
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(), config) as srv:
+        paths = [f"/pnfs/fnal.gov/usr/dune/f{i}" for i in range(4)]
+        for p in paths:
+            srv.add_file(p, 10, Locality.TAPE)
+        urls = [srv.door_url(p) for p in paths]
+        door = urls[0].rsplit("/dune/", 1)[0]
+        urls[3] = urls[3].replace("/dune/", "//dune/")  # a URL with "//": no rule for it
+        rule = (f'stage_timeout = "10s"\n[[storage.path_map]]\nurl_prefix = "{door}/dune"\n'
+                'path_prefix = "/pnfs/fnal.gov/usr/dune/"\n'
+                f'[[storage.path_map]]\nurl_prefix = "{door}//"\n'
+                'path_prefix = "/pnfs/fnal.gov/usr/"\n')
+        res = _warm(pki, proxy, tmp_path, _definition(tmp_path, urls), "--json", extra=rule)
+        doc = json.loads(res.stdout)
+        assert res.returncode == 0, res.stderr
+        assert doc["counts"]["staged"] == 4 and doc["counts"]["warm"] == 4
+        stats = srv.stats()
+        assert stats["requests"].get("frontend:cancel", 0) == 0
+        assert stats["door_tape_gets"] == 0 and stats["requests"]["frontend:stage"] == 1
+
+
 def test_evicted_files_are_staged_again_not_read(
     site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
 ) -> None:

@@ -44,7 +44,13 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from prestaged.storage.tape import StageRequest, StageState, StageStatus, TapeClient
+from prestaged.storage.tape import (
+    StageRequest,
+    StageState,
+    StageStatus,
+    TapeClient,
+    fs_path,
+)
 
 __all__ = ["RequestSlots", "Staged", "Stager", "StagingSettings"]
 
@@ -401,7 +407,7 @@ class Stager:
         out = []
         first_look = request.adopted and request.polls == 0
         for path in sorted(request.paths):  # sorted: a stable order for the caller and tests
-            f = status.files.get(path)
+            f = status.files.get(fs_path(path))  # listed as dCache spells it (H1)
             if first_look and (f is None or f.state is StageState.COMPLETED):
                 # Not in it (a path_map changed?), or on disk before the locality said TAPE:
                 # ask anew rather than wait for nothing or touch an evicted file.

@@ -15,6 +15,12 @@ engine builds on (``reference/tape-rest.md`` has the facts):
   and gfal2's ``CANCELED``, any order, partial lists; a request the server forgot (404) says so.
 * ``cancel``, ``release``: for the files of one request.
 
+Paths are sent as dCache's ``FsPath`` spells them (``fs_path``: no ``//``, ``.`` or ``..``,
+no trailing ``/``), as gfal2 does: dCache stores a stage request's targets so and lists them so
+in a poll (it would answer ``/a/b`` for a file asked as ``/a//b``), and a cancel naming a path
+otherwise is refused. Answers are matched by that spelling too: ``archiveinfo`` gives each path
+under the spelling it was asked by, ``poll`` lists files under ``fs_path``.
+
 Every stage POST is reported to the optional ``on_stage`` hook with one of ``STAGE_RESULTS``
 (the metrics count them; the client knows nothing of Prometheus): ``accepted`` (2xx),
 ``too_large`` (413, the batch is halved), ``throttled`` (each 429 or 503, waited out) or
@@ -40,7 +46,7 @@ import enum
 import json
 import logging
 from collections.abc import Awaitable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Optional
 from urllib.parse import quote, urlsplit
 
@@ -66,6 +72,7 @@ __all__ = [
     "TapeClient",
     "TapeRestError",
     "TapeUnreachable",
+    "fs_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -164,6 +171,19 @@ class StageStatus:
 Sleep = Callable[[float], Awaitable[None]]
 Observe = Callable[[Optional[int]], None]
 """Called once per try of a request with its HTTP status (None: no answer)."""
+
+
+def fs_path(path: str) -> str:
+    """``path`` as dCache's ``FsPath`` resolves it: empty and ``.`` elements dropped, ``..``
+    taken back (never above the root), no trailing ``/``: ``/pnfs//a/./b/`` is ``/pnfs/a/b``."""
+    parts: list[str] = []
+    for element in path.split("/"):
+        if element == "..":
+            if parts:
+                parts.pop()
+        elif element not in ("", "."):
+            parts.append(element)
+    return "/" + "/".join(parts)
 
 
 def _host(url: str) -> Optional[str]:
@@ -276,24 +296,28 @@ class TapeClient:
         return uri.rstrip("/")
 
     async def archiveinfo(self, uri: str, paths: Sequence[str]) -> dict[str, FileLocality]:
-        """Locality of every path (batches of ``ARCHIVEINFO_BATCH``), by path. A path the
-        server did not answer is absent from the result (the caller asks again)."""
+        """Locality of every path (batches of ``ARCHIVEINFO_BATCH``), under the spelling it
+        was asked by (see the module). A path the server did not answer is absent from the
+        result (the caller asks again)."""
         out: dict[str, FileLocality] = {}
         for i in range(0, len(paths), ARCHIVEINFO_BATCH):
-            chunk = list(dict.fromkeys(paths[i:i + ARCHIVEINFO_BATCH]))
-            _, doc = await self._call("POST", f"{uri}/archiveinfo", {"paths": chunk})
+            asked: dict[str, list[str]] = {}  # fs_path -> the spellings asked
+            for path in dict.fromkeys(paths[i:i + ARCHIVEINFO_BATCH]):
+                asked.setdefault(fs_path(path), []).append(path)
+            _, doc = await self._call("POST", f"{uri}/archiveinfo", {"paths": list(asked)})
             if not isinstance(doc, list):
                 raise TapeRestError(f"{uri}/archiveinfo: expected a list, got "
                                     f"{type(doc).__name__}")
-            wanted = set(chunk)
             for item in doc:
                 answer = _file_locality(item)
-                if answer is not None and answer.path in wanted:
+                if answer is None:
+                    continue
+                for path in asked.get(fs_path(answer.path), ()):
                     # A path answered twice keeps the answer that does not send it to the
                     # door: "TAPE" then "DISK" must not make us range-read a tape-only file.
-                    earlier = out.get(answer.path)
+                    earlier = out.get(path)
                     if earlier is None or _on_disk(earlier) >= _on_disk(answer):
-                        out[answer.path] = answer
+                        out[path] = replace(answer, path=path)
         return out
 
     # --- staging ----------------------------------------------------------------------------
@@ -307,7 +331,7 @@ class TapeClient:
         batch = self.stage_batch
         while todo:
             chunk, rest = todo[:batch], todo[batch:]
-            body = {"files": [{"path": p, "diskLifetime": _iso_duration(lifetime)}
+            body = {"files": [{"path": fs_path(p), "diskLifetime": _iso_duration(lifetime)}
                               for p in chunk]}
             status, doc = await self._call("POST", f"{uri}/stage", body, allow=(413,),
                                            observe=self._stage_answered)
@@ -330,7 +354,7 @@ class TapeClient:
             self._on_stage(_stage_result(status))
 
     async def poll(self, uri: str, request_id: str) -> StageStatus:
-        """Request ``request_id``'s files as the server lists them now."""
+        """Request ``request_id``'s files as the server lists them now, by ``fs_path``."""
         status, doc = await self._call("GET", f"{uri}/stage/{_segment(request_id)}", None,
                                        allow=(404,))
         if status == 404:
@@ -342,18 +366,18 @@ class TapeClient:
         for item in files:
             stage = _file_stage(item)
             if stage is not None:
-                out[stage.path] = stage
+                out[fs_path(stage.path)] = stage
         return StageStatus(request_id, out)
 
     async def cancel(self, uri: str, request_id: str, paths: Sequence[str]) -> None:
         """Cancel ``paths`` of request ``request_id`` (a request the server forgot is fine)."""
         await self._call("POST", f"{uri}/stage/{_segment(request_id)}/cancel",
-                         {"paths": list(paths)}, allow=(404,))
+                         {"paths": [fs_path(p) for p in paths]}, allow=(404,))
 
     async def release(self, uri: str, request_id: str, paths: Sequence[str]) -> None:
         """Drop the pins request ``request_id`` made on ``paths``."""
-        await self._call("POST", f"{uri}/release/{_segment(request_id)}", {"paths": list(paths)},
-                         allow=(404,))
+        await self._call("POST", f"{uri}/release/{_segment(request_id)}",
+                         {"paths": [fs_path(p) for p in paths]}, allow=(404,))
 
     # --- one call ---------------------------------------------------------------------------
 
