@@ -20,6 +20,7 @@ from conftest import peer_missing
 
 from prestaged.testing.dcache import (
     DOOR_TIMEOUT_MESSAGE,
+    PNFS_TIMEOUT,
     DCacheConfig,
     DCacheServer,
     Locality,
@@ -399,6 +400,46 @@ async def test_limits_413_and_429_checked_first(dcache: Factory,
     assert srv.core.stats.max_paths == 501
     with pytest.raises(ValueError, match="dCache's limit"):
         DCacheConfig(max_targets=501)
+
+
+async def test_passing_failures_as_a_real_site_gives_them(dcache: Factory,
+                                                        http: aiohttp.ClientSession) -> None:
+    """A test makes the next requests of a kind fail as a site's frontend does now and then:
+    400 with no body (bulk cell timeout), 500 problem, 502 page, a dropped connection, garbage
+    discovery; ``after`` carries the request out and loses only its answer; a per-path
+    archiveinfo error lasts as many answers as asked. The per-user quota's 429 carries no
+    Retry-After (BulkService.checkQuota)."""
+    srv = await dcache(max_requests=1, mount_seconds=60)
+    srv.core.add_file("/pnfs/t/a", 10, Locality.TAPE)
+    srv.faults.add("stage", "400")
+    srv.faults.add("stage", "drop", after=True)
+    r = await _stage(http, srv, ["/pnfs/t/a"])
+    assert r.status == 400 and not srv.frontend.requests
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await _stage(http, srv, ["/pnfs/t/a"])
+    [rid] = srv.frontend.requests  # made, though its answer was lost
+    busy = await _stage(http, srv, ["/pnfs/t/a"])
+    assert busy.status == 429 and "Retry-After" not in busy.headers
+    srv.faults.add("poll", "500")
+    srv.faults.add("frontend", "502")
+    for status, kind in ((500, "application/problem+json"), (502, "text/html"), (200, None)):
+        async with http.get(f"{srv.tape_api_url}/stage/{rid}") as poll:
+            assert poll.status == status and (kind is None or poll.content_type == kind)
+    srv.faults.add("discovery", "garbage")
+    async with http.get(srv.door_url("/.well-known/wlcg-tape-rest-api")) as d:
+        assert d.status == 200 and (await d.text()).startswith("<html>")
+    srv.frontend.path_errors.add("/pnfs/t/a", PNFS_TIMEOUT, count=1)
+    answers = []
+    for _ in range(2):
+        async with http.post(srv.tape_api_url + "/archiveinfo",
+                             json={"paths": ["/pnfs//t/a"]}) as info:
+            answers.append(await info.json())
+    assert answers == [[{"path": "/pnfs//t/a", "error": PNFS_TIMEOUT}],
+                       [{"path": "/pnfs//t/a", "locality": "TAPE"}]]
+    assert srv.faults.served == {"stage:400": 1, "stage:drop": 1, "poll:500": 1,
+                                 "poll:502": 1, "discovery:garbage": 1}
+    with pytest.raises(ValueError, match="kind in"):
+        srv.faults.add("poll", "418")
 
 
 async def test_paths_go_by_dcache_fspath(dcache: Factory, http: aiohttp.ClientSession) -> None:

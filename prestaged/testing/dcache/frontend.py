@@ -44,6 +44,7 @@ from prestaged.testing.dcache.auth import (
     limiter_for,
 )
 from prestaged.testing.dcache.core import DCacheCore
+from prestaged.testing.dcache.faults import Faults, PathErrors
 from prestaged.testing.dcache.model import ARCHIVEINFO_LIMIT, DEFAULT_PIN, Replica, fs_path
 
 __all__ = ["TAPE_API", "StageRequest", "TapeFrontend", "frontend_app"]
@@ -147,8 +148,13 @@ class TapeFrontend:
     """Handlers of the frontend; requests are kept in memory for the emulator's life."""
 
     def __init__(self, core: DCacheCore, auth: Optional[DCacheAuth] = None,
-                 limiter: Optional[AuthErrorLimiter] = None) -> None:
+                 limiter: Optional[AuthErrorLimiter] = None,
+                 faults: Optional[Faults] = None) -> None:
         self.core = self._core = core
+        self.faults = faults or Faults()
+        """Passing failures a test sets (``faults``)."""
+        self.path_errors = PathErrors()
+        """Per-path archiveinfo errors a test sets (``faults``)."""
         self.auth = auth or DCacheAuth(None, core.stats)
         cfg = core.config
         self.limiter = limiter or limiter_for(cfg)
@@ -308,7 +314,10 @@ class TapeFrontend:
         answer: list[dict[str, str]] = []
         for path in distinct:
             replica = self._core.file(path)
-            if not login.allows(READ_METADATA, fs_path(path)):
+            error = self.path_errors.take(fs_path(path))
+            if error is not None:
+                answer.append({"path": path, "error": error})
+            elif not login.allows(READ_METADATA, fs_path(path)):
                 answer.append({"path": path, "error": PERMISSION_DENIED})
             elif replica is None:
                 answer.append({"path": path, "error": "No such file or directory"})
@@ -344,6 +353,10 @@ async def _gate(request: web.Request, handler: Any) -> web.StreamResponse:
     frontend = request.app[_FRONTEND]
     stats = frontend.core.stats
     stats.frontend_calls.append(f"{request.method} {request.path}")
+    # A test's passing failure: before the request is handled, or after (its answer lost).
+    fault = frontend.faults.take(getattr(request.match_info.handler, "__name__", ""))
+    if fault is not None and not fault.after:
+        return Faults.answer(request, fault)
 
     async def login_then(request: web.Request) -> web.StreamResponse:
         login = frontend.auth.login(request, "frontend")
@@ -356,7 +369,8 @@ async def _gate(request: web.Request, handler: Any) -> web.StreamResponse:
             del frontend._logins[id(request)]
         return response
 
-    return await limited(frontend.limiter, stats, "frontend", request, login_then)
+    answer = await limited(frontend.limiter, stats, "frontend", request, login_then)
+    return answer if fault is None else Faults.answer(request, fault)
 
 
 @web.middleware

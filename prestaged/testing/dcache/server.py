@@ -31,6 +31,7 @@ from prestaged.testing.dcache.auth import (
     limiter_for,
 )
 from prestaged.testing.dcache.core import DCacheCore
+from prestaged.testing.dcache.faults import Faults
 from prestaged.testing.dcache.frontend import TAPE_API, TapeFrontend, frontend_app
 from prestaged.testing.dcache.model import DCacheConfig, Replica, fs_path
 from prestaged.testing.storage import generated_bytes
@@ -142,7 +143,10 @@ class DCacheServer:
         cfg = self.core.config
         self.limiters = {site: limiter_for(cfg, clock) for site in ("door", "frontend")}
         """dCache 11.2's blocking of clients with repeated 401s, per service."""
-        self.frontend = TapeFrontend(self.core, self.auth, self.limiters["frontend"])
+        self.faults = Faults()
+        """Passing failures of frontend and discovery a test sets (``faults``)."""
+        self.frontend = TapeFrontend(self.core, self.auth, self.limiters["frontend"],
+                                     self.faults)
         self._pool = _Pool(self.core, self.door_url)
         self._runners: list[web.BaseRunner] = []
         self._ports: dict[str, int] = {}
@@ -214,6 +218,9 @@ class DCacheServer:
     async def _door_request(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path == DISCOVERY:
             self.core.stats.requests["door:discovery"] += 1
+            fault = self.faults.take("discovery", "door")
+            if fault is not None:
+                return Faults.answer(request, fault)
             # Served to anyone, but a token that does not verify fails the login first.
             login = self.auth.login(request, "door", anonymous=True)
             if isinstance(login, web.Response):
