@@ -10,9 +10,12 @@ answer now and then, and what a client must ride out rather than end a run for.
   bulk service times out: ``BulkServiceCommunicator`` turns that into a bare
   ``BadRequestException``), ``500`` (problem JSON, as dCache's frontend), ``502``/``504`` (an
   HTML page, as a reverse proxy in front of it), ``drop`` (the connection closed without an
-  answer: a restart, a proxy's idle cut), ``garbage`` (200 and text that is no JSON);
+  answer: a restart, a proxy's idle cut; aiohttp sends an idempotent request once more on a
+  new connection when a kept-alive one is closed so: ``count=2`` fails a GET for good),
+  ``garbage`` (200 and text that is no JSON);
 * ``after``: the request is carried out first and only its answer is lost (a stage request
-  that the frontend created though the client never heard of it).
+  that the frontend created though the client never heard of it);
+* ``skip``: so many requests of that kind are let through first.
 
 Per-path archiveinfo errors other than "No such file" (``PathErrors``): dCache puts the root
 cause of any failure there (``ArchiveInfoCollector``), e.g. ``PNFS_TIMEOUT``.
@@ -36,12 +39,14 @@ _PLACES = ("stage", "poll", "cancel", "release", "delete", "archiveinfo", "names
 
 @dataclass
 class Fault:
-    """``count`` more requests of ``where`` fail the ``kind`` way; ``after``: once done."""
+    """``count`` more requests of ``where`` fail the ``kind`` way (``after``: once done),
+    after ``skip`` more went through."""
 
     where: str
     kind: str
     count: int
     after: bool = False
+    skip: int = 0
 
 
 class Faults:
@@ -52,17 +57,20 @@ class Faults:
         self._pending: list[Fault] = []
         self.served: dict[str, int] = {}
 
-    def add(self, where: str, kind: str = "500", count: int = 1, *, after: bool = False
-            ) -> None:
+    def add(self, where: str, kind: str = "500", count: int = 1, *, after: bool = False,
+            skip: int = 0) -> None:
         """Fail the next ``count`` requests of ``where`` (see the module)."""
-        if where not in _PLACES or kind not in KINDS or count < 1:
-            raise ValueError(f"fault: where in {_PLACES}, kind in {KINDS}, count >= 1; got "
-                             f"{where!r}, {kind!r}, {count}")
-        self._pending.append(Fault(where, kind, count, after))
+        if where not in _PLACES or kind not in KINDS or count < 1 or skip < 0:
+            raise ValueError(f"fault: where in {_PLACES}, kind in {KINDS}, count >= 1, "
+                             f"skip >= 0; got {where!r}, {kind!r}, {count}, {skip}")
+        self._pending.append(Fault(where, kind, count, after, skip))
 
     def take(self, where: str, site: str = "frontend") -> Optional[Fault]:
         """The fault due for a request of ``where`` at ``site`` (counted as served), or None."""
         for fault in self._pending:
+            if fault.where in (where, site) and fault.skip > 0:
+                fault.skip -= 1
+                return None
             if fault.where in (where, site):
                 fault.count -= 1
                 if fault.count == 0:

@@ -71,10 +71,10 @@ class ThreadedDCache(ThreadedServer[DCacheServer]):
             self.server.discovery_body = text
         self._call(set_body)
 
-    def fail(self, where: str, kind: str = "500", count: int = 1, *, after: bool = False
-             ) -> None:
+    def fail(self, where: str, kind: str = "500", count: int = 1, *, after: bool = False,
+             skip: int = 0) -> None:
         """``server.faults.add`` on the emulator's loop (see ``faults``)."""
-        self._call(lambda: self.server.faults.add(where, kind, count, after=after))
+        self._call(lambda: self.server.faults.add(where, kind, count, after=after, skip=skip))
 
     def path_error(self, path: str, message: str, count: Optional[int] = None) -> None:
         """``server.frontend.path_errors.add`` on the emulator's loop (see ``faults``)."""
