@@ -302,6 +302,7 @@ def test_a_discovery_5xx_is_asked_again_and_never_turns_into_door_gets(
     assert res.returncode == 0, res.stderr
     assert doc["counts"]["staged"] == 300 and site.stats()["door_tape_gets"] == 0
     assert site.stats()["requests"]["door:discovery"] == 2
+    assert site.faults_served() == {"discovery:500": 1}
     site.fail("discovery", "502", count=100)
     res = _warm(pki, proxy, tmp_path, definition, "--json", "--force")
     doc = json.loads(res.stdout)

@@ -550,7 +550,10 @@ class TapeClient:
             # dCache puts its reason in the status line, with an empty body.
             raise self._refused(url, status, text or (resp.reason or ""), sent,
                                 resp.headers.getall("WWW-Authenticate", ()))
-        why = f"{url}: {status} {_problem(text)}"
+        # A proxy's HTML error page says no more than its status line does.
+        detail = (resp.reason or "(no detail)") if text.lstrip().startswith("<") else \
+            _problem(text)
+        why = f"{url}: {status} {detail}"
         if not how.passing(status, text):
             raise TapeRestError(why)
         if how.once and status not in BUSY:
