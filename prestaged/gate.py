@@ -4,8 +4,11 @@
 state store (files fresh within ``state.fresh_for`` are skipped, so only cold files are
 touched), then the warm fraction of the definition from the store (fresh files / member files);
 below ``ready`` it runs again, after a bounded exponential backoff, until ``timeout``. A run that
-is stopped by a breaker (credentials, storage refusing everything) ends the gate at once with
-that run's exit code; a ``CatalogError`` propagates.
+is stopped for the credentials (exit 3) ends the gate at once with that code: only a person can
+renew them. A run stopped by the storage (exit 5: a breaker, a frontend refusing) is tried again
+like a run that left files cold, until ``timeout``: storage trouble passes (a frontend restart,
+a busy door), and a gate exists to wait; at the deadline the gate ends with exit 5 naming the
+last stop. A ``CatalogError`` propagates.
 
 ``run_command`` runs the user's command once the gate has passed: an argv list, never a shell,
 so definition or file names with shell metacharacters cannot inject anything.
@@ -29,6 +32,7 @@ from prestaged.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_SOME_FAILED,
+    EXIT_STORAGE,
     ConfigError,
 )
 from prestaged.locality import TapeAccess
@@ -57,7 +61,8 @@ COLD_SHOWN = 5
 @dataclass(frozen=True)
 class GateResult:
     """How a gate ended. ``exit_code`` is 0 when it passed, 1 on timeout, 130 when stopped,
-    or the exit code of the warm run that a breaker aborted (3 credentials, 5 storage)."""
+    3 when a warm run was stopped for the credentials, 5 on timeout when the last warm run was
+    stopped by the storage."""
 
     catalog: str
     definition: str
@@ -201,6 +206,7 @@ async def wait_until_ready(
         relay.add_done_callback(lambda _: halt.set())
     runs = 0
     backoff = RetryPolicy(initial=retry_initial, max=retry_max, jitter=0.0)
+    stopped: Optional[str] = None  # why the last finished run was stopped by the storage
 
     def result(code: int, reason: str, m: _Measure) -> GateResult:
         return GateResult(catalog.name, catalog.definition, ready, m.files, m.fresh, runs,
@@ -216,8 +222,14 @@ async def wait_until_ready(
             log.info("%s: run %d: %s", catalog.definition, runs,
                      ", ".join(f"{k} {v}" for k, v in sorted(report.tally.results.items()) if v)
                      or "nothing to touch")
-            if report.aborted is not None:
+            if report.aborted is not None and report.exit_code != EXIT_STORAGE:
                 return result(report.exit_code, f"warm run stopped: {report.aborted}", m)
+            if report.aborted is not None:
+                stopped = str(report.aborted)
+                log.warning("%s: run %d stopped: %s; trying again until the gate's timeout",
+                            catalog.definition, runs, stopped)
+            elif not report.interrupted:
+                stopped = None
             if stop is not None and stop.is_set():  # before "ready": Ctrl-C never submits
                 return result(EXIT_INTERRUPTED, "interrupted", m)
             if not m.files and not allow_empty:
@@ -237,6 +249,9 @@ async def wait_until_ready(
             if stop is not None and stop.is_set():
                 return result(EXIT_INTERRUPTED, "interrupted", m)
             if halt.is_set() or clock() - start >= timeout:
+                if stopped is not None:
+                    return result(EXIT_STORAGE, f"not ready within {timeout:g}s; the last warm "
+                                  f"run was stopped: {stopped}", m)
                 return result(EXIT_SOME_FAILED, f"not ready within {timeout:g}s", m)
     finally:
         timer.cancel()

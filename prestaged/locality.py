@@ -11,13 +11,23 @@ locality is pipelined with the catalog stream) and then:
 * ``TAPE``: staged (``storage.staging.Stager``, one per endpoint, fed as the files come), and
   touched the moment a poll shows them on disk (the atime must be fresh when the job comes);
 * ``LOST``, ``UNAVAILABLE``, ``NONE``: failed with that reason, never read;
-* a per-path error (an unknown path): missing.
+* a per-path error: dCache gives the root cause of any failure there. "No such file", "not
+  found", "does not exist": missing; "Permission denied": denied (counted toward the run's
+  denial breaker, as a touch's 403: exit 3 when they come in a row); anything else (a
+  namespace lookup that timed out...) is asked again, ``ARCHIVEINFO_TRIES`` times in all with
+  a backoff, then failed with the server's message.
 
 ``storage.stage``: ``auto`` does the above where the API is published and touches elsewhere
 (a discovery document it cannot read is warned about, and those files are touched); ``always``
-stops the run (exit 5) at an endpoint without it; ``never`` builds no router at all. Refusals
-by the frontend are the run's end: 401/403 exit 3 (staging needs ``storage.stage``), anything
-else exit 5 — a failure to learn locality is never replaced by a GET that would block the door.
+stops the run (exit 5) at an endpoint without it; ``never`` builds no router at all. A door
+whose discovery answers 5xx, or nothing, until the client's policy gives up says nothing of
+the API: the last answer it gave is used if the daemon has one, else its files fail for this
+run naming it (a later run asks again), never read by GET, which would block a door thread on
+a tape-only file. A door that cannot be connected to at all is touched (its touches fail the
+same way, blocking nothing). An archiveinfo request that fails the same way fails the files
+it asked about. Other refusals by the frontend are the run's end: 401/403 exit 3 (staging
+needs ``storage.stage``), anything else exit 5 — a failure to learn locality is never replaced
+by a GET that would block the door.
 
 What was learned is noted per file (``note``: the state store's tape columns) the moment it is
 known: the locality, the stage request holding the pin, when the file reached disk. A tape-only
@@ -49,7 +59,9 @@ from prestaged.storage.tape import (
     StageRequest,
     TapeClient,
     TapeRestError,
+    TapeTransient,
     TapeUnreachable,
+    fs_path,
 )
 from prestaged.tokens import ScopeWarner, TokenSource, scopes_refuse
 
@@ -75,6 +87,18 @@ REQUEST_TIMEOUT = 120.0
 
 UNKNOWN_HINT = 3
 """Paths an endpoint must not know, and none it knows, before ``path_map`` is suggested."""
+
+ARCHIVEINFO_TRIES = 3
+"""Times a path is asked about whose archiveinfo answer was left out or an unclear error."""
+
+STALE_RETRY = 300.0
+"""Seconds a door's last discovery answer is used on, when asking again failed, before the
+door is asked once more."""
+
+_MISSING = ("no such file", "not found", "does not exist", "doesn't exist")
+_DENIED = ("permission denied", "not permitted", "not allowed", "access denied", "forbidden",
+           "unauthorized", "unauthorised")
+"""Per-path archiveinfo errors that say the file is missing, or that we may not see it."""
 
 _UNREADABLE = {
     Locality.LOST: "locality LOST: the storage has no readable copy",
@@ -107,12 +131,14 @@ class TapeSettings:
 def namespace_path(url: str, path_map: Sequence[PathMap] = ()) -> str:
     """The namespace path the Tape REST API knows ``url``'s file by: the first ``path_map``
     rule whose ``url_prefix`` starts the URL maps it, else the URL's own path; percent-decoded
-    (``%20`` is a space in the namespace), query and fragment dropped."""
+    (``%20`` is a space in the namespace), query and fragment dropped, and spelled as dCache's
+    ``FsPath`` (``fs_path``): a rule with ``/`` on both sides of the join, or a URL's ``//``, would
+    otherwise name a file the server lists under another spelling in its polls."""
     for rule in path_map:
         if url.startswith(rule.url_prefix):
             rest = urlsplit("https://h/" + url[len(rule.url_prefix):]).path[1:]
-            return rule.path_prefix + unquote(rest)
-    return unquote(urlsplit(url).path) or "/"
+            return fs_path(rule.path_prefix + unquote(rest))
+    return fs_path(unquote(urlsplit(url).path))
 
 
 class TapeProbe(Protocol):
@@ -151,8 +177,10 @@ _Found = Union[str, None, TapeRestError]
 
 class TapeDirectory:
     """Which doors publish a Tape REST API: their v1 endpoint, or None. Answers are kept
-    ``ttl`` seconds (the daemon shares one directory between runs); errors are not kept. The
-    doors of ``configured`` (``[[storage.tape_api]]``) are never asked: their entry holds."""
+    ``ttl`` seconds (the daemon shares one directory between runs); errors are not kept, but a
+    door that fails to answer (``TapeTransient``) when asked again keeps its last answer for
+    ``STALE_RETRY`` more seconds. The doors of ``configured`` (``[[storage.tape_api]]``) are
+    never asked: their entry holds."""
 
     def __init__(self, ttl: float = 3600.0, clock: Callable[[], float] = time.monotonic,
                  configured: Sequence[TapeApi] = ()) -> None:
@@ -169,7 +197,8 @@ class TapeDirectory:
 
     async def lookup(self, client: TapeClient, door: str) -> _Found:
         """``door``'s endpoint, None without one, or the ``TapeRestError`` of a discovery
-        document that cannot be read (401/403 raise ``CredentialError``)."""
+        document that cannot be read or of a door that did not answer (``TapeTransient``,
+        unless an earlier answer is kept: see the class; 401/403 raise ``CredentialError``)."""
         if self._configured:
             uri = self._configured.get(door_key(door))
             if uri is not None:
@@ -181,6 +210,14 @@ class TapeDirectory:
                 return kept[0]
             try:
                 uri = await client.discover(door)
+            except TapeTransient as e:
+                if kept is None:
+                    return e
+                log.warning("%s; using what it said before (%s) for %.0f s more", e,
+                            kept[0] or "no Tape REST API", min(self.ttl, STALE_RETRY))
+                self._found[door] = (kept[0], self._clock() - self.ttl + min(self.ttl,
+                                                                             STALE_RETRY))
+                return kept[0]
             except TapeRestError as e:
                 return e
             self._found[door] = (uri, self._clock())
@@ -310,7 +347,9 @@ class TapeRouter:
     ``touch`` queues a file for the touch; ``skip`` counts a fresh file found on disk (one
     touched within ``fresh_for``: not touched again); ``finish`` ends a file without touching it;
     ``fail`` stops the run (a refusal by the frontend while staging); ``note`` records what
-    was learned (the state store); ``resume`` tells the stage requests earlier runs left open.
+    was learned (the state store); ``resume`` tells the stage requests earlier runs left open;
+    ``deny`` (default: ``finish``) ends a file archiveinfo says we may not see, with the door
+    it is on (the run's denial breaker counts it).
     """
 
     def __init__(self, access: TapeAccess, tally: TapeTally, *, touch: Touch,
@@ -318,7 +357,8 @@ class TapeRouter:
                  finish: Callable[[Outcome], None], fail: Callable[[PrestagedError], None],
                  note: Optional[Callable[[str, TapeInfo], None]] = None,
                  probe: Optional[TapeProbe] = None, resume: Optional[Resume] = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 deny: Optional[Callable[[str, Outcome], None]] = None) -> None:
         self.access = access
         self.s = access.settings
         self.tally = tally
@@ -326,6 +366,8 @@ class TapeRouter:
         self._skip = skip
         self._finish = finish
         self._fail = fail
+        self._deny = deny or (lambda door, outcome: finish(outcome))
+        self._silent: dict[str, str] = {}  # door -> why its files fail: discovery unanswered
         self._note = note
         self._probe = probe
         self._resume = resume
@@ -346,7 +388,10 @@ class TapeRouter:
                     fresh: frozenset[str] = frozenset()) -> None:
         """Send ``files`` (ref, https URL) of ``door`` where their locality says; those whose
         ref URL is in ``fresh`` are skipped while on disk (staged again when not)."""
-        uri = await self._endpoint(door)
+        uri = None if door in self._silent else await self._endpoint(door)
+        if door in self._silent:  # it did not say whether it has the API: no GET
+            self._fail_all(files, self._silent[door])
+            return
         if uri is None:
             for ref, _ in files:
                 if ref.url in fresh:
@@ -355,16 +400,32 @@ class TapeRouter:
                     await self._touch(ref, None)
             return
         paths = [namespace_path(url, self.s.path_map) for _, url in files]
-        found = await self._archiveinfo(uri, paths)
+        try:
+            found = await self._archiveinfo(uri, paths)
+        except TapeTransient as e:  # this chunk's files, not the run (nor a GET)
+            self._fail_all(files, f"locality unknown: {e}")
+            return
         self._check_known(uri, paths, found)
         staged: list[str] = []
         for (ref, _), path in zip(files, paths):
-            staged += await self._one(uri, ref, path, found.get(path), ref.url in fresh)
+            staged += await self._one(door, uri, ref, path, found.get(path), ref.url in fresh)
         if staged:
             await self._stage(uri, staged)
 
+    def _fail_all(self, files: Sequence[tuple[FileRef, str]], why: str) -> None:
+        for ref, _ in files:
+            self._finish(_ended(ref, Result.FAILED, why, None))
+
     async def _endpoint(self, door: str) -> Optional[str]:
+        """``door``'s Tape REST endpoint, or None (touch its files); a door that did not
+        answer is put in ``_silent`` for the rest of the run (its files fail)."""
         found = await self.access.directory.lookup(self.access.client, door)
+        if isinstance(found, TapeTransient) and not isinstance(found, TapeUnreachable):
+            self._silent[door] = (f"{found}: the door did not say whether it has a Tape REST "
+                                  "API; not read through it, where a tape-only file would hold "
+                                  "a door thread (a later run asks again)")
+            log.warning("%s; its files fail in this run", found)
+            return None
         if isinstance(found, TapeRestError):
             if self.s.mode == "always":
                 raise StorageError(f"{found} (storage.stage = always)")
@@ -383,14 +444,24 @@ class TapeRouter:
         return found
 
     async def _archiveinfo(self, uri: str, paths: list[str]) -> dict[str, FileLocality]:
-        """Locality of ``paths``; paths the server left out of its answer are asked once more
-        (dCache answers at most 10,000 a request and drops the rest without a word)."""
-        found = await self.access.client.archiveinfo(uri, paths)
-        missing = [p for p in dict.fromkeys(paths) if p not in found]
-        if missing:
-            for i in range(0, len(missing), ARCHIVEINFO_BATCH):
-                found.update(await self.access.client.archiveinfo(
-                    uri, missing[i:i + ARCHIVEINFO_BATCH]))
+        """Locality of ``paths``. Paths the server left out of its answer (dCache answers at
+        most 10,000 a request and drops the rest without a word) are asked again at once,
+        paths answered with an unclear error after a backoff, ``ARCHIVEINFO_TRIES`` times in
+        all. ``TapeTransient`` when a request fails until the client's policy gives up."""
+        client = self.access.client
+        found = await client.archiveinfo(uri, paths)
+        for tries in range(1, ARCHIVEINFO_TRIES):
+            unclear = [p for p in dict.fromkeys(paths) if p in found and _unclear(found[p])]
+            again = [p for p in dict.fromkeys(paths) if p not in found] + unclear
+            if not again:
+                break
+            if unclear:
+                delay = client.policy.backoff(tries)
+                log.info("%s/archiveinfo: %d paths answered with an error such as %r; asking "
+                         "again in %.1f s", uri, len(unclear), found[unclear[0]].error, delay)
+                await client.sleep(delay)
+            for i in range(0, len(again), ARCHIVEINFO_BATCH):
+                found.update(await client.archiveinfo(uri, again[i:i + ARCHIVEINFO_BATCH]))
         return found
 
     def _check_known(self, uri: str, paths: list[str], found: dict[str, FileLocality]) -> None:
@@ -398,7 +469,8 @@ class TapeRouter:
         asked: the URLs' paths are most likely not its namespace paths (``path_map``)."""
         if uri in self._known:
             return
-        unknown = [p for p in paths if p in found and found[p].locality is None]
+        unknown = [p for p in paths if p in found and found[p].locality is None
+                   and _path_error(found[p].error) is Result.MISSING]
         if len(unknown) < len(paths):
             self._known.add(uri)  # it knows some: a missing file is just missing
             return
@@ -410,15 +482,20 @@ class TapeRouter:
                         "webdav.root), map them with [[storage.path_map]]", uri,
                         self._unknown[uri], unknown[0], found[unknown[0]].error)
 
-    async def _one(self, uri: str, ref: FileRef, path: str, answer: Optional[FileLocality],
-                   fresh: bool) -> list[str]:
-        """Route one file; the paths (zero or one) to stage."""
+    async def _one(self, door: str, uri: str, ref: FileRef, path: str,
+                   answer: Optional[FileLocality], fresh: bool) -> list[str]:
+        """Route one file of ``door``; the paths (zero or one) to stage."""
         if answer is None:
             self._finish(_ended(ref, Result.FAILED, f"{uri}/archiveinfo did not answer for "
-                                "it, twice", None))
+                                f"it, {ARCHIVEINFO_TRIES} times", None))
             return []
         if answer.locality is None:
-            self._finish(_ended(ref, Result.MISSING, f"archiveinfo: {answer.error}", None))
+            result = _path_error(answer.error)
+            outcome = _ended(ref, result, f"archiveinfo: {answer.error}", None)
+            if result is Result.DENIED:
+                self._deny(door, outcome)
+            else:
+                self._finish(outcome)
             return []
         where = answer.locality
         self.tally.located[where.value] += 1
@@ -592,6 +669,22 @@ class TapeRouter:
         if self._probe is not None and left > 0:
             self._probe.staging(-left)  # no longer followed by this run
         self._ended = len(self._asked)
+
+
+def _path_error(error: str) -> Result:
+    """What a per-path archiveinfo error means: ``MISSING``, ``DENIED``, or ``FAILED`` for
+    one that says neither (asked again, then failed with it)."""
+    text = error.lower()
+    if any(words in text for words in _MISSING):
+        return Result.MISSING
+    if any(words in text for words in _DENIED):
+        return Result.DENIED
+    return Result.FAILED
+
+
+def _unclear(answer: FileLocality) -> bool:
+    """An error answer that says neither missing nor denied: worth asking again."""
+    return answer.locality is None and _path_error(answer.error) is Result.FAILED
 
 
 def _ended(ref: FileRef, result: Result, error: str, info: Optional[TapeInfo]) -> Outcome:

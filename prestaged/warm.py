@@ -566,13 +566,21 @@ class _Run:
                                      fail=self._trip, note=recorder.note if recorder else None,
                                      probe=probe,
                                      resume=recorder.open_stages if recorder else None,
-                                     clock=recorder.now if recorder else time.time)
+                                     clock=recorder.now if recorder else time.time,
+                                     deny=self._denied_by_tape)
         # Starts every endpoint at `concurrency`, not storage.per_host: that bounds connections
         # per host, and after a door's redirect an attempt holds a pool's connection instead.
         self.pacer = Pacer(settings.concurrency, tally.paced, on_change=(
             None if probe is None else lambda ep, n: probe.set_concurrency(_host(ep), n)),
             on_rate=None if probe is None else lambda ep, r: probe.set_rate(_host(ep), r),
             gate=True, rates=rates)
+
+    def _denied_by_tape(self, door: str, outcome: Outcome) -> None:
+        """A file the door's Tape REST API says we may not see (archiveinfo "Permission
+        denied"): counted by the denial breaker as a touch's 403 there would be, and ended."""
+        self._trip(self.breakers.observe(door, Attempt(status=403,
+                                                       error=f"HTTP 403 {outcome.error}")))
+        self.finish(outcome)
 
     def _trip(self, error: Optional[PrestagedError]) -> None:
         if error is not None and self.abort_error is None:

@@ -487,3 +487,25 @@ async def test_a_launch_is_recorded_once_the_state_answers_again(
     assert (state, job_id) == ("completed", "1.0@jobsub01")
     [warning] = [r.getMessage() for r in caplog.records if "cannot record it yet" in r.getMessage()]
     assert "c/s #1: sh exited 0, job id 1.0@jobsub01; the state cannot record it yet" in warning
+
+
+async def test_a_gate_stopped_for_credentials_stops_the_run_and_keeps_the_slice_prestaging(
+        tmp_path: Path, store: Store) -> None:
+    """A gate ended by a run stopped for the credentials (exit 3) failed the submission for
+    good, while keep-warm in the same case stops the campaign's run until they are renewed.
+    Now the gate does the same: CredentialError, the submission still prestaging, and the
+    next run, credentials renewed, gates and submits it."""
+    from prestaged.errors import CredentialError
+
+    async def expired(catalog: Catalog, ready: float, timeout: float, retry: float
+                      ) -> GateResult:
+        return GateResult(catalog.name, catalog.definition, ready, 1, 0, 1, 0.0, 3,
+                          "warm run stopped: the proxy expired")
+
+    cfg = campaign(tmp_path, submit=q(sys.executable, "-c", "pass"))
+    with pytest.raises(CredentialError, match="the proxy expired"):
+        await run_campaign(cfg, store, gate=expired, open_catalog=LocalCatalog,
+                           workdir=tmp_path / "work")
+    assert _states(store) == ["prestaging"]
+    result = await run(cfg, store, tmp_path)
+    assert result.exit_code == 0 and _states(store) == ["completed"]

@@ -20,6 +20,7 @@ from conftest import peer_missing
 
 from prestaged.testing.dcache import (
     DOOR_TIMEOUT_MESSAGE,
+    PNFS_TIMEOUT,
     DCacheConfig,
     DCacheServer,
     Locality,
@@ -427,6 +428,71 @@ async def test_limits_413_and_429_checked_first(dcache: Factory,
     assert srv.core.stats.max_paths == 501
     with pytest.raises(ValueError, match="dCache's limit"):
         DCacheConfig(max_targets=501)
+
+
+async def test_passing_failures_as_a_real_site_gives_them(dcache: Factory,
+                                                        http: aiohttp.ClientSession) -> None:
+    """A test makes the next requests of a kind fail as a site's frontend does now and then:
+    400 with no body (bulk cell timeout), 500 problem, 502 page, a dropped connection, garbage
+    discovery; ``after`` carries the request out and loses only its answer; a per-path
+    archiveinfo error lasts as many answers as asked. The per-user quota's 429 carries no
+    Retry-After (BulkService.checkQuota)."""
+    srv = await dcache(max_requests=1, mount_seconds=60)
+    srv.core.add_file("/pnfs/t/a", 10, Locality.TAPE)
+    srv.faults.add("stage", "400")
+    srv.faults.add("stage", "drop", after=True)
+    r = await _stage(http, srv, ["/pnfs/t/a"])
+    assert r.status == 400 and not srv.frontend.requests
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await _stage(http, srv, ["/pnfs/t/a"])
+    [rid] = srv.frontend.requests  # made, though its answer was lost
+    busy = await _stage(http, srv, ["/pnfs/t/a"])
+    assert busy.status == 429 and "Retry-After" not in busy.headers
+    srv.faults.add("poll", "500")
+    srv.faults.add("frontend", "502")
+    for status, kind in ((500, "application/problem+json"), (502, "text/html"), (200, None)):
+        async with http.get(f"{srv.tape_api_url}/stage/{rid}") as poll:
+            assert poll.status == status and (kind is None or poll.content_type == kind)
+    srv.faults.add("discovery", "garbage")
+    async with http.get(srv.door_url("/.well-known/wlcg-tape-rest-api")) as d:
+        assert d.status == 200 and (await d.text()).startswith("<html>")
+    srv.frontend.path_errors.add("/pnfs/t/a", PNFS_TIMEOUT, count=1)
+    answers = []
+    for _ in range(2):
+        async with http.post(srv.tape_api_url + "/archiveinfo",
+                             json={"paths": ["/pnfs//t/a"]}) as info:
+            answers.append(await info.json())
+    assert answers == [[{"path": "/pnfs//t/a", "error": PNFS_TIMEOUT}],
+                       [{"path": "/pnfs//t/a", "locality": "TAPE"}]]
+    assert srv.faults.served == {"stage:400": 1, "stage:drop": 1, "poll:500": 1,
+                                 "poll:502": 1, "discovery:garbage": 1}
+    with pytest.raises(ValueError, match="kind in"):
+        srv.faults.add("poll", "418")
+
+
+async def test_paths_go_by_dcache_fspath(dcache: Factory, http: aiohttp.ClientSession) -> None:
+    """As dCache's FsPath: a stage request lists its targets resolved (``//``, ``.``, ``..``
+    gone), archiveinfo resolves a path but echoes it as sent, a cancel must name a path as the
+    request lists it, and the door and namespace resolve any spelling."""
+    srv = await dcache()
+    srv.core.add_file("/pnfs/t/a", 10, Locality.DISK_AND_TAPE)
+    odd = "/pnfs//t/./x/../a/"
+    r = await _stage(http, srv, [odd])
+    rid = (await r.json())["requestId"]
+    await _finished(srv, rid)
+    async with http.get(f"{srv.tape_api_url}/stage/{rid}") as poll:
+        assert [f["path"] for f in (await poll.json())["files"]] == ["/pnfs/t/a"]
+    async with http.post(srv.tape_api_url + "/archiveinfo", json={"paths": [odd]}) as info:
+        assert await info.json() == [{"path": odd, "locality": "DISK_AND_TAPE"}]
+    for paths, status in (([odd], 400), (["/pnfs/t/a"], 200)):
+        async with http.post(f"{srv.tape_api_url}/stage/{rid}/cancel",
+                             json={"paths": paths}) as c:
+            assert c.status == status
+    async with http.get(srv.frontend_url + "/api/v1/namespace/pnfs//t/a?locality=true") as n:
+        assert (await n.json())["fileLocality"] == "ONLINE_AND_NEARLINE"
+    async with http.get(srv.door_url("/pnfs/t/a").replace("/pnfs/", "//pnfs/"),
+                        headers={"Range": "bytes=0-3"}) as door:
+        assert door.status == 206 and len(await door.read()) == 4
 
 
 async def test_archiveinfo_answers_at_most_10000_paths(dcache: Factory,

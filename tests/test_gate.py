@@ -149,6 +149,39 @@ def test_credential_failure_never_runs_the_command(
     assert storage.stats.requests_total == 0
 
 
+def test_a_run_the_storage_stopped_is_tried_again_until_the_timeout(
+    pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """A warm run stopped by the storage (exit 5: here --stage always and a discovery document
+    that cannot be read) ended the gate at once, and a campaign failed its slice for good on
+    storage trouble that passes. It is tried again as cold files are: the gate passes on the
+    next run; a storage that stops every run ends the gate at its timeout with exit 5 naming
+    the stop. (Credentials, exit 3, still end it at once: the test above.)"""
+    from prestaged.testing.dcache import DCacheConfig, Locality, ThreadedDCache
+
+    config = tmp_path / "quick.toml"
+    config.write_text('[storage]\npoll_min = "20ms"\npoll_max = "100ms"\n')
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
+                        DCacheConfig()) as srv:
+        for name in ("a", "b"):
+            srv.add_file(f"/pnfs/g/{name}", 10, Locality.TAPE)
+            (tmp_path / f"{name}.txt").write_text(srv.door_url(f"/pnfs/g/{name}") + "\n")
+        srv.fail("discovery", "garbage")
+        res = _prestaged(pki, proxy, tmp_path, "wait", str(tmp_path / "a.txt"), "--stage",
+                         "always", "--retry-every", "0.1s", "--timeout", "60s", "--json",
+                         "--config", str(config))
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["runs"] == 2 and srv.replica("/pnfs/g/a").on_disk
+        srv.fail("discovery", "garbage", count=1000)
+        res = _prestaged(pki, proxy, tmp_path, "wait", str(tmp_path / "b.txt"), "--stage",
+                         "always", "--retry-every", "0.1s", "--timeout", "1s", "--config",
+                         str(config))
+        assert res.returncode == 5, res.stderr
+        line = _error_line(res.stderr)
+        assert "not ready within 1s; the last warm run was stopped: " in line
+        assert "the answer is not JSON (storage.stage = always)" in line
+
+
 def test_submit_returns_the_command_exit_code(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, fake_submit: Path
 ) -> None:

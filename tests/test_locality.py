@@ -137,6 +137,52 @@ async def test_discovery_is_kept_for_its_ttl() -> None:
     assert len(calls) == 3
 
 
+async def test_a_door_that_stops_answering_discovery_keeps_its_last_answer_a_while() -> None:
+    """Asked again after the TTL, a door that answers 5xx (TapeTransient) keeps its last
+    answer for STALE_RETRY more seconds instead of having none (its files were then read by
+    GET); one never answered gets the error; an unreadable document is still not kept."""
+    from prestaged.locality import STALE_RETRY
+    from prestaged.storage.tape import TapeRestError, TapeTransient
+
+    now = [0.0]
+    outcome: list[Any] = ["https://f/api/v1/tape"]
+    calls: list[str] = []
+
+    class Client:
+        async def discover(self, door: str) -> Optional[str]:
+            calls.append(door)
+            if isinstance(outcome[0], Exception):
+                raise outcome[0]
+            return outcome[0]  # type: ignore[no-any-return]
+
+    directory = TapeDirectory(ttl=3600, clock=lambda: now[0])
+    client: Any = Client()
+    assert await directory.lookup(client, "https://d:2880") == "https://f/api/v1/tape"
+    now[0] = 3601
+    outcome[0] = TapeTransient("https://d:2880/.well-known/wlcg-tape-rest-api: 503")
+    assert await directory.lookup(client, "https://d:2880") == "https://f/api/v1/tape"
+    now[0] = 3600 + STALE_RETRY
+    assert await directory.lookup(client, "https://d:2880") == "https://f/api/v1/tape"
+    assert len(calls) == 2
+    now[0] = 3602 + STALE_RETRY
+    assert await directory.lookup(client, "https://d:2880") == "https://f/api/v1/tape"
+    assert len(calls) == 3
+    assert isinstance(await directory.lookup(client, "https://other:2880"), TapeTransient)
+    outcome[0] = TapeRestError("bad document")
+    now[0] = 10_000
+    assert isinstance(await directory.lookup(client, "https://d:2880"), TapeRestError)
+
+
+def test_namespace_paths_are_spelled_as_dcache_fspath() -> None:
+    """A rule whose prefixes both bring a "/" to the join, a URL with "//", "." or "..", and
+    a trailing "/" give the path dCache lists in its polls (no "//", "." or "..")."""
+    rules = (PathMap("https://d:2880/dune", "/pnfs/fnal.gov/usr/dune/"),)
+    assert namespace_path("https://d:2880/dune/raw/f1", rules) == "/pnfs/fnal.gov/usr/dune/raw/f1"
+    assert namespace_path("https://e:2880//pnfs/a//b/./c/../f/") == "/pnfs/a/b/f"
+    assert namespace_path("https://e:2880/../../f") == "/f"
+    assert namespace_path("https://e:2880") == "/"
+
+
 async def test_a_door_named_in_tape_api_is_never_asked_and_a_reload_applies() -> None:
     """[[storage.tape_api]]: its door's endpoint is the entry's uri, whatever the spelling of
     the door (case, default port), and discovery is never sent there; other doors are asked.

@@ -76,6 +76,21 @@ async def test_a_stage_that_takes_too_long_is_cancelled_and_reported(
     assert srv.core.stats.requests["frontend:cancel"] == 1
 
 
+async def test_a_path_the_server_lists_in_another_spelling_lands(
+    dcache: Factory, http: aiohttp.ClientSession
+) -> None:
+    """dCache lists /a//b/./c as /a/b/c in its polls: the file lands (under the caller's
+    spelling) instead of waiting for the timeout and being cancelled."""
+    srv = await dcache()
+    srv.core.add_file("/pnfs/n/f", 10, Where.TAPE)
+    settings = StagingSettings(batch=10, max_requests=1, poll_min=0.01, poll_max=0.05,
+                               timeout=10)
+    [got] = await _all(Stager(TapeClient(http, policy=NO_WAIT), srv.tape_api_url, settings),
+                       ["/pnfs//n/./f"])
+    assert got.on_disk and got.path == "/pnfs//n/./f"
+    assert srv.core.stats.requests["frontend:cancel"] == 0
+
+
 class _Scripted:
     """A TapeClient stand-in whose polls follow a script (partial lists, a forgotten request),
     recording the stage requests and the sleeps between polls."""
@@ -84,13 +99,16 @@ class _Scripted:
         self.answers = answers
         self.staged: list[list[str]] = []
 
-    async def stage(self, uri: str, paths: list[str], lifetime: float) -> list[Any]:
+    async def stage(self, uri: str, paths: list[str], lifetime: float, **_: Any) -> list[Any]:
         from prestaged.storage.tape import StageRequest
 
         self.staged.append(list(paths))
         return [StageRequest(f"r{len(self.staged)}", tuple(paths))]
 
-    async def poll(self, uri: str, request_id: str) -> StageStatus:
+    def batch_for(self, uri: str) -> int:
+        return 500
+
+    async def poll(self, uri: str, request_id: str, **_: Any) -> StageStatus:
         answer = self.answers.pop(0)
         return StageStatus(request_id, answer.files, answer.found)
 
@@ -158,7 +176,7 @@ async def test_an_adopted_request_is_polled_at_once_and_what_it_does_not_bring_i
     }
 
     class ById(_Scripted):
-        async def poll(self, uri: str, request_id: str) -> StageStatus:
+        async def poll(self, uri: str, request_id: str, **_: Any) -> StageStatus:
             return by_id[request_id].pop(0)
 
     client = ById([])
@@ -191,7 +209,7 @@ async def test_a_file_failed_in_an_adopted_request_gets_one_more_request_not_two
              "r1": [StageStatus("r1", {"/f": FileStage("/f", S.FAILED, "bad tape again")})]}
 
     class ById(_Scripted):
-        async def poll(self, uri: str, request_id: str) -> StageStatus:
+        async def poll(self, uri: str, request_id: str, **_: Any) -> StageStatus:
             return by_id[request_id].pop(0)
 
     client = ById([])
@@ -219,7 +237,7 @@ async def test_an_adopted_request_times_out_from_when_it_was_made_and_nothing_is
     cancelled: list[tuple[str, list[str]]] = []
 
     class Slow(_Scripted):
-        async def poll(self, uri: str, request_id: str) -> StageStatus:
+        async def poll(self, uri: str, request_id: str, **_: Any) -> StageStatus:
             return StageStatus(request_id, {"/a": FileStage("/a", StageState.STARTED)})
 
         async def cancel(self, uri: str, request_id: str, paths: list[str]) -> None:
@@ -280,12 +298,12 @@ class _Recording(TapeClient):
         self.gate = gate
         self.posting = asyncio.Event()
 
-    async def stage(self, uri: str, paths: Any, lifetime: float) -> Any:
+    async def stage(self, uri: str, paths: Any, lifetime: float, **kwargs: Any) -> Any:
         self.posted.append(list(paths))
         self.posting.set()
         if self.gate is not None:
             await self.gate.wait()
-        return await super().stage(uri, paths, lifetime)
+        return await super().stage(uri, paths, lifetime, **kwargs)
 
 
 async def test_stagers_sharing_an_endpoint_never_ask_twice_for_one_file(
@@ -384,7 +402,7 @@ class _Shared:
         self.cancelled: list[str] = []
         self.paths: dict[str, list[str]] = {}
 
-    async def stage(self, uri: str, paths: list[str], lifetime: float) -> list[Any]:
+    async def stage(self, uri: str, paths: list[str], lifetime: float, **_: Any) -> list[Any]:
         from prestaged.storage.tape import StageRequest
 
         self.staged.append(list(paths))
@@ -393,7 +411,10 @@ class _Shared:
         self.posted.set()
         return [StageRequest(rid, tuple(paths))]
 
-    async def poll(self, uri: str, request_id: str) -> StageStatus:
+    def batch_for(self, uri: str) -> int:
+        return 500
+
+    async def poll(self, uri: str, request_id: str, **_: Any) -> StageStatus:
         from prestaged.storage.tape import FileStage
 
         state = self.states.get(request_id, self.default)
@@ -460,3 +481,195 @@ async def test_a_followers_timeout_leaves_the_owners_request_alone() -> None:
     assert got_b == {"/s": (False, "r1")} and client.cancelled == []
     got_a = await asyncio.wait_for(run_a, 10)
     assert got_a == {"/s": (False, "r1")} and client.cancelled == ["r1"]
+
+
+# --- passing failures: polls, back-pressure, lost answers (review H2, M1, M6, L1) ------------
+
+
+async def test_passing_poll_failures_are_polled_through_and_every_file_lands(
+    dcache: Factory, http: aiohttp.ClientSession
+) -> None:
+    """A 500, a proxy's 502 and dCache's bare 400 (its bulk service late) on polls each ended
+    the whole run; now the request is polled again on its schedule and every file lands."""
+    srv = await dcache(drives=1, mount_seconds=0.2)
+    paths = [f"/pnfs/p/f{i}" for i in range(4)]
+    for p in paths:
+        srv.core.add_file(p, 10, Where.TAPE)
+    for kind in ("500", "502", "400"):
+        srv.faults.add("poll", kind)
+    got = await _all(Stager(TapeClient(http, policy=NO_WAIT), srv.tape_api_url, QUICK), paths)
+    assert sorted(s.path for s in got) == paths and all(s.on_disk for s in got)
+    assert srv.faults.served == {"poll:500": 1, "poll:502": 1, "poll:400": 1}
+    assert srv.core.stats.requests["frontend:stage"] == 1
+
+
+class _Flaky(_Scripted):
+    """Request r1's polls fail (``error``), r2's show its files COMPLETED; cancels fail too
+    (recorded); ``clock`` moves with the stager's sleeps."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__([])
+        self.error = error
+        self.polled: list[str] = []
+        self.cancelled: list[str] = []
+        self.paths: dict[str, list[str]] = {}
+        self.clock = [0.0]
+
+    async def stage(self, uri: str, paths: list[str], lifetime: float, **_: Any) -> list[Any]:
+        [request] = await super().stage(uri, paths, lifetime)
+        self.paths[request.id] = list(paths)
+        return [request]
+
+    async def poll(self, uri: str, request_id: str, **_: Any) -> StageStatus:
+        from prestaged.storage.tape import FileStage
+
+        self.polled.append(request_id)
+        if request_id == "r1":
+            raise self.error
+        return StageStatus(request_id, {p: FileStage(p, StageState.COMPLETED)
+                                        for p in self.paths[request_id]})
+
+    async def cancel(self, uri: str, request_id: str, paths: list[str]) -> None:
+        from prestaged.storage.tape import TapeTransient
+
+        self.cancelled.append(request_id)
+        raise TapeTransient("https://t/stage/r1/cancel: 502 Bad Gateway")
+
+    async def sleep(self, seconds: float) -> None:
+        self.clock[0] += seconds
+
+
+def _flaky_stager(client: _Flaky, **settings: Any) -> Stager:
+    s = StagingSettings(**{"batch": 1, "max_requests": 5, "poll_min": 1, "poll_max": 8,
+                           "timeout": 1000, **settings})
+    return Stager(client, "https://t", s, clock=lambda: client.clock[0],  # type: ignore[arg-type]
+                  sleep=client.sleep)
+
+
+async def test_a_request_whose_polls_keep_failing_fails_alone_after_poll_errors() -> None:
+    """r1's polls fail every time: after poll_errors (4) in a row, backing off, its file fails
+    with the error; r2's file lands; the run goes on, and nothing is cancelled."""
+    from prestaged.storage.tape import TapeTransient
+
+    client = _Flaky(TapeTransient("https://t/stage/r1: 500 Internal problem"))
+    stager = _flaky_stager(client, poll_errors=4)
+    got = {s.path: s for s in await _all(stager, ["/a", "/b"])}
+    assert got["/b"].on_disk and not got["/a"].on_disk
+    assert got["/a"].error == ("stage failed: 4 polls of its request failed in a row "
+                               "(https://t/stage/r1: 500 Internal problem)")
+    assert client.polled.count("r1") == 4 and client.cancelled == []
+    assert client.clock[0] >= 1 + 2 + 4  # polls backed off between the failures
+
+
+async def test_polls_failing_until_the_timeout_time_out_and_a_failed_cancel_is_logged() -> None:
+    """Polls that fail (a busy 429 is not counted at all) until stage_timeout: the file times
+    out as any other, the cancel is tried, and its failure ends nothing."""
+    from prestaged.storage.tape import TapeBusy
+
+    client = _Flaky(TapeBusy("https://t/stage/r1: 429 slow down", retry_after=30.0))
+    got = await _all(_flaky_stager(client, timeout=100, poll_errors=2), ["/a"])
+    assert [(s.on_disk, s.error) for s in got] == [(False, "stage timed out after 100s")]
+    assert client.cancelled == ["r1"] and 100 <= client.clock[0] < 140
+    assert client.polled.count("r1") in (4, 5)  # every 30 s, Retry-After
+
+
+async def test_back_pressure_on_stage_requests_is_waited_out_while_polls_go_on(
+    dcache: Factory, http: aiohttp.ClientSession
+) -> None:
+    """dCache's per-user quota (one unfinished request here, held by another client: 429, no
+    Retry-After) ended the run after the policy's tries. The stager waits, polling what it
+    has, and asks again: every file lands, none failed."""
+    srv = await dcache(max_requests=1, mount_seconds=0.2)
+    srv.core.add_file("/pnfs/q/other", 10, Where.TAPE, tape="TX")
+    paths = [f"/pnfs/q/f{i}" for i in range(3)]
+    for p in paths:
+        srv.core.add_file(p, 10, Where.TAPE, tape="TY")
+    other = TapeClient(http, policy=NO_WAIT)
+    await other.stage(srv.tape_api_url, ["/pnfs/q/other"], lifetime=60)
+    heard: list[str] = []
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await srv.core.wait_until(lambda: srv.core.files["/pnfs/q/other"].on_disk
+                                  and all(r.finished for r in srv.frontend.requests.values()))
+
+    settings = StagingSettings(batch=2, max_requests=2, poll_min=0.01, poll_max=0.05)
+    got = await _all(Stager(TapeClient(http, policy=NO_WAIT, on_stage=heard.append),
+                            srv.tape_api_url, settings, sleep=sleep), paths)
+    assert sorted(s.path for s in got) == paths and all(s.on_disk for s in got)
+    assert "throttled" in heard and heard.count("accepted") == 2 and waits
+
+
+async def test_back_pressure_lasting_stage_timeout_fails_what_waits_not_what_is_open() -> None:
+    """The first POST is accepted, every later one refused (429, Retry-After 7 s): r1 is
+    polled meanwhile and lands; the waiting file fails "stage timed out" once the endpoint
+    has refused new requests for stage_timeout, with no try limit before that."""
+    from prestaged.storage.tape import StageRequest, TapeBusy
+
+    class Busy(_Flaky):
+        async def stage(self, uri: str, paths: list[str], lifetime: float, **_: Any
+                        ) -> list[Any]:
+            if self.staged:
+                raise TapeBusy("https://t/stage: 429 User has 5000 unfinished requests",
+                               retry_after=7.0)
+            self.staged.append(list(paths))
+            self.paths["r2"] = list(paths)
+            return [StageRequest("r2", tuple(paths))]
+
+    client = Busy(AssertionError("r1 is never made"))
+    got = await _all(_flaky_stager(client, max_requests=5, timeout=100), ["/a", "/b"])
+    assert [(s.path, s.on_disk) for s in got] == [("/a", True), ("/b", False)]
+    assert got[1].error.startswith("stage timed out after 100s: the endpoint took no new "
+                                   "stage request all that time (https://t/stage: 429 User")
+    assert 100 <= client.clock[0] <= 108
+
+
+async def test_a_stage_request_whose_answer_was_lost_is_not_asked_again(
+    dcache: Factory, http: aiohttp.ClientSession
+) -> None:
+    """The frontend makes the request, then the connection drops: the POST was sent again and
+    the files pinned twice by two requests, one never followed. Now its files fail saying why,
+    one request exists, and the next chunk is asked for as usual."""
+    srv = await dcache(mount_seconds=0.1)
+    paths = [f"/pnfs/l/f{i}" for i in range(4)]
+    for p in paths:
+        srv.core.add_file(p, 10, Where.TAPE)
+    srv.faults.add("stage", "drop", after=True)
+    settings = StagingSettings(batch=2, max_requests=2, poll_min=0.01, poll_max=0.05)
+    got = {s.path: s for s in await _all(
+        Stager(TapeClient(http, policy=NO_WAIT), srv.tape_api_url, settings), paths)}
+    lost = sorted(p for p, s in got.items() if not s.on_disk)
+    assert lost == paths[:2] and all(got[p].on_disk for p in paths[2:])
+    assert "may have been made but its answer was lost" in got[paths[0]].error
+    assert got[paths[0]].request_id is None
+    assert srv.core.stats.requests["frontend:stage"] == 2 and len(srv.frontend.requests) == 2
+
+
+async def test_a_413_is_learned_once_and_split_requests_keep_to_the_slots(
+    dcache: Factory, http: aiohttp.ClientSession
+) -> None:
+    """A frontend taking 25 targets, batches of 200, 5 open requests at most: the client
+    halved each chunk anew (15 413s) and took a slot per split request without asking
+    (12 open). The limit is learned once (3 413s) and never more than 5 are open."""
+    from prestaged.storage.staging import RequestSlots
+
+    class Peak(RequestSlots):
+        peak = 0
+
+        def take(self, uri: str) -> None:
+            super().take(uri)
+            self.peak = max(self.peak, self.used[uri])
+
+    srv = await dcache(drives=4, max_targets=25)
+    paths = [f"/pnfs/b/f{i:04d}" for i in range(400)]
+    for i, p in enumerate(paths):
+        srv.core.add_file(p, 10, Where.TAPE, tape=f"T{i % 4}")
+    heard: list[str] = []
+    slots = Peak(5)
+    settings = StagingSettings(batch=200, max_requests=5, poll_min=0.01, poll_max=0.05)
+    client = TapeClient(http, stage_batch=200, policy=NO_WAIT, on_stage=heard.append)
+    got = await _all(Stager(client, srv.tape_api_url, settings, slots=slots), paths)
+    assert len(got) == 400 and all(s.on_disk for s in got)
+    assert heard.count("too_large") == 3 and heard.count("accepted") == 16
+    assert slots.peak <= 5 and srv.core.stats.max_paths <= 200

@@ -19,9 +19,13 @@ from prestaged.retry import RetryPolicy
 from prestaged.storage.tape import (
     ARCHIVEINFO_BATCH,
     Locality,
+    StageRequest,
     StageState,
+    StageUncertain,
+    TapeBusy,
     TapeClient,
     TapeRestError,
+    TapeTransient,
 )
 from prestaged.testing.dcache import DCacheServer
 from prestaged.testing.dcache import Locality as Where
@@ -138,6 +142,89 @@ async def test_429_is_back_pressure_not_a_failure(
                     "https://t/api/v1/tape", ["/p"], lifetime=60)
 
 
+async def test_a_stage_post_that_may_have_reached_the_server_is_not_sent_again(
+    dcache: Factory, http: aiohttp.ClientSession
+) -> None:
+    """A stage POST whose connection drops after the frontend made the request, or that gets
+    dCache's bare 400 (its bulk service did not answer in time, yet may have acted), was sent
+    again: a second request, its twin's pins never recorded nor released. It is
+    StageUncertain, sent once."""
+    srv = await dcache(mount_seconds=60)
+    srv.core.add_file("/pnfs/u/a", 10, Where.TAPE)
+    client = TapeClient(http, policy=NO_WAIT)
+    for kind in ("drop", "400"):
+        srv.faults.add("stage", kind, after=True)
+        with pytest.raises(StageUncertain):
+            await client.stage(srv.tape_api_url, ["/pnfs/u/a"], lifetime=60)
+    assert srv.core.stats.requests["frontend:stage"] == 2 and len(srv.frontend.requests) == 2
+
+
+async def test_a_413_split_reports_each_request_at_once_and_the_limit_is_kept(
+    dcache: Factory, http: aiohttp.ClientSession
+) -> None:
+    """A stage of 200 paths against a 60-target frontend: 413 twice, then 50 accepted, then the
+    next POST fails: the accepted request was dropped with the error. on_made hears it at once;
+    the limit learned (50) holds for the next stage on that endpoint (no new 413), and
+    ``most`` makes no more requests than asked."""
+    srv = await dcache(max_targets=60, mount_seconds=60)
+    paths = [f"/pnfs/h/f{i:03d}" for i in range(250)]
+    for p in paths:
+        srv.core.add_file(p, 10, Where.TAPE)
+    heard: list[str] = []
+    made: list[StageRequest] = []
+    client = TapeClient(http, stage_batch=200, policy=NO_WAIT, on_stage=heard.append)
+    srv.faults.add("stage", "500", skip=3)
+    with pytest.raises(StageUncertain, match="500"):
+        await client.stage(srv.tape_api_url, paths[:200], lifetime=60, on_made=made.append)
+    assert [len(r.paths) for r in made] == [50] and made[0].id in srv.frontend.requests
+    assert client.batch_for(srv.tape_api_url) == 50
+    [one] = await client.stage(srv.tape_api_url, paths[50:], lifetime=60, most=1)
+    assert one.paths == tuple(paths[50:100])
+    assert heard == ["too_large", "too_large", "accepted", "refused", "accepted"]
+
+
+async def test_retry_after_zero_waits_a_second_and_polls_raise_passing_failures(
+    dcache: Factory, http: aiohttp.ClientSession
+) -> None:
+    """Retry-After: 0 (dCache in a block's last second) is waited 1 s, not 0; an impatient
+    poll raises each passing failure (500, a proxy's 502, the bulk service's bare 400, a
+    dropped connection, 429) as TapeTransient (TapeBusy for 429); a patient one rides them
+    out."""
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    with mocked() as m:
+        m.post("https://t/api/v1/tape/stage", status=429, headers={"Retry-After": "0"},
+               body="{}")
+        m.post("https://t/api/v1/tape/stage", status=201, body=json.dumps({"requestId": "r"}))
+        async with aiohttp.ClientSession() as session:
+            await TapeClient(session, policy=NO_WAIT, sleep=sleep).stage(
+                "https://t/api/v1/tape", ["/p"], lifetime=60)
+    assert waits == [1.0]
+    srv = await dcache()
+    srv.core.add_file("/pnfs/p/a", 10, Where.TAPE)
+    client = TapeClient(http, policy=NO_WAIT, sleep=sleep)
+    [req] = await client.stage(srv.tape_api_url, ["/pnfs/p/a"], lifetime=60)
+    for kind in ("500", "502", "400"):
+        srv.faults.add("poll", kind)
+        with pytest.raises(TapeTransient) as raised:
+            await client.poll(srv.tape_api_url, req.id, patient=False)
+        assert not isinstance(raised.value, TapeBusy)
+    srv.faults.add("poll", "500", count=2)
+    assert (await client.poll(srv.tape_api_url, req.id)).found
+    with mocked() as m:
+        m.get("https://t/api/v1/tape/stage/r", exception=aiohttp.ServerDisconnectedError())
+        m.get("https://t/api/v1/tape/stage/r", status=429, body="{}")
+        async with aiohttp.ClientSession() as session:
+            impatient = TapeClient(session, policy=NO_WAIT)
+            with pytest.raises(TapeTransient, match="disconnected"):
+                await impatient.poll("https://t/api/v1/tape", "r", patient=False)
+            with pytest.raises(TapeBusy):
+                await impatient.poll("https://t/api/v1/tape", "r", patient=False)
+
+
 async def test_poll_reads_both_state_forms_and_a_forgotten_request() -> None:
     """``state`` (dCache) with CANCELED (gfal2's spelling) and the spec's ``onDisk`` form, files
     in any order and a partial list; a 404 is a request the server forgot."""
@@ -220,15 +307,19 @@ async def test_on_stage_hears_every_stage_post_by_result(
 
 
 async def test_on_stage_counts_503_as_throttled_and_other_failures_as_refused() -> None:
-    """A 503 is throttled and sent again; a dropped connection, a 400 and a 403 are refused;
-    polls, locality and releases are never reported as stage requests."""
+    """A 503 is throttled and sent again, and so is a connection that could not be made; a 400,
+    a 403 and a connection dropped once the request was sent are refused (the last is not sent
+    again: it may have made a request); polls, locality and releases are never reported as
+    stage requests."""
     uri = "https://t/api/v1/tape"
     with mocked() as m:
         m.post(f"{uri}/stage", status=503, body="{}")
-        m.post(f"{uri}/stage", exception=aiohttp.ServerDisconnectedError())
+        m.post(f"{uri}/stage", exception=aiohttp.ConnectionTimeoutError())
         m.post(f"{uri}/stage", status=201, body=json.dumps({"requestId": "r1"}))
         m.post(f"{uri}/stage", status=400, body=json.dumps({"detail": "bad path"}))
         m.post(f"{uri}/stage", status=403, body=json.dumps({"detail": "no stage"}))
+        m.post(f"{uri}/stage", exception=aiohttp.ServerDisconnectedError())
+        m.post(f"{uri}/stage", status=201, body=json.dumps({"requestId": "never"}))
         m.get(f"{uri}/stage/r1", status=200, body=json.dumps({"files": []}))
         m.post(f"{uri}/archiveinfo", status=200, body="[]")
         m.post(f"{uri}/release/r1", status=200, body="")
@@ -243,7 +334,9 @@ async def test_on_stage_counts_503_as_throttled_and_other_failures_as_refused() 
                 await client.stage(uri, ["/p"], lifetime=60)
             with pytest.raises(CredentialError):
                 await client.stage(uri, ["/p"], lifetime=60)
-    assert heard == ["throttled", "refused", "accepted", "refused", "refused"]
+            with pytest.raises(StageUncertain, match="Server disconnected"):
+                await client.stage(uri, ["/p"], lifetime=60)
+    assert heard == ["throttled", "refused", "accepted", "refused", "refused", "refused"]
 
 
 async def test_hostile_frontend_answers_are_errors_never_tracebacks_nor_redirects_followed(

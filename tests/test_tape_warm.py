@@ -18,7 +18,7 @@ from cli_runner import CliResult, run_cli
 from conftest import Backend
 from daemon_harness import state_files
 
-from prestaged.testing.dcache import DCacheConfig, Locality, ThreadedDCache
+from prestaged.testing.dcache import PNFS_TIMEOUT, DCacheConfig, Locality, ThreadedDCache
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import ThreadedStorageServer
 from prestaged.testing.tokens import BearerCheck, TokenIssuer, write_token
@@ -287,6 +287,73 @@ def test_malformed_discovery_warns_and_touches_in_auto_and_fails_in_always(
     assert res.stderr.count("v1 uri is no usable URL: https://127.0.0.1:99999/api/v1/tape") == 1
 
 
+def test_a_discovery_5xx_is_asked_again_and_never_turns_into_door_gets(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """One 500 on the discovery GET sent a whole chunk's tape-only files to the door (each GET
+    holding a door thread up to 3 minutes). It is asked again and the files are staged; a door
+    whose discovery never answers fails its files naming it, for every chunk of the run after
+    one round of asking, and still nothing is GET."""
+    paths = [f"/pnfs/g/f{i:03d}" for i in range(300)]  # two admitted chunks
+    for i, p in enumerate(paths):
+        site.add_file(p, 10, Locality.TAPE, tape=f"T{i % 3}")
+    definition = _definition(tmp_path, [site.door_url(p) for p in paths])
+    site.fail("discovery", "500")
+    res = _warm(pki, proxy, tmp_path, definition, "--json")
+    doc = json.loads(res.stdout)
+    assert res.returncode == 0, res.stderr
+    assert doc["counts"]["staged"] == 300 and site.stats()["door_tape_gets"] == 0
+    assert site.stats()["requests"]["door:discovery"] == 2
+    assert site.faults_served() == {"discovery:500": 1}
+    site.fail("discovery", "502", count=100)
+    res = _warm(pki, proxy, tmp_path, definition, "--json", "--force")
+    doc = json.loads(res.stdout)
+    assert doc["counts"]["failed"] == 300 and doc["counts"]["warm"] == 0
+    [why] = {f["error"] for f in doc["failures"]}
+    assert why.startswith(site.door_url("/.well-known/wlcg-tape-rest-api") + ": gave up after")
+    assert "did not say whether it has a Tape REST API" in why
+    stats = site.stats()
+    assert stats["door_tape_gets"] == 0 and stats["requests"].get("door:get", 0) == 300
+    assert stats["requests"]["door:discovery"] == 2 + 8  # one round, then the run knows
+
+
+def test_archiveinfo_errors_are_missing_denied_or_asked_again(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """dCache gives any lookup failure per path; all were "missing". Now "No such file" is
+    missing, "Permission denied" denied (in a row they stop the run with exit 3, as the
+    touches' 403s do), and another error (PnfsManager timed out) is asked again: once is
+    enough for one file, another fails with the message after three asks. A transient failure
+    of the whole archiveinfo request is asked again too."""
+    names = ["ok", "slow", "stuck", "denied", "gone"]
+    for name in names[:4]:
+        site.add_file(f"/pnfs/a/{name}", 10, Locality.DISK_AND_TAPE)
+    site.path_error("/pnfs/a/slow", PNFS_TIMEOUT, count=1)
+    site.path_error("/pnfs/a/stuck", PNFS_TIMEOUT)
+    site.path_error("/pnfs/a/denied", "Permission denied")
+    site.fail("archiveinfo", "504")
+    urls = [site.door_url(f"/pnfs/a/{name}") for name in names]
+    res = _warm(pki, proxy, tmp_path, _definition(tmp_path, urls), "--json")
+    doc = json.loads(res.stdout)
+    assert res.returncode == 1, res.stderr
+    assert doc["counts"] == {**doc["counts"], "warm": 2, "missing": 1, "denied": 1, "failed": 1}
+    reasons = {f["url"].rsplit("/", 1)[1]: f["error"] for f in doc["failures"]}
+    assert reasons == {"stuck": f"archiveinfo: {PNFS_TIMEOUT}",
+                       "denied": "archiveinfo: Permission denied",
+                       "gone": "archiveinfo: No such file or directory"}
+    assert site.stats()["requests"]["frontend:archiveinfo"] == 3  # the 504 is not one
+    denied = [f"/pnfs/d/f{i}" for i in range(3)]
+    for p in denied:
+        site.add_file(p, 10, Locality.TAPE)
+        site.path_error(p, "Permission denied")
+    res = _warm(pki, proxy, tmp_path, _definition(tmp_path, [site.door_url(p) for p in denied],
+                                                  "denied.txt"),
+                extra="[breaker]\ndenials = 3\n")
+    assert res.returncode == 3, res.stderr
+    assert "denied 3 files in a row" in res.stderr and "Permission denied" in res.stderr
+    assert "knows none" not in res.stderr  # denied is no hint of a wrong path_map
+
+
 def test_a_refused_stage_is_exit_3_naming_the_right(
     pki: TestPKI, proxy: Path, tmp_path: Path
 ) -> None:
@@ -328,6 +395,33 @@ def test_path_map_names_files_by_their_namespace_path(
         assert doc["counts"]["missing"] == 3 and srv.stats()["door_tape_gets"] == 0
         [hint] = [ln for ln in res.stderr.splitlines() if "knows none" in ln]
         assert "of the 3 paths asked (/dune/f0: " in hint and "[[storage.path_map]]" in hint
+
+
+def test_paths_spelled_with_double_slashes_are_staged_and_touched_not_timed_out(
+    pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """dCache lists a request's files as FsPath spells them (/a/b for /a//b): a path_map rule
+    joining "/" to "/", and a URL with "//", staged files that polls never matched, so each
+    timed out and was cancelled though on disk. They are asked as /a/b and land."""
+    config = DCacheConfig(door_root="/pnfs/fnal.gov/usr", drives=2)
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(), config) as srv:
+        paths = [f"/pnfs/fnal.gov/usr/dune/f{i}" for i in range(4)]
+        for p in paths:
+            srv.add_file(p, 10, Locality.TAPE)
+        urls = [srv.door_url(p) for p in paths]
+        door = urls[0].rsplit("/dune/", 1)[0]
+        urls[3] = urls[3].replace("/dune/", "//dune/")  # a URL with "//": no rule for it
+        rule = (f'stage_timeout = "10s"\n[[storage.path_map]]\nurl_prefix = "{door}/dune"\n'
+                'path_prefix = "/pnfs/fnal.gov/usr/dune/"\n'
+                f'[[storage.path_map]]\nurl_prefix = "{door}//"\n'
+                'path_prefix = "/pnfs/fnal.gov/usr/"\n')
+        res = _warm(pki, proxy, tmp_path, _definition(tmp_path, urls), "--json", extra=rule)
+        doc = json.loads(res.stdout)
+        assert res.returncode == 0, res.stderr
+        assert doc["counts"]["staged"] == 4 and doc["counts"]["warm"] == 4
+        stats = srv.stats()
+        assert stats["requests"].get("frontend:cancel", 0) == 0
+        assert stats["door_tape_gets"] == 0 and stats["requests"]["frontend:stage"] == 1
 
 
 def test_evicted_files_are_staged_again_not_read(

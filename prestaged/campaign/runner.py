@@ -13,6 +13,10 @@ reason saying what was released; a release that fails is logged and named in tha
 the campaign's failure (the pins expire on their own), and a crash in between releases again
 on resume (releasing twice is harmless).
 
+A gate that times out fails its submission (storage trouble is tried again within the gate
+until then); one stopped for the credentials stops the campaign's run with exit 3 and leaves
+the submission prestaging, as keep-warm does (the daemon tries again once they are renewed).
+
 The submit command's exit status decides its outcome: exit 0 is ``submitted`` (with the job id
 its output names), another exit ``launch_failed``; a command killed on ``submit_timeout`` or
 by a signal is ``launch_unknown``, since it may have launched before it was stopped.
@@ -56,6 +60,7 @@ from prestaged.campaign.repository import (
 from prestaged.campaign.spec import CampaignConfig, StageConfig, render
 from prestaged.catalog import Catalog
 from prestaged.errors import (
+    EXIT_CREDENTIALS,
     EXIT_HELD,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -335,6 +340,12 @@ class _Runner:
         result = await self.gate(catalog, ready, d.prestage_timeout, d.prestage_retry)
         if self.stop.is_set() or result.exit_code == EXIT_INTERRUPTED:
             return sub  # still prestaging: the next run gates it again
+        if result.exit_code == EXIT_CREDENTIALS:
+            # As keep-warm does: the campaign's run stops (exit 3; the daemon tries again
+            # once they are renewed), the slice still prestaging. Storage trouble never gets
+            # here: the gate tries again until its timeout, which fails the submission.
+            raise CredentialError(f"{sub.campaign}/{sub.stage} #{sub.id}: gate: "
+                                  f"{result.summary()}")
         if not result.passed:
             return await self._move(sub, S.FAILED, f"gate: {result.summary()}",
                                     n_files=len(refs))

@@ -7,15 +7,30 @@ job comes. A run's engine feeds paths as the catalog yields them instead: ``add(
 number of times, ``close()`` after the last, and ``landed()`` yields until every path added has
 ended. The policy (issue 13):
 
-* at most ``max_requests`` open stage requests on the endpoint, ``batch`` paths each (the client
-  halves a batch the server refuses with 413, and waits out 429);
+* at most ``max_requests`` open stage requests on the endpoint, ``batch`` paths each (fewer once
+  the server refused a bigger one with 413: the client keeps what it learned), one request per
+  stage POST and a free slot for each;
+* back-pressure on a stage POST (429, 503: dCache's per-user quota of unfinished requests can
+  last hours) is waited out, ``Retry-After`` honoured, else from ``poll_min`` doubling to
+  ``poll_max``, while the open requests go on being polled; never a file's failure, until the
+  endpoint has refused every new request for ``timeout``: then what waits is "stage timed
+  out". A stage POST that found no connection is sent again the same way, ``poll_errors`` times
+  in a row at most. One that may have reached the server but whose answer was lost (a timeout,
+  a dropped connection, a 5xx: ``StageUncertain``) is not sent again, since a second request
+  would pin twice and nobody would follow the first: its files fail saying so (the next run asks
+  again; by then the first request may have brought them to disk);
 * each request is polled from ``poll_min`` seconds, doubling to ``poll_max``, and back to
   ``poll_min`` when a poll shows progress; files may come in any order or be missing from a poll;
+* a poll that fails (a 5xx, no answer, dCache's bare 400, an unreadable answer) concerns that
+  request alone: it is polled again on the same doubling schedule, and after ``poll_errors``
+  failed polls in a row its unfinished files fail with the last error (FTS3 likewise retries a
+  poll error and then fails that request's files); back-pressure (429, 503) on a poll is waited
+  out without counting. A refusal of our credentials (401/403) still ends the run;
 * ``FAILED``: staged once more in a new request, then reported with the server's error;
   ``CANCELLED`` (by someone else): reported; a request the server forgot (404 on poll): its
   unfinished paths are staged again once;
 * ``timeout`` after a request was made: its unfinished paths are cancelled and reported as
-  "stage timed out";
+  "stage timed out" (a cancel that fails is logged: the pins end on their own);
 * ``adopt(id, paths, age)``: a request an earlier run made ``age`` seconds ago (still pinned,
   not landed) is followed instead of asking again, polled at once, its timeout counted from
   when it was made; what it does not bring to disk is staged anew (FAILED there was the file's
@@ -44,7 +59,18 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from prestaged.storage.tape import StageRequest, StageState, StageStatus, TapeClient
+from prestaged.storage.tape import (
+    StageRequest,
+    StageState,
+    StageStatus,
+    StageUncertain,
+    TapeBusy,
+    TapeClient,
+    TapeRestError,
+    TapeTransient,
+    TapeUnreachable,
+    fs_path,
+)
 
 __all__ = ["RequestSlots", "Staged", "Stager", "StagingSettings"]
 
@@ -54,7 +80,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StagingSettings:
     """How staging paces itself; times in seconds (defaults: FTS3-like batches of 200, 50 open
-    requests, polls from 2 s to 5 min, 24 h to give up, pins of 24 h)."""
+    requests, polls from 2 s to 5 min, 24 h to give up, pins of 24 h; 10 failed polls of a
+    request in a row, or stage POSTs without a connection, fail its files: about 13 minutes
+    of polls doubling from 2 s to 5 min, where FTS3 allows 3 polls 10 minutes apart)."""
 
     batch: int = 200
     max_requests: int = 50
@@ -62,6 +90,7 @@ class StagingSettings:
     poll_max: float = 300.0
     timeout: float = 24 * 3600.0
     lifetime: float = 24 * 3600.0
+    poll_errors: int = 10
 
 
 @dataclass(frozen=True)
@@ -92,6 +121,8 @@ class _Open:
     polls: int = 0
     slot: bool = True
     """It holds a request slot here (False: another stager's request, followed)."""
+    errors: int = 0
+    """Polls of it that failed in a row."""
 
 
 @dataclass
@@ -171,6 +202,10 @@ class Stager:
         self._wake = asyncio.Event()
         self._slots = slots if slots is not None else RequestSlots(self.s.max_requests)
         self._slots.waiters.add(self._wake)
+        self._ended_here: list[Staged] = []  # ended outside a poll (a stage POST): yielded next
+        self._resume_at = 0.0  # no stage POST before this (the endpoint refused the last)
+        self._refused_since: Optional[float] = None  # first of the stage POSTs refused in a row
+        self._refusals = 0
 
     def add(self, paths: Iterable[str]) -> None:
         """Stage ``paths`` too (a path already added is ignored); those another stager has
@@ -287,19 +322,36 @@ class Stager:
         while True:
             self._wake.clear()
             await self._submit()
+            ended, self._ended_here = self._ended_here, []
+            for done in ended:
+                yield done
             if not self._open:
                 if self._closed and not self._todo and not self._held:
                     return
-                # Nothing to poll: wait for paths, the close, or a slot another stager of this
-                # endpoint gave back.
-                await self._wake.wait()
+                await self._idle()
                 continue
             request = min(self._open.values(), key=lambda r: r.due)
-            wait = request.due - self._clock()
+            due = min(request.due, self._resume_at) if self._waiting() else request.due
+            wait = due - self._clock()
             if wait > 0 and not await self._pause(wait):
                 continue  # new paths came while a slot is free: submit them first
+            if due < request.due:
+                continue  # the endpoint may take stage requests again: submit first
             for done in await self._poll(request):
                 yield done
+
+    def _waiting(self) -> bool:
+        """Paths wait for the endpoint to take stage requests again, with a slot free."""
+        return bool(self._todo) and self._resume_at > self._clock() and \
+            self._slots.free(self.uri)
+
+    async def _idle(self) -> None:
+        """Nothing to poll: wait for paths, the close, a slot another stager of this endpoint
+        gave back, or the end of a back-off of the stage POSTs."""
+        if self._waiting():
+            await self._pause(self._resume_at - self._clock())
+        else:
+            await self._wake.wait()
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep ``seconds``; False when woken early by new paths that a free slot can take."""
@@ -335,17 +387,13 @@ class Stager:
         return mine
 
     async def _submit(self) -> None:
-        """Fill the free request slots with batches of waiting paths."""
+        """Fill the free request slots with batches of waiting paths, one request per POST
+        (and per slot), unless the endpoint refused the last POST (``_refused``)."""
         if self._held:
             held, self._held = self._held, []
             self._todo.extendleft(reversed(self._mine(held)))
-        while self._todo and self._slots.free(self.uri):
-            # Each path is looked at once, when its turn comes: O(1) a path, however long
-            # the queue (a path claimed meanwhile by another stager is followed then).
-            chunk: list[str] = []
-            while self._todo and len(chunk) < self.s.batch:
-                take = min(self.s.batch - len(chunk), len(self._todo))
-                chunk += self._mine([self._todo.popleft() for _ in range(take)])
+        while self._todo and self._slots.free(self.uri) and self._clock() >= self._resume_at:
+            chunk = self._next_chunk()
             if not chunk:
                 break
             now = self._clock()
@@ -354,22 +402,98 @@ class Stager:
                 self._claim(path, None)  # others wait for this request's id
             self._slots.take(self.uri)  # before the await: no other stager takes it meanwhile
             try:
-                made = await self.client.stage(self.uri, chunk, self.s.lifetime)
+                made = await self.client.stage(self.uri, chunk, self.s.lifetime, most=1,
+                                               patient=False)
+            except (TapeBusy, TapeUnreachable) as e:  # no request made: ask again later
+                self._put_back(chunk)
+                self._refused(e, now)
+                return
+            except StageUncertain as e:
+                for path in chunk:
+                    self._unclaim(path)
+                self._uncertain(chunk, e, now)
+                continue
             except BaseException:
                 for path in chunk:
                     self._unclaim(path)
                 raise
             finally:
                 self._slots.release(self.uri, 1)  # wakes the stagers holding these paths
+            self._refusals, self._refused_since = 0, None
             for request in made:
-                self._slots.take(self.uri)
-                self._slots.owners[(self.uri, request.id)] = self
-                for path in request.paths:
-                    self._claim(path, request.id, now)
-                self._open[request.id] = _Open(request.id, set(request.paths), now,
-                                               self.s.poll_min, now + self.s.poll_min)
-                if self._on_request is not None:
-                    self._on_request(request)
+                self._opened(request, now)
+            sent = {p for r in made for p in r.paths}
+            self._put_back([p for p in chunk if p not in sent])  # a 413 split the chunk
+
+    def _next_chunk(self) -> list[str]:
+        """The next batch of waiting paths to ask for (those another stager asked for are
+        followed there instead); at most as many as the endpoint takes in one request."""
+        # Each path is looked at once, when its turn comes: O(1) a path, however long the
+        # queue (a path claimed meanwhile by another stager is followed then).
+        size = min(self.s.batch, self.client.batch_for(self.uri))
+        chunk: list[str] = []
+        while self._todo and len(chunk) < size:
+            take = min(size - len(chunk), len(self._todo))
+            chunk += self._mine([self._todo.popleft() for _ in range(take)])
+        return chunk
+
+    def _opened(self, request: StageRequest, now: float) -> None:
+        """``request`` was made at ``now``: it takes a slot and is polled from now on."""
+        self._slots.take(self.uri)
+        self._slots.owners[(self.uri, request.id)] = self
+        for path in request.paths:
+            self._claim(path, request.id, now)
+        self._open[request.id] = _Open(request.id, set(request.paths), now, self.s.poll_min,
+                                       now + self.s.poll_min)
+        if self._on_request is not None:
+            self._on_request(request)
+
+    def _put_back(self, paths: list[str]) -> None:
+        """``paths`` were not asked for: first in line again, for any stager to ask."""
+        for path in paths:
+            self._unclaim(path)
+        self._todo.extendleft(reversed(paths))
+
+    def _refused(self, e: TapeTransient, now: float) -> None:
+        """The endpoint made no request of the last POST (``e``): try again after its
+        ``Retry-After``, else after ``poll_min`` doubling to ``poll_max``. Back-pressure is
+        waited out until it has lasted ``timeout``, a missing connection ``poll_errors``
+        times in a row; then every waiting path fails."""
+        self._refusals += 1
+        if self._refused_since is None:
+            self._refused_since = now
+        if isinstance(e, TapeBusy) and now - self._refused_since >= self.s.timeout:
+            self._fail_waiting(f"stage timed out after {self.s.timeout:g}s: the endpoint "
+                               f"took no new stage request all that time ({e})", now)
+            return
+        if not isinstance(e, TapeBusy) and self._refusals >= self.s.poll_errors:
+            self._fail_waiting(f"stage failed: no connection to the endpoint "
+                               f"{self._refusals} times in a row ({e})", now)
+            return
+        backoff = min(self.s.poll_max, self.s.poll_min * 2.0 ** min(self._refusals - 1, 64))
+        delay = e.retry_after if e.retry_after is not None else backoff
+        if isinstance(e, TapeBusy):  # ask once more at the end, however long it asks for
+            delay = max(0.0, min(delay, self._refused_since + self.s.timeout - now))
+        self._resume_at = now + delay
+        log.info("%s; asking for %d waiting files again in %.1f s", e, len(self._todo), delay)
+
+    def _fail_waiting(self, why: str, now: float) -> None:
+        """Every path waiting to be asked for ends with ``why``; the next POST starts afresh."""
+        log.warning("%s: %d files not staged: %s", self.uri, len(self._todo), why)
+        for path in self._todo:
+            self._first.setdefault(path, now)
+            self._ended_here.append(Staged(path, False, why, None, now - self._first[path]))
+        self._todo.clear()
+        self._refusals, self._refused_since, self._resume_at = 0, None, 0.0
+
+    def _uncertain(self, chunk: list[str], e: StageUncertain, now: float) -> None:
+        """The POST of ``chunk`` may have made a request whose id we never heard: not sent
+        again (see the module); its files fail saying so."""
+        log.warning("%s; not sent again for its %d files: a second request would pin them "
+                    "twice and the first would be followed by nobody", e, len(chunk))
+        why = (f"stage failed: the stage request may have been made but its answer was lost "
+               f"({e}); not asked again in this run, so as not to pin twice")
+        self._ended_here += [Staged(p, False, why, None, now - self._first[p]) for p in chunk]
 
     def _forget(self, request: _Open) -> None:
         """``request`` is no longer open: its slot is free."""
@@ -381,9 +505,13 @@ class Stager:
     async def _poll(self, request: _Open) -> list[Staged]:
         """Poll ``request``; what ended in it, and its next poll time."""
         now = self._clock()
-        status = await self.client.poll(self.uri, request.id)
+        try:
+            status = await self.client.poll(self.uri, request.id, patient=False)
+        except TapeRestError as e:  # this request's trouble, not the run's (401/403 are)
+            return await self._poll_failed(request, now, e)
         if not status.found:
             return self._lost(request)
+        request.errors = 0
         ended = self._landed_in(request, status, now)
         request.polls += 1
         if not request.paths:
@@ -401,7 +529,7 @@ class Stager:
         out = []
         first_look = request.adopted and request.polls == 0
         for path in sorted(request.paths):  # sorted: a stable order for the caller and tests
-            f = status.files.get(path)
+            f = status.files.get(fs_path(path))  # listed as dCache spells it (H1)
             if first_look and (f is None or f.state is StageState.COMPLETED):
                 # Not in it (a path_map changed?), or on disk before the locality said TAPE:
                 # ask anew rather than wait for nothing or touch an evicted file.
@@ -453,6 +581,38 @@ class Stager:
                  len(request.paths))
         return out
 
+    async def _poll_failed(self, request: _Open, now: float, e: TapeRestError
+                           ) -> list[Staged]:
+        """A poll of ``request`` failed with ``e``: poll it again later, backing off (a busy
+        server's ``Retry-After`` honoured), until ``timeout``; after ``poll_errors`` failures
+        in a row (back-pressure does not count) its unfinished files fail with ``e``."""
+        busy = isinstance(e, TapeBusy)
+        if not busy:
+            request.errors += 1
+        if request.errors >= self.s.poll_errors:
+            return self._given_up(request, now, e)
+        if now - request.made >= self.s.timeout:
+            return await self._timed_out(request, now)
+        request.delay = min(self.s.poll_max, request.delay * 2)
+        asked = e.retry_after if isinstance(e, TapeTransient) else None
+        request.due = now + max(request.delay, asked or 0.0)
+        log.log(logging.INFO if busy else logging.WARNING,
+                "%s; polling stage request %s again in %.1f s%s", e, request.id,
+                request.due - now, "" if busy else
+                f" ({request.errors} of {self.s.poll_errors} failed polls in a row)")
+        return []
+
+    def _given_up(self, request: _Open, now: float, e: TapeRestError) -> list[Staged]:
+        """``poll_errors`` polls of ``request`` failed in a row: its unfinished files fail."""
+        paths = sorted(request.paths)
+        self._forget(request)
+        for path in paths:
+            self._unclaim(path)
+        log.warning("%s: %d polls of stage request %s failed in a row; its %d unfinished "
+                    "files fail", self.uri, request.errors, request.id, len(paths))
+        why = f"stage failed: {request.errors} polls of its request failed in a row ({e})"
+        return [Staged(p, False, why, request.id, now - self._first[p]) for p in paths]
+
     async def _timed_out(self, request: _Open, now: float) -> list[Staged]:
         """Cancel what ``request`` did not bring to disk within ``timeout``; report it."""
         paths = sorted(request.paths)
@@ -461,6 +621,10 @@ class Stager:
         for path in paths:
             self._unclaim(path)
         if not owned_elsewhere:  # another run's request: its own timeout cancels it
-            await self.client.cancel(self.uri, request.id, paths)
+            try:
+                await self.client.cancel(self.uri, request.id, paths)
+            except TapeRestError as e:  # the files time out all the same
+                log.warning("%s; stage request %s was not cancelled: its pins end on their "
+                            "own (or with prestaged release)", e, request.id)
         return [Staged(p, False, f"stage timed out after {self.s.timeout:g}s", request.id,
                        now - self._first[p]) for p in paths]

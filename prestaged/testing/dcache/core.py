@@ -13,6 +13,7 @@ from prestaged.testing.dcache.model import (
     Locality,
     Replica,
     TapeLibrary,
+    fs_path,
 )
 
 __all__ = ["DCacheCore"]
@@ -37,11 +38,17 @@ class DCacheCore:
         tape copy; ``atime`` its last access (``time.time()`` seconds)."""
         if not path.startswith("/") or size < 0:
             raise ValueError(f"need an absolute path and size >= 0, got {path!r}, {size}")
+        path = fs_path(path)
         on_disk = locality in (Locality.DISK, Locality.DISK_AND_TAPE)
         replica = Replica(path, size, None if locality is Locality.DISK else tape, on_disk,
                           readable=locality is not Locality.LOST, atime=atime)
         self.files[path] = replica
         return replica
+
+    def file(self, path: str) -> Optional[Replica]:
+        """The file at ``path`` in any spelling (``//``, ``.``, ``..``: the namespace resolves
+        it as dCache's does), or None."""
+        return self.files.get(fs_path(path))
 
     def recall(self, replica: Replica) -> asyncio.Future[Optional[str]]:
         """Bring a tape-only replica to disk; the future gives None or the error."""

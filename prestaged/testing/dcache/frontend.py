@@ -16,6 +16,11 @@ token does not grant ``STAGE`` fails with PoolManager's "File not online. Stagin
 denied" for each path without ``READ_METADATA``; the namespace resource is 403 without it. Our
 choice where dCache compares the caller with the request's owner: polling needs
 ``READ_METADATA`` on every path of the request, cancel, delete and release ``STAGE``; else 403.
+
+Paths go by dCache's ``FsPath`` (``model.fs_path``): a stage request keeps its targets so and a
+poll lists them so (``/a//b/./c`` is listed ``/a/b/c``); ``archiveinfo`` resolves a path so
+but echoes it as sent; a cancel names paths as the request lists them (any other spelling is
+"not in request", 400); the namespace resolves any spelling.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from prestaged.testing.dcache.auth import (
     limiter_for,
 )
 from prestaged.testing.dcache.core import DCacheCore
-from prestaged.testing.dcache.model import ARCHIVEINFO_LIMIT, DEFAULT_PIN, Replica
+from prestaged.testing.dcache.faults import Faults, PathErrors
+from prestaged.testing.dcache.model import ARCHIVEINFO_LIMIT, DEFAULT_PIN, Replica, fs_path
 
 __all__ = ["TAPE_API", "StageRequest", "TapeFrontend", "frontend_app"]
 
@@ -150,8 +156,13 @@ class TapeFrontend:
     """Handlers of the frontend; requests are kept in memory for the emulator's life."""
 
     def __init__(self, core: DCacheCore, auth: Optional[DCacheAuth] = None,
-                 limiter: Optional[AuthErrorLimiter] = None) -> None:
+                 limiter: Optional[AuthErrorLimiter] = None,
+                 faults: Optional[Faults] = None) -> None:
         self.core = self._core = core
+        self.faults = faults or Faults()
+        """Passing failures a test sets (``faults``)."""
+        self.path_errors = PathErrors()
+        """Per-path archiveinfo errors a test sets (``faults``)."""
         self.auth = auth or DCacheAuth(None, core.stats)
         cfg = core.config
         self.limiter = limiter or limiter_for(cfg)
@@ -210,7 +221,7 @@ class TapeFrontend:
         for item in files:
             if not isinstance(item, dict) or not isinstance(item.get("path"), str):
                 raise _Problem(400, "Each file needs a \"path\"")
-            paths.append(item["path"])
+            paths.append(fs_path(item["path"]))  # stored resolved, as JdbcRequestTargetDao
             if "diskLifetime" in item:
                 try:
                     lifetime = parse_lifetime(item["diskLifetime"])
@@ -227,7 +238,7 @@ class TapeFrontend:
         if f.state != "SUBMITTED":
             return
         f.state, f.started = "STARTED", time.time()
-        replica = self._core.files.get(f.path)
+        replica = self._core.file(f.path)
         error = self._refusal(replica)
         if error is None and replica is not None and not replica.on_disk:
             error = await self._core.recall(replica) if f.may_stage else NO_STAGING
@@ -322,8 +333,11 @@ class TapeFrontend:
         login = self._login(request)
         answer: list[dict[str, str]] = []
         for path in distinct:
-            replica = self._core.files.get(path)
-            if not login.allows(READ_METADATA, path):
+            replica = self._core.file(path)
+            error = self.path_errors.take(fs_path(path))
+            if error is not None:
+                answer.append({"path": path, "error": error})
+            elif not login.allows(READ_METADATA, fs_path(path)):
                 answer.append({"path": path, "error": PERMISSION_DENIED})
             elif replica is None:
                 answer.append({"path": path, "error": "No such file or directory"})
@@ -333,9 +347,9 @@ class TapeFrontend:
 
     async def namespace(self, request: web.Request) -> web.StreamResponse:
         self._count("namespace")
-        path = "/" + request.match_info["path"].strip("/")
+        path = fs_path(request.match_info["path"])
         self._require(request, READ_METADATA, (path,))
-        replica = self._core.files.get(path)
+        replica = self._core.file(path)
         if replica is not None:
             doc: dict[str, Any] = {"fileType": "REGULAR", "size": replica.size,
                                    "mtime": _ms(replica.atime)}
@@ -359,6 +373,10 @@ async def _gate(request: web.Request, handler: Any) -> web.StreamResponse:
     frontend = request.app[_FRONTEND]
     stats = frontend.core.stats
     stats.frontend_calls.append(f"{request.method} {request.path}")
+    # A test's passing failure: before the request is handled, or after (its answer lost).
+    fault = frontend.faults.take(getattr(request.match_info.handler, "__name__", ""))
+    if fault is not None and not fault.after:
+        return Faults.answer(request, fault)
 
     async def login_then(request: web.Request) -> web.StreamResponse:
         login = frontend.auth.login(request, "frontend")
@@ -371,7 +389,8 @@ async def _gate(request: web.Request, handler: Any) -> web.StreamResponse:
             del frontend._logins[id(request)]
         return response
 
-    return await limited(frontend.limiter, stats, "frontend", request, login_then)
+    answer = await limited(frontend.limiter, stats, "frontend", request, login_then)
+    return answer if fault is None else Faults.answer(request, fault)
 
 
 @web.middleware

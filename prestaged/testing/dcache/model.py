@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 __all__ = ["DCACHE_RATE", "DCacheConfig", "DCacheStats", "Disk", "Locality", "Replica",
-           "TapeLibrary"]
+           "TapeLibrary", "fs_path"]
 
 #: dCache's defaults, which the emulator may lower for a test but never raise: a client that
 #: only works against wider limits must fail here as it would on a real dCache. (The request
@@ -24,6 +24,24 @@ MAX_TARGETS = 500  # bulk.limits.max.targets-per-flat-request
 MAX_REQUESTS = 5000  # max-requests-per-user (unfinished)
 ARCHIVEINFO_LIMIT = 10_000  # paths answered per archiveinfo request
 DEFAULT_PIN = 2 * 24 * 3600.0  # seconds a stage pins for without diskLifetime
+
+
+def fs_path(path: str) -> str:
+    """``path`` as dCache's ``FsPath`` spells it: empty and ``.`` elements dropped, ``..``
+    resolved (at the root it stays there), no trailing ``/``. dCache stores a stage request's
+    targets so (``JdbcRequestTargetDao``) and lists them so in a poll; its namespace resolves
+    any spelling of a path to the same file. Written here apart from the client's own, so
+    that the emulator checks the client rather than agreeing with it."""
+    parts: list[str] = []
+    for element in path.split("/"):
+        if element in ("", "."):
+            continue
+        if element == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(element)
+    return "/" + "/".join(parts)
 
 
 class Locality(str, enum.Enum):

@@ -31,8 +31,9 @@ from prestaged.testing.dcache.auth import (
     limiter_for,
 )
 from prestaged.testing.dcache.core import DCacheCore
+from prestaged.testing.dcache.faults import Faults
 from prestaged.testing.dcache.frontend import TAPE_API, TapeFrontend, frontend_app
-from prestaged.testing.dcache.model import DCacheConfig, Replica
+from prestaged.testing.dcache.model import DCacheConfig, Replica, fs_path
 from prestaged.testing.storage import generated_bytes
 from prestaged.testing.tokens import BearerCheck
 
@@ -78,7 +79,7 @@ class _Pool:
         path = self.transfers.pop(request.query.get("dcache-http-uuid", ""), None)
         if path is None:  # a used or unknown UUID: back to the door, as newer pools do
             return web.Response(status=307, headers={"Location": self._door_url(request.path)})
-        replica = self._core.files.get(path)
+        replica = self._core.file(path)
         if replica is None or not replica.on_disk:
             return web.Response(status=404, text="File not on this pool\n")
         span = _byte_range(request.headers.get("Range"), replica.size)
@@ -142,7 +143,10 @@ class DCacheServer:
         cfg = self.core.config
         self.limiters = {site: limiter_for(cfg, clock) for site in ("door", "frontend")}
         """dCache 11.2's blocking of clients with repeated 401s, per service."""
-        self.frontend = TapeFrontend(self.core, self.auth, self.limiters["frontend"])
+        self.faults = Faults()
+        """Passing failures of frontend and discovery a test sets (``faults``)."""
+        self.frontend = TapeFrontend(self.core, self.auth, self.limiters["frontend"],
+                                     self.faults)
         self._pool = _Pool(self.core, self.door_url)
         self._runners: list[web.BaseRunner] = []
         self._ports: dict[str, int] = {}
@@ -214,6 +218,9 @@ class DCacheServer:
     async def _door_request(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path == DISCOVERY:
             self.core.stats.requests["door:discovery"] += 1
+            fault = self.faults.take("discovery", "door")
+            if fault is not None:
+                return Faults.answer(request, fault)
             # Served to anyone, but a token that does not verify fails the login first.
             login = self.auth.login(request, "door", anonymous=True)
             if isinstance(login, web.Response):
@@ -226,12 +233,12 @@ class DCacheServer:
                 "sitename": self.core.config.sitename, "description": "prestaged dCache emulator",
                 "endpoints": [{"uri": self.tape_api_url, "version": "v1", "metadata": {}}]})
         self.core.stats.requests[f"door:{request.method.lower()}"] += 1
-        path = self.core.config.door_root + request.path
+        path = fs_path(self.core.config.door_root + request.path)  # the namespace's spelling
         verbs = DOWNLOAD if request.method == "GET" else READ_METADATA
         login = self.auth.login(request, "door", verbs, (path,))
         if isinstance(login, web.Response):
             return login
-        replica = self.core.files.get(path)
+        replica = self.core.file(path)
         if request.method not in ("GET", "HEAD"):
             return web.Response(status=405)
         if replica is None:

@@ -70,3 +70,16 @@ class ThreadedDCache(ThreadedServer[DCacheServer]):
         def set_body() -> None:
             self.server.discovery_body = text
         self._call(set_body)
+
+    def fail(self, where: str, kind: str = "500", count: int = 1, *, after: bool = False,
+             skip: int = 0) -> None:
+        """``server.faults.add`` on the emulator's loop (see ``faults``)."""
+        self._call(lambda: self.server.faults.add(where, kind, count, after=after, skip=skip))
+
+    def path_error(self, path: str, message: str, count: Optional[int] = None) -> None:
+        """``server.frontend.path_errors.add`` on the emulator's loop (see ``faults``)."""
+        self._call(lambda: self.server.frontend.path_errors.add(path, message, count))
+
+    def faults_served(self) -> dict[str, int]:
+        """The passing failures answered so far, by ``"<where>:<kind>"``."""
+        return self._call(lambda: dict(self.server.faults.served))
