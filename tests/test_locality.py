@@ -107,24 +107,30 @@ async def test_every_locality_takes_its_way() -> None:
     assert client.asked[1] == ["/DISK_AND_TAPE"]  # the one left out, asked again alone
 
 
+class _Discovering:
+    """A Tape REST client whose discovery answers ``outcome[0]`` (raised when an exception)
+    and notes each door asked in ``calls``."""
+
+    def __init__(self, first: Any) -> None:
+        self.outcome: list[Any] = [first]
+        self.calls: list[str] = []
+
+    async def discover(self, door: str) -> Optional[str]:
+        self.calls.append(door)
+        if isinstance(self.outcome[0], Exception):
+            raise self.outcome[0]
+        return self.outcome[0]  # type: ignore[no-any-return]
+
+
 async def test_discovery_is_kept_for_its_ttl() -> None:
     """A door's discovery answer is reused until ``ttl`` has passed, then asked again; an
     unreadable document is not kept."""
     from prestaged.storage.tape import TapeRestError
 
     now = [0.0]
-    calls: list[str] = []
-    outcome: list[Any] = ["https://f/api/v1/tape"]
-
-    class Client:
-        async def discover(self, door: str) -> Optional[str]:
-            calls.append(door)
-            if isinstance(outcome[0], Exception):
-                raise outcome[0]
-            return outcome[0]  # type: ignore[no-any-return]
-
+    client = _Discovering("https://f/api/v1/tape")
+    outcome, calls = client.outcome, client.calls
     directory = TapeDirectory(ttl=60, clock=lambda: now[0])
-    client: Any = Client()
     assert await directory.lookup(client, "https://d:2880") == "https://f/api/v1/tape"
     now[0] = 59
     assert await directory.lookup(client, "https://d:2880") == "https://f/api/v1/tape"
@@ -145,18 +151,9 @@ async def test_a_door_that_stops_answering_discovery_keeps_its_last_answer_a_whi
     from prestaged.storage.tape import TapeRestError, TapeTransient
 
     now = [0.0]
-    outcome: list[Any] = ["https://f/api/v1/tape"]
-    calls: list[str] = []
-
-    class Client:
-        async def discover(self, door: str) -> Optional[str]:
-            calls.append(door)
-            if isinstance(outcome[0], Exception):
-                raise outcome[0]
-            return outcome[0]  # type: ignore[no-any-return]
-
+    client = _Discovering("https://f/api/v1/tape")
+    outcome, calls = client.outcome, client.calls
     directory = TapeDirectory(ttl=3600, clock=lambda: now[0])
-    client: Any = Client()
     assert await directory.lookup(client, "https://d:2880") == "https://f/api/v1/tape"
     now[0] = 3601
     outcome[0] = TapeTransient("https://d:2880/.well-known/wlcg-tape-rest-api: 503")

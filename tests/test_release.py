@@ -25,6 +25,7 @@ from cli_runner import CliResult, run_cli
 from conftest import Backend
 from daemon_harness import DEADLINE, state_files
 
+from prestaged.campaign.spec import CampaignConfig, parse_campaign
 from prestaged.errors import ConfigError
 from prestaged.model import FileRef, TapeInfo
 from prestaged.testing.appserver import serving
@@ -393,13 +394,23 @@ def test_release_after_complete_needs_a_complete_command(tmp_path: Path) -> None
         parse_campaign(text, tmp_path / "c.toml")
 
 
+def _releasing_campaign(tmp_path: Path) -> CampaignConfig:
+    """Campaign "c": one stage "s" over a one-file list, whose submit and complete succeed at
+    once, with release_after_complete."""
+    ds = tmp_path / "ds.txt"
+    ds.write_text("https://127.0.0.1:1/pnfs/a\n")
+    ok = _q(sys.executable, "-c", "pass")
+    return parse_campaign(f'name = "c"\n[[stage]]\nname = "s"\ninput = {json.dumps(str(ds))}\n'
+                          f"submit = {json.dumps(ok)}\ncomplete = {json.dumps(ok)}\n"
+                          "release_after_complete = true\n", tmp_path / "c.toml")
+
+
 async def test_a_failed_release_is_logged_and_the_submission_still_completes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, backend: Backend
 ) -> None:
     """A release that fails (the frontend down) is a warning and a note in the reason of
     completed, never the campaign's failure: the pins expire on their own."""
     from prestaged.campaign.runner import run_campaign
-    from prestaged.campaign.spec import parse_campaign
     from prestaged.catalog import Catalog
     from prestaged.catalog.local import LocalCatalog
     from prestaged.errors import StorageError
@@ -415,12 +426,7 @@ async def test_a_failed_release_is_logged_and_the_submission_still_completes(
         asked.append(catalog.definition)
         raise StorageError("https://tape.example/api/tape/v1/release/r1: 502 Bad Gateway")
 
-    ds = tmp_path / "ds.txt"
-    ds.write_text("https://127.0.0.1:1/pnfs/a\n")
-    ok = _q(sys.executable, "-c", "pass")
-    cfg = parse_campaign(f'name = "c"\n[[stage]]\nname = "s"\ninput = {json.dumps(str(ds))}\n'
-                         f"submit = {json.dumps(ok)}\ncomplete = {json.dumps(ok)}\n"
-                         "release_after_complete = true\n", tmp_path / "c.toml")
+    cfg = _releasing_campaign(tmp_path)
     with backend.store() as store:
         result = await run_campaign(cfg, store, gate=gate, open_catalog=LocalCatalog,
                                     workdir=tmp_path / "work", release=release)
@@ -442,7 +448,6 @@ async def test_a_slice_whose_pins_another_definition_relies_on_says_it_kept_them
     """release_after_complete on a slice whose pins another definition relies on too: the
     completed submission's reason says they were kept, and for whom (not "nothing pinned")."""
     from prestaged.campaign.runner import run_campaign
-    from prestaged.campaign.spec import parse_campaign
     from prestaged.catalog import Catalog
     from prestaged.catalog.local import LocalCatalog
     from prestaged.gate import GateResult
@@ -457,12 +462,7 @@ async def test_a_slice_whose_pins_another_definition_relies_on_says_it_kept_them
                              (Released("https://fe/api/v1/tape", 1, 1),), 0, 2,
                              ("local:/other.txt",))
 
-    ds = tmp_path / "ds.txt"
-    ds.write_text("https://127.0.0.1:1/pnfs/a\n")
-    ok = _q(sys.executable, "-c", "pass")
-    cfg = parse_campaign(f'name = "c"\n[[stage]]\nname = "s"\ninput = {json.dumps(str(ds))}\n'
-                         f"submit = {json.dumps(ok)}\ncomplete = {json.dumps(ok)}\n"
-                         "release_after_complete = true\n", tmp_path / "c.toml")
+    cfg = _releasing_campaign(tmp_path)
     with Store(tmp_path / "state.db") as store:
         result = await run_campaign(cfg, store, gate=gate, open_catalog=LocalCatalog,
                                     workdir=tmp_path / "work", release=release)
