@@ -123,6 +123,12 @@ class StorageError(PrestagedError):
     http_status = 502
 
 
+class StorageSetupError(StorageError):
+    """The storage cannot do what the configuration asks of it, and waiting will not change
+    that: ``storage.stage = always`` on a door that says it has no Tape REST API (exit 5; a
+    gate ends at once instead of trying again until its timeout)."""
+
+
 def error_for_exit(code: object, message: str) -> PrestagedError:
     """The error a daemon's failure answer stands for, by the exit code it carries (its
     ``exit_code`` field): credentials 3, catalog 4, storage 5; anything else (or none) is a

@@ -5,10 +5,12 @@ state store (files fresh within ``state.fresh_for`` are skipped, so only cold fi
 touched), then the warm fraction of the definition from the store (fresh files / member files);
 below ``ready`` it runs again, after a bounded exponential backoff, until ``timeout``. A run that
 is stopped for the credentials (exit 3) ends the gate at once with that code: only a person can
-renew them. A run stopped by the storage (exit 5: a breaker, a frontend refusing) is tried again
-like a run that left files cold, until ``timeout``: storage trouble passes (a frontend restart,
-a busy door), and a gate exists to wait; at the deadline the gate ends with exit 5 naming the
-last stop. A ``CatalogError`` propagates.
+renew them; so does ``storage.stage = always`` on a door that says it has no Tape REST API
+(exit 5: only a person can change either). A run stopped by the storage otherwise (exit 5: a
+breaker, a frontend refusing) is tried again like a run that left files cold, until
+``timeout``: storage trouble passes (a frontend restart, a busy door), and a gate exists to
+wait; at the deadline the gate ends with exit 5 naming the last stop. A ``CatalogError``
+propagates.
 
 ``run_command`` runs the user's command once the gate has passed: an argv list, never a shell,
 so definition or file names with shell metacharacters cannot inject anything.
@@ -34,6 +36,7 @@ from prestaged.errors import (
     EXIT_SOME_FAILED,
     EXIT_STORAGE,
     ConfigError,
+    StorageSetupError,
 )
 from prestaged.locality import TapeAccess
 from prestaged.pacing import Rates
@@ -222,7 +225,8 @@ async def wait_until_ready(
             log.info("%s: run %d: %s", catalog.definition, runs,
                      ", ".join(f"{k} {v}" for k, v in sorted(report.tally.results.items()) if v)
                      or "nothing to touch")
-            if report.aborted is not None and report.exit_code != EXIT_STORAGE:
+            if report.aborted is not None and (report.exit_code != EXIT_STORAGE or isinstance(
+                    report.aborted, StorageSetupError)):
                 return result(report.exit_code, f"warm run stopped: {report.aborted}", m)
             if report.aborted is not None:
                 stopped = str(report.aborted)

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Protocol, Union
 from urllib.parse import unquote, urlsplit
 
 from prestaged.config import PathMap, StorageConfig, TapeApi, door_key
-from prestaged.errors import CredentialError, PrestagedError, StorageError
+from prestaged.errors import CredentialError, PrestagedError, StorageError, StorageSetupError
 from prestaged.model import FileRef, Outcome, Result, TapeInfo
 from prestaged.retry import RetryPolicy
 from prestaged.storage.staging import RequestSlots, Staged, Stager, StagingSettings
@@ -436,7 +436,7 @@ class TapeRouter:
                 log.log(level, "%s; touching its files without asking their locality", found)
             found = None
         elif found is None and self.s.mode == "always":
-            raise StorageError(f"{door} publishes no WLCG Tape REST API (no "
+            raise StorageSetupError(f"{door} publishes no WLCG Tape REST API (no "
                                "/.well-known/wlcg-tape-rest-api); storage.stage = always needs "
                                "it, or a [[storage.tape_api]] entry naming it for this door "
                                "(auto touches such files directly)")

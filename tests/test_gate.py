@@ -182,6 +182,25 @@ def test_a_run_the_storage_stopped_is_tried_again_until_the_timeout(
         assert "the answer is not JSON (storage.stage = always)" in line
 
 
+def test_stage_always_on_a_door_without_the_api_ends_the_gate_at_once(
+    pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """--stage always on a door that says it has no Tape REST API (no discovery document) is
+    not storage trouble that passes: the gate ends after its first run with exit 5 naming the
+    door, not at its timeout after asking again and again."""
+    from prestaged.testing.dcache import DCacheConfig, Locality, ThreadedDCache
+
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
+                        DCacheConfig(discovery=False)) as srv:
+        srv.add_file("/pnfs/g/a", 10, Locality.TAPE)
+        (tmp_path / "a.txt").write_text(srv.door_url("/pnfs/g/a") + "\n")
+        res = _prestaged(pki, proxy, tmp_path, "wait", str(tmp_path / "a.txt"), "--stage",
+                         "always", "--retry-every", "0.1s", "--timeout", "20s", "--json")
+        assert res.returncode == 5, res.stderr
+        assert "publishes no WLCG Tape REST API" in _error_line(res.stderr)
+        assert json.loads(res.stdout)["runs"] == 1
+
+
 def test_submit_returns_the_command_exit_code(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, fake_submit: Path
 ) -> None:
