@@ -58,6 +58,7 @@ from prestaged.storage.tape import (
     Locality,
     StageRequest,
     TapeClient,
+    TapeDropped,
     TapeRestError,
     TapeTransient,
     TapeUnreachable,
@@ -420,7 +421,11 @@ class TapeRouter:
         """``door``'s Tape REST endpoint, or None (touch its files); a door that did not
         answer is put in ``_silent`` for the rest of the run (its files fail)."""
         found = await self.access.directory.lookup(self.access.client, door)
-        if isinstance(found, TapeTransient) and not isinstance(found, TapeUnreachable):
+        # A door we cannot connect to, or that hangs up on every try before answering (how
+        # one refusing our certificate looks under TLS 1.3), holds no door thread for a GET:
+        # its files are touched, and the touches' breakers say why (exit 3 for a refusal).
+        unreachable = isinstance(found, (TapeUnreachable, TapeDropped))
+        if isinstance(found, TapeTransient) and not unreachable:
             self._silent[door] = (f"{found}: the door did not say whether it has a Tape REST "
                                   "API; not read through it, where a tape-only file would hold "
                                   "a door thread (a later run asks again)")
@@ -432,14 +437,14 @@ class TapeRouter:
             if door not in self._warned:
                 self._warned.add(door)
                 # Unreachable: its touches fail the same way and the breakers say why.
-                level = logging.INFO if isinstance(found, TapeUnreachable) else logging.WARNING
+                level = logging.INFO if unreachable else logging.WARNING
                 log.log(level, "%s; touching its files without asking their locality", found)
             found = None
         elif found is None and self.s.mode == "always":
             raise StorageSetupError(f"{door} publishes no WLCG Tape REST API (no "
-                               "/.well-known/wlcg-tape-rest-api); storage.stage = always needs "
-                               "it, or a [[storage.tape_api]] entry naming it for this door "
-                               "(auto touches such files directly)")
+                                    "/.well-known/wlcg-tape-rest-api); storage.stage = always "
+                                    "needs it, or a [[storage.tape_api]] entry naming it for "
+                                    "this door (auto touches such files directly)")
         self.tally.endpoints[door] = found
         return found
 

@@ -279,9 +279,9 @@ class _StagingClient(TapeClient):
                                             total=20.0))
         self._metrics = metrics
 
-    async def stage(self, uri: str, paths: Sequence[str],
-                    lifetime: float) -> list[StageRequest]:
-        made = await super().stage(uri, paths, lifetime)
+    async def stage(self, uri: str, paths: Sequence[str], lifetime: float,
+                    **options: Any) -> list[StageRequest]:
+        made = await super().stage(uri, paths, lifetime, **options)
         self._metrics.staging(sum(len(r.paths) for r in made))
         return made
 

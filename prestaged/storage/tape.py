@@ -82,6 +82,7 @@ __all__ = [
     "StageUncertain",
     "TapeBusy",
     "TapeClient",
+    "TapeDropped",
     "TapeRestError",
     "TapeTransient",
     "TapeUnreachable",
@@ -133,6 +134,11 @@ class TapeBusy(TapeTransient):
 class TapeUnreachable(TapeTransient):
     """No connection could be made (refused, timed out connecting, TLS handshake failed):
     nothing was sent."""
+
+
+class TapeDropped(TapeTransient):
+    """The connection was made, then closed (reset, hung up) before any answer: how a server
+    refusing our certificate looks under TLS 1.3, as well as a server restarting."""
 
 
 class StageUncertain(TapeRestError):
@@ -529,6 +535,8 @@ class TapeClient:
                 how.observe(None)
             if how.once:
                 raise StageUncertain(f"{url}: {_reason(e)}") from None
+            if isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+                return TapeDropped(f"{url}: {_reason(e)}")
             return TapeTransient(f"{url}: {_reason(e)}")
         except (aiohttp.ClientError, ValueError) as e:  # a malformed answer, say
             raise TapeRestError(f"{error_text(url)}: {_reason(e)}") from None
