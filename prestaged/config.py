@@ -703,7 +703,8 @@ class DaemonConfig:
     """PEM certificate (then any intermediates) the API and /metrics are served with over TLS
     1.2 or later, e.g. the host certificate ``/etc/grid-security/hostcert.pem``; set with
     ``tls_key``. Required whenever ``listen`` is not a loopback address: the bearer token
-    would cross the network in clear. Unset: plain HTTP. The CLI talks https when it is set.
+    would cross the network in clear. Unset: plain HTTP. The CLI talks https when it (or
+    ``tls_ca``) is set.
     Re-read on reload (SIGHUP) for new connections."""
     tls_key: Optional[Path] = None
     """The private key of ``tls_cert`` (PEM, unencrypted), in a file no group or other user
@@ -713,7 +714,9 @@ class DaemonConfig:
     """CA file or hashed CA directory the CLI verifies the daemon's certificate against
     (hostname checking on: the host of ``listen``, or this host's name for 0.0.0.0 and ::).
     Unset: the grid CA directory of ``credentials.ca_dir`` (else ``$X509_CERT_DIR``, else
-    ``/etc/grid-security/certificates``), which holds the CA of a grid host certificate."""
+    ``/etc/grid-security/certificates``), which holds the CA of a grid host certificate. Set
+    alone (the CLI's config on another host, without the daemon's key), it makes the CLI talk
+    https; ``serve`` refuses it without ``tls_cert``."""
     drain_timeout: Duration = field(default=Duration(30.0), metadata=check(_ZERO_TO_A_DAY))
     """On SIGTERM, how long running warms may go on before they are stopped (seconds)."""
     credential_check: Duration = field(default=Duration(30.0), metadata=check(_UP_TO_A_DAY))
@@ -734,10 +737,6 @@ class DaemonConfig:
                               else ("tls_key", "tls_cert"))
             raise ConfigError(f"daemon.{missing}: required with daemon.{given} (the API's "
                               "certificate and its key, both PEM files)")
-        if self.tls_ca is not None and self.tls_cert is None:
-            raise ConfigError("daemon.tls_ca: set without daemon.tls_cert, so the API is plain "
-                              "HTTP and nothing verifies against it; set daemon.tls_cert and "
-                              "daemon.tls_key too, or remove daemon.tls_ca")
 
 
 @dataclass(frozen=True)

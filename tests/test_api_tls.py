@@ -77,6 +77,27 @@ async def test_the_cli_talks_https_to_a_daemon_serving_tls(
     assert not [o for o in outputs if TOKEN in o]
 
 
+async def test_a_cli_config_with_tls_ca_alone_talks_https(
+        pki: TestPKI, proxy: Path, tmp_path: Path) -> None:
+    """A CLI's config on another host has no daemon key: daemon.tls_ca alone makes it talk
+    https (verified against that CA) and send the token; a daemon given tls_ca without a
+    certificate refuses to start, rather than serve HTTP to CLIs expecting https."""
+    from prestaged.config import DaemonConfig
+
+    config = _tls_config(tmp_path, pki, proxy, cert=pki.make_host_cert("127.0.0.1"))
+    daemon = load_config(config).daemon
+    client = tmp_path / "client.toml"
+    client.write_text(f'[daemon]\nlisten = "{daemon.listen}"\ntoken_file = "{daemon.token_file}"'
+                      f'\ntls_ca = "{pki.ca_cert}"\n')
+    async with in_process(config, token=TOKEN, tls=_trusting(pki)):
+        res = await asyncio.to_thread(run_cli, "campaign", "list", "--config", str(client),
+                                      "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["campaigns"] == []
+    with pytest.raises(ConfigError, match=r"daemon\.tls_ca: set without daemon\.tls_cert"):
+        require_tls(DaemonConfig(tls_ca=pki.ca_cert))
+
+
 async def test_a_plain_http_client_gets_nothing_from_the_tls_listener(
         pki: TestPKI, proxy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A request in clear to the TLS listener gets no HTTP answer and no data, its token is
@@ -204,9 +225,9 @@ def test_the_cli_never_sends_the_token_in_clear_beyond_loopback(
     with pytest.raises(ConfigError) as err:
         api_client.call(load_config(config), "POST", "/api/v1/campaigns", {})
     assert str(err.value) == (
-        "daemon.listen 192.0.2.7:9464 is not loopback and daemon.tls_cert is not set: not "
-        "sending the bearer token there in clear; set daemon.tls_cert and daemon.tls_key as "
-        "the daemon has them")
+        "daemon.listen 192.0.2.7:9464 is not loopback and neither daemon.tls_cert nor "
+        "daemon.tls_ca is set: not sending the bearer token there in clear; set "
+        "daemon.tls_ca (the CA of the daemon's certificate) to talk https to it")
 
 
 @pytest.mark.parametrize("fault", ["others read it", "another key", "not PEM"])

@@ -9,8 +9,9 @@ never taken for "no daemon", which would send a hold or cancel to a different da
 the one the daemon uses. Every call sends the bearer token from ``daemon.token_file`` when set
 (a read goes without it when the file cannot be read).
 
-With ``daemon.tls_cert`` set the daemon serves https, and so the client talks it, verifying
-the daemon's certificate (``tls.client_context``) for the host of ``daemon.listen``. A
+With ``daemon.tls_cert`` (or ``tls_ca`` alone) set the daemon serves https, and so the client
+talks it, verifying the daemon's certificate (``tls.client_context``) for the host of
+``daemon.listen``. A
 certificate that does not verify is a ``CredentialError`` (exit 3) naming what was trusted,
 never "no daemon"; the token is never sent over plain HTTP beyond loopback.
 """
@@ -36,7 +37,7 @@ from prestaged.errors import (
     PrestagedError,
     error_for_exit,
 )
-from prestaged.service.tls import client_context, is_loopback, server_host
+from prestaged.service.tls import client_context, is_loopback, server_host, speaks_tls
 
 __all__ = ["base_url", "call"]
 
@@ -47,10 +48,11 @@ TIMEOUT = 10.0
 
 
 def base_url(cfg: Config) -> str:
-    """``http://<daemon.listen>``, or ``https://`` when ``daemon.tls_cert`` is set: then with
-    the host the certificate must name (``tls.server_host``: this host's name for 0.0.0.0)."""
+    """``http://<daemon.listen>``, or ``https://`` when ``daemon.tls_cert`` or ``tls_ca`` is
+    set (``tls.speaks_tls``): then with the host the certificate must name
+    (``tls.server_host``: this host's name for 0.0.0.0)."""
     listen = cfg.daemon.listen
-    if cfg.daemon.tls_cert is None:
+    if not speaks_tls(cfg.daemon):
         return f"http://{listen}"
     return f"https://{server_host(listen)}:{listen.rpartition(':')[2]}"
 
@@ -79,7 +81,7 @@ def call(cfg: Config, method: str, path: str, body: Optional[dict[str, Any]] = N
     not answer within ``timeout`` seconds (default ``TIMEOUT``), or answers with something that
     is not JSON."""
     url = base_url(cfg) + path
-    tls, trusted = client_context(cfg) if cfg.daemon.tls_cert is not None else (None, "")
+    tls, trusted = client_context(cfg) if speaks_tls(cfg.daemon) else (None, "")
     req = _request(cfg, url, method, body, in_clear=tls is None)
     try:
         with urllib.request.urlopen(req, timeout=TIMEOUT if timeout is None else timeout,
@@ -113,10 +115,10 @@ def _request(cfg: Config, url: str, method: str, body: Optional[dict[str, Any]],
     token = _token(cfg, required=method != "GET")
     if token:
         if in_clear and not is_loopback(cfg.daemon.listen):
-            raise ConfigError(f"daemon.listen {cfg.daemon.listen} is not loopback and "
-                              "daemon.tls_cert is not set: not sending the bearer token there "
-                              "in clear; set daemon.tls_cert and daemon.tls_key as the daemon "
-                              "has them")
+            raise ConfigError(f"daemon.listen {cfg.daemon.listen} is not loopback and neither "
+                              "daemon.tls_cert nor daemon.tls_ca is set: not sending the bearer "
+                              "token there in clear; set daemon.tls_ca (the CA of the daemon's "
+                              "certificate) to talk https to it")
         req.add_header("Authorization", f"Bearer {token}")
     return req
 
@@ -131,7 +133,7 @@ def _failure(cfg: Config, e: object, trusted: str, asked: str) -> PrestagedError
                            "listening there? --state FILE works on a state file instead")
     # A daemon serving https closes a connection that speaks HTTP in clear without a word.
     https = (" or serving https (daemon.tls_cert)" if isinstance(e, ConnectionError)
-             and cfg.daemon.tls_cert is None else "")
+             and not speaks_tls(cfg.daemon) else "")
     return DaemonError(f"{where} did not answer {asked}: {_describe(e)}; is it overloaded or "
                        f"stuck{https}? --state FILE works on a state file instead")
 

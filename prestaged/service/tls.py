@@ -29,7 +29,7 @@ from prestaged.files import exposed_beyond
 from prestaged.net import client_ssl_context
 
 __all__ = ["ServerTLS", "client_context", "is_loopback", "require_tls", "server_host",
-           "server_tls"]
+           "server_tls", "speaks_tls"]
 
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
 """The oldest TLS either end speaks."""
@@ -51,9 +51,20 @@ def is_loopback(listen: str) -> bool:
         return False
 
 
+def speaks_tls(cfg: DaemonConfig) -> bool:
+    """Whether the API of ``cfg`` is https, as the CLI sees it: ``tls_cert`` (the daemon's
+    config), or ``tls_ca`` alone (a CLI's config on another host)."""
+    return cfg.tls_cert is not None or cfg.tls_ca is not None
+
+
 def require_tls(cfg: DaemonConfig) -> None:
-    """``ConfigError`` when ``cfg.listen`` is not loopback and the API would be plain HTTP.
+    """``ConfigError`` when ``cfg.listen`` is not loopback and the API would be plain HTTP, or
+    when ``tls_ca`` says the API is https and there is no ``tls_cert`` to serve it with.
     Checked first at start, before anything is opened or bound."""
+    if cfg.tls_ca is not None and cfg.tls_cert is None:
+        raise ConfigError("daemon.tls_ca: set without daemon.tls_cert, so the API would be "
+                          "plain HTTP while the CLI of this config talks https; set "
+                          "daemon.tls_cert and daemon.tls_key too, or remove daemon.tls_ca")
     if cfg.tls_cert is None and not is_loopback(cfg.listen):
         raise ConfigError(f"daemon.listen {cfg.listen} is not loopback, and over plain HTTP "
                           "the bearer token would cross the network in clear: set "
