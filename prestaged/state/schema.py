@@ -22,7 +22,7 @@ import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 from prestaged.errors import StateError
 
@@ -36,6 +36,7 @@ __all__ = [
     "configure",
     "definition_id",
     "immediate",
+    "known_definition_id",
     "migrate",
 ]
 
@@ -357,9 +358,16 @@ def definition_id(conn: Executes, catalog: str, definition: str) -> int:
     """The id of ``(catalog, definition)``, created if new (on either engine)."""
     conn.execute("INSERT INTO definitions (catalog, name) VALUES (?, ?) ON CONFLICT DO NOTHING",
                  (catalog, definition))
+    found = known_definition_id(conn, catalog, definition)
+    assert found is not None
+    return found
+
+
+def known_definition_id(conn: Executes, catalog: str, definition: str) -> Optional[int]:
+    """The id of ``(catalog, definition)``, or None when the state has no such definition."""
     row = conn.execute("SELECT id FROM definitions WHERE catalog = ? AND name = ?",
                        (catalog, definition)).fetchone()
-    return int(row[0])
+    return None if row is None else int(row[0])
 
 
 def migrate(conn: sqlite3.Connection, path: Path) -> None:

@@ -930,19 +930,18 @@ class Store:
         definition relies on too is that one's to release), unless ``force``."""
         with self.transaction() as conn:
             retention.hold_members(conn)
-            row = conn.execute("SELECT id FROM definitions WHERE catalog = ? AND name = ?",
-                               (catalog, definition)).fetchone()
-            if row is None:
+            def_id = schema.known_definition_id(conn, catalog, definition)
+            if def_id is None:
                 raise NotFoundError(f"definition {definition!r} (catalog {catalog}) has no "
                                     f"record in state {self.where}: nothing to forget "
                                     "(--catalog names its catalog, --state another state file)")
             now = self._judged_now()
             if not force:
-                problem = _busy(conn, row[0], catalog, definition, now)
+                problem = _busy(conn, def_id, catalog, definition, now)
                 if problem is not None:
                     raise ConflictError(f"definition {definition!r} (catalog {catalog}): "
                                         f"{problem}; --force forgets it anyway")
-            return retention.forget(conn, row[0], catalog, definition, now)
+            return retention.forget(conn, def_id, catalog, definition, now)
 
     # --- pins (issue 13) ----------------------------------------------------------------------
 
@@ -953,9 +952,8 @@ class Store:
         each with the other definitions that rely on it too; ordered by endpoint, request and
         URL. None when the state has no such definition."""
         with self._lock:
-            row = self.conn.execute("SELECT id FROM definitions WHERE catalog = ? AND name = ?",
-                                    (catalog, definition)).fetchone()
-            if row is None:
+            def_id = schema.known_definition_id(self.conn, catalog, definition)
+            if def_id is None:
                 return None
             # Landed: the file's row names this very request and has it on disk (a later
             # request of another definition replaced it: this one's outcome is unknown).
@@ -965,14 +963,14 @@ class Store:
                 "f.stage_request = m.pin_request AND f.staged_at IS NOT NULL THEN 1 ELSE 0 END "
                 "FROM members m JOIN files f ON f.id = m.file_id WHERE m.definition_id = ? "
                 "AND m.pin_request IS NOT NULL AND f.stage_uri IS NOT NULL "
-                "ORDER BY f.stage_uri, m.pin_request, f.url", (row[0],)).fetchall()
+                "ORDER BY f.stage_uri, m.pin_request, f.url", (def_id,)).fetchall()
             others: dict[tuple[int, str], list[str]] = {}
             for file_id, request, cat, name in self.conn.execute(
                     "SELECT m.file_id, m.pin_request, d.catalog, d.name FROM members m "
                     "JOIN members o ON o.file_id = m.file_id AND o.pin_request = m.pin_request "
                     "JOIN definitions d ON d.id = o.definition_id WHERE m.definition_id = ? "
                     "AND m.pin_request IS NOT NULL AND o.pin_request IS NOT NULL "
-                    "AND o.definition_id <> m.definition_id ORDER BY 3, 4", (row[0],)):
+                    "AND o.definition_id <> m.definition_id ORDER BY 3, 4", (def_id,)):
                 others.setdefault((file_id, request), []).append(f"{cat}:{name}")
         return [Pin(fid, url, request, uri, until, bool(landed),
                     tuple(others.get((fid, request), ())))
