@@ -183,6 +183,11 @@ class Metrics:
             "prestaged_credential_expiry_timestamp_seconds",
             "When a credential expires (Unix time), by kind (proxy, token).",
             ["kind"], registry=r)
+        self.api_certificate_expiry = Gauge(
+            "prestaged_api_certificate_expiry_timestamp_seconds",
+            "When the certificate the daemon's API serves (daemon.tls_cert) expires (Unix "
+            "time), by API address (daemon.listen); absent when the API is plain HTTP.",
+            ["listen"], registry=r)
         self.runs = Counter(
             "prestaged_runs", "Warm runs finished, by result.", ["result"], registry=r)
         self.catalog_requests = Counter(
@@ -345,6 +350,10 @@ class Metrics:
         self._remove(self.watch_every, name)
         for locality in LOCALITIES:
             self._remove(self.locality_files, name, locality)
+
+    def set_api_certificate_expiry(self, listen: str, timestamp: float) -> None:
+        """The API at ``listen`` serves a certificate that expires at ``timestamp``."""
+        self.api_certificate_expiry.labels(_plain_label(listen)).set(timestamp)
 
     def set_credential_expiry(self, kind: str, timestamp: float) -> None:
         """Credential ``kind`` (``proxy``...) expires at ``timestamp`` (Unix seconds)."""

@@ -73,6 +73,7 @@ def exposed_metric_names() -> set[str]:
     m.set_dataset("d", warm=1, stale=0, failed=0, unknown=0, last_warm=1.0)
     m.set_watch_every("d", 3600.0)
     m.set_credential_expiry("proxy", 2.0)
+    m.set_api_certificate_expiry("127.0.0.1:9464", 2.0)
     m.set_campaign_submissions("c", {"queued": 1}, [s.value for s in SubmissionState])
     m.set_locality("d", {"TAPE": 1})
     m.set_concurrency("h", 4)

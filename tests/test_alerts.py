@@ -117,6 +117,7 @@ def test_promtool_unit_tests_pass(tmp_path: Path) -> None:
     ("12 * 3600", "PrestagedProxyExpiresSoon"),
     ("> 1048576", "PrestagedStateBacklog"),
     ("for: 1h", "PrestagedDatasetFilesFailing"),
+    ("14 * 86400", "PrestagedApiCertificateExpiresSoon"),
 ])
 def test_promtool_unit_tests_catch_a_moved_threshold(tmp_path: Path, threshold: str,
                                                      alert: str) -> None:

@@ -401,6 +401,36 @@ async def test_warms_and_campaign_changes_are_refused_from_the_stop_signal_on(
             done.set()
 
 
+async def test_a_reload_takes_up_a_rotated_token_and_keeps_it_when_the_file_is_unusable(
+        pki: TestPKI, proxy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The token file is read again on reload (SIGHUP): a rotated token is the one asked for
+    at once, the old one is refused; a reload finding the file empty keeps the token in use,
+    saying so at ERROR. A daemon serving plain HTTP has no certificate-expiry series."""
+    rotated = "rotated-t0ken"
+    async with in_process(_config(tmp_path, pki, proxy), token=TOKEN) as d:
+        assert (await d.http("GET", "/api/v1/runs/1"))[0] == 404  # past the token check
+        (tmp_path / "token").write_text(rotated)
+        d.daemon.request_reload()
+
+        async def taken_up() -> bool:
+            return (await d.http("GET", "/api/v1/runs/1", token=rotated))[0] == 404
+        await until("the rotated token accepted", taken_up)
+        assert (await d.http("GET", "/api/v1/runs/1"))[0] == 401
+        (tmp_path / "token").write_text("")
+        d.daemon.request_reload()
+
+        async def refused() -> bool:
+            return "keeping the API's bearer token in use" in caplog.text
+        await until("the reload refused the empty token file", refused)
+        assert (await d.http("GET", "/api/v1/runs/1", token=rotated))[0] == 404
+        assert metric_value(await d.metrics(), "prestaged_api_certificate_expiry_timestamp_"
+                            "seconds", listen=d.daemon.cfg.daemon.listen) is None
+        assert "prestaged_api_certificate_expiry" not in \
+            "".join(line for line in (await d.metrics()).splitlines() if line[:1] != "#")
+    assert f"reload: daemon.token_file {tmp_path / 'token'}: empty" in caplog.text
+    assert rotated not in caplog.text and TOKEN not in caplog.text
+
+
 def test_open_dataset_rows_leave_the_last_runs_error_to_the_token() -> None:
     """What the daemon answers on the open dataset routes without the token: the last run's
     error (token file, token subject, proxy DN...) is replaced; everything else is kept."""

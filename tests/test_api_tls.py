@@ -12,15 +12,17 @@ import logging
 import ssl
 import time
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 from cli_runner import run_cli
 from cryptography import x509
-from daemon_harness import DEADLINE, free_port, in_process, until, write_config
+from daemon_harness import DEADLINE, free_port, in_process, metric_value, until, write_config
 
 from prestaged.config import load_config
+from prestaged.credentials import validity
 from prestaged.errors import ConfigError
 from prestaged.service import api
 from prestaged.service import client as api_client
@@ -320,6 +322,10 @@ def _serial(pem: Path) -> int:
     return x509.load_pem_x509_certificate(pem.read_bytes()).serial_number
 
 
+def _not_after(pem: Path) -> float:
+    return validity(x509.load_pem_x509_certificate(pem.read_bytes()))[1].timestamp()
+
+
 async def _served_serial(port: int, pki: TestPKI) -> int:
     """The serial number of the certificate a new connection to the daemon is shown."""
     _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=_trusting(pki))
@@ -331,17 +337,24 @@ async def _served_serial(port: int, pki: TestPKI) -> int:
 async def test_a_reload_serves_the_renewed_certificate_to_new_connections(
         pki: TestPKI, proxy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A renewed certificate and key written over the files are shown to new connections
-    after a reload (SIGHUP), without a restart; a reload finding a key others can read keeps
-    the certificate in use, saying so at ERROR."""
-    first, renewed = pki.make_host_cert("127.0.0.1"), pki.make_host_cert("127.0.0.1")
+    after a reload (SIGHUP), without a restart, and the expiry gauge follows; a reload finding
+    a key others can read keeps the certificate in use, saying so at ERROR."""
+    first = pki.make_host_cert("127.0.0.1", lifetime=timedelta(days=3))
+    renewed = pki.make_host_cert("127.0.0.1", lifetime=timedelta(days=90))
     cert, key = tmp_path / "hostcert.pem", tmp_path / "hostkey.pem"
     cert.write_bytes(first[0].read_bytes())
     key.write_bytes(first[1].read_bytes())
     key.chmod(0o600)
     config = _tls_config(tmp_path, pki, proxy, cert=(cert, key))
     port = int(load_config(config).daemon.listen.rpartition(":")[2])
+    listen = f"127.0.0.1:{port}"
+
+    async def expiry() -> Optional[float]:
+        return metric_value(await d.metrics(), "prestaged_api_certificate_expiry_timestamp_"
+                            "seconds", listen=listen)
     async with in_process(config, token=TOKEN, tls=_trusting(pki)) as d:
         assert await _served_serial(port, pki) == _serial(first[0])
+        assert await expiry() == _not_after(first[0])
         cert.write_bytes(renewed[0].read_bytes())
         key.write_bytes(renewed[1].read_bytes())
         d.daemon.request_reload()
@@ -349,6 +362,7 @@ async def test_a_reload_serves_the_renewed_certificate_to_new_connections(
         async def renewed_served() -> bool:
             return await _served_serial(port, pki) == _serial(renewed[0])
         await until("the renewed certificate served", renewed_served)
+        assert await expiry() == _not_after(renewed[0])
         key.chmod(0o644)
         d.daemon.request_reload()
 
@@ -356,6 +370,7 @@ async def test_a_reload_serves_the_renewed_certificate_to_new_connections(
             return "keeping the API's certificate in use" in caplog.text
         await until("the reload refused the exposed key", refused)
         assert await _served_serial(port, pki) == _serial(renewed[0])
+        assert await expiry() == _not_after(renewed[0])
         assert (await d.http("GET", "/healthz"))[0] == 200
     assert f"reload: daemon.tls_key {key}: readable by others (mode 644)" in caplog.text
 

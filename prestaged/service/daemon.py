@@ -136,6 +136,7 @@ class Daemon:
         self.notifier = Notifier.from_environment()
         self.credentials: Optional[Credentials] = None
         self.token: Optional[str] = None
+        self._listen = cfg.daemon.listen  # bound at start; a reload does not rebind it
         self.draining = False
         self._events: Optional[_Events] = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -210,6 +211,8 @@ class Daemon:
         assert ev is not None
         # First: a listener beyond loopback without TLS is refused before anything is opened.
         self._tls = server_tls(cfg.daemon)
+        if self._tls is not None:
+            self.metrics.set_api_certificate_expiry(self._listen, self._tls.expires)
         self.token = _read_token(cfg.daemon.token_file, cfg.daemon.listen)
         store = self._store = await asyncio.to_thread(self.ctx.open_store)
         await asyncio.to_thread(store.check)  # a service writes for months: not into damage
@@ -398,6 +401,7 @@ class Daemon:
             if self._live is not None:
                 self._live.watches.apply(cfg)
             self._reload_tls()
+            self._reload_token()
             log.info("reloaded %s: %d watched definitions", self.config_path or "defaults",
                      len(cfg.watch))
         await self._check_credentials(force=True)
@@ -417,6 +421,21 @@ class Daemon:
                 tls.reload(daemon)
             except ConfigError as e:
                 log.error("reload: %s; keeping the API's certificate in use", e)
+            self.metrics.set_api_certificate_expiry(self._listen, tls.expires)
+
+    def _reload_token(self) -> None:
+        """Mutating API calls need the token ``daemon.token_file`` holds now (a rotated token
+        takes effect without a restart); a file that cannot be used keeps the token in use.
+        ``listen`` is the one bound at start."""
+        try:
+            token = _read_token(self.cfg.daemon.token_file, self._listen)
+        except ConfigError as e:
+            log.error("reload: %s; keeping the API's bearer token in use", e)
+            return
+        if token != self.token:
+            log.info("reload: the API's bearer token %s", "changed" if token and self.token
+                     else "is now required" if token else "is no longer required")
+            self.token = token
 
     # --- credentials --------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from prestaged.config import Config, DaemonConfig
+from prestaged.credentials import validity
 from prestaged.errors import ConfigError, CredentialError
 from prestaged.files import exposed_beyond
 from prestaged.net import client_ssl_context
@@ -91,6 +92,19 @@ def _readable(key: str, path: Path) -> None:
         os.close(fd)
 
 
+def _not_after(cert: Path) -> float:
+    """When the first certificate of the PEM file ``cert`` expires (Unix time)."""
+    from cryptography import x509
+
+    try:
+        leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+    except (OSError, ValueError):
+        # load_cert_chain has just read and parsed the same file: only a file replaced in
+        # between lands here, and the next reload reads it again.
+        raise ConfigError(f"daemon.tls_cert {cert}: not a PEM certificate") from None
+    return validity(leaf)[1].timestamp()
+
+
 def _context(cert: Path, key: Path) -> ssl.SSLContext:
     """A server context of ``cert`` and ``key``, the key checked to be the daemon's alone."""
     _readable("tls_cert", cert)
@@ -119,12 +133,19 @@ def _context(cert: Path, key: Path) -> ssl.SSLContext:
 class ServerTLS:
     """The API listener's TLS. ``context`` is given to the listener once; ``reload`` makes
     new connections use the certificate and key the files hold now (the context of each
-    connection is swapped in its handshake, SNI or not), open ones keep theirs."""
+    connection is swapped in its handshake, SNI or not), open ones keep theirs. ``expires``:
+    when the certificate served to new connections expires (Unix time)."""
 
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self.context = context
-        self._current = context
-        context.sni_callback = self._pick
+    def __init__(self, cfg: DaemonConfig) -> None:
+        self.context, self.expires = self._load(cfg)
+        self._current = self.context
+        self.context.sni_callback = self._pick
+
+    @staticmethod
+    def _load(cfg: DaemonConfig) -> tuple[ssl.SSLContext, float]:
+        assert cfg.tls_cert is not None and cfg.tls_key is not None
+        context = _context(cfg.tls_cert, cfg.tls_key)
+        return context, _not_after(cfg.tls_cert)
 
     def _pick(self, conn: Union[ssl.SSLObject, ssl.SSLSocket], name: Optional[str],
               initial: ssl.SSLContext) -> None:
@@ -134,8 +155,7 @@ class ServerTLS:
     def reload(self, cfg: DaemonConfig) -> None:
         """Re-read ``cfg.tls_cert`` and ``tls_key``; ``ConfigError`` (and the certificate in
         use kept) when they cannot be used."""
-        assert cfg.tls_cert is not None and cfg.tls_key is not None
-        self._current = _context(cfg.tls_cert, cfg.tls_key)
+        self._current, self.expires = self._load(cfg)
 
 
 def server_tls(cfg: DaemonConfig) -> Optional[ServerTLS]:
@@ -145,7 +165,7 @@ def server_tls(cfg: DaemonConfig) -> Optional[ServerTLS]:
     require_tls(cfg)
     if cfg.tls_cert is None or cfg.tls_key is None:
         return None
-    return ServerTLS(_context(cfg.tls_cert, cfg.tls_key))
+    return ServerTLS(cfg)
 
 
 # --- the CLI's end --------------------------------------------------------------------------

@@ -255,6 +255,7 @@ def _make_end_entity(
     ca_key: _Key,
     eku: ObjectIdentifier,
     san: x509.SubjectAlternativeName | None = None,
+    lifetime: timedelta | None = None,
 ) -> tuple[x509.Certificate, _Key]:
     key = _new_key()
     now = _now()
@@ -265,7 +266,7 @@ def _make_end_entity(
             key,
             ca_key,
             not_before=now - _BACKDATE,
-            not_after=now + _EE_LIFETIME,
+            not_after=now + (lifetime or _EE_LIFETIME),
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(digital_signature=True, key_encipherment=True), critical=True)
@@ -474,17 +475,19 @@ class TestPKI:
             path, lifetime=lifetime, expired=expired, issuer=(user_cert, user_key), mode=mode
         )
 
-    def make_host_cert(self, *names: str) -> tuple[Path, Path]:
+    def make_host_cert(self, *names: str,
+                       lifetime: timedelta | None = None) -> tuple[Path, Path]:
         """A server certificate and key (mode 0600) for ``names`` only, from the test CA: DNS
         names, and IP addresses for names that are one (``"127.0.0.1"``). A server that
         presents one without ``127.0.0.1`` there has a certificate that does not match its
-        name on 127.0.0.1."""
+        name on 127.0.0.1. ``lifetime``: valid that long from now (default as other end
+        entities)."""
         ca_cert = x509.load_pem_x509_certificate(self.ca_cert.read_bytes())
         ca_key = _load_key(self.ca_key)
         san = x509.SubjectAlternativeName([_san(n) for n in names])
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
         cert, key = _make_end_entity(subject, ca_cert, ca_key, ExtendedKeyUsageOID.SERVER_AUTH,
-                                     san)
+                                     san, lifetime)
         tag = secrets.token_hex(4)
         return (_write(self.root / "host" / f"{tag}.pem", _cert_pem(cert), 0o644),
                 _write(self.root / "host" / f"{tag}.key", _key_pem(key), 0o600))
