@@ -2,8 +2,8 @@
 
 Backoff before retry ``k`` (k = 1 for the first retry) is
 ``min(max, initial * 2**(k-1)) * (1 + U(0, jitter))``; a server's ``Retry-After`` replaces the
-computed backoff (capped by ``max_retry_after``: a longer ask gives up on the file). Tries are
-bounded by ``attempts`` and by ``total`` seconds per file.
+computed backoff (capped by ``max_retry_after``: a longer ask gives up on the file; at least
+``MIN_RETRY_AFTER``). Tries are bounded by ``attempts`` and by ``total`` seconds per file.
 """
 
 from __future__ import annotations
@@ -14,7 +14,12 @@ from typing import Callable, Optional
 
 from prestaged.model import Attempt, Failure, classify_status
 
-__all__ = ["RetryPolicy", "retry_reason"]
+__all__ = ["MIN_RETRY_AFTER", "RetryPolicy", "retry_reason"]
+
+MIN_RETRY_AFTER = 1.0
+"""Seconds waited at least for a ``Retry-After``: dCache's rate limiter (its doors and its
+frontend, ``RateLimitedHandlerList``) sends the whole seconds left of a client's block, 0 in
+its last second, and 0 must not spend a file's tries in a burst of immediate 429s."""
 
 _RETRYABLE_FAILURES = frozenset({Failure.TIMEOUT, Failure.RESET, Failure.UNREACHABLE})
 
@@ -57,16 +62,17 @@ class RetryPolicy:
         """Seconds to wait before retry number ``retry`` (1-based), or None to give up.
 
         Not tied to an ``Attempt``: any client's retry loop asks here. ``retry_after`` (seconds,
-        the server's ``Retry-After``) replaces the backoff. ``elapsed``: seconds since the first
-        try. None means stop: ``attempts`` tries were made, the server asked for more than
-        ``max_retry_after``, or the wait would take the request to ``total`` seconds or past.
+        the server's ``Retry-After``; at least ``MIN_RETRY_AFTER``) replaces the backoff.
+        ``elapsed``: seconds since the first try. None means stop: ``attempts`` tries were
+        made, the server asked for more than ``max_retry_after``, or the wait would take the
+        request to ``total`` seconds or past.
         """
         if retry >= self.attempts:
             return None
         if retry_after is not None:
             if retry_after > self.max_retry_after:
                 return None
-            wait = retry_after
+            wait = max(retry_after, MIN_RETRY_AFTER)
         else:
             wait = self.backoff(retry, rand)
         if elapsed + wait >= self.total:

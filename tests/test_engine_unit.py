@@ -98,6 +98,8 @@ def test_next_delay_bounds() -> None:
     assert p.next_delay(Attempt(status=404), tries=1, elapsed=0) is None
     assert p.next_delay(Attempt(status=503, retry_after=3), tries=1, elapsed=0) == 3
     assert p.next_delay(Attempt(status=503, retry_after=120), tries=1, elapsed=0) is None
+    # dCache's rate limiter says 0 in the last second of a block: a second, not a burst.
+    assert p.next_delay(Attempt(status=429, retry_after=0), tries=1, elapsed=0) == 1.0
     assert p.next_delay(Attempt(failure=Failure.TLS), tries=1, elapsed=0) is None
     assert retry_reason(Attempt(failure=Failure.RESET)) == "reset"
 

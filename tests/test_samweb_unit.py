@@ -469,7 +469,8 @@ def test_retry_policy_delay_without_an_attempt() -> None:
                     max_retry_after=30.0)
     assert [p.delay(k, rand=lambda: 0.0) for k in range(1, 6)] == [1.0, 2.0, 4.0, 8.0, 8.0]
     assert p.delay(2, rand=lambda: 1.0) == 3.0
-    assert p.delay(1, retry_after=20.0) == 20.0 and p.delay(1, retry_after=0.0) == 0.0
+    assert p.delay(1, retry_after=20.0) == 20.0
+    assert p.delay(1, retry_after=0.0) == 1.0  # MIN_RETRY_AFTER: never a burst of tries
     assert p.delay(1, retry_after=31.0) is None  # asks for more than max_retry_after
     assert p.delay(10, rand=lambda: 0.0) is None  # attempts spent
     assert p.delay(3, elapsed=96.0, rand=lambda: 0.0) is None  # 96 + 4 reaches total

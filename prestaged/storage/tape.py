@@ -61,7 +61,7 @@ from urllib.parse import quote, urlsplit
 from prestaged.errors import CredentialError, StorageError
 from prestaged.model import error_text, host_start, usable_origin
 from prestaged.net import bearer_error, parse_retry_after
-from prestaged.retry import RetryPolicy
+from prestaged.retry import MIN_RETRY_AFTER, RetryPolicy
 
 if TYPE_CHECKING:
     import aiohttp
@@ -100,10 +100,6 @@ STAGE_LIMIT = 500
 """dCache's ``bulk.limits.max.targets-per-flat-request``: more paths per request get 413."""
 STAGE_RESULTS = ("accepted", "too_large", "throttled", "refused")
 """What ``TapeClient(on_stage=...)`` is called with, once per stage POST (see the module)."""
-MIN_RETRY_AFTER = 1.0
-"""Seconds waited at least for a ``Retry-After``: dCache sends the whole seconds left of a
-client's block, 0 in its last second (``RateLimitedHandlerList``), and 0 must not mean a burst
-of immediate tries."""
 BUSY = (429, 503)
 """Statuses of back-pressure: the server did nothing with the request and asks for patience."""
 
