@@ -126,6 +126,7 @@ class TapeSettings:
                    discovery_ttl=st.discovery_ttl, tape_api=st.tape_api,
                    staging=StagingSettings(batch=st.stage_batch, max_requests=st.stage_requests,
                                            poll_min=st.poll_min, poll_max=st.poll_max,
+                                           poll_errors=st.poll_errors,
                                            timeout=st.stage_timeout, lifetime=st.pin_lifetime))
 
 

@@ -317,6 +317,26 @@ def test_a_discovery_5xx_is_asked_again_and_never_turns_into_door_gets(
     assert stats["requests"]["door:discovery"] == 2 + 8  # one round, then the run knows
 
 
+def test_storage_poll_errors_is_how_many_failed_polls_a_request_outlives(
+    site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """``storage.poll_errors = 3``: a frontend whose polls keep failing fails the request's
+    files after its third failed poll in a row, with the server's error; nothing is GET."""
+    paths = [f"/pnfs/p/f{i}" for i in range(4)]
+    for p in paths:
+        site.add_file(p, 10, Locality.TAPE, tape="T0")
+    site.add_file("/pnfs/p/disk", 10, Locality.DISK)  # touched: exit 1, not 5
+    definition = _definition(tmp_path, [site.door_url(p) for p in [*paths, "/pnfs/p/disk"]])
+    site.fail("poll", "500", count=50)
+    res = _warm(pki, proxy, tmp_path, definition, "--json", extra="poll_errors = 3\n")
+    doc = json.loads(res.stdout)
+    assert res.returncode == 1 and doc["counts"]["failed"] == 4, res.stderr
+    assert doc["counts"]["warm"] == 1
+    [why] = {f["error"] for f in doc["failures"]}
+    assert why.startswith("stage failed: 3 polls of its request failed in a row"), why
+    assert site.faults_served() == {"poll:500": 3} and site.stats()["door_tape_gets"] == 0
+
+
 def test_archiveinfo_errors_are_missing_denied_or_asked_again(
     site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
 ) -> None:
