@@ -268,14 +268,17 @@ async def wait_until_ready(
 def run_command(argv: Sequence[str]) -> int:
     """Run ``argv`` (no shell) with this process's stdin, stdout and stderr; return its exit code
     (128 + N when it was killed by signal N, as a shell reports it). While it runs, Ctrl-C is
-    left to the command (it gets the terminal's SIGINT itself) and SIGTERM is passed on to it.
+    left to the command (it gets the terminal's SIGINT itself) and SIGTERM and SIGHUP are
+    passed on to it (a SIGHUP, a closed terminal or ssh session, left it running alone).
     ``FileNotFoundError``/``PermissionError`` mean it could not be started."""
     proc = subprocess.Popen(list(argv))
     old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    old_term = signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
+    passed = {sig: signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
+              for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         code = proc.wait()
     finally:
         signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in passed.items():
+            signal.signal(sig, handler)
     return 128 - code if code < 0 else code

@@ -89,11 +89,13 @@ def quiet_transport_errors(loop: asyncio.AbstractEventLoop, context: dict[str, A
 
 
 def install_interrupt(stop: asyncio.Event) -> None:
-    """First Ctrl-C/SIGTERM sets ``stop`` (a clean stop with a partial summary); a second
-    Ctrl-C raises ``KeyboardInterrupt`` at once. More SIGTERMs change nothing: one sent to the
-    pid and to its process group (``timeout``, ``kill -- -PGID``) comes twice, and aborting on
-    the second lost the partial summary (and, in uvloop's shutdown, printed a traceback).
-    Call from inside the running loop."""
+    """First Ctrl-C/SIGTERM/SIGHUP sets ``stop`` (a clean stop with a partial summary); a
+    second Ctrl-C raises ``KeyboardInterrupt`` at once. More SIGTERMs or SIGHUPs change
+    nothing: one sent to the pid and to its process group (``timeout``, ``kill -- -PGID``, a
+    closed terminal or ssh session) comes twice, and aborting on the second lost the partial
+    summary (and, in uvloop's shutdown, printed a traceback). SIGHUP's default action killed
+    the run with nothing recorded since the last write batch. Call from inside the running
+    loop."""
     loop = asyncio.get_running_loop()
 
     def first(signum: int) -> None:
@@ -103,9 +105,10 @@ def install_interrupt(stop: asyncio.Event) -> None:
             loop.remove_signal_handler(signum)
             signal.signal(signum, signal.default_int_handler)
         else:
-            loop.add_signal_handler(signum, log.debug, "SIGTERM again: already stopping")
+            loop.add_signal_handler(signum, log.debug, "%s again: already stopping",
+                                    signal.Signals(signum).name)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, first, sig)
 
 

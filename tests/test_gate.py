@@ -212,6 +212,48 @@ def test_submit_returns_the_command_exit_code(
     assert (tmp_path / "record.json").exists()
 
 
+_WAITS_FOR_A_SIGNAL = """
+import pathlib, signal, sys
+got, started = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+def stop(signum, frame):
+    got.write_text(signal.Signals(signum).name)
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGHUP, stop)
+started.write_text("waiting")
+while True:
+    signal.pause()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_to_submit_is_passed_on_to_its_command(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    sig: signal.Signals,
+) -> None:
+    """SIGTERM or SIGHUP to ``prestaged submit`` while its command runs reaches the command,
+    whose exit is prestaged's. A SIGHUP (a closed terminal or ssh session) killed prestaged
+    and left the command running alone."""
+    definition = _definition(tmp_path, storage, ["/pnfs/gate/a"])
+    got, started = tmp_path / "got", tmp_path / "started"
+    argv = _argv(pki, proxy, tmp_path, ("submit", "--definition", str(definition), "--",
+                                        sys.executable, "-c", _WAITS_FOR_A_SIGNAL, str(got),
+                                        str(started)))
+    proc = subprocess.Popen(entry_point(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=subprocess_env())
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert got.read_text() == sig.name
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+
+
 def test_shell_metacharacters_are_passed_verbatim(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, fake_submit: Path
 ) -> None:

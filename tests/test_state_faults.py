@@ -51,12 +51,16 @@ def _history(state: Path | list[str]) -> list[dict[str, object]]:
     return runs
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_sigterm_to_the_process_group_stops_like_sigterm_to_the_pid(
-    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, backend: Backend
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, backend: Backend,
+    sig: signal.Signals,
 ) -> None:
     """``kill -- -PGID`` (systemd's control-group stop, ``timeout``) reaches the state writer
     too: it must survive it, so the warm stops cleanly with exit 130, a partial JSON summary,
-    every outcome recorded and the run recorded as interrupted (it died with exit 2 before)."""
+    every outcome recorded and the run recorded as interrupted (it died with exit 2 before).
+    A SIGHUP (a closed terminal or ssh session) is the same stop: it killed the run at once,
+    its last batch of outcomes lost and the run left "crashed"."""
     definition = _definition(tmp_path, storage, 400)
     for i in range(100, 400):
         storage.server.inject(f"/ds/f{i:05d}", [Delay(60)])
@@ -67,7 +71,7 @@ def test_sigterm_to_the_process_group_stops_like_sigterm_to_the_pid(
     try:
         storage.wait_until(lambda s: s.active_requests == 4 and s.requests_total >= 104,
                            timeout=TIMEOUT)
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
         proc.kill()
@@ -81,6 +85,53 @@ def test_sigterm_to_the_process_group_stops_like_sigterm_to_the_pid(
     assert run["reason"] == "interrupted" and run["exit_code"] == 130
     status = json.loads(run_cli("status", *state, "--json").stdout)
     assert status["definitions"][0]["fresh"] == 100
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_outside_a_run_ends_the_command_at_once_and_the_state_whole(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+    sig: signal.Signals,
+) -> None:
+    """``forget`` runs no event loop. SIGTERM or SIGHUP while it waits for the state file's
+    write lock ends it at once by the signal's default action (the lock is still held when it
+    has ended: a Python handler would run only once SQLite's busy wait of up to 30 s gave up),
+    and its transaction leaves the state as it was."""
+    definition = _definition(tmp_path, storage, 3)
+    state = tmp_path / "state.db"
+    res = run_cli("warm", str(definition), "--proxy", str(proxy), "--ca-dir", str(pki.ca_dir),
+                  "--state", str(state), "-q")
+    assert res.returncode == 0, res.stderr
+    locker = sqlite3.connect(str(state), isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # forget waits for this lock (busy timeout), loopless
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "prestaged", "forget", str(definition),
+                                 "--state", str(state)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not _holds_open(proc.pid, state):  # it has opened the state: it waits
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.01)
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            proc.kill()
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert proc.returncode == -sig, err
+    [run] = _history(state)
+    assert run["exit_code"] == 0  # nothing forgotten
+
+
+def _holds_open(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open (one of its descriptors names it)."""
+    with contextlib.suppress(FileNotFoundError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if fd.readlink() == path:
+                    return True
+    return False
 
 
 def test_a_killed_run_shows_as_crashed_not_running(
