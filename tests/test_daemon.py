@@ -35,7 +35,9 @@ from daemon_harness import (
     write_config,
 )
 
+from prestaged.config import load_config
 from prestaged.model import redacted_url
+from prestaged.service.daemon import stop_takes
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.postgres import PostgresCluster
 from prestaged.testing.storage import Delay, ThreadedStorageServer
@@ -110,6 +112,9 @@ def test_daemon_schedule_metrics_reload_renewal_and_drain(
     storage.wait_until(lambda s: s.path("/slow/f0039").requests >= 1, timeout=DEADLINE)
     d.proc.send_signal(signal.SIGTERM)
     d.notify.wait_for("STOPPING=1")
+    # systemd is asked for the whole stop, whatever TimeoutStopSec says
+    takes = stop_takes(load_config(d.config).daemon.drain_timeout)
+    d.notify.wait_for(f"EXTEND_TIMEOUT_USEC={int(takes * 1_000_000)}")
     assert d.proc.wait(timeout=DEADLINE) == 0
     res = subprocess.run([sys.executable, "-m", "prestaged", "status", "slow", *backend.cli(),
                           "--json"], capture_output=True, text=True, timeout=DEADLINE,
@@ -436,7 +441,6 @@ def test_daemon_makes_no_loop_objects_before_its_loop_runs(pki: TestPKI, proxy: 
     """`Daemon(cfg)` is built before `runtime.run` makes the loop, so it holds no asyncio
     primitive yet: on Python 3.9 one would belong to another loop, and every wait on it
     would fail at once (the serve loop spun, burning a core)."""
-    from prestaged.config import load_config
     from prestaged.service.daemon import Daemon as ServiceDaemon
 
     daemon = ServiceDaemon(load_config(write_config(tmp_path, pki, proxy, free_port(), [])),

@@ -105,6 +105,13 @@ def test_stopping_and_watchdog(receiver: Receiver) -> None:
     assert [receiver.recv(), receiver.recv()] == ["STOPPING=1", "WATCHDOG=1"]
 
 
+def test_stopping_within_asks_systemd_for_the_time_in_the_same_datagram(
+        receiver: Receiver) -> None:
+    """stopping(within=S) carries EXTEND_TIMEOUT_USEC in microseconds with STOPPING=1."""
+    Notifier(receiver.address).stopping(within=125.5)
+    assert receiver.recv() == "STOPPING=1\nEXTEND_TIMEOUT_USEC=125500000"
+
+
 def test_send_keeps_field_order_and_formats_values(receiver: Receiver) -> None:
     """send(**fields) joins KEY=str(value) lines in the order given."""
     assert Notifier(receiver.address).send(STATUS="draining", EXTEND_TIMEOUT_USEC=5_000_000)

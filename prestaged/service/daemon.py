@@ -313,7 +313,9 @@ class Daemon:
 
     async def _drain(self, ev: _Events) -> None:
         self.draining = True
-        self.notifier.stopping()
+        # systemd's TimeoutStopSec (120 s in the shipped unit) would SIGKILL a drain_timeout
+        # above ~85 s mid-drain, the state writer's last batch with it: ask for what it takes.
+        self.notifier.stopping(within=stop_takes(self.cfg.daemon.drain_timeout))
         if self._live is not None:
             self._live.watches.stop()
             self._live.campaigns.stop()
@@ -326,7 +328,7 @@ class Daemon:
                 log.info("drain timeout: stopping %d running tasks (warms, campaign steps)",
                          len(pending))
                 ev.stop_runs.set()
-                await asyncio.wait(pending, timeout=30)
+                await asyncio.wait(pending, timeout=STOP_RUNS_GRACE)
 
     async def _shutdown(self) -> None:
         for task in list(self._tasks):
@@ -652,6 +654,18 @@ class Daemon:
 
 SHUTDOWN_GRACE = 5.0
 """Seconds the API's open connections get to finish when the daemon stops."""
+STOP_RUNS_GRACE = 30.0
+"""Seconds the tasks still running after ``daemon.drain_timeout`` get to stop and record
+where they got (a submit command is killed then)."""
+CLOSE_GRACE = 60.0
+"""Seconds allowed, when the daemon stops, for leaving the cluster and closing the state (the
+writer's last batch, a database busy up to its 30 s timeout)."""
+
+
+def stop_takes(drain_timeout: float) -> float:
+    """Seconds a stop may take at most: the drain, the runs' stop, the API's connections and
+    the state's close (what the daemon asks systemd for with ``EXTEND_TIMEOUT_USEC``)."""
+    return drain_timeout + STOP_RUNS_GRACE + SHUTDOWN_GRACE + CLOSE_GRACE
 
 WITH_THE_TOKEN = "(shown with the token)"
 """What an open API answer says instead of a run's error."""

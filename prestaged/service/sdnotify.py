@@ -11,7 +11,7 @@ with a leading ``@``. When the variable is unset (not started by systemd, or not
     interval = notifier.watchdog_interval()  # WatchdogSec= in seconds, or None
     notifier.watchdog()               # WATCHDOG=1, every interval / 2
     notifier.reloading()              # RELOADING=1 on SIGHUP ... then ready() again
-    notifier.stopping()               # STOPPING=1 when the drain starts
+    notifier.stopping(within)         # STOPPING=1 (EXTEND_TIMEOUT_USEC=) when the drain starts
 
 Like libsystemd, each notification opens a fresh socket: there is nothing to close, and a
 notifier survives systemd re-executing itself. Sending never raises: a notification is a hint
@@ -152,9 +152,14 @@ class Notifier:
         now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         return self.send(RELOADING=1, MONOTONIC_USEC=now_usec)
 
-    def stopping(self) -> bool:
-        """``STOPPING=1``: shutdown (the drain) has begun."""
-        return self.send(STOPPING=1)
+    def stopping(self, within: Optional[float] = None) -> bool:
+        """``STOPPING=1``: shutdown (the drain) has begun; with ``within`` (seconds) also
+        ``EXTEND_TIMEOUT_USEC=``, so that systemd (236 and later) waits that long from now
+        before it kills the service, when that is beyond ``TimeoutStopSec=`` (it never
+        shortens it)."""
+        if within is None:
+            return self.send(STOPPING=1)
+        return self.send(STOPPING=1, EXTEND_TIMEOUT_USEC=int(within * 1_000_000))
 
     def watchdog(self) -> bool:
         """``WATCHDOG=1``: the main loop is alive; harmless when no watchdog is configured;
