@@ -1,7 +1,8 @@
 """Configuration: TOML files loaded into frozen dataclasses, with errors that name the key path.
 
 Search order (first that exists wins): ``--config``, ``$PRESTAGED_CONFIG``,
-``~/.config/prestaged/prestaged.toml``, ``/etc/prestaged/prestaged.toml``, built-in defaults.
+``$XDG_CONFIG_HOME/prestaged/prestaged.toml`` (unset: ``~/.config/prestaged/prestaged.toml``),
+``/etc/prestaged/prestaged.toml``, built-in defaults.
 An explicitly named file (``--config`` or ``$PRESTAGED_CONFIG``) must exist.
 
 Durations are written as numbers of seconds or strings such as ``"90s"``, ``"15m"``, ``"6h"``,

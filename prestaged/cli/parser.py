@@ -66,8 +66,9 @@ def _common() -> argparse.ArgumentParser:
     p = _parent()
     g = p.add_argument_group("common options")
     g.add_argument("--config", type=Path, metavar="FILE",
-                   help="config file (default: $PRESTAGED_CONFIG, ~/.config/prestaged/"
-                        "prestaged.toml, /etc/prestaged/prestaged.toml)")
+                   help="config file (default: $PRESTAGED_CONFIG, $XDG_CONFIG_HOME/"
+                        "prestaged/prestaged.toml (~/.config/...), /etc/prestaged/"
+                        "prestaged.toml)")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return p
