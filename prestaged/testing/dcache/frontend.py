@@ -21,6 +21,11 @@ Paths go by dCache's ``FsPath`` (``model.fs_path``): a stage request keeps its t
 poll lists them so (``/a//b/./c`` is listed ``/a/b/c``); ``archiveinfo`` resolves a path so
 but echoes it as sent; a cancel names paths as the request lists them (any other spelling is
 "not in request", 400); the namespace resolves any spelling.
+
+A test may hold the answers of stage POSTs back (``hold_stage_answers``, until
+``release_stage_answers``): each request is made at once, and its answer waits, as dCache's
+bulk service, when it is slow, makes the request before the frontend answers. A client stopped
+meanwhile has left a request on the server that only the answer names.
 """
 
 from __future__ import annotations
@@ -169,6 +174,21 @@ class TapeFrontend:
         self.requests: dict[str, StageRequest] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._logins: dict[int, Login] = {}  # id(request) -> its login, while it is handled
+        self._hold: Optional[asyncio.Event] = None  # set: held stage answers are sent
+        self.held = 0
+        """Stage answers held back now (their requests made: see the module)."""
+
+    def hold_stage_answers(self) -> None:
+        """From now on, make each stage request at once and hold its answer back until
+        ``release_stage_answers`` (on the emulator's loop)."""
+        if self._hold is None or self._hold.is_set():
+            self._hold = asyncio.Event()
+
+    def release_stage_answers(self) -> None:
+        """Send the held stage answers, and answer at once from now on."""
+        if self._hold is not None:
+            self._hold.set()
+            self._hold = None
 
     def _login(self, request: web.Request) -> Login:
         return self._logins[id(request)]
@@ -210,6 +230,13 @@ class TapeFrontend:
         task = asyncio.create_task(self._run(req))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        hold = self._hold
+        if hold is not None:  # a test's slow bulk service: made, not answered yet
+            self.held += 1
+            try:
+                await hold.wait()
+            finally:
+                self.held -= 1
         location = f"{request.url.origin()}{TAPE_API}/stage/{req.id}"
         return web.json_response({"requestId": req.id}, status=201,
                                  headers={"Location": location})

@@ -175,6 +175,7 @@ class DCacheServer:
 
     async def stop(self) -> None:
         """Close every site and stop the drives. Idempotent."""
+        self.frontend.release_stage_answers()  # a held answer would hold the cleanup up
         runners, self._runners = self._runners, []
         for runner in reversed(runners):
             await runner.cleanup()

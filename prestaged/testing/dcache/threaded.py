@@ -76,6 +76,19 @@ class ThreadedDCache(ThreadedServer[DCacheServer]):
         """``server.faults.add`` on the emulator's loop (see ``faults``)."""
         self._call(lambda: self.server.faults.add(where, kind, count, after=after, skip=skip))
 
+    def hold_stage_answers(self) -> None:
+        """``frontend.hold_stage_answers`` on the emulator's loop: stage requests are made at
+        once, their answers held back until ``release_stage_answers``."""
+        self._call(self.server.frontend.hold_stage_answers)
+
+    def release_stage_answers(self) -> None:
+        """``frontend.release_stage_answers`` on the emulator's loop."""
+        self._call(self.server.frontend.release_stage_answers)
+
+    def stage_answers_held(self) -> int:
+        """Stage answers held back now (their requests made)."""
+        return self._call(lambda: self.server.frontend.held)
+
     def path_error(self, path: str, message: str, count: Optional[int] = None) -> None:
         """``server.frontend.path_errors.add`` on the emulator's loop (see ``faults``)."""
         self._call(lambda: self.server.frontend.path_errors.add(path, message, count))
