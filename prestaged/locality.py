@@ -86,6 +86,12 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 120.0
 """Seconds one Tape REST request may take (an archiveinfo of 1,000 paths takes a few)."""
 
+STAGE_ANSWER_GRACE = 10.0
+"""Seconds a stopped run waits for the answers of the stage POSTs it had sent (the frontend
+makes the request before answering, and dCache's bulk service can be slow to), to record the
+requests made, for the next run to follow and ``release`` to free. Not ``REQUEST_TIMEOUT``:
+a Ctrl-C is not held for two minutes; a second one stops at once."""
+
 UNKNOWN_HINT = 3
 """Paths an endpoint must not know, and none it knows, before ``path_map`` is suggested."""
 
@@ -667,10 +673,18 @@ class TapeRouter:
 
     async def abort(self) -> None:
         """Stop staging now (the run is ending early); open requests stay on the server,
-        noted in the state, for ``prestaged release``."""
+        noted in the state, for ``prestaged release``. Stage POSTs already sent get
+        ``STAGE_ANSWER_GRACE`` seconds to answer, so that the requests they made are noted
+        too (``Stager.settle``)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        sent = sum(stager.unanswered for stager in self._stagers.values())
+        if sent:
+            log.info("stopping: waiting up to %g s for the answers of %d stage requests "
+                     "already sent, to keep the requests they made", STAGE_ANSWER_GRACE, sent)
+        await asyncio.gather(*(stager.settle(STAGE_ANSWER_GRACE)
+                               for stager in self._stagers.values()))
         left = len(self._asked) - self._ended
         if self._probe is not None and left > 0:
             self._probe.staging(-left)  # no longer followed by this run

@@ -809,8 +809,9 @@ async def warm(
     storage or catalog trouble: those end up in ``RunReport.aborted``).
 
     ``tally`` is updated live (pass one in to display progress); ``on_outcome`` is called once per
-    finished file; setting ``stop`` ends the run early (in-flight files are abandoned) and marks
-    the report interrupted; ``sleep`` is injectable so tests can run backoff at zero cost;
+    finished file; setting ``stop`` ends the run early (in-flight files are abandoned, stage
+    requests already sent get ``locality.STAGE_ANSWER_GRACE`` to answer) and marks the report
+    interrupted; ``sleep`` is injectable so tests can run backoff at zero cost;
     ``recorder`` (the state store) skips fresh files and remembers outcomes; ``probe``
     (metrics) hears of every request, retry and outcome; ``tape`` (an open ``TapeAccess``)
     asks the storage where files are and stages tape-only ones before touching them

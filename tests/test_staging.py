@@ -4,14 +4,18 @@ that cancels, a request the server forgot, and the poll backoff."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Awaitable
 from typing import Any, Callable
 
 import aiohttp
+import pytest
 
 from prestaged.retry import RetryPolicy
 from prestaged.storage.staging import Staged, Stager, StagingSettings
-from prestaged.storage.tape import StageState, StageStatus, TapeClient
+from prestaged.storage.tape import StageRequest, StageState, StageStatus, TapeClient
 from prestaged.testing.dcache import DCacheServer
 from prestaged.testing.dcache import Locality as Where
 
@@ -673,3 +677,67 @@ async def test_a_413_is_learned_once_and_split_requests_keep_to_the_slots(
     assert len(got) == 400 and all(s.on_disk for s in got)
     assert heard.count("too_large") == 3 and heard.count("accepted") == 16
     assert slots.peak <= 5 and srv.core.stats.max_paths <= 200
+
+
+async def _held(srv: DCacheServer, n: int = 1) -> None:
+    """Until the emulator holds ``n`` stage answers back (their requests made)."""
+    deadline = time.monotonic() + 30
+    while srv.frontend.held < n:
+        assert time.monotonic() < deadline, "no stage answer held back"
+        await asyncio.sleep(0.01)  # polling the emulator, with a deadline
+
+
+async def test_a_stop_while_the_stage_post_is_on_its_way_still_hears_the_request_made(
+    dcache: Factory, http: aiohttp.ClientSession
+) -> None:
+    """The stager stopped (its task cancelled) after the frontend made a request and before
+    it answered: the POST is not abandoned. ``settle`` waits for the answer and tells
+    ``on_request`` of the request, the one the server holds (a stop used to drop it unheard:
+    the next run asked again, pinning twice, and ``release`` could not free the first)."""
+    srv = await dcache(mount_seconds=30)
+    paths = [f"/pnfs/h/f{i}" for i in range(3)]
+    for p in paths:
+        srv.core.add_file(p, 10, Where.TAPE)
+    heard: list[StageRequest] = []
+    stager = Stager(TapeClient(http, policy=NO_WAIT), srv.tape_api_url, QUICK,
+                    on_request=heard.append)
+    srv.frontend.hold_stage_answers()
+    running = asyncio.ensure_future(_all(stager, paths))
+    await _held(srv)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    assert heard == [] and stager.unanswered == 1
+    settling = asyncio.ensure_future(stager.settle(30))
+    srv.frontend.release_stage_answers()
+    await asyncio.wait_for(settling, 30)
+    [request] = heard
+    assert set(srv.frontend.requests) == {request.id} and sorted(request.paths) == paths
+    assert srv.core.stats.requests["frontend:stage"] == 1 and stager.unanswered == 0
+
+
+async def test_a_stage_answer_that_does_not_come_within_the_grace_is_given_up_with_a_warning(
+    dcache: Factory, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopped stager whose POST is still unanswered when ``settle``'s time is up: it
+    returns then (not after the client's request timeout), the POST cancelled, and one WARNING
+    says a request may have been made for the files, which the next run may ask for again."""
+    srv = await dcache(mount_seconds=30)
+    paths = [f"/pnfs/h/f{i}" for i in range(3)]
+    for p in paths:
+        srv.core.add_file(p, 10, Where.TAPE)
+    heard: list[StageRequest] = []
+    stager = Stager(TapeClient(http, policy=NO_WAIT), srv.tape_api_url, QUICK,
+                    on_request=heard.append)
+    srv.frontend.hold_stage_answers()
+    running = asyncio.ensure_future(_all(stager, paths))
+    await _held(srv)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="prestaged.storage.staging"):
+        await asyncio.wait_for(stager.settle(0.3), 30)
+    assert 0.3 <= time.monotonic() - started < 5
+    assert heard == [] and stager.unanswered == 0
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(f"a stage request to {srv.tape_api_url} may have been made for "
+                              "3 files") and "the next run may ask for them again" in warning

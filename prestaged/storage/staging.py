@@ -36,7 +36,12 @@ ended. The policy (issue 13):
   when it was made; what it does not bring to disk is staged anew (FAILED there was the file's
   first try, so the new request is its one more; cancelled or forgotten by the server: as if
   never asked), and so is a path its first poll does not list or already shows COMPLETED (the
-  locality just said TAPE: that answer may be from before an eviction).
+  locality just said TAPE: that answer may be from before an eviction);
+* a stop (the task running ``landed()`` cancelled) while a stage POST is on its way does not
+  abandon it: the frontend may have made the request already. ``settle(timeout)`` waits for
+  its answer and tells ``on_request`` of the request made, as of one answered before the stop
+  (the state keeps it: the next run follows it rather than pinning twice, ``release`` frees
+  its pin); one unanswered by then is given up with a WARNING.
 
 Stagers of one endpoint sharing a ``RequestSlots`` (the daemon's concurrent runs, whose
 definitions may share files) never ask twice for one file: a path another stager has asked
@@ -126,6 +131,21 @@ class _Open:
 
 
 @dataclass
+class _Sent:
+    """A stage POST of ``paths`` that a stop left on its way (see ``Stager.settle``)."""
+
+    post: asyncio.Future[list[StageRequest]]
+    paths: list[str]
+
+
+def _retrieved(post: asyncio.Future[list[StageRequest]]) -> None:
+    """A stage POST left on its way ended: its error is taken here, so that asyncio does not
+    report it as never retrieved when no ``settle`` waits for it."""
+    if not post.cancelled():
+        post.exception()
+
+
+@dataclass
 class _Claim:
     """A path some stager has asked for: in ``request`` (None while the POST is on its way),
     made at ``made`` (the stagers' clock)."""
@@ -206,6 +226,7 @@ class Stager:
         self._resume_at = 0.0  # no stage POST before this (the endpoint refused the last)
         self._refused_since: Optional[float] = None  # first of the stage POSTs refused in a row
         self._refusals = 0
+        self._sent: list[_Sent] = []  # stage POSTs a stop left on their way: see settle
 
     def add(self, paths: Iterable[str]) -> None:
         """Stage ``paths`` too (a path already added is ignored); those another stager has
@@ -289,6 +310,56 @@ class Stager:
             self._open.clear()
             self._slots.waiters.discard(self._wake)
             self._drop_claims()
+
+    @property
+    def unanswered(self) -> int:
+        """Stage POSTs a stop left on their way whose answer has not come yet (``settle``)."""
+        return sum(not sent.post.done() for sent in self._sent)
+
+    async def settle(self, timeout: float) -> None:
+        """After a stop (``landed()`` cancelled): wait up to ``timeout`` seconds for the
+        answers of the stage POSTs it left on their way, and tell ``on_request`` of each
+        request they made, as of a request answered before the stop, so that the state keeps
+        it (the next run follows it, ``release`` frees its pin). The frontend makes the request
+        before it answers: dropped unheard, it was asked for again by the next run, and its
+        pin was freed by nobody. A POST still unanswered then (or when this is cancelled: a
+        second Ctrl-C) is given up with one WARNING: the next run may ask for its files
+        again."""
+        sent, self._sent = self._sent, []
+        try:
+            waiting = {s.post for s in sent if not s.post.done()}
+            if waiting:
+                await asyncio.wait(waiting, timeout=timeout)
+        finally:
+            unknown = [s for s in sent if not self._heard(s)]
+            if unknown:
+                files = sum(len(s.paths) for s in unknown)
+                what = ("a stage request" if len(unknown) == 1 else
+                        f"{len(unknown)} stage requests")
+                log.warning("%s to %s may have been made for %d files, but no answer came "
+                            "before the run stopped; the next run may ask for them again (a "
+                            "second pin, which ends after its lifetime)", what, self.uri, files)
+
+    def _heard(self, sent: _Sent) -> bool:
+        """Whether the answer of ``sent`` is known (its requests told to ``on_request``); a
+        POST still on its way is cancelled."""
+        post = sent.post
+        if not post.done():
+            post.cancel()
+            return False
+        if post.cancelled():
+            return False
+        e = post.exception()
+        if e is None:
+            for request in post.result():
+                if self._on_request is not None:
+                    self._on_request(request)
+            return True
+        if isinstance(e, StageUncertain):
+            log.info("%s (after the run stopped)", e)
+            return False
+        log.info("%s (after the run stopped): no stage request was made", e)
+        return True
 
     def _drop_claims(self) -> None:
         """This stager ended: its claims and requests are no longer followed by it."""
@@ -401,9 +472,12 @@ class Stager:
                 self._first.setdefault(path, now)
                 self._claim(path, None)  # others wait for this request's id
             self._slots.take(self.uri)  # before the await: no other stager takes it meanwhile
+            # Its own task, shielded: a stop (this task cancelled) does not abandon a POST the
+            # frontend may already have made a request of; ``settle`` hears its answer.
+            post = asyncio.ensure_future(self.client.stage(self.uri, chunk, self.s.lifetime,
+                                                           most=1, patient=False))
             try:
-                made = await self.client.stage(self.uri, chunk, self.s.lifetime, most=1,
-                                               patient=False)
+                made = await asyncio.shield(post)
             except (TapeBusy, TapeUnreachable) as e:  # no request made: ask again later
                 self._put_back(chunk)
                 self._refused(e, now)
@@ -413,6 +487,13 @@ class Stager:
                     self._unclaim(path)
                 self._uncertain(chunk, e, now)
                 continue
+            except asyncio.CancelledError:
+                for path in chunk:
+                    self._unclaim(path)
+                if not post.cancelled():  # the run stops with the POST sent: see ``settle``
+                    post.add_done_callback(_retrieved)
+                    self._sent.append(_Sent(post, chunk))
+                raise
             except BaseException:
                 for path in chunk:
                     self._unclaim(path)
