@@ -681,8 +681,10 @@ class TapeRouter:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         sent = sum(stager.unanswered for stager in self._stagers.values())
         if sent:
-            log.info("stopping: waiting up to %g s for the answers of %d stage requests "
-                     "already sent, to keep the requests they made", STAGE_ANSWER_GRACE, sent)
+            what = ("the answer of a stage request" if sent == 1 else
+                    f"the answers of {sent} stage requests")
+            log.info("stopping: waiting up to %g s for %s already sent, to keep the requests "
+                     "made", STAGE_ANSWER_GRACE, what)
         await asyncio.gather(*(stager.settle(STAGE_ANSWER_GRACE)
                                for stager in self._stagers.values()))
         left = len(self._asked) - self._ended
