@@ -90,7 +90,8 @@ STAGE_ANSWER_GRACE = 10.0
 """Seconds a stopped run waits for the answers of the stage POSTs it had sent (the frontend
 makes the request before answering, and dCache's bulk service can be slow to), to record the
 requests made, for the next run to follow and ``release`` to free. Not ``REQUEST_TIMEOUT``:
-a Ctrl-C is not held for two minutes; a second one stops at once."""
+a Ctrl-C is not held for two minutes; a second one stops at once. The daemon's stop allows
+for it (``STOP_RUNS_GRACE``, 30 s, after ``daemon.drain_timeout``)."""
 
 UNKNOWN_HINT = 3
 """Paths an endpoint must not know, and none it knows, before ``path_map`` is suggested."""
