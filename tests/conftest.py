@@ -8,6 +8,7 @@ import json
 import re
 import sqlite3
 import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional
@@ -59,6 +60,24 @@ def peer_missing(message: str, what: str = "tool") -> NoReturn:
     if _in_ci():
         pytest.fail(f"{message} (CI is set: a missing {what} is a failure)")
     pytest.skip(message)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the Python cross-sections (``test_pythons``) selected, so that they run while the
+    rest of the suite does (their tests then wait for them)."""
+    if session.config.option.collectonly:
+        return
+    items = [i for i in session.items
+             if getattr(i, "originalname", "") == "test_suite_cross_section_passes_on"]
+    if items:
+        items[0].module.BACKGROUND.start([i.callspec.params["version"] for i in items])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Kill a cross-section still running when the session ends."""
+    module = sys.modules.get("test_pythons")
+    if module is not None:
+        module.BACKGROUND.stop()
 
 
 def exposed_metric_names() -> set[str]:
