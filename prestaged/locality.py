@@ -258,6 +258,7 @@ class TapeAccess:
         self._check: Optional[Callable[[], None]] = None
         self._session: Optional[aiohttp.ClientSession] = None
         self._retired: list[aiohttp.ClientSession] = []
+        self._closing: set[asyncio.Task[None]] = set()
         self._client: Optional[TapeClient] = None
 
     @property
@@ -322,20 +323,39 @@ class TapeAccess:
                 token: Optional[TokenSource] = None) -> None:
         """Present ``ssl_context`` and send ``token`` (renewed credentials) from now on: new
         requests, those of stagers already running included, go through a new session;
-        requests in flight end on the old one, closed with the access."""
+        requests in flight end on the old one, which is closed once ``REQUEST_TIMEOUT`` (their
+        longest) has passed, or with the access. (Kept to the end, a daemon leaked a session,
+        its connector and its SSL context at every reload and proxy renewal.)"""
         self._ssl = ssl_context
         self._token = token
         if self._client is None:
             return
         self._client.use_token(token)
         if self._session is not None:
-            self._retired.append(self._session)
+            old = self._session
+            self._retired.append(old)
+            asyncio.get_running_loop().call_later(REQUEST_TIMEOUT + 1.0, self._close_retired, old)
         self._session = self._client.session = self._new_session()
+
+    def _close_retired(self, session: aiohttp.ClientSession) -> None:
+        if session in self._retired:  # not yet closed with the access
+            self._retired.remove(session)
+            task = asyncio.ensure_future(session.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    @property
+    def retired(self) -> int:
+        """Sessions replaced by ``install`` and not closed yet (requests may still end on
+        them)."""
+        return len(self._retired) + len(self._closing)
 
     async def __aexit__(self, *exc: object) -> None:
         for session in [*self._retired, *([self._session] if self._session else [])]:
             await session.close()
         self._retired.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         self._session = self._client = None
 
 

@@ -250,6 +250,35 @@ async def test_eviction_keeps_queued_and_running_runs(tmp_path: Path) -> None:
         await asyncio.to_thread(store.close)
 
 
+class _Missing:
+    """Answers 404 for every URL."""
+
+    async def touch(self, url: str) -> Attempt:
+        """404: the file is missing."""
+        return Attempt(status=404)
+
+
+async def test_a_finished_run_keeps_its_counts_but_not_its_failed_files_nor_a_lock(
+        tmp_path: Path) -> None:
+    """The daemon keeps its last 1,000 runs for the API, and each kept up to 10,000 failed
+    files' outcomes that nothing read again (a watch with 1,000 missing files grew it by
+    ~0.5 MB a round); and one lock per definition ever run. A finished run keeps its counts,
+    and the locks of definitions no run holds are gone."""
+    store = Store(tmp_path / "state.db", flush_interval=0.05).open()
+    tasks: set[asyncio.Task[Any]] = set()
+    runs = _runs(store, _Missing(), Metrics(), tasks)
+    try:
+        done = [runs.submit(_Catalog(f"gone{i}", 50), origin="api")[0] for i in range(3)]
+        await asyncio.wait_for(asyncio.gather(*(r.finished.wait() for r in done)), DEADLINE)
+        for info in done:
+            assert info.to_dict()["counts"] == {"missing": 50}
+            assert info.tally.failed == 50 and info.tally.failures == []
+        assert len(runs._locks) == 0
+    finally:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.to_thread(store.close)
+
+
 class _Broken(_Catalog):
     """A catalog whose listing dies of a bug (not a PrestagedError)."""
 

@@ -27,6 +27,7 @@ from prestaged.errors import ConfigError
 from prestaged.service import api
 from prestaged.service import client as api_client
 from prestaged.service.tls import is_loopback, require_tls, server_host
+from prestaged.state.store import Store
 from prestaged.testing.pki import TestPKI, create_pki
 
 TOKEN = "tls-api-t0ken-secret"
@@ -176,6 +177,23 @@ async def test_a_cli_that_cannot_verify_the_daemon_fails_in_one_line(
     assert (res.returncode, res.stdout) == (3, ""), res.stderr
     assert _one_line(res.stderr) == (
         f"prestaged: error: the daemon at https://127.0.0.1:{port} (daemon.listen): {expected}")
+
+
+async def test_a_cli_whose_ca_cannot_be_loaded_reads_the_state_when_no_daemon_runs(
+        pki: TestPKI, proxy: Path, tmp_path: Path) -> None:
+    """With ``daemon.tls_cert`` set and the CA to verify the daemon missing, ``status`` failed
+    with exit 3 even when no daemon ran (the TLS context was built before connecting); it now
+    reads the state file then, and still fails in one line when a daemon answers."""
+    config = _tls_config(tmp_path, pki, proxy, cert=pki.make_host_cert("127.0.0.1"),
+                         extra=f'tls_ca = "{tmp_path / "no-such-ca"}"\n')
+    Store(tmp_path / "state.db").open().close()  # a state, as a stopped daemon leaves it
+    res = await asyncio.to_thread(run_cli, "status", "--config", str(config))
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    async with in_process(config, token=TOKEN, tls=_trusting(pki)):
+        res = await asyncio.to_thread(run_cli, "status", "--config", str(config))
+    assert res.returncode == 3, res.stderr
+    assert _one_line(res.stderr) == (f"prestaged: error: daemon.tls_ca {tmp_path / 'no-such-ca'}"
+                                     ": no such file or directory")
 
 
 @pytest.mark.parametrize(("listen", "loopback"), [

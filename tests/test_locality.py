@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
+import pytest
+
 from prestaged.config import PathMap
 from prestaged.locality import TapeAccess, TapeDirectory, TapeSettings, namespace_path
 from prestaged.model import Attempt, FileRef, Result, TapeInfo
@@ -343,3 +345,24 @@ async def test_a_run_stopped_while_staging_leaves_no_file_counted_as_staging(
                                              tape=tape, probe=probe), 30)  # type: ignore[arg-type]
     await stopper
     assert report.interrupted and probe.deltas[0] == 3 and sum(probe.deltas) == 0
+
+
+async def test_a_session_replaced_by_renewed_credentials_is_closed_once_its_requests_are_over(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``install`` (a reload, a renewed proxy or token) replaces the Tape REST session; the
+    old one is closed once ``REQUEST_TIMEOUT``, the longest a request on it may take, has
+    passed. A daemon kept every one to its end: a session, connector and SSL context leaked
+    at every reload and renewal."""
+    import prestaged.locality as locality
+
+    monkeypatch.setattr(locality, "REQUEST_TIMEOUT", 0.05)
+    async with TapeAccess(None, QUICK) as access:
+        first = access._session
+        for _ in range(3):
+            access.install(None)
+        assert access.retired == 3 and first is not None and not first.closed
+        deadline = time.monotonic() + 10
+        while access.retired:
+            assert time.monotonic() < deadline, access.retired
+            await asyncio.sleep(0.01)
+        assert first.closed and access._session is not None and not access._session.closed

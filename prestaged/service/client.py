@@ -24,6 +24,7 @@ import logging
 import socket
 import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Optional
 
@@ -45,6 +46,18 @@ log = logging.getLogger(__name__)
 
 TIMEOUT = 10.0
 """Seconds for one API call (the daemon answers from memory or one small SQLite read)."""
+
+
+def _nothing_listens(url: str) -> bool:
+    """Whether a TCP connection to ``url``'s host and port is refused (nothing listens)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "", parts.port or 443), timeout=TIMEOUT):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
 
 
 def base_url(cfg: Config) -> str:
@@ -81,7 +94,15 @@ def call(cfg: Config, method: str, path: str, body: Optional[dict[str, Any]] = N
     not answer within ``timeout`` seconds (default ``TIMEOUT``), or answers with something that
     is not JSON."""
     url = base_url(cfg) + path
-    tls, trusted = client_context(cfg) if speaks_tls(cfg.daemon) else (None, "")
+    try:
+        tls, trusted = client_context(cfg) if speaks_tls(cfg.daemon) else (None, "")
+    except CredentialError:
+        # The CA to verify the daemon against cannot be used: that matters only if a daemon
+        # answers (``status`` on a host whose daemon is stopped reads the state file).
+        if _nothing_listens(url):
+            log.debug("no daemon at %s (and its CA could not be loaded)", url)
+            return None
+        raise
     req = _request(cfg, url, method, body, in_clear=tls is None)
     try:
         with urllib.request.urlopen(req, timeout=TIMEOUT if timeout is None else timeout,

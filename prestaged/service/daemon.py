@@ -137,6 +137,7 @@ class Daemon:
         self.credentials: Optional[Credentials] = None
         self.token: Optional[str] = None
         self._listen = cfg.daemon.listen  # bound at start; a reload does not rebind it
+        self._started_with = cfg  # what the keys a reload cannot change keep meaning
         self.draining = False
         self._events: Optional[_Events] = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -404,6 +405,12 @@ class Daemon:
                 self._live.watches.apply(cfg)
             self._reload_tls()
             self._reload_token()
+            started = self._started_with
+            fixed = [key for key in RESTART_KEYS if _value(cfg, key) != _value(started, key)]
+            if fixed:
+                log.warning("reload: %s changed: %s at a restart (the daemon goes on with the "
+                            "values it started with)", ", ".join(fixed),
+                            "it takes effect" if len(fixed) == 1 else "they take effect")
             log.info("reloaded %s: %d watched definitions", self.config_path or "defaults",
                      len(cfg.watch))
         await self._check_credentials(force=True)
@@ -654,6 +661,17 @@ class Daemon:
 
 SHUTDOWN_GRACE = 5.0
 """Seconds the API's open connections get to finish when the daemon stops."""
+RESTART_KEYS = ("daemon.listen", "storage.concurrency", "state.path", "state.url",
+                "state.journal", "state.batch", "state.flush_interval")
+"""Keys read once at start (the listener, the touch budget, the store): a reload that finds
+them changed says they wait for a restart. (``daemon.tls_cert`` on or off has its own word.)"""
+
+
+def _value(cfg: Config, key: str) -> object:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
 STOP_RUNS_GRACE = 30.0
 """Seconds the tasks still running after ``daemon.drain_timeout`` get to stop and record
 where they got (a submit command is killed then)."""

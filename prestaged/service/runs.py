@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Coroutine
 from dataclasses import dataclass, field
@@ -95,8 +96,12 @@ class RunBook:
 
     def finish(self, info: RunInfo) -> None:
         """``info`` ended: wake its waiters, then forget the oldest finished runs beyond
-        ``kept`` (never a queued or running one)."""
+        ``kept`` (never a queued or running one). Its failed files' outcomes are dropped (up
+        to ``MAX_FAILURES_KEPT`` each, which only a command's report reads; the store has
+        them): kept, a watch with missing files grew the daemon by ~0.5 MB a round, up to
+        ``kept`` rounds."""
         info.ended = time.time()
+        info.tally.failures = []
         info.finished.set()
         self._finished.append(info.id)
         while len(self._finished) > self.kept:
@@ -141,7 +146,10 @@ class Runs:
         self._settings, self._fresh_for, self._draining = settings, fresh_for, draining
         self._tape = tape
         self._stop, self._spawn, self._after, self._changed = stop, spawn, after, changed
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Weak: a definition's lock lives while a run of it holds or waits on it (one-off
+        # warms and campaign slices would otherwise leave one each behind, for ever).
+        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = \
+            weakref.WeakValueDictionary()
         self._running = 0
         self._room: Optional[asyncio.Condition] = None  # made in the loop (Python 3.9)
 
