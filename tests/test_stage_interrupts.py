@@ -23,20 +23,11 @@ from typing import Callable, Optional
 import pytest
 from cli_runner import CliResult, run_cli
 from daemon_harness import DEADLINE
+from test_tape_warm import QUICK
 
 from prestaged import locality
 from prestaged.testing.dcache import DCacheConfig, Locality, ThreadedDCache
 from prestaged.testing.pki import TestPKI
-
-QUICK = """
-[retry]
-initial = "10ms"
-max = "50ms"
-[storage]
-poll_min = "20ms"
-poll_max = "100ms"
-stage_batch = 5
-"""
 
 WAITING = "stopping: waiting up to"
 """How ``TapeRouter.abort`` says it waits for the answers of stage POSTs already sent."""

@@ -687,13 +687,11 @@ async def _held(srv: DCacheServer, n: int = 1) -> None:
         await asyncio.sleep(0.01)  # polling the emulator, with a deadline
 
 
-async def test_a_stop_while_the_stage_post_is_on_its_way_still_hears_the_request_made(
-    dcache: Factory, http: aiohttp.ClientSession
-) -> None:
-    """The stager stopped (its task cancelled) after the frontend made a request and before
-    it answered: the POST is not abandoned. ``settle`` waits for the answer and tells
-    ``on_request`` of the request, the one the server holds (a stop used to drop it unheard:
-    the next run asked again, pinning twice, and ``release`` could not free the first)."""
+async def _stopped_with_a_post_on_its_way(
+    dcache: Factory, http: aiohttp.ClientSession,
+) -> tuple[DCacheServer, list[str], Stager, list[StageRequest]]:
+    """A stager of 3 tape files stopped (its task cancelled) once the frontend has made its
+    request and holds the answer back: (server, paths, stager, requests ``on_request`` heard)."""
     srv = await dcache(mount_seconds=30)
     paths = [f"/pnfs/h/f{i}" for i in range(3)]
     for p in paths:
@@ -706,6 +704,17 @@ async def test_a_stop_while_the_stage_post_is_on_its_way_still_hears_the_request
     await _held(srv)
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)
+    return srv, paths, stager, heard
+
+
+async def test_a_stop_while_the_stage_post_is_on_its_way_still_hears_the_request_made(
+    dcache: Factory, http: aiohttp.ClientSession
+) -> None:
+    """The stager stopped (its task cancelled) after the frontend made a request and before
+    it answered: the POST is not abandoned. ``settle`` waits for the answer and tells
+    ``on_request`` of the request, the one the server holds (a stop used to drop it unheard:
+    the next run asked again, pinning twice, and ``release`` could not free the first)."""
+    srv, paths, stager, heard = await _stopped_with_a_post_on_its_way(dcache, http)
     assert heard == [] and stager.unanswered == 1
     settling = asyncio.ensure_future(stager.settle(30))
     srv.frontend.release_stage_answers()
@@ -721,18 +730,7 @@ async def test_a_stage_answer_that_does_not_come_within_the_grace_is_given_up_wi
     """A stopped stager whose POST is still unanswered when ``settle``'s time is up: it
     returns then (not after the client's request timeout), the POST cancelled, and one WARNING
     says a request may have been made for the files, which the next run may ask for again."""
-    srv = await dcache(mount_seconds=30)
-    paths = [f"/pnfs/h/f{i}" for i in range(3)]
-    for p in paths:
-        srv.core.add_file(p, 10, Where.TAPE)
-    heard: list[StageRequest] = []
-    stager = Stager(TapeClient(http, policy=NO_WAIT), srv.tape_api_url, QUICK,
-                    on_request=heard.append)
-    srv.frontend.hold_stage_answers()
-    running = asyncio.ensure_future(_all(stager, paths))
-    await _held(srv)
-    running.cancel()
-    await asyncio.gather(running, return_exceptions=True)
+    srv, _, stager, heard = await _stopped_with_a_post_on_its_way(dcache, http)
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="prestaged.storage.staging"):
         await asyncio.wait_for(stager.settle(0.3), 30)
