@@ -284,6 +284,7 @@ _ZERO_TO_A_DAY = within(0, DAY, unit="s")
 _ZERO_TO_AN_HOUR = within(0, HOUR, unit="s")
 _ZERO_TO_30_DAYS = within(0, 30 * DAY, unit="s")
 _ZERO_TO_A_YEAR = within(0, 365 * DAY, unit="s")
+_ZERO_TO_TEN_YEARS = within(0, 3650 * DAY, unit="s")
 
 
 # --- sections ---------------------------------------------------------------------------------
@@ -683,8 +684,14 @@ class StateConfig:
     the daemon's tidy (0: keep every run)."""
     tidy_every: Duration = field(default=Duration(DAY), metadata=check(_ZERO_TO_30_DAYS))
     """How often the daemon drops what the state no longer needs (runs beyond ``keep_runs``,
-    files no definition lists and no pin holds, finished watch rounds but each watch's last);
-    the first tidy comes at most 10 minutes after start (0: never)."""
+    files no definition lists and no pin holds, finished watch rounds but each watch's last,
+    campaigns finished longer ago than ``keep_campaigns``); the first tidy comes at most 10
+    minutes after start (0: never)."""
+    keep_campaigns: Duration = field(default=Duration(30 * DAY),
+                                     metadata=check(_ZERO_TO_TEN_YEARS))
+    """How long the daemon's tidy keeps a finished campaign (every stage done or cancelled,
+    every submission final) for ``campaign list/show``, then drops it and its history
+    (0: keep it for ever; ``prestaged campaign forget`` drops one at once)."""
 
     def __post_init__(self) -> None:
         if self.path is not None and self.url is not None:

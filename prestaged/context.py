@@ -95,7 +95,7 @@ class Context:
         if st.url is not None:
             # PostgreSQL (issue 16): path only anchors local files (campaign slice lists).
             return Store(path, url=st.url, batch=st.batch, flush_interval=st.flush_interval,
-                         keep_runs=st.keep_runs).open()
+                         keep_runs=st.keep_runs, keep_campaigns=st.keep_campaigns).open()
         if must_exist and not state_file_exists(path):
             raise StateError(f"state {path}: no such file (nothing warmed yet with this "
                              "state; --state names another)")
@@ -105,7 +105,8 @@ class Context:
             raise StateError(f"state {path}: no directory {path.parent} (a new state is made "
                              "only in an existing directory: check the path, or create it)")
         return Store(path, batch=st.batch, flush_interval=st.flush_interval,
-                     journal=st.journal, keep_runs=st.keep_runs).open()
+                     journal=st.journal, keep_runs=st.keep_runs,
+                     keep_campaigns=st.keep_campaigns).open()
 
     # --- storage --------------------------------------------------------------------------
 

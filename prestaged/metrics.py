@@ -195,7 +195,9 @@ class Metrics:
             "Catalog queries, by catalog service (samweb, metacat, rucio) and result.",
             ["catalog", "result"], registry=r)
         self.campaign_submissions = Gauge(
-            "prestaged_campaign_submissions", "Submissions of a daemon campaign, by state.",
+            "prestaged_campaign_submissions",
+            "Submissions of a daemon campaign not finished yet, by state (a finished "
+            "campaign's series are dropped).",
             ["campaign", "state"], registry=r)
         self.gate_wait = Histogram(
             "prestaged_campaign_gate_wait_seconds",
@@ -255,9 +257,11 @@ class Metrics:
         self.state_tidied = Counter(
             "prestaged_state_tidied_rows",
             "Rows the daemon's tidy dropped from the state ([state] tidy_every): runs beyond "
-            "keep_runs per definition, files no definition lists, finished watch rounds.",
+            "keep_runs per definition, files no definition lists, finished watch rounds; "
+            "campaigns finished longer ago than keep_campaigns (a campaign each, with all "
+            "its rows).",
             ["what"], registry=r)
-        for what in ("runs", "files", "rounds"):
+        for what in ("runs", "files", "rounds", "campaigns"):
             self.state_tidied.labels(what)
         self.loop_lag = Histogram(
             "prestaged_event_loop_lag_seconds",
@@ -369,6 +373,13 @@ class Metrics:
         name = _plain_label(campaign)
         for state in states:
             self.campaign_submissions.labels(name, state).set(counts.get(state, 0))
+
+    def forget_campaign(self, campaign: str, states: Iterable[str]) -> None:
+        """Drop ``campaign``'s submission series (every one of ``states``): it finished, or
+        is gone from the state."""
+        name = _plain_label(campaign)
+        for state in states:
+            self._remove(self.campaign_submissions, name, state)
 
     def gate_waited(self, seconds: float) -> None:
         """A submission's gate ended (ready or failed) after ``seconds`` of prestaging."""

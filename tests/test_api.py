@@ -107,6 +107,13 @@ class FakePorts:
             raise NotFoundError(f"no campaign '{name}'")
         return {**self.campaigns[name], "submissions": []}
 
+    async def forget_campaign(self, name: str) -> dict[str, int]:
+        """Drops the stored campaign, or NotFoundError."""
+        self._call("forget_campaign", name)
+        if self.campaigns.pop(name, None) is None:
+            raise NotFoundError(f"no campaign '{name}'")
+        return {"submissions": 2}
+
     async def campaign_summaries(self) -> list[JsonObject]:
         """Every stored campaign."""
         self._call("campaign_summaries")
@@ -390,8 +397,29 @@ async def test_campaign_changes_need_a_token_file_and_the_token(client: Client) 
             status, body = await _answer(await c.post(path, json={"toml": "x"},
                                                       headers=headers))
             assert status == 401 and "bearer token" in body["error"]
-    changes = {"add_campaign", "campaign_action"}
+    changes = {"add_campaign", "campaign_action", "forget_campaign"}
+    for headers in ({}, _auth("wrong")):
+        status, body = await _answer(await c.delete("/api/v1/campaigns/x", headers=headers))
+        assert status == 401 and "bearer token" in body["error"]
+    c = await client(open_ports)
+    status, body = await _answer(await c.delete("/api/v1/campaigns/x"))
+    assert status == 403 and "daemon.token_file" in body["error"]
     assert not [n for n, _ in open_ports.calls + guarded.calls if n in changes]
+
+
+async def test_delete_forgets_a_campaign(client: Client) -> None:
+    """DELETE /api/v1/campaigns/NAME -> 200 {campaign, dropped}; 404 unknown; 409 (the
+    daemon's ConflictError) names what is left."""
+    ports = FakePorts(token=TOKEN, campaigns={"done": {"campaign": "done"}})
+    c = await client(ports)
+    assert await _answer(await c.delete("/api/v1/campaigns/done", headers=_auth())) == (
+        200, {"campaign": "done", "dropped": {"submissions": 2}})
+    assert await _answer(await c.delete("/api/v1/campaigns/done", headers=_auth())) == (
+        404, {"error": "no campaign 'done'"})
+    ports.fail["forget_campaign"] = ConflictError("campaign x is not finished: #3 reco "
+                                                  "launch_unknown is not final")
+    status, body = await _answer(await c.delete("/api/v1/campaigns/x", headers=_auth()))
+    assert status == 409 and "launch_unknown is not final" in body["error"]
 
 
 @pytest.mark.parametrize(("path", "body", "message"), [

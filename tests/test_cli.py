@@ -449,7 +449,7 @@ def test_a_campaign_stage_given_to_campaign_run_is_told_apart_from_the_tape_mode
 COMMANDS = ["warm", "files", "status", "history", "release", "forget", "wait", "submit", "campaign", "serve",
             "credentials", "proxy", "demo"]
 CAMPAIGN_ACTIONS = ["run", "add", "list", "show", "hold", "release", "cancel", "mark-submitted",
-                    "retry"]
+                    "retry", "forget"]
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

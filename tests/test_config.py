@@ -207,7 +207,7 @@ BAD_CONFIG_VALUES: dict[str, object] = {
     "storage.tape_api[0].door": "https://fndca1:2880/pnfs/",
     "storage.tape_api[0].uri": "http://fndca1:3880/api/v1/tape",
     "state.fresh_for": -1, "state.batch": 0, "state.flush_interval": 0, "state.journal": "wal2",
-    "state.keep_runs": -1, "state.tidy_every": "31d",
+    "state.keep_runs": -1, "state.tidy_every": "31d", "state.keep_campaigns": "3651d",
     "state.url": "mysql://db.example.org/prestaged",
     "output.progress_interval": 0, "output.log_level": "loud",
     "daemon.listen": "nope", "daemon.drain_timeout": -1, "daemon.credential_check": 0,

@@ -214,6 +214,22 @@ def test_set_dataset_sets_states_and_forget_drops_them() -> None:
     m.forget_dataset("never-seen")
 
 
+def test_forget_campaign_drops_its_submission_series_only() -> None:
+    """forget_campaign drops every state's series of one campaign (it finished); another
+    campaign's stay; forgetting one never set is harmless."""
+    m = Metrics()
+    states = ["queued", "completed", "launch_unknown"]
+    m.set_campaign_submissions("done", {"completed": 3}, states)
+    m.set_campaign_submissions("stuck", {"launch_unknown": 1}, states)
+    m.forget_campaign("done", states)
+    for state in states:
+        assert m.registry.get_sample_value(
+            "prestaged_campaign_submissions", {"campaign": "done", "state": state}) is None
+    assert _value(m, "prestaged_campaign_submissions", campaign="stuck",
+                  state="launch_unknown") == 1
+    m.forget_campaign("never-seen", states)
+
+
 def test_run_result_maps_reports() -> None:
     """A clean report is ok, failures failed, a breaker trip aborted, a stop interrupted."""
     from prestaged.errors import CredentialError

@@ -25,6 +25,13 @@ drainingn: the files of a slice are written to the ledger (``campaign_ledger``) 
 transaction that creates the submission, before anything runs, so a restart never gives a file
 to a second submission of the same stage.
 
+The end (``campaign_ends``): a run or pass that ends with every stage done or cancelled records
+when (``finish``); creating a submission (a retry too) or registering the campaign again deletes
+that record in its own transaction. A campaign with that record and every submission final
+(``state.retention.unsettled``) is finished: the daemon neither resumes it nor keeps its
+metric series, and ``forget`` (or the daemon's tidy, after ``[state] keep_campaigns``) drops
+all of its rows in one transaction.
+
 Asking for a submission that does not exist is a ``NotFoundError`` (HTTP 404); a transition its
 state refuses is a ``ConflictError`` (HTTP 409).
 
@@ -51,6 +58,7 @@ from typing import Any, Callable, Optional
 from prestaged.campaign.spec import CampaignConfig, StageConfig, parse_campaign
 from prestaged.errors import ConfigError, ConflictError, LeaseLost, NotFoundError
 from prestaged.model import FileRef
+from prestaged.state import retention
 from prestaged.state.db import Database
 from prestaged.state.store import Store
 
@@ -184,6 +192,8 @@ class CampaignRepository:
         now = self.store.now()
         source = str(campaign.source) if campaign.source else None
         with self.store.transaction() as conn:
+            # Its new stages may have work left: finished again only once a pass says so.
+            conn.execute("DELETE FROM campaign_ends WHERE campaign = ?", (campaign.name,))
             cur = conn.execute("UPDATE campaigns SET source = ?, body = ?, updated = ? "
                                "WHERE name = ?", (source, body, now, campaign.name))
             if cur.rowcount:
@@ -204,6 +214,71 @@ class CampaignRepository:
             except ConfigError as e:
                 log.error("stored campaign %s cannot be used: %s", name, e)
         return out
+
+    # --- the end of a campaign ----------------------------------------------------------------
+
+    def finish(self, campaign: str) -> None:
+        """A run or pass of ``campaign`` ended with every stage done or cancelled: record when
+        (an earlier record stands: nothing was created since, since creating deletes it)."""
+        with self.store.transaction() as conn:
+            conn.execute("INSERT INTO campaign_ends (campaign, finished) VALUES (?, ?) "
+                         "ON CONFLICT DO NOTHING", (campaign, self.store.now()))
+
+    def finished(self) -> dict[str, float]:
+        """Finished campaigns (``retention.campaign_unfinished`` finds nothing left to do in
+        them; a daemon's lease aside) and when they finished: the daemon resumes none of
+        them and shows no series of theirs."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT campaign, finished FROM campaign_ends").fetchall()
+            return {name: float(at) for name, at in rows
+                    if not retention.unsettled(conn, name)}
+
+    def gauge(self, campaign: str) -> Optional[dict[str, int]]:
+        """``campaign``'s submissions by state for the daemon's gauge; None once it is
+        finished (``finished``) or gone from the state: its series are dropped."""
+        with self.store.transaction() as conn:
+            ended = conn.execute("SELECT 1 FROM campaign_ends WHERE campaign = ?",
+                                 (campaign,)).fetchone() is not None
+            if ended and not retention.unsettled(conn, campaign):
+                return None
+            rows = conn.execute("SELECT state, COUNT(*) FROM campaign_submissions WHERE "
+                                "campaign = ? GROUP BY state", (campaign,)).fetchall()
+            if not rows and not self._known(conn, campaign):
+                return None
+        return {state: n for state, n in rows}
+
+    def forget(self, campaign: str, lease: Optional[str] = None) -> dict[str, int]:
+        """Drop every row of finished ``campaign`` in one transaction
+        (``retention.forget_campaign``): the rows dropped by kind. ``NotFoundError`` for an
+        unknown campaign; ``ConflictError`` naming what is left for one that is not
+        finished (``retention.campaign_unfinished``; ``lease``: the caller's own lease on it,
+        which does not count), nothing dropped."""
+        with self.store.transaction() as conn:
+            if not self._known(conn, campaign):
+                raise NotFoundError(f"no campaign '{campaign}' in state {self.store.where}")
+            why = retention.campaign_unfinished(conn, campaign, self.store.now(), lease)
+            if why is not None:
+                raise ConflictError(f"campaign {campaign} is not finished: {why}; nothing "
+                                    "forgotten")
+            dropped = retention.forget_campaign(conn, campaign)
+        log.info("campaign %s forgotten: %d submissions, %d transitions, %d ledger files",
+                 campaign, dropped["submissions"], dropped["events"], dropped["ledger"])
+        return dropped
+
+    def unfinished(self, campaign: str) -> Optional[str]:
+        """Why ``campaign`` is not finished, as ``forget`` would refuse it, or None;
+        ``NotFoundError`` for an unknown campaign."""
+        with self.store.transaction() as conn:
+            if not self._known(conn, campaign):
+                raise NotFoundError(f"no campaign '{campaign}' in state {self.store.where}")
+            return retention.campaign_unfinished(conn, campaign, self.store.now())
+
+    @staticmethod
+    def _known(conn: Database, campaign: str) -> bool:
+        return conn.execute("SELECT 1 FROM campaigns WHERE name = ? UNION ALL SELECT 1 FROM "
+                            "campaign_submissions WHERE campaign = ? UNION ALL SELECT 1 FROM "
+                            "campaign_controls WHERE campaign = ?",
+                            (campaign, campaign, campaign)).fetchone() is not None
 
     def names(self) -> list[str]:
         """Names of every campaign with a submission, a control or a registration."""
@@ -232,8 +307,10 @@ class CampaignRepository:
 
     def summaries(self) -> list[dict[str, Any]]:
         """``campaign list``: every campaign with its control and submissions by state."""
+        finished = self.finished()
         return [{"campaign": name, "control": self.controls(name).get(""),
-                 "submissions": self.totals(name)} for name in self.names()]
+                 "submissions": self.totals(name), "finished": finished.get(name)}
+                for name in self.names()]
 
     def controls(self, campaign: str) -> dict[str, str]:
         """``held``/``cancelled`` by scope (``""`` the campaign, else a stage name)."""
@@ -261,6 +338,7 @@ class CampaignRepository:
         stages = list(dict.fromkeys([*(c.name for c in self._config_stages(name)),
                                      *(s.stage for s in subs)]))
         return {"campaign": name, "control": controls.get(""),
+                "finished": self.finished().get(name),
                 "stages": [{"name": st, "control": controls.get(st),
                             "counts": counts.get(st, {})} for st in stages],
                 "submissions": docs}
@@ -348,6 +426,7 @@ class CampaignRepository:
         now = self.store.now()
         with self.store.transaction() as conn:
             self._check_lease(conn, campaign, strict=True)
+            conn.execute("DELETE FROM campaign_ends WHERE campaign = ?", (campaign,))
             sub_id = conn.insert(
                 "INSERT INTO campaign_submissions (campaign, stage, item, definition, state, "
                 "reason, created, updated, n_files) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -460,6 +539,7 @@ class CampaignRepository:
             items = conn.execute("SELECT item FROM campaign_submissions WHERE campaign = ? AND "
                                  "stage = ?", (old.campaign, old.stage)).fetchall()
             tries = sum(1 for (item,) in items if item.split(" (retry", 1)[0] == base)
+            conn.execute("DELETE FROM campaign_ends WHERE campaign = ?", (old.campaign,))
             new_id = conn.insert(
                 "INSERT INTO campaign_submissions (campaign, stage, item, definition, state, "
                 "reason, created, updated, n_files) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -188,6 +188,8 @@ class _Runner:
         else:
             code = EXIT_HELD
         outcome = {k: "blocked" if v == "blocked-held" else v for k, v in outcome.items()}
+        if code == EXIT_OK:  # finished: not resumed at start, and may be forgotten
+            await asyncio.to_thread(self.repo.finish, self.campaign.name)
         return CampaignResult(self.campaign.name, outcome, code)
 
     async def _cancelled(self, stage: StageConfig) -> str:

@@ -1,4 +1,4 @@
-"""``prestaged campaign add/run/list/show/hold/release/cancel/retry/mark-submitted``.
+"""``prestaged campaign add/run/list/show/hold/release/cancel/retry/mark-submitted/forget``.
 
 ``run`` processes a campaign in the foreground; ``add`` gives it to the running daemon. The
 others ask the daemon when one answers at ``daemon.listen`` and work on the state database
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "cmd_campaign_action",
     "cmd_campaign_add",
+    "cmd_campaign_forget",
     "cmd_campaign_list",
     "cmd_campaign_run",
     "cmd_campaign_show",
@@ -292,6 +293,52 @@ def cmd_campaign_action(args: argparse.Namespace, cfg: Config) -> int:
                            **body))
     finally:
         store.close()
+    return 0
+
+
+def cmd_campaign_forget(args: argparse.Namespace, cfg: Config) -> int:
+    """``campaign forget``: drop a finished campaign's rows (registration, submissions, their
+    transitions, ledger, controls) in one transaction, through the daemon when one answers,
+    else on the state database. ``NotFoundError`` (exit 4) for an unknown campaign;
+    ``ConflictError`` (exit 2, nothing dropped) for one that is not finished, naming what is
+    left, or that a process runs now."""
+    from prestaged.campaign.actions import check_names
+    from prestaged.campaign.repository import CampaignRepository
+    from prestaged.campaign.runner import one_runner
+
+    name = args.campaign
+    check_names(name)  # before any daemon or state is touched
+    doc = via_daemon(args, cfg, "DELETE", f"/api/v1/campaigns/{quote(name, safe='')}",
+                     keys={"dropped": dict})
+    if doc is not None:
+        dropped, source = doc["dropped"], f"daemon {cfg.daemon.listen}"
+    else:
+        store = open_store(args, cfg, must_exist=True)
+        try:
+            repo = CampaignRepository(store)
+            if name not in repo.names():
+                from prestaged.errors import NotFoundError
+
+                raise NotFoundError(f"no campaign '{name}' in state {store.where}")
+            # Not under a run of it: a `campaign run` (its lock, on any host of a shared
+            # state) or, on a shared state, a daemon member (its lease).
+            if store.url is None:
+                with one_runner(store.path.parent / "campaigns", name):
+                    dropped = repo.forget(name)
+            else:
+                lock, owner = _take(store, name, cfg.cluster.lease)
+                try:
+                    dropped = repo.forget(name, lease=owner)
+                finally:
+                    _let_go(store, name, lock, owner)
+        finally:
+            store.close()
+        source = f"state {store.where}"
+    if args.json:
+        print(json.dumps({"source": source, "campaign": name, "dropped": dropped}, indent=2))
+        return 0
+    print(f"forgot campaign {name} ({source}): {dropped.get('submissions', 0):,} submissions, "
+          f"{dropped.get('events', 0):,} transitions, {dropped.get('ledger', 0):,} ledger files")
     return 0
 
 

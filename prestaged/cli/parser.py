@@ -21,6 +21,7 @@ from prestaged import __version__
 from prestaged.cli.campaign import (
     cmd_campaign_action,
     cmd_campaign_add,
+    cmd_campaign_forget,
     cmd_campaign_list,
     cmd_campaign_run,
     cmd_campaign_show,
@@ -411,8 +412,8 @@ def _add_gate_commands(sub: Subparsers, parents: _Parents) -> None:
 
 
 def _add_campaign_commands(sub: Subparsers, parents: _Parents) -> None:
-    """``campaign add/run/list/show/hold/release/cancel/retry/mark-submitted``: stages of
-    gated submissions, in the foreground or through the daemon."""
+    """``campaign add/run/list/show/hold/release/cancel/retry/mark-submitted/forget``: stages
+    of gated submissions, in the foreground or through the daemon."""
     c = sub.add_parser("campaign", help="run or show a campaign of gated submissions",
                        description="A campaign file (TOML) lists stages; each stage's input is "
                                    "split into submissions that are submitted only once their "
@@ -478,7 +479,7 @@ def _add_campaign_views(csub: Subparsers, parents: _Parents) -> None:
 
 
 def _add_campaign_actions(csub: Subparsers, parents: _Parents) -> None:
-    """The operator's actions: hold, release, cancel, mark-submitted, retry."""
+    """The operator's actions: hold, release, cancel, mark-submitted, retry, forget."""
     on_state = [parents.state, parents.common]
     named = _parent()
     named.add_argument("campaign", metavar="NAME", help="campaign name")
@@ -518,6 +519,22 @@ def _add_campaign_actions(csub: Subparsers, parents: _Parents) -> None:
                                      "`campaign run`. Nothing is ever retried automatically.",
                          parents=[named, submission, *on_state])
     rt.set_defaults(func=cmd_campaign_action, action="retry")
+
+    own = _parent()
+    own.add_argument("--json", action="store_true", help="print one JSON document")
+    fg = csub.add_parser("forget", help="drop a finished campaign from the state",
+                         description="Drop campaign NAME and its history (registration, "
+                                     "submissions and their transitions, drainingn ledger, "
+                                     "holds and cancels) from the state database, in one "
+                                     "transaction, through the running daemon (or, without one "
+                                     "or with --state, on the state database). Only a finished "
+                                     "campaign: its last run ended with every stage done or "
+                                     "cancelled, and every submission is final (exit 2 names "
+                                     "those that are not); exit 4 for an unknown campaign. The "
+                                     "daemon's tidy does it by itself after [state] "
+                                     "keep_campaigns.",
+                         parents=[named, own, *on_state])
+    fg.set_defaults(func=cmd_campaign_forget)
 
 
 def _add_serve(sub: Subparsers, parents: _Parents) -> None:

@@ -405,7 +405,8 @@ def campaign_list_lines(rows: Sequence[dict[str, Any]], source: str) -> list[str
         return [f"no campaigns ({source})"]
     lines = []
     for r in rows:
-        task = r["daemon"]["status"] if r["daemon"] else "-"
+        task = r["daemon"]["status"] if r["daemon"] else "finished" if r.get("finished") \
+            else "-"
         counts = ", ".join(f"{k} {v}" for k, v in sorted(r["submissions"].items())) or "none"
         lines.append(f"{r['campaign']:<24} {r['control'] or '':<9} daemon {task:<8} "
                      f"submissions: {counts}")
@@ -419,6 +420,8 @@ def campaign_lines(doc: dict[str, Any]) -> list[str]:
     head = f"{doc['campaign']}: {doc['control'] or 'not held'}"
     if task:
         head += f"; daemon: {task['status']}" + (f" ({task['detail']})" if task["detail"] else "")
+    if doc.get("finished"):
+        head += f"; finished {ago(doc['finished'])}"
     lines = [f"{head}  [{doc['source']}]"]
     for stage in doc["stages"]:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(stage["counts"].items())) or "none"

@@ -8,8 +8,9 @@ of the run already queued or running for that definition, if there is one, with 
 true``; 429 with ``Retry-After`` while ``daemon.max_runs`` runs are queued or running);
 ``GET /api/v1/runs/<id>``; ``GET /api/v1/datasets`` and ``/api/v1/datasets/<name>``;
 ``GET /api/v1/members`` (the daemons sharing the state, as ``prestaged status --members
---json``); campaigns: ``GET|POST /api/v1/campaigns``, ``GET /api/v1/campaigns/<name>``, ``POST
-/api/v1/campaigns/<name>/<action>`` (``campaign.actions.ACTIONS``).
+--json``); campaigns: ``GET|POST /api/v1/campaigns``, ``GET|DELETE /api/v1/campaigns/<name>``
+(``DELETE``: forget a finished campaign), ``POST /api/v1/campaigns/<name>/<action>``
+(``campaign.actions.ACTIONS``).
 
 Errors are JSON ``{"error": "..."}``; the status is the error's own ``http_status`` (400 bad
 input, 404 unknown, 409 refused transition, 503 the daemon cannot now), never a 500 for bad
@@ -137,6 +138,10 @@ class ApiPorts(Protocol):
 
     async def describe_campaign(self, name: str, *, output: bool) -> JsonObject:
         """``campaign show``'s document; ``output`` false leaves out commands' output."""
+        ...
+
+    async def forget_campaign(self, name: str) -> Mapping[str, int]:
+        """Drop finished campaign ``name`` from the state: the rows dropped by kind."""
         ...
 
     async def campaign_summaries(self) -> list[JsonObject]:
@@ -424,6 +429,16 @@ async def get_campaign(request: web.Request) -> web.Response:
     return web.json_response(doc)
 
 
+async def delete_campaign(request: web.Request) -> web.Response:
+    """Forget a finished campaign (``campaign forget``) -> 200 ``{"campaign": name,
+    "dropped": {kind: rows}}``; 404 unknown, 409 not finished (the answer says what is
+    left)."""
+    _require_campaign_token(request)
+    name = request.match_info["name"]
+    dropped = await request.app[PORTS].forget_campaign(name)
+    return web.json_response({"campaign": name, "dropped": dict(dropped)})
+
+
 async def campaign_action(request: web.Request) -> web.Response:
     """``hold``/``release``/``cancel`` (``{"stage": ...}`` optional), ``retry``
     (``{"submission": id}``) or ``mark-submitted`` (``{"submission": id, "job_id": ...}``)
@@ -545,5 +560,6 @@ def build_app(ports: ApiPorts) -> web.Application:
     app.router.add_get("/api/v1/campaigns", campaigns)
     app.router.add_post("/api/v1/campaigns", post_campaign)
     app.router.add_get("/api/v1/campaigns/{name}", get_campaign)
+    app.router.add_delete("/api/v1/campaigns/{name}", delete_campaign)
     app.router.add_post("/api/v1/campaigns/{name}/{action}", campaign_action)
     return app

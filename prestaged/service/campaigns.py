@@ -24,6 +24,12 @@ checks the lease in its own transaction (``CampaignRepository(owner=...)``), so 
 launched twice. Every member looks at the stored campaigns every heartbeat: a campaign added or
 replaced through another member is started here too, and an operator action through another
 member (it sets ``poked``) wakes the holder (a cancel interrupts its gate).
+
+Finished campaigns (``CampaignRepository.finished``: a pass ended with every stage done or
+cancelled, and every submission is final) are not resumed at start and have no
+``prestaged_campaign_submissions`` series (dropped the moment they finish); ``list`` and
+``show`` still read them from the state until ``forget`` (``campaign forget``, or the daemon's
+tidy after ``[state] keep_campaigns``) drops them.
 """
 
 from __future__ import annotations
@@ -32,17 +38,19 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from prestaged.campaign.actions import ACTIONS, apply_action
+from prestaged.campaign.actions import ACTIONS, apply_action, check_names
 from prestaged.campaign.repository import CampaignRepository, SubmissionState
-from prestaged.campaign.runner import run_campaign
+from prestaged.campaign.runner import one_runner, run_campaign
 from prestaged.campaign.spec import CampaignConfig, parse_campaign
 from prestaged.catalog import Catalog
 from prestaged.context import Context
-from prestaged.errors import EXIT_OK, NotFoundError, PrestagedError
+from prestaged.errors import EXIT_OK, ConflictError, NotFoundError, PrestagedError
 from prestaged.gate import GateFn, RewarmFn
 from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics
@@ -87,6 +95,7 @@ class CampaignEntry:
     task: Optional[asyncio.Task[None]] = None
     keeper: Optional[asyncio.Task[None]] = None
     """Renews this member's lease on the campaign while it holds it (several daemons)."""
+    born: float = field(default_factory=time.monotonic)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready summary (the daemon side of ``campaign list``/``show``)."""
@@ -142,15 +151,25 @@ class DaemonCampaigns:
         """Run every campaign stored by an earlier ``add``."""
         self._loop = asyncio.get_running_loop()
         self._gauges = self._spawn(self._refresh_gauges())
-        for campaign in await asyncio.to_thread(self.state.registered):
-            self._mark_stale(campaign.name)
-            self._launch(campaign)
+
+        def stored() -> tuple[list[CampaignConfig], dict[str, float]]:
+            return self.state.registered(), self.state.finished()
+
+        registered, finished = await asyncio.to_thread(stored)
+        for campaign in registered:
+            if campaign.name not in finished:  # a finished one is only shown (list, show)
+                self._mark_stale(campaign.name)
+                self._launch(campaign)
         if self._member is not None:
             self._seen = {name: (poked, updated) for name, (poked, updated, _) in
                           (await asyncio.to_thread(shared.pokes, self._store)).items()}
             self._follower = self._spawn(self._follow(self._member))
         if self.entries:
             log.info("resuming %d campaigns: %s", len(self.entries), ", ".join(self.entries))
+        done = len(registered) - len(self.entries)
+        if done:
+            log.info("%d finished campaigns not resumed (`prestaged campaign list` shows "
+                     "them; `campaign forget` or state.keep_campaigns drops them)", done)
 
     def stop(self) -> None:
         """The daemon is stopping: every campaign stops at its next step."""
@@ -211,6 +230,50 @@ class DaemonCampaigns:
                 entry.poke.set()
         log.info("campaign action: %s", text)
         return text
+
+    async def forget(self, name: str) -> dict[str, int]:
+        """``campaign forget``: drop every row of finished campaign ``name`` from the state
+        (``CampaignRepository.forget``, whose errors propagate), its task and its series;
+        ``ConflictError`` while this daemon runs a pass of it. Returns the rows dropped."""
+        if self._draining():
+            raise PrestagedError("the daemon is stopping")
+        check_names(name)
+        entry = self.entries.get(name)
+        if entry is not None and entry.task is not None and entry.status == "done":
+            await asyncio.wait({entry.task}, timeout=10)  # giving its lease up, at most
+        if entry is not None and entry.task is not None and not entry.task.done():
+            why = await asyncio.to_thread(self.state.unfinished, name)  # the state's words
+            raise ConflictError(f"campaign {name} is not finished: " + (why or (
+                f"this daemon runs it ({entry.status}"
+                f"{': ' + entry.detail if entry.detail else ''})")) + "; nothing forgotten")
+
+        def drop() -> dict[str, int]:
+            if self._store.url is not None:  # daemons: its lease, checked in forget
+                return self.state.forget(name)
+            if name not in self.state.names():
+                raise NotFoundError(f"no campaign '{name}'")
+            with one_runner(self.workdir, name):  # no `campaign run` of it meanwhile
+                return self.state.forget(name)
+
+        dropped = await asyncio.to_thread(drop)
+        self.forgotten([name])
+        return dropped
+
+    def running(self) -> list[str]:
+        """Campaigns this daemon runs a task of now (a tidy spares them)."""
+        return [name for name, e in self.entries.items()
+                if e.task is not None and not e.task.done()]
+
+    def forgotten(self, names: Iterable[str]) -> None:
+        """Campaigns ``names`` are gone from the state (a forget, a tidy, another member's):
+        stop their tasks, drop their entries and series."""
+        for name in names:
+            entry = self.entries.pop(name, None)
+            if entry is not None:
+                entry.stop.set()
+                entry.poke.set()
+            self._stale.discard(name)
+            self._metrics.forget_campaign(name, _STATES)
 
     async def describe(self, name: str, *, output: bool = True) -> dict[str, object]:
         """``campaign show``: the stored document plus the daemon's view of its task;
@@ -331,6 +394,7 @@ class DaemonCampaigns:
         replaced, and wake those they acted on (see the module docstring)."""
         while True:
             await asyncio.sleep(member.heartbeat)
+            looked = time.monotonic()
             try:
                 rows = await asyncio.to_thread(shared.pokes, self._store)
                 changed = {name for name, (poked, updated, _) in rows.items()
@@ -340,13 +404,17 @@ class DaemonCampaigns:
                 fresh = {name for name in changed
                          if name not in self.entries
                          or (name in self._seen and self._seen[name][1] != rows[name][1])}
-                configs = (await asyncio.to_thread(self.state.registered)) if fresh else []
+                configs = (await asyncio.to_thread(self._unfinished)) if fresh else []
                 cancelled = {name for name in changed - fresh
                              if "cancelled" in (await asyncio.to_thread(
                                  self.state.controls, name)).values()}
             except driver_errors(PrestagedError) as e:
                 log.warning("campaigns: cannot read the shared campaigns: %s", e)
                 continue
+            # Forgotten through another member (or its tidy): gone here too, unless added
+            # again here since the rows were read.
+            self.forgotten([name for name in set(self._seen) - set(rows)
+                            if name not in self.entries or self.entries[name].born < looked])
             self._seen = {name: (poked, updated) for name, (poked, updated, _) in rows.items()}
             for campaign in configs:
                 if campaign.name in fresh:
@@ -362,6 +430,11 @@ class DaemonCampaigns:
                     self._launch(entry.config)
                 else:
                     entry.poke.set()
+
+    def _unfinished(self) -> list[CampaignConfig]:
+        """The registered campaigns that are not finished (a replaced one never is)."""
+        finished = self.state.finished()
+        return [c for c in self.state.registered() if c.name not in finished]
 
     async def _pass(self, entry: CampaignEntry) -> None:
         """One ``run_campaign`` pass; ``entry`` says how it ended."""
@@ -391,6 +464,7 @@ class DaemonCampaigns:
                 entry.status = "done"
                 entry.detail = ", ".join(f"{k} {v}" for k, v in result.stages.items())
                 log.info("campaign %s: done (%s)", name, entry.detail)
+                self._mark_stale(name)  # finished now: its series go (_refresh_gauges)
                 return
             waiting = {k: v for k, v in result.stages.items() if v not in ("done",
                                                                            "cancelled")}
@@ -430,8 +504,8 @@ class DaemonCampaigns:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._mark_stale, campaign)
 
-    def _totals(self, names: list[str]) -> dict[str, dict[str, int]]:
-        return {name: self.state.totals(name) for name in names}
+    def _totals(self, names: list[str]) -> dict[str, Optional[dict[str, int]]]:
+        return {name: self.state.gauge(name) for name in names}
 
     def _mark_stale(self, campaign: str) -> None:
         self._stale.add(campaign)
@@ -439,7 +513,8 @@ class DaemonCampaigns:
 
     async def _refresh_gauges(self) -> None:
         """Keep ``prestaged_campaign_submissions`` up to date: campaigns whose submissions
-        moved are counted again, off the event loop, a batch at a time."""
+        moved, or that finished, are counted again, off the event loop, a batch at a time;
+        a finished campaign's series are dropped (``CampaignRepository.gauge``)."""
         while True:
             await self._stale_event.wait()
             self._stale_event.clear()
@@ -450,4 +525,7 @@ class DaemonCampaigns:
                 log.warning("campaign gauges not updated: %s", e)
                 continue
             for name, counts in totals.items():
-                self._metrics.set_campaign_submissions(name, counts, _STATES)
+                if counts is None:
+                    self._metrics.forget_campaign(name, _STATES)
+                else:
+                    self._metrics.set_campaign_submissions(name, counts, _STATES)

@@ -373,17 +373,24 @@ class Daemon:
             delay = self.cfg.state.tidy_every or TIDY_FIRST
             if not self.cfg.state.tidy_every:
                 continue
+            campaigns = self._live.campaigns if self._live is not None else None
             try:
-                done = await asyncio.to_thread(store.tidy)
+                done = await asyncio.to_thread(
+                    store.tidy, campaigns.running() if campaigns is not None else ())
             except StateError as e:
                 log.warning("state tidy failed (tried again in %.0f s): %s", delay, e)
                 continue
-            for what, n in done.to_dict().items():
+            for what, n in {**done.to_dict(), "campaigns": done.campaigns}.items():
                 self.metrics.state_tidied.labels(what).inc(n)
+            if campaigns is not None:
+                campaigns.forgotten(done.forgotten)
             if done:
                 log.info("state tidied: dropped %d runs beyond state.keep_runs = %d per "
-                         "definition, %d files no definition lists, %d finished watch rounds",
-                         done.runs, store.keep_runs, done.files, done.rounds)
+                         "definition, %d files no definition lists, %d finished watch rounds, "
+                         "%d campaigns finished more than state.keep_campaigns = %g s ago%s",
+                         done.runs, store.keep_runs, done.files, done.rounds, done.campaigns,
+                         store.keep_campaigns,
+                         f" ({', '.join(done.forgotten)})" if done.forgotten else "")
 
     # --- reload -------------------------------------------------------------------------------
 
@@ -401,6 +408,7 @@ class Daemon:
                 self._tape.slots.limit = cfg.storage.stage_requests
             if self._store is not None:
                 self._store.keep_runs = cfg.state.keep_runs
+                self._store.keep_campaigns = cfg.state.keep_campaigns
             if self._live is not None:
                 self._live.watches.apply(cfg)
             self._reload_tls()
@@ -761,6 +769,10 @@ class _Ports:
     async def describe_campaign(self, name: str, *, output: bool) -> JsonObject:
         """See ``DaemonCampaigns.describe``."""
         return await self._live.campaigns.describe(name, output=output)
+
+    async def forget_campaign(self, name: str) -> dict[str, int]:
+        """See ``DaemonCampaigns.forget``."""
+        return await self._live.campaigns.forget(name)
 
     async def campaign_summaries(self) -> list[JsonObject]:
         """See ``DaemonCampaigns.summaries``."""

@@ -295,6 +295,19 @@ MIGRATIONS: list[str] = [
                           AND stage_uri IS NOT NULL AND pinned_until IS NOT NULL);
     CREATE INDEX members_by_pin ON members (file_id) WHERE pin_request IS NOT NULL;
     """,
+    # 10: finished campaigns go away (campaign/repository.py, state/retention.py). When a run
+    # or daemon pass of a campaign last ended with every stage done or cancelled: deleted when
+    # a submission is created or the campaign is added again. Finished campaigns are not
+    # resumed at start and may be forgotten (`campaign forget`, `[state] keep_campaigns`).
+    # The index serves the foreign key check of superseded_by when submissions are deleted
+    # (each deleted row otherwise scanned the whole table).
+    """
+    CREATE TABLE campaign_ends (
+        campaign TEXT PRIMARY KEY,
+        finished {seconds} NOT NULL
+    ){without_rowid};
+    CREATE INDEX campaign_submissions_by_successor ON campaign_submissions (superseded_by);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -61,7 +61,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, cast
@@ -310,13 +310,14 @@ class Store:
     writer retries a batch whose connection was lost (default ``writer.RECONNECT_FOR``);
     ``journal``: the SQLite file's journal, ``wal``, ``delete`` (the rollback journal) or
     ``auto`` (default: WAL unless the file is on a network filesystem, ``state.mounts``);
-    ``keep_runs``: runs kept per definition, the newest (default 1000; 0: every run).
+    ``keep_runs``: runs kept per definition, the newest (default 1000; 0: every run);
+    ``keep_campaigns``: seconds a finished campaign is kept by ``tidy`` (default 0: for ever).
     """
 
     def __init__(self, path: Path, *, url: Optional[str] = None, batch: int = 500,
                  flush_interval: float = 1.0, busy_timeout: float = 30.0,
                  writer_patience: Optional[float] = None, journal: str = "auto",
-                 keep_runs: int = 1000) -> None:
+                 keep_runs: int = 1000, keep_campaigns: float = 0.0) -> None:
         if journal not in ("auto", "wal", "delete"):
             raise ValueError(f"journal must be auto, wal or delete, not {journal!r}")
         self.path = path
@@ -327,6 +328,7 @@ class Store:
         self.busy_timeout = busy_timeout
         self.writer_patience = writer_patience
         self.keep_runs = keep_runs
+        self.keep_campaigns = keep_campaigns
         self._conn: Optional[Database] = None
         # Reads (and run rows) use this process's SQLite connection, guarded by _lock (reads
         # come from worker threads via asyncio.to_thread); on PostgreSQL each read and each
@@ -913,12 +915,14 @@ class Store:
     # --- retention ---------------------------------------------------------------------------
 
     @_one_line_errors
-    def tidy(self) -> retention.Tidied:
+    def tidy(self, spare: Collection[str] = ()) -> retention.Tidied:
         """Drop what the state no longer needs (``retention.tidy``: runs beyond
         ``keep_runs`` per definition, files no definition lists and no pin holds, finished
-        watch rounds but each watch's last), in one transaction; what was dropped."""
+        watch rounds but each watch's last, campaigns finished more than ``keep_campaigns``
+        ago but those named in ``spare``), in one transaction; what was dropped."""
         with self.transaction() as conn:
-            return retention.tidy(conn, self.keep_runs, self._judged_now())
+            return retention.tidy(conn, self.keep_runs, self._judged_now(),
+                                  self.keep_campaigns, spare)
 
     @_one_line_errors
     def forget(self, catalog: str, definition: str, *, force: bool = False) -> retention.Tidied:
