@@ -66,7 +66,7 @@ def test_fresh_database_is_migrated_once_per_version(pg_url: str) -> None:
     assert [v for v, _ in _applied(pg_url)] == list(range(1, SCHEMA_VERSION + 1))
     assert {"files", "definitions", "members", "runs", "campaign_submissions",
             "submission_events", "campaign_ledger", "campaign_controls", "campaigns",
-            "cluster_members", "watch_schedule", "watch_rounds", "round_chunks",
+            "campaign_ends", "cluster_members", "watch_schedule", "watch_rounds", "round_chunks",
             VERSION_TABLE} == set(_tables(pg_url))
 
 
