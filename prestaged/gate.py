@@ -42,6 +42,7 @@ from prestaged.locality import TapeAccess
 from prestaged.pacing import Rates
 from prestaged.retry import RetryPolicy
 from prestaged.runner import run_definition
+from prestaged.runtime import stop_signals
 from prestaged.state.store import Store
 from prestaged.warm import Probe, RunReport, Toucher, WarmSettings
 
@@ -269,16 +270,33 @@ def run_command(argv: Sequence[str]) -> int:
     """Run ``argv`` (no shell) with this process's stdin, stdout and stderr; return its exit code
     (128 + N when it was killed by signal N, as a shell reports it). While it runs, Ctrl-C is
     left to the command (it gets the terminal's SIGINT itself) and SIGTERM and SIGHUP are
-    passed on to it (a SIGHUP, a closed terminal or ssh session, left it running alone).
+    passed on to it (a SIGHUP, a closed terminal or ssh session, left it running alone; an
+    ignored one, ``nohup``, stays ignored: the command inherits that). The forwarders are in
+    place before the command starts: a signal in between is passed on once it has.
     ``FileNotFoundError``/``PermissionError`` mean it could not be started."""
-    proc = subprocess.Popen(list(argv))
-    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    passed = {sig: signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
-              for sig in (signal.SIGTERM, signal.SIGHUP)}
+    started: list[subprocess.Popen[bytes]] = []
+    pending: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        if started:
+            started[0].send_signal(signum)
+        else:
+            pending.append(signum)
+
+    passed = {sig: signal.signal(sig, forward)
+              for sig in stop_signals() if sig != signal.SIGINT}
     try:
-        code = proc.wait()
+        proc = subprocess.Popen(list(argv))
+        started.append(proc)
+        # After Popen: an ignored SIGINT would be inherited, and Ctrl-C must reach the command.
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for signum in pending:
+                proc.send_signal(signum)
+            code = proc.wait()
+        finally:
+            signal.signal(signal.SIGINT, old_int)
     finally:
-        signal.signal(signal.SIGINT, old_int)
         for sig, handler in passed.items():
             signal.signal(sig, handler)
     return 128 - code if code < 0 else code

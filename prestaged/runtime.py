@@ -18,7 +18,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, Callable, TypeVar
 
-__all__ = ["install_interrupt", "probe_lag", "quiet_transport_errors", "run"]
+__all__ = ["install_interrupt", "probe_lag", "quiet_transport_errors", "run", "stop_signals"]
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ def install_interrupt(stop: asyncio.Event) -> None:
     nothing: one sent to the pid and to its process group (``timeout``, ``kill -- -PGID``, a
     closed terminal or ssh session) comes twice, and aborting on the second lost the partial
     summary (and, in uvloop's shutdown, printed a traceback). SIGHUP's default action killed
-    the run with nothing recorded since the last write batch. Call from inside the running
-    loop."""
+    the run with nothing recorded since the last write batch; an ignored SIGHUP (``nohup``)
+    stays ignored (``stop_signals``). Call from inside the running loop."""
     loop = asyncio.get_running_loop()
 
     def first(signum: int) -> None:
@@ -108,8 +108,17 @@ def install_interrupt(stop: asyncio.Event) -> None:
             loop.add_signal_handler(signum, log.debug, "%s again: already stopping",
                                     signal.Signals(signum).name)
 
-    for sig in _STOP_SIGNALS:
+    for sig in stop_signals():
         loop.add_signal_handler(sig, first, sig)
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop a run: SIGINT, SIGTERM and SIGHUP, but not SIGHUP while it is
+    ignored (``nohup``: the run is meant to outlive its terminal, and handling SIGHUP would
+    undo that)."""
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        return (signal.SIGINT, signal.SIGTERM)
+    return _STOP_SIGNALS
 
 
 async def probe_lag(observe: Callable[[float], None], every: float) -> None:

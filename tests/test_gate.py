@@ -254,6 +254,32 @@ def test_a_stop_signal_to_submit_is_passed_on_to_its_command(
     assert proc.returncode == 128 + sig and "Traceback" not in err, err
 
 
+def test_under_nohup_submit_passes_no_sighup_on(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+) -> None:
+    """Under ``nohup`` (SIGHUP ignored on entry) ``submit`` leaves SIGHUP ignored for itself
+    and its command: a hangup reaches neither, and a SIGTERM afterwards is still passed on."""
+    definition = _definition(tmp_path, storage, ["/pnfs/gate/a"])
+    got, started = tmp_path / "got", tmp_path / "started"
+    argv = _argv(pki, proxy, tmp_path, ("submit", "--definition", str(definition), "--",
+                                        sys.executable, "-c", _WAITS_FOR_A_SIGNAL, str(got),
+                                        str(started)))
+    proc = subprocess.Popen(["nohup", *entry_point(*argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGTERM)  # comes after the hangup: it alone is passed on
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert got.read_text() == "SIGTERM"
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+
+
 def test_shell_metacharacters_are_passed_verbatim(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, fake_submit: Path
 ) -> None:

@@ -87,6 +87,29 @@ def test_sigterm_to_the_process_group_stops_like_sigterm_to_the_pid(
     assert status["definitions"][0]["fresh"] == 100
 
 
+def test_under_nohup_a_sighup_does_not_stop_the_run(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
+) -> None:
+    """``nohup prestaged warm ...`` is how a long warm outlives a logout: SIGHUP is ignored on
+    entry, and prestaged leaves it so (handling it would stop the run when the ssh session
+    closes). The run ends on its own, every file warm."""
+    definition = _definition(tmp_path, storage, 20)
+    for i in range(10, 20):
+        storage.server.inject(f"/ds/f{i:05d}", [Delay(2)])
+    state = tmp_path / "state.db"
+    proc = subprocess.Popen(["nohup", *_warm(definition, proxy, pki, state)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        storage.wait_until(lambda s: s.active_requests >= 1 and s.requests_total >= 11,
+                           timeout=TIMEOUT)
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert json.loads(out)["counts"]["warm"] == 20 and "interrupted" not in err
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_stop_signal_outside_a_run_ends_the_command_at_once_and_the_state_whole(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
