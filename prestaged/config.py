@@ -381,7 +381,8 @@ class StorageConfig:
     """Longest wait between two polls of one stage request; the wait doubles up to it."""
     poll_errors: int = field(default=10, metadata=check(within(1, 1000)))
     """Polls of one stage request that may fail in a row (5xx, no answer) before its unfinished
-    files fail; with the doubling waits, 10 outlast a frontend down for 18 minutes or more."""
+    files fail, and stage POSTs that find no connection in a row before the files waiting for
+    one fail; with the doubling waits, 10 outlast a frontend down for 18 minutes or more."""
     stage_timeout: Duration = field(default=Duration(DAY), metadata=check(_UP_TO_A_WEEK))
     """A file not on disk this long after its stage request is cancelled and fails."""
     pin_lifetime: Duration = field(default=Duration(DAY), metadata=check(_UP_TO_A_WEEK))

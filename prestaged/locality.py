@@ -706,12 +706,14 @@ class TapeRouter:
                     f"the answers of {sent} stage requests")
             log.info("stopping: waiting up to %g s for %s already sent, to keep the requests "
                      "made", STAGE_ANSWER_GRACE, what)
-        await asyncio.gather(*(stager.settle(STAGE_ANSWER_GRACE)
-                               for stager in self._stagers.values()))
-        left = len(self._asked) - self._ended
-        if self._probe is not None and left > 0:
-            self._probe.staging(-left)  # no longer followed by this run
-        self._ended = len(self._asked)
+        try:
+            await asyncio.gather(*(stager.settle(STAGE_ANSWER_GRACE)
+                                   for stager in self._stagers.values()))
+        finally:  # a second Ctrl-C (cancelled here) leaves no file counted as staging
+            left = len(self._asked) - self._ended
+            if self._probe is not None and left > 0:
+                self._probe.staging(-left)  # no longer followed by this run
+            self._ended = len(self._asked)
 
 
 def _path_error(error: str) -> Result:

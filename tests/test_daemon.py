@@ -295,25 +295,26 @@ async def test_a_reload_that_finds_the_token_file_empty_keeps_following_it(
 async def test_a_reload_says_which_changed_keys_wait_for_a_restart(
     pki: TestPKI, proxy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A reload that finds ``daemon.listen`` and ``storage.concurrency`` changed said only
-    "reloaded": the API stayed on the old port, the touch budget as it was. It now says they
-    take effect at a restart, at every reload while they differ, and the API still answers."""
+    """A reload that finds ``daemon.listen`` changed and ``storage.concurrency`` raised said
+    only "reloaded": the API stayed on the old port, the shared touch budget as it was. It now
+    says so, at every reload while they differ, and the API still answers."""
     port = free_port()
     config = write_config(tmp_path, pki, proxy, port, [])
     async with in_process(config) as d:
         config.write_text(config.read_text().replace(f"127.0.0.1:{port}",
                                                      f"127.0.0.1:{free_port()}")
-                          + "[storage]\nconcurrency = 2\n")
+                          + "[storage]\nconcurrency = 64\n")
         for _ in range(2):
             d.daemon.request_reload()
-            before = caplog.text.count("take effect at a restart")
+            before = caplog.text.count("takes effect at a restart")
 
             async def warned(seen: int = before) -> bool:
-                return caplog.text.count("take effect at a restart") > seen
+                return caplog.text.count("takes effect at a restart") > seen
             await until("the reload's warning", warned)
         assert (await d.http("GET", "/healthz"))[0] == 200
-    assert "reload: daemon.listen, storage.concurrency changed: they take effect at a " \
-           "restart" in caplog.text
+    assert "reload: daemon.listen changed: it takes effect at a restart" in caplog.text
+    assert "reload: storage.concurrency is now 64, but the daemon's runs share the budget of " \
+           "32 files in flight it started with until a restart" in caplog.text
 
 
 def test_expired_proxy_refused_at_start(pki: TestPKI, tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ from prestaged.credentials import (
 )
 from prestaged.errors import ConfigError, CredentialError, PrestagedError, StateError
 from prestaged.files import file_stamp
-from prestaged.locality import TapeAccess
+from prestaged.locality import STAGE_ANSWER_GRACE, TapeAccess
 from prestaged.metrics import Metrics
 from prestaged.model import hide_secret
 from prestaged.pacing import Rates
@@ -314,8 +314,9 @@ class Daemon:
 
     async def _drain(self, ev: _Events) -> None:
         self.draining = True
-        # systemd's TimeoutStopSec (120 s in the shipped unit) would SIGKILL a drain_timeout
-        # above ~85 s mid-drain, the state writer's last batch with it: ask for what it takes.
+        # A stop may take longer than systemd's TimeoutStopSec (120 s in the shipped unit;
+        # stop_takes is 135 s with the default 30 s drain), which would SIGKILL it mid-drain,
+        # the state writer's last batch with it: ask for what it takes.
         self.notifier.stopping(within=stop_takes(self.cfg.daemon.drain_timeout))
         if self._live is not None:
             self._live.watches.stop()
@@ -419,6 +420,10 @@ class Daemon:
                 log.warning("reload: %s changed: %s at a restart (the daemon goes on with the "
                             "values it started with)", ", ".join(fixed),
                             "it takes effect" if len(fixed) == 1 else "they take effect")
+            if cfg.storage.concurrency > started.storage.concurrency:
+                log.warning("reload: storage.concurrency is now %d, but the daemon's runs "
+                            "share the budget of %d files in flight it started with until a "
+                            "restart", cfg.storage.concurrency, started.storage.concurrency)
             log.info("reloaded %s: %d watched definitions", self.config_path or "defaults",
                      len(cfg.watch))
         await self._check_credentials(force=True)
@@ -669,10 +674,11 @@ class Daemon:
 
 SHUTDOWN_GRACE = 5.0
 """Seconds the API's open connections get to finish when the daemon stops."""
-RESTART_KEYS = ("daemon.listen", "storage.concurrency", "state.path", "state.url",
-                "state.journal", "state.batch", "state.flush_interval")
-"""Keys read once at start (the listener, the touch budget, the store): a reload that finds
-them changed says they wait for a restart. (``daemon.tls_cert`` on or off has its own word.)"""
+RESTART_KEYS = ("daemon.listen", "state.path", "state.url", "state.journal", "state.batch",
+                "state.flush_interval")
+"""Keys read once at start (the listener, the store): a reload that finds them changed says
+they wait for a restart. (``daemon.tls_cert`` on or off has its own word; a run takes a new
+``storage.concurrency`` at once, within the shared budget of the value at start.)"""
 
 
 def _value(cfg: Config, key: str) -> object:
@@ -689,9 +695,11 @@ writer's last batch, a database busy up to its 30 s timeout)."""
 
 
 def stop_takes(drain_timeout: float) -> float:
-    """Seconds a stop may take at most: the drain, the runs' stop, the API's connections and
-    the state's close (what the daemon asks systemd for with ``EXTEND_TIMEOUT_USEC``)."""
-    return drain_timeout + STOP_RUNS_GRACE + SHUTDOWN_GRACE + CLOSE_GRACE
+    """Seconds a stop may take at most: the drain, the runs' stop, a run cancelled then still
+    waiting for its stage answers (``STAGE_ANSWER_GRACE``), the API's connections and the
+    state's close (what the daemon asks systemd for with ``EXTEND_TIMEOUT_USEC``)."""
+    return (drain_timeout + STOP_RUNS_GRACE + STAGE_ANSWER_GRACE + SHUTDOWN_GRACE
+            + CLOSE_GRACE)
 
 WITH_THE_TOKEN = "(shown with the token)"
 """What an open API answer says instead of a run's error."""
