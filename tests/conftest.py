@@ -8,7 +8,6 @@ import json
 import re
 import sqlite3
 import ssl
-import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional
@@ -62,6 +61,11 @@ def peer_missing(message: str, what: str = "tool") -> NoReturn:
     pytest.skip(message)
 
 
+_STARTED: list[Any] = []
+"""What ``pytest_collection_finish`` started, for ``pytest_sessionfinish`` to stop (the module
+is not looked up by name: under ``--import-mode=importlib`` it is ``tests.test_pythons``)."""
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the Python cross-sections (``test_pythons``) selected, so that they run while the
     rest of the suite does (their tests then wait for them)."""
@@ -70,14 +74,15 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     items = [i for i in session.items
              if getattr(i, "originalname", "") == "test_suite_cross_section_passes_on"]
     if items:
-        items[0].module.BACKGROUND.start([i.callspec.params["version"] for i in items])
+        background = items[0].module.BACKGROUND
+        background.start([i.callspec.params["version"] for i in items])
+        _STARTED.append(background)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Kill a cross-section still running when the session ends."""
-    module = sys.modules.get("test_pythons")
-    if module is not None:
-        module.BACKGROUND.stop()
+    """End a cross-section still running when the session ends (``-x``, Ctrl-C...)."""
+    while _STARTED:
+        _STARTED.pop().stop()
 
 
 def exposed_metric_names() -> set[str]:
