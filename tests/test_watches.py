@@ -5,12 +5,16 @@ deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import free_port, in_process, metric_value, until
+from daemon_harness import free_port, in_process, metric_value, until, write_config
 
+from prestaged.catalog.local import LocalCatalog
+from prestaged.model import FileRef
 from prestaged.testing.pki import TestPKI
 from prestaged.testing.storage import Delay, ThreadedStorageServer
 
@@ -188,3 +192,30 @@ async def test_a_watch_whose_listing_was_cut_off_has_no_warm_fraction(
         assert status == 200, doc
         [row] = doc["definitions"]
         assert 0 < row["files"] < 300 and row["listing_complete"] is False, row
+
+
+async def test_a_watch_listed_for_longer_than_the_cluster_lease_is_still_planned(
+    pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path, pg_url: str,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On a shared (PostgreSQL) state a member lists a watched definition while holding its
+    schedule's lease. A listing longer than ``cluster.lease`` (any big SAM or MetaCat
+    definition with the default 60 s) lost the lease every time: the round was never planned,
+    the definition listed again and again, never warmed. The lease is renewed while listing."""
+    definition = _urls(tmp_path / "defs" / "slow.txt", storage, "slow", 3)
+    listed = LocalCatalog.files
+
+    async def slowly(self: LocalCatalog) -> AsyncIterator[FileRef]:
+        await asyncio.sleep(2.0)  # a catalog slower than the lease below (0.9 s)
+        async for ref in listed(self):
+            yield ref
+
+    monkeypatch.setattr(LocalCatalog, "files", slowly)
+    config = write_config(tmp_path, pki, proxy, free_port(), [(definition, "1h")],
+                          state_url=pg_url, sections='[cluster]\nlease = "900ms"\n'
+                                                     'heartbeat = "200ms"')
+    async with in_process(config):
+        async def warmed() -> bool:
+            return storage.stats.requests_total >= 3
+        await until("the slowly listed watch warmed", warmed)
+    assert "schedule lease lost while listing" not in caplog.text

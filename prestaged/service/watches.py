@@ -36,7 +36,7 @@ from prestaged.config import Config, WatchConfig
 from prestaged.errors import EXIT_OK, EXIT_SOME_FAILED, PrestagedError
 from prestaged.metrics import Metrics, definition_label
 from prestaged.model import FileRef
-from prestaged.service.cluster import ClusterMember
+from prestaged.service.cluster import ClusterMember, keep_lease
 from prestaged.service.runs import RunInfo, Spawn
 from prestaged.state import cluster as shared
 from prestaged.state.db import driver_errors
@@ -272,6 +272,19 @@ class Watches:
         when it cannot be listed, give the schedule back, due again after ``every``)."""
         member = self._member
         assert member is not None
+        # The schedule's lease is renewed while the definition is listed: a listing longer
+        # than cluster.lease (a big SAM or MetaCat definition) lost it every time, so the
+        # round was never planned and the watch never warmed.
+        lost = asyncio.Event()
+        keeper = asyncio.ensure_future(keep_lease(self._store, member, "watch", watch.key,
+                                                  lost.set))
+        try:
+            await self._list_and_plan(watch, member, lost)
+        finally:
+            keeper.cancel()
+
+    async def _list_and_plan(self, watch: Watch, member: ClusterMember,
+                             lost: asyncio.Event) -> None:
         w, cfg = watch.config, self._config()
         jitter = cfg.daemon.jitter
         since = self._store.now()
@@ -294,8 +307,9 @@ class Watches:
                                     member.id, w.every)
             return
         if planned is None:
-            log.warning("watch %s: schedule lease lost while listing; another member plans "
-                        "the round", w.definition)
+            log.warning("watch %s: schedule lease lost while listing%s; another member plans "
+                        "the round", w.definition,
+                        " (taken over)" if lost.is_set() else "")
             return
         log.info("watch %s: round %d planned, %d files in %d chunks", w.definition, planned.id,
                  planned.files, planned.chunks)

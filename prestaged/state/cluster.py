@@ -260,11 +260,13 @@ def pokes(store: Store) -> dict[str, tuple[Optional[float], float, Optional[str]
 
 
 def renew(store: Store, kind: str, key: Sequence[Any], member_id: str, lease: float) -> bool:
-    """Extend our lease on one row (``kind`` campaign: key (name,); chunk: (round, idx)) by
-    ``lease`` seconds from now; False when it is no longer ours (taken over after it expired,
-    or the row is gone): the caller stops that work."""
+    """Extend our lease on one row (``kind`` campaign: key (name,); chunk: (round, idx);
+    watch: (catalog, definition), the schedule held while listing) by ``lease`` seconds from
+    now; False when it is no longer ours (taken over after it expired, or the row is gone):
+    the caller stops that work."""
     where = {"campaign": ("campaigns", "name = ?"),
-             "chunk": ("round_chunks", "round_id = ? AND idx = ? AND done IS NULL")}[kind]
+             "chunk": ("round_chunks", "round_id = ? AND idx = ? AND done IS NULL"),
+             "watch": ("watch_schedule", "catalog = ? AND definition = ?")}[kind]
     with store.transaction() as conn:
         found = conn.execute(f"UPDATE {where[0]} SET lease_until = {now_sql(conn)} + ? "
                              f"WHERE {where[1]} AND lease_owner = ?",
