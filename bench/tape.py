@@ -14,6 +14,12 @@ the door timeout 3 s (real 180 s: ``webdav.mover.timeout``).
   pass are skipped as fresh, as for a user).
 * ``--stage auto`` asks the Tape REST API for locality, stages the tape-only files in batches
   and touches each file once it is on disk.
+* ``seed`` (only when asked for: ``--modes auto,seed``) is the seed's recipe itself, not
+  prestaged: ``samweb run-project ... 'curl -L --cert ... -H "Range: bytes=0-3" %fileurl'``
+  runs one curl at a time, in listing order, with no timeout of its own (so each GET of a
+  tape-only file waits for its recall or the door's timeout). A shell loop over the list plays
+  ``samweb run-project``; the recipe is run again over the whole list until a pass reads every
+  file (206).
 
 The time measured is from the start of the first ``prestaged warm`` to the exit of the pass
 after which every file is warm; each run is checked against the emulator's own statistics
@@ -49,7 +55,7 @@ from common import (
 
 from prestaged.testing.dcache.dataset import synthetic
 
-AUTO, NEVER = "auto", "never"
+AUTO, NEVER, SEED = "auto", "never", "seed"
 SCALE = 60.0
 """Real seconds per emulated second: the model and the client's timings are divided by it."""
 READY_TIMEOUT = 120.0
@@ -229,18 +235,54 @@ def _all_warm(p: Pass, files: int) -> bool:
     return p.returncode == 0 and p.counts.get("warm", 0) + p.counts.get("skipped_fresh", 0) == files
 
 
+SEED_RECIPE = """\
+# The seed's recipe (../shared/reference/seed-submit-with-poms.md), one curl per file in
+# listing order, as samweb run-project runs it: $1 the URL list, $2 the proxy, $3 the CA dir.
+while read -r url; do
+  curl -sS -L --cert "$2" --key "$2" --cacert "$2" --capath "$3" -H "Range: bytes=0-3" \\
+    -o /dev/null -w '%{http_code}\\n' "$url"
+done < "$1"
+"""
+
+
+def _seed_pass(script: Path, urls: Path, setup: Setup, timeout: float) -> Pass:
+    """One pass of the seed's recipe over ``urls``: counts of 206 answers (``warm``) and of the
+    others (``failed``)."""
+    cmd = ["bash", str(script), str(urls), str(setup.creds.proxy), str(setup.creds.pki.ca_dir)]
+    got = run_measured(cmd, timeout=timeout)
+    codes = got.stdout.split()
+    warm = codes.count("206")
+    failed = setup.model.files - warm
+    return Pass(wall_seconds=round(got.elapsed, 3), cpu_seconds=round(got.cpu_seconds, 2),
+                returncode=0 if failed == 0 else 1,
+                counts={"warm": warm, **({"failed": failed} if failed else {})}, retries={})
+
+
 def warm_until_done(setup: Setup, mode: str, rundir: Path, door_url: str) -> list[Pass]:
-    """``prestaged warm`` again and again, as a user re-runs it, until a pass ends with every
-    file warm or fresh; at most ``max_passes`` passes and ``timeout`` s in all."""
+    """``prestaged warm`` (or the seed's recipe) again and again, as a user re-runs it, until
+    a pass ends with every file warm or fresh; at most ``max_passes`` passes and ``timeout`` s
+    in all."""
     urls = rundir / "urls.txt"
     urls.write_text("".join(door_url + f.path + "\n" for f in _dataset(setup.model)))
+    if mode == SEED:
+        script = rundir / "seed.sh"
+        script.write_text(SEED_RECIPE)
+        passes: list[Pass] = []
+        deadline = time.monotonic() + setup.timeout
+        while len(passes) < setup.max_passes and time.monotonic() < deadline:
+            passes.append(_seed_pass(script, urls, setup, deadline - time.monotonic()))
+            print(f"  seed pass {len(passes)}: {passes[-1].wall_seconds:.1f} s, "
+                  f"{passes[-1].counts}", file=sys.stderr, flush=True)
+            if _all_warm(passes[-1], setup.model.files):
+                break
+        return passes
     config = write_config(rundir / "prestaged.toml", staging=setup.stage_flag,
                           attempt_timeout=setup.attempt_timeout)
     extra = ["--state", str(rundir / "state.db")]
     if setup.stage_flag:
         extra += ["--stage", mode]
     cmd = warm_command(urls, setup.creds, config, *extra)
-    passes: list[Pass] = []
+    passes = []
     deadline = time.monotonic() + setup.timeout
     while len(passes) < setup.max_passes and time.monotonic() < deadline:
         passes.append(_pass(cmd, deadline - time.monotonic()))
@@ -321,6 +363,11 @@ def summarize(runs: list[Run], setup: Setup) -> dict[str, Any]:
     doc["drives_floor_seconds"] = round(floor, 2)
     for row in modes.values():
         row["over_floor"] = round(row["seconds"] / floor, 2)
+    if AUTO in modes and SEED in modes:
+        doc["ratio_seed_over_auto"] = round(modes[SEED]["seconds"] / modes[AUTO]["seconds"], 2)
+        seed = [r for r in runs if r.mode == SEED]
+        doc["seed_seconds_per_tape_only_file"] = round(median(
+            [r.seconds / max(1, doc["tape_only_files"]) for r in seed]), 3)
     if AUTO in modes and NEVER in modes:
         ratio = modes[NEVER]["seconds"] / modes[AUTO]["seconds"]
         doc["ratio_never_over_auto"] = round(ratio, 2)
@@ -360,6 +407,10 @@ def print_table(doc: dict[str, Any]) -> None:
               f"(target >= {TARGET_RATIO:.0f})")
         print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}"
                                       for k, v in doc["targets"].items()))
+    if "ratio_seed_over_auto" in doc:
+        print(f"ratio seed/auto (median time): {doc['ratio_seed_over_auto']:.1f} (the seed's "
+              f"recipe itself; {doc['seed_seconds_per_tape_only_file']:.2f} s per tape-only "
+              "file, all passes)")
     for r in doc["runs"]:
         for problem in r["problems"]:
             print(f"INCORRECT {r['mode']} round {r['round']}: {problem}")
@@ -385,7 +436,8 @@ def _parser() -> argparse.ArgumentParser:
                         "--files 2000 --rounds 2 takes ~10)")
     p.add_argument("--rounds", type=int, default=1, help="runs of each mode (default 1)")
     p.add_argument("--modes", default=f"{AUTO},{NEVER}",
-                   help="comma-separated, run in this order each round (default auto,never)")
+                   help="comma-separated, run in this order each round (default auto,never; "
+                        "seed: the seed's curl recipe, one file at a time)")
     p.add_argument("--drives", type=int, default=2, help="tape drives (default 2)")
     p.add_argument("--tapes", type=int, default=20, help="tapes (default 20)")
     p.add_argument("--tape-fraction", type=float, default=0.7,
@@ -403,8 +455,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _setup(args: argparse.Namespace, workdir: Path) -> Optional[Setup]:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    if args.files < 1 or args.rounds < 1 or not modes or set(modes) - {AUTO, NEVER}:
-        print("tape: need --files >= 1, --rounds >= 1 and --modes of auto, never",
+    if args.files < 1 or args.rounds < 1 or not modes or set(modes) - {AUTO, NEVER, SEED}:
+        print("tape: need --files >= 1, --rounds >= 1 and --modes of auto, never, seed",
               file=sys.stderr)
         return None
     staging = stage_supported()
