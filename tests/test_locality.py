@@ -366,3 +366,67 @@ async def test_a_session_replaced_by_renewed_credentials_is_closed_once_its_requ
             assert time.monotonic() < deadline, access.retired
             await asyncio.sleep(0.01)
         assert first.closed and access._session is not None and not access._session.closed
+
+
+class _AdoptingSome(_Adopting):
+    """An earlier run's request for the files of ``only`` (made on the emulator, answered);
+    the stage POSTs after it are held back unanswered."""
+
+    def __init__(self, srv: DCacheServer, make: Callable[[list[str]], Awaitable[str]],
+                 only: set[str]) -> None:
+        super().__init__(make, srv.tape_api_url, 3600.0, 1.0)
+        self.srv, self.only = srv, only
+
+    async def open_stages(self, urls: list[str], timeout: float) -> dict[str, TapeInfo]:
+        mine = [u for u in urls if urlsplit(u).path in self.only]
+        request = await self.make([urlsplit(u).path for u in mine])
+        self.srv.frontend.hold_stage_answers()  # this run's own POSTs get no answer
+        return {u: TapeInfo("TAPE", request, self.uri, requested_at=time.time() - self.age,
+                            lifetime=self.lifetime) for u in mine}
+
+
+async def test_a_stop_cancelled_while_waiting_for_stage_answers_leaves_no_file_staging(
+    dcache: Factory, pki: TestPKI, proxy: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A run following 3 files staging (an earlier run's request), stopped while its own
+    stage POST for 3 more is unanswered, waits for that answer (``STAGE_ANSWER_GRACE``).
+    Cancelled meanwhile (a second Ctrl-C, the daemon's shutdown), it still takes its files
+    off the files-staging gauge (they stayed counted)."""
+    import logging
+
+    import prestaged.locality as locality
+
+    monkeypatch.setattr(locality, "STAGE_ANSWER_GRACE", 60.0)
+    srv = await dcache(mount_seconds=30.0)
+    paths = [f"/pnfs/c/f{i}" for i in range(6)]
+    for p in paths:
+        srv.core.add_file(p, 10, Where.TAPE)
+    probe, stop = _StagingProbe(), asyncio.Event()
+
+    async def files() -> AsyncIterator[FileRef]:
+        for p in paths:
+            yield FileRef(p, srv.door_url(p))
+
+    caplog.set_level(logging.INFO, logger="prestaged.locality")
+    async with TapeAccess(pki.client_ssl_context(proxy), QUICK) as tape:
+        async def make(chosen: list[str]) -> str:
+            (request,) = await tape.client.stage(srv.tape_api_url, chosen, 3600.0)
+            return request.id
+
+        recorder = _AdoptingSome(srv, make, set(paths[:3]))
+        run = asyncio.ensure_future(warm(files(), WarmSettings(), _Touches(), stop=stop,
+                                         tape=tape, probe=probe,  # type: ignore[arg-type]
+                                         recorder=recorder))
+        deadline = time.monotonic() + 30
+        while not srv.frontend.held:  # its own request made, the answer held back
+            assert time.monotonic() < deadline and not run.done()
+            await asyncio.sleep(0.01)
+        stop.set()
+        while "stopping: waiting up to 60 s" not in caplog.text:
+            assert time.monotonic() < deadline and not run.done()
+            await asyncio.sleep(0.01)
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        srv.frontend.release_stage_answers()
+    assert probe.deltas[0] == 3 and sum(probe.deltas) == 0, probe.deltas
