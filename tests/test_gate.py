@@ -254,6 +254,29 @@ def test_a_stop_signal_to_submit_is_passed_on_to_its_command(
     assert proc.returncode == 128 + sig and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_just_before_the_command_starts_is_passed_on_once_it_has(
+    monkeypatch: pytest.MonkeyPatch, sig: signal.Signals,
+) -> None:
+    """A SIGTERM or SIGHUP that arrives after the forwarders are in place but before the
+    command exists is held and sent to the command as soon as it starts (it was lost, and the
+    command ran on alone); the handlers are as before once ``run_command`` returns."""
+    from prestaged import gate
+
+    real_popen = subprocess.Popen
+
+    def signalled_then_popen(args: list[str]) -> subprocess.Popen[bytes]:
+        signal.raise_signal(sig)  # the handler runs here, before the command exists
+        return real_popen(args)
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    monkeypatch.setattr(gate.subprocess, "Popen", signalled_then_popen)
+    # Ends by itself after TIMEOUT: without the held signal the test fails, it does not hang.
+    code = gate.run_command([sys.executable, "-c", f"import time; time.sleep({TIMEOUT})"])
+    assert code == 128 + sig
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_under_nohup_submit_passes_no_sighup_on(
     pki: TestPKI, proxy: Path, storage: ThreadedStorageServer, tmp_path: Path,
 ) -> None:
