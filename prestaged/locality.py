@@ -359,9 +359,9 @@ class TapeAccess:
         self._session = self._client = None
 
 
-Resume = Callable[[list[str], float], Awaitable[dict[str, TapeInfo]]]
-"""The stage requests earlier runs left open on some file URLs, made within the given seconds
-(``storage.stage_timeout``; ``StoreRecorder.open_stages``)."""
+Resume = Callable[[list[str]], Awaitable[dict[str, TapeInfo]]]
+"""The stage requests earlier runs left open on some file URLs, whatever their age
+(``StoreRecorder.open_stages``)."""
 
 Touch = Callable[[FileRef, Optional[TapeInfo]], Awaitable[None]]
 """Queue a file for the touch, with what the tape path knows of it (None: its door has no
@@ -552,21 +552,31 @@ class TapeRouter:
 
     async def _stage(self, uri: str, paths: list[str]) -> None:
         """Stage ``paths``; those an earlier run's request is still bringing to disk (at this
-        endpoint) are followed in that request instead."""
+        endpoint) are followed in that request instead, unless it was made more than
+        ``storage.stage_timeout`` ago: then it is cancelled and the paths asked for anew."""
         stager = self._stager(uri)
         pending = self._pending[uri]
         earlier = {} if self._resume is None else await self._resume(
-            [ref.url for path in paths for ref in pending[path]], self.s.staging.timeout)
+            [ref.url for path in paths for ref in pending[path]])
         follow: dict[str, list[str]] = {}
+        stale: dict[str, list[str]] = {}
         made: dict[str, TapeInfo] = {}
         fresh = []
+        now = self._clock()
         for path in paths:
             info = next((earlier[r.url] for r in pending[path] if r.url in earlier), None)
             if info is None or info.request is None or info.uri != uri:
                 fresh.append(path)
                 continue
-            follow.setdefault(info.request, []).append(path)
             made[info.request] = info
+            if info.requested_at is not None and \
+                    now - info.requested_at >= self.s.staging.timeout:
+                stale.setdefault(info.request, []).append(path)
+                fresh.append(path)
+            else:
+                follow.setdefault(info.request, []).append(path)
+        for request, cancelled in stale.items():
+            await self._cancel_stale(uri, stager, made[request], cancelled)
         for request, followed in follow.items():
             log.info("following stage request %s of an earlier run for %d files", request,
                      len(followed))
@@ -575,9 +585,28 @@ class TapeRouter:
             # Its timeout runs from when the server accepted it, as the state recorded (not
             # from this rerun, nor from a pin lifetime that may have changed since).
             when = made[request].requested_at
-            stager.adopt(request, followed, 0.0 if when is None else self._clock() - when)
+            stager.adopt(request, followed, 0.0 if when is None else now - when)
         if fresh:
             stager.add(fresh)
+
+    async def _cancel_stale(self, uri: str, stager: Stager, info: TapeInfo,
+                            paths: list[str]) -> None:
+        """Cancel ``paths`` in an earlier run's request ``info``, made more than
+        ``storage.stage_timeout`` ago and never seen to land or end (its run stopped first:
+        a crash, a Ctrl-C, a ``wait`` that gave up), as that run's timeout would have; note
+        that it ended for them (``status`` showed them staging for ever). A cancel that fails
+        is logged: the paths are asked for anew all the same."""
+        assert info.request is not None
+        log.info("cancelling stage request %s of an earlier run for %d files: made more than "
+                 "stage_timeout (%gs) ago without bringing them to disk", info.request,
+                 len(paths), self.s.staging.timeout)
+        try:
+            await stager.client.cancel(uri, info.request, paths)
+        except TapeRestError as e:
+            log.warning("%s; stage request %s of an earlier run was not cancelled: its pins "
+                        "end on their own", e, info.request)
+        ended = TapeInfo("TAPE", info.request, uri, ended_at=self._clock())
+        self._note_request(uri, info.request, paths, ended)
 
     def _stager(self, uri: str) -> Stager:
         stager = self._stagers.get(uri)

@@ -101,9 +101,9 @@ class Recorder(Protocol):
         followed for this run's definition, on disk, or ended without landing)."""
         ...
 
-    async def open_stages(self, urls: list[str], timeout: float) -> dict[str, TapeInfo]:
-        """The stage requests earlier runs made for ``urls`` less than ``timeout`` seconds ago
-        that are still open (not landed, not ended)."""
+    async def open_stages(self, urls: list[str]) -> dict[str, TapeInfo]:
+        """The stage requests earlier runs made for ``urls`` that are still open as far as the
+        state knows (not landed, not ended), whatever their age."""
         ...
 
     def now(self) -> float:

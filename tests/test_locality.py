@@ -252,7 +252,7 @@ class _Adopting:
     def note(self, url: str, info: TapeInfo) -> None:
         self.notes.append(info)
 
-    async def open_stages(self, urls: list[str], timeout: float) -> dict[str, TapeInfo]:
+    async def open_stages(self, urls: list[str]) -> dict[str, TapeInfo]:
         request = await self.make([urlsplit(u).path for u in urls])
         self.made = time.time() - self.age
         return {u: TapeInfo("TAPE", request, self.uri, requested_at=self.made,
@@ -377,7 +377,7 @@ class _AdoptingSome(_Adopting):
         super().__init__(make, srv.tape_api_url, 3600.0, 1.0)
         self.srv, self.only = srv, only
 
-    async def open_stages(self, urls: list[str], timeout: float) -> dict[str, TapeInfo]:
+    async def open_stages(self, urls: list[str]) -> dict[str, TapeInfo]:
         mine = [u for u in urls if urlsplit(u).path in self.only]
         request = await self.make([urlsplit(u).path for u in mine])
         self.srv.frontend.hold_stage_answers()  # this run's own POSTs get no answer

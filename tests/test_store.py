@@ -358,11 +358,11 @@ def _made(store: Store, ref: FileRef, request: str, made: float, lifetime: float
                                       lifetime=lifetime), wanted_by=("local", definition))
 
 
-def test_a_rerun_follows_a_request_by_when_it_was_made(backend: Backend) -> None:
-    """open_stages follows a request made within stage_timeout that neither landed nor ended,
-    however short the pin it asked for (it was dated by its pin: made = pinned_until - today's
-    pin_lifetime); not one older than stage_timeout, nor one that ended or landed; one recorded
-    before requests were dated, while the pin it was given then lasts."""
+def test_open_stages_are_the_dated_requests_neither_landed_nor_ended(backend: Backend) -> None:
+    """open_stages tells every dated request that neither landed nor ended, however short the
+    pin it asked for (it was dated by its pin: made = pinned_until - today's pin_lifetime) and
+    however old (the router cancels one past stage_timeout); not one that ended or landed; one
+    recorded before requests were dated, while the pin it was given then lasts."""
     with backend.store() as store:
         refs = [FileRef(f"f{i}", f"https://door.example/f{i}") for i in range(6)]
         store.add_members("local", "d", refs)
@@ -380,8 +380,9 @@ def test_a_rerun_follows_a_request_by_when_it_was_made(backend: Backend) -> None
                 conn.execute("UPDATE files SET stage_request = ?, stage_uri = ?, "
                              "pinned_until = ? WHERE id = ?",
                              (f"legacy-{ref.name}", TAPE_URI, until, url_id(ref.url)))
-        found = store.open_stages([r.url for r in refs], 1000.0, now=now)
-    assert sorted(found) == [refs[0].url, refs[4].url]
+        found = store.open_stages([r.url for r in refs], now=now)
+    assert sorted(found) == [refs[0].url, refs[1].url, refs[4].url]
+    assert found[refs[1].url].requested_at == now - 2000
     assert found[refs[0].url] == TapeInfo("TAPE", "short-pin", TAPE_URI, requested_at=now - 100,
                                           lifetime=60.0)
     assert found[refs[4].url] == TapeInfo("TAPE", "legacy-f4", TAPE_URI)

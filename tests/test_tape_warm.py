@@ -579,6 +579,43 @@ def test_a_rerun_follows_the_open_stage_request_of_an_interrupted_run(
         assert {r for (r,) in backend.query("SELECT stage_request FROM files")} == first
 
 
+def test_a_rerun_cancels_an_open_request_older_than_stage_timeout_and_asks_anew(
+    pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
+) -> None:
+    """A run that stopped before its stage request timed out (here a ``wait`` that gave up,
+    the request then dated two days back) left it open on the server and "staging" in the
+    state for ever. The next run cancels it for its files, as that run's timeout would have,
+    and asks anew: the files land and are touched, and the state names the new request."""
+    config = DCacheConfig(drives=1, mount_seconds=1.5)
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(), config) as srv:
+        paths = [f"/pnfs/o/f{i}" for i in range(3)]
+        for p in paths:
+            srv.add_file(p, 10, Locality.TAPE)
+        definition = _definition(tmp_path, [srv.door_url(p) for p in paths])
+        res = _warm(pki, proxy, tmp_path, definition, "--timeout", "300ms", command="wait",
+                    backend=backend)
+        assert res.returncode == 1, res.stderr
+        (first,) = {r for (r,) in backend.query("SELECT stage_request FROM files")}
+        with backend.store() as store, store.transaction() as conn:
+            conn.execute("UPDATE files SET stage_created = stage_created - 172800")
+        res = _warm(pki, proxy, tmp_path, definition, "--json", backend=backend)
+        doc = json.loads(res.stdout)
+        assert res.returncode == 0, res.stderr
+        assert doc["counts"]["warm"] == 3 and doc["counts"]["staged"] == 3
+        stats = srv.stats()
+        assert stats["requests"]["frontend:stage"] == 2
+        assert stats["requests"]["frontend:cancel"] == 1
+        states = srv._call(lambda: {f.state for f in srv.server.frontend.requests[first]
+                                    .files.values()})
+        assert states == {"CANCELLED"}
+        (second,) = {r for (r,) in backend.query("SELECT stage_request FROM files")}
+        assert second != first
+        for p in paths:
+            assert srv.replica(p).on_disk and set(srv.replica(p).pins) == {second}
+        assert backend.query("SELECT COUNT(*) FROM files WHERE stage_ended IS NOT NULL") == \
+            [(0,)]
+
+
 def test_a_rerun_asks_anew_for_files_the_earlier_request_did_not_bring(
     pki: TestPKI, proxy: Path, tmp_path: Path
 ) -> None:

@@ -1010,21 +1010,21 @@ class Store:
                 (p.file_id, p.request)).fetchone()[0]]
 
     @_one_line_errors
-    def open_stages(self, urls: Iterable[str], timeout: float,
-                    now: Optional[float] = None) -> dict[str, TapeInfo]:
-        """Those of ``urls`` that a stage request of an earlier run may still be bringing to
-        disk: made less than ``timeout`` seconds ago (``storage.stage_timeout``: the run that
-        made it would have cancelled it then), not landed and not ended. Each as the
-        ``TapeInfo`` of that request (locality TAPE, request id, endpoint, when it was made,
-        the pin lifetime it asked for), so a rerun follows it rather than asking again (the
-        reference: no duplicate requests for a file). A request recorded before the state
-        kept its creation (schema 9) counts while the pin it was guessed to have lasts."""
+    def open_stages(self, urls: Iterable[str], now: Optional[float] = None
+                    ) -> dict[str, TapeInfo]:
+        """Those of ``urls`` whose stage request of an earlier run neither landed nor ended
+        (as far as the state knows: it may still be bringing them to disk). Each as the
+        ``TapeInfo`` of that request (locality TAPE, request id, endpoint, when it was made, the
+        pin lifetime it asked for), so a rerun follows it rather than asking again (the
+        reference: no duplicate requests for a file), or, when it was made more than
+        ``storage.stage_timeout`` ago (its run stopped before it could time it out), cancels
+        it and asks anew (``locality.TapeRouter``). A request recorded before the state kept its
+        creation (schema 9) counts while the pin it was guessed to have lasts."""
         now = self._judged_now() if now is None else now
         rows = self._files_of(urls, "stage_request, stage_uri, stage_created, stage_lifetime",
                               "stage_request IS NOT NULL AND stage_uri IS NOT NULL AND "
-                              "staged_at IS NULL AND stage_ended IS NULL AND (stage_created > ? "
-                              "OR (stage_created IS NULL AND pinned_until > ?))",
-                              [now - timeout, now])
+                              "staged_at IS NULL AND stage_ended IS NULL AND (stage_created "
+                              "IS NOT NULL OR pinned_until > ?)", [now])
         return {url: TapeInfo("TAPE", request, uri, requested_at=created, lifetime=lifetime)
                 for url, (request, uri, created, lifetime) in rows}
 
@@ -1275,10 +1275,9 @@ class StoreRecorder:
                                         self.fresh_for)
         return [r for r in refs if r.url not in fresh] if fresh else refs
 
-    async def open_stages(self, urls: list[str], timeout: float) -> dict[str, TapeInfo]:
-        """The stage requests earlier runs left open on ``urls`` within ``timeout`` seconds
-        (see ``Store.open_stages``)."""
-        return await asyncio.to_thread(self.store.open_stages, urls, timeout)
+    async def open_stages(self, urls: list[str]) -> dict[str, TapeInfo]:
+        """The stage requests earlier runs left open on ``urls`` (see ``Store.open_stages``)."""
+        return await asyncio.to_thread(self.store.open_stages, urls)
 
     def now(self) -> float:
         """``Store.now``."""
