@@ -218,6 +218,19 @@ def test_older_schema_is_migrated(tmp_path: Path) -> None:
         assert "size" in cols
 
 
+def test_status_on_an_older_state_migrates_it_and_answers(tmp_path: Path) -> None:
+    """``prestaged status`` (a reading command) on a version-1 state file brings it forward
+    like a run would, keeps its records and answers; a second ``status`` finds it current."""
+    backend = Backend("sqlite", tmp_path, None)
+    _v1_database(backend.path)
+    for _ in range(2):
+        res = run_cli("status", *backend.cli(), "--json")
+        assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+        assert json.loads(res.stdout)["definitions"] == []
+        assert backend.query("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert backend.query("SELECT url, status FROM files") == [("https://h/a", "warm")]
+
+
 @pytest.mark.parametrize("content", [b"this is not a database\n" * 10, b"SQLite format 3\x00junk"])
 def test_corrupt_state_file_exit_2_and_untouched(pki: TestPKI, proxy: Path, tmp_path: Path,
                                                  content: bytes) -> None:
