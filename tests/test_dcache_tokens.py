@@ -176,10 +176,11 @@ async def test_staging_needs_storage_stage_per_file(
 async def test_frontend_scopes_for_poll_cancel_release_archiveinfo_namespace(
         dcache: Factory, check: BearerCheck, issuer: TokenIssuer,
         anonymous: aiohttp.ClientSession) -> None:
-    """Polling needs metadata rights (read, stage or poll) on the request's paths; cancel and
-    release need storage.stage (403 problem JSON else); archiveinfo says "Permission denied"
-    per path outside the token; the namespace resource is 403 there; a bad token is 401
-    before any handler, and every call is recorded."""
+    """As BulkService.checkRestrictions: the owner may poll and cancel with any token no
+    broader than the one that staged (read or poll under the same path), not with one outside
+    it (403 problem JSON, "Forbidden"); release is fire-and-forget (200); archiveinfo says
+    "Permission denied" per path outside the token; the namespace resource is 403 there; a
+    bad token is 401 before any handler, and every call is recorded."""
     srv = await dcache(bearer=check, mount_seconds=60.0)
     srv.core.add_file("/pnfs/t/tape", 10, Locality.TAPE)
     srv.core.add_file("/pnfs/u/tape", 10, Locality.TAPE)
@@ -193,11 +194,13 @@ async def test_frontend_scopes_for_poll_cancel_release_archiveinfo_namespace(
             assert r.status == 200
     async with anonymous.get(f"{api}/stage/{rid}", headers=_auth(issuer.mint("storage.read:/u"))
                              ) as r:
-        assert (r.status, (await r.json())["detail"]) == (403, "Permission denied")
-    for verb in ("cancel", "release"):
-        url = f"{api}/stage/{rid}/cancel" if verb == "cancel" else f"{api}/release/{rid}"
-        assert (await _post(anonymous, url, {"paths": []}, read))[0] == 403
-    assert (await _post(anonymous, f"{api}/release/{rid}", {"paths": []}, stage))[0] == 200
+        assert (r.status, (await r.json())["detail"]) == (403, "Forbidden")
+    broader = issuer.mint("storage.stage:/")
+    assert (await _post(anonymous, f"{api}/stage/{rid}/cancel", {"paths": []}, broader))[0] \
+        == 403
+    assert (await _post(anonymous, f"{api}/stage/{rid}/cancel", {"paths": []}, read))[0] == 200
+    for token in (read, stage):
+        assert (await _post(anonymous, f"{api}/release/{rid}", {"paths": []}, token))[0] == 200
     _, answer = await _post(anonymous, api + "/archiveinfo",
                             {"paths": ["/pnfs/t/tape", "/pnfs/u/tape"]}, poll)
     assert answer == [{"path": "/pnfs/t/tape", "locality": "TAPE"},
@@ -209,7 +212,7 @@ async def test_frontend_scopes_for_poll_cancel_release_archiveinfo_namespace(
                             issuer.mint(audience="https://elsewhere"))
     assert status == 401
     assert srv.core.stats.frontend_calls[-1] == "POST /api/v1/tape/archiveinfo"
-    assert srv.core.stats.auth_refusals == {"frontend:403": 4, "frontend:401": 1}
+    assert srv.core.stats.auth_refusals == {"frontend:403": 3, "frontend:401": 1}
 
 
 # --- blocking clients with repeated 401s ------------------------------------------------------

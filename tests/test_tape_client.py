@@ -278,6 +278,24 @@ async def test_cancel_stops_what_is_not_on_disk_yet(
     assert status.files["/pnfs/c/a"].state is StageState.CANCELLED
 
 
+async def test_cancel_and_release_of_no_paths_send_nothing(
+    dcache: Factory, http: aiohttp.ClientSession
+) -> None:
+    """dCache cancels a whole request for an empty path list (BulkService): cancel and release
+    of no paths send no request, and the request's files go on staging."""
+    srv = await dcache(mount_seconds=0.2)
+    srv.core.add_file("/pnfs/c/a", 10, Where.TAPE)
+    client = TapeClient(http, policy=NO_WAIT)
+    [req] = await client.stage(srv.tape_api_url, ["/pnfs/c/a"], lifetime=60)
+    calls = len(srv.core.stats.frontend_calls)
+    await client.cancel(srv.tape_api_url, req.id, [])
+    await client.release(srv.tape_api_url, req.id, [])
+    assert len(srv.core.stats.frontend_calls) == calls
+    await srv.core.wait_until(lambda: srv.frontend.requests[req.id].finished)
+    status = await client.poll(srv.tape_api_url, req.id)
+    assert status.files["/pnfs/c/a"].state is StageState.COMPLETED
+
+
 async def test_on_stage_hears_every_stage_post_by_result(
     dcache: Factory, http: aiohttp.ClientSession
 ) -> None:
@@ -294,8 +312,8 @@ async def test_on_stage_hears_every_stage_post_by_result(
 
     async def sleep(seconds: float) -> None:
         # Back-pressure lifts when the open requests end: an operator cancels them here.
-        for request_id in list(srv.frontend.requests):
-            await operator.cancel(srv.tape_api_url, request_id, [])
+        for request_id, request in list(srv.frontend.requests.items()):
+            await operator.cancel(srv.tape_api_url, request_id, list(request.files))
 
     client = TapeClient(http, stage_batch=100, policy=NO_WAIT, sleep=sleep,
                         on_stage=heard.append)

@@ -15,7 +15,8 @@ engine builds on (``reference/tape-rest.md`` has the facts):
   at all); a timeout, a dropped connection or a 5xx after it was sent is ``StageUncertain``.
 * ``poll(uri, id)``: a request's files; ``state`` and the spec's ``onDisk`` forms, ``CANCELLED``
   and gfal2's ``CANCELED``, any order, partial lists; a request the server forgot (404) says so.
-* ``cancel``, ``release``: for the files of one request.
+* ``cancel``, ``release``: for the files of one request; never sent for no files (dCache
+  cancels a whole request for an empty list).
 
 Paths are sent as dCache's ``FsPath`` spells them (``fs_path``: no ``//``, ``.`` or ``..``,
 no trailing ``/``), as gfal2 does: dCache stores a stage request's targets so and lists them so
@@ -455,12 +456,19 @@ class TapeClient:
         return StageStatus(request_id, out)
 
     async def cancel(self, uri: str, request_id: str, paths: Sequence[str]) -> None:
-        """Cancel ``paths`` of request ``request_id`` (a request the server forgot is fine)."""
+        """Cancel ``paths`` of request ``request_id`` (a request the server forgot is fine).
+        No paths: nothing is sent, for dCache cancels the whole request when the list is
+        empty (``BulkService``: an empty ``paths`` means every target)."""
+        if not paths:
+            return
         await self._call("POST", f"{uri}/stage/{_segment(request_id)}/cancel",
                          {"paths": [fs_path(p) for p in paths]}, allow=(404,))
 
     async def release(self, uri: str, request_id: str, paths: Sequence[str]) -> None:
-        """Drop the pins request ``request_id`` made on ``paths``."""
+        """Drop the pins request ``request_id`` made on ``paths`` (none: nothing is sent; each
+        release is a bulk request of its own on dCache, counted toward the user's quota)."""
+        if not paths:
+            return
         await self._call("POST", f"{uri}/release/{_segment(request_id)}",
                          {"paths": [fs_path(p) for p in paths]}, allow=(404,))
 

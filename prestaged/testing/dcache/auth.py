@@ -27,6 +27,7 @@ counts it in ``DCacheStats``: ``token_requests`` and ``auth_refusals`` per site 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Awaitable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,14 +40,46 @@ from prestaged.testing.authz import AuthErrorLimiter, RefusalStyle, client_addre
 from prestaged.testing.dcache.model import DCacheConfig, DCacheStats
 from prestaged.testing.tokens import NO_TOKEN, BearerCheck, TokenIssuer, Verdict
 
-__all__ = ["DOWNLOAD", "READ_METADATA", "STAGE", "DCacheAuth", "Login", "bearer_document",
-           "limited", "load_bearer"]
+__all__ = ["DOWNLOAD", "READ_METADATA", "STAGE", "DCacheAuth", "Grants", "Login",
+           "bearer_document", "limited", "load_bearer", "subsumed"]
 
 DOWNLOAD = ("storage.read", "storage.stage")
 READ_METADATA = ("storage.read", "storage.stage", "storage.poll", "storage.create",
                  "storage.modify")
 STAGE = ("storage.stage",)
 R = TypeVar("R", bound=web.BaseRequest)
+
+_ACTIVITIES = {
+    "storage.read": frozenset({"LIST", "READ_METADATA", "DOWNLOAD"}),
+    "storage.create": frozenset({"READ_METADATA", "UPLOAD", "MANAGE", "UPDATE_METADATA"}),
+    "storage.modify": frozenset({"LIST", "READ_METADATA", "UPLOAD", "MANAGE", "DELETE",
+                                 "UPDATE_METADATA"}),
+    "storage.stage": frozenset({"LIST", "READ_METADATA", "DOWNLOAD", "STAGE"}),
+    "storage.poll": frozenset({"READ_METADATA"}),
+}
+"""dCache's activities per WLCG scope (gPlazma ``oidc`` plugin, ``WlcgProfileScope``)."""
+
+Grants = tuple[tuple[frozenset[str], str], ...]
+"""A token login's restriction as dCache's ``MultiTargetedRestriction`` holds it: (activities,
+namespace path) per storage scope."""
+
+
+def _under(path: str, root: str) -> bool:
+    return root in ("/", path) or path.startswith(root.rstrip("/") + "/")
+
+
+def subsumed(original: Optional[Grants], caller: Optional[Grants]) -> bool:
+    """dCache's ``BulkService.checkRestrictions``: may a login restricted by ``caller`` (None:
+    unrestricted, a certificate) act on a bulk request made under ``original``? Only if the
+    caller is unrestricted, or each of its grants lies within one of the original's (fewer or
+    the same activities, on the same path or below it): ``original.isSubsumedBy(caller)``. A
+    token broader than the one that staged is refused, a narrower one is not."""
+    if caller is None:
+        return True
+    if original is None:
+        return False
+    return all(any(acts <= o_acts and _under(path, o_path) for o_acts, o_path in original)
+               for acts, path in caller)
 
 
 @dataclass(frozen=True)
@@ -59,6 +92,19 @@ class Login:
     check: Optional[BearerCheck] = field(default=None, repr=False)
     claims: Optional[Mapping[str, Any]] = field(default=None, repr=False)
 
+    def grants(self) -> Optional[Grants]:
+        """This login's restriction (None: unrestricted, no token)."""
+        if self.check is None or self.claims is None:
+            return None
+        scope = self.claims.get("scope", "")
+        base = self.check.base_path.rstrip("/")
+        out = []
+        for item in scope.split() if isinstance(scope, str) else ():
+            name, _, spath = item.partition(":")
+            if name in _ACTIVITIES:
+                out.append((_ACTIVITIES[name], (base + "/" + spath.strip("/")).rstrip("/") or "/"))
+        return tuple(out)
+
     def allows(self, verbs: Collection[str], path: str) -> bool:
         """Whether this identity may do what one of ``verbs`` grants on ``path``."""
         if self.check is None or self.claims is None:
@@ -66,10 +112,22 @@ class Login:
         return self.check.allows(self.claims, verbs, path)
 
 
+_PROXY_CN = re.compile(r"\d+|proxy|limited proxy")
+
+
 def _certificate_user(request: web.BaseRequest) -> Optional[str]:
+    """The user a client certificate maps to: its subject without the ``CN`` elements that
+    proxies add (RFC 3820's number, legacy ``proxy``), as gPlazma maps every proxy of one user
+    to the same account: a renewed proxy is the same owner of the requests it made."""
     transport = request.transport
     cert = transport.get_extra_info("peercert") if transport is not None else None
-    return repr(cert.get("subject")) if cert else None
+    if not cert:
+        return None
+    subject = list(cert.get("subject", ()))
+    while len(subject) > 1 and len(subject[-1]) == 1 and subject[-1][0][0] == "commonName" \
+            and _PROXY_CN.fullmatch(str(subject[-1][0][1])):
+        subject.pop()
+    return repr(tuple(subject))
 
 
 class DCacheAuth:

@@ -40,8 +40,11 @@ class DCacheCore:
             raise ValueError(f"need an absolute path and size >= 0, got {path!r}, {size}")
         path = fs_path(path)
         on_disk = locality in (Locality.DISK, Locality.DISK_AND_TAPE)
-        replica = Replica(path, size, None if locality is Locality.DISK else tape, on_disk,
-                          readable=locality is not Locality.LOST, atime=atime)
+        # LOST is a disk-only file whose pools are all down: for a file with a tape copy
+        # dCache never says UNAVAILABLE (PoolMonitorV5.getFileLocality: stored is NEARLINE).
+        replica = Replica(path, size, tape if locality in (Locality.TAPE, Locality.DISK_AND_TAPE)
+                          else None, on_disk, readable=locality is not Locality.LOST,
+                          atime=atime)
         self.files[path] = replica
         return replica
 
@@ -49,6 +52,11 @@ class DCacheCore:
         """The file at ``path`` in any spelling (``//``, ``.``, ``..``: the namespace resolves
         it as dCache's does), or None."""
         return self.files.get(fs_path(path))
+
+    def is_dir(self, path: str) -> bool:
+        """Whether ``path`` (any spelling) is a directory: the root, or a parent of a file."""
+        prefix = fs_path(path).rstrip("/") + "/"
+        return prefix == "/" or any(p.startswith(prefix) for p in self.files)
 
     def recall(self, replica: Replica) -> asyncio.Future[Optional[str]]:
         """Bring a tape-only replica to disk; the future gives None or the error."""

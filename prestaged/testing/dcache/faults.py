@@ -86,9 +86,9 @@ class Faults:
         if fault.kind == "400":
             return web.Response(status=400)
         if fault.kind == "500":
-            body = ('{"type": "about:blank", "title": "Internal Server Error", "status": "500",'
-                    ' "detail": "Internal problem"}')
-            return web.Response(status=500, text=body, content_type="application/problem+json")
+            body = ('{"status": "500", "title": "Internal Server Error", '
+                    '"detail": "Internal problem"}')  # ErrorResponseProvider's shape
+            return web.Response(status=500, text=body, content_type="application/json")
         if fault.kind in ("502", "504"):
             title = "Bad Gateway" if fault.kind == "502" else "Gateway Timeout"
             return web.Response(status=int(fault.kind), content_type="text/html",

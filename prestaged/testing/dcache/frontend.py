@@ -1,26 +1,34 @@
 """The emulated dCache frontend: WLCG Tape REST API v1 and the namespace locality resource.
 
-Behaviour follows dCache's implementation (see ../shared/reference/tape-rest.md): 201 with
-``Location`` and ``requestId``; file states SUBMITTED, STARTED, COMPLETED, FAILED, CANCELLED;
-timestamps in milliseconds; RFC 7807 problem JSON; 429 (checked first) and 413 limits; at most
-10,000 archiveinfo answers; trailing slashes on ``/stage/`` and ``/archiveinfo/`` accepted.
-``/release/{id}`` always answers 200 (dCache sends a fire-and-forget RELEASE bulk request, even
-for an id it does not know); releasing a target still staging aborts its pin, as dCache's pin
-manager does: the recall goes on, then the target fails "Operation was aborted", unpinned.
+Behaviour follows dCache's implementation (``modules/dcache-frontend`` ``restful/resources/tape``
+and ``modules/dcache-bulk``; /tmp/tapefid/REPORT.md lists what was checked): 201 with
+``Location`` (the URL posted to + ``/`` + a UUID) and ``requestId``; a body of exactly one
+non-empty ``files`` list; ``diskLifetime`` per file, read as ``java.time.Duration``; file states
+SUBMITTED, STARTED, COMPLETED, FAILED, CANCELLED; timestamps in milliseconds, ``startedAt``
+always given; errors as ``ErrorResponseProvider`` writes them (``status``, ``title``,
+``detail``; 403/413/429 say only their reason phrase); 429 (checked first) and 413 limits, for
+stage and for release alike; at most 10,000 archiveinfo paths read; trailing slashes on
+``/stage/`` and ``/archiveinfo/`` accepted; the discovery document on the frontend as on the
+door. ``/release/{id}`` answers 200 once the bulk service took it (a fire-and-forget RELEASE
+request, even for an id it does not know); releasing a target still staging aborts its pin, as
+dCache's pin manager does: the recall goes on, then the target fails "Operation was aborted",
+unpinned.
 
-With tokens (``DCacheAuth`` with a ``BearerCheck``; activities in ``auth``) the login comes
-first: a token that does not verify, or no credential at all, is 401 before any handler. Then,
-as dCache: a stage request is accepted from any login, and each tape-only file whose path the
-token does not grant ``STAGE`` fails with PoolManager's "File not online. Staging not allowed."
-(a file already on disk is pinned: that needs no recall); ``archiveinfo`` answers "Permission
-denied" for each path without ``READ_METADATA``; the namespace resource is 403 without it. Our
-choice where dCache compares the caller with the request's owner: polling needs
-``READ_METADATA`` on every path of the request, cancel, delete and release ``STAGE``; else 403.
+Who may act on a stage request (poll, cancel, delete), as ``BulkService`` decides: its owner
+(the same user: a token's subject, or a certificate's subject without proxy ``CN``s), with a
+token no broader than the one that made it (``checkRestrictions``: each scope of the caller's
+within one of the original's); else 403. With tokens (``DCacheAuth`` with a ``BearerCheck``;
+activities in ``auth``) the login comes first: a token that does not verify, or no credential
+at all, is 401 before any handler. Then a stage request is accepted from any login, and each
+tape-only file whose path the token does not grant ``STAGE`` fails with PoolManager's "File not
+online. Staging not allowed." (a file already on disk is pinned: that needs no recall);
+``archiveinfo`` answers "Permission denied" for each path without ``READ_METADATA``; the
+namespace resource is 403 without it.
 
 Paths go by dCache's ``FsPath`` (``model.fs_path``): a stage request keeps its targets so and a
 poll lists them so (``/a//b/./c`` is listed ``/a/b/c``); ``archiveinfo`` resolves a path so
-but echoes it as sent; a cancel names paths as the request lists them (any other spelling is
-"not in request", 400); the namespace resolves any spelling.
+but echoes it as sent; a cancel resolves the paths it names (``BulkService.validateTargets``);
+the namespace resolves any spelling.
 
 A test may hold the answers of stage POSTs back (``hold_stage_answers``, until
 ``release_stage_answers``): each request is made at once, and its answer waits, as dCache's
@@ -47,9 +55,11 @@ from prestaged.testing.dcache.auth import (
     READ_METADATA,
     STAGE,
     DCacheAuth,
+    Grants,
     Login,
     limited,
     limiter_for,
+    subsumed,
 )
 from prestaged.testing.dcache.core import DCacheCore
 from prestaged.testing.dcache.faults import Faults, PathErrors
@@ -58,8 +68,12 @@ from prestaged.testing.dcache.model import ARCHIVEINFO_LIMIT, DEFAULT_PIN, Repli
 __all__ = ["TAPE_API", "StageRequest", "TapeFrontend", "frontend_app"]
 
 TAPE_API = "/api/v1/tape"
+DISCOVERY = "/.well-known/wlcg-tape-rest-api"
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
-_DURATION = re.compile(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?\Z")
+_DURATION = re.compile(r"([-+]?)P(?:([-+]?[0-9]+)D)?(T(?:([-+]?[0-9]+)H)?(?:([-+]?[0-9]+)M)?"
+                       r"(?:([-+]?[0-9]+)(?:[.,]([0-9]{0,9}))?S)?)?", re.IGNORECASE)
+"""``java.time.Duration.parse``'s pattern, which dCache's ``TimeUtils.validateDuration`` uses
+for ``diskLifetime``: ``PT24H``, ``P2D``, ``pt1.5s``, ``-PT1H``; not ``P1DT``, ``P1W``, ``PT``."""
 
 
 def _ms(t: Optional[float]) -> Optional[int]:
@@ -68,6 +82,10 @@ def _ms(t: Optional[float]) -> Optional[int]:
 
 NO_STAGING = "File not online. Staging not allowed."
 PERMISSION_DENIED = "Permission denied"
+NO_SUCH_FILE = "No such file or directory"
+"""Chimera's ``FileNotFoundCacheException`` text; dCache follows it with ``: <path>``."""
+NOT_A_FILE = "Not a regular file."
+"""``PinManagerActivity.checkPinnable``: a stage target that is a directory fails so."""
 ABORTED = "Operation was aborted"
 """A target whose pin was released while it was being staged (dCache's PinRequestProcessor
 finds its pin no longer PINNING)."""
@@ -77,6 +95,8 @@ finds its pin no longer PINNING)."""
 class _File:
     path: str
     may_stage: bool = True
+    lifetime: float = DEFAULT_PIN
+    """Seconds its pin lasts: its own ``diskLifetime``, else dCache's default (2 days)."""
     state: str = "SUBMITTED"
     error: Optional[str] = None
     started: Optional[float] = None
@@ -88,7 +108,9 @@ class _File:
         doc: dict[str, Any] = {"path": self.path, "state": self.state}
         if self.error is not None:
             doc["error"] = self.error
-        for key, t in (("startedAt", self.started), ("finishedAt", self.finished)):
+        # StagedFileInfo: a target that ended without starting shows startedAt = finishedAt.
+        started = self.started if self.started is not None else self.finished
+        for key, t in (("startedAt", started), ("finishedAt", self.finished)):
             if t is not None:
                 doc[key] = _ms(t)
         return doc
@@ -96,12 +118,13 @@ class _File:
 
 @dataclass
 class StageRequest:
-    """One stage request: ``files`` by path, pin ``lifetime`` in seconds, owner ``user``."""
+    """One stage request: ``files`` by path (each with its pin lifetime), owner ``user``, and
+    ``grants`` the restriction of the login that made it (None: unrestricted, a certificate)."""
 
     id: str
     user: str
-    lifetime: float
     files: dict[str, _File]
+    grants: Optional[Grants] = None
     created: float = field(default_factory=time.time)
     started: Optional[float] = None
 
@@ -112,30 +135,47 @@ class StageRequest:
 
     def to_json(self) -> dict[str, Any]:
         """The ``GET /stage/{id}`` document."""
+        # StageRequestInfo: startedAt is createdAt until the bulk service started the request.
         doc: dict[str, Any] = {"id": self.id, "createdAt": _ms(self.created),
+                               "startedAt": _ms(self.started or self.created),
                                "files": [f.to_json() for f in self.files.values()]}
-        if self.started is not None:
-            doc["startedAt"] = _ms(self.started)
         if self.finished:
             doc["completedAt"] = _ms(max((f.finished or self.created)
                                          for f in self.files.values()))
         return doc
 
 
+_REASONS = {403: "Forbidden", 413: "Request Entity Too Large", 429: "Too Many Requests"}
+"""JAX-RS reason phrases of the statuses dCache's frontend answers through a bare
+``WebApplicationException`` (``ForbiddenException``, ``ClientErrorException``): for those its
+``ErrorResponseProvider`` gives the phrase as ``detail`` too, whatever the bulk service said."""
+
+
 def problem(status: int, detail: str) -> web.Response:
-    """An RFC 7807 answer the way dCache writes it (``status`` as a string)."""
-    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": str(status),
-            "detail": detail}
-    return web.json_response(body, status=status, content_type="application/problem+json")
+    """An error the way dCache's ``ErrorResponseProvider`` writes it: RFC 7807 members
+    ``status`` (a string), ``title`` and ``detail``, no ``type``, served as plain
+    ``application/json`` (nothing there sets ``application/problem+json``). 403, 413 and 429
+    carry only their reason phrase."""
+    title = _REASONS.get(status) or HTTPStatus(status).phrase
+    body = {"status": str(status), "title": title,
+            "detail": title if status in _REASONS else detail}
+    return web.json_response(body, status=status)
 
 
 def parse_lifetime(text: Any) -> float:
-    """Seconds of an ISO 8601 ``diskLifetime`` such as ``PT24H`` or ``P2D``; ValueError else."""
-    m = _DURATION.match(text) if isinstance(text, str) else None
-    if m is None or not any(m.groups()):
+    """Seconds of an ISO 8601 ``diskLifetime`` as ``java.time.Duration.parse`` reads it
+    (``PT24H``, ``P2D``...); ValueError for what it refuses (a ``T`` with nothing after it,
+    weeks, months, years, no number at all)."""
+    m = _DURATION.fullmatch(text) if isinstance(text, str) else None
+    if m is None or (m.group(3) or "").upper() == "T" \
+            or not any(m.group(i) for i in (2, 4, 5, 6)):
         raise ValueError(f"invalid diskLifetime {text!r}")
-    d, h, mi, s = (int(g or 0) for g in m.groups())
-    return float(((d * 24 + h) * 60 + mi) * 60 + s)
+    d, h, mi, sec = (int(m.group(i) or 0) for i in (2, 4, 5, 6))
+    frac = float("0." + m.group(7)) if m.group(7) else 0.0
+    if (m.group(6) or "").startswith("-"):
+        frac = -frac
+    seconds = ((d * 24 + h) * 60 + mi) * 60 + sec + frac
+    return -seconds if m.group(1) == "-" else float(seconds)
 
 
 async def _body(request: web.Request, key: str) -> list[Any]:
@@ -148,6 +188,19 @@ async def _body(request: web.Request, key: str) -> list[Any]:
     if not isinstance(items, list):
         raise _Problem(400, f"Request body has no \"{key}\" list")
     return items
+
+
+async def _stage_body(request: web.Request) -> list[Any]:
+    """The ``files`` of a stage request body, checked as ``StageResources.toBulkRequest``
+    does: a JSON object whose only member is a non-empty ``files`` list (400 else)."""
+    files = await _body(request, "files")
+    doc = json.loads(await request.read())
+    if not files:
+        raise _Problem(400, "request contains no files.")
+    others = sorted(k for k in doc if k != "files")
+    if others:
+        raise _Problem(400, f"unrecognized payload element(s): {json.dumps(others)}")
+    return files
 
 
 class _Problem(Exception):
@@ -208,7 +261,7 @@ class TapeFrontend:
     # stage
 
     async def stage(self, request: web.Request) -> web.StreamResponse:
-        files = await _body(request, "files")
+        files = await _stage_body(request)
         self._count("stage", len(files))
         login = self._login(request)
         user = login.user
@@ -216,16 +269,11 @@ class TapeFrontend:
         if stagers is not None and login.claims is None and \
                 not any(f"'{cn}')" in user for cn in stagers):
             raise _Problem(403, "Permission denied: staging is not allowed for this user")
-        unfinished = sum(1 for r in self.requests.values() if r.user == user and not r.finished)
-        if unfinished >= self._core.config.max_requests:
-            raise _Problem(429, f"User has {unfinished} unfinished requests; "
-                                f"the limit is {self._core.config.max_requests}")
-        if len(files) > self._core.config.max_targets:
-            raise _Problem(413, f"Request has {len(files)} targets; at most "
-                                f"{self._core.config.max_targets} are allowed")
-        paths, lifetime = self._stage_targets(files)
-        req = StageRequest(uuid.uuid4().hex, user, lifetime,
-                           {p: _File(p, login.allows(STAGE, p)) for p in paths})
+        self._bulk_limits(user, len(files))
+        targets = self._stage_targets(files)
+        req = StageRequest(str(uuid.uuid4()), user,
+                           {p: _File(p, login.allows(STAGE, p), lifetime)
+                            for p, lifetime in targets.items()}, login.grants())
         self.requests[req.id] = req
         task = asyncio.create_task(self._run(req))
         self._tasks.add(task)
@@ -237,24 +285,51 @@ class TapeFrontend:
                 await hold.wait()
             finally:
                 self.held -= 1
-        location = f"{request.url.origin()}{TAPE_API}/stage/{req.id}"
+        # BulkService: the request's URL prefix (the URL posted to) + "/" + its uuid.
+        location = f"{request.url.with_query(None)}/{req.id}"
         return web.json_response({"requestId": req.id}, status=201,
                                  headers={"Location": location})
 
+    def _bulk_limits(self, user: str, targets: int) -> None:
+        """``BulkService``'s checks of a new bulk request (stage, release): the user's quota of
+        unfinished requests first (429), then the targets of a flat request (413)."""
+        unfinished = sum(1 for r in self.requests.values() if r.user == user and not r.finished)
+        if unfinished >= self._core.config.max_requests:
+            raise _Problem(429, f"User has {unfinished} unfinished requests; "
+                                f"the limit is {self._core.config.max_requests}")
+        if targets > self._core.config.max_targets:
+            raise _Problem(413, f"The number of targets {targets} exceeds maximum "
+                                f"{self._core.config.max_targets} for directory expansion NONE.")
+
     @staticmethod
-    def _stage_targets(files: list[Any]) -> tuple[list[str], float]:
-        paths: list[str] = []
-        lifetime = DEFAULT_PIN
-        for item in files:
-            if not isinstance(item, dict) or not isinstance(item.get("path"), str):
-                raise _Problem(400, "Each file needs a \"path\"")
-            paths.append(fs_path(item["path"]))  # stored resolved, as JdbcRequestTargetDao
+    def _stage_targets(files: list[Any]) -> dict[str, float]:
+        """Pin lifetime by target, as ``StageResources.toBulkRequest`` and ``StageActivity``
+        take them: each path stored resolved (``JdbcRequestTargetDao`` reads it back through
+        ``FsPath``), its ``diskLifetime`` kept under the path as sent and looked up under the
+        resolved one (a path sent as ``/a//b`` gets the default), 400 for a malformed file."""
+        sent: dict[str, float] = {}
+        targets: dict[str, float] = {}
+        for i, item in enumerate(files):
+            if not isinstance(item, dict):
+                raise _Problem(400, f"file object {i} is not a JSON object")
+            if "path" not in item:
+                raise _Problem(400, f"file object {i} has no path.")
+            path = item["path"]
+            if not isinstance(path, str):
+                raise _Problem(400, f"file object {i}: path is not a string")
             if "diskLifetime" in item:
                 try:
-                    lifetime = parse_lifetime(item["diskLifetime"])
+                    sent[path] = parse_lifetime(item["diskLifetime"])
                 except ValueError as e:
                     raise _Problem(400, str(e)) from None
-        return paths, lifetime
+            if "targetedMetadata" in item:
+                meta = item["targetedMetadata"]
+                if not isinstance(meta, dict) or not all(isinstance(v, dict)
+                                                         for v in meta.values()):
+                    raise _Problem(400, f"file object {i}: targetedMetadata is not an object "
+                                        "of objects")
+            targets.setdefault(fs_path(path), DEFAULT_PIN)
+        return {p: sent.get(p, DEFAULT_PIN) for p in targets}
 
     async def _run(self, req: StageRequest) -> None:
         await asyncio.sleep(0)  # a poll right after the POST sees SUBMITTED, as on dCache
@@ -266,7 +341,7 @@ class TapeFrontend:
             return
         f.state, f.started = "STARTED", time.time()
         replica = self._core.file(f.path)
-        error = self._refusal(replica)
+        error = self._refusal(replica, f.path)
         if error is None and replica is not None and not replica.on_disk:
             error = await self._core.recall(replica) if f.may_stage else NO_STAGING
         if f.state == "CANCELLED":
@@ -274,17 +349,18 @@ class TapeFrontend:
         if error is None and f.released:
             error = ABORTED  # the recall went on: the file is on disk, unpinned
         if error is None and replica is not None and replica.on_disk:
-            replica.pins[req.id] = time.time() + req.lifetime
+            replica.pins[req.id] = time.time() + f.lifetime
             f.state = "COMPLETED"
         else:
             f.state, f.error = "FAILED", error or "File was evicted before it could be pinned"
         f.finished = time.time()
         self._core.changed()
 
-    @staticmethod
-    def _refusal(replica: Optional[Replica]) -> Optional[str]:
+    def _refusal(self, replica: Optional[Replica], path: str) -> Optional[str]:
         if replica is None:
-            return "No such file or directory"
+            if self._core.is_dir(path):
+                return NOT_A_FILE  # PinManagerActivity.checkPinnable
+            return f"{NO_SUCH_FILE}: {path}"
         if replica.tape is None:
             return "Cannot stage DISK only files"
         if not replica.readable:
@@ -292,27 +368,37 @@ class TapeFrontend:
         return None
 
     def _request(self, request: web.Request) -> StageRequest:
-        req = self.requests.get(request.match_info["id"])
+        """The stage request the URL names, if the login may act on it: 404 when none is
+        known, 403 (``BulkPermissionDeniedException``) when its login's restriction does not
+        cover this one's or it is another user's (``JdbcBulkRequestStore.isRequestSubject``)."""
+        rid = request.match_info["id"]
+        req = self.requests.get(rid)
         if req is None:
-            raise _Problem(404, f"Stage request {request.match_info['id']} not found")
+            raise _Problem(404, f"request {rid} not found")
+        login = self._login(request)
+        if not subsumed(req.grants, login.grants()) or login.user != req.user:
+            self.auth.count("frontend", 403)
+            raise _Problem(403, rid)
         return req
 
     async def poll(self, request: web.Request) -> web.StreamResponse:
         self._count("poll")
         req = self._request(request)
-        self._require(request, READ_METADATA, req.files)
         return web.json_response(req.to_json())
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
-        req = self._request(request)
-        self._require(request, STAGE, req.files)
+        """As ``StageResources.cancel`` and ``BulkService``: paths resolved as ``FsPath``
+        (any spelling of a target names it); a path not in the request is 400 with the reason
+        in ``title``/``detail`` headers and no body; an empty list cancels the whole request;
+        targets already ended stay as they are."""
         paths = await _body(request, "paths")
+        req = self._request(request)
         self._count("cancel", len(paths))
-        unknown = [p for p in paths if p not in req.files]
-        if unknown:
-            # dCache puts this message in a header and sends no body.
-            return web.Response(status=400, headers={"X-Error": f"{unknown[0]} not in request"})
-        for f in (req.files.values() if not paths else (req.files[p] for p in paths)):
+        resolved = [fs_path(p) if isinstance(p, str) else p for p in paths]
+        if any(p not in req.files for p in resolved):
+            return web.Response(status=400, headers={
+                "title": "File missing from stage request", "detail": "HTTP 400 Bad Request"})
+        for f in (req.files.values() if not paths else (req.files[p] for p in resolved)):
             if f.state not in TERMINAL:
                 f.state, f.finished = "CANCELLED", time.time()
         self._core.changed()
@@ -321,7 +407,6 @@ class TapeFrontend:
     async def delete(self, request: web.Request) -> web.StreamResponse:
         self._count("delete")
         req = self._request(request)
-        self._require(request, STAGE, req.files)
         for f in req.files.values():
             if f.state not in TERMINAL:
                 f.state, f.finished = "CANCELLED", time.time()
@@ -329,16 +414,21 @@ class TapeFrontend:
         return web.Response(status=200)
 
     async def release(self, request: web.Request) -> web.StreamResponse:
-        """As dCache: a fire-and-forget RELEASE bulk request, so always 200 (an unknown id,
-        or a path not in the request, releases nothing). The pin of a target still staging is
-        aborted: the target fails "Operation was aborted" once its recall ends, unpinned."""
+        """As dCache's ``ReleaseResources``: a fire-and-forget RELEASE bulk request, so 200
+        once the bulk service took it (an unknown id, a path not in the request, or another
+        user's request releases nothing), but that request is held to the bulk service's
+        limits like any other (429, then 413). The pin of a target still staging is aborted:
+        the target fails "Operation was aborted" once its recall ends, unpinned."""
         paths = await _body(request, "paths")
         self._count("release", len(paths))
+        if not all(isinstance(p, str) for p in paths):
+            raise _Problem(400, "badly formed json object: paths must be strings")
+        login = self._login(request)
+        self._bulk_limits(login.user, len(paths))
         req = self.requests.get(request.match_info["id"])
-        if req is None:
+        if req is None or req.user != login.user:  # PinManager: not the pin's owner
             return web.Response(status=200)
-        self._require(request, STAGE, req.files)
-        for path in paths:
+        for path in map(fs_path, paths):
             f = req.files.get(path)
             if f is None:
                 continue
@@ -353,24 +443,43 @@ class TapeFrontend:
     # locality
 
     async def archiveinfo(self, request: web.Request) -> web.StreamResponse:
+        """As ``ArchiveInfoResources``: the first 10,000 entries of ``paths`` (any more are
+        dropped without a word, before duplicates are merged), each a string (400 else);
+        each answered under the spelling sent, a directory as ``NONE``
+        (``PoolMonitorV5.getFileLocality``)."""
         paths = await _body(request, "paths")
         self._count("archiveinfo", len(paths))
-        # dCache does not refuse more: it silently answers the first 10,000 distinct paths.
-        distinct = list(dict.fromkeys(p for p in paths if isinstance(p, str)))[:ARCHIVEINFO_LIMIT]
+        first = paths[:ARCHIVEINFO_LIMIT]
+        if not all(isinstance(p, str) for p in first):
+            raise _Problem(400, "badly formed json object: paths must be strings")
         login = self._login(request)
         answer: list[dict[str, str]] = []
-        for path in distinct:
+        for path in dict.fromkeys(first):
+            resolved = fs_path(path)
             replica = self._core.file(path)
-            error = self.path_errors.take(fs_path(path))
+            error = self.path_errors.take(resolved)
             if error is not None:
                 answer.append({"path": path, "error": error})
-            elif not login.allows(READ_METADATA, fs_path(path)):
+            elif not login.allows(READ_METADATA, resolved):
                 answer.append({"path": path, "error": PERMISSION_DENIED})
-            elif replica is None:
-                answer.append({"path": path, "error": "No such file or directory"})
-            else:
+            elif replica is not None:
                 answer.append({"path": path, "locality": replica.archive_locality})
+            elif self._core.is_dir(resolved):
+                answer.append({"path": path, "locality": "NONE"})
+            else:
+                answer.append({"path": path, "error": f"{NO_SUCH_FILE}: {resolved}"})
         return web.json_response(answer)
+
+    async def discovery(self, request: web.Request) -> web.StreamResponse:
+        """``/.well-known/wlcg-tape-rest-api``: dCache's frontend serves the same document as
+        its doors (``WellKnownWlcgProducerFactory``, one file for every service)."""
+        self._count("discovery")
+        if not self._core.config.discovery:
+            return web.Response(status=404, text="File not found\n")
+        return web.json_response({
+            "sitename": self._core.config.sitename, "description": "prestaged dCache emulator",
+            "endpoints": [{"uri": f"{request.url.origin()}{TAPE_API}", "version": "v1",
+                           "metadata": {}}]})
 
     async def namespace(self, request: web.Request) -> web.StreamResponse:
         self._count("namespace")
@@ -383,7 +492,7 @@ class TapeFrontend:
             if request.query.get("locality") == "true":
                 doc["fileLocality"] = replica.file_locality
             return web.json_response(doc)
-        if any(p.startswith(path.rstrip("/") + "/") for p in self._core.files):
+        if self._core.is_dir(path):
             doc = {"fileType": "DIR"}
             if request.query.get("locality") == "true":
                 doc["fileLocality"] = "NONE"
@@ -406,7 +515,8 @@ async def _gate(request: web.Request, handler: Any) -> web.StreamResponse:
         return Faults.answer(request, fault)
 
     async def login_then(request: web.Request) -> web.StreamResponse:
-        login = frontend.auth.login(request, "frontend")
+        # The discovery document is served to anyone (a bad token still fails first).
+        login = frontend.auth.login(request, "frontend", anonymous=request.path == DISCOVERY)
         if isinstance(login, web.Response):
             return login
         frontend._logins[id(request)] = login
@@ -442,4 +552,5 @@ def frontend_app(frontend: TapeFrontend) -> web.Application:
     r.add_delete(TAPE_API + "/stage/{id}", frontend.delete)
     r.add_post(TAPE_API + "/release/{id}", frontend.release)
     r.add_get("/api/v1/namespace/{path:.*}", frontend.namespace)
+    r.add_get(DISCOVERY, frontend.discovery)
     return app

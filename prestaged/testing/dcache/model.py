@@ -50,7 +50,7 @@ class Locality(str, enum.Enum):
     DISK = "disk"  # disk only (precious; never evicted, cannot be staged)
     TAPE = "tape"  # tape only (NEARLINE)
     DISK_AND_TAPE = "disk+tape"  # cached replica of a tape file
-    LOST = "lost"  # no readable replica: dCache reports UNAVAILABLE
+    LOST = "lost"  # disk-only, no pool up: dCache reports UNAVAILABLE, cannot stage it
 
 
 @dataclass(frozen=True)
