@@ -179,6 +179,17 @@ class CampaignRepository:
             raise LeaseLost(f"campaign {campaign}: this daemon's lease was lost (taken over by "
                             "another member after it expired); nothing changed")
 
+    def still_ours(self, campaign: str) -> None:
+        """``LeaseLost`` unless ``owner`` still holds ``campaign``'s lease (not taken over by
+        another member; an expired lease nobody took counts). The runner asks before each
+        command it runs outside a transition (``complete``, a release): a daemon stopped past
+        its lease (SIGSTOP, a VM paused) ran them on waking, beside the member that had taken
+        the campaign over, before its lease keeper had noticed."""
+        if self.owner is None:
+            return
+        with self.store.transaction() as conn:
+            self._check_lease(conn, campaign, strict=False)
+
     def _moved(self, campaign: str, frm: Optional[SubmissionState], to: SubmissionState,
                since: float) -> None:
         if self.on_move is not None:
