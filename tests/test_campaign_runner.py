@@ -429,7 +429,7 @@ async def test_a_launch_is_recorded_by_its_launcher_after_a_takeover(
     the campaign over and marks the submission launch_unknown. The command then launches job
     1.0@jobsub01. A's record of it was refused (its lease was gone) and dropped: the launch
     stayed launch_unknown without its job id, and a release submitted the slice again. A's
-    record now replaces B's guess, job id and all."""
+    record now replaces B's guess, job id and all, and wakes B to poll it."""
     from prestaged.campaign.repository import CampaignRepository, SubmissionState
     from prestaged.state.cluster import claim_campaign
 
@@ -450,10 +450,15 @@ async def test_a_launch_is_recorded_by_its_launcher_after_a_takeover(
         go.touch()
         await asyncio.wait_for(running, 60)
         state, job_id, reason, states = submission(store)
+        with store.transaction() as conn:
+            poked = conn.execute("SELECT poked FROM campaigns WHERE name = 'c'").fetchone()[0]
     assert (state, job_id) == ("submitted", "1.0@jobsub01")
     assert reason == "sh exited 0, job id 1.0@jobsub01 (recorded by its launcher over " \
                      "launch_unknown)"
     assert states[-2:] == ["launch_unknown", "submitted"]
+    # B, whose pass ended on the launch_unknown, is woken to poll it (soak: it waited for
+    # daemon.campaign_check, the submission submitted and nobody polling its complete).
+    assert poked is not None
 
 
 async def test_a_launch_is_recorded_once_the_state_answers_again(

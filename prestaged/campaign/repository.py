@@ -650,6 +650,13 @@ class CampaignRepository:
             return frm, str(row[3] or "")
 
         frm, new, why, since = self._write(sub, fields, judge, lease=None)
+        if frm is S.LAUNCH_UNKNOWN and new is not frm:
+            # The member that guessed launch_unknown (it holds the campaign now) ended its
+            # pass and idles until an operator acts or daemon.campaign_check passes (5 min):
+            # wake it, as an action would, to poll the launch's complete command.
+            from prestaged.state.cluster import poke_campaign
+
+            poke_campaign(self.store, sub.campaign)
         if new is frm:
             log.error("%s/%s #%d %s: %s, but it was %s meanwhile (%s): the slice may run "
                       "twice; the result is kept on #%d", sub.campaign, sub.stage, sub.id,
