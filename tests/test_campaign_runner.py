@@ -429,7 +429,7 @@ async def test_a_launch_is_recorded_by_its_launcher_after_a_takeover(
     the campaign over and marks the submission launch_unknown. The command then launches job
     1.0@jobsub01. A's record of it was refused (its lease was gone) and dropped: the launch
     stayed launch_unknown without its job id, and a release submitted the slice again. A's
-    record now replaces B's guess, job id and all."""
+    record now replaces B's guess, job id and all, and wakes B to poll it."""
     from prestaged.campaign.repository import CampaignRepository, SubmissionState
     from prestaged.state.cluster import claim_campaign
 
@@ -450,10 +450,15 @@ async def test_a_launch_is_recorded_by_its_launcher_after_a_takeover(
         go.touch()
         await asyncio.wait_for(running, 60)
         state, job_id, reason, states = submission(store)
+        with store.transaction() as conn:
+            poked = conn.execute("SELECT poked FROM campaigns WHERE name = 'c'").fetchone()[0]
     assert (state, job_id) == ("submitted", "1.0@jobsub01")
     assert reason == "sh exited 0, job id 1.0@jobsub01 (recorded by its launcher over " \
                      "launch_unknown)"
     assert states[-2:] == ["launch_unknown", "submitted"]
+    # B, whose pass ended on the launch_unknown, is woken to poll it (soak: it waited for
+    # daemon.campaign_check, the submission submitted and nobody polling its complete).
+    assert poked is not None
 
 
 async def test_a_launch_is_recorded_once_the_state_answers_again(
@@ -509,3 +514,83 @@ async def test_a_gate_stopped_for_credentials_stops_the_run_and_keeps_the_slice_
     assert _states(store) == ["prestaging"]
     result = await run(cfg, store, tmp_path)
     assert result.exit_code == 0 and _states(store) == ["completed"]
+
+
+def _take_over(store: Store) -> None:
+    """What a member B does once A's lease on campaign ``c`` expired: claims it."""
+    with store.transaction() as conn:
+        conn.execute("UPDATE campaigns SET lease_owner = 'B' WHERE name = 'c'")
+
+
+def _count(path: Path) -> int:
+    return len(path.read_text().split()) if path.exists() else 0
+
+
+async def _lines(path: Path, n: int) -> None:
+    deadline = time.monotonic() + 60
+    while await asyncio.to_thread(_count, path) < n:
+        assert time.monotonic() < deadline, f"{path} never had {n} lines"
+        await asyncio.sleep(0.02)  # polling a command's record with a deadline
+
+
+async def test_a_member_that_lost_the_lease_runs_no_more_complete_polls(
+        tmp_path: Path, make_pg_url: Any) -> None:
+    """Daemon A polls a submission's complete command; A is frozen (SIGSTOP) past its lease
+    and B takes the campaign over and polls it too. On waking, A ran its next poll before its
+    lease keeper noticed, beside B (soak: complete run by both). A now asks for its lease
+    before each poll: it runs none once the campaign is B's, and its pass ends."""
+    from prestaged.campaign.repository import CampaignRepository
+    from prestaged.state.cluster import claim_campaign
+
+    script = tmp_path / "counting.py"
+    script.write_text(COUNTING)
+    polls = tmp_path / "polls"
+    cfg = campaign(tmp_path, submit="true", complete=q(sys.executable, script, polls, 3),
+                   defaults='complete_poll = "0.1s"\ncomplete_poll_max = "0.1s"')
+    with Store(tmp_path / "anchor.db", url=make_pg_url()) as store:
+        CampaignRepository(store).register(cfg, "(test)")
+        assert claim_campaign(store, "c", "A", 60.0)[0]
+        running = asyncio.ensure_future(run_campaign(
+            cfg, store, gate=passing_gate, open_catalog=LocalCatalog,
+            workdir=tmp_path / "work", owner="A"))
+        await _lines(polls, 1)
+        await asyncio.to_thread(_take_over, store)
+        result = await asyncio.wait_for(running, 60)
+        state, _, _, _ = submission(store)
+    assert _count(polls) == 1  # the poll under way when B took over, alone
+    assert state == "submitted" and result.exit_code == 1  # B's to poll and complete
+
+
+async def test_a_member_that_lost_the_lease_during_complete_releases_nothing(
+        tmp_path: Path, make_pg_url: Any) -> None:
+    """The lease is lost while the complete command runs (it then exits 0): the pins of the
+    slice are B's to release, after B's own complete, and A neither releases them nor
+    records the submission completed."""
+    from prestaged.campaign.repository import CampaignRepository
+    from prestaged.state.cluster import claim_campaign
+
+    complete, go = _gated_submit(tmp_path)
+    cfg = campaign(tmp_path, submit="true", complete=complete)
+    released: list[str] = []
+
+    async def release(catalog: Catalog) -> Any:
+        released.append(catalog.definition)
+        raise AssertionError("released by a member without the lease")
+
+    with Store(tmp_path / "anchor.db", url=make_pg_url()) as store:
+        CampaignRepository(store).register(cfg, "(test)")
+        assert claim_campaign(store, "c", "A", 60.0)[0]
+        cfg = dataclasses.replace(cfg, stage=[dataclasses.replace(
+            cfg.stage[0], release_after_complete=True)])
+        running = asyncio.ensure_future(run_campaign(
+            cfg, store, gate=passing_gate, open_catalog=LocalCatalog,
+            workdir=tmp_path / "work", release=release, owner="A"))
+        deadline = time.monotonic() + 60
+        while await asyncio.to_thread(_states, store) != ["submitted"]:
+            assert time.monotonic() < deadline, "never submitted"
+            await asyncio.sleep(0.02)  # polling the state with a deadline
+        await asyncio.to_thread(_take_over, store)
+        go.touch()
+        result = await asyncio.wait_for(running, 60)
+        state, _, _, _ = submission(store)
+    assert released == [] and state == "submitted" and result.exit_code == 1

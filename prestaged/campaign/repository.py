@@ -179,6 +179,17 @@ class CampaignRepository:
             raise LeaseLost(f"campaign {campaign}: this daemon's lease was lost (taken over by "
                             "another member after it expired); nothing changed")
 
+    def still_ours(self, campaign: str) -> None:
+        """``LeaseLost`` unless ``owner`` still holds ``campaign``'s lease (not taken over by
+        another member; an expired lease nobody took counts). The runner asks before each
+        command it runs outside a transition (``complete``, a release): a daemon stopped past
+        its lease (SIGSTOP, a VM paused) ran them on waking, beside the member that had taken
+        the campaign over, before its lease keeper had noticed."""
+        if self.owner is None:
+            return
+        with self.store.transaction() as conn:
+            self._check_lease(conn, campaign, strict=False)
+
     def _moved(self, campaign: str, frm: Optional[SubmissionState], to: SubmissionState,
                since: float) -> None:
         if self.on_move is not None:
@@ -639,6 +650,13 @@ class CampaignRepository:
             return frm, str(row[3] or "")
 
         frm, new, why, since = self._write(sub, fields, judge, lease=None)
+        if frm is S.LAUNCH_UNKNOWN and new is not frm:
+            # The member that guessed launch_unknown (it holds the campaign now) ended its
+            # pass and idles until an operator acts or daemon.campaign_check passes (5 min):
+            # wake it, as an action would, to poll the launch's complete command.
+            from prestaged.state.cluster import poke_campaign
+
+            poke_campaign(self.store, sub.campaign)
         if new is frm:
             log.error("%s/%s #%d %s: %s, but it was %s meanwhile (%s): the slice may run "
                       "twice; the result is kept on #%d", sub.campaign, sub.stage, sub.id,

@@ -398,9 +398,12 @@ class _Runner:
         polls = 0
         while True:
             argv = render(stage.complete, self._values(stage, sub))
+            # A command per poll, run by the lease's holder alone (LeaseLost ends the pass).
+            await asyncio.to_thread(self.repo.still_ours, sub.campaign)
             res = await run_argv(argv, d.submit_timeout)
             polls += 1
             if res.exit_code == 0:
+                await asyncio.to_thread(self.repo.still_ours, sub.campaign)
                 released = await self._release(stage, sub)
                 return await self._move(sub, S.COMPLETED,
                                         f"{argv[0]} exited 0 after {polls} poll(s){released}")
@@ -446,6 +449,8 @@ class _Runner:
             now = time.monotonic()
             if self.rewarm is not None and now >= self._next_touch:
                 from prestaged.catalog.local import LocalCatalog
+
+                await asyncio.to_thread(self.repo.still_ours, sub.campaign)
 
                 catalog = LocalCatalog(str(self._values(stage, sub)["urls_file"]))
                 log.info("%s/%s #%d: keep-warm: touching the slice again", sub.campaign,
