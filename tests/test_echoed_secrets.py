@@ -4,6 +4,7 @@ printed in the breaker's error, ``--json`` and the state (``model.hide_secret``/
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,9 +90,10 @@ def test_a_token_quoted_in_a_reason_phrase_is_never_shown(
     assert res.returncode in (1, 3, 5), res.stderr
     json.loads(res.stdout)
     for piece in (token[:40], token.rpartition(".")[2]):
-        assert piece not in res.stdout and piece not in res.stderr
-        for f in tmp_path.glob("s.db*"):
-            assert piece.encode() not in f.read_bytes(), f.name
+        shown = piece in res.stdout + res.stderr  # not in the assert: it would print the token
+        assert not shown, "a piece of the token is in the output"
+        stored = [f.name for f in tmp_path.glob("s.db*") if piece.encode() in f.read_bytes()]
+        assert not stored, f"a piece of the token is in {stored}"
 
 
 def test_control_characters_a_server_sends_are_escaped_in_errors() -> None:
@@ -101,3 +103,61 @@ def test_control_characters_a_server_sends_are_escaped_in_errors() -> None:
         "HTTP 500 \\x1b[2Jboom\\x00")
     assert str(CatalogError("SAM answered for a\x16\x02b\nc\x9b31m")) == (
         "SAM answered for a\\x16\\x02b\\x0ac\\x9b31m")
+
+
+def test_scrub_hides_basic_credentials_but_not_prose_or_challenges() -> None:
+    """``Basic <base64 of user:password>`` (padded or not, any case) is hidden; "Basic auth",
+    a ``Basic realm=...`` challenge and base64 holding no ":" are left alone."""
+    assert scrub("Authorization: Basic YWxpY2U6ZmlsZXB3Nzc= refused") == (
+        "Authorization: Basic *** refused")
+    assert scrub("{'Authorization': 'basic YWxpY2U6ZmlsZXB3Nzc'}") == (
+        "{'Authorization': 'basic ***'}")
+    for kept in ("use Basic auth", 'WWW-Authenticate: Basic realm="dcache"',
+                 "basic authentication", "Basic dGVzdA=="):
+        assert scrub(kept) == kept
+
+
+class _HeaderEcho(AppServer):
+    """A storage refusing every file with the request's whole Authorization header in its
+    reason phrase and body (a proxy's or a debugging server's error page)."""
+
+    def __init__(self, pki: TestPKI) -> None:
+        super().__init__(pki.server_ssl_context(require_client_cert=False), "127.0.0.1", 0)
+
+    def _app(self) -> web.Application:
+        async def refuse(request: web.Request) -> web.Response:
+            if request.path.startswith("/.well-known/"):
+                return web.Response(status=404)
+            sent = request.headers.get("Authorization", "none")
+            return web.Response(status=403, reason=f"denied: {sent}", text=f"you sent {sent}")
+
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", refuse)
+        return app
+
+    @property
+    def base_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+
+def test_a_url_password_quoted_back_as_basic_credentials_is_never_shown(
+        pki: TestPKI, proxy: Path, tmp_path: Path) -> None:
+    """A file URL's user:password goes out as ``Authorization: Basic``; a storage quoting that
+    header had the password (base64) in the report, --json and the state."""
+    basic = base64.b64encode(b"alice:filepw77").decode()
+    with ThreadedAppServer(lambda: _HeaderEcho(pki), "header echo") as srv:
+        host = srv.base_url[len("https://"):]
+        listed = tmp_path / "l.txt"
+        listed.write_text("".join(f"https://alice:filepw77@{host}/f{i}\n" for i in range(2)))
+        for extra in ((), ("--json",)):
+            res = run_cli("warm", str(listed), "--proxy", str(proxy), "--ca-dir",
+                          str(pki.ca_dir), "--auth", "proxy", "--state",
+                          str(tmp_path / "s.db"), "--force", "-v", *extra)
+            assert res.returncode in (1, 3, 5), res.stderr
+            assert "denied: Basic ***" in res.stdout + res.stderr
+            # Not in the asserts: a failure would print them.
+            leaked = [i for i, piece in enumerate((basic, "filepw77"))
+                      if piece in res.stdout + res.stderr]
+            assert not leaked, f"secret #{leaked} in the output"
+    stored = [f.name for f in tmp_path.glob("s.db*") if basic.encode() in f.read_bytes()]
+    assert not stored, f"the base64 user:password is in {stored}"
