@@ -153,11 +153,49 @@ def test_a_url_password_quoted_back_as_basic_credentials_is_never_shown(
             res = run_cli("warm", str(listed), "--proxy", str(proxy), "--ca-dir",
                           str(pki.ca_dir), "--auth", "proxy", "--state",
                           str(tmp_path / "s.db"), "--force", "-v", *extra)
-            assert res.returncode in (1, 3, 5), res.stderr
-            assert "denied: Basic ***" in res.stdout + res.stderr
             # Not in the asserts: a failure would print them.
             leaked = [i for i, piece in enumerate((basic, "filepw77"))
                       if piece in res.stdout + res.stderr]
             assert not leaked, f"secret #{leaked} in the output"
+            assert res.returncode in (1, 3, 5), res.stderr
+            assert "denied: Basic ***" in res.stdout + res.stderr
     stored = [f.name for f in tmp_path.glob("s.db*") if basic.encode() in f.read_bytes()]
     assert not stored, f"the base64 user:password is in {stored}"
+
+
+class _Impostor(AppServer):
+    """Something else on daemon.listen: refuses every call, quoting the Authorization header
+    it got in its JSON error."""
+
+    def __init__(self) -> None:
+        super().__init__(None, "127.0.0.1", 0)
+
+    def _app(self) -> web.Application:
+        async def refuse(request: web.Request) -> web.Response:
+            sent = request.headers.get("Authorization", "none")
+            return web.json_response({"error": f"{sent} is not welcome here"}, status=401)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", refuse)
+        return app
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def test_the_daemon_token_quoted_back_to_the_cli_is_never_shown(tmp_path: Path) -> None:
+    """The CLI sends daemon.token_file's token; a server on daemon.listen quoting it in its
+    refusal had it printed (a token of words, without a digit, is no Bearer look-alike)."""
+    api_token = "correct-horse-battery-staple-zebra"
+    token_file = tmp_path / "api-token"
+    token_file.write_text(api_token + "\n")
+    token_file.chmod(0o600)
+    with ThreadedAppServer(_Impostor, "impostor") as srv:
+        config = tmp_path / "c.toml"
+        config.write_text(f'[daemon]\nlisten = "{srv.base_url[len("http://"):]}"\n'
+                          f'token_file = "{token_file}"\n')
+        res = run_cli("status", "--config", str(config), "-v")
+    leaked = api_token in res.stdout + res.stderr  # not in the assert: it would print it
+    assert not leaked, "the daemon token is in the output"
+    assert res.returncode == 2 and "refused the call: Bearer *** is not welcome" in res.stderr
