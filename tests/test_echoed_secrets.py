@@ -226,3 +226,18 @@ def test_a_bug_in_the_cli_prints_its_traceback_without_credentials(
     assert res.returncode == 1 and res.stderr.startswith("Traceback (most recent call last)")
     assert "RuntimeError: GET https://***@h/f?authz=*** failed with Authorization: Bearer ***" in (
         res.stderr)
+
+
+def test_scrub_hides_a_pem_private_key_whole_or_its_cut_tail(pki: TestPKI,
+                                                             tmp_path: Path) -> None:
+    """A proxy file printed (a key block, or the end of one whose start a tail cut off) keeps
+    its certificates but not its key's body."""
+    text = pki.make_proxy(tmp_path / "x509up").read_text()
+    key = text.split("-----BEGIN PRIVATE KEY-----")[1].split("-----END")[0].strip()
+    body = key.splitlines()[1]  # a line of the key, as a secret piece
+    whole, tail = scrub(f"cat said:\n{text}done"), scrub(text[text.index(body):])
+    for shown in (whole, tail):
+        leaked = body in shown  # not in the assert: a failure would print it
+        assert not leaked, "a line of the private key is shown"
+        assert "-----END PRIVATE KEY-----\n-----BEGIN CERTIFICATE-----" in shown
+    assert whole.startswith("cat said:\n-----BEGIN CERTIFICATE-----") and "***" in whole
