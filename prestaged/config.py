@@ -694,6 +694,14 @@ class StateConfig:
     every submission final) for ``campaign list/show``, then drops it and its history
     (0: keep it for ever; ``prestaged campaign forget`` drops one at once)."""
 
+    def __repr__(self) -> str:
+        # The config's repr (a traceback's, a debugger's, a test failure's) must not carry the
+        # password of state.url: the dataclass one, but with the URL as redacted_url shows it.
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.url is not None:
+            shown["url"] = redacted_url(self.url)
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
     def __post_init__(self) -> None:
         if self.path is not None and self.url is not None:
             raise ConfigError("state.path and state.url are both set: set path for a SQLite "

@@ -14,6 +14,7 @@ report) it goes through ``error_text``: userinfo redacted, whitespace folded, at
 
 from __future__ import annotations
 
+import base64
 import enum
 import functools
 import re
@@ -197,15 +198,52 @@ _BEARER = re.compile(r"(\bbearer\s+)(?=[A-Za-z0-9._~+/-]*[0-9])[A-Za-z0-9._~+/-]
                      r"(?![A-Za-z0-9._~+/=-])", re.IGNORECASE)
 
 
+# HTTP Basic credentials as a header or a server's words write them: ``Basic <base64 of
+# user:password>``. aiohttp sends a URL's ``user:password@`` (a file's, or a redirect's
+# Location) that way, and a storage quoting the request's headers in its refusal put them in
+# the report and the state. Only a token that decodes to something holding a ":" is hidden:
+# not prose ("Basic auth", "basic authentication") nor a challenge ("Basic realm=...").
+_BASIC = re.compile(r"(\bbasic\s+)([A-Za-z0-9+/]{4,}={0,2})(?![A-Za-z0-9+/=._~-])",
+                    re.IGNORECASE)
+
+
+def _basic(match: re.Match[str]) -> str:
+    token = match.group(2)
+    try:  # a server may quote it without its padding
+        decoded = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
+    except ValueError:  # binascii.Error: not base64 (a word, a wrong length)
+        return match.group(0)
+    return match.group(1) + "***" if b":" in decoded else match.group(0)
+
+
+# A PEM private key (a proxy file's, a host key's) a command or a server prints: the block,
+# or what of it a tail kept (its start cut off: up to its END line).
+_PEM_KEY = re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?"
+                      r"(?:-----END \1PRIVATE KEY-----|\Z)", re.DOTALL)
+_PEM_KEY_END = re.compile(r"\A.*?(-----END [A-Z0-9 ]*PRIVATE KEY-----)", re.DOTALL)
+
+
+def _pem_keys(text: str) -> str:
+    text = _PEM_KEY.sub(r"-----BEGIN \1PRIVATE KEY-----***-----END \1PRIVATE KEY-----", text)
+    if text.count("PRIVATE KEY-----") % 2:  # an END without its BEGIN: the start was cut
+        text = _PEM_KEY_END.sub(r"***\1", text, count=1)
+    return text
+
+
 def scrub(text: str) -> str:
     """``text`` (a server's words, an error, a log line) without the secrets ``hide_secret``
     was given (nor a run of 16 or more base64url characters cut from one: a server quoting
     the start of a signature), anything shaped like a JWT (or its first part), nor what
-    follows ``Bearer ``, each replaced by ``***``."""
+    follows ``Bearer `` or (a ``user:password`` in base64) ``Basic ``, nor a PEM private
+    key's body, each replaced by ``***``."""
     if "eyJ" in text:
         text = _JWT.sub("***", text)
     if "earer" in text or "EARER" in text:
         text = _BEARER.sub(r"\1***", text)
+    if "asic" in text or "ASIC" in text:
+        text = _BASIC.sub(_basic, text)
+    if "PRIVATE KEY-----" in text:
+        text = _pem_keys(text)
     for secret in list(_SECRETS):
         if secret in text:
             text = text.replace(secret, "***")

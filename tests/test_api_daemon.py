@@ -313,6 +313,70 @@ async def test_a_run_that_dies_of_a_bug_is_an_error_and_the_daemon_goes_on(
         await asyncio.to_thread(store.close)
 
 
+
+class _LeakyBug(_Catalog):
+    """A catalog whose listing dies of a bug whose words quote credentials."""
+
+    async def files(self) -> AsyncIterator[FileRef]:
+        """Raises at once, quoting a URL's password, a query token and a header."""
+        raise RuntimeError("GET https://u:urlpw-91x@h/f?authz=QUERYTOKEN-7351 failed with "
+                           "Authorization: Bearer apitoken9z8y7x6w5v4u")
+        yield  # pragma: no cover - makes this an async generator
+
+
+async def test_a_bug_quoting_credentials_is_answered_without_them(tmp_path: Path) -> None:
+    """A run's internal error (its repr, answered by /api/v1/runs) once quoted a URL's
+    password, a query token and a bearer header as the bug's words had them."""
+    store = Store(tmp_path / "state.db", flush_interval=0.05).open()
+    tasks: set[asyncio.Task[Any]] = set()
+    runs = _runs(store, _GatedToucher(), Metrics(), tasks)
+    try:
+        broken, _ = runs.submit(_LeakyBug("d", 1), origin="api")
+        await asyncio.wait_for(broken.finished.wait(), DEADLINE)
+        answer = json.dumps(broken.to_dict())
+        assert "internal error: RuntimeError('GET https://***@h/f?authz=***" in answer
+        leaked = [s for s in ("urlpw-91x", "QUERYTOKEN-7351", "apitoken9z8y7x6w5v4u")
+                  if s in answer]
+        assert not leaked, f"{len(leaked)} secrets in the answer"
+    finally:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.to_thread(store.close)
+
+
+async def test_a_campaign_bug_quoting_credentials_is_shown_without_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A campaign pass's internal error (its repr, answered by /api/v1/campaigns) once quoted
+    a URL's password, a query token and a bearer header as the bug's words had them."""
+    from types import SimpleNamespace
+
+    from prestaged.campaign.spec import CampaignConfig
+    from prestaged.config import Config
+    from prestaged.service import campaigns as daemon_campaigns
+
+    async def leaky_bug(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("GET https://u:urlpw-91x@h/f?authz=QUERYTOKEN-7351 failed with "
+                           "Authorization: Bearer apitoken9z8y7x6w5v4u")
+
+    monkeypatch.setattr(daemon_campaigns, "run_campaign", leaky_bug)
+    context: Any = SimpleNamespace(cfg=Config(), gate=lambda *a, **k: None,
+                                   rewarm=lambda *a, **k: None, release=lambda *a, **k: None)
+    settings: Any = None
+    store = Store(tmp_path / "state.db", flush_interval=0.05).open()
+    try:
+        service = daemon_campaigns.DaemonCampaigns(
+            store, _GatedToucher(), Metrics(), context=lambda: context,
+            settings=lambda: settings, open_catalog=lambda kind, name: _Catalog(name, 1),
+            spawn=asyncio.ensure_future, draining=lambda: False)
+        entry = daemon_campaigns.CampaignEntry(CampaignConfig(name="c"))
+        await service._pass(entry)
+        answer = json.dumps(entry.to_dict())
+        assert "internal error: RuntimeError('GET https://***@h/f?authz=***" in answer
+        leaked = [s for s in ("urlpw-91x", "QUERYTOKEN-7351", "apitoken9z8y7x6w5v4u")
+                  if s in answer]
+        assert not leaked, f"{len(leaked)} secrets in the answer"
+    finally:
+        await asyncio.to_thread(store.close)
+
 # --- the state writer killed ------------------------------------------------------------------
 
 async def _kill_the_writer() -> None:

@@ -15,6 +15,7 @@ import pytest
 from campaign_fakes import LOOPS, reaped, run_on
 
 from prestaged.campaign.commands import TAIL, CommandResult, _Capture, _kill, run_argv
+from prestaged.testing.pki import TestPKI
 
 # Prints a job id, leaves `sleep 60` in the background holding stdout (as jobsub and condor
 # tools do), writes its pid to $1 and exits 0.
@@ -134,3 +135,14 @@ def test_commands_do_not_get_the_state_databases_password(
     res = run_on("asyncio", lambda: run_argv(
         ["sh", "-c", 'echo "[${PGPASSWORD-unset}] [$BEARER_TOKEN_FILE]"'], timeout=20))
     assert res.output_tail == "[unset] [/run/user/1/bt_u1]\n"
+
+
+def test_a_proxy_a_command_prints_is_kept_without_its_key(pki: TestPKI, tmp_path: Path) -> None:
+    """A submit command printing the proxy file (a debugging cat, set -x) had its private key
+    kept in the output tail, which the state stores and the API answers."""
+    proxy = pki.make_proxy(tmp_path / "x509up")
+    key = proxy.read_text().split("-----BEGIN PRIVATE KEY-----")[1].split("-----END")[0]
+    res = run_on("asyncio", lambda: run_argv(["cat", str(proxy)], timeout=20))
+    leaked = [line for line in key.split() if len(line) >= 40 and line in res.output_tail]
+    assert not leaked, f"{len(leaked)} lines of the private key kept"
+    assert res.exit_code == 0 and "-----BEGIN CERTIFICATE-----" in res.output_tail

@@ -412,3 +412,17 @@ def test_a_state_path_in_a_directory_that_does_not_exist_is_refused(
     assert f"state {typo}: no directory {typo.parent} (a new state is made only in an " \
            "existing directory" in err, err
     assert not (tmp_path / "prestagd").exists()
+
+
+def test_the_config_repr_hides_the_state_url_password(tmp_path: Path) -> None:
+    """repr() of the loaded config (a traceback's, a debugger's) showed state.url's password;
+    the user, host, database and other parameters stay."""
+    config = tmp_path / "c.toml"
+    config.write_text('[state]\nurl = "postgresql://app:pg%40pw-3141@db/state?sslmode=require"\n')
+    cfg = load_config(config)
+    # Booleans asserted, not the values: a failure would print the password.
+    leaked = "pg%40pw-3141" in repr(cfg) or "pg%40pw-3141" in str(cfg.state)
+    assert not leaked, "the password is in the repr"
+    kept = cfg.state.url == "postgresql://app:pg%40pw-3141@db/state?sslmode=require"
+    assert kept, "state.url itself changed"
+    assert "url='postgresql://app:***@db/state?sslmode=require'" in repr(cfg)

@@ -11,6 +11,7 @@ import argparse
 import logging
 import re
 import sys
+import traceback
 from typing import Optional
 
 from prestaged.cli.common import Command
@@ -41,6 +42,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("prestaged: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception:
+        # A bug keeps its traceback, but not the secrets its words may quote (a library's
+        # error holding a URL's password, an ?authz= token, an Authorization header): as the
+        # log lines are (_Scrubbing), and with Python's own exit status for it.
+        print(scrub(redact(traceback.format_exc())), end="", file=sys.stderr)
+        return 1
 
 
 def _load(args: argparse.Namespace) -> Config:

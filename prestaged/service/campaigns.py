@@ -54,6 +54,7 @@ from prestaged.errors import EXIT_OK, ConflictError, NotFoundError, PrestagedErr
 from prestaged.gate import GateFn, RewarmFn
 from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics
+from prestaged.model import error_text
 from prestaged.pacing import Rates
 from prestaged.pins import ReleaseFn
 from prestaged.service.cluster import ClusterMember, keep_lease
@@ -456,7 +457,8 @@ class DaemonCampaigns:
             log.error("campaign %s: %s; trying again in %.0f s or on the next action",
                       name, e, self._context().cfg.daemon.campaign_check)
         except Exception as e:  # a bug: keep the daemon and the other campaigns going
-            entry.status, entry.detail = "waiting", f"internal error: {e!r}"
+            # Answered by the API: a bug's words may quote a URL's password or a header.
+            entry.status, entry.detail = "waiting", f"internal error: {error_text(repr(e))}"
             log.exception("campaign %s: internal error", name)
         else:
             entry.stages = dict(result.stages)

@@ -38,6 +38,7 @@ from prestaged.errors import (
     PrestagedError,
     error_for_exit,
 )
+from prestaged.model import hide_secret
 from prestaged.service.tls import client_context, is_loopback, server_host, speaks_tls
 
 __all__ = ["base_url", "call"]
@@ -78,12 +79,17 @@ def _token(cfg: Config, *, required: bool) -> Optional[str]:
     if path is None:
         return None
     try:
-        return path.read_text().strip() or None
+        token = path.read_text().strip() or None
     except OSError as e:
         if not required:
             return None
         raise ConfigError(f"daemon.token_file {path}: cannot read: {e.strerror} (mutating "
                           "calls to the daemon need its bearer token)") from None
+    if token is not None:
+        # Whatever answers daemon.listen (not always our daemon) may quote it back in the
+        # error we print; the daemon hides it likewise.
+        hide_secret(token)
+    return token
 
 
 def call(cfg: Config, method: str, path: str, body: Optional[dict[str, Any]] = None,

@@ -23,6 +23,7 @@ from prestaged.catalog import Catalog
 from prestaged.errors import BusyError, PrestagedError
 from prestaged.locality import TapeAccess
 from prestaged.metrics import Metrics, run_result
+from prestaged.model import error_text
 from prestaged.pacing import Rates
 from prestaged.runner import run_definition
 from prestaged.state.store import Store
@@ -241,7 +242,8 @@ class Runs:
             self._metrics.run_finished("aborted")
             log.error("warm of %s failed: %s", info.definition, e)
         except Exception as e:  # a bug: the run is failed, the daemon and other runs go on
-            info.state, info.error = "error", f"internal error: {e!r}"
+            # Answered by the API: a bug's words may quote a URL's password or a header.
+            info.state, info.error = "error", f"internal error: {error_text(repr(e))}"
             self._metrics.run_finished("aborted")
             log.exception("warm of %s: internal error", info.definition)
         finally:
