@@ -602,7 +602,7 @@ class TapeRouter:
                  len(paths), self.s.staging.timeout)
         try:
             await stager.client.cancel(uri, info.request, paths)
-        except TapeRestError as e:
+        except (TapeRestError, CredentialError) as e:  # made under other credentials?
             log.warning("%s; stage request %s of an earlier run was not cancelled: its pins "
                         "end on their own", e, info.request)
         ended = TapeInfo("TAPE", info.request, uri, ended_at=self._clock())

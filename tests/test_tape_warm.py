@@ -617,6 +617,42 @@ def test_a_rerun_cancels_an_open_request_older_than_stage_timeout_and_asks_anew(
             [(0,)]
 
 
+@pytest.mark.parametrize("stale", [False, True], ids=["open", "past-stage-timeout"])
+def test_a_rerun_under_other_credentials_asks_anew_for_an_earlier_request_it_may_not_touch(
+    pki: TestPKI, proxy: Path, tmp_path: Path, stale: bool
+) -> None:
+    """dCache lets only a request's owner poll or cancel it. A rerun by another user (here
+    another proxy on the same state) that finds the earlier run's request open is refused its
+    poll (or, past stage_timeout, its cancel): it asks anew and warms the files, where the
+    refusal ended the run with exit 3, "staging needs the right to stage", for as long as that
+    request stayed open (stage_timeout, 24 h)."""
+    config = DCacheConfig(drives=1, mount_seconds=1.5)
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(), config) as srv:
+        paths = [f"/pnfs/u/f{i}" for i in range(2)]
+        for p in paths:
+            srv.add_file(p, 10, Locality.TAPE)
+        definition = _definition(tmp_path, [srv.door_url(p) for p in paths])
+        res = _warm(pki, proxy, tmp_path, definition, "--timeout", "300ms", command="wait")
+        assert res.returncode == 1, res.stderr
+        (first,) = {r for (r,) in _rows(tmp_path, "SELECT stage_request FROM files")}
+        if stale:
+            import sqlite3
+
+            with contextlib.closing(sqlite3.connect(tmp_path / "state.db")) as conn:
+                conn.execute("UPDATE files SET stage_created = stage_created - 172800")
+                conn.commit()
+        other = pki.make_proxy_for("Another User", tmp_path / "x509up_other")
+        res = _warm(pki, other, tmp_path, definition, "--json")
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["counts"]["staged"] == 2
+        said = "was not cancelled" if stale else "paths asked again"
+        assert f"stage request {first}" in res.stderr and said in res.stderr, res.stderr
+        stats = srv.stats()
+        assert stats["requests"]["frontend:stage"] == 2 and stats["door_tape_gets"] == 0
+        (second,) = {r for (r,) in _rows(tmp_path, "SELECT stage_request FROM files")}
+        assert second != first
+
+
 def test_a_rerun_asks_anew_for_files_the_earlier_request_did_not_bring(
     pki: TestPKI, proxy: Path, tmp_path: Path
 ) -> None:

@@ -34,8 +34,9 @@ ended. The policy (issue 13):
 * ``adopt(id, paths, age)``: a request an earlier run made ``age`` seconds ago (still pinned,
   not landed) is followed instead of asking again, polled at once, its timeout counted from
   when it was made; what it does not bring to disk is staged anew (FAILED there was the file's
-  first try, so the new request is its one more; cancelled or forgotten by the server: as if
-  never asked), and so is a path its first poll does not list or already shows COMPLETED (the
+  first try, so the new request is its one more; cancelled or forgotten by the server, or
+  refused to us (401/403: made under other credentials, which dCache lets no one else poll):
+  as if never asked), and so is a path its first poll does not list or already shows COMPLETED (the
   locality just said TAPE: that answer may be from before an eviction);
 * a stop (the task running ``landed()`` cancelled) while a stage POST is on its way does not
   abandon it: the frontend may have made the request already. ``settle(timeout)`` waits for
@@ -64,6 +65,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from prestaged.errors import CredentialError
 from prestaged.storage.tape import (
     StageRequest,
     StageState,
@@ -590,6 +592,14 @@ class Stager:
             status = await self.client.poll(self.uri, request.id, patient=False)
         except TapeRestError as e:  # this request's trouble, not the run's (401/403 are)
             return await self._poll_failed(request, now, e)
+        except CredentialError as e:
+            if not (request.adopted and request.polls == 0):
+                raise
+            # dCache lets only the request's owner poll it, with a token no broader than the
+            # one that made it: an earlier run's, under other credentials (a renewed token of
+            # other scopes, another user's proxy on a shared state), is not ours to follow.
+            # Asked anew: if our credentials cannot stage at all, that request says so.
+            return self._lost(request, f"refused to us ({e})")
         if not status.found:
             return self._lost(request)
         request.errors = 0
@@ -643,8 +653,9 @@ class Stager:
                                   now - self._first[path]))
         return out
 
-    def _lost(self, request: _Open) -> list[Staged]:
-        """The server forgot ``request`` (404): stage its unfinished paths again, once."""
+    def _lost(self, request: _Open, why: str = "gone (404)") -> list[Staged]:
+        """The server forgot ``request`` (404), or (an earlier run's) will not show it to us:
+        stage its unfinished paths again, once."""
         self._forget(request)
         out = []
         for path in sorted(request.paths):
@@ -658,8 +669,9 @@ class Stager:
                 self._restaged.add(path)
                 self._claim_again(path, request.id)
                 self._todo.extend(self._mine([path]))  # or follow another's request for it
-        log.info("stage request %s is gone (404); %d paths asked again", request.id,
-                 len(request.paths))
+        log.log(logging.INFO if why.startswith("gone") else logging.WARNING,
+                "stage request %s is %s; %d paths asked again", request.id, why,
+                len(request.paths))
         return out
 
     async def _poll_failed(self, request: _Open, now: float, e: TapeRestError
