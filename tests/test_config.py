@@ -301,7 +301,8 @@ def test_every_config_error_is_a_whole_sentence(tmp_path: Path, key: str) -> Non
 
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("daemon.listen", "nope",
-     'daemon.listen: expected a "host:port" such as "127.0.0.1:9464", got "nope"'),
+     'daemon.listen: expected a "host:port" such as "127.0.0.1:9464" (an IPv6 address in '
+     'brackets: "[::1]:9464"), got "nope"'),
     ("watch[0].definition", " ", 'watch[0].definition: expected a non-empty string, got " "'),
     ("watch[0].ready", 0, "watch[0].ready: expected a fraction in (0, 1] such as 0.99, got 0"),
 ])
@@ -412,3 +413,24 @@ def test_a_state_path_in_a_directory_that_does_not_exist_is_refused(
     assert f"state {typo}: no directory {typo.parent} (a new state is made only in an " \
            "existing directory" in err, err
     assert not (tmp_path / "prestagd").exists()
+
+
+@pytest.mark.parametrize("listen", ["[::1:9464", "::1:9464", "[::1]]:9464", "[nothost]:9464",
+                                    "a b:9464", "h/x:9464", "user@h:9464", "h?q:9464"])
+def test_a_listen_address_no_url_can_hold_is_refused_at_load(tmp_path: Path,
+                                                             listen: str) -> None:
+    """``daemon.listen`` must make the daemon's URL: "[::1:9464" passed the check and every
+    command asking the daemon ended in a ValueError traceback ("Invalid IPv6 URL"); an IPv6
+    literal without brackets or a host with a space or a slash was taken and then asked as
+    another host."""
+    path = _write(tmp_path, config_with("daemon.listen", listen))
+    with pytest.raises(ConfigError, match=r'daemon\.listen: expected a "host:port"'):
+        load_config(path)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9464", "[::1]:9464", "[::]:9464",
+                                    "0.0.0.0:1", "localhost:65535", "prestaged.example.org:80"])
+def test_listen_addresses_of_every_form_load(tmp_path: Path, listen: str) -> None:
+    """Host names, IPv4 and bracketed IPv6 literals (wildcards too) are listen addresses."""
+    assert load_config(_write(tmp_path, config_with("daemon.listen", listen))).daemon.listen \
+        == listen
