@@ -434,3 +434,18 @@ def test_listen_addresses_of_every_form_load(tmp_path: Path, listen: str) -> Non
     """Host names, IPv4 and bracketed IPv6 literals (wildcards too) are listen addresses."""
     assert load_config(_write(tmp_path, config_with("daemon.listen", listen))).daemon.listen \
         == listen
+
+
+def test_a_config_or_campaign_file_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    """A UTF-8 byte-order mark (Notepad writes one) starts a config or a campaign file: it
+    loads as without one (lists of URLs took it already); it was "invalid TOML: Invalid
+    statement (at line 1, column 1)", naming nothing one could see."""
+    from prestaged.campaign.spec import load_campaign
+
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"\xef\xbb\xbf[storage]\nconcurrency = 7\n")
+    assert load_config(path).storage.concurrency == 7
+    campaign = tmp_path / "camp.toml"
+    campaign.write_bytes(b'\xef\xbb\xbfname = "c1"\n[[stage]]\nname = "s1"\ninput = "d"\n'
+                         b'submit = "true"\n')
+    assert load_campaign(campaign).name == "c1"
