@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -269,10 +270,24 @@ _POSTGRES_URL = matches(r"postgres(?:ql)?://[^\s]*",
 
 def _is_listen(v: str) -> bool:
     host, sep, port = v.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        return False
+    # The daemon's URL is made of it (``http://<listen>``): a host name or IPv4 address, or
+    # an IPv6 literal in brackets ("[::1:80" was a ValueError traceback in every command
+    # that asks the daemon; "::1:80" and "a b:80" were asked as other hosts).
+    if host.startswith("["):
+        if not host.endswith("]"):
+            return False
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    return re.fullmatch(r"[^/?#@\s\[\]:]+", host) is not None and usable_origin(f"http://{v}")
 
 
-_LISTEN = Check(_is_listen, 'a "host:port" such as "127.0.0.1:9464"')
+_LISTEN = Check(_is_listen, 'a "host:port" such as "127.0.0.1:9464" (an IPv6 address in '
+                'brackets: "[::1]:9464")')
 
 
 # Duration ranges of the settings below (seconds).

@@ -43,7 +43,8 @@ def read_small(path: Union[str, Path], limit: int) -> bytes:
 
 
 def read_small_text(path: Path, limit: int, what: str) -> str:
-    """``path``'s UTF-8 text, at most ``limit`` bytes; ``ConfigError`` (exit 2) naming ``what``
+    """``path``'s UTF-8 text (a leading byte-order mark dropped), at most ``limit`` bytes;
+    ``ConfigError`` (exit 2) naming ``what``
     (``config``, ``campaign``) and the file for a missing, unreadable, too large or non-UTF-8
     file."""
     try:
@@ -56,10 +57,13 @@ def read_small_text(path: Path, limit: int, what: str) -> str:
         raise ConfigError(f"{what} {path}: larger than {size_text(limit)}, not a prestaged "
                           f"{what}")
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{what} {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
                           f"offset {e.start})") from None
+    # A byte-order mark, as Windows editors write one: TOML parsers refuse it ("Invalid
+    # statement at line 1, column 1", naming nothing one can see), lists of URLs take it.
+    return text[1:] if text.startswith("\ufeff") else text
 
 
 def size_text(limit: int) -> str:

@@ -74,6 +74,19 @@ async def test_non_url_line_names_file_and_line_but_not_its_content(tmp_path: Pa
     assert "s3cr3t" not in str(err.value) and "99999" not in str(err.value)
 
 
+async def test_a_line_that_is_not_utf8_is_named_by_its_line_and_byte(tmp_path: Path) -> None:
+    """A Latin-1 byte on line 3 (CRLF lines): the error names the file, the line and the byte,
+    not the line's text; it said only "not UTF-8 text (invalid continuation byte)", with no
+    line to look at in a list of 100,000."""
+    path = tmp_path / "latin.txt"
+    path.write_bytes(b"https://h/a\r\nhttps://h/b\r\nhttps://h/caf\xe9-s3cr3t\r\n")
+    with pytest.raises(CatalogError) as err:
+        await _all(LocalCatalog(str(path)))
+    assert str(err.value) == (f"definition file {path}, line 3 is not UTF-8 text (byte 0xe9 "
+                              "at character 14)")
+    assert err.value.exit_code == 4
+
+
 async def test_any_scheme_is_a_url_and_a_byte_order_mark_is_ignored(tmp_path: Path) -> None:
     """``ftp://`` and ``xroots://`` lines are URLs (the engine fails each alone: "unsupported
     scheme"), not the end of the load; a BOM before line 1 (Notepad's UTF-8) is not part of it."""

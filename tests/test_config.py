@@ -301,7 +301,8 @@ def test_every_config_error_is_a_whole_sentence(tmp_path: Path, key: str) -> Non
 
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("daemon.listen", "nope",
-     'daemon.listen: expected a "host:port" such as "127.0.0.1:9464", got "nope"'),
+     'daemon.listen: expected a "host:port" such as "127.0.0.1:9464" (an IPv6 address in '
+     'brackets: "[::1]:9464"), got "nope"'),
     ("watch[0].definition", " ", 'watch[0].definition: expected a non-empty string, got " "'),
     ("watch[0].ready", 0, "watch[0].ready: expected a fraction in (0, 1] such as 0.99, got 0"),
 ])
@@ -426,3 +427,39 @@ def test_the_config_repr_hides_the_state_url_password(tmp_path: Path) -> None:
     kept = cfg.state.url == "postgresql://app:pg%40pw-3141@db/state?sslmode=require"
     assert kept, "state.url itself changed"
     assert "url='postgresql://app:***@db/state?sslmode=require'" in repr(cfg)
+
+
+@pytest.mark.parametrize("listen", ["[::1:9464", "::1:9464", "[::1]]:9464", "[nothost]:9464",
+                                    "a b:9464", "h/x:9464", "user@h:9464", "h?q:9464"])
+def test_a_listen_address_no_url_can_hold_is_refused_at_load(tmp_path: Path,
+                                                             listen: str) -> None:
+    """``daemon.listen`` must make the daemon's URL: "[::1:9464" passed the check and every
+    command asking the daemon ended in a ValueError traceback ("Invalid IPv6 URL"); an IPv6
+    literal without brackets or a host with a space or a slash was taken and then asked as
+    another host."""
+    path = _write(tmp_path, config_with("daemon.listen", listen))
+    with pytest.raises(ConfigError, match=r'daemon\.listen: expected a "host:port"'):
+        load_config(path)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9464", "[::1]:9464", "[::]:9464",
+                                    "0.0.0.0:1", "localhost:65535", "prestaged.example.org:80"])
+def test_listen_addresses_of_every_form_load(tmp_path: Path, listen: str) -> None:
+    """Host names, IPv4 and bracketed IPv6 literals (wildcards too) are listen addresses."""
+    assert load_config(_write(tmp_path, config_with("daemon.listen", listen))).daemon.listen \
+        == listen
+
+
+def test_a_config_or_campaign_file_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    """A UTF-8 byte-order mark (Notepad writes one) starts a config or a campaign file: it
+    loads as without one (lists of URLs took it already); it was "invalid TOML: Invalid
+    statement (at line 1, column 1)", naming nothing one could see."""
+    from prestaged.campaign.spec import load_campaign
+
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"\xef\xbb\xbf[storage]\nconcurrency = 7\n")
+    assert load_config(path).storage.concurrency == 7
+    campaign = tmp_path / "camp.toml"
+    campaign.write_bytes(b'\xef\xbb\xbfname = "c1"\n[[stage]]\nname = "s1"\ninput = "d"\n'
+                         b'submit = "true"\n')
+    assert load_campaign(campaign).name == "c1"

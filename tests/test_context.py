@@ -156,3 +156,76 @@ def test_a_daemon_that_fails_or_is_not_ours_is_exit_69(
     err = capsys.readouterr().err
     assert exit_code == code, err
     assert len(err.splitlines()) == 1 and said in err
+
+
+CAMPAIGN = "name = \"c1\"\n[[stage]]\nname = \"s1\"\ninput = \"d\"\nsubmit = \"true\"\n"
+
+
+@pytest.mark.parametrize(("status", "body", "headers", "said", "argv"), [
+    # JSON null was None, "nothing listens": the hold went to the state file, exit 0.
+    (200, b"null", {}, "with NoneType, not a JSON object", ["campaign", "hold", "c1"]),
+    (200, b"null", {}, "with NoneType, not a JSON object", ["campaign", "list"]),
+    # A redirect was followed to a port where nothing listens: "no daemon", the state file.
+    (302, b"", {"Location": "http://127.0.0.1:1/"}, "with HTTP 302, not as prestaged's API",
+     ["campaign", "hold", "c1"]),
+    (302, b"", {"Location": "http://127.0.0.1:1/"}, "with HTTP 302, not as prestaged's API",
+     ["status"]),
+    # Objects whose items are of another shape: AttributeError and TypeError tracebacks.
+    (200, b'{"definitions": [1]}', {}, "not with prestaged's API", ["status"]),
+    (200, b'{"definitions": [{"definition": "d"}]}', {}, "not with prestaged's API",
+     ["status"]),
+    (200, b'{"campaigns": [1]}', {}, "not with prestaged's API", ["campaign", "list"]),
+    (200, b'{"campaigns": [{"daemon": 5}]}', {}, "not with prestaged's API",
+     ["campaign", "list"]),
+    (200, b'{"campaign": "c1", "stages": [1], "submissions": []}', {},
+     "not with prestaged's API", ["campaign", "show", "c1"]),
+    # An error answer whose error is no string: "daemon: None".
+    (500, b'{"error": null}', {}, "with HTTP 500, not as prestaged's API",
+     ["campaign", "list"]),
+    # campaign add read doc["added"]: KeyError and TypeError tracebacks.
+    (200, b"{}", {}, "(no bool 'added')", ["campaign", "add", "CAMPAIGN"]),
+    (200, b'"added"', {}, "with str, not a JSON object", ["campaign", "add", "CAMPAIGN"]),
+])
+def test_an_answer_not_of_our_daemon_is_exit_69_never_the_state_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], status: int, body: bytes,
+    headers: dict[str, str], said: str, argv: list[str]
+) -> None:
+    """Whatever answers at daemon.listen and is not our API (null, a redirect, items of
+    another shape, an error without its text) is exit 69 in one line, and the state file is
+    never used instead: a null or a redirect to nowhere was taken for "no daemon", a hold
+    went to the state file with exit 0; other shapes were tracebacks."""
+    import http.server
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            for name, value in {"Content-Type": "application/json", **headers}.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_DELETE = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    (tmp_path / "c1.toml").write_text(CAMPAIGN)
+    state = tmp_path / "state.db"
+    argv = [str(tmp_path / "c1.toml") if a == "CAMPAIGN" else a for a in argv]
+    try:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[daemon]\nlisten = "127.0.0.1:{srv.server_port}"\n'
+                       f'[state]\npath = "{state}"\n')
+        exit_code = main([*argv, "--config", str(cfg)])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    err = capsys.readouterr().err
+    assert exit_code == 69, err
+    assert len(err.splitlines()) == 1 and said in err, err
+    assert not state.exists()

@@ -202,6 +202,28 @@ def test_wrong_password_is_refused_without_either_password(
     assert err.value.exit_code == 2  # the configuration's fault: restarting cannot fix it
 
 
+@pytest.mark.parametrize(("url", "said"), [
+    ("postgresql://127.0.0.1:99999/state", "99999"),
+    ("postgresql://127.0.0.1:abc/state", "abc"),
+    ("postgresql://unresolvable.invalid:abc/state", "abc"),
+    ("postgresql://h1:5432,h2:x/state", "x"),
+    ("postgresql:///state?port=0", "0"),
+    ("postgresql:///state?sslmode=bogus", "sslmode"),
+    ("postgresql:///state?connect_timeout=abc", "connect_timeout"),
+])
+def test_a_url_value_libpq_refuses_is_exit_2_not_69(url: str, said: str) -> None:
+    """A port that is no port, or an option value libpq refuses, is the URL's mistake: exit 2
+    (systemd does not restart the daemon for it). They were StateUnavailable, exit 69, as for a
+    server that is down, so a typo in state.url restarted the daemon for ever, and the port
+    "abc" of a host name was blamed on the resolver."""
+    pytest.importorskip("psycopg")
+    with pytest.raises(StateError) as err:
+        open_state(url)
+    assert err.value.exit_code == 2, str(err.value)
+    assert said in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_malformed_url_is_refused_without_the_password() -> None:
     """A URL libpq cannot parse: StateError, the password hidden even where libpq quotes it."""
     pytest.importorskip("psycopg")

@@ -90,9 +90,12 @@ class LocalCatalog:
 
     def _lines(self) -> Iterator[list[tuple[int, str]]]:
         try:
-            with open(self.path, encoding="utf-8-sig") as fh:
+            # A byte that is no UTF-8 comes through as a lone surrogate, so that it is named by
+            # its line (strict decoding fails a whole chunk: "invalid start byte", no line).
+            with open(self.path, encoding="utf-8-sig", errors="surrogateescape") as fh:
                 batch: list[tuple[int, str]] = []
                 for number, line in enumerate(fh, 1):
+                    _check_utf8(line, number, self.path)
                     url = parse_line(line)
                     if url is not None:
                         batch.append((number, url))
@@ -101,8 +104,6 @@ class LocalCatalog:
                             batch = []
                 if batch:
                     yield batch
-        except UnicodeDecodeError as e:
-            raise CatalogError(f"definition file {self.path}: not UTF-8 text ({e.reason})") from e
         except OSError as e:
             raise CatalogError(f"definition file {self.path}: cannot read: {e.strerror}") from e
 
@@ -135,3 +136,15 @@ def _basename(url: str) -> str:
     slash = rest.find("/", rest.find("://") + 3)
     name = rest[slash:].rsplit("/", 1)[-1] if slash >= 0 else ""
     return (unquote(name) if "%" in name else name) or redact(url)
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def _check_utf8(line: str, number: int, path: Path) -> None:
+    """``CatalogError`` naming line ``number`` of definition file ``path`` and its first byte
+    that is no UTF-8 (read with ``surrogateescape``), never quoting the line."""
+    bad = _NOT_UTF8.search(line)
+    if bad is not None:
+        raise CatalogError(f"definition file {path}, line {number} is not UTF-8 text (byte "
+                           f"0x{ord(bad.group()) - 0xDC00:02x} at character {bad.start() + 1})")

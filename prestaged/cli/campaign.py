@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 from urllib.parse import quote
 
-from prestaged.cli.common import context, open_store, via_daemon
+from prestaged.cli.common import answer_of, checked_answer, context, open_store, via_daemon
 from prestaged.cli.render import campaign_lines, campaign_list_lines
 from prestaged.config import Config
 from prestaged.errors import EXIT_HELD, ConfigError, ConflictError, PrestagedError, StateError
@@ -60,6 +60,7 @@ def cmd_campaign_add(args: argparse.Namespace, cfg: Config) -> int:
         raise ConfigError(f"campaign add: no prestaged daemon answers at {base_url(cfg)} "
                           "(daemon.listen): start `prestaged serve`, or run the campaign in the "
                           f"foreground with `prestaged campaign run {args.file}`")
+    doc = checked_answer(cfg, "POST", "/api/v1/campaigns", doc, {"added": bool})
     verb = "added" if doc["added"] else "replaced (submissions and ledger kept)"
     print(f"{campaign.name}: {verb}{', held' if args.held else ''}; `prestaged campaign show "
           f"{campaign.name}` follows it")
@@ -84,7 +85,9 @@ def cmd_campaign_list(args: argparse.Namespace, cfg: Config) -> int:
     if args.json:
         print(json.dumps({"source": source, "campaigns": rows}, indent=2))
         return 0
-    print("\n".join(campaign_list_lines(rows, source)))
+    with answer_of(cfg, "GET", "/api/v1/campaigns", daemon=doc is not None):
+        lines = campaign_list_lines(rows, source)
+    print("\n".join(lines))
     return 0
 
 
@@ -247,8 +250,10 @@ def cmd_campaign_show(args: argparse.Namespace, cfg: Config) -> int:
     if _is_file(name):
         name = load_campaign(Path(name)).name
     check_names(name)
-    doc = via_daemon(args, cfg, "GET", f"/api/v1/campaigns/{quote(name, safe='')}",
+    path = f"/api/v1/campaigns/{quote(name, safe='')}"
+    doc = via_daemon(args, cfg, "GET", path,
                      keys={"campaign": str, "stages": list, "submissions": list})
+    daemon = doc is not None
     if doc is not None:
         doc["source"] = f"daemon {cfg.daemon.listen}"
     else:
@@ -266,7 +271,9 @@ def cmd_campaign_show(args: argparse.Namespace, cfg: Config) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
-    print("\n".join(campaign_lines(doc)))
+    with answer_of(cfg, "GET", path, daemon=daemon):
+        lines = campaign_lines(doc)
+    print("\n".join(lines))
     return 0
 
 

@@ -9,16 +9,19 @@ a command asks for one.
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from prestaged.config import Config
-from prestaged.errors import DaemonError
+from prestaged.errors import DaemonError, PrestagedError
 
 if TYPE_CHECKING:
     from prestaged.context import Context
     from prestaged.state.store import Store
 
-__all__ = ["Command", "context", "open_store", "recorded_definition", "via_daemon"]
+__all__ = ["Command", "answer_of", "checked_answer", "context", "open_store",
+           "recorded_definition", "via_daemon"]
 
 Command = Callable[[argparse.Namespace, Config], int]
 """A subcommand's handler: the parsed command line and the loaded config -> the exit code."""
@@ -70,14 +73,37 @@ def via_daemon(args: argparse.Namespace, cfg: Config, method: str, path: str,
                             "on a state file instead)") from None
     if doc is None:
         return None
-    if not isinstance(doc, dict):
-        # Every API answer is an object: anything else is not our daemon speaking.
-        raise DaemonError(f"the daemon at {cfg.daemon.listen} answered {method} {path} with "
-                             f"{type(doc).__name__}, not a JSON object")
+    return checked_answer(cfg, method, path, doc, keys)
+
+
+def checked_answer(cfg: Config, method: str, path: str, doc: dict[str, Any],
+                   keys: Optional[dict[str, type]]) -> dict[str, Any]:
+    """``doc``, the daemon's answer to ``method path``, once it has ``keys``, each of its type;
+    ``DaemonError`` (exit 69) when it has not: something else is listening there."""
     for key, kind in (keys or {}).items():
         if not isinstance(doc.get(key), kind):
-            raise DaemonError(f"{cfg.daemon.listen} (daemon.listen) answered {method} {path}, "
-                              f"but not with prestaged's API (no {kind.__name__} {key!r}): is "
-                              "something else listening there? --state FILE works on a state "
-                              "file instead")
+            raise _not_our_api(cfg, method, path, f"no {kind.__name__} {key!r}")
     return doc
+
+
+@contextlib.contextmanager
+def answer_of(cfg: Config, method: str, path: str, daemon: bool = True) -> Iterator[None]:
+    """Inside, the daemon's answer to ``method path`` is read (turned into records, rendered):
+    an item of another shape there (a KeyError, TypeError...) is a ``DaemonError`` (exit 69)
+    saying something else answers, not a traceback. ``daemon`` False (the answer came from
+    the state file): nothing is caught."""
+    if not daemon:
+        yield
+        return
+    try:
+        yield
+    except PrestagedError:
+        raise
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+        raise _not_our_api(cfg, method, path, f"{type(e).__name__} reading it") from None
+
+
+def _not_our_api(cfg: Config, method: str, path: str, what: str) -> DaemonError:
+    return DaemonError(f"{cfg.daemon.listen} (daemon.listen) answered {method} {path}, but not "
+                       f"with prestaged's API ({what}): is something else listening there? "
+                       "--state FILE works on a state file instead")

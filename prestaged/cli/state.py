@@ -10,7 +10,7 @@ import logging
 import urllib.parse
 from typing import TYPE_CHECKING, Optional
 
-from prestaged.cli.common import open_store, recorded_definition, via_daemon
+from prestaged.cli.common import answer_of, open_store, recorded_definition, via_daemon
 from prestaged.cli.render import history_lines, member_lines, status_lines
 from prestaged.config import Config
 
@@ -124,19 +124,21 @@ def _daemon_status(args: argparse.Namespace, cfg: Config, names: list[Optional[s
 
     query = urllib.parse.urlencode({"catalog": args.status_catalog} if args.status_catalog
                                    else {})
-    doc = via_daemon(args, cfg, "GET", "/api/v1/datasets" + (f"?{query}" if query else ""),
-                     keys={"definitions": list})
+    path = "/api/v1/datasets" + (f"?{query}" if query else "")
+    doc = via_daemon(args, cfg, "GET", path, keys={"definitions": list})
     if doc is None:
         return None
-    known = doc.get("definitions", [])
-    wanted = next((n for n in names if n is None or any(d["definition"] == n for d in known)),
-                  names[0])
-    rows = []
-    for d in known:
-        if wanted is not None and d["definition"] != wanted:
-            continue
-        last = RunRecord(**d["last_run"]) if d.get("last_run") else None
-        rows.append(DatasetStatus(**{**d, "last_run": last}))
+    known = doc["definitions"]
+    with answer_of(cfg, "GET", path):
+        wanted = next((n for n in names
+                       if n is None or any(d["definition"] == n for d in known)), names[0])
+        rows = []
+        for d in known:
+            if wanted is not None and d["definition"] != wanted:
+                continue
+            last = RunRecord(**d["last_run"]) if d.get("last_run") else None
+            rows.append(DatasetStatus(**{**d, "last_run": last}))
+        status_lines(rows)  # what the command prints must read, too: fields of other types
     log.debug("status from the daemon at %s", cfg.daemon.listen)
     return rows
 

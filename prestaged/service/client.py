@@ -93,12 +93,12 @@ def _token(cfg: Config, *, required: bool) -> Optional[str]:
 
 
 def call(cfg: Config, method: str, path: str, body: Optional[dict[str, Any]] = None,
-         *, timeout: Optional[float] = None) -> Optional[Any]:
+         *, timeout: Optional[float] = None) -> Optional[dict[str, Any]]:
     """``method`` ``path`` (``/api/v1/...``) on the daemon: its JSON answer, or None when
     nothing listens at ``daemon.listen``. ``PrestagedError`` when the daemon refuses the call
     (bad input, a token, not found, a conflict); ``DaemonError`` (exit 69) when it fails it, does
     not answer within ``timeout`` seconds (default ``TIMEOUT``), or answers with something that
-    is not JSON."""
+    is not a JSON object (a redirect included)."""
     url = base_url(cfg) + path
     try:
         tls, trusted = client_context(cfg) if speaks_tls(cfg.daemon) else (None, "")
@@ -110,9 +110,12 @@ def call(cfg: Config, method: str, path: str, body: Optional[dict[str, Any]] = N
             return None
         raise
     req = _request(cfg, url, method, body, in_clear=tls is None)
+    handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
+    if tls is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=tls))
     try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT if timeout is None else timeout,
-                                    context=tls) as resp:
+        with urllib.request.build_opener(*handlers).open(
+                req, timeout=TIMEOUT if timeout is None else timeout) as resp:
             payload = resp.read()
     except urllib.error.HTTPError as e:
         _raise(e.code, e.read(), url, f"{method} {path}")
@@ -123,11 +126,27 @@ def call(cfg: Config, method: str, path: str, body: Optional[dict[str, Any]] = N
             return None
         raise _failure(cfg, reason, trusted, f"{method} {path}") from None
     try:
-        return json.loads(payload)
-    except ValueError:
+        doc = json.loads(payload)
+    except (ValueError, RecursionError):
         raise DaemonError(f"{base_url(cfg)} (daemon.listen) answered {method} {path}, but "
                              "not with JSON: is something else listening there? --state FILE "
                              "works on a state file instead") from None
+    if not isinstance(doc, dict):
+        # Every answer of the API is an object. A JSON null was None, "nothing listens": the
+        # command went on with the state file while something answered at daemon.listen.
+        raise DaemonError(f"the daemon at {cfg.daemon.listen} answered {method} {path} with "
+                          f"{type(doc).__name__}, not a JSON object")
+    return doc
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: the API never answers one, so it is another server's
+    answer (``_raise``: "not as prestaged's API"). Followed to a port where nothing listens,
+    it was taken for "no daemon", and the command worked on the state file instead."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> None:
+        return None
 
 
 def _request(cfg: Config, url: str, method: str, body: Optional[dict[str, Any]], *,
@@ -197,9 +216,11 @@ def _raise(status: int, payload: bytes, url: str, asked: str) -> None:
     code: object = None
     try:
         doc = json.loads(payload)
-        message, code = str(doc["error"]), doc.get("exit_code")
+        message, code = doc["error"], doc.get("exit_code")
         code = code if isinstance(code, int) else None
-    except (ValueError, KeyError, TypeError, AttributeError):
+        if not isinstance(message, str):  # {"error": null} was "daemon: None"
+            raise TypeError(message)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         # Not the daemon's API (every refusal of it is {"error": ...}): another server holds
         # daemon.listen (9464 is also OpenTelemetry's Prometheus exporter's). Its 404 was
         # "not found" (exit 4, a catalog's code), its 401 advice about our token.

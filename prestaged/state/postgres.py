@@ -104,12 +104,27 @@ def connect_options(url: str, *, connect_timeout: int = CONNECT_TIMEOUT,
     except psycopg.Error as e:
         raise StateError(f"state {redacted_url(url)}: not a usable PostgreSQL URL "
                          f"({_message(e, url)})") from e
+    _check_values(url, params)
     options: dict[str, Any] = {"autocommit": True}
     if "connect_timeout" not in params:
         options["connect_timeout"] = connect_timeout
     if "application_name" not in params:
         options["application_name"] = application_name or store_name()
     return options
+
+
+def _check_values(url: str, params: dict[str, Any]) -> None:
+    """``StateError`` (exit 2) for a port or ``connect_timeout`` of the URL that is none:
+    psycopg resolves host names before libpq reads the port, so ``host:abc`` was blamed on
+    the resolver, and either was "cannot connect", exit 69, as for a server that is down."""
+    for port in str(params.get("port") or "").split(","):
+        if port and not (re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) < 65536):
+            raise StateError(f"state {redacted_url(url)}: not a usable PostgreSQL URL (port "
+                             f"{port!r} is no port from 1 to 65535)")
+    timeout = params.get("connect_timeout")
+    if timeout is not None and not re.fullmatch(r"\s*[0-9]{1,9}\s*", str(timeout)):
+        raise StateError(f"state {redacted_url(url)}: not a usable PostgreSQL URL "
+                         f"(connect_timeout {str(timeout)!r} is no number of seconds)")
 
 
 def connect(url: str, *, connect_timeout: int = CONNECT_TIMEOUT,
@@ -145,11 +160,20 @@ _FOR_NOW = ("the database system is starting up", "the database system is shutti
             "accepting connections", "too many clients", "remaining connection slots")
 
 
+# What libpq says of a URL's option value it refuses before connecting (`invalid sslmode
+# value: "x"`, `invalid port number`, `invalid integer value "x" for connection option`).
+_REFUSED_VALUE = re.compile(r"\binvalid (?:\w+ )?(?:value|number|method)\b|"
+                            r"\bcould not match \d+ ")
+
+
 def _may_come_back(said: str) -> bool:
     """Whether libpq's connection failure ``said`` is the server's absence (no server there,
     a network cut, a name that does not resolve now) or a refusal for now (starting, shutting
     down, full): a daemon restarted later may connect. A server's other refusals (a
-    password, a role, a database that does not exist: ``FATAL:``) are the configuration's."""
+    password, a role, a database that does not exist: ``FATAL:``) and libpq's refusal of the
+    URL's own values are the configuration's."""
+    if _REFUSED_VALUE.search(said):
+        return False
     return "FATAL:" not in said or any(reason in said for reason in _FOR_NOW)
 
 
