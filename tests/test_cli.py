@@ -108,6 +108,17 @@ def test_a_definition_name_too_long_for_a_file_name_is_one_line(
         assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["status", "release", "forget"])
+def test_a_mistyped_catalog_kind_is_a_usage_error_naming_the_kinds(tmp_path: Path,
+                                                                    command: str) -> None:
+    """``--catalog samwbe`` on a command naming a recorded definition is exit 2 listing the
+    kinds; it was taken as a catalog with no such definition (exit 4, "no record")."""
+    res = run_cli(command, "--catalog", "samwbe", "--state", str(tmp_path / "s.db"), "ds")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "invalid choice: 'samwbe' (choose from 'local', 'samweb', 'metacat')" in res.stderr
+    assert not (tmp_path / "s.db").exists()
+
+
 def test_dry_run_touches_nothing(
     storage: ThreadedStorageServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

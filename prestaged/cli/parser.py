@@ -32,6 +32,7 @@ from prestaged.cli.serve import cmd_demo, cmd_serve
 from prestaged.cli.state import cmd_forget, cmd_history, cmd_status
 from prestaged.cli.tape import cmd_release
 from prestaged.cli.warm import cmd_files, cmd_warm
+from prestaged.config import CATALOG_KINDS
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -314,7 +315,8 @@ def _add_state_commands(sub: Subparsers, parents: _Parents) -> None:
     """``status`` and ``history``: read the state database."""
     own = _parent()
     own.add_argument("definition", nargs="?", help="only this definition")
-    own.add_argument("--catalog", dest="status_catalog", help="only this catalog's definition")
+    own.add_argument("--catalog", dest="status_catalog", choices=CATALOG_KINDS,
+                     help="only this catalog's definition")
     own.add_argument("--json", action="store_true", help="print one JSON document")
     own.add_argument("--members", action="store_true",
                      help="list the daemons sharing this state instead: host, pid, API "
@@ -340,7 +342,7 @@ def _recorded_definition() -> argparse.ArgumentParser:
     """A command's own parser, holding a definition the state recorded and its catalog."""
     own = _parent()
     own.add_argument("definition", help="definition name, or the text file of URLs warmed")
-    own.add_argument("--catalog", metavar="KIND",
+    own.add_argument("--catalog", metavar="KIND", choices=CATALOG_KINDS,
                      help="catalog DEFINITION was warmed with: local, samweb or metacat "
                           "(default: catalog.default)")
     return own
@@ -568,7 +570,7 @@ def _add_demo(sub: Subparsers, parents: _Parents) -> None:
     own.add_argument("--redirect", action="store_true",
                      help="door redirects to a pool, like dCache")
     own.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    own.add_argument("--catalog", dest="demo_catalog", choices=("local", "samweb", "metacat"),
+    own.add_argument("--catalog", dest="demo_catalog", choices=CATALOG_KINDS,
                      default="local",
                      help="resolve the definition with a local file (default), through a "
                           "SAM web emulator, or through MetaCat and Rucio emulators")
