@@ -14,6 +14,8 @@ on_header
 on_headers_complete
 on_body
 on_message_complete
+# urllib's HTTPRedirectHandler calls it (the daemon client follows no redirect).
+redirect_request
 # asyncio calls these on the campaign commands' SubprocessProtocol.
 pipe_data_received
 pipe_connection_lost

@@ -26,7 +26,7 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
 from prestaged.config import Config
 from prestaged.errors import (
@@ -144,9 +144,9 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
     answer (``_raise``: "not as prestaged's API"). Followed to a port where nothing listens,
     it was taken for "no daemon", and the command worked on the state file instead."""
 
-    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
-                         headers: Any, newurl: str) -> None:
-        return None
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+                         headers: http.client.HTTPMessage, newurl: str) -> None:
+        del req, fp, code, msg, headers, newurl  # urllib's signature: none of it is needed
 
 
 def _request(cfg: Config, url: str, method: str, body: Optional[dict[str, Any]], *,
