@@ -204,7 +204,8 @@ async def _release_group(store: Store, access: TapeAccess, catalog: str, definit
         # The others may have released theirs meanwhile, each keeping it for this one: those
         # nobody relies on any more are this one's to release after all.
         orphans = await asyncio.to_thread(store.unpinned, catalog, definition, mine, theirs)
-        kept += [p for p in theirs if p not in orphans]
+        gone = {(p.file_id, p.request) for p in orphans}  # a list here was O(len^2)
+        kept += [p for p in theirs if (p.file_id, p.request) not in gone]
         mine, theirs = orphans, []
     return released, kept
 

@@ -547,3 +547,53 @@ def test_a_proxy_that_expires_while_files_come_back_from_tape_stops_the_run_nami
         assert site.stats()["requests"]["frontend:stage"] == 1
     assert res.returncode == 3, res.stderr
     assert f"proxy {short}: expired at" in res.stderr, res.stderr
+
+
+def test_pins_others_released_meanwhile_are_sorted_in_linear_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two definitions released at once, each keeping the shared pins for the other: the one
+    told that nobody relies on them any more releases them after all, and sorting its kept
+    pins from those orphans compares each pin a bounded number of times, not with every
+    orphan (a list lookup per pin: ~n^2/2 comparisons of a stage request's pins)."""
+    from types import SimpleNamespace
+
+    from prestaged import pins as pins_module
+    from prestaged.state.store import Pin
+
+    n = 300
+    shared = [Pin(i, f"https://door.example/f{i}", "req-1", "https://tape.example/api/v1",
+                  others=("local:other",)) for i in range(n)]
+    answers = [list(shared), []]  # the other definition released them meanwhile, then none
+
+    class Store:
+        def unpinned(self, catalog: str, definition: str, released: object,
+                     kept: object = ()) -> list[Pin]:
+            return answers.pop(0)
+
+    released: list[str] = []
+
+    class Client:
+        def allow(self, url: str) -> None:
+            pass
+
+        async def cancel(self, uri: str, request: str, paths: list[str]) -> None:
+            pass
+
+        async def release(self, uri: str, request: str, paths: list[str]) -> None:
+            released.extend(paths)
+
+    access = SimpleNamespace(settings=SimpleNamespace(path_map=()), client=Client())
+    compared = 0
+    eq = Pin.__eq__
+
+    def counting(self: Pin, other: object) -> bool:
+        nonlocal compared
+        compared += 1
+        return eq(self, other)
+
+    monkeypatch.setattr(Pin, "__eq__", counting)
+    done, kept = asyncio.run(pins_module._release_group(
+        Store(), access, "local", "mine", shared))  # type: ignore[arg-type]
+    assert len(done) == n and kept == [] and len(released) == n
+    assert compared <= n
+

@@ -127,11 +127,17 @@ class StageRequest:
     grants: Optional[Grants] = None
     created: float = field(default_factory=time.time)
     started: Optional[float] = None
+    _done: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def finished(self) -> bool:
-        """True once every file is COMPLETED, FAILED or CANCELLED."""
-        return all(f.state in TERMINAL for f in self.files.values())
+        """True once every file is COMPLETED, FAILED or CANCELLED. Remembered once true (a
+        file never leaves those states): every bulk POST counts the user's unfinished
+        requests, and looking at every file of every finished request each time made a
+        200,000-file stage and release quadratic in the emulator."""
+        if not self._done:
+            self._done = all(f.state in TERMINAL for f in self.files.values())
+        return self._done
 
     def to_json(self) -> dict[str, Any]:
         """The ``GET /stage/{id}`` document."""
