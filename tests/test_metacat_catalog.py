@@ -242,6 +242,15 @@ async def test_mql_metacat_rejects_is_a_catalog_error_quoting_it(
         await _drain(catalog)
 
 
+async def test_a_name_metacat_refuses_is_quoted_from_its_json_error(
+        metacat: MetaCatServer, tls: ssl.SSLContext, tmp_path: Path) -> None:
+    """MetaCat's 400 for unsafe characters has a JSON body: the error quotes its message."""
+    catalog = MetaCatCatalog("dune:raw$run1", _with_token(metacat, tmp_path), tls, env={})
+    with pytest.raises(CatalogError) as info:
+        await _drain(catalog)
+    assert str(info.value).endswith("HTTP 400: Invalid value: raw$run1")
+
+
 async def test_a_refused_request_is_a_credential_error_saying_who_asked(
         metacat: MetaCatServer, tls: ssl.SSLContext, tmp_path: Path) -> None:
     """A 401 is exit 3 saying the request went anonymously, and is not retried."""

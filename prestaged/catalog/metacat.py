@@ -40,6 +40,7 @@ Errors: an unknown dataset -> ``CatalogError`` naming it (exit 4), as is MQL Met
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -196,6 +197,9 @@ class _MetaCatApi(HttpApi):
     def tls_hint(self) -> str:
         return "check the CA directory and catalog.metacat.url"
 
+    def detail(self, status: int, reason: str, body: str) -> str:
+        return super().detail(status, reason, _error_message(body))
+
     def status_error(self, call: Call, status: int, reason: str, body: str,
                      headers: Mapping[str, str]) -> Exception:
         assert isinstance(call, _Call)
@@ -205,7 +209,7 @@ class _MetaCatApi(HttpApi):
                                 f"{self.base_url} ({detail})")
         if status == 400 and call.mql:
             return CatalogError(f"MetaCat {self.base_url} rejected the MQL query: "
-                                f"{one_line(body) or detail}")
+                                f"{one_line(_error_message(body)) or detail}")
         if status in (401, 403):
             said = bearer_error(headers.get("WWW-Authenticate"))
             detail += f"; the server says: {said}" if said else ""
@@ -225,6 +229,19 @@ class _MetaCatApi(HttpApi):
             return CredentialError(f"MetaCat {self.base_url} refused {call.what} {who} "
                                    f"({detail}); {fix}")
         return CatalogError(f"MetaCat {self.base_url} failed {call.what}: {detail}")
+
+
+def _error_message(body: str) -> str:
+    """The ``message`` of MetaCat's JSON error body (``{"message", "code", "title"}``, what
+    ``@sanitized`` answers for a name or namespace it refuses), else ``body`` as it is."""
+    if not body.lstrip().startswith("{"):
+        return body
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return body
+    message = doc.get("message") if isinstance(doc, dict) else None
+    return message if isinstance(message, str) and message else body
 
 
 _Entry = tuple[str, str, Optional[int]]  # namespace, name, size
