@@ -445,6 +445,19 @@ async def test_a_query_page_cut_off_is_asked_again_from_where_it_stopped(
     assert metacat.stats.requests["query"] == 2
 
 
+async def test_a_query_ending_in_a_comment_is_still_paged(
+        pair: tuple[MetaCatServer, RucioEmulator, _Clock], tls: ssl.SSLContext,
+        tmp_path: Path) -> None:
+    """MQL whose last line is a '#' comment (MetaCat cuts it off) keeps its paging suffix."""
+    metacat, rucio, _ = pair
+    cfg = _pair_cfg(tmp_path, metacat, rucio, metacat_keys={"page": 300})
+    mql = f"files from {SYNTHETIC}\n  where core.runs < 1005  # the first five runs"
+    catalog = MetaCatCatalog(mql, cfg, tls, mql=True, env={})
+    names = [ref.name async for ref in catalog.files()]
+    assert sorted(names) == [f"dune:synthetic_{i:07d}.root" for i in range(500)]
+    assert metacat.stats.requests["query"] == 2
+
+
 async def test_a_name_rucio_refuses_is_one_unresolved_file_not_a_dead_run(
         pair: tuple[MetaCatServer, RucioEmulator, _Clock], tls: ssl.SSLContext,
         tmp_path: Path) -> None:

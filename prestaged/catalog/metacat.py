@@ -11,7 +11,8 @@ included):
   are skipped by name, not by count (MetaCat promises no order: ``catalog.http.Handed``);
 - a query (``--mql``): ``POST {url}/data/query?with_meta=no&with_provenance=no&trimquery=...``
   with the MQL as the body, paged as the client pages, ``(QUERY) ordered skip K limit N``
-  (``[catalog.metacat] page``), until a page comes back short;
+  (``[catalog.metacat] page``), until a page comes back short; the ``)`` goes on a line of its
+  own, out of reach of a ``#`` comment ending the query (MetaCat cuts those off);
 - the count for progress: ``GET {url}/data/dataset?dataset=ns:name`` (``file_count``).
 
 Authentication (``[catalog.metacat] auth``): the MetaCat token in ``X-Authentication-Token``
@@ -473,7 +474,9 @@ class MetaCatCatalog(UnresolvedLog):
         before: set[int] = set()
         this: set[int] = set()
         while True:
-            body = f"({self.definition}) ordered skip {skip} limit {page}"
+            # The ")" on a line of its own: MetaCat cuts "#" comments to the end of the line,
+            # and a comment on the query's last line would swallow it and the paging.
+            body = f"({self.definition}\n) ordered skip {skip} limit {page}"
             count = 0
             try:
                 async with api.exchange(call, url, params=params, data=body) as resp:
