@@ -248,6 +248,17 @@ def test_sanitized_refusals_are_json_and_handler_errors_webpie_text(
     assert _raw(emulator, "GET", "/data/dataset?dataset=dune:np04_raw")[2] == "application/json"
 
 
+def test_query_checks_namespace_before_an_empty_text_and_parses_blank_text(
+        emulator: ThreadedMetaCatServer) -> None:
+    """query() sanitizes namespace= before answering '[]' to an empty text, and only an empty
+    text is '[]': a blank one goes to the parser (data_handler.py's order and test)."""
+    status, _, ctype, body = _raw(emulator, "POST", "/data/query?namespace=du%20ne", "")
+    assert (status, ctype) == (400, "application/json")
+    assert _raw(emulator, "POST", "/data/query", "")[::3] == (200, "[]")
+    status, _, _, body = _raw(emulator, "POST", "/data/query", "  \n ")
+    assert status == 400 and body.startswith("MQLSyntaxError: ")
+
+
 def test_uncaught_handler_exceptions_are_webpies_500(webapi: Any,
                                                      emulator: ThreadedMetaCatServer,
                                                      client: Callable[..., Any]) -> None:
