@@ -242,6 +242,15 @@ async def test_mql_metacat_rejects_is_a_catalog_error_quoting_it(
         await _drain(catalog)
 
 
+async def test_a_name_metacat_refuses_is_quoted_from_its_json_error(
+        metacat: MetaCatServer, tls: ssl.SSLContext, tmp_path: Path) -> None:
+    """MetaCat's 400 for unsafe characters has a JSON body: the error quotes its message."""
+    catalog = MetaCatCatalog("dune:raw$run1", _with_token(metacat, tmp_path), tls, env={})
+    with pytest.raises(CatalogError) as info:
+        await _drain(catalog)
+    assert str(info.value).endswith("HTTP 400: Invalid value: raw$run1")
+
+
 async def test_a_refused_request_is_a_credential_error_saying_who_asked(
         metacat: MetaCatServer, tls: ssl.SSLContext, tmp_path: Path) -> None:
     """A 401 is exit 3 saying the request went anonymously, and is not retried."""
@@ -433,6 +442,19 @@ async def test_a_query_page_cut_off_is_asked_again_from_where_it_stopped(
     assert sorted(names) == [f"dune:synthetic_{i:07d}.root" for i in range(500)]
     # page 1 cut at 300, asked again from skip 300 (500 - 300 = 200 more, short: the end).
     assert metacat.stats.queries[-1].endswith("ordered skip 300 limit 1000")
+    assert metacat.stats.requests["query"] == 2
+
+
+async def test_a_query_ending_in_a_comment_is_still_paged(
+        pair: tuple[MetaCatServer, RucioEmulator, _Clock], tls: ssl.SSLContext,
+        tmp_path: Path) -> None:
+    """MQL whose last line is a '#' comment (MetaCat cuts it off) keeps its paging suffix."""
+    metacat, rucio, _ = pair
+    cfg = _pair_cfg(tmp_path, metacat, rucio, metacat_keys={"page": 300})
+    mql = f"files from {SYNTHETIC}\n  where core.runs < 1005  # the first five runs"
+    catalog = MetaCatCatalog(mql, cfg, tls, mql=True, env={})
+    names = [ref.name async for ref in catalog.files()]
+    assert sorted(names) == [f"dune:synthetic_{i:07d}.root" for i in range(500)]
     assert metacat.stats.requests["query"] == 2
 
 

@@ -215,6 +215,99 @@ def test_bad_dataset_spec_is_refused(webapi: Any, emulator: ThreadedMetaCatServe
         client(emulator.base_url).get_dataset("dune:bad'name")
 
 
+def _raw(server: ThreadedMetaCatServer, method: str, path: str, body: Optional[str] = None,
+         headers: Optional[dict[str, str]] = None) -> tuple[int, str, str, str]:
+    """(status, reason, Content-Type, body) of one plain request to the emulator."""
+    port = int(server.base_url.rsplit(":", 1)[1].split("/", 1)[0])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, server.server.prefix + path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return (resp.status, resp.reason, resp.getheader("Content-Type", ""),
+                resp.read().decode())
+    finally:
+        conn.close()
+
+
+def test_sanitized_refusals_are_json_and_handler_errors_webpie_text(
+        emulator: ThreadedMetaCatServer) -> None:
+    """@sanitized's 400 is JSON {message, code, title}; a handler's own error (404, bad MQL)
+    is text of webpie's default type, as common_handler.py and webpie answer."""
+    status, _, ctype, body = _raw(emulator, "GET", "/data/dataset?dataset=dune:bad$name")
+    assert (status, ctype) == (400, "application/json")
+    assert json.loads(body) == {"message": "Invalid value: bad$name",
+                                "code": "400 Bad Request", "title": "Bad Request"}
+    status, _, ctype, body = _raw(emulator, "POST", "/data/query?namespace=du%20ne", "files")
+    assert (status, ctype) == (400, "application/json")
+    assert json.loads(body)["message"] == "Invalid value for namespace: du ne"
+    assert _raw(emulator, "GET", "/data/dataset_files?dataset=dune:nope")[:4] == (
+        404, "Not Found", "text/html; charset=UTF-8", "Dataset not found")
+    status, _, ctype, body = _raw(emulator, "POST", "/data/query", "files frm dune:x")
+    assert (status, ctype) == (400, "text/html; charset=UTF-8")
+    assert body.startswith("MQLSyntaxError: ")
+    assert _raw(emulator, "GET", "/data/dataset?dataset=dune:np04_raw")[2] == "application/json"
+
+
+def test_query_checks_namespace_before_an_empty_text_and_parses_blank_text(
+        emulator: ThreadedMetaCatServer) -> None:
+    """query() sanitizes namespace= before answering '[]' to an empty text, and only an empty
+    text is '[]': a blank one goes to the parser (data_handler.py's order and test)."""
+    status, _, ctype, body = _raw(emulator, "POST", "/data/query?namespace=du%20ne", "")
+    assert (status, ctype) == (400, "application/json")
+    assert _raw(emulator, "POST", "/data/query", "")[::3] == (200, "[]")
+    status, _, _, body = _raw(emulator, "POST", "/data/query", "  \n ")
+    assert status == 400 and body.startswith("MQLSyntaxError: ")
+
+
+def test_uncaught_handler_exceptions_are_webpies_500(webapi: Any,
+                                                     emulator: ThreadedMetaCatServer,
+                                                     client: Callable[..., Any]) -> None:
+    """A dataset spec without ':' and a string constant holding a quote (the parser's
+    ValueError has no Message) are webpie's '500 Application Error' page, not a 400."""
+    status, reason, ctype, body = _raw(emulator, "GET", "/data/dataset_files?dataset=np04_raw")
+    assert (status, reason, ctype) == (500, "Application Error", "text/html; charset=UTF-8")
+    assert "<h2>Application error</h2>" in body and "not enough values to unpack" in body
+    for mql in ("files from dune:np04_raw where core.data_tier = \"it's\"",
+                "files from dune:np04_raw where core.data_tier = 'it\\'s'"):
+        with pytest.raises(webapi.WebAPIError) as info:
+            list(client(emulator.base_url).query(mql))
+        assert info.value.StatusCode == 500
+        assert not isinstance(info.value, webapi.BadRequestError)
+
+
+def test_mql_comments_are_cut_to_the_end_of_the_line(webapi: Any, client: Callable[..., Any],
+                                                     emulator: ThreadedMetaCatServer) -> None:
+    """'#' starts a comment to the end of its line (MQLQuery.parse), inside a string too."""
+    c = client(emulator.base_url)
+    assert len(list(c.query("files from dune:np04_raw # all of them\n limit 7"))) == 7
+    with pytest.raises(webapi.BadRequestError, match="MQLSyntaxError"):
+        list(c.query("files from dune:np04_raw where core.data_tier = 'raw#1'"))
+
+
+def test_token_carriers_are_looked_for_as_the_real_server_does(
+        client: Callable[..., Any], secure: ssl.SSLContext) -> None:
+    """The auth_token cookie, X-Authentication-Token, then Authorization of scheme bearer in
+    any case: each carries the token; another scheme carries none."""
+    good = _jwt("alice")
+    with ThreadedMetaCatServer(datasets={"dune:a": _files(3)}, token=good,
+                               ssl_context=secure) as s:
+        port = int(s.base_url.rsplit(":", 1)[1].split("/", 1)[0])
+        statuses = []
+        for headers in ({"Cookie": f"auth_token={good}"},
+                        {"Cookie": f"auth_token={good}", "X-Authentication-Token": "wrong"},
+                        {"X-Authentication-Token": "", "Authorization": f"bearer {good}"},
+                        {"Authorization": f"BEARER  {good}"},
+                        {"Authorization": f"Token {good}"}):
+            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
+                                               context=ssl.create_default_context(
+                                                   cafile=os.environ["REQUESTS_CA_BUNDLE"]))
+            conn.request("GET", f"{s.server.prefix}/data/dataset?dataset=dune:a",
+                         headers=headers)
+            statuses.append(conn.getresponse().status)
+            conn.close()
+    assert statuses == [200, 200, 200, 200, 401]
+
+
 def test_stream_is_rfc7464_chunked(emulator: ThreadedMetaCatServer) -> None:
     """dataset_files answers chunked application/json-seq: records of 0x1E, JSON, newline."""
     port = int(emulator.base_url.rsplit(":", 1)[1].split("/", 1)[0])

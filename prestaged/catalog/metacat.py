@@ -11,7 +11,8 @@ included):
   are skipped by name, not by count (MetaCat promises no order: ``catalog.http.Handed``);
 - a query (``--mql``): ``POST {url}/data/query?with_meta=no&with_provenance=no&trimquery=...``
   with the MQL as the body, paged as the client pages, ``(QUERY) ordered skip K limit N``
-  (``[catalog.metacat] page``), until a page comes back short;
+  (``[catalog.metacat] page``), until a page comes back short; the ``)`` goes on a line of its
+  own, out of reach of a ``#`` comment ending the query (MetaCat cuts those off);
 - the count for progress: ``GET {url}/data/dataset?dataset=ns:name`` (``file_count``).
 
 Authentication (``[catalog.metacat] auth``): the MetaCat token in ``X-Authentication-Token``
@@ -40,6 +41,7 @@ Errors: an unknown dataset -> ``CatalogError`` naming it (exit 4), as is MQL Met
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -196,6 +198,9 @@ class _MetaCatApi(HttpApi):
     def tls_hint(self) -> str:
         return "check the CA directory and catalog.metacat.url"
 
+    def detail(self, status: int, reason: str, body: str) -> str:
+        return super().detail(status, reason, _error_message(body))
+
     def status_error(self, call: Call, status: int, reason: str, body: str,
                      headers: Mapping[str, str]) -> Exception:
         assert isinstance(call, _Call)
@@ -205,7 +210,7 @@ class _MetaCatApi(HttpApi):
                                 f"{self.base_url} ({detail})")
         if status == 400 and call.mql:
             return CatalogError(f"MetaCat {self.base_url} rejected the MQL query: "
-                                f"{one_line(body) or detail}")
+                                f"{one_line(_error_message(body)) or detail}")
         if status in (401, 403):
             said = bearer_error(headers.get("WWW-Authenticate"))
             detail += f"; the server says: {said}" if said else ""
@@ -225,6 +230,19 @@ class _MetaCatApi(HttpApi):
             return CredentialError(f"MetaCat {self.base_url} refused {call.what} {who} "
                                    f"({detail}); {fix}")
         return CatalogError(f"MetaCat {self.base_url} failed {call.what}: {detail}")
+
+
+def _error_message(body: str) -> str:
+    """The ``message`` of MetaCat's JSON error body (``{"message", "code", "title"}``, what
+    ``@sanitized`` answers for a name or namespace it refuses), else ``body`` as it is."""
+    if not body.lstrip().startswith("{"):
+        return body
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return body
+    message = doc.get("message") if isinstance(doc, dict) else None
+    return message if isinstance(message, str) and message else body
 
 
 _Entry = tuple[str, str, Optional[int]]  # namespace, name, size
@@ -456,7 +474,9 @@ class MetaCatCatalog(UnresolvedLog):
         before: set[int] = set()
         this: set[int] = set()
         while True:
-            body = f"({self.definition}) ordered skip {skip} limit {page}"
+            # The ")" on a line of its own: MetaCat cuts "#" comments to the end of the line,
+            # and a comment on the query's last line would swallow it and the paging.
+            body = f"({self.definition}\n) ordered skip {skip} limit {page}"
             count = 0
             try:
                 async with api.exchange(call, url, params=params, data=body) as resp:

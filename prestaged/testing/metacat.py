@@ -25,6 +25,7 @@ MQL understood (anything else is the real server's 400 ``MQLSyntaxError: ...``):
     (QUERY) [ordered] [skip N] [limit M]     also without the parentheses
     COND: key = v | key == v | key != v | key < v | key > v | key <= v | key >= v
           | key in (v, ...) | key not in (v, ...)       v: 'text', "text", number, true, false
+    # to the end of the line is a comment (``MQLQuery.parse`` cuts it, even in a string)
 
 A key missing from a file's metadata matches no condition (SQL's NULL). ``ordered`` sorts by
 creation time, then fid; unordered results come in a fixed order that is deliberately neither
@@ -34,12 +35,22 @@ retried listing included): the real handler streams them with no ``ORDER BY``, a
 may answer the same scan in another order (``synchronize_seqscans``).
 The real client pages ``query(q, batch_size=N)`` as ``(q) ordered skip K limit N``.
 
-Errors as the real server gives them: an unknown dataset is 404 ``Dataset not found`` (text) for
-``dataset``/``dataset_files`` and an empty 200 stream inside a query; a dataset spec outside
-``[a-z0-9_./-]`` is 400 ``Invalid value: ...``; one without ``:`` is a 500 (the real handler's
-uncaught ``ValueError``). The real server needs no token to read; given ``token``, the emulator
-plays a deployment that does: a request without ``X-Authentication-Token: <token>`` (or
-``Authorization: Bearer <token>``) is answered 401 before it is served.
+Errors as the real server (``webserver/data_handler.py``, ``common_handler.py``, served by
+webpie) gives them: an unknown dataset is 404 ``Dataset not found`` for
+``dataset``/``dataset_files`` and an empty 200 stream inside a query; bad MQL is 400
+``MQLSyntaxError: ...``; these handler errors are text of webpie's default type
+(``text/html; charset=UTF-8``). A dataset spec or ``namespace`` outside ``[a-z0-9_./-]`` is
+``@sanitized``'s 400 with a JSON body ``{"message": "Invalid value: ...", "code": "400 Bad
+Request", "title": "Bad Request"}`` (``application/json``). An exception no handler catches is
+webpie's ``500 Application Error`` HTML page: a dataset spec without ``:`` (the unpacking of
+``split(":", 1)``), and a string constant holding a quote (the parser's ``ValueError``, whose
+missing ``Message`` the query handler trips over).
+
+The real server needs no token to read (its data handlers never look at one); given ``token``,
+the emulator plays a deployment that does: a request whose token (the ``auth_token`` cookie,
+else ``X-Authentication-Token``, else ``Authorization: Bearer``, the scheme in any case, as
+``AuthenticationCore.token_from_request`` looks) is not ``token`` is answered 401 before it is
+served.
 
 Every request is counted per endpoint (``stats.requests``), every MQL text kept
 (``stats.queries``). ``ThreadedMetaCatServer`` runs it in a thread for synchronous clients;
@@ -182,6 +193,11 @@ class MetaCatStats:
 
 class MQLSyntaxError(ValueError):
     """MQL the emulator does not understand; the server answers 400 ``MQLSyntaxError: ...``."""
+
+
+class UnsafeString(ValueError):
+    """A string constant holding a quote: the real parser's ``ValueError`` ("Unsafe string
+    constant"), whose missing ``Message`` the query handler trips over: a 500."""
 
 
 @dataclass(frozen=True)
@@ -345,6 +361,9 @@ class _Parser:
         kind, tok = self.peek()
         self.i += 1
         if kind == "str":
+            if "'" in tok[1:-1] or '"' in tok[1:-1]:
+                raise UnsafeString(f"Unsafe string constant containing double or single "
+                                   f"quote: {tok[1:-1]!r}")
             return re.sub(r"\\(.)", r"\1", tok[1:-1])
         if kind == "num":
             return float(tok) if any(c in tok for c in ".eE") else int(tok)
@@ -354,8 +373,11 @@ class _Parser:
 
 
 def parse_mql(text: str, namespace: Optional[str] = None) -> Query:
-    """Parse the MQL subset of the module docstring; ``namespace`` completes a dataset name
-    given without one. Raises ``MQLSyntaxError``."""
+    """Parse the MQL subset of the module docstring (``#`` comments included); ``namespace``
+    completes a dataset name given without one. Raises ``MQLSyntaxError``, or
+    ``UnsafeString`` for a string constant holding a quote."""
+    # MQLQuery.parse: "#" to the end of a line is a comment (inside a string constant too).
+    text = "\n".join(line.split("#", 1)[0] for line in text.split("\n"))
     parser = _Parser(text, namespace)
     q = parser.query()
     if parser.peek()[0] != "end":
@@ -367,7 +389,31 @@ def parse_mql(text: str, namespace: Optional[str] = None) -> Query:
 
 
 def _text(status: int, text: str) -> web.Response:
-    return web.Response(status=status, text=text, content_type="text/plain")
+    """A handler's ``return status, text``: webpie's response of the default type."""
+    return web.Response(status=status, text=text, content_type="text/html", charset="UTF-8")
+
+
+def _json(doc: Any, status: int = 200) -> web.Response:
+    """A handler's ``return json.dumps(doc), "application/json"``: no charset (webob adds one
+    to text/* and XML types only)."""
+    return web.Response(status=status, body=json.dumps(doc).encode(),
+                        content_type="application/json")
+
+
+def _invalid(message: str) -> web.Response:
+    """``@sanitized``'s answer to a ``SanitizeException`` (``common_handler._error_response``):
+    400 with a JSON body, unlike the handlers' own text errors."""
+    return _json({"message": message, "code": "400 Bad Request", "title": "Bad Request"}, 400)
+
+
+def _application_error(headline: str) -> web.Response:
+    """webpie's ``applicationErrorResponse`` for an exception no handler caught (the real
+    page carries the traceback too)."""
+    return web.Response(
+        status=500, reason="Application Error", content_type="text/html", charset="UTF-8",
+        text=f"<html><body><h2>Application error</h2>\n            <h3>{headline}</h3>\n"
+             "            <pre>\nTraceback (most recent call last): ...</pre>\n"
+             "            </body>\n            </html>")
 
 
 class MetaCatServer(AppServer):
@@ -466,26 +512,27 @@ class MetaCatServer(AppServer):
 
     def _authorize(self, request: web.Request) -> Optional[web.Response]:
         """None when ``request`` may be served, else the 401."""
-        sent = request.headers.get("X-Authentication-Token")
-        bearer = request.headers.get("Authorization", "")
-        if sent is None and bearer.startswith("Bearer "):
-            sent = bearer[len("Bearer "):].strip()
-        self.stats.token_requests += int(sent is not None)
+        # AuthenticationCore.token_from_request's order: the auth_token cookie, then
+        # X-Authentication-Token, then an Authorization header of scheme bearer (any case).
+        sent = request.cookies.get("auth_token") or request.headers.get("X-Authentication-Token")
+        if not sent:
+            scheme, _, rest = request.headers.get("Authorization", "").strip().partition(" ")
+            sent = rest.strip() if scheme.lower() == "bearer" else None
+        self.stats.token_requests += int(bool(sent))
         if self.token is None or sent == self.token:
             return None
         self.stats.auth_refusals += 1
-        return _text(401, "Authentication required" if sent is None
-                     else "Token verification failed")
+        return _text(401, "Token verification failed" if sent else "Authentication required")
 
     def _lookup(self, request: web.Request) -> Union[str, web.Response]:
         """The ``dataset`` parameter as a known did, or the real server's error answer."""
         spec = request.query.get("dataset", "")
         if ":" not in spec:
             # The real handler's unpacking of split(":", 1) raises, uncaught: a 500.
-            return _text(500, "Internal Server Error")
+            return _application_error("not enough values to unpack (expected 2, got 1)")
         for word in spec.split(":", 1):
             if word and not _SAFE_NAME.fullmatch(word):
-                return _text(400, f"Invalid value: {word}")
+                return _invalid(f"Invalid value: {word}")
         if spec not in self._datasets:
             return _text(404, "Dataset not found")
         return spec
@@ -498,7 +545,7 @@ class MetaCatServer(AppServer):
         if isinstance(did, web.Response):
             return did
         namespace, name = did.split(":", 1)
-        return web.json_response({
+        return _json({
             "namespace": namespace, "name": name, "frozen": False, "monotonic": False,
             "creator": "emulator", "created_timestamp": self._created[did], "description": "",
             "metadata": {}, "file_meta_requirements": {}, "updated_by": None,
@@ -524,22 +571,23 @@ class MetaCatServer(AppServer):
         self.stats.queries.append(text)
         if request.query.get("summary") not in ("count", "keys", None):
             return _text(400, f"Unsupported summary type: {request.query['summary']}")
-        if not text.strip():
-            return web.Response(text="[]", content_type="application/json")
         namespace = request.query.get("namespace") or None
         if namespace is not None and not _SAFE_NAME.fullmatch(namespace):
-            return _text(400, f"Invalid value for namespace: {namespace}")
+            return _invalid(f"Invalid value for namespace: {namespace}")
+        if not text:
+            return web.Response(body=b"[]", content_type="application/json")
         try:
             q = parse_mql(text, namespace)
+        except UnsafeString:
+            return _application_error("'ValueError' object has no attribute 'Message'")
         except MQLSyntaxError as e:
             return _text(400, f"MQLSyntaxError: {e}")
         files = self._evaluate(q)
         summary = request.query.get("summary")
         if summary == "count":
-            return web.json_response({"count": len(files),
-                                      "total_size": sum(f.size for f in files)})
+            return _json({"count": len(files), "total_size": sum(f.size for f in files)})
         if summary == "keys":
-            return web.json_response(sorted({k for f in files for k in f.metadata}))
+            return _json(sorted({k for f in files for k in f.metadata}))
         with_meta = request.query.get("with_meta", "no") == "yes"
         return await self._stream(request, files, with_meta)
 

@@ -204,8 +204,10 @@ class ListRequest:
     @classmethod
     def from_body(cls, body: Mapping[str, Any], query: Mapping[str, str]) -> ListRequest:
         """Read a decoded JSON body and the query string as ListReplicas.post does, in its
-        order: the booleans, ``updated_after``, then (in the generator) the ``r_dids`` schema;
-        raise the real ``RucioError`` for what it refuses."""
+        order: ``client_location``, the booleans, ``updated_after``, then (in the generator) the
+        ``r_dids`` schema; raise the real ``RucioError`` for what it refuses."""
+        if "client_location" in body:
+            _client_location(body["client_location"])
         for key in ("unavailable", "ignore_availability", "all_states", "resolve_archives"):
             if key in body:
                 _boolean(body[key], key)
@@ -223,6 +225,16 @@ class ListRequest:
             sort=query.get("sort", query.get("select", body.get("sort"))),
             limit=query.get("limit"), nrandom=int(nrandom) if nrandom else None,
             resolve_parents=resolve_parents, updated_after=updated_after)
+
+
+def _client_location(value: Any) -> None:
+    """The view's ``client_location.update(param_get(parameters, 'client_location'))``: what
+    ``dict.update`` refuses (a string, a number, null) is uncaught, Flask's 500 with the text
+    (``ErrorHandlingMethodView``)."""
+    try:
+        {}.update(value)
+    except (TypeError, ValueError) as e:
+        raise RucioError(500, type(e).__name__, str(e), text=str(e)) from e
 
 
 def _boolean(value: Any, name: str) -> bool:
