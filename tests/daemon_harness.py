@@ -94,6 +94,8 @@ class Daemon:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
                                      method=method)
+        if data is not None:  # urllib's default is a form, which the API refuses (415)
+            req.add_header("Content-Type", "application/json")
         if token or self.token:
             req.add_header("Authorization", f"Bearer {token or self.token}")
         try:

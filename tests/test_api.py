@@ -143,6 +143,9 @@ async def client() -> AsyncIterator[Client]:
         await c.close()
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def _auth(token: str = TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -207,7 +210,7 @@ async def test_bad_warm_requests_are_400(client: Client, body: bytes, message: s
     reaches the daemon."""
     ports = FakePorts()
     c = await client(ports)
-    status, doc = await _answer(await c.post("/api/v1/warm", data=body))
+    status, doc = await _answer(await c.post("/api/v1/warm", data=body, headers=JSON))
     assert status == 400 and message in doc["error"]
     assert not [name for name, _ in ports.calls if name == "submit"]
 
@@ -281,7 +284,8 @@ async def test_bodies_that_do_not_decode_are_400(client: Client, headers: dict[s
     traceback in the log."""
     ports = FakePorts()
     c = await client(ports)
-    status, doc = await _answer(await c.post("/api/v1/warm", data=body, headers=headers))
+    status, doc = await _answer(await c.post("/api/v1/warm", data=body,
+                                             headers={**JSON, **headers}))
     assert status == 400 and message in doc["error"], doc
     assert not ports.runs
 
@@ -446,7 +450,8 @@ async def test_bad_campaign_requests_are_400(client: Client, path: str, body: ob
     """Malformed campaign requests are 400 with a message naming the key and what came."""
     ports = FakePorts(token=TOKEN)
     c = await client(ports)
-    status, doc = await _answer(await c.post(path, data=json.dumps(body), headers=_auth()))
+    status, doc = await _answer(await c.post(path, data=json.dumps(body),
+                                             headers={**JSON, **_auth()}))
     assert status == 400 and message in doc["error"], doc
     assert not [n for n, _ in ports.calls if n in ("add_campaign", "campaign_action")]
 
@@ -549,3 +554,50 @@ async def test_the_client_sends_the_token_on_reads_when_it_can(tmp_path: Path) -
             await asyncio.to_thread(api_client.call, cfg, "POST", "/api/v1/x", {})
     finally:
         await server.close()
+
+
+# --- browsers: cross-site requests and DNS rebinding ------------------------------------------
+
+@pytest.mark.parametrize("headers", [
+    {"Content-Type": "text/plain"},
+    {"Content-Type": "application/x-www-form-urlencoded"},
+    {"Content-Type": "multipart/form-data; boundary=x"},
+    {},
+])
+async def test_a_body_that_is_not_declared_json_is_415(client: Client,
+                                                       headers: dict[str, str]) -> None:
+    """A web page may POST text/plain, a form or an untyped blob to a loopback daemon without
+    a CORS preflight: a warm without a token was queued from any site the user visited."""
+    ports = FakePorts()
+    c = await client(ports)
+    resp = await c.post("/api/v1/warm", data=b'{"definition": "a"}', headers=headers,
+                        skip_auto_headers=["Content-Type"])
+    status, doc = await _answer(resp)
+    assert status == 415 and "application/json" in doc["error"], doc
+    assert not ports.runs
+
+
+async def test_a_host_not_naming_this_host_is_421_in_clear() -> None:
+    """DNS rebinding: a page of evil.example, its name then resolving to 127.0.0.1, read the
+    loopback API as its own origin (runs, campaigns, warms without a token). In clear, a Host
+    must be an address, localhost or a name of this host; without ``hosts`` none is checked."""
+    ports = FakePorts()
+    checked = TestClient(TestServer(build_app(ports, listen="127.0.0.1:9464",
+                                              hosts={"node7.example.org"}), host="127.0.0.1"))
+    unchecked = TestClient(TestServer(build_app(ports), host="127.0.0.1"))
+    async with checked, unchecked:
+        for host in ("evil.example", "evil.example:9464", "127.0.0.1.evil.example",
+                     "localhost.evil.example", "", "node7.example.org.evil"):
+            status, doc = await _answer(await checked.get("/api/v1/campaigns",
+                                                          headers={"Host": host}))
+            assert status == 421 and "127.0.0.1:9464" in doc["error"], (host, doc)
+            resp = await checked.post("/api/v1/warm", json={"definition": "a"},
+                                      headers={"Host": host})
+            assert resp.status == 421
+            assert (await unchecked.get("/api/v1/campaigns", headers={"Host": host})).status \
+                == 200
+        for host in ("127.0.0.1:9464", "localhost", "LOCALHOST:9464", "[::1]:9464",
+                     "node7.example.org", "node7.example.org.:9464", "x.localhost"):
+            resp = await checked.get("/api/v1/campaigns", headers={"Host": host})
+            assert resp.status == 200, host
+    assert not ports.runs

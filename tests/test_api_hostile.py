@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
-from daemon_harness import DEADLINE, Daemon, free_port, in_process, write_config
+from daemon_harness import DEADLINE, Daemon, free_port, in_process, until, write_config
 
 from prestaged.service import api
 from prestaged.service.daemon import SHUTDOWN_GRACE
@@ -51,12 +52,12 @@ def test_malformed_requests_never_log_the_token_and_a_stalled_body_does_not_hold
     config = write_config(tmp_path, pki, proxy, port, [], extra=f'token_file = "{token_file}"',
                           sections='[output]\nlog_level = "debug"\n')
     d = start_daemon(config, port, token=TOKEN)
-    head = b"GET /api/v1/runs/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    head = b"GET /api/v1/runs/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
     for bad in (b"Authorization: Bearer " + TOKEN.encode() + b"\x00\r\n",
                 b"Authorization: Bearer " + TOKEN.encode() + b"\x01\r\n",
                 b"Authorization: Bearer " + TOKEN.encode() + b"A" * 9000 + b"\r\n"):
         assert _send(port, head + bad + b"\r\n").startswith(b"HTTP/1.")
-    post = (b"POST /api/v1/warm HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+    post = (b"POST /api/v1/warm HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
             + TOKEN.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: 100"
             b"\r\n\r\n{")
     _send(port, post, answer=False)  # gone mid-body
@@ -128,9 +129,9 @@ async def test_a_client_too_slow_to_send_its_request_is_cut_off(
         silent = await connect(b"")
         half_line = await connect(b"GET /heal")
         trickled = await connect(b"GET /healthz HTTP/1.1\r\n")
-        body = await connect(b"POST /api/v1/warm HTTP/1.1\r\nHost: x\r\n"
+        body = await connect(b"POST /api/v1/warm HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                              b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
-        kept = await connect(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        kept = await connect(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         waits = {name: asyncio.ensure_future(_until_closed(reader)) for name, (reader, _) in
                  {"silent": silent, "half_line": half_line, "trickled": trickled,
                   "body": body, "kept": kept}.items()}
@@ -149,3 +150,46 @@ async def test_a_client_too_slow_to_send_its_request_is_cut_off(
     head, _, answer = got["body"].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408 "), got["body"]
     assert json.loads(answer) == {"error": "the request body did not come within 0.5 s"}
+
+
+async def test_connections_beyond_the_cap_are_answered_503_and_closed(
+        pki: TestPKI, proxy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """1,000 idle connections from any local user took every file descriptor of a daemon
+    under systemd's 1024: its API answered nothing and its runs could open no socket. Beyond
+    ``MAX_CONNECTIONS`` a connection is answered 503 and closed at once (one WARNING for the
+    episode), and the API serves again as soon as the others close."""
+    monkeypatch.setattr(api, "MAX_CONNECTIONS", 8)
+    port = free_port()
+    async with in_process(write_config(tmp_path, pki, proxy, port, [])) as d:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(8)]
+        extra = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        answers = await asyncio.gather(*(_until_closed(reader) for reader, _ in extra))
+        for answer in answers:  # accepted after the 8 (the kernel's queue is first come)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 "), answer[:80]
+            assert "8 API connections open" in json.loads(body)["error"]
+        for _, writer in held + extra:
+            writer.close()
+
+        async def served() -> bool:
+            try:
+                return (await d.http("GET", "/healthz"))[0] == 200
+            except aiohttp.ClientError:  # a close not seen by the daemon yet
+                return False
+        await until("the API serving again", served)
+    refusals = [r for r in caplog.records if "connections open; refusing" in r.getMessage()]
+    assert len(refusals) == 1 and refusals[0].levelname == "WARNING"
+
+
+async def test_the_daemon_in_clear_answers_only_requests_naming_this_host(
+        pki: TestPKI, proxy: Path, tmp_path: Path) -> None:
+    """``prestaged serve`` on loopback refuses a Host of another name (DNS rebinding) with
+    421 and serves its own address and localhost."""
+    port = free_port()
+    async with in_process(write_config(tmp_path, pki, proxy, port, [])) as d:
+        for host, status in ((f"evil.example:{port}", 421), (f"localhost:{port}", 200),
+                             (f"127.0.0.1:{port}", 200)):
+            async with d.session.get(f"http://127.0.0.1:{port}/api/v1/campaigns",
+                                     headers={"Host": host}) as resp:
+                assert resp.status == status, host

@@ -39,28 +39,37 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Collection, Mapping
 from typing import Callable, Optional, Protocol, TypeVar
 
 from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
 
 from prestaged.config import CATALOG_KINDS
 from prestaged.errors import BusyError, ConfigError, PrestagedError
 from prestaged.model import has_control, printable
 
-__all__ = ["MAX_BODY", "REQUEST_DEADLINE", "ApiPorts", "Handler", "JsonObject", "RunView",
-           "build_app", "serve"]
+__all__ = ["LISTEN", "MAX_BODY", "MAX_CONNECTIONS", "REQUEST_DEADLINE", "ApiPorts", "Handler",
+           "JsonObject", "RunView", "build_app", "serve"]
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024
 """Bytes of a request body the API reads at most (413 beyond)."""
+
+MAX_CONNECTIONS = 256
+"""Connections the API holds open at once, each a file descriptor: one more is answered 503
+and closed at once (over TLS, once its handshake is over, at most ``REQUEST_DEADLINE``).
+Any local user could open 1,000 idle ones (no token needed to connect): they took every file
+descriptor of a daemon under systemd (a soft ``LimitNOFILE`` of 1024), whose API then answered
+nothing and whose runs could open no storage connection."""
 
 REQUEST_DEADLINE = 30.0
 """Seconds a client has to send a request's line and headers (from connecting, or from the
@@ -264,6 +273,11 @@ async def _json_object(request: web.Request) -> dict[str, object]:
     """The request body as a JSON object (an empty body is ``{}``); ``ConfigError`` otherwise."""
     if not request.can_read_body:
         return {}
+    if request.content_type != "application/json":
+        # A browser sends text/plain, a form or a blob without preflight (CORS "simple
+        # requests"): any web page could POST a warm to a loopback daemon without a token.
+        raise _Refused(415, "the request body must be JSON, sent as Content-Type: "
+                            f"application/json (got {printable(request.content_type[:80])})")
     try:
         raw = await asyncio.wait_for(request.read(), REQUEST_DEADLINE)
     except asyncio.TimeoutError:
@@ -510,6 +524,59 @@ def _close_silent(handler: web.RequestHandler, loop: asyncio.AbstractEventLoop,
                                                True)
 
 
+class _TooMany(asyncio.Protocol):
+    """A connection beyond ``MAX_CONNECTIONS``: answered 503 (in clear) and closed, so that it
+    holds no file descriptor; what it sends is not read."""
+
+    def __init__(self, in_clear: bool) -> None:
+        self._in_clear = in_clear
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._in_clear and isinstance(transport, asyncio.WriteTransport):
+            body = json.dumps({"error": f"the daemon has {MAX_CONNECTIONS} API connections "
+                                        "open; try again later"}).encode()
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                            b"application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        transport.close()
+
+
+class _Doors:
+    """The listener's protocol factory: an aiohttp handler per connection while fewer than
+    ``MAX_CONNECTIONS`` are open, a ``_TooMany`` beyond. Open are aiohttp's connections and
+    those accepted that have not reached it yet: in clear that is a moment, over TLS the
+    handshake (at most ``REQUEST_DEADLINE``; a TLS connection that gave up before counts
+    until then)."""
+
+    def __init__(self, server: web.Server, loop: asyncio.AbstractEventLoop,
+                 in_clear: bool) -> None:
+        self._server, self._loop, self._in_clear = server, loop, in_clear
+        self._grace = 1.0 if in_clear else REQUEST_DEADLINE
+        self._coming: dict[int, tuple[web.RequestHandler, float]] = {}  # by id of the handler
+        self._full = False
+
+    def open(self) -> int:
+        """Connections open now (by the count above)."""
+        now = self._loop.time()
+        self._coming = {key: (h, made) for key, (h, made) in self._coming.items()
+                        if h.transport is None and now - made < self._grace}
+        return len(self._server.connections) + len(self._coming)
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if self.open() >= MAX_CONNECTIONS:
+            if not self._full:  # once per episode: a flood must not flood the log too
+                log.warning("API: %d connections open; refusing more until some close",
+                            MAX_CONNECTIONS)
+            self._full = True
+            return _TooMany(self._in_clear)
+        self._full = False
+        handler = self._server()
+        self._coming[id(handler)] = (handler, self._loop.time())
+        _SILENT[id(handler)] = self._loop.call_later(REQUEST_DEADLINE, _close_silent, handler,
+                                                     self._loop)
+        return handler
+
+
 async def serve(app: web.Application, host: str, port: int, *, shutdown_timeout: float,
                 tls: Optional[ssl.SSLContext] = None,
                 ) -> tuple[web.AppRunner, asyncio.AbstractServer]:
@@ -517,7 +584,8 @@ async def serve(app: web.Application, host: str, port: int, *, shutdown_timeout:
     (``cleanup()`` it) and its listener (close it first). A connection that sends no whole
     request within ``REQUEST_DEADLINE`` of connecting is closed, a TLS handshake not done by
     then too, and so is a kept-alive one idle or trickling that long (aiohttp's
-    ``keepalive_timeout``). ``OSError`` if the address cannot be had."""
+    ``keepalive_timeout``); beyond ``MAX_CONNECTIONS`` open, a new one is closed at once.
+    ``OSError`` if the address cannot be had."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout,
                            keepalive_timeout=REQUEST_DEADLINE)
     await runner.setup()
@@ -525,11 +593,7 @@ async def serve(app: web.Application, host: str, port: int, *, shutdown_timeout:
     server = runner.server
     assert server is not None
 
-    def connection() -> web.RequestHandler:
-        handler = server()
-        _SILENT[id(handler)] = loop.call_later(REQUEST_DEADLINE, _close_silent, handler, loop)
-        return handler
-
+    connection = _Doors(server, loop, in_clear=tls is None)
     try:
         if tls is None:
             listener = await loop.create_server(connection, host, port, reuse_address=True)
@@ -542,11 +606,57 @@ async def serve(app: web.Application, host: str, port: int, *, shutdown_timeout:
     return runner, listener
 
 
-def build_app(ports: ApiPorts) -> web.Application:
-    """The aiohttp application serving ``ports``."""
+def _host_name(request: web.Request) -> str:
+    """The name (or address) in the request's ``Host`` header, lower case, without its port
+    or a final dot."""
+    host = request.headers.get("Host", "").strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0].rstrip(".") if ":" in host else host.rstrip(".")
+
+
+def _local_host(name: str, names: Collection[str]) -> bool:
+    """Whether ``name`` is an IP address, ``localhost`` (or under it) or among ``names``."""
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return name == "localhost" or name.endswith(".localhost") or name in names
+
+
+def _hosts_checked(names: Collection[str]) -> Middleware:
+    """Middleware refusing (421) a request whose ``Host`` is not ``_local_host``: DNS
+    rebinding. A web page of evil.example whose name is then made to resolve to 127.0.0.1
+    reaches a loopback daemon from the user's browser as its own origin, and reads what it
+    answers (runs, campaigns' output when there is no token) or requests warms."""
+    wanted = frozenset(n.lower().rstrip(".") for n in names)
+
+    @web.middleware
+    async def hosts_checked(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not _local_host(_host_name(request), wanted):
+            raise _Refused(421, "the Host header names neither this host nor an address: "
+                                f"ask for http://{request.app[LISTEN]}")
+        return await handler(request)
+    return hosts_checked
+
+
+LISTEN: web.AppKey[str] = web.AppKey("listen", str)
+
+
+def build_app(ports: ApiPorts, *, listen: str = "", hosts: Optional[Collection[str]] = None,
+              ) -> web.Application:
+    """The aiohttp application serving ``ports`` at ``listen`` (``host:port``, for messages).
+    With ``hosts`` (served in clear, on loopback) a request's ``Host`` must be an IP address,
+    ``localhost`` or one of ``hosts`` (421 otherwise); None: not checked (over TLS a browser
+    led to the daemon under another name refuses its certificate)."""
     # Request bodies are small JSON documents (a campaign file is a few KiB): a larger one is
     # refused with 413 before it is read.
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    middlewares: list[Middleware] = [_errors]
+    if hosts is not None:
+        middlewares.append(_hosts_checked(hosts))
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
+    app[LISTEN] = listen
     quiet_client_faults()
     app[PORTS] = ports
     app.router.add_get("/healthz", healthz)

@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -288,9 +289,12 @@ class Daemon:
         host, _, port = self.cfg.daemon.listen.rpartition(":")
         # shutdown_timeout: a client that never finishes its request body held the exit for
         # aiohttp's default 60 s, past systemd's TimeoutStopSec after the drain.
+        # In clear (loopback) a request must name this host (DNS rebinding: build_app).
+        hosts = None if self._tls is not None else await asyncio.to_thread(_own_names, host)
+        app = build_app(ports, listen=self.cfg.daemon.listen, hosts=hosts)
         try:
             self._runner, self._listener = await serve(
-                build_app(ports), host.strip("[]"), int(port), shutdown_timeout=SHUTDOWN_GRACE,
+                app, host.strip("[]"), int(port), shutdown_timeout=SHUTDOWN_GRACE,
                 tls=self._tls.context if self._tls is not None else None)
         except OSError as e:
             raise ConfigError(f"daemon.listen {self.cfg.daemon.listen}: {e.strerror}") from None
@@ -692,6 +696,13 @@ where they got (a submit command is killed then)."""
 CLOSE_GRACE = 60.0
 """Seconds allowed, when the daemon stops, for leaving the cluster and closing the state (the
 writer's last batch, a database busy up to its 30 s timeout)."""
+
+
+def _own_names(listen_host: str) -> set[str]:
+    """The names a client of the API may give in ``Host`` besides addresses and
+    ``localhost``: ``daemon.listen``'s host and this host's names (a proxy on this host that
+    passes the name it was asked by)."""
+    return {listen_host.strip("[]"), socket.gethostname(), socket.getfqdn()}
 
 
 def stop_takes(drain_timeout: float) -> float:
