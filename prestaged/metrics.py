@@ -360,9 +360,13 @@ class Metrics:
         """The API at ``listen`` serves a certificate that expires at ``timestamp``."""
         self.api_certificate_expiry.labels(_plain_label(listen)).set(timestamp)
 
-    def set_credential_expiry(self, kind: str, timestamp: float) -> None:
-        """Credential ``kind`` (``proxy``...) expires at ``timestamp`` (Unix seconds)."""
-        self.credential_expiry.labels(_plain_label(kind)).set(timestamp)
+    def set_credential_expiry(self, kind: str, timestamp: Optional[float]) -> None:
+        """Credential ``kind`` (``proxy``...) expires at ``timestamp`` (Unix seconds); None:
+        none of that kind is in use, its series is dropped."""
+        if timestamp is None:
+            self._remove(self.credential_expiry, _plain_label(kind))
+        else:
+            self.credential_expiry.labels(_plain_label(kind)).set(timestamp)
 
     def catalog_request(self, catalog: str, result: str) -> None:
         """One query to catalog kind ``catalog`` ended with ``result`` (``ok`` or ``error``)."""
