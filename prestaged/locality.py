@@ -162,6 +162,38 @@ class TapeProbe(Protocol):
         ...
 
 
+class StagingFiles:
+    """The files runs follow a stage request for, shared by the runs of one ``TapeAccess``
+    (the daemon's): a file two runs follow (watched definitions sharing it, the second run
+    following the first's request) is one file staging and lands once, for the metrics.
+    Keys are ``(frontend uri, path)``."""
+
+    def __init__(self) -> None:
+        self._followers: Counter[tuple[str, str]] = Counter()
+        self._landed: set[tuple[str, str]] = set()
+
+    def begin(self, key: tuple[str, str]) -> bool:
+        """A run follows ``key`` now; True when no other run did (the file starts staging)."""
+        self._followers[key] += 1
+        return self._followers[key] == 1
+
+    def landed(self, key: tuple[str, str]) -> bool:
+        """A run saw ``key`` reach disk; True for the first of its followers to see it."""
+        if key in self._landed or key not in self._followers:
+            return False
+        self._landed.add(key)
+        return True
+
+    def end(self, key: tuple[str, str]) -> bool:
+        """A run no longer follows ``key``; True when it was the last (it left staging)."""
+        self._followers[key] -= 1
+        if self._followers[key] > 0:
+            return False
+        del self._followers[key]
+        self._landed.discard(key)
+        return True
+
+
 @dataclass
 class TapeTally:
     """Live counters of the tape path of a run (progress displays and the summary)."""
@@ -248,6 +280,8 @@ class TapeAccess:
         self.directory = TapeDirectory(settings.discovery_ttl, configured=settings.tape_api)
         self.slots = RequestSlots(settings.staging.max_requests)
         """Open stage requests per endpoint, shared by every run of this access."""
+        self.staging = StagingFiles()
+        """The files its runs follow a stage request for, each counted once (metrics)."""
         self._ssl = ssl_context
         self._policy = policy
         self._on_stage = on_stage
@@ -409,7 +443,7 @@ class TapeRouter:
         self._known: set[str] = set()  # endpoints that knew a path (or were warned they did not)
         self._unknown: Counter[str] = Counter()  # endpoint -> paths it did not know, so far
         self._asked: set[str] = set()  # paths put in a stage request (counted once)
-        self._ended = 0  # of those, how many landed or failed
+        self._following: set[tuple[str, str]] = set()  # (uri, path) in access.staging
         token = access.token
         self._stage_scopes = ScopeWarner(token, "storage.stage") if token is not None else None
 
@@ -580,7 +614,7 @@ class TapeRouter:
         for request, followed in follow.items():
             log.info("following stage request %s of an earlier run for %d files", request,
                      len(followed))
-            self._asked_for(followed)
+            self._asked_for(uri, followed)
             self._adopted(uri, made[request], followed)
             # Its timeout runs from when the server accepted it, as the state recorded (not
             # from this rerun, nor from a pin lifetime that may have changed since).
@@ -628,7 +662,7 @@ class TapeRouter:
         self._note_request(uri, request.id, request.paths,
                            TapeInfo("TAPE", request.id, uri, requested_at=self._clock() - age,
                                     lifetime=lifetime))
-        self._asked_for(request.paths)
+        self._asked_for(uri, request.paths)
 
     def _adopted(self, uri: str, info: TapeInfo, paths: Sequence[str]) -> None:
         """An earlier run's request ``info`` (as the state recorded it) is followed for
@@ -649,14 +683,29 @@ class TapeRouter:
             for ref in pending.get(path, ()):
                 self._note(ref.url, info)
 
-    def _asked_for(self, paths: Sequence[str]) -> None:
+    def _asked_for(self, uri: str, paths: Sequence[str]) -> None:
         """``paths`` are in a stage request (ours or an earlier run's): count them as asked,
-        once each (a path asked again after FAILED or a lost request counts once)."""
+        once each (a path asked again after FAILED or a lost request counts once), and as
+        staging while this run follows them, once each whatever other runs follow them too."""
         fresh = [p for p in paths if p not in self._asked]
         self._asked.update(fresh)
         self.tally.requested += len(fresh)
-        if self._probe is not None and fresh:
-            self._probe.staging(len(fresh))
+        started = 0
+        for path in paths:
+            key = (uri, path)
+            if key not in self._following:
+                self._following.add(key)
+                if self.access.staging.begin(key):
+                    started += 1
+        if self._probe is not None and started:
+            self._probe.staging(started)
+
+    def _unfollow(self, key: tuple[str, str]) -> None:
+        """This run no longer follows ``key``: it leaves staging if no other run does."""
+        if key in self._following:
+            self._following.discard(key)
+            if self.access.staging.end(key) and self._probe is not None:
+                self._probe.staging(-1)
 
     async def _land(self, uri: str, stager: Stager) -> None:
         """Hand each file of ``uri``'s stager on as it lands (or fails)."""
@@ -668,9 +717,9 @@ class TapeRouter:
 
     async def _landed(self, uri: str, staged: Staged) -> None:
         files = self._pending.get(uri, {}).pop(staged.path, [])
-        self._ended += 1
-        if self._probe is not None:
-            self._probe.staging(-1)
+        key = (uri, staged.path)
+        first = staged.on_disk and self.access.staging.landed(key)
+        self._unfollow(key)
         now = self._clock()
         if not staged.on_disk:
             # Timed out (and cancelled), failed twice, cancelled or lost: no longer staging,
@@ -684,7 +733,7 @@ class TapeRouter:
                 self._fail(self._no_stage_right(uri, staged))
             return
         self.tally.on_disk += 1
-        if self._probe is not None:
+        if self._probe is not None and first:  # once per landing, however many runs saw it
             self._probe.file_staged(staged.seconds)
         # A pin starts when the file is pinned on disk, not when it was asked for: its end is
         # this landing (seen at most one poll after it) plus the lifetime its request asked.
@@ -739,10 +788,8 @@ class TapeRouter:
             await asyncio.gather(*(stager.settle(STAGE_ANSWER_GRACE)
                                    for stager in self._stagers.values()))
         finally:  # a second Ctrl-C (cancelled here) leaves no file counted as staging
-            left = len(self._asked) - self._ended
-            if self._probe is not None and left > 0:
-                self._probe.staging(-left)  # no longer followed by this run
-            self._ended = len(self._asked)
+            for key in list(self._following):
+                self._unfollow(key)  # no longer followed by this run
 
 
 def _path_error(error: str) -> Result:

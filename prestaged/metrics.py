@@ -222,7 +222,8 @@ class Metrics:
             ["definition", "locality"], registry=r)
         self.endpoint_concurrency = Gauge(
             "prestaged_endpoint_concurrency",
-            "Concurrency used towards a storage host now (its limiter cuts it on 503).",
+            "Attempts the runs using a storage host allow in flight there now: the sum of "
+            "their limits (each run's limiter cuts its own on 503); 0 once no run uses it.",
             ["host"], registry=r)
         self.endpoint_rate_limit = Gauge(
             "prestaged_endpoint_rate_limit",
@@ -359,9 +360,13 @@ class Metrics:
         """The API at ``listen`` serves a certificate that expires at ``timestamp``."""
         self.api_certificate_expiry.labels(_plain_label(listen)).set(timestamp)
 
-    def set_credential_expiry(self, kind: str, timestamp: float) -> None:
-        """Credential ``kind`` (``proxy``...) expires at ``timestamp`` (Unix seconds)."""
-        self.credential_expiry.labels(_plain_label(kind)).set(timestamp)
+    def set_credential_expiry(self, kind: str, timestamp: Optional[float]) -> None:
+        """Credential ``kind`` (``proxy``...) expires at ``timestamp`` (Unix seconds); None:
+        none of that kind is in use, its series is dropped."""
+        if timestamp is None:
+            self._remove(self.credential_expiry, _plain_label(kind))
+        else:
+            self.credential_expiry.labels(_plain_label(kind)).set(timestamp)
 
     def catalog_request(self, catalog: str, result: str) -> None:
         """One query to catalog kind ``catalog`` ended with ``result`` (``ok`` or ``error``)."""
@@ -414,10 +419,12 @@ class Metrics:
         for locality, n in values.items():
             self.locality_files.labels(name, locality).set(n)
 
-    def set_concurrency(self, host: str, n: int) -> None:
-        """Storage ``host`` gets ``n`` concurrent requests now (its limiter's value); a URL or
-        ``host:port`` is reduced to the host name."""
-        self.endpoint_concurrency.labels(host_label(host)).set(n)
+    def concurrency_changed(self, host: str, delta: int) -> None:
+        """A run's limit at storage ``host`` moved by ``delta`` (``warm.Probe``): the gauge is
+        the sum over running runs, back to 0 when the last one using ``host`` ends (a value
+        merely set would show a finished run's limit, and the last of several runs' alone); a
+        URL or ``host:port`` is reduced to the host name."""
+        self.endpoint_concurrency.labels(host_label(host)).inc(delta)
 
     def set_rate(self, host: str, rate: float) -> None:
         """Storage ``host`` may get ``rate`` request starts a second now (its 429 ceiling); a

@@ -134,8 +134,11 @@ class Probe(TapeProbe, Protocol):
         """A file's final outcome (skipped fresh files included)."""
         ...
 
-    def set_concurrency(self, host: str, n: int) -> None:
-        """Attempts allowed in flight at ``host`` now (its AIMD limit, ``pacing.Pacer``)."""
+    def concurrency_changed(self, host: str, delta: int) -> None:
+        """A run's limit on attempts in flight at ``host`` (its AIMD limit, ``pacing.Pacer``)
+        moved by ``delta``: up by its start value when the run first uses ``host``, down on a
+        503 cut, up as it grows back, and down by what is left when the run ends (so the sum
+        over runs is what the running ones allow there now, 0 once none uses ``host``)."""
         ...
 
     def set_rate(self, host: str, rate: float) -> None:
@@ -570,10 +573,27 @@ class _Run:
                                      deny=self._denied_by_tape)
         # Starts every endpoint at `concurrency`, not storage.per_host: that bounds connections
         # per host, and after a door's redirect an attempt holds a pool's connection instead.
+        self.limits: dict[str, int] = {}  # endpoint -> its limit as last told to the probe
         self.pacer = Pacer(settings.concurrency, tally.paced, on_change=(
-            None if probe is None else lambda ep, n: probe.set_concurrency(_host(ep), n)),
+            None if probe is None else self._limit_changed),
             on_rate=None if probe is None else lambda ep, r: probe.set_rate(_host(ep), r),
             gate=True, rates=rates)
+
+    def _limit_changed(self, endpoint: str, limit: int) -> None:
+        """The pacer's limit at ``endpoint`` is ``limit`` now: the probe hears the change."""
+        assert self.probe is not None
+        before = self.limits.get(endpoint, 0)
+        self.limits[endpoint] = limit
+        if limit != before:
+            self.probe.concurrency_changed(_host(endpoint), limit - before)
+
+    def release_limits(self) -> None:
+        """The run uses no endpoint any more: the probe hears each limit it held go."""
+        limits, self.limits = self.limits, {}
+        if self.probe is not None:
+            for endpoint, limit in limits.items():
+                if limit:
+                    self.probe.concurrency_changed(_host(endpoint), -limit)
 
     def _denied_by_tape(self, door: str, outcome: Outcome) -> None:
         """A file the door's Tape REST API says we may not see (archiveinfo "Permission
@@ -834,9 +854,12 @@ async def warm(
     finally:
         for task in [producer, *workers, *waiters]:
             task.cancel()
-        await asyncio.gather(producer, everything, *waiters, return_exceptions=True)
-        if run.router is not None:
-            await run.router.abort()
+        try:
+            await asyncio.gather(producer, everything, *waiters, return_exceptions=True)
+            if run.router is not None:
+                await run.router.abort()
+        finally:  # a second cancellation too: no limit left counted after the run
+            run.release_limits()
     for task in (producer, *workers):
         # A bug in a worker or the catalog must not pass for a finished run.
         if task.done() and not task.cancelled() and task.exception() is not None:

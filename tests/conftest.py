@@ -100,7 +100,7 @@ def exposed_metric_names() -> set[str]:
     m.set_api_certificate_expiry("127.0.0.1:9464", 2.0)
     m.set_campaign_submissions("c", {"queued": 1}, [s.value for s in SubmissionState])
     m.set_locality("d", {"TAPE": 1})
-    m.set_concurrency("h", 4)
+    m.concurrency_changed("h", 4)
     m.set_rate("h", 200.0)
     m.set_cluster(1, {"campaign": 1})
     m.lease_taken_over("chunk")

@@ -496,3 +496,28 @@ async def test_a_state_file_removed_under_the_daemon_makes_it_not_ready(
         assert doc["state"] == "error" and "removed while in use" in doc["error"], doc
         (tmp_path / "aside.db").rename(state)
         assert (await d.http("GET", "/readyz"))[0] == 200
+
+
+async def test_a_reload_that_drops_the_token_drops_its_expiry_metric(
+    pki: TestPKI, proxy: Path, tmp_path: Path,
+) -> None:
+    """A reload to ``credentials.method = "proxy"`` stops sending the token: its expiry left
+    /metrics with it (it stayed, and the token expiry alerts fired for a token not in use)."""
+    bearer = write_token(tmp_path / "bt", TokenIssuer().mint(lifetime=300))
+    port = free_port()
+    config = write_config(tmp_path, pki, proxy, port, [], credentials=f'token_file = "{bearer}"')
+    async with in_process(config) as d:
+        text = await d.metrics()
+        assert metric_value(text, "prestaged_credential_expiry_timestamp_seconds",
+                            kind="token") is not None
+        write_config(tmp_path, pki, proxy, port, [], credentials='method = "proxy"')
+        d.daemon.request_reload()
+
+        async def dropped() -> bool:
+            return d.daemon.credentials is not None and d.daemon.credentials.token is None
+        await until("the reload dropped the token", dropped)
+        text = await d.metrics()
+        assert metric_value(text, "prestaged_credential_expiry_timestamp_seconds",
+                            kind="token") is None
+        assert metric_value(text, "prestaged_credential_expiry_timestamp_seconds",
+                            kind="proxy") is not None

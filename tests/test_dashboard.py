@@ -262,9 +262,6 @@ async def _warm_once(metrics: Metrics, storage: StorageServer, toucher: HttpTouc
     metrics.launched("submitted")
     metrics.set_campaign_submissions("campaign", {"completed": 1},
                                      [s.value for s in SubmissionState])
-    # Set directly: the AIMD limiter (issue 13) will report what it allows; this is the fixed
-    # concurrency the run used.
-    metrics.set_concurrency(urls[0], settings.concurrency)
     # This member alone, driving the campaign, as the daemon's heartbeat reports it.
     metrics.set_cluster(1, {"campaign": 1})
 

@@ -316,7 +316,7 @@ class _StagingProbe:
 
     def file_done(self, outcome: object) -> None: ...
 
-    def set_concurrency(self, host: str, n: int) -> None: ...
+    def concurrency_changed(self, host: str, delta: int) -> None: ...
 
     def set_rate(self, host: str, rate: float) -> None: ...
 
@@ -430,3 +430,39 @@ async def test_a_stop_cancelled_while_waiting_for_stage_answers_leaves_no_file_s
         await asyncio.gather(run, return_exceptions=True)
         srv.frontend.release_stage_answers()
     assert probe.deltas[0] == 3 and sum(probe.deltas) == 0, probe.deltas
+
+
+async def test_files_two_runs_follow_are_one_file_staging_and_land_once(
+    dcache: Factory, pki: TestPKI, proxy: Path
+) -> None:
+    """Two runs of one access (two watched definitions) sharing 4 tape files: one stage
+    request, and the files-staging gauge and the stage durations count each file once (they
+    counted it once per run: 8 staging, 8 landings), back to 0 at the end."""
+    from prestaged.metrics import Metrics
+
+    srv = await dcache(mount_seconds=0.3)
+    for i in range(4):
+        srv.core.add_file(f"/pnfs/s/f{i}", 10, Where.TAPE)
+    seen: list[float] = []
+
+    class Seen(Metrics):
+        """The daemon's metrics, noting the files-staging gauge at each change."""
+
+        def staging(self, delta: int) -> None:
+            super().staging(delta)
+            seen.append(self.registry.get_sample_value("prestaged_files_staging") or 0.0)
+
+    metrics = Seen()
+
+    async def files() -> AsyncIterator[FileRef]:
+        for i in range(4):
+            yield FileRef(f"f{i}", srv.door_url(f"/pnfs/s/f{i}"))
+
+    async with TapeAccess(pki.client_ssl_context(proxy), QUICK) as tape:
+        reports = await asyncio.wait_for(asyncio.gather(*(
+            warm(files(), WarmSettings(), _Touches(), tape=tape, probe=metrics)
+            for _ in range(2))), 30)
+    assert [r.tally.results[Result.WARM.value] for r in reports] == [4, 4]
+    assert srv.core.stats.requests["frontend:stage"] == 1  # the second run followed the first
+    assert seen and max(seen) == 4 and seen[-1] == 0, seen
+    assert metrics.registry.get_sample_value("prestaged_stage_duration_seconds_count") == 4

@@ -110,7 +110,7 @@ async def warmed(pki: TestPKI, proxy: Path, storage: StorageServer) -> Metrics:
     m.staging(1)
     m.file_staged(30.0)
     m.set_locality(str(Path("/data/definitions/my_dataset.txt")), {"TAPE": 3, "DISK": 1})
-    m.set_concurrency(storage.url("/pnfs/ds/f0000.root"), 8)
+    m.concurrency_changed(storage.url("/pnfs/ds/f0000.root"), 8)
     m.set_rate(storage.url("/pnfs/ds/f0000.root"), 212.5)
     return m
 
@@ -133,6 +133,38 @@ async def test_real_warm_counts_files_bytes_requests_and_retries(
     assert _value(m, "prestaged_requests_in_flight") == 0
     assert _value(m, "prestaged_retries_total", reason="503") == 2
     assert _value(m, "prestaged_retries_total", reason="reset") == 0
+
+
+class _SeenConcurrency(Metrics):
+    """Metrics noting the endpoint concurrency gauge of 127.0.0.1 as each attempt starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[float] = []
+
+    def request_started(self, host: str) -> None:
+        super().request_started(host)
+        self.seen.append(_value(self, "prestaged_endpoint_concurrency", host="127.0.0.1"))
+
+
+async def test_endpoint_concurrency_is_what_running_runs_allow_and_zero_after(
+    pki: TestPKI, proxy: Path, storage: StorageServer
+) -> None:
+    """Two real runs at once towards one host: the gauge is the sum of their limits while they
+    run (a 503 cuts one), and 0 once both ended, not a finished run's limit."""
+    m = _SeenConcurrency()
+    storage.inject("/pnfs/a/f0000.root", [Status(503)])
+    ctx = _client(pki, proxy)
+    reports = await asyncio.gather(
+        _warm(ctx, [storage.url(f"/pnfs/a/f{i:04d}.root") for i in range(40)], m),
+        _warm(ctx, [storage.url(f"/pnfs/b/f{i:04d}.root") for i in range(40)], m))
+    assert [r.exit_code for r in reports] == [0, 0]
+    assert m.seen and all(0 < v <= 16 for v in m.seen), m.seen
+    assert max(m.seen) > 8  # both runs' limits counted at once (8 each)
+    assert _value(m, "prestaged_endpoint_concurrency", host="127.0.0.1") == 0
+    report = await _warm(ctx, [storage.url("/pnfs/c/f.root")], m)
+    assert report.exit_code == 0 and m.seen[-1] == 8
+    assert _value(m, "prestaged_endpoint_concurrency", host="127.0.0.1") == 0
 
 
 async def test_skipped_fresh_files_are_counted_without_bytes() -> None:
@@ -327,12 +359,13 @@ def test_set_locality_sets_every_locality_and_forget_drops_them() -> None:
     assert "run42_raw" not in exposition
 
 
-def test_set_concurrency_is_per_host_name() -> None:
-    """set_concurrency keeps one series per host name, whatever form the host is given in."""
+def test_concurrency_is_per_host_name() -> None:
+    """concurrency_changed keeps one series per host name, whatever form the host is given in
+    (two endpoints of a host add up)."""
     m = Metrics()
-    m.set_concurrency("https://door.example.org:2880/pnfs/x/f.root", 64)
-    m.set_concurrency("door.example.org:2880", 32)
-    m.set_concurrency("127.0.0.1", 4)
+    m.concurrency_changed("https://door.example.org:2880/pnfs/x/f.root", 64)
+    m.concurrency_changed("door.example.org:2881", -32)
+    m.concurrency_changed("127.0.0.1", 4)
     assert _value(m, "prestaged_endpoint_concurrency", host="door.example.org") == 32
     assert _value(m, "prestaged_endpoint_concurrency", host="127.0.0.1") == 4
     families = {f.name: f for f in text_string_to_metric_families(m.exposition().decode())}
@@ -348,7 +381,7 @@ def test_tape_metrics_never_label_a_url_or_a_path() -> None:
     m = Metrics()
     m.set_locality("https://samweb.example.org/defs/mc_2024.txt", {"TAPE": 1})
     m.set_locality("/data/definitions/run7.txt", {"DISK": 1})
-    m.set_concurrency("https://door.example.org:2880/pnfs/a/b.root", 8)
+    m.concurrency_changed("https://door.example.org:2880/pnfs/a/b.root", 8)
     m.stage_request("too/large")
     labels = _label_values(m.exposition())
     assert not [(s, k, v) for s, k, v in labels if "/" in v or "://" in v]

@@ -594,10 +594,12 @@ class Daemon:
     def _credentials_changed(self) -> None:
         assert self._touch is not None and self.credentials is not None
         creds = self.credentials
-        if creds.proxy is not None:
-            self.metrics.set_credential_expiry("proxy", creds.proxy.usable_until.timestamp())
-        if creds.token is not None:
-            self.metrics.set_credential_expiry("token", creds.token.info.expires.timestamp())
+        # A credential no longer in use (a reload dropped it) loses its series: its expiry
+        # would otherwise stay exported, and the expiry alerts fire for it.
+        self.metrics.set_credential_expiry(
+            "proxy", None if creds.proxy is None else creds.proxy.usable_until.timestamp())
+        self.metrics.set_credential_expiry(
+            "token", None if creds.token is None else creds.token.info.expires.timestamp())
         expired = self._credential_problems(margin=False)
         if expired:
             # The shared toucher may have paused already (it looks at the token before each
