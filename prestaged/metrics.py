@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import time
 from collections.abc import Awaitable, Iterable, Mapping
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Callable, Optional
@@ -179,6 +180,12 @@ class Metrics:
             "A watched definition's schedule interval ([[watch]] every): with "
             "prestaged_dataset_last_warm_timestamp_seconds, tells a watch that stopped running.",
             ["definition"], registry=r)
+        self.watch_since = Gauge(
+            "prestaged_watch_since_timestamp_seconds",
+            "When this daemon began watching a definition (its start, or the reload that added "
+            "it; Unix time): tells a watch that never finished a run.",
+            ["definition"], registry=r)
+        self._watched: set[str] = set()  # labels of watch_since already set
         self.credential_expiry = Gauge(
             "prestaged_credential_expiry_timestamp_seconds",
             "When a credential expires (Unix time), by kind (proxy, token).",
@@ -343,8 +350,13 @@ class Metrics:
             self.dataset_last_warm.labels(name).set(last_warm)
 
     def set_watch_every(self, definition: str, seconds: float) -> None:
-        """The watched ``definition`` is warmed every ``seconds``."""
-        self.watch_every.labels(definition_label(definition)).set(seconds)
+        """The watched ``definition`` is warmed every ``seconds``; the first time, it is watched
+        since now (a reload that keeps it keeps that time)."""
+        name = definition_label(definition)
+        self.watch_every.labels(name).set(seconds)
+        if name not in self._watched:
+            self._watched.add(name)
+            self.watch_since.labels(name).set(time.time())
 
     def forget_dataset(self, definition: str) -> None:
         """Drop a definition's series (it left the watch list on reload)."""
@@ -353,6 +365,8 @@ class Metrics:
             self._remove(self.dataset_files, name, state)
         self._remove(self.dataset_last_warm, name)
         self._remove(self.watch_every, name)
+        self._remove(self.watch_since, name)
+        self._watched.discard(name)
         for locality in LOCALITIES:
             self._remove(self.locality_files, name, locality)
 

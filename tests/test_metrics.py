@@ -227,7 +227,8 @@ def test_label_helpers_strip_urls_and_paths() -> None:
 
 
 def test_set_dataset_sets_states_and_forget_drops_them() -> None:
-    """set_dataset writes the five states and the timestamp; None and forget_dataset drop series."""
+    """set_dataset writes the five states and the timestamp; set_watch_every the interval and,
+    once, when the watch began; None and forget_dataset drop series."""
     m = Metrics()
     m.set_dataset("d", warm=7, stale=2, failed=1, unknown=3, last_warm=1234.5, unresolved=4)
     got = {s: _value(m, "prestaged_dataset_files", definition="d", state=s)
@@ -237,9 +238,16 @@ def test_set_dataset_sets_states_and_forget_drops_them() -> None:
     m.set_dataset("d", warm=7, stale=2, failed=1, unknown=3, last_warm=None)
     assert m.registry.get_sample_value(
         "prestaged_dataset_last_warm_timestamp_seconds", {"definition": "d"}) is None
+    before = time.time()
     m.set_watch_every("/defs/d.txt", 3600)
     assert _value(m, "prestaged_watch_every_seconds", definition="d") == 3600
+    since = _value(m, "prestaged_watch_since_timestamp_seconds", definition="d")
+    assert before <= since <= time.time()
+    m.set_watch_every("/defs/d.txt", 60)  # a reload keeping the watch keeps its start
+    assert _value(m, "prestaged_watch_since_timestamp_seconds", definition="d") == since
     m.forget_dataset("d")
+    assert m.registry.get_sample_value(
+        "prestaged_watch_since_timestamp_seconds", {"definition": "d"}) is None
     assert m.registry.get_sample_value(
         "prestaged_dataset_files", {"definition": "d", "state": "warm"}) is None
     assert m.registry.get_sample_value("prestaged_watch_every_seconds", {"definition": "d"}) is None
