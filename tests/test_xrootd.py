@@ -291,3 +291,23 @@ def test_a_second_start_up_crash_is_an_error(
     _crashing_xrootd(tmp_path, monkeypatch, always=True)
     with pytest.raises(XRootDError, match="killed by signal 11 before it logged anything"):
         XRootDServer(pki, files=1, empty_files=0, audit=False).start()
+
+
+@pytest.mark.parametrize("fast_path", ["true", "false"])
+def test_a_directory_is_failed_not_warm(
+    xrootd: XRootDServer, pki: TestPKI, proxy: Path, tmp_path: Path, fast_path: str
+) -> None:
+    """A directory's URL is failed, naming it a directory, never warm: XrdHttp answers its GET
+    with 200 and an HTML listing (it honours Range on every file, even an empty one)."""
+    folder = xrootd.export_dir / f"adir-{fast_path}"
+    folder.mkdir()
+    folder.chmod(0o755)
+    urls = [*xrootd.urls()[:3], xrootd.url(folder.name), xrootd.url(folder.name) + "/"]
+    res = _warm(tmp_path, urls, proxy, pki.ca_dir,
+                config=FAST_RETRY + f"\n[storage]\nfast_path = {fast_path}\n")
+    doc = _doc(res, xrootd)
+    assert doc["counts"] == _counts(warm=3, failed=2), _why(res, xrootd)
+    assert res.returncode == 1, _why(res, xrootd)
+    assert {(f["status"], f["attempts"]) for f in doc["failures"]} == {(200, 1)}
+    assert all("a directory, not a file" in f["error"] for f in doc["failures"])
+    assert doc["bytes_read"] <= 4 * len(urls)
