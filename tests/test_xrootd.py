@@ -311,3 +311,19 @@ def test_a_directory_is_failed_not_warm(
     assert {(f["status"], f["attempts"]) for f in doc["failures"]} == {(200, 1)}
     assert all("a directory, not a file" in f["error"] for f in doc["failures"])
     assert doc["bytes_read"] <= 4 * len(urls)
+
+
+def test_a_refused_handshake_is_not_retried_by_the_tape_rest_discovery(
+    xrootd: XRootDServer, pki: TestPKI, tmp_path: Path
+) -> None:
+    """XRootD refuses a proxy of an unknown CA with a TLS alert after the handshake (TLS 1.3):
+    the Tape REST discovery (storage.stage = auto) asks the door once, not 8 times over a
+    minute of backoff before the touches' breaker could say why; exit 3 naming the proxy."""
+    foreign = pki.make_foreign_proxy(tmp_path / "x509up_foreign")
+    res = _warm(tmp_path, xrootd.urls()[:REFUSED_FILES], foreign, pki.ca_dir, "--concurrency",
+                "8", config=FAST_RETRY)
+    assert res.returncode == 3, _why(res, xrootd)
+    discovery = [line for line in res.stderr.splitlines() if "wlcg-tape-rest-api" in line]
+    assert discovery and not any("trying again" in line or "gave up after" in line
+                                 for line in discovery), _why(res, xrootd)
+    assert f"does not accept proxy {foreign}" in res.stderr
