@@ -327,3 +327,27 @@ def test_a_refused_handshake_is_not_retried_by_the_tape_rest_discovery(
     assert discovery and not any("trying again" in line or "gave up after" in line
                                  for line in discovery), _why(res, xrootd)
     assert f"does not accept proxy {foreign}" in res.stderr
+
+
+def test_a_legacy_globus_proxy_is_named_as_the_cause(
+    xrootd: XRootDServer, pki: TestPKI, tmp_path: Path
+) -> None:
+    """XRootD refuses a legacy Globus proxy (grid-proxy-init -old) with "unknown ca", which
+    blamed the CA: the start warns and the breaker's exit 3 names it legacy and the fix."""
+    from prestaged.testing.xrootd import grid_ca_dir, grid_proxy_init, grid_proxy_init_available
+
+    if not grid_proxy_init_available():
+        pytest.skip("grid-proxy-init not found: install Debian package globus-proxy-utils")
+    ca_dir = grid_ca_dir(pki.ca_dir, tmp_path / "grid-certificates")
+    legacy = grid_proxy_init(pki.user_cert, pki.user_key, tmp_path / "x509up_old",
+                             ca_dir=ca_dir, legacy=True, verify=False)
+    mark = xrootd.log_mark()
+    res = _warm(tmp_path, xrootd.urls()[:REFUSED_FILES], legacy, pki.ca_dir, "--concurrency",
+                "8", config=FAST_RETRY)
+    assert res.returncode == 3, _why(res, xrootd)
+    assert xrootd.audit(mark) == []  # no request of it reached authorization
+    warning = [line for line in res.stderr.splitlines() if "WARNING" in line and str(legacy) in line]
+    assert warning and "legacy Globus proxy" in warning[0], _why(res, xrootd)
+    [error] = [line for line in res.stderr.splitlines() if line.startswith("prestaged: error: ")]
+    assert f"proxy {legacy}" in error and "legacy Globus proxy" in error
+    assert "grid-proxy-init -rfc" in error
