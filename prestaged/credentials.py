@@ -44,6 +44,7 @@ __all__ = [
     "KIND_END_ENTITY",
     "KIND_LEGACY_PROXY",
     "KIND_RFC3820_PROXY",
+    "LEGACY_PROXY_HINT",
     "METHODS",
     "CredentialError",
     "Credentials",
@@ -79,6 +80,10 @@ _VOMS_FQANS = "1.3.6.1.4.1.8005.100.100.4"
 """The AC attribute listing the FQANs (IetfAttrSyntax: the VO://host:port, then the FQANs)."""
 _LEGACY_PROXY_CNS = frozenset({"proxy", "limited proxy"})
 _RENEW_HINT = "run voms-proxy-init or grid-proxy-init"
+LEGACY_PROXY_HINT = ("a legacy Globus proxy (CN=proxy, before RFC 3820), which servers on "
+                     "OpenSSL refuse as signed by an unknown CA (XRootD: \"unknown ca\"); make "
+                     "an RFC 3820 proxy: voms-proxy-init -rfc or grid-proxy-init -rfc")
+"""Said of a legacy proxy at start and in every refusal naming it (``Credentials.hint``)."""
 
 # A proxy file is a few KiB; refuse to slurp something that obviously is not one.
 _MAX_PROXY_BYTES = 1 << 20
@@ -581,7 +586,8 @@ class Credentials:
         if self.token is not None:
             parts.append(self.token.info.describe())
         if self.proxy is not None:
-            parts.append(f"proxy {self.proxy.path} ({self.proxy.identity})")
+            legacy = f"; {LEGACY_PROXY_HINT}" if self.proxy.kind == KIND_LEGACY_PROXY else ""
+            parts.append(f"proxy {self.proxy.path} ({self.proxy.identity}{legacy})")
         return " and ".join(parts)
 
     def ssl_context(self) -> ssl.SSLContext:
@@ -727,6 +733,8 @@ def load_credentials(
     if token is None and empty:
         logger.warning("token %s: skipped, and no other bearer token found; using the proxy "
                        "alone", _empty_note(empty).rstrip("; "))
+    if info is not None and info.kind == KIND_LEGACY_PROXY:
+        logger.warning("proxy %s: %s", info.path, LEGACY_PROXY_HINT)
     if info is not None:
         roles = "".join(f" as {v.fqans[0]}" for v in info.voms[:1] if v.fqans)
         logger.info("using %s %s of %s%s, %s left", info.kind, info.path, info.identity, roles,

@@ -89,6 +89,9 @@ def _span(seconds: float) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+_AUDIENCES_SHOWN = 3  # a token's audiences named in a message; the rest are counted
+
+
 @dataclass(frozen=True)
 class TokenInfo:
     """The claims of a token that a user and prestaged care about (never the token itself).
@@ -130,9 +133,16 @@ class TokenInfo:
         return f"token {self.path} (from {self.source})"
 
     def describe(self) -> str:
-        """Names the token in messages that blame it: where, issuer, subject and scopes."""
+        """Names the token in messages that blame it: where, issuer, subject, scopes and
+        audience. XRootD refuses a token for another storage with a bare 403 (the reason only
+        in its log), so a refusal must show the audience beside the scopes: the user can then
+        see which of the two does not name the storage."""
         scopes = " ".join(self.scopes) or "none"
-        return f"{self.where}: issuer {self.issuer}, subject {self.subject}, scopes {scopes}"
+        audience = " ".join(self.audience[:_AUDIENCES_SHOWN]) or "none"
+        if len(self.audience) > _AUDIENCES_SHOWN:
+            audience += f" (+{len(self.audience) - _AUDIENCES_SHOWN} more)"
+        return (f"{self.where}: issuer {self.issuer}, subject {self.subject}, scopes {scopes}, "
+                f"audience {audience}")
 
 
 def _b64json(part: str, what: str, label: str) -> dict[str, Any]:

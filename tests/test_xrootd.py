@@ -291,3 +291,63 @@ def test_a_second_start_up_crash_is_an_error(
     _crashing_xrootd(tmp_path, monkeypatch, always=True)
     with pytest.raises(XRootDError, match="killed by signal 11 before it logged anything"):
         XRootDServer(pki, files=1, empty_files=0, audit=False).start()
+
+
+@pytest.mark.parametrize("fast_path", ["true", "false"])
+def test_a_directory_is_failed_not_warm(
+    xrootd: XRootDServer, pki: TestPKI, proxy: Path, tmp_path: Path, fast_path: str
+) -> None:
+    """A directory's URL is failed, naming it a directory, never warm: XrdHttp answers its GET
+    with 200 and an HTML listing (it honours Range on every file, even an empty one)."""
+    folder = xrootd.export_dir / f"adir-{fast_path}"
+    folder.mkdir()
+    folder.chmod(0o755)
+    urls = [*xrootd.urls()[:3], xrootd.url(folder.name), xrootd.url(folder.name) + "/"]
+    res = _warm(tmp_path, urls, proxy, pki.ca_dir,
+                config=FAST_RETRY + f"\n[storage]\nfast_path = {fast_path}\n")
+    doc = _doc(res, xrootd)
+    assert doc["counts"] == _counts(warm=3, failed=2), _why(res, xrootd)
+    assert res.returncode == 1, _why(res, xrootd)
+    assert {(f["status"], f["attempts"]) for f in doc["failures"]} == {(200, 1)}
+    assert all("a directory, not a file" in f["error"] for f in doc["failures"])
+    assert doc["bytes_read"] <= 4 * len(urls)
+
+
+def test_a_refused_handshake_is_not_retried_by_the_tape_rest_discovery(
+    xrootd: XRootDServer, pki: TestPKI, tmp_path: Path
+) -> None:
+    """XRootD refuses a proxy of an unknown CA with a TLS alert after the handshake (TLS 1.3):
+    the Tape REST discovery (storage.stage = auto) asks the door once, not 8 times over a
+    minute of backoff before the touches' breaker could say why; exit 3 naming the proxy."""
+    foreign = pki.make_foreign_proxy(tmp_path / "x509up_foreign")
+    res = _warm(tmp_path, xrootd.urls()[:REFUSED_FILES], foreign, pki.ca_dir, "--concurrency",
+                "8", config=FAST_RETRY)
+    assert res.returncode == 3, _why(res, xrootd)
+    discovery = [line for line in res.stderr.splitlines() if "wlcg-tape-rest-api" in line]
+    assert discovery and not any("trying again" in line or "gave up after" in line
+                                 for line in discovery), _why(res, xrootd)
+    assert f"does not accept proxy {foreign}" in res.stderr
+
+
+def test_a_legacy_globus_proxy_is_named_as_the_cause(
+    xrootd: XRootDServer, pki: TestPKI, tmp_path: Path
+) -> None:
+    """XRootD refuses a legacy Globus proxy (grid-proxy-init -old) with "unknown ca", which
+    blamed the CA: the start warns and the breaker's exit 3 names it legacy and the fix."""
+    from prestaged.testing.xrootd import grid_ca_dir, grid_proxy_init, grid_proxy_init_available
+
+    if not grid_proxy_init_available():
+        pytest.skip("grid-proxy-init not found: install Debian package globus-proxy-utils")
+    ca_dir = grid_ca_dir(pki.ca_dir, tmp_path / "grid-certificates")
+    legacy = grid_proxy_init(pki.user_cert, pki.user_key, tmp_path / "x509up_old",
+                             ca_dir=ca_dir, legacy=True, verify=False)
+    mark = xrootd.log_mark()
+    res = _warm(tmp_path, xrootd.urls()[:REFUSED_FILES], legacy, pki.ca_dir, "--concurrency",
+                "8", config=FAST_RETRY)
+    assert res.returncode == 3, _why(res, xrootd)
+    assert xrootd.audit(mark) == []  # no request of it reached authorization
+    warning = [line for line in res.stderr.splitlines() if "WARNING" in line and str(legacy) in line]
+    assert warning and "legacy Globus proxy" in warning[0], _why(res, xrootd)
+    [error] = [line for line in res.stderr.splitlines() if line.startswith("prestaged: error: ")]
+    assert f"proxy {legacy}" in error and "legacy Globus proxy" in error
+    assert "grid-proxy-init -rfc" in error

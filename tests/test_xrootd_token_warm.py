@@ -105,14 +105,16 @@ def test_an_expired_token_is_refused_before_any_request(
 
 def test_a_wrong_audience_is_refused(xrootd_token_only_server: XRootDServer, pki: TestPKI,
                                      tmp_path: Path) -> None:
-    """A token for another storage: XRootD refuses it ('aud' claim), the run stops with exit 3."""
+    """A token for another storage: XRootD refuses it ('aud' claim, a bare 403), the run stops
+    with exit 3 naming the token's audience beside its scopes (the log alone said why)."""
     server = xrootd_token_only_server
     token = server.mint(audience="https://other.example:1094")
     path = write_token(tmp_path / "bt", token)
     mark = server.log_mark()
     res = _warm(tmp_path, server, pki, path, "-q")
     assert res.returncode == 3, _why(res, server)
-    assert "403" in _error_line(res)
+    line = _error_line(res)
+    assert "403" in line and "audience https://other.example:1094" in line
     assert any("aud" in reason for reason in server.token_failures(mark))
     assert len(server.logins(mark)) <= REFUSED_RUN_CONNECTIONS
 

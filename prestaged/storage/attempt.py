@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["CONTENT_RANGE_TOTAL", "DENIED", "DRAIN_LIMIT", "REDIRECTS", "past_the_end",
-           "status_error"]
+__all__ = ["CONTENT_RANGE_TOTAL", "DENIED", "DRAIN_LIMIT", "LISTING_ERROR", "REDIRECTS",
+           "is_listing", "past_the_end", "status_error"]
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 DENIED = frozenset({401, 403})
@@ -16,6 +16,12 @@ DENIED = frozenset({401, 403})
 CONTENT_RANGE_TOTAL = re.compile(r"/\s*([0-9]{1,19})\s*$")
 _CONTENT_RANGE = re.compile(r"bytes\s+([0-9]{1,19})\s*-\s*([0-9]{1,19})\s*/\s*([0-9]{1,19})",
                             re.IGNORECASE)
+# How an HTML page starts (lower-cased); a directory's listing is one.
+_HTML_STARTS = (b"<!doctype html", b"<html")
+_LISTING_MIN = 4  # bytes needed to tell a page from file data ("<!do", "<htm")
+LISTING_ERROR = ("a directory, not a file: the server answered a GET of it with its HTML "
+                 "listing (HTTP 200)")
+"""The error of a directory's URL (``is_listing``): failed, not retried."""
 # Small error/redirect bodies are drained so the connection can be reused; anything larger
 # (or of unknown length) costs a closed connection instead of reading it.
 DRAIN_LIMIT = 1024
@@ -36,3 +42,17 @@ def past_the_end(content_range: str) -> bool:
     file shorter than ``--bytes``."""
     match = _CONTENT_RANGE.fullmatch(content_range.strip())
     return match is not None and int(match.group(2)) >= int(match.group(3))
+
+
+def is_listing(first: bytes) -> bool:
+    """Whether ``first``, the first bytes of a **200** answer to our ranged GET, start an HTML
+    page: a directory's listing. XrdHttp (5.5) honours ``Range`` on every file (206, even for
+    an empty one) and answers a GET of a directory with 200 and its listing (no Content-Type);
+    dCache's door lists a directory as a page too. Counted warm, a directory in a list (a
+    catalog's location without the file name) was reported warm though nothing was read. At
+    least 4 bytes are needed to tell (``--bytes`` 1 to 3 cannot): a data file starting with
+    ``<!do`` or ``<htm`` answered 200 to a range request is not a case worth the doubt."""
+    if len(first) < _LISTING_MIN:
+        return False
+    head = first.lower()
+    return any(mark.startswith(head) or head.startswith(mark) for mark in _HTML_STARTS)

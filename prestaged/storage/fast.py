@@ -47,7 +47,9 @@ from prestaged.storage.attempt import (
     CONTENT_RANGE_TOTAL,
     DENIED,
     DRAIN_LIMIT,
+    LISTING_ERROR,
     REDIRECTS,
+    is_listing,
     past_the_end,
     status_error,
 )
@@ -237,6 +239,7 @@ class _Conn(asyncio.Protocol):
         self.length: Optional[int] = None
         self.size: Optional[int] = None  # file size a 2xx revealed (set by _success)
         self.got = 0
+        self.first = b""  # the first bytes of a 200's body (a directory's listing?)
         self.complete = False
         self.keep = False
         self.drop = False  # close even if the message is complete (a long body not read)
@@ -339,7 +342,10 @@ class _Conn(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self.mode == "read":
-            self.got += min(len(body), self.pool.nbytes - self.got)
+            take = min(len(body), self.pool.nbytes - self.got)
+            if self.status == 200 and take:  # kept to tell a listing (is_listing)
+                self.first += body[:take]
+            self.got += take
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -396,6 +402,10 @@ class _Conn(asyncio.Protocol):
 
     def _final(self, *, data: int, size: Optional[int]) -> None:
         status = self.status
+        if status == 200 and is_listing(self.first):  # a directory: nothing warmed
+            self.answer = Attempt(status=status, data=data, failure=Failure.PROTOCOL,
+                                  error=LISTING_ERROR, size=size)
+            return
         error = auth = ""
         if status >= 400:
             reason = b"".join(self.reason).decode("utf-8", "surrogateescape")

@@ -55,7 +55,9 @@ from prestaged.storage.attempt import (
     CONTENT_RANGE_TOTAL,
     DENIED,
     DRAIN_LIMIT,
+    LISTING_ERROR,
     REDIRECTS,
+    is_listing,
     past_the_end,
     status_error,
 )
@@ -461,6 +463,7 @@ class HttpToucher:
         size = _size(resp)
         headless = size == 0 or (
             status == 206 and past_the_end(resp.headers.get("Content-Range", "")))
+        listing = False
         if headless:
             # Nothing to read: XRootD 5.5 answers an empty file, or a range past the end of a
             # short one, with a 206, the asked range's Content-Length and no body. Do not wait
@@ -468,7 +471,9 @@ class HttpToucher:
             data = 0
         elif status in (200, 206):
             try:
-                data = await self._read_head(resp)
+                head = await self._read_head(resp)
+                data = len(head)
+                listing = status == 200 and is_listing(head)
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
                 # The server answered, then its body broke off (a pool dying mid-read, a
                 # truncated chunk): this file's failure, retried, never a refused connection
@@ -484,6 +489,9 @@ class HttpToucher:
             pool.remember()  # after the answer: a TLS 1.3 ticket follows the handshake
         if headless or pool is not None:
             resp.close()
+        if listing:  # a directory: nothing warmed (storage.attempt.is_listing)
+            return Attempt(status=status, data=data, failure=Failure.PROTOCOL,
+                           error=LISTING_ERROR, size=size)
         auth = ""
         if status in DENIED:
             auth = bearer_error(", ".join(resp.headers.getall("WWW-Authenticate", ())))
@@ -496,22 +504,25 @@ class HttpToucher:
             auth_error=auth,
         )
 
-    async def _read_head(self, resp: aiohttp.ClientResponse) -> int:
-        """Read at most ``nbytes`` of body; close the connection if more would follow."""
+    async def _read_head(self, resp: aiohttp.ClientResponse) -> bytes:
+        """Read at most ``nbytes`` of body (returned); close the connection if more would
+        follow."""
         length = resp.content_length
         if length is not None and length <= self.nbytes:
-            return len(await resp.read())
+            return await resp.read()
+        chunks: list[bytes] = []
         got = 0
         while got < self.nbytes:
             chunk = await resp.content.read(self.nbytes - got)
             if not chunk:
                 break
+            chunks.append(chunk)
             got += len(chunk)
         if not resp.content.at_eof():
             # The server ignored Range (or sent more than asked): drop the connection so the
             # rest of the file is never transferred.
             resp.close()
-        return got
+        return b"".join(chunks)
 
     @staticmethod
     async def _drain(resp: aiohttp.ClientResponse) -> None:

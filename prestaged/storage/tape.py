@@ -61,7 +61,7 @@ from urllib.parse import quote, urlsplit
 
 from prestaged.errors import CredentialError, StorageError
 from prestaged.model import error_text, host_start, usable_origin
-from prestaged.net import bearer_error, parse_retry_after
+from prestaged.net import bearer_error, parse_retry_after, tls_cause
 from prestaged.retry import MIN_RETRY_AFTER, RetryPolicy
 
 if TYPE_CHECKING:
@@ -129,13 +129,14 @@ class TapeBusy(TapeTransient):
 
 
 class TapeUnreachable(TapeTransient):
-    """No connection could be made (refused, timed out connecting, TLS handshake failed):
-    nothing was sent."""
+    """No connection could be made (refused, timed out connecting, TLS handshake failed, or a
+    TLS alert refusing our certificate right after it): nothing was acted upon."""
 
 
 class TapeDropped(TapeTransient):
-    """The connection was made, then closed (reset, hung up) before any answer: how a server
-    refusing our certificate looks under TLS 1.3, as well as a server restarting."""
+    """The connection was made, then closed (reset, hung up) before any answer, without a TLS
+    alert: how a server dropping an unmapped certificate looks (XRootD's ``http.gridmap
+    required``), as well as a server restarting."""
 
 
 class StageUncertain(TapeRestError):
@@ -537,6 +538,13 @@ class TapeClient:
                 asyncio.TimeoutError) as e:
             if how.observe is not None:
                 how.observe(None)
+            if tls_cause(e) is not None:
+                # A TLS alert (unknown CA, bad or expired certificate): under TLS 1.3 a server
+                # refusing our certificate says so after our side of the handshake is over, so
+                # it surfaces here, not as a connection error. It refused the connection before
+                # reading any request (a stage made nothing): unreachable, as a failed handshake
+                # is, so the discovery gives up at once instead of backing off for a minute.
+                return TapeUnreachable(f"{url}: {_reason(e)}")
             if how.once:
                 raise StageUncertain(f"{url}: {_reason(e)}") from None
             if isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):

@@ -236,8 +236,10 @@ def grid_proxy_init(
     valid: str = "12:00",
     verify: bool = True,
     timeout: float = 60.0,
+    legacy: bool = False,
 ) -> Path:
-    """Make an RFC 3820 proxy with the real ``grid-proxy-init -rfc``; return ``out``.
+    """Make an RFC 3820 proxy with the real ``grid-proxy-init -rfc`` (a legacy Globus proxy,
+    ``CN=proxy``, with ``legacy``: ``-old``); return ``out``.
 
     ``key`` must be unencrypted (no passphrase is read: stdin is empty) and at most mode 0600.
     ``valid`` is ``H:M`` (default 12 hours). With ``verify`` (default) the user certificate is
@@ -247,8 +249,8 @@ def grid_proxy_init(
     binary = shutil.which("grid-proxy-init")
     if binary is None:
         raise GridProxyInitError("grid-proxy-init not found: install globus-proxy-utils")
-    cmd = [binary, "-rfc", "-q", "-cert", str(cert), "-key", str(key), "-out", str(out),
-           "-valid", valid]
+    cmd = [binary, "-old" if legacy else "-rfc", "-q", "-cert", str(cert), "-key", str(key),
+           "-out", str(out), "-valid", valid]
     if verify:
         cmd.append("-verify")
     env = {k: v for k, v in os.environ.items() if not k.startswith("X509_")}
