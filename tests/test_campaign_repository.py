@@ -265,3 +265,61 @@ def test_a_launch_recorded_after_its_retry_keeps_the_retry_and_says_the_slice_ma
     [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert "sh exited 0, job id 7.0@j, but it was cancelled meanwhile" in error
     assert "the slice may run twice" in error
+
+
+def _file(stages: str) -> Any:
+    """Campaign ``c`` of the given ``[[stage]]`` tables."""
+    from prestaged.campaign.spec import parse_campaign
+
+    return parse_campaign('name = "c"\n' + stages, Path("/tmp/c.toml"))
+
+
+def _stage(name: str, input: str = "def", split: str = "all") -> str:
+    return (f'[[stage]]\nname = "{name}"\ninput = "{input}"\nsplit = "{split}"\n'
+            'submit = "true"\n')
+
+
+def test_adding_again_without_a_stage_whose_submission_is_open_is_refused(
+        repo: CampaignRepository) -> None:
+    """Dropping a stage whose submission is still submitted left it followed by nobody (no
+    complete poll, no keep-warm) and the campaign unfinished for ever: refused, naming the
+    stage and the way out; once that stage is cancelled, the new file is taken."""
+    repo.register(_file(_stage("a") + _stage("b")), "v1")
+    walk(repo, repo.create("c", "a", "all", "def"), S.PRESTAGING, S.READY, S.SUBMITTING,
+         S.SUBMITTED)
+    with pytest.raises(ConflictError, match=r"stage a is not in the file, but its submission "
+                                            r"#\d+ is submitted .*campaign cancel c --stage a"):
+        repo.register(_file(_stage("b")), "v2")
+    with pytest.raises(ConflictError, match="stage a is not in the file"):
+        repo.record_stages(_file(_stage("b")))  # `campaign run` of the edited file
+    repo.cancel("c", "a")
+    assert repo.register(_file(_stage("b")), "v2") is False
+
+
+def test_adding_again_with_another_kind_of_split_is_refused(repo: CampaignRepository) -> None:
+    """all -> drainingn would hand every file of the submitted `all` submission to slices
+    again (each file run twice on the grid): refused; a new drainingn size is taken."""
+    repo.register(_file(_stage("a", split="drainingn(2)")), "v1")
+    sub = repo.create("c", "a", "slice-1", "/w/c/a-slice-1.urls",
+                      [FileRef("f1", "https://127.0.0.1:1/f1")])
+    walk(repo, sub, S.PRESTAGING, S.READY, S.SUBMITTING, S.SUBMITTED)
+    with pytest.raises(ConflictError, match=r"stage a: split all does not fit its submission "
+                                            r"#\d+ \(slice-1, cut by split drainingn"):
+        repo.register(_file(_stage("a", split="all")), "v2")
+    assert repo.register(_file(_stage("a", split="drainingn(5)")), "v2") is False
+    repo.register(_file(_stage("a", split="drainingn(5)") + _stage("b")), "v3")  # and back
+    repo.create("c", "b", "all", "def")
+    with pytest.raises(ConflictError, match=r"split drainingn\(3\) does not fit"):
+        repo.register(_file(_stage("a", split="drainingn(5)")
+                            + _stage("b", split="drainingn(3)")), "v4")
+
+
+def test_adding_again_with_a_new_input_for_a_made_all_submission_is_refused(
+        repo: CampaignRepository) -> None:
+    """An `all` stage whose submission was made for input `def`: a new input would never be
+    submitted (the stage has its `all` submission) and the stage would count done."""
+    repo.register(_file(_stage("a")), "v1")
+    repo.create("c", "a", "all", "def")
+    with pytest.raises(ConflictError, match="input other would never be submitted"):
+        repo.register(_file(_stage("a", input="other")), "v2")
+    assert repo.register(_file(_stage("a") + _stage("b", input="other")), "v2") is False

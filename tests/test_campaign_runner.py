@@ -594,3 +594,19 @@ async def test_a_member_that_lost_the_lease_during_complete_releases_nothing(
         result = await asyncio.wait_for(running, 60)
         state, _, _, _ = submission(store)
     assert released == [] and state == "submitted" and result.exit_code == 1
+
+
+def test_submit_exiting_non_zero_after_naming_a_job_id_is_launch_unknown(
+        tmp_path: Path, store: Store) -> None:
+    """A submit that printed its job id and then exited 1 has launched jobs: launch_unknown
+    (mark-submitted or retry, the operator's call), never launch_failed, whose way out is a
+    retry that would run the slice on the grid twice."""
+    submit = q("sh", "-c", 'echo "JobsubJobId of first job: 9.0@test"; echo "upload failed";'
+                           " exit 1")
+    cfg = campaign(tmp_path, submit=submit)
+    result = run_on("asyncio", lambda: run(cfg, store, tmp_path))
+    assert result.exit_code == 1, result
+    state, _, reason, states = submission(store)
+    assert state == "launch_unknown" and "launch_failed" not in states
+    assert reason == ("sh exited 1, but its output names job id 9.0@test: it may have "
+                      "launched; not run again automatically")

@@ -199,10 +199,13 @@ class CampaignRepository:
 
     def register(self, campaign: CampaignConfig, body: str) -> bool:
         """Store ``campaign`` (its file's text ``body``) for the daemon; True when it is new,
-        False when it replaced a campaign of that name (its submissions and ledger are kept)."""
+        False when it replaced a campaign of that name (its submissions and ledger are kept).
+        ``ConflictError``, nothing stored, for a file its submissions do not fit
+        (``_check_replacement``)."""
         now = self.store.now()
         source = str(campaign.source) if campaign.source else None
         with self.store.transaction() as conn:
+            _check_replacement(conn, campaign)
             # Its new stages may have work left: finished again only once a pass says so.
             conn.execute("DELETE FROM campaign_ends WHERE campaign = ?", (campaign.name,))
             cur = conn.execute("UPDATE campaigns SET source = ?, body = ?, updated = ? "
@@ -368,12 +371,14 @@ class CampaignRepository:
         return [r[0] for r in rows]
 
     def record_stages(self, campaign: CampaignConfig) -> None:
-        """Record the stage names of ``campaign`` for ``stage_names``: a control row per stage,
+        """Record the stage names of ``campaign`` for ``stage_names`` (``ConflictError`` for
+        a file its submissions do not fit, see ``_check_replacement``): a control row per stage,
         neither held nor cancelled (one that exists is kept as it is). So an operator action
         on a campaign run in the foreground (never registered) can tell a stage it has from a
         typo, before that stage has a submission."""
         now = self.store.now()
         with self.store.transaction() as conn:
+            _check_replacement(conn, campaign)
             conn.executemany("INSERT INTO campaign_controls (campaign, stage, updated, reason) "
                              "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                              [(campaign.name, st.name, now, "a stage of the campaign file")
@@ -710,6 +715,73 @@ class CampaignRepository:
         else:
             log.info("%s/%s #%d %s: %s -> %s: %s", sub.campaign, sub.stage, sub.id, sub.item,
                      frm.value, to.value, why)
+
+
+def _slice_item(sub: Submission) -> bool:
+    """Whether ``sub`` is (a retry of) a drainingn slice: its list is its definition."""
+    return urls_file(Path("/"), sub) == Path(sub.definition)
+
+
+def _check_replacement(conn: Database, campaign: CampaignConfig) -> None:
+    """``ConflictError`` naming the stage when ``campaign``'s file (added again, or run after
+    an edit) does not fit the submissions its state holds, which are kept:
+
+    - a stage that has submissions not final (``retention.unsettled``) is gone from the file:
+      nothing would follow them again (a ``submitted`` one's ``complete`` and keep-warm, a
+      ``ready`` one's launch) and the campaign could never finish;
+    - a stage's ``split`` changed kind: its submissions' slices were cut by the old one, and
+      the new one would hand their files to second submissions (``all`` -> ``drainingn``
+      submits every file again, slice by slice);
+    - an ``all`` stage's ``input`` changed after its submission was made for the old input:
+      the new input would never be submitted, and the stage counted done."""
+    by_stage: dict[str, list[Submission]] = {}
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM campaign_submissions WHERE campaign = ? "
+                        "ORDER BY id", (campaign.name,)).fetchall()
+    for r in rows:
+        sub = _row(r)
+        by_stage.setdefault(sub.stage, []).append(sub)
+    names = {st.name for st in campaign.stage}
+    gone = [(i, name, state) for i, name, state in retention.unsettled(conn, campaign.name)
+            if name not in names]
+    if gone:
+        i, name, state = gone[0]
+        raise ConflictError(
+            f"campaign {campaign.name}: stage {name} is not in the file, but its submission "
+            f"#{i} is {state} and nothing would follow it again: keep the stage in the file, "
+            f"or `prestaged campaign cancel {campaign.name} --stage {name}` first")
+    cancelled = {r[0] for r in conn.execute("SELECT stage FROM campaign_controls WHERE "
+                                            "campaign = ? AND cancelled <> 0",
+                                            (campaign.name,)).fetchall()}
+    for st in campaign.stage:
+        if cancelled & {"", st.name}:
+            continue  # nothing is created there again: no file can go twice
+        split = st.parsed_split
+        for sub in by_stage.get(st.name, []):
+            if sub.state is S.CANCELLED and sub.superseded_by is None \
+                    and sub.exit_code is None:
+                continue  # cancelled before its launch: no file of it went anywhere
+            base = sub.item.split(" (retry", 1)[0]
+            sliced = _slice_item(sub)
+            if split.kind == "drainingn" and not sliced:
+                was = "all" if base == "all" else "list(...)"
+            elif split.kind == "all" and (sliced or base != "all"):
+                was = "drainingn(...)" if sliced else "list(...)"
+            elif split.kind == "list" and sliced:
+                was = "drainingn(...)"
+            else:
+                if split.kind == "all" and base == "all":
+                    want = st.input.format_map({"campaign": campaign.name, "stage": st.name})
+                    if sub.definition != want:
+                        raise ConflictError(
+                            f"campaign {campaign.name}: stage {st.name}: input {want} would "
+                            f"never be submitted: submission #{sub.id} (split all) was made "
+                            f"for input {sub.definition}; give the new input a new stage")
+                continue
+            raise ConflictError(
+                f"campaign {campaign.name}: stage {st.name}: split {st.split} does not fit its "
+                f"submission #{sub.id} ({sub.item}, cut by split {was}): the new split would "
+                "give its files to a second submission; keep the split, or use a new stage "
+                "(and cancel this one)")
 
 
 def way_out(state: SubmissionState, sub_id: int) -> str:

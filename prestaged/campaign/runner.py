@@ -18,8 +18,9 @@ until then); one stopped for the credentials stops the campaign's run with exit 
 the submission prestaging, as keep-warm does (the daemon tries again once they are renewed).
 
 The submit command's exit status decides its outcome: exit 0 is ``submitted`` (with the job id
-its output names), another exit ``launch_failed``; a command killed on ``submit_timeout`` or
-by a signal is ``launch_unknown``, since it may have launched before it was stopped.
+its output names), another exit ``launch_failed``, unless its output names a job id (it
+launched, then failed): that, and a command killed on ``submit_timeout`` or by a signal, is
+``launch_unknown``, since it may have launched.
 
 Held campaigns/stages launch nothing (a launch due while held waits: the next drainingn slice is
 chosen only once released, when its submission is created); cancelled ones create and launch
@@ -371,6 +372,14 @@ class _Runner:
                 sub, S.LAUNCH_UNKNOWN, f"{res.describe(argv[0])}: it may or may not have "
                 f"launched{seen}; not run again automatically", exit_code=res.exit_code,
                 output_tail=res.output_tail)
+        if res.exit_code != 0 and job_id is not None:
+            # jobsub_submit prints the job id once condor has queued the jobs, and can still
+            # exit non-zero after that (a later step failed): launch_failed would invite a
+            # retry, and the slice would run twice on the grid.
+            return await self._record_launch(
+                sub, S.LAUNCH_UNKNOWN, f"{res.describe(argv[0])}, but its output names job "
+                f"id {job_id}: it may have launched; not run again automatically",
+                exit_code=res.exit_code, output_tail=res.output_tail)
         if res.exit_code != 0:
             return await self._record_launch(sub, S.LAUNCH_FAILED, res.describe(argv[0]),
                                              exit_code=res.exit_code,
