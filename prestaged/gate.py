@@ -3,6 +3,8 @@
 ``wait_until_ready`` is what ``prestaged wait`` and ``prestaged submit`` run: a warm run with the
 state store (files fresh within ``state.fresh_for`` are skipped, so only cold files are
 touched), then the warm fraction of the definition from the store (fresh files / member files);
+a run in which files landed from tape is followed at once by another before the gate passes (the
+recalls evicted the pool's least recently used replicas, maybe files skipped as fresh);
 below ``ready`` it runs again, after a bounded exponential backoff, until ``timeout``. A run that
 is stopped for the credentials (exit 3) ends the gate at once with that code: only a person can
 renew them; so does ``storage.stage = always`` on a door that says it has no Tape REST API
@@ -241,7 +243,17 @@ async def wait_until_ready(
                 return result(EXIT_CATALOG, f"definition {catalog.definition} has no files "
                               "(--allow-empty lets an empty input pass)", m)
             if (m.fresh / m.files if m.files else 1.0) >= ready:
-                return result(EXIT_OK, "ready", m)
+                if not report.tally.tape.on_disk:
+                    return result(EXIT_OK, "ready", m)
+                # Files that landed from tape in this run made room on the pool by evicting
+                # its least recently used replicas: maybe the very files this run saw on disk
+                # and skipped as fresh (touched within fresh_for, but before the others'
+                # reads). The store still has them on disk; ask the storage again at once.
+                if not halt.is_set():
+                    log.info("%s: %d files landed from tape; checking at once that the files "
+                             "seen on disk before are still there", catalog.definition,
+                             report.tally.tape.on_disk)
+                    continue
             left = timeout - (clock() - start)
             if not halt.is_set() and left > 0:
                 delay = backoff.backoff(runs)
