@@ -170,6 +170,18 @@ async def _measure(store: Store, catalog: Catalog, fresh_for: float) -> _Measure
     return _Measure(members + unresolved, fresh, cold, unresolved)
 
 
+def _landed(catalog: Catalog, report: RunReport) -> int:
+    """Files that landed from tape in ``report``'s run (logged when any). They made room on the
+    pool by evicting its least recently used replicas: maybe the very files the run saw on disk
+    and skipped as fresh (touched within fresh_for, but before other users' reads), which the
+    store still has on disk. The gate must ask the storage again before it passes."""
+    landed = report.tally.tape.on_disk
+    if landed:
+        log.info("%s: %d files landed from tape; checking at once that the files seen on disk "
+                 "before are still there", catalog.definition, landed)
+    return landed
+
+
 async def wait_until_ready(
     catalog: Catalog,
     settings: WarmSettings,
@@ -243,17 +255,10 @@ async def wait_until_ready(
                 return result(EXIT_CATALOG, f"definition {catalog.definition} has no files "
                               "(--allow-empty lets an empty input pass)", m)
             if (m.fresh / m.files if m.files else 1.0) >= ready:
-                if not report.tally.tape.on_disk:
+                if not _landed(catalog, report):
                     return result(EXIT_OK, "ready", m)
-                # Files that landed from tape in this run made room on the pool by evicting
-                # its least recently used replicas: maybe the very files this run saw on disk
-                # and skipped as fresh (touched within fresh_for, but before the others'
-                # reads). The store still has them on disk; ask the storage again at once.
                 if not halt.is_set():
-                    log.info("%s: %d files landed from tape; checking at once that the files "
-                             "seen on disk before are still there", catalog.definition,
-                             report.tally.tape.on_disk)
-                    continue
+                    continue  # ask the storage again at once
             left = timeout - (clock() - start)
             if not halt.is_set() and left > 0:
                 delay = backoff.backoff(runs)
