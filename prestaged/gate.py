@@ -3,6 +3,8 @@
 ``wait_until_ready`` is what ``prestaged wait`` and ``prestaged submit`` run: a warm run with the
 state store (files fresh within ``state.fresh_for`` are skipped, so only cold files are
 touched), then the warm fraction of the definition from the store (fresh files / member files);
+a run in which files landed from tape is followed at once by another before the gate passes (the
+recalls evicted the pool's least recently used replicas, maybe files skipped as fresh);
 below ``ready`` it runs again, after a bounded exponential backoff, until ``timeout``. A run that
 is stopped for the credentials (exit 3) ends the gate at once with that code: only a person can
 renew them; so does ``storage.stage = always`` on a door that says it has no Tape REST API
@@ -168,6 +170,18 @@ async def _measure(store: Store, catalog: Catalog, fresh_for: float) -> _Measure
     return _Measure(members + unresolved, fresh, cold, unresolved)
 
 
+def _landed(catalog: Catalog, report: RunReport) -> int:
+    """Files that landed from tape in ``report``'s run (logged when any). They made room on the
+    pool by evicting its least recently used replicas: maybe the very files the run saw on disk
+    and skipped as fresh (touched within fresh_for, but before other users' reads), which the
+    store still has on disk. The gate must ask the storage again before it passes."""
+    landed = report.tally.tape.on_disk
+    if landed:
+        log.info("%s: %d files landed from tape; checking at once that the files seen on disk "
+                 "before are still there", catalog.definition, landed)
+    return landed
+
+
 async def wait_until_ready(
     catalog: Catalog,
     settings: WarmSettings,
@@ -241,7 +255,10 @@ async def wait_until_ready(
                 return result(EXIT_CATALOG, f"definition {catalog.definition} has no files "
                               "(--allow-empty lets an empty input pass)", m)
             if (m.fresh / m.files if m.files else 1.0) >= ready:
-                return result(EXIT_OK, "ready", m)
+                if not _landed(catalog, report):
+                    return result(EXIT_OK, "ready", m)
+                if not halt.is_set():
+                    continue  # ask the storage again at once
             left = timeout - (clock() - start)
             if not halt.is_set() and left > 0:
                 delay = backoff.backoff(runs)

@@ -574,6 +574,31 @@ async def test_lru_eviction_never_evicts_pinned(dcache: Factory,
     assert old_pinned.on_disk and srv.core.files["/pnfs/l/c"].on_disk
 
 
+async def test_lru_eviction_skips_a_replica_being_read(
+        dcache: Factory, pki: TestPKI, proxy: Path, http: aiohttp.ClientSession) -> None:
+    """A recall into a full pool skips the least recently used replica while a mover reads it
+    (dCache's sweeper skips an entry in use) and evicts the next; once the reader closes its
+    pool connection, LRU applies to it again."""
+    srv = await dcache(disk_capacity=200)
+    read = srv.core.add_file("/pnfs/u/read", 100, Locality.DISK_AND_TAPE, atime=1.0)
+    idle = srv.core.add_file("/pnfs/u/idle", 100, Locality.DISK_AND_TAPE, atime=2.0)
+    for name in ("c", "d"):
+        srv.core.add_file(f"/pnfs/u/{name}", 100, Locality.TAPE)
+    keep = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+        ssl=pki.client_ssl_context(proxy)))
+    try:
+        async with keep.get(srv.door_url("/pnfs/u/read"), headers={"Range": "bytes=0-3"}) as r:
+            assert r.status == 206 and srv.core.stats.open_movers == 1
+        read.atime = 1.0  # still the least recently used: only its open mover protects it
+        assert await srv.core.recall(srv.core.files["/pnfs/u/c"]) is None
+        assert read.on_disk and not idle.on_disk
+    finally:
+        await keep.close()
+    await srv.core.wait_until(lambda: srv.core.stats.open_movers == 0)
+    assert await srv.core.recall(srv.core.files["/pnfs/u/d"]) is None
+    assert not read.on_disk and srv.core.stats.evicted == 2
+
+
 def test_a_finished_stage_request_is_not_looked_at_file_by_file_again() -> None:
     """Every bulk POST counts the user's unfinished requests: a finished request's files are
     looked at once, not at every POST (that made a 200,000-file stage and release quadratic

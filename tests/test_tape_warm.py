@@ -798,6 +798,34 @@ def test_the_gate_counts_only_files_still_on_disk(
     assert site.stats()["requests"]["door:get"] == 6
 
 
+def test_the_gate_passes_only_once_files_skipped_as_fresh_outlived_the_recalls(
+    pki: TestPKI, proxy: Path, tmp_path: Path
+) -> None:
+    """On a full pool, the recall of the evicted half of a definition evicts the least recently
+    used replicas: the other half, skipped as fresh (touched before the other users' reads).
+    The gate asks the storage again before passing: when it passes, every file is on disk."""
+    with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
+                        DCacheConfig(drives=2, door_timeout=5.0, disk_capacity=8 * 10)) as srv:
+        paths = [f"/pnfs/lru/f{i}" for i in range(4)]
+        for p in paths:
+            srv.add_file(p, 10, Locality.TAPE)
+        definition = _definition(tmp_path, [srv.door_url(p) for p in paths])
+        assert _warm(pki, proxy, tmp_path, definition, "-q").returncode == 0
+        for p in paths:
+            srv.expire_pins(p)
+        for p in paths[:2]:
+            srv.evict(p)  # the sweeper took them, then other users filled the pool
+        for i in range(6):
+            srv.add_file(f"/pnfs/others/o{i}", 10, Locality.DISK_AND_TAPE, atime=time.time())
+        res = _warm(pki, proxy, tmp_path, definition, "--json", "--retry-every", "50ms",
+                    "--timeout", "30s", command="wait")
+        doc = json.loads(res.stdout)
+        assert res.returncode == 0 and doc["passed"], res.stdout
+        on_disk = [p for p in paths if srv.replica(p).on_disk]
+        assert on_disk == paths and doc["fresh"] == 4, (on_disk, doc)
+        assert srv.stats()["door_tape_gets"] == 0
+
+
 def test_a_campaign_submits_each_cold_tape_slice_once_all_of_it_is_on_disk(
     site: ThreadedDCache, pki: TestPKI, proxy: Path, tmp_path: Path
 ) -> None:

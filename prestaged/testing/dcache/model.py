@@ -131,7 +131,8 @@ DCACHE_RATE = 1000.0
 class Replica:
     """One file: ``tape`` is its volume (None: no tape copy); ``pins`` maps a stage request id to
     the ``time.time()`` its pin ends; ``atime`` is the last mover start (``time.time()``) or
-    recall; ``reads`` counts mover starts, i.e. client reads (a recall is not one)."""
+    recall; ``reads`` counts mover starts, i.e. client reads (a recall is not one); ``movers``
+    those still open (dCache's link count: the sweeper skips a replica in use)."""
 
     path: str
     size: int
@@ -140,6 +141,7 @@ class Replica:
     readable: bool = True
     atime: float = 0.0
     reads: int = 0
+    movers: int = 0
     pins: dict[str, float] = field(default_factory=dict)
 
     def pinned(self, now: float) -> bool:
@@ -217,13 +219,16 @@ class Disk:
 
     def make_room(self, size: int) -> bool:
         """Evict least recently accessed cached, unpinned replicas until ``size`` bytes fit;
-        False (nothing evicted beyond need) when pinned or disk-only replicas leave no room."""
+        False (nothing evicted beyond need) when pinned or disk-only replicas leave no room.
+        A replica being read (an open mover) is skipped, as dCache's sweeper skips an entry
+        whose link count is not 0 (``SpaceSweeper2``: "File skipped by sweeper (in use)")."""
         if self._capacity is None:
             return True
         now = time.time()
         free = self._capacity - self.used()
         victims = sorted((r for r in self._files.values()
-                          if r.on_disk and r.tape and not r.pinned(now)), key=lambda r: r.atime)
+                          if r.on_disk and r.tape and not r.pinned(now) and not r.movers),
+                         key=lambda r: r.atime)
         if free + sum(r.size for r in victims) < size:
             return False
         for r in victims:

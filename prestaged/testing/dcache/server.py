@@ -64,12 +64,14 @@ class _Pool:
         self._core = core
         self._door_url = door_url
         self.transfers: dict[str, str] = {}  # one-time uuid -> path
-        self._movers: dict[RequestHandler, int] = {}
+        self._movers: dict[RequestHandler, list[Replica]] = {}
 
     def end_movers(self, handler: RequestHandler) -> None:
-        n = self._movers.pop(handler, 0)
-        if n:
-            self._core.stats.open_movers -= n
+        replicas = self._movers.pop(handler, [])
+        for replica in replicas:
+            replica.movers -= 1
+        if replicas:
+            self._core.stats.open_movers -= len(replicas)
             self._core.changed()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -101,7 +103,8 @@ class _Pool:
         self._core.stats.movers_started += 1
         self._core.stats.open_movers += 1
         if handler is not None:
-            self._movers[handler] = self._movers.get(handler, 0) + 1
+            replica.movers += 1
+            self._movers.setdefault(handler, []).append(replica)
         self._core.changed()
 
 

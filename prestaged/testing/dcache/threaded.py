@@ -31,9 +31,11 @@ class ThreadedDCache(ThreadedServer[DCacheServer]):
                                               bearer=bearer, clock=clock),
                          "dcache emulator")
 
-    def add_file(self, path: str, size: int, locality: Locality, *, tape: str = "T0001") -> None:
+    def add_file(self, path: str, size: int, locality: Locality, *, tape: str = "T0001",
+                 atime: float = 0.0) -> None:
         """``core.add_file`` on the emulator's loop."""
-        self._call(lambda: self.server.core.add_file(path, size, locality, tape=tape))
+        self._call(lambda: self.server.core.add_file(path, size, locality, tape=tape,
+                                                     atime=atime))
 
     def door_url(self, path: str) -> str:
         """The door's URL of namespace ``path``."""
@@ -55,6 +57,13 @@ class ThreadedDCache(ThreadedServer[DCacheServer]):
             replica = self.server.core.files[path]
             replica.on_disk, replica.pins = False, {}
         self._call(evict)
+
+    def expire_pins(self, path: str) -> None:
+        """End ``path``'s pins now, as their lifetime passing would: LRU applies to it again."""
+        def expire() -> None:
+            replica = self.server.core.files[path]
+            replica.pins = {rid: 0.0 for rid in replica.pins}
+        self._call(expire)
 
     def stats(self) -> dict[str, Any]:
         """The emulator's statistics now (``DCacheStats.to_dict()``: with tokens also
