@@ -546,6 +546,28 @@ def test_a_stage_that_timed_out_is_tape_only_in_status_not_staging(
     assert st["tape"] == {"tape_only": 1}
 
 
+def _left_open(pki: TestPKI, proxy: Path, tmp_path: Path, srv: ThreadedDCache, prefix: str,
+               n: int, backend: Backend, *, aged: bool = False) -> tuple[Path, list[str], str]:
+    """``n`` tape-only files under ``prefix`` on ``srv`` (a slow mount), and a ``wait`` that
+    gave up while the tape mounted, leaving one stage request open (``aged``: then dated two
+    days back in the state); the definition, the paths and that request's id."""
+    paths = [f"{prefix}/f{i}" for i in range(n)]
+    for p in paths:
+        srv.add_file(p, 10, Locality.TAPE)
+    definition = _definition(tmp_path, [srv.door_url(p) for p in paths])
+    res = _warm(pki, proxy, tmp_path, definition, "--timeout", "300ms", command="wait",
+                backend=backend)
+    assert res.returncode == 1, res.stderr
+    assert srv.stats()["requests"]["frontend:stage"] == 1
+    assert not any(srv.replica(p).on_disk for p in paths)  # still mounting
+    (first,) = {r for (r,) in backend.query("SELECT stage_request FROM files")}
+    assert first is not None
+    if aged:
+        with backend.store() as store, store.transaction() as conn:
+            conn.execute("UPDATE files SET stage_created = stage_created - 172800")
+    return definition, paths, first
+
+
 def test_a_rerun_follows_the_open_stage_request_of_an_interrupted_run(
     pki: TestPKI, proxy: Path, tmp_path: Path, backend: Backend
 ) -> None:
@@ -556,17 +578,9 @@ def test_a_rerun_follows_the_open_stage_request_of_an_interrupted_run(
     config = DCacheConfig(drives=1, mount_seconds=1.5)
     with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(),
                         config) as srv:
-        paths = [f"/pnfs/r/f{i}" for i in range(3)]
-        for p in paths:
-            srv.add_file(p, 10, Locality.TAPE)
-        definition = _definition(tmp_path, [srv.door_url(p) for p in paths])
-        res = _warm(pki, proxy, tmp_path, definition, "--timeout", "300ms", command="wait",
-                    backend=backend)
-        assert res.returncode == 1, res.stderr
-        assert srv.stats()["requests"]["frontend:stage"] == 1
-        assert not any(srv.replica(p).on_disk for p in paths)  # still mounting
-        first = {r for (r,) in backend.query("SELECT stage_request FROM files")}
-        assert len(first) == 1 and None not in first
+        definition, paths, request = _left_open(pki, proxy, tmp_path, srv, "/pnfs/r", 3,
+                                                backend)
+        first = {request}
         res = _warm(pki, proxy, tmp_path, definition, "--json", backend=backend)
         doc = json.loads(res.stdout)
         assert res.returncode == 0, res.stderr
@@ -589,16 +603,8 @@ def test_a_rerun_cancels_an_open_request_older_than_stage_timeout_and_asks_anew(
     and asks anew: the files land and are touched, and the state names the new request."""
     config = DCacheConfig(drives=1, mount_seconds=1.5)
     with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(), config) as srv:
-        paths = [f"/pnfs/o/f{i}" for i in range(3)]
-        for p in paths:
-            srv.add_file(p, 10, Locality.TAPE)
-        definition = _definition(tmp_path, [srv.door_url(p) for p in paths])
-        res = _warm(pki, proxy, tmp_path, definition, "--timeout", "300ms", command="wait",
-                    backend=backend)
-        assert res.returncode == 1, res.stderr
-        (first,) = {r for (r,) in backend.query("SELECT stage_request FROM files")}
-        with backend.store() as store, store.transaction() as conn:
-            conn.execute("UPDATE files SET stage_created = stage_created - 172800")
+        definition, paths, first = _left_open(pki, proxy, tmp_path, srv, "/pnfs/o", 3, backend,
+                                              aged=True)
         res = _warm(pki, proxy, tmp_path, definition, "--json", backend=backend)
         doc = json.loads(res.stdout)
         assert res.returncode == 0, res.stderr
@@ -628,19 +634,8 @@ def test_a_rerun_under_other_credentials_asks_anew_for_an_earlier_request_it_may
     request stayed open (stage_timeout, 24 h)."""
     config = DCacheConfig(drives=1, mount_seconds=1.5)
     with ThreadedDCache(pki.server_ssl_context(), pki.pool_ssl_context(), config) as srv:
-        paths = [f"/pnfs/u/f{i}" for i in range(2)]
-        for p in paths:
-            srv.add_file(p, 10, Locality.TAPE)
-        definition = _definition(tmp_path, [srv.door_url(p) for p in paths])
-        res = _warm(pki, proxy, tmp_path, definition, "--timeout", "300ms", command="wait")
-        assert res.returncode == 1, res.stderr
-        (first,) = {r for (r,) in _rows(tmp_path, "SELECT stage_request FROM files")}
-        if stale:
-            import sqlite3
-
-            with contextlib.closing(sqlite3.connect(tmp_path / "state.db")) as conn:
-                conn.execute("UPDATE files SET stage_created = stage_created - 172800")
-                conn.commit()
+        definition, _, first = _left_open(pki, proxy, tmp_path, srv, "/pnfs/u", 2,
+                                          Backend("sqlite", tmp_path, None), aged=stale)
         other = pki.make_proxy_for("Another User", tmp_path / "x509up_other")
         res = _warm(pki, other, tmp_path, definition, "--json")
         assert res.returncode == 0, res.stderr
