@@ -324,6 +324,14 @@ class _LeakyBug(_Catalog):
         yield  # pragma: no cover - makes this an async generator
 
 
+def _assert_bug_scrubbed(answer: str) -> None:
+    """``answer`` quotes the leaky bug's error with its three secrets hidden (the secrets are
+    counted, never printed)."""
+    assert "internal error: RuntimeError('GET https://***@h/f?authz=***" in answer
+    leaked = [s for s in ("urlpw-91x", "QUERYTOKEN-7351", "apitoken9z8y7x6w5v4u") if s in answer]
+    assert not leaked, f"{len(leaked)} secrets in the answer"
+
+
 async def test_a_bug_quoting_credentials_is_answered_without_them(tmp_path: Path) -> None:
     """A run's internal error (its repr, answered by /api/v1/runs) once quoted a URL's
     password, a query token and a bearer header as the bug's words had them."""
@@ -333,11 +341,7 @@ async def test_a_bug_quoting_credentials_is_answered_without_them(tmp_path: Path
     try:
         broken, _ = runs.submit(_LeakyBug("d", 1), origin="api")
         await asyncio.wait_for(broken.finished.wait(), DEADLINE)
-        answer = json.dumps(broken.to_dict())
-        assert "internal error: RuntimeError('GET https://***@h/f?authz=***" in answer
-        leaked = [s for s in ("urlpw-91x", "QUERYTOKEN-7351", "apitoken9z8y7x6w5v4u")
-                  if s in answer]
-        assert not leaked, f"{len(leaked)} secrets in the answer"
+        _assert_bug_scrubbed(json.dumps(broken.to_dict()))
     finally:
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.to_thread(store.close)
@@ -369,11 +373,7 @@ async def test_a_campaign_bug_quoting_credentials_is_shown_without_them(
             spawn=asyncio.ensure_future, draining=lambda: False)
         entry = daemon_campaigns.CampaignEntry(CampaignConfig(name="c"))
         await service._pass(entry)
-        answer = json.dumps(entry.to_dict())
-        assert "internal error: RuntimeError('GET https://***@h/f?authz=***" in answer
-        leaked = [s for s in ("urlpw-91x", "QUERYTOKEN-7351", "apitoken9z8y7x6w5v4u")
-                  if s in answer]
-        assert not leaked, f"{len(leaked)} secrets in the answer"
+        _assert_bug_scrubbed(json.dumps(entry.to_dict()))
     finally:
         await asyncio.to_thread(store.close)
 
