@@ -19,10 +19,11 @@ from campaign_fakes import LOOPS, reaped, run_on
 from conftest import Backend
 
 from prestaged.campaign.runner import CampaignResult, _Runner, run_campaign
-from prestaged.campaign.spec import parse_campaign
+from prestaged.campaign.spec import CampaignConfig, parse_campaign
 from prestaged.catalog import Catalog
 from prestaged.catalog.local import LocalCatalog
 from prestaged.gate import GateResult
+from prestaged.pins import ReleaseFn
 from prestaged.state.store import Store
 
 # Appends its start time to $1 and exits 0 from its $2-th call on (1 before).
@@ -416,6 +417,21 @@ def _states(store: Store) -> list[str]:
         return [r[0] for r in conn.execute("SELECT state FROM campaign_submissions")]
 
 
+def _run_as_a(cfg: CampaignConfig, store: Store, tmp_path: Path, *,
+              release: Optional[ReleaseFn] = None,
+              run_cfg: Optional[CampaignConfig] = None) -> asyncio.Future[Any]:
+    """``cfg`` registered, its lease claimed by member A, and A running it (``run_cfg``: the
+    config A runs, when it differs from the one registered)."""
+    from prestaged.campaign.repository import CampaignRepository
+    from prestaged.state.cluster import claim_campaign
+
+    CampaignRepository(store).register(cfg, "(test)")
+    assert claim_campaign(store, "c", "A", 60.0)[0]
+    return asyncio.ensure_future(run_campaign(
+        run_cfg or cfg, store, gate=passing_gate, open_catalog=LocalCatalog,
+        workdir=tmp_path / "work", release=release, owner="A"))
+
+
 async def _until_submitting(store: Store) -> None:
     deadline = time.monotonic() + 60
     while await asyncio.to_thread(_states, store) != ["submitting"]:
@@ -431,16 +447,11 @@ async def test_a_launch_is_recorded_by_its_launcher_after_a_takeover(
     stayed launch_unknown without its job id, and a release submitted the slice again. A's
     record now replaces B's guess, job id and all, and wakes B to poll it."""
     from prestaged.campaign.repository import CampaignRepository, SubmissionState
-    from prestaged.state.cluster import claim_campaign
 
     submit, go = _gated_submit(tmp_path)
     cfg = campaign(tmp_path, submit=submit)
     with Store(tmp_path / "anchor.db", url=make_pg_url()) as store:
-        CampaignRepository(store).register(cfg, "(test)")
-        assert claim_campaign(store, "c", "A", 60.0)[0]
-        running = asyncio.ensure_future(run_campaign(
-            cfg, store, gate=passing_gate, open_catalog=LocalCatalog,
-            workdir=tmp_path / "work", owner="A"))
+        running = _run_as_a(cfg, store, tmp_path)
         await _until_submitting(store)
         with store.transaction() as conn:  # A's lease expired and B took the campaign over
             conn.execute("UPDATE campaigns SET lease_owner = 'B' WHERE name = 'c'")
@@ -539,8 +550,6 @@ async def test_a_member_that_lost_the_lease_runs_no_more_complete_polls(
     and B takes the campaign over and polls it too. On waking, A ran its next poll before its
     lease keeper noticed, beside B (soak: complete run by both). A now asks for its lease
     before each poll: it runs none once the campaign is B's, and its pass ends."""
-    from prestaged.campaign.repository import CampaignRepository
-    from prestaged.state.cluster import claim_campaign
 
     script = tmp_path / "counting.py"
     script.write_text(COUNTING)
@@ -548,11 +557,7 @@ async def test_a_member_that_lost_the_lease_runs_no_more_complete_polls(
     cfg = campaign(tmp_path, submit="true", complete=q(sys.executable, script, polls, 3),
                    defaults='complete_poll = "0.1s"\ncomplete_poll_max = "0.1s"')
     with Store(tmp_path / "anchor.db", url=make_pg_url()) as store:
-        CampaignRepository(store).register(cfg, "(test)")
-        assert claim_campaign(store, "c", "A", 60.0)[0]
-        running = asyncio.ensure_future(run_campaign(
-            cfg, store, gate=passing_gate, open_catalog=LocalCatalog,
-            workdir=tmp_path / "work", owner="A"))
+        running = _run_as_a(cfg, store, tmp_path)
         await _lines(polls, 1)
         await asyncio.to_thread(_take_over, store)
         result = await asyncio.wait_for(running, 60)
@@ -566,8 +571,6 @@ async def test_a_member_that_lost_the_lease_during_complete_releases_nothing(
     """The lease is lost while the complete command runs (it then exits 0): the pins of the
     slice are B's to release, after B's own complete, and A neither releases them nor
     records the submission completed."""
-    from prestaged.campaign.repository import CampaignRepository
-    from prestaged.state.cluster import claim_campaign
 
     complete, go = _gated_submit(tmp_path)
     cfg = campaign(tmp_path, submit="true", complete=complete)
@@ -578,13 +581,9 @@ async def test_a_member_that_lost_the_lease_during_complete_releases_nothing(
         raise AssertionError("released by a member without the lease")
 
     with Store(tmp_path / "anchor.db", url=make_pg_url()) as store:
-        CampaignRepository(store).register(cfg, "(test)")
-        assert claim_campaign(store, "c", "A", 60.0)[0]
-        cfg = dataclasses.replace(cfg, stage=[dataclasses.replace(
-            cfg.stage[0], release_after_complete=True)])
-        running = asyncio.ensure_future(run_campaign(
-            cfg, store, gate=passing_gate, open_catalog=LocalCatalog,
-            workdir=tmp_path / "work", release=release, owner="A"))
+        running = _run_as_a(cfg, store, tmp_path, release=release,
+                            run_cfg=dataclasses.replace(cfg, stage=[dataclasses.replace(
+                                cfg.stage[0], release_after_complete=True)]))
         deadline = time.monotonic() + 60
         while await asyncio.to_thread(_states, store) != ["submitted"]:
             assert time.monotonic() < deadline, "never submitted"
