@@ -599,7 +599,7 @@ class Stager:
             # one that made it: an earlier run's, under other credentials (a renewed token of
             # other scopes, another user's proxy on a shared state), is not ours to follow.
             # Asked anew: if our credentials cannot stage at all, that request says so.
-            return self._lost(request, f"refused to us ({e})")
+            return self._lost(request, refused=e)
         if not status.found:
             return self._lost(request)
         request.errors = 0
@@ -653,9 +653,10 @@ class Stager:
                                   now - self._first[path]))
         return out
 
-    def _lost(self, request: _Open, why: str = "gone (404)") -> list[Staged]:
-        """The server forgot ``request`` (404), or (an earlier run's) will not show it to us:
-        stage its unfinished paths again, once."""
+    def _lost(self, request: _Open, refused: Optional[CredentialError] = None
+              ) -> list[Staged]:
+        """The server forgot ``request`` (404), or (an earlier run's) will not show it to us
+        (``refused``): stage its unfinished paths again, once."""
         self._forget(request)
         out = []
         for path in sorted(request.paths):
@@ -669,8 +670,9 @@ class Stager:
                 self._restaged.add(path)
                 self._claim_again(path, request.id)
                 self._todo.extend(self._mine([path]))  # or follow another's request for it
-        log.log(logging.INFO if why.startswith("gone") else logging.WARNING,
-                "stage request %s is %s; %d paths asked again", request.id, why,
+        log.log(logging.INFO if refused is None else logging.WARNING,
+                "stage request %s is %s; %d paths asked again", request.id,
+                "gone (404)" if refused is None else f"refused to us ({refused})",
                 len(request.paths))
         return out
 
